@@ -1,0 +1,28 @@
+/* aegaeon: GPU slabs, pinned pools, events, prefetch and KV swap for LLM inference jobs. */
+#ifndef AEGAEON_H
+#define AEGAEON_H
+
+#include <aegaeon/error.h>
+#include <aegaeon/log.h>
+#include <aegaeon/size.h>
+#include <aegaeon/config.h>
+#include <aegaeon/topo.h>
+#include <aegaeon/device.h>
+#include <aegaeon/event.h>
+#include <aegaeon/slab.h>
+#include <aegaeon/pinned.h>
+
+#define AEGAEON_VERSION_MAJOR 0
+#define AEGAEON_VERSION_MINOR 1
+#define AEGAEON_VERSION_PATCH 0
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* aeg_version - "0.1.0". */
+const char *aeg_version(void);
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,65 @@
+/* aegaeon configuration: /etc/aegaeon/aegaeon.conf (libconfig syntax). */
+#ifndef AEGAEON_CONFIG_H
+#define AEGAEON_CONFIG_H
+
+#include <limits.h>
+#include <stdint.h>
+
+#include <aegaeon/log.h>
+#include <aegaeon/size.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AEG_CONFIG_DEFAULT_PATH "/etc/aegaeon/aegaeon.conf"
+
+enum aeg_device_kind {
+	AEG_DEVICE_CUDA = 0,
+	AEG_DEVICE_HOST = 1,
+};
+
+/*
+ * aeg_device_kind_parse - "cuda" or "host"; AEG_EINVAL otherwise.
+ * aeg_device_kind_name - the reverse.
+ */
+int aeg_device_kind_parse(const char *text, enum aeg_device_kind *kind);
+const char *aeg_device_kind_name(enum aeg_device_kind kind);
+
+/*
+ * Site configuration. Every key of the file is a field here; keys absent
+ * from the file keep the defaults aeg_config_defaults() sets (in brackets).
+ */
+struct aeg_config {
+	enum aeg_device_kind device;        /* device ["cuda"] */
+	int allow_device_option;            /* allow_device_option [false]: may jobs pass --aegaeon-device */
+	struct aeg_size_spec slab_default;  /* slab_default ["90%"]: slab when a job asks for none but uses aegaeon */
+	struct aeg_size_spec slab_max;      /* slab_max ["95%"]: cap per GPU */
+	uint64_t pinned_default_bytes;      /* pinned_default ["4GiB"] */
+	uint64_t pinned_max_bytes;          /* pinned_max ["64GiB"]: cap per node */
+	uint64_t pinned_buffer_bytes;       /* pinned_buffer ["32MiB"]: pool buffer size */
+	int prefetch_threads;               /* prefetch_threads [8]: 1..256 */
+	uint64_t prefetch_chunk_bytes;      /* prefetch_chunk ["64MiB"] */
+	char agent_path[PATH_MAX];          /* agent_path [SBINDIR "/aegaeond"] */
+	int agent_start_timeout_ms;         /* agent_start_timeout [30.0 s] */
+	int agent_stop_timeout_ms;          /* agent_stop_timeout [5.0 s]: TERM to KILL */
+	char runtime_dir[PATH_MAX];         /* runtime_dir ["/run/aegaeon"] */
+	enum aeg_log_level log_level;       /* log_level ["info"] */
+};
+
+/* aeg_config_defaults - fill @cfg with the built-in defaults. */
+void aeg_config_defaults(struct aeg_config *cfg);
+
+/*
+ * aeg_config_load - defaults, then the file at @path. @path NULL means
+ * $AEGAEON_CONFIG, else AEG_CONFIG_DEFAULT_PATH; a missing default file is
+ * not an error (defaults stand), a missing named file is AEG_ENOENT.
+ * Unknown keys, wrong types and bad values are AEG_ECONFIG with a detail
+ * "FILE:LINE: ..." naming the key. Thread-safe (no global state).
+ */
+int aeg_config_load(struct aeg_config *cfg, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

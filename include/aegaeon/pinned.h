@@ -1,0 +1,73 @@
+/* aegaeon pinned pool: page-locked host buffers near a GPU, shared by a job's processes. */
+#ifndef AEGAEON_PINNED_H
+#define AEGAEON_PINNED_H
+
+#include <stdint.h>
+
+#include <aegaeon/device.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct aeg_pool aeg_pool_t;
+
+struct aeg_pool_buffer {
+	uint32_t index;     /* 0..buffers-1 */
+	void *ptr;          /* host pointer in this process */
+	uint64_t bytes;     /* the pool's buffer size */
+};
+
+struct aeg_pool_stats {
+	uint64_t buffer_bytes;
+	uint64_t pool_bytes;        /* buffers * buffer_bytes */
+	uint32_t buffers;
+	uint32_t in_use;            /* across every process attached */
+	uint32_t high_water;
+	uint64_t acquires;
+	uint64_t timeouts;
+	int numa_node;              /* node the pages are bound to, -1 if none */
+};
+
+/*
+ * aeg_pool_create - @pool_bytes / @buffer_bytes buffers of @buffer_bytes in
+ * one memfd, pages bound to @gpu's NUMA node when the topology knows it,
+ * populated up front, and registered once (portable, mapped) on the cuda
+ * backend. The free list lives in the memfd, so processes that attach share
+ * it. @buffer_bytes must be a multiple of 4096 and <= @pool_bytes.
+ * Errors: AEG_EINVAL, AEG_ENOMEM (detail: asked vs available), AEG_EDEVICE.
+ */
+int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
+		    uint64_t pool_bytes, aeg_pool_t **pool);
+
+/*
+ * aeg_pool_attach - map the pool behind @fd (from aeg_pool_fd of another
+ * process, passed with SCM_RIGHTS); @fd is duplicated, the caller keeps its
+ * own. AEG_EINVAL when @fd is not an aegaeon pool.
+ */
+int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **pool);
+
+/* aeg_pool_destroy - unmap (and unregister); the memfd goes with its last user. */
+void aeg_pool_destroy(aeg_pool_t *pool);
+
+/*
+ * aeg_pool_acquire - a free buffer, waiting up to @timeout_ms (0: don't
+ * wait, < 0: forever). AEG_ETIMEDOUT when none came free. O(1). Thread- and
+ * process-safe.
+ */
+int aeg_pool_acquire(aeg_pool_t *pool, int timeout_ms, struct aeg_pool_buffer *buf);
+
+/* aeg_pool_release - give buffer @index back. AEG_EINVAL if not acquired. */
+int aeg_pool_release(aeg_pool_t *pool, uint32_t index);
+
+/* aeg_pool_buffer_ptr - host pointer of buffer @index in this process. */
+void *aeg_pool_buffer_ptr(aeg_pool_t *pool, uint32_t index);
+
+int aeg_pool_stats(aeg_pool_t *pool, struct aeg_pool_stats *stats);
+int aeg_pool_fd(const aeg_pool_t *pool);
+void *aeg_pool_base(const aeg_pool_t *pool);   /* buffer 0 */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,78 @@
+/* The device backend interface: what cuda and host each implement. */
+#ifndef AEGAEON_DEVICE_INTERNAL_H
+#define AEGAEON_DEVICE_INTERNAL_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <aegaeon/device.h>
+#include <aegaeon/event.h>
+
+/*
+ * One table per backend. Every function returns 0 or an AEG_E* code with a
+ * detail set (for CUDA: the call's name and cudaGetErrorString). Opaque
+ * backend objects are plain void pointers: cudaStream_t / cudaEvent_t on
+ * cuda, the host backend's own structs on host.
+ */
+struct aeg_device_ops {
+	const char *name;
+	int (*init)(aeg_device_t *dev);
+	void (*fini)(aeg_device_t *dev);
+	int (*gpu_info)(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info);
+
+	int (*mem_alloc)(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr);
+	int (*mem_free)(aeg_device_t *dev, int gpu, void *ptr);
+	int (*mem_export)(aeg_device_t *dev, void *ptr, aeg_handle_t *handle);
+	int (*mem_open)(aeg_device_t *dev, int gpu, const aeg_handle_t *handle, void **ptr);
+	int (*mem_close)(aeg_device_t *dev, void *ptr);
+	int (*memcpy_sync)(aeg_device_t *dev, void *dst, const void *src, size_t bytes);
+	int (*memset_sync)(aeg_device_t *dev, void *dst, int value, size_t bytes);
+
+	int (*host_register)(aeg_device_t *dev, void *ptr, size_t bytes, unsigned flags);
+	int (*host_unregister)(aeg_device_t *dev, void *ptr);
+
+	int (*stream_create)(aeg_device_t *dev, int gpu, void **stream);
+	int (*stream_destroy)(aeg_device_t *dev, void *stream);
+	int (*stream_sync)(aeg_device_t *dev, void *stream);
+	int (*memcpy_async)(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes);
+	/* Run @fn(@arg) on the host once @stream reaches this point. @fn must not call into the stream. */
+	int (*launch_host_fn)(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg);
+
+	int (*event_create)(aeg_device_t *dev, int gpu, void **ev, aeg_handle_t *handle);
+	int (*event_destroy)(aeg_device_t *dev, void *ev);
+	int (*event_record)(aeg_device_t *dev, void *ev, void *stream);
+	int (*event_query)(aeg_device_t *dev, void *ev);            /* 0 or AEG_EBUSY */
+	int (*event_wait)(aeg_device_t *dev, void *ev, int timeout_ms);
+	int (*event_open)(aeg_device_t *dev, const aeg_handle_t *handle, void **ev);
+	int (*event_close)(aeg_device_t *dev, void *ev);
+	int (*stream_wait_event)(aeg_device_t *dev, void *stream, void *ev);
+};
+
+struct aeg_device {
+	const struct aeg_device_ops *ops;
+	enum aeg_device_kind kind;
+	int gpu_count;
+	void *impl;                     /* backend private state */
+	pthread_mutex_t lock;           /* guards the opened-handle cache below */
+	struct aeg_opened_event *opened; /* events opened from handles (event.c) */
+};
+
+struct aeg_stream {
+	aeg_device_t *dev;
+	int gpu;
+	void *impl;
+};
+
+extern const struct aeg_device_ops aeg_device_host_ops;
+#ifdef HAVE_CUDA
+extern const struct aeg_device_ops aeg_device_cuda_ops;
+#endif
+
+/* Validate @gpu against the device; AEG_ENODEV with a detail otherwise. */
+int aeg_device_check_gpu(aeg_device_t *dev, int gpu);
+
+/* Queue @fn on @stream (see launch_host_fn). */
+int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *arg);
+
+#endif

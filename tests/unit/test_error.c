@@ -1,0 +1,79 @@
+/* Error codes, names and the per-thread detail; log level parsing. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <pthread.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+
+#include "internal.h"
+
+static void codes_have_names_and_messages(void **state)
+{
+	const int codes[] = { AEG_EINVAL, AEG_ENOMEM, AEG_ENOSPC, AEG_ETIMEDOUT, AEG_ENOENT,
+			      AEG_EDEVICE, AEG_ECONFIG, AEG_EPROTO, AEG_EFORMAT, AEG_ESTALE };
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(codes); i++) {
+		assert_string_not_equal(aeg_strerror(codes[i]), "unknown error");
+		assert_string_not_equal(aeg_errname(codes[i]), "AEG_EUNKNOWN");
+	}
+	assert_string_equal(aeg_errname(AEG_EINVAL), "AEG_EINVAL");
+	assert_string_equal(aeg_strerror(12345), "unknown error");
+}
+
+static void detail_is_kept_and_prefixed(void **state)
+{
+	assert_int_equal(aeg_fail(AEG_ERANGE, "value %d over cap %d", 9, 4), AEG_ERANGE);
+	assert_string_equal(aeg_error_detail(), "value 9 over cap 4");
+	aeg_error_prefix("slab %s", "gpu0");
+	assert_string_equal(aeg_error_detail(), "slab gpu0: value 9 over cap 4");
+	aeg_error_clear();
+	assert_string_equal(aeg_error_detail(), "");
+}
+
+static void *other_thread(void *arg)
+{
+	aeg_fail(AEG_EIO, "other thread");
+	return (void *)(strcmp(aeg_error_detail(), "other thread") == 0 ? arg : NULL);
+}
+
+static void detail_is_per_thread(void **state)
+{
+	pthread_t t;
+	void *ret;
+
+	aeg_fail(AEG_EINVAL, "main thread");
+	assert_int_equal(pthread_create(&t, NULL, other_thread, state), 0);
+	assert_int_equal(pthread_join(t, &ret), 0);
+	assert_ptr_equal(ret, state);
+	assert_string_equal(aeg_error_detail(), "main thread");
+}
+
+static void log_levels_parse(void **state)
+{
+	enum aeg_log_level l;
+
+	assert_int_equal(aeg_log_parse_level("debug", &l), 0);
+	assert_int_equal(l, AEG_LOG_DEBUG);
+	assert_int_equal(aeg_log_parse_level("WARNING", &l), 0);
+	assert_int_equal(l, AEG_LOG_WARN);
+	assert_int_equal(aeg_log_parse_level("error", &l), 0);
+	assert_int_equal(l, AEG_LOG_ERROR);
+	assert_int_equal(aeg_log_parse_level("loud", &l), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "'loud'"));
+	aeg_log_set_level(AEG_LOG_ERROR);
+	assert_int_equal(aeg_log_get_level(), AEG_LOG_ERROR);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(codes_have_names_and_messages),
+		cmocka_unit_test(detail_is_kept_and_prefixed),
+		cmocka_unit_test(detail_is_per_thread),
+		cmocka_unit_test(log_levels_parse),
+	};
+	return cmocka_run_group_tests_name("error", tests, NULL, NULL);
+}
