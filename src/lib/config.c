@@ -116,27 +116,33 @@ static const struct key {
 /* One load: where messages point, and which keys the file set. */
 struct load {
 	const char *path;
+	const char *dir;	/* where @include looks */
 	const config_setting_t *seen[NKEYS];
 };
 
-static const char *setting_file(const struct load *ld, const config_setting_t *s)
+/* libconfig names the main stream NULL and included files as written. */
+static const char *file_name(const struct load *ld, const char *file, char *buf, size_t len)
 {
-	const char *file = config_setting_source_file(s);
-
-	return file != NULL ? file : ld->path;
+	if (file == NULL)
+		return ld->path;
+	if (file[0] == '/')
+		return file;
+	snprintf(buf, len, "%s/%s", ld->dir, file);
+	return buf;
 }
 
 /* "FILE:LINE: key 'NAME': WHY" for a setting of the file. */
 __attribute__((format(printf, 3, 4)))
 static int bad(const struct load *ld, const config_setting_t *s, const char *fmt, ...)
 {
-	char why[768];
+	char why[768], file[PATH_MAX];
 	va_list ap;
 
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof(why), fmt, ap);
 	va_end(ap);
-	return aeg_fail(AEG_ECONFIG, "%s:%u: key '%s': %s", setting_file(ld, s),
+	return aeg_fail(AEG_ECONFIG, "%s:%u: key '%s': %s",
+			file_name(ld, config_setting_source_file(s), file, sizeof(file)),
 			(unsigned)config_setting_source_line(s), config_setting_name(s), why);
 }
 
@@ -320,10 +326,20 @@ static int unknown_key(const struct load *ld, const config_setting_t *s)
 
 static void describe(const struct aeg_size_spec *spec, char *buf, size_t len)
 {
-	if (spec->is_percent)
-		snprintf(buf, len, "%u.%04u%%", spec->ppm / 10000, spec->ppm % 10000);
-	else
+	if (spec->is_percent) {
+		unsigned frac = spec->ppm % 10000, digits = 4;
+
+		while (frac != 0 && frac % 10 == 0) {
+			frac /= 10;
+			digits--;
+		}
+		if (frac == 0)
+			snprintf(buf, len, "%u%%", spec->ppm / 10000);
+		else
+			snprintf(buf, len, "%u.%0*u%%", spec->ppm / 10000, (int)digits, frac);
+	} else {
 		aeg_size_format(spec->bytes, buf, len);
+	}
 }
 
 /*
@@ -416,8 +432,8 @@ static int read_settings(struct load *ld, const config_t *lc, struct aeg_config 
 static int parse_file(const char *path, FILE *fp, struct aeg_config *cfg)
 {
 	struct load ld = { .path = path };
+	char *dir, *slash, file[PATH_MAX];
 	config_t lc;
-	char *dir, *slash;
 	int rc;
 
 	/* @include "x" is relative to this file's directory, not to the daemon's cwd. */
@@ -431,13 +447,13 @@ static int parse_file(const char *path, FILE *fp, struct aeg_config *cfg)
 		dir[1] = '\0';
 	else
 		*slash = '\0';
+	ld.dir = dir;
 	config_init(&lc);
 	config_set_include_dir(&lc, dir);
 	if (config_read(&lc, fp) != CONFIG_TRUE) {
-		const char *file = config_error_file(&lc);
-
-		rc = aeg_fail(AEG_ECONFIG, "%s:%d: %s", file != NULL ? file : path, config_error_line(&lc),
-			      config_error_text(&lc));
+		rc = aeg_fail(AEG_ECONFIG, "%s:%d: %s",
+			      file_name(&ld, config_error_file(&lc), file, sizeof(file)),
+			      config_error_line(&lc), config_error_text(&lc));
 		goto out;
 	}
 	rc = read_settings(&ld, &lc, cfg);
