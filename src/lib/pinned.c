@@ -182,7 +182,7 @@ static int populate(char *start, uint64_t bytes, const aeg_topo_t *topo, const c
 	pthread_t threads[POPULATE_THREADS];
 	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
 	uint64_t n = bytes / POPULATE_MIN_BYTES, piece;
-	int started = 0, err = 0;
+	int started[POPULATE_THREADS], err = 0;
 
 	if (n > POPULATE_THREADS)
 		n = POPULATE_THREADS;
@@ -197,17 +197,21 @@ static int populate(char *start, uint64_t bytes, const aeg_topo_t *topo, const c
 		jobs[i] = (struct populate_job){ .start = start + off, .bytes = off + piece > bytes ? bytes - off : piece,
 						 .topo = topo, .pci = pci };
 	}
-	/* The calling thread takes the first piece; threads that fail to start leave theirs to it. */
-	for (uint64_t i = 1; i < n; i++) {
-		if (pthread_create(&threads[i], NULL, populate_main, &jobs[i]) != 0)
-			break;
-		started++;
+	/*
+	 * Every piece on a thread of its own, so that binding the populating
+	 * threads never moves the caller; a piece whose thread cannot start is
+	 * done here, unbound.
+	 */
+	for (uint64_t i = 0; i < n; i++) {
+		started[i] = pthread_create(&threads[i], NULL, populate_main, &jobs[i]) == 0;
+		if (!started[i]) {
+			jobs[i].topo = NULL;
+			populate_main(&jobs[i]);
+		}
 	}
-	populate_main(&jobs[0]);
-	for (int i = 1; i <= started; i++)
-		pthread_join(threads[i], NULL);
-	for (uint64_t i = started + 1; i < n; i++)
-		populate_main(&jobs[i]);
+	for (uint64_t i = 0; i < n; i++)
+		if (started[i])
+			pthread_join(threads[i], NULL);
 	for (uint64_t i = 0; i < n; i++)
 		if (jobs[i].err != 0 && err == 0)
 			err = jobs[i].err;

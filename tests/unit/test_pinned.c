@@ -2,6 +2,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -446,6 +447,52 @@ static void child_dies_holding_the_lock(void **state)
 	aeg_pool_destroy(pool);
 }
 
+/* An open of the host backend whose GPU 0 sits at 0000:01:00.0 of tests/unit/topo/one-node.xml. */
+static aeg_device_t *open_on_xml(void)
+{
+	const char *top = getenv("top_srcdir");
+	aeg_device_t *dev = NULL;
+	char path[4096];
+
+	snprintf(path, sizeof(path), "%s/tests/unit/topo/one-node.xml", top != NULL ? top : ".");
+	setenv("AEGAEON_TOPOLOGY_XML", path, 1);
+	setenv("AEGAEON_HOST_PCI_BUS_IDS", "0000:01:00.0", 1);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	return dev;
+}
+
+static void bound_to_the_gpu_node(void **state)
+{
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+	aeg_device_t *dev;
+	cpu_set_t before, after;
+
+	/* The XML is not this machine: binding is refused, the pool is made unbound. */
+	unsetenv("HWLOC_THISSYSTEM");
+	dev = open_on_xml();
+	assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 4 << 20, &pool), 0);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.numa_node, -1);
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+
+	/* Said to be this machine (one node, 0): the pages are bound to node 0, the caller stays where it was. */
+	setenv("HWLOC_THISSYSTEM", "1", 1);
+	dev = open_on_xml();
+	assert_int_equal(sched_getaffinity(0, sizeof(before), &before), 0);
+	assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 4 << 20, &pool), 0);
+	assert_int_equal(sched_getaffinity(0, sizeof(after), &after), 0);
+	assert_true(CPU_EQUAL(&before, &after));
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.numa_node, 0);
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+	unsetenv("HWLOC_THISSYSTEM");
+	unsetenv("AEGAEON_TOPOLOGY_XML");
+}
+
 static void no_leaks(void **state)
 {
 	aeg_device_t *dev = *state;
@@ -482,6 +529,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(attach_bad_fds, setup, teardown),
 		cmocka_unit_test_setup_teardown(release_not_acquired, setup, teardown),
 		cmocka_unit_test_setup_teardown(child_dies_holding_the_lock, setup, teardown),
+		cmocka_unit_test(bound_to_the_gpu_node),
 		cmocka_unit_test_setup_teardown(no_leaks, setup, teardown),
 	};
 
