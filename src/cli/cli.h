@@ -2,6 +2,8 @@
 #ifndef AEGAEON_CLI_H
 #define AEGAEON_CLI_H
 
+#include <stdio.h>
+
 #include <aegaeon/aegaeon.h>
 
 /*
@@ -14,6 +16,7 @@ int cli_bench(int argc, char **argv);
 /* Shared helpers (cli_common.c). */
 int cli_open_device(const char *name, aeg_device_t **dev);   /* NULL: config/env choice */
 int cli_fail(int err, const char *what);                      /* prints "aegaeon-cli: what: detail", returns 1 */
+void cli_json_string(FILE *out, const char *s);                  /* quoted, escaped */
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif
