@@ -13,6 +13,7 @@ static const struct {
 } commands[] = {
 	{ "info", cli_info, "show the device backend and each GPU's memory and locality" },
 	{ "bench", cli_bench, "measure slab, pinned pool and event speed against CUDA baselines" },
+	{ "kv", cli_kv, "KV cache swap: 'kv bench' measures it against per-block and batch copies" },
 };
 
 static void usage(FILE *out)

@@ -12,6 +12,7 @@
  */
 int cli_info(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_kv(int argc, char **argv);
 
 /* Shared helpers (cli_common.c). */
 int cli_open_device(const char *name, aeg_device_t **dev);   /* NULL: config/env choice */
