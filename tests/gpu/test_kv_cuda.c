@@ -457,7 +457,7 @@ static void one_buffer(aeg_device_t *dev, aeg_stream_t *s)
 #define HANDOFF_SEED 9090
 
 /* Process B: attach the pool, wait on A's event, swap A's host blocks into our GPU blocks. */
-static int handoff_child(const char *fd_text, const char *hex, const char *list)
+static int handoff_child(const char *fd_text, const char *hex, const char *list, const char *ready_fd)
 {
 	uint32_t host_ids[HANDOFF_N], gpu_ids[HANDOFF_N];
 	struct aeg_kv_params p = { .block_bytes = HANDOFF_BLOCK, .gpu_blocks = HANDOFF_N };
@@ -490,6 +490,13 @@ static int handoff_child(const char *fd_text, const char *hex, const char *list)
 		fprintf(stderr, "# child kv: %s\n", aeg_error_detail());
 		return 4;
 	}
+	/* A's stream is held until we say we are ready: the event must be pending now. */
+	if (aeg_event_wait_handle(dev, &h, 0) != AEG_ETIMEDOUT) {
+		fprintf(stderr, "# child: A's event is not pending: %s\n", aeg_error_detail());
+		return 7;
+	}
+	if (write(atoi(ready_fd), "r", 1) != 1)
+		return 8;
 	if (aeg_event_wait_handle(dev, &h, WAIT_MS)) {
 		fprintf(stderr, "# child wait: %s\n", aeg_error_detail());
 		return 5;
@@ -519,7 +526,9 @@ static int handoff_child(const char *fd_text, const char *hex, const char *list)
 static void handoff(aeg_device_t *dev, aeg_stream_t *s)
 {
 	uint32_t gpu_ids[HANDOFF_N], host_ids[HANDOFF_N];
-	char hex[AEG_HANDLE_HEX_LEN + 1], fd_text[16], list[HANDOFF_N * 12], self[4096];
+	char hex[AEG_HANDLE_HEX_LEN + 1], fd_text[16], ready_text[16], list[HANDOFF_N * 12], self[4096];
+	int ready_pipe[2] = { -1, -1 };
+	char ready = 0;
 	unsigned char *data = malloc(HANDOFF_N * HANDOFF_BLOCK);
 	ssize_t len = readlink("/proc/self/exe", self, sizeof(self) - 1);
 	uint64_t rs = 31;
@@ -549,13 +558,20 @@ static void handoff(aeg_device_t *dev, aeg_stream_t *s)
 	ok &= aeg_kv_swap_out(c.kv, gpu_ids, host_ids, HANDOFF_N, s, &h) == 0;
 	aeg_handle_to_hex(&h, hex);
 	snprintf(fd_text, sizeof(fd_text), "%d", aeg_pool_fd(c.pool));
+	ok &= pipe(ready_pipe) == 0;
+	snprintf(ready_text, sizeof(ready_text), "%d", ready_pipe[1]);
 	pid = fork();
 	if (pid == 0) {
 		fcntl(aeg_pool_fd(c.pool), F_SETFD, 0);
-		execl(self, self, "--handoff-child", fd_text, hex, list, (char *)NULL);
+		close(ready_pipe[0]);
+		execl(self, self, "--handoff-child", fd_text, hex, list, ready_text, (char *)NULL);
 		_exit(127);
 	}
-	usleep(500 * 1000);
+	close(ready_pipe[1]);
+	/* Once the child has seen the event pending it says so; then let A's swap run. */
+	ok &= read(ready_pipe[0], &ready, 1) == 1;
+	close(ready_pipe[0]);
+	usleep(20 * 1000);
 	gate_open(&g);
 	if (pid > 0 && waitpid(pid, &status, 0) == pid)
 		status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -638,8 +654,8 @@ int main(int argc, char **argv)
 	uint32_t timing_blocks = 2048;
 	int current = -1, after = -2;
 
-	if (argc == 5 && strcmp(argv[1], "--handoff-child") == 0)
-		return handoff_child(argv[2], argv[3], argv[4]);
+	if (argc == 6 && strcmp(argv[1], "--handoff-child") == 0)
+		return handoff_child(argv[2], argv[3], argv[4], argv[5]);
 	if (argc == 3 && strcmp(argv[1], "--timing-blocks") == 0)
 		timing_blocks = (uint32_t)strtoul(argv[2], NULL, 10);
 
