@@ -33,6 +33,7 @@ struct pf_args {
 	int local;
 	int repeat;
 	int cache;
+	int direct;
 };
 
 /* One engine on one GPU with a slab just big enough for the file. */
@@ -103,6 +104,7 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 		{ "local", no_argument, NULL, 'l' },
 		{ "repeat", required_argument, NULL, 'r' },
 		{ "cache", no_argument, NULL, 'C' },
+		{ "direct", no_argument, NULL, 'D' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct aeg_config cfg;
@@ -156,6 +158,9 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 			if (!bench)
 				return cli_usage_error(cmd, "--cache is an option of bench prefetch");
 			a->cache = 1;
+			break;
+		case 'D':
+			a->direct = 1;
 			break;
 		default:
 			return cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
@@ -212,6 +217,7 @@ static int session_open(const struct pf_args *a, struct session *s)
 	aeg_prefetch_config_defaults(&cfg);
 	cfg.threads = a->threads;
 	cfg.topo = s->topo;
+	cfg.direct_io = a->direct;
 	if (a->cache) {
 		/* Room for the whole file in the cache plus the ring beside it. */
 		uint64_t buf = 32ull << 20;
