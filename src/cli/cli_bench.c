@@ -30,6 +30,7 @@ static void usage(FILE *out)
 		"Usage: aegaeon-cli bench alloc  [--device D] [--gpu N] [--repeat N]\n"
 		"       aegaeon-cli bench pinned [--device D] [--gpu N] [--repeat N] [--size SIZE]\n"
 		"       aegaeon-cli bench event  [--device D] [--gpu N] [--repeat N]\n"
+		"       aegaeon-cli bench prefetch FILE [options]   (see 'bench prefetch --help')\n"
 		"\n"
 		"Measure aegaeon against the plain device API in the same run and print\n"
 		"medians, p99 and the ratio:\n"
@@ -386,6 +387,11 @@ int cli_bench(int argc, char **argv)
 	const char *what;
 	int c, serve = 0, rc;
 	char *end;
+
+	/* bench prefetch has options of its own (cli_prefetch.c). */
+	for (int i = 1; i < argc; i++)
+		if (strcmp(argv[i], "prefetch") == 0 && (i == 1 || argv[i - 1][0] != '-'))
+			return cli_bench_prefetch(argc - i, argv + i);
 
 	while ((c = getopt_long(argc, argv, "d:g:r:s:h", opts, NULL)) != -1) {
 		switch (c) {
