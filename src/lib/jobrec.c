@@ -19,7 +19,6 @@
 
 #define PID_MAX_LIMIT 4194304   /* the kernel's ceiling for pid_max */
 
-static const char *const device_names[] = { [AEG_DEVICE_CUDA] = "cuda", [AEG_DEVICE_HOST] = "host" };
 
 /* Digits only, no sign, no blanks, fits in 64 bits. */
 static int parse_u64(const char *s, uint64_t *v)
@@ -37,41 +36,6 @@ static int parse_u64(const char *s, uint64_t *v)
 	}
 	*v = n;
 	return 0;
-}
-
-static int hexval(int c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-static int handle_parse(const char *s, aeg_handle_t *h)
-{
-	if (strlen(s) != AEG_HANDLE_HEX_LEN)
-		return -1;
-	for (size_t i = 0; i < AEG_HANDLE_BYTES; i++) {
-		int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
-		if (hi < 0 || lo < 0)
-			return -1;
-		h->bytes[i] = (unsigned char)(hi << 4 | lo);
-	}
-	return 0;
-}
-
-static void handle_format(const aeg_handle_t *h, char *s)
-{
-	static const char digits[] = "0123456789abcdef";
-
-	for (size_t i = 0; i < AEG_HANDLE_BYTES; i++) {
-		s[2 * i] = digits[h->bytes[i] >> 4];
-		s[2 * i + 1] = digits[h->bytes[i] & 0xf];
-	}
-	s[AEG_HANDLE_HEX_LEN] = '\0';
 }
 
 AEG_EXPORT int aeg_job_gpus_parse(const char *text, int gpus[AEG_JOB_MAX_GPUS], int *count)
@@ -216,10 +180,10 @@ AEG_EXPORT int aeg_job_record_format(const struct aeg_job_record *rec, char *buf
 	if (err)
 		return err;
 	put(&o, "version=%d\npid=%ld\nsocket=%s\ndevice=%s\ngpus=%s\nslabs=%d\n",
-	    rec->version, rec->pid, rec->socket, device_names[rec->device], list,
+	    rec->version, rec->pid, rec->socket, aeg_device_kind_name(rec->device), list,
 	    rec->gpu_count);
 	for (int i = 0; i < rec->gpu_count; i++) {
-		handle_format(&rec->slabs[i].handle, hex);
+		aeg_handle_to_hex(&rec->slabs[i].handle, hex);
 		put(&o, "slab%d_gpu=%d\nslab%d_bytes=%" PRIu64 "\nslab%d_handle=%s\n",
 		    i, rec->slabs[i].gpu, i, rec->slabs[i].bytes, i, hex);
 	}
@@ -299,11 +263,8 @@ static int parse_line(struct aeg_job_record *rec, int lineno, char *key, char *v
 			strcpy(rec->socket, val);
 			return 0;
 		case K_DEVICE:
-			if (strcmp(val, "cuda") == 0)
-				rec->device = AEG_DEVICE_CUDA;
-			else if (strcmp(val, "host") == 0)
-				rec->device = AEG_DEVICE_HOST;
-			else
+			if (aeg_device_kind_parse(val, &rec->device) ||
+			    strcmp(val, aeg_device_kind_name(rec->device)) != 0)
 				return bad("%d: device '%s' is not cuda or host", lineno, val);
 			return 0;
 		case K_GPUS:
@@ -346,7 +307,7 @@ static int parse_line(struct aeg_job_record *rec, int lineno, char *key, char *v
 		rec->slabs[index].bytes = v;
 		return 0;
 	default:
-		if (handle_parse(val, &rec->slabs[index].handle))
+		if (aeg_handle_from_hex(val, &rec->slabs[index].handle))
 			return bad("%d: %s is not %d hex digits", lineno, key, AEG_HANDLE_HEX_LEN);
 		return 0;
 	}

@@ -132,6 +132,7 @@ static void malformed_records(void **state)
 		{ "socket", "socket=/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
 		  "shorter than 108" },
 		{ "device", "device=rocm", "device 'rocm'" },
+		{ "device", "device=CUDA", "device 'CUDA'" },
 		{ "gpus", "gpus=0,0", "GPU 0 listed twice" },
 		{ "gpus", "gpus=0,x", "comma-separated" },
 		{ "gpus", "gpus=0,,1", "comma-separated" },
