@@ -12,6 +12,7 @@ static const struct {
 	const char *summary;
 } commands[] = {
 	{ "info", cli_info, "show the device backend and each GPU's memory and locality" },
+	{ "status", cli_status, "inside a job: the agent's slabs, pool and loads" },
 	{ "prefetch", cli_prefetch, "load a model file into a GPU slab in chunks, with an event per chunk" },
 	{ "wait", cli_wait, "wait for a chunk's event handle" },
 	{ "release", cli_release, "release prefetched chunks by slab id, or all" },
