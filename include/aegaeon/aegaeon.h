@@ -11,6 +11,9 @@
 #include <aegaeon/event.h>
 #include <aegaeon/slab.h>
 #include <aegaeon/pinned.h>
+#include <aegaeon/prefetch.h>
+#include <aegaeon/job.h>
+#include <aegaeon/attach.h>
 #include <aegaeon/kv.h>
 
 #define AEGAEON_VERSION_MAJOR 0

@@ -12,7 +12,11 @@ static const struct {
 	const char *summary;
 } commands[] = {
 	{ "info", cli_info, "show the device backend and each GPU's memory and locality" },
-	{ "bench", cli_bench, "measure slab, pinned pool and event speed against CUDA baselines" },
+	{ "status", cli_status, "inside a job: the agent's slabs, pool and loads" },
+	{ "prefetch", cli_prefetch, "load a model file into a GPU slab in chunks, with an event per chunk" },
+	{ "wait", cli_wait, "wait for a chunk's event handle" },
+	{ "release", cli_release, "release prefetched chunks by slab id, or all" },
+	{ "bench", cli_bench, "measure slab, pinned pool, event and prefetch speed against baselines" },
 	{ "kv", cli_kv, "KV cache swap: 'kv bench' measures it against per-block and batch copies" },
 };
 

@@ -12,6 +12,12 @@
  */
 int cli_info(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_prefetch(int argc, char **argv);     /* prefetch FILE [--gpu N] [--chunk SIZE] [--json] ... */
+int cli_wait(int argc, char **argv);         /* wait HANDLE [--timeout S] */
+int cli_release(int argc, char **argv);      /* release ID...|--all */
+/* bench prefetch FILE: called by cli_bench for "prefetch"; argv[0] is "prefetch". */
+int cli_bench_prefetch(int argc, char **argv);
+int cli_status(int argc, char **argv);        /* cli_status.c: inside a job, through the agent */
 int cli_kv(int argc, char **argv);
 
 /* Shared helpers (cli_common.c). */
