@@ -273,7 +273,7 @@ static int move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 	size_t per_launch = LAUNCH_MAX_VECS / vpb;
 	size_t seg = 0, chunk;
 	cudaError_t e;
-	int err;
+	int err = 0;
 
 	for (size_t c0 = 0; c0 < mv->n; c0 += chunk) {
 		struct kv_pair *host, *dev;
@@ -293,7 +293,7 @@ static int move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 			return cuda_fail(e, "cudaMemcpyAsync (KV ids)");
 
 		/* One launch per layer piece of this chunk. */
-		for (size_t pos = c0; pos < c0 + chunk;) {
+		for (size_t pos = c0; !err && pos < c0 + chunk;) {
 			size_t end = c0 + chunk;
 
 			if (mv->ends[seg] < end)
@@ -301,19 +301,21 @@ static int move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 			if (end - pos > per_launch)
 				end = pos + per_launch;
 			err = launch(c, mv->src, mv->dst, dev + (pos - c0), (uint32_t)(end - pos), vpb, s);
-			if (err)
-				return err;
 			pos = end;
-			if (end == mv->ends[seg]) {
-				if (mv->seg_events[seg] && (err = aeg_event_record(mv->seg_events[seg], stream)))
-					return err;
+			if (!err && end == mv->ends[seg]) {
+				if (mv->seg_events[seg])
+					err = aeg_event_record(mv->seg_events[seg], stream);
 				seg++;
 			}
 		}
+		/* Even after a failure the queued id copy reads the slot: guard it all the same. */
 		e = cudaEventRecord(c->slot_ev[slot], s);
-		if (e != cudaSuccess)
-			return cuda_fail(e, "cudaEventRecord (KV staging)");
-		c->slot_busy[slot] = 1;
+		if (e == cudaSuccess)
+			c->slot_busy[slot] = 1;
+		else if (!err)
+			err = cuda_fail(e, "cudaEventRecord (KV staging)");
+		if (err)
+			return err;
 	}
 	return 0;
 }
