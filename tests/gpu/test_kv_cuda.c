@@ -394,8 +394,9 @@ static void errors(aeg_device_t *dev, aeg_stream_t *s)
 	      "duplicate, out-of-range and empty calls are AEG_EINVAL and move nothing");
 
 	{
-		struct aeg_kv_params p = { .block_bytes = block, .slab = c.slab, .gpu_blocks = 1,
-					   .host_base = plain, .host_bytes = 64 * block };
+		/* The cache's slab is full; a device range of its own GPU blocks will do. */
+		struct aeg_kv_params p = { .block_bytes = block, .gpu_base = aeg_kv_gpu_ptr(c.kv, 0),
+					   .gpu_bytes = block, .host_base = plain, .host_bytes = 64 * block };
 
 		ok = aeg_kv_create(dev, 0, &p, &kv) == AEG_EINVAL &&
 		     strstr(aeg_error_detail(), "not registered") != NULL && kv == NULL;
