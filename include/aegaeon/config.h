@@ -54,8 +54,11 @@ void aeg_config_defaults(struct aeg_config *cfg);
  * aeg_config_load - defaults, then the file at @path. @path NULL means
  * $AEGAEON_CONFIG, else AEG_CONFIG_DEFAULT_PATH; a missing default file is
  * not an error (defaults stand), a missing named file is AEG_ENOENT.
- * Unknown keys, wrong types and bad values are AEG_ECONFIG with a detail
- * "FILE:LINE: ..." naming the key. Thread-safe (no global state).
+ * An empty $AEGAEON_CONFIG counts as unset. Unknown keys, wrong types, bad
+ * values and syntax errors are AEG_ECONFIG with a detail
+ * "FILE:LINE: key 'NAME': what is wrong"; an unreadable file is AEG_EACCES
+ * or AEG_EIO. On error @cfg is left unchanged. Keys, types and limits: see
+ * aegaeon.conf(5). Thread-safe (no global state).
  */
 int aeg_config_load(struct aeg_config *cfg, const char *path);
 

@@ -22,13 +22,16 @@ struct aeg_size_spec {
 /*
  * aeg_size_spec_parse - parse a size. Units (case-insensitive): none or B
  * (bytes); K, KiB, M, MiB, G, GiB, T, TiB (powers of 1024, as Slurm's --mem);
- * KB, MB, GB, TB (powers of 1000). A decimal fraction is allowed with a unit
- * ("1.5GiB"; rounded down to a byte) and before '%'. Leading and trailing
- * blanks are ignored; nothing else may follow.
- * Errors: AEG_EINVAL for empty text, a sign, an unknown unit, trailing
- * garbage, a fraction of a byte count without unit, a percentage over 100;
- * AEG_ERANGE when the value does not fit in 64 bits. The detail names the
- * bad text.
+ * KB, MB, GB, TB (powers of 1000). A decimal fraction of up to 9 digits,
+ * after at least one digit ("0.5GiB", not ".5GiB"), is allowed with a unit
+ * ("1.5GiB"; rounded down to a byte) and before '%' (rounded down to a ppm).
+ * Blanks may surround the text and separate number and unit ("40 GiB", as
+ * aeg_size_format writes it); nothing else may follow. Arithmetic is exact.
+ * Errors: AEG_EINVAL for NULL or empty text, a sign, no leading digit, an
+ * unknown unit, trailing garbage, a fraction of a byte count without unit,
+ * too many fraction digits, a percentage over 100; AEG_ERANGE when the value
+ * does not fit in 64 bits. The detail names the bad text. @spec is left
+ * unchanged on error. Thread-safe.
  */
 int aeg_size_spec_parse(const char *text, struct aeg_size_spec *spec);
 
