@@ -47,31 +47,43 @@ int aeg_slab_create(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_slab_t **sla
 /*
  * aeg_slab_wrap - a slab over memory someone else owns (an opened IPC
  * handle or a lease of a job slab): @base and @bytes are used as they are and
- * never freed by the slab.
+ * never freed by the slab. @base must be aligned to AEG_SLAB_ALIGN and @bytes
+ * a non-zero multiple of it (AEG_EINVAL otherwise). @dev may be NULL: the
+ * slab then only sub-allocates the range (block pointers are @base + offset,
+ * @base may be NULL) and @gpu is not checked.
+ * Errors: AEG_EINVAL, AEG_ENODEV, AEG_ENOMEM.
  */
 int aeg_slab_wrap(aeg_device_t *dev, int gpu, void *base, uint64_t bytes, aeg_slab_t **slab);
 
-/* aeg_slab_destroy - free every block and the device memory. */
+/*
+ * aeg_slab_destroy - free every block, and the device memory of a slab from
+ * aeg_slab_create. NULL is ignored. No other call on @slab may be running.
+ */
 void aeg_slab_destroy(aeg_slab_t *slab);
 
 /*
  * aeg_slab_alloc - a block of at least @bytes. Thread-safe.
  * Errors: AEG_EINVAL (0 bytes), AEG_ENOSPC (detail: requested vs largest
- * free block and total free).
+ * free block and total free), AEG_ENOMEM (the block table could not grow).
  */
 int aeg_slab_alloc(aeg_slab_t *slab, uint64_t bytes, struct aeg_block *block);
 
 /* aeg_slab_free - free block @id. AEG_ENOENT for an id not live. Thread-safe. */
 int aeg_slab_free(aeg_slab_t *slab, uint64_t id);
 
-/* aeg_slab_lookup - the live block @id; AEG_ENOENT otherwise. */
+/* aeg_slab_lookup - the live block @id; AEG_ENOENT otherwise. Thread-safe. */
 int aeg_slab_lookup(aeg_slab_t *slab, uint64_t id, struct aeg_block *block);
 
+/*
+ * aeg_slab_stats - a consistent snapshot of @slab's counters. Thread-safe.
+ * largest_free_bytes is exact (one size-class list is walked for it).
+ */
 int aeg_slab_stats(aeg_slab_t *slab, struct aeg_slab_stats *stats);
 
 /* aeg_slab_export - memory IPC handle of the slab's base (AEG_ENOTSUP for a wrapped slab). */
 int aeg_slab_export(aeg_slab_t *slab, aeg_handle_t *handle);
 
+/* What the slab was made with; constant for its life. */
 void *aeg_slab_base(const aeg_slab_t *slab);
 uint64_t aeg_slab_bytes(const aeg_slab_t *slab);
 int aeg_slab_gpu(const aeg_slab_t *slab);

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <aegaeon/device.h>
 #include <aegaeon/event.h>
@@ -13,11 +14,13 @@
  * One table per backend. Every function returns 0 or an AEG_E* code with a
  * detail set (for CUDA: the call's name and cudaGetErrorString). Opaque
  * backend objects are plain void pointers: cudaStream_t / cudaEvent_t on
- * cuda, the host backend's own structs on host.
+ * cuda, the host backend's own structs on host. device.c validates the
+ * arguments the public API promises to check (NULL, gpu range) before a
+ * backend is called.
  */
 struct aeg_device_ops {
 	const char *name;
-	int (*init)(aeg_device_t *dev);
+	int (*init)(aeg_device_t *dev);         /* sets dev->gpu_count and dev->impl */
 	void (*fini)(aeg_device_t *dev);
 	int (*gpu_info)(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info);
 
@@ -35,6 +38,7 @@ struct aeg_device_ops {
 	int (*stream_create)(aeg_device_t *dev, int gpu, void **stream);
 	int (*stream_destroy)(aeg_device_t *dev, void *stream);
 	int (*stream_sync)(aeg_device_t *dev, void *stream);
+	void *(*stream_native)(void *stream);  /* the cudaStream_t; NULL on host */
 	int (*memcpy_async)(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes);
 	/* Run @fn(@arg) on the host once @stream reaches this point. @fn must not call into the stream. */
 	int (*launch_host_fn)(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg);
@@ -42,20 +46,35 @@ struct aeg_device_ops {
 	int (*event_create)(aeg_device_t *dev, int gpu, void **ev, aeg_handle_t *handle);
 	int (*event_destroy)(aeg_device_t *dev, void *ev);
 	int (*event_record)(aeg_device_t *dev, void *ev, void *stream);
-	int (*event_query)(aeg_device_t *dev, void *ev);            /* 0 or AEG_EBUSY */
+	/* 0, AEG_EBUSY, or the failure code of a failed event (host only). */
+	int (*event_query)(aeg_device_t *dev, void *ev);
 	int (*event_wait)(aeg_device_t *dev, void *ev, int timeout_ms);
 	int (*event_open)(aeg_device_t *dev, const aeg_handle_t *handle, void **ev);
 	int (*event_close)(aeg_device_t *dev, void *ev);
 	int (*stream_wait_event)(aeg_device_t *dev, void *stream, void *ev);
+	/*
+	 * Publish a failure code (0 clears it) where other processes can see
+	 * it. NULL when the backend's events carry no status (cuda): the code
+	 * then lives in struct aeg_event only.
+	 */
+	int (*event_fail)(aeg_device_t *dev, void *ev, int err);
 };
+
+/* Buckets of the per-device event table (own events and cached openings). */
+#define AEG_EVENT_BUCKETS 256
+
+struct aeg_event_entry;         /* event.c */
 
 struct aeg_device {
 	const struct aeg_device_ops *ops;
 	enum aeg_device_kind kind;
 	int gpu_count;
 	void *impl;                     /* backend private state */
-	pthread_mutex_t lock;           /* guards the opened-handle cache below */
-	struct aeg_opened_event *opened; /* events opened from handles (event.c) */
+	pthread_mutex_t lock;           /* guards events[] and the counters below */
+	/* Keyed by the 64 handle bytes: this process's events and opened handles. */
+	struct aeg_event_entry *events[AEG_EVENT_BUCKETS];
+	uint64_t event_opens;           /* backend event_open calls that succeeded */
+	uint64_t event_cached;          /* openings held in events[] now */
 };
 
 struct aeg_stream {
@@ -74,5 +93,23 @@ int aeg_device_check_gpu(aeg_device_t *dev, int gpu);
 
 /* Queue @fn on @stream (see launch_host_fn). */
 int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *arg);
+
+/* Close every cached opening of an event handle (event.c; device close). */
+void aeg_event_cache_clear(aeg_device_t *dev);
+
+/*
+ * aeg_device_event_stats - backend opens of event handles made so far and
+ * openings cached now; tests use them to see that a second wait reuses the
+ * first opening.
+ */
+void aeg_device_event_stats(aeg_device_t *dev, uint64_t *opens, uint64_t *cached);
+
+/* Helpers shared by the backends (device.c). */
+
+/* Field 22 of /proc/<pid>/stat (start time in clock ticks since boot). */
+int aeg_proc_start_time(pid_t pid, uint64_t *start);
+
+/* MemAvailable of /proc/meminfo in bytes. */
+int aeg_mem_available(uint64_t *bytes);
 
 #endif

@@ -123,21 +123,31 @@ write_config() {
 	write_site_config
 }
 
-# write_site_config [EXTRA LINES...] -- the site config the plugin and agent read
+# write_site_config [KEY = VALUE;...] -- the site config the plugin and agent
+# read; each argument replaces the default line of its key or adds one.
 write_site_config() {
+	local defaults=(
+		'device = "host";'
+		"agent_path = \"$AEG_AGENT\";"
+		"runtime_dir = \"$T/aegrun\";"
+		'slab_max = "1GiB";'
+		'slab_default = "64MiB";'
+		'pinned_default = "16MiB";'
+		'pinned_max = "256MiB";'
+		'pinned_buffer = "1MiB";'
+		'agent_start_timeout = 10.0;'
+		'agent_stop_timeout = 2.0;'
+		'log_level = "debug";'
+	) line arg keep
 	{
-		echo 'device = "host";'
-		echo "agent_path = \"$AEG_AGENT\";"
-		echo "runtime_dir = \"$T/aegrun\";"
-		echo 'slab_max = "1GiB";'
-		echo 'slab_default = "64MiB";'
-		echo 'pinned_default = "16MiB";'
-		echo 'pinned_max = "256MiB";'
-		echo 'pinned_buffer = "1MiB";'
-		echo 'agent_start_timeout = 10.0;'
-		echo 'agent_stop_timeout = 2.0;'
-		echo 'log_level = "debug";'
-		for line in "$@"; do echo "$line"; done
+		for line in "${defaults[@]}"; do
+			keep=1
+			for arg in "$@"; do
+				[[ ${arg%% *} == "${line%% *}" ]] && keep=0
+			done
+			((keep)) && echo "$line"
+		done
+		for arg in "$@"; do echo "$arg"; done
 	} >"$T/etc/aegaeon.conf"
 }
 

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -396,6 +397,9 @@ static void missing_and_unreadable_files(void **state)
 	struct fixture *f = *state;
 	struct aeg_config c, before;
 	char path[PATH_MAX];
+	const char *locked;
+	int status;
+	pid_t pid;
 
 	memset(&c, 0x5a, sizeof(c));
 	memcpy(&before, &c, sizeof(c));
@@ -416,14 +420,20 @@ static void missing_and_unreadable_files(void **state)
 	assert_int_equal(aeg_config_load(NULL, path), AEG_EINVAL);
 	assert_memory_equal(&c, &before, sizeof(c));
 
-	/* root reads any file, so the permission check only means something for others. */
-	if (geteuid() != 0) {
-		const char *locked = write_file(f, "locked.conf", "device = \"host\";\n");
-
-		assert_int_equal(chmod(locked, 0), 0);
-		assert_int_equal(aeg_config_load(&c, locked), AEG_EACCES);
-		assert_non_null(strstr(aeg_error_detail(), "locked.conf"));
+	/* root reads any file: as root, try as nobody in a child. */
+	locked = write_file(f, "locked.conf", "device = \"host\";\n");
+	assert_int_equal(chmod(locked, 0), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0))
+			_exit(2);
+		_exit(aeg_config_load(&c, locked) == AEG_EACCES &&
+		      strstr(aeg_error_detail(), "locked.conf: Permission denied") != NULL ? 0 : 1);
 	}
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
 static void environment_names_the_file(void **state)

@@ -1,0 +1,56 @@
+#!/bin/bash
+# Builds aegaeon with the cuda backend and gathers into one folder what a GPU
+# machine without a package registry needs: the installed tree, the GPU and
+# unit test programs, the benchmarks and the non-system shared libraries they
+# load. Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]   (default: bundle/)
+# On the GPU machine: bash BUNDLE_DIR/gpu-run.sh [what...]
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+out=$(realpath -m "${1:-$top/bundle}")
+build=$top/build-gpu
+cuda=${CUDA_HOME:-/usr/local/cuda}
+
+[ -f "$top/configure" ] || (cd "$top" && autoreconf -fi >/dev/null)
+mkdir -p "$build"
+if [ ! -f "$build/Makefile" ]; then
+	(cd "$build" && "$top/configure" -q --enable-werror --with-cuda="$cuda" --prefix=/opt/aegaeon)
+fi
+make -C "$build" -s -j"$(nproc)"
+make -C "$build" -s -j"$(nproc)" gpu-programs
+
+rm -rf "$out"
+mkdir -p "$out/lib" "$out/tests/gpu" "$out/tests/unit" "$out/bench"
+make -C "$build" -s install DESTDIR="$out/root" >/dev/null
+
+# Test programs link the library statically; libtool leaves real binaries in
+# .libs only for programs with uninstalled shared dependencies.
+copy_prog() {
+	local p=$1 dest=$2
+	if [ -f "$(dirname "$p")/.libs/$(basename "$p")" ]; then
+		cp "$(dirname "$p")/.libs/$(basename "$p")" "$dest/"
+	else
+		cp "$p" "$dest/"
+	fi
+}
+for p in "$build"/tests/gpu/test_*; do
+	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/tests/gpu"
+done
+for p in "$build"/tests/unit/test_*; do
+	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/tests/unit"
+done
+cp -r "$top/tests/unit/topo" "$out/tests/unit/" 2>/dev/null || true
+cp -r "$top/bench/." "$out/bench/" 2>/dev/null || true
+cp "$top/scripts/gpu-run.sh" "$out/"
+
+# Shared libraries the programs load, less the C runtime the target has newer.
+skip='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|libresolv)\.'
+{
+	find "$out/root" "$out/tests" -type f \( -perm -u+x -o -name '*.so*' \) -print0 |
+		xargs -0 -r ldd 2>/dev/null | awk '/=> \//{print $3}'
+} | sort -u | while read -r lib; do
+	base=$(basename "$lib")
+	[[ $base =~ $skip ]] && continue
+	case "$lib" in "$out"/*) continue ;; esac
+	cp -L "$lib" "$out/lib/$base"
+done
+du -sh "$out" | awk '{print "bundle: " $1 " in '"${out#$top/}"'"}'

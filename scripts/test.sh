@@ -1,0 +1,50 @@
+#!/bin/bash
+# The project's test command: installs dependencies, builds with autotools and
+# runs every test that needs no GPU (unit tests twice: plain and under
+# ASan+UBSan; the real-Slurm tests; the Python tests). Run as root on Debian 12.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+jobs=$(nproc)
+if [ "${AEGAEON_SKIP_DEPS:-0}" != 1 ]; then
+	bash scripts/install-deps.sh
+fi
+cuda_flag=--without-cuda
+if [ -x /usr/local/cuda/bin/nvcc ]; then
+	cuda_flag=--with-cuda=/usr/local/cuda
+fi
+
+autoreconf -fi >/dev/null
+
+status=0
+passed=0
+failed=0
+count_log() {   # adds a log's cmocka and "N passed, N failed" counts to the totals
+	local p f
+	p=$(sed -n -E 's/^\[  PASSED  \] ([0-9]+) test.*/\1/p; s/^([0-9]+) passed, [0-9]+ failed.*/\1/p' "$1" | awk '{s+=$1} END {print s+0}')
+	f=$(sed -n -E 's/^\[  FAILED  \] ([0-9]+) test.*/\1/p; s/^[0-9]+ passed, ([0-9]+) failed.*/\1/p' "$1" | awk '{s+=$1} END {print s+0}')
+	passed=$((passed + p))
+	failed=$((failed + f))
+	echo "$(basename "$1" .log): $p passed, $f failed"
+}
+run_suite() {   # name builddir configure-flags...
+	local name=$1 dir=$2
+	shift 2
+	echo "=== $name"
+	rm -rf "$dir" && mkdir -p "$dir"
+	(cd "$dir" && "$top/configure" -q --enable-werror "$cuda_flag" "$@" &&
+		make -s -j"$jobs" && make -j"$jobs" check) || status=1
+	for f in "$dir"/tests/*/*.log; do
+		[ -f "$f" ] && count_log "$f"
+	done
+	grep -h -E '^# (TOTAL|PASS|FAIL|ERROR|SKIP):' "$dir/test-suite.log" 2>/dev/null || true
+}
+
+run_suite "build and tests" build-test
+run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers
+
+echo "=== summary"
+[ $status = 0 ] || { echo "a build or test suite failed"; [ $failed -gt 0 ] || failed=1; }
+echo "$passed passed, $failed failed"
+exit $status

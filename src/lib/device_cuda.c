@@ -1,0 +1,685 @@
+/* The cuda device backend: cudart (linked statically) behind the device vtable. */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime.h>
+
+#include "device_internal.h"
+#include "internal.h"
+
+_Static_assert(sizeof(cudaIpcMemHandle_t) == AEG_HANDLE_BYTES, "CUDA memory handles are 64 bytes");
+_Static_assert(sizeof(cudaIpcEventHandle_t) == AEG_HANDLE_BYTES, "CUDA event handles are 64 bytes");
+
+/* Waits spin this long on cudaEventQuery before they start to sleep. */
+#define SPIN_NS 20000ull
+#define BACKOFF_MIN_NS 1000L
+#define BACKOFF_MAX_NS 1000000L
+
+/* An allocation this process exported: its own handle must open locally. */
+struct cuda_export {
+	void *ptr;
+	aeg_handle_t handle;
+	unsigned opens;
+	struct cuda_export *next;
+};
+
+/* Another process's allocation opened here, shared by repeated opens. */
+struct cuda_opening {
+	void *ptr;
+	aeg_handle_t handle;
+	unsigned refs;
+	struct cuda_opening *next;
+};
+
+struct cuda_impl {
+	pthread_mutex_t lock;   /* guards both lists */
+	struct cuda_export *exports;
+	struct cuda_opening *openings;
+};
+
+struct cuda_stream {
+	cudaStream_t stream;
+	int gpu;
+};
+
+struct cuda_event {
+	cudaEvent_t event;
+	int gpu;                /* -1 for an event opened from a handle */
+};
+
+static struct cuda_impl *impl_of(aeg_device_t *dev)
+{
+	return dev->impl;
+}
+
+/*
+ * Fail with @code and "<what>: <cudaGetErrorString> (<name>)". The last
+ * error is cleared so a later cudaGetLastError of the caller does not see it.
+ */
+static int __attribute__((format(printf, 3, 4)))
+cfail(int code, cudaError_t e, const char *fmt, ...)
+{
+	char what[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof(what), fmt, ap);
+	va_end(ap);
+	(void)cudaGetLastError();
+	return aeg_fail(code, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+static int set_device(int gpu)
+{
+	cudaError_t e = cudaSetDevice(gpu);
+
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaSetDevice(%d)", gpu);
+	return 0;
+}
+
+static int cuda_init(aeg_device_t *dev)
+{
+	struct cuda_impl *c;
+	cudaError_t e;
+	int count = 0, err;
+
+	e = cudaGetDeviceCount(&count);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaGetDeviceCount (is the NVIDIA driver loaded? device \"host\" runs without a GPU)");
+	if (count <= 0)
+		return aeg_fail(AEG_EDEVICE, "cudaGetDeviceCount: no CUDA GPU visible (CUDA_VISIBLE_DEVICES=\"%s\")",
+				getenv("CUDA_VISIBLE_DEVICES") ? getenv("CUDA_VISIBLE_DEVICES") : "");
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return aeg_fail(AEG_ENOMEM, "cuda device: out of memory");
+	err = pthread_mutex_init(&c->lock, NULL);
+	if (err != 0) {
+		free(c);
+		return aeg_fail(AEG_ENOMEM, "cuda device: pthread_mutex_init: %s", strerror(err));
+	}
+	dev->gpu_count = count;
+	dev->impl = c;
+	return 0;
+}
+
+static void cuda_fini(aeg_device_t *dev)
+{
+	struct cuda_impl *c = impl_of(dev);
+
+	while (c->openings != NULL) {
+		struct cuda_opening *o = c->openings;
+
+		c->openings = o->next;
+		aeg_warn("cuda device closed with an opened memory handle at %p; closing it", o->ptr);
+		cudaIpcCloseMemHandle(o->ptr);
+		free(o);
+	}
+	while (c->exports != NULL) {
+		struct cuda_export *x = c->exports;
+
+		c->exports = x->next;
+		free(x);
+	}
+	pthread_mutex_destroy(&c->lock);
+	free(c);
+	dev->impl = NULL;
+}
+
+static int cuda_gpu_info(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
+{
+	struct cudaDeviceProp prop;
+	unsigned domain, bus, device, function;
+	size_t free_bytes, total_bytes;
+	char pci[64];
+	cudaError_t e;
+	int err;
+
+	e = cudaGetDeviceProperties(&prop, gpu);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaGetDeviceProperties(%d)", gpu);
+	snprintf(info->name, sizeof(info->name), "%s", prop.name);
+	err = set_device(gpu);
+	if (err < 0)
+		return err;
+	e = cudaMemGetInfo(&free_bytes, &total_bytes);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaMemGetInfo on GPU %d", gpu);
+	info->free_bytes = free_bytes;
+	info->total_bytes = total_bytes;
+	e = cudaDeviceGetPCIBusId(pci, sizeof(pci), gpu);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaDeviceGetPCIBusId(%d)", gpu);
+	/* The domain may come with 8 digits; the rest of aegaeon writes 4, in lower case. */
+	if (sscanf(pci, "%x:%x:%x.%x", &domain, &bus, &device, &function) == 4 && domain <= 0xffff)
+		snprintf(info->pci_bus_id, sizeof(info->pci_bus_id), "%04x:%02x:%02x.%x",
+			 domain, bus, device, function);
+	else
+		return aeg_fail(AEG_EDEVICE, "cudaDeviceGetPCIBusId(%d) gave \"%s\", not a PCI bus id", gpu, pci);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- memory */
+
+static int cuda_mem_alloc(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr)
+{
+	size_t free_bytes = 0, total_bytes = 0;
+	cudaError_t e;
+	int err;
+
+	err = set_device(gpu);
+	if (err < 0)
+		return err;
+	e = cudaMalloc(ptr, bytes);
+	if (e == cudaErrorMemoryAllocation) {
+		(void)cudaGetLastError();
+		cudaMemGetInfo(&free_bytes, &total_bytes);
+		return cfail(AEG_ENOSPC, e, "cudaMalloc(%" PRIu64 " bytes) on GPU %d (%zu free of %zu)",
+			     bytes, gpu, free_bytes, total_bytes);
+	}
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaMalloc(%" PRIu64 " bytes) on GPU %d", bytes, gpu);
+	return 0;
+}
+
+static int cuda_mem_free(aeg_device_t *dev, int gpu, void *ptr)
+{
+	struct cuda_impl *c = impl_of(dev);
+	struct cuda_export **pp;
+	cudaError_t e;
+	int err;
+
+	pthread_mutex_lock(&c->lock);
+	for (pp = &c->exports; *pp != NULL;) {
+		struct cuda_export *x = *pp;
+
+		if (x->ptr == ptr) {
+			*pp = x->next;
+			free(x);
+		} else {
+			pp = &x->next;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	err = set_device(gpu);
+	if (err < 0)
+		return err;
+	e = cudaFree(ptr);
+	if (e == cudaErrorInvalidValue || e == cudaErrorInvalidDevicePointer)
+		return cfail(AEG_EINVAL, e, "cudaFree(%p) on GPU %d", ptr, gpu);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaFree(%p) on GPU %d", ptr, gpu);
+	return 0;
+}
+
+static int cuda_mem_export(aeg_device_t *dev, void *ptr, aeg_handle_t *handle)
+{
+	struct cuda_impl *c = impl_of(dev);
+	struct cuda_export *x;
+	cudaIpcMemHandle_t h;
+	cudaError_t e;
+	int err = 0;
+
+	pthread_mutex_lock(&c->lock);
+	for (x = c->exports; x != NULL; x = x->next) {
+		if (x->ptr == ptr) {
+			*handle = x->handle;
+			goto out;
+		}
+	}
+	e = cudaIpcGetMemHandle(&h, ptr);
+	if (e != cudaSuccess) {
+		err = cfail(e == cudaErrorInvalidValue ? AEG_EINVAL : AEG_EDEVICE, e,
+			    "cudaIpcGetMemHandle(%p)", ptr);
+		goto out;
+	}
+	x = calloc(1, sizeof(*x));
+	if (x == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "memory export: out of memory");
+		goto out;
+	}
+	x->ptr = ptr;
+	memcpy(x->handle.bytes, &h, sizeof(h));
+	x->next = c->exports;
+	c->exports = x;
+	*handle = x->handle;
+out:
+	pthread_mutex_unlock(&c->lock);
+	return err;
+}
+
+static int cuda_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle, void **ptr)
+{
+	struct cuda_impl *c = impl_of(dev);
+	struct cuda_opening *o;
+	cudaIpcMemHandle_t h;
+	cudaError_t e;
+	int err = 0;
+
+	pthread_mutex_lock(&c->lock);
+	/* CUDA refuses to open a handle of the calling process. */
+	for (struct cuda_export *x = c->exports; x != NULL; x = x->next) {
+		if (memcmp(x->handle.bytes, handle->bytes, AEG_HANDLE_BYTES) == 0) {
+			x->opens++;
+			*ptr = x->ptr;
+			goto out;
+		}
+	}
+	for (o = c->openings; o != NULL; o = o->next) {
+		if (memcmp(o->handle.bytes, handle->bytes, AEG_HANDLE_BYTES) == 0) {
+			o->refs++;
+			*ptr = o->ptr;
+			goto out;
+		}
+	}
+	o = calloc(1, sizeof(*o));
+	if (o == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "memory handle: out of memory");
+		goto out;
+	}
+	err = set_device(gpu);
+	if (err < 0) {
+		free(o);
+		goto out;
+	}
+	memcpy(&h, handle->bytes, sizeof(h));
+	e = cudaIpcOpenMemHandle(&o->ptr, h, cudaIpcMemLazyEnablePeerAccess);
+	if (e != cudaSuccess) {
+		free(o);
+		err = cfail(AEG_EBADF, e, "cudaIpcOpenMemHandle on GPU %d (is the owner alive, and the handle of a cudaMalloc allocation?)",
+			    gpu);
+		goto out;
+	}
+	o->handle = *handle;
+	o->refs = 1;
+	o->next = c->openings;
+	c->openings = o;
+	*ptr = o->ptr;
+out:
+	pthread_mutex_unlock(&c->lock);
+	return err;
+}
+
+static int cuda_mem_close(aeg_device_t *dev, void *ptr)
+{
+	struct cuda_impl *c = impl_of(dev);
+	struct cuda_opening **pp, *o = NULL;
+	cudaError_t e;
+	int err = 0;
+
+	pthread_mutex_lock(&c->lock);
+	for (pp = &c->openings; *pp != NULL; pp = &(*pp)->next) {
+		if ((*pp)->ptr == ptr) {
+			o = *pp;
+			if (--o->refs == 0)
+				*pp = o->next;
+			else
+				o = NULL;
+			goto out;
+		}
+	}
+	err = aeg_fail(AEG_EINVAL, "memory handle: %p was not opened with aeg_mem_open_handle", ptr);
+	for (struct cuda_export *x = c->exports; x != NULL; x = x->next) {
+		if (x->ptr == ptr && x->opens > 0) {
+			x->opens--;
+			err = 0;
+			break;
+		}
+	}
+out:
+	pthread_mutex_unlock(&c->lock);
+	if (o != NULL) {
+		e = cudaIpcCloseMemHandle(o->ptr);
+		free(o);
+		if (e != cudaSuccess)
+			return cfail(AEG_EDEVICE, e, "cudaIpcCloseMemHandle(%p)", ptr);
+	}
+	return err;
+}
+
+/* cudaMemcpy/cudaMemset return before a device-to-device operation is done; wait for it. */
+static int sync_legacy(const char *what)
+{
+	cudaError_t e = cudaStreamSynchronize(0);
+
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaStreamSynchronize after %s", what);
+	return 0;
+}
+
+static int cuda_memcpy_sync(aeg_device_t *dev, void *dst, const void *src, size_t bytes)
+{
+	cudaError_t e = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
+
+	if (e != cudaSuccess)
+		return cfail(e == cudaErrorInvalidValue ? AEG_EINVAL : AEG_EDEVICE, e,
+			     "cudaMemcpy(%p <- %p, %zu bytes)", dst, src, bytes);
+	return sync_legacy("cudaMemcpy");
+}
+
+static int cuda_memset_sync(aeg_device_t *dev, void *dst, int value, size_t bytes)
+{
+	struct cudaPointerAttributes attr;
+	cudaError_t e;
+
+	e = cudaPointerGetAttributes(&attr, dst);
+	if (e != cudaSuccess)
+		return cfail(AEG_EINVAL, e, "cudaPointerGetAttributes(%p)", dst);
+	if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+		memset(dst, value, bytes);
+		return 0;
+	}
+	e = cudaMemset(dst, value, bytes);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaMemset(%p, %d, %zu bytes)", dst, value, bytes);
+	return sync_legacy("cudaMemset");
+}
+
+static int cuda_host_register(aeg_device_t *dev, void *ptr, size_t bytes, unsigned flags)
+{
+	unsigned cflags = cudaHostRegisterPortable | cudaHostRegisterMapped;
+	cudaError_t e;
+
+	if (flags & AEG_HOST_REGISTER_READONLY)
+		cflags |= cudaHostRegisterReadOnly;
+	e = cudaHostRegister(ptr, bytes, cflags);
+	if (e == cudaErrorHostMemoryAlreadyRegistered)
+		return cfail(AEG_EEXIST, e, "cudaHostRegister(%p, %zu bytes)", ptr, bytes);
+	if (e == cudaErrorInvalidValue)
+		return cfail(AEG_EINVAL, e, "cudaHostRegister(%p, %zu bytes, flags 0x%x)", ptr, bytes, cflags);
+	if (e == cudaErrorMemoryAllocation)
+		return cfail(AEG_ENOMEM, e, "cudaHostRegister(%p, %zu bytes): pinning failed (ulimit -l?)",
+			     ptr, bytes);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaHostRegister(%p, %zu bytes, flags 0x%x)", ptr, bytes, cflags);
+	return 0;
+}
+
+static int cuda_host_unregister(aeg_device_t *dev, void *ptr)
+{
+	cudaError_t e = cudaHostUnregister(ptr);
+
+	if (e == cudaErrorHostMemoryNotRegistered || e == cudaErrorInvalidValue)
+		return cfail(AEG_EINVAL, e, "cudaHostUnregister(%p)", ptr);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaHostUnregister(%p)", ptr);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- streams */
+
+static int cuda_stream_create(aeg_device_t *dev, int gpu, void **streamp)
+{
+	struct cuda_stream *s;
+	cudaError_t e;
+	int err;
+
+	err = set_device(gpu);
+	if (err < 0)
+		return err;
+	s = calloc(1, sizeof(*s));
+	if (s == NULL)
+		return aeg_fail(AEG_ENOMEM, "stream: out of memory");
+	s->gpu = gpu;
+	e = cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking);
+	if (e != cudaSuccess) {
+		free(s);
+		return cfail(AEG_EDEVICE, e, "cudaStreamCreateWithFlags on GPU %d", gpu);
+	}
+	*streamp = s;
+	return 0;
+}
+
+static int cuda_stream_destroy(aeg_device_t *dev, void *stream)
+{
+	struct cuda_stream *s = stream;
+	cudaError_t e, e2;
+
+	e = cudaStreamSynchronize(s->stream);
+	e2 = cudaStreamDestroy(s->stream);
+	free(s);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaStreamSynchronize before destroying a stream");
+	if (e2 != cudaSuccess)
+		return cfail(AEG_EDEVICE, e2, "cudaStreamDestroy");
+	return 0;
+}
+
+static int cuda_stream_sync(aeg_device_t *dev, void *stream)
+{
+	struct cuda_stream *s = stream;
+	cudaError_t e = cudaStreamSynchronize(s->stream);
+
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaStreamSynchronize on GPU %d", s->gpu);
+	return 0;
+}
+
+static void *cuda_stream_native(void *stream)
+{
+	return ((struct cuda_stream *)stream)->stream;
+}
+
+static int cuda_memcpy_async(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes)
+{
+	struct cuda_stream *s = stream;
+	cudaError_t e;
+	int err;
+
+	err = set_device(s->gpu);
+	if (err < 0)
+		return err;
+	e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s->stream);
+	if (e != cudaSuccess)
+		return cfail(e == cudaErrorInvalidValue ? AEG_EINVAL : AEG_EDEVICE, e,
+			     "cudaMemcpyAsync(%p <- %p, %zu bytes) on GPU %d", dst, src, bytes, s->gpu);
+	return 0;
+}
+
+static int cuda_launch_host_fn(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg)
+{
+	struct cuda_stream *s = stream;
+	cudaError_t e;
+	int err;
+
+	err = set_device(s->gpu);
+	if (err < 0)
+		return err;
+	e = cudaLaunchHostFunc(s->stream, fn, arg);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaLaunchHostFunc on GPU %d", s->gpu);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- events */
+
+static int cuda_event_create(aeg_device_t *dev, int gpu, void **evp, aeg_handle_t *handle)
+{
+	struct cuda_event *ev;
+	cudaIpcEventHandle_t h;
+	cudaError_t e;
+	int err;
+
+	err = set_device(gpu);
+	if (err < 0)
+		return err;
+	ev = calloc(1, sizeof(*ev));
+	if (ev == NULL)
+		return aeg_fail(AEG_ENOMEM, "event: out of memory");
+	ev->gpu = gpu;
+	e = cudaEventCreateWithFlags(&ev->event, cudaEventDisableTiming | cudaEventInterprocess);
+	if (e != cudaSuccess) {
+		err = cfail(AEG_EDEVICE, e, "cudaEventCreateWithFlags(interprocess) on GPU %d", gpu);
+		goto free_ev;
+	}
+	e = cudaIpcGetEventHandle(&h, ev->event);
+	if (e != cudaSuccess) {
+		err = cfail(AEG_EDEVICE, e, "cudaIpcGetEventHandle on GPU %d", gpu);
+		goto destroy;
+	}
+	memcpy(handle->bytes, &h, sizeof(h));
+	*evp = ev;
+	return 0;
+destroy:
+	cudaEventDestroy(ev->event);
+free_ev:
+	free(ev);
+	return err;
+}
+
+static int cuda_event_destroy(aeg_device_t *dev, void *evp)
+{
+	struct cuda_event *ev = evp;
+	cudaError_t e = cudaEventDestroy(ev->event);
+
+	free(ev);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaEventDestroy");
+	return 0;
+}
+
+static int cuda_event_record(aeg_device_t *dev, void *evp, void *stream)
+{
+	struct cuda_event *ev = evp;
+	struct cuda_stream *s = stream;
+	cudaError_t e;
+	int err;
+
+	err = set_device(s->gpu);
+	if (err < 0)
+		return err;
+	e = cudaEventRecord(ev->event, s->stream);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaEventRecord on GPU %d", s->gpu);
+	return 0;
+}
+
+static int cuda_event_query(aeg_device_t *dev, void *evp)
+{
+	struct cuda_event *ev = evp;
+	cudaError_t e = cudaEventQuery(ev->event);
+
+	if (e == cudaSuccess)
+		return 0;
+	if (e == cudaErrorNotReady) {
+		(void)cudaGetLastError();
+		return AEG_EBUSY;
+	}
+	return cfail(AEG_EDEVICE, e, "cudaEventQuery");
+}
+
+/*
+ * CUDA has no timed event wait, and cudaEventSynchronize on an interprocess
+ * event cannot be bounded: poll, spinning first (an opened event that is
+ * already complete answers in a few microseconds), then sleeping 1 us
+ * doubling up to 1 ms.
+ */
+static int cuda_event_wait(aeg_device_t *dev, void *evp, int timeout_ms)
+{
+	uint64_t start = aeg_now_ns(), deadline = start + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
+	long backoff = BACKOFF_MIN_NS;
+	int err;
+
+	for (;;) {
+		uint64_t now;
+
+		err = cuda_event_query(dev, evp);
+		if (err != AEG_EBUSY)
+			return err;
+		if (timeout_ms == 0)
+			break;
+		now = aeg_now_ns();
+		if (timeout_ms > 0 && now >= deadline)
+			break;
+		if (now - start >= SPIN_NS) {
+			struct timespec ts = { 0, backoff };
+
+			if (timeout_ms > 0 && (uint64_t)backoff > deadline - now)
+				ts.tv_nsec = (long)(deadline - now);
+			nanosleep(&ts, NULL);
+			if (backoff < BACKOFF_MAX_NS)
+				backoff = backoff * 2 > BACKOFF_MAX_NS ? BACKOFF_MAX_NS : backoff * 2;
+		}
+	}
+	return aeg_fail(AEG_ETIMEDOUT, "event not complete after %d ms", timeout_ms);
+}
+
+static int cuda_event_open(aeg_device_t *dev, const aeg_handle_t *handle, void **evp)
+{
+	struct cuda_event *ev;
+	cudaIpcEventHandle_t h;
+	cudaError_t e;
+
+	ev = calloc(1, sizeof(*ev));
+	if (ev == NULL)
+		return aeg_fail(AEG_ENOMEM, "event handle: out of memory");
+	ev->gpu = -1;
+	memcpy(&h, handle->bytes, sizeof(h));
+	e = cudaIpcOpenEventHandle(&ev->event, h);
+	if (e != cudaSuccess) {
+		free(ev);
+		return cfail(AEG_EBADF, e, "cudaIpcOpenEventHandle (is the owner alive and the handle an event's?)");
+	}
+	*evp = ev;
+	return 0;
+}
+
+static int cuda_event_close(aeg_device_t *dev, void *evp)
+{
+	return cuda_event_destroy(dev, evp);
+}
+
+static int cuda_stream_wait_event(aeg_device_t *dev, void *stream, void *evp)
+{
+	struct cuda_stream *s = stream;
+	struct cuda_event *ev = evp;
+	cudaError_t e;
+	int err;
+
+	err = set_device(s->gpu);
+	if (err < 0)
+		return err;
+	e = cudaStreamWaitEvent(s->stream, ev->event, 0);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaStreamWaitEvent on GPU %d", s->gpu);
+	return 0;
+}
+
+const struct aeg_device_ops aeg_device_cuda_ops = {
+	.name = "cuda",
+	.init = cuda_init,
+	.fini = cuda_fini,
+	.gpu_info = cuda_gpu_info,
+	.mem_alloc = cuda_mem_alloc,
+	.mem_free = cuda_mem_free,
+	.mem_export = cuda_mem_export,
+	.mem_open = cuda_mem_open,
+	.mem_close = cuda_mem_close,
+	.memcpy_sync = cuda_memcpy_sync,
+	.memset_sync = cuda_memset_sync,
+	.host_register = cuda_host_register,
+	.host_unregister = cuda_host_unregister,
+	.stream_create = cuda_stream_create,
+	.stream_destroy = cuda_stream_destroy,
+	.stream_sync = cuda_stream_sync,
+	.stream_native = cuda_stream_native,
+	.memcpy_async = cuda_memcpy_async,
+	.launch_host_fn = cuda_launch_host_fn,
+	.event_create = cuda_event_create,
+	.event_destroy = cuda_event_destroy,
+	.event_record = cuda_event_record,
+	.event_query = cuda_event_query,
+	.event_wait = cuda_event_wait,
+	.event_open = cuda_event_open,
+	.event_close = cuda_event_close,
+	.stream_wait_event = cuda_stream_wait_event,
+	.event_fail = NULL,
+};

@@ -1,0 +1,583 @@
+/* The host device backend: env parsing, memory and its handles, streams, registration. */
+#include <dirent.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+
+#include "device_internal.h"
+#include "internal.h"
+
+static int count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	assert_non_null(d);
+	while ((e = readdir(d)) != NULL)
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(d);
+	return n - 1;   /* the directory's own descriptor */
+}
+
+static aeg_device_t *open_host(void)
+{
+	aeg_device_t *dev = NULL;
+
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	return dev;
+}
+
+static int setup_env(void **state)
+{
+	unsetenv("AEGAEON_HOST_GPUS");
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	return 0;
+}
+
+static void env_gpu_counts(void **state)
+{
+	static const struct {
+		const char *gpus, *pci;
+		int err, count;
+	} cases[] = {
+		{ NULL, NULL, 0, 1 },
+		{ "", NULL, 0, 1 },
+		{ "1", NULL, 0, 1 },
+		{ "4", NULL, 0, 4 },
+		{ "64", NULL, 0, 64 },
+		{ "0", NULL, AEG_EINVAL, 0 },
+		{ "65", NULL, AEG_EINVAL, 0 },
+		{ "-1", NULL, AEG_EINVAL, 0 },
+		{ "two", NULL, AEG_EINVAL, 0 },
+		{ "2x", NULL, AEG_EINVAL, 0 },
+		{ "99999999999999999999", NULL, AEG_EINVAL, 0 },
+		{ "2", "0000:3b:00.0,0000:86:00.0", 0, 2 },
+		{ "1", "3B:00.0", 0, 1 },
+		{ "2", "0000:3b:00.0", AEG_EINVAL, 0 },             /* one id for two GPUs */
+		{ "1", "0000:3b:00.0,0000:86:00.0", AEG_EINVAL, 0 },
+		{ "2", "0000:3b:00.0,0000:3B:00.0", AEG_EINVAL, 0 }, /* twice */
+		{ "1", "0000:3b:00.8", AEG_EINVAL, 0 },              /* function > 7 */
+		{ "1", "0000:3b:20.0", AEG_EINVAL, 0 },              /* device > 0x1f */
+		{ "1", "nonsense", AEG_EINVAL, 0 },
+		{ "1", "0000:3b:00.0,", AEG_EINVAL, 0 },
+		{ "1", "0000:3b:00", AEG_EINVAL, 0 },
+		{ "1", "00000:3b:00.0", AEG_EINVAL, 0 },
+	};
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		aeg_device_t *dev = NULL;
+		int count = 0, err;
+
+		setup_env(state);
+		if (cases[i].gpus != NULL)
+			setenv("AEGAEON_HOST_GPUS", cases[i].gpus, 1);
+		if (cases[i].pci != NULL)
+			setenv("AEGAEON_HOST_PCI_BUS_IDS", cases[i].pci, 1);
+		err = aeg_device_open(&dev, AEG_DEVICE_HOST);
+		if (err != cases[i].err)
+			fail_msg("case %zu (%s, %s): got %s (%s), expected %s", i, cases[i].gpus,
+				 cases[i].pci, aeg_errname(err), aeg_error_detail(),
+				 aeg_errname(cases[i].err));
+		if (err < 0) {
+			assert_null(dev);
+			assert_non_null(strstr(aeg_error_detail(), "AEGAEON_HOST_"));
+			continue;
+		}
+		assert_int_equal(aeg_device_count(dev, &count), 0);
+		assert_int_equal(count, cases[i].count);
+		assert_int_equal(aeg_device_kind(dev), AEG_DEVICE_HOST);
+		aeg_device_close(dev);
+	}
+	setup_env(state);
+}
+
+static void open_bad_kinds(void **state)
+{
+	aeg_device_t *dev = NULL;
+	int err;
+
+	assert_int_equal(aeg_device_open(&dev, (enum aeg_device_kind)7), AEG_EINVAL);
+	assert_int_equal(aeg_device_open(NULL, AEG_DEVICE_HOST), AEG_EINVAL);
+	/* cuda on a machine without a GPU fails; it never falls back to host. */
+	err = aeg_device_open(&dev, AEG_DEVICE_CUDA);
+	if (err == 0) {
+		assert_int_equal(aeg_device_kind(dev), AEG_DEVICE_CUDA);
+		aeg_device_close(dev);
+	} else {
+		assert_true(err == AEG_EDEVICE || err == AEG_ENOTSUP);
+		assert_null(dev);
+		assert_string_not_equal(aeg_error_detail(), "");
+	}
+}
+
+static void gpu_info(void **state)
+{
+	struct aeg_gpu_info info;
+	aeg_device_t *dev;
+
+	setenv("AEGAEON_HOST_GPUS", "2", 1);
+	setenv("AEGAEON_HOST_PCI_BUS_IDS", "3b:00.0,0000:D8:1F.7", 1);
+	dev = open_host();
+	setup_env(state);
+	assert_int_equal(aeg_device_gpu_info(dev, 1, &info), 0);
+	assert_int_equal(info.index, 1);
+	assert_string_equal(info.name, "host");
+	assert_true(info.total_bytes > 0);
+	assert_true(info.free_bytes > 0 && info.free_bytes <= info.total_bytes);
+	assert_string_equal(info.pci_bus_id, "0000:d8:1f.7");
+	assert_int_equal(aeg_device_gpu_info(dev, 0, &info), 0);
+	assert_string_equal(info.pci_bus_id, "0000:3b:00.0");
+	assert_int_equal(aeg_device_gpu_info(dev, 2, &info), AEG_ENODEV);
+	assert_non_null(strstr(aeg_error_detail(), "GPU 2"));
+	assert_int_equal(aeg_device_gpu_info(dev, -1, &info), AEG_ENODEV);
+	aeg_device_close(dev);
+
+	dev = open_host();
+	assert_int_equal(aeg_device_gpu_info(dev, 0, &info), 0);
+	assert_string_equal(info.pci_bus_id, "");
+	aeg_device_close(dev);
+}
+
+static void mem_alloc_free(void **state)
+{
+	struct aeg_gpu_info info;
+	aeg_device_t *dev = open_host();
+	void *p = NULL, *q = NULL, *keep;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, 1 << 20, &p), 0);
+	assert_non_null(p);
+	assert_int_equal(aeg_memset(dev, p, 0x5a, 1 << 20), 0);
+	assert_int_equal(((unsigned char *)p)[12345], 0x5a);
+	assert_int_equal(aeg_mem_alloc(dev, 0, 4096, &q), 0);
+	assert_int_equal(aeg_memcpy(dev, q, p, 4096), 0);
+	assert_int_equal(((unsigned char *)q)[4095], 0x5a);
+	keep = q;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, 0, &q), AEG_EINVAL);
+	assert_int_equal(aeg_mem_alloc(dev, 1, 4096, &q), AEG_ENODEV);
+	assert_int_equal(aeg_device_gpu_info(dev, 0, &info), 0);
+	assert_int_equal(aeg_mem_alloc(dev, 0, info.total_bytes + 1, &q), AEG_ENOSPC);
+	assert_null(q);
+	assert_int_equal(aeg_mem_free(dev, 0, (char *)p + 64), AEG_EINVAL);
+	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	assert_int_equal(aeg_mem_free(dev, 0, p), AEG_EINVAL);
+	assert_int_equal(aeg_mem_free(dev, 0, NULL), 0);
+	assert_int_equal(aeg_mem_free(dev, 0, keep), 0);
+	aeg_device_close(dev);
+}
+
+static void hex_round_trip(void **state)
+{
+	static const struct {
+		const char *hex;
+		int err;
+	} bad[] = {
+		{ "", AEG_EINVAL },
+		{ "00", AEG_EINVAL },
+		{ "0000000000000000000000000000000000000000000000000000000000000000"
+		  "000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
+		{ "0000000000000000000000000000000000000000000000000000000000000000"
+		  "00000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
+		{ "0000000000000000000000000000000000000000000000000000000000000000"
+		  "000000000000000000000000000000000000000000000000000000000000000g", AEG_EINVAL },
+		{ "x000000000000000000000000000000000000000000000000000000000000000"
+		  "0000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
+		{ " 000000000000000000000000000000000000000000000000000000000000000"
+		  "0000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
+	};
+	char hex[AEG_HANDLE_HEX_LEN + 1], upper[AEG_HANDLE_HEX_LEN + 1];
+	aeg_handle_t h, back;
+
+	for (int i = 0; i < AEG_HANDLE_BYTES; i++)
+		h.bytes[i] = (unsigned char)(i * 37 + 11);
+	aeg_handle_to_hex(&h, hex);
+	assert_int_equal(strlen(hex), AEG_HANDLE_HEX_LEN);
+	assert_string_equal(strspn(hex, "0123456789abcdef") == AEG_HANDLE_HEX_LEN ? "ok" : hex, "ok");
+	assert_int_equal(aeg_handle_from_hex(hex, &back), 0);
+	assert_memory_equal(h.bytes, back.bytes, AEG_HANDLE_BYTES);
+	for (int i = 0; i <= AEG_HANDLE_HEX_LEN; i++)
+		upper[i] = (char)(hex[i] >= 'a' && hex[i] <= 'f' ? hex[i] - 32 : hex[i]);
+	memset(&back, 0, sizeof(back));
+	assert_int_equal(aeg_handle_from_hex(upper, &back), 0);
+	assert_memory_equal(h.bytes, back.bytes, AEG_HANDLE_BYTES);
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(bad); i++) {
+		aeg_handle_t untouched = h;
+
+		if (aeg_handle_from_hex(bad[i].hex, &untouched) != bad[i].err)
+			fail_msg("bad hex case %zu accepted", i);
+		assert_string_not_equal(aeg_error_detail(), "");
+		assert_memory_equal(untouched.bytes, h.bytes, AEG_HANDLE_BYTES);
+	}
+	assert_int_equal(aeg_handle_from_hex(NULL, &back), AEG_EINVAL);
+}
+
+/* The child opens @handle, checks the pattern 0xa5 and answers with 0x3c. */
+static int child_open_and_reply(const aeg_handle_t *handle, size_t bytes)
+{
+	aeg_device_t *dev = NULL;
+	unsigned char *p = NULL;
+
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
+		return 10;
+	if (aeg_mem_open_handle(dev, 0, handle, (void **)&p) < 0)
+		return 11;
+	for (size_t i = 0; i < bytes; i++)
+		if (p[i] != 0xa5)
+			return 12;
+	memset(p, 0x3c, bytes / 2);
+	if (aeg_mem_close_handle(dev, p) < 0)
+		return 13;
+	aeg_device_close(dev);
+	return 0;
+}
+
+static void mem_ipc_across_processes(void **state)
+{
+	const size_t bytes = 3 << 20;
+	aeg_device_t *dev = open_host();
+	unsigned char *p = NULL;
+	aeg_handle_t h;
+	int status;
+	pid_t pid;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, bytes, (void **)&p), 0);
+	memset(p, 0xa5, bytes);
+	assert_int_equal(aeg_mem_export(dev, p, &h), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0)
+		_exit(child_open_and_reply(&h, bytes));
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(p[0], 0x3c);
+	assert_int_equal(p[bytes / 2 - 1], 0x3c);
+	assert_int_equal(p[bytes / 2], 0xa5);
+	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	aeg_device_close(dev);
+}
+
+static void mem_handle_of_own_process(void **state)
+{
+	aeg_device_t *dev = open_host();
+	void *p = NULL, *q = NULL, *r = NULL;
+	aeg_handle_t h;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, 8192, &p), 0);
+	assert_int_equal(aeg_mem_export(dev, (char *)p + 16, &h), AEG_EINVAL);
+	assert_int_equal(aeg_mem_export(dev, p, &h), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), 0);
+	assert_ptr_equal(p, q);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &r), 0);
+	assert_ptr_equal(p, r);
+	assert_int_equal(aeg_mem_close_handle(dev, q), 0);
+	assert_int_equal(aeg_mem_close_handle(dev, r), 0);
+	assert_int_equal(aeg_mem_close_handle(dev, r), AEG_EINVAL);
+	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	aeg_device_close(dev);
+}
+
+static void mem_handle_of_dead_process(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_handle_t h;
+	void *p = NULL;
+	int fds[2], status;
+	pid_t pid;
+
+	assert_int_equal(pipe(fds), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		aeg_device_t *cdev = NULL;
+		void *cp = NULL;
+		aeg_handle_t ch;
+
+		if (aeg_device_open(&cdev, AEG_DEVICE_HOST) < 0 ||
+		    aeg_mem_alloc(cdev, 0, 4096, &cp) < 0 || aeg_mem_export(cdev, cp, &ch) < 0)
+			_exit(1);
+		_exit(write(fds[1], &ch, sizeof(ch)) == sizeof(ch) ? 0 : 2);
+	}
+	close(fds[1]);
+	assert_int_equal(read(fds[0], &h, sizeof(h)), sizeof(h));
+	close(fds[0]);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &p), AEG_EBADF);
+	assert_null(p);
+	assert_non_null(strstr(aeg_error_detail(), "gone"));
+	aeg_device_close(dev);
+}
+
+static void mem_handle_freed_or_reused(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_handle_t h, h2;
+	void *p = NULL, *q = NULL;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, 4096, &p), 0);
+	assert_int_equal(aeg_mem_export(dev, p, &h), 0);
+	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	/* Same size, likely the same descriptor number: the inode tells them apart. */
+	assert_int_equal(aeg_mem_alloc(dev, 0, 4096, &p), 0);
+	assert_int_equal(aeg_mem_export(dev, p, &h2), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	assert_null(q);
+	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	aeg_device_close(dev);
+}
+
+static void mem_handle_forged(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_handle_t good, h;
+	void *p = NULL, *q = NULL;
+	uint32_t u32;
+	uint64_t u64;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, 4096, &p), 0);
+	assert_int_equal(aeg_mem_export(dev, p, &good), 0);
+
+	memset(&h, 0, sizeof(h));
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	for (int i = 0; i < AEG_HANDLE_BYTES; i++)
+		h.bytes[i] = (unsigned char)rand();
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+
+	h = good;                       /* an event handle is not a memory handle */
+	memcpy(h.bytes, "AEGE", 4);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* version */
+	u32 = 99;
+	memcpy(h.bytes + 4, &u32, 4);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* pid of another process (init) */
+	u32 = 1;
+	memcpy(h.bytes + 8, &u32, 4);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* another user */
+	u32 = (uint32_t)getuid() + 1;
+	memcpy(h.bytes + 12, &u32, 4);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	assert_non_null(strstr(aeg_error_detail(), "uid"));
+	h = good;                       /* start time */
+	memcpy(&u64, h.bytes + 16, 8);
+	u64++;
+	memcpy(h.bytes + 16, &u64, 8);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* descriptor */
+	u32 = 0;
+	memcpy(h.bytes + 24, &u32, 4);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* size */
+	memcpy(&u64, h.bytes + 32, 8);
+	u64 *= 2;
+	memcpy(h.bytes + 32, &u64, 8);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* reserved bytes */
+	h.bytes[60] = 1;
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	assert_null(q);
+
+	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	aeg_device_close(dev);
+}
+
+struct order_log {
+	int seen[64];
+	int count;
+	const unsigned char *watch;
+	unsigned char watched[64];
+};
+
+struct order_arg {
+	struct order_log *log;
+	int id;
+};
+
+static void log_fn(void *arg)
+{
+	struct order_arg *a = arg;
+
+	a->log->watched[a->log->count] = *a->log->watch;
+	a->log->seen[a->log->count++] = a->id;
+}
+
+static void stream_ordering(void **state)
+{
+	enum { N = 2000, SLOT = 4096 };
+	aeg_device_t *dev = open_host();
+	unsigned char *src, *a = NULL, *b = NULL;
+	aeg_stream_t *s = NULL;
+
+	src = malloc(N);
+	assert_non_null(src);
+	for (int i = 0; i < N; i++)
+		src[i] = (unsigned char)(i * 7 + 1);
+	assert_int_equal(aeg_mem_alloc(dev, 0, SLOT, (void **)&a), 0);
+	assert_int_equal(aeg_mem_alloc(dev, 0, SLOT, (void **)&b), 0);
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_null(aeg_stream_native(s));
+	/* Each round writes a byte then copies it on: only in-order execution leaves the last. */
+	for (int i = 0; i < N; i++) {
+		assert_int_equal(aeg_memcpy_async(s, a, &src[i], 1), 0);
+		assert_int_equal(aeg_memcpy_async(s, b + (i % SLOT), a, 1), 0);
+		assert_int_equal(aeg_memcpy_async(s, b + SLOT - 1, a, 1), 0);
+	}
+	assert_int_equal(aeg_stream_sync(s), 0);
+	assert_int_equal(b[SLOT - 1], src[N - 1]);
+	for (int i = N - SLOT + 1 > 0 ? N - SLOT + 1 : 0; i < N; i++)
+		if (i % SLOT != SLOT - 1)
+			assert_int_equal(b[i % SLOT], src[i]);
+	assert_int_equal(aeg_memcpy_async(s, NULL, src, 1), AEG_EINVAL);
+	assert_int_equal(aeg_memcpy_async(s, a, src, 0), 0);
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(aeg_stream_create(dev, 3, &s), AEG_ENODEV);
+	assert_int_equal(aeg_mem_free(dev, 0, a), 0);
+	assert_int_equal(aeg_mem_free(dev, 0, b), 0);
+	free(src);
+	aeg_device_close(dev);
+}
+
+static void host_fn_ordering(void **state)
+{
+	aeg_device_t *dev = open_host();
+	struct order_arg args[32];
+	struct order_log log = { .count = 0 };
+	unsigned char cell = 0, vals[32];
+	aeg_stream_t *s = NULL;
+
+	log.watch = &cell;
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	for (int i = 0; i < 32; i++) {
+		vals[i] = (unsigned char)(100 + i);
+		args[i].log = &log;
+		args[i].id = i;
+		assert_int_equal(aeg_memcpy_async(s, &cell, &vals[i], 1), 0);
+		assert_int_equal(aeg_stream_launch_host_fn(s, log_fn, &args[i]), 0);
+	}
+	assert_int_equal(aeg_stream_launch_host_fn(s, NULL, NULL), AEG_EINVAL);
+	assert_int_equal(aeg_stream_sync(s), 0);
+	assert_int_equal(log.count, 32);
+	for (int i = 0; i < 32; i++) {
+		assert_int_equal(log.seen[i], i);
+		assert_int_equal(log.watched[i], 100 + i);   /* saw the copy queued before it */
+	}
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	aeg_device_close(dev);
+}
+
+static void sleep_fn(void *arg)
+{
+	usleep(50 * 1000);
+	*(int *)arg = 1;
+}
+
+static void stream_destroy_drains(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_stream_t *s = NULL;
+	int slept = 0;
+	char from[8] = "drained", to[8] = "";
+
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_int_equal(aeg_stream_launch_host_fn(s, sleep_fn, &slept), 0);
+	assert_int_equal(aeg_memcpy_async(s, to, from, sizeof(from)), 0);
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(slept, 1);
+	assert_string_equal(to, "drained");
+	aeg_device_close(dev);
+}
+
+static void host_register_checks(void **state)
+{
+	aeg_device_t *dev = open_host();
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	char *m;
+
+	m = mmap(NULL, 4 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	assert_true(m != MAP_FAILED);
+	assert_int_equal(aeg_host_register(dev, m, 2 * page, 0), 0);
+	assert_int_equal(aeg_host_register(dev, m + page, 2 * page, 0), AEG_EEXIST);
+	assert_int_equal(aeg_host_register(dev, m + 2 * page, 2 * page, AEG_HOST_REGISTER_READONLY), 0);
+	assert_int_equal(aeg_host_register(dev, m, 0, 0), AEG_EINVAL);
+	assert_int_equal(aeg_host_register(dev, m, page, 0x80), AEG_EINVAL);
+	assert_int_equal(aeg_host_unregister(dev, m + page), AEG_EINVAL);
+	assert_int_equal(aeg_host_unregister(dev, m), 0);
+	assert_int_equal(aeg_host_unregister(dev, m), AEG_EINVAL);
+	assert_int_equal(aeg_host_unregister(dev, m + 2 * page), 0);
+	assert_int_equal(munmap(m + 2 * page, 2 * page), 0);
+	assert_int_equal(aeg_host_register(dev, m, 4 * page, 0), AEG_EINVAL);  /* half unmapped */
+	assert_int_equal(munmap(m, 2 * page), 0);
+	aeg_device_close(dev);
+}
+
+static void no_fd_leak(void **state)
+{
+	int before = count_fds();
+
+	for (int round = 0; round < 3; round++) {
+		aeg_device_t *dev = open_host();
+		aeg_stream_t *s = NULL;
+		void *p = NULL, *q = NULL, *r = NULL;
+		aeg_handle_t h;
+		int status;
+		pid_t pid;
+
+		assert_int_equal(aeg_mem_alloc(dev, 0, 65536, &p), 0);
+		assert_int_equal(aeg_mem_alloc(dev, 0, 65536, &q), 0);
+		assert_int_equal(aeg_mem_export(dev, p, &h), 0);
+		assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &r), 0);
+		assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+		assert_int_equal(aeg_memcpy_async(s, q, p, 65536), 0);
+		assert_int_equal(aeg_stream_destroy(s), 0);
+		pid = fork();
+		if (pid == 0)
+			_exit(child_open_and_reply(&h, 0));
+		assert_int_equal(waitpid(pid, &status, 0), pid);
+		assert_int_equal(WEXITSTATUS(status), 0);
+		assert_int_equal(aeg_mem_close_handle(dev, r), 0);
+		assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+		/* q is left to aeg_device_close, which releases what is still held. */
+		aeg_device_close(dev);
+	}
+	assert_int_equal(count_fds(), before);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup(env_gpu_counts, setup_env),
+		cmocka_unit_test_setup(open_bad_kinds, setup_env),
+		cmocka_unit_test_setup(gpu_info, setup_env),
+		cmocka_unit_test_setup(mem_alloc_free, setup_env),
+		cmocka_unit_test(hex_round_trip),
+		cmocka_unit_test_setup(mem_ipc_across_processes, setup_env),
+		cmocka_unit_test_setup(mem_handle_of_own_process, setup_env),
+		cmocka_unit_test_setup(mem_handle_of_dead_process, setup_env),
+		cmocka_unit_test_setup(mem_handle_freed_or_reused, setup_env),
+		cmocka_unit_test_setup(mem_handle_forged, setup_env),
+		cmocka_unit_test_setup(stream_ordering, setup_env),
+		cmocka_unit_test_setup(host_fn_ordering, setup_env),
+		cmocka_unit_test_setup(stream_destroy_drains, setup_env),
+		cmocka_unit_test_setup(host_register_checks, setup_env),
+		cmocka_unit_test_setup(no_fd_leak, setup_env),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
