@@ -33,6 +33,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 
 int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
 {
+	aeg_spank_site_load(ac, av);
 	switch (spank_context()) {
 	case S_CTX_JOB_SCRIPT:
 		return aeg_spank_prolog(sp);
@@ -53,6 +54,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
+	aeg_spank_site_load(ac, av);
 	switch (spank_context()) {
 	case S_CTX_JOB_SCRIPT:
 		return aeg_spank_epilog(sp);

@@ -20,7 +20,10 @@ void aeg_spank_site_load(int ac, char **av)
 	const char *path = NULL;
 	int rc;
 
+	if (aeg_site.loaded)
+		return;
 	memset(&aeg_site, 0, sizeof(aeg_site));
+	aeg_site.loaded = 1;
 	aeg_config_defaults(&aeg_site.cfg);
 	for (int i = 0; i < ac; i++) {
 		if (strncmp(av[i], "config=", 7) == 0) {

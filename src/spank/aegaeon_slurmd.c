@@ -348,6 +348,10 @@ middle(const struct job *job, int dfd, const struct agent_cmd *cmd, const gid_t 
 	int fd;
 
 	snprintf(path, sizeof(path), "%s/" AEG_JOB_ERROR_FILE, job->dir);
+	if (dfd <= 2 || notify[0] <= 2 || notify[1] <= 2) {
+		snprintf(reason, sizeof(reason), "the agent could not start: descriptors overlap stdio");
+		_exit(1);
+	}
 	if (setsid() < 0) {
 		snprintf(reason, sizeof(reason), "the agent could not start: setsid: %s", strerror(errno));
 		goto root_fail;
@@ -467,6 +471,22 @@ out:
 }
 
 /*
+ * slurmstepd runs the prolog with stdin closed: without this, the runtime
+ * dir would be opened as fd 0 and the agent's child would dup2 /dev/null
+ * over it (and chown /dev/null instead of the job directory).
+ */
+static void hold_stdio(void)
+{
+	int fd;
+
+	do {
+		fd = open("/dev/null", O_RDWR);
+	} while (fd >= 0 && fd <= 2);
+	if (fd >= 0)
+		close(fd);
+}
+
+/*
  * Any failure here is logged and the prolog still succeeds: a failing prolog
  * drains the node and holds the job, which is out of all proportion to a
  * user's typo. task_init reports what went wrong to the user.
@@ -486,6 +506,7 @@ int aeg_spank_prolog(spank_t sp)
 		slurm_error("aegaeon: job with aegaeon options, but %s; no agent started", aeg_site.error);
 		return 0;
 	}
+	hold_stdio();
 	if (job_from_env(&job) < 0)
 		return 0;
 	read_options(&o, reason, sizeof(reason));

@@ -21,6 +21,7 @@
 struct aeg_spank_site {
 	struct aeg_config cfg;
 	char config_path[PATH_MAX];     /* "" when no config= argument */
+	int loaded;
 	int ok;                         /* 0: error holds why the site is unusable */
 	char error[1024];
 };
@@ -41,7 +42,10 @@ struct aeg_spank_opts {
 
 extern struct aeg_spank_opts aeg_opts;
 
-/* aegaeon_site.c: read plugstack arguments and load the site configuration. */
+/*
+ * aegaeon_site.c: read plugstack arguments and load the site configuration,
+ * once per process (slurm_spank_init does not run before job_prolog/epilog).
+ */
 void aeg_spank_site_load(int ac, char **av);
 
 /* aegaeon_client.c: options (every context) and client-side checks. */

@@ -253,6 +253,26 @@ wait_job() {
 	wait_for "$2" bash -c "[[ -z \$(env -i SLURM_CONF=$T/etc/slurm.conf squeue -h -j $1 -o %i 2>/dev/null) ]]"
 }
 
+# submit SBATCH-ARGS... : submit a batch job as the job user, print its id
+submit() { as_user sbatch --parsable "$@" | cut -d';' -f1; }
+
+# Job directory of JOBID on NODE, and waiting for its agent's ready record.
+job_dir() { echo "$T/aegrun/$1.$2"; }
+wait_ready() { wait_for "${3:-20}" test -f "$(job_dir "$1" "$2")/ready"; }
+
+# Agent pid of JOBID on NODE (from the command line, as the epilog finds it).
+agent_of() {
+	local p
+	for p in $(agent_pids); do
+		tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF -- "--runtime-dir $(job_dir "$1" "$2") " && echo "$p"
+	done
+	return 0
+}
+
+# No agent process and no runtime dir left for this cluster, within SECONDS.
+no_leftovers() { [[ -z $(ls -A "$T/aegrun") && -z $(agent_pids) ]]; }
+nothing_left() { wait_for "${1:-10}" no_leftovers; }
+
 # Runtime dirs of this cluster (one per job per node).
 runtime_dirs() { find "$T/aegrun" -mindepth 1 -maxdepth 1 2>/dev/null; }
 
