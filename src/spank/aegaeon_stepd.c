@@ -108,9 +108,10 @@ int aeg_spank_task_init(spank_t sp)
 	if (stat(dir, &st) < 0) {
 		if (!aeg_opts.any)
 			return 0;
-		return fail_step("no agent runs for job %u on node %s: --aegaeon-* options take effect when "
-				 "the job is created (srun, sbatch or salloc without an allocation), not for a "
-				 "step inside an allocation made without them", jobid, node);
+		return fail_step("no agent runs for job %u on node %s: either the node's prolog could not "
+				 "start one (its slurmd log says why), or the options were given to a step "
+				 "inside an allocation made without them (--aegaeon-* options take effect when "
+				 "srun, sbatch or salloc creates the job)", jobid, node);
 	}
 	snprintf(ready, sizeof(ready), "%s/" AEG_JOB_READY_FILE, dir);
 	snprintf(error, sizeof(error), "%s/" AEG_JOB_ERROR_FILE, dir);
