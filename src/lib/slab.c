@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 
+#include <aegaeon/size.h>
 #include <aegaeon/slab.h>
 
 #include "device_internal.h"
@@ -55,6 +56,7 @@ static int slab_new(aeg_device_t *dev, int gpu, void *base, uint64_t bytes, int 
 
 AEG_EXPORT int aeg_slab_create(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_slab_t **slabp)
 {
+	char asked[32], free_h[32], total[32];
 	struct aeg_gpu_info info;
 	void *base = NULL;
 	uint64_t rounded;
@@ -69,9 +71,10 @@ AEG_EXPORT int aeg_slab_create(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_s
 		return aeg_fail_keep(err);
 	/* The first test also keeps the rounding from overflowing. */
 	if (bytes > info.free_bytes || (rounded = aeg_round_up(bytes, AEG_SLAB_ALIGN)) > info.free_bytes)
-		return aeg_fail(AEG_ENOSPC, "slab of %" PRIu64 " bytes asked on GPU %d (%s), free %" PRIu64
-				" of %" PRIu64 " bytes",
-				bytes, gpu, info.name, info.free_bytes, info.total_bytes);
+		return aeg_fail(AEG_ENOSPC, "slab of %s (%" PRIu64 " bytes) asked on GPU %d (%s), free %s of %s",
+				aeg_size_format(bytes, asked, sizeof(asked)), bytes, gpu, info.name,
+				aeg_size_format(info.free_bytes, free_h, sizeof(free_h)),
+				aeg_size_format(info.total_bytes, total, sizeof(total)));
 	err = aeg_mem_alloc(dev, gpu, rounded, &base);
 	if (err < 0) {
 		aeg_error_prefix("slab of %" PRIu64 " bytes on GPU %d", rounded, gpu);

@@ -4,8 +4,10 @@
 #include <inttypes.h>
 #include <stdlib.h>
 
-#include "tlsf.h"
+#include <aegaeon/size.h>
+
 #include "internal.h"
+#include "tlsf.h"
 
 #define NIL UINT32_MAX
 /* Ids carry index + 1 in their low 32 bits, so the last index is UINT32_MAX - 2. */
@@ -212,10 +214,16 @@ void aeg_tlsf_fini(struct aeg_tlsf *t)
 
 static int no_space(const struct aeg_tlsf *t, uint64_t bytes)
 {
+	char asked[32], largest[32], free_h[32], total[32];
+	uint64_t biggest = aeg_tlsf_largest_free(t);
+
+	/* Exact bytes too: rounded human sizes can hide a miss by a few bytes. */
 	return aeg_fail(AEG_ENOSPC,
-			"requested %" PRIu64 " bytes, largest free block %" PRIu64 " bytes, free %" PRIu64
-			" of %" PRIu64 " bytes",
-			bytes, aeg_tlsf_largest_free(t), t->total - t->used, t->total);
+			"requested %s (%" PRIu64 " bytes), largest free block %s (%" PRIu64 " bytes), free %s of %s",
+			aeg_size_format(bytes, asked, sizeof(asked)), bytes,
+			aeg_size_format(biggest, largest, sizeof(largest)), biggest,
+			aeg_size_format(t->total - t->used, free_h, sizeof(free_h)),
+			aeg_size_format(t->total, total, sizeof(total)));
 }
 
 int aeg_tlsf_alloc(struct aeg_tlsf *t, uint64_t bytes, uint64_t *id, uint64_t *offset,

@@ -62,7 +62,7 @@ static void record_query_wait(void **state)
 {
 	aeg_device_t *dev = open_host();
 	aeg_stream_t *s = NULL;
-	aeg_event_t *ev = NULL;
+	aeg_event_t *ev = NULL, *bad = NULL;
 	aeg_handle_t h;
 	uint64_t t0;
 	sem_t gate;
@@ -89,7 +89,8 @@ static void record_query_wait(void **state)
 	assert_int_equal(aeg_event_query(ev), 0);
 	assert_int_equal(aeg_event_wait_handle(dev, &h, 0), 0);
 
-	assert_int_equal(aeg_event_create(dev, 1, &ev, &h), AEG_ENODEV);
+	assert_int_equal(aeg_event_create(dev, 1, &bad, &h), AEG_ENODEV);
+	assert_null(bad);
 	assert_int_equal(aeg_stream_destroy(s), 0);
 	assert_int_equal(aeg_event_destroy(ev), 0);
 	sem_destroy(&gate);

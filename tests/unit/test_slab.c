@@ -1,6 +1,7 @@
 /* Slabs: wrapped ranges under many threads, errors, lookups, alloc+free time. */
 #include "config.h"
 
+#include <dirent.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -13,12 +14,14 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include <aegaeon/device.h>
 #include <aegaeon/slab.h>
 
 #include "internal.h"
 
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
+#define GiB (1ull << 30)
 #define THREADS 8
 #define ITERATIONS 20000
 #define HELD 16                 /* blocks each thread keeps live at once */
@@ -204,15 +207,15 @@ static void alloc_failure_says_requested_and_largest(void **state)
 
 	assert_int_equal(aeg_slab_wrap(NULL, 0, NULL, 1 * MiB, &slab), 0);
 	assert_int_equal(aeg_slab_alloc(slab, 2 * MiB, &a), AEG_ENOSPC);
-	assert_non_null(strstr(aeg_error_detail(), "requested 2097152 bytes, largest free block 1048576 bytes"));
+	assert_non_null(strstr(aeg_error_detail(), "requested 2 MiB (2097152 bytes), largest free block 1 MiB (1048576 bytes)"));
 	assert_int_equal(aeg_slab_alloc(slab, 0, &a), AEG_EINVAL);
 	assert_int_equal(aeg_slab_alloc(slab, 512 * KiB, &a), 0);
 	assert_int_equal(aeg_slab_alloc(slab, 256 * KiB, &b), 0);
 	assert_int_equal(aeg_slab_free(slab, a.id), 0);
 	/* 768 KiB free, but in two pieces. */
 	assert_int_equal(aeg_slab_alloc(slab, 768 * KiB, &a), AEG_ENOSPC);
-	assert_string_equal(aeg_error_detail(), "requested 786432 bytes, largest free block 524288 bytes, "
-			    "free 786432 of 1048576 bytes");
+	assert_string_equal(aeg_error_detail(), "requested 768 KiB (786432 bytes), largest free block 512 KiB "
+			    "(524288 bytes), free 768 KiB of 1 MiB");
 	stats_of(slab, &st);
 	assert_int_equal(st.allocs, 2);
 	assert_int_equal(st.frees, 1);
@@ -295,6 +298,114 @@ static void wrap_rejects_bad_arguments(void **state)
 	aeg_slab_destroy(NULL);
 }
 
+static int open_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	int n = 0;
+
+	assert_non_null(d);
+	while (readdir(d) != NULL)
+		n++;
+	closedir(d);
+	return n;
+}
+
+static aeg_device_t *host_device(void)
+{
+	aeg_device_t *dev = NULL;
+
+	setenv("AEGAEON_HOST_GPUS", "2", 1);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	return dev;
+}
+
+static void create_on_host_backend(void **state)
+{
+	const uint64_t bytes = 16 * MiB + 1;
+	int fds = open_fds();
+	aeg_device_t *dev = host_device();
+	struct aeg_slab_stats st;
+	struct aeg_block b;
+	aeg_handle_t handle;
+	aeg_slab_t *slab;
+	unsigned char *base;
+	void *opened;
+
+	assert_int_equal(aeg_slab_create(dev, 1, bytes, &slab), 0);
+	base = aeg_slab_base(slab);
+	assert_int_equal((uintptr_t)base % AEG_SLAB_ALIGN, 0);
+	assert_int_equal(aeg_slab_bytes(slab), 16 * MiB + AEG_SLAB_ALIGN);
+	assert_int_equal(aeg_slab_gpu(slab), 1);
+	assert_ptr_equal(aeg_slab_device(slab), dev);
+	stats_of(slab, &st);
+	assert_int_equal(st.total_bytes, 16 * MiB + AEG_SLAB_ALIGN);
+	assert_int_equal(st.largest_free_bytes, st.total_bytes);
+
+	assert_int_equal(aeg_slab_alloc(slab, 1 * MiB, &b), 0);
+	assert_int_equal(aeg_slab_alloc(slab, 1 * MiB, &b), 0);
+	assert_ptr_equal(b.ptr, base + 1 * MiB);
+	memset(b.ptr, 0xa5, b.size);
+
+	/* The handle opens to the same memory: what the block holds is there. */
+	assert_int_equal(aeg_slab_export(slab, &handle), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 1, &handle, &opened), 0);
+	assert_int_equal(((unsigned char *)opened)[1 * MiB + 12345], 0xa5);
+	assert_int_equal(aeg_mem_close_handle(dev, opened), 0);
+
+	aeg_slab_destroy(slab);
+	/* Freed once, by destroy: a second free finds no such allocation. */
+	assert_int_equal(aeg_mem_free(dev, 1, base), AEG_EINVAL);
+	aeg_device_close(dev);
+	assert_int_equal(open_fds(), fds);
+}
+
+static void create_rejects_what_cannot_be(void **state)
+{
+	aeg_device_t *dev = host_device();
+	struct aeg_gpu_info info;
+	aeg_slab_t *slab = NULL;
+	uint64_t too_big;
+
+	assert_int_equal(aeg_slab_create(NULL, 0, MiB, &slab), AEG_EINVAL);
+	assert_int_equal(aeg_slab_create(dev, 0, MiB, NULL), AEG_EINVAL);
+	assert_int_equal(aeg_slab_create(dev, 0, 0, &slab), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "size 0"));
+	assert_int_equal(aeg_slab_create(dev, 2, MiB, &slab), AEG_ENODEV);
+	assert_int_equal(aeg_slab_create(dev, -1, MiB, &slab), AEG_ENODEV);
+
+	assert_int_equal(aeg_device_gpu_info(dev, 0, &info), 0);
+	too_big = info.free_bytes + 64 * GiB;
+	assert_int_equal(aeg_slab_create(dev, 0, too_big, &slab), AEG_ENOSPC);
+	if (strstr(aeg_error_detail(), "asked on GPU 0 (host), free") == NULL)
+		fail_msg("detail: %s", aeg_error_detail());
+	assert_int_equal(aeg_slab_create(dev, 0, UINT64_MAX, &slab), AEG_ENOSPC);
+	assert_non_null(strstr(aeg_error_detail(), "(18446744073709551615 bytes) asked"));
+	assert_null(slab);
+	aeg_device_close(dev);
+}
+
+static void wrap_device_memory(void **state)
+{
+	aeg_device_t *dev = host_device();
+	aeg_handle_t handle;
+	aeg_slab_t *slab = NULL;
+	struct aeg_block b;
+	void *mem;
+
+	assert_int_equal(aeg_mem_alloc(dev, 0, 4 * MiB, &mem), 0);
+	assert_int_equal(aeg_slab_wrap(dev, 0, NULL, 4 * MiB, &slab), AEG_EINVAL);
+	assert_int_equal(aeg_slab_wrap(dev, 2, mem, 4 * MiB, &slab), AEG_ENODEV);
+	assert_null(slab);
+	assert_int_equal(aeg_slab_wrap(dev, 0, mem, 4 * MiB, &slab), 0);
+	assert_int_equal(aeg_slab_alloc(slab, 4 * MiB, &b), 0);
+	assert_ptr_equal(b.ptr, mem);
+	assert_int_equal(aeg_slab_export(slab, &handle), AEG_ENOTSUP);
+	aeg_slab_destroy(slab);
+	/* The wrapped memory is still its owner's to free. */
+	assert_int_equal(aeg_mem_free(dev, 0, mem), 0);
+	aeg_device_close(dev);
+}
+
 static int cmp_double(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -344,6 +455,9 @@ int main(void)
 		cmocka_unit_test(lookup_of_live_and_freed_ids),
 		cmocka_unit_test(alloc_failure_says_requested_and_largest),
 		cmocka_unit_test(threads_share_a_wrapped_slab),
+		cmocka_unit_test(create_on_host_backend),
+		cmocka_unit_test(create_rejects_what_cannot_be),
+		cmocka_unit_test(wrap_device_memory),
 		cmocka_unit_test(alloc_free_median_time),
 	};
 	return cmocka_run_group_tests_name("slab", tests, NULL, NULL);
