@@ -275,13 +275,14 @@ static void write_error(const struct job *job, int dfd, const char *reason)
 
 struct agent_cmd {
 	char *argv[24];
-	char *envp[8];
+	char *envp[10];
 	char slab[40], pinned[64], gpus[256], jobid[16];
 	char env_path[64], env_home[PATH_MAX + 8], env_user[256], env_logname[256], env_cvd[512];
+	char env_host_gpus[48];
 };
 
 static void build_cmd(struct agent_cmd *c, const struct job *job, const struct aeg_spank_opts *o,
-		      const struct passwd *pw)
+		      const struct passwd *pw, int ngpus)
 {
 	const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
 	int a = 0, e = 0;
@@ -327,6 +328,11 @@ static void build_cmd(struct agent_cmd *c, const struct job *job, const struct a
 	if (cvd != NULL) {
 		snprintf(c->env_cvd, sizeof(c->env_cvd), "CUDA_VISIBLE_DEVICES=%s", cvd);
 		c->envp[e++] = c->env_cvd;
+	}
+	/* The host backend shows as many GPUs as it is told: the job's; task_init tells the steps the same. */
+	if (o->device == AEG_DEVICE_HOST && ngpus > 0) {
+		snprintf(c->env_host_gpus, sizeof(c->env_host_gpus), "AEGAEON_HOST_GPUS=%d", ngpus);
+		c->envp[e++] = c->env_host_gpus;
 	}
 	c->envp[e] = NULL;
 }
@@ -415,7 +421,7 @@ static int start_agent(const struct job *job, int dfd, const struct aeg_spank_op
 {
 	struct passwd pwbuf, *pw = NULL;
 	gid_t groups[MAX_GROUPS];
-	int ngroups = MAX_GROUPS, notify[2], status;
+	int ngroups = MAX_GROUPS, notify[2], status, ngpus;
 	struct agent_cmd *cmd;
 	char pwstore[4096];
 	pid_t pid;
@@ -433,11 +439,12 @@ static int start_agent(const struct job *job, int dfd, const struct aeg_spank_op
 	cmd = calloc(1, sizeof(*cmd));
 	if (cmd == NULL)
 		return -1;
-	if (gpu_list(cmd->gpus, sizeof(cmd->gpus)) < 0) {
+	ngpus = gpu_list(cmd->gpus, sizeof(cmd->gpus));
+	if (ngpus < 0) {
 		slurm_error("aegaeon: job %u: CUDA_VISIBLE_DEVICES too long", job->id);
 		goto out;
 	}
-	build_cmd(cmd, job, o, pw);
+	build_cmd(cmd, job, o, pw, ngpus);
 	if (pipe2(notify, O_CLOEXEC) < 0) {
 		slurm_error("aegaeon: job %u: pipe: %m", job->id);
 		goto out;

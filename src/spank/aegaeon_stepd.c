@@ -71,6 +71,9 @@ static int export_record(spank_t sp, const struct aeg_job_record *rec, const cha
 		snprintf(name, sizeof(name), "AEGAEON_SLAB%d_GPU", i);
 		rc = rc ?: set_u64(sp, name, (uint64_t)rec->slabs[i].gpu);
 	}
+	/* A step's host backend must show the GPUs the agent's did. */
+	if (rc == 0 && rec->device == AEG_DEVICE_HOST && rec->gpu_count > 0)
+		rc = set_u64(sp, "AEGAEON_HOST_GPUS", (uint64_t)rec->gpu_count);
 	rc = rc ?: set_u64(sp, "AEGAEON_PINNED_BYTES", rec->pinned_bytes);
 	rc = rc ?: set_u64(sp, "AEGAEON_PINNED_BUFFER", rec->pinned_buffer);
 	return rc;

@@ -3,16 +3,18 @@
 # plugin and agent. Sourced by each test file; see run.sh.
 #
 # Needs root, Slurm 22.05 daemons and munge. Environment:
-#   AEG_BUILDDIR  absolute build tree (holds src/spank/.libs/aegaeon.so and
-#                 src/agent/aegaeond)
+#   AEG_BUILDDIR  absolute build tree (holds src/spank/.libs/aegaeon.so,
+#                 aegaeond and aegaeon-cli)
 #   AEG_KEEP=1    keep the temp dir after a failure (for debugging)
 
 set -u
 
 : "${AEG_BUILDDIR:?AEG_BUILDDIR must name the build tree}"
 AEG_PLUGIN=${AEG_PLUGIN:-$AEG_BUILDDIR/src/spank/.libs/aegaeon.so}
-AEG_AGENT=${AEG_AGENT:-$AEG_BUILDDIR/src/agent/aegaeond}
-AEG_CLI=${AEG_CLI:-$AEG_BUILDDIR/src/cli/aegaeon-cli}
+# The non-recursive build puts programs at the top of the build tree.
+first_of() { for f in "$@"; do [[ -e $f ]] && { echo "$f"; return; }; done; echo "$1"; }
+AEG_AGENT=${AEG_AGENT:-$(first_of "$AEG_BUILDDIR/aegaeond" "$AEG_BUILDDIR/src/agent/aegaeond")}
+AEG_CLI=${AEG_CLI:-$(first_of "$AEG_BUILDDIR/aegaeon-cli" "$AEG_BUILDDIR/src/cli/aegaeon-cli")}
 SLURMCTLD=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH command -v slurmctld)
 SLURMD=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH command -v slurmd)
 MUNGED=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH command -v munged)

@@ -45,7 +45,7 @@ check "--aegaeon-pinned=0 alone: no pool, the site's default slab" \
 out=$(as_user timeout 60 srun -N1 --gres=gpu:1 bash -c 'env | grep -c ^AEGAEON_; ls -A '"$T/aegrun"' | wc -l' 2>&1)
 check "a job without options sees no AEGAEON_ variable and no job dir" test "$(echo $out)" = "0 0"
 
-out=$(as_user timeout 60 srun -N1 --aegaeon-slab=64MiB true 2>&1)
+out=$(as_user timeout 60 srun -N1 -w n1 --aegaeon-slab=64MiB true 2>&1)
 rc=$?
 check "--aegaeon-slab without GPUs fails the step (rc $rc)" test $rc -ne 0
 check "... saying the job has no GPU" grep -qF "but the job has none on node n1 (ask for GPUs with --gres=gpu:N" <<<"$out"

@@ -50,6 +50,21 @@ chmod 600 "$T/root-only.bin"
 out=$(as_user timeout 30 srun -N1 --gres=gpu:1 --aegaeon-prefetch="$T/root-only.bin" true 2>&1)
 check "root-only file: refused by srun ($out)" grep -qF "$T/root-only.bin: Permission denied" <<<"$out"
 
+# Readable at submission, root-only by the time the job starts: the agent,
+# running as the user, cannot open it and the first step says so.
+echo weights >"$T/turns-private.bin"
+chmod 644 "$T/turns-private.bin"
+job=$(submit -H -N1 --gres=gpu:1 --aegaeon-slab=64MiB --aegaeon-prefetch="$T/turns-private.bin" \
+	-o private.out --wrap 'srun true; echo step_rc=$?')
+chmod 600 "$T/turns-private.bin"
+sl scontrol release "$job"
+wait_job "$job" 60
+# The batch script is the job's first task: it does not run.
+check "root-only at job start: the job failed before its script ran" \
+	bash -c "! grep -q step_rc '$T/work/private.out' && env -i SLURM_CONF=$T/etc/slurm.conf scontrol -o show job $job | grep -q JobState=FAILED"
+check "root-only at job start: the agent's reason reached the job's output" \
+	grep -qiE "aegaeon: .*$T/turns-private.bin.*permission denied" "$T/work/private.out"
+
 # A link planted under the job's directory name is removed, not followed.
 next=$(($(sl scontrol -o show job | sed -n 's/^JobId=\([0-9]*\).*/\1/p' | sort -n | tail -n 1) + 1))
 mkdir "$T/target"
