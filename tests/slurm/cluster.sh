@@ -32,9 +32,9 @@ TEST_NAME=${TEST_NAME:-$(basename "$0" .sh)}
 
 log() { printf '# %s\n' "$*" >&2; }
 
-# ok COND-DESCRIPTION -- record a result from the exit status of the last command
-pass() { PASSED=$((PASSED + 1)); printf 'ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "$*"; }
-fail() { FAILED=$((FAILED + 1)); printf 'not ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "$*"; }
+# One line per result: command output quoted in a description is folded.
+pass() { local m="$*"; PASSED=$((PASSED + 1)); printf 'ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "${m//$'\n'/ | }"; }
+fail() { local m="$*"; FAILED=$((FAILED + 1)); printf 'not ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "${m//$'\n'/ | }"; }
 check() { # check DESCRIPTION CMD... : pass when CMD succeeds
 	local what=$1; shift
 	if "$@"; then pass "$what"; else fail "$what"; fi

@@ -3,9 +3,7 @@
 # step 2 finds its chunks and reads the same bytes without loading again;
 # a file named by --aegaeon-prefetch is loading or loaded at the first step.
 #
-# Needs the agent's prefetch and a client that attaches (aegaeon-cli, branch
-# wt-agent): written against job-contract.md, to be completed with the CLI's
-# prefetch/status commands once they exist.
+# pending: needs aegaeon-cli prefetch/status inside a job (the agent has the protocol; the CLI's main is not built yet)
 source "$(dirname "$0")/cluster.sh"
 
 cluster_start || { fail "cluster starts"; finish; exit; }
