@@ -86,7 +86,11 @@ int aeg_mem_close_handle(aeg_device_t *dev, void *ptr);
 /*
  * Page-locking host memory: register @bytes at @ptr (portable, mapped;
  * AEG_HOST_REGISTER_READONLY for read-only mappings such as a file's
- * pages). A no-op that still validates arguments on the host backend.
+ * pages). The host backend pins nothing but checks what CUDA checks: the
+ * range is mapped (else AEG_EINVAL), overlaps no registered range (else
+ * AEG_EEXIST), and unregistering takes a registered range's start (else
+ * AEG_EINVAL). The cuda backend never changes the calling thread's current
+ * device: each call sets the GPU it needs and restores the caller's.
  */
 #define AEG_HOST_REGISTER_READONLY 0x1u
 int aeg_host_register(aeg_device_t *dev, void *ptr, size_t bytes, unsigned flags);

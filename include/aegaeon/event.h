@@ -21,7 +21,7 @@ int aeg_event_destroy(aeg_event_t *ev);
 /* aeg_event_record - complete once @stream reaches this point. */
 int aeg_event_record(aeg_event_t *ev, aeg_stream_t *stream);
 
-/* aeg_event_query - 0 when complete, AEG_EBUSY while pending. */
+/* aeg_event_query - 0 when complete, AEG_EBUSY while pending, the code of a failed event (aeg_event_fail). */
 int aeg_event_query(aeg_event_t *ev);
 
 /* aeg_event_wait - wait for completion; @timeout_ms < 0 waits forever. */

@@ -43,7 +43,8 @@ int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
 /*
  * aeg_pool_attach - map the pool behind @fd (from aeg_pool_fd of another
  * process, passed with SCM_RIGHTS); @fd is duplicated, the caller keeps its
- * own. AEG_EINVAL when @fd is not an aegaeon pool.
+ * own. AEG_EBADF for a closed or negative @fd, AEG_EINVAL when @fd is not
+ * an aegaeon pool (or its header does not match the file's size).
  */
 int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **pool);
 

@@ -77,14 +77,40 @@ cfail(int code, cudaError_t e, const char *fmt, ...)
 	return aeg_fail(code, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
-static int set_device(int gpu)
+/*
+ * The current device is per thread and may be the caller's (a framework's
+ * thread): make @gpu current for one call, then give the caller its own back.
+ */
+static int enter(int gpu, int *prev)
 {
-	cudaError_t e = cudaSetDevice(gpu);
+	cudaError_t e;
 
+	if (cudaGetDevice(prev) != cudaSuccess) {
+		(void)cudaGetLastError();
+		*prev = -1;
+	}
+	if (*prev == gpu)
+		return 0;
+	e = cudaSetDevice(gpu);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaSetDevice(%d)", gpu);
 	return 0;
 }
+
+static void leave(int gpu, int prev)
+{
+	if (prev >= 0 && prev != gpu)
+		cudaSetDevice(prev);
+}
+
+#define ON_GPU(gpu, call) __extension__({		\
+	int prev_, err_ = enter((gpu), &prev_);		\
+	if (err_ == 0) {				\
+		err_ = (call);				\
+		leave((gpu), prev_);			\
+	}						\
+	err_;						\
+})
 
 static int cuda_init(aeg_device_t *dev)
 {
@@ -134,22 +160,18 @@ static void cuda_fini(aeg_device_t *dev)
 	dev->impl = NULL;
 }
 
-static int cuda_gpu_info(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
+static int gpu_info_here(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
 {
 	struct cudaDeviceProp prop;
 	unsigned domain, bus, device, function;
 	size_t free_bytes, total_bytes;
 	char pci[64];
 	cudaError_t e;
-	int err;
 
 	e = cudaGetDeviceProperties(&prop, gpu);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaGetDeviceProperties(%d)", gpu);
 	snprintf(info->name, sizeof(info->name), "%s", prop.name);
-	err = set_device(gpu);
-	if (err < 0)
-		return err;
 	e = cudaMemGetInfo(&free_bytes, &total_bytes);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaMemGetInfo on GPU %d", gpu);
@@ -167,17 +189,18 @@ static int cuda_gpu_info(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
 	return 0;
 }
 
+static int cuda_gpu_info(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
+{
+	return ON_GPU(gpu, gpu_info_here(dev, gpu, info));
+}
+
 /* ---------------------------------------------------------------- memory */
 
-static int cuda_mem_alloc(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr)
+static int mem_alloc_here(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr)
 {
 	size_t free_bytes = 0, total_bytes = 0;
 	cudaError_t e;
-	int err;
 
-	err = set_device(gpu);
-	if (err < 0)
-		return err;
 	e = cudaMalloc(ptr, bytes);
 	if (e == cudaErrorMemoryAllocation) {
 		(void)cudaGetLastError();
@@ -190,12 +213,16 @@ static int cuda_mem_alloc(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr
 	return 0;
 }
 
-static int cuda_mem_free(aeg_device_t *dev, int gpu, void *ptr)
+static int cuda_mem_alloc(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr)
+{
+	return ON_GPU(gpu, mem_alloc_here(dev, gpu, bytes, ptr));
+}
+
+static int mem_free_here(aeg_device_t *dev, int gpu, void *ptr)
 {
 	struct cuda_impl *c = impl_of(dev);
 	struct cuda_export **pp;
 	cudaError_t e;
-	int err;
 
 	pthread_mutex_lock(&c->lock);
 	for (pp = &c->exports; *pp != NULL;) {
@@ -209,15 +236,17 @@ static int cuda_mem_free(aeg_device_t *dev, int gpu, void *ptr)
 		}
 	}
 	pthread_mutex_unlock(&c->lock);
-	err = set_device(gpu);
-	if (err < 0)
-		return err;
 	e = cudaFree(ptr);
 	if (e == cudaErrorInvalidValue || e == cudaErrorInvalidDevicePointer)
 		return cfail(AEG_EINVAL, e, "cudaFree(%p) on GPU %d", ptr, gpu);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaFree(%p) on GPU %d", ptr, gpu);
 	return 0;
+}
+
+static int cuda_mem_free(aeg_device_t *dev, int gpu, void *ptr)
+{
+	return ON_GPU(gpu, mem_free_here(dev, gpu, ptr));
 }
 
 static int cuda_mem_export(aeg_device_t *dev, void *ptr, aeg_handle_t *handle)
@@ -256,7 +285,7 @@ out:
 	return err;
 }
 
-static int cuda_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle, void **ptr)
+static int mem_open_here(aeg_device_t *dev, int gpu, const aeg_handle_t *handle, void **ptr)
 {
 	struct cuda_impl *c = impl_of(dev);
 	struct cuda_opening *o;
@@ -285,11 +314,6 @@ static int cuda_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle,
 		err = aeg_fail(AEG_ENOMEM, "memory handle: out of memory");
 		goto out;
 	}
-	err = set_device(gpu);
-	if (err < 0) {
-		free(o);
-		goto out;
-	}
 	memcpy(&h, handle->bytes, sizeof(h));
 	e = cudaIpcOpenMemHandle(&o->ptr, h, cudaIpcMemLazyEnablePeerAccess);
 	if (e != cudaSuccess) {
@@ -306,6 +330,11 @@ static int cuda_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle,
 out:
 	pthread_mutex_unlock(&c->lock);
 	return err;
+}
+
+static int cuda_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle, void **ptr)
+{
+	return ON_GPU(gpu, mem_open_here(dev, gpu, handle, ptr));
 }
 
 static int cuda_mem_close(aeg_device_t *dev, void *ptr)
@@ -416,15 +445,11 @@ static int cuda_host_unregister(aeg_device_t *dev, void *ptr)
 
 /* ---------------------------------------------------------------- streams */
 
-static int cuda_stream_create(aeg_device_t *dev, int gpu, void **streamp)
+static int stream_create_here(aeg_device_t *dev, int gpu, void **streamp)
 {
 	struct cuda_stream *s;
 	cudaError_t e;
-	int err;
 
-	err = set_device(gpu);
-	if (err < 0)
-		return err;
 	s = calloc(1, sizeof(*s));
 	if (s == NULL)
 		return aeg_fail(AEG_ENOMEM, "stream: out of memory");
@@ -436,6 +461,11 @@ static int cuda_stream_create(aeg_device_t *dev, int gpu, void **streamp)
 	}
 	*streamp = s;
 	return 0;
+}
+
+static int cuda_stream_create(aeg_device_t *dev, int gpu, void **streamp)
+{
+	return ON_GPU(gpu, stream_create_here(dev, gpu, streamp));
 }
 
 static int cuda_stream_destroy(aeg_device_t *dev, void *stream)
@@ -468,15 +498,11 @@ static void *cuda_stream_native(void *stream)
 	return ((struct cuda_stream *)stream)->stream;
 }
 
-static int cuda_memcpy_async(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes)
+static int memcpy_async_here(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes)
 {
 	struct cuda_stream *s = stream;
 	cudaError_t e;
-	int err;
 
-	err = set_device(s->gpu);
-	if (err < 0)
-		return err;
 	e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s->stream);
 	if (e != cudaSuccess)
 		return cfail(e == cudaErrorInvalidValue ? AEG_EINVAL : AEG_EDEVICE, e,
@@ -484,33 +510,36 @@ static int cuda_memcpy_async(aeg_device_t *dev, void *stream, void *dst, const v
 	return 0;
 }
 
-static int cuda_launch_host_fn(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg)
+static int cuda_memcpy_async(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes)
+{
+	return ON_GPU(((struct cuda_stream *)stream)->gpu, memcpy_async_here(dev, stream, dst, src, bytes));
+}
+
+static int launch_host_fn_here(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg)
 {
 	struct cuda_stream *s = stream;
 	cudaError_t e;
-	int err;
 
-	err = set_device(s->gpu);
-	if (err < 0)
-		return err;
 	e = cudaLaunchHostFunc(s->stream, fn, arg);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaLaunchHostFunc on GPU %d", s->gpu);
 	return 0;
 }
 
+static int cuda_launch_host_fn(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg)
+{
+	return ON_GPU(((struct cuda_stream *)stream)->gpu, launch_host_fn_here(dev, stream, fn, arg));
+}
+
 /* ---------------------------------------------------------------- events */
 
-static int cuda_event_create(aeg_device_t *dev, int gpu, void **evp, aeg_handle_t *handle)
+static int event_create_here(aeg_device_t *dev, int gpu, void **evp, aeg_handle_t *handle)
 {
 	struct cuda_event *ev;
 	cudaIpcEventHandle_t h;
 	cudaError_t e;
 	int err;
 
-	err = set_device(gpu);
-	if (err < 0)
-		return err;
 	ev = calloc(1, sizeof(*ev));
 	if (ev == NULL)
 		return aeg_fail(AEG_ENOMEM, "event: out of memory");
@@ -535,6 +564,11 @@ free_ev:
 	return err;
 }
 
+static int cuda_event_create(aeg_device_t *dev, int gpu, void **evp, aeg_handle_t *handle)
+{
+	return ON_GPU(gpu, event_create_here(dev, gpu, evp, handle));
+}
+
 static int cuda_event_destroy(aeg_device_t *dev, void *evp)
 {
 	struct cuda_event *ev = evp;
@@ -546,20 +580,21 @@ static int cuda_event_destroy(aeg_device_t *dev, void *evp)
 	return 0;
 }
 
-static int cuda_event_record(aeg_device_t *dev, void *evp, void *stream)
+static int event_record_here(aeg_device_t *dev, void *evp, void *stream)
 {
 	struct cuda_event *ev = evp;
 	struct cuda_stream *s = stream;
 	cudaError_t e;
-	int err;
 
-	err = set_device(s->gpu);
-	if (err < 0)
-		return err;
 	e = cudaEventRecord(ev->event, s->stream);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaEventRecord on GPU %d", s->gpu);
 	return 0;
+}
+
+static int cuda_event_record(aeg_device_t *dev, void *evp, void *stream)
+{
+	return ON_GPU(((struct cuda_stream *)stream)->gpu, event_record_here(dev, evp, stream));
 }
 
 static int cuda_event_query(aeg_device_t *dev, void *evp)
@@ -637,20 +672,21 @@ static int cuda_event_close(aeg_device_t *dev, void *evp)
 	return cuda_event_destroy(dev, evp);
 }
 
-static int cuda_stream_wait_event(aeg_device_t *dev, void *stream, void *evp)
+static int stream_wait_event_here(aeg_device_t *dev, void *stream, void *evp)
 {
 	struct cuda_stream *s = stream;
 	struct cuda_event *ev = evp;
 	cudaError_t e;
-	int err;
 
-	err = set_device(s->gpu);
-	if (err < 0)
-		return err;
 	e = cudaStreamWaitEvent(s->stream, ev->event, 0);
 	if (e != cudaSuccess)
 		return cfail(AEG_EDEVICE, e, "cudaStreamWaitEvent on GPU %d", s->gpu);
 	return 0;
+}
+
+static int cuda_stream_wait_event(aeg_device_t *dev, void *stream, void *evp)
+{
+	return ON_GPU(((struct cuda_stream *)stream)->gpu, stream_wait_event_here(dev, stream, evp));
 }
 
 const struct aeg_device_ops aeg_device_cuda_ops = {

@@ -330,6 +330,7 @@ AEG_EXPORT int aeg_stream_wait_event(aeg_stream_t *stream, aeg_event_t *ev)
 void aeg_event_cache_clear(aeg_device_t *dev)
 {
 	struct aeg_event_entry *dead = NULL;
+	unsigned live = 0;
 
 	pthread_mutex_lock(&dev->lock);
 	for (int b = 0; b < AEG_EVENT_BUCKETS; b++) {
@@ -337,8 +338,10 @@ void aeg_event_cache_clear(aeg_device_t *dev)
 
 		for (; e != NULL; e = next) {
 			next = e->next;
-			if (e->local != NULL)
+			if (e->local != NULL) {
+				live++;
 				continue;
+			}
 			unlink_entry(dev, e);
 			if (entry_put_locked(e) != NULL) {
 				e->next = dead;
@@ -347,6 +350,8 @@ void aeg_event_cache_clear(aeg_device_t *dev)
 		}
 	}
 	pthread_mutex_unlock(&dev->lock);
+	if (live != 0)
+		aeg_warn("device closed with %u event%s not destroyed", live, live == 1 ? "" : "s");
 	while (dead != NULL) {
 		struct aeg_event_entry *e = dead;
 

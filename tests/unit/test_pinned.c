@@ -1,0 +1,539 @@
+/* The pinned pool on the host backend: sizes, acquire/release, timeouts, threads, processes, recovery. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+
+#include "device_internal.h"
+#include "internal.h"
+#include "pinned_internal.h"
+
+static int count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	assert_non_null(d);
+	while ((e = readdir(d)) != NULL)
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(d);
+	return n - 1;
+}
+
+/* Mappings of pool memfds in this process. */
+static int count_pool_maps(void)
+{
+	char line[512];
+	FILE *f = fopen("/proc/self/maps", "re");
+	int n = 0;
+
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f) != NULL)
+		if (strstr(line, "aegaeon-pool") != NULL)
+			n++;
+	fclose(f);
+	return n;
+}
+
+static int setup(void **state)
+{
+	aeg_device_t *dev = NULL;
+
+	unsetenv("AEGAEON_HOST_GPUS");
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
+		return -1;
+	*state = dev;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	aeg_device_close(*state);
+	return 0;
+}
+
+static void acquire_release_all(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_buffer bufs[16], extra;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+	int seen[16] = { 0 };
+
+	assert_int_equal(aeg_pool_create(dev, 0, 64 << 10, 1 << 20, &pool), 0);
+	assert_true(aeg_pool_fd(pool) >= 0);
+	assert_non_null(aeg_pool_base(pool));
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.buffers, 16);
+	assert_int_equal(st.buffer_bytes, 64 << 10);
+	assert_int_equal(st.pool_bytes, 1 << 20);
+	assert_int_equal(st.in_use, 0);
+	assert_int_equal(st.numa_node, -1);    /* no PCI id: not bound */
+
+	for (int i = 0; i < 16; i++) {
+		assert_int_equal(aeg_pool_acquire(pool, 0, &bufs[i]), 0);
+		assert_true(bufs[i].index < 16);
+		assert_int_equal(seen[bufs[i].index]++, 0);
+		assert_int_equal(bufs[i].bytes, 64 << 10);
+		assert_ptr_equal(bufs[i].ptr, aeg_pool_buffer_ptr(pool, bufs[i].index));
+		assert_ptr_equal(bufs[i].ptr, (char *)aeg_pool_base(pool) + (size_t)bufs[i].index * (64 << 10));
+		memset(bufs[i].ptr, i, bufs[i].bytes);
+	}
+	assert_int_equal(bufs[0].index, 0);     /* low buffers first */
+	assert_int_equal(aeg_pool_acquire(pool, 0, &extra), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 16);
+	assert_int_equal(st.high_water, 16);
+	assert_int_equal(st.acquires, 16);
+	assert_int_equal(st.timeouts, 1);
+	for (int i = 0; i < 16; i++) {
+		unsigned char *p = bufs[i].ptr;
+
+		assert_int_equal(p[0], i);
+		assert_int_equal(p[bufs[i].bytes - 1], i);
+		assert_int_equal(aeg_pool_release(pool, bufs[i].index), 0);
+	}
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 0);
+	assert_int_equal(st.high_water, 16);
+	assert_null(aeg_pool_buffer_ptr(pool, 16));
+	aeg_pool_destroy(pool);
+}
+
+struct releaser {
+	aeg_pool_t *pool;
+	uint32_t index;
+	int delay_ms;
+};
+
+static void *release_later(void *arg)
+{
+	struct releaser *r = arg;
+
+	usleep((useconds_t)r->delay_ms * 1000);
+	aeg_pool_release(r->pool, r->index);
+	return NULL;
+}
+
+static void exhaustion_and_timeout(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_buffer a, b, c;
+	struct aeg_pool_stats st;
+	struct releaser r;
+	aeg_pool_t *pool = NULL;
+	uint64_t t0;
+	pthread_t t;
+
+	assert_int_equal(aeg_pool_create(dev, 0, 4096, 8192, &pool), 0);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &a), 0);
+	assert_int_equal(aeg_pool_acquire(pool, -1, &b), 0);
+	t0 = aeg_now_ns();
+	assert_int_equal(aeg_pool_acquire(pool, 80, &c), AEG_ETIMEDOUT);
+	assert_true(aeg_now_ns() - t0 >= 79 * 1000000ull);
+	assert_non_null(strstr(aeg_error_detail(), "80 ms"));
+	assert_int_equal(aeg_pool_acquire(pool, 0, &c), AEG_ETIMEDOUT);
+
+	/* A waiter gets the buffer another thread gives back. */
+	r = (struct releaser){ .pool = pool, .index = b.index, .delay_ms = 30 };
+	assert_int_equal(pthread_create(&t, NULL, release_later, &r), 0);
+	assert_int_equal(aeg_pool_acquire(pool, 10000, &c), 0);
+	assert_int_equal(c.index, b.index);
+	assert_int_equal(pthread_join(t, NULL), 0);
+	r = (struct releaser){ .pool = pool, .index = c.index, .delay_ms = 30 };
+	assert_int_equal(pthread_create(&t, NULL, release_later, &r), 0);
+	assert_int_equal(aeg_pool_acquire(pool, -1, &c), 0);
+	assert_int_equal(pthread_join(t, NULL), 0);
+
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.timeouts, 2);
+	assert_int_equal(st.acquires, 4);
+	assert_int_equal(st.in_use, 2);
+	assert_int_equal(aeg_pool_release(pool, a.index), 0);
+	assert_int_equal(aeg_pool_release(pool, c.index), 0);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 0);
+	aeg_pool_destroy(pool);
+}
+
+struct worker {
+	aeg_pool_t *pool;
+	int id;
+	int errors;
+};
+
+static void *hammer(void *arg)
+{
+	struct worker *w = arg;
+
+	for (int i = 0; i < 2000; i++) {
+		struct aeg_pool_buffer buf;
+		uint64_t *words;
+		uint64_t mark = (uint64_t)w->id << 32 | (uint64_t)i;
+
+		if (aeg_pool_acquire(w->pool, 10000, &buf) < 0) {
+			w->errors++;
+			continue;
+		}
+		words = buf.ptr;
+		for (size_t k = 0; k < buf.bytes / 8; k += 61)
+			words[k] = mark;
+		sched_yield();  /* let another thread in while this one holds the buffer */
+		for (size_t k = 0; k < buf.bytes / 8; k += 61)
+			if (words[k] != mark)
+				w->errors++;
+		if (aeg_pool_release(w->pool, buf.index) < 0)
+			w->errors++;
+	}
+	return NULL;
+}
+
+static void threads_share_the_pool(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct worker workers[8];
+	pthread_t threads[8];
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+
+	assert_int_equal(aeg_pool_create(dev, 0, 16384, 4 * 16384, &pool), 0);
+	for (int i = 0; i < 8; i++) {
+		workers[i] = (struct worker){ .pool = pool, .id = i + 1 };
+		assert_int_equal(pthread_create(&threads[i], NULL, hammer, &workers[i]), 0);
+	}
+	for (int i = 0; i < 8; i++) {
+		assert_int_equal(pthread_join(threads[i], NULL), 0);
+		assert_int_equal(workers[i].errors, 0);
+	}
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 0);
+	assert_int_equal(st.acquires, 8 * 2000);
+	/* How many were held at once depends on the scheduler; never more than exist. */
+	assert_true(st.high_water >= 1 && st.high_water <= 4);
+	assert_int_equal(st.timeouts, 0);
+	aeg_pool_destroy(pool);
+}
+
+/* Child: attach through the inherited fd, take three buffers, mark them, wait, give one back. */
+static int child_attaches(int fd, int to_parent, int from_parent)
+{
+	struct aeg_pool_buffer bufs[3];
+	aeg_device_t *dev = NULL;
+	aeg_pool_t *pool = NULL;
+	char c;
+
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0 || aeg_pool_attach(dev, fd, &pool) < 0)
+		return 10;
+	for (int i = 0; i < 3; i++) {
+		if (aeg_pool_acquire(pool, 0, &bufs[i]) < 0)
+			return 11;
+		memset(bufs[i].ptr, 0xc0 + (int)bufs[i].index, bufs[i].bytes);
+	}
+	if (write(to_parent, bufs, sizeof(bufs)) != sizeof(bufs) || read(from_parent, &c, 1) != 1)
+		return 12;
+	if (aeg_pool_release(pool, bufs[0].index) < 0)
+		return 13;
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+	return 0;
+}
+
+static void processes_share_the_pool(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_buffer bufs[3], mine;
+	int up[2], down[2], status;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL, *again = NULL;
+	pid_t pid;
+
+	assert_int_equal(aeg_pool_create(dev, 0, 8192, 8 * 8192, &pool), 0);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &mine), 0);
+	assert_int_equal(pipe(up), 0);
+	assert_int_equal(pipe(down), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		close(up[0]);
+		close(down[1]);
+		_exit(child_attaches(aeg_pool_fd(pool), up[1], down[0]));
+	}
+	close(up[1]);
+	close(down[0]);
+	assert_int_equal(read(up[0], bufs, sizeof(bufs)), sizeof(bufs));
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 4);
+	for (int i = 0; i < 3; i++) {
+		unsigned char *p = aeg_pool_buffer_ptr(pool, bufs[i].index);
+
+		assert_int_not_equal(bufs[i].index, mine.index);
+		assert_int_equal(p[0], 0xc0 + bufs[i].index);
+		assert_int_equal(p[8191], 0xc0 + bufs[i].index);
+	}
+	assert_int_equal(write(down[1], "x", 1), 1);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	close(up[0]);
+	close(down[1]);
+
+	/* The child exited holding two buffers: they stay taken until someone releases them. */
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 3);
+	assert_int_equal(st.acquires, 4);
+
+	/* Attaching in the same process shares the same free list. */
+	assert_int_equal(aeg_pool_attach(dev, aeg_pool_fd(pool), &again), 0);
+	assert_int_not_equal(aeg_pool_fd(again), aeg_pool_fd(pool));
+	assert_int_equal(aeg_pool_release(again, bufs[1].index), 0);
+	assert_int_equal(aeg_pool_release(again, bufs[2].index), 0);
+	assert_int_equal(aeg_pool_release(pool, bufs[2].index), AEG_EINVAL);
+	assert_int_equal(aeg_pool_release(pool, mine.index), 0);
+	assert_int_equal(aeg_pool_stats(again, &st), 0);
+	assert_int_equal(st.in_use, 0);
+	assert_int_equal(st.buffers, 8);
+	aeg_pool_destroy(again);
+	aeg_pool_destroy(pool);
+}
+
+static void bad_sizes(void **state)
+{
+	static const struct {
+		uint64_t buffer, pool;
+		int err;
+		const char *detail;
+	} cases[] = {
+		{ 0, 1 << 20, AEG_EINVAL, "buffer size 0" },
+		{ 4095, 1 << 20, AEG_EINVAL, "multiple of 4096" },
+		{ 4097, 1 << 20, AEG_EINVAL, "multiple of 4096" },
+		{ 6144, 1 << 20, AEG_EINVAL, "multiple of 4096" },
+		{ 4096, 0, AEG_EINVAL, "pool size 0" },
+		{ 8192, 4096, AEG_EINVAL, "larger than the pool" },
+		{ 4096, 1ull << 44, AEG_EINVAL, "at most" },            /* 2^32 buffers */
+		{ 1ull << 30, 1ull << 50, AEG_ENOMEM, "MemAvailable" },
+	};
+	aeg_device_t *dev = *state;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool;
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		int err;
+
+		pool = NULL;
+		err = aeg_pool_create(dev, 0, cases[i].buffer, cases[i].pool, &pool);
+		if (err != cases[i].err || strstr(aeg_error_detail(), cases[i].detail) == NULL)
+			fail_msg("case %zu: got %s (%s), expected %s (%s)", i, aeg_errname(err),
+				 aeg_error_detail(), aeg_errname(cases[i].err), cases[i].detail);
+		assert_null(pool);
+	}
+	assert_int_equal(aeg_pool_create(dev, 1, 4096, 8192, &pool), AEG_ENODEV);
+	assert_int_equal(aeg_pool_create(NULL, 0, 4096, 8192, &pool), AEG_EINVAL);
+
+	/* A pool size that is not a multiple of the buffer size is rounded down. */
+	assert_int_equal(aeg_pool_create(dev, 0, 8192, 20000, &pool), 0);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.buffers, 2);
+	assert_int_equal(st.pool_bytes, 16384);
+	aeg_pool_destroy(pool);
+}
+
+static void attach_bad_fds(void **state)
+{
+	aeg_device_t *dev = *state;
+	aeg_pool_t *pool = NULL, *good = NULL;
+	int fd, fds[2];
+	char page[8192];
+
+	assert_int_equal(aeg_pool_attach(dev, -1, &pool), AEG_EBADF);
+	assert_int_equal(aeg_pool_attach(dev, 999, &pool), AEG_EBADF);
+	fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	assert_true(fd >= 0);
+	assert_int_equal(aeg_pool_attach(dev, fd, &pool), AEG_EINVAL);
+	close(fd);
+	assert_int_equal(pipe(fds), 0);
+	assert_int_equal(aeg_pool_attach(dev, fds[0], &pool), AEG_EINVAL);
+	close(fds[0]);
+	close(fds[1]);
+
+	/* A file of zeros, and a short one, are not pools. */
+	fd = memfd_create("not-a-pool", MFD_CLOEXEC);
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, 8192), 0);
+	assert_int_equal(aeg_pool_attach(dev, fd, &pool), AEG_EINVAL);
+	assert_int_equal(ftruncate(fd, 100), 0);
+	assert_int_equal(aeg_pool_attach(dev, fd, &pool), AEG_EINVAL);
+
+	/* A real pool's header on a file of the wrong size is corrupt. */
+	assert_int_equal(aeg_pool_create(dev, 0, 4096, 4 * 4096, &good), 0);
+	assert_int_equal(pread(aeg_pool_fd(good), page, sizeof(page), 0), (ssize_t)sizeof(page));
+	assert_int_equal(ftruncate(fd, 0), 0);
+	assert_int_equal(pwrite(fd, page, sizeof(page), 0), (ssize_t)sizeof(page));
+	assert_int_equal(aeg_pool_attach(dev, fd, &pool), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "corrupt"));
+	assert_null(pool);
+	close(fd);
+	aeg_pool_destroy(good);
+}
+
+static void release_not_acquired(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_buffer buf;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+
+	assert_int_equal(aeg_pool_create(dev, 0, 4096, 4 * 4096, &pool), 0);
+	assert_int_equal(aeg_pool_release(pool, 0), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "not acquired"));
+	assert_int_equal(aeg_pool_release(pool, 4), AEG_EINVAL);
+	assert_int_equal(aeg_pool_release(pool, UINT32_MAX), AEG_EINVAL);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &buf), 0);
+	assert_int_equal(aeg_pool_release(pool, buf.index), 0);
+	assert_int_equal(aeg_pool_release(pool, buf.index), AEG_EINVAL);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 0);
+	/* Failed releases did not push a buffer twice: four, then none. */
+	for (int i = 0; i < 4; i++)
+		assert_int_equal(aeg_pool_acquire(pool, 0, &buf), 0);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &buf), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_pool_acquire(NULL, 0, &buf), AEG_EINVAL);
+	aeg_pool_destroy(pool);
+}
+
+static void child_dies_holding_the_lock(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_buffer buf;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+	int status;
+	pid_t pid;
+
+	assert_int_equal(aeg_pool_create(dev, 0, 4096, 4 * 4096, &pool), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		struct aeg_pool_buffer held;
+
+		if (aeg_pool_acquire(pool, 0, &held) < 0)
+			_exit(1);
+		pthread_mutex_lock(aeg_pool_mutex(pool));
+		_exit(0);       /* the lock dies with us */
+	}
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_int_equal(WEXITSTATUS(status), 0);
+	/* Without a robust mutex this would hang forever. */
+	assert_int_equal(aeg_pool_acquire(pool, 1000, &buf), 0);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 2);
+	assert_int_equal(aeg_pool_release(pool, buf.index), 0);
+	for (int i = 0; i < 3; i++)
+		assert_int_equal(aeg_pool_acquire(pool, 0, &buf), 0);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &buf), AEG_ETIMEDOUT);
+	aeg_pool_destroy(pool);
+}
+
+/* An open of the host backend whose GPU 0 sits at 0000:01:00.0 of tests/unit/topo/one-node.xml. */
+static aeg_device_t *open_on_xml(void)
+{
+	const char *top = getenv("top_srcdir");
+	aeg_device_t *dev = NULL;
+	char path[4096];
+
+	snprintf(path, sizeof(path), "%s/tests/unit/topo/one-node.xml", top != NULL ? top : ".");
+	setenv("AEGAEON_TOPOLOGY_XML", path, 1);
+	setenv("AEGAEON_HOST_PCI_BUS_IDS", "0000:01:00.0", 1);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	return dev;
+}
+
+static void bound_to_the_gpu_node(void **state)
+{
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+	aeg_device_t *dev;
+	cpu_set_t before, after;
+
+	/* The XML is not this machine: binding is refused, the pool is made unbound. */
+	unsetenv("HWLOC_THISSYSTEM");
+	dev = open_on_xml();
+	assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 4 << 20, &pool), 0);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.numa_node, -1);
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+
+	/* Said to be this machine (one node, 0): the pages are bound to node 0, the caller stays where it was. */
+	setenv("HWLOC_THISSYSTEM", "1", 1);
+	dev = open_on_xml();
+	assert_int_equal(sched_getaffinity(0, sizeof(before), &before), 0);
+	assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 4 << 20, &pool), 0);
+	assert_int_equal(sched_getaffinity(0, sizeof(after), &after), 0);
+	assert_true(CPU_EQUAL(&before, &after));
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.numa_node, 0);
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+	unsetenv("HWLOC_THISSYSTEM");
+	unsetenv("AEGAEON_TOPOLOGY_XML");
+}
+
+static void no_leaks(void **state)
+{
+	aeg_device_t *dev = *state;
+	int fds = count_fds(), maps = count_pool_maps();
+
+	for (int round = 0; round < 3; round++) {
+		aeg_pool_t *pool = NULL, *other = NULL;
+		struct aeg_pool_buffer buf;
+		struct aeg_pool_timing timing;
+
+		assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 8 << 20, &pool), 0);
+		aeg_pool_timing(pool, &timing);
+		assert_true(timing.total_ns >= timing.populate_ns + timing.register_ns);
+		assert_int_equal(aeg_pool_attach(dev, aeg_pool_fd(pool), &other), 0);
+		assert_int_equal(aeg_pool_acquire(other, 0, &buf), 0);
+		assert_int_equal(aeg_pool_release(pool, buf.index), 0);
+		assert_int_equal(count_pool_maps(), maps + 2);
+		aeg_pool_destroy(other);
+		aeg_pool_destroy(pool);
+	}
+	aeg_pool_destroy(NULL);
+	assert_int_equal(count_fds(), fds);
+	assert_int_equal(count_pool_maps(), maps);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(acquire_release_all, setup, teardown),
+		cmocka_unit_test_setup_teardown(exhaustion_and_timeout, setup, teardown),
+		cmocka_unit_test_setup_teardown(threads_share_the_pool, setup, teardown),
+		cmocka_unit_test_setup_teardown(processes_share_the_pool, setup, teardown),
+		cmocka_unit_test_setup_teardown(bad_sizes, setup, teardown),
+		cmocka_unit_test_setup_teardown(attach_bad_fds, setup, teardown),
+		cmocka_unit_test_setup_teardown(release_not_acquired, setup, teardown),
+		cmocka_unit_test_setup_teardown(child_dies_holding_the_lock, setup, teardown),
+		cmocka_unit_test(bound_to_the_gpu_node),
+		cmocka_unit_test_setup_teardown(no_leaks, setup, teardown),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
