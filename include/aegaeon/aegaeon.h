@@ -11,6 +11,7 @@
 #include <aegaeon/event.h>
 #include <aegaeon/slab.h>
 #include <aegaeon/pinned.h>
+#include <aegaeon/prefetch.h>
 
 #define AEGAEON_VERSION_MAJOR 0
 #define AEGAEON_VERSION_MINOR 1

@@ -1,0 +1,223 @@
+/* aegaeon prefetch: chunked, safetensors-aware loading of model files into a GPU slab. */
+#ifndef AEGAEON_PREFETCH_H
+#define AEGAEON_PREFETCH_H
+
+#include <stdint.h>
+
+#include <aegaeon/device.h>
+#include <aegaeon/pinned.h>
+#include <aegaeon/slab.h>
+#include <aegaeon/topo.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct aeg_prefetch aeg_prefetch_t;    /* an engine: one slab, worker threads */
+typedef struct aeg_load aeg_load_t;            /* one file being (or done) loading */
+
+/*
+ * How a file's bytes reach the GPU.
+ * MMAP: zero-copy from the page cache: the file is mapped, each piece is
+ *   registered read-only (AEG_HOST_REGISTER_READONLY) and copied as soon as
+ *   it is registered, then unregistered. Fastest for cached files.
+ * READ: pread by threads pinned near the GPU into buffers of the pinned pool
+ *   (a bounded ring), copied on several streams. Works on any file system.
+ * CACHE: the file is in the host model cache: a pure pinned->GPU copy.
+ * AUTO picks per file: CACHE on a hit; READ to fill the cache, for files under
+ * small_file_bytes, or where registration is refused (logged); MMAP else.
+ */
+enum aeg_prefetch_feed {
+	AEG_FEED_AUTO = 0,
+	AEG_FEED_MMAP = 1,
+	AEG_FEED_READ = 2,
+	AEG_FEED_CACHE = 3,     /* reported only; never asked for */
+};
+
+/* aeg_prefetch_feed_name - "auto", "mmap", "read", "cache". */
+const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed);
+
+enum aeg_prefetch_format {
+	AEG_FORMAT_AUTO = 0,            /* safetensors when the name ends in ".safetensors" */
+	AEG_FORMAT_RAW = 1,             /* any file: fixed-size chunks */
+	AEG_FORMAT_SAFETENSORS = 2,     /* parse the header strictly; chunks follow tensors */
+};
+
+/* Engine settings; aeg_prefetch_config_defaults gives the values in brackets. */
+struct aeg_prefetch_config {
+	int threads;                /* worker threads, 1..256 [8] */
+	int streams;                /* copy streams, 1..64 [4] */
+	uint64_t piece_bytes;       /* MMAP registration unit, multiple of 4096 [64 MiB] */
+	int ring_buffers;           /* READ: pool buffers in flight at most [2 * threads] */
+	int direct_io;              /* READ: open files O_DIRECT (cold files; falls back, logged) [0] */
+	uint64_t small_file_bytes;  /* AUTO: smaller files take READ [64 MiB] */
+	uint64_t cache_bytes;       /* host model cache budget in the pool; 0 disables [0] */
+	const aeg_topo_t *topo;     /* bind workers to the GPU's local CPUs; NULL: unbound */
+};
+
+void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg);
+
+/*
+ * aeg_prefetch_create - an engine loading into @slab (and so onto its GPU),
+ * staging through @pool (NULL: the engine makes a private pool of
+ * ring_buffers buffers of 16 MiB; the cache is then off). The engine keeps
+ * the slab and pool pointers; destroy it before them.
+ * Errors: AEG_EINVAL (a setting out of range, named in the detail),
+ * AEG_ENOMEM, AEG_EDEVICE (streams).
+ */
+int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
+			const struct aeg_prefetch_config *cfg, aeg_prefetch_t **pf);
+
+/*
+ * aeg_prefetch_destroy - cancel loads in flight, wait for their copies,
+ * release every chunk (blocks and events), empty the cache, stop the
+ * workers. Load handles not yet closed are freed too.
+ */
+void aeg_prefetch_destroy(aeg_prefetch_t *pf);
+
+/* Per-file options; zero-initialised means defaults except chunk_bytes. */
+#define AEG_PREFETCH_NO_CACHE 0x1u      /* neither use nor fill the host cache */
+struct aeg_prefetch_options {
+	uint64_t chunk_bytes;           /* > 0 and <= the slab's size; required */
+	int priority;                   /* higher loads take the workers first [0] */
+	enum aeg_prefetch_feed feed;    /* AUTO, MMAP or READ */
+	enum aeg_prefetch_format format;
+	unsigned flags;                 /* AEG_PREFETCH_* */
+};
+
+/*
+ * A chunk: a range of the file copied to the GPU, with its own event.
+ * Chunks follow tensor boundaries: several small tensors share a chunk; a
+ * tensor larger than chunk_bytes gets one block (one slab_id, contiguous on
+ * the GPU) cut into several chunks of chunk_bytes, each with its own event.
+ * Another process reads a chunk at (its opening of the slab's handle,
+ * aeg_slab_export) + slab_offset, after aeg_event_wait_handle on event.
+ */
+struct aeg_chunk {
+	void *device_ptr;
+	uint64_t size;
+	aeg_handle_t event;             /* 64-byte interprocess event handle */
+	uint64_t slab_id;               /* the slab block holding the chunk */
+	uint64_t slab_offset;           /* device_ptr - slab base */
+	uint64_t file_offset;
+};
+
+struct aeg_tensor {
+	const char *name;
+	const char *dtype;              /* "F32", "BF16", ... as in the file */
+	int ndim;
+	const uint64_t *shape;
+	void *device_ptr;               /* contiguous on the GPU */
+	uint64_t size;
+	uint64_t file_offset;
+	uint32_t first_chunk;           /* index of the chunk holding its first byte */
+};
+
+/*
+ * aeg_prefetch_file - start loading @path. Opens and checks the file,
+ * parses a safetensors header, allocates a slab block per chunk group and an
+ * event per chunk, queues the work, and returns at once with @load: its
+ * chunks (aeg_load_chunks) are usable while they still load; wait on one
+ * with aeg_load_wait_chunk or, from any process, aeg_event_wait_handle.
+ * An event completes only after its chunk's bytes are on the GPU.
+ * Thread-safe. Errors (nothing is left allocated): AEG_EINVAL (chunk_bytes
+ * 0 or over the slab, a directory, a bad option), AEG_ENOENT, AEG_EACCES,
+ * AEG_EFORMAT (a bad safetensors header; the detail says what), AEG_ENOSPC
+ * (detail: bytes requested vs free in the slab), AEG_EDEVICE, AEG_ENOMEM,
+ * AEG_ECANCELED (the engine is being destroyed).
+ */
+int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
+		      const struct aeg_prefetch_options *opts, aeg_load_t **load);
+
+/* aeg_load_chunks - the chunks in file-offset order; valid until the load is closed. */
+const struct aeg_chunk *aeg_load_chunks(const aeg_load_t *load, uint32_t *count);
+
+/* aeg_load_tensors - the safetensors table in file order (0 tensors for a raw file). */
+const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *load, uint32_t *count);
+
+/* aeg_load_id - a number unique in this engine, for logs and the CLI. */
+uint64_t aeg_load_id(const aeg_load_t *load);
+
+/*
+ * aeg_load_wait - wait until every chunk is loaded or the load stopped;
+ * @timeout_ms < 0 waits forever. Returns 0, AEG_ETIMEDOUT, or the load's
+ * error: AEG_ECANCELED, AEG_ESTALE (the file changed during the load),
+ * AEG_EIO, AEG_EDEVICE, ... with the detail of what went wrong.
+ */
+int aeg_load_wait(aeg_load_t *load, int timeout_ms);
+
+/*
+ * aeg_load_wait_chunk - wait for chunk @index: 0, AEG_ETIMEDOUT, the load's
+ * error for a chunk that will never load, AEG_ENOENT for a released chunk,
+ * AEG_EINVAL for an index out of range.
+ */
+int aeg_load_wait_chunk(aeg_load_t *load, uint32_t index, int timeout_ms);
+
+struct aeg_load_progress {
+	uint64_t total_bytes;           /* bytes to copy (a safetensors file: its data) */
+	uint64_t done_bytes;
+	uint32_t chunks;
+	uint32_t done_chunks;
+	enum aeg_prefetch_feed feed;    /* the feed used (MMAP may turn to READ) */
+	int status;                     /* AEG_EBUSY while loading, then 0 or the error */
+	uint64_t start_ns;              /* CLOCK_MONOTONIC at aeg_prefetch_file */
+	uint64_t first_chunk_ns;        /* when chunk 0 landed; 0 before */
+	uint64_t end_ns;                /* when the load stopped; 0 before */
+};
+
+int aeg_load_progress(aeg_load_t *load, struct aeg_load_progress *progress);
+
+/*
+ * aeg_load_cancel - stop the load: no new copies start, those in flight
+ * finish, chunks not loaded fail with AEG_ECANCELED (their waits return it,
+ * never hang). Blocks and events stay until released. Returns at once;
+ * aeg_load_wait then returns AEG_ECANCELED (or 0 if it had finished).
+ */
+int aeg_load_cancel(aeg_load_t *load);
+
+/*
+ * aeg_load_close - drop the caller's handle. The chunks stay on the GPU
+ * until released (by id or all); an unfinished load goes on.
+ */
+void aeg_load_close(aeg_load_t *load);
+
+/*
+ * aeg_prefetch_release - release the chunks of the blocks @ids: free the
+ * blocks and destroy the chunks' events. All ids are checked first: an id
+ * no chunk of this engine holds is AEG_ENOENT, a chunk of a load still in
+ * flight AEG_EBUSY (cancel it first); then nothing is released.
+ */
+int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count);
+
+/* aeg_prefetch_release_all - cancel loads in flight, wait for them, release every chunk. */
+int aeg_prefetch_release_all(aeg_prefetch_t *pf);
+
+struct aeg_prefetch_stats {
+	uint32_t loads;                 /* loads holding chunks or handles */
+	uint32_t loads_in_flight;
+	uint64_t chunks;                /* chunks held */
+	uint64_t events;                /* events held (one per chunk) */
+	uint64_t blocks;                /* slab blocks held */
+	uint64_t block_bytes;
+	uint32_t ring_in_use;           /* READ buffers in flight */
+	uint32_t registered_pieces;     /* MMAP pieces registered now */
+	uint64_t cache_entries;
+	uint64_t cache_bytes;           /* pool bytes the cache holds */
+	uint64_t cache_hits;
+	uint64_t cache_misses;
+	uint64_t cache_evictions;
+	uint64_t read_fallbacks;        /* MMAP loads that turned to READ */
+};
+
+int aeg_prefetch_stats(aeg_prefetch_t *pf, struct aeg_prefetch_stats *stats);
+
+/*
+ * aeg_prefetch_cache_drop - empty the host model cache (entries in use by a
+ * load stay until it ends). Returns the number of entries dropped.
+ */
+int aeg_prefetch_cache_drop(aeg_prefetch_t *pf);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,1772 @@
+/* Prefetch engine: files to slab chunks through the page cache, preads or the host cache. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <aegaeon/event.h>
+#include <aegaeon/prefetch.h>
+
+#include "device_internal.h"
+#include "internal.h"
+#include "prefetch_gate.h"
+#include "prefetch_internal.h"
+#include "safetensors.h"
+
+#define PAGE 4096u
+#define OWN_POOL_BUFFER (16ull << 20)
+#define POOL_WAIT_MS 50
+
+enum chunk_state { CH_PENDING, CH_DONE, CH_FAILED, CH_RELEASED };
+
+/* A slab block: one chunk of small tensors, or every chunk of one big tensor. */
+struct group {
+	struct aeg_block block;
+	uint64_t file_begin;
+	uint64_t bytes;
+	uint32_t first_chunk;
+	uint32_t nchunks;
+	int released;
+};
+
+struct chunk_rt {
+	aeg_event_t *ev;
+	uint32_t pending;               /* items touching the chunk not yet copied */
+	uint32_t group;
+	int state;
+};
+
+/* A piece of the file a worker handles at once: one registration or one buffer. */
+struct item {
+	struct aeg_load *load;
+	uint32_t index;
+	uint64_t begin, end;
+	uint32_t first_chunk, last_chunk;       /* first > last: touches none */
+	int buf;                                /* READ: pool buffer to give back */
+	void *reg;                              /* MMAP: registered range to drop */
+	struct item *next;                      /* on pf->retired */
+};
+
+/* The host model cache: a whole file in pool buffers of buffer_bytes. */
+struct cache_entry {
+	char *path;
+	dev_t dev;
+	ino_t ino;
+	off_t size;
+	struct timespec mtime;
+	uint32_t nbuf;
+	uint32_t *bufs;
+	int refs;
+	int linked;                     /* on the LRU list (filled) */
+	struct cache_entry *prev, *next;
+};
+
+struct aeg_load {
+	struct aeg_prefetch *pf;
+	uint64_t id;
+	char *path;
+	int fd;
+	int dfd;                        /* O_DIRECT descriptor, or -1 */
+	struct stat st;
+	void *map;
+	size_t map_bytes;
+	enum aeg_prefetch_feed feed;
+	int priority;
+	int no_register;
+
+	uint64_t data_begin;
+	uint32_t nchunks, ngroups, ntensors, nitems;
+	struct aeg_chunk *chunks;
+	struct chunk_rt *rt;
+	struct group *groups;
+	struct aeg_tensor *tensors;
+	struct aeg_st_header hdr;
+	struct item *items;
+	uint64_t item_base, item_bytes;
+	struct cache_entry *entry;      /* hit or being filled */
+	int filling;
+	struct aeg_gate *gate;
+
+	/* Under pf->lock. */
+	uint32_t next_item, items_left, issuing;
+	int in_flight, finish_queued, stop_err, status;
+	char detail[512];
+	uint64_t done_bytes, total_bytes;
+	uint32_t done_chunks;
+	uint64_t start_ns, first_ns, end_ns;
+	int closed;
+	uint32_t live_groups;
+	struct aeg_load *prev, *next;
+	struct aeg_load *finish_next;
+};
+
+struct aeg_prefetch {
+	aeg_device_t *dev;
+	int gpu;
+	aeg_slab_t *slab;
+	aeg_pool_t *pool;
+	int own_pool;
+	uint64_t buffer_bytes;
+	struct aeg_prefetch_config cfg;
+	char pci[AEG_PCI_BUS_ID_LEN];
+
+	pthread_mutex_t lock;
+	pthread_cond_t work_cv;         /* workers: items, retirements, ring slots */
+	pthread_cond_t done_cv;         /* waiters: loads ending */
+	pthread_t *workers;
+	int nworkers;
+	int quit;
+	aeg_stream_t **streams;
+	int nstreams;
+
+	struct aeg_load *loads;
+	struct aeg_load *finishing;
+	struct item *retired;
+	uint64_t next_id;
+	uint32_t ring_in_use;
+	uint32_t registered;
+
+	struct cache_entry *lru;        /* most recent first */
+	uint64_t cache_used;            /* bytes of linked and filling entries */
+	uint64_t cache_entries;
+	uint64_t hits, misses, evictions, fallbacks;
+
+	aeg_prefetch_hook_fn hook;
+	void *hook_arg;
+};
+
+struct worker_arg {
+	struct aeg_prefetch *pf;
+	int index;
+};
+
+struct subbuf {
+	struct aeg_prefetch *pf;
+	int buf;
+};
+
+AEG_EXPORT const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed)
+{
+	switch (feed) {
+	case AEG_FEED_AUTO: return "auto";
+	case AEG_FEED_MMAP: return "mmap";
+	case AEG_FEED_READ: return "read";
+	case AEG_FEED_CACHE: return "cache";
+	}
+	return "unknown";
+}
+
+AEG_EXPORT void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->threads = 8;
+	cfg->streams = 4;
+	cfg->piece_bytes = 64ull << 20;
+	cfg->ring_buffers = 0;          /* 2 * threads */
+	cfg->direct_io = 0;
+	cfg->small_file_bytes = 64ull << 20;
+	cfg->cache_bytes = 0;
+	cfg->topo = NULL;
+}
+
+uint64_t aeg_prefetch_slab_bytes_for(uint64_t file_bytes, uint64_t chunk_bytes)
+{
+	/*
+	 * Greedy packing closes a group only when the next tensor does not fit,
+	 * so two neighbouring groups hold more than a chunk: at most
+	 * 2 * bytes / chunk + 2 groups, each rounded up by under AEG_SLAB_ALIGN.
+	 */
+	uint64_t groups = chunk_bytes ? 2 * (file_bytes / chunk_bytes) + 2 : 2;
+
+	return aeg_round_up(file_bytes + groups * AEG_SLAB_ALIGN, 2ull << 20);
+}
+
+void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *arg)
+{
+	pthread_mutex_lock(&pf->lock);
+	pf->hook = fn;
+	pf->hook_arg = arg;
+	pthread_mutex_unlock(&pf->lock);
+}
+
+uint64_t aeg_prefetch_item_bytes(const aeg_load_t *load)
+{
+	return load->item_bytes;
+}
+
+/* ------------------------------------------------------------ the cache */
+
+static void cache_unlink(struct aeg_prefetch *pf, struct cache_entry *e)
+{
+	if (!e->linked)
+		return;
+	if (e->prev)
+		e->prev->next = e->next;
+	else
+		pf->lru = e->next;
+	if (e->next)
+		e->next->prev = e->prev;
+	e->prev = e->next = NULL;
+	e->linked = 0;
+	pf->cache_entries--;
+}
+
+static void cache_link_front(struct aeg_prefetch *pf, struct cache_entry *e)
+{
+	e->prev = NULL;
+	e->next = pf->lru;
+	if (pf->lru)
+		pf->lru->prev = e;
+	pf->lru = e;
+	e->linked = 1;
+	pf->cache_entries++;
+}
+
+/* Give an entry's buffers back; the caller has unlinked it and holds the lock. */
+static void cache_free(struct aeg_prefetch *pf, struct cache_entry *e, uint32_t nbuf)
+{
+	for (uint32_t i = 0; i < nbuf; i++)
+		aeg_pool_release(pf->pool, e->bufs[i]);
+	pf->cache_used -= (uint64_t)e->nbuf * pf->buffer_bytes;
+	free(e->bufs);
+	free(e->path);
+	free(e);
+}
+
+/* Evict the least recently used entry no load uses; 1 if one went. */
+static int cache_evict_one(struct aeg_prefetch *pf)
+{
+	struct cache_entry *e = pf->lru, *victim = NULL;
+
+	for (; e; e = e->next)
+		if (e->refs == 0)
+			victim = e;
+	if (victim == NULL)
+		return 0;
+	aeg_debug("prefetch: cache evicts %s (%u buffers)", victim->path, victim->nbuf);
+	cache_unlink(pf, victim);
+	cache_free(pf, victim, victim->nbuf);
+	pf->evictions++;
+	return 1;
+}
+
+static int same_file(const struct cache_entry *e, const char *path, const struct stat *st)
+{
+	return e->dev == st->st_dev && e->ino == st->st_ino && e->size == st->st_size &&
+	       e->mtime.tv_sec == st->st_mtim.tv_sec && e->mtime.tv_nsec == st->st_mtim.tv_nsec &&
+	       strcmp(e->path, path) == 0;
+}
+
+/* A hit (referenced, moved to the front), or NULL; drops stale entries of @path. */
+static struct cache_entry *cache_lookup(struct aeg_prefetch *pf, const char *path,
+					const struct stat *st)
+{
+	struct cache_entry *e = pf->lru, *next;
+
+	for (; e; e = next) {
+		next = e->next;
+		if (same_file(e, path, st)) {
+			cache_unlink(pf, e);
+			cache_link_front(pf, e);
+			e->refs++;
+			return e;
+		}
+		if (strcmp(e->path, path) == 0 && e->refs == 0) {
+			aeg_debug("prefetch: cache drops stale %s", e->path);
+			cache_unlink(pf, e);
+			cache_free(pf, e, e->nbuf);
+			pf->evictions++;
+		}
+	}
+	return NULL;
+}
+
+/*
+ * An entry to fill with the whole file, its buffers taken now (evicting
+ * older entries to stay in budget), or NULL when it does not fit: the load
+ * then goes uncached.
+ */
+static struct cache_entry *cache_reserve(struct aeg_prefetch *pf, const char *path,
+					 const struct stat *st)
+{
+	uint64_t nbuf = ((uint64_t)st->st_size + pf->buffer_bytes - 1) / pf->buffer_bytes;
+	uint64_t need = nbuf * pf->buffer_bytes;
+	struct cache_entry *e;
+	uint32_t got = 0;
+
+	if (nbuf == 0 || need > pf->cfg.cache_bytes)
+		return NULL;
+	while (pf->cache_used + need > pf->cfg.cache_bytes)
+		if (!cache_evict_one(pf))
+			return NULL;
+	e = calloc(1, sizeof(*e));
+	if (e == NULL)
+		return NULL;
+	e->bufs = calloc(nbuf, sizeof(*e->bufs));
+	e->path = strdup(path);
+	if (e->bufs == NULL || e->path == NULL)
+		goto fail;
+	e->nbuf = (uint32_t)nbuf;
+	pf->cache_used += need;
+	for (; got < nbuf; got++) {
+		struct aeg_pool_buffer b;
+
+		while (aeg_pool_acquire(pf->pool, 0, &b) != 0)
+			if (!cache_evict_one(pf))
+				goto fail_bufs;
+		e->bufs[got] = b.index;
+	}
+	e->dev = st->st_dev;
+	e->ino = st->st_ino;
+	e->size = st->st_size;
+	e->mtime = st->st_mtim;
+	e->refs = 1;
+	return e;
+fail_bufs:
+	aeg_debug("prefetch: pool too busy to cache %s (%u of %" PRIu64 " buffers)", path, got, nbuf);
+	cache_free(pf, e, got);
+	return NULL;
+fail:
+	free(e->bufs);
+	free(e->path);
+	free(e);
+	return NULL;
+}
+
+static void cache_unref(struct aeg_prefetch *pf, struct cache_entry *e)
+{
+	if (--e->refs == 0 && !e->linked)
+		cache_free(pf, e, e->nbuf);
+}
+
+AEG_EXPORT int aeg_prefetch_cache_drop(aeg_prefetch_t *pf)
+{
+	int n = 0;
+
+	if (pf == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_cache_drop: NULL engine");
+	pthread_mutex_lock(&pf->lock);
+	while (cache_evict_one(pf))
+		n++;
+	pthread_mutex_unlock(&pf->lock);
+	return n;
+}
+
+/* ----------------------------------------------------- load bookkeeping */
+
+static void queue_finish_if_done(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	if (l->items_left == 0 && l->issuing == 0 && !l->finish_queued) {
+		l->finish_queued = 1;
+		l->finish_next = pf->finishing;
+		pf->finishing = l;
+		pthread_cond_broadcast(&pf->work_cv);
+	}
+}
+
+/* Stop issuing @l's items; the first error wins. Lock held. */
+static void load_stop(struct aeg_prefetch *pf, struct aeg_load *l, int err, const char *detail)
+{
+	if (l->stop_err == 0) {
+		l->stop_err = err;
+		snprintf(l->detail, sizeof(l->detail), "%s", detail);
+	}
+	l->items_left -= l->nitems - l->next_item;
+	l->next_item = l->nitems;
+	queue_finish_if_done(pf, l);
+	pthread_cond_broadcast(&pf->work_cv);
+}
+
+static void load_free(struct aeg_load *l)
+{
+	free(l->chunks);
+	free(l->rt);
+	free(l->groups);
+	free(l->tensors);
+	free(l->items);
+	aeg_st_free(&l->hdr);
+	free(l->path);
+	free(l);
+}
+
+/* Free @l once nothing refers to it: loaded, released and closed. Lock held. */
+static void load_maybe_free(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	if (l->in_flight || !l->closed || l->live_groups)
+		return;
+	if (l->prev)
+		l->prev->next = l->next;
+	else
+		pf->loads = l->next;
+	if (l->next)
+		l->next->prev = l->prev;
+	load_free(l);
+}
+
+/* ------------------------------------------------------------ the feeds */
+
+/* Stream host function: the item's copies are done. */
+static void item_done(void *arg)
+{
+	struct item *it = arg;
+	struct aeg_load *l = it->load;
+	struct aeg_prefetch *pf = l->pf;
+
+	pthread_mutex_lock(&pf->lock);
+	for (uint32_t c = it->first_chunk; c <= it->last_chunk && c < l->nchunks; c++) {
+		struct chunk_rt *rt = &l->rt[c];
+
+		if (--rt->pending == 0 && rt->state == CH_PENDING) {
+			rt->state = CH_DONE;
+			l->done_chunks++;
+			l->done_bytes += l->chunks[c].size;
+			if (c == 0)
+				l->first_ns = aeg_now_ns();
+			aeg_gate_open(l->gate, c);
+		}
+	}
+	if (it->buf >= 0) {
+		aeg_pool_release(pf->pool, (uint32_t)it->buf);
+		it->buf = -1;
+		pf->ring_in_use--;
+	}
+	if (it->reg) {
+		/* The worker unregisters it and only then counts the item out, so
+		 * the load cannot finish (and unmap) under the unregistration. */
+		it->next = pf->retired;
+		pf->retired = it;
+	} else {
+		l->items_left--;
+		queue_finish_if_done(pf, l);
+	}
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+}
+
+static void subbuf_done(void *arg)
+{
+	struct subbuf *sb = arg;
+	struct aeg_prefetch *pf = sb->pf;
+
+	pthread_mutex_lock(&pf->lock);
+	aeg_pool_release(pf->pool, (uint32_t)sb->buf);
+	pf->ring_in_use--;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	free(sb);
+}
+
+/* First chunk whose range ends after @off (chunks tile the data in order). */
+static uint32_t chunk_at(const struct aeg_load *l, uint64_t off)
+{
+	uint32_t lo = 0, hi = l->nchunks;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+
+		if (l->chunks[mid].file_offset + l->chunks[mid].size <= off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* Queue the copies of file bytes [b, e), which sit at @src, into their chunks. */
+static int copy_range(aeg_stream_t *s, struct aeg_load *l, uint64_t b, uint64_t e, const char *src)
+{
+	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++) {
+		const struct aeg_chunk *ch = &l->chunks[c];
+		uint64_t sb = b > ch->file_offset ? b : ch->file_offset;
+		uint64_t se = e < ch->file_offset + ch->size ? e : ch->file_offset + ch->size;
+		int err;
+
+		if (sb >= se)
+			continue;
+		err = aeg_memcpy_async(s, (char *)ch->device_ptr + (sb - ch->file_offset),
+				       src + (sb - b), se - sb);
+		if (err) {
+			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64, l->path, sb, se);
+			return err;
+		}
+	}
+	return 0;
+}
+
+static int pread_full(struct aeg_load *l, int fd, void *buf, uint64_t bytes, uint64_t off)
+{
+	uint64_t done = 0;
+	/* O_DIRECT wants whole blocks; the buffer always has room for the rounding. */
+	uint64_t ask = fd == l->dfd ? aeg_round_up(bytes, PAGE) : bytes;
+
+	while (done < bytes) {
+		ssize_t r = pread(fd, (char *)buf + done, ask - done, (off_t)(off + done));
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return aeg_fail(AEG_EIO, "%s: reading %" PRIu64 " bytes at %" PRIu64 ": %s",
+					l->path, bytes, off, strerror(errno));
+		if (r == 0)
+			return aeg_fail(AEG_ESTALE,
+					"%s: file ends at %" PRIu64 " bytes, it had %jd when the load began (it changed while loading)",
+					l->path, off + done, (intmax_t)l->st.st_size);
+		done += (uint64_t)r;
+	}
+	return 0;
+}
+
+static int load_stopped(struct aeg_load *l)
+{
+	return __atomic_load_n(&l->stop_err, __ATOMIC_RELAXED) != 0;
+}
+
+/*
+ * A pool buffer for a READ piece, in a ring slot (taken here unless the
+ * caller has one), evicting cache entries when the pool is dry. On failure
+ * the slot is given back.
+ */
+static int ring_get(struct aeg_prefetch *pf, struct aeg_load *l, int have_slot,
+		    struct aeg_pool_buffer *b)
+{
+	int err;
+
+	pthread_mutex_lock(&pf->lock);
+	if (!have_slot) {
+		while (pf->ring_in_use >= (uint32_t)pf->cfg.ring_buffers && !l->stop_err)
+			pthread_cond_wait(&pf->work_cv, &pf->lock);
+		if (l->stop_err) {
+			pthread_mutex_unlock(&pf->lock);
+			return aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
+		}
+		pf->ring_in_use++;
+	}
+	pthread_mutex_unlock(&pf->lock);
+	for (;;) {
+		int evicted;
+
+		err = aeg_pool_acquire(pf->pool, 0, b);
+		if (err != AEG_ETIMEDOUT)
+			break;
+		pthread_mutex_lock(&pf->lock);
+		evicted = cache_evict_one(pf);
+		pthread_mutex_unlock(&pf->lock);
+		if (evicted)
+			continue;
+		err = aeg_pool_acquire(pf->pool, POOL_WAIT_MS, b);
+		if (err != AEG_ETIMEDOUT)
+			break;
+		if (load_stopped(l)) {
+			err = aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
+			break;
+		}
+	}
+	if (err == 0)
+		return 0;
+	pthread_mutex_lock(&pf->lock);
+	pf->ring_in_use--;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	return err;
+}
+
+/* Wait for what @s has queued, then give back what an unfinished item holds. */
+static int item_abort(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it, int err)
+{
+	aeg_stream_sync(s);
+	pthread_mutex_lock(&pf->lock);
+	if (it->buf >= 0) {
+		aeg_pool_release(pf->pool, (uint32_t)it->buf);
+		it->buf = -1;
+		pf->ring_in_use--;
+	}
+	pthread_mutex_unlock(&pf->lock);
+	if (it->reg) {
+		aeg_host_unregister(pf->dev, it->reg);
+		it->reg = NULL;
+		pthread_mutex_lock(&pf->lock);
+		pf->registered--;
+		pthread_mutex_unlock(&pf->lock);
+	}
+	return err;
+}
+
+/* READ into pool buffers of the ring, a buffer per sub-range, for an MMAP item whose registration was refused. */
+static int read_through_ring(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it)
+{
+	struct aeg_load *l = it->load;
+
+	for (uint64_t b = it->begin; b < it->end; b += pf->buffer_bytes) {
+		uint64_t e = b + pf->buffer_bytes < it->end ? b + pf->buffer_bytes : it->end;
+		struct aeg_pool_buffer buf;
+		struct subbuf *sb;
+		int err;
+
+		err = ring_get(pf, l, 0, &buf);
+		if (err)
+			return err;
+		sb = malloc(sizeof(*sb));
+		if (sb == NULL) {
+			err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+			goto fail;
+		}
+		sb->pf = pf;
+		sb->buf = (int)buf.index;
+		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, buf.ptr, e - b, b);
+		if (err == 0)
+			err = copy_range(s, l, b, e, buf.ptr);
+		if (err == 0)
+			err = aeg_stream_launch_host_fn(s, subbuf_done, sb);
+		if (err == 0)
+			continue;
+		free(sb);
+fail:
+		aeg_stream_sync(s);
+		pthread_mutex_lock(&pf->lock);
+		aeg_pool_release(pf->pool, buf.index);
+		pf->ring_in_use--;
+		pthread_cond_broadcast(&pf->work_cv);
+		pthread_mutex_unlock(&pf->lock);
+		return err;
+	}
+	return 0;
+}
+
+/*
+ * Run one item: get its bytes into host memory the GPU can read, queue the
+ * copies into the chunks it touches, then item_done. Returns 0 once
+ * item_done is queued; otherwise everything the item took is given back.
+ */
+static int run_item(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it)
+{
+	struct aeg_load *l = it->load;
+	uint64_t len = it->end - it->begin;
+	const char *src;
+	int err;
+
+	switch (l->feed) {
+	case AEG_FEED_CACHE:
+		src = aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]);
+		break;
+	case AEG_FEED_READ:
+		if (l->filling) {
+			src = aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]);
+		} else {
+			struct aeg_pool_buffer b;
+
+			err = ring_get(pf, l, 1, &b);
+			if (err)
+				return err;
+			it->buf = (int)b.index;
+			src = b.ptr;
+		}
+		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, (void *)src, len, it->begin);
+		if (err)
+			return item_abort(pf, s, it, err);
+		break;
+	case AEG_FEED_MMAP:
+	default:
+		src = (const char *)l->map + it->begin;
+		if (!__atomic_load_n(&l->no_register, __ATOMIC_RELAXED)) {
+			uint64_t reg_bytes = aeg_round_up(len, PAGE);
+
+			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
+						AEG_HOST_REGISTER_READONLY);
+			if (err == 0) {
+				it->reg = (void *)src;
+				break;
+			}
+			if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
+				aeg_warn("prefetch: %s: registering its pages refused (%s: %s); reading it through the pinned pool instead",
+					 l->path, aeg_errname(err), aeg_error_detail());
+				pthread_mutex_lock(&pf->lock);
+				pf->fallbacks++;
+				pthread_mutex_unlock(&pf->lock);
+			}
+		}
+		pthread_mutex_lock(&pf->lock);
+		pf->registered--;       /* the slot taken when the item was picked */
+		pthread_cond_broadcast(&pf->work_cv);
+		pthread_mutex_unlock(&pf->lock);
+		err = read_through_ring(pf, s, it);
+		if (err)
+			return err;
+		err = aeg_stream_launch_host_fn(s, item_done, it);
+		if (err)
+			aeg_stream_sync(s);
+		return err;
+	}
+
+	err = copy_range(s, l, it->begin, it->end, src);
+	if (err == 0)
+		err = aeg_stream_launch_host_fn(s, item_done, it);
+	if (err)
+		return item_abort(pf, s, it, err);
+	return 0;
+}
+
+/* ------------------------------------------------------------- workers */
+
+/* The next item of the highest-priority load whose feed has room. Lock held. */
+static struct aeg_load *pick(struct aeg_prefetch *pf)
+{
+	struct aeg_load *best = NULL;
+	uint32_t reg_limit = 2 * (uint32_t)pf->nworkers;
+
+	for (struct aeg_load *l = pf->loads; l; l = l->next) {
+		if (!l->in_flight || l->next_item >= l->nitems)
+			continue;
+		if (l->feed == AEG_FEED_READ && !l->filling &&
+		    pf->ring_in_use >= (uint32_t)pf->cfg.ring_buffers)
+			continue;
+		if (l->feed == AEG_FEED_MMAP && pf->registered >= reg_limit)
+			continue;
+		if (best == NULL || l->priority > best->priority ||
+		    (l->priority == best->priority && l->id < best->id))
+			best = l;
+	}
+	return best;
+}
+
+static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l);
+
+static void *worker(void *p)
+{
+	struct worker_arg *wa = p;
+	struct aeg_prefetch *pf = wa->pf;
+	aeg_stream_t *s = pf->streams[wa->index % pf->nstreams];
+
+	if (pf->cfg.topo && pf->pci[0]) {
+		int err = aeg_topo_bind_thread(pf->cfg.topo, pf->pci);
+
+		if (err)
+			aeg_debug("prefetch: worker %d not bound near %s: %s", wa->index, pf->pci,
+				  aeg_error_detail());
+	}
+	free(wa);
+
+	pthread_mutex_lock(&pf->lock);
+	for (;;) {
+		struct aeg_load *l;
+		struct item *it;
+		aeg_prefetch_hook_fn hook;
+		void *hook_arg;
+		int err;
+
+		if (pf->retired) {
+			it = pf->retired;
+			pf->retired = it->next;
+			pthread_mutex_unlock(&pf->lock);
+			aeg_host_unregister(pf->dev, it->reg);
+			pthread_mutex_lock(&pf->lock);
+			it->reg = NULL;
+			pf->registered--;
+			it->load->items_left--;
+			queue_finish_if_done(pf, it->load);
+			pthread_cond_broadcast(&pf->work_cv);
+			continue;
+		}
+		if (pf->finishing) {
+			l = pf->finishing;
+			pf->finishing = l->finish_next;
+			pthread_mutex_unlock(&pf->lock);
+			finish_load(pf, l);
+			pthread_mutex_lock(&pf->lock);
+			continue;
+		}
+		if (pf->quit)
+			break;
+		l = pick(pf);
+		if (l == NULL) {
+			pthread_cond_wait(&pf->work_cv, &pf->lock);
+			continue;
+		}
+		it = &l->items[l->next_item++];
+		l->issuing++;
+		if (l->feed == AEG_FEED_READ && !l->filling)
+			pf->ring_in_use++;
+		if (l->feed == AEG_FEED_MMAP)
+			pf->registered++;
+		hook = pf->hook;
+		hook_arg = pf->hook_arg;
+		pthread_mutex_unlock(&pf->lock);
+
+		err = hook ? hook(hook_arg, l->id, it->index) : 0;
+		if (err) {
+			aeg_fail(err, "%s: piece %u failed (injected)", l->path, it->index);
+			pthread_mutex_lock(&pf->lock);
+			if (l->feed == AEG_FEED_READ && !l->filling)
+				pf->ring_in_use--;
+			if (l->feed == AEG_FEED_MMAP)
+				pf->registered--;
+			pthread_mutex_unlock(&pf->lock);
+		} else {
+			err = run_item(pf, s, it);
+		}
+
+		pthread_mutex_lock(&pf->lock);
+		l->issuing--;
+		if (err) {
+			l->items_left--;
+			load_stop(pf, l, err, aeg_error_detail());
+		}
+		queue_finish_if_done(pf, l);
+	}
+	pthread_mutex_unlock(&pf->lock);
+	return NULL;
+}
+
+static int file_changed(struct aeg_load *l)
+{
+	struct stat now;
+
+	if (fstat(l->fd, &now) != 0)
+		return aeg_fail(AEG_EIO, "%s: fstat: %s", l->path, strerror(errno));
+	if (now.st_size != l->st.st_size || now.st_mtim.tv_sec != l->st.st_mtim.tv_sec ||
+	    now.st_mtim.tv_nsec != l->st.st_mtim.tv_nsec)
+		return aeg_fail(AEG_ESTALE,
+				"%s: changed while loading (size %jd -> %jd, mtime %jd.%09ld -> %jd.%09ld); load it again",
+				l->path, (intmax_t)l->st.st_size, (intmax_t)now.st_size,
+				(intmax_t)l->st.st_mtim.tv_sec, l->st.st_mtim.tv_nsec,
+				(intmax_t)now.st_mtim.tv_sec, now.st_mtim.tv_nsec);
+	return 0;
+}
+
+static void fail_chunks(struct aeg_load *l, int err, int all)
+{
+	for (uint32_t c = 0; c < l->nchunks; c++) {
+		if (l->rt[c].state == CH_PENDING || (all && l->rt[c].state == CH_DONE)) {
+			l->rt[c].state = CH_FAILED;
+			aeg_event_fail(l->rt[c].ev, err);
+		} else if (l->rt[c].state == CH_FAILED) {
+			aeg_event_fail(l->rt[c].ev, err);
+		}
+	}
+}
+
+/* Every item is retired or dropped: check the file, settle chunks, cache, close. */
+static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	char detail[sizeof(l->detail)];
+	int err;
+
+	uint32_t done;
+
+	pthread_mutex_lock(&pf->lock);
+	err = l->stop_err;
+	done = l->done_chunks;
+	snprintf(detail, sizeof(detail), "%s", l->detail);
+	pthread_mutex_unlock(&pf->lock);
+
+	if (err == 0 && l->feed != AEG_FEED_CACHE) {
+		err = file_changed(l);
+		if (err)
+			snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
+	}
+	if (err == 0 && done != l->nchunks) {
+		err = aeg_fail(AEG_EIO, "%s: %u of %u chunks loaded", l->path, done, l->nchunks);
+		snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
+	}
+
+	/* Fail before the gates open so no waiter sees a success, and again after
+	 * the gate stream has passed the records. */
+	pthread_mutex_lock(&pf->lock);
+	if (err)
+		fail_chunks(l, err, err == AEG_ESTALE);
+	pthread_mutex_unlock(&pf->lock);
+	aeg_gate_destroy(l->gate);
+	l->gate = NULL;
+
+	pthread_mutex_lock(&pf->lock);
+	if (err)
+		fail_chunks(l, err, err == AEG_ESTALE);
+	if (l->entry) {
+		if (l->filling && err == 0) {
+			l->entry->refs--;
+			cache_link_front(pf, l->entry);
+		} else {
+			cache_unref(pf, l->entry);
+		}
+		l->entry = NULL;
+	}
+	pthread_mutex_unlock(&pf->lock);
+
+	if (l->map)
+		munmap(l->map, l->map_bytes);
+	l->map = NULL;
+	if (l->dfd >= 0)
+		close(l->dfd);
+	l->dfd = -1;
+	close(l->fd);
+	l->fd = -1;
+
+	pthread_mutex_lock(&pf->lock);
+	l->status = err;
+	if (err)
+		snprintf(l->detail, sizeof(l->detail), "%s", detail);
+	l->end_ns = aeg_now_ns();
+	l->in_flight = 0;
+	if (err)
+		aeg_info("prefetch: load %" PRIu64 " of %s failed: %s", l->id, l->path, detail);
+	pthread_cond_broadcast(&pf->done_cv);
+	load_maybe_free(pf, l);
+	pthread_mutex_unlock(&pf->lock);
+}
+
+/* -------------------------------------------------------------- engine */
+
+AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
+				   const struct aeg_prefetch_config *cfg, aeg_prefetch_t **out)
+{
+	struct aeg_prefetch *pf;
+	struct aeg_pool_stats ps;
+	struct aeg_gpu_info info;
+	int err = 0;
+
+	if (slab == NULL || out == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_create: NULL argument");
+	pf = calloc(1, sizeof(*pf));
+	if (pf == NULL)
+		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+	if (cfg)
+		pf->cfg = *cfg;
+	else
+		aeg_prefetch_config_defaults(&pf->cfg);
+	if (pf->cfg.ring_buffers == 0)
+		pf->cfg.ring_buffers = 2 * pf->cfg.threads;
+	if (pf->cfg.threads < 1 || pf->cfg.threads > 256)
+		err = aeg_fail(AEG_EINVAL, "prefetch threads %d: must be 1..256", pf->cfg.threads);
+	else if (pf->cfg.streams < 1 || pf->cfg.streams > 64)
+		err = aeg_fail(AEG_EINVAL, "prefetch streams %d: must be 1..64", pf->cfg.streams);
+	else if (pf->cfg.piece_bytes == 0 || pf->cfg.piece_bytes % PAGE)
+		err = aeg_fail(AEG_EINVAL, "prefetch piece size %" PRIu64 ": must be a non-zero multiple of 4096",
+			       pf->cfg.piece_bytes);
+	else if (pf->cfg.ring_buffers < 1 || pf->cfg.ring_buffers > 4096)
+		err = aeg_fail(AEG_EINVAL, "prefetch ring of %d buffers: must be 1..4096",
+			       pf->cfg.ring_buffers);
+	if (err) {
+		free(pf);
+		return err;
+	}
+	pf->slab = slab;
+	pf->dev = aeg_slab_device(slab);
+	pf->gpu = aeg_slab_gpu(slab);
+	pf->next_id = 1;
+	if (aeg_device_gpu_info(pf->dev, pf->gpu, &info) == 0)
+		snprintf(pf->pci, sizeof(pf->pci), "%s", info.pci_bus_id);
+	pthread_mutex_init(&pf->lock, NULL);
+	pthread_cond_init(&pf->work_cv, NULL);
+	pthread_cond_init(&pf->done_cv, NULL);
+
+	if (pool == NULL) {
+		err = aeg_pool_create(pf->dev, pf->gpu, OWN_POOL_BUFFER,
+				      OWN_POOL_BUFFER * (uint64_t)pf->cfg.ring_buffers, &pool);
+		if (err)
+			goto fail;
+		pf->own_pool = 1;
+		pf->cfg.cache_bytes = 0;
+	}
+	pf->pool = pool;
+	err = aeg_pool_stats(pool, &ps);
+	if (err)
+		goto fail;
+	pf->buffer_bytes = ps.buffer_bytes;
+
+	pf->streams = calloc((size_t)pf->cfg.streams, sizeof(*pf->streams));
+	pf->workers = calloc((size_t)pf->cfg.threads, sizeof(*pf->workers));
+	if (pf->streams == NULL || pf->workers == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		goto fail;
+	}
+	for (; pf->nstreams < pf->cfg.streams; pf->nstreams++) {
+		err = aeg_stream_create(pf->dev, pf->gpu, &pf->streams[pf->nstreams]);
+		if (err)
+			goto fail;
+	}
+	for (; pf->nworkers < pf->cfg.threads; pf->nworkers++) {
+		struct worker_arg *wa = malloc(sizeof(*wa));
+		int rc;
+
+		if (wa == NULL) {
+			err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+			goto fail;
+		}
+		wa->pf = pf;
+		wa->index = pf->nworkers;
+		rc = pthread_create(&pf->workers[pf->nworkers], NULL, worker, wa);
+		if (rc) {
+			free(wa);
+			err = aeg_fail(AEG_ENOMEM, "prefetch: starting worker %d: %s", pf->nworkers,
+				       strerror(rc));
+			goto fail;
+		}
+	}
+	*out = pf;
+	return 0;
+fail:
+	aeg_prefetch_destroy(pf);
+	return err;
+}
+
+static void stop_all_and_wait(struct aeg_prefetch *pf)
+{
+	for (struct aeg_load *l = pf->loads; l; l = l->next)
+		if (l->in_flight)
+			load_stop(pf, l, AEG_ECANCELED, "load cancelled: every chunk is being released");
+	for (;;) {
+		struct aeg_load *l = pf->loads;
+
+		while (l && !l->in_flight)
+			l = l->next;
+		if (l == NULL)
+			break;
+		pthread_cond_wait(&pf->done_cv, &pf->lock);
+	}
+}
+
+static void release_group(struct aeg_prefetch *pf, struct aeg_load *l, struct group *g)
+{
+	if (g->released)
+		return;
+	for (uint32_t c = g->first_chunk; c < g->first_chunk + g->nchunks; c++) {
+		aeg_event_destroy(l->rt[c].ev);
+		l->rt[c].ev = NULL;
+		l->rt[c].state = CH_RELEASED;
+	}
+	aeg_slab_free(pf->slab, g->block.id);
+	g->released = 1;
+	l->live_groups--;
+}
+
+AEG_EXPORT int aeg_prefetch_release_all(aeg_prefetch_t *pf)
+{
+	struct aeg_load *l, *next;
+
+	if (pf == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_release_all: NULL engine");
+	pthread_mutex_lock(&pf->lock);
+	stop_all_and_wait(pf);
+	for (l = pf->loads; l; l = next) {
+		next = l->next;
+		for (uint32_t g = 0; g < l->ngroups; g++)
+			release_group(pf, l, &l->groups[g]);
+		load_maybe_free(pf, l);
+	}
+	pthread_mutex_unlock(&pf->lock);
+	return 0;
+}
+
+AEG_EXPORT void aeg_prefetch_destroy(aeg_prefetch_t *pf)
+{
+	if (pf == NULL)
+		return;
+	if (pf->workers && pf->nworkers)
+		aeg_prefetch_release_all(pf);
+	pthread_mutex_lock(&pf->lock);
+	while (pf->loads) {
+		pf->loads->closed = 1;
+		load_maybe_free(pf, pf->loads);
+	}
+	while (cache_evict_one(pf))
+		;
+	pf->quit = 1;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	for (int i = 0; i < pf->nworkers; i++)
+		pthread_join(pf->workers[i], NULL);
+	for (int i = 0; i < pf->nstreams; i++)
+		aeg_stream_destroy(pf->streams[i]);
+	if (pf->own_pool)
+		aeg_pool_destroy(pf->pool);
+	free(pf->streams);
+	free(pf->workers);
+	pthread_cond_destroy(&pf->done_cv);
+	pthread_cond_destroy(&pf->work_cv);
+	pthread_mutex_destroy(&pf->lock);
+	free(pf);
+}
+
+AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count)
+{
+	struct aeg_load **owner;
+	uint32_t *gidx;
+	int err = 0;
+
+	if (pf == NULL || (ids == NULL && count))
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_release: NULL argument");
+	owner = calloc(count ? count : 1, sizeof(*owner));
+	gidx = calloc(count ? count : 1, sizeof(*gidx));
+	if (owner == NULL || gidx == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		goto out;
+	}
+	pthread_mutex_lock(&pf->lock);
+	for (uint32_t i = 0; i < count && err == 0; i++) {
+		for (struct aeg_load *l = pf->loads; l && !owner[i]; l = l->next) {
+			for (uint32_t g = 0; g < l->ngroups; g++) {
+				if (l->groups[g].block.id == ids[i] && !l->groups[g].released) {
+					owner[i] = l;
+					gidx[i] = g;
+					break;
+				}
+			}
+		}
+		if (owner[i] == NULL)
+			err = aeg_fail(AEG_ENOENT, "slab id %" PRIu64 " holds no chunk of this engine (already released?)",
+				       ids[i]);
+		else if (owner[i]->in_flight)
+			err = aeg_fail(AEG_EBUSY, "slab id %" PRIu64 " belongs to load %" PRIu64 " of %s, still loading: cancel it first",
+				       ids[i], owner[i]->id, owner[i]->path);
+	}
+	if (err == 0) {
+		for (uint32_t i = 0; i < count; i++)
+			release_group(pf, owner[i], &owner[i]->groups[gidx[i]]);
+		for (uint32_t i = 0; i < count; i++) {
+			/* Free each load once, after its last use in this loop. */
+			uint32_t j = i + 1;
+
+			while (j < count && owner[j] != owner[i])
+				j++;
+			if (j == count)
+				load_maybe_free(pf, owner[i]);
+		}
+	}
+	pthread_mutex_unlock(&pf->lock);
+out:
+	free(owner);
+	free(gidx);
+	return err;
+}
+
+AEG_EXPORT int aeg_prefetch_stats(aeg_prefetch_t *pf, struct aeg_prefetch_stats *st)
+{
+	if (pf == NULL || st == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_stats: NULL argument");
+	memset(st, 0, sizeof(*st));
+	pthread_mutex_lock(&pf->lock);
+	for (struct aeg_load *l = pf->loads; l; l = l->next) {
+		st->loads++;
+		st->loads_in_flight += l->in_flight != 0;
+		for (uint32_t g = 0; g < l->ngroups; g++) {
+			if (l->groups[g].released)
+				continue;
+			st->blocks++;
+			st->block_bytes += l->groups[g].block.size;
+			st->chunks += l->groups[g].nchunks;
+		}
+	}
+	st->events = st->chunks;
+	st->ring_in_use = pf->ring_in_use;
+	st->registered_pieces = pf->registered;
+	st->cache_entries = pf->cache_entries;
+	st->cache_bytes = pf->cache_used;
+	st->cache_hits = pf->hits;
+	st->cache_misses = pf->misses;
+	st->cache_evictions = pf->evictions;
+	st->read_fallbacks = pf->fallbacks;
+	pthread_mutex_unlock(&pf->lock);
+	return 0;
+}
+
+/* ---------------------------------------------------------- one file */
+
+static int open_file(const char *path, struct stat *st, int *fdp)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+
+	if (fd < 0) {
+		int e = errno;
+
+		if (e == ENOENT || e == ENOTDIR)
+			return aeg_fail(AEG_ENOENT, "%s: no such file", path);
+		if (e == EACCES || e == EPERM)
+			return aeg_fail(AEG_EACCES, "%s: permission denied (need read access)", path);
+		return aeg_fail(AEG_EIO, "%s: open: %s", path, strerror(e));
+	}
+	if (fstat(fd, st) != 0) {
+		int e = errno;
+
+		close(fd);
+		return aeg_fail(AEG_EIO, "%s: fstat: %s", path, strerror(e));
+	}
+	if (S_ISDIR(st->st_mode)) {
+		close(fd);
+		return aeg_fail(AEG_EINVAL, "%s is a directory: give a model file (e.g. one .safetensors file)",
+				path);
+	}
+	if (!S_ISREG(st->st_mode)) {
+		close(fd);
+		return aeg_fail(AEG_EINVAL, "%s is not a regular file", path);
+	}
+	*fdp = fd;
+	return 0;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), m = strlen(suffix);
+
+	return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static int add_group(struct aeg_load *l, uint64_t begin, uint64_t bytes, uint64_t chunk_bytes,
+		     uint32_t *gcap, uint32_t *ccap)
+{
+	uint32_t n = (uint32_t)((bytes + chunk_bytes - 1) / chunk_bytes);
+	struct group *g;
+
+	if (l->ngroups == *gcap) {
+		uint32_t cap = *gcap ? 2 * *gcap : 64;
+		void *p = realloc(l->groups, cap * sizeof(*l->groups));
+
+		if (p == NULL)
+			return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		l->groups = p;
+		*gcap = cap;
+	}
+	while (l->nchunks + n > *ccap) {
+		uint32_t cap = *ccap ? 2 * *ccap : 64;
+		void *p = realloc(l->chunks, cap * sizeof(*l->chunks));
+
+		if (p == NULL)
+			return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		l->chunks = p;
+		*ccap = cap;
+	}
+	g = &l->groups[l->ngroups];
+	memset(g, 0, sizeof(*g));
+	g->file_begin = begin;
+	g->bytes = bytes;
+	g->first_chunk = l->nchunks;
+	g->nchunks = n;
+	for (uint32_t i = 0; i < n; i++) {
+		struct aeg_chunk *c = &l->chunks[l->nchunks++];
+		uint64_t off = (uint64_t)i * chunk_bytes;
+
+		memset(c, 0, sizeof(*c));
+		c->file_offset = begin + off;
+		c->size = bytes - off < chunk_bytes ? bytes - off : chunk_bytes;
+	}
+	l->ngroups++;
+	return 0;
+}
+
+/*
+ * Cut the file into groups and chunks: small tensors packed greedily into a
+ * chunk, a tensor over chunk_bytes alone in a group of several chunks; a
+ * raw file in chunks of chunk_bytes, each its own group.
+ */
+static int plan_chunks(struct aeg_load *l, uint64_t chunk_bytes, int safetensors)
+{
+	uint32_t gcap = 0, ccap = 0;
+	uint64_t size = (uint64_t)l->st.st_size;
+	uint64_t open_begin = 0, open_bytes = 0;
+	int err;
+
+	if (!safetensors) {
+		for (uint64_t off = 0; off < size; off += chunk_bytes) {
+			err = add_group(l, off, size - off < chunk_bytes ? size - off : chunk_bytes,
+					chunk_bytes, &gcap, &ccap);
+			if (err)
+				return err;
+		}
+		return 0;
+	}
+	for (size_t i = 0; i < l->hdr.count; i++) {
+		const struct aeg_st_tensor *t = &l->hdr.tensors[i];
+		uint64_t begin = l->data_begin + t->begin, bytes = t->end - t->begin;
+
+		if (bytes == 0)
+			continue;
+		if (open_bytes && open_bytes + bytes <= chunk_bytes) {
+			open_bytes += bytes;
+			continue;
+		}
+		if (open_bytes) {
+			err = add_group(l, open_begin, open_bytes, chunk_bytes, &gcap, &ccap);
+			if (err)
+				return err;
+			open_bytes = 0;
+		}
+		if (bytes > chunk_bytes) {
+			err = add_group(l, begin, bytes, chunk_bytes, &gcap, &ccap);
+			if (err)
+				return err;
+		} else {
+			open_begin = begin;
+			open_bytes = bytes;
+		}
+	}
+	if (open_bytes)
+		return add_group(l, open_begin, open_bytes, chunk_bytes, &gcap, &ccap);
+	return 0;
+}
+
+static void free_blocks(struct aeg_prefetch *pf, struct aeg_load *l, uint32_t upto)
+{
+	for (uint32_t g = 0; g < upto; g++)
+		aeg_slab_free(pf->slab, l->groups[g].block.id);
+}
+
+static int alloc_blocks(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	struct aeg_slab_stats ss;
+	uint64_t need = 0;
+	char a[32], b[32], t[32];
+	int err;
+
+	for (uint32_t g = 0; g < l->ngroups; g++)
+		need += aeg_round_up(l->groups[g].bytes, AEG_SLAB_ALIGN);
+	err = aeg_slab_stats(pf->slab, &ss);
+	if (err)
+		return err;
+	if (need > ss.free_bytes)
+		return aeg_fail(AEG_ENOSPC,
+				"%s: needs %s (%" PRIu64 " bytes in %u blocks) in the slab of GPU %d, which has %s free of %s",
+				l->path, aeg_size_format(need, a, sizeof(a)), need, l->ngroups, pf->gpu,
+				aeg_size_format(ss.free_bytes, b, sizeof(b)),
+				aeg_size_format(ss.total_bytes, t, sizeof(t)));
+	for (uint32_t g = 0; g < l->ngroups; g++) {
+		err = aeg_slab_alloc(pf->slab, l->groups[g].bytes, &l->groups[g].block);
+		if (err) {
+			aeg_error_prefix("%s: block %u of %u (%s asked in all, %s free)", l->path, g + 1,
+					 l->ngroups, aeg_size_format(need, a, sizeof(a)),
+					 aeg_size_format(ss.free_bytes, b, sizeof(b)));
+			free_blocks(pf, l, g);
+			return err;
+		}
+	}
+	for (uint32_t g = 0; g < l->ngroups; g++) {
+		struct group *gr = &l->groups[g];
+
+		for (uint32_t c = gr->first_chunk; c < gr->first_chunk + gr->nchunks; c++) {
+			uint64_t in = l->chunks[c].file_offset - gr->file_begin;
+
+			l->chunks[c].device_ptr = (char *)gr->block.ptr + in;
+			l->chunks[c].slab_id = gr->block.id;
+			l->chunks[c].slab_offset = gr->block.offset + in;
+			l->rt[c].group = g;
+		}
+	}
+	l->live_groups = l->ngroups;
+	return 0;
+}
+
+static int build_tensors(struct aeg_load *l)
+{
+	if (l->hdr.count == 0)
+		return 0;
+	l->tensors = calloc(l->hdr.count, sizeof(*l->tensors));
+	if (l->tensors == NULL)
+		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory for %zu tensors", l->hdr.count);
+	for (size_t i = 0; i < l->hdr.count; i++) {
+		const struct aeg_st_tensor *t = &l->hdr.tensors[i];
+		struct aeg_tensor *o = &l->tensors[i];
+		uint64_t off = l->data_begin + t->begin;
+		uint32_t c = chunk_at(l, off);
+
+		o->name = t->name;
+		o->dtype = t->dtype;
+		o->ndim = t->ndim;
+		o->shape = t->shape;
+		o->size = t->end - t->begin;
+		o->file_offset = off;
+		if (c == l->nchunks && c > 0 && t->begin == t->end)
+			c--;            /* an empty tensor at the very end */
+		o->first_chunk = c;
+		if (c < l->nchunks) {
+			const struct group *g = &l->groups[l->rt[c].group];
+
+			o->device_ptr = (char *)g->block.ptr + (off - g->file_begin);
+		}
+	}
+	l->ntensors = (uint32_t)l->hdr.count;
+	return 0;
+}
+
+static int plan_items(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	uint64_t size = (uint64_t)l->st.st_size;
+	uint64_t B = l->item_bytes;
+
+	if (l->nchunks == 0 && !l->filling)
+		return 0;
+	l->item_base = l->filling || l->feed == AEG_FEED_CACHE ? 0 : l->data_begin / B * B;
+	l->nitems = (uint32_t)((size - l->item_base + B - 1) / B);
+	l->items = calloc(l->nitems ? l->nitems : 1, sizeof(*l->items));
+	if (l->items == NULL)
+		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory for %u pieces", l->nitems);
+	for (uint32_t k = 0; k < l->nitems; k++) {
+		struct item *it = &l->items[k];
+
+		it->load = l;
+		it->index = k;
+		it->begin = l->item_base + (uint64_t)k * B;
+		it->end = it->begin + B < size ? it->begin + B : size;
+		it->buf = -1;
+		it->first_chunk = chunk_at(l, it->begin);
+		it->last_chunk = it->first_chunk;
+		if (it->first_chunk >= l->nchunks || l->chunks[it->first_chunk].file_offset >= it->end) {
+			it->first_chunk = 1;
+			it->last_chunk = 0;
+			continue;
+		}
+		while (it->last_chunk + 1 < l->nchunks &&
+		       l->chunks[it->last_chunk + 1].file_offset < it->end)
+			it->last_chunk++;
+		for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++)
+			l->rt[c].pending++;
+	}
+	return 0;
+}
+
+static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
+			const struct aeg_prefetch_options *o)
+{
+	int use_cache = pf->cfg.cache_bytes > 0 && o->feed == AEG_FEED_AUTO &&
+			!(o->flags & AEG_PREFETCH_NO_CACHE);
+
+	pthread_mutex_lock(&pf->lock);
+	if (use_cache) {
+		l->entry = cache_lookup(pf, l->path, &l->st);
+		if (l->entry) {
+			pf->hits++;
+			l->feed = AEG_FEED_CACHE;
+			l->item_bytes = pf->buffer_bytes;
+			pthread_mutex_unlock(&pf->lock);
+			return;
+		}
+		pf->misses++;
+		l->entry = cache_reserve(pf, l->path, &l->st);
+		if (l->entry) {
+			l->filling = 1;
+			l->feed = AEG_FEED_READ;
+			l->item_bytes = pf->buffer_bytes;
+			pthread_mutex_unlock(&pf->lock);
+			return;
+		}
+	}
+	pthread_mutex_unlock(&pf->lock);
+
+	l->feed = o->feed;
+	if (l->feed == AEG_FEED_AUTO)
+		l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MMAP;
+	if (l->feed == AEG_FEED_MMAP && l->st.st_size > 0) {
+		l->map_bytes = (size_t)l->st.st_size;
+		l->map = mmap(NULL, l->map_bytes, PROT_READ, MAP_SHARED, l->fd, 0);
+		if (l->map == MAP_FAILED) {
+			aeg_warn("prefetch: %s: mmap refused (%s); reading it through the pinned pool instead",
+				 l->path, strerror(errno));
+			l->map = NULL;
+			l->feed = AEG_FEED_READ;
+			pthread_mutex_lock(&pf->lock);
+			pf->fallbacks++;
+			pthread_mutex_unlock(&pf->lock);
+		}
+	}
+	l->item_bytes = l->feed == AEG_FEED_MMAP ? pf->cfg.piece_bytes : pf->buffer_bytes;
+	if (l->feed == AEG_FEED_READ && pf->cfg.direct_io) {
+		l->dfd = open(l->path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+		if (l->dfd < 0)
+			aeg_info("prefetch: %s: O_DIRECT refused (%s); reading through the page cache",
+				 l->path, strerror(errno));
+	}
+}
+
+static int make_events(struct aeg_prefetch *pf, struct aeg_load *l, uint32_t *made)
+{
+	int err;
+
+	err = aeg_gate_create(pf->dev, pf->gpu, l->nchunks, &l->gate);
+	if (err)
+		return err;
+	for (*made = 0; *made < l->nchunks; (*made)++) {
+		uint32_t c = *made;
+
+		err = aeg_event_create(pf->dev, pf->gpu, &l->rt[c].ev, &l->chunks[c].event);
+		if (err)
+			return err;
+		err = aeg_gate_arm(l->gate, c, l->rt[c].ev);
+		if (err) {
+			(*made)++;
+			return err;
+		}
+	}
+	return 0;
+}
+
+AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
+				 const struct aeg_prefetch_options *o, aeg_load_t **out)
+{
+	struct aeg_load *l;
+	uint64_t slab_bytes;
+	uint32_t events = 0;
+	int safetensors, blocks = 0, err;
+
+	if (pf == NULL || path == NULL || o == NULL || out == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_file: NULL argument");
+	slab_bytes = aeg_slab_bytes(pf->slab);
+	if (o->chunk_bytes == 0)
+		return aeg_fail(AEG_EINVAL, "chunk size 0: give a chunk size such as 64MiB");
+	if (o->chunk_bytes > slab_bytes)
+		return aeg_fail(AEG_EINVAL, "chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
+				o->chunk_bytes, slab_bytes);
+	if (o->feed != AEG_FEED_AUTO && o->feed != AEG_FEED_MMAP && o->feed != AEG_FEED_READ)
+		return aeg_fail(AEG_EINVAL, "prefetch feed %d: expected auto, mmap or read", (int)o->feed);
+	if (o->format != AEG_FORMAT_AUTO && o->format != AEG_FORMAT_RAW &&
+	    o->format != AEG_FORMAT_SAFETENSORS)
+		return aeg_fail(AEG_EINVAL, "prefetch format %d: expected auto, raw or safetensors",
+				(int)o->format);
+	if (o->flags & ~AEG_PREFETCH_NO_CACHE)
+		return aeg_fail(AEG_EINVAL, "prefetch flags 0x%x: unknown bits", o->flags);
+
+	l = calloc(1, sizeof(*l));
+	if (l == NULL)
+		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+	l->pf = pf;
+	l->fd = -1;
+	l->dfd = -1;
+	l->priority = o->priority;
+	l->start_ns = aeg_now_ns();
+	l->path = strdup(path);
+	if (l->path == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		goto fail;
+	}
+	err = open_file(path, &l->st, &l->fd);
+	if (err)
+		goto fail;
+
+	safetensors = o->format == AEG_FORMAT_SAFETENSORS ||
+		      (o->format == AEG_FORMAT_AUTO && ends_with(path, ".safetensors"));
+	if (safetensors) {
+		err = aeg_st_read(l->fd, (uint64_t)l->st.st_size, &l->hdr);
+		if (err) {
+			aeg_error_prefix("%s", path);
+			goto fail;
+		}
+		l->data_begin = l->hdr.data_offset;
+	}
+	err = plan_chunks(l, o->chunk_bytes, safetensors);
+	if (err)
+		goto fail;
+	l->rt = calloc(l->nchunks ? l->nchunks : 1, sizeof(*l->rt));
+	if (l->rt == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory for %u chunks", l->nchunks);
+		goto fail;
+	}
+	for (uint32_t g = 0; g < l->ngroups; g++)
+		l->total_bytes += l->groups[g].bytes;
+	err = alloc_blocks(pf, l);
+	if (err)
+		goto fail;
+	blocks = 1;
+	err = build_tensors(l);
+	if (err)
+		goto fail;
+
+	choose_feed(pf, l, o);
+	err = plan_items(pf, l);
+	if (err)
+		goto fail;
+	err = make_events(pf, l, &events);
+	if (err)
+		goto fail;
+
+	pthread_mutex_lock(&pf->lock);
+	if (pf->quit) {
+		pthread_mutex_unlock(&pf->lock);
+		err = aeg_fail(AEG_ECANCELED, "prefetch engine is shutting down");
+		goto fail;
+	}
+	l->id = pf->next_id++;
+	l->in_flight = 1;
+	l->items_left = l->nitems;
+	l->status = AEG_EBUSY;
+	l->next = pf->loads;
+	if (pf->loads)
+		pf->loads->prev = l;
+	pf->loads = l;
+	queue_finish_if_done(pf, l);
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	aeg_debug("prefetch: load %" PRIu64 ": %s, %jd bytes, %u chunks in %u blocks, %u tensors, feed %s",
+		  l->id, path, (intmax_t)l->st.st_size, l->nchunks, l->ngroups, l->ntensors,
+		  aeg_prefetch_feed_name(l->feed));
+	*out = l;
+	return 0;
+
+fail:
+	if (l->gate) {
+		for (uint32_t c = 0; c < events; c++)
+			aeg_gate_open(l->gate, c);
+		aeg_gate_destroy(l->gate);
+	}
+	for (uint32_t c = 0; c < events; c++)
+		if (l->rt[c].ev)
+			aeg_event_destroy(l->rt[c].ev);
+	if (l->entry) {
+		pthread_mutex_lock(&pf->lock);
+		cache_unref(pf, l->entry);
+		pthread_mutex_unlock(&pf->lock);
+	}
+	if (blocks)
+		free_blocks(pf, l, l->ngroups);
+	if (l->map)
+		munmap(l->map, l->map_bytes);
+	if (l->dfd >= 0)
+		close(l->dfd);
+	if (l->fd >= 0)
+		close(l->fd);
+	load_free(l);
+	return err;
+}
+
+/* ------------------------------------------------------- load accessors */
+
+AEG_EXPORT const struct aeg_chunk *aeg_load_chunks(const aeg_load_t *l, uint32_t *count)
+{
+	if (count)
+		*count = l ? l->nchunks : 0;
+	return l ? l->chunks : NULL;
+}
+
+AEG_EXPORT const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *l, uint32_t *count)
+{
+	if (count)
+		*count = l ? l->ntensors : 0;
+	return l ? l->tensors : NULL;
+}
+
+AEG_EXPORT uint64_t aeg_load_id(const aeg_load_t *l)
+{
+	return l ? l->id : 0;
+}
+
+static void deadline_after(struct timespec *ts, int timeout_ms)
+{
+	clock_gettime(CLOCK_REALTIME, ts);
+	ts->tv_sec += timeout_ms / 1000;
+	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
+AEG_EXPORT int aeg_load_wait(aeg_load_t *l, int timeout_ms)
+{
+	struct aeg_prefetch *pf;
+	struct timespec ts;
+	int err;
+
+	if (l == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_load_wait: NULL load");
+	pf = l->pf;
+	if (timeout_ms >= 0)
+		deadline_after(&ts, timeout_ms);
+	pthread_mutex_lock(&pf->lock);
+	while (l->in_flight) {
+		if (timeout_ms < 0) {
+			pthread_cond_wait(&pf->done_cv, &pf->lock);
+		} else if (pthread_cond_timedwait(&pf->done_cv, &pf->lock, &ts) == ETIMEDOUT) {
+			pthread_mutex_unlock(&pf->lock);
+			return aeg_fail(AEG_ETIMEDOUT, "%s: still loading after %d ms", l->path, timeout_ms);
+		}
+	}
+	err = l->status;
+	if (err)
+		aeg_fail(err, "%s", l->detail);
+	pthread_mutex_unlock(&pf->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_load_wait_chunk(aeg_load_t *l, uint32_t index, int timeout_ms)
+{
+	struct aeg_prefetch *pf;
+	aeg_event_t *ev;
+	int err, state;
+
+	if (l == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_load_wait_chunk: NULL load");
+	if (index >= l->nchunks)
+		return aeg_fail(AEG_EINVAL, "chunk %u: the load has %u chunks", index, l->nchunks);
+	pf = l->pf;
+	pthread_mutex_lock(&pf->lock);
+	ev = l->rt[index].ev;
+	state = l->rt[index].state;
+	pthread_mutex_unlock(&pf->lock);
+	if (state == CH_RELEASED)
+		return aeg_fail(AEG_ENOENT, "chunk %u of %s was released", index, l->path);
+	err = aeg_event_wait(ev, timeout_ms);
+	if (err)
+		return err;
+	pthread_mutex_lock(&pf->lock);
+	state = l->rt[index].state;
+	if (state == CH_DONE) {
+		err = 0;
+	} else if (state == CH_RELEASED) {
+		err = aeg_fail(AEG_ENOENT, "chunk %u of %s was released", index, l->path);
+	} else {
+		err = l->in_flight ? l->stop_err : l->status;
+		if (err == 0 || err == AEG_EBUSY)
+			err = AEG_EIO;
+		aeg_fail(err, "chunk %u of %s not loaded: %s", index, l->path, l->detail);
+	}
+	pthread_mutex_unlock(&pf->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_load_progress(aeg_load_t *l, struct aeg_load_progress *p)
+{
+	if (l == NULL || p == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_load_progress: NULL argument");
+	pthread_mutex_lock(&l->pf->lock);
+	p->total_bytes = l->total_bytes;
+	p->done_bytes = l->done_bytes;
+	p->chunks = l->nchunks;
+	p->done_chunks = l->done_chunks;
+	p->feed = l->feed == AEG_FEED_MMAP && l->no_register ? AEG_FEED_READ : l->feed;
+	p->status = l->status;
+	p->start_ns = l->start_ns;
+	p->first_chunk_ns = l->first_ns;
+	p->end_ns = l->end_ns;
+	pthread_mutex_unlock(&l->pf->lock);
+	return 0;
+}
+
+AEG_EXPORT int aeg_load_cancel(aeg_load_t *l)
+{
+	char detail[128];
+
+	if (l == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_load_cancel: NULL load");
+	snprintf(detail, sizeof(detail), "load %" PRIu64 " cancelled", l->id);
+	pthread_mutex_lock(&l->pf->lock);
+	if (l->in_flight)
+		load_stop(l->pf, l, AEG_ECANCELED, detail);
+	pthread_mutex_unlock(&l->pf->lock);
+	return 0;
+}
+
+AEG_EXPORT void aeg_load_close(aeg_load_t *l)
+{
+	struct aeg_prefetch *pf;
+
+	if (l == NULL)
+		return;
+	pf = l->pf;
+	pthread_mutex_lock(&pf->lock);
+	l->closed = 1;
+	load_maybe_free(pf, l);
+	pthread_mutex_unlock(&pf->lock);
+}

@@ -1,0 +1,29 @@
+/* Prefetch engine internals shared with its tests and the CLI; never installed. */
+#ifndef AEGAEON_PREFETCH_INTERNAL_H
+#define AEGAEON_PREFETCH_INTERNAL_H
+
+#include <stdint.h>
+
+#include <aegaeon/prefetch.h>
+
+/*
+ * A hook a worker calls before it runs item @item (a piece of the file) of
+ * load @load_id. A non-zero return fails that item with that code, as a
+ * failing read or copy would: tests use it to stop a load at a known point
+ * (to change the file under it, cancel it, or inject a device failure).
+ * Runs on worker threads, without the engine lock.
+ */
+typedef int (*aeg_prefetch_hook_fn)(void *arg, uint64_t load_id, uint32_t item);
+void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *arg);
+
+/* aeg_prefetch_item_bytes - the size of the pieces @load is cut into. */
+uint64_t aeg_prefetch_item_bytes(const aeg_load_t *load);
+
+/*
+ * aeg_prefetch_slab_bytes_for - slab bytes certainly enough to load a file
+ * of @file_bytes in chunks of @chunk_bytes (block rounding included), for
+ * tools that make a slab just for one file.
+ */
+uint64_t aeg_prefetch_slab_bytes_for(uint64_t file_bytes, uint64_t chunk_bytes);
+
+#endif

@@ -1,0 +1,1048 @@
+/* Prefetch engine on the host backend: bytes, boundaries, tables, errors, cancel, cache, two processes. */
+#include "config.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <grp.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+
+#include "internal.h"
+#include "prefetch_internal.h"
+
+#define KiB (1ull << 10)
+#define MiB (1ull << 20)
+#define SLAB_BYTES (8 * MiB)
+#define BUF_BYTES (64 * KiB)
+#define POOL_BUFFERS 64
+#define CHUNK (256 * KiB)
+
+static const char *self_exe;
+
+struct fx {
+	aeg_device_t *dev;
+	aeg_slab_t *slab;
+	aeg_pool_t *pool;
+	aeg_prefetch_t *pf;
+	char dir[64];
+	struct aeg_slab_stats slab0;
+	struct aeg_pool_stats pool0;
+	int fds0;
+};
+
+static int count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	assert_non_null(d);
+	while ((e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+static struct fx *fx_new(uint64_t cache_bytes, int threads)
+{
+	struct fx *f = calloc(1, sizeof(*f));
+	struct aeg_prefetch_config cfg;
+
+	assert_non_null(f);
+	assert_int_equal(aeg_device_open(&f->dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(f->dev, 0, SLAB_BYTES, &f->slab), 0);
+	assert_int_equal(aeg_pool_create(f->dev, 0, BUF_BYTES, BUF_BYTES * POOL_BUFFERS, &f->pool), 0);
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = threads;
+	cfg.streams = 2;
+	cfg.piece_bytes = 64 * KiB;
+	cfg.ring_buffers = 8;
+	cfg.small_file_bytes = 0;
+	cfg.cache_bytes = cache_bytes;
+	assert_int_equal(aeg_prefetch_create(f->slab, f->pool, &cfg, &f->pf), 0);
+	snprintf(f->dir, sizeof(f->dir), "/tmp/aegaeon-pf-XXXXXX");
+	assert_non_null(mkdtemp(f->dir));
+	assert_int_equal(aeg_slab_stats(f->slab, &f->slab0), 0);
+	assert_int_equal(aeg_pool_stats(f->pool, &f->pool0), 0);
+	f->fds0 = count_fds();
+	return f;
+}
+
+/* Everything the engine took is back: slab blocks, pool buffers, events, fds. */
+static void assert_baseline(struct fx *f)
+{
+	struct aeg_slab_stats s;
+	struct aeg_pool_stats p;
+	struct aeg_prefetch_stats e;
+
+	assert_int_equal(aeg_slab_stats(f->slab, &s), 0);
+	assert_int_equal(aeg_pool_stats(f->pool, &p), 0);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &e), 0);
+	assert_int_equal(s.blocks, f->slab0.blocks);
+	assert_int_equal(s.used_bytes, f->slab0.used_bytes);
+	assert_int_equal(p.in_use, f->pool0.in_use + (uint32_t)(e.cache_bytes / BUF_BYTES));
+	assert_int_equal(e.chunks, 0);
+	assert_int_equal(e.events, 0);
+	assert_int_equal(e.blocks, 0);
+	assert_int_equal(e.loads_in_flight, 0);
+	assert_int_equal(e.ring_in_use, 0);
+	assert_int_equal(e.registered_pieces, 0);
+	assert_int_equal(count_fds(), f->fds0);
+}
+
+static void fx_free(struct fx *f)
+{
+	char cmd[128];
+	struct aeg_pool_stats p;
+
+	aeg_prefetch_destroy(f->pf);
+	assert_int_equal(aeg_pool_stats(f->pool, &p), 0);
+	assert_int_equal(p.in_use, f->pool0.in_use);
+	aeg_pool_destroy(f->pool);
+	aeg_slab_destroy(f->slab);
+	aeg_device_close(f->dev);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->dir);
+	assert_int_equal(system(cmd), 0);
+	free(f);
+}
+
+static unsigned char *pattern(uint64_t bytes, unsigned seed)
+{
+	unsigned char *p = malloc(bytes ? bytes : 1);
+	uint32_t x = seed * 2654435761u + 1;
+
+	assert_non_null(p);
+	for (uint64_t i = 0; i < bytes; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		p[i] = (unsigned char)x;
+	}
+	return p;
+}
+
+static void write_all(const char *path, const void *buf, uint64_t bytes)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, buf, bytes), (ssize_t)bytes);
+	assert_int_equal(close(fd), 0);
+}
+
+/* The file's bytes, all of them. */
+static unsigned char *raw_file(struct fx *f, const char *name, uint64_t bytes, unsigned seed,
+			       char *path, size_t len)
+{
+	unsigned char *p = pattern(bytes, seed);
+
+	snprintf(path, len, "%s/%s", f->dir, name);
+	write_all(path, p, bytes);
+	return p;
+}
+
+struct spec {
+	const char *name;
+	const char *dtype;
+	unsigned bits;
+	int ndim;
+	uint64_t shape[4];
+};
+
+static uint64_t spec_bytes(const struct spec *s)
+{
+	uint64_t n = 1;
+
+	for (int i = 0; i < s->ndim; i++)
+		n *= s->shape[i];
+	return n * s->bits / 8;
+}
+
+/*
+ * A safetensors file written here: header with @pad bytes of metadata, the
+ * tensors' data in @order (indexes into @specs) to get offsets that are not
+ * the order of the JSON keys. Returns the whole file's bytes.
+ */
+static unsigned char *st_file(struct fx *f, const char *name, const struct spec *specs, int n,
+			      size_t pad, char *path, size_t len, uint64_t *file_bytes)
+{
+	size_t cap = 4096 + pad + (size_t)n * 256, hl;
+	char *json = malloc(cap), *p;
+	uint64_t off = 0, data = 0, hlen;
+	unsigned char *file, *bytes;
+
+	assert_non_null(json);
+	for (int i = 0; i < n; i++)
+		data += spec_bytes(&specs[i]);
+	p = json;
+	p += sprintf(p, "{\"__metadata__\":{\"format\":\"pt\",\"pad\":\"");
+	memset(p, 'x', pad);
+	p += pad;
+	p += sprintf(p, "\"}");
+	/* Keys in reverse order of their data. */
+	for (int i = n - 1; i >= 0; i--) {
+		uint64_t o = 0;
+
+		for (int j = 0; j < i; j++)
+			o += spec_bytes(&specs[j]);
+		p += sprintf(p, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[", specs[i].name, specs[i].dtype);
+		for (int d = 0; d < specs[i].ndim; d++)
+			p += sprintf(p, "%s%" PRIu64, d ? "," : "", specs[i].shape[d]);
+		p += sprintf(p, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", o,
+			     o + spec_bytes(&specs[i]));
+	}
+	p += sprintf(p, "}");
+	hl = (size_t)(p - json);
+	while (hl % 8)
+		json[hl++] = ' ';      /* the reference writer pads with spaces */
+	hlen = hl;
+	*file_bytes = 8 + hlen + data;
+	file = malloc(*file_bytes);
+	assert_non_null(file);
+	for (int i = 0; i < 8; i++)
+		file[i] = (unsigned char)(hlen >> (8 * i));
+	memcpy(file + 8, json, hlen);
+	bytes = pattern(data, 7);
+	memcpy(file + 8 + hlen, bytes, data);
+	free(bytes);
+	free(json);
+	(void)off;
+	snprintf(path, len, "%s/%s", f->dir, name);
+	write_all(path, file, *file_bytes);
+	return file;
+}
+
+/* Copy each chunk back and compare with the file; check the chunks tile [from, size). */
+static void check_chunks(struct fx *f, aeg_load_t *l, const unsigned char *file, uint64_t from,
+			 uint64_t size)
+{
+	const struct aeg_chunk *c;
+	uint32_t n;
+	uint64_t pos = from;
+	void *base = aeg_slab_base(f->slab);
+
+	c = aeg_load_chunks(l, &n);
+	for (uint32_t i = 0; i < n; i++) {
+		unsigned char *back = malloc(c[i].size);
+
+		assert_non_null(back);
+		assert_int_equal(c[i].file_offset, pos);
+		assert_true(c[i].size > 0);
+		assert_ptr_equal((char *)base + c[i].slab_offset, c[i].device_ptr);
+		assert_int_equal(aeg_load_wait_chunk(l, i, 10000), 0);
+		assert_int_equal(aeg_event_wait_handle(f->dev, &c[i].event, 10000), 0);
+		assert_int_equal(aeg_memcpy(f->dev, back, c[i].device_ptr, c[i].size), 0);
+		if (memcmp(back, file + c[i].file_offset, c[i].size) != 0)
+			fail_msg("chunk %u (file offset %" PRIu64 ", %" PRIu64 " bytes) differs from the file",
+				 i, c[i].file_offset, c[i].size);
+		free(back);
+		pos += c[i].size;
+	}
+	assert_int_equal(pos, size);
+}
+
+static void check_one(struct fx *f, const struct aeg_chunk *c, const unsigned char *file)
+{
+	unsigned char *back = malloc(c->size);
+
+	assert_non_null(back);
+	assert_int_equal(aeg_memcpy(f->dev, back, c->device_ptr, c->size), 0);
+	assert_memory_equal(back, file + c->file_offset, c->size);
+	free(back);
+}
+
+static void release_load(struct fx *f, aeg_load_t *l)
+{
+	const struct aeg_chunk *c;
+	uint64_t *ids;
+	uint32_t n, k = 0;
+
+	c = aeg_load_chunks(l, &n);
+	ids = calloc(n + 1, sizeof(*ids));
+	assert_non_null(ids);
+	for (uint32_t i = 0; i < n; i++)
+		if (i == 0 || c[i].slab_id != c[i - 1].slab_id)
+			ids[k++] = c[i].slab_id;
+	assert_int_equal(aeg_prefetch_release(f->pf, ids, k), 0);
+	free(ids);
+	aeg_load_close(l);
+}
+
+static void raw_file_every_feed(void **state)
+{
+	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ, AEG_FEED_AUTO };
+	struct fx *f = fx_new(0, 4);
+	const uint64_t size = 2 * MiB + 12345;
+	char path[128];
+	unsigned char *file = raw_file(f, "model.bin", size, 1, path, sizeof(path));
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(feeds); i++) {
+		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = feeds[i] };
+		struct aeg_load_progress pr;
+		const struct aeg_chunk *c;
+		uint32_t n;
+		aeg_load_t *l;
+
+		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+		c = aeg_load_chunks(l, &n);
+		assert_int_equal(n, (size + CHUNK - 1) / CHUNK);
+		for (uint32_t k = 0; k + 1 < n; k++) {
+			assert_int_equal(c[k].size, CHUNK);
+			assert_true(c[k].slab_id != c[k + 1].slab_id);
+		}
+		assert_int_equal(c[n - 1].size, size - (uint64_t)(n - 1) * CHUNK);
+		assert_int_equal(aeg_load_wait(l, 10000), 0);
+		check_chunks(f, l, file, 0, size);
+		assert_int_equal(aeg_load_progress(l, &pr), 0);
+		assert_int_equal(pr.status, 0);
+		assert_int_equal(pr.done_bytes, size);
+		assert_int_equal(pr.done_chunks, n);
+		assert_true(pr.first_chunk_ns >= pr.start_ns && pr.end_ns >= pr.first_chunk_ns);
+		assert_int_equal(pr.feed, feeds[i] == AEG_FEED_AUTO ? AEG_FEED_MMAP : feeds[i]);
+		release_load(f, l);
+		assert_baseline(f);
+	}
+	free(file);
+	fx_free(f);
+}
+
+static void empty_file(void **state)
+{
+	struct fx *f = fx_new(0, 2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	char path[128];
+	unsigned char *file = raw_file(f, "empty.bin", 0, 1, path, sizeof(path));
+	uint32_t n;
+	aeg_load_t *l;
+
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	aeg_load_chunks(l, &n);
+	assert_int_equal(n, 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(aeg_load_wait_chunk(l, 0, 0), AEG_EINVAL);
+	aeg_load_close(l);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
+static const struct spec specs[] = {
+	{ "w.f32", "F32", 32, 2, { 3, 5 } },
+	{ "w.bf16", "BF16", 16, 1, { 1000 } },
+	{ "empty", "I64", 64, 2, { 0, 9 } },
+	{ "odd.u8", "U8", 8, 1, { 7 } },
+	{ "big.f16", "F16", 16, 2, { 300, 1001 } },     /* 600600 bytes: over 2 chunks */
+	{ "flag", "BOOL", 8, 0, { 0 } },
+	{ "fp8", "F8_E4M3", 8, 3, { 3, 3, 3 } },
+	{ "exact", "U8", 8, 1, { 262144 } },            /* exactly one chunk */
+	{ "tail.f64", "F64", 64, 1, { 1001 } },
+	{ "empty.end", "F32", 32, 1, { 0 } },
+};
+
+static void safetensors_table(void **state)
+{
+	struct fx *f = fx_new(0, 3);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = AEG_FEED_MMAP };
+	const int n = (int)AEG_ARRAY_SIZE(specs);
+	uint64_t size, data_off, hlen = 0;
+	char path[128];
+	unsigned char *file;
+	const struct aeg_tensor *t;
+	const struct aeg_chunk *c;
+	uint32_t nt, nc;
+	aeg_load_t *l;
+
+	/* A big header (~1 MiB of metadata) pushes the data past several pieces. */
+	file = st_file(f, "model.safetensors", specs, n, 1 << 20, path, sizeof(path), &size);
+	for (int i = 7; i >= 0; i--)
+		hlen = hlen << 8 | file[i];
+	data_off = 8 + hlen;
+
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, file, data_off, size);
+
+	t = aeg_load_tensors(l, &nt);
+	c = aeg_load_chunks(l, &nc);
+	assert_int_equal(nt, n);
+	for (int i = 0; i < n; i++) {
+		uint64_t bytes = spec_bytes(&specs[i]);
+		unsigned char *back;
+
+		/* Sorted by offset, which is spec order here. */
+		assert_string_equal(t[i].name, specs[i].name);
+		assert_string_equal(t[i].dtype, specs[i].dtype);
+		assert_int_equal(t[i].ndim, specs[i].ndim);
+		for (int d = 0; d < specs[i].ndim; d++)
+			assert_int_equal(t[i].shape[d], specs[i].shape[d]);
+		assert_int_equal(t[i].size, bytes);
+		assert_true(t[i].first_chunk < nc);
+		if (bytes == 0)
+			continue;
+		assert_non_null(t[i].device_ptr);
+		back = malloc(bytes);
+		assert_int_equal(aeg_memcpy(f->dev, back, t[i].device_ptr, bytes), 0);
+		assert_memory_equal(back, file + t[i].file_offset, bytes);
+		free(back);
+		/* A tensor that fits a chunk is never cut; a bigger one keeps one block. */
+		if (bytes <= CHUNK) {
+			const struct aeg_chunk *h = &c[t[i].first_chunk];
+
+			assert_true(t[i].file_offset >= h->file_offset &&
+				    t[i].file_offset + bytes <= h->file_offset + h->size);
+		} else {
+			uint32_t k = t[i].first_chunk, parts = 0;
+
+			assert_int_equal(c[k].file_offset, t[i].file_offset);
+			for (; k < nc && c[k].file_offset < t[i].file_offset + bytes; k++, parts++) {
+				assert_int_equal(c[k].slab_id, c[t[i].first_chunk].slab_id);
+				assert_true(c[k].size <= CHUNK);
+			}
+			assert_int_equal(parts, (bytes + CHUNK - 1) / CHUNK);
+			assert_int_equal(c[k - 1].file_offset + c[k - 1].size, t[i].file_offset + bytes);
+		}
+	}
+	release_load(f, l);
+	assert_baseline(f);
+
+	/* The same file asked as raw is chunked from byte 0, header included. */
+	o.format = AEG_FORMAT_RAW;
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	aeg_load_tensors(l, &nt);
+	assert_int_equal(nt, 0);
+	check_chunks(f, l, file, 0, size);
+	release_load(f, l);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
+static void expect_error(struct fx *f, const char *path, const struct aeg_prefetch_options *o,
+			 int code, const char *detail)
+{
+	aeg_load_t *l = NULL;
+	int err = aeg_prefetch_file(f->pf, path, o, &l);
+
+	if (err != code || strstr(aeg_error_detail(), detail) == NULL)
+		fail_msg("%s: got %s \"%s\", want %s \"%s\"", path, aeg_errname(err),
+			 aeg_error_detail(), aeg_errname(code), detail);
+	assert_null(l);
+	assert_baseline(f);
+}
+
+static int unreadable_as_nobody(struct fx *f, const char *path)
+{
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	aeg_load_t *l = NULL;
+
+	if (setgroups(0, NULL) || setgid(65534) || setuid(65534))
+		return 10;
+	if (aeg_prefetch_file(f->pf, path, &o, &l) != AEG_EACCES)
+		return 11;
+	return strstr(aeg_error_detail(), "permission denied") && l == NULL ? 0 : 12;
+}
+
+static void open_and_option_errors(void **state)
+{
+	struct fx *f = fx_new(0, 2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	char path[128], sub[160], big[128], cut[128];
+	uint64_t size;
+	unsigned char *file = raw_file(f, "ok.bin", 100 * KiB, 3, path, sizeof(path));
+	unsigned char *huge = raw_file(f, "huge.bin", SLAB_BYTES + 1, 4, big, sizeof(big));
+	unsigned char *st = st_file(f, "cut.safetensors", specs, 2, 0, cut, sizeof(cut), &size);
+
+	snprintf(sub, sizeof(sub), "%s/missing.safetensors", f->dir);
+	expect_error(f, sub, &o, AEG_ENOENT, "no such file");
+	expect_error(f, f->dir, &o, AEG_EINVAL, "is a directory");
+	expect_error(f, "/dev/null", &o, AEG_EINVAL, "not a regular file");
+
+	o.chunk_bytes = 0;
+	expect_error(f, path, &o, AEG_EINVAL, "chunk size 0");
+	o.chunk_bytes = SLAB_BYTES + 4096;
+	expect_error(f, path, &o, AEG_EINVAL, "larger than the slab");
+	o.chunk_bytes = CHUNK;
+	o.feed = AEG_FEED_CACHE;
+	expect_error(f, path, &o, AEG_EINVAL, "feed 3");
+	o.feed = AEG_FEED_AUTO;
+
+	expect_error(f, big, &o, AEG_ENOSPC, "which has 8 MiB free of 8 MiB");
+
+	/* Shorter than its header says. */
+	assert_int_equal(truncate(cut, (off_t)size - 3), 0);
+	expect_error(f, cut, &o, AEG_EFORMAT, "shorter than its header says");
+	/* Not safetensors at all, but named so. */
+	write_all(cut, "\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", 24);
+	expect_error(f, cut, &o, AEG_EFORMAT, "not valid JSON");
+
+	if (geteuid() != 0) {
+		assert_int_equal(chmod(path, 0), 0);
+		expect_error(f, path, &o, AEG_EACCES, "permission denied");
+		assert_int_equal(chmod(path, 0600), 0);
+	} else {
+		/* Root reads anything: try as nobody, in a child. */
+		pid_t pid = fork();
+		int status;
+
+		assert_true(pid >= 0);
+		if (pid == 0)
+			_exit(unreadable_as_nobody(f, path));
+		assert_int_equal(waitpid(pid, &status, 0), pid);
+		assert_true(WIFEXITED(status));
+		assert_int_equal(WEXITSTATUS(status), 0);
+	}
+
+	/* A full slab: hold most of it, then ask for more than is left. */
+	{
+		struct aeg_block hold;
+
+		assert_int_equal(aeg_slab_alloc(f->slab, SLAB_BYTES - 64 * KiB, &hold), 0);
+		assert_int_equal(aeg_slab_stats(f->slab, &f->slab0), 0);
+		expect_error(f, path, &o, AEG_ENOSPC, "needs 100 KiB");
+		assert_non_null(strstr(aeg_error_detail(), "64 KiB free"));
+		assert_int_equal(aeg_slab_free(f->slab, hold.id), 0);
+		assert_int_equal(aeg_slab_stats(f->slab, &f->slab0), 0);
+	}
+	free(file);
+	free(huge);
+	free(st);
+	fx_free(f);
+}
+
+/* --------------------------------------------- hooks: stop a load midway */
+
+struct gatekeeper {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	uint32_t hold_item;     /* block the worker that reaches this item */
+	int holding;            /* a worker is blocked */
+	int release;
+	int fail_code;          /* return this at hold_item instead of blocking */
+	char touch[160];        /* rewrite this file at hold_item */
+};
+
+static int hook(void *arg, uint64_t load_id, uint32_t item)
+{
+	struct gatekeeper *g = arg;
+	int ret = 0;
+
+	if (item != g->hold_item)
+		return 0;
+	if (g->fail_code)
+		return g->fail_code;
+	if (g->touch[0]) {
+		/* Same size, new bytes, new mtime: a model rewritten in place. */
+		int fd = open(g->touch, O_WRONLY);
+		struct timespec ts[2] = { { 0, UTIME_NOW }, { 12345, 0 } };
+
+		if (fd < 0)
+			return AEG_EIO;
+		if (pwrite(fd, "XYZ", 3, 0) != 3 || futimens(fd, ts) != 0)
+			ret = AEG_EIO;
+		close(fd);
+		return ret;
+	}
+	pthread_mutex_lock(&g->lock);
+	g->holding = 1;
+	pthread_cond_broadcast(&g->cond);
+	while (!g->release)
+		pthread_cond_wait(&g->cond, &g->lock);
+	pthread_mutex_unlock(&g->lock);
+	return ret;
+}
+
+static void gk_init(struct gatekeeper *g, uint32_t item)
+{
+	memset(g, 0, sizeof(*g));
+	pthread_mutex_init(&g->lock, NULL);
+	pthread_cond_init(&g->cond, NULL);
+	g->hold_item = item;
+}
+
+static void gk_wait_holding(struct gatekeeper *g)
+{
+	pthread_mutex_lock(&g->lock);
+	while (!g->holding)
+		pthread_cond_wait(&g->cond, &g->lock);
+	pthread_mutex_unlock(&g->lock);
+}
+
+static void gk_release(struct gatekeeper *g)
+{
+	pthread_mutex_lock(&g->lock);
+	g->release = 1;
+	pthread_cond_broadcast(&g->cond);
+	pthread_mutex_unlock(&g->lock);
+}
+
+static void cancel_in_flight(void **state)
+{
+	struct fx *f = fx_new(0, 1);       /* one worker: item 0 blocked means nothing lands */
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = AEG_FEED_READ };
+	char path[128];
+	unsigned char *file = raw_file(f, "cancel.bin", 1 * MiB, 5, path, sizeof(path));
+	struct gatekeeper g;
+	const struct aeg_chunk *c;
+	uint32_t n;
+	aeg_load_t *l;
+
+	gk_init(&g, 0);
+	aeg_prefetch_set_hook(f->pf, hook, &g);
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	c = aeg_load_chunks(l, &n);
+	gk_wait_holding(&g);
+
+	/* Handed out before any byte landed, the events are pending, not complete. */
+	assert_int_equal(aeg_load_wait_chunk(l, 0, 50), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_event_wait_handle(f->dev, &c[n - 1].event, 50), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_load_wait(l, 20), AEG_ETIMEDOUT);
+	/* Chunks of a load in flight are not released under it. */
+	assert_int_equal(aeg_prefetch_release(f->pf, &c[0].slab_id, 1), AEG_EBUSY);
+	assert_non_null(strstr(aeg_error_detail(), "cancel it first"));
+
+	assert_int_equal(aeg_load_cancel(l), 0);
+	gk_release(&g);
+	assert_int_equal(aeg_load_wait(l, 10000), AEG_ECANCELED);
+	assert_non_null(strstr(aeg_error_detail(), "cancelled"));
+	for (uint32_t i = 0; i < n; i++) {
+		assert_int_equal(aeg_load_wait_chunk(l, i, 10000), AEG_ECANCELED);
+		assert_int_equal(aeg_event_wait_handle(f->dev, &c[i].event, 10000), AEG_ECANCELED);
+	}
+	aeg_prefetch_set_hook(f->pf, NULL, NULL);
+	release_load(f, l);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
+static void file_changes_during_load(void **state)
+{
+	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ };
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(feeds); i++) {
+		struct fx *f = fx_new(0, 2);
+		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = feeds[i] };
+		char path[128];
+		unsigned char *file = raw_file(f, "stale.bin", 1 * MiB, 6, path, sizeof(path));
+		const struct aeg_chunk *c;
+		struct gatekeeper g;
+		uint32_t n;
+		aeg_load_t *l;
+
+		gk_init(&g, 3);
+		snprintf(g.touch, sizeof(g.touch), "%s", path);
+		aeg_prefetch_set_hook(f->pf, hook, &g);
+		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+		assert_int_equal(aeg_load_wait(l, 10000), AEG_ESTALE);
+		assert_non_null(strstr(aeg_error_detail(), "changed while loading"));
+		/* Every chunk is suspect, those that landed before the change too. */
+		c = aeg_load_chunks(l, &n);
+		for (uint32_t k = 0; k < n; k++) {
+			assert_int_equal(aeg_load_wait_chunk(l, k, 10000), AEG_ESTALE);
+			assert_int_equal(aeg_event_wait_handle(f->dev, &c[k].event, 10000), AEG_ESTALE);
+		}
+		aeg_prefetch_set_hook(f->pf, NULL, NULL);
+		release_load(f, l);
+		assert_baseline(f);
+		free(file);
+		fx_free(f);
+	}
+}
+
+static void device_failure_midway(void **state)
+{
+	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ };
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(feeds); i++) {
+		struct fx *f = fx_new(0, 1);
+		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = feeds[i] };
+		char path[128];
+		unsigned char *file = raw_file(f, "fail.bin", 1 * MiB, 8, path, sizeof(path));
+		const struct aeg_chunk *c;
+		struct gatekeeper g;
+		uint32_t n;
+		aeg_load_t *l;
+
+		/* Item 6 of 16 (64 KiB pieces) is in chunk 1 of 4. */
+		gk_init(&g, 6);
+		g.fail_code = AEG_EDEVICE;
+		aeg_prefetch_set_hook(f->pf, hook, &g);
+		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+		assert_int_equal(aeg_load_wait(l, 10000), AEG_EDEVICE);
+		assert_non_null(strstr(aeg_error_detail(), "piece 6"));
+		c = aeg_load_chunks(l, &n);
+		assert_int_equal(n, 4);
+		/* One worker goes in order: chunk 0 landed, 1 and later never will. */
+		assert_int_equal(aeg_load_wait_chunk(l, 0, 10000), 0);
+		check_one(f, &c[0], file);
+		for (uint32_t k = 1; k < n; k++) {
+			assert_int_equal(aeg_load_wait_chunk(l, k, 10000), AEG_EDEVICE);
+			assert_int_equal(aeg_event_wait_handle(f->dev, &c[k].event, 10000), AEG_EDEVICE);
+		}
+		aeg_prefetch_set_hook(f->pf, NULL, NULL);
+		release_load(f, l);
+		assert_baseline(f);
+		free(file);
+		fx_free(f);
+	}
+}
+
+static void release_errors_and_all(void **state)
+{
+	struct fx *f = fx_new(0, 2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	char a[128], b[128];
+	unsigned char *fa = raw_file(f, "a.bin", 700 * KiB, 9, a, sizeof(a));
+	unsigned char *fb = raw_file(f, "b.bin", 300 * KiB, 10, b, sizeof(b));
+	const struct aeg_chunk *c;
+	uint64_t ids[2];
+	struct aeg_prefetch_stats st;
+	uint32_t n;
+	aeg_load_t *la, *lb;
+
+	assert_int_equal(aeg_prefetch_file(f->pf, a, &o, &la), 0);
+	assert_int_equal(aeg_prefetch_file(f->pf, b, &o, &lb), 0);
+	assert_int_equal(aeg_load_wait(la, 10000), 0);
+	assert_int_equal(aeg_load_wait(lb, 10000), 0);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.chunks, 3 + 2);
+	assert_int_equal(st.events, 5);
+	assert_int_equal(st.loads, 2);
+
+	/* An unknown id releases nothing, the good one included. */
+	c = aeg_load_chunks(la, &n);
+	ids[0] = c[0].slab_id;
+	ids[1] = 987654321;
+	assert_int_equal(aeg_prefetch_release(f->pf, ids, 2), AEG_ENOENT);
+	assert_non_null(strstr(aeg_error_detail(), "987654321"));
+	assert_int_equal(aeg_load_wait_chunk(la, 0, 0), 0);
+	/* Released chunks are gone; twice is an error. */
+	assert_int_equal(aeg_prefetch_release(f->pf, ids, 1), 0);
+	assert_int_equal(aeg_load_wait_chunk(la, 0, 0), AEG_ENOENT);
+	assert_int_equal(aeg_prefetch_release(f->pf, ids, 1), AEG_ENOENT);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.chunks, 4);
+
+	aeg_load_close(lb);
+	assert_int_equal(aeg_prefetch_release_all(f->pf), 0);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.loads, 1);     /* la: released but its handle is open */
+	aeg_load_close(la);
+	assert_baseline(f);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.loads, 0);
+	free(fa);
+	free(fb);
+	fx_free(f);
+}
+
+static void *release_later(void *arg)
+{
+	usleep(50 * 1000);
+	gk_release(arg);
+	return NULL;
+}
+
+static void release_all_cancels(void **state)
+{
+	struct fx *f = fx_new(0, 1);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	char path[128];
+	unsigned char *file = raw_file(f, "x.bin", 1 * MiB, 11, path, sizeof(path));
+	struct gatekeeper g;
+	aeg_load_t *l;
+	pthread_t t;
+
+	gk_init(&g, 2);
+	aeg_prefetch_set_hook(f->pf, hook, &g);
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	gk_wait_holding(&g);
+	/* release_all waits for the held worker: let it go a little later. */
+	assert_int_equal(pthread_create(&t, NULL, release_later, &g), 0);
+	assert_int_equal(aeg_prefetch_release_all(f->pf), 0);
+	pthread_join(t, NULL);
+	assert_int_equal(aeg_load_wait(l, 0), AEG_ECANCELED);
+	aeg_load_close(l);
+	aeg_prefetch_set_hook(f->pf, NULL, NULL);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
+static void host_cache(void **state)
+{
+	/* Budget: 40 buffers of 64 KiB = 2.5 MiB; files of 1.5 MiB and 1 MiB + 1. */
+	struct fx *f = fx_new(40 * BUF_BYTES, 2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	char a[128], b[128];
+	unsigned char *fa = raw_file(f, "a.bin", 1536 * KiB, 12, a, sizeof(a));
+	unsigned char *fb = raw_file(f, "b.bin", 1 * MiB + 1, 13, b, sizeof(b));
+	struct aeg_prefetch_stats st;
+	struct aeg_load_progress pr;
+	struct aeg_pool_stats ps;
+	struct timespec ts[2] = { { 0, UTIME_NOW }, { 1000, 0 } };
+	aeg_load_t *l;
+
+	/* Miss: read into cache buffers, kept after the load. */
+	assert_int_equal(aeg_prefetch_file(f->pf, a, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, fa, 0, 1536 * KiB);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_READ);
+	release_load(f, l);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.cache_misses, 1);
+	assert_int_equal(st.cache_hits, 0);
+	assert_int_equal(st.cache_entries, 1);
+	assert_int_equal(st.cache_bytes, 24 * BUF_BYTES);
+	assert_int_equal(aeg_pool_stats(f->pool, &ps), 0);
+	assert_int_equal(ps.in_use, 24);
+	assert_baseline(f);
+
+	/* Hit: pinned -> GPU only; the bytes still match. */
+	assert_int_equal(aeg_prefetch_file(f->pf, a, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_CACHE);
+	check_chunks(f, l, fa, 0, 1536 * KiB);
+	release_load(f, l);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.cache_hits, 1);
+
+	/* b does not fit beside a: a (least recently used) goes. */
+	assert_int_equal(aeg_prefetch_file(f->pf, b, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, fb, 0, 1 * MiB + 1);
+	release_load(f, l);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.cache_evictions, 1);
+	assert_int_equal(st.cache_entries, 1);
+	assert_int_equal(st.cache_bytes, 17 * BUF_BYTES);
+	assert_baseline(f);
+
+	/* b changed on disk (mtime): a miss, and the stale entry is dropped. */
+	assert_int_equal(utimensat(AT_FDCWD, b, ts, 0), 0);
+	assert_int_equal(aeg_prefetch_file(f->pf, b, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_READ);
+	release_load(f, l);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.cache_misses, 3);
+	assert_int_equal(st.cache_entries, 1);
+
+	/* NO_CACHE neither uses nor fills it. */
+	o.flags = AEG_PREFETCH_NO_CACHE;
+	assert_int_equal(aeg_prefetch_file(f->pf, b, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_not_equal(pr.feed, AEG_FEED_CACHE);
+	release_load(f, l);
+
+	assert_int_equal(aeg_prefetch_cache_drop(f->pf), 1);
+	assert_int_equal(aeg_pool_stats(f->pool, &ps), 0);
+	assert_int_equal(ps.in_use, f->pool0.in_use);
+	assert_baseline(f);
+	free(fa);
+	free(fb);
+	fx_free(f);
+}
+
+/* --------------------------------------------------- a second process */
+
+static int child(int argc, char **argv)
+{
+	/* argv: --child PATH SLAB_HANDLE then OFFSET:SIZE:FILE_OFFSET:EVENT per chunk */
+	aeg_device_t *dev;
+	aeg_handle_t h;
+	void *base;
+	unsigned char *file;
+	int fd, bad = 0;
+	struct stat st;
+
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) || aeg_handle_from_hex(argv[3], &h) ||
+	    aeg_mem_open_handle(dev, 0, &h, &base)) {
+		fprintf(stderr, "child: %s\n", aeg_error_detail());
+		return 2;
+	}
+	fd = open(argv[2], O_RDONLY);
+	if (fd < 0 || fstat(fd, &st))
+		return 3;
+	file = malloc((size_t)st.st_size);
+	if (read(fd, file, (size_t)st.st_size) != st.st_size)
+		return 4;
+	close(fd);
+	for (int i = 4; i < argc; i++) {
+		uint64_t off, size, foff;
+		char hex[AEG_HANDLE_HEX_LEN + 1];
+		unsigned char *back;
+
+		if (sscanf(argv[i], "%" SCNu64 ":%" SCNu64 ":%" SCNu64 ":%128s", &off, &size, &foff, hex) != 4 ||
+		    aeg_handle_from_hex(hex, &h))
+			return 5;
+		if (aeg_event_wait_handle(dev, &h, 20000)) {
+			fprintf(stderr, "child: chunk %d: %s\n", i - 4, aeg_error_detail());
+			return 6;
+		}
+		back = malloc(size);
+		if (aeg_memcpy(dev, back, (char *)base + off, size) || memcmp(back, file + foff, size))
+			bad++;
+		free(back);
+	}
+	free(file);
+	aeg_mem_close_handle(dev, base);
+	aeg_device_close(dev);
+	return bad ? 7 : 0;
+}
+
+static void second_process_reads(void **state)
+{
+	struct fx *f = fx_new(0, 1);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	char path[128], hex[AEG_HANDLE_HEX_LEN + 1];
+	unsigned char *file = raw_file(f, "ipc.bin", 1 * MiB + 777, 14, path, sizeof(path));
+	const struct aeg_chunk *c;
+	struct gatekeeper g;
+	aeg_handle_t sh;
+	char **args;
+	uint32_t n;
+	aeg_load_t *l;
+	pid_t pid;
+	int status;
+
+	gk_init(&g, 0);
+	aeg_prefetch_set_hook(f->pf, hook, &g);
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	c = aeg_load_chunks(l, &n);
+	assert_int_equal(aeg_slab_export(f->slab, &sh), 0);
+
+	args = calloc(n + 5, sizeof(*args));
+	args[0] = (char *)self_exe;
+	args[1] = "--child";
+	args[2] = path;
+	aeg_handle_to_hex(&sh, hex);
+	args[3] = strdup(hex);
+	for (uint32_t i = 0; i < n; i++) {
+		args[4 + i] = malloc(64 + AEG_HANDLE_HEX_LEN);
+		aeg_handle_to_hex(&c[i].event, hex);
+		sprintf(args[4 + i], "%" PRIu64 ":%" PRIu64 ":%" PRIu64 ":%s", c[i].slab_offset,
+			c[i].size, c[i].file_offset, hex);
+	}
+	/* The child starts waiting while nothing has landed yet. */
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		execv(self_exe, args);
+		_exit(127);
+	}
+	gk_wait_holding(&g);
+	usleep(100 * 1000);
+	gk_release(&g);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+
+	for (uint32_t i = 3; i < n + 4; i++)
+		free(args[i]);
+	free(args);
+	aeg_prefetch_set_hook(f->pf, NULL, NULL);
+	release_load(f, l);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
+static void priority_goes_first(void **state)
+{
+	struct fx *f = fx_new(0, 1);
+	struct aeg_prefetch_options lo = { .chunk_bytes = CHUNK, .feed = AEG_FEED_READ };
+	struct aeg_prefetch_options hi = lo;
+	char a[128], b[128];
+	unsigned char *fa = raw_file(f, "low.bin", 1 * MiB, 15, a, sizeof(a));
+	unsigned char *fb = raw_file(f, "high.bin", 1 * MiB, 16, b, sizeof(b));
+	struct aeg_load_progress pa, pb;
+	struct gatekeeper g;
+	aeg_load_t *la, *lb;
+
+	hi.priority = 5;
+	gk_init(&g, 0);
+	aeg_prefetch_set_hook(f->pf, hook, &g);
+	assert_int_equal(aeg_prefetch_file(f->pf, a, &lo, &la), 0);
+	gk_wait_holding(&g);            /* the one worker holds item 0 of the low load */
+	aeg_prefetch_set_hook(f->pf, NULL, NULL);
+	assert_int_equal(aeg_prefetch_file(f->pf, b, &hi, &lb), 0);
+	gk_release(&g);
+	assert_int_equal(aeg_load_wait(lb, 10000), 0);
+	assert_int_equal(aeg_load_wait(la, 10000), 0);
+	assert_int_equal(aeg_load_progress(la, &pa), 0);
+	assert_int_equal(aeg_load_progress(lb, &pb), 0);
+	/* The high-priority load, queued later, ended first. */
+	assert_true(pb.end_ns < pa.end_ns);
+	check_chunks(f, la, fa, 0, 1 * MiB);
+	check_chunks(f, lb, fb, 0, 1 * MiB);
+	release_load(f, la);
+	release_load(f, lb);
+	assert_baseline(f);
+	free(fa);
+	free(fb);
+	fx_free(f);
+}
+
+static void bad_config(void **state)
+{
+	struct fx *f = fx_new(0, 1);
+	struct aeg_prefetch_config cfg;
+	aeg_prefetch_t *pf = NULL;
+
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = 0;
+	assert_int_equal(aeg_prefetch_create(f->slab, f->pool, &cfg, &pf), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "threads 0"));
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.piece_bytes = 1000;
+	assert_int_equal(aeg_prefetch_create(f->slab, f->pool, &cfg, &pf), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "multiple of 4096"));
+	assert_null(pf);
+	fx_free(f);
+}
+
+int main(int argc, char **argv)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(raw_file_every_feed),
+		cmocka_unit_test(empty_file),
+		cmocka_unit_test(safetensors_table),
+		cmocka_unit_test(open_and_option_errors),
+		cmocka_unit_test(cancel_in_flight),
+		cmocka_unit_test(file_changes_during_load),
+		cmocka_unit_test(device_failure_midway),
+		cmocka_unit_test(release_errors_and_all),
+		cmocka_unit_test(release_all_cancels),
+		cmocka_unit_test(host_cache),
+		cmocka_unit_test(second_process_reads),
+		cmocka_unit_test(priority_goes_first),
+		cmocka_unit_test(bad_config),
+	};
+
+	/* Not argv[0]: a test harness may start us through a wrapper. */
+	self_exe = "/proc/self/exe";
+	if (argc > 3 && strcmp(argv[1], "--child") == 0)
+		return child(argc, argv);
+	return cmocka_run_group_tests_name("prefetch", tests, NULL, NULL);
+}
