@@ -12,6 +12,7 @@
 #include <aegaeon/slab.h>
 #include <aegaeon/pinned.h>
 #include <aegaeon/prefetch.h>
+#include <aegaeon/kv.h>
 
 #define AEGAEON_VERSION_MAJOR 0
 #define AEGAEON_VERSION_MINOR 1
