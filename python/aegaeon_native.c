@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define DEFAULT_CHUNK_BYTES (32ull << 20)      /* the seed's default */
 #define WAIT_SLICE_MS 100
@@ -301,27 +302,38 @@ int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value)
 	return rc;
 }
 
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds)
 {
-	double left = seconds;
+	double deadline = now_s() + seconds, left;
 	int err, slice;
 
 	for (;;) {
-		slice = seconds < 0 || left * 1000.0 > WAIT_SLICE_MS ? WAIT_SLICE_MS : (int)(left * 1000.0);
+		slice = WAIT_SLICE_MS;
+		if (seconds >= 0) {
+			left = deadline - now_s();
+			if (left * 1000.0 < WAIT_SLICE_MS)
+				slice = left > 0 ? (int)(left * 1000.0) : 0;
+		}
 		Py_BEGIN_ALLOW_THREADS
-		rt.waits++;
+		__atomic_add_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
 		err = fn(arg, slice);
-		rt.waits--;
+		__atomic_sub_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
 		Py_END_ALLOW_THREADS
 		if (err != AEG_ETIMEDOUT)
 			return err;
 		if (PyErr_CheckSignals() < 0)
 			return PYAEG_SIGNALLED;
-		if (seconds >= 0) {
-			left -= slice / 1000.0;
-			if (left <= 0)
-				return AEG_ETIMEDOUT;
-		}
+		/* A slice shorter than a millisecond was the last one. */
+		if (seconds >= 0 && (slice < WAIT_SLICE_MS || now_s() >= deadline))
+			return AEG_ETIMEDOUT;
 	}
 }
 
