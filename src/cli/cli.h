@@ -10,6 +10,7 @@
  */
 int cli_info(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_status(int argc, char **argv);        /* cli_status.c: inside a job, through the agent */
 
 /* Shared helpers (cli_common.c). */
 int cli_open_device(const char *name, aeg_device_t **dev);   /* NULL: config/env choice */

@@ -1,0 +1,255 @@
+/* aegaeond: the per-job node agent; parses its options and runs the library's agent. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/job.h>
+
+#include "agent.h"
+#include "internal.h"
+
+static const char usage_text[] =
+	"Usage: aegaeond --job JOBID --runtime-dir JOBDIR --gpus LIST --slab SPEC\n"
+	"                [--pinned SIZE[:BUFFER]] [--prefetch PATH[,PATH...]]\n"
+	"                [--device cuda|host] [--config FILE] [--foreground]\n"
+	"       aegaeond --help | --version\n"
+	"\n"
+	"The per-job aegaeon agent, started by the SPANK plugin as the job user.\n"
+	"\n"
+	"  --job JOBID          the Slurm job id (for logs)\n"
+	"  --runtime-dir JOBDIR the job's 0700 directory: agent.sock, agent.pid, ready/error\n"
+	"  --gpus LIST          GPU ordinals as this process sees them (\"0,1\"; \"none\")\n"
+	"  --slab SPEC          slab per GPU: a size (\"40GiB\") or a share of its memory (\"90%\")\n"
+	"  --pinned SIZE[:BUFFER]  pinned host pool (\"16GiB:32MiB\"); none when absent or 0\n"
+	"  --prefetch PATHS     absolute paths loaded into the first GPU's slab at start\n"
+	"  --device KIND        cuda or host (default: the config's device)\n"
+	"  --config FILE        site configuration (default $AEGAEON_CONFIG, else "
+	AEG_CONFIG_DEFAULT_PATH ")\n"
+	"  --foreground         log to stderr instead of syslog\n"
+	"  --help, --version\n";
+
+static int usage_error(const char *dir, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Bad options still leave an error record, so the plugin need not time out. */
+static int usage_error(const char *dir, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "aegaeond: %s\n%s", msg, usage_text);
+	if (dir && dir[0] == '/')
+		aeg_agent_write_error(dir, msg);
+	return 2;
+}
+
+static int parse_pinned(const char *text, uint64_t default_buffer, uint64_t *bytes, uint64_t *buffer)
+{
+	const char *colon = strchr(text, ':');
+	char size[64];
+
+	*buffer = default_buffer;
+	if (colon == NULL)
+		return aeg_size_parse(text, 0, bytes);
+	if ((size_t)(colon - text) >= sizeof(size))
+		return aeg_fail(AEG_EINVAL, "pinned size '%s' too long", text);
+	memcpy(size, text, (size_t)(colon - text));
+	size[colon - text] = '\0';
+	if (aeg_size_parse(size, 0, bytes) || aeg_size_parse(colon + 1, 0, buffer))
+		return AEG_EINVAL;
+	if (*bytes == 0)
+		return aeg_fail(AEG_EINVAL, "a pool of 0 bytes takes no buffer size");
+	return 0;
+}
+
+/* Split PATH[,PATH...] in place; every path absolute. */
+static int parse_prefetch(char *text, char ***paths, int *count)
+{
+	char **v = NULL;
+	int n = 0;
+
+	for (char *save = NULL, *p = strtok_r(text, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
+		char **nv;
+
+		if (p[0] != '/') {
+			free(v);
+			return aeg_fail(AEG_EINVAL, "prefetch path '%s' is not absolute", p);
+		}
+		nv = realloc(v, sizeof(*v) * (size_t)(n + 1));
+		if (nv == NULL) {
+			free(v);
+			return aeg_fail(AEG_ENOMEM, "out of memory");
+		}
+		v = nv;
+		v[n++] = p;
+	}
+	*paths = v;
+	*count = n;
+	return 0;
+}
+
+static int valid_job_id(const char *id)
+{
+	size_t n = strlen(id);
+
+	if (n == 0 || n >= AEG_AGENT_JOB_ID_MAX)
+		return 0;
+	return strspn(id, "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_.-+") == n;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option options[] = {
+		{ "job", required_argument, NULL, 'j' },
+		{ "runtime-dir", required_argument, NULL, 'r' },
+		{ "gpus", required_argument, NULL, 'g' },
+		{ "slab", required_argument, NULL, 's' },
+		{ "pinned", required_argument, NULL, 'p' },
+		{ "prefetch", required_argument, NULL, 'P' },
+		{ "device", required_argument, NULL, 'd' },
+		{ "config", required_argument, NULL, 'c' },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *job = NULL, *dir = NULL, *gpus = NULL, *slab = NULL, *pinned = NULL;
+	const char *device = NULL, *config = NULL;
+	char *prefetch = NULL;
+	struct aeg_agent_config *acfg;
+	struct aeg_config cfg;
+	int foreground = 0, opt, sfd, err, devnull, rc = 1;
+	sigset_t sigs;
+
+	umask(077);
+	/* The agent reads nothing from its caller's terminal. */
+	devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (devnull >= 0) {
+		dup2(devnull, STDIN_FILENO);
+		if (devnull != STDIN_FILENO)
+			close(devnull);
+	}
+
+	opterr = 0;
+	while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
+		switch (opt) {
+		case 'j': job = optarg; break;
+		case 'r': dir = optarg; break;
+		case 'g': gpus = optarg; break;
+		case 's': slab = optarg; break;
+		case 'p': pinned = optarg; break;
+		case 'P': prefetch = optarg; break;
+		case 'd': device = optarg; break;
+		case 'c': config = optarg; break;
+		case 'f': foreground = 1; break;
+		case 'h':
+			fputs(usage_text, stdout);
+			return 0;
+		case 'V':
+			printf("aegaeond %s\n", aeg_version());
+			return 0;
+		default:
+			/* Scan on for --runtime-dir, so even this error reaches the plugin. */
+			for (int i = optind; i < argc - 1 && dir == NULL; i++)
+				if (strcmp(argv[i], "--runtime-dir") == 0)
+					dir = argv[i + 1];
+			if (optopt)
+				return usage_error(dir, "option '--%s' needs a value or is unknown",
+						   argv[optind - 1] + 2);
+			return usage_error(dir, "unknown option '%s'", argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		return usage_error(dir, "unexpected argument '%s'", argv[optind]);
+	if (dir == NULL)
+		return usage_error(NULL, "--runtime-dir is required");
+	if (dir[0] != '/')
+		return usage_error(NULL, "--runtime-dir '%s' is not an absolute path", dir);
+	if (job == NULL)
+		return usage_error(dir, "--job is required");
+	if (!valid_job_id(job))
+		return usage_error(dir, "--job '%s': expected up to %d letters, digits, '_', '.', '-' or '+'",
+				   job, AEG_AGENT_JOB_ID_MAX - 1);
+
+	acfg = calloc(1, sizeof(*acfg));
+	if (acfg == NULL)
+		return 1;
+	snprintf(acfg->job_id, sizeof(acfg->job_id), "%s", job);
+	if (snprintf(acfg->runtime_dir, sizeof(acfg->runtime_dir), "%s", dir) >= (int)sizeof(acfg->runtime_dir)) {
+		rc = usage_error(NULL, "--runtime-dir is too long");
+		goto out;
+	}
+	err = aeg_config_load(&cfg, config);
+	if (err) {
+		rc = usage_error(dir, "%s", aeg_error_detail());
+		goto out;
+	}
+	if (getenv("AEGAEON_LOG") == NULL)
+		aeg_log_set_level(cfg.log_level);
+	if (!foreground)
+		aeg_log_to_syslog("aegaeond");
+
+	acfg->device = cfg.device;
+	if (device && aeg_device_kind_parse(device, &acfg->device)) {
+		rc = usage_error(dir, "--device: %s", aeg_error_detail());
+		goto out;
+	}
+	if (aeg_job_gpus_parse(gpus ? gpus : "", acfg->gpus, &acfg->gpu_count)) {
+		rc = usage_error(dir, "--gpus: %s", aeg_error_detail());
+		goto out;
+	}
+	if (acfg->gpu_count > 0 && slab == NULL) {
+		rc = usage_error(dir, "--slab is required with GPUs");
+		goto out;
+	}
+	if (slab && aeg_size_spec_parse(slab, &acfg->slab)) {
+		rc = usage_error(dir, "--slab: %s", aeg_error_detail());
+		goto out;
+	}
+	if (pinned && parse_pinned(pinned, cfg.pinned_buffer_bytes, &acfg->pinned_bytes,
+				   &acfg->pinned_buffer_bytes)) {
+		rc = usage_error(dir, "--pinned: %s", aeg_error_detail());
+		goto out;
+	}
+	if (prefetch && parse_prefetch(prefetch, &acfg->prefetch, &acfg->prefetch_count)) {
+		rc = usage_error(dir, "--prefetch: %s", aeg_error_detail());
+		goto out;
+	}
+	acfg->prefetch_chunk_bytes = cfg.prefetch_chunk_bytes;
+	acfg->prefetch_threads = cfg.prefetch_threads;
+
+	/* SIGTERM (the epilog) and SIGINT come through a signalfd to the agent's loop. */
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGHUP);
+	signal(SIGPIPE, SIG_IGN);
+	if (sigprocmask(SIG_BLOCK, &sigs, NULL) < 0 ||
+	    (sfd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+		aeg_error("signalfd: %s", strerror(errno));
+		aeg_agent_write_error(dir, "aegaeond: cannot take signals");
+		goto out;
+	}
+	err = aeg_agent_run(acfg, sfd);
+	if (err)
+		aeg_error("job %s: %s", job, aeg_error_detail());
+	close(sfd);
+	rc = err ? 1 : 0;
+out:
+	free(acfg->prefetch);
+	free(acfg);
+	return rc;
+}

@@ -1,0 +1,157 @@
+/* aegaeon-cli status: the job's slabs, pool and loads, as the node agent sees them. */
+#include "config.h"
+
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/attach.h>
+
+#include "cli.h"
+
+static const char *load_state(int status)
+{
+	if (status == 0)
+		return "loaded";
+	if (status == AEG_EBUSY)
+		return "loading";
+	return aeg_errname(status);
+}
+
+static int print_json(const struct aeg_job_info *info, const struct aeg_job_status *st)
+{
+	json_t *root, *slabs, *loads;
+	int rc;
+
+	root = json_pack("{s:s, s:I, s:s, s:I}", "job", info->job_id, "agent_pid", (json_int_t)info->agent_pid,
+			 "device", aeg_device_kind_name(info->device), "clients", (json_int_t)st->clients);
+	slabs = json_array();
+	loads = json_array();
+	if (root == NULL || slabs == NULL || loads == NULL)
+		goto oom;
+	for (int i = 0; i < st->slabs; i++) {
+		const struct aeg_job_slab_status *s = &st->slab[i];
+
+		json_array_append_new(slabs, json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:i, s:I}",
+			"gpu", s->agent_gpu, "total_bytes", (json_int_t)s->stats.total_bytes,
+			"used_bytes", (json_int_t)s->stats.used_bytes,
+			"free_bytes", (json_int_t)s->stats.free_bytes,
+			"largest_free_bytes", (json_int_t)s->stats.largest_free_bytes,
+			"high_water_bytes", (json_int_t)s->stats.high_water_bytes,
+			"blocks", (json_int_t)s->stats.blocks, "leases", (int)s->leases,
+			"lease_bytes", (json_int_t)s->lease_bytes));
+	}
+	json_object_set_new(root, "slabs", slabs);
+	if (st->has_pool)
+		json_object_set_new(root, "pool", json_pack("{s:I, s:I, s:i, s:i, s:i, s:i}",
+			"pool_bytes", (json_int_t)st->pool.pool_bytes,
+			"buffer_bytes", (json_int_t)st->pool.buffer_bytes,
+			"buffers", (int)st->pool.buffers, "in_use", (int)st->pool.in_use,
+			"high_water", (int)st->pool.high_water, "numa_node", st->pool.numa_node));
+	else
+		json_object_set_new(root, "pool", json_null());
+	for (uint32_t i = 0; i < st->loads; i++) {
+		const struct aeg_job_load_status *l = &st->load[i];
+
+		json_array_append_new(loads, json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:i}",
+			"load_id", (json_int_t)l->load_id, "path", l->path, "slab", l->slab,
+			"state", load_state(l->status), "file_bytes", (json_int_t)l->file_bytes,
+			"done_bytes", (json_int_t)l->done_bytes, "chunks", (int)l->chunks));
+	}
+	json_object_set_new(root, "loads", loads);
+	rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	putchar('\n');
+	json_decref(root);
+	return rc ? 1 : 0;
+oom:
+	json_decref(root);
+	json_decref(slabs);
+	json_decref(loads);
+	fprintf(stderr, "aegaeon-cli: status: out of memory\n");
+	return 1;
+}
+
+static void print_text(const struct aeg_job_info *info, const struct aeg_job_status *st)
+{
+	char a[32], b[32], c[32];
+
+	printf("job %s: agent pid %ld, %s device, %u client%s\n", info->job_id, info->agent_pid,
+	       aeg_device_kind_name(info->device), st->clients, st->clients == 1 ? "" : "s");
+	for (int i = 0; i < st->slabs; i++) {
+		const struct aeg_job_slab_status *s = &st->slab[i];
+
+		printf("slab %d (GPU %d): %s used of %s, largest free %s, %" PRIu64 " blocks, %u lease%s\n",
+		       i, s->agent_gpu, aeg_size_format(s->stats.used_bytes, a, sizeof(a)),
+		       aeg_size_format(s->stats.total_bytes, b, sizeof(b)),
+		       aeg_size_format(s->stats.largest_free_bytes, c, sizeof(c)), s->stats.blocks,
+		       s->leases, s->leases == 1 ? "" : "s");
+	}
+	if (st->has_pool)
+		printf("pinned pool: %s in %u buffers of %s, %u in use, NUMA node %d\n",
+		       aeg_size_format(st->pool.pool_bytes, a, sizeof(a)), st->pool.buffers,
+		       aeg_size_format(st->pool.buffer_bytes, b, sizeof(b)), st->pool.in_use,
+		       st->pool.numa_node);
+	else
+		printf("pinned pool: none\n");
+	for (uint32_t i = 0; i < st->loads; i++) {
+		const struct aeg_job_load_status *l = &st->load[i];
+
+		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunks\n", l->load_id, l->path,
+		       l->slab, load_state(l->status), aeg_size_format(l->done_bytes, a, sizeof(a)),
+		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks);
+	}
+}
+
+int cli_status(int argc, char **argv)
+{
+	static const struct option options[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct aeg_job_status *st;
+	struct aeg_job_info info;
+	aeg_job_t *job;
+	int json = 0, opt, err, rc;
+
+	optind = 1;
+	opterr = 0;
+	while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
+		switch (opt) {
+		case 'j':
+			json = 1;
+			break;
+		case 'h':
+			printf("Usage: aegaeon-cli status [--json]\n"
+			       "The job's slabs, pinned pool and loads, from the node's agent.\n");
+			return 0;
+		default:
+			return cli_usage_error("status", "unknown option '%s'", argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		return cli_usage_error("status", "unexpected argument '%s'", argv[optind]);
+	err = aeg_job_connect(&job);
+	if (err)
+		return cli_fail(err, "status");
+	err = aeg_job_get_info(job, &info);
+	if (!err)
+		err = aeg_job_status(job, &st);
+	if (err) {
+		aeg_job_detach(job);
+		return cli_fail(err, "status");
+	}
+	if (json) {
+		rc = print_json(&info, st);
+	} else {
+		print_text(&info, st);
+		rc = 0;
+	}
+	aeg_job_status_free(st);
+	aeg_job_detach(job);
+	return rc;
+}

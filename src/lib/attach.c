@@ -1,0 +1,678 @@
+/* A job step's side of the agent: connect, map the job's slabs and pool, lease, prefetch, status. */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/attach.h>
+
+#include "internal.h"
+#include "proto.h"
+
+#define REPLY_TIMEOUT_MS 120000         /* an agent that says nothing this long is stuck */
+
+struct job_lease {
+	struct job_lease *next;
+	aeg_slab_t *slab;
+	uint32_t index;
+	uint64_t lease_id;
+};
+
+struct aeg_job {
+	int fd;
+	aeg_device_t *dev;
+	struct proto_hello_rep hello;
+	struct aeg_job_slab_desc slabs[AEG_JOB_MAX_GPUS];
+	aeg_pool_t *pool;
+	pthread_mutex_t lock;           /* one request at a time; guards leases */
+	uint64_t next_id;
+	struct job_lease *leases;
+	unsigned char *frame;
+	union proto_msg *msg;
+	char socket[AEG_JOB_SOCKET_MAX];
+};
+
+/* Send @type with c->msg as payload, wait for its reply into job->msg. Lock held. */
+static int call(aeg_job_t *job, uint16_t type, int *recv_fd)
+{
+	struct proto_header h;
+	struct pollfd p = { .fd = job->fd, .events = POLLIN };
+	uint64_t id = ++job->next_id;
+	int err, rc;
+
+	err = proto_send(job->fd, type, 0, id, job->msg, -1, job->frame);
+	if (err) {
+		aeg_error_prefix("agent at %s", job->socket);
+		return err;
+	}
+	do
+		rc = poll(&p, 1, REPLY_TIMEOUT_MS);
+	while (rc < 0 && errno == EINTR);
+	if (rc == 0)
+		return aeg_fail(AEG_ETIMEDOUT, "the agent at %s did not answer a %s request in %d s",
+				job->socket, proto_type_name(type), REPLY_TIMEOUT_MS / 1000);
+	err = proto_recv(job->fd, &h, job->msg, recv_fd, job->frame);
+	if (err == AEG_ECANCELED)
+		return aeg_fail(AEG_EIO, "the agent at %s closed the connection (did the job end?)", job->socket);
+	if (err) {
+		aeg_error_prefix("agent at %s", job->socket);
+		return err;
+	}
+	if (!(h.flags & PROTO_F_REPLY) || h.id != id || (h.type != type && h.type != PROTO_ERROR)) {
+		if (recv_fd && *recv_fd >= 0)
+			close(*recv_fd);
+		return aeg_fail(AEG_EPROTO, "agent answered a %s request (id %" PRIu64 ") with %s (id %" PRIu64 ")",
+				proto_type_name(type), id, proto_type_name(h.type), h.id);
+	}
+	if (h.type == PROTO_ERROR)
+		return aeg_fail(job->msg->error.code, "%s", job->msg->error.detail);
+	return 0;
+}
+
+/* The local ordinal of the agent's slab @s: same PCI bus id, or same ordinal when none is known. */
+static int local_gpu(aeg_device_t *dev, const struct proto_slab *s)
+{
+	int count;
+
+	if (aeg_device_count(dev, &count))
+		return -1;
+	for (int g = 0; g < count; g++) {
+		struct aeg_gpu_info info;
+
+		if (aeg_device_gpu_info(dev, g, &info))
+			continue;
+		if (s->pci_bus_id[0] && strcasecmp(info.pci_bus_id, s->pci_bus_id) == 0)
+			return g;
+	}
+	if (s->pci_bus_id[0] == '\0' && s->gpu < count)
+		return s->gpu;
+	return -1;
+}
+
+/* Stale environment (a step of another job, a restarted agent) is refused, not used. */
+static int check_env(const aeg_job_t *job)
+{
+	const char *v = getenv("AEGAEON_SLABS");
+	char name[40];
+
+	if (v && (strtoul(v, NULL, 10) != job->hello.nslabs))
+		return aeg_fail(AEG_EPROTO, "AEGAEON_SLABS=%s but the agent at %s has %u slabs",
+				v, job->socket, job->hello.nslabs);
+	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
+		aeg_handle_t h;
+
+		snprintf(name, sizeof(name), "AEGAEON_SLAB%u_HANDLE", i);
+		v = getenv(name);
+		if (v == NULL)
+			continue;
+		if (aeg_handle_from_hex(v, &h) || memcmp(&h, &job->hello.slabs[i].handle, sizeof(h)))
+			return aeg_fail(AEG_EPROTO, "%s does not match slab %u of the agent at %s "
+					"(environment from another job?)", name, i, job->socket);
+	}
+	return 0;
+}
+
+static int connect_agent(aeg_job_t *job)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	const char *path = getenv("AEGAEON_SOCKET");
+
+	if (path == NULL || *path == '\0')
+		return aeg_fail(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set; "
+				"run under srun/sbatch with --aegaeon-slab or --aegaeon-pinned)");
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET=%s is longer than %zu bytes", path,
+				sizeof(sa.sun_path) - 1);
+	snprintf(job->socket, sizeof(job->socket), "%s", path);
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	job->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (job->fd < 0)
+		return aeg_fail(AEG_EIO, "socket: %s", strerror(errno));
+	if (connect(job->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+		return aeg_fail(e == EACCES || e == EPERM ? AEG_EACCES : AEG_EIO,
+				"connecting to the job's agent at %s: %s%s", path, strerror(e),
+				e == ECONNREFUSED || e == ENOENT ? " (the agent is not running)" : "");
+	}
+	return 0;
+}
+
+static int hello(aeg_job_t *job)
+{
+	struct proto_hello_req *q = &job->msg->hello_req;
+	int err;
+
+	memset(q, 0, sizeof(*q));
+	q->min_version = PROTO_VERSION_MIN;
+	q->max_version = PROTO_VERSION;
+	q->pid = (uint32_t)getpid();
+	snprintf(q->client, sizeof(q->client), "libaegaeon %s", aeg_version());
+	err = call(job, PROTO_HELLO, NULL);
+	if (err)
+		return err;
+	job->hello = job->msg->hello_rep;
+	return check_env(job);
+}
+
+static int map_memory(aeg_job_t *job)
+{
+	int fd = -1, err;
+
+	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
+		struct aeg_job_slab_desc *d = &job->slabs[i];
+
+		if (d->gpu < 0) {
+			aeg_debug("job slab %u (GPU %s) is not visible to this process", i, d->pci_bus_id);
+			continue;
+		}
+		err = aeg_mem_open_handle(job->dev, d->gpu, &job->hello.slabs[i].handle, &d->base);
+		if (err) {
+			d->base = NULL;
+			aeg_error_prefix("opening job slab %u (agent GPU %d)", i, d->agent_gpu);
+			return err;
+		}
+	}
+	if (job->hello.pool_bytes == 0)
+		return 0;
+	pthread_mutex_lock(&job->lock);
+	err = call(job, PROTO_POOL_FD, &fd);
+	pthread_mutex_unlock(&job->lock);
+	if (err)
+		return err;
+	if (fd < 0)
+		return aeg_fail(AEG_EPROTO, "the agent's pool reply carried no descriptor");
+	err = aeg_pool_attach(job->dev, fd, &job->pool);
+	close(fd);
+	if (err)
+		aeg_error_prefix("mapping the job's pinned pool");
+	return err;
+}
+
+static int open_job(aeg_job_t **jobp, int map)
+{
+	aeg_job_t *job;
+	int err;
+
+	if (jobp == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_attach: NULL argument");
+	*jobp = NULL;
+	job = calloc(1, sizeof(*job));
+	if (job == NULL)
+		return aeg_fail(AEG_ENOMEM, "job: out of memory");
+	job->fd = -1;
+	pthread_mutex_init(&job->lock, NULL);
+	job->frame = malloc(PROTO_MAX_FRAME);
+	job->msg = malloc(sizeof(*job->msg));
+	if (job->frame == NULL || job->msg == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "job: out of memory");
+		goto fail;
+	}
+	err = connect_agent(job);
+	if (err)
+		goto fail;
+	err = hello(job);
+	if (err)
+		goto fail;
+	err = aeg_device_open(&job->dev, (enum aeg_device_kind)job->hello.device);
+	if (err) {
+		aeg_error_prefix("the job's %s device", aeg_device_kind_name(job->hello.device));
+		goto fail;
+	}
+	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
+		struct aeg_job_slab_desc *d = &job->slabs[i];
+
+		d->agent_gpu = job->hello.slabs[i].gpu;
+		d->gpu = local_gpu(job->dev, &job->hello.slabs[i]);
+		memcpy(d->pci_bus_id, job->hello.slabs[i].pci_bus_id, sizeof(d->pci_bus_id));
+		d->bytes = job->hello.slabs[i].bytes;
+	}
+	if (map) {
+		err = map_memory(job);
+		if (err)
+			goto fail;
+	}
+	*jobp = job;
+	return 0;
+fail:
+	aeg_job_detach(job);
+	return err;
+}
+
+AEG_EXPORT int aeg_job_attach(aeg_job_t **job)
+{
+	return open_job(job, 1);
+}
+
+AEG_EXPORT int aeg_job_connect(aeg_job_t **job)
+{
+	return open_job(job, 0);
+}
+
+AEG_EXPORT void aeg_job_detach(aeg_job_t *job)
+{
+	if (job == NULL)
+		return;
+	while (job->leases) {
+		struct job_lease *l = job->leases;
+
+		job->leases = l->next;
+		aeg_slab_destroy(l->slab);
+		free(l);
+	}
+	if (job->pool)
+		aeg_pool_destroy(job->pool);
+	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
+		if (job->slabs[i].base)
+			aeg_mem_close_handle(job->dev, job->slabs[i].base);
+	/* Closing the connection ends its leases in the agent. */
+	if (job->fd >= 0)
+		close(job->fd);
+	if (job->dev)
+		aeg_device_close(job->dev);
+	pthread_mutex_destroy(&job->lock);
+	free(job->frame);
+	free(job->msg);
+	free(job);
+}
+
+AEG_EXPORT aeg_device_t *aeg_job_device(aeg_job_t *job)
+{
+	return job ? job->dev : NULL;
+}
+
+AEG_EXPORT int aeg_job_get_info(aeg_job_t *job, struct aeg_job_info *info)
+{
+	if (job == NULL || info == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_get_info: NULL argument");
+	memset(info, 0, sizeof(*info));
+	snprintf(info->job_id, sizeof(info->job_id), "%s", job->hello.job_id);
+	info->agent_pid = (long)job->hello.agent_pid;
+	info->device = (enum aeg_device_kind)job->hello.device;
+	info->slabs = (int)job->hello.nslabs;
+	info->pinned_bytes = job->hello.pool_bytes;
+	info->pinned_buffer = job->hello.pool_buffer;
+	return 0;
+}
+
+static int check_index(const aeg_job_t *job, int index)
+{
+	if (index < 0 || (uint32_t)index >= job->hello.nslabs)
+		return aeg_fail(AEG_ENODEV, "job slab %d does not exist: the job has %u", index, job->hello.nslabs);
+	return 0;
+}
+
+AEG_EXPORT int aeg_job_slab_describe(aeg_job_t *job, int index, struct aeg_job_slab_desc *desc)
+{
+	if (job == NULL || desc == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_slab_describe: NULL argument");
+	if (check_index(job, index))
+		return AEG_ENODEV;
+	*desc = job->slabs[index];
+	return 0;
+}
+
+AEG_EXPORT aeg_pool_t *aeg_job_pool(aeg_job_t *job)
+{
+	return job ? job->pool : NULL;
+}
+
+AEG_EXPORT int aeg_job_slab(aeg_job_t *job, int index, uint64_t bytes, aeg_slab_t **slab)
+{
+	struct aeg_job_slab_desc *d;
+	struct proto_lease_rep rep;
+	struct job_lease *l;
+	int err;
+
+	if (job == NULL || slab == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_slab: NULL argument");
+	if (check_index(job, index))
+		return AEG_ENODEV;
+	d = &job->slabs[index];
+	if (d->base == NULL)
+		return aeg_fail(AEG_ENODEV, "job slab %d (GPU %s, agent GPU %d) is not %s in this process",
+				index, d->pci_bus_id[0] ? d->pci_bus_id : "?", d->agent_gpu,
+				d->gpu < 0 ? "visible" : "mapped (aeg_job_connect)");
+	l = calloc(1, sizeof(*l));
+	if (l == NULL)
+		return aeg_fail(AEG_ENOMEM, "lease: out of memory");
+	pthread_mutex_lock(&job->lock);
+	job->msg->lease_req.slab = (uint32_t)index;
+	job->msg->lease_req.bytes = bytes;
+	err = call(job, PROTO_LEASE, NULL);
+	if (err)
+		goto out;
+	rep = job->msg->lease_rep;
+	if (rep.slab != (uint32_t)index || rep.offset > d->bytes || rep.bytes > d->bytes - rep.offset) {
+		err = aeg_fail(AEG_EPROTO, "agent leased %" PRIu64 " bytes at %" PRIu64 " of a %" PRIu64 "-byte slab",
+			       rep.bytes, rep.offset, d->bytes);
+		goto out;
+	}
+	err = aeg_slab_wrap(job->dev, d->gpu, (char *)d->base + rep.offset, rep.bytes, &l->slab);
+	if (err) {
+		/* Give the lease straight back; the connection keeps no orphan. */
+		job->msg->lease_free_req.slab = (uint32_t)index;
+		job->msg->lease_free_req.lease_id = rep.lease_id;
+		(void)call(job, PROTO_LEASE_FREE, NULL);
+		goto out;
+	}
+	l->index = (uint32_t)index;
+	l->lease_id = rep.lease_id;
+	l->next = job->leases;
+	job->leases = l;
+	*slab = l->slab;
+	l = NULL;
+out:
+	pthread_mutex_unlock(&job->lock);
+	free(l);
+	return err;
+}
+
+AEG_EXPORT int aeg_job_slab_return(aeg_job_t *job, aeg_slab_t *slab)
+{
+	struct job_lease *l = NULL;
+	int err;
+
+	if (job == NULL || slab == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_slab_return: NULL argument");
+	pthread_mutex_lock(&job->lock);
+	for (struct job_lease **pp = &job->leases; *pp; pp = &(*pp)->next) {
+		if ((*pp)->slab == slab) {
+			l = *pp;
+			*pp = l->next;
+			break;
+		}
+	}
+	if (l == NULL) {
+		pthread_mutex_unlock(&job->lock);
+		return aeg_fail(AEG_EINVAL, "slab %p did not come from aeg_job_slab on this job", (void *)slab);
+	}
+	aeg_slab_destroy(l->slab);
+	job->msg->lease_free_req.slab = l->index;
+	job->msg->lease_free_req.lease_id = l->lease_id;
+	err = call(job, PROTO_LEASE_FREE, NULL);
+	pthread_mutex_unlock(&job->lock);
+	free(l);
+	return err;
+}
+
+/* Gather every page of a chunk list; the first page is in job->msg. Lock held. */
+static int collect(aeg_job_t *job, struct aeg_job_load **out)
+{
+	struct proto_chunks_rep *rep = &job->msg->chunks_rep;
+	struct aeg_job_load *load;
+	const struct aeg_job_slab_desc *d;
+	uint64_t load_id = rep->load_id;
+	uint32_t total = rep->total;
+	int err = 0;
+
+	if (rep->slab >= job->hello.nslabs)
+		return aeg_fail(AEG_EPROTO, "agent sent chunks of slab %u; the job has %u", rep->slab,
+				job->hello.nslabs);
+	d = &job->slabs[rep->slab];
+	load = calloc(1, sizeof(*load));
+	if (load == NULL || (load->chunks = calloc(total ? total : 1, sizeof(*load->chunks))) == NULL) {
+		free(load);
+		return aeg_fail(AEG_ENOMEM, "chunk list of %u chunks: out of memory", total);
+	}
+	load->load_id = load_id;
+	load->slab = (int)rep->slab;
+	load->status = rep->status;
+	load->file_bytes = rep->file_bytes;
+	load->done_bytes = rep->done_bytes;
+	for (;;) {
+		if (rep->load_id != load_id || rep->first != load->count || rep->total != total) {
+			err = aeg_fail(AEG_EPROTO, "chunk list of load %" PRIu64 " changed while read (page %u of %u)",
+				       load_id, rep->first, rep->total);
+			break;
+		}
+		for (uint32_t i = 0; i < rep->count; i++) {
+			struct aeg_job_chunk *c = &load->chunks[load->count++];
+			const struct proto_chunk *pc = &rep->chunks[i];
+
+			if (pc->offset > d->bytes || pc->size > d->bytes - pc->offset) {
+				err = aeg_fail(AEG_EPROTO, "chunk at %" PRIu64 "+%" PRIu64 " outside a %" PRIu64 "-byte slab",
+					       pc->offset, pc->size, d->bytes);
+				goto out;
+			}
+			c->ptr = d->base ? (char *)d->base + pc->offset : NULL;
+			c->offset = pc->offset;
+			c->size = pc->size;
+			c->file_offset = pc->file_offset;
+			c->slab_id = pc->slab_id;
+			c->event = pc->event;
+		}
+		if (load->count == total)
+			break;
+		if (rep->count == 0) {
+			err = aeg_fail(AEG_EPROTO, "empty chunk page %u of %u", rep->first, total);
+			break;
+		}
+		memset(&job->msg->chunks_req, 0, sizeof(job->msg->chunks_req));
+		job->msg->chunks_req.load_id = load_id;
+		job->msg->chunks_req.slab = (uint32_t)load->slab;
+		job->msg->chunks_req.first = load->count;
+		err = call(job, PROTO_CHUNKS, NULL);
+		if (err)
+			break;
+	}
+out:
+	if (err) {
+		aeg_job_load_free(load);
+		return err;
+	}
+	*out = load;
+	return 0;
+}
+
+static int absolute(const char *path, char out[PROTO_PATH_MAX])
+{
+	char cwd[PATH_MAX];
+
+	if (path == NULL || *path == '\0')
+		return aeg_fail(AEG_EINVAL, "empty path");
+	if (path[0] == '/') {
+		if (strlen(path) >= PROTO_PATH_MAX)
+			return aeg_fail(AEG_EINVAL, "path of %zu bytes, at most %d", strlen(path), PROTO_PATH_MAX - 1);
+		strcpy(out, path);
+		return 0;
+	}
+	/* The agent's working directory is not ours. */
+	if (getcwd(cwd, sizeof(cwd)) == NULL)
+		return aeg_fail(AEG_EIO, "getcwd: %s", strerror(errno));
+	if (snprintf(out, PROTO_PATH_MAX, "%s/%s", cwd, path) >= PROTO_PATH_MAX)
+		return aeg_fail(AEG_EINVAL, "path %s/%s too long", cwd, path);
+	return 0;
+}
+
+AEG_EXPORT int aeg_job_prefetch(aeg_job_t *job, const char *path, int index, uint64_t chunk_bytes,
+				struct aeg_job_load **load)
+{
+	int err;
+
+	if (job == NULL || load == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_prefetch: NULL argument");
+	if (check_index(job, index))
+		return AEG_ENODEV;
+	pthread_mutex_lock(&job->lock);
+	memset(&job->msg->prefetch_req, 0, sizeof(job->msg->prefetch_req));
+	err = absolute(path, job->msg->prefetch_req.path);
+	if (err)
+		goto out;
+	job->msg->prefetch_req.slab = (uint32_t)index;
+	job->msg->prefetch_req.chunk_bytes = chunk_bytes;
+	err = call(job, PROTO_PREFETCH, NULL);
+	if (!err)
+		err = collect(job, load);
+out:
+	pthread_mutex_unlock(&job->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path, int index,
+			      struct aeg_job_load **load)
+{
+	int err = 0;
+
+	if (job == NULL || load == NULL || (load_id == 0 && path == NULL))
+		return aeg_fail(AEG_EINVAL, "aeg_job_chunks: a load id or a path is needed");
+	if (load_id == 0 && check_index(job, index))
+		return AEG_ENODEV;
+	pthread_mutex_lock(&job->lock);
+	memset(&job->msg->chunks_req, 0, sizeof(job->msg->chunks_req));
+	job->msg->chunks_req.load_id = load_id;
+	job->msg->chunks_req.slab = load_id ? 0 : (uint32_t)index;
+	if (load_id == 0)
+		err = absolute(path, job->msg->chunks_req.path);
+	if (!err)
+		err = call(job, PROTO_CHUNKS, NULL);
+	if (!err)
+		err = collect(job, load);
+	pthread_mutex_unlock(&job->lock);
+	return err;
+}
+
+AEG_EXPORT void aeg_job_load_free(struct aeg_job_load *load)
+{
+	if (load == NULL)
+		return;
+	free(load->chunks);
+	free(load);
+}
+
+AEG_EXPORT int aeg_job_release(aeg_job_t *job, int index, const uint64_t *ids, size_t count,
+			       uint32_t *released)
+{
+	int err;
+
+	if (job == NULL || (ids == NULL && count))
+		return aeg_fail(AEG_EINVAL, "aeg_job_release: NULL argument");
+	if (count == 0 || count > PROTO_RELEASE_MAX)
+		return aeg_fail(AEG_EINVAL, "release of %zu ids: 1 to %d at a time", count, PROTO_RELEASE_MAX);
+	if (check_index(job, index))
+		return AEG_ENODEV;
+	pthread_mutex_lock(&job->lock);
+	job->msg->release_req.flags = 0;
+	job->msg->release_req.count = (uint32_t)count;
+	for (size_t i = 0; i < count; i++) {
+		job->msg->release_req.ids[i].slab = (uint32_t)index;
+		job->msg->release_req.ids[i].slab_id = ids[i];
+	}
+	err = call(job, PROTO_RELEASE, NULL);
+	if (!err && released)
+		*released = job->msg->release_rep.released;
+	pthread_mutex_unlock(&job->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_job_release_all(aeg_job_t *job, uint32_t *released)
+{
+	int err;
+
+	if (job == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_release_all: NULL argument");
+	pthread_mutex_lock(&job->lock);
+	job->msg->release_req.flags = PROTO_RELEASE_ALL;
+	job->msg->release_req.count = 0;
+	err = call(job, PROTO_RELEASE, NULL);
+	if (!err && released)
+		*released = job->msg->release_rep.released;
+	pthread_mutex_unlock(&job->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_job_status(aeg_job_t *job, struct aeg_job_status **out)
+{
+	struct proto_status_rep *rep = &job->msg->status_rep;
+	struct aeg_job_status *st;
+	uint32_t got = 0;
+	int err;
+
+	if (job == NULL || out == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_status: NULL argument");
+	st = calloc(1, sizeof(*st));
+	if (st == NULL)
+		return aeg_fail(AEG_ENOMEM, "status: out of memory");
+	pthread_mutex_lock(&job->lock);
+	for (;;) {
+		job->msg->status_req.first_load = got;
+		err = call(job, PROTO_STATUS, NULL);
+		if (err)
+			break;
+		if (got == 0) {
+			st->slabs = (int)rep->nslabs;
+			for (uint32_t i = 0; i < rep->nslabs; i++) {
+				st->slab[i].agent_gpu = rep->slabs[i].gpu;
+				st->slab[i].stats = rep->slabs[i].stats;
+				st->slab[i].leases = rep->slabs[i].leases;
+				st->slab[i].lease_bytes = rep->slabs[i].lease_bytes;
+			}
+			st->has_pool = rep->has_pool;
+			st->pool = rep->pool;
+			st->clients = rep->clients;
+			st->loads = rep->loads_total;
+			st->load = calloc(st->loads ? st->loads : 1, sizeof(*st->load));
+			if (st->load == NULL) {
+				err = aeg_fail(AEG_ENOMEM, "status of %u loads: out of memory", st->loads);
+				break;
+			}
+		}
+		/* Loads that came or went between pages end the list where it is. */
+		if (rep->first != got || rep->loads_total != st->loads) {
+			st->loads = got;
+			break;
+		}
+		for (uint32_t i = 0; i < rep->count; i++) {
+			struct aeg_job_load_status *l = &st->load[got++];
+
+			l->load_id = rep->loads[i].load_id;
+			l->slab = (int)rep->loads[i].slab;
+			l->status = rep->loads[i].status;
+			l->file_bytes = rep->loads[i].file_bytes;
+			l->done_bytes = rep->loads[i].done_bytes;
+			l->chunks = rep->loads[i].chunks;
+			snprintf(l->path, sizeof(l->path), "%s", rep->loads[i].path);
+		}
+		if (got >= st->loads || rep->count == 0) {
+			st->loads = got;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&job->lock);
+	if (err) {
+		aeg_job_status_free(st);
+		return err;
+	}
+	*out = st;
+	return 0;
+}
+
+AEG_EXPORT void aeg_job_status_free(struct aeg_job_status *status)
+{
+	if (status == NULL)
+		return;
+	free(status->load);
+	free(status);
+}
+
+AEG_EXPORT int aeg_job_shutdown(aeg_job_t *job)
+{
+	int err;
+
+	if (job == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_shutdown: NULL argument");
+	pthread_mutex_lock(&job->lock);
+	err = call(job, PROTO_SHUTDOWN, NULL);
+	pthread_mutex_unlock(&job->lock);
+	return err;
+}

@@ -1,0 +1,261 @@
+/* The agent protocol: versioned, length-prefixed, bounds-checked frames over a Unix stream socket. */
+#ifndef AEGAEON_PROTO_H
+#define AEGAEON_PROTO_H
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <aegaeon/device.h>
+#include <aegaeon/job.h>
+#include <aegaeon/pinned.h>
+#include <aegaeon/slab.h>
+#include <aegaeon/topo.h>
+
+/*
+ * A frame is a 24-byte header, every field little-endian:
+ *   u32 magic "AEGP", u16 version, u16 type, u32 flags, u32 length, u64 id
+ * then @length bytes of payload. A reply carries PROTO_F_REPLY, the
+ * request's type and id, or the type PROTO_ERROR. The first request of a
+ * connection must be PROTO_HELLO; hello frames are always of version 1, so
+ * peers of any version can negotiate. Anything else that does not parse
+ * (unknown type or flag, other version, oversize length, truncated or
+ * trailing bytes, values out of range) is AEG_EPROTO and ends the connection.
+ */
+#define PROTO_MAGIC 0x50474541u         /* "AEGP" read as little-endian */
+#define PROTO_VERSION 1
+#define PROTO_VERSION_MIN 1
+#define PROTO_HEADER_BYTES 24
+#define PROTO_MAX_FRAME 65536
+#define PROTO_MAX_PAYLOAD (PROTO_MAX_FRAME - PROTO_HEADER_BYTES)
+#define PROTO_FRAME_TIMEOUT_MS 10000    /* for the rest of a frame once its first byte came */
+
+#define PROTO_F_REPLY 0x1u
+#define PROTO_F_KNOWN PROTO_F_REPLY
+
+enum proto_type {
+	PROTO_ERROR = 1,        /* reply only */
+	PROTO_HELLO,
+	PROTO_LEASE,
+	PROTO_LEASE_FREE,
+	PROTO_POOL_FD,          /* the reply carries the pool's memfd (SCM_RIGHTS) */
+	PROTO_PREFETCH,
+	PROTO_CHUNKS,
+	PROTO_RELEASE,
+	PROTO_STATUS,
+	PROTO_SHUTDOWN,
+	PROTO_TYPE_END
+};
+
+#define PROTO_DETAIL_MAX 1024           /* error detail, NUL included */
+#define PROTO_NAME_MAX 64               /* client name, job id */
+#define PROTO_PATH_MAX 4096             /* a path, NUL included */
+#define PROTO_CHUNKS_PER_PAGE 256
+#define PROTO_RELEASE_MAX 4096
+#define PROTO_LOADS_PER_PAGE 8
+
+struct proto_header {
+	uint32_t magic;
+	uint16_t version;
+	uint16_t type;
+	uint32_t flags;
+	uint32_t length;
+	uint64_t id;
+};
+
+struct proto_error {
+	int32_t code;                   /* an AEG_E* code, < 0 */
+	char detail[PROTO_DETAIL_MAX];
+};
+
+struct proto_hello_req {
+	uint16_t min_version, max_version;
+	uint32_t pid;
+	char client[PROTO_NAME_MAX];    /* "aegaeon-cli", "python", ... for the log */
+};
+
+struct proto_slab {
+	int32_t gpu;                    /* ordinal as the agent sees it */
+	char pci_bus_id[AEG_PCI_BUS_ID_LEN];
+	uint64_t bytes;
+	aeg_handle_t handle;
+};
+
+struct proto_hello_rep {
+	uint16_t version;               /* the one both sides speak from now on */
+	uint32_t agent_pid;
+	uint8_t device;                 /* enum aeg_device_kind */
+	char job_id[PROTO_NAME_MAX];
+	uint32_t nslabs;
+	struct proto_slab slabs[AEG_JOB_MAX_GPUS];
+	uint64_t pool_bytes, pool_buffer;       /* 0 when the job has no pool */
+};
+
+/* bytes 0 asks for the largest free range of the slab. */
+struct proto_lease_req {
+	uint32_t slab;                  /* index into hello's slabs */
+	uint64_t bytes;
+};
+
+struct proto_lease_rep {
+	uint32_t slab;
+	uint64_t offset, bytes, lease_id;
+};
+
+struct proto_lease_free_req {
+	uint32_t slab;
+	uint64_t lease_id;
+};
+
+struct proto_pool_rep {
+	uint64_t pool_bytes, buffer_bytes;
+};
+
+/* chunk_bytes 0 takes the agent's default. @path must be absolute. */
+struct proto_prefetch_req {
+	uint32_t slab;
+	uint64_t chunk_bytes;
+	char path[PROTO_PATH_MAX];
+};
+
+/* By load id when load_id != 0, else the newest load of @path into @slab. */
+struct proto_chunks_req {
+	uint64_t load_id;
+	uint32_t slab;
+	uint32_t first;                 /* first chunk of the page asked for */
+	char path[PROTO_PATH_MAX];
+};
+
+struct proto_chunk {
+	uint64_t offset;                /* from the slab's base */
+	uint64_t size;
+	uint64_t file_offset;
+	uint64_t slab_id;               /* the block's id in its slab */
+	aeg_handle_t event;             /* complete once the chunk's bytes are there */
+};
+
+/* Reply to PROTO_PREFETCH (first page) and PROTO_CHUNKS. */
+struct proto_chunks_rep {
+	uint64_t load_id;
+	uint32_t slab;
+	int32_t status;                 /* 0 loaded, AEG_EBUSY loading, or the load's error */
+	uint64_t file_bytes, done_bytes;
+	uint32_t total, first, count;
+	struct proto_chunk chunks[PROTO_CHUNKS_PER_PAGE];
+};
+
+#define PROTO_RELEASE_ALL 0x1u
+
+struct proto_release_id {
+	uint32_t slab;
+	uint64_t slab_id;
+};
+
+struct proto_release_req {
+	uint32_t flags;                 /* PROTO_RELEASE_ALL: everything, with count 0 */
+	uint32_t count;
+	struct proto_release_id ids[PROTO_RELEASE_MAX];
+};
+
+struct proto_release_rep {
+	uint32_t released;              /* chunks freed */
+};
+
+struct proto_status_req {
+	uint32_t first_load;
+};
+
+struct proto_slab_status {
+	int32_t gpu;
+	struct aeg_slab_stats stats;
+	uint32_t leases;
+	uint64_t lease_bytes;
+};
+
+struct proto_load {
+	uint64_t load_id;
+	uint32_t slab;
+	int32_t status;
+	uint64_t file_bytes, done_bytes;
+	uint32_t chunks;
+	char path[PROTO_PATH_MAX];
+};
+
+struct proto_status_rep {
+	uint32_t nslabs;
+	struct proto_slab_status slabs[AEG_JOB_MAX_GPUS];
+	uint8_t has_pool;
+	struct aeg_pool_stats pool;
+	uint32_t clients;
+	uint32_t loads_total, first, count;
+	struct proto_load loads[PROTO_LOADS_PER_PAGE];
+};
+
+/* Every message; requests and replies with empty payloads have no member. */
+union proto_msg {
+	struct proto_error error;
+	struct proto_hello_req hello_req;
+	struct proto_hello_rep hello_rep;
+	struct proto_lease_req lease_req;
+	struct proto_lease_rep lease_rep;
+	struct proto_lease_free_req lease_free_req;
+	struct proto_pool_rep pool_rep;
+	struct proto_prefetch_req prefetch_req;
+	struct proto_chunks_req chunks_req;
+	struct proto_chunks_rep chunks_rep;
+	struct proto_release_req release_req;
+	struct proto_release_rep release_rep;
+	struct proto_status_req status_req;
+	struct proto_status_rep status_rep;
+};
+
+/* proto_type_name - "hello", "lease", ...; "unknown" otherwise. */
+const char *proto_type_name(unsigned type);
+
+/*
+ * proto_header_encode / proto_header_decode - the 24 header bytes. Decoding
+ * checks magic, version (PROTO_VERSION, and 1 for hello), type, flags and
+ * length <= PROTO_MAX_PAYLOAD; AEG_EPROTO with the reason otherwise.
+ */
+void proto_header_encode(const struct proto_header *h, unsigned char out[PROTO_HEADER_BYTES]);
+int proto_header_decode(const unsigned char in[PROTO_HEADER_BYTES], struct proto_header *h);
+
+/*
+ * proto_encode - a whole frame (header and payload) of message @msg of
+ * @type (a reply when @flags has PROTO_F_REPLY) into @frame (of
+ * PROTO_MAX_FRAME bytes); @msg may be NULL for empty messages.
+ * AEG_EINVAL for a message that breaks its limits.
+ */
+int proto_encode(uint16_t type, uint32_t flags, uint64_t id, const union proto_msg *msg,
+		 unsigned char *frame, size_t *frame_len);
+
+/*
+ * proto_decode - the payload of a frame whose header @h was decoded:
+ * exactly @h->length bytes at @payload, every field checked. AEG_EPROTO
+ * (detail: which message, what is wrong).
+ */
+int proto_decode(const struct proto_header *h, const unsigned char *payload, union proto_msg *msg);
+
+/*
+ * proto_send - encode and send one frame on @fd, with @pass_fd (>= 0) as
+ * SCM_RIGHTS. Never raises SIGPIPE. AEG_EIO when the peer is gone.
+ */
+int proto_send(int fd, uint16_t type, uint32_t flags, uint64_t id, const union proto_msg *msg,
+	       int pass_fd, unsigned char *frame);
+
+/*
+ * proto_recv - receive one frame into @frame (PROTO_MAX_FRAME bytes) and
+ * decode it into @h and @msg. Waits without limit for the first byte, then
+ * at most proto_frame_timeout_ms for the rest (a stalled peer cannot hold
+ * the reader). A descriptor passed along goes to @recv_fd when it is not
+ * NULL (else, or with more than one, the frame is AEG_EPROTO); -1 when none.
+ * Returns 0, AEG_ECANCELED on a clean end of stream before a frame,
+ * AEG_EPROTO (bad or truncated frame), AEG_ETIMEDOUT, AEG_EIO.
+ */
+/* The limit proto_recv applies, PROTO_FRAME_TIMEOUT_MS unless a test lowers it. */
+extern int proto_frame_timeout_ms;
+
+int proto_recv(int fd, struct proto_header *h, union proto_msg *msg, int *recv_fd,
+	       unsigned char *frame);
+
+#endif
