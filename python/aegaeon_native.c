@@ -1,6 +1,12 @@
 /* The aegaeon_native module: runtime (device, prefetch engines, events), errors and module functions. */
 #include "py_internal.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "safetensors.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -36,6 +42,11 @@ struct mod_event {
 	aeg_handle_t handle;
 };
 
+struct idlist {
+	uint64_t *ids;
+	size_t n, cap;
+};
+
 /*
  * One runtime per process. Its lock is only ever taken with the GIL released
  * (pyaeg_lock), so a thread holding it may release and retake the GIL
@@ -59,7 +70,10 @@ static struct {
 	int prefetch_threads;           /* configure(prefetch_threads=...); 0: the config's */
 	int waits;                      /* waits running with the GIL released */
 	int atexit_set;
-} rt = { .lock = PTHREAD_MUTEX_INITIALIZER };
+	int attach;                     /* configure(attach=): -1 auto ($AEGAEON_SOCKET), 0, 1 */
+	aeg_job_t *job;                 /* attached to the job's agent */
+	struct idlist job_ids[AEG_JOB_MAX_GPUS];   /* chunks this process prefetched, per job slab */
+} rt = { .lock = PTHREAD_MUTEX_INITIALIZER, .attach = -1 };
 
 PyObject *pyaeg_error_type;
 static PyObject *timeout_error_type;
@@ -368,7 +382,9 @@ static void res_destroy(struct pyaeg_res *res)
 		aeg_kv_destroy(res->kv);
 	if (res->stream != NULL)
 		aeg_stream_destroy(res->stream);
-	if (res->slab != NULL)
+	if (res->slab != NULL && res->job_lease && rt.job != NULL)
+		aeg_job_slab_return(rt.job, res->slab);
+	else if (res->slab != NULL)
 		aeg_slab_destroy(res->slab);
 	if (res->pool != NULL)
 		aeg_pool_destroy(res->pool);
@@ -433,22 +449,6 @@ static int choose_kind_locked(enum aeg_device_kind *kind)
 	return 0;
 }
 
-/*
- * Inside a Slurm job the agent owns the GPUs' slabs and pool; this build
- * of the module has no job attach yet, so say so instead of quietly working
- * beside the agent's reservations.
- */
-static void note_job_locked(void)
-{
-	static int noted;
-	const char *sock = getenv("AEGAEON_SOCKET");
-
-	if (sock != NULL && sock[0] != '\0' && !noted) {
-		noted = 1;
-		aeg_log(AEG_LOG_WARN, "aegaeon_native: AEGAEON_SOCKET is set but this build cannot attach to the job's agent; using in-process slabs and pool");
-	}
-}
-
 static void atexit_teardown(void);
 
 /* Anything that still uses the device: objects, views, events, waits. */
@@ -466,6 +466,8 @@ static int open_device_locked(void)
 	enum aeg_device_kind kind;
 	struct aeg_config cfg;
 	aeg_device_t *dev = NULL;
+	aeg_job_t *job = NULL;
+	const char *sock;
 	int err, count = 0;
 
 	err = aeg_config_load(&cfg, NULL);
@@ -477,24 +479,52 @@ static int open_device_locked(void)
 	err = choose_kind_locked(&kind);
 	if (err < 0)
 		return err;
-	note_job_locked();
-	Py_BEGIN_ALLOW_THREADS
-	err = aeg_device_open(&dev, kind);
-	if (err == 0)
-		err = aeg_device_count(dev, &count);
-	Py_END_ALLOW_THREADS
-	if (err < 0) {
-		pyaeg_raise(err);
-		if (dev != NULL)
-			aeg_device_close(dev);
-		return err;
+	sock = getenv("AEGAEON_SOCKET");
+	if (rt.attach == 1 || (rt.attach < 0 && sock != NULL && sock[0] != '\0')) {
+		/* Inside an aegaeon job: the agent's slabs, pool and loads, never beside them. */
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_job_attach(&job);
+		if (err == 0)
+			err = aeg_device_count(aeg_job_device(job), &count);
+		Py_END_ALLOW_THREADS
+		if (err < 0) {
+			pyaeg_raise_msg(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
+					sock ? sock : "", aeg_error_detail());
+			if (job != NULL)
+				aeg_job_detach(job);
+			return err;
+		}
+		dev = aeg_job_device(job);
+		if (rt.kind_set && rt.kind != aeg_device_kind(dev)) {
+			pyaeg_raise_msg(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
+					aeg_device_kind_name(rt.kind), aeg_device_kind_name(aeg_device_kind(dev)));
+			aeg_job_detach(job);
+			return AEG_EINVAL;
+		}
+		kind = aeg_device_kind(dev);
+	} else {
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_device_open(&dev, kind);
+		if (err == 0)
+			err = aeg_device_count(dev, &count);
+		Py_END_ALLOW_THREADS
+		if (err < 0) {
+			pyaeg_raise(err);
+			if (dev != NULL)
+				aeg_device_close(dev);
+			return err;
+		}
 	}
 	rt.gpus = calloc((size_t)(count ? count : 1), sizeof(*rt.gpus));
 	if (rt.gpus == NULL) {
-		aeg_device_close(dev);
+		if (job != NULL)
+			aeg_job_detach(job);
+		else
+			aeg_device_close(dev);
 		PyErr_NoMemory();
 		return AEG_ENOMEM;
 	}
+	rt.job = job;
 	rt.dev = dev;
 	rt.gpu_count = count;
 	rt.kind = kind;
@@ -532,6 +562,155 @@ static int check_gpu_locked(int gpu)
 				rt.gpu_count, rt.gpu_count == 1 ? "" : "s", aeg_device_kind_name(rt.kind));
 		return -1;
 	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------- job */
+
+static int idlist_add(struct idlist *l, uint64_t id)
+{
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? 2 * l->cap : 64;
+		uint64_t *ids = realloc(l->ids, cap * sizeof(*ids));
+
+		if (ids == NULL)
+			return -1;
+		l->ids = ids;
+		l->cap = cap;
+	}
+	l->ids[l->n++] = id;
+	return 0;
+}
+
+static int idlist_remove(struct idlist *l, uint64_t id)
+{
+	for (size_t i = 0; i < l->n; i++) {
+		if (l->ids[i] == id) {
+			l->ids[i] = l->ids[--l->n];
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The job slab of GPU @gpu as this process numbers it; -1 with AegaeonError ENODEV. */
+static int job_index_locked(int gpu)
+{
+	struct aeg_job_slab_desc d;
+	struct aeg_job_info info;
+
+	if (aeg_job_get_info(rt.job, &info) == 0)
+		for (int i = 0; i < info.slabs; i++)
+			if (aeg_job_slab_describe(rt.job, i, &d) == 0 && d.gpu == gpu)
+				return i;
+	aeg_error_clear();
+	pyaeg_raise_msg(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu,
+			info.slabs, info.slabs == 1 ? "" : "s");
+	return -1;
+}
+
+int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab)
+{
+	aeg_device_t *dev;
+	int idx, err, rc = -1;
+
+	pyaeg_lock();
+	if (device_locked(&dev) < 0)
+		goto out;
+	if (rt.job == NULL) {
+		rc = 0;
+		goto out;
+	}
+	if ((idx = job_index_locked(gpu)) < 0)
+		goto out;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_job_slab(rt.job, idx, bytes, slab);
+	Py_END_ALLOW_THREADS
+	if (err < 0)
+		pyaeg_raise(err);
+	else
+		rc = 1;
+out:
+	pyaeg_unlock();
+	return rc;
+}
+
+aeg_pool_t *pyaeg_job_pool(void)
+{
+	aeg_pool_t *pool = NULL;
+	aeg_device_t *dev;
+
+	pyaeg_lock();
+	if (device_locked(&dev) == 0) {
+		if (rt.job == NULL)
+			pyaeg_raise_msg(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set)");
+		else if ((pool = aeg_job_pool(rt.job)) == NULL)
+			pyaeg_raise_msg(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
+	}
+	pyaeg_unlock();
+	return pool;
+}
+
+static int job_prefetch_locked(const char *path, int gpu, uint64_t chunk_bytes, int *idxp,
+			       struct aeg_job_load **loadp)
+{
+	struct aeg_job_load *load = NULL;
+	int idx, err;
+
+	if ((idx = job_index_locked(gpu)) < 0)
+		return -1;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_job_prefetch(rt.job, path, idx, chunk_bytes, &load);
+	Py_END_ALLOW_THREADS
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	for (uint32_t i = 0; i < load->count; i++)
+		if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
+			if (idlist_add(&rt.job_ids[idx], load->chunks[i].slab_id) < 0)
+				aeg_log(AEG_LOG_WARN, "aegaeon_native: out of memory tracking job chunks");
+	*idxp = idx;
+	*loadp = load;
+	return 0;
+}
+
+struct job_release {
+	int idx;
+	const uint64_t *ids;
+	size_t n;
+};
+
+/* A load still in flight holds its blocks: retry until it is done. */
+static int job_release_slice(void *arg, int timeout_ms)
+{
+	struct job_release *r = arg;
+	int err = aeg_job_release(rt.job, r->idx, r->ids, r->n, NULL);
+
+	if (err == AEG_EBUSY) {
+		usleep((unsigned)(timeout_ms < 10 ? timeout_ms : 10) * 1000u);
+		return AEG_ETIMEDOUT;
+	}
+	return err;
+}
+
+/* Release @ids of job slab @idx, waiting for loads in flight; -1 with an exception. */
+static int job_release_locked(int idx, const uint64_t *ids, size_t n, int quiet_enoent)
+{
+	struct job_release r = { idx, ids, n };
+	int err;
+
+	err = pyaeg_wait(job_release_slice, &r, -1);
+	if (err == PYAEG_SIGNALLED)
+		return -1;
+	if (err == AEG_ENOENT && quiet_enoent)
+		err = 0;
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	for (size_t i = 0; i < n; i++)
+		idlist_remove(&rt.job_ids[idx], ids[i]);
 	return 0;
 }
 
@@ -597,7 +776,15 @@ static void teardown_locked(int close_device)
 	rt.topo_tried = 0;
 	/* A daemon thread may still wait on the device: leave it to process exit. */
 	if (rt.dev != NULL && rt.waits == 0) {
-		aeg_device_close(rt.dev);
+		if (rt.job != NULL)
+			aeg_job_detach(rt.job);     /* closes the device too */
+		else
+			aeg_device_close(rt.dev);
+		rt.job = NULL;
+		for (int i = 0; i < AEG_JOB_MAX_GPUS; i++) {
+			free(rt.job_ids[i].ids);
+			memset(&rt.job_ids[i], 0, sizeof(rt.job_ids[i]));
+		}
 		rt.dev = NULL;
 		free(rt.gpus);
 		rt.gpus = NULL;
@@ -709,26 +896,32 @@ static PyObject *py_device(PyObject *self, PyObject *unused)
 }
 
 PyDoc_STRVAR(configure_doc,
-"configure(*, device=None, prefetch_slab=None, prefetch_threads=None)\n--\n\n"
+"configure(*, device=None, prefetch_slab=None, prefetch_threads=None, attach=None)\n--\n\n"
 "Settings of the module's own resources. device as set_device().\n"
 "prefetch_slab: size of the slab each GPU's prefetch engine loads into, a\n"
 "size string (\"8GiB\", \"90%\" of the GPU's free memory) or bytes; default\n"
 "$AEGAEON_PREFETCH_SLAB, else aegaeon.conf's slab_default (\"90%\").\n"
 "prefetch_threads: the engine's worker threads (1..256; default aegaeon.conf's\n"
 "prefetch_threads). Prefetch settings apply to engines made later: with one\n"
-"alive, AegaeonError EBUSY (release_all_prefetch_events() drops idle ones).");
+"alive, AegaeonError EBUSY (release_all_prefetch_events() drops idle ones).\n"
+"attach: inside an aegaeon job ($AEGAEON_SOCKET set) the module attaches to\n"
+"the job's agent at first use: prefetches, slabs and the pool are the job's.\n"
+"False works in-process instead, True insists on a job; before first use only.");
 
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "device", "prefetch_slab", "prefetch_threads", NULL };
-	PyObject *device = Py_None, *slab = Py_None, *threads = Py_None;
+	static char *kwlist[] = { "device", "prefetch_slab", "prefetch_threads", "attach", NULL };
+	PyObject *device = Py_None, *slab = Py_None, *threads = Py_None, *attach = Py_None;
 	struct aeg_size_spec spec;
 	char text[64] = "";
 	uint64_t nthreads = 0;
 	int busy = 0, err;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOO:configure", kwlist, &device, &slab, &threads))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOOO:configure", kwlist, &device, &slab, &threads,
+					 &attach))
 		return NULL;
+	if (attach != Py_None && !PyBool_Check(attach))
+		return PyErr_Format(PyExc_TypeError, "attach must be True, False or None, not %s", pyaeg_tname(attach));
 	if (device != Py_None && !PyUnicode_Check(device))
 		return PyErr_Format(PyExc_TypeError, "device must be a str, not %s", pyaeg_tname(device));
 	if (slab != Py_None) {
@@ -762,6 +955,17 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 		if (nthreads > 256)
 			return PyErr_Format(PyExc_ValueError, "prefetch_threads %llu is out of range (1..256)",
 					    (unsigned long long)nthreads);
+	}
+	if (attach != Py_None) {
+		int open;
+
+		pyaeg_lock();
+		open = rt.dev != NULL;
+		if (!open)
+			rt.attach = attach == Py_True;
+		pyaeg_unlock();
+		if (open)
+			return pyaeg_raise_msg(AEG_EBUSY, "the device is open already: configure(attach=...) must come first");
 	}
 	if (device != Py_None && set_kind(PyUnicode_AsUTF8AndSize(device, NULL)) < 0)
 		return NULL;
@@ -1139,6 +1343,7 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 	const struct aeg_chunk *chunks;
 	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
 	struct pf_load *rec;
+	aeg_device_t *dev;
 	uint32_t n = 0;
 	int gpu;
 
@@ -1150,7 +1355,37 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 	    parse_path(path_obj, &path) < 0)
 		return NULL;
 	pyaeg_lock();
-	if (start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &rec) < 0) {
+	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
+		struct aeg_job_load *load;
+		int idx;
+
+		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &idx, &load) < 0) {
+			pyaeg_unlock();
+			Py_DECREF(path);
+			return NULL;
+		}
+		pyaeg_unlock();
+		Py_DECREF(path);
+		list = PyList_New(load->count);
+		for (uint32_t i = 0; list != NULL && i < load->count; i++) {
+			const struct aeg_job_chunk *c = &load->chunks[i];
+			PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
+						    "device_ptr", (unsigned long long)(uintptr_t)c->ptr,
+						    "size", (unsigned long long)c->size,
+						    "event_handle", (const char *)c->event.bytes,
+						    (Py_ssize_t)AEG_HANDLE_BYTES,
+						    "slab_id", (unsigned long long)c->slab_id);
+
+			if (d == NULL)
+				Py_CLEAR(list);
+			else
+				PyList_SetItem(list, i, d);
+		}
+		aeg_job_load_free(load);
+		return list;
+	}
+	if (PyErr_Occurred() ||
+	    start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &rec) < 0) {
 		pyaeg_unlock();
 		Py_DECREF(path);
 		return NULL;
@@ -1254,6 +1489,59 @@ static int release_ids_locked(int gpu, const uint64_t *ids, uint32_t n)
 	return 0;
 }
 
+/* The job's form of release_prefetch_chunks: ids by job slab, this process's loads first. */
+static int job_release_ids_locked(uint64_t *ids, Py_ssize_t m, int gpu)
+{
+	struct aeg_job_info info;
+	uint64_t *group;
+	int *slab;
+	int rc = -1;
+
+	aeg_job_get_info(rt.job, &info);
+	slab = PyMem_Malloc((size_t)m * sizeof(*slab));
+	group = PyMem_Malloc((size_t)m * sizeof(*group));
+	if (slab == NULL || group == NULL) {
+		PyMem_Free(slab);
+		PyMem_Free(group);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < m; i++) {
+		slab[i] = -1;
+		if (gpu >= 0) {
+			slab[i] = job_index_locked(gpu);
+			if (slab[i] < 0)
+				goto out;
+			continue;
+		}
+		for (int j = 0; j < info.slabs && slab[i] < 0; j++)
+			for (size_t k = 0; k < rt.job_ids[j].n && slab[i] < 0; k++)
+				if (rt.job_ids[j].ids[k] == ids[i])
+					slab[i] = j;
+		if (slab[i] < 0 && info.slabs == 1)
+			slab[i] = 0;
+		if (slab[i] < 0) {
+			PyErr_Format(PyExc_ValueError, "slab id %llu was not prefetched by this process and the job has %d slabs: pass gpu_id",
+				     (unsigned long long)ids[i], info.slabs);
+			goto out;
+		}
+	}
+	for (int j = 0; j < info.slabs; j++) {
+		size_t k = 0;
+
+		for (Py_ssize_t i = 0; i < m; i++)
+			if (slab[i] == j)
+				group[k++] = ids[i];
+		if (k > 0 && job_release_locked(j, group, k, 0) < 0)
+			goto out;
+	}
+	rc = 0;
+out:
+	PyMem_Free(slab);
+	PyMem_Free(group);
+	return rc;
+}
+
 PyDoc_STRVAR(release_chunks_doc,
 "release_prefetch_chunks(slab_ids, gpu_id=None)\n--\n\n"
 "Free the slab blocks (and the chunks' events) of the given slab ids from\n"
@@ -1306,6 +1594,10 @@ static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
 	pyaeg_lock();
 	if (gpu >= 0 && rt.dev != NULL && check_gpu_locked(gpu) < 0)
 		goto unlock;
+	if (rt.job != NULL) {
+		rc = job_release_ids_locked(ids, m, gpu);
+		goto unlock;
+	}
 	for (Py_ssize_t i = 0; i < m; i++) {
 		owner[i] = gpu >= 0 ? gpu : owner_gpu_locked(ids[i]);
 		if (owner[i] == -2) {
@@ -1355,7 +1647,8 @@ out:
 PyDoc_STRVAR(release_all_doc,
 "release_all_prefetch_events()\n--\n\n"
 "Cancel loads in flight and release every prefetched chunk and its event on\n"
-"every GPU, and destroy the events of create_event_handle_bytes(). A GPU's\n"
+"every GPU, and destroy the events of create_event_handle_bytes(). In a job,\n"
+"the chunks this process prefetched through the agent (other steps' stay). A GPU's\n"
 "prefetch slab is freed too once no chunk_view() or load_safetensors() view\n"
 "of it is alive. Views of released chunks must not be read any more.");
 
@@ -1381,6 +1674,17 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 		if (e < 0 && err == 0) {
 			err = e;
 			pyaeg_raise(e);
+		}
+	}
+	/* In a job: the chunks this process loaded; other steps' stay. */
+	for (int j = 0; rt.job != NULL && err == 0 && j < AEG_JOB_MAX_GPUS; j++) {
+		while (rt.job_ids[j].n > 0) {
+			uint64_t id = rt.job_ids[j].ids[0];
+
+			if (job_release_locked(j, &id, 1, 1) < 0) {
+				err = -1;
+				break;
+			}
 		}
 	}
 	Py_BEGIN_ALLOW_THREADS
@@ -1423,7 +1727,22 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 		return NULL;
 	}
 	pyaeg_lock();
-	for (int i = 0; rt.dev != NULL && i < rt.gpu_count && gpu < 0; i++) {
+	if (rt.job != NULL) {
+		struct aeg_job_info info;
+		struct aeg_job_slab_desc d;
+
+		aeg_job_get_info(rt.job, &info);
+		for (int i = 0; i < info.slabs && gpu < 0; i++) {
+			uintptr_t start;
+
+			if (aeg_job_slab_describe(rt.job, i, &d) < 0 || d.base == NULL || d.gpu < 0)
+				continue;
+			start = (uintptr_t)d.base;
+			if (ptr >= start && size <= d.bytes && ptr - start <= d.bytes - size)
+				gpu = d.gpu;
+		}
+	}
+	for (int i = 0; rt.dev != NULL && rt.job == NULL && i < rt.gpu_count && gpu < 0; i++) {
 		uintptr_t start;
 
 		if (rt.gpus[i].pf_slab == NULL || aeg_slab_lookup(rt.gpus[i].pf_slab, id, &b) < 0)
@@ -1453,6 +1772,7 @@ typedef struct {
 	int gpu;
 	uint64_t *ids;
 	uint32_t nids;
+	int job_index;                  /* job slab of the blocks; -1: this process's engine */
 	Py_ssize_t views;
 } TensorsObject;
 
@@ -1468,7 +1788,17 @@ static void tensors_dealloc(PyObject *self)
 	if (rt.gpus != NULL && t->gpu < rt.gpu_count) {
 		struct gpu_state *g = &rt.gpus[t->gpu];
 
-		if (g->pf != NULL && t->nids > 0) {
+		if (t->job_index >= 0 && rt.job != NULL) {
+			/* one by one: release_all_prefetch_events() may have taken some */
+			for (uint32_t i = 0; i < t->nids; i++) {
+				if (!idlist_remove(&rt.job_ids[t->job_index], t->ids[i]))
+					continue;
+				Py_BEGIN_ALLOW_THREADS
+				aeg_job_release(rt.job, t->job_index, &t->ids[i], 1, NULL);
+				aeg_error_clear();
+				Py_END_ALLOW_THREADS
+			}
+		} else if (g->pf != NULL && t->nids > 0) {
 			/* ENOENT: release_all_prefetch_events() came first. */
 			Py_BEGIN_ALLOW_THREADS
 			aeg_prefetch_release(g->pf, t->ids, t->nids);
@@ -1498,6 +1828,64 @@ static PyType_Spec tensors_spec = {
 	.slots = tensors_slots,
 };
 
+/* The job's load_safetensors: wait for the agent's chunks, place the file's tensors in them. */
+static PyObject *job_tensors(TensorsObject *owner, const struct aeg_job_load *load, const char *path,
+			     int gpu, int host, aeg_device_t *dev)
+{
+	struct aeg_st_header hdr;
+	PyObject *dict = NULL;
+	struct stat st;
+	int fd, err;
+
+	for (uint32_t i = 0; i < load->count; i++) {
+		struct handle_wait w = { dev, load->chunks[i].event };
+
+		err = pyaeg_wait(wait_handle_slice, &w, -1);
+		if (err == PYAEG_SIGNALLED)
+			return NULL;
+		if (err < 0)
+			return pyaeg_raise(err);
+	}
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return pyaeg_raise_msg(-errno, "%s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		err = -errno;
+		close(fd);
+		return pyaeg_raise_msg(err, "%s: %s", path, strerror(-err));
+	}
+	err = aeg_st_read(fd, (uint64_t)st.st_size, &hdr);
+	close(fd);
+	if (err < 0)
+		return pyaeg_raise(err);
+	dict = PyDict_New();
+	for (size_t i = 0; dict != NULL && i < hdr.count; i++) {
+		const struct aeg_st_tensor *t = &hdr.tensors[i];
+		uint64_t at = hdr.data_offset + t->begin, bytes = t->end - t->begin;
+		void *ptr = NULL;
+		PyObject *arr;
+
+		for (uint32_t c = 0; c < load->count && ptr == NULL; c++) {
+			const struct aeg_job_chunk *ch = &load->chunks[c];
+
+			if (at >= ch->file_offset && at - ch->file_offset < ch->size + (bytes == 0))
+				ptr = (char *)ch->ptr + (at - ch->file_offset);
+		}
+		if (ptr == NULL && bytes > 0) {
+			pyaeg_raise_msg(AEG_ESTALE, "%s: tensor \"%s\" at byte %llu is in no chunk the agent loaded (the file changed?)",
+					path, t->name, (unsigned long long)at);
+			Py_CLEAR(dict);
+			break;
+		}
+		arr = pyaeg_array_new((PyObject *)owner, &owner->views, ptr, bytes, gpu, host, t->dtype, t->ndim,
+				      t->shape, 0);
+		if (pyaeg_dict_set(dict, t->name, arr) < 0)
+			Py_CLEAR(dict);
+	}
+	aeg_st_free(&hdr);
+	return dict;
+}
+
 PyDoc_STRVAR(load_safetensors_doc,
 "load_safetensors(path, gpu_id=0, chunk_bytes=32 MiB) -> dict\n--\n\n"
 "Load a safetensors file into the prefetch slab of a GPU and return\n"
@@ -1517,6 +1905,7 @@ static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *k
 	TensorsObject *owner = NULL;
 	struct load_wait w;
 	struct pf_load *rec;
+	aeg_device_t *dev;
 	uint32_t n;
 	int gpu = 0, err, host;
 
@@ -1535,10 +1924,35 @@ static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *k
 	owner->gpu = gpu;
 	owner->ids = NULL;
 	owner->nids = 0;
+	owner->job_index = -1;
 	owner->views = 0;
 	pyaeg_lock();
 	rt.objects++;
-	if (start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &rec) < 0) {
+	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
+		struct aeg_job_load *load;
+
+		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &owner->job_index, &load) < 0) {
+			owner->gpu = INT32_MAX;
+			owner->job_index = -1;
+			pyaeg_unlock();
+			goto fail;
+		}
+		rt.gpus[gpu].views++;
+		owner->ids = malloc((size_t)(load->count ? load->count : 1) * sizeof(*owner->ids));
+		for (uint32_t i = 0; owner->ids != NULL && i < load->count; i++)
+			if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
+				owner->ids[owner->nids++] = load->chunks[i].slab_id;
+		host = rt.kind == AEG_DEVICE_HOST;
+		pyaeg_unlock();
+		dict = owner->ids == NULL ? PyErr_NoMemory() :
+		       job_tensors(owner, load, PyBytes_AsString(path), gpu, host, dev);
+		aeg_job_load_free(load);
+		Py_DECREF(owner);
+		Py_DECREF(path);
+		return dict;
+	}
+	if (PyErr_Occurred() ||
+	    start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &rec) < 0) {
 		owner->gpu = INT32_MAX;         /* nothing to release */
 		pyaeg_unlock();
 		goto fail;
@@ -1603,11 +2017,13 @@ PyDoc_STRVAR(stats_doc,
 "(create_event_handle_bytes events alive), \"objects\": int (SlabAllocator,\n"
 "PinnedPool, KVCache and load_safetensors results alive), \"prefetch\": {gpu:\n"
 "{\"slab_bytes\", \"chunks\", \"blocks\", \"block_bytes\", \"loads\",\n"
-"\"loads_in_flight\", \"views\"}} for GPUs with a prefetch engine}.");
+"\"loads_in_flight\", \"views\"}} for GPUs with a prefetch engine, \"job\": None\n"
+"or, attached to a job, {\"job_id\", \"agent_pid\", \"slabs\", \"blocks\" (job slab\n"
+"blocks this process prefetched and holds)}}.");
 
 static PyObject *py_stats(PyObject *self, PyObject *unused)
 {
-	PyObject *d = NULL, *pf = NULL;
+	PyObject *d = NULL, *pf = NULL, *job = NULL;
 
 	pyaeg_lock();
 	pf = PyDict_New();
@@ -1628,11 +2044,25 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
 		Py_XDECREF(g);
 		Py_XDECREF(key);
 	}
-	if (pf != NULL)
-		d = Py_BuildValue("{s:s,s:K,s:l,s:O}",
+	if (pf != NULL && rt.job != NULL) {
+		struct aeg_job_info info;
+		size_t held = 0;
+
+		aeg_job_get_info(rt.job, &info);
+		for (int j = 0; j < AEG_JOB_MAX_GPUS; j++)
+			held += rt.job_ids[j].n;
+		job = Py_BuildValue("{s:s,s:l,s:i,s:n}", "job_id", info.job_id, "agent_pid", info.agent_pid,
+				    "slabs", info.slabs, "blocks", (Py_ssize_t)held);
+	} else if (pf != NULL) {
+		job = Py_None;
+		Py_INCREF(job);
+	}
+	if (pf != NULL && job != NULL)
+		d = Py_BuildValue("{s:s,s:K,s:l,s:O,s:O}",
 				  "device", rt.dev ? aeg_device_kind_name(rt.kind) : NULL,
 				  "events", (unsigned long long)rt.nevents, "objects", rt.objects,
-				  "prefetch", pf);
+				  "prefetch", pf, "job", job);
+	Py_XDECREF(job);
 	pyaeg_unlock();
 	Py_XDECREF(pf);
 	return d;

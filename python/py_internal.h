@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include <aegaeon/aegaeon.h>
+#include <aegaeon/attach.h>
 
 /*
  * C resources of one Python object, listed in the runtime so that whatever
@@ -22,6 +23,7 @@ struct pyaeg_res {
 	aeg_kv_t *kv;
 	aeg_stream_t *stream;
 	aeg_slab_t *slab;
+	int job_lease;                  /* slab is a lease of a job slab (aeg_job_slab) */
 	aeg_pool_t *pool;
 };
 
@@ -52,6 +54,13 @@ int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds);
 int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */
 void pyaeg_lock(void);                      /* takes the runtime lock with the GIL released */
 void pyaeg_unlock(void);
+/*
+ * Inside an aegaeon job (attached to its agent): pyaeg_job_slab leases @bytes
+ * of GPU @gpu's job slab and returns 1; 0 outside a job; -1 with an
+ * exception. pyaeg_job_pool gives the job's pool (NULL with an exception).
+ */
+int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab);
+aeg_pool_t *pyaeg_job_pool(void);
 struct pyaeg_res *pyaeg_res_new(void);      /* NULL with MemoryError */
 void pyaeg_res_free(struct pyaeg_res *res); /* destroys what it holds; GIL released inside */
 void pyaeg_object_born(void);

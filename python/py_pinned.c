@@ -184,6 +184,15 @@ static PyObject *pool_attach(PyObject *cls, PyObject *args, PyObject *kw)
 	return pool_make((PyTypeObject *)cls, gpu, 0, 0, (int)fd);
 }
 
+static PyObject *pool_from_job(PyObject *cls, PyObject *unused)
+{
+	aeg_pool_t *job_pool = pyaeg_job_pool();
+
+	if (job_pool == NULL)
+		return NULL;
+	return pool_make((PyTypeObject *)cls, 0, 0, 0, aeg_pool_fd(job_pool));
+}
+
 static void pool_dealloc(PyObject *self)
 {
 	PoolObject *p = (PoolObject *)self;
@@ -451,6 +460,11 @@ static PyMethodDef pool_methods[] = {
 	  "attach(fd, gpu_id=0) -> PinnedPool\n--\n\n"
 	  "Map the pool behind fd (from another process's fd()); fd is duplicated.\n"
 	  "AegaeonError EBADF for a closed fd, AegaeonValueError for a file that is not a pool." },
+	{ "from_job", pool_from_job, METH_NOARGS | METH_CLASS,
+	  "from_job() -> PinnedPool\n--\n\n"
+	  "The pinned pool of the aegaeon job this process runs in (--aegaeon-pinned),\n"
+	  "shared with the agent and every step. AegaeonError ENOENT outside a job or\n"
+	  "for a job without a pool." },
 	{ "close", pool_close, METH_NOARGS,
 	  "close()\n--\n\n"
 	  "Unmap (and unregister) the pool now; also done when collected. Memoryviews\n"

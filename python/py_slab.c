@@ -63,9 +63,16 @@ static PyObject *slab_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 	s->res = pyaeg_res_new();
 	if (s->res == NULL)
 		goto fail;
-	Py_BEGIN_ALLOW_THREADS
-	err = aeg_slab_create(dev, gpu, bytes, &s->res->slab);
-	Py_END_ALLOW_THREADS
+	/* Inside a job the blocks are a lease of the job's slab, reachable by every step. */
+	err = pyaeg_job_slab(gpu, bytes, &s->res->slab);
+	if (err < 0)
+		goto fail;
+	s->res->job_lease = err;
+	if (!s->res->job_lease) {
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_slab_create(dev, gpu, bytes, &s->res->slab);
+		Py_END_ALLOW_THREADS
+	}
 	if (err < 0) {
 		pyaeg_raise(err);
 		goto fail;
@@ -445,7 +452,9 @@ static PyType_Slot slab_slots[] = {
 	  "One device allocation of total_bytes on a GPU, sub-allocated in O(1) by a\n"
 	  "two-level segregated-fit allocator (256-byte alignment, immediate coalescing).\n"
 	  "Blocks have stable ids. Thread-safe. Freed when collected, by close(), or at\n"
-	  "interpreter exit. Errors: AegaeonError ENOSPC (detail: asked vs free device\n"
+	  "interpreter exit. Inside an aegaeon job it is a lease of the job's slab on\n"
+	  "that GPU (the agent's memory; export_handle() is then ENOTSUP: use the\n"
+	  "job slab's handle). Errors: AegaeonError ENOSPC (detail: asked vs free device\n"
 	  "memory), ENODEV (no such GPU), EDEVICE (CUDA)." },
 	{ 0, NULL },
 };

@@ -532,8 +532,8 @@ class TestEvents(Base):
         an.release_all_prefetch_events()
         self.assertEqual(an.stats()["events"], 0)
         with self.assertRaises(an.AegaeonError) as c:
-            an.wait_event_handle_bytes(h2, timeout=1)
-        self.assertAegaeon(c, "AEG_EBADF", errno.EBADF)
+            an.release_event_handle_bytes(h2)
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
 
     def test_errors(self):
         self.assertRaises(TypeError, an.wait_event_handle_bytes, 123)
@@ -933,6 +933,107 @@ class TestKV(Base):
         self.assertAegaeon(c, "AEG_EBUSY")
         del b
         kv.close()
+
+
+# ------------------------------------------------------------------------ job
+
+JOB_CODE = r"""
+import aegaeon_native as an, json, os, sys
+path, st_path = sys.argv[1], sys.argv[2]
+chunks = an.prefetch_file_to_gpu_chunks(path, gpu_id=0, chunk_bytes=1 << 20)
+for c in chunks:
+    an.wait_event_handle_bytes(c["event_handle"], timeout=30)
+ok_bytes = b"".join(an.chunk_view(c).tobytes() for c in chunks) == open(path, "rb").read()
+st = an.stats()
+an.release_prefetch_chunks([chunks[0]["slab_id"]])
+after_one = an.stats()["job"]["blocks"]
+t = an.load_safetensors(st_path)
+tensors = {k: v.tobytes().hex() for k, v in t.items()}
+held = an.stats()["job"]["blocks"]
+del t
+after_del = an.stats()["job"]["blocks"]
+s = an.SlabAllocator(0, 1 << 20)
+b = s.alloc(4096)
+b.copy_from(b"lease")
+try:
+    s.export_handle()
+    exported = True
+except an.AegaeonError as e:
+    exported = e.name
+p = an.PinnedPool.from_job()
+an.release_all_prefetch_events()
+print(json.dumps({"device": an.device(), "job": st["job"], "ok_bytes": ok_bytes, "chunks": len(chunks),
+                  "after_one": after_one, "held": held, "after_del": after_del, "tensors": tensors,
+                  "left": an.stats()["job"]["blocks"], "lease": b.tobytes()[:5].decode(),
+                  "exported": exported, "pool": p.buffer_size}))
+"""
+
+
+class TestJob(Base):
+    """The module inside an aegaeon job: an aegaeond agent as the SPANK plugin starts it."""
+
+    def setUp(self):
+        agent = os.environ.get("AEGAEOND")
+        if not agent or not os.access(agent, os.X_OK):
+            self.skipTest("AEGAEOND (the built aegaeond) not given")
+        self.dir = tempfile.mkdtemp(prefix="aeg-job-", dir="/tmp")
+        self.env = dict(os.environ, AEGAEON_HOST_GPUS="1")
+        self.env.pop("AEGAEON_SLABS", None)
+        self.agent = subprocess.Popen(
+            [agent, "--job", "7", "--runtime-dir", self.dir, "--device", "host", "--foreground",
+             "--gpus", "0", "--slab", "64MiB", "--pinned", "8MiB:1MiB"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2000):
+            if os.path.exists(os.path.join(self.dir, "ready")) or self.agent.poll() is not None:
+                break
+            time.sleep(0.01)
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "ready")), "the agent did not start")
+        self.env["AEGAEON_SOCKET"] = os.path.join(self.dir, "agent.sock")
+
+    def tearDown(self):
+        if hasattr(self, "agent"):
+            self.agent.terminate()
+            self.agent.communicate(timeout=30)
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def test_job_attach(self):
+        path = os.path.join(TMP, "job.bin")
+        data = pattern(3 * MiB + 77, 12)
+        write_file(path, data)
+        tensors = make_tensors(5)
+        st_path = os.path.join(TMP, "job.safetensors")
+        write_file(st_path, safetensors_bytes(tensors))
+        r = subprocess.run([sys.executable, "-c", JOB_CODE, path, st_path], env=self.env,
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["device"], "host")
+        self.assertEqual(out["job"]["job_id"], "7")
+        self.assertEqual(out["job"]["agent_pid"], self.agent.pid)
+        self.assertTrue(out["ok_bytes"])
+        self.assertEqual(out["chunks"], 4)
+        self.assertEqual(out["after_one"], 3)
+        self.assertEqual(out["held"], 4)           # + the tensors' block
+        self.assertEqual(out["after_del"], 3)      # which went with the dict
+        self.assertEqual(out["left"], 0)
+        self.assertEqual(out["tensors"], {k: v[2].hex() for k, v in tensors.items()})
+        self.assertEqual(out["lease"], "lease")
+        self.assertEqual(out["exported"], "AEG_ENOTSUP")
+        self.assertEqual(out["pool"], MiB)
+
+    def test_attach_errors(self):
+        r = child("import aegaeon_native as an\ntry:\n    an.device()\nexcept an.AegaeonError as e:\n"
+                  "    print(e.name, 'AEGAEON_SOCKET' in str(e))",
+                  env=dict(self.env, AEGAEON_SOCKET=os.path.join(self.dir, "nope.sock")))
+        self.assertEqual(r.stdout.split()[1:], ["True"], r.stderr)
+        r = child("import aegaeon_native as an\nan.configure(attach=False)\nprint(an.stats()['job'], an.device())",
+                  env=self.env)
+        self.assertEqual(r.stdout.strip(), "None host", r.stderr)
+        r = child("import aegaeon_native as an\nan.device()\ntry:\n    an.configure(attach=False)\n"
+                  "except an.AegaeonError as e:\n    print(e.name)", env=self.env)
+        self.assertEqual(r.stdout.strip(), "AEG_EBUSY", r.stderr)
+        self.assertRaises(TypeError, an.configure, attach="yes")
 
 
 # ----------------------------------------------------------------- lifetime
