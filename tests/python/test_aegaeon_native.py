@@ -168,6 +168,26 @@ class TestModule(Base):
                 if not n.startswith("_") and callable(getattr(cls, n)):
                     self.assertTrue(getattr(cls, n).__doc__, "%s.%s" % (cls.__name__, n))
 
+    def test_stubs_match(self):
+        import ast
+        pyi = os.path.join(os.environ.get("top_srcdir", os.path.join(os.path.dirname(__file__), "..", "..")),
+                           "python", "aegaeon_native.pyi")
+        if not os.path.exists(pyi):
+            self.skipTest("no aegaeon_native.pyi next to the sources")
+        with open(pyi) as f:
+            tree = ast.parse(f.read())
+        stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        stubbed |= {t.id for n in tree.body if isinstance(n, ast.AnnAssign) for t in [n.target]}
+        public = {n for n in dir(an) if not n.startswith("_")}
+        self.assertEqual(public - stubbed, set())
+        for cls in tree.body:
+            if isinstance(cls, ast.ClassDef) and hasattr(an, cls.name):
+                methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+                real = {n for n in dir(getattr(an, cls.name)) if not n.startswith("_")}
+                self.assertEqual(real - methods - {"code", "name", "errno", "strerror", "filename",
+                                                   "filename2", "characters_written", "args",
+                                                   "with_traceback", "add_note"}, set(), cls.name)
+
     def test_set_device(self):
         an.set_device("host")
         self.assertEqual(an.device(), "host")
