@@ -34,8 +34,8 @@ run_suite() {   # name builddir configure-flags...
 	echo "=== $name"
 	rm -rf "$dir" && mkdir -p "$dir"
 	(cd "$dir" && "$top/configure" -q --enable-werror "$cuda_flag" "$@" &&
-		make -s -j"$jobs" && make -j"$jobs" check) || status=1
-	for f in "$dir"/tests/*/*.log; do
+		make -s -j"$jobs" && make -j"$jobs" check 2>&1 | tee check-output.log; exit "${PIPESTATUS[0]}") || status=1
+	for f in "$dir"/tests/*/*.log "$dir/check-output.log"; do
 		[ -f "$f" ] && count_log "$f"
 	done
 	grep -h -E '^# (TOTAL|PASS|FAIL|ERROR|SKIP):' "$dir/test-suite.log" 2>/dev/null || true

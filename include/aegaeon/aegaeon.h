@@ -12,6 +12,8 @@
 #include <aegaeon/slab.h>
 #include <aegaeon/pinned.h>
 #include <aegaeon/prefetch.h>
+#include <aegaeon/job.h>
+#include <aegaeon/attach.h>
 #include <aegaeon/kv.h>
 
 #define AEGAEON_VERSION_MAJOR 0

@@ -100,8 +100,10 @@ struct aeg_kv_layers {
 int aeg_kv_create(aeg_device_t *dev, int gpu, const struct aeg_kv_params *params, aeg_kv_t **kv);
 
 /*
- * aeg_kv_destroy - wait for the swaps and copies this cache queued, destroy
- * its unreleased events, free its slab block and release its pool buffers.
+ * aeg_kv_destroy - wait for the swaps this cache queued (they use its
+ * staging and threads), destroy its unreleased events, free its slab block
+ * and release its pool buffers. One-buffer copies are not waited for: they
+ * use only the caller's memory.
  */
 void aeg_kv_destroy(aeg_kv_t *kv);
 
@@ -121,8 +123,10 @@ int aeg_kv_host_free(aeg_kv_t *kv, const uint32_t *ids, size_t n);
 /*
  * aeg_kv_swap_out - queue on @stream the move of GPU blocks @gpu_ids[i] to
  * host blocks @host_ids[i], i < @n, in one gather/scatter kernel launch
- * (cuda; calls of more than 32768 blocks take one launch per 32768) or
- * memcpy by a few threads queued on the stream (host). The id arrays are
+ * (cuda; a call of more than 32768 blocks or 32 GiB takes one launch per
+ * such piece) or memcpy by a few threads queued on the stream (host). The
+ * caller keeps both regions' blocks valid until the call's event completes;
+ * no two calls in flight should write the same blocks. The id arrays are
  * copied: they may be reused once the call returns. With @handle_out, an
  * interprocess event recorded after the last block is created and its
  * handle written there; wait on it with aeg_event_wait_handle (any process

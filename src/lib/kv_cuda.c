@@ -55,6 +55,24 @@ static int cuda_fail(cudaError_t e, const char *call)
 	return aeg_fail(AEG_EDEVICE, "%s: %s", call, cudaGetErrorString(e));
 }
 
+/* Make @gpu current for a call, keeping the caller's current device to give back. */
+static int enter(int gpu, int *prev)
+{
+	cudaError_t e = cudaGetDevice(prev);
+
+	if (e != cudaSuccess)
+		return cuda_fail(e, "cudaGetDevice");
+	if (*prev != gpu && (e = cudaSetDevice(gpu)) != cudaSuccess)
+		return cuda_fail(e, "cudaSetDevice");
+	return 0;
+}
+
+static void leave(int gpu, int prev)
+{
+	if (prev != gpu)
+		cudaSetDevice(prev);
+}
+
 static int lib_get(void)
 {
 	cudaError_t e;
@@ -125,7 +143,7 @@ static int check_regions(aeg_kv_t *kv)
 	return 0;
 }
 
-int kv_cuda_init(aeg_kv_t *kv)
+static int init(aeg_kv_t *kv)
 {
 	struct kv_cuda *c;
 	uint32_t most;
@@ -133,9 +151,6 @@ int kv_cuda_init(aeg_kv_t *kv)
 	cudaError_t e;
 	int err;
 
-	e = cudaSetDevice(kv->gpu);
-	if (e != cudaSuccess)
-		return cuda_fail(e, "cudaSetDevice");
 	if ((err = check_regions(kv)))
 		return err;
 
@@ -181,12 +196,25 @@ int kv_cuda_init(aeg_kv_t *kv)
 	return 0;
 }
 
+int kv_cuda_init(aeg_kv_t *kv)
+{
+	int prev, err;
+
+	if ((err = enter(kv->gpu, &prev)))
+		return err;
+	err = init(kv);
+	leave(kv->gpu, prev);
+	return err;
+}
+
 void kv_cuda_fini(aeg_kv_t *kv)
 {
 	struct kv_cuda *c = kv->cuda;
+	int prev = kv->gpu;
 	cudaError_t e;
 
-	cudaSetDevice(kv->gpu);
+	if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(kv->gpu) != cudaSuccess)
+		aeg_warn("KV cache: cannot make GPU %d current to free its staging", kv->gpu);
 	for (int i = 0; i < c->nevents; i++) {
 		if (c->slot_busy[i] && (e = cudaEventSynchronize(c->slot_ev[i])) != cudaSuccess)
 			aeg_warn("KV cache: cudaEventSynchronize: %s", cudaGetErrorString(e));
@@ -199,6 +227,7 @@ void kv_cuda_fini(aeg_kv_t *kv)
 	lib_put();
 	free(c);
 	kv->cuda = NULL;
+	leave(kv->gpu, prev);
 }
 
 /* The next staging slot, once the launches that last read it are done. */
@@ -236,7 +265,7 @@ static int launch(struct kv_cuda *c, const char *src, char *dst, const struct kv
 	return 0;
 }
 
-int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
+static int move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 {
 	struct kv_cuda *c = kv->cuda;
 	cudaStream_t s = aeg_stream_native(stream);
@@ -244,11 +273,8 @@ int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 	size_t per_launch = LAUNCH_MAX_VECS / vpb;
 	size_t seg = 0, chunk;
 	cudaError_t e;
-	int err;
+	int err = 0;
 
-	e = cudaSetDevice(kv->gpu);
-	if (e != cudaSuccess)
-		return cuda_fail(e, "cudaSetDevice");
 	for (size_t c0 = 0; c0 < mv->n; c0 += chunk) {
 		struct kv_pair *host, *dev;
 		unsigned slot = 0;
@@ -267,7 +293,7 @@ int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 			return cuda_fail(e, "cudaMemcpyAsync (KV ids)");
 
 		/* One launch per layer piece of this chunk. */
-		for (size_t pos = c0; pos < c0 + chunk;) {
+		for (size_t pos = c0; !err && pos < c0 + chunk;) {
 			size_t end = c0 + chunk;
 
 			if (mv->ends[seg] < end)
@@ -275,21 +301,34 @@ int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 			if (end - pos > per_launch)
 				end = pos + per_launch;
 			err = launch(c, mv->src, mv->dst, dev + (pos - c0), (uint32_t)(end - pos), vpb, s);
-			if (err)
-				return err;
 			pos = end;
-			if (end == mv->ends[seg]) {
-				if (mv->seg_events[seg] && (err = aeg_event_record(mv->seg_events[seg], stream)))
-					return err;
+			if (!err && end == mv->ends[seg]) {
+				if (mv->seg_events[seg])
+					err = aeg_event_record(mv->seg_events[seg], stream);
 				seg++;
 			}
 		}
+		/* Even after a failure the queued id copy reads the slot: guard it all the same. */
 		e = cudaEventRecord(c->slot_ev[slot], s);
-		if (e != cudaSuccess)
-			return cuda_fail(e, "cudaEventRecord (KV staging)");
-		c->slot_busy[slot] = 1;
+		if (e == cudaSuccess)
+			c->slot_busy[slot] = 1;
+		else if (!err)
+			err = cuda_fail(e, "cudaEventRecord (KV staging)");
+		if (err)
+			return err;
 	}
 	return 0;
+}
+
+int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
+{
+	int prev, err;
+
+	if ((err = enter(kv->gpu, &prev)))
+		return err;
+	err = move(kv, mv, stream);
+	leave(kv->gpu, prev);
+	return err;
 }
 
 int kv_cuda_check_copy(aeg_kv_t *kv, void *dst, const void *src, int h2d)
@@ -360,12 +399,14 @@ int kv_cuda_baseline(aeg_kv_t *kv, enum kv_baseline how, const char *src, char *
 		     aeg_stream_t *stream)
 {
 	cudaStream_t s = aeg_stream_native(stream);
-	cudaError_t e;
+	int prev, err;
 
-	e = cudaSetDevice(kv->gpu);
-	if (e != cudaSuccess)
-		return cuda_fail(e, "cudaSetDevice");
+	if ((err = enter(kv->gpu, &prev)))
+		return err;
 	if (how == KV_BASELINE_BATCH)
-		return batch(kv, src, dst, src_ids, dst_ids, n, s);
-	return per_block(kv, src, dst, src_ids, dst_ids, n, s);
+		err = batch(kv, src, dst, src_ids, dst_ids, n, s);
+	else
+		err = per_block(kv, src, dst, src_ids, dst_ids, n, s);
+	leave(kv->gpu, prev);
+	return err;
 }

@@ -323,6 +323,7 @@ static void per_layer_events(void **state)
 	struct aeg_kv_stats st;
 	struct gate g;
 	struct cache c;
+	int err, pending, distinct = 1;
 
 	cache_make(&c, block, N, 8, 0);
 	assert_int_equal(aeg_kv_gpu_alloc(c.kv, N, gpu_ids), 0);
@@ -333,23 +334,27 @@ static void per_layer_events(void **state)
 		fill_pattern(aeg_kv_gpu_ptr(c.kv, gpu_ids[i]), block, 77 + i);
 	memset(aeg_kv_host_ptr(c.kv, 0), 0, (size_t)c.host_blocks * block);
 
+	/* No assertion while the gate is shut: a failure would leave the stream held. */
 	gate_close(&g, stream);
-	assert_int_equal(aeg_kv_swap_out_layers(c.kv, gpu_ids, host_ids, N, &layers, stream, &h), 0);
+	err = aeg_kv_swap_out_layers(c.kv, gpu_ids, host_ids, N, &layers, stream, &h);
 	/* Nothing ran yet: every event pending, every handle distinct. */
-	assert_int_equal(aeg_event_wait_handle(dev, &h, 0), AEG_ETIMEDOUT);
+	pending = aeg_event_wait_handle(dev, &h, 0) == AEG_ETIMEDOUT;
 	for (int l = 0; l < LAYERS; l++) {
-		assert_int_equal(aeg_event_wait_handle(dev, &lh[l], 0), AEG_ETIMEDOUT);
-		assert_memory_not_equal(lh[l].bytes, h.bytes, AEG_HANDLE_BYTES);
+		pending &= aeg_event_wait_handle(dev, &lh[l], 0) == AEG_ETIMEDOUT;
+		distinct &= memcmp(lh[l].bytes, h.bytes, AEG_HANDLE_BYTES) != 0;
 		for (int m = 0; m < l; m++)
-			assert_memory_not_equal(lh[l].bytes, lh[m].bytes, AEG_HANDLE_BYTES);
+			distinct &= memcmp(lh[l].bytes, lh[m].bytes, AEG_HANDLE_BYTES) != 0;
 	}
 	kv_stats(c.kv, &st);
-	assert_int_equal(st.events_live, LAYERS + 1);
-
 	pthread_mutex_lock(&g.lock);
 	g.open = 1;
 	pthread_cond_broadcast(&g.cv);
 	pthread_mutex_unlock(&g.lock);
+	assert_int_equal(err, 0);
+	assert_true(pending);
+	assert_true(distinct);
+	assert_int_equal(st.events_live, LAYERS + 1);
+
 	for (int l = 0; l < LAYERS; l++) {
 		assert_int_equal(aeg_event_wait_handle(dev, &lh[l], WAIT_MS), 0);
 		for (size_t i = l * PER; i < ends[l]; i++)
@@ -866,6 +871,7 @@ static void destroy_waits_for_queued_swaps(void **state)
 	struct gate gt;
 	struct cache c;
 	pthread_t th;
+	int err, started, early;
 
 	cache_make(&c, block, 32, 32, 0);
 	for (uint32_t i = 0; i < 32; i++) {
@@ -873,15 +879,19 @@ static void destroy_waits_for_queued_swaps(void **state)
 		h[i] = 31 - i;
 		fill_pattern(aeg_kv_gpu_ptr(c.kv, i), block, 31337 + i);
 	}
+	/* No assertion while the gate is shut: a failure would leave the stream held. */
 	gate_close(&gt, stream);
-	assert_int_equal(aeg_kv_swap_out(c.kv, g, h, 32, stream, NULL), 0);
+	err = aeg_kv_swap_out(c.kv, g, h, 32, stream, NULL);
 	d.kv = c.kv;
 	atomic_init(&d.done, 0);
-	assert_int_equal(pthread_create(&th, NULL, destroyer_main, &d), 0);
+	started = err == 0 && pthread_create(&th, NULL, destroyer_main, &d) == 0;
 	usleep(100 * 1000);
-	assert_int_equal(atomic_load(&d.done), 0);
+	early = atomic_load(&d.done);
 	gate_open(&gt, stream);
+	assert_int_equal(err, 0);
+	assert_true(started);
 	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(early, 0);
 	assert_int_equal(atomic_load(&d.done), 1);
 	for (uint32_t i = 0; i < 32; i++) {
 		unsigned char *expect = malloc(block);
@@ -920,7 +930,7 @@ static int handoff_child(int argc, char **argv)
 	char *list;
 	int bad = 0, err;
 
-	if (argc != 5 || !expect)
+	if (argc != 6 || !expect)
 		return 2;
 	list = argv[4];
 	for (int i = 0; i < HANDOFF_N; i++) {
@@ -942,6 +952,13 @@ static int handoff_child(int argc, char **argv)
 		fprintf(stderr, "child kv: %s\n", aeg_error_detail());
 		return 4;
 	}
+	/* A's stream is held until we say we are ready: the event must be pending now. */
+	if ((err = aeg_event_wait_handle(d, &h, 0)) != AEG_ETIMEDOUT) {
+		fprintf(stderr, "child: A's event is not pending (%s)\n", aeg_errname(err));
+		return 7;
+	}
+	if (write(atoi(argv[5]), "r", 1) != 1)
+		return 8;
 	if ((err = aeg_event_wait_handle(d, &h, WAIT_MS))) {
 		fprintf(stderr, "child wait: %s\n", aeg_error_detail());
 		return 5;
@@ -969,7 +986,9 @@ static int handoff_child(int argc, char **argv)
 static void cross_process_handoff(void **state)
 {
 	uint32_t gpu_ids[HANDOFF_N], host_ids[HANDOFF_N];
-	char hex[AEG_HANDLE_HEX_LEN + 1], fdtext[16], list[HANDOFF_N * 12];
+	char hex[AEG_HANDLE_HEX_LEN + 1], fdtext[16], readytext[16], list[HANDOFF_N * 12], ready;
+	int ready_pipe[2] = { -1, -1 }, err;
+	ssize_t got = 0;
 	uint64_t rs = 7;
 	struct gate g;
 	struct cache c;
@@ -989,23 +1008,36 @@ static void cross_process_handoff(void **state)
 	}
 	memset(aeg_pool_base(c.pool), 0, (size_t)c.host_blocks * HANDOFF_BLOCK);
 
+	/* No assertion while the gate is shut: a failure would leave the stream held. */
 	gate_close(&g, stream);
-	assert_int_equal(aeg_kv_swap_out(c.kv, gpu_ids, host_ids, HANDOFF_N, stream, &h), 0);
+	err = aeg_kv_swap_out(c.kv, gpu_ids, host_ids, HANDOFF_N, stream, &h);
 	aeg_handle_to_hex(&h, hex);
 	snprintf(fdtext, sizeof(fdtext), "%d", aeg_pool_fd(c.pool));
+	if (err == 0)
+		err = pipe(ready_pipe);
+	snprintf(readytext, sizeof(readytext), "%d", ready_pipe[1]);
 
-	pid = fork();
-	assert_true(pid >= 0);
+	pid = err ? -1 : fork();
 	if (pid == 0) {
-		char *args[] = { "test_kv", "--handoff-child", fdtext, hex, list, NULL };
+		char *args[] = { "test_kv", "--handoff-child", fdtext, hex, list, readytext, NULL };
 
 		fcntl(aeg_pool_fd(c.pool), F_SETFD, 0);
+		close(ready_pipe[0]);
 		execv("/proc/self/exe", args);
 		_exit(127);
 	}
-	usleep(200 * 1000);             /* the child is waiting on the handle by now */
+	if (pid > 0) {
+		close(ready_pipe[1]);
+		/* Once the child has seen the event pending it says so; then let A's swap run. */
+		got = read(ready_pipe[0], &ready, 1);
+		close(ready_pipe[0]);
+		usleep(20 * 1000);
+	}
 	gate_open(&g, stream);
+	assert_int_equal(err, 0);
+	assert_true(pid > 0);
 	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_int_equal(got, 1);
 	assert_true(WIFEXITED(status));
 	assert_int_equal(WEXITSTATUS(status), 0);
 
