@@ -103,6 +103,9 @@ check "planted link for job $next: job ran with its own dir ($out)" test "$out" 
 check "planted link: its target is untouched" test -z "$(ls -A "$T/target")" -a "$(stat -c %U "$T/target")" = root
 
 # A runtime dir others can write to is refused; the step says no agent runs.
+# The last job's epilog runs after srun returned: it must be done before the
+# dir turns unsafe, or it refuses to clean up there too.
+check "planted link: that job cleaned up" nothing_left 15
 chmod 777 "$T/aegrun"
 out=$(as_user timeout 60 srun -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB true 2>&1)
 check "world-writable runtime_dir: the step fails ($out)" grep -qF "aegaeon: no agent runs for job" <<<"$out"
