@@ -23,7 +23,9 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 t_start=$SECONDS
 W=
 step_no=0
-say() { printf '\n\033[1m[%d/6] %s\033[0m\n' $((++step_no)) "$*"; }
+bold=; plain=
+[[ -t 1 ]] && bold=$'\033[1m' plain=$'\033[0m'
+say() { printf '\n%s[%d/6] %s%s\n' "$bold" $((++step_no)) "$*" "$plain"; }
 info() { printf '      %s\n' "$*"; }
 die() {
 	printf '\nquickstart.sh: FAILED: %s\n' "$*" >&2
