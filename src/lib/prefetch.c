@@ -602,8 +602,9 @@ static int copy_range(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, u
 
 		if (sb >= se)
 			continue;
-		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)], (char *)ch->device_ptr + (sb - ch->file_offset),
-				       src + (sb - b), se - sb);
+		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)],
+				       (char *)ch->device_ptr + (sb - ch->file_offset), src + (sb - b),
+				       se - sb);
 		if (err) {
 			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64, l->path, sb, se);
 			return err;

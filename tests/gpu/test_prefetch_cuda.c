@@ -1,4 +1,4 @@
-/* Prefetch on a real GPU: bytes copied back, armed events, cancel, cache, CUDA syncs mid-load, a second process through IPC. */
+/* Prefetch on a real GPU: bytes back, armed events, cancel, cache, CUDA syncs mid-load, a second process. */
 #include "config.h"
 
 #include <errno.h>
