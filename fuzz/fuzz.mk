@@ -4,7 +4,9 @@
 # the sanitizers (the main build's objects come from $(CC) without them).
 top_srcdir ?= .
 top_builddir ?= .
-FUZZ_TARGETS ?= size config safetensors jobrec handle proto_frame proto_msg
+# jobopt (the SPANK option values) once the library has src/lib/jobopt.c.
+FUZZ_TARGETS ?= size config safetensors jobrec handle proto_frame proto_msg \
+	$(if $(wildcard $(top_srcdir)/src/lib/jobopt.c),jobopt)
 
 fuzz_dir := $(top_builddir)/fuzz
 obj_dir := $(fuzz_dir)/obj

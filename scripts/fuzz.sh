@@ -51,8 +51,9 @@ run_one() {
 	# Frames go up to 64 KiB; the other inputs are small.
 	# libconfig 1.5 (Debian 12) leaks a string on some syntax errors
 	# (hyperrealm/libconfig#142); fuzz_config suppresses that report, but
-	# the leak scan it sets off after each such input slows the target
-	# tenfold, so config runs without leak checks (test_config has them).
+	# the leak scan it sets off after each such input slows short runs
+	# tenfold, so config runs without leak checks here (test_config has
+	# them; docs/reliability.md has a long run with them).
 	case $t in
 	proto_*) opts+=(-max_len=65560) ;;
 	config) opts+=(-detect_leaks=0) ;;
