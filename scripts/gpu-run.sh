@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
-# Usage: bash bundle/gpu-run.sh [tests] [bench] [unit]   (default: tests bench)
+# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit]
+#        (default: tests bench). prefetch needs torch and safetensors.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -36,11 +37,26 @@ if [[ " $what " == *" tests "* ]]; then
 		run "$(basename "$t")" "$t"
 	done
 fi
+if [[ " $what " == *" sanitize "* ]] && command -v compute-sanitizer >/dev/null; then
+	# The test provokes API errors on purpose (unregistered memory, bad
+	# handles); memory-access errors and races are what must be absent.
+	for tool in memcheck racecheck; do
+		run "sanitize-$tool-kv" compute-sanitizer --tool $tool --error-exitcode 1 \
+			--report-api-errors no --target-processes all \
+			"$here/tests/gpu/test_kv_cuda" --timing-blocks 0
+	done
+fi
 if [[ " $what " == *" bench "* ]]; then
 	run info aegaeon-cli info --device cuda
 	run bench-alloc aegaeon-cli bench alloc --device cuda
 	run bench-pinned aegaeon-cli bench pinned --device cuda --size 4GiB --repeat 3
 	run bench-event aegaeon-cli bench event --device cuda
+	run bench-kv bash "$here/bench/kv_bench.sh"
+fi
+if [[ " $what " == *" prefetch "* ]]; then
+	py=${PYTHON:-python3}
+	run bench-prefetch "$py" "$here/bench/prefetch_bench.py" --sizes "${PREFETCH_SIZES:-4,16}" \
+		--repeat "${PREFETCH_REPEAT:-3}" --dir "${PREFETCH_DIR:-/tmp/aegaeon-bench}" --out "$out/prefetch_bench.json"
 fi
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

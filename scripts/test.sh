@@ -34,15 +34,15 @@ run_suite() {   # name builddir configure-flags...
 	echo "=== $name"
 	rm -rf "$dir" && mkdir -p "$dir"
 	(cd "$dir" && "$top/configure" -q --enable-werror "$cuda_flag" "$@" &&
-		make -s -j"$jobs" && make -j"$jobs" check) || status=1
-	for f in "$dir"/tests/*/*.log; do
+		make -s -j"$jobs" && make -j"$jobs" check 2>&1 | tee check-output.log; exit "${PIPESTATUS[0]}") || status=1
+	for f in "$dir"/tests/*/*.log "$dir/check-output.log"; do
 		[ -f "$f" ] && count_log "$f"
 	done
 	grep -h -E '^# (TOTAL|PASS|FAIL|ERROR|SKIP):' "$dir/test-suite.log" 2>/dev/null || true
 }
 
-run_suite "build and tests" build-test
-run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers
+run_suite "build and tests" build-test --enable-python
+run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers --enable-python
 
 echo "=== summary"
 [ $status = 0 ] || { echo "a build or test suite failed"; [ $failed -gt 0 ] || failed=1; }

@@ -14,6 +14,7 @@
 #include <aegaeon/prefetch.h>
 #include <aegaeon/job.h>
 #include <aegaeon/attach.h>
+#include <aegaeon/kv.h>
 
 #define AEGAEON_VERSION_MAJOR 0
 #define AEGAEON_VERSION_MINOR 1

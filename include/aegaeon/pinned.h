@@ -31,19 +31,36 @@ struct aeg_pool_stats {
 
 /*
  * aeg_pool_create - @pool_bytes / @buffer_bytes buffers of @buffer_bytes in
- * one memfd, pages bound to @gpu's NUMA node when the topology knows it,
- * populated up front, and registered once (portable, mapped) on the cuda
- * backend. The free list lives in the memfd, so processes that attach share
- * it. @buffer_bytes must be a multiple of 4096 and <= @pool_bytes.
- * Errors: AEG_EINVAL, AEG_ENOMEM (detail: asked vs available), AEG_EDEVICE.
+ * one memfd, pages bound to @gpu's NUMA node when the topology knows it
+ * (the process' topology is loaded by the first pool and kept), populated up
+ * front by threads on the CPUs next to that node, and registered once
+ * (portable, mapped) on the cuda backend. The free list lives in the memfd,
+ * so processes that attach share it. @buffer_bytes must be a multiple of
+ * 4096 and <= @pool_bytes.
+ *
+ * Page size, chosen by $AEGAEON_PINNED_HUGEPAGES:
+ *   auto (default, also when unset or empty): 2 MiB hugetlb pages when
+ *     @buffer_bytes is a multiple of 2 MiB and enough are free, on the
+ *     GPU's NUMA node too when it has one (the admin reserves them, e.g.
+ *     `sysctl vm.nr_hugepages=N`); else 4 KiB pages. A pool of huge pages
+ *     needs pool_bytes / 2 MiB of them and one more for its header. They
+ *     made a pool about three times as fast to populate and register on an
+ *     H100 machine (~80 against ~260 ms/GiB) and almost free to tear down.
+ *   never: 4 KiB pages.
+ *   always: huge pages or an error.
+ * Errors: AEG_EINVAL (also: a bad $AEGAEON_PINNED_HUGEPAGES, or "always"
+ * with a buffer size that is not a multiple of 2 MiB), AEG_ENOMEM (detail:
+ * asked vs available; for "always", how many huge pages are missing and how
+ * to reserve them), AEG_ENOTSUP ("always" on a kernel without 2 MiB huge
+ * pages), AEG_EDEVICE.
  */
 int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
 		    uint64_t pool_bytes, aeg_pool_t **pool);
 
 /*
  * aeg_pool_attach - map the pool behind @fd (from aeg_pool_fd of another
- * process, passed with SCM_RIGHTS); @fd is duplicated, the caller keeps its
- * own. AEG_EBADF for a closed or negative @fd, AEG_EINVAL when @fd is not
+ * process, passed with SCM_RIGHTS), in the page size it was made with; @fd
+ * is duplicated, the caller keeps its own. AEG_EBADF for a closed or negative @fd, AEG_EINVAL when @fd is not
  * an aegaeon pool (or its header does not match the file's size).
  */
 int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **pool);

@@ -17,6 +17,7 @@ static const struct {
 	{ "wait", cli_wait, "wait for a chunk's event handle" },
 	{ "release", cli_release, "release prefetched chunks by slab id, or all" },
 	{ "bench", cli_bench, "measure slab, pinned pool, event and prefetch speed against baselines" },
+	{ "kv", cli_kv, "KV cache swap: 'kv bench' measures it against per-block and batch copies" },
 };
 
 static void usage(FILE *out)

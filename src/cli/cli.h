@@ -18,6 +18,7 @@ int cli_release(int argc, char **argv);      /* release ID...|--all */
 /* bench prefetch FILE: called by cli_bench for "prefetch"; argv[0] is "prefetch". */
 int cli_bench_prefetch(int argc, char **argv);
 int cli_status(int argc, char **argv);        /* cli_status.c: inside a job, through the agent */
+int cli_kv(int argc, char **argv);
 
 /* Shared helpers (cli_common.c). */
 int cli_open_device(const char *name, aeg_device_t **dev);   /* NULL: config/env choice */

@@ -16,12 +16,14 @@
 
 #include "cli.h"
 #include "internal.h"
+#include "pinned_internal.h"
 
 struct bench_opts {
 	const char *device;
 	int gpu;
 	int repeat;
 	uint64_t bytes;
+	const char *hugepages;  /* --hugepages, NULL: as the environment says */
 };
 
 static void usage(FILE *out)
@@ -29,6 +31,7 @@ static void usage(FILE *out)
 	fprintf(out,
 		"Usage: aegaeon-cli bench alloc  [--device D] [--gpu N] [--repeat N]\n"
 		"       aegaeon-cli bench pinned [--device D] [--gpu N] [--repeat N] [--size SIZE]\n"
+		"                                [--hugepages auto|never|always]\n"
 		"       aegaeon-cli bench event  [--device D] [--gpu N] [--repeat N]\n"
 		"       aegaeon-cli bench prefetch FILE [options]   (see 'bench prefetch --help')\n"
 		"\n"
@@ -37,7 +40,8 @@ static void usage(FILE *out)
 		"  alloc   slab alloc+free (1 MiB and 64 MiB, with 1000 other live blocks)\n"
 		"          vs cudaMalloc+cudaFree (host backend: its mem_alloc+mem_free)\n"
 		"  pinned  pinned pool provisioning per GiB (memfd, NUMA bind, populate,\n"
-		"          register) vs cudaHostAlloc (host backend: mmap+MAP_POPULATE)\n"
+		"          register) vs cudaHostAlloc (host backend: mmap+MAP_POPULATE),\n"
+		"          with the time of each step and the page size used\n"
 		"  event   wait on an event handle of another process, already opened,\n"
 		"          vs opening the handle afresh each time\n"
 		"\n"
@@ -45,6 +49,11 @@ static void usage(FILE *out)
 		"  -g, --gpu N        GPU ordinal (default 0)\n"
 		"  -r, --repeat N     repetitions for medians (default: per benchmark)\n"
 		"  -s, --size SIZE    pool size for 'pinned' (default 1GiB)\n"
+		"  -H, --hugepages M  page size for 'pinned' (sets AEGAEON_PINNED_HUGEPAGES):\n"
+		"                     auto (default) uses 2 MiB huge pages when enough are\n"
+		"                     reserved, never uses 4 KiB pages, always fails without\n"
+		"                     them. Reserve them as root: sysctl vm.nr_hugepages=N,\n"
+		"                     N = SIZE / 2 MiB + 1 (the pool's header page)\n"
 		"  -h, --help         this text\n");
 }
 
@@ -199,18 +208,25 @@ static int baseline_pinned(aeg_device_t *dev, uint64_t bytes, uint64_t *ns)
 
 static int bench_pinned(aeg_device_t *dev, struct bench_opts *o)
 {
-	uint64_t ours[64], base[64];
+	uint64_t ours[64], base[64], bind[64], populate[64], reg[64], destroy[64];
 	double gib = (double)o->bytes / (double)(1ull << 30);
 	const uint64_t buffer = 32ull << 20;
+	struct aeg_pool_timing first = { 0 }, tm;
+	size_t n;
 	int err;
 
 	if (o->repeat <= 0)
 		o->repeat = 3;
 	if (o->repeat > 64)
 		o->repeat = 64;
+	n = (size_t)o->repeat;
 	if (o->bytes < buffer || o->bytes % buffer)
 		return cli_usage_error("bench", "--size must be a multiple of 32 MiB");
-	for (int i = 0; i < o->repeat; i++) {
+	if (o->hugepages != NULL && setenv("AEGAEON_PINNED_HUGEPAGES", o->hugepages, 1) != 0) {
+		perror("aegaeon-cli bench: setenv");
+		return 1;
+	}
+	for (size_t i = 0; i < n; i++) {
 		aeg_pool_t *pool;
 		uint64_t t0 = aeg_now_ns();
 
@@ -218,7 +234,15 @@ static int bench_pinned(aeg_device_t *dev, struct bench_opts *o)
 		if (err)
 			return cli_fail(err, "pinned pool");
 		ours[i] = aeg_now_ns() - t0;
+		aeg_pool_timing(pool, &tm);
+		if (i == 0)
+			first = tm;
+		bind[i] = tm.bind_ns;
+		populate[i] = tm.populate_ns;
+		reg[i] = tm.register_ns;
+		t0 = aeg_now_ns();
 		aeg_pool_destroy(pool);
+		destroy[i] = aeg_now_ns() - t0;
 		err = baseline_pinned(dev, o->bytes, &base[i]);
 		if (err)
 			return cli_fail(err, "baseline");
@@ -226,8 +250,17 @@ static int bench_pinned(aeg_device_t *dev, struct bench_opts *o)
 	print_header(aeg_device_kind(dev) == AEG_DEVICE_CUDA
 		     ? "pinned pool provisioning vs cudaHostAlloc (median)"
 		     : "pinned pool provisioning vs mmap+MAP_POPULATE (median)");
-	print_row("provisioning per GiB", (double)percentile(ours, (size_t)o->repeat, 50) / 1e6 / gib,
-		  (double)percentile(base, (size_t)o->repeat, 50) / 1e6 / gib, "ms", 1);
+	print_row("provisioning per GiB", (double)percentile(ours, n, 50) / 1e6 / gib,
+		  (double)percentile(base, n, 50) / 1e6 / gib, "ms", 1);
+	/* Medians of each step: they need not add up to the median of the whole. */
+	printf("  steps per GiB (medians): bind %.1f ms, populate %.1f ms (%u threads), register %.1f ms; destroy %.1f ms\n",
+	       (double)percentile(bind, n, 50) / 1e6 / gib, (double)percentile(populate, n, 50) / 1e6 / gib,
+	       first.threads, (double)percentile(reg, n, 50) / 1e6 / gib,
+	       (double)percentile(destroy, n, 50) / 1e6 / gib);
+	printf("  first run's bind, the process' topology load included: %.1f ms\n", (double)first.bind_ns / 1e6);
+	printf("  pages: %s (AEGAEON_PINNED_HUGEPAGES=%s)\n",
+	       first.page_bytes == 4096 ? "4 KiB" : "2 MiB hugetlb",
+	       getenv("AEGAEON_PINNED_HUGEPAGES") ? getenv("AEGAEON_PINNED_HUGEPAGES") : "auto");
 	return 0;
 }
 
@@ -378,6 +411,7 @@ int cli_bench(int argc, char **argv)
 		{ "gpu", required_argument, NULL, 'g' },
 		{ "repeat", required_argument, NULL, 'r' },
 		{ "size", required_argument, NULL, 's' },
+		{ "hugepages", required_argument, NULL, 'H' },
 		{ "serve", no_argument, NULL, 'S' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -393,7 +427,7 @@ int cli_bench(int argc, char **argv)
 		if (strcmp(argv[i], "prefetch") == 0 && (i == 1 || argv[i - 1][0] != '-'))
 			return cli_bench_prefetch(argc - i, argv + i);
 
-	while ((c = getopt_long(argc, argv, "d:g:r:s:h", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "d:g:r:s:H:h", opts, NULL)) != -1) {
 		switch (c) {
 		case 'd': o.device = optarg; break;
 		case 'g':
@@ -410,6 +444,11 @@ int cli_bench(int argc, char **argv)
 			if (aeg_size_parse(optarg, 0, &o.bytes))
 				return cli_usage_error("bench", "--size: %s", aeg_error_detail());
 			break;
+		case 'H':
+			if (strcmp(optarg, "auto") && strcmp(optarg, "never") && strcmp(optarg, "always"))
+				return cli_usage_error("bench", "--hugepages '%s' is not auto, never or always", optarg);
+			o.hugepages = optarg;
+			break;
 		case 'S': serve = 1; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -420,6 +459,8 @@ int cli_bench(int argc, char **argv)
 	what = argv[optind];
 	if (strcmp(what, "alloc") && strcmp(what, "pinned") && strcmp(what, "event"))
 		return cli_usage_error("bench", "unknown benchmark '%s' (alloc, pinned, event)", what);
+	if (o.hugepages != NULL && strcmp(what, "pinned") != 0)
+		return cli_usage_error("bench", "--hugepages is for 'bench pinned' only");
 
 	if (cli_open_device(o.device, &dev))
 		return 1;

@@ -19,6 +19,7 @@
 #include "cli.h"
 #include "internal.h"
 #include "prefetch_internal.h"
+#include "topo_internal.h"
 
 #define NAIVE_BUFFER (64ull << 20)
 
@@ -39,7 +40,7 @@ struct pf_args {
 /* One engine on one GPU with a slab just big enough for the file. */
 struct session {
 	aeg_device_t *dev;
-	aeg_topo_t *topo;
+	const aeg_topo_t *topo;         /* the process' cached one: shared with the pool */
 	aeg_slab_t *slab;
 	aeg_pool_t *pool;
 	aeg_prefetch_t *pf;
@@ -179,8 +180,6 @@ static void session_close(struct session *s)
 		aeg_pool_destroy(s->pool);
 	if (s->slab)
 		aeg_slab_destroy(s->slab);
-	if (s->topo)
-		aeg_topo_destroy(s->topo);
 	if (s->dev)
 		aeg_device_close(s->dev);
 }
@@ -201,7 +200,7 @@ static int session_open(const struct pf_args *a, struct session *s)
 	err = cli_open_device(a->device, &s->dev);
 	if (err)
 		return 1;
-	err = aeg_topo_load(&s->topo, NULL);
+	err = aeg_topo_live(&s->topo);
 	if (err) {
 		fprintf(stderr, "aegaeon-cli: topology unknown (%s): prefetch threads stay unbound\n",
 			aeg_error_detail());

@@ -22,6 +22,7 @@
 #include "agent.h"
 #include "internal.h"
 #include "proto.h"
+#include "topo_internal.h"
 
 #define PREFETCH_MAX_CHUNKS (1u << 20)  /* per load: bounds the tables a client can make us build */
 
@@ -69,7 +70,7 @@ struct agent_slab {
 struct agent {
 	const struct aeg_agent_config *cfg;
 	aeg_device_t *dev;
-	aeg_topo_t *topo;
+	const aeg_topo_t *topo;         /* the process' cached one: shared with the pool */
 	struct agent_slab slabs[AEG_JOB_MAX_GPUS];
 	int nslabs;
 	aeg_pool_t *pool;
@@ -966,8 +967,6 @@ static void teardown(struct agent *a)
 		aeg_pool_destroy(a->pool);
 	for (int i = 0; i < a->nslabs; i++)
 		aeg_slab_destroy(a->slabs[i].slab);
-	if (a->topo)
-		aeg_topo_destroy(a->topo);
 	if (a->dev)
 		aeg_device_close(a->dev);
 	if (a->wake_fd >= 0)
@@ -997,7 +996,7 @@ static int start(struct agent *a)
 		aeg_error_prefix("%s device", aeg_device_kind_name(cfg->device));
 		return err;
 	}
-	if (aeg_topo_load(&a->topo, NULL)) {
+	if (aeg_topo_live(&a->topo)) {
 		aeg_warn("no topology (%s): pool and prefetch threads stay unbound", aeg_error_detail());
 		a->topo = NULL;
 	}

@@ -4,12 +4,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <aegaeon/topo.h>
@@ -17,18 +19,38 @@
 #include "device_internal.h"
 #include "internal.h"
 #include "pinned_internal.h"
+#include "topo_internal.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  /* Linux 5.14 */
+#endif
+#ifndef MFD_HUGETLB
+#define MFD_HUGETLB 0x0004u     /* Linux 4.14 */
+#endif
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21u << 26)
+#endif
+#ifndef HUGETLBFS_MAGIC
+#define HUGETLBFS_MAGIC 0x958458f6
 #endif
 
 #define POOL_MAGIC "AEGPOOL"    /* and a NUL: 8 bytes */
 #define POOL_VERSION 1
 #define POOL_PAGE 4096u
+#define HUGE_PAGE (UINT64_C(2) << 20)
+#define HUGE_SYSFS "/sys/kernel/mm/hugepages/hugepages-2048kB"
+#define NODE_HUGE_SYSFS "/sys/devices/system/node/node%d/hugepages/hugepages-2048kB"
 #define POOL_MAX_BUFFERS (UINT32_C(1) << 30)
-/* Populating runs on up to this many threads, each given at least POPULATE_MIN_BYTES. */
-#define POPULATE_THREADS 8
-#define POPULATE_MIN_BYTES (256ull << 20)
+/*
+ * Populating runs on up to this many threads (and no more than the CPUs
+ * next to the GPU), each given at least POPULATE_MIN_BYTES. Measured on the
+ * H100 machine (16 cores, 4 GiB): 4 threads were the fastest, for 4 KiB
+ * pages (~220 ms/GiB; 2 threads ~350, 8 and 16 threads ~230-260) as for
+ * 2 MiB pages (~50-57 ms/GiB; 2 threads ~85-95, 8 and 16 threads ~95-135):
+ * past 4, the threads contend more than they zero.
+ */
+#define POPULATE_THREADS 4
+#define POPULATE_MIN_BYTES (64ull << 20)
 
 /*
  * The first pages of the memfd. Every process that attaches works on this
@@ -67,10 +89,10 @@ struct aeg_pool {
 	struct aeg_pool_timing timing;
 };
 
-static uint64_t header_bytes_for(uint32_t buffers)
+/* The header fills whole pages of its own, so buffers start on a page. */
+static uint64_t header_bytes_for(uint32_t buffers, uint64_t page)
 {
-	return aeg_round_up(offsetof(struct pool_header, slots) + 2ull * sizeof(uint32_t) * buffers,
-			    POOL_PAGE);
+	return aeg_round_up(offsetof(struct pool_header, slots) + 2ull * sizeof(uint32_t) * buffers, page);
 }
 
 /* Rebuild the free stack from the owner marks after a process died holding the lock. */
@@ -110,7 +132,8 @@ static void pool_unlock(struct aeg_pool *pool)
 	pthread_mutex_unlock(&pool->hdr->lock);
 }
 
-static int init_header(struct pool_header *h, uint32_t buffers, uint64_t buffer_bytes, int numa_node)
+static int init_header(struct pool_header *h, uint32_t buffers, uint64_t header_bytes, uint64_t buffer_bytes,
+		       int numa_node)
 {
 	pthread_mutexattr_t ma;
 	pthread_condattr_t ca;
@@ -119,7 +142,7 @@ static int init_header(struct pool_header *h, uint32_t buffers, uint64_t buffer_
 
 	h->version = POOL_VERSION;
 	h->buffers = buffers;
-	h->header_bytes = header_bytes_for(buffers);
+	h->header_bytes = header_bytes;
 	h->buffer_bytes = buffer_bytes;
 	h->pool_bytes = (uint64_t)buffers * buffer_bytes;
 	h->numa_node = numa_node;
@@ -149,12 +172,175 @@ static int init_header(struct pool_header *h, uint32_t buffers, uint64_t buffer_
 	return 0;
 }
 
+/* Where a pool goes: the GPU's PCI bus id and, when the topology knows them, its NUMA nodes. */
+struct place {
+	const aeg_topo_t *topo;         /* NULL: the GPU has no PCI bus id */
+	char pci[AEG_PCI_BUS_ID_LEN];
+	struct aeg_gpu_locality loc;
+	int numa_node;                  /* the pages are bound to it; -1: not bound */
+};
+
+/*
+ * A GPU without a PCI bus id (host backend without AEGAEON_HOST_PCI_BUS_IDS)
+ * has no place. The topology is the process' cached one, so only the first
+ * pool of a process pays for hwloc's discovery.
+ */
+static int locate(aeg_device_t *dev, int gpu, struct place *pl)
+{
+	struct aeg_gpu_info info;
+	int err;
+
+	memset(pl, 0, sizeof(*pl));
+	pl->numa_node = -1;
+	err = aeg_device_gpu_info(dev, gpu, &info);
+	if (err < 0)
+		return err;
+	if (info.pci_bus_id[0] == '\0')
+		return 0;
+	snprintf(pl->pci, sizeof(pl->pci), "%s", info.pci_bus_id);
+	err = aeg_topo_live(&pl->topo);
+	if (err < 0) {
+		aeg_error_prefix("pinned pool: topology for GPU %d", gpu);
+		return err;
+	}
+	return aeg_topo_locality(pl->topo, pl->pci, &pl->loc);
+}
+
+static int has_nodes(const struct place *pl)
+{
+	return pl->topo != NULL && pl->loc.has_locality && pl->loc.numa_count > 0;
+}
+
+/* Bind [data, +bytes) to the GPU's NUMA node(s) before the first touch. */
+static int bind(struct place *pl, int gpu, char *data, uint64_t bytes)
+{
+	int err;
+
+	pl->numa_node = -1;
+	if (!has_nodes(pl))
+		return 0;
+	err = aeg_topo_bind_memory(pl->topo, pl->pci, data, bytes);
+	if (err == AEG_ENOTSUP) {
+		aeg_warn("pinned pool: cannot bind to the NUMA node of GPU %d (%s): %s; pages go where the kernel puts them",
+			 gpu, pl->pci, aeg_error_detail());
+		return 0;
+	}
+	if (err < 0)
+		return err;
+	pl->numa_node = pl->loc.numa_nodes[0];
+	return 0;
+}
+
+enum huge_mode { HUGE_AUTO, HUGE_NEVER, HUGE_ALWAYS };
+
+static int huge_mode(enum huge_mode *mode)
+{
+	const char *v = getenv("AEGAEON_PINNED_HUGEPAGES");
+
+	if (v == NULL || *v == '\0' || strcmp(v, "auto") == 0)
+		*mode = HUGE_AUTO;
+	else if (strcmp(v, "never") == 0)
+		*mode = HUGE_NEVER;
+	else if (strcmp(v, "always") == 0)
+		*mode = HUGE_ALWAYS;
+	else
+		return aeg_fail(AEG_EINVAL, "pinned pool: AEGAEON_PINNED_HUGEPAGES='%s' is not auto, never or always", v);
+	return 0;
+}
+
+/* A count from sysfs; -1 when the file is missing or holds no number. */
+static long read_count(const char *path)
+{
+	FILE *f = fopen(path, "re");
+	long v = -1;
+
+	if (f == NULL)
+		return -1;
+	if (fscanf(f, "%ld", &v) != 1 || v < 0)
+		v = -1;
+	fclose(f);
+	return v;
+}
+
+/* Free 2 MiB huge pages on the GPU's nodes, -1 when the kernel does not say. */
+static long node_free_huge(const struct place *pl)
+{
+	char path[128];
+	long sum = 0;
+
+	for (int i = 0; i < pl->loc.numa_count; i++) {
+		long n;
+
+		snprintf(path, sizeof(path), NODE_HUGE_SYSFS "/free_hugepages", pl->loc.numa_nodes[i]);
+		n = read_count(path);
+		if (n < 0)
+			return -1;
+		sum += n;
+	}
+	return sum;
+}
+
+/*
+ * The page size of a new pool: 2 MiB hugetlb pages when the mode allows it,
+ * the buffers are whole huge pages and the admin reserved enough of them
+ * (on the GPU's node, in "auto"), else 4 KiB pages.
+ */
+static int choose_page(enum huge_mode mode, uint64_t buffer_bytes, uint64_t buffers,
+		       const struct place *pl, uint64_t *page)
+{
+	long total, free_pages, resv, avail, node_free;
+	uint64_t need;
+
+	*page = POOL_PAGE;
+	if (mode == HUGE_NEVER)
+		return 0;
+	if (buffer_bytes % HUGE_PAGE != 0) {
+		if (mode == HUGE_ALWAYS)
+			return aeg_fail(AEG_EINVAL, "pinned pool: AEGAEON_PINNED_HUGEPAGES=always, but the buffer size %" PRIu64 " is not a multiple of 2 MiB, the huge page size",
+					buffer_bytes);
+		aeg_debug("pinned pool: buffer size %" PRIu64 " is not a multiple of 2 MiB; using 4 KiB pages", buffer_bytes);
+		return 0;
+	}
+	need = (header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes) / HUGE_PAGE;
+	total = read_count(HUGE_SYSFS "/nr_hugepages");
+	free_pages = read_count(HUGE_SYSFS "/free_hugepages");
+	resv = read_count(HUGE_SYSFS "/resv_hugepages");
+	if (total < 0 || free_pages < 0 || resv < 0) {
+		if (mode == HUGE_ALWAYS)
+			return aeg_fail(AEG_ENOTSUP, "pinned pool: AEGAEON_PINNED_HUGEPAGES=always, but this kernel offers no 2 MiB huge pages (%s cannot be read)",
+					HUGE_SYSFS);
+		return 0;
+	}
+	/* Free pages already promised to other mappings (HugePages_Rsvd) are not ours. */
+	avail = free_pages > resv ? free_pages - resv : 0;
+	if ((uint64_t)avail < need) {
+		if (mode == HUGE_ALWAYS)
+			return aeg_fail(AEG_ENOMEM, "pinned pool: AEGAEON_PINNED_HUGEPAGES=always: %" PRIu64 " huge pages of 2 MiB needed, %ld free (%ld reserved in all); %" PRIu64 " short: reserve more as root with `sysctl vm.nr_hugepages=%" PRIu64 "`",
+					need, avail, total, need - (uint64_t)avail, (uint64_t)total + need - (uint64_t)avail);
+		aeg_log(total > 0 ? AEG_LOG_INFO : AEG_LOG_DEBUG,
+			"pinned pool: %" PRIu64 " huge pages of 2 MiB would be needed, %ld are free; using 4 KiB pages",
+			need, avail);
+		return 0;
+	}
+	node_free = has_nodes(pl) ? node_free_huge(pl) : -1;
+	if (node_free >= 0 && (uint64_t)node_free < need) {
+		if (mode == HUGE_AUTO) {
+			aeg_info("pinned pool: %" PRIu64 " huge pages of 2 MiB needed on NUMA node %d, next to GPU %s, which has %ld free; using 4 KiB pages there (reserve them on that node with `echo N > " NODE_HUGE_SYSFS "/nr_hugepages`)",
+				 need, pl->loc.numa_nodes[0], pl->pci, node_free, pl->loc.numa_nodes[0]);
+			return 0;
+		}
+		aeg_warn("pinned pool: only %ld of the %" PRIu64 " huge pages needed are free on NUMA node %d, next to GPU %s; the others come from other nodes",
+			 node_free, need, pl->loc.numa_nodes[0], pl->pci);
+	}
+	*page = HUGE_PAGE;
+	return 0;
+}
+
 struct populate_job {
 	char *start;
 	uint64_t bytes;
-	const aeg_topo_t *topo;
-	const char *pci;
-	int err;                /* errno */
+	const struct place *pl;         /* bind the thread next to the pages; NULL: don't */
+	int err;                        /* errno */
 };
 
 static void *populate_main(void *arg)
@@ -162,8 +348,8 @@ static void *populate_main(void *arg)
 	struct populate_job *job = arg;
 
 	/* Zeroing the pages is the cost: do it from the CPUs next to their node. */
-	if (job->topo != NULL)
-		aeg_topo_bind_thread(job->topo, job->pci);
+	if (job->pl != NULL)
+		aeg_topo_bind_thread(job->pl->topo, job->pl->pci);
 	if (madvise(job->start, job->bytes, MADV_POPULATE_WRITE) == 0)
 		return NULL;
 	if (errno != EINVAL) {
@@ -176,100 +362,80 @@ static void *populate_main(void *arg)
 	return NULL;
 }
 
-static int populate(char *start, uint64_t bytes, const aeg_topo_t *topo, const char *pci)
+/*
+ * Threads for populating @bytes: the CPUs next to the GPU's node when the
+ * pages are bound there, else those this process may run on, at most
+ * POPULATE_THREADS and each with POPULATE_MIN_BYTES or more.
+ */
+static unsigned populate_threads(uint64_t bytes, const struct place *pl)
 {
-	struct populate_job jobs[POPULATE_THREADS];
-	pthread_t threads[POPULATE_THREADS];
-	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-	uint64_t n = bytes / POPULATE_MIN_BYTES, piece;
-	int started[POPULATE_THREADS], err = 0;
+	uint64_t n = bytes / POPULATE_MIN_BYTES;
+	long cpus = -1;
+	cpu_set_t set;
 
-	if (n > POPULATE_THREADS)
-		n = POPULATE_THREADS;
+	if (pl->numa_node >= 0)
+		cpus = aeg_topo_cpu_count(pl->topo, pl->pci);
+	if (cpus <= 0 && sched_getaffinity(0, sizeof(set), &set) == 0)
+		cpus = CPU_COUNT(&set);
 	if (cpus > 0 && n > (uint64_t)cpus)
 		n = (uint64_t)cpus;
-	if (n == 0)
-		n = 1;
-	piece = aeg_round_up(bytes / n, POOL_PAGE);
-	for (uint64_t i = 0; i < n; i++) {
-		uint64_t off = i * piece;
+	if (n > POPULATE_THREADS)
+		n = POPULATE_THREADS;
+	return n == 0 ? 1 : (unsigned)n;
+}
 
-		jobs[i] = (struct populate_job){ .start = start + off, .bytes = off + piece > bytes ? bytes - off : piece,
-						 .topo = topo, .pci = pci };
-	}
+/* Fault every page of [start, +bytes) in; pieces are whole @page pages. */
+static int populate(char *start, uint64_t bytes, uint64_t page, const struct place *pl, unsigned *threads)
+{
+	struct populate_job jobs[POPULATE_THREADS];
+	pthread_t tids[POPULATE_THREADS];
+	unsigned n = populate_threads(bytes, pl), used = 0;
+	uint64_t piece = aeg_round_up((bytes + n - 1) / n, page);
+	int started[POPULATE_THREADS], err = 0;
+
+	for (uint64_t off = 0; off < bytes; off += piece)
+		jobs[used++] = (struct populate_job){ .start = start + off, .bytes = off + piece > bytes ? bytes - off : piece,
+						      .pl = pl->numa_node >= 0 ? pl : NULL };
 	/*
 	 * Every piece on a thread of its own, so that binding the populating
 	 * threads never moves the caller; a piece whose thread cannot start is
 	 * done here, unbound.
 	 */
-	for (uint64_t i = 0; i < n; i++) {
-		started[i] = pthread_create(&threads[i], NULL, populate_main, &jobs[i]) == 0;
+	for (unsigned i = 0; i < used; i++) {
+		started[i] = pthread_create(&tids[i], NULL, populate_main, &jobs[i]) == 0;
 		if (!started[i]) {
-			jobs[i].topo = NULL;
+			jobs[i].pl = NULL;
 			populate_main(&jobs[i]);
 		}
 	}
-	for (uint64_t i = 0; i < n; i++)
+	for (unsigned i = 0; i < used; i++)
 		if (started[i])
-			pthread_join(threads[i], NULL);
-	for (uint64_t i = 0; i < n; i++)
+			pthread_join(tids[i], NULL);
+	for (unsigned i = 0; i < used; i++)
 		if (jobs[i].err != 0 && err == 0)
 			err = jobs[i].err;
+	*threads = used;
 	if (err != 0)
-		return aeg_fail(AEG_ENOMEM, "pinned pool: populating %" PRIu64 " bytes: %s", bytes, strerror(err));
+		return aeg_fail(AEG_ENOMEM, "pinned pool: populating %" PRIu64 " bytes in %s pages: %s", bytes,
+				page == HUGE_PAGE ? "2 MiB huge" : "4 KiB", strerror(err));
 	return 0;
 }
 
-/*
- * Bind [data, +bytes) to the NUMA node(s) of @gpu before the first touch.
- * A GPU without a PCI bus id (host backend without
- * AEGAEON_HOST_PCI_BUS_IDS) or without locality stays unbound (-1).
- */
-static int bind_to_gpu(aeg_device_t *dev, int gpu, char *data, uint64_t bytes,
-		       aeg_topo_t **topo, char pci[AEG_PCI_BUS_ID_LEN], int *numa_node)
+static void unmap(aeg_pool_t *pool)
 {
-	struct aeg_gpu_locality loc;
-	struct aeg_gpu_info info;
-	int err;
-
-	*numa_node = -1;
-	*topo = NULL;
-	err = aeg_device_gpu_info(dev, gpu, &info);
-	if (err < 0)
-		return err;
-	if (info.pci_bus_id[0] == '\0')
-		return 0;
-	snprintf(pci, AEG_PCI_BUS_ID_LEN, "%s", info.pci_bus_id);
-	err = aeg_topo_load(topo, NULL);
-	if (err < 0) {
-		aeg_error_prefix("pinned pool: topology for GPU %d", gpu);
-		return err;
-	}
-	err = aeg_topo_locality(*topo, pci, &loc);
-	if (err < 0)
-		return err;
-	if (!loc.has_locality || loc.numa_count == 0)
-		return 0;
-	err = aeg_topo_bind_memory(*topo, pci, data, bytes);
-	if (err == AEG_ENOTSUP) {
-		aeg_warn("pinned pool: cannot bind to the NUMA node of GPU %d (%s): %s; pages go where the kernel puts them",
-			 gpu, pci, aeg_error_detail());
-		return 0;
-	}
-	if (err < 0)
-		return err;
-	*numa_node = loc.numa_nodes[0];
-	return 0;
+	if (pool->map != NULL)
+		munmap(pool->map, pool->map_bytes);
+	pool->map = NULL;
+	if (pool->fd >= 0)
+		close(pool->fd);
+	pool->fd = -1;
 }
 
 static void pool_free(aeg_pool_t *pool)
 {
 	if (pool->registered)
 		aeg_host_unregister(pool->dev, pool->data);
-	if (pool->map != NULL)
-		munmap(pool->map, pool->map_bytes);
-	if (pool->fd >= 0)
-		close(pool->fd);
+	unmap(pool);
 	free(pool);
 }
 
@@ -294,14 +460,50 @@ static void pool_layout(aeg_pool_t *pool)
 	pool->data = (char *)pool->map + h->header_bytes;
 }
 
+/* The memfd of @page pages holding @header + @data_bytes, mapped, bound and populated. */
+static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t data_bytes,
+		     struct place *pl, int gpu)
+{
+	const char *kind = page == HUGE_PAGE ? " in 2 MiB huge pages" : "";
+	uint64_t t;
+	int err;
+
+	pool->timing.page_bytes = page;
+	pool->fd = memfd_create("aegaeon-pool", MFD_CLOEXEC | (page == HUGE_PAGE ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
+	if (pool->fd < 0)
+		return aeg_fail(AEG_EIO, "pinned pool: memfd_create%s: %s", kind, strerror(errno));
+	if (ftruncate(pool->fd, (off_t)(header + data_bytes)) < 0)
+		return aeg_fail(AEG_ENOMEM, "pinned pool: ftruncate to %" PRIu64 " bytes%s: %s",
+				header + data_bytes, kind, strerror(errno));
+	pool->map_bytes = header + data_bytes;
+	/* A hugetlb mapping takes its pages from the reserve here, or fails. */
+	pool->map = mmap(NULL, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, pool->fd, 0);
+	if (pool->map == MAP_FAILED) {
+		pool->map = NULL;
+		return aeg_fail(AEG_ENOMEM, "pinned pool: mmap of %" PRIu64 " bytes%s: %s",
+				pool->map_bytes, kind, strerror(errno));
+	}
+
+	t = aeg_now_ns();
+	err = bind(pl, gpu, (char *)pool->map + header, data_bytes);
+	pool->timing.bind_ns += aeg_now_ns() - t;
+	if (err < 0)
+		return err;
+
+	t = aeg_now_ns();
+	err = populate(pool->map, pool->map_bytes, page, pl, &pool->timing.threads);
+	pool->timing.populate_ns = aeg_now_ns() - t;
+	return err;
+}
+
 AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
 			       uint64_t pool_bytes, aeg_pool_t **poolp)
 {
-	char pci[AEG_PCI_BUS_ID_LEN] = "";
-	uint64_t t0 = aeg_now_ns(), t, buffers, header, data_bytes, avail;
-	aeg_topo_t *topo = NULL;
+	uint64_t t0 = aeg_now_ns(), t, buffers, header, data_bytes, avail, page;
+	enum huge_mode mode = HUGE_AUTO;
 	aeg_pool_t *pool;
-	int numa_node, err;
+	struct place pl;
+	int err;
 
 	if (dev == NULL || poolp == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_create: NULL argument");
@@ -323,53 +525,50 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 	if (buffers > POOL_MAX_BUFFERS)
 		return aeg_fail(AEG_EINVAL, "pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes; at most %" PRIu32 " (use larger buffers)",
 				buffers, buffer_bytes, POOL_MAX_BUFFERS);
-	header = header_bytes_for((uint32_t)buffers);
 	data_bytes = buffers * buffer_bytes;
-	err = aeg_mem_available(&avail);
+	err = huge_mode(&mode);
 	if (err < 0)
 		return err;
-	if (header + data_bytes > avail)
-		return aeg_fail(AEG_ENOMEM, "pinned pool: %" PRIu64 " bytes asked, only %" PRIu64 " available (MemAvailable)",
-				header + data_bytes, avail);
 
 	pool = pool_new(dev);
 	if (pool == NULL)
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
-	pool->fd = memfd_create("aegaeon-pool", MFD_CLOEXEC);
-	if (pool->fd < 0) {
-		err = aeg_fail(AEG_EIO, "pinned pool: memfd_create: %s", strerror(errno));
-		goto fail;
-	}
-	if (ftruncate(pool->fd, (off_t)(header + data_bytes)) < 0) {
-		err = aeg_fail(AEG_ENOMEM, "pinned pool: ftruncate to %" PRIu64 " bytes: %s",
-			       header + data_bytes, strerror(errno));
-		goto fail;
-	}
-	pool->map_bytes = header + data_bytes;
-	pool->map = mmap(NULL, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, pool->fd, 0);
-	if (pool->map == MAP_FAILED) {
-		pool->map = NULL;
-		err = aeg_fail(AEG_ENOMEM, "pinned pool: mmap of %" PRIu64 " bytes: %s",
-			       pool->map_bytes, strerror(errno));
-		goto fail;
-	}
-
 	t = aeg_now_ns();
-	err = bind_to_gpu(dev, gpu, (char *)pool->map + header, data_bytes, &topo, pci, &numa_node);
-	if (err < 0)
-		goto fail;
+	err = locate(dev, gpu, &pl);
 	pool->timing.bind_ns = aeg_now_ns() - t;
-
-	t = aeg_now_ns();
-	err = populate(pool->map, pool->map_bytes, numa_node >= 0 ? topo : NULL, pci);
 	if (err < 0)
 		goto fail;
-	pool->timing.populate_ns = aeg_now_ns() - t;
+	err = choose_page(mode, buffer_bytes, buffers, &pl, &page);
+	if (err < 0)
+		goto fail;
+	for (;;) {
+		header = header_bytes_for((uint32_t)buffers, page);
+		/* Reserved huge pages are not part of MemAvailable; choose_page counted them. */
+		if (page == POOL_PAGE) {
+			err = aeg_mem_available(&avail);
+			if (err < 0)
+				goto fail;
+			if (header + data_bytes > avail) {
+				err = aeg_fail(AEG_ENOMEM, "pinned pool: %" PRIu64 " bytes asked, only %" PRIu64 " available (MemAvailable)",
+					       header + data_bytes, avail);
+				goto fail;
+			}
+		}
+		err = provision(pool, page, header, data_bytes, &pl, gpu);
+		if (err == 0)
+			break;
+		/* "auto" promised huge pages only while they last: another process may have taken them. */
+		if (page == POOL_PAGE || mode == HUGE_ALWAYS)
+			goto fail;
+		aeg_info("pinned pool: 2 MiB huge pages could not be had (%s); using 4 KiB pages", aeg_error_detail());
+		unmap(pool);
+		page = POOL_PAGE;
+	}
 
 	((struct pool_header *)pool->map)->buffers = (uint32_t)buffers;
 	((struct pool_header *)pool->map)->header_bytes = header;
 	pool_layout(pool);
-	err = init_header(pool->hdr, (uint32_t)buffers, buffer_bytes, numa_node);
+	err = init_header(pool->hdr, (uint32_t)buffers, header, buffer_bytes, pl.numa_node);
 	if (err < 0)
 		goto fail;
 
@@ -382,15 +581,25 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 	pool->registered = 1;
 	pool->timing.register_ns = aeg_now_ns() - t;
 	pool->timing.total_ns = aeg_now_ns() - t0;
-	aeg_topo_destroy(topo);
-	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes on NUMA node %d in %.1f ms",
-		  buffers, buffer_bytes, numa_node, pool->timing.total_ns / 1e6);
+	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, register %.1f)",
+		  buffers, buffer_bytes, page == HUGE_PAGE ? "2 MiB" : "4 KiB", pl.numa_node,
+		  pool->timing.total_ns / 1e6, pool->timing.bind_ns / 1e6, pool->timing.populate_ns / 1e6,
+		  pool->timing.threads, pool->timing.register_ns / 1e6);
 	*poolp = pool;
 	return 0;
 fail:
-	aeg_topo_destroy(topo);
 	pool_free(pool);
 	return err;
+}
+
+/* The page size of the file behind @fd: a hugetlb memfd maps in huge pages only. */
+static uint64_t fd_page_bytes(int fd)
+{
+	struct statfs sfs;
+
+	if (fstatfs(fd, &sfs) == 0 && (unsigned long)sfs.f_type == HUGETLBFS_MAGIC && sfs.f_bsize > 0)
+		return (uint64_t)sfs.f_bsize;
+	return POOL_PAGE;
 }
 
 AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
@@ -398,7 +607,7 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 	struct pool_header *h;
 	aeg_pool_t *pool;
 	struct stat st;
-	uint64_t header = 0, buffer_bytes = 0, pool_bytes = 0;
+	uint64_t header = 0, buffer_bytes = 0, pool_bytes = 0, page;
 	uint32_t buffers = 0;
 	int valid, err;
 
@@ -408,10 +617,12 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 	if (fd < 0 || fstat(fd, &st) < 0)
 		return aeg_fail(AEG_EBADF, "pinned pool: descriptor %d: %s", fd,
 				fd < 0 ? "negative" : strerror(errno));
-	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < POOL_PAGE)
+	page = fd_page_bytes(fd);
+	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < page)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d is not an aegaeon pool (%s of %lld bytes)",
 				fd, S_ISREG(st.st_mode) ? "a file" : "not a file", (long long)st.st_size);
-	h = mmap(NULL, POOL_PAGE, PROT_READ, MAP_SHARED, fd, 0);
+	/* Whole pages: unmapping part of a hugetlb mapping fails. */
+	h = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, 0);
 	if (h == MAP_FAILED)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d cannot be mapped: %s", fd, strerror(errno));
 	valid = memcmp(h->magic, POOL_MAGIC, sizeof(h->magic)) == 0 && h->version == POOL_VERSION;
@@ -421,12 +632,12 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 		buffer_bytes = h->buffer_bytes;
 		pool_bytes = h->pool_bytes;
 	}
-	munmap(h, POOL_PAGE);
+	munmap(h, page);
 	if (!valid)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d is not an aegaeon pool (no pool header, or another version)",
 				fd);
 	if (buffers == 0 || buffers > POOL_MAX_BUFFERS || buffer_bytes == 0 ||
-	    buffer_bytes % POOL_PAGE != 0 || header != header_bytes_for(buffers) ||
+	    buffer_bytes % page != 0 || header != header_bytes_for(buffers, page) ||
 	    pool_bytes != (uint64_t)buffers * buffer_bytes || header + pool_bytes != (uint64_t)st.st_size)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d has a corrupt header (%" PRIu32 " buffers of %" PRIu64 " bytes, header %" PRIu64 ", file %lld bytes)",
 				fd, buffers, buffer_bytes, header, (long long)st.st_size);
@@ -439,6 +650,7 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 		err = aeg_fail(AEG_EBADF, "pinned pool: dup of descriptor %d: %s", fd, strerror(errno));
 		goto fail;
 	}
+	pool->timing.page_bytes = page;
 	pool->map_bytes = header + pool_bytes;
 	pool->map = mmap(NULL, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, pool->fd, 0);
 	if (pool->map == MAP_FAILED) {

@@ -7,12 +7,17 @@
 
 #include <aegaeon/pinned.h>
 
-/* Where aeg_pool_create spent its time (zero for an attached pool). */
+/*
+ * How aeg_pool_create provisioned the pool and where it spent its time. An
+ * attached pool has page_bytes only, the rest zero.
+ */
 struct aeg_pool_timing {
-	uint64_t bind_ns;       /* topology load and NUMA binding */
+	uint64_t bind_ns;       /* GPU locality (topology, cached per process) and NUMA binding */
 	uint64_t populate_ns;   /* faulting every page in */
 	uint64_t register_ns;   /* aeg_host_register of the buffer area */
 	uint64_t total_ns;
+	uint64_t page_bytes;    /* 4096, or 2 MiB for hugetlb pages */
+	unsigned threads;       /* that populated the pages */
 };
 
 void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);

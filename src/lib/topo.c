@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,7 @@
 #include <aegaeon/topo.h>
 
 #include "internal.h"
+#include "topo_internal.h"
 
 #define NVIDIA_VENDOR 0x10de
 #define CLASS_VGA 0x0300
@@ -174,22 +176,20 @@ static int load_hwloc(aeg_topo_t *t)
 	return 0;
 }
 
-AEG_EXPORT int aeg_topo_load(aeg_topo_t **topo, const char *xml_path)
+/* The XML aeg_topo_load(NULL) reads: $AEGAEON_TOPOLOGY_XML when set and not empty, else NULL. */
+static const char *env_xml(void)
 {
-	const char *from = "";
+	const char *xml_path = getenv("AEGAEON_TOPOLOGY_XML");
+
+	return xml_path != NULL && *xml_path != '\0' ? xml_path : NULL;
+}
+
+static int load(aeg_topo_t **topo, const char *xml_path, const char *from)
+{
 	aeg_topo_t *t = NULL;
 	struct stat st;
 	int err;
 
-	if (topo == NULL)
-		return aeg_fail(AEG_EINVAL, "topology handle pointer missing");
-	*topo = NULL;
-	if (xml_path == NULL) {
-		xml_path = getenv("AEGAEON_TOPOLOGY_XML");
-		if (xml_path != NULL && *xml_path == '\0')
-			xml_path = NULL;
-		from = " (from $AEGAEON_TOPOLOGY_XML)";
-	}
 	if (xml_path != NULL) {
 		if (*xml_path == '\0')
 			return aeg_fail(AEG_EINVAL, "topology XML path is empty");
@@ -220,6 +220,105 @@ AEG_EXPORT int aeg_topo_load(aeg_topo_t **topo, const char *xml_path)
 fail:
 	aeg_topo_destroy(t);
 	return err;
+}
+
+AEG_EXPORT int aeg_topo_load(aeg_topo_t **topo, const char *xml_path)
+{
+	if (topo == NULL)
+		return aeg_fail(AEG_EINVAL, "topology handle pointer missing");
+	*topo = NULL;
+	if (xml_path == NULL)
+		return load(topo, env_xml(), " (from $AEGAEON_TOPOLOGY_XML)");
+	return load(topo, xml_path, "");
+}
+
+/*
+ * Topologies loaded for aeg_topo_live, one per source, kept until the
+ * process exits: callers hold them without references. The list only grows
+ * and entries never change once published, so lookups take no lock; the
+ * lock only keeps two threads from loading the same source at once.
+ */
+struct live_topo {
+	struct live_topo *next;
+	char *thissystem;       /* $HWLOC_THISSYSTEM at load time, NULL when unset */
+	aeg_topo_t *topo;
+};
+
+static _Atomic(struct live_topo *) live_list;
+static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_uint_fast64_t live_loads;
+
+static int same(const char *a, const char *b)
+{
+	return a == NULL || b == NULL ? a == b : strcmp(a, b) == 0;
+}
+
+static const aeg_topo_t *live_find(const char *xml_path, const char *thissystem)
+{
+	for (struct live_topo *e = atomic_load_explicit(&live_list, memory_order_acquire); e != NULL; e = e->next)
+		if (same(e->topo->xml_path, xml_path) && same(e->thissystem, thissystem))
+			return e->topo;
+	return NULL;
+}
+
+int aeg_topo_live(const aeg_topo_t **topo)
+{
+	const char *xml_path = env_xml(), *thissystem = getenv("HWLOC_THISSYSTEM");
+	struct live_topo *e = NULL;
+	aeg_topo_t *t = NULL;
+	int err;
+
+	*topo = live_find(xml_path, thissystem);
+	if (*topo != NULL)
+		return 0;
+	pthread_mutex_lock(&live_lock);
+	*topo = live_find(xml_path, thissystem);
+	if (*topo != NULL) {
+		err = 0;
+		goto out;
+	}
+	err = load(&t, xml_path, " (from $AEGAEON_TOPOLOGY_XML)");
+	if (err < 0)
+		goto out;
+	atomic_fetch_add(&live_loads, 1);
+	e = calloc(1, sizeof(*e));
+	if (e == NULL || (thissystem != NULL && (e->thissystem = strdup(thissystem)) == NULL)) {
+		err = aeg_fail(AEG_ENOMEM, "no memory for a topology");
+		goto out;
+	}
+	e->topo = t;
+	e->next = atomic_load_explicit(&live_list, memory_order_relaxed);
+	atomic_store_explicit(&live_list, e, memory_order_release);
+	*topo = t;
+	t = NULL;
+	e = NULL;
+out:
+	pthread_mutex_unlock(&live_lock);
+	if (e != NULL)
+		free(e->thissystem);
+	free(e);
+	aeg_topo_destroy(t);
+	return err;
+}
+
+uint64_t aeg_topo_live_loads(void)
+{
+	return atomic_load(&live_loads);
+}
+
+/* Free the cached topologies when the library goes (exit, dlclose), for leak checkers. */
+__attribute__((destructor)) static void live_free(void)
+{
+	struct live_topo *e = atomic_exchange(&live_list, NULL);
+
+	while (e != NULL) {
+		struct live_topo *next = e->next;
+
+		aeg_topo_destroy(e->topo);
+		free(e->thissystem);
+		free(e);
+		e = next;
+	}
 }
 
 AEG_EXPORT void aeg_topo_destroy(aeg_topo_t *t)
@@ -463,6 +562,20 @@ AEG_EXPORT int aeg_topo_bind_memory(const aeg_topo_t *t, const char *pci_bus_id,
 	}
 	ret = 0;
 out:
+	hwloc_bitmap_free(cpus);
+	hwloc_bitmap_free(nodes);
+	return ret;
+}
+
+int aeg_topo_cpu_count(const aeg_topo_t *t, const char *pci_bus_id)
+{
+	hwloc_bitmap_t cpus, nodes;
+	struct pci_addr a;
+	int ret;
+
+	ret = lookup(t, pci_bus_id, &a, &cpus, &nodes);
+	if (ret >= 0)
+		ret = hwloc_bitmap_weight(cpus);
 	hwloc_bitmap_free(cpus);
 	hwloc_bitmap_free(nodes);
 	return ret;

@@ -1,5 +1,10 @@
-/* The pinned pool on the host backend: sizes, acquire/release, timeouts, threads, processes, recovery. */
+/*
+ * The pinned pool on the host backend: sizes, acquire/release, timeouts,
+ * threads, processes, recovery, page sizes (4 KiB, and 2 MiB hugetlb pages
+ * when this process may reserve some: it is root) and the cached topology.
+ */
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -11,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -20,6 +26,15 @@
 #include "device_internal.h"
 #include "internal.h"
 #include "pinned_internal.h"
+#include "topo_internal.h"
+
+#define MiB (UINT64_C(1) << 20)
+#define HUGE (2 * MiB)
+#define HUGE_SYSFS "/sys/kernel/mm/hugepages/hugepages-2048kB"
+#define NR_HUGEPAGES "/proc/sys/vm/nr_hugepages"
+#define HUGETLBFS_MAGIC 0x958458f6
+/* Pages the hugetlb case adds to vm.nr_hugepages: it needs 10 at most, the rest is slack. */
+#define HUGE_RESERVE 64
 
 static int count_fds(void)
 {
@@ -56,6 +71,7 @@ static int setup(void **state)
 
 	unsetenv("AEGAEON_HOST_GPUS");
 	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
 	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
 		return -1;
 	*state = dev;
@@ -520,6 +536,314 @@ static void no_leaks(void **state)
 	assert_int_equal(count_pool_maps(), maps);
 }
 
+static long read_long(const char *path)
+{
+	FILE *f = fopen(path, "re");
+	long v = -1;
+
+	if (f == NULL)
+		return -1;
+	if (fscanf(f, "%ld", &v) != 1)
+		v = -1;
+	fclose(f);
+	return v;
+}
+
+/* 0, or the errno of writing @v to @path. */
+static int write_long(const char *path, long v)
+{
+	FILE *f = fopen(path, "we");
+	int err = 0;
+
+	if (f == NULL)
+		return errno;
+	if (fprintf(f, "%ld\n", v) < 0)
+		err = errno;
+	if (fclose(f) != 0 && err == 0)
+		err = errno;
+	return err;
+}
+
+/* 2 MiB huge pages free for a new mapping; -1 when the kernel has none. */
+static long huge_avail(void)
+{
+	long free_pages = read_long(HUGE_SYSFS "/free_hugepages"), resv = read_long(HUGE_SYSFS "/resv_hugepages");
+
+	return free_pages < 0 || resv < 0 ? -1 : free_pages - resv;
+}
+
+static int is_hugetlb(int fd)
+{
+	struct statfs sfs;
+
+	return fstatfs(fd, &sfs) == 0 && (unsigned long)sfs.f_type == HUGETLBFS_MAGIC;
+}
+
+static void four_kib_pages(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_timing timing;
+	aeg_pool_t *pool = NULL;
+	cpu_set_t set;
+	unsigned want;
+
+	/* "never" whatever the admin reserved, even for buffers of whole huge pages */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_pool_create(dev, 0, HUGE, 4 * HUGE, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.page_bytes, 4096);
+	assert_false(is_hugetlb(aeg_pool_fd(pool)));
+	assert_int_equal(timing.threads, 1);    /* less than 64 MiB: one thread */
+	aeg_pool_destroy(pool);
+
+	/* "auto" with buffers smaller than a huge page */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "auto", 1);
+	assert_int_equal(aeg_pool_create(dev, 0, 64 << 10, 4 * HUGE, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.page_bytes, 4096);
+	assert_false(is_hugetlb(aeg_pool_fd(pool)));
+	aeg_pool_destroy(pool);
+
+	/* 128 MiB and a header: two pieces of 64 MiB or more, one thread each if there are CPUs for both */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(sched_getaffinity(0, sizeof(set), &set), 0);
+	want = CPU_COUNT(&set) < 2 ? 1 : 2;
+	assert_int_equal(aeg_pool_create(dev, 0, MiB, 128 * MiB, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.threads, want);
+	assert_true(timing.total_ns >= timing.bind_ns + timing.populate_ns + timing.register_ns);
+	aeg_pool_destroy(pool);
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+}
+
+static void bad_hugepage_modes(void **state)
+{
+	static const struct {
+		const char *mode;
+		uint64_t buffer, pool;
+		int err;
+		const char *detail;
+	} cases[] = {
+		{ "sometimes", HUGE, 4 * HUGE, AEG_EINVAL, "AEGAEON_PINNED_HUGEPAGES='sometimes' is not auto, never or always" },
+		{ "ALWAYS", HUGE, 4 * HUGE, AEG_EINVAL, "'ALWAYS' is not auto, never or always" },
+		{ "always", 64 << 10, 4 * HUGE, AEG_EINVAL, "buffer size 65536 is not a multiple of 2 MiB" },
+		{ "always", 3 * MiB, 6 * MiB, AEG_EINVAL, "buffer size 3145728 is not a multiple of 2 MiB" },
+		/* 2^19 buffers and a header of 3 huge pages: more than any machine here reserves */
+		{ "always", HUGE, UINT64_C(1) << 40, AEG_ENOMEM, "524291 huge pages of 2 MiB needed" },
+	};
+	aeg_device_t *dev = *state;
+	int fds = count_fds(), maps = count_pool_maps();
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		aeg_pool_t *pool = NULL;
+		int err, want = cases[i].err;
+		const char *detail = cases[i].detail;
+		long before = huge_avail(), after;
+		char shortfall[64];
+
+		if (want == AEG_ENOMEM && before < 0) {
+			want = AEG_ENOTSUP;
+			detail = "offers no 2 MiB huge pages";
+		}
+		setenv("AEGAEON_PINNED_HUGEPAGES", cases[i].mode, 1);
+		err = aeg_pool_create(dev, 0, cases[i].buffer, cases[i].pool, &pool);
+		if (err != want || strstr(aeg_error_detail(), detail) == NULL)
+			fail_msg("case %zu: got %s (%s), expected %s (%s)", i, aeg_errname(err),
+				 aeg_error_detail(), aeg_errname(want), detail);
+		assert_null(pool);
+		after = huge_avail();
+		if (want == AEG_ENOMEM) {
+			/* The user is told how many are missing and how to reserve them. */
+			assert_non_null(strstr(aeg_error_detail(), "sysctl vm.nr_hugepages="));
+			snprintf(shortfall, sizeof(shortfall), "%ld free", before);
+			if (before == after)    /* nobody took or gave pages meanwhile */
+				assert_non_null(strstr(aeg_error_detail(), shortfall));
+			snprintf(shortfall, sizeof(shortfall), "%ld short", 524291 - before);
+			if (before == after)
+				assert_non_null(strstr(aeg_error_detail(), shortfall));
+		}
+	}
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	assert_int_equal(count_fds(), fds);
+	assert_int_equal(count_pool_maps(), maps);
+}
+
+struct huge_fixture {
+	aeg_device_t *dev;
+	long added;             /* pages this test added to vm.nr_hugepages */
+	char skip[256];         /* why the hugetlb case cannot run here */
+};
+
+/* Reserve huge pages when there are too few free and this process may (root). */
+static int huge_setup(void **state)
+{
+	struct huge_fixture *f = calloc(1, sizeof(*f));
+	void *dev = NULL;
+	long before;
+	int err;
+
+	if (f == NULL || setup(&dev) != 0) {
+		free(f);
+		return -1;
+	}
+	f->dev = dev;
+	*state = f;
+	before = read_long(NR_HUGEPAGES);
+	if (before < 0 || huge_avail() < 0) {
+		snprintf(f->skip, sizeof(f->skip), "this kernel offers no 2 MiB huge pages");
+		return 0;
+	}
+	if (huge_avail() >= HUGE_RESERVE)
+		return 0;
+	err = write_long(NR_HUGEPAGES, before + HUGE_RESERVE);
+	if (err != 0) {
+		snprintf(f->skip, sizeof(f->skip), "cannot reserve huge pages (writing %s: %s)", NR_HUGEPAGES,
+			 strerror(err));
+		return 0;
+	}
+	f->added = read_long(NR_HUGEPAGES) - before;
+	if (huge_avail() < 10)
+		snprintf(f->skip, sizeof(f->skip), "the kernel had %ld free huge pages after %ld more were asked for",
+			 huge_avail(), (long)HUGE_RESERVE);
+	return 0;
+}
+
+/* Take back what was added, even when the test failed. */
+static int huge_teardown(void **state)
+{
+	struct huge_fixture *f = *state;
+	void *dev = f->dev;
+
+	if (f->added > 0) {
+		long now = read_long(NR_HUGEPAGES);
+
+		write_long(NR_HUGEPAGES, now > f->added ? now - f->added : 0);
+	}
+	teardown(&dev);
+	free(f);
+	return 0;
+}
+
+static void hugetlb_pool(void **state)
+{
+	struct huge_fixture *f = *state;
+	aeg_device_t *dev = f->dev;
+	struct aeg_pool_buffer bufs[8], theirs[3];
+	struct aeg_pool_timing timing;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL, *again = NULL;
+	int fds = count_fds(), maps = count_pool_maps(), up[2], down[2], status;
+	pid_t pid;
+
+	if (f->skip[0] != '\0') {
+		print_message("skipping the hugetlb pool case: %s\n", f->skip);
+		skip();
+	}
+	/* "auto" takes them: 8 buffers of 2 MiB and a header page of its own, 9 huge pages. */
+	assert_int_equal(aeg_pool_create(dev, 0, HUGE, 8 * HUGE, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.page_bytes, HUGE);
+	assert_true(is_hugetlb(aeg_pool_fd(pool)));
+	assert_int_equal((uintptr_t)aeg_pool_base(pool) % HUGE, 0);
+	for (int i = 0; i < 8; i++) {
+		assert_int_equal(aeg_pool_acquire(pool, 0, &bufs[i]), 0);
+		assert_int_equal((uintptr_t)bufs[i].ptr % HUGE, 0);
+		assert_int_equal(bufs[i].bytes, HUGE);
+		memset(bufs[i].ptr, 0x40 + (int)bufs[i].index, HUGE);
+	}
+	for (int i = 0; i < 8; i++) {
+		unsigned char *p = bufs[i].ptr;
+
+		assert_int_equal(p[0], 0x40 + bufs[i].index);
+		assert_int_equal(p[HUGE - 1], 0x40 + bufs[i].index);
+		assert_int_equal(aeg_pool_release(pool, bufs[i].index), 0);
+	}
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.buffers, 8);
+	assert_int_equal(st.in_use, 0);
+
+	/* Another process attaches the hugetlb memfd and shares the free list. */
+	assert_int_equal(aeg_pool_acquire(pool, 0, &bufs[0]), 0);
+	assert_int_equal(pipe(up), 0);
+	assert_int_equal(pipe(down), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		close(up[0]);
+		close(down[1]);
+		_exit(child_attaches(aeg_pool_fd(pool), up[1], down[0]));
+	}
+	close(up[1]);
+	close(down[0]);
+	assert_int_equal(read(up[0], theirs, sizeof(theirs)), sizeof(theirs));
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.in_use, 4);
+	for (int i = 0; i < 3; i++) {
+		unsigned char *p = aeg_pool_buffer_ptr(pool, theirs[i].index);
+
+		assert_int_equal(p[0], 0xc0 + theirs[i].index);
+		assert_int_equal(p[HUGE - 1], 0xc0 + theirs[i].index);
+	}
+	assert_int_equal(write(down[1], "x", 1), 1);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	close(up[0]);
+	close(down[1]);
+
+	/* And this process, a second time: the mapping is whole huge pages. */
+	assert_int_equal(aeg_pool_attach(dev, aeg_pool_fd(pool), &again), 0);
+	aeg_pool_timing(again, &timing);
+	assert_int_equal(timing.page_bytes, HUGE);
+	assert_int_equal(count_pool_maps(), maps + 2);
+	assert_int_equal(aeg_pool_release(again, theirs[1].index), 0);
+	assert_int_equal(aeg_pool_release(again, theirs[2].index), 0);
+	assert_int_equal(aeg_pool_release(pool, bufs[0].index), 0);
+	assert_int_equal(aeg_pool_stats(again, &st), 0);
+	assert_int_equal(st.in_use, 0);
+	aeg_pool_destroy(again);
+	aeg_pool_destroy(pool);
+	assert_int_equal(count_fds(), fds);
+	assert_int_equal(count_pool_maps(), maps);
+
+	/* "always" takes them too, "never" does not. */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "always", 1);
+	assert_int_equal(aeg_pool_create(dev, 0, 2 * HUGE, 4 * HUGE, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.page_bytes, HUGE);
+	assert_true(is_hugetlb(aeg_pool_fd(pool)));
+	aeg_pool_destroy(pool);
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_pool_create(dev, 0, 2 * HUGE, 4 * HUGE, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.page_bytes, 4096);
+	assert_false(is_hugetlb(aeg_pool_fd(pool)));
+	aeg_pool_destroy(pool);
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+}
+
+/* Pools on a GPU with a PCI bus id look its locality up; the topology is loaded once. */
+static void topology_loaded_once(void **state)
+{
+	aeg_pool_t *a = NULL, *b = NULL;
+	aeg_device_t *dev = NULL;
+	uint64_t loads = aeg_topo_live_loads();
+
+	(void)state;
+	unsetenv("AEGAEON_TOPOLOGY_XML");
+	unsetenv("HWLOC_THISSYSTEM");
+	setenv("AEGAEON_HOST_PCI_BUS_IDS", "0000:01:00.0", 1);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 4 << 20, &a), 0);
+	assert_int_equal(aeg_topo_live_loads(), loads + 1);
+	assert_int_equal(aeg_pool_create(dev, 0, 1 << 20, 4 << 20, &b), 0);
+	assert_int_equal(aeg_topo_live_loads(), loads + 1);
+	aeg_pool_destroy(b);
+	aeg_pool_destroy(a);
+	aeg_device_close(dev);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -533,6 +857,10 @@ int main(void)
 		cmocka_unit_test_setup_teardown(child_dies_holding_the_lock, setup, teardown),
 		cmocka_unit_test(bound_to_the_gpu_node),
 		cmocka_unit_test_setup_teardown(no_leaks, setup, teardown),
+		cmocka_unit_test_setup_teardown(four_kib_pages, setup, teardown),
+		cmocka_unit_test_setup_teardown(bad_hugepage_modes, setup, teardown),
+		cmocka_unit_test_setup_teardown(hugetlb_pool, huge_setup, huge_teardown),
+		cmocka_unit_test(topology_loaded_once),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

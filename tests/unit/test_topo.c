@@ -28,6 +28,7 @@
 #include <aegaeon/aegaeon.h>
 
 #include "internal.h"
+#include "topo_internal.h"
 
 #define MPOL_PREFERRED 1
 #define MPOL_BIND 2
@@ -511,6 +512,54 @@ static void live_binding_to_a_real_device(void **state)
 	aeg_topo_destroy(t);
 }
 
+/* The cached topology: one load per source, the same handle after, failures not kept. */
+static void live_loaded_once_per_source(void **state)
+{
+	static const char *const one[] = { "0000:01:00.0" };
+	static const char *const two[] = { "0000:3b:00.0", "0000:af:00.0" };
+	const aeg_topo_t *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+	uint64_t loads = aeg_topo_live_loads();
+
+	assert_int_equal(setenv("AEGAEON_TOPOLOGY_XML", xml("one-node.xml"), 1), 0);
+	assert_int_equal(aeg_topo_live(&a), 0);
+	assert_gpus(a, one, 1);
+	assert_int_equal(aeg_topo_live_loads(), loads + 1);
+	assert_int_equal(aeg_topo_live(&b), 0);
+	assert_ptr_equal(a, b);
+	assert_int_equal(aeg_topo_live_loads(), loads + 1);
+
+	/* Another XML is another topology; going back finds the first one. */
+	assert_int_equal(setenv("AEGAEON_TOPOLOGY_XML", xml("two-node.xml"), 1), 0);
+	assert_int_equal(aeg_topo_live(&c), 0);
+	assert_gpus(c, two, 2);
+	assert_int_equal(aeg_topo_live_loads(), loads + 2);
+	assert_int_equal(aeg_topo_cpu_count(c, "3b:00.0"), 8);
+	assert_int_equal(aeg_topo_cpu_count(c, "0000:3b:01.0"), 16);  /* no locality: every CPU */
+	assert_int_equal(aeg_topo_cpu_count(c, "3b:00"), AEG_EINVAL);
+	assert_int_equal(setenv("AEGAEON_TOPOLOGY_XML", xml("one-node.xml"), 1), 0);
+	assert_int_equal(aeg_topo_live(&b), 0);
+	assert_ptr_equal(a, b);
+
+	/* $HWLOC_THISSYSTEM changes what binding does, so it is part of the key. */
+	assert_int_equal(aeg_topo_bind_thread(a, "01:00.0"), AEG_ENOTSUP);
+	assert_int_equal(setenv("HWLOC_THISSYSTEM", "1", 1), 0);
+	assert_int_equal(aeg_topo_live(&d), 0);
+	assert_ptr_not_equal(a, d);
+	assert_int_equal(aeg_topo_live_loads(), loads + 3);
+	assert_int_equal(unsetenv("HWLOC_THISSYSTEM"), 0);
+
+	/* A failed load is an error each time, never cached. */
+	assert_int_equal(setenv("AEGAEON_TOPOLOGY_XML", xml("no-such-file.xml"), 1), 0);
+	for (int i = 0; i < 2; i++) {
+		d = a;
+		assert_int_equal(aeg_topo_live(&d), AEG_ENOENT);
+		assert_null(d);
+		assert_non_null(strstr(aeg_error_detail(), "$AEGAEON_TOPOLOGY_XML"));
+	}
+	assert_int_equal(aeg_topo_live_loads(), loads + 3);
+	assert_int_equal(unsetenv("AEGAEON_TOPOLOGY_XML"), 0);
+}
+
 static void null_handles(void **state)
 {
 	char id[AEG_PCI_BUS_ID_LEN];
@@ -540,6 +589,7 @@ int main(void)
 		cmocka_unit_test(xml_topology_refuses_binding),
 		cmocka_unit_test(live_machine),
 		cmocka_unit_test(live_binding_to_a_real_device),
+		cmocka_unit_test(live_loaded_once_per_source),
 		cmocka_unit_test(null_handles),
 	};
 

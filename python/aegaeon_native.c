@@ -1,0 +1,2191 @@
+/* The aegaeon_native module: runtime (device, prefetch engines, events), errors and module functions. */
+#include "py_internal.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "safetensors.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define DEFAULT_CHUNK_BYTES (32ull << 20)      /* the seed's default */
+#define WAIT_SLICE_MS 100
+
+/* A load whose chunks release_prefetch_chunks may have to wait for. */
+struct pf_load {
+	struct pf_load *next;
+	aeg_load_t *load;
+	uint64_t *ids;
+	uint32_t nids;
+};
+
+/* Per-GPU state of the module's own work. */
+struct gpu_state {
+	aeg_stream_t *stream;           /* records create_event_handle_bytes events */
+	aeg_slab_t *pf_slab;            /* the prefetch engine's slab */
+	aeg_prefetch_t *pf;
+	struct pf_load *loads;
+	Py_ssize_t views;               /* chunk views and tensor loads alive */
+};
+
+struct mod_event {
+	struct mod_event *next;
+	aeg_event_t *ev;
+	aeg_handle_t handle;
+};
+
+struct idlist {
+	uint64_t *ids;
+	size_t n, cap;
+};
+
+/*
+ * One runtime per process. Its lock is only ever taken with the GIL released
+ * (pyaeg_lock), so a thread holding it may release and retake the GIL
+ * without deadlock.
+ */
+static struct {
+	pthread_mutex_t lock;
+	int kind_set;                   /* set_device()/configure() chose the backend */
+	enum aeg_device_kind kind;
+	aeg_device_t *dev;
+	struct aeg_config cfg;
+	int gpu_count;
+	struct gpu_state *gpus;
+	aeg_topo_t *topo;
+	int topo_tried;
+	struct mod_event *events;
+	uint64_t nevents;
+	struct pyaeg_res *res;          /* newest first */
+	long objects;                   /* Python objects holding C resources */
+	char prefetch_slab[64];         /* configure(prefetch_slab=...) */
+	int prefetch_threads;           /* configure(prefetch_threads=...); 0: the config's */
+	int waits;                      /* waits running with the GIL released */
+	int atexit_set;
+	int attach;                     /* configure(attach=): -1 auto ($AEGAEON_SOCKET), 0, 1 */
+	aeg_job_t *job;                 /* attached to the job's agent */
+	struct idlist job_ids[AEG_JOB_MAX_GPUS];   /* chunks this process prefetched, per job slab */
+} rt = { .lock = PTHREAD_MUTEX_INITIALIZER, .attach = -1 };
+
+PyObject *pyaeg_error_type;
+static PyObject *timeout_error_type;
+static PyObject *value_error_type;
+
+/* ----------------------------------------------------------------- errors */
+
+static PyObject *raise_text(int code, const char *text)
+{
+	PyObject *type, *exc, *args = NULL, *v;
+	const char *name = aeg_errname(code);
+
+	type = code == AEG_ETIMEDOUT ? timeout_error_type :
+	       code == AEG_EINVAL || code == AEG_ERANGE ? value_error_type : pyaeg_error_type;
+	/* errno-like codes give OSError's (errno, strerror); project codes only a message. */
+	if (code < 0 && code > -4000)
+		args = Py_BuildValue("(is)", -code, text);
+	else
+		args = Py_BuildValue("(s)", text);
+	if (args == NULL)
+		return NULL;
+	exc = PyObject_CallObject(type, args);
+	Py_DECREF(args);
+	if (exc == NULL)
+		return NULL;
+	v = PyLong_FromLong(code);
+	if (v == NULL || PyObject_SetAttrString(exc, "code", v) < 0)
+		goto fail;
+	Py_DECREF(v);
+	v = PyUnicode_FromString(name);
+	if (v == NULL || PyObject_SetAttrString(exc, "name", v) < 0)
+		goto fail;
+	Py_DECREF(v);
+	PyErr_SetObject(type, exc);
+	Py_DECREF(exc);
+	return NULL;
+fail:
+	Py_XDECREF(v);
+	Py_DECREF(exc);
+	return NULL;
+}
+
+PyObject *pyaeg_raise(int code)
+{
+	const char *detail = aeg_error_detail();
+	char text[1200];
+
+	if (detail[0] != '\0')
+		snprintf(text, sizeof(text), "%s: %s", aeg_strerror(code), detail);
+	else
+		snprintf(text, sizeof(text), "%s", aeg_strerror(code));
+	return raise_text(code, text);
+}
+
+PyObject *pyaeg_raise_msg(int code, const char *fmt, ...)
+{
+	char text[1200];
+	size_t len;
+	va_list ap;
+
+	len = (size_t)snprintf(text, sizeof(text), "%s: ", aeg_strerror(code));
+	if (len >= sizeof(text))
+		len = sizeof(text) - 1;
+	va_start(ap, fmt);
+	vsnprintf(text + len, sizeof(text) - len, fmt, ap);
+	va_end(ap);
+	return raise_text(code, text);
+}
+
+/* -------------------------------------------------------- argument helpers */
+
+const char *pyaeg_tname(PyObject *obj)
+{
+	static char buf[96];    /* the GIL serialises callers */
+	PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(obj), "__name__");
+	const char *s = name != NULL ? PyUnicode_AsUTF8AndSize(name, NULL) : NULL;
+
+	snprintf(buf, sizeof(buf), "%s", s != NULL ? s : "?");
+	if (s == NULL)
+		PyErr_Clear();
+	Py_XDECREF(name);
+	return buf;
+}
+
+int pyaeg_u64(PyObject *obj, const char *what, int allow_zero, uint64_t *out)
+{
+	unsigned long long v;
+	PyObject *zero;
+	int negative;
+
+	if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+		PyErr_Format(PyExc_TypeError, "%s must be an int, not %s", what, pyaeg_tname(obj));
+		return -1;
+	}
+	zero = PyLong_FromLong(0);
+	negative = zero == NULL ? -1 : PyObject_RichCompareBool(obj, zero, Py_LT);
+	Py_XDECREF(zero);
+	if (negative != 0) {
+		if (negative > 0)
+			PyErr_Format(PyExc_ValueError, "%s must not be negative (got %R)", what, obj);
+		return -1;
+	}
+	v = PyLong_AsUnsignedLongLong(obj);
+	if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+		PyErr_Clear();
+		PyErr_Format(PyExc_ValueError, "%s %R does not fit in 64 bits", what, obj);
+		return -1;
+	}
+	if (v == 0 && !allow_zero) {
+		PyErr_Format(PyExc_ValueError, "%s must be greater than 0", what);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+int pyaeg_gpu(PyObject *obj, int *gpu)
+{
+	uint64_t v;
+
+	if (pyaeg_u64(obj, "gpu_id", 1, &v) < 0)
+		return -1;
+	if (v > 1023) {
+		PyErr_Format(PyExc_ValueError, "gpu_id %llu is out of range (0..1023)", (unsigned long long)v);
+		return -1;
+	}
+	*gpu = (int)v;
+	return 0;
+}
+
+int pyaeg_timeout(PyObject *obj, double *seconds)
+{
+	double v;
+
+	if (obj == NULL || obj == Py_None) {
+		*seconds = -1;
+		return 0;
+	}
+	if (!PyLong_Check(obj) && !PyFloat_Check(obj)) {
+		PyErr_Format(PyExc_TypeError, "timeout must be a number of seconds or None, not %s",
+			     pyaeg_tname(obj));
+		return -1;
+	}
+	v = PyFloat_AsDouble(obj);
+	if (v == -1.0 && PyErr_Occurred())
+		return -1;
+	if (isnan(v) || v < 0) {
+		PyErr_Format(PyExc_ValueError, "timeout must be >= 0 seconds or None (got %R)", obj);
+		return -1;
+	}
+	*seconds = v;
+	return 0;
+}
+
+int pyaeg_handle(PyObject *obj, aeg_handle_t *handle)
+{
+	char *data;
+	Py_ssize_t len;
+
+	if (PyBytes_Check(obj)) {
+		if (PyBytes_AsStringAndSize(obj, &data, &len) < 0)
+			return -1;
+	} else if (PyByteArray_Check(obj)) {
+		data = PyByteArray_AsString(obj);
+		len = PyByteArray_Size(obj);
+	} else {
+		PyErr_Format(PyExc_TypeError, "an event handle must be bytes, not %s", pyaeg_tname(obj));
+		return -1;
+	}
+	if (len != AEG_HANDLE_BYTES) {
+		PyErr_Format(PyExc_ValueError, "an event handle has %d bytes, not %zd", AEG_HANDLE_BYTES, len);
+		return -1;
+	}
+	memcpy(handle->bytes, data, AEG_HANDLE_BYTES);
+	return 0;
+}
+
+PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle)
+{
+	return PyBytes_FromStringAndSize((const char *)handle->bytes, AEG_HANDLE_BYTES);
+}
+
+int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
+{
+	PyObject *fast, *item;
+	uint32_t *ids = NULL;
+	Py_ssize_t n;
+	uint64_t v;
+
+	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what,
+			     pyaeg_tname(seq));
+		return -1;
+	}
+	fast = PySequence_List(seq);
+	if (fast == NULL) {
+		if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+			PyErr_Clear();
+			PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what,
+				     pyaeg_tname(seq));
+		}
+		return -1;
+	}
+	n = PyList_Size(fast);
+	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
+	if (ids == NULL) {
+		Py_DECREF(fast);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		item = PyList_GetItem(fast, i);
+		if (pyaeg_u64(item, what, 1, &v) < 0)
+			goto fail;
+		if (v >= max) {
+			PyErr_Format(PyExc_ValueError, "%s[%zd] = %llu is out of range (0..%u)", what, i,
+				     (unsigned long long)v, max - 1);
+			goto fail;
+		}
+		ids[i] = (uint32_t)v;
+	}
+	Py_DECREF(fast);
+	*idsp = ids;
+	*np = (size_t)n;
+	return 0;
+fail:
+	Py_DECREF(fast);
+	PyMem_Free(ids);
+	return -1;
+}
+
+int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value)
+{
+	int rc;
+
+	if (value == NULL)
+		return -1;
+	rc = PyDict_SetItemString(dict, key, value);
+	Py_DECREF(value);
+	return rc;
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds)
+{
+	double deadline = now_s() + seconds, left;
+	int err, slice;
+
+	for (;;) {
+		slice = WAIT_SLICE_MS;
+		if (seconds >= 0) {
+			left = deadline - now_s();
+			if (left * 1000.0 < WAIT_SLICE_MS)
+				slice = left > 0 ? (int)(left * 1000.0) : 0;
+		}
+		Py_BEGIN_ALLOW_THREADS
+		__atomic_add_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
+		err = fn(arg, slice);
+		__atomic_sub_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
+		Py_END_ALLOW_THREADS
+		if (err != AEG_ETIMEDOUT)
+			return err;
+		if (PyErr_CheckSignals() < 0)
+			return PYAEG_SIGNALLED;
+		/* A slice shorter than a millisecond was the last one. */
+		if (seconds >= 0 && (slice < WAIT_SLICE_MS || now_s() >= deadline))
+			return AEG_ETIMEDOUT;
+	}
+}
+
+/* ---------------------------------------------------------------- runtime */
+
+void pyaeg_lock(void)
+{
+	Py_BEGIN_ALLOW_THREADS
+	pthread_mutex_lock(&rt.lock);
+	Py_END_ALLOW_THREADS
+}
+
+void pyaeg_unlock(void)
+{
+	pthread_mutex_unlock(&rt.lock);
+}
+
+void pyaeg_object_born(void)
+{
+	rt.objects++;
+}
+
+void pyaeg_object_gone(void)
+{
+	rt.objects--;
+}
+
+static void res_destroy(struct pyaeg_res *res)
+{
+	/* A cache first (it uses the stream, slab and pool), the pool last. */
+	if (res->kv != NULL)
+		aeg_kv_destroy(res->kv);
+	if (res->stream != NULL)
+		aeg_stream_destroy(res->stream);
+	if (res->slab != NULL && res->job_lease && rt.job != NULL)
+		aeg_job_slab_return(rt.job, res->slab);
+	else if (res->slab != NULL)
+		aeg_slab_destroy(res->slab);
+	if (res->pool != NULL)
+		aeg_pool_destroy(res->pool);
+	res->kv = NULL;
+	res->stream = NULL;
+	res->slab = NULL;
+	res->pool = NULL;
+}
+
+struct pyaeg_res *pyaeg_res_new(void)
+{
+	struct pyaeg_res *res = calloc(1, sizeof(*res));
+
+	if (res == NULL) {
+		PyErr_NoMemory();
+		return NULL;
+	}
+	pyaeg_lock();
+	res->next = rt.res;
+	if (rt.res != NULL)
+		rt.res->prev = res;
+	rt.res = res;
+	pyaeg_unlock();
+	return res;
+}
+
+void pyaeg_res_free(struct pyaeg_res *res)
+{
+	if (res == NULL)
+		return;
+	Py_BEGIN_ALLOW_THREADS
+	pthread_mutex_lock(&rt.lock);
+	res_destroy(res);
+	if (res->prev != NULL)
+		res->prev->next = res->next;
+	else
+		rt.res = res->next;
+	if (res->next != NULL)
+		res->next->prev = res->prev;
+	pthread_mutex_unlock(&rt.lock);
+	Py_END_ALLOW_THREADS
+	free(res);
+}
+
+/* The backend: set_device()/configure(), else $AEGAEON_DEVICE, else the site config. */
+static int choose_kind_locked(enum aeg_device_kind *kind)
+{
+	const char *env = getenv("AEGAEON_DEVICE");
+	int err;
+
+	if (rt.kind_set) {
+		*kind = rt.kind;
+		return 0;
+	}
+	if (env != NULL && env[0] != '\0') {
+		err = aeg_device_kind_parse(env, kind);
+		if (err < 0)
+			pyaeg_raise_msg(err, "AEGAEON_DEVICE=\"%s\": expected \"cuda\" or \"host\"", env);
+		return err;
+	}
+	*kind = rt.cfg.device;
+	return 0;
+}
+
+static void atexit_teardown(void);
+
+/* Anything that still uses the device: objects, views, events, waits. */
+static int busy_locked(void)
+{
+	int busy = rt.objects > 0 || rt.res != NULL || rt.events != NULL || rt.waits > 0;
+
+	for (int i = 0; !busy && i < rt.gpu_count; i++)
+		busy = rt.gpus[i].views > 0;
+	return busy;
+}
+
+static int open_device_locked(void)
+{
+	enum aeg_device_kind kind;
+	struct aeg_config cfg;
+	aeg_device_t *dev = NULL;
+	aeg_job_t *job = NULL;
+	const char *sock;
+	int err, count = 0;
+
+	err = aeg_config_load(&cfg, NULL);
+	if (err < 0) {
+		pyaeg_raise(err);
+		return err;
+	}
+	rt.cfg = cfg;
+	err = choose_kind_locked(&kind);
+	if (err < 0)
+		return err;
+	sock = getenv("AEGAEON_SOCKET");
+	if (rt.attach == 1 || (rt.attach < 0 && sock != NULL && sock[0] != '\0')) {
+		/* Inside an aegaeon job: the agent's slabs, pool and loads, never beside them. */
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_job_attach(&job);
+		if (err == 0)
+			err = aeg_device_count(aeg_job_device(job), &count);
+		Py_END_ALLOW_THREADS
+		if (err < 0) {
+			pyaeg_raise_msg(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
+					sock ? sock : "", aeg_error_detail());
+			if (job != NULL)
+				aeg_job_detach(job);
+			return err;
+		}
+		dev = aeg_job_device(job);
+		if (rt.kind_set && rt.kind != aeg_device_kind(dev)) {
+			pyaeg_raise_msg(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
+					aeg_device_kind_name(rt.kind), aeg_device_kind_name(aeg_device_kind(dev)));
+			aeg_job_detach(job);
+			return AEG_EINVAL;
+		}
+		kind = aeg_device_kind(dev);
+	} else {
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_device_open(&dev, kind);
+		if (err == 0)
+			err = aeg_device_count(dev, &count);
+		Py_END_ALLOW_THREADS
+		if (err < 0) {
+			pyaeg_raise(err);
+			if (dev != NULL)
+				aeg_device_close(dev);
+			return err;
+		}
+	}
+	rt.gpus = calloc((size_t)(count ? count : 1), sizeof(*rt.gpus));
+	if (rt.gpus == NULL) {
+		if (job != NULL)
+			aeg_job_detach(job);
+		else
+			aeg_device_close(dev);
+		PyErr_NoMemory();
+		return AEG_ENOMEM;
+	}
+	rt.job = job;
+	rt.dev = dev;
+	rt.gpu_count = count;
+	rt.kind = kind;
+	if (!rt.atexit_set && Py_AtExit(atexit_teardown) == 0)
+		rt.atexit_set = 1;
+	return 0;
+}
+
+static int device_locked(aeg_device_t **dev)
+{
+	int err = 0;
+
+	if (rt.dev == NULL)
+		err = open_device_locked();
+	if (err < 0)
+		return -1;
+	*dev = rt.dev;
+	return 0;
+}
+
+int pyaeg_device(aeg_device_t **dev)
+{
+	int rc;
+
+	pyaeg_lock();
+	rc = device_locked(dev);
+	pyaeg_unlock();
+	return rc;
+}
+
+static int check_gpu_locked(int gpu)
+{
+	if (gpu >= rt.gpu_count) {
+		pyaeg_raise_msg(AEG_ENODEV, "GPU %d: this process sees %d GPU%s on the %s backend", gpu,
+				rt.gpu_count, rt.gpu_count == 1 ? "" : "s", aeg_device_kind_name(rt.kind));
+		return -1;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------- job */
+
+static int idlist_add(struct idlist *l, uint64_t id)
+{
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? 2 * l->cap : 64;
+		uint64_t *ids = realloc(l->ids, cap * sizeof(*ids));
+
+		if (ids == NULL)
+			return -1;
+		l->ids = ids;
+		l->cap = cap;
+	}
+	l->ids[l->n++] = id;
+	return 0;
+}
+
+static int idlist_remove(struct idlist *l, uint64_t id)
+{
+	for (size_t i = 0; i < l->n; i++) {
+		if (l->ids[i] == id) {
+			l->ids[i] = l->ids[--l->n];
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The job slab of GPU @gpu as this process numbers it; -1 with AegaeonError ENODEV. */
+static int job_index_locked(int gpu)
+{
+	struct aeg_job_slab_desc d;
+	struct aeg_job_info info;
+
+	if (aeg_job_get_info(rt.job, &info) == 0)
+		for (int i = 0; i < info.slabs; i++)
+			if (aeg_job_slab_describe(rt.job, i, &d) == 0 && d.gpu == gpu)
+				return i;
+	aeg_error_clear();
+	pyaeg_raise_msg(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu,
+			info.slabs, info.slabs == 1 ? "" : "s");
+	return -1;
+}
+
+int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab)
+{
+	aeg_device_t *dev;
+	int idx, err, rc = -1;
+
+	pyaeg_lock();
+	if (device_locked(&dev) < 0)
+		goto out;
+	if (rt.job == NULL) {
+		rc = 0;
+		goto out;
+	}
+	if ((idx = job_index_locked(gpu)) < 0)
+		goto out;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_job_slab(rt.job, idx, bytes, slab);
+	Py_END_ALLOW_THREADS
+	if (err < 0)
+		pyaeg_raise(err);
+	else
+		rc = 1;
+out:
+	pyaeg_unlock();
+	return rc;
+}
+
+aeg_pool_t *pyaeg_job_pool(void)
+{
+	aeg_pool_t *pool = NULL;
+	aeg_device_t *dev;
+
+	pyaeg_lock();
+	if (device_locked(&dev) == 0) {
+		if (rt.job == NULL)
+			pyaeg_raise_msg(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set)");
+		else if ((pool = aeg_job_pool(rt.job)) == NULL)
+			pyaeg_raise_msg(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
+	}
+	pyaeg_unlock();
+	return pool;
+}
+
+static int job_prefetch_locked(const char *path, int gpu, uint64_t chunk_bytes, int *idxp,
+			       struct aeg_job_load **loadp)
+{
+	struct aeg_job_load *load = NULL;
+	int idx, err;
+
+	if ((idx = job_index_locked(gpu)) < 0)
+		return -1;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_job_prefetch(rt.job, path, idx, chunk_bytes, &load);
+	Py_END_ALLOW_THREADS
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	for (uint32_t i = 0; i < load->count; i++)
+		if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
+			if (idlist_add(&rt.job_ids[idx], load->chunks[i].slab_id) < 0)
+				aeg_log(AEG_LOG_WARN, "aegaeon_native: out of memory tracking job chunks");
+	*idxp = idx;
+	*loadp = load;
+	return 0;
+}
+
+struct job_release {
+	int idx;
+	const uint64_t *ids;
+	size_t n;
+};
+
+/* A load still in flight holds its blocks: retry until it is done. */
+static int job_release_slice(void *arg, int timeout_ms)
+{
+	struct job_release *r = arg;
+	int err = aeg_job_release(rt.job, r->idx, r->ids, r->n, NULL);
+
+	if (err == AEG_EBUSY) {
+		usleep((unsigned)(timeout_ms < 10 ? timeout_ms : 10) * 1000u);
+		return AEG_ETIMEDOUT;
+	}
+	return err;
+}
+
+/* Release @ids of job slab @idx, waiting for loads in flight; -1 with an exception. */
+static int job_release_locked(int idx, const uint64_t *ids, size_t n, int quiet_enoent)
+{
+	struct job_release r = { idx, ids, n };
+	int err;
+
+	err = pyaeg_wait(job_release_slice, &r, -1);
+	if (err == PYAEG_SIGNALLED)
+		return -1;
+	if (err == AEG_ENOENT && quiet_enoent)
+		err = 0;
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	for (size_t i = 0; i < n; i++)
+		idlist_remove(&rt.job_ids[idx], ids[i]);
+	return 0;
+}
+
+static void drop_loads_locked(struct gpu_state *g, int only_finished)
+{
+	struct aeg_load_progress p;
+
+	for (struct pf_load **pp = &g->loads; *pp != NULL;) {
+		struct pf_load *l = *pp;
+
+		if (only_finished && aeg_load_progress(l->load, &p) == 0 && p.status == AEG_EBUSY) {
+			pp = &l->next;
+			continue;
+		}
+		*pp = l->next;
+		aeg_load_close(l->load);
+		free(l->ids);
+		free(l);
+	}
+}
+
+/* Destroy a GPU's engine and its slab; the GIL may be released (no Python objects touched). */
+static void drop_engine_locked(struct gpu_state *g)
+{
+	drop_loads_locked(g, 0);
+	if (g->pf != NULL)
+		aeg_prefetch_destroy(g->pf);
+	if (g->pf_slab != NULL)
+		aeg_slab_destroy(g->pf_slab);
+	g->pf = NULL;
+	g->pf_slab = NULL;
+}
+
+static void drop_events_locked(void)
+{
+	while (rt.events != NULL) {
+		struct mod_event *e = rt.events;
+
+		rt.events = e->next;
+		aeg_event_destroy(e->ev);
+		free(e);
+	}
+	rt.nevents = 0;
+}
+
+/* Everything the runtime holds; objects still alive are destroyed too. */
+static void teardown_locked(int close_device)
+{
+	drop_events_locked();
+	for (int i = 0; rt.gpus != NULL && i < rt.gpu_count; i++) {
+		drop_engine_locked(&rt.gpus[i]);
+		if (rt.gpus[i].stream != NULL)
+			aeg_stream_destroy(rt.gpus[i].stream);
+		rt.gpus[i].stream = NULL;
+	}
+	if (!close_device)
+		return;
+	for (struct pyaeg_res *r = rt.res; r != NULL; r = r->next)
+		res_destroy(r);
+	if (rt.topo != NULL)
+		aeg_topo_destroy(rt.topo);
+	rt.topo = NULL;
+	rt.topo_tried = 0;
+	/* A daemon thread may still wait on the device: leave it to process exit. */
+	if (rt.dev != NULL && rt.waits == 0) {
+		if (rt.job != NULL)
+			aeg_job_detach(rt.job);     /* closes the device too */
+		else
+			aeg_device_close(rt.dev);
+		rt.job = NULL;
+		for (int i = 0; i < AEG_JOB_MAX_GPUS; i++) {
+			free(rt.job_ids[i].ids);
+			memset(&rt.job_ids[i], 0, sizeof(rt.job_ids[i]));
+		}
+		rt.dev = NULL;
+		free(rt.gpus);
+		rt.gpus = NULL;
+		rt.gpu_count = 0;
+	}
+}
+
+/* Py_AtExit: after the interpreter is gone; no Python API here. */
+static void atexit_teardown(void)
+{
+	pthread_mutex_lock(&rt.lock);
+	teardown_locked(1);
+	while (rt.res != NULL) {
+		struct pyaeg_res *r = rt.res;
+
+		rt.res = r->next;
+		free(r);
+	}
+	pthread_mutex_unlock(&rt.lock);
+}
+
+static int stream_locked(int gpu, aeg_stream_t **stream)
+{
+	struct gpu_state *g = &rt.gpus[gpu];
+	int err = 0;
+
+	if (g->stream == NULL) {
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_stream_create(rt.dev, gpu, &g->stream);
+		Py_END_ALLOW_THREADS
+		if (err < 0) {
+			pyaeg_raise(err);
+			return -1;
+		}
+	}
+	*stream = g->stream;
+	return 0;
+}
+
+/* ------------------------------------------------------------ device choice */
+
+PyDoc_STRVAR(set_device_doc,
+"set_device(kind)\n--\n\n"
+"Choose the device backend: \"cuda\" (GPUs through CUDA) or \"host\" (a real\n"
+"implementation in host memory, for machines without a GPU). Without a call\n"
+"the backend is $AEGAEON_DEVICE, else the `device` key of aegaeon.conf\n"
+"($AEGAEON_CONFIG or /etc/aegaeon/aegaeon.conf), else \"cuda\". The device is\n"
+"opened at first use; switching backends afterwards needs every object of the\n"
+"module gone and release_all_prefetch_events() called (AegaeonError EBUSY\n"
+"otherwise). A cuda backend that fails to open is an error, never host.");
+
+static int set_kind(const char *text)
+{
+	enum aeg_device_kind kind;
+	int busy = 0, err;
+
+	err = aeg_device_kind_parse(text, &kind);
+	if (err < 0) {
+		PyErr_Format(PyExc_ValueError, "device must be \"cuda\" or \"host\", not \"%s\"", text);
+		return -1;
+	}
+	pyaeg_lock();
+	if (rt.dev != NULL && rt.kind != kind) {
+		busy = busy_locked();
+		for (int i = 0; !busy && i < rt.gpu_count; i++)
+			busy = rt.gpus[i].pf != NULL;
+		if (!busy) {
+			Py_BEGIN_ALLOW_THREADS
+			teardown_locked(1);
+			Py_END_ALLOW_THREADS
+		}
+	}
+	if (!busy) {
+		rt.kind = kind;
+		rt.kind_set = 1;
+	}
+	pyaeg_unlock();
+	if (busy) {
+		pyaeg_raise_msg(AEG_EBUSY, "the %s device is in use (objects, prefetched chunks or events alive): release them before switching to %s",
+				aeg_device_kind_name(rt.kind), text);
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *py_set_device(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "kind", NULL };
+	const char *text;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "s:set_device", kwlist, &text))
+		return NULL;
+	if (set_kind(text) < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(device_doc,
+"device() -> str\n--\n\n"
+"The backend in use, \"cuda\" or \"host\"; opens the device if needed.");
+
+static PyObject *py_device(PyObject *self, PyObject *unused)
+{
+	aeg_device_t *dev;
+
+	if (pyaeg_device(&dev) < 0)
+		return NULL;
+	return PyUnicode_FromString(aeg_device_kind_name(aeg_device_kind(dev)));
+}
+
+PyDoc_STRVAR(configure_doc,
+"configure(*, device=None, prefetch_slab=None, prefetch_threads=None, attach=None)\n--\n\n"
+"Settings of the module's own resources. device as set_device().\n"
+"prefetch_slab: size of the slab each GPU's prefetch engine loads into, a\n"
+"size string (\"8GiB\", \"90%\" of the GPU's free memory) or bytes; default\n"
+"$AEGAEON_PREFETCH_SLAB, else aegaeon.conf's slab_default (\"90%\").\n"
+"prefetch_threads: the engine's worker threads (1..256; default aegaeon.conf's\n"
+"prefetch_threads). Prefetch settings apply to engines made later: with one\n"
+"alive, AegaeonError EBUSY (release_all_prefetch_events() drops idle ones).\n"
+"attach: inside an aegaeon job ($AEGAEON_SOCKET set) the module attaches to\n"
+"the job's agent at first use: prefetches, slabs and the pool are the job's.\n"
+"False works in-process instead, True insists on a job; before first use only.");
+
+static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "device", "prefetch_slab", "prefetch_threads", "attach", NULL };
+	PyObject *device = Py_None, *slab = Py_None, *threads = Py_None, *attach = Py_None;
+	struct aeg_size_spec spec;
+	char text[64] = "";
+	uint64_t nthreads = 0;
+	int busy = 0, err;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOOO:configure", kwlist, &device, &slab, &threads,
+					 &attach))
+		return NULL;
+	if (attach != Py_None && !PyBool_Check(attach))
+		return PyErr_Format(PyExc_TypeError, "attach must be True, False or None, not %s", pyaeg_tname(attach));
+	if (device != Py_None && !PyUnicode_Check(device))
+		return PyErr_Format(PyExc_TypeError, "device must be a str, not %s", pyaeg_tname(device));
+	if (slab != Py_None) {
+		if (PyLong_Check(slab) && !PyBool_Check(slab)) {
+			uint64_t bytes;
+
+			if (pyaeg_u64(slab, "prefetch_slab", 0, &bytes) < 0)
+				return NULL;
+			snprintf(text, sizeof(text), "%" PRIu64, bytes);
+		} else if (PyUnicode_Check(slab)) {
+			const char *s = PyUnicode_AsUTF8AndSize(slab, NULL);
+
+			if (s == NULL)
+				return NULL;
+			if (strlen(s) >= sizeof(text))
+				return PyErr_Format(PyExc_ValueError, "prefetch_slab \"%.40s...\" is too long", s);
+			snprintf(text, sizeof(text), "%s", s);
+		} else {
+			return PyErr_Format(PyExc_TypeError, "prefetch_slab must be a size string or an int, not %s",
+					    pyaeg_tname(slab));
+		}
+		err = aeg_size_spec_parse(text, &spec);
+		if (err < 0)
+			return PyErr_Format(PyExc_ValueError, "prefetch_slab: %s", aeg_error_detail());
+		if (!spec.is_percent && spec.bytes == 0)
+			return PyErr_Format(PyExc_ValueError, "prefetch_slab must be greater than 0");
+	}
+	if (threads != Py_None) {
+		if (pyaeg_u64(threads, "prefetch_threads", 0, &nthreads) < 0)
+			return NULL;
+		if (nthreads > 256)
+			return PyErr_Format(PyExc_ValueError, "prefetch_threads %llu is out of range (1..256)",
+					    (unsigned long long)nthreads);
+	}
+	if (attach != Py_None) {
+		int open;
+
+		pyaeg_lock();
+		open = rt.dev != NULL;
+		if (!open)
+			rt.attach = attach == Py_True;
+		pyaeg_unlock();
+		if (open)
+			return pyaeg_raise_msg(AEG_EBUSY, "the device is open already: configure(attach=...) must come first");
+	}
+	if (device != Py_None && set_kind(PyUnicode_AsUTF8AndSize(device, NULL)) < 0)
+		return NULL;
+	pyaeg_lock();
+	for (int i = 0; i < rt.gpu_count; i++)
+		busy |= rt.gpus[i].pf != NULL;
+	if (!busy) {
+		if (text[0] != '\0')
+			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", text);
+		if (nthreads != 0)
+			rt.prefetch_threads = (int)nthreads;
+	}
+	pyaeg_unlock();
+	if (busy && (text[0] != '\0' || nthreads != 0))
+		return pyaeg_raise_msg(AEG_EBUSY, "a prefetch engine exists already: call release_all_prefetch_events() first");
+	Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(gpu_info_doc,
+"gpu_info(gpu_id=0) -> dict\n--\n\n"
+"{\"index\", \"name\", \"total_bytes\", \"free_bytes\", \"pci_bus_id\"} of a GPU\n"
+"of the backend in use. device_count() tells how many there are.");
+
+static PyObject *py_gpu_info(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "gpu_id", NULL };
+	PyObject *gpu_obj = NULL;
+	struct aeg_gpu_info info;
+	aeg_device_t *dev;
+	int gpu = 0, err;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:gpu_info", kwlist, &gpu_obj))
+		return NULL;
+	if (gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0)
+		return NULL;
+	if (pyaeg_device(&dev) < 0)
+		return NULL;
+	err = aeg_device_gpu_info(dev, gpu, &info);
+	if (err < 0)
+		return pyaeg_raise(err);
+	return Py_BuildValue("{s:i,s:s,s:K,s:K,s:s}", "index", info.index, "name", info.name,
+			     "total_bytes", (unsigned long long)info.total_bytes,
+			     "free_bytes", (unsigned long long)info.free_bytes,
+			     "pci_bus_id", info.pci_bus_id);
+}
+
+PyDoc_STRVAR(device_count_doc,
+"device_count() -> int\n--\n\n"
+"GPUs of the backend in use (the host backend shows $AEGAEON_HOST_GPUS, default 1).");
+
+static PyObject *py_device_count(PyObject *self, PyObject *unused)
+{
+	aeg_device_t *dev;
+	int count;
+
+	if (pyaeg_device(&dev) < 0)
+		return NULL;
+	pyaeg_lock();
+	count = rt.gpu_count;
+	pyaeg_unlock();
+	return PyLong_FromLong(count);
+}
+
+/* ------------------------------------------------------------------ events */
+
+PyDoc_STRVAR(create_event_doc,
+"create_event_handle_bytes(gpu_id=0) -> bytes\n--\n\n"
+"Create an interprocess event on a GPU, record it now on the module's stream\n"
+"of that GPU, and return its 64-byte handle. Any process of the same user can\n"
+"wait on it with wait_event_handle_bytes(). The module keeps the event alive\n"
+"until release_event_handle_bytes(handle), release_all_prefetch_events() or\n"
+"interpreter exit.");
+
+static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "gpu_id", NULL };
+	PyObject *gpu_obj = NULL;
+	struct mod_event *e;
+	aeg_stream_t *stream;
+	aeg_device_t *dev;
+	int gpu = 0, err;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:create_event_handle_bytes", kwlist, &gpu_obj))
+		return NULL;
+	if (gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0)
+		return NULL;
+	e = calloc(1, sizeof(*e));
+	if (e == NULL)
+		return PyErr_NoMemory();
+	pyaeg_lock();
+	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0 || stream_locked(gpu, &stream) < 0)
+		goto fail;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_event_create(dev, gpu, &e->ev, &e->handle);
+	if (err == 0) {
+		err = aeg_event_record(e->ev, stream);
+		if (err < 0) {
+			/* keep the record's detail, not the destroy's */
+			char detail[1024];
+
+			snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
+			aeg_event_destroy(e->ev);
+			e->ev = NULL;
+			aeg_log(AEG_LOG_DEBUG, "event record failed: %s", detail);
+		}
+	}
+	Py_END_ALLOW_THREADS
+	if (err < 0) {
+		pyaeg_raise(err);
+		goto fail;
+	}
+	e->next = rt.events;
+	rt.events = e;
+	rt.nevents++;
+	pyaeg_unlock();
+	return pyaeg_handle_bytes(&e->handle);
+fail:
+	pyaeg_unlock();
+	free(e);
+	return NULL;
+}
+
+PyDoc_STRVAR(release_event_doc,
+"release_event_handle_bytes(handle)\n--\n\n"
+"Destroy an event made by create_event_handle_bytes() in this process.\n"
+"AegaeonError ENOENT for a handle the module does not hold.");
+
+static PyObject *py_release_event(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "handle", NULL };
+	struct mod_event *found = NULL;
+	aeg_handle_t handle;
+	PyObject *obj;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O:release_event_handle_bytes", kwlist, &obj))
+		return NULL;
+	if (pyaeg_handle(obj, &handle) < 0)
+		return NULL;
+	pyaeg_lock();
+	for (struct mod_event **pp = &rt.events; *pp != NULL; pp = &(*pp)->next) {
+		if (memcmp((*pp)->handle.bytes, handle.bytes, AEG_HANDLE_BYTES) == 0) {
+			found = *pp;
+			*pp = found->next;
+			rt.nevents--;
+			break;
+		}
+	}
+	if (found != NULL) {
+		Py_BEGIN_ALLOW_THREADS
+		aeg_event_destroy(found->ev);
+		Py_END_ALLOW_THREADS
+	}
+	pyaeg_unlock();
+	if (found == NULL)
+		return pyaeg_raise_msg(AEG_ENOENT, "this process holds no event with that handle (released already, or made elsewhere)");
+	free(found);
+	Py_RETURN_NONE;
+}
+
+struct handle_wait {
+	aeg_device_t *dev;
+	aeg_handle_t handle;
+};
+
+static int wait_handle_slice(void *arg, int timeout_ms)
+{
+	struct handle_wait *w = arg;
+
+	return aeg_event_wait_handle(w->dev, &w->handle, timeout_ms);
+}
+
+PyDoc_STRVAR(wait_event_doc,
+"wait_event_handle_bytes(handle, timeout=None)\n--\n\n"
+"Wait until the event behind a 64-byte handle (from this or another process\n"
+"of the same user) has completed. timeout is in seconds, None waits for ever.\n"
+"The GIL is released while waiting; Ctrl-C interrupts. Raises\n"
+"AegaeonTimeoutError (a TimeoutError) when the time runs out, AegaeonError\n"
+"EBADF for a handle that cannot be opened (its owner released it or exited),\n"
+"or the event's failure (ECANCELED for a cancelled prefetch).");
+
+static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "handle", "timeout", NULL };
+	PyObject *obj, *timeout_obj = Py_None;
+	struct handle_wait w;
+	double seconds;
+	int err;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:wait_event_handle_bytes", kwlist, &obj,
+					 &timeout_obj))
+		return NULL;
+	if (pyaeg_handle(obj, &w.handle) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
+		return NULL;
+	if (pyaeg_device(&w.dev) < 0)
+		return NULL;
+	err = pyaeg_wait(wait_handle_slice, &w, seconds);
+	if (err == PYAEG_SIGNALLED)
+		return NULL;
+	if (err == AEG_ETIMEDOUT)
+		return pyaeg_raise_msg(err, "the event did not complete within %g s", seconds);
+	if (err < 0)
+		return pyaeg_raise(err);
+	Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- prefetch */
+
+static int prefetch_slab_bytes_locked(int gpu, uint64_t *bytes, char *from, size_t from_len)
+{
+	const char *env = getenv("AEGAEON_PREFETCH_SLAB");
+	struct aeg_size_spec spec;
+	struct aeg_gpu_info info;
+	int err;
+
+	if (rt.prefetch_slab[0] != '\0') {
+		snprintf(from, from_len, "configure(prefetch_slab=\"%s\")", rt.prefetch_slab);
+		err = aeg_size_spec_parse(rt.prefetch_slab, &spec);
+	} else if (env != NULL && env[0] != '\0') {
+		snprintf(from, from_len, "AEGAEON_PREFETCH_SLAB=\"%s\"", env);
+		err = aeg_size_spec_parse(env, &spec);
+	} else {
+		snprintf(from, from_len, "slab_default of aegaeon.conf");
+		spec = rt.cfg.slab_default;
+		err = 0;
+	}
+	if (err < 0) {
+		pyaeg_raise_msg(err, "%s: %s", from, aeg_error_detail());
+		return -1;
+	}
+	err = aeg_device_gpu_info(rt.dev, gpu, &info);
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	/* Percentages are of the memory free now: other users of the GPU keep theirs. */
+	err = aeg_size_spec_resolve(&spec, info.free_bytes, bytes);
+	if (err == 0 && *bytes < (1u << 20))
+		err = AEG_EINVAL;
+	if (err < 0) {
+		pyaeg_raise_msg(AEG_EINVAL, "%s gives a prefetch slab under 1 MiB on GPU %d (%" PRIu64 " bytes free)",
+				from, gpu, info.free_bytes);
+		return -1;
+	}
+	*bytes &= ~((uint64_t)(1u << 20) - 1);
+	return 0;
+}
+
+static int engine_locked(int gpu, aeg_prefetch_t **pfp)
+{
+	struct gpu_state *g = &rt.gpus[gpu];
+	struct aeg_prefetch_config cfg;
+	char from[160], size[32];
+	uint64_t bytes;
+	int err;
+
+	if (g->pf != NULL) {
+		*pfp = g->pf;
+		return 0;
+	}
+	if (prefetch_slab_bytes_locked(gpu, &bytes, from, sizeof(from)) < 0)
+		return -1;
+	if (rt.kind == AEG_DEVICE_CUDA && !rt.topo_tried) {
+		rt.topo_tried = 1;
+		if (aeg_topo_load(&rt.topo, NULL) < 0) {
+			aeg_log(AEG_LOG_WARN, "aegaeon_native: no topology (%s): prefetch threads are not bound near the GPU",
+				aeg_error_detail());
+			rt.topo = NULL;
+		}
+	}
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = rt.prefetch_threads ? rt.prefetch_threads : rt.cfg.prefetch_threads;
+	cfg.topo = rt.topo;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_slab_create(rt.dev, gpu, bytes, &g->pf_slab);
+	Py_END_ALLOW_THREADS
+	if (err < 0) {
+		pyaeg_raise_msg(err, "prefetch slab of %s on GPU %d (from %s; set AEGAEON_PREFETCH_SLAB or configure(prefetch_slab=...)): %s",
+				aeg_size_format(bytes, size, sizeof(size)), gpu, from, aeg_error_detail());
+		g->pf_slab = NULL;
+		return -1;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_prefetch_create(g->pf_slab, NULL, &cfg, &g->pf);
+	Py_END_ALLOW_THREADS
+	if (err < 0) {
+		pyaeg_raise(err);
+		aeg_slab_destroy(g->pf_slab);
+		g->pf_slab = NULL;
+		g->pf = NULL;
+		return -1;
+	}
+	*pfp = g->pf;
+	return 0;
+}
+
+/* Start a load; on success the caller holds the lock and gets the load's record. */
+static int start_load_locked(const char *path, int gpu, uint64_t chunk_bytes,
+			     enum aeg_prefetch_format format, struct pf_load **recp)
+{
+	struct aeg_prefetch_options opts;
+	const struct aeg_chunk *chunks;
+	struct pf_load *rec;
+	aeg_prefetch_t *pf;
+	aeg_device_t *dev;
+	uint32_t n;
+	int err;
+
+	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0 || engine_locked(gpu, &pf) < 0)
+		return -1;
+	drop_loads_locked(&rt.gpus[gpu], 1);
+	rec = calloc(1, sizeof(*rec));
+	if (rec == NULL) {
+		PyErr_NoMemory();
+		return -1;
+	}
+	memset(&opts, 0, sizeof(opts));
+	opts.chunk_bytes = chunk_bytes;
+	opts.format = format;
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_prefetch_file(pf, path, &opts, &rec->load);
+	Py_END_ALLOW_THREADS
+	if (err < 0) {
+		free(rec);
+		pyaeg_raise(err);
+		return -1;
+	}
+	chunks = aeg_load_chunks(rec->load, &n);
+	rec->ids = malloc((size_t)(n ? n : 1) * sizeof(*rec->ids));
+	if (rec->ids == NULL) {
+		aeg_load_cancel(rec->load);
+		aeg_load_close(rec->load);
+		free(rec);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		if (rec->nids == 0 || rec->ids[rec->nids - 1] != chunks[i].slab_id)
+			rec->ids[rec->nids++] = chunks[i].slab_id;
+	rec->next = rt.gpus[gpu].loads;
+	rt.gpus[gpu].loads = rec;
+	*recp = rec;
+	return 0;
+}
+
+static int parse_path(PyObject *obj, PyObject **bytes)
+{
+	if (!PyUnicode_Check(obj) && !PyBytes_Check(obj) &&
+	    !PyObject_HasAttrString(obj, "__fspath__")) {
+		PyErr_Format(PyExc_TypeError, "filepath must be a str, bytes or os.PathLike, not %s",
+			     pyaeg_tname(obj));
+		return -1;
+	}
+	return PyUnicode_FSConverter(obj, bytes) ? 0 : -1;
+}
+
+PyDoc_STRVAR(prefetch_doc,
+"prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=32 MiB) -> list\n--\n\n"
+"Start loading a file into the prefetch slab of a GPU and return at once, before\n"
+"the bytes are there: one dict per chunk, in file order,\n"
+"{\"device_ptr\": int, \"size\": int, \"event_handle\": bytes, \"slab_id\": int}.\n"
+"Wait for a chunk with wait_event_handle_bytes(chunk[\"event_handle\"]) (any\n"
+"process of the user); consumers can start on chunk 0 while later chunks load.\n"
+"Safetensors files (*.safetensors) are chunked along tensor boundaries, so\n"
+"several chunks may share a slab_id. Chunks stay on the GPU until\n"
+"release_prefetch_chunks() or release_all_prefetch_events(). The engine's slab\n"
+"is made at the first call for a GPU (see configure()). Errors: AegaeonError\n"
+"ENOENT/EACCES (the file), EINVAL (chunk_bytes over the slab), ENOSPC (slab\n"
+"full; the message has asked vs free), EFORMAT (bad safetensors header).");
+
+static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "filepath", "gpu_id", "chunk_bytes", NULL };
+	PyObject *path_obj, *gpu_obj, *chunk_obj = NULL, *path = NULL, *list = NULL;
+	struct aeg_chunk *copy = NULL;
+	const struct aeg_chunk *chunks;
+	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
+	struct pf_load *rec;
+	aeg_device_t *dev;
+	uint32_t n = 0;
+	int gpu;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:prefetch_file_to_gpu_chunks", kwlist,
+					 &path_obj, &gpu_obj, &chunk_obj))
+		return NULL;
+	if (pyaeg_gpu(gpu_obj, &gpu) < 0 ||
+	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0) ||
+	    parse_path(path_obj, &path) < 0)
+		return NULL;
+	pyaeg_lock();
+	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
+		struct aeg_job_load *load;
+		int idx;
+
+		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &idx, &load) < 0) {
+			pyaeg_unlock();
+			Py_DECREF(path);
+			return NULL;
+		}
+		pyaeg_unlock();
+		Py_DECREF(path);
+		list = PyList_New(load->count);
+		for (uint32_t i = 0; list != NULL && i < load->count; i++) {
+			const struct aeg_job_chunk *c = &load->chunks[i];
+			PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
+						    "device_ptr", (unsigned long long)(uintptr_t)c->ptr,
+						    "size", (unsigned long long)c->size,
+						    "event_handle", (const char *)c->event.bytes,
+						    (Py_ssize_t)AEG_HANDLE_BYTES,
+						    "slab_id", (unsigned long long)c->slab_id);
+
+			if (d == NULL)
+				Py_CLEAR(list);
+			else
+				PyList_SetItem(list, i, d);
+		}
+		aeg_job_load_free(load);
+		return list;
+	}
+	if (PyErr_Occurred() ||
+	    start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &rec) < 0) {
+		pyaeg_unlock();
+		Py_DECREF(path);
+		return NULL;
+	}
+	chunks = aeg_load_chunks(rec->load, &n);
+	copy = malloc((size_t)(n ? n : 1) * sizeof(*copy));
+	if (copy != NULL)
+		memcpy(copy, chunks, (size_t)n * sizeof(*copy));
+	pyaeg_unlock();
+	Py_DECREF(path);
+	if (copy == NULL)
+		return PyErr_NoMemory();
+	list = PyList_New(n);
+	for (uint32_t i = 0; list != NULL && i < n; i++) {
+		PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
+					    "device_ptr", (unsigned long long)(uintptr_t)copy[i].device_ptr,
+					    "size", (unsigned long long)copy[i].size,
+					    "event_handle", (const char *)copy[i].event.bytes,
+					    (Py_ssize_t)AEG_HANDLE_BYTES,
+					    "slab_id", (unsigned long long)copy[i].slab_id);
+
+		if (d == NULL)
+			Py_CLEAR(list);
+		else
+			PyList_SetItem(list, i, d);
+	}
+	free(copy);
+	return list;
+}
+
+/* Which engine holds block @id: its GPU, -1 for none, -2 for more than one. */
+static int owner_gpu_locked(uint64_t id)
+{
+	struct aeg_block b;
+	int found = -1;
+
+	for (int i = 0; i < rt.gpu_count; i++) {
+		if (rt.gpus[i].pf_slab == NULL || aeg_slab_lookup(rt.gpus[i].pf_slab, id, &b) < 0)
+			continue;
+		if (found >= 0)
+			return -2;
+		found = i;
+	}
+	aeg_error_clear();
+	return found;
+}
+
+struct load_wait {
+	aeg_load_t *load;
+};
+
+static int load_wait_slice(void *arg, int timeout_ms)
+{
+	return aeg_load_wait(((struct load_wait *)arg)->load, timeout_ms);
+}
+
+/* Wait for the loads of @g holding any of @ids; -1 for Ctrl-C. */
+static int wait_loads_locked(struct gpu_state *g, const uint64_t *ids, uint32_t n)
+{
+	for (struct pf_load *l = g->loads; l != NULL; l = l->next) {
+		int holds = 0;
+
+		for (uint32_t i = 0; i < n && !holds; i++)
+			for (uint32_t j = 0; j < l->nids && !holds; j++)
+				holds = l->ids[j] == ids[i];
+		if (holds) {
+			struct load_wait w = { l->load };
+
+			if (pyaeg_wait(load_wait_slice, &w, -1) == PYAEG_SIGNALLED)
+				return -1;
+		}
+	}
+	return 0;
+}
+
+static int release_ids_locked(int gpu, const uint64_t *ids, uint32_t n)
+{
+	struct gpu_state *g = &rt.gpus[gpu];
+	int err;
+
+	if (g->pf == NULL) {
+		pyaeg_raise_msg(AEG_ENOENT, "GPU %d has no prefetched chunks (slab id %" PRIu64 ")", gpu, ids[0]);
+		return -1;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	err = aeg_prefetch_release(g->pf, ids, n);
+	Py_END_ALLOW_THREADS
+	if (err == AEG_EBUSY) {
+		/* The seed's callers release a chunk they waited for while the rest of its file loads. */
+		if (wait_loads_locked(g, ids, n) < 0)
+			return -1;
+		Py_BEGIN_ALLOW_THREADS
+		err = aeg_prefetch_release(g->pf, ids, n);
+		Py_END_ALLOW_THREADS
+	}
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	drop_loads_locked(g, 1);
+	return 0;
+}
+
+/* The job's form of release_prefetch_chunks: ids by job slab, this process's loads first. */
+static int job_release_ids_locked(uint64_t *ids, Py_ssize_t m, int gpu)
+{
+	struct aeg_job_info info;
+	uint64_t *group;
+	int *slab;
+	int rc = -1;
+
+	aeg_job_get_info(rt.job, &info);
+	slab = PyMem_Malloc((size_t)m * sizeof(*slab));
+	group = PyMem_Malloc((size_t)m * sizeof(*group));
+	if (slab == NULL || group == NULL) {
+		PyMem_Free(slab);
+		PyMem_Free(group);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < m; i++) {
+		slab[i] = -1;
+		if (gpu >= 0) {
+			slab[i] = job_index_locked(gpu);
+			if (slab[i] < 0)
+				goto out;
+			continue;
+		}
+		for (int j = 0; j < info.slabs && slab[i] < 0; j++)
+			for (size_t k = 0; k < rt.job_ids[j].n && slab[i] < 0; k++)
+				if (rt.job_ids[j].ids[k] == ids[i])
+					slab[i] = j;
+		if (slab[i] < 0 && info.slabs == 1)
+			slab[i] = 0;
+		if (slab[i] < 0) {
+			PyErr_Format(PyExc_ValueError, "slab id %llu was not prefetched by this process and the job has %d slabs: pass gpu_id",
+				     (unsigned long long)ids[i], info.slabs);
+			goto out;
+		}
+	}
+	for (int j = 0; j < info.slabs; j++) {
+		size_t k = 0;
+
+		for (Py_ssize_t i = 0; i < m; i++)
+			if (slab[i] == j)
+				group[k++] = ids[i];
+		if (k > 0 && job_release_locked(j, group, k, 0) < 0)
+			goto out;
+	}
+	rc = 0;
+out:
+	PyMem_Free(slab);
+	PyMem_Free(group);
+	return rc;
+}
+
+PyDoc_STRVAR(release_chunks_doc,
+"release_prefetch_chunks(slab_ids, gpu_id=None)\n--\n\n"
+"Free the slab blocks (and the chunks' events) of the given slab ids from\n"
+"prefetch_file_to_gpu_chunks(). A chunk whose file is still loading is\n"
+"released once that load has finished (the GIL is released meanwhile). All ids\n"
+"are checked first: an id no chunk holds is AegaeonError ENOENT and then\n"
+"nothing is released. gpu_id is needed only when prefetches on several GPUs\n"
+"hold the same id (ValueError otherwise). Repeated ids count once.");
+
+static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "slab_ids", "gpu_id", NULL };
+	PyObject *seq, *gpu_obj = Py_None, *fast = NULL;
+	uint64_t *ids = NULL;
+	int *owner = NULL, gpu = -1, rc = -1;
+	Py_ssize_t n = 0, m = 0;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:release_prefetch_chunks", kwlist, &seq, &gpu_obj))
+		return NULL;
+	if (gpu_obj != Py_None && pyaeg_gpu(gpu_obj, &gpu) < 0)
+		return NULL;
+	if (PyLong_Check(seq) || PyUnicode_Check(seq) || PyBytes_Check(seq) ||
+	    (fast = PySequence_List(seq)) == NULL) {
+		PyErr_Clear();
+		return PyErr_Format(PyExc_TypeError, "slab_ids must be a list of ints, not %s",
+				    pyaeg_tname(seq));
+	}
+	n = PyList_Size(fast);
+	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
+	owner = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*owner));
+	if (ids == NULL || owner == NULL) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		uint64_t v;
+		int dup = 0;
+
+		if (pyaeg_u64(PyList_GetItem(fast, i), "slab id", 1, &v) < 0)
+			goto out;
+		for (Py_ssize_t j = 0; j < m && !dup; j++)
+			dup = ids[j] == v;
+		if (!dup)
+			ids[m++] = v;
+	}
+	if (m == 0) {
+		rc = 0;
+		goto out;
+	}
+	pyaeg_lock();
+	if (gpu >= 0 && rt.dev != NULL && check_gpu_locked(gpu) < 0)
+		goto unlock;
+	if (rt.job != NULL) {
+		rc = job_release_ids_locked(ids, m, gpu);
+		goto unlock;
+	}
+	for (Py_ssize_t i = 0; i < m; i++) {
+		owner[i] = gpu >= 0 ? gpu : owner_gpu_locked(ids[i]);
+		if (owner[i] == -2) {
+			PyErr_Format(PyExc_ValueError, "slab id %llu is held by prefetches on several GPUs: pass gpu_id",
+				     (unsigned long long)ids[i]);
+			goto unlock;
+		}
+		if (owner[i] == -1 || rt.dev == NULL) {
+			pyaeg_raise_msg(AEG_ENOENT, "slab id %llu holds no prefetched chunk (released already?)",
+					(unsigned long long)ids[i]);
+			goto unlock;
+		}
+	}
+	/* One library call per GPU, in the order the GPUs first appear. */
+	for (Py_ssize_t i = 0; i < m; i++) {
+		Py_ssize_t k = 0;
+
+		if (owner[i] < 0)
+			continue;
+		for (Py_ssize_t j = i; j < m; j++) {
+			if (owner[j] == owner[i] && j != i) {
+				uint64_t t = ids[j];
+
+				ids[j] = ids[i + 1 + k];
+				ids[i + 1 + k] = t;
+				owner[j] = owner[i + 1 + k];
+				owner[i + 1 + k] = -3;
+				k++;
+			}
+		}
+		if (release_ids_locked(owner[i], &ids[i], (uint32_t)(k + 1)) < 0)
+			goto unlock;
+		i += k;
+	}
+	rc = 0;
+unlock:
+	pyaeg_unlock();
+out:
+	Py_XDECREF(fast);
+	PyMem_Free(ids);
+	PyMem_Free(owner);
+	if (rc < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(release_all_doc,
+"release_all_prefetch_events()\n--\n\n"
+"Cancel loads in flight and release every prefetched chunk and its event on\n"
+"every GPU, and destroy the events of create_event_handle_bytes(). In a job,\n"
+"the chunks this process prefetched through the agent (other steps' stay). A GPU's\n"
+"prefetch slab is freed too once no chunk_view() or load_safetensors() view\n"
+"of it is alive. Views of released chunks must not be read any more.");
+
+static PyObject *py_release_all(PyObject *self, PyObject *unused)
+{
+	int err = 0;
+
+	pyaeg_lock();
+	for (int i = 0; i < rt.gpu_count; i++) {
+		struct gpu_state *g = &rt.gpus[i];
+		int e = 0;
+
+		if (g->pf == NULL)
+			continue;
+		Py_BEGIN_ALLOW_THREADS
+		if (g->views == 0) {
+			drop_engine_locked(g);
+		} else {
+			e = aeg_prefetch_release_all(g->pf);
+			drop_loads_locked(g, 0);
+		}
+		Py_END_ALLOW_THREADS
+		if (e < 0 && err == 0) {
+			err = e;
+			pyaeg_raise(e);
+		}
+	}
+	/* In a job: the chunks this process loaded; other steps' stay. */
+	for (int j = 0; rt.job != NULL && err == 0 && j < AEG_JOB_MAX_GPUS; j++) {
+		while (rt.job_ids[j].n > 0) {
+			uint64_t id = rt.job_ids[j].ids[0];
+
+			if (job_release_locked(j, &id, 1, 1) < 0) {
+				err = -1;
+				break;
+			}
+		}
+	}
+	Py_BEGIN_ALLOW_THREADS
+	drop_events_locked();
+	Py_END_ALLOW_THREADS
+	pyaeg_unlock();
+	if (err < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------- chunk views */
+
+PyDoc_STRVAR(chunk_view_doc,
+"chunk_view(chunk, dtype=\"U8\") -> DeviceArray\n--\n\n"
+"A zero-copy DeviceArray over a chunk dict of prefetch_file_to_gpu_chunks()\n"
+"(one dimension of the chunk's bytes, as dtype), for torch.as_tensor() (cuda)\n"
+"or numpy.asarray() (host). Wait on the chunk's event before reading it; the\n"
+"view does not keep the chunk from being released.");
+
+static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "chunk", "dtype", NULL };
+	PyObject *chunk, *v;
+	const char *dtype = "U8";
+	uint64_t ptr, size, id;
+	struct aeg_block b;
+	int gpu = -1;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|s:chunk_view", kwlist, &chunk, &dtype))
+		return NULL;
+	if (!PyDict_Check(chunk))
+		return PyErr_Format(PyExc_TypeError, "chunk must be a dict from prefetch_file_to_gpu_chunks(), not %s",
+				    pyaeg_tname(chunk));
+	if ((v = PyDict_GetItemString(chunk, "device_ptr")) == NULL || pyaeg_u64(v, "device_ptr", 1, &ptr) < 0 ||
+	    (v = PyDict_GetItemString(chunk, "size")) == NULL || pyaeg_u64(v, "size", 1, &size) < 0 ||
+	    (v = PyDict_GetItemString(chunk, "slab_id")) == NULL || pyaeg_u64(v, "slab_id", 1, &id) < 0) {
+		if (!PyErr_Occurred())
+			PyErr_SetString(PyExc_ValueError, "chunk must have device_ptr, size and slab_id");
+		return NULL;
+	}
+	pyaeg_lock();
+	if (rt.job != NULL) {
+		struct aeg_job_info info;
+		struct aeg_job_slab_desc d;
+
+		aeg_job_get_info(rt.job, &info);
+		for (int i = 0; i < info.slabs && gpu < 0; i++) {
+			uintptr_t start;
+
+			if (aeg_job_slab_describe(rt.job, i, &d) < 0 || d.base == NULL || d.gpu < 0)
+				continue;
+			start = (uintptr_t)d.base;
+			if (ptr >= start && size <= d.bytes && ptr - start <= d.bytes - size)
+				gpu = d.gpu;
+		}
+	}
+	for (int i = 0; rt.dev != NULL && rt.job == NULL && i < rt.gpu_count && gpu < 0; i++) {
+		uintptr_t start;
+
+		if (rt.gpus[i].pf_slab == NULL || aeg_slab_lookup(rt.gpus[i].pf_slab, id, &b) < 0)
+			continue;
+		start = (uintptr_t)b.ptr;
+		if (ptr >= start && size <= b.size && ptr - start <= b.size - size)
+			gpu = i;
+	}
+	aeg_error_clear();
+	pyaeg_unlock();
+	if (gpu < 0)
+		return pyaeg_raise_msg(AEG_ENOENT, "no live prefetched chunk has slab id %llu with %llu bytes at 0x%llx",
+				       (unsigned long long)id, (unsigned long long)size, (unsigned long long)ptr);
+	/* rt.gpus stays while views count on it: the device closes only with none alive. */
+	return pyaeg_array_new(NULL, &rt.gpus[gpu].views, (void *)(uintptr_t)ptr, size, gpu,
+			       rt.kind == AEG_DEVICE_HOST, dtype, 0, NULL, 0);
+}
+
+/* ------------------------------------------------------------ safetensors */
+
+/*
+ * The owner of a load_safetensors() dict's views: its blocks are released
+ * when the last view goes.
+ */
+typedef struct {
+	PyObject_HEAD
+	int gpu;
+	uint64_t *ids;
+	uint32_t nids;
+	int job_index;                  /* job slab of the blocks; -1: this process's engine */
+	Py_ssize_t views;
+} TensorsObject;
+
+static PyObject *tensors_type;
+
+static void tensors_dealloc(PyObject *self)
+{
+	TensorsObject *t = (TensorsObject *)self;
+	PyTypeObject *tp = Py_TYPE(self);
+	freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+
+	pyaeg_lock();
+	if (rt.gpus != NULL && t->gpu < rt.gpu_count) {
+		struct gpu_state *g = &rt.gpus[t->gpu];
+
+		if (t->job_index >= 0 && rt.job != NULL) {
+			/* one by one: release_all_prefetch_events() may have taken some */
+			for (uint32_t i = 0; i < t->nids; i++) {
+				if (!idlist_remove(&rt.job_ids[t->job_index], t->ids[i]))
+					continue;
+				Py_BEGIN_ALLOW_THREADS
+				aeg_job_release(rt.job, t->job_index, &t->ids[i], 1, NULL);
+				aeg_error_clear();
+				Py_END_ALLOW_THREADS
+			}
+		} else if (g->pf != NULL && t->nids > 0) {
+			/* ENOENT: release_all_prefetch_events() came first. */
+			Py_BEGIN_ALLOW_THREADS
+			aeg_prefetch_release(g->pf, t->ids, t->nids);
+			aeg_error_clear();
+			Py_END_ALLOW_THREADS
+		}
+		g->views--;
+		drop_loads_locked(g, 1);
+	}
+	rt.objects--;
+	pyaeg_unlock();
+	free(t->ids);
+	tp_free(self);
+	Py_DECREF(tp);
+}
+
+static PyType_Slot tensors_slots[] = {
+	{ Py_tp_dealloc, tensors_dealloc },
+	{ Py_tp_doc, "Holder of the GPU blocks of a load_safetensors() result (internal)." },
+	{ 0, NULL },
+};
+
+static PyType_Spec tensors_spec = {
+	.name = "aegaeon_native._SafetensorsLoad",
+	.basicsize = sizeof(TensorsObject),
+	.flags = Py_TPFLAGS_DEFAULT,
+	.slots = tensors_slots,
+};
+
+/* The job's load_safetensors: wait for the agent's chunks, place the file's tensors in them. */
+static PyObject *job_tensors(TensorsObject *owner, const struct aeg_job_load *load, const char *path,
+			     int gpu, int host, aeg_device_t *dev)
+{
+	struct aeg_st_header hdr;
+	PyObject *dict = NULL;
+	struct stat st;
+	int fd, err;
+
+	for (uint32_t i = 0; i < load->count; i++) {
+		struct handle_wait w = { dev, load->chunks[i].event };
+
+		err = pyaeg_wait(wait_handle_slice, &w, -1);
+		if (err == PYAEG_SIGNALLED)
+			return NULL;
+		if (err < 0)
+			return pyaeg_raise(err);
+	}
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return pyaeg_raise_msg(-errno, "%s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		err = -errno;
+		close(fd);
+		return pyaeg_raise_msg(err, "%s: %s", path, strerror(-err));
+	}
+	err = aeg_st_read(fd, (uint64_t)st.st_size, &hdr);
+	close(fd);
+	if (err < 0)
+		return pyaeg_raise(err);
+	dict = PyDict_New();
+	for (size_t i = 0; dict != NULL && i < hdr.count; i++) {
+		const struct aeg_st_tensor *t = &hdr.tensors[i];
+		uint64_t at = hdr.data_offset + t->begin, bytes = t->end - t->begin;
+		void *ptr = NULL;
+		PyObject *arr;
+
+		for (uint32_t c = 0; c < load->count && ptr == NULL; c++) {
+			const struct aeg_job_chunk *ch = &load->chunks[c];
+
+			if (at >= ch->file_offset && at - ch->file_offset < ch->size + (bytes == 0))
+				ptr = (char *)ch->ptr + (at - ch->file_offset);
+		}
+		if (ptr == NULL && bytes > 0) {
+			pyaeg_raise_msg(AEG_ESTALE, "%s: tensor \"%s\" at byte %llu is in no chunk the agent loaded (the file changed?)",
+					path, t->name, (unsigned long long)at);
+			Py_CLEAR(dict);
+			break;
+		}
+		arr = pyaeg_array_new((PyObject *)owner, &owner->views, ptr, bytes, gpu, host, t->dtype, t->ndim,
+				      t->shape, 0);
+		if (pyaeg_dict_set(dict, t->name, arr) < 0)
+			Py_CLEAR(dict);
+	}
+	aeg_st_free(&hdr);
+	return dict;
+}
+
+PyDoc_STRVAR(load_safetensors_doc,
+"load_safetensors(path, gpu_id=0, chunk_bytes=32 MiB) -> dict\n--\n\n"
+"Load a safetensors file into the prefetch slab of a GPU and return\n"
+"{name: DeviceArray} in file order, each a zero-copy view with the tensor's\n"
+"dtype and shape (torch.as_tensor / torch.from_dlpack on cuda, numpy on host).\n"
+"Returns once every byte is on the GPU (the GIL is released meanwhile; Ctrl-C\n"
+"cancels the load). The tensors' GPU memory is released when the last view is\n"
+"collected (or by release_all_prefetch_events()). The header is checked\n"
+"strictly: a malformed file is AegaeonError EFORMAT with what is wrong.");
+
+static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "path", "gpu_id", "chunk_bytes", NULL };
+	PyObject *path_obj, *gpu_obj = NULL, *chunk_obj = NULL, *path = NULL, *dict = NULL;
+	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
+	const struct aeg_tensor *tensors;
+	TensorsObject *owner = NULL;
+	struct load_wait w;
+	struct pf_load *rec;
+	aeg_device_t *dev;
+	uint32_t n;
+	int gpu = 0, err, host;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO:load_safetensors", kwlist, &path_obj, &gpu_obj,
+					 &chunk_obj))
+		return NULL;
+	if ((gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0) ||
+	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0) ||
+	    parse_path(path_obj, &path) < 0)
+		return NULL;
+	owner = PyObject_New(TensorsObject, (PyTypeObject *)tensors_type);
+	if (owner == NULL) {
+		Py_DECREF(path);
+		return NULL;
+	}
+	owner->gpu = gpu;
+	owner->ids = NULL;
+	owner->nids = 0;
+	owner->job_index = -1;
+	owner->views = 0;
+	pyaeg_lock();
+	rt.objects++;
+	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
+		struct aeg_job_load *load;
+
+		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &owner->job_index, &load) < 0) {
+			owner->gpu = INT32_MAX;
+			owner->job_index = -1;
+			pyaeg_unlock();
+			goto fail;
+		}
+		rt.gpus[gpu].views++;
+		owner->ids = malloc((size_t)(load->count ? load->count : 1) * sizeof(*owner->ids));
+		for (uint32_t i = 0; owner->ids != NULL && i < load->count; i++)
+			if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
+				owner->ids[owner->nids++] = load->chunks[i].slab_id;
+		host = rt.kind == AEG_DEVICE_HOST;
+		pyaeg_unlock();
+		dict = owner->ids == NULL ? PyErr_NoMemory() :
+		       job_tensors(owner, load, PyBytes_AsString(path), gpu, host, dev);
+		aeg_job_load_free(load);
+		Py_DECREF(owner);
+		Py_DECREF(path);
+		return dict;
+	}
+	if (PyErr_Occurred() ||
+	    start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &rec) < 0) {
+		owner->gpu = INT32_MAX;         /* nothing to release */
+		pyaeg_unlock();
+		goto fail;
+	}
+	rt.gpus[gpu].views++;
+	owner->ids = malloc((size_t)(rec->nids ? rec->nids : 1) * sizeof(*owner->ids));
+	if (owner->ids != NULL) {
+		memcpy(owner->ids, rec->ids, (size_t)rec->nids * sizeof(*owner->ids));
+		owner->nids = rec->nids;
+	}
+	host = rt.kind == AEG_DEVICE_HOST;
+	w.load = rec->load;
+	/* The load runs on; the lock is not needed to wait on its own handle. */
+	pyaeg_unlock();
+	if (owner->ids == NULL) {
+		PyErr_NoMemory();
+		aeg_load_cancel(w.load);
+		goto fail_wait;
+	}
+	err = pyaeg_wait(load_wait_slice, &w, -1);
+	if (err == PYAEG_SIGNALLED) {
+		aeg_load_cancel(w.load);
+		goto fail_wait;
+	}
+	if (err < 0) {
+		pyaeg_raise(err);
+		goto fail;
+	}
+	tensors = aeg_load_tensors(w.load, &n);
+	dict = PyDict_New();
+	for (uint32_t i = 0; dict != NULL && i < n; i++) {
+		PyObject *arr = pyaeg_array_new((PyObject *)owner, &owner->views, tensors[i].device_ptr,
+						tensors[i].size, gpu, host, tensors[i].dtype,
+						tensors[i].ndim, tensors[i].shape, 0);
+
+		if (pyaeg_dict_set(dict, tensors[i].name, arr) < 0)
+			Py_CLEAR(dict);
+	}
+	Py_DECREF(owner);
+	Py_DECREF(path);
+	return dict;
+fail_wait:
+	{
+		/* Cancelled loads end quickly; their blocks are then released by the owner. */
+		struct load_wait cw = w;
+
+		Py_BEGIN_ALLOW_THREADS
+		aeg_load_wait(cw.load, -1);
+		Py_END_ALLOW_THREADS
+	}
+fail:
+	Py_DECREF(owner);
+	Py_DECREF(path);
+	return NULL;
+}
+
+/* ------------------------------------------------------------------- stats */
+
+PyDoc_STRVAR(stats_doc,
+"stats() -> dict\n--\n\n"
+"What the module holds now: {\"device\": \"cuda\"|\"host\"|None, \"events\": int\n"
+"(create_event_handle_bytes events alive), \"objects\": int (SlabAllocator,\n"
+"PinnedPool, KVCache and load_safetensors results alive), \"prefetch\": {gpu:\n"
+"{\"slab_bytes\", \"chunks\", \"blocks\", \"block_bytes\", \"loads\",\n"
+"\"loads_in_flight\", \"views\"}} for GPUs with a prefetch engine, \"job\": None\n"
+"or, attached to a job, {\"job_id\", \"agent_pid\", \"slabs\", \"blocks\" (job slab\n"
+"blocks this process prefetched and holds)}}.");
+
+static PyObject *py_stats(PyObject *self, PyObject *unused)
+{
+	PyObject *d = NULL, *pf = NULL, *job = NULL;
+
+	pyaeg_lock();
+	pf = PyDict_New();
+	for (int i = 0; pf != NULL && i < rt.gpu_count; i++) {
+		struct aeg_prefetch_stats s;
+		PyObject *g, *key;
+
+		if (rt.gpus[i].pf == NULL || aeg_prefetch_stats(rt.gpus[i].pf, &s) < 0)
+			continue;
+		g = Py_BuildValue("{s:K,s:K,s:K,s:K,s:I,s:I,s:n}",
+				  "slab_bytes", (unsigned long long)aeg_slab_bytes(rt.gpus[i].pf_slab),
+				  "chunks", (unsigned long long)s.chunks, "blocks", (unsigned long long)s.blocks,
+				  "block_bytes", (unsigned long long)s.block_bytes, "loads", s.loads,
+				  "loads_in_flight", s.loads_in_flight, "views", rt.gpus[i].views);
+		key = PyLong_FromLong(i);
+		if (g == NULL || key == NULL || PyDict_SetItem(pf, key, g) < 0)
+			Py_CLEAR(pf);
+		Py_XDECREF(g);
+		Py_XDECREF(key);
+	}
+	if (pf != NULL && rt.job != NULL) {
+		struct aeg_job_info info;
+		size_t held = 0;
+
+		aeg_job_get_info(rt.job, &info);
+		for (int j = 0; j < AEG_JOB_MAX_GPUS; j++)
+			held += rt.job_ids[j].n;
+		job = Py_BuildValue("{s:s,s:l,s:i,s:n}", "job_id", info.job_id, "agent_pid", info.agent_pid,
+				    "slabs", info.slabs, "blocks", (Py_ssize_t)held);
+	} else if (pf != NULL) {
+		job = Py_None;
+		Py_INCREF(job);
+	}
+	if (pf != NULL && job != NULL)
+		d = Py_BuildValue("{s:s,s:K,s:l,s:O,s:O}",
+				  "device", rt.dev ? aeg_device_kind_name(rt.kind) : NULL,
+				  "events", (unsigned long long)rt.nevents, "objects", rt.objects,
+				  "prefetch", pf, "job", job);
+	Py_XDECREF(job);
+	pyaeg_unlock();
+	Py_XDECREF(pf);
+	return d;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+	{ "set_device", (PyCFunction)(void (*)(void))py_set_device, METH_VARARGS | METH_KEYWORDS, set_device_doc },
+	{ "device", py_device, METH_NOARGS, device_doc },
+	{ "configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS, configure_doc },
+	{ "device_count", py_device_count, METH_NOARGS, device_count_doc },
+	{ "gpu_info", (PyCFunction)(void (*)(void))py_gpu_info, METH_VARARGS | METH_KEYWORDS, gpu_info_doc },
+	{ "create_event_handle_bytes", (PyCFunction)(void (*)(void))py_create_event,
+	  METH_VARARGS | METH_KEYWORDS, create_event_doc },
+	{ "release_event_handle_bytes", (PyCFunction)(void (*)(void))py_release_event,
+	  METH_VARARGS | METH_KEYWORDS, release_event_doc },
+	{ "wait_event_handle_bytes", (PyCFunction)(void (*)(void))py_wait_event,
+	  METH_VARARGS | METH_KEYWORDS, wait_event_doc },
+	{ "prefetch_file_to_gpu_chunks", (PyCFunction)(void (*)(void))py_prefetch,
+	  METH_VARARGS | METH_KEYWORDS, prefetch_doc },
+	{ "release_prefetch_chunks", (PyCFunction)(void (*)(void))py_release_chunks,
+	  METH_VARARGS | METH_KEYWORDS, release_chunks_doc },
+	{ "release_all_prefetch_events", py_release_all, METH_NOARGS, release_all_doc },
+	{ "chunk_view", (PyCFunction)(void (*)(void))py_chunk_view, METH_VARARGS | METH_KEYWORDS, chunk_view_doc },
+	{ "load_safetensors", (PyCFunction)(void (*)(void))py_load_safetensors,
+	  METH_VARARGS | METH_KEYWORDS, load_safetensors_doc },
+	{ "stats", py_stats, METH_NOARGS, stats_doc },
+	{ NULL, NULL, 0, NULL },
+};
+
+/* Interpreter shutdown: prefetched chunks and events go now, the rest at Py_AtExit. */
+static void module_free(void *unused)
+{
+	Py_BEGIN_ALLOW_THREADS
+	pthread_mutex_lock(&rt.lock);
+	teardown_locked(!busy_locked());
+	pthread_mutex_unlock(&rt.lock);
+	Py_END_ALLOW_THREADS
+}
+
+PyDoc_STRVAR(module_doc,
+"aegaeon_native: GPU slabs, pinned host pools, chunked model prefetch,\n"
+"interprocess CUDA events and KV-cache swap from Python (libaegaeon).\n\n"
+"The seed API of Aegaeon's native module: SlabAllocator, PinnedPool, KVCache,\n"
+"create_event_handle_bytes, wait_event_handle_bytes,\n"
+"prefetch_file_to_gpu_chunks, release_prefetch_chunks,\n"
+"release_all_prefetch_events; plus load_safetensors, chunk_view and the\n"
+"DeviceArray zero-copy view (__cuda_array_interface__, DLPack).\n"
+"Errors are AegaeonError (an OSError) with the library's code (.code, .name)\n"
+"and message; AegaeonTimeoutError is also a TimeoutError, AegaeonValueError\n"
+"also a ValueError. The backend is chosen by set_device(), $AEGAEON_DEVICE or\n"
+"aegaeon.conf (see docs/python.md).");
+
+static struct PyModuleDef moduledef = {
+	PyModuleDef_HEAD_INIT,
+	.m_name = "aegaeon_native",
+	.m_doc = module_doc,
+	.m_size = 0,
+	.m_methods = methods,
+	.m_free = module_free,
+};
+
+static PyObject *new_error(PyObject *module, const char *name, const char *doc, PyObject *bases)
+{
+	char full[64];
+	PyObject *type;
+
+	snprintf(full, sizeof(full), "aegaeon_native.%s", name);
+	type = PyErr_NewExceptionWithDoc(full, doc, bases, NULL);
+	if (type == NULL)
+		return NULL;
+	Py_INCREF(type);
+	if (PyModule_AddObject(module, name, type) < 0) {
+		Py_DECREF(type);
+		Py_DECREF(type);
+		return NULL;
+	}
+	return type;
+}
+
+PyMODINIT_FUNC PyInit_aegaeon_native(void);
+
+PyMODINIT_FUNC PyInit_aegaeon_native(void)
+{
+	PyObject *m, *bases;
+
+	m = PyModule_Create(&moduledef);
+	if (m == NULL)
+		return NULL;
+	pyaeg_error_type = new_error(m, "AegaeonError",
+		"An aegaeon library error, an OSError. errno is the errno value for codes\n"
+		"that have one (ENOSPC, ETIMEDOUT, ...), else None; code is the library's\n"
+		"(negative) code and name its symbol (\"AEG_ENOSPC\", \"AEG_EDEVICE\");\n"
+		"the message says what failed, which value and which limit.",
+		PyExc_OSError);
+	if (pyaeg_error_type == NULL)
+		goto fail;
+	bases = Py_BuildValue("(OO)", pyaeg_error_type, PyExc_TimeoutError);
+	timeout_error_type = bases ? new_error(m, "AegaeonTimeoutError",
+		"A wait that ran out of time: an AegaeonError and a TimeoutError.", bases) : NULL;
+	Py_XDECREF(bases);
+	if (timeout_error_type == NULL)
+		goto fail;
+	bases = Py_BuildValue("(OO)", pyaeg_error_type, PyExc_ValueError);
+	value_error_type = bases ? new_error(m, "AegaeonValueError",
+		"A value the library rejected (AEG_EINVAL, AEG_ERANGE): an AegaeonError and a ValueError.",
+		bases) : NULL;
+	Py_XDECREF(bases);
+	if (value_error_type == NULL)
+		goto fail;
+	tensors_type = PyType_FromSpec(&tensors_spec);
+	if (tensors_type == NULL)
+		goto fail;
+	if (pyaeg_array_init_type(m) < 0 || pyaeg_slab_init_type(m) < 0 ||
+	    pyaeg_pool_init_type(m) < 0 || pyaeg_kv_init_type(m) < 0)
+		goto fail;
+	if (PyModule_AddStringConstant(m, "__version__", aeg_version()) < 0 ||
+	    PyModule_AddIntConstant(m, "HANDLE_BYTES", AEG_HANDLE_BYTES) < 0 ||
+	    PyModule_AddIntConstant(m, "DEFAULT_CHUNK_BYTES", (long)DEFAULT_CHUNK_BYTES) < 0)
+		goto fail;
+	return m;
+fail:
+	Py_DECREF(m);
+	return NULL;
+}

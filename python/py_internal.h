@@ -1,0 +1,92 @@
+/* Shared declarations of the aegaeon_native extension's files; never installed. */
+#ifndef AEGAEON_PY_INTERNAL_H
+#define AEGAEON_PY_INTERNAL_H
+
+/* The stable ABI of 3.10: one build loads in 3.10, 3.11, 3.12 and later. */
+#define Py_LIMITED_API 0x030a0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/attach.h>
+
+/*
+ * C resources of one Python object, listed in the runtime so that whatever
+ * Python never collects is still destroyed at interpreter exit, in reverse
+ * order of creation (a KV cache before the slab it took its blocks from).
+ */
+struct pyaeg_res {
+	struct pyaeg_res *prev, *next;
+	aeg_kv_t *kv;
+	aeg_stream_t *stream;
+	aeg_slab_t *slab;
+	int job_lease;                  /* slab is a lease of a job slab (aeg_job_slab) */
+	aeg_pool_t *pool;
+};
+
+/* Errors and argument helpers (aegaeon_native.c). */
+extern PyObject *pyaeg_error_type;          /* AegaeonError(OSError) */
+PyObject *pyaeg_raise(int code);            /* raise the library's code and detail; NULL */
+PyObject *pyaeg_raise_msg(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *pyaeg_tname(PyObject *obj);   /* type name for messages (valid until the next call) */
+int pyaeg_u64(PyObject *obj, const char *what, int allow_zero, uint64_t *out);
+int pyaeg_gpu(PyObject *obj, int *gpu);
+int pyaeg_timeout(PyObject *obj, double *seconds);           /* None -> -1 */
+int pyaeg_handle(PyObject *obj, aeg_handle_t *handle);
+PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle);
+int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **ids, size_t *n);
+int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value);  /* steals value */
+
+/*
+ * pyaeg_wait - run a waiting library call in slices with the GIL released,
+ * so Ctrl-C and other threads get through: @fn(arg, slice_ms) returns
+ * AEG_ETIMEDOUT for a slice that ran out. @seconds < 0 waits forever.
+ * Returns 0, the library's code (no exception set; AEG_ETIMEDOUT when
+ * @seconds ran out), or PYAEG_SIGNALLED with a signal handler's exception set.
+ */
+#define PYAEG_SIGNALLED 1
+int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds);
+
+/* The runtime: one device for the process, opened at first use (aegaeon_native.c). */
+int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */
+void pyaeg_lock(void);                      /* takes the runtime lock with the GIL released */
+void pyaeg_unlock(void);
+/*
+ * Inside an aegaeon job (attached to its agent): pyaeg_job_slab leases @bytes
+ * of GPU @gpu's job slab and returns 1; 0 outside a job; -1 with an
+ * exception. pyaeg_job_pool gives the job's pool (NULL with an exception).
+ */
+int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab);
+aeg_pool_t *pyaeg_job_pool(void);
+struct pyaeg_res *pyaeg_res_new(void);      /* NULL with MemoryError */
+void pyaeg_res_free(struct pyaeg_res *res); /* destroys what it holds; GIL released inside */
+void pyaeg_object_born(void);
+void pyaeg_object_gone(void);
+
+/* DeviceArray (py_array.c). */
+extern PyObject *pyaeg_array_type;
+int pyaeg_array_init_type(PyObject *module);
+/*
+ * A view of @bytes at @ptr on @gpu; @owner (may be NULL) is kept alive by
+ * the view and *@views (may be NULL) counts the views alive. @dtype is a
+ * safetensors dtype name; @shape NULL means one dimension of @bytes / item.
+ */
+PyObject *pyaeg_array_new(PyObject *owner, Py_ssize_t *views, void *ptr, uint64_t bytes, int gpu,
+			  int host, const char *dtype, int ndim, const uint64_t *shape, uint64_t id);
+
+/* Classes (py_slab.c, py_pinned.c, py_kv.c). */
+extern PyObject *pyaeg_slab_type;
+extern PyObject *pyaeg_pool_type;
+int pyaeg_slab_init_type(PyObject *module);
+int pyaeg_pool_init_type(PyObject *module);
+int pyaeg_kv_init_type(PyObject *module);
+/* The C objects behind a SlabAllocator / PinnedPool (NULL with TypeError or ValueError if closed). */
+aeg_slab_t *pyaeg_slab_of(PyObject *obj);
+aeg_pool_t *pyaeg_pool_of(PyObject *obj);
+/* A memoryview of @bytes at @offset of a PinnedPool's buffer area. */
+PyObject *pyaeg_pool_view(PyObject *pool, uint64_t offset, uint64_t bytes);
+
+#endif

@@ -1,0 +1,724 @@
+/* job_prolog and job_epilog (root, on each node): the job directory and the agent's start and stop. */
+#include "config.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <aegaeon/error.h>
+#include <aegaeon/job.h>
+
+#include "aegaeon_spank.h"
+
+#define MAX_GROUPS 1024
+#define MAX_AGENTS 16
+#define REMOVE_DEPTH 4
+
+/* What the prolog and epilog know about the job from their environment. */
+struct job {
+	uint32_t id;
+	uid_t uid;
+	gid_t gid;
+	const char *user;
+	const char *node;
+	char dir[PATH_MAX];
+	char name[64];          /* <jobid>.<node>, the job dir inside runtime_dir */
+};
+
+static void sleep_ms(long ms)
+{
+	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+static int env_u32(const char *name, uint32_t *v)
+{
+	const char *s = getenv(name);
+	char *end;
+	unsigned long long n;
+
+	if (s == NULL || *s == '\0')
+		return -1;
+	errno = 0;
+	n = strtoull(s, &end, 10);
+	if (errno != 0 || *end != '\0' || n > UINT32_MAX)
+		return -1;
+	*v = (uint32_t)n;
+	return 0;
+}
+
+static int job_from_env(struct job *job)
+{
+	uint32_t uid, gid;
+
+	memset(job, 0, sizeof(*job));
+	job->user = getenv("SLURM_JOB_USER");
+	job->node = getenv("SLURMD_NODENAME");
+	if (env_u32("SLURM_JOB_ID", &job->id) < 0 || env_u32("SLURM_JOB_UID", &uid) < 0 ||
+	    env_u32("SLURM_JOB_GID", &gid) < 0 || job->user == NULL) {
+		slurm_error("aegaeon: SLURM_JOB_ID, SLURM_JOB_UID, SLURM_JOB_GID or SLURM_JOB_USER missing in the prolog/epilog environment");
+		return -1;
+	}
+	job->uid = uid;
+	job->gid = gid;
+	if (aeg_spank_job_dir(job->dir, sizeof(job->dir), aeg_site.cfg.runtime_dir, job->id, job->node) < 0) {
+		slurm_error("aegaeon: job %u: node name '%.64s' or runtime_dir %s unusable for a job directory",
+			    job->id, job->node ? job->node : "", aeg_site.cfg.runtime_dir);
+		return -1;
+	}
+	snprintf(job->name, sizeof(job->name), "%u.%s", job->id, job->node);
+	return 0;
+}
+
+/*
+ * Open runtime_dir, creating its last component (0755) if missing. It must
+ * end up a real directory owned by root that nobody else may write: the job
+ * directories in it are then safe from renames and links by users.
+ */
+static int open_runtime_dir(void)
+{
+	char parent[PATH_MAX], *slash, *base;
+	struct stat st;
+	int pfd, fd;
+
+	snprintf(parent, sizeof(parent), "%s", aeg_site.cfg.runtime_dir);
+	slash = strrchr(parent, '/');
+	if (parent[0] != '/' || slash == NULL || slash[1] == '\0') {
+		slurm_error("aegaeon: runtime_dir %s must be an absolute path below /", aeg_site.cfg.runtime_dir);
+		return -1;
+	}
+	base = slash + 1;
+	*slash = '\0';
+	pfd = open(parent[0] ? parent : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (pfd < 0) {
+		slurm_error("aegaeon: opening %s (parent of runtime_dir): %m", parent[0] ? parent : "/");
+		return -1;
+	}
+	/* The parent may be world-writable only if sticky (/tmp): others cannot then replace our entry. */
+	if (fstat(pfd, &st) < 0 || st.st_uid != 0 ||
+	    ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))) {
+		slurm_error("aegaeon: %s (parent of runtime_dir) must be owned by root and not writable by others",
+			    parent[0] ? parent : "/");
+		close(pfd);
+		return -1;
+	}
+	if (mkdirat(pfd, base, 0755) < 0 && errno != EEXIST) {
+		slurm_error("aegaeon: creating runtime_dir %s: %m", aeg_site.cfg.runtime_dir);
+		close(pfd);
+		return -1;
+	}
+	fd = openat(pfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	close(pfd);
+	if (fd < 0) {
+		slurm_error("aegaeon: opening runtime_dir %s (a symbolic link is refused): %m",
+			    aeg_site.cfg.runtime_dir);
+		return -1;
+	}
+	if (fstat(fd, &st) < 0 || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+		slurm_error("aegaeon: runtime_dir %s must be owned by root and writable by root only",
+			    aeg_site.cfg.runtime_dir);
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* Remove @name in @dfd and all it holds, never following links; counts what went. */
+static int remove_tree(int dfd, const char *name, int depth, unsigned *removed)
+{
+	struct dirent *de;
+	DIR *d;
+	int fd, rc = 0;
+
+	if (unlinkat(dfd, name, 0) == 0) {
+		(*removed)++;
+		return 0;
+	}
+	if (errno == ENOENT)
+		return 0;
+	if (errno != EISDIR && errno != EPERM)
+		return -1;
+	if (depth >= REMOVE_DEPTH) {
+		errno = ELOOP;
+		return -1;
+	}
+	fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	d = fdopendir(fd);
+	if (d == NULL) {
+		close(fd);
+		return -1;
+	}
+	while ((de = readdir(d)) != NULL) {
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+			continue;
+		if (remove_tree(dirfd(d), de->d_name, depth + 1, removed) < 0)
+			rc = -1;
+	}
+	closedir(d);
+	if (rc == 0 && unlinkat(dfd, name, AT_REMOVEDIR) < 0)
+		return -1;
+	if (rc == 0)
+		(*removed)++;
+	return rc;
+}
+
+static int opt_env(const char *name, const char **value)
+{
+	*value = getenv(name);
+	return *value != NULL;
+}
+
+/*
+ * Re-check the options with this node's site configuration (the client's
+ * checks ran on a machine the user controls). On a user mistake *reason
+ * gets the message for task_init and the prolog still succeeds.
+ */
+static int read_options(struct aeg_spank_opts *o, char *reason, size_t len)
+{
+	const char *slab, *pinned, *prefetch, *device, *abs_prefetch;
+	int any;
+
+	memset(o, 0, sizeof(*o));
+	any = opt_env(AEG_SPANK_OPTENV("slab"), &slab) | opt_env(AEG_SPANK_OPTENV("pinned"), &pinned) |
+	      opt_env(AEG_SPANK_OPTENV("prefetch"), &prefetch) | opt_env(AEG_SPANK_OPTENV("device"), &device);
+	if (!any)
+		return 0;
+	o->any = 1;
+	abs_prefetch = getenv("SPANK_" AEG_SPANK_PREFETCH_VAR);
+	if (slab != NULL) {
+		if (aeg_jobopt_parse_slab(slab, &o->slab) < 0 || aeg_jobopt_check_slab(&o->slab, &aeg_site.cfg) < 0)
+			goto bad;
+		o->has_slab = 1;
+	} else {
+		o->slab = aeg_site.cfg.slab_default;
+	}
+	if (pinned != NULL) {
+		if (aeg_jobopt_parse_pinned(pinned, &o->pinned) < 0 ||
+		    aeg_jobopt_check_pinned(&o->pinned, &aeg_site.cfg) < 0)
+			goto bad;
+		o->has_pinned = 1;
+	} else {
+		o->pinned.bytes = aeg_site.cfg.pinned_default_bytes;
+	}
+	if (o->pinned.bytes != 0 && o->pinned.buffer_bytes == 0)
+		o->pinned.buffer_bytes = aeg_site.cfg.pinned_buffer_bytes;
+	/* Relative paths are only accepted as the client resolved them. */
+	if (prefetch != NULL &&
+	    aeg_jobopt_parse_prefetch(abs_prefetch != NULL ? abs_prefetch : prefetch, NULL, &o->prefetch, NULL) < 0)
+		goto bad;
+	o->device = aeg_site.cfg.device;
+	if (device != NULL) {
+		if (aeg_jobopt_parse_device(device, &o->device) < 0 ||
+		    aeg_jobopt_check_device(o->device, &aeg_site.cfg) < 0)
+			goto bad;
+		o->has_device = 1;
+	}
+	return 0;
+bad:
+	snprintf(reason, len, "%s", aeg_error_detail());
+	return 0;
+}
+
+/* The agent's GPU list: ordinals as its CUDA runtime numbers the job's devices. */
+static int gpu_list(char *buf, size_t len)
+{
+	const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+	size_t o = 0;
+	int n = 1;
+
+	if (cvd == NULL || *cvd == '\0' || strcmp(cvd, "NoDevFiles") == 0) {
+		snprintf(buf, len, "none");
+		return 0;
+	}
+	for (const char *p = cvd; *p != '\0'; p++)
+		if (*p == ',')
+			n++;
+	for (int i = 0; i < n; i++) {
+		int w = snprintf(buf + o, len - o, "%s%d", i ? "," : "", i);
+
+		if (w < 0 || (size_t)w >= len - o)
+			return -1;
+		o += (size_t)w;
+	}
+	return n;
+}
+
+/* Write the error record (before the directory is handed to the user) and make it the user's. */
+static void write_error(const struct job *job, int dfd, const char *reason)
+{
+	char path[PATH_MAX + 16];
+
+	snprintf(path, sizeof(path), "%s/" AEG_JOB_ERROR_FILE, job->dir);
+	if (aeg_job_error_write(path, reason) < 0) {
+		slurm_error("aegaeon: job %u: writing %s: %s", job->id, path, aeg_error_detail());
+		return;
+	}
+	if (fchownat(dfd, AEG_JOB_ERROR_FILE, job->uid, job->gid, AT_SYMLINK_NOFOLLOW) < 0)
+		slurm_error("aegaeon: job %u: chown %s: %m", job->id, path);
+}
+
+struct agent_cmd {
+	char *argv[24];
+	char *envp[10];
+	char slab[40], pinned[64], gpus[256], jobid[16];
+	char env_path[64], env_home[PATH_MAX + 8], env_user[256], env_logname[256], env_cvd[512];
+	char env_host_gpus[48];
+};
+
+static void build_cmd(struct agent_cmd *c, const struct job *job, const struct aeg_spank_opts *o,
+		      const struct passwd *pw, int ngpus)
+{
+	const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+	int a = 0, e = 0;
+
+	snprintf(c->jobid, sizeof(c->jobid), "%u", job->id);
+	aeg_jobopt_format_slab(&o->slab, c->slab, sizeof(c->slab));
+	if (o->pinned.bytes != 0)
+		snprintf(c->pinned, sizeof(c->pinned), "%llu:%llu", (unsigned long long)o->pinned.bytes,
+			 (unsigned long long)o->pinned.buffer_bytes);
+	else
+		snprintf(c->pinned, sizeof(c->pinned), "0");
+	c->argv[a++] = aeg_site.cfg.agent_path;
+	c->argv[a++] = "--job";
+	c->argv[a++] = c->jobid;
+	c->argv[a++] = "--runtime-dir";
+	c->argv[a++] = (char *)job->dir;
+	c->argv[a++] = "--gpus";
+	c->argv[a++] = c->gpus;
+	c->argv[a++] = "--slab";
+	c->argv[a++] = c->slab;
+	c->argv[a++] = "--pinned";
+	c->argv[a++] = c->pinned;
+	if (o->prefetch != NULL) {
+		c->argv[a++] = "--prefetch";
+		c->argv[a++] = o->prefetch;
+	}
+	c->argv[a++] = "--device";
+	c->argv[a++] = (char *)aeg_device_kind_name(o->device);
+	if (aeg_site.config_path[0] != '\0') {
+		c->argv[a++] = "--config";
+		c->argv[a++] = aeg_site.config_path;
+	}
+	c->argv[a] = NULL;
+
+	snprintf(c->env_path, sizeof(c->env_path), "PATH=/usr/local/bin:/usr/bin:/bin");
+	snprintf(c->env_home, sizeof(c->env_home), "HOME=%s", pw->pw_dir);
+	snprintf(c->env_user, sizeof(c->env_user), "USER=%s", pw->pw_name);
+	snprintf(c->env_logname, sizeof(c->env_logname), "LOGNAME=%s", pw->pw_name);
+	c->envp[e++] = c->env_path;
+	c->envp[e++] = c->env_home;
+	c->envp[e++] = c->env_user;
+	c->envp[e++] = c->env_logname;
+	if (cvd != NULL) {
+		snprintf(c->env_cvd, sizeof(c->env_cvd), "CUDA_VISIBLE_DEVICES=%s", cvd);
+		c->envp[e++] = c->env_cvd;
+	}
+	/* The host backend shows as many GPUs as it is told: the job's; task_init tells the steps the same. */
+	if (o->device == AEG_DEVICE_HOST && ngpus > 0) {
+		snprintf(c->env_host_gpus, sizeof(c->env_host_gpus), "AEGAEON_HOST_GPUS=%d", ngpus);
+		c->envp[e++] = c->env_host_gpus;
+	}
+	c->envp[e] = NULL;
+}
+
+/*
+ * The middle process of the double fork: leaves slurmd's session (a daemon
+ * still in the prolog's process group is lost when the prolog returns),
+ * hands the job directory to the user, becomes the user for good, starts the
+ * agent and exits once the agent has exec'd. Everything that fails is
+ * written as the error record; while root, only into the root-owned dir.
+ */
+static void __attribute__((noreturn))
+middle(const struct job *job, int dfd, const struct agent_cmd *cmd, const gid_t *groups, int ngroups,
+       int notify[2])
+{
+	char reason[AEG_JOB_ERROR_MAX], path[PATH_MAX + 16];
+	struct pollfd pfd;
+	pid_t pid;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/" AEG_JOB_ERROR_FILE, job->dir);
+	if (dfd <= 2 || notify[0] <= 2 || notify[1] <= 2) {
+		snprintf(reason, sizeof(reason), "the agent could not start: descriptors overlap stdio");
+		_exit(1);
+	}
+	if (setsid() < 0) {
+		snprintf(reason, sizeof(reason), "the agent could not start: setsid: %s", strerror(errno));
+		goto root_fail;
+	}
+	fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (fd < 0 || dup2(fd, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) {
+		snprintf(reason, sizeof(reason), "the agent could not start: /dev/null: %s", strerror(errno));
+		goto root_fail;
+	}
+	/* No descriptor of slurmd may reach the agent (the notify pipe must close at exec too). */
+	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+		for (int i = 3; i < 65536; i++)
+			(void)fcntl(i, F_SETFD, FD_CLOEXEC);
+	if (setgroups((size_t)ngroups, groups) < 0 || setresgid(job->gid, job->gid, job->gid) < 0) {
+		snprintf(reason, sizeof(reason), "the agent could not start: switching to group %u: %s",
+			 (unsigned)job->gid, strerror(errno));
+		goto root_fail;
+	}
+	if (fchown(dfd, job->uid, job->gid) < 0) {
+		snprintf(reason, sizeof(reason), "the agent could not start: chown %s: %s", job->dir,
+			 strerror(errno));
+		goto root_fail;
+	}
+	close(dfd);
+	if (setresuid(job->uid, job->uid, job->uid) < 0 || (job->uid != 0 && setuid(0) == 0)) {
+		snprintf(reason, sizeof(reason), "the agent could not start: switching to user %s: %s",
+			 job->user, strerror(errno));
+		aeg_job_error_write(path, reason);
+		_exit(1);
+	}
+
+	pid = fork();
+	if (pid < 0) {
+		snprintf(reason, sizeof(reason), "the agent could not start: fork: %s", strerror(errno));
+		aeg_job_error_write(path, reason);
+		_exit(1);
+	}
+	if (pid == 0) {
+		if (chdir(job->dir) < 0 || execve(cmd->argv[0], cmd->argv, cmd->envp) < 0) {
+			snprintf(reason, sizeof(reason), "the agent %s could not start: %s", cmd->argv[0],
+				 strerror(errno));
+			aeg_job_error_write(path, reason);
+		}
+		_exit(127);
+	}
+	/* EOF once the agent has exec'd (the pipe is close-on-exec) or died. */
+	close(notify[1]);
+	pfd.fd = notify[0];
+	pfd.events = POLLIN;
+	(void)poll(&pfd, 1, 5000);
+	_exit(0);
+
+root_fail:
+	aeg_job_error_write(path, reason);
+	(void)fchownat(dfd, AEG_JOB_ERROR_FILE, job->uid, job->gid, AT_SYMLINK_NOFOLLOW);
+	(void)fchown(dfd, job->uid, job->gid);
+	_exit(1);
+}
+
+static int start_agent(const struct job *job, int dfd, const struct aeg_spank_opts *o)
+{
+	struct passwd pwbuf, *pw = NULL;
+	gid_t groups[MAX_GROUPS];
+	int ngroups = MAX_GROUPS, notify[2], status, ngpus;
+	struct agent_cmd *cmd;
+	char pwstore[4096];
+	pid_t pid;
+	int rc = -1;
+
+	/* Name service lookups happen here, not in the forked child. */
+	if (getpwuid_r(job->uid, &pwbuf, pwstore, sizeof(pwstore), &pw) != 0 || pw == NULL) {
+		slurm_error("aegaeon: job %u: user %u not found", job->id, (unsigned)job->uid);
+		return -1;
+	}
+	if (getgrouplist(pw->pw_name, job->gid, groups, &ngroups) < 0) {
+		slurm_error("aegaeon: job %u: user %s is in more than %d groups", job->id, pw->pw_name, MAX_GROUPS);
+		return -1;
+	}
+	cmd = calloc(1, sizeof(*cmd));
+	if (cmd == NULL)
+		return -1;
+	ngpus = gpu_list(cmd->gpus, sizeof(cmd->gpus));
+	if (ngpus < 0) {
+		slurm_error("aegaeon: job %u: CUDA_VISIBLE_DEVICES too long", job->id);
+		goto out;
+	}
+	build_cmd(cmd, job, o, pw, ngpus);
+	if (pipe2(notify, O_CLOEXEC) < 0) {
+		slurm_error("aegaeon: job %u: pipe: %m", job->id);
+		goto out;
+	}
+	pid = fork();
+	if (pid < 0) {
+		slurm_error("aegaeon: job %u: fork: %m", job->id);
+		close(notify[0]);
+		close(notify[1]);
+		goto out;
+	}
+	if (pid == 0)
+		middle(job, dfd, cmd, groups, ngroups, notify);
+	close(notify[0]);
+	close(notify[1]);
+	/* Without this wait the agent was lost in 1 of 3 runs (SLURM-LAB.md). */
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		slurm_error("aegaeon: job %u on %s: the agent could not be started (see %s/error)",
+			    job->id, job->node, job->dir);
+		goto out;
+	}
+	slurm_info("aegaeon: job %u on %s: agent started as %s: --gpus %s --slab %s --pinned %s%s%s",
+		   job->id, job->node, pw->pw_name, cmd->gpus, cmd->slab, cmd->pinned,
+		   o->prefetch ? " --prefetch " : "", o->prefetch ? o->prefetch : "");
+	rc = 0;
+out:
+	free(cmd);
+	return rc;
+}
+
+/*
+ * slurmstepd runs the prolog with stdin closed: without this, the runtime
+ * dir would be opened as fd 0 and the agent's child would dup2 /dev/null
+ * over it (and chown /dev/null instead of the job directory).
+ */
+static void hold_stdio(void)
+{
+	int fd;
+
+	do {
+		fd = open("/dev/null", O_RDWR);
+	} while (fd >= 0 && fd <= 2);
+	if (fd >= 0)
+		close(fd);
+}
+
+/*
+ * Any failure here is logged and the prolog still succeeds: a failing prolog
+ * drains the node and holds the job, which is out of all proportion to a
+ * user's typo. task_init reports what went wrong to the user.
+ */
+int aeg_spank_prolog(spank_t sp)
+{
+	struct aeg_spank_opts o;
+	char reason[AEG_JOB_ERROR_MAX] = "", gpus[256];
+	unsigned removed = 0;
+	struct job job;
+	int rfd = -1, dfd = -1, ngpus;
+
+	if (!getenv(AEG_SPANK_OPTENV("slab")) && !getenv(AEG_SPANK_OPTENV("pinned")) &&
+	    !getenv(AEG_SPANK_OPTENV("prefetch")) && !getenv(AEG_SPANK_OPTENV("device")))
+		return 0;
+	if (!aeg_site.ok) {
+		slurm_error("aegaeon: job with aegaeon options, but %s; no agent started", aeg_site.error);
+		return 0;
+	}
+	hold_stdio();
+	if (job_from_env(&job) < 0)
+		return 0;
+	read_options(&o, reason, sizeof(reason));
+	ngpus = gpu_list(gpus, sizeof(gpus));
+	if (reason[0] == '\0' && o.has_slab && ngpus == 0)
+		snprintf(reason, sizeof(reason),
+			 "--aegaeon-slab reserves memory on the job's GPUs, but the job has none on node %s "
+			 "(ask for GPUs with --gres=gpu:N or --gpus=N)", job.node);
+
+	rfd = open_runtime_dir();
+	if (rfd < 0)
+		goto out;
+	if (remove_tree(rfd, job.name, 0, &removed) < 0)
+		slurm_error("aegaeon: job %u: removing the stale %s: %m", job.id, job.dir);
+	else if (removed > 0)
+		slurm_info("aegaeon: job %u: removed a stale %s (%u entries)", job.id, job.dir, removed);
+	if (mkdirat(rfd, job.name, 0700) < 0) {
+		slurm_error("aegaeon: job %u: creating %s: %m", job.id, job.dir);
+		goto out;
+	}
+	dfd = openat(rfd, job.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (dfd < 0) {
+		slurm_error("aegaeon: job %u: opening %s: %m", job.id, job.dir);
+		goto out;
+	}
+	if (reason[0] != '\0') {
+		slurm_info("aegaeon: job %u on %s: not starting the agent: %s", job.id, job.node, reason);
+		write_error(&job, dfd, reason);
+		if (fchown(dfd, job.uid, job.gid) < 0)
+			slurm_error("aegaeon: job %u: chown %s: %m", job.id, job.dir);
+		goto out;
+	}
+	start_agent(&job, dfd, &o);
+out:
+	if (dfd >= 0)
+		close(dfd);
+	if (rfd >= 0)
+		close(rfd);
+	free(o.prefetch);
+	return 0;
+}
+
+/* True if @pid runs as @uid with "--runtime-dir DIR" on its command line: this job's agent. */
+static int is_agent(pid_t pid, uid_t uid, const char *dir)
+{
+	char path[64], buf[8192];
+	struct stat st;
+	ssize_t n;
+	int fd, found = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d", (int)pid);
+	if (stat(path, &st) < 0 || st.st_uid != uid)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	for (const char *p = buf; p < buf + n; p += strlen(p) + 1)
+		if (strcmp(p, "--runtime-dir") == 0 && p + strlen(p) + 1 < buf + n &&
+		    strcmp(p + strlen(p) + 1, dir) == 0)
+			found = 1;
+	return found;
+}
+
+/* Gone, or a zombie nobody reaps (a container's init may not): either way it holds nothing. */
+static int is_gone(pid_t pid)
+{
+	char path[64], buf[512], *paren;
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 1;
+	buf[n] = '\0';
+	paren = strrchr(buf, ')');
+	return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
+static int find_agents(const struct job *job, int dfd, pid_t *pids, int max)
+{
+	char buf[32];
+	struct dirent *de;
+	struct stat st;
+	DIR *d;
+	int n = 0, fd;
+
+	/* agent.pid is the user's file: read with care, and only trusted after is_agent(). */
+	fd = openat(dfd, AEG_JOB_PID_FILE, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	if (fd >= 0) {
+		ssize_t len = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? read(fd, buf, sizeof(buf) - 1) : -1;
+		long pid;
+
+		close(fd);
+		if (len > 0) {
+			buf[len] = '\0';
+			pid = strtol(buf, NULL, 10);
+			if (pid > 1 && is_agent((pid_t)pid, job->uid, job->dir))
+				pids[n++] = (pid_t)pid;
+		}
+	}
+	/* An agent that has not written its pid yet (or a second one) is found by its command line. */
+	d = opendir("/proc");
+	if (d == NULL)
+		return n;
+	while ((de = readdir(d)) != NULL && n < max) {
+		char *end;
+		long pid = strtol(de->d_name, &end, 10);
+		int known = 0;
+
+		if (*end != '\0' || pid <= 1)
+			continue;
+		for (int i = 0; i < n; i++)
+			known |= pids[i] == pid;
+		if (!known && is_agent((pid_t)pid, job->uid, job->dir))
+			pids[n++] = (pid_t)pid;
+	}
+	closedir(d);
+	return n;
+}
+
+static int wait_gone(const pid_t *pids, int n, long timeout_ms)
+{
+	for (long waited = 0;; waited += 20) {
+		int left = 0;
+
+		for (int i = 0; i < n; i++)
+			left += !is_gone(pids[i]);
+		if (left == 0)
+			return 0;
+		if (waited >= timeout_ms)
+			return left;
+		sleep_ms(20);
+	}
+}
+
+static int stop_agents(const struct job *job, int dfd)
+{
+	pid_t pids[MAX_AGENTS];
+	int n, left;
+
+	n = find_agents(job, dfd, pids, MAX_AGENTS);
+	if (n == 0)
+		return 0;
+	for (int i = 0; i < n; i++)
+		kill(pids[i], SIGTERM);
+	left = wait_gone(pids, n, aeg_site.cfg.agent_stop_timeout_ms);
+	if (left == 0) {
+		slurm_info("aegaeon: job %u on %s: agent %d stopped (SIGTERM)", job->id, job->node, (int)pids[0]);
+		return 0;
+	}
+	for (int i = 0; i < n; i++) {
+		if (!is_gone(pids[i])) {
+			slurm_error("aegaeon: job %u on %s: agent %d still running %d ms after SIGTERM; sending SIGKILL",
+				    job->id, job->node, (int)pids[i], aeg_site.cfg.agent_stop_timeout_ms);
+			kill(pids[i], SIGKILL);
+		}
+	}
+	left = wait_gone(pids, n, 5000);
+	if (left > 0)
+		slurm_error("aegaeon: job %u on %s: %d agent process(es) survived SIGKILL", job->id, job->node, left);
+	return left > 0 ? -1 : 0;
+}
+
+/*
+ * Runs for every job (options are not needed to clean up): whatever exists
+ * under this job's directory name is this job's, whether or not the agent
+ * ever became ready. Fails only when an agent cannot be killed, so the node
+ * is drained rather than handed to the next job with its GPU memory taken.
+ */
+int aeg_spank_epilog(spank_t sp)
+{
+	unsigned removed = 0;
+	struct stat st;
+	struct job job;
+	int rfd, dfd, rc = 0;
+
+	if (!aeg_site.ok)
+		return 0;
+	if (job_from_env(&job) < 0)
+		return 0;
+	if (lstat(job.dir, &st) < 0)
+		return 0;
+	rfd = open_runtime_dir();
+	if (rfd < 0)
+		return 0;
+	dfd = openat(rfd, job.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (dfd >= 0) {
+		rc = stop_agents(&job, dfd);
+		close(dfd);
+	}
+	if (remove_tree(rfd, job.name, 0, &removed) < 0)
+		slurm_error("aegaeon: job %u on %s: removing %s: %m", job.id, job.node, job.dir);
+	else
+		slurm_info("aegaeon: job %u on %s: removed %s (%u entries)", job.id, job.node, job.dir, removed);
+	close(rfd);
+	return rc;
+}

@@ -1,0 +1,67 @@
+/* The SPANK plugin's shared state and per-context entry points (src/spank/). */
+#ifndef AEGAEON_SPANK_H
+#define AEGAEON_SPANK_H
+
+#include <limits.h>
+#include <stdint.h>
+
+#include <slurm/spank.h>
+
+#include <aegaeon/config.h>
+#include <aegaeon/size.h>
+
+#include "jobopt.h"
+
+/* Option names as Slurm passes them to the prolog: SPANK__SLURM_SPANK_OPTION_<plugin>_<option>. */
+#define AEG_SPANK_OPTENV(opt) "SPANK__SLURM_SPANK_OPTION_aegaeon_aegaeon_" opt
+/* Absolute prefetch list the client hands to the prolog (job control env, gets a SPANK_ prefix). */
+#define AEG_SPANK_PREFETCH_VAR "AEGAEON_PREFETCH"
+
+/* The site: plugstack arguments and the configuration file they name. */
+struct aeg_spank_site {
+	struct aeg_config cfg;
+	char config_path[PATH_MAX];     /* "" when no config= argument */
+	int loaded;
+	int ok;                         /* 0: error holds why the site is unusable */
+	char error[1024];
+};
+
+extern struct aeg_spank_site aeg_site;
+
+/* What the job (or step) asked for with --aegaeon-* options. */
+struct aeg_spank_opts {
+	int any;                        /* some --aegaeon-* option was given */
+	int has_slab;
+	struct aeg_size_spec slab;
+	int has_pinned;
+	struct aeg_jobopt_pinned pinned;
+	char *prefetch;                 /* absolute, comma-joined; NULL: none */
+	int has_device;
+	enum aeg_device_kind device;
+};
+
+extern struct aeg_spank_opts aeg_opts;
+
+/*
+ * aegaeon_site.c: read plugstack arguments and load the site configuration,
+ * once per process (slurm_spank_init does not run before job_prolog/epilog).
+ */
+void aeg_spank_site_load(int ac, char **av);
+
+/* aegaeon_client.c: options (every context) and client-side checks. */
+int aeg_spank_options_register(spank_t sp);
+int aeg_spank_client_post_opt(spank_t sp);
+void aeg_spank_opts_free(void);
+
+/* aegaeon_slurmd.c: job_prolog and job_epilog, as root. */
+int aeg_spank_prolog(spank_t sp);
+int aeg_spank_epilog(spank_t sp);
+
+/* aegaeon_stepd.c: task_init, as the job user. */
+int aeg_spank_task_init(spank_t sp);
+
+/* Job directory <runtime_dir>/<jobid>.<nodename>; -1 if the names are unusable. */
+int aeg_spank_job_dir(char *buf, size_t len, const char *runtime_dir, uint32_t jobid,
+		      const char *node);
+
+#endif

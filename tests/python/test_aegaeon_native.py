@@ -1,0 +1,1159 @@
+#!/usr/bin/env python3
+"""Tests of the aegaeon_native module on the host backend (make check).
+
+Needs only Debian's python3; numpy (python3-numpy) is used when present for
+the zero-copy checks and those tests are skipped without it. Run against a
+build tree: PYTHONPATH=<build>/python/.libs AEGAEON_DEVICE=host python3 this.
+Prints "N passed, N failed" last; exits non-zero on failure.
+"""
+import errno
+import gc
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+# Under --enable-sanitizers the module carries ASan, which must come first.
+_preload = os.environ.get("AEGAEON_PY_PRELOAD")
+if _preload and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+    env = dict(os.environ, LD_PRELOAD=_preload)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+TMP = tempfile.mkdtemp(prefix="aegaeon-py-")
+CONF = os.path.join(TMP, "aegaeon.conf")
+with open(CONF, "w") as f:
+    # Two prefetch threads keep the engine's staging pool small on shared CI machines.
+    f.write("prefetch_threads = 2;\n")
+os.environ["AEGAEON_CONFIG"] = CONF
+os.environ.setdefault("AEGAEON_DEVICE", "host")
+os.environ["AEGAEON_PREFETCH_SLAB"] = "256MiB"
+os.environ.pop("AEGAEON_SOCKET", None)
+
+import aegaeon_native as an  # noqa: E402
+
+try:
+    import numpy as np
+except ImportError:
+    np = None
+
+MiB = 1 << 20
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def write_file(path, data):
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def pattern(n, seed):
+    return random.Random(seed).randbytes(n)
+
+
+def child(code, **kw):
+    """Runs python code in a fresh interpreter with the module's environment."""
+    env = dict(os.environ)
+    env.update(kw.pop("env", {}))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+# ------------------------------------------------------------------ safetensors
+
+ST_DTYPES = {  # dtype: (struct code, item bytes)
+    "F64": ("d", 8), "F32": ("f", 4), "F16": ("e", 2), "I64": ("q", 8), "I32": ("i", 4),
+    "I16": ("h", 2), "I8": ("b", 1), "U8": ("B", 1), "BOOL": ("?", 1), "BF16": ("H", 2),
+    "U16": ("H", 2), "U32": ("I", 4), "U64": ("Q", 8),
+}
+
+
+def safetensors_bytes(tensors, metadata=None):
+    """A safetensors file by hand: {name: (dtype, shape, raw bytes)}."""
+    header, offset, blobs = {}, 0, []
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def make_tensors(seed=1):
+    rnd = random.Random(seed)
+    out = {}
+    shapes = [(3, 5), (7,), (2, 3, 4), (1,), (64, 33), (0,), (5, 1, 2)]
+    for i, (dtype, (code, size)) in enumerate(ST_DTYPES.items()):
+        shape = shapes[i % len(shapes)]
+        n = 1
+        for d in shape:
+            n *= d
+        if dtype == "BOOL":
+            vals = [rnd.random() < 0.5 for _ in range(n)]
+        elif dtype in ("F64", "F32", "F16"):
+            vals = [rnd.uniform(-100, 100) for _ in range(n)]
+        elif dtype.startswith("U") or dtype == "BF16":
+            vals = [rnd.randrange(0, 1 << min(8 * size, 62)) for _ in range(n)]
+        else:
+            vals = [rnd.randrange(-(1 << (8 * size - 2)), 1 << (8 * size - 2)) for _ in range(n)]
+        out["layer%d.%s" % (i, dtype.lower())] = (dtype, shape, struct.pack("<%d%s" % (n, code), *vals))
+    # a tensor larger than a chunk, cut into several chunks of one block
+    big = pattern(3 * MiB + 4096, seed)
+    out["big.weight"] = ("F32", (len(big) // 4,), big)
+    return out
+
+
+class Base(unittest.TestCase):
+    def assertAegaeon(self, ctx, name, errno_value=None):
+        exc = ctx.exception
+        self.assertIsInstance(exc, an.AegaeonError)
+        self.assertIsInstance(exc, OSError)
+        self.assertEqual(exc.name, name, str(exc))
+        if errno_value is not None:
+            self.assertEqual(exc.errno, errno_value)
+            self.assertEqual(exc.code, -errno_value)
+        self.assertTrue(str(exc))
+
+    def tearDown(self):
+        gc.collect()
+
+
+# --------------------------------------------------------------------- module
+
+class TestModule(Base):
+    def test_device_and_info(self):
+        self.assertEqual(an.device(), "host")
+        self.assertEqual(an.device_count(), 1)
+        info = an.gpu_info()
+        self.assertEqual(info["name"], "host")
+        self.assertGreater(info["total_bytes"], 0)
+        self.assertEqual(an.gpu_info(gpu_id=0)["index"], 0)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.gpu_info(7)
+        self.assertAegaeon(c, "AEG_ENODEV", errno.ENODEV)
+        self.assertRaises(TypeError, an.gpu_info, "0")
+        self.assertRaises(ValueError, an.gpu_info, -1)
+
+    def test_constants_and_exceptions(self):
+        self.assertEqual(an.HANDLE_BYTES, 64)
+        self.assertEqual(an.DEFAULT_CHUNK_BYTES, 32 * MiB)
+        self.assertTrue(an.__version__)
+        self.assertTrue(issubclass(an.AegaeonError, OSError))
+        self.assertTrue(issubclass(an.AegaeonTimeoutError, an.AegaeonError))
+        self.assertTrue(issubclass(an.AegaeonTimeoutError, TimeoutError))
+        self.assertTrue(issubclass(an.AegaeonValueError, ValueError))
+        self.assertRaises(TypeError, an.DeviceArray)
+
+    def test_docstrings(self):
+        names = [n for n in dir(an) if not n.startswith("_")]
+        for n in names:
+            obj = getattr(an, n)
+            if callable(obj):
+                self.assertTrue(obj.__doc__, n)
+        for cls in (an.SlabAllocator, an.PinnedPool, an.KVCache, an.DeviceArray):
+            for n in dir(cls):
+                if not n.startswith("_") and callable(getattr(cls, n)):
+                    self.assertTrue(getattr(cls, n).__doc__, "%s.%s" % (cls.__name__, n))
+
+    def test_stubs_match(self):
+        import ast
+        pyi = os.path.join(os.environ.get("top_srcdir", os.path.join(os.path.dirname(__file__), "..", "..")),
+                           "python", "aegaeon_native.pyi")
+        if not os.path.exists(pyi):
+            self.skipTest("no aegaeon_native.pyi next to the sources")
+        with open(pyi) as f:
+            tree = ast.parse(f.read())
+        stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        stubbed |= {t.id for n in tree.body if isinstance(n, ast.AnnAssign) for t in [n.target]}
+        public = {n for n in dir(an) if not n.startswith("_")}
+        self.assertEqual(public - stubbed, set())
+        for cls in tree.body:
+            if isinstance(cls, ast.ClassDef) and hasattr(an, cls.name):
+                methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+                real = {n for n in dir(getattr(an, cls.name)) if not n.startswith("_")}
+                self.assertEqual(real - methods - {"code", "name", "errno", "strerror", "filename",
+                                                   "filename2", "characters_written", "args",
+                                                   "with_traceback", "add_note"}, set(), cls.name)
+
+    def test_set_device(self):
+        an.set_device("host")
+        self.assertEqual(an.device(), "host")
+        self.assertRaises(ValueError, an.set_device, "gpu")
+        self.assertRaises(TypeError, an.set_device, 1)
+        s = an.SlabAllocator(0, MiB)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.set_device("cuda")
+        self.assertAegaeon(c, "AEG_EBUSY", errno.EBUSY)
+        s.close()
+        self.assertEqual(an.device(), "host")
+
+    def test_configure(self):
+        self.assertRaises(ValueError, an.configure, prefetch_slab="12 parsecs")
+        self.assertRaises(ValueError, an.configure, prefetch_slab=0)
+        self.assertRaises(TypeError, an.configure, prefetch_slab=1.5)
+        self.assertRaises(ValueError, an.configure, prefetch_threads=0)
+        self.assertRaises(ValueError, an.configure, prefetch_threads=1000)
+        self.assertRaises(TypeError, an.configure, device=3)
+        self.assertRaises(TypeError, an.configure, "host")
+        an.configure(device="host")
+        path = os.path.join(TMP, "conf.bin")
+        write_file(path, pattern(4096, 3))
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, 4096)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.configure(prefetch_slab="128MiB")
+        self.assertAegaeon(c, "AEG_EBUSY")
+        an.release_prefetch_chunks([c_["slab_id"] for c_ in chunks])
+        an.release_all_prefetch_events()
+        an.configure(prefetch_slab="128MiB", prefetch_threads=1)
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, 4096)
+        self.assertEqual(an.stats()["prefetch"][0]["slab_bytes"], 128 * MiB)
+        an.release_all_prefetch_events()
+        an.configure(prefetch_slab="256MiB", prefetch_threads=2)
+
+    def test_cuda_is_never_host(self):
+        r = child("import aegaeon_native as an\n"
+                  "try:\n    an.device()\nexcept an.AegaeonError as e:\n    print(e.name)\n"
+                  "else:\n    print('opened', an.device())",
+                  env={"AEGAEON_DEVICE": "cuda"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = r.stdout.strip()
+        if out != "opened cuda":   # a machine with a GPU opens it; else an error, never host
+            self.assertIn(out, ("AEG_EDEVICE", "AEG_ENOTSUP", "AEG_ENODEV"))
+
+    def test_bad_device_env(self):
+        r = child("import aegaeon_native as an\ntry:\n    an.device()\nexcept an.AegaeonError as e:\n"
+                  "    print(type(e).__name__, e.name, 'AEGAEON_DEVICE' in str(e))",
+                  env={"AEGAEON_DEVICE": "tpu"})
+        self.assertEqual(r.stdout.strip(), "AegaeonValueError AEG_EINVAL True", r.stderr)
+
+    def test_bad_config(self):
+        bad = os.path.join(TMP, "bad.conf")
+        with open(bad, "w") as f:
+            f.write("prefetch_threads = \"many\";\n")
+        r = child("import aegaeon_native as an\ntry:\n    an.device()\nexcept an.AegaeonError as e:\n"
+                  "    print(e.name, e.errno)", env={"AEGAEON_CONFIG": bad})
+        self.assertEqual(r.stdout.strip(), "AEG_ECONFIG None", r.stderr)
+
+
+# ----------------------------------------------------------------------- slab
+
+class TestSlab(Base):
+    def test_alloc_free_stats(self):
+        s = an.SlabAllocator(0, 4 * MiB)
+        self.assertEqual(s.total_bytes, 4 * MiB)
+        self.assertEqual(s.gpu_id, 0)
+        self.assertGreater(s.device_ptr, 0)
+        self.assertFalse(s.closed)
+        b = s.alloc(1000)
+        self.assertIsInstance(b, an.DeviceArray)
+        self.assertEqual(b.size, 1024)
+        self.assertEqual(b.nbytes, 1024)
+        self.assertEqual(b.dtype, "U8")
+        self.assertEqual(b.shape, (1024,))
+        self.assertEqual(b.device_ptr % 256, 0)
+        self.assertTrue(s.device_ptr <= b.device_ptr < s.device_ptr + s.total_bytes)
+        self.assertTrue(b.is_host)
+        st = s.stats()
+        self.assertEqual((st["blocks"], st["used_bytes"], st["allocs"]), (1, 1024, 1))
+        b2 = s.block(b.id)
+        self.assertEqual(b2.device_ptr, b.device_ptr)
+        b.copy_from(b"hello", offset=10)
+        self.assertEqual(b2.tobytes()[10:15], b"hello")
+        s.free(b)
+        st = s.stats()
+        self.assertEqual((st["blocks"], st["used_bytes"], st["frees"]), (0, 0, 1))
+        del b, b2
+        self.assertEqual(s.stats()["views"], 0)
+        s.close()
+        self.assertTrue(s.closed)
+        s.close()
+
+    def test_seed_allocate_reset_destroy(self):
+        s = an.SlabAllocator(0, MiB)
+        p1 = s.allocate(100)
+        p2 = s.allocate(300, alignment=64)
+        self.assertIsInstance(p1, int)
+        self.assertNotEqual(p1, p2)
+        self.assertEqual(s.stats()["blocks"], 2)
+        s.free(p1)
+        self.assertEqual(s.stats()["blocks"], 1)
+        ids = [s.alloc(256).id for _ in range(3)]
+        self.assertEqual(len(set(ids)), 3)
+        gc.collect()
+        s.free(ids[0])
+        s.reset()
+        self.assertEqual(s.stats()["blocks"], 0)
+        self.assertRaises(ValueError, s.allocate, 10, alignment=512)
+        self.assertRaises(ValueError, s.allocate, 10, alignment=3)
+        s.destroy()
+        self.assertRaises(ValueError, s.alloc, 10)
+        self.assertRaises(ValueError, s.stats)
+
+    def test_errors(self):
+        self.assertRaises(TypeError, an.SlabAllocator, "0", MiB)
+        self.assertRaises(TypeError, an.SlabAllocator, 0, 1.5)
+        self.assertRaises(TypeError, an.SlabAllocator, 0, True)
+        self.assertRaises(ValueError, an.SlabAllocator, -1, MiB)
+        self.assertRaises(ValueError, an.SlabAllocator, 0, 0)
+        self.assertRaises(ValueError, an.SlabAllocator, 0, 1 << 64)
+        self.assertRaises(TypeError, an.SlabAllocator, 0)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.SlabAllocator(3, MiB)
+        self.assertAegaeon(c, "AEG_ENODEV", errno.ENODEV)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.SlabAllocator(0, 1 << 62)
+        self.assertAegaeon(c, "AEG_ENOSPC", errno.ENOSPC)
+        self.assertIn("free", str(c.exception))
+        s = an.SlabAllocator(0, MiB)
+        self.assertRaises(ValueError, s.alloc, 0)
+        self.assertRaises(TypeError, s.alloc, "1")
+        with self.assertRaises(an.AegaeonError) as c:
+            s.alloc(2 * MiB)
+        self.assertAegaeon(c, "AEG_ENOSPC", errno.ENOSPC)
+        self.assertEqual(s.stats()["failed_allocs"], 1)
+        with self.assertRaises(an.AegaeonError) as c:
+            s.free(12345)
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
+        self.assertRaises(TypeError, s.free, "x")
+        self.assertRaises(ValueError, s.free, -3)
+        with self.assertRaises(an.AegaeonError) as c:
+            s.block(999)
+        self.assertAegaeon(c, "AEG_ENOENT")
+        b = s.alloc(256)
+        with self.assertRaises(an.AegaeonError) as c:
+            s.close()
+        self.assertAegaeon(c, "AEG_EBUSY", errno.EBUSY)
+        self.assertRaises(ValueError, b.copy_from, b"x" * 300)
+        self.assertRaises(TypeError, b.copy_from, "text")
+        del b
+        s.close()
+
+    def test_export_handle(self):
+        with an.SlabAllocator(0, MiB) as s:
+            h = s.export_handle()
+            self.assertIsInstance(h, bytes)
+            self.assertEqual(len(h), 64)
+
+    def test_views(self):
+        s = an.SlabAllocator(0, MiB)
+        b = s.alloc(4096)
+        b.copy_from(struct.pack("<4f", 1.0, 2.0, 3.0, 4.0))
+        f = b.view("F32")
+        self.assertEqual(f.shape, (1024,))
+        self.assertEqual(f.typestr, "<f4")
+        self.assertEqual(f.id, b.id)
+        self.assertEqual(b.view("U8").shape, (4096,))
+        self.assertRaises(ValueError, b.view, "F128")
+        with self.assertRaises(AttributeError):
+            b.__cuda_array_interface__
+        ai = f.__array_interface__
+        self.assertEqual(ai["version"], 3)
+        self.assertEqual(ai["data"], (b.device_ptr, False))
+        self.assertEqual(ai["typestr"], "<f4")
+        self.assertEqual(b.__dlpack_device__(), (1, 0))
+        self.assertIn("F32", repr(f))
+        bf = b.view("BF16")
+        self.assertIsNone(bf.typestr)
+        self.assertFalse(hasattr(bf, "__array_interface__"))
+        bf.__dlpack__()    # an unconsumed capsule is freed with its reference
+        f8 = b.view("F8_E4M3")
+        self.assertRaises(BufferError, f8.__dlpack__)
+        self.assertRaises(BufferError, f.__dlpack__, copy=True)
+        if np is not None:
+            a = np.asarray(f)
+            self.assertEqual(list(a[:4]), [1.0, 2.0, 3.0, 4.0])
+            a[4] = 5.0     # zero copy: written through to the block
+            self.assertEqual(struct.unpack("<f", b.tobytes()[16:20])[0], 5.0)
+            d = np.from_dlpack(f)
+            self.assertEqual(d.__array_interface__["data"][0], b.device_ptr)
+            del a, d
+        del b, f, bf, f8
+        gc.collect()
+        self.assertEqual(s.stats()["views"], 0)
+        s.close()
+
+
+# ----------------------------------------------------------------- pinned pool
+
+class TestPinned(Base):
+    def test_acquire_release(self):
+        p = an.PinnedPool(8192, 3)
+        self.assertEqual((p.buffer_size, p.pool_size, p.gpu_id), (8192, 3, 0))
+        idx, mv = p.acquire()
+        self.assertIsInstance(mv, memoryview)
+        self.assertFalse(mv.readonly)
+        self.assertEqual(len(mv), 8192)
+        mv[:5] = b"abcde"
+        self.assertEqual(bytes(p.buffer(idx)[:5]), b"abcde")
+        self.assertGreater(p.address(idx), 0)
+        st = p.stats()
+        self.assertEqual((st["in_use"], st["buffers"], st["pool_bytes"]), (1, 3, 3 * 8192))
+        p.release(idx)
+        self.assertEqual(p.stats()["in_use"], 0)
+        self.assertRaises(ValueError, mv.__getitem__, 0)     # released with the buffer
+        t = p.acquire(timeout=0)
+        p.release(t)                       # acquire()'s tuple
+        i2, _ = p.acquire(timeout=1.5)
+        p.release(p.address(i2))           # the seed's address form
+        self.assertEqual(p.stats()["in_use"], 0)
+        self.assertGreaterEqual(p.fd(), 0)
+        p.close()
+        self.assertTrue(p.closed)
+        self.assertRaises(ValueError, p.acquire)
+
+    def test_errors(self):
+        self.assertRaises(ValueError, an.PinnedPool, 1000, 2)
+        self.assertRaises(ValueError, an.PinnedPool, 4096, 0)
+        self.assertRaises(ValueError, an.PinnedPool, 0, 2)
+        self.assertRaises(TypeError, an.PinnedPool, "4096", 2)
+        self.assertRaises(TypeError, an.PinnedPool, 4096, 2.0)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.PinnedPool(1 << 30, 1 << 20)
+        self.assertIn(c.exception.name, ("AEG_ENOMEM", "AEG_ENOSPC"))
+        with an.PinnedPool(4096, 1) as p:
+            i, _ = p.acquire()
+            with self.assertRaises(an.AegaeonTimeoutError) as c:
+                p.acquire(timeout=0.05)
+            self.assertIsInstance(c.exception, TimeoutError)
+            self.assertAegaeon(c, "AEG_ETIMEDOUT", errno.ETIMEDOUT)
+            with self.assertRaises(an.AegaeonTimeoutError):
+                p.acquire(timeout=0)
+            self.assertEqual(p.stats()["timeouts"], 2)
+            self.assertRaises(ValueError, p.acquire, timeout=-1)
+            self.assertRaises(ValueError, p.acquire, timeout=float("nan"))
+            self.assertRaises(TypeError, p.acquire, timeout="1")
+            self.assertRaises(ValueError, p.release, 5)
+            self.assertRaises(TypeError, p.release, "0")
+            self.assertRaises(ValueError, p.release, p.address(0) + 8)
+            p.release(i)
+            with self.assertRaises(an.AegaeonValueError) as c:
+                p.release(i)
+            self.assertAegaeon(c, "AEG_EINVAL", errno.EINVAL)
+        self.assertRaises(TypeError, an.PinnedPool.attach, "3")
+        with self.assertRaises(an.AegaeonError) as c:
+            an.PinnedPool.attach(999)
+        self.assertAegaeon(c, "AEG_EBADF", errno.EBADF)
+        with open(CONF, "rb") as f:
+            with self.assertRaises(an.AegaeonValueError):
+                an.PinnedPool.attach(f.fileno())
+
+    def test_gil_released_while_waiting(self):
+        p = an.PinnedPool(4096, 1)
+        i, _ = p.acquire()
+        done = []
+
+        def waiter():
+            try:
+                p.acquire(timeout=0.6)
+            except an.AegaeonTimeoutError:
+                done.append("timeout")
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        n, end = 0, time.monotonic() + 0.4
+        while time.monotonic() < end:
+            n += 1
+        t.join()
+        self.assertEqual(done, ["timeout"])
+        self.assertGreater(n, 10000)      # this thread ran while the other waited
+        p.release(i)
+        i, _ = p.acquire()
+
+        def releaser():
+            time.sleep(0.2)
+            p.release(i)
+
+        t = threading.Thread(target=releaser)
+        t.start()
+        j, _ = p.acquire(timeout=5)       # woken by the release of another thread
+        t.join()
+        p.release(j)
+        p.close()
+
+    def test_interrupt(self):
+        p = an.PinnedPool(4096, 1)
+        i, _ = p.acquire()
+
+        class Alarm(Exception):
+            pass
+
+        def handler(signum, frame):
+            raise Alarm()
+
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            with self.assertRaises(Alarm):
+                p.acquire()               # for ever, but Ctrl-C-like signals get through
+            self.assertLess(time.monotonic() - t0, 5)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        p.release(i)
+        p.close()
+
+    def test_shared_between_processes(self):
+        p = an.PinnedPool(4096, 2)
+        i, mv = p.acquire()
+        mv[:11] = b"from parent"
+        code = ("import aegaeon_native as an, sys\n"
+                "q = an.PinnedPool.attach(%d)\n"
+                "print(q.stats()['in_use'], bytes(q.buffer(%d)[:11]).decode())\n"
+                "j, mv = q.acquire(timeout=1)\n"
+                "mv[:10] = b'from child'\n"
+                "print(j)\n" % (p.fd(), i))
+        r = subprocess.run([sys.executable, "-c", code.replace("sys.argv[1]", str(p.fd()))],
+                           capture_output=True, text=True, timeout=60, pass_fds=[p.fd()])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        lines = r.stdout.split("\n")
+        self.assertEqual(lines[0], "1 from parent")
+        j = int(lines[1])
+        self.assertNotEqual(i, j)
+        # the child exited holding buffer j: it stays taken, its bytes are here
+        self.assertEqual(bytes(p.buffer(j)[:10]), b"from child")
+        self.assertEqual(p.stats()["in_use"], 2)
+        p.release(j)
+        p.release(i)
+        p.close()
+
+
+# --------------------------------------------------------------------- events
+
+class TestEvents(Base):
+    def test_create_wait_release(self):
+        before = an.stats()["events"]
+        h = an.create_event_handle_bytes()
+        self.assertIsInstance(h, bytes)
+        self.assertEqual(len(h), 64)
+        self.assertEqual(an.stats()["events"], before + 1)
+        self.assertIsNone(an.wait_event_handle_bytes(h))
+        an.wait_event_handle_bytes(h, timeout=0)
+        an.wait_event_handle_bytes(bytearray(h), timeout=2.5)
+        an.release_event_handle_bytes(h)
+        self.assertEqual(an.stats()["events"], before)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.release_event_handle_bytes(h)
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
+        h2 = an.create_event_handle_bytes(gpu_id=0)
+        an.release_all_prefetch_events()
+        self.assertEqual(an.stats()["events"], 0)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.release_event_handle_bytes(h2)
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
+
+    def test_errors(self):
+        self.assertRaises(TypeError, an.wait_event_handle_bytes, 123)
+        self.assertRaises(TypeError, an.wait_event_handle_bytes, "x" * 64)
+        self.assertRaises(ValueError, an.wait_event_handle_bytes, b"x")
+        self.assertRaises(ValueError, an.wait_event_handle_bytes, b"x" * 65)
+        h = an.create_event_handle_bytes()
+        self.assertRaises(ValueError, an.wait_event_handle_bytes, h, timeout=-0.5)
+        self.assertRaises(TypeError, an.wait_event_handle_bytes, h, timeout="soon")
+        an.release_event_handle_bytes(h)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.wait_event_handle_bytes(b"\x00" * 64)
+        self.assertAegaeon(c, "AEG_EBADF", errno.EBADF)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.create_event_handle_bytes(gpu_id=4)
+        self.assertAegaeon(c, "AEG_ENODEV")
+        self.assertRaises(ValueError, an.create_event_handle_bytes, gpu_id=-1)
+        self.assertRaises(TypeError, an.release_event_handle_bytes, None)
+
+    def test_two_processes_share_a_handle(self):
+        # parent's event, waited on by a child
+        h = an.create_event_handle_bytes()
+        r = subprocess.run(
+            [sys.executable, "-c", "import aegaeon_native as an, sys\n"
+             "an.wait_event_handle_bytes(bytes.fromhex(sys.argv[1]), timeout=10)\nprint('waited')",
+             h.hex()], capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.stdout.strip(), "waited", r.stderr)
+        an.release_event_handle_bytes(h)
+        # child's event, waited on here while the child lives; gone with it after
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import aegaeon_native as an, sys\n"
+             "print(an.create_event_handle_bytes().hex(), flush=True)\nsys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            handle = bytes.fromhex(proc.stdout.readline().strip())
+            self.assertEqual(len(handle), 64)
+            an.wait_event_handle_bytes(handle, timeout=10)
+            an.wait_event_handle_bytes(handle, timeout=10)    # the cached opening
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+            proc.stdout.close()
+        self.assertEqual(proc.returncode, 0)
+
+    def test_prefetch_chunk_waited_in_another_process(self):
+        path = os.path.join(TMP, "shared.bin")
+        data = pattern(3 * MiB, 9)
+        write_file(path, data)
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, MiB)
+        r = subprocess.run([sys.executable, "-c", "import aegaeon_native as an, sys\n"
+                            "for h in sys.argv[1:]:\n    an.wait_event_handle_bytes(bytes.fromhex(h), timeout=30)\n"
+                            "print(len(sys.argv) - 1)"] + [c["event_handle"].hex() for c in chunks],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.stdout.strip(), str(len(chunks)), r.stderr)
+        an.release_prefetch_chunks([c["slab_id"] for c in chunks])
+
+
+# ------------------------------------------------------------------- prefetch
+
+SEED = '''
+import aegaeon_native as an
+chunks = an.prefetch_file_to_gpu_chunks("/tmp/test_model.bin", gpu_id=0, chunk_bytes=32*1024*1024)
+an.wait_event_handle_bytes(chunks[0]["event_handle"])
+an.release_prefetch_chunks([chunks[0]["slab_id"]])
+'''
+
+
+class TestPrefetch(Base):
+    def test_seed_example_verbatim(self):
+        data = pattern(80 * MiB, 2024)    # three chunks of 32 MiB
+        write_file("/tmp/test_model.bin", data)
+        scope = {}
+        exec(SEED, scope)
+        chunks = scope["chunks"]
+        self.assertEqual([c["size"] for c in chunks], [32 * MiB, 32 * MiB, 16 * MiB])
+        for c in chunks:
+            self.assertEqual(set(c), {"device_ptr", "size", "event_handle", "slab_id"})
+            self.assertIsInstance(c["device_ptr"], int)
+            self.assertEqual(len(c["event_handle"]), 64)
+        st = an.stats()["prefetch"][0]
+        self.assertEqual(st["chunks"], 2)
+        for i, c in enumerate(chunks[1:], 1):
+            an.wait_event_handle_bytes(c["event_handle"])
+            self.assertEqual(an.chunk_view(c).tobytes(), data[i * 32 * MiB:i * 32 * MiB + c["size"]])
+        gc.collect()
+        an.release_prefetch_chunks([c["slab_id"] for c in chunks[1:]])
+        self.assertEqual(an.stats()["prefetch"][0]["chunks"], 0)
+        self.assertEqual(an.stats()["prefetch"][0]["blocks"], 0)
+        # the seed example as a program of its own
+        r = child(SEED + "print(len(chunks))")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "3"), r.stderr)
+
+    def test_chunks_and_views(self):
+        path = os.path.join(TMP, "model.bin")
+        data = pattern(5 * MiB + 123, 5)
+        write_file(path, data)
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, chunk_bytes=MiB)
+        self.assertEqual(len(chunks), 6)
+        self.assertEqual(sum(c["size"] for c in chunks), len(data))
+        off = 0
+        for c in chunks:
+            an.wait_event_handle_bytes(c["event_handle"], timeout=30)
+            v = an.chunk_view(c)
+            self.assertEqual(v.shape, (c["size"],))
+            self.assertEqual(v.device_ptr, c["device_ptr"])
+            self.assertEqual(v.tobytes(), data[off:off + c["size"]])
+            if np is not None:
+                self.assertEqual(np.asarray(v).tobytes(), data[off:off + c["size"]])
+            off += c["size"]
+        self.assertEqual(an.stats()["prefetch"][0]["views"], 1)
+        del v
+        self.assertEqual(an.stats()["prefetch"][0]["views"], 0)
+        # pathlib and bytes paths; repeated ids count once
+        import pathlib
+        more = an.prefetch_file_to_gpu_chunks(pathlib.Path(path), 0, 4 * MiB)
+        more += an.prefetch_file_to_gpu_chunks(os.fsencode(path), 0, 8 * MiB)
+        ids = [c["slab_id"] for c in chunks + more]
+        an.release_prefetch_chunks(ids + ids[:2])
+        st = an.stats()["prefetch"][0]
+        self.assertEqual((st["chunks"], st["blocks"], st["loads"]), (0, 0, 0))
+
+    def test_release_while_loading(self):
+        path = os.path.join(TMP, "big.bin")
+        write_file(path, pattern(64 * MiB, 8))
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, MiB)
+        an.wait_event_handle_bytes(chunks[0]["event_handle"])
+        an.release_prefetch_chunks([chunks[0]["slab_id"]])   # waits for the rest of the file
+        an.release_prefetch_chunks(tuple(c["slab_id"] for c in chunks[1:]))
+        self.assertEqual(an.stats()["prefetch"][0]["chunks"], 0)
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, MiB)
+        an.release_all_prefetch_events()                    # cancels what still loads
+        self.assertEqual(an.stats()["prefetch"], {})
+        for c in chunks[-1:]:
+            with self.assertRaises(an.AegaeonError):
+                an.wait_event_handle_bytes(c["event_handle"], timeout=5)
+
+    def test_errors(self):
+        path = os.path.join(TMP, "e.bin")
+        write_file(path, b"x" * 1000)
+        self.assertRaises(TypeError, an.prefetch_file_to_gpu_chunks, 123, 0, MiB)
+        self.assertRaises(TypeError, an.prefetch_file_to_gpu_chunks, path, "0", MiB)
+        self.assertRaises(ValueError, an.prefetch_file_to_gpu_chunks, path, 0, 0)
+        self.assertRaises(ValueError, an.prefetch_file_to_gpu_chunks, path, 0, -1)
+        self.assertRaises(TypeError, an.prefetch_file_to_gpu_chunks, path)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.prefetch_file_to_gpu_chunks(os.path.join(TMP, "missing.bin"), 0, MiB)
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
+        self.assertIn("missing.bin", str(c.exception))
+        with self.assertRaises(an.AegaeonValueError):
+            an.prefetch_file_to_gpu_chunks(TMP, 0, MiB)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.prefetch_file_to_gpu_chunks(path, 2, MiB)
+        self.assertAegaeon(c, "AEG_ENODEV")
+        with self.assertRaises(an.AegaeonValueError):
+            an.prefetch_file_to_gpu_chunks(path, 0, 1 << 40)     # chunk over the slab
+        self.assertRaises(TypeError, an.release_prefetch_chunks, 5)
+        self.assertRaises(TypeError, an.release_prefetch_chunks, "12")
+        self.assertRaises(TypeError, an.release_prefetch_chunks, ["a"])
+        self.assertRaises(ValueError, an.release_prefetch_chunks, [-1])
+        an.release_prefetch_chunks([])
+        chunks = an.prefetch_file_to_gpu_chunks(path, 0, MiB)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.release_prefetch_chunks([chunks[0]["slab_id"], 987654])
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
+        self.assertEqual(an.stats()["prefetch"][0]["chunks"], 1)   # nothing released
+        with self.assertRaises(an.AegaeonError):
+            an.release_prefetch_chunks([chunks[0]["slab_id"]], gpu_id=5)
+        self.assertRaises(TypeError, an.chunk_view, [1])
+        self.assertRaises(ValueError, an.chunk_view, {"size": 1})
+        with self.assertRaises(an.AegaeonError):
+            an.chunk_view(dict(chunks[0], size=chunks[0]["size"] + 4096))
+        self.assertRaises(ValueError, an.chunk_view, chunks[0], dtype="F99")
+        an.release_prefetch_chunks([chunks[0]["slab_id"]], gpu_id=0)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.release_prefetch_chunks([chunks[0]["slab_id"]])
+        self.assertAegaeon(c, "AEG_ENOENT")
+        with self.assertRaises(an.AegaeonError):
+            an.chunk_view(chunks[0])
+
+    def test_slab_full(self):
+        an.release_all_prefetch_events()
+        an.configure(prefetch_slab="2MiB")
+        try:
+            path = os.path.join(TMP, "full.bin")
+            write_file(path, pattern(3 * MiB, 4))
+            with self.assertRaises(an.AegaeonError) as c:
+                an.prefetch_file_to_gpu_chunks(path, 0, MiB)
+            self.assertAegaeon(c, "AEG_ENOSPC", errno.ENOSPC)
+            self.assertEqual(an.stats()["prefetch"][0]["blocks"], 0)
+        finally:
+            an.release_all_prefetch_events()
+            an.configure(prefetch_slab="256MiB")
+
+
+# ---------------------------------------------------------------- safetensors
+
+class TestSafetensors(Base):
+    def test_load_and_compare(self):
+        tensors = make_tensors()
+        path = os.path.join(TMP, "model.safetensors")
+        write_file(path, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        d = an.load_safetensors(path, gpu_id=0, chunk_bytes=MiB)
+        self.assertEqual(list(d), list(tensors))
+        for name, (dtype, shape, raw) in tensors.items():
+            v = d[name]
+            self.assertEqual(v.dtype, dtype, name)
+            self.assertEqual(v.shape, tuple(shape), name)
+            self.assertEqual(v.nbytes, len(raw), name)
+            self.assertEqual(v.tobytes(), raw, name)
+            if np is not None and v.typestr is not None:
+                a = np.asarray(v)
+                self.assertEqual(a.shape, tuple(shape))
+                self.assertEqual(a.tobytes(), raw, name)
+                self.assertEqual(a.__array_interface__["data"][0], v.device_ptr)   # no copy
+            if np is not None and dtype not in ("BF16", "BOOL"):    # numpy's DLPack lacks them
+                self.assertEqual(np.from_dlpack(v).tobytes(), raw, name)
+        st = an.stats()["prefetch"][0]
+        self.assertGreater(st["blocks"], 0)
+        self.assertEqual(an.stats()["objects"], 1)
+        del d, v
+        if np is not None:
+            del a
+        gc.collect()
+        st = an.stats()["prefetch"][0]
+        self.assertEqual((st["blocks"], st["chunks"], st["views"]), (0, 0, 0))
+        self.assertEqual(an.stats()["objects"], 0)
+
+    def test_view_outlives_dict(self):
+        tensors = make_tensors(7)
+        path = os.path.join(TMP, "m2.safetensors")
+        write_file(path, safetensors_bytes(tensors))
+        keep = an.load_safetensors(path)["big.weight"]
+        gc.collect()
+        self.assertEqual(keep.tobytes(), tensors["big.weight"][2])
+        self.assertGreater(an.stats()["prefetch"][0]["blocks"], 0)
+        del keep
+        gc.collect()
+        self.assertEqual(an.stats()["prefetch"][0]["blocks"], 0)
+
+    def test_bad_files(self):
+        cases = {
+            b"": "AEG_EFORMAT",
+            struct.pack("<Q", 1 << 40) + b"{}": "AEG_EFORMAT",
+            struct.pack("<Q", 2) + b"[]": "AEG_EFORMAT",
+            safetensors_bytes({"t": ("F32", (4,), b"\0" * 12)}): "AEG_EFORMAT",
+            safetensors_bytes({"t": ("Q7", (1,), b"\0" * 4)}): "AEG_EFORMAT",
+        }
+        for i, (blob, name) in enumerate(cases.items()):
+            path = os.path.join(TMP, "bad%d.safetensors" % i)
+            write_file(path, blob)
+            with self.assertRaises(an.AegaeonError) as c:
+                an.load_safetensors(path)
+            self.assertEqual(c.exception.name, name, (i, str(c.exception)))
+        self.assertEqual(c.exception.errno, None)
+        self.assertEqual(c.exception.code, -4004)
+        self.assertRaises(TypeError, an.load_safetensors, None)
+        self.assertRaises(ValueError, an.load_safetensors, path, gpu_id=-2)
+        st = an.stats()["prefetch"].get(0, {"blocks": 0})
+        self.assertEqual(st["blocks"], 0)
+        self.assertEqual(an.stats()["objects"], 0)
+
+
+# ----------------------------------------------------------------------- KV
+
+class TestKV(Base):
+    def test_blocks_and_swaps(self):
+        kv = an.KVCache(0, block_bytes=4096, gpu_blocks=8, host_blocks=8)
+        self.assertEqual((kv.block_bytes, kv.gpu_blocks, kv.host_blocks, kv.gpu_id), (4096, 8, 8, 0))
+        g = kv.gpu_alloc(3)
+        h = kv.host_alloc(3)
+        for i, hid in enumerate(h):
+            kv.host_block(hid)[:] = bytes([i + 1]) * 4096
+        ev = kv.swap_in(h, g)
+        self.assertEqual(len(ev), 64)
+        kv.wait(ev, timeout=10)
+        an.wait_event_handle_bytes(ev)
+        kv.release(ev)
+        for i, gid in enumerate(g):
+            self.assertEqual(kv.gpu_block(gid).tobytes(), bytes([i + 1]) * 4096)
+            self.assertEqual(kv.gpu_block(gid).device_ptr, kv.gpu_ptr(gid))
+        kv.gpu_block(g[0]).copy_from(b"\xee" * 4096)
+        h2 = kv.host_alloc(3)
+        call, layers = kv.swap_out(g, h2, layers=[1, 3])
+        self.assertEqual(len(layers), 2)
+        for lh in layers:
+            kv.wait(lh)
+        kv.wait(call)
+        kv.release(call)
+        self.assertEqual(bytes(kv.host_block(h2[0])), b"\xee" * 4096)
+        self.assertEqual(bytes(kv.host_block(h2[2])), b"\x03" * 4096)
+        self.assertIsNone(kv.swap_out(g[:1], h2[:1], wait=True))
+        # copies between raw addresses
+        dst = kv.host_ptr(h2[1])
+        kv.copy_d2h(dst, kv.gpu_ptr(g[1]), 4096, wait=True)
+        self.assertEqual(bytes(kv.host_block(h2[1])), b"\x02" * 4096)
+        ev = kv.copy_h2d(kv.gpu_ptr(g[1]), kv.host_ptr(h[0]), 4096)
+        kv.wait_all()
+        self.assertEqual(kv.gpu_block(g[1]).tobytes(), b"\x01" * 4096)
+        st = kv.stats()
+        self.assertEqual((st["gpu_used"], st["host_used"], st["events_live"], st["pending"]), (3, 6, 0, 0))
+        kv.gpu_free(g)
+        kv.host_free(h + h2)
+        st = kv.stats()
+        self.assertEqual((st["gpu_used"], st["host_used"]), (0, 0))
+        gc.collect()
+        kv.close()
+        self.assertTrue(kv.closed)
+        self.assertRaises(ValueError, kv.gpu_alloc, 1)
+
+    def test_seed_api(self):
+        kv = an.KVCache(0)
+        payload = pattern(100000, 11)
+        kv.store_kv_async("req-1", payload)
+        kv.store_kv_async("req-2", b"short")
+        ids = kv.ensure_kv_on_gpu("req-1")
+        self.assertEqual(len(ids), 4)
+        self.assertEqual(b"".join(kv.gpu_block(i).tobytes() for i in ids)[:len(payload)], payload)
+        kv.swapout_all_async()
+        kv.wait_all()
+        self.assertEqual(kv.stats()["gpu_used"], 0)
+        self.assertEqual(kv.load_kv("req-1"), payload)
+        ids = kv.ensure_kv_on_gpu("req-1")
+        kv.gpu_block(ids[0]).copy_from(b"changed")
+        self.assertEqual(kv.load_kv("req-1")[:7], b"changed")
+        self.assertEqual(kv.load_kv("req-2"), b"short")
+        kv.store_kv_async("req-2", b"replaced")
+        self.assertEqual(kv.load_kv("req-2"), b"replaced")
+        kv.drop_kv("req-1")
+        kv.drop_kv("req-2")
+        self.assertRaises(KeyError, kv.ensure_kv_on_gpu, "req-1")
+        self.assertRaises(KeyError, kv.load_kv, "nope")
+        self.assertRaises(TypeError, kv.store_kv_async, ["unhashable"], b"x")
+        self.assertRaises(ValueError, kv.store_kv_async, "r", b"")
+        self.assertRaises(TypeError, kv.store_kv_async, "r", "text")
+        st = kv.stats()
+        self.assertEqual((st["gpu_used"], st["host_used"], st["requests"]), (0, 0, 0))
+
+    def test_shared_slab_and_pool(self):
+        slab = an.SlabAllocator(0, MiB)
+        pool = an.PinnedPool(8192, 4)
+        kv = an.KVCache(0, block_bytes=4096, gpu_blocks=16, host_blocks=8, slab=slab, pool=pool)
+        self.assertEqual(slab.stats()["blocks"], 1)
+        self.assertEqual(pool.stats()["in_use"], 4)
+        h = kv.host_alloc(1)
+        kv.host_block(h[0])[:3] = b"abc"
+        off = kv.host_ptr(h[0]) - pool.address(0)
+        self.assertEqual(bytes(pool.buffer(off // 8192)[off % 8192:off % 8192 + 3]), b"abc")
+        kv.close()
+        self.assertEqual(slab.stats()["blocks"], 0)
+        self.assertEqual(pool.stats()["in_use"], 0)
+        slab.close()
+        pool.close()
+
+    def test_errors(self):
+        self.assertRaises(ValueError, an.KVCache, 0, block_bytes=100)
+        self.assertRaises(ValueError, an.KVCache, 0, block_bytes=1 << 30)
+        self.assertRaises(ValueError, an.KVCache, 0, gpu_blocks=0)
+        self.assertRaises(ValueError, an.KVCache, 0, host_blocks=0)
+        self.assertRaises(TypeError, an.KVCache, "0")
+        self.assertRaises(TypeError, an.KVCache, 0, slab=5)
+        self.assertRaises(TypeError, an.KVCache, 0, pool="p")
+        with self.assertRaises(an.AegaeonError) as c:
+            an.KVCache(3)
+        self.assertAegaeon(c, "AEG_ENODEV")
+        with an.PinnedPool(4096, 1) as p:
+            with self.assertRaises(an.AegaeonValueError):
+                an.KVCache(0, block_bytes=8192, pool=p)     # buffer not a multiple of the block
+        kv = an.KVCache(0, block_bytes=4096, gpu_blocks=4, host_blocks=4)
+        with self.assertRaises(an.AegaeonError) as c:
+            kv.gpu_alloc(5)
+        self.assertAegaeon(c, "AEG_ENOSPC")
+        self.assertRaises(ValueError, kv.gpu_alloc, 0)
+        self.assertRaises(TypeError, kv.gpu_alloc, "1")
+        self.assertRaises(ValueError, kv.swap_out, [0, 1], [0])
+        self.assertRaises(ValueError, kv.swap_out, [], [])
+        self.assertRaises(ValueError, kv.swap_out, [9], [0])
+        self.assertRaises(TypeError, kv.swap_out, 0, 0)
+        self.assertRaises(TypeError, kv.swap_in, ["a"], [0])
+        with self.assertRaises(an.AegaeonValueError):
+            kv.swap_out([0, 0], [0, 1])                       # a GPU block twice
+        with self.assertRaises(an.AegaeonValueError):
+            kv.swap_out([0, 1], [0, 1], layers=[2, 1])
+        with self.assertRaises(an.AegaeonValueError):
+            kv.gpu_free([2])                                   # not allocated
+        with self.assertRaises(an.AegaeonError) as c:
+            kv.release(b"\x01" * 64)
+        self.assertAegaeon(c, "AEG_ENOENT")
+        self.assertRaises(ValueError, kv.release, b"short")
+        self.assertRaises(ValueError, kv.gpu_ptr, 4)
+        self.assertRaises(ValueError, kv.host_block, 10)
+        with self.assertRaises(an.AegaeonValueError):
+            kv.copy_h2d(kv.gpu_ptr(0), kv.gpu_ptr(0), 16)      # overlapping ranges
+        self.assertRaises(ValueError, kv.copy_h2d, 0, 0, 0)
+        b = kv.gpu_block(0)
+        with self.assertRaises(an.AegaeonError) as c:
+            kv.close()
+        self.assertAegaeon(c, "AEG_EBUSY")
+        del b
+        kv.close()
+
+
+# ------------------------------------------------------------------------ job
+
+JOB_CODE = r"""
+import aegaeon_native as an, json, os, sys
+path, st_path = sys.argv[1], sys.argv[2]
+chunks = an.prefetch_file_to_gpu_chunks(path, gpu_id=0, chunk_bytes=1 << 20)
+for c in chunks:
+    an.wait_event_handle_bytes(c["event_handle"], timeout=30)
+ok_bytes = b"".join(an.chunk_view(c).tobytes() for c in chunks) == open(path, "rb").read()
+st = an.stats()
+an.release_prefetch_chunks([chunks[0]["slab_id"]])
+after_one = an.stats()["job"]["blocks"]
+t = an.load_safetensors(st_path)
+tensors = {k: v.tobytes().hex() for k, v in t.items()}
+held = an.stats()["job"]["blocks"]
+del t
+after_del = an.stats()["job"]["blocks"]
+s = an.SlabAllocator(0, 1 << 20)
+b = s.alloc(4096)
+b.copy_from(b"lease")
+try:
+    s.export_handle()
+    exported = True
+except an.AegaeonError as e:
+    exported = e.name
+p = an.PinnedPool.from_job()
+an.release_all_prefetch_events()
+print(json.dumps({"device": an.device(), "job": st["job"], "ok_bytes": ok_bytes, "chunks": len(chunks),
+                  "after_one": after_one, "held": held, "after_del": after_del, "tensors": tensors,
+                  "left": an.stats()["job"]["blocks"], "lease": b.tobytes()[:5].decode(),
+                  "exported": exported, "pool": p.buffer_size}))
+"""
+
+
+class TestJob(Base):
+    """The module inside an aegaeon job: an aegaeond agent as the SPANK plugin starts it."""
+
+    def setUp(self):
+        agent = os.environ.get("AEGAEOND")
+        if not agent or not os.access(agent, os.X_OK):
+            self.skipTest("AEGAEOND (the built aegaeond) not given")
+        self.dir = tempfile.mkdtemp(prefix="aeg-job-", dir="/tmp")
+        self.env = dict(os.environ, AEGAEON_HOST_GPUS="1")
+        self.env.pop("AEGAEON_SLABS", None)
+        self.agent = subprocess.Popen(
+            [agent, "--job", "7", "--runtime-dir", self.dir, "--device", "host", "--foreground",
+             "--gpus", "0", "--slab", "64MiB", "--pinned", "8MiB:1MiB"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2000):
+            if os.path.exists(os.path.join(self.dir, "ready")) or self.agent.poll() is not None:
+                break
+            time.sleep(0.01)
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "ready")), "the agent did not start")
+        self.env["AEGAEON_SOCKET"] = os.path.join(self.dir, "agent.sock")
+
+    def tearDown(self):
+        if hasattr(self, "agent"):
+            self.agent.terminate()
+            self.agent.communicate(timeout=30)
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def test_job_attach(self):
+        path = os.path.join(TMP, "job.bin")
+        data = pattern(3 * MiB + 77, 12)
+        write_file(path, data)
+        tensors = make_tensors(5)
+        st_path = os.path.join(TMP, "job.safetensors")
+        write_file(st_path, safetensors_bytes(tensors))
+        r = subprocess.run([sys.executable, "-c", JOB_CODE, path, st_path], env=self.env,
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["device"], "host")
+        self.assertEqual(out["job"]["job_id"], "7")
+        self.assertEqual(out["job"]["agent_pid"], self.agent.pid)
+        self.assertTrue(out["ok_bytes"])
+        self.assertEqual(out["chunks"], 4)
+        self.assertEqual(out["after_one"], 3)
+        self.assertEqual(out["held"], 4)           # + the tensors' block
+        self.assertEqual(out["after_del"], 3)      # which went with the dict
+        self.assertEqual(out["left"], 0)
+        self.assertEqual(out["tensors"], {k: v[2].hex() for k, v in tensors.items()})
+        self.assertEqual(out["lease"], "lease")
+        self.assertEqual(out["exported"], "AEG_ENOTSUP")
+        self.assertEqual(out["pool"], MiB)
+
+    def test_attach_errors(self):
+        r = child("import aegaeon_native as an\ntry:\n    an.device()\nexcept an.AegaeonError as e:\n"
+                  "    print(e.name, 'AEGAEON_SOCKET' in str(e))",
+                  env=dict(self.env, AEGAEON_SOCKET=os.path.join(self.dir, "nope.sock")))
+        self.assertEqual(r.stdout.split()[1:], ["True"], r.stderr)
+        r = child("import aegaeon_native as an\nan.configure(attach=False)\nprint(an.stats()['job'], an.device())",
+                  env=self.env)
+        self.assertEqual(r.stdout.strip(), "None host", r.stderr)
+        r = child("import aegaeon_native as an\nan.device()\ntry:\n    an.configure(attach=False)\n"
+                  "except an.AegaeonError as e:\n    print(e.name)", env=self.env)
+        self.assertEqual(r.stdout.strip(), "AEG_EBUSY", r.stderr)
+        self.assertRaises(TypeError, an.configure, attach="yes")
+
+
+# ----------------------------------------------------------------- lifetime
+
+class TestLifetime(Base):
+    def test_collected_objects_leave_nothing(self):
+        an.release_all_prefetch_events()
+        gc.collect()
+        an.SlabAllocator(0, MiB).close()          # the device and its fds are open now
+        base_fds = fd_count()
+        base = an.stats()
+        self.assertEqual((base["objects"], base["events"]), (0, 0))
+        for _ in range(3):
+            s = an.SlabAllocator(0, MiB)
+            blocks = [s.alloc(1000) for _ in range(5)]
+            p = an.PinnedPool(4096, 8)
+            taken = [p.acquire() for _ in range(2)]
+            kv = an.KVCache(0, block_bytes=4096, gpu_blocks=4, host_blocks=4, slab=s, pool=p)
+            kv.store_kv_async("r", b"x" * 5000)
+            path = os.path.join(TMP, "life.safetensors")
+            write_file(path, safetensors_bytes(make_tensors(3)))
+            d = an.load_safetensors(path)
+            cycle = [s, p, kv, d, blocks, taken]
+            cycle.append(cycle)                   # collected by the GC, not refcounts
+            self.assertEqual(an.stats()["objects"], 4)     # slab, pool, cache, tensors
+            del s, p, kv, d, blocks, taken, cycle
+            gc.collect()
+            st = an.stats()
+            self.assertEqual(st["objects"], 0)
+            self.assertEqual(st["prefetch"][0]["blocks"], 0)
+            self.assertEqual(st["prefetch"][0]["views"], 0)
+        an.release_all_prefetch_events()
+        self.assertEqual(fd_count(), base_fds)
+
+    def test_exit_with_everything_alive(self):
+        path = os.path.join(TMP, "exit.safetensors")
+        write_file(path, safetensors_bytes(make_tensors(4)))
+        big = os.path.join(TMP, "exit.bin")
+        write_file(big, pattern(32 * MiB, 6))
+        code = """
+import aegaeon_native as an, os, sys, threading
+s = an.SlabAllocator(0, 1 << 20); b = s.alloc(4096)
+p = an.PinnedPool(4096, 2); t = p.acquire()
+kv = an.KVCache(0, block_bytes=4096, gpu_blocks=4, host_blocks=4)
+kv.store_kv_async("r", b"y" * 9000)
+d = an.load_safetensors(sys.argv[1])
+chunks = an.prefetch_file_to_gpu_chunks(sys.argv[2], 0, 1 << 20)   # still loading at exit
+h = an.create_event_handle_bytes()
+loop = [s, p, kv, d]; loop.append(loop)
+def waiter():
+    an.wait_event_handle_bytes(h)
+threading.Thread(target=waiter, daemon=True).start()
+print(len(os.listdir('/proc/self/task')), flush=True)
+"""
+        mark = "aegaeon-test-%d-%f" % (os.getpid(), time.time())
+        r = subprocess.run(
+            [sys.executable, "-c", code, path, big], capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, AEGAEON_LOG="warn", AEGAEON_TEST_MARK=mark))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        # the library warns when the device closes with anything still held
+        self.assertEqual(r.stderr, "")
+        self.assertGreater(int(r.stdout), 1)
+        # and no process it started stayed behind
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/environ" % pid, "rb") as f:
+                    if mark.encode() in f.read():
+                        left.append(pid)
+            except OSError:
+                pass
+        self.assertEqual(left, [])
+
+    def test_module_free_on_interpreter_exit(self):
+        # release_all at exit also covers events and chunks of a module never collected
+        r = child("import aegaeon_native as an, sys\n"
+                  "h = [an.create_event_handle_bytes() for _ in range(5)]\n"
+                  "sys.modules['keep'] = an\n")
+        self.assertEqual((r.returncode, r.stderr), (0, ""))
+
+
+class Result(unittest.TextTestResult):
+    pass
+
+
+def main():
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    runner = unittest.TextTestRunner(verbosity=2, resultclass=Result, stream=sys.stdout)
+    res = runner.run(suite)
+    failed = len(res.failures) + len(res.errors) + len(res.unexpectedSuccesses)
+    passed = res.testsRun - failed - len(res.skipped)
+    print("%d passed, %d failed" % (passed, failed))
+    sys.stdout.flush()
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    try:
+        rc = main()
+    finally:
+        import shutil
+        shutil.rmtree(TMP, ignore_errors=True)
+    sys.exit(rc)

@@ -1,0 +1,85 @@
+#!/bin/bash
+# Another user cannot reach a job's agent or directory; the agent has the job
+# user's rights only; root-only files cannot be prefetched; the prolog does
+# not follow links planted in the runtime dir and refuses an unsafe one.
+source "$(dirname "$0")/cluster.sh"
+
+cluster_start || { fail "cluster starts"; finish; exit; }
+
+job=$(submit -N1 --gres=gpu:1 --aegaeon-slab=64MiB --wrap 'sleep 60')
+wait_ready "$job" n1 20
+dir=$(job_dir "$job" n1)
+agent=$(agent_of "$job" n1)
+check "agent running" test -n "$agent"
+
+check "another user cannot list the job dir" bash -c "! setpriv --reuid=$OTHER_UID --regid=$OTHER_UID --clear-groups ls '$dir' 2>/dev/null"
+check "another user cannot read the ready record" bash -c "! setpriv --reuid=$OTHER_UID --regid=$OTHER_UID --clear-groups cat '$dir/ready' 2>/dev/null"
+connect='import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("refused:", e.strerror)
+    sys.exit(1)
+print("connected")'
+out=$(as_other /usr/bin/python3 -c "$connect" "$dir/agent.sock" 2>&1)
+check "another user cannot connect to the socket ($out)" grep -q "^refused: Permission denied" <<<"$out"
+# Even with the directory opened up by root, the 0600 socket keeps others out.
+chmod 711 "$dir"
+out=$(as_other /usr/bin/python3 -c "$connect" "$dir/agent.sock" 2>&1)
+check "with the dir opened, the socket mode still refuses ($out)" grep -q "^refused: Permission denied" <<<"$out"
+chmod 700 "$dir"
+out=$(as_user /usr/bin/python3 -c "$connect" "$dir/agent.sock" 2>&1)
+check "the job user can connect ($out)" grep -qx connected <<<"$out"
+
+if [[ -n $agent ]]; then
+	st=$(cat "/proc/$agent/status")
+	check "agent: all uids are the job user's" grep -qP "^Uid:\t$JOB_UID\t$JOB_UID\t$JOB_UID\t$JOB_UID$" <<<"$st"
+	check "agent: all gids are the job user's" grep -qP "^Gid:\t$JOB_GID\t$JOB_GID\t$JOB_GID\t$JOB_GID$" <<<"$st"
+	check "agent: only the job user's groups" grep -qP "^Groups:\t$(id -G "$JOB_USER" | tr ' ' '\n' | sort -n | tr '\n' ' ' | sed 's/ $//')\s*$" <<<"$st"
+	check "agent: no capabilities" grep -qP "^CapEff:\t0+$" <<<"$st"
+	check "agent: its own session, not slurmd's" test "$(ps -o sid= -p "$agent" | tr -d ' ')" = "$agent" -o "$(ps -o sid= -p "$agent" | tr -d ' ')" != "$(ps -o sid= -p "${PIDS[2]}" | tr -d ' ')"
+	check "agent: stdio on /dev/null" test "$(readlink /proc/$agent/fd/0):$(readlink /proc/$agent/fd/1):$(readlink /proc/$agent/fd/2)" = /dev/null:/dev/null:/dev/null
+fi
+sl scancel "$job"
+wait_job "$job" 30
+
+# A file only root can read is refused in the client, as the user.
+echo secret >"$T/root-only.bin"
+chmod 600 "$T/root-only.bin"
+out=$(as_user timeout 30 srun -N1 --gres=gpu:1 --aegaeon-prefetch="$T/root-only.bin" true 2>&1)
+check "root-only file: refused by srun ($out)" grep -qF "$T/root-only.bin: Permission denied" <<<"$out"
+
+# Readable at submission, root-only by the time the job starts: the agent,
+# running as the user, cannot open it and the first step says so.
+echo weights >"$T/turns-private.bin"
+chmod 644 "$T/turns-private.bin"
+job=$(submit -H -N1 --gres=gpu:1 --aegaeon-slab=64MiB --aegaeon-prefetch="$T/turns-private.bin" \
+	-o private.out --wrap 'srun true; echo step_rc=$?')
+chmod 600 "$T/turns-private.bin"
+sl scontrol release "$job"
+wait_job "$job" 60
+# The batch script is the job's first task: it does not run.
+check "root-only at job start: the job failed before its script ran" \
+	bash -c "! grep -q step_rc '$T/work/private.out' && env -i SLURM_CONF=$T/etc/slurm.conf scontrol -o show job $job | grep -q JobState=FAILED"
+check "root-only at job start: the agent's reason reached the job's output" \
+	grep -qiE "aegaeon: .*$T/turns-private.bin.*permission denied" "$T/work/private.out"
+
+# A link planted under the job's directory name is removed, not followed.
+next=$(($(sl scontrol -o show job | sed -n 's/^JobId=\([0-9]*\).*/\1/p' | sort -n | tail -n 1) + 1))
+mkdir "$T/target"
+ln -s "$T/target" "$T/aegrun/$next.n1"
+out=$(as_user timeout 60 srun -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB bash -c 'echo $SLURM_JOB_ID $AEGAEON_SLABS' 2>&1)
+check "planted link for job $next: job ran with its own dir ($out)" test "$out" = "$next 1"
+check "planted link: its target is untouched" test -z "$(ls -A "$T/target")" -a "$(stat -c %U "$T/target")" = root
+
+# A runtime dir others can write to is refused; the step says no agent runs.
+chmod 777 "$T/aegrun"
+out=$(as_user timeout 60 srun -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB true 2>&1)
+check "world-writable runtime_dir: the step fails ($out)" grep -qF "aegaeon: no agent runs for job" <<<"$out"
+check "world-writable runtime_dir: slurmd log says why" \
+	grep -qF "runtime_dir $T/aegrun must be owned by root and writable by root only" "$T/log/slurmd-n1.log"
+chmod 755 "$T/aegrun"
+check "nothing left" nothing_left 10
+
+finish
