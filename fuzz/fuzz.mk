@@ -17,10 +17,12 @@ FUZZ_CFLAGS := -std=gnu11 -g -O1 $(SAN) -Wall -Wextra -Wno-unused-parameter \
 	-D_GNU_SOURCE -DSYSCONFDIR='"$(sysconfdir)"' -DSBINDIR='"$(sbindir)"' \
 	-I$(obj_dir) -I$(top_srcdir)/include -I$(top_srcdir)/src/lib $(DEP_CFLAGS)
 
-# Everything of the library but the cuda backend (the parsers need no GPU,
-# and cudart is not built with the sanitizers); the linker takes what a
-# target needs. config.h here is the build's, without HAVE_CUDA.
-lib_srcs := $(filter-out %/device_cuda.c,$(wildcard $(top_srcdir)/src/lib/*.c))
+# The library's sources (LIB_SOURCES, from Makefile.am) but the CUDA ones:
+# the parsers need no GPU, and cudart is not built with the sanitizers. The
+# linker takes what a target needs. config.h here is the build's, without
+# HAVE_CUDA.
+LIB_SOURCES ?= $(patsubst $(top_srcdir)/%,%,$(wildcard $(top_srcdir)/src/lib/*.c))
+lib_srcs := $(addprefix $(top_srcdir)/,$(filter-out %_cuda.c %_fatbin.c,$(filter %.c,$(LIB_SOURCES))))
 lib_objs := $(patsubst $(top_srcdir)/src/lib/%.c,$(obj_dir)/%.o,$(lib_srcs))
 headers := $(wildcard $(top_srcdir)/include/aegaeon/*.h $(top_srcdir)/src/lib/*.h) \
 	$(top_srcdir)/fuzz/fuzz.h $(obj_dir)/config.h
