@@ -5,7 +5,8 @@ set -euo pipefail
 
 build_pkgs=(autoconf automake libtool make gcc pkg-config
 	libhwloc-dev hwloc libconfig-dev libjansson-dev libcmocka-dev
-	libslurm-dev python3 python3-dev python3-pip python3-venv)
+	libslurm-dev python3 python3-dev python3-pip python3-venv
+	clang libclang-rt-14-dev)
 slurm_pkgs=(slurmctld slurmd slurm-client munge)
 
 if [ "$(id -u)" != 0 ]; then

@@ -21,8 +21,9 @@ struct aeg_size_spec {
 
 /*
  * aeg_size_spec_parse - parse a size. Units (case-insensitive): none or B
- * (bytes); K, KiB, M, MiB, G, GiB, T, TiB (powers of 1024, as Slurm's --mem);
- * KB, MB, GB, TB (powers of 1000). A decimal fraction of up to 9 digits,
+ * (bytes); K, KiB, M, MiB, G, GiB, T, TiB (powers of 1024, as Slurm's --mem),
+ * and P, PiB, E, EiB so every aeg_size_format text reads back; KB, MB, GB,
+ * TB, PB, EB (powers of 1000). A decimal fraction of up to 9 digits,
  * after at least one digit ("0.5GiB", not ".5GiB"), is allowed with a unit
  * ("1.5GiB"; rounded down to a byte) and before '%' (rounded down to a ppm).
  * Blanks may surround the text and separate number and unit ("40 GiB", as

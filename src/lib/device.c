@@ -135,10 +135,18 @@ AEG_EXPORT int aeg_handle_from_hex(const char *hex, aeg_handle_t *handle)
 	if (hex == NULL || handle == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_handle_from_hex: NULL argument");
 	len = strnlen(hex, AEG_HANDLE_HEX_LEN + 1);
-	if (len != AEG_HANDLE_HEX_LEN)
-		return aeg_fail(AEG_EINVAL, "handle \"%.20s%s\": %s%zu hex digits, expected %d",
-				hex, len > 20 ? "..." : "", len > AEG_HANDLE_HEX_LEN ? "more than " : "",
+	if (len != AEG_HANDLE_HEX_LEN) {
+		char shown[21];
+		size_t n = len < 20 ? len : 20;
+
+		/* Handles come from command lines and the environment: no escapes into a terminal or log. */
+		for (size_t i = 0; i < n; i++)
+			shown[i] = isprint((unsigned char)hex[i]) ? hex[i] : '?';
+		shown[n] = '\0';
+		return aeg_fail(AEG_EINVAL, "handle \"%s%s\": %s%zu hex digits, expected %d",
+				shown, len > 20 ? "..." : "", len > AEG_HANDLE_HEX_LEN ? "more than " : "",
 				len, AEG_HANDLE_HEX_LEN);
+	}
 	for (int i = 0; i < AEG_HANDLE_BYTES; i++) {
 		int hi = hex_value(hex[2 * i]), lo = hex_value(hex[2 * i + 1]);
 

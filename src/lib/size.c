@@ -27,10 +27,16 @@ static const struct {
 	{ "gib", 1ull << 30 },
 	{ "t", 1ull << 40 },
 	{ "tib", 1ull << 40 },
+	{ "p", 1ull << 50 },
+	{ "pib", 1ull << 50 },
+	{ "e", 1ull << 60 },
+	{ "eib", 1ull << 60 },
 	{ "kb", 1000ull },
 	{ "mb", 1000000ull },
 	{ "gb", 1000000000ull },
 	{ "tb", 1000000000000ull },
+	{ "pb", 1000000000000000ull },
+	{ "eb", 1000000000000000000ull },
 };
 
 static int is_blank(char c)
@@ -138,7 +144,7 @@ AEG_EXPORT int aeg_size_spec_parse(const char *text, struct aeg_size_spec *spec)
 
 		snprintf(u, sizeof(u), "%.*s", (int)(unit_len < 40 ? unit_len : 40), unit);
 		return aeg_fail(AEG_EINVAL,
-				"size '%s': unknown unit '%s' (use B, K/KiB, M/MiB, G/GiB, T/TiB, KB, MB, GB, TB or %%)",
+				"size '%s': unknown unit '%s' (use B, K/KiB, M/MiB, G/GiB, T/TiB, P/PiB, E/EiB, KB, MB, GB, TB, PB, EB or %%)",
 				q, quote(u, u, sizeof(u)));
 	}
 	if (have_frac && mult == 1)

@@ -197,6 +197,11 @@ static void hex_round_trip(void **state)
 		  "0000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
 		{ " 000000000000000000000000000000000000000000000000000000000000000"
 		  "0000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
+		/* Found by fuzz/fuzz_handle: escapes must not reach the detail (a terminal, a log). */
+		{ "\x1b[31m00", AEG_EINVAL },
+		{ "0\n1\r2\t3\x7f", AEG_EINVAL },
+		{ "\x1b]0;title\x07" "000000000000000000000000000000000000000000000000000000"
+		  "000000000000000000000000000000000000000000000000000000000000000000000000000", AEG_EINVAL },
 	};
 	char hex[AEG_HANDLE_HEX_LEN + 1], upper[AEG_HANDLE_HEX_LEN + 1];
 	aeg_handle_t h, back;
@@ -220,6 +225,10 @@ static void hex_round_trip(void **state)
 		if (aeg_handle_from_hex(bad[i].hex, &untouched) != bad[i].err)
 			fail_msg("bad hex case %zu accepted", i);
 		assert_string_not_equal(aeg_error_detail(), "");
+		for (const char *c = aeg_error_detail(); *c; c++)
+			if ((unsigned char)*c < 0x20 || *c == 0x7f)
+				fail_msg("bad hex case %zu: control character in the detail '%s'", i,
+					 aeg_error_detail());
 		assert_memory_equal(untouched.bytes, h.bytes, AEG_HANDLE_BYTES);
 	}
 	assert_int_equal(aeg_handle_from_hex(NULL, &back), AEG_EINVAL);

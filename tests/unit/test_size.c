@@ -53,6 +53,12 @@ static const struct {
 	{ "18446744073709551615", UINT64_MAX, 0, 0 },
 	{ "15.999999999TiB", 17592186043316ull, 0, 0 },	/* 16 TiB - 1099.5 B, rounded down: - 1100 */
 	{ "16777215.999999999T", UINT64_MAX - 1099, 0, 0 },	/* 2^64 - 1100: the largest near the top */
+	{ "1P", 1ull << 50, 0, 0 },
+	{ "2.5 PiB", 5ull << 49, 0, 0 },
+	{ "1 EiB", 1ull << 60, 0, 0 },
+	{ "15.99e", 18435214858663483146ull, 0, 0 },	/* 15.99 * 2^60, rounded down */
+	{ "3PB", 3000000000000000ull, 0, 0 },
+	{ "18.446744073EB", 18446744073000000000ull, 0, 0 },
 	{ "90%", 0, 900000, 1 },
 	{ "12.5%", 0, 125000, 1 },
 	{ "100%", 0, 1000000, 1 },
@@ -77,7 +83,10 @@ static const struct {
 	{ "18446744073709551616", AEG_ERANGE, "'18446744073709551616' does not fit" },
 	{ "99999999999999999999999", AEG_ERANGE, "does not fit" },
 	{ "16777216T", AEG_ERANGE, "'16777216T' does not fit" },
-	{ "16384PiB", AEG_EINVAL, "unknown unit 'PiB'" },
+	{ "16384PiB", AEG_ERANGE, "'16384PiB' does not fit" },
+	{ "16E", AEG_ERANGE, "does not fit" },
+	{ "18.446744074EB", AEG_ERANGE, "does not fit" },
+	{ "1ZiB", AEG_EINVAL, "unknown unit 'ZiB'" },
 	{ "17179869184G", AEG_ERANGE, "does not fit" },
 	{ "18446744073709551615K", AEG_ERANGE, "does not fit" },
 	{ "18446744073709551615.5K", AEG_ERANGE, "does not fit" },
@@ -268,7 +277,8 @@ static void formats_in_binary_units(void **state)
 
 static void formatted_sizes_parse_back(void **state)
 {
-	const uint64_t sizes[] = { 0, 512, 1536, 32 * MiB, 1610612736ull, 40 * GiB, 2 * TiB };
+	const uint64_t sizes[] = { 0, 512, 1536, 32 * MiB, 1610612736ull, 40 * GiB, 2 * TiB,
+				   1ull << 50, 3ull << 59 };
 	char buf[16];
 	uint64_t bytes;
 

@@ -1,0 +1,107 @@
+#!/bin/bash
+# Builds the libFuzzer targets (make fuzz) and runs each for SECONDS (default
+# 20) on a copy of its seed corpus, so the committed corpora do not grow.
+# Prints per target the executions, their rate and the crashes (a failed
+# invariant, a sanitizer report, a leak, a timeout or running out of memory
+# all count), then "N passed, N failed". Crash inputs are kept under
+# BUILD/fuzz/crashes/<target>/; turn each into a unit test of its parser.
+# Environment: AEGAEON_FUZZ_BUILD (build directory, default build-fuzz, or
+# the source tree when it is configured in place; one configured without
+# clang fails with make fuzz's message),
+# AEGAEON_FUZZ_TARGETS (space-separated subset), AEGAEON_FUZZ_KEEP=1 (keep
+# the grown corpora and logs, printed at the end), AEGAEON_FUZZ_JOBS (targets
+# run at once, default the number of cores).
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+seconds=${1:-20}
+case $seconds in
+''|*[!0-9]*|0) echo "usage: $0 [SECONDS]  (a whole number of seconds per target)" >&2; exit 2 ;;
+esac
+build=${AEGAEON_FUZZ_BUILD:-$top/build-fuzz}
+# configure refuses a separate build of a tree configured in place: use it.
+[ -z "${AEGAEON_FUZZ_BUILD:-}" ] && [ -f "$top/config.status" ] && build=$top
+
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
+if [ ! -f "$build/Makefile" ]; then
+	[ -x "$top/configure" ] || (cd "$top" && autoreconf -fi >/dev/null)
+	(cd "$build" && "$top/configure" -q --enable-fuzz --without-cuda --without-cmocka)
+fi
+make -s -j"$(nproc)" -C "$build" fuzz >/dev/null
+
+targets=${AEGAEON_FUZZ_TARGETS:-$(cd "$build/fuzz/bin" && ls fuzz_* | sed 's/^fuzz_//')}
+work=$(mktemp -d "${TMPDIR:-/tmp}/aegaeon-fuzz.XXXXXX")
+if [ "${AEGAEON_FUZZ_KEEP:-0}" != 1 ]; then
+	trap 'rm -rf "$work"' EXIT
+fi
+
+# One target: its summary line (and what a failure said) into $work/$t/result.
+run_one() {
+	local t=$1 bin=$build/fuzz/bin/fuzz_$1 dir=$work/$1 rc=0 execs crashes
+	local opts=(-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+		    -artifact_prefix="$dir/artifacts/")
+
+	mkdir -p "$dir/corpus" "$dir/artifacts"
+	if [ ! -x "$bin" ]; then
+		echo "$t: no program $bin: FAILED" >"$dir/result"
+		return
+	fi
+	[ -d "$top/fuzz/corpus/$t" ] && cp "$top/fuzz/corpus/$t"/* "$dir/corpus"/
+	[ -f "$top/fuzz/dict/$t.dict" ] && opts+=(-dict="$top/fuzz/dict/$t.dict")
+	# Frames go up to 64 KiB; the other inputs are small.
+	# libconfig 1.5 (Debian 12) leaks a string on some syntax errors
+	# (hyperrealm/libconfig#142); fuzz_config suppresses that report, but
+	# the leak scan it sets off after each such input slows short runs
+	# tenfold, so config runs without leak checks here (test_config has
+	# them; docs/reliability.md has a long run with them).
+	case $t in
+	proto_*) opts+=(-max_len=65560) ;;
+	config) opts+=(-detect_leaks=0) ;;
+	esac
+	"$bin" "${opts[@]}" "$dir/corpus" >"$dir/log" 2>&1 || rc=$?
+	execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$dir/log" | tail -1)
+	execs=${execs:-0}
+	crashes=$(find "$dir/artifacts" -type f | wc -l)
+	if [ $rc = 0 ] && [ "$crashes" = 0 ]; then
+		echo "$t: $execs executions ($((execs / seconds))/s), 0 crashes: ok" >"$dir/result"
+		return
+	fi
+	[ "$crashes" = 0 ] && crashes=1
+	mkdir -p "$build/fuzz/crashes/$t"
+	cp "$dir/artifacts"/* "$build/fuzz/crashes/$t/" 2>/dev/null || true
+	{
+		echo "$t: $execs executions ($((execs / seconds))/s), $crashes crash(es), exit $rc: FAILED"
+		grep -E 'invariant|ERROR|SUMMARY|runtime error' "$dir/log" | head -5 | sed 's/^/    /'
+		echo "    inputs: $build/fuzz/crashes/$t/ (replay: $bin FILE)"
+	} >"$dir/result"
+}
+
+# Targets run side by side, one a core (each is single-threaded).
+jobs=${AEGAEON_FUZZ_JOBS:-$(nproc)}
+echo "fuzzing ${seconds} s per target, $jobs at a time: $(echo $targets)"
+running=0
+for t in $targets; do
+	run_one "$t" &
+	running=$((running + 1))
+	if [ $running -ge "$jobs" ]; then
+		wait -n || true
+		running=$((running - 1))
+	fi
+done
+wait
+
+passed=0
+failed=0
+for t in $targets; do
+	cat "$work/$t/result"
+	if grep -q ': ok$' "$work/$t/result"; then
+		passed=$((passed + 1))
+	else
+		failed=$((failed + 1))
+	fi
+done
+if [ "${AEGAEON_FUZZ_KEEP:-0}" = 1 ]; then
+	echo "corpora and logs kept in $work"
+fi
+echo "$passed passed, $failed failed"
+[ $failed = 0 ]
