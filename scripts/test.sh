@@ -44,6 +44,11 @@ run_suite() {   # name builddir configure-flags...
 run_suite "build and tests" build-test --enable-python
 run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers --enable-python
 
+echo "=== fuzzing: each parser of outside input for ${AEGAEON_FUZZ_SECONDS:-20} s"
+bash scripts/fuzz.sh "${AEGAEON_FUZZ_SECONDS:-20}" 2>&1 | tee build-test/fuzz-output.log
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count_log build-test/fuzz-output.log
+
 echo "=== summary"
 [ $status = 0 ] || { echo "a build or test suite failed"; [ $failed -gt 0 ] || failed=1; }
 echo "$passed passed, $failed failed"
