@@ -13,7 +13,7 @@ cuda=${CUDA_HOME:-/usr/local/cuda}
 [ -f "$top/configure" ] || (cd "$top" && autoreconf -fi >/dev/null)
 mkdir -p "$build"
 if [ ! -f "$build/Makefile" ]; then
-	(cd "$build" && "$top/configure" -q --enable-werror --with-cuda="$cuda" --prefix=/opt/aegaeon)
+	(cd "$build" && "$top/configure" -q --enable-werror --enable-python --with-cuda="$cuda" --prefix=/opt/aegaeon)
 fi
 make -C "$build" -s -j"$(nproc)"
 make -C "$build" -s -j"$(nproc)" gpu-programs
@@ -35,6 +35,7 @@ copy_prog() {
 for p in "$build"/tests/gpu/test_*; do
 	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/tests/gpu"
 done
+cp "$top"/tests/gpu/test_*.py "$out/tests/gpu/" 2>/dev/null || true
 for p in "$build"/tests/unit/test_*; do
 	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/tests/unit"
 done

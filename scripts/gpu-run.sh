@@ -32,9 +32,15 @@ if [[ " $what " == *" unit "* ]]; then
 		top_srcdir=$here run "unit-$(basename "$t")" "$t"
 	done
 fi
+py=${PYTHON:-python3}
+site=$(ls -d "$here"/root/opt/aegaeon/lib/python3*/site-packages 2>/dev/null | head -n 1)
+export PYTHONPATH=${site}${PYTHONPATH:+:$PYTHONPATH}
 if [[ " $what " == *" tests "* ]]; then
 	for t in "$here"/tests/gpu/test_*; do
-		run "$(basename "$t")" "$t"
+		case "$t" in
+		*.py) run "$(basename "$t")" "$py" "$t" ;;
+		*) run "$(basename "$t")" "$t" ;;
+		esac
 	done
 fi
 if [[ " $what " == *" sanitize "* ]] && command -v compute-sanitizer >/dev/null; then
@@ -54,7 +60,6 @@ if [[ " $what " == *" bench "* ]]; then
 	run bench-kv bash "$here/bench/kv_bench.sh"
 fi
 if [[ " $what " == *" prefetch "* ]]; then
-	py=${PYTHON:-python3}
 	run bench-prefetch "$py" "$here/bench/prefetch_bench.py" --sizes "${PREFETCH_SIZES:-4,16}" \
 		--repeat "${PREFETCH_REPEAT:-3}" --dir "${PREFETCH_DIR:-/tmp/aegaeon-bench}" --out "$out/prefetch_bench.json"
 fi
