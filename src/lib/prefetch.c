@@ -73,6 +73,9 @@ struct batch {
 };
 
 /* A piece of the file a worker handles at once: one registration or one buffer. */
+/* Copied mmap pieces kept registered (all loads) before unregistering one at a time. */
+#define DEFERRED_UNREGISTER_BYTES (32ull << 30)
+
 struct item {
 	struct aeg_load *load;
 	uint32_t index;
@@ -80,7 +83,8 @@ struct item {
 	uint32_t first_chunk, last_chunk;       /* first > last: touches none */
 	int buf;                                /* READ: pool buffer to give back */
 	void *reg;                              /* MMAP: registered range to drop */
-	struct item *next;                      /* on pf->retired */
+	uint64_t reg_bytes;
+	struct item *next;                      /* on pf->retired or its load's unreg */
 };
 
 /* The host model cache: a whole file in pool buffers of buffer_bytes. */
@@ -124,6 +128,7 @@ struct aeg_load {
 
 	/* Under pf->lock. */
 	uint32_t next_item, items_left, issuing;
+	struct item *unreg;                     /* copied pieces still registered, unregistered at the end */
 	int in_flight, finish_queued, stop_err, status;
 	char detail[512];
 	uint64_t done_bytes, total_bytes;
@@ -160,6 +165,7 @@ struct aeg_prefetch {
 	uint64_t next_id;
 	uint32_t ring_in_use;
 	uint32_t registered;
+	uint64_t deferred_bytes;                /* registered bytes of copied pieces, all loads */
 
 	struct cache_entry *lru;        /* most recent first */
 	uint64_t cache_used;            /* bytes of linked and filling entries */
@@ -831,6 +837,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 						AEG_HOST_REGISTER_READONLY);
 			if (err == 0) {
 				it->reg = (void *)src;
+				it->reg_bytes = reg_bytes;
 				break;
 			}
 			if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
@@ -925,12 +932,24 @@ static void *worker(void *p)
 		int err;
 
 		if (pf->retired) {
+			/*
+			 * cudaHostUnregister waits for the whole device to go idle,
+			 * so unregistering piece by piece would drain the copy
+			 * pipeline each time: copied pieces stay registered until
+			 * their load finishes, up to DEFERRED_UNREGISTER_BYTES.
+			 */
 			it = pf->retired;
 			pf->retired = it->next;
-			pthread_mutex_unlock(&pf->lock);
-			aeg_host_unregister(pf->dev, it->reg);
-			pthread_mutex_lock(&pf->lock);
-			it->reg = NULL;
+			if (pf->deferred_bytes + it->reg_bytes <= DEFERRED_UNREGISTER_BYTES) {
+				pf->deferred_bytes += it->reg_bytes;
+				it->next = it->load->unreg;
+				it->load->unreg = it;
+			} else {
+				pthread_mutex_unlock(&pf->lock);
+				aeg_host_unregister(pf->dev, it->reg);
+				pthread_mutex_lock(&pf->lock);
+				it->reg = NULL;
+			}
 			pf->registered--;
 			it->load->items_left--;
 			queue_finish_if_done(pf, it->load);
@@ -963,17 +982,21 @@ static void *worker(void *p)
 		pthread_mutex_unlock(&pf->lock);
 
 		err = hook ? hook(hook_arg, l->id, it->index) : 0;
-		if (err) {
+		if (err)
 			aeg_fail(err, "%s: piece %u failed (injected)", l->path, it->index);
-			pthread_mutex_lock(&pf->lock);
+		pthread_mutex_lock(&pf->lock);
+		/* A load stopped (cancelled) while this piece was picked queues nothing more. */
+		if (err == 0 && l->stop_err != 0)
+			err = l->stop_err;
+		if (err) {
 			if (l->feed == AEG_FEED_READ && !l->filling)
 				pf->ring_in_use--;
 			if (l->feed == AEG_FEED_MMAP)
 				pf->registered--;
-			pthread_mutex_unlock(&pf->lock);
-		} else {
-			err = run_item(pf, it);
 		}
+		pthread_mutex_unlock(&pf->lock);
+		if (err == 0)
+			err = run_item(pf, it);
 
 		pthread_mutex_lock(&pf->lock);
 		l->issuing--;
@@ -1031,13 +1054,29 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 	int err;
 
 	uint32_t done, recorded;
+	struct item *unreg;
+	uint64_t unreg_bytes = 0;
 
 	pthread_mutex_lock(&pf->lock);
 	err = l->stop_err;
 	done = l->done_chunks;
 	recorded = l->recorded_chunks;
 	snprintf(detail, sizeof(detail), "%s", l->detail);
+	unreg = l->unreg;
+	l->unreg = NULL;
 	pthread_mutex_unlock(&pf->lock);
+
+	/* Every copy of this load has run (item_done saw each piece). */
+	for (struct item *it = unreg; it; it = it->next) {
+		aeg_host_unregister(pf->dev, it->reg);
+		it->reg = NULL;
+		unreg_bytes += it->reg_bytes;
+	}
+	if (unreg_bytes) {
+		pthread_mutex_lock(&pf->lock);
+		pf->deferred_bytes -= unreg_bytes;
+		pthread_mutex_unlock(&pf->lock);
+	}
 
 	if (err == 0 && l->feed != AEG_FEED_CACHE) {
 		err = file_changed(l);
