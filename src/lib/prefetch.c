@@ -73,6 +73,10 @@ struct batch {
 };
 
 /* A piece of the file a worker handles at once: one registration or one buffer. */
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22   /* Linux 5.14 */
+#endif
+
 /* Copied mmap pieces kept registered (all loads) before unregistering one at a time. */
 #define DEFERRED_UNREGISTER_BYTES (32ull << 30)
 
@@ -833,6 +837,12 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		if (!__atomic_load_n(&l->no_register, __ATOMIC_RELAXED)) {
 			uint64_t reg_bytes = aeg_round_up(len, PAGE);
 
+			/*
+			 * Registration faults the pages in under the driver's
+			 * context lock, one thread at a time; mapping them here
+			 * first lets the workers do that part in parallel.
+			 */
+			madvise((void *)src, reg_bytes, MADV_POPULATE_READ);
 			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
 						AEG_HOST_REGISTER_READONLY);
 			if (err == 0) {
