@@ -14,8 +14,9 @@ static const struct {
 	{ "info", cli_info, "show the device backend and each GPU's memory and locality" },
 	{ "status", cli_status, "inside a job: the agent's slabs, pool and loads" },
 	{ "prefetch", cli_prefetch, "load a model file into a GPU slab in chunks, with an event per chunk" },
-	{ "wait", cli_wait, "wait for a chunk's event handle" },
-	{ "release", cli_release, "release prefetched chunks by slab id, or all" },
+	{ "wait", cli_wait, "wait for a chunk's event handle, or (in a job) for a load" },
+	{ "chunks", cli_chunks, "inside a job: the loads, a file's chunks; --verify reads them back" },
+	{ "release", cli_release, "inside a job: release prefetched chunks by slab id, load, or all" },
 	{ "bench", cli_bench, "measure slab, pinned pool, event and prefetch speed against baselines" },
 	{ "kv", cli_kv, "KV cache swap: 'kv bench' measures it against per-block and batch copies" },
 };

@@ -1,6 +1,7 @@
 /* Helpers shared by aegaeon-cli's subcommands: device choice and error reporting. */
 #include "config.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,4 +66,40 @@ void cli_json_string(FILE *out, const char *s)
 			fputc(c, out);
 	}
 	fputc('"', out);
+}
+
+int cli_parse_int(const char *text, int lo, int hi, int *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(text, &end, 10);
+	if (errno || end == text || *end || v < lo || v > hi)
+		return -1;
+	*out = (int)v;
+	return 0;
+}
+
+int cli_parse_seconds(const char *text, double *out)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(text, &end);
+	if (errno || end == text || *end || !(v >= 0) || v > 86400.0 * 365)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+const char *cli_load_state(int status, char *buf, size_t len)
+{
+	if (status == 0)
+		return "loaded";
+	if (status == AEG_EBUSY)
+		return "loading";
+	snprintf(buf, len, "failed: %s", aeg_strerror(status));
+	return buf;
 }

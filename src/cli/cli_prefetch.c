@@ -1,4 +1,4 @@
-/* aegaeon-cli prefetch, wait, release and bench prefetch. */
+/* aegaeon-cli prefetch, wait, release and bench prefetch (cli_job.c does them inside a job). */
 #include "config.h"
 
 #include <errno.h>
@@ -35,6 +35,9 @@ struct pf_args {
 	int repeat;
 	int cache;
 	int direct;
+	/* prefetch only */
+	int gpu_given, chunk_given, wait, verify, reload;
+	const char *local_only;         /* the first option the job's agent does not take */
 };
 
 /* One engine on one GPU with a slab just big enough for the file. */
@@ -46,25 +49,6 @@ struct session {
 	aeg_prefetch_t *pf;
 	uint64_t file_bytes;
 };
-
-static int in_job(void)
-{
-	const char *s = getenv("AEGAEON_SOCKET");
-
-	return s != NULL && s[0] != '\0';
-}
-
-/*
- * Inside a job the chunks must outlive this command, so the job's agent
- * loads them; the agent client comes with the Slurm integration.
- */
-static int through_agent(const char *cmd)
-{
-	fprintf(stderr,
-		"aegaeon-cli %s: inside an aegaeon job (AEGAEON_SOCKET is set) this goes through the job's agent, "
-		"which this build cannot reach yet; use --local to work in this process\n", cmd);
-	return 1;
-}
 
 static int parse_feed(const char *text, enum aeg_prefetch_feed *feed)
 {
@@ -79,20 +63,20 @@ static int parse_feed(const char *text, enum aeg_prefetch_feed *feed)
 	return 0;
 }
 
-static int parse_int(const char *text, int lo, int hi, int *out)
-{
-	char *end;
-	long v;
+static const char prefetch_usage[] =
+	"Usage: aegaeon-cli prefetch FILE [--gpu N] [--chunk SIZE] [--json] [--wait | --no-wait]\n"
+	"                            [--verify] [--reload] [--local [--device NAME] [--feed auto|mmap|read]\n"
+	"                            [--threads N] [--direct]]\n"
+	"Load FILE into a GPU slab in chunks, each with an interprocess event.\n"
+	"Inside a job ($AEGAEON_SOCKET set) the node's agent loads it into the job slab, so the chunks\n"
+	"outlive the command; a file the job already holds is reused unless --reload. --no-wait prints\n"
+	"the load id and chunks at once; --verify reads the chunks back and compares them with the file.\n"
+	"Outside a job, or with --local, this process loads it, waits and reports the speed.\n";
+static const char bench_usage[] =
+	"Usage: aegaeon-cli bench prefetch FILE [--gpu N] [--chunk SIZE] [--feed auto|mmap|read]\n"
+	"                                  [--threads N] [--repeat N] [--cache] [--direct] [--json]\n";
 
-	errno = 0;
-	v = strtol(text, &end, 10);
-	if (errno || end == text || *end || v < lo || v > hi)
-		return -1;
-	*out = (int)v;
-	return 0;
-}
-
-/* Options shared by prefetch and bench prefetch; returns 0, or the exit code. */
+/* Options shared by prefetch and bench prefetch; returns 0, -1 after --help, or the exit code. */
 static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a, int bench)
 {
 	static const struct option opts[] = {
@@ -106,6 +90,11 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 		{ "repeat", required_argument, NULL, 'r' },
 		{ "cache", no_argument, NULL, 'C' },
 		{ "direct", no_argument, NULL, 'D' },
+		{ "wait", no_argument, NULL, 'w' },
+		{ "no-wait", no_argument, NULL, 'W' },
+		{ "verify", no_argument, NULL, 'v' },
+		{ "reload", no_argument, NULL, 'R' },
+		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct aeg_config cfg;
@@ -113,6 +102,7 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 
 	memset(a, 0, sizeof(*a));
 	a->repeat = 5;
+	a->wait = 1;
 	err = aeg_config_load(&cfg, NULL);
 	if (err)
 		return cli_fail(err, "reading the configuration");
@@ -125,10 +115,12 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 		switch (c) {
 		case 'd':
 			a->device = optarg;
+			a->local_only = a->local_only ? a->local_only : "--device";
 			break;
 		case 'g':
-			if (parse_int(optarg, 0, 1023, &a->gpu))
+			if (cli_parse_int(optarg, 0, 1023, &a->gpu))
 				return cli_usage_error(cmd, "--gpu '%s': expected a GPU index", optarg);
+			a->gpu_given = 1;
 			break;
 		case 'c':
 			err = aeg_size_parse(optarg, 0, &a->chunk_bytes);
@@ -136,14 +128,17 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 				return cli_usage_error(cmd, "--chunk: %s", aeg_error_detail());
 			if (a->chunk_bytes == 0)
 				return cli_usage_error(cmd, "--chunk 0: give a chunk size such as 64MiB");
+			a->chunk_given = 1;
 			break;
 		case 'f':
 			if (parse_feed(optarg, &a->feed))
 				return cli_usage_error(cmd, "--feed '%s': expected auto, mmap or read", optarg);
+			a->local_only = a->local_only ? a->local_only : "--feed";
 			break;
 		case 't':
-			if (parse_int(optarg, 1, 256, &a->threads))
+			if (cli_parse_int(optarg, 1, 256, &a->threads))
 				return cli_usage_error(cmd, "--threads '%s': expected 1..256", optarg);
+			a->local_only = a->local_only ? a->local_only : "--threads";
 			break;
 		case 'j':
 			a->json = 1;
@@ -152,7 +147,7 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 			a->local = 1;
 			break;
 		case 'r':
-			if (!bench || parse_int(optarg, 1, 1000, &a->repeat))
+			if (!bench || cli_parse_int(optarg, 1, 1000, &a->repeat))
 				return cli_usage_error(cmd, "--repeat '%s': expected 1..1000", optarg);
 			break;
 		case 'C':
@@ -162,7 +157,24 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 			break;
 		case 'D':
 			a->direct = 1;
+			a->local_only = a->local_only ? a->local_only : "--direct";
 			break;
+		case 'w':
+		case 'W':
+		case 'v':
+		case 'R':
+			if (bench)
+				return cli_usage_error(cmd, "'%s' is an option of prefetch", argv[optind - 1]);
+			if (c == 'w' || c == 'W')
+				a->wait = c == 'w';
+			else if (c == 'v')
+				a->verify = 1;
+			else
+				a->reload = 1;
+			break;
+		case 'h':
+			fputs(bench ? bench_usage : prefetch_usage, stdout);
+			return -1;
 		default:
 			return cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
 		}
@@ -319,9 +331,24 @@ int cli_prefetch(int argc, char **argv)
 
 	rc = parse_args("prefetch", argc, argv, &a, 0);
 	if (rc)
-		return rc;
-	if (in_job() && !a.local)
-		return through_agent("prefetch");
+		return rc < 0 ? 0 : rc;
+	if (cli_in_job() && !a.local) {
+		struct cli_job_prefetch j = { .file = a.file, .gpu = a.gpu_given ? a.gpu : -1,
+					      .chunk_bytes = a.chunk_given ? a.chunk_bytes : 0, .json = a.json,
+					      .wait = a.wait, .verify = a.verify, .reload = a.reload };
+
+		if (a.local_only)
+			return cli_usage_error("prefetch", "%s works in this process only: add --local (inside a job the "
+					       "agent loads with the site's settings)", a.local_only);
+		if (!a.wait && a.verify)
+			return cli_usage_error("prefetch", "--verify needs the chunks loaded: drop --no-wait");
+		return cli_job_prefetch(&j);
+	}
+	if (!a.wait)
+		return cli_usage_error("prefetch", "--no-wait needs a job's agent to keep the chunks: %s",
+				       cli_in_job() ? "drop --local" : "outside a job they are freed when this command exits");
+	if (a.verify || a.reload)
+		return cli_usage_error("prefetch", "%s works through a job's agent only", a.verify ? "--verify" : "--reload");
 	rc = session_open(&a, &s);
 	if (rc)
 		return rc;
@@ -357,11 +384,18 @@ int cli_prefetch(int argc, char **argv)
 	return 0;
 }
 
+static const char wait_usage[] =
+	"Usage: aegaeon-cli wait HANDLE|LOAD_ID|FILE [--timeout S] [--device NAME]\n"
+	"Wait for a chunk's event (its 128-hex-digit handle; any process of the user can), or,\n"
+	"inside a job, for a load the node's agent holds: by load id, or the newest load of FILE.\n"
+	"Exit status 1 when it did not complete in time or the load failed.\n";
+
 int cli_wait(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "timeout", required_argument, NULL, 't' },
 		{ "device", required_argument, NULL, 'd' },
+		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *device = NULL;
@@ -373,29 +407,30 @@ int cli_wait(int argc, char **argv)
 	optind = 1;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		char *end;
-
 		switch (c) {
 		case 't':
-			errno = 0;
-			timeout_s = strtod(optarg, &end);
-			if (errno || end == optarg || *end || timeout_s < 0 || timeout_s > 86400 * 365)
+			if (cli_parse_seconds(optarg, &timeout_s))
 				return cli_usage_error("wait", "--timeout '%s': expected seconds >= 0", optarg);
 			break;
 		case 'd':
 			device = optarg;
 			break;
+		case 'h':
+			fputs(wait_usage, stdout);
+			return 0;
 		default:
 			return cli_usage_error("wait", "unknown option '%s'", argv[optind - 1]);
 		}
 	}
 	if (optind != argc - 1)
-		return cli_usage_error("wait", "expected one HANDLE (a chunk's 128-hex-digit event handle)");
-	if (aeg_handle_from_hex(argv[optind], &h) != 0) {
-		/* A load id names a load the agent keeps. */
-		if (strspn(argv[optind], "0123456789") == strlen(argv[optind]) && in_job())
-			return through_agent("wait");
-		return cli_usage_error("wait", "%s", aeg_error_detail());
+		return cli_usage_error("wait", "expected one HANDLE, LOAD_ID or FILE");
+	if (strlen(argv[optind]) != AEG_HANDLE_HEX_LEN || aeg_handle_from_hex(argv[optind], &h) != 0) {
+		if (cli_in_job())
+			return cli_job_wait(argv[optind], timeout_s);
+		if (strlen(argv[optind]) == AEG_HANDLE_HEX_LEN)
+			return cli_usage_error("wait", "%s", aeg_error_detail());
+		return cli_usage_error("wait", "'%s' is not an event handle (128 hex digits); load ids and files "
+				       "are waited for through a job's agent, and AEGAEON_SOCKET is unset", argv[optind]);
 	}
 	err = cli_open_device(device, &dev);
 	if (err)
@@ -409,29 +444,82 @@ int cli_wait(int argc, char **argv)
 	return err ? cli_fail(err, "wait") : 0;
 }
 
+static const char release_usage[] =
+	"Usage: aegaeon-cli release ID... [--gpu N] | --load LOAD_ID | --all\n"
+	"Inside a job: free prefetched chunks in the node's agent: the blocks with these slab ids\n"
+	"(in the slab of --gpu, default the first), every block of a load, or everything.\n";
+
 int cli_release(int argc, char **argv)
 {
-	int all = 0;
+	static const struct option opts[] = {
+		{ "all", no_argument, NULL, 'a' },
+		{ "load", required_argument, NULL, 'l' },
+		{ "gpu", required_argument, NULL, 'g' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct cli_job_release r = { .gpu = -1 };
+	uint64_t *ids = NULL;
+	int c, rc;
 
-	for (int i = 1; i < argc; i++) {
+	optind = 1;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		char *end;
 
-		if (strcmp(argv[i], "--all") == 0) {
-			all = 1;
-			continue;
+		switch (c) {
+		case 'a':
+			r.all = 1;
+			break;
+		case 'l':
+			errno = 0;
+			r.load_id = strtoull(optarg, &end, 10);
+			if (optarg[0] < '0' || optarg[0] > '9' || errno || *end || r.load_id == 0)
+				return cli_usage_error("release", "--load '%s': expected a load id (1, 2, ...)", optarg);
+			break;
+		case 'g':
+			if (cli_parse_int(optarg, 0, 1023, &r.gpu))
+				return cli_usage_error("release", "--gpu '%s': expected a GPU index", optarg);
+			break;
+		case 'h':
+			fputs(release_usage, stdout);
+			return 0;
+		default:
+			return cli_usage_error("release", "unknown option '%s'", argv[optind - 1]);
 		}
-		errno = 0;
-		if (argv[i][0] == '-' || (strtoull(argv[i], &end, 10), errno) || *end || end == argv[i])
-			return cli_usage_error("release", "'%s' is not a slab id", argv[i]);
 	}
-	if (argc < 2 || (all && argc > 2))
-		return cli_usage_error("release", "expected slab ids or --all (not both)");
-	if (in_job())
-		return through_agent("release");
-	fprintf(stderr,
-		"aegaeon-cli release: not in an aegaeon job (AEGAEON_SOCKET is unset): chunks that "
-		"'aegaeon-cli prefetch' loads outside a job are freed when it exits, so nothing holds these ids\n");
-	return 1;
+	r.count = (size_t)(argc - optind);
+	if ((r.all != 0) + (r.load_id != 0) + (r.count != 0) != 1)
+		return cli_usage_error("release", "expected slab ids, --load or --all (one of them)");
+	if ((r.all || r.load_id) && r.gpu >= 0)
+		return cli_usage_error("release", "--gpu goes with slab ids only");
+	if (r.count) {
+		ids = calloc(r.count, sizeof(*ids));
+		if (ids == NULL)
+			return cli_fail(AEG_ENOMEM, "release");
+		for (size_t i = 0; i < r.count; i++) {
+			const char *t = argv[optind + (int)i];
+			char *end;
+
+			errno = 0;
+			ids[i] = strtoull(t, &end, 10);
+			if (t[0] < '0' || t[0] > '9' || errno || *end) {
+				free(ids);
+				return cli_usage_error("release", "'%s' is not a slab id", t);
+			}
+		}
+		r.ids = ids;
+	}
+	if (cli_in_job()) {
+		rc = cli_job_release(&r);
+	} else {
+		fprintf(stderr,
+			"aegaeon-cli release: not in an aegaeon job (AEGAEON_SOCKET is unset): chunks that "
+			"'aegaeon-cli prefetch' loads outside a job are freed when it exits, so nothing holds these\n");
+		rc = 1;
+	}
+	free(ids);
+	return rc;
 }
 
 /* --------------------------------------------------------------- bench */
@@ -488,7 +576,7 @@ int cli_bench_prefetch(int argc, char **argv)
 
 	rc = parse_args("bench prefetch", argc, argv, &a, 1);
 	if (rc)
-		return rc;
+		return rc < 0 ? 0 : rc;
 	rc = session_open(&a, &s);
 	if (rc)
 		return rc;

@@ -13,18 +13,55 @@
 
 #include "cli.h"
 
-static const char *load_state(int status)
+/* What this process opened with --attach: where each slab is mapped, the pool. */
+static json_t *attached_json(aeg_job_t *job, const struct aeg_job_info *info)
 {
-	if (status == 0)
-		return "loaded";
-	if (status == AEG_EBUSY)
-		return "loading";
-	return aeg_errname(status);
+	json_t *arr = json_array();
+
+	for (int i = 0; i < info->slabs; i++) {
+		struct aeg_job_slab_desc d;
+		char ptr[32];
+
+		if (aeg_job_slab_describe(job, i, &d))
+			continue;
+		snprintf(ptr, sizeof(ptr), "0x%" PRIxPTR, (uintptr_t)d.base);
+		json_array_append_new(arr, json_pack("{s:i, s:i, s:s, s:s*}", "slab", i, "local_gpu", d.gpu,
+						     "pci_bus_id", d.pci_bus_id, "base", d.base ? ptr : NULL));
+	}
+	return json_pack("{s:o, s:b}", "slabs", arr, "pool_mapped", aeg_job_pool(job) != NULL);
 }
 
-static int print_json(const struct aeg_job_info *info, const struct aeg_job_status *st)
+static void print_attached(aeg_job_t *job, const struct aeg_job_info *info)
+{
+	aeg_pool_t *pool = aeg_job_pool(job);
+
+	for (int i = 0; i < info->slabs; i++) {
+		struct aeg_job_slab_desc d;
+
+		if (aeg_job_slab_describe(job, i, &d))
+			continue;
+		if (d.base)
+			printf("attached: slab %d mapped here on GPU %d (%s) at %p\n", i, d.gpu,
+			       d.pci_bus_id[0] ? d.pci_bus_id : "no PCI id", d.base);
+		else
+			printf("attached: slab %d not visible in this process (GPU %s)\n", i,
+			       d.pci_bus_id[0] ? d.pci_bus_id : "?");
+	}
+	if (pool) {
+		struct aeg_pool_stats ps;
+
+		if (aeg_pool_stats(pool, &ps) == 0)
+			printf("attached: pinned pool mapped here, %u buffers\n", ps.buffers);
+	} else if (info->pinned_bytes) {
+		printf("attached: pinned pool not mapped\n");
+	}
+}
+
+static int print_json(aeg_job_t *job, const struct aeg_job_info *info, const struct aeg_job_status *st,
+		      int attached)
 {
 	json_t *root, *slabs, *loads;
+	char state[128];
 	int rc;
 
 	root = json_pack("{s:s, s:I, s:s, s:I}", "job", info->job_id, "agent_pid", (json_int_t)info->agent_pid,
@@ -59,10 +96,12 @@ static int print_json(const struct aeg_job_info *info, const struct aeg_job_stat
 
 		json_array_append_new(loads, json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:i}",
 			"load_id", (json_int_t)l->load_id, "path", l->path, "slab", l->slab,
-			"state", load_state(l->status), "file_bytes", (json_int_t)l->file_bytes,
+			"state", cli_load_state(l->status, state, sizeof(state)), "file_bytes", (json_int_t)l->file_bytes,
 			"done_bytes", (json_int_t)l->done_bytes, "chunks", (int)l->chunks));
 	}
 	json_object_set_new(root, "loads", loads);
+	if (attached)
+		json_object_set_new(root, "attached", attached_json(job, info));
 	rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
 	putchar('\n');
 	json_decref(root);
@@ -77,7 +116,7 @@ oom:
 
 static void print_text(const struct aeg_job_info *info, const struct aeg_job_status *st)
 {
-	char a[32], b[32], c[32];
+	char a[32], b[32], c[32], state[128];
 
 	printf("job %s: agent pid %ld, %s device, %u client%s\n", info->job_id, info->agent_pid,
 	       aeg_device_kind_name(info->device), st->clients, st->clients == 1 ? "" : "s");
@@ -101,7 +140,7 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 		const struct aeg_job_load_status *l = &st->load[i];
 
 		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunks\n", l->load_id, l->path,
-		       l->slab, load_state(l->status), aeg_size_format(l->done_bytes, a, sizeof(a)),
+		       l->slab, cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
 		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks);
 	}
 }
@@ -110,13 +149,14 @@ int cli_status(int argc, char **argv)
 {
 	static const struct option options[] = {
 		{ "json", no_argument, NULL, 'j' },
+		{ "attach", no_argument, NULL, 'a' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct aeg_job_status *st;
 	struct aeg_job_info info;
 	aeg_job_t *job;
-	int json = 0, opt, err, rc;
+	int json = 0, attach = 0, opt, err, rc;
 
 	optind = 1;
 	opterr = 0;
@@ -125,9 +165,13 @@ int cli_status(int argc, char **argv)
 		case 'j':
 			json = 1;
 			break;
+		case 'a':
+			attach = 1;
+			break;
 		case 'h':
-			printf("Usage: aegaeon-cli status [--json]\n"
-			       "The job's slabs, pinned pool and loads, from the node's agent.\n");
+			printf("Usage: aegaeon-cli status [--json] [--attach]\n"
+			       "The job's slabs, pinned pool and loads, from the node's agent. --attach also\n"
+			       "opens the slabs and maps the pool in this process, as a job step does.\n");
 			return 0;
 		default:
 			return cli_usage_error("status", "unknown option '%s'", argv[optind - 1]);
@@ -135,7 +179,7 @@ int cli_status(int argc, char **argv)
 	}
 	if (optind < argc)
 		return cli_usage_error("status", "unexpected argument '%s'", argv[optind]);
-	err = aeg_job_connect(&job);
+	err = attach ? aeg_job_attach(&job) : aeg_job_connect(&job);
 	if (err)
 		return cli_fail(err, "status");
 	err = aeg_job_get_info(job, &info);
@@ -146,9 +190,11 @@ int cli_status(int argc, char **argv)
 		return cli_fail(err, "status");
 	}
 	if (json) {
-		rc = print_json(&info, st);
+		rc = print_json(job, &info, st, attach);
 	} else {
 		print_text(&info, st);
+		if (attach)
+			print_attached(job, &info);
 		rc = 0;
 	}
 	aeg_job_status_free(st);

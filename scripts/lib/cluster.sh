@@ -1,0 +1,228 @@
+# A throwaway Slurm cluster on this machine: munged, slurmctld and one slurmd
+# per node in a temp dir on free ports, GPUs as gres (the real ones, or
+# character devices standing in for them), the aegaeon SPANK plugin in its
+# plugstack. Sourced by tests/slurm/cluster.sh and scripts/quickstart.sh.
+#
+# Needs root, Slurm 22.05 daemons and munge. Set before cluster_start:
+#   CLUSTER_PLUGIN     the plugin (aegaeon.so) named in plugstack.conf (required)
+#   CLUSTER_NODES      nodes n1..nN, at most 9 [2]
+#   CLUSTER_GPUS       GPUs per node [2]
+#   CLUSTER_GPU_FILES  device files of node n1's GPUs, e.g. "/dev/nvidia0 /dev/nvidia1";
+#                      empty: character devices made in the temp dir, for every node [""]
+#   CLUSTER_PREFIX     temp dir name prefix [/tmp/aegaeon-slurm]
+#   CLUSTER_KEEP=1     keep the temp dir when stopping (for debugging)
+# and define cluster_site_config (it writes $T/etc/aegaeon.conf; called once
+# the directories exist). After cluster_start: $T is the cluster's dir,
+# $T/aegrun a root-owned 0755 runtime_dir, $T/work the job user's cwd.
+
+set -u
+
+SLURMCTLD=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH command -v slurmctld)
+SLURMD=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH command -v slurmd)
+MUNGED=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH command -v munged)
+JOB_USER=${JOB_USER:-nobody}
+JOB_UID=$(id -u "$JOB_USER")
+JOB_GID=$(id -g "$JOB_USER")
+CLUSTER_NODES=${CLUSTER_NODES:-2}
+CLUSTER_GPUS=${CLUSTER_GPUS:-2}
+CLUSTER_GPU_FILES=${CLUSTER_GPU_FILES:-}
+CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
+
+T=
+PIDS=()
+
+clog() { printf '# %s\n' "$*" >&2; }
+
+free_port_base() { # N consecutive free TCP ports (N = nodes + 1)
+	local base i used
+	used=$(ss -Htan | awk '{ n = split($4, a, ":"); print a[n] }' | sort -u)
+	for _ in $(seq 50); do
+		base=$((20000 + RANDOM % 30000))
+		for ((i = 0; i <= CLUSTER_NODES; i++)); do
+			grep -qx "$((base + i))" <<<"$used" && continue 2
+		done
+		echo "$base"; return 0
+	done
+	return 1
+}
+
+# wait_for SECONDS CMD... : poll CMD every 0.1 s until it succeeds or time runs out
+wait_for() {
+	local deadline=$((SECONDS + $1)); shift
+	until "$@" 2>/dev/null; do
+		((SECONDS >= deadline)) && return 1
+		sleep 0.1
+	done
+}
+
+# Slurm client commands, as root (admin view) and as the job user.
+sl() { env -i PATH=/usr/bin:/bin SLURM_CONF="$T/etc/slurm.conf" "$@"; }
+as_user() {
+	(cd "$T/work" && runuser -u "$JOB_USER" -- env -i PATH=/usr/bin:/bin HOME="$T/work" \
+		SLURM_CONF="$T/etc/slurm.conf" "$@")
+}
+
+cluster_write_config() {
+	local base=$1 nodes="n[1-$CLUSTER_NODES]" n g
+	[[ $CLUSTER_NODES -eq 1 ]] && nodes=n1
+	cat >"$T/etc/slurm.conf" <<-CONF
+	ClusterName=aegaeon
+	SlurmctldHost=localhost(127.0.0.1)
+	SlurmctldPort=$base
+	SlurmdPort=$((base + 1))
+	SlurmUser=root
+	SlurmdUser=root
+	SlurmdParameters=config_overrides
+	AuthType=auth/munge
+	AuthInfo=socket=$T/munge/munge.sock
+	CredType=cred/munge
+	ProctrackType=proctrack/linuxproc
+	TaskPlugin=task/none
+	SelectType=select/cons_tres
+	SelectTypeParameters=CR_Core
+	PrologFlags=Alloc
+	GresTypes=gpu
+	MailProg=/bin/true
+	PlugStackConfig=$T/etc/plugstack.conf
+	StateSaveLocation=$T/spool/ctld
+	SlurmdSpoolDir=$T/spool/%n
+	SlurmctldPidFile=$T/run/slurmctld.pid
+	SlurmdPidFile=$T/run/slurmd-%n.pid
+	SlurmctldLogFile=$T/log/slurmctld.log
+	SlurmdLogFile=$T/log/slurmd-%n.log
+	SlurmctldDebug=info
+	SlurmdDebug=debug
+	ReturnToService=2
+	MpiDefault=none
+	JobAcctGatherType=jobacct_gather/none
+	AccountingStorageType=accounting_storage/none
+	SwitchType=switch/none
+	SchedulerType=sched/builtin
+	InactiveLimit=0
+	KillWait=2
+	MinJobAge=300
+	MessageTimeout=10
+	UnkillableStepTimeout=30
+	NodeName=$nodes NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((base + 1))-$((base + CLUSTER_NODES)) CPUs=8 RealMemory=1000 Gres=gpu:$CLUSTER_GPUS State=UNKNOWN
+	PartitionName=main Nodes=$nodes Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+	CONF
+	{
+		echo "AutoDetect=off"
+		if [[ -n $CLUSTER_GPU_FILES ]]; then
+			for f in $CLUSTER_GPU_FILES; do echo "NodeName=n1 Name=gpu File=$f"; done
+		else
+			for ((n = 1; n <= CLUSTER_NODES; n++)); do
+				for ((g = (n - 1) * CLUSTER_GPUS; g < n * CLUSTER_GPUS; g++)); do
+					echo "NodeName=n$n Name=gpu File=$T/dev/nvidia$g"
+				done
+			done
+		fi
+	} >"$T/etc/gres.conf"
+	# With cgroup v2 slurmd loads cgroup/v2 whatever the other plugins, and
+	# exits unless told not to wait for systemd.
+	if [[ -e /sys/fs/cgroup/cgroup.controllers ]]; then
+		printf 'CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n' >"$T/etc/cgroup.conf"
+		mkdir -p /sys/fs/cgroup/system.slice
+		echo "+cpuset +cpu +memory +pids" >/sys/fs/cgroup/system.slice/cgroup.subtree_control 2>/dev/null || true
+	fi
+	echo "required $CLUSTER_PLUGIN config=$T/etc/aegaeon.conf" >"$T/etc/plugstack.conf"
+}
+
+nodes_idle() {
+	local states
+	states=$(sl sinfo -h -N -o '%N %T' 2>/dev/null) || return 1
+	[[ $(grep -c ' idle$' <<<"$states") -eq $CLUSTER_NODES ]]
+}
+
+cluster_start() {
+	local base n g
+	[[ $(id -u) -eq 0 ]] || { clog "must run as root"; return 1; }
+	[[ -f ${CLUSTER_PLUGIN:-} ]] || { clog "no plugin at ${CLUSTER_PLUGIN:-(CLUSTER_PLUGIN unset)}"; return 1; }
+	for b in "$SLURMCTLD" "$SLURMD" "$MUNGED"; do
+		[[ -x $b ]] || { clog "slurmctld, slurmd or munged not installed"; return 1; }
+	done
+	T=$(mktemp -d "$CLUSTER_PREFIX.XXXXXX") || return 1
+	chmod 755 "$T"
+	mkdir -p "$T"/{etc,spool/ctld,log,run,dev,work}
+	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p "$T/spool/n$n"; done
+	mkdir -m 700 "$T/munge-key"
+	mkdir -m 755 "$T/munge"
+	mkdir -m 755 "$T/aegrun"
+	chown "$JOB_USER:$JOB_GID" "$T/work"
+	if [[ -z $CLUSTER_GPU_FILES ]]; then
+		for ((g = 0; g < CLUSTER_NODES * CLUSTER_GPUS; g++)); do mknod "$T/dev/nvidia$g" c 1 3; done
+	fi
+	(umask 077 && dd if=/dev/urandom of="$T/munge-key/munge.key" bs=1024 count=1 status=none)
+	base=$(free_port_base) || { clog "no free ports"; return 1; }
+	cluster_write_config "$base"
+	cluster_site_config
+
+	"$MUNGED" -F --force --key-file="$T/munge-key/munge.key" --socket="$T/munge/munge.sock" \
+		--pid-file="$T/munge/munged.pid" --log-file="$T/log/munged.log" \
+		--seed-file="$T/munge/munged.seed" </dev/null >>"$T/log/munged.out" 2>&1 &
+	PIDS+=($!)
+	wait_for 10 test -S "$T/munge/munge.sock" || { clog "munged did not start"; return 1; }
+
+	env -i SLURM_CONF="$T/etc/slurm.conf" "$SLURMCTLD" -D -i </dev/null >>"$T/log/slurmctld.out" 2>&1 &
+	PIDS+=($!)
+	for ((n = 1; n <= CLUSTER_NODES; n++)); do
+		env -i SLURM_CONF="$T/etc/slurm.conf" "$SLURMD" -D -N "n$n" </dev/null >>"$T/log/slurmd-n$n.out" 2>&1 &
+		PIDS+=($!)
+	done
+	if ! wait_for 30 nodes_idle; then
+		clog "nodes did not become idle:"; sl sinfo -N >&2; tail -n 20 "$T"/log/* >&2
+		return 1
+	fi
+	clog "cluster up in $T (ports $base-$((base + CLUSTER_NODES)))"
+}
+
+# Processes that belong to this cluster but were not started here directly:
+# slurmstepd, job tasks, agents. Found by cwd, command line or environment
+# naming the temp dir.
+stray_pids() {
+	local p
+	for p in /proc/[0-9]*; do
+		p=${p#/proc/}
+		[[ $p == "$$" || $p == "$BASHPID" ]] && continue
+		if [[ $(readlink "/proc/$p/cwd" 2>/dev/null) == "$T"* ]] ||
+			tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF "$T" ||
+			tr '\0' '\n' 2>/dev/null <"/proc/$p/environ" | grep -qF "$T"; then
+			echo "$p"
+		fi
+	done
+}
+
+jobs_gone() { [[ -z $(sl squeue -h -o %i 2>/dev/null) ]]; }
+
+# wait_job JOBID SECONDS: until the job has left the queue
+wait_job() {
+	wait_for "$2" bash -c "[[ -z \$(env -i SLURM_CONF=$T/etc/slurm.conf squeue -h -j $1 -o %i 2>/dev/null) ]]"
+}
+
+# submit SBATCH-ARGS... : submit a batch job as the job user, print its id
+submit() { as_user sbatch --parsable "$@" | cut -d';' -f1; }
+
+cluster_stop() {
+	local p left
+	[[ -n $T && -d $T ]] || return 0
+	sl scancel --quiet --full --user="$JOB_USER" 2>/dev/null
+	wait_for 15 jobs_gone
+	for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+	for p in "${PIDS[@]}"; do
+		wait_for 10 bash -c "! kill -0 $p" || kill -KILL "$p" 2>/dev/null
+		wait "$p" 2>/dev/null
+	done
+	PIDS=()
+	left=$(stray_pids)
+	if [[ -n $left ]]; then
+		clog "killing processes left behind: $(echo $left)"
+		kill -KILL $left 2>/dev/null
+		wait_for 5 bash -c "[[ -z \"\$(for p in $left; do [[ -d /proc/\$p ]] && echo \$p; done)\" ]]"
+	fi
+	if [[ ${CLUSTER_KEEP:-0} = 1 ]]; then
+		clog "kept $T"
+	else
+		rm -rf "$T"
+	fi
+	T=
+}

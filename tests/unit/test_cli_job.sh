@@ -1,0 +1,152 @@
+#!/bin/bash
+# aegaeon-cli inside a job, without Slurm: aegaeond on a temp runtime dir (host
+# backend), the AEGAEON_* environment task_init would set, the built CLI.
+# Prints TAP-like lines; exit 0 when every check passed (automake's driver).
+set -u
+
+B=${top_builddir:-.}
+CLI=$B/aegaeon-cli
+AGENT=$B/aegaeond
+PY=$(command -v python3 || echo /usr/bin/python3)
+export AEGAEON_CONFIG=/dev/null
+unset AEGAEON_SOCKET AEGAEON_SLABS AEGAEON_SLAB0_HANDLE AEGAEON_LOG
+n=0
+failed=0
+
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; printf '#   %s\n' "${@:2}"; }
+
+# run CMD...: sets $out (stdout+stderr) and $rc
+run() { out=$("$@" 2>&1); rc=$?; }
+# expect WHAT RC PATTERN CMD...: CMD exits RC and its output matches the ERE PATTERN
+expect() {
+	local what=$1 want=$2 pat=$3
+	shift 3
+	run "$@"
+	if [[ $rc -eq $want ]] && grep -qE -- "$pat" <<<"$out"; then
+		ok "$what"
+	else
+		not_ok "$what" "command: $*" "rc $rc (want $want), output:" "$out"
+	fi
+}
+check() { local what=$1; shift; if "$@"; then ok "$what"; else not_ok "$what" "failed: $*"; fi; }
+json() { "$PY" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
+
+[[ -x $CLI && -x $AGENT ]] || { echo "no $CLI or $AGENT: build first"; exit 99; }
+T=$(mktemp -d /tmp/aeg-cli-job.XXXXXX) || exit 99
+AG=
+cleanup() {
+	[[ -n $AG ]] && kill -KILL "$AG" 2>/dev/null && wait "$AG" 2>/dev/null
+	rm -rf "$T"
+}
+trap cleanup EXIT
+mkdir -m 700 "$T/run"
+
+# ------------------------------------------------------------ outside a job
+expect "outside a job: chunks says why it cannot" 1 "not in an aegaeon job" "$CLI" chunks
+expect "outside a job: release says why" 1 "not in an aegaeon job" "$CLI" release 3
+expect "outside a job: a load id is not a handle" 2 "not an event handle" "$CLI" wait 5
+expect "outside a job: --no-wait is refused" 2 "--no-wait needs a job's agent" "$CLI" prefetch /dev/null --no-wait
+expect "release: ids and --all together are refused" 2 "one of them" "$CLI" release 3 --all
+expect "release: a bad id" 2 "'x1' is not a slab id" "$CLI" release x1
+expect "chunks: FILE and --load together are refused" 2 "not both" "$CLI" chunks f --load 1
+expect "the command list names chunks" 0 "chunks +inside a job" "$CLI" --help
+
+# ------------------------------------------------------------ the job's agent
+export AEGAEON_HOST_GPUS=1
+"$AGENT" --job 9 --runtime-dir "$T/run" --gpus 0 --slab 64MiB --pinned 8MiB:1MiB --device host \
+	--foreground 2>"$T/agent.log" &
+AG=$!
+for _ in $(seq 200); do [[ -f $T/run/ready || -f $T/run/error ]] && break; sleep 0.05; done
+[[ -f $T/run/ready ]] || { echo "agent did not start:"; cat "$T/agent.log" "$T/run/error" 2>/dev/null; exit 99; }
+export AEGAEON_SOCKET=$T/run/agent.sock AEGAEON_DEVICE=host AEGAEON_SLABS=1 AEGAEON_JOB_DIR=$T/run
+export AEGAEON_SLAB0_HANDLE=$(sed -n 's/^slab0_handle=//p' "$T/run/ready")
+
+head -c $((5 << 20)) /dev/urandom >"$T/model.bin"
+sum=$(sha256sum <"$T/model.bin" | cut -d' ' -f1)
+
+expect "prefetch through the agent reports GB/s" 0 "model.bin: 5 MiB in [0-9.]+ s, [0-9.]+ GB/s through the job's agent \(load 1, 5 chunks in slab 0\)" \
+	"$CLI" prefetch "$T/model.bin" --chunk 1MiB
+expect "prefetch again reuses the load" 0 "already in the job's slab \(load 1, 5 MiB in 5 chunks\): reused, nothing loaded" \
+	"$CLI" prefetch "$T/model.bin"
+run "$CLI" status --json
+check "status: one load, loaded" test "$(json 'len(d["loads"]), d["loads"][0]["state"], d["loads"][0]["path"]' <<<"$out")" = "1 loaded $T/model.bin"
+expect "chunks --verify: the bytes read back are the file's (sha256sum's digest)" 0 "verified 5 MiB in 5 chunks of load 1 against the file: identical \(file bytes 0..5242880, sha256 $sum\)" \
+	"$CLI" chunks "$T/model.bin" --verify
+run "$CLI" chunks "$T/model.bin" --json
+check "chunks --json: 5 chunks covering the file in order" \
+	test "$(json '[(c["file_offset"], c["size"]) for c in d["chunks"]] == [(i << 20, 1 << 20) for i in range(5)], d["load_id"], d["state"]' <<<"$out")" = "True 1 loaded"
+handle=$(json 'd["chunks"][2]["event_handle"]' <<<"$out")
+ids=$(json '" ".join(str(c["slab_id"]) for c in d["chunks"])' <<<"$out")
+expect "wait on a chunk's event handle" 0 "" "$CLI" wait "$handle" --timeout 5
+expect "wait on a load id" 0 "^load 1: $T/model.bin loaded, 5 MiB in 5 chunks" "$CLI" wait 1
+expect "wait on a file" 0 "^load 1: .*loaded" "$CLI" wait "$T/model.bin"
+expect "wait on a load that does not exist" 1 "no load 99" "$CLI" wait 99
+expect "wait on a file not loaded" 1 "not loaded in this job" "$CLI" wait "$T/agent.log"
+expect "status --attach maps the slab and pool here" 0 "attached: slab 0 mapped here on GPU 0.*attached: pinned pool mapped here, 8 buffers" \
+	bash -c "'$CLI' status --attach | tr '\n' ' '"
+expect "chunks with no file lists the loads" 0 "^load 1: $T/model.bin -> slab 0, loaded, 5 MiB of 5 MiB, 5 chunks$" "$CLI" chunks
+
+expect "--no-wait --reload: a second load, its id and chunks at once" 0 "^load 2: $T/model.bin -> slab 0, (loading|loaded)" \
+	"$CLI" prefetch "$T/model.bin" --reload --no-wait --chunk 2MiB
+expect "wait for it by id" 0 "^load 2: .* loaded, 5 MiB in 3 chunks" "$CLI" wait 2 --timeout 10
+expect "release --load frees a whole load" 0 "released load 2: 3 blocks" "$CLI" release --load 2
+expect "released load is gone" 1 "no load 2" "$CLI" chunks --load 2
+
+expect "a local-only option inside a job asks for --local" 2 "--feed works in this process only: add --local" \
+	"$CLI" prefetch "$T/model.bin" --feed read
+expect "--gpu names a GPU the job has no slab on" 1 "--gpu 3: no slab of the job is on that GPU; its slabs are on GPU 0" \
+	"$CLI" prefetch "$T/model.bin" --gpu 3
+expect "--local loads in this process, not the agent's" 0 "GB/s \(read feed|GB/s \(mmap feed" \
+	"$CLI" prefetch "$T/model.bin" --local --chunk 1MiB
+expect "a missing file" 1 "No such file or directory" "$CLI" prefetch "$T/missing.bin"
+
+# Same size and times, other bytes: the agent cannot tell, the read-back can.
+mtime=$(stat -c %.9Y "$T/model.bin")
+printf 'X' | dd of="$T/model.bin" bs=1 seek=$((3 * 1048576 + 5)) conv=notrunc status=none
+touch -d "@$mtime" "$T/model.bin"
+expect "verify finds a byte that differs from the file" 1 "chunk 3 \(slab id [0-9]+\) differs from $T/model.bin at file offset 3145733" \
+	"$CLI" chunks "$T/model.bin" --verify
+# A changed file (new mtime) is stale: listed as such, loaded again by prefetch.
+touch "$T/model.bin"
+expect "a file changed since its load is stale" 1 "changed since load 1 read it" "$CLI" chunks "$T/model.bin"
+expect "prefetch loads a changed file again" 0 "loading it again.*through the job's agent \(load 3," \
+	bash -c "'$CLI' prefetch '$T/model.bin' --verify 2>&1 | tr '\n' ' '"
+
+# Release by slab id: all checked first, then freed.
+first=${ids%% *}
+expect "release an id no chunk holds" 1 "999999" "$CLI" release 999999
+expect "release by slab id" 0 "released 1 block from slab 0" "$CLI" release "$first"
+expect "release --all" 0 "released [0-9]+ blocks: every load" "$CLI" release --all
+run "$CLI" status --json
+check "after release --all: no load, slab empty" \
+	test "$(json 'len(d["loads"]), d["slabs"][0]["used_bytes"], d["slabs"][0]["blocks"]' <<<"$out")" = "0 0 0"
+
+# A safetensors file: chunks follow the tensors; the digest covers the data.
+"$PY" - "$T/tiny.safetensors" <<-'PY'
+	import json, struct, sys
+	tensors, blob = {}, b""
+	for i in range(3):
+	    data = bytes((i * 37 + k) % 251 for k in range(300000))
+	    tensors[f"w{i}"] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [len(blob), len(blob) + len(data)]}
+	    blob += data
+	header = json.dumps(tensors).encode()
+	header += b" " * (-len(header) % 8)
+	with open(sys.argv[1], "wb") as f:
+	    f.write(struct.pack("<Q", len(header)) + header + blob)
+	PY
+hlen=$("$PY" -c 'import struct, sys; print(struct.unpack("<Q", open(sys.argv[1], "rb").read(8))[0])' "$T/tiny.safetensors")
+dsum=$(tail -c +$((8 + hlen + 1)) "$T/tiny.safetensors" | sha256sum | cut -d' ' -f1)
+expect "safetensors: prefetch --verify checks the tensor data" 0 "verified 878.91 KiB in [0-9]+ chunks .*file bytes $((8 + hlen))\.\.$((8 + hlen + 900000)), sha256 $dsum\)" \
+	"$CLI" prefetch "$T/tiny.safetensors" --verify --chunk 256KiB
+expect "release --all again" 0 "released" "$CLI" release --all
+
+# The agent gone: a clear error, not a hang.
+kill -TERM "$AG"; wait "$AG"; AG=
+expect "agent gone: status says so" 1 "connecting to the job's agent at .*not running" "$CLI" status
+expect "agent gone: prefetch says so" 1 "not running" "$CLI" prefetch "$T/tiny.safetensors"
+check "agent log names each load" grep -q "load 1: $T/model.bin into the slab of GPU 0, 5 chunks" "$T/agent.log"
+
+echo "1..$n"
+echo "# test_cli_job: $((n - failed)) passed, $failed failed"
+[[ $failed -eq 0 ]]
