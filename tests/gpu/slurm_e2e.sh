@@ -101,11 +101,11 @@ fi
 if ((small)); then
 	a_bytes=$((64 << 20)) b_bytes=$((32 << 20))
 	slab=512MiB pinned=256MiB:1MiB pinned_plain=64MiB:1MiB kv_block=4096 cache=48MiB chunk=4MiB
-	slab_max=1GiB pinned_max=512MiB buffer=1MiB pinned_bytes=$((256 << 20))
+	slab_max=1GiB pinned_max=512MiB buffer=1MiB pinned_bytes=$((256 << 20)) slab_bytes=$((512 << 20))
 else
 	a_bytes=$((8 << 30)) b_bytes=$((4 << 30))
 	slab=40GiB pinned=24GiB pinned_plain=8GiB kv_block=32768 cache=6GiB chunk=64MiB
-	slab_max=95% pinned_max=32GiB buffer=32MiB pinned_bytes=$((24 << 30))
+	slab_max=95% pinned_max=32GiB buffer=32MiB pinned_bytes=$((24 << 30)) slab_bytes=$((40 << 30))
 fi
 kv_blocks=8192
 device=cuda
@@ -382,7 +382,7 @@ fi
 loads() { jq_py "$1" "' '.join('%s:%s:%s' % (l['load_id'], l['path'], l['state']) for l in d['loads'])"; }
 l1=$(loads "$W/status1.json")
 check "the job's agent holds one load, A, from --aegaeon-prefetch ($l1)" test "$l1" = "1:$A:loaded"
-check "the job's pool is $pinned and its slab $slab" test "$(jq_py "$W/status1.json" "d['pool']['pool_bytes'] > 0 and len(d['slabs']) == 1")" = True
+check "the job has one slab of $slab and a pool of $pinned" test "$(jq_py "$W/status1.json" "[s['total_bytes'] for s in d['slabs']], d['pool']['pool_bytes']")" = "([$slab_bytes], $pinned_bytes)"
 
 steps() { # STEP: the step's own result lines, counted here
 	local f=$W/$1.out line
