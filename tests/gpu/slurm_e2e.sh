@@ -382,7 +382,7 @@ fi
 loads() { jq_py "$1" "' '.join('%s:%s:%s' % (l['load_id'], l['path'], l['state']) for l in d['loads'])"; }
 l1=$(loads "$W/status1.json")
 check "the job's agent holds one load, A, from --aegaeon-prefetch ($l1)" test "$l1" = "1:$A:loaded"
-check "the job has one slab of $slab and a pool of $pinned" test "$(jq_py "$W/status1.json" "[s['total_bytes'] for s in d['slabs']], d['pool']['pool_bytes']")" = "([$slab_bytes], $pinned_bytes)"
+check "the job has one slab of $slab and a pool of $pinned" test "$(jq_py "$W/status1.json" "[s['total_bytes'] for s in d['slabs']], d['pool']['pool_bytes']")" = "[$slab_bytes] $pinned_bytes"
 
 steps() { # STEP: the step's own result lines, counted here
 	local f=$W/$1.out line
