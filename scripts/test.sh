@@ -41,8 +41,8 @@ run_suite() {   # name builddir configure-flags...
 	grep -h -E '^# (TOTAL|PASS|FAIL|ERROR|SKIP):' "$dir/test-suite.log" 2>/dev/null || true
 }
 
-run_suite "build and tests" build-test
-run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers
+run_suite "build and tests" build-test --enable-python
+run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers --enable-python
 
 echo "=== summary"
 [ $status = 0 ] || { echo "a build or test suite failed"; [ $failed -gt 0 ] || failed=1; }

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -375,6 +376,31 @@ static int dump_json(json_t *o)
 
 /* ------------------------------------------------------------- prefetch */
 
+/*
+ * Steps of a job that prefetch the same file at the same moment (every rank
+ * of an MPI job, say) must not each load it: the look-up and the request go
+ * under a lock in the job's per-node directory. -1 when there is none.
+ */
+static int lock_job_dir(void)
+{
+	const char *dir = getenv("AEGAEON_JOB_DIR");
+	char path[PATH_MAX];
+	int fd;
+
+	if (dir == NULL || *dir != '/' || snprintf(path, sizeof(path), "%s/prefetch.lock", dir) >= (int)sizeof(path))
+		return -1;
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return -1;
+	while (flock(fd, LOCK_EX) < 0) {
+		if (errno != EINTR) {
+			close(fd);
+			return -1;
+		}
+	}
+	return fd;
+}
+
 int cli_job_prefetch(const struct cli_job_prefetch *a)
 {
 	struct aeg_job_load *l = NULL;
@@ -382,7 +408,7 @@ int cli_job_prefetch(const struct cli_job_prefetch *a)
 	char path[PATH_MAX], size[32];
 	aeg_job_t *job;
 	uint64_t t0, end_ns = 0;
-	int index, reused = 0, rc, err;
+	int index, reused = 0, lock = -1, rc, err;
 
 	if (realpath(a->file, path) == NULL) {
 		fprintf(stderr, "aegaeon-cli: %s: %s\n", a->file, strerror(errno));
@@ -397,6 +423,7 @@ int cli_job_prefetch(const struct cli_job_prefetch *a)
 	t0 = aeg_now_ns();
 	if (!a->reload) {
 		/* The job's --aegaeon-prefetch or an earlier step may have it already. */
+		lock = lock_job_dir();
 		err = aeg_job_chunks(job, 0, path, index, &l);
 		if (err == 0 && l->status != 0 && l->status != AEG_EBUSY) {
 			fprintf(stderr, "aegaeon-cli: %s: load %" PRIu64 " failed (%s); loading it again\n", path,
@@ -418,6 +445,10 @@ int cli_job_prefetch(const struct cli_job_prefetch *a)
 			rc = cli_fail(err, a->file);
 			goto out;
 		}
+	}
+	if (lock >= 0) {
+		close(lock);
+		lock = -1;
 	}
 	if (!a->wait) {
 		if (a->json) {
@@ -472,6 +503,8 @@ int cli_job_prefetch(const struct cli_job_prefetch *a)
 	if (a->verify)
 		print_verified(l, path, &vr);
 out:
+	if (lock >= 0)
+		close(lock);
 	aeg_job_load_free(l);
 	aeg_job_detach(job);
 	return rc;

@@ -20,11 +20,13 @@
 #include <aegaeon/prefetch.h>
 
 #include "agent.h"
+#include "device_internal.h"
 #include "internal.h"
 #include "proto.h"
 #include "topo_internal.h"
 
 #define PREFETCH_MAX_CHUNKS (1u << 20)  /* per load: bounds the tables a client can make us build */
+#define WAIT_SLICE_MS 200               /* a chunk wait looks for a stop or a gone client this often */
 
 struct lease {
 	struct lease *next;
@@ -688,6 +690,50 @@ out:
 	return err;
 }
 
+static int peer_gone(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+
+	return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
+/*
+ * Hold the reply until the chunk event is recorded: a process holding only
+ * its CUDA IPC handle would see an armed event as complete. In slices, so a
+ * stopping agent or a client gone does not leave this thread behind.
+ */
+static int do_wait_event(struct client *c, const struct proto_wait_event_req *q)
+{
+	struct agent *a = c->a;
+	uint64_t deadline = aeg_now_ns() + (uint64_t)(q->timeout_ms > 0 ? q->timeout_ms : 0) * 1000000ull;
+
+	for (;;) {
+		int slice = WAIT_SLICE_MS, stopping, err;
+
+		if (q->timeout_ms >= 0) {
+			uint64_t now = aeg_now_ns();
+			uint64_t left_ms = now >= deadline ? 0 : (deadline - now + 999999) / 1000000;
+
+			if (left_ms < (uint64_t)slice)
+				slice = (int)left_ms;
+		}
+		err = aeg_event_wait_recorded(a->dev, &q->event, slice);
+		if (err == AEG_ENOENT)
+			return aeg_fail(err, "no chunk of this job's agent has that event handle (released?)");
+		if (err != AEG_ETIMEDOUT)
+			return err;
+		if (q->timeout_ms >= 0 && aeg_now_ns() >= deadline)
+			return aeg_fail(AEG_ETIMEDOUT, "chunk event not recorded after %d ms", q->timeout_ms);
+		pthread_mutex_lock(&a->lock);
+		stopping = a->stopping;
+		pthread_mutex_unlock(&a->lock);
+		if (stopping)
+			return aeg_fail(AEG_ECANCELED, "the job's agent is stopping");
+		if (peer_gone(c->fd))
+			return aeg_fail(AEG_ECANCELED, "client pid %d left while waiting", (int)c->pid);
+	}
+}
+
 /* Serve one request; fill the reply in c->out. */
 static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 {
@@ -749,6 +795,8 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 	case PROTO_SHUTDOWN:
 		aeg_info("shutdown asked by client pid %d", (int)c->pid);
 		return 0;
+	case PROTO_WAIT_EVENT:
+		return do_wait_event(c, &in->wait_event_req);
 	default:
 		return aeg_fail(AEG_EPROTO, "%s is not a request", proto_type_name(h->type));
 	}

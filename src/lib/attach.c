@@ -17,6 +17,7 @@
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
 
+#include "attach_internal.h"
 #include "internal.h"
 #include "proto.h"
 
@@ -43,8 +44,11 @@ struct aeg_job {
 	char socket[AEG_JOB_SOCKET_MAX];
 };
 
-/* Send @type with c->msg as payload, wait for its reply into job->msg. Lock held. */
-static int call(aeg_job_t *job, uint16_t type, int *recv_fd)
+/*
+ * Send @type with job->msg as payload, wait at most @reply_ms (< 0: no
+ * limit) for its reply into job->msg. Lock held.
+ */
+static int call_timed(aeg_job_t *job, uint16_t type, int *recv_fd, int reply_ms)
 {
 	struct proto_header h;
 	struct pollfd p = { .fd = job->fd, .events = POLLIN };
@@ -57,11 +61,11 @@ static int call(aeg_job_t *job, uint16_t type, int *recv_fd)
 		return err;
 	}
 	do
-		rc = poll(&p, 1, REPLY_TIMEOUT_MS);
+		rc = poll(&p, 1, reply_ms);
 	while (rc < 0 && errno == EINTR);
 	if (rc == 0)
 		return aeg_fail(AEG_ETIMEDOUT, "the agent at %s did not answer a %s request in %d s",
-				job->socket, proto_type_name(type), REPLY_TIMEOUT_MS / 1000);
+				job->socket, proto_type_name(type), reply_ms / 1000);
 	err = proto_recv(job->fd, &h, job->msg, recv_fd, job->frame);
 	if (err == AEG_ECANCELED)
 		return aeg_fail(AEG_EIO, "the agent at %s closed the connection (did the job end?)", job->socket);
@@ -78,6 +82,11 @@ static int call(aeg_job_t *job, uint16_t type, int *recv_fd)
 	if (h.type == PROTO_ERROR)
 		return aeg_fail(job->msg->error.code, "%s", job->msg->error.detail);
 	return 0;
+}
+
+static int call(aeg_job_t *job, uint16_t type, int *recv_fd)
+{
+	return call_timed(job, type, recv_fd, REPLY_TIMEOUT_MS);
 }
 
 /* The local ordinal of the agent's slab @s: same PCI bus id, or same ordinal when none is known. */
@@ -123,10 +132,9 @@ static int check_env(const aeg_job_t *job)
 	return 0;
 }
 
-static int connect_agent(aeg_job_t *job)
+static int connect_agent(aeg_job_t *job, const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	const char *path = getenv("AEGAEON_SOCKET");
 
 	if (path == NULL || *path == '\0')
 		return aeg_fail(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set; "
@@ -218,7 +226,7 @@ static int open_job(aeg_job_t **jobp, int map)
 		err = aeg_fail(AEG_ENOMEM, "job: out of memory");
 		goto fail;
 	}
-	err = connect_agent(job);
+	err = connect_agent(job, getenv("AEGAEON_SOCKET"));
 	if (err)
 		goto fail;
 	err = hello(job);
@@ -246,6 +254,42 @@ static int open_job(aeg_job_t **jobp, int map)
 	return 0;
 fail:
 	aeg_job_detach(job);
+	return err;
+}
+
+int aeg_agent_wait_event(const char *socket_path, const aeg_handle_t *handle, int timeout_ms)
+{
+	aeg_job_t job = { .fd = -1 };
+	int err;
+
+	/* A connection of its own: the agent holds the reply for the whole wait. */
+	pthread_mutex_init(&job.lock, NULL);
+	job.frame = malloc(PROTO_MAX_FRAME);
+	job.msg = malloc(sizeof(*job.msg));
+	if (job.frame == NULL || job.msg == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "job: out of memory");
+		goto out;
+	}
+	err = connect_agent(&job, socket_path);
+	if (err)
+		goto out;
+	pthread_mutex_lock(&job.lock);
+	err = hello(&job);
+	if (err == 0) {
+		memset(&job.msg->wait_event_req, 0, sizeof(job.msg->wait_event_req));
+		job.msg->wait_event_req.event = *handle;
+		job.msg->wait_event_req.timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
+		err = call_timed(&job, PROTO_WAIT_EVENT, NULL,
+				 timeout_ms < 0 || timeout_ms > INT_MAX - REPLY_TIMEOUT_MS ? -1 :
+				 timeout_ms + REPLY_TIMEOUT_MS);
+	}
+	pthread_mutex_unlock(&job.lock);
+out:
+	if (job.fd >= 0)
+		close(job.fd);
+	free(job.frame);
+	free(job.msg);
+	pthread_mutex_destroy(&job.lock);
 	return err;
 }
 

@@ -92,6 +92,7 @@ struct host_event {
 	_Atomic unsigned refs;          /* the owner's, and one per queued stream op */
 	struct host_event_page *page;
 	int fd;                         /* -1 for an event opened from a handle */
+	_Atomic uint64_t armed_seq;     /* sequence taken by host_event_arm, 0 none */
 };
 
 enum op_kind { OP_COPY, OP_HOST_FN, OP_RECORD, OP_WAIT };
@@ -1026,8 +1027,24 @@ static int host_event_record(aeg_device_t *dev, void *evp, void *stream)
 	atomic_fetch_add(&ev->refs, 1);
 	op->u.event.ev = ev;
 	atomic_store(&ev->page->failure, 0);
-	op->u.event.seq = atomic_fetch_add(&ev->page->recorded, 1) + 1;
+	op->u.event.seq = atomic_exchange(&ev->armed_seq, 0);
+	if (op->u.event.seq == 0)
+		op->u.event.seq = atomic_fetch_add(&ev->page->recorded, 1) + 1;
 	enqueue(stream, op);
+	return 0;
+}
+
+/*
+ * Take the next sequence now: every wait, here or through the handle,
+ * aims at it and stays pending until the record that uses it completes.
+ */
+static int host_event_arm(aeg_device_t *dev, void *evp)
+{
+	struct host_event *ev = evp;
+
+	/* event.c arms under the event's lock, never while recording it. */
+	if (atomic_load(&ev->armed_seq) == 0)
+		atomic_store(&ev->armed_seq, atomic_fetch_add(&ev->page->recorded, 1) + 1);
 	return 0;
 }
 
@@ -1071,6 +1088,7 @@ const struct aeg_device_ops aeg_device_host_ops = {
 	.event_create = host_event_create,
 	.event_destroy = host_event_destroy,
 	.event_record = host_event_record,
+	.event_arm = host_event_arm,
 	.event_query = host_event_query,
 	.event_wait = host_event_wait,
 	.event_open = host_event_open,

@@ -46,6 +46,12 @@ struct aeg_device_ops {
 	int (*event_create)(aeg_device_t *dev, int gpu, void **ev, aeg_handle_t *handle);
 	int (*event_destroy)(aeg_device_t *dev, void *ev);
 	int (*event_record)(aeg_device_t *dev, void *ev, void *stream);
+	/*
+	 * Mark @ev "will be recorded" where other processes see it, so their
+	 * waits on its handle stay pending until the record; NULL when the
+	 * backend's events carry no state (cuda: the agent tells them).
+	 */
+	int (*event_arm)(aeg_device_t *dev, void *ev);
 	/* 0, AEG_EBUSY, or the failure code of a failed event (host only). */
 	int (*event_query)(aeg_device_t *dev, void *ev);
 	int (*event_wait)(aeg_device_t *dev, void *ev, int timeout_ms);
@@ -93,6 +99,14 @@ int aeg_device_check_gpu(aeg_device_t *dev, int gpu);
 
 /* Queue @fn on @stream (see launch_host_fn). */
 int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *arg);
+
+/*
+ * aeg_event_wait_recorded - wait until this process's event behind @handle
+ * is no longer armed (aeg_event_arm): 0 once recorded, its failure code,
+ * AEG_ETIMEDOUT, or AEG_ENOENT when no event of this process has @handle.
+ * The agent serves PROTO_WAIT_EVENT with it.
+ */
+int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms);
 
 /* Close every cached opening of an event handle (event.c; device close). */
 void aeg_event_cache_clear(aeg_device_t *dev);

@@ -1,10 +1,13 @@
 /* Events: backend events with a failure code, and the per-device table of handles. */
 #include "config.h"
 
+#include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "attach_internal.h"
 #include "device_internal.h"
 #include "internal.h"
 
@@ -14,12 +17,19 @@
  */
 #define FAIL_POLL_MS 10
 
+/*
+ * @armed (under @lock) holds waiters of this process until the event is
+ * recorded or failed: backends count an event never recorded as complete.
+ */
 struct aeg_event {
 	aeg_device_t *dev;
 	int gpu;
 	void *impl;
 	_Atomic int failure;
 	struct aeg_event_entry *entry;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;            /* on CLOCK_MONOTONIC: armed cleared or failure set */
+	int armed;
 };
 
 /*
@@ -82,11 +92,24 @@ static void unlink_entry(aeg_device_t *dev, struct aeg_event_entry *e)
 		dev->event_cached--;
 }
 
+static void event_sync_init(struct aeg_event *ev)
+{
+	pthread_condattr_t ca;
+
+	pthread_mutex_init(&ev->lock, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&ev->cond, &ca);
+	pthread_condattr_destroy(&ca);
+}
+
 /* Free what the last reference of @e held; called without dev->lock. */
 static void entry_free(aeg_device_t *dev, struct aeg_event_entry *e)
 {
 	if (e->local != NULL) {
 		dev->ops->event_destroy(dev, e->local->impl);
+		pthread_cond_destroy(&e->local->cond);
+		pthread_mutex_destroy(&e->local->lock);
 		free(e->local);
 	} else {
 		dev->ops->event_close(dev, e->opened);
@@ -133,6 +156,7 @@ AEG_EXPORT int aeg_event_create(aeg_device_t *dev, int gpu, aeg_event_t **evp, a
 	err = dev->ops->event_create(dev, gpu, &ev->impl, &e->handle);
 	if (err < 0)
 		goto fail;
+	event_sync_init(ev);
 	ev->entry = e;
 	e->local = ev;
 	e->refs = 1;
@@ -179,8 +203,69 @@ AEG_EXPORT int aeg_event_record(aeg_event_t *ev, aeg_stream_t *stream)
 		return aeg_fail(AEG_EINVAL, "event record: event of GPU %d on a stream of GPU %d",
 				ev->gpu, stream->gpu);
 	err = ev->dev->ops->event_record(ev->dev, ev->impl, stream->impl);
+	if (err)
+		return err;
+	pthread_mutex_lock(&ev->lock);
+	atomic_store(&ev->failure, 0);
+	ev->armed = 0;
+	pthread_cond_broadcast(&ev->cond);
+	pthread_mutex_unlock(&ev->lock);
+	return 0;
+}
+
+AEG_EXPORT int aeg_event_arm(aeg_event_t *ev)
+{
+	int err = 0;
+
+	if (ev == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_event_arm: NULL event");
+	pthread_mutex_lock(&ev->lock);
+	if (!ev->armed && ev->dev->ops->event_arm != NULL)
+		err = ev->dev->ops->event_arm(ev->dev, ev->impl);
 	if (err == 0)
-		atomic_store(&ev->failure, 0);
+		ev->armed = 1;
+	pthread_mutex_unlock(&ev->lock);
+	return err;
+}
+
+static int is_armed(aeg_event_t *ev)
+{
+	int armed;
+
+	pthread_mutex_lock(&ev->lock);
+	armed = ev->armed;
+	pthread_mutex_unlock(&ev->lock);
+	return armed;
+}
+
+/*
+ * Wait until @ev is no longer armed: 0, its failure code, or AEG_ETIMEDOUT
+ * once @deadline (CLOCK_MONOTONIC ns; 0 forever) passes.
+ */
+static int wait_recorded(aeg_event_t *ev, uint64_t deadline, int timeout_ms)
+{
+	struct timespec ts = {
+		.tv_sec = (time_t)(deadline / 1000000000ull),
+		.tv_nsec = (long)(deadline % 1000000000ull),
+	};
+	int err = 0;
+
+	pthread_mutex_lock(&ev->lock);
+	while (ev->armed && atomic_load(&ev->failure) == 0) {
+		if (timeout_ms == 0 ||
+		    (deadline != 0 && pthread_cond_timedwait(&ev->cond, &ev->lock, &ts) == ETIMEDOUT)) {
+			err = AEG_ETIMEDOUT;
+			break;
+		}
+		if (deadline == 0)
+			pthread_cond_wait(&ev->cond, &ev->lock);
+	}
+	if (err == 0)
+		err = atomic_load(&ev->failure);
+	pthread_mutex_unlock(&ev->lock);
+	if (err == AEG_ETIMEDOUT)
+		return aeg_fail(err, "event not recorded after %d ms (its work is not queued yet)",
+				timeout_ms);
 	return err;
 }
 
@@ -193,6 +278,8 @@ AEG_EXPORT int aeg_event_query(aeg_event_t *ev)
 	failure = atomic_load(&ev->failure);
 	if (failure != 0)
 		return failure;
+	if (is_armed(ev))
+		return AEG_EBUSY;
 	return ev->dev->ops->event_query(ev->dev, ev->impl);
 }
 
@@ -205,13 +292,19 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 	if (ev == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_event_wait: NULL event");
 	ops = ev->dev->ops;
-	failure = atomic_load(&ev->failure);
+	deadline = timeout_ms > 0 ? aeg_now_ns() + (uint64_t)timeout_ms * 1000000ull : 0;
+	failure = wait_recorded(ev, deadline, timeout_ms);
 	if (failure != 0)
 		return failure;
+	if (timeout_ms > 0) {
+		uint64_t now = aeg_now_ns();
+
+		/* The rest of the time for the backend (at least a poll). */
+		timeout_ms = now >= deadline ? 0 : (int)((deadline - now + 999999) / 1000000);
+	}
 	if (ops->event_fail != NULL)
 		return ops->event_wait(ev->dev, ev->impl, timeout_ms);
 
-	deadline = timeout_ms > 0 ? aeg_now_ns() + (uint64_t)timeout_ms * 1000000ull : 0;
 	for (;;) {
 		int slice = FAIL_POLL_MS;
 
@@ -241,10 +334,60 @@ AEG_EXPORT int aeg_event_fail(aeg_event_t *ev, int err)
 		return aeg_fail(AEG_EINVAL, "aeg_event_fail: NULL event");
 	if (err >= 0)
 		return aeg_fail(AEG_EINVAL, "event fail: code %d is not an error (negative AEG_E* code)", err);
+	pthread_mutex_lock(&ev->lock);
 	atomic_store(&ev->failure, err);
+	pthread_cond_broadcast(&ev->cond);
+	pthread_mutex_unlock(&ev->lock);
 	if (ev->dev->ops->event_fail != NULL)
 		return ev->dev->ops->event_fail(ev->dev, ev->impl, err);
 	return 0;
+}
+
+/*
+ * Another process's event may be armed there and not recorded yet, which
+ * its handle cannot tell (CUDA IPC events carry no state): inside a job, ask
+ * the agent, which knows its chunks' events, to wait until it is recorded.
+ * 0 to go on with the backend wait for what is left of *@timeout_ms.
+ */
+static int agent_first(const aeg_handle_t *handle, int *timeout_ms)
+{
+	const char *sock = getenv("AEGAEON_SOCKET");
+	uint64_t start = aeg_now_ns(), spent_ms;
+	int err;
+
+	if (sock == NULL || *sock == '\0')
+		return 0;
+	err = aeg_agent_wait_event(sock, handle, *timeout_ms);
+	if (err == AEG_ENOENT)
+		return 0;       /* not one of the agent's: the handle's owner records it */
+	if (err)
+		return err;
+	if (*timeout_ms > 0) {
+		spent_ms = (aeg_now_ns() - start) / 1000000;
+		*timeout_ms = spent_ms >= (uint64_t)*timeout_ms ? 0 : *timeout_ms - (int)spent_ms;
+	}
+	return 0;
+}
+
+int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms)
+{
+	struct aeg_event_entry *e;
+	uint64_t deadline;
+	int err;
+
+	pthread_mutex_lock(&dev->lock);
+	e = lookup(dev, handle);
+	if (e != NULL && e->local != NULL)
+		e->refs++;
+	else
+		e = NULL;
+	pthread_mutex_unlock(&dev->lock);
+	if (e == NULL)
+		return aeg_fail(AEG_ENOENT, "no event of this process has that handle");
+	deadline = timeout_ms > 0 ? aeg_now_ns() + (uint64_t)timeout_ms * 1000000ull : 0;
+	err = wait_recorded(e->local, deadline, timeout_ms);
+	entry_put(dev, e);
+	return err;
 }
 
 AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms)
@@ -261,6 +404,14 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 		e->refs++;
 	pthread_mutex_unlock(&dev->lock);
 
+	if (e == NULL || e->local == NULL) {
+		err = agent_first(handle, &timeout_ms);
+		if (err) {
+			if (e != NULL)
+				entry_put(dev, e);
+			return err;
+		}
+	}
 	if (e == NULL) {
 		/* Opening is slow on cuda (~240 us): not under the lock. */
 		err = dev->ops->event_open(dev, handle, &opened);
@@ -324,6 +475,9 @@ AEG_EXPORT int aeg_stream_wait_event(aeg_stream_t *stream, aeg_event_t *ev)
 		return aeg_fail(AEG_EINVAL, "aeg_stream_wait_event: NULL argument");
 	if (stream->dev != ev->dev)
 		return aeg_fail(AEG_EINVAL, "stream wait: the event belongs to another device");
+	if (is_armed(ev))
+		return aeg_fail(AEG_EBUSY, "stream wait: the event is armed and not recorded yet (a stream "
+				"must never wait on work not queued): wait for it on the host first");
 	return ev->dev->ops->stream_wait_event(ev->dev, stream->impl, ev->impl);
 }
 

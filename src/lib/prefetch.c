@@ -18,7 +18,6 @@
 
 #include "device_internal.h"
 #include "internal.h"
-#include "prefetch_gate.h"
 #include "prefetch_internal.h"
 #include "safetensors.h"
 
@@ -38,11 +37,39 @@ struct group {
 	int released;
 };
 
+/*
+ * A chunk's event is armed when the load is handed out and recorded on the
+ * chunk's stream once the copies of every item touching it are queued
+ * there, so no stream ever waits on work not queued yet (a synchronizing
+ * CUDA call anywhere in the process would then hang the device).
+ */
 struct chunk_rt {
 	aeg_event_t *ev;
 	uint32_t pending;               /* items touching the chunk not yet copied */
+	uint32_t unqueued;              /* items touching the chunk not yet queued */
 	uint32_t group;
 	int state;
+	int recorded;
+};
+
+/*
+ * The copies of a piece (or of one ring buffer of it) go to the streams of
+ * the chunks they fill: a host function on each stream used, the last one
+ * to run finishes the batch.
+ */
+struct batch;
+
+struct part {
+	struct batch *b;
+	uint32_t stream;
+};
+
+struct batch {
+	struct aeg_prefetch *pf;
+	struct item *it;                /* NULL: a ring buffer of read_through_ring */
+	int buf;                        /* that ring buffer */
+	uint32_t left;                  /* parts not run, +1 while launching; pf->lock */
+	struct part parts[];
 };
 
 /* A piece of the file a worker handles at once: one registration or one buffer. */
@@ -94,14 +121,13 @@ struct aeg_load {
 	uint64_t item_base, item_bytes;
 	struct cache_entry *entry;      /* hit or being filled */
 	int filling;
-	struct aeg_gate *gate;
 
 	/* Under pf->lock. */
 	uint32_t next_item, items_left, issuing;
 	int in_flight, finish_queued, stop_err, status;
 	char detail[512];
 	uint64_t done_bytes, total_bytes;
-	uint32_t done_chunks;
+	uint32_t done_chunks, recorded_chunks;
 	uint64_t start_ns, first_ns, end_ns;
 	int closed;
 	uint32_t live_groups;
@@ -147,11 +173,6 @@ struct aeg_prefetch {
 struct worker_arg {
 	struct aeg_prefetch *pf;
 	int index;
-};
-
-struct subbuf {
-	struct aeg_prefetch *pf;
-	int buf;
 };
 
 AEG_EXPORT const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed)
@@ -414,55 +435,132 @@ static void load_maybe_free(struct aeg_prefetch *pf, struct aeg_load *l)
 
 /* ------------------------------------------------------------ the feeds */
 
-/* Stream host function: the item's copies are done. */
-static void item_done(void *arg)
+static uint32_t stream_of(const struct aeg_prefetch *pf, uint32_t chunk)
 {
-	struct item *it = arg;
-	struct aeg_load *l = it->load;
-	struct aeg_prefetch *pf = l->pf;
+	return chunk % (uint32_t)pf->nstreams;
+}
 
-	pthread_mutex_lock(&pf->lock);
+/* Every copy of @it on stream @stream has landed: count the chunks it fills. Lock held. */
+static void chunks_landed(struct aeg_prefetch *pf, struct item *it, uint32_t stream)
+{
+	struct aeg_load *l = it->load;
+
 	for (uint32_t c = it->first_chunk; c <= it->last_chunk && c < l->nchunks; c++) {
 		struct chunk_rt *rt = &l->rt[c];
 
+		if (stream_of(pf, c) != stream)
+			continue;
 		if (--rt->pending == 0 && rt->state == CH_PENDING) {
 			rt->state = CH_DONE;
 			l->done_chunks++;
 			l->done_bytes += l->chunks[c].size;
 			if (c == 0)
 				l->first_ns = aeg_now_ns();
-			aeg_gate_open(l->gate, c);
 		}
 	}
+}
+
+/* Every copy of @it has landed: give back what it holds. Lock held. */
+static void item_done(struct aeg_prefetch *pf, struct item *it)
+{
+	struct aeg_load *l = it->load;
+
 	if (it->buf >= 0) {
 		aeg_pool_release(pf->pool, (uint32_t)it->buf);
 		it->buf = -1;
 		pf->ring_in_use--;
 	}
 	if (it->reg) {
-		/* The worker unregisters it and only then counts the item out, so
-		 * the load cannot finish (and unmap) under the unregistration. */
+		/* A worker unregisters it (never a stream's host function: that is
+		 * a CUDA call) and only then counts the item out, so the load
+		 * cannot finish (and unmap) under the unregistration. */
 		it->next = pf->retired;
 		pf->retired = it;
 	} else {
 		l->items_left--;
 		queue_finish_if_done(pf, l);
 	}
+}
+
+static void batch_done(struct aeg_prefetch *pf, struct batch *b)
+{
+	if (b->it) {
+		item_done(pf, b->it);
+	} else {
+		aeg_pool_release(pf->pool, (uint32_t)b->buf);
+		pf->ring_in_use--;
+	}
+	free(b);
 	pthread_cond_broadcast(&pf->work_cv);
+}
+
+/* Stream host function: no CUDA call, no blocking beyond the engine lock. */
+static void part_done(void *arg)
+{
+	struct part *p = arg;
+	struct batch *b = p->b;
+	struct aeg_prefetch *pf = b->pf;
+
+	pthread_mutex_lock(&pf->lock);
+	if (b->it)
+		chunks_landed(pf, b->it, p->stream);
+	if (--b->left == 0)
+		batch_done(pf, b);
 	pthread_mutex_unlock(&pf->lock);
 }
 
-static void subbuf_done(void *arg)
+static int popcount64(uint64_t v)
 {
-	struct subbuf *sb = arg;
-	struct aeg_prefetch *pf = sb->pf;
+	return __builtin_popcountll(v);
+}
 
+static struct batch *batch_new(struct aeg_prefetch *pf, struct item *it, int buf, uint64_t mask)
+{
+	struct batch *b = calloc(1, sizeof(*b) + (size_t)popcount64(mask) * sizeof(struct part));
+
+	if (b == NULL) {
+		aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		return NULL;
+	}
+	b->pf = pf;
+	b->it = it;
+	b->buf = buf;
+	return b;
+}
+
+/*
+ * Queue a part of @b on every stream of @mask after what is queued there.
+ * On failure the caller syncs the streams (the parts queued run, the bias
+ * keeps @b alive) and frees @b; on success @b frees itself.
+ */
+static int batch_launch(struct aeg_prefetch *pf, struct batch *b, uint64_t mask)
+{
+	uint32_t k = 0;
+	int err;
+
+	b->left = (uint32_t)popcount64(mask) + 1;
+	for (uint32_t s = 0; s < (uint32_t)pf->nstreams; s++) {
+		if (!(mask & (1ull << s)))
+			continue;
+		b->parts[k].b = b;
+		b->parts[k].stream = s;
+		err = aeg_stream_launch_host_fn(pf->streams[s], part_done, &b->parts[k]);
+		if (err)
+			return err;
+		k++;
+	}
 	pthread_mutex_lock(&pf->lock);
-	aeg_pool_release(pf->pool, (uint32_t)sb->buf);
-	pf->ring_in_use--;
-	pthread_cond_broadcast(&pf->work_cv);
+	if (--b->left == 0)
+		batch_done(pf, b);
 	pthread_mutex_unlock(&pf->lock);
-	free(sb);
+	return 0;
+}
+
+/* Wait for every stream, so no host function still refers to what an error path frees. */
+static void sync_streams(struct aeg_prefetch *pf)
+{
+	for (int i = 0; i < pf->nstreams; i++)
+		aeg_stream_sync(pf->streams[i]);
 }
 
 /* First chunk whose range ends after @off (chunks tile the data in order). */
@@ -481,8 +579,20 @@ static uint32_t chunk_at(const struct aeg_load *l, uint64_t off)
 	return lo;
 }
 
-/* Queue the copies of file bytes [b, e), which sit at @src, into their chunks. */
-static int copy_range(aeg_stream_t *s, struct aeg_load *l, uint64_t b, uint64_t e, const char *src)
+/* The streams of the chunks file bytes [b, e) fall in. */
+static uint64_t streams_of(const struct aeg_prefetch *pf, const struct aeg_load *l, uint64_t b,
+			   uint64_t e)
+{
+	uint64_t mask = 0;
+
+	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++)
+		mask |= 1ull << stream_of(pf, c);
+	return mask;
+}
+
+/* Queue the copies of file bytes [b, e), which sit at @src, each on its chunk's stream. */
+static int copy_range(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, uint64_t e,
+		      const char *src)
 {
 	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++) {
 		const struct aeg_chunk *ch = &l->chunks[c];
@@ -492,8 +602,9 @@ static int copy_range(aeg_stream_t *s, struct aeg_load *l, uint64_t b, uint64_t 
 
 		if (sb >= se)
 			continue;
-		err = aeg_memcpy_async(s, (char *)ch->device_ptr + (sb - ch->file_offset),
-				       src + (sb - b), se - sb);
+		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)],
+				       (char *)ch->device_ptr + (sb - ch->file_offset), src + (sb - b),
+				       se - sb);
 		if (err) {
 			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64, l->path, sb, se);
 			return err;
@@ -579,10 +690,10 @@ static int ring_get(struct aeg_prefetch *pf, struct aeg_load *l, int have_slot,
 	return err;
 }
 
-/* Wait for what @s has queued, then give back what an unfinished item holds. */
-static int item_abort(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it, int err)
+/* Wait for what is queued, then give back what an unfinished item holds. */
+static int item_abort(struct aeg_prefetch *pf, struct item *it, int err)
 {
-	aeg_stream_sync(s);
+	sync_streams(pf);
 	pthread_mutex_lock(&pf->lock);
 	if (it->buf >= 0) {
 		aeg_pool_release(pf->pool, (uint32_t)it->buf);
@@ -601,36 +712,35 @@ static int item_abort(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it,
 }
 
 /* READ into pool buffers of the ring, a buffer per sub-range, for an MMAP item whose registration was refused. */
-static int read_through_ring(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it)
+static int read_through_ring(struct aeg_prefetch *pf, struct item *it)
 {
 	struct aeg_load *l = it->load;
 
 	for (uint64_t b = it->begin; b < it->end; b += pf->buffer_bytes) {
 		uint64_t e = b + pf->buffer_bytes < it->end ? b + pf->buffer_bytes : it->end;
+		uint64_t mask = streams_of(pf, l, b, e);
 		struct aeg_pool_buffer buf;
-		struct subbuf *sb;
+		struct batch *sb;
 		int err;
 
 		err = ring_get(pf, l, 0, &buf);
 		if (err)
 			return err;
-		sb = malloc(sizeof(*sb));
+		sb = batch_new(pf, NULL, (int)buf.index, mask);
 		if (sb == NULL) {
-			err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+			err = AEG_ENOMEM;
 			goto fail;
 		}
-		sb->pf = pf;
-		sb->buf = (int)buf.index;
 		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, buf.ptr, e - b, b);
 		if (err == 0)
-			err = copy_range(s, l, b, e, buf.ptr);
+			err = copy_range(pf, l, b, e, buf.ptr);
 		if (err == 0)
-			err = aeg_stream_launch_host_fn(s, subbuf_done, sb);
+			err = batch_launch(pf, sb, mask);
 		if (err == 0)
 			continue;
-		free(sb);
 fail:
-		aeg_stream_sync(s);
+		sync_streams(pf);
+		free(sb);
 		pthread_mutex_lock(&pf->lock);
 		aeg_pool_release(pf->pool, buf.index);
 		pf->ring_in_use--;
@@ -642,16 +752,54 @@ fail:
 }
 
 /*
+ * @it's copies are queued: record the events of the chunks whose last item
+ * it was, on the chunk's stream after the copies of every item. Before the
+ * item's host functions, so a load ends only once its events completed.
+ */
+static int record_chunks(struct aeg_prefetch *pf, struct item *it)
+{
+	struct aeg_load *l = it->load;
+
+	for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++) {
+		struct chunk_rt *rt = &l->rt[c];
+		int last, err;
+
+		pthread_mutex_lock(&pf->lock);
+		last = --rt->unqueued == 0;
+		pthread_mutex_unlock(&pf->lock);
+		if (!last)
+			continue;
+		/* Outside the lock: a host function waiting for it would keep the
+		 * device busy under a synchronizing call this record waits behind. */
+		err = aeg_event_record(rt->ev, pf->streams[stream_of(pf, c)]);
+		if (err) {
+			aeg_error_prefix("%s: recording the event of chunk %u", l->path, c);
+			return err;
+		}
+		pthread_mutex_lock(&pf->lock);
+		rt->recorded = 1;
+		l->recorded_chunks++;
+		pthread_mutex_unlock(&pf->lock);
+	}
+	return 0;
+}
+
+/*
  * Run one item: get its bytes into host memory the GPU can read, queue the
  * copies into the chunks it touches, then item_done. Returns 0 once
  * item_done is queued; otherwise everything the item took is given back.
  */
-static int run_item(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it)
+static int run_item(struct aeg_prefetch *pf, struct item *it)
 {
 	struct aeg_load *l = it->load;
 	uint64_t len = it->end - it->begin;
+	uint64_t mask = 0;
+	struct batch *ib;
 	const char *src;
 	int err;
+
+	for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++)
+		mask |= 1ull << stream_of(pf, c);
 
 	switch (l->feed) {
 	case AEG_FEED_CACHE:
@@ -671,7 +819,7 @@ static int run_item(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it)
 		}
 		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, (void *)src, len, it->begin);
 		if (err)
-			return item_abort(pf, s, it, err);
+			return item_abort(pf, it, err);
 		break;
 	case AEG_FEED_MMAP:
 	default:
@@ -697,20 +845,35 @@ static int run_item(struct aeg_prefetch *pf, aeg_stream_t *s, struct item *it)
 		pf->registered--;       /* the slot taken when the item was picked */
 		pthread_cond_broadcast(&pf->work_cv);
 		pthread_mutex_unlock(&pf->lock);
-		err = read_through_ring(pf, s, it);
+		err = read_through_ring(pf, it);
 		if (err)
 			return err;
-		err = aeg_stream_launch_host_fn(s, item_done, it);
-		if (err)
-			aeg_stream_sync(s);
+		ib = batch_new(pf, it, -1, mask);
+		if (ib == NULL)
+			return AEG_ENOMEM;
+		err = record_chunks(pf, it);
+		if (err == 0)
+			err = batch_launch(pf, ib, mask);
+		if (err) {
+			sync_streams(pf);
+			free(ib);
+		}
 		return err;
 	}
 
-	err = copy_range(s, l, it->begin, it->end, src);
+	ib = batch_new(pf, it, -1, mask);
+	if (ib == NULL)
+		return item_abort(pf, it, AEG_ENOMEM);
+	err = copy_range(pf, l, it->begin, it->end, src);
 	if (err == 0)
-		err = aeg_stream_launch_host_fn(s, item_done, it);
-	if (err)
-		return item_abort(pf, s, it, err);
+		err = record_chunks(pf, it);
+	if (err == 0)
+		err = batch_launch(pf, ib, mask);
+	if (err) {
+		item_abort(pf, it, err);
+		free(ib);
+		return err;
+	}
 	return 0;
 }
 
@@ -743,7 +906,6 @@ static void *worker(void *p)
 {
 	struct worker_arg *wa = p;
 	struct aeg_prefetch *pf = wa->pf;
-	aeg_stream_t *s = pf->streams[wa->index % pf->nstreams];
 
 	if (pf->cfg.topo && pf->pci[0]) {
 		int err = aeg_topo_bind_thread(pf->cfg.topo, pf->pci);
@@ -810,7 +972,7 @@ static void *worker(void *p)
 				pf->registered--;
 			pthread_mutex_unlock(&pf->lock);
 		} else {
-			err = run_item(pf, s, it);
+			err = run_item(pf, it);
 		}
 
 		pthread_mutex_lock(&pf->lock);
@@ -841,14 +1003,23 @@ static int file_changed(struct aeg_load *l)
 	return 0;
 }
 
+/*
+ * Fail the chunks not loaded (with @all, every chunk), those whose event
+ * was never recorded included: their waiters would wait forever. Lock held;
+ * nothing is issuing, so no record races this.
+ */
 static void fail_chunks(struct aeg_load *l, int err, int all)
 {
 	for (uint32_t c = 0; c < l->nchunks; c++) {
-		if (l->rt[c].state == CH_PENDING || (all && l->rt[c].state == CH_DONE)) {
-			l->rt[c].state = CH_FAILED;
-			aeg_event_fail(l->rt[c].ev, err);
-		} else if (l->rt[c].state == CH_FAILED) {
-			aeg_event_fail(l->rt[c].ev, err);
+		struct chunk_rt *rt = &l->rt[c];
+
+		if (rt->state == CH_PENDING || !rt->recorded || (all && rt->state == CH_DONE)) {
+			if (rt->state == CH_DONE) {
+				l->done_chunks--;
+				l->done_bytes -= l->chunks[c].size;
+			}
+			rt->state = CH_FAILED;
+			aeg_event_fail(rt->ev, err);
 		}
 	}
 }
@@ -859,11 +1030,12 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 	char detail[sizeof(l->detail)];
 	int err;
 
-	uint32_t done;
+	uint32_t done, recorded;
 
 	pthread_mutex_lock(&pf->lock);
 	err = l->stop_err;
 	done = l->done_chunks;
+	recorded = l->recorded_chunks;
 	snprintf(detail, sizeof(detail), "%s", l->detail);
 	pthread_mutex_unlock(&pf->lock);
 
@@ -872,19 +1044,11 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 		if (err)
 			snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
 	}
-	if (err == 0 && done != l->nchunks) {
-		err = aeg_fail(AEG_EIO, "%s: %u of %u chunks loaded", l->path, done, l->nchunks);
+	if (err == 0 && (done != l->nchunks || recorded != l->nchunks)) {
+		err = aeg_fail(AEG_EIO, "%s: %u of %u chunks loaded, %u recorded", l->path, done,
+			       l->nchunks, recorded);
 		snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
 	}
-
-	/* Fail before the gates open so no waiter sees a success, and again after
-	 * the gate stream has passed the records. */
-	pthread_mutex_lock(&pf->lock);
-	if (err)
-		fail_chunks(l, err, err == AEG_ESTALE);
-	pthread_mutex_unlock(&pf->lock);
-	aeg_gate_destroy(l->gate);
-	l->gate = NULL;
 
 	pthread_mutex_lock(&pf->lock);
 	if (err)
@@ -1033,18 +1197,35 @@ static void stop_all_and_wait(struct aeg_prefetch *pf)
 	}
 }
 
-static void release_group(struct aeg_prefetch *pf, struct aeg_load *l, struct group *g)
+/*
+ * Free group @g of @l. Its events go to @dead (*@ndead of them so far) for
+ * the caller to destroy once it dropped the lock: with another load in
+ * flight, a host function of this engine may wait for the lock, and a
+ * CUDA call made under it could wait for that host function. With @dead
+ * NULL (no load in flight) they are destroyed at once.
+ */
+static void release_group(struct aeg_prefetch *pf, struct aeg_load *l, struct group *g,
+			  aeg_event_t **dead, uint32_t *ndead)
 {
 	if (g->released)
 		return;
 	for (uint32_t c = g->first_chunk; c < g->first_chunk + g->nchunks; c++) {
-		aeg_event_destroy(l->rt[c].ev);
+		if (dead != NULL)
+			dead[(*ndead)++] = l->rt[c].ev;
+		else
+			aeg_event_destroy(l->rt[c].ev);
 		l->rt[c].ev = NULL;
 		l->rt[c].state = CH_RELEASED;
 	}
 	aeg_slab_free(pf->slab, g->block.id);
 	g->released = 1;
 	l->live_groups--;
+}
+
+static void destroy_events(aeg_event_t **dead, uint32_t ndead)
+{
+	for (uint32_t i = 0; i < ndead; i++)
+		aeg_event_destroy(dead[i]);
 }
 
 AEG_EXPORT int aeg_prefetch_release_all(aeg_prefetch_t *pf)
@@ -1055,10 +1236,12 @@ AEG_EXPORT int aeg_prefetch_release_all(aeg_prefetch_t *pf)
 		return aeg_fail(AEG_EINVAL, "aeg_prefetch_release_all: NULL engine");
 	pthread_mutex_lock(&pf->lock);
 	stop_all_and_wait(pf);
+	/* Every load has ended: no host function of this engine is queued, so
+	 * the events can go under the lock. */
 	for (l = pf->loads; l; l = next) {
 		next = l->next;
 		for (uint32_t g = 0; g < l->ngroups; g++)
-			release_group(pf, l, &l->groups[g]);
+			release_group(pf, l, &l->groups[g], NULL, NULL);
 		load_maybe_free(pf, l);
 	}
 	pthread_mutex_unlock(&pf->lock);
@@ -1098,7 +1281,9 @@ AEG_EXPORT void aeg_prefetch_destroy(aeg_prefetch_t *pf)
 AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count)
 {
 	struct aeg_load **owner;
-	uint32_t *gidx;
+	aeg_event_t **dead = NULL;
+	uint32_t *gidx, ndead = 0;
+	uint64_t nchunks = 0;
 	int err = 0;
 
 	if (pf == NULL || (ids == NULL && count))
@@ -1127,9 +1312,16 @@ AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uin
 			err = aeg_fail(AEG_EBUSY, "slab id %" PRIu64 " belongs to load %" PRIu64 " of %s, still loading: cancel it first",
 				       ids[i], owner[i]->id, owner[i]->path);
 	}
+	for (uint32_t i = 0; i < count && err == 0; i++)
+		nchunks += owner[i]->groups[gidx[i]].nchunks;
+	if (err == 0) {
+		dead = malloc((nchunks ? nchunks : 1) * sizeof(*dead));
+		if (dead == NULL)
+			err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory releasing %u blocks", count);
+	}
 	if (err == 0) {
 		for (uint32_t i = 0; i < count; i++)
-			release_group(pf, owner[i], &owner[i]->groups[gidx[i]]);
+			release_group(pf, owner[i], &owner[i]->groups[gidx[i]], dead, &ndead);
 		for (uint32_t i = 0; i < count; i++) {
 			/* Free each load once, after its last use in this loop. */
 			uint32_t j = i + 1;
@@ -1141,7 +1333,9 @@ AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uin
 		}
 	}
 	pthread_mutex_unlock(&pf->lock);
+	destroy_events(dead, ndead);
 out:
+	free(dead);
 	free(owner);
 	free(gidx);
 	return err;
@@ -1486,16 +1680,14 @@ static int make_events(struct aeg_prefetch *pf, struct aeg_load *l, uint32_t *ma
 {
 	int err;
 
-	err = aeg_gate_create(pf->dev, pf->gpu, l->nchunks, &l->gate);
-	if (err)
-		return err;
 	for (*made = 0; *made < l->nchunks; (*made)++) {
 		uint32_t c = *made;
 
 		err = aeg_event_create(pf->dev, pf->gpu, &l->rt[c].ev, &l->chunks[c].event);
 		if (err)
 			return err;
-		err = aeg_gate_arm(l->gate, c, l->rt[c].ev);
+		l->rt[c].unqueued = l->rt[c].pending;
+		err = aeg_event_arm(l->rt[c].ev);
 		if (err) {
 			(*made)++;
 			return err;
@@ -1606,11 +1798,6 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	return 0;
 
 fail:
-	if (l->gate) {
-		for (uint32_t c = 0; c < events; c++)
-			aeg_gate_open(l->gate, c);
-		aeg_gate_destroy(l->gate);
-	}
 	for (uint32_t c = 0; c < events; c++)
 		if (l->rt[c].ev)
 			aeg_event_destroy(l->rt[c].ev);
@@ -1712,7 +1899,9 @@ AEG_EXPORT int aeg_load_wait_chunk(aeg_load_t *l, uint32_t index, int timeout_ms
 		return err;
 	pthread_mutex_lock(&pf->lock);
 	state = l->rt[index].state;
-	if (state == CH_DONE) {
+	if (state == CH_DONE || state == CH_PENDING) {
+		/* The event follows every copy into the chunk; its last item's
+		 * host function may just not have counted it yet. */
 		err = 0;
 	} else if (state == CH_RELEASED) {
 		err = aeg_fail(AEG_ENOENT, "chunk %u of %s was released", index, l->path);

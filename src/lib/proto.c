@@ -21,6 +21,7 @@ static const char *const type_names[PROTO_TYPE_END] = {
 	[PROTO_RELEASE] = "release",
 	[PROTO_STATUS] = "status",
 	[PROTO_SHUTDOWN] = "shutdown",
+	[PROTO_WAIT_EVENT] = "wait-event",
 };
 
 int proto_frame_timeout_ms = PROTO_FRAME_TIMEOUT_MS;
@@ -726,6 +727,22 @@ static int dec_status_rep(struct rd *r, union proto_msg *m)
 	return 0;
 }
 
+static void enc_wait_event_req(struct wr *w, const union proto_msg *m)
+{
+	put(w, m->wait_event_req.event.bytes, AEG_HANDLE_BYTES);
+	put_u32(w, (uint32_t)m->wait_event_req.timeout_ms);
+}
+
+static int dec_wait_event_req(struct rd *r, union proto_msg *m)
+{
+	get(r, m->wait_event_req.event.bytes, AEG_HANDLE_BYTES);
+	m->wait_event_req.timeout_ms = (int32_t)get_u32(r);
+	if (!r->short_read && m->wait_event_req.timeout_ms < -1)
+		return aeg_fail(AEG_EPROTO, "wait-event: timeout %d ms (-1 waits without limit)",
+				m->wait_event_req.timeout_ms);
+	return 0;
+}
+
 /* Requests and replies of each type; NULL for an empty payload. */
 struct codec {
 	void (*enc)(struct wr *w, const union proto_msg *m);
@@ -740,6 +757,7 @@ static const struct codec requests[PROTO_TYPE_END] = {
 	[PROTO_CHUNKS] = { enc_chunks_req, dec_chunks_req },
 	[PROTO_RELEASE] = { enc_release_req, dec_release_req },
 	[PROTO_STATUS] = { enc_status_req, dec_status_req },
+	[PROTO_WAIT_EVENT] = { enc_wait_event_req, dec_wait_event_req },
 };
 
 static const struct codec replies[PROTO_TYPE_END] = {

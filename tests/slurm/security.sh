@@ -6,6 +6,7 @@ source "$(dirname "$0")/cluster.sh"
 
 cluster_start || { fail "cluster starts"; finish; exit; }
 
+syslog_listen || log "no syslog listener: the agent's log lines are looked for in the journal"
 job=$(submit -N1 --gres=gpu:1 --aegaeon-slab=64MiB --wrap 'sleep 60')
 wait_ready "$job" n1 20
 dir=$(job_dir "$job" n1)
@@ -29,6 +30,34 @@ chmod 711 "$dir"
 out=$(as_other /usr/bin/python3 -c "$connect" "$dir/agent.sock" 2>&1)
 check "with the dir opened, the socket mode still refuses ($out)" grep -q "^refused: Permission denied" <<<"$out"
 chmod 700 "$dir"
+
+# A socket connected by root that then becomes another user before it says
+# anything: the path and mode checks are behind it, SO_PEERCRED (the
+# connector's uid) is not. The agent closes it unanswered and logs why.
+peer='import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+print("pid=%d uid=%d" % (os.getpid(), os.getuid()), flush=True)
+s.settimeout(10)
+hello = struct.pack("<IIQ", 1, 1, os.getpid()) + b"x" * 64     # what a client says first
+try:
+    s.sendall(struct.pack("<IHHIIQ", 0x50474541, 1, 2, 0, len(hello), 1) + hello)
+    print("reply_bytes=%d" % len(s.recv(4096)))
+except OSError as e:
+    print("closed:", e.strerror)'
+out=$(cd / && /usr/bin/python3 -c "$peer" "$dir/agent.sock" "$OTHER_UID" 2>&1)
+pid=$(sed -n 's/^pid=\([0-9]*\) .*/\1/p' <<<"$out")
+check "root-connected socket handed to uid $OTHER_UID: spoke as that uid ($out)" grep -qx "pid=$pid uid=$OTHER_UID" <<<"$out"
+check "... and the agent closed it without a word" grep -qE "^(reply_bytes=0|closed: (Connection reset by peer|Broken pipe))$" <<<"$out"
+check "... and logged the refusal with the connector's uid and pid" \
+	agent_logged "aegaeond\[$agent\]: refused a connection from uid 0 \(pid $pid\): only the job user, uid $JOB_UID, may connect"
+syslog_stop
+check "the agent still serves its job" kill -0 "$agent"
+
 out=$(as_user /usr/bin/python3 -c "$connect" "$dir/agent.sock" 2>&1)
 check "the job user can connect ($out)" grep -qx connected <<<"$out"
 
@@ -74,6 +103,9 @@ check "planted link for job $next: job ran with its own dir ($out)" test "$out" 
 check "planted link: its target is untouched" test -z "$(ls -A "$T/target")" -a "$(stat -c %U "$T/target")" = root
 
 # A runtime dir others can write to is refused; the step says no agent runs.
+# The last job's epilog runs after srun returned: it must be done before the
+# dir turns unsafe, or it refuses to clean up there too.
+check "planted link: that job cleaned up" nothing_left 15
 chmod 777 "$T/aegrun"
 out=$(as_user timeout 60 srun -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB true 2>&1)
 check "world-writable runtime_dir: the step fails ($out)" grep -qF "aegaeon: no agent runs for job" <<<"$out"

@@ -1,6 +1,7 @@
 /* The agent end to end on the host backend: aegaeond as a child, clients in other processes. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <pwd.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -21,6 +22,7 @@
 #include <aegaeon/attach.h>
 #include <aegaeon/job.h>
 
+#include "attach_internal.h"
 #include "internal.h"
 #include "proto.h"
 
@@ -356,6 +358,129 @@ static void prefetch_chunks_release(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
+struct chunk_waiter {
+	aeg_device_t *dev;
+	const aeg_handle_t *handle;
+	int result;
+	pthread_t thread;
+};
+
+static void *chunk_wait_main(void *arg)
+{
+	struct chunk_waiter *w = arg;
+
+	w->result = aeg_event_wait_handle(w->dev, w->handle, 10000);
+	return NULL;
+}
+
+static void write_file(const char *path, const unsigned char *data, size_t n)
+{
+	FILE *f = fopen(path, "w");
+
+	assert_non_null(f);
+	assert_int_equal(fwrite(data, 1, n, f), n);
+	assert_int_equal(fclose(f), 0);
+}
+
+/* Take every buffer of the job's pool: the agent's pread feed then cannot move a byte. */
+static uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
+{
+	struct aeg_pool_buffer b;
+	uint32_t n = 0;
+
+	while (n < cap && aeg_pool_acquire(pool, 0, &b) == 0)
+		bufs[n++] = b.index;
+	return n;
+}
+
+/*
+ * Chunk handles are handed out before their copies are queued: a process
+ * holding only a handle waits through the agent until the chunk's event is
+ * recorded, and sees a cancelled load's chunks fail.
+ */
+static void wait_chunks_through_agent(void **state)
+{
+	char path[160], path2[160];
+	size_t n = 3 << 20;
+	unsigned char *data = malloc(n);
+	struct aeg_job_load *load, *load2;
+	struct chunk_waiter w[8];
+	aeg_event_t *mine;
+	aeg_handle_t mine_h;
+	uint32_t bufs[64], held, released;
+	aeg_device_t *dev;
+	aeg_job_t *job;
+	int fds = count_fds();
+
+	for (size_t i = 0; i < n; i++)
+		data[i] = (unsigned char)(i * 13 + (i >> 10));
+	snprintf(path, sizeof(path), "%s/held.bin", dir);
+	snprintf(path2, sizeof(path2), "%s/cancelled.bin", dir);
+	write_file(path, data, n);
+	write_file(path2, data, n);
+	assert_int_equal(aeg_job_attach(&job), 0);
+	dev = aeg_job_device(job);
+	assert_non_null(aeg_job_pool(job));
+	held = hog_pool(aeg_job_pool(job), bufs, 64);
+	assert_true(held > 0);
+
+	assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+	assert_int_equal(load->count, 3);
+	assert_int_equal(load->status, AEG_EBUSY);
+	assert_int_equal(aeg_agent_wait_event(sock, &load->chunks[0].event, 100), AEG_ETIMEDOUT);
+	assert_non_null(strstr(aeg_error_detail(), "not recorded"));
+	assert_int_equal(aeg_event_wait_handle(dev, &load->chunks[2].event, 100), AEG_ETIMEDOUT);
+	/* A handle the agent does not know: its owner (here, this process) answers. */
+	assert_int_equal(aeg_event_create(dev, 0, &mine, &mine_h), 0);
+	assert_int_equal(aeg_agent_wait_event(sock, &mine_h, 100), AEG_ENOENT);
+	assert_int_equal(aeg_event_wait_handle(dev, &mine_h, 100), 0);
+	assert_int_equal(aeg_event_destroy(mine), 0);
+
+	for (uint32_t i = 0; i < load->count; i++) {
+		w[i] = (struct chunk_waiter){ .dev = dev, .handle = &load->chunks[i].event };
+		assert_int_equal(pthread_create(&w[i].thread, NULL, chunk_wait_main, &w[i]), 0);
+	}
+	usleep(50000);
+	for (uint32_t i = 0; i < held; i++)
+		assert_int_equal(aeg_pool_release(aeg_job_pool(job), bufs[i]), 0);
+	for (uint32_t i = 0; i < load->count; i++) {
+		assert_int_equal(pthread_join(w[i].thread, NULL), 0);
+		if (w[i].result)
+			fail_msg("chunk %u: %s: %s", i, aeg_errname(w[i].result), aeg_error_detail());
+		assert_memory_equal(load->chunks[i].ptr, data + load->chunks[i].file_offset,
+				    load->chunks[i].size);
+	}
+	assert_int_equal(aeg_agent_wait_event(sock, &load->chunks[1].event, 0), 0);
+
+	/* Cancelled while its chunks wait: every waiter gets AEG_ECANCELED. */
+	held = hog_pool(aeg_job_pool(job), bufs, 64);
+	assert_int_equal(aeg_job_prefetch(job, path2, 0, 1 << 20, &load2), 0);
+	assert_int_equal(load2->count, 3);
+	for (uint32_t i = 0; i < load2->count; i++) {
+		w[i] = (struct chunk_waiter){ .dev = dev, .handle = &load2->chunks[i].event };
+		assert_int_equal(pthread_create(&w[i].thread, NULL, chunk_wait_main, &w[i]), 0);
+	}
+	usleep(50000);
+	assert_int_equal(aeg_job_release_all(job, &released), 0);
+	assert_true(released >= 2);
+	for (uint32_t i = 0; i < load2->count; i++) {
+		assert_int_equal(pthread_join(w[i].thread, NULL), 0);
+		assert_int_equal(w[i].result, AEG_ECANCELED);
+	}
+	/* Released: the agent no longer knows the handle. */
+	assert_int_equal(aeg_agent_wait_event(sock, &load2->chunks[0].event, 100), AEG_ENOENT);
+	for (uint32_t i = 0; i < held; i++)
+		assert_int_equal(aeg_pool_release(aeg_job_pool(job), bufs[i]), 0);
+
+	aeg_job_load_free(load);
+	aeg_job_load_free(load2);
+	aeg_job_detach(job);
+	free(data);
+	unlink(path);
+	unlink(path2);
+	assert_int_equal(count_fds(), fds);
+}
+
 /* Raw frames from a plain socket: each is refused, the connection closed, the agent serves on. */
 static void malformed_clients(void **state)
 {
@@ -504,6 +629,7 @@ int main(void)
 		cmocka_unit_test(two_processes_share_slab_and_pool),
 		cmocka_unit_test(leases_in_this_process),
 		cmocka_unit_test(prefetch_chunks_release),
+		cmocka_unit_test(wait_chunks_through_agent),
 		cmocka_unit_test(malformed_clients),
 		cmocka_unit_test(other_uid_refused),
 		cmocka_unit_test(sigterm_cleans_up),

@@ -148,5 +148,5 @@ expect "agent gone: prefetch says so" 1 "not running" "$CLI" prefetch "$T/tiny.s
 check "agent log names each load" grep -q "load 1: $T/model.bin into the slab of GPU 0, 5 chunks" "$T/agent.log"
 
 echo "1..$n"
-echo "# test_cli_job: $((n - failed)) passed, $failed failed"
+echo "$((n - failed)) passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -37,6 +37,7 @@ static aeg_device_t *open_host(void)
 
 	unsetenv("AEGAEON_HOST_GPUS");
 	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	unsetenv("AEGAEON_SOCKET");     /* waits by handle would ask a job's agent first */
 	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
 	return dev;
 }
@@ -454,6 +455,92 @@ static void parent_waits_on_child(void **state)
 	aeg_device_close(dev);
 }
 
+/*
+ * An armed event is pending until recorded, for waits here, by handle in
+ * another process, and by another aeg_device_t of this process; a failure
+ * releases them all with its code.
+ */
+static void armed_until_recorded(void **state)
+{
+	aeg_device_t *dev = open_host(), *other = open_host();
+	aeg_stream_t *s = NULL;
+	aeg_event_t *ev = NULL, *cancelled = NULL;
+	aeg_handle_t h, hc, unknown;
+	struct waiter w, wh, wc;
+	pthread_t t, th, tc;
+	int status;
+	pid_t pid, pid2;
+
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_int_equal(aeg_event_create(dev, 0, &ev, &h), 0);
+	assert_int_equal(aeg_event_create(dev, 0, &cancelled, &hc), 0);
+	assert_int_equal(aeg_event_arm(NULL), AEG_EINVAL);
+	assert_int_equal(aeg_event_arm(ev), 0);
+	assert_int_equal(aeg_event_arm(ev), 0);         /* once is enough: one record completes it */
+	assert_int_equal(aeg_event_arm(cancelled), 0);
+
+	assert_int_equal(aeg_event_query(ev), AEG_EBUSY);
+	assert_int_equal(aeg_event_wait(ev, 0), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_event_wait(ev, 30), AEG_ETIMEDOUT);
+	assert_non_null(strstr(aeg_error_detail(), "not recorded"));
+	assert_int_equal(aeg_event_wait_handle(dev, &h, 30), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_event_wait_handle(other, &h, 30), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_event_wait_recorded(dev, &h, 0), AEG_ETIMEDOUT);
+	memset(&unknown, 0, sizeof(unknown));
+	assert_int_equal(aeg_event_wait_recorded(dev, &unknown, 0), AEG_ENOENT);
+	assert_int_equal(aeg_event_wait_recorded(other, &h, 0), AEG_ENOENT);    /* an opening, not its own */
+	/* A stream must never wait on work not queued yet. */
+	assert_int_equal(aeg_stream_wait_event(s, ev), AEG_EBUSY);
+
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0)
+		_exit(child_waits(&h, 0));
+	pid2 = fork();
+	assert_true(pid2 >= 0);
+	if (pid2 == 0)
+		_exit(child_waits(&hc, AEG_ECANCELED));
+	w = (struct waiter){ .ev = ev };
+	wh = (struct waiter){ .dev = other, .handle = &h };
+	wc = (struct waiter){ .ev = cancelled };
+	assert_int_equal(pthread_create(&t, NULL, wait_thread, &w), 0);
+	assert_int_equal(pthread_create(&th, NULL, wait_thread, &wh), 0);
+	assert_int_equal(pthread_create(&tc, NULL, wait_thread, &wc), 0);
+	usleep(100000);
+
+	assert_int_equal(aeg_stream_launch_host_fn(s, sleep_fn, (void *)(uintptr_t)50), 0);
+	assert_int_equal(aeg_event_record(ev, s), 0);
+	assert_int_equal(aeg_event_wait_recorded(dev, &h, 0), 0);
+	assert_int_equal(aeg_event_fail(cancelled, AEG_ECANCELED), 0);
+	assert_int_equal(aeg_event_wait_recorded(dev, &hc, 0), AEG_ECANCELED);
+	assert_int_equal(pthread_join(t, NULL), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(pthread_join(tc, NULL), 0);
+	assert_int_equal(w.result, 0);
+	assert_int_equal(wh.result, 0);
+	assert_int_equal(wc.result, AEG_ECANCELED);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(waitpid(pid2, &status, 0), pid2);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+
+	/* Recorded, it is an ordinary event again; a new arm holds it anew. */
+	assert_int_equal(aeg_event_query(ev), 0);
+	assert_int_equal(aeg_stream_wait_event(s, ev), 0);
+	assert_int_equal(aeg_event_arm(ev), 0);
+	assert_int_equal(aeg_event_wait_handle(other, &h, 0), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_event_record(ev, s), 0);
+	assert_int_equal(aeg_event_wait_handle(other, &h, 5000), 0);
+
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(aeg_event_destroy(cancelled), 0);
+	assert_int_equal(aeg_event_destroy(ev), 0);
+	aeg_device_close(other);
+	aeg_device_close(dev);
+}
+
 static void no_fd_leak(void **state)
 {
 	int before = count_fds();
@@ -494,6 +581,7 @@ int main(void)
 		cmocka_unit_test(stream_waits_for_event),
 		cmocka_unit_test(child_waits_on_parent),
 		cmocka_unit_test(parent_waits_on_child),
+		cmocka_unit_test(armed_until_recorded),
 		cmocka_unit_test(no_fd_leak),
 	};
 

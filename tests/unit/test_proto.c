@@ -152,6 +152,10 @@ static void make(uint16_t type, uint32_t flags, union proto_msg *m)
 	case PROTO_STATUS:
 		m->status_req.first_load = 8;
 		break;
+	case PROTO_WAIT_EVENT:
+		fill_handle(&m->wait_event_req.event, 77);
+		m->wait_event_req.timeout_ms = -1;
+		break;
 	}
 }
 
@@ -169,6 +173,7 @@ static const struct {
 	{ PROTO_RELEASE, 0 }, { PROTO_RELEASE, PROTO_F_REPLY },
 	{ PROTO_STATUS, 0 }, { PROTO_STATUS, PROTO_F_REPLY },
 	{ PROTO_SHUTDOWN, 0 }, { PROTO_SHUTDOWN, PROTO_F_REPLY },
+	{ PROTO_WAIT_EVENT, 0 }, { PROTO_WAIT_EVENT, PROTO_F_REPLY },
 };
 
 static void every_message_round_trips(void **state)
@@ -306,6 +311,7 @@ static void e_st_used(union proto_msg *m) { m->status_rep.slabs[5].stats.used_by
 static void e_st_pool(union proto_msg *m) { m->status_rep.pool.in_use = 300; }
 static void e_st_page(union proto_msg *m) { m->status_rep.loads_total = 10; }
 static void e_st_load(union proto_msg *m) { m->status_rep.loads[2].done_bytes = 11; }
+static void e_wait_timeout(union proto_msg *m) { m->wait_event_req.timeout_ms = -2; }
 
 static const struct bad_case bad_cases[] = {
 	{ "magic", PROTO_LEASE, 0, NULL, M_U32, 0, 0x50545448, "bad magic" },
@@ -368,6 +374,11 @@ static const struct bad_case bad_cases[] = {
 	{ "status pool", PROTO_STATUS, PROTO_F_REPLY, e_st_pool, M_NONE, 0, 0, "300 of 256 buffers" },
 	{ "status page", PROTO_STATUS, PROTO_F_REPLY, e_st_page, M_NONE, 0, 0, "page 8+8 of 10" },
 	{ "status load", PROTO_STATUS, PROTO_F_REPLY, e_st_load, M_NONE, 0, 0, "11 of 10 bytes" },
+	{ "wait timeout", PROTO_WAIT_EVENT, 0, e_wait_timeout, M_NONE, 0, 0, "timeout -2 ms" },
+	{ "wait timeout huge", PROTO_WAIT_EVENT, 0, NULL, M_U32, P + AEG_HANDLE_BYTES, 0x80000000u, "timeout -2147483648 ms" },
+	{ "truncated wait", PROTO_WAIT_EVENT, 0, NULL, M_TRUNCATE, AEG_HANDLE_BYTES, 0, "truncated" },
+	{ "trailing wait", PROTO_WAIT_EVENT, 0, NULL, M_APPEND, 0, 0, "1 bytes after its end" },
+	{ "trailing wait rep", PROTO_WAIT_EVENT, PROTO_F_REPLY, NULL, M_APPEND, 0, 0, "1 bytes after its end" },
 };
 
 static void malformed_frames_are_rejected(void **state)
