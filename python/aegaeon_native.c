@@ -651,27 +651,46 @@ aeg_pool_t *pyaeg_job_pool(void)
 	return pool;
 }
 
+/*
+ * The chunks of @path in the job slab of @gpu. A file the job's agent holds
+ * already (the job's --aegaeon-prefetch, an earlier step) is reused, as
+ * aegaeon-cli prefetch does: nothing is read again, and its chunks stay the
+ * job's, so this process does not release them at exit. A load that failed,
+ * or of a file changed since, is replaced by a new one, which this process
+ * owns (*@ownedp 1).
+ */
 static int job_prefetch_locked(const char *path, int gpu, uint64_t chunk_bytes, int *idxp,
-			       struct aeg_job_load **loadp)
+			       struct aeg_job_load **loadp, int *ownedp)
 {
 	struct aeg_job_load *load = NULL;
-	int idx, err;
+	int idx, err, owned = 0;
 
 	if ((idx = job_index_locked(gpu)) < 0)
 		return -1;
 	Py_BEGIN_ALLOW_THREADS
-	err = aeg_job_prefetch(rt.job, path, idx, chunk_bytes, &load);
+	err = aeg_job_chunks(rt.job, 0, path, idx, &load);
+	if (err == 0 && load->status != 0 && load->status != AEG_EBUSY) {
+		aeg_job_load_free(load);
+		load = NULL;
+		err = AEG_ENOENT;
+	}
+	if (err == AEG_ENOENT || err == AEG_ESTALE) {
+		aeg_error_clear();
+		err = aeg_job_prefetch(rt.job, path, idx, chunk_bytes, &load);
+		owned = 1;
+	}
 	Py_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		return -1;
 	}
-	for (uint32_t i = 0; i < load->count; i++)
+	for (uint32_t i = 0; owned && i < load->count; i++)
 		if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
 			if (idlist_add(&rt.job_ids[idx], load->chunks[i].slab_id) < 0)
 				aeg_log(AEG_LOG_WARN, "aegaeon_native: out of memory tracking job chunks");
 	*idxp = idx;
 	*loadp = load;
+	*ownedp = owned;
 	return 0;
 }
 
@@ -1357,9 +1376,9 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 	pyaeg_lock();
 	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
 		struct aeg_job_load *load;
-		int idx;
+		int idx, owned;
 
-		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &idx, &load) < 0) {
+		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &idx, &load, &owned) < 0) {
 			pyaeg_unlock();
 			Py_DECREF(path);
 			return NULL;
@@ -1930,16 +1949,19 @@ static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *k
 	rt.objects++;
 	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
 		struct aeg_job_load *load;
+		int owned;
 
-		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &owner->job_index, &load) < 0) {
+		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &owner->job_index, &load,
+					&owned) < 0) {
 			owner->gpu = INT32_MAX;
 			owner->job_index = -1;
 			pyaeg_unlock();
 			goto fail;
 		}
 		rt.gpus[gpu].views++;
+		/* A reused load is the job's: the views do not release it. */
 		owner->ids = malloc((size_t)(load->count ? load->count : 1) * sizeof(*owner->ids));
-		for (uint32_t i = 0; owner->ids != NULL && i < load->count; i++)
+		for (uint32_t i = 0; owned && owner->ids != NULL && i < load->count; i++)
 			if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
 				owner->ids[owner->nids++] = load->chunks[i].slab_id;
 		host = rt.kind == AEG_DEVICE_HOST;

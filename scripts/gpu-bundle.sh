@@ -1,22 +1,32 @@
 #!/bin/bash
-# Builds aegaeon with the cuda backend and gathers into one folder what a GPU
-# machine without a package registry needs: the installed tree, the GPU and
-# unit test programs, the benchmarks and the non-system shared libraries they
-# load. Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]   (default: bundle/)
+# Builds aegaeon with the cuda backend and the Python module and gathers into
+# one folder what a GPU machine without a package registry needs: the
+# installed tree (plugin, agent, CLI, aegaeon_native), the GPU and unit test
+# programs, the Slurm end-to-end test, the benchmarks, the non-system shared
+# libraries they load, and Debian's Slurm packages when .debs/ holds them
+# (scripts/fetch-slurm-debs.sh). Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
+# (default: bundle/); JOBS=N sets make's parallelism (default: all CPUs).
 # On the GPU machine: bash BUNDLE_DIR/gpu-run.sh [what...]
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "${1:-$top/bundle}")
 build=$top/build-gpu
 cuda=${CUDA_HOME:-/usr/local/cuda}
+jobs=${JOBS:-$(nproc)}
+# The module is built on the stable ABI against Debian's Python (3.11) and
+# loads in the GPU machine's torch Python (3.12).
+python=${PYTHON:-/usr/bin/python3}
 
 [ -f "$top/configure" ] || (cd "$top" && autoreconf -fi >/dev/null)
 mkdir -p "$build"
 if [ ! -f "$build/Makefile" ]; then
-	(cd "$build" && "$top/configure" -q --enable-werror --enable-python --with-cuda="$cuda" --prefix=/opt/aegaeon)
+	(cd "$build" && "$top/configure" -q --enable-werror --with-cuda="$cuda" --prefix=/opt/aegaeon \
+		--enable-python PYTHON="$python")
 fi
-make -C "$build" -s -j"$(nproc)"
-make -C "$build" -s -j"$(nproc)" gpu-programs
+grep -q '^pyexec_LTLIBRARIES = python/aegaeon_native.la' "$build/Makefile" ||
+	{ echo "gpu-bundle: $build was configured without --enable-python: remove it and run again" >&2; exit 1; }
+make -C "$build" -s -j"$jobs"
+make -C "$build" -s -j"$jobs" gpu-programs
 
 rm -rf "$out"
 mkdir -p "$out/lib" "$out/tests/gpu" "$out/tests/unit" "$out/bench"
@@ -42,12 +52,20 @@ done
 cp -r "$top/tests/unit/topo" "$out/tests/unit/" 2>/dev/null || true
 cp -r "$top/bench/." "$out/bench/" 2>/dev/null || true
 cp "$top/scripts/gpu-run.sh" "$out/"
+cp "$top/tests/gpu/slurm_e2e.sh" "$top/tests/gpu/slurm_e2e.py" "$top/tests/gpu/test_python_gpu.py" "$out/tests/gpu/"
+cp -r "$top/scripts/lib" "$out/scripts-lib"
+if compgen -G "$top/.debs/*.deb" >/dev/null; then
+	mkdir -p "$out/debs"
+	cp "$top"/.debs/*.deb "$out/debs/"
+else
+	echo "gpu-bundle: no .debs/ (scripts/fetch-slurm-debs.sh): the bundle carries no Slurm packages" >&2
+fi
 
 # Shared libraries the programs load, less the C runtime the target has newer.
 skip='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|libresolv)\.'
 {
 	find "$out/root" "$out/tests" -type f \( -perm -u+x -o -name '*.so*' \) -print0 |
-		xargs -0 -r ldd 2>/dev/null | awk '/=> \//{print $3}'
+		{ xargs -0 -r ldd 2>/dev/null || true; } | awk '/=> \//{print $3}'   # scripts are not ELF
 } | sort -u | while read -r lib; do
 	base=$(basename "$lib")
 	[[ $base =~ $skip ]] && continue

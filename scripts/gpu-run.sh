@@ -1,8 +1,9 @@
 #!/bin/bash
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
-# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit]
-#        (default: tests bench). prefetch needs torch and safetensors.
+# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm]
+#        (default: tests bench). prefetch needs torch and safetensors; slurm
+#        (tests/gpu/slurm_e2e.sh: a Slurm cluster, Slurm from bundle/debs) needs root.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -62,6 +63,10 @@ fi
 if [[ " $what " == *" prefetch "* ]]; then
 	run bench-prefetch "$py" "$here/bench/prefetch_bench.py" --sizes "${PREFETCH_SIZES:-4,16}" \
 		--repeat "${PREFETCH_REPEAT:-3}" --dir "${PREFETCH_DIR:-/tmp/aegaeon-bench}" --out "$out/prefetch_bench.json"
+fi
+if [[ " $what " == *" slurm "* ]]; then
+	OUT=$out run slurm-e2e bash "$here/tests/gpu/slurm_e2e.sh" ${SLURM_E2E_ARGS:-}
+	grep -E '^(not ok|# figure:)' "$out/slurm-e2e.log"
 fi
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

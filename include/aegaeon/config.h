@@ -45,6 +45,8 @@ struct aeg_config {
 	int agent_stop_timeout_ms;          /* agent_stop_timeout [5.0 s]: TERM to KILL */
 	char runtime_dir[PATH_MAX];         /* runtime_dir ["/run/aegaeon"] */
 	enum aeg_log_level log_level;       /* log_level ["info"] */
+	struct aeg_size_spec model_cache;   /* model_cache ["0"]: the agent's host model cache, a size or a
+					       percentage of the job's pinned pool; 0 for none */
 };
 
 /* aeg_config_defaults - fill @cfg with the built-in defaults. */

@@ -230,6 +230,7 @@ int main(int argc, char **argv)
 	}
 	acfg->prefetch_chunk_bytes = cfg.prefetch_chunk_bytes;
 	acfg->prefetch_threads = cfg.prefetch_threads;
+	acfg->model_cache = cfg.model_cache;
 
 	/* SIGTERM (the epilog) and SIGINT come through a signalfd to the agent's loop. */
 	sigemptyset(&sigs);

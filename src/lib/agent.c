@@ -197,6 +197,24 @@ static int start_engines(struct agent *a)
 	if (a->cfg->prefetch_threads > 0)
 		pcfg.threads = a->cfg->prefetch_threads;
 	pcfg.topo = a->topo;
+	if (a->pool != NULL && a->nslabs > 0) {
+		struct aeg_pool_stats ps;
+		uint64_t bytes = 0;
+		char size[32];
+		int err = aeg_pool_stats(a->pool, &ps);
+
+		if (err == 0)
+			err = aeg_size_spec_resolve(&a->cfg->model_cache, ps.pool_bytes, &bytes);
+		if (err)
+			return err;
+		if (bytes > ps.pool_bytes)
+			bytes = ps.pool_bytes;
+		/* The engines of the job's GPUs share the one pool. */
+		pcfg.cache_bytes = bytes / (uint64_t)a->nslabs;
+		if (pcfg.cache_bytes > 0)
+			aeg_info("host model cache: %s per GPU in the pinned pool",
+				 aeg_size_format(pcfg.cache_bytes, size, sizeof(size)));
+	}
 	for (int i = 0; i < a->nslabs; i++) {
 		int err = aeg_prefetch_create(a->slabs[i].slab, a->pool, &pcfg, &a->slabs[i].pf);
 		if (err) {

@@ -26,6 +26,7 @@ struct aeg_agent_config {
 	uint64_t prefetch_chunk_bytes;          /* default chunk size of loads */
 	int prefetch_threads;                   /* per engine (slab); 0: the engine's default */
 	int max_clients;                        /* 0: AEG_AGENT_MAX_CLIENTS */
+	struct aeg_size_spec model_cache;       /* host model cache in the pool; percentages of it */
 };
 
 /*

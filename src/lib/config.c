@@ -61,6 +61,7 @@ AEG_EXPORT void aeg_config_defaults(struct aeg_config *cfg)
 	cfg->agent_stop_timeout_ms = 5000;
 	snprintf(cfg->runtime_dir, sizeof(cfg->runtime_dir), "%s", "/run/aegaeon");
 	cfg->log_level = AEG_LOG_INFO;
+	cfg->model_cache = (struct aeg_size_spec){ .bytes = 0 };
 }
 
 enum kind {
@@ -89,6 +90,7 @@ enum key_id {
 	AGENT_STOP_TIMEOUT,
 	RUNTIME_DIR,
 	LOG_LEVEL,
+	MODEL_CACHE,
 	NKEYS
 };
 
@@ -111,6 +113,7 @@ static const struct key {
 	[AGENT_STOP_TIMEOUT] = { "agent_stop_timeout", K_SECONDS, offsetof(struct aeg_config, agent_stop_timeout_ms) },
 	[RUNTIME_DIR] = { "runtime_dir", K_PATH, offsetof(struct aeg_config, runtime_dir) },
 	[LOG_LEVEL] = { "log_level", K_LOG_LEVEL, offsetof(struct aeg_config, log_level) },
+	[MODEL_CACHE] = { "model_cache", K_SLAB, offsetof(struct aeg_config, model_cache) },
 };
 
 /* One load: where messages point, and which keys the file set. */

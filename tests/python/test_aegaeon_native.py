@@ -992,6 +992,8 @@ print(json.dumps({"device": an.device(), "job": st["job"], "ok_bytes": ok_bytes,
 class TestJob(Base):
     """The module inside an aegaeon job: an aegaeond agent as the SPANK plugin starts it."""
 
+    agent_args = []
+
     def setUp(self):
         agent = os.environ.get("AEGAEOND")
         if not agent or not os.access(agent, os.X_OK):
@@ -1001,7 +1003,7 @@ class TestJob(Base):
         self.env.pop("AEGAEON_SLABS", None)
         self.agent = subprocess.Popen(
             [agent, "--job", "7", "--runtime-dir", self.dir, "--device", "host", "--foreground",
-             "--gpus", "0", "--slab", "64MiB", "--pinned", "8MiB:1MiB"],
+             "--gpus", "0", "--slab", "64MiB", "--pinned", "8MiB:1MiB"] + self.agent_args,
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(2000):
             if os.path.exists(os.path.join(self.dir, "ready")) or self.agent.poll() is not None:
@@ -1054,6 +1056,41 @@ class TestJob(Base):
                   "except an.AegaeonError as e:\n    print(e.name)", env=self.env)
         self.assertEqual(r.stdout.strip(), "AEG_EBUSY", r.stderr)
         self.assertRaises(TypeError, an.configure, attach="yes")
+
+
+REUSE_CODE = r"""
+import aegaeon_native as an, json, sys
+d = an.load_safetensors(sys.argv[1])
+chunks = an.prefetch_file_to_gpu_chunks(sys.argv[1], 0, 1 << 20)
+print(json.dumps({"tensors": {k: v.tobytes().hex() for k, v in d.items()},
+                  "ids": sorted(set(c["slab_id"] for c in chunks)),
+                  "held": an.stats()["job"]["blocks"]}))
+"""
+
+
+class TestJobPrefetch(TestJob):
+    """Steps find the file the job's --aegaeon-prefetch loaded, and leave it to the job."""
+
+    def setUp(self):
+        self.tensors = make_tensors(6)
+        self.st_path = os.path.join(TMP, "job-prefetch.safetensors")
+        write_file(self.st_path, safetensors_bytes(self.tensors))
+        self.agent_args = ["--prefetch", self.st_path]
+        super().setUp()
+
+    def test_steps_reuse_the_job_load(self):
+        want = {k: v[2].hex() for k, v in self.tensors.items()}
+        outs = []
+        for _ in range(2):      # the first step's exit must not release the job's load
+            r = subprocess.run([sys.executable, "-c", REUSE_CODE, self.st_path], env=self.env,
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            outs.append(json.loads(r.stdout))
+        for out in outs:
+            self.assertEqual(out["tensors"], want)
+            self.assertEqual(out["held"], 0)
+        self.assertEqual(outs[0]["ids"], outs[1]["ids"])
+        self.assertTrue(outs[0]["ids"])
 
 
 # ----------------------------------------------------------------- lifetime

@@ -25,7 +25,7 @@
 static const char *const key_names[] = {
 	"device", "allow_device_option", "slab_default", "slab_max", "pinned_default",
 	"pinned_max", "pinned_buffer", "prefetch_threads", "prefetch_chunk", "agent_path",
-	"agent_start_timeout", "agent_stop_timeout", "runtime_dir", "log_level",
+	"agent_start_timeout", "agent_stop_timeout", "runtime_dir", "log_level", "model_cache",
 };
 
 /* Each test gets a fresh directory for its files; teardown empties and removes it. */
@@ -143,6 +143,7 @@ static void assert_configs_equal(const struct aeg_config *a, const struct aeg_co
 	assert_int_equal(a->agent_stop_timeout_ms, b->agent_stop_timeout_ms);
 	assert_string_equal(a->runtime_dir, b->runtime_dir);
 	assert_int_equal(a->log_level, b->log_level);
+	assert_specs_equal(&a->model_cache, &b->model_cache);
 }
 
 static void defaults_are_the_documented_ones(void **state)
@@ -166,6 +167,8 @@ static void defaults_are_the_documented_ones(void **state)
 	assert_int_equal(c.agent_stop_timeout_ms, 5000);
 	assert_string_equal(c.runtime_dir, "/run/aegaeon");
 	assert_int_equal(c.log_level, AEG_LOG_INFO);
+	assert_false(c.model_cache.is_percent);
+	assert_int_equal(c.model_cache.bytes, 0);
 }
 
 static void device_kinds_parse_and_name(void **state)
@@ -229,7 +232,8 @@ static void good_file_sets_every_key(void **state)
 		"agent_start_timeout = 2.5;\n"
 		"agent_stop_timeout : 86400\n"
 		"runtime_dir = \"/var/run/aegaeon\";\n"
-		"log_level = \"WARNING\";\n");
+		"log_level = \"WARNING\";\n"
+		"model_cache = \"75%\";\n");
 
 	if (aeg_config_load(&c, path) != 0)
 		fail_msg("%s", aeg_error_detail());
@@ -249,6 +253,8 @@ static void good_file_sets_every_key(void **state)
 	assert_int_equal(c.agent_stop_timeout_ms, 86400000);
 	assert_string_equal(c.runtime_dir, "/var/run/aegaeon");
 	assert_int_equal(c.log_level, AEG_LOG_WARN);
+	assert_true(c.model_cache.is_percent);
+	assert_int_equal(c.model_cache.ppm, 750000);
 }
 
 static void partial_file_keeps_other_defaults(void **state)
@@ -297,6 +303,7 @@ static const struct {
 	{ "agent_stop_timeout = true;\n", 1, "key 'agent_stop_timeout': must be a number of seconds (e.g. 30 or 2.5), not a boolean" },
 	{ "runtime_dir = [\"/run\"];\n", 1, "key 'runtime_dir': must be a string in double quotes (e.g. \"/run/aegaeon\"), not an array" },
 	{ "log_level = 3;\n", 1, "key 'log_level': must be a string in double quotes (e.g. \"info\"), not an integer" },
+	{ "model_cache = 16;\n", 1, "key 'model_cache': must be a string in double quotes (e.g. \"90%\" or \"40GiB\"), not an integer" },
 	/* bad sizes */
 	{ "slab_max = \"95 percent\";\n", 1, "key 'slab_max': size '95 percent': unknown unit 'percent'" },
 	{ "pinned_max = \"-1G\";\n", 1, "key 'pinned_max': size '-1G': no sign" },
@@ -304,6 +311,7 @@ static const struct {
 	{ "pinned_max = \"99999999999T\";\n", 1, "key 'pinned_max': size '99999999999T' does not fit in 64 bits" },
 	{ "slab_default = \"110%\";\n", 1, "key 'slab_default': size '110%': a percentage must be at most 100%" },
 	{ "slab_default = \"\";\n", 1, "key 'slab_default': size '' is empty" },
+	{ "model_cache = \"101%\";\n", 1, "key 'model_cache': size '101%': a percentage must be at most 100%" },
 	/* a percentage where bytes are needed */
 	{ "pinned_default = \"10%\";\n", 1, "key 'pinned_default': '10%' is a percentage; this key needs a size in bytes" },
 	{ "pinned_max = \"50%\";\n", 1, "key 'pinned_max': '50%' is a percentage" },
