@@ -44,6 +44,7 @@ struct aeg_event_entry {
 	void *opened;
 	unsigned refs;
 	int in_table;
+	int recorded_seen;      /* the agent said it is recorded (or is not one of its): ask no more */
 	struct aeg_event_entry *next;
 };
 
@@ -404,7 +405,12 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 		e->refs++;
 	pthread_mutex_unlock(&dev->lock);
 
-	if (e == NULL || e->local == NULL) {
+	/*
+	 * A chunk event is recorded once; after the agent has said so, waits on
+	 * the opened handle go straight to the backend (microseconds, not a
+	 * round trip to the agent).
+	 */
+	if (e == NULL || (e->local == NULL && !__atomic_load_n(&e->recorded_seen, __ATOMIC_ACQUIRE))) {
 		err = agent_first(handle, &timeout_ms);
 		if (err) {
 			if (e != NULL)
@@ -441,10 +447,12 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 		}
 	}
 
-	if (e->local != NULL)
+	if (e->local != NULL) {
 		err = aeg_event_wait(e->local, timeout_ms);
-	else
+	} else {
+		__atomic_store_n(&e->recorded_seen, 1, __ATOMIC_RELEASE);
 		err = dev->ops->event_wait(dev, e->opened, timeout_ms);
+	}
 	entry_put(dev, e);
 	return err;
 }
