@@ -35,7 +35,9 @@ clog() { printf '# %s\n' "$*" >&2; }
 
 free_port_base() { # N consecutive free TCP ports (N = nodes + 1)
 	local base i used
-	used=$(ss -Htan | awk '{ n = split($4, a, ":"); print a[n] }' | sort -u)
+	# TCP ports in use, from the kernel's tables (no ss on minimal systems)
+	used=$(tail -q -n +2 /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+		while read -r _ local _; do echo $((16#${local##*:})); done | sort -u)
 	for _ in $(seq 50); do
 		base=$((20000 + RANDOM % 30000))
 		for ((i = 0; i <= CLUSTER_NODES; i++)); do

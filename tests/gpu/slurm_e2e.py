@@ -29,6 +29,11 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+def random_bytes(rnd, n):
+    """n bytes from rnd; random.randbytes takes at most 2**31 bits at once."""
+    return b"".join(rnd.randbytes(min(64 * MiB, n - off)) for off in range(0, n, 64 * MiB))
+
+
 def say(ok, what, detail=""):
     line = ("ok - " if ok else "not ok - ") + what
     if detail:
@@ -111,7 +116,7 @@ def write_plain(path, target, seed):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for name, dt, shape in items:
-            f.write(rnd.randbytes(nbytes(dt, shape)))
+            f.write(random_bytes(rnd, nbytes(dt, shape)))
 
 
 def read_header(path):
@@ -272,7 +277,7 @@ def cmd_step2(a, work, block_bytes, blocks):
     h = kv.host_alloc(blocks)
     rnd = random.Random(7)
     rnd.shuffle(h)                      # scattered: GPU block i goes to a random host block
-    data = rnd.randbytes(total)
+    data = random_bytes(rnd, total)
     for i, gid in enumerate(g):
         kv.gpu_block(gid).copy_from(data[i * block_bytes:(i + 1) * block_bytes])
     outs, ins = [], []
