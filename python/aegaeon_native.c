@@ -48,12 +48,28 @@ struct idlist {
 };
 
 /*
- * One runtime per process. Its lock is only ever taken with the GIL released
- * (pyaeg_lock), so a thread holding it may release and retake the GIL
- * without deadlock.
+ * The runtime lock. It is only ever taken with the GIL released (pyaeg_lock),
+ * so a thread holding it may release and retake the GIL without deadlock.
+ * But once the interpreter finalizes, a daemon thread that asks for the GIL
+ * never gets it (Python ends or parks it there for good): holding the lock,
+ * it would hang every later taker, the finalizing thread's deallocs and
+ * Py_AtExit teardown included. So the lock is a flag guarded by a mutex that
+ * no one holds across a GIL change, and a holder marks itself parked while it
+ * asks for the GIL (PYAEG_END_ALLOW_THREADS). The finalizing thread, the only
+ * one that runs Python then, takes the lock over from a parked holder: that
+ * holder's C work is done and it never runs again.
  */
 static struct {
-	pthread_mutex_t lock;
+	pthread_mutex_t mu;             /* guards the three below; never held across a GIL change */
+	pthread_cond_t cond;            /* broadcast when the lock is free or its holder parks */
+	int held;
+	int parked;                     /* the holder is waiting for the GIL */
+} rtlock = { .mu = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+
+static _Thread_local int rtlock_mine;  /* this thread holds the runtime lock */
+
+/* One runtime per process, under the runtime lock. */
+static struct {
 	int kind_set;                   /* set_device()/configure() chose the backend */
 	enum aeg_device_kind kind;
 	aeg_device_t *dev;
@@ -73,7 +89,7 @@ static struct {
 	int attach;                     /* configure(attach=): -1 auto ($AEGAEON_SOCKET), 0, 1 */
 	aeg_job_t *job;                 /* attached to the job's agent */
 	struct idlist job_ids[AEG_JOB_MAX_GPUS];   /* chunks this process prefetched, per job slab */
-} rt = { .lock = PTHREAD_MUTEX_INITIALIZER, .attach = -1 };
+} rt = { .attach = -1 };
 
 PyObject *pyaeg_error_type;
 static PyObject *timeout_error_type;
@@ -336,11 +352,11 @@ int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds)
 			if (left * 1000.0 < WAIT_SLICE_MS)
 				slice = left > 0 ? (int)(left * 1000.0) : 0;
 		}
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		__atomic_add_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
 		err = fn(arg, slice);
 		__atomic_sub_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 		if (err != AEG_ETIMEDOUT)
 			return err;
 		if (PyErr_CheckSignals() < 0)
@@ -353,16 +369,74 @@ int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds)
 
 /* ---------------------------------------------------------------- runtime */
 
+/*
+ * Takes the runtime lock; the caller does not hold the GIL. @finalizer: the
+ * caller is the thread finalizing the interpreter, which may take the lock
+ * over from a holder parked at the GIL.
+ */
+static void rtlock_take(int finalizer)
+{
+	pthread_mutex_lock(&rtlock.mu);
+	while (rtlock.held && !(finalizer && rtlock.parked))
+		pthread_cond_wait(&rtlock.cond, &rtlock.mu);
+	rtlock.held = 1;
+	rtlock.parked = 0;
+	pthread_mutex_unlock(&rtlock.mu);
+	rtlock_mine = 1;
+}
+
+static void rtlock_give(void)
+{
+	rtlock_mine = 0;
+	pthread_mutex_lock(&rtlock.mu);
+	rtlock.held = 0;
+	rtlock.parked = 0;
+	pthread_cond_broadcast(&rtlock.cond);
+	pthread_mutex_unlock(&rtlock.mu);
+}
+
+static void rtlock_park(int parked)
+{
+	pthread_mutex_lock(&rtlock.mu);
+	rtlock.parked = parked;
+	if (parked)
+		pthread_cond_broadcast(&rtlock.cond);
+	pthread_mutex_unlock(&rtlock.mu);
+}
+
+void pyaeg_restore_thread(PyThreadState *save)
+{
+	if (!rtlock_mine) {
+		PyEval_RestoreThread(save);
+		return;
+	}
+	rtlock_park(1);
+	PyEval_RestoreThread(save);     /* in a daemon thread after finalization: never returns */
+	rtlock_park(0);
+}
+
+/*
+ * With the GIL held, Py_IsInitialized() is 0 only in the finalizing thread:
+ * it clears the flag when it marks the runtime finalizing, and from then on
+ * no other thread gets the GIL.
+ */
+static int is_finalizer(void)
+{
+	return !Py_IsInitialized();
+}
+
 void pyaeg_lock(void)
 {
-	Py_BEGIN_ALLOW_THREADS
-	pthread_mutex_lock(&rt.lock);
-	Py_END_ALLOW_THREADS
+	int finalizer = is_finalizer();
+
+	PYAEG_BEGIN_ALLOW_THREADS
+	rtlock_take(finalizer);
+	PYAEG_END_ALLOW_THREADS
 }
 
 void pyaeg_unlock(void)
 {
-	pthread_mutex_unlock(&rt.lock);
+	rtlock_give();
 }
 
 void pyaeg_object_born(void)
@@ -413,10 +487,13 @@ struct pyaeg_res *pyaeg_res_new(void)
 
 void pyaeg_res_free(struct pyaeg_res *res)
 {
+	int finalizer;
+
 	if (res == NULL)
 		return;
-	Py_BEGIN_ALLOW_THREADS
-	pthread_mutex_lock(&rt.lock);
+	finalizer = is_finalizer();
+	PYAEG_BEGIN_ALLOW_THREADS
+	rtlock_take(finalizer);
 	res_destroy(res);
 	if (res->prev != NULL)
 		res->prev->next = res->next;
@@ -424,8 +501,8 @@ void pyaeg_res_free(struct pyaeg_res *res)
 		rt.res = res->next;
 	if (res->next != NULL)
 		res->next->prev = res->prev;
-	pthread_mutex_unlock(&rt.lock);
-	Py_END_ALLOW_THREADS
+	rtlock_give();
+	PYAEG_END_ALLOW_THREADS
 	free(res);
 }
 
@@ -482,11 +559,11 @@ static int open_device_locked(void)
 	sock = getenv("AEGAEON_SOCKET");
 	if (rt.attach == 1 || (rt.attach < 0 && sock != NULL && sock[0] != '\0')) {
 		/* Inside an aegaeon job: the agent's slabs, pool and loads, never beside them. */
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_job_attach(&job);
 		if (err == 0)
 			err = aeg_device_count(aeg_job_device(job), &count);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 		if (err < 0) {
 			pyaeg_raise_msg(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
 					sock ? sock : "", aeg_error_detail());
@@ -503,11 +580,11 @@ static int open_device_locked(void)
 		}
 		kind = aeg_device_kind(dev);
 	} else {
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_device_open(&dev, kind);
 		if (err == 0)
 			err = aeg_device_count(dev, &count);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 		if (err < 0) {
 			pyaeg_raise(err);
 			if (dev != NULL)
@@ -623,9 +700,9 @@ int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab)
 	}
 	if ((idx = job_index_locked(gpu)) < 0)
 		goto out;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_job_slab(rt.job, idx, bytes, slab);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0)
 		pyaeg_raise(err);
 	else
@@ -667,7 +744,7 @@ static int job_prefetch_locked(const char *path, int gpu, uint64_t chunk_bytes, 
 
 	if ((idx = job_index_locked(gpu)) < 0)
 		return -1;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_job_chunks(rt.job, 0, path, idx, &load);
 	if (err == 0 && load->status != 0 && load->status != AEG_EBUSY) {
 		aeg_job_load_free(load);
@@ -679,7 +756,7 @@ static int job_prefetch_locked(const char *path, int gpu, uint64_t chunk_bytes, 
 		err = aeg_job_prefetch(rt.job, path, idx, chunk_bytes, &load);
 		owned = 1;
 	}
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		return -1;
@@ -811,10 +888,10 @@ static void teardown_locked(int close_device)
 	}
 }
 
-/* Py_AtExit: after the interpreter is gone; no Python API here. */
+/* Py_AtExit: after the interpreter is gone, in the thread that finalized it; no Python API here. */
 static void atexit_teardown(void)
 {
-	pthread_mutex_lock(&rt.lock);
+	rtlock_take(1);
 	teardown_locked(1);
 	while (rt.res != NULL) {
 		struct pyaeg_res *r = rt.res;
@@ -822,7 +899,7 @@ static void atexit_teardown(void)
 		rt.res = r->next;
 		free(r);
 	}
-	pthread_mutex_unlock(&rt.lock);
+	rtlock_give();
 }
 
 static int stream_locked(int gpu, aeg_stream_t **stream)
@@ -831,9 +908,9 @@ static int stream_locked(int gpu, aeg_stream_t **stream)
 	int err = 0;
 
 	if (g->stream == NULL) {
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_stream_create(rt.dev, gpu, &g->stream);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 		if (err < 0) {
 			pyaeg_raise(err);
 			return -1;
@@ -871,9 +948,9 @@ static int set_kind(const char *text)
 		for (int i = 0; !busy && i < rt.gpu_count; i++)
 			busy = rt.gpus[i].pf != NULL;
 		if (!busy) {
-			Py_BEGIN_ALLOW_THREADS
+			PYAEG_BEGIN_ALLOW_THREADS
 			teardown_locked(1);
-			Py_END_ALLOW_THREADS
+			PYAEG_END_ALLOW_THREADS
 		}
 	}
 	if (!busy) {
@@ -1077,7 +1154,7 @@ static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
 	pyaeg_lock();
 	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0 || stream_locked(gpu, &stream) < 0)
 		goto fail;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_event_create(dev, gpu, &e->ev, &e->handle);
 	if (err == 0) {
 		err = aeg_event_record(e->ev, stream);
@@ -1091,14 +1168,17 @@ static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
 			aeg_log(AEG_LOG_DEBUG, "event record failed: %s", detail);
 		}
 	}
-	Py_END_ALLOW_THREADS
+	/* Listed before the GIL is retaken: a thread stopped there by finalization leaves no event unlisted. */
+	if (err == 0) {
+		e->next = rt.events;
+		rt.events = e;
+		rt.nevents++;
+	}
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		goto fail;
 	}
-	e->next = rt.events;
-	rt.events = e;
-	rt.nevents++;
 	pyaeg_unlock();
 	return pyaeg_handle_bytes(&e->handle);
 fail:
@@ -1133,9 +1213,9 @@ static PyObject *py_release_event(PyObject *self, PyObject *args, PyObject *kw)
 		}
 	}
 	if (found != NULL) {
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		aeg_event_destroy(found->ev);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 	}
 	pyaeg_unlock();
 	if (found == NULL)
@@ -1257,18 +1337,18 @@ static int engine_locked(int gpu, aeg_prefetch_t **pfp)
 	aeg_prefetch_config_defaults(&cfg);
 	cfg.threads = rt.prefetch_threads ? rt.prefetch_threads : rt.cfg.prefetch_threads;
 	cfg.topo = rt.topo;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_slab_create(rt.dev, gpu, bytes, &g->pf_slab);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise_msg(err, "prefetch slab of %s on GPU %d (from %s; set AEGAEON_PREFETCH_SLAB or configure(prefetch_slab=...)): %s",
 				aeg_size_format(bytes, size, sizeof(size)), gpu, from, aeg_error_detail());
 		g->pf_slab = NULL;
 		return -1;
 	}
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_prefetch_create(g->pf_slab, NULL, &cfg, &g->pf);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		aeg_slab_destroy(g->pf_slab);
@@ -1285,12 +1365,12 @@ static int start_load_locked(const char *path, int gpu, uint64_t chunk_bytes,
 			     enum aeg_prefetch_format format, struct pf_load **recp)
 {
 	struct aeg_prefetch_options opts;
-	const struct aeg_chunk *chunks;
+	const struct aeg_chunk *chunks = NULL;
 	struct pf_load *rec;
 	aeg_prefetch_t *pf;
 	aeg_device_t *dev;
-	uint32_t n;
-	int err;
+	uint32_t n = 0;
+	int err, nomem = 0;
 
 	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0 || engine_locked(gpu, &pf) < 0)
 		return -1;
@@ -1303,28 +1383,36 @@ static int start_load_locked(const char *path, int gpu, uint64_t chunk_bytes,
 	memset(&opts, 0, sizeof(opts));
 	opts.chunk_bytes = chunk_bytes;
 	opts.format = format;
-	Py_BEGIN_ALLOW_THREADS
+	/* Listed before the GIL is retaken: a thread stopped there by finalization leaves no load unlisted. */
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_prefetch_file(pf, path, &opts, &rec->load);
-	Py_END_ALLOW_THREADS
+	if (err == 0) {
+		chunks = aeg_load_chunks(rec->load, &n);
+		rec->ids = malloc((size_t)(n ? n : 1) * sizeof(*rec->ids));
+		if (rec->ids == NULL) {
+			aeg_load_cancel(rec->load);
+			aeg_load_close(rec->load);
+			nomem = 1;
+		}
+	}
+	if (err == 0 && !nomem) {
+		for (uint32_t i = 0; i < n; i++)
+			if (rec->nids == 0 || rec->ids[rec->nids - 1] != chunks[i].slab_id)
+				rec->ids[rec->nids++] = chunks[i].slab_id;
+		rec->next = rt.gpus[gpu].loads;
+		rt.gpus[gpu].loads = rec;
+	}
+	PYAEG_END_ALLOW_THREADS
+	if (nomem) {
+		free(rec);
+		PyErr_NoMemory();
+		return -1;
+	}
 	if (err < 0) {
 		free(rec);
 		pyaeg_raise(err);
 		return -1;
 	}
-	chunks = aeg_load_chunks(rec->load, &n);
-	rec->ids = malloc((size_t)(n ? n : 1) * sizeof(*rec->ids));
-	if (rec->ids == NULL) {
-		aeg_load_cancel(rec->load);
-		aeg_load_close(rec->load);
-		free(rec);
-		PyErr_NoMemory();
-		return -1;
-	}
-	for (uint32_t i = 0; i < n; i++)
-		if (rec->nids == 0 || rec->ids[rec->nids - 1] != chunks[i].slab_id)
-			rec->ids[rec->nids++] = chunks[i].slab_id;
-	rec->next = rt.gpus[gpu].loads;
-	rt.gpus[gpu].loads = rec;
 	*recp = rec;
 	return 0;
 }
@@ -1489,16 +1577,16 @@ static int release_ids_locked(int gpu, const uint64_t *ids, uint32_t n)
 		pyaeg_raise_msg(AEG_ENOENT, "GPU %d has no prefetched chunks (slab id %" PRIu64 ")", gpu, ids[0]);
 		return -1;
 	}
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_prefetch_release(g->pf, ids, n);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err == AEG_EBUSY) {
 		/* The seed's callers release a chunk they waited for while the rest of its file loads. */
 		if (wait_loads_locked(g, ids, n) < 0)
 			return -1;
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_prefetch_release(g->pf, ids, n);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 	}
 	if (err < 0) {
 		pyaeg_raise(err);
@@ -1682,14 +1770,14 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 
 		if (g->pf == NULL)
 			continue;
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		if (g->views == 0) {
 			drop_engine_locked(g);
 		} else {
 			e = aeg_prefetch_release_all(g->pf);
 			drop_loads_locked(g, 0);
 		}
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 		if (e < 0 && err == 0) {
 			err = e;
 			pyaeg_raise(e);
@@ -1706,9 +1794,9 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 			}
 		}
 	}
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	drop_events_locked();
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	pyaeg_unlock();
 	if (err < 0)
 		return NULL;
@@ -1812,17 +1900,17 @@ static void tensors_dealloc(PyObject *self)
 			for (uint32_t i = 0; i < t->nids; i++) {
 				if (!idlist_remove(&rt.job_ids[t->job_index], t->ids[i]))
 					continue;
-				Py_BEGIN_ALLOW_THREADS
+				PYAEG_BEGIN_ALLOW_THREADS
 				aeg_job_release(rt.job, t->job_index, &t->ids[i], 1, NULL);
 				aeg_error_clear();
-				Py_END_ALLOW_THREADS
+				PYAEG_END_ALLOW_THREADS
 			}
 		} else if (g->pf != NULL && t->nids > 0) {
 			/* ENOENT: release_all_prefetch_events() came first. */
-			Py_BEGIN_ALLOW_THREADS
+			PYAEG_BEGIN_ALLOW_THREADS
 			aeg_prefetch_release(g->pf, t->ids, t->nids);
 			aeg_error_clear();
-			Py_END_ALLOW_THREADS
+			PYAEG_END_ALLOW_THREADS
 		}
 		g->views--;
 		drop_loads_locked(g, 1);
@@ -2021,9 +2109,9 @@ fail_wait:
 		/* Cancelled loads end quickly; their blocks are then released by the owner. */
 		struct load_wait cw = w;
 
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		aeg_load_wait(cw.load, -1);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 	}
 fail:
 	Py_DECREF(owner);
@@ -2119,11 +2207,13 @@ static PyMethodDef methods[] = {
 /* Interpreter shutdown: prefetched chunks and events go now, the rest at Py_AtExit. */
 static void module_free(void *unused)
 {
-	Py_BEGIN_ALLOW_THREADS
-	pthread_mutex_lock(&rt.lock);
+	int finalizer = is_finalizer();
+
+	PYAEG_BEGIN_ALLOW_THREADS
+	rtlock_take(finalizer);
 	teardown_locked(!busy_locked());
-	pthread_mutex_unlock(&rt.lock);
-	Py_END_ALLOW_THREADS
+	rtlock_give();
+	PYAEG_END_ALLOW_THREADS
 }
 
 PyDoc_STRVAR(module_doc,

@@ -376,9 +376,9 @@ static PyObject *array_tobytes(PyObject *self, PyObject *unused)
 		return NULL;
 	buf = PyBytes_AsString(out);
 	if (a->nbytes > 0) {
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_memcpy(dev, buf, a->ptr, a->nbytes);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 	}
 	if (err < 0) {
 		Py_DECREF(out);
@@ -417,9 +417,9 @@ static PyObject *array_copy_from(PyObject *self, PyObject *args, PyObject *kw)
 	if (pyaeg_device(&dev) < 0)
 		goto fail;
 	if (len > 0) {
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_memcpy(dev, (char *)a->ptr + offset, src, (size_t)len);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 	}
 	Py_DECREF(bytes);
 	if (err < 0)

@@ -55,6 +55,15 @@ int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */
 void pyaeg_lock(void);                      /* takes the runtime lock with the GIL released */
 void pyaeg_unlock(void);
 /*
+ * Py_BEGIN/END_ALLOW_THREADS for the module: a holder of the runtime lock
+ * marks itself parked while it waits for the GIL, so that interpreter
+ * finalization can take the lock over from a daemon thread that Python
+ * stops there for good.
+ */
+void pyaeg_restore_thread(PyThreadState *save);
+#define PYAEG_BEGIN_ALLOW_THREADS { PyThreadState *pyaeg_save_ = PyEval_SaveThread();
+#define PYAEG_END_ALLOW_THREADS pyaeg_restore_thread(pyaeg_save_); }
+/*
  * Inside an aegaeon job (attached to its agent): pyaeg_job_slab leases @bytes
  * of GPU @gpu's job slab and returns 1; 0 outside a job; -1 with an
  * exception. pyaeg_job_pool gives the job's pool (NULL with an exception).

@@ -124,11 +124,11 @@ static PyObject *kv_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 	k->res = pyaeg_res_new();
 	if (k->res == NULL)
 		goto fail;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_stream_create(k->dev, gpu, &k->res->stream);
 	if (err == 0)
 		err = aeg_kv_create(k->dev, gpu, &params, &k->res->kv);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		goto fail;
@@ -421,14 +421,14 @@ static PyObject *swap(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq
 		layers.count = nl;
 		layers.ends = ends;
 	}
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	if (layers_obj != Py_None)
 		err = out ? aeg_kv_swap_out_layers(kv, src, dst, ns, &layers, k->res->stream, &h) :
 			    aeg_kv_swap_in_layers(kv, dst, src, ns, &layers, k->res->stream, &h);
 	else
 		err = out ? aeg_kv_swap_out(kv, src, dst, ns, k->res->stream, &h) :
 			    aeg_kv_swap_in(kv, src, dst, ns, k->res->stream, &h);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		goto out;
@@ -503,10 +503,10 @@ static PyObject *copy(KVObject *k, int h2d, PyObject *args, PyObject *kw)
 	if (pyaeg_u64(dst_obj, "dst", 0, &dst) < 0 || pyaeg_u64(src_obj, "src", 0, &src) < 0 ||
 	    pyaeg_u64(n_obj, "nbytes", 0, &n) < 0)
 		return NULL;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	err = h2d ? aeg_kv_copy_h2d(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream, &h) :
 		    aeg_kv_copy_d2h(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream, &h);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0)
 		return pyaeg_raise(err);
 	if (add_pending(k, &h) < 0)

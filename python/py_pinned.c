@@ -127,12 +127,12 @@ static PyObject *pool_make(PyTypeObject *type, int gpu, uint64_t buffer_bytes, u
 	p->res = pyaeg_res_new();
 	if (p->res == NULL)
 		goto fail;
-	Py_BEGIN_ALLOW_THREADS
+	PYAEG_BEGIN_ALLOW_THREADS
 	if (fd >= 0)
 		err = aeg_pool_attach(dev, fd, &p->res->pool);
 	else
 		err = aeg_pool_create(dev, gpu, buffer_bytes, pool_bytes, &p->res->pool);
-	Py_END_ALLOW_THREADS
+	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
 		goto fail;

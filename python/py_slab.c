@@ -69,9 +69,9 @@ static PyObject *slab_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 		goto fail;
 	s->res->job_lease = err;
 	if (!s->res->job_lease) {
-		Py_BEGIN_ALLOW_THREADS
+		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_slab_create(dev, gpu, bytes, &s->res->slab);
-		Py_END_ALLOW_THREADS
+		PYAEG_END_ALLOW_THREADS
 	}
 	if (err < 0) {
 		pyaeg_raise(err);

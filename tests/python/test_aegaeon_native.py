@@ -1164,6 +1164,39 @@ print(len(os.listdir('/proc/self/task')), flush=True)
                 pass
         self.assertEqual(left, [])
 
+    def test_exit_with_threads_in_the_module(self):
+        # Daemon threads calling in a loop hold the runtime lock while they wait
+        # for the GIL; finalization stops them there for good, and the exit must
+        # neither hang on that lock nor leave an event or load unlisted.
+        big = os.path.join(TMP, "spin.bin")
+        write_file(big, pattern(4 * MiB, 8))
+        code = """
+import aegaeon_native as an, sys, threading
+s = an.SlabAllocator(0, 1 << 20)
+def stats():
+    an.stats()
+def events():
+    an.release_event_handle_bytes(an.create_event_handle_bytes())
+def blocks():
+    s.free(s.alloc(4096))
+def loads():
+    an.release_prefetch_chunks([c["slab_id"] for c in an.prefetch_file_to_gpu_chunks(sys.argv[1], 0, 1 << 20)])
+def spin(fn, went):
+    while True:
+        fn()
+        went.set()
+went = []
+for fn in (stats, events, blocks, loads):
+    went.append(threading.Event())
+    threading.Thread(target=spin, args=(fn, went[-1]), daemon=True).start()
+for e in went:
+    e.wait()
+"""
+        for _ in range(3):
+            r = subprocess.run([sys.executable, "-c", code, big], capture_output=True, text=True,
+                               timeout=60, env=dict(os.environ, AEGAEON_LOG="warn"))
+            self.assertEqual((r.returncode, r.stderr), (0, ""))
+
     def test_module_free_on_interpreter_exit(self):
         # release_all at exit also covers events and chunks of a module never collected
         r = child("import aegaeon_native as an, sys\n"
