@@ -473,6 +473,15 @@ AEG_EXPORT int aeg_kv_host_free(aeg_kv_t *kv, const uint32_t *ids, size_t n)
 }
 
 /* Make the events of a call before anything is queued, so a failure here moves nothing. */
+/* Hand @op's call handle out and keep its events until released. Lock held. */
+static void op_publish(aeg_kv_t *kv, struct kv_op *op, aeg_handle_t *handle_out)
+{
+	*handle_out = op->handle;
+	op->next = kv->ops;
+	kv->ops = op;
+	kv->stats.events_live += 1 + (uint32_t)op->nlayers;
+}
+
 static int op_new(aeg_kv_t *kv, const struct aeg_kv_layers *layers, struct kv_op **out)
 {
 	size_t nlayers = layers ? layers->count : 0;
@@ -574,10 +583,7 @@ static int swap(aeg_kv_t *kv, int out, const uint32_t *gpu_ids, const uint32_t *
 	}
 
 	if (op) {
-		*handle_out = op->handle;
-		op->next = kv->ops;
-		kv->ops = op;
-		kv->stats.events_live += 1 + (uint32_t)op->nlayers;
+		op_publish(kv, op, handle_out);
 		op = NULL;
 	}
 	if (out) {
@@ -664,10 +670,7 @@ static int copy(aeg_kv_t *kv, int h2d, void *dst, const void *src, size_t bytes,
 		goto out;
 	}
 	if (op) {
-		*handle_out = op->handle;
-		op->next = kv->ops;
-		kv->ops = op;
-		kv->stats.events_live++;
+		op_publish(kv, op, handle_out);
 		op = NULL;
 	}
 	kv->stats.copies++;
