@@ -25,18 +25,10 @@
 #include "attach_internal.h"
 #include "internal.h"
 #include "proto.h"
+#include "testutil.h"
 
 static char dir[64], sock[128], ready[128], errfile[128], pidfile[128];
 static pid_t agent = -1;
-
-static int count_fds(void)
-{
-	int n = 0;
-	for (int fd = 0; fd < 1024; fd++)
-		if (fcntl(fd, F_GETFD) >= 0)
-			n++;
-	return n;
-}
 
 /* Start aegaeond on a fresh runtime directory with @argv after the common options. */
 static pid_t spawn(const char *const *extra)

@@ -18,6 +18,7 @@
 #include <aegaeon/aegaeon.h>
 
 #include "internal.h"
+#include "testutil.h"
 
 #define GiB (1ull << 30)
 #define MiB (1ull << 20)
@@ -35,20 +36,6 @@ struct fixture {
 	size_t npaths;
 	int fds;
 };
-
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	if (d == NULL)
-		return -1;
-	while ((e = readdir(d)) != NULL)
-		n += e->d_name[0] != '.';
-	closedir(d);
-	return n;
-}
 
 static int setup(void **state)
 {

@@ -16,20 +16,7 @@
 
 #include "device_internal.h"
 #include "internal.h"
-
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	assert_non_null(d);
-	while ((e = readdir(d)) != NULL)
-		if (e->d_name[0] != '.')
-			n++;
-	closedir(d);
-	return n - 1;
-}
+#include "testutil.h"
 
 static aeg_device_t *open_host(void)
 {

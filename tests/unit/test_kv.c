@@ -23,6 +23,7 @@
 
 #include "device_internal.h"
 #include "internal.h"
+#include "testutil.h"
 
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
@@ -73,20 +74,6 @@ static int all_bytes(const void *p, int value, size_t bytes)
 		if (c[i] != (unsigned char)value)
 			return 0;
 	return 1;
-}
-
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	assert_non_null(d);
-	while ((e = readdir(d)) != NULL)
-		if (e->d_name[0] != '.')
-			n++;
-	closedir(d);
-	return n - 1;   /* opendir's own */
 }
 
 /* A host function that holds a stream until the test opens the gate. */

@@ -27,6 +27,7 @@
 #include "internal.h"
 #include "pinned_internal.h"
 #include "topo_internal.h"
+#include "testutil.h"
 
 #define MiB (UINT64_C(1) << 20)
 #define HUGE (2 * MiB)
@@ -35,20 +36,6 @@
 #define HUGETLBFS_MAGIC 0x958458f6
 /* Pages the hugetlb case adds to vm.nr_hugepages: it needs 10 at most, the rest is slack. */
 #define HUGE_RESERVE 64
-
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	assert_non_null(d);
-	while ((e = readdir(d)) != NULL)
-		if (e->d_name[0] != '.')
-			n++;
-	closedir(d);
-	return n - 1;
-}
 
 /* Mappings of pool memfds in this process. */
 static int count_pool_maps(void)

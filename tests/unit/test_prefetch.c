@@ -23,6 +23,7 @@
 
 #include "internal.h"
 #include "prefetch_internal.h"
+#include "testutil.h"
 
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
@@ -43,19 +44,6 @@ struct fx {
 	struct aeg_pool_stats pool0;
 	int fds0;
 };
-
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	assert_non_null(d);
-	while ((e = readdir(d)) != NULL)
-		n += e->d_name[0] != '.';
-	closedir(d);
-	return n;
-}
 
 static struct fx *fx_new(uint64_t cache_bytes, int threads)
 {

@@ -17,6 +17,7 @@
 
 #include "internal.h"
 #include "proto.h"
+#include "testutil.h"
 
 static unsigned char frame[PROTO_MAX_FRAME], frame2[PROTO_MAX_FRAME];
 static union proto_msg msg, back;
@@ -444,15 +445,6 @@ static void garbage_does_not_crash(void **state)
 			(void)proto_decode(&h, frame + P, &back);
 		}
 	}
-}
-
-static int count_fds(void)
-{
-	int n = 0;
-	for (int fd = 0; fd < 1024; fd++)
-		if (fcntl(fd, F_GETFD) >= 0)
-			n++;
-	return n;
 }
 
 static void socket_send_recv_and_fd_passing(void **state)

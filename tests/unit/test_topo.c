@@ -29,6 +29,7 @@
 
 #include "internal.h"
 #include "topo_internal.h"
+#include "testutil.h"
 
 #define MPOL_PREFERRED 1
 #define MPOL_BIND 2
@@ -362,18 +363,6 @@ static void xml_topology_refuses_binding(void **state)
 	assert_int_equal(aeg_topo_bind_memory(t, "3b:00.0", mem, SIZE_MAX), AEG_EINVAL);
 	assert_int_equal(munmap(mem, (size_t)page), 0);
 	aeg_topo_destroy(t);
-}
-
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	int n = 0;
-
-	assert_non_null(d);
-	while (readdir(d) != NULL)
-		n++;
-	closedir(d);
-	return n;
 }
 
 static hwloc_bitmap_t parse_list(const char *list)
