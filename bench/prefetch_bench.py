@@ -3,7 +3,7 @@
 
 Writes safetensors files of the given sizes with torch, then for each file
 measures (medians over --repeat runs):
-  page cache -> GPU: aegaeon (auto, mmap, read feeds) vs
+  page cache -> GPU: aegaeon (auto, mmap, read, mixed feeds) vs
                      safetensors.torch.load_file(device="cuda") and
                      torch CPU load + pin_memory() + .to("cuda")
   host cache -> GPU: aegaeon's pinned host model cache vs raw pinned H2D copy
@@ -199,6 +199,7 @@ def main():
         r["ours_auto"] = ours(args, path, "auto")
         r["ours_mmap"] = ours(args, path, "mmap")
         r["ours_read"] = ours(args, path, "read")
+        r["ours_mixed"] = ours(args, path, "mixed")
         r["naive"] = ours_bench(args, path, cache=False)
         r["st_load_cuda"] = timed_torch(lambda: st_load_cuda(path), args.repeat, size)
         r["torch_pin"] = timed_torch(lambda: torch_pin_copy(path), args.repeat, size)
@@ -213,18 +214,18 @@ def main():
             r["ours_cold_direct"] = ours(args, path, "read", cold=True, direct=True)
         results["files"][f"{gib}GiB"] = r
 
-        best = max(r["ours_auto"]["gbps"], r["ours_mmap"]["gbps"], r["ours_read"]["gbps"])
         rows += [
             (f"{gib} GiB page cache", "aegaeon auto", r["ours_auto"]["gbps"], r["ours_auto"]["first_chunk_ms"], ""),
             ("", "aegaeon mmap feed", r["ours_mmap"]["gbps"], r["ours_mmap"]["first_chunk_ms"], ""),
             ("", "aegaeon read feed", r["ours_read"]["gbps"], r["ours_read"]["first_chunk_ms"], ""),
+            ("", "aegaeon mixed feed", r["ours_mixed"]["gbps"], r["ours_mixed"]["first_chunk_ms"], ""),
             ("", "safetensors load_file(cuda)", r["st_load_cuda"]["gbps"], None,
              f"aegaeon {r['ours_auto']['gbps'] / r['st_load_cuda']['gbps']:.1f}x"),
             ("", "torch load + pin + .to(cuda)", r["torch_pin"]["gbps"], None,
              f"aegaeon {r['ours_auto']['gbps'] / r['torch_pin']['gbps']:.1f}x"),
             ("", "naive read + cudaMemcpy", r["naive"]["naive_gbps"], None,
              f"aegaeon {r['naive']['ours_gbps'] / r['naive']['naive_gbps']:.1f}x"),
-            ("", "target >= 50 GB/s", None, None, "met" if best >= 50 else "NOT met"),
+            ("", "target >= 50 GB/s (auto)", None, None, "met" if r["ours_auto"]["gbps"] >= 50 else "NOT met"),
             (f"{gib} GiB host cache", "aegaeon pinned cache", r["ours_cache"]["ours_gbps"],
              r["ours_cache"]["first_chunk_ms"],
              f"{100 * r['ours_cache']['ours_gbps'] / r['raw_h2d']['gbps']:.0f}% of raw"),

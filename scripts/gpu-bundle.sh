@@ -51,6 +51,10 @@ for p in "$build"/tests/unit/test_*; do
 done
 cp -r "$top/tests/unit/topo" "$out/tests/unit/" 2>/dev/null || true
 cp -r "$top/bench/." "$out/bench/" 2>/dev/null || true
+rm -f "$out"/bench/*.c
+for p in "$build"/bench/*; do
+	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/bench"
+done
 cp "$top/scripts/gpu-run.sh" "$out/"
 cp "$top/tests/gpu/slurm_e2e.sh" "$top/tests/gpu/slurm_e2e.py" "$top/tests/gpu/test_python_gpu.py" "$out/tests/gpu/"
 cp -r "$top/scripts/lib" "$out/scripts-lib"

@@ -38,7 +38,7 @@ struct aeg_config {
 	uint64_t pinned_default_bytes;      /* pinned_default ["4GiB"] */
 	uint64_t pinned_max_bytes;          /* pinned_max ["64GiB"]: cap per node */
 	uint64_t pinned_buffer_bytes;       /* pinned_buffer ["32MiB"]: pool buffer size */
-	int prefetch_threads;               /* prefetch_threads [8]: 1..256 */
+	int prefetch_threads;               /* prefetch_threads [12]: 1..256 */
 	uint64_t prefetch_chunk_bytes;      /* prefetch_chunk ["64MiB"] */
 	char agent_path[PATH_MAX];          /* agent_path [SBINDIR "/aegaeond"] */
 	int agent_start_timeout_ms;         /* agent_start_timeout [30.0 s] */

@@ -23,18 +23,24 @@ typedef struct aeg_load aeg_load_t;            /* one file being (or done) loadi
  *   it is registered, then unregistered. Fastest for cached files.
  * READ: pread by threads pinned near the GPU into buffers of the pinned pool
  *   (a bounded ring), copied on several streams. Works on any file system.
+ * MIXED: both at once on one mapped file: at most mmap_threads workers
+ *   register pieces (registrations serialize in the driver), the others
+ *   read pieces through the ring; the copy engines take from both.
  * CACHE: the file is in the host model cache: a pure pinned->GPU copy.
  * AUTO picks per file: CACHE on a hit; READ to fill the cache, for files under
- * small_file_bytes, or where registration is refused (logged); MMAP else.
+ * small_file_bytes, or where registration is refused (logged); MIXED else.
+ * Registered pieces are unregistered after the load has settled: its wait
+ * returns once the bytes are on the GPU.
  */
 enum aeg_prefetch_feed {
 	AEG_FEED_AUTO = 0,
 	AEG_FEED_MMAP = 1,
 	AEG_FEED_READ = 2,
 	AEG_FEED_CACHE = 3,     /* reported only; never asked for */
+	AEG_FEED_MIXED = 4,
 };
 
-/* aeg_prefetch_feed_name - "auto", "mmap", "read", "cache". */
+/* aeg_prefetch_feed_name - "auto", "mmap", "read", "cache", "mixed". */
 const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed);
 
 enum aeg_prefetch_format {
@@ -45,9 +51,10 @@ enum aeg_prefetch_format {
 
 /* Engine settings; aeg_prefetch_config_defaults gives the values in brackets. */
 struct aeg_prefetch_config {
-	int threads;                /* worker threads, 1..256 [8] */
+	int threads;                /* worker threads, 1..256 [12] */
 	int streams;                /* copy streams, 1..64 [4] */
-	uint64_t piece_bytes;       /* MMAP registration unit, multiple of 4096 [64 MiB] */
+	uint64_t piece_bytes;       /* MMAP/MIXED piece, multiple of 4096 [64 MiB] */
+	int mmap_threads;           /* MIXED: workers registering at once, 1..256 [1] */
 	int ring_buffers;           /* READ: pool buffers in flight at most [2 * threads] */
 	int direct_io;              /* READ: open files O_DIRECT (cold files; falls back, logged) [0] */
 	uint64_t small_file_bytes;  /* AUTO: smaller files take READ [64 MiB] */
@@ -80,7 +87,7 @@ void aeg_prefetch_destroy(aeg_prefetch_t *pf);
 struct aeg_prefetch_options {
 	uint64_t chunk_bytes;           /* > 0 and <= the slab's size; required */
 	int priority;                   /* higher loads take the workers first [0] */
-	enum aeg_prefetch_feed feed;    /* AUTO, MMAP or READ */
+	enum aeg_prefetch_feed feed;    /* AUTO, MMAP, READ or MIXED */
 	enum aeg_prefetch_format format;
 	unsigned flags;                 /* AEG_PREFETCH_* */
 };

@@ -30,6 +30,9 @@ struct pf_args {
 	uint64_t chunk_bytes;
 	enum aeg_prefetch_feed feed;
 	int threads;
+	int streams;
+	int mmap_threads;
+	uint64_t piece_bytes;
 	int json;
 	int local;
 	int repeat;
@@ -58,6 +61,8 @@ static int parse_feed(const char *text, enum aeg_prefetch_feed *feed)
 		*feed = AEG_FEED_MMAP;
 	else if (strcmp(text, "read") == 0)
 		*feed = AEG_FEED_READ;
+	else if (strcmp(text, "mixed") == 0)
+		*feed = AEG_FEED_MIXED;
 	else
 		return -1;
 	return 0;
@@ -65,16 +70,18 @@ static int parse_feed(const char *text, enum aeg_prefetch_feed *feed)
 
 static const char prefetch_usage[] =
 	"Usage: aegaeon-cli prefetch FILE [--gpu N] [--chunk SIZE] [--json] [--wait | --no-wait]\n"
-	"                            [--verify] [--reload] [--local [--device NAME] [--feed auto|mmap|read]\n"
-	"                            [--threads N] [--direct]]\n"
+	"                            [--verify] [--reload] [--local [--device NAME] [--feed auto|mmap|read|mixed]\n"
+	"                            [--threads N] [--streams N] [--piece SIZE]\n"
+	"                            [--mmap-threads N] [--direct]]\n"
 	"Load FILE into a GPU slab in chunks, each with an interprocess event.\n"
 	"Inside a job ($AEGAEON_SOCKET set) the node's agent loads it into the job slab, so the chunks\n"
 	"outlive the command; a file the job already holds is reused unless --reload. --no-wait prints\n"
 	"the load id and chunks at once; --verify reads the chunks back and compares them with the file.\n"
 	"Outside a job, or with --local, this process loads it, waits and reports the speed.\n";
 static const char bench_usage[] =
-	"Usage: aegaeon-cli bench prefetch FILE [--gpu N] [--chunk SIZE] [--feed auto|mmap|read]\n"
-	"                                  [--threads N] [--repeat N] [--cache] [--direct] [--json]\n";
+	"Usage: aegaeon-cli bench prefetch FILE [--gpu N] [--chunk SIZE] [--feed auto|mmap|read|mixed]\n"
+	"                                  [--threads N] [--streams N] [--piece SIZE] [--mmap-threads N]\n"
+	"                                  [--repeat N] [--cache] [--direct] [--json]\n";
 
 /* Options shared by prefetch and bench prefetch; returns 0, -1 after --help, or the exit code. */
 static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a, int bench)
@@ -85,6 +92,9 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 		{ "chunk", required_argument, NULL, 'c' },
 		{ "feed", required_argument, NULL, 'f' },
 		{ "threads", required_argument, NULL, 't' },
+		{ "streams", required_argument, NULL, 's' },
+		{ "piece", required_argument, NULL, 'p' },
+		{ "mmap-threads", required_argument, NULL, 'm' },
 		{ "json", no_argument, NULL, 'j' },
 		{ "local", no_argument, NULL, 'l' },
 		{ "repeat", required_argument, NULL, 'r' },
@@ -132,13 +142,31 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 			break;
 		case 'f':
 			if (parse_feed(optarg, &a->feed))
-				return cli_usage_error(cmd, "--feed '%s': expected auto, mmap or read", optarg);
+				return cli_usage_error(cmd, "--feed '%s': expected auto, mmap, read or mixed", optarg);
 			a->local_only = a->local_only ? a->local_only : "--feed";
 			break;
 		case 't':
 			if (cli_parse_int(optarg, 1, 256, &a->threads))
 				return cli_usage_error(cmd, "--threads '%s': expected 1..256", optarg);
 			a->local_only = a->local_only ? a->local_only : "--threads";
+			break;
+		case 's':
+			if (cli_parse_int(optarg, 1, 64, &a->streams))
+				return cli_usage_error(cmd, "--streams '%s': expected 1..64", optarg);
+			a->local_only = a->local_only ? a->local_only : "--streams";
+			break;
+		case 'm':
+			if (cli_parse_int(optarg, 1, 256, &a->mmap_threads))
+				return cli_usage_error(cmd, "--mmap-threads '%s': expected 1..256", optarg);
+			a->local_only = a->local_only ? a->local_only : "--mmap-threads";
+			break;
+		case 'p':
+			err = aeg_size_parse(optarg, 0, &a->piece_bytes);
+			if (err)
+				return cli_usage_error(cmd, "--piece: %s", aeg_error_detail());
+			if (a->piece_bytes == 0 || a->piece_bytes % 4096)
+				return cli_usage_error(cmd, "--piece %s: expected a non-zero multiple of 4 KiB", optarg);
+			a->local_only = a->local_only ? a->local_only : "--piece";
 			break;
 		case 'j':
 			a->json = 1;
@@ -227,6 +255,12 @@ static int session_open(const struct pf_args *a, struct session *s)
 		goto fail;
 	aeg_prefetch_config_defaults(&cfg);
 	cfg.threads = a->threads;
+	if (a->streams)
+		cfg.streams = a->streams;
+	if (a->piece_bytes)
+		cfg.piece_bytes = a->piece_bytes;
+	if (a->mmap_threads)
+		cfg.mmap_threads = a->mmap_threads;
 	cfg.topo = s->topo;
 	cfg.direct_io = a->direct;
 	if (a->cache) {

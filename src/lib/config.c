@@ -54,7 +54,7 @@ AEG_EXPORT void aeg_config_defaults(struct aeg_config *cfg)
 	cfg->pinned_default_bytes = 4ull << 30;
 	cfg->pinned_max_bytes = 64ull << 30;
 	cfg->pinned_buffer_bytes = 32ull << 20;
-	cfg->prefetch_threads = 8;
+	cfg->prefetch_threads = 12;
 	cfg->prefetch_chunk_bytes = 64ull << 20;
 	snprintf(cfg->agent_path, sizeof(cfg->agent_path), "%s", SBINDIR "/aegaeond");
 	cfg->agent_start_timeout_ms = 30000;

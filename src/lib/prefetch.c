@@ -134,10 +134,11 @@ struct aeg_load {
 	uint32_t next_item, items_left, issuing;
 	struct item *unreg;                     /* copied pieces still registered, unregistered at the end */
 	int in_flight, finish_queued, stop_err, status;
+	int cleaning;                           /* settled; host side not given back yet */
 	char detail[512];
 	uint64_t done_bytes, total_bytes;
 	uint32_t done_chunks, recorded_chunks;
-	uint64_t start_ns, first_ns, end_ns;
+	uint64_t start_ns, first_ns, landed_ns, end_ns;
 	int closed;
 	uint32_t live_groups;
 	struct aeg_load *prev, *next;
@@ -169,6 +170,7 @@ struct aeg_prefetch {
 	uint64_t next_id;
 	uint32_t ring_in_use;
 	uint32_t registered;
+	uint32_t registering;                   /* MIXED: workers in a registration now */
 	uint64_t deferred_bytes;                /* registered bytes of copied pieces, all loads */
 
 	struct cache_entry *lru;        /* most recent first */
@@ -192,6 +194,7 @@ AEG_EXPORT const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed)
 	case AEG_FEED_MMAP: return "mmap";
 	case AEG_FEED_READ: return "read";
 	case AEG_FEED_CACHE: return "cache";
+	case AEG_FEED_MIXED: return "mixed";
 	}
 	return "unknown";
 }
@@ -199,9 +202,10 @@ AEG_EXPORT const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed)
 AEG_EXPORT void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
-	cfg->threads = 8;
+	cfg->threads = 12;
 	cfg->streams = 4;
 	cfg->piece_bytes = 64ull << 20;
+	cfg->mmap_threads = 1;
 	cfg->ring_buffers = 0;          /* 2 * threads */
 	cfg->direct_io = 0;
 	cfg->small_file_bytes = 64ull << 20;
@@ -432,7 +436,7 @@ static void load_free(struct aeg_load *l)
 /* Free @l once nothing refers to it: loaded, released and closed. Lock held. */
 static void load_maybe_free(struct aeg_prefetch *pf, struct aeg_load *l)
 {
-	if (l->in_flight || !l->closed || l->live_groups)
+	if (l->in_flight || l->cleaning || !l->closed || l->live_groups)
 		return;
 	if (l->prev)
 		l->prev->next = l->next;
@@ -466,6 +470,8 @@ static void chunks_landed(struct aeg_prefetch *pf, struct item *it, uint32_t str
 			l->done_bytes += l->chunks[c].size;
 			if (c == 0)
 				l->first_ns = aeg_now_ns();
+			if (l->done_chunks == l->nchunks)
+				l->landed_ns = aeg_now_ns();
 		}
 	}
 }
@@ -646,6 +652,12 @@ static int pread_full(struct aeg_load *l, int fd, void *buf, uint64_t bytes, uin
 	return 0;
 }
 
+/* The file is mapped and its pieces registered (MIXED: some of them). */
+static int mapped(const struct aeg_load *l)
+{
+	return l->feed == AEG_FEED_MMAP || l->feed == AEG_FEED_MIXED;
+}
+
 static int load_stopped(struct aeg_load *l)
 {
 	return __atomic_load_n(&l->stop_err, __ATOMIC_RELAXED) != 0;
@@ -795,6 +807,37 @@ static int record_chunks(struct aeg_prefetch *pf, struct item *it)
 }
 
 /*
+ * May this worker register @l's piece? Always for MMAP. For MIXED only while
+ * fewer than mmap_threads workers register: registrations serialize in the
+ * driver, so more would wait there while they could be reading instead.
+ */
+static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	int ok = 1;
+
+	if (__atomic_load_n(&l->no_register, __ATOMIC_RELAXED))
+		return 0;
+	if (l->feed != AEG_FEED_MIXED)
+		return 1;
+	pthread_mutex_lock(&pf->lock);
+	if (pf->registering < (uint32_t)pf->cfg.mmap_threads)
+		pf->registering++;
+	else
+		ok = 0;
+	pthread_mutex_unlock(&pf->lock);
+	return ok;
+}
+
+static void lane_give(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	if (l->feed != AEG_FEED_MIXED)
+		return;
+	pthread_mutex_lock(&pf->lock);
+	pf->registering--;
+	pthread_mutex_unlock(&pf->lock);
+}
+
+/*
  * Run one item: get its bytes into host memory the GPU can read, queue the
  * copies into the chunks it touches, then item_done. Returns 0 once
  * item_done is queued; otherwise everything the item took is given back.
@@ -832,9 +875,10 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 			return item_abort(pf, it, err);
 		break;
 	case AEG_FEED_MMAP:
+	case AEG_FEED_MIXED:
 	default:
 		src = (const char *)l->map + it->begin;
-		if (!__atomic_load_n(&l->no_register, __ATOMIC_RELAXED)) {
+		if (lane_take(pf, l)) {
 			uint64_t reg_bytes = aeg_round_up(len, PAGE);
 
 			/*
@@ -845,6 +889,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 			madvise((void *)src, reg_bytes, MADV_POPULATE_READ);
 			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
 						AEG_HOST_REGISTER_READONLY);
+			lane_give(pf, l);
 			if (err == 0) {
 				it->reg = (void *)src;
 				it->reg_bytes = reg_bytes;
@@ -908,7 +953,7 @@ static struct aeg_load *pick(struct aeg_prefetch *pf)
 		if (l->feed == AEG_FEED_READ && !l->filling &&
 		    pf->ring_in_use >= (uint32_t)pf->cfg.ring_buffers)
 			continue;
-		if (l->feed == AEG_FEED_MMAP && pf->registered >= reg_limit)
+		if (mapped(l) && pf->registered >= reg_limit)
 			continue;
 		if (best == NULL || l->priority > best->priority ||
 		    (l->priority == best->priority && l->id < best->id))
@@ -985,7 +1030,7 @@ static void *worker(void *p)
 		l->issuing++;
 		if (l->feed == AEG_FEED_READ && !l->filling)
 			pf->ring_in_use++;
-		if (l->feed == AEG_FEED_MMAP)
+		if (mapped(l))
 			pf->registered++;
 		hook = pf->hook;
 		hook_arg = pf->hook_arg;
@@ -1001,7 +1046,7 @@ static void *worker(void *p)
 		if (err) {
 			if (l->feed == AEG_FEED_READ && !l->filling)
 				pf->ring_in_use--;
-			if (l->feed == AEG_FEED_MMAP)
+			if (mapped(l))
 				pf->registered--;
 		}
 		pthread_mutex_unlock(&pf->lock);
@@ -1058,14 +1103,19 @@ static void fail_chunks(struct aeg_load *l, int err, int all)
 }
 
 /* Every item is retired or dropped: check the file, settle chunks, cache, close. */
+/*
+ * Every piece of @l is done: settle the load (its status, the chunks of a
+ * failed load, the cache entry it filled), wake its waiters, then give back
+ * what the host side still holds. Unregistering is left until after the
+ * wake-up: it takes about 10 ms per GiB, and the bytes are on the GPU.
+ */
 static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 {
 	char detail[sizeof(l->detail)];
-	int err;
-
-	uint32_t done, recorded;
+	uint32_t done, recorded, unreg_pieces = 0;
+	uint64_t unreg_bytes = 0, t0;
 	struct item *unreg;
-	uint64_t unreg_bytes = 0;
+	int err;
 
 	pthread_mutex_lock(&pf->lock);
 	err = l->stop_err;
@@ -1075,18 +1125,6 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 	unreg = l->unreg;
 	l->unreg = NULL;
 	pthread_mutex_unlock(&pf->lock);
-
-	/* Every copy of this load has run (item_done saw each piece). */
-	for (struct item *it = unreg; it; it = it->next) {
-		aeg_host_unregister(pf->dev, it->reg);
-		it->reg = NULL;
-		unreg_bytes += it->reg_bytes;
-	}
-	if (unreg_bytes) {
-		pthread_mutex_lock(&pf->lock);
-		pf->deferred_bytes -= unreg_bytes;
-		pthread_mutex_unlock(&pf->lock);
-	}
 
 	if (err == 0 && l->feed != AEG_FEED_CACHE) {
 		err = file_changed(l);
@@ -1098,6 +1136,13 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 			       l->nchunks, recorded);
 		snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
 	}
+
+	/* The mapping holds the file on its own; the caller may count its fds. */
+	if (l->dfd >= 0)
+		close(l->dfd);
+	l->dfd = -1;
+	close(l->fd);
+	l->fd = -1;
 
 	pthread_mutex_lock(&pf->lock);
 	if (err)
@@ -1111,25 +1156,39 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 		}
 		l->entry = NULL;
 	}
-	pthread_mutex_unlock(&pf->lock);
-
-	if (l->map)
-		munmap(l->map, l->map_bytes);
-	l->map = NULL;
-	if (l->dfd >= 0)
-		close(l->dfd);
-	l->dfd = -1;
-	close(l->fd);
-	l->fd = -1;
-
-	pthread_mutex_lock(&pf->lock);
 	l->status = err;
 	if (err)
 		snprintf(l->detail, sizeof(l->detail), "%s", detail);
 	l->end_ns = aeg_now_ns();
 	l->in_flight = 0;
+	l->cleaning = 1;
+	pthread_cond_broadcast(&pf->done_cv);
+	pthread_mutex_unlock(&pf->lock);
 	if (err)
 		aeg_info("prefetch: load %" PRIu64 " of %s failed: %s", l->id, l->path, detail);
+	else if (l->landed_ns)
+		aeg_debug("prefetch: load %" PRIu64 ": first chunk after %.1f ms, all chunks after %.1f ms",
+			  l->id, (double)(l->first_ns - l->start_ns) / 1e6,
+			  (double)(l->landed_ns - l->start_ns) / 1e6);
+
+	/* Every copy of this load has run (item_done saw each piece). */
+	t0 = aeg_now_ns();
+	for (struct item *it = unreg; it; it = it->next) {
+		aeg_host_unregister(pf->dev, it->reg);
+		it->reg = NULL;
+		unreg_bytes += it->reg_bytes;
+		unreg_pieces++;
+	}
+	if (unreg_pieces)
+		aeg_debug("prefetch: load %" PRIu64 ": %u pieces (%" PRIu64 " MiB) unregistered in %.1f ms",
+			  l->id, unreg_pieces, unreg_bytes >> 20, (double)(aeg_now_ns() - t0) / 1e6);
+	if (l->map)
+		munmap(l->map, l->map_bytes);
+	l->map = NULL;
+
+	pthread_mutex_lock(&pf->lock);
+	pf->deferred_bytes -= unreg_bytes;
+	l->cleaning = 0;
 	pthread_cond_broadcast(&pf->done_cv);
 	load_maybe_free(pf, l);
 	pthread_mutex_unlock(&pf->lock);
@@ -1163,6 +1222,8 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 	else if (pf->cfg.piece_bytes == 0 || pf->cfg.piece_bytes % PAGE)
 		err = aeg_fail(AEG_EINVAL, "prefetch piece size %" PRIu64 ": must be a non-zero multiple of 4096",
 			       pf->cfg.piece_bytes);
+	else if (pf->cfg.mmap_threads < 1 || pf->cfg.mmap_threads > 256)
+		err = aeg_fail(AEG_EINVAL, "prefetch mmap threads %d: must be 1..256", pf->cfg.mmap_threads);
 	else if (pf->cfg.ring_buffers < 1 || pf->cfg.ring_buffers > 4096)
 		err = aeg_fail(AEG_EINVAL, "prefetch ring of %d buffers: must be 1..4096",
 			       pf->cfg.ring_buffers);
@@ -1238,7 +1299,7 @@ static void stop_all_and_wait(struct aeg_prefetch *pf)
 	for (;;) {
 		struct aeg_load *l = pf->loads;
 
-		while (l && !l->in_flight)
+		while (l && !l->in_flight && !l->cleaning)
 			l = l->next;
 		if (l == NULL)
 			break;
@@ -1702,8 +1763,8 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 
 	l->feed = o->feed;
 	if (l->feed == AEG_FEED_AUTO)
-		l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MMAP;
-	if (l->feed == AEG_FEED_MMAP && l->st.st_size > 0) {
+		l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MIXED;
+	if (mapped(l) && l->st.st_size > 0) {
 		l->map_bytes = (size_t)l->st.st_size;
 		l->map = mmap(NULL, l->map_bytes, PROT_READ, MAP_SHARED, l->fd, 0);
 		if (l->map == MAP_FAILED) {
@@ -1716,7 +1777,7 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 			pthread_mutex_unlock(&pf->lock);
 		}
 	}
-	l->item_bytes = l->feed == AEG_FEED_MMAP ? pf->cfg.piece_bytes : pf->buffer_bytes;
+	l->item_bytes = mapped(l) ? pf->cfg.piece_bytes : pf->buffer_bytes;
 	if (l->feed == AEG_FEED_READ && pf->cfg.direct_io) {
 		l->dfd = open(l->path, O_RDONLY | O_CLOEXEC | O_DIRECT);
 		if (l->dfd < 0)
@@ -1761,8 +1822,9 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	if (o->chunk_bytes > slab_bytes)
 		return aeg_fail(AEG_EINVAL, "chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
 				o->chunk_bytes, slab_bytes);
-	if (o->feed != AEG_FEED_AUTO && o->feed != AEG_FEED_MMAP && o->feed != AEG_FEED_READ)
-		return aeg_fail(AEG_EINVAL, "prefetch feed %d: expected auto, mmap or read", (int)o->feed);
+	if (o->feed != AEG_FEED_AUTO && o->feed != AEG_FEED_MMAP && o->feed != AEG_FEED_READ &&
+	    o->feed != AEG_FEED_MIXED)
+		return aeg_fail(AEG_EINVAL, "prefetch feed %d: expected auto, mmap, read or mixed", (int)o->feed);
 	if (o->format != AEG_FORMAT_AUTO && o->format != AEG_FORMAT_RAW &&
 	    o->format != AEG_FORMAT_SAFETENSORS)
 		return aeg_fail(AEG_EINVAL, "prefetch format %d: expected auto, raw or safetensors",
@@ -1973,7 +2035,7 @@ AEG_EXPORT int aeg_load_progress(aeg_load_t *l, struct aeg_load_progress *p)
 	p->done_bytes = l->done_bytes;
 	p->chunks = l->nchunks;
 	p->done_chunks = l->done_chunks;
-	p->feed = l->feed == AEG_FEED_MMAP && l->no_register ? AEG_FEED_READ : l->feed;
+	p->feed = mapped(l) && l->no_register ? AEG_FEED_READ : l->feed;
 	p->status = l->status;
 	p->start_ns = l->start_ns;
 	p->first_chunk_ns = l->first_ns;

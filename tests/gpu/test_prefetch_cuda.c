@@ -318,6 +318,7 @@ int main(int argc, char **argv)
 
 	timed(dev, pf, path, file, AEG_FEED_MMAP, "mmap feed, 1 GiB");
 	timed(dev, pf, path, file, AEG_FEED_READ, "read feed, 1 GiB");
+	timed(dev, pf, path, file, AEG_FEED_MIXED, "mixed feed, 1 GiB");
 	timed(dev, pf, small, sfile, AEG_FEED_READ, "read feed, 3 MiB");
 	timed(dev, pf, path, file, AEG_FEED_AUTO, "auto, cache fill");
 	timed(dev, pf, path, file, AEG_FEED_AUTO, "auto, cache hit");

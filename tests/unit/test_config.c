@@ -147,7 +147,7 @@ static void defaults_are_the_documented_ones(void **state)
 	assert_int_equal(c.pinned_default_bytes, 4 * GiB);
 	assert_int_equal(c.pinned_max_bytes, 64 * GiB);
 	assert_int_equal(c.pinned_buffer_bytes, 32 * MiB);
-	assert_int_equal(c.prefetch_threads, 8);
+	assert_int_equal(c.prefetch_threads, 12);
 	assert_int_equal(c.prefetch_chunk_bytes, 64 * MiB);
 	assert_string_equal(c.agent_path, SBINDIR "/aegaeond");
 	assert_int_equal(c.agent_start_timeout_ms, 30000);

@@ -58,6 +58,7 @@ static struct fx *fx_new(uint64_t cache_bytes, int threads)
 	cfg.threads = threads;
 	cfg.streams = 2;
 	cfg.piece_bytes = 64 * KiB;
+	cfg.mmap_threads = 1;   /* MIXED: the other workers read */
 	cfg.ring_buffers = 8;
 	cfg.small_file_bytes = 0;
 	cfg.cache_bytes = cache_bytes;
@@ -272,7 +273,9 @@ static void release_load(struct fx *f, aeg_load_t *l)
 
 static void raw_file_every_feed(void **state)
 {
-	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ, AEG_FEED_AUTO };
+	static const enum aeg_prefetch_feed feeds[] = {
+		AEG_FEED_MMAP, AEG_FEED_READ, AEG_FEED_MIXED, AEG_FEED_AUTO,
+	};
 	struct fx *f = fx_new(0, 4);
 	const uint64_t size = 2 * MiB + 12345;
 	char path[128];
@@ -300,7 +303,7 @@ static void raw_file_every_feed(void **state)
 		assert_int_equal(pr.done_bytes, size);
 		assert_int_equal(pr.done_chunks, n);
 		assert_true(pr.first_chunk_ns >= pr.start_ns && pr.end_ns >= pr.first_chunk_ns);
-		assert_int_equal(pr.feed, feeds[i] == AEG_FEED_AUTO ? AEG_FEED_MMAP : feeds[i]);
+		assert_int_equal(pr.feed, feeds[i] == AEG_FEED_AUTO ? AEG_FEED_MIXED : feeds[i]);
 		release_load(f, l);
 		assert_baseline(f);
 	}
@@ -620,7 +623,7 @@ static void cancel_in_flight(void **state)
 
 static void file_changes_during_load(void **state)
 {
-	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ };
+	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ, AEG_FEED_MIXED };
 
 	for (size_t i = 0; i < AEG_ARRAY_SIZE(feeds); i++) {
 		struct fx *f = fx_new(0, 2);
@@ -654,7 +657,7 @@ static void file_changes_during_load(void **state)
 
 static void device_failure_midway(void **state)
 {
-	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ };
+	static const enum aeg_prefetch_feed feeds[] = { AEG_FEED_MMAP, AEG_FEED_READ, AEG_FEED_MIXED };
 
 	for (size_t i = 0; i < AEG_ARRAY_SIZE(feeds); i++) {
 		struct fx *f = fx_new(0, 1);
