@@ -646,6 +646,23 @@ static int pread_full(struct aeg_load *l, int fd, void *buf, uint64_t bytes, uin
 	return 0;
 }
 
+/*
+ * MADV_POPULATE_READ failed where touching the pages would raise SIGBUS:
+ * the file shrank under its mapping, or its pages could not be read. Say
+ * which, before any copy touches them.
+ */
+static int mapped_fault(struct aeg_load *l, const struct item *it, int e)
+{
+	struct stat now;
+
+	if (fstat(l->fd, &now) == 0 && now.st_size < l->st.st_size)
+		return aeg_fail(AEG_ESTALE,
+				"%s: file ends at %jd bytes, it had %jd when the load began (it changed while loading)",
+				l->path, (intmax_t)now.st_size, (intmax_t)l->st.st_size);
+	return aeg_fail(AEG_EIO, "%s: reading bytes %" PRIu64 "..%" PRIu64 " through its mapping: %s",
+			l->path, it->begin, it->end, strerror(e == EFAULT ? EIO : e));
+}
+
 static int load_stopped(struct aeg_load *l)
 {
 	return __atomic_load_n(&l->stop_err, __ATOMIC_RELAXED) != 0;
@@ -842,7 +859,15 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 			 * context lock, one thread at a time; mapping them here
 			 * first lets the workers do that part in parallel.
 			 */
-			madvise((void *)src, reg_bytes, MADV_POPULATE_READ);
+			if (madvise((void *)src, reg_bytes, MADV_POPULATE_READ) != 0 &&
+			    (errno == EFAULT || errno == EIO || errno == EHWPOISON)) {
+				err = mapped_fault(l, it, errno);
+				pthread_mutex_lock(&pf->lock);
+				pf->registered--;       /* the slot taken when the item was picked */
+				pthread_cond_broadcast(&pf->work_cv);
+				pthread_mutex_unlock(&pf->lock);
+				return err;
+			}
 			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
 						AEG_HOST_REGISTER_READONLY);
 			if (err == 0) {
