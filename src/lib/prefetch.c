@@ -1782,10 +1782,10 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 		return aeg_fail(AEG_EINVAL, "aeg_prefetch_file: NULL argument");
 	slab_bytes = aeg_slab_bytes(pf->slab);
 	if (o->chunk_bytes == 0)
-		return aeg_fail(AEG_EINVAL, "chunk size 0: give a chunk size such as 64MiB");
+		return aeg_fail(AEG_EINVAL, "%s: chunk size 0: give a chunk size such as 64MiB", path);
 	if (o->chunk_bytes > slab_bytes)
-		return aeg_fail(AEG_EINVAL, "chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
-				o->chunk_bytes, slab_bytes);
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
+				path, o->chunk_bytes, slab_bytes);
 	if (o->feed != AEG_FEED_AUTO && o->feed != AEG_FEED_MMAP && o->feed != AEG_FEED_READ)
 		return aeg_fail(AEG_EINVAL, "prefetch feed %d: expected auto, mmap or read", (int)o->feed);
 	if (o->format != AEG_FORMAT_AUTO && o->format != AEG_FORMAT_RAW &&
