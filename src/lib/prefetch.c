@@ -658,6 +658,23 @@ static int mapped(const struct aeg_load *l)
 	return l->feed == AEG_FEED_MMAP || l->feed == AEG_FEED_MIXED;
 }
 
+/*
+ * MADV_POPULATE_READ failed where touching the pages would raise SIGBUS:
+ * the file shrank under its mapping, or its pages could not be read. Say
+ * which, before any copy touches them.
+ */
+static int mapped_fault(struct aeg_load *l, const struct item *it, int e)
+{
+	struct stat now;
+
+	if (fstat(l->fd, &now) == 0 && now.st_size < l->st.st_size)
+		return aeg_fail(AEG_ESTALE,
+				"%s: file ends at %jd bytes, it had %jd when the load began (it changed while loading)",
+				l->path, (intmax_t)now.st_size, (intmax_t)l->st.st_size);
+	return aeg_fail(AEG_EIO, "%s: reading bytes %" PRIu64 "..%" PRIu64 " through its mapping: %s",
+			l->path, it->begin, it->end, strerror(e == EFAULT ? EIO : e));
+}
+
 static int load_stopped(struct aeg_load *l)
 {
 	return __atomic_load_n(&l->stop_err, __ATOMIC_RELAXED) != 0;
@@ -886,7 +903,16 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 			 * context lock, one thread at a time; mapping them here
 			 * first lets the workers do that part in parallel.
 			 */
-			madvise((void *)src, reg_bytes, MADV_POPULATE_READ);
+			if (madvise((void *)src, reg_bytes, MADV_POPULATE_READ) != 0 &&
+			    (errno == EFAULT || errno == EIO || errno == EHWPOISON)) {
+				err = mapped_fault(l, it, errno);
+				lane_give(pf, l);
+				pthread_mutex_lock(&pf->lock);
+				pf->registered--;       /* the slot taken when the item was picked */
+				pthread_cond_broadcast(&pf->work_cv);
+				pthread_mutex_unlock(&pf->lock);
+				return err;
+			}
 			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
 						AEG_HOST_REGISTER_READONLY);
 			lane_give(pf, l);
@@ -1818,10 +1844,10 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 		return aeg_fail(AEG_EINVAL, "aeg_prefetch_file: NULL argument");
 	slab_bytes = aeg_slab_bytes(pf->slab);
 	if (o->chunk_bytes == 0)
-		return aeg_fail(AEG_EINVAL, "chunk size 0: give a chunk size such as 64MiB");
+		return aeg_fail(AEG_EINVAL, "%s: chunk size 0: give a chunk size such as 64MiB", path);
 	if (o->chunk_bytes > slab_bytes)
-		return aeg_fail(AEG_EINVAL, "chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
-				o->chunk_bytes, slab_bytes);
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
+				path, o->chunk_bytes, slab_bytes);
 	if (o->feed != AEG_FEED_AUTO && o->feed != AEG_FEED_MMAP && o->feed != AEG_FEED_READ &&
 	    o->feed != AEG_FEED_MIXED)
 		return aeg_fail(AEG_EINVAL, "prefetch feed %d: expected auto, mmap, read or mixed", (int)o->feed);

@@ -1,0 +1,530 @@
+/* Faults on the host backend: failing, short and shrinking reads on each feed; slab and pool exhausted. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+
+#include "internal.h"
+#include "prefetch_internal.h"
+#include "testutil.h"
+
+/* tests/faults/fault_shim.c, linked into this program (so it works under ASan too). */
+void aeg_fault_shim_reload(void);
+unsigned long aeg_fault_shim_hits(void);
+
+#define KiB (1ull << 10)
+#define MiB (1ull << 20)
+#define SLAB_BYTES (8 * MiB)
+#define BUF_BYTES (64 * KiB)
+#define POOL_BUFFERS 32
+#define CHUNK (128 * KiB)
+#define FILE_BYTES (1 * MiB)
+#define CUT (384 * KiB)         /* chunk 3 begins here: a piece boundary of both feeds */
+
+struct fx {
+	aeg_device_t *dev;
+	aeg_slab_t *slab;
+	aeg_pool_t *pool;
+	aeg_prefetch_t *pf;
+	char dir[64];
+	int fds0;
+};
+
+static void fault_off(void)
+{
+	unsetenv("AEGAEON_FAULT");
+	unsetenv("AEGAEON_FAULT_FILE");
+	unsetenv("AEGAEON_FAULT_AT");
+	aeg_fault_shim_reload();
+}
+
+static void fault_on(const char *mode, const char *path, uint64_t at)
+{
+	char n[32];
+
+	snprintf(n, sizeof(n), "%" PRIu64, at);
+	setenv("AEGAEON_FAULT", mode, 1);
+	setenv("AEGAEON_FAULT_FILE", path, 1);
+	setenv("AEGAEON_FAULT_AT", n, 1);
+	aeg_fault_shim_reload();
+}
+
+static struct fx *fx_new(int threads)
+{
+	struct fx *f = calloc(1, sizeof(*f));
+	struct aeg_prefetch_config cfg;
+
+	assert_non_null(f);
+	f->fds0 = count_fds();
+	assert_int_equal(aeg_device_open(&f->dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(f->dev, 0, SLAB_BYTES, &f->slab), 0);
+	assert_int_equal(aeg_pool_create(f->dev, 0, BUF_BYTES, BUF_BYTES * POOL_BUFFERS, &f->pool), 0);
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = threads;
+	cfg.streams = 2;
+	cfg.piece_bytes = 64 * KiB;
+	cfg.ring_buffers = 8;
+	cfg.small_file_bytes = 0;
+	assert_int_equal(aeg_prefetch_create(f->slab, f->pool, &cfg, &f->pf), 0);
+	snprintf(f->dir, sizeof(f->dir), "/tmp/aegaeon-faults-XXXXXX");
+	assert_non_null(mkdtemp(f->dir));
+	return f;
+}
+
+/* Nothing the engine took is left: blocks, events, ring, registrations, pool buffers. */
+static void assert_baseline(struct fx *f)
+{
+	struct aeg_slab_stats s;
+	struct aeg_pool_stats p;
+	struct aeg_prefetch_stats e;
+
+	assert_int_equal(aeg_slab_stats(f->slab, &s), 0);
+	assert_int_equal(aeg_pool_stats(f->pool, &p), 0);
+	assert_int_equal(aeg_prefetch_stats(f->pf, &e), 0);
+	assert_int_equal(s.blocks, 0);
+	assert_int_equal(s.used_bytes, 0);
+	assert_int_equal(p.in_use, 0);
+	assert_int_equal(e.loads, 0);
+	assert_int_equal(e.chunks, 0);
+	assert_int_equal(e.events, 0);
+	assert_int_equal(e.blocks, 0);
+	assert_int_equal(e.ring_in_use, 0);
+	assert_int_equal(e.registered_pieces, 0);
+}
+
+static void fx_free(struct fx *f)
+{
+	char cmd[128];
+
+	aeg_prefetch_destroy(f->pf);
+	aeg_pool_destroy(f->pool);
+	aeg_slab_destroy(f->slab);
+	aeg_device_close(f->dev);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->dir);
+	assert_int_equal(system(cmd), 0);
+	assert_int_equal(count_fds(), f->fds0);
+	free(f);
+}
+
+static unsigned char *pattern(uint64_t bytes, unsigned seed)
+{
+	unsigned char *p = malloc(bytes ? bytes : 1);
+	uint32_t x = seed * 2654435761u + 1;
+
+	assert_non_null(p);
+	for (uint64_t i = 0; i < bytes; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		p[i] = (unsigned char)x;
+	}
+	return p;
+}
+
+static void write_all(const char *path, const void *buf, uint64_t bytes)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, buf, bytes), (ssize_t)bytes);
+	assert_int_equal(close(fd), 0);
+}
+
+/*
+ * A raw file of FILE_BYTES, or a safetensors file of eight 128 KiB tensors
+ * whose data begins at offset 0 of a page (the header is padded to 4088
+ * bytes), so chunks of both kinds start at the same multiples of CHUNK
+ * (plus 4096 for safetensors).
+ */
+static unsigned char *make_file(struct fx *f, int safetensors, char *path, size_t len,
+				uint64_t *data_begin)
+{
+	unsigned char *p = pattern(FILE_BYTES + (safetensors ? 4096 : 0), 11);
+
+	if (!safetensors) {
+		snprintf(path, len, "%s/model.bin", f->dir);
+		*data_begin = 0;
+		write_all(path, p, FILE_BYTES);
+		return p;
+	}
+	{
+		char json[4089];
+		int n = snprintf(json, sizeof(json), "{");
+
+		for (int i = 0; i < 8; i++)
+			n += snprintf(json + n, sizeof(json) - (size_t)n,
+				      "%s\"t%d\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}",
+				      i ? "," : "", i, CHUNK, i * CHUNK, (i + 1) * CHUNK);
+		n += snprintf(json + n, sizeof(json) - (size_t)n, "}");
+		memset(json + n, ' ', 4088 - (size_t)n);
+		for (int i = 0; i < 8; i++)
+			p[i] = (unsigned char)(4088ull >> (8 * i));
+		memcpy(p + 8, json, 4088);
+	}
+	snprintf(path, len, "%s/model.safetensors", f->dir);
+	*data_begin = 4096;
+	write_all(path, p, FILE_BYTES + 4096);
+	return p;
+}
+
+static void release_all(struct fx *f, aeg_load_t *l)
+{
+	aeg_load_close(l);
+	assert_int_equal(aeg_prefetch_release_all(f->pf), 0);
+	assert_baseline(f);
+}
+
+/* With the fault off, the same file loads whole and right: the engine is not left broken. */
+static void load_clean(struct fx *f, const char *path, const unsigned char *file,
+		       enum aeg_prefetch_feed feed)
+{
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = feed };
+	const struct aeg_chunk *c;
+	aeg_load_t *l;
+	uint32_t n;
+
+	fault_off();
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 20000), 0);
+	c = aeg_load_chunks(l, &n);
+	assert_int_equal(n, FILE_BYTES / CHUNK);
+	for (uint32_t i = 0; i < n; i++) {
+		assert_int_equal(aeg_load_wait_chunk(l, i, 10000), 0);
+		assert_memory_equal(c[i].device_ptr, file + c[i].file_offset, c[i].size);
+	}
+	release_all(f, l);
+}
+
+struct read_case {
+	const char *mode;
+	enum aeg_prefetch_feed feed;
+	int safetensors;
+	int threads;
+	int want;               /* the load's error; 0: it must load right */
+	const char *detail;     /* in the load's error detail */
+};
+
+static const struct read_case read_cases[] = {
+	{ "eio", AEG_FEED_READ, 0, 1, AEG_EIO, "Input/output error" },
+	{ "eio", AEG_FEED_READ, 1, 1, AEG_EIO, "Input/output error" },
+	{ "eio", AEG_FEED_MMAP, 0, 1, AEG_EIO, "through its mapping: Input/output error" },
+	{ "eio", AEG_FEED_MMAP, 1, 1, AEG_EIO, "through its mapping: Input/output error" },
+	{ "eio", AEG_FEED_READ, 0, 4, AEG_EIO, "Input/output error" },
+	{ "eio", AEG_FEED_MMAP, 1, 4, AEG_EIO, "through its mapping: Input/output error" },
+	{ "short", AEG_FEED_READ, 0, 1, 0, NULL },
+	{ "short", AEG_FEED_READ, 1, 4, 0, NULL },
+	{ "shrink", AEG_FEED_READ, 0, 1, AEG_ESTALE, "changed while loading" },
+	{ "shrink", AEG_FEED_READ, 1, 1, AEG_ESTALE, "changed while loading" },
+	{ "shrink", AEG_FEED_MMAP, 0, 1, AEG_ESTALE, "changed while loading" },
+	{ "shrink", AEG_FEED_MMAP, 1, 1, AEG_ESTALE, "changed while loading" },
+	{ "shrink", AEG_FEED_READ, 0, 4, AEG_ESTALE, "changed while loading" },
+	{ "shrink", AEG_FEED_MMAP, 1, 4, AEG_ESTALE, "changed while loading" },
+	/* MIXED: one worker registers, three read; the fault meets either. */
+	{ "eio", AEG_FEED_MIXED, 0, 4, AEG_EIO, "Input/output error" },
+	{ "eio", AEG_FEED_MIXED, 1, 4, AEG_EIO, "Input/output error" },
+	{ "short", AEG_FEED_MIXED, 0, 4, 0, NULL },
+	{ "shrink", AEG_FEED_MIXED, 0, 4, AEG_ESTALE, "changed while loading" },
+	{ "shrink", AEG_FEED_MIXED, 1, 4, AEG_ESTALE, "changed while loading" },
+};
+
+/*
+ * Each fault on each feed, plain and safetensors: the load's wait returns
+ * the error with the path; a chunk either failed with it or holds the
+ * file's bytes; with one worker the chunks before the fault all loaded
+ * (an EIO spoils no earlier chunk; a shrunk file spoils all of them); then
+ * everything is released and the same file loads right.
+ */
+static void read_faults(void **state)
+{
+	const char *only = getenv("AEGAEON_FAULT_CASE");       /* run one case, to debug it */
+
+	for (size_t k = 0; k < AEG_ARRAY_SIZE(read_cases); k++) {
+		const struct read_case *rc = &read_cases[k];
+		struct fx *f;
+		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = rc->feed };
+		const struct aeg_chunk *c;
+		uint64_t begin, at, piece_at;
+		unsigned char *file;
+		char path[128];
+		uint32_t n, failed = 0;
+		aeg_load_t *l;
+		int err;
+
+		if (only && strtoul(only, NULL, 10) != k)
+			continue;
+		f = fx_new(rc->threads);
+		file = make_file(f, rc->safetensors, path, sizeof(path), &begin);
+		at = strcmp(rc->mode, "short") == 0 ? 4093 : begin + CUT;
+		piece_at = at / (64 * KiB) * (64 * KiB);        /* where the failing piece starts */
+		print_message("case %zu: %s, %s feed, %s, %d worker%s\n", k, rc->mode,
+			      aeg_prefetch_feed_name(rc->feed), rc->safetensors ? "safetensors" : "raw",
+			      rc->threads, rc->threads == 1 ? "" : "s");
+		fault_on(rc->mode, path, at);
+		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+		err = aeg_load_wait(l, 20000);
+		if (err != rc->want)
+			fail_msg("case %zu: load returned %s (%s), want %s", k, aeg_errname(err),
+				 aeg_error_detail(), aeg_errname(rc->want));
+		print_message("  -> %s %s\n", aeg_errname(err), aeg_error_detail());
+		if (rc->want) {
+			assert_non_null(strstr(aeg_error_detail(), path));
+			assert_non_null(strstr(aeg_error_detail(), rc->detail));
+		}
+		assert_true(aeg_fault_shim_hits() > 0);
+		c = aeg_load_chunks(l, &n);
+		assert_int_equal(n, FILE_BYTES / CHUNK);
+		for (uint32_t i = 0; i < n; i++) {
+			uint64_t end = c[i].file_offset + c[i].size;
+			int e = aeg_load_wait_chunk(l, i, 10000);
+			int h = aeg_event_wait_handle(f->dev, &c[i].event, 10000);
+
+			assert_int_equal(e, h);
+			if (e == 0) {
+				assert_memory_equal(c[i].device_ptr, file + c[i].file_offset, c[i].size);
+				/* No chunk reaching past the fault can have loaded. */
+				if (rc->want)
+					assert_true(end <= at);
+				continue;
+			}
+			if (e != rc->want)
+				fail_msg("case %zu: chunk %u returned %s (%s), want %s", k, i, aeg_errname(e),
+					 aeg_error_detail(), aeg_errname(rc->want));
+			assert_non_null(strstr(aeg_error_detail(), path));
+			failed++;
+			/* One worker: every piece before the failing one was copied. */
+			if (rc->want == AEG_EIO && rc->threads == 1 && end <= piece_at)
+				fail_msg("case %zu: chunk %u (bytes ..%" PRIu64 ") failed, before the fault at %" PRIu64,
+					 k, i, end, at);
+		}
+		if (rc->want == AEG_ESTALE)
+			assert_int_equal(failed, n);
+		else if (rc->want == AEG_EIO)
+			assert_true(failed > 0 && (rc->threads > 1 || failed < n));
+		else
+			assert_int_equal(failed, 0);
+		release_all(f, l);
+		if (strcmp(rc->mode, "shrink") == 0)
+			write_all(path, file, FILE_BYTES + begin);
+		load_clean(f, path, file, rc->feed);
+		free(file);
+		fx_free(f);
+	}
+}
+
+/* The safetensors header cannot be read: aeg_prefetch_file itself fails, leaving nothing. */
+static void header_eio(void **state)
+{
+	struct fx *f = fx_new(2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	unsigned char *file;
+	char path[128];
+	uint64_t begin;
+	aeg_load_t *l = NULL;
+
+	file = make_file(f, 1, path, sizeof(path), &begin);
+	for (uint64_t at = 0; at <= 8; at += 8) {
+		fault_on("eio", path, at);
+		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), AEG_EIO);
+		assert_null(l);
+		assert_non_null(strstr(aeg_error_detail(), path));
+		assert_non_null(strstr(aeg_error_detail(), "reading the header: Input/output error"));
+		assert_true(aeg_fault_shim_hits() > 0);
+		assert_baseline(f);
+	}
+	load_clean(f, path, file, AEG_FEED_AUTO);
+	free(file);
+	fx_free(f);
+}
+
+/* ---------------------------------------------------------- memory */
+
+/* A slab larger than the device: a clear error, nothing kept, a sane one next. */
+static void slab_over_device(void **state)
+{
+	struct aeg_gpu_info info;
+	aeg_device_t *dev;
+	aeg_slab_t *slab = NULL;
+	int fds = count_fds();
+
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_device_gpu_info(dev, 0, &info), 0);
+	assert_int_equal(aeg_slab_create(dev, 0, info.total_bytes + 64 * MiB, &slab), AEG_ENOSPC);
+	assert_null(slab);
+	/* "slab of 23.6 GiB (25343610880 bytes) asked on GPU 0 (host), free 23.16 GiB of 23.54 GiB" */
+	assert_non_null(strstr(aeg_error_detail(), "bytes) asked on GPU 0"));
+	assert_non_null(strstr(aeg_error_detail(), ", free "));
+	assert_int_equal(count_fds(), fds + 0);
+	assert_int_equal(aeg_slab_create(dev, 0, SLAB_BYTES, &slab), 0);
+	aeg_slab_destroy(slab);
+	aeg_device_close(dev);
+	assert_int_equal(count_fds(), fds);
+}
+
+/* The slab cannot hold the file: the error says requested vs free; the next load fits. */
+static void slab_full_at_prefetch(void **state)
+{
+	struct fx *f = fx_new(2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	struct aeg_slab_stats s;
+	struct aeg_block fill;
+	unsigned char *file;
+	uint64_t begin;
+	char path[128];
+	aeg_load_t *l = NULL;
+
+	file = make_file(f, 0, path, sizeof(path), &begin);
+	assert_int_equal(aeg_slab_alloc(f->slab, SLAB_BYTES - 512 * KiB, &fill), 0);
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), AEG_ENOSPC);
+	assert_null(l);
+	assert_non_null(strstr(aeg_error_detail(), path));
+	assert_non_null(strstr(aeg_error_detail(), "needs 1 MiB"));
+	assert_non_null(strstr(aeg_error_detail(), "512 KiB free of 8 MiB"));
+	assert_int_equal(aeg_slab_stats(f->slab, &s), 0);
+	assert_int_equal(s.blocks, 1);
+	assert_int_equal(aeg_slab_free(f->slab, fill.id), 0);
+	assert_baseline(f);
+	load_clean(f, path, file, AEG_FEED_READ);
+	free(file);
+	fx_free(f);
+}
+
+/*
+ * Enough bytes free but no hole large enough for a big tensor: the blocks
+ * taken for the tensors before it are given back.
+ */
+static void slab_fragmented_at_prefetch(void **state)
+{
+	struct fx *f = fx_new(2);
+	struct aeg_prefetch_options o = { .chunk_bytes = 64 * KiB };
+	struct aeg_block b[32];
+	struct aeg_slab_stats s;
+	unsigned char *file;
+	uint64_t begin;
+	char path[128];
+	aeg_load_t *l = NULL;
+	int nb = 0;
+
+	file = make_file(f, 1, path, sizeof(path), &begin);
+	/* 256 KiB blocks, every other one freed: 4 MiB free in 256 KiB holes. */
+	while (nb < 32 && aeg_slab_alloc(f->slab, 256 * KiB, &b[nb]) == 0)
+		nb++;
+	assert_int_equal(nb, 32);
+	for (int i = 0; i < nb; i += 2)
+		assert_int_equal(aeg_slab_free(f->slab, b[i].id), 0);
+	/* Each 128 KiB tensor is over the 64 KiB chunk: a block of its own; all fit... */
+	o.chunk_bytes = 64 * KiB;
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 20000), 0);
+	aeg_load_close(l);
+	assert_int_equal(aeg_prefetch_release_all(f->pf), 0);
+	/* ...but one chunk of the whole 1 MiB does not, with 4 MiB free. */
+	o.chunk_bytes = 512 * KiB;
+	o.format = AEG_FORMAT_RAW;
+	l = NULL;
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), AEG_ENOSPC);
+	assert_null(l);
+	assert_non_null(strstr(aeg_error_detail(), path));
+	assert_non_null(strstr(aeg_error_detail(), "block 1 of 3"));
+	assert_int_equal(aeg_slab_stats(f->slab, &s), 0);
+	assert_int_equal(s.blocks, 16);
+	for (int i = 1; i < nb; i += 2)
+		assert_int_equal(aeg_slab_free(f->slab, b[i].id), 0);
+	assert_baseline(f);
+	l = NULL;
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 20000), 0);
+	release_all(f, l);
+	free(file);
+	fx_free(f);
+}
+
+static uint64_t meminfo(const char *key)
+{
+	char line[256];
+	uint64_t v = 0;
+	size_t n = strlen(key);
+	FILE *fp = fopen("/proc/meminfo", "r");
+
+	assert_non_null(fp);
+	while (fgets(line, sizeof(line), fp))
+		if (strncmp(line, key, n) == 0 && line[n] == ':')
+			v = strtoull(line + n + 1, NULL, 10);
+	fclose(fp);
+	return v;
+}
+
+/* A pool larger than the memory there is: a clear error, nothing kept, a sane one next. */
+static void pool_over_memory(void **state)
+{
+	aeg_device_t *dev;
+	aeg_pool_t *pool = NULL;
+	uint64_t avail = meminfo("MemAvailable") * KiB;
+	int fds = count_fds();
+
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_pool_create(dev, 0, MiB, aeg_round_up(avail + 256 * MiB, MiB), &pool), AEG_ENOMEM);
+	assert_null(pool);
+	assert_non_null(strstr(aeg_error_detail(), "available (MemAvailable)"));
+	assert_int_equal(count_fds(), fds);
+	assert_int_equal(aeg_pool_create(dev, 0, MiB, 4 * MiB, &pool), 0);
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+	assert_int_equal(count_fds(), fds);
+}
+
+/* Huge pages demanded, more than are free: the error says how many are missing and how to get them. */
+static void pool_hugepages_short(void **state)
+{
+	aeg_device_t *dev;
+	aeg_pool_t *pool = NULL;
+	uint64_t free_pages = meminfo("HugePages_Free");
+	int fds = count_fds(), err;
+
+	setenv("AEGAEON_PINNED_HUGEPAGES", "always", 1);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	err = aeg_pool_create(dev, 0, 2 * MiB, (free_pages + 4) * 2 * MiB, &pool);
+	if (err == AEG_ENOTSUP) {
+		assert_non_null(strstr(aeg_error_detail(), "huge"));
+	} else {
+		assert_int_equal(err, AEG_ENOMEM);
+		assert_non_null(strstr(aeg_error_detail(), "sysctl vm.nr_hugepages="));
+	}
+	assert_null(pool);
+	assert_int_equal(count_fds(), fds);
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	assert_int_equal(aeg_pool_create(dev, 0, 2 * MiB, 4 * MiB, &pool), 0);
+	aeg_pool_destroy(pool);
+	aeg_device_close(dev);
+	assert_int_equal(count_fds(), fds);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(read_faults),
+		cmocka_unit_test(header_eio),
+		cmocka_unit_test(slab_over_device),
+		cmocka_unit_test(slab_full_at_prefetch),
+		cmocka_unit_test(slab_fragmented_at_prefetch),
+		cmocka_unit_test(pool_over_memory),
+		cmocka_unit_test(pool_hugepages_short),
+	};
+
+	setenv("AEGAEON_HOST_GPUS", "1", 1);
+	fault_off();
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
