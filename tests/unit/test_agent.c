@@ -657,9 +657,11 @@ static void malformed_clients(void **state)
 	assert_int_equal(st->slabs, 1);
 	aeg_job_status_free(st);
 	assert_int_equal(kill(agent, 0), 0);
-	for (int i = 0; i < 500 && agent_fds() != base; i++)
+	/* Connections of earlier tests may still be closing: no more than before, not exactly as many. */
+	for (int i = 0; i < 500 && agent_fds() > base; i++)
 		usleep(10000);
-	assert_int_equal(agent_fds(), base);
+	if (agent_fds() > base)
+		fail_msg("the agent holds %d descriptors, %d before the malformed peers", agent_fds(), base);
 }
 
 static void other_uid_refused(void **state)
