@@ -22,11 +22,15 @@
 #include "agent.h"
 #include "device_internal.h"
 #include "internal.h"
+#include "pinned_internal.h"
 #include "proto.h"
 #include "topo_internal.h"
 
 #define PREFETCH_MAX_CHUNKS (1u << 20)  /* per load: bounds the tables a client can make us build */
 #define WAIT_SLICE_MS 200               /* a chunk wait looks for a stop or a gone client this often */
+#define GONE_MAX 64                     /* disconnected client processes watched for their exit */
+#define GONE_CHECK_MS 50                /* how often they are looked at */
+#define GONE_WATCH_MS 10000             /* a process still alive this long after its last connection keeps its buffers */
 
 struct lease {
 	struct lease *next;
@@ -38,7 +42,9 @@ struct client {
 	struct client *next;
 	struct agent *a;
 	int fd;
-	pid_t pid;
+	pid_t pid;                      /* SO_PEERCRED: in the agent's pid namespace */
+	uint64_t pid_start;             /* its start time, 0 when unknown */
+	uint32_t hello_pid;             /* what it says its pid is: differs in another namespace */
 	int hello_done;
 	int finished;                   /* its thread returned; join it */
 	pthread_t thread;
@@ -86,6 +92,15 @@ struct agent {
 	uint32_t nloads;
 	uint64_t next_load_id;
 	int stopping;
+	/*
+	 * Processes whose connection closed: once one has exited, the pool
+	 * buffers it held are put back (a killed step cannot release them).
+	 */
+	struct gone {
+		pid_t pid;
+		uint64_t start, until_ns;
+	} gone[GONE_MAX];
+	int ngone;
 };
 
 static void wake(struct agent *a)
@@ -258,6 +273,30 @@ static int listen_socket(struct agent *a)
 fail:
 	close(fd);
 	return err;
+}
+
+/*
+ * A socket that still accepts belongs to a live agent of this directory:
+ * starting over it would take its socket and records from under it.
+ */
+static int check_no_agent(struct agent *a)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd, live;
+
+	if (lstat(a->sock_path, &st) < 0 || !S_ISSOCK(st.st_mode))
+		return 0;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return aeg_fail(AEG_EIO, "socket: %s", strerror(errno));
+	memcpy(sa.sun_path, a->sock_path, strlen(a->sock_path) + 1);
+	live = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 || errno == EAGAIN;
+	close(fd);
+	if (live)
+		return aeg_fail(AEG_EEXIST, "another agent serves %s; not starting a second one for job %s",
+				a->sock_path, a->cfg->job_id);
+	return 0;
 }
 
 static int write_ready(struct agent *a)
@@ -550,6 +589,7 @@ static int do_hello(struct client *c, const struct proto_hello_req *q, struct pr
 		p->pool_buffer = ps.buffer_bytes;
 	}
 	c->hello_done = 1;
+	c->hello_pid = q->pid;
 	aeg_debug("client pid %d (%s) speaks version %u", (int)c->pid, q->client, p->version);
 	return 0;
 }
@@ -862,6 +902,19 @@ static void *client_main(void *arg)
 		c->leases = l->next;
 		lease_drop(a, l);
 	}
+	/*
+	 * Pool buffers are marked with the holder's own pid: only a process of
+	 * the agent's pid namespace (the pid it says is the one the kernel
+	 * gave) can be matched with them.
+	 */
+	if (a->pool && c->hello_done && c->pid_start && c->hello_pid == (uint32_t)c->pid) {
+		if (a->ngone < GONE_MAX)
+			a->gone[a->ngone++] = (struct gone){ c->pid, c->pid_start,
+							     aeg_now_ns() + GONE_WATCH_MS * 1000000ull };
+		else
+			aeg_debug("client pid %d: %d exits already watched; its pool buffers stay its own",
+				  (int)c->pid, GONE_MAX);
+	}
 	shutdown(c->fd, SHUT_RDWR);
 	c->finished = 1;
 	pthread_mutex_unlock(&a->lock);
@@ -876,6 +929,38 @@ static void client_free(struct client *c)
 	free(c->in);
 	free(c->out);
 	free(c);
+}
+
+/* Put back the pool buffers of client processes that exited since their connection closed. */
+static void reclaim_gone(struct agent *a)
+{
+	uint64_t now = aeg_now_ns();
+
+	pthread_mutex_lock(&a->lock);
+	for (int i = 0; i < a->ngone;) {
+		struct gone *g = &a->gone[i];
+		int connected = 0, drop = 1;
+		uint32_t n;
+
+		for (struct client *c = a->clients; c; c = c->next)
+			connected |= !c->finished && c->pid == g->pid && c->pid_start == g->start;
+		if (connected) {
+			/* Still attached through another connection: its buffers are in use. */
+		} else if (!aeg_proc_alive(g->pid, g->start)) {
+			if (aeg_pool_reclaim(a->pool, g->pid, &n))
+				aeg_warn("client pid %d exited: %s", (int)g->pid, aeg_error_detail());
+			else if (n > 0)
+				aeg_warn("client pid %d exited holding %u pinned pool buffer%s; back in the pool",
+					 (int)g->pid, n, n == 1 ? "" : "s");
+		} else if (now < g->until_ns) {
+			drop = 0;
+		}
+		if (drop)
+			*g = a->gone[--a->ngone];
+		else
+			i++;
+	}
+	pthread_mutex_unlock(&a->lock);
 }
 
 /* Join the threads of clients that ended. */
@@ -942,6 +1027,8 @@ static void accept_one(struct agent *a)
 	c->a = a;
 	c->fd = fd;
 	c->pid = cred.pid;
+	if (aeg_proc_start_time(cred.pid, &c->pid_start))
+		c->pid_start = 0;
 	pthread_mutex_lock(&a->lock);
 	err = pthread_create(&c->thread, NULL, client_main, c);
 	if (!err) {
@@ -974,9 +1061,12 @@ static void serve(struct agent *a, int stop_fd)
 			{ .fd = a->wake_fd, .events = POLLIN },
 			{ .fd = stop_fd, .events = POLLIN },
 		};
-		int stopping;
+		int stopping, timeout;
 
-		if (poll(p, stop_fd >= 0 ? 3 : 2, -1) < 0) {
+		pthread_mutex_lock(&a->lock);
+		timeout = a->ngone ? GONE_CHECK_MS : -1;
+		pthread_mutex_unlock(&a->lock);
+		if (poll(p, stop_fd >= 0 ? 3 : 2, timeout) < 0) {
 			if (errno == EINTR)
 				continue;
 			aeg_error("poll: %s", strerror(errno));
@@ -995,6 +1085,7 @@ static void serve(struct agent *a, int stop_fd)
 			return;
 		}
 		reap(a, 0);
+		reclaim_gone(a);
 		pthread_mutex_lock(&a->lock);
 		stopping = a->stopping;
 		pthread_mutex_unlock(&a->lock);
@@ -1123,6 +1214,13 @@ AEG_EXPORT int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
 	err = paths(a, cfg->runtime_dir);
 	if (err)
 		goto out;
+	err = check_no_agent(a);
+	if (err) {
+		/* Its files are not ours to touch. */
+		teardown(a);
+		free(a);
+		return err;
+	}
 	unlink(a->ready_path);
 	unlink(a->error_path);
 	err = write_pid(a->pid_path);

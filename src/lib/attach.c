@@ -56,6 +56,13 @@ static int call_timed(aeg_job_t *job, uint16_t type, int *recv_fd, int reply_ms)
 	int err, rc;
 
 	err = proto_send(job->fd, type, 0, id, job->msg, -1, job->frame);
+	if (err == AEG_EIO) {
+		char why[256];
+
+		snprintf(why, sizeof(why), "%s", aeg_error_detail());
+		return aeg_fail(AEG_EIO, "the agent at %s closed the connection (did the job end?): %s",
+				job->socket, why);
+	}
 	if (err) {
 		aeg_error_prefix("agent at %s", job->socket);
 		return err;

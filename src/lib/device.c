@@ -3,10 +3,12 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "device_internal.h"
 #include "internal.h"
@@ -368,6 +370,28 @@ int aeg_proc_start_time(pid_t pid, uint64_t *start)
 		return aeg_fail(AEG_EIO, "%s: field 22 is not a number", path);
 	*start = value;
 	return 0;
+}
+
+int aeg_proc_alive(pid_t pid, uint64_t start)
+{
+	char path[64], buf[1024], *p;
+	uint64_t now;
+	ssize_t n;
+	int fd;
+
+	if (aeg_proc_start_time(pid, &now) < 0 || now != start)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	return p != NULL && p[1] == ' ' && p[2] != 'Z' && p[2] != 'X';
 }
 
 int aeg_mem_available(uint64_t *bytes)

@@ -93,7 +93,12 @@ struct host_event {
 	struct host_event_page *page;
 	int fd;                         /* -1 for an event opened from a handle */
 	_Atomic uint64_t armed_seq;     /* sequence taken by host_event_arm, 0 none */
+	pid_t owner;                    /* opened from a handle: the process that records it */
+	uint64_t owner_start;
 };
+
+/* A wait on another process's event looks this often whether that process still lives. */
+#define OWNER_CHECK_MS 100
 
 enum op_kind { OP_COPY, OP_HOST_FN, OP_RECORD, OP_WAIT };
 
@@ -685,14 +690,16 @@ static void page_complete(struct host_event_page *pg, uint64_t seq)
 }
 
 /*
- * Wait until the streams pass sequence @target (or, with @failures, until
- * the event is failed). The waiters count is raised before the word is read,
- * so a completer either sees a waiter and wakes it or completed before the
- * word was read.
+ * Wait until the streams pass sequence @target of @ev (or, with @failures,
+ * until the event is failed). The waiters count is raised before the word
+ * is read, so a completer either sees a waiter and wakes it or completed
+ * before the word was read. On another process's event the wait also ends
+ * when that process exits: nothing would record the event any more.
  */
-static int page_wait(struct host_event_page *pg, uint64_t target, int timeout_ms, int failures)
+static int page_wait(struct host_event *ev, uint64_t target, int timeout_ms, int failures)
 {
-	uint64_t deadline = 0;
+	struct host_event_page *pg = ev->page;
+	uint64_t deadline = 0, next_check = 0;
 	int err;
 
 	if (timeout_ms > 0)
@@ -702,6 +709,7 @@ static int page_wait(struct host_event_page *pg, uint64_t target, int timeout_ms
 		uint32_t gen = atomic_load(&pg->word);
 		int32_t failure = atomic_load(&pg->failure);
 		struct timespec ts, *tsp = NULL;
+		uint64_t now, until = 0;
 
 		if (failures && failure != 0) {
 			err = failure;
@@ -715,15 +723,28 @@ static int page_wait(struct host_event_page *pg, uint64_t target, int timeout_ms
 			err = AEG_ETIMEDOUT;
 			break;
 		}
+		now = aeg_now_ns();
 		if (timeout_ms > 0) {
-			uint64_t now = aeg_now_ns();
-
 			if (now >= deadline) {
 				err = AEG_ETIMEDOUT;
 				break;
 			}
-			ts.tv_sec = (time_t)((deadline - now) / 1000000000ull);
-			ts.tv_nsec = (long)((deadline - now) % 1000000000ull);
+			until = deadline;
+		}
+		if (ev->owner > 0) {
+			if (now >= next_check) {
+				if (!aeg_proc_alive(ev->owner, ev->owner_start)) {
+					err = AEG_EBADF;
+					break;
+				}
+				next_check = now + OWNER_CHECK_MS * 1000000ull;
+			}
+			if (until == 0 || next_check < until)
+				until = next_check;
+		}
+		if (until != 0) {
+			ts.tv_sec = (time_t)((until - now) / 1000000000ull);
+			ts.tv_nsec = (long)((until - now) % 1000000000ull);
 			tsp = &ts;
 		}
 		futex(&pg->word, FUTEX_WAIT, gen, tsp);
@@ -731,6 +752,9 @@ static int page_wait(struct host_event_page *pg, uint64_t target, int timeout_ms
 	atomic_fetch_sub(&pg->waiters, 1);
 	if (err == AEG_ETIMEDOUT)
 		return aeg_fail(err, "event not complete after %d ms", timeout_ms);
+	if (err == AEG_EBADF)
+		return aeg_fail(err, "event handle: its owner, process %d, exited before the event completed",
+				(int)ev->owner);
 	return err;
 }
 
@@ -821,6 +845,8 @@ static int host_event_open(aeg_device_t *dev, const aeg_handle_t *handle, void *
 	atomic_init(&ev->refs, 1);
 	ev->page = pg;
 	ev->fd = -1;
+	ev->owner = (pid_t)hh.pid;
+	ev->owner_start = hh.start_time;
 	*evp = ev;
 	return 0;
 unmap:
@@ -846,9 +872,9 @@ static int host_event_query(aeg_device_t *dev, void *evp)
 
 static int host_event_wait(aeg_device_t *dev, void *evp, int timeout_ms)
 {
-	struct host_event_page *pg = ((struct host_event *)evp)->page;
+	struct host_event *ev = evp;
 
-	return page_wait(pg, atomic_load(&pg->recorded), timeout_ms, 1);
+	return page_wait(ev, atomic_load(&ev->page->recorded), timeout_ms, 1);
 }
 
 static int host_event_fail(aeg_device_t *dev, void *evp, int err)
@@ -877,7 +903,7 @@ static void run_op(struct op *op)
 		break;
 	case OP_WAIT:
 		/* A failed event releases the stream too: nothing else would. */
-		page_wait(op->u.event.ev->page, op->u.event.seq, -1, 1);
+		page_wait(op->u.event.ev, op->u.event.seq, -1, 1);
 		event_put(op->u.event.ev);
 		break;
 	}

@@ -123,6 +123,13 @@ void aeg_device_event_stats(aeg_device_t *dev, uint64_t *opens, uint64_t *cached
 /* Field 22 of /proc/<pid>/stat (start time in clock ticks since boot). */
 int aeg_proc_start_time(pid_t pid, uint64_t *start);
 
+/*
+ * aeg_proc_alive - 1 while process @pid started at @start (field 22) runs;
+ * 0 once it exited (a zombie counts as exited) or the pid names another
+ * process now.
+ */
+int aeg_proc_alive(pid_t pid, uint64_t start);
+
 /* MemAvailable of /proc/meminfo in bytes. */
 int aeg_mem_available(uint64_t *bytes);
 

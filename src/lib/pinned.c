@@ -800,6 +800,34 @@ AEG_EXPORT int aeg_pool_stats(aeg_pool_t *pool, struct aeg_pool_stats *stats)
 	return 0;
 }
 
+int aeg_pool_reclaim(aeg_pool_t *pool, pid_t pid, uint32_t *reclaimed)
+{
+	struct pool_header *h;
+	uint32_t n = 0;
+	int err;
+
+	*reclaimed = 0;
+	if (pool == NULL || pid <= 0)
+		return aeg_fail(AEG_EINVAL, "aeg_pool_reclaim: no pool or pid %d", (int)pid);
+	h = pool->hdr;
+	err = pool_lock(pool);
+	if (err < 0)
+		return err;
+	for (uint32_t i = 0; i < h->buffers; i++) {
+		if (pool->owner[i] != (uint32_t)pid)
+			continue;
+		pool->owner[i] = 0;
+		pool->stack[h->free_count++] = i;
+		h->in_use--;
+		n++;
+	}
+	if (n > 0)
+		pthread_cond_broadcast(&h->cond);
+	pool_unlock(pool);
+	*reclaimed = n;
+	return 0;
+}
+
 AEG_EXPORT int aeg_pool_fd(const aeg_pool_t *pool)
 {
 	return pool != NULL ? pool->fd : AEG_EINVAL;

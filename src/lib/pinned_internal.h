@@ -4,6 +4,7 @@
 
 #include <pthread.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <aegaeon/pinned.h>
 
@@ -24,5 +25,12 @@ void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
 
 /* The process-shared mutex in the pool header (robust-mutex tests). */
 pthread_mutex_t *aeg_pool_mutex(aeg_pool_t *pool);
+
+/*
+ * aeg_pool_reclaim - give back to the free list every buffer that process
+ * @pid (as its getpid() said) holds; the agent calls it once a client
+ * process it saw connect has exited. *@reclaimed is the count.
+ */
+int aeg_pool_reclaim(aeg_pool_t *pool, pid_t pid, uint32_t *reclaimed);
 
 #endif

@@ -493,6 +493,8 @@ static void hold_stdio(void)
 		close(fd);
 }
 
+static int stop_agents(const struct job *job, int dfd);
+
 /*
  * Any failure here is logged and the prolog still succeeds: a failing prolog
  * drains the node and holds the job, which is out of all proportion to a
@@ -526,6 +528,20 @@ int aeg_spank_prolog(spank_t sp)
 	rfd = open_runtime_dir();
 	if (rfd < 0)
 		goto out;
+	/*
+	 * An earlier run of this job id whose epilog never ran (a requeue after
+	 * slurmd died) may have left its agent holding the GPUs.
+	 */
+	dfd = openat(rfd, job.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (dfd >= 0) {
+		int stopped = stop_agents(&job, dfd);
+
+		if (stopped > 0)
+			slurm_info("aegaeon: job %u on %s: stopped %d agent(s) left by an earlier run of this job",
+				   job.id, job.node, stopped);
+		close(dfd);
+		dfd = -1;
+	}
 	if (remove_tree(rfd, job.name, 0, &removed) < 0)
 		slurm_error("aegaeon: job %u: removing the stale %s: %m", job.id, job.dir);
 	else if (removed > 0)
@@ -660,6 +676,7 @@ static int wait_gone(const pid_t *pids, int n, long timeout_ms)
 	}
 }
 
+/* SIGTERM, then SIGKILL, this job's agents: how many there were, or -1 when one survived. */
 static int stop_agents(const struct job *job, int dfd)
 {
 	pid_t pids[MAX_AGENTS];
@@ -673,7 +690,7 @@ static int stop_agents(const struct job *job, int dfd)
 	left = wait_gone(pids, n, aeg_site.cfg.agent_stop_timeout_ms);
 	if (left == 0) {
 		slurm_info("aegaeon: job %u on %s: agent %d stopped (SIGTERM)", job->id, job->node, (int)pids[0]);
-		return 0;
+		return n;
 	}
 	for (int i = 0; i < n; i++) {
 		if (!is_gone(pids[i])) {
@@ -685,7 +702,7 @@ static int stop_agents(const struct job *job, int dfd)
 	left = wait_gone(pids, n, 5000);
 	if (left > 0)
 		slurm_error("aegaeon: job %u on %s: %d agent process(es) survived SIGKILL", job->id, job->node, left);
-	return left > 0 ? -1 : 0;
+	return left > 0 ? -1 : n;
 }
 
 /*
@@ -712,7 +729,7 @@ int aeg_spank_epilog(spank_t sp)
 		return 0;
 	dfd = openat(rfd, job.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (dfd >= 0) {
-		rc = stop_agents(&job, dfd);
+		rc = stop_agents(&job, dfd) < 0 ? -1 : 0;
 		close(dfd);
 	}
 	if (remove_tree(rfd, job.name, 0, &removed) < 0)

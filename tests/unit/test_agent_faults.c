@@ -1,0 +1,913 @@
+/* Faults around the agent on the host backend: agents, steps and peers killed, stalled or late. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/attach.h>
+#include <aegaeon/job.h>
+#include <aegaeon/kv.h>
+
+#include "internal.h"
+#include "proto.h"
+#include "testutil.h"
+
+/* Generous: the CI machine has two cores shared with other builds. */
+#define BOUND_MS 5000
+
+struct agent {
+	char dir[64], sock[128], ready[128], log[96];
+	pid_t pid;
+};
+
+/* Every agent a test started, so one that fails midway leaves none running. */
+static pid_t started[16];
+static int nstarted;
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int agent_fds(pid_t pid)
+{
+	char path[64];
+	struct dirent *e;
+	DIR *d;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	d = opendir(path);
+	if (d == NULL)
+		return -1;
+	while ((e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/* Wait for the agent's descriptors to come back to @want (threads close theirs as they see EOF). */
+static int agent_fds_settle(pid_t pid, int want)
+{
+	char cmd[96];
+	int n = -1;
+
+	for (int i = 0; i < BOUND_MS / 10; i++) {
+		n = agent_fds(pid);
+		if (n == want)
+			return n;
+		usleep(10000);
+	}
+	snprintf(cmd, sizeof(cmd), "ls -l /proc/%d/fd >&2", (int)pid);
+	if (system(cmd) != 0)
+		print_error("cannot list the agent's descriptors\n");
+	return n;
+}
+
+/* aegaeond in @dir (made when empty) with "--gpus 0" and @extra; its stderr in a log beside the dir. */
+static void agent_start(struct agent *ag, const char *const *extra)
+{
+	const char *argv[32] = { AEGAEOND_PATH, "--job", "77", "--runtime-dir", NULL, "--device", "host",
+				 "--foreground", "--gpus", "0" };
+	int n = 10;
+
+	if (ag->dir[0] == '\0') {
+		strcpy(ag->dir, "/tmp/aeg-faults-XXXXXX");
+		assert_non_null(mkdtemp(ag->dir));
+	}
+	snprintf(ag->sock, sizeof(ag->sock), "%s/agent.sock", ag->dir);
+	snprintf(ag->ready, sizeof(ag->ready), "%s/ready", ag->dir);
+	snprintf(ag->log, sizeof(ag->log), "%s.log", ag->dir);
+	argv[4] = ag->dir;
+	for (int i = 0; extra[i]; i++)
+		argv[n++] = extra[i];
+	argv[n] = NULL;
+	ag->pid = fork();
+	assert_true(ag->pid >= 0);
+	if (ag->pid == 0) {
+		int fd = open(ag->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+
+		if (fd >= 0) {
+			dup2(fd, STDOUT_FILENO);
+			dup2(fd, STDERR_FILENO);
+		}
+		execv(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	if (nstarted < 16)
+		started[nstarted++] = ag->pid;
+	for (int i = 0; i < 2000; i++) {
+		struct aeg_job_record rec;
+
+		if (aeg_job_record_read(ag->ready, &rec) == 0 && rec.pid == ag->pid) {
+			setenv("AEGAEON_SOCKET", ag->sock, 1);
+			return;
+		}
+		if (waitpid(ag->pid, NULL, WNOHANG) == ag->pid)
+			fail_msg("aegaeond exited at start (see %s)", ag->log);
+		usleep(10000);
+	}
+	fail_msg("aegaeond not ready in 20 s (see %s)", ag->log);
+}
+
+static int exit_status(pid_t pid, int bound_ms)
+{
+	int status;
+
+	for (int i = 0; i < bound_ms / 10; i++) {
+		pid_t r = waitpid(pid, &status, WNOHANG);
+
+		assert_true(r >= 0);
+		if (r == pid)
+			return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+		usleep(10000);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	fail_msg("process %d still running after %d ms (hung)", (int)pid, bound_ms);
+	return -1;
+}
+
+static void agent_kill(struct agent *ag, int sig)
+{
+	assert_int_equal(kill(ag->pid, sig), 0);
+	assert_int_equal(waitpid(ag->pid, NULL, 0), ag->pid);
+	ag->pid = -1;
+}
+
+static int log_has(const struct agent *ag, const char *text)
+{
+	char buf[65536];
+	FILE *f = fopen(ag->log, "r");
+	size_t n;
+
+	if (f == NULL)
+		return 0;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	return strstr(buf, text) != NULL;
+}
+
+static void agent_cleanup(struct agent *ag)
+{
+	char cmd[256];
+
+	if (ag->pid > 0) {
+		kill(ag->pid, SIGKILL);
+		waitpid(ag->pid, NULL, 0);
+	}
+	snprintf(cmd, sizeof(cmd), "rm -rf %s %s", ag->dir, ag->log);
+	assert_int_equal(system(cmd), 0);
+	unsetenv("AEGAEON_SOCKET");
+}
+
+static void write_file(const char *path, size_t bytes)
+{
+	unsigned char buf[65536];
+	FILE *f = fopen(path, "w");
+
+	assert_non_null(f);
+	for (size_t done = 0; done < bytes; done += sizeof(buf)) {
+		for (size_t i = 0; i < sizeof(buf); i++)
+			buf[i] = (unsigned char)((done + i) * 31 + ((done + i) >> 16));
+		assert_int_equal(fwrite(buf, 1, sizeof(buf), f), sizeof(buf));
+	}
+	assert_int_equal(fclose(f), 0);
+}
+
+static uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
+{
+	struct aeg_pool_buffer b;
+	uint32_t n = 0;
+
+	while (n < cap && aeg_pool_acquire(pool, 0, &b) == 0)
+		bufs[n++] = b.index;
+	return n;
+}
+
+static struct aeg_job_status *status_of(aeg_job_t *job)
+{
+	struct aeg_job_status *st = NULL;
+	int err = aeg_job_status(job, &st);
+
+	if (err)
+		fail_msg("status: %s: %s", aeg_errname(err), aeg_error_detail());
+	return st;
+}
+
+struct waiter {
+	aeg_device_t *dev;
+	aeg_handle_t handle;
+	int timeout_ms;
+	int result;
+	double took_ms;
+	char detail[256];
+	pthread_t thread;
+};
+
+static void *waiter_main(void *arg)
+{
+	struct waiter *w = arg;
+	double t0 = now_ms();
+
+	w->result = aeg_event_wait_handle(w->dev, &w->handle, w->timeout_ms);
+	w->took_ms = now_ms() - t0;
+	snprintf(w->detail, sizeof(w->detail), "%s", aeg_error_detail());
+	return NULL;
+}
+
+static void waiter_start(struct waiter *w, aeg_device_t *dev, const aeg_handle_t *h, int timeout_ms)
+{
+	*w = (struct waiter){ .dev = dev, .handle = *h, .timeout_ms = timeout_ms };
+	assert_int_equal(pthread_create(&w->thread, NULL, waiter_main, w), 0);
+}
+
+/* ---------------------------------------------------------------- tests */
+
+/*
+ * The process that owns an armed event dies before recording it: a waiter
+ * on its handle (no agent in between) must not wait forever.
+ */
+static void event_owner_killed(void **state)
+{
+	int pipefd[2], fds;
+	aeg_device_t *dev;
+	aeg_handle_t h;
+	struct waiter w;
+	pid_t owner;
+
+	unsetenv("AEGAEON_SOCKET");
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	fds = count_fds();
+	assert_int_equal(pipe(pipefd), 0);
+	owner = fork();
+	if (owner == 0) {
+		aeg_device_t *d;
+		aeg_event_t *ev;
+
+		if (aeg_device_open(&d, AEG_DEVICE_HOST) || aeg_event_create(d, 0, &ev, &h) || aeg_event_arm(ev))
+			_exit(1);
+		if (write(pipefd[1], &h, sizeof(h)) != sizeof(h))
+			_exit(2);
+		pause();
+		_exit(0);
+	}
+	assert_int_equal(read(pipefd[0], &h, sizeof(h)), sizeof(h));
+	waiter_start(&w, dev, &h, 20000);
+	usleep(200000);
+	assert_int_equal(kill(owner, SIGKILL), 0);
+	assert_int_equal(waitpid(owner, NULL, 0), owner);
+	assert_int_equal(pthread_join(w.thread, NULL), 0);
+	if (w.result != AEG_EBADF || w.took_ms > 200 + BOUND_MS)
+		fail_msg("wait after the owner died: %s after %.0f ms: %s", aeg_errname(w.result), w.took_ms, w.detail);
+	assert_non_null(strstr(w.detail, "exited before the event completed"));
+	close(pipefd[0]);
+	close(pipefd[1]);
+	assert_int_equal(aeg_event_close_handle(dev, &h), 0);
+	assert_int_equal(count_fds(), fds);
+	aeg_device_close(dev);
+}
+
+/*
+ * SIGKILL to the agent while a load is in flight (the pool held, so its
+ * chunks cannot move) and threads wait on its chunks through the agent:
+ * every wait returns AEG_EIO naming the agent, later calls too, the
+ * client detaches cleanly, and an agent started on the same directory
+ * serves a fresh job.
+ */
+static void agent_killed_mid_prefetch(void **state)
+{
+	static const char *const opts[] = { "--slab", "256MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_load *load;
+	struct aeg_job_status *st;
+	struct waiter w[4];
+	char path[128];
+	uint32_t bufs[16], held;
+	aeg_slab_t *lease;
+	aeg_job_t *job;
+	int fds = count_fds(), err;
+
+	agent_start(&ag, opts);
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 32 << 20);
+	assert_int_equal(aeg_job_attach(&job), 0);
+	assert_int_equal(aeg_job_slab(job, 0, 1 << 20, &lease), 0);
+	held = hog_pool(aeg_job_pool(job), bufs, 16);
+	assert_int_equal(held, 8);
+	assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+	assert_int_equal(load->count, 32);
+	assert_int_equal(load->status, AEG_EBUSY);
+	for (int i = 0; i < 4; i++)
+		waiter_start(&w[i], aeg_job_device(job), &load->chunks[i * 8].event, -1);
+	usleep(200000);
+
+	agent_kill(&ag, SIGKILL);
+	for (int i = 0; i < 4; i++) {
+		assert_int_equal(pthread_join(w[i].thread, NULL), 0);
+		if (w[i].result != AEG_EIO || strstr(w[i].detail, "closed the connection") == NULL)
+			fail_msg("waiter %d: %s: %s", i, aeg_errname(w[i].result), w[i].detail);
+		assert_true(w[i].took_ms < 200 + BOUND_MS);
+	}
+	/* Later calls: the connection is gone, and so is the socket's listener. */
+	err = aeg_job_status(job, &st);
+	assert_int_equal(err, AEG_EIO);
+	assert_non_null(strstr(aeg_error_detail(), ag.sock));
+	assert_int_equal(aeg_event_wait_handle(aeg_job_device(job), &load->chunks[31].event, -1), AEG_EIO);
+	assert_non_null(strstr(aeg_error_detail(), "not running"));
+	/* What is mapped here stays usable until detach. */
+	for (uint32_t i = 0; i < held; i++)
+		assert_int_equal(aeg_pool_release(aeg_job_pool(job), bufs[i]), 0);
+	aeg_job_load_free(load);
+	aeg_job_detach(job);
+	assert_int_equal(count_fds(), fds);
+
+	/* The dead agent's socket, pid file and ready record are still there. */
+	assert_int_equal(access(ag.sock, F_OK), 0);
+	agent_start(&ag, opts);
+	assert_int_equal(aeg_job_attach(&job), 0);
+	st = status_of(job);
+	assert_int_equal(st->loads, 0);
+	assert_int_equal(st->slab[0].leases, 0);
+	assert_int_equal(st->slab[0].stats.used_bytes, 0);
+	assert_int_equal(st->pool.in_use, 0);
+	aeg_job_status_free(st);
+	assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+	for (uint32_t i = 0; i < load->count; i++)
+		assert_int_equal(aeg_event_wait_handle(aeg_job_device(job), &load->chunks[i].event, 20000), 0);
+	aeg_job_load_free(load);
+	aeg_job_detach(job);
+	unlink(path);
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fds);
+}
+
+/*
+ * The same with the load running free (a file big enough that it is still
+ * loading when the agent dies) and one waiter walking its chunks in order:
+ * it sees every chunk it reaches complete, or an error, never a hang.
+ */
+static void agent_killed_mid_load(void **state)
+{
+	static const char *const opts[] = { "--slab", "512MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_load *load;
+	char path[128];
+	aeg_job_t *job;
+	uint32_t done = 0;
+	double t0;
+	int fds = count_fds(), err = 0;
+
+	agent_start(&ag, opts);
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 256 << 20);
+	assert_int_equal(aeg_job_attach(&job), 0);
+	assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+	assert_int_equal(load->count, 256);
+	assert_int_equal(aeg_event_wait_handle(aeg_job_device(job), &load->chunks[0].event, 20000), 0);
+	kill(ag.pid, SIGKILL);
+	t0 = now_ms();
+	for (; done < load->count; done++) {
+		err = aeg_event_wait_handle(aeg_job_device(job), &load->chunks[done].event, -1);
+		if (err)
+			break;
+	}
+	assert_true(now_ms() - t0 < BOUND_MS);
+	print_message("agent killed after chunk 0: %u of %u chunks seen complete, then %s: %s\n", done,
+		      load->count, err ? aeg_errname(err) : "none", err ? aeg_error_detail() : "");
+	if (err != 0 && err != AEG_EIO && err != AEG_EBADF)
+		fail_msg("chunk %u: %s: %s", done, aeg_errname(err), aeg_error_detail());
+	assert_int_equal(waitpid(ag.pid, NULL, 0), ag.pid);
+	ag.pid = -1;
+	assert_int_equal(aeg_job_status(job, &(struct aeg_job_status *){ NULL }), AEG_EIO);
+	aeg_job_load_free(load);
+	aeg_job_detach(job);
+	unlink(path);
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fds);
+}
+
+/*
+ * A step swapping KV blocks between its lease of the job slab and the job's
+ * pool when the agent is killed: its swaps are its own memory and go on;
+ * its next agent call is AEG_EIO; it shuts down cleanly.
+ */
+static int kv_step(int ready_fd, int go_fd)
+{
+	struct aeg_kv_params p = { .block_bytes = 64 << 10, .host_buffers = 2 };
+	uint32_t gids[16], hids[16];
+	struct aeg_kv_stats ks;
+	aeg_stream_t *stream;
+	aeg_slab_t *lease;
+	aeg_handle_t h;
+	aeg_job_t *job;
+	aeg_kv_t *kv;
+	char c;
+	int err;
+
+	if (aeg_job_attach(&job) || aeg_job_slab(job, 0, 4 << 20, &lease))
+		return 10;
+	p.slab = lease;
+	p.gpu_blocks = 32;
+	p.pool = aeg_job_pool(job);
+	if (aeg_kv_create(aeg_job_device(job), 0, &p, &kv) ||
+	    aeg_stream_create(aeg_job_device(job), 0, &stream) ||
+	    aeg_kv_gpu_alloc(kv, 16, gids) || aeg_kv_host_alloc(kv, 16, hids))
+		return 11;
+	/* Swap until told the agent is dead, then five rounds more. */
+	for (int round = 0, left = -1; left != 0; round++) {
+		struct pollfd pf = { .fd = go_fd, .events = POLLIN };
+
+		for (int i = 0; i < 16; i++)
+			memset(aeg_kv_gpu_ptr(kv, gids[i]), round + i, 64 << 10);
+		if (aeg_kv_swap_out(kv, gids, hids, 16, stream, &h) ||
+		    aeg_event_wait_handle(aeg_job_device(job), &h, 10000) || aeg_kv_release(kv, &h))
+			return 12;
+		for (int i = 0; i < 16; i++)
+			if (((unsigned char *)aeg_kv_host_ptr(kv, hids[i]))[4096] != (unsigned char)(round + i))
+				return 13;
+		if (aeg_kv_swap_in(kv, hids, gids, 16, stream, &h) ||
+		    aeg_event_wait_handle(aeg_job_device(job), &h, 10000) || aeg_kv_release(kv, &h))
+			return 14;
+		if (round == 3 && write(ready_fd, "r", 1) != 1)
+			return 15;
+		if (left > 0)
+			left--;
+		else if (left < 0 && poll(&pf, 1, 0) == 1 && read(go_fd, &c, 1) == 1)
+			left = 5;
+	}
+	err = aeg_job_status(job, &(struct aeg_job_status *){ NULL });
+	if (err != AEG_EIO || strstr(aeg_error_detail(), "closed the connection") == NULL)
+		return 16;
+	if (aeg_kv_stats(kv, &ks) || ks.events_live != 0)
+		return 17;
+	aeg_stream_destroy(stream);
+	aeg_kv_destroy(kv);
+	aeg_job_detach(job);
+	return 0;
+}
+
+static void agent_killed_mid_kv_swap(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	int ready[2], go[2];
+	pid_t step;
+	char c;
+
+	agent_start(&ag, opts);
+	assert_int_equal(pipe(ready), 0);
+	assert_int_equal(pipe(go), 0);
+	step = fork();
+	if (step == 0)
+		_exit(kv_step(ready[1], go[0]));
+	assert_int_equal(read(ready[0], &c, 1), 1);
+	agent_kill(&ag, SIGKILL);
+	assert_int_equal(write(go[1], "g", 1), 1);
+	assert_int_equal(exit_status(step, 2 * BOUND_MS), 0);
+	close(ready[0]);
+	close(ready[1]);
+	close(go[0]);
+	close(go[1]);
+	agent_cleanup(&ag);
+}
+
+/*
+ * A step SIGKILLed while it holds slab leases and pool buffers (its own
+ * and its KV cache's) and waits on a chunk through the agent: the agent
+ * takes the leases back at once and the buffers once the process is gone,
+ * which lets the load it starved finish; another client goes on unharmed.
+ */
+static int greedy_step(int ready_fd)
+{
+	struct aeg_kv_params p = { .block_bytes = 64 << 10, .host_buffers = 2 };
+	uint32_t bufs[16];
+	aeg_slab_t *a, *b;
+	aeg_job_t *job;
+	aeg_kv_t *kv;
+	struct aeg_job_load *load;
+	char path[160];
+
+	snprintf(path, sizeof(path), "%s", getenv("FAULT_MODEL"));
+	if (aeg_job_attach(&job) || aeg_job_slab(job, 0, 8 << 20, &a) || aeg_job_slab(job, 0, 4 << 20, &b))
+		return 20;
+	p.slab = a;
+	p.gpu_blocks = 8;
+	p.pool = aeg_job_pool(job);
+	if (aeg_kv_create(aeg_job_device(job), 0, &p, &kv))
+		return 21;
+	hog_pool(aeg_job_pool(job), bufs, 16);
+	if (aeg_job_prefetch(job, path, 0, 1 << 20, &load))
+		return 22;
+	if (write(ready_fd, "r", 1) != 1)
+		return 23;
+	aeg_event_wait_handle(aeg_job_device(job), &load->chunks[0].event, -1);
+	return 24;
+}
+
+static void step_killed_with_leases(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_status *st;
+	struct aeg_pool_buffer mine;
+	struct aeg_job_load *load;
+	char path[128];
+	aeg_slab_t *lease;
+	aeg_job_t *job;
+	int ready[2], fds_before, fds = count_fds(), ok = 0;
+	pid_t step;
+	char c;
+
+	agent_start(&ag, opts);
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 4 << 20);
+	setenv("FAULT_MODEL", path, 1);
+	/* The other client: a lease and a pool buffer of its own. */
+	assert_int_equal(aeg_job_attach(&job), 0);
+	assert_int_equal(aeg_job_slab(job, 0, 2 << 20, &lease), 0);
+	assert_int_equal(aeg_pool_acquire(aeg_job_pool(job), 0, &mine), 0);
+	fds_before = agent_fds(ag.pid);
+
+	assert_int_equal(pipe(ready), 0);
+	step = fork();
+	if (step == 0)
+		_exit(greedy_step(ready[1]));
+	assert_int_equal(read(ready[0], &c, 1), 1);
+	usleep(100000);
+	st = status_of(job);
+	assert_int_equal(st->slab[0].leases, 3);
+	assert_int_equal(st->pool.in_use, 8);
+	assert_int_equal(st->clients, 3);       /* this one, the step's, its chunk wait */
+	assert_int_equal(st->loads, 1);
+	assert_int_equal(st->load[0].status, AEG_EBUSY);
+	aeg_job_status_free(st);
+
+	assert_int_equal(kill(step, SIGKILL), 0);
+	assert_int_equal(waitpid(step, NULL, 0), step);
+	for (int i = 0; i < BOUND_MS / 10 && !ok; i++) {
+		st = status_of(job);
+		ok = st->slab[0].leases == 1 && st->slab[0].lease_bytes == 2 << 20 && st->pool.in_use == 1 &&
+		     st->clients == 1 && st->loads == 1 && st->load[0].status == 0;
+		if (!ok && i == BOUND_MS / 10 - 1)
+			fail_msg("after the step's kill: %u leases (%llu bytes), %u buffers in use, %u clients, load %d",
+				 st->slab[0].leases, (unsigned long long)st->slab[0].lease_bytes, st->pool.in_use,
+				 st->clients, st->loads ? st->load[0].status : 1);
+		aeg_job_status_free(st);
+		if (!ok)
+			usleep(10000);
+	}
+	assert_true(log_has(&ag, "exited holding 7 pinned pool buffers; back in the pool"));
+	/* This client's lease, buffer and the finished load are all still good. */
+	assert_int_equal(aeg_job_chunks(job, 0, path, 0, &load), 0);
+	assert_int_equal(load->status, 0);
+	aeg_job_load_free(load);
+	/* Without the load's chunk events, the agent holds what it held before the step came. */
+	assert_int_equal(aeg_job_release_all(job, NULL), 0);
+	assert_int_equal(agent_fds_settle(ag.pid, fds_before), fds_before);
+	assert_int_equal(aeg_pool_release(aeg_job_pool(job), mine.index), 0);
+	assert_int_equal(aeg_job_slab_return(job, lease), 0);
+	aeg_job_detach(job);
+	close(ready[0]);
+	close(ready[1]);
+	unlink(path);
+	unsetenv("FAULT_MODEL");
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fds);
+}
+
+static int connect_raw(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	assert_true(fd >= 0);
+	strcpy(sa.sun_path, path);
+	assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	return fd;
+}
+
+/*
+ * Peers that stall: one sends half a header and stops, one connects and
+ * says nothing, one floods requests and never reads a reply. Meanwhile a
+ * normal client is served within the bound; the half-header one is dropped
+ * after the frame timeout; closing the others gives their descriptors back;
+ * SIGTERM with a peer stuck unread stops the agent at once.
+ */
+static void stalled_peers(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	unsigned char frame[PROTO_MAX_FRAME], hdr[PROTO_HEADER_BYTES];
+	struct proto_header h = { PROTO_MAGIC, 1, PROTO_HELLO, 0, 0, 1 };
+	union proto_msg msg;
+	size_t len;
+	int half, silent, flood, base, sent = 0;
+	double t0, dropped_ms = -1;
+	struct aeg_job_load *load;
+	char path[128], c;
+	aeg_job_t *job;
+
+	agent_start(&ag, opts);
+	base = agent_fds(ag.pid);
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 4 << 20);
+
+	half = connect_raw(ag.sock);
+	h.length = 40;
+	proto_header_encode(&h, hdr);
+	assert_int_equal(send(half, hdr, 10, MSG_NOSIGNAL), 10);
+	t0 = now_ms();
+	silent = connect_raw(ag.sock);
+
+	/* The flooder says hello properly, then asks for status without ever reading. */
+	flood = connect_raw(ag.sock);
+	memset(&msg, 0, sizeof(msg));
+	msg.hello_req.min_version = msg.hello_req.max_version = 1;
+	msg.hello_req.pid = (uint32_t)getpid();
+	strcpy(msg.hello_req.client, "flooder");
+	assert_int_equal(proto_encode(PROTO_HELLO, 0, 1, &msg, frame, &len), 0);
+	assert_int_equal(send(flood, frame, len, MSG_NOSIGNAL), (ssize_t)len);
+	memset(&msg, 0, sizeof(msg));
+	assert_int_equal(proto_encode(PROTO_STATUS, 0, 2, &msg, frame, &len), 0);
+	assert_int_equal(fcntl(flood, F_SETFL, O_NONBLOCK), 0);
+	while (send(flood, frame, len, MSG_NOSIGNAL) == (ssize_t)len)
+		sent++;
+	assert_true(sent > 4);
+
+	/* A normal client meanwhile: every call well within the bound. */
+	for (int round = 0; round < 3; round++) {
+		double t = now_ms();
+
+		assert_int_equal(aeg_job_attach(&job), 0);
+		assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+		for (uint32_t i = 0; i < load->count; i++)
+			assert_int_equal(aeg_event_wait_handle(aeg_job_device(job), &load->chunks[i].event, BOUND_MS), 0);
+		assert_int_equal(aeg_job_release_all(job, NULL), 0);
+		aeg_job_load_free(load);
+		aeg_job_detach(job);
+		if (now_ms() - t > BOUND_MS)
+			fail_msg("round %d with stalled peers took %.0f ms", round, now_ms() - t);
+	}
+
+	/* The half header is dropped after the frame timeout; the silent peer is not. */
+	for (int i = 0; i < (PROTO_FRAME_TIMEOUT_MS + BOUND_MS) / 10; i++) {
+		struct pollfd p = { .fd = half, .events = POLLIN };
+
+		if (poll(&p, 1, 10) == 1) {
+			dropped_ms = now_ms() - t0;
+			break;
+		}
+	}
+	if (dropped_ms < PROTO_FRAME_TIMEOUT_MS - 100)
+		fail_msg("half header: dropped after %.0f ms (frame timeout %d ms)", dropped_ms, PROTO_FRAME_TIMEOUT_MS);
+	assert_int_equal(read(half, &c, 1), 0);
+	assert_true(log_has(&ag, "frame incomplete after"));
+	assert_true(log_has(&ag, "(10 of 24 bytes)"));
+	close(half);
+	{
+		struct pollfd p = { .fd = silent, .events = POLLIN };
+		assert_int_equal(poll(&p, 1, 0), 0);
+	}
+	close(silent);
+	/* The flooder's thread is blocked sending it replies; it stays until the agent stops. */
+	assert_int_equal(agent_fds_settle(ag.pid, base + 1), base + 1);
+	t0 = now_ms();
+	assert_int_equal(kill(ag.pid, SIGTERM), 0);
+	assert_int_equal(exit_status(ag.pid, BOUND_MS), 0);
+	ag.pid = -1;
+	print_message("stalled peers: half header dropped after %.0f ms; %d unread status requests; "
+		      "SIGTERM with the flooder stuck: exit in %.0f ms\n", dropped_ms, sent, now_ms() - t0);
+	close(flood);
+	assert_int_equal(access(ag.sock, F_OK), -1);
+	unlink(path);
+	agent_cleanup(&ag);
+}
+
+/*
+ * A stale runtime directory of an agent that crashed: its socket, pid file
+ * and ready record are replaced. A live agent's directory is refused with
+ * its files left alone; a non-socket under the socket's name is refused.
+ */
+static void stale_runtime_dir(void **state)
+{
+	static const char *const opts[] = { "--slab", "16MiB", NULL };
+	struct agent ag = { .pid = -1 }, second = { .pid = -1 };
+	struct aeg_job_record rec;
+	char link[160], target[160], log[4096];
+	const char *argv[] = { AEGAEOND_PATH, "--job", "77", "--runtime-dir", NULL, "--device", "host",
+			       "--foreground", "--gpus", "0", "--slab", "16MiB", NULL };
+	int out[2];
+	pid_t pid;
+	ssize_t n;
+
+	agent_start(&ag, opts);
+	/* A second agent on the live one's directory. */
+	argv[4] = ag.dir;
+	assert_int_equal(pipe(out), 0);
+	pid = fork();
+	if (pid == 0) {
+		dup2(out[1], STDERR_FILENO);
+		execv(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	close(out[1]);
+	assert_int_equal(exit_status(pid, BOUND_MS), 1);
+	n = read(out[0], log, sizeof(log) - 1);
+	close(out[0]);
+	assert_true(n > 0);
+	log[n] = '\0';
+	if (strstr(log, "another agent serves") == NULL)
+		fail_msg("second agent said: %s", log);
+	assert_int_equal(aeg_job_record_read(ag.ready, &rec), 0);
+	assert_int_equal(rec.pid, ag.pid);
+	assert_int_equal(kill(ag.pid, 0), 0);
+	{
+		aeg_job_t *job;
+		assert_int_equal(aeg_job_connect(&job), 0);
+		aeg_job_detach(job);
+	}
+
+	/* Crash it: everything stays behind; a new agent takes the place over. */
+	agent_kill(&ag, SIGKILL);
+	assert_int_equal(access(ag.sock, F_OK), 0);
+	assert_int_equal(access(ag.ready, F_OK), 0);
+	agent_start(&ag, opts);
+	assert_int_equal(aeg_job_record_read(ag.ready, &rec), 0);
+	assert_int_equal(rec.pid, ag.pid);
+	agent_kill(&ag, SIGKILL);
+
+	/* A link where the socket was: refused, and its target left alone. */
+	snprintf(target, sizeof(target), "%s.target", ag.dir);
+	write_file(target, 65536);
+	snprintf(link, sizeof(link), "%s/agent.sock", ag.dir);
+	assert_int_equal(unlink(link), 0);
+	assert_int_equal(symlink(target, link), 0);
+	second = ag;
+	second.pid = fork();
+	if (second.pid == 0) {
+		execv(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	assert_int_equal(exit_status(second.pid, BOUND_MS), 1);
+	{
+		char reason[AEG_JOB_ERROR_MAX], errpath[160];
+		struct stat st;
+
+		snprintf(errpath, sizeof(errpath), "%s/error", ag.dir);
+		assert_int_equal(aeg_job_error_read(errpath, reason, sizeof(reason)), 0);
+		if (strstr(reason, "exists and is not a socket") == NULL)
+			fail_msg("error record: %s", reason);
+		assert_int_equal(lstat(link, &st), 0);
+		assert_true(S_ISLNK(st.st_mode));
+		assert_int_equal(stat(target, &st), 0);
+		assert_int_equal(st.st_size, 65536);
+	}
+	unlink(target);
+	agent_cleanup(&ag);
+}
+
+/*
+ * Eight steps attached and busy when the agent gets SIGTERM, and a ninth
+ * that connects just then (while the agent is stopped, so its connection
+ * waits in the listen queue): the ninth gets AEG_EIO at once, the eight
+ * get AEG_EIO, the agent exits 0 and leaves no file of its own behind.
+ */
+static int busy_step(int ready_fd)
+{
+	struct aeg_pool_buffer b;
+	aeg_slab_t *lease;
+	aeg_job_t *job;
+	int err;
+
+	if (aeg_job_attach(&job) || aeg_job_slab(job, 0, 1 << 20, &lease) ||
+	    aeg_pool_acquire(aeg_job_pool(job), 1000, &b))
+		return 30;
+	if (write(ready_fd, "r", 1) != 1)
+		return 31;
+	for (;;) {
+		struct aeg_job_status *st;
+
+		err = aeg_job_status(job, &st);
+		if (err)
+			break;
+		aeg_job_status_free(st);
+		usleep(1000);
+	}
+	if (err != AEG_EIO)
+		return 32;
+	aeg_pool_release(aeg_job_pool(job), b.index);
+	aeg_job_detach(job);
+	return 0;
+}
+
+static int late_step(int ready_fd)
+{
+	aeg_job_t *job = NULL;
+	int err;
+
+	if (write(ready_fd, "r", 1) != 1)
+		return 40;
+	err = aeg_job_attach(&job);
+	if (err == 0) {
+		aeg_job_detach(job);
+		return 41;
+	}
+	if (err != AEG_EIO || strstr(aeg_error_detail(), "agent") == NULL)
+		return 42;
+	return 0;
+}
+
+static void nine_steps_at_shutdown(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "16MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	pid_t steps[9];
+	int ready[2], fds = count_fds();
+	double t0;
+	char c, cmd[160];
+
+	agent_start(&ag, opts);
+	assert_int_equal(pipe(ready), 0);
+	for (int i = 0; i < 8; i++) {
+		steps[i] = fork();
+		if (steps[i] == 0)
+			_exit(busy_step(ready[1]));
+	}
+	for (int i = 0; i < 8; i++)
+		assert_int_equal(read(ready[0], &c, 1), 1);
+	assert_int_equal(kill(ag.pid, SIGSTOP), 0);
+	steps[8] = fork();
+	if (steps[8] == 0)
+		_exit(late_step(ready[1]));
+	assert_int_equal(read(ready[0], &c, 1), 1);
+	usleep(200000);         /* its connect is queued, its hello unread */
+	assert_int_equal(kill(ag.pid, SIGTERM), 0);
+	t0 = now_ms();
+	assert_int_equal(kill(ag.pid, SIGCONT), 0);
+	assert_int_equal(exit_status(ag.pid, BOUND_MS), 0);
+	ag.pid = -1;
+	print_message("SIGTERM with 8 steps attached and a 9th queued: agent exited in %.0f ms\n", now_ms() - t0);
+	for (int i = 0; i < 9; i++) {
+		int rc = exit_status(steps[i], BOUND_MS);
+
+		if (rc != 0)
+			fail_msg("step %d ended with %d", i, rc);
+	}
+	/* Nothing of the agent's is left in its directory. */
+	snprintf(cmd, sizeof(cmd), "test -z \"$(ls -A %s)\"", ag.dir);
+	assert_int_equal(system(cmd), 0);
+	close(ready[0]);
+	close(ready[1]);
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fds);
+}
+
+static int kill_started(void **state)
+{
+	/* Only children not reaped yet: a pid reaped before may name another process now. */
+	for (int i = 0; i < nstarted; i++) {
+		if (waitpid(started[i], NULL, WNOHANG) == 0 && kill(started[i], SIGKILL) == 0)
+			waitpid(started[i], NULL, 0);
+	}
+	nstarted = 0;
+	return 0;
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_teardown(event_owner_killed, kill_started),
+		cmocka_unit_test_teardown(agent_killed_mid_prefetch, kill_started),
+		cmocka_unit_test_teardown(agent_killed_mid_load, kill_started),
+		cmocka_unit_test_teardown(agent_killed_mid_kv_swap, kill_started),
+		cmocka_unit_test_teardown(step_killed_with_leases, kill_started),
+		cmocka_unit_test_teardown(stalled_peers, kill_started),
+		cmocka_unit_test_teardown(stale_runtime_dir, kill_started),
+		cmocka_unit_test_teardown(nine_steps_at_shutdown, kill_started),
+	};
+
+	setenv("AEGAEON_HOST_GPUS", "1", 1);
+	unsetenv("AEGAEON_SLABS");
+	return cmocka_run_group_tests_name("agent_faults", tests, NULL, NULL);
+}
