@@ -100,6 +100,7 @@ struct aeg_job_load {
 	uint64_t file_bytes, done_bytes;
 	uint32_t count;
 	struct aeg_job_chunk *chunks;
+	char *detail;                   /* a failed load: why, as the agent said; else NULL */
 };
 
 /*

@@ -188,8 +188,12 @@ static int wait_load(aeg_job_t *job, struct aeg_job_load **l, uint64_t deadline_
 
 static int load_failed(const struct aeg_job_load *l, const char *path)
 {
-	fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s failed: %s (%s)\n", l->load_id, path,
-		aeg_strerror(l->status), aeg_errname(l->status));
+	if (l->detail)
+		fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s failed: %s (%s)\n", l->load_id, path,
+			l->detail, aeg_errname(l->status));
+	else
+		fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s failed: %s (%s)\n", l->load_id, path,
+			aeg_strerror(l->status), aeg_errname(l->status));
 	return 1;
 }
 

@@ -449,9 +449,13 @@ static int chunks_page(struct agent *a, struct load *l, uint32_t first, struct p
 		return err;
 	c = aeg_load_chunks(l->handle, &n);
 	memset(rep, 0, offsetof(struct proto_chunks_rep, chunks));
+	rep->detail[0] = '\0';
 	rep->load_id = l->id;
 	rep->slab = l->slab;
 	rep->status = pr.status;
+	/* A settled load's wait returns at once, with its error's detail. */
+	if (pr.status != 0 && pr.status != AEG_EBUSY && aeg_load_wait(l->handle, 0) != 0)
+		snprintf(rep->detail, sizeof(rep->detail), "%s", aeg_error_detail());
 	rep->file_bytes = pr.total_bytes;
 	rep->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
 	rep->total = l->nchunks - l->nreleased;

@@ -479,6 +479,10 @@ static int collect(aeg_job_t *job, struct aeg_job_load **out)
 	load->load_id = load_id;
 	load->slab = (int)rep->slab;
 	load->status = rep->status;
+	if (rep->detail[0] != '\0' && (load->detail = strdup(rep->detail)) == NULL) {
+		aeg_job_load_free(load);
+		return aeg_fail(AEG_ENOMEM, "chunk list: out of memory");
+	}
 	load->file_bytes = rep->file_bytes;
 	load->done_bytes = rep->done_bytes;
 	for (;;) {
@@ -598,6 +602,7 @@ AEG_EXPORT void aeg_job_load_free(struct aeg_job_load *load)
 	if (load == NULL)
 		return;
 	free(load->chunks);
+	free(load->detail);
 	free(load);
 }
 

@@ -475,6 +475,8 @@ static void enc_chunks_rep(struct wr *w, const union proto_msg *m)
 		put_u64(w, p->chunks[i].slab_id);
 		put(w, p->chunks[i].event.bytes, AEG_HANDLE_BYTES);
 	}
+	if (p->detail[0] != '\0')
+		put_str(w, p->detail, sizeof(p->detail));
 }
 
 static int dec_chunks_rep(struct rd *r, union proto_msg *m)
@@ -516,6 +518,19 @@ static int dec_chunks_rep(struct rd *r, union proto_msg *m)
 			return aeg_fail(AEG_EPROTO, "chunk %u: id %llu, %llu bytes at slab offset %llu",
 					p->first + i, (unsigned long long)c->slab_id,
 					(unsigned long long)c->size, (unsigned long long)c->offset);
+	}
+	p->detail[0] = '\0';
+	if (r->pos < r->len) {
+		int err = 0;
+
+		/* Present only when there is one: the encoding stays canonical. */
+		if (get_str(r, p->detail, sizeof(p->detail), "load error detail", &err))
+			return err;
+		if (p->detail[0] == '\0')
+			return aeg_fail(AEG_EPROTO, "chunk list with an empty error detail (it is left out)");
+		if (p->status == 0 || p->status == AEG_EBUSY)
+			return aeg_fail(AEG_EPROTO, "chunk list of a load %s with an error detail",
+					p->status == 0 ? "loaded" : "loading");
 	}
 	return check_slab_index(p->slab, "chunk list");
 }

@@ -143,6 +143,8 @@ struct proto_chunks_rep {
 	uint64_t file_bytes, done_bytes;
 	uint32_t total, first, count;
 	struct proto_chunk chunks[PROTO_CHUNKS_PER_PAGE];
+	/* Why a failed load failed, after the chunks; left out (empty) otherwise. */
+	char detail[PROTO_DETAIL_MAX];
 };
 
 #define PROTO_RELEASE_ALL 0x1u

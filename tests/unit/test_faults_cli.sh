@@ -167,9 +167,10 @@ if [[ $started != ready ]]; then
 else
 	ok "agent: starts with a --prefetch file that fails midway (the load runs after ready)"
 	jobenv
-	# The reply carries the load's code, not its detail: that is in the agent's log.
-	expect "agent: waiting on the failed load gives its error with the path" 1 \
-		"load 1 of $M failed: input/output error \(AEG_EIO\)" "$CLI" wait 1 --timeout 10
+	# The agent's reply carries the load's error detail: offset, size and errno.
+	expect "agent: waiting on the failed load gives its error with the path, offset and errno" 1 \
+		"load 1 of $M failed: $M: reading [0-9]+ bytes at [0-9]+: Input/output error \(AEG_EIO\)" \
+		"$CLI" wait 1 --timeout 10
 	check "agent: its log has the detail (offset and errno)" \
 		grep -qE "load 1 of $M failed: $M: reading [0-9]+ bytes at [0-9]+: Input/output error" "$T/agent.log"
 	run "$CLI" status --json
@@ -179,7 +180,7 @@ else
 	check "agent: slab empty again" test "$(json 'len(d["loads"]), d["slabs"][0]["used_bytes"], d["slabs"][0]["blocks"]' <<<"$out")" = "0 0 0"
 	expect "agent: the next load (another file) works" 0 "through the job's agent" \
 		"$CLI" prefetch "$T/other.bin" --chunk 1MiB --verify
-	expect "agent: a load of the faulty file again fails again, clearly" 1 "load 3 of $M failed: input/output error \(AEG_EIO\)" \
+	expect "agent: a load of the faulty file again fails again, clearly" 1 "load 3 of $M failed: $M: reading .*: Input/output error \(AEG_EIO\)" \
 		"$CLI" prefetch "$M" --chunk 1MiB
 	expect "agent: release --all" 0 "released" "$CLI" release --all
 	stop_agent

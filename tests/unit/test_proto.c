@@ -80,6 +80,11 @@ static void make(uint16_t type, uint32_t flags, union proto_msg *m)
 				m->chunks_rep.chunks[i].slab_id = 100 + i;
 				fill_handle(&m->chunks_rep.chunks[i].event, i);
 			}
+			if (type == PROTO_CHUNKS) {
+				/* A failed load's page carries its error's detail. */
+				m->chunks_rep.status = AEG_EIO;
+				strcpy(m->chunks_rep.detail, "/models/a.bin: reading 33554432 bytes at 1048576: Input/output error");
+			}
 			break;
 		case PROTO_RELEASE:
 			m->release_rep.released = 12;
@@ -304,6 +309,9 @@ static void e_crep_size(union proto_msg *m) { m->chunks_rep.chunks[7].size = 0; 
 static void e_crep_align(union proto_msg *m) { m->chunks_rep.chunks[7].offset = 4097; }
 static void e_crep_id(union proto_msg *m) { m->chunks_rep.chunks[0].slab_id = 0; }
 static void e_crep_load(union proto_msg *m) { m->chunks_rep.load_id = 0; }
+static void e_crep_detail_busy(union proto_msg *m) { strcpy(m->chunks_rep.detail, "not yet"); }
+static void e_crep_detail_ok(union proto_msg *m) { m->chunks_rep.status = 0; strcpy(m->chunks_rep.detail, "fine"); }
+static void e_crep_failed(union proto_msg *m) { m->chunks_rep.status = AEG_EIO; }
 static void e_rel_all_ids(union proto_msg *m) { m->release_req.flags = PROTO_RELEASE_ALL; m->release_req.count = 1; }
 static void e_rel_flags(union proto_msg *m) { m->release_req.flags = 0x10; }
 static void e_rel_zero(union proto_msg *m) { m->release_req.ids[17].slab_id = 0; }
@@ -364,6 +372,11 @@ static const struct bad_case bad_cases[] = {
 	{ "chunk align", PROTO_CHUNKS, PROTO_F_REPLY, e_crep_align, M_NONE, 0, 0, "slab offset 4097" },
 	{ "chunk id 0", PROTO_CHUNKS, PROTO_F_REPLY, e_crep_id, M_NONE, 0, 0, "id 0" },
 	{ "chunk load 0", PROTO_CHUNKS, PROTO_F_REPLY, e_crep_load, M_NONE, 0, 0, "load id 0" },
+	{ "chunk detail while loading", PROTO_PREFETCH, PROTO_F_REPLY, e_crep_detail_busy, M_NONE, 0, 0, "loading with an error detail" },
+	{ "chunk detail when loaded", PROTO_PREFETCH, PROTO_F_REPLY, e_crep_detail_ok, M_NONE, 0, 0, "loaded with an error detail" },
+	{ "chunk detail empty", PROTO_PREFETCH, PROTO_F_REPLY, e_crep_failed, M_APPEND, 0, 2, "empty error detail" },
+	{ "chunk detail cut", PROTO_PREFETCH, PROTO_F_REPLY, e_crep_failed, M_APPEND, 0, 1, "truncated" },
+	{ "chunk detail long", PROTO_CHUNKS, PROTO_F_REPLY, NULL, M_U16, P + 44 + PROTO_CHUNKS_PER_PAGE * (32 + AEG_HANDLE_BYTES), PROTO_DETAIL_MAX, "load error detail of 1024 bytes" },
 	{ "release all with ids", PROTO_RELEASE, 0, e_rel_all_ids, M_NONE, 0, 0, "release of all with 1 ids" },
 	{ "release flags", PROTO_RELEASE, 0, e_rel_flags, M_NONE, 0, 0, "unknown flags 0x10" },
 	{ "release id 0", PROTO_RELEASE, 0, e_rel_zero, M_NONE, 0, 0, "release of id 0" },
@@ -408,9 +421,9 @@ static void malformed_frames_are_rejected(void **state)
 		case M_TRUNCATE:
 			set32(frame + HDR_LENGTH, (uint32_t)(len - P - c->at));
 			break;
-		case M_APPEND:
-			frame[len] = 0;
-			set32(frame + HDR_LENGTH, (uint32_t)(len - P + 1));
+		case M_APPEND:  /* @value zero bytes, at least one */
+			memset(frame + len, 0, c->value ? c->value : 1);
+			set32(frame + HDR_LENGTH, (uint32_t)(len - P + (c->value ? c->value : 1)));
 			break;
 		default:
 			break;
