@@ -827,6 +827,40 @@ static void print_sample(const char *what, const struct proc_sample *s)
 	       s->threads, s->maps, s->rss_anon_kib, s->vm_rss_kib);
 }
 
+/*
+ * Free memory of GPU 0 as a fresh process sees it: the parent must not
+ * open CUDA itself (its workers are forked from it).
+ */
+static int gpu_free(uint64_t *free_bytes)
+{
+	int fds[2], status;
+	ssize_t n;
+	pid_t pid;
+
+	if (pipe(fds) < 0)
+		return -1;
+	pid = fork();
+	if (pid == 0) {
+		struct aeg_gpu_info info;
+		aeg_device_t *dev;
+
+		close(fds[0]);
+		if (aeg_device_open(&dev, opt.device) || aeg_device_gpu_info(dev, 0, &info)) {
+			fprintf(stderr, "soak: GPU 0: %s\n", aeg_error_detail());
+			_exit(1);
+		}
+		n = write(fds[1], &info.free_bytes, sizeof(info.free_bytes));
+		aeg_device_close(dev);
+		_exit(n == sizeof(info.free_bytes) ? 0 : 1);
+	}
+	close(fds[1]);
+	n = pid > 0 ? read(fds[0], free_bytes, sizeof(*free_bytes)) : -1;
+	close(fds[0]);
+	if (pid > 0)
+		waitpid(pid, &status, 0);
+	return n == sizeof(*free_bytes) ? 0 : -1;
+}
+
 static int make_files(void)
 {
 	static const uint64_t extra[NFILES] = { 4096 + 123, 0, 17 };
@@ -968,7 +1002,7 @@ int main(int argc, char **argv)
 	char ready[128], error[128], log[128], cmd[160];
 	struct aeg_job_status *st0 = NULL, *st1 = NULL;
 	struct proc_sample a0, a1;
-	uint64_t t0 = now_ns(), total_ops[OP_END] = { 0 }, bytes = 0, retries = 0;
+	uint64_t t0 = now_ns(), total_ops[OP_END] = { 0 }, bytes = 0, retries = 0, free0 = 0, free1 = 0;
 	int status, failed = 0;
 
 	if (parse_args(argc, argv))
@@ -999,6 +1033,11 @@ int main(int argc, char **argv)
 	sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (sh == MAP_FAILED || make_files()) {
 		perror("soak: set-up");
+		failed = 1;
+		goto out;
+	}
+	if (opt.device == AEG_DEVICE_CUDA && gpu_free(&free0)) {
+		ok(0, "free memory of GPU 0 before the run (a process opening the device)");
 		failed = 1;
 		goto out;
 	}
@@ -1114,6 +1153,13 @@ stop:
 			ok(clean, "agent stopped cleanly on SIGTERM (status %d) and removed its files", status);
 			failed |= !clean;
 		}
+	}
+	/* Every process that held GPU memory is gone: all of it must be back (64 MiB of slack for the driver). */
+	if (opt.device == AEG_DEVICE_CUDA && !failed) {
+		int back = gpu_free(&free1) == 0 && free1 + (64u << 20) >= free0;
+
+		ok(back, "GPU 0 memory: %" PRIu64 " MiB free before, %" PRIu64 " MiB after", free0 >> 20, free1 >> 20);
+		failed |= !back;
 	}
 out:
 	if (failed) {
