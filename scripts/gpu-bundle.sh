@@ -29,7 +29,7 @@ make -C "$build" -s -j"$jobs"
 make -C "$build" -s -j"$jobs" gpu-programs
 
 rm -rf "$out"
-mkdir -p "$out/lib" "$out/tests/gpu" "$out/tests/unit" "$out/bench"
+mkdir -p "$out/lib" "$out/tests/gpu" "$out/tests/unit" "$out/tests/soak" "$out/bench"
 make -C "$build" -s install DESTDIR="$out/root" >/dev/null
 
 # Test programs link the library statically; libtool leaves real binaries in
@@ -50,6 +50,7 @@ for p in "$build"/tests/unit/test_*; do
 	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/tests/unit"
 done
 cp -r "$top/tests/unit/topo" "$out/tests/unit/" 2>/dev/null || true
+copy_prog "$build/tests/soak/soak" "$out/tests/soak"
 cp -r "$top/bench/." "$out/bench/" 2>/dev/null || true
 rm -f "$out"/bench/*.c
 for p in "$build"/bench/*; do

@@ -1,9 +1,10 @@
 #!/bin/bash
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
-# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm]
+# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak]
 #        (default: tests bench). prefetch needs torch and safetensors; slurm
-#        (tests/gpu/slurm_e2e.sh: a Slurm cluster, Slurm from bundle/debs) needs root.
+#        (tests/gpu/slurm_e2e.sh: a Slurm cluster, Slurm from bundle/debs) needs root;
+#        soak (tests/soak/soak on the cuda backend) runs $SOAK_SECONDS (default 480) s.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -63,6 +64,10 @@ fi
 if [[ " $what " == *" prefetch "* ]]; then
 	run bench-prefetch "$py" "$here/bench/prefetch_bench.py" --sizes "${PREFETCH_SIZES:-4,16}" \
 		--repeat "${PREFETCH_REPEAT:-3}" --dir "${PREFETCH_DIR:-/tmp/aegaeon-bench}" --out "$out/prefetch_bench.json"
+fi
+if [[ " $what " == *" soak "* ]]; then
+	run soak "$here/tests/soak/soak" --device cuda --agent "$here/root/opt/aegaeon/sbin/aegaeond" \
+		--seconds "${SOAK_SECONDS:-480}" ${SOAK_ARGS:-}
 fi
 if [[ " $what " == *" slurm "* ]]; then
 	OUT=$out run slurm-e2e bash "$here/tests/gpu/slurm_e2e.sh" ${SLURM_E2E_ARGS:-}

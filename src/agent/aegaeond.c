@@ -231,6 +231,8 @@ int main(int argc, char **argv)
 	acfg->prefetch_chunk_bytes = cfg.prefetch_chunk_bytes;
 	acfg->prefetch_threads = cfg.prefetch_threads;
 	acfg->model_cache = cfg.model_cache;
+	acfg->slab_max = cfg.slab_max;
+	acfg->pinned_max_bytes = cfg.pinned_max_bytes;
 
 	/* SIGTERM (the epilog) and SIGINT come through a signalfd to the agent's loop. */
 	sigemptyset(&sigs);

@@ -165,7 +165,7 @@ static int reserve_slabs(struct agent *a)
 	for (int i = 0; i < cfg->gpu_count; i++) {
 		struct agent_slab *s = &a->slabs[i];
 		struct aeg_gpu_info info;
-		char want[32], have[32];
+		char want[32], have[32], total[32];
 		uint64_t bytes;
 		int gpu = cfg->gpus[i], err;
 
@@ -181,6 +181,25 @@ static int reserve_slabs(struct agent *a)
 		}
 		if (bytes == 0)
 			return aeg_fail(AEG_EINVAL, "GPU %d: slab of 0 bytes asked", gpu);
+		if (cfg->slab_max.bytes != 0 || cfg->slab_max.ppm != 0) {
+			uint64_t cap;
+
+			err = aeg_size_spec_resolve(&cfg->slab_max, info.total_bytes, &cap);
+			if (err) {
+				aeg_error_prefix("GPU %d: site slab_max", gpu);
+				return err;
+			}
+			if (bytes > cap && cfg->slab_max.is_percent)
+				return aeg_fail(AEG_ERANGE, "GPU %d: slab of %s asked is over this site's limit of %s "
+						"(slab_max = %g%% of the GPU's %s)", gpu,
+						aeg_size_format(bytes, want, sizeof(want)),
+						aeg_size_format(cap, have, sizeof(have)), cfg->slab_max.ppm / 1e4,
+						aeg_size_format(info.total_bytes, total, sizeof(total)));
+			if (bytes > cap)
+				return aeg_fail(AEG_ERANGE, "GPU %d: slab of %s asked is over this site's limit of %s "
+						"per GPU (slab_max)", gpu, aeg_size_format(bytes, want, sizeof(want)),
+						aeg_size_format(cap, have, sizeof(have)));
+		}
 		if (bytes > info.free_bytes)
 			return aeg_fail(AEG_ENOSPC, "GPU %d: slab of %s asked, %s free", gpu,
 					aeg_size_format(bytes, want, sizeof(want)),
@@ -1164,6 +1183,13 @@ static int start(struct agent *a)
 	err = reserve_slabs(a);
 	if (err)
 		return err;
+	if (cfg->pinned_bytes > cfg->pinned_max_bytes) {
+		char want[32], cap[32];
+
+		return aeg_fail(AEG_ERANGE, "pinned pool of %s asked is over this site's limit of %s (pinned_max)",
+				aeg_size_format(cfg->pinned_bytes, want, sizeof(want)),
+				aeg_size_format(cfg->pinned_max_bytes, cap, sizeof(cap)));
+	}
 	if (cfg->pinned_bytes) {
 		err = aeg_pool_create(a->dev, cfg->gpu_count ? cfg->gpus[0] : 0, cfg->pinned_buffer_bytes,
 				      cfg->pinned_bytes, &a->pool);

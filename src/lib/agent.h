@@ -27,6 +27,13 @@ struct aeg_agent_config {
 	int prefetch_threads;                   /* per engine (slab); 0: the engine's default */
 	int max_clients;                        /* 0: AEG_AGENT_MAX_CLIENTS */
 	struct aeg_size_spec model_cache;       /* host model cache in the pool; percentages of it */
+	/*
+	 * The site's caps (slab_max, pinned_max), checked again here: a slab
+	 * given in bytes against a cap in percent (or the reverse) can only be
+	 * compared once the GPU's memory is known. slab_max all zero: no cap.
+	 */
+	struct aeg_size_spec slab_max;
+	uint64_t pinned_max_bytes;
 };
 
 /*

@@ -370,6 +370,11 @@ static int open_owner_fd(const struct host_handle *hh, const char *what, int *fd
 		if (e == ENOENT)
 			return aeg_fail(AEG_EBADF, "%s handle: process %" PRIu32 " no longer holds it (freed or destroyed)",
 					what, hh->pid);
+		/* A handle whose uid field was rewritten: the kernel, not the field, has the last word. */
+		if (e == EACCES || e == EPERM)
+			return aeg_fail(AEG_EBADF, "%s handle: process %" PRIu32 " is not this user's (uid %u): "
+					"opening %s: %s; only processes of the same user can open its handles",
+					what, hh->pid, (unsigned)getuid(), path, strerror(e));
 		return aeg_fail(AEG_EBADF, "%s handle: opening %s: %s", what, path, strerror(e));
 	}
 	err = aeg_proc_start_time((pid_t)hh->pid, &start);

@@ -137,8 +137,14 @@ static int open_runtime_dir(void)
 	return fd;
 }
 
-/* Remove @name in @dfd and all it holds, never following links; counts what went. */
-static int remove_tree(int dfd, const char *name, int depth, unsigned *removed)
+/*
+ * Remove @name in @dfd and all it holds, never following links; counts what
+ * went. A directory REMOVE_DEPTH levels down is moved up into @top (the job
+ * dir) instead, and *@again set for another pass: so no more than
+ * REMOVE_DEPTH directories are open at once, and no depth a user makes
+ * leaves the job dir behind.
+ */
+static int remove_tree(int dfd, const char *name, int depth, int top, unsigned *removed, int *again)
 {
 	struct dirent *de;
 	DIR *d;
@@ -153,6 +159,17 @@ static int remove_tree(int dfd, const char *name, int depth, unsigned *removed)
 	if (errno != EISDIR && errno != EPERM)
 		return -1;
 	if (depth >= REMOVE_DEPTH) {
+		char up[32];
+
+		for (unsigned n = 0; n < 4096; n++) {
+			snprintf(up, sizeof(up), ".aegaeon-deep-%u", n);
+			if (renameat2(dfd, name, top, up, RENAME_NOREPLACE) == 0) {
+				*again = 1;
+				return 0;
+			}
+			if (errno != EEXIST)
+				return -1;
+		}
 		errno = ELOOP;
 		return -1;
 	}
@@ -167,15 +184,31 @@ static int remove_tree(int dfd, const char *name, int depth, unsigned *removed)
 	while ((de = readdir(d)) != NULL) {
 		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
 			continue;
-		if (remove_tree(dirfd(d), de->d_name, depth + 1, removed) < 0)
+		if (remove_tree(dirfd(d), de->d_name, depth + 1, depth == 0 ? dirfd(d) : top, removed, again) < 0)
 			rc = -1;
 	}
 	closedir(d);
-	if (rc == 0 && unlinkat(dfd, name, AT_REMOVEDIR) < 0)
+	if (rc < 0)
 		return -1;
-	if (rc == 0)
-		(*removed)++;
-	return rc;
+	if (unlinkat(dfd, name, AT_REMOVEDIR) < 0)
+		return depth == 0 && *again && errno == ENOTEMPTY ? 0 : -1;
+	(*removed)++;
+	return 0;
+}
+
+/* The job dir @name in @rfd, in as many passes as its depth takes (bounded). */
+static int remove_job_dir(int rfd, const char *name, unsigned *removed)
+{
+	for (int pass = 0; pass < 4096; pass++) {
+		int again = 0;
+
+		if (remove_tree(rfd, name, 0, -1, removed, &again) < 0)
+			return -1;
+		if (!again)
+			return 0;
+	}
+	errno = ELOOP;
+	return -1;
 }
 
 static int opt_env(const char *name, const char **value)
@@ -542,7 +575,7 @@ int aeg_spank_prolog(spank_t sp)
 		close(dfd);
 		dfd = -1;
 	}
-	if (remove_tree(rfd, job.name, 0, &removed) < 0)
+	if (remove_job_dir(rfd, job.name, &removed) < 0)
 		slurm_error("aegaeon: job %u: removing the stale %s: %m", job.id, job.dir);
 	else if (removed > 0)
 		slurm_info("aegaeon: job %u: removed a stale %s (%u entries)", job.id, job.dir, removed);
@@ -732,7 +765,7 @@ int aeg_spank_epilog(spank_t sp)
 		rc = stop_agents(&job, dfd) < 0 ? -1 : 0;
 		close(dfd);
 	}
-	if (remove_tree(rfd, job.name, 0, &removed) < 0)
+	if (remove_job_dir(rfd, job.name, &removed) < 0)
 		slurm_error("aegaeon: job %u on %s: removing %s: %m", job.id, job.node, job.dir);
 	else
 		slurm_info("aegaeon: job %u on %s: removed %s (%u entries)", job.id, job.node, job.dir, removed);

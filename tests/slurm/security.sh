@@ -1,7 +1,9 @@
 #!/bin/bash
-# Another user cannot reach a job's agent or directory; the agent has the job
-# user's rights only; root-only files cannot be prefetched; the prolog does
-# not follow links planted in the runtime dir and refuses an unsafe one.
+# Another user cannot reach a job's agent or directory, nor the memfds of its
+# slabs and pool; the agent has the job user's rights only and enforces the
+# site's caps; root-only files cannot be prefetched; the prolog does not
+# follow links planted in the runtime dir and refuses an unsafe one; the
+# epilog removes links planted in the job dir, never what they point at.
 source "$(dirname "$0")/cluster.sh"
 
 cluster_start || { fail "cluster starts"; finish; exit; }
@@ -70,6 +72,20 @@ if [[ -n $agent ]]; then
 	check "agent: its own session, not slurmd's" test "$(ps -o sid= -p "$agent" | tr -d ' ')" = "$agent" -o "$(ps -o sid= -p "$agent" | tr -d ' ')" != "$(ps -o sid= -p "${PIDS[2]}" | tr -d ' ')"
 	check "agent: stdio on /dev/null" test "$(readlink /proc/$agent/fd/0):$(readlink /proc/$agent/fd/1):$(readlink /proc/$agent/fd/2)" = /dev/null:/dev/null:/dev/null
 fi
+# The pool's and the slab's memfds are the agent's descriptors: another user
+# opens none of them through /proc, nor reads the agent's memory.
+if [[ -n $agent ]]; then
+	memfds=$(for f in /proc/"$agent"/fd/*; do [[ $(readlink "$f") == /memfd:* ]] && echo "${f##*/}"; done)
+	check "agent holds the slab's and the pool's memfds (fds $(echo $memfds))" test "$(wc -w <<<"$memfds")" -ge 2
+	for n in $memfds; do
+		out=$(as_other cat "/proc/$agent/fd/$n" 2>&1 >/dev/null)
+		check "another user cannot open the agent's memfd $n ($out)" grep -q "Permission denied" <<<"$out"
+	done
+	out=$(as_other ls "/proc/$agent/map_files" 2>&1)
+	check "another user cannot list the agent's map_files ($out)" grep -qE "Permission denied|Operation not permitted" <<<"$out"
+	out=$(as_other dd if="/proc/$agent/mem" of=/dev/null bs=4096 count=1 2>&1)
+	check "another user cannot read the agent's memory ($out)" grep -q "Permission denied" <<<"$out"
+fi
 sl scancel "$job"
 wait_job "$job" 30
 
@@ -101,6 +117,64 @@ ln -s "$T/target" "$T/aegrun/$next.n1"
 out=$(as_user timeout 60 srun -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB bash -c 'echo $SLURM_JOB_ID $AEGAEON_SLABS' 2>&1)
 check "planted link for job $next: job ran with its own dir ($out)" test "$out" = "$next 1"
 check "planted link: its target is untouched" test -z "$(ls -A "$T/target")" -a "$(stat -c %U "$T/target")" = root
+
+# A slab in percent against the site's cap in bytes (slab_max = 1GiB here):
+# srun and the prolog cannot compare them, the agent can, and refuses.
+out=$(as_user timeout 60 srun -N1 -w n1 --gres=gpu:1 --aegaeon-slab=100% true 2>&1)
+rc=$?
+check "--aegaeon-slab=100% over slab_max 1GiB: the step fails (rc $rc)" test $rc -ne 0
+check "... with the agent's reason ($out)" grep -qF "over this site's limit of 1 GiB per GPU (slab_max)" <<<"$out"
+check "... and its job cleaned up" nothing_left 15
+
+# Links planted in the job dir during the job, a deep tree, and a forged
+# agent.pid naming slurmd: the epilog removes the links, not their targets,
+# and kills nothing but the agent.
+mkdir -p "$T/victim/sub"
+echo keep >"$T/victim/file"
+echo keep >"$T/victim/sub/file"
+mkdir -p "$T/work/mine"
+echo keep >"$T/work/mine/file"
+chown -R "$JOB_USER" "$T/work/mine"
+victim_state() { find "$T/victim" "$T/work/mine" -printf '%p %U %m %s\n' | sort; }
+before=$(victim_state)
+job=$(submit -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB --wrap 'sleep 60')
+wait_ready "$job" n1 20
+dir=$(job_dir "$job" n1)
+slurmd=${PIDS[2]}   # slurmd of n1
+as_user bash -c 'cd "$1" && ln -s "$2/victim" vlink && ln -s "$2/victim/file" flink && ln -s "$2/work/mine" mlink &&
+	ln -s / rootlink && mkdir -p deep/1/2/3/4/5/6/7/8/9 && ln -s "$2/victim" deep/1/2/3/vlink &&
+	: >deep/1/2/3/4/5/6/7/8/9/f && echo "$3" >agent.pid.new && mv -f agent.pid.new agent.pid' _ "$dir" "$T" "${slurmd:-1}"
+check "links and a deep tree planted in the job dir" test -L "$dir/vlink" -a -f "$dir/deep/1/2/3/4/5/6/7/8/9/f"
+sl scancel "$job"
+wait_job "$job" 30
+check "planted links: the job dir is gone" nothing_left 15
+check "planted links: their targets are untouched" test "$(victim_state)" = "$before"
+check "forged agent.pid: slurmd ($slurmd) still runs" kill -0 "${slurmd:-0}"
+
+# The same while a process of the user swaps a name in the job dir between a
+# directory and a link to the victim, as fast as it can, through the epilog.
+job=$(submit -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB --wrap 'sleep 60')
+wait_ready "$job" n1 20
+dir=$(job_dir "$job" n1)
+as_user timeout 30 bash -c 'cd "$1" || exit 0
+	while [[ -d $1 ]]; do
+		rm -rf s 2>/dev/null; mkdir -p s/x 2>/dev/null && : >s/x/f
+		rm -rf s 2>/dev/null; ln -s "$2/victim" s 2>/dev/null
+	done' _ "$dir" "$T" &
+racer=$!
+sleep 1
+sl scancel "$job"
+wait_job "$job" 30
+wait "$racer"
+check "racing links: their targets are untouched" test "$(victim_state)" = "$before"
+# The racer may keep the directory alive past the epilog; what it left is
+# the user's own (no link followed), and the next prolog of that name removes it.
+if [[ -e $dir ]]; then
+	log "the racer kept $dir alive past the epilog: $(ls -A "$dir" | tr '\n' ' ')"
+	check "racing links: what is left holds no file from outside" test -z "$(find "$dir" -xdev -samefile "$T/victim/file")"
+	rm -rf "$dir"
+fi
+check "racing links: nothing left" nothing_left 15
 
 # A runtime dir others can write to is refused; the step says no agent runs.
 # The last job's epilog runs after srun returned: it must be done before the

@@ -1,7 +1,9 @@
 /* The agent end to end on the host backend: aegaeond as a child, clients in other processes. */
-#include <errno.h>
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
 #include <pwd.h>
@@ -701,6 +703,207 @@ static void other_uid_refused(void **state)
 	assert_int_equal(run_status(pid), 0);
 }
 
+/*
+ * Another user reaches none of the agent's memory: not the pool's or a
+ * slab's memfd through /proc/<agent>/fd or map_files, and not through a
+ * real or forged handle. The test's agent runs as root, the other user is
+ * nobody: the same kernel check stands between two job users.
+ */
+static void other_uid_cannot_open_agent_memory(void **state)
+{
+	struct passwd *pw = getpwnam("nobody");
+	struct aeg_job_record rec;
+	char path[64], link[256];
+	int memfd[32], n = 0;
+	struct dirent *e;
+	aeg_device_t *dev;
+	void *ptr;
+	DIR *d;
+	pid_t pid;
+
+	if (geteuid() != 0 || pw == NULL) {
+		print_message("skipped: needs root and a 'nobody' user to act as another uid\n");
+		skip();
+	}
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)agent);
+	assert_non_null(d = opendir(path));
+	while ((e = readdir(d)) != NULL && n < 32) {
+		char fdpath[320];
+		ssize_t len;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(fdpath, sizeof(fdpath), "%s/%s", path, e->d_name);
+		len = readlink(fdpath, link, sizeof(link) - 1);
+		if (len > 0 && (link[len] = '\0', strncmp(link, "/memfd:", 7) == 0))
+			memfd[n++] = atoi(e->d_name);
+	}
+	closedir(d);
+	assert_true(n >= 2);            /* the slab's and the pool's at least */
+
+	/* The record's handle is good: the agent's user opens it. */
+	assert_int_equal(aeg_job_record_read(ready, &rec), 0);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &rec.slabs[0].handle, &ptr), 0);
+	assert_int_equal(aeg_mem_close_handle(dev, ptr), 0);
+	aeg_device_close(dev);
+
+	pid = fork();
+	if (pid == 0) {
+		unsigned char *h = rec.slabs[0].handle.bytes;
+		uint32_t owner, uid = (uint32_t)pw->pw_uid;
+		int rc = 0;
+
+		if (setgroups(0, NULL) || setresgid(pw->pw_gid, pw->pw_gid, pw->pw_gid) ||
+		    setresuid(pw->pw_uid, pw->pw_uid, pw->pw_uid))
+			_exit(30);
+		for (int i = 0; i < n; i++) {
+			char fdpath[64];
+			int fd;
+
+			snprintf(fdpath, sizeof(fdpath), "/proc/%d/fd/%d", (int)agent, memfd[i]);
+			fd = open(fdpath, O_RDWR);
+			if (fd >= 0 || errno != EACCES) {
+				fprintf(stderr, "open %s as uid %u: %s\n", fdpath, uid, fd >= 0 ? "opened" : strerror(errno));
+				rc = 31;
+			}
+			fd = open(fdpath, O_RDONLY);
+			if (fd >= 0 || errno != EACCES) {
+				fprintf(stderr, "open %s read-only as uid %u: %s\n", fdpath, uid,
+					fd >= 0 ? "opened" : strerror(errno));
+				rc = 32;
+			}
+		}
+		snprintf(path, sizeof(path), "/proc/%d/map_files", (int)agent);
+		d = opendir(path);
+		if (d != NULL || (errno != EACCES && errno != EPERM)) {
+			fprintf(stderr, "opendir %s as uid %u: %s\n", path, uid, d ? "opened" : strerror(errno));
+			rc = 33;
+		}
+		snprintf(path, sizeof(path), "/proc/%d/mem", (int)agent);
+		if (open(path, O_RDONLY) >= 0) {
+			fprintf(stderr, "open %s as uid %u worked\n", path, uid);
+			rc = 34;
+		}
+		if (aeg_device_open(&dev, AEG_DEVICE_HOST))
+			_exit(35);
+		/* As it is: it names its owner's uid. */
+		if (aeg_mem_open_handle(dev, 0, &rec.slabs[0].handle, &ptr) != AEG_EBADF ||
+		    strstr(aeg_error_detail(), "belongs to uid 0; only processes of the same user") == NULL) {
+			fprintf(stderr, "real handle as uid %u: %s\n", uid, aeg_error_detail());
+			rc = 36;
+		}
+		/* Forged to name this uid: the kernel still refuses the agent's descriptor. */
+		memcpy(&owner, h + 8, sizeof(owner));
+		if (owner != (uint32_t)agent)
+			_exit(37);              /* the handle's layout changed: fix this test */
+		memcpy(h + 12, &uid, sizeof(uid));
+		if (aeg_mem_open_handle(dev, 0, &rec.slabs[0].handle, &ptr) != AEG_EBADF ||
+		    strstr(aeg_error_detail(), "is not this user's") == NULL ||
+		    strstr(aeg_error_detail(), "Permission denied") == NULL) {
+			fprintf(stderr, "forged handle as uid %u: %s\n", uid, aeg_error_detail());
+			rc = 38;
+		}
+		aeg_device_close(dev);
+		_exit(rc);
+	}
+	assert_int_equal(run_status(pid), 0);
+}
+
+/* One request on a raw connection (after its hello): the reply's type and error code. */
+static int raw_call(int fd, uint16_t type, union proto_msg *msg, unsigned char *frame)
+{
+	struct proto_header h;
+	static uint64_t id = 100;
+
+	assert_int_equal(proto_send(fd, type, 0, ++id, msg, -1, frame), 0);
+	assert_int_equal(proto_recv(fd, &h, msg, NULL, frame), 0);
+	assert_int_equal(h.id, id);
+	return h.type == PROTO_ERROR ? msg->error.code : 0;
+}
+
+/*
+ * Sizes from a client are the agent's to refuse, whatever the library
+ * would have checked: frames that ask for more than the job's slab, or for
+ * chunk tables past the agent's bound.
+ */
+static void protocol_sizes_over_caps(void **state)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	unsigned char *frame = malloc(PROTO_MAX_FRAME);
+	union proto_msg *msg = malloc(sizeof(*msg));
+	static const struct {
+		uint64_t bytes;
+		uint32_t slab;
+		int err;
+		const char *detail;
+	} leases[] = {
+		{ (64 << 20) + 1, 0, AEG_ENOSPC, "lease on GPU 0" },
+		{ 1ull << 40, 0, AEG_ENOSPC, "lease on GPU 0" },
+		{ UINT64_MAX, 0, AEG_ENOSPC, "lease on GPU 0" },
+		{ UINT64_MAX - 255, 0, AEG_ENOSPC, "lease on GPU 0" },
+		{ 4096, 1, AEG_ENODEV, "lease: slab 1, the job has 1" },
+		{ 4096, AEG_JOB_MAX_GPUS - 1, AEG_ENODEV, "the job has 1" },
+	};
+	static const struct {
+		uint64_t chunk;
+		int err;
+		const char *detail;
+	} prefetches[] = {
+		{ UINT64_MAX, AEG_EINVAL, "" },
+		{ (64 << 20) + 1, AEG_EINVAL, "" },
+		{ 1, AEG_EINVAL, "use larger chunks" },
+		{ 1 << 20, AEG_ENOSPC, "" },            /* 96 MiB into a 64 MiB slab */
+	};
+	char big[160];
+	struct aeg_job_status *st;
+	int fd, f;
+
+	snprintf(big, sizeof(big), "%s/big.bin", dir);
+	f = open(big, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+	assert_true(f >= 0);
+	assert_int_equal(ftruncate(f, 96 << 20), 0);        /* sparse */
+	close(f);
+
+	strcpy(sa.sun_path, sock);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	memset(msg, 0, sizeof(*msg));
+	msg->hello_req.min_version = msg->hello_req.max_version = PROTO_VERSION;
+	msg->hello_req.pid = (uint32_t)getpid();
+	strcpy(msg->hello_req.client, "raw");
+	assert_int_equal(raw_call(fd, PROTO_HELLO, msg, frame), 0);
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(leases); i++) {
+		memset(msg, 0, sizeof(*msg));
+		msg->lease_req.slab = leases[i].slab;
+		msg->lease_req.bytes = leases[i].bytes;
+		if (raw_call(fd, PROTO_LEASE, msg, frame) != leases[i].err ||
+		    strstr(msg->error.detail, leases[i].detail) == NULL)
+			fail_msg("lease %zu (%" PRIu64 " bytes of slab %u): %s", i, leases[i].bytes, leases[i].slab,
+				 msg->error.detail);
+	}
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(prefetches); i++) {
+		memset(msg, 0, sizeof(*msg));
+		msg->prefetch_req.chunk_bytes = prefetches[i].chunk;
+		strcpy(msg->prefetch_req.path, big);
+		if (raw_call(fd, PROTO_PREFETCH, msg, frame) != prefetches[i].err ||
+		    strstr(msg->error.detail, prefetches[i].detail) == NULL)
+			fail_msg("prefetch %zu (chunks of %" PRIu64 "): %s", i, prefetches[i].chunk, msg->error.detail);
+	}
+	close(fd);
+	free(frame);
+	free(msg);
+	unlink(big);
+
+	/* Nothing was taken, and the agent serves on. */
+	st = status_now();
+	assert_int_equal(st->slab[0].stats.used_bytes, 0);
+	assert_int_equal(st->slab[0].leases, 0);
+	assert_int_equal(st->loads, 0);
+	aeg_job_status_free(st);
+}
+
 static void sigterm_cleans_up(void **state)
 {
 	assert_int_equal(kill(agent, SIGTERM), 0);
@@ -717,15 +920,29 @@ static void error_records(void **state)
 	static const char *const huge[] = { "--gpus", "0,1", "--slab", "1000TiB", NULL };
 	static const char *const pct[] = { "--gpus", "0", "--slab", "1000%", NULL };
 	static const char *const bad_gpus[] = { "--gpus", "0,0", "--slab", "1GiB", NULL };
-	char reason[AEG_JOB_ERROR_MAX];
+	char reason[AEG_JOB_ERROR_MAX], conf[160];
+	const char *const all[] = { "--gpus", "0", "--slab", "100%", "--config", conf, NULL };
+	FILE *f;
 	pid_t pid;
 
 	setenv("AEGAEON_HOST_GPUS", "2", 1);
 	pid = spawn(huge);
 	assert_int_equal(run_status(pid), 1);
 	assert_int_equal(aeg_job_error_read(errfile, reason, sizeof(reason)), 0);
-	if (strstr(reason, "GPU 0: slab of 1000 TiB asked") == NULL || strstr(reason, "free") == NULL)
+	if (strstr(reason, "GPU 0: slab of 1000 TiB asked is over this site's limit") == NULL)
 		fail_msg("error record: '%s'", reason);
+	/* Within a site cap of all the memory, still more than is free. */
+	snprintf(conf, sizeof(conf), "%s/site.conf", dir);
+	f = fopen(conf, "w");
+	assert_non_null(f);
+	fputs("slab_max = \"100%\";\n", f);
+	fclose(f);
+	pid = spawn(all);
+	assert_int_equal(run_status(pid), 1);
+	assert_int_equal(aeg_job_error_read(errfile, reason, sizeof(reason)), 0);
+	if (strstr(reason, "GPU 0: slab of") == NULL || strstr(reason, "free") == NULL)
+		fail_msg("error record: '%s'", reason);
+	unlink(conf);
 	assert_int_equal(access(ready, F_OK), -1);
 	assert_int_equal(access(pidfile, F_OK), -1);
 	assert_int_equal(access(sock, F_OK), -1);
@@ -741,6 +958,58 @@ static void error_records(void **state)
 	assert_int_equal(aeg_job_error_read(errfile, reason, sizeof(reason)), 0);
 	assert_non_null(strstr(reason, "listed twice"));
 	setenv("AEGAEON_HOST_GPUS", "1", 1);
+}
+
+/*
+ * The site's caps hold in the agent too: a slab in bytes against a cap in
+ * percent (or the reverse) is only comparable once the GPU's size is known,
+ * so srun and the prolog let it through and the agent refuses it.
+ */
+static void site_caps_in_agent(void **state)
+{
+	static const struct {
+		const char *conf, *slab, *pinned;
+		const char *reason;
+	} cases[] = {
+		{ "slab_max = \"32MiB\";\nslab_default = \"16MiB\";\n", "64MiB", "0",
+		  "GPU 0: slab of 64 MiB asked is over this site's limit of 32 MiB per GPU (slab_max)" },
+		{ "slab_max = \"1GiB\";\nslab_default = \"16MiB\";\n", "100%", "0",
+		  "over this site's limit of 1 GiB per GPU (slab_max)" },
+		{ "slab_max = \"1%\";\nslab_default = \"1MiB\";\n", "100%", "0", "(slab_max = 1% of the GPU's " },
+		{ "pinned_max = \"4MiB\";\npinned_default = \"4MiB\";\npinned_buffer = \"1MiB\";\n", "16MiB",
+		  "8MiB:1MiB", "pinned pool of 8 MiB asked is over this site's limit of 4 MiB (pinned_max)" },
+	};
+	char conf[160], reason[AEG_JOB_ERROR_MAX];
+
+	snprintf(conf, sizeof(conf), "%s/site.conf", dir);
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		const char *const argv[] = { "--gpus", "0", "--slab", cases[i].slab, "--pinned", cases[i].pinned,
+					     "--config", conf, NULL };
+		FILE *f = fopen(conf, "w");
+
+		assert_non_null(f);
+		fputs(cases[i].conf, f);
+		fclose(f);
+		assert_int_equal(run_status(spawn(argv)), 1);
+		assert_int_equal(aeg_job_error_read(errfile, reason, sizeof(reason)), 0);
+		if (strstr(reason, cases[i].reason) == NULL)
+			fail_msg("case %zu: error record '%s', expected '%s'", i, reason, cases[i].reason);
+		assert_int_equal(access(ready, F_OK), -1);
+	}
+	/* Within the caps it starts. */
+	{
+		const char *const argv[] = { "--gpus", "0", "--slab", "16MiB", "--pinned", "4MiB:1MiB", "--config",
+					     conf, NULL };
+		pid_t pid;
+
+		unlink(errfile);        /* the last case's, which wait_start would take for this one's */
+		pid = spawn(argv);
+
+		assert_int_equal(wait_start(), 1);
+		assert_int_equal(kill(pid, SIGTERM), 0);
+		assert_int_equal(run_status(pid), 0);
+	}
+	unlink(conf);
 }
 
 static void usage_and_version(void **state)
@@ -766,8 +1035,11 @@ int main(void)
 		cmocka_unit_test(wait_chunks_through_agent),
 		cmocka_unit_test(malformed_clients),
 		cmocka_unit_test(other_uid_refused),
+		cmocka_unit_test(other_uid_cannot_open_agent_memory),
+		cmocka_unit_test(protocol_sizes_over_caps),
 		cmocka_unit_test(sigterm_cleans_up),
 		cmocka_unit_test(error_records),
+		cmocka_unit_test(site_caps_in_agent),
 		cmocka_unit_test(usage_and_version),
 	};
 	return cmocka_run_group_tests_name("agent", tests, setup, teardown);
