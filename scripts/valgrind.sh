@@ -1,8 +1,8 @@
 #!/bin/bash
 # Runs the cmocka unit tests of a build tree under valgrind memcheck: a test
-# passes when it passes, valgrind finds no error in it or its forked children
-# and its process loses no byte for good ("definitely lost"). Prints a line
-# per test and "N passed, N failed" last.
+# passes when its checks pass and no process it makes (itself, its forked
+# children, the programs it starts) has a memcheck error or a byte
+# "definitely lost". Prints a line per test and "N passed, N failed" last.
 # Usage: scripts/valgrind.sh [-j JOBS] [TEST...]   (in the build tree, or with
 #        AEG_BUILDDIR naming it; default: every tests/unit/test_* program).
 # `make check-valgrind` runs it. AEGAEON_VALGRIND_TIMEOUT: seconds per test
