@@ -4,7 +4,8 @@
 # Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak]
 #        (default: tests bench). prefetch needs torch and safetensors; slurm
 #        (tests/gpu/slurm_e2e.sh: a Slurm cluster, Slurm from bundle/debs) needs root;
-#        soak (tests/soak/soak on the cuda backend) runs $SOAK_SECONDS (default 480) s.
+#        soak (tests/soak/soak on the cuda backend) runs $SOAK_SECONDS (default 480) s;
+#        sanitize needs compute-sanitizer (SANITIZE_TESTS, SANITIZE_TOOLS pick runs).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -45,14 +46,59 @@ if [[ " $what " == *" tests "* ]]; then
 		esac
 	done
 fi
-if [[ " $what " == *" sanitize "* ]] && command -v compute-sanitizer >/dev/null; then
-	# The test provokes API errors on purpose (unregistered memory, bad
-	# handles); memory-access errors and races are what must be absent.
-	for tool in memcheck racecheck; do
-		run "sanitize-$tool-kv" compute-sanitizer --tool $tool --error-exitcode 1 \
-			--report-api-errors no --target-processes all \
-			"$here/tests/gpu/test_kv_cuda" --timing-blocks 0
-	done
+# sanitize: every GPU test program under compute-sanitizer's tools, one run
+# each, a line per run. SANITIZE_TOOLS and SANITIZE_TESTS pick some (each run
+# must fit the machine's time: SANITIZE_TIMEOUT seconds, default 600).
+sanitize_one() {   # tool program: logs to $out/sanitize-TOOL-PROGRAM.log
+	local tool=$1 prog=$2 name log rc start=$SECONDS errors summary args=() targs=()
+	name=sanitize-$tool-$prog
+	log=$out/$name.log
+	case $tool in
+	memcheck) args=(--leak-check full) ;;   # device memory still allocated at exit
+	esac
+	case $prog in
+	test_kv_cuda) targs=(--timing-blocks 0) ;;
+	esac
+	# The tests provoke API errors on purpose (unregistered memory, bad
+	# handles, dead peers): the accesses, races and barriers are what count.
+	# AEGAEON_GPU_UNTIMED: timing thresholds are not checked under the tool.
+	AEGAEON_GPU_UNTIMED=1 timeout -k 10 "${SANITIZE_TIMEOUT:-600}" compute-sanitizer --tool "$tool" \
+		--error-exitcode 86 --report-api-errors no --target-processes all "${args[@]}" \
+		"$here/tests/gpu/$prog" "${targs[@]}" >"$log" 2>&1
+	rc=$?
+	# memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors"; racecheck:
+	# "RACECHECK SUMMARY: N hazards displayed (N errors, N warnings)".
+	summary=$(grep -E '^========= (ERROR|RACECHECK) SUMMARY' "$log" | tail -n 1 | sed 's/^========= //')
+	errors=$(grep -E '^========= (ERROR|RACECHECK) SUMMARY' "$log" |
+		sed -n -E 's/.*SUMMARY: ([0-9]+) errors?.*/\1/p; s/.*\(([0-9]+) errors?,.*/\1/p' | awk '{s += $1} END {print s + 0}')
+	local tests_failed
+	tests_failed=$(grep -c '^not ok' "$log")
+	if [[ $rc -eq 0 && $errors -eq 0 && -n $summary ]]; then
+		passed=$((passed + 1))
+		echo "ok - $name: $summary; $(grep -c '^ok' "$log") test checks passed; $((SECONDS - start)) s"
+	else
+		failed=$((failed + 1))
+		echo "not ok - $name: ${summary:-no sanitizer summary}; $tests_failed test checks failed;" \
+			"exit $rc$( [[ $rc -eq 86 ]] && echo ' (sanitizer errors)'; [[ $rc -eq 124 || $rc -eq 137 ]] && echo ' (timed out)'); $((SECONDS - start)) s; log $log"
+		grep -E '^not ok' "$log" | head -n 10
+		grep -E '^=========  ?[A-Z]|^========= +(at|Address|Saved|Host Frame)' "$log" | grep -v 'COMPUTE-SANITIZER' | head -n 40
+	fi
+}
+if [[ " $what " == *" sanitize "* ]]; then
+	if ! command -v compute-sanitizer >/dev/null; then
+		failed=$((failed + 1))
+		echo "not ok - sanitize: compute-sanitizer not found (it comes with the CUDA toolkit: add its bin/ to PATH)"
+	else
+		compute-sanitizer --version | tail -n 1
+		for prog in ${SANITIZE_TESTS:-test_cuda_core test_slab_gpu test_kv_cuda test_prefetch_cuda}; do
+			# synccheck only where a kernel runs (the KV gather/scatter); the
+			# others launch none, so it would check nothing.
+			tools=${SANITIZE_TOOLS:-memcheck racecheck initcheck $([[ $prog == test_kv_cuda ]] && echo synccheck)}
+			for tool in $tools; do
+				sanitize_one "$tool" "$prog"
+			done
+		done
+	fi
 fi
 if [[ " $what " == *" bench "* ]]; then
 	run info aegaeon-cli info --device cuda

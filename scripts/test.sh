@@ -1,7 +1,8 @@
 #!/bin/bash
 # The project's test command: installs dependencies, builds with autotools and
-# runs every test that needs no GPU (unit tests twice: plain and under
-# ASan+UBSan; the real-Slurm tests; the Python tests). Run as root on Debian 12.
+# runs every test that needs no GPU (unit, real-Slurm and Python tests twice:
+# plain and under ASan+UBSan; the unit tests a third time under valgrind
+# memcheck; the fuzz targets). Run as root on Debian 12.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -42,11 +43,20 @@ run_suite() {   # name builddir configure-flags...
 }
 
 run_suite "build and tests" build-test --enable-python
-run_suite "unit tests under ASan+UBSan" build-asan --enable-sanitizers --enable-python
+
+echo "=== unit tests under valgrind memcheck"
+# (a failing pipeline under set -e would end the script before the summary)
+if ! make -C build-test -s check-valgrind VALGRIND_JOBS="$jobs" 2>&1 | tee build-test/valgrind-output.log; then
+	status=1
+fi
+count_log build-test/valgrind-output.log
+
+run_suite "unit, Slurm and Python tests under ASan+UBSan" build-asan --enable-sanitizers --enable-python
 
 echo "=== fuzzing: each parser of outside input for ${AEGAEON_FUZZ_SECONDS:-20} s"
-bash scripts/fuzz.sh "${AEGAEON_FUZZ_SECONDS:-20}" 2>&1 | tee build-test/fuzz-output.log
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if ! bash scripts/fuzz.sh "${AEGAEON_FUZZ_SECONDS:-20}" 2>&1 | tee build-test/fuzz-output.log; then
+	status=1
+fi
 count_log build-test/fuzz-output.log
 
 echo "=== summary"

@@ -11,6 +11,14 @@
 #                      empty: character devices made in the temp dir, for every node [""]
 #   CLUSTER_PREFIX     temp dir name prefix [/tmp/aegaeon-slurm]
 #   CLUSTER_KEEP=1     keep the temp dir when stopping (for debugging)
+#   CLUSTER_SANITIZER_PRELOAD  the ASan and UBSan runtimes (libasan.so libubsan.so)
+#                      when the plugin was built with them (--enable-sanitizers):
+#                      slurmd, slurmstepd and the clients that load the plugin
+#                      (srun, sbatch, salloc: sl and as_user) run with them
+#                      preloaded, leak checks off except in aegaeond and
+#                      aegaeon-cli [""]
+#   CLUSTER_SANITIZER_LOGS     where the sanitizers write their reports (asan.*,
+#                      ubsan.*); the job user must be able to write there
 # and define cluster_site_config (it writes $T/etc/aegaeon.conf; called once
 # the directories exist). After cluster_start: $T is the cluster's dir,
 # $T/aegrun a root-owned 0755 runtime_dir, $T/work the job user's cwd.
@@ -30,6 +38,8 @@ CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
 
 T=
 PIDS=()
+# VAR=VALUE words for the programs that load an ASan-built plugin (see above).
+CLUSTER_SANITIZER_ENV=()
 
 clog() { printf '# %s\n' "$*" >&2; }
 
@@ -58,10 +68,48 @@ wait_for() {
 }
 
 # Slurm client commands, as root (admin view) and as the job user.
-sl() { env -i PATH=/usr/bin:/bin SLURM_CONF="$T/etc/slurm.conf" "$@"; }
+sl() { env -i PATH=/usr/bin:/bin SLURM_CONF="$T/etc/slurm.conf" "${CLUSTER_SANITIZER_ENV[@]}" "$@"; }
 as_user() {
 	(cd "$T/work" && runuser -u "$JOB_USER" -- env -i PATH=/usr/bin:/bin HOME="$T/work" \
-		SLURM_CONF="$T/etc/slurm.conf" "$@")
+		SLURM_CONF="$T/etc/slurm.conf" "${CLUSTER_SANITIZER_ENV[@]}" "$@")
+}
+
+# Under CLUSTER_SANITIZER_PRELOAD: the runtimes go first into every Slurm
+# program that loads the plugin. slurmd passes its environment to the
+# slurmstepd of a step but runs `slurmstepd spank prolog|epilog` with the
+# prolog's own, so slurmstepd is started through a wrapper (slurmd -d).
+# Slurm's programs keep memory to the end, so leak checks are on only in
+# aegaeon's own (%b: the program's name); every report lands in
+# CLUSTER_SANITIZER_LOGS.
+cluster_sanitizer_setup() {
+	local lib
+	for lib in $CLUSTER_SANITIZER_PRELOAD; do
+		[[ -f $lib ]] || { clog "sanitizer runtime $lib not found"; return 1; }
+	done
+	[[ -d ${CLUSTER_SANITIZER_LOGS:-} ]] || { clog "CLUSTER_SANITIZER_LOGS must name a directory"; return 1; }
+	mkdir -p "$T/sanitizer/bin"
+	echo detect_leaks=1 >"$T/sanitizer/aegaeond.asan"
+	echo detect_leaks=1 >"$T/sanitizer/aegaeon-cli.asan"
+	CLUSTER_SANITIZER_ENV=(
+		"LD_PRELOAD=$(echo $CLUSTER_SANITIZER_PRELOAD)"
+		"ASAN_OPTIONS=detect_leaks=0:log_path=$CLUSTER_SANITIZER_LOGS/asan:log_exe_name=1:include_if_exists=$T/sanitizer/%b.asan"
+		"UBSAN_OPTIONS=print_stacktrace=1:log_path=$CLUSTER_SANITIZER_LOGS/ubsan:log_exe_name=1"
+	)
+}
+
+# cluster_sanitizer_wrap NAME PROGRAM: prints the path of a script that runs
+# PROGRAM with the sanitizer environment (for programs Slurm or the plugin
+# start with an environment of their own: slurmstepd, the agent).
+cluster_sanitizer_wrap() {
+	local w=$T/sanitizer/bin/$1 e
+	{
+		echo '#!/bin/sh'
+		echo "# $2 with the sanitizer runtimes and options (scripts/lib/cluster.sh)"
+		for e in "${CLUSTER_SANITIZER_ENV[@]}"; do echo "export ${e%%=*}='${e#*=}'"; done
+		echo "exec '$2' \"\$@\""
+	} >"$w"
+	chmod 755 "$w"
+	echo "$w"
 }
 
 cluster_write_config() {
@@ -137,7 +185,7 @@ nodes_idle() {
 }
 
 cluster_start() {
-	local base n g
+	local base n g stepd
 	[[ $(id -u) -eq 0 ]] || { clog "must run as root"; return 1; }
 	[[ -f ${CLUSTER_PLUGIN:-} ]] || { clog "no plugin at ${CLUSTER_PLUGIN:-(CLUSTER_PLUGIN unset)}"; return 1; }
 	for b in "$SLURMCTLD" "$SLURMD" "$MUNGED"; do
@@ -155,6 +203,12 @@ cluster_start() {
 		for ((g = 0; g < CLUSTER_NODES * CLUSTER_GPUS; g++)); do mknod "$T/dev/nvidia$g" c 1 3; done
 	fi
 	(umask 077 && dd if=/dev/urandom of="$T/munge-key/munge.key" bs=1024 count=1 status=none)
+	CLUSTER_SANITIZER_ENV=()
+	stepd=()
+	if [[ -n ${CLUSTER_SANITIZER_PRELOAD:-} ]]; then
+		cluster_sanitizer_setup || return 1
+		stepd=(-d "$(cluster_sanitizer_wrap slurmstepd "$(dirname "$SLURMD")/slurmstepd")")
+	fi
 	base=$(free_port_base) || { clog "no free ports"; return 1; }
 	cluster_write_config "$base"
 	cluster_site_config
@@ -168,7 +222,8 @@ cluster_start() {
 	env -i SLURM_CONF="$T/etc/slurm.conf" "$SLURMCTLD" -D -i </dev/null >>"$T/log/slurmctld.out" 2>&1 &
 	PIDS+=($!)
 	for ((n = 1; n <= CLUSTER_NODES; n++)); do
-		env -i SLURM_CONF="$T/etc/slurm.conf" "$SLURMD" -D -N "n$n" </dev/null >>"$T/log/slurmd-n$n.out" 2>&1 &
+		env -i SLURM_CONF="$T/etc/slurm.conf" "${CLUSTER_SANITIZER_ENV[@]}" \
+			"$SLURMD" -D -N "n$n" "${stepd[@]}" </dev/null >>"$T/log/slurmd-n$n.out" 2>&1 &
 		PIDS+=($!)
 	done
 	if ! wait_for 30 nodes_idle; then

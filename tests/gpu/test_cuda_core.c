@@ -573,6 +573,13 @@ static void pinned_pool(aeg_device_t *dev)
 	free(saved);
 
 	printf("# best pool provisioning: %s, %.1f ms/GiB\n", best_label, best);
+	/* Under compute-sanitizer (gpu-run.sh sanitize) the time is the tool's as much as ours. */
+	if (getenv("AEGAEON_GPU_UNTIMED") != NULL) {
+		snprintf(what, sizeof(what), "a pool was provisioned with %s (AEGAEON_GPU_UNTIMED: time not checked)",
+			 best_label);
+		check(best >= 0, what);
+		return;
+	}
 	snprintf(what, sizeof(what), "pool provisioning <= 60 ms/GiB with %s, the best here (cudaHostAlloc: ~460-770)",
 		 best_label);
 	check(best >= 0 && best <= 60.0, what);

@@ -7,6 +7,9 @@
 #   AEG_BUILDDIR  absolute build tree (holds src/spank/.libs/aegaeon.so,
 #                 aegaeond and aegaeon-cli)
 #   AEG_KEEP=1    keep the temp dir after a failure (for debugging)
+#   AEG_SANITIZER_PRELOAD, AEG_SANITIZER_LOGS  an --enable-sanitizers build:
+#                 the runtimes to preload and where reports go (run.sh sets
+#                 them; scripts/lib/cluster.sh says how they are used)
 
 set -u
 
@@ -21,6 +24,8 @@ CLUSTER_NODES=2
 CLUSTER_GPUS=2
 CLUSTER_GPU_FILES=
 CLUSTER_PREFIX=/tmp/aegaeon-slurm
+CLUSTER_SANITIZER_PRELOAD=${AEG_SANITIZER_PRELOAD:-}
+CLUSTER_SANITIZER_LOGS=${AEG_SANITIZER_LOGS:-}
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/cluster.sh"
 # A second unprivileged identity with no passwd entry, for access checks.
 OTHER_UID=65533
@@ -41,15 +46,18 @@ check() { # check DESCRIPTION CMD... : pass when CMD succeeds
 
 as_other() {
 	(cd / && setpriv --reuid=$OTHER_UID --regid=$OTHER_UID --clear-groups -- \
-		env -i PATH=/usr/bin:/bin "$@")
+		env -i PATH=/usr/bin:/bin "${CLUSTER_SANITIZER_ENV[@]}" "$@")
 }
 
 # write_site_config [KEY = VALUE;...] -- the site config the plugin and agent
 # read; each argument replaces the default line of its key or adds one.
 write_site_config() {
+	local agent=$AEG_AGENT
+	# The plugin starts the agent with a clean environment: a wrapper adds the sanitizers'.
+	[[ ${#CLUSTER_SANITIZER_ENV[@]} -gt 0 ]] && agent=$(cluster_sanitizer_wrap aegaeond "$AEG_AGENT")
 	local defaults=(
 		'device = "host";'
-		"agent_path = \"$AEG_AGENT\";"
+		"agent_path = \"$agent\";"
 		"runtime_dir = \"$T/aegrun\";"
 		'slab_max = "1GiB";'
 		'slab_default = "64MiB";'

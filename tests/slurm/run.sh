@@ -1,7 +1,10 @@
 #!/bin/bash
 # Runs the Slurm tests, each file on its own throwaway cluster, and prints
 # "N passed, N failed" last. Usage: run.sh [TEST.sh...] (default: all).
-# Needs AEG_BUILDDIR (the build tree); `make check` sets it.
+# Needs AEG_BUILDDIR (the build tree); `make check` sets it, and for an
+# --enable-sanitizers build AEG_SANITIZER_PRELOAD (the ASan and UBSan
+# runtimes): then each test file's sanitizer reports are collected, and any
+# report fails it.
 
 here=$(cd "$(dirname "$0")" && pwd)
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -16,10 +19,33 @@ for b in munged slurmctld slurmd srun sbatch salloc scontrol squeue sinfo runuse
 	command -v "$b" >/dev/null ||
 		skip "$b is not installed (Debian: apt-get install slurmctld slurmd slurm-client munge)"
 done
-[[ -z ${SANITIZER_FLAGS:-} ]] ||
-	skip "sanitizer build: slurmd cannot load a plugin and agent built with ASan (configure without --enable-sanitizers)"
 : "${AEG_BUILDDIR:?AEG_BUILDDIR must name the build tree}"
 export AEG_BUILDDIR
+san=
+if [[ -n ${AEG_SANITIZER_PRELOAD:-} ]]; then
+	for lib in $AEG_SANITIZER_PRELOAD; do
+		[[ -f $lib ]] || { echo "run.sh: sanitizer runtime $lib not found" >&2; exit 1; }
+	done
+	export AEG_SANITIZER_PRELOAD
+	san=$(mktemp -d /tmp/aegaeon-sanitizer.XXXXXX) || exit 1
+	chmod 755 "$san"
+	echo "# sanitizer build: slurmd, slurmstepd, srun, sbatch and salloc run with" \
+		"$AEG_SANITIZER_PRELOAD preloaded; reports go to $san/TEST/"
+fi
+
+# sanitizer_reports NAME: a "not ok" line and the start of each report the
+# test's programs wrote; nrep: how many there were.
+sanitizer_reports() {
+	local f
+	nrep=0
+	for f in "$san/$1"/*; do
+		[[ -f $f ]] || continue
+		nrep=$((nrep + 1))
+		echo "not ok - $1: sanitizer report $f:"
+		grep -m 1 -E 'ERROR: |runtime error: ' "$f"
+		grep -E '^ +#[0-9]+ ' "$f" | head -n 12
+	done
+}
 
 if [[ $# -gt 0 ]]; then
 	tests=("$@")
@@ -43,9 +69,18 @@ for t in "${tests[@]}"; do
 		echo "SKIP $name: pending: $pending (run it by name to try)"
 		continue
 	fi
+	if [[ -n $san ]]; then
+		rm -rf "${san:?}/$name"
+		mkdir -m 1777 "$san/$name"
+		export AEG_SANITIZER_LOGS=$san/$name
+	fi
 	out=$(TEST_NAME=$name timeout -k 10 180 bash "$t" 2>&1)
 	rc=$?
 	echo "$out"
+	if [[ -n $san ]]; then
+		sanitizer_reports "$name"
+		failed=$((failed + nrep))
+	fi
 	summary=$(grep -E "^# $name: [0-9]+ passed, [0-9]+ failed$" <<<"$out" | tail -n 1)
 	if [[ -z $summary ]]; then
 		echo "not ok - $name: ended without a result (exit status $rc)"
@@ -61,5 +96,13 @@ for t in "${tests[@]}"; do
 	fi
 done
 echo "# Slurm tests took $((SECONDS - start)) s"
+if [[ -n $san ]]; then
+	if [[ -z $(find "$san" -type f) ]]; then
+		echo "# sanitizers: no report"
+		rm -rf "$san"
+	else
+		echo "# sanitizers: reports kept in $san"
+	fi
+fi
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

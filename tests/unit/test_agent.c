@@ -49,7 +49,7 @@ static pid_t spawn(const char *const *extra)
 	assert_true(pid >= 0);
 	if (pid == 0) {
 		execv(argv[0], (char *const *)argv);
-		_exit(127);
+		child_exit(127);
 	}
 	return pid;
 }
@@ -217,13 +217,13 @@ static void two_processes_share_slab_and_pool(void **state)
 	assert_int_equal(pipe(to_child), 0);
 	w = fork();
 	if (w == 0)
-		_exit(writer(to_parent[1], to_child[0]));
+		child_exit(writer(to_parent[1], to_child[0]));
 	assert_int_equal(read(to_parent[0], msg, sizeof(msg)), sizeof(msg));
 	assert_int_equal(msg[2], 1 << 20);
 
 	r = fork();
 	if (r == 0)
-		_exit(reader(msg[0], (uint32_t)msg[1]));
+		child_exit(reader(msg[0], (uint32_t)msg[1]));
 	assert_int_equal(run_status(r), 0);
 
 	st = status_now();
@@ -684,9 +684,9 @@ static void other_uid_refused(void **state)
 		int err;
 
 		if (setresgid(pw->pw_gid, pw->pw_gid, pw->pw_gid) || setresuid(pw->pw_uid, pw->pw_uid, pw->pw_uid))
-			_exit(30);
+			child_exit(30);
 		err = aeg_job_connect(&job);
-		_exit(err == AEG_EIO ? 0 : 31);
+		child_exit(err == AEG_EIO ? 0 : 31);
 	}
 	assert_int_equal(run_status(pid), 0);
 	assert_int_equal(chmod(sock, 0600), 0);
@@ -697,8 +697,8 @@ static void other_uid_refused(void **state)
 		aeg_job_t *job;
 
 		if (setresgid(pw->pw_gid, pw->pw_gid, pw->pw_gid) || setresuid(pw->pw_uid, pw->pw_uid, pw->pw_uid))
-			_exit(30);
-		_exit(aeg_job_connect(&job) == AEG_EACCES ? 0 : 32);
+			child_exit(30);
+		child_exit(aeg_job_connect(&job) == AEG_EACCES ? 0 : 32);
 	}
 	assert_int_equal(run_status(pid), 0);
 }

@@ -422,8 +422,8 @@ static void missing_and_unreadable_files(void **state)
 	assert_true(pid >= 0);
 	if (pid == 0) {
 		if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0))
-			_exit(2);
-		_exit(aeg_config_load(&c, locked) == AEG_EACCES &&
+			child_exit(2);
+		child_exit(aeg_config_load(&c, locked) == AEG_EACCES &&
 		      strstr(aeg_error_detail(), "locked.conf: Permission denied") != NULL ? 0 : 1);
 	}
 	assert_int_equal(waitpid(pid, &status, 0), pid);

@@ -256,7 +256,7 @@ static void mem_ipc_across_processes(void **state)
 	pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0)
-		_exit(child_open_and_reply(&h, bytes));
+		child_exit(child_open_and_reply(&h, bytes));
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	assert_true(WIFEXITED(status));
 	assert_int_equal(WEXITSTATUS(status), 0);
@@ -305,8 +305,8 @@ static void mem_handle_of_dead_process(void **state)
 
 		if (aeg_device_open(&cdev, AEG_DEVICE_HOST) < 0 ||
 		    aeg_mem_alloc(cdev, 0, 4096, &cp) < 0 || aeg_mem_export(cdev, cp, &ch) < 0)
-			_exit(1);
-		_exit(write(fds[1], &ch, sizeof(ch)) == sizeof(ch) ? 0 : 2);
+			child_exit(1);
+		child_exit(write(fds[1], &ch, sizeof(ch)) == sizeof(ch) ? 0 : 2);
 	}
 	close(fds[1]);
 	assert_int_equal(read(fds[0], &h, sizeof(h)), sizeof(h));
@@ -544,7 +544,7 @@ static void no_fd_leak(void **state)
 		assert_int_equal(aeg_stream_destroy(s), 0);
 		pid = fork();
 		if (pid == 0)
-			_exit(child_open_and_reply(&h, 0));
+			child_exit(child_open_and_reply(&h, 0));
 		assert_int_equal(waitpid(pid, &status, 0), pid);
 		assert_int_equal(WEXITSTATUS(status), 0);
 		assert_int_equal(aeg_mem_close_handle(dev, r), 0);

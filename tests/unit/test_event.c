@@ -357,7 +357,7 @@ static void child_waits_on_parent(void **state)
 	pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0)
-		_exit(child_waits(&h, 0));
+		child_exit(child_waits(&h, 0));
 
 	/* The failure code reaches other processes too. */
 	assert_int_equal(aeg_event_create(dev, 0, &failed, &hf), 0);
@@ -365,7 +365,7 @@ static void child_waits_on_parent(void **state)
 	pid2 = fork();
 	assert_true(pid2 >= 0);
 	if (pid2 == 0)
-		_exit(child_waits(&hf, AEG_ECANCELED));
+		child_exit(child_waits(&hf, AEG_ECANCELED));
 
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	assert_true(WIFEXITED(status));
@@ -418,7 +418,7 @@ static void parent_waits_on_child(void **state)
 	if (pid == 0) {
 		close(up[0]);
 		close(down[1]);
-		_exit(child_owns(up[1], down[0]));
+		child_exit(child_owns(up[1], down[0]));
 	}
 	close(up[1]);
 	close(down[0]);
@@ -482,11 +482,11 @@ static void armed_until_recorded(void **state)
 	pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0)
-		_exit(child_waits(&h, 0));
+		child_exit(child_waits(&h, 0));
 	pid2 = fork();
 	assert_true(pid2 >= 0);
 	if (pid2 == 0)
-		_exit(child_waits(&hc, AEG_ECANCELED));
+		child_exit(child_waits(&hc, AEG_ECANCELED));
 	w = (struct waiter){ .ev = ev };
 	wh = (struct waiter){ .dev = other, .handle = &h };
 	wc = (struct waiter){ .ev = cancelled };

@@ -981,6 +981,7 @@ static void cross_process_handoff(void **state)
 	struct cache c;
 	aeg_handle_t h;
 	size_t off = 0;
+	const char *self;
 	int status, fds;
 	pid_t pid;
 
@@ -994,6 +995,7 @@ static void cross_process_handoff(void **state)
 		off += (size_t)snprintf(list + off, sizeof(list) - off, "%s%" PRIu32, i ? "," : "", host_ids[i]);
 	}
 	memset(aeg_pool_base(c.pool), 0, (size_t)c.host_blocks * HANDOFF_BLOCK);
+	self = self_exe_path();
 
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
 	gate_close(&g, stream);
@@ -1010,8 +1012,8 @@ static void cross_process_handoff(void **state)
 
 		fcntl(aeg_pool_fd(c.pool), F_SETFD, 0);
 		close(ready_pipe[0]);
-		execv("/proc/self/exe", args);
-		_exit(127);
+		execv(self, args);
+		child_exit(127);
 	}
 	if (pid > 0) {
 		close(ready_pipe[1]);

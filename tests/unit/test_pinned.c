@@ -241,6 +241,7 @@ static int child_attaches(int fd, int to_parent, int from_parent)
 	aeg_pool_t *pool = NULL;
 	char c;
 
+	memset(bufs, 0, sizeof(bufs));        /* the padding goes down the pipe too */
 	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0 || aeg_pool_attach(dev, fd, &pool) < 0)
 		return 10;
 	for (int i = 0; i < 3; i++) {
@@ -275,7 +276,7 @@ static void processes_share_the_pool(void **state)
 	if (pid == 0) {
 		close(up[0]);
 		close(down[1]);
-		_exit(child_attaches(aeg_pool_fd(pool), up[1], down[0]));
+		child_exit(child_attaches(aeg_pool_fd(pool), up[1], down[0]));
 	}
 	close(up[1]);
 	close(down[0]);
@@ -435,9 +436,9 @@ static void child_dies_holding_the_lock(void **state)
 		struct aeg_pool_buffer held;
 
 		if (aeg_pool_acquire(pool, 0, &held) < 0)
-			_exit(1);
+			child_exit(1);
 		pthread_mutex_lock(aeg_pool_mutex(pool));
-		_exit(0);       /* the lock dies with us */
+		child_exit(0);       /* the lock dies with us */
 	}
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	assert_int_equal(WEXITSTATUS(status), 0);
@@ -758,7 +759,7 @@ static void hugetlb_pool(void **state)
 	if (pid == 0) {
 		close(up[0]);
 		close(down[1]);
-		_exit(child_attaches(aeg_pool_fd(pool), up[1], down[0]));
+		child_exit(child_attaches(aeg_pool_fd(pool), up[1], down[0]));
 	}
 	close(up[1]);
 	close(down[0]);

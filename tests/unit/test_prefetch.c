@@ -492,7 +492,7 @@ static void open_and_option_errors(void **state)
 
 		assert_true(pid >= 0);
 		if (pid == 0)
-			_exit(unreadable_as_nobody(f, path));
+			child_exit(unreadable_as_nobody(f, path));
 		assert_int_equal(waitpid(pid, &status, 0), pid);
 		assert_true(WIFEXITED(status));
 		assert_int_equal(WEXITSTATUS(status), 0);
@@ -939,7 +939,7 @@ static void second_process_reads(void **state)
 	assert_true(pid >= 0);
 	if (pid == 0) {
 		execv(self_exe, args);
-		_exit(127);
+		child_exit(127);
 	}
 	gk_wait_holding(&g);
 	usleep(100 * 1000);
@@ -1032,7 +1032,7 @@ int main(int argc, char **argv)
 	};
 
 	/* Not argv[0]: a test harness may start us through a wrapper. */
-	self_exe = "/proc/self/exe";
+	self_exe = self_exe_path();
 	if (argc > 3 && strcmp(argv[1], "--child") == 0)
 		return child(argc, argv);
 	return cmocka_run_group_tests_name("prefetch", tests, NULL, NULL);
