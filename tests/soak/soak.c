@@ -378,14 +378,29 @@ static int op_prefetch(struct worker *w)
 			      " + %" PRIu64, i, c->ptr, c->offset, c->file_offset, c->size);
 			goto out;
 		}
+		if (c->size > w->buf_bytes) {
+			wfail(w->id, OP_PREFETCH, 0, "chunk %u of %" PRIu64 " bytes: larger than the %" PRIu64 "-byte buffer",
+			      i, c->size, w->buf_bytes);
+			goto out;
+		}
 		err = aeg_memcpy(w->dev, w->buf, c->ptr, c->size);
 		if (err) {
 			wfail(w->id, OP_PREFETCH, err, "reading chunk %u", i);
 			goto out;
 		}
 		if ((at = differs(w->buf, files[f] + c->file_offset, c->size)) >= 0) {
-			wfail(w->id, OP_PREFETCH, 0, "%s chunk %u (file offset %" PRIu64 ") differs from the file at byte %"
-			      PRId64, file_path[f], i, c->file_offset, at);
+			/* Say whether the bytes came late (the event completed too early) or never. */
+			unsigned char got = ((unsigned char *)w->buf)[at], want = files[f][c->file_offset + at];
+			int64_t later;
+
+			usleep(200000);
+			later = aeg_memcpy(w->dev, w->buf, c->ptr, c->size) ? -2 :
+				differs(w->buf, files[f] + c->file_offset, c->size);
+			wfail(w->id, OP_PREFETCH, 0, "%s chunk %u of %u (file offset %" PRIu64 ", %" PRIu64 " bytes, load %"
+			      PRIu64 ") differs from the file at byte %" PRId64 " (0x%02x, not 0x%02x); 200 ms later: %s",
+			      file_path[f], i, load->count, c->file_offset, c->size, load->load_id, at, got, want,
+			      later == -1 ? "equal (the event completed before the copy)" :
+			      later == -2 ? "unreadable" : "still different");
 			goto out;
 		}
 		covered += c->size;
@@ -678,7 +693,11 @@ static int worker_main(int id)
 	int warmed = 0;
 
 	w.st = &sh->w[id];
+	/* A chunk can be a whole file (the site's chunk is larger than the files). */
 	w.buf_bytes = opt.file_bytes + (4u << 20);
+	for (int f = 0; f < NFILES; f++)
+		if (w.buf_bytes < file_size[f])
+			w.buf_bytes = file_size[f];
 	if (w.buf_bytes < opt.pinned_buffer)
 		w.buf_bytes = opt.pinned_buffer;
 	w.buf = malloc(w.buf_bytes);
