@@ -1820,8 +1820,12 @@ static int make_events(struct aeg_prefetch *pf, struct aeg_load *l, uint32_t *ma
 		uint32_t c = *made;
 
 		err = aeg_event_create(pf->dev, pf->gpu, &l->rt[c].ev, &l->chunks[c].event);
-		if (err)
+		if (err) {
+			/* The driver's interprocess events are limited: thousands, not millions. */
+			aeg_error_prefix("%s: the event of chunk %u of %u (every chunk has one: a larger chunk size makes fewer)",
+					 l->path, c, l->nchunks);
 			return err;
+		}
 		l->rt[c].unqueued = l->rt[c].pending;
 		err = aeg_event_arm(l->rt[c].ev);
 		if (err) {

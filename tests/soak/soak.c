@@ -341,8 +341,15 @@ static int cmp_u64(const void *x, const void *y)
 /* A file through the agent: every chunk waited on and compared with the file, then released. */
 static int op_prefetch(struct worker *w)
 {
-	static const uint64_t chunks[] = { 0, 64 << 10, (256 << 10) + 4096, 1 << 20 };
-	uint64_t chunk = chunks[rnd(&w->rs) % ARRAY_SIZE(chunks)], *ids = NULL, covered = 0;
+	/*
+	 * 0 is the site's chunk size. On cuda every chunk holds one of the
+	 * driver's interprocess events, which are limited (8 loads of 1281
+	 * chunks at once ran out on an H100): the chunks there are larger.
+	 */
+	static const uint64_t host_chunks[] = { 0, 64 << 10, (256 << 10) + 4096, 1 << 20 };
+	static const uint64_t cuda_chunks[] = { 0, 1 << 20, (4 << 20) + 4096, 16 << 20 };
+	const uint64_t *chunks = opt.device == AEG_DEVICE_CUDA ? cuda_chunks : host_chunks;
+	uint64_t chunk = chunks[rnd(&w->rs) % ARRAY_SIZE(host_chunks)], *ids = NULL, covered = 0;
 	int f = (int)(rnd(&w->rs) % NFILES), err, rc = -1;
 	struct aeg_job_load *load = NULL, *again = NULL;
 	uint32_t nids = 0, released;
