@@ -129,7 +129,7 @@ static uint64_t between(uint64_t *s, uint64_t lo, uint64_t hi)
 
 /* ----------------------------------------------------------- reporting */
 
-static int tap;
+static int tap, tap_failed;
 
 static void ok(int good, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void ok(int good, const char *fmt, ...)
@@ -137,6 +137,7 @@ static void ok(int good, const char *fmt, ...)
 	va_list ap;
 
 	printf("%s %d - ", good ? "ok" : "not ok", ++tap);
+	tap_failed += !good;
 	va_start(ap, fmt);
 	vprintf(fmt, ap);
 	va_end(ap);
@@ -1210,6 +1211,7 @@ out:
 	} else {
 		fprintf(stderr, "soak: kept %s\n", dir);
 	}
+	printf("%d passed, %d failed\n", tap - tap_failed, tap_failed + (failed && !tap_failed));
 	printf("%s\n", failed ? "FAIL" : "PASS");
 	return failed;
 }

@@ -72,7 +72,10 @@ head -c $((1 << 20)) /dev/urandom >"$T/other.bin"
 	PY
 ST=$T/tiny.safetensors
 # The agent's default chunk (64 MiB) would not fit these small slabs.
-echo 'prefetch_chunk = "1MiB";' >"$T/aegaeon.conf"
+# The site's caps are raised past the machine, so the device's and the
+# host's own limits are what refuse the huge slab and pool below (the agent
+# checks the caps first: test_agent's site_caps_in_agent).
+printf '%s\n' 'prefetch_chunk = "1MiB";' 'slab_max = "1024TiB";' 'pinned_max = "1024TiB";' >"$T/aegaeon.conf"
 restore() { cp "$T/orig.bin" "$T/model.bin"; }
 
 # ------------------------------------------------- aegaeon-cli, in this process
