@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -855,38 +856,58 @@ static void print_sample(const char *what, const struct proc_sample *s)
 	       s->threads, s->maps, s->rss_anon_kib, s->vm_rss_kib);
 }
 
+/* --gpu-free: print GPU 0's free bytes (run by gpu_free in a fresh process). */
+static int print_gpu_free(void)
+{
+	struct aeg_gpu_info info;
+	aeg_device_t *dev;
+
+	if (aeg_device_open(&dev, AEG_DEVICE_CUDA) || aeg_device_gpu_info(dev, 0, &info)) {
+		fprintf(stderr, "soak: GPU 0: %s\n", aeg_error_detail());
+		return 1;
+	}
+	printf("%" PRIu64 "\n", info.free_bytes);
+	aeg_device_close(dev);
+	return 0;
+}
+
 /*
- * Free memory of GPU 0 as a fresh process sees it: the parent must not
- * open CUDA itself (its workers are forked from it).
+ * Free memory of GPU 0 as a fresh process sees it. Not forked from this
+ * one: once it talked to the agent (aeg_job_connect opens the device) a
+ * forked child cannot initialize CUDA, so the child executes this program.
  */
 static int gpu_free(uint64_t *free_bytes)
 {
-	int fds[2], status;
-	ssize_t n;
+	static char self[PATH_MAX];
+	char text[32] = "";
+	int fds[2], status = -1;
+	ssize_t n, len;
 	pid_t pid;
 
+	if (self[0] == '\0' && ((len = readlink("/proc/self/exe", self, sizeof(self) - 1)) <= 0))
+		return -1;
 	if (pipe(fds) < 0)
 		return -1;
 	pid = fork();
 	if (pid == 0) {
-		struct aeg_gpu_info info;
-		aeg_device_t *dev;
+		char *argv[] = { self, "--gpu-free", NULL };
 
+		dup2(fds[1], STDOUT_FILENO);
 		close(fds[0]);
-		if (aeg_device_open(&dev, opt.device) || aeg_device_gpu_info(dev, 0, &info)) {
-			fprintf(stderr, "soak: GPU 0: %s\n", aeg_error_detail());
-			_exit(1);
-		}
-		n = write(fds[1], &info.free_bytes, sizeof(info.free_bytes));
-		aeg_device_close(dev);
-		_exit(n == sizeof(info.free_bytes) ? 0 : 1);
+		close(fds[1]);
+		execv(self, argv);
+		_exit(127);
 	}
 	close(fds[1]);
-	n = pid > 0 ? read(fds[0], free_bytes, sizeof(*free_bytes)) : -1;
+	n = pid > 0 ? read(fds[0], text, sizeof(text) - 1) : -1;
 	close(fds[0]);
 	if (pid > 0)
 		waitpid(pid, &status, 0);
-	return n == sizeof(*free_bytes) ? 0 : -1;
+	if (n <= 0 || status != 0)
+		return -1;
+	text[n] = '\0';
+	*free_bytes = strtoull(text, NULL, 10);
+	return 0;
 }
 
 static int make_files(void)
@@ -1033,6 +1054,8 @@ int main(int argc, char **argv)
 	uint64_t t0 = now_ns(), total_ops[OP_END] = { 0 }, bytes = 0, retries = 0, free0 = 0, free1 = 0;
 	int status, failed = 0;
 
+	if (argc == 2 && strcmp(argv[1], "--gpu-free") == 0)
+		return print_gpu_free();
 	if (parse_args(argc, argv))
 		return 2;
 	setvbuf(stdout, NULL, _IOLBF, 0);
