@@ -18,6 +18,7 @@
 #include <aegaeon/attach.h>
 
 #include "attach_internal.h"
+#include "device_internal.h"
 #include "internal.h"
 #include "proto.h"
 
@@ -104,11 +105,11 @@ static int local_gpu(aeg_device_t *dev, const struct proto_slab *s)
 	if (aeg_device_count(dev, &count))
 		return -1;
 	for (int g = 0; g < count; g++) {
-		struct aeg_gpu_info info;
+		char id[AEG_PCI_BUS_ID_LEN];
 
-		if (aeg_device_gpu_info(dev, g, &info))
+		if (aeg_device_pci_bus_id(dev, g, id))
 			continue;
-		if (s->pci_bus_id[0] && strcasecmp(info.pci_bus_id, s->pci_bus_id) == 0)
+		if (s->pci_bus_id[0] && strcasecmp(id, s->pci_bus_id) == 0)
 			return g;
 	}
 	if (s->pci_bus_id[0] == '\0' && s->gpu < count)

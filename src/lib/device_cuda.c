@@ -160,12 +160,28 @@ static void cuda_fini(aeg_device_t *dev)
 	dev->impl = NULL;
 }
 
+/* A device attribute: no context made, no current device changed. */
+static int cuda_pci_bus_id(aeg_device_t *dev, int gpu, char id[AEG_PCI_BUS_ID_LEN])
+{
+	unsigned domain, bus, device, function;
+	char pci[64];
+	cudaError_t e;
+
+	(void)dev;
+	e = cudaDeviceGetPCIBusId(pci, sizeof(pci), gpu);
+	if (e != cudaSuccess)
+		return cfail(AEG_EDEVICE, e, "cudaDeviceGetPCIBusId(%d)", gpu);
+	/* The domain may come with 8 digits; the rest of aegaeon writes 4, in lower case. */
+	if (sscanf(pci, "%x:%x:%x.%x", &domain, &bus, &device, &function) != 4 || domain > 0xffff)
+		return aeg_fail(AEG_EDEVICE, "cudaDeviceGetPCIBusId(%d) gave \"%s\", not a PCI bus id", gpu, pci);
+	snprintf(id, AEG_PCI_BUS_ID_LEN, "%04x:%02x:%02x.%x", domain, bus, device, function);
+	return 0;
+}
+
 static int gpu_info_here(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
 {
 	struct cudaDeviceProp prop;
-	unsigned domain, bus, device, function;
 	size_t free_bytes, total_bytes;
-	char pci[64];
 	cudaError_t e;
 
 	e = cudaGetDeviceProperties(&prop, gpu);
@@ -177,16 +193,7 @@ static int gpu_info_here(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
 		return cfail(AEG_EDEVICE, e, "cudaMemGetInfo on GPU %d", gpu);
 	info->free_bytes = free_bytes;
 	info->total_bytes = total_bytes;
-	e = cudaDeviceGetPCIBusId(pci, sizeof(pci), gpu);
-	if (e != cudaSuccess)
-		return cfail(AEG_EDEVICE, e, "cudaDeviceGetPCIBusId(%d)", gpu);
-	/* The domain may come with 8 digits; the rest of aegaeon writes 4, in lower case. */
-	if (sscanf(pci, "%x:%x:%x.%x", &domain, &bus, &device, &function) == 4 && domain <= 0xffff)
-		snprintf(info->pci_bus_id, sizeof(info->pci_bus_id), "%04x:%02x:%02x.%x",
-			 domain, bus, device, function);
-	else
-		return aeg_fail(AEG_EDEVICE, "cudaDeviceGetPCIBusId(%d) gave \"%s\", not a PCI bus id", gpu, pci);
-	return 0;
+	return cuda_pci_bus_id(dev, gpu, info->pci_bus_id);
 }
 
 static int cuda_gpu_info(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info)
@@ -694,6 +701,7 @@ const struct aeg_device_ops aeg_device_cuda_ops = {
 	.init = cuda_init,
 	.fini = cuda_fini,
 	.gpu_info = cuda_gpu_info,
+	.pci_bus_id = cuda_pci_bus_id,
 	.mem_alloc = cuda_mem_alloc,
 	.mem_free = cuda_mem_free,
 	.mem_export = cuda_mem_export,

@@ -9,6 +9,7 @@
 
 #include <aegaeon/device.h>
 #include <aegaeon/event.h>
+#include <aegaeon/topo.h>
 
 /*
  * One table per backend. Every function returns 0 or an AEG_E* code with a
@@ -23,6 +24,8 @@ struct aeg_device_ops {
 	int (*init)(aeg_device_t *dev);         /* sets dev->gpu_count and dev->impl */
 	void (*fini)(aeg_device_t *dev);
 	int (*gpu_info)(aeg_device_t *dev, int gpu, struct aeg_gpu_info *info);
+	/* The GPU's PCI bus id without touching the GPU itself (no CUDA context); NULL: from gpu_info. */
+	int (*pci_bus_id)(aeg_device_t *dev, int gpu, char id[AEG_PCI_BUS_ID_LEN]);
 
 	int (*mem_alloc)(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr);
 	int (*mem_free)(aeg_device_t *dev, int gpu, void *ptr);
@@ -96,6 +99,9 @@ extern const struct aeg_device_ops aeg_device_cuda_ops;
 
 /* Validate @gpu against the device; AEG_ENODEV with a detail otherwise. */
 int aeg_device_check_gpu(aeg_device_t *dev, int gpu);
+
+/* aeg_device_pci_bus_id - GPU @gpu's PCI bus id, without making its CUDA context (device.c). */
+int aeg_device_pci_bus_id(aeg_device_t *dev, int gpu, char id[AEG_PCI_BUS_ID_LEN]);
 
 /* Queue @fn on @stream (see launch_host_fn). */
 int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *arg);
