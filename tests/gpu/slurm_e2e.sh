@@ -129,7 +129,7 @@ install_slurm() {
 		ln -s "$prefix/usr/lib/x86_64-linux-gnu/slurm-wlm" /usr/lib/x86_64-linux-gnu/slurm-wlm
 	mkdir -p /usr/local/lib/slurm-extra
 	miss=$({ for f in "$prefix"/usr/sbin/* "$prefix"/usr/bin/s* "$prefix"/usr/lib/x86_64-linux-gnu/slurm-wlm/*.so; do
-		ldd "$f" 2>/dev/null; done; } | awk '/not found/ { print $1 }' | sort -u)
+		env -u LD_LIBRARY_PATH ldd "$f" 2>/dev/null; done; } | awk '/not found/ { print $1 }' | sort -u)
 	for l in $miss; do
 		p=$(find "$prefix" -name "$l" | head -n 1)
 		[[ -n $p ]] && ln -sf "$p" "/usr/local/lib/slurm-extra/$l"
@@ -166,8 +166,10 @@ M=$(realpath "$M")
 A=$M/model-a.safetensors
 Bm=$M/model-b.safetensors
 
-# The plugin cleans the agent's environment: libraries the system lacks (the
-# bundle's) go into a directory of ld.so.conf.d, for the agent, the steps and srun.
+# The plugin cleans the agent's environment and slurmd starts with none:
+# libraries the system lacks (the bundle's) go into a directory of
+# ld.so.conf.d, for slurmd, the agent, the steps and srun. Looked for without
+# LD_LIBRARY_PATH, which gpu-run.sh sets for its own programs.
 LDCONF=/etc/ld.so.conf.d/aegaeon-e2e.conf
 LIBS=/usr/local/lib/aegaeon-e2e
 missing_libs() {
