@@ -174,7 +174,7 @@ LDCONF=/etc/ld.so.conf.d/aegaeon-e2e.conf
 LIBS=/usr/local/lib/aegaeon-e2e
 missing_libs() {
 	{ for f in "$E/opt/bin/aegaeond" "$E/opt/bin/aegaeon-cli" "$E/opt/aegaeon.so" "$E/opt/py/aegaeon_native.abi3.so"; do
-		ldd "$f" 2>/dev/null; done; } | awk '/not found/ { print $1 }' | sort -u
+		env -u LD_LIBRARY_PATH ldd "$f" 2>/dev/null; done; } | awk '/not found/ { print $1 }' | sort -u
 }
 miss=$(missing_libs)
 if [[ -n $miss ]]; then
