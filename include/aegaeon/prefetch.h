@@ -27,8 +27,11 @@ typedef struct aeg_load aeg_load_t;            /* one file being (or done) loadi
  *   register pieces (registrations serialize in the driver), the others
  *   read pieces through the ring; the copy engines take from both.
  * CACHE: the file is in the host model cache: a pure pinned->GPU copy.
- * AUTO picks per file: CACHE on a hit; READ to fill the cache, for files under
- * small_file_bytes, or where registration is refused (logged); MIXED else.
+ * AUTO picks per file: CACHE on a hit; READ for files under small_file_bytes
+ * or where registration is refused (logged); MIXED else. A load filling the
+ * cache reads its pieces into the cache's buffers, or (MIXED) registers them
+ * and copies them back from the GPU into those buffers, the copy engines'
+ * other direction.
  * Registered pieces are unregistered after the load has settled: its wait
  * returns once the bytes are on the GPU.
  */

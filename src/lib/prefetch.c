@@ -629,6 +629,32 @@ static int copy_range(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, u
 	return 0;
 }
 
+/*
+ * Queue the copies of file bytes [b, e), which the chunks now hold on the
+ * GPU, back to @dst, each on its chunk's stream after the copy that put
+ * them there: how a registered piece fills its cache buffer.
+ */
+static int copy_back(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, uint64_t e, char *dst)
+{
+	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++) {
+		const struct aeg_chunk *ch = &l->chunks[c];
+		uint64_t sb = b > ch->file_offset ? b : ch->file_offset;
+		uint64_t se = e < ch->file_offset + ch->size ? e : ch->file_offset + ch->size;
+		int err;
+
+		if (sb >= se)
+			continue;
+		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)], dst + (sb - b),
+				       (char *)ch->device_ptr + (sb - ch->file_offset), se - sb);
+		if (err) {
+			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64 " back for the host cache",
+					 l->path, sb, se);
+			return err;
+		}
+	}
+	return 0;
+}
+
 static int pread_full(struct aeg_load *l, int fd, void *buf, uint64_t bytes, uint64_t off)
 {
 	uint64_t done = 0;
@@ -895,7 +921,12 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 	case AEG_FEED_MIXED:
 	default:
 		src = (const char *)l->map + it->begin;
-		if (lane_take(pf, l)) {
+		/*
+		 * A cache fill takes the bytes of a registered piece back from the
+		 * GPU into its cache buffer (the copy engines' other direction),
+		 * so the piece must lie in the chunks: not in a header.
+		 */
+		if ((!l->filling || it->begin >= l->data_begin) && lane_take(pf, l)) {
 			uint64_t reg_bytes = aeg_round_up(len, PAGE);
 
 			/*
@@ -933,6 +964,14 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		pf->registered--;       /* the slot taken when the item was picked */
 		pthread_cond_broadcast(&pf->work_cv);
 		pthread_mutex_unlock(&pf->lock);
+		if (l->filling) {
+			/* As the read feed fills the cache: into the piece's buffer. */
+			src = aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]);
+			err = pread_full(l, l->fd, (void *)src, len, it->begin);
+			if (err)
+				return item_abort(pf, it, err);
+			break;
+		}
 		err = read_through_ring(pf, it);
 		if (err)
 			return err;
@@ -955,6 +994,9 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 	err = copy_range(pf, l, it->begin, it->end, src);
 	if (err == 0)
 		err = record_chunks(pf, it);
+	if (err == 0 && l->filling && it->reg)
+		err = copy_back(pf, l, it->begin, it->end,
+				aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]));
 	if (err == 0)
 		err = batch_launch(pf, ib, mask);
 	if (err) {
@@ -1777,13 +1819,7 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 		}
 		pf->misses++;
 		l->entry = cache_reserve(pf, l->path, &l->st);
-		if (l->entry) {
-			l->filling = 1;
-			l->feed = AEG_FEED_READ;
-			l->item_bytes = pf->buffer_bytes;
-			pthread_mutex_unlock(&pf->lock);
-			return;
-		}
+		l->filling = l->entry != NULL;
 	}
 	pthread_mutex_unlock(&pf->lock);
 
@@ -1803,8 +1839,9 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 			pthread_mutex_unlock(&pf->lock);
 		}
 	}
-	l->item_bytes = mapped(l) ? pf->cfg.piece_bytes : pf->buffer_bytes;
-	if (l->feed == AEG_FEED_READ && pf->cfg.direct_io) {
+	/* A cache fill goes piece by piece into the entry's buffers. */
+	l->item_bytes = mapped(l) && !l->filling ? pf->cfg.piece_bytes : pf->buffer_bytes;
+	if (l->feed == AEG_FEED_READ && pf->cfg.direct_io && !l->filling) {
 		l->dfd = open(l->path, O_RDONLY | O_CLOEXEC | O_DIRECT);
 		if (l->dfd < 0)
 			aeg_info("prefetch: %s: O_DIRECT refused (%s); reading through the page cache",

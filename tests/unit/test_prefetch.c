@@ -789,12 +789,12 @@ static void host_cache(void **state)
 	struct timespec ts[2] = { { 0, UTIME_NOW }, { 1000, 0 } };
 	aeg_load_t *l;
 
-	/* Miss: read into cache buffers, kept after the load. */
+	/* Miss: into cache buffers (mixed: read there, or copied back from the GPU), kept after the load. */
 	assert_int_equal(aeg_prefetch_file(f->pf, a, &o, &l), 0);
 	assert_int_equal(aeg_load_wait(l, 10000), 0);
 	check_chunks(f, l, fa, 0, 1536 * KiB);
 	assert_int_equal(aeg_load_progress(l, &pr), 0);
-	assert_int_equal(pr.feed, AEG_FEED_READ);
+	assert_int_equal(pr.feed, AEG_FEED_MIXED);
 	release_load(f, l);
 	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
 	assert_int_equal(st.cache_misses, 1);
@@ -831,7 +831,7 @@ static void host_cache(void **state)
 	assert_int_equal(aeg_prefetch_file(f->pf, b, &o, &l), 0);
 	assert_int_equal(aeg_load_wait(l, 10000), 0);
 	assert_int_equal(aeg_load_progress(l, &pr), 0);
-	assert_int_equal(pr.feed, AEG_FEED_READ);
+	assert_int_equal(pr.feed, AEG_FEED_MIXED);
 	release_load(f, l);
 	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
 	assert_int_equal(st.cache_misses, 3);
@@ -899,6 +899,49 @@ static int child(int argc, char **argv)
 	aeg_mem_close_handle(dev, base);
 	aeg_device_close(dev);
 	return bad ? 7 : 0;
+}
+
+/*
+ * A cache fill of a safetensors file with one worker, so every piece past
+ * the header is registered and its bytes come back from the GPU into the
+ * cache buffer, and the pieces holding the header are read: the hit that
+ * follows serves every tensor from those buffers.
+ */
+static void host_cache_fill_copies_back(void **state)
+{
+	struct fx *f = fx_new(40 * BUF_BYTES, 1);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	uint64_t size, hlen = 0, data_off;
+	struct aeg_load_progress pr;
+	struct aeg_prefetch_stats st;
+	unsigned char *file;
+	char path[128];
+	aeg_load_t *l;
+
+	/* 100 KiB of metadata: the data starts inside the second 64 KiB piece. */
+	file = st_file(f, "cached.safetensors", specs, (int)AEG_ARRAY_SIZE(specs), 100 * KiB, path,
+		       sizeof(path), &size);
+	for (int i = 7; i >= 0; i--)
+		hlen = hlen << 8 | file[i];
+	data_off = 8 + hlen;
+	assert_true(data_off > BUF_BYTES && data_off % BUF_BYTES != 0);
+
+	for (int round = 0; round < 2; round++) {
+		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+		assert_int_equal(aeg_load_wait(l, 10000), 0);
+		assert_int_equal(aeg_load_progress(l, &pr), 0);
+		assert_int_equal(pr.feed, round == 0 ? AEG_FEED_MIXED : AEG_FEED_CACHE);
+		check_chunks(f, l, file, data_off, size);
+		release_load(f, l);
+	}
+	assert_int_equal(aeg_prefetch_stats(f->pf, &st), 0);
+	assert_int_equal(st.cache_misses, 1);
+	assert_int_equal(st.cache_hits, 1);
+	assert_int_equal(st.read_fallbacks, 0);
+	assert_int_equal(aeg_prefetch_cache_drop(f->pf), 1);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
 }
 
 static void second_process_reads(void **state)
@@ -1026,6 +1069,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(release_errors_and_all),
 		cmocka_unit_test(release_all_cancels),
 		cmocka_unit_test(host_cache),
+		cmocka_unit_test(host_cache_fill_copies_back),
 		cmocka_unit_test(second_process_reads),
 		cmocka_unit_test(priority_goes_first),
 		cmocka_unit_test(bad_config),
