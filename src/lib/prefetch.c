@@ -606,49 +606,29 @@ static uint64_t streams_of(const struct aeg_prefetch *pf, const struct aeg_load 
 	return mask;
 }
 
-/* Queue the copies of file bytes [b, e), which sit at @src, each on its chunk's stream. */
-static int copy_range(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, uint64_t e,
-		      const char *src)
-{
-	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++) {
-		const struct aeg_chunk *ch = &l->chunks[c];
-		uint64_t sb = b > ch->file_offset ? b : ch->file_offset;
-		uint64_t se = e < ch->file_offset + ch->size ? e : ch->file_offset + ch->size;
-		int err;
-
-		if (sb >= se)
-			continue;
-		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)],
-				       (char *)ch->device_ptr + (sb - ch->file_offset), src + (sb - b),
-				       se - sb);
-		if (err) {
-			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64, l->path, sb, se);
-			return err;
-		}
-	}
-	return 0;
-}
-
 /*
- * Queue the copies of file bytes [b, e), which the chunks now hold on the
- * GPU, back to @dst, each on its chunk's stream after the copy that put
- * them there: how a registered piece fills its cache buffer.
+ * Queue the copies of file bytes [b, e) between @host (holding them from
+ * byte @b) and the chunks on the GPU, each on its chunk's stream: to the GPU,
+ * or @back from it (how a registered piece fills its cache buffer, after
+ * the copy that put the bytes there).
  */
-static int copy_back(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, uint64_t e, char *dst)
+static int copy_chunks(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, uint64_t e,
+		       char *host, int back)
 {
 	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++) {
 		const struct aeg_chunk *ch = &l->chunks[c];
 		uint64_t sb = b > ch->file_offset ? b : ch->file_offset;
 		uint64_t se = e < ch->file_offset + ch->size ? e : ch->file_offset + ch->size;
+		char *gpu = (char *)ch->device_ptr + (sb - ch->file_offset);
 		int err;
 
 		if (sb >= se)
 			continue;
-		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)], dst + (sb - b),
-				       (char *)ch->device_ptr + (sb - ch->file_offset), se - sb);
+		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)], back ? host + (sb - b) : gpu,
+				       back ? gpu : host + (sb - b), se - sb);
 		if (err) {
-			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64 " back for the host cache",
-					 l->path, sb, se);
+			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64 "%s", l->path, sb, se,
+					 back ? " back for the host cache" : "");
 			return err;
 		}
 	}
@@ -798,7 +778,7 @@ static int read_through_ring(struct aeg_prefetch *pf, struct item *it)
 		}
 		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, buf.ptr, e - b, b);
 		if (err == 0)
-			err = copy_range(pf, l, b, e, buf.ptr);
+			err = copy_chunks(pf, l, b, e, buf.ptr, 0);
 		if (err == 0)
 			err = batch_launch(pf, sb, mask);
 		if (err == 0)
@@ -991,12 +971,12 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 	ib = batch_new(pf, it, -1, mask);
 	if (ib == NULL)
 		return item_abort(pf, it, AEG_ENOMEM);
-	err = copy_range(pf, l, it->begin, it->end, src);
+	err = copy_chunks(pf, l, it->begin, it->end, (char *)src, 0);
 	if (err == 0)
 		err = record_chunks(pf, it);
 	if (err == 0 && l->filling && it->reg)
-		err = copy_back(pf, l, it->begin, it->end,
-				aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]));
+		err = copy_chunks(pf, l, it->begin, it->end,
+				  aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]), 1);
 	if (err == 0)
 		err = batch_launch(pf, ib, mask);
 	if (err) {
