@@ -119,30 +119,6 @@ static void fx_free(struct fx *f)
 	free(f);
 }
 
-static unsigned char *pattern(uint64_t bytes, unsigned seed)
-{
-	unsigned char *p = malloc(bytes ? bytes : 1);
-	uint32_t x = seed * 2654435761u + 1;
-
-	assert_non_null(p);
-	for (uint64_t i = 0; i < bytes; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (unsigned char)x;
-	}
-	return p;
-}
-
-static void write_all(const char *path, const void *buf, uint64_t bytes)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-
-	assert_true(fd >= 0);
-	assert_int_equal(write(fd, buf, bytes), (ssize_t)bytes);
-	assert_int_equal(close(fd), 0);
-}
-
 /*
  * A raw file of FILE_BYTES, or a safetensors file of eight 128 KiB tensors
  * whose data begins at offset 0 of a page (the header is padded to 4088
@@ -152,12 +128,12 @@ static void write_all(const char *path, const void *buf, uint64_t bytes)
 static unsigned char *make_file(struct fx *f, int safetensors, char *path, size_t len,
 				uint64_t *data_begin)
 {
-	unsigned char *p = pattern(FILE_BYTES + (safetensors ? 4096 : 0), 11);
+	unsigned char *p = test_pattern(FILE_BYTES + (safetensors ? 4096 : 0), 11);
 
 	if (!safetensors) {
 		snprintf(path, len, "%s/model.bin", f->dir);
 		*data_begin = 0;
-		write_all(path, p, FILE_BYTES);
+		test_write_file(path, p, FILE_BYTES);
 		return p;
 	}
 	{
@@ -176,7 +152,7 @@ static unsigned char *make_file(struct fx *f, int safetensors, char *path, size_
 	}
 	snprintf(path, len, "%s/model.safetensors", f->dir);
 	*data_begin = 4096;
-	write_all(path, p, FILE_BYTES + 4096);
+	test_write_file(path, p, FILE_BYTES + 4096);
 	return p;
 }
 
@@ -318,7 +294,7 @@ static void read_faults(void **state)
 			assert_int_equal(failed, 0);
 		release_all(f, l);
 		if (strcmp(rc->mode, "shrink") == 0)
-			write_all(path, file, FILE_BYTES + begin);
+			test_write_file(path, file, FILE_BYTES + begin);
 		load_clean(f, path, file, rc->feed);
 		free(file);
 		fx_free(f);

@@ -109,38 +109,14 @@ static void fx_free(struct fx *f)
 	free(f);
 }
 
-static unsigned char *pattern(uint64_t bytes, unsigned seed)
-{
-	unsigned char *p = malloc(bytes ? bytes : 1);
-	uint32_t x = seed * 2654435761u + 1;
-
-	assert_non_null(p);
-	for (uint64_t i = 0; i < bytes; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (unsigned char)x;
-	}
-	return p;
-}
-
-static void write_all(const char *path, const void *buf, uint64_t bytes)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-
-	assert_true(fd >= 0);
-	assert_int_equal(write(fd, buf, bytes), (ssize_t)bytes);
-	assert_int_equal(close(fd), 0);
-}
-
 /* The file's bytes, all of them. */
 static unsigned char *raw_file(struct fx *f, const char *name, uint64_t bytes, unsigned seed,
 			       char *path, size_t len)
 {
-	unsigned char *p = pattern(bytes, seed);
+	unsigned char *p = test_pattern(bytes, seed);
 
 	snprintf(path, len, "%s/%s", f->dir, name);
-	write_all(path, p, bytes);
+	test_write_file(path, p, bytes);
 	return p;
 }
 
@@ -205,13 +181,13 @@ static unsigned char *st_file(struct fx *f, const char *name, const struct spec 
 	for (int i = 0; i < 8; i++)
 		file[i] = (unsigned char)(hlen >> (8 * i));
 	memcpy(file + 8, json, hlen);
-	bytes = pattern(data, 7);
+	bytes = test_pattern(data, 7);
 	memcpy(file + 8 + hlen, bytes, data);
 	free(bytes);
 	free(json);
 	(void)off;
 	snprintf(path, len, "%s/%s", f->dir, name);
-	write_all(path, file, *file_bytes);
+	test_write_file(path, file, *file_bytes);
 	return file;
 }
 
@@ -478,7 +454,7 @@ static void open_and_option_errors(void **state)
 	assert_int_equal(truncate(cut, (off_t)size - 3), 0);
 	expect_error(f, cut, &o, AEG_EFORMAT, "shorter than its header says");
 	/* Not safetensors at all, but named so. */
-	write_all(cut, "\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", 24);
+	test_write_file(cut, "\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", 24);
 	expect_error(f, cut, &o, AEG_EFORMAT, "not valid JSON");
 
 	if (geteuid() != 0) {

@@ -5,6 +5,8 @@
 #include "config.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -63,6 +65,39 @@ static inline const char *self_exe_path(void)
 	}
 	path[n] = '\0';
 	return path;
+}
+
+/*
+ * test_pattern - @bytes of a xorshift sequence from @seed (malloc'd, never
+ * NULL): file and buffer contents no offset mix-up can pass unnoticed.
+ */
+static inline unsigned char *test_pattern(uint64_t bytes, unsigned seed)
+{
+	unsigned char *p = malloc(bytes ? bytes : 1);
+	uint32_t x = seed * 2654435761u + 1;
+
+	if (p == NULL) {
+		fprintf(stderr, "test_pattern: out of memory for %llu bytes\n", (unsigned long long)bytes);
+		abort();
+	}
+	for (uint64_t i = 0; i < bytes; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		p[i] = (unsigned char)x;
+	}
+	return p;
+}
+
+/* test_write_file - @path made to hold exactly @bytes of @buf (aborts on failure). */
+static inline void test_write_file(const char *path, const void *buf, uint64_t bytes)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+
+	if (fd < 0 || write(fd, buf, bytes) != (ssize_t)bytes || close(fd) != 0) {
+		perror(path);
+		abort();
+	}
 }
 
 #endif
