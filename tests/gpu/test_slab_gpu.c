@@ -8,7 +8,7 @@
 
 #include <aegaeon/aegaeon.h>
 
-#include "gpu_tool.h"
+#include "gpu_tap.h"
 
 #include "internal.h"
 
@@ -16,39 +16,6 @@
 #define GiB (1ull << 30)
 /* cudaMalloc rounds to its own pages; free memory also moves by a few MiB on its own. */
 #define SLACK (64 * MiB)
-
-static int failures;
-static int test_number;
-
-static void check(int cond, const char *what)
-{
-	test_number++;
-	if (cond) {
-		printf("ok %d - %s\n", test_number, what);
-	} else {
-		printf("not ok %d - %s (last detail: %s)\n", test_number, what, aeg_error_detail());
-		failures++;
-	}
-	fflush(stdout);
-}
-
-/* A check of the GPU's free memory: skipped where a tool keeps its own there. */
-static void check_free(int cond, const char *what)
-{
-	char line[256];
-
-	snprintf(line, sizeof(line), "%s%s", what, GPU_FREE_SKIP);
-	check(!gpu_free_memory_checked() || cond, line);
-}
-
-static uint64_t gpu_free(aeg_device_t *dev)
-{
-	struct aeg_gpu_info info;
-
-	if (aeg_device_gpu_info(dev, 0, &info) != 0)
-		return 0;
-	return info.free_bytes;
-}
 
 static int cmp_u64(const void *a, const void *b)
 {
