@@ -137,6 +137,16 @@ AEG_EXPORT void aeg_slab_destroy(aeg_slab_t *slab)
 	free(slab);
 }
 
+/* @block as handed out: the allocator's id, offset and size, and its address in the slab. */
+static void set_block(const aeg_slab_t *slab, uint64_t id, uint64_t offset, uint64_t size,
+		      struct aeg_block *block)
+{
+	block->id = id;
+	block->offset = offset;
+	block->size = size;
+	block->ptr = (void *)((uintptr_t)slab->base + offset);
+}
+
 AEG_EXPORT int aeg_slab_alloc(aeg_slab_t *slab, uint64_t bytes, struct aeg_block *block)
 {
 	uint64_t id, offset, size;
@@ -153,10 +163,7 @@ AEG_EXPORT int aeg_slab_alloc(aeg_slab_t *slab, uint64_t bytes, struct aeg_block
 	pthread_mutex_unlock(&slab->lock);
 	if (err < 0)
 		return err;
-	block->id = id;
-	block->offset = offset;
-	block->size = size;
-	block->ptr = (void *)((uintptr_t)slab->base + offset);
+	set_block(slab, id, offset, size, block);
 	return 0;
 }
 
@@ -186,10 +193,7 @@ AEG_EXPORT int aeg_slab_lookup(aeg_slab_t *slab, uint64_t id, struct aeg_block *
 	pthread_mutex_unlock(&slab->lock);
 	if (err < 0)
 		return err;
-	block->id = id;
-	block->offset = offset;
-	block->size = size;
-	block->ptr = (void *)((uintptr_t)slab->base + offset);
+	set_block(slab, id, offset, size, block);
 	return 0;
 }
 
