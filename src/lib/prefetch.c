@@ -851,6 +851,15 @@ static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
 	return ok;
 }
 
+/* A mapped piece that will not stay registered gives back the slot pick() took for it. */
+static void slot_give(struct aeg_prefetch *pf)
+{
+	pthread_mutex_lock(&pf->lock);
+	pf->registered--;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+}
+
 static void lane_give(struct aeg_prefetch *pf, struct aeg_load *l)
 {
 	if (l->feed != AEG_FEED_MIXED)
@@ -918,10 +927,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 			    (errno == EFAULT || errno == EIO || errno == EHWPOISON)) {
 				err = mapped_fault(l, it, errno);
 				lane_give(pf, l);
-				pthread_mutex_lock(&pf->lock);
-				pf->registered--;       /* the slot taken when the item was picked */
-				pthread_cond_broadcast(&pf->work_cv);
-				pthread_mutex_unlock(&pf->lock);
+				slot_give(pf);
 				return err;
 			}
 			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
@@ -940,10 +946,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 				pthread_mutex_unlock(&pf->lock);
 			}
 		}
-		pthread_mutex_lock(&pf->lock);
-		pf->registered--;       /* the slot taken when the item was picked */
-		pthread_cond_broadcast(&pf->work_cv);
-		pthread_mutex_unlock(&pf->lock);
+		slot_give(pf);
 		if (l->filling) {
 			/* As the read feed fills the cache: into the piece's buffer. */
 			src = aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]);
@@ -1150,7 +1153,6 @@ static void fail_chunks(struct aeg_load *l, int err, int all)
 	}
 }
 
-/* Every item is retired or dropped: check the file, settle chunks, cache, close. */
 /*
  * Every piece of @l is done: settle the load (its status, the chunks of a
  * failed load, the cache entry it filled), wake its waiters, then give back
