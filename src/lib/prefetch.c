@@ -433,10 +433,16 @@ static void load_free(struct aeg_load *l)
 	free(l);
 }
 
-/* Free @l once nothing refers to it: loaded, released and closed. Lock held. */
+/* @l still holds chunks or a caller's handle, or is loading. Lock held. */
+static int load_held(const struct aeg_load *l)
+{
+	return l->in_flight || !l->closed || l->live_groups;
+}
+
+/* Free @l once nothing refers to it (and its host side is given back). Lock held. */
 static void load_maybe_free(struct aeg_prefetch *pf, struct aeg_load *l)
 {
-	if (l->in_flight || l->cleaning || !l->closed || l->live_groups)
+	if (load_held(l) || l->cleaning)
 		return;
 	if (l->prev)
 		l->prev->next = l->next;
@@ -1508,6 +1514,9 @@ AEG_EXPORT int aeg_prefetch_stats(aeg_prefetch_t *pf, struct aeg_prefetch_stats 
 	memset(st, 0, sizeof(*st));
 	pthread_mutex_lock(&pf->lock);
 	for (struct aeg_load *l = pf->loads; l; l = l->next) {
+		/* One released and closed, only unregistering its pieces, holds nothing. */
+		if (!load_held(l))
+			continue;
 		st->loads++;
 		st->loads_in_flight += l->in_flight != 0;
 		for (uint32_t g = 0; g < l->ngroups; g++) {
