@@ -168,6 +168,7 @@ struct aeg_load_progress {
 	uint64_t done_bytes;
 	uint32_t chunks;
 	uint32_t done_chunks;
+	uint32_t released_chunks;       /* released by id, or all: no longer on the GPU */
 	enum aeg_prefetch_feed feed;    /* the feed used (MMAP may turn to READ) */
 	int status;                     /* AEG_EBUSY while loading, then 0 or the error */
 	uint64_t start_ns;              /* CLOCK_MONOTONIC at aeg_prefetch_file */
@@ -186,10 +187,20 @@ int aeg_load_progress(aeg_load_t *load, struct aeg_load_progress *progress);
 int aeg_load_cancel(aeg_load_t *load);
 
 /*
+ * aeg_load_release - free every block and event of @load still held; a
+ * load in flight is cancelled and waited for first. The handle stays open
+ * (aeg_load_close drops it); releasing twice does nothing.
+ */
+int aeg_load_release(aeg_load_t *load);
+
+/*
  * aeg_load_close - drop the caller's handle. The chunks stay on the GPU
  * until released (by id or all); an unfinished load goes on.
  */
 void aeg_load_close(aeg_load_t *load);
+
+/* aeg_load_dup - another handle on @load (closed with aeg_load_close); returns @load. Thread-safe. */
+aeg_load_t *aeg_load_dup(aeg_load_t *load);
 
 /*
  * aeg_prefetch_release - release the chunks of the blocks @ids: free the
@@ -198,6 +209,13 @@ void aeg_load_close(aeg_load_t *load);
  * flight AEG_EBUSY (cancel it first); then nothing is released.
  */
 int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count);
+
+/*
+ * aeg_prefetch_release_wait - aeg_prefetch_release that first waits, at
+ * most @timeout_ms (< 0: no limit; 0: not at all, AEG_EBUSY), for loads in
+ * flight holding any of @ids to stop. AEG_ETIMEDOUT releases nothing.
+ */
+int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count, int timeout_ms);
 
 /* aeg_prefetch_release_all - cancel loads in flight, wait for them, release every chunk. */
 int aeg_prefetch_release_all(aeg_prefetch_t *pf);
