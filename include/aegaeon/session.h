@@ -90,6 +90,15 @@ int aeg_session_gpu_count(aeg_session_t *s);
  */
 int aeg_session_prepare(aeg_session_t *s, int gpu);
 
+/*
+ * aeg_session_set_engine - LOCAL: the slab size (as in aeg_session_config;
+ * NULL: the default) and engine settings (NULL: defaults) of engines made
+ * from now on. Engines that hold no load are dropped, so the next load
+ * makes one with these settings. AEG_EBUSY while an engine holds a load
+ * (release them first; nothing is changed), AEG_EINVAL for a JOB session.
+ */
+int aeg_session_set_engine(aeg_session_t *s, const char *slab, const struct aeg_prefetch_config *engine);
+
 /* Load flags. */
 #define AEG_LOAD_REUSE 0x1u     /* a resident, unchanged load of the same file onto the same GPU is returned instead */
 #define AEG_LOAD_NO_CACHE 0x2u  /* LOCAL: neither use nor fill the host model cache */
@@ -149,6 +158,27 @@ int aeg_session_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t c
  */
 #define AEG_RELEASE_JOB 0x1u
 int aeg_session_release_all(aeg_session_t *s, unsigned flags, uint32_t *released);
+
+/*
+ * aeg_session_engine_stats - a LOCAL session's engine on @gpu: its stats,
+ * and (may be NULL) its slab's bytes. AEG_ENOENT while none is made, and
+ * for a JOB session (the agent's engines: aeg_job_status).
+ */
+int aeg_session_engine_stats(aeg_session_t *s, int gpu, struct aeg_prefetch_stats *stats,
+			     uint64_t *slab_bytes);
+
+/*
+ * aeg_session_owned_blocks - blocks this session's own loads hold: a JOB
+ * session's (what release_all frees), a LOCAL session's engines' blocks.
+ */
+uint64_t aeg_session_owned_blocks(aeg_session_t *s);
+
+/*
+ * aeg_session_locate - the GPU (as this process numbers them) whose loaded
+ * memory holds [@ptr, @ptr + @bytes): LOCAL, inside live block @slab_id of
+ * a GPU's slab; JOB, inside a job slab mapped here. AEG_ENOENT otherwise.
+ */
+int aeg_session_locate(aeg_session_t *s, uint64_t ptr, uint64_t bytes, uint64_t slab_id, int *gpu);
 
 /* ----------------------------------------------------------------- models */
 

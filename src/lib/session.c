@@ -29,9 +29,13 @@ struct sess_gpu {
 	aeg_prefetch_t *pf;
 };
 
-/* Blocks a JOB session loaded, per job slab: what release_all frees. */
+/* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
+struct owned_block {
+	uint64_t id, load;
+};
+
 struct idset {
-	uint64_t *ids;
+	struct owned_block *b;
 	size_t n, cap;
 };
 
@@ -175,24 +179,28 @@ fail:
 
 static void model_unlink(struct aeg_model *m);
 
+/* Destroy a GPU's engine, pool and slab (its loads' chunks with them). */
+static void gpu_free(struct sess_gpu *g)
+{
+	aeg_prefetch_destroy(g->pf);
+	if (g->pool)
+		aeg_pool_destroy(g->pool);
+	if (g->slab)
+		aeg_slab_destroy(g->slab);
+	memset(g, 0, sizeof(*g));
+}
+
 AEG_EXPORT void aeg_session_close(aeg_session_t *s)
 {
 	if (s == NULL)
 		return;
 	while (s->models != NULL)
 		aeg_model_close(s->models);
-	for (int i = 0; s->gpus != NULL && i < s->ngpus; i++) {
-		struct sess_gpu *g = &s->gpus[i];
-
-		aeg_prefetch_destroy(g->pf);
-		if (g->pool)
-			aeg_pool_destroy(g->pool);
-		if (g->slab)
-			aeg_slab_destroy(g->slab);
-	}
+	for (int i = 0; s->gpus != NULL && i < s->ngpus; i++)
+		gpu_free(&s->gpus[i]);
 	free(s->gpus);
 	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
-		free(s->owned[i].ids);
+		free(s->owned[i].b);
 	if (s->job != NULL)
 		aeg_job_detach(s->job);         /* closes the device too */
 	else if (s->dev != NULL)
@@ -354,6 +362,40 @@ static int job_slab(aeg_session_t *s, int gpu, int *index)
 	}
 	return aeg_fail(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu, s->ngpus,
 			s->ngpus == 1 ? "" : "s");
+}
+
+AEG_EXPORT int aeg_session_set_engine(aeg_session_t *s, const char *slab,
+				      const struct aeg_prefetch_config *engine)
+{
+	int err = 0;
+
+	if (s == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_set_engine: NULL session");
+	if (s->mode == AEG_SESSION_JOB)
+		return aeg_fail(AEG_EINVAL, "a job session loads with the agent's engines");
+	if (slab != NULL && strlen(slab) >= sizeof(s->slab_spec))
+		return aeg_fail(AEG_EINVAL, "slab size \"%.32s...\" is too long", slab);
+	pthread_mutex_lock(&s->lock);
+	for (int g = 0; g < s->ngpus && err == 0; g++) {
+		struct aeg_prefetch_stats st;
+
+		if (s->gpus[g].pf != NULL && aeg_prefetch_stats(s->gpus[g].pf, &st) == 0 && st.loads > 0)
+			err = aeg_fail(AEG_EBUSY, "the engine on GPU %d holds %u load%s: release them first", g,
+				       st.loads, st.loads == 1 ? "" : "s");
+	}
+	for (int g = 0; g < s->ngpus && err == 0; g++)
+		gpu_free(&s->gpus[g]);
+	if (err == 0) {
+		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", slab ? slab : "");
+		if (engine != NULL) {
+			s->engine = *engine;
+		} else {
+			aeg_prefetch_config_defaults(&s->engine);
+			s->engine.threads = s->cfg.prefetch_threads;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return err;
 }
 
 AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
@@ -525,17 +567,17 @@ static void own_blocks(aeg_session_t *s, const struct aeg_model *m)
 			continue;
 		if (set->n == set->cap) {
 			size_t cap = set->cap ? 2 * set->cap : 64;
-			uint64_t *ids = realloc(set->ids, cap * sizeof(*ids));
+			struct owned_block *b = realloc(set->b, cap * sizeof(*b));
 
-			if (ids == NULL) {
+			if (b == NULL) {
 				aeg_warn("session: out of memory remembering the blocks of load %" PRIu64
 					 "; release_all will not free them", m->id);
 				return;
 			}
-			set->ids = ids;
+			set->b = b;
 			set->cap = cap;
 		}
-		set->ids[set->n++] = m->chunks[i].slab_id;
+		set->b[set->n++] = (struct owned_block){ m->chunks[i].slab_id, m->id };
 	}
 }
 
@@ -545,8 +587,8 @@ static void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_
 
 	for (size_t i = 0; i < n; i++) {
 		for (size_t k = 0; k < set->n; k++) {
-			if (set->ids[k] == ids[i]) {
-				set->ids[k] = set->ids[--set->n];
+			if (set->b[k].id == ids[i]) {
+				set->b[k] = set->b[--set->n];
 				break;
 			}
 		}
@@ -861,38 +903,31 @@ static int local_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t 
 	return err;
 }
 
-/* JOB: wait for this session's loads holding any of @ids (slab @slab) to stop. */
+/*
+ * JOB: wait for a load of this session holding any of @ids (slab @slab) to
+ * stop. 0 when one stopped or none is known (the caller asks again),
+ * AEG_ETIMEDOUT.
+ */
 static int job_wait_holders(aeg_session_t *s, int slab, const uint64_t *ids, size_t n, int timeout_ms)
 {
-	uint64_t waited[16];
-	int nwaited = 0;
+	const struct idset *set = &s->owned[slab];
+	uint64_t load = 0;
+	int err;
 
-	for (;;) {
-		uint64_t load = 0;
-
-		pthread_mutex_lock(&s->lock);
-		for (struct aeg_model *m = s->models; m && load == 0; m = m->next) {
-			int seen = 0;
-
-			for (int w = 0; w < nwaited; w++)
-				seen |= waited[w] == m->id;
-			if (m->slab != slab || seen || m->settled)
-				continue;
-			for (uint32_t c = 0; c < m->nchunks && load == 0; c++)
-				for (size_t i = 0; i < n && load == 0; i++)
-					if (m->chunks[c].slab_id == ids[i])
-						load = m->id;
-		}
-		pthread_mutex_unlock(&s->lock);
-		if (load == 0)
-			return 0;
-		if (aeg_job_wait(s->job, load, timeout_ms) == AEG_ETIMEDOUT)
-			return AEG_ETIMEDOUT;
+	pthread_mutex_lock(&s->lock);
+	for (size_t k = 0; k < set->n && load == 0; k++)
+		for (size_t i = 0; i < n && load == 0; i++)
+			if (set->b[k].id == ids[i])
+				load = set->b[k].load;
+	pthread_mutex_unlock(&s->lock);
+	if (load == 0)
+		return 0;
+	err = aeg_job_wait(s->job, load, timeout_ms);
+	if (err != AEG_ETIMEDOUT) {
 		aeg_error_clear();
-		if (nwaited == (int)AEG_ARRAY_SIZE(waited))
-			return 0;
-		waited[nwaited++] = load;
+		err = 0;
 	}
+	return err;
 }
 
 static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n, int timeout_ms,
@@ -912,7 +947,7 @@ static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n,
 		slab[i] = gpu >= 0 ? slab[0] : -1;
 		for (int j = 0; j < s->ngpus && slab[i] < 0; j++)
 			for (size_t k = 0; k < s->owned[j].n && slab[i] < 0; k++)
-				if (s->owned[j].ids[k] == ids[i])
+				if (s->owned[j].b[k].id == ids[i])
 					slab[i] = j;
 		if (slab[i] < 0 && s->ngpus == 1)
 			slab[i] = 0;
@@ -1027,7 +1062,7 @@ AEG_EXPORT int aeg_session_release_all(aeg_session_t *s, unsigned flags, uint32_
 				uint32_t got = 0;
 
 				pthread_mutex_lock(&s->lock);
-				id = s->owned[j].n ? s->owned[j].ids[s->owned[j].n - 1] : 0;
+				id = s->owned[j].n ? s->owned[j].b[s->owned[j].n - 1].id : 0;
 				pthread_mutex_unlock(&s->lock);
 				if (id == 0)
 					break;
@@ -1067,6 +1102,89 @@ AEG_EXPORT int aeg_session_release_all(aeg_session_t *s, unsigned flags, uint32_
 	if (released)
 		*released = total;
 	return err;
+}
+
+AEG_EXPORT int aeg_session_engine_stats(aeg_session_t *s, int gpu, struct aeg_prefetch_stats *stats,
+					uint64_t *slab_bytes)
+{
+	aeg_prefetch_t *pf = NULL;
+	aeg_slab_t *slab = NULL;
+	int err;
+
+	if (s == NULL || stats == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_engine_stats: NULL argument");
+	if (s->mode == AEG_SESSION_JOB)
+		return aeg_fail(AEG_ENOENT, "a job session has no engine of its own (the agent's: aegaeon-cli status)");
+	err = check_gpu(s, gpu);
+	if (err)
+		return err;
+	pthread_mutex_lock(&s->lock);
+	pf = s->gpus[gpu].pf;
+	slab = s->gpus[gpu].slab;
+	pthread_mutex_unlock(&s->lock);
+	if (pf == NULL)
+		return aeg_fail(AEG_ENOENT, "no engine on GPU %d yet", gpu);
+	if (slab_bytes)
+		*slab_bytes = aeg_slab_bytes(slab);
+	return aeg_prefetch_stats(pf, stats);
+}
+
+AEG_EXPORT uint64_t aeg_session_owned_blocks(aeg_session_t *s)
+{
+	uint64_t n = 0;
+
+	if (s == NULL)
+		return 0;
+	pthread_mutex_lock(&s->lock);
+	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
+		n += s->owned[i].n;
+	for (int g = 0; s->gpus != NULL && g < s->ngpus; g++) {
+		struct aeg_prefetch_stats st;
+
+		if (s->gpus[g].pf != NULL && aeg_prefetch_stats(s->gpus[g].pf, &st) == 0)
+			n += st.blocks;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
+AEG_EXPORT int aeg_session_locate(aeg_session_t *s, uint64_t ptr, uint64_t bytes, uint64_t slab_id, int *gpu)
+{
+	int found = -1;
+
+	if (s == NULL || gpu == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_locate: NULL argument");
+	if (s->mode == AEG_SESSION_JOB) {
+		for (int i = 0; i < s->ngpus && found < 0; i++) {
+			struct aeg_job_slab_desc d;
+			uintptr_t start;
+
+			if (aeg_job_slab_describe(s->job, i, &d) || d.base == NULL || d.gpu < 0)
+				continue;
+			start = (uintptr_t)d.base;
+			if (ptr >= start && bytes <= d.bytes && ptr - start <= d.bytes - bytes)
+				found = d.gpu;
+		}
+	} else {
+		pthread_mutex_lock(&s->lock);
+		for (int i = 0; i < s->ngpus && found < 0; i++) {
+			struct aeg_block b;
+			uintptr_t start;
+
+			if (s->gpus[i].slab == NULL || aeg_slab_lookup(s->gpus[i].slab, slab_id, &b))
+				continue;
+			start = (uintptr_t)b.ptr;
+			if (ptr >= start && bytes <= b.size && ptr - start <= b.size - bytes)
+				found = i;
+		}
+		pthread_mutex_unlock(&s->lock);
+		aeg_error_clear();
+	}
+	if (found < 0)
+		return aeg_fail(AEG_ENOENT, "no live loaded chunk has slab id %" PRIu64 " with %" PRIu64 " bytes at 0x%" PRIx64,
+				slab_id, bytes, ptr);
+	*gpu = found;
+	return 0;
 }
 
 /* ----------------------------------------------------------- accessors */

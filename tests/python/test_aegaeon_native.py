@@ -686,7 +686,8 @@ class TestPrefetch(Base):
         self.assertEqual(an.stats()["prefetch"][0]["chunks"], 0)
         chunks = an.prefetch_file_to_gpu_chunks(path, 0, MiB)
         an.release_all_prefetch_events()                    # cancels what still loads
-        self.assertEqual(an.stats()["prefetch"], {})
+        st = an.stats()["prefetch"][0]                      # the slab and engine stay for the next load
+        self.assertEqual((st["chunks"], st["blocks"], st["loads"]), (0, 0, 0))
         for c in chunks[-1:]:
             with self.assertRaises(an.AegaeonError):
                 an.wait_event_handle_bytes(c["event_handle"], timeout=5)
@@ -1059,6 +1060,26 @@ class TestJob(Base):
         self.assertRaises(TypeError, an.configure, attach="yes")
 
 
+    def test_one_wait_per_load(self):
+        """load_safetensors in a step: one wait request for the whole file, not one per chunk."""
+        tensors = make_tensors(8)
+        st_path = os.path.join(TMP, "job-wait.safetensors")
+        write_file(st_path, safetensors_bytes(tensors))
+        code = ("import aegaeon_native as an, json, sys\n"
+                "an.prepare(0)\n"
+                "d = an.load_safetensors(sys.argv[1], chunk_bytes=4096)\n"
+                "print(json.dumps({'names': [n for n, s in an.timings()],\n"
+                "                  'tensors': {k: v.tobytes().hex() for k, v in d.items()}}))\n")
+        r = subprocess.run([sys.executable, "-c", code, st_path], env=self.env,
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["tensors"], {k: v[2].hex() for k, v in tensors.items()})
+        self.assertEqual(out["names"].count("job attach"), 1, out["names"])
+        self.assertEqual(out["names"].count("job prefetch"), 1, out["names"])
+        self.assertLessEqual(out["names"].count("job wait"), 1, out["names"])
+
+
 REUSE_CODE = r"""
 import aegaeon_native as an, json, sys
 d = an.load_safetensors(sys.argv[1])
@@ -1092,6 +1113,52 @@ class TestJobPrefetch(TestJob):
             self.assertEqual(out["held"], 0)
         self.assertEqual(outs[0]["ids"], outs[1]["ids"])
         self.assertTrue(outs[0]["ids"])
+
+
+# -------------------------------------------------------------------- set-up
+
+SETUP_CODE = r"""
+import aegaeon_native as an, json, sys
+an.timings()
+an.prepare(0)
+first = [n for n, s in an.timings()]
+an.prepare(0)
+for _ in range(2):
+    chunks = an.prefetch_file_to_gpu_chunks(sys.argv[1], 0, 1 << 20)
+    for c in chunks:
+        an.wait_event_handle_bytes(c["event_handle"])
+    an.release_all_prefetch_events()
+later = an.timings()
+print(json.dumps({"first": first, "later": [n for n, s in later],
+                  "seconds_ok": all(isinstance(s, float) and s >= 0 for n, s in later)}))
+"""
+
+
+class TestSetup(Base):
+    """Set-up is paid once, ahead of need, and kept; timings() says where the time went."""
+
+    def test_prepare_then_loads_pay_no_setup(self):
+        path = os.path.join(TMP, "setup.bin")
+        write_file(path, pattern(2 * MiB + 5, 21))
+        r = subprocess.run([sys.executable, "-c", SETUP_CODE, path], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["first"].count("slab create"), 1, out["first"])
+        self.assertEqual(out["first"].count("engine create"), 1, out["first"])
+        # Two rounds of load and release_all: no slab or engine made again.
+        self.assertNotIn("slab create", out["later"])
+        self.assertNotIn("engine create", out["later"])
+        self.assertEqual(out["later"].count("prefetch start"), 2, out["later"])
+        self.assertTrue(out["seconds_ok"])
+
+    def test_prepare_errors(self):
+        self.assertRaises(TypeError, an.prepare, "0")
+        self.assertRaises(ValueError, an.prepare, -1)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.prepare(an.device_count())
+        self.assertAegaeon(c, "AEG_ENODEV", errno.ENODEV)
+        self.assertIsInstance(an.timings(), list)
 
 
 # ----------------------------------------------------------------- lifetime
