@@ -47,7 +47,8 @@ enum aeg_prefetch_feed {
 const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed);
 
 enum aeg_prefetch_format {
-	AEG_FORMAT_AUTO = 0,            /* safetensors when the name ends in ".safetensors" */
+	AEG_FORMAT_AUTO = 0,            /* safetensors by content (a header that parses); a file
+					   named *.safetensors must be one (AEG_EFORMAT otherwise) */
 	AEG_FORMAT_RAW = 1,             /* any file: fixed-size chunks */
 	AEG_FORMAT_SAFETENSORS = 2,     /* parse the header strictly; chunks follow tensors */
 };
@@ -144,6 +145,13 @@ const struct aeg_chunk *aeg_load_chunks(const aeg_load_t *load, uint32_t *count)
 
 /* aeg_load_tensors - the safetensors table in file order (0 tensors for a raw file). */
 const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *load, uint32_t *count);
+
+/*
+ * aeg_load_metadata - the safetensors header's "__metadata__": its number
+ * of string pairs (0 for none or a raw file), @keys and @values (either may
+ * be NULL) in the file's order. Valid until the load is closed.
+ */
+uint32_t aeg_load_metadata(const aeg_load_t *load, const char *const **keys, const char *const **values);
 
 /* aeg_load_id - a number unique in this engine, for logs and the CLI. */
 uint64_t aeg_load_id(const aeg_load_t *load);

@@ -204,6 +204,9 @@ const struct aeg_chunk *aeg_model_chunks(const aeg_model_t *m, uint32_t *count);
  */
 const struct aeg_tensor *aeg_model_tensors(const aeg_model_t *m, uint32_t *count);
 
+/* aeg_model_metadata - the safetensors "__metadata__" pairs, as aeg_load_metadata. */
+uint32_t aeg_model_metadata(const aeg_model_t *m, const char *const **keys, const char *const **values);
+
 /*
  * aeg_model_wait - wait until every byte is on the GPU or the load stopped
  * (JOB: one request to the agent, not one per chunk). 0, AEG_ETIMEDOUT, or

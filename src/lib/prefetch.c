@@ -1973,14 +1973,20 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	if (err)
 		goto fail;
 
-	safetensors = o->format == AEG_FORMAT_SAFETENSORS ||
-		      (o->format == AEG_FORMAT_AUTO && ends_with(path, ".safetensors"));
-	if (safetensors) {
-		err = aeg_st_read(l->fd, (uint64_t)l->st.st_size, &l->hdr);
-		if (err) {
-			aeg_error_prefix("%s", path);
-			goto fail;
-		}
+	/* Safetensors by content; a file named so must be one. */
+	safetensors = 0;
+	if (o->format == AEG_FORMAT_SAFETENSORS)
+		err = aeg_st_read(l->fd, (uint64_t)l->st.st_size, &l->hdr) ?: 1;
+	else if (o->format == AEG_FORMAT_AUTO)
+		err = aeg_st_detect(l->fd, (uint64_t)l->st.st_size, ends_with(path, ".safetensors"), &l->hdr);
+	else
+		err = 0;
+	if (err < 0) {
+		aeg_error_prefix("%s", path);
+		goto fail;
+	}
+	if (err == 1) {
+		safetensors = 1;
 		l->data_begin = l->hdr.data_offset;
 	}
 	err = plan_chunks(l, o->chunk_bytes, safetensors);
@@ -2067,6 +2073,16 @@ AEG_EXPORT const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *l, uint32
 	if (count)
 		*count = l ? l->ntensors : 0;
 	return l ? l->tensors : NULL;
+}
+
+AEG_EXPORT uint32_t aeg_load_metadata(const aeg_load_t *l, const char *const **keys,
+				       const char *const **values)
+{
+	if (keys)
+		*keys = l ? (const char *const *)l->hdr.meta_keys : NULL;
+	if (values)
+		*values = l ? (const char *const *)l->hdr.meta_values : NULL;
+	return l ? (uint32_t)l->hdr.nmeta : 0;
 }
 
 AEG_EXPORT uint64_t aeg_load_id(const aeg_load_t *l)

@@ -469,12 +469,10 @@ static void model_free(struct aeg_model *m)
 	free(m);
 }
 
-static int is_safetensors(const char *path, enum aeg_prefetch_format format)
+static int named_safetensors(const char *path)
 {
 	size_t n = strlen(path);
 
-	if (format != AEG_FORMAT_AUTO)
-		return format == AEG_FORMAT_SAFETENSORS;
 	return n >= 12 && strcmp(path + n - 12, ".safetensors") == 0;
 }
 
@@ -518,16 +516,17 @@ static int job_model_fill(struct aeg_model *m, enum aeg_prefetch_format format)
 		m->chunks[i].file_offset = jl->chunks[i].file_offset;
 	}
 	m->settled = jl->status == 0;
-	if (!is_safetensors(m->path, format))
+	if (format == AEG_FORMAT_RAW)
 		return 0;
-	/* The agent parsed the header; this process needs the names and shapes too. */
+	/* The agent parsed the header (the same rule decides); this process needs the names and shapes too. */
 	fd = open(m->path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", m->path, strerror(errno));
 	err = fstat(fd, &st) < 0 ? aeg_fail(AEG_EIO, "%s: %s", m->path, strerror(errno)) :
-	      aeg_st_read(fd, (uint64_t)st.st_size, &m->hdr);
+	      aeg_st_detect(fd, (uint64_t)st.st_size, format == AEG_FORMAT_SAFETENSORS || named_safetensors(m->path),
+			    &m->hdr);
 	close(fd);
-	if (err)
+	if (err <= 0)
 		return err;
 	m->tensors = calloc(m->hdr.count ? m->hdr.count : 1, sizeof(*m->tensors));
 	if (m->tensors == NULL)
@@ -1235,6 +1234,18 @@ AEG_EXPORT const struct aeg_tensor *aeg_model_tensors(const aeg_model_t *m, uint
 	if (count)
 		*count = m->ntensors;
 	return m->tensors;
+}
+
+AEG_EXPORT uint32_t aeg_model_metadata(const aeg_model_t *m, const char *const **keys,
+				       const char *const **values)
+{
+	if (m != NULL && m->load != NULL)
+		return aeg_load_metadata(m->load, keys, values);
+	if (keys)
+		*keys = m ? (const char *const *)m->hdr.meta_keys : NULL;
+	if (values)
+		*values = m ? (const char *const *)m->hdr.meta_values : NULL;
+	return m ? (uint32_t)m->hdr.nmeta : 0;
 }
 
 AEG_EXPORT int aeg_model_wait(aeg_model_t *m, int timeout_ms)

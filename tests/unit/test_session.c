@@ -24,7 +24,7 @@
 
 struct fx {
 	char dir[64];
-	char raw[128], st[128];
+	char raw[128], st[128], st_bin[128];
 	unsigned char *raw_bytes, *st_bytes;
 	uint64_t raw_size, st_size;
 	struct test_agent agent;
@@ -45,6 +45,9 @@ static int setup_files(struct fx *f)
 	f->raw_bytes = test_pattern(f->raw_size, 3);
 	test_write_file(f->raw, f->raw_bytes, f->raw_size);
 	f->st_bytes = test_st_file(f->st, st_sizes, (int)AEG_ARRAY_SIZE(st_sizes), &f->st_size);
+	/* The same bytes under a name that does not say safetensors. */
+	snprintf(f->st_bin, sizeof(f->st_bin), "%s/pytorch_weights.bin", f->dir);
+	test_write_file(f->st_bin, f->st_bytes, f->st_size);
 	return 0;
 }
 
@@ -163,16 +166,29 @@ static void load_wait_release(void **state)
 	aeg_session_close(s);
 }
 
+/* Safetensors by content: the same tensors and metadata whatever the file is called. */
 static void safetensors_tensors(void **state)
 {
 	struct fx *f = *state;
 	struct aeg_load_request req = { .path = f->st, .gpu = -1, .chunk_bytes = 1 * MiB };
+	const char *const *keys, *const *values;
 	const struct aeg_tensor *t;
 	aeg_session_t *s = open_session(f);
 	aeg_model_t *m = NULL;
 	uint32_t n;
 
-	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	for (int named = 0; named < 2; named++) {
+		req.path = named ? f->st : f->st_bin;
+		assert_int_equal(aeg_session_load(s, &req, &m), 0);
+		assert_int_equal(aeg_model_metadata(m, &keys, &values), 1);
+		assert_string_equal(keys[0], "format");
+		assert_string_equal(values[0], "pt");
+		if (!named) {
+			aeg_model_tensors(m, &n);
+			assert_int_equal(n, AEG_ARRAY_SIZE(st_sizes));
+			assert_int_equal(aeg_model_release(m), 0);
+		}
+	}
 	assert_int_equal(aeg_model_wait(m, 10000), 0);
 	t = aeg_model_tensors(m, &n);
 	assert_int_equal(n, AEG_ARRAY_SIZE(st_sizes));
