@@ -13,13 +13,9 @@ B=$(realpath "${2:?usage: test_debs.sh DEBDIR BUILDDIR}")
 top=$(cd "$(dirname "$0")/../.." && pwd)
 pkgs=(aegaeon libaegaeon0 libaegaeon-dev python3-aegaeon)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
-n=0
-failed=0
+source "$top/tests/tap.sh"
 sub_passed=0    # the Python and Slurm suites' own counts
 sub_failed=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; printf '#   %s\n' "${@:2}"; }
-check() { local what=$1; shift; if out=$("$@" 2>&1); then ok "$what"; else not_ok "$what" "$*" "$out"; fi; }
 counts() {     # adds a log's last "N passed, N failed" to the suites' counts
 	local p f
 	read -r p f < <(sed -n -E 's/^([0-9]+) passed, ([0-9]+) failed.*/\1 \2/p' "$1" | tail -n 1)
@@ -49,8 +45,7 @@ if apt-get install -y -q --no-install-recommends "${files[@]}" >"$T/install.log"
 	ok "the four packages install"
 else
 	not_ok "the four packages install" "$(tail -n 20 "$T/install.log")"
-	echo "$((n - failed)) passed, $failed failed"
-	exit 1
+	tap_end
 fi
 
 # ----------------------------------------------------------- where things go
@@ -62,7 +57,8 @@ check "the sample config and the plugstack line are conffiles" \
 	bash -c 'grep -q "^ /etc/aegaeon/aegaeon.conf " <<<"$1" && grep -q "^ /etc/slurm/plugstack.conf.d/aegaeon.conf " <<<"$1"' _ "$conf"
 check "the plugstack line names the installed plugin and config" \
 	grep -qx "required $plugin config=/etc/aegaeon/aegaeon.conf" /etc/slurm/plugstack.conf.d/aegaeon.conf
-check "the CLI reads the installed config" env -u AEGAEON_CONFIG aegaeon-cli info --device host
+check "the CLI reads the installed config by default" bash -c \
+	'env -u AEGAEON_CONFIG AEGAEON_LOG=debug aegaeon-cli info --device host 2>&1 | grep -q "configuration read from /etc/aegaeon/aegaeon.conf$"'
 check "man pages" test -f /usr/share/man/man8/aegaeon-spank.8.gz -a -f /usr/share/man/man1/aegaeon-cli.1.gz
 cat >"$T/use.c" <<'EOF'
 #include <stdio.h>
@@ -109,7 +105,5 @@ status=$(for p in "${pkgs[@]}"; do dpkg-query -W -f='${Package} ${db:Status-Abbr
 check "dpkg knows none of them any more" test -z "$status"
 [[ -z $status ]] || echo "#   dpkg: $status"
 
-echo "1..$n"
 echo "# checks: $((n - failed)) passed, $failed failed; the Python and Slurm suites: $sub_passed passed, $sub_failed failed"
-echo "$((n - failed + sub_passed)) passed, $((failed + sub_failed)) failed"
-[[ $failed -eq 0 ]]
+tap_end "$sub_passed" "$sub_failed"

@@ -7,10 +7,7 @@ set -u
 
 S=$(cd "${top_srcdir:-.}" && pwd)
 CC=${CC:-cc}
-n=0
-failed=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; printf '#   %s\n' "${@:2}"; }
+source "$S/tests/tap.sh"
 
 T=$(mktemp -d /tmp/aeg-build.XXXXXX) || exit 99
 trap 'rm -rf "$T"' EXIT
@@ -49,6 +46,4 @@ else
 	not_ok "configure --with-cuda=/nonexistent: the directory does not exist" "rc $rc" "$out"
 fi
 
-echo "1..$n"
-echo "$((n - failed)) passed, $failed failed"
-[[ $failed -eq 0 ]]
+tap_end

@@ -13,23 +13,7 @@ SHIM=$B/tests/faults/.libs/libaegfault.so
 PY=$(command -v python3 || echo /usr/bin/python3)
 export AEGAEON_CONFIG=/dev/null AEGAEON_DEVICE=host AEGAEON_HOST_GPUS=1
 unset AEGAEON_SOCKET AEGAEON_LOG AEGAEON_FAULT AEGAEON_FAULT_FILE AEGAEON_FAULT_AT
-n=0
-failed=0
-
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; printf '#   %s\n' "${@:2}"; }
-run() { out=$("$@" 2>&1); rc=$?; }
-# expect WHAT RC REGEX CMD...: CMD exits RC and its output matches REGEX
-expect() {
-	local what=$1 want=$2 pat=$3
-	shift 3
-	run "$@"
-	if [[ $rc -eq $want ]] && grep -qE -- "$pat" <<<"$out"; then
-		ok "$what"
-	else
-		not_ok "$what" "command: $*" "rc $rc (want $want), output:" "$out"
-	fi
-}
+source "${top_srcdir:-$(dirname "$0")/../..}/tests/tap.sh"
 # refute WHAT REGEX: the last command's output does not match REGEX
 refute() {
 	if grep -qE -- "$2" <<<"$out"; then not_ok "$1" "matched '$2':" "$out"; else ok "$1"; fi
@@ -175,6 +159,4 @@ else
 	not_ok "progress bar: needs $SHIM and script(1) (util-linux)"
 fi
 
-echo "1..$n"
-echo "$((n - failed)) passed, $failed failed"
-[[ $failed -eq 0 ]]
+tap_end
