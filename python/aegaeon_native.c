@@ -792,7 +792,7 @@ static PyObject *py_set_device(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(device_doc,
-"device() -> str\n--\n\n"
+"device()\n--\n\n"
 "The backend in use, \"cuda\" or \"host\"; opens the device if needed.");
 
 static PyObject *py_device(PyObject *self, PyObject *unused)
@@ -918,7 +918,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(gpu_info_doc,
-"gpu_info(gpu_id=0) -> dict\n--\n\n"
+"gpu_info(gpu_id=0)\n--\n\n"
 "{\"index\", \"name\", \"total_bytes\", \"free_bytes\", \"pci_bus_id\"} of a GPU\n"
 "of the backend in use. device_count() tells how many there are.");
 
@@ -946,7 +946,7 @@ static PyObject *py_gpu_info(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(device_count_doc,
-"device_count() -> int\n--\n\n"
+"device_count()\n--\n\n"
 "GPUs of the backend in use (the host backend shows $AEGAEON_HOST_GPUS, default 1).");
 
 static PyObject *py_device_count(PyObject *self, PyObject *unused)
@@ -965,7 +965,7 @@ static PyObject *py_device_count(PyObject *self, PyObject *unused)
 /* ------------------------------------------------------------------ events */
 
 PyDoc_STRVAR(create_event_doc,
-"create_event_handle_bytes(gpu_id=0) -> bytes\n--\n\n"
+"create_event_handle_bytes(gpu_id=0)\n--\n\n"
 "Create an interprocess event on a GPU, record it now on the module's stream\n"
 "of that GPU, and return its 64-byte handle. Any process of the same user can\n"
 "wait on it with wait_event_handle_bytes(). The module keeps the event alive\n"
@@ -1168,7 +1168,7 @@ static PyObject *chunk_list(const struct aeg_chunk *c, uint32_t n)
 }
 
 PyDoc_STRVAR(prefetch_doc,
-"prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=32 MiB) -> list\n--\n\n"
+"prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=33554432)\n--\n\n"
 "Start loading a file into the prefetch slab of a GPU and return at once, before\n"
 "the bytes are there: one dict per chunk, in file order,\n"
 "{\"device_ptr\": int, \"size\": int, \"event_handle\": bytes, \"slab_id\": int}.\n"
@@ -1327,7 +1327,7 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 /* ------------------------------------------------------------- chunk views */
 
 PyDoc_STRVAR(chunk_view_doc,
-"chunk_view(chunk, dtype=\"U8\") -> DeviceArray\n--\n\n"
+"chunk_view(chunk, dtype=\"U8\")\n--\n\n"
 "A zero-copy DeviceArray over a chunk dict of prefetch_file_to_gpu_chunks()\n"
 "(one dimension of the chunk's bytes, as dtype), for torch.as_tensor() (cuda)\n"
 "or numpy.asarray() (host). Wait on the chunk's event before reading it; the\n"
@@ -1426,7 +1426,7 @@ static int model_wait_slice(void *arg, int timeout_ms)
 }
 
 PyDoc_STRVAR(load_safetensors_doc,
-"load_safetensors(path, gpu_id=0, chunk_bytes=32 MiB) -> dict\n--\n\n"
+"load_safetensors(path, gpu_id=0, chunk_bytes=33554432)\n--\n\n"
 "Load a safetensors file into the prefetch slab of a GPU and return\n"
 "{name: DeviceArray} in file order, each a zero-copy view with the tensor's\n"
 "dtype and shape (torch.as_tensor / torch.from_dlpack on cuda, numpy on host).\n"
@@ -1568,7 +1568,7 @@ static PyObject *py_timings(PyObject *self, PyObject *unused)
 /* ------------------------------------------------------------------- stats */
 
 PyDoc_STRVAR(stats_doc,
-"stats() -> dict\n--\n\n"
+"stats()\n--\n\n"
 "What the module holds now: {\"device\": \"cuda\"|\"host\"|None, \"events\": int\n"
 "(create_event_handle_bytes events alive), \"objects\": int (SlabAllocator,\n"
 "PinnedPool, KVCache and load_safetensors results alive), \"prefetch\": {gpu:\n"

@@ -158,7 +158,7 @@ struct aeg_job_load_status {
 	int status;
 	uint64_t file_bytes, done_bytes;
 	uint32_t chunks;
-	char path[PATH_MAX];
+	char path[AEG_PATH_MAX];
 };
 
 struct aeg_job_status {

@@ -88,8 +88,9 @@ void aeg_prefetch_destroy(aeg_prefetch_t *pf);
 
 /* Per-file options; zero-initialised means defaults except chunk_bytes. */
 #define AEG_PREFETCH_NO_CACHE 0x1u      /* neither use nor fill the host cache */
+#define AEG_PREFETCH_CHUNK_ALIGN 4096u  /* chunk_bytes is a multiple of this */
 struct aeg_prefetch_options {
-	uint64_t chunk_bytes;           /* > 0 and <= the slab's size; required */
+	uint64_t chunk_bytes;           /* a multiple of 4 KiB, > 0 and <= the slab's size; required */
 	int priority;                   /* higher loads take the workers first [0] */
 	enum aeg_prefetch_feed feed;    /* AUTO, MMAP, READ or MIXED */
 	enum aeg_prefetch_format format;
@@ -132,7 +133,7 @@ struct aeg_tensor {
  * with aeg_load_wait_chunk or, from any process, aeg_event_wait_handle.
  * An event completes only after its chunk's bytes are on the GPU.
  * Thread-safe. Errors (nothing is left allocated): AEG_EINVAL (chunk_bytes
- * 0 or over the slab, a directory, a bad option), AEG_ENOENT, AEG_EACCES,
+ * 0, not a multiple of 4 KiB or over the slab, a directory, a bad option), AEG_ENOENT, AEG_EACCES,
  * AEG_EFORMAT (a bad safetensors header; the detail says what), AEG_ENOSPC
  * (detail: bytes requested vs free in the slab), AEG_EDEVICE, AEG_ENOMEM,
  * AEG_ECANCELED (the engine is being destroyed).

@@ -1942,6 +1942,9 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	slab_bytes = aeg_slab_bytes(pf->slab);
 	if (o->chunk_bytes == 0)
 		return aeg_fail(AEG_EINVAL, "%s: chunk size 0: give a chunk size such as 64MiB", path);
+	if (o->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN)
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " bytes is not a multiple of 4 KiB (4096 bytes)",
+				path, o->chunk_bytes);
 	if (o->chunk_bytes > slab_bytes)
 		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
 				path, o->chunk_bytes, slab_bytes);
