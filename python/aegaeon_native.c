@@ -1174,7 +1174,7 @@ PyDoc_STRVAR(prefetch_doc,
 "{\"device_ptr\": int, \"size\": int, \"event_handle\": bytes, \"slab_id\": int}.\n"
 "Wait for a chunk with wait_event_handle_bytes(chunk[\"event_handle\"]) (any\n"
 "process of the user); consumers can start on chunk 0 while later chunks load.\n"
-"Safetensors files (*.safetensors) are chunked along tensor boundaries, so\n"
+"Safetensors files (by content) are chunked along tensor boundaries, so\n"
 "several chunks may share a slab_id. Chunks stay on the GPU until\n"
 "release_prefetch_chunks() or release_all_prefetch_events(). The engine's slab\n"
 "is made at the first call for a GPU and kept (see configure()). Errors: AegaeonError\n"
@@ -1537,7 +1537,7 @@ out:
 }
 
 PyDoc_STRVAR(timings_doc,
-"timings() -> list\n--\n\n"
+"timings()\n--\n\n"
 "The set-up steps the library timed since the last call, oldest first, as\n"
 "(name, seconds) tuples: \"device open\", \"topology\", \"slab create\",\n"
 "\"engine create\", \"job attach\", \"prefetch start\", \"job prefetch\",\n"

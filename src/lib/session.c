@@ -695,8 +695,9 @@ AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request 
 		return aeg_fail(AEG_EINVAL, "aeg_session_load: NULL argument");
 	if (req->path[0] == '\0')
 		return aeg_fail(AEG_EINVAL, "empty path");
-	if (req->chunk_bytes % 4096u != 0)
-		return aeg_fail(AEG_EINVAL, "chunk of %" PRIu64 " bytes: a chunk is a multiple of 4 KiB", req->chunk_bytes);
+	if (req->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN != 0)
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " bytes is not a multiple of 4 KiB (4096 bytes)",
+				req->path, req->chunk_bytes);
 	if (req->flags & ~(AEG_LOAD_REUSE | AEG_LOAD_NO_CACHE))
 		return aeg_fail(AEG_EINVAL, "load flags 0x%x: unknown bits", req->flags);
 	return s->mode == AEG_SESSION_JOB ? job_load(s, req, m) : local_load(s, req, m);
