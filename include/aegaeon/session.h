@@ -47,6 +47,8 @@ struct aeg_session_config {
 	 * the config's slab_default.
 	 */
 	const char *slab;
+	/* LOCAL: each GPU's slab in bytes, exactly (a tool sizing it for one file); 0: @slab. */
+	uint64_t slab_bytes;
 	/* LOCAL: the engines' settings; NULL: defaults with the config's prefetch_threads. */
 	const struct aeg_prefetch_config *engine;
 	/* LOCAL: a pinned pool per engine for its ring and host model cache (0: a private ring only). */
@@ -125,8 +127,8 @@ struct aeg_load_request {
 int aeg_session_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m);
 
 /*
- * aeg_session_find - the newest resident model of @path on @gpu (-1: the
- * first): a JOB's agent's (another step's, the job's --aegaeon-prefetch),
+ * aeg_session_find - the newest resident model of @path on @gpu (-1: LOCAL
+ * GPU 0, JOB the first of the job's slabs holding one): a JOB's agent's (another step's, the job's --aegaeon-prefetch),
  * or one this LOCAL session loaded and has not released. Not owned.
  * AEG_ENOENT when there is none, AEG_ESTALE when the file changed since.
  */
@@ -188,6 +190,8 @@ uint64_t aeg_model_id(const aeg_model_t *m);
 const char *aeg_model_path(const aeg_model_t *m);
 /* aeg_model_gpu - the GPU as this process numbers it; -1 for a JOB slab not visible here. */
 int aeg_model_gpu(const aeg_model_t *m);
+/* aeg_model_job_slab - the job slab holding a JOB model (its index), -1 for a LOCAL one. */
+int aeg_model_job_slab(const aeg_model_t *m);
 /* aeg_model_owned - 1 when this session started the load (aeg_session_release_all frees it). */
 int aeg_model_owned(const aeg_model_t *m);
 

@@ -25,27 +25,77 @@ int cli_bench_prefetch(int argc, char **argv);
 int cli_status(int argc, char **argv);        /* cli_status.c: inside a job, through the agent */
 int cli_kv(int argc, char **argv);
 
+/* Options of prefetch and bench prefetch (cli_prefetch.c parses them for both). */
+struct cli_prefetch_args {
+	const char *device;
+	const char *file;
+	int gpu;
+	uint64_t chunk_bytes;
+	enum aeg_prefetch_feed feed;
+	int threads, streams, mmap_threads;
+	uint64_t piece_bytes;
+	int json, local, repeat, cache, direct, timing;
+	/* prefetch only */
+	int gpu_given, chunk_given, wait, verify, reload;
+	const char *local_only;         /* the first option the job's agent does not take */
+};
+/* Returns 0, -1 after --help, or the exit code of a bad command line. */
+int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefetch_args *a, int bench);
+/* The engine settings these options ask for. */
+void cli_prefetch_engine(const struct cli_prefetch_args *a, struct aeg_prefetch_config *cfg);
+
 /*
- * Inside a job (cli_job.c): the same commands through the node's agent, so
- * what they load outlives them. Each returns the exit code.
+ * Loads through a session (cli_load.c): every subcommand that loads, waits,
+ * lists or releases goes the same way, in a job (the node's agent) or not.
  */
 int cli_in_job(void);                           /* $AEGAEON_SOCKET is set */
-struct cli_job_prefetch {
-	const char *file;
-	int gpu;                        /* as this process numbers GPUs; -1: the job's first slab */
-	uint64_t chunk_bytes;           /* 0: the site's */
-	int json, wait, verify, reload;
+/*
+ * cli_session_open - @cfg's mode AUTO becomes JOB in a job, else LOCAL, on
+ * the backend of @device (--device), $AEGAEON_DEVICE or the config.
+ * Returns 0, or the exit code after printing why (2 for a bad --device).
+ */
+int cli_session_open(struct aeg_session_config *cfg, const char *device, const char *what, aeg_session_t **s);
+/*
+ * cli_model_wait - wait for @m until @deadline_ns (0: no limit), with a
+ * progress bar on stderr when @bar; *@end_ns is when it stopped. 0,
+ * AEG_ETIMEDOUT, or the load's error (its detail set).
+ */
+int cli_model_wait(aeg_model_t *m, uint64_t deadline_ns, int bar, uint64_t start_ns, uint64_t *end_ns);
+
+struct cli_load_info {                  /* what the listings print of a load */
+	uint64_t id;
+	const char *path;
+	int slab;                       /* the job slab; -1 outside a job */
+	int status;                     /* 0 loaded, AEG_EBUSY loading, or the load's error */
+	uint64_t file_bytes, done_bytes;
+	uint32_t chunks;
 };
-int cli_job_prefetch(const struct cli_job_prefetch *args);
-int cli_job_wait(const char *load, double timeout_s);       /* LOAD_ID or FILE; timeout < 0: none */
-struct cli_job_release {
-	int all;
-	uint64_t load_id;               /* every block of this load */
-	int gpu;                        /* with ids: the slab they are in; -1: the first */
-	const uint64_t *ids;
-	size_t count;
+int cli_model_info(aeg_model_t *m, struct cli_load_info *info);
+/* Prints why load @l failed: @detail (the wait's error detail, taken before any other call) or @err's text; 1. */
+int cli_load_failed(const struct cli_load_info *l, int err, const char *detail);
+int cli_load_timed_out(const struct cli_load_info *l, double timeout_s);
+json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l);
+void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines);
+
+struct cli_verify {                     /* a read-back check's result */
+	uint64_t bytes;
+	uint64_t first, end;            /* file range the chunks cover */
+	uint32_t chunks;
+	int contiguous;
+	char sha256[65];
 };
-int cli_job_release(const struct cli_job_release *args);
+/* cli_verify - copy every chunk of the loaded @m back and compare it with its file; 0 or 1 (printed why). */
+int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r);
+void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *r);
+json_t *cli_verified_json(const struct cli_verify *r);
+
+int cli_parse_load_id(const char *text, uint64_t *id);          /* 0, or -1 when not a load id */
+/* cli_find_load - the load named by @what: a load id, or the newest load of a file. 0 or 1 (printed). */
+int cli_find_load(aeg_session_t *s, const char *what, aeg_model_t **m);
+/* cli_job_slab_of - the job slab on this process's GPU @gpu, or -1 (printed which GPUs have one). */
+int cli_job_slab_of(aeg_session_t *s, int gpu);
+/* cli_print_timings - the set-up spans timed so far, on stderr (--timing). */
+void cli_print_timings(void);
 
 /* SHA-256 (cli_sha256.c), for read-back checks comparable with sha256sum. */
 struct cli_sha256 {
@@ -65,6 +115,8 @@ void cli_sha256_hex(struct cli_sha256 *s, char hex[65]);     /* finishes @s */
  * 1 (printed) or 2 for a bad backend name.
  */
 int cli_open_device(const char *name, aeg_device_t **dev);
+/* The same choice without opening it: 0, 1 or 2 (printed). */
+int cli_device_kind(const char *name, enum aeg_device_kind *kind);
 int cli_fail(int err, const char *what);                      /* prints "aegaeon-cli: what: detail", returns 1 */
 void cli_json_string(FILE *out, const char *s);                  /* quoted, escaped */
 int cli_parse_int(const char *text, int lo, int hi, int *out);  /* 0, or -1 when not in lo..hi */

@@ -10,7 +10,7 @@
 #include "cli.h"
 #include "internal.h"
 
-int cli_open_device(const char *name, aeg_device_t **dev)
+int cli_device_kind(const char *name, enum aeg_device_kind *kindp)
 {
 	const char *from = name != NULL ? "--device" : "$AEGAEON_DEVICE";
 	enum aeg_device_kind kind;
@@ -36,10 +36,32 @@ int cli_open_device(const char *name, aeg_device_t **dev)
 			return from[0] == '-' ? 2 : 1;
 		}
 	}
+	*kindp = kind;
+	return 0;
+}
+
+int cli_open_device(const char *name, aeg_device_t **dev)
+{
+	enum aeg_device_kind kind;
+	int err = cli_device_kind(name, &kind);
+
+	if (err)
+		return err;
 	err = aeg_device_open(dev, kind);
 	if (err)
 		return cli_fail(err, aeg_device_kind_name(kind));
 	return 0;
+}
+
+void cli_print_timings(void)
+{
+	struct aeg_span spans[AEG_SPANS_MAX];
+	int lost, n = aeg_spans_take(spans, AEG_SPANS_MAX, &lost);
+
+	for (int i = 0; i < n; i++)
+		fprintf(stderr, "timing: %-16s %9.3f ms\n", spans[i].name, (double)spans[i].ns / 1e6);
+	if (lost)
+		fprintf(stderr, "timing: %d more not kept\n", lost);
 }
 
 int cli_fail(int err, const char *what)

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -61,6 +62,7 @@ struct aeg_session {
 	enum aeg_session_mode mode;
 	struct aeg_config cfg;
 	char slab_spec[64];
+	uint64_t slab_exact;            /* aeg_session_config's slab_bytes */
 	struct aeg_prefetch_config engine;
 	uint64_t pool_bytes, pool_buffer_bytes;
 	aeg_device_t *dev;
@@ -159,6 +161,7 @@ AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_sessio
 	s->mode = c->mode != AEG_SESSION_AUTO ? c->mode : in_job() ? AEG_SESSION_JOB : AEG_SESSION_LOCAL;
 	if (c->slab != NULL)
 		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", c->slab);
+	s->slab_exact = c->slab_bytes;
 	if (c->engine != NULL) {
 		s->engine = *c->engine;
 	} else {
@@ -240,6 +243,10 @@ static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
 	char from[96];
 	int err = 0;
 
+	if (s->slab_exact) {
+		*bytes = s->slab_exact;
+		return 0;
+	}
 	if (s->slab_spec[0] != '\0') {
 		snprintf(from, sizeof(from), "slab \"%s\"", s->slab_spec);
 		err = aeg_size_spec_parse(s->slab_spec, &spec);
@@ -386,6 +393,7 @@ AEG_EXPORT int aeg_session_set_engine(aeg_session_t *s, const char *slab,
 	for (int g = 0; g < s->ngpus && err == 0; g++)
 		gpu_free(&s->gpus[g]);
 	if (err == 0) {
+		s->slab_exact = 0;
 		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", slab ? slab : "");
 		if (engine != NULL) {
 			s->engine = *engine;
@@ -431,6 +439,9 @@ static struct aeg_model *model_new(aeg_session_t *s, const char *path, int gpu, 
 	m->slab = -1;
 	m->owned = owned;
 	snprintf(m->path, sizeof(m->path), "%s", path ? path : "");
+	/* The agent's working directory is not ours: name files by absolute paths. */
+	if (path != NULL && path[0] != '\0' && realpath(path, m->path) == NULL)
+		snprintf(m->path, sizeof(m->path), "%s", path);
 	return m;
 }
 
@@ -594,10 +605,57 @@ static void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_
 	}
 }
 
+/*
+ * Steps of a job that load the same file at the same moment (every rank of
+ * an MPI job, say) must not each load it: the look-up and the request go
+ * under a lock in the job's per-node directory. -1 when there is none.
+ */
+static int lock_job_dir(void)
+{
+	const char *dir = getenv("AEGAEON_JOB_DIR");
+	char path[PATH_MAX];
+	int fd;
+
+	if (dir == NULL || *dir != '/' || snprintf(path, sizeof(path), "%s/prefetch.lock", dir) >= (int)sizeof(path))
+		return -1;
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return -1;
+	while (flock(fd, LOCK_EX) < 0) {
+		if (errno != EINTR) {
+			close(fd);
+			return -1;
+		}
+	}
+	return fd;
+}
+
+/* JOB, REUSE: the job's resident load of @path in slab @index, or 0 with *@jl NULL when there is none to reuse. */
+static int job_reusable(aeg_session_t *s, const char *path, int index, struct aeg_job_load **jl)
+{
+	int err = aeg_job_chunks(s->job, 0, path, index, jl);
+
+	if (err == 0 && (*jl)->status != 0 && (*jl)->status != AEG_EBUSY) {
+		aeg_warn("%s: load %" PRIu64 " failed (%s); loading it again", path, (*jl)->load_id,
+			 aeg_strerror((*jl)->status));
+		aeg_job_load_free(*jl);
+		*jl = NULL;
+		return 0;
+	}
+	if (err == AEG_ESTALE)
+		aeg_warn("%s; loading it again (the old chunks stay until released)", aeg_error_detail());
+	if (err == AEG_ENOENT || err == AEG_ESTALE) {
+		aeg_error_clear();
+		*jl = NULL;
+		return 0;
+	}
+	return err;
+}
+
 static int job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
 {
 	struct aeg_model *m;
-	int err, index, reused = 0;
+	int err, index, lock = -1;
 	uint64_t t;
 
 	err = job_slab(s, req->gpu, &index);
@@ -608,28 +666,22 @@ static int job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_mo
 		return AEG_ENOMEM;
 	t = aeg_now_ns();
 	if (req->flags & AEG_LOAD_REUSE) {
-		err = aeg_job_chunks(s->job, 0, req->path, index, &m->jl);
-		/* A load that failed, or of a file changed since, is replaced. */
-		if (err == 0 && m->jl->status != 0 && m->jl->status != AEG_EBUSY) {
-			aeg_job_load_free(m->jl);
-			m->jl = NULL;
-			err = AEG_ENOENT;
-		}
-		reused = err == 0;
-		if (err == AEG_ENOENT || err == AEG_ESTALE)
-			err = 0;
+		lock = lock_job_dir();
+		err = job_reusable(s, m->path, index, &m->jl);
 	}
-	if (err == 0 && !reused)
-		err = aeg_job_prefetch(s->job, req->path, index, req->chunk_bytes, &m->jl);
-	if (err == 0)
-		aeg_span_end(reused ? "job find" : "job prefetch", t);
-	if (err == 0)
+	m->owned = m->jl == NULL;
+	if (err == 0 && m->owned)
+		err = aeg_job_prefetch(s->job, m->path, index, req->chunk_bytes, &m->jl);
+	if (lock >= 0)
+		close(lock);
+	if (err == 0) {
+		aeg_span_end(m->owned ? "job prefetch" : "job find", t);
 		err = job_model_fill(m, req->format);
+	}
 	if (err) {
 		model_free(m);
 		return err;
 	}
-	m->owned = !reused;
 	m->gpu = job_gpu(s, m->slab);
 	pthread_mutex_lock(&s->lock);
 	if (m->owned)
@@ -680,8 +732,6 @@ static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_
 		return err;
 	}
 	m->id = aeg_load_id(m->load);
-	if (realpath(req->path, m->path) == NULL)
-		snprintf(m->path, sizeof(m->path), "%s", req->path);
 	pthread_mutex_lock(&s->lock);
 	model_link(m);
 	pthread_mutex_unlock(&s->lock);
@@ -750,22 +800,33 @@ static int job_load_path(aeg_session_t *s, uint64_t id, char *path, size_t len)
 	return err;
 }
 
-/* JOB: load @id (or the newest of @path on @gpu) as the agent has it. */
+/*
+ * JOB: load @id, or the newest load of @path on @gpu (-1: in the first of
+ * the job's slabs holding one), as the agent has it.
+ */
 static int job_find(aeg_session_t *s, uint64_t id, const char *path, int gpu, aeg_model_t **out)
 {
 	struct aeg_model *m;
-	int err, index = 0;
+	int err = 0, index = 0;
 
-	if (id == 0) {
+	if (id == 0 && gpu >= 0)
 		err = job_slab(s, gpu, &index);
-		if (err)
-			return err;
-	}
+	if (err)
+		return err;
 	m = model_new(s, path, gpu, 0);
 	if (m == NULL)
 		return AEG_ENOMEM;
-	err = aeg_job_chunks(s->job, id, path, index, &m->jl);
-	if (err == 0 && path == NULL)
+	if (id == 0 && gpu < 0) {
+		err = AEG_ENOENT;
+		for (index = 0; index < s->ngpus && err == AEG_ENOENT; index++)
+			err = aeg_job_chunks(s->job, 0, m->path, index, &m->jl);
+		if (err == AEG_ENOENT)
+			err = aeg_fail(AEG_ENOENT, "%s is not loaded in any of the job's %d slab%s", m->path, s->ngpus,
+				       s->ngpus == 1 ? "" : "s");
+	} else {
+		err = aeg_job_chunks(s->job, id, id ? NULL : m->path, index, &m->jl);
+	}
+	if (err == 0 && id != 0)
 		err = job_load_path(s, id, m->path, sizeof(m->path));
 	if (err == 0) {
 		err = job_model_fill(m, AEG_FORMAT_AUTO);
@@ -1202,6 +1263,11 @@ AEG_EXPORT const char *aeg_model_path(const aeg_model_t *m)
 AEG_EXPORT int aeg_model_gpu(const aeg_model_t *m)
 {
 	return m ? m->gpu : -1;
+}
+
+AEG_EXPORT int aeg_model_job_slab(const aeg_model_t *m)
+{
+	return m ? m->slab : -1;
 }
 
 AEG_EXPORT int aeg_model_owned(const aeg_model_t *m)

@@ -206,6 +206,25 @@ static struct aeg_job_status *status_now(void)
 	return st;
 }
 
+/*
+ * The status once the agent has @clients connections (this one included):
+ * a process that exited is dropped when the agent's thread for it sees the
+ * end of its connection, a moment later.
+ */
+static struct aeg_job_status *status_with_clients(uint32_t clients)
+{
+	for (int i = 0; i < 1000; i++) {
+		struct aeg_job_status *st = status_now();
+
+		if (st->clients == clients)
+			return st;
+		aeg_job_status_free(st);
+		usleep(10000);
+	}
+	fail_msg("the agent did not come to %u connections in 10 s", clients);
+	return NULL;
+}
+
 static void two_processes_share_slab_and_pool(void **state)
 {
 	int to_parent[2], to_child[2], fds = count_fds();
@@ -226,13 +245,12 @@ static void two_processes_share_slab_and_pool(void **state)
 		child_exit(reader(msg[0], (uint32_t)msg[1]));
 	assert_int_equal(run_status(r), 0);
 
-	st = status_now();
+	st = status_with_clients(2);    /* the writer and this status */
 	assert_int_equal(st->slabs, 1);
 	assert_int_equal(st->slab[0].leases, 1);
 	assert_int_equal(st->slab[0].lease_bytes, 1 << 20);
 	assert_true(st->has_pool);
 	assert_int_equal(st->pool.in_use, 1);
-	assert_int_equal(st->clients, 2);       /* the writer and this status */
 	aeg_job_status_free(st);
 
 	assert_int_equal(write(to_child[1], "g", 1), 1);
@@ -378,6 +396,23 @@ static void write_file(const char *path, const unsigned char *data, size_t n)
 	assert_int_equal(fclose(f), 0);
 }
 
+/* Wait (at most 10 s) until the agent has @want connections: threads waiting through it hold one each. */
+static void wait_clients(aeg_job_t *job, uint32_t want)
+{
+	for (int i = 0; i < 1000; i++) {
+		struct aeg_job_status *st;
+		uint32_t have;
+
+		assert_int_equal(aeg_job_status(job, &st), 0);
+		have = st->clients;
+		aeg_job_status_free(st);
+		if (have >= want)
+			return;
+		usleep(10000);
+	}
+	fail_msg("the agent has fewer than %u connections after 10 s", want);
+}
+
 /* Take every buffer of the job's pool: the agent's pread feed then cannot move a byte. */
 static uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
 {
@@ -456,7 +491,8 @@ static void wait_chunks_through_agent(void **state)
 		w[i] = (struct chunk_waiter){ .dev = dev, .handle = &load2->chunks[i].event };
 		assert_int_equal(pthread_create(&w[i].thread, NULL, chunk_wait_main, &w[i]), 0);
 	}
-	usleep(50000);
+	/* Every waiter holds its wait connection (this one is the other) before the release. */
+	wait_clients(job, 1 + load2->count);
 	assert_int_equal(aeg_job_release_all(job, &released), 0);
 	assert_true(released >= 2);
 	for (uint32_t i = 0; i < load2->count; i++) {

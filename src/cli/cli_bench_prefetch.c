@@ -1,0 +1,190 @@
+/* aegaeon-cli bench prefetch: this process's loads of a file against read() and a copy, medians of repeats. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include <aegaeon/aegaeon.h>
+
+#include "cli.h"
+#include "internal.h"
+#include "prefetch_internal.h"
+
+#define NAIVE_BUFFER (64ull << 20)
+#define CACHE_BUFFER (32ull << 20)
+
+struct bench {
+	struct cli_prefetch_args a;
+	aeg_session_t *s;
+	uint64_t file_bytes, chunk;
+	uint64_t *ours, *first, *naive;
+	struct aeg_load_progress p;
+	const char *feed;
+};
+
+static int cmp_u64(const void *x, const void *y)
+{
+	uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+
+	return a < b ? -1 : a > b;
+}
+
+static uint64_t median(uint64_t *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(*v), cmp_u64);
+	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static double gbps(uint64_t bytes, uint64_t ns)
+{
+	return ns ? (double)bytes / (double)ns : 0.0;
+}
+
+/* A session of this process: a slab for the file, and with --cache a pool the whole file fits in. */
+static int open_session(struct bench *b)
+{
+	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL };
+	struct aeg_prefetch_config engine;
+	struct stat st;
+
+	if (stat(b->a.file, &st) != 0) {
+		fprintf(stderr, "aegaeon-cli: %s: %s\n", b->a.file, strerror(errno));
+		return 1;
+	}
+	b->file_bytes = (uint64_t)st.st_size;
+	cfg.slab_bytes = aeg_prefetch_slab_bytes_for(b->file_bytes, b->a.chunk_bytes);
+	b->chunk = b->a.chunk_bytes < cfg.slab_bytes ? b->a.chunk_bytes : cfg.slab_bytes;
+	cli_prefetch_engine(&b->a, &engine);
+	if (b->a.cache) {
+		/* Room for the whole file in the cache plus the ring beside it. */
+		cfg.pool_buffer_bytes = CACHE_BUFFER;
+		cfg.pool_bytes = aeg_round_up(b->file_bytes, CACHE_BUFFER) + 2ull * (uint64_t)engine.threads * CACHE_BUFFER;
+		engine.cache_bytes = cfg.pool_bytes;
+	}
+	cfg.engine = &engine;
+	return cli_session_open(&cfg, b->a.device, b->a.file, &b->s);
+}
+
+/* One load, waited for; its progress in b->p. The chunks are released after. */
+static int load_once(struct bench *b)
+{
+	struct aeg_load_request req = { .path = b->a.file, .gpu = b->a.gpu, .chunk_bytes = b->chunk,
+					.feed = b->a.feed };
+	aeg_model_t *m;
+	int err = aeg_session_load(b->s, &req, &m);
+
+	if (err)
+		return err;
+	err = aeg_model_wait(m, -1);
+	aeg_model_progress(m, &b->p);
+	b->feed = aeg_prefetch_feed_name(b->p.feed);
+	aeg_model_close(m);
+	aeg_session_release_all(b->s, 0, NULL);
+	return err;
+}
+
+/* The baseline: read() into one buffer and a synchronous copy, chunk after chunk. */
+static int naive_once(struct bench *b, void *dst, void *buf, uint64_t *ns)
+{
+	uint64_t t0 = aeg_now_ns(), off = 0;
+	int fd = open(b->a.file, O_RDONLY | O_CLOEXEC), err = 0;
+
+	if (fd < 0)
+		return aeg_fail(AEG_EIO, "%s: %s", b->a.file, strerror(errno));
+	while (off < b->file_bytes) {
+		ssize_t r = read(fd, buf, NAIVE_BUFFER);
+
+		if (r <= 0) {
+			err = aeg_fail(AEG_EIO, "%s: reading at %" PRIu64 ": %s", b->a.file, off,
+				       r < 0 ? strerror(errno) : "the file got shorter");
+			break;
+		}
+		err = aeg_memcpy(aeg_session_device(b->s), (char *)dst + off, buf, (size_t)r);
+		if (err)
+			break;
+		off += (uint64_t)r;
+	}
+	close(fd);
+	*ns = aeg_now_ns() - t0;
+	return err;
+}
+
+static int measure(struct bench *b)
+{
+	aeg_device_t *dev = aeg_session_device(b->s);
+	void *dst = NULL, *buf = malloc(NAIVE_BUFFER);
+	int err = buf ? 0 : aeg_fail(AEG_ENOMEM, "bench prefetch: out of memory");
+
+	/* With --cache the first load fills the host cache; the timed ones hit it. */
+	if (err == 0 && b->a.cache)
+		err = load_once(b);
+	for (int i = 0; err == 0 && i < b->a.repeat; i++) {
+		err = load_once(b);
+		b->ours[i] = b->p.end_ns - b->p.start_ns;
+		b->first[i] = b->p.first_chunk_ns ? b->p.first_chunk_ns - b->p.start_ns : 0;
+	}
+	if (err == 0)
+		err = aeg_mem_alloc(dev, b->a.gpu, b->file_bytes ? b->file_bytes : 1, &dst);
+	for (int i = 0; err == 0 && i < b->a.repeat; i++)
+		err = naive_once(b, dst, buf, &b->naive[i]);
+	if (dst)
+		aeg_mem_free(dev, b->a.gpu, dst);
+	free(buf);
+	return err;
+}
+
+static int report(struct bench *b)
+{
+	uint64_t ours = median(b->ours, b->a.repeat), first = median(b->first, b->a.repeat);
+	uint64_t naive = median(b->naive, b->a.repeat), bytes = b->p.total_bytes;
+	char size[32], chunk[32];
+
+	if (b->a.json)
+		return cli_json_print(json_pack("{s:s, s:I, s:I, s:i, s:s, s:b, s:f, s:f, s:f, s:f}",
+						"file", b->a.file, "bytes", (json_int_t)bytes,
+						"chunk_bytes", (json_int_t)b->a.chunk_bytes, "repeat", b->a.repeat,
+						"feed", b->feed, "cache", b->a.cache, "ours_gbps", gbps(bytes, ours),
+						"first_chunk_ms", (double)first / 1e6,
+						"naive_gbps", gbps(b->file_bytes, naive),
+						"ratio", ours ? (double)naive / (double)ours : 0.0));
+	printf("%s, %s, chunks of %s, median of %d\n", b->a.file, aeg_size_format(b->file_bytes, size, sizeof(size)),
+	       aeg_size_format(b->a.chunk_bytes, chunk, sizeof(chunk)), b->a.repeat);
+	printf("  %-28s %8.2f GB/s  (first chunk %.2f ms)\n", b->a.cache ? "aegaeon (host cache)" : b->feed,
+	       gbps(bytes, ours), (double)first / 1e6);
+	printf("  %-28s %8.2f GB/s\n", "naive read + memcpy", gbps(b->file_bytes, naive));
+	printf("  %-28s %8.2fx\n", "ratio", ours ? (double)naive / (double)ours : 0.0);
+	return 0;
+}
+
+int cli_bench_prefetch(int argc, char **argv)
+{
+	struct bench b = { .feed = "?" };
+	int rc, err;
+
+	rc = cli_prefetch_parse("bench prefetch", argc, argv, &b.a, 1);
+	if (rc)
+		return rc < 0 ? 0 : rc;
+	rc = open_session(&b);
+	if (rc)
+		return rc;
+	b.ours = calloc((size_t)b.a.repeat, sizeof(*b.ours));
+	b.first = calloc((size_t)b.a.repeat, sizeof(*b.first));
+	b.naive = calloc((size_t)b.a.repeat, sizeof(*b.naive));
+	err = b.ours && b.first && b.naive ? measure(&b) : aeg_fail(AEG_ENOMEM, "bench prefetch: out of memory");
+	rc = err ? cli_fail(err, b.a.file) : report(&b);
+	free(b.ours);
+	free(b.first);
+	free(b.naive);
+	aeg_session_close(b.s);
+	if (b.a.timing)
+		cli_print_timings();
+	return rc;
+}
