@@ -112,6 +112,7 @@ struct aeg_chunk {
 	uint64_t slab_id;               /* the slab block holding the chunk */
 	uint64_t slab_offset;           /* device_ptr - slab base */
 	uint64_t file_offset;
+	uint32_t file;                  /* a model of several files: which (aeg_model_file); else 0 */
 };
 
 struct aeg_tensor {
@@ -123,6 +124,7 @@ struct aeg_tensor {
 	uint64_t size;
 	uint64_t file_offset;
 	uint32_t first_chunk;           /* index of the chunk holding its first byte */
+	uint32_t file;                  /* a model of several files: which (aeg_model_file); else 0 */
 };
 
 /*

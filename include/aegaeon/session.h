@@ -196,7 +196,16 @@ int aeg_model_job_slab(const aeg_model_t *m);
 int aeg_model_owned(const aeg_model_t *m);
 
 /*
- * aeg_model_chunks - the chunks in file order; device_ptr is this process's
+ * aeg_model_file_count, aeg_model_file - the files of the model: one, or a
+ * directory's or shard index's shards in load order; a chunk's and a
+ * tensor's "file" field index them. NULL for an index out of range.
+ */
+uint32_t aeg_model_file_count(const aeg_model_t *m);
+const char *aeg_model_file(const aeg_model_t *m, uint32_t index);
+
+/*
+ * aeg_model_chunks - the chunks in file order (a model of several files: each
+ * file's in turn); device_ptr is this process's
  * pointer (NULL where the slab is not mapped here: a CONNECT_ONLY session,
  * a GPU not visible). Valid until the model is closed.
  */
@@ -219,6 +228,13 @@ uint32_t aeg_model_metadata(const aeg_model_t *m, const char *const **keys, cons
  */
 int aeg_model_wait(aeg_model_t *m, int timeout_ms);
 int aeg_model_wait_chunk(aeg_model_t *m, uint32_t index, int timeout_ms);
+
+/*
+ * aeg_model_wait_tensor - wait for the chunks holding tensor @name only, so
+ * a model can use its first layers while later ones load. AEG_ENOENT for a
+ * name the model has no tensor of; else as aeg_model_wait_chunk.
+ */
+int aeg_model_wait_tensor(aeg_model_t *m, const char *name, int timeout_ms);
 
 /* aeg_model_progress - bytes and chunks done, feed and status (AEG_EBUSY while loading). */
 int aeg_model_progress(aeg_model_t *m, struct aeg_load_progress *progress);

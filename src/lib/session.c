@@ -17,64 +17,13 @@
 #include <aegaeon/session.h>
 
 #include "internal.h"
+#include "model_paths.h"
 #include "safetensors.h"
+#include "session_internal.h"
 #include "topo_internal.h"
 
 #define POLL_MIN_US 200u
 #define POLL_MAX_US 20000u
-
-/* A LOCAL session's engine on one GPU, made at its first use and kept. */
-struct sess_gpu {
-	aeg_slab_t *slab;
-	aeg_pool_t *pool;
-	aeg_prefetch_t *pf;
-};
-
-/* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
-struct owned_block {
-	uint64_t id, load;
-};
-
-struct idset {
-	struct owned_block *b;
-	size_t n, cap;
-};
-
-struct aeg_model {
-	aeg_session_t *s;
-	struct aeg_model *prev, *next;  /* the session's open models */
-	uint64_t id;
-	int gpu;
-	int slab;                       /* JOB: the job slab's index */
-	int owned;
-	int settled;                    /* JOB: the agent said every chunk is there */
-	char path[PATH_MAX];
-	aeg_load_t *load;               /* LOCAL */
-	struct aeg_job_load *jl;        /* JOB */
-	struct aeg_chunk *chunks;       /* JOB: jl's chunks as engine chunks */
-	uint32_t nchunks;
-	struct aeg_tensor *tensors;     /* JOB: from hdr */
-	uint32_t ntensors;
-	struct aeg_st_header hdr;
-};
-
-struct aeg_session {
-	enum aeg_session_mode mode;
-	struct aeg_config cfg;
-	char slab_spec[64];
-	uint64_t slab_exact;            /* aeg_session_config's slab_bytes */
-	struct aeg_prefetch_config engine;
-	uint64_t pool_bytes, pool_buffer_bytes;
-	aeg_device_t *dev;
-	aeg_job_t *job;
-	int ngpus;
-	const aeg_topo_t *topo;
-	int topo_tried;
-	pthread_mutex_t lock;           /* guards gpus' set-up, the model list and owned */
-	struct sess_gpu *gpus;
-	struct aeg_model *models;
-	struct idset owned[AEG_JOB_MAX_GPUS];
-};
 
 AEG_EXPORT const char *aeg_session_mode_name(enum aeg_session_mode mode)
 {
@@ -179,8 +128,6 @@ fail:
 	aeg_session_close(s);
 	return err;
 }
-
-static void model_unlink(struct aeg_model *m);
 
 /* Destroy a GPU's engine, pool and slab (its loads' chunks with them). */
 static void gpu_free(struct sess_gpu *g)
@@ -426,60 +373,6 @@ AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
 
 /* --------------------------------------------------------------- models */
 
-static struct aeg_model *model_new(aeg_session_t *s, const char *path, int gpu, int owned)
-{
-	struct aeg_model *m = calloc(1, sizeof(*m));
-
-	if (m == NULL) {
-		aeg_fail(AEG_ENOMEM, "model: out of memory");
-		return NULL;
-	}
-	m->s = s;
-	m->gpu = gpu;
-	m->slab = -1;
-	m->owned = owned;
-	snprintf(m->path, sizeof(m->path), "%s", path ? path : "");
-	/* The agent's working directory is not ours: name files by absolute paths. */
-	if (path != NULL && path[0] != '\0' && realpath(path, m->path) == NULL)
-		snprintf(m->path, sizeof(m->path), "%s", path);
-	return m;
-}
-
-/* Put @m on the session's list; lock held. */
-static void model_link(struct aeg_model *m)
-{
-	aeg_session_t *s = m->s;
-
-	m->next = s->models;
-	if (s->models)
-		s->models->prev = m;
-	s->models = m;
-}
-
-static void model_unlink(struct aeg_model *m)
-{
-	aeg_session_t *s = m->s;
-
-	if (m->prev)
-		m->prev->next = m->next;
-	else if (s->models == m)
-		s->models = m->next;
-	if (m->next)
-		m->next->prev = m->prev;
-	m->prev = m->next = NULL;
-}
-
-static void model_free(struct aeg_model *m)
-{
-	if (m->load)
-		aeg_load_close(m->load);
-	aeg_job_load_free(m->jl);
-	free(m->chunks);
-	free(m->tensors);
-	aeg_st_free(&m->hdr);
-	free(m);
-}
-
 static int named_safetensors(const char *path)
 {
 	size_t n = strlen(path);
@@ -591,7 +484,7 @@ static void own_blocks(aeg_session_t *s, const struct aeg_model *m)
 	}
 }
 
-static void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n)
+void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n)
 {
 	struct idset *set = &s->owned[slab];
 
@@ -683,14 +576,16 @@ static int job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_mo
 		return err;
 	}
 	m->gpu = job_gpu(s, m->slab);
-	pthread_mutex_lock(&s->lock);
-	if (m->owned)
+	if (m->owned) {
+		pthread_mutex_lock(&s->lock);
 		own_blocks(s, m);
-	model_link(m);
-	pthread_mutex_unlock(&s->lock);
+		pthread_mutex_unlock(&s->lock);
+	}
 	*out = m;
 	return 0;
 }
+
+static int find_one(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m);
 
 static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
 {
@@ -710,7 +605,7 @@ static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_
 	if (err)
 		return err;
 	if (req->flags & AEG_LOAD_REUSE) {
-		err = aeg_session_find(s, req->path, gpu, out);
+		err = find_one(s, req->path, gpu, out);
 		if (err != AEG_ENOENT && err != AEG_ESTALE)
 			return err;
 		aeg_error_clear();
@@ -732,15 +627,51 @@ static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_
 		return err;
 	}
 	m->id = aeg_load_id(m->load);
-	pthread_mutex_lock(&s->lock);
-	model_link(m);
-	pthread_mutex_unlock(&s->lock);
 	*out = m;
 	return 0;
 }
 
+static int load_one(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m)
+{
+	return s->mode == AEG_SESSION_JOB ? job_load(s, req, m) : local_load(s, req, m);
+}
+
+/* Every file of a directory or shard index, one part each; a failure frees what was loaded. */
+static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const struct aeg_model_paths *mp,
+		     aeg_model_t **out)
+{
+	struct aeg_model **parts = calloc(mp->count, sizeof(*parts));
+	struct aeg_load_request r = *req;
+	uint32_t n = 0;
+	int err = 0;
+
+	if (parts == NULL)
+		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", req->path, mp->count);
+	for (; n < mp->count && err == 0; n++) {
+		r.path = mp->paths[n];
+		r.format = AEG_FORMAT_SAFETENSORS;
+		err = load_one(s, &r, &parts[n]);
+	}
+	if (err) {
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s", aeg_error_detail());
+		for (uint32_t i = 0; i + 1 < n; i++) {
+			if (parts[i]->owned)
+				model_release_chunks(parts[i]);
+			model_free(parts[i]);
+		}
+		free(parts);
+		return aeg_fail(err, "%s: %s", req->path, why);
+	}
+	return model_compose(s, req->path, parts, n, out);
+}
+
 AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m)
 {
+	struct aeg_model_paths mp;
+	int err;
+
 	if (s == NULL || req == NULL || m == NULL || req->path == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_session_load: NULL argument");
 	if (req->path[0] == '\0')
@@ -750,30 +681,52 @@ AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request 
 				req->path, req->chunk_bytes);
 	if (req->flags & ~(AEG_LOAD_REUSE | AEG_LOAD_NO_CACHE))
 		return aeg_fail(AEG_EINVAL, "load flags 0x%x: unknown bits", req->flags);
-	return s->mode == AEG_SESSION_JOB ? job_load(s, req, m) : local_load(s, req, m);
+	err = aeg_model_paths(req->path, &mp);
+	if (err)
+		return err;
+	if (mp.dir || mp.index)
+		err = load_many(s, req, &mp, m);
+	else
+		err = load_one(s, req, m);
+	aeg_model_paths_free(&mp);
+	if (err == 0) {
+		pthread_mutex_lock(&s->lock);
+		model_link(*m);
+		pthread_mutex_unlock(&s->lock);
+	}
+	return err;
 }
 
 /*
  * The newest open LOCAL load of @real on @gpu (or with id @id) that still
  * holds chunks, as a new model on the same engine load; lock held.
  */
+static int local_match(struct aeg_model *o, const char *real, int gpu, uint64_t id, aeg_model_t **out)
+{
+	struct aeg_load_progress p;
+
+	if (o->load == NULL || (id ? o->id != id : (o->gpu != gpu || strcmp(o->path, real) != 0)))
+		return 0;
+	if (aeg_load_progress(o->load, &p) || (p.status != 0 && p.status != AEG_EBUSY) ||
+	    (p.chunks > 0 && p.released_chunks == p.chunks))
+		return 0;
+	*out = model_new(o->s, o->path, o->gpu, 0);
+	if (*out == NULL)
+		return AEG_ENOMEM;
+	(*out)->load = aeg_load_dup(o->load);
+	(*out)->id = o->id;
+	return 1;
+}
+
 static int local_find_locked(aeg_session_t *s, const char *real, int gpu, uint64_t id, aeg_model_t **out)
 {
 	for (struct aeg_model *o = s->models; o; o = o->next) {
-		struct aeg_load_progress p;
+		int r = local_match(o, real, gpu, id, out);
 
-		if (id ? o->id != id : (o->gpu != gpu || strcmp(o->path, real) != 0))
-			continue;
-		if (aeg_load_progress(o->load, &p) || (p.status != 0 && p.status != AEG_EBUSY) ||
-		    (p.chunks > 0 && p.released_chunks == p.chunks))
-			continue;
-		*out = model_new(s, o->path, o->gpu, 0);
-		if (*out == NULL)
-			return AEG_ENOMEM;
-		(*out)->load = aeg_load_dup(o->load);
-		(*out)->id = o->id;
-		model_link(*out);
-		return 0;
+		for (uint32_t i = 0; r == 0 && i < o->nparts; i++)
+			r = local_match(o->parts[i], real, gpu, id, out);
+		if (r)
+			return r < 0 ? r : 0;
 	}
 	return id ? aeg_fail(AEG_ENOENT, "no load %" PRIu64 " in this process", id) :
 		    aeg_fail(AEG_ENOENT, "%s is not loaded onto GPU %d by this process", real, gpu);
@@ -836,20 +789,16 @@ static int job_find(aeg_session_t *s, uint64_t id, const char *path, int gpu, ae
 		model_free(m);
 		return err;
 	}
-	pthread_mutex_lock(&s->lock);
-	model_link(m);
-	pthread_mutex_unlock(&s->lock);
 	*out = m;
 	return 0;
 }
 
-AEG_EXPORT int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m)
+/* One file's newest resident load, not linked. */
+static int find_one(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m)
 {
 	char real[PATH_MAX];
 	int err;
 
-	if (s == NULL || path == NULL || m == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_session_find: NULL argument");
 	if (s->mode == AEG_SESSION_JOB)
 		return job_find(s, 0, path, gpu, m);
 	if (gpu < 0)
@@ -865,16 +814,62 @@ AEG_EXPORT int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg
 	return err;
 }
 
+/* Every file of a directory or shard index resident: the model of them, not owned. */
+static int find_many(aeg_session_t *s, const char *path, const struct aeg_model_paths *mp, int gpu,
+		     aeg_model_t **out)
+{
+	struct aeg_model **parts = calloc(mp->count, sizeof(*parts));
+	uint32_t n = 0;
+	int err = 0;
+
+	if (parts == NULL)
+		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", path, mp->count);
+	for (; n < mp->count && err == 0; n++)
+		err = find_one(s, mp->paths[n], gpu, &parts[n]);
+	if (err) {
+		for (uint32_t i = 0; i + 1 < n; i++)
+			model_free(parts[i]);
+		free(parts);
+		return err;
+	}
+	return model_compose(s, path, parts, n, out);
+}
+
+AEG_EXPORT int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m)
+{
+	struct aeg_model_paths mp;
+	int err;
+
+	if (s == NULL || path == NULL || m == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_find: NULL argument");
+	err = aeg_model_paths(path, &mp);
+	if (err)
+		return err;
+	err = mp.dir || mp.index ? find_many(s, path, &mp, gpu, m) : find_one(s, path, gpu, m);
+	aeg_model_paths_free(&mp);
+	if (err == 0) {
+		pthread_mutex_lock(&s->lock);
+		model_link(*m);
+		pthread_mutex_unlock(&s->lock);
+	}
+	return err;
+}
+
 AEG_EXPORT int aeg_session_find_id(aeg_session_t *s, uint64_t id, aeg_model_t **m)
 {
 	int err;
 
 	if (s == NULL || m == NULL || id == 0)
 		return aeg_fail(AEG_EINVAL, "aeg_session_find_id: %s", id ? "NULL argument" : "load id 0");
-	if (s->mode == AEG_SESSION_JOB)
-		return job_find(s, id, NULL, -1, m);
-	pthread_mutex_lock(&s->lock);
-	err = local_find_locked(s, NULL, -1, id, m);
+	if (s->mode == AEG_SESSION_JOB) {
+		err = job_find(s, id, NULL, -1, m);
+		pthread_mutex_lock(&s->lock);
+	} else {
+		pthread_mutex_lock(&s->lock);
+		err = local_find_locked(s, NULL, -1, id, m);
+	}
+	if (err == 0)
+		model_link(*m);
 	pthread_mutex_unlock(&s->lock);
 	return err;
 }
@@ -1248,189 +1243,3 @@ AEG_EXPORT int aeg_session_locate(aeg_session_t *s, uint64_t ptr, uint64_t bytes
 	return 0;
 }
 
-/* ----------------------------------------------------------- accessors */
-
-AEG_EXPORT uint64_t aeg_model_id(const aeg_model_t *m)
-{
-	return m ? m->id : 0;
-}
-
-AEG_EXPORT const char *aeg_model_path(const aeg_model_t *m)
-{
-	return m ? m->path : NULL;
-}
-
-AEG_EXPORT int aeg_model_gpu(const aeg_model_t *m)
-{
-	return m ? m->gpu : -1;
-}
-
-AEG_EXPORT int aeg_model_job_slab(const aeg_model_t *m)
-{
-	return m ? m->slab : -1;
-}
-
-AEG_EXPORT int aeg_model_owned(const aeg_model_t *m)
-{
-	return m ? m->owned : 0;
-}
-
-AEG_EXPORT const struct aeg_chunk *aeg_model_chunks(const aeg_model_t *m, uint32_t *count)
-{
-	if (m == NULL) {
-		if (count)
-			*count = 0;
-		return NULL;
-	}
-	if (m->load)
-		return aeg_load_chunks(m->load, count);
-	if (count)
-		*count = m->nchunks;
-	return m->chunks;
-}
-
-AEG_EXPORT const struct aeg_tensor *aeg_model_tensors(const aeg_model_t *m, uint32_t *count)
-{
-	if (m == NULL) {
-		if (count)
-			*count = 0;
-		return NULL;
-	}
-	if (m->load)
-		return aeg_load_tensors(m->load, count);
-	if (count)
-		*count = m->ntensors;
-	return m->tensors;
-}
-
-AEG_EXPORT uint32_t aeg_model_metadata(const aeg_model_t *m, const char *const **keys,
-				       const char *const **values)
-{
-	if (m != NULL && m->load != NULL)
-		return aeg_load_metadata(m->load, keys, values);
-	if (keys)
-		*keys = m ? (const char *const *)m->hdr.meta_keys : NULL;
-	if (values)
-		*values = m ? (const char *const *)m->hdr.meta_values : NULL;
-	return m ? (uint32_t)m->hdr.nmeta : 0;
-}
-
-AEG_EXPORT int aeg_model_wait(aeg_model_t *m, int timeout_ms)
-{
-	uint64_t t;
-	int err;
-
-	if (m == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_model_wait: NULL model");
-	if (m->load)
-		return aeg_load_wait(m->load, timeout_ms);
-	if (__atomic_load_n(&m->settled, __ATOMIC_ACQUIRE))
-		return 0;
-	t = aeg_now_ns();
-	err = aeg_job_wait(m->s->job, m->id, timeout_ms);
-	if (err == 0) {
-		__atomic_store_n(&m->settled, 1, __ATOMIC_RELEASE);
-		aeg_span_end("job wait", t);
-	}
-	return err;
-}
-
-AEG_EXPORT int aeg_model_wait_chunk(aeg_model_t *m, uint32_t index, int timeout_ms)
-{
-	if (m == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_model_wait_chunk: NULL model");
-	if (m->load)
-		return aeg_load_wait_chunk(m->load, index, timeout_ms);
-	if (index >= m->nchunks)
-		return aeg_fail(AEG_EINVAL, "chunk %u: the load has %u chunks", index, m->nchunks);
-	if (__atomic_load_n(&m->settled, __ATOMIC_ACQUIRE))
-		return 0;
-	return aeg_event_wait_handle(m->s->dev, &m->chunks[index].event, timeout_ms);
-}
-
-AEG_EXPORT int aeg_model_progress(aeg_model_t *m, struct aeg_load_progress *p)
-{
-	struct aeg_job_status *st;
-	int err;
-
-	if (m == NULL || p == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_model_progress: NULL argument");
-	if (m->load)
-		return aeg_load_progress(m->load, p);
-	memset(p, 0, sizeof(*p));
-	p->chunks = m->nchunks;
-	p->feed = AEG_FEED_AUTO;
-	err = aeg_job_status(m->s->job, &st);
-	if (err)
-		return err;
-	err = aeg_fail(AEG_ENOENT, "load %" PRIu64 " is gone from the agent (released)", m->id);
-	for (uint32_t i = 0; i < st->loads; i++) {
-		if (st->load[i].load_id != m->id)
-			continue;
-		p->total_bytes = st->load[i].file_bytes;
-		p->done_bytes = st->load[i].done_bytes;
-		p->status = st->load[i].status;
-		p->released_chunks = m->nchunks > st->load[i].chunks ? m->nchunks - st->load[i].chunks : 0;
-		if (p->status == 0)
-			p->done_chunks = m->nchunks;
-		err = 0;
-	}
-	aeg_job_status_free(st);
-	if (err == 0)
-		aeg_error_clear();
-	return err;
-}
-
-AEG_EXPORT int aeg_model_release(aeg_model_t *m)
-{
-	aeg_session_t *s;
-	uint64_t *ids;
-	uint32_t n = 0;
-	int err;
-
-	if (m == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_model_release: NULL model");
-	s = m->s;
-	if (m->load) {
-		err = aeg_load_release(m->load);
-		aeg_model_close(m);
-		return err;
-	}
-	ids = malloc((m->nchunks ? m->nchunks : 1) * sizeof(*ids));
-	if (ids == NULL)
-		return aeg_fail(AEG_ENOMEM, "release: out of memory");
-	for (uint32_t i = 0; i < m->nchunks; i++)
-		if (n == 0 || ids[n - 1] != m->chunks[i].slab_id)
-			ids[n++] = m->chunks[i].slab_id;
-	/* The agent cannot cancel for a client: wait for the load (it may have failed), then free what is left. */
-	err = aeg_model_wait(m, -1);
-	aeg_error_clear();
-	if (err != AEG_ENOENT) {
-		err = 0;
-		for (uint32_t i = 0; i < n && err == 0; i++) {
-			err = aeg_job_release(s->job, m->slab, &ids[i], 1, NULL);
-			if (err == AEG_ENOENT) {
-				aeg_error_clear();
-				err = 0;
-			}
-		}
-	} else {
-		err = 0;
-	}
-	pthread_mutex_lock(&s->lock);
-	disown_blocks(s, m->slab, ids, n);
-	pthread_mutex_unlock(&s->lock);
-	free(ids);
-	aeg_model_close(m);
-	return err;
-}
-
-AEG_EXPORT void aeg_model_close(aeg_model_t *m)
-{
-	if (m == NULL)
-		return;
-	pthread_mutex_lock(&m->s->lock);
-	model_unlink(m);
-	pthread_mutex_unlock(&m->s->lock);
-	model_free(m);
-}

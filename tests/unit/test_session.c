@@ -294,8 +294,13 @@ static void bad_requests(void **state)
 	assert_int_equal(aeg_session_load(s, &req, &m), AEG_ENOENT);
 	req.path = "";
 	assert_int_equal(aeg_session_load(s, &req, &m), AEG_EINVAL);
-	req.path = f->dir;
-	assert_int_not_equal(aeg_session_load(s, &req, &m), 0);
+	/* A directory without a model in it. */
+	snprintf(missing, sizeof(missing), "%s/empty", f->dir);
+	assert_int_equal(mkdir(missing, 0700), 0);
+	req.path = missing;
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_ENOENT);
+	assert_non_null(strstr(aeg_error_detail(), "no model in it"));
+	assert_int_equal(rmdir(missing), 0);
 	req.path = f->raw;
 	req.flags = 0x80;
 	assert_int_equal(aeg_session_load(s, &req, &m), AEG_EINVAL);
@@ -340,6 +345,86 @@ static void local_engine_kept(void **state)
 	for (int i = 0; i < n; i++)
 		assert_string_not_equal(spans[i].name, "slab create");
 	aeg_model_close(m);
+	aeg_session_close(s);
+}
+
+/*
+ * A model as save_pretrained leaves it: a directory of shards and an index.
+ * Loaded by its directory or its index, it is every shard's tensors, each
+ * where its file says; one tensor can be waited for alone.
+ */
+static void model_directory(void **state)
+{
+	static const uint64_t a[] = { 300 * KiB, 5000 }, b[] = { 2 * MiB + 3, 4096, 12 }, c[] = { 70000 };
+	struct fx *f = *state;
+	struct aeg_load_request req = { .gpu = 0, .chunk_bytes = 1 * MiB };
+	const uint64_t *sizes[] = { a, b, c };
+	const int counts[] = { 2, 3, 1 };
+	const char *prefix[] = { "a", "b", "c" };
+	unsigned char *bytes[3];
+	char dir[160], path[200], index[200];
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL, *found = NULL;
+	FILE *idx;
+
+	snprintf(dir, sizeof(dir), "%s/llama", f->dir);
+	assert_int_equal(mkdir(dir, 0700), 0);
+	snprintf(index, sizeof(index), "%s/model.safetensors.index.json", dir);
+	idx = fopen(index, "w");
+	assert_non_null(idx);
+	fprintf(idx, "{\"metadata\": {\"total_size\": 1}, \"weight_map\": {");
+	for (int i = 0; i < 3; i++) {
+		uint64_t size;
+
+		snprintf(path, sizeof(path), "%s/model-0000%d-of-00003.safetensors", dir, i + 1);
+		bytes[i] = test_st_file_named(path, prefix[i], sizes[i], counts[i], &size);
+		for (int t = 0; t < counts[i]; t++)
+			fprintf(idx, "%s\"%s%d\": \"model-0000%d-of-00003.safetensors\"", i + t ? ", " : "", prefix[i],
+				t, i + 1);
+	}
+	fprintf(idx, "}}\n");
+	assert_int_equal(fclose(idx), 0);
+
+	for (int by_index = 0; by_index < 2; by_index++) {
+		const struct aeg_tensor *t;
+		uint32_t n;
+
+		req.path = by_index ? index : dir;
+		assert_int_equal(aeg_session_load(s, &req, &m), 0);
+		assert_int_equal(aeg_model_file_count(m), 3);
+		assert_non_null(strstr(aeg_model_file(m, 2), "model-00003-of-00003.safetensors"));
+		assert_null(aeg_model_file(m, 3));
+		assert_int_equal(aeg_model_wait_tensor(m, "b0", 10000), 0);
+		assert_int_equal(aeg_model_wait_tensor(m, "nope", 0), AEG_ENOENT);
+		assert_int_equal(aeg_model_wait(m, 10000), 0);
+		t = aeg_model_tensors(m, &n);
+		assert_int_equal(n, 6);
+		for (uint32_t i = 0; i < n; i++) {
+			const struct aeg_chunk *ch = &aeg_model_chunks(m, NULL)[t[i].first_chunk];
+
+			assert_int_equal(ch->file, t[i].file);
+			assert_true(t[i].file_offset >= ch->file_offset);
+			if (t[i].size)
+				assert_memory_equal(t[i].device_ptr, bytes[t[i].file] + t[i].file_offset, t[i].size);
+		}
+		/* Found again by the directory (another step would). */
+		assert_int_equal(aeg_session_find(s, dir, 0, &found), 0);
+		assert_int_equal(aeg_model_owned(found), 0);
+		aeg_model_tensors(found, &n);
+		assert_int_equal(n, 6);
+		aeg_model_close(found);
+		assert_int_equal(aeg_model_release(m), 0);
+		assert_int_equal(aeg_session_find(s, dir, 0, &found), AEG_ENOENT);
+	}
+	/* A shard the index names is missing: nothing stays loaded. */
+	snprintf(path, sizeof(path), "%s/model-00003-of-00003.safetensors", dir);
+	assert_int_equal(unlink(path), 0);
+	req.path = dir;
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_ENOENT);
+	assert_non_null(strstr(aeg_error_detail(), "model-00003-of-00003.safetensors"));
+	assert_int_equal(aeg_session_owned_blocks(s), 0);
+	for (int i = 0; i < 3; i++)
+		free(bytes[i]);
 	aeg_session_close(s);
 }
 
@@ -406,6 +491,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(release_by_ids, setup_local, teardown),
 		cmocka_unit_test_setup_teardown(bad_requests, setup_local, teardown),
 		cmocka_unit_test_setup_teardown(local_engine_kept, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(model_directory, setup_local, teardown),
 	};
 	const struct CMUnitTest job[] = {
 		cmocka_unit_test_setup_teardown(load_wait_release, setup_job, teardown),
@@ -414,6 +500,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(release_by_ids, setup_job, teardown),
 		cmocka_unit_test_setup_teardown(bad_requests, setup_job, teardown),
 		cmocka_unit_test_setup_teardown(job_wait_one_request, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(model_directory, setup_job, teardown),
 	};
 	int failed = cmocka_run_group_tests_name("local session", local, NULL, NULL);
 

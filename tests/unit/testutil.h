@@ -102,15 +102,16 @@ static inline void test_write_file(const char *path, const void *buf, uint64_t b
 }
 
 /*
- * test_st_file - a safetensors file at @path holding @n one-dimensional U8
- * tensors "t0", "t1", ... of @sizes bytes (a xorshift pattern, seed 11), in
- * that order; *@file_bytes gets its size. Returns the whole file's bytes
- * (malloc'd), to compare with what was loaded.
+ * test_st_file_named - a safetensors file at @path holding @n one-dimensional
+ * U8 tensors "@prefix0", "@prefix1", ... of @sizes bytes (a xorshift
+ * pattern, seed 11), in that order; *@file_bytes gets its size. Returns the
+ * whole file's bytes (malloc'd), to compare with what was loaded.
+ * test_st_file - the same with tensors "t0", "t1", ...
  */
-static inline unsigned char *test_st_file(const char *path, const uint64_t *sizes, int n,
-					  uint64_t *file_bytes)
+static inline unsigned char *test_st_file_named(const char *path, const char *prefix, const uint64_t *sizes,
+						int n, uint64_t *file_bytes)
 {
-	size_t cap = 256 + (size_t)n * 96, hlen = 0;
+	size_t cap = 256 + (size_t)n * (96 + strlen(prefix)), hlen = 0;
 	uint64_t data = 0, off = 0;
 	unsigned char *file, *bytes;
 	char *json = malloc(cap);
@@ -122,7 +123,7 @@ static inline unsigned char *test_st_file(const char *path, const uint64_t *size
 	hlen += (size_t)snprintf(json, cap, "{\"__metadata__\":{\"format\":\"pt\"}");
 	for (int i = 0; i < n; i++) {
 		hlen += (size_t)snprintf(json + hlen, cap - hlen,
-					 ",\"t%d\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}", i,
+					 ",\"%s%d\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}", prefix, i,
 					 (unsigned long long)sizes[i], (unsigned long long)off,
 					 (unsigned long long)(off + sizes[i]));
 		off += sizes[i];
@@ -143,6 +144,11 @@ static inline unsigned char *test_st_file(const char *path, const uint64_t *size
 	free(json);
 	test_write_file(path, file, *file_bytes);
 	return file;
+}
+
+static inline unsigned char *test_st_file(const char *path, const uint64_t *sizes, int n, uint64_t *file_bytes)
+{
+	return test_st_file_named(path, "t", sizes, n, file_bytes);
 }
 
 #endif

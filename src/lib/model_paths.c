@@ -1,0 +1,232 @@
+/* What files a model is: a directory of safetensors shards, a shard index (save_pretrained's), or one file. */
+#include "config.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "internal.h"
+#include "model_paths.h"
+
+#define INDEX_NAME "model.safetensors.index.json"
+#define SINGLE_NAME "model.safetensors"
+#define INDEX_MAX_BYTES (64ull << 20)
+
+void aeg_model_paths_free(struct aeg_model_paths *mf)
+{
+	if (mf == NULL)
+		return;
+	for (uint32_t i = 0; i < mf->count; i++)
+		free(mf->paths[i]);
+	free(mf->paths);
+	memset(mf, 0, sizeof(*mf));
+}
+
+/* Add @path unless listed already. */
+static int add_file(struct aeg_model_paths *mf, const char *path)
+{
+	char **paths;
+
+	if (mf->count >= AEG_MODEL_MAX_FILES)
+		return aeg_fail(AEG_EINVAL, "%s: a model of more than %d files", path, AEG_MODEL_MAX_FILES);
+	for (uint32_t i = 0; i < mf->count; i++)
+		if (strcmp(mf->paths[i], path) == 0)
+			return 0;
+	paths = realloc(mf->paths, (mf->count + 1) * sizeof(*paths));
+	if (paths == NULL)
+		return aeg_fail(AEG_ENOMEM, "model files: out of memory");
+	mf->paths = paths;
+	mf->paths[mf->count] = strdup(path);
+	if (mf->paths[mf->count] == NULL)
+		return aeg_fail(AEG_ENOMEM, "model files: out of memory");
+	mf->count++;
+	return 0;
+}
+
+static int add_path(struct aeg_model_paths *mf, const char *dir, const char *name)
+{
+	char path[PATH_MAX];
+
+	if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
+		return aeg_fail(AEG_EINVAL, "%s/%s: path too long", dir, name);
+	return add_file(mf, path);
+}
+
+/* A shard name of an index: a file beside it, never a path that leaves its directory. */
+static int check_shard_name(const char *index, const char *tensor, const char *name)
+{
+	if (name[0] == '\0' || name[0] == '/' || strcmp(name, "..") == 0 || strncmp(name, "../", 3) == 0 ||
+	    strstr(name, "/../") != NULL || (strlen(name) >= 3 && strcmp(name + strlen(name) - 3, "/..") == 0))
+		return aeg_fail(AEG_EFORMAT, "%s: tensor \"%.64s\" is in \"%.128s\": a shard must be a file in the "
+				"index's directory", index, tensor, name);
+	return 0;
+}
+
+static int read_index(const char *index, json_t **root)
+{
+	json_error_t jerr;
+	struct stat st;
+
+	if (stat(index, &st) != 0)
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", index, strerror(errno));
+	if ((uint64_t)st.st_size > INDEX_MAX_BYTES)
+		return aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", index,
+				(long long)st.st_size, INDEX_MAX_BYTES >> 20);
+	*root = json_load_file(index, JSON_REJECT_DUPLICATES, &jerr);
+	if (*root == NULL)
+		return aeg_fail(errno == EACCES ? AEG_EACCES : AEG_EFORMAT, "%s: not a shard index: %s (line %d)",
+				index, jerr.text, jerr.line);
+	return 0;
+}
+
+/* The shards an index names, in the order they first appear, each checked to be a file. */
+static int from_index(const char *index, struct aeg_model_paths *mf)
+{
+	char dir[PATH_MAX], *slash;
+	const char *tensor;
+	json_t *root = NULL, *map, *v;
+	int err;
+
+	err = read_index(index, &root);
+	if (err)
+		return err;
+	map = json_object_get(root, "weight_map");
+	if (!json_is_object(root) || !json_is_object(map)) {
+		err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: no \"weight_map\" object", index);
+		goto out;
+	}
+	if (json_object_size(map) == 0) {
+		err = aeg_fail(AEG_EFORMAT, "%s: the weight_map names no tensor", index);
+		goto out;
+	}
+	snprintf(dir, sizeof(dir), "%s", index);
+	slash = strrchr(dir, '/');
+	if (slash != NULL)
+		*slash = '\0';
+	else
+		snprintf(dir, sizeof(dir), ".");
+	json_object_foreach(map, tensor, v) {
+		if (!json_is_string(v)) {
+			err = aeg_fail(AEG_EFORMAT, "%s: the shard of tensor \"%.64s\" is not a string", index, tensor);
+			goto out;
+		}
+		err = check_shard_name(index, tensor, json_string_value(v));
+		if (err == 0)
+			err = add_path(mf, dir, json_string_value(v));
+		if (err)
+			goto out;
+	}
+	mf->index = 1;
+	for (uint32_t i = 0; i < mf->count && err == 0; i++) {
+		struct stat st;
+
+		if (stat(mf->paths[i], &st) != 0)
+			err = aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s names shard %s: %s", index,
+				       mf->paths[i], strerror(errno));
+		else if (!S_ISREG(st.st_mode))
+			err = aeg_fail(AEG_EINVAL, "%s names shard %s: not a regular file", index, mf->paths[i]);
+	}
+out:
+	json_decref(root);
+	return err;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* A directory without an index: model.safetensors, else every *.safetensors in name order. */
+static int from_dir(const char *dir, struct aeg_model_paths *mf)
+{
+	struct dirent *e;
+	DIR *d;
+	int err = 0;
+
+	d = opendir(dir);
+	if (d == NULL)
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", dir, strerror(errno));
+	while (err == 0 && (e = readdir(d)) != NULL) {
+		size_t n = strlen(e->d_name);
+
+		if (n > 12 && strcmp(e->d_name + n - 12, ".safetensors") == 0 && e->d_name[0] != '.')
+			err = add_path(mf, dir, e->d_name);
+	}
+	closedir(d);
+	if (err)
+		return err;
+	if (mf->count == 0)
+		return aeg_fail(AEG_ENOENT, "%s: no model in it (no " INDEX_NAME ", " SINGLE_NAME
+				" or *.safetensors file)", dir);
+	qsort(mf->paths, mf->count, sizeof(*mf->paths), cmp_str);
+	return 0;
+}
+
+static int named_index(const char *path)
+{
+	size_t n = strlen(path);
+
+	return n >= 11 && strcmp(path + n - 11, ".index.json") == 0;
+}
+
+/* A file of JSON may be an index whatever its name (one holding a weight_map is). */
+static int looks_like_index(const char *path)
+{
+	char head[1];
+	int fd, json;
+
+	if (named_index(path))
+		return 1;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	json = read(fd, head, 1) == 1 && head[0] == '{';
+	close(fd);
+	return json;
+}
+
+int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
+{
+	char index[PATH_MAX];
+	struct stat st;
+	int err;
+
+	memset(mf, 0, sizeof(*mf));
+	if (path == NULL || path[0] == '\0')
+		return aeg_fail(AEG_EINVAL, "empty model path");
+	if (stat(path, &st) != 0)
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
+	if (S_ISDIR(st.st_mode)) {
+		mf->dir = 1;
+		if (snprintf(index, sizeof(index), "%s/" INDEX_NAME, path) >= (int)sizeof(index))
+			return aeg_fail(AEG_EINVAL, "%s: path too long", path);
+		if (access(index, F_OK) == 0)
+			err = from_index(index, mf);
+		else if (snprintf(index, sizeof(index), "%s/" SINGLE_NAME, path) < (int)sizeof(index) &&
+			 access(index, F_OK) == 0)
+			err = add_path(mf, path, SINGLE_NAME);
+		else
+			err = from_dir(path, mf);
+	} else if (S_ISREG(st.st_mode) && looks_like_index(path)) {
+		err = from_index(path, mf);
+		/* A file of JSON that is no index, and is not named as one, is loaded as it is. */
+		if (err == AEG_EFORMAT && !named_index(path) && strstr(aeg_error_detail(), "not a shard index")) {
+			aeg_model_paths_free(mf);
+			aeg_error_clear();
+			err = add_file(mf, path);
+		}
+	} else {
+		err = add_file(mf, path);
+	}
+	if (err)
+		aeg_model_paths_free(mf);
+	return err;
+}

@@ -1,0 +1,87 @@
+/* The session's and its models' insides, shared by session.c and model.c (never installed). */
+#ifndef AEGAEON_SESSION_INTERNAL_H
+#define AEGAEON_SESSION_INTERNAL_H
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#include <aegaeon/session.h>
+
+#include "safetensors.h"
+
+/* A LOCAL session's engine on one GPU, made at its first use and kept. */
+struct sess_gpu {
+	aeg_slab_t *slab;
+	aeg_pool_t *pool;
+	aeg_prefetch_t *pf;
+};
+
+/* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
+struct owned_block {
+	uint64_t id, load;
+};
+
+struct idset {
+	struct owned_block *b;
+	size_t n, cap;
+};
+
+struct aeg_model {
+	aeg_session_t *s;
+	struct aeg_model *prev, *next;  /* the session's open models */
+	uint64_t id;
+	int gpu;
+	int slab;                       /* JOB: the job slab's index */
+	int owned;
+	int settled;                    /* JOB: the agent said every chunk is there */
+	char path[PATH_MAX];
+	aeg_load_t *load;               /* LOCAL */
+	struct aeg_job_load *jl;        /* JOB */
+	struct aeg_chunk *chunks;       /* JOB: jl's chunks as engine chunks */
+	uint32_t nchunks;
+	struct aeg_tensor *tensors;     /* JOB: from hdr */
+	uint32_t ntensors;
+	struct aeg_st_header hdr;
+	struct aeg_model **parts;       /* a model of several files: one model each */
+	uint32_t nparts;
+};
+
+struct aeg_session {
+	enum aeg_session_mode mode;
+	struct aeg_config cfg;
+	char slab_spec[64];
+	uint64_t slab_exact;            /* aeg_session_config's slab_bytes */
+	struct aeg_prefetch_config engine;
+	uint64_t pool_bytes, pool_buffer_bytes;
+	aeg_device_t *dev;
+	aeg_job_t *job;
+	int ngpus;
+	const aeg_topo_t *topo;
+	int topo_tried;
+	pthread_mutex_t lock;           /* guards gpus' set-up, the model list and owned */
+	struct sess_gpu *gpus;
+	struct aeg_model *models;
+	struct idset owned[AEG_JOB_MAX_GPUS];
+};
+
+/*
+ * Model records (model.c). A model of several files (a directory or shard
+ * index) holds one part per file, each a model of its own; its chunks and
+ * tensors are the parts' in file order.
+ */
+struct aeg_model *model_new(aeg_session_t *s, const char *path, int gpu, int owned);
+void model_link(struct aeg_model *m);           /* on the session's list; its lock held */
+void model_unlink(struct aeg_model *m);         /* its lock held */
+void model_free(struct aeg_model *m);
+/* A model of @nparts loaded or found files (taken over, freed on error); not linked. */
+int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, uint32_t nparts,
+		  struct aeg_model **out);
+
+/* model_release_chunks - free a one-file model's chunks (a JOB load is waited for first); the record stays. */
+int model_release_chunks(struct aeg_model *m);
+
+/* Blocks of a JOB session's own loads (session.c); its lock held. */
+void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n);
+
+#endif
