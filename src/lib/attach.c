@@ -20,6 +20,7 @@
 #include "attach_internal.h"
 #include "device_internal.h"
 #include "internal.h"
+#include "pinned_internal.h"
 #include "proto.h"
 
 #define REPLY_TIMEOUT_MS 120000         /* an agent that says nothing this long is stuck */
@@ -208,7 +209,8 @@ static int map_memory(aeg_job_t *job)
 		return err;
 	if (fd < 0)
 		return aeg_fail(AEG_EPROTO, "the agent's pool reply carried no descriptor");
-	err = aeg_pool_attach(job->dev, fd, &job->pool);
+	/* The agent's word on the geometry, not the header's: any step can write that. */
+	err = aeg_pool_attach_known(job->dev, fd, job->hello.pool_buffer, job->hello.pool_bytes, &job->pool);
 	close(fd);
 	if (err)
 		aeg_error_prefix("mapping the job's pinned pool");

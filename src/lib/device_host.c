@@ -5,14 +5,12 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "device_internal.h"
@@ -672,17 +670,11 @@ static int host_host_unregister(aeg_device_t *dev, void *ptr)
 
 /* ---------------------------------------------------------------- events */
 
-static long futex(_Atomic uint32_t *word, int op, uint32_t val, const struct timespec *timeout)
-{
-	/* Not FUTEX_PRIVATE_FLAG: the word lives in a page other processes map. */
-	return syscall(SYS_futex, (uint32_t *)word, op, val, timeout, NULL, 0);
-}
-
 static void page_wake(struct host_event_page *pg)
 {
 	atomic_fetch_add(&pg->word, 1);
 	if (atomic_load(&pg->waiters) != 0)
-		futex(&pg->word, FUTEX_WAKE, INT_MAX, NULL);
+		aeg_futex_wake((uint32_t *)&pg->word);
 }
 
 static void page_complete(struct host_event_page *pg, uint64_t seq)
@@ -713,7 +705,6 @@ static int page_wait(struct host_event *ev, uint64_t target, int timeout_ms, int
 	for (;;) {
 		uint32_t gen = atomic_load(&pg->word);
 		int32_t failure = atomic_load(&pg->failure);
-		struct timespec ts, *tsp = NULL;
 		uint64_t now, until = 0;
 
 		if (failures && failure != 0) {
@@ -747,12 +738,7 @@ static int page_wait(struct host_event *ev, uint64_t target, int timeout_ms, int
 			if (until == 0 || next_check < until)
 				until = next_check;
 		}
-		if (until != 0) {
-			ts.tv_sec = (time_t)((until - now) / 1000000000ull);
-			ts.tv_nsec = (long)((until - now) % 1000000000ull);
-			tsp = &ts;
-		}
-		futex(&pg->word, FUTEX_WAIT, gen, tsp);
+		aeg_futex_wait((uint32_t *)&pg->word, gen, until != 0 ? until - now : 0);
 	}
 	atomic_fetch_sub(&pg->waiters, 1);
 	if (err == AEG_ETIMEDOUT)

@@ -2,8 +2,12 @@
 #ifndef AEGAEON_INTERNAL_H
 #define AEGAEON_INTERNAL_H
 
+#include <limits.h>
+#include <linux/futex.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <aegaeon/error.h>
 #include <aegaeon/log.h>
@@ -33,6 +37,24 @@ static inline uint64_t aeg_now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * aeg_futex_wait - sleep while *@word is @val, at most @timeout_ns (0: no
+ * limit), or until woken; returns early on a signal or a changed word.
+ * aeg_futex_wake - wake every sleeper on @word. Not FUTEX_PRIVATE_FLAG: the
+ * words live in pages other processes map.
+ */
+static inline void aeg_futex_wait(uint32_t *word, uint32_t val, uint64_t timeout_ns)
+{
+	struct timespec ts = { (time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull) };
+
+	syscall(SYS_futex, word, FUTEX_WAIT, val, timeout_ns ? &ts : NULL, NULL, 0);
+}
+
+static inline void aeg_futex_wake(uint32_t *word)
+{
+	syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
 static inline uint64_t aeg_round_up(uint64_t v, uint64_t align)

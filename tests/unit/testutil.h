@@ -14,6 +14,8 @@
 #include <valgrind/valgrind.h>
 #endif
 
+#include <aegaeon/device.h>
+
 /*
  * count_fds - descriptors open in this process (the listing's own one
  * included, the same in every call), for "nothing leaked" checks.
@@ -98,6 +100,30 @@ static inline void test_write_file(const char *path, const void *buf, uint64_t b
 		perror(path);
 		abort();
 	}
+}
+
+/*
+ * host_device_setup / host_device_teardown - a cmocka fixture: the host
+ * backend opened in *@state, with the default GPU count, no PCI bus ids and
+ * no page size forced on pools.
+ */
+static inline int host_device_setup(void **state)
+{
+	aeg_device_t *dev = NULL;
+
+	unsetenv("AEGAEON_HOST_GPUS");
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
+		return -1;
+	*state = dev;
+	return 0;
+}
+
+static inline int host_device_teardown(void **state)
+{
+	aeg_device_close(*state);
+	return 0;
 }
 
 #endif
