@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "internal.h"
 #include "safetensors.h"
 
 #include <errno.h>
@@ -510,6 +511,7 @@ void pyaeg_res_free(struct pyaeg_res *res)
 static int choose_kind_locked(enum aeg_device_kind *kind)
 {
 	const char *env = getenv("AEGAEON_DEVICE");
+	char q[72];
 	int err;
 
 	if (rt.kind_set) {
@@ -519,7 +521,8 @@ static int choose_kind_locked(enum aeg_device_kind *kind)
 	if (env != NULL && env[0] != '\0') {
 		err = aeg_device_kind_parse(env, kind);
 		if (err < 0)
-			pyaeg_raise_msg(err, "AEGAEON_DEVICE=\"%s\": expected \"cuda\" or \"host\"", env);
+			pyaeg_raise_msg(err, "AEGAEON_DEVICE=\"%s\": expected \"cuda\" or \"host\"",
+					aeg_quote(env, q, sizeof(q)));
 		return err;
 	}
 	*kind = rt.cfg.device;
@@ -1275,6 +1278,7 @@ static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
 static int prefetch_slab_bytes_locked(int gpu, uint64_t *bytes, char *from, size_t from_len)
 {
 	const char *env = getenv("AEGAEON_PREFETCH_SLAB");
+	char q[72];
 	struct aeg_size_spec spec;
 	struct aeg_gpu_info info;
 	int err;
@@ -1283,7 +1287,7 @@ static int prefetch_slab_bytes_locked(int gpu, uint64_t *bytes, char *from, size
 		snprintf(from, from_len, "configure(prefetch_slab=\"%s\")", rt.prefetch_slab);
 		err = aeg_size_spec_parse(rt.prefetch_slab, &spec);
 	} else if (env != NULL && env[0] != '\0') {
-		snprintf(from, from_len, "AEGAEON_PREFETCH_SLAB=\"%s\"", env);
+		snprintf(from, from_len, "AEGAEON_PREFETCH_SLAB=\"%s\"", aeg_quote(env, q, sizeof(q)));
 		err = aeg_size_spec_parse(env, &spec);
 	} else {
 		snprintf(from, from_len, "slab_default of aegaeon.conf");

@@ -59,7 +59,8 @@ void aeg_config_defaults(struct aeg_config *cfg);
  * An empty $AEGAEON_CONFIG counts as unset. Unknown keys, wrong types, bad
  * values and syntax errors are AEG_ECONFIG with a detail
  * "FILE:LINE: key 'NAME': what is wrong"; an unreadable file is AEG_EACCES
- * or AEG_EIO. On error @cfg is left unchanged. Keys, types and limits: see
+ * or AEG_EIO; a path that is not a regular file (a FIFO or device; /dev/null
+ * reads as empty) or a file over 1 MiB is AEG_ECONFIG. On error @cfg is left unchanged. Keys, types and limits: see
  * aegaeon.conf(5). Thread-safe (no global state).
  */
 int aeg_config_load(struct aeg_config *cfg, const char *path);

@@ -197,7 +197,7 @@ int main(int argc, char **argv)
 		rc = usage_error(dir, "%s", aeg_error_detail());
 		goto out;
 	}
-	if (getenv("AEGAEON_LOG") == NULL)
+	if (!aeg_log_level_from_env())
 		aeg_log_set_level(cfg.log_level);
 	if (!foreground)
 		aeg_log_to_syslog("aegaeond");

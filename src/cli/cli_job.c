@@ -23,6 +23,8 @@
 #define VERIFY_PIECE (16u << 20)
 /* A load's status settles just after its last event; longer means the agent is stuck. */
 #define SETTLE_NS (30ull * 1000000000ull)
+/* The job's prefetch lock is held for a look-up and a request: milliseconds. */
+#define JOB_LOCK_WAIT_MS 5000
 
 int cli_in_job(void)
 {
@@ -383,24 +385,49 @@ static int dump_json(json_t *o)
 /*
  * Steps of a job that prefetch the same file at the same moment (every rank
  * of an MPI job, say) must not each load it: the look-up and the request go
- * under a lock in the job's per-node directory. -1 when there is none.
+ * under a lock in the job's per-node directory. -1 when there is none, with
+ * a warning when $AEGAEON_JOB_DIR names no usable directory, or when another
+ * process held the lock for JOB_LOCK_WAIT_MS (a stopped aegaeon-cli holds it
+ * for as long as it is stopped): the prefetch then goes on without it, and
+ * at worst loads the file twice.
  */
 static int lock_job_dir(void)
 {
 	const char *dir = getenv("AEGAEON_JOB_DIR");
-	char path[PATH_MAX];
+	char path[PATH_MAX], q[128];
+	uint64_t deadline;
 	int fd;
 
-	if (dir == NULL || *dir != '/' || snprintf(path, sizeof(path), "%s/prefetch.lock", dir) >= (int)sizeof(path))
+	if (dir == NULL || *dir == '\0')
 		return -1;
+	if (*dir != '/' || snprintf(path, sizeof(path), "%s/prefetch.lock", dir) >= (int)sizeof(path)) {
+		fprintf(stderr, "aegaeon-cli: warning: AEGAEON_JOB_DIR='%s' is not an absolute path of a directory; "
+			"prefetching without the job's lock\n", aeg_quote(dir, q, sizeof(q)));
+		return -1;
+	}
 	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0)
+	if (fd < 0) {
+		fprintf(stderr, "aegaeon-cli: warning: %s: %s; prefetching without the job's lock\n",
+			aeg_quote(path, q, sizeof(q)), strerror(errno));
 		return -1;
-	while (flock(fd, LOCK_EX) < 0) {
-		if (errno != EINTR) {
-			close(fd);
-			return -1;
+	}
+	deadline = aeg_now_ns() + JOB_LOCK_WAIT_MS * 1000000ull;
+	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		if (errno == EINTR)
+			continue;
+		if (errno != EWOULDBLOCK)
+			fprintf(stderr, "aegaeon-cli: warning: %s: %s; prefetching without the job's lock\n",
+				aeg_quote(path, q, sizeof(q)), strerror(errno));
+		else if (aeg_now_ns() >= deadline)
+			fprintf(stderr, "aegaeon-cli: warning: %s: held by another process for %d s; "
+				"prefetching without the job's lock\n", aeg_quote(path, q, sizeof(q)),
+				JOB_LOCK_WAIT_MS / 1000);
+		else {
+			usleep(10000);
+			continue;
 		}
+		close(fd);
+		return -1;
 	}
 	return fd;
 }

@@ -43,7 +43,7 @@ struct aeg_job {
 	struct job_lease *leases;
 	unsigned char *frame;
 	union proto_msg *msg;
-	char socket[AEG_JOB_SOCKET_MAX];
+	char socket[AEG_JOB_SOCKET_MAX + 4];    /* for messages: aeg_quote of the path, whole */
 };
 
 /*
@@ -122,11 +122,19 @@ static int local_gpu(aeg_device_t *dev, const struct proto_slab *s)
 static int check_env(const aeg_job_t *job)
 {
 	const char *v = getenv("AEGAEON_SLABS");
-	char name[40];
+	char name[40], q[64], *end;
+	unsigned long n;
 
-	if (v && (strtoul(v, NULL, 10) != job->hello.nslabs))
-		return aeg_fail(AEG_EPROTO, "AEGAEON_SLABS=%s but the agent at %s has %u slabs",
-				v, job->socket, job->hello.nslabs);
+	if (v) {
+		errno = 0;
+		n = strtoul(v, &end, 10);
+		if (v[0] < '0' || v[0] > '9' || *end != '\0' || errno != 0)
+			return aeg_fail(AEG_EINVAL, "AEGAEON_SLABS='%s' is not a number of slabs",
+					aeg_quote(v, q, sizeof(q)));
+		if (n != job->hello.nslabs)
+			return aeg_fail(AEG_EPROTO, "AEGAEON_SLABS=%lu but the agent at %s has %u slabs",
+					n, job->socket, job->hello.nslabs);
+	}
 	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
 		aeg_handle_t h;
 
@@ -144,14 +152,20 @@ static int check_env(const aeg_job_t *job)
 static int connect_agent(aeg_job_t *job, const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char q[160];
 
 	if (path == NULL || *path == '\0')
 		return aeg_fail(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set; "
 				"run under srun/sbatch with --aegaeon-slab or --aegaeon-pinned)");
+	/* The plugin sets an absolute path; anything else would name a socket under the working directory. */
+	if (path[0] != '/')
+		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET='%s' is not an absolute path (the job's agent.sock)",
+				aeg_quote(path, q, sizeof(q)));
 	if (strlen(path) >= sizeof(sa.sun_path))
-		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET=%s is longer than %zu bytes", path,
-				sizeof(sa.sun_path) - 1);
-	snprintf(job->socket, sizeof(job->socket), "%s", path);
+		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET='%s' is longer than %zu bytes",
+				aeg_quote(path, q, sizeof(q)), sizeof(sa.sun_path) - 1);
+	/* Kept for messages only: as it may be shown. */
+	aeg_quote(path, job->socket, sizeof(job->socket));
 	memcpy(sa.sun_path, path, strlen(path) + 1);
 	job->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (job->fd < 0)
@@ -159,7 +173,7 @@ static int connect_agent(aeg_job_t *job, const char *path)
 	if (connect(job->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		int e = errno;
 		return aeg_fail(e == EACCES || e == EPERM ? AEG_EACCES : AEG_EIO,
-				"connecting to the job's agent at %s: %s%s", path, strerror(e),
+				"connecting to the job's agent at %s: %s%s", job->socket, strerror(e),
 				e == ECONNREFUSED || e == ENOENT ? " (the agent is not running)" : "");
 	}
 	return 0;

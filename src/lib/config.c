@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <libconfig.h>
 #include <math.h>
 #include <stdarg.h>
@@ -11,6 +12,8 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
 
 #include <aegaeon/config.h>
 
@@ -19,9 +22,12 @@
 #define PAGE_BYTES 4096u
 #define MAX_TIMEOUT_S 86400.0
 #define MAX_PREFETCH_THREADS 256
+#define MAX_CONFIG_BYTES (1 << 20)
 
 AEG_EXPORT int aeg_device_kind_parse(const char *text, enum aeg_device_kind *kind)
 {
+	char q[72];
+
 	if (text == NULL || kind == NULL)
 		return aeg_fail(AEG_EINVAL, "device kind missing");
 	if (strcasecmp(text, "cuda") == 0)
@@ -29,7 +35,7 @@ AEG_EXPORT int aeg_device_kind_parse(const char *text, enum aeg_device_kind *kin
 	else if (strcasecmp(text, "host") == 0)
 		*kind = AEG_DEVICE_HOST;
 	else
-		return aeg_fail(AEG_EINVAL, "device '%.64s' is not one of cuda, host", text);
+		return aeg_fail(AEG_EINVAL, "device '%s' is not one of cuda, host", aeg_quote(text, q, sizeof(q)));
 	return 0;
 }
 
@@ -185,6 +191,7 @@ static int set_size(const struct load *ld, const config_setting_t *s, int allow_
 		    struct aeg_size_spec *spec)
 {
 	const char *str = NULL;
+	char q[72];
 	int rc;
 
 	rc = string_of(ld, s, allow_percent ? "\"90%\" or \"40GiB\"" : "\"64MiB\"", &str);
@@ -194,7 +201,8 @@ static int set_size(const struct load *ld, const config_setting_t *s, int allow_
 	if (rc < 0)
 		return bad(ld, s, "%s", aeg_error_detail());
 	if (spec->is_percent && !allow_percent)
-		return bad(ld, s, "'%.64s' is a percentage; this key needs a size in bytes (e.g. \"64MiB\")", str);
+		return bad(ld, s, "'%s' is a percentage; this key needs a size in bytes (e.g. \"64MiB\")",
+			   aeg_quote(str, q, sizeof(q)));
 	return 0;
 }
 
@@ -226,6 +234,7 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 {
 	void *field = (char *)cfg + k->off;
 	const char *str = NULL;
+	char q[264];
 	long long n;
 	int rc;
 
@@ -233,7 +242,7 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 	case K_DEVICE:
 		rc = string_of(ld, s, "\"cuda\"", &str);
 		if (rc == 0 && aeg_device_kind_parse(str, field) < 0)
-			rc = bad(ld, s, "'%.64s' is not one of \"cuda\", \"host\"", str);
+			rc = bad(ld, s, "'%s' is not one of \"cuda\", \"host\"", aeg_quote(str, q, sizeof(q)));
 		return rc;
 	case K_BOOL:
 		if (config_setting_type(s) != CONFIG_TYPE_BOOL)
@@ -265,7 +274,7 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 		if (rc < 0)
 			return rc;
 		if (str[0] != '/')
-			return bad(ld, s, "'%.256s' is not an absolute path", str);
+			return bad(ld, s, "'%s' is not an absolute path", aeg_quote(str, q, sizeof(q)));
 		if (strlen(str) >= PATH_MAX)
 			return bad(ld, s, "path is longer than %d bytes", PATH_MAX - 1);
 		memcpy(field, str, strlen(str) + 1);
@@ -273,7 +282,8 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 	case K_LOG_LEVEL:
 		rc = string_of(ld, s, "\"info\"", &str);
 		if (rc == 0 && aeg_log_parse_level(str, field) < 0)
-			rc = bad(ld, s, "'%.64s' is not one of \"debug\", \"info\", \"warn\", \"error\"", str);
+			rc = bad(ld, s, "'%s' is not one of \"debug\", \"info\", \"warn\", \"error\"",
+				 aeg_quote(str, q, sizeof(q)));
 		return rc;
 	}
 	return bad(ld, s, "internal error: no parser for this key");
@@ -466,12 +476,58 @@ out:
 	return rc;
 }
 
+/* /dev/null reads as an empty file: "no configuration" (tests use it). */
+static int is_dev_null(const struct stat *st)
+{
+	return S_ISCHR(st->st_mode) && major(st->st_rdev) == 1 && minor(st->st_rdev) == 3;
+}
+
+/*
+ * Open the file to parse: 1 and *@fp, 0 when the default file is missing
+ * (defaults stand), or an error. Only a regular file of at most
+ * MAX_CONFIG_BYTES (or /dev/null): a FIFO or a terminal would block the
+ * reader for ever, a device could feed it without end. Opened without
+ * blocking, so a FIFO is found before anything waits on it.
+ */
+static int open_config(const char *path, const char *named_by, int is_default, FILE **fp)
+{
+	struct stat st;
+	int fd, err;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0) {
+		err = errno;
+		if (err == ENOENT && is_default) {
+			aeg_debug("no %s, using the built-in defaults", path);
+			return 0;
+		}
+		return aeg_fail(err == ENOENT ? AEG_ENOENT : err == EACCES ? AEG_EACCES : AEG_EIO,
+				"configuration file %s%s: %s", path, named_by, strerror(err));
+	}
+	if (fstat(fd, &st) < 0)
+		err = aeg_fail(AEG_EIO, "configuration file %s%s: %s", path, named_by, strerror(errno));
+	else if (S_ISDIR(st.st_mode))
+		err = aeg_fail(AEG_ECONFIG, "configuration file %s%s is a directory", path, named_by);
+	else if (!S_ISREG(st.st_mode) && !is_dev_null(&st))
+		err = aeg_fail(AEG_ECONFIG, "configuration file %s%s is not a regular file (a %s)", path, named_by,
+			       S_ISFIFO(st.st_mode) ? "FIFO" : S_ISSOCK(st.st_mode) ? "socket" :
+			       S_ISCHR(st.st_mode) ? "character device" : "block device");
+	else if (st.st_size > MAX_CONFIG_BYTES)
+		err = aeg_fail(AEG_ECONFIG, "configuration file %s%s is %lld bytes; at most %d", path, named_by,
+			       (long long)st.st_size, MAX_CONFIG_BYTES);
+	else if ((*fp = fdopen(fd, "r")) == NULL)
+		err = aeg_fail(AEG_ENOMEM, "configuration file %s%s: %s", path, named_by, strerror(errno));
+	else
+		return 1;
+	close(fd);
+	return err;
+}
+
 AEG_EXPORT int aeg_config_load(struct aeg_config *cfg, const char *path)
 {
 	struct aeg_config tmp;
 	const char *named_by = "";
 	int is_default = 0;
-	struct stat st;
 	FILE *fp;
 	int rc;
 
@@ -490,28 +546,17 @@ AEG_EXPORT int aeg_config_load(struct aeg_config *cfg, const char *path)
 		return aeg_fail(AEG_EINVAL, "configuration file name is empty");
 
 	aeg_config_defaults(&tmp);
-	fp = fopen(path, "re");
-	if (fp == NULL) {
-		int err = errno;
-
-		if (err == ENOENT && is_default) {
-			aeg_debug("no %s, using the built-in defaults", path);
+	rc = open_config(path, named_by, is_default, &fp);
+	if (rc <= 0) {
+		if (rc == 0)
 			*cfg = tmp;
-			return 0;
-		}
-		return aeg_fail(err == ENOENT ? AEG_ENOENT : err == EACCES ? AEG_EACCES : AEG_EIO,
-				"configuration file %s%s: %s", path, named_by, strerror(err));
-	}
-	if (fstat(fileno(fp), &st) == 0 && S_ISDIR(st.st_mode)) {
-		rc = aeg_fail(AEG_ECONFIG, "configuration file %s%s is a directory", path, named_by);
-		goto out;
+		return rc;
 	}
 	rc = parse_file(path, fp, &tmp);
 	if (rc == 0) {
 		*cfg = tmp;
 		aeg_debug("configuration read from %s", path);
 	}
-out:
 	fclose(fp);
 	return rc;
 }

@@ -140,7 +140,7 @@ static struct host_impl *impl_of(aeg_device_t *dev)
 static int parse_gpu_count(int *count)
 {
 	const char *text = getenv("AEGAEON_HOST_GPUS");
-	char *end;
+	char *end, q[64];
 	long n;
 
 	*count = 1;
@@ -150,7 +150,7 @@ static int parse_gpu_count(int *count)
 	n = strtol(text, &end, 10);
 	if (errno != 0 || end == text || *end != '\0' || n < 1 || n > HOST_MAX_GPUS)
 		return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_GPUS=\"%s\": expected a whole number from 1 to %d",
-				text, HOST_MAX_GPUS);
+				aeg_quote(text, q, sizeof(q)), HOST_MAX_GPUS);
 	*count = (int)n;
 	return 0;
 }
@@ -185,6 +185,7 @@ static int parse_pci(const char *text, size_t len, char out[16])
 static int parse_pci_ids(struct host_impl *h, int count)
 {
 	const char *text = getenv("AEGAEON_HOST_PCI_BUS_IDS");
+	char q[128], id[40];
 	const char *p;
 	int n = 0;
 
@@ -196,10 +197,12 @@ static int parse_pci_ids(struct host_impl *h, int count)
 
 		if (n == count)
 			return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS=\"%s\": more ids than the %d GPU%s of AEGAEON_HOST_GPUS",
-					text, count, count == 1 ? "" : "s");
-		if (parse_pci(p, len, h->pci[n]) < 0)
-			return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS: \"%.*s\" is not a PCI bus id (like 0000:3b:00.0)",
-					(int)len, p);
+					aeg_quote(text, q, sizeof(q)), count, count == 1 ? "" : "s");
+		if (parse_pci(p, len, h->pci[n]) < 0) {
+			snprintf(id, sizeof(id), "%.*s", (int)(len < sizeof(id) ? len : sizeof(id) - 1), p);
+			return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS: \"%s\" is not a PCI bus id (like 0000:3b:00.0)",
+					aeg_quote(id, id, sizeof(id)));
+		}
 		for (int i = 0; i < n; i++)
 			if (strcmp(h->pci[i], h->pci[n]) == 0)
 				return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS: %s given twice", h->pci[n]);
@@ -210,7 +213,7 @@ static int parse_pci_ids(struct host_impl *h, int count)
 	}
 	if (n != count)
 		return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS=\"%s\": %d id%s for %d GPU%s (AEGAEON_HOST_GPUS): give one per GPU",
-				text, n, n == 1 ? "" : "s", count, count == 1 ? "" : "s");
+				aeg_quote(text, q, sizeof(q)), n, n == 1 ? "" : "s", count, count == 1 ? "" : "s");
 	return 0;
 }
 

@@ -4,6 +4,7 @@
 
 #include <limits.h>
 #include <linux/futex.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -24,8 +25,21 @@ int aeg_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3))
 /* aeg_fail_keep - return @err, keeping the detail a callee already set. */
 static inline int aeg_fail_keep(int err) { return err; }
 
+/*
+ * aeg_quote - @text as it may go into a message shown on a terminal or in a
+ * log: control and non-ASCII bytes as '?', cut with "..." to fit @len bytes
+ * (at least 5). Returns @buf. Text from the environment, options and files.
+ */
+const char *aeg_quote(const char *text, char *buf, size_t len);
+
 /* Prefix this thread's detail with more context: "opening X: <old detail>". */
 void aeg_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/*
+ * aeg_log_level_from_env - 1 when $AEGAEON_LOG set the level (a valid
+ * value), so a program's own default (aegaeond's log_level) gives way to it.
+ */
+int aeg_log_level_from_env(void);
 
 #define aeg_debug(...) aeg_log(AEG_LOG_DEBUG, __VA_ARGS__)
 #define aeg_info(...)  aeg_log(AEG_LOG_INFO, __VA_ARGS__)

@@ -153,6 +153,7 @@ enum huge_mode { HUGE_AUTO, HUGE_NEVER, HUGE_ALWAYS };
 static int huge_mode(enum huge_mode *mode)
 {
 	const char *v = getenv("AEGAEON_PINNED_HUGEPAGES");
+	char q[64];
 
 	if (v == NULL || *v == '\0' || strcmp(v, "auto") == 0)
 		*mode = HUGE_AUTO;
@@ -161,7 +162,8 @@ static int huge_mode(enum huge_mode *mode)
 	else if (strcmp(v, "always") == 0)
 		*mode = HUGE_ALWAYS;
 	else
-		return aeg_fail(AEG_EINVAL, "pinned pool: AEGAEON_PINNED_HUGEPAGES='%s' is not auto, never or always", v);
+		return aeg_fail(AEG_EINVAL, "pinned pool: AEGAEON_PINNED_HUGEPAGES='%s' is not auto, never or always",
+				aeg_quote(v, q, sizeof(q)));
 	return 0;
 }
 
