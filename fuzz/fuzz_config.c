@@ -95,6 +95,7 @@ static void check_config(const struct aeg_config *c)
 		   "prefetch_chunk %llu", (unsigned long long)c->prefetch_chunk_bytes);
 	FUZZ_CHECK(c->prefetch_threads >= 1 && c->prefetch_threads <= 256, "prefetch_threads %d",
 		   c->prefetch_threads);
+	FUZZ_CHECK(c->max_loads >= 1 && c->max_loads <= 1048576, "max_loads %d", c->max_loads);
 	FUZZ_CHECK(c->agent_start_timeout_ms >= 1 && c->agent_start_timeout_ms <= 86400000 &&
 		   c->agent_stop_timeout_ms >= 1 && c->agent_stop_timeout_ms <= 86400000,
 		   "timeouts %d, %d ms", c->agent_start_timeout_ms, c->agent_stop_timeout_ms);

@@ -47,6 +47,7 @@ struct aeg_config {
 	enum aeg_log_level log_level;       /* log_level ["info"] */
 	struct aeg_size_spec model_cache;   /* model_cache ["0"]: the agent's host model cache, a size or a
 					       percentage of the job's pinned pool; 0 for none */
+	int max_loads;                      /* max_loads [4096]: loads a job's agent keeps at once, 1..1048576 */
 };
 
 /* aeg_config_defaults - fill @cfg with the built-in defaults. */

@@ -18,7 +18,6 @@
 
 #include "cli.h"
 #include "internal.h"
-#include "proto.h"
 
 #define VERIFY_PIECE (16u << 20)
 /* A load's status settles just after its last event; longer means the agent is stuck. */
@@ -625,19 +624,8 @@ out:
 
 /* -------------------------------------------------------------- release */
 
-static int cmp_u64(const void *x, const void *y)
-{
-	uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
-
-	return a < b ? -1 : a > b;
-}
-
 int cli_job_release(const struct cli_job_release *r)
 {
-	struct aeg_job_load *l = NULL;
-	uint64_t *ids = NULL;
-	const uint64_t *use = r->ids;
-	size_t n = r->count;
 	uint32_t released = 0;
 	aeg_job_t *job;
 	int index = 0, rc, err;
@@ -655,60 +643,26 @@ int cli_job_release(const struct cli_job_release *r)
 		goto out;
 	}
 	if (r->load_id) {
-		err = aeg_job_chunks(job, r->load_id, NULL, 0, &l);
+		/* The agent frees its blocks and forgets it, even a load with no chunk. */
+		err = aeg_job_release_load(job, r->load_id, &released);
 		if (err) {
 			rc = cli_fail(err, "release --load");
 			goto out;
 		}
-		if (l->status == AEG_EBUSY) {
-			fprintf(stderr, "aegaeon-cli: release: load %" PRIu64 " is still loading: wait for it "
-				"(aegaeon-cli wait %" PRIu64 "), or stop and release everything with --all\n",
-				r->load_id, r->load_id);
-			rc = 1;
-			goto out;
-		}
-		/* A tensor larger than a chunk is one block cut into several chunks. */
-		ids = calloc(l->count ? l->count : 1, sizeof(*ids));
-		if (ids == NULL) {
-			rc = cli_fail(AEG_ENOMEM, "release");
-			goto out;
-		}
-		for (uint32_t i = 0; i < l->count; i++)
-			ids[i] = l->chunks[i].slab_id;
-		qsort(ids, l->count, sizeof(*ids), cmp_u64);
-		n = 0;
-		for (uint32_t i = 0; i < l->count; i++)
-			if (n == 0 || ids[n - 1] != ids[i])
-				ids[n++] = ids[i];
-		use = ids;
-		index = l->slab;
-	} else {
-		rc = slab_index(job, r->gpu, &index);
-		if (rc)
-			goto out;
-	}
-	/* The agent takes PROTO_RELEASE_MAX ids a request: a larger load goes in parts. */
-	for (size_t done = 0; done < n;) {
-		size_t part = n - done < PROTO_RELEASE_MAX || !r->load_id ? n - done : PROTO_RELEASE_MAX;
-		uint32_t got = 0;
-
-		err = aeg_job_release(job, index, use + done, part, &got);
-		if (err) {
-			rc = cli_fail(err, "release");
-			if (released)
-				fprintf(stderr, "aegaeon-cli: release: %u blocks were released before that\n", released);
-			goto out;
-		}
-		released += got;
-		done += part;
-	}
-	if (r->load_id)
 		printf("released load %" PRIu64 ": %u block%s\n", r->load_id, released, released == 1 ? "" : "s");
-	else
-		printf("released %u block%s from slab %d\n", released, released == 1 ? "" : "s", index);
+		goto out;
+	}
+	rc = slab_index(job, r->gpu, &index);
+	if (rc)
+		goto out;
+	/* One request: every id is checked before any is freed. */
+	err = aeg_job_release(job, index, r->ids, r->count, &released);
+	if (err) {
+		rc = cli_fail(err, "release");
+		goto out;
+	}
+	printf("released %u block%s from slab %d\n", released, released == 1 ? "" : "s", index);
 out:
-	free(ids);
-	aeg_job_load_free(l);
 	aeg_job_detach(job);
 	return rc;
 }

@@ -19,16 +19,14 @@
 #include <aegaeon/job.h>
 #include <aegaeon/prefetch.h>
 
-#include "agent.h"
+#include "agent_internal.h"
 #include "device_internal.h"
 #include "internal.h"
 #include "pinned_internal.h"
 #include "proto.h"
 #include "topo_internal.h"
 
-#define PREFETCH_MAX_CHUNKS (1u << 20)  /* per load: bounds the tables a client can make us build */
 #define WAIT_SLICE_MS 200               /* a chunk wait looks for a stop or a gone client this often */
-#define GONE_MAX 64                     /* disconnected client processes watched for their exit */
 #define GONE_CHECK_MS 50                /* how often they are looked at */
 #define GONE_WATCH_MS 10000             /* a process still alive this long after its last connection keeps its buffers */
 
@@ -51,56 +49,6 @@ struct client {
 	struct lease *leases;
 	unsigned char *frame;
 	union proto_msg *in, *out;
-};
-
-/* A load the agent keeps, so later steps find its chunks by id or by path. */
-struct load {
-	struct load *next;
-	uint64_t id;                    /* the agent's: unique across slabs */
-	uint32_t slab;
-	aeg_load_t *handle;
-	char path[PATH_MAX];
-	struct stat st;                 /* identity of the file when it was loaded */
-	uint32_t nchunks, nreleased;
-	unsigned char *released;        /* per chunk */
-};
-
-struct agent_slab {
-	int gpu;
-	char pci_bus_id[AEG_PCI_BUS_ID_LEN];
-	aeg_slab_t *slab;
-	aeg_prefetch_t *pf;
-	aeg_handle_t handle;
-	uint32_t leases;
-	uint64_t lease_bytes;
-};
-
-struct agent {
-	const struct aeg_agent_config *cfg;
-	aeg_device_t *dev;
-	const aeg_topo_t *topo;         /* the process' cached one: shared with the pool */
-	struct agent_slab slabs[AEG_JOB_MAX_GPUS];
-	int nslabs;
-	aeg_pool_t *pool;
-	char sock_path[AEG_JOB_SOCKET_MAX];
-	char pid_path[PATH_MAX], ready_path[PATH_MAX], error_path[PATH_MAX];
-	int listen_fd, wake_fd;
-	pthread_mutex_t lock;           /* guards everything below, leases and loads */
-	struct client *clients;
-	int nclients;
-	struct load *loads;
-	uint32_t nloads;
-	uint64_t next_load_id;
-	int stopping;
-	/*
-	 * Processes whose connection closed: once one has exited, the pool
-	 * buffers it held are put back (a killed step cannot release them).
-	 */
-	struct gone {
-		pid_t pid;
-		uint64_t start, until_ns;
-	} gone[GONE_MAX];
-	int ngone;
 };
 
 static void wake(struct agent *a)
@@ -345,243 +293,6 @@ static int write_ready(struct agent *a)
 	return aeg_job_record_write(a->ready_path, &rec);
 }
 
-/* ---------------------------------------------------------------- loads */
-
-static struct load *find_load(struct agent *a, uint64_t id)
-{
-	for (struct load *l = a->loads; l; l = l->next)
-		if (l->id == id)
-			return l;
-	return NULL;
-}
-
-static void load_free(struct load *l, int close_handle)
-{
-	if (close_handle)
-		aeg_load_close(l->handle);
-	free(l->released);
-	free(l);
-}
-
-static void unlink_load(struct agent *a, struct load *dead)
-{
-	for (struct load **pp = &a->loads; *pp; pp = &(*pp)->next) {
-		if (*pp == dead) {
-			*pp = dead->next;
-			a->nloads--;
-			return;
-		}
-	}
-}
-
-/* Called with the lock held; the engine call returns at once (copies run on its threads). */
-static int start_load(struct agent *a, uint32_t slab, const char *path, uint64_t chunk_bytes,
-		      struct load **out)
-{
-	struct aeg_prefetch_options opts = { .chunk_bytes = chunk_bytes };
-	struct load *l;
-	uint32_t n;
-	int err;
-
-	if (slab >= (uint32_t)a->nslabs)
-		return aeg_fail(AEG_ENODEV, "slab %u: the job has %d slab%s", slab, a->nslabs,
-				a->nslabs == 1 ? "" : "s");
-	if (opts.chunk_bytes == 0)
-		opts.chunk_bytes = a->cfg->prefetch_chunk_bytes;
-	if (opts.chunk_bytes == 0)
-		return aeg_fail(AEG_EINVAL, "prefetch %s: chunk size 0", path);
-	l = calloc(1, sizeof(*l));
-	if (l == NULL)
-		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
-	/* The agent is the job user: the file opens with the job's rights, never root's. */
-	if (realpath(path, l->path) == NULL) {
-		err = aeg_fail(errno == ENOENT ? AEG_ENOENT : errno == EACCES ? AEG_EACCES : AEG_EINVAL,
-			       "prefetch %s: %s", path, strerror(errno));
-		goto fail;
-	}
-	if (stat(l->path, &l->st) < 0) {
-		err = aeg_fail(AEG_EACCES, "prefetch %s: %s", l->path, strerror(errno));
-		goto fail;
-	}
-	if ((uint64_t)l->st.st_size / opts.chunk_bytes >= PREFETCH_MAX_CHUNKS) {
-		err = aeg_fail(AEG_EINVAL, "prefetch %s: %jd bytes in chunks of %" PRIu64
-			       " make more than %u chunks; use larger chunks", l->path,
-			       (intmax_t)l->st.st_size, opts.chunk_bytes, PREFETCH_MAX_CHUNKS);
-		goto fail;
-	}
-	err = aeg_prefetch_file(a->slabs[slab].pf, l->path, &opts, &l->handle);
-	if (err)
-		goto fail;
-	aeg_load_chunks(l->handle, &n);
-	l->nchunks = n;
-	l->released = calloc(n ? n : 1, 1);
-	if (l->released == NULL) {
-		aeg_load_close(l->handle);
-		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
-		goto fail;
-	}
-	l->slab = slab;
-	l->id = ++a->next_load_id;
-	l->next = a->loads;
-	a->loads = l;
-	a->nloads++;
-	aeg_info("load %" PRIu64 ": %s into the slab of GPU %d, %u chunks", l->id, l->path,
-		 a->slabs[slab].gpu, n);
-	*out = l;
-	return 0;
-fail:
-	free(l);
-	return err;
-}
-
-/* The newest load of @path into @slab, if the file is still the one loaded. */
-static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, struct load **out)
-{
-	char real[PATH_MAX];
-	struct stat st;
-
-	if (realpath(path, real) == NULL || stat(real, &st) < 0)
-		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
-	for (struct load *l = a->loads; l; l = l->next) {
-		if (l->slab != slab || strcmp(l->path, real) != 0)
-			continue;
-		if (l->st.st_dev != st.st_dev || l->st.st_ino != st.st_ino || l->st.st_size != st.st_size ||
-		    l->st.st_mtim.tv_sec != st.st_mtim.tv_sec || l->st.st_mtim.tv_nsec != st.st_mtim.tv_nsec)
-			return aeg_fail(AEG_ESTALE, "%s changed since load %" PRIu64 " read it; prefetch it again",
-					real, l->id);
-		*out = l;
-		return 0;
-	}
-	return aeg_fail(AEG_ENOENT, "%s is not loaded into slab %u", real, slab);
-}
-
-/* One page of a load's live chunks. */
-static int chunks_page(struct agent *a, struct load *l, uint32_t first, struct proto_chunks_rep *rep)
-{
-	struct aeg_load_progress pr;
-	const struct aeg_chunk *c;
-	uint32_t n, live = 0;
-	int err;
-
-	err = aeg_load_progress(l->handle, &pr);
-	if (err)
-		return err;
-	c = aeg_load_chunks(l->handle, &n);
-	memset(rep, 0, offsetof(struct proto_chunks_rep, chunks));
-	rep->detail[0] = '\0';
-	rep->load_id = l->id;
-	rep->slab = l->slab;
-	rep->status = pr.status;
-	/* A settled load's wait returns at once, with its error's detail. */
-	if (pr.status != 0 && pr.status != AEG_EBUSY && aeg_load_wait(l->handle, 0) != 0)
-		snprintf(rep->detail, sizeof(rep->detail), "%s", aeg_error_detail());
-	rep->file_bytes = pr.total_bytes;
-	rep->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
-	rep->total = l->nchunks - l->nreleased;
-	if (first > rep->total)
-		return aeg_fail(AEG_EINVAL, "load %" PRIu64 " has %u chunks; page from %u asked",
-				l->id, rep->total, first);
-	rep->first = first;
-	for (uint32_t i = 0; i < n && i < l->nchunks && rep->count < PROTO_CHUNKS_PER_PAGE; i++) {
-		struct proto_chunk *pc;
-
-		if (l->released[i])
-			continue;
-		if (live++ < first)
-			continue;
-		pc = &rep->chunks[rep->count++];
-		pc->offset = c[i].slab_offset;
-		pc->size = c[i].size;
-		pc->file_offset = c[i].file_offset;
-		pc->slab_id = c[i].slab_id;
-		pc->event = c[i].event;
-	}
-	return 0;
-}
-
-static int cmp_u64(const void *x, const void *y)
-{
-	uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
-	return a < b ? -1 : a > b;
-}
-
-/* After the engine freed blocks @ids of @slab: forget their chunks, and loads left empty. */
-static void mark_released(struct agent *a, uint32_t slab, uint64_t *ids, uint32_t count)
-{
-	qsort(ids, count, sizeof(*ids), cmp_u64);
-	for (struct load *l = a->loads, *next; l; l = next) {
-		const struct aeg_chunk *c;
-		uint32_t n;
-
-		next = l->next;
-		if (l->slab != slab)
-			continue;
-		c = aeg_load_chunks(l->handle, &n);
-		for (uint32_t i = 0; i < n && i < l->nchunks; i++) {
-			if (!l->released[i] && bsearch(&c[i].slab_id, ids, count, sizeof(*ids), cmp_u64)) {
-				l->released[i] = 1;
-				l->nreleased++;
-			}
-		}
-		if (l->nreleased == l->nchunks) {
-			unlink_load(a, l);
-			load_free(l, 1);
-		}
-	}
-}
-
-static int release_ids(struct agent *a, const struct proto_release_req *q, uint32_t *released)
-{
-	uint64_t *ids;
-	int err = 0;
-
-	*released = 0;
-	for (uint32_t i = 0; i < q->count; i++)
-		if (q->ids[i].slab >= (uint32_t)a->nslabs)
-			return aeg_fail(AEG_ENODEV, "release: slab %u, the job has %d", q->ids[i].slab, a->nslabs);
-	ids = malloc(sizeof(*ids) * (q->count ? q->count : 1));
-	if (ids == NULL)
-		return aeg_fail(AEG_ENOMEM, "release: out of memory");
-	/* One engine call per slab; each checks all its ids before freeing any. */
-	for (int s = 0; s < a->nslabs && !err; s++) {
-		uint32_t n = 0;
-
-		for (uint32_t i = 0; i < q->count; i++)
-			if (q->ids[i].slab == (uint32_t)s)
-				ids[n++] = q->ids[i].slab_id;
-		if (n == 0)
-			continue;
-		err = aeg_prefetch_release(a->slabs[s].pf, ids, n);
-		if (!err) {
-			mark_released(a, (uint32_t)s, ids, n);
-			*released += n;
-		}
-	}
-	free(ids);
-	return err;
-}
-
-static int release_all(struct agent *a, uint32_t *released)
-{
-	int err = 0;
-
-	*released = 0;
-	for (int s = 0; s < a->nslabs; s++) {
-		int e = aeg_prefetch_release_all(a->slabs[s].pf);
-		if (e && !err)
-			err = e;
-	}
-	while (a->loads) {
-		struct load *l = a->loads;
-
-		a->loads = l->next;
-		*released += l->nchunks - l->nreleased;
-		load_free(l, 1);
-	}
-	a->nloads = 0;
-	return err;
-}
-
 /* -------------------------------------------------------------- requests */
 
 static int do_hello(struct client *c, const struct proto_hello_req *q, struct proto_hello_rep *p)
@@ -700,7 +411,6 @@ static int do_lease_free(struct client *c, const struct proto_lease_free_req *q)
 static int do_status(struct client *c, const struct proto_status_req *q, struct proto_status_rep *p)
 {
 	struct agent *a = c->a;
-	uint32_t i = 0;
 	int err = 0;
 
 	memset(p, 0, offsetof(struct proto_status_rep, loads));
@@ -720,34 +430,7 @@ static int do_status(struct client *c, const struct proto_status_req *q, struct 
 			goto out;
 	}
 	p->clients = (uint32_t)a->nclients;
-	p->loads_total = a->nloads;
-	if (q->first_load > a->nloads) {
-		err = aeg_fail(AEG_EINVAL, "status: %u loads; page from %u asked", a->nloads, q->first_load);
-		goto out;
-	}
-	p->first = q->first_load;
-	/* Oldest first: the list is newest first. */
-	for (uint32_t k = a->nloads; k-- > 0 && p->count < PROTO_LOADS_PER_PAGE;) {
-		struct load *l = a->loads;
-		struct aeg_load_progress pr;
-		struct proto_load *pl;
-
-		for (uint32_t j = 0; j < k; j++)
-			l = l->next;
-		if (i++ < q->first_load)
-			continue;
-		err = aeg_load_progress(l->handle, &pr);
-		if (err)
-			goto out;
-		pl = &p->loads[p->count++];
-		pl->load_id = l->id;
-		pl->slab = l->slab;
-		pl->status = pr.status;
-		pl->file_bytes = pr.total_bytes;
-		pl->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
-		pl->chunks = l->nchunks - l->nreleased;
-		snprintf(pl->path, sizeof(pl->path), "%s", l->path);
-	}
+	err = agent_load_status(a, q->first_load, p);
 out:
 	pthread_mutex_unlock(&a->lock);
 	return err;
@@ -804,7 +487,6 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 	const union proto_msg *in = c->in;
 	union proto_msg *out = c->out;
 	struct aeg_pool_stats ps;
-	struct load *l;
 	int err;
 
 	switch (h->type) {
@@ -826,31 +508,18 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 		return 0;
 	case PROTO_PREFETCH:
 		pthread_mutex_lock(&a->lock);
-		err = start_load(a, in->prefetch_req.slab, in->prefetch_req.path,
-				 in->prefetch_req.chunk_bytes, &l);
-		if (!err)
-			err = chunks_page(a, l, 0, &out->chunks_rep);
+		err = agent_load_start(a, in->prefetch_req.slab, in->prefetch_req.path,
+				       in->prefetch_req.chunk_bytes, &out->chunks_rep);
 		pthread_mutex_unlock(&a->lock);
 		return err;
 	case PROTO_CHUNKS:
 		pthread_mutex_lock(&a->lock);
-		if (in->chunks_req.load_id) {
-			l = find_load(a, in->chunks_req.load_id);
-			err = l ? 0 : aeg_fail(AEG_ENOENT, "no load %" PRIu64 " (released, or never made)",
-					       in->chunks_req.load_id);
-		} else {
-			err = find_load_by_path(a, in->chunks_req.slab, in->chunks_req.path, &l);
-		}
-		if (!err)
-			err = chunks_page(a, l, in->chunks_req.first, &out->chunks_rep);
+		err = agent_load_chunks(a, &in->chunks_req, &out->chunks_rep);
 		pthread_mutex_unlock(&a->lock);
 		return err;
 	case PROTO_RELEASE:
 		pthread_mutex_lock(&a->lock);
-		if (in->release_req.flags & PROTO_RELEASE_ALL)
-			err = release_all(a, &out->release_rep.released);
-		else
-			err = release_ids(a, &in->release_req, &out->release_rep.released);
+		err = agent_load_release(a, &in->release_req, &out->release_rep.released);
 		pthread_mutex_unlock(&a->lock);
 		return err;
 	case PROTO_STATUS:
@@ -1138,11 +807,8 @@ static void teardown(struct agent *a)
 	for (int i = 0; i < a->nslabs; i++)
 		if (a->slabs[i].pf)
 			aeg_prefetch_destroy(a->slabs[i].pf);
-	while (a->loads) {
-		struct load *l = a->loads;
-		a->loads = l->next;
-		load_free(l, 0);
-	}
+	agent_loads_clear(a, 0);
+	free(a->loads);
 	if (a->pool)
 		aeg_pool_destroy(a->pool);
 	for (int i = 0; i < a->nslabs; i++)
@@ -1206,13 +872,11 @@ static int start(struct agent *a)
 		return err;
 	/* --prefetch files go to the first GPU's slab, all started before ready. */
 	for (int i = 0; i < cfg->prefetch_count; i++) {
-		struct load *l;
-
 		if (a->nslabs == 0)
 			return aeg_fail(AEG_ENODEV, "--prefetch %s: the job has no GPU to load into",
 					cfg->prefetch[i]);
 		pthread_mutex_lock(&a->lock);
-		err = start_load(a, 0, cfg->prefetch[i], 0, &l);
+		err = agent_load_start(a, 0, cfg->prefetch[i], 0, NULL);
 		pthread_mutex_unlock(&a->lock);
 		if (err)
 			return err;

@@ -648,20 +648,36 @@ AEG_EXPORT int aeg_job_release(aeg_job_t *job, int index, const uint64_t *ids, s
 	return err;
 }
 
-AEG_EXPORT int aeg_job_release_all(aeg_job_t *job, uint32_t *released)
+/* A release of everything or of one load: no ids. */
+static int release_whole(aeg_job_t *job, uint32_t flags, uint64_t load_id, uint32_t *released)
 {
 	int err;
 
-	if (job == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_job_release_all: NULL argument");
 	pthread_mutex_lock(&job->lock);
-	job->msg->release_req.flags = PROTO_RELEASE_ALL;
+	job->msg->release_req.flags = flags;
 	job->msg->release_req.count = 0;
+	job->msg->release_req.load_id = load_id;
 	err = call(job, PROTO_RELEASE, NULL);
 	if (!err && released)
 		*released = job->msg->release_rep.released;
 	pthread_mutex_unlock(&job->lock);
 	return err;
+}
+
+AEG_EXPORT int aeg_job_release_load(aeg_job_t *job, uint64_t load_id, uint32_t *released)
+{
+	if (job == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_release_load: NULL argument");
+	if (load_id == 0)
+		return aeg_fail(AEG_EINVAL, "release of load 0: load ids start at 1");
+	return release_whole(job, PROTO_RELEASE_LOAD, load_id, released);
+}
+
+AEG_EXPORT int aeg_job_release_all(aeg_job_t *job, uint32_t *released)
+{
+	if (job == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_release_all: NULL argument");
+	return release_whole(job, PROTO_RELEASE_ALL, 0, released);
 }
 
 AEG_EXPORT int aeg_job_status(aeg_job_t *job, struct aeg_job_status **out)

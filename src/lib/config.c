@@ -17,11 +17,13 @@
 
 #include <aegaeon/config.h>
 
+#include "agent.h"
 #include "internal.h"
 
 #define PAGE_BYTES 4096u
 #define MAX_TIMEOUT_S 86400.0
 #define MAX_PREFETCH_THREADS 256
+#define MAX_LOADS_LIMIT 1048576
 #define MAX_CONFIG_BYTES (1 << 20)
 
 AEG_EXPORT int aeg_device_kind_parse(const char *text, enum aeg_device_kind *kind)
@@ -68,6 +70,7 @@ AEG_EXPORT void aeg_config_defaults(struct aeg_config *cfg)
 	snprintf(cfg->runtime_dir, sizeof(cfg->runtime_dir), "%s", "/run/aegaeon");
 	cfg->log_level = AEG_LOG_INFO;
 	cfg->model_cache = (struct aeg_size_spec){ .bytes = 0 };
+	cfg->max_loads = AEG_AGENT_MAX_LOADS;
 }
 
 enum kind {
@@ -75,7 +78,7 @@ enum kind {
 	K_BOOL,
 	K_SLAB,		/* size or percentage */
 	K_BYTES,	/* absolute size */
-	K_THREADS,
+	K_INT,		/* an integer within the key's min..max */
 	K_SECONDS,
 	K_PATH,
 	K_LOG_LEVEL,
@@ -97,6 +100,7 @@ enum key_id {
 	RUNTIME_DIR,
 	LOG_LEVEL,
 	MODEL_CACHE,
+	MAX_LOADS,
 	NKEYS
 };
 
@@ -104,6 +108,7 @@ static const struct key {
 	const char *name;
 	enum kind kind;
 	size_t off;
+	long long min, max;     /* K_INT */
 } keys[NKEYS] = {
 	[DEVICE] = { "device", K_DEVICE, offsetof(struct aeg_config, device) },
 	[ALLOW_DEVICE_OPTION] = { "allow_device_option", K_BOOL, offsetof(struct aeg_config, allow_device_option) },
@@ -112,7 +117,8 @@ static const struct key {
 	[PINNED_DEFAULT] = { "pinned_default", K_BYTES, offsetof(struct aeg_config, pinned_default_bytes) },
 	[PINNED_MAX] = { "pinned_max", K_BYTES, offsetof(struct aeg_config, pinned_max_bytes) },
 	[PINNED_BUFFER] = { "pinned_buffer", K_BYTES, offsetof(struct aeg_config, pinned_buffer_bytes) },
-	[PREFETCH_THREADS] = { "prefetch_threads", K_THREADS, offsetof(struct aeg_config, prefetch_threads) },
+	[PREFETCH_THREADS] = { "prefetch_threads", K_INT, offsetof(struct aeg_config, prefetch_threads), 1,
+			       MAX_PREFETCH_THREADS },
 	[PREFETCH_CHUNK] = { "prefetch_chunk", K_BYTES, offsetof(struct aeg_config, prefetch_chunk_bytes) },
 	[AGENT_PATH] = { "agent_path", K_PATH, offsetof(struct aeg_config, agent_path) },
 	[AGENT_START_TIMEOUT] = { "agent_start_timeout", K_SECONDS, offsetof(struct aeg_config, agent_start_timeout_ms) },
@@ -120,6 +126,7 @@ static const struct key {
 	[RUNTIME_DIR] = { "runtime_dir", K_PATH, offsetof(struct aeg_config, runtime_dir) },
 	[LOG_LEVEL] = { "log_level", K_LOG_LEVEL, offsetof(struct aeg_config, log_level) },
 	[MODEL_CACHE] = { "model_cache", K_SLAB, offsetof(struct aeg_config, model_cache) },
+	[MAX_LOADS] = { "max_loads", K_INT, offsetof(struct aeg_config, max_loads), 1, MAX_LOADS_LIMIT },
 };
 
 /* One load: where messages point, and which keys the file set. */
@@ -259,12 +266,12 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 			*(uint64_t *)field = spec.bytes;
 		return rc;
 	}
-	case K_THREADS:
+	case K_INT:
 		if (config_setting_type(s) != CONFIG_TYPE_INT && config_setting_type(s) != CONFIG_TYPE_INT64)
 			return bad(ld, s, "must be an integer, not %s", type_name(config_setting_type(s)));
 		n = config_setting_get_int64(s);
-		if (n < 1 || n > MAX_PREFETCH_THREADS)
-			return bad(ld, s, "%lld is out of range (1 to %d)", n, MAX_PREFETCH_THREADS);
+		if (n < k->min || n > k->max)
+			return bad(ld, s, "%lld is out of range (%lld to %lld)", n, k->min, k->max);
 		*(int *)field = (int)n;
 		return 0;
 	case K_SECONDS:

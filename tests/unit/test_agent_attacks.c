@@ -352,6 +352,180 @@ static void header_scribbled(void **state)
 	agent_cleanup(&ag);
 }
 
+/* The agent with @conf (aegaeon.conf lines) as its site configuration, written beside its directory. */
+static void start_with_config(struct agent *ag, const char *conf, const char *const *opts)
+{
+	const char *argv[16] = { "--config", NULL };
+	char path[] = "/tmp/aeg-attacks-conf-XXXXXX";
+	int fd = mkstemp(path), n = 2;
+	static char kept[64];
+
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, conf, strlen(conf)), (ssize_t)strlen(conf));
+	close(fd);
+	snprintf(kept, sizeof(kept), "%s", path);
+	argv[1] = kept;
+	for (int i = 0; opts[i] != NULL && n < 15; i++)
+		argv[n++] = opts[i];
+	agent_start(ag, argv);
+	unlink(kept);
+}
+
+static int prefetch_empty(aeg_job_t *job, const char *path, uint64_t *id)
+{
+	struct aeg_job_load *l;
+	int err = aeg_job_prefetch(job, path, 0, 1 << 20, &l);
+
+	if (err == 0) {
+		assert_int_equal(l->count, 0);
+		*id = l->load_id;
+		aeg_job_load_free(l);
+	}
+	return err;
+}
+
+/*
+ * Item 6: loads were kept without limit, and one with no chunk (an empty
+ * file) could not be released but all at once. Now the site's max_loads
+ * caps them with a clear error, and any load is released by its id: an
+ * empty one, a loaded one (its blocks freed), not one still loading.
+ */
+static void loads_capped_and_released(void **state)
+{
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_status *st;
+	struct aeg_job_load *load;
+	char path[128], empty[128];
+	uint32_t bufs[8], held, released = 99;
+	uint64_t ids[16], id;
+	aeg_job_t *job;
+	int err;
+
+	start_with_config(&ag, "max_loads = 16;\n", pool_opts);
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 4 << 20);
+	snprintf(empty, sizeof(empty), "%s.empty", ag.dir);
+	write_file(empty, 0);
+	assert_int_equal(aeg_job_attach(&job), 0);
+	for (int i = 0; i < 16; i++)
+		assert_int_equal(prefetch_empty(job, empty, &ids[i]), 0);
+	err = aeg_job_prefetch(job, path, 0, 1 << 20, &load);
+	if (err != AEG_ERANGE || strstr(aeg_error_detail(), "the job has 16 loads on this node, this site's limit (max_loads)") == NULL)
+		fail_msg("the 17th load: %s: %s", aeg_errname(err), aeg_error_detail());
+
+	/* An empty load goes by its id, and makes room. */
+	assert_int_equal(aeg_job_release_load(job, ids[3], &released), 0);
+	assert_int_equal(released, 0);
+	assert_int_equal(aeg_job_chunks(job, ids[3], NULL, 0, &load), AEG_ENOENT);
+	assert_int_equal(aeg_job_release_load(job, ids[3], NULL), AEG_ENOENT);
+	assert_int_equal(aeg_job_release_load(job, 0, NULL), AEG_EINVAL);
+
+	/* One still loading (the pool held here, so its reads wait) stays; once loaded, it goes. */
+	held = hog_pool(aeg_job_pool(job), bufs, 8);
+	assert_int_equal(held, 8);
+	assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+	id = load->load_id;
+	err = aeg_job_release_load(job, id, NULL);
+	if (err != AEG_EBUSY || strstr(aeg_error_detail(), "is still loading") == NULL)
+		fail_msg("release of a load in flight: %s: %s", aeg_errname(err), aeg_error_detail());
+	for (uint32_t i = 0; i < held; i++)
+		assert_int_equal(aeg_pool_release(aeg_job_pool(job), bufs[i]), 0);
+	for (uint32_t i = 0; i < load->count; i++)
+		assert_int_equal(aeg_event_wait_handle(aeg_job_device(job), &load->chunks[i].event, BOUND_MS), 0);
+	aeg_job_load_free(load);
+	for (int i = 0; i < BOUND_MS / 10; i++) {
+		err = aeg_job_release_load(job, id, &released);
+		if (err != AEG_EBUSY)
+			break;
+		usleep(10000);
+	}
+	assert_int_equal(err, 0);
+	assert_int_equal(released, 4);
+	st = status_of(job);
+	assert_int_equal(st->loads, 15);
+	assert_int_equal(st->slab[0].stats.used_bytes, 0);
+	aeg_job_status_free(st);
+	assert_int_equal(aeg_job_release_all(job, NULL), 0);
+	aeg_job_detach(job);
+	stops_cleanly(&ag);
+	unlink(path);
+	unlink(empty);
+	agent_cleanup(&ag);
+}
+
+static long agent_rss_kib(pid_t pid)
+{
+	char path[64], line[256];
+	long kib = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	f = fopen(path, "r");
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f) != NULL)
+		if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+			break;
+	fclose(f);
+	return kib;
+}
+
+static double status_ms(aeg_job_t *job, uint32_t loads)
+{
+	struct aeg_job_status *st;
+	double t0 = now_ms();
+
+	st = status_of(job);
+	assert_int_equal(st->loads, loads);
+	aeg_job_status_free(st);
+	return now_ms() - t0;
+}
+
+/*
+ * 8000 loads of an empty file (the review's case): status took over 60 s
+ * (each page walked the list from its head, for every load before the
+ * page). Now the loads are a table in id order: status answers within the
+ * bound, and every load is released by id.
+ */
+static void status_of_many_loads(void **state)
+{
+	static uint64_t ids[8000];
+	struct agent ag = { .pid = -1 };
+	char empty[128];
+	long rss0, rss1, rss2;
+	double t1000 = 0, t8000, t0;
+	aeg_job_t *job;
+
+	start_with_config(&ag, "max_loads = 8000;\n", pool_opts);
+	snprintf(empty, sizeof(empty), "%s.empty", ag.dir);
+	write_file(empty, 0);
+	assert_int_equal(aeg_job_connect(&job), 0);
+	rss0 = agent_rss_kib(ag.pid);
+	t0 = now_ms();
+	for (int i = 0; i < 8000; i++) {
+		assert_int_equal(prefetch_empty(job, empty, &ids[i]), 0);
+		if (i == 999)
+			t1000 = status_ms(job, 1000);
+	}
+	print_message("8000 loads of an empty file in %.0f ms\n", now_ms() - t0);
+	assert_int_equal(prefetch_empty(job, empty, &ids[0]), AEG_ERANGE);
+	t8000 = status_ms(job, 8000);
+	rss1 = agent_rss_kib(ag.pid);
+	if (t8000 > BOUND_MS)
+		fail_msg("status of 8000 loads took %.0f ms", t8000);
+	t0 = now_ms();
+	for (int i = 0; i < 8000; i++)
+		assert_int_equal(aeg_job_release_load(job, ids[i], NULL), 0);
+	print_message("released one by one in %.0f ms\n", now_ms() - t0);
+	status_ms(job, 0);
+	rss2 = agent_rss_kib(ag.pid);
+	print_message("status: %.1f ms with 1000 loads, %.1f ms with 8000; agent RSS %ld -> %ld -> %ld KiB\n",
+		      t1000, t8000, rss0, rss1, rss2);
+	aeg_job_detach(job);
+	stops_cleanly(&ag);
+	unlink(empty);
+	agent_cleanup(&ag);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -360,6 +534,8 @@ int main(void)
 		cmocka_unit_test_teardown(forged_index_near, kill_started),
 		cmocka_unit_test_teardown(step_stopped_in_pool, kill_started),
 		cmocka_unit_test_teardown(header_scribbled, kill_started),
+		cmocka_unit_test_teardown(loads_capped_and_released, kill_started),
+		cmocka_unit_test_teardown(status_of_many_loads, kill_started),
 	};
 
 	setenv("AEGAEON_HOST_GPUS", "1", 1);
