@@ -48,6 +48,8 @@ struct aeg_config {
 	struct aeg_size_spec model_cache;   /* model_cache ["0"]: the agent's host model cache, a size or a
 					       percentage of the job's pinned pool; 0 for none */
 	int max_loads;                      /* max_loads [4096]: loads a job's agent keeps at once, 1..1048576 */
+	int hello_timeout_ms;               /* hello_timeout [10.0 s]: a new connection to the agent has this
+					       long to say hello */
 };
 
 /* aeg_config_defaults - fill @cfg with the built-in defaults. */

@@ -232,6 +232,7 @@ int main(int argc, char **argv)
 	acfg->prefetch_threads = cfg.prefetch_threads;
 	acfg->model_cache = cfg.model_cache;
 	acfg->max_loads = (uint32_t)cfg.max_loads;
+	acfg->hello_timeout_ms = cfg.hello_timeout_ms;
 	acfg->slab_max = cfg.slab_max;
 	acfg->pinned_max_bytes = cfg.pinned_max_bytes;
 

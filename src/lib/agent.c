@@ -43,7 +43,10 @@ struct client {
 	pid_t pid;                      /* SO_PEERCRED: in the agent's pid namespace */
 	uint64_t pid_start;             /* its start time, 0 when unknown */
 	uint32_t hello_pid;             /* what it says its pid is: differs in another namespace */
-	int hello_done;
+	uint64_t accepted_ns;
+	int hello_done;                 /* its own thread's */
+	int pending;                    /* under the lock: no hello yet, counted in npending */
+	int dropped;                    /* under the lock: dropped to make room for a newer one */
 	int finished;                   /* its thread returned; join it */
 	pthread_t thread;
 	struct lease *leases;
@@ -295,9 +298,19 @@ static int write_ready(struct agent *a)
 
 /* -------------------------------------------------------------- requests */
 
+/* The client said hello, was dropped or is gone: no longer one that has not spoken. Lock held. */
+static void leave_pending(struct client *c)
+{
+	if (c->pending) {
+		c->pending = 0;
+		c->a->npending--;
+	}
+}
+
 static int do_hello(struct client *c, const struct proto_hello_req *q, struct proto_hello_rep *p)
 {
 	struct agent *a = c->a;
+	int dropped;
 
 	if (q->min_version > PROTO_VERSION || q->max_version < PROTO_VERSION_MIN)
 		return aeg_fail(AEG_EPROTO, "client speaks protocol versions %u..%u, this agent %d..%d",
@@ -322,6 +335,13 @@ static int do_hello(struct client *c, const struct proto_hello_req *q, struct pr
 		p->pool_bytes = ps.pool_bytes;
 		p->pool_buffer = ps.buffer_bytes;
 	}
+	pthread_mutex_lock(&a->lock);
+	dropped = c->dropped;
+	if (!dropped)
+		leave_pending(c);
+	pthread_mutex_unlock(&a->lock);
+	if (dropped)
+		return aeg_fail(AEG_ECANCELED, "connection dropped before its hello to make room");
 	c->hello_done = 1;
 	c->hello_pid = q->pid;
 	aeg_debug("client pid %d (%s) speaks version %u", (int)c->pid, q->client, p->version);
@@ -543,6 +563,30 @@ static void send_error(struct client *c, uint64_t id, int code)
 	(void)proto_send(c->fd, PROTO_ERROR, PROTO_F_REPLY, id, out, -1, c->frame);
 }
 
+/*
+ * A connection gets hello_timeout for its first byte (the rest of a frame
+ * has the frame timeout): one that says nothing cannot keep a slot.
+ */
+static int wait_hello(struct client *c)
+{
+	int limit_ms = c->a->cfg->hello_timeout_ms > 0 ? c->a->cfg->hello_timeout_ms : AEG_AGENT_HELLO_TIMEOUT_MS;
+	uint64_t deadline = c->accepted_ns + (uint64_t)limit_ms * 1000000ull;
+
+	for (;;) {
+		struct pollfd p = { .fd = c->fd, .events = POLLIN };
+		uint64_t now = aeg_now_ns();
+		int rc;
+
+		if (now >= deadline)
+			return aeg_fail(AEG_ETIMEDOUT, "no hello in %d ms (hello_timeout)", limit_ms);
+		rc = poll(&p, 1, (int)((deadline - now + 999999) / 1000000));
+		if (rc > 0)
+			return 0;
+		if (rc < 0 && errno != EINTR)
+			return aeg_fail(AEG_EIO, "poll: %s", strerror(errno));
+	}
+}
+
 static void *client_main(void *arg)
 {
 	struct client *c = arg;
@@ -550,8 +594,13 @@ static void *client_main(void *arg)
 
 	for (;;) {
 		struct proto_header h = { 0 };
-		int pass_fd = -1, err;
+		int pass_fd = -1, err = 0;
 
+		if (!c->hello_done && (err = wait_hello(c)) != 0) {
+			aeg_warn("client pid %d: %s; disconnecting", (int)c->pid, aeg_error_detail());
+			send_error(c, 0, err);
+			break;
+		}
 		err = proto_recv(c->fd, &h, c->in, NULL, c->frame);
 		if (err == AEG_ECANCELED)
 			break;
@@ -608,6 +657,7 @@ static void *client_main(void *arg)
 				  (int)c->pid, GONE_MAX);
 	}
 	shutdown(c->fd, SHUT_RDWR);
+	leave_pending(c);
 	c->finished = 1;
 	pthread_mutex_unlock(&a->lock);
 	wake(a);
@@ -667,6 +717,7 @@ static void reap(struct agent *a, int all)
 				dead = *pp;
 				*pp = dead->next;
 				a->nclients--;
+				a->ndropped -= dead->dropped;
 				break;
 			}
 		}
@@ -678,12 +729,64 @@ static void reap(struct agent *a, int all)
 	}
 }
 
+/*
+ * Room for a connection from @pid (lock held). Connections that have not
+ * said hello get a quarter of the slots: past that, or when every slot is
+ * taken, the oldest of them makes way, so connections that never speak
+ * cannot keep the job's steps out (a step says hello at once). -1 when every
+ * slot is held by a client past its hello.
+ */
+static int make_room(struct agent *a, pid_t pid)
+{
+	int max = a->cfg->max_clients > 0 ? a->cfg->max_clients : AEG_AGENT_MAX_CLIENTS;
+	int pending_max = max / 4 > 0 ? max / 4 : 1;
+	struct client *old = NULL;
+
+	if (a->npending < pending_max && a->nclients - a->ndropped < max)
+		return 0;
+	for (struct client *c = a->clients; c; c = c->next)
+		if (c->pending)
+			old = c;        /* the list is newest first */
+	if (old == NULL)
+		return -1;
+	leave_pending(old);
+	old->dropped = 1;
+	a->ndropped++;
+	shutdown(old->fd, SHUT_RDWR);
+	aeg_warn("dropped the connection of pid %d, silent for %.0f ms, to make room for pid %d (at most %d "
+		 "of the %d connections may be waiting for their hello)", (int)old->pid,
+		 (aeg_now_ns() - old->accepted_ns) / 1e6, (int)pid, pending_max, max);
+	return 0;
+}
+
+static struct client *client_new(struct agent *a, int fd, const struct ucred *cred)
+{
+	struct client *c = calloc(1, sizeof(*c));
+
+	if (c == NULL || (c->frame = malloc(PROTO_MAX_FRAME)) == NULL ||
+	    (c->in = malloc(sizeof(*c->in))) == NULL || (c->out = malloc(sizeof(*c->out))) == NULL) {
+		if (c) {
+			free(c->frame);
+			free(c->in);
+			free(c);
+		}
+		return NULL;
+	}
+	c->a = a;
+	c->fd = fd;
+	c->pid = cred->pid;
+	c->accepted_ns = aeg_now_ns();
+	if (aeg_proc_start_time(cred->pid, &c->pid_start))
+		c->pid_start = 0;
+	return c;
+}
+
 static void accept_one(struct agent *a)
 {
 	struct ucred cred;
 	socklen_t len = sizeof(cred);
 	struct client *c;
-	int fd, err, max = a->cfg->max_clients > 0 ? a->cfg->max_clients : AEG_AGENT_MAX_CLIENTS;
+	int fd, full, err;
 
 	fd = accept4(a->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 	if (fd < 0) {
@@ -702,47 +805,32 @@ static void accept_one(struct agent *a)
 		close(fd);
 		return;
 	}
-	pthread_mutex_lock(&a->lock);
-	err = a->nclients >= max;
-	pthread_mutex_unlock(&a->lock);
-	if (err) {
-		aeg_warn("refused a connection from pid %d: %d clients already connected", (int)cred.pid, max);
+	c = client_new(a, fd, &cred);
+	if (c == NULL) {
+		aeg_warn("connection from pid %d: out of memory", (int)cred.pid);
 		close(fd);
 		return;
 	}
-	c = calloc(1, sizeof(*c));
-	if (c == NULL || (c->frame = malloc(PROTO_MAX_FRAME)) == NULL ||
-	    (c->in = malloc(sizeof(*c->in))) == NULL || (c->out = malloc(sizeof(*c->out))) == NULL) {
-		aeg_warn("connection from pid %d: out of memory", (int)cred.pid);
-		goto fail;
-	}
-	c->a = a;
-	c->fd = fd;
-	c->pid = cred.pid;
-	if (aeg_proc_start_time(cred.pid, &c->pid_start))
-		c->pid_start = 0;
 	pthread_mutex_lock(&a->lock);
-	err = pthread_create(&c->thread, NULL, client_main, c);
-	if (!err) {
+	full = make_room(a, cred.pid) < 0;
+	err = full ? 0 : pthread_create(&c->thread, NULL, client_main, c);
+	if (!full && !err) {
+		c->pending = 1;
+		a->npending++;
 		c->next = a->clients;
 		a->clients = c;
 		a->nclients++;
 	}
 	pthread_mutex_unlock(&a->lock);
-	if (err) {
+	if (full)
+		aeg_warn("refused a connection from pid %d: every client slot is held by a client past its hello",
+			 (int)cred.pid);
+	else if (err)
 		aeg_warn("connection from pid %d: pthread_create: %s", (int)cred.pid, strerror(err));
-		goto fail;
-	}
-	aeg_debug("client pid %d connected", (int)cred.pid);
-	return;
-fail:
-	if (c) {
-		free(c->frame);
-		free(c->in);
-		free(c->out);
-		free(c);
-	}
-	close(fd);
+	else
+		aeg_debug("client pid %d connected", (int)cred.pid);
+	if (full || err)
+		client_free(c);
 }
 
 static void serve(struct agent *a, int stop_fd)

@@ -40,8 +40,10 @@ struct agent {
 	char pid_path[PATH_MAX], ready_path[PATH_MAX], error_path[PATH_MAX];
 	int listen_fd, wake_fd;
 	pthread_mutex_t lock;           /* guards everything below, leases and loads */
-	struct client *clients;
-	int nclients;
+	struct client *clients;         /* newest first */
+	int nclients;                   /* connections whose thread is not joined yet */
+	int npending;                   /* of them, not past their hello and not dropped */
+	int ndropped;                   /* of them, dropped to make room, still to join */
 	struct load **loads;            /* oldest first, so ids ascend */
 	uint32_t nloads, loads_cap;
 	uint64_t next_load_id;

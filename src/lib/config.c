@@ -71,6 +71,7 @@ AEG_EXPORT void aeg_config_defaults(struct aeg_config *cfg)
 	cfg->log_level = AEG_LOG_INFO;
 	cfg->model_cache = (struct aeg_size_spec){ .bytes = 0 };
 	cfg->max_loads = AEG_AGENT_MAX_LOADS;
+	cfg->hello_timeout_ms = AEG_AGENT_HELLO_TIMEOUT_MS;
 }
 
 enum kind {
@@ -101,6 +102,7 @@ enum key_id {
 	LOG_LEVEL,
 	MODEL_CACHE,
 	MAX_LOADS,
+	HELLO_TIMEOUT,
 	NKEYS
 };
 
@@ -127,6 +129,7 @@ static const struct key {
 	[LOG_LEVEL] = { "log_level", K_LOG_LEVEL, offsetof(struct aeg_config, log_level) },
 	[MODEL_CACHE] = { "model_cache", K_SLAB, offsetof(struct aeg_config, model_cache) },
 	[MAX_LOADS] = { "max_loads", K_INT, offsetof(struct aeg_config, max_loads), 1, MAX_LOADS_LIMIT },
+	[HELLO_TIMEOUT] = { "hello_timeout", K_SECONDS, offsetof(struct aeg_config, hello_timeout_ms) },
 };
 
 /* One load: where messages point, and which keys the file set. */

@@ -371,17 +371,41 @@ static void start_with_config(struct agent *ag, const char *conf, const char *co
 	unlink(kept);
 }
 
-static int prefetch_empty(aeg_job_t *job, const char *path, uint64_t *id)
+/*
+ * A load of the empty file @path; with @settle, waited for until it has
+ * settled (a load in flight cannot be released by id).
+ */
+static int prefetch_empty(aeg_job_t *job, const char *path, int settle, uint64_t *id)
 {
 	struct aeg_job_load *l;
 	int err = aeg_job_prefetch(job, path, 0, 1 << 20, &l);
 
-	if (err == 0) {
-		assert_int_equal(l->count, 0);
-		*id = l->load_id;
+	if (err)
+		return err;
+	assert_int_equal(l->count, 0);
+	*id = l->load_id;
+	for (int i = 0; settle && l->status == AEG_EBUSY && i < BOUND_MS; i++) {
 		aeg_job_load_free(l);
+		usleep(1000);
+		assert_int_equal(aeg_job_chunks(job, *id, NULL, 0, &l), 0);
 	}
-	return err;
+	assert_true(!settle || l->status == 0);
+	aeg_job_load_free(l);
+	return 0;
+}
+
+/* Release load @id, which may still be settling. */
+static void release_settled(aeg_job_t *job, uint64_t id)
+{
+	int err = AEG_EBUSY;
+
+	for (int i = 0; err == AEG_EBUSY && i < BOUND_MS; i++) {
+		err = aeg_job_release_load(job, id, NULL);
+		if (err == AEG_EBUSY)
+			usleep(1000);
+	}
+	if (err)
+		fail_msg("release of load %llu: %s: %s", (unsigned long long)id, aeg_errname(err), aeg_error_detail());
 }
 
 /*
@@ -408,7 +432,7 @@ static void loads_capped_and_released(void **state)
 	write_file(empty, 0);
 	assert_int_equal(aeg_job_attach(&job), 0);
 	for (int i = 0; i < 16; i++)
-		assert_int_equal(prefetch_empty(job, empty, &ids[i]), 0);
+		assert_int_equal(prefetch_empty(job, empty, 1, &ids[i]), 0);
 	err = aeg_job_prefetch(job, path, 0, 1 << 20, &load);
 	if (err != AEG_ERANGE || strstr(aeg_error_detail(), "the job has 16 loads on this node, this site's limit (max_loads)") == NULL)
 		fail_msg("the 17th load: %s: %s", aeg_errname(err), aeg_error_detail());
@@ -502,19 +526,19 @@ static void status_of_many_loads(void **state)
 	rss0 = agent_rss_kib(ag.pid);
 	t0 = now_ms();
 	for (int i = 0; i < 8000; i++) {
-		assert_int_equal(prefetch_empty(job, empty, &ids[i]), 0);
+		assert_int_equal(prefetch_empty(job, empty, 0, &ids[i]), 0);
 		if (i == 999)
 			t1000 = status_ms(job, 1000);
 	}
 	print_message("8000 loads of an empty file in %.0f ms\n", now_ms() - t0);
-	assert_int_equal(prefetch_empty(job, empty, &ids[0]), AEG_ERANGE);
+	assert_int_equal(prefetch_empty(job, empty, 0, &ids[0]), AEG_ERANGE);
 	t8000 = status_ms(job, 8000);
 	rss1 = agent_rss_kib(ag.pid);
 	if (t8000 > BOUND_MS)
 		fail_msg("status of 8000 loads took %.0f ms", t8000);
 	t0 = now_ms();
 	for (int i = 0; i < 8000; i++)
-		assert_int_equal(aeg_job_release_load(job, ids[i], NULL), 0);
+		release_settled(job, ids[i]);
 	print_message("released one by one in %.0f ms\n", now_ms() - t0);
 	status_ms(job, 0);
 	rss2 = agent_rss_kib(ag.pid);
@@ -523,6 +547,68 @@ static void status_of_many_loads(void **state)
 	aeg_job_detach(job);
 	stops_cleanly(&ag);
 	unlink(empty);
+	agent_cleanup(&ag);
+}
+
+/*
+ * Item 7: 300 connections that never send a byte. Each used to hold one of
+ * the agent's 256 client slots for ever, so the next step was refused. Now
+ * they get a quarter of the slots, the oldest making way for newer ones, a
+ * step attaches and works meanwhile, and every silent one is dropped after
+ * hello_timeout (1 s here).
+ */
+static void silent_connections(void **state)
+{
+	enum { SILENT = 300 };
+	static int fds[SILENT];
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_status *st;
+	char path[128];
+	aeg_job_t *job;
+	double t_last, last_ms = 0;
+	int base, open_left = SILENT;
+
+	start_with_config(&ag, "hello_timeout = 1;\n", pool_opts);
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 4 << 20);
+	base = agent_fds_idle(ag.pid);
+	for (int i = 0; i < SILENT; i++)
+		fds[i] = connect_raw(ag.sock);
+	t_last = now_ms();
+	assert_int_equal(aeg_job_attach(&job), 0);
+	load_and_check(job, path);
+	st = status_of(job);
+	if (st->clients > 256 / 4 + 1)
+		fail_msg("%u connections held with %d silent ones (at most %d may wait for their hello)", st->clients,
+			 SILENT, 256 / 4);
+	aeg_job_status_free(st);
+	assert_true(now_ms() - t_last < 1000);
+
+	/* Every silent one is dropped: the oldest at once, the last 64 after the hello timeout. */
+	while (open_left > 0 && now_ms() - t_last < 1000 + BOUND_MS) {
+		for (int i = 0; i < SILENT; i++) {
+			struct pollfd p = { .fd = fds[i], .events = POLLIN };
+
+			if (fds[i] < 0 || poll(&p, 1, 0) != 1)
+				continue;
+			close(fds[i]);
+			fds[i] = -1;
+			open_left--;
+			last_ms = now_ms() - t_last;
+		}
+		usleep(5000);
+	}
+	if (open_left > 0 || last_ms < 900)
+		fail_msg("%d silent connections left; the last dropped %.0f ms after the last connect", open_left,
+			 last_ms);
+	assert_true(log_has(&ag, "to make room for pid"));
+	assert_true(log_has(&ag, "no hello in 1000 ms (hello_timeout); disconnecting"));
+	print_message("%d silent connections: a step attached and loaded meanwhile; the last dropped %.0f ms "
+		      "after the last connect\n", SILENT, last_ms);
+	aeg_job_detach(job);
+	assert_int_equal(agent_fds_settle(ag.pid, base), base);
+	stops_cleanly(&ag);
+	unlink(path);
 	agent_cleanup(&ag);
 }
 
@@ -536,6 +622,7 @@ int main(void)
 		cmocka_unit_test_teardown(header_scribbled, kill_started),
 		cmocka_unit_test_teardown(loads_capped_and_released, kill_started),
 		cmocka_unit_test_teardown(status_of_many_loads, kill_started),
+		cmocka_unit_test_teardown(silent_connections, kill_started),
 	};
 
 	setenv("AEGAEON_HOST_GPUS", "1", 1);

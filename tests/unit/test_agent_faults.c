@@ -414,7 +414,8 @@ static void step_killed_with_leases(void **state)
  * Peers that stall: one sends half a header and stops, one connects and
  * says nothing, one floods requests and never reads a reply. Meanwhile a
  * normal client is served within the bound; the half-header one is dropped
- * after the frame timeout; closing the others gives their descriptors back;
+ * after the frame timeout, the silent one after the hello timeout (both
+ * 10 s); closing the flooder gives its descriptor back;
  * SIGTERM with a peer stuck unread stops the agent at once.
  */
 static void stalled_peers(void **state)
@@ -473,7 +474,7 @@ static void stalled_peers(void **state)
 			fail_msg("round %d with stalled peers took %.0f ms", round, now_ms() - t);
 	}
 
-	/* The half header is dropped after the frame timeout; the silent peer is not. */
+	/* The half header is dropped after the frame timeout, the silent peer after the hello timeout. */
 	for (int i = 0; i < (PROTO_FRAME_TIMEOUT_MS + BOUND_MS) / 10; i++) {
 		struct pollfd p = { .fd = half, .events = POLLIN };
 
@@ -490,8 +491,9 @@ static void stalled_peers(void **state)
 	close(half);
 	{
 		struct pollfd p = { .fd = silent, .events = POLLIN };
-		assert_int_equal(poll(&p, 1, 0), 0);
+		assert_int_equal(poll(&p, 1, BOUND_MS), 1);
 	}
+	assert_true(log_has(&ag, "no hello in 10000 ms (hello_timeout); disconnecting"));
 	close(silent);
 	/* The flooder's thread is blocked sending it replies; it stays until the agent stops. */
 	assert_int_equal(agent_fds_settle(ag.pid, base + 1), base + 1);

@@ -93,8 +93,9 @@ expect "wait for it by id" 0 "^load 2: .* loaded, 5 MiB in 3 chunks" "$CLI" wait
 expect "release --load frees a whole load" 0 "released load 2: 3 blocks" "$CLI" release --load 2
 expect "released load is gone" 1 "no load 2" "$CLI" chunks --load 2
 : >"$T/empty.bin"
-expect "an empty file loads, with no chunk" 0 "^load 3: $T/empty.bin -> slab 0, loaded" \
+expect "an empty file loads, with no chunk" 0 "^load 3: $T/empty.bin -> slab 0, (loading|loaded), 0 B of 0 B, 0 chunks" \
 	"$CLI" prefetch "$T/empty.bin" --no-wait
+expect "... and is loaded" 0 "^load 3: .* loaded" "$CLI" wait 3 --timeout 10
 expect "release --load of a load with no chunk" 0 "released load 3: 0 blocks" "$CLI" release --load 3
 expect "... and it is gone" 1 "no load 3" "$CLI" chunks --load 3
 expect "release --load of a load that is gone" 1 "release --load: no load 3 \(released, or never made\)" \
