@@ -60,6 +60,18 @@ struct agent {
 };
 
 /*
+ * The connections (agent_clients.c). The serve loop calls agent_accept when
+ * the socket has one waiting, agent_reap to join the threads of those that
+ * ended (@all: every one, at the end), agent_reclaim_gone to put back the
+ * pool buffers of client processes that exited; agent_disconnect_all shuts
+ * every connection down (lock held).
+ */
+void agent_accept(struct agent *a);
+void agent_reap(struct agent *a, int all);
+void agent_reclaim_gone(struct agent *a);
+void agent_disconnect_all(struct agent *a);
+
+/*
  * The loads (agent_loads.c), all with a->lock held. Each engine call
  * returns at once: copies run on the engines' threads.
  *
