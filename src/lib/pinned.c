@@ -517,6 +517,8 @@ static uint64_t fd_page_bytes(int fd)
 	return POOL_PAGE;
 }
 
+#define NUMA_FROM_HEADER (-2)
+
 /* A pool's layout, as its maker or the agent says, or as read once from its header. */
 struct geometry {
 	uint32_t buffers;
@@ -598,6 +600,12 @@ static int map_pool(aeg_device_t *dev, int fd, const struct geometry *g, aeg_poo
 	pool->buffer_bytes = g->buffer_bytes;
 	pool->pool_bytes = g->pool_bytes;
 	pool->numa_node = g->numa_node;
+	if (g->numa_node == NUMA_FROM_HEADER) {
+		/* Shown in stats only; any process may have written it. */
+		int node = ((struct aeg_pool_header *)pool->map)->numa_node;
+
+		pool->numa_node = node >= 0 && node < 4096 ? node : -1;
+	}
 	pool_layout(pool, g->buffers, g->header_bytes);
 	err = aeg_host_register(dev, pool->data, g->pool_bytes, 0);
 	if (err < 0) {
@@ -632,7 +640,7 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 int aeg_pool_attach_known(aeg_device_t *dev, int fd, uint64_t buffer_bytes, uint64_t pool_bytes,
 			  aeg_pool_t **poolp)
 {
-	struct geometry g = { .numa_node = -1, .buffer_bytes = buffer_bytes, .pool_bytes = pool_bytes };
+	struct geometry g = { .numa_node = NUMA_FROM_HEADER, .buffer_bytes = buffer_bytes, .pool_bytes = pool_bytes };
 	struct stat st;
 	int err;
 

@@ -223,13 +223,27 @@ int aeg_pool_list_take(struct aeg_pool_list *l, int timeout_ms, uint32_t *index)
 	return err;
 }
 
+/*
+ * One buffer fewer in use, never below 0: a process killed between its
+ * claim of a buffer and counting it leaves the count one short, and the
+ * buffer still comes back (by reclaim) to be counted out.
+ */
+static void count_release(struct aeg_pool_header *h)
+{
+	uint32_t n = __atomic_load_n(&h->in_use, __ATOMIC_RELAXED);
+
+	for (int tries = 0; tries < CAS_TRIES && n > 0; tries++)
+		if (__atomic_compare_exchange_n(&h->in_use, &n, n - 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+			break;
+}
+
 /* Back on the list, counted out, waiters woken. */
 static int give_back(struct aeg_pool_list *l, uint32_t index)
 {
 	struct aeg_pool_header *h = l->hdr;
 	int err = push(l, index);
 
-	__atomic_sub_fetch(&h->in_use, 1, __ATOMIC_RELAXED);
+	count_release(h);
 	__atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
 	if (__atomic_load_n(&h->waiters, __ATOMIC_SEQ_CST) != 0)
 		aeg_futex_wake(&h->free_seq);

@@ -227,10 +227,18 @@ static void bad_values(void **state)
 
 int main(void)
 {
+	static const char *const inherited[] = {
+		"AEGAEON_LOG", "AEGAEON_DEVICE", "AEGAEON_PINNED_HUGEPAGES", "AEGAEON_TOPOLOGY_XML",
+		"AEGAEON_HOST_GPUS", "AEGAEON_HOST_PCI_BUS_IDS", "AEGAEON_SLABS", "AEGAEON_SLAB0_HANDLE",
+		"AEGAEON_JOB_DIR",
+	};
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(bad_values),
 	};
 
-	unsetenv("AEGAEON_SLABS");
+	/* Each row sets one variable: none may come from the caller (make check sets AEGAEON_DEVICE). */
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(inherited); i++)
+		unsetenv(inherited[i]);
+	setenv("AEGAEON_CONFIG", "/dev/null", 1);
 	return cmocka_run_group_tests_name("env", tests, setup, teardown);
 }
