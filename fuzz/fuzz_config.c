@@ -95,9 +95,11 @@ static void check_config(const struct aeg_config *c)
 		   "prefetch_chunk %llu", (unsigned long long)c->prefetch_chunk_bytes);
 	FUZZ_CHECK(c->prefetch_threads >= 1 && c->prefetch_threads <= 256, "prefetch_threads %d",
 		   c->prefetch_threads);
+	FUZZ_CHECK(c->max_loads >= 1 && c->max_loads <= 1048576, "max_loads %d", c->max_loads);
 	FUZZ_CHECK(c->agent_start_timeout_ms >= 1 && c->agent_start_timeout_ms <= 86400000 &&
-		   c->agent_stop_timeout_ms >= 1 && c->agent_stop_timeout_ms <= 86400000,
-		   "timeouts %d, %d ms", c->agent_start_timeout_ms, c->agent_stop_timeout_ms);
+		   c->agent_stop_timeout_ms >= 1 && c->agent_stop_timeout_ms <= 86400000 &&
+		   c->hello_timeout_ms >= 1 && c->hello_timeout_ms <= 86400000,
+		   "timeouts %d, %d, %d ms", c->agent_start_timeout_ms, c->agent_stop_timeout_ms, c->hello_timeout_ms);
 	FUZZ_CHECK(c->agent_path[0] == '/' && memchr(c->agent_path, '\0', sizeof(c->agent_path)),
 		   "agent_path");
 	FUZZ_CHECK(c->runtime_dir[0] == '/' && memchr(c->runtime_dir, '\0', sizeof(c->runtime_dir)),

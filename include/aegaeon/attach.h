@@ -106,7 +106,8 @@ struct aeg_job_load {
 /*
  * aeg_job_prefetch - ask the agent to load @path (made absolute here) into
  * job slab @index in chunks of @chunk_bytes (0: the site's default). The
- * agent opens the file as the job user. Returns at once with every chunk
+ * agent opens the file as the job user, and keeps the load until it is
+ * released; it keeps at most the site's max_loads (AEG_ERANGE past that). Returns at once with every chunk
  * (*@load, free with aeg_job_load_free); wait on a chunk's event before
  * reading it, and check status for a load that failed.
  * aeg_job_chunks - the chunks of load @load_id, or (@load_id 0) of the
@@ -138,11 +139,15 @@ int aeg_job_wait(aeg_job_t *job, uint64_t load_id, int timeout_ms);
  * aeg_job_release - free the chunks of blocks @ids of job slab @index (and
  * their events), 1 to AEG_JOB_RELEASE_MAX of them. All ids are checked first: an id no chunk holds is
  * AEG_ENOENT, one of a load still in flight AEG_EBUSY; then none is freed.
+ * aeg_job_release_load - free every chunk of load @load_id and forget the
+ * load, also one with no chunk (an empty file): AEG_ENOENT for no such
+ * load, AEG_EBUSY while it still loads (wait for it, or release all).
  * aeg_job_release_all - cancel every load and free every chunk of the job.
  * @released (may be NULL) gets the number of blocks freed.
  */
 int aeg_job_release(aeg_job_t *job, int index, const uint64_t *ids, size_t count,
 		    uint32_t *released);
+int aeg_job_release_load(aeg_job_t *job, uint64_t load_id, uint32_t *released);
 int aeg_job_release_all(aeg_job_t *job, uint32_t *released);
 
 struct aeg_job_slab_status {

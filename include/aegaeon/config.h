@@ -53,6 +53,9 @@ struct aeg_config {
 	enum aeg_log_level log_level;       /* log_level ["info"] */
 	struct aeg_size_spec model_cache;   /* model_cache ["0"]: the agent's host model cache, a size or a
 					       percentage of the job's pinned pool; 0 for none */
+	int max_loads;                      /* max_loads [4096]: loads a job's agent keeps at once, 1..1048576 */
+	int hello_timeout_ms;               /* hello_timeout [10.0 s]: a new connection to the agent has this
+					       long to say hello */
 };
 
 /* aeg_config_defaults - fill @cfg with the built-in defaults. */
@@ -65,7 +68,8 @@ void aeg_config_defaults(struct aeg_config *cfg);
  * An empty $AEGAEON_CONFIG counts as unset. Unknown keys, wrong types, bad
  * values and syntax errors are AEG_ECONFIG with a detail
  * "FILE:LINE: key 'NAME': what is wrong"; an unreadable file is AEG_EACCES
- * or AEG_EIO. On error @cfg is left unchanged. Keys, types and limits: see
+ * or AEG_EIO; a path that is not a regular file (a FIFO or device; /dev/null
+ * reads as empty) or a file over 1 MiB is AEG_ECONFIG. On error @cfg is left unchanged. Keys, types and limits: see
  * aegaeon.conf(5). Thread-safe (no global state).
  */
 int aeg_config_load(struct aeg_config *cfg, const char *path);

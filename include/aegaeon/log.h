@@ -22,7 +22,7 @@ int aeg_log_parse_level(const char *text, enum aeg_log_level *level);
 /*
  * aeg_log_set_level - messages below @level are dropped. The initial level
  * comes from AEGAEON_LOG (default warn); an invalid AEGAEON_LOG is reported
- * once on stderr and ignored.
+ * once on stderr (the value with control bytes as '?') and ignored.
  */
 void aeg_log_set_level(enum aeg_log_level level);
 enum aeg_log_level aeg_log_get_level(void);

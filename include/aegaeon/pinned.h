@@ -60,8 +60,10 @@ int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
 /*
  * aeg_pool_attach - map the pool behind @fd (from aeg_pool_fd of another
  * process, passed with SCM_RIGHTS), in the page size it was made with; @fd
- * is duplicated, the caller keeps its own. AEG_EBADF for a closed or negative @fd, AEG_EINVAL when @fd is not
- * an aegaeon pool (or its header does not match the file's size).
+ * is duplicated, the caller keeps its own. The pool's geometry is read from
+ * its header once and kept. AEG_EBADF for a closed or negative @fd,
+ * AEG_EINVAL when @fd is not an aegaeon pool of this version (or its header
+ * does not match the file's size).
  */
 int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **pool);
 
@@ -71,7 +73,10 @@ void aeg_pool_destroy(aeg_pool_t *pool);
 /*
  * aeg_pool_acquire - a free buffer, waiting up to @timeout_ms (0: don't
  * wait, < 0: forever). AEG_ETIMEDOUT when none came free. O(1). Thread- and
- * process-safe.
+ * process-safe and lock-free: a process stopped or killed in the middle of
+ * an acquire or release holds up no other. The free list is in memory
+ * every attached process can write: a broken one is logged and rebuilt,
+ * and AEG_EIO returned when it stays broken.
  */
 int aeg_pool_acquire(aeg_pool_t *pool, int timeout_ms, struct aeg_pool_buffer *buf);
 

@@ -35,7 +35,8 @@ struct aeg_gpu_locality {
  * machine. A topology loaded from XML is not taken for this machine's
  * unless $HWLOC_THISSYSTEM=1, so binding on it gives AEG_ENOTSUP.
  * On success *@topo is a handle for aeg_topo_destroy().
- * Errors: AEG_ENOENT (no such XML), AEG_EINVAL (unreadable or invalid XML),
+ * Errors: AEG_ENOENT (no such XML), AEG_EINVAL (unreadable or invalid XML, or
+ * a path that is not a regular file: a FIFO would block hwloc for ever),
  * AEG_ENOMEM, AEG_EIO (hwloc could not discover the live machine).
  */
 int aeg_topo_load(aeg_topo_t **topo, const char *xml_path);

@@ -197,7 +197,7 @@ int main(int argc, char **argv)
 		rc = usage_error(dir, "%s", aeg_error_detail());
 		goto out;
 	}
-	if (getenv("AEGAEON_LOG") == NULL)
+	if (!aeg_log_level_from_env())
 		aeg_log_set_level(cfg.log_level);
 	if (!foreground)
 		aeg_log_to_syslog("aegaeond");
@@ -231,6 +231,8 @@ int main(int argc, char **argv)
 	acfg->prefetch_chunk_bytes = cfg.prefetch_chunk_bytes;
 	acfg->prefetch_threads = cfg.prefetch_threads;
 	acfg->model_cache = cfg.model_cache;
+	acfg->max_loads = (uint32_t)cfg.max_loads;
+	acfg->hello_timeout_ms = cfg.hello_timeout_ms;
 	acfg->slab_max = cfg.slab_max;
 	acfg->pinned_max_bytes = cfg.pinned_max_bytes;
 

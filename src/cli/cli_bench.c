@@ -246,7 +246,7 @@ static int bench_pinned(aeg_device_t *dev, struct bench_opts *o)
 
 		err = aeg_pool_create(dev, o->gpu, buffer, o->bytes, &pool);
 		if (err)
-			return cli_fail(err, "pinned pool");
+			return cli_fail(err, "bench pinned");
 		ours[i] = aeg_now_ns() - t0;
 		aeg_pool_timing(pool, &tm);
 		if (i == 0)

@@ -71,8 +71,8 @@ int cli_fail(int err, const char *what)
 
 	if (*detail == '\0')
 		detail = aeg_strerror(err);
-	/* Details often start with the file they are about: name it once. */
-	if (strncmp(detail, what, n) == 0 && (detail[n] == ':' || detail[n] == ' '))
+	/* Details often start with the file they are about, or one in the directory asked for: name it once. */
+	if (strncmp(detail, what, n) == 0 && (detail[n] == ':' || detail[n] == ' ' || (detail[n] == '/' && n > 0)))
 		fprintf(stderr, "aegaeon-cli: %s\n", detail);
 	else
 		fprintf(stderr, "aegaeon-cli: %s: %s\n", what, detail);

@@ -10,6 +10,8 @@
 #include <aegaeon/size.h>
 
 #define AEG_AGENT_MAX_CLIENTS 256
+#define AEG_AGENT_MAX_LOADS 4096        /* the default of max_loads */
+#define AEG_AGENT_HELLO_TIMEOUT_MS 10000 /* the default of hello_timeout */
 #define AEG_AGENT_JOB_ID_MAX 64
 
 struct aeg_agent_config {
@@ -26,6 +28,8 @@ struct aeg_agent_config {
 	uint64_t prefetch_chunk_bytes;          /* default chunk size of loads */
 	int prefetch_threads;                   /* per engine (slab); 0: the engine's default */
 	int max_clients;                        /* 0: AEG_AGENT_MAX_CLIENTS */
+	uint32_t max_loads;                     /* loads kept at once; 0: AEG_AGENT_MAX_LOADS */
+	int hello_timeout_ms;                   /* for a new connection's first byte; 0: AEG_AGENT_HELLO_TIMEOUT_MS */
 	struct aeg_size_spec model_cache;       /* host model cache in the pool; percentages of it */
 	/*
 	 * The site's caps (slab_max, pinned_max), checked again here: a slab

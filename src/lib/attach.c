@@ -20,6 +20,7 @@
 #include "attach_internal.h"
 #include "device_internal.h"
 #include "internal.h"
+#include "pinned_internal.h"
 #include "proto.h"
 
 #define REPLY_TIMEOUT_MS 120000         /* an agent that says nothing this long is stuck */
@@ -42,7 +43,8 @@ struct aeg_job {
 	struct job_lease *leases;
 	unsigned char *frame;
 	union proto_msg *msg;
-	char socket[AEG_JOB_SOCKET_MAX];
+	char socket[AEG_JOB_SOCKET_MAX + 4];    /* for messages: aeg_quote of the path, whole */
+	char sock_path[AEG_JOB_SOCKET_MAX];     /* the path itself */
 	int reply_lost;                 /* a request went unanswered: the stream is out of step */
 	struct aeg_job *next_job;       /* on the list of attached jobs */
 	struct aeg_job *idle_waiter;    /* a wait connection kept for the next wait */
@@ -131,11 +133,19 @@ static int local_gpu(aeg_device_t *dev, const struct proto_slab *s)
 static int check_env(const aeg_job_t *job)
 {
 	const char *v = getenv("AEGAEON_SLABS");
-	char name[40];
+	char name[40], q[64], *end;
+	unsigned long n;
 
-	if (v && (strtoul(v, NULL, 10) != job->hello.nslabs))
-		return aeg_fail(AEG_EPROTO, "AEGAEON_SLABS=%s but the agent at %s has %u slabs",
-				v, job->socket, job->hello.nslabs);
+	if (v) {
+		errno = 0;
+		n = strtoul(v, &end, 10);
+		if (v[0] < '0' || v[0] > '9' || *end != '\0' || errno != 0)
+			return aeg_fail(AEG_EINVAL, "AEGAEON_SLABS='%s' is not a number of slabs",
+					aeg_quote(v, q, sizeof(q)));
+		if (n != job->hello.nslabs)
+			return aeg_fail(AEG_EPROTO, "AEGAEON_SLABS=%lu but the agent at %s has %u slabs",
+					n, job->socket, job->hello.nslabs);
+	}
 	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
 		aeg_handle_t h;
 
@@ -153,14 +163,21 @@ static int check_env(const aeg_job_t *job)
 static int connect_agent(aeg_job_t *job, const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char q[160];
 
 	if (path == NULL || *path == '\0')
 		return aeg_fail(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set; "
 				"run under srun/sbatch with --aegaeon-slab or --aegaeon-pinned)");
+	/* The plugin sets an absolute path; anything else would name a socket under the working directory. */
+	if (path[0] != '/')
+		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET='%s' is not an absolute path (the job's agent.sock)",
+				aeg_quote(path, q, sizeof(q)));
 	if (strlen(path) >= sizeof(sa.sun_path))
-		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET=%s is longer than %zu bytes", path,
-				sizeof(sa.sun_path) - 1);
-	snprintf(job->socket, sizeof(job->socket), "%s", path);
+		return aeg_fail(AEG_EINVAL, "AEGAEON_SOCKET='%s' is longer than %zu bytes",
+				aeg_quote(path, q, sizeof(q)), sizeof(sa.sun_path) - 1);
+	/* Kept for messages only: as it may be shown. */
+	aeg_quote(path, job->socket, sizeof(job->socket));
+	snprintf(job->sock_path, sizeof(job->sock_path), "%s", path);
 	memcpy(sa.sun_path, path, strlen(path) + 1);
 	job->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (job->fd < 0)
@@ -168,7 +185,7 @@ static int connect_agent(aeg_job_t *job, const char *path)
 	if (connect(job->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		int e = errno;
 		return aeg_fail(e == EACCES || e == EPERM ? AEG_EACCES : AEG_EIO,
-				"connecting to the job's agent at %s: %s%s", path, strerror(e),
+				"connecting to the job's agent at %s: %s%s", job->socket, strerror(e),
 				e == ECONNREFUSED || e == ENOENT ? " (the agent is not running)" : "");
 	}
 	return 0;
@@ -218,7 +235,8 @@ static int map_memory(aeg_job_t *job)
 		return err;
 	if (fd < 0)
 		return aeg_fail(AEG_EPROTO, "the agent's pool reply carried no descriptor");
-	err = aeg_pool_attach(job->dev, fd, &job->pool);
+	/* The agent's word on the geometry, not the header's: any step can write that. */
+	err = aeg_pool_attach_known(job->dev, fd, job->hello.pool_buffer, job->hello.pool_bytes, &job->pool);
 	close(fd);
 	if (err)
 		aeg_error_prefix("mapping the job's pinned pool");
@@ -342,7 +360,7 @@ static aeg_job_t *jobs_remove(aeg_job_t *job)
 static aeg_job_t *job_at(const char *socket_path)
 {
 	for (aeg_job_t *j = jobs; j; j = j->next_job)
-		if (strcmp(j->socket, socket_path) == 0)
+		if (strcmp(j->sock_path, socket_path) == 0)
 			return j;
 	return NULL;
 }
@@ -392,7 +410,7 @@ static void waiter_put(aeg_job_t *c, int err)
 	aeg_job_t *job;
 
 	pthread_mutex_lock(&jobs_lock);
-	job = clean ? job_at(c->socket) : NULL;
+	job = clean ? job_at(c->sock_path) : NULL;
 	if (job != NULL && job->idle_waiter == NULL) {
 		job->idle_waiter = c;
 		c = NULL;
@@ -437,7 +455,7 @@ AEG_EXPORT int aeg_job_wait(aeg_job_t *job, uint64_t load_id, int timeout_ms)
 	memset(&req.wait_load_req, 0, sizeof(req.wait_load_req));
 	req.wait_load_req.load_id = load_id;
 	req.wait_load_req.timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
-	return wait_call(job->socket, PROTO_WAIT_LOAD, &req, timeout_ms);
+	return wait_call(job->sock_path, PROTO_WAIT_LOAD, &req, timeout_ms);
 }
 
 AEG_EXPORT int aeg_job_attach(aeg_job_t **job)
@@ -777,20 +795,36 @@ AEG_EXPORT int aeg_job_release(aeg_job_t *job, int index, const uint64_t *ids, s
 	return err;
 }
 
-AEG_EXPORT int aeg_job_release_all(aeg_job_t *job, uint32_t *released)
+/* A release of everything or of one load: no ids. */
+static int release_whole(aeg_job_t *job, uint32_t flags, uint64_t load_id, uint32_t *released)
 {
 	int err;
 
-	if (job == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_job_release_all: NULL argument");
 	pthread_mutex_lock(&job->lock);
-	job->msg->release_req.flags = PROTO_RELEASE_ALL;
+	job->msg->release_req.flags = flags;
 	job->msg->release_req.count = 0;
+	job->msg->release_req.load_id = load_id;
 	err = call(job, PROTO_RELEASE, NULL);
 	if (!err && released)
 		*released = job->msg->release_rep.released;
 	pthread_mutex_unlock(&job->lock);
 	return err;
+}
+
+AEG_EXPORT int aeg_job_release_load(aeg_job_t *job, uint64_t load_id, uint32_t *released)
+{
+	if (job == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_release_load: NULL argument");
+	if (load_id == 0)
+		return aeg_fail(AEG_EINVAL, "release of load 0: load ids start at 1");
+	return release_whole(job, PROTO_RELEASE_LOAD, load_id, released);
+}
+
+AEG_EXPORT int aeg_job_release_all(aeg_job_t *job, uint32_t *released)
+{
+	if (job == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_release_all: NULL argument");
+	return release_whole(job, PROTO_RELEASE_ALL, 0, released);
 }
 
 AEG_EXPORT int aeg_job_status(aeg_job_t *job, struct aeg_job_status **out)

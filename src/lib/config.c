@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <libconfig.h>
 #include <math.h>
 #include <stdarg.h>
@@ -11,17 +12,24 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
 
 #include <aegaeon/config.h>
 
+#include "agent.h"
 #include "internal.h"
 
 #define PAGE_BYTES 4096u
 #define MAX_TIMEOUT_S 86400.0
 #define MAX_PREFETCH_THREADS 256
+#define MAX_LOADS_LIMIT 1048576
+#define MAX_CONFIG_BYTES (1 << 20)
 
 AEG_EXPORT int aeg_device_kind_parse(const char *text, enum aeg_device_kind *kind)
 {
+	char q[72];
+
 	if (text == NULL || kind == NULL)
 		return aeg_fail(AEG_EINVAL, "device kind missing");
 	if (strcasecmp(text, "cuda") == 0)
@@ -29,7 +37,7 @@ AEG_EXPORT int aeg_device_kind_parse(const char *text, enum aeg_device_kind *kin
 	else if (strcasecmp(text, "host") == 0)
 		*kind = AEG_DEVICE_HOST;
 	else
-		return aeg_fail(AEG_EINVAL, "device '%.64s' is not one of cuda, host", text);
+		return aeg_fail(AEG_EINVAL, "device '%s' is not one of cuda, host", aeg_quote(text, q, sizeof(q)));
 	return 0;
 }
 
@@ -62,6 +70,8 @@ AEG_EXPORT void aeg_config_defaults(struct aeg_config *cfg)
 	snprintf(cfg->runtime_dir, sizeof(cfg->runtime_dir), "%s", "/run/aegaeon");
 	cfg->log_level = AEG_LOG_INFO;
 	cfg->model_cache = (struct aeg_size_spec){ .bytes = 0 };
+	cfg->max_loads = AEG_AGENT_MAX_LOADS;
+	cfg->hello_timeout_ms = AEG_AGENT_HELLO_TIMEOUT_MS;
 }
 
 enum kind {
@@ -69,7 +79,7 @@ enum kind {
 	K_BOOL,
 	K_SLAB,		/* size or percentage */
 	K_BYTES,	/* absolute size */
-	K_THREADS,
+	K_INT,		/* an integer within the key's min..max */
 	K_SECONDS,
 	K_PATH,
 	K_LOG_LEVEL,
@@ -91,6 +101,8 @@ enum key_id {
 	RUNTIME_DIR,
 	LOG_LEVEL,
 	MODEL_CACHE,
+	MAX_LOADS,
+	HELLO_TIMEOUT,
 	NKEYS
 };
 
@@ -98,6 +110,7 @@ static const struct key {
 	const char *name;
 	enum kind kind;
 	size_t off;
+	long long min, max;     /* K_INT */
 } keys[NKEYS] = {
 	[DEVICE] = { "device", K_DEVICE, offsetof(struct aeg_config, device) },
 	[ALLOW_DEVICE_OPTION] = { "allow_device_option", K_BOOL, offsetof(struct aeg_config, allow_device_option) },
@@ -106,7 +119,8 @@ static const struct key {
 	[PINNED_DEFAULT] = { "pinned_default", K_BYTES, offsetof(struct aeg_config, pinned_default_bytes) },
 	[PINNED_MAX] = { "pinned_max", K_BYTES, offsetof(struct aeg_config, pinned_max_bytes) },
 	[PINNED_BUFFER] = { "pinned_buffer", K_BYTES, offsetof(struct aeg_config, pinned_buffer_bytes) },
-	[PREFETCH_THREADS] = { "prefetch_threads", K_THREADS, offsetof(struct aeg_config, prefetch_threads) },
+	[PREFETCH_THREADS] = { "prefetch_threads", K_INT, offsetof(struct aeg_config, prefetch_threads), 1,
+			       MAX_PREFETCH_THREADS },
 	[PREFETCH_CHUNK] = { "prefetch_chunk", K_BYTES, offsetof(struct aeg_config, prefetch_chunk_bytes) },
 	[AGENT_PATH] = { "agent_path", K_PATH, offsetof(struct aeg_config, agent_path) },
 	[AGENT_START_TIMEOUT] = { "agent_start_timeout", K_SECONDS, offsetof(struct aeg_config, agent_start_timeout_ms) },
@@ -114,6 +128,8 @@ static const struct key {
 	[RUNTIME_DIR] = { "runtime_dir", K_PATH, offsetof(struct aeg_config, runtime_dir) },
 	[LOG_LEVEL] = { "log_level", K_LOG_LEVEL, offsetof(struct aeg_config, log_level) },
 	[MODEL_CACHE] = { "model_cache", K_SLAB, offsetof(struct aeg_config, model_cache) },
+	[MAX_LOADS] = { "max_loads", K_INT, offsetof(struct aeg_config, max_loads), 1, MAX_LOADS_LIMIT },
+	[HELLO_TIMEOUT] = { "hello_timeout", K_SECONDS, offsetof(struct aeg_config, hello_timeout_ms) },
 };
 
 /* One load: where messages point, and which keys the file set. */
@@ -185,6 +201,7 @@ static int set_size(const struct load *ld, const config_setting_t *s, int allow_
 		    struct aeg_size_spec *spec)
 {
 	const char *str = NULL;
+	char q[72];
 	int rc;
 
 	rc = string_of(ld, s, allow_percent ? "\"90%\" or \"40GiB\"" : "\"64MiB\"", &str);
@@ -194,7 +211,8 @@ static int set_size(const struct load *ld, const config_setting_t *s, int allow_
 	if (rc < 0)
 		return bad(ld, s, "%s", aeg_error_detail());
 	if (spec->is_percent && !allow_percent)
-		return bad(ld, s, "'%.64s' is a percentage; this key needs a size in bytes (e.g. \"64MiB\")", str);
+		return bad(ld, s, "'%s' is a percentage; this key needs a size in bytes (e.g. \"64MiB\")",
+			   aeg_quote(str, q, sizeof(q)));
 	return 0;
 }
 
@@ -226,6 +244,7 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 {
 	void *field = (char *)cfg + k->off;
 	const char *str = NULL;
+	char q[264];
 	long long n;
 	int rc;
 
@@ -233,7 +252,7 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 	case K_DEVICE:
 		rc = string_of(ld, s, "\"cuda\"", &str);
 		if (rc == 0 && aeg_device_kind_parse(str, field) < 0)
-			rc = bad(ld, s, "'%.64s' is not one of \"cuda\", \"host\"", str);
+			rc = bad(ld, s, "'%s' is not one of \"cuda\", \"host\"", aeg_quote(str, q, sizeof(q)));
 		return rc;
 	case K_BOOL:
 		if (config_setting_type(s) != CONFIG_TYPE_BOOL)
@@ -250,12 +269,12 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 			*(uint64_t *)field = spec.bytes;
 		return rc;
 	}
-	case K_THREADS:
+	case K_INT:
 		if (config_setting_type(s) != CONFIG_TYPE_INT && config_setting_type(s) != CONFIG_TYPE_INT64)
 			return bad(ld, s, "must be an integer, not %s", type_name(config_setting_type(s)));
 		n = config_setting_get_int64(s);
-		if (n < 1 || n > MAX_PREFETCH_THREADS)
-			return bad(ld, s, "%lld is out of range (1 to %d)", n, MAX_PREFETCH_THREADS);
+		if (n < k->min || n > k->max)
+			return bad(ld, s, "%lld is out of range (%lld to %lld)", n, k->min, k->max);
 		*(int *)field = (int)n;
 		return 0;
 	case K_SECONDS:
@@ -265,7 +284,7 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 		if (rc < 0)
 			return rc;
 		if (str[0] != '/')
-			return bad(ld, s, "'%.256s' is not an absolute path", str);
+			return bad(ld, s, "'%s' is not an absolute path", aeg_quote(str, q, sizeof(q)));
 		if (strlen(str) >= PATH_MAX)
 			return bad(ld, s, "path is longer than %d bytes", PATH_MAX - 1);
 		memcpy(field, str, strlen(str) + 1);
@@ -273,7 +292,8 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 	case K_LOG_LEVEL:
 		rc = string_of(ld, s, "\"info\"", &str);
 		if (rc == 0 && aeg_log_parse_level(str, field) < 0)
-			rc = bad(ld, s, "'%.64s' is not one of \"debug\", \"info\", \"warn\", \"error\"", str);
+			rc = bad(ld, s, "'%s' is not one of \"debug\", \"info\", \"warn\", \"error\"",
+				 aeg_quote(str, q, sizeof(q)));
 		return rc;
 	}
 	return bad(ld, s, "internal error: no parser for this key");
@@ -466,12 +486,58 @@ out:
 	return rc;
 }
 
+/* /dev/null reads as an empty file: "no configuration" (tests use it). */
+static int is_dev_null(const struct stat *st)
+{
+	return S_ISCHR(st->st_mode) && major(st->st_rdev) == 1 && minor(st->st_rdev) == 3;
+}
+
+/*
+ * Open the file to parse: 1 and *@fp, 0 when the default file is missing
+ * (defaults stand), or an error. Only a regular file of at most
+ * MAX_CONFIG_BYTES (or /dev/null): a FIFO or a terminal would block the
+ * reader for ever, a device could feed it without end. Opened without
+ * blocking, so a FIFO is found before anything waits on it.
+ */
+static int open_config(const char *path, const char *named_by, int is_default, FILE **fp)
+{
+	struct stat st;
+	int fd, err;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0) {
+		err = errno;
+		if (err == ENOENT && is_default) {
+			aeg_debug("no %s, using the built-in defaults", path);
+			return 0;
+		}
+		return aeg_fail(err == ENOENT ? AEG_ENOENT : err == EACCES ? AEG_EACCES : AEG_EIO,
+				"configuration file %s%s: %s", path, named_by, strerror(err));
+	}
+	if (fstat(fd, &st) < 0)
+		err = aeg_fail(AEG_EIO, "configuration file %s%s: %s", path, named_by, strerror(errno));
+	else if (S_ISDIR(st.st_mode))
+		err = aeg_fail(AEG_ECONFIG, "configuration file %s%s is a directory", path, named_by);
+	else if (!S_ISREG(st.st_mode) && !is_dev_null(&st))
+		err = aeg_fail(AEG_ECONFIG, "configuration file %s%s is not a regular file (a %s)", path, named_by,
+			       S_ISFIFO(st.st_mode) ? "FIFO" : S_ISSOCK(st.st_mode) ? "socket" :
+			       S_ISCHR(st.st_mode) ? "character device" : "block device");
+	else if (st.st_size > MAX_CONFIG_BYTES)
+		err = aeg_fail(AEG_ECONFIG, "configuration file %s%s is %lld bytes; at most %d", path, named_by,
+			       (long long)st.st_size, MAX_CONFIG_BYTES);
+	else if ((*fp = fdopen(fd, "r")) == NULL)
+		err = aeg_fail(AEG_ENOMEM, "configuration file %s%s: %s", path, named_by, strerror(errno));
+	else
+		return 1;
+	close(fd);
+	return err;
+}
+
 AEG_EXPORT int aeg_config_load(struct aeg_config *cfg, const char *path)
 {
 	struct aeg_config tmp;
 	const char *named_by = "";
 	int is_default = 0;
-	struct stat st;
 	FILE *fp;
 	int rc;
 
@@ -490,28 +556,17 @@ AEG_EXPORT int aeg_config_load(struct aeg_config *cfg, const char *path)
 		return aeg_fail(AEG_EINVAL, "configuration file name is empty");
 
 	aeg_config_defaults(&tmp);
-	fp = fopen(path, "re");
-	if (fp == NULL) {
-		int err = errno;
-
-		if (err == ENOENT && is_default) {
-			aeg_debug("no %s, using the built-in defaults", path);
+	rc = open_config(path, named_by, is_default, &fp);
+	if (rc <= 0) {
+		if (rc == 0)
 			*cfg = tmp;
-			return 0;
-		}
-		return aeg_fail(err == ENOENT ? AEG_ENOENT : err == EACCES ? AEG_EACCES : AEG_EIO,
-				"configuration file %s%s: %s", path, named_by, strerror(err));
-	}
-	if (fstat(fileno(fp), &st) == 0 && S_ISDIR(st.st_mode)) {
-		rc = aeg_fail(AEG_ECONFIG, "configuration file %s%s is a directory", path, named_by);
-		goto out;
+		return rc;
 	}
 	rc = parse_file(path, fp, &tmp);
 	if (rc == 0) {
 		*cfg = tmp;
 		aeg_debug("configuration read from %s", path);
 	}
-out:
 	fclose(fp);
 	return rc;
 }

@@ -114,6 +114,8 @@ static void leave(int gpu, int prev)
 
 static int cuda_init(aeg_device_t *dev)
 {
+	const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+	char q[128];
 	struct cuda_impl *c;
 	cudaError_t e;
 	int count = 0, err;
@@ -123,7 +125,7 @@ static int cuda_init(aeg_device_t *dev)
 		return cfail(AEG_EDEVICE, e, "cudaGetDeviceCount (is the NVIDIA driver loaded? device \"host\" runs without a GPU)");
 	if (count <= 0)
 		return aeg_fail(AEG_EDEVICE, "cudaGetDeviceCount: no CUDA GPU visible (CUDA_VISIBLE_DEVICES=\"%s\")",
-				getenv("CUDA_VISIBLE_DEVICES") ? getenv("CUDA_VISIBLE_DEVICES") : "");
+				aeg_quote(cvd != NULL ? cvd : "", q, sizeof(q)));
 	c = calloc(1, sizeof(*c));
 	if (c == NULL)
 		return aeg_fail(AEG_ENOMEM, "cuda device: out of memory");

@@ -5,14 +5,12 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "device_internal.h"
@@ -142,7 +140,7 @@ static struct host_impl *impl_of(aeg_device_t *dev)
 static int parse_gpu_count(int *count)
 {
 	const char *text = getenv("AEGAEON_HOST_GPUS");
-	char *end;
+	char *end, q[64];
 	long n;
 
 	*count = 1;
@@ -152,7 +150,7 @@ static int parse_gpu_count(int *count)
 	n = strtol(text, &end, 10);
 	if (errno != 0 || end == text || *end != '\0' || n < 1 || n > HOST_MAX_GPUS)
 		return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_GPUS=\"%s\": expected a whole number from 1 to %d",
-				text, HOST_MAX_GPUS);
+				aeg_quote(text, q, sizeof(q)), HOST_MAX_GPUS);
 	*count = (int)n;
 	return 0;
 }
@@ -187,6 +185,7 @@ static int parse_pci(const char *text, size_t len, char out[16])
 static int parse_pci_ids(struct host_impl *h, int count)
 {
 	const char *text = getenv("AEGAEON_HOST_PCI_BUS_IDS");
+	char q[128], id[40];
 	const char *p;
 	int n = 0;
 
@@ -198,10 +197,12 @@ static int parse_pci_ids(struct host_impl *h, int count)
 
 		if (n == count)
 			return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS=\"%s\": more ids than the %d GPU%s of AEGAEON_HOST_GPUS",
-					text, count, count == 1 ? "" : "s");
-		if (parse_pci(p, len, h->pci[n]) < 0)
-			return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS: \"%.*s\" is not a PCI bus id (like 0000:3b:00.0)",
-					(int)len, p);
+					aeg_quote(text, q, sizeof(q)), count, count == 1 ? "" : "s");
+		if (parse_pci(p, len, h->pci[n]) < 0) {
+			snprintf(id, sizeof(id), "%.*s", (int)(len < sizeof(id) ? len : sizeof(id) - 1), p);
+			return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS: \"%s\" is not a PCI bus id (like 0000:3b:00.0)",
+					aeg_quote(id, id, sizeof(id)));
+		}
 		for (int i = 0; i < n; i++)
 			if (strcmp(h->pci[i], h->pci[n]) == 0)
 				return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS: %s given twice", h->pci[n]);
@@ -212,7 +213,7 @@ static int parse_pci_ids(struct host_impl *h, int count)
 	}
 	if (n != count)
 		return aeg_fail(AEG_EINVAL, "AEGAEON_HOST_PCI_BUS_IDS=\"%s\": %d id%s for %d GPU%s (AEGAEON_HOST_GPUS): give one per GPU",
-				text, n, n == 1 ? "" : "s", count, count == 1 ? "" : "s");
+				aeg_quote(text, q, sizeof(q)), n, n == 1 ? "" : "s", count, count == 1 ? "" : "s");
 	return 0;
 }
 
@@ -672,17 +673,11 @@ static int host_host_unregister(aeg_device_t *dev, void *ptr)
 
 /* ---------------------------------------------------------------- events */
 
-static long futex(_Atomic uint32_t *word, int op, uint32_t val, const struct timespec *timeout)
-{
-	/* Not FUTEX_PRIVATE_FLAG: the word lives in a page other processes map. */
-	return syscall(SYS_futex, (uint32_t *)word, op, val, timeout, NULL, 0);
-}
-
 static void page_wake(struct host_event_page *pg)
 {
 	atomic_fetch_add(&pg->word, 1);
 	if (atomic_load(&pg->waiters) != 0)
-		futex(&pg->word, FUTEX_WAKE, INT_MAX, NULL);
+		aeg_futex_wake((uint32_t *)&pg->word);
 }
 
 static void page_complete(struct host_event_page *pg, uint64_t seq)
@@ -713,7 +708,6 @@ static int page_wait(struct host_event *ev, uint64_t target, int timeout_ms, int
 	for (;;) {
 		uint32_t gen = atomic_load(&pg->word);
 		int32_t failure = atomic_load(&pg->failure);
-		struct timespec ts, *tsp = NULL;
 		uint64_t now, until = 0;
 
 		if (failures && failure != 0) {
@@ -747,12 +741,7 @@ static int page_wait(struct host_event *ev, uint64_t target, int timeout_ms, int
 			if (until == 0 || next_check < until)
 				until = next_check;
 		}
-		if (until != 0) {
-			ts.tv_sec = (time_t)((until - now) / 1000000000ull);
-			ts.tv_nsec = (long)((until - now) % 1000000000ull);
-			tsp = &ts;
-		}
-		futex(&pg->word, FUTEX_WAIT, gen, tsp);
+		aeg_futex_wait((uint32_t *)&pg->word, gen, until != 0 ? until - now : 0);
 	}
 	atomic_fetch_sub(&pg->waiters, 1);
 	if (err == AEG_ETIMEDOUT)

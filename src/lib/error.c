@@ -85,3 +85,19 @@ void aeg_error_prefix(const char *fmt, ...)
 	memcpy(old, detail, sizeof(old));
 	snprintf(detail, sizeof(detail), "%s: %s", prefix, old);
 }
+
+const char *aeg_quote(const char *text, char *buf, size_t len)
+{
+	size_t o = 0;
+	const char *p;
+
+	for (p = text; *p != '\0' && o + 4 < len; p++)
+		buf[o++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+	if (*p != '\0') {
+		buf[o++] = '.';
+		buf[o++] = '.';
+		buf[o++] = '.';
+	}
+	buf[o] = '\0';
+	return buf;
+}

@@ -2,8 +2,13 @@
 #ifndef AEGAEON_INTERNAL_H
 #define AEGAEON_INTERNAL_H
 
+#include <limits.h>
+#include <linux/futex.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <aegaeon/error.h>
 #include <aegaeon/log.h>
@@ -20,8 +25,21 @@ int aeg_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3))
 /* aeg_fail_keep - return @err, keeping the detail a callee already set. */
 static inline int aeg_fail_keep(int err) { return err; }
 
+/*
+ * aeg_quote - @text as it may go into a message shown on a terminal or in a
+ * log: control and non-ASCII bytes as '?', cut with "..." to fit @len bytes
+ * (at least 5). Returns @buf. Text from the environment, options and files.
+ */
+const char *aeg_quote(const char *text, char *buf, size_t len);
+
 /* Prefix this thread's detail with more context: "opening X: <old detail>". */
 void aeg_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/*
+ * aeg_log_level_from_env - 1 when $AEGAEON_LOG set the level (a valid
+ * value), so a program's own default (aegaeond's log_level) gives way to it.
+ */
+int aeg_log_level_from_env(void);
 
 #define aeg_debug(...) aeg_log(AEG_LOG_DEBUG, __VA_ARGS__)
 #define aeg_info(...)  aeg_log(AEG_LOG_INFO, __VA_ARGS__)
@@ -33,6 +51,24 @@ static inline uint64_t aeg_now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * aeg_futex_wait - sleep while *@word is @val, at most @timeout_ns (0: no
+ * limit), or until woken; returns early on a signal or a changed word.
+ * aeg_futex_wake - wake every sleeper on @word. Not FUTEX_PRIVATE_FLAG: the
+ * words live in pages other processes map.
+ */
+static inline void aeg_futex_wait(uint32_t *word, uint32_t val, uint64_t timeout_ns)
+{
+	struct timespec ts = { (time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull) };
+
+	syscall(SYS_futex, word, FUTEX_WAIT, val, timeout_ns ? &ts : NULL, NULL, 0);
+}
+
+static inline void aeg_futex_wake(uint32_t *word)
+{
+	syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
 static inline uint64_t aeg_round_up(uint64_t v, uint64_t align)

@@ -14,23 +14,6 @@
 #define PAGE_BYTES 4096u
 #define PPM_ONE 1000000u
 
-/* User text goes into messages shown on terminals and in logs: no control bytes, bounded. */
-static const char *quote(const char *text, char *buf, size_t len)
-{
-	size_t o = 0;
-	const char *p;
-
-	for (p = text; *p != '\0' && o + 4 < len; p++)
-		buf[o++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
-	if (*p != '\0') {
-		buf[o++] = '.';
-		buf[o++] = '.';
-		buf[o++] = '.';
-	}
-	buf[o] = '\0';
-	return buf;
-}
-
 static void format_ppm(uint32_t ppm, char *buf, size_t len)
 {
 	unsigned frac = ppm % 10000;
@@ -76,7 +59,7 @@ AEG_EXPORT int aeg_jobopt_parse_slab(const char *text, struct aeg_size_spec *sla
 
 	if (text == NULL || slab == NULL)
 		return aeg_fail(AEG_EINVAL, "--aegaeon-slab: value missing");
-	quote(text, q, sizeof(q));
+	aeg_quote(text, q, sizeof(q));
 	rc = aeg_size_spec_parse(text, &s);
 	if (rc < 0) {
 		aeg_error_prefix("--aegaeon-slab=%s", q);
@@ -102,7 +85,7 @@ static int parse_bytes(const char *opt, const char *what, const char *text, uint
 	}
 	if (s.is_percent)
 		return aeg_fail(AEG_EINVAL, "%s: %s '%s' cannot be a percentage (give bytes, e.g. 16GiB)",
-				opt, what, quote(text, q, sizeof(q)));
+				opt, what, aeg_quote(text, q, sizeof(q)));
 	*bytes = s.bytes;
 	return 0;
 }
@@ -116,7 +99,7 @@ AEG_EXPORT int aeg_jobopt_parse_pinned(const char *text, struct aeg_jobopt_pinne
 
 	if (text == NULL || pinned == NULL)
 		return aeg_fail(AEG_EINVAL, "--aegaeon-pinned: value missing");
-	snprintf(opt, sizeof(opt), "--aegaeon-pinned=%s", quote(text, q, sizeof(q)));
+	snprintf(opt, sizeof(opt), "--aegaeon-pinned=%s", aeg_quote(text, q, sizeof(q)));
 	colon = strchr(text, ':');
 	if (colon == NULL) {
 		rc = parse_bytes(opt, "pool size", text, &p.bytes);
@@ -165,7 +148,7 @@ AEG_EXPORT int aeg_jobopt_parse_prefetch(const char *text, const char *cwd, char
 	*paths = NULL;
 	if (text == NULL || *text == '\0')
 		return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: no file named (give PATH[,PATH...])");
-	quote(text, q, sizeof(q));
+	aeg_quote(text, q, sizeof(q));
 	cwd_len = cwd != NULL ? strlen(cwd) : 0;
 	if (cwd != NULL && cwd[0] != '/')
 		return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: working directory '%.64s' is not absolute", cwd);
@@ -280,7 +263,7 @@ AEG_EXPORT int aeg_jobopt_parse_device(const char *text, enum aeg_device_kind *k
 		return aeg_fail(AEG_EINVAL, "--aegaeon-device: value missing");
 	if (aeg_device_kind_parse(text, kind) < 0)
 		return aeg_fail(AEG_EINVAL, "--aegaeon-device=%s: not one of cuda, host",
-				quote(text, q, sizeof(q)));
+				aeg_quote(text, q, sizeof(q)));
 	return 0;
 }
 

@@ -14,37 +14,64 @@
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static enum aeg_log_level current = AEG_LOG_WARN;
 static int use_syslog;
+static int from_env;            /* the level came from a valid $AEGAEON_LOG */
 
 static const char *const names[] = { "debug", "info", "warn", "error" };
 
-AEG_EXPORT int aeg_log_parse_level(const char *text, enum aeg_log_level *level)
+/* The level @text names, or -1. Sets no error detail: the log's own set-up uses it. */
+static int level_named(const char *text)
 {
-	if (text == NULL || level == NULL)
-		return aeg_fail(AEG_EINVAL, "log level missing");
-	for (size_t i = 0; i < AEG_ARRAY_SIZE(names); i++) {
-		if (strcasecmp(text, names[i]) == 0) {
-			*level = (enum aeg_log_level)i;
-			return 0;
-		}
-	}
-	if (strcasecmp(text, "warning") == 0) {
-		*level = AEG_LOG_WARN;
-		return 0;
-	}
-	return aeg_fail(AEG_EINVAL, "log level '%s' is not one of debug, info, warn, error", text);
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(names); i++)
+		if (strcasecmp(text, names[i]) == 0)
+			return (int)i;
+	if (strcasecmp(text, "warning") == 0)
+		return AEG_LOG_WARN;
+	return -1;
 }
 
+AEG_EXPORT int aeg_log_parse_level(const char *text, enum aeg_log_level *level)
+{
+	char q[80];
+	int l;
+
+	if (text == NULL || level == NULL)
+		return aeg_fail(AEG_EINVAL, "log level missing");
+	l = level_named(text);
+	if (l < 0)
+		return aeg_fail(AEG_EINVAL, "log level '%s' is not one of debug, info, warn, error",
+				aeg_quote(text, q, sizeof(q)));
+	*level = (enum aeg_log_level)l;
+	return 0;
+}
+
+/*
+ * Runs once, inside the first call that logs or asks for the level, so
+ * nothing here may log, or fail through aeg_fail (which logs): that call
+ * would wait for this one to finish, for ever. A bad value is said here,
+ * once, on stderr.
+ */
 static void init_from_env(void)
 {
 	const char *env = getenv("AEGAEON_LOG");
-	enum aeg_log_level level;
+	char q[80];
+	int l;
 
 	if (env == NULL || *env == '\0')
 		return;
-	if (aeg_log_parse_level(env, &level) == 0)
-		current = level;
-	else
-		fprintf(stderr, "aegaeon: warning: AEGAEON_LOG=%s is not one of debug, info, warn, error; using warn\n", env);
+	l = level_named(env);
+	if (l >= 0) {
+		current = (enum aeg_log_level)l;
+		from_env = 1;
+		return;
+	}
+	fprintf(stderr, "aegaeon: warn: AEGAEON_LOG='%s' is not one of debug, info, warn, error; using %s\n",
+		aeg_quote(env, q, sizeof(q)), names[current]);
+}
+
+int aeg_log_level_from_env(void)
+{
+	pthread_once(&once, init_from_env);
+	return from_env;
 }
 
 AEG_EXPORT void aeg_log_set_level(enum aeg_log_level level)

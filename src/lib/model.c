@@ -405,17 +405,17 @@ int model_release_chunks(struct aeg_model *m)
 	for (uint32_t i = 0; i < m->nchunks; i++)
 		if (n == 0 || ids[n - 1] != m->chunks[i].slab_id)
 			ids[n++] = m->chunks[i].slab_id;
-	/* The agent cannot cancel for a client: wait for the load (it may have failed), then free what is left. */
+	/*
+	 * The agent cannot cancel for a client: wait for the load (it may have
+	 * failed), then free it whole (a load with no chunk too).
+	 */
 	err = wait_one(m, -1);
 	aeg_error_clear();
 	if (err != AEG_ENOENT) {
-		err = 0;
-		for (uint32_t i = 0; i < n && err == 0; i++) {
-			err = aeg_job_release(s->job, m->slab, &ids[i], 1, NULL);
-			if (err == AEG_ENOENT) {
-				aeg_error_clear();
-				err = 0;
-			}
+		err = aeg_job_release_load(s->job, m->id, NULL);
+		if (err == AEG_ENOENT) {
+			aeg_error_clear();
+			err = 0;
 		}
 	} else {
 		err = 0;

@@ -1,4 +1,4 @@
-/* The pinned pool: one memfd of fixed buffers with a process-shared free stack in its header. */
+/* The pinned pool: one memfd of fixed buffers, with a lock-free free list in its header (pinned_list.c). */
 #include "config.h"
 
 #include <errno.h>
@@ -35,7 +35,7 @@
 #endif
 
 #define POOL_MAGIC "AEGPOOL"    /* and a NUL: 8 bytes */
-#define POOL_VERSION 1
+#define POOL_VERSION 2          /* 1 had a pthread mutex and condvar in the header */
 #define POOL_PAGE 4096u
 #define HUGE_PAGE (UINT64_C(2) << 20)
 #define HUGE_SYSFS "/sys/kernel/mm/hugepages/hugepages-2048kB"
@@ -52,39 +52,18 @@
 #define POPULATE_THREADS 4
 #define POPULATE_MIN_BYTES (64ull << 20)
 
-/*
- * The first pages of the memfd. Every process that attaches works on this
- * header: the mutex and condvar are process-shared and the mutex is robust,
- * so a process that dies holding it does not wedge the others. After it come
- * the free stack (buffers entries) and the owner marks (pid of the acquirer,
- * 0 when free), which are the truth the free stack is rebuilt from.
- */
-struct pool_header {
-	char magic[8];
-	uint32_t version;
-	uint32_t buffers;
-	uint64_t header_bytes;
-	uint64_t buffer_bytes;
-	uint64_t pool_bytes;
-	int32_t numa_node;
-	uint32_t free_count;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	uint32_t in_use;
-	uint32_t high_water;
-	uint64_t acquires;
-	uint64_t timeouts;
-	uint32_t slots[];       /* free stack [buffers], then owner [buffers] */
-};
+_Static_assert(offsetof(struct aeg_pool_header, head) % 8 == 0, "the free stack head is one 64-bit atomic word");
 
 struct aeg_pool {
 	aeg_device_t *dev;
 	int fd;
 	void *map;
 	uint64_t map_bytes;
-	struct pool_header *hdr;
 	char *data;
-	uint32_t *stack, *owner;
+	/* The geometry, this process's own: never read back from the shared header. */
+	uint64_t buffer_bytes, pool_bytes;
+	int numa_node;
+	struct aeg_pool_list list;
 	int registered;
 	struct aeg_pool_timing timing;
 };
@@ -92,84 +71,22 @@ struct aeg_pool {
 /* The header fills whole pages of its own, so buffers start on a page. */
 static uint64_t header_bytes_for(uint32_t buffers, uint64_t page)
 {
-	return aeg_round_up(offsetof(struct pool_header, slots) + 2ull * sizeof(uint32_t) * buffers, page);
+	return aeg_round_up(offsetof(struct aeg_pool_header, slots) + 2ull * sizeof(uint32_t) * buffers, page);
 }
 
-/* Rebuild the free stack from the owner marks after a process died holding the lock. */
-static void repair(struct aeg_pool *pool)
+static void init_header(aeg_pool_t *pool, uint32_t buffers, uint64_t header_bytes)
 {
-	struct pool_header *h = pool->hdr;
-	uint32_t n = 0;
-
-	for (uint32_t i = h->buffers; i-- > 0;)
-		if (pool->owner[i] == 0)
-			pool->stack[n++] = i;
-	h->free_count = n;
-	h->in_use = h->buffers - n;
-	aeg_warn("pinned pool: a process died holding the pool lock; rebuilt the free list (%" PRIu32 " of %" PRIu32 " buffers in use)",
-		 h->in_use, h->buffers);
-}
-
-static int check_lock(struct aeg_pool *pool, int r, const char *call)
-{
-	if (r == 0)
-		return 0;
-	if (r == EOWNERDEAD) {
-		repair(pool);
-		pthread_mutex_consistent(&pool->hdr->lock);
-		return 0;
-	}
-	return aeg_fail(AEG_EIO, "pinned pool: %s: %s", call, strerror(r));
-}
-
-static int pool_lock(struct aeg_pool *pool)
-{
-	return check_lock(pool, pthread_mutex_lock(&pool->hdr->lock), "pthread_mutex_lock");
-}
-
-static void pool_unlock(struct aeg_pool *pool)
-{
-	pthread_mutex_unlock(&pool->hdr->lock);
-}
-
-static int init_header(struct pool_header *h, uint32_t buffers, uint64_t header_bytes, uint64_t buffer_bytes,
-		       int numa_node)
-{
-	pthread_mutexattr_t ma;
-	pthread_condattr_t ca;
-	uint32_t *stack = h->slots;
-	int err;
+	struct aeg_pool_header *h = pool->map;
 
 	h->version = POOL_VERSION;
 	h->buffers = buffers;
 	h->header_bytes = header_bytes;
-	h->buffer_bytes = buffer_bytes;
-	h->pool_bytes = (uint64_t)buffers * buffer_bytes;
-	h->numa_node = numa_node;
-	/* Buffer 0 on top: low buffers go out first. */
-	for (uint32_t i = 0; i < buffers; i++)
-		stack[i] = buffers - 1 - i;
-	h->free_count = buffers;
-
-	pthread_mutexattr_init(&ma);
-	pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
-	pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
-	err = pthread_mutex_init(&h->lock, &ma);
-	pthread_mutexattr_destroy(&ma);
-	if (err != 0)
-		return aeg_fail(AEG_EIO, "pinned pool: pthread_mutex_init: %s", strerror(err));
-	pthread_condattr_init(&ca);
-	pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	err = pthread_cond_init(&h->cond, &ca);
-	pthread_condattr_destroy(&ca);
-	if (err != 0) {
-		pthread_mutex_destroy(&h->lock);
-		return aeg_fail(AEG_EIO, "pinned pool: pthread_cond_init: %s", strerror(err));
-	}
+	h->buffer_bytes = pool->buffer_bytes;
+	h->pool_bytes = pool->pool_bytes;
+	h->numa_node = pool->numa_node;
+	aeg_pool_list_format(&pool->list);
 	/* The magic last: a header is valid once it is there. */
 	memcpy(h->magic, POOL_MAGIC, sizeof(h->magic));
-	return 0;
 }
 
 /* Where a pool goes: the GPU's PCI bus id and, when the topology knows them, its NUMA nodes. */
@@ -236,6 +153,7 @@ enum huge_mode { HUGE_AUTO, HUGE_NEVER, HUGE_ALWAYS };
 static int huge_mode(enum huge_mode *mode)
 {
 	const char *v = getenv("AEGAEON_PINNED_HUGEPAGES");
+	char q[64];
 
 	if (v == NULL || *v == '\0' || strcmp(v, "auto") == 0)
 		*mode = HUGE_AUTO;
@@ -244,7 +162,8 @@ static int huge_mode(enum huge_mode *mode)
 	else if (strcmp(v, "always") == 0)
 		*mode = HUGE_ALWAYS;
 	else
-		return aeg_fail(AEG_EINVAL, "pinned pool: AEGAEON_PINNED_HUGEPAGES='%s' is not auto, never or always", v);
+		return aeg_fail(AEG_EINVAL, "pinned pool: AEGAEON_PINNED_HUGEPAGES='%s' is not auto, never or always",
+				aeg_quote(v, q, sizeof(q)));
 	return 0;
 }
 
@@ -450,14 +369,11 @@ static aeg_pool_t *pool_new(aeg_device_t *dev)
 	return pool;
 }
 
-static void pool_layout(aeg_pool_t *pool)
+/* Where things are in the mapping, from the geometry this process knows (never from the header). */
+static void pool_layout(aeg_pool_t *pool, uint32_t buffers, uint64_t header_bytes)
 {
-	struct pool_header *h = pool->map;
-
-	pool->hdr = h;
-	pool->stack = h->slots;
-	pool->owner = h->slots + h->buffers;
-	pool->data = (char *)pool->map + h->header_bytes;
+	pool->data = (char *)pool->map + header_bytes;
+	aeg_pool_list_init(&pool->list, pool->map, buffers);
 }
 
 /* The memfd of @page pages holding @header + @data_bytes, mapped, bound and populated. */
@@ -565,12 +481,11 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 		page = POOL_PAGE;
 	}
 
-	((struct pool_header *)pool->map)->buffers = (uint32_t)buffers;
-	((struct pool_header *)pool->map)->header_bytes = header;
-	pool_layout(pool);
-	err = init_header(pool->hdr, (uint32_t)buffers, header, buffer_bytes, pl.numa_node);
-	if (err < 0)
-		goto fail;
+	pool->buffer_bytes = buffer_bytes;
+	pool->pool_bytes = data_bytes;
+	pool->numa_node = pl.numa_node;
+	pool_layout(pool, (uint32_t)buffers, header);
+	init_header(pool, (uint32_t)buffers, header);
 
 	t = aeg_now_ns();
 	err = aeg_host_register(dev, pool->data, data_bytes, 0);
@@ -602,45 +517,68 @@ static uint64_t fd_page_bytes(int fd)
 	return POOL_PAGE;
 }
 
-AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
-{
-	struct pool_header *h;
-	aeg_pool_t *pool;
-	struct stat st;
-	uint64_t header = 0, buffer_bytes = 0, pool_bytes = 0, page;
-	uint32_t buffers = 0;
-	int valid, err;
+#define NUMA_FROM_HEADER (-2)
 
-	if (dev == NULL || poolp == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_pool_attach: NULL argument");
-	*poolp = NULL;
-	if (fd < 0 || fstat(fd, &st) < 0)
+/* A pool's layout, as its maker or the agent says, or as read once from its header. */
+struct geometry {
+	uint32_t buffers;
+	uint64_t header_bytes, buffer_bytes, pool_bytes, page;
+	int numa_node;
+};
+
+/* The descriptor's file and page size; AEG_EBADF or AEG_EINVAL when it cannot be a pool. */
+static int pool_file(int fd, struct stat *st, uint64_t *page)
+{
+	if (fd < 0 || fstat(fd, st) < 0)
 		return aeg_fail(AEG_EBADF, "pinned pool: descriptor %d: %s", fd,
 				fd < 0 ? "negative" : strerror(errno));
-	page = fd_page_bytes(fd);
-	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < page)
+	*page = fd_page_bytes(fd);
+	if (!S_ISREG(st->st_mode) || (uint64_t)st->st_size < *page)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d is not an aegaeon pool (%s of %lld bytes)",
-				fd, S_ISREG(st.st_mode) ? "a file" : "not a file", (long long)st.st_size);
+				fd, S_ISREG(st->st_mode) ? "a file" : "not a file", (long long)st->st_size);
+	return 0;
+}
+
+/* The geometry in the header of the pool behind @fd, read once. */
+static int read_geometry(int fd, struct geometry *g)
+{
+	struct aeg_pool_header *h;
+	int valid;
+
 	/* Whole pages: unmapping part of a hugetlb mapping fails. */
-	h = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, 0);
+	h = mmap(NULL, g->page, PROT_READ, MAP_SHARED, fd, 0);
 	if (h == MAP_FAILED)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d cannot be mapped: %s", fd, strerror(errno));
 	valid = memcmp(h->magic, POOL_MAGIC, sizeof(h->magic)) == 0 && h->version == POOL_VERSION;
 	if (valid) {
-		header = h->header_bytes;
-		buffers = h->buffers;
-		buffer_bytes = h->buffer_bytes;
-		pool_bytes = h->pool_bytes;
+		g->header_bytes = h->header_bytes;
+		g->buffers = h->buffers;
+		g->buffer_bytes = h->buffer_bytes;
+		g->pool_bytes = h->pool_bytes;
+		g->numa_node = h->numa_node;
 	}
-	munmap(h, page);
+	munmap(h, g->page);
 	if (!valid)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d is not an aegaeon pool (no pool header, or another version)",
 				fd);
-	if (buffers == 0 || buffers > POOL_MAX_BUFFERS || buffer_bytes == 0 ||
-	    buffer_bytes % page != 0 || header != header_bytes_for(buffers, page) ||
-	    pool_bytes != (uint64_t)buffers * buffer_bytes || header + pool_bytes != (uint64_t)st.st_size)
+	return 0;
+}
+
+static int check_geometry(int fd, const struct stat *st, const struct geometry *g)
+{
+	if (g->buffers == 0 || g->buffers > POOL_MAX_BUFFERS || g->buffer_bytes == 0 ||
+	    g->buffer_bytes % g->page != 0 || g->header_bytes != header_bytes_for(g->buffers, g->page) ||
+	    g->pool_bytes != (uint64_t)g->buffers * g->buffer_bytes ||
+	    g->header_bytes + g->pool_bytes != (uint64_t)st->st_size)
 		return aeg_fail(AEG_EINVAL, "pinned pool: descriptor %d has a corrupt header (%" PRIu32 " buffers of %" PRIu64 " bytes, header %" PRIu64 ", file %lld bytes)",
-				fd, buffers, buffer_bytes, header, (long long)st.st_size);
+				fd, g->buffers, g->buffer_bytes, g->header_bytes, (long long)st->st_size);
+	return 0;
+}
+
+static int map_pool(aeg_device_t *dev, int fd, const struct geometry *g, aeg_pool_t **poolp)
+{
+	aeg_pool_t *pool;
+	int err;
 
 	pool = pool_new(dev);
 	if (pool == NULL)
@@ -650,8 +588,8 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 		err = aeg_fail(AEG_EBADF, "pinned pool: dup of descriptor %d: %s", fd, strerror(errno));
 		goto fail;
 	}
-	pool->timing.page_bytes = page;
-	pool->map_bytes = header + pool_bytes;
+	pool->timing.page_bytes = g->page;
+	pool->map_bytes = g->header_bytes + g->pool_bytes;
 	pool->map = mmap(NULL, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, pool->fd, 0);
 	if (pool->map == MAP_FAILED) {
 		pool->map = NULL;
@@ -659,10 +597,19 @@ AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
 			       pool->map_bytes, strerror(errno));
 		goto fail;
 	}
-	pool_layout(pool);
-	err = aeg_host_register(dev, pool->data, pool_bytes, 0);
+	pool->buffer_bytes = g->buffer_bytes;
+	pool->pool_bytes = g->pool_bytes;
+	pool->numa_node = g->numa_node;
+	if (g->numa_node == NUMA_FROM_HEADER) {
+		/* Shown in stats only; any process may have written it. */
+		int node = ((struct aeg_pool_header *)pool->map)->numa_node;
+
+		pool->numa_node = node >= 0 && node < 4096 ? node : -1;
+	}
+	pool_layout(pool, g->buffers, g->header_bytes);
+	err = aeg_host_register(dev, pool->data, g->pool_bytes, 0);
 	if (err < 0) {
-		aeg_error_prefix("attaching a pinned pool of %" PRIu64 " bytes", pool_bytes);
+		aeg_error_prefix("attaching a pinned pool of %" PRIu64 " bytes", g->pool_bytes);
 		goto fail;
 	}
 	pool->registered = 1;
@@ -673,6 +620,43 @@ fail:
 	return err;
 }
 
+AEG_EXPORT int aeg_pool_attach(aeg_device_t *dev, int fd, aeg_pool_t **poolp)
+{
+	struct geometry g = { .numa_node = -1 };
+	struct stat st;
+	int err;
+
+	if (dev == NULL || poolp == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_pool_attach: NULL argument");
+	*poolp = NULL;
+	err = pool_file(fd, &st, &g.page);
+	if (err == 0)
+		err = read_geometry(fd, &g);
+	if (err == 0)
+		err = check_geometry(fd, &st, &g);
+	return err < 0 ? err : map_pool(dev, fd, &g, poolp);
+}
+
+int aeg_pool_attach_known(aeg_device_t *dev, int fd, uint64_t buffer_bytes, uint64_t pool_bytes,
+			  aeg_pool_t **poolp)
+{
+	struct geometry g = { .numa_node = NUMA_FROM_HEADER, .buffer_bytes = buffer_bytes, .pool_bytes = pool_bytes };
+	struct stat st;
+	int err;
+
+	*poolp = NULL;
+	err = pool_file(fd, &st, &g.page);
+	if (err < 0)
+		return err;
+	if (buffer_bytes == 0 || pool_bytes / buffer_bytes > POOL_MAX_BUFFERS)
+		return aeg_fail(AEG_EINVAL, "pinned pool: %" PRIu64 " bytes in buffers of %" PRIu64 " is no pool",
+				pool_bytes, buffer_bytes);
+	g.buffers = (uint32_t)(pool_bytes / buffer_bytes);
+	g.header_bytes = header_bytes_for(g.buffers, g.page);
+	err = check_geometry(fd, &st, &g);
+	return err < 0 ? err : map_pool(dev, fd, &g, poolp);
+}
+
 AEG_EXPORT void aeg_pool_destroy(aeg_pool_t *pool)
 {
 	if (pool != NULL)
@@ -681,150 +665,55 @@ AEG_EXPORT void aeg_pool_destroy(aeg_pool_t *pool)
 
 AEG_EXPORT int aeg_pool_acquire(aeg_pool_t *pool, int timeout_ms, struct aeg_pool_buffer *buf)
 {
-	struct pool_header *h;
-	struct timespec deadline;
 	uint32_t index;
 	int err;
 
 	if (pool == NULL || buf == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_acquire: NULL argument");
-	h = pool->hdr;
-	if (timeout_ms > 0) {
-		clock_gettime(CLOCK_MONOTONIC, &deadline);
-		deadline.tv_sec += timeout_ms / 1000;
-		deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-		if (deadline.tv_nsec >= 1000000000L) {
-			deadline.tv_sec++;
-			deadline.tv_nsec -= 1000000000L;
-		}
-	}
-	err = pool_lock(pool);
+	err = aeg_pool_list_take(&pool->list, timeout_ms, &index);
+	if (err == AEG_ETIMEDOUT)
+		return aeg_fail(AEG_ETIMEDOUT, "pinned pool: no buffer came free in %d ms (all %" PRIu32 " buffers of %" PRIu64 " bytes in use)",
+				timeout_ms, pool->list.buffers, pool->buffer_bytes);
 	if (err < 0)
 		return err;
-	while (h->free_count == 0) {
-		int r;
-
-		if (timeout_ms == 0)
-			goto timeout;
-		if (timeout_ms < 0)
-			r = pthread_cond_wait(&h->cond, &h->lock);
-		else
-			r = pthread_cond_timedwait(&h->cond, &h->lock, &deadline);
-		if (r == ETIMEDOUT) {
-			if (h->free_count == 0)
-				goto timeout;
-			break;
-		}
-		err = check_lock(pool, r, "pthread_cond_wait");
-		if (err < 0)
-			goto out;
-	}
-	index = pool->stack[--h->free_count];
-	pool->owner[index] = (uint32_t)getpid();
-	h->in_use++;
-	if (h->in_use > h->high_water)
-		h->high_water = h->in_use;
-	h->acquires++;
 	buf->index = index;
-	buf->ptr = pool->data + (uint64_t)index * h->buffer_bytes;
-	buf->bytes = h->buffer_bytes;
-	err = 0;
-	goto out;
-timeout:
-	h->timeouts++;
-	err = aeg_fail(AEG_ETIMEDOUT, "pinned pool: no buffer came free in %d ms (all %" PRIu32 " buffers of %" PRIu64 " bytes in use)",
-		       timeout_ms, h->buffers, h->buffer_bytes);
-out:
-	pool_unlock(pool);
-	return err;
+	buf->ptr = pool->data + (uint64_t)index * pool->buffer_bytes;
+	buf->bytes = pool->buffer_bytes;
+	return 0;
 }
 
 AEG_EXPORT int aeg_pool_release(aeg_pool_t *pool, uint32_t index)
 {
-	struct pool_header *h;
-	int err;
-
 	if (pool == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_release: NULL pool");
-	h = pool->hdr;
-	if (index >= h->buffers)
-		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " does not exist (the pool has %" PRIu32 ")",
-				index, h->buffers);
-	err = pool_lock(pool);
-	if (err < 0)
-		return err;
-	if (pool->owner[index] == 0) {
-		err = aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " is not acquired (released twice?)", index);
-		goto out;
-	}
-	pool->owner[index] = 0;
-	pool->stack[h->free_count++] = index;
-	h->in_use--;
-	/*
-	 * Broadcast, not signal: a waiter that died blocked in the condvar can
-	 * swallow a signal meant for a live one; waiters re-check anyway.
-	 */
-	pthread_cond_broadcast(&h->cond);
-out:
-	pool_unlock(pool);
-	return err;
+	return aeg_pool_list_give(&pool->list, index);
 }
 
 AEG_EXPORT void *aeg_pool_buffer_ptr(aeg_pool_t *pool, uint32_t index)
 {
-	if (pool == NULL || index >= pool->hdr->buffers)
+	if (pool == NULL || index >= pool->list.buffers)
 		return NULL;
-	return pool->data + (uint64_t)index * pool->hdr->buffer_bytes;
+	return pool->data + (uint64_t)index * pool->buffer_bytes;
 }
 
 AEG_EXPORT int aeg_pool_stats(aeg_pool_t *pool, struct aeg_pool_stats *stats)
 {
-	struct pool_header *h;
-	int err;
-
 	if (pool == NULL || stats == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_stats: NULL argument");
-	h = pool->hdr;
-	err = pool_lock(pool);
-	if (err < 0)
-		return err;
-	stats->buffer_bytes = h->buffer_bytes;
-	stats->pool_bytes = h->pool_bytes;
-	stats->buffers = h->buffers;
-	stats->in_use = h->in_use;
-	stats->high_water = h->high_water;
-	stats->acquires = h->acquires;
-	stats->timeouts = h->timeouts;
-	stats->numa_node = h->numa_node;
-	pool_unlock(pool);
+	stats->buffer_bytes = pool->buffer_bytes;
+	stats->pool_bytes = pool->pool_bytes;
+	stats->buffers = pool->list.buffers;
+	stats->numa_node = pool->numa_node;
+	aeg_pool_list_counts(&pool->list, stats);
 	return 0;
 }
 
 int aeg_pool_reclaim(aeg_pool_t *pool, pid_t pid, uint32_t *reclaimed)
 {
-	struct pool_header *h;
-	uint32_t n = 0;
-	int err;
-
 	*reclaimed = 0;
 	if (pool == NULL || pid <= 0)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_reclaim: no pool or pid %d", (int)pid);
-	h = pool->hdr;
-	err = pool_lock(pool);
-	if (err < 0)
-		return err;
-	for (uint32_t i = 0; i < h->buffers; i++) {
-		if (pool->owner[i] != (uint32_t)pid)
-			continue;
-		pool->owner[i] = 0;
-		pool->stack[h->free_count++] = i;
-		h->in_use--;
-		n++;
-	}
-	if (n > 0)
-		pthread_cond_broadcast(&h->cond);
-	pool_unlock(pool);
-	*reclaimed = n;
+	*reclaimed = aeg_pool_list_reclaim(&pool->list, (uint32_t)pid);
 	return 0;
 }
 
@@ -843,7 +732,12 @@ void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing)
 	*timing = pool->timing;
 }
 
-pthread_mutex_t *aeg_pool_mutex(aeg_pool_t *pool)
+struct aeg_pool_header *aeg_pool_header(aeg_pool_t *pool)
 {
-	return &pool->hdr->lock;
+	return pool->map;
+}
+
+uint32_t aeg_pool_repairs(aeg_pool_t *pool)
+{
+	return __atomic_load_n(&pool->list.repairs, __ATOMIC_RELAXED);
 }

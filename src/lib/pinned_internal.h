@@ -2,7 +2,6 @@
 #ifndef AEGAEON_PINNED_INTERNAL_H
 #define AEGAEON_PINNED_INTERNAL_H
 
-#include <pthread.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -23,8 +22,89 @@ struct aeg_pool_timing {
 
 void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
 
-/* The process-shared mutex in the pool header (robust-mutex tests). */
-pthread_mutex_t *aeg_pool_mutex(aeg_pool_t *pool);
+/*
+ * The first pages of a pool's memfd. Every process of the job that attaches
+ * the pool maps it read-write and can write any byte of it, so nothing in it
+ * is trusted: each process keeps the geometry it made or read once at
+ * attach in its own memory, checks every index and count it reads here
+ * against that, and changes the words below only by atomic operations.
+ * There is no lock: a process stopped or killed anywhere holds up no other.
+ *   head        the free stack, linked through next[]: (tag << 32) | (top
+ *               index + 1), 0 when empty; the tag changes at every push and
+ *               pop, so a stale compare-and-swap fails (ABA)
+ *   owner[i]    pid of the process holding buffer i, 0 when free; claimed
+ *               by compare-and-swap after the pop, so no buffer has two
+ *               holders; the truth a broken list is rebuilt from
+ *   free_seq    futex word bumped by every release; waiters count those
+ *               asleep on it
+ * No process-shared pthread object lives here: glibc keeps its own state in
+ * them and trusts it (16 bytes written into a robust mutex made glibc abort
+ * the process that locked it next).
+ */
+struct aeg_pool_header {
+	char magic[8];
+	uint32_t version;
+	uint32_t buffers;
+	uint64_t header_bytes;
+	uint64_t buffer_bytes;
+	uint64_t pool_bytes;
+	int32_t numa_node;
+	uint32_t waiters;
+	uint64_t head;
+	uint32_t free_seq;
+	uint32_t in_use;
+	uint32_t high_water;
+	uint32_t reserved;
+	uint64_t acquires;
+	uint64_t timeouts;
+	uint32_t slots[];       /* next [buffers], then owner [buffers] */
+};
+
+/* aeg_pool_header - the shared header of @pool as mapped here (tests write into it). */
+struct aeg_pool_header *aeg_pool_header(aeg_pool_t *pool);
+
+/* aeg_pool_repairs - rebuilds of @pool's broken free list made by this process. */
+uint32_t aeg_pool_repairs(aeg_pool_t *pool);
+
+/* A process's view of a pool's free list (pinned_list.c). */
+struct aeg_pool_list {
+	struct aeg_pool_header *hdr;
+	uint32_t *next, *owner;         /* in the header */
+	uint32_t buffers;               /* this process's own: never read back from the header */
+	uint32_t repairs;               /* rebuilds of a broken list made by this process */
+};
+
+/* aeg_pool_list_init - the view of @h for a pool of @buffers (as this process knows it). */
+void aeg_pool_list_init(struct aeg_pool_list *l, struct aeg_pool_header *h, uint32_t buffers);
+
+/* aeg_pool_list_format - a new pool's list: every buffer free, buffer 0 on top, counts zero. */
+void aeg_pool_list_format(struct aeg_pool_list *l);
+
+/*
+ * aeg_pool_list_take - pop a buffer and mark it with this process's pid,
+ * waiting up to @timeout_ms (0: not at all, < 0: for ever) for one to come
+ * free. A broken list (an index out of range, a held buffer on it) is
+ * logged and rebuilt from the owner marks. AEG_ETIMEDOUT (no detail set),
+ * or AEG_EIO when the list stays broken or keeps changing under it.
+ */
+int aeg_pool_list_take(struct aeg_pool_list *l, int timeout_ms, uint32_t *index);
+
+/* aeg_pool_list_give - unmark buffer @index and put it back. AEG_EINVAL if it is not held. */
+int aeg_pool_list_give(struct aeg_pool_list *l, uint32_t index);
+
+/* aeg_pool_list_reclaim - put back every buffer marked with @pid; the count. */
+uint32_t aeg_pool_list_reclaim(struct aeg_pool_list *l, uint32_t pid);
+
+/* aeg_pool_list_counts - in_use (at most the pool's buffers), high_water, acquires, timeouts. */
+void aeg_pool_list_counts(const struct aeg_pool_list *l, struct aeg_pool_stats *stats);
+
+/*
+ * aeg_pool_attach_known - aeg_pool_attach of the pool whose geometry the
+ * agent told (the job's steps): the header, which any step can write, is
+ * not read for it. AEG_EINVAL when the file does not match.
+ */
+int aeg_pool_attach_known(aeg_device_t *dev, int fd, uint64_t buffer_bytes, uint64_t pool_bytes,
+			  aeg_pool_t **pool);
 
 /*
  * aeg_pool_reclaim - give back to the free list every buffer that process

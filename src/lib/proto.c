@@ -546,6 +546,8 @@ static void enc_release_req(struct wr *w, const union proto_msg *m)
 	}
 	put_u32(w, q->flags);
 	put_u32(w, q->count);
+	if (q->flags & PROTO_RELEASE_LOAD)
+		put_u64(w, q->load_id);
 	for (uint32_t i = 0; i < q->count; i++) {
 		put_u32(w, q->ids[i].slab);
 		put_u64(w, q->ids[i].slab_id);
@@ -560,10 +562,19 @@ static int dec_release_req(struct rd *r, union proto_msg *m)
 	q->count = get_u32(r);
 	if (r->short_read)
 		return 0;
-	if (q->flags & ~PROTO_RELEASE_ALL)
+	if (q->flags & ~(PROTO_RELEASE_ALL | PROTO_RELEASE_LOAD))
 		return aeg_fail(AEG_EPROTO, "release with unknown flags 0x%x", q->flags);
-	if ((q->flags & PROTO_RELEASE_ALL) && q->count)
-		return aeg_fail(AEG_EPROTO, "release of all with %u ids", q->count);
+	if (q->flags == (PROTO_RELEASE_ALL | PROTO_RELEASE_LOAD))
+		return aeg_fail(AEG_EPROTO, "release of all and of a load at once");
+	if (q->flags && q->count)
+		return aeg_fail(AEG_EPROTO, "release of %s with %u ids", q->flags & PROTO_RELEASE_ALL ? "all" : "a load",
+				q->count);
+	q->load_id = 0;
+	if (q->flags & PROTO_RELEASE_LOAD) {
+		q->load_id = get_u64(r);
+		if (!r->short_read && q->load_id == 0)
+			return aeg_fail(AEG_EPROTO, "release of load 0");
+	}
 	if (q->count > PROTO_RELEASE_MAX)
 		return aeg_fail(AEG_EPROTO, "release of %u ids, at most %d", q->count, PROTO_RELEASE_MAX);
 	for (uint32_t i = 0; i < q->count; i++) {

@@ -150,15 +150,23 @@ struct proto_chunks_rep {
 };
 
 #define PROTO_RELEASE_ALL 0x1u
+#define PROTO_RELEASE_LOAD 0x2u
 
 struct proto_release_id {
 	uint32_t slab;
 	uint64_t slab_id;
 };
 
+/*
+ * Release blocks by id; or (PROTO_RELEASE_ALL, count 0) everything; or
+ * (PROTO_RELEASE_LOAD, count 0) load @load_id, its chunks and the load
+ * itself, which goes even when it has no chunk. @load_id is on the wire
+ * with PROTO_RELEASE_LOAD only, after count.
+ */
 struct proto_release_req {
-	uint32_t flags;                 /* PROTO_RELEASE_ALL: everything, with count 0 */
+	uint32_t flags;
 	uint32_t count;
+	uint64_t load_id;
 	struct proto_release_id ids[PROTO_RELEASE_MAX];
 };
 

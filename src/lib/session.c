@@ -653,7 +653,8 @@ static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const
 		err = load_one(s, &r, &parts[n]);
 	}
 	if (err) {
-		char why[512];
+		/* The detail names the shard; the parts loaded so far go, keeping it. */
+		char why[1024];
 
 		snprintf(why, sizeof(why), "%s", aeg_error_detail());
 		for (uint32_t i = 0; i + 1 < n; i++) {
@@ -662,7 +663,7 @@ static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const
 			model_free(parts[i]);
 		}
 		free(parts);
-		return aeg_fail(err, "%s: %s", req->path, why);
+		return aeg_fail(err, "%s", why);
 	}
 	return model_compose(s, req->path, parts, n, out);
 }

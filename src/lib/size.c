@@ -49,25 +49,6 @@ static int is_digit(char c)
 	return c >= '0' && c <= '9';
 }
 
-/*
- * Printing the text back in a detail must not let a newline or an escape
- * sequence from a job option into a log line, nor overrun the detail buffer.
- */
-static const char *quote(const char *text, char *buf, size_t len)
-{
-	size_t o = 0;
-
-	for (const char *p = text; *p != '\0' && o + 4 < len; p++)
-		buf[o++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
-	if (o + 4 >= len && text[o] != '\0') {
-		buf[o++] = '.';
-		buf[o++] = '.';
-		buf[o++] = '.';
-	}
-	buf[o] = '\0';
-	return buf;
-}
-
 /* Leaves *spec alone on failure, so callers may parse into their defaults. */
 AEG_EXPORT int aeg_size_spec_parse(const char *text, struct aeg_size_spec *spec)
 {
@@ -79,7 +60,7 @@ AEG_EXPORT int aeg_size_spec_parse(const char *text, struct aeg_size_spec *spec)
 
 	if (text == NULL || spec == NULL)
 		return aeg_fail(AEG_EINVAL, "size missing");
-	quote(text, q, sizeof(q));
+	aeg_quote(text, q, sizeof(q));
 
 	p = text;
 	while (is_blank(*p))
@@ -145,7 +126,7 @@ AEG_EXPORT int aeg_size_spec_parse(const char *text, struct aeg_size_spec *spec)
 		snprintf(u, sizeof(u), "%.*s", (int)(unit_len < 40 ? unit_len : 40), unit);
 		return aeg_fail(AEG_EINVAL,
 				"size '%s': unknown unit '%s' (use B, K/KiB, M/MiB, G/GiB, T/TiB, P/PiB, E/EiB, KB, MB, GB, TB, PB, EB or %%)",
-				q, quote(u, u, sizeof(u)));
+				q, aeg_quote(u, u, sizeof(u)));
 	}
 	if (have_frac && mult == 1)
 		return aeg_fail(AEG_EINVAL, "size '%s': a byte count cannot have a fraction (add a unit, e.g. 1.5KiB)", q);
@@ -190,7 +171,7 @@ AEG_EXPORT int aeg_size_parse(const char *text, uint64_t total_bytes, uint64_t *
 		return rc;
 	if (spec.is_percent && total_bytes == 0)
 		return aeg_fail(AEG_EINVAL, "size '%s': a percentage is not allowed here (give bytes, e.g. 64MiB)",
-				quote(text, q, sizeof(q)));
+				aeg_quote(text, q, sizeof(q)));
 	return aeg_size_spec_resolve(&spec, total_bytes, bytes);
 }
 

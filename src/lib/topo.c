@@ -198,6 +198,9 @@ static int load(aeg_topo_t **topo, const char *xml_path, const char *from)
 					"topology XML %s%s: %s", xml_path, from, strerror(errno));
 		if (S_ISDIR(st.st_mode))
 			return aeg_fail(AEG_EINVAL, "topology XML %s%s is a directory", xml_path, from);
+		/* hwloc would wait for ever on a FIFO, or read a device without end. */
+		if (!S_ISREG(st.st_mode))
+			return aeg_fail(AEG_EINVAL, "topology XML %s%s is not a regular file", xml_path, from);
 	}
 
 	t = calloc(1, sizeof(*t));

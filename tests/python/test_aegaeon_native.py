@@ -827,8 +827,12 @@ class TestPrefetch(Base):
             an.prefetch_file_to_gpu_chunks(os.path.join(TMP, "missing.bin"), 0, MiB)
         self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
         self.assertIn("missing.bin", str(c.exception))
-        with self.assertRaises(an.AegaeonValueError):
-            an.prefetch_file_to_gpu_chunks(TMP, 0, MiB)
+        empty = tempfile.mkdtemp(dir=TMP)      # a directory is a model: this one holds none
+        with self.assertRaises(an.AegaeonError) as c:
+            an.prefetch_file_to_gpu_chunks(empty, 0, MiB)
+        self.assertAegaeon(c, "AEG_ENOENT", errno.ENOENT)
+        self.assertIn("no model in it", str(c.exception))
+        os.rmdir(empty)
         with self.assertRaises(an.AegaeonError) as c:
             an.prefetch_file_to_gpu_chunks(path, 2, MiB)
         self.assertAegaeon(c, "AEG_ENODEV")

@@ -68,6 +68,11 @@ write_site_config 'slab_max = "50%";' 'slab_default = "10%";' 'allow_device_opti
 rejected srun "--aegaeon-slab=60% is over this site's limit of 50% of each GPU's memory" --aegaeon-slab=60%
 rejected srun "--aegaeon-device=tpu: not one of cuda, host" --aegaeon-device=tpu
 
+# A typo in the user's $AEGAEON_LOG is a warning in srun, never a hang (it hung every srun).
+out=$(as_user AEGAEON_LOG=verbose timeout 30 srun -N1 echo log-typo-ran 2>&1)
+check "srun with AEGAEON_LOG=verbose runs its job" grep -qx log-typo-ran <<<"$out"
+check "... and warns: AEGAEON_LOG='verbose' is not one of ..." grep -qF "AEGAEON_LOG='verbose' is not one of" <<<"$out"
+
 # A broken site configuration stops aegaeon jobs with a clear message, and no other job.
 echo 'slab_max = "lots";' >>"$T/etc/aegaeon.conf"
 rejected srun "site configuration $T/etc/aegaeon.conf" --aegaeon-slab=10%

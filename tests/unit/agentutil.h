@@ -1,50 +1,118 @@
-/* A real aegaeond for the unit tests: started on a fresh runtime directory, stopped and removed after. */
+/*
+ * Helpers of the tests that run aegaeond (without Slurm) and attack or
+ * break it: start and stop it, count its descriptors, read its log.
+ * Include after cmocka.h and testutil.h.
+ */
 #ifndef AEGAEON_AGENTUTIL_H
 #define AEGAEON_AGENTUTIL_H
 
-#include <fcntl.h>
+#include <dirent.h>
 #include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
-#include <unistd.h>
+#include <time.h>
 
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/attach.h>
 #include <aegaeon/job.h>
 
-#include "testutil.h"
+/* Generous: the CI machine has two cores shared with other builds. */
+#define BOUND_MS 5000
 
-struct test_agent {
+struct agent {
 	char dir[64], sock[128], ready[128], log[96];
 	pid_t pid;
 };
 
-/*
- * test_agent_start - aegaeond (AEGAEOND_PATH) on the host backend with
- * "--gpus 0" and @extra (NULL-terminated), its output in a log beside the
- * runtime directory; waits (at most 20 s) for its ready record and sets
- * $AEGAEON_SOCKET. Returns 0, or -1 with the reason on stderr.
- */
-static inline int test_agent_start(struct test_agent *ag, const char *const *extra)
+/* Every agent a test started, so one that fails midway leaves none running. */
+static pid_t started[16];
+static int nstarted;
+
+static inline double now_ms(void)
 {
-	const char *argv[32] = { AEGAEOND_PATH, "--job", "91", "--runtime-dir", NULL, "--device", "host",
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static inline int agent_fds(pid_t pid)
+{
+	char path[64];
+	struct dirent *e;
+	DIR *d;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	d = opendir(path);
+	if (d == NULL)
+		return -1;
+	while ((e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/*
+ * The agent's descriptors once its start-up is over: the fewest seen over
+ * 200 ms. Its ready record appears before it has closed the runtime
+ * directory it opened to fsync the rename, so a count taken right then can
+ * be one too many.
+ */
+static inline int agent_fds_idle(pid_t pid)
+{
+	int n = agent_fds(pid);
+
+	for (int i = 0; i < 20; i++) {
+		int m;
+
+		usleep(10000);
+		m = agent_fds(pid);
+		if (m < n)
+			n = m;
+	}
+	return n;
+}
+
+/* Wait for the agent's descriptors to come back to @want (threads close theirs as they see EOF). */
+static inline int agent_fds_settle(pid_t pid, int want)
+{
+	char cmd[96];
+	int n = -1;
+
+	for (int i = 0; i < BOUND_MS / 10; i++) {
+		n = agent_fds(pid);
+		if (n == want)
+			return n;
+		usleep(10000);
+	}
+	snprintf(cmd, sizeof(cmd), "ls -l /proc/%d/fd >&2", (int)pid);
+	if (system(cmd) != 0)
+		print_error("cannot list the agent's descriptors\n");
+	return n;
+}
+
+/* aegaeond in @dir (made when empty) with "--gpus 0" and @extra; its stderr in a log beside the dir. */
+static inline void agent_start(struct agent *ag, const char *const *extra)
+{
+	const char *argv[32] = { AEGAEOND_PATH, "--job", "77", "--runtime-dir", NULL, "--device", "host",
 				 "--foreground", "--gpus", "0" };
 	int n = 10;
 
-	memset(ag, 0, sizeof(*ag));
-	strcpy(ag->dir, "/tmp/aeg-test-XXXXXX");
-	if (mkdtemp(ag->dir) == NULL)
-		return -1;
+	if (ag->dir[0] == '\0') {
+		strcpy(ag->dir, "/tmp/aeg-faults-XXXXXX");
+		assert_non_null(mkdtemp(ag->dir));
+	}
 	snprintf(ag->sock, sizeof(ag->sock), "%s/agent.sock", ag->dir);
 	snprintf(ag->ready, sizeof(ag->ready), "%s/ready", ag->dir);
 	snprintf(ag->log, sizeof(ag->log), "%s.log", ag->dir);
 	argv[4] = ag->dir;
-	for (int i = 0; extra && extra[i] && n < 31; i++)
+	for (int i = 0; extra[i]; i++)
 		argv[n++] = extra[i];
 	argv[n] = NULL;
 	ag->pid = fork();
-	if (ag->pid < 0)
-		return -1;
+	assert_true(ag->pid >= 0);
 	if (ag->pid == 0) {
 		int fd = open(ag->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
 
@@ -53,42 +121,130 @@ static inline int test_agent_start(struct test_agent *ag, const char *const *ext
 			dup2(fd, STDERR_FILENO);
 		}
 		execv(argv[0], (char *const *)argv);
-		child_exit(127);
+		_exit(127);
 	}
+	if (nstarted < 16)
+		started[nstarted++] = ag->pid;
 	for (int i = 0; i < 2000; i++) {
 		struct aeg_job_record rec;
 
 		if (aeg_job_record_read(ag->ready, &rec) == 0 && rec.pid == ag->pid) {
 			setenv("AEGAEON_SOCKET", ag->sock, 1);
-			return 0;
+			return;
 		}
-		if (waitpid(ag->pid, NULL, WNOHANG) == ag->pid) {
-			fprintf(stderr, "aegaeond exited at start (see %s)\n", ag->log);
-			ag->pid = -1;
-			return -1;
-		}
+		if (waitpid(ag->pid, NULL, WNOHANG) == ag->pid)
+			fail_msg("aegaeond exited at start (see %s)", ag->log);
 		usleep(10000);
 	}
-	fprintf(stderr, "aegaeond not ready in 20 s (see %s)\n", ag->log);
+	fail_msg("aegaeond not ready in 20 s (see %s)", ag->log);
+}
+
+static inline int exit_status(pid_t pid, int bound_ms)
+{
+	int status;
+
+	for (int i = 0; i < bound_ms / 10; i++) {
+		pid_t r = waitpid(pid, &status, WNOHANG);
+
+		assert_true(r >= 0);
+		if (r == pid)
+			return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+		usleep(10000);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	fail_msg("process %d still running after %d ms (hung)", (int)pid, bound_ms);
 	return -1;
 }
 
-/* test_agent_stop - kill the agent, remove its directory and log, unset $AEGAEON_SOCKET. */
-static inline void test_agent_stop(struct test_agent *ag)
+static inline void agent_kill(struct agent *ag, int sig)
+{
+	assert_int_equal(kill(ag->pid, sig), 0);
+	assert_int_equal(waitpid(ag->pid, NULL, 0), ag->pid);
+	ag->pid = -1;
+}
+
+static inline int log_has(const struct agent *ag, const char *text)
+{
+	char buf[65536];
+	FILE *f = fopen(ag->log, "r");
+	size_t n;
+
+	if (f == NULL)
+		return 0;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	return strstr(buf, text) != NULL;
+}
+
+static inline void agent_cleanup(struct agent *ag)
 {
 	char cmd[256];
 
 	if (ag->pid > 0) {
 		kill(ag->pid, SIGKILL);
 		waitpid(ag->pid, NULL, 0);
-		ag->pid = -1;
 	}
+	snprintf(cmd, sizeof(cmd), "rm -rf %s %s", ag->dir, ag->log);
+	assert_int_equal(system(cmd), 0);
 	unsetenv("AEGAEON_SOCKET");
-	if (ag->dir[0] != '\0') {
-		snprintf(cmd, sizeof(cmd), "rm -rf '%s' '%s'", ag->dir, ag->log);
-		if (system(cmd) != 0)
-			fprintf(stderr, "removing %s failed\n", ag->dir);
+}
+
+static inline void write_file(const char *path, size_t bytes)
+{
+	unsigned char buf[65536];
+	FILE *f = fopen(path, "w");
+
+	assert_non_null(f);
+	for (size_t done = 0; done < bytes; done += sizeof(buf)) {
+		for (size_t i = 0; i < sizeof(buf); i++)
+			buf[i] = (unsigned char)((done + i) * 31 + ((done + i) >> 16));
+		assert_int_equal(fwrite(buf, 1, sizeof(buf), f), sizeof(buf));
 	}
+	assert_int_equal(fclose(f), 0);
+}
+
+static inline uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
+{
+	struct aeg_pool_buffer b;
+	uint32_t n = 0;
+
+	while (n < cap && aeg_pool_acquire(pool, 0, &b) == 0)
+		bufs[n++] = b.index;
+	return n;
+}
+
+static inline struct aeg_job_status *status_of(aeg_job_t *job)
+{
+	struct aeg_job_status *st = NULL;
+	int err = aeg_job_status(job, &st);
+
+	if (err)
+		fail_msg("status: %s: %s", aeg_errname(err), aeg_error_detail());
+	return st;
+}
+
+static inline int connect_raw(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	assert_true(fd >= 0);
+	strcpy(sa.sun_path, path);
+	assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	return fd;
+}
+
+static inline int kill_started(void **state)
+{
+	/* Only children not reaped yet: a pid reaped before may name another process now. */
+	for (int i = 0; i < nstarted; i++) {
+		if (waitpid(started[i], NULL, WNOHANG) == 0 && kill(started[i], SIGKILL) == 0)
+			waitpid(started[i], NULL, 0);
+	}
+	nstarted = 0;
+	return 0;
 }
 
 #endif

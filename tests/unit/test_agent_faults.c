@@ -27,214 +27,7 @@
 #include "internal.h"
 #include "proto.h"
 #include "testutil.h"
-
-/* Generous: the CI machine has two cores shared with other builds. */
-#define BOUND_MS 5000
-
-struct agent {
-	char dir[64], sock[128], ready[128], log[96];
-	pid_t pid;
-};
-
-/* Every agent a test started, so one that fails midway leaves none running. */
-static pid_t started[16];
-static int nstarted;
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int agent_fds(pid_t pid)
-{
-	char path[64];
-	struct dirent *e;
-	DIR *d;
-	int n = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
-	d = opendir(path);
-	if (d == NULL)
-		return -1;
-	while ((e = readdir(d)) != NULL)
-		n += e->d_name[0] != '.';
-	closedir(d);
-	return n;
-}
-
-/*
- * The agent's descriptors once its start-up is over: the fewest seen over
- * 200 ms. Its ready record appears before it has closed the runtime
- * directory it opened to fsync the rename, so a count taken right then can
- * be one too many.
- */
-static int agent_fds_idle(pid_t pid)
-{
-	int n = agent_fds(pid);
-
-	for (int i = 0; i < 20; i++) {
-		int m;
-
-		usleep(10000);
-		m = agent_fds(pid);
-		if (m < n)
-			n = m;
-	}
-	return n;
-}
-
-/* Wait for the agent's descriptors to come back to @want (threads close theirs as they see EOF). */
-static int agent_fds_settle(pid_t pid, int want)
-{
-	char cmd[96];
-	int n = -1;
-
-	for (int i = 0; i < BOUND_MS / 10; i++) {
-		n = agent_fds(pid);
-		if (n == want)
-			return n;
-		usleep(10000);
-	}
-	snprintf(cmd, sizeof(cmd), "ls -l /proc/%d/fd >&2", (int)pid);
-	if (system(cmd) != 0)
-		print_error("cannot list the agent's descriptors\n");
-	return n;
-}
-
-/* aegaeond in @dir (made when empty) with "--gpus 0" and @extra; its stderr in a log beside the dir. */
-static void agent_start(struct agent *ag, const char *const *extra)
-{
-	const char *argv[32] = { AEGAEOND_PATH, "--job", "77", "--runtime-dir", NULL, "--device", "host",
-				 "--foreground", "--gpus", "0" };
-	int n = 10;
-
-	if (ag->dir[0] == '\0') {
-		strcpy(ag->dir, "/tmp/aeg-faults-XXXXXX");
-		assert_non_null(mkdtemp(ag->dir));
-	}
-	snprintf(ag->sock, sizeof(ag->sock), "%s/agent.sock", ag->dir);
-	snprintf(ag->ready, sizeof(ag->ready), "%s/ready", ag->dir);
-	snprintf(ag->log, sizeof(ag->log), "%s.log", ag->dir);
-	argv[4] = ag->dir;
-	for (int i = 0; extra[i]; i++)
-		argv[n++] = extra[i];
-	argv[n] = NULL;
-	ag->pid = fork();
-	assert_true(ag->pid >= 0);
-	if (ag->pid == 0) {
-		int fd = open(ag->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-
-		if (fd >= 0) {
-			dup2(fd, STDOUT_FILENO);
-			dup2(fd, STDERR_FILENO);
-		}
-		execv(argv[0], (char *const *)argv);
-		_exit(127);
-	}
-	if (nstarted < 16)
-		started[nstarted++] = ag->pid;
-	for (int i = 0; i < 2000; i++) {
-		struct aeg_job_record rec;
-
-		if (aeg_job_record_read(ag->ready, &rec) == 0 && rec.pid == ag->pid) {
-			setenv("AEGAEON_SOCKET", ag->sock, 1);
-			return;
-		}
-		if (waitpid(ag->pid, NULL, WNOHANG) == ag->pid)
-			fail_msg("aegaeond exited at start (see %s)", ag->log);
-		usleep(10000);
-	}
-	fail_msg("aegaeond not ready in 20 s (see %s)", ag->log);
-}
-
-static int exit_status(pid_t pid, int bound_ms)
-{
-	int status;
-
-	for (int i = 0; i < bound_ms / 10; i++) {
-		pid_t r = waitpid(pid, &status, WNOHANG);
-
-		assert_true(r >= 0);
-		if (r == pid)
-			return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-		usleep(10000);
-	}
-	kill(pid, SIGKILL);
-	waitpid(pid, NULL, 0);
-	fail_msg("process %d still running after %d ms (hung)", (int)pid, bound_ms);
-	return -1;
-}
-
-static void agent_kill(struct agent *ag, int sig)
-{
-	assert_int_equal(kill(ag->pid, sig), 0);
-	assert_int_equal(waitpid(ag->pid, NULL, 0), ag->pid);
-	ag->pid = -1;
-}
-
-static int log_has(const struct agent *ag, const char *text)
-{
-	char buf[65536];
-	FILE *f = fopen(ag->log, "r");
-	size_t n;
-
-	if (f == NULL)
-		return 0;
-	n = fread(buf, 1, sizeof(buf) - 1, f);
-	fclose(f);
-	buf[n] = '\0';
-	return strstr(buf, text) != NULL;
-}
-
-static void agent_cleanup(struct agent *ag)
-{
-	char cmd[256];
-
-	if (ag->pid > 0) {
-		kill(ag->pid, SIGKILL);
-		waitpid(ag->pid, NULL, 0);
-	}
-	snprintf(cmd, sizeof(cmd), "rm -rf %s %s", ag->dir, ag->log);
-	assert_int_equal(system(cmd), 0);
-	unsetenv("AEGAEON_SOCKET");
-}
-
-static void write_file(const char *path, size_t bytes)
-{
-	unsigned char buf[65536];
-	FILE *f = fopen(path, "w");
-
-	assert_non_null(f);
-	for (size_t done = 0; done < bytes; done += sizeof(buf)) {
-		for (size_t i = 0; i < sizeof(buf); i++)
-			buf[i] = (unsigned char)((done + i) * 31 + ((done + i) >> 16));
-		assert_int_equal(fwrite(buf, 1, sizeof(buf), f), sizeof(buf));
-	}
-	assert_int_equal(fclose(f), 0);
-}
-
-static uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
-{
-	struct aeg_pool_buffer b;
-	uint32_t n = 0;
-
-	while (n < cap && aeg_pool_acquire(pool, 0, &b) == 0)
-		bufs[n++] = b.index;
-	return n;
-}
-
-static struct aeg_job_status *status_of(aeg_job_t *job)
-{
-	struct aeg_job_status *st = NULL;
-	int err = aeg_job_status(job, &st);
-
-	if (err)
-		fail_msg("status: %s: %s", aeg_errname(err), aeg_error_detail());
-	return st;
-}
+#include "agentutil.h"
 
 struct waiter {
 	aeg_device_t *dev;
@@ -617,22 +410,12 @@ static void step_killed_with_leases(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
-static int connect_raw(const char *path)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	assert_true(fd >= 0);
-	strcpy(sa.sun_path, path);
-	assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	return fd;
-}
-
 /*
  * Peers that stall: one sends half a header and stops, one connects and
  * says nothing, one floods requests and never reads a reply. Meanwhile a
  * normal client is served within the bound; the half-header one is dropped
- * after the frame timeout; closing the others gives their descriptors back;
+ * after the frame timeout, the silent one after the hello timeout (both
+ * 10 s); closing the flooder gives its descriptor back;
  * SIGTERM with a peer stuck unread stops the agent at once.
  */
 static void stalled_peers(void **state)
@@ -691,7 +474,7 @@ static void stalled_peers(void **state)
 			fail_msg("round %d with stalled peers took %.0f ms", round, now_ms() - t);
 	}
 
-	/* The half header is dropped after the frame timeout; the silent peer is not. */
+	/* The half header is dropped after the frame timeout, the silent peer after the hello timeout. */
 	for (int i = 0; i < (PROTO_FRAME_TIMEOUT_MS + BOUND_MS) / 10; i++) {
 		struct pollfd p = { .fd = half, .events = POLLIN };
 
@@ -708,8 +491,9 @@ static void stalled_peers(void **state)
 	close(half);
 	{
 		struct pollfd p = { .fd = silent, .events = POLLIN };
-		assert_int_equal(poll(&p, 1, 0), 0);
+		assert_int_equal(poll(&p, 1, BOUND_MS), 1);
 	}
+	assert_true(log_has(&ag, "no hello in 10000 ms (hello_timeout); disconnecting"));
 	close(silent);
 	/* The flooder's thread is blocked sending it replies; it stays until the agent stops. */
 	assert_int_equal(agent_fds_settle(ag.pid, base + 1), base + 1);
@@ -902,17 +686,6 @@ static void nine_steps_at_shutdown(void **state)
 	close(ready[1]);
 	agent_cleanup(&ag);
 	assert_int_equal(count_fds(), fds);
-}
-
-static int kill_started(void **state)
-{
-	/* Only children not reaped yet: a pid reaped before may name another process now. */
-	for (int i = 0; i < nstarted; i++) {
-		if (waitpid(started[i], NULL, WNOHANG) == 0 && kill(started[i], SIGKILL) == 0)
-			waitpid(started[i], NULL, 0);
-	}
-	nstarted = 0;
-	return 0;
 }
 
 int main(void)

@@ -92,6 +92,14 @@ expect "--no-wait --reload: a second load, its id and chunks at once" 0 "^load 2
 expect "wait for it by id" 0 "^load 2: .* loaded, 5 MiB in 3 chunks" "$CLI" wait 2 --timeout 10
 expect "release --load frees a whole load" 0 "released load 2: 3 blocks" "$CLI" release --load 2
 expect "released load is gone" 1 "no load 2" "$CLI" chunks --load 2
+: >"$T/empty.bin"
+expect "an empty file loads, with no chunk" 0 "^load 3: $T/empty.bin -> slab 0, (loading|loaded), 0 B of 0 B, 0 chunks" \
+	"$CLI" prefetch "$T/empty.bin" --no-wait
+expect "... and is loaded" 0 "^load 3: .* loaded" "$CLI" wait 3 --timeout 10
+expect "release --load of a load with no chunk" 0 "released load 3: 0 blocks" "$CLI" release --load 3
+expect "... and it is gone" 1 "no load 3" "$CLI" chunks --load 3
+expect "release --load of a load that is gone" 1 "release --load: no load 3 \(released, or never made\)" \
+	"$CLI" release --load 3
 
 expect "a local-only option inside a job asks for --local" 2 "--feed works in this process only: add --local" \
 	"$CLI" prefetch "$T/model.bin" --feed read
@@ -110,7 +118,7 @@ expect "verify finds a byte that differs from the file" 1 "chunk 3 \(slab id [0-
 # A changed file (new mtime) is stale: listed as such, loaded again by prefetch.
 touch "$T/model.bin"
 expect "a file changed since its load is stale" 1 "changed since load 1 read it" "$CLI" chunks "$T/model.bin"
-expect "prefetch loads a changed file again" 0 "loading it again.*through the job's agent \(load 3," \
+expect "prefetch loads a changed file again" 0 "loading it again.*through the job's agent \(load 4," \
 	bash -c "'$CLI' prefetch '$T/model.bin' --verify 2>&1 | tr '\n' ' '"
 
 # Release by slab id: all checked first, then freed.

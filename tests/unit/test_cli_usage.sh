@@ -42,7 +42,8 @@ expect "a bad safetensors file: the error names it" 1 "bad.safetensors: safetens
 	"$CLI" prefetch "$T/bad.safetensors"
 [[ $(grep -o "bad.safetensors" <<<"$out" | wc -l) -eq 1 ]] && ok "and names it once" ||
 	not_ok "and names it once" "$out"
-expect "a directory: named once" 1 "^aegaeon-cli: $T is a directory" "$CLI" prefetch "$T"
+# A directory is a model: one with a bad shard names the shard once.
+expect "a directory: its bad shard named once" 1 "^aegaeon-cli: $T/bad.safetensors: safetensors: " "$CLI" prefetch "$T"
 expect "a missing file: named once" 1 "^aegaeon-cli: $T/none: No such file" "$CLI" prefetch "$T/none"
 
 # ------------------------------------------------- bench prefetch output

@@ -26,7 +26,8 @@
 static const char *const key_names[] = {
 	"device", "allow_device_option", "slab_default", "slab_max", "pinned_default",
 	"pinned_max", "pinned_buffer", "prefetch_threads", "prefetch_chunk", "agent_path",
-	"agent_start_timeout", "agent_stop_timeout", "runtime_dir", "log_level", "model_cache",
+	"agent_start_timeout", "agent_stop_timeout", "runtime_dir", "log_level", "model_cache", "max_loads",
+	"hello_timeout",
 };
 
 /* Each test gets a fresh directory for its files; teardown empties and removes it. */
@@ -131,6 +132,8 @@ static void assert_configs_equal(const struct aeg_config *a, const struct aeg_co
 	assert_string_equal(a->runtime_dir, b->runtime_dir);
 	assert_int_equal(a->log_level, b->log_level);
 	assert_specs_equal(&a->model_cache, &b->model_cache);
+	assert_int_equal(a->max_loads, b->max_loads);
+	assert_int_equal(a->hello_timeout_ms, b->hello_timeout_ms);
 }
 
 static void defaults_are_the_documented_ones(void **state)
@@ -156,6 +159,8 @@ static void defaults_are_the_documented_ones(void **state)
 	assert_int_equal(c.log_level, AEG_LOG_INFO);
 	assert_false(c.model_cache.is_percent);
 	assert_int_equal(c.model_cache.bytes, 0);
+	assert_int_equal(c.max_loads, 4096);
+	assert_int_equal(c.hello_timeout_ms, 10000);
 }
 
 static void device_kinds_parse_and_name(void **state)
@@ -220,7 +225,9 @@ static void good_file_sets_every_key(void **state)
 		"agent_stop_timeout : 86400\n"
 		"runtime_dir = \"/var/run/aegaeon\";\n"
 		"log_level = \"WARNING\";\n"
-		"model_cache = \"75%\";\n");
+		"model_cache = \"75%\";\n"
+		"max_loads = 1048576;\n"
+		"hello_timeout = 0.25;\n");
 
 	if (aeg_config_load(&c, path) != 0)
 		fail_msg("%s", aeg_error_detail());
@@ -242,6 +249,8 @@ static void good_file_sets_every_key(void **state)
 	assert_int_equal(c.log_level, AEG_LOG_WARN);
 	assert_true(c.model_cache.is_percent);
 	assert_int_equal(c.model_cache.ppm, 750000);
+	assert_int_equal(c.max_loads, 1048576);
+	assert_int_equal(c.hello_timeout_ms, 250);
 }
 
 static void partial_file_keeps_other_defaults(void **state)
@@ -315,10 +324,14 @@ static const struct {
 	{ "prefetch_threads = 257;\n", 1, "key 'prefetch_threads': 257 is out of range (1 to 256)" },
 	{ "prefetch_threads = -1;\n", 1, "key 'prefetch_threads': -1 is out of range" },
 	{ "prefetch_threads = 4294967304L;\n", 1, "key 'prefetch_threads': 4294967304 is out of range" },
+	{ "max_loads = 0;\n", 1, "key 'max_loads': 0 is out of range (1 to 1048576)" },
+	{ "max_loads = 1048577;\n", 1, "key 'max_loads': 1048577 is out of range (1 to 1048576)" },
+	{ "max_loads = \"100\";\n", 1, "key 'max_loads': must be an integer, not a string" },
 	{ "agent_start_timeout = 0;\n", 1, "key 'agent_start_timeout': 0 seconds is out of range (0.001 to 86400, one day)" },
 	{ "agent_start_timeout = -2.5;\n", 1, "key 'agent_start_timeout': -2.5 seconds is out of range" },
 	{ "agent_start_timeout = 0.0001;\n", 1, "key 'agent_start_timeout': 0.0001 seconds is out of range" },
 	{ "agent_stop_timeout = 86401;\n", 1, "key 'agent_stop_timeout': 86401 seconds is out of range" },
+	{ "hello_timeout = 0;\n", 1, "key 'hello_timeout': 0 seconds is out of range (0.001 to 86400, one day)" },
 	{ "agent_stop_timeout = 1e300;\n", 1, "key 'agent_stop_timeout': 1e+300 seconds is out of range" },
 	{ "slab_max = \"0%\";\n", 1, "key 'slab_max': must be more than 0" },
 	{ "slab_max = \"0\";\n", 1, "key 'slab_max': must be more than 0" },

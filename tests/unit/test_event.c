@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -118,12 +120,40 @@ struct waiter {
 	aeg_device_t *dev;
 	const aeg_handle_t *handle;
 	int result;
+	pid_t tid;                      /* set before it waits */
 };
+
+/*
+ * Until @w's thread sleeps (its state in /proc is S): inside the wait, the
+ * only place it blocks. At most 10 s.
+ */
+static void until_waiting(struct waiter *w)
+{
+	for (int i = 0; i < 10000; i++) {
+		pid_t tid = __atomic_load_n(&w->tid, __ATOMIC_ACQUIRE);
+		char path[64], buf[256], *p;
+		FILE *f;
+
+		if (tid != 0) {
+			snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+			f = fopen(path, "r");
+			assert_non_null(f);
+			assert_non_null(fgets(buf, sizeof(buf), f));
+			fclose(f);
+			p = strrchr(buf, ')');
+			if (p != NULL && p[1] == ' ' && p[2] == 'S')
+				return;
+		}
+		usleep(1000);
+	}
+	fail_msg("the waiting thread did not block in 10 s");
+}
 
 static void *wait_thread(void *arg)
 {
 	struct waiter *w = arg;
 
+	__atomic_store_n(&w->tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
 	if (w->handle != NULL)
 		w->result = aeg_event_wait_handle(w->dev, w->handle, 10000);
 	else
@@ -213,7 +243,7 @@ static void destroy_during_wait_by_handle(void **state)
 	assert_int_equal(aeg_event_record(ev, s), 0);
 	w = (struct waiter){ .dev = dev, .handle = &h };
 	assert_int_equal(pthread_create(&t, NULL, wait_thread, &w), 0);
-	usleep(20000);
+	until_waiting(&w);
 	assert_int_equal(aeg_event_destroy(ev), 0);
 	assert_int_equal(sem_post(&gate), 0);
 	assert_int_equal(pthread_join(t, NULL), 0);

@@ -1,6 +1,6 @@
 /*
  * The pinned pool on the host backend: sizes, acquire/release, timeouts,
- * threads, processes, recovery, page sizes (4 KiB, and 2 MiB hugetlb pages
+ * threads, processes, page sizes (4 KiB, and 2 MiB hugetlb pages
  * when this process may reserve some: it is root) and the cached topology.
  */
 #include <dirent.h>
@@ -50,25 +50,6 @@ static int count_pool_maps(void)
 			n++;
 	fclose(f);
 	return n;
-}
-
-static int setup(void **state)
-{
-	aeg_device_t *dev = NULL;
-
-	unsetenv("AEGAEON_HOST_GPUS");
-	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
-	unsetenv("AEGAEON_PINNED_HUGEPAGES");
-	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
-		return -1;
-	*state = dev;
-	return 0;
-}
-
-static int teardown(void **state)
-{
-	aeg_device_close(*state);
-	return 0;
 }
 
 static void acquire_release_all(void **state)
@@ -420,39 +401,6 @@ static void release_not_acquired(void **state)
 	aeg_pool_destroy(pool);
 }
 
-static void child_dies_holding_the_lock(void **state)
-{
-	aeg_device_t *dev = *state;
-	struct aeg_pool_buffer buf;
-	struct aeg_pool_stats st;
-	aeg_pool_t *pool = NULL;
-	int status;
-	pid_t pid;
-
-	assert_int_equal(aeg_pool_create(dev, 0, 4096, 4 * 4096, &pool), 0);
-	pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0) {
-		struct aeg_pool_buffer held;
-
-		if (aeg_pool_acquire(pool, 0, &held) < 0)
-			child_exit(1);
-		pthread_mutex_lock(aeg_pool_mutex(pool));
-		child_exit(0);       /* the lock dies with us */
-	}
-	assert_int_equal(waitpid(pid, &status, 0), pid);
-	assert_int_equal(WEXITSTATUS(status), 0);
-	/* Without a robust mutex this would hang forever. */
-	assert_int_equal(aeg_pool_acquire(pool, 1000, &buf), 0);
-	assert_int_equal(aeg_pool_stats(pool, &st), 0);
-	assert_int_equal(st.in_use, 2);
-	assert_int_equal(aeg_pool_release(pool, buf.index), 0);
-	for (int i = 0; i < 3; i++)
-		assert_int_equal(aeg_pool_acquire(pool, 0, &buf), 0);
-	assert_int_equal(aeg_pool_acquire(pool, 0, &buf), AEG_ETIMEDOUT);
-	aeg_pool_destroy(pool);
-}
-
 /* An open of the host backend whose GPU 0 sits at 0000:01:00.0 of tests/unit/topo/one-node.xml. */
 static aeg_device_t *open_on_xml(void)
 {
@@ -670,7 +618,7 @@ static int huge_setup(void **state)
 	long before;
 	int err;
 
-	if (f == NULL || setup(&dev) != 0) {
+	if (f == NULL || host_device_setup(&dev) != 0) {
 		free(f);
 		return -1;
 	}
@@ -707,7 +655,7 @@ static int huge_teardown(void **state)
 
 		write_long(NR_HUGEPAGES, now > f->added ? now - f->added : 0);
 	}
-	teardown(&dev);
+	host_device_teardown(&dev);
 	free(f);
 	return 0;
 }
@@ -835,18 +783,17 @@ static void topology_loaded_once(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(acquire_release_all, setup, teardown),
-		cmocka_unit_test_setup_teardown(exhaustion_and_timeout, setup, teardown),
-		cmocka_unit_test_setup_teardown(threads_share_the_pool, setup, teardown),
-		cmocka_unit_test_setup_teardown(processes_share_the_pool, setup, teardown),
-		cmocka_unit_test_setup_teardown(bad_sizes, setup, teardown),
-		cmocka_unit_test_setup_teardown(attach_bad_fds, setup, teardown),
-		cmocka_unit_test_setup_teardown(release_not_acquired, setup, teardown),
-		cmocka_unit_test_setup_teardown(child_dies_holding_the_lock, setup, teardown),
+		cmocka_unit_test_setup_teardown(acquire_release_all, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(exhaustion_and_timeout, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(threads_share_the_pool, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(processes_share_the_pool, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(bad_sizes, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(attach_bad_fds, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(release_not_acquired, host_device_setup, host_device_teardown),
 		cmocka_unit_test(bound_to_the_gpu_node),
-		cmocka_unit_test_setup_teardown(no_leaks, setup, teardown),
-		cmocka_unit_test_setup_teardown(four_kib_pages, setup, teardown),
-		cmocka_unit_test_setup_teardown(bad_hugepage_modes, setup, teardown),
+		cmocka_unit_test_setup_teardown(no_leaks, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(four_kib_pages, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(bad_hugepage_modes, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(hugetlb_pool, huge_setup, huge_teardown),
 		cmocka_unit_test(topology_loaded_once),
 	};

@@ -228,6 +228,21 @@ static void every_message_round_trips(void **state)
 		assert_string_equal(back.hello_rep.job_id, "17");
 		assert_int_equal(back.hello_rep.pool_buffer, 1ull << 25);
 
+		/* Release by load: the id travels, and only with its flag. */
+		memset(&msg, 0, sizeof(msg));
+		msg.release_req.flags = PROTO_RELEASE_LOAD;
+		msg.release_req.load_id = 1ull << 40;
+		assert_int_equal(proto_encode(PROTO_RELEASE, 0, 1, &msg, frame, &len), 0);
+		assert_int_equal(len, PROTO_HEADER_BYTES + 16);
+		assert_int_equal(proto_header_decode(frame, &h), 0);
+		assert_int_equal(proto_decode(&h, frame + PROTO_HEADER_BYTES, &back), 0);
+		assert_int_equal(back.release_req.flags, PROTO_RELEASE_LOAD);
+		assert_int_equal(back.release_req.count, 0);
+		assert_int_equal(back.release_req.load_id, 1ull << 40);
+		msg.release_req.flags = PROTO_RELEASE_ALL;
+		assert_int_equal(proto_encode(PROTO_RELEASE, 0, 1, &msg, frame, &len), 0);
+		assert_int_equal(len, PROTO_HEADER_BYTES + 8);
+
 		make(PROTO_ERROR, PROTO_F_REPLY, &msg);
 		assert_int_equal(proto_encode(PROTO_ERROR, PROTO_F_REPLY, 1, &msg, frame, &len), 0);
 		assert_int_equal(proto_header_decode(frame, &h), 0);
@@ -320,6 +335,9 @@ static void e_crep_failed(union proto_msg *m) { m->chunks_rep.status = AEG_EIO; 
 static void e_rel_all_ids(union proto_msg *m) { m->release_req.flags = PROTO_RELEASE_ALL; m->release_req.count = 1; }
 static void e_rel_flags(union proto_msg *m) { m->release_req.flags = 0x10; }
 static void e_rel_zero(union proto_msg *m) { m->release_req.ids[17].slab_id = 0; }
+static void e_rel_both(union proto_msg *m) { m->release_req.flags = PROTO_RELEASE_ALL | PROTO_RELEASE_LOAD; m->release_req.count = 0; }
+static void e_rel_load_ids(union proto_msg *m) { m->release_req.flags = PROTO_RELEASE_LOAD; m->release_req.load_id = 5; }
+static void e_rel_load_0(union proto_msg *m) { m->release_req.flags = PROTO_RELEASE_LOAD; m->release_req.count = 0; }
 static void e_rel_slab(union proto_msg *m) { m->release_req.ids[3].slab = 1000; }
 static void e_st_used(union proto_msg *m) { m->status_rep.slabs[5].stats.used_bytes = (1ull << 35) + 1; }
 static void e_st_pool(union proto_msg *m) { m->status_rep.pool.in_use = 300; }
@@ -387,6 +405,10 @@ static const struct bad_case bad_cases[] = {
 	{ "release all with ids", PROTO_RELEASE, 0, e_rel_all_ids, M_NONE, 0, 0, "release of all with 1 ids" },
 	{ "release flags", PROTO_RELEASE, 0, e_rel_flags, M_NONE, 0, 0, "unknown flags 0x10" },
 	{ "release id 0", PROTO_RELEASE, 0, e_rel_zero, M_NONE, 0, 0, "release of id 0" },
+	{ "release all and a load", PROTO_RELEASE, 0, e_rel_both, M_NONE, 0, 0, "release of all and of a load at once" },
+	{ "release load with ids", PROTO_RELEASE, 0, e_rel_load_ids, M_NONE, 0, 0, "release of a load with 4096 ids" },
+	{ "release load 0", PROTO_RELEASE, 0, e_rel_load_0, M_NONE, 0, 0, "release of load 0" },
+	{ "truncated release load", PROTO_RELEASE, 0, e_rel_load_0, M_TRUNCATE, 4, 0, "truncated" },
 	{ "release slab", PROTO_RELEASE, 0, e_rel_slab, M_NONE, 0, 0, "slab index 1000" },
 	{ "release count", PROTO_RELEASE, 0, NULL, M_U32, P + 4, PROTO_RELEASE_MAX + 1, "release of 4097 ids" },
 	{ "release count past end", PROTO_RELEASE, 0, NULL, M_U32, P + 4, 100, "bytes after its end" },

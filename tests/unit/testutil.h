@@ -15,6 +15,8 @@
 #include <valgrind/valgrind.h>
 #endif
 
+#include <aegaeon/device.h>
+
 /*
  * count_fds - descriptors open in this process (the listing's own one
  * included, the same in every call), for "nothing leaked" checks.
@@ -149,6 +151,30 @@ static inline unsigned char *test_st_file_named(const char *path, const char *pr
 static inline unsigned char *test_st_file(const char *path, const uint64_t *sizes, int n, uint64_t *file_bytes)
 {
 	return test_st_file_named(path, "t", sizes, n, file_bytes);
+}
+
+/*
+ * host_device_setup / host_device_teardown - a cmocka fixture: the host
+ * backend opened in *@state, with the default GPU count, no PCI bus ids and
+ * no page size forced on pools.
+ */
+static inline int host_device_setup(void **state)
+{
+	aeg_device_t *dev = NULL;
+
+	unsetenv("AEGAEON_HOST_GPUS");
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
+		return -1;
+	*state = dev;
+	return 0;
+}
+
+static inline int host_device_teardown(void **state)
+{
+	aeg_device_close(*state);
+	return 0;
 }
 
 #endif
