@@ -395,6 +395,23 @@ static void rtlock_give(void)
 	pthread_mutex_unlock(&rtlock.mu);
 }
 
+/* Takes the runtime lock if it is free, keeping the GIL (its mutex is never held across a GIL change). */
+static int rtlock_try(void)
+{
+	int got;
+
+	pthread_mutex_lock(&rtlock.mu);
+	got = !rtlock.held;
+	if (got) {
+		rtlock.held = 1;
+		rtlock.parked = 0;
+	}
+	pthread_mutex_unlock(&rtlock.mu);
+	if (got)
+		rtlock_mine = 1;
+	return got;
+}
+
 static void rtlock_park(int parked)
 {
 	pthread_mutex_lock(&rtlock.mu);
@@ -1236,6 +1253,32 @@ static int wait_handle_slice(void *arg, int timeout_ms)
 	return aeg_event_wait_handle(w->dev, &w->handle, timeout_ms);
 }
 
+/*
+ * An opened handle whose event is complete is answered with the GIL held:
+ * giving the GIL up and taking it back costs more than the query, and with
+ * other Python threads running it can take a whole switch interval.
+ */
+static int complete_now(aeg_device_t *dev, const aeg_handle_t *handle)
+{
+	int done = 0;
+
+	if (!rtlock_try())
+		return 0;
+	if (rt.dev == dev)
+		done = aeg_event_query_handle(dev, handle) == 0;
+	rtlock_give();
+	return done;
+}
+
+int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seconds)
+{
+	struct handle_wait w = { dev, *handle };
+
+	if (complete_now(dev, handle))
+		return 0;
+	return pyaeg_wait(wait_handle_slice, &w, seconds);
+}
+
 PyDoc_STRVAR(wait_event_doc,
 "wait_event_handle_bytes(handle, timeout=None)\n--\n\n"
 "Wait until the event behind a 64-byte handle (from this or another process\n"
@@ -1249,18 +1292,19 @@ static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "handle", "timeout", NULL };
 	PyObject *obj, *timeout_obj = Py_None;
-	struct handle_wait w;
+	aeg_handle_t handle;
+	aeg_device_t *dev;
 	double seconds;
 	int err;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:wait_event_handle_bytes", kwlist, &obj,
 					 &timeout_obj))
 		return NULL;
-	if (pyaeg_handle(obj, &w.handle) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
+	if (pyaeg_handle(obj, &handle) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
 		return NULL;
-	if (pyaeg_device(&w.dev) < 0)
+	if (pyaeg_device(&dev) < 0)
 		return NULL;
-	err = pyaeg_wait(wait_handle_slice, &w, seconds);
+	err = pyaeg_wait_handle(dev, &handle, seconds);
 	if (err == PYAEG_SIGNALLED)
 		return NULL;
 	if (err == AEG_ETIMEDOUT)

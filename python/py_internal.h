@@ -49,6 +49,8 @@ int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value);  /* steals
  */
 #define PYAEG_SIGNALLED 1
 int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds);
+/* pyaeg_wait_handle - aeg_event_wait_handle through pyaeg_wait; a complete event is answered keeping the GIL. */
+int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seconds);
 
 /* The runtime: one device for the process, opened at first use (aegaeon_native.c). */
 int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */

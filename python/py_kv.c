@@ -325,26 +325,10 @@ static int add_pending(KVObject *k, const aeg_handle_t *h)
 	return rc;
 }
 
-struct handle_wait {
-	aeg_device_t *dev;
-	aeg_handle_t handle;
-};
-
-static int wait_slice(void *arg, int timeout_ms)
-{
-	struct handle_wait *w = arg;
-
-	return aeg_event_wait_handle(w->dev, &w->handle, timeout_ms);
-}
-
 static int wait_handle(KVObject *k, const aeg_handle_t *h, double seconds)
 {
-	struct handle_wait w;
-	int err;
+	int err = pyaeg_wait_handle(k->dev, h, seconds);
 
-	w.dev = k->dev;
-	w.handle = *h;
-	err = pyaeg_wait(wait_slice, &w, seconds);
 	if (err == PYAEG_SIGNALLED)
 		return -1;
 	if (err == AEG_ETIMEDOUT) {
