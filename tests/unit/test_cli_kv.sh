@@ -111,6 +111,16 @@ expect "in a job: more than the job's pool holds fails with the pool's limit" 1 
 	"$CLI" kv bench --block 2MiB --bytes 64MiB --repeat 1
 run "$CLI" kv bench --device host --block 32KiB --bytes 2MiB --repeat 1 --json --standalone
 json_check "--standalone in a job: a slab and pool of its own" 'not d["in_job"] and d["verified"]'
+WAIT=$B/bench/kv_event_wait
+if [[ -x $WAIT ]]; then
+	run "$WAIT" --device host --layers 8 --waits 2000 --json
+	json_check "kv_event_wait in a job: first waits through the agent, then 2000 waits on an opened layer handle" \
+		'd["in_job"] and d["backend"] == "host" and d["layers"] == 8 and d["waits"] == 2000 and
+		 0 < d["opened_wait_us"]["median"] <= d["opened_wait_us"]["p99"] <= d["opened_wait_us"]["max"]'
+	expect "kv_event_wait: a bad option" 2 "Usage: kv_event_wait" "$WAIT" --layers 0
+else
+	not_ok "kv_event_wait is built (make check builds it)" "no $WAIT"
+fi
 expect "in a job: --device other than the job's is refused" 1 "the job's agent uses the host device" \
 	"$CLI" kv bench --device cuda --block 32KiB --blocks 2 --repeat 1
 
