@@ -272,27 +272,32 @@ PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle)
 	return PyBytes_FromStringAndSize((const char *)handle->bytes, AEG_HANDLE_BYTES);
 }
 
+/* @seq as a new list, or NULL with TypeError for what is no sequence of ints. */
+static PyObject *int_sequence(PyObject *seq, const char *what)
+{
+	PyObject *fast;
+
+	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
+		return NULL;
+	}
+	fast = PySequence_List(seq);
+	if (fast == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+		PyErr_Clear();
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
+	}
+	return fast;
+}
+
 int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
 {
-	PyObject *fast, *item;
+	PyObject *fast = int_sequence(seq, what);
 	uint32_t *ids = NULL;
 	Py_ssize_t n;
 	uint64_t v;
 
-	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
-		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what,
-			     pyaeg_tname(seq));
+	if (fast == NULL)
 		return -1;
-	}
-	fast = PySequence_List(seq);
-	if (fast == NULL) {
-		if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-			PyErr_Clear();
-			PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what,
-				     pyaeg_tname(seq));
-		}
-		return -1;
-	}
 	n = PyList_Size(fast);
 	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
 	if (ids == NULL) {
@@ -301,8 +306,7 @@ int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp
 		return -1;
 	}
 	for (Py_ssize_t i = 0; i < n; i++) {
-		item = PyList_GetItem(fast, i);
-		if (pyaeg_u64(item, what, 1, &v) < 0)
+		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v) < 0)
 			goto fail;
 		if (v >= max) {
 			PyErr_Format(PyExc_ValueError, "%s[%zd] = %llu is out of range (0..%u)", what, i,
@@ -319,6 +323,34 @@ fail:
 	Py_DECREF(fast);
 	PyMem_Free(ids);
 	return -1;
+}
+
+int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **out, size_t *np)
+{
+	PyObject *fast = int_sequence(seq, what);
+	uint64_t *v;
+	Py_ssize_t n;
+
+	if (fast == NULL)
+		return -1;
+	n = PyList_Size(fast);
+	v = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*v));
+	if (v == NULL) {
+		Py_DECREF(fast);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v[i]) < 0) {
+			Py_DECREF(fast);
+			PyMem_Free(v);
+			return -1;
+		}
+	}
+	Py_DECREF(fast);
+	*out = v;
+	*np = (size_t)n;
+	return 0;
 }
 
 int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value)
@@ -473,6 +505,8 @@ static void res_destroy(struct pyaeg_res *res)
 		aeg_kv_destroy(res->kv);
 	if (res->stream != NULL)
 		aeg_stream_destroy(res->stream);
+	if (res->stream_in != NULL)
+		aeg_stream_destroy(res->stream_in);
 	if (res->slab != NULL && res->job_lease && rt.job != NULL)
 		aeg_job_slab_return(rt.job, res->slab);
 	else if (res->slab != NULL)
@@ -481,6 +515,7 @@ static void res_destroy(struct pyaeg_res *res)
 		aeg_pool_destroy(res->pool);
 	res->kv = NULL;
 	res->stream = NULL;
+	res->stream_in = NULL;
 	res->slab = NULL;
 	res->pool = NULL;
 }
