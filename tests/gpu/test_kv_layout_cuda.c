@@ -25,6 +25,8 @@
 #define MAX_SEGS 128
 
 static aeg_device_t *dev;
+/* --small (under compute-sanitizer): regions of 4 MiB instead of 64, fewer blocks at once. */
+static uint64_t scale = 1;
 
 static void checkf(int cond, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -214,8 +216,8 @@ static void layouts(aeg_stream_t *s)
 	layout_round_trip(s, GPU_INFER, 8, 2, 4 * KiB, 256, "FlashInfer per-layer tensors -> pool");
 	layout_round_trip(s, GPU_FLASH, 4, 2, 768, 300, "per-layer, pieces of 768 B (no power of two)");
 	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
-		layout_round_trip(s, GPU_BLOCKS, 1, 1, sizes[i], (uint32_t)(64 * MiB / sizes[i]), "blocks layout");
-		layout_round_trip(s, GPU_FLASH, 2, 2, sizes[i] / 4, (uint32_t)(32 * MiB / sizes[i]),
+		layout_round_trip(s, GPU_BLOCKS, 1, 1, sizes[i], (uint32_t)(64 * MiB / scale / sizes[i]), "blocks layout");
+		layout_round_trip(s, GPU_FLASH, 2, 2, sizes[i] / 4, (uint32_t)(32 * MiB / scale / sizes[i]),
 				  "per-layer tensors of the same block size");
 	}
 }
@@ -270,7 +272,7 @@ static void gate_open(struct gate *g)
  */
 static void layer_events(aeg_stream_t *s)
 {
-	enum { L = 16, N = 40000 };
+	enum { L = 16, N = 40000 };     /* more than a staging slot's 32768 pairs, even with --small */
 	uint32_t *g = malloc(N * sizeof(*g)), *h = malloc(N * sizeof(*h));
 	aeg_handle_t lh[L], call;
 	struct aeg_kv_layers layers = { L, NULL, lh };
@@ -352,7 +354,8 @@ static int stamp_both(struct lc *c, unsigned char *img, const uint32_t *ga, cons
  */
 static void both_at_once(aeg_stream_t *s, aeg_stream_t *s2, uint64_t piece, int layered)
 {
-	enum { N = 4096, ROUNDS = 10 };
+	const uint32_t N = (uint32_t)(4096 / scale);
+	enum { ROUNDS = 10 };
 	uint32_t *ids = malloc(4 * N * sizeof(*ids)), *ga, *gb, *ha, *hb;
 	struct partner p = { 0 };
 	unsigned char *img = NULL;
@@ -405,10 +408,13 @@ out:
 	free(ids);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	aeg_stream_t *s = NULL, *s2 = NULL;
 	uint64_t start_free, end_free;
+
+	if (argc == 2 && strcmp(argv[1], "--small") == 0)
+		scale = 16;
 
 	if (aeg_device_open(&dev, AEG_DEVICE_CUDA) || aeg_stream_create(dev, 0, &s) || aeg_stream_create(dev, 0, &s2)) {
 		check(0, "cuda backend and two streams open");
