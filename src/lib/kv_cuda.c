@@ -30,7 +30,7 @@ static const char *const kernel_names[VARIANTS] = {
 struct kv_slot {
 	uint32_t *host, *dev;           /* 2 * slot_pairs ids */
 	cudaEvent_t done;
-	int held;                       /* a call is filling or launching from it */
+	int held;                       /* a call is filling or launching from it (or it is lost) */
 	int pending;                    /* @done recorded and maybe not complete */
 	uint64_t seq;                   /* when @done was recorded, to wait for the oldest */
 };
@@ -53,6 +53,7 @@ struct kv_cuda {
 	pthread_cond_t freed;
 	struct kv_slot slot[SLOTS];
 	int nevents;
+	int lost;                       /* slots whose guard could not be recorded: never reused */
 	uint64_t seq;
 };
 
@@ -379,8 +380,12 @@ static int slot_take(struct kv_cuda *c, struct kv_slot **out)
 	cudaError_t e;
 
 	pthread_mutex_lock(&c->lock);
-	while ((i = slot_pick(c, &ready)) < 0)
+	while ((i = slot_pick(c, &ready)) < 0 && c->lost < SLOTS)
 		pthread_cond_wait(&c->freed, &c->lock);
+	if (i < 0) {
+		pthread_mutex_unlock(&c->lock);
+		return aeg_fail(AEG_EDEVICE, "KV staging: every slot lost to earlier CUDA failures");
+	}
 	c->slot[i].held = 1;
 	pthread_mutex_unlock(&c->lock);
 	*out = &c->slot[i];
@@ -409,7 +414,9 @@ static int slot_give(struct kv_cuda *c, struct kv_slot *sl, cudaStream_t s, int 
 		sl->pending = 1;
 		sl->seq = ++c->seq;
 	} else if (queued) {
-		/* The queued id copy may still read it: keep it out of use. */
+		/* The queued id copy may still read it: keep it out of use for good. */
+		c->lost++;
+		pthread_cond_broadcast(&c->freed);
 		pthread_mutex_unlock(&c->lock);
 		return cuda_fail(e, "cudaEventRecord (KV staging)");
 	}
@@ -517,7 +524,7 @@ static int move_chunk(aeg_kv_t *kv, const struct kv_move *mv, size_t c0, size_t 
 {
 	struct kv_cuda *c = kv->cuda;
 	cudaStream_t s = aeg_stream_native(stream);
-	struct kv_slot *sl;
+	struct kv_slot *sl = NULL;
 	cudaError_t e;
 	int err, give;
 

@@ -12,6 +12,7 @@
 
 #include <aegaeon/aegaeon.h>
 
+#include "gpu_gate.h"
 #include "gpu_tap.h"
 
 #include "device_internal.h"
@@ -240,31 +241,6 @@ static void variants(aeg_stream_t *s)
 	}
 }
 
-/* A host function that holds a stream until the test opens the gate. */
-struct gate {
-	pthread_mutex_t lock;
-	pthread_cond_t cv;
-	int open;
-};
-
-static void gate_fn(void *arg)
-{
-	struct gate *g = arg;
-
-	pthread_mutex_lock(&g->lock);
-	while (!g->open)
-		pthread_cond_wait(&g->cv, &g->lock);
-	pthread_mutex_unlock(&g->lock);
-}
-
-static void gate_open(struct gate *g)
-{
-	pthread_mutex_lock(&g->lock);
-	g->open = 1;
-	pthread_cond_broadcast(&g->cv);
-	pthread_mutex_unlock(&g->lock);
-}
-
 /*
  * Per-layer events of a request on a cache of 16 layers, with more blocks
  * than a staging slot holds (the call takes several): all pending while
@@ -276,7 +252,7 @@ static void layer_events(aeg_stream_t *s)
 	uint32_t *g = malloc(N * sizeof(*g)), *h = malloc(N * sizeof(*h));
 	aeg_handle_t lh[L], call;
 	struct aeg_kv_layers layers = { L, NULL, lh };
-	struct gate gt = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0 };
+	struct gate gt;
 	unsigned char *img = NULL;
 	int ok, pending = 1, each = 1;
 	struct lc c;
@@ -288,8 +264,7 @@ static void layer_events(aeg_stream_t *s)
 		for (uint32_t sg = 0; sg < c.segs; sg++)
 			stamp(img + gpu_off(&c, i, sg), c.piece, 0, i, sg);
 	}
-	ok = ok && aeg_memcpy(dev, c.region, img, c.region_bytes) == 0 &&
-	     aeg_stream_launch_host_fn(s, gate_fn, &gt) == 0;
+	ok = ok && aeg_memcpy(dev, c.region, img, c.region_bytes) == 0 && gate_close(&gt, s) == 0;
 	ok = ok && aeg_kv_swap_out_layers(c.kv, g, h, N, &layers, s, &call) == 0;
 	for (int l = 0; ok && l < L; l++)
 		pending &= aeg_event_wait_handle(dev, &lh[l], 0) == AEG_ETIMEDOUT;
@@ -304,6 +279,8 @@ static void layer_events(aeg_stream_t *s)
 	checkf(ok && pending, "%d layer events of one call of %d blocks pending while the stream is held", L, N);
 	checkf(ok && each, "each layer's pieces (and the earlier layers') are there when its event completes");
 	checkf(ok && aeg_kv_release(c.kv, &call) == 0 && lc_free(&c), "layer events released, nothing held");
+	pthread_cond_destroy(&gt.cv);
+	pthread_mutex_destroy(&gt.lock);
 	free(img);
 	free(h);
 	free(g);

@@ -5,15 +5,37 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <aegaeon/aegaeon.h>
+
+#include "../gpu/gpu_gate.h"
 
 /* Include after cmocka.h: the gate helpers assert. */
 
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
 #define WAIT_MS 20000
+
+/* The host backend with two GPUs and a stream on GPU 0, for the whole group of tests. */
+static aeg_device_t *dev;
+static aeg_stream_t *stream;
+
+static inline int kvtest_setup(void **state)
+{
+	setenv("AEGAEON_HOST_GPUS", "2", 1);
+	if (aeg_device_open(&dev, AEG_DEVICE_HOST) || aeg_stream_create(dev, 0, &stream))
+		return -1;
+	return 0;
+}
+
+static inline int kvtest_teardown(void **state)
+{
+	aeg_stream_destroy(stream);
+	aeg_device_close(dev);
+	return 0;
+}
 
 static inline uint64_t splitmix(uint64_t *s)
 {
@@ -57,37 +79,15 @@ static inline int all_bytes(const void *p, int value, size_t bytes)
 	return 1;
 }
 
-/* A host function that holds a stream until the test opens the gate. */
-struct gate {
-	pthread_mutex_t lock;
-	pthread_cond_t cv;
-	int open;
-};
-
-static inline void gate_fn(void *arg)
+/* The GPU tests' gate (a host function holding a stream), with asserts and the stream drained. */
+static inline void gate_hold(struct gate *g, aeg_stream_t *s)
 {
-	struct gate *g = arg;
-
-	pthread_mutex_lock(&g->lock);
-	while (!g->open)
-		pthread_cond_wait(&g->cv, &g->lock);
-	pthread_mutex_unlock(&g->lock);
+	assert_int_equal(gate_close(g, s), 0);
 }
 
-static inline void gate_close(struct gate *g, aeg_stream_t *s)
+static inline void gate_release(struct gate *g, aeg_stream_t *s)
 {
-	pthread_mutex_init(&g->lock, NULL);
-	pthread_cond_init(&g->cv, NULL);
-	g->open = 0;
-	assert_int_equal(aeg_stream_launch_host_fn(s, gate_fn, g), 0);
-}
-
-static inline void gate_open(struct gate *g, aeg_stream_t *s)
-{
-	pthread_mutex_lock(&g->lock);
-	g->open = 1;
-	pthread_cond_broadcast(&g->cv);
-	pthread_mutex_unlock(&g->lock);
+	gate_open(g);
 	assert_int_equal(aeg_stream_sync(s), 0);
 	pthread_cond_destroy(&g->cv);
 	pthread_mutex_destroy(&g->lock);

@@ -403,12 +403,10 @@ static int child_owns(int to_parent, int from_parent)
 	return 0;
 }
 
-static void parent_waits_on_child(void **state)
+/* A child that owns an event (child_owns); *up_rd gives its handle, a byte on *down_wr lets it go. */
+static pid_t start_owner(int *up_rd, int *down_wr)
 {
-	aeg_device_t *dev = open_host();
-	int up[2], down[2], status;
-	uint64_t t0, opens;
-	aeg_handle_t h;
+	int up[2], down[2];
 	pid_t pid;
 
 	assert_int_equal(pipe(up), 0);
@@ -422,6 +420,20 @@ static void parent_waits_on_child(void **state)
 	}
 	close(up[1]);
 	close(down[0]);
+	*up_rd = up[0];
+	*down_wr = down[1];
+	return pid;
+}
+
+static void parent_waits_on_child(void **state)
+{
+	aeg_device_t *dev = open_host();
+	int up[2], down[2], status;
+	uint64_t t0, opens;
+	aeg_handle_t h;
+	pid_t pid;
+
+	pid = start_owner(&up[0], &down[1]);
 	assert_int_equal(read(up[0], &h, sizeof(h)), sizeof(h));
 	t0 = aeg_now_ns();
 	assert_int_equal(aeg_event_wait_handle(dev, &h, 0), AEG_ETIMEDOUT);
@@ -458,17 +470,7 @@ static void query_handle_never_waits(void **state)
 	sem_t gate;
 	pid_t pid;
 
-	assert_int_equal(pipe(up), 0);
-	assert_int_equal(pipe(down), 0);
-	pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0) {
-		close(up[0]);
-		close(down[1]);
-		child_exit(child_owns(up[1], down[0]));
-	}
-	close(up[1]);
-	close(down[0]);
+	pid = start_owner(&up[0], &down[1]);
 	assert_int_equal(read(up[0], &h, sizeof(h)), sizeof(h));
 	assert_int_equal(aeg_event_query_handle(dev, &h), AEG_ENOENT);
 	aeg_device_event_stats(dev, &opens, NULL);

@@ -27,8 +27,6 @@
 #include "testutil.h"
 
 
-static aeg_device_t *dev;
-static aeg_stream_t *stream;
 
 /* ------------------------------------------------------------ helpers */
 
@@ -225,7 +223,7 @@ static void per_layer_events(void **state)
 	memset(aeg_kv_host_ptr(c.kv, 0), 0, (size_t)c.host_blocks * block);
 
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&g, stream);
+	gate_hold(&g, stream);
 	err = aeg_kv_swap_out_layers(c.kv, gpu_ids, host_ids, N, &layers, stream, &h);
 	/* Nothing ran yet: every event pending, every handle distinct. */
 	pending = aeg_event_wait_handle(dev, &h, 0) == AEG_ETIMEDOUT;
@@ -770,14 +768,14 @@ static void destroy_waits_for_queued_swaps(void **state)
 		fill_pattern(aeg_kv_gpu_ptr(c.kv, i), block, 31337 + i);
 	}
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&gt, stream);
+	gate_hold(&gt, stream);
 	err = aeg_kv_swap_out(c.kv, g, h, 32, stream, NULL);
 	d.kv = c.kv;
 	atomic_init(&d.done, 0);
 	started = err == 0 && pthread_create(&th, NULL, destroyer_main, &d) == 0;
 	usleep(100 * 1000);
 	early = atomic_load(&d.done);
-	gate_open(&gt, stream);
+	gate_release(&gt, stream);
 	assert_int_equal(err, 0);
 	assert_true(started);
 	assert_int_equal(pthread_join(th, NULL), 0);
@@ -901,7 +899,7 @@ static void cross_process_handoff(void **state)
 	self = self_exe_path();
 
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&g, stream);
+	gate_hold(&g, stream);
 	err = aeg_kv_swap_out(c.kv, gpu_ids, host_ids, HANDOFF_N, stream, &h);
 	aeg_handle_to_hex(&h, hex);
 	snprintf(fdtext, sizeof(fdtext), "%d", aeg_pool_fd(c.pool));
@@ -925,7 +923,7 @@ static void cross_process_handoff(void **state)
 		close(ready_pipe[0]);
 		usleep(20 * 1000);
 	}
-	gate_open(&g, stream);
+	gate_release(&g, stream);
 	assert_int_equal(err, 0);
 	assert_true(pid > 0);
 	assert_int_equal(waitpid(pid, &status, 0), pid);
@@ -963,20 +961,6 @@ static void nothing_leaks(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
-static int setup(void **state)
-{
-	setenv("AEGAEON_HOST_GPUS", "2", 1);
-	if (aeg_device_open(&dev, AEG_DEVICE_HOST) || aeg_stream_create(dev, 0, &stream))
-		return -1;
-	return 0;
-}
-
-static int teardown(void **state)
-{
-	aeg_stream_destroy(stream);
-	aeg_device_close(dev);
-	return 0;
-}
 
 int main(int argc, char **argv)
 {
@@ -1001,5 +985,5 @@ int main(int argc, char **argv)
 
 	if (argc > 1 && strcmp(argv[1], "--handoff-child") == 0)
 		return handoff_child(argc, argv);
-	return cmocka_run_group_tests_name("kv", tests, setup, teardown);
+	return cmocka_run_group_tests_name("kv", tests, kvtest_setup, kvtest_teardown);
 }

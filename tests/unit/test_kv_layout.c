@@ -19,8 +19,6 @@
 #include "kvtest.h"
 #include "testutil.h"
 
-static aeg_device_t *dev;
-static aeg_stream_t *stream;
 
 /*
  * How a side holds its blocks: in the blocks layout (a slab block on the GPU
@@ -307,11 +305,11 @@ static void per_layer_events_of_a_request(void **state)
 	}
 	side_fill(&c, 1, 0);
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&gt, stream);
+	gate_hold(&gt, stream);
 	err = aeg_kv_swap_out_layers(c.kv, g, h, N, &layers, stream, &call);
 	for (int l = 0; !err && l < L; l++)
 		pending &= aeg_event_wait_handle(dev, &lh[l], 0) == AEG_ETIMEDOUT;
-	gate_open(&gt, stream);
+	gate_release(&gt, stream);
 	assert_int_equal(err, 0);
 	assert_true(pending);
 	for (uint32_t l = 0; l < L; l++) {
@@ -473,13 +471,13 @@ static void a_held_stream_holds_no_other(void **state)
 	}
 	assert_int_equal(aeg_stream_create(dev, 0, &other), 0);
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&gt, stream);
+	gate_hold(&gt, stream);
 	err = aeg_kv_swap_out(c.kv, g, h, 8, stream, &ho);
 	if (!err)
 		err = aeg_kv_swap_in(c.kv, h2, g2, 8, other, &hi);
 	in_done = !err && aeg_event_wait_handle(dev, &hi, WAIT_MS) == 0 &&
 		  aeg_event_wait_handle(dev, &ho, 0) == AEG_ETIMEDOUT;
-	gate_open(&gt, stream);
+	gate_release(&gt, stream);
 	assert_int_equal(err, 0);
 	assert_true(in_done);
 	assert_int_equal(aeg_event_wait_handle(dev, &ho, WAIT_MS), 0);
@@ -614,20 +612,6 @@ static void nothing_leaks(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
-static int setup(void **state)
-{
-	setenv("AEGAEON_HOST_GPUS", "2", 1);
-	if (aeg_device_open(&dev, AEG_DEVICE_HOST) || aeg_stream_create(dev, 0, &stream))
-		return -1;
-	return 0;
-}
-
-static int teardown(void **state)
-{
-	aeg_stream_destroy(stream);
-	aeg_device_close(dev);
-	return 0;
-}
 
 int main(void)
 {
@@ -645,5 +629,5 @@ int main(void)
 		cmocka_unit_test(nothing_leaks),
 	};
 
-	return cmocka_run_group_tests_name("kv_layout", tests, setup, teardown);
+	return cmocka_run_group_tests_name("kv_layout", tests, kvtest_setup, kvtest_teardown);
 }
