@@ -48,7 +48,7 @@ static void tensors_make(struct lcache *c, int host, uint32_t blocks, struct aeg
 	char *mem;
 
 	if (host)
-		mem = aligned_alloc(4096, bytes);
+		mem = aligned_alloc(4096, (bytes + 4095) & ~4095ull);  /* a multiple of the alignment */
 	else
 		assert_int_equal(aeg_mem_alloc(dev, 0, bytes, (void **)&mem), 0);
 	assert_non_null(mem);
