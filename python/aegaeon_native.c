@@ -1,11 +1,8 @@
 /* The aegaeon_native module: runtime (device, prefetch engines, events), errors and module functions. */
 #include "py_internal.h"
+#include "internal.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
-
-#include "safetensors.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -19,20 +16,9 @@
 #define DEFAULT_CHUNK_BYTES (32ull << 20)      /* the seed's default */
 #define WAIT_SLICE_MS 100
 
-/* A load whose chunks release_prefetch_chunks may have to wait for. */
-struct pf_load {
-	struct pf_load *next;
-	aeg_load_t *load;
-	uint64_t *ids;
-	uint32_t nids;
-};
-
 /* Per-GPU state of the module's own work. */
 struct gpu_state {
 	aeg_stream_t *stream;           /* records create_event_handle_bytes events */
-	aeg_slab_t *pf_slab;            /* the prefetch engine's slab */
-	aeg_prefetch_t *pf;
-	struct pf_load *loads;
 	Py_ssize_t views;               /* chunk views and tensor loads alive */
 };
 
@@ -40,11 +26,6 @@ struct mod_event {
 	struct mod_event *next;
 	aeg_event_t *ev;
 	aeg_handle_t handle;
-};
-
-struct idlist {
-	uint64_t *ids;
-	size_t n, cap;
 };
 
 /*
@@ -72,12 +53,11 @@ static _Thread_local int rtlock_mine;  /* this thread holds the runtime lock */
 static struct {
 	int kind_set;                   /* set_device()/configure() chose the backend */
 	enum aeg_device_kind kind;
-	aeg_device_t *dev;
-	struct aeg_config cfg;
-	int gpu_count;
+	aeg_session_t *sess;            /* where models load: the job's agent, or this process */
+	aeg_device_t *dev;              /* the session's */
+	aeg_job_t *job;                 /* the session's job; NULL outside one */
+	int gpu_count;                  /* GPUs this process sees */
 	struct gpu_state *gpus;
-	aeg_topo_t *topo;
-	int topo_tried;
 	struct mod_event *events;
 	uint64_t nevents;
 	struct pyaeg_res *res;          /* newest first */
@@ -87,8 +67,6 @@ static struct {
 	int waits;                      /* waits running with the GIL released */
 	int atexit_set;
 	int attach;                     /* configure(attach=): -1 auto ($AEGAEON_SOCKET), 0, 1 */
-	aeg_job_t *job;                 /* attached to the job's agent */
-	struct idlist job_ids[AEG_JOB_MAX_GPUS];   /* chunks this process prefetched, per job slab */
 } rt = { .attach = -1 };
 
 PyObject *pyaeg_error_type;
@@ -558,105 +536,84 @@ void pyaeg_res_free(struct pyaeg_res *res)
 	free(res);
 }
 
-/* The backend: set_device()/configure(), else $AEGAEON_DEVICE, else the site config. */
-static int choose_kind_locked(enum aeg_device_kind *kind)
-{
-	const char *env = getenv("AEGAEON_DEVICE");
-	int err;
-
-	if (rt.kind_set) {
-		*kind = rt.kind;
-		return 0;
-	}
-	if (env != NULL && env[0] != '\0') {
-		err = aeg_device_kind_parse(env, kind);
-		if (err < 0)
-			pyaeg_raise_msg(err, "AEGAEON_DEVICE=\"%s\": expected \"cuda\" or \"host\"", env);
-		return err;
-	}
-	*kind = rt.cfg.device;
-	return 0;
-}
-
 static void atexit_teardown(void);
 
-/* Anything that still uses the device: objects, views, events, waits. */
+/* Anything that still uses the device: objects, views, events, waits, loaded chunks. */
 static int busy_locked(void)
 {
 	int busy = rt.objects > 0 || rt.res != NULL || rt.events != NULL || rt.waits > 0;
 
 	for (int i = 0; !busy && i < rt.gpu_count; i++)
 		busy = rt.gpus[i].views > 0;
+	if (!busy && rt.sess != NULL && rt.job == NULL)
+		busy = aeg_session_owned_blocks(rt.sess) > 0;
 	return busy;
 }
 
+/* The engines' settings of configure(); NULL @engine when none is set. */
+static void engine_settings(struct aeg_prefetch_config *engine, const struct aeg_prefetch_config **use)
+{
+	*use = NULL;
+	if (rt.prefetch_threads) {
+		aeg_prefetch_config_defaults(engine);
+		engine->threads = rt.prefetch_threads;
+		*use = engine;
+	}
+}
+
+/*
+ * The module's session: the job's agent inside an aegaeon job (unless
+ * configure(attach=False)), else this process's slabs and engines on the
+ * backend of set_device(), $AEGAEON_DEVICE or the site config.
+ */
 static int open_device_locked(void)
 {
-	enum aeg_device_kind kind;
-	struct aeg_config cfg;
-	aeg_device_t *dev = NULL;
-	aeg_job_t *job = NULL;
-	const char *sock;
+	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL };
+	struct aeg_prefetch_config engine;
+	const char *sock = getenv("AEGAEON_SOCKET");
+	aeg_session_t *sess = NULL;
 	int err, count = 0;
 
-	err = aeg_config_load(&cfg, NULL);
-	if (err < 0) {
-		pyaeg_raise(err);
-		return err;
+	if (rt.attach == 1 || (rt.attach < 0 && sock != NULL && sock[0] != '\0'))
+		cfg.mode = AEG_SESSION_JOB;
+	if (rt.kind_set && cfg.mode == AEG_SESSION_LOCAL) {
+		cfg.flags |= AEG_SESSION_DEVICE_SET;
+		cfg.device = rt.kind;
 	}
-	rt.cfg = cfg;
-	err = choose_kind_locked(&kind);
-	if (err < 0)
-		return err;
-	sock = getenv("AEGAEON_SOCKET");
-	if (rt.attach == 1 || (rt.attach < 0 && sock != NULL && sock[0] != '\0')) {
-		/* Inside an aegaeon job: the agent's slabs, pool and loads, never beside them. */
-		PYAEG_BEGIN_ALLOW_THREADS
-		err = aeg_job_attach(&job);
-		if (err == 0)
-			err = aeg_device_count(aeg_job_device(job), &count);
-		PYAEG_END_ALLOW_THREADS
-		if (err < 0) {
+	cfg.slab = rt.prefetch_slab[0] ? rt.prefetch_slab : NULL;
+	engine_settings(&engine, &cfg.engine);
+	PYAEG_BEGIN_ALLOW_THREADS
+	err = aeg_session_open(&cfg, &sess);
+	if (err == 0)
+		err = aeg_device_count(aeg_session_device(sess), &count);
+	PYAEG_END_ALLOW_THREADS
+	if (err < 0) {
+		if (cfg.mode == AEG_SESSION_JOB)
 			pyaeg_raise_msg(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
 					sock ? sock : "", aeg_error_detail());
-			if (job != NULL)
-				aeg_job_detach(job);
-			return err;
-		}
-		dev = aeg_job_device(job);
-		if (rt.kind_set && rt.kind != aeg_device_kind(dev)) {
-			pyaeg_raise_msg(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
-					aeg_device_kind_name(rt.kind), aeg_device_kind_name(aeg_device_kind(dev)));
-			aeg_job_detach(job);
-			return AEG_EINVAL;
-		}
-		kind = aeg_device_kind(dev);
-	} else {
-		PYAEG_BEGIN_ALLOW_THREADS
-		err = aeg_device_open(&dev, kind);
-		if (err == 0)
-			err = aeg_device_count(dev, &count);
-		PYAEG_END_ALLOW_THREADS
-		if (err < 0) {
+		else
 			pyaeg_raise(err);
-			if (dev != NULL)
-				aeg_device_close(dev);
-			return err;
-		}
+		aeg_session_close(sess);
+		return err;
+	}
+	if (cfg.mode == AEG_SESSION_JOB && rt.kind_set && rt.kind != aeg_device_kind(aeg_session_device(sess))) {
+		pyaeg_raise_msg(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
+				aeg_device_kind_name(rt.kind),
+				aeg_device_kind_name(aeg_device_kind(aeg_session_device(sess))));
+		aeg_session_close(sess);
+		return AEG_EINVAL;
 	}
 	rt.gpus = calloc((size_t)(count ? count : 1), sizeof(*rt.gpus));
 	if (rt.gpus == NULL) {
-		if (job != NULL)
-			aeg_job_detach(job);
-		else
-			aeg_device_close(dev);
+		aeg_session_close(sess);
 		PyErr_NoMemory();
 		return AEG_ENOMEM;
 	}
-	rt.job = job;
-	rt.dev = dev;
+	rt.sess = sess;
+	rt.dev = aeg_session_device(sess);
+	rt.job = aeg_session_job(sess);
 	rt.gpu_count = count;
-	rt.kind = kind;
+	rt.kind = aeg_device_kind(rt.dev);
 	if (!rt.atexit_set && Py_AtExit(atexit_teardown) == 0)
 		rt.atexit_set = 1;
 	return 0;
@@ -695,32 +652,6 @@ static int check_gpu_locked(int gpu)
 }
 
 /* ------------------------------------------------------------------- job */
-
-static int idlist_add(struct idlist *l, uint64_t id)
-{
-	if (l->n == l->cap) {
-		size_t cap = l->cap ? 2 * l->cap : 64;
-		uint64_t *ids = realloc(l->ids, cap * sizeof(*ids));
-
-		if (ids == NULL)
-			return -1;
-		l->ids = ids;
-		l->cap = cap;
-	}
-	l->ids[l->n++] = id;
-	return 0;
-}
-
-static int idlist_remove(struct idlist *l, uint64_t id)
-{
-	for (size_t i = 0; i < l->n; i++) {
-		if (l->ids[i] == id) {
-			l->ids[i] = l->ids[--l->n];
-			return 1;
-		}
-	}
-	return 0;
-}
 
 /* The job slab of GPU @gpu as this process numbers it; -1 with AegaeonError ENODEV. */
 static int job_index_locked(int gpu)
@@ -780,118 +711,6 @@ aeg_pool_t *pyaeg_job_pool(void)
 	return pool;
 }
 
-/*
- * The chunks of @path in the job slab of @gpu. A file the job's agent holds
- * already (the job's --aegaeon-prefetch, an earlier step) is reused, as
- * aegaeon-cli prefetch does: nothing is read again, and its chunks stay the
- * job's, so this process does not release them at exit. A load that failed,
- * or of a file changed since, is replaced by a new one, which this process
- * owns (*@ownedp 1).
- */
-static int job_prefetch_locked(const char *path, int gpu, uint64_t chunk_bytes, int *idxp,
-			       struct aeg_job_load **loadp, int *ownedp)
-{
-	struct aeg_job_load *load = NULL;
-	int idx, err, owned = 0;
-
-	if ((idx = job_index_locked(gpu)) < 0)
-		return -1;
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_job_chunks(rt.job, 0, path, idx, &load);
-	if (err == 0 && load->status != 0 && load->status != AEG_EBUSY) {
-		aeg_job_load_free(load);
-		load = NULL;
-		err = AEG_ENOENT;
-	}
-	if (err == AEG_ENOENT || err == AEG_ESTALE) {
-		aeg_error_clear();
-		err = aeg_job_prefetch(rt.job, path, idx, chunk_bytes, &load);
-		owned = 1;
-	}
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
-		pyaeg_raise(err);
-		return -1;
-	}
-	for (uint32_t i = 0; owned && i < load->count; i++)
-		if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
-			if (idlist_add(&rt.job_ids[idx], load->chunks[i].slab_id) < 0)
-				aeg_log(AEG_LOG_WARN, "aegaeon_native: out of memory tracking job chunks");
-	*idxp = idx;
-	*loadp = load;
-	*ownedp = owned;
-	return 0;
-}
-
-struct job_release {
-	int idx;
-	const uint64_t *ids;
-	size_t n;
-};
-
-/* A load still in flight holds its blocks: retry until it is done. */
-static int job_release_slice(void *arg, int timeout_ms)
-{
-	struct job_release *r = arg;
-	int err = aeg_job_release(rt.job, r->idx, r->ids, r->n, NULL);
-
-	if (err == AEG_EBUSY) {
-		usleep((unsigned)(timeout_ms < 10 ? timeout_ms : 10) * 1000u);
-		return AEG_ETIMEDOUT;
-	}
-	return err;
-}
-
-/* Release @ids of job slab @idx, waiting for loads in flight; -1 with an exception. */
-static int job_release_locked(int idx, const uint64_t *ids, size_t n, int quiet_enoent)
-{
-	struct job_release r = { idx, ids, n };
-	int err;
-
-	err = pyaeg_wait(job_release_slice, &r, -1);
-	if (err == PYAEG_SIGNALLED)
-		return -1;
-	if (err == AEG_ENOENT && quiet_enoent)
-		err = 0;
-	if (err < 0) {
-		pyaeg_raise(err);
-		return -1;
-	}
-	for (size_t i = 0; i < n; i++)
-		idlist_remove(&rt.job_ids[idx], ids[i]);
-	return 0;
-}
-
-static void drop_loads_locked(struct gpu_state *g, int only_finished)
-{
-	struct aeg_load_progress p;
-
-	for (struct pf_load **pp = &g->loads; *pp != NULL;) {
-		struct pf_load *l = *pp;
-
-		if (only_finished && aeg_load_progress(l->load, &p) == 0 && p.status == AEG_EBUSY) {
-			pp = &l->next;
-			continue;
-		}
-		*pp = l->next;
-		aeg_load_close(l->load);
-		free(l->ids);
-		free(l);
-	}
-}
-
-/* Destroy a GPU's engine and its slab; the GIL may be released (no Python objects touched). */
-static void drop_engine_locked(struct gpu_state *g)
-{
-	drop_loads_locked(g, 0);
-	if (g->pf != NULL)
-		aeg_prefetch_destroy(g->pf);
-	if (g->pf_slab != NULL)
-		aeg_slab_destroy(g->pf_slab);
-	g->pf = NULL;
-	g->pf_slab = NULL;
-}
-
 static void drop_events_locked(void)
 {
 	while (rt.events != NULL) {
@@ -904,36 +723,32 @@ static void drop_events_locked(void)
 	rt.nevents = 0;
 }
 
-/* Everything the runtime holds; objects still alive are destroyed too. */
+/*
+ * Everything the runtime holds; with @close_device, objects still alive
+ * are destroyed and the session closed (a job's models stay with its
+ * agent). Without, this process's own loaded chunks are freed.
+ */
 static void teardown_locked(int close_device)
 {
 	drop_events_locked();
 	for (int i = 0; rt.gpus != NULL && i < rt.gpu_count; i++) {
-		drop_engine_locked(&rt.gpus[i]);
 		if (rt.gpus[i].stream != NULL)
 			aeg_stream_destroy(rt.gpus[i].stream);
 		rt.gpus[i].stream = NULL;
 	}
-	if (!close_device)
+	if (!close_device) {
+		if (rt.sess != NULL && rt.job == NULL)
+			aeg_session_release_all(rt.sess, 0, NULL);
 		return;
+	}
 	for (struct pyaeg_res *r = rt.res; r != NULL; r = r->next)
 		res_destroy(r);
-	if (rt.topo != NULL)
-		aeg_topo_destroy(rt.topo);
-	rt.topo = NULL;
-	rt.topo_tried = 0;
 	/* A daemon thread may still wait on the device: leave it to process exit. */
-	if (rt.dev != NULL && rt.waits == 0) {
-		if (rt.job != NULL)
-			aeg_job_detach(rt.job);     /* closes the device too */
-		else
-			aeg_device_close(rt.dev);
-		rt.job = NULL;
-		for (int i = 0; i < AEG_JOB_MAX_GPUS; i++) {
-			free(rt.job_ids[i].ids);
-			memset(&rt.job_ids[i], 0, sizeof(rt.job_ids[i]));
-		}
+	if (rt.sess != NULL && rt.waits == 0) {
+		aeg_session_close(rt.sess);
+		rt.sess = NULL;
 		rt.dev = NULL;
+		rt.job = NULL;
 		free(rt.gpus);
 		rt.gpus = NULL;
 		rt.gpu_count = 0;
@@ -997,8 +812,6 @@ static int set_kind(const char *text)
 	pyaeg_lock();
 	if (rt.dev != NULL && rt.kind != kind) {
 		busy = busy_locked();
-		for (int i = 0; !busy && i < rt.gpu_count; i++)
-			busy = rt.gpus[i].pf != NULL;
 		if (!busy) {
 			PYAEG_BEGIN_ALLOW_THREADS
 			teardown_locked(1);
@@ -1031,7 +844,7 @@ static PyObject *py_set_device(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(device_doc,
-"device() -> str\n--\n\n"
+"device()\n--\n\n"
 "The backend in use, \"cuda\" or \"host\"; opens the device if needed.");
 
 static PyObject *py_device(PyObject *self, PyObject *unused)
@@ -1050,8 +863,9 @@ PyDoc_STRVAR(configure_doc,
 "size string (\"8GiB\", \"90%\" of the GPU's free memory) or bytes; default\n"
 "$AEGAEON_PREFETCH_SLAB, else aegaeon.conf's slab_default (\"90%\").\n"
 "prefetch_threads: the engine's worker threads (1..256; default aegaeon.conf's\n"
-"prefetch_threads). Prefetch settings apply to engines made later: with one\n"
-"alive, AegaeonError EBUSY (release_all_prefetch_events() drops idle ones).\n"
+"prefetch_threads). An engine is made at a GPU's first load and kept (the\n"
+"next load pays no set-up); new prefetch settings remake idle engines, and\n"
+"are AegaeonError EBUSY while one holds chunks (release_all_prefetch_events()).\n"
 "attach: inside an aegaeon job ($AEGAEON_SOCKET set) the module attaches to\n"
 "the job's agent at first use: prefetches, slabs and the pool are the job's.\n"
 "False works in-process instead, True insists on a job; before first use only.");
@@ -1117,23 +931,46 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 	}
 	if (device != Py_None && set_kind(PyUnicode_AsUTF8AndSize(device, NULL)) < 0)
 		return NULL;
+	if (text[0] == '\0' && nthreads == 0)
+		Py_RETURN_NONE;
+	err = 0;
 	pyaeg_lock();
-	for (int i = 0; i < rt.gpu_count; i++)
-		busy |= rt.gpus[i].pf != NULL;
-	if (!busy) {
+	if (rt.sess != NULL && rt.job == NULL) {
+		struct aeg_prefetch_config engine;
+		const struct aeg_prefetch_config *use;
+		char old_slab[64];
+		int old_threads = rt.prefetch_threads;
+
+		snprintf(old_slab, sizeof(old_slab), "%s", rt.prefetch_slab);
+		if (text[0] != '\0')
+			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", text);
+		if (nthreads != 0)
+			rt.prefetch_threads = (int)nthreads;
+		engine_settings(&engine, &use);
+		PYAEG_BEGIN_ALLOW_THREADS
+		err = aeg_session_set_engine(rt.sess, rt.prefetch_slab[0] ? rt.prefetch_slab : NULL, use);
+		PYAEG_END_ALLOW_THREADS
+		busy = err == AEG_EBUSY;
+		if (err) {
+			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", old_slab);
+			rt.prefetch_threads = old_threads;
+		}
+	} else {
 		if (text[0] != '\0')
 			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", text);
 		if (nthreads != 0)
 			rt.prefetch_threads = (int)nthreads;
 	}
 	pyaeg_unlock();
-	if (busy && (text[0] != '\0' || nthreads != 0))
-		return pyaeg_raise_msg(AEG_EBUSY, "a prefetch engine exists already: call release_all_prefetch_events() first");
+	if (busy)
+		return pyaeg_raise_msg(AEG_EBUSY, "a prefetch engine holds loaded chunks: call release_all_prefetch_events() first");
+	if (err)
+		return pyaeg_raise(err);
 	Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(gpu_info_doc,
-"gpu_info(gpu_id=0) -> dict\n--\n\n"
+"gpu_info(gpu_id=0)\n--\n\n"
 "{\"index\", \"name\", \"total_bytes\", \"free_bytes\", \"pci_bus_id\"} of a GPU\n"
 "of the backend in use. device_count() tells how many there are.");
 
@@ -1161,7 +998,7 @@ static PyObject *py_gpu_info(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(device_count_doc,
-"device_count() -> int\n--\n\n"
+"device_count()\n--\n\n"
 "GPUs of the backend in use (the host backend shows $AEGAEON_HOST_GPUS, default 1).");
 
 static PyObject *py_device_count(PyObject *self, PyObject *unused)
@@ -1180,7 +1017,7 @@ static PyObject *py_device_count(PyObject *self, PyObject *unused)
 /* ------------------------------------------------------------------ events */
 
 PyDoc_STRVAR(create_event_doc,
-"create_event_handle_bytes(gpu_id=0) -> bytes\n--\n\n"
+"create_event_handle_bytes(gpu_id=0)\n--\n\n"
 "Create an interprocess event on a GPU, record it now on the module's stream\n"
 "of that GPU, and return its 64-byte handle. Any process of the same user can\n"
 "wait on it with wait_event_handle_bytes(). The module keeps the event alive\n"
@@ -1351,148 +1188,30 @@ static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
 
 /* ---------------------------------------------------------------- prefetch */
 
-static int prefetch_slab_bytes_locked(int gpu, uint64_t *bytes, char *from, size_t from_len)
+/*
+ * Start loading @path onto @gpu through the session. Inside a job a model
+ * the job holds already (its --aegaeon-prefetch, an earlier step) is
+ * reused, as aegaeon-cli prefetch does: nothing is read again, and it stays
+ * the job's (not owned). -1 with an exception.
+ */
+static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
+		       aeg_model_t **m)
 {
-	const char *env = getenv("AEGAEON_PREFETCH_SLAB");
-	struct aeg_size_spec spec;
-	struct aeg_gpu_info info;
-	int err;
-
-	if (rt.prefetch_slab[0] != '\0') {
-		snprintf(from, from_len, "configure(prefetch_slab=\"%s\")", rt.prefetch_slab);
-		err = aeg_size_spec_parse(rt.prefetch_slab, &spec);
-	} else if (env != NULL && env[0] != '\0') {
-		snprintf(from, from_len, "AEGAEON_PREFETCH_SLAB=\"%s\"", env);
-		err = aeg_size_spec_parse(env, &spec);
-	} else {
-		snprintf(from, from_len, "slab_default of aegaeon.conf");
-		spec = rt.cfg.slab_default;
-		err = 0;
-	}
-	if (err < 0) {
-		pyaeg_raise_msg(err, "%s: %s", from, aeg_error_detail());
-		return -1;
-	}
-	err = aeg_device_gpu_info(rt.dev, gpu, &info);
-	if (err < 0) {
-		pyaeg_raise(err);
-		return -1;
-	}
-	/* Percentages are of the memory free now: other users of the GPU keep theirs. */
-	err = aeg_size_spec_resolve(&spec, info.free_bytes, bytes);
-	if (err == 0 && *bytes < (1u << 20))
-		err = AEG_EINVAL;
-	if (err < 0) {
-		pyaeg_raise_msg(AEG_EINVAL, "%s gives a prefetch slab under 1 MiB on GPU %d (%" PRIu64 " bytes free)",
-				from, gpu, info.free_bytes);
-		return -1;
-	}
-	*bytes &= ~((uint64_t)(1u << 20) - 1);
-	return 0;
-}
-
-static int engine_locked(int gpu, aeg_prefetch_t **pfp)
-{
-	struct gpu_state *g = &rt.gpus[gpu];
-	struct aeg_prefetch_config cfg;
-	char from[160], size[32];
-	uint64_t bytes;
-	int err;
-
-	if (g->pf != NULL) {
-		*pfp = g->pf;
-		return 0;
-	}
-	if (prefetch_slab_bytes_locked(gpu, &bytes, from, sizeof(from)) < 0)
-		return -1;
-	if (rt.kind == AEG_DEVICE_CUDA && !rt.topo_tried) {
-		rt.topo_tried = 1;
-		if (aeg_topo_load(&rt.topo, NULL) < 0) {
-			aeg_log(AEG_LOG_WARN, "aegaeon_native: no topology (%s): prefetch threads are not bound near the GPU",
-				aeg_error_detail());
-			rt.topo = NULL;
-		}
-	}
-	aeg_prefetch_config_defaults(&cfg);
-	cfg.threads = rt.prefetch_threads ? rt.prefetch_threads : rt.cfg.prefetch_threads;
-	cfg.topo = rt.topo;
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_slab_create(rt.dev, gpu, bytes, &g->pf_slab);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
-		pyaeg_raise_msg(err, "prefetch slab of %s on GPU %d (from %s; set AEGAEON_PREFETCH_SLAB or configure(prefetch_slab=...)): %s",
-				aeg_size_format(bytes, size, sizeof(size)), gpu, from, aeg_error_detail());
-		g->pf_slab = NULL;
-		return -1;
-	}
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_prefetch_create(g->pf_slab, NULL, &cfg, &g->pf);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
-		pyaeg_raise(err);
-		aeg_slab_destroy(g->pf_slab);
-		g->pf_slab = NULL;
-		g->pf = NULL;
-		return -1;
-	}
-	*pfp = g->pf;
-	return 0;
-}
-
-/* Start a load; on success the caller holds the lock and gets the load's record. */
-static int start_load_locked(const char *path, int gpu, uint64_t chunk_bytes,
-			     enum aeg_prefetch_format format, struct pf_load **recp)
-{
-	struct aeg_prefetch_options opts;
-	const struct aeg_chunk *chunks = NULL;
-	struct pf_load *rec;
-	aeg_prefetch_t *pf;
+	struct aeg_load_request req = { .path = path, .gpu = gpu, .chunk_bytes = chunk_bytes, .format = format };
 	aeg_device_t *dev;
-	uint32_t n = 0;
-	int err, nomem = 0;
+	int err;
 
-	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0 || engine_locked(gpu, &pf) < 0)
+	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0)
 		return -1;
-	drop_loads_locked(&rt.gpus[gpu], 1);
-	rec = calloc(1, sizeof(*rec));
-	if (rec == NULL) {
-		PyErr_NoMemory();
-		return -1;
-	}
-	memset(&opts, 0, sizeof(opts));
-	opts.chunk_bytes = chunk_bytes;
-	opts.format = format;
-	/* Listed before the GIL is retaken: a thread stopped there by finalization leaves no load unlisted. */
+	if (rt.job != NULL)
+		req.flags |= AEG_LOAD_REUSE;
 	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_prefetch_file(pf, path, &opts, &rec->load);
-	if (err == 0) {
-		chunks = aeg_load_chunks(rec->load, &n);
-		rec->ids = malloc((size_t)(n ? n : 1) * sizeof(*rec->ids));
-		if (rec->ids == NULL) {
-			aeg_load_cancel(rec->load);
-			aeg_load_close(rec->load);
-			nomem = 1;
-		}
-	}
-	if (err == 0 && !nomem) {
-		for (uint32_t i = 0; i < n; i++)
-			if (rec->nids == 0 || rec->ids[rec->nids - 1] != chunks[i].slab_id)
-				rec->ids[rec->nids++] = chunks[i].slab_id;
-		rec->next = rt.gpus[gpu].loads;
-		rt.gpus[gpu].loads = rec;
-	}
+	err = aeg_session_load(rt.sess, &req, m);
 	PYAEG_END_ALLOW_THREADS
-	if (nomem) {
-		free(rec);
-		PyErr_NoMemory();
-		return -1;
-	}
 	if (err < 0) {
-		free(rec);
 		pyaeg_raise(err);
 		return -1;
 	}
-	*recp = rec;
 	return 0;
 }
 
@@ -1507,31 +1226,50 @@ static int parse_path(PyObject *obj, PyObject **bytes)
 	return PyUnicode_FSConverter(obj, bytes) ? 0 : -1;
 }
 
+/* The seed's chunk dicts: {device_ptr, size, event_handle, slab_id}. */
+static PyObject *chunk_list(const struct aeg_chunk *c, uint32_t n)
+{
+	PyObject *list = PyList_New(n);
+
+	for (uint32_t i = 0; list != NULL && i < n; i++) {
+		PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
+					    "device_ptr", (unsigned long long)(uintptr_t)c[i].device_ptr,
+					    "size", (unsigned long long)c[i].size,
+					    "event_handle", (const char *)c[i].event.bytes, (Py_ssize_t)AEG_HANDLE_BYTES,
+					    "slab_id", (unsigned long long)c[i].slab_id);
+
+		if (d == NULL)
+			Py_CLEAR(list);
+		else
+			PyList_SetItem(list, i, d);
+	}
+	return list;
+}
+
 PyDoc_STRVAR(prefetch_doc,
-"prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=32 MiB) -> list\n--\n\n"
+"prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=33554432)\n--\n\n"
 "Start loading a file into the prefetch slab of a GPU and return at once, before\n"
 "the bytes are there: one dict per chunk, in file order,\n"
 "{\"device_ptr\": int, \"size\": int, \"event_handle\": bytes, \"slab_id\": int}.\n"
 "Wait for a chunk with wait_event_handle_bytes(chunk[\"event_handle\"]) (any\n"
 "process of the user); consumers can start on chunk 0 while later chunks load.\n"
-"Safetensors files (*.safetensors) are chunked along tensor boundaries, so\n"
+"Safetensors files (by content) are chunked along tensor boundaries, so\n"
 "several chunks may share a slab_id. Chunks stay on the GPU until\n"
 "release_prefetch_chunks() or release_all_prefetch_events(). The engine's slab\n"
-"is made at the first call for a GPU (see configure()). Errors: AegaeonError\n"
+"is made at the first call for a GPU and kept (see configure()). Errors: AegaeonError\n"
 "ENOENT/EACCES (the file), EINVAL (chunk_bytes over the slab), ENOSPC (slab\n"
 "full; the message has asked vs free), EFORMAT (bad safetensors header).");
 
 static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "filepath", "gpu_id", "chunk_bytes", NULL };
-	PyObject *path_obj, *gpu_obj, *chunk_obj = NULL, *path = NULL, *list = NULL;
+	PyObject *path_obj, *gpu_obj, *chunk_obj = NULL, *path = NULL, *list;
+	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
 	struct aeg_chunk *copy = NULL;
 	const struct aeg_chunk *chunks;
-	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
-	struct pf_load *rec;
-	aeg_device_t *dev;
+	aeg_model_t *m = NULL;
 	uint32_t n = 0;
-	int gpu;
+	int gpu, rc;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:prefetch_file_to_gpu_chunks", kwlist,
 					 &path_obj, &gpu_obj, &chunk_obj))
@@ -1541,191 +1279,40 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 	    parse_path(path_obj, &path) < 0)
 		return NULL;
 	pyaeg_lock();
-	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
-		struct aeg_job_load *load;
-		int idx, owned;
-
-		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &idx, &load, &owned) < 0) {
-			pyaeg_unlock();
-			Py_DECREF(path);
-			return NULL;
-		}
-		pyaeg_unlock();
-		Py_DECREF(path);
-		list = PyList_New(load->count);
-		for (uint32_t i = 0; list != NULL && i < load->count; i++) {
-			const struct aeg_job_chunk *c = &load->chunks[i];
-			PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
-						    "device_ptr", (unsigned long long)(uintptr_t)c->ptr,
-						    "size", (unsigned long long)c->size,
-						    "event_handle", (const char *)c->event.bytes,
-						    (Py_ssize_t)AEG_HANDLE_BYTES,
-						    "slab_id", (unsigned long long)c->slab_id);
-
-			if (d == NULL)
-				Py_CLEAR(list);
-			else
-				PyList_SetItem(list, i, d);
-		}
-		aeg_job_load_free(load);
-		return list;
+	rc = load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &m);
+	if (rc == 0) {
+		/* The chunks stay loaded; the handle goes (release is by slab id). */
+		chunks = aeg_model_chunks(m, &n);
+		copy = malloc((size_t)(n ? n : 1) * sizeof(*copy));
+		if (copy != NULL)
+			memcpy(copy, chunks, (size_t)n * sizeof(*copy));
+		PYAEG_BEGIN_ALLOW_THREADS
+		aeg_model_close(m);
+		PYAEG_END_ALLOW_THREADS
 	}
-	if (PyErr_Occurred() ||
-	    start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &rec) < 0) {
-		pyaeg_unlock();
-		Py_DECREF(path);
-		return NULL;
-	}
-	chunks = aeg_load_chunks(rec->load, &n);
-	copy = malloc((size_t)(n ? n : 1) * sizeof(*copy));
-	if (copy != NULL)
-		memcpy(copy, chunks, (size_t)n * sizeof(*copy));
 	pyaeg_unlock();
 	Py_DECREF(path);
+	if (rc < 0)
+		return NULL;
 	if (copy == NULL)
 		return PyErr_NoMemory();
-	list = PyList_New(n);
-	for (uint32_t i = 0; list != NULL && i < n; i++) {
-		PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
-					    "device_ptr", (unsigned long long)(uintptr_t)copy[i].device_ptr,
-					    "size", (unsigned long long)copy[i].size,
-					    "event_handle", (const char *)copy[i].event.bytes,
-					    (Py_ssize_t)AEG_HANDLE_BYTES,
-					    "slab_id", (unsigned long long)copy[i].slab_id);
-
-		if (d == NULL)
-			Py_CLEAR(list);
-		else
-			PyList_SetItem(list, i, d);
-	}
+	list = chunk_list(copy, n);
 	free(copy);
 	return list;
 }
 
-/* Which engine holds block @id: its GPU, -1 for none, -2 for more than one. */
-static int owner_gpu_locked(uint64_t id)
-{
-	struct aeg_block b;
-	int found = -1;
-
-	for (int i = 0; i < rt.gpu_count; i++) {
-		if (rt.gpus[i].pf_slab == NULL || aeg_slab_lookup(rt.gpus[i].pf_slab, id, &b) < 0)
-			continue;
-		if (found >= 0)
-			return -2;
-		found = i;
-	}
-	aeg_error_clear();
-	return found;
-}
-
-struct load_wait {
-	aeg_load_t *load;
+struct release_req {
+	const uint64_t *ids;
+	size_t n;
+	int gpu;
 };
 
-static int load_wait_slice(void *arg, int timeout_ms)
+/* A chunk of a load still in flight is released once that load is done. */
+static int release_slice(void *arg, int timeout_ms)
 {
-	return aeg_load_wait(((struct load_wait *)arg)->load, timeout_ms);
-}
+	struct release_req *r = arg;
 
-/* Wait for the loads of @g holding any of @ids; -1 for Ctrl-C. */
-static int wait_loads_locked(struct gpu_state *g, const uint64_t *ids, uint32_t n)
-{
-	for (struct pf_load *l = g->loads; l != NULL; l = l->next) {
-		int holds = 0;
-
-		for (uint32_t i = 0; i < n && !holds; i++)
-			for (uint32_t j = 0; j < l->nids && !holds; j++)
-				holds = l->ids[j] == ids[i];
-		if (holds) {
-			struct load_wait w = { l->load };
-
-			if (pyaeg_wait(load_wait_slice, &w, -1) == PYAEG_SIGNALLED)
-				return -1;
-		}
-	}
-	return 0;
-}
-
-static int release_ids_locked(int gpu, const uint64_t *ids, uint32_t n)
-{
-	struct gpu_state *g = &rt.gpus[gpu];
-	int err;
-
-	if (g->pf == NULL) {
-		pyaeg_raise_msg(AEG_ENOENT, "GPU %d has no prefetched chunks (slab id %" PRIu64 ")", gpu, ids[0]);
-		return -1;
-	}
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_prefetch_release(g->pf, ids, n);
-	PYAEG_END_ALLOW_THREADS
-	if (err == AEG_EBUSY) {
-		/* The seed's callers release a chunk they waited for while the rest of its file loads. */
-		if (wait_loads_locked(g, ids, n) < 0)
-			return -1;
-		PYAEG_BEGIN_ALLOW_THREADS
-		err = aeg_prefetch_release(g->pf, ids, n);
-		PYAEG_END_ALLOW_THREADS
-	}
-	if (err < 0) {
-		pyaeg_raise(err);
-		return -1;
-	}
-	drop_loads_locked(g, 1);
-	return 0;
-}
-
-/* The job's form of release_prefetch_chunks: ids by job slab, this process's loads first. */
-static int job_release_ids_locked(uint64_t *ids, Py_ssize_t m, int gpu)
-{
-	struct aeg_job_info info;
-	uint64_t *group;
-	int *slab;
-	int rc = -1;
-
-	aeg_job_get_info(rt.job, &info);
-	slab = PyMem_Malloc((size_t)m * sizeof(*slab));
-	group = PyMem_Malloc((size_t)m * sizeof(*group));
-	if (slab == NULL || group == NULL) {
-		PyMem_Free(slab);
-		PyMem_Free(group);
-		PyErr_NoMemory();
-		return -1;
-	}
-	for (Py_ssize_t i = 0; i < m; i++) {
-		slab[i] = -1;
-		if (gpu >= 0) {
-			slab[i] = job_index_locked(gpu);
-			if (slab[i] < 0)
-				goto out;
-			continue;
-		}
-		for (int j = 0; j < info.slabs && slab[i] < 0; j++)
-			for (size_t k = 0; k < rt.job_ids[j].n && slab[i] < 0; k++)
-				if (rt.job_ids[j].ids[k] == ids[i])
-					slab[i] = j;
-		if (slab[i] < 0 && info.slabs == 1)
-			slab[i] = 0;
-		if (slab[i] < 0) {
-			PyErr_Format(PyExc_ValueError, "slab id %llu was not prefetched by this process and the job has %d slabs: pass gpu_id",
-				     (unsigned long long)ids[i], info.slabs);
-			goto out;
-		}
-	}
-	for (int j = 0; j < info.slabs; j++) {
-		size_t k = 0;
-
-		for (Py_ssize_t i = 0; i < m; i++)
-			if (slab[i] == j)
-				group[k++] = ids[i];
-		if (k > 0 && job_release_locked(j, group, k, 0) < 0)
-			goto out;
-	}
-	rc = 0;
-out:
-	PyMem_Free(slab);
-	PyMem_Free(group);
-	return rc;
+	return aeg_session_release(rt.sess, r->gpu, r->ids, r->n, timeout_ms, NULL);
 }
 
 PyDoc_STRVAR(release_chunks_doc,
@@ -1741,13 +1328,14 @@ static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "slab_ids", "gpu_id", NULL };
 	PyObject *seq, *gpu_obj = Py_None, *fast = NULL;
+	struct release_req r = { .gpu = -1 };
 	uint64_t *ids = NULL;
-	int *owner = NULL, gpu = -1, rc = -1;
-	Py_ssize_t n = 0, m = 0;
+	Py_ssize_t n = 0;
+	int rc = -1, err;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:release_prefetch_chunks", kwlist, &seq, &gpu_obj))
 		return NULL;
-	if (gpu_obj != Py_None && pyaeg_gpu(gpu_obj, &gpu) < 0)
+	if (gpu_obj != Py_None && pyaeg_gpu(gpu_obj, &r.gpu) < 0)
 		return NULL;
 	if (PyLong_Check(seq) || PyUnicode_Check(seq) || PyBytes_Check(seq) ||
 	    (fast = PySequence_List(seq)) == NULL) {
@@ -1757,74 +1345,33 @@ static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
 	}
 	n = PyList_Size(fast);
 	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
-	owner = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*owner));
-	if (ids == NULL || owner == NULL) {
+	if (ids == NULL) {
 		PyErr_NoMemory();
 		goto out;
 	}
-	for (Py_ssize_t i = 0; i < n; i++) {
-		uint64_t v;
-		int dup = 0;
-
-		if (pyaeg_u64(PyList_GetItem(fast, i), "slab id", 1, &v) < 0)
+	for (Py_ssize_t i = 0; i < n; i++)
+		if (pyaeg_u64(PyList_GetItem(fast, i), "slab id", 1, &ids[i]) < 0)
 			goto out;
-		for (Py_ssize_t j = 0; j < m && !dup; j++)
-			dup = ids[j] == v;
-		if (!dup)
-			ids[m++] = v;
-	}
-	if (m == 0) {
+	if (n == 0) {
 		rc = 0;
 		goto out;
 	}
+	r.ids = ids;
+	r.n = (size_t)n;
 	pyaeg_lock();
-	if (gpu >= 0 && rt.dev != NULL && check_gpu_locked(gpu) < 0)
-		goto unlock;
-	if (rt.job != NULL) {
-		rc = job_release_ids_locked(ids, m, gpu);
-		goto unlock;
+	if (rt.sess == NULL) {
+		pyaeg_raise_msg(AEG_ENOENT, "slab id %llu holds no prefetched chunk (nothing was prefetched)",
+				(unsigned long long)ids[0]);
+	} else if (r.gpu < 0 || check_gpu_locked(r.gpu) == 0) {
+		err = pyaeg_wait(release_slice, &r, -1);
+		if (err < 0 && err != PYAEG_SIGNALLED)
+			pyaeg_raise(err);
+		rc = err < 0 ? -1 : 0;
 	}
-	for (Py_ssize_t i = 0; i < m; i++) {
-		owner[i] = gpu >= 0 ? gpu : owner_gpu_locked(ids[i]);
-		if (owner[i] == -2) {
-			PyErr_Format(PyExc_ValueError, "slab id %llu is held by prefetches on several GPUs: pass gpu_id",
-				     (unsigned long long)ids[i]);
-			goto unlock;
-		}
-		if (owner[i] == -1 || rt.dev == NULL) {
-			pyaeg_raise_msg(AEG_ENOENT, "slab id %llu holds no prefetched chunk (released already?)",
-					(unsigned long long)ids[i]);
-			goto unlock;
-		}
-	}
-	/* One library call per GPU, in the order the GPUs first appear. */
-	for (Py_ssize_t i = 0; i < m; i++) {
-		Py_ssize_t k = 0;
-
-		if (owner[i] < 0)
-			continue;
-		for (Py_ssize_t j = i; j < m; j++) {
-			if (owner[j] == owner[i] && j != i) {
-				uint64_t t = ids[j];
-
-				ids[j] = ids[i + 1 + k];
-				ids[i + 1 + k] = t;
-				owner[j] = owner[i + 1 + k];
-				owner[i + 1 + k] = -3;
-				k++;
-			}
-		}
-		if (release_ids_locked(owner[i], &ids[i], (uint32_t)(k + 1)) < 0)
-			goto unlock;
-		i += k;
-	}
-	rc = 0;
-unlock:
 	pyaeg_unlock();
 out:
 	Py_XDECREF(fast);
 	PyMem_Free(ids);
-	PyMem_Free(owner);
 	if (rc < 0)
 		return NULL;
 	Py_RETURN_NONE;
@@ -1834,48 +1381,22 @@ PyDoc_STRVAR(release_all_doc,
 "release_all_prefetch_events()\n--\n\n"
 "Cancel loads in flight and release every prefetched chunk and its event on\n"
 "every GPU, and destroy the events of create_event_handle_bytes(). In a job,\n"
-"the chunks this process prefetched through the agent (other steps' stay). A GPU's\n"
-"prefetch slab is freed too once no chunk_view() or load_safetensors() view\n"
-"of it is alive. Views of released chunks must not be read any more.");
+"the chunks this process prefetched through the agent (other steps' stay).\n"
+"Each GPU's prefetch slab and engine stay for the next load, which then pays\n"
+"no set-up. Views of released chunks must not be read any more.");
 
 static PyObject *py_release_all(PyObject *self, PyObject *unused)
 {
 	int err = 0;
 
 	pyaeg_lock();
-	for (int i = 0; i < rt.gpu_count; i++) {
-		struct gpu_state *g = &rt.gpus[i];
-		int e = 0;
-
-		if (g->pf == NULL)
-			continue;
-		PYAEG_BEGIN_ALLOW_THREADS
-		if (g->views == 0) {
-			drop_engine_locked(g);
-		} else {
-			e = aeg_prefetch_release_all(g->pf);
-			drop_loads_locked(g, 0);
-		}
-		PYAEG_END_ALLOW_THREADS
-		if (e < 0 && err == 0) {
-			err = e;
-			pyaeg_raise(e);
-		}
-	}
-	/* In a job: the chunks this process loaded; other steps' stay. */
-	for (int j = 0; rt.job != NULL && err == 0 && j < AEG_JOB_MAX_GPUS; j++) {
-		while (rt.job_ids[j].n > 0) {
-			uint64_t id = rt.job_ids[j].ids[0];
-
-			if (job_release_locked(j, &id, 1, 1) < 0) {
-				err = -1;
-				break;
-			}
-		}
-	}
 	PYAEG_BEGIN_ALLOW_THREADS
+	if (rt.sess != NULL)
+		err = aeg_session_release_all(rt.sess, 0, NULL);
 	drop_events_locked();
 	PYAEG_END_ALLOW_THREADS
+	if (err < 0)
+		pyaeg_raise(err);
 	pyaeg_unlock();
 	if (err < 0)
 		return NULL;
@@ -1885,7 +1406,7 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 /* ------------------------------------------------------------- chunk views */
 
 PyDoc_STRVAR(chunk_view_doc,
-"chunk_view(chunk, dtype=\"U8\") -> DeviceArray\n--\n\n"
+"chunk_view(chunk, dtype=\"U8\")\n--\n\n"
 "A zero-copy DeviceArray over a chunk dict of prefetch_file_to_gpu_chunks()\n"
 "(one dimension of the chunk's bytes, as dtype), for torch.as_tensor() (cuda)\n"
 "or numpy.asarray() (host). Wait on the chunk's event before reading it; the\n"
@@ -1897,8 +1418,7 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 	PyObject *chunk, *v;
 	const char *dtype = "U8";
 	uint64_t ptr, size, id;
-	struct aeg_block b;
-	int gpu = -1;
+	int gpu = -1, err = AEG_ENOENT;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|s:chunk_view", kwlist, &chunk, &dtype))
 		return NULL;
@@ -1913,33 +1433,10 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 		return NULL;
 	}
 	pyaeg_lock();
-	if (rt.job != NULL) {
-		struct aeg_job_info info;
-		struct aeg_job_slab_desc d;
-
-		aeg_job_get_info(rt.job, &info);
-		for (int i = 0; i < info.slabs && gpu < 0; i++) {
-			uintptr_t start;
-
-			if (aeg_job_slab_describe(rt.job, i, &d) < 0 || d.base == NULL || d.gpu < 0)
-				continue;
-			start = (uintptr_t)d.base;
-			if (ptr >= start && size <= d.bytes && ptr - start <= d.bytes - size)
-				gpu = d.gpu;
-		}
-	}
-	for (int i = 0; rt.dev != NULL && rt.job == NULL && i < rt.gpu_count && gpu < 0; i++) {
-		uintptr_t start;
-
-		if (rt.gpus[i].pf_slab == NULL || aeg_slab_lookup(rt.gpus[i].pf_slab, id, &b) < 0)
-			continue;
-		start = (uintptr_t)b.ptr;
-		if (ptr >= start && size <= b.size && ptr - start <= b.size - size)
-			gpu = i;
-	}
-	aeg_error_clear();
+	if (rt.sess != NULL)
+		err = aeg_session_locate(rt.sess, ptr, size, id, &gpu);
 	pyaeg_unlock();
-	if (gpu < 0)
+	if (err < 0)
 		return pyaeg_raise_msg(AEG_ENOENT, "no live prefetched chunk has slab id %llu with %llu bytes at 0x%llx",
 				       (unsigned long long)id, (unsigned long long)size, (unsigned long long)ptr);
 	/* rt.gpus stays while views count on it: the device closes only with none alive. */
@@ -1950,15 +1447,13 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 /* ------------------------------------------------------------ safetensors */
 
 /*
- * The owner of a load_safetensors() dict's views: its blocks are released
- * when the last view goes.
+ * The owner of a load_safetensors() dict's views: the model is released
+ * (when this process loaded it) or let go when the last view goes.
  */
 typedef struct {
 	PyObject_HEAD
-	int gpu;
-	uint64_t *ids;
-	uint32_t nids;
-	int job_index;                  /* job slab of the blocks; -1: this process's engine */
+	int gpu;                        /* INT32_MAX: nothing loaded */
+	aeg_model_t *model;
 	Py_ssize_t views;
 } TensorsObject;
 
@@ -1971,32 +1466,22 @@ static void tensors_dealloc(PyObject *self)
 	freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
 
 	pyaeg_lock();
-	if (rt.gpus != NULL && t->gpu < rt.gpu_count) {
-		struct gpu_state *g = &rt.gpus[t->gpu];
+	if (t->model != NULL) {
+		aeg_model_t *m = t->model;
 
-		if (t->job_index >= 0 && rt.job != NULL) {
-			/* one by one: release_all_prefetch_events() may have taken some */
-			for (uint32_t i = 0; i < t->nids; i++) {
-				if (!idlist_remove(&rt.job_ids[t->job_index], t->ids[i]))
-					continue;
-				PYAEG_BEGIN_ALLOW_THREADS
-				aeg_job_release(rt.job, t->job_index, &t->ids[i], 1, NULL);
-				aeg_error_clear();
-				PYAEG_END_ALLOW_THREADS
-			}
-		} else if (g->pf != NULL && t->nids > 0) {
-			/* ENOENT: release_all_prefetch_events() came first. */
-			PYAEG_BEGIN_ALLOW_THREADS
-			aeg_prefetch_release(g->pf, t->ids, t->nids);
-			aeg_error_clear();
-			PYAEG_END_ALLOW_THREADS
-		}
-		g->views--;
-		drop_loads_locked(g, 1);
+		PYAEG_BEGIN_ALLOW_THREADS
+		/* Released already by release_all_prefetch_events(): nothing left to free. */
+		if (aeg_model_owned(m))
+			aeg_model_release(m);
+		else
+			aeg_model_close(m);
+		aeg_error_clear();
+		PYAEG_END_ALLOW_THREADS
 	}
+	if (rt.gpus != NULL && t->gpu < rt.gpu_count)
+		rt.gpus[t->gpu].views--;
 	rt.objects--;
 	pyaeg_unlock();
-	free(t->ids);
 	tp_free(self);
 	Py_DECREF(tp);
 }
@@ -2014,66 +1499,13 @@ static PyType_Spec tensors_spec = {
 	.slots = tensors_slots,
 };
 
-/* The job's load_safetensors: wait for the agent's chunks, place the file's tensors in them. */
-static PyObject *job_tensors(TensorsObject *owner, const struct aeg_job_load *load, const char *path,
-			     int gpu, int host, aeg_device_t *dev)
+static int model_wait_slice(void *arg, int timeout_ms)
 {
-	struct aeg_st_header hdr;
-	PyObject *dict = NULL;
-	struct stat st;
-	int fd, err;
-
-	for (uint32_t i = 0; i < load->count; i++) {
-		struct handle_wait w = { dev, load->chunks[i].event };
-
-		err = pyaeg_wait(wait_handle_slice, &w, -1);
-		if (err == PYAEG_SIGNALLED)
-			return NULL;
-		if (err < 0)
-			return pyaeg_raise(err);
-	}
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return pyaeg_raise_msg(-errno, "%s: %s", path, strerror(errno));
-	if (fstat(fd, &st) < 0) {
-		err = -errno;
-		close(fd);
-		return pyaeg_raise_msg(err, "%s: %s", path, strerror(-err));
-	}
-	err = aeg_st_read(fd, (uint64_t)st.st_size, &hdr);
-	close(fd);
-	if (err < 0)
-		return pyaeg_raise(err);
-	dict = PyDict_New();
-	for (size_t i = 0; dict != NULL && i < hdr.count; i++) {
-		const struct aeg_st_tensor *t = &hdr.tensors[i];
-		uint64_t at = hdr.data_offset + t->begin, bytes = t->end - t->begin;
-		void *ptr = NULL;
-		PyObject *arr;
-
-		for (uint32_t c = 0; c < load->count && ptr == NULL; c++) {
-			const struct aeg_job_chunk *ch = &load->chunks[c];
-
-			if (at >= ch->file_offset && at - ch->file_offset < ch->size + (bytes == 0))
-				ptr = (char *)ch->ptr + (at - ch->file_offset);
-		}
-		if (ptr == NULL && bytes > 0) {
-			pyaeg_raise_msg(AEG_ESTALE, "%s: tensor \"%s\" at byte %llu is in no chunk the agent loaded (the file changed?)",
-					path, t->name, (unsigned long long)at);
-			Py_CLEAR(dict);
-			break;
-		}
-		arr = pyaeg_array_new((PyObject *)owner, &owner->views, ptr, bytes, gpu, host, t->dtype, t->ndim,
-				      t->shape, 0);
-		if (pyaeg_dict_set(dict, t->name, arr) < 0)
-			Py_CLEAR(dict);
-	}
-	aeg_st_free(&hdr);
-	return dict;
+	return aeg_model_wait(arg, timeout_ms);
 }
 
 PyDoc_STRVAR(load_safetensors_doc,
-"load_safetensors(path, gpu_id=0, chunk_bytes=32 MiB) -> dict\n--\n\n"
+"load_safetensors(path, gpu_id=0, chunk_bytes=33554432)\n--\n\n"
 "Load a safetensors file into the prefetch slab of a GPU and return\n"
 "{name: DeviceArray} in file order, each a zero-copy view with the tensor's\n"
 "dtype and shape (torch.as_tensor / torch.from_dlpack on cuda, numpy on host).\n"
@@ -2088,10 +1520,7 @@ static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *k
 	PyObject *path_obj, *gpu_obj = NULL, *chunk_obj = NULL, *path = NULL, *dict = NULL;
 	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
 	const struct aeg_tensor *tensors;
-	TensorsObject *owner = NULL;
-	struct load_wait w;
-	struct pf_load *rec;
-	aeg_device_t *dev;
+	TensorsObject *owner;
 	uint32_t n;
 	int gpu = 0, err, host;
 
@@ -2107,70 +1536,31 @@ static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *k
 		Py_DECREF(path);
 		return NULL;
 	}
-	owner->gpu = gpu;
-	owner->ids = NULL;
-	owner->nids = 0;
-	owner->job_index = -1;
+	owner->gpu = INT32_MAX;
+	owner->model = NULL;
 	owner->views = 0;
 	pyaeg_lock();
 	rt.objects++;
-	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0 && rt.job != NULL) {
-		struct aeg_job_load *load;
-		int owned;
-
-		if (job_prefetch_locked(PyBytes_AsString(path), gpu, chunk_bytes, &owner->job_index, &load,
-					&owned) < 0) {
-			owner->gpu = INT32_MAX;
-			owner->job_index = -1;
-			pyaeg_unlock();
-			goto fail;
-		}
+	if (load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &owner->model) == 0) {
+		owner->gpu = gpu;
 		rt.gpus[gpu].views++;
-		/* A reused load is the job's: the views do not release it. */
-		owner->ids = malloc((size_t)(load->count ? load->count : 1) * sizeof(*owner->ids));
-		for (uint32_t i = 0; owned && owner->ids != NULL && i < load->count; i++)
-			if (i == 0 || load->chunks[i].slab_id != load->chunks[i - 1].slab_id)
-				owner->ids[owner->nids++] = load->chunks[i].slab_id;
-		host = rt.kind == AEG_DEVICE_HOST;
-		pyaeg_unlock();
-		dict = owner->ids == NULL ? PyErr_NoMemory() :
-		       job_tensors(owner, load, PyBytes_AsString(path), gpu, host, dev);
-		aeg_job_load_free(load);
-		Py_DECREF(owner);
-		Py_DECREF(path);
-		return dict;
-	}
-	if (PyErr_Occurred() ||
-	    start_load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &rec) < 0) {
-		owner->gpu = INT32_MAX;         /* nothing to release */
-		pyaeg_unlock();
-		goto fail;
-	}
-	rt.gpus[gpu].views++;
-	owner->ids = malloc((size_t)(rec->nids ? rec->nids : 1) * sizeof(*owner->ids));
-	if (owner->ids != NULL) {
-		memcpy(owner->ids, rec->ids, (size_t)rec->nids * sizeof(*owner->ids));
-		owner->nids = rec->nids;
 	}
 	host = rt.kind == AEG_DEVICE_HOST;
-	w.load = rec->load;
-	/* The load runs on; the lock is not needed to wait on its own handle. */
 	pyaeg_unlock();
-	if (owner->ids == NULL) {
-		PyErr_NoMemory();
-		aeg_load_cancel(w.load);
-		goto fail_wait;
-	}
-	err = pyaeg_wait(load_wait_slice, &w, -1);
+	Py_DECREF(path);
+	if (owner->model == NULL)
+		goto out;
+	/* The load runs on; the lock is not needed to wait on its own handle. */
+	err = pyaeg_wait(model_wait_slice, owner->model, -1);
 	if (err == PYAEG_SIGNALLED) {
-		aeg_load_cancel(w.load);
-		goto fail_wait;
+		/* Ctrl-C: the owner's release cancels a load of this process's. */
+		goto out;
 	}
 	if (err < 0) {
 		pyaeg_raise(err);
-		goto fail;
+		goto out;
 	}
-	tensors = aeg_load_tensors(w.load, &n);
+	tensors = aeg_model_tensors(owner->model, &n);
 	dict = PyDict_New();
 	for (uint32_t i = 0; dict != NULL && i < n; i++) {
 		PyObject *arr = pyaeg_array_new((PyObject *)owner, &owner->views, tensors[i].device_ptr,
@@ -2180,28 +1570,84 @@ static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *k
 		if (pyaeg_dict_set(dict, tensors[i].name, arr) < 0)
 			Py_CLEAR(dict);
 	}
+out:
 	Py_DECREF(owner);
-	Py_DECREF(path);
 	return dict;
-fail_wait:
-	{
-		/* Cancelled loads end quickly; their blocks are then released by the owner. */
-		struct load_wait cw = w;
+}
 
+/* ------------------------------------------------------------ set-up, timing */
+
+PyDoc_STRVAR(prepare_doc,
+"prepare(gpu_id=0)\n--\n\n"
+"Make now what the first load onto a GPU would make (outside a job: its\n"
+"prefetch slab and engine with its threads, streams and staging buffers), so\n"
+"that load pays none of it; they are kept for every later load. Inside a job\n"
+"the agent's engines are warm already: this only checks the GPU has a slab.\n"
+"The GIL is released meanwhile.");
+
+static PyObject *py_prepare(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "gpu_id", NULL };
+	PyObject *gpu_obj = NULL;
+	aeg_device_t *dev;
+	int gpu = 0, err = 0, rc = -1;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:prepare", kwlist, &gpu_obj))
+		return NULL;
+	if (gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0)
+		return NULL;
+	pyaeg_lock();
+	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0) {
+		if (rt.job != NULL && job_index_locked(gpu) < 0)
+			goto out;
 		PYAEG_BEGIN_ALLOW_THREADS
-		aeg_load_wait(cw.load, -1);
+		err = aeg_session_prepare(rt.sess, gpu);
 		PYAEG_END_ALLOW_THREADS
+		if (err < 0)
+			pyaeg_raise(err);
+		else
+			rc = 0;
 	}
-fail:
-	Py_DECREF(owner);
-	Py_DECREF(path);
-	return NULL;
+out:
+	pyaeg_unlock();
+	if (rc < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(timings_doc,
+"timings()\n--\n\n"
+"The set-up steps the library timed since the last call, oldest first, as\n"
+"(name, seconds) tuples: \"device open\", \"topology\", \"slab create\",\n"
+"\"engine create\", \"job attach\", \"prefetch start\", \"job prefetch\",\n"
+"\"job wait\", ... (AEGAEON_LOG=debug logs each as it ends).");
+
+static PyObject *py_timings(PyObject *self, PyObject *unused)
+{
+	struct aeg_span *spans = PyMem_Malloc(AEG_SPANS_MAX * sizeof(*spans));
+	PyObject *list;
+	int n;
+
+	if (spans == NULL)
+		return PyErr_NoMemory();
+	n = aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
+	list = PyList_New(n);
+	for (int i = 0; list != NULL && i < n; i++) {
+		PyObject *t = Py_BuildValue("(sd)", spans[i].name, (double)spans[i].ns / 1e9);
+
+		if (t == NULL)
+			Py_CLEAR(list);
+		else
+			PyList_SetItem(list, i, t);
+	}
+	PyMem_Free(spans);
+	return list;
 }
 
 /* ------------------------------------------------------------------- stats */
 
 PyDoc_STRVAR(stats_doc,
-"stats() -> dict\n--\n\n"
+"stats()\n--\n\n"
 "What the module holds now: {\"device\": \"cuda\"|\"host\"|None, \"events\": int\n"
 "(create_event_handle_bytes events alive), \"objects\": int (SlabAllocator,\n"
 "PinnedPool, KVCache and load_safetensors results alive), \"prefetch\": {gpu:\n"
@@ -2216,14 +1662,17 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
 
 	pyaeg_lock();
 	pf = PyDict_New();
-	for (int i = 0; pf != NULL && i < rt.gpu_count; i++) {
+	for (int i = 0; pf != NULL && rt.sess != NULL && i < rt.gpu_count; i++) {
 		struct aeg_prefetch_stats s;
+		uint64_t slab_bytes = 0;
 		PyObject *g, *key;
 
-		if (rt.gpus[i].pf == NULL || aeg_prefetch_stats(rt.gpus[i].pf, &s) < 0)
+		if (aeg_session_engine_stats(rt.sess, i, &s, &slab_bytes) < 0) {
+			aeg_error_clear();
 			continue;
+		}
 		g = Py_BuildValue("{s:K,s:K,s:K,s:K,s:I,s:I,s:n}",
-				  "slab_bytes", (unsigned long long)aeg_slab_bytes(rt.gpus[i].pf_slab),
+				  "slab_bytes", (unsigned long long)slab_bytes,
 				  "chunks", (unsigned long long)s.chunks, "blocks", (unsigned long long)s.blocks,
 				  "block_bytes", (unsigned long long)s.block_bytes, "loads", s.loads,
 				  "loads_in_flight", s.loads_in_flight, "views", rt.gpus[i].views);
@@ -2235,13 +1684,10 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
 	}
 	if (pf != NULL && rt.job != NULL) {
 		struct aeg_job_info info;
-		size_t held = 0;
 
 		aeg_job_get_info(rt.job, &info);
-		for (int j = 0; j < AEG_JOB_MAX_GPUS; j++)
-			held += rt.job_ids[j].n;
 		job = Py_BuildValue("{s:s,s:l,s:i,s:n}", "job_id", info.job_id, "agent_pid", info.agent_pid,
-				    "slabs", info.slabs, "blocks", (Py_ssize_t)held);
+				    "slabs", info.slabs, "blocks", (Py_ssize_t)aeg_session_owned_blocks(rt.sess));
 	} else if (pf != NULL) {
 		job = Py_None;
 		Py_INCREF(job);
@@ -2280,6 +1726,8 @@ static PyMethodDef methods[] = {
 	{ "load_safetensors", (PyCFunction)(void (*)(void))py_load_safetensors,
 	  METH_VARARGS | METH_KEYWORDS, load_safetensors_doc },
 	{ "stats", py_stats, METH_NOARGS, stats_doc },
+	{ "prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS, prepare_doc },
+	{ "timings", py_timings, METH_NOARGS, timings_doc },
 	{ NULL, NULL, 0, NULL },
 };
 

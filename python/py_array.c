@@ -458,6 +458,37 @@ static PyObject *array_view(PyObject *self, PyObject *args, PyObject *kw)
 	return pyaeg_array_new(a->owner, a->views, a->ptr, a->nbytes, a->gpu, a->host, name, 0, NULL, a->id);
 }
 
+/*
+ * numpy reads __array_interface__ first and comes here only where the view
+ * has none: GPU memory, or a dtype numpy lacks. Without this method it
+ * would make a 0-d object array of the view, silently.
+ */
+static PyObject *array_array(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "dtype", "copy", NULL };
+	PyObject *dtype = Py_None, *copy = Py_None, *np, *r;
+	ArrayObject *a = (ArrayObject *)self;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO:__array__", kwlist, &dtype, &copy))
+		return NULL;
+	if (!a->host)
+		return PyErr_Format(PyExc_TypeError,
+				    "a DeviceArray in GPU memory (GPU %d) is not a numpy array: use torch.as_tensor(view) "
+				    "or cupy, or view.tobytes() for a copy in host memory", a->gpu);
+	if (a->dt->typestr == NULL)
+		return PyErr_Format(PyExc_TypeError,
+				    "numpy has no %s dtype: numpy.asarray(view.view(\"%s\")) gives its raw %s without a "
+				    "copy%s", a->dt->name, a->dt->bits == 16 ? "U16" : "U8",
+				    a->dt->bits == 16 ? "16-bit words" : "bytes",
+				    a->dt->dl_code == DL_BFLOAT ? " (torch.from_dlpack(view) gives bfloat16)" : "");
+	np = PyImport_ImportModule("numpy");
+	if (np == NULL)
+		return NULL;
+	r = PyObject_CallMethod(np, copy == Py_True ? "array" : "asarray", "OO", self, dtype);
+	Py_DECREF(np);
+	return r;
+}
+
 static PyObject *array_repr(PyObject *self)
 {
 	ArrayObject *a = (ArrayObject *)self;
@@ -474,19 +505,24 @@ static PyObject *array_repr(PyObject *self)
 
 static PyMethodDef array_methods[] = {
 	{ "__dlpack__", (PyCFunction)(void (*)(void))array_dlpack, METH_VARARGS | METH_KEYWORDS,
-	  "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None)\n--\n\n"
+	  "__dlpack__($self, *, stream=None, max_version=None, dl_device=None, copy=None)\n--\n\n"
 	  "A DLPack capsule of the view (no copy): torch.from_dlpack(view),\n"
 	  "numpy.from_dlpack(view) on the host backend. BF16 is exported as bfloat16.\n"
 	  "stream is ignored: wait on the chunk's event before handing the view over." },
 	{ "__dlpack_device__", array_dlpack_device, METH_NOARGS,
-	  "__dlpack_device__()\n--\n\n(device type, device id): (2, gpu) for CUDA, (1, 0) for host memory." },
+	  "__dlpack_device__($self, /)\n--\n\n(device type, device id): (2, gpu) for CUDA, (1, 0) for host memory." },
 	{ "tobytes", array_tobytes, METH_NOARGS,
-	  "tobytes()\n--\n\nA copy of the viewed bytes in host memory (synchronous; the GIL is released)." },
+	  "tobytes($self, /)\n--\n\nA copy of the viewed bytes in host memory (synchronous; the GIL is released)." },
 	{ "copy_from", (PyCFunction)(void (*)(void))array_copy_from, METH_VARARGS | METH_KEYWORDS,
-	  "copy_from(data, offset=0)\n--\n\nCopy bytes-like data into the view at a byte offset (synchronous).\n"
+	  "copy_from($self, data, offset=0)\n--\n\nCopy bytes-like data into the view at a byte offset (synchronous).\n"
 	  "ValueError when it does not fit." },
+	{ "__array__", (PyCFunction)(void (*)(void))array_array, METH_VARARGS | METH_KEYWORDS,
+	  "__array__($self, dtype=None, copy=None)\n--\n\n"
+	  "numpy.asarray(view) on the host backend. TypeError for a view in GPU memory\n"
+	  "and for BF16, F8, F6 and F4, which numpy has no dtype for: view(\"U16\") or\n"
+	  "view(\"U8\") first gives their raw bits, zero-copy." },
 	{ "view", (PyCFunction)(void (*)(void))array_view, METH_VARARGS | METH_KEYWORDS,
-	  "view(dtype)\n--\n\nThe same memory as another dtype: the shape is kept when the item sizes\n"
+	  "view($self, dtype)\n--\n\nThe same memory as another dtype: the shape is kept when the item sizes\n"
 	  "match, else one dimension of the bytes (e.g. view(\"I16\") of a BF16 tensor,\n"
 	  "then torch's .view(torch.bfloat16), stays zero-copy)." },
 	{ NULL, NULL, 0, NULL },
@@ -502,7 +538,8 @@ static PyType_Slot array_slots[] = {
 	  "a copy. It keeps what it views alive (the SlabAllocator, the load), though a\n"
 	  "block freed or a chunk released explicitly must not be read through it.\n"
 	  "cuda backend: __cuda_array_interface__ (v3), so torch.as_tensor(view) and\n"
-	  "cupy wrap it; host backend: __array_interface__, so numpy.asarray(view) does.\n"
+	  "cupy wrap it; host backend: __array_interface__, so numpy.asarray(view) does\n"
+	  "(a TypeError for BF16/F8/F6/F4, which numpy lacks: view(\"U16\"/\"U8\") first).\n"
 	  "Both: __dlpack__ (torch.from_dlpack handles BF16), tobytes(), copy_from().\n"
 	  "Made by the module only." },
 	{ 0, NULL },

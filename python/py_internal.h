@@ -102,4 +102,8 @@ aeg_pool_t *pyaeg_pool_of(PyObject *obj);
 /* A memoryview of @bytes at @offset of a PinnedPool's buffer area. */
 PyObject *pyaeg_pool_view(PyObject *pool, uint64_t offset, uint64_t bytes);
 
+/* Docstrings of the context-manager methods the classes share (signatures for inspect). */
+#define PYAEG_ENTER_DOC "__enter__($self, /)\n--\n\nReturn self."
+#define PYAEG_EXIT_DOC "__exit__($self, /, *exc_info)\n--\n\nclose(); an exception in the block propagates."
+
 #endif

@@ -834,12 +834,12 @@ static PyGetSetDef kv_getset[] = {
 #define FN(f) ((PyCFunction)(void (*)(void))(f))
 
 static PyMethodDef kv_methods[] = {
-	{ "gpu_alloc", kv_gpu_alloc, METH_O, "gpu_alloc(n) -> list[int]\n--\n\nAllocate n GPU blocks (all or none; AegaeonError ENOSPC)." },
-	{ "gpu_free", kv_gpu_free, METH_O, "gpu_free(ids)\n--\n\nFree GPU blocks (AegaeonValueError for one not allocated; then none is freed)." },
-	{ "host_alloc", kv_host_alloc, METH_O, "host_alloc(n) -> list[int]\n--\n\nAllocate n host blocks." },
-	{ "host_free", kv_host_free, METH_O, "host_free(ids)\n--\n\nFree host blocks." },
+	{ "gpu_alloc", kv_gpu_alloc, METH_O, "gpu_alloc($self, n, /)\n--\n\nAllocate n GPU blocks (all or none; AegaeonError ENOSPC)." },
+	{ "gpu_free", kv_gpu_free, METH_O, "gpu_free($self, ids, /)\n--\n\nFree GPU blocks (AegaeonValueError for one not allocated; then none is freed)." },
+	{ "host_alloc", kv_host_alloc, METH_O, "host_alloc($self, n, /)\n--\n\nAllocate n host blocks." },
+	{ "host_free", kv_host_free, METH_O, "host_free($self, ids, /)\n--\n\nFree host blocks." },
 	{ "swap_out", FN(kv_swap_out), KW,
-	  "swap_out(gpu_ids, host_ids, *, layers=None, wait=False)\n--\n\n"
+	  "swap_out($self, gpu_ids, host_ids, *, layers=None, wait=False)\n--\n\n"
 	  "Move GPU blocks gpu_ids[i] to host blocks host_ids[i], every layer and part\n"
 	  "of each, in one gather/scatter kernel (cuda), asynchronously, on the cache's\n"
 	  "swap-out stream. Returns the 64-byte handle of an event recorded after the\n"
@@ -850,58 +850,59 @@ static PyMethodDef kv_methods[] = {
 	  "each; both return (handle, [layer handles]). wait=True waits, releases the\n"
 	  "event and returns None. All ids are checked before anything moves." },
 	{ "swap_in", FN(kv_swap_in), KW,
-	  "swap_in(host_ids, gpu_ids, *, layers=None, wait=False)\n--\n\n"
+	  "swap_in($self, host_ids, gpu_ids, *, layers=None, wait=False)\n--\n\n"
 	  "Host blocks to GPU blocks; as swap_out(), on the cache's swap-in stream: a\n"
 	  "swap-in and a swap-out run at the same time. Calls of one direction run in\n"
 	  "order; to swap in blocks a swap-out is still writing (or the other way\n"
 	  "round), wait for that call's handle first." },
 	{ "copy_h2d", FN(kv_copy_h2d), KW,
-	  "copy_h2d(dst, src, nbytes, *, wait=False)\n--\n\n"
+	  "copy_h2d($self, dst, src, nbytes, *, wait=False)\n--\n\n"
 	  "One asynchronous copy from host address src to device address dst (raw\n"
 	  "pointers, as the seed's; pinned host memory such as a PinnedPool buffer's\n"
 	  "address() keeps it asynchronous). Returns an event handle as swap_out()." },
 	{ "copy_d2h", FN(kv_copy_d2h), KW,
-	  "copy_d2h(dst, src, nbytes, *, wait=False)\n--\n\nOne asynchronous copy from device address src to host address dst." },
+	  "copy_d2h($self, dst, src, nbytes, *, wait=False)\n--\n\nOne asynchronous copy from device address src to host address dst." },
 	{ "wait", FN(kv_wait), KW,
-	  "wait(handle, timeout=None)\n--\n\nWait for a swap or copy of this cache (GIL released; AegaeonTimeoutError)." },
+	  "wait($self, handle, timeout=None)\n--\n\nWait for a swap or copy of this cache (GIL released; AegaeonTimeoutError)." },
 	{ "release", kv_release, METH_O,
-	  "release(handle)\n--\n\nDestroy the event(s) of a swap or copy (AegaeonError ENOENT for one not held)." },
+	  "release($self, handle, /)\n--\n\nDestroy the event(s) of a swap or copy (AegaeonError ENOENT for one not held)." },
 	{ "wait_all", pykv_wait_all, METH_NOARGS,
-	  "wait_all()\n--\n\nWait for and release every swap and copy not released yet; requests\n"
+	  "wait_all($self, /)\n--\n\nWait for and release every swap and copy not released yet; requests\n"
 	  "swapped out by swapout_all_async() give their GPU blocks back." },
-	{ "gpu_ptr", kv_gpu_ptr, METH_O, "gpu_ptr(id) -> int\n--\n\nDevice address of GPU block id." },
-	{ "host_ptr", kv_host_ptr, METH_O, "host_ptr(id) -> int\n--\n\nHost address of host block id (pinned)." },
+	{ "gpu_ptr", kv_gpu_ptr, METH_O, "gpu_ptr($self, id, /)\n--\n\nDevice address of GPU block id." },
+	{ "host_ptr", kv_host_ptr, METH_O, "host_ptr($self, id, /)\n--\n\nHost address of host block id (pinned)." },
 	{ "gpu_block", kv_gpu_block, METH_O,
-	  "gpu_block(id) -> DeviceArray\n--\n\nA U8 view of GPU block id (ValueError with per-layer gpu_tensors)." },
+	  "gpu_block($self, id, /)\n--\n\nA U8 view of GPU block id (ValueError with per-layer gpu_tensors)." },
 	{ "gpu_piece", kv_gpu_piece, METH_VARARGS,
-	  "gpu_piece(id, layer=0, part=0) -> int\n--\n\nDevice address of GPU block id's piece of one layer and part." },
+	  "gpu_piece($self, id, layer=0, part=0, /)\n--\n\nDevice address of GPU block id's piece of one layer and part." },
 	{ "host_piece", kv_host_piece, METH_VARARGS,
-	  "host_piece(id, layer=0, part=0) -> int\n--\n\nHost address of host block id's piece of one layer and part." },
-	{ "host_block", kv_host_block, METH_O, "host_block(id) -> memoryview\n--\n\nA writable view of host block id." },
+	  "host_piece($self, id, layer=0, part=0, /)\n--\n\nHost address of host block id's piece of one layer and part." },
+	{ "host_block", kv_host_block, METH_O, "host_block($self, id, /)\n--\n\nA writable view of host block id." },
 	{ "store_kv_async", FN(pykv_store), KW,
-	  "store_kv_async(req_id, data)\n--\n\n"
+	  "store_kv_async($self, req_id, data)\n--\n\n"
 	  "The seed's API: keep a request's KV bytes in host blocks and start copying\n"
 	  "them to GPU blocks (asynchronously). A request stored again replaces the old." },
 	{ "ensure_kv_on_gpu", pykv_ensure, METH_O,
-	  "ensure_kv_on_gpu(req_id) -> list[int]\n--\n\n"
+	  "ensure_kv_on_gpu($self, req_id, /)\n--\n\n"
 	  "Bring a request's KV onto the GPU (swap in if it was swapped out), wait, and\n"
 	  "return its GPU block ids in order. KeyError for an unknown request." },
 	{ "swapout_all_async", pykv_swapout_all, METH_NOARGS,
-	  "swapout_all_async()\n--\n\nStart swapping every resident request out to its host blocks;\n"
+	  "swapout_all_async($self, /)\n--\n\nStart swapping every resident request out to its host blocks;\n"
 	  "wait_all() completes it and frees their GPU blocks." },
 	{ "load_kv", pykv_load, METH_O,
-	  "load_kv(req_id) -> bytes\n--\n\nThe request's KV bytes as they are now (copied back from the GPU if resident)." },
-	{ "drop_kv", pykv_drop, METH_O, "drop_kv(req_id)\n--\n\nForget a request and free its blocks." },
+	  "load_kv($self, req_id, /)\n--\n\nThe request's KV bytes as they are now (copied back from the GPU if resident)." },
+	{ "drop_kv", pykv_drop, METH_O, "drop_kv($self, req_id, /)\n--\n\nForget a request and free its blocks." },
 	{ "stats", kv_stats, METH_NOARGS,
-	  "stats() -> dict\n--\n\n"
+	  "stats($self, /)\n--\n\n"
 	  "block_bytes, layers, parts, gpu_blocks, gpu_used, host_blocks, host_owned,\n"
-	  "host_used, events_live, events_kept (released events kept for reuse), swaps_out, swaps_in, blocks_out, blocks_in, copies, copy_bytes,\n"
+	  "host_used, events_live, events_kept (released events kept for reuse),\n"
+	  "swaps_out, swaps_in, blocks_out, blocks_in, copies, copy_bytes,\n"
 	  "requests (seed API), pending (events not released)." },
 	{ "close", kv_close, METH_NOARGS,
-	  "close()\n--\n\nWait for queued transfers and free the cache's blocks and events now (also done\n"
+	  "close($self, /)\n--\n\nWait for queued transfers and free the cache's blocks and events now (also done\n"
 	  "when collected). AegaeonError EBUSY while gpu_block() views are alive." },
-	{ "__enter__", kv_enter, METH_NOARGS, NULL },
-	{ "__exit__", kv_exit, METH_VARARGS, NULL },
+	{ "__enter__", kv_enter, METH_NOARGS, PYAEG_ENTER_DOC },
+	{ "__exit__", kv_exit, METH_VARARGS, PYAEG_EXIT_DOC },
 	{ NULL, NULL, 0, NULL },
 };
 

@@ -432,45 +432,45 @@ static PyGetSetDef pool_getset[] = {
 
 static PyMethodDef pool_methods[] = {
 	{ "acquire", (PyCFunction)(void (*)(void))pool_acquire, METH_VARARGS | METH_KEYWORDS,
-	  "acquire(timeout=None) -> (int, memoryview)\n--\n\n"
+	  "acquire($self, timeout=None)\n--\n\n"
 	  "Take a free buffer: its index and a writable memoryview of its bytes. Waits up\n"
 	  "to timeout seconds (None: for ever, 0: not at all) with the GIL released;\n"
 	  "AegaeonTimeoutError when none came free. Process-safe: processes attached to\n"
 	  "the same pool share its buffers." },
 	{ "release", (PyCFunction)(void (*)(void))pool_release, METH_VARARGS | METH_KEYWORDS,
-	  "release(buffer)\n--\n\n"
+	  "release($self, buffer)\n--\n\n"
 	  "Give a buffer back: its index, acquire()'s tuple, or its address (the seed's\n"
 	  "form). AegaeonValueError if it is not acquired. The memoryview acquire()\n"
 	  "returned is released too (unless a slice or array still exports it)." },
 	{ "buffer", (PyCFunction)(void (*)(void))pool_buffer, METH_VARARGS | METH_KEYWORDS,
-	  "buffer(index) -> memoryview\n--\n\nA writable memoryview of buffer index (acquired or not)." },
+	  "buffer($self, index)\n--\n\nA writable memoryview of buffer index (acquired or not)." },
 	{ "address", (PyCFunction)(void (*)(void))pool_address, METH_VARARGS | METH_KEYWORDS,
-	  "address(index) -> int\n--\n\n"
+	  "address($self, index)\n--\n\n"
 	  "Host address of buffer index in this process: the registered (pinned) mapping\n"
 	  "that CUDA copies use." },
 	{ "stats", pool_stats, METH_NOARGS,
-	  "stats() -> dict\n--\n\n"
+	  "stats($self, /)\n--\n\n"
 	  "buffer_bytes, pool_bytes, buffers, in_use (across processes), high_water,\n"
 	  "acquires, timeouts, numa_node (-1 when not bound)." },
 	{ "fd", pool_fd, METH_NOARGS,
-	  "fd() -> int\n--\n\n"
+	  "fd($self, /)\n--\n\n"
 	  "The pool's memfd: pass it to another process (subprocess pass_fds, SCM_RIGHTS)\n"
 	  "and PinnedPool.attach(fd) there shares the buffers. Owned by the pool." },
 	{ "attach", (PyCFunction)(void (*)(void))pool_attach, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-	  "attach(fd, gpu_id=0) -> PinnedPool\n--\n\n"
+	  "attach($type, fd, gpu_id=0)\n--\n\n"
 	  "Map the pool behind fd (from another process's fd()); fd is duplicated.\n"
 	  "AegaeonError EBADF for a closed fd, AegaeonValueError for a file that is not a pool." },
 	{ "from_job", pool_from_job, METH_NOARGS | METH_CLASS,
-	  "from_job() -> PinnedPool\n--\n\n"
+	  "from_job($type, /)\n--\n\n"
 	  "The pinned pool of the aegaeon job this process runs in (--aegaeon-pinned),\n"
 	  "shared with the agent and every step. AegaeonError ENOENT outside a job or\n"
 	  "for a job without a pool." },
 	{ "close", pool_close, METH_NOARGS,
-	  "close()\n--\n\n"
+	  "close($self, /)\n--\n\n"
 	  "Unmap (and unregister) the pool now; also done when collected. Memoryviews\n"
 	  "already handed out stay readable (they map the same pages)." },
-	{ "__enter__", pool_enter, METH_NOARGS, NULL },
-	{ "__exit__", pool_exit, METH_VARARGS, NULL },
+	{ "__enter__", pool_enter, METH_NOARGS, PYAEG_ENTER_DOC },
+	{ "__exit__", pool_exit, METH_VARARGS, PYAEG_EXIT_DOC },
 	{ NULL, NULL, 0, NULL },
 };
 

@@ -408,37 +408,37 @@ static PyGetSetDef slab_getset[] = {
 
 static PyMethodDef slab_methods[] = {
 	{ "alloc", (PyCFunction)(void (*)(void))slab_alloc, METH_VARARGS | METH_KEYWORDS,
-	  "alloc(nbytes) -> DeviceArray\n--\n\n"
+	  "alloc($self, nbytes)\n--\n\n"
 	  "A block of at least nbytes (rounded up to 256), O(1): a U8 DeviceArray with\n"
 	  ".id, .device_ptr and .size. AegaeonError ENOSPC (asked vs largest free block)\n"
 	  "when it does not fit. The block stays allocated until free()/reset()." },
 	{ "allocate", (PyCFunction)(void (*)(void))slab_allocate, METH_VARARGS | METH_KEYWORDS,
-	  "allocate(nbytes, alignment=256) -> int\n--\n\n"
+	  "allocate($self, nbytes, alignment=256)\n--\n\n"
 	  "The seed's form: allocate a block and return its device pointer. Blocks are\n"
 	  "256-byte aligned; alignment must be a power of two up to 256." },
 	{ "free", (PyCFunction)(void (*)(void))slab_free, METH_VARARGS | METH_KEYWORDS,
-	  "free(block)\n--\n\n"
+	  "free($self, block)\n--\n\n"
 	  "Free a block: a DeviceArray from alloc(), its id, or a pointer from\n"
 	  "allocate(). AegaeonError ENOENT for a block not live. Views of a freed block\n"
 	  "must not be used any more." },
-	{ "reset", slab_reset, METH_NOARGS, "reset()\n--\n\nFree every live block." },
+	{ "reset", slab_reset, METH_NOARGS, "reset($self, /)\n--\n\nFree every live block." },
 	{ "block", (PyCFunction)(void (*)(void))slab_block, METH_VARARGS | METH_KEYWORDS,
-	  "block(id) -> DeviceArray\n--\n\nA view of the live block id (AegaeonError ENOENT otherwise)." },
+	  "block($self, id)\n--\n\nA view of the live block id (AegaeonError ENOENT otherwise)." },
 	{ "stats", slab_stats, METH_NOARGS,
-	  "stats() -> dict\n--\n\n"
+	  "stats($self, /)\n--\n\n"
 	  "total_bytes, used_bytes, free_bytes, largest_free_bytes, high_water_bytes,\n"
 	  "blocks (live), allocs, frees, failed_allocs, views (DeviceArrays alive)." },
 	{ "export_handle", slab_export, METH_NOARGS,
-	  "export_handle() -> bytes\n--\n\n"
+	  "export_handle($self, /)\n--\n\n"
 	  "The 64-byte memory IPC handle of the slab's base: another process of the user\n"
 	  "opens it (cudaIpcOpenMemHandle on cuda) and finds block i at base + offset." },
 	{ "close", slab_close, METH_NOARGS,
-	  "close()\n--\n\n"
+	  "close($self, /)\n--\n\n"
 	  "Free the slab's device memory now (also done when the object is collected).\n"
 	  "AegaeonError EBUSY while DeviceArray views of its blocks are alive." },
-	{ "destroy", slab_close, METH_NOARGS, "destroy()\n--\n\nThe seed's name for close()." },
-	{ "__enter__", slab_enter, METH_NOARGS, NULL },
-	{ "__exit__", slab_exit, METH_VARARGS, NULL },
+	{ "destroy", slab_close, METH_NOARGS, "destroy($self, /)\n--\n\nThe seed's name for close()." },
+	{ "__enter__", slab_enter, METH_NOARGS, PYAEG_ENTER_DOC },
+	{ "__exit__", slab_exit, METH_VARARGS, PYAEG_EXIT_DOC },
 	{ NULL, NULL, 0, NULL },
 };
 

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Builds aegaeon with the cuda backend and the Python module and gathers into
 # one folder what a GPU machine without a package registry needs: the
-# installed tree (plugin, agent, CLI, aegaeon_native), the GPU and unit test
+# installed tree (plugin, agent, CLI, aegaeon_native), the module's repaired
+# abi3 wheel (wheels/: the bundle's Python tests install it there with pip;
+# it needs scripts/install-deps.sh's tools), the GPU and unit test
 # programs, the Slurm end-to-end test, the benchmarks, the non-system shared
 # libraries they load, and Debian's Slurm packages when .debs/ holds them
 # (scripts/fetch-slurm-debs.sh). Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
@@ -31,6 +33,17 @@ make -C "$build" -s -j"$jobs" gpu-programs
 rm -rf "$out"
 mkdir -p "$out/lib" "$out/tests/gpu" "$out/tests/unit" "$out/tests/soak" "$out/bench"
 make -C "$build" -s install DESTDIR="$out/root" >/dev/null
+
+# The wheel, as tests/packages/test_wheel.sh makes it: cudart inside, hwloc,
+# libconfig and jansson bundled by auditwheel (manylinux: glibc 2.34 or later).
+tools=${AEGAEON_CI_TOOLS:-/opt/aegaeon-ci}
+[[ -x $tools/venv/bin/auditwheel ]] || { echo "gpu-bundle: no $tools/venv/bin/auditwheel: run scripts/install-deps.sh" >&2; exit 1; }
+rm -rf "$top/build-wheel" "$build/wheel-dist"
+(cd "$top" && PIP_NO_INDEX=1 PIP_FIND_LINKS="$tools/wheels" AEGAEON_CONFIGURE_ARGS="--with-cuda=$cuda" \
+	AEGAEON_BUILD_JOBS="$jobs" "$python" -m build --wheel --outdir "$build/wheel-dist" . >"$build/wheel.log" 2>&1) ||
+	{ tail -n 30 "$build/wheel.log" >&2; echo "gpu-bundle: python -m build --wheel failed" >&2; exit 1; }
+PATH=$tools/venv/bin:$PATH auditwheel repair -w "$out/wheels" "$build"/wheel-dist/*.whl >"$build/repair.log" 2>&1 ||
+	{ cat "$build/repair.log" >&2; exit 1; }
 
 # Test programs link the library statically; libtool leaves real binaries in
 # .libs only for programs with uninstalled shared dependencies.

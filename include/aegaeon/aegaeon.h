@@ -15,6 +15,7 @@
 #include <aegaeon/job.h>
 #include <aegaeon/attach.h>
 #include <aegaeon/kv.h>
+#include <aegaeon/session.h>
 
 #define AEGAEON_VERSION_MAJOR 0
 #define AEGAEON_VERSION_MINOR 1

@@ -122,8 +122,21 @@ int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path, int index
 void aeg_job_load_free(struct aeg_job_load *load);
 
 /*
+ * aeg_job_wait - wait until load @load_id has stopped: 0 once every chunk
+ * is on the GPU, the load's error with its detail, AEG_ETIMEDOUT after
+ * @timeout_ms (< 0: no limit), AEG_ENOENT for a load the agent does not
+ * hold. One round trip for the whole load, on a connection of its own (one
+ * is kept per process and reused), so other calls on @job go on meanwhile.
+ * Thread-safe.
+ */
+int aeg_job_wait(aeg_job_t *job, uint64_t load_id, int timeout_ms);
+
+/* The most ids one aeg_job_release call takes (one protocol frame). */
+#define AEG_JOB_RELEASE_MAX 4096
+
+/*
  * aeg_job_release - free the chunks of blocks @ids of job slab @index (and
- * their events). All ids are checked first: an id no chunk holds is
+ * their events), 1 to AEG_JOB_RELEASE_MAX of them. All ids are checked first: an id no chunk holds is
  * AEG_ENOENT, one of a load still in flight AEG_EBUSY; then none is freed.
  * aeg_job_release_all - cancel every load and free every chunk of the job.
  * @released (may be NULL) gets the number of blocks freed.
@@ -145,7 +158,7 @@ struct aeg_job_load_status {
 	int status;
 	uint64_t file_bytes, done_bytes;
 	uint32_t chunks;
-	char path[PATH_MAX];
+	char path[AEG_PATH_MAX];
 };
 
 struct aeg_job_status {

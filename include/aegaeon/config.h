@@ -14,6 +14,12 @@ extern "C" {
 
 #define AEG_CONFIG_DEFAULT_PATH "/etc/aegaeon/aegaeon.conf"
 
+/*
+ * Room for a path in the structures of these headers, NUL included: Linux's
+ * PATH_MAX, which <limits.h> defines only for POSIX builds (not -std=c11).
+ */
+#define AEG_PATH_MAX 4096
+
 enum aeg_device_kind {
 	AEG_DEVICE_CUDA = 0,
 	AEG_DEVICE_HOST = 1,
@@ -40,10 +46,10 @@ struct aeg_config {
 	uint64_t pinned_buffer_bytes;       /* pinned_buffer ["32MiB"]: pool buffer size */
 	int prefetch_threads;               /* prefetch_threads [12]: 1..256 */
 	uint64_t prefetch_chunk_bytes;      /* prefetch_chunk ["64MiB"] */
-	char agent_path[PATH_MAX];          /* agent_path [SBINDIR "/aegaeond"] */
+	char agent_path[AEG_PATH_MAX];      /* agent_path [SBINDIR "/aegaeond"] */
 	int agent_start_timeout_ms;         /* agent_start_timeout [30.0 s] */
 	int agent_stop_timeout_ms;          /* agent_stop_timeout [5.0 s]: TERM to KILL */
-	char runtime_dir[PATH_MAX];         /* runtime_dir ["/run/aegaeon"] */
+	char runtime_dir[AEG_PATH_MAX];     /* runtime_dir ["/run/aegaeon"] */
 	enum aeg_log_level log_level;       /* log_level ["info"] */
 	struct aeg_size_spec model_cache;   /* model_cache ["0"]: the agent's host model cache, a size or a
 					       percentage of the job's pinned pool; 0 for none */

@@ -47,7 +47,8 @@ enum aeg_prefetch_feed {
 const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed);
 
 enum aeg_prefetch_format {
-	AEG_FORMAT_AUTO = 0,            /* safetensors when the name ends in ".safetensors" */
+	AEG_FORMAT_AUTO = 0,            /* safetensors by content (a header that parses); a file
+					   named *.safetensors must be one (AEG_EFORMAT otherwise) */
 	AEG_FORMAT_RAW = 1,             /* any file: fixed-size chunks */
 	AEG_FORMAT_SAFETENSORS = 2,     /* parse the header strictly; chunks follow tensors */
 };
@@ -87,8 +88,9 @@ void aeg_prefetch_destroy(aeg_prefetch_t *pf);
 
 /* Per-file options; zero-initialised means defaults except chunk_bytes. */
 #define AEG_PREFETCH_NO_CACHE 0x1u      /* neither use nor fill the host cache */
+#define AEG_PREFETCH_CHUNK_ALIGN 4096u  /* chunk_bytes is a multiple of this */
 struct aeg_prefetch_options {
-	uint64_t chunk_bytes;           /* > 0 and <= the slab's size; required */
+	uint64_t chunk_bytes;           /* a multiple of 4 KiB, > 0 and <= the slab's size; required */
 	int priority;                   /* higher loads take the workers first [0] */
 	enum aeg_prefetch_feed feed;    /* AUTO, MMAP, READ or MIXED */
 	enum aeg_prefetch_format format;
@@ -131,7 +133,7 @@ struct aeg_tensor {
  * with aeg_load_wait_chunk or, from any process, aeg_event_wait_handle.
  * An event completes only after its chunk's bytes are on the GPU.
  * Thread-safe. Errors (nothing is left allocated): AEG_EINVAL (chunk_bytes
- * 0 or over the slab, a directory, a bad option), AEG_ENOENT, AEG_EACCES,
+ * 0, not a multiple of 4 KiB or over the slab, a directory, a bad option), AEG_ENOENT, AEG_EACCES,
  * AEG_EFORMAT (a bad safetensors header; the detail says what), AEG_ENOSPC
  * (detail: bytes requested vs free in the slab), AEG_EDEVICE, AEG_ENOMEM,
  * AEG_ECANCELED (the engine is being destroyed).
@@ -144,6 +146,13 @@ const struct aeg_chunk *aeg_load_chunks(const aeg_load_t *load, uint32_t *count)
 
 /* aeg_load_tensors - the safetensors table in file order (0 tensors for a raw file). */
 const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *load, uint32_t *count);
+
+/*
+ * aeg_load_metadata - the safetensors header's "__metadata__": its number
+ * of string pairs (0 for none or a raw file), @keys and @values (either may
+ * be NULL) in the file's order. Valid until the load is closed.
+ */
+uint32_t aeg_load_metadata(const aeg_load_t *load, const char *const **keys, const char *const **values);
 
 /* aeg_load_id - a number unique in this engine, for logs and the CLI. */
 uint64_t aeg_load_id(const aeg_load_t *load);
@@ -168,6 +177,7 @@ struct aeg_load_progress {
 	uint64_t done_bytes;
 	uint32_t chunks;
 	uint32_t done_chunks;
+	uint32_t released_chunks;       /* released by id, or all: no longer on the GPU */
 	enum aeg_prefetch_feed feed;    /* the feed used (MMAP may turn to READ) */
 	int status;                     /* AEG_EBUSY while loading, then 0 or the error */
 	uint64_t start_ns;              /* CLOCK_MONOTONIC at aeg_prefetch_file */
@@ -186,10 +196,20 @@ int aeg_load_progress(aeg_load_t *load, struct aeg_load_progress *progress);
 int aeg_load_cancel(aeg_load_t *load);
 
 /*
+ * aeg_load_release - free every block and event of @load still held; a
+ * load in flight is cancelled and waited for first. The handle stays open
+ * (aeg_load_close drops it); releasing twice does nothing.
+ */
+int aeg_load_release(aeg_load_t *load);
+
+/*
  * aeg_load_close - drop the caller's handle. The chunks stay on the GPU
  * until released (by id or all); an unfinished load goes on.
  */
 void aeg_load_close(aeg_load_t *load);
+
+/* aeg_load_dup - another handle on @load (closed with aeg_load_close); returns @load. Thread-safe. */
+aeg_load_t *aeg_load_dup(aeg_load_t *load);
 
 /*
  * aeg_prefetch_release - release the chunks of the blocks @ids: free the
@@ -198,6 +218,13 @@ void aeg_load_close(aeg_load_t *load);
  * flight AEG_EBUSY (cancel it first); then nothing is released.
  */
 int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count);
+
+/*
+ * aeg_prefetch_release_wait - aeg_prefetch_release that first waits, at
+ * most @timeout_ms (< 0: no limit; 0: not at all, AEG_EBUSY), for loads in
+ * flight holding any of @ids to stop. AEG_ETIMEDOUT releases nothing.
+ */
+int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count, int timeout_ms);
 
 /* aeg_prefetch_release_all - cancel loads in flight, wait for them, release every chunk. */
 int aeg_prefetch_release_all(aeg_prefetch_t *pf);

@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <jansson.h>
+
 #include <aegaeon/aegaeon.h>
 
 /*
@@ -57,12 +59,23 @@ void cli_sha256_update(struct cli_sha256 *s, const void *data, size_t len);
 void cli_sha256_hex(struct cli_sha256 *s, char hex[65]);     /* finishes @s */
 
 /* Shared helpers (cli_common.c). */
-int cli_open_device(const char *name, aeg_device_t **dev);   /* NULL: config/env choice */
+/*
+ * The backend: @name (--device), else $AEGAEON_DEVICE, else the config's
+ * device key; the config file is read and checked in every case. Returns 0,
+ * 1 (printed) or 2 for a bad backend name.
+ */
+int cli_open_device(const char *name, aeg_device_t **dev);
 int cli_fail(int err, const char *what);                      /* prints "aegaeon-cli: what: detail", returns 1 */
 void cli_json_string(FILE *out, const char *s);                  /* quoted, escaped */
 int cli_parse_int(const char *text, int lo, int hi, int *out);  /* 0, or -1 when not in lo..hi */
 int cli_parse_seconds(const char *text, double *out);           /* 0..one year */
 const char *cli_load_state(int status, char *buf, size_t len);  /* "loaded", "loading", "failed: why" */
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *cli_s(uint64_t n);                                  /* "s" unless n is 1: "%u chunk%s" */
+/* Prints @o indented with floats to CLI_JSON_DIGITS significant digits; consumes @o; 0 or 1. */
+#define CLI_JSON_DIGITS 6
+int cli_json_print(json_t *o);
+/* A progress bar on stderr: percent, bytes, GB/s and the time left. */
+void cli_progress(uint64_t done, uint64_t total, uint64_t start_ns);
 
 #endif

@@ -24,15 +24,16 @@ struct bench_opts {
 	int repeat;
 	uint64_t bytes;
 	const char *hugepages;  /* --hugepages, NULL: as the environment says */
+	json_t *json;           /* --json: the result object being filled, else NULL */
 };
 
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: aegaeon-cli bench alloc  [--device D] [--gpu N] [--repeat N]\n"
+		"Usage: aegaeon-cli bench alloc  [--device D] [--gpu N] [--repeat N] [--json]\n"
 		"       aegaeon-cli bench pinned [--device D] [--gpu N] [--repeat N] [--size SIZE]\n"
-		"                                [--hugepages auto|never|always]\n"
-		"       aegaeon-cli bench event  [--device D] [--gpu N] [--repeat N]\n"
+		"                                [--hugepages auto|never|always] [--json]\n"
+		"       aegaeon-cli bench event  [--device D] [--gpu N] [--repeat N] [--json]\n"
 		"       aegaeon-cli bench prefetch FILE [options]   (see 'bench prefetch --help')\n"
 		"\n"
 		"Measure aegaeon against the plain device API in the same run and print\n"
@@ -44,6 +45,7 @@ static void usage(FILE *out)
 		"          with the time of each step and the page size used\n"
 		"  event   wait on an event handle of another process, already opened,\n"
 		"          vs opening the handle afresh each time\n"
+		"  prefetch  loading FILE into a slab in chunks vs read+memcpy\n"
 		"\n"
 		"  -d, --device NAME  backend: cuda or host\n"
 		"  -g, --gpu N        GPU ordinal (default 0)\n"
@@ -54,6 +56,8 @@ static void usage(FILE *out)
 		"                     reserved, never uses 4 KiB pages, always fails without\n"
 		"                     them. Reserve them as root: sysctl vm.nr_hugepages=N,\n"
 		"                     N = SIZE / 2 MiB + 1 (the pool's header page)\n"
+		"  -j, --json         one JSON object on stdout: the rows of the table\n"
+		"                     (what, aegaeon, baseline, unit, speedup) and the details\n"
 		"  -h, --help         this text\n");
 }
 
@@ -74,16 +78,26 @@ static uint64_t percentile(uint64_t *v, size_t n, double pct)
 	return v[rank >= n ? n - 1 : rank];
 }
 
-static void print_row(const char *what, double ours, double base, const char *unit, int lower_is_better)
+/* A row of the table, or of the JSON object's "rows" with --json. */
+static void print_row(const struct bench_opts *o, const char *what, double ours, double base, const char *unit,
+		      int lower_is_better)
 {
 	double ratio = lower_is_better ? base / ours : ours / base;
 
-	printf("  %-34s %12.2f %12.2f %-6s %8.1fx\n", what, ours, base, unit, ratio);
+	if (o->json)
+		json_array_append_new(json_object_get(o->json, "rows"),
+				      json_pack("{s:s, s:f, s:f, s:s, s:f}", "what", what, "aegaeon", ours,
+						"baseline", base, "unit", unit, "speedup", ratio));
+	else
+		printf("  %-34s %12.2f %12.2f %-6s %8.1fx\n", what, ours, base, unit, ratio);
 }
 
-static void print_header(const char *title)
+static void print_header(const struct bench_opts *o, const char *title)
 {
-	printf("%s\n  %-34s %12s %12s %-6s %9s\n", title, "what", "aegaeon", "baseline", "unit", "speedup");
+	if (o->json)
+		json_object_set_new(o->json, "title", json_string(title));
+	else
+		printf("%s\n  %-34s %12s %12s %-6s %9s\n", title, "what", "aegaeon", "baseline", "unit", "speedup");
 }
 
 /* ---------------------------------------------------------------- alloc */
@@ -154,9 +168,9 @@ static int bench_alloc_size(aeg_device_t *dev, const struct bench_opts *o, uint6
 	aeg_size_format(block, sz, sizeof(sz));
 	snprintf(label, sizeof(label), "%s median", sz);
 	uint64_t om = percentile(ours, batches, 50), bm = percentile(base, base_n, 50);
-	print_row(label, (double)om, (double)bm, "ns", 1);
+	print_row(o, label, (double)om, (double)bm, "ns", 1);
 	snprintf(label, sizeof(label), "%s p99", sz);
-	print_row(label, (double)percentile(ours, batches, 99), (double)percentile(base, base_n, 99), "ns", 1);
+	print_row(o, label, (double)percentile(ours, batches, 99), (double)percentile(base, base_n, 99), "ns", 1);
 	rc = 0;
 out:
 	if (slab != NULL)
@@ -171,7 +185,7 @@ static int bench_alloc(aeg_device_t *dev, struct bench_opts *o)
 {
 	if (o->repeat <= 0)
 		o->repeat = 2000;
-	print_header(aeg_device_kind(dev) == AEG_DEVICE_CUDA
+	print_header(o, aeg_device_kind(dev) == AEG_DEVICE_CUDA
 		     ? "slab alloc+free vs cudaMalloc+cudaFree (per pair; batches of 100)"
 		     : "slab alloc+free vs host mem_alloc+mem_free (per pair; batches of 100)");
 	if (bench_alloc_size(dev, o, 1ull << 20) || bench_alloc_size(dev, o, 64ull << 20))
@@ -247,20 +261,30 @@ static int bench_pinned(aeg_device_t *dev, struct bench_opts *o)
 		if (err)
 			return cli_fail(err, "baseline");
 	}
-	print_header(aeg_device_kind(dev) == AEG_DEVICE_CUDA
+	print_header(o, aeg_device_kind(dev) == AEG_DEVICE_CUDA
 		     ? "pinned pool provisioning vs cudaHostAlloc (median)"
 		     : "pinned pool provisioning vs mmap+MAP_POPULATE (median)");
-	print_row("provisioning per GiB", (double)percentile(ours, n, 50) / 1e6 / gib,
+	print_row(o, "provisioning per GiB", (double)percentile(ours, n, 50) / 1e6 / gib,
 		  (double)percentile(base, n, 50) / 1e6 / gib, "ms", 1);
 	/* Medians of each step: they need not add up to the median of the whole. */
+	double steps[4] = { (double)percentile(bind, n, 50) / 1e6 / gib, (double)percentile(populate, n, 50) / 1e6 / gib,
+			    (double)percentile(reg, n, 50) / 1e6 / gib, (double)percentile(destroy, n, 50) / 1e6 / gib };
+	const char *hp = getenv("AEGAEON_PINNED_HUGEPAGES") ? getenv("AEGAEON_PINNED_HUGEPAGES") : "auto";
+
+	if (o->json) {
+		json_object_set_new(o->json, "steps_ms_per_gib",
+				    json_pack("{s:f, s:f, s:f, s:f}", "bind", steps[0], "populate", steps[1],
+					      "register", steps[2], "destroy", steps[3]));
+		json_object_set_new(o->json, "populate_threads", json_integer(first.threads));
+		json_object_set_new(o->json, "first_bind_ms", json_real((double)first.bind_ns / 1e6));
+		json_object_set_new(o->json, "page_bytes", json_integer((json_int_t)first.page_bytes));
+		json_object_set_new(o->json, "hugepages", json_string(hp));
+		return 0;
+	}
 	printf("  steps per GiB (medians): bind %.1f ms, populate %.1f ms (%u threads), register %.1f ms; destroy %.1f ms\n",
-	       (double)percentile(bind, n, 50) / 1e6 / gib, (double)percentile(populate, n, 50) / 1e6 / gib,
-	       first.threads, (double)percentile(reg, n, 50) / 1e6 / gib,
-	       (double)percentile(destroy, n, 50) / 1e6 / gib);
+	       steps[0], steps[1], first.threads, steps[2], steps[3]);
 	printf("  first run's bind, the process' topology load included: %.1f ms\n", (double)first.bind_ns / 1e6);
-	printf("  pages: %s (AEGAEON_PINNED_HUGEPAGES=%s)\n",
-	       first.page_bytes == 4096 ? "4 KiB" : "2 MiB hugetlb",
-	       getenv("AEGAEON_PINNED_HUGEPAGES") ? getenv("AEGAEON_PINNED_HUGEPAGES") : "auto");
+	printf("  pages: %s (AEGAEON_PINNED_HUGEPAGES=%s)\n", first.page_bytes == 4096 ? "4 KiB" : "2 MiB hugetlb", hp);
 	return 0;
 }
 
@@ -383,10 +407,10 @@ static int bench_event(aeg_device_t *dev, struct bench_opts *o)
 			goto out;
 		}
 	}
-	print_header("event wait by handle of another process: opened vs first open");
-	print_row("wait, median", (double)percentile(cached, waits, 50) / 1e3,
+	print_header(o, "event wait by handle of another process: opened vs first open");
+	print_row(o, "wait, median", (double)percentile(cached, waits, 50) / 1e3,
 		  (double)percentile(first, EVENT_COUNT, 50) / 1e3, "us", 1);
-	print_row("wait, p99", (double)percentile(cached, waits, 99) / 1e3,
+	print_row(o, "wait, p99", (double)percentile(cached, waits, 99) / 1e3,
 		  (double)percentile(first, EVENT_COUNT, 99) / 1e3, "us", 1);
 	rc = 0;
 out:
@@ -404,6 +428,38 @@ out:
 	return rc;
 }
 
+/* Runs benchmark @what, printing a table, or with @json one JSON object. */
+static int run(const char *what, struct bench_opts *o, int serve, int json)
+{
+	aeg_device_t *dev = NULL;
+	int rc;
+
+	rc = cli_open_device(o->device, &dev);
+	if (rc)
+		return rc;
+	if (json && !serve) {
+		o->json = json_pack("{s:s, s:s, s:i, s:[]}", "benchmark", what, "device",
+				    aeg_device_kind_name(aeg_device_kind(dev)), "gpu", o->gpu, "rows");
+		if (o->json == NULL) {
+			aeg_device_close(dev);
+			return cli_fail(AEG_ENOMEM, "bench");
+		}
+	}
+	if (serve)
+		rc = event_serve(dev, o);
+	else if (strcmp(what, "alloc") == 0)
+		rc = bench_alloc(dev, o);
+	else if (strcmp(what, "pinned") == 0)
+		rc = bench_pinned(dev, o);
+	else
+		rc = bench_event(dev, o);
+	aeg_device_close(dev);
+	if (o->json != NULL && rc == 0)
+		return cli_json_print(o->json);
+	json_decref(o->json);
+	return rc;
+}
+
 int cli_bench(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -413,13 +469,13 @@ int cli_bench(int argc, char **argv)
 		{ "size", required_argument, NULL, 's' },
 		{ "hugepages", required_argument, NULL, 'H' },
 		{ "serve", no_argument, NULL, 'S' },
+		{ "json", no_argument, NULL, 'j' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct bench_opts o = { .gpu = 0, .repeat = 0, .bytes = 1ull << 30 };
-	aeg_device_t *dev = NULL;
 	const char *what;
-	int c, serve = 0, rc;
+	int c, serve = 0, json = 0;
 	char *end;
 
 	/* bench prefetch has options of its own (cli_prefetch.c). */
@@ -427,7 +483,7 @@ int cli_bench(int argc, char **argv)
 		if (strcmp(argv[i], "prefetch") == 0 && (i == 1 || argv[i - 1][0] != '-'))
 			return cli_bench_prefetch(argc - i, argv + i);
 
-	while ((c = getopt_long(argc, argv, "d:g:r:s:H:h", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "d:g:r:s:H:jh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'd': o.device = optarg; break;
 		case 'g':
@@ -450,28 +506,17 @@ int cli_bench(int argc, char **argv)
 			o.hugepages = optarg;
 			break;
 		case 'S': serve = 1; break;
+		case 'j': json = 1; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
 	}
 	if (optind + 1 != argc)
-		return cli_usage_error("bench", "expected one of alloc, pinned, event");
+		return cli_usage_error("bench", "expected one of alloc, pinned, event, prefetch FILE");
 	what = argv[optind];
 	if (strcmp(what, "alloc") && strcmp(what, "pinned") && strcmp(what, "event"))
-		return cli_usage_error("bench", "unknown benchmark '%s' (alloc, pinned, event)", what);
+		return cli_usage_error("bench", "unknown benchmark '%s' (alloc, pinned, event, prefetch FILE)", what);
 	if (o.hugepages != NULL && strcmp(what, "pinned") != 0)
 		return cli_usage_error("bench", "--hugepages is for 'bench pinned' only");
-
-	if (cli_open_device(o.device, &dev))
-		return 1;
-	if (serve)
-		rc = event_serve(dev, &o);
-	else if (strcmp(what, "alloc") == 0)
-		rc = bench_alloc(dev, &o);
-	else if (strcmp(what, "pinned") == 0)
-		rc = bench_pinned(dev, &o);
-	else
-		rc = bench_event(dev, &o);
-	aeg_device_close(dev);
-	return rc;
+	return run(what, &o, serve, json);
 }

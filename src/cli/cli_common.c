@@ -1,30 +1,40 @@
-/* Helpers shared by aegaeon-cli's subcommands: device choice and error reporting. */
+/* Helpers shared by aegaeon-cli's subcommands: device choice, errors, progress and JSON output. */
 #include "config.h"
 
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cli.h"
+#include "internal.h"
 
 int cli_open_device(const char *name, aeg_device_t **dev)
 {
+	const char *from = name != NULL ? "--device" : "$AEGAEON_DEVICE";
 	enum aeg_device_kind kind;
 	struct aeg_config cfg;
 	int err;
 
+	/*
+	 * The configuration is read and checked even when --device or
+	 * $AEGAEON_DEVICE chooses the backend: a broken file must not pass
+	 * unnoticed because the key it would have set was given another way.
+	 */
+	err = aeg_config_load(&cfg, NULL);
+	if (err)
+		return cli_fail(err, "configuration");
+	kind = cfg.device;
 	if (name == NULL)
 		name = getenv("AEGAEON_DEVICE");
 	if (name != NULL && *name != '\0') {
 		err = aeg_device_kind_parse(name, &kind);
-		if (err)
-			return cli_fail(err, "device");
-	} else {
-		err = aeg_config_load(&cfg, NULL);
-		if (err)
-			return cli_fail(err, "configuration");
-		kind = cfg.device;
+		if (err) {
+			/* A bad option is bad usage; a bad environment, like a bad file, a failure. */
+			cli_fail(err, from);
+			return from[0] == '-' ? 2 : 1;
+		}
 	}
 	err = aeg_device_open(dev, kind);
 	if (err)
@@ -35,8 +45,15 @@ int cli_open_device(const char *name, aeg_device_t **dev)
 int cli_fail(int err, const char *what)
 {
 	const char *detail = aeg_error_detail();
+	size_t n = strlen(what);
 
-	fprintf(stderr, "aegaeon-cli: %s: %s\n", what, *detail ? detail : aeg_strerror(err));
+	if (*detail == '\0')
+		detail = aeg_strerror(err);
+	/* Details often start with the file they are about: name it once. */
+	if (strncmp(detail, what, n) == 0 && (detail[n] == ':' || detail[n] == ' '))
+		fprintf(stderr, "aegaeon-cli: %s\n", detail);
+	else
+		fprintf(stderr, "aegaeon-cli: %s: %s\n", what, detail);
 	return 1;
 }
 
@@ -102,4 +119,57 @@ const char *cli_load_state(int status, char *buf, size_t len)
 		return "loading";
 	snprintf(buf, len, "failed: %s", aeg_strerror(status));
 	return buf;
+}
+
+const char *cli_s(uint64_t n)
+{
+	return n == 1 ? "" : "s";
+}
+
+int cli_json_print(json_t *o)
+{
+	int rc;
+
+	if (o == NULL) {
+		fprintf(stderr, "aegaeon-cli: out of memory\n");
+		return 1;
+	}
+	rc = json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(CLI_JSON_DIGITS));
+	fputc('\n', stdout);
+	json_decref(o);
+	return rc ? 1 : 0;
+}
+
+/* "ETA 12 s", "ETA 3 min 05 s" from the speed so far; "ETA ?" before any byte. */
+static void eta_text(uint64_t done, uint64_t total, uint64_t ns, char *buf, size_t len)
+{
+	double s;
+
+	if (done == 0 || ns == 0) {
+		snprintf(buf, len, "ETA ?");
+		return;
+	}
+	s = (double)(total - done) * ((double)ns / (double)done) / 1e9;
+	if (s < 60)
+		snprintf(buf, len, "ETA %.0f s", s + 0.5);
+	else if (s < 360000)
+		snprintf(buf, len, "ETA %d min %02d s", (int)(s / 60), (int)s % 60);
+	else
+		snprintf(buf, len, "ETA > 100 h");
+}
+
+void cli_progress(uint64_t done, uint64_t total, uint64_t start_ns)
+{
+	char a[32], b[32], tail[48];
+	int width = 30, fill = total ? (int)((uint64_t)width * done / total) : width;
+	uint64_t ns = aeg_now_ns() - start_ns;
+
+	if (done >= total)
+		snprintf(tail, sizeof(tail), "in %.1f s", (double)ns / 1e9);
+	else
+		eta_text(done, total, ns, tail, sizeof(tail));
+	/* Trailing blanks wipe a longer line drawn before. */
+	fprintf(stderr, "\r[%.*s%*s] %3d%% %s / %s %.1f GB/s, %s   ", fill, "##############################",
+		width - fill, "", total ? (int)(100 * done / total) : 100, aeg_size_format(done, a, sizeof(a)),
+		aeg_size_format(total, b, sizeof(b)), ns ? (double)done / (double)ns : 0.0, tail);
 }

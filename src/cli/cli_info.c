@@ -55,8 +55,10 @@ int cli_info(int argc, char **argv)
 	if (optind != argc)
 		return cli_usage_error("info", "unexpected argument '%s'", argv[optind]);
 
-	if (cli_open_device(device, &dev))
-		return 1;
+	rc = cli_open_device(device, &dev);
+	if (rc)
+		return rc;
+	rc = 1;
 	err = aeg_device_count(dev, &count);
 	if (err) {
 		cli_fail(err, "counting GPUs");

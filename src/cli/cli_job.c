@@ -98,17 +98,6 @@ static uint64_t load_bytes(const struct aeg_job_load *l)
 	return n;
 }
 
-static void draw_bar(uint64_t done, uint64_t total, uint64_t start_ns)
-{
-	char a[32], b[32];
-	int width = 30, fill = total ? (int)(width * done / total) : width;
-	uint64_t ns = aeg_now_ns() - start_ns;
-
-	fprintf(stderr, "\r[%.*s%*s] %3d%% %s / %s %.1f GB/s ", fill, "##############################",
-		width - fill, "", total ? (int)(100 * done / total) : 100, aeg_size_format(done, a, sizeof(a)),
-		aeg_size_format(total, b, sizeof(b)), ns ? (double)done / (double)ns : 0.0);
-}
-
 /*
  * Wait for each chunk's event, as any consumer would; *@end_ns is when the
  * last one completed. @deadline_ns 0: no limit. The events say the bytes are
@@ -134,7 +123,7 @@ static int wait_events(aeg_job_t *job, const struct aeg_job_load *l, uint64_t de
 			break;
 		done += l->chunks[i].size;
 		if (bar)
-			draw_bar(done, total, start_ns);
+			cli_progress(done, total, start_ns);
 	}
 	*end_ns = aeg_now_ns();
 	if (bar)
@@ -312,9 +301,9 @@ static void print_verified(const struct aeg_job_load *l, const char *path, const
 {
 	char a[32];
 
-	printf("%s: verified %s in %u chunks of load %" PRIu64 " against the file: identical "
+	printf("%s: verified %s in %u chunk%s of load %" PRIu64 " against the file: identical "
 	       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", path, aeg_size_format(r->bytes, a, sizeof(a)),
-	       l->count, l->load_id, r->first, r->end, r->contiguous ? "" : ", with gaps", r->sha256);
+	       l->count, cli_s(l->count), l->load_id, r->first, r->end, r->contiguous ? "" : ", with gaps", r->sha256);
 }
 
 static json_t *verified_json(const struct verify_result *r)
@@ -349,9 +338,9 @@ static void print_load(const struct aeg_job_load *l, const char *path, int chunk
 {
 	char a[32], b[32], state[128], hex[AEG_HANDLE_HEX_LEN + 1];
 
-	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunks\n", l->load_id, path, l->slab,
+	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s\n", l->load_id, path, l->slab,
 	       cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
-	       aeg_size_format(l->file_bytes, b, sizeof(b)), l->count);
+	       aeg_size_format(l->file_bytes, b, sizeof(b)), l->count, cli_s(l->count));
 	if (!chunk_lines)
 		return;
 	printf("%6s %10s %14s %12s %14s  %s\n", "chunk", "slab_id", "slab_offset", "size", "file_offset", "event");
@@ -362,20 +351,6 @@ static void print_load(const struct aeg_job_load *l, const char *path, int chunk
 		printf("%6u %10" PRIu64 " %14" PRIu64 " %12" PRIu64 " %14" PRIu64 "  %s\n", i, c->slab_id, c->offset,
 		       c->size, c->file_offset, hex);
 	}
-}
-
-static int dump_json(json_t *o)
-{
-	int rc;
-
-	if (o == NULL) {
-		fprintf(stderr, "aegaeon-cli: out of memory\n");
-		return 1;
-	}
-	rc = json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	fputc('\n', stdout);
-	json_decref(o);
-	return rc ? 1 : 0;
 }
 
 /* ------------------------------------------------------------- prefetch */
@@ -460,7 +435,7 @@ int cli_job_prefetch(const struct cli_job_prefetch *a)
 
 			if (o)
 				json_object_set_new(o, "reused", json_boolean(reused));
-			rc = dump_json(o);
+			rc = cli_json_print(o);
 		} else {
 			if (reused)
 				printf("%s: already in the job's slab (load %" PRIu64 "): reused, nothing loaded\n", path,
@@ -493,17 +468,17 @@ int cli_job_prefetch(const struct cli_job_prefetch *a)
 			if (a->verify)
 				json_object_set_new(o, "verified", verified_json(&vr));
 		}
-		rc = dump_json(o);
+		rc = cli_json_print(o);
 		goto out;
 	}
 	if (reused)
-		printf("%s: already in the job's slab (load %" PRIu64 ", %s in %u chunks): reused, nothing loaded"
+		printf("%s: already in the job's slab (load %" PRIu64 ", %s in %u chunk%s): reused, nothing loaded"
 		       "%s\n", path, l->load_id, aeg_size_format(l->file_bytes, size, sizeof(size)), l->count,
-		       end_ns - t0 > 1000000 ? "; waited for it to finish" : "");
+		       cli_s(l->count), end_ns - t0 > 1000000 ? "; waited for it to finish" : "");
 	else
-		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (load %" PRIu64 ", %u chunks in slab %d)\n",
+		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (load %" PRIu64 ", %u chunk%s in slab %d)\n",
 		       path, aeg_size_format(l->file_bytes, size, sizeof(size)), seconds(end_ns - t0),
-		       (double)l->file_bytes / (double)(end_ns - t0), l->load_id, l->count, index);
+		       (double)l->file_bytes / (double)(end_ns - t0), l->load_id, l->count, cli_s(l->count), index);
 	if (a->verify)
 		print_verified(l, path, &vr);
 out:
@@ -588,8 +563,9 @@ int cli_job_wait(const char *what, double timeout_s)
 		rc = load_failed(l, path);
 		goto out;
 	}
-	printf("load %" PRIu64 ": %s loaded, %s in %u chunks (waited %.3f s)\n", l->load_id, path,
-	       aeg_size_format(l->file_bytes, size, sizeof(size)), l->count, seconds(end_ns - t0));
+	printf("load %" PRIu64 ": %s loaded, %s in %u chunk%s (waited %.3f s)\n", l->load_id, path,
+	       aeg_size_format(l->file_bytes, size, sizeof(size)), l->count, cli_s(l->count),
+	       seconds(end_ns - t0));
 out:
 	aeg_job_load_free(l);
 	aeg_job_detach(job);
@@ -669,7 +645,8 @@ int cli_job_release(const struct cli_job_release *r)
 		if (err) {
 			rc = cli_fail(err, "release");
 			if (released)
-				fprintf(stderr, "aegaeon-cli: release: %u blocks were released before that\n", released);
+				fprintf(stderr, "aegaeon-cli: release: %u block%s released before that\n", released,
+					released == 1 ? " was" : "s were");
 			goto out;
 		}
 		released += got;
@@ -748,7 +725,7 @@ static int list_loads(aeg_job_t *job, int json, int verify, uint64_t deadline, d
 	}
 	aeg_job_status_free(st);
 	if (json && rc == 0)
-		return dump_json(json_pack("{s:o}", "loads", arr));
+		return cli_json_print(json_pack("{s:o}", "loads", arr));
 	json_decref(arr);
 	return rc;
 }
@@ -858,7 +835,7 @@ int cli_chunks(int argc, char **argv)
 		rc = wait_and_verify(job, &l, path, deadline, timeout_s, o);
 	if (json) {
 		if (rc == 0)
-			rc = dump_json(o);
+			rc = cli_json_print(o);
 		else
 			json_decref(o);
 	}

@@ -224,8 +224,8 @@ static int kv_bench(const struct kv_opts *o)
 	struct kv_row row;
 	int rc = 0, first = 1, n;
 
-	if (kv_env_open(o, &env))
-		return 1;
+	if ((rc = kv_env_open(o, &env)))
+		return rc;
 	if (o->tune && !env.cuda) {
 		fprintf(stderr, "aegaeon-cli kv bench --tune: the kernels exist on the cuda backend only (this is %s)\n",
 			aeg_device_kind_name(aeg_device_kind(env.dev)));
@@ -274,9 +274,14 @@ static int parse_option(int c, const char *arg, struct kv_opts *o)
 	int rc;
 
 	switch (c) {
-	case 'd':
+	case 'd': {
+		enum aeg_device_kind kind;
+
+		if (aeg_device_kind_parse(arg, &kind))
+			return cli_usage_error("kv", "--device '%s': %s", arg, aeg_error_detail());
 		o->device = arg;
 		return 0;
+	}
 	case 'g':
 		if (cli_parse_int(arg, 0, 1023, &o->gpu))
 			return cli_usage_error("kv", "--gpu '%s' is not a GPU ordinal", arg);

@@ -67,8 +67,8 @@ int kv_env_open(const struct kv_opts *o, struct kv_env *env)
 			kv_env_close(env);
 			return 1;
 		}
-	} else if (cli_open_device(o->device, &env->dev)) {
-		return 1;
+	} else if ((err = cli_open_device(o->device, &env->dev))) {
+		return err;     /* cli_open_device's exit code */
 	}
 	env->cuda = aeg_device_kind(env->dev) == AEG_DEVICE_CUDA;
 	if ((err = aeg_device_gpu_info(env->dev, o->gpu, &env->info))) {

@@ -136,8 +136,9 @@ static int parse_args(const char *cmd, int argc, char **argv, struct pf_args *a,
 			err = aeg_size_parse(optarg, 0, &a->chunk_bytes);
 			if (err)
 				return cli_usage_error(cmd, "--chunk: %s", aeg_error_detail());
-			if (a->chunk_bytes == 0)
-				return cli_usage_error(cmd, "--chunk 0: give a chunk size such as 64MiB");
+			if (a->chunk_bytes == 0 || a->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN)
+				return cli_usage_error(cmd, "--chunk %s: a chunk is a non-zero multiple of 4 KiB, such as 64MiB",
+						       optarg);
 			a->chunk_given = 1;
 			break;
 		case 'f':
@@ -239,17 +240,18 @@ static int session_open(const struct pf_args *a, struct session *s)
 	s->file_bytes = (uint64_t)st.st_size;
 	err = cli_open_device(a->device, &s->dev);
 	if (err)
-		return 1;
+		return err;
 	err = aeg_topo_live(&s->topo);
 	if (err) {
 		fprintf(stderr, "aegaeon-cli: topology unknown (%s): prefetch threads stay unbound\n",
 			aeg_error_detail());
 		s->topo = NULL;
 	}
-	/* A chunk larger than the file is fine here: the slab is made for this one file. */
+	/*
+	 * The slab is made for this one file; a chunk larger than the file makes
+	 * one chunk of it (session_chunk), so it does not make the slab larger.
+	 */
 	slab_bytes = aeg_prefetch_slab_bytes_for(s->file_bytes, a->chunk_bytes);
-	if (slab_bytes < a->chunk_bytes)
-		slab_bytes = a->chunk_bytes;
 	err = aeg_slab_create(s->dev, a->gpu, slab_bytes, &s->slab);
 	if (err)
 		goto fail;
@@ -283,6 +285,14 @@ fail:
 	return 1;
 }
 
+/* The chunk size the engine gets: the one asked, at most the session's slab. */
+static uint64_t session_chunk(const struct session *s, uint64_t chunk_bytes)
+{
+	uint64_t slab_bytes = aeg_slab_bytes(s->slab);
+
+	return chunk_bytes < slab_bytes ? chunk_bytes : slab_bytes;
+}
+
 static double gbps(uint64_t bytes, uint64_t ns)
 {
 	return ns ? (double)bytes / (double)ns : 0.0;
@@ -290,15 +300,7 @@ static double gbps(uint64_t bytes, uint64_t ns)
 
 static void draw_bar(const struct aeg_load_progress *p)
 {
-	char done[32], total[32];
-	int width = 30, fill = p->total_bytes ? (int)(width * p->done_bytes / p->total_bytes) : width;
-	uint64_t ns = aeg_now_ns() - p->start_ns;
-
-	fprintf(stderr, "\r[%.*s%*s] %3d%% %s / %s %.1f GB/s ", fill,
-		"##############################", width - fill, "",
-		p->total_bytes ? (int)(100 * p->done_bytes / p->total_bytes) : 100,
-		aeg_size_format(p->done_bytes, done, sizeof(done)),
-		aeg_size_format(p->total_bytes, total, sizeof(total)), gbps(p->done_bytes, ns));
+	cli_progress(p->done_bytes, p->total_bytes, p->start_ns);
 }
 
 static json_t *chunks_json(aeg_load_t *l)
@@ -325,7 +327,7 @@ static json_t *chunks_json(aeg_load_t *l)
 static int load_and_wait(struct session *s, const struct pf_args *a, int bar,
 			 struct aeg_load_progress *p, aeg_load_t **lp)
 {
-	struct aeg_prefetch_options o = { .chunk_bytes = a->chunk_bytes, .feed = a->feed };
+	struct aeg_prefetch_options o = { .chunk_bytes = session_chunk(s, a->chunk_bytes), .feed = a->feed };
 	aeg_load_t *l;
 	int err;
 
@@ -402,20 +404,18 @@ int cli_prefetch(int argc, char **argv)
 				      "feed", aeg_prefetch_feed_name(p.feed), "tensors", (json_int_t)ntensors,
 				      "chunks", chunks_json(l));
 
-		json_dumpf(o, stdout, JSON_INDENT(2));
-		fputc('\n', stdout);
-		json_decref(o);
+		rc = cli_json_print(o);
 	} else {
 		char size[32];
 
-		printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunks, %u tensors, first chunk after %.2f ms)\n",
+		printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunk%s, %u tensor%s, first chunk after %.2f ms)\n",
 		       a.file, aeg_size_format(p.total_bytes, size, sizeof(size)), (double)ns / 1e9,
-		       gbps(p.total_bytes, ns), aeg_prefetch_feed_name(p.feed), p.chunks, ntensors,
-		       p.first_chunk_ns ? (double)(p.first_chunk_ns - p.start_ns) / 1e6 : 0.0);
+		       gbps(p.total_bytes, ns), aeg_prefetch_feed_name(p.feed), p.chunks, cli_s(p.chunks),
+		       ntensors, cli_s(ntensors), p.first_chunk_ns ? (double)(p.first_chunk_ns - p.start_ns) / 1e6 : 0.0);
 	}
 	aeg_load_close(l);
 	session_close(&s);
-	return 0;
+	return rc;
 }
 
 static const char wait_usage[] =
@@ -468,7 +468,7 @@ int cli_wait(int argc, char **argv)
 	}
 	err = cli_open_device(device, &dev);
 	if (err)
-		return 1;
+		return err;
 	err = aeg_event_wait_handle(dev, &h, timeout_s < 0 ? -1 : (int)(timeout_s * 1000));
 	aeg_device_close(dev);
 	if (err == AEG_ETIMEDOUT) {
@@ -672,14 +672,12 @@ int cli_bench_prefetch(int argc, char **argv)
 				      "naive_gbps", gbps(s.file_bytes, m_naive),
 				      "ratio", m_ours ? (double)m_naive / (double)m_ours : 0.0);
 
-		json_dumpf(o, stdout, JSON_INDENT(2));
-		fputc('\n', stdout);
-		json_decref(o);
+		err = cli_json_print(o) ? AEG_EIO : 0;
 	} else {
-		char size[32];
+		char size[32], chunk[32];
 
-		printf("%s, %s, chunks of %" PRIu64 " bytes, median of %d\n", a.file,
-		       aeg_size_format(s.file_bytes, size, sizeof(size)), a.chunk_bytes, a.repeat);
+		printf("%s, %s, chunks of %s, median of %d\n", a.file, aeg_size_format(s.file_bytes, size, sizeof(size)),
+		       aeg_size_format(a.chunk_bytes, chunk, sizeof(chunk)), a.repeat);
 		printf("  %-28s %8.2f GB/s  (first chunk %.2f ms)\n",
 		       a.cache ? "aegaeon (host cache)" : feed, gbps(p.total_bytes, m_ours),
 		       (double)m_first / 1e6);

@@ -62,7 +62,6 @@ static int print_json(aeg_job_t *job, const struct aeg_job_info *info, const str
 {
 	json_t *root, *slabs, *loads;
 	char state[128];
-	int rc;
 
 	root = json_pack("{s:s, s:I, s:s, s:I}", "job", info->job_id, "agent_pid", (json_int_t)info->agent_pid,
 			 "device", aeg_device_kind_name(info->device), "clients", (json_int_t)st->clients);
@@ -102,10 +101,7 @@ static int print_json(aeg_job_t *job, const struct aeg_job_info *info, const str
 	json_object_set_new(root, "loads", loads);
 	if (attached)
 		json_object_set_new(root, "attached", attached_json(job, info));
-	rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	putchar('\n');
-	json_decref(root);
-	return rc ? 1 : 0;
+	return cli_json_print(root);
 oom:
 	json_decref(root);
 	json_decref(slabs);
@@ -119,19 +115,19 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 	char a[32], b[32], c[32], state[128];
 
 	printf("job %s: agent pid %ld, %s device, %u client%s\n", info->job_id, info->agent_pid,
-	       aeg_device_kind_name(info->device), st->clients, st->clients == 1 ? "" : "s");
+	       aeg_device_kind_name(info->device), st->clients, cli_s(st->clients));
 	for (int i = 0; i < st->slabs; i++) {
 		const struct aeg_job_slab_status *s = &st->slab[i];
 
-		printf("slab %d (GPU %d): %s used of %s, largest free %s, %" PRIu64 " blocks, %u lease%s\n",
+		printf("slab %d (GPU %d): %s used of %s, largest free %s, %" PRIu64 " block%s, %u lease%s\n",
 		       i, s->agent_gpu, aeg_size_format(s->stats.used_bytes, a, sizeof(a)),
 		       aeg_size_format(s->stats.total_bytes, b, sizeof(b)),
 		       aeg_size_format(s->stats.largest_free_bytes, c, sizeof(c)), s->stats.blocks,
-		       s->leases, s->leases == 1 ? "" : "s");
+		       cli_s(s->stats.blocks), s->leases, cli_s(s->leases));
 	}
 	if (st->has_pool)
-		printf("pinned pool: %s in %u buffers of %s, %u in use, NUMA node %d\n",
-		       aeg_size_format(st->pool.pool_bytes, a, sizeof(a)), st->pool.buffers,
+		printf("pinned pool: %s in %u buffer%s of %s, %u in use, NUMA node %d\n",
+		       aeg_size_format(st->pool.pool_bytes, a, sizeof(a)), st->pool.buffers, cli_s(st->pool.buffers),
 		       aeg_size_format(st->pool.buffer_bytes, b, sizeof(b)), st->pool.in_use,
 		       st->pool.numa_node);
 	else
@@ -139,9 +135,9 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];
 
-		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunks\n", l->load_id, l->path,
+		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s\n", l->load_id, l->path,
 		       l->slab, cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
-		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks);
+		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks));
 	}
 }
 

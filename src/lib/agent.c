@@ -63,6 +63,7 @@ struct load {
 	struct stat st;                 /* identity of the file when it was loaded */
 	uint32_t nchunks, nreleased;
 	unsigned char *released;        /* per chunk */
+	int refs;                       /* the list's, and each wait-load's (under the lock) */
 };
 
 struct agent_slab {
@@ -363,6 +364,13 @@ static void load_free(struct load *l, int close_handle)
 	free(l);
 }
 
+/* Drop a reference (lock held); the last one closes the load's handle. */
+static void load_put(struct load *l)
+{
+	if (--l->refs == 0)
+		load_free(l, 1);
+}
+
 static void unlink_load(struct agent *a, struct load *dead)
 {
 	for (struct load **pp = &a->loads; *pp; pp = &(*pp)->next) {
@@ -421,6 +429,7 @@ static int start_load(struct agent *a, uint32_t slab, const char *path, uint64_t
 		goto fail;
 	}
 	l->slab = slab;
+	l->refs = 1;
 	l->id = ++a->next_load_id;
 	l->next = a->loads;
 	a->loads = l;
@@ -525,7 +534,7 @@ static void mark_released(struct agent *a, uint32_t slab, uint64_t *ids, uint32_
 		}
 		if (l->nreleased == l->nchunks) {
 			unlink_load(a, l);
-			load_free(l, 1);
+			load_put(l);
 		}
 	}
 }
@@ -576,7 +585,7 @@ static int release_all(struct agent *a, uint32_t *released)
 
 		a->loads = l->next;
 		*released += l->nchunks - l->nreleased;
-		load_free(l, 1);
+		load_put(l);
 	}
 	a->nloads = 0;
 	return err;
@@ -797,6 +806,61 @@ static int do_wait_event(struct client *c, const struct proto_wait_event_req *q)
 	}
 }
 
+/*
+ * Hold the reply until load @q->load_id has stopped, in slices as a chunk
+ * wait does. The load is referenced meanwhile: a release frees its chunks,
+ * not the handle this thread waits on.
+ */
+static int do_wait_load(struct client *c, const struct proto_wait_load_req *q)
+{
+	struct agent *a = c->a;
+	uint64_t deadline = aeg_now_ns() + (uint64_t)(q->timeout_ms > 0 ? q->timeout_ms : 0) * 1000000ull;
+	struct load *l;
+	int err;
+
+	pthread_mutex_lock(&a->lock);
+	l = find_load(a, q->load_id);
+	if (l != NULL)
+		l->refs++;
+	pthread_mutex_unlock(&a->lock);
+	if (l == NULL)
+		return aeg_fail(AEG_ENOENT, "no load %" PRIu64 " (released, or never made)", q->load_id);
+	for (;;) {
+		int slice = WAIT_SLICE_MS, stopping;
+
+		if (q->timeout_ms >= 0) {
+			uint64_t now = aeg_now_ns();
+			uint64_t left_ms = now >= deadline ? 0 : (deadline - now + 999999) / 1000000;
+
+			if (left_ms < (uint64_t)slice)
+				slice = (int)left_ms;
+		}
+		err = aeg_load_wait(l->handle, slice);
+		if (err != AEG_ETIMEDOUT)
+			break;
+		if (q->timeout_ms >= 0 && aeg_now_ns() >= deadline) {
+			err = aeg_fail(AEG_ETIMEDOUT, "load %" PRIu64 " not done after %d ms", q->load_id,
+				       q->timeout_ms);
+			break;
+		}
+		pthread_mutex_lock(&a->lock);
+		stopping = a->stopping;
+		pthread_mutex_unlock(&a->lock);
+		if (stopping) {
+			err = aeg_fail(AEG_ECANCELED, "the job's agent is stopping");
+			break;
+		}
+		if (peer_gone(c->fd)) {
+			err = aeg_fail(AEG_ECANCELED, "client pid %d left while waiting", (int)c->pid);
+			break;
+		}
+	}
+	pthread_mutex_lock(&a->lock);
+	load_put(l);
+	pthread_mutex_unlock(&a->lock);
+	return err;
+}
+
 /* Serve one request; fill the reply in c->out. */
 static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 {
@@ -860,6 +924,8 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 		return 0;
 	case PROTO_WAIT_EVENT:
 		return do_wait_event(c, &in->wait_event_req);
+	case PROTO_WAIT_LOAD:
+		return do_wait_load(c, &in->wait_load_req);
 	default:
 		return aeg_fail(AEG_EPROTO, "%s is not a request", proto_type_name(h->type));
 	}

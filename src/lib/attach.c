@@ -43,7 +43,15 @@ struct aeg_job {
 	unsigned char *frame;
 	union proto_msg *msg;
 	char socket[AEG_JOB_SOCKET_MAX];
+	int reply_lost;                 /* a request went unanswered: the stream is out of step */
+	struct aeg_job *next_job;       /* on the list of attached jobs */
+	struct aeg_job *idle_waiter;    /* a wait connection kept for the next wait */
+	int listed;
 };
+
+static void jobs_add(aeg_job_t *job);
+static aeg_job_t *jobs_remove(aeg_job_t *job);
+static void conn_free(aeg_job_t *c);
 
 /*
  * Send @type with job->msg as payload, wait at most @reply_ms (< 0: no
@@ -71,9 +79,11 @@ static int call_timed(aeg_job_t *job, uint16_t type, int *recv_fd, int reply_ms)
 	do
 		rc = poll(&p, 1, reply_ms);
 	while (rc < 0 && errno == EINTR);
-	if (rc == 0)
+	if (rc == 0) {
+		job->reply_lost = 1;
 		return aeg_fail(AEG_ETIMEDOUT, "the agent at %s did not answer a %s request in %d s",
 				job->socket, proto_type_name(type), reply_ms / 1000);
+	}
 	err = proto_recv(job->fd, &h, job->msg, recv_fd, job->frame);
 	if (err == AEG_ECANCELED)
 		return aeg_fail(AEG_EIO, "the agent at %s closed the connection (did the job end?)", job->socket);
@@ -258,6 +268,8 @@ static int open_job(aeg_job_t **jobp, int map)
 		if (err)
 			goto fail;
 	}
+	jobs_add(job);
+	job->listed = 1;
 	*jobp = job;
 	return 0;
 fail:
@@ -265,40 +277,167 @@ fail:
 	return err;
 }
 
-int aeg_agent_wait_event(const char *socket_path, const aeg_handle_t *handle, int timeout_ms)
+/*
+ * Waits hold their connection's reply for as long as they wait, so they go
+ * on connections of their own, never the job's. A job keeps one idle wait
+ * connection and reuses it, so a wait costs one round trip, not a connect
+ * and a hello; event waits (aeg_agent_wait_event) find it through the list
+ * of jobs attached in this process. A child of fork() has no job attached.
+ */
+static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
+static aeg_job_t *jobs;                 /* attached in this process, guarded by jobs_lock */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void conn_free(aeg_job_t *c)
 {
-	aeg_job_t job = { .fd = -1 };
+	if (c->fd >= 0)
+		close(c->fd);
+	free(c->frame);
+	free(c->msg);
+	pthread_mutex_destroy(&c->lock);
+	free(c);
+}
+
+static void atfork_prepare(void) { pthread_mutex_lock(&jobs_lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&jobs_lock); }
+static void atfork_child(void)
+{
+	jobs = NULL;            /* the parent's, not to be used here */
+	pthread_mutex_unlock(&jobs_lock);
+}
+
+static void register_atfork(void)
+{
+	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static void jobs_add(aeg_job_t *job)
+{
+	pthread_once(&atfork_once, register_atfork);
+	pthread_mutex_lock(&jobs_lock);
+	job->next_job = jobs;
+	jobs = job;
+	pthread_mutex_unlock(&jobs_lock);
+}
+
+/* Forget @job and return its idle wait connection (the caller closes it). */
+static aeg_job_t *jobs_remove(aeg_job_t *job)
+{
+	aeg_job_t *idle;
+
+	pthread_mutex_lock(&jobs_lock);
+	for (aeg_job_t **pp = &jobs; *pp; pp = &(*pp)->next_job) {
+		if (*pp == job) {
+			*pp = job->next_job;
+			break;
+		}
+	}
+	idle = job->idle_waiter;
+	job->idle_waiter = NULL;
+	pthread_mutex_unlock(&jobs_lock);
+	return idle;
+}
+
+/* The attached job served at @socket_path, or NULL; jobs_lock held. */
+static aeg_job_t *job_at(const char *socket_path)
+{
+	for (aeg_job_t *j = jobs; j; j = j->next_job)
+		if (strcmp(j->socket, socket_path) == 0)
+			return j;
+	return NULL;
+}
+
+/* A connection to @socket_path that has said hello: an attached job's idle one, or a new one. */
+static int waiter_get(const char *socket_path, aeg_job_t **out)
+{
+	aeg_job_t *c = NULL, *job;
 	int err;
 
-	/* A connection of its own: the agent holds the reply for the whole wait. */
-	pthread_mutex_init(&job.lock, NULL);
-	job.frame = malloc(PROTO_MAX_FRAME);
-	job.msg = malloc(sizeof(*job.msg));
-	if (job.frame == NULL || job.msg == NULL) {
+	pthread_mutex_lock(&jobs_lock);
+	job = socket_path ? job_at(socket_path) : NULL;
+	if (job != NULL) {
+		c = job->idle_waiter;
+		job->idle_waiter = NULL;
+	}
+	pthread_mutex_unlock(&jobs_lock);
+	if (c != NULL) {
+		*out = c;
+		return 0;
+	}
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return aeg_fail(AEG_ENOMEM, "job: out of memory");
+	c->fd = -1;
+	pthread_mutex_init(&c->lock, NULL);
+	c->frame = malloc(PROTO_MAX_FRAME);
+	c->msg = malloc(sizeof(*c->msg));
+	if (c->frame == NULL || c->msg == NULL)
 		err = aeg_fail(AEG_ENOMEM, "job: out of memory");
-		goto out;
+	else
+		err = connect_agent(c, socket_path);
+	if (err == 0)
+		err = hello(c);
+	if (err) {
+		conn_free(c);
+		return err;
 	}
-	err = connect_agent(&job, socket_path);
+	*out = c;
+	return 0;
+}
+
+/* Keep @c as its job's idle wait connection when its exchange ended cleanly (@err is the agent's answer). */
+static void waiter_put(aeg_job_t *c, int err)
+{
+	int clean = !c->reply_lost && err != AEG_EIO && err != AEG_EPROTO && err != AEG_ENOMEM;
+	aeg_job_t *job;
+
+	pthread_mutex_lock(&jobs_lock);
+	job = clean ? job_at(c->socket) : NULL;
+	if (job != NULL && job->idle_waiter == NULL) {
+		job->idle_waiter = c;
+		c = NULL;
+	}
+	pthread_mutex_unlock(&jobs_lock);
+	if (c != NULL)
+		conn_free(c);
+}
+
+/* A wait request on a wait connection: the reply may take @timeout_ms (< 0: no limit) and more. */
+static int wait_call(const char *socket_path, uint16_t type, const union proto_msg *req, int timeout_ms)
+{
+	aeg_job_t *c = NULL;
+	int err;
+
+	err = waiter_get(socket_path, &c);
 	if (err)
-		goto out;
-	pthread_mutex_lock(&job.lock);
-	err = hello(&job);
-	if (err == 0) {
-		memset(&job.msg->wait_event_req, 0, sizeof(job.msg->wait_event_req));
-		job.msg->wait_event_req.event = *handle;
-		job.msg->wait_event_req.timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
-		err = call_timed(&job, PROTO_WAIT_EVENT, NULL,
-				 timeout_ms < 0 || timeout_ms > INT_MAX - REPLY_TIMEOUT_MS ? -1 :
-				 timeout_ms + REPLY_TIMEOUT_MS);
-	}
-	pthread_mutex_unlock(&job.lock);
-out:
-	if (job.fd >= 0)
-		close(job.fd);
-	free(job.frame);
-	free(job.msg);
-	pthread_mutex_destroy(&job.lock);
+		return err;
+	*c->msg = *req;
+	err = call_timed(c, type, NULL, timeout_ms < 0 || timeout_ms > INT_MAX - REPLY_TIMEOUT_MS ? -1 :
+			 timeout_ms + REPLY_TIMEOUT_MS);
+	waiter_put(c, err);
 	return err;
+}
+
+int aeg_agent_wait_event(const char *socket_path, const aeg_handle_t *handle, int timeout_ms)
+{
+	union proto_msg req;
+
+	memset(&req.wait_event_req, 0, sizeof(req.wait_event_req));
+	req.wait_event_req.event = *handle;
+	req.wait_event_req.timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
+	return wait_call(socket_path, PROTO_WAIT_EVENT, &req, timeout_ms);
+}
+
+AEG_EXPORT int aeg_job_wait(aeg_job_t *job, uint64_t load_id, int timeout_ms)
+{
+	union proto_msg req;
+
+	if (job == NULL || load_id == 0)
+		return aeg_fail(AEG_EINVAL, "aeg_job_wait: %s", job ? "load id 0" : "NULL job");
+	memset(&req.wait_load_req, 0, sizeof(req.wait_load_req));
+	req.wait_load_req.load_id = load_id;
+	req.wait_load_req.timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
+	return wait_call(job->socket, PROTO_WAIT_LOAD, &req, timeout_ms);
 }
 
 AEG_EXPORT int aeg_job_attach(aeg_job_t **job)
@@ -315,6 +454,12 @@ AEG_EXPORT void aeg_job_detach(aeg_job_t *job)
 {
 	if (job == NULL)
 		return;
+	if (job->listed) {
+		aeg_job_t *idle = jobs_remove(job);
+
+		if (idle != NULL)
+			conn_free(idle);
+	}
 	while (job->leases) {
 		struct job_lease *l = job->leases;
 

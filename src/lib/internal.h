@@ -40,4 +40,21 @@ static inline uint64_t aeg_round_up(uint64_t v, uint64_t align)
 	return (v + align - 1) / align * align;
 }
 
+/*
+ * Timing spans of set-up steps (device open, slab, engine, agent round
+ * trips): aeg_span_end logs "span NAME: X ms" at debug level and keeps the
+ * span for aeg_spans_take, which copies them out oldest first and forgets
+ * them (--timing, the Python module's timings()). At most AEG_SPANS_MAX are
+ * kept between takes; @lost gets how many more came or did not fit in @max.
+ * Thread-safe.
+ */
+#define AEG_SPANS_MAX 256
+struct aeg_span {
+	char name[48];
+	uint64_t start_ns;              /* CLOCK_MONOTONIC */
+	uint64_t ns;
+};
+void aeg_span_end(const char *name, uint64_t start_ns);
+int aeg_spans_take(struct aeg_span *out, int max, int *lost);
+
 #endif

@@ -139,7 +139,8 @@ struct aeg_load {
 	uint64_t done_bytes, total_bytes;
 	uint32_t done_chunks, recorded_chunks;
 	uint64_t start_ns, first_ns, landed_ns, end_ns;
-	int closed;
+	int closed;                     /* every handle is closed */
+	int handles;                    /* aeg_prefetch_file's and aeg_load_dup's, not closed yet */
 	uint32_t live_groups;
 	struct aeg_load *prev, *next;
 	struct aeg_load *finish_next;
@@ -1444,24 +1445,26 @@ AEG_EXPORT void aeg_prefetch_destroy(aeg_prefetch_t *pf)
 	free(pf);
 }
 
-AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count)
+static void deadline_after(struct timespec *ts, int timeout_ms)
 {
-	struct aeg_load **owner;
-	aeg_event_t **dead = NULL;
-	uint32_t *gidx, ndead = 0;
-	uint64_t nchunks = 0;
-	int err = 0;
-
-	if (pf == NULL || (ids == NULL && count))
-		return aeg_fail(AEG_EINVAL, "aeg_prefetch_release: NULL argument");
-	owner = calloc(count ? count : 1, sizeof(*owner));
-	gidx = calloc(count ? count : 1, sizeof(*gidx));
-	if (owner == NULL || gidx == NULL) {
-		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
-		goto out;
+	clock_gettime(CLOCK_REALTIME, ts);
+	ts->tv_sec += timeout_ms / 1000;
+	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
 	}
-	pthread_mutex_lock(&pf->lock);
-	for (uint32_t i = 0; i < count && err == 0; i++) {
+}
+
+/*
+ * The load and group holding each of @ids, or AEG_ENOENT, or AEG_EBUSY for
+ * one still loading (*@busy is that load). Lock held.
+ */
+static int find_owners(struct aeg_prefetch *pf, const uint64_t *ids, uint32_t count,
+		       struct aeg_load **owner, uint32_t *gidx, struct aeg_load **busy)
+{
+	for (uint32_t i = 0; i < count; i++) {
+		owner[i] = NULL;
 		for (struct aeg_load *l = pf->loads; l && !owner[i]; l = l->next) {
 			for (uint32_t g = 0; g < l->ngroups; g++) {
 				if (l->groups[g].block.id == ids[i] && !l->groups[g].released) {
@@ -1472,39 +1475,101 @@ AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uin
 			}
 		}
 		if (owner[i] == NULL)
-			err = aeg_fail(AEG_ENOENT, "slab id %" PRIu64 " holds no chunk of this engine (already released?)",
-				       ids[i]);
-		else if (owner[i]->in_flight)
-			err = aeg_fail(AEG_EBUSY, "slab id %" PRIu64 " belongs to load %" PRIu64 " of %s, still loading: cancel it first",
-				       ids[i], owner[i]->id, owner[i]->path);
-	}
-	for (uint32_t i = 0; i < count && err == 0; i++)
-		nchunks += owner[i]->groups[gidx[i]].nchunks;
-	if (err == 0) {
-		dead = malloc((nchunks ? nchunks : 1) * sizeof(*dead));
-		if (dead == NULL)
-			err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory releasing %u blocks", count);
-	}
-	if (err == 0) {
-		for (uint32_t i = 0; i < count; i++)
-			release_group(pf, owner[i], &owner[i]->groups[gidx[i]], dead, &ndead);
-		for (uint32_t i = 0; i < count; i++) {
-			/* Free each load once, after its last use in this loop. */
-			uint32_t j = i + 1;
-
-			while (j < count && owner[j] != owner[i])
-				j++;
-			if (j == count)
-				load_maybe_free(pf, owner[i]);
+			return aeg_fail(AEG_ENOENT, "slab id %" PRIu64 " holds no chunk of this engine (already released?)",
+					ids[i]);
+		if (owner[i]->in_flight) {
+			*busy = owner[i];
+			return aeg_fail(AEG_EBUSY, "slab id %" PRIu64 " belongs to load %" PRIu64 " of %s, still loading: cancel it first",
+					ids[i], owner[i]->id, owner[i]->path);
 		}
+	}
+	return 0;
+}
+
+/* Wait on done_cv until @deadline (NULL: no limit); AEG_ETIMEDOUT after it. Lock held. */
+static int wait_done(struct aeg_prefetch *pf, const struct timespec *deadline)
+{
+	if (deadline == NULL) {
+		pthread_cond_wait(&pf->done_cv, &pf->lock);
+		return 0;
+	}
+	return pthread_cond_timedwait(&pf->done_cv, &pf->lock, deadline) == ETIMEDOUT ? AEG_ETIMEDOUT : 0;
+}
+
+/* Release groups @gidx of loads @owner (@count of them); the events go after the lock. */
+static int release_owned(struct aeg_prefetch *pf, struct aeg_load **owner, const uint32_t *gidx,
+			 uint32_t count)
+{
+	aeg_event_t **dead;
+	uint64_t nchunks = 0;
+	uint32_t ndead = 0;
+
+	for (uint32_t i = 0; i < count; i++)
+		nchunks += owner[i]->groups[gidx[i]].nchunks;
+	dead = malloc((nchunks ? nchunks : 1) * sizeof(*dead));
+	if (dead == NULL) {
+		pthread_mutex_unlock(&pf->lock);
+		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory releasing %u blocks", count);
+	}
+	for (uint32_t i = 0; i < count; i++)
+		release_group(pf, owner[i], &owner[i]->groups[gidx[i]], dead, &ndead);
+	for (uint32_t i = 0; i < count; i++) {
+		/* Free each load once, after its last use in this loop. */
+		uint32_t j = i + 1;
+
+		while (j < count && owner[j] != owner[i])
+			j++;
+		if (j == count)
+			load_maybe_free(pf, owner[i]);
 	}
 	pthread_mutex_unlock(&pf->lock);
 	destroy_events(dead, ndead);
-out:
 	free(dead);
+	return 0;
+}
+
+AEG_EXPORT int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count,
+					 int timeout_ms)
+{
+	struct aeg_load **owner, *busy = NULL;
+	struct timespec ts;
+	uint32_t *gidx;
+	int err;
+
+	if (pf == NULL || (ids == NULL && count))
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_release: NULL argument");
+	owner = calloc(count ? count : 1, sizeof(*owner));
+	gidx = calloc(count ? count : 1, sizeof(*gidx));
+	if (owner == NULL || gidx == NULL) {
+		free(owner);
+		free(gidx);
+		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+	}
+	if (timeout_ms > 0)
+		deadline_after(&ts, timeout_ms);
+	pthread_mutex_lock(&pf->lock);
+	for (;;) {
+		err = find_owners(pf, ids, count, owner, gidx, &busy);
+		if (err != AEG_EBUSY || timeout_ms == 0)
+			break;
+		if (wait_done(pf, timeout_ms < 0 ? NULL : &ts) == AEG_ETIMEDOUT) {
+			err = aeg_fail(AEG_ETIMEDOUT, "load %" PRIu64 " of %s still loading after %d ms; nothing released",
+				       busy->id, busy->path, timeout_ms);
+			break;
+		}
+	}
+	if (err == 0)
+		err = release_owned(pf, owner, gidx, count);   /* unlocks */
+	else
+		pthread_mutex_unlock(&pf->lock);
 	free(owner);
 	free(gidx);
 	return err;
+}
+
+AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count)
+{
+	return aeg_prefetch_release_wait(pf, ids, count, 0);
 }
 
 AEG_EXPORT int aeg_prefetch_stats(aeg_prefetch_t *pf, struct aeg_prefetch_stats *st)
@@ -1877,6 +1942,9 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	slab_bytes = aeg_slab_bytes(pf->slab);
 	if (o->chunk_bytes == 0)
 		return aeg_fail(AEG_EINVAL, "%s: chunk size 0: give a chunk size such as 64MiB", path);
+	if (o->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN)
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " bytes is not a multiple of 4 KiB (4096 bytes)",
+				path, o->chunk_bytes);
 	if (o->chunk_bytes > slab_bytes)
 		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
 				path, o->chunk_bytes, slab_bytes);
@@ -1894,6 +1962,7 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	if (l == NULL)
 		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
 	l->pf = pf;
+	l->handles = 1;
 	l->fd = -1;
 	l->dfd = -1;
 	l->priority = o->priority;
@@ -1907,14 +1976,20 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	if (err)
 		goto fail;
 
-	safetensors = o->format == AEG_FORMAT_SAFETENSORS ||
-		      (o->format == AEG_FORMAT_AUTO && ends_with(path, ".safetensors"));
-	if (safetensors) {
-		err = aeg_st_read(l->fd, (uint64_t)l->st.st_size, &l->hdr);
-		if (err) {
-			aeg_error_prefix("%s", path);
-			goto fail;
-		}
+	/* Safetensors by content; a file named so must be one. */
+	safetensors = 0;
+	if (o->format == AEG_FORMAT_SAFETENSORS)
+		err = aeg_st_read(l->fd, (uint64_t)l->st.st_size, &l->hdr) ?: 1;
+	else if (o->format == AEG_FORMAT_AUTO)
+		err = aeg_st_detect(l->fd, (uint64_t)l->st.st_size, ends_with(path, ".safetensors"), &l->hdr);
+	else
+		err = 0;
+	if (err < 0) {
+		aeg_error_prefix("%s", path);
+		goto fail;
+	}
+	if (err == 1) {
+		safetensors = 1;
 		l->data_begin = l->hdr.data_offset;
 	}
 	err = plan_chunks(l, o->chunk_bytes, safetensors);
@@ -2003,20 +2078,19 @@ AEG_EXPORT const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *l, uint32
 	return l ? l->tensors : NULL;
 }
 
+AEG_EXPORT uint32_t aeg_load_metadata(const aeg_load_t *l, const char *const **keys,
+				       const char *const **values)
+{
+	if (keys)
+		*keys = l ? (const char *const *)l->hdr.meta_keys : NULL;
+	if (values)
+		*values = l ? (const char *const *)l->hdr.meta_values : NULL;
+	return l ? (uint32_t)l->hdr.nmeta : 0;
+}
+
 AEG_EXPORT uint64_t aeg_load_id(const aeg_load_t *l)
 {
 	return l ? l->id : 0;
-}
-
-static void deadline_after(struct timespec *ts, int timeout_ms)
-{
-	clock_gettime(CLOCK_REALTIME, ts);
-	ts->tv_sec += timeout_ms / 1000;
-	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (ts->tv_nsec >= 1000000000L) {
-		ts->tv_sec++;
-		ts->tv_nsec -= 1000000000L;
-	}
 }
 
 AEG_EXPORT int aeg_load_wait(aeg_load_t *l, int timeout_ms)
@@ -2093,6 +2167,10 @@ AEG_EXPORT int aeg_load_progress(aeg_load_t *l, struct aeg_load_progress *p)
 	p->done_bytes = l->done_bytes;
 	p->chunks = l->nchunks;
 	p->done_chunks = l->done_chunks;
+	p->released_chunks = 0;
+	for (uint32_t g = 0; g < l->ngroups; g++)
+		if (l->groups[g].released)
+			p->released_chunks += l->groups[g].nchunks;
 	p->feed = mapped(l) && l->no_register ? AEG_FEED_READ : l->feed;
 	p->status = l->status;
 	p->start_ns = l->start_ns;
@@ -2116,6 +2194,43 @@ AEG_EXPORT int aeg_load_cancel(aeg_load_t *l)
 	return 0;
 }
 
+AEG_EXPORT int aeg_load_release(aeg_load_t *l)
+{
+	struct aeg_prefetch *pf;
+	struct aeg_load **owner;
+	uint32_t *gidx, n = 0;
+	int err = 0;
+
+	if (l == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_load_release: NULL load");
+	pf = l->pf;
+	owner = malloc((l->ngroups ? l->ngroups : 1) * sizeof(*owner));
+	gidx = malloc((l->ngroups ? l->ngroups : 1) * sizeof(*gidx));
+	if (owner == NULL || gidx == NULL) {
+		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+		goto out;
+	}
+	pthread_mutex_lock(&pf->lock);
+	if (l->in_flight)
+		load_stop(pf, l, AEG_ECANCELED, "load released while loading");
+	while (l->in_flight)
+		wait_done(pf, NULL);
+	for (uint32_t g = 0; g < l->ngroups; g++) {
+		if (!l->groups[g].released) {
+			owner[n] = l;
+			gidx[n++] = g;
+		}
+	}
+	if (n > 0)
+		err = release_owned(pf, owner, gidx, n);        /* unlocks */
+	else
+		pthread_mutex_unlock(&pf->lock);
+out:
+	free(owner);
+	free(gidx);
+	return err;
+}
+
 AEG_EXPORT void aeg_load_close(aeg_load_t *l)
 {
 	struct aeg_prefetch *pf;
@@ -2124,7 +2239,19 @@ AEG_EXPORT void aeg_load_close(aeg_load_t *l)
 		return;
 	pf = l->pf;
 	pthread_mutex_lock(&pf->lock);
-	l->closed = 1;
-	load_maybe_free(pf, l);
+	if (--l->handles == 0) {
+		l->closed = 1;
+		load_maybe_free(pf, l);
+	}
 	pthread_mutex_unlock(&pf->lock);
+}
+
+AEG_EXPORT aeg_load_t *aeg_load_dup(aeg_load_t *l)
+{
+	if (l == NULL)
+		return NULL;
+	pthread_mutex_lock(&l->pf->lock);
+	l->handles++;
+	pthread_mutex_unlock(&l->pf->lock);
+	return l;
 }

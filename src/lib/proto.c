@@ -22,6 +22,7 @@ static const char *const type_names[PROTO_TYPE_END] = {
 	[PROTO_STATUS] = "status",
 	[PROTO_SHUTDOWN] = "shutdown",
 	[PROTO_WAIT_EVENT] = "wait-event",
+	[PROTO_WAIT_LOAD] = "wait-load",
 };
 
 int proto_frame_timeout_ms = PROTO_FRAME_TIMEOUT_MS;
@@ -758,6 +759,26 @@ static int dec_wait_event_req(struct rd *r, union proto_msg *m)
 	return 0;
 }
 
+static void enc_wait_load_req(struct wr *w, const union proto_msg *m)
+{
+	put_u64(w, m->wait_load_req.load_id);
+	put_u32(w, (uint32_t)m->wait_load_req.timeout_ms);
+}
+
+static int dec_wait_load_req(struct rd *r, union proto_msg *m)
+{
+	m->wait_load_req.load_id = get_u64(r);
+	m->wait_load_req.timeout_ms = (int32_t)get_u32(r);
+	if (r->short_read)
+		return 0;
+	if (m->wait_load_req.load_id == 0)
+		return aeg_fail(AEG_EPROTO, "wait-load: load id 0");
+	if (m->wait_load_req.timeout_ms < -1)
+		return aeg_fail(AEG_EPROTO, "wait-load: timeout %d ms (-1 waits without limit)",
+				m->wait_load_req.timeout_ms);
+	return 0;
+}
+
 /* Requests and replies of each type; NULL for an empty payload. */
 struct codec {
 	void (*enc)(struct wr *w, const union proto_msg *m);
@@ -773,6 +794,7 @@ static const struct codec requests[PROTO_TYPE_END] = {
 	[PROTO_RELEASE] = { enc_release_req, dec_release_req },
 	[PROTO_STATUS] = { enc_status_req, dec_status_req },
 	[PROTO_WAIT_EVENT] = { enc_wait_event_req, dec_wait_event_req },
+	[PROTO_WAIT_LOAD] = { enc_wait_load_req, dec_wait_load_req },
 };
 
 static const struct codec replies[PROTO_TYPE_END] = {

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <aegaeon/attach.h>
 #include <aegaeon/device.h>
 #include <aegaeon/job.h>
 #include <aegaeon/pinned.h>
@@ -45,6 +46,7 @@ enum proto_type {
 	PROTO_STATUS,
 	PROTO_SHUTDOWN,
 	PROTO_WAIT_EVENT,       /* the reply comes once the chunk's event is recorded */
+	PROTO_WAIT_LOAD,        /* the reply comes once the load has stopped: loaded, or why not */
 	PROTO_TYPE_END
 };
 
@@ -52,7 +54,7 @@ enum proto_type {
 #define PROTO_NAME_MAX 64               /* client name, job id */
 #define PROTO_PATH_MAX 4096             /* a path, NUL included */
 #define PROTO_CHUNKS_PER_PAGE 256
-#define PROTO_RELEASE_MAX 4096
+#define PROTO_RELEASE_MAX AEG_JOB_RELEASE_MAX
 #define PROTO_LOADS_PER_PAGE 8
 
 struct proto_header {
@@ -206,6 +208,18 @@ struct proto_wait_event_req {
 	int32_t timeout_ms;
 };
 
+/*
+ * Wait until load @load_id has stopped: an empty reply once every chunk is
+ * on the GPU, or PROTO_ERROR with the load's error and its detail,
+ * AEG_ETIMEDOUT after @timeout_ms (-1: no limit), AEG_ENOENT for a load
+ * the agent does not hold. One round trip for a whole load, where waiting
+ * on each chunk's event would be one per chunk.
+ */
+struct proto_wait_load_req {
+	uint64_t load_id;
+	int32_t timeout_ms;
+};
+
 /* Every message; requests and replies with empty payloads have no member. */
 union proto_msg {
 	struct proto_error error;
@@ -223,6 +237,7 @@ union proto_msg {
 	struct proto_status_req status_req;
 	struct proto_status_rep status_rep;
 	struct proto_wait_event_req wait_event_req;
+	struct proto_wait_load_req wait_load_req;
 };
 
 /* proto_type_name - "hello", "lease", ...; "unknown" otherwise. */

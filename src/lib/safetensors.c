@@ -39,18 +39,30 @@ static int get_u64(json_t *v, uint64_t *out)
 	return 0;
 }
 
-static int parse_metadata(json_t *meta)
+/* "__metadata__": an object of strings only, kept in @hdr. */
+static int parse_metadata(json_t *meta, struct aeg_st_header *hdr)
 {
+	size_t n = 0, size;
 	const char *key;
 	json_t *v;
 
 	if (!json_is_object(meta))
 		return aeg_fail(AEG_EFORMAT, "safetensors: \"__metadata__\" is not an object");
+	size = json_object_size(meta);
+	hdr->meta_keys = calloc(size + 1, sizeof(*hdr->meta_keys));
+	hdr->meta_values = calloc(size + 1, sizeof(*hdr->meta_values));
+	if (hdr->meta_keys == NULL || hdr->meta_values == NULL)
+		return aeg_fail(AEG_ENOMEM, "safetensors: out of memory for %zu metadata entries", size);
 	json_object_foreach(meta, key, v) {
 		if (!json_is_string(v))
 			return aeg_fail(AEG_EFORMAT,
 					"safetensors: \"__metadata__\" value of \"%.64s\" is not a string",
 					key);
+		hdr->meta_keys[n] = strdup(key);
+		hdr->meta_values[n] = strdup(json_string_value(v));
+		hdr->nmeta = ++n;
+		if (hdr->meta_keys[n - 1] == NULL || hdr->meta_values[n - 1] == NULL)
+			return aeg_fail(AEG_ENOMEM, "safetensors: out of memory");
 	}
 	return 0;
 }
@@ -204,7 +216,7 @@ int aeg_st_parse(const void *json, size_t json_bytes, uint64_t file_bytes,
 	}
 	json_object_foreach(root, key, v) {
 		if (strcmp(key, "__metadata__") == 0) {
-			err = parse_metadata(v);
+			err = parse_metadata(v, hdr);
 			if (err)
 				goto out;
 			continue;
@@ -291,6 +303,43 @@ void aeg_st_free(struct aeg_st_header *hdr)
 	for (size_t i = 0; i < hdr->count; i++)
 		free(hdr->tensors[i].name);
 	free(hdr->tensors);
+	for (size_t i = 0; hdr->meta_keys != NULL && i <= hdr->nmeta; i++) {
+		free(hdr->meta_keys[i]);
+		free(hdr->meta_values[i]);
+	}
+	free(hdr->meta_keys);
+	free(hdr->meta_values);
 	hdr->tensors = NULL;
 	hdr->count = 0;
+	hdr->meta_keys = hdr->meta_values = NULL;
+	hdr->nmeta = 0;
+}
+
+int aeg_st_detect(int fd, uint64_t file_bytes, int strict, struct aeg_st_header *hdr)
+{
+	unsigned char head[9];
+	uint64_t len = 0;
+	int err;
+
+	memset(hdr, 0, sizeof(*hdr));
+	if (strict) {
+		err = aeg_st_read(fd, file_bytes, hdr);
+		return err ? err : 1;
+	}
+	if (file_bytes < sizeof(head))
+		return 0;
+	err = pread_all(fd, head, sizeof(head), 0);
+	if (err)
+		return err == AEG_EFORMAT ? 0 : err;
+	for (int i = 7; i >= 0; i--)
+		len = len << 8 | head[i];
+	if (len < 2 || len > AEG_ST_MAX_HEADER_BYTES || len > file_bytes - 8 || head[8] != '{')
+		return 0;
+	err = aeg_st_read(fd, file_bytes, hdr);
+	if (err == AEG_EFORMAT) {
+		aeg_debug("not taken as safetensors: %s", aeg_error_detail());
+		aeg_error_clear();
+		return 0;
+	}
+	return err ? err : 1;
 }

@@ -25,6 +25,8 @@ struct aeg_st_header {
 	uint64_t data_bytes;            /* bytes of tensor data, = file size - data_offset */
 	size_t count;
 	struct aeg_st_tensor *tensors;  /* sorted by begin (then end, then name) */
+	size_t nmeta;                   /* "__metadata__" pairs, in the file's order */
+	char **meta_keys, **meta_values;
 };
 
 /*
@@ -56,5 +58,16 @@ int aeg_st_parse(const void *json, size_t json_bytes, uint64_t file_bytes,
 int aeg_st_read(int fd, uint64_t file_bytes, struct aeg_st_header *hdr);
 
 void aeg_st_free(struct aeg_st_header *hdr);
+
+/*
+ * aeg_st_detect - whether the file behind @fd (@file_bytes) is safetensors,
+ * by its content: its first 8 bytes give a header length that fits the file
+ * and the header starts with '{'. Returns 1 with @hdr parsed (free with
+ * aeg_st_free), 0 for any other file. A file that looks like safetensors
+ * but whose header does not parse is an error (AEG_EFORMAT, with what is
+ * wrong) when @strict (the caller expects safetensors: a name ending in
+ * ".safetensors"), else a raw file (0). Errors: AEG_EIO, AEG_ENOMEM too.
+ */
+int aeg_st_detect(int fd, uint64_t file_bytes, int strict, struct aeg_st_header *hdr);
 
 #endif

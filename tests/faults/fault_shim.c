@@ -15,7 +15,9 @@
  *                               AEGAEON_FAULT_AT truncates the real file to
  *                               that size first (the kernel then does the
  *                               rest: short reads, EFAULT, SIGBUS)
- *   AEGAEON_FAULT_AT    a byte offset (or a size for short)
+ *                       slow:   every read sleeps AEGAEON_FAULT_AT
+ *                               microseconds first (a slow disk)
+ *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for slow)
  * Intercepted: read, pread, pread64, preadv, preadv64, mmap, mmap64,
  * munmap, madvise. Never installed; see tests/unit/test_faults.c.
  */
@@ -38,7 +40,7 @@
 #define MADV_POPULATE_READ 22
 #endif
 
-enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK };
+enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW };
 
 #define MAX_MAPS 64
 
@@ -105,6 +107,8 @@ static void load_env(void)
 		mode = M_SHORT;
 	else if (strcmp(m, "shrink") == 0)
 		mode = M_SHRINK;
+	else if (strcmp(m, "slow") == 0)
+		mode = M_SLOW;
 }
 
 /* Forget the mappings and counts and read the environment again (tests in one process). */
@@ -200,6 +204,10 @@ static ssize_t allow(int fd, size_t len, off_t off)
 	case M_SHRINK:
 		if ((uint64_t)off + len > at)
 			shrink_once();
+		break;
+	case M_SLOW:
+		hit();
+		usleep((useconds_t)at);
 		break;
 	default:
 		break;

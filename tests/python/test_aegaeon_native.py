@@ -169,26 +169,6 @@ class TestModule(Base):
                 if not n.startswith("_") and callable(getattr(cls, n)):
                     self.assertTrue(getattr(cls, n).__doc__, "%s.%s" % (cls.__name__, n))
 
-    def test_stubs_match(self):
-        import ast
-        pyi = os.path.join(os.environ.get("top_srcdir", os.path.join(os.path.dirname(__file__), "..", "..")),
-                           "python", "aegaeon_native.pyi")
-        if not os.path.exists(pyi):
-            self.skipTest("no aegaeon_native.pyi next to the sources")
-        with open(pyi) as f:
-            tree = ast.parse(f.read())
-        stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        stubbed |= {t.id for n in tree.body if isinstance(n, ast.AnnAssign) for t in [n.target]}
-        public = {n for n in dir(an) if not n.startswith("_")}
-        self.assertEqual(public - stubbed, set())
-        for cls in tree.body:
-            if isinstance(cls, ast.ClassDef) and hasattr(an, cls.name):
-                methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
-                real = {n for n in dir(getattr(an, cls.name)) if not n.startswith("_")}
-                self.assertEqual(real - methods - {"code", "name", "errno", "strerror", "filename",
-                                                   "filename2", "characters_written", "args",
-                                                   "with_traceback", "add_note"}, set(), cls.name)
-
     def test_set_device(self):
         an.set_device("host")
         self.assertEqual(an.device(), "host")
@@ -250,6 +230,149 @@ class TestModule(Base):
 
 
 # ----------------------------------------------------------------------- slab
+
+# ------------------------------------------------- signatures, stubs, numpy
+
+def stub_path():
+    """The PEP 561 stubs installed beside the module, else the source tree's."""
+    here = os.path.join(os.path.dirname(an.__file__), "aegaeon_native-stubs", "__init__.pyi")
+    src = os.path.join(os.environ.get("top_srcdir", os.path.join(os.path.dirname(__file__), "..", "..")),
+                       "python", "aegaeon_native-stubs", "__init__.pyi")
+    return here if os.path.exists(here) else src
+
+
+def stub_tree():
+    import ast
+    with open(stub_path()) as f:
+        return ast.parse(f.read())
+
+
+def stub_params(fn):
+    """Parameter names of a stub function, without self/cls."""
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args]
+    if a.vararg:
+        names.append("*" + a.vararg.arg)
+    names += [x.arg for x in a.kwonlyargs]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def own_callables():
+    """Every function and method the module defines (not those inherited from Python)."""
+    for n in dir(an):
+        obj = getattr(an, n)
+        if n.startswith("__"):
+            continue
+        if isinstance(obj, type):
+            for m, attr in vars(obj).items():
+                if callable(attr) or isinstance(attr, (classmethod, staticmethod)):
+                    yield "%s.%s" % (n, m), getattr(obj, m)
+        elif callable(obj):
+            yield n, obj
+
+
+class TestInterface(Base):
+    def test_signatures(self):
+        import inspect
+        seen = 0
+        for name, fn in own_callables():
+            if name.split(".")[-1] in ("__new__", "__init__", "__repr__", "__init_subclass__"):
+                continue
+            try:
+                inspect.signature(fn)
+            except (ValueError, TypeError) as e:
+                self.fail("inspect.signature(%s): %s" % (name, e))
+            seen += 1
+        self.assertGreater(seen, 60)
+        for cls in (an.SlabAllocator, an.PinnedPool, an.KVCache):
+            self.assertTrue(str(inspect.signature(cls)).startswith("("), cls)
+        # bound methods drop self, classmethods cls
+        p = an.PinnedPool(4096, 1)
+        self.assertEqual(str(inspect.signature(p.release)), "(buffer)")
+        self.assertEqual(str(inspect.signature(an.PinnedPool.attach)), "(fd, gpu_id=0)")
+        self.assertEqual(str(inspect.signature(an.prefetch_file_to_gpu_chunks)),
+                         "(filepath, gpu_id, chunk_bytes=%d)" % an.DEFAULT_CHUNK_BYTES)
+        p.close()
+
+    def test_help_has_no_stray_marker(self):
+        import pydoc
+        text = pydoc.render_doc(an, renderer=pydoc.plaintext)
+        self.assertIn("prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=", text)
+        stray = [line for line in text.splitlines() if line.strip() == "--"]
+        self.assertEqual(stray, [])
+
+    def test_stubs_match(self):
+        import ast
+        import inspect
+        tree = stub_tree()
+        stubs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        names = set(stubs) | {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+        self.assertEqual({n for n in dir(an) if not n.startswith("_")} - names, set())
+        checked = 0
+        for name, fn in own_callables():
+            cls, _, meth = name.rpartition(".")
+            node = stubs.get(cls or meth)
+            if cls:
+                if meth.startswith("__") and meth not in ("__enter__", "__exit__", "__dlpack__", "__array__"):
+                    continue
+                self.assertIn(cls, stubs, name)
+                node = next((m for m in stubs[cls].body if isinstance(m, ast.FunctionDef) and m.name == meth), None)
+            self.assertIsNotNone(node, "%s is not in %s" % (name, stub_path()))
+            if isinstance(node, ast.ClassDef):
+                continue
+            real = [("*" if p.kind == p.VAR_POSITIONAL else "") + p.name
+                    for p in inspect.signature(fn).parameters.values() if p.name not in ("self", "cls")]
+            self.assertEqual(real, stub_params(node), name)
+            checked += 1
+        self.assertGreater(checked, 55)
+
+    def test_mypy_reads_the_stubs(self):
+        # Where the stubs are installed (a wheel, a package), a type checker finds them.
+        import shutil
+        here = os.path.join(os.path.dirname(an.__file__), "aegaeon_native-stubs", "__init__.pyi")
+        mypy = shutil.which("mypy")
+        if not os.path.exists(here) or mypy is None:
+            self.skipTest("the stubs are not installed beside %s, or no mypy" % an.__file__)
+        good = os.path.join(TMP, "good.py")
+        bad = os.path.join(TMP, "bad.py")
+        with open(good, "w") as f:
+            f.write("import aegaeon_native as an\nn: str = an.device()\n"
+                    "c = an.prefetch_file_to_gpu_chunks('f', 0)\nk: int = c[0]['slab_id']\n")
+        with open(bad, "w") as f:
+            f.write("import aegaeon_native as an\nn: int = an.device()\nan.prefetch_file_to_gpu_chunks('f', '0')\n")
+        env = dict(os.environ, MYPY_CACHE_DIR=os.path.join(TMP, "mypy-cache"))
+        args = [mypy, "--python-executable", sys.executable, "--no-error-summary"]
+        r = subprocess.run(args + [good], capture_output=True, text=True, env=env, timeout=300)
+        self.assertEqual((r.returncode, r.stdout), (0, ""))
+        r = subprocess.run(args + [bad], capture_output=True, text=True, env=env, timeout=300)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn('bad.py:2: error: Incompatible types in assignment (expression has type "str"', r.stdout)
+        self.assertIn("bad.py:3: error: Argument 2 to \"prefetch_file_to_gpu_chunks\" has incompatible type",
+                      r.stdout)
+
+    def test_numpy_of_types_numpy_lacks(self):
+        if np is None:
+            self.skipTest("no numpy")
+        s = an.SlabAllocator(0, MiB)
+        b = s.alloc(4096)
+        b.copy_from(struct.pack("<4H", 0x3F80, 0x4000, 0x4040, 0x4080))
+        for dtype, raw in (("BF16", "U16"), ("F8_E4M3", "U8"), ("F8_E5M2", "U8"), ("F4", "U8")):
+            v = b.view(dtype)
+            with self.assertRaises(TypeError) as c:
+                np.asarray(v)
+            self.assertIn('numpy has no %s dtype: numpy.asarray(view.view("%s"))' % (dtype, raw), str(c.exception))
+        a = np.asarray(b.view("BF16").view("U16"))
+        self.assertEqual(a.dtype, np.uint16)
+        self.assertEqual(list(a[:4]), [0x3F80, 0x4000, 0x4040, 0x4080])
+        self.assertEqual(a.__array_interface__["data"][0], b.device_ptr)    # no copy
+        self.assertEqual(np.asarray(b.view("F8_E4M3").view("U8")).shape, (4096,))
+        f = b.view("F32")
+        self.assertEqual(f.__array__().dtype, np.float32)
+        self.assertEqual(f.__array__(np.float64).dtype, np.float64)
+        del a, b, f, v
+        s.close()
+
+
 
 class TestSlab(Base):
     def test_alloc_free_stats(self):
@@ -686,7 +809,8 @@ class TestPrefetch(Base):
         self.assertEqual(an.stats()["prefetch"][0]["chunks"], 0)
         chunks = an.prefetch_file_to_gpu_chunks(path, 0, MiB)
         an.release_all_prefetch_events()                    # cancels what still loads
-        self.assertEqual(an.stats()["prefetch"], {})
+        st = an.stats()["prefetch"][0]                      # the slab and engine stay for the next load
+        self.assertEqual((st["chunks"], st["blocks"], st["loads"]), (0, 0, 0))
         for c in chunks[-1:]:
             with self.assertRaises(an.AegaeonError):
                 an.wait_event_handle_bytes(c["event_handle"], timeout=5)
@@ -733,6 +857,16 @@ class TestPrefetch(Base):
         self.assertAegaeon(c, "AEG_ENOENT")
         with self.assertRaises(an.AegaeonError):
             an.chunk_view(chunks[0])
+
+    def test_chunk_not_a_multiple_of_4k(self):
+        path = os.path.join(TMP, "raw4k.bin")
+        write_file(path, pattern(100000, 5))
+        for chunk in (1000, 4096 + 512):
+            with self.assertRaises(an.AegaeonValueError) as c:
+                an.prefetch_file_to_gpu_chunks(path, 0, chunk)
+            self.assertAegaeon(c, "AEG_EINVAL", errno.EINVAL)
+            self.assertIn("chunk size %d bytes is not a multiple of 4 KiB" % chunk, str(c.exception))
+        self.assertEqual(an.stats()["prefetch"].get(0, {}).get("blocks", 0), 0)
 
     def test_slab_full(self):
         an.release_all_prefetch_events()
@@ -1183,6 +1317,26 @@ class TestJob(Base):
         self.assertRaises(TypeError, an.configure, attach="yes")
 
 
+    def test_one_wait_per_load(self):
+        """load_safetensors in a step: one wait request for the whole file, not one per chunk."""
+        tensors = make_tensors(8)
+        st_path = os.path.join(TMP, "job-wait.safetensors")
+        write_file(st_path, safetensors_bytes(tensors))
+        code = ("import aegaeon_native as an, json, sys\n"
+                "an.prepare(0)\n"
+                "d = an.load_safetensors(sys.argv[1], chunk_bytes=4096)\n"
+                "print(json.dumps({'names': [n for n, s in an.timings()],\n"
+                "                  'tensors': {k: v.tobytes().hex() for k, v in d.items()}}))\n")
+        r = subprocess.run([sys.executable, "-c", code, st_path], env=self.env,
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["tensors"], {k: v[2].hex() for k, v in tensors.items()})
+        self.assertEqual(out["names"].count("job attach"), 1, out["names"])
+        self.assertEqual(out["names"].count("job prefetch"), 1, out["names"])
+        self.assertLessEqual(out["names"].count("job wait"), 1, out["names"])
+
+
 REUSE_CODE = r"""
 import aegaeon_native as an, json, sys
 d = an.load_safetensors(sys.argv[1])
@@ -1216,6 +1370,52 @@ class TestJobPrefetch(TestJob):
             self.assertEqual(out["held"], 0)
         self.assertEqual(outs[0]["ids"], outs[1]["ids"])
         self.assertTrue(outs[0]["ids"])
+
+
+# -------------------------------------------------------------------- set-up
+
+SETUP_CODE = r"""
+import aegaeon_native as an, json, sys
+an.timings()
+an.prepare(0)
+first = [n for n, s in an.timings()]
+an.prepare(0)
+for _ in range(2):
+    chunks = an.prefetch_file_to_gpu_chunks(sys.argv[1], 0, 1 << 20)
+    for c in chunks:
+        an.wait_event_handle_bytes(c["event_handle"])
+    an.release_all_prefetch_events()
+later = an.timings()
+print(json.dumps({"first": first, "later": [n for n, s in later],
+                  "seconds_ok": all(isinstance(s, float) and s >= 0 for n, s in later)}))
+"""
+
+
+class TestSetup(Base):
+    """Set-up is paid once, ahead of need, and kept; timings() says where the time went."""
+
+    def test_prepare_then_loads_pay_no_setup(self):
+        path = os.path.join(TMP, "setup.bin")
+        write_file(path, pattern(2 * MiB + 5, 21))
+        r = subprocess.run([sys.executable, "-c", SETUP_CODE, path], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["first"].count("slab create"), 1, out["first"])
+        self.assertEqual(out["first"].count("engine create"), 1, out["first"])
+        # Two rounds of load and release_all: no slab or engine made again.
+        self.assertNotIn("slab create", out["later"])
+        self.assertNotIn("engine create", out["later"])
+        self.assertEqual(out["later"].count("prefetch start"), 2, out["later"])
+        self.assertTrue(out["seconds_ok"])
+
+    def test_prepare_errors(self):
+        self.assertRaises(TypeError, an.prepare, "0")
+        self.assertRaises(ValueError, an.prepare, -1)
+        with self.assertRaises(an.AegaeonError) as c:
+            an.prepare(an.device_count())
+        self.assertAegaeon(c, "AEG_ENODEV", errno.ENODEV)
+        self.assertIsInstance(an.timings(), list)
 
 
 # ----------------------------------------------------------------- lifetime

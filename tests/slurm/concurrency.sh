@@ -18,7 +18,7 @@ check "all 8 saw the agent" test "$(grep -c '^task=' <<<"$out")" -eq 8
 check "all 8 got the same socket and slab handle" \
 	test "$(sed -n 's/^task=[0-9]* //p' <<<"$out" | sort -u | wc -l)" -eq 1
 check "all 8 attached and read the job-start load back identical" \
-	test "$(grep -cE "^verified task=[0-7] 6 MiB in 1 chunks of load 1 against the file: identical \(file bytes 0..6291456, sha256 $sum\)$" <<<"$out")" -eq 8
+	test "$(grep -cE "^verified task=[0-7] 6 MiB in 1 chunk of load 1 against the file: identical \(file bytes 0..6291456, sha256 $sum\)$" <<<"$out")" -eq 8
 check "all 8 mapped the slab and the pool" \
 	test "$(grep -cE '^attached task=[0-7] (slab 0 mapped here on GPU 0|pinned pool mapped here)' <<<"$out")" -eq 16
 check "after the job: nothing left" nothing_left 10

@@ -11,22 +11,7 @@ AGENT=$B/aegaeond
 PY=$(command -v python3 || echo /usr/bin/python3)
 export AEGAEON_CONFIG=/dev/null AEGAEON_HOST_GPUS=1
 unset AEGAEON_SOCKET AEGAEON_SLABS AEGAEON_SLAB0_HANDLE AEGAEON_LOG AEGAEON_DEVICE
-n=0
-failed=0
-
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; printf '#   %s\n' "${@:2}"; }
-run() { out=$("$@" 2>&1); rc=$?; }
-expect() {
-	local what=$1 want=$2 pat=$3
-	shift 3
-	run "$@"
-	if [[ $rc -eq $want ]] && grep -qE -- "$pat" <<<"$out"; then
-		ok "$what"
-	else
-		not_ok "$what" "command: $*" "rc $rc (want $want), output:" "$out"
-	fi
-}
+source "${top_srcdir:-$(dirname "$0")/../..}/tests/tap.sh"
 # json_check WHAT EXPR: the last run's stdout parses and EXPR (on d) is true
 json_check() {
 	local what=$1 res
@@ -51,6 +36,7 @@ expect "--repeat 0" 2 "--repeat '0' is not a count in 1..10000" "$CLI" kv bench 
 expect "--blocks -1" 2 "--blocks '-1' is not a count" "$CLI" kv bench --blocks -1
 expect "--bytes 0" 2 "--bytes '0'" "$CLI" kv bench --bytes 0
 expect "--pattern other" 2 "--pattern 'zigzag': seq or random" "$CLI" kv bench --pattern zigzag
+expect "--device that is no backend" 2 "--device 'tpu'" "$CLI" kv bench --device tpu
 expect "--gpu not a number" 2 "--gpu 'one' is not a GPU ordinal" "$CLI" kv bench --gpu one
 expect "a second subcommand" 2 "unexpected argument 'again'" "$CLI" kv bench again
 expect "--help" 0 "Usage: aegaeon-cli kv bench" "$CLI" kv bench --help
@@ -124,5 +110,4 @@ fi
 expect "in a job: --device other than the job's is refused" 1 "the job's agent uses the host device" \
 	"$CLI" kv bench --device cuda --block 32KiB --blocks 2 --repeat 1
 
-echo "1..$n"
-[[ $failed -eq 0 ]]
+tap_end

@@ -441,6 +441,10 @@ static void open_and_option_errors(void **state)
 
 	o.chunk_bytes = 0;
 	expect_error(f, path, &o, AEG_EINVAL, "chunk size 0");
+	o.chunk_bytes = 1000;
+	expect_error(f, path, &o, AEG_EINVAL, "chunk size 1000 bytes is not a multiple of 4 KiB");
+	o.chunk_bytes = 4096 + 512;
+	expect_error(f, path, &o, AEG_EINVAL, "not a multiple of 4 KiB");
 	o.chunk_bytes = SLAB_BYTES + 4096;
 	expect_error(f, path, &o, AEG_EINVAL, "larger than the slab");
 	o.chunk_bytes = CHUNK;

@@ -162,6 +162,10 @@ static void make(uint16_t type, uint32_t flags, union proto_msg *m)
 		fill_handle(&m->wait_event_req.event, 77);
 		m->wait_event_req.timeout_ms = -1;
 		break;
+	case PROTO_WAIT_LOAD:
+		m->wait_load_req.load_id = 12;
+		m->wait_load_req.timeout_ms = 250;
+		break;
 	}
 }
 
@@ -180,6 +184,7 @@ static const struct {
 	{ PROTO_STATUS, 0 }, { PROTO_STATUS, PROTO_F_REPLY },
 	{ PROTO_SHUTDOWN, 0 }, { PROTO_SHUTDOWN, PROTO_F_REPLY },
 	{ PROTO_WAIT_EVENT, 0 }, { PROTO_WAIT_EVENT, PROTO_F_REPLY },
+	{ PROTO_WAIT_LOAD, 0 }, { PROTO_WAIT_LOAD, PROTO_F_REPLY },
 };
 
 static void every_message_round_trips(void **state)
@@ -321,6 +326,8 @@ static void e_st_pool(union proto_msg *m) { m->status_rep.pool.in_use = 300; }
 static void e_st_page(union proto_msg *m) { m->status_rep.loads_total = 10; }
 static void e_st_load(union proto_msg *m) { m->status_rep.loads[2].done_bytes = 11; }
 static void e_wait_timeout(union proto_msg *m) { m->wait_event_req.timeout_ms = -2; }
+static void e_wload_id(union proto_msg *m) { m->wait_load_req.load_id = 0; }
+static void e_wload_timeout(union proto_msg *m) { m->wait_load_req.timeout_ms = -5; }
 
 static const struct bad_case bad_cases[] = {
 	{ "magic", PROTO_LEASE, 0, NULL, M_U32, 0, 0x50545448, "bad magic" },
@@ -393,6 +400,10 @@ static const struct bad_case bad_cases[] = {
 	{ "truncated wait", PROTO_WAIT_EVENT, 0, NULL, M_TRUNCATE, AEG_HANDLE_BYTES, 0, "truncated" },
 	{ "trailing wait", PROTO_WAIT_EVENT, 0, NULL, M_APPEND, 0, 0, "1 bytes after its end" },
 	{ "trailing wait rep", PROTO_WAIT_EVENT, PROTO_F_REPLY, NULL, M_APPEND, 0, 0, "1 bytes after its end" },
+	{ "wait-load id 0", PROTO_WAIT_LOAD, 0, e_wload_id, M_NONE, 0, 0, "load id 0" },
+	{ "wait-load timeout", PROTO_WAIT_LOAD, 0, e_wload_timeout, M_NONE, 0, 0, "timeout -5 ms" },
+	{ "truncated wait-load", PROTO_WAIT_LOAD, 0, NULL, M_TRUNCATE, 8, 0, "truncated" },
+	{ "trailing wait-load", PROTO_WAIT_LOAD, 0, NULL, M_APPEND, 0, 0, "1 bytes after its end" },
 };
 
 static void malformed_frames_are_rejected(void **state)

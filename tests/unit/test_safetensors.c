@@ -50,8 +50,13 @@ static void valid_table(void **state)
 	assert_int_equal(h.tensors[3].ndim, 0);
 	assert_string_equal(h.tensors[4].name, "nib");
 	assert_int_equal(h.tensors[4].dtype_bits, 4);
+	assert_int_equal(h.nmeta, 1);
+	assert_string_equal(h.meta_keys[0], "format");
+	assert_string_equal(h.meta_values[0], "pt");
 	aeg_st_free(&h);
 	assert_null(h.tensors);
+	assert_null(h.meta_keys);
+	assert_int_equal(h.nmeta, 0);
 }
 
 static void only_metadata(void **state)
@@ -199,6 +204,60 @@ static void length_field(void **state)
 	unlink(path);
 }
 
+/* Safetensors by content, whatever the name; a file that only looks like one is raw unless strict. */
+static void detect_by_content(void **state)
+{
+	static const struct {
+		const char *bytes;
+		size_t len;
+		int strict, want;               /* 1 safetensors, 0 raw, or the error */
+		const char *detail;
+	} cases[] = {
+		{ "\x4e\0\0\0\0\0\0\0{\"__metadata__\":{\"a\":\"b\"},\"t\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}xy",
+		  88, 0, 1, NULL },
+		/* The same header, a byte of data short: raw, or the format error when strict. */
+		{ "\x4e\0\0\0\0\0\0\0{\"__metadata__\":{\"a\":\"b\"},\"t\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}x",
+		  87, 0, 0, NULL },
+		{ "\x4e\0\0\0\0\0\0\0{\"__metadata__\":{\"a\":\"b\"},\"t\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}x",
+		  87, 1, AEG_EFORMAT, "shorter than its header says" },
+		{ "\x10\0\0\0\0\0\0\0not json at all!", 24, 0, 0, NULL },
+		{ "\x10\0\0\0\0\0\0\0not json at all!", 24, 1, AEG_EFORMAT, "not valid JSON" },
+		{ "\x10\0\0\0\0\0\0\0{not json at al}", 24, 0, 0, NULL },
+		{ "PK\x03\x04 a zip file, say", 0, 0, 0, NULL },
+		{ "\xff\xff\xff\xff\xff\xff\xff\x7f{", 9, 0, 0, NULL },
+		{ "tiny", 0, 0, 0, NULL },
+		{ "tiny", 0, 1, AEG_EFORMAT, "shorter than the 8-byte" },
+	};
+	char path[] = "/tmp/aegaeon-st-XXXXXX";
+	int fd = mkstemp(path);
+
+	assert_true(fd >= 0);
+	close(fd);
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		size_t len = cases[i].len ? cases[i].len : strlen(cases[i].bytes);
+		struct aeg_st_header h;
+		int got;
+
+		assert_int_equal(write_file(path, cases[i].bytes, len), 0);
+		fd = open(path, O_RDONLY);
+		assert_true(fd >= 0);
+		got = aeg_st_detect(fd, len, cases[i].strict, &h);
+		close(fd);
+		if (got != cases[i].want || (cases[i].detail && !strstr(aeg_error_detail(), cases[i].detail)))
+			fail_msg("case %zu: got %d \"%s\", want %d \"%s\"", i, got, aeg_error_detail(), cases[i].want,
+				 cases[i].detail ? cases[i].detail : "");
+		if (got == 1) {
+			assert_int_equal(h.count, 1);
+			assert_int_equal(h.nmeta, 1);
+			assert_string_equal(h.meta_values[0], "b");
+		} else {
+			assert_null(h.tensors);
+		}
+		aeg_st_free(&h);
+	}
+	unlink(path);
+}
+
 static void dtype_sizes(void **state)
 {
 	assert_int_equal(aeg_st_dtype_bits("BOOL"), 8);
@@ -217,6 +276,7 @@ int main(void)
 		cmocka_unit_test(only_metadata),
 		cmocka_unit_test(malformed_headers),
 		cmocka_unit_test(length_field),
+		cmocka_unit_test(detect_by_content),
 		cmocka_unit_test(dtype_sizes),
 	};
 	return cmocka_run_group_tests_name("safetensors", tests, NULL, NULL);

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 #ifdef HAVE_VALGRIND_VALGRIND_H
 #include <valgrind/valgrind.h>
@@ -98,6 +99,50 @@ static inline void test_write_file(const char *path, const void *buf, uint64_t b
 		perror(path);
 		abort();
 	}
+}
+
+/*
+ * test_st_file - a safetensors file at @path holding @n one-dimensional U8
+ * tensors "t0", "t1", ... of @sizes bytes (a xorshift pattern, seed 11), in
+ * that order; *@file_bytes gets its size. Returns the whole file's bytes
+ * (malloc'd), to compare with what was loaded.
+ */
+static inline unsigned char *test_st_file(const char *path, const uint64_t *sizes, int n,
+					  uint64_t *file_bytes)
+{
+	size_t cap = 256 + (size_t)n * 96, hlen = 0;
+	uint64_t data = 0, off = 0;
+	unsigned char *file, *bytes;
+	char *json = malloc(cap);
+
+	if (json == NULL)
+		abort();
+	for (int i = 0; i < n; i++)
+		data += sizes[i];
+	hlen += (size_t)snprintf(json, cap, "{\"__metadata__\":{\"format\":\"pt\"}");
+	for (int i = 0; i < n; i++) {
+		hlen += (size_t)snprintf(json + hlen, cap - hlen,
+					 ",\"t%d\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}", i,
+					 (unsigned long long)sizes[i], (unsigned long long)off,
+					 (unsigned long long)(off + sizes[i]));
+		off += sizes[i];
+	}
+	hlen += (size_t)snprintf(json + hlen, cap - hlen, "}");
+	while (hlen % 8)
+		json[hlen++] = ' ';
+	*file_bytes = 8 + hlen + data;
+	file = malloc(*file_bytes);
+	if (file == NULL)
+		abort();
+	for (int i = 0; i < 8; i++)
+		file[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
+	memcpy(file + 8, json, hlen);
+	bytes = test_pattern(data, 11);
+	memcpy(file + 8 + hlen, bytes, data);
+	free(bytes);
+	free(json);
+	test_write_file(path, file, *file_bytes);
+	return file;
 }
 
 #endif

@@ -1,0 +1,1370 @@
+/* Sessions: one load path for the CLI, the Python module and C callers, local or through the job's agent. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/session.h>
+
+#include "internal.h"
+#include "safetensors.h"
+#include "topo_internal.h"
+
+#define POLL_MIN_US 200u
+#define POLL_MAX_US 20000u
+
+/* A LOCAL session's engine on one GPU, made at its first use and kept. */
+struct sess_gpu {
+	aeg_slab_t *slab;
+	aeg_pool_t *pool;
+	aeg_prefetch_t *pf;
+};
+
+/* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
+struct owned_block {
+	uint64_t id, load;
+};
+
+struct idset {
+	struct owned_block *b;
+	size_t n, cap;
+};
+
+struct aeg_model {
+	aeg_session_t *s;
+	struct aeg_model *prev, *next;  /* the session's open models */
+	uint64_t id;
+	int gpu;
+	int slab;                       /* JOB: the job slab's index */
+	int owned;
+	int settled;                    /* JOB: the agent said every chunk is there */
+	char path[PATH_MAX];
+	aeg_load_t *load;               /* LOCAL */
+	struct aeg_job_load *jl;        /* JOB */
+	struct aeg_chunk *chunks;       /* JOB: jl's chunks as engine chunks */
+	uint32_t nchunks;
+	struct aeg_tensor *tensors;     /* JOB: from hdr */
+	uint32_t ntensors;
+	struct aeg_st_header hdr;
+};
+
+struct aeg_session {
+	enum aeg_session_mode mode;
+	struct aeg_config cfg;
+	char slab_spec[64];
+	struct aeg_prefetch_config engine;
+	uint64_t pool_bytes, pool_buffer_bytes;
+	aeg_device_t *dev;
+	aeg_job_t *job;
+	int ngpus;
+	const aeg_topo_t *topo;
+	int topo_tried;
+	pthread_mutex_t lock;           /* guards gpus' set-up, the model list and owned */
+	struct sess_gpu *gpus;
+	struct aeg_model *models;
+	struct idset owned[AEG_JOB_MAX_GPUS];
+};
+
+AEG_EXPORT const char *aeg_session_mode_name(enum aeg_session_mode mode)
+{
+	switch (mode) {
+	case AEG_SESSION_AUTO: return "auto";
+	case AEG_SESSION_LOCAL: return "local";
+	case AEG_SESSION_JOB: return "job";
+	}
+	return "unknown";
+}
+
+/* ------------------------------------------------------------- opening */
+
+static int in_job(void)
+{
+	const char *sock = getenv("AEGAEON_SOCKET");
+
+	return sock != NULL && sock[0] != '\0';
+}
+
+/* LOCAL: the device set, else $AEGAEON_DEVICE, else the config's. */
+static int open_local(aeg_session_t *s, const struct aeg_session_config *c)
+{
+	enum aeg_device_kind kind = s->cfg.device;
+	const char *env = getenv("AEGAEON_DEVICE");
+	uint64_t t = aeg_now_ns();
+	int err;
+
+	if (c->flags & AEG_SESSION_DEVICE_SET) {
+		kind = c->device;
+	} else if (env != NULL && env[0] != '\0') {
+		err = aeg_device_kind_parse(env, &kind);
+		if (err)
+			return aeg_fail(err, "AEGAEON_DEVICE=\"%s\": expected \"cuda\" or \"host\"", env);
+	}
+	err = aeg_device_open(&s->dev, kind);
+	if (err)
+		return err;
+	aeg_span_end("device open", t);
+	err = aeg_device_count(s->dev, &s->ngpus);
+	if (err)
+		return err;
+	s->gpus = calloc((size_t)(s->ngpus ? s->ngpus : 1), sizeof(*s->gpus));
+	return s->gpus ? 0 : aeg_fail(AEG_ENOMEM, "session: out of memory");
+}
+
+static int open_job(aeg_session_t *s, const struct aeg_session_config *c)
+{
+	uint64_t t = aeg_now_ns();
+	struct aeg_job_info info;
+	int err;
+
+	err = (c->flags & AEG_SESSION_CONNECT_ONLY) ? aeg_job_connect(&s->job) : aeg_job_attach(&s->job);
+	if (err)
+		return err;
+	aeg_span_end(c->flags & AEG_SESSION_CONNECT_ONLY ? "job connect" : "job attach", t);
+	s->dev = aeg_job_device(s->job);
+	aeg_job_get_info(s->job, &info);
+	s->ngpus = info.slabs;
+	return 0;
+}
+
+AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_session_t **out)
+{
+	static const struct aeg_session_config defaults;
+	const struct aeg_session_config *c = cfg ? cfg : &defaults;
+	aeg_session_t *s;
+	int err;
+
+	if (out == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_open: NULL argument");
+	*out = NULL;
+	if (c->mode != AEG_SESSION_AUTO && c->mode != AEG_SESSION_LOCAL && c->mode != AEG_SESSION_JOB)
+		return aeg_fail(AEG_EINVAL, "session mode %d: expected auto, local or job", (int)c->mode);
+	if (c->slab != NULL && strlen(c->slab) >= sizeof(s->slab_spec))
+		return aeg_fail(AEG_EINVAL, "slab size \"%.32s...\" is too long", c->slab);
+	s = calloc(1, sizeof(*s));
+	if (s == NULL)
+		return aeg_fail(AEG_ENOMEM, "session: out of memory");
+	pthread_mutex_init(&s->lock, NULL);
+	err = aeg_config_load(&s->cfg, NULL);
+	if (err)
+		goto fail;
+	s->mode = c->mode != AEG_SESSION_AUTO ? c->mode : in_job() ? AEG_SESSION_JOB : AEG_SESSION_LOCAL;
+	if (c->slab != NULL)
+		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", c->slab);
+	if (c->engine != NULL) {
+		s->engine = *c->engine;
+	} else {
+		aeg_prefetch_config_defaults(&s->engine);
+		s->engine.threads = s->cfg.prefetch_threads;
+	}
+	s->pool_bytes = c->pool_bytes;
+	s->pool_buffer_bytes = c->pool_buffer_bytes ? c->pool_buffer_bytes : 32ull << 20;
+	err = s->mode == AEG_SESSION_JOB ? open_job(s, c) : open_local(s, c);
+	if (err)
+		goto fail;
+	*out = s;
+	return 0;
+fail:
+	aeg_session_close(s);
+	return err;
+}
+
+static void model_unlink(struct aeg_model *m);
+
+/* Destroy a GPU's engine, pool and slab (its loads' chunks with them). */
+static void gpu_free(struct sess_gpu *g)
+{
+	aeg_prefetch_destroy(g->pf);
+	if (g->pool)
+		aeg_pool_destroy(g->pool);
+	if (g->slab)
+		aeg_slab_destroy(g->slab);
+	memset(g, 0, sizeof(*g));
+}
+
+AEG_EXPORT void aeg_session_close(aeg_session_t *s)
+{
+	if (s == NULL)
+		return;
+	while (s->models != NULL)
+		aeg_model_close(s->models);
+	for (int i = 0; s->gpus != NULL && i < s->ngpus; i++)
+		gpu_free(&s->gpus[i]);
+	free(s->gpus);
+	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
+		free(s->owned[i].b);
+	if (s->job != NULL)
+		aeg_job_detach(s->job);         /* closes the device too */
+	else if (s->dev != NULL)
+		aeg_device_close(s->dev);
+	pthread_mutex_destroy(&s->lock);
+	free(s);
+}
+
+AEG_EXPORT enum aeg_session_mode aeg_session_mode(const aeg_session_t *s)
+{
+	return s ? s->mode : AEG_SESSION_AUTO;
+}
+
+AEG_EXPORT aeg_device_t *aeg_session_device(aeg_session_t *s)
+{
+	return s ? s->dev : NULL;
+}
+
+AEG_EXPORT aeg_job_t *aeg_session_job(aeg_session_t *s)
+{
+	return s ? s->job : NULL;
+}
+
+AEG_EXPORT int aeg_session_gpu_count(aeg_session_t *s)
+{
+	return s ? s->ngpus : 0;
+}
+
+/* ------------------------------------------------------ a local engine */
+
+/* The slab of @gpu: a size, or a percentage of the memory free now (other users keep theirs). */
+static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
+{
+	const char *env = getenv("AEGAEON_PREFETCH_SLAB");
+	struct aeg_size_spec spec = s->cfg.slab_default;
+	struct aeg_gpu_info info;
+	char from[96];
+	int err = 0;
+
+	if (s->slab_spec[0] != '\0') {
+		snprintf(from, sizeof(from), "slab \"%s\"", s->slab_spec);
+		err = aeg_size_spec_parse(s->slab_spec, &spec);
+	} else if (env != NULL && env[0] != '\0') {
+		snprintf(from, sizeof(from), "AEGAEON_PREFETCH_SLAB=\"%.60s\"", env);
+		err = aeg_size_spec_parse(env, &spec);
+	} else {
+		snprintf(from, sizeof(from), "slab_default of aegaeon.conf");
+	}
+	if (err) {
+		aeg_error_prefix("%s", from);
+		return err;
+	}
+	err = aeg_device_gpu_info(s->dev, gpu, &info);
+	if (err)
+		return err;
+	err = aeg_size_spec_resolve(&spec, info.free_bytes, bytes);
+	if (err == 0 && *bytes < (1u << 20))
+		err = AEG_EINVAL;
+	if (err)
+		return aeg_fail(AEG_EINVAL, "%s gives a prefetch slab under 1 MiB on GPU %d (%" PRIu64 " bytes free)",
+				from, gpu, info.free_bytes);
+	*bytes &= ~((uint64_t)(1u << 20) - 1);
+	return 0;
+}
+
+/* Make @gpu's slab, pool and engine unless made; lock held. */
+static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
+{
+	struct sess_gpu *g = &s->gpus[gpu];
+	struct aeg_prefetch_config cfg = s->engine;
+	uint64_t bytes, t;
+	char size[32];
+	int err;
+
+	if (g->pf != NULL) {
+		*pf = g->pf;
+		return 0;
+	}
+	err = slab_bytes(s, gpu, &bytes);
+	if (err)
+		return err;
+	if (!s->topo_tried && cfg.topo == NULL) {
+		s->topo_tried = 1;
+		t = aeg_now_ns();
+		if (aeg_device_kind(s->dev) == AEG_DEVICE_CUDA && aeg_topo_live(&s->topo)) {
+			aeg_warn("no topology (%s): prefetch threads are not bound near the GPU", aeg_error_detail());
+			s->topo = NULL;
+		}
+		aeg_span_end("topology", t);
+	}
+	if (cfg.topo == NULL)
+		cfg.topo = s->topo;
+	t = aeg_now_ns();
+	err = aeg_slab_create(s->dev, gpu, bytes, &g->slab);
+	if (err) {
+		aeg_error_prefix("prefetch slab of %s on GPU %d", aeg_size_format(bytes, size, sizeof(size)), gpu);
+		goto fail;
+	}
+	aeg_span_end("slab create", t);
+	if (s->pool_bytes) {
+		t = aeg_now_ns();
+		err = aeg_pool_create(s->dev, gpu, s->pool_buffer_bytes, s->pool_bytes, &g->pool);
+		if (err)
+			goto fail;
+		aeg_span_end("pool create", t);
+		if (cfg.cache_bytes == 0)
+			cfg.cache_bytes = s->pool_bytes;
+	}
+	t = aeg_now_ns();
+	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);
+	if (err)
+		goto fail;
+	aeg_span_end("engine create", t);
+	*pf = g->pf;
+	return 0;
+fail:
+	if (g->pool)
+		aeg_pool_destroy(g->pool);
+	if (g->slab)
+		aeg_slab_destroy(g->slab);
+	g->pool = NULL;
+	g->slab = NULL;
+	return err;
+}
+
+static int check_gpu(const aeg_session_t *s, int gpu)
+{
+	if (gpu < 0 || gpu >= s->ngpus)
+		return aeg_fail(AEG_ENODEV, "GPU %d: %s %d GPU%s on the %s backend", gpu,
+				s->mode == AEG_SESSION_JOB ? "the job's slabs are on" : "this process sees", s->ngpus,
+				s->ngpus == 1 ? "" : "s", aeg_device_kind_name(aeg_device_kind(s->dev)));
+	return 0;
+}
+
+/* JOB: the GPU of job slab @index as this process numbers GPUs, -1 when not visible. */
+static int job_gpu(aeg_session_t *s, int index)
+{
+	struct aeg_job_slab_desc d;
+
+	return aeg_job_slab_describe(s->job, index, &d) == 0 ? d.gpu : -1;
+}
+
+/* JOB: the job slab on this process's GPU @gpu (-1: the first slab). */
+static int job_slab(aeg_session_t *s, int gpu, int *index)
+{
+	struct aeg_job_slab_desc d;
+
+	if (s->ngpus == 0)
+		return aeg_fail(AEG_ENODEV, "the job has no GPU slab on this node (ask for GPUs with --gres=gpu:N)");
+	if (gpu < 0) {
+		*index = 0;
+		return 0;
+	}
+	for (int i = 0; i < s->ngpus; i++) {
+		if (aeg_job_slab_describe(s->job, i, &d) == 0 && d.gpu == gpu) {
+			*index = i;
+			return 0;
+		}
+	}
+	return aeg_fail(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu, s->ngpus,
+			s->ngpus == 1 ? "" : "s");
+}
+
+AEG_EXPORT int aeg_session_set_engine(aeg_session_t *s, const char *slab,
+				      const struct aeg_prefetch_config *engine)
+{
+	int err = 0;
+
+	if (s == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_set_engine: NULL session");
+	if (s->mode == AEG_SESSION_JOB)
+		return aeg_fail(AEG_EINVAL, "a job session loads with the agent's engines");
+	if (slab != NULL && strlen(slab) >= sizeof(s->slab_spec))
+		return aeg_fail(AEG_EINVAL, "slab size \"%.32s...\" is too long", slab);
+	pthread_mutex_lock(&s->lock);
+	for (int g = 0; g < s->ngpus && err == 0; g++) {
+		struct aeg_prefetch_stats st;
+
+		if (s->gpus[g].pf != NULL && aeg_prefetch_stats(s->gpus[g].pf, &st) == 0 && st.loads > 0)
+			err = aeg_fail(AEG_EBUSY, "the engine on GPU %d holds %u load%s: release them first", g,
+				       st.loads, st.loads == 1 ? "" : "s");
+	}
+	for (int g = 0; g < s->ngpus && err == 0; g++)
+		gpu_free(&s->gpus[g]);
+	if (err == 0) {
+		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", slab ? slab : "");
+		if (engine != NULL) {
+			s->engine = *engine;
+		} else {
+			aeg_prefetch_config_defaults(&s->engine);
+			s->engine.threads = s->cfg.prefetch_threads;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
+{
+	aeg_prefetch_t *pf;
+	int err, index;
+
+	if (s == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_prepare: NULL session");
+	if (s->mode == AEG_SESSION_JOB)
+		return job_slab(s, gpu, &index);
+	err = check_gpu(s, gpu);
+	if (err)
+		return err;
+	pthread_mutex_lock(&s->lock);
+	err = engine_locked(s, gpu, &pf);
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+/* --------------------------------------------------------------- models */
+
+static struct aeg_model *model_new(aeg_session_t *s, const char *path, int gpu, int owned)
+{
+	struct aeg_model *m = calloc(1, sizeof(*m));
+
+	if (m == NULL) {
+		aeg_fail(AEG_ENOMEM, "model: out of memory");
+		return NULL;
+	}
+	m->s = s;
+	m->gpu = gpu;
+	m->slab = -1;
+	m->owned = owned;
+	snprintf(m->path, sizeof(m->path), "%s", path ? path : "");
+	return m;
+}
+
+/* Put @m on the session's list; lock held. */
+static void model_link(struct aeg_model *m)
+{
+	aeg_session_t *s = m->s;
+
+	m->next = s->models;
+	if (s->models)
+		s->models->prev = m;
+	s->models = m;
+}
+
+static void model_unlink(struct aeg_model *m)
+{
+	aeg_session_t *s = m->s;
+
+	if (m->prev)
+		m->prev->next = m->next;
+	else if (s->models == m)
+		s->models = m->next;
+	if (m->next)
+		m->next->prev = m->prev;
+	m->prev = m->next = NULL;
+}
+
+static void model_free(struct aeg_model *m)
+{
+	if (m->load)
+		aeg_load_close(m->load);
+	aeg_job_load_free(m->jl);
+	free(m->chunks);
+	free(m->tensors);
+	aeg_st_free(&m->hdr);
+	free(m);
+}
+
+static int named_safetensors(const char *path)
+{
+	size_t n = strlen(path);
+
+	return n >= 12 && strcmp(path + n - 12, ".safetensors") == 0;
+}
+
+/* The chunk holding file byte @at, or -1; chunks are in file order. */
+static long chunk_at(const struct aeg_model *m, uint64_t at)
+{
+	uint32_t lo = 0, hi = m->nchunks;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+
+		if (m->chunks[mid].file_offset + m->chunks[mid].size <= at)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo < m->nchunks && m->chunks[lo].file_offset <= at)
+		return (long)lo;
+	return -1;
+}
+
+/* JOB: the agent's chunk list as engine chunks, and the tensors placed in them. */
+static int job_model_fill(struct aeg_model *m, enum aeg_prefetch_format format)
+{
+	const struct aeg_job_load *jl = m->jl;
+	struct stat st;
+	int fd, err;
+
+	m->id = jl->load_id;
+	m->slab = jl->slab;
+	m->nchunks = jl->count;
+	m->chunks = calloc(jl->count ? jl->count : 1, sizeof(*m->chunks));
+	if (m->chunks == NULL)
+		return aeg_fail(AEG_ENOMEM, "model of %u chunks: out of memory", jl->count);
+	for (uint32_t i = 0; i < jl->count; i++) {
+		m->chunks[i].device_ptr = jl->chunks[i].ptr;
+		m->chunks[i].size = jl->chunks[i].size;
+		m->chunks[i].event = jl->chunks[i].event;
+		m->chunks[i].slab_id = jl->chunks[i].slab_id;
+		m->chunks[i].slab_offset = jl->chunks[i].offset;
+		m->chunks[i].file_offset = jl->chunks[i].file_offset;
+	}
+	m->settled = jl->status == 0;
+	if (format == AEG_FORMAT_RAW)
+		return 0;
+	/* The agent parsed the header (the same rule decides); this process needs the names and shapes too. */
+	fd = open(m->path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", m->path, strerror(errno));
+	err = fstat(fd, &st) < 0 ? aeg_fail(AEG_EIO, "%s: %s", m->path, strerror(errno)) :
+	      aeg_st_detect(fd, (uint64_t)st.st_size, format == AEG_FORMAT_SAFETENSORS || named_safetensors(m->path),
+			    &m->hdr);
+	close(fd);
+	if (err <= 0)
+		return err;
+	m->tensors = calloc(m->hdr.count ? m->hdr.count : 1, sizeof(*m->tensors));
+	if (m->tensors == NULL)
+		return aeg_fail(AEG_ENOMEM, "tensor table of %zu tensors: out of memory", m->hdr.count);
+	for (size_t i = 0; i < m->hdr.count; i++) {
+		const struct aeg_st_tensor *t = &m->hdr.tensors[i];
+		struct aeg_tensor *o = &m->tensors[i];
+		uint64_t at = m->hdr.data_offset + t->begin;
+		long c = chunk_at(m, at);
+
+		o->name = t->name;
+		o->dtype = t->dtype;
+		o->ndim = t->ndim;
+		o->shape = t->shape;
+		o->size = t->end - t->begin;
+		o->file_offset = at;
+		if (c < 0 && o->size > 0)
+			return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" at byte %" PRIu64 " is in no chunk the agent loaded (the file changed?)",
+					m->path, t->name, at);
+		if (c < 0)
+			c = m->nchunks ? (long)m->nchunks - 1 : 0;
+		o->first_chunk = (uint32_t)c;
+		if (c < (long)m->nchunks && m->chunks[c].device_ptr != NULL)
+			o->device_ptr = (char *)m->chunks[c].device_ptr + (at - m->chunks[c].file_offset);
+	}
+	m->ntensors = (uint32_t)m->hdr.count;
+	return 0;
+}
+
+/* JOB: remember the blocks of a load this session started (release_all frees them). */
+static void own_blocks(aeg_session_t *s, const struct aeg_model *m)
+{
+	struct idset *set = &s->owned[m->slab];
+
+	for (uint32_t i = 0; i < m->nchunks; i++) {
+		if (i > 0 && m->chunks[i].slab_id == m->chunks[i - 1].slab_id)
+			continue;
+		if (set->n == set->cap) {
+			size_t cap = set->cap ? 2 * set->cap : 64;
+			struct owned_block *b = realloc(set->b, cap * sizeof(*b));
+
+			if (b == NULL) {
+				aeg_warn("session: out of memory remembering the blocks of load %" PRIu64
+					 "; release_all will not free them", m->id);
+				return;
+			}
+			set->b = b;
+			set->cap = cap;
+		}
+		set->b[set->n++] = (struct owned_block){ m->chunks[i].slab_id, m->id };
+	}
+}
+
+static void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n)
+{
+	struct idset *set = &s->owned[slab];
+
+	for (size_t i = 0; i < n; i++) {
+		for (size_t k = 0; k < set->n; k++) {
+			if (set->b[k].id == ids[i]) {
+				set->b[k] = set->b[--set->n];
+				break;
+			}
+		}
+	}
+}
+
+static int job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
+{
+	struct aeg_model *m;
+	int err, index, reused = 0;
+	uint64_t t;
+
+	err = job_slab(s, req->gpu, &index);
+	if (err)
+		return err;
+	m = model_new(s, req->path, req->gpu, 1);
+	if (m == NULL)
+		return AEG_ENOMEM;
+	t = aeg_now_ns();
+	if (req->flags & AEG_LOAD_REUSE) {
+		err = aeg_job_chunks(s->job, 0, req->path, index, &m->jl);
+		/* A load that failed, or of a file changed since, is replaced. */
+		if (err == 0 && m->jl->status != 0 && m->jl->status != AEG_EBUSY) {
+			aeg_job_load_free(m->jl);
+			m->jl = NULL;
+			err = AEG_ENOENT;
+		}
+		reused = err == 0;
+		if (err == AEG_ENOENT || err == AEG_ESTALE)
+			err = 0;
+	}
+	if (err == 0 && !reused)
+		err = aeg_job_prefetch(s->job, req->path, index, req->chunk_bytes, &m->jl);
+	if (err == 0)
+		aeg_span_end(reused ? "job find" : "job prefetch", t);
+	if (err == 0)
+		err = job_model_fill(m, req->format);
+	if (err) {
+		model_free(m);
+		return err;
+	}
+	m->owned = !reused;
+	m->gpu = job_gpu(s, m->slab);
+	pthread_mutex_lock(&s->lock);
+	if (m->owned)
+		own_blocks(s, m);
+	model_link(m);
+	pthread_mutex_unlock(&s->lock);
+	*out = m;
+	return 0;
+}
+
+static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
+{
+	struct aeg_prefetch_options opts = {
+		.chunk_bytes = req->chunk_bytes ? req->chunk_bytes : s->cfg.prefetch_chunk_bytes,
+		.feed = req->feed,
+		.format = req->format,
+		.flags = (req->flags & AEG_LOAD_NO_CACHE) ? AEG_PREFETCH_NO_CACHE : 0,
+	};
+	int gpu = req->gpu < 0 ? 0 : req->gpu;
+	struct aeg_model *m;
+	aeg_prefetch_t *pf;
+	uint64_t t;
+	int err;
+
+	err = check_gpu(s, gpu);
+	if (err)
+		return err;
+	if (req->flags & AEG_LOAD_REUSE) {
+		err = aeg_session_find(s, req->path, gpu, out);
+		if (err != AEG_ENOENT && err != AEG_ESTALE)
+			return err;
+		aeg_error_clear();
+	}
+	m = model_new(s, req->path, gpu, 1);
+	if (m == NULL)
+		return AEG_ENOMEM;
+	pthread_mutex_lock(&s->lock);
+	err = engine_locked(s, gpu, &pf);
+	pthread_mutex_unlock(&s->lock);
+	if (err == 0) {
+		t = aeg_now_ns();
+		err = aeg_prefetch_file(pf, req->path, &opts, &m->load);
+		if (err == 0)
+			aeg_span_end("prefetch start", t);
+	}
+	if (err) {
+		model_free(m);
+		return err;
+	}
+	m->id = aeg_load_id(m->load);
+	if (realpath(req->path, m->path) == NULL)
+		snprintf(m->path, sizeof(m->path), "%s", req->path);
+	pthread_mutex_lock(&s->lock);
+	model_link(m);
+	pthread_mutex_unlock(&s->lock);
+	*out = m;
+	return 0;
+}
+
+AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m)
+{
+	if (s == NULL || req == NULL || m == NULL || req->path == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_load: NULL argument");
+	if (req->path[0] == '\0')
+		return aeg_fail(AEG_EINVAL, "empty path");
+	if (req->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN != 0)
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " bytes is not a multiple of 4 KiB (4096 bytes)",
+				req->path, req->chunk_bytes);
+	if (req->flags & ~(AEG_LOAD_REUSE | AEG_LOAD_NO_CACHE))
+		return aeg_fail(AEG_EINVAL, "load flags 0x%x: unknown bits", req->flags);
+	return s->mode == AEG_SESSION_JOB ? job_load(s, req, m) : local_load(s, req, m);
+}
+
+/*
+ * The newest open LOCAL load of @real on @gpu (or with id @id) that still
+ * holds chunks, as a new model on the same engine load; lock held.
+ */
+static int local_find_locked(aeg_session_t *s, const char *real, int gpu, uint64_t id, aeg_model_t **out)
+{
+	for (struct aeg_model *o = s->models; o; o = o->next) {
+		struct aeg_load_progress p;
+
+		if (id ? o->id != id : (o->gpu != gpu || strcmp(o->path, real) != 0))
+			continue;
+		if (aeg_load_progress(o->load, &p) || (p.status != 0 && p.status != AEG_EBUSY) ||
+		    (p.chunks > 0 && p.released_chunks == p.chunks))
+			continue;
+		*out = model_new(s, o->path, o->gpu, 0);
+		if (*out == NULL)
+			return AEG_ENOMEM;
+		(*out)->load = aeg_load_dup(o->load);
+		(*out)->id = o->id;
+		model_link(*out);
+		return 0;
+	}
+	return id ? aeg_fail(AEG_ENOENT, "no load %" PRIu64 " in this process", id) :
+		    aeg_fail(AEG_ENOENT, "%s is not loaded onto GPU %d by this process", real, gpu);
+}
+
+/* JOB: the path of load @id, from the agent's status. */
+static int job_load_path(aeg_session_t *s, uint64_t id, char *path, size_t len)
+{
+	struct aeg_job_status *st;
+	int err;
+
+	err = aeg_job_status(s->job, &st);
+	if (err)
+		return err;
+	err = aeg_fail(AEG_ENOENT, "no load %" PRIu64 " (released, or never made)", id);
+	for (uint32_t i = 0; i < st->loads; i++) {
+		if (st->load[i].load_id == id) {
+			snprintf(path, len, "%s", st->load[i].path);
+			aeg_error_clear();
+			err = 0;
+		}
+	}
+	aeg_job_status_free(st);
+	return err;
+}
+
+/* JOB: load @id (or the newest of @path on @gpu) as the agent has it. */
+static int job_find(aeg_session_t *s, uint64_t id, const char *path, int gpu, aeg_model_t **out)
+{
+	struct aeg_model *m;
+	int err, index = 0;
+
+	if (id == 0) {
+		err = job_slab(s, gpu, &index);
+		if (err)
+			return err;
+	}
+	m = model_new(s, path, gpu, 0);
+	if (m == NULL)
+		return AEG_ENOMEM;
+	err = aeg_job_chunks(s->job, id, path, index, &m->jl);
+	if (err == 0 && path == NULL)
+		err = job_load_path(s, id, m->path, sizeof(m->path));
+	if (err == 0) {
+		err = job_model_fill(m, AEG_FORMAT_AUTO);
+		m->gpu = job_gpu(s, m->slab);
+	}
+	if (err) {
+		model_free(m);
+		return err;
+	}
+	pthread_mutex_lock(&s->lock);
+	model_link(m);
+	pthread_mutex_unlock(&s->lock);
+	*out = m;
+	return 0;
+}
+
+AEG_EXPORT int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m)
+{
+	char real[PATH_MAX];
+	int err;
+
+	if (s == NULL || path == NULL || m == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_find: NULL argument");
+	if (s->mode == AEG_SESSION_JOB)
+		return job_find(s, 0, path, gpu, m);
+	if (gpu < 0)
+		gpu = 0;
+	err = check_gpu(s, gpu);
+	if (err)
+		return err;
+	if (realpath(path, real) == NULL)
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
+	pthread_mutex_lock(&s->lock);
+	err = local_find_locked(s, real, gpu, 0, m);
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_session_find_id(aeg_session_t *s, uint64_t id, aeg_model_t **m)
+{
+	int err;
+
+	if (s == NULL || m == NULL || id == 0)
+		return aeg_fail(AEG_EINVAL, "aeg_session_find_id: %s", id ? "NULL argument" : "load id 0");
+	if (s->mode == AEG_SESSION_JOB)
+		return job_find(s, id, NULL, -1, m);
+	pthread_mutex_lock(&s->lock);
+	err = local_find_locked(s, NULL, -1, id, m);
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+/* ------------------------------------------------------------- release */
+
+static int cmp_u64(const void *x, const void *y)
+{
+	uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+
+	return a < b ? -1 : a > b;
+}
+
+/* LOCAL: the GPU whose engine holds block @id: -1 none, -2 several. Lock held. */
+static int owner_gpu_locked(aeg_session_t *s, uint64_t id)
+{
+	struct aeg_block b;
+	int found = -1;
+
+	for (int i = 0; i < s->ngpus; i++) {
+		if (s->gpus[i].slab == NULL || aeg_slab_lookup(s->gpus[i].slab, id, &b) < 0)
+			continue;
+		if (found >= 0)
+			return -2;
+		found = i;
+	}
+	aeg_error_clear();
+	return found;
+}
+
+/* Sort @ids and drop repeats; returns how many are left. */
+static size_t unique_ids(uint64_t *ids, size_t n)
+{
+	size_t m = 0;
+
+	qsort(ids, n, sizeof(*ids), cmp_u64);
+	for (size_t i = 0; i < n; i++)
+		if (m == 0 || ids[m - 1] != ids[i])
+			ids[m++] = ids[i];
+	return m;
+}
+
+static int remaining_ms(uint64_t deadline_ns, int timeout_ms)
+{
+	uint64_t now;
+
+	if (timeout_ms < 0)
+		return -1;
+	now = aeg_now_ns();
+	return now >= deadline_ns ? 0 : (int)((deadline_ns - now + 999999) / 1000000);
+}
+
+static int local_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n, int timeout_ms)
+{
+	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
+	int *owner, err = 0;
+
+	owner = malloc(n * sizeof(*owner));
+	if (owner == NULL)
+		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	pthread_mutex_lock(&s->lock);
+	for (size_t i = 0; i < n && err == 0; i++) {
+		owner[i] = gpu >= 0 ? gpu : owner_gpu_locked(s, ids[i]);
+		if (owner[i] == -2)
+			err = aeg_fail(AEG_EINVAL, "slab id %" PRIu64 " is held by loads on several GPUs: name the GPU", ids[i]);
+		else if (owner[i] < 0 || owner[i] >= s->ngpus || s->gpus[owner[i]].pf == NULL)
+			err = aeg_fail(AEG_ENOENT, "slab id %" PRIu64 " holds no loaded chunk (released already?)", ids[i]);
+	}
+	pthread_mutex_unlock(&s->lock);
+	/* One engine call per GPU; an engine checks all its ids before freeing any. */
+	for (int g = 0; g < s->ngpus && err == 0; g++) {
+		uint64_t *mine = malloc(n * sizeof(*mine));
+		uint32_t k = 0;
+
+		if (mine == NULL) {
+			err = aeg_fail(AEG_ENOMEM, "release: out of memory");
+			break;
+		}
+		for (size_t i = 0; i < n; i++)
+			if (owner[i] == g)
+				mine[k++] = ids[i];
+		if (k > 0)
+			err = aeg_prefetch_release_wait(s->gpus[g].pf, mine, k, remaining_ms(deadline, timeout_ms));
+		free(mine);
+	}
+	free(owner);
+	return err;
+}
+
+/*
+ * JOB: wait for a load of this session holding any of @ids (slab @slab) to
+ * stop. 0 when one stopped or none is known (the caller asks again),
+ * AEG_ETIMEDOUT.
+ */
+static int job_wait_holders(aeg_session_t *s, int slab, const uint64_t *ids, size_t n, int timeout_ms)
+{
+	const struct idset *set = &s->owned[slab];
+	uint64_t load = 0;
+	int err;
+
+	pthread_mutex_lock(&s->lock);
+	for (size_t k = 0; k < set->n && load == 0; k++)
+		for (size_t i = 0; i < n && load == 0; i++)
+			if (set->b[k].id == ids[i])
+				load = set->b[k].load;
+	pthread_mutex_unlock(&s->lock);
+	if (load == 0)
+		return 0;
+	err = aeg_job_wait(s->job, load, timeout_ms);
+	if (err != AEG_ETIMEDOUT) {
+		aeg_error_clear();
+		err = 0;
+	}
+	return err;
+}
+
+static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n, int timeout_ms,
+		       uint32_t *released)
+{
+	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
+	unsigned us = POLL_MIN_US;
+	int *slab, err = 0;
+
+	slab = malloc(n * sizeof(*slab));
+	if (slab == NULL)
+		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	if (gpu >= 0)
+		err = job_slab(s, gpu, &slab[0]);
+	pthread_mutex_lock(&s->lock);
+	for (size_t i = 0; i < n && err == 0; i++) {
+		slab[i] = gpu >= 0 ? slab[0] : -1;
+		for (int j = 0; j < s->ngpus && slab[i] < 0; j++)
+			for (size_t k = 0; k < s->owned[j].n && slab[i] < 0; k++)
+				if (s->owned[j].b[k].id == ids[i])
+					slab[i] = j;
+		if (slab[i] < 0 && s->ngpus == 1)
+			slab[i] = 0;
+		if (slab[i] < 0)
+			err = aeg_fail(AEG_EINVAL, "slab id %" PRIu64 " was not loaded by this process and the job has %d slabs: name the GPU",
+				       ids[i], s->ngpus);
+	}
+	pthread_mutex_unlock(&s->lock);
+	for (int j = 0; j < s->ngpus && err == 0; j++) {
+		uint64_t *mine = malloc(n * sizeof(*mine));
+		size_t k = 0;
+		uint32_t got = 0;
+
+		if (mine == NULL) {
+			err = aeg_fail(AEG_ENOMEM, "release: out of memory");
+			break;
+		}
+		for (size_t i = 0; i < n; i++)
+			if (slab[i] == j)
+				mine[k++] = ids[i];
+		for (size_t at = 0; at < k && err == 0; at += got ? got : 1) {
+			size_t part = k - at < AEG_JOB_RELEASE_MAX ? k - at : AEG_JOB_RELEASE_MAX;
+
+			got = 0;
+			for (;;) {
+				err = aeg_job_release(s->job, j, mine + at, part, &got);
+				if (err != AEG_EBUSY || timeout_ms == 0)
+					break;
+				/* A load still in flight holds a block: wait for it, then again. */
+				err = job_wait_holders(s, j, mine + at, part, remaining_ms(deadline, timeout_ms));
+				if (err == 0 && timeout_ms >= 0 && aeg_now_ns() >= deadline)
+					err = AEG_ETIMEDOUT;
+				if (err == AEG_ETIMEDOUT) {
+					err = aeg_fail(AEG_ETIMEDOUT, "a load holding slab id %" PRIu64 " still loading after %d ms; nothing released",
+						       mine[at], timeout_ms);
+					break;
+				}
+				usleep(us);
+				us = us < POLL_MAX_US ? 2 * us : POLL_MAX_US;
+			}
+			if (err == 0) {
+				pthread_mutex_lock(&s->lock);
+				disown_blocks(s, j, mine + at, part);
+				pthread_mutex_unlock(&s->lock);
+				if (released)
+					*released += (uint32_t)part;
+				got = (uint32_t)part;
+			}
+		}
+		free(mine);
+	}
+	free(slab);
+	return err;
+}
+
+AEG_EXPORT int aeg_session_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t count,
+				   int timeout_ms, uint32_t *released)
+{
+	uint64_t *u;
+	size_t n;
+	int err;
+
+	if (released)
+		*released = 0;
+	if (s == NULL || (ids == NULL && count))
+		return aeg_fail(AEG_EINVAL, "aeg_session_release: NULL argument");
+	if (count == 0)
+		return 0;
+	for (size_t i = 0; i < count; i++)
+		if (ids[i] == 0)
+			return aeg_fail(AEG_EINVAL, "slab id 0 is no block's");
+	u = malloc(count * sizeof(*u));
+	if (u == NULL)
+		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	memcpy(u, ids, count * sizeof(*u));
+	n = unique_ids(u, count);
+	if (s->mode == AEG_SESSION_JOB) {
+		err = job_release(s, gpu, u, n, timeout_ms, released);
+	} else {
+		err = gpu >= 0 ? check_gpu(s, gpu) : 0;
+		if (err == 0)
+			err = local_release(s, gpu, u, n, timeout_ms);
+		if (err == 0 && released)
+			*released = (uint32_t)n;
+	}
+	free(u);
+	return err;
+}
+
+AEG_EXPORT int aeg_session_release_all(aeg_session_t *s, unsigned flags, uint32_t *released)
+{
+	uint32_t total = 0;
+	int err = 0;
+
+	if (released)
+		*released = 0;
+	if (s == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_release_all: NULL session");
+	if (flags & ~AEG_RELEASE_JOB)
+		return aeg_fail(AEG_EINVAL, "release flags 0x%x: unknown bits", flags);
+	if (s->mode == AEG_SESSION_JOB && (flags & AEG_RELEASE_JOB)) {
+		err = aeg_job_release_all(s->job, &total);
+		pthread_mutex_lock(&s->lock);
+		for (int j = 0; j < AEG_JOB_MAX_GPUS; j++)
+			s->owned[j].n = 0;
+		pthread_mutex_unlock(&s->lock);
+	} else if (s->mode == AEG_SESSION_JOB) {
+		/* Its own blocks, one at a time: another step may have freed some (ENOENT). */
+		for (int j = 0; j < s->ngpus && err == 0; j++) {
+			for (;;) {
+				uint64_t id;
+				uint32_t got = 0;
+
+				pthread_mutex_lock(&s->lock);
+				id = s->owned[j].n ? s->owned[j].b[s->owned[j].n - 1].id : 0;
+				pthread_mutex_unlock(&s->lock);
+				if (id == 0)
+					break;
+				err = job_release(s, -1, &id, 1, -1, &got);
+				if (err == AEG_ENOENT) {
+					aeg_error_clear();
+					pthread_mutex_lock(&s->lock);
+					disown_blocks(s, j, &id, 1);
+					pthread_mutex_unlock(&s->lock);
+					err = 0;
+				}
+				if (err)
+					break;
+				total += got;
+			}
+		}
+	} else {
+		/* An engine, once made, stays until the session closes. */
+		for (int g = 0; g < s->ngpus; g++) {
+			struct aeg_prefetch_stats st;
+			aeg_prefetch_t *pf;
+			int e;
+
+			pthread_mutex_lock(&s->lock);
+			pf = s->gpus[g].pf;
+			pthread_mutex_unlock(&s->lock);
+			if (pf == NULL)
+				continue;
+			aeg_prefetch_stats(pf, &st);
+			e = aeg_prefetch_release_all(pf);
+			if (e == 0)
+				total += (uint32_t)st.blocks;
+			else if (err == 0)
+				err = e;
+		}
+	}
+	if (released)
+		*released = total;
+	return err;
+}
+
+AEG_EXPORT int aeg_session_engine_stats(aeg_session_t *s, int gpu, struct aeg_prefetch_stats *stats,
+					uint64_t *slab_bytes)
+{
+	aeg_prefetch_t *pf = NULL;
+	aeg_slab_t *slab = NULL;
+	int err;
+
+	if (s == NULL || stats == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_engine_stats: NULL argument");
+	if (s->mode == AEG_SESSION_JOB)
+		return aeg_fail(AEG_ENOENT, "a job session has no engine of its own (the agent's: aegaeon-cli status)");
+	err = check_gpu(s, gpu);
+	if (err)
+		return err;
+	pthread_mutex_lock(&s->lock);
+	pf = s->gpus[gpu].pf;
+	slab = s->gpus[gpu].slab;
+	pthread_mutex_unlock(&s->lock);
+	if (pf == NULL)
+		return aeg_fail(AEG_ENOENT, "no engine on GPU %d yet", gpu);
+	if (slab_bytes)
+		*slab_bytes = aeg_slab_bytes(slab);
+	return aeg_prefetch_stats(pf, stats);
+}
+
+AEG_EXPORT uint64_t aeg_session_owned_blocks(aeg_session_t *s)
+{
+	uint64_t n = 0;
+
+	if (s == NULL)
+		return 0;
+	pthread_mutex_lock(&s->lock);
+	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
+		n += s->owned[i].n;
+	for (int g = 0; s->gpus != NULL && g < s->ngpus; g++) {
+		struct aeg_prefetch_stats st;
+
+		if (s->gpus[g].pf != NULL && aeg_prefetch_stats(s->gpus[g].pf, &st) == 0)
+			n += st.blocks;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
+AEG_EXPORT int aeg_session_locate(aeg_session_t *s, uint64_t ptr, uint64_t bytes, uint64_t slab_id, int *gpu)
+{
+	int found = -1;
+
+	if (s == NULL || gpu == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_locate: NULL argument");
+	if (s->mode == AEG_SESSION_JOB) {
+		for (int i = 0; i < s->ngpus && found < 0; i++) {
+			struct aeg_job_slab_desc d;
+			uintptr_t start;
+
+			if (aeg_job_slab_describe(s->job, i, &d) || d.base == NULL || d.gpu < 0)
+				continue;
+			start = (uintptr_t)d.base;
+			if (ptr >= start && bytes <= d.bytes && ptr - start <= d.bytes - bytes)
+				found = d.gpu;
+		}
+	} else {
+		pthread_mutex_lock(&s->lock);
+		for (int i = 0; i < s->ngpus && found < 0; i++) {
+			struct aeg_block b;
+			uintptr_t start;
+
+			if (s->gpus[i].slab == NULL || aeg_slab_lookup(s->gpus[i].slab, slab_id, &b))
+				continue;
+			start = (uintptr_t)b.ptr;
+			if (ptr >= start && bytes <= b.size && ptr - start <= b.size - bytes)
+				found = i;
+		}
+		pthread_mutex_unlock(&s->lock);
+		aeg_error_clear();
+	}
+	if (found < 0)
+		return aeg_fail(AEG_ENOENT, "no live loaded chunk has slab id %" PRIu64 " with %" PRIu64 " bytes at 0x%" PRIx64,
+				slab_id, bytes, ptr);
+	*gpu = found;
+	return 0;
+}
+
+/* ----------------------------------------------------------- accessors */
+
+AEG_EXPORT uint64_t aeg_model_id(const aeg_model_t *m)
+{
+	return m ? m->id : 0;
+}
+
+AEG_EXPORT const char *aeg_model_path(const aeg_model_t *m)
+{
+	return m ? m->path : NULL;
+}
+
+AEG_EXPORT int aeg_model_gpu(const aeg_model_t *m)
+{
+	return m ? m->gpu : -1;
+}
+
+AEG_EXPORT int aeg_model_owned(const aeg_model_t *m)
+{
+	return m ? m->owned : 0;
+}
+
+AEG_EXPORT const struct aeg_chunk *aeg_model_chunks(const aeg_model_t *m, uint32_t *count)
+{
+	if (m == NULL) {
+		if (count)
+			*count = 0;
+		return NULL;
+	}
+	if (m->load)
+		return aeg_load_chunks(m->load, count);
+	if (count)
+		*count = m->nchunks;
+	return m->chunks;
+}
+
+AEG_EXPORT const struct aeg_tensor *aeg_model_tensors(const aeg_model_t *m, uint32_t *count)
+{
+	if (m == NULL) {
+		if (count)
+			*count = 0;
+		return NULL;
+	}
+	if (m->load)
+		return aeg_load_tensors(m->load, count);
+	if (count)
+		*count = m->ntensors;
+	return m->tensors;
+}
+
+AEG_EXPORT uint32_t aeg_model_metadata(const aeg_model_t *m, const char *const **keys,
+				       const char *const **values)
+{
+	if (m != NULL && m->load != NULL)
+		return aeg_load_metadata(m->load, keys, values);
+	if (keys)
+		*keys = m ? (const char *const *)m->hdr.meta_keys : NULL;
+	if (values)
+		*values = m ? (const char *const *)m->hdr.meta_values : NULL;
+	return m ? (uint32_t)m->hdr.nmeta : 0;
+}
+
+AEG_EXPORT int aeg_model_wait(aeg_model_t *m, int timeout_ms)
+{
+	uint64_t t;
+	int err;
+
+	if (m == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_model_wait: NULL model");
+	if (m->load)
+		return aeg_load_wait(m->load, timeout_ms);
+	if (__atomic_load_n(&m->settled, __ATOMIC_ACQUIRE))
+		return 0;
+	t = aeg_now_ns();
+	err = aeg_job_wait(m->s->job, m->id, timeout_ms);
+	if (err == 0) {
+		__atomic_store_n(&m->settled, 1, __ATOMIC_RELEASE);
+		aeg_span_end("job wait", t);
+	}
+	return err;
+}
+
+AEG_EXPORT int aeg_model_wait_chunk(aeg_model_t *m, uint32_t index, int timeout_ms)
+{
+	if (m == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_model_wait_chunk: NULL model");
+	if (m->load)
+		return aeg_load_wait_chunk(m->load, index, timeout_ms);
+	if (index >= m->nchunks)
+		return aeg_fail(AEG_EINVAL, "chunk %u: the load has %u chunks", index, m->nchunks);
+	if (__atomic_load_n(&m->settled, __ATOMIC_ACQUIRE))
+		return 0;
+	return aeg_event_wait_handle(m->s->dev, &m->chunks[index].event, timeout_ms);
+}
+
+AEG_EXPORT int aeg_model_progress(aeg_model_t *m, struct aeg_load_progress *p)
+{
+	struct aeg_job_status *st;
+	int err;
+
+	if (m == NULL || p == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_model_progress: NULL argument");
+	if (m->load)
+		return aeg_load_progress(m->load, p);
+	memset(p, 0, sizeof(*p));
+	p->chunks = m->nchunks;
+	p->feed = AEG_FEED_AUTO;
+	err = aeg_job_status(m->s->job, &st);
+	if (err)
+		return err;
+	err = aeg_fail(AEG_ENOENT, "load %" PRIu64 " is gone from the agent (released)", m->id);
+	for (uint32_t i = 0; i < st->loads; i++) {
+		if (st->load[i].load_id != m->id)
+			continue;
+		p->total_bytes = st->load[i].file_bytes;
+		p->done_bytes = st->load[i].done_bytes;
+		p->status = st->load[i].status;
+		p->released_chunks = m->nchunks > st->load[i].chunks ? m->nchunks - st->load[i].chunks : 0;
+		if (p->status == 0)
+			p->done_chunks = m->nchunks;
+		err = 0;
+	}
+	aeg_job_status_free(st);
+	if (err == 0)
+		aeg_error_clear();
+	return err;
+}
+
+AEG_EXPORT int aeg_model_release(aeg_model_t *m)
+{
+	aeg_session_t *s;
+	uint64_t *ids;
+	uint32_t n = 0;
+	int err;
+
+	if (m == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_model_release: NULL model");
+	s = m->s;
+	if (m->load) {
+		err = aeg_load_release(m->load);
+		aeg_model_close(m);
+		return err;
+	}
+	ids = malloc((m->nchunks ? m->nchunks : 1) * sizeof(*ids));
+	if (ids == NULL)
+		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	for (uint32_t i = 0; i < m->nchunks; i++)
+		if (n == 0 || ids[n - 1] != m->chunks[i].slab_id)
+			ids[n++] = m->chunks[i].slab_id;
+	/* The agent cannot cancel for a client: wait for the load (it may have failed), then free what is left. */
+	err = aeg_model_wait(m, -1);
+	aeg_error_clear();
+	if (err != AEG_ENOENT) {
+		err = 0;
+		for (uint32_t i = 0; i < n && err == 0; i++) {
+			err = aeg_job_release(s->job, m->slab, &ids[i], 1, NULL);
+			if (err == AEG_ENOENT) {
+				aeg_error_clear();
+				err = 0;
+			}
+		}
+	} else {
+		err = 0;
+	}
+	pthread_mutex_lock(&s->lock);
+	disown_blocks(s, m->slab, ids, n);
+	pthread_mutex_unlock(&s->lock);
+	free(ids);
+	aeg_model_close(m);
+	return err;
+}
+
+AEG_EXPORT void aeg_model_close(aeg_model_t *m)
+{
+	if (m == NULL)
+		return;
+	pthread_mutex_lock(&m->s->lock);
+	model_unlink(m);
+	pthread_mutex_unlock(&m->s->lock);
+	model_free(m);
+}

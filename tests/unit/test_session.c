@@ -1,0 +1,421 @@
+/* Sessions on the host backend: the same load, find, wait and release in a process and through a real agent. */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <aegaeon/aegaeon.h>
+#include <aegaeon/session.h>
+
+#include "internal.h"
+#include "agentutil.h"
+#include "testutil.h"
+
+#define KiB 1024ull
+#define MiB (1024ull * 1024ull)
+
+struct fx {
+	char dir[64];
+	char raw[128], st[128], st_bin[128];
+	unsigned char *raw_bytes, *st_bytes;
+	uint64_t raw_size, st_size;
+	struct test_agent agent;
+	enum aeg_session_mode mode;
+	int fds;
+};
+
+static const uint64_t st_sizes[] = { 100 * KiB, 3 * MiB + 17, 4096, 0, 700 * KiB };
+
+static int setup_files(struct fx *f)
+{
+	strcpy(f->dir, "/tmp/aeg-session-XXXXXX");
+	if (mkdtemp(f->dir) == NULL)
+		return -1;
+	snprintf(f->raw, sizeof(f->raw), "%s/weights.bin", f->dir);
+	snprintf(f->st, sizeof(f->st), "%s/model.safetensors", f->dir);
+	f->raw_size = 5 * MiB + 123;
+	f->raw_bytes = test_pattern(f->raw_size, 3);
+	test_write_file(f->raw, f->raw_bytes, f->raw_size);
+	f->st_bytes = test_st_file(f->st, st_sizes, (int)AEG_ARRAY_SIZE(st_sizes), &f->st_size);
+	/* The same bytes under a name that does not say safetensors. */
+	snprintf(f->st_bin, sizeof(f->st_bin), "%s/pytorch_weights.bin", f->dir);
+	test_write_file(f->st_bin, f->st_bytes, f->st_size);
+	return 0;
+}
+
+static int setup_local(void **state)
+{
+	struct fx *f = calloc(1, sizeof(*f));
+
+	if (f == NULL || setup_files(f))
+		return -1;
+	unsetenv("AEGAEON_SOCKET");
+	setenv("AEGAEON_HOST_GPUS", "2", 1);
+	setenv("AEGAEON_PREFETCH_SLAB", "64MiB", 1);
+	f->mode = AEG_SESSION_LOCAL;
+	f->fds = count_fds();
+	*state = f;
+	return 0;
+}
+
+static int setup_job(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct fx *f = calloc(1, sizeof(*f));
+
+	if (f == NULL || setup_files(f))
+		return -1;
+	setenv("AEGAEON_HOST_GPUS", "1", 1);
+	unsetenv("AEGAEON_SLABS");
+	if (test_agent_start(&f->agent, opts))
+		return -1;
+	f->mode = AEG_SESSION_JOB;
+	f->fds = count_fds();
+	*state = f;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct fx *f = *state;
+	char cmd[128];
+	int fds = count_fds(), leaked = fds != f->fds;
+
+	/* Every test closes what it opened: no descriptor is left behind. */
+	if (leaked)
+		fprintf(stderr, "descriptors: %d before the test, %d after\n", f->fds, fds);
+	if (f->agent.pid > 0)
+		test_agent_stop(&f->agent);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->dir);
+	if (system(cmd) != 0)
+		leaked = 1;
+	free(f->raw_bytes);
+	free(f->st_bytes);
+	free(f);
+	return leaked ? -1 : 0;
+}
+
+static aeg_session_t *open_session(struct fx *f)
+{
+	struct aeg_session_config cfg = { .mode = f->mode };
+	aeg_session_t *s = NULL;
+
+	assert_int_equal(aeg_session_open(&cfg, &s), 0);
+	assert_int_equal(aeg_session_mode(s), f->mode);
+	return s;
+}
+
+/* Every chunk holds its file range; together they tile the part of the file loaded. */
+static void check_model(aeg_model_t *m, const unsigned char *file, uint64_t from, uint64_t size)
+{
+	const struct aeg_chunk *c;
+	uint32_t n;
+	uint64_t pos = from;
+
+	c = aeg_model_chunks(m, &n);
+	assert_true(n > 0);
+	for (uint32_t i = 0; i < n; i++) {
+		assert_int_equal(c[i].file_offset, pos);
+		assert_non_null(c[i].device_ptr);
+		assert_memory_equal(c[i].device_ptr, file + c[i].file_offset, c[i].size);
+		pos += c[i].size;
+	}
+	assert_int_equal(pos, size);
+}
+
+static void load_wait_release(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->raw, .gpu = 0, .chunk_bytes = 1 * MiB };
+	struct aeg_load_progress p;
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL;
+	uint32_t n, released = 0;
+
+	assert_int_equal(aeg_session_gpu_count(s), f->mode == AEG_SESSION_LOCAL ? 2 : 1);
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_owned(m), 1);
+	assert_true(aeg_model_id(m) > 0);
+	assert_int_equal(aeg_model_gpu(m), 0);
+	assert_string_equal(aeg_model_path(m), f->raw);
+	aeg_model_chunks(m, &n);
+	assert_int_equal(n, 6);
+	for (uint32_t i = 0; i < n; i++)
+		assert_int_equal(aeg_model_wait_chunk(m, i, 10000), 0);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	check_model(m, f->raw_bytes, 0, f->raw_size);
+	assert_int_equal(aeg_model_wait_chunk(m, n, 0), AEG_EINVAL);
+	aeg_model_tensors(m, &n);
+	assert_int_equal(n, 0);
+	assert_int_equal(aeg_model_progress(m, &p), 0);
+	assert_int_equal(p.status, 0);
+	assert_int_equal(p.done_bytes, f->raw_size);
+	aeg_model_close(m);
+	assert_int_equal(aeg_session_release_all(s, 0, &released), 0);
+	assert_int_equal(released, 6);
+	/* Nothing of it is resident any more. */
+	assert_int_equal(aeg_session_find(s, f->raw, 0, &m), AEG_ENOENT);
+	aeg_session_close(s);
+}
+
+/* Safetensors by content: the same tensors and metadata whatever the file is called. */
+static void safetensors_tensors(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->st, .gpu = -1, .chunk_bytes = 1 * MiB };
+	const char *const *keys, *const *values;
+	const struct aeg_tensor *t;
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL;
+	uint32_t n;
+
+	for (int named = 0; named < 2; named++) {
+		req.path = named ? f->st : f->st_bin;
+		assert_int_equal(aeg_session_load(s, &req, &m), 0);
+		assert_int_equal(aeg_model_metadata(m, &keys, &values), 1);
+		assert_string_equal(keys[0], "format");
+		assert_string_equal(values[0], "pt");
+		if (!named) {
+			aeg_model_tensors(m, &n);
+			assert_int_equal(n, AEG_ARRAY_SIZE(st_sizes));
+			assert_int_equal(aeg_model_release(m), 0);
+		}
+	}
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	t = aeg_model_tensors(m, &n);
+	assert_int_equal(n, AEG_ARRAY_SIZE(st_sizes));
+	for (uint32_t i = 0; i < n; i++) {
+		char name[8];
+
+		snprintf(name, sizeof(name), "t%u", i);
+		assert_string_equal(t[i].name, name);
+		assert_string_equal(t[i].dtype, "U8");
+		assert_int_equal(t[i].ndim, 1);
+		assert_int_equal(t[i].shape[0], st_sizes[i]);
+		assert_int_equal(t[i].size, st_sizes[i]);
+		if (t[i].size > 0) {
+			assert_non_null(t[i].device_ptr);
+			assert_memory_equal(t[i].device_ptr, f->st_bytes + t[i].file_offset, t[i].size);
+		}
+	}
+	assert_int_equal(aeg_model_release(m), 0);
+	assert_int_equal(aeg_session_find(s, f->st, -1, &m), AEG_ENOENT);
+	aeg_session_close(s);
+}
+
+/* REUSE finds a resident load of the same file (not owned); without it a second load is made. */
+static void reuse_and_find(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->raw, .gpu = 0, .chunk_bytes = 1 * MiB };
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+
+	assert_int_equal(aeg_session_load(s, &req, &a), 0);
+	req.flags = AEG_LOAD_REUSE;
+	assert_int_equal(aeg_session_load(s, &req, &b), 0);
+	assert_int_equal(aeg_model_id(b), aeg_model_id(a));
+	assert_int_equal(aeg_model_owned(b), 0);
+	req.flags = 0;
+	assert_int_equal(aeg_session_load(s, &req, &c), 0);
+	assert_int_not_equal(aeg_model_id(c), aeg_model_id(a));
+	assert_int_equal(aeg_session_find_id(s, aeg_model_id(a), &d), 0);
+	assert_int_equal(aeg_model_wait(d, 10000), 0);
+	check_model(d, f->raw_bytes, 0, f->raw_size);
+	aeg_model_close(d);
+	/* Closing a handle keeps the chunks; releasing frees them for every holder. */
+	aeg_model_close(b);
+	assert_int_equal(aeg_model_wait(a, 10000), 0);
+	check_model(a, f->raw_bytes, 0, f->raw_size);
+	assert_int_equal(aeg_model_release(a), 0);
+	assert_int_equal(aeg_session_find_id(s, aeg_model_id(c), &d), 0);
+	aeg_model_close(d);
+	assert_int_equal(aeg_model_wait(c, 10000), 0);
+	assert_int_equal(aeg_model_release(c), 0);
+	assert_int_equal(aeg_session_find(s, f->raw, 0, &d), AEG_ENOENT);
+	aeg_session_close(s);
+}
+
+/* By block id: a load still in flight is waited for; every id is checked before any is freed. */
+static void release_by_ids(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->raw, .gpu = 0, .chunk_bytes = 1 * MiB };
+	const struct aeg_chunk *c;
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL;
+	uint64_t ids[8], bogus[2];
+	uint32_t n, k = 0, released = 0;
+
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	c = aeg_model_chunks(m, &n);
+	for (uint32_t i = 0; i < n; i++)
+		ids[k++] = c[i].slab_id;
+	ids[k++] = c[0].slab_id;                /* a repeat counts once */
+	bogus[0] = c[0].slab_id;
+	bogus[1] = 999999;
+	assert_int_equal(aeg_session_release(s, -1, bogus, 2, -1, NULL), AEG_ENOENT);
+	assert_non_null(strstr(aeg_error_detail(), "999999"));
+	assert_int_equal(aeg_session_release(s, -1, ids, k, 10000, &released), 0);
+	assert_int_equal(released, n);
+	assert_int_equal(aeg_session_release(s, -1, ids, 1, -1, NULL), AEG_ENOENT);
+	aeg_model_close(m);
+	aeg_session_close(s);
+}
+
+static void bad_requests(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->raw, .gpu = 0, .chunk_bytes = 1000 };
+	struct aeg_session_config bad = { .mode = 7 };
+	aeg_session_t *s = open_session(f), *t = NULL;
+	aeg_model_t *m = NULL;
+	uint64_t zero = 0;
+	char missing[160];
+
+	assert_int_equal(aeg_session_open(&bad, &t), AEG_EINVAL);
+	assert_null(t);
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "multiple of 4 KiB"));
+	req.chunk_bytes = 1 * MiB;
+	req.gpu = 5;
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_ENODEV);
+	req.gpu = 0;
+	snprintf(missing, sizeof(missing), "%s/missing.safetensors", f->dir);
+	req.path = missing;
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_ENOENT);
+	req.path = "";
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_EINVAL);
+	req.path = f->dir;
+	assert_int_not_equal(aeg_session_load(s, &req, &m), 0);
+	req.path = f->raw;
+	req.flags = 0x80;
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_EINVAL);
+	assert_null(m);
+	assert_int_equal(aeg_session_release(s, -1, &zero, 1, 0, NULL), AEG_EINVAL);
+	assert_int_equal(aeg_session_release_all(s, 0x10, NULL), AEG_EINVAL);
+	assert_int_equal(aeg_session_find_id(s, 0, &m), AEG_EINVAL);
+	assert_int_equal(aeg_session_find_id(s, 424242, &m), AEG_ENOENT);
+	assert_int_equal(aeg_session_prepare(s, 9), AEG_ENODEV);
+	aeg_session_close(s);
+}
+
+/* A local session makes its engine once: later loads reuse the slab, and release_all keeps it. */
+static void local_engine_kept(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->raw, .gpu = 1, .chunk_bytes = 1 * MiB };
+	struct aeg_span spans[AEG_SPANS_MAX];
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL;
+	void *first;
+	int n, made = 0;
+
+	aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
+	assert_int_equal(aeg_session_prepare(s, 1), 0);
+	n = aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
+	for (int i = 0; i < n; i++)
+		made += strcmp(spans[i].name, "slab create") == 0 || strcmp(spans[i].name, "engine create") == 0;
+	assert_int_equal(made, 2);
+	assert_int_equal(aeg_session_prepare(s, 1), 0);
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	first = aeg_model_chunks(m, NULL)->device_ptr;
+	aeg_model_close(m);
+	assert_int_equal(aeg_session_release_all(s, 0, NULL), 0);
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	/* The same slab, so the same first block. */
+	assert_ptr_equal(aeg_model_chunks(m, NULL)->device_ptr, first);
+	check_model(m, f->raw_bytes, 0, f->raw_size);
+	n = aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
+	for (int i = 0; i < n; i++)
+		assert_string_not_equal(spans[i].name, "slab create");
+	aeg_model_close(m);
+	aeg_session_close(s);
+}
+
+/* A job session waits for a whole load with one request: a failed load says why. */
+static void job_wait_one_request(void **state)
+{
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->st, .gpu = 0, .chunk_bytes = 1 * MiB };
+	aeg_session_t *s = open_session(f), *t = NULL;
+	aeg_model_t *m = NULL, *found = NULL;
+
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	/* Another process of the job (here, a second session) finds it and its tensors. */
+	assert_int_equal(aeg_session_open(NULL, &t), 0);
+	assert_int_equal(aeg_session_mode(t), AEG_SESSION_JOB);
+	assert_int_equal(aeg_session_find(t, f->st, 0, &found), 0);
+	assert_int_equal(aeg_model_owned(found), 0);
+	assert_int_equal(aeg_model_id(found), aeg_model_id(m));
+	assert_int_equal(aeg_model_wait(found, 10000), 0);
+	{
+		uint32_t n;
+		const struct aeg_tensor *tt = aeg_model_tensors(found, &n);
+
+		assert_int_equal(n, AEG_ARRAY_SIZE(st_sizes));
+		for (uint32_t i = 0; i < n; i++)
+			if (tt[i].size)
+				assert_memory_equal(tt[i].device_ptr, f->st_bytes + tt[i].file_offset, tt[i].size);
+	}
+	aeg_model_close(found);
+	/* A second session's release_all frees only its own loads. */
+	assert_int_equal(aeg_session_release_all(t, 0, NULL), 0);
+	assert_int_equal(aeg_session_find(t, f->st, 0, &found), 0);
+	aeg_model_close(found);
+	aeg_session_close(t);
+	assert_int_equal(aeg_model_release(m), 0);
+	assert_int_equal(aeg_model_wait(m, 0), 0);
+	aeg_session_open(NULL, &t);
+	assert_int_equal(aeg_session_find(t, f->st, 0, &found), AEG_ENOENT);
+	aeg_session_close(t);
+	/* A load the agent does not hold cannot be waited on. */
+	assert_int_equal(aeg_job_wait(aeg_session_job(s), 999999, 1000), AEG_ENOENT);
+	assert_non_null(strstr(aeg_error_detail(), "no load 999999"));
+	/* release_all with AEG_RELEASE_JOB frees every load of the job. */
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	aeg_model_close(m);
+	aeg_session_open(NULL, &t);
+	req.flags = 0;
+	assert_int_equal(aeg_session_load(t, &req, &found), 0);
+	aeg_model_close(found);
+	assert_int_equal(aeg_session_release_all(s, AEG_RELEASE_JOB, NULL), 0);
+	assert_int_equal(aeg_session_find(t, f->st, 0, &found), AEG_ENOENT);
+	aeg_session_close(t);
+	aeg_session_close(s);
+}
+
+int main(void)
+{
+	const struct CMUnitTest local[] = {
+		cmocka_unit_test_setup_teardown(load_wait_release, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(safetensors_tensors, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(reuse_and_find, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(release_by_ids, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(bad_requests, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(local_engine_kept, setup_local, teardown),
+	};
+	const struct CMUnitTest job[] = {
+		cmocka_unit_test_setup_teardown(load_wait_release, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(safetensors_tensors, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(reuse_and_find, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(release_by_ids, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(bad_requests, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(job_wait_one_request, setup_job, teardown),
+	};
+	int failed = cmocka_run_group_tests_name("local session", local, NULL, NULL);
+
+	return failed + cmocka_run_group_tests_name("job session", job, NULL, NULL);
+}
