@@ -250,27 +250,32 @@ PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle)
 	return PyBytes_FromStringAndSize((const char *)handle->bytes, AEG_HANDLE_BYTES);
 }
 
+/* @seq as a new list, or NULL with TypeError for what is no sequence of ints. */
+static PyObject *int_sequence(PyObject *seq, const char *what)
+{
+	PyObject *fast;
+
+	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
+		return NULL;
+	}
+	fast = PySequence_List(seq);
+	if (fast == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+		PyErr_Clear();
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
+	}
+	return fast;
+}
+
 int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
 {
-	PyObject *fast, *item;
+	PyObject *fast = int_sequence(seq, what);
 	uint32_t *ids = NULL;
 	Py_ssize_t n;
 	uint64_t v;
 
-	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
-		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what,
-			     pyaeg_tname(seq));
+	if (fast == NULL)
 		return -1;
-	}
-	fast = PySequence_List(seq);
-	if (fast == NULL) {
-		if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-			PyErr_Clear();
-			PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what,
-				     pyaeg_tname(seq));
-		}
-		return -1;
-	}
 	n = PyList_Size(fast);
 	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
 	if (ids == NULL) {
@@ -279,8 +284,7 @@ int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp
 		return -1;
 	}
 	for (Py_ssize_t i = 0; i < n; i++) {
-		item = PyList_GetItem(fast, i);
-		if (pyaeg_u64(item, what, 1, &v) < 0)
+		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v) < 0)
 			goto fail;
 		if (v >= max) {
 			PyErr_Format(PyExc_ValueError, "%s[%zd] = %llu is out of range (0..%u)", what, i,
@@ -297,6 +301,34 @@ fail:
 	Py_DECREF(fast);
 	PyMem_Free(ids);
 	return -1;
+}
+
+int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **out, size_t *np)
+{
+	PyObject *fast = int_sequence(seq, what);
+	uint64_t *v;
+	Py_ssize_t n;
+
+	if (fast == NULL)
+		return -1;
+	n = PyList_Size(fast);
+	v = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*v));
+	if (v == NULL) {
+		Py_DECREF(fast);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v[i]) < 0) {
+			Py_DECREF(fast);
+			PyMem_Free(v);
+			return -1;
+		}
+	}
+	Py_DECREF(fast);
+	*out = v;
+	*np = (size_t)n;
+	return 0;
 }
 
 int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value)
@@ -373,6 +405,23 @@ static void rtlock_give(void)
 	pthread_mutex_unlock(&rtlock.mu);
 }
 
+/* Takes the runtime lock if it is free, keeping the GIL (its mutex is never held across a GIL change). */
+static int rtlock_try(void)
+{
+	int got;
+
+	pthread_mutex_lock(&rtlock.mu);
+	got = !rtlock.held;
+	if (got) {
+		rtlock.held = 1;
+		rtlock.parked = 0;
+	}
+	pthread_mutex_unlock(&rtlock.mu);
+	if (got)
+		rtlock_mine = 1;
+	return got;
+}
+
 static void rtlock_park(int parked)
 {
 	pthread_mutex_lock(&rtlock.mu);
@@ -434,6 +483,8 @@ static void res_destroy(struct pyaeg_res *res)
 		aeg_kv_destroy(res->kv);
 	if (res->stream != NULL)
 		aeg_stream_destroy(res->stream);
+	if (res->stream_in != NULL)
+		aeg_stream_destroy(res->stream_in);
 	if (res->slab != NULL && res->job_lease && rt.job != NULL)
 		aeg_job_slab_return(rt.job, res->slab);
 	else if (res->slab != NULL)
@@ -442,6 +493,7 @@ static void res_destroy(struct pyaeg_res *res)
 		aeg_pool_destroy(res->pool);
 	res->kv = NULL;
 	res->stream = NULL;
+	res->stream_in = NULL;
 	res->slab = NULL;
 	res->pool = NULL;
 }
@@ -1073,6 +1125,32 @@ static int wait_handle_slice(void *arg, int timeout_ms)
 	return aeg_event_wait_handle(w->dev, &w->handle, timeout_ms);
 }
 
+/*
+ * An opened handle whose event is complete is answered with the GIL held:
+ * giving the GIL up and taking it back costs more than the query, and with
+ * other Python threads running it can take a whole switch interval.
+ */
+static int complete_now(aeg_device_t *dev, const aeg_handle_t *handle)
+{
+	int done = 0;
+
+	if (!rtlock_try())
+		return 0;
+	if (rt.dev == dev)
+		done = aeg_event_query_handle(dev, handle) == 0;
+	rtlock_give();
+	return done;
+}
+
+int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seconds)
+{
+	struct handle_wait w = { dev, *handle };
+
+	if (complete_now(dev, handle))
+		return 0;
+	return pyaeg_wait(wait_handle_slice, &w, seconds);
+}
+
 PyDoc_STRVAR(wait_event_doc,
 "wait_event_handle_bytes(handle, timeout=None)\n--\n\n"
 "Wait until the event behind a 64-byte handle (from this or another process\n"
@@ -1086,18 +1164,19 @@ static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "handle", "timeout", NULL };
 	PyObject *obj, *timeout_obj = Py_None;
-	struct handle_wait w;
+	aeg_handle_t handle;
+	aeg_device_t *dev;
 	double seconds;
 	int err;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:wait_event_handle_bytes", kwlist, &obj,
 					 &timeout_obj))
 		return NULL;
-	if (pyaeg_handle(obj, &w.handle) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
+	if (pyaeg_handle(obj, &handle) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
 		return NULL;
-	if (pyaeg_device(&w.dev) < 0)
+	if (pyaeg_device(&dev) < 0)
 		return NULL;
-	err = pyaeg_wait(wait_handle_slice, &w, seconds);
+	err = pyaeg_wait_handle(dev, &handle, seconds);
 	if (err == PYAEG_SIGNALLED)
 		return NULL;
 	if (err == AEG_ETIMEDOUT)

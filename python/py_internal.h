@@ -22,6 +22,7 @@ struct pyaeg_res {
 	struct pyaeg_res *prev, *next;
 	aeg_kv_t *kv;
 	aeg_stream_t *stream;
+	aeg_stream_t *stream_in;        /* a KV cache's second stream: swap-ins run beside swap-outs */
 	aeg_slab_t *slab;
 	int job_lease;                  /* slab is a lease of a job slab (aeg_job_slab) */
 	aeg_pool_t *pool;
@@ -38,6 +39,7 @@ int pyaeg_timeout(PyObject *obj, double *seconds);           /* None -> -1 */
 int pyaeg_handle(PyObject *obj, aeg_handle_t *handle);
 PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle);
 int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **ids, size_t *n);
+int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **v, size_t *n);  /* PyMem_Free *v */
 int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value);  /* steals value */
 
 /*
@@ -49,6 +51,8 @@ int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value);  /* steals
  */
 #define PYAEG_SIGNALLED 1
 int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds);
+/* pyaeg_wait_handle - aeg_event_wait_handle through pyaeg_wait; a complete event is answered keeping the GIL. */
+int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seconds);
 
 /* The runtime: one device for the process, opened at first use (aegaeon_native.c). */
 int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */

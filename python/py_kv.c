@@ -1,5 +1,5 @@
 /* KVCache: KV blocks on a GPU and in pinned host memory, swapped in bulk, from Python. */
-#include "py_internal.h"
+#include "py_kv.h"
 
 #include <stdarg.h>
 #include <string.h>
@@ -7,23 +7,8 @@
 #define DEFAULT_BLOCK_BYTES (32u << 10)
 #define DEFAULT_BLOCKS 1024u
 
-typedef struct {
-	PyObject_HEAD
-	struct pyaeg_res *res;          /* res->kv and res->stream; NULL once closed */
-	aeg_device_t *dev;
-	int gpu;
-	int host;
-	uint64_t block_bytes;
-	uint32_t gpu_blocks;
-	uint32_t host_blocks;
-	PyObject *slab;                 /* SlabAllocator the GPU blocks come from */
-	PyObject *pool;                 /* PinnedPool the host blocks come from */
-	PyObject *pending;              /* {handle: None}: events not released yet */
-	PyObject *reqs;                 /* seed API: {req_id: [nbytes, host_ids, gpu_ids|None, out_handle|None]} */
-	Py_ssize_t views;
-} KVObject;
 
-static aeg_kv_t *kv_open(KVObject *k)
+aeg_kv_t *pykv_open(KVObject *k)
 {
 	if (k->res == NULL || k->res->kv == NULL) {
 		PyErr_SetString(PyExc_ValueError, "operation on a closed KVCache");
@@ -47,99 +32,208 @@ static PyObject *call_type(PyObject *type, const char *fmt, ...)
 	return obj;
 }
 
+/* KVCache's arguments; the objects are borrowed, Py_None when not given. */
+struct kv_args {
+	int gpu;
+	uint64_t block_bytes, gpu_blocks, host_blocks, gpu_stride, host_stride, layers, parts;
+	PyObject *slab, *pool, *gpu_tensors, *host_tensors;
+	void **gpu_bases, **host_bases;         /* PyMem_Malloc'ed pointer lists */
+};
+
+static int parse_args(PyObject *args, PyObject *kw, struct kv_args *a)
+{
+	static char *kwlist[] = { "gpu_id", "block_bytes", "gpu_blocks", "host_blocks", "slab", "pool", "layers",
+				  "parts", "gpu_tensors", "gpu_stride", "host_tensors", "host_stride", NULL };
+	PyObject *gpu_obj, *o[7] = { NULL };
+
+	memset(a, 0, sizeof(*a));
+	a->slab = a->pool = a->gpu_tensors = a->host_tensors = Py_None;
+	a->block_bytes = DEFAULT_BLOCK_BYTES;
+	a->gpu_blocks = a->host_blocks = DEFAULT_BLOCKS;
+	a->layers = a->parts = 1;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOO$OOOOOOOO:KVCache", kwlist, &gpu_obj, &o[0], &o[1], &o[2],
+					 &a->slab, &a->pool, &o[3], &o[4], &a->gpu_tensors, &o[5], &a->host_tensors,
+					 &o[6]))
+		return -1;
+	if (pyaeg_gpu(gpu_obj, &a->gpu) < 0 ||
+	    (o[0] && pyaeg_u64(o[0], "block_bytes", 0, &a->block_bytes) < 0) ||
+	    (o[1] && pyaeg_u64(o[1], "gpu_blocks", 0, &a->gpu_blocks) < 0) ||
+	    (o[2] && pyaeg_u64(o[2], "host_blocks", 1, &a->host_blocks) < 0) ||
+	    (o[3] && pyaeg_u64(o[3], "layers", 0, &a->layers) < 0) ||
+	    (o[4] && pyaeg_u64(o[4], "parts", 0, &a->parts) < 0) ||
+	    (o[5] && pyaeg_u64(o[5], "gpu_stride", 1, &a->gpu_stride) < 0) ||
+	    (o[6] && pyaeg_u64(o[6], "host_stride", 1, &a->host_stride) < 0))
+		return -1;
+	if (a->block_bytes % AEG_KV_BLOCK_ALIGN != 0 || a->block_bytes < AEG_KV_BLOCK_MIN ||
+	    a->block_bytes > AEG_KV_BLOCK_MAX) {
+		PyErr_Format(PyExc_ValueError, "block_bytes %llu: must be a multiple of %u from %u to %u",
+			     (unsigned long long)a->block_bytes, AEG_KV_BLOCK_ALIGN, AEG_KV_BLOCK_MIN, AEG_KV_BLOCK_MAX);
+		return -1;
+	}
+	if (a->gpu_blocks > UINT32_MAX / 2 || a->host_blocks > UINT32_MAX / 2 || a->layers > AEG_KV_LAYERS_MAX ||
+	    a->parts > AEG_KV_PARTS_MAX) {
+		PyErr_Format(PyExc_ValueError, "gpu_blocks and host_blocks must be below %u, layers 1..%u, parts 1..%u",
+			     UINT32_MAX / 2, AEG_KV_LAYERS_MAX, AEG_KV_PARTS_MAX);
+		return -1;
+	}
+	return 0;
+}
+
+/* A per-layer side's pointers: layers * parts ints. */
+static void **tensor_list(PyObject *seq, const char *what, const struct kv_args *a)
+{
+	size_t want = (size_t)(a->layers * a->parts), n;
+	uint64_t *v;
+	void **bases;
+
+	if (pyaeg_u64_list(seq, what, &v, &n) < 0)
+		return NULL;
+	if (n != want) {
+		PyMem_Free(v);
+		PyErr_Format(PyExc_ValueError, "%s has %zu pointers; layers x parts is %zu", what, n, want);
+		return NULL;
+	}
+	bases = (void **)v;     /* uint64_t and pointers have one size here */
+	for (size_t i = 0; i < n; i++)
+		bases[i] = (void *)(uintptr_t)v[i];
+	return bases;
+}
+
+/* The GPU side: per-layer tensors, the given slab, or a slab of its own. */
+static int gpu_side(KVObject *k, struct kv_args *a, struct aeg_kv_params *p, struct aeg_kv_tensors *t)
+{
+	PyObject *slab = a->slab;
+
+	if (a->gpu_tensors != Py_None) {
+		if (slab != Py_None) {
+			PyErr_SetString(PyExc_ValueError, "slab= and gpu_tensors= both give the GPU side: give one");
+			return -1;
+		}
+		if (!(a->gpu_bases = tensor_list(a->gpu_tensors, "gpu_tensors", a)))
+			return -1;
+		*t = (struct aeg_kv_tensors){ a->gpu_bases, a->gpu_stride, (uint32_t)a->gpu_blocks };
+		p->gpu_tensors = t;
+		Py_INCREF(Py_None);
+		k->slab = Py_None;
+		return 0;
+	}
+	if (slab == Py_None)
+		slab = call_type(pyaeg_slab_type, "(iK)", a->gpu, (unsigned long long)(a->gpu_blocks * a->block_bytes));
+	else if (pyaeg_slab_of(slab) != NULL)
+		Py_INCREF(slab);
+	else
+		return -1;
+	k->slab = slab;
+	if (slab == NULL || !(p->slab = pyaeg_slab_of(slab)))
+		return -1;
+	p->gpu_blocks = (uint32_t)a->gpu_blocks;
+	return 0;
+}
+
+/* The host side: per-layer tensors, the given pool, or a pool of its own. */
+static int host_side(KVObject *k, struct kv_args *a, struct aeg_kv_params *p, struct aeg_kv_tensors *t)
+{
+	PyObject *pool = a->pool;
+	struct aeg_pool_stats ps;
+
+	if (a->host_tensors != Py_None) {
+		if (pool != Py_None) {
+			PyErr_SetString(PyExc_ValueError, "pool= and host_tensors= both give the host side: give one");
+			return -1;
+		}
+		if (!(a->host_bases = tensor_list(a->host_tensors, "host_tensors", a)))
+			return -1;
+		*t = (struct aeg_kv_tensors){ a->host_bases, a->host_stride, (uint32_t)a->host_blocks };
+		p->host_tensors = t;
+		Py_INCREF(Py_None);
+		k->pool = Py_None;
+		return 0;
+	}
+	if (pool == Py_None && a->host_blocks == 0) {
+		PyErr_SetString(PyExc_ValueError, "host_blocks 0 needs a pool= whose blocks other processes allocate");
+		return -1;
+	}
+	if (pool == Py_None) {
+		uint64_t buf = a->block_bytes;  /* buffers hold whole blocks and whole pages */
+
+		while (buf % 4096 != 0)
+			buf += a->block_bytes;
+		pool = call_type(pyaeg_pool_type, "(KKi)", (unsigned long long)buf,
+				 (unsigned long long)((a->host_blocks * a->block_bytes + buf - 1) / buf), a->gpu);
+	} else if (pyaeg_pool_of(pool) != NULL) {
+		Py_INCREF(pool);
+	} else {
+		return -1;
+	}
+	k->pool = pool;
+	if (pool == NULL || !(p->pool = pyaeg_pool_of(pool)))
+		return -1;
+	aeg_pool_stats(p->pool, &ps);
+	p->host_buffers = (uint32_t)((a->host_blocks * a->block_bytes + ps.buffer_bytes - 1) / ps.buffer_bytes);
+	return 0;
+}
+
+/* Two streams, swap-outs on one and swap-ins on the other, and the cache. */
+static int open_cache(KVObject *k, const struct aeg_kv_params *p)
+{
+	struct aeg_kv_stats st;
+	int err;
+
+	k->res = pyaeg_res_new();
+	if (k->res == NULL)
+		return -1;
+	PYAEG_BEGIN_ALLOW_THREADS
+	err = aeg_stream_create(k->dev, k->gpu, &k->res->stream);
+	if (err == 0)
+		err = aeg_stream_create(k->dev, k->gpu, &k->res->stream_in);
+	if (err == 0)
+		err = aeg_kv_create(k->dev, k->gpu, p, &k->res->kv);
+	PYAEG_END_ALLOW_THREADS
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
+	aeg_kv_stats(k->res->kv, &st);
+	k->gpu_blocks = st.gpu_blocks;
+	k->host_blocks = st.host_blocks;
+	return 0;
+}
+
 static PyObject *kv_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "gpu_id", "block_bytes", "gpu_blocks", "host_blocks", "slab", "pool", NULL };
-	PyObject *gpu_obj, *bb_obj = NULL, *gb_obj = NULL, *hb_obj = NULL, *slab = Py_None, *pool = Py_None;
-	uint64_t block_bytes = DEFAULT_BLOCK_BYTES, gpu_blocks = DEFAULT_BLOCKS, host_blocks = DEFAULT_BLOCKS;
-	struct aeg_kv_params params;
-	struct aeg_kv_stats st;
-	KVObject *k;
-	int gpu, err;
+	struct aeg_kv_params params = { 0 };
+	struct aeg_kv_tensors gt, ht;
+	struct kv_args a;
+	KVObject *k = NULL;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOO$OO:KVCache", kwlist, &gpu_obj, &bb_obj, &gb_obj,
-					 &hb_obj, &slab, &pool))
+	if (parse_args(args, kw, &a) < 0)
 		return NULL;
-	if (pyaeg_gpu(gpu_obj, &gpu) < 0 ||
-	    (bb_obj != NULL && pyaeg_u64(bb_obj, "block_bytes", 0, &block_bytes) < 0) ||
-	    (gb_obj != NULL && pyaeg_u64(gb_obj, "gpu_blocks", 0, &gpu_blocks) < 0) ||
-	    (hb_obj != NULL && pyaeg_u64(hb_obj, "host_blocks", 1, &host_blocks) < 0))
-		return NULL;
-	if (block_bytes % AEG_KV_BLOCK_ALIGN != 0 || block_bytes < AEG_KV_BLOCK_MIN || block_bytes > AEG_KV_BLOCK_MAX)
-		return PyErr_Format(PyExc_ValueError, "block_bytes %llu: must be a multiple of %u from %u to %u",
-				    (unsigned long long)block_bytes, AEG_KV_BLOCK_ALIGN, AEG_KV_BLOCK_MIN,
-				    AEG_KV_BLOCK_MAX);
-	if (gpu_blocks > UINT32_MAX / 2 || host_blocks > UINT32_MAX / 2)
-		return PyErr_Format(PyExc_ValueError, "gpu_blocks and host_blocks must be below %u", UINT32_MAX / 2);
-	if (slab != Py_None && pyaeg_slab_of(slab) == NULL)
-		return NULL;
-	if (pool != Py_None && pyaeg_pool_of(pool) == NULL)
-		return NULL;
-	if (pool == Py_None && host_blocks == 0)
-		return PyErr_Format(PyExc_ValueError, "host_blocks 0 needs a pool= whose blocks other processes allocate");
 	k = (KVObject *)PyType_GenericAlloc(type, 0);
 	if (k == NULL)
-		return NULL;
-	k->gpu = gpu;
-	k->block_bytes = block_bytes;
+		goto fail;
+	k->gpu = a.gpu;
+	k->block_bytes = a.block_bytes;
+	k->layers = (uint32_t)(a.layers ? a.layers : 1);
+	k->parts = (uint32_t)(a.parts ? a.parts : 1);
+	k->gpu_per_layer = a.gpu_tensors != Py_None;
 	k->pending = PyDict_New();
 	k->reqs = PyDict_New();
 	if (k->pending == NULL || k->reqs == NULL || pyaeg_device(&k->dev) < 0)
 		goto fail;
 	k->host = aeg_device_kind(k->dev) == AEG_DEVICE_HOST;
-	if (slab == Py_None)
-		slab = call_type(pyaeg_slab_type, "(iK)", gpu, (unsigned long long)(gpu_blocks * block_bytes));
-	else
-		Py_INCREF(slab);
-	k->slab = slab;
-	if (slab == NULL)
+	params.block_bytes = a.block_bytes;
+	params.layers = k->layers;
+	params.parts = k->parts;
+	if (gpu_side(k, &a, &params, &gt) < 0 || host_side(k, &a, &params, &ht) < 0 || open_cache(k, &params) < 0)
 		goto fail;
-	if (pool == Py_None) {
-		/* Buffers hold whole blocks and whole pages. */
-		uint64_t buf = block_bytes;
-
-		while (buf % 4096 != 0)
-			buf += block_bytes;
-		pool = call_type(pyaeg_pool_type, "(KKi)", (unsigned long long)buf,
-				 (unsigned long long)((host_blocks * block_bytes + buf - 1) / buf), gpu);
-	} else {
-		Py_INCREF(pool);
-	}
-	k->pool = pool;
-	if (pool == NULL)
-		goto fail;
-	memset(&params, 0, sizeof(params));
-	params.block_bytes = block_bytes;
-	params.slab = pyaeg_slab_of(slab);
-	params.gpu_blocks = (uint32_t)gpu_blocks;
-	{
-		struct aeg_pool_stats ps;
-
-		params.pool = pyaeg_pool_of(pool);
-		if (params.pool == NULL)
-			goto fail;
-		aeg_pool_stats(params.pool, &ps);
-		params.host_buffers = (uint32_t)((host_blocks * block_bytes + ps.buffer_bytes - 1) / ps.buffer_bytes);
-	}
-	k->res = pyaeg_res_new();
-	if (k->res == NULL)
-		goto fail;
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_stream_create(k->dev, gpu, &k->res->stream);
-	if (err == 0)
-		err = aeg_kv_create(k->dev, gpu, &params, &k->res->kv);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
-		pyaeg_raise(err);
-		goto fail;
-	}
-	aeg_kv_stats(k->res->kv, &st);
-	k->gpu_blocks = st.gpu_blocks;
-	k->host_blocks = st.host_blocks;
+	PyMem_Free(a.gpu_bases);
+	PyMem_Free(a.host_bases);
 	pyaeg_object_born();
 	return (PyObject *)k;
 fail:
-	Py_DECREF(k);
+	PyMem_Free(a.gpu_bases);
+	PyMem_Free(a.host_bases);
+	Py_XDECREF(k);
 	return NULL;
 }
 
@@ -179,9 +273,9 @@ static PyObject *id_list(const uint32_t *ids, size_t n)
 	return list;
 }
 
-static PyObject *blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side)
+PyObject *pykv_blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side)
 {
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	uint32_t *ids;
 	PyObject *list;
 	uint64_t n;
@@ -212,9 +306,9 @@ static PyObject *blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side)
 	return list;
 }
 
-static PyObject *blocks_free(KVObject *k, PyObject *seq, int gpu_side)
+PyObject *pykv_blocks_free(KVObject *k, PyObject *seq, int gpu_side)
 {
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	uint32_t *ids;
 	size_t n;
 	int err;
@@ -230,22 +324,22 @@ static PyObject *blocks_free(KVObject *k, PyObject *seq, int gpu_side)
 
 static PyObject *kv_gpu_alloc(PyObject *self, PyObject *n)
 {
-	return blocks_alloc((KVObject *)self, n, 1);
+	return pykv_blocks_alloc((KVObject *)self, n, 1);
 }
 
 static PyObject *kv_host_alloc(PyObject *self, PyObject *n)
 {
-	return blocks_alloc((KVObject *)self, n, 0);
+	return pykv_blocks_alloc((KVObject *)self, n, 0);
 }
 
 static PyObject *kv_gpu_free(PyObject *self, PyObject *ids)
 {
-	return blocks_free((KVObject *)self, ids, 1);
+	return pykv_blocks_free((KVObject *)self, ids, 1);
 }
 
 static PyObject *kv_host_free(PyObject *self, PyObject *ids)
 {
-	return blocks_free((KVObject *)self, ids, 0);
+	return pykv_blocks_free((KVObject *)self, ids, 0);
 }
 
 static int block_index(KVObject *k, PyObject *obj, int gpu_side, uint32_t *id)
@@ -267,7 +361,7 @@ static int block_index(KVObject *k, PyObject *obj, int gpu_side, uint32_t *id)
 static PyObject *kv_gpu_ptr(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	uint32_t id;
 
 	if (kv == NULL || block_index(k, obj, 1, &id) < 0)
@@ -278,7 +372,7 @@ static PyObject *kv_gpu_ptr(PyObject *self, PyObject *obj)
 static PyObject *kv_host_ptr(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	uint32_t id;
 
 	if (kv == NULL || block_index(k, obj, 0, &id) < 0)
@@ -289,23 +383,62 @@ static PyObject *kv_host_ptr(PyObject *self, PyObject *obj)
 static PyObject *kv_gpu_block(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	uint32_t id;
 
 	if (kv == NULL || block_index(k, obj, 1, &id) < 0)
 		return NULL;
+	if (k->gpu_per_layer)
+		return PyErr_Format(PyExc_ValueError, "GPU block %u lies in %u per-layer tensors, not in one piece: "
+				    "gpu_piece(id, layer, part) gives each piece's address", id, k->layers * k->parts);
 	return pyaeg_array_new(self, &k->views, aeg_kv_gpu_ptr(kv, id), k->block_bytes, k->gpu, k->host,
 			       "U8", 0, NULL, 0);
+}
+
+/* gpu_piece / host_piece: the address of (id, layer, part). */
+static PyObject *piece(PyObject *self, PyObject *args, int gpu_side)
+{
+	KVObject *k = (KVObject *)self;
+	aeg_kv_t *kv = pykv_open(k);
+	unsigned long long layer = 0, part = 0;
+	PyObject *id_obj;
+	uint32_t id;
+	void *p;
+
+	if (kv == NULL || !PyArg_ParseTuple(args, gpu_side ? "O|KK:gpu_piece" : "O|KK:host_piece", &id_obj, &layer, &part) ||
+	    block_index(k, id_obj, gpu_side, &id) < 0)
+		return NULL;
+	if (layer >= k->layers || part >= k->parts)
+		return PyErr_Format(PyExc_ValueError, "layer %llu, part %llu: the cache has %u layers of %u parts", layer,
+				    part, k->layers, k->parts);
+	p = gpu_side ? aeg_kv_gpu_piece(kv, id, (uint32_t)layer, (uint32_t)part) :
+		       aeg_kv_host_piece(kv, id, (uint32_t)layer, (uint32_t)part);
+	return PyLong_FromUnsignedLongLong((uintptr_t)p);
+}
+
+static PyObject *kv_gpu_piece(PyObject *self, PyObject *args)
+{
+	return piece(self, args, 1);
+}
+
+static PyObject *kv_host_piece(PyObject *self, PyObject *args)
+{
+	return piece(self, args, 0);
 }
 
 static PyObject *kv_host_block(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	aeg_pool_t *pool;
 	uint32_t id;
 
-	if (kv == NULL || block_index(k, obj, 0, &id) < 0 || (pool = pyaeg_pool_of(k->pool)) == NULL)
+	if (kv == NULL || block_index(k, obj, 0, &id) < 0)
+		return NULL;
+	if (k->pool == Py_None)
+		return PyErr_Format(PyExc_ValueError, "host block %u lies in per-layer tensors, not in a pool: "
+				    "host_piece(id, layer, part) gives each piece's address", id);
+	if ((pool = pyaeg_pool_of(k->pool)) == NULL)
 		return NULL;
 	return pyaeg_pool_view(k->pool, (uint64_t)((uintptr_t)aeg_kv_host_ptr(kv, id) - (uintptr_t)aeg_pool_base(pool)),
 			       k->block_bytes);
@@ -325,26 +458,10 @@ static int add_pending(KVObject *k, const aeg_handle_t *h)
 	return rc;
 }
 
-struct handle_wait {
-	aeg_device_t *dev;
-	aeg_handle_t handle;
-};
-
-static int wait_slice(void *arg, int timeout_ms)
-{
-	struct handle_wait *w = arg;
-
-	return aeg_event_wait_handle(w->dev, &w->handle, timeout_ms);
-}
-
 static int wait_handle(KVObject *k, const aeg_handle_t *h, double seconds)
 {
-	struct handle_wait w;
-	int err;
+	int err = pyaeg_wait_handle(k->dev, h, seconds);
 
-	w.dev = k->dev;
-	w.handle = *h;
-	err = pyaeg_wait(wait_slice, &w, seconds);
 	if (err == PYAEG_SIGNALLED)
 		return -1;
 	if (err == AEG_ETIMEDOUT) {
@@ -380,54 +497,103 @@ static int release_handle(KVObject *k, aeg_kv_t *kv, const aeg_handle_t *h)
 }
 
 /* A swap either way; returns the handle, (handle, layer handles), or None with wait. */
-static PyObject *swap(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq, PyObject *layers_obj, int wait)
+/*
+ * layers=: None (or False) for none, True for an event per layer of a cache
+ * of several layers, or the ends of groups of entries on a cache of one.
+ * Sets @layers (its handles PyMem_Malloc'ed, @ends too); -1 with an exception.
+ */
+static int parse_layers(const KVObject *k, PyObject *obj, struct aeg_kv_layers *layers, size_t **ends)
 {
-	aeg_kv_t *kv = kv_open(k);
+	uint32_t *e32 = NULL;
+	size_t n;
+
+	*ends = NULL;
+	memset(layers, 0, sizeof(*layers));
+	if (obj == Py_None || obj == Py_False)
+		return 0;
+	if (obj == Py_True) {
+		n = k->layers;
+	} else {
+		if (pyaeg_id_list(obj, "layers", UINT32_MAX, &e32, &n) < 0)
+			return -1;
+		*ends = PyMem_Malloc((n ? n : 1) * sizeof(**ends));
+		for (size_t i = 0; *ends != NULL && i < n; i++)
+			(*ends)[i] = e32[i];
+		PyMem_Free(e32);
+		if (*ends == NULL) {
+			PyErr_NoMemory();
+			return -1;
+		}
+	}
+	layers->count = n;
+	layers->ends = *ends;
+	layers->handles = PyMem_Malloc((n ? n : 1) * sizeof(*layers->handles));
+	if (layers->handles == NULL) {
+		PyErr_NoMemory();
+		return -1;
+	}
+	return 1;
+}
+
+/* (call handle, [layer handles]) */
+static PyObject *handles_tuple(const aeg_handle_t *h, const struct aeg_kv_layers *layers)
+{
+	PyObject *list = PyList_New((Py_ssize_t)layers->count);
+
+	for (size_t i = 0; list != NULL && i < layers->count; i++) {
+		PyObject *b = pyaeg_handle_bytes(&layers->handles[i]);
+
+		if (b == NULL)
+			Py_CLEAR(list);
+		else
+			PyList_SetItem(list, (Py_ssize_t)i, b);
+	}
+	return list ? Py_BuildValue("(NN)", pyaeg_handle_bytes(h), list) : NULL;
+}
+
+static int id_lists(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq, uint32_t **src, uint32_t **dst,
+		    size_t *n)
+{
+	size_t nd;
+
+	if (pyaeg_id_list(src_seq, out ? "gpu_ids" : "host_ids", out ? k->gpu_blocks : k->host_blocks, src, n) < 0 ||
+	    pyaeg_id_list(dst_seq, out ? "host_ids" : "gpu_ids", out ? k->host_blocks : k->gpu_blocks, dst, &nd) < 0)
+		return -1;
+	if (*n != nd) {
+		PyErr_Format(PyExc_ValueError, "%zu source blocks for %zu destination blocks", *n, nd);
+		return -1;
+	}
+	if (*n == 0) {
+		PyErr_SetString(PyExc_ValueError, "no blocks to swap");
+		return -1;
+	}
+	return 0;
+}
+
+/* Swap-outs go on the cache's first stream, swap-ins on its second: the two directions overlap. */
+PyObject *pykv_swap(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq, PyObject *layers_obj, int wait)
+{
+	aeg_kv_t *kv = pykv_open(k);
 	uint32_t *src = NULL, *dst = NULL;
-	struct aeg_kv_layers layers = { 0, NULL, NULL };
-	size_t *ends = NULL, ns, nd, nl = 0;
+	struct aeg_kv_layers layers;
+	aeg_stream_t *s;
+	size_t *ends = NULL, n;
 	PyObject *result = NULL;
 	aeg_handle_t h;
-	int err;
+	int err, by_layer = 0;
 
 	if (kv == NULL)
 		return NULL;
-	if (pyaeg_id_list(src_seq, out ? "gpu_ids" : "host_ids", out ? k->gpu_blocks : k->host_blocks, &src, &ns) < 0 ||
-	    pyaeg_id_list(dst_seq, out ? "host_ids" : "gpu_ids", out ? k->host_blocks : k->gpu_blocks, &dst, &nd) < 0)
+	s = out ? k->res->stream : k->res->stream_in;
+	if (id_lists(k, out, src_seq, dst_seq, &src, &dst, &n) < 0 ||
+	    (by_layer = parse_layers(k, layers_obj, &layers, &ends)) < 0)
 		goto out;
-	if (ns != nd) {
-		PyErr_Format(PyExc_ValueError, "%zu source blocks for %zu destination blocks", ns, nd);
-		goto out;
-	}
-	if (ns == 0) {
-		PyErr_SetString(PyExc_ValueError, "no blocks to swap");
-		goto out;
-	}
-	if (layers_obj != Py_None) {
-		uint32_t *e32;
-
-		if (pyaeg_id_list(layers_obj, "layers", UINT32_MAX, &e32, &nl) < 0)
-			goto out;
-		ends = PyMem_Malloc((nl ? nl : 1) * sizeof(*ends));
-		layers.handles = PyMem_Malloc((nl ? nl : 1) * sizeof(*layers.handles));
-		if (ends == NULL || layers.handles == NULL) {
-			PyMem_Free(e32);
-			PyErr_NoMemory();
-			goto out;
-		}
-		for (size_t i = 0; i < nl; i++)
-			ends[i] = e32[i];
-		PyMem_Free(e32);
-		layers.count = nl;
-		layers.ends = ends;
-	}
 	PYAEG_BEGIN_ALLOW_THREADS
-	if (layers_obj != Py_None)
-		err = out ? aeg_kv_swap_out_layers(kv, src, dst, ns, &layers, k->res->stream, &h) :
-			    aeg_kv_swap_in_layers(kv, dst, src, ns, &layers, k->res->stream, &h);
+	if (by_layer)
+		err = out ? aeg_kv_swap_out_layers(kv, src, dst, n, &layers, s, &h) :
+			    aeg_kv_swap_in_layers(kv, dst, src, n, &layers, s, &h);
 	else
-		err = out ? aeg_kv_swap_out(kv, src, dst, ns, k->res->stream, &h) :
-			    aeg_kv_swap_in(kv, src, dst, ns, k->res->stream, &h);
+		err = out ? aeg_kv_swap_out(kv, src, dst, n, s, &h) : aeg_kv_swap_in(kv, src, dst, n, s, &h);
 	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
 		pyaeg_raise(err);
@@ -440,27 +606,15 @@ static PyObject *swap(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq
 			goto out;
 		result = Py_None;
 		Py_INCREF(result);
-	} else if (layers_obj != Py_None) {
-		PyObject *list = PyList_New((Py_ssize_t)nl);
-
-		for (size_t i = 0; list != NULL && i < nl; i++) {
-			PyObject *b = pyaeg_handle_bytes(&layers.handles[i]);
-
-			if (b == NULL)
-				Py_CLEAR(list);
-			else
-				PyList_SetItem(list, (Py_ssize_t)i, b);
-		}
-		if (list != NULL)
-			result = Py_BuildValue("(NN)", pyaeg_handle_bytes(&h), list);
 	} else {
-		result = pyaeg_handle_bytes(&h);
+		result = by_layer ? handles_tuple(&h, &layers) : pyaeg_handle_bytes(&h);
 	}
 out:
 	PyMem_Free(src);
 	PyMem_Free(dst);
 	PyMem_Free(ends);
-	PyMem_Free(layers.handles);
+	if (by_layer > 0)
+		PyMem_Free(layers.handles);
 	return result;
 }
 
@@ -472,7 +626,7 @@ static PyObject *kv_swap_out(PyObject *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$Op:swap_out", kwlist, &g, &h, &layers, &wait))
 		return NULL;
-	return swap((KVObject *)self, 1, g, h, layers, wait);
+	return pykv_swap((KVObject *)self, 1, g, h, layers, wait);
 }
 
 static PyObject *kv_swap_in(PyObject *self, PyObject *args, PyObject *kw)
@@ -483,7 +637,7 @@ static PyObject *kv_swap_in(PyObject *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$Op:swap_in", kwlist, &h, &g, &layers, &wait))
 		return NULL;
-	return swap((KVObject *)self, 0, h, g, layers, wait);
+	return pykv_swap((KVObject *)self, 0, h, g, layers, wait);
 }
 
 static PyObject *copy(KVObject *k, int h2d, PyObject *args, PyObject *kw)
@@ -491,7 +645,7 @@ static PyObject *copy(KVObject *k, int h2d, PyObject *args, PyObject *kw)
 	static char *kwlist[] = { "dst", "src", "nbytes", "wait", NULL };
 	PyObject *dst_obj, *src_obj, *n_obj;
 	uint64_t dst, src, n;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	aeg_handle_t h;
 	int wait = 0, err;
 
@@ -504,7 +658,7 @@ static PyObject *copy(KVObject *k, int h2d, PyObject *args, PyObject *kw)
 	    pyaeg_u64(n_obj, "nbytes", 0, &n) < 0)
 		return NULL;
 	PYAEG_BEGIN_ALLOW_THREADS
-	err = h2d ? aeg_kv_copy_h2d(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream, &h) :
+	err = h2d ? aeg_kv_copy_h2d(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream_in, &h) :
 		    aeg_kv_copy_d2h(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream, &h);
 	PYAEG_END_ALLOW_THREADS
 	if (err < 0)
@@ -539,7 +693,7 @@ static PyObject *kv_wait(PyObject *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:wait", kwlist, &obj, &timeout_obj))
 		return NULL;
-	if (kv_open(k) == NULL || pyaeg_handle(obj, &h) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
+	if (pykv_open(k) == NULL || pyaeg_handle(obj, &h) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
 		return NULL;
 	if (wait_handle(k, &h, seconds) < 0)
 		return NULL;
@@ -549,7 +703,7 @@ static PyObject *kv_wait(PyObject *self, PyObject *args, PyObject *kw)
 static PyObject *kv_release(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	aeg_handle_t h;
 
 	if (kv == NULL || pyaeg_handle(obj, &h) < 0 || release_handle(k, kv, &h) < 0)
@@ -557,18 +711,17 @@ static PyObject *kv_release(PyObject *self, PyObject *obj)
 	Py_RETURN_NONE;
 }
 
-/* --------------------------------------------------------- the seed's API */
-
-static int record_item(PyObject *rec, int i, PyObject *v)
+/* Item @i of a seed request record becomes None. */
+static int set_none(PyObject *rec, int i)
 {
-	Py_INCREF(v);
-	return PyList_SetItem(rec, i, v);
+	Py_INCREF(Py_None);
+	return PyList_SetItem(rec, i, Py_None);
 }
 
-static PyObject *kv_wait_all(PyObject *self, PyObject *unused)
+PyObject *pykv_wait_all(PyObject *self, PyObject *unused)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	PyObject *handles, *key, *rec;
 	Py_ssize_t pos = 0;
 
@@ -591,202 +744,13 @@ static PyObject *kv_wait_all(PyObject *self, PyObject *unused)
 	while (PyDict_Next(k->reqs, &pos, &key, &rec)) {
 		if (PyList_GetItem(rec, 3) == Py_None)
 			continue;
-		if (blocks_free(k, PyList_GetItem(rec, 2), 1) == NULL)
+		if (pykv_blocks_free(k, PyList_GetItem(rec, 2), 1) == NULL)
 			return NULL;
 		Py_DECREF(Py_None);
-		if (record_item(rec, 2, Py_None) < 0 || record_item(rec, 3, Py_None) < 0)
+		if (set_none(rec, 2) < 0 || set_none(rec, 3) < 0)
 			return NULL;
 	}
 	Py_RETURN_NONE;
-}
-
-static PyObject *get_record(KVObject *k, PyObject *req_id)
-{
-	PyObject *rec = PyDict_GetItemWithError(k->reqs, req_id);
-
-	if (rec == NULL && !PyErr_Occurred())
-		PyErr_Format(PyExc_KeyError, "no KV stored for request %R", req_id);
-	return rec;
-}
-
-static PyObject *drop(KVObject *k, PyObject *req_id)
-{
-	PyObject *rec, *r;
-
-	if (kv_wait_all((PyObject *)k, NULL) == NULL)
-		return NULL;
-	rec = get_record(k, req_id);
-	if (rec == NULL)
-		return NULL;
-	if (PyList_GetItem(rec, 2) != Py_None) {
-		if ((r = blocks_free(k, PyList_GetItem(rec, 2), 1)) == NULL)
-			return NULL;
-		Py_DECREF(r);
-	}
-	if ((r = blocks_free(k, PyList_GetItem(rec, 1), 0)) == NULL)
-		return NULL;
-	Py_DECREF(r);
-	if (PyDict_DelItem(k->reqs, req_id) < 0)
-		return NULL;
-	Py_RETURN_NONE;
-}
-
-static PyObject *kv_store(PyObject *self, PyObject *args, PyObject *kw)
-{
-	static char *kwlist[] = { "req_id", "data", NULL };
-	KVObject *k = (KVObject *)self;
-	PyObject *req_id, *data, *bytes = NULL, *host = NULL, *gpu = NULL, *n_obj = NULL, *h = NULL, *rec;
-	aeg_kv_t *kv = kv_open(k);
-	Py_ssize_t len;
-	uint64_t nblocks;
-	char *src;
-
-	if (kv == NULL)
-		return NULL;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:store_kv_async", kwlist, &req_id, &data))
-		return NULL;
-	if (PyObject_Hash(req_id) == -1)
-		return NULL;
-	if (PyUnicode_Check(data))
-		return PyErr_Format(PyExc_TypeError, "data must be bytes-like, not str");
-	bytes = PyBytes_FromObject(data);
-	if (bytes == NULL || PyBytes_AsStringAndSize(bytes, &src, &len) < 0)
-		goto fail;
-	if (len == 0) {
-		PyErr_SetString(PyExc_ValueError, "no KV bytes to store");
-		goto fail;
-	}
-	if (PyDict_GetItem(k->reqs, req_id) != NULL && drop(k, req_id) == NULL)
-		goto fail;
-	nblocks = ((uint64_t)len + k->block_bytes - 1) / k->block_bytes;
-	n_obj = PyLong_FromUnsignedLongLong(nblocks);
-	if (n_obj == NULL || (host = blocks_alloc(k, n_obj, 0)) == NULL)
-		goto fail;
-	if ((gpu = blocks_alloc(k, n_obj, 1)) == NULL)
-		goto fail_host;
-	for (uint64_t i = 0; i < nblocks; i++) {
-		uint64_t off = i * k->block_bytes, part = (uint64_t)len - off;
-
-		memcpy(aeg_kv_host_ptr(kv, (uint32_t)PyLong_AsUnsignedLong(PyList_GetItem(host, (Py_ssize_t)i))),
-		       src + off, part < k->block_bytes ? part : k->block_bytes);
-	}
-	h = swap(k, 0, host, gpu, Py_None, 0);
-	if (h == NULL)
-		goto fail_gpu;
-	Py_DECREF(h);
-	rec = Py_BuildValue("[nOOO]", len, host, gpu, Py_None);
-	if (rec == NULL || PyDict_SetItem(k->reqs, req_id, rec) < 0) {
-		Py_XDECREF(rec);
-		goto fail;
-	}
-	Py_DECREF(rec);
-	Py_DECREF(host);
-	Py_DECREF(gpu);
-	Py_DECREF(n_obj);
-	Py_DECREF(bytes);
-	Py_RETURN_NONE;
-fail_gpu:
-	Py_XDECREF(blocks_free(k, gpu, 1));
-fail_host:
-	Py_XDECREF(blocks_free(k, host, 0));
-fail:
-	Py_XDECREF(gpu);
-	Py_XDECREF(host);
-	Py_XDECREF(n_obj);
-	Py_XDECREF(bytes);
-	return NULL;
-}
-
-static PyObject *kv_ensure(PyObject *self, PyObject *req_id)
-{
-	KVObject *k = (KVObject *)self;
-	PyObject *rec, *gpu, *n_obj, *r;
-
-	if (kv_open(k) == NULL || (rec = get_record(k, req_id)) == NULL)
-		return NULL;
-	Py_INCREF(rec);
-	if (kv_wait_all(self, NULL) == NULL)
-		goto fail;
-	if (PyList_GetItem(rec, 2) == Py_None) {
-		n_obj = PyLong_FromSsize_t(PyList_Size(PyList_GetItem(rec, 1)));
-		gpu = n_obj ? blocks_alloc(k, n_obj, 1) : NULL;
-		Py_XDECREF(n_obj);
-		if (gpu == NULL)
-			goto fail;
-		r = swap(k, 0, PyList_GetItem(rec, 1), gpu, Py_None, 1);
-		if (r == NULL) {
-			Py_XDECREF(blocks_free(k, gpu, 1));
-			Py_DECREF(gpu);
-			goto fail;
-		}
-		Py_DECREF(r);
-		PyList_SetItem(rec, 2, gpu);
-	}
-	gpu = PyList_GetItem(rec, 2);
-	Py_INCREF(gpu);
-	Py_DECREF(rec);
-	return gpu;
-fail:
-	Py_DECREF(rec);
-	return NULL;
-}
-
-static PyObject *kv_swapout_all(PyObject *self, PyObject *unused)
-{
-	KVObject *k = (KVObject *)self;
-	PyObject *key, *rec, *h;
-	Py_ssize_t pos = 0;
-
-	if (kv_open(k) == NULL)
-		return NULL;
-	while (PyDict_Next(k->reqs, &pos, &key, &rec)) {
-		if (PyList_GetItem(rec, 2) == Py_None || PyList_GetItem(rec, 3) != Py_None)
-			continue;
-		h = swap(k, 1, PyList_GetItem(rec, 2), PyList_GetItem(rec, 1), Py_None, 0);
-		if (h == NULL)
-			return NULL;
-		PyList_SetItem(rec, 3, h);
-	}
-	Py_RETURN_NONE;
-}
-
-static PyObject *kv_load(PyObject *self, PyObject *req_id)
-{
-	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
-	PyObject *rec, *host, *out, *r;
-	Py_ssize_t len;
-	char *dst;
-
-	if (kv == NULL || kv_wait_all(self, NULL) == NULL || (rec = get_record(k, req_id)) == NULL)
-		return NULL;
-	host = PyList_GetItem(rec, 1);
-	/* The GPU copy is the current one while the request is resident. */
-	if (PyList_GetItem(rec, 2) != Py_None) {
-		r = swap(k, 1, PyList_GetItem(rec, 2), host, Py_None, 1);
-		if (r == NULL)
-			return NULL;
-		Py_DECREF(r);
-	}
-	len = PyLong_AsSsize_t(PyList_GetItem(rec, 0));
-	out = PyBytes_FromStringAndSize(NULL, len);
-	if (out == NULL)
-		return NULL;
-	dst = PyBytes_AsString(out);
-	for (Py_ssize_t i = 0; i < PyList_Size(host); i++) {
-		uint64_t off = (uint64_t)i * k->block_bytes, part = (uint64_t)len - off;
-
-		memcpy(dst + off, aeg_kv_host_ptr(kv, (uint32_t)PyLong_AsUnsignedLong(PyList_GetItem(host, i))),
-		       part < k->block_bytes ? part : k->block_bytes);
-	}
-	return out;
-}
-
-static PyObject *kv_drop(PyObject *self, PyObject *req_id)
-{
-	if (kv_open((KVObject *)self) == NULL)
-		return NULL;
-	return drop((KVObject *)self, req_id);
 }
 
 /* -------------------------------------------------------------- the rest */
@@ -794,7 +758,7 @@ static PyObject *kv_drop(PyObject *self, PyObject *req_id)
 static PyObject *kv_stats(PyObject *self, PyObject *unused)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = kv_open(k);
+	aeg_kv_t *kv = pykv_open(k);
 	struct aeg_kv_stats st;
 	int err;
 
@@ -803,8 +767,9 @@ static PyObject *kv_stats(PyObject *self, PyObject *unused)
 	err = aeg_kv_stats(kv, &st);
 	if (err < 0)
 		return pyaeg_raise(err);
-	return Py_BuildValue("{s:K,s:I,s:I,s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n}",
-			     "block_bytes", (unsigned long long)st.block_bytes, "gpu_blocks", st.gpu_blocks,
+	return Py_BuildValue("{s:K,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n}",
+			     "block_bytes", (unsigned long long)st.block_bytes, "layers", st.layers, "parts", st.parts,
+			     "events_kept", st.events_kept, "gpu_blocks", st.gpu_blocks,
 			     "gpu_used", st.gpu_used, "host_blocks", st.host_blocks, "host_owned", st.host_owned,
 			     "host_used", st.host_used, "events_live", st.events_live,
 			     "swaps_out", (unsigned long long)st.swaps_out, "swaps_in", (unsigned long long)st.swaps_in,
@@ -832,7 +797,7 @@ static PyObject *kv_close(PyObject *self, PyObject *unused)
 
 static PyObject *kv_enter(PyObject *self, PyObject *unused)
 {
-	if (kv_open((KVObject *)self) == NULL)
+	if (pykv_open((KVObject *)self) == NULL)
 		return NULL;
 	Py_INCREF(self);
 	return self;
@@ -875,15 +840,21 @@ static PyMethodDef kv_methods[] = {
 	{ "host_free", kv_host_free, METH_O, "host_free($self, ids, /)\n--\n\nFree host blocks." },
 	{ "swap_out", FN(kv_swap_out), KW,
 	  "swap_out($self, gpu_ids, host_ids, *, layers=None, wait=False)\n--\n\n"
-	  "Move GPU blocks gpu_ids[i] to host blocks host_ids[i] in one gather/scatter\n"
-	  "kernel (cuda) on the cache's stream, asynchronously. Returns the 64-byte\n"
-	  "handle of an event recorded after the last block (wait with wait(),\n"
-	  "wait_event_handle_bytes() in any process, then release()). layers: ends of\n"
-	  "each layer's entries (strictly increasing, the last = len(ids)) for an event\n"
-	  "per layer: returns (handle, [layer handles]). wait=True waits, releases the\n"
+	  "Move GPU blocks gpu_ids[i] to host blocks host_ids[i], every layer and part\n"
+	  "of each, in one gather/scatter kernel (cuda), asynchronously, on the cache's\n"
+	  "swap-out stream. Returns the 64-byte handle of an event recorded after the\n"
+	  "last block (wait with wait(), wait_event_handle_bytes() in any process,\n"
+	  "then release()). layers=True on a cache of several layers adds an event per\n"
+	  "layer, layer 0 first; on a cache of one layer, layers=[ends] splits the ids\n"
+	  "into groups (strictly increasing ends, the last = len(ids)) with an event\n"
+	  "each; both return (handle, [layer handles]). wait=True waits, releases the\n"
 	  "event and returns None. All ids are checked before anything moves." },
 	{ "swap_in", FN(kv_swap_in), KW,
-	  "swap_in($self, host_ids, gpu_ids, *, layers=None, wait=False)\n--\n\nHost blocks to GPU blocks; as swap_out()." },
+	  "swap_in($self, host_ids, gpu_ids, *, layers=None, wait=False)\n--\n\n"
+	  "Host blocks to GPU blocks; as swap_out(), on the cache's swap-in stream: a\n"
+	  "swap-in and a swap-out run at the same time. Calls of one direction run in\n"
+	  "order; to swap in blocks a swap-out is still writing (or the other way\n"
+	  "round), wait for that call's handle first." },
 	{ "copy_h2d", FN(kv_copy_h2d), KW,
 	  "copy_h2d($self, dst, src, nbytes, *, wait=False)\n--\n\n"
 	  "One asynchronous copy from host address src to device address dst (raw\n"
@@ -895,31 +866,37 @@ static PyMethodDef kv_methods[] = {
 	  "wait($self, handle, timeout=None)\n--\n\nWait for a swap or copy of this cache (GIL released; AegaeonTimeoutError)." },
 	{ "release", kv_release, METH_O,
 	  "release($self, handle, /)\n--\n\nDestroy the event(s) of a swap or copy (AegaeonError ENOENT for one not held)." },
-	{ "wait_all", kv_wait_all, METH_NOARGS,
+	{ "wait_all", pykv_wait_all, METH_NOARGS,
 	  "wait_all($self, /)\n--\n\nWait for and release every swap and copy not released yet; requests\n"
 	  "swapped out by swapout_all_async() give their GPU blocks back." },
 	{ "gpu_ptr", kv_gpu_ptr, METH_O, "gpu_ptr($self, id, /)\n--\n\nDevice address of GPU block id." },
 	{ "host_ptr", kv_host_ptr, METH_O, "host_ptr($self, id, /)\n--\n\nHost address of host block id (pinned)." },
-	{ "gpu_block", kv_gpu_block, METH_O, "gpu_block($self, id, /)\n--\n\nA U8 view of GPU block id." },
+	{ "gpu_block", kv_gpu_block, METH_O,
+	  "gpu_block($self, id, /)\n--\n\nA U8 view of GPU block id (ValueError with per-layer gpu_tensors)." },
+	{ "gpu_piece", kv_gpu_piece, METH_VARARGS,
+	  "gpu_piece($self, id, layer=0, part=0, /)\n--\n\nDevice address of GPU block id's piece of one layer and part." },
+	{ "host_piece", kv_host_piece, METH_VARARGS,
+	  "host_piece($self, id, layer=0, part=0, /)\n--\n\nHost address of host block id's piece of one layer and part." },
 	{ "host_block", kv_host_block, METH_O, "host_block($self, id, /)\n--\n\nA writable view of host block id." },
-	{ "store_kv_async", FN(kv_store), KW,
+	{ "store_kv_async", FN(pykv_store), KW,
 	  "store_kv_async($self, req_id, data)\n--\n\n"
 	  "The seed's API: keep a request's KV bytes in host blocks and start copying\n"
 	  "them to GPU blocks (asynchronously). A request stored again replaces the old." },
-	{ "ensure_kv_on_gpu", kv_ensure, METH_O,
+	{ "ensure_kv_on_gpu", pykv_ensure, METH_O,
 	  "ensure_kv_on_gpu($self, req_id, /)\n--\n\n"
 	  "Bring a request's KV onto the GPU (swap in if it was swapped out), wait, and\n"
 	  "return its GPU block ids in order. KeyError for an unknown request." },
-	{ "swapout_all_async", kv_swapout_all, METH_NOARGS,
+	{ "swapout_all_async", pykv_swapout_all, METH_NOARGS,
 	  "swapout_all_async($self, /)\n--\n\nStart swapping every resident request out to its host blocks;\n"
 	  "wait_all() completes it and frees their GPU blocks." },
-	{ "load_kv", kv_load, METH_O,
+	{ "load_kv", pykv_load, METH_O,
 	  "load_kv($self, req_id, /)\n--\n\nThe request's KV bytes as they are now (copied back from the GPU if resident)." },
-	{ "drop_kv", kv_drop, METH_O, "drop_kv($self, req_id, /)\n--\n\nForget a request and free its blocks." },
+	{ "drop_kv", pykv_drop, METH_O, "drop_kv($self, req_id, /)\n--\n\nForget a request and free its blocks." },
 	{ "stats", kv_stats, METH_NOARGS,
 	  "stats($self, /)\n--\n\n"
-	  "block_bytes, gpu_blocks, gpu_used, host_blocks, host_owned, host_used,\n"
-	  "events_live, swaps_out, swaps_in, blocks_out, blocks_in, copies, copy_bytes,\n"
+	  "block_bytes, layers, parts, gpu_blocks, gpu_used, host_blocks, host_owned,\n"
+	  "host_used, events_live, events_kept (released events kept for reuse),\n"
+	  "swaps_out, swaps_in, blocks_out, blocks_in, copies, copy_bytes,\n"
 	  "requests (seed API), pending (events not released)." },
 	{ "close", kv_close, METH_NOARGS,
 	  "close($self, /)\n--\n\nWait for queued transfers and free the cache's blocks and events now (also done\n"
@@ -935,14 +912,20 @@ static PyType_Slot kv_slots[] = {
 	{ Py_tp_getset, kv_getset },
 	{ Py_tp_methods, kv_methods },
 	{ Py_tp_doc,
-	  "KVCache(gpu_id, block_bytes=32768, gpu_blocks=1024, host_blocks=1024, *, slab=None, pool=None)\n--\n\n"
+	  "KVCache(gpu_id, block_bytes=32768, gpu_blocks=1024, host_blocks=1024, *, slab=None, pool=None,\n"
+	  "        layers=1, parts=1, gpu_tensors=None, gpu_stride=0, host_tensors=None, host_stride=0)\n--\n\n"
 	  "A KV cache of fixed-size blocks on a GPU and in pinned host memory, swapped\n"
-	  "in bulk by a gather/scatter kernel. The GPU blocks come from slab (a\n"
-	  "SlabAllocator) or a slab of its own; the host blocks from pool (a PinnedPool,\n"
-	  "whose buffer size must be a multiple of block_bytes, so other processes\n"
-	  "attached to it see the same blocks) or a pool of its own; host_blocks=0 with\n"
-	  "a pool swaps blocks another process allocated. Errors: ValueError (sizes),\n"
-	  "AegaeonError ENOSPC, EDEVICE." },
+	  "in bulk by a gather/scatter kernel. A block holds layers x parts pieces (K and\n"
+	  "V: parts=2), all moved by one call. The GPU blocks come from slab (a\n"
+	  "SlabAllocator), a slab of its own, or gpu_tensors: per-layer tensors (vLLM's\n"
+	  "paged layout), layers x parts device addresses, piece (i, l, p) at\n"
+	  "gpu_tensors[l * parts + p] + i * gpu_stride (0: the piece size), gpu_blocks\n"
+	  "blocks each. The host blocks come from pool (a PinnedPool, whose buffer size\n"
+	  "must be a multiple of block_bytes, so other processes attached to it see the\n"
+	  "same blocks; a block holds its layers one after the other), a pool of its\n"
+	  "own, or host_tensors (registered host memory, as gpu_tensors);\n"
+	  "host_blocks=0 with a pool swaps blocks another process allocated. Errors:\n"
+	  "ValueError (sizes), AegaeonValueError (layouts), AegaeonError ENOSPC, EDEVICE." },
 	{ 0, NULL },
 };
 

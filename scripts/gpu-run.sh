@@ -1,8 +1,11 @@
 #!/bin/bash
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
-# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak]
-#        (default: tests bench). prefetch needs torch and safetensors; slurm
+# Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak] [kv]
+#        (default: tests bench). kv: the KV GPU tests, the whole KV benchmark
+#        (bench/kv_bench.sh, --tune, kv_event_wait) and the KV part of the Slurm
+#        test in a job (needs root and bundle/debs); KV_SANITIZE=1 adds
+#        memcheck and racecheck of the KV tests. prefetch needs torch and safetensors; slurm
 #        (tests/gpu/slurm_e2e.sh: a Slurm cluster, Slurm from bundle/debs) needs root;
 #        soak (tests/soak/soak on the cuda backend) runs $SOAK_SECONDS (default 480) s;
 #        sanitize needs compute-sanitizer (SANITIZE_TESTS, SANITIZE_TOOLS pick runs).
@@ -65,6 +68,7 @@ sanitize_one() {   # tool program: logs to $out/sanitize-TOOL-PROGRAM.log
 	esac
 	case $prog in
 	test_kv_cuda) targs=(--timing-blocks 0) ;;
+	test_kv_layout_cuda) targs=(--small) ;;
 	esac
 	# The tests provoke API errors on purpose (unregistered memory, bad
 	# handles, dead peers): the accesses, races and barriers are what count.
@@ -98,7 +102,7 @@ if [[ " $what " == *" sanitize "* ]]; then
 		echo "not ok - sanitize: compute-sanitizer not found (it comes with the CUDA toolkit: add its bin/ to PATH)"
 	else
 		compute-sanitizer --version | tail -n 1
-		for prog in ${SANITIZE_TESTS:-test_cuda_core test_slab_gpu test_kv_cuda test_prefetch_cuda}; do
+		for prog in ${SANITIZE_TESTS:-test_cuda_core test_slab_gpu test_kv_cuda test_kv_layout_cuda test_prefetch_cuda}; do
 			# synccheck only where a kernel runs (the KV gather/scatter); the
 			# others launch none, so it would check nothing. initcheck only
 			# on the slab test: the others read, in a second process, memory
@@ -125,6 +129,26 @@ fi
 if [[ " $what " == *" soak "* ]]; then
 	run soak "$here/tests/soak/soak" --device cuda --agent "$here/root/opt/aegaeon/sbin/aegaeond" \
 		--seconds "${SOAK_SECONDS:-480}" ${SOAK_ARGS:-}
+fi
+if [[ " $what " == *" kv "* ]]; then
+	run test_kv_cuda "$here/tests/gpu/test_kv_cuda"
+	run test_kv_layout_cuda "$here/tests/gpu/test_kv_layout_cuda"
+	rm -f "$out/kv_bench.json"
+	KV_BENCH_JSON=$out/kv_bench.json run bench-kv bash "$here/bench/kv_bench.sh"
+	run bench-kv-tune aegaeon-cli kv bench --device cuda --tune --block 4KiB,16KiB,32KiB,256KiB,2MiB --repeat 5
+	run kv-event-wait "$here/bench/kv_event_wait" --device cuda --layers 32 --waits 10000
+	if [[ -n ${KV_SANITIZE:-} ]] && ! command -v compute-sanitizer >/dev/null; then
+		failed=$((failed + 1))
+		echo "not ok - KV_SANITIZE: compute-sanitizer not found (add the CUDA toolkit's bin/ to PATH)"
+	elif [[ -n ${KV_SANITIZE:-} ]]; then
+		for prog in test_kv_cuda test_kv_layout_cuda; do
+			for tool in memcheck racecheck; do
+				sanitize_one "$tool" "$prog"
+			done
+		done
+	fi
+	OUT=$out run slurm-e2e-kv bash "$here/tests/gpu/slurm_e2e.sh" --kv-only ${SLURM_E2E_ARGS:-}
+	grep -E '^(not ok|# figure:)' "$out/slurm-e2e-kv.log"
 fi
 if [[ " $what " == *" slurm "* ]]; then
 	OUT=$out run slurm-e2e bash "$here/tests/gpu/slurm_e2e.sh" ${SLURM_E2E_ARGS:-}

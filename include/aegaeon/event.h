@@ -71,6 +71,16 @@ int aeg_event_fail(aeg_event_t *ev, int err);
  */
 int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms);
 
+/*
+ * aeg_event_query_handle - whether the event behind @handle is complete,
+ * without waiting, opening or asking the job's agent: 0 when complete,
+ * AEG_EBUSY when not yet, its failure code, or AEG_ENOENT when this
+ * process has not resolved the handle yet (its first aeg_event_wait_handle
+ * does that). For callers that must not block when the answer is at hand
+ * (the Python module keeps the GIL for it). Thread-safe.
+ */
+int aeg_event_query_handle(aeg_device_t *dev, const aeg_handle_t *handle);
+
 /* aeg_event_close_handle - drop the cached opening of @handle, if any. */
 int aeg_event_close_handle(aeg_device_t *dev, const aeg_handle_t *handle);
 

@@ -457,6 +457,27 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 	return err;
 }
 
+AEG_EXPORT int aeg_event_query_handle(aeg_device_t *dev, const aeg_handle_t *handle)
+{
+	struct aeg_event_entry *e;
+	int err;
+
+	if (dev == NULL || handle == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_event_query_handle: NULL argument");
+	pthread_mutex_lock(&dev->lock);
+	e = lookup(dev, handle);
+	if (e != NULL && (e->local != NULL || __atomic_load_n(&e->recorded_seen, __ATOMIC_ACQUIRE)))
+		e->refs++;
+	else
+		e = NULL;
+	pthread_mutex_unlock(&dev->lock);
+	if (e == NULL)
+		return AEG_ENOENT;
+	err = e->local != NULL ? aeg_event_query(e->local) : dev->ops->event_query(dev, e->opened);
+	entry_put(dev, e);
+	return err;
+}
+
 AEG_EXPORT int aeg_event_close_handle(aeg_device_t *dev, const aeg_handle_t *handle)
 {
 	struct aeg_event_entry *e;

@@ -24,6 +24,7 @@
 
 #define POLL_MIN_US 200u
 #define POLL_MAX_US 20000u
+#define JOB_LOCK_WAIT_MS 5000        /* a step holding the job's prefetch lock longer is stopped */
 
 AEG_EXPORT const char *aeg_session_mode_name(enum aeg_session_mode mode)
 {
@@ -501,24 +502,47 @@ void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n)
 /*
  * Steps of a job that load the same file at the same moment (every rank of
  * an MPI job, say) must not each load it: the look-up and the request go
- * under a lock in the job's per-node directory. -1 when there is none.
+ * under a lock in the job's per-node directory. -1 when there is none, with
+ * a warning when $AEGAEON_JOB_DIR names no usable directory, or when another
+ * process held the lock for JOB_LOCK_WAIT_MS (a stopped step holds it for as
+ * long as it is stopped): the load then goes on without it, and at worst
+ * the file is loaded twice.
  */
 static int lock_job_dir(void)
 {
 	const char *dir = getenv("AEGAEON_JOB_DIR");
-	char path[PATH_MAX];
+	char path[PATH_MAX], q[128];
+	uint64_t deadline;
 	int fd;
 
-	if (dir == NULL || *dir != '/' || snprintf(path, sizeof(path), "%s/prefetch.lock", dir) >= (int)sizeof(path))
+	if (dir == NULL || *dir == '\0')
 		return -1;
+	if (*dir != '/' || snprintf(path, sizeof(path), "%s/prefetch.lock", dir) >= (int)sizeof(path)) {
+		aeg_warn("AEGAEON_JOB_DIR='%s' is not an absolute path of a directory; prefetching without the job's lock",
+			 aeg_quote(dir, q, sizeof(q)));
+		return -1;
+	}
 	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0)
+	if (fd < 0) {
+		aeg_warn("%s: %s; prefetching without the job's lock", aeg_quote(path, q, sizeof(q)), strerror(errno));
 		return -1;
-	while (flock(fd, LOCK_EX) < 0) {
-		if (errno != EINTR) {
-			close(fd);
-			return -1;
+	}
+	deadline = aeg_now_ns() + JOB_LOCK_WAIT_MS * 1000000ull;
+	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		if (errno == EINTR)
+			continue;
+		if (errno != EWOULDBLOCK)
+			aeg_warn("%s: %s; prefetching without the job's lock", aeg_quote(path, q, sizeof(q)),
+				 strerror(errno));
+		else if (aeg_now_ns() >= deadline)
+			aeg_warn("%s: held by another process for %d s; prefetching without the job's lock",
+				 aeg_quote(path, q, sizeof(q)), JOB_LOCK_WAIT_MS / 1000);
+		else {
+			usleep(10000);
+			continue;
 		}
+		close(fd);
+		return -1;
 	}
 	return fd;
 }

@@ -7,6 +7,10 @@
   step3 A WORKDIR                          waits on step 2's event; reads through IPC
   switch A B                               release A, load B from the host model cache
   drop-cache PATH...                       push files out of the page cache (root)
+  kv BLOCK_BYTES BLOCKS                    issue 18: swaps through the job's pool each way
+                                           and both at once, and another process's waits
+  kv-wait HANDLE_HEX WAITS                 (run by kv) waits on an opened handle
+  kv-figures JSON PREFIX                   "NAME VALUE UNIT" lines of an aegaeon-cli kv bench JSON
 
 Each step prints "ok - ...", "not ok - ...", "skip - ..." and "# figure: NAME VALUE
 UNIT" lines, then "# done STEP". On the cuda backend torch and safetensors are
@@ -382,9 +386,110 @@ def cmd_switch(a, b):
     print("# done switch", flush=True)
 
 
+# --------------------------------------------------------- KV in a job (issue 18)
+
+def timed(fn, reps):
+    """The median seconds of reps calls of fn after one untimed call."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = now()
+        fn()
+        ts.append(now() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def cmd_kv(block_bytes, blocks):
+    """Swaps through the job's pool and a lease of its slab, from Python, as an engine
+    would: set A out (GPU to host), set B in, each alone and both at once from two
+    threads (the cache's two streams); every block checked after; then another
+    process waits on an opened handle of this one's."""
+    import threading
+    import aegaeon_native as an
+    block_bytes, n = int(block_bytes), int(blocks)
+    slab = an.SlabAllocator(0, 2 * n * block_bytes + MiB)
+    pool = an.PinnedPool.from_job()
+    kv = an.KVCache(0, block_bytes=block_bytes, gpu_blocks=2 * n, host_blocks=2 * n, slab=slab, pool=pool)
+    g = kv.gpu_alloc(2 * n)
+    h = kv.host_alloc(2 * n)
+    random.Random(18).shuffle(h)
+    rnd = random.Random(19)
+    data = [rnd.randbytes(block_bytes) for _ in range(2 * n)]   # data[i]: host block h[i] at first
+    for i, hid in enumerate(h):
+        kv.host_block(hid)[:] = data[i]
+    kv.swap_in(h, g, wait=True)                                  # GPU block g[i] holds data[i]
+    ga, gb, ha, hb = g[:n], g[n:], h[:n], h[n:]
+    rot = lambda ids: ids[-1:] + ids[:-1]                        # noqa: E731 (entry i -> block i - 1)
+    out_s = timed(lambda: kv.swap_out(ga, rot(ha), wait=True), 5)
+    in_s = timed(lambda: kv.swap_in(hb, rot(gb), wait=True), 5)
+    figure("kv_py_job_out_GBps", n * block_bytes / out_s / 1e9, "GB/s")
+    figure("kv_py_job_in_GBps", n * block_bytes / in_s / 1e9, "GB/s")
+    errors = []
+
+    def both():
+        th = threading.Thread(target=lambda: kv.swap_in(hb, rot(gb), wait=True))
+        th.start()
+        try:
+            kv.swap_out(ga, rot(ha), wait=True)
+        except Exception as e:      # noqa: BLE001 (reported below)
+            errors.append(e)
+        th.join()
+    both_s = timed(both, 5)
+    figure("kv_py_job_both_GBps", 2 * n * block_bytes / both_s / 1e9, "GB/s")
+    bad = [i for i in range(n) if bytes(kv.host_block(ha[i - 1])) != data[i]]
+    bad += [i for i in range(n) if kv.gpu_block(gb[i - 1]).tobytes() != data[n + i]]
+    say(not bad and not errors, "KV from Python in the job: %d blocks of %d bytes out, in and both at once "
+        "(two threads), every block bit-exact" % (n, block_bytes),
+        "%d blocks differ, errors %s" % (len(bad), errors) if bad or errors else "")
+    handle = kv.swap_out(ga[:1], ha[:1])
+    kv.wait(handle)
+    r = subprocess.run([sys.executable, __file__, "kv-wait", handle.hex(), "2000"], capture_output=True, text=True,
+                       timeout=300)
+    got = dict(line.split()[2:4] for line in r.stdout.splitlines() if line.startswith("# wait"))
+    if say(r.returncode == 0 and "median_us" in got, "another step's process waited on this one's KV event",
+           (r.stdout + r.stderr).strip()[-300:]):
+        figure("kv_py_event_wait_opened_median_us", float(got["median_us"]), "us")
+        figure("kv_py_event_wait_first_after_open_us", float(got["first_after_open_us"]), "us")
+    kv.release(handle)
+    kv.close()
+    pool.close()
+    slab.close()
+    print("# done kv", flush=True)
+
+
+def cmd_kv_wait(hex_handle, waits):
+    """Another process's event: the first wait opens it (the agent answers first), then
+    each wait alone, timed; prints '# wait NAME VALUE' lines."""
+    import aegaeon_native as an
+    handle, waits = bytes.fromhex(hex_handle), int(waits)
+    an.wait_event_handle_bytes(handle, timeout=120)
+    t0 = now()
+    an.wait_event_handle_bytes(handle, timeout=120)
+    print("# wait first_after_open_us %.3f" % ((now() - t0) * 1e6))
+    ts = []
+    for _ in range(waits):
+        t0 = now()
+        an.wait_event_handle_bytes(handle, timeout=120)
+        ts.append(now() - t0)
+    ts.sort()
+    print("# wait median_us %.3f" % (ts[len(ts) // 2] * 1e6))
+    print("# wait p99_us %.3f" % (ts[len(ts) * 99 // 100] * 1e6))
+
+
+def cmd_kv_figures(path, prefix):
+    with open(path) as f:
+        d = json.load(f)
+    for r in d["results"]:
+        for k in ("out", "in", "both"):
+            for way, v in r[k].items():
+                if v is not None:
+                    print("%s_%dKiB_%s_%s_GBps %.4g GB/s" % (prefix, r["block_bytes"] >> 10, k, way, v))
+
+
 def main():
     cmds = {"write-models": cmd_write_models, "drop-cache": cmd_drop_cache, "step1": cmd_step1,
-            "step2": cmd_step2, "step3": cmd_step3, "switch": cmd_switch}
+            "step2": cmd_step2, "step3": cmd_step3, "switch": cmd_switch, "kv": cmd_kv,
+            "kv-wait": cmd_kv_wait, "kv-figures": cmd_kv_figures}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[sys.argv[1]](*sys.argv[2:])

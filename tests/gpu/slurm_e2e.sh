@@ -5,12 +5,13 @@
 # start; steps that use it through aegaeon_native (bit for bit against
 # safetensors), find it resident, swap KV blocks, share an event and the slab with
 # another process, and switch to a second model from the host model cache; then
-# nothing left after the job, nor after a job cancelled mid-prefetch. Prints
+# nothing left after the job, nor after a job cancelled mid-prefetch; then the KV
+# benchmark inside a job beside it standalone (issue 18). Prints
 # ok/not ok lines, "# figure: NAME VALUE UNIT" lines, "N passed, N failed"; writes
 # the figures to $OUT/e2e.json when OUT is set. Needs root.
 #
 # Usage: slurm_e2e.sh [--prefix DIR] [--debs DIR] [--bundle DIR] [--python PY]
-#                     [--model-dir DIR] [--host] [--small] [--no-hugepages] [--keep]
+#                     [--model-dir DIR] [--host] [--small] [--no-hugepages] [--keep] [--kv-only]
 #   --prefix DIR   where Slurm is unpacked from the debs when not installed [/opt/slurm]
 #   --debs DIR     Debian 12 Slurm/munge packages (scripts/fetch-slurm-debs.sh)
 #                  [BUNDLE/debs]
@@ -26,6 +27,7 @@
 #                  cuda backend the test reserves what the job's pool needs with
 #                  vm.nr_hugepages, as aegaeond(8) advises, and restores it after)
 #   --keep         keep the temp dir (logs, job outputs)
+#   --kv-only      only the KV part (issue 18): no models, no prefetch jobs
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 here=$(cd "$(dirname "$0")" && pwd)
@@ -40,6 +42,7 @@ host=0
 small=0
 keep=0
 hugepages=1
+kv_only=0
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--prefix) prefix=$2; shift 2 ;;
@@ -51,6 +54,7 @@ while [[ $# -gt 0 ]]; do
 	--small) small=1; shift ;;
 	--keep) keep=1; shift ;;
 	--no-hugepages) hugepages=0; shift ;;
+	--kv-only) kv_only=1; shift ;;
 	-h | --help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "slurm_e2e.sh: unknown argument '$1' (--help lists them)" >&2; exit 2 ;;
 	esac
@@ -268,14 +272,16 @@ if ((hugepages)); then
 fi
 
 # ------------------------------------------------------------ models
-t0=$SECONDS
-if "$python" "$E/opt/slurm_e2e.py" write-models "$A" "$a_bytes" "$Bm" "$b_bytes" 11; then
-	pass "models written: A $(($(stat -c %s "$A") >> 20)) MiB, B $(($(stat -c %s "$Bm") >> 20)) MiB ($((SECONDS - t0)) s)"
-else
-	die "writing the models failed"
+if ((!kv_only)); then
+	t0=$SECONDS
+	if "$python" "$E/opt/slurm_e2e.py" write-models "$A" "$a_bytes" "$Bm" "$b_bytes" 11; then
+		pass "models written: A $(($(stat -c %s "$A") >> 20)) MiB, B $(($(stat -c %s "$Bm") >> 20)) MiB ($((SECONDS - t0)) s)"
+	else
+		die "writing the models failed"
+	fi
+	a_size=$(stat -c %s "$A")
+	b_size=$(stat -c %s "$Bm")
 fi
-a_size=$(stat -c %s "$A")
-b_size=$(stat -c %s "$Bm")
 
 cluster_start || die "the cluster did not start"
 chmod 755 "$T/work"
@@ -300,6 +306,112 @@ gpu_back() { # GPU memory used back to what it was (the driver frees a killed pr
 gpu_check() {
 	if ((host)); then skip "$1: host backend, no GPU"; else check "$1 ($gpu_before MiB used)" gpu_back; fi
 }
+
+# Job output lines "KEY VALUE" ($out), JSON fields, and a step's own result lines.
+val() { awk -v k="$1" '$1 == k { print $2 }' <<<"$out" | tail -n 1; }
+jq_py() { "$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
+steps() { # STEP: the step's own result lines, counted here
+	local f=$W/$1.out line
+	[[ -f $f ]] || { fail "$1 left no output"; return; }
+	while IFS= read -r line; do
+		case $line in
+		"ok - "*) pass "${line#ok - }" ;;
+		"not ok - "*) fail "${line#not ok - }" ;;
+		"skip - "*) skip "${line#skip - }" ;;
+		"# figure: "*) read -r _ _ n v u <<<"$line"; figure "$n" "$v" "$u" ;;
+		esac
+	done <"$f"
+	grep -q "^# done $1" "$f" || { fail "$1 did not finish (rc $(val "${1}_rc")): $(tail -n 5 "$f")"; }
+}
+
+# ------------------------------------------------------------ KV in a job (issue 18)
+# The KV benchmark through a job's slab and pinned pool (aegaeon-cli kv bench
+# in the batch step: every size, each way and both at once, against per-block
+# and batched copies), the same at 32 KiB standalone beside it, a consumer's
+# waits on another process's layer events (bench/kv_event_wait, when built),
+# and swaps from Python each way and both at once (slurm_e2e.py kv). Figures
+# kv_*; a JSON that is not verified fails.
+# With --kv-only it runs right after the cluster starts.
+kv_figures() { # JSON PREFIX: a figure for every size, direction and way of a kv bench JSON
+	local line
+	while read -r line; do figure $line; done < <("$python" "$PYF" kv-figures "$1" "$2" 2>/dev/null)
+}
+kv_verified() { jq_py "$1" "d['verified'] and d['in_job'] == ($2 == 1)"; } # JSON IN_JOB(0|1)
+kv_in_job() {
+	if ((small)); then
+		kv_sizes=4KiB,32KiB,2MiB kv_layer_sizes=64KiB,2MiB kv_layers=8 kv_bytes=8MiB kv_repeat=3
+		kv_slab=256MiB kv_pinned=64MiB:2MiB kv_py_blocks=256
+	else
+		kv_sizes=4KiB,16KiB,32KiB,64KiB,256KiB,1MiB,2MiB kv_layer_sizes=256KiB,1MiB,2MiB,4MiB kv_layers=32
+		kv_bytes=256MiB kv_repeat=10 kv_slab=4GiB kv_pinned=4GiB:32MiB kv_py_blocks=8192
+	fi
+	kv_wait_bin=
+	for f in "${bundle:+$bundle/bench/kv_event_wait}" "${AEG_BUILDDIR:+$AEG_BUILDDIR/bench/kv_event_wait}"; do
+		[[ -n $f && -x $f ]] && { install -m 755 "$f" "$E/opt/bin/kv_event_wait"; kv_wait_bin=1; break; }
+	done
+
+	if env PATH="$E/opt/bin:$PATH" aegaeon-cli kv bench --device "$device" --block 32KiB --bytes "$kv_bytes" \
+		--repeat "$kv_repeat" --json >"$W/kv_standalone.json" 2>"$W/kv_standalone.err" &&
+		[[ $(kv_verified "$W/kv_standalone.json" 0) = True ]]; then
+		pass "KV bench standalone at 32 KiB: each way and both at once, verified"
+		kv_figures "$W/kv_standalone.json" kv_standalone
+	else
+		fail "KV bench standalone: $(tail -n 3 "$W/kv_standalone.err")"
+	fi
+	cat >"$W/kvjob.sh" <<-'JOB'
+		#!/bin/bash
+		set -u
+		aegaeon-cli kv bench --block "$KV_SIZES" --bytes "$KV_BYTES" --repeat "$KV_REPEAT" --json \
+			>"$W/kv_job.json" 2>"$W/kv_job.err"; echo "kv_bench_rc $?"
+		aegaeon-cli kv bench --block "$KV_LAYER_SIZES" --layers "$KV_LAYERS" --bytes "$KV_BYTES" --repeat "$KV_REPEAT" \
+			--json >"$W/kv_job_layers.json" 2>"$W/kv_job_layers.err"; echo "kv_layers_rc $?"
+		if command -v kv_event_wait >/dev/null; then
+			kv_event_wait --device "$KV_DEVICE" --layers 32 --waits 10000 --json >"$W/kv_wait.json" 2>&1
+			echo "kv_wait_rc $?"
+		fi
+		srun -n1 python3 "$PYF" kv "$KV_BLOCK" "$KV_PY_BLOCKS" >"$W/kv.out" 2>&1; echo "kv_rc $?"
+	JOB
+	chmod 755 "$W/kvjob.sh"
+	job3=$(as_user "${JOB_ENV[@]}" W="$W" PYF="$PYF" KV_SIZES=$kv_sizes KV_LAYER_SIZES=$kv_layer_sizes KV_LAYERS=$kv_layers \
+		KV_BYTES=$kv_bytes KV_REPEAT=$kv_repeat KV_DEVICE=$device KV_BLOCK=$kv_block KV_PY_BLOCKS=$kv_py_blocks \
+		sbatch --parsable -N1 --gres=gpu:1 -o "$W/kvjob.out" --aegaeon-slab=$kv_slab --aegaeon-pinned=$kv_pinned \
+		"$W/kvjob.sh" 2>&1)
+	if [[ $job3 =~ ^[0-9]+$ ]] && wait_job "$job3" 900; then
+		out=$(cat "$W/kvjob.out" 2>/dev/null)
+		if [[ $(val kv_bench_rc) = 0 && $(kv_verified "$W/kv_job.json" 1) = True ]]; then
+			pass "KV bench in job $job3 through its slab and pinned pool ($kv_sizes): each way and both at once, verified"
+			kv_figures "$W/kv_job.json" kv_job
+		else
+			fail "KV bench in job $job3 (rc $(val kv_bench_rc)): $(tail -n 3 "$W/kv_job.err" 2>/dev/null)"
+		fi
+		if [[ $(val kv_layers_rc) = 0 && $(kv_verified "$W/kv_job_layers.json" 1) = True ]]; then
+			pass "KV bench in the job, GPU blocks in $kv_layers layers of K and V tensors ($kv_layer_sizes), verified"
+			kv_figures "$W/kv_job_layers.json" kv_job_layers
+		else
+			fail "KV bench in the job, per-layer tensors (rc $(val kv_layers_rc)): $(tail -n 3 "$W/kv_job_layers.err" 2>/dev/null)"
+		fi
+		if [[ -z $kv_wait_bin ]]; then
+			skip "kv_event_wait in the job: not built (make gpu-programs)"
+		elif [[ $(val kv_wait_rc) = 0 ]]; then
+			pass "a consumer in the job waited on another process's 32 layer events (kv_event_wait)"
+			figure kv_job_event_wait_opened_median_us "$(jq_py "$W/kv_wait.json" "d['opened_wait_us']['median']")" us
+			figure kv_job_event_wait_opened_p99_us "$(jq_py "$W/kv_wait.json" "d['opened_wait_us']['p99']")" us
+			figure kv_job_event_wait_first_median_us "$(jq_py "$W/kv_wait.json" "d['first_wait_us']['median']")" us
+		else
+			fail "kv_event_wait in the job (rc $(val kv_wait_rc)): $(cat "$W/kv_wait.json" 2>/dev/null | tail -n 3)"
+		fi
+		steps kv
+	else
+		fail "KV job did not run: $job3"
+		[[ $job3 =~ ^[0-9]+$ ]] && sl scancel "$job3"
+	fi
+	check "no agent process and no runtime dir after the KV job" nothing_left 30
+}
+
+if ((kv_only)); then
+	kv_in_job
+	exit 0
+fi
 
 # ------------------------------------------------------------ job start overhead
 median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
@@ -370,8 +482,6 @@ wait_job "$job" 600 || fail "job $job still in the queue after 600 s"
 state=$(sl scontrol -o show job "$job" | grep -o 'JobState=[A-Z_]* .*ExitCode=[0-9:]*' | awk '{ print $1, $NF }')
 check "job $job completed ($state)" test "$state" = "JobState=COMPLETED ExitCode=0:0"
 out=$(cat "$W/job1.out" 2>/dev/null)
-val() { awk -v k="$1" '$1 == k { print $2 }' <<<"$out" | tail -n 1; }
-jq_py() { "$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
 
 check "the batch step waited for the prefetched model (aegaeon-cli wait)" test "$(val wait_rc)" = 0
 if [[ -n $(val model_ready) && -n $(val agent_started) ]]; then
@@ -386,19 +496,6 @@ l1=$(loads "$W/status1.json")
 check "the job's agent holds one load, A, from --aegaeon-prefetch ($l1)" test "$l1" = "1:$A:loaded"
 check "the job has one slab of $slab and a pool of $pinned" test "$(jq_py "$W/status1.json" "[s['total_bytes'] for s in d['slabs']], d['pool']['pool_bytes']")" = "[$slab_bytes] $pinned_bytes"
 
-steps() { # STEP: the step's own result lines, counted here
-	local f=$W/$1.out line
-	[[ -f $f ]] || { fail "$1 left no output"; return; }
-	while IFS= read -r line; do
-		case $line in
-		"ok - "*) pass "${line#ok - }" ;;
-		"not ok - "*) fail "${line#not ok - }" ;;
-		"skip - "*) skip "${line#skip - }" ;;
-		"# figure: "*) read -r _ _ n v u <<<"$line"; figure "$n" "$v" "$u" ;;
-		esac
-	done <"$f"
-	grep -q "^# done $1" "$f" || { fail "$1 did not finish (rc $(val "${1}_rc")): $(tail -n 5 "$f")"; }
-}
 steps step1
 check "step 1 started no load (agent status: $(loads "$W/status2.json"))" test "$(loads "$W/status2.json")" = "$l1"
 steps step2
@@ -441,5 +538,7 @@ fi
 wait_job "$job2" 60 || fail "job $job2 still in the queue 60 s after scancel"
 check "no agent process and no runtime dir after the cancelled job" nothing_left 30
 gpu_check "GPU memory back to what it was after the cancelled job"
+
+kv_in_job
 
 exit 0

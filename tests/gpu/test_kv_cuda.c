@@ -15,6 +15,7 @@
 
 #include <aegaeon/aegaeon.h>
 
+#include "gpu_gate.h"
 #include "gpu_tool.h"
 
 #include "device_internal.h"
@@ -100,39 +101,6 @@ static uint64_t gpu_free(aeg_device_t *dev)
 static double now_s(void)
 {
 	return aeg_now_ns() / 1e9;
-}
-
-/* A host function that holds a stream until the test opens the gate. */
-struct gate {
-	pthread_mutex_t lock;
-	pthread_cond_t cv;
-	int open;
-};
-
-static void gate_fn(void *arg)
-{
-	struct gate *g = arg;
-
-	pthread_mutex_lock(&g->lock);
-	while (!g->open)
-		pthread_cond_wait(&g->cv, &g->lock);
-	pthread_mutex_unlock(&g->lock);
-}
-
-static int gate_close(struct gate *g, aeg_stream_t *s)
-{
-	pthread_mutex_init(&g->lock, NULL);
-	pthread_cond_init(&g->cv, NULL);
-	g->open = 0;
-	return aeg_stream_launch_host_fn(s, gate_fn, g);
-}
-
-static void gate_open(struct gate *g)
-{
-	pthread_mutex_lock(&g->lock);
-	g->open = 1;
-	pthread_cond_broadcast(&g->cv);
-	pthread_mutex_unlock(&g->lock);
 }
 
 /* A cache over a slab and a pool of its own; pool buffers hold whole blocks. */

@@ -1093,6 +1093,130 @@ class TestKV(Base):
         del b
         kv.close()
 
+    def per_layer_cache(self, layers, parts, piece, blocks, **kw):
+        """GPU blocks in per-layer tensors as vLLM lays them out ([parts][blocks] per layer)."""
+        slab = an.SlabAllocator(0, layers * parts * blocks * piece + MiB)
+        region = slab.alloc(layers * parts * blocks * piece)
+        bases = [region.device_ptr + s * blocks * piece for s in range(layers * parts)]
+        kv = an.KVCache(0, block_bytes=layers * parts * piece, gpu_blocks=blocks, host_blocks=blocks,
+                        layers=layers, parts=parts, gpu_tensors=bases, **kw)
+        return slab, region, kv
+
+    def test_per_layer_layout(self):
+        L, P, piece, n = 4, 2, 1024, 12
+        slab, region, kv = self.per_layer_cache(L, P, piece, n)
+        st = kv.stats()
+        self.assertEqual((st["layers"], st["parts"], st["block_bytes"]), (L, P, L * P * piece))
+        data = pattern(L * P * n * piece, 21)
+        region.copy_from(data)
+
+        def gpu_piece(i, l, p):   # GPU block i's piece of layer l, part p, as the tensors hold it
+            off = ((l * P + p) * n + i) * piece
+            return data[off:off + piece]
+        g = list(range(n))
+        h = kv.host_alloc(n)
+        random.Random(5).shuffle(h)
+        self.assertEqual(kv.gpu_piece(3, 2, 1), region.device_ptr + ((2 * P + 1) * n + 3) * piece)
+        call, layer_handles = kv.swap_out(g, h, layers=True)
+        self.assertEqual(len(layer_handles), L)
+        for lh in layer_handles:
+            kv.wait(lh, timeout=10)
+        kv.wait(call)
+        kv.release(call)
+        for i, hid in enumerate(h):
+            block = bytes(kv.host_block(hid))
+            for l in range(L):
+                for p in range(P):
+                    s0 = (l * P + p) * piece
+                    self.assertEqual(block[s0:s0 + piece], gpu_piece(i, l, p), (i, l, p))
+        # back in, to other blocks, every piece in place
+        region.copy_from(bytes(len(data)))
+        g_in = g[::-1]
+        kv.swap_in(h, g_in, wait=True)
+        got = region.tobytes()
+        for i, gid in enumerate(g_in):
+            for l in range(L):
+                for p in range(P):
+                    off = ((l * P + p) * n + gid) * piece
+                    self.assertEqual(got[off:off + piece], gpu_piece(i, l, p))
+        self.assertEqual(kv.stats()["events_kept"], L + 1)   # the call and its layers, reused by swap_in
+        self.assertRaises(ValueError, kv.gpu_block, 0)
+        self.assertRaises(ValueError, kv.gpu_piece, 0, L, 0)
+        self.assertRaises(ValueError, kv.host_piece, 0, 0, P)
+        with self.assertRaises(an.AegaeonValueError):
+            kv.swap_out(g, h, layers=[n])                 # groups of entries: a one-layer cache only
+        kv.close()
+        del region
+        slab.close()
+
+    def test_both_directions_at_once(self):
+        """A swap-out and a swap-in from two threads overlap and corrupt nothing."""
+        L, P, piece, n = 2, 2, 4096, 16
+        slab, region, kv = self.per_layer_cache(L, P, piece, 2 * n)
+        data = pattern(L * P * 2 * n * piece, 33)
+        region.copy_from(data)
+        h = kv.host_alloc(2 * n)
+        for i in range(n, 2 * n):                         # host blocks the swap-ins read
+            kv.host_block(h[i])[:] = pattern(L * P * piece, i)
+        failures = []
+
+        def worker(out):
+            for r in range(25):
+                if out:
+                    kv.swap_out(list(range(n)), h[:n], wait=True)
+                    for i in range(n):
+                        want = b"".join(data[((s * 2 * n) + i) * piece:((s * 2 * n) + i + 1) * piece]
+                                        for s in range(L * P))
+                        if bytes(kv.host_block(h[i])) != want:
+                            failures.append(("out", r, i))
+                else:
+                    kv.swap_in(h[n:], list(range(n, 2 * n)), wait=True)
+        threads = [threading.Thread(target=worker, args=(o,)) for o in (1, 0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(failures, [])
+        got = region.tobytes()
+        for i in range(n, 2 * n):
+            want = pattern(L * P * piece, i)
+            for s in range(L * P):
+                off = (s * 2 * n + i) * piece
+                self.assertEqual(got[off:off + piece], want[s * piece:(s + 1) * piece])
+        st = kv.stats()
+        self.assertEqual((st["swaps_out"], st["swaps_in"], st["events_live"]), (25, 25, 0))
+        kv.close()
+        del region
+        slab.close()
+
+    def test_layout_errors(self):
+        slab = an.SlabAllocator(0, MiB)
+        pool = an.PinnedPool(65536, 4)
+        base = slab.allocate(64 * 1024)
+        ptrs = [base + i * 8192 for i in range(8)]
+        with self.assertRaises(ValueError):               # two GPU sides
+            an.KVCache(0, block_bytes=8192, layers=4, parts=2, gpu_tensors=ptrs, slab=slab)
+        with self.assertRaises(ValueError) as c:          # pointers for 4 x 2 tensors
+            an.KVCache(0, block_bytes=8192, layers=4, parts=2, gpu_tensors=ptrs[:7], gpu_blocks=8)
+        self.assertIn("7 pointers", str(c.exception))
+        with self.assertRaises(an.AegaeonValueError):     # pieces of 384 bytes
+            an.KVCache(0, block_bytes=3072, layers=4, parts=2, gpu_tensors=ptrs, gpu_blocks=8)
+        with self.assertRaises(an.AegaeonValueError):     # tensors that overlap
+            an.KVCache(0, block_bytes=8192, layers=4, parts=2, gpu_tensors=[base] * 8, gpu_blocks=8)
+        with self.assertRaises(ValueError):               # two host sides
+            an.KVCache(0, block_bytes=8192, gpu_blocks=4, pool=pool, host_tensors=[pool.address(0)])
+        self.assertRaises(TypeError, an.KVCache, 0, gpu_tensors=5)
+        kv = an.KVCache(0, block_bytes=4096, gpu_blocks=4, host_blocks=4, host_tensors=[pool.address(0)])
+        self.assertRaises(ValueError, kv.host_block, 0)
+        self.assertRaises(ValueError, kv.store_kv_async, "r", b"x")
+        with self.assertRaises(an.AegaeonValueError):     # per-layer events need a cache of several layers
+            kv.swap_out([0], [0], layers=True)
+        kv.swap_out([0, 1], [1, 0], wait=True)
+        self.assertEqual(kv.host_piece(1), pool.address(0) + 4096)
+        kv.close()
+        pool.close()
+        slab.close()
+
 
 # ------------------------------------------------------------------------ job
 

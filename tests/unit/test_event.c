@@ -433,12 +433,10 @@ static int child_owns(int to_parent, int from_parent)
 	return 0;
 }
 
-static void parent_waits_on_child(void **state)
+/* A child that owns an event (child_owns); *up_rd gives its handle, a byte on *down_wr lets it go. */
+static pid_t start_owner(int *up_rd, int *down_wr)
 {
-	aeg_device_t *dev = open_host();
-	int up[2], down[2], status;
-	uint64_t t0, opens;
-	aeg_handle_t h;
+	int up[2], down[2];
 	pid_t pid;
 
 	assert_int_equal(pipe(up), 0);
@@ -452,6 +450,20 @@ static void parent_waits_on_child(void **state)
 	}
 	close(up[1]);
 	close(down[0]);
+	*up_rd = up[0];
+	*down_wr = down[1];
+	return pid;
+}
+
+static void parent_waits_on_child(void **state)
+{
+	aeg_device_t *dev = open_host();
+	int up[2], down[2], status;
+	uint64_t t0, opens;
+	aeg_handle_t h;
+	pid_t pid;
+
+	pid = start_owner(&up[0], &down[1]);
 	assert_int_equal(read(up[0], &h, sizeof(h)), sizeof(h));
 	t0 = aeg_now_ns();
 	assert_int_equal(aeg_event_wait_handle(dev, &h, 0), AEG_ETIMEDOUT);
@@ -467,6 +479,58 @@ static void parent_waits_on_child(void **state)
 	assert_int_equal(aeg_event_close_handle(dev, &h), 0);
 	assert_int_equal(aeg_event_wait_handle(dev, &h, 0), AEG_EBADF);
 	assert_non_null(strstr(aeg_error_detail(), "gone"));
+	close(up[0]);
+	close(down[1]);
+	aeg_device_close(dev);
+}
+
+/*
+ * aeg_event_query_handle answers from what this process resolved already:
+ * ENOENT for a handle never waited on (it opens nothing), then pending or
+ * complete; a local event at once; no open is counted by a query.
+ */
+static void query_handle_never_waits(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_stream_t *s = NULL;
+	aeg_event_t *own = NULL;
+	int up[2], down[2], status;
+	aeg_handle_t h, hown;
+	uint64_t opens;
+	sem_t gate;
+	pid_t pid;
+
+	pid = start_owner(&up[0], &down[1]);
+	assert_int_equal(read(up[0], &h, sizeof(h)), sizeof(h));
+	assert_int_equal(aeg_event_query_handle(dev, &h), AEG_ENOENT);
+	aeg_device_event_stats(dev, &opens, NULL);
+	assert_int_equal(opens, 0);
+	assert_int_equal(aeg_event_wait_handle(dev, &h, 0), AEG_ETIMEDOUT);  /* opens it */
+	assert_int_equal(aeg_event_query_handle(dev, &h), AEG_EBUSY);
+	assert_int_equal(aeg_event_wait_handle(dev, &h, 10000), 0);
+	assert_int_equal(aeg_event_query_handle(dev, &h), 0);
+	aeg_device_event_stats(dev, &opens, NULL);
+	assert_int_equal(opens, 1);
+	assert_int_equal(aeg_event_close_handle(dev, &h), 0);
+	assert_int_equal(aeg_event_query_handle(dev, &h), AEG_ENOENT);
+	assert_int_equal(write(down[1], "x", 1), 1);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_int_equal(WEXITSTATUS(status), 0);
+
+	/* This process's own event: pending behind a held stream, then complete. */
+	assert_int_equal(sem_init(&gate, 0, 0), 0);
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_int_equal(aeg_event_create(dev, 0, &own, &hown), 0);
+	assert_int_equal(aeg_stream_launch_host_fn(s, block_fn, &gate), 0);
+	assert_int_equal(aeg_event_record(own, s), 0);
+	assert_int_equal(aeg_event_query_handle(dev, &hown), AEG_EBUSY);
+	assert_int_equal(sem_post(&gate), 0);
+	assert_int_equal(aeg_stream_sync(s), 0);
+	assert_int_equal(aeg_event_query_handle(dev, &hown), 0);
+	assert_int_equal(aeg_event_query_handle(NULL, &hown), AEG_EINVAL);
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(aeg_event_destroy(own), 0);
+	sem_destroy(&gate);
 	close(up[0]);
 	close(down[1]);
 	aeg_device_close(dev);
@@ -598,6 +662,7 @@ int main(void)
 		cmocka_unit_test(stream_waits_for_event),
 		cmocka_unit_test(child_waits_on_parent),
 		cmocka_unit_test(parent_waits_on_child),
+		cmocka_unit_test(query_handle_never_waits),
 		cmocka_unit_test(armed_until_recorded),
 		cmocka_unit_test(no_fd_leak),
 	};

@@ -23,94 +23,12 @@
 
 #include "device_internal.h"
 #include "internal.h"
+#include "kvtest.h"
 #include "testutil.h"
 
-#define KiB (1ull << 10)
-#define MiB (1ull << 20)
-#define WAIT_MS 20000
 
-static aeg_device_t *dev;
-static aeg_stream_t *stream;
 
 /* ------------------------------------------------------------ helpers */
-
-static uint64_t splitmix(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
-/* Bytes a block gets from @seed: the child of the handoff test makes the same. */
-static void fill_pattern(void *p, size_t bytes, uint64_t seed)
-{
-	uint64_t s = seed, v;
-	unsigned char *c = p;
-
-	for (size_t i = 0; i < bytes; i += 8) {
-		v = splitmix(&s);
-		memcpy(c + i, &v, bytes - i < 8 ? bytes - i : 8);
-	}
-}
-
-static void shuffle(uint32_t *a, size_t n, uint64_t *s)
-{
-	for (size_t i = n; i > 1; i--) {
-		size_t j = splitmix(s) % i;
-		uint32_t t = a[i - 1];
-
-		a[i - 1] = a[j];
-		a[j] = t;
-	}
-}
-
-static int all_bytes(const void *p, int value, size_t bytes)
-{
-	const unsigned char *c = p;
-
-	for (size_t i = 0; i < bytes; i++)
-		if (c[i] != (unsigned char)value)
-			return 0;
-	return 1;
-}
-
-/* A host function that holds a stream until the test opens the gate. */
-struct gate {
-	pthread_mutex_t lock;
-	pthread_cond_t cv;
-	int open;
-};
-
-static void gate_fn(void *arg)
-{
-	struct gate *g = arg;
-
-	pthread_mutex_lock(&g->lock);
-	while (!g->open)
-		pthread_cond_wait(&g->cv, &g->lock);
-	pthread_mutex_unlock(&g->lock);
-}
-
-static void gate_close(struct gate *g, aeg_stream_t *s)
-{
-	pthread_mutex_init(&g->lock, NULL);
-	pthread_cond_init(&g->cv, NULL);
-	g->open = 0;
-	assert_int_equal(aeg_stream_launch_host_fn(s, gate_fn, g), 0);
-}
-
-static void gate_open(struct gate *g, aeg_stream_t *s)
-{
-	pthread_mutex_lock(&g->lock);
-	g->open = 1;
-	pthread_cond_broadcast(&g->cv);
-	pthread_mutex_unlock(&g->lock);
-	assert_int_equal(aeg_stream_sync(s), 0);
-	pthread_cond_destroy(&g->cv);
-	pthread_mutex_destroy(&g->lock);
-}
 
 /* A cache over a slab of its own and a pool of its own. */
 struct cache {
@@ -121,23 +39,6 @@ struct cache {
 	uint32_t gpu_blocks, host_blocks;
 	uint32_t per_buffer;
 };
-
-/* A pool buffer size holding whole blocks: a multiple of the block and of 4 KiB, >= 64 KiB. */
-static uint64_t buffer_for(uint64_t block)
-{
-	uint64_t a = block, b = 4096, buffer;
-
-	while (b) {
-		uint64_t t = a % b;
-
-		a = b;
-		b = t;
-	}
-	buffer = block / a * 4096;
-	while (buffer < 64 * KiB)
-		buffer *= 2;
-	return buffer;
-}
 
 static void cache_make(struct cache *c, uint64_t block, uint32_t gpu_blocks, uint32_t host_buffers,
 		       uint32_t spare_buffers)
@@ -322,7 +223,7 @@ static void per_layer_events(void **state)
 	memset(aeg_kv_host_ptr(c.kv, 0), 0, (size_t)c.host_blocks * block);
 
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&g, stream);
+	gate_hold(&g, stream);
 	err = aeg_kv_swap_out_layers(c.kv, gpu_ids, host_ids, N, &layers, stream, &h);
 	/* Nothing ran yet: every event pending, every handle distinct. */
 	pending = aeg_event_wait_handle(dev, &h, 0) == AEG_ETIMEDOUT;
@@ -569,10 +470,10 @@ static void create_errors_hold_nothing(void **state)
 			struct aeg_kv_params p;
 			const char *detail;
 		} src[] = {
-			{ "slab and range", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .gpu_base = range, .gpu_bytes = 8192, .pool = pool }, "not both" },
-			{ "no GPU side", { .block_bytes = 4096, .pool = pool }, "not neither" },
-			{ "pool and range", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .pool = pool, .host_base = range, .host_bytes = 8192 }, "not both" },
-			{ "no host side", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1 }, "not neither" },
+			{ "slab and range", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .gpu_base = range, .gpu_bytes = 8192, .pool = pool }, "not several" },
+			{ "no GPU side", { .block_bytes = 4096, .pool = pool }, "not none" },
+			{ "pool and range", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .pool = pool, .host_base = range, .host_bytes = 8192 }, "not several" },
+			{ "no host side", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1 }, "not none" },
 			{ "misaligned GPU range", { .block_bytes = 4096, .gpu_base = range + 16, .gpu_bytes = 8192, .pool = pool }, "aligned" },
 			{ "misaligned host range", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .host_base = range + 8, .host_bytes = 8192 }, "aligned" },
 			{ "GPU range under a block", { .block_bytes = 4096, .gpu_base = range, .gpu_bytes = 4095, .pool = pool }, "smaller than one" },
@@ -867,14 +768,14 @@ static void destroy_waits_for_queued_swaps(void **state)
 		fill_pattern(aeg_kv_gpu_ptr(c.kv, i), block, 31337 + i);
 	}
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&gt, stream);
+	gate_hold(&gt, stream);
 	err = aeg_kv_swap_out(c.kv, g, h, 32, stream, NULL);
 	d.kv = c.kv;
 	atomic_init(&d.done, 0);
 	started = err == 0 && pthread_create(&th, NULL, destroyer_main, &d) == 0;
 	usleep(100 * 1000);
 	early = atomic_load(&d.done);
-	gate_open(&gt, stream);
+	gate_release(&gt, stream);
 	assert_int_equal(err, 0);
 	assert_true(started);
 	assert_int_equal(pthread_join(th, NULL), 0);
@@ -998,7 +899,7 @@ static void cross_process_handoff(void **state)
 	self = self_exe_path();
 
 	/* No assertion while the gate is shut: a failure would leave the stream held. */
-	gate_close(&g, stream);
+	gate_hold(&g, stream);
 	err = aeg_kv_swap_out(c.kv, gpu_ids, host_ids, HANDOFF_N, stream, &h);
 	aeg_handle_to_hex(&h, hex);
 	snprintf(fdtext, sizeof(fdtext), "%d", aeg_pool_fd(c.pool));
@@ -1022,7 +923,7 @@ static void cross_process_handoff(void **state)
 		close(ready_pipe[0]);
 		usleep(20 * 1000);
 	}
-	gate_open(&g, stream);
+	gate_release(&g, stream);
 	assert_int_equal(err, 0);
 	assert_true(pid > 0);
 	assert_int_equal(waitpid(pid, &status, 0), pid);
@@ -1060,20 +961,6 @@ static void nothing_leaks(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
-static int setup(void **state)
-{
-	setenv("AEGAEON_HOST_GPUS", "2", 1);
-	if (aeg_device_open(&dev, AEG_DEVICE_HOST) || aeg_stream_create(dev, 0, &stream))
-		return -1;
-	return 0;
-}
-
-static int teardown(void **state)
-{
-	aeg_stream_destroy(stream);
-	aeg_device_close(dev);
-	return 0;
-}
 
 int main(int argc, char **argv)
 {
@@ -1098,5 +985,5 @@ int main(int argc, char **argv)
 
 	if (argc > 1 && strcmp(argv[1], "--handoff-child") == 0)
 		return handoff_child(argc, argv);
-	return cmocka_run_group_tests_name("kv", tests, setup, teardown);
+	return cmocka_run_group_tests_name("kv", tests, kvtest_setup, kvtest_teardown);
 }

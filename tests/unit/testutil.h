@@ -160,14 +160,14 @@ static inline unsigned char *test_st_file(const char *path, const uint64_t *size
  */
 static inline int host_device_setup(void **state)
 {
-	aeg_device_t *dev = NULL;
+	aeg_device_t *opened = NULL;
 
 	unsetenv("AEGAEON_HOST_GPUS");
 	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
 	unsetenv("AEGAEON_PINNED_HUGEPAGES");
-	if (aeg_device_open(&dev, AEG_DEVICE_HOST) < 0)
+	if (aeg_device_open(&opened, AEG_DEVICE_HOST) < 0)
 		return -1;
-	*state = dev;
+	*state = opened;
 	return 0;
 }
 
