@@ -10,6 +10,7 @@
 #   CLUSTER_GPU_FILES  device files of node n1's GPUs, e.g. "/dev/nvidia0 /dev/nvidia1";
 #                      empty: character devices made in the temp dir, for every node [""]
 #   CLUSTER_PREFIX     temp dir name prefix [/tmp/aegaeon-slurm]
+#   CLUSTER_NODE_PREFIX  node names are PREFIX1..PREFIXN [n]
 #   CLUSTER_KEEP=1     keep the temp dir when stopping (for debugging)
 #   CLUSTER_SANITIZER_PRELOAD  the ASan and UBSan runtimes (libasan.so libubsan.so)
 #                      when the plugin was built with them (--enable-sanitizers):
@@ -35,6 +36,7 @@ CLUSTER_NODES=${CLUSTER_NODES:-2}
 CLUSTER_GPUS=${CLUSTER_GPUS:-2}
 CLUSTER_GPU_FILES=${CLUSTER_GPU_FILES:-}
 CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
+CLUSTER_NODE_PREFIX=${CLUSTER_NODE_PREFIX:-n}
 
 T=
 PIDS=()
@@ -113,8 +115,12 @@ cluster_sanitizer_wrap() {
 }
 
 cluster_write_config() {
-	local base=$1 nodes="n[1-$CLUSTER_NODES]" n g
-	[[ $CLUSTER_NODES -eq 1 ]] && nodes=n1
+	local base=$1 p=$CLUSTER_NODE_PREFIX n g
+	local nodes="$p[1-$CLUSTER_NODES]"
+	# slurmd's step sockets are SPOOL/<node>_<job>.<step>, at most 107 bytes:
+	# one node needs no node name in its spool dir, which leaves room for long ones.
+	local spool=$T/spool/%n
+	[[ $CLUSTER_NODES -eq 1 ]] && nodes=${p}1 spool=$T/spool/1
 	cat >"$T/etc/slurm.conf" <<-CONF
 	ClusterName=aegaeon
 	SlurmctldHost=localhost(127.0.0.1)
@@ -135,7 +141,7 @@ cluster_write_config() {
 	MailProg=/bin/true
 	PlugStackConfig=$T/etc/plugstack.conf
 	StateSaveLocation=$T/spool/ctld
-	SlurmdSpoolDir=$T/spool/%n
+	SlurmdSpoolDir=$spool
 	SlurmctldPidFile=$T/run/slurmctld.pid
 	SlurmdPidFile=$T/run/slurmd-%n.pid
 	SlurmctldLogFile=$T/log/slurmctld.log
@@ -159,11 +165,11 @@ cluster_write_config() {
 	{
 		echo "AutoDetect=off"
 		if [[ -n $CLUSTER_GPU_FILES ]]; then
-			for f in $CLUSTER_GPU_FILES; do echo "NodeName=n1 Name=gpu File=$f"; done
+			for f in $CLUSTER_GPU_FILES; do echo "NodeName=${p}1 Name=gpu File=$f"; done
 		else
 			for ((n = 1; n <= CLUSTER_NODES; n++)); do
 				for ((g = (n - 1) * CLUSTER_GPUS; g < n * CLUSTER_GPUS; g++)); do
-					echo "NodeName=n$n Name=gpu File=$T/dev/nvidia$g"
+					echo "NodeName=$p$n Name=gpu File=$T/dev/nvidia$g"
 				done
 			done
 		fi
@@ -194,7 +200,8 @@ cluster_start() {
 	T=$(mktemp -d "$CLUSTER_PREFIX.XXXXXX") || return 1
 	chmod 755 "$T"
 	mkdir -p "$T"/{etc,spool/ctld,log,run,dev,work}
-	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p "$T/spool/n$n"; done
+	((CLUSTER_NODES == 1)) && mkdir -p "$T/spool/1"
+	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p "$T/spool/$CLUSTER_NODE_PREFIX$n"; done
 	mkdir -m 700 "$T/munge-key"
 	mkdir -m 755 "$T/munge"
 	mkdir -m 755 "$T/aegrun"
@@ -223,7 +230,8 @@ cluster_start() {
 	PIDS+=($!)
 	for ((n = 1; n <= CLUSTER_NODES; n++)); do
 		env -i SLURM_CONF="$T/etc/slurm.conf" "${CLUSTER_SANITIZER_ENV[@]}" \
-			"$SLURMD" -D -N "n$n" "${stepd[@]}" </dev/null >>"$T/log/slurmd-n$n.out" 2>&1 &
+			"$SLURMD" -D -N "$CLUSTER_NODE_PREFIX$n" "${stepd[@]}" </dev/null \
+			>>"$T/log/slurmd-$CLUSTER_NODE_PREFIX$n.out" 2>&1 &
 		PIDS+=($!)
 	done
 	if ! wait_for 30 nodes_idle; then

@@ -21,10 +21,12 @@
 #include <aegaeon/job.h>
 
 #include "aegaeon_spank.h"
+#include "jobdir.h"
 
 #define MAX_GROUPS 1024
 #define MAX_AGENTS 16
-#define REMOVE_DEPTH 4
+/* Bound on removing a job dir that someone keeps writing into. */
+#define REMOVE_TIMEOUT_MS 30000
 
 /* What the prolog and epilog know about the job from their environment. */
 struct job {
@@ -34,7 +36,7 @@ struct job {
 	const char *user;
 	const char *node;
 	char dir[PATH_MAX];
-	char name[64];          /* <jobid>.<node>, the job dir inside runtime_dir */
+	char name[64];          /* the job dir inside runtime_dir (aeg_jobdir_name) */
 };
 
 static void sleep_ms(long ms)
@@ -75,12 +77,11 @@ static int job_from_env(struct job *job)
 	}
 	job->uid = uid;
 	job->gid = gid;
-	if (aeg_spank_job_dir(job->dir, sizeof(job->dir), aeg_site.cfg.runtime_dir, job->id, job->node) < 0) {
-		slurm_error("aegaeon: job %u: node name '%.64s' or runtime_dir %s unusable for a job directory",
-			    job->id, job->node ? job->node : "", aeg_site.cfg.runtime_dir);
+	if (aeg_jobdir_path(job->dir, sizeof(job->dir), aeg_site.cfg.runtime_dir, job->id, job->node) < 0 ||
+	    aeg_jobdir_name(job->name, sizeof(job->name), job->id, job->node) < 0) {
+		slurm_error("aegaeon: job %u: no job directory: %s", job->id, aeg_error_detail());
 		return -1;
 	}
-	snprintf(job->name, sizeof(job->name), "%u.%s", job->id, job->node);
 	return 0;
 }
 
@@ -135,80 +136,6 @@ static int open_runtime_dir(void)
 		return -1;
 	}
 	return fd;
-}
-
-/*
- * Remove @name in @dfd and all it holds, never following links; counts what
- * went. A directory REMOVE_DEPTH levels down is moved up into @top (the job
- * dir) instead, and *@again set for another pass: so no more than
- * REMOVE_DEPTH directories are open at once, and no depth a user makes
- * leaves the job dir behind.
- */
-static int remove_tree(int dfd, const char *name, int depth, int top, unsigned *removed, int *again)
-{
-	struct dirent *de;
-	DIR *d;
-	int fd, rc = 0;
-
-	if (unlinkat(dfd, name, 0) == 0) {
-		(*removed)++;
-		return 0;
-	}
-	if (errno == ENOENT)
-		return 0;
-	if (errno != EISDIR && errno != EPERM)
-		return -1;
-	if (depth >= REMOVE_DEPTH) {
-		char up[32];
-
-		for (unsigned n = 0; n < 4096; n++) {
-			snprintf(up, sizeof(up), ".aegaeon-deep-%u", n);
-			if (renameat2(dfd, name, top, up, RENAME_NOREPLACE) == 0) {
-				*again = 1;
-				return 0;
-			}
-			if (errno != EEXIST)
-				return -1;
-		}
-		errno = ELOOP;
-		return -1;
-	}
-	fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	d = fdopendir(fd);
-	if (d == NULL) {
-		close(fd);
-		return -1;
-	}
-	while ((de = readdir(d)) != NULL) {
-		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-			continue;
-		if (remove_tree(dirfd(d), de->d_name, depth + 1, depth == 0 ? dirfd(d) : top, removed, again) < 0)
-			rc = -1;
-	}
-	closedir(d);
-	if (rc < 0)
-		return -1;
-	if (unlinkat(dfd, name, AT_REMOVEDIR) < 0)
-		return depth == 0 && *again && errno == ENOTEMPTY ? 0 : -1;
-	(*removed)++;
-	return 0;
-}
-
-/* The job dir @name in @rfd, in as many passes as its depth takes (bounded). */
-static int remove_job_dir(int rfd, const char *name, unsigned *removed)
-{
-	for (int pass = 0; pass < 4096; pass++) {
-		int again = 0;
-
-		if (remove_tree(rfd, name, 0, -1, removed, &again) < 0)
-			return -1;
-		if (!again)
-			return 0;
-	}
-	errno = ELOOP;
-	return -1;
 }
 
 static int opt_env(const char *name, const char **value)
@@ -537,7 +464,7 @@ int aeg_spank_prolog(spank_t sp)
 {
 	struct aeg_spank_opts o;
 	char reason[AEG_JOB_ERROR_MAX] = "", gpus[256];
-	unsigned removed = 0;
+	unsigned long removed = 0;
 	struct job job;
 	int rfd = -1, dfd = -1, ngpus;
 
@@ -575,10 +502,10 @@ int aeg_spank_prolog(spank_t sp)
 		close(dfd);
 		dfd = -1;
 	}
-	if (remove_job_dir(rfd, job.name, &removed) < 0)
-		slurm_error("aegaeon: job %u: removing the stale %s: %m", job.id, job.dir);
+	if (aeg_jobdir_remove(rfd, job.name, REMOVE_TIMEOUT_MS, &removed) < 0)
+		slurm_error("aegaeon: job %u: the stale %s: %s", job.id, job.dir, aeg_error_detail());
 	else if (removed > 0)
-		slurm_info("aegaeon: job %u: removed a stale %s (%u entries)", job.id, job.dir, removed);
+		slurm_info("aegaeon: job %u: removed a stale %s (%lu entries)", job.id, job.dir, removed);
 	if (mkdirat(rfd, job.name, 0700) < 0) {
 		slurm_error("aegaeon: job %u: creating %s: %m", job.id, job.dir);
 		goto out;
@@ -746,7 +673,7 @@ static int stop_agents(const struct job *job, int dfd)
  */
 int aeg_spank_epilog(spank_t sp)
 {
-	unsigned removed = 0;
+	unsigned long removed = 0;
 	struct stat st;
 	struct job job;
 	int rfd, dfd, rc = 0;
@@ -765,10 +692,10 @@ int aeg_spank_epilog(spank_t sp)
 		rc = stop_agents(&job, dfd) < 0 ? -1 : 0;
 		close(dfd);
 	}
-	if (remove_job_dir(rfd, job.name, &removed) < 0)
-		slurm_error("aegaeon: job %u on %s: removing %s: %m", job.id, job.node, job.dir);
+	if (aeg_jobdir_remove(rfd, job.name, REMOVE_TIMEOUT_MS, &removed) < 0)
+		slurm_error("aegaeon: job %u on %s: %s", job.id, job.node, aeg_error_detail());
 	else
-		slurm_info("aegaeon: job %u on %s: removed %s (%u entries)", job.id, job.node, job.dir, removed);
+		slurm_info("aegaeon: job %u on %s: removed %s (%lu entries)", job.id, job.node, job.dir, removed);
 	close(rfd);
 	return rc;
 }

@@ -60,8 +60,4 @@ int aeg_spank_epilog(spank_t sp);
 /* aegaeon_stepd.c: task_init, as the job user. */
 int aeg_spank_task_init(spank_t sp);
 
-/* Job directory <runtime_dir>/<jobid>.<nodename>; -1 if the names are unusable. */
-int aeg_spank_job_dir(char *buf, size_t len, const char *runtime_dir, uint32_t jobid,
-		      const char *node);
-
 #endif
