@@ -1,7 +1,6 @@
 /* job_prolog and job_epilog (root, on each node): the job directory and the agent's start and stop. */
 #include "config.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -14,7 +13,6 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <aegaeon/error.h>
@@ -38,14 +36,6 @@ struct job {
 	char dir[PATH_MAX];
 	char name[64];          /* the job dir inside runtime_dir (aeg_jobdir_name) */
 };
-
-static void sleep_ms(long ms)
-{
-	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-
-	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-		;
-}
 
 static int env_u32(const char *name, uint32_t *v)
 {
@@ -532,136 +522,40 @@ out:
 	return 0;
 }
 
-/* True if @pid runs as @uid with "--runtime-dir DIR" on its command line: this job's agent. */
-static int is_agent(pid_t pid, uid_t uid, const char *dir)
-{
-	char path[64], buf[8192];
-	struct stat st;
-	ssize_t n;
-	int fd, found = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d", (int)pid);
-	if (stat(path, &st) < 0 || st.st_uid != uid)
-		return 0;
-	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	for (const char *p = buf; p < buf + n; p += strlen(p) + 1)
-		if (strcmp(p, "--runtime-dir") == 0 && p + strlen(p) + 1 < buf + n &&
-		    strcmp(p + strlen(p) + 1, dir) == 0)
-			found = 1;
-	return found;
-}
-
-/* Gone, or a zombie nobody reaps (a container's init may not): either way it holds nothing. */
-static int is_gone(pid_t pid)
-{
-	char path[64], buf[512], *paren;
-	ssize_t n;
-	int fd;
-
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 1;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 1;
-	buf[n] = '\0';
-	paren = strrchr(buf, ')');
-	return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
-}
-
-static int find_agents(const struct job *job, int dfd, pid_t *pids, int max)
-{
-	char buf[32];
-	struct dirent *de;
-	struct stat st;
-	DIR *d;
-	int n = 0, fd;
-
-	/* agent.pid is the user's file: read with care, and only trusted after is_agent(). */
-	fd = openat(dfd, AEG_JOB_PID_FILE, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-	if (fd >= 0) {
-		ssize_t len = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? read(fd, buf, sizeof(buf) - 1) : -1;
-		long pid;
-
-		close(fd);
-		if (len > 0) {
-			buf[len] = '\0';
-			pid = strtol(buf, NULL, 10);
-			if (pid > 1 && is_agent((pid_t)pid, job->uid, job->dir))
-				pids[n++] = (pid_t)pid;
-		}
-	}
-	/* An agent that has not written its pid yet (or a second one) is found by its command line. */
-	d = opendir("/proc");
-	if (d == NULL)
-		return n;
-	while ((de = readdir(d)) != NULL && n < max) {
-		char *end;
-		long pid = strtol(de->d_name, &end, 10);
-		int known = 0;
-
-		if (*end != '\0' || pid <= 1)
-			continue;
-		for (int i = 0; i < n; i++)
-			known |= pids[i] == pid;
-		if (!known && is_agent((pid_t)pid, job->uid, job->dir))
-			pids[n++] = (pid_t)pid;
-	}
-	closedir(d);
-	return n;
-}
-
-static int wait_gone(const pid_t *pids, int n, long timeout_ms)
-{
-	for (long waited = 0;; waited += 20) {
-		int left = 0;
-
-		for (int i = 0; i < n; i++)
-			left += !is_gone(pids[i]);
-		if (left == 0)
-			return 0;
-		if (waited >= timeout_ms)
-			return left;
-		sleep_ms(20);
-	}
-}
-
-/* SIGTERM, then SIGKILL, this job's agents: how many there were, or -1 when one survived. */
+/*
+ * Stop this job's agents: SIGTERM, and SIGKILL after agent_stop_timeout.
+ * Every signal goes through the pidfd held since the agent was identified,
+ * never to a pid that another process may have taken since. How many
+ * agents there were, or -1 when one survived.
+ */
 static int stop_agents(const struct job *job, int dfd)
 {
-	pid_t pids[MAX_AGENTS];
+	struct aeg_spank_proc agents[MAX_AGENTS];
 	int n, left;
 
-	n = find_agents(job, dfd, pids, MAX_AGENTS);
+	n = aeg_spank_agents_find(agents, MAX_AGENTS, job->uid, job->dir, dfd);
 	if (n == 0)
 		return 0;
 	for (int i = 0; i < n; i++)
-		kill(pids[i], SIGTERM);
-	left = wait_gone(pids, n, aeg_site.cfg.agent_stop_timeout_ms);
+		aeg_spank_proc_signal(&agents[i], SIGTERM);
+	left = aeg_spank_procs_wait(agents, n, aeg_site.cfg.agent_stop_timeout_ms);
 	if (left == 0) {
-		slurm_info("aegaeon: job %u on %s: agent %d stopped (SIGTERM)", job->id, job->node, (int)pids[0]);
-		return n;
+		slurm_info("aegaeon: job %u on %s: agent %d gone after SIGTERM", job->id, job->node,
+			   (int)agents[0].pid);
+		goto out;
 	}
 	for (int i = 0; i < n; i++) {
-		if (!is_gone(pids[i])) {
-			slurm_error("aegaeon: job %u on %s: agent %d still running %d ms after SIGTERM; sending SIGKILL",
-				    job->id, job->node, (int)pids[i], aeg_site.cfg.agent_stop_timeout_ms);
-			kill(pids[i], SIGKILL);
-		}
+		if (aeg_spank_proc_gone(&agents[i]))
+			continue;
+		slurm_error("aegaeon: job %u on %s: agent %d still running %d ms after SIGTERM; sending SIGKILL",
+			    job->id, job->node, (int)agents[i].pid, aeg_site.cfg.agent_stop_timeout_ms);
+		aeg_spank_proc_signal(&agents[i], SIGKILL);
 	}
-	left = wait_gone(pids, n, 5000);
+	left = aeg_spank_procs_wait(agents, n, 5000);
 	if (left > 0)
 		slurm_error("aegaeon: job %u on %s: %d agent process(es) survived SIGKILL", job->id, job->node, left);
+out:
+	aeg_spank_procs_release(agents, n);
 	return left > 0 ? -1 : n;
 }
 

@@ -4,6 +4,7 @@
 
 #include <limits.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <slurm/spank.h>
 
@@ -59,5 +60,29 @@ int aeg_spank_epilog(spank_t sp);
 
 /* aegaeon_stepd.c: task_init, as the job user. */
 int aeg_spank_task_init(spank_t sp);
+
+/*
+ * aegaeon_procs.c: processes as root sees them. A held process keeps a pidfd
+ * (or, on kernels without, its start time, checked again before each signal),
+ * so a signal never reaches a process that took its pid over.
+ */
+struct aeg_spank_proc {
+	pid_t pid;
+	int fd;                         /* pidfd; -1 without */
+	unsigned long long start;       /* start time, clock ticks since boot */
+};
+
+/*
+ * The job's agents: processes of @uid with "--runtime-dir @dir" on their
+ * command line, the pid in agent.pid (in @dfd, -1: none) first; at most @max
+ * held in @agents; returns how many. Release them with aeg_spank_procs_release.
+ */
+int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, uid_t uid, const char *dir, int dfd);
+void aeg_spank_procs_release(struct aeg_spank_proc *p, int n);
+/* Signal a held process; -1 with ESRCH once it has gone. */
+int aeg_spank_proc_signal(const struct aeg_spank_proc *p, int sig);
+int aeg_spank_proc_gone(const struct aeg_spank_proc *p);
+/* Wait up to @timeout_ms for them all to exit; how many are left. */
+int aeg_spank_procs_wait(const struct aeg_spank_proc *p, int n, long timeout_ms);
 
 #endif
