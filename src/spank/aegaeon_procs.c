@@ -1,7 +1,8 @@
 /*
- * The job's agents as root finds and signals them (prolog, epilog):
- * identified by uid and command line, then held by a pidfd, so that no
- * signal reaches a process that took a pid over.
+ * The job's agents as root finds and signals them (prolog, extern step,
+ * epilog): identified by uid and command line, then held by a pidfd, so that
+ * no signal reaches a process that took a pid over; and everything an agent
+ * started, found below it (it is its children's subreaper).
  */
 #include "config.h"
 
@@ -254,5 +255,240 @@ int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, uid_t uid, con
 			n++;
 	}
 	closedir(d);
+	return n;
+}
+
+/* Pids and parents of every live process, for walking trees. */
+struct ptable {
+	pid_t *pid, *ppid;
+	size_t n, cap;
+};
+
+static int ptable_grow(struct ptable *t)
+{
+	size_t cap = t->cap ? t->cap * 2 : 1024;
+	pid_t *v;
+
+	v = realloc(t->pid, cap * sizeof(*v));
+	if (v == NULL)
+		return -1;
+	t->pid = v;
+	v = realloc(t->ppid, cap * sizeof(*v));
+	if (v == NULL)
+		return -1;
+	t->ppid = v;
+	t->cap = cap;
+	return 0;
+}
+
+/* The live processes now (zombies hold nothing); -1 (nothing to free) on failure. */
+static int ptable_read(struct ptable *t)
+{
+	unsigned long long start;
+	struct dirent *de;
+	DIR *d;
+
+	memset(t, 0, sizeof(*t));
+	d = opendir("/proc");
+	if (d == NULL)
+		return -1;
+	while ((de = readdir(d)) != NULL) {
+		char *end, state;
+		long v = strtol(de->d_name, &end, 10);
+		pid_t ppid;
+
+		if (*end != '\0' || v <= 1 || proc_stat((pid_t)v, &state, &ppid, &start) < 0 ||
+		    state == 'Z' || state == 'X')
+			continue;
+		if (t->n == t->cap && ptable_grow(t) < 0) {
+			closedir(d);
+			free(t->pid);
+			free(t->ppid);
+			return -1;
+		}
+		t->pid[t->n] = (pid_t)v;
+		t->ppid[t->n++] = ppid;
+	}
+	closedir(d);
+	return 0;
+}
+
+static int by_pid(const void *a, const void *b)
+{
+	pid_t x = *(const pid_t *)a, y = *(const pid_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+static int in_set(const pid_t *set, size_t n, pid_t pid)
+{
+	return bsearch(&pid, set, n, sizeof(*set), by_pid) != NULL;
+}
+
+/* The tree below a root: its pids sorted, the root included. */
+struct tree {
+	pid_t *pids;
+	size_t n;
+};
+
+/* Its parent is in the tree (read after the pidfd was opened: see hold()). */
+static int in_tree(pid_t pid, const void *arg)
+{
+	const struct tree *t = arg;
+	unsigned long long start;
+	pid_t ppid;
+	char state;
+
+	return proc_stat(pid, &state, &ppid, &start) == 0 && in_set(t->pids, t->n, ppid);
+}
+
+/* Grow @tr from the table, one generation per pass, until nothing more hangs below it. */
+static int tree_grow(struct tree *tr, const struct ptable *t, pid_t root)
+{
+	size_t before;
+
+	tr->pids = malloc((t->n + 1) * sizeof(*tr->pids));
+	if (tr->pids == NULL)
+		return -1;
+	tr->pids[0] = root;
+	tr->n = 1;
+	do {
+		size_t n = tr->n;
+
+		before = tr->n;
+		for (size_t i = 0; i < t->n; i++)
+			if (t->pid[i] != root && in_set(tr->pids, before, t->ppid[i]) &&
+			    !in_set(tr->pids, before, t->pid[i]))
+				tr->pids[n++] = t->pid[i];
+		tr->n = n;
+		qsort(tr->pids, tr->n, sizeof(*tr->pids), by_pid);
+	} while (tr->n != before);
+	return 0;
+}
+
+/* Add @pid to the sorted set @s unless it is there (the set is sorted again after each round). */
+static int set_add(struct tree *s, size_t sorted, pid_t pid)
+{
+	pid_t *v;
+
+	if (in_set(s->pids, sorted, pid))
+		return 0;
+	v = realloc(s->pids, (s->n + 1) * sizeof(*v));
+	if (v == NULL)
+		return -1;
+	s->pids = v;
+	s->pids[s->n++] = pid;
+	return 0;
+}
+
+/* One round: SIGKILL every process below @root now, adding it to @dead; how many, or -1. */
+static int kill_round(const struct aeg_spank_proc *root, struct tree *dead)
+{
+	size_t sorted = dead->n;
+	struct aeg_spank_proc p;
+	struct ptable t;
+	struct tree tr;
+	int killed = 0;
+
+	if (ptable_read(&t) < 0)
+		return -1;
+	if (tree_grow(&tr, &t, root->pid) < 0) {
+		free(t.pid);
+		free(t.ppid);
+		return -1;
+	}
+	for (size_t i = 0; i < tr.n; i++) {
+		if (tr.pids[i] == root->pid || hold(&p, tr.pids[i], in_tree, &tr) < 0)
+			continue;
+		/* The root still alive: the parent pids read were not reused. */
+		if (!gone(root) && aeg_spank_proc_signal(&p, SIGKILL) == 0) {
+			killed++;
+			if (set_add(dead, sorted, p.pid) < 0)
+				killed = -1;
+		}
+		aeg_spank_procs_release(&p, 1);
+		if (killed < 0)
+			break;
+	}
+	qsort(dead->pids, dead->n, sizeof(*dead->pids), by_pid);
+	free(tr.pids);
+	free(t.pid);
+	free(t.ppid);
+	return killed;
+}
+
+/*
+ * Killed processes' children move up to the agent (their subreaper) or stay
+ * below their dying parents, so rounds go on until one finds nothing, each a
+ * fresh look; bounded in time for a tree that forks faster than it dies.
+ */
+int aeg_spank_kill_tree(const struct aeg_spank_proc *root, long timeout_ms, unsigned *killed)
+{
+	struct tree dead = { NULL, 0 };
+	int rc = 0;
+
+	for (long waited = 0;; waited += 5) {
+		int k = gone(root) ? 0 : kill_round(root, &dead);
+
+		if (k <= 0) {
+			rc = k;
+			break;
+		}
+		if (waited >= timeout_ms) {
+			errno = EAGAIN;
+			rc = -1;
+			break;
+		}
+		sleep_ms(5);
+	}
+	*killed = (unsigned)dead.n;
+	free(dead.pids);
+	return rc;
+}
+
+pid_t aeg_spank_only_child(pid_t parent)
+{
+	struct ptable t;
+	pid_t child = 0;
+
+	if (ptable_read(&t) < 0)
+		return -1;
+	for (size_t i = 0; i < t.n; i++) {
+		if (t.ppid[i] != parent)
+			continue;
+		child = child == 0 ? t.pid[i] : -1;
+		if (child < 0)
+			break;
+	}
+	free(t.pid);
+	free(t.ppid);
+	return child > 0 ? child : -1;
+}
+
+int aeg_spank_tree_hold(const struct aeg_spank_proc *root, struct aeg_spank_proc **below)
+{
+	struct ptable t;
+	struct tree tr;
+	int n = 0;
+
+	*below = NULL;
+	if (ptable_read(&t) < 0)
+		return -1;
+	if (tree_grow(&tr, &t, root->pid) < 0 || (*below = calloc(tr.n, sizeof(**below))) == NULL) {
+		n = -1;
+		goto out;
+	}
+	for (size_t i = 0; i < tr.n; i++)
+		if (tr.pids[i] != root->pid && hold(&(*below)[n], tr.pids[i], in_tree, &tr) == 0)
+			n++;
+	/* The root still alive: the parent pids read were not reused. */
+	if (gone(root)) {
+		aeg_spank_procs_release(*below, n);
+		n = 0;
+	}
+out:
+	free(tr.pids);
+	free(t.pid);
+	free(t.ppid);
 	return n;
 }

@@ -23,8 +23,9 @@
 
 #define MAX_GROUPS 1024
 #define MAX_AGENTS 16
-/* Bound on removing a job dir that someone keeps writing into. */
+/* Bounds on the epilog: removing the job dir, killing what the agent started. */
 #define REMOVE_TIMEOUT_MS 30000
+#define TREE_TIMEOUT_MS 5000
 
 /* What the prolog and epilog know about the job from their environment. */
 struct job {
@@ -523,21 +524,31 @@ out:
 }
 
 /*
- * Stop this job's agents: SIGTERM, and SIGKILL after agent_stop_timeout.
- * Every signal goes through the pidfd held since the agent was identified,
- * never to a pid that another process may have taken since. How many
- * agents there were, or -1 when one survived.
+ * Stop this job's agents and everything they started. What lies below an
+ * agent goes first (the agent starts no process of its own: a debugger may
+ * have made it start some), then the agent gets SIGTERM, and SIGKILL after
+ * agent_stop_timeout. Every signal goes through the pidfd held since the
+ * agent was identified, never to a pid that another process may have taken
+ * since. How many agents there were, or -1 when one survived.
  */
 static int stop_agents(const struct job *job, int dfd)
 {
 	struct aeg_spank_proc agents[MAX_AGENTS];
+	unsigned killed;
 	int n, left;
 
 	n = aeg_spank_agents_find(agents, MAX_AGENTS, job->uid, job->dir, dfd);
 	if (n == 0)
 		return 0;
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < n; i++) {
+		if (aeg_spank_kill_tree(&agents[i], TREE_TIMEOUT_MS, &killed) < 0)
+			slurm_error("aegaeon: job %u on %s: processes below agent %d still there after %d ms (%u killed): %m",
+				    job->id, job->node, (int)agents[i].pid, TREE_TIMEOUT_MS, killed);
+		else if (killed > 0)
+			slurm_info("aegaeon: job %u on %s: killed %u process(es) agent %d had started",
+				   job->id, job->node, killed, (int)agents[i].pid);
 		aeg_spank_proc_signal(&agents[i], SIGTERM);
+	}
 	left = aeg_spank_procs_wait(agents, n, aeg_site.cfg.agent_stop_timeout_ms);
 	if (left == 0) {
 		slurm_info("aegaeon: job %u on %s: agent %d gone after SIGTERM", job->id, job->node,

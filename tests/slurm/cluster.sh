@@ -20,8 +20,8 @@ first_of() { for f in "$@"; do [[ -e $f ]] && { echo "$f"; return; }; done; echo
 AEG_AGENT=${AEG_AGENT:-$(first_of "$AEG_BUILDDIR/aegaeond" "$AEG_BUILDDIR/src/agent/aegaeond")}
 AEG_CLI=${AEG_CLI:-$(first_of "$AEG_BUILDDIR/aegaeon-cli" "$AEG_BUILDDIR/src/cli/aegaeon-cli")}
 CLUSTER_PLUGIN=$AEG_PLUGIN
-# A test file may set CLUSTER_NODES, CLUSTER_PREFIX or CLUSTER_NODE_PREFIX
-# before sourcing this (scripts/lib/cluster.sh says what they do).
+# A test file may set CLUSTER_NODES, CLUSTER_PREFIX, CLUSTER_NODE_PREFIX or
+# CLUSTER_CGROUP before sourcing this (scripts/lib/cluster.sh says what they do).
 CLUSTER_NODES=${CLUSTER_NODES:-2}
 CLUSTER_GPUS=2
 CLUSTER_GPU_FILES=
