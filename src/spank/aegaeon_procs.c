@@ -22,6 +22,7 @@
 #include <aegaeon/job.h>
 
 #include "aegaeon_spank.h"
+#include "device_internal.h"
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -40,41 +41,12 @@ static int send_pidfd(int fd, int sig)
 	return (int)syscall(SYS_pidfd_send_signal, fd, sig, NULL, 0);
 }
 
-/* State, parent and start time (clock ticks since boot) from /proc/PID/stat. */
-static int proc_stat(pid_t pid, char *state, pid_t *ppid, unsigned long long *start)
-{
-	char path[64], buf[1024], *p;
-	unsigned long long v = 0;
-	ssize_t n;
-	int fd, ppid_i = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return -1;
-	buf[n] = '\0';
-	/* The command name may hold anything, ')' included: fields start after the last ')'. */
-	p = strrchr(buf, ')');
-	if (p == NULL || sscanf(p + 1, " %c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d "
-				"%*d %*d %llu", state, &ppid_i, &v) != 3)
-		return -1;
-	*ppid = ppid_i;
-	*start = v;
-	return 0;
-}
-
 /* Still the process that was held: its pid names a process of the same start time. */
 static int same_process(const struct aeg_spank_proc *p)
 {
-	unsigned long long start;
-	pid_t ppid;
-	char state;
+	uint64_t start;
 
-	return proc_stat(p->pid, &state, &ppid, &start) == 0 && start == p->start;
+	return aeg_proc_start_time(p->pid, &start) == 0 && start == p->start;
 }
 
 /*
@@ -85,14 +57,13 @@ static int same_process(const struct aeg_spank_proc *p)
  */
 static int hold(struct aeg_spank_proc *p, pid_t pid, int (*match)(pid_t, const void *), const void *arg)
 {
-	pid_t ppid;
 	char state;
 
 	p->pid = pid;
 	p->fd = open_pidfd(pid);
 	if (p->fd < 0 && errno != ENOSYS)
 		return -1;
-	if (proc_stat(pid, &state, &ppid, &p->start) < 0 || state == 'Z' || state == 'X' || !match(pid, arg))
+	if (aeg_proc_stat(pid, &state, NULL, &p->start) < 0 || state == 'Z' || state == 'X' || !match(pid, arg))
 		goto no;
 	if (p->fd >= 0 ? send_pidfd(p->fd, 0) < 0 : !same_process(p))
 		goto no;
@@ -119,17 +90,11 @@ int aeg_spank_proc_signal(const struct aeg_spank_proc *p, int sig)
 /* Exited (a zombie nobody reaps holds nothing either). */
 static int gone(const struct aeg_spank_proc *p)
 {
-	unsigned long long start;
-	struct pollfd pfd;
-	pid_t ppid;
-	char state;
+	struct pollfd pfd = { p->fd, POLLIN, 0 };
 
-	if (p->fd >= 0) {
-		pfd.fd = p->fd;
-		pfd.events = POLLIN;
+	if (p->fd >= 0)
 		return poll(&pfd, 1, 0) == 1;
-	}
-	return proc_stat(p->pid, &state, &ppid, &start) < 0 || start != p->start || state == 'Z' || state == 'X';
+	return !aeg_proc_alive(p->pid, p->start);
 }
 
 static void sleep_ms(long ms)
@@ -284,7 +249,6 @@ static int ptable_grow(struct ptable *t)
 /* The live processes now (zombies hold nothing); -1 (nothing to free) on failure. */
 static int ptable_read(struct ptable *t)
 {
-	unsigned long long start;
 	struct dirent *de;
 	DIR *d;
 
@@ -297,7 +261,7 @@ static int ptable_read(struct ptable *t)
 		long v = strtol(de->d_name, &end, 10);
 		pid_t ppid;
 
-		if (*end != '\0' || v <= 1 || proc_stat((pid_t)v, &state, &ppid, &start) < 0 ||
+		if (*end != '\0' || v <= 1 || aeg_proc_stat((pid_t)v, &state, &ppid, NULL) < 0 ||
 		    state == 'Z' || state == 'X')
 			continue;
 		if (t->n == t->cap && ptable_grow(t) < 0) {
@@ -335,11 +299,9 @@ struct tree {
 static int in_tree(pid_t pid, const void *arg)
 {
 	const struct tree *t = arg;
-	unsigned long long start;
 	pid_t ppid;
-	char state;
 
-	return proc_stat(pid, &state, &ppid, &start) == 0 && in_set(t->pids, t->n, ppid);
+	return aeg_proc_stat(pid, NULL, &ppid, NULL) == 0 && in_set(t->pids, t->n, ppid);
 }
 
 /* Grow @tr from the table, one generation per pass, until nothing more hangs below it. */

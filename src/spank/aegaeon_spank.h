@@ -72,7 +72,7 @@ int aeg_spank_task_post_fork(spank_t sp);
 struct aeg_spank_proc {
 	pid_t pid;
 	int fd;                         /* pidfd; -1 without */
-	unsigned long long start;       /* start time, clock ticks since boot */
+	uint64_t start;                 /* start time, clock ticks since boot */
 };
 
 /*

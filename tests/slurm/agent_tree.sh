@@ -10,30 +10,16 @@ source "$(dirname "$0")/cluster.sh"
 cluster_start || { fail "cluster starts"; finish; exit; }
 
 MARK="AEG_TREE_MARK=$T"
-marked() {
-	local p
-	for p in /proc/[0-9]*; do
-		tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qx "$MARK" && echo "${p#/proc/}"
-	done
-	return 0
-}
+marked() { marked_pids "$MARK"; }
 parents() { for p in $(marked); do ps -o ppid= -p "$p"; done | tr -d ' ' | sort -u; }
 sessions() { for p in $(marked); do ps -o sid= -p "$p"; done | sort -u | wc -l; }
 
-# The agent, through a wrapper that leaves the two processes to the process
-# it becomes: a sleep, and a subshell that, once the agent is ready (its
-# subreaper flag is set by then), starts a sleep in a new session and exits.
-agent=$AEG_AGENT
-[[ ${#CLUSTER_SANITIZER_ENV[@]} -gt 0 ]] && agent=$(cluster_sanitizer_wrap aegaeond "$AEG_AGENT")
-{
-	echo '#!/bin/sh'
-	echo 'dir=; for a in "$@"; do [ "$prev" = --runtime-dir ] && dir=$a; prev=$a; done'
-	echo "env $MARK sleep 10007 &"
-	echo "( while [ ! -e \"\$dir/ready\" ]; do sleep 0.05; done; env $MARK setsid sleep 10009 & ) &"
-	echo "exec '$agent' \"\$@\""
-} >"$T/tree-agent"
-chmod 755 "$T/tree-agent"
-write_site_config "agent_path = \"$T/tree-agent\";"
+# The agent's process leaves two: a sleep, and a subshell that, once the
+# agent is ready (its subreaper flag is set by then), starts a sleep in a new
+# session and exits.
+agent_wrapper 'dir=; for a in "$@"; do [ "$prev" = --runtime-dir ] && dir=$a; prev=$a; done' \
+	"env $MARK sleep 10007 &" \
+	"( while [ ! -e \"\$dir/ready\" ]; do sleep 0.05; done; env $MARK setsid sleep 10009 & ) &"
 
 job=$(submit -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB --wrap 'sleep 300')
 wait_ready "$job" n1 20

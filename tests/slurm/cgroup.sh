@@ -16,19 +16,9 @@ fi
 cluster_start || { fail "cluster starts with proctrack/cgroup and task/cgroup"; finish; exit; }
 
 MARK="AEG_CGROUP_MARK=$T"
-marked() {
-	local p
-	for p in /proc/[0-9]*; do
-		tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qx "$MARK" && echo "${p#/proc/}"
-	done
-	return 0
-}
-# The agent leaves a process to the one it becomes (see agent_tree.sh).
-agent=$AEG_AGENT
-[[ ${#CLUSTER_SANITIZER_ENV[@]} -gt 0 ]] && agent=$(cluster_sanitizer_wrap aegaeond "$AEG_AGENT")
-printf '#!/bin/sh\nenv %s sleep 10011 &\nexec %s "$@"\n' "$MARK" "'$agent'" >"$T/tree-agent"
-chmod 755 "$T/tree-agent"
-write_site_config "agent_path = \"$T/tree-agent\";"
+marked() { marked_pids "$MARK"; }
+# The agent's process leaves a sleep behind (see agent_tree.sh).
+agent_wrapper "env $MARK sleep 10011 &"
 
 # The extern step's own process: the `sleep` slurmstepd [JOB.extern] started.
 extern_task() {

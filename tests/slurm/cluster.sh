@@ -92,6 +92,30 @@ agent_pids() {
 	return 0
 }
 
+# Processes whose environment holds the line $1 (VAR=VALUE, a mark a test gave them).
+marked_pids() {
+	local p
+	for p in /proc/[0-9]*; do
+		tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qxF -- "$1" && echo "${p#/proc/}"
+	done
+	return 0
+}
+
+# agent_wrapper LINE...: the site's agent becomes a script that runs these
+# shell lines (with the agent's arguments in "$@") and then execs the agent,
+# so the agent's own process starts what they start.
+agent_wrapper() {
+	local agent=$AEG_AGENT line
+	[[ ${#CLUSTER_SANITIZER_ENV[@]} -gt 0 ]] && agent=$(cluster_sanitizer_wrap aegaeond "$AEG_AGENT")
+	{
+		echo '#!/bin/sh'
+		for line in "$@"; do echo "$line"; done
+		echo "exec '$agent' \"\$@\""
+	} >"$T/agent-wrapper"
+	chmod 755 "$T/agent-wrapper"
+	write_site_config "agent_path = \"$T/agent-wrapper\";"
+}
+
 # Number of jobs slurmctld knows (running, pending or finished recently).
 job_count() { sl scontrol -o show job 2>/dev/null | grep -c '^JobId=' || true; }
 
