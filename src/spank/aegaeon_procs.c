@@ -286,7 +286,7 @@ static int by_pid(const void *a, const void *b)
 
 static int in_set(const pid_t *set, size_t n, pid_t pid)
 {
-	return bsearch(&pid, set, n, sizeof(*set), by_pid) != NULL;
+	return n > 0 && bsearch(&pid, set, n, sizeof(*set), by_pid) != NULL;
 }
 
 /* The tree below a root: its pids sorted, the root included. */
@@ -372,7 +372,8 @@ static int kill_round(const struct aeg_spank_proc *root, struct tree *dead)
 		if (killed < 0)
 			break;
 	}
-	qsort(dead->pids, dead->n, sizeof(*dead->pids), by_pid);
+	if (dead->n > 1)
+		qsort(dead->pids, dead->n, sizeof(*dead->pids), by_pid);
 	free(tr.pids);
 	free(t.pid);
 	free(t.ppid);

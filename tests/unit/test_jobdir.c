@@ -150,7 +150,7 @@ static void remove_deep_tree(void **state)
 	assert_int_equal(mkdir(top, 0700), 0);
 	assert_int_equal(mkdir(victim, 0700), 0);
 	assert_int_equal(close(open(strcat(strcpy(link, victim), "/keep"), O_CREAT | O_WRONLY, 0600)), 0);
-	assert_int_equal(make_chain(top, 20000), 0);
+	assert_int_equal(make_chain(top, 14000), 0);
 	snprintf(link, sizeof(link), "%s/d/d/d/d/d/d/d/d/d/d/d/d/d/d/d/d/d/d/d/d/vlink", top);
 	assert_int_equal(symlink(victim, link), 0);
 	/* A name the walk would pick for a directory it moves up. */
@@ -159,11 +159,12 @@ static void remove_deep_tree(void **state)
 	dfd = open_tmp();
 	fds = count_fds();
 	t0 = aeg_now_ns();
-	assert_int_equal(aeg_jobdir_remove(dfd, "job", 10000, &removed), 0);
-	print_message("# removed a tree 20000 levels deep in %.3f s\n", (aeg_now_ns() - t0) / 1e9);
+	/* Time enough under valgrind too: the bound is for trees that keep growing. */
+	assert_int_equal(aeg_jobdir_remove(dfd, "job", 600000, &removed), 0);
+	print_message("# removed a tree 14000 levels deep in %.3f s\n", (aeg_now_ns() - t0) / 1e9);
 	assert_int_equal(count_fds(), fds);
-	/* top, 20000 directories, the file, the link and the planted directory */
-	assert_int_equal(removed, 20004);
+	/* top, 14000 directories, the file, the link and the planted directory */
+	assert_int_equal(removed, 14004);
 	assert_int_equal(lstat(top, &st), -1);
 	assert_int_equal(lstat(strcat(strcpy(link, victim), "/keep"), &st), 0);
 	close(dfd);
@@ -183,7 +184,7 @@ static void remove_runs_out_of_time(void **state)
 	assert_non_null(strstr(aeg_error_detail(), "removing slow: still not empty after 0 ms"));
 	assert_int_equal(count_fds(), fds);
 	assert_int_equal(lstat(top, &st), 0);
-	assert_int_equal(aeg_jobdir_remove(dfd, "slow", 10000, &removed), 0);
+	assert_int_equal(aeg_jobdir_remove(dfd, "slow", 600000, &removed), 0);
 	assert_int_equal(removed, 3002);
 	assert_int_equal(lstat(top, &st), -1);
 	close(dfd);
