@@ -10,6 +10,12 @@
 #   CLUSTER_GPU_FILES  device files of node n1's GPUs, e.g. "/dev/nvidia0 /dev/nvidia1";
 #                      empty: character devices made in the temp dir, for every node [""]
 #   CLUSTER_PREFIX     temp dir name prefix [/tmp/aegaeon-slurm]
+#   CLUSTER_NODE_PREFIX  node names are PREFIX1..PREFIXN [n]
+#   CLUSTER_CGROUP=1   track and confine jobs with cgroups: proctrack/cgroup,
+#                      task/cgroup (devices and memory constrained) and
+#                      PrologFlags=Contain (an extern step per job); needs a
+#                      cgroup v1 or v2 file system slurmd can write (see
+#                      cluster_cgroup_usable) [0: proctrack/linuxproc, task/none]
 #   CLUSTER_KEEP=1     keep the temp dir when stopping (for debugging)
 #   CLUSTER_SANITIZER_PRELOAD  the ASan and UBSan runtimes (libasan.so libubsan.so)
 #                      when the plugin was built with them (--enable-sanitizers):
@@ -35,6 +41,8 @@ CLUSTER_NODES=${CLUSTER_NODES:-2}
 CLUSTER_GPUS=${CLUSTER_GPUS:-2}
 CLUSTER_GPU_FILES=${CLUSTER_GPU_FILES:-}
 CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
+CLUSTER_NODE_PREFIX=${CLUSTER_NODE_PREFIX:-n}
+CLUSTER_CGROUP=${CLUSTER_CGROUP:-0}
 
 T=
 PIDS=()
@@ -113,8 +121,13 @@ cluster_sanitizer_wrap() {
 }
 
 cluster_write_config() {
-	local base=$1 nodes="n[1-$CLUSTER_NODES]" n g
-	[[ $CLUSTER_NODES -eq 1 ]] && nodes=n1
+	local base=$1 p=$CLUSTER_NODE_PREFIX n g
+	local nodes="$p[1-$CLUSTER_NODES]" proctrack=proctrack/linuxproc task=task/none flags=Alloc
+	# slurmd's step sockets are SPOOL/<node>_<job>.<step>, at most 107 bytes:
+	# one node needs no node name in its spool dir, which leaves room for long ones.
+	local spool=$T/spool/%n
+	[[ $CLUSTER_NODES -eq 1 ]] && nodes=${p}1 spool=$T/spool/1
+	[[ $CLUSTER_CGROUP = 1 ]] && proctrack=proctrack/cgroup task=task/cgroup flags=Alloc,Contain
 	cat >"$T/etc/slurm.conf" <<-CONF
 	ClusterName=aegaeon
 	SlurmctldHost=localhost(127.0.0.1)
@@ -126,16 +139,16 @@ cluster_write_config() {
 	AuthType=auth/munge
 	AuthInfo=socket=$T/munge/munge.sock
 	CredType=cred/munge
-	ProctrackType=proctrack/linuxproc
-	TaskPlugin=task/none
+	ProctrackType=$proctrack
+	TaskPlugin=$task
 	SelectType=select/cons_tres
 	SelectTypeParameters=CR_Core
-	PrologFlags=Alloc
+	PrologFlags=$flags
 	GresTypes=gpu
 	MailProg=/bin/true
 	PlugStackConfig=$T/etc/plugstack.conf
 	StateSaveLocation=$T/spool/ctld
-	SlurmdSpoolDir=$T/spool/%n
+	SlurmdSpoolDir=$spool
 	SlurmctldPidFile=$T/run/slurmctld.pid
 	SlurmdPidFile=$T/run/slurmd-%n.pid
 	SlurmctldLogFile=$T/log/slurmctld.log
@@ -159,11 +172,11 @@ cluster_write_config() {
 	{
 		echo "AutoDetect=off"
 		if [[ -n $CLUSTER_GPU_FILES ]]; then
-			for f in $CLUSTER_GPU_FILES; do echo "NodeName=n1 Name=gpu File=$f"; done
+			for f in $CLUSTER_GPU_FILES; do echo "NodeName=${p}1 Name=gpu File=$f"; done
 		else
 			for ((n = 1; n <= CLUSTER_NODES; n++)); do
 				for ((g = (n - 1) * CLUSTER_GPUS; g < n * CLUSTER_GPUS; g++)); do
-					echo "NodeName=n$n Name=gpu File=$T/dev/nvidia$g"
+					echo "NodeName=$p$n Name=gpu File=$T/dev/nvidia$g"
 				done
 			done
 		fi
@@ -174,8 +187,31 @@ cluster_write_config() {
 		printf 'CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n' >"$T/etc/cgroup.conf"
 		mkdir -p /sys/fs/cgroup/system.slice
 		echo "+cpuset +cpu +memory +pids" >/sys/fs/cgroup/system.slice/cgroup.subtree_control 2>/dev/null || true
+	elif [[ $CLUSTER_CGROUP = 1 ]]; then
+		printf 'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n' >"$T/etc/cgroup.conf"
 	fi
+	[[ $CLUSTER_CGROUP = 1 ]] && printf 'ConstrainDevices=yes\nConstrainRAMSpace=yes\n' >>"$T/etc/cgroup.conf"
 	echo "required $CLUSTER_PLUGIN config=$T/etc/aegaeon.conf" >"$T/etc/plugstack.conf"
+}
+
+# cluster_cgroup_usable: whether slurmd can confine jobs with cgroups here
+# (CLUSTER_CGROUP=1): cgroup v2 with the memory controller, or v1 with the
+# freezer, memory and devices hierarchies, where root can make cgroups.
+# Prints why not.
+cluster_cgroup_usable() {
+	local c d
+	if [[ -e /sys/fs/cgroup/cgroup.controllers ]]; then
+		grep -qw memory /sys/fs/cgroup/cgroup.controllers ||
+			{ echo "cgroup v2 without the memory controller"; return 1; }
+		d=/sys/fs/cgroup/aegaeon-probe.$$
+	else
+		for c in freezer memory devices; do
+			[[ -f /sys/fs/cgroup/$c/cgroup.procs ]] ||
+				{ echo "no cgroup v1 $c hierarchy at /sys/fs/cgroup/$c"; return 1; }
+		done
+		d=/sys/fs/cgroup/freezer/aegaeon-probe.$$
+	fi
+	mkdir "$d" 2>/dev/null && rmdir "$d" || { echo "cannot make a cgroup in ${d%/*}"; return 1; }
 }
 
 nodes_idle() {
@@ -194,13 +230,14 @@ cluster_start() {
 	T=$(mktemp -d "$CLUSTER_PREFIX.XXXXXX") || return 1
 	chmod 755 "$T"
 	mkdir -p "$T"/{etc,spool/ctld,log,run,dev,work}
-	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p "$T/spool/n$n"; done
+	((CLUSTER_NODES == 1)) && mkdir -p "$T/spool/1"
+	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p "$T/spool/$CLUSTER_NODE_PREFIX$n"; done
 	mkdir -m 700 "$T/munge-key"
 	mkdir -m 755 "$T/munge"
 	mkdir -m 755 "$T/aegrun"
 	chown "$JOB_USER:$JOB_GID" "$T/work"
 	if [[ -z $CLUSTER_GPU_FILES ]]; then
-		for ((g = 0; g < CLUSTER_NODES * CLUSTER_GPUS; g++)); do mknod "$T/dev/nvidia$g" c 1 3; done
+		for ((g = 0; g < CLUSTER_NODES * CLUSTER_GPUS; g++)); do mknod "$T/dev/nvidia$g" c 195 "$g"; done
 	fi
 	(umask 077 && dd if=/dev/urandom of="$T/munge-key/munge.key" bs=1024 count=1 status=none)
 	CLUSTER_SANITIZER_ENV=()
@@ -223,7 +260,8 @@ cluster_start() {
 	PIDS+=($!)
 	for ((n = 1; n <= CLUSTER_NODES; n++)); do
 		env -i SLURM_CONF="$T/etc/slurm.conf" "${CLUSTER_SANITIZER_ENV[@]}" \
-			"$SLURMD" -D -N "n$n" "${stepd[@]}" </dev/null >>"$T/log/slurmd-n$n.out" 2>&1 &
+			"$SLURMD" -D -N "$CLUSTER_NODE_PREFIX$n" "${stepd[@]}" </dev/null \
+			>>"$T/log/slurmd-$CLUSTER_NODE_PREFIX$n.out" 2>&1 &
 		PIDS+=($!)
 	done
 	if ! wait_for 30 nodes_idle; then

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -242,6 +243,12 @@ int main(int argc, char **argv)
 	sigaddset(&sigs, SIGINT);
 	sigaddset(&sigs, SIGHUP);
 	signal(SIGPIPE, SIG_IGN);
+	/*
+	 * The agent starts no process of its own. Whatever a debugger makes it
+	 * start stays below it, orphans too, where the epilog finds and kills it.
+	 */
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
+		aeg_warn("prctl(PR_SET_CHILD_SUBREAPER): %s", strerror(errno));
 	if (sigprocmask(SIG_BLOCK, &sigs, NULL) < 0 ||
 	    (sfd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
 		aeg_error("signalfd: %s", strerror(errno));

@@ -356,11 +356,12 @@ AEG_EXPORT int aeg_host_unregister(aeg_device_t *dev, void *ptr)
 	return dev->ops->host_unregister(dev, ptr);
 }
 
-int aeg_proc_start_time(pid_t pid, uint64_t *start)
+int aeg_proc_stat(pid_t pid, char *state, pid_t *ppid, uint64_t *start)
 {
-	char path[64], buf[1024], *p;
+	char path[64], buf[1024], *p, st;
 	unsigned long long value;
 	ssize_t n;
+	int parent;
 	FILE *f;
 
 	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
@@ -376,6 +377,8 @@ int aeg_proc_start_time(pid_t pid, uint64_t *start)
 	p = strrchr(buf, ')');
 	if (p == NULL)
 		return aeg_fail(AEG_EIO, "%s: no command field", path);
+	if (sscanf(p + 1, " %c %d", &st, &parent) != 2)
+		return aeg_fail(AEG_EIO, "%s: no state or parent", path);
 	p++;
 	/* Fields 3..21 precede the start time. */
 	for (int field = 3; field <= 22; field++) {
@@ -390,30 +393,26 @@ int aeg_proc_start_time(pid_t pid, uint64_t *start)
 	}
 	if (sscanf(p, "%llu", &value) != 1)
 		return aeg_fail(AEG_EIO, "%s: field 22 is not a number", path);
-	*start = value;
+	if (state != NULL)
+		*state = st;
+	if (ppid != NULL)
+		*ppid = parent;
+	if (start != NULL)
+		*start = value;
 	return 0;
+}
+
+int aeg_proc_start_time(pid_t pid, uint64_t *start)
+{
+	return aeg_proc_stat(pid, NULL, NULL, start);
 }
 
 int aeg_proc_alive(pid_t pid, uint64_t start)
 {
-	char path[64], buf[1024], *p;
 	uint64_t now;
-	ssize_t n;
-	int fd;
+	char state;
 
-	if (aeg_proc_start_time(pid, &now) < 0 || now != start)
-		return 0;
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	p = strrchr(buf, ')');
-	return p != NULL && p[1] == ' ' && p[2] != 'Z' && p[2] != 'X';
+	return aeg_proc_stat(pid, &state, NULL, &now) == 0 && now == start && state != 'Z' && state != 'X';
 }
 
 int aeg_mem_available(uint64_t *bytes)

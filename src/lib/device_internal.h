@@ -126,7 +126,13 @@ void aeg_device_event_stats(aeg_device_t *dev, uint64_t *opens, uint64_t *cached
 
 /* Helpers shared by the backends (device.c). */
 
-/* Field 22 of /proc/<pid>/stat (start time in clock ticks since boot). */
+/*
+ * aeg_proc_stat - from /proc/<pid>/stat: the state (field 3: 'R', 'S', 'Z'...),
+ * the parent (field 4) and the start time (field 22, clock ticks since boot);
+ * any pointer may be NULL. AEG_ENOENT once the process is gone, AEG_EIO.
+ * aeg_proc_start_time - the start time alone.
+ */
+int aeg_proc_stat(pid_t pid, char *state, pid_t *ppid, uint64_t *start);
 int aeg_proc_start_time(pid_t pid, uint64_t *start);
 
 /*

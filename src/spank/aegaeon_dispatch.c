@@ -52,6 +52,16 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	}
 }
 
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+	switch (spank_context()) {
+	case S_CTX_REMOTE:
+		return aeg_spank_task_post_fork(sp);
+	default:
+		return 0;
+	}
+}
+
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
 	aeg_spank_site_load(ac, av);

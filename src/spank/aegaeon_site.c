@@ -60,17 +60,3 @@ void aeg_spank_site_load(int ac, char **av)
 	}
 	aeg_site.ok = 1;
 }
-
-int aeg_spank_job_dir(char *buf, size_t len, const char *runtime_dir, uint32_t jobid, const char *node)
-{
-	int n;
-
-	if (node == NULL || node[0] == '\0' || node[0] == '.')
-		return -1;
-	for (const char *p = node; *p != '\0'; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-		      *p == '-' || *p == '_' || *p == '.'))
-			return -1;
-	n = snprintf(buf, len, "%s/%u.%s", runtime_dir, jobid, node);
-	return n < 0 || (size_t)n >= len ? -1 : 0;
-}

@@ -1,7 +1,6 @@
 /* job_prolog and job_epilog (root, on each node): the job directory and the agent's start and stop. */
 #include "config.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -14,17 +13,19 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <aegaeon/error.h>
 #include <aegaeon/job.h>
 
 #include "aegaeon_spank.h"
+#include "jobdir.h"
 
 #define MAX_GROUPS 1024
 #define MAX_AGENTS 16
-#define REMOVE_DEPTH 4
+/* Bounds on the epilog: removing the job dir, killing what the agent started. */
+#define REMOVE_TIMEOUT_MS 30000
+#define TREE_TIMEOUT_MS 5000
 
 /* What the prolog and epilog know about the job from their environment. */
 struct job {
@@ -34,16 +35,8 @@ struct job {
 	const char *user;
 	const char *node;
 	char dir[PATH_MAX];
-	char name[64];          /* <jobid>.<node>, the job dir inside runtime_dir */
+	char name[64];          /* the job dir inside runtime_dir (aeg_jobdir_name) */
 };
-
-static void sleep_ms(long ms)
-{
-	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-
-	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-		;
-}
 
 static int env_u32(const char *name, uint32_t *v)
 {
@@ -75,12 +68,11 @@ static int job_from_env(struct job *job)
 	}
 	job->uid = uid;
 	job->gid = gid;
-	if (aeg_spank_job_dir(job->dir, sizeof(job->dir), aeg_site.cfg.runtime_dir, job->id, job->node) < 0) {
-		slurm_error("aegaeon: job %u: node name '%.64s' or runtime_dir %s unusable for a job directory",
-			    job->id, job->node ? job->node : "", aeg_site.cfg.runtime_dir);
+	if (aeg_jobdir_path(job->dir, sizeof(job->dir), aeg_site.cfg.runtime_dir, job->id, job->node) < 0 ||
+	    aeg_jobdir_name(job->name, sizeof(job->name), job->id, job->node) < 0) {
+		slurm_error("aegaeon: job %u: no job directory: %s", job->id, aeg_error_detail());
 		return -1;
 	}
-	snprintf(job->name, sizeof(job->name), "%u.%s", job->id, job->node);
 	return 0;
 }
 
@@ -135,80 +127,6 @@ static int open_runtime_dir(void)
 		return -1;
 	}
 	return fd;
-}
-
-/*
- * Remove @name in @dfd and all it holds, never following links; counts what
- * went. A directory REMOVE_DEPTH levels down is moved up into @top (the job
- * dir) instead, and *@again set for another pass: so no more than
- * REMOVE_DEPTH directories are open at once, and no depth a user makes
- * leaves the job dir behind.
- */
-static int remove_tree(int dfd, const char *name, int depth, int top, unsigned *removed, int *again)
-{
-	struct dirent *de;
-	DIR *d;
-	int fd, rc = 0;
-
-	if (unlinkat(dfd, name, 0) == 0) {
-		(*removed)++;
-		return 0;
-	}
-	if (errno == ENOENT)
-		return 0;
-	if (errno != EISDIR && errno != EPERM)
-		return -1;
-	if (depth >= REMOVE_DEPTH) {
-		char up[32];
-
-		for (unsigned n = 0; n < 4096; n++) {
-			snprintf(up, sizeof(up), ".aegaeon-deep-%u", n);
-			if (renameat2(dfd, name, top, up, RENAME_NOREPLACE) == 0) {
-				*again = 1;
-				return 0;
-			}
-			if (errno != EEXIST)
-				return -1;
-		}
-		errno = ELOOP;
-		return -1;
-	}
-	fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	d = fdopendir(fd);
-	if (d == NULL) {
-		close(fd);
-		return -1;
-	}
-	while ((de = readdir(d)) != NULL) {
-		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-			continue;
-		if (remove_tree(dirfd(d), de->d_name, depth + 1, depth == 0 ? dirfd(d) : top, removed, again) < 0)
-			rc = -1;
-	}
-	closedir(d);
-	if (rc < 0)
-		return -1;
-	if (unlinkat(dfd, name, AT_REMOVEDIR) < 0)
-		return depth == 0 && *again && errno == ENOTEMPTY ? 0 : -1;
-	(*removed)++;
-	return 0;
-}
-
-/* The job dir @name in @rfd, in as many passes as its depth takes (bounded). */
-static int remove_job_dir(int rfd, const char *name, unsigned *removed)
-{
-	for (int pass = 0; pass < 4096; pass++) {
-		int again = 0;
-
-		if (remove_tree(rfd, name, 0, -1, removed, &again) < 0)
-			return -1;
-		if (!again)
-			return 0;
-	}
-	errno = ELOOP;
-	return -1;
 }
 
 static int opt_env(const char *name, const char **value)
@@ -537,7 +455,7 @@ int aeg_spank_prolog(spank_t sp)
 {
 	struct aeg_spank_opts o;
 	char reason[AEG_JOB_ERROR_MAX] = "", gpus[256];
-	unsigned removed = 0;
+	unsigned long removed = 0;
 	struct job job;
 	int rfd = -1, dfd = -1, ngpus;
 
@@ -575,10 +493,10 @@ int aeg_spank_prolog(spank_t sp)
 		close(dfd);
 		dfd = -1;
 	}
-	if (remove_job_dir(rfd, job.name, &removed) < 0)
-		slurm_error("aegaeon: job %u: removing the stale %s: %m", job.id, job.dir);
+	if (aeg_jobdir_remove(rfd, job.name, REMOVE_TIMEOUT_MS, &removed) < 0)
+		slurm_error("aegaeon: job %u: the stale %s: %s", job.id, job.dir, aeg_error_detail());
 	else if (removed > 0)
-		slurm_info("aegaeon: job %u: removed a stale %s (%u entries)", job.id, job.dir, removed);
+		slurm_info("aegaeon: job %u: removed a stale %s (%lu entries)", job.id, job.dir, removed);
 	if (mkdirat(rfd, job.name, 0700) < 0) {
 		slurm_error("aegaeon: job %u: creating %s: %m", job.id, job.dir);
 		goto out;
@@ -605,136 +523,50 @@ out:
 	return 0;
 }
 
-/* True if @pid runs as @uid with "--runtime-dir DIR" on its command line: this job's agent. */
-static int is_agent(pid_t pid, uid_t uid, const char *dir)
-{
-	char path[64], buf[8192];
-	struct stat st;
-	ssize_t n;
-	int fd, found = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d", (int)pid);
-	if (stat(path, &st) < 0 || st.st_uid != uid)
-		return 0;
-	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	for (const char *p = buf; p < buf + n; p += strlen(p) + 1)
-		if (strcmp(p, "--runtime-dir") == 0 && p + strlen(p) + 1 < buf + n &&
-		    strcmp(p + strlen(p) + 1, dir) == 0)
-			found = 1;
-	return found;
-}
-
-/* Gone, or a zombie nobody reaps (a container's init may not): either way it holds nothing. */
-static int is_gone(pid_t pid)
-{
-	char path[64], buf[512], *paren;
-	ssize_t n;
-	int fd;
-
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 1;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 1;
-	buf[n] = '\0';
-	paren = strrchr(buf, ')');
-	return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
-}
-
-static int find_agents(const struct job *job, int dfd, pid_t *pids, int max)
-{
-	char buf[32];
-	struct dirent *de;
-	struct stat st;
-	DIR *d;
-	int n = 0, fd;
-
-	/* agent.pid is the user's file: read with care, and only trusted after is_agent(). */
-	fd = openat(dfd, AEG_JOB_PID_FILE, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-	if (fd >= 0) {
-		ssize_t len = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? read(fd, buf, sizeof(buf) - 1) : -1;
-		long pid;
-
-		close(fd);
-		if (len > 0) {
-			buf[len] = '\0';
-			pid = strtol(buf, NULL, 10);
-			if (pid > 1 && is_agent((pid_t)pid, job->uid, job->dir))
-				pids[n++] = (pid_t)pid;
-		}
-	}
-	/* An agent that has not written its pid yet (or a second one) is found by its command line. */
-	d = opendir("/proc");
-	if (d == NULL)
-		return n;
-	while ((de = readdir(d)) != NULL && n < max) {
-		char *end;
-		long pid = strtol(de->d_name, &end, 10);
-		int known = 0;
-
-		if (*end != '\0' || pid <= 1)
-			continue;
-		for (int i = 0; i < n; i++)
-			known |= pids[i] == pid;
-		if (!known && is_agent((pid_t)pid, job->uid, job->dir))
-			pids[n++] = (pid_t)pid;
-	}
-	closedir(d);
-	return n;
-}
-
-static int wait_gone(const pid_t *pids, int n, long timeout_ms)
-{
-	for (long waited = 0;; waited += 20) {
-		int left = 0;
-
-		for (int i = 0; i < n; i++)
-			left += !is_gone(pids[i]);
-		if (left == 0)
-			return 0;
-		if (waited >= timeout_ms)
-			return left;
-		sleep_ms(20);
-	}
-}
-
-/* SIGTERM, then SIGKILL, this job's agents: how many there were, or -1 when one survived. */
+/*
+ * Stop this job's agents and everything they started. What lies below an
+ * agent goes first (the agent starts no process of its own: a debugger may
+ * have made it start some), then the agent gets SIGTERM, and SIGKILL after
+ * agent_stop_timeout. Every signal goes through the pidfd held since the
+ * agent was identified, never to a pid that another process may have taken
+ * since. How many agents there were, or -1 when one survived.
+ */
 static int stop_agents(const struct job *job, int dfd)
 {
-	pid_t pids[MAX_AGENTS];
+	struct aeg_spank_proc agents[MAX_AGENTS];
+	unsigned killed;
 	int n, left;
 
-	n = find_agents(job, dfd, pids, MAX_AGENTS);
+	n = aeg_spank_agents_find(agents, MAX_AGENTS, job->uid, job->dir, dfd);
 	if (n == 0)
 		return 0;
-	for (int i = 0; i < n; i++)
-		kill(pids[i], SIGTERM);
-	left = wait_gone(pids, n, aeg_site.cfg.agent_stop_timeout_ms);
+	for (int i = 0; i < n; i++) {
+		if (aeg_spank_kill_tree(&agents[i], TREE_TIMEOUT_MS, &killed) < 0)
+			slurm_error("aegaeon: job %u on %s: processes below agent %d still there after %d ms (%u killed): %m",
+				    job->id, job->node, (int)agents[i].pid, TREE_TIMEOUT_MS, killed);
+		else if (killed > 0)
+			slurm_info("aegaeon: job %u on %s: killed %u process(es) agent %d had started",
+				   job->id, job->node, killed, (int)agents[i].pid);
+		aeg_spank_proc_signal(&agents[i], SIGTERM);
+	}
+	left = aeg_spank_procs_wait(agents, n, aeg_site.cfg.agent_stop_timeout_ms);
 	if (left == 0) {
-		slurm_info("aegaeon: job %u on %s: agent %d stopped (SIGTERM)", job->id, job->node, (int)pids[0]);
-		return n;
+		slurm_info("aegaeon: job %u on %s: agent %d gone after SIGTERM", job->id, job->node,
+			   (int)agents[0].pid);
+		goto out;
 	}
 	for (int i = 0; i < n; i++) {
-		if (!is_gone(pids[i])) {
-			slurm_error("aegaeon: job %u on %s: agent %d still running %d ms after SIGTERM; sending SIGKILL",
-				    job->id, job->node, (int)pids[i], aeg_site.cfg.agent_stop_timeout_ms);
-			kill(pids[i], SIGKILL);
-		}
+		if (aeg_spank_proc_gone(&agents[i]))
+			continue;
+		slurm_error("aegaeon: job %u on %s: agent %d still running %d ms after SIGTERM; sending SIGKILL",
+			    job->id, job->node, (int)agents[i].pid, aeg_site.cfg.agent_stop_timeout_ms);
+		aeg_spank_proc_signal(&agents[i], SIGKILL);
 	}
-	left = wait_gone(pids, n, 5000);
+	left = aeg_spank_procs_wait(agents, n, 5000);
 	if (left > 0)
 		slurm_error("aegaeon: job %u on %s: %d agent process(es) survived SIGKILL", job->id, job->node, left);
+out:
+	aeg_spank_procs_release(agents, n);
 	return left > 0 ? -1 : n;
 }
 
@@ -746,7 +578,7 @@ static int stop_agents(const struct job *job, int dfd)
  */
 int aeg_spank_epilog(spank_t sp)
 {
-	unsigned removed = 0;
+	unsigned long removed = 0;
 	struct stat st;
 	struct job job;
 	int rfd, dfd, rc = 0;
@@ -765,10 +597,10 @@ int aeg_spank_epilog(spank_t sp)
 		rc = stop_agents(&job, dfd) < 0 ? -1 : 0;
 		close(dfd);
 	}
-	if (remove_job_dir(rfd, job.name, &removed) < 0)
-		slurm_error("aegaeon: job %u on %s: removing %s: %m", job.id, job.node, job.dir);
+	if (aeg_jobdir_remove(rfd, job.name, REMOVE_TIMEOUT_MS, &removed) < 0)
+		slurm_error("aegaeon: job %u on %s: %s", job.id, job.node, aeg_error_detail());
 	else
-		slurm_info("aegaeon: job %u on %s: removed %s (%u entries)", job.id, job.node, job.dir, removed);
+		slurm_info("aegaeon: job %u on %s: removed %s (%lu entries)", job.id, job.node, job.dir, removed);
 	close(rfd);
 	return rc;
 }

@@ -4,6 +4,7 @@
 
 #include <limits.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <slurm/spank.h>
 
@@ -60,8 +61,51 @@ int aeg_spank_epilog(spank_t sp);
 /* aegaeon_stepd.c: task_init, as the job user. */
 int aeg_spank_task_init(spank_t sp);
 
-/* Job directory <runtime_dir>/<jobid>.<nodename>; -1 if the names are unusable. */
-int aeg_spank_job_dir(char *buf, size_t len, const char *runtime_dir, uint32_t jobid,
-		      const char *node);
+/* aegaeon_extern.c: task_post_fork (root); in the extern step, the agent joins the job's cgroups. */
+int aeg_spank_task_post_fork(spank_t sp);
+
+/*
+ * aegaeon_procs.c: processes as root sees them. A held process keeps a pidfd
+ * (or, on kernels without, its start time, checked again before each signal),
+ * so a signal never reaches a process that took its pid over.
+ */
+struct aeg_spank_proc {
+	pid_t pid;
+	int fd;                         /* pidfd; -1 without */
+	uint64_t start;                 /* start time, clock ticks since boot */
+};
+
+/*
+ * The job's agents: processes of @uid with "--runtime-dir @dir" on their
+ * command line, the pid in agent.pid (in @dfd, -1: none) first; at most @max
+ * held in @agents; returns how many. Release them with aeg_spank_procs_release.
+ */
+int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, uid_t uid, const char *dir, int dfd);
+void aeg_spank_procs_release(struct aeg_spank_proc *p, int n);
+/* Signal a held process; -1 with ESRCH once it has gone. */
+int aeg_spank_proc_signal(const struct aeg_spank_proc *p, int sig);
+int aeg_spank_proc_gone(const struct aeg_spank_proc *p);
+/* Wait up to @timeout_ms for them all to exit; how many are left. */
+int aeg_spank_procs_wait(const struct aeg_spank_proc *p, int n, long timeout_ms);
+/*
+ * SIGKILL every process below @root until none is left, for at most
+ * @timeout_ms (then -1, errno EAGAIN); *@killed counts them.
+ */
+int aeg_spank_kill_tree(const struct aeg_spank_proc *root, long timeout_ms, unsigned *killed);
+/*
+ * Hold every process below @root now in a new array *@below (free() it after
+ * aeg_spank_procs_release); returns how many, or -1.
+ */
+int aeg_spank_tree_hold(const struct aeg_spank_proc *root, struct aeg_spank_proc **below);
+/* The one child of @parent, or -1 when it has none or several. */
+pid_t aeg_spank_only_child(pid_t parent);
+
+/*
+ * aegaeon_cgroup.c: move @pid into the cgroups @ref is in, in every
+ * hierarchy where they differ. Returns how many it changed, with what it
+ * joined in @what ("memory:/slurm/uid_1/job_2/step_extern ..."), or -1 with
+ * the reason in @what.
+ */
+int aeg_spank_cgroup_join(pid_t pid, pid_t ref, char *what, size_t len);
 
 #endif

@@ -17,6 +17,7 @@
 
 #include "aegaeon_spank.h"
 #include "internal.h"
+#include "jobdir.h"
 
 static int fail_step(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -106,8 +107,8 @@ int aeg_spank_task_init(spank_t sp)
 	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS &&
 	    gethostname(node, sizeof(node)) < 0)
 		return aeg_opts.any ? fail_step("cannot tell the node name") : 0;
-	if (aeg_spank_job_dir(dir, sizeof(dir), aeg_site.cfg.runtime_dir, jobid, node) < 0)
-		return aeg_opts.any ? fail_step("node name '%.64s' unusable for a job directory", node) : 0;
+	if (aeg_jobdir_path(dir, sizeof(dir), aeg_site.cfg.runtime_dir, jobid, node) < 0)
+		return aeg_opts.any ? fail_step("no job directory on node %s: %s", node, aeg_error_detail()) : 0;
 	if (stat(dir, &st) < 0) {
 		if (!aeg_opts.any)
 			return 0;

@@ -20,10 +20,12 @@ first_of() { for f in "$@"; do [[ -e $f ]] && { echo "$f"; return; }; done; echo
 AEG_AGENT=${AEG_AGENT:-$(first_of "$AEG_BUILDDIR/aegaeond" "$AEG_BUILDDIR/src/agent/aegaeond")}
 AEG_CLI=${AEG_CLI:-$(first_of "$AEG_BUILDDIR/aegaeon-cli" "$AEG_BUILDDIR/src/cli/aegaeon-cli")}
 CLUSTER_PLUGIN=$AEG_PLUGIN
-CLUSTER_NODES=2
+# A test file may set CLUSTER_NODES, CLUSTER_PREFIX, CLUSTER_NODE_PREFIX or
+# CLUSTER_CGROUP before sourcing this (scripts/lib/cluster.sh says what they do).
+CLUSTER_NODES=${CLUSTER_NODES:-2}
 CLUSTER_GPUS=2
 CLUSTER_GPU_FILES=
-CLUSTER_PREFIX=/tmp/aegaeon-slurm
+CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
 CLUSTER_SANITIZER_PRELOAD=${AEG_SANITIZER_PRELOAD:-}
 CLUSTER_SANITIZER_LOGS=${AEG_SANITIZER_LOGS:-}
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/cluster.sh"
@@ -88,6 +90,30 @@ agent_pids() {
 		tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF -- "--runtime-dir $T/aegrun/" && echo "$p"
 	done
 	return 0
+}
+
+# Processes whose environment holds the line $1 (VAR=VALUE, a mark a test gave them).
+marked_pids() {
+	local p
+	for p in /proc/[0-9]*; do
+		tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qxF -- "$1" && echo "${p#/proc/}"
+	done
+	return 0
+}
+
+# agent_wrapper LINE...: the site's agent becomes a script that runs these
+# shell lines (with the agent's arguments in "$@") and then execs the agent,
+# so the agent's own process starts what they start.
+agent_wrapper() {
+	local agent=$AEG_AGENT line
+	[[ ${#CLUSTER_SANITIZER_ENV[@]} -gt 0 ]] && agent=$(cluster_sanitizer_wrap aegaeond "$AEG_AGENT")
+	{
+		echo '#!/bin/sh'
+		for line in "$@"; do echo "$line"; done
+		echo "exec '$agent' \"\$@\""
+	} >"$T/agent-wrapper"
+	chmod 755 "$T/agent-wrapper"
+	write_site_config "agent_path = \"$T/agent-wrapper\";"
 }
 
 # Number of jobs slurmctld knows (running, pending or finished recently).

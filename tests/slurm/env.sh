@@ -42,8 +42,17 @@ out=$(as_user timeout 60 srun -N1 --gres=gpu:1 --aegaeon-pinned=0 env 2>&1)
 check "--aegaeon-pinned=0 alone: no pool, the site's default slab" \
 	test "$(env_of "$out" AEGAEON_PINNED_BYTES):$(env_of "$out" AEGAEON_SLAB0_BYTES)" = 0:67108864
 
-out=$(as_user timeout 60 srun -N1 --gres=gpu:1 bash -c 'env | grep -c ^AEGAEON_; ls -A '"$T/aegrun"' | wc -l' 2>&1)
-check "a job without options sees no AEGAEON_ variable and no job dir" test "$(echo $out)" = "0 0"
+# srun returns before the epilog of its job has run: the next job goes to the
+# other node while that epilog still removes its directory, so a job looks
+# for its own directory only, and the epilogs are waited for apart. A job
+# whose agent is stopped (its epilog waits agent_stop_timeout) makes sure
+# an epilog is still running when the next job looks.
+as_user timeout 60 srun -N1 --gres=gpu:1 --aegaeon-slab=64MiB \
+	bash -c 'kill -STOP $(sed -n "s/^pid=//p" "$AEGAEON_JOB_DIR/ready")'
+out=$(as_user timeout 60 srun -N1 --gres=gpu:1 bash -c 'env | grep -c ^AEGAEON_
+	ls -A '"$T/aegrun"' | grep -c "^$SLURM_JOB_ID\\."; exit 0' 2>&1)
+check "a job without options sees no AEGAEON_ variable and no job dir ($(echo $out))" test "$(echo $out)" = "0 0"
+check "the jobs with options before it cleaned up" nothing_left 10
 
 out=$(as_user timeout 60 srun -N1 -w n1 --aegaeon-slab=64MiB true 2>&1)
 rc=$?

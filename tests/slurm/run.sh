@@ -15,7 +15,7 @@ skip() {
 }
 
 [[ $(id -u) -eq 0 ]] || skip "they start munged, slurmctld and slurmd and need root (run make check as root)"
-for b in munged slurmctld slurmd srun sbatch salloc scontrol squeue sinfo runuser setpriv mknod; do
+for b in munged slurmctld slurmd srun sbatch salloc scontrol squeue sinfo runuser setpriv mknod unshare pgrep; do
 	command -v "$b" >/dev/null ||
 		skip "$b is not installed (Debian: apt-get install slurmctld slurmd slurm-client munge)"
 done

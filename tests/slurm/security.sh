@@ -3,7 +3,8 @@
 # slabs and pool; the agent has the job user's rights only and enforces the
 # site's caps; root-only files cannot be prefetched; the prolog does not
 # follow links planted in the runtime dir and refuses an unsafe one; the
-# epilog removes links planted in the job dir, never what they point at.
+# epilog removes links planted in the job dir, never what they point at, and
+# trees of any depth.
 source "$(dirname "$0")/cluster.sh"
 
 cluster_start || { fail "cluster starts"; finish; exit; }
@@ -150,6 +151,26 @@ wait_job "$job" 30
 check "planted links: the job dir is gone" nothing_left 15
 check "planted links: their targets are untouched" test "$(victim_state)" = "$before"
 check "forged agent.pid: slurmd ($slurmd) still runs" kill -0 "${slurmd:-0}"
+
+# A tree deeper than any path can name (13500 levels, made with relative
+# mkdir and chdir) goes with the job dir. Before, the epilog removed about
+# 3000 levels and left the rest, and the job's files stayed in runtime_dir.
+job=$(submit -N1 -w n1 --gres=gpu:1 --aegaeon-slab=64MiB --wrap 'sleep 60')
+wait_ready "$job" n1 20
+dir=$(job_dir "$job" n1)
+out=$(as_user /usr/bin/python3 -c 'import os, sys
+os.chdir(sys.argv[1])
+for i in range(13500):
+    os.mkdir("d")
+    os.chdir("d")
+open("f", "w").close()
+print("levels=%d" % (i + 1))' "$dir" 2>&1)
+check "a tree 13500 levels deep made in the job dir ($out)" test "$out" = levels=13500
+sl scancel "$job"
+wait_job "$job" 60
+check "13500 levels: the job dir is gone" nothing_left 30
+check "13500 levels: the epilog removed every entry" \
+	grep -qE "job $job on n1: removed $dir \(135[0-9]{2} entries\)" "$T/log/slurmd-n1.log"
 
 # The same while a process of the user swaps a name in the job dir between a
 # directory and a link to the victim, as fast as it can, through the epilog.
