@@ -541,7 +541,8 @@ def slurm_rows(run, m, engine_gbps, timeout):
     for rid, sfx in (("slurm-ready", ""), ("slurm-ready-hp", "_hp")):
         ready, plain = fig.get("up_submit_to_ready%s_s" % sfx), fig.get("plain_submit_to_ready_s")
         if ready is None:
-            out.append(skipped(rid, whats[rid], "not measured (--no-hugepages, the host backend, the budget, or a failed job)"))
+            why = "not measured (--no-hugepages, the host backend, the budget, or a failed job)"
+            out.append(skipped(rid, whats[rid], why))
             continue
         r = row(rid, whats[rid], ours="%.2f s; the first step starts after %.2f s, then ready in %.2f s" % (
             ready, fig["up_step_start%s_s" % sfx], fig["up_step_load%s_s" % sfx]), status=status, checked=checked,

@@ -12,16 +12,14 @@ Prints "N passed, N failed" last.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import unittest
 
-_preload = os.environ.get("AEGAEON_PY_PRELOAD")
-if _preload and "libasan" not in os.environ.get("LD_PRELOAD", ""):
-    env = dict(os.environ, LD_PRELOAD=_preload, ASAN_OPTIONS="detect_leaks=0")
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+import testmain
+
+testmain.preload_sanitizers()
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 USERPATH = os.path.join(TOP, "bench", "userpath.py")
@@ -191,18 +189,5 @@ class TorchDigest(unittest.TestCase):
         self.assertEqual(ref[(6, 0)], self.digest(self.torch.empty(0, dtype=self.torch.uint8)))
 
 
-def main():
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    res = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
-    failed = len(res.failures) + len(res.errors) + len(res.unexpectedSuccesses)
-    print("%d passed, %d failed" % (res.testsRun - failed - len(res.skipped), failed))
-    sys.stdout.flush()
-    return 0 if failed == 0 else 1
-
-
 if __name__ == "__main__":
-    try:
-        rc = main()
-    finally:
-        shutil.rmtree(TMP, ignore_errors=True)
-    sys.exit(rc)
+    testmain.run(TMP)
