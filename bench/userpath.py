@@ -49,8 +49,10 @@ import prefetch_bench  # noqa: E402  (the engine row and warm_cache)
 GiB = 1 << 30
 MiB = 1 << 20
 SIZES = {   # model A, model B, the transformers preset and its shard size, chunk, pinned pool
-    "full": SimpleNamespace(a=8 * GiB, b=4 * GiB, hf="full", shard="1GB", chunk="64MiB", pool="4GiB"),
-    "quick": SimpleNamespace(a=24 * MiB, b=12 * MiB, hf="quick", shard="100KB", chunk="4MiB", pool="64MiB"),
+    "full": SimpleNamespace(a=8 * GiB, b=4 * GiB, hf="full", shard="1GB", chunk="64MiB", pool="4GiB",
+                            pool_bytes=4 * GiB),
+    "quick": SimpleNamespace(a=24 * MiB, b=12 * MiB, hf="quick", shard="100KB", chunk="4MiB", pool="64MiB",
+                             pool_bytes=64 * MiB),
 }
 ROWS = ["pinned", "engine", "seed", "fresh", "hf", "slurm"]
 # About how long each row takes on the GPU machine (s): a row that would not fit
@@ -80,6 +82,7 @@ class Run:
         self.t0 = time.monotonic()
         self.rows = []
         self.env = dict(os.environ, AEGAEON_DEVICE=args.device, PYTHONDONTWRITEBYTECODE="1")
+        self.device = device_name(args.device)
 
     def elapsed(self):
         return time.monotonic() - self.t0
@@ -87,8 +90,9 @@ class Run:
     def say(self, msg):
         print("[%6.1f s] %s" % (self.elapsed(), msg), flush=True)
 
-    def child(self, task, timeout=900):
+    def child(self, task):
         """A task of userpath_child.py in a fresh process: its result (with "skip" when it could not run)."""
+        timeout = 900 if not self.args.budget else max(30, min(900, self.args.budget - self.elapsed()))
         try:
             r = subprocess.run([sys.executable, CHILD, json.dumps(task)], capture_output=True, text=True,
                                env=self.env, timeout=timeout)
@@ -113,13 +117,19 @@ class Run:
     def save(self):
         if not self.args.out:
             return
-        doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_name(self.args.device),
+        doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": self.device,
                "command": " ".join(sys.argv), "repeat": self.args.repeat, "seconds": round(self.elapsed(), 1),
-               "rows": self.rows}
+               "models": {"dir": self.args.dir, "file_system": file_system(self.args.dir)}, "rows": self.rows}
         tmp = self.args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(tmp, self.args.out)
+
+
+def file_system(path):
+    """The type of the file system holding path (tmpfs, ext4...): loaders pick their I/O by it."""
+    r = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    return r.stdout.strip() or "?"
 
 
 def device_name(device):
@@ -165,20 +175,24 @@ def prepare_models(run):
     os.chmod(d, 0o755)          # the Slurm jobs' user reads model A
     m = SimpleNamespace(a=os.path.join(d, "model-a-%d.safetensors" % run.size.a),
                         b=os.path.join(d, "model-b-%d.safetensors" % run.size.b),
-                        hf=os.path.join(d, "llama-%s" % run.size.hf), hf_skip=None)
+                        hf=os.path.join(d, "llama-%s" % run.size.hf), hf_skip=None, hf_error=None)
     for path, nbytes, seed in ((m.a, run.size.a, 11), (m.b, run.size.b, 12)):
         if not os.path.exists(path):
             t0 = time.monotonic()
-            r = run.child({"task": "write", "path": path, "bytes": nbytes, "seed": seed})
-            run.say("wrote %s: %.2f GiB with %s in %.1f s" % (path, r["bytes"] / GiB, r["with"], time.monotonic() - t0))
+            r = run.child({"task": "write", "path": path + ".tmp", "bytes": nbytes, "seed": seed})
+            os.rename(path + ".tmp", path)
+            run.say("wrote %s: %s with %s in %.1f s" % (path, size_text(r["bytes"]), r["with"], time.monotonic() - t0))
     if not os.path.exists(os.path.join(m.hf, "model.safetensors.index.json")) and "hf" in run.args.rows:
         t0 = time.monotonic()
         tmp = m.hf + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        r = run.child({"task": "write-hf", "dir": tmp, "preset": run.size.hf, "shard": run.size.shard,
-                       "device": run.args.device})
-        if "skip" in r:
-            m.hf_skip = r["skip"]
+        try:
+            r = run.child({"task": "write-hf", "dir": tmp, "preset": run.size.hf, "shard": run.size.shard,
+                           "device": run.args.device})
+        except ChildError as e:
+            r = {"error": "writing the checkpoint failed: %s" % e}
+        if "skip" in r or "error" in r:
+            m.hf_skip, m.hf_error = r.get("skip"), r.get("error")
         else:
             os.rename(tmp, m.hf)
             run.say("wrote %s: %d parameters in %.1f s" % (m.hf, r["params"], time.monotonic() - t0))
@@ -229,8 +243,7 @@ def compare(ref, got):
 # ------------------------------------------------------------------ loaders in fresh processes
 
 def series(label):
-    return {"label": label, "seconds": [], "skip": None, "error": None, "bad": [], "version": None,
-            "checked": 0, "extra": []}
+    return {"label": label, "seconds": [], "skip": None, "error": None, "bad": [], "version": None}
 
 
 def run_series(run, name, s, task, check):
@@ -250,7 +263,6 @@ def run_series(run, name, s, task, check):
     bad = check(r)
     s["seconds"].append(r["seconds"])
     s["bad"] += bad
-    s["checked"] += 1
     s["version"] = r.get("version", s["version"])
     run.say("  %s run %d: %.3f s%s" % (name, len(s["seconds"]), r["seconds"],
                                        "; %d differ from the file: %s" % (len(bad), bad[0]) if bad else ""))
@@ -261,7 +273,7 @@ def series_text(s, nbytes):
     label = s["label"].replace("{v}", " " + s["version"] if s["version"] and s["version"] != "?" else "")
     if s["skip"]:
         return "%s: skipped (%s)" % (label, s["skip"])
-    if s["error"] and not s["seconds"]:
+    if s["error"]:
         return "%s: FAILED (%s)" % (label, s["error"])
     if s["bad"]:
         return "%s: WRONG BYTES (%s)" % (label, s["bad"][0])
@@ -355,8 +367,8 @@ def logits_differ(a, b):
 
 def row_hf(run, m):
     what = "a transformers checkpoint saved by save_pretrained (shards + index), fresh process -> the model ready"
-    if m.hf_skip:
-        return skipped("hf", what, m.hf_skip)
+    if m.hf_skip or m.hf_error:
+        return skipped("hf", what, m.hf_skip) if m.hf_skip else row("hf", what, status="failed", checked=m.hf_error)
     shards = sorted(n for n in os.listdir(m.hf) if n.endswith(".safetensors"))
     nbytes = sum(os.path.getsize(os.path.join(m.hf, n)) for n in shards)
     what = "a transformers checkpoint saved by save_pretrained (%s, %d shards + index), fresh process " \
@@ -377,10 +389,12 @@ def row_hf(run, m):
                 if r is not None:
                     s["how"] = r["how"]
                     logits.append((r["logits_digest"], path, name))
-        diff = [(p, n) for d, p, n in logits if d != logits[0][0]] if logits else []
-        logits_note = "logits of one input equal in all %d runs" % len(logits) if not diff else \
-            "LOGITS DIFFER: %s (%s) against %s: %s" % (diff[0][1], diff[0][0], logits[0][2],
-                                                       logits_differ(logits[0][1], diff[0][0]))
+        diff = [x for x in logits if x[0] != logits[0][0]]
+        if diff:
+            logits_note = "LOGITS DIFFER: a run of %s against the first of %s: %s" % (
+                diff[0][2], logits[0][2], logits_differ(logits[0][1], diff[0][1]))
+        else:
+            logits_note = "the logits of one input equal to the bit in all %d runs" % len(logits)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ours, base = all_s["aegaeon"], all_s["from_pretrained"]
@@ -443,21 +457,24 @@ def row_pinned(run, m):
     res, notes = {}, []
     try:
         res["4 KiB"] = bench_pinned(run, "never")
-        if run.args.quick:
-            notes.append("2 MiB pages: not with --quick (it reserves no huge pages)")
-        elif os.geteuid() != 0:
-            notes.append("2 MiB pages: not measured (reserving huge pages needs root)")
-        else:
-            old = hugepages()
-            want = int(re.match(r"\d+", run.size.pool).group()) * GiB // (2 * MiB) + 2
-            try:
-                got = hugepages(max(old, want))
-                run.say("pinned: vm.nr_hugepages %d -> %d" % (old, got))
-                res["2 MiB"] = bench_pinned(run, "always")
-            finally:
-                hugepages(old)
     except ChildError as e:
-        return row("pinned", what, status="failed", checked=str(e), data=res)
+        return row("pinned", what, status="failed", checked=str(e))
+    if run.args.quick:
+        notes.append("2 MiB pages: not with --quick (it reserves no huge pages)")
+    elif os.geteuid() != 0:
+        notes.append("2 MiB pages: not measured (reserving huge pages needs root)")
+    else:
+        old = hugepages()
+        want = run.size.pool_bytes // (2 * MiB) + 2      # the pool's pages and its header page
+        got = old
+        try:
+            got = hugepages(max(old, want))
+            run.say("pinned: vm.nr_hugepages %d -> %d (%d wanted)" % (old, got, want))
+            res["2 MiB"] = bench_pinned(run, "always")
+        except (ChildError, OSError) as e:
+            notes.append("2 MiB pages: %s (vm.nr_hugepages %d of %d wanted)" % (e, got, want))
+        finally:
+            hugepages(old)
     for k, v in res.items():
         run.say("pinned, %s pages: %.1f ms/GiB, %s %.1f ms/GiB" % (k, v["ms_per_gib"], base, v["baseline_ms_per_gib"]))
     return row("pinned", what, ours="; ".join("%s pages %.1f ms/GiB" % (k, v["ms_per_gib"]) for k, v in res.items()),
@@ -510,6 +527,7 @@ def slurm_e2e(run, m, timeout):
                 return None, "Slurm is not installed here and no packages to unpack (scripts/fetch-slurm-debs.sh)"
             raise ChildError("slurm_e2e.sh --userpath: exit %d, no figures: %s" % (rc, " | ".join(log[-3:]).strip()))
         doc["rc"] = rc
+        doc["not_ok"] = [line.strip() for line in log if line.startswith("not ok")]
         return doc, None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -535,6 +553,8 @@ def slurm_rows(run, m, engine_gbps, timeout):
     checked = "%d checks passed, %d failed (every tensor of A bit for bit in each step)" % (
         doc["passed"], doc["failed"])
     status = "failed" if doc["failed"] or (doc["rc"] and not doc["stopped"]) else "ok"
+    if doc["not_ok"]:
+        checked += "; the first: %s" % doc["not_ok"][0]
     if doc["stopped"]:
         checked += "; stopped at the end of the budget: the figures of the jobs done by then"
     out = []
@@ -589,7 +609,7 @@ def verdict(r):
 
 def print_table(run):
     sizes = "quick (small files)" if run.args.quick else "full size"
-    print("\n%s; medians of %d; %s\n" % (device_name(run.args.device), run.args.repeat, sizes))
+    print("\n%s; medians of %d; %s\n" % (run.device, run.args.repeat, sizes))
     print("| # | what the user waits for | aegaeon | same-run baselines | ratio | target | | checked |")
     print("|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(run.rows, 1):
@@ -622,8 +642,12 @@ def main():
     args.slurm_repeat = args.slurm_repeat or args.repeat
     run = Run(args)
     run.say("%s, %s sizes, medians of %d, rows %s" % (
-        device_name(args.device), "quick" if args.quick else "full", args.repeat, ",".join(args.rows)))
-    m = prepare_models(run)
+        run.device, "quick" if args.quick else "full", args.repeat, ",".join(args.rows)))
+    try:
+        m = prepare_models(run)
+    except ChildError as e:
+        run.say("writing the models failed: %s" % e)
+        return 1
     fns = {"pinned": row_pinned, "engine": row_engine, "seed": row_seed, "fresh": row_fresh, "hf": row_hf}
     for rid in [r for r in ROWS if r in args.rows]:
         left = args.budget - run.elapsed() if args.budget else None
