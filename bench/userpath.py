@@ -629,7 +629,8 @@ def main():
     p.add_argument("--repeat", type=int, default=3, help="fresh processes (jobs) per figure [3]")
     p.add_argument("--slurm-repeat", type=int, help="jobs per Slurm figure [--repeat]")
     p.add_argument("--rows", default=",".join(ROWS), help="rows to run, of %s" % ",".join(ROWS))
-    p.add_argument("--dir", default="/tmp/aegaeon-userpath", help="where the models are written and kept")
+    p.add_argument("--dir", default="/tmp/aegaeon-userpath",
+                   help="where the models are written and kept [/tmp/aegaeon-userpath]")
     p.add_argument("--cli", help="aegaeon-cli [the one on PATH]")
     p.add_argument("--builddir", help="the build tree for the Slurm rows outside a GPU bundle")
     p.add_argument("--budget", type=float, default=0, help="seconds: rows that would not fit are skipped [no limit]")

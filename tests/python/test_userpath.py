@@ -53,6 +53,8 @@ class FullQuickRun(unittest.TestCase):
         cls.out = os.path.join(TMP, "userpath.json")
         cls.r = userpath("--out", cls.out, "--slurm-repeat", "1")
         cls.rows = rows_of(cls.out) if os.path.exists(cls.out) else {}
+        table = cls.r.stdout[cls.r.stdout.find("| # |"):]
+        print("\n# the table of the quick run:\n" + "".join("# " + line + "\n" for line in table.splitlines()))
 
     def test_exits_0_and_prints_the_table(self):
         self.assertEqual(self.r.returncode, 0, self.r.stdout[-3000:] + self.r.stderr[-2000:])
