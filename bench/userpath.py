@@ -439,16 +439,20 @@ def hugepages(n=None):
 
 
 def bench_pinned(run, pages):
+    """aegaeon-cli bench pinned --json with 4 KiB (never) or 2 MiB (always) pages."""
     out = subprocess.run([run.cli(), "bench", "pinned", "--device", run.args.device, "--size", run.size.pool,
-                          "--repeat", str(run.args.repeat), "--hugepages", pages],
+                          "--repeat", str(run.args.repeat), "--hugepages", pages, "--json"],
                          capture_output=True, text=True, env=run.env, timeout=600)
-    m = re.search(r"provisioning per GiB\s+([\d.]+)\s+([\d.]+)\s+ms", out.stdout)
-    used = re.search(r"pages: (.*?) \(", out.stdout)
-    if out.returncode != 0 or not m:
+    try:
+        doc = json.loads(out.stdout)
+        r = next(x for x in doc["rows"] if x["what"] == "provisioning per GiB")
+    except (ValueError, KeyError, StopIteration):
+        r = None
+    if out.returncode != 0 or r is None:
         raise ChildError("aegaeon-cli bench pinned --hugepages %s: exit %d: %s" % (
             pages, out.returncode, (out.stderr or out.stdout).strip()[-300:]))
-    return {"ms_per_gib": float(m.group(1)), "baseline_ms_per_gib": float(m.group(2)),
-            "pages": used.group(1) if used else "?", "output": out.stdout}
+    return {"ms_per_gib": r["aegaeon"], "baseline_ms_per_gib": r["baseline"], "page_bytes": doc["page_bytes"],
+            "steps_ms_per_gib": doc["steps_ms_per_gib"]}
 
 
 def row_pinned(run, m):

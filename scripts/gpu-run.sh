@@ -49,7 +49,7 @@ python_module() {
 		{ echo "gpu-run: $py -m pip could not install the bundle's wheel (set PYTHON to a Python with pip)"; exit 1; }
 }
 export PYTHONPATH=$here/python${PYTHONPATH:+:$PYTHONPATH}
-[[ " $what " == *" tests "* || " $what " == *" prefetch "* ]] && python_module
+[[ " $what " == *" tests "* || " $what " == *" prefetch "* || " $what " == *" userpath "* ]] && python_module
 if [[ " $what " == *" tests "* ]]; then
 	for t in "$here"/tests/gpu/test_*; do
 		case "$t" in
