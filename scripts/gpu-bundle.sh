@@ -7,7 +7,7 @@
 # programs, the Slurm end-to-end test, the benchmarks, the non-system shared
 # libraries they load, Debian's Slurm packages when .debs/ holds them
 # (scripts/fetch-slurm-debs.sh), and the Python wheels of .whl/
-# (scripts/fetch-wheels.sh: baselines of gpu-run.sh userpath).
+# (scripts/fetch-wheels.sh) into baseline-wheels/ (gpu-run.sh userpath).
 # Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
 # (default: bundle/); JOBS=N sets make's parallelism (default: all CPUs).
 # On the GPU machine: bash BUNDLE_DIR/gpu-run.sh [what...]
@@ -82,8 +82,8 @@ else
 	echo "gpu-bundle: no .debs/ (scripts/fetch-slurm-debs.sh): the bundle carries no Slurm packages" >&2
 fi
 if compgen -G "$top/.whl/*.whl" >/dev/null; then
-	mkdir -p "$out/whl"
-	cp "$top"/.whl/*.whl "$out/whl/"
+	mkdir -p "$out/baseline-wheels"
+	cp "$top"/.whl/*.whl "$out/baseline-wheels/"
 else
 	echo "gpu-bundle: no .whl/ (scripts/fetch-wheels.sh): gpu-run.sh userpath skips the fastsafetensors and instanttensor baselines" >&2
 fi

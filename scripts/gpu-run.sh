@@ -10,7 +10,7 @@
 #        userpath (bench/userpath.py: the table of what a user waits for, Slurm rows
 #        included, within $USERPATH_BUDGET (default 540) s; USERPATH_ARGS adds options)
 #        needs torch, safetensors and transformers, and installs the wheels of
-#        bundle/whl (scripts/fetch-wheels.sh) for its baselines.
+#        bundle/baseline-wheels (scripts/fetch-wheels.sh) for its baselines.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -135,11 +135,11 @@ fi
 # PYTHONPATH (the machine has no registry); the table and its JSON go to $out.
 if [[ " $what " == *" userpath "* ]]; then
 	echo "== userpath"
-	wheels=("$here"/whl/*.whl)
+	wheels=("$here"/baseline-wheels/*.whl)
 	[[ -e ${wheels[0]} ]] || wheels=("$here"/../.whl/*.whl)
 	wheel_site=$(mktemp -d /tmp/aegaeon-wheels.XXXXXX)
 	if [[ ! -e ${wheels[0]} ]]; then
-		echo "userpath: no wheels in $here/whl (scripts/fetch-wheels.sh, then gpu-bundle.sh): baselines that need them are skipped"
+		echo "userpath: no wheels in $here/baseline-wheels (scripts/fetch-wheels.sh, then gpu-bundle.sh): baselines that need them are skipped"
 	elif "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$wheel_site" "${wheels[@]}"; then
 		echo "userpath: installed $(cd "$wheel_site" && ls -d *.dist-info | sed 's/.dist-info//' | tr '\n' ' ')"
 	else
