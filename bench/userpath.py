@@ -243,7 +243,20 @@ def compare(ref, got):
 # ------------------------------------------------------------------ loaders in fresh processes
 
 def series(label):
-    return {"label": label, "seconds": [], "skip": None, "error": None, "bad": [], "version": None}
+    return {"label": label, "seconds": [], "skip": None, "error": None, "bad": [], "version": None, "spans": []}
+
+
+def breakdown(runs):
+    """Where aegaeon's time went: each span's median over the runs that timed it
+    (a step timed twice in a run counts as its sum), in the order first seen."""
+    per = {}
+    for timed in runs:
+        total = {}
+        for name, sec in timed or []:
+            total[name] = total.get(name, 0) + sec
+        for name, sec in total.items():
+            per.setdefault(name, []).append(sec)
+    return ", ".join("%s %.1f ms" % (name, 1e3 * statistics.median(v)) for name, v in per.items())
 
 
 def run_series(run, name, s, task, check):
@@ -263,6 +276,7 @@ def run_series(run, name, s, task, check):
     bad = check(r)
     s["seconds"].append(r["seconds"])
     s["bad"] += bad
+    s["spans"].append(r.get("spans"))
     s["version"] = r.get("version", s["version"])
     run.say("  %s run %d: %.3f s%s" % (name, len(s["seconds"]), r["seconds"],
                                        "; %d differ from the file: %s" % (len(bad), bad[0]) if bad else ""))
@@ -310,7 +324,8 @@ def row_fresh(run, m):
     r = row("fresh", what, ours=series_text(ours, nbytes), baselines="; ".join(series_text(s, nbytes) for s in base),
             target=">= 48 GB/s, >= 1.9x the best peer", status="failed" if ours_failed(ours) else "ok",
             checked="every tensor (%d) against the file in each run" % len(ref),
-            data={n: {k: s[k] for k in ("seconds", "skip", "error", "version")} | {"bad": s["bad"][:5]}
+            breakdown=breakdown(ours["spans"]),
+            data={n: {k: s[k] for k in ("seconds", "skip", "error", "version", "spans")} | {"bad": s["bad"][:5]}
                   for n, s in all_s.items()})
     best = best_of(base, nbytes)
     if usable(ours) and best:
@@ -350,6 +365,9 @@ def row_seed(run, m):
                status="failed" if bad or errors else "ok",
                checked="every chunk of every round against the file: %s" % (
                    "%d chunks differ" % bad if bad else "identical"),
+               breakdown="; ".join("round %d: %s; its release: %s" % (
+                   i + 1, breakdown([p[i]["spans"] for p in procs]) or "-",
+                   breakdown([p[i]["release_spans"] for p in procs]) or "-") for i in range(len(rounds))),
                data={"rounds": rounds, "processes": procs, "errors": errors})
 
 
@@ -403,7 +421,8 @@ def row_hf(run, m):
     r = row("hf", what, ours=series_text(ours, nbytes), baselines=series_text(base, nbytes),
             target=">= 45 GB/s for the whole model", status="failed" if ours_failed(ours) or diff else "ok",
             checked="every parameter (%d) against the file in each run; %s" % (len(ref), logits_note),
-            data={n: {k: s[k] for k in ("seconds", "skip", "error")} | {"bad": s["bad"][:5]}
+            breakdown=breakdown(ours["spans"]),
+            data={n: {k: s[k] for k in ("seconds", "skip", "error", "spans")} | {"bad": s["bad"][:5]}
                   for n, s in all_s.items()})
     if usable(ours) and usable(base):
         r["ratio"] = "%.2fx from_pretrained" % (median(base["seconds"]) / median(ours["seconds"]))
@@ -620,6 +639,11 @@ def print_table(run):
         cells = [str(i), r["what"], r["ours"] or "-", r["baselines"] or "-", r["ratio"] or "-", r["target"] or "-",
                  verdict(r), r["checked"] or "-"]
         print("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    spans = [r for r in run.rows if r.get("breakdown")]
+    if spans:
+        print("\nWhere aegaeon's time went (the spans of aegaeon_native.timings(), medians):")
+        for r in spans:
+            print("- %s: %s" % (r["id"], r["breakdown"]))
     counts = {}
     for r in run.rows:
         counts[verdict(r)] = counts.get(verdict(r), 0) + 1

@@ -297,17 +297,28 @@ def prepare(device, modules):
     return now() - t0
 
 
+def spans(an):
+    """The set-up steps the library timed since the last call, as [name, seconds]
+    (aegaeon_native.timings(); None where the module has none)."""
+    fn = getattr(an, "timings", None)
+    return [[name, sec] for name, sec in fn()] if fn else None
+
+
 def task_load(a):
     package, modules, fn = LOADERS[a["loader"]]
     before = prepare(a["device"], modules)
+    an = sys.modules.get("aegaeon_native") if a["loader"] == "aegaeon" else None
+    if an is not None:
+        spans(an)               # what the import timed is not the load's
     t0 = now()
     tensors, keep = fn(a["path"], a["device"])
     sync(a["device"])
     seconds = now() - t0
+    timed = spans(an) if an is not None else None
     meta = {n: meta_of(t) for n, t in tensors.items()}
     digests = checker(a["device"]).digests(tensors)
     del keep
-    return {"seconds": seconds, "bytes": os.path.getsize(a["path"]), "setup_s": before,
+    return {"seconds": seconds, "bytes": os.path.getsize(a["path"]), "setup_s": before, "spans": timed,
             "version": version(package),
             "tensors": {n: {"dtype": meta[n][0], "shape": meta[n][1], "digest": digests[n]} for n in tensors}}
 
@@ -332,12 +343,14 @@ def chunk_ranges(path, sizes):
 
 
 def seed_round(an, a, check, ref):
+    spans(an)
     t0 = now()
     chunks = an.prefetch_file_to_gpu_chunks(a["path"], 0)
     t_list = now()
     for c in chunks:
         an.wait_event_handle_bytes(c["event_handle"])
     t_done = now()
+    timed = spans(an)
     ranges = chunk_ranges(a["path"], [c["size"] for c in chunks])
     missing = [r for r in ranges if r not in ref]
     ref.update(check.of_ranges(a["path"], missing))
@@ -345,11 +358,14 @@ def seed_round(an, a, check, ref):
     got = check.digests(as_tensors(views) if a["device"] == "cuda" else views)
     bad = [r for r in ranges if got[r] != ref[r]]
     del views, got, chunks
+    spans(an)
     t1 = now()
     an.release_all_prefetch_events()
+    release_ms = (now() - t1) * 1e3
     size = os.path.getsize(a["path"])
     return {"list_ms": (t_list - t0) * 1e3, "seconds": t_done - t0, "gbps": size / (t_done - t0) / 1e9,
-            "release_ms": (now() - t1) * 1e3, "chunks": len(ranges), "bad_chunks": len(bad)}
+            "release_ms": release_ms, "chunks": len(ranges), "bad_chunks": len(bad), "spans": timed,
+            "release_spans": spans(an)}
 
 
 def task_seed(a):
@@ -403,6 +419,7 @@ def hf_aegaeon(transformers, a, kw, dev):
     import aegaeon_native as an
     config = transformers.AutoConfig.from_pretrained(a["dir"])
     load_into = aegaeon_load_into(an)
+    spans(an)
     t0 = now()
     with params_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kw)
@@ -440,6 +457,7 @@ def task_hf(a):
     model, t0, how, keep = fn(transformers, a, kw, dev)
     sync(a["device"])
     seconds = now() - t0
+    timed = spans(sys.modules["aegaeon_native"]) if a["loader"] == "aegaeon" else None
     params = dict(model.named_parameters())
     digests = checker(a["device"]).digests(params)
     with torch.no_grad():
@@ -449,7 +467,7 @@ def task_hf(a):
     with open(a["logits"], "wb") as f:
         f.write(data)
     del keep
-    return {"seconds": seconds, "how": how, "setup_s": before,
+    return {"seconds": seconds, "how": how, "setup_s": before, "spans": timed,
             "bytes": sum(os.path.getsize(s) for s in shards_of(a["dir"])),
             "params": {n: {"dtype": meta_of(p)[0], "shape": meta_of(p)[1], "digest": digests[n]}
                        for n, p in params.items()},
