@@ -87,13 +87,14 @@ def cli(args, *extra):
 
 
 def ours(args, path, feed="auto", cold=False, direct=False):
-    """GB/s and first-chunk ms of one aegaeon-cli prefetch, median of repeats."""
+    """GB/s and first-chunk ms of one aegaeon-cli prefetch, median of repeats
+    (on args.device where args has one: bench/userpath.py runs it on the host too)."""
     rates, firsts, used = [], [], None
     for _ in range(args.repeat):
         if cold:
             drop_cache(path)
         extra = ["--feed", feed] + (["--direct"] if direct else [])
-        j = cli(args, "prefetch", path, "--device", "cuda", "--gpu", str(args.gpu),
+        j = cli(args, "prefetch", path, "--device", getattr(args, "device", "cuda"), "--gpu", str(args.gpu),
                 "--chunk", args.chunk, "--json", "--local", *extra)
         rates.append(j["gbps"])
         firsts.append(j["first_chunk_ms"])

@@ -5,8 +5,10 @@
 # abi3 wheel (wheels/: the bundle's Python tests install it there with pip;
 # it needs scripts/install-deps.sh's tools), the GPU and unit test
 # programs, the Slurm end-to-end test, the benchmarks, the non-system shared
-# libraries they load, and Debian's Slurm packages when .debs/ holds them
-# (scripts/fetch-slurm-debs.sh). Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
+# libraries they load, Debian's Slurm packages when .debs/ holds them
+# (scripts/fetch-slurm-debs.sh), and the Python wheels of .whl/
+# (scripts/fetch-wheels.sh) into baseline-wheels/ (gpu-run.sh userpath).
+# Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
 # (default: bundle/); JOBS=N sets make's parallelism (default: all CPUs).
 # On the GPU machine: bash BUNDLE_DIR/gpu-run.sh [what...]
 set -euo pipefail
@@ -65,18 +67,25 @@ done
 cp -r "$top/tests/unit/topo" "$out/tests/unit/" 2>/dev/null || true
 copy_prog "$build/tests/soak/soak" "$out/tests/soak"
 cp -r "$top/bench/." "$out/bench/" 2>/dev/null || true
-rm -f "$out"/bench/*.c
+rm -rf "$out"/bench/*.c "$out/bench/__pycache__"
 for p in "$build"/bench/*; do
 	[ -x "$p" ] && [ -f "$p" ] && copy_prog "$p" "$out/bench"
 done
 cp "$top/scripts/gpu-run.sh" "$out/"
-cp "$top/tests/gpu/slurm_e2e.sh" "$top/tests/gpu/slurm_e2e.py" "$top/tests/gpu/test_python_gpu.py" "$out/tests/gpu/"
+cp "$top/tests/gpu/slurm_e2e.sh" "$top/tests/gpu/slurm_e2e.py" "$top/tests/gpu/slurm_userpath.sh" \
+	"$top/tests/gpu/test_python_gpu.py" "$out/tests/gpu/"
 cp -r "$top/scripts/lib" "$out/scripts-lib"
 if compgen -G "$top/.debs/*.deb" >/dev/null; then
 	mkdir -p "$out/debs"
 	cp "$top"/.debs/*.deb "$out/debs/"
 else
 	echo "gpu-bundle: no .debs/ (scripts/fetch-slurm-debs.sh): the bundle carries no Slurm packages" >&2
+fi
+if compgen -G "$top/.whl/*.whl" >/dev/null; then
+	mkdir -p "$out/baseline-wheels"
+	cp "$top"/.whl/*.whl "$out/baseline-wheels/"
+else
+	echo "gpu-bundle: no .whl/ (scripts/fetch-wheels.sh): gpu-run.sh userpath skips the fastsafetensors and instanttensor baselines" >&2
 fi
 
 # Shared libraries the programs load, less the C runtime the target has newer.

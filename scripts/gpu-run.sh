@@ -2,13 +2,18 @@
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
 # Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak] [kv]
+#                               [userpath]
 #        (default: tests bench). kv: the KV GPU tests, the whole KV benchmark
 #        (bench/kv_bench.sh, --tune, kv_event_wait) and the KV part of the Slurm
 #        test in a job (needs root and bundle/debs); KV_SANITIZE=1 adds
 #        memcheck and racecheck of the KV tests. prefetch needs torch and safetensors; slurm
 #        (tests/gpu/slurm_e2e.sh: a Slurm cluster, Slurm from bundle/debs) needs root;
 #        soak (tests/soak/soak on the cuda backend) runs $SOAK_SECONDS (default 480) s;
-#        sanitize needs compute-sanitizer (SANITIZE_TESTS, SANITIZE_TOOLS pick runs).
+#        sanitize needs compute-sanitizer (SANITIZE_TESTS, SANITIZE_TOOLS pick runs);
+#        userpath (bench/userpath.py: the table of what a user waits for, Slurm rows
+#        included, within $USERPATH_BUDGET (default 540) s; USERPATH_ARGS adds options)
+#        needs torch, safetensors and transformers, and installs the wheels of
+#        bundle/baseline-wheels (scripts/fetch-wheels.sh) for its baselines.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -47,7 +52,7 @@ python_module() {
 		{ echo "gpu-run: $py -m pip could not install the bundle's wheel (set PYTHON to a Python with pip)"; exit 1; }
 }
 export PYTHONPATH=$here/python${PYTHONPATH:+:$PYTHONPATH}
-[[ " $what " == *" tests "* || " $what " == *" prefetch "* ]] && python_module
+[[ " $what " == *" tests "* || " $what " == *" prefetch "* || " $what " == *" userpath "* ]] && python_module
 if [[ " $what " == *" tests "* ]]; then
 	for t in "$here"/tests/gpu/test_*; do
 		case "$t" in
@@ -149,6 +154,31 @@ if [[ " $what " == *" kv "* ]]; then
 	fi
 	OUT=$out run slurm-e2e-kv bash "$here/tests/gpu/slurm_e2e.sh" --kv-only ${SLURM_E2E_ARGS:-}
 	grep -E '^(not ok|# figure:)' "$out/slurm-e2e-kv.log"
+fi
+
+# userpath: the public loaders' wheels go into a temporary directory on
+# PYTHONPATH (the machine has no registry); the table and its JSON go to $out.
+if [[ " $what " == *" userpath "* ]]; then
+	echo "== userpath"
+	wheels=("$here"/baseline-wheels/*.whl)
+	[[ -e ${wheels[0]} ]] || wheels=("$here"/../.whl/*.whl)
+	wheel_site=$(mktemp -d /tmp/aegaeon-wheels.XXXXXX)
+	if [[ ! -e ${wheels[0]} ]]; then
+		echo "userpath: no wheels in $here/baseline-wheels (scripts/fetch-wheels.sh, then gpu-bundle.sh): baselines that need them are skipped"
+	elif "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$wheel_site" "${wheels[@]}"; then
+		echo "userpath: installed $(cd "$wheel_site" && ls -d *.dist-info | sed 's/.dist-info//' | tr '\n' ' ')"
+	else
+		echo "userpath: installing ${wheels[*]} failed: baselines that need them are skipped"
+	fi
+	PYTHONPATH=$PYTHONPATH:$wheel_site PYTHONUNBUFFERED=1 "$py" "$here/bench/userpath.py" --device cuda \
+		--dir "${USERPATH_DIR:-/tmp/aegaeon-userpath}" --budget "${USERPATH_BUDGET:-540}" \
+		--out "$out/userpath.json" ${USERPATH_ARGS:-} 2>&1 | tee "$out/userpath.log"
+	if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
+		passed=$((passed + 1)); echo "ok - userpath"
+	else
+		failed=$((failed + 1)); echo "not ok - userpath (a check failed or it crashed: $out/userpath.log)"
+	fi
+	rm -rf "$wheel_site"
 fi
 if [[ " $what " == *" slurm "* ]]; then
 	OUT=$out run slurm-e2e bash "$here/tests/gpu/slurm_e2e.sh" ${SLURM_E2E_ARGS:-}

@@ -1,6 +1,7 @@
 """The job steps of tests/gpu/slurm_e2e.sh, and the models it loads.
 
-  write-models A A_BYTES B B_BYTES SEED    safetensors files of at least the sizes
+  write-models PATH BYTES [PATH BYTES...] SEED
+                                           safetensors files of at least the sizes
                                            (torch when it imports, else plain Python)
   step1 A                                  the job's prefetched model, bit for bit
   step2 A WORKDIR BLOCK_BYTES BLOCKS       still resident; KV swap out and back
@@ -11,23 +12,34 @@
                                            and both at once, and another process's waits
   kv-wait HANDLE_HEX WAITS                 (run by kv) waits on an opened handle
   kv-figures JSON PREFIX                   "NAME VALUE UNIT" lines of an aegaeon-cli kv bench JSON
+  ready A                                  the first step of a job: every tensor of A
+                                           a torch tensor (aegaeon_native), bit for bit
+  first-use A                              a later step: views of the resident A
+  plain-ready A                            the same without aegaeon: load_file(A)
 
 Each step prints "ok - ...", "not ok - ...", "skip - ..." and "# figure: NAME VALUE
-UNIT" lines, then "# done STEP". On the cuda backend torch and safetensors are
-required; on the host backend the tensors are compared with the file's bytes.
+UNIT" lines, then "# done STEP". The ready, first-use and plain-ready steps also
+print "# stamp: NAME EPOCH" lines: start (this file's first line), torch (torch
+imported), context (CUDA context made), ready (every tensor there). On the cuda
+backend torch and safetensors are required; on the host backend the tensors are
+compared with the file's bytes.
 """
-import json
-import os
-import random
-import struct
-import subprocess
-import sys
 import time
+
+T_START = time.time()   # before the imports: a step starts here
+
+import json  # noqa: E402 (after T_START, as every import)
+import os  # noqa: E402
+import random  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 try:
     import torch
 except ImportError:
     torch = None
+T_TORCH = time.time()
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -76,10 +88,11 @@ def nbytes(dtype, shape):
     return n
 
 
-def plan(target):
-    """(name, dtype, shape) list whose data adds up to at least target bytes."""
+def plan(target, edge=True):
+    """(name, dtype, shape) list whose data adds up to at least target bytes;
+    edge adds the EXTRA tensors (a scalar, an empty one, odd tiny shapes)."""
     layer = LAYER_BIG if target >= 1 * GiB else LAYER_SMALL
-    out = [(n, dt, sh) for n, dt, sh in EXTRA]
+    out = [(n, dt, sh) for n, dt, sh in EXTRA] if edge else []
     total = sum(nbytes(dt, sh) for _, dt, sh in out)
     i = 0
     while total < target:
@@ -90,7 +103,7 @@ def plan(target):
     return out
 
 
-def write_torch(path, target, seed):
+def write_torch(path, target, seed, edge=True):
     from safetensors.torch import save_file
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev)
@@ -98,7 +111,7 @@ def write_torch(path, target, seed):
     as_int = {"BF16": (torch.int16, torch.bfloat16), "F16": (torch.int16, torch.float16),
               "F32": (torch.int32, torch.float32), "I8": (torch.int8, torch.int8)}
     tensors = {}
-    for name, dt, shape in plan(target):
+    for name, dt, shape in plan(target, edge):
         it, ft = as_int[dt]
         info = torch.iinfo(it)
         # Random bit patterns (NaNs included): compared as integers, bit for bit.
@@ -107,10 +120,10 @@ def write_torch(path, target, seed):
     save_file(tensors, path)
 
 
-def write_plain(path, target, seed):
+def write_plain(path, target, seed, edge=True):
     rnd = random.Random(seed)
     header, off = {}, 0
-    items = plan(target)
+    items = plan(target, edge)
     for name, dt, shape in items:
         n = nbytes(dt, shape)
         header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
@@ -137,13 +150,21 @@ def file_tensor(f, header, start, name):
     return f.read(e - b)
 
 
-def cmd_write_models(a, a_bytes, b, b_bytes, seed):
+def write_model(path, size, seed, edge=True):
+    """A safetensors file of random bit patterns, readable by the job user."""
+    (write_torch if torch is not None else write_plain)(path, size, seed, edge)
+    os.chmod(path, 0o644)
+
+
+def cmd_write_models(*args):
+    if len(args) < 3 or len(args) % 2 == 0:
+        sys.exit("write-models: expected PATH BYTES pairs and a SEED, got %s" % (args,))
     t0 = now()
-    for i, (path, size) in enumerate(((a, int(a_bytes)), (b, int(b_bytes)))):
-        (write_torch if torch is not None else write_plain)(path, size, int(seed) + i)
-        os.chmod(path, 0o644)
-    print("# wrote %s (%.2f GiB) and %s (%.2f GiB) with %s in %.1f s" % (
-        a, os.path.getsize(a) / GiB, b, os.path.getsize(b) / GiB,
+    pairs = list(zip(args[:-1:2], args[1:-1:2]))
+    for i, (path, size) in enumerate(pairs):
+        write_model(path, int(size), int(args[-1]) + i)
+    print("# wrote %s with %s in %.1f s" % (
+        " and ".join("%s (%.2f GiB)" % (p, os.path.getsize(p) / GiB) for p, _ in pairs),
         "torch" if torch is not None else "plain Python", now() - t0))
 
 
@@ -486,10 +507,86 @@ def cmd_kv_figures(path, prefix):
                     print("%s_%dKiB_%s_%s_GBps %.4g GB/s" % (prefix, r["block_bytes"] >> 10, k, way, v))
 
 
+# ------------------------------------------------ what a user waits for (--userpath)
+
+def stamp(name, t=None):
+    print("# stamp: %s %.6f" % (name, time.time() if t is None else t), flush=True)
+
+
+def on_gpu():
+    return torch is not None and torch.cuda.is_available()
+
+
+def make_context():
+    """The CUDA context a torch step makes anyway, made before the clock starts."""
+    if on_gpu():
+        torch.cuda.init()
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+
+
+def cmd_views(a, what):
+    """Every tensor of A as a torch tensor through aegaeon_native (the views
+    themselves without torch), timed from the step's start; then checked."""
+    stamp("start", T_START)
+    stamp("torch", T_TORCH)
+    make_context()
+    stamp("context")
+    import aegaeon_native as an
+    d = an.load_safetensors(a)
+    tensors = {k: torch.from_dlpack(v) for k, v in d.items()} if torch is not None else d
+    if on_gpu():
+        torch.cuda.synchronize()
+    stamp("ready")
+    say(held_by_step(an) == 0, "%s: the job's load of A, reused (the step holds no blocks)" % what,
+        "%d blocks" % held_by_step(an))
+    say(len(tensors) == len(d), "%s: %d tensors as %s" % (what, len(tensors),
+                                                          "torch tensors" if torch is not None else "views"))
+    compare_all(an, d, a, "%s: every tensor of A bit for bit" % what)
+
+
+def cmd_ready(a):
+    cmd_views(a, "first step")
+    print("# done ready", flush=True)
+
+
+def cmd_first_use(a):
+    cmd_views(a, "new step")
+    print("# done first-use", flush=True)
+
+
+def cmd_plain_ready(a):
+    """The same step in a job without aegaeon: safetensors' load_file (plain
+    reads of every tensor where torch or safetensors is missing)."""
+    stamp("start", T_START)
+    stamp("torch", T_TORCH)
+    make_context()
+    stamp("context")
+    header, start = read_header(a)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        load_file = None
+    if load_file is not None:
+        dev = "cuda" if on_gpu() else "cpu"
+        got = load_file(a, device=dev)
+        if on_gpu():
+            torch.cuda.synchronize()
+        how = "load_file(A, device=%r)" % dev
+    else:
+        with open(a, "rb") as f:
+            got = {name: file_tensor(f, header, start, name) for name in header}
+        how = "every tensor read with plain Python (no torch and safetensors here)"
+    stamp("ready")
+    say(len(got) == len(header), "plain step: %s, %d tensors" % (how, len(got)))
+    print("# done plain-ready", flush=True)
+
+
 def main():
     cmds = {"write-models": cmd_write_models, "drop-cache": cmd_drop_cache, "step1": cmd_step1,
             "step2": cmd_step2, "step3": cmd_step3, "switch": cmd_switch, "kv": cmd_kv,
-            "kv-wait": cmd_kv_wait, "kv-figures": cmd_kv_figures}
+            "kv-wait": cmd_kv_wait, "kv-figures": cmd_kv_figures, "ready": cmd_ready,
+            "first-use": cmd_first_use, "plain-ready": cmd_plain_ready}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[sys.argv[1]](*sys.argv[2:])

@@ -10,8 +10,17 @@
 # ok/not ok lines, "# figure: NAME VALUE UNIT" lines, "N passed, N failed"; writes
 # the figures to $OUT/e2e.json when OUT is set. Needs root.
 #
+# With --userpath it measures instead what a user waits for (docs/benchmarks.md,
+# bench/userpath.py): job start overhead; submit -> every tensor of model A a torch
+# tensor in the first step, with a 60 GiB slab, a 16 GiB pool and A prefetched at
+# job start, with and without huge pages reserved, against the same job without
+# aegaeon loading A with safetensors' load_file; a new step's first use of the
+# resident model; a load through the job's agent from the page cache. Medians of
+# --repeat jobs each, every tensor checked bit for bit.
+#
 # Usage: slurm_e2e.sh [--prefix DIR] [--debs DIR] [--bundle DIR] [--python PY]
 #                     [--model-dir DIR] [--host] [--small] [--no-hugepages] [--keep] [--kv-only]
+#                     [--userpath [--model-a FILE] [--repeat N]]
 #   --prefix DIR   where Slurm is unpacked from the debs when not installed [/opt/slurm]
 #   --debs DIR     Debian 12 Slurm/munge packages (scripts/fetch-slurm-debs.sh)
 #                  [BUNDLE/debs]
@@ -28,6 +37,10 @@
 #                  vm.nr_hugepages, as aegaeond(8) advises, and restores it after)
 #   --keep         keep the temp dir (logs, job outputs)
 #   --kv-only      only the KV part (issue 18): no models, no prefetch jobs
+#   --userpath     the user-path figures above instead of the functional test
+#   --model-a FILE a safetensors model, readable by the job user, as model A
+#                  (--userpath; default: written by the test, 8 GiB or 64 MiB)
+#   --repeat N     jobs per figure with --userpath [3]
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,6 +56,9 @@ small=0
 keep=0
 hugepages=1
 kv_only=0
+userpath=0
+model_a=
+repeat=3
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--prefix) prefix=$2; shift 2 ;;
@@ -55,6 +71,9 @@ while [[ $# -gt 0 ]]; do
 	--keep) keep=1; shift ;;
 	--no-hugepages) hugepages=0; shift ;;
 	--kv-only) kv_only=1; shift ;;
+	--userpath) userpath=1; shift ;;
+	--model-a) model_a=$2; shift 2 ;;
+	--repeat) repeat=$2; shift 2 ;;
 	-h | --help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "slurm_e2e.sh: unknown argument '$1' (--help lists them)" >&2; exit 2 ;;
 	esac
@@ -102,14 +121,22 @@ done
 if [[ -z $python ]]; then
 	if ((host)); then python=/usr/bin/python3; else python=/opt/torch/.venv/bin/python3; fi
 fi
+[[ $repeat =~ ^[1-9][0-9]?$ ]] || { echo "slurm_e2e.sh: --repeat '$repeat' is not a number of jobs from 1 to 99" >&2; exit 2; }
+[[ -z $model_a || $userpath = 1 ]] || { echo "slurm_e2e.sh: --model-a is for --userpath" >&2; exit 2; }
+if [[ -n $model_a ]]; then
+	[[ -f $model_a && -r $model_a ]] || { echo "slurm_e2e.sh: --model-a '$model_a' is not a readable file" >&2; exit 2; }
+	model_a=$(realpath "$model_a")
+fi
 if ((small)); then
 	a_bytes=$((64 << 20)) b_bytes=$((32 << 20))
 	slab=512MiB pinned=256MiB:1MiB pinned_plain=64MiB:1MiB kv_block=4096 cache=48MiB chunk=4MiB
 	slab_max=1GiB pinned_max=512MiB buffer=1MiB pinned_bytes=$((256 << 20)) slab_bytes=$((512 << 20))
+	slab_up=512MiB pinned_up=256MiB:1MiB pinned_up_bytes=$((256 << 20))
 else
 	a_bytes=$((8 << 30)) b_bytes=$((4 << 30))
 	slab=40GiB pinned=24GiB pinned_plain=8GiB kv_block=32768 cache=6GiB chunk=64MiB
 	slab_max=95% pinned_max=32GiB buffer=32MiB pinned_bytes=$((24 << 30)) slab_bytes=$((40 << 30))
+	slab_up=60GiB pinned_up=16GiB pinned_up_bytes=$((16 << 30))
 fi
 kv_blocks=8192
 device=cuda
@@ -169,6 +196,7 @@ chmod 755 "$M"
 M=$(realpath "$M")
 A=$M/model-a.safetensors
 Bm=$M/model-b.safetensors
+[[ -n $model_a ]] && A=$model_a
 
 # The plugin cleans the agent's environment and slurmd starts with none:
 # libraries the system lacks (the bundle's) go into a directory of
@@ -236,23 +264,27 @@ finish() {
 	[[ -n ${T:-} ]] && { [[ $keep = 1 ]] && CLUSTER_KEEP=1; cluster_stop; }
 	if [[ $keep = 1 ]]; then note "kept $E"; else rm -rf "$E"; [[ -n $model_parent ]] && rm -rf "$M"; fi
 	if [[ -f $LDCONF ]]; then rm -rf "$LDCONF" "$LIBS"; ldconfig; fi
-	[[ -n ${hp_old:-} ]] && echo "$hp_old" >/proc/sys/vm/nr_hugepages
+	[[ -n ${hp_old:-} && $(cat /proc/sys/vm/nr_hugepages) != "$hp_old" ]] && echo "$hp_old" >/proc/sys/vm/nr_hugepages
+	# Figures that are medians over jobs (slurm_userpath.sh), also when stopped early.
+	declare -F finish_figures >/dev/null && finish_figures
+	((${STOPPED:-0})) && note "stopped by a signal: the figures are those measured until then"
 	if [[ -n ${OUT:-} ]]; then
 		mkdir -p "$OUT"
 		json=$(printf '%s\n' "${FIGS[@]}" | awk -v date="$(date -u +%FT%TZ)" -v dev="${GPU_NAME:-host backend}" \
-			-v cmd="$0 $ARGS" -v p=$PASSED -v f=$FAILED '
-			BEGIN { printf "{\n  \"date\": \"%s\",\n  \"device\": \"%s\",\n  \"command\": \"%s\",\n  \"passed\": %d,\n  \"failed\": %d,\n  \"figures\": {", date, dev, cmd, p, f }
+			-v cmd="$0 $ARGS" -v p=$PASSED -v f=$FAILED -v stopped="${STOPPED:-0}" '
+			BEGIN { printf "{\n  \"date\": \"%s\",\n  \"device\": \"%s\",\n  \"command\": \"%s\",\n  \"passed\": %d,\n  \"failed\": %d,\n  \"stopped\": %d,\n  \"figures\": {", date, dev, cmd, p, f, stopped }
 			NF == 3 { printf "%s\n    \"%s\": {\"value\": %s, \"unit\": \"%s\"}", (n++ ? "," : ""), $1, $2, $3 }
 			END { printf "\n  }\n}\n" }')
 		echo "$json" >"$OUT/e2e.json"
 		note "figures written to $OUT/e2e.json"
 	fi
 	echo "$PASSED passed, $FAILED failed"
-	[[ $FAILED -eq 0 ]]
+	[[ $FAILED -eq 0 && ${STOPPED:-0} -eq 0 ]]
 	exit $?
 }
+STOPPED=0
 trap finish EXIT
-trap 'exit 130' INT TERM
+trap 'STOPPED=1; exit 130' INT TERM
 
 gpu_used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 | tr -d ' '; }
 if ((!host)); then
@@ -262,8 +294,8 @@ if ((!host)); then
 		die "$python cannot import torch and safetensors with a GPU (--python)"
 fi
 
-if ((hugepages)); then
-	hp_old=$(cat /proc/sys/vm/nr_hugepages)
+((host)) || hp_old=$(cat /proc/sys/vm/nr_hugepages)
+if ((hugepages && !userpath)); then
 	hp_want=$((pinned_bytes / (2 << 20) + 2))
 	((hp_want > hp_old)) && echo "$hp_want" >/proc/sys/vm/nr_hugepages
 	hp_now=$(cat /proc/sys/vm/nr_hugepages)
@@ -274,13 +306,19 @@ fi
 # ------------------------------------------------------------ models
 if ((!kv_only)); then
 	t0=$SECONDS
-	if "$python" "$E/opt/slurm_e2e.py" write-models "$A" "$a_bytes" "$Bm" "$b_bytes" 11; then
+	if ((userpath)) && [[ -n $model_a ]]; then
+		runuser -u nobody -- test -r "$A" || die "--model-a $A: the job user (nobody) cannot read it"
+		pass "model A given: $A, $(($(stat -c %s "$A") >> 20)) MiB"
+	elif ((userpath)); then
+		"$python" "$E/opt/slurm_e2e.py" write-models "$A" "$a_bytes" 11 || die "writing model A failed"
+		pass "model written: A $(($(stat -c %s "$A") >> 20)) MiB ($((SECONDS - t0)) s)"
+	elif "$python" "$E/opt/slurm_e2e.py" write-models "$A" "$a_bytes" "$Bm" "$b_bytes" 11; then
 		pass "models written: A $(($(stat -c %s "$A") >> 20)) MiB, B $(($(stat -c %s "$Bm") >> 20)) MiB ($((SECONDS - t0)) s)"
 	else
 		die "writing the models failed"
 	fi
 	a_size=$(stat -c %s "$A")
-	b_size=$(stat -c %s "$Bm")
+	((userpath)) || b_size=$(stat -c %s "$Bm")
 fi
 
 cluster_start || die "the cluster did not start"
@@ -310,7 +348,7 @@ gpu_check() {
 # Job output lines "KEY VALUE" ($out), JSON fields, and a step's own result lines.
 val() { awk -v k="$1" '$1 == k { print $2 }' <<<"$out" | tail -n 1; }
 jq_py() { "$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
-steps() { # STEP: the step's own result lines, counted here
+steps() { # NAME [STEP]: the result lines of step STEP (default NAME) in $W/NAME.out, counted here
 	local f=$W/$1.out line
 	[[ -f $f ]] || { fail "$1 left no output"; return; }
 	while IFS= read -r line; do
@@ -321,7 +359,7 @@ steps() { # STEP: the step's own result lines, counted here
 		"# figure: "*) read -r _ _ n v u <<<"$line"; figure "$n" "$v" "$u" ;;
 		esac
 	done <"$f"
-	grep -q "^# done $1" "$f" || { fail "$1 did not finish (rc $(val "${1}_rc")): $(tail -n 5 "$f")"; }
+	grep -q "^# done ${2:-$1}" "$f" || fail "$1 did not finish (rc $(val "${1}_rc")): $(tail -n 5 "$f")"
 }
 
 # ------------------------------------------------------------ KV in a job (issue 18)
@@ -414,7 +452,7 @@ if ((kv_only)); then
 fi
 
 # ------------------------------------------------------------ job start overhead
-median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 srun_ms() { # the wall time of an srun of `true` as the job user
 	local t0 t1
 	t0=$(date +%s%N)
@@ -422,20 +460,28 @@ srun_ms() { # the wall time of an srun of `true` as the job user
 	t1=$(date +%s%N)
 	echo $(((t1 - t0) / 1000000))
 }
+start_overhead() { # SUFFIX: jobs of srun true, plain and with a slab and a pool, medians
+	local plain=() aeg=() n=$((userpath ? repeat : 3))
+	for ((i = 0; i < n; i++)); do
+		plain+=("$(srun_ms)")
+		aeg+=("$(srun_ms --aegaeon-slab=$slab --aegaeon-pinned=$pinned_plain)")
+	done
+	if [[ " ${plain[*]} ${aeg[*]} " == *" -1 "* ]]; then
+		fail "jobs of srun true, plain and with --aegaeon-slab=$slab --aegaeon-pinned=$pinned_plain"
+	else
+		pass "jobs of srun true: plain ${plain[*]} ms; slab $slab + pool $pinned_plain ${aeg[*]} ms"
+		figure "job_plain_srun$1_s" "$(calc "$(median "${plain[@]}") / 1000")" s
+		figure "job_start_overhead$1_s" "$(calc "($(median "${aeg[@]}") - $(median "${plain[@]}")) / 1000")" s
+	fi
+	check "no agent or runtime dir left after those jobs" nothing_left 30
+}
 srun_ms >/dev/null      # warm: the first job pays for loading what slurmd and srun load
-plain=() aeg=()
-for _ in 1 2 3; do
-	plain+=("$(srun_ms)")
-	aeg+=("$(srun_ms --aegaeon-slab=$slab --aegaeon-pinned=$pinned_plain)")
-done
-if [[ " ${plain[*]} ${aeg[*]} " == *" -1 "* ]]; then
-	fail "jobs of srun true, plain and with --aegaeon-slab=$slab --aegaeon-pinned=$pinned_plain"
-else
-	pass "jobs of srun true: plain ${plain[*]} ms; slab $slab + pool $pinned_plain ${aeg[*]} ms"
-	figure job_plain_srun_s "$(calc "$(median3 "${plain[@]}") / 1000")" s
-	figure job_start_overhead_s "$(calc "($(median3 "${aeg[@]}") - $(median3 "${plain[@]}")) / 1000")" s
+if ((userpath)); then
+	source "$here/slurm_userpath.sh"
+	userpath_run
+	exit 0
 fi
-check "no agent or runtime dir left after those jobs" nothing_left 30
+start_overhead ""
 
 # ------------------------------------------------------------ the job
 cat >"$W/job1.sh" <<-'JOB'

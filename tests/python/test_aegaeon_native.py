@@ -20,12 +20,9 @@ import threading
 import time
 import unittest
 
-# Under --enable-sanitizers the module carries ASan, which must come first;
-# the interpreter's own allocations at exit are not leak-checked.
-_preload = os.environ.get("AEGAEON_PY_PRELOAD")
-if _preload and "libasan" not in os.environ.get("LD_PRELOAD", ""):
-    env = dict(os.environ, LD_PRELOAD=_preload, ASAN_OPTIONS="detect_leaks=0")
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+import testmain
+
+testmain.preload_sanitizers()
 
 TMP = tempfile.mkdtemp(prefix="aegaeon-py-")
 CONF = os.path.join(TMP, "aegaeon.conf")
@@ -1534,25 +1531,5 @@ for e in went:
         self.assertEqual((r.returncode, r.stderr), (0, ""))
 
 
-class Result(unittest.TextTestResult):
-    pass
-
-
-def main():
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    runner = unittest.TextTestRunner(verbosity=2, resultclass=Result, stream=sys.stdout)
-    res = runner.run(suite)
-    failed = len(res.failures) + len(res.errors) + len(res.unexpectedSuccesses)
-    passed = res.testsRun - failed - len(res.skipped)
-    print("%d passed, %d failed" % (passed, failed))
-    sys.stdout.flush()
-    return 0 if failed == 0 else 1
-
-
 if __name__ == "__main__":
-    try:
-        rc = main()
-    finally:
-        import shutil
-        shutil.rmtree(TMP, ignore_errors=True)
-    sys.exit(rc)
+    testmain.run(TMP)
