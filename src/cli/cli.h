@@ -80,7 +80,7 @@ void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lin
 struct cli_verify {                     /* a read-back check's result */
 	uint64_t bytes;
 	uint64_t first, end;            /* file range the chunks cover */
-	uint32_t chunks;
+	uint32_t chunks, files;
 	int contiguous;
 	char sha256[65];
 };

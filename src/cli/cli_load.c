@@ -162,22 +162,34 @@ static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i
 	return 0;
 }
 
+/* The file of chunk @c, opened when it differs from the one open (*@fd, *@open). */
+static int chunk_file(aeg_model_t *m, const struct aeg_chunk *c, int *fd, uint32_t *open_file)
+{
+	const char *path = aeg_model_file(m, c->file);
+
+	if (*fd >= 0 && *open_file == c->file)
+		return 0;
+	if (*fd >= 0)
+		close(*fd);
+	*fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+	*open_file = c->file;
+	if (*fd < 0) {
+		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path ? path : "?", strerror(errno));
+		return 1;
+	}
+	return 0;
+}
+
 int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
 {
-	const char *path = aeg_model_path(m);
 	const struct aeg_chunk *c;
 	struct cli_sha256 sha;
 	unsigned char *gbuf = NULL, *fbuf = NULL;
-	uint32_t n;
-	int fd, rc = 1;
+	uint32_t n, open_file = 0;
+	int fd = -1, rc = 1;
 
 	memset(r, 0, sizeof(*r));
 	r->contiguous = 1;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path, strerror(errno));
-		return 1;
-	}
 	gbuf = malloc(VERIFY_PIECE);
 	fbuf = malloc(VERIFY_PIECE);
 	if (gbuf == NULL || fbuf == NULL) {
@@ -192,22 +204,26 @@ int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
 				aeg_model_job_slab(m));
 			goto out;
 		}
+		if (chunk_file(m, &c[i], &fd, &open_file))
+			goto out;
 		if (i == 0)
 			r->first = c[i].file_offset;
-		else if (c[i].file_offset != r->end)
+		else if (c[i].file_offset != r->end || c[i].file != c[i - 1].file)
 			r->contiguous = 0;
-		if (verify_chunk(aeg_session_device(s), &c[i], i, fd, path, gbuf, fbuf, &sha))
+		if (verify_chunk(aeg_session_device(s), &c[i], i, fd, aeg_model_file(m, c[i].file), gbuf, fbuf, &sha))
 			goto out;
 		r->bytes += c[i].size;
 		r->end = c[i].file_offset + c[i].size;
 	}
 	r->chunks = n;
+	r->files = aeg_model_file_count(m);
 	cli_sha256_hex(&sha, r->sha256);
 	rc = 0;
 out:
 	free(gbuf);
 	free(fbuf);
-	close(fd);
+	if (fd >= 0)
+		close(fd);
 	return rc;
 }
 
@@ -215,9 +231,15 @@ void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *
 {
 	char a[32];
 
-	printf("%s: verified %s in %u chunk%s of load %" PRIu64 " against the file: identical "
-	       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)),
-	       r->chunks, cli_s(r->chunks), l->id, r->first, r->end, r->contiguous ? "" : ", with gaps", r->sha256);
+	if (r->files > 1)
+		printf("%s: verified %s in %u chunk%s of %u files (load %" PRIu64 " and on) against the files: identical "
+		       "(sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks),
+		       r->files, l->id, r->sha256);
+	else
+		printf("%s: verified %s in %u chunk%s of load %" PRIu64 " against the file: identical "
+		       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", l->path,
+		       aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks), l->id, r->first, r->end,
+		       r->contiguous ? "" : ", with gaps", r->sha256);
 }
 
 json_t *cli_verified_json(const struct cli_verify *r)

@@ -22,6 +22,7 @@
 #include "agent_internal.h"
 #include "device_internal.h"
 #include "internal.h"
+#include "model_paths.h"
 #include "proto.h"
 #include "topo_internal.h"
 
@@ -347,6 +348,28 @@ static int paths(struct agent *a, const char *dir)
 	return 0;
 }
 
+/*
+ * A --prefetch model: a file, or every file of a directory or shard index
+ * (read with the job user's rights), each a load of its own that steps find
+ * by its path, or as a model by the directory's.
+ */
+static int start_model(struct agent *a, const char *path)
+{
+	struct aeg_model_paths mp;
+	int err = aeg_model_paths(path, &mp);
+
+	if (err) {
+		aeg_error_prefix("--prefetch");
+		return err;
+	}
+	pthread_mutex_lock(&a->lock);
+	for (uint32_t i = 0; i < mp.count && err == 0; i++)
+		err = agent_load_start(a, 0, mp.paths[i], 0, NULL);
+	pthread_mutex_unlock(&a->lock);
+	aeg_model_paths_free(&mp);
+	return err;
+}
+
 static int start(struct agent *a)
 {
 	const struct aeg_agent_config *cfg = a->cfg;
@@ -385,14 +408,12 @@ static int start(struct agent *a)
 	err = listen_socket(a);
 	if (err)
 		return err;
-	/* --prefetch files go to the first GPU's slab, all started before ready. */
+	/* --prefetch models go to the first GPU's slab, all started before ready. */
 	for (int i = 0; i < cfg->prefetch_count; i++) {
 		if (a->nslabs == 0)
 			return aeg_fail(AEG_ENODEV, "--prefetch %s: the job has no GPU to load into",
 					cfg->prefetch[i]);
-		pthread_mutex_lock(&a->lock);
-		err = agent_load_start(a, 0, cfg->prefetch[i], 0, NULL);
-		pthread_mutex_unlock(&a->lock);
+		err = start_model(a, cfg->prefetch[i]);
 		if (err)
 			return err;
 	}

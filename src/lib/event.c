@@ -183,6 +183,12 @@ AEG_EXPORT int aeg_event_destroy(aeg_event_t *ev)
 		return 0;
 	dev = ev->dev;
 	pthread_mutex_lock(&dev->lock);
+	if (atomic_load(&ev->failure) != 0) {
+		unsigned i = dev->failed_gone_next++ % AEG_EVENT_FAILED_KEPT;
+
+		dev->failed_gone[i].handle = ev->entry->handle;
+		dev->failed_gone[i].code = atomic_load(&ev->failure);
+	}
 	unlink_entry(dev, ev->entry);
 	e = entry_put_locked(ev->entry);
 	pthread_mutex_unlock(&dev->lock);
@@ -382,9 +388,19 @@ int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int t
 		e->refs++;
 	else
 		e = NULL;
-	pthread_mutex_unlock(&dev->lock);
-	if (e == NULL)
+	if (e == NULL) {
+		int code = 0;
+
+		for (unsigned i = 0; i < AEG_EVENT_FAILED_KEPT && code == 0; i++)
+			if (dev->failed_gone[i].code != 0 &&
+			    memcmp(&dev->failed_gone[i].handle, handle, sizeof(*handle)) == 0)
+				code = dev->failed_gone[i].code;
+		pthread_mutex_unlock(&dev->lock);
+		if (code != 0)
+			return aeg_fail(code, "the chunk's load stopped (%s) and the chunk was released", aeg_strerror(code));
 		return aeg_fail(AEG_ENOENT, "no event of this process has that handle");
+	}
+	pthread_mutex_unlock(&dev->lock);
 	deadline = timeout_ms > 0 ? aeg_now_ns() + (uint64_t)timeout_ms * 1000000ull : 0;
 	err = wait_recorded(e->local, deadline, timeout_ms);
 	entry_put(dev, e);
