@@ -256,11 +256,9 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 	}
 	aeg_span_end("slab create", t);
 	if (s->pool_bytes) {
-		t = aeg_now_ns();
 		err = aeg_pool_create(s->dev, gpu, s->pool_buffer_bytes, s->pool_bytes, &g->pool);
 		if (err)
 			goto fail;
-		aeg_span_end("pool create", t);
 		if (cfg.cache_bytes == 0)
 			cfg.cache_bytes = s->pool_bytes;
 	}
