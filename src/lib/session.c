@@ -133,6 +133,8 @@ fail:
 /* Destroy a GPU's engine, pool and slab (its loads' chunks with them). */
 static void gpu_free(struct sess_gpu *g)
 {
+	if (g->ring_thread_started)
+		pthread_join(g->ring_thread, NULL);
 	aeg_prefetch_destroy(g->pf);
 	if (g->pool)
 		aeg_pool_destroy(g->pool);
@@ -221,6 +223,36 @@ static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
 	return 0;
 }
 
+#define RING_BUFFER_BYTES (16ull << 20)
+
+/* The ring's thread: the engine stages through it once made, mapping files until then. */
+static void *make_ring(void *arg)
+{
+	struct sess_gpu *g = arg;
+	int err = aeg_pool_create(g->dev, g->gpu, RING_BUFFER_BYTES, g->ring_bytes, &g->pool);
+
+	if (err)
+		aeg_warn("the prefetch engine's staging ring on GPU %d (%s): files that cannot be mapped do not load",
+			 g->gpu, aeg_error_detail());
+	aeg_prefetch_set_pool(g->pf, err ? NULL : g->pool, 0, err);
+	return NULL;
+}
+
+/* An engine without a pool of the session's makes its ring off the first load's path. */
+static int start_ring(struct sess_gpu *g, aeg_device_t *dev, int gpu, int ring_buffers)
+{
+	int rc;
+
+	g->dev = dev;
+	g->gpu = gpu;
+	g->ring_bytes = RING_BUFFER_BYTES * (uint64_t)ring_buffers;
+	rc = pthread_create(&g->ring_thread, NULL, make_ring, g);
+	if (rc)
+		return aeg_fail(AEG_ENOMEM, "starting the staging ring's thread: %s", strerror(rc));
+	g->ring_thread_started = 1;
+	return 0;
+}
+
 /* Make @gpu's slab, pool and engine unless made; lock held. */
 static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 {
@@ -261,19 +293,27 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 			goto fail;
 		if (cfg.cache_bytes == 0)
 			cfg.cache_bytes = s->pool_bytes;
+	} else {
+		cfg.pool_later_buffer_bytes = RING_BUFFER_BYTES;
+		if (cfg.ring_buffers == 0)
+			cfg.ring_buffers = 2 * cfg.threads;
 	}
 	t = aeg_now_ns();
 	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);
+	if (err == 0 && g->pool == NULL)
+		err = start_ring(g, s->dev, gpu, cfg.ring_buffers);
 	if (err)
 		goto fail;
 	aeg_span_end("engine create", t);
 	*pf = g->pf;
 	return 0;
 fail:
+	aeg_prefetch_destroy(g->pf);
 	if (g->pool)
 		aeg_pool_destroy(g->pool);
 	if (g->slab)
 		aeg_slab_destroy(g->slab);
+	g->pf = NULL;
 	g->pool = NULL;
 	g->slab = NULL;
 	return err;
@@ -366,6 +406,11 @@ AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
 		return err;
 	pthread_mutex_lock(&s->lock);
 	err = engine_locked(s, gpu, &pf);
+	/* Ahead of need, the staging ring too. */
+	if (err == 0 && s->gpus[gpu].ring_thread_started) {
+		pthread_join(s->gpus[gpu].ring_thread, NULL);
+		s->gpus[gpu].ring_thread_started = 0;
+	}
 	pthread_mutex_unlock(&s->lock);
 	return err;
 }

@@ -15,6 +15,12 @@ struct sess_gpu {
 	aeg_slab_t *slab;
 	aeg_pool_t *pool;
 	aeg_prefetch_t *pf;
+	/* The engine's staging ring, made by a thread of its own while the first loads map their files. */
+	pthread_t ring_thread;
+	int ring_thread_started;
+	aeg_device_t *dev;
+	int gpu;
+	uint64_t ring_bytes;
 };
 
 /* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
