@@ -251,23 +251,40 @@ json_t *cli_verified_json(const struct cli_verify *r)
 
 /* -------------------------------------------------------------- listing */
 
-json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
+json_t *cli_chunks_json(aeg_model_t *m)
 {
-	char hex[AEG_HANDLE_HEX_LEN + 1], state[128];
+	char hex[AEG_HANDLE_HEX_LEN + 1], ptr[32];
 	const struct aeg_chunk *c;
 	json_t *arr = json_array();
 	uint32_t n;
 
 	c = aeg_model_chunks(m, &n);
 	for (uint32_t i = 0; i < n; i++) {
+		json_t *o;
+
 		aeg_handle_to_hex(&c[i].event, hex);
-		json_array_append_new(arr, json_pack("{s:I, s:I, s:I, s:I, s:s}", "slab_id", (json_int_t)c[i].slab_id,
-						     "slab_offset", (json_int_t)c[i].slab_offset, "size", (json_int_t)c[i].size,
-						     "file_offset", (json_int_t)c[i].file_offset, "event_handle", hex));
+		o = json_pack("{s:I, s:I, s:I, s:I, s:s, s:s}", "slab_id", (json_int_t)c[i].slab_id,
+			      "slab_offset", (json_int_t)c[i].slab_offset, "size", (json_int_t)c[i].size,
+			      "file_offset", (json_int_t)c[i].file_offset, "event_handle", hex,
+			      "file", aeg_model_file(m, c[i].file));
+		/* This process's pointer, where the slab is mapped here. */
+		if (o != NULL && c[i].device_ptr != NULL) {
+			snprintf(ptr, sizeof(ptr), "0x%" PRIxPTR, (uintptr_t)c[i].device_ptr);
+			json_object_set_new(o, "device_ptr", json_string(ptr));
+		}
+		json_array_append_new(arr, o);
 	}
+	return arr;
+}
+
+json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
+{
+	char state[128];
+
 	return json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:o}", "load_id", (json_int_t)l->id, "path", l->path,
 			 "slab", l->slab, "state", cli_load_state(l->status, state, sizeof(state)),
-			 "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes, "chunks", arr);
+			 "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
+			 "chunks", cli_chunks_json(m));
 }
 
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines)

@@ -235,26 +235,6 @@ static double gbps(uint64_t bytes, uint64_t ns)
 	return ns ? (double)bytes / (double)ns : 0.0;
 }
 
-static json_t *chunks_json(aeg_model_t *m)
-{
-	char hex[AEG_HANDLE_HEX_LEN + 1], ptr[32];
-	const struct aeg_chunk *c;
-	json_t *arr = json_array();
-	uint32_t n;
-
-	c = aeg_model_chunks(m, &n);
-	for (uint32_t i = 0; i < n; i++) {
-		aeg_handle_to_hex(&c[i].event, hex);
-		snprintf(ptr, sizeof(ptr), "0x%" PRIxPTR, (uintptr_t)c[i].device_ptr);
-		json_array_append_new(arr, json_pack("{s:s, s:I, s:s, s:I, s:I, s:I}",
-						     "device_ptr", ptr, "size", (json_int_t)c[i].size,
-						     "event_handle", hex, "slab_id", (json_int_t)c[i].slab_id,
-						     "slab_offset", (json_int_t)c[i].slab_offset,
-						     "file_offset", (json_int_t)c[i].file_offset));
-	}
-	return arr;
-}
-
 /* Loaded by this process: the speed, the feed, the first chunk's latency. */
 static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t chunk)
 {
@@ -274,7 +254,7 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64
 						"chunk_bytes", (json_int_t)chunk, "seconds", (double)ns / 1e9,
 						"gbps", gbps(p.total_bytes, ns), "first_chunk_ms", first_ms,
 						"feed", aeg_prefetch_feed_name(p.feed), "tensors", (json_int_t)ntensors,
-						"chunks", chunks_json(m)));
+						"chunks", cli_chunks_json(m)));
 	printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunk%s, %u tensor%s, first chunk after %.2f ms)\n",
 	       a->file, aeg_size_format(p.total_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(p.total_bytes, ns),
 	       aeg_prefetch_feed_name(p.feed), p.chunks, cli_s(p.chunks), ntensors, cli_s(ntensors), first_ms);
