@@ -87,6 +87,11 @@ int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, 
 /* model_release_chunks - free a one-file model's chunks (a JOB load is waited for first); the record stays. */
 int model_release_chunks(struct aeg_model *m);
 
+/* session_check_gpu - AEG_ENODEV unless @gpu is one of the session's. */
+int session_check_gpu(const aeg_session_t *s, int gpu);
+/* session_job_slab - JOB: the job slab on this process's GPU @gpu (-1: the first). */
+int session_job_slab(aeg_session_t *s, int gpu, int *index);
+
 /* Blocks of a JOB session's own loads (session.c); its lock held. */
 void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n);
 
