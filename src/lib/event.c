@@ -294,7 +294,7 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 {
 	const struct aeg_device_ops *ops;
 	uint64_t deadline;
-	int failure, err;
+	int failure, err, asked = timeout_ms;
 
 	if (ev == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_event_wait: NULL event");
@@ -309,8 +309,11 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 		/* The rest of the time for the backend (at least a poll). */
 		timeout_ms = now >= deadline ? 0 : (int)((deadline - now + 999999) / 1000000);
 	}
-	if (ops->event_fail != NULL)
-		return ops->event_wait(ev->dev, ev->impl, timeout_ms);
+	/* A timeout names the time the caller gave, not what was left of it for the backend. */
+	if (ops->event_fail != NULL) {
+		err = ops->event_wait(ev->dev, ev->impl, timeout_ms);
+		return err == AEG_ETIMEDOUT ? aeg_fail(err, "event not complete after %d ms", asked) : err;
+	}
 
 	for (;;) {
 		int slice = FAIL_POLL_MS;
@@ -331,7 +334,7 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 		if (err != AEG_ETIMEDOUT)
 			return err;
 		if (timeout_ms >= 0 && aeg_now_ns() >= deadline)
-			return aeg_fail(AEG_ETIMEDOUT, "event not complete after %d ms", timeout_ms);
+			return aeg_fail(AEG_ETIMEDOUT, "event not complete after %d ms", asked);
 	}
 }
 
