@@ -450,8 +450,8 @@ static PyMethodDef model_methods[] = {
 	  "release($self, /)\n--\n\n"
 	  "Let go of the model: its GPU memory is freed now, or when the last view of\n"
 	  "its tensors kept elsewhere (a torch tensor, a DeviceArray) goes. A load\n"
-	  "still running is cancelled. A model the job held already stays the job's.\n"
-	  "Calling it again does nothing." },
+	  "still running is cancelled (inside a job the agent finishes it first). A\n"
+	  "model the job held already stays the job's. Calling it again does nothing." },
 	{ "__enter__", model_enter, METH_NOARGS, PYAEG_ENTER_DOC },
 	{ "__exit__", model_exit, METH_VARARGS,
 	  "__exit__($self, /, *exc_info)\n--\n\nrelease(); an exception in the block propagates." },

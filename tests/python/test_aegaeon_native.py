@@ -25,15 +25,7 @@ from testmain import AgentCase, make_tensors, pattern, safetensors_bytes, write_
 
 testmain.preload_sanitizers()
 
-TMP = tempfile.mkdtemp(prefix="aegaeon-py-")
-CONF = os.path.join(TMP, "aegaeon.conf")
-with open(CONF, "w") as f:
-    # Two prefetch threads keep the engine's staging pool small on shared CI machines.
-    f.write("prefetch_threads = 2;\n")
-os.environ["AEGAEON_CONFIG"] = CONF
-os.environ.setdefault("AEGAEON_DEVICE", "host")
-os.environ["AEGAEON_PREFETCH_SLAB"] = "256MiB"
-os.environ.pop("AEGAEON_SOCKET", None)
+TMP = testmain.host_env("aegaeon-py-")
 
 import aegaeon_native as an  # noqa: E402
 
@@ -534,7 +526,7 @@ class TestPinned(Base):
         with self.assertRaises(an.AegaeonError) as c:
             an.PinnedPool.attach(999)
         self.assertAegaeon(c, "AEG_EBADF", errno.EBADF)
-        with open(CONF, "rb") as f:
+        with open(os.environ["AEGAEON_CONFIG"], "rb") as f:
             with self.assertRaises(an.AegaeonValueError):
                 an.PinnedPool.attach(f.fileno())
 

@@ -24,14 +24,7 @@ from testmain import MiB, AgentCase, make_tensors, pattern, safetensors_bytes, w
 
 testmain.preload_sanitizers()
 
-TMP = tempfile.mkdtemp(prefix="aegaeon-models-")
-CONF = os.path.join(TMP, "aegaeon.conf")
-with open(CONF, "w") as f:
-    f.write("prefetch_threads = 2;\n")     # a small staging pool on shared CI machines
-os.environ["AEGAEON_CONFIG"] = CONF
-os.environ.setdefault("AEGAEON_DEVICE", "host")
-os.environ["AEGAEON_PREFETCH_SLAB"] = "256MiB"
-os.environ.pop("AEGAEON_SOCKET", None)
+TMP = testmain.host_env("aegaeon-models-")
 
 import aegaeon_native as an  # noqa: E402
 

@@ -36,14 +36,7 @@ from testmain import MiB, make_tensors, safetensors_bytes, write_file  # noqa: E
 
 testmain.preload_sanitizers()
 
-TMP = tempfile.mkdtemp(prefix="aegaeon-torch-")
-CONF = os.path.join(TMP, "aegaeon.conf")
-with open(CONF, "w") as f:
-    f.write("prefetch_threads = 2;\n")
-os.environ["AEGAEON_CONFIG"] = CONF
-os.environ.setdefault("AEGAEON_DEVICE", "host")
-os.environ["AEGAEON_PREFETCH_SLAB"] = "256MiB"
-os.environ.pop("AEGAEON_SOCKET", None)
+TMP = testmain.host_env("aegaeon-torch-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -25,6 +25,21 @@ def preload_sanitizers():
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
+def host_env(prefix):
+    """A temp dir for the test file, and the module's environment: the host
+    backend, a 256 MiB prefetch slab and two prefetch threads (a small
+    staging pool on shared CI machines), outside any job. Returns the dir."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    conf = os.path.join(tmp, "aegaeon.conf")
+    with open(conf, "w") as f:
+        f.write("prefetch_threads = 2;\n")
+    os.environ["AEGAEON_CONFIG"] = conf
+    os.environ.setdefault("AEGAEON_DEVICE", "host")
+    os.environ["AEGAEON_PREFETCH_SLAB"] = "256MiB"
+    os.environ.pop("AEGAEON_SOCKET", None)
+    return tmp
+
+
 def run(tmp):
     """Runs the test cases of __main__, removes tmp; exits 0 when none failed."""
     try:
