@@ -194,7 +194,10 @@ const char *aeg_model_path(const aeg_model_t *m);
 int aeg_model_gpu(const aeg_model_t *m);
 /* aeg_model_job_slab - the job slab holding a JOB model (its index), -1 for a LOCAL one. */
 int aeg_model_job_slab(const aeg_model_t *m);
-/* aeg_model_owned - 1 when this session started the load (aeg_session_release_all frees it). */
+/*
+ * aeg_model_owned - 1 when this session started the load, of any of its files
+ * for a model of several (aeg_session_release_all frees those).
+ */
 int aeg_model_owned(const aeg_model_t *m);
 
 /*

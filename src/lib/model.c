@@ -105,6 +105,8 @@ int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, 
 	for (uint32_t i = 0; i < nparts; i++) {
 		uint32_t c, t;
 
+		m->owned |= parts[i]->owned;    /* some files found resident, others loaded: owned */
+
 		part_chunks(parts[i], &c);
 		part_tensors(parts[i], &t);
 		nc += c;

@@ -417,6 +417,20 @@ static void model_directory(void **state)
 		assert_int_equal(aeg_model_release(m), 0);
 		assert_int_equal(aeg_session_find(s, dir, 0, &found), AEG_ENOENT);
 	}
+	/* One shard resident already: the directory's model reuses it and loads the others, so it is owned. */
+	snprintf(path, sizeof(path), "%s/model-00001-of-00003.safetensors", dir);
+	req.path = path;
+	assert_int_equal(aeg_session_load(s, &req, &found), 0);
+	req.path = dir;
+	req.flags = AEG_LOAD_REUSE;
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_owned(m), 1);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	assert_int_equal(aeg_model_release(m), 0);
+	aeg_model_close(found);
+	assert_int_equal(aeg_session_owned_blocks(s), 0);
+	req.flags = 0;
+
 	/* A shard the index names is missing: nothing stays loaded. */
 	snprintf(path, sizeof(path), "%s/model-00003-of-00003.safetensors", dir);
 	assert_int_equal(unlink(path), 0);
