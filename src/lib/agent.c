@@ -391,7 +391,7 @@ static int start(struct agent *a)
 			return aeg_fail(AEG_ENODEV, "--prefetch %s: the job has no GPU to load into",
 					cfg->prefetch[i]);
 		pthread_mutex_lock(&a->lock);
-		err = agent_load_start(a, 0, cfg->prefetch[i], 0, NULL);
+		err = agent_load_start(a, 0, cfg->prefetch[i], 0, NULL, NULL);
 		pthread_mutex_unlock(&a->lock);
 		if (err)
 			return err;
