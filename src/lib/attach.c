@@ -430,7 +430,11 @@ static int wait_call(const char *socket_path, uint16_t type, const union proto_m
 	err = waiter_get(socket_path, &c);
 	if (err)
 		return err;
-	*c->msg = *req;
+	/* The request's own member: the union is tens of KiB, most of it chunk pages. */
+	if (type == PROTO_WAIT_EVENT)
+		c->msg->wait_event_req = req->wait_event_req;
+	else
+		c->msg->wait_load_req = req->wait_load_req;
 	err = call_timed(c, type, NULL, timeout_ms < 0 || timeout_ms > INT_MAX - REPLY_TIMEOUT_MS ? -1 :
 			 timeout_ms + REPLY_TIMEOUT_MS);
 	waiter_put(c, err);
