@@ -135,9 +135,7 @@ static int setup_local(void **state)
 
 	if (f == NULL || setup_files(f))
 		return -1;
-	unsetenv("AEGAEON_SOCKET");
-	setenv("AEGAEON_HOST_GPUS", "1", 1);
-	setenv("AEGAEON_PREFETCH_SLAB", "32MiB", 1);
+	session_env_local("1", "32MiB");
 	f->mode = AEG_SESSION_LOCAL;
 	f->fds = count_fds();
 	*state = f;
@@ -151,9 +149,7 @@ static int setup_job(void **state)
 
 	if (f == NULL || setup_files(f))
 		return -1;
-	setenv("AEGAEON_HOST_GPUS", "1", 1);
-	unsetenv("AEGAEON_SLABS");
-	agent_start(&f->agent, opts);
+	session_env_job(&f->agent, opts);
 	f->mode = AEG_SESSION_JOB;
 	f->fds = count_fds();
 	*state = f;
@@ -163,21 +159,11 @@ static int setup_job(void **state)
 static int teardown(void **state)
 {
 	struct fx *f = *state;
-	char cmd[128];
-	int fds = count_fds(), leaked = fds != f->fds;
+	int err = session_env_end(&f->agent, f->dir, f->fds);
 
-	if (leaked)
-		fprintf(stderr, "descriptors: %d before the test, %d after\n", f->fds, fds);
-	if (f->agent.pid > 0) {
-		agent_cleanup(&f->agent);
-		unsetenv("AEGAEON_SOCKET");
-	}
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->dir);
-	if (system(cmd) != 0)
-		leaked = 1;
 	free(f->file);
 	free(f);
-	return leaked ? -1 : 0;
+	return err;
 }
 
 static aeg_session_t *open_session(struct fx *f)
