@@ -454,7 +454,7 @@ static int job_place_tensor(struct aeg_model *m, const uint64_t *keys, size_t i)
 	const struct slice_span *sp = m->plan.spec ? &m->plan.spans[i] : NULL;
 	struct aeg_tensor *o = &m->tensors[i];
 	uint64_t at = sp ? sp->out : m->hdr.data_offset + t->begin;
-	long c = chunk_at(m, keys, at);
+	long c = chunk_at(m, keys, at), last;
 
 	o->name = t->name;
 	o->dtype = t->dtype;
@@ -470,8 +470,12 @@ static int job_place_tensor(struct aeg_model *m, const uint64_t *keys, size_t i)
 				m->path, t->name, o->file_offset);
 	if (c < 0)
 		c = m->nchunks ? (long)m->nchunks - 1 : 0;
+	last = o->size ? chunk_at(m, keys, at + o->size - 1) : c;
+	if (last < c)
+		return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" ends in no chunk the agent loaded (the file changed?)",
+				m->path, t->name);
 	o->first_chunk = (uint32_t)c;
-	o->chunks = o->size ? (uint32_t)(chunk_at(m, keys, at + o->size - 1) - c + 1) : 0;
+	o->chunks = o->size ? (uint32_t)(last - c + 1) : 0;
 	if (c < (long)m->nchunks && m->chunks[c].device_ptr != NULL)
 		o->device_ptr = (char *)m->chunks[c].device_ptr + (at - keys[c]);
 	return 0;

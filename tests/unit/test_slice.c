@@ -429,6 +429,33 @@ static void sharded_directory(void **state)
 	free(file[1]);
 }
 
+/* A step finding a slice (by the agent's id) whose file changed since is told so, not given wrong pointers. */
+static void changed_file(void **state)
+{
+	struct fx *f = *state;
+	aeg_session_t *s = open_session(f);
+	struct aeg_slice slice = { .rank = 1, .world = 4, .preset = AEG_SLICE_PRESET_MEGATRON };
+	struct aeg_load_request req = { .path = f->path, .gpu = 0, .chunk_bytes = 64 * KiB, .slice = &slice };
+	uint64_t bytes, data, off[NT];
+	aeg_model_t *m, *found = NULL;
+	unsigned char *other;
+
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_wait(m, BOUND_MS), 0);
+	assert_int_equal(aeg_session_find_id(s, aeg_model_id(m), &found), 0);
+	assert_non_null(aeg_model_slice(found));
+	assert_int_equal(aeg_model_slice(found)->rank, 1);
+	aeg_model_close(found);
+	/* The same name, other tensors: the parts the agent holds are not this file's. */
+	other = write_model(f->path, model + 2, NT - 2, &bytes, &data, off);
+	assert_int_equal(aeg_session_find_id(s, aeg_model_id(m), &found), AEG_ESTALE);
+	assert_non_null(strstr(aeg_error_detail(), "(the file changed?)"));
+	assert_int_equal(aeg_model_release(m), 0);
+	no_blocks_left(s);
+	aeg_session_close(s);
+	free(other);
+}
+
 struct bad {
 	struct aeg_slice slice;
 	const char *detail;
@@ -563,6 +590,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(sharded_directory, setup_job, teardown),
 		cmocka_unit_test_setup_teardown(bad_slices, setup_job, teardown),
 		cmocka_unit_test_setup_teardown(slice_of_raw, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(changed_file, setup_job, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
