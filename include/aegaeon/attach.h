@@ -187,6 +187,7 @@ struct aeg_job_status {
 	int has_pool;
 	struct aeg_pool_stats pool;
 	uint32_t clients;               /* connections to the agent, this one included */
+	uint32_t waits;                 /* waits for a chunk event or a load the agent is serving now */
 	uint32_t loads;
 	struct aeg_job_load_status *load;       /* loads entries, oldest first */
 };

@@ -205,6 +205,7 @@ static int do_status(struct client *c, const struct proto_status_req *q, struct 
 			goto out;
 	}
 	p->clients = (uint32_t)a->nclients;
+	p->waits = a->waits;
 	err = agent_load_status(a, q->first_load, p);
 out:
 	pthread_mutex_unlock(&a->lock);
@@ -359,9 +360,17 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 		aeg_info("shutdown asked by client pid %d", (int)c->pid);
 		return 0;
 	case PROTO_WAIT_EVENT:
-		return do_wait_event(c, &in->wait_event_req);
 	case PROTO_WAIT_LOAD:
-		return do_wait_load(c, &in->wait_load_req);
+		/* Counted in status: a step (or a test) can tell its waits reached the agent. */
+		pthread_mutex_lock(&a->lock);
+		a->waits++;
+		pthread_mutex_unlock(&a->lock);
+		err = h->type == PROTO_WAIT_EVENT ? do_wait_event(c, &in->wait_event_req) :
+		      do_wait_load(c, &in->wait_load_req);
+		pthread_mutex_lock(&a->lock);
+		a->waits--;
+		pthread_mutex_unlock(&a->lock);
+		return err;
 	default:
 		return aeg_fail(AEG_EPROTO, "%s is not a request", proto_type_name(h->type));
 	}

@@ -42,6 +42,7 @@ struct agent {
 	pthread_mutex_t lock;           /* guards everything below, leases and loads */
 	struct client *clients;         /* newest first */
 	int nclients;                   /* connections whose thread is not joined yet */
+	uint32_t waits;                 /* wait-event and wait-load requests being served */
 	int npending;                   /* of them, not past their hello and not dropped */
 	int ndropped;                   /* of them, dropped to make room, still to join */
 	struct load **loads;            /* oldest first, so ids ascend */

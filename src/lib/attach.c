@@ -899,6 +899,7 @@ AEG_EXPORT int aeg_job_status(aeg_job_t *job, struct aeg_job_status **out)
 			st->has_pool = rep->has_pool;
 			st->pool = rep->pool;
 			st->clients = rep->clients;
+			st->waits = rep->waits;
 			st->loads = rep->loads_total;
 			st->load = calloc(st->loads ? st->loads : 1, sizeof(*st->load));
 			if (st->load == NULL) {

@@ -396,31 +396,50 @@ static void write_file(const char *path, const unsigned char *data, size_t n)
 	assert_int_equal(fclose(f), 0);
 }
 
-/* Wait (at most 10 s) until the agent has @want connections: threads waiting through it hold one each. */
-static void wait_clients(aeg_job_t *job, uint32_t want)
+/* Until the agent serves @want wait requests at once, within 10 s. */
+static void wait_waits(aeg_job_t *job, uint32_t want)
 {
 	for (int i = 0; i < 1000; i++) {
 		struct aeg_job_status *st;
 		uint32_t have;
 
 		assert_int_equal(aeg_job_status(job, &st), 0);
-		have = st->clients;
+		have = st->waits;
 		aeg_job_status_free(st);
 		if (have >= want)
 			return;
 		usleep(10000);
 	}
-	fail_msg("the agent has fewer than %u connections after 10 s", want);
+	fail_msg("the agent serves fewer than %u waits after 10 s", want);
 }
 
-/* Take every buffer of the job's pool: the agent's pread feed then cannot move a byte. */
+/* The agent counts a wait out once it answered it: none left once every waiter returned. */
+static void wait_waits_done(aeg_job_t *job)
+{
+	struct aeg_job_status *st;
+
+	assert_int_equal(aeg_job_status(job, &st), 0);
+	assert_int_equal(st->waits, 0);
+	aeg_job_status_free(st);
+}
+
+/*
+ * Take every buffer of the job's pool, waiting (at most 10 s each) for those
+ * a load that just ended still gives back: the agent's pread feed then
+ * cannot move a byte.
+ */
 static uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
 {
 	struct aeg_pool_buffer b;
+	struct aeg_pool_stats ps;
 	uint32_t n = 0;
 
-	while (n < cap && aeg_pool_acquire(pool, 0, &b) == 0)
+	assert_int_equal(aeg_pool_stats(pool, &ps), 0);
+	assert_true(ps.buffers <= cap);
+	while (n < ps.buffers && aeg_pool_acquire(pool, 10000, &b) == 0)
 		bufs[n++] = b.index;
+	if (n < ps.buffers)
+		fail_msg("took %u of the pool's %u buffers in 10 s", n, ps.buffers);
 	return n;
 }
 
@@ -491,14 +510,15 @@ static void wait_chunks_through_agent(void **state)
 		w[i] = (struct chunk_waiter){ .dev = dev, .handle = &load2->chunks[i].event };
 		assert_int_equal(pthread_create(&w[i].thread, NULL, chunk_wait_main, &w[i]), 0);
 	}
-	/* Every waiter holds its wait connection (this one is the other) before the release. */
-	wait_clients(job, 1 + load2->count);
+	/* Every waiter's request is with the agent before the release (a connection alone is not). */
+	wait_waits(job, load2->count);
 	assert_int_equal(aeg_job_release_all(job, &released), 0);
 	assert_true(released >= 2);
 	for (uint32_t i = 0; i < load2->count; i++) {
 		assert_int_equal(pthread_join(w[i].thread, NULL), 0);
 		assert_int_equal(w[i].result, AEG_ECANCELED);
 	}
+	wait_waits_done(job);
 	/* Released: the agent no longer knows the handle. */
 	assert_int_equal(aeg_agent_wait_event(sock, &load2->chunks[0].event, 100), AEG_ENOENT);
 	for (uint32_t i = 0; i < held; i++)
