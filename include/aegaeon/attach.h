@@ -23,8 +23,8 @@ typedef struct aeg_job aeg_job_t;
  * (set by the SPANK plugin in every task), connect to the node's agent,
  * agree on a protocol version, open each slab's memory handle on the GPU
  * this process sees with the same PCI bus id (a GPU the step cannot see is
- * skipped: aeg_job_slab on it is AEG_ENODEV), and map the pinned pool
- * (its memfd comes over the socket). $AEGAEON_SLABS and
+ * skipped: aeg_job_slab on it is AEG_ENODEV); the pinned pool is mapped
+ * at its first use (aeg_job_pool; its memfd comes over the socket). $AEGAEON_SLABS and
  * $AEGAEON_SLAB<i>_HANDLE, when set, must match what the agent says.
  * aeg_job_connect - the same without opening slabs or the pool (for status,
  * prefetch and release from a process that touches no GPU memory).
@@ -81,7 +81,12 @@ int aeg_job_slab(aeg_job_t *job, int index, uint64_t bytes, aeg_slab_t **slab);
 /* aeg_job_slab_return - destroy @slab (from aeg_job_slab) and give its lease back. */
 int aeg_job_slab_return(aeg_job_t *job, aeg_slab_t *slab);
 
-/* aeg_job_pool - the job's pinned pool mapped here, NULL when none (or connect-only). */
+/*
+ * aeg_job_pool - the job's pinned pool mapped here: mapped at the first call
+ * (the agent makes the pool after the job's start, so that call may wait
+ * for it). NULL when the job has none, for aeg_job_connect, or when it
+ * could not be mapped (the error detail says why). Thread-safe.
+ */
 aeg_pool_t *aeg_job_pool(aeg_job_t *job);
 
 /* A chunk of a load, placed in this process. */
@@ -187,7 +192,6 @@ struct aeg_job_status {
 	int has_pool;
 	struct aeg_pool_stats pool;
 	uint32_t clients;               /* connections to the agent, this one included */
-	uint32_t waits;                 /* waits for a chunk event or a load the agent is serving now */
 	uint32_t loads;
 	struct aeg_job_load_status *load;       /* loads entries, oldest first */
 };

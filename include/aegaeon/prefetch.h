@@ -64,6 +64,13 @@ struct aeg_prefetch_config {
 	int direct_io;              /* READ: open files O_DIRECT (cold files; falls back, logged) [0] */
 	uint64_t small_file_bytes;  /* AUTO: smaller files take READ [64 MiB] */
 	uint64_t cache_bytes;       /* host model cache budget in the pool; 0 disables [0] */
+	/*
+	 * Buffer size of a pool given later (aeg_prefetch_set_pool) when
+	 * aeg_prefetch_create gets none; 0: the engine makes its own pool [0].
+	 * Until the pool comes, loads take the MMAP feed (no staging needed);
+	 * one whose file cannot be mapped waits for it.
+	 */
+	uint64_t pool_later_buffer_bytes;
 	const aeg_topo_t *topo;     /* bind workers to the GPU's local CPUs; NULL: unbound */
 };
 
@@ -79,6 +86,16 @@ void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg);
  */
 int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 			const struct aeg_prefetch_config *cfg, aeg_prefetch_t **pf);
+
+/*
+ * aeg_prefetch_set_pool - the pool an engine made with
+ * pool_later_buffer_bytes stages through from now on, with @cache_bytes of
+ * it for the host model cache (the engine keeps the pointer; destroy it
+ * before the pool). @pool NULL says none will come: loads waiting for it
+ * fail with @err (its detail kept). Once only. AEG_EINVAL for another
+ * buffer size than announced, AEG_EEXIST for a second call.
+ */
+int aeg_prefetch_set_pool(aeg_prefetch_t *pf, aeg_pool_t *pool, uint64_t cache_bytes, int err);
 
 /*
  * aeg_prefetch_destroy - cancel loads in flight, wait for their copies,

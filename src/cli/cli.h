@@ -75,12 +75,14 @@ int cli_model_info(aeg_model_t *m, struct cli_load_info *info);
 int cli_load_failed(const struct cli_load_info *l, int err, const char *detail);
 int cli_load_timed_out(const struct cli_load_info *l, double timeout_s);
 json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l);
+/* The chunks of @m: slab_id, slab_offset, size, file_offset, event_handle, file, and device_ptr where mapped here. */
+json_t *cli_chunks_json(aeg_model_t *m);
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines);
 
 struct cli_verify {                     /* a read-back check's result */
 	uint64_t bytes;
 	uint64_t first, end;            /* file range the chunks cover */
-	uint32_t chunks;
+	uint32_t chunks, files;
 	int contiguous;
 	char sha256[65];
 };
@@ -124,6 +126,7 @@ int cli_parse_seconds(const char *text, double *out);           /* 0..one year *
 const char *cli_load_state(int status, char *buf, size_t len);  /* "loaded", "loading", "failed: why" */
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 const char *cli_s(uint64_t n);                                  /* "s" unless n is 1: "%u chunk%s" */
+uint64_t cli_median_u64(uint64_t *v, size_t n);                 /* sorts @v in place; n > 0 */
 /* Prints @o indented with floats to CLI_JSON_DIGITS significant digits; consumes @o; 0 or 1. */
 #define CLI_JSON_DIGITS 6
 int cli_json_print(json_t *o);

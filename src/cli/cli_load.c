@@ -162,22 +162,34 @@ static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i
 	return 0;
 }
 
+/* The file of chunk @c, opened when it differs from the one open (*@fd, *@open). */
+static int chunk_file(aeg_model_t *m, const struct aeg_chunk *c, int *fd, uint32_t *open_file)
+{
+	const char *path = aeg_model_file(m, c->file);
+
+	if (*fd >= 0 && *open_file == c->file)
+		return 0;
+	if (*fd >= 0)
+		close(*fd);
+	*fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+	*open_file = c->file;
+	if (*fd < 0) {
+		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path ? path : "?", strerror(errno));
+		return 1;
+	}
+	return 0;
+}
+
 int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
 {
-	const char *path = aeg_model_path(m);
 	const struct aeg_chunk *c;
 	struct cli_sha256 sha;
 	unsigned char *gbuf = NULL, *fbuf = NULL;
-	uint32_t n;
-	int fd, rc = 1;
+	uint32_t n, open_file = 0;
+	int fd = -1, rc = 1;
 
 	memset(r, 0, sizeof(*r));
 	r->contiguous = 1;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path, strerror(errno));
-		return 1;
-	}
 	gbuf = malloc(VERIFY_PIECE);
 	fbuf = malloc(VERIFY_PIECE);
 	if (gbuf == NULL || fbuf == NULL) {
@@ -192,22 +204,26 @@ int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
 				aeg_model_job_slab(m));
 			goto out;
 		}
+		if (chunk_file(m, &c[i], &fd, &open_file))
+			goto out;
 		if (i == 0)
 			r->first = c[i].file_offset;
-		else if (c[i].file_offset != r->end)
+		else if (c[i].file_offset != r->end || c[i].file != c[i - 1].file)
 			r->contiguous = 0;
-		if (verify_chunk(aeg_session_device(s), &c[i], i, fd, path, gbuf, fbuf, &sha))
+		if (verify_chunk(aeg_session_device(s), &c[i], i, fd, aeg_model_file(m, c[i].file), gbuf, fbuf, &sha))
 			goto out;
 		r->bytes += c[i].size;
 		r->end = c[i].file_offset + c[i].size;
 	}
 	r->chunks = n;
+	r->files = aeg_model_file_count(m);
 	cli_sha256_hex(&sha, r->sha256);
 	rc = 0;
 out:
 	free(gbuf);
 	free(fbuf);
-	close(fd);
+	if (fd >= 0)
+		close(fd);
 	return rc;
 }
 
@@ -215,9 +231,15 @@ void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *
 {
 	char a[32];
 
-	printf("%s: verified %s in %u chunk%s of load %" PRIu64 " against the file: identical "
-	       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)),
-	       r->chunks, cli_s(r->chunks), l->id, r->first, r->end, r->contiguous ? "" : ", with gaps", r->sha256);
+	if (r->files > 1)
+		printf("%s: verified %s in %u chunk%s of %u files (load %" PRIu64 " and on) against the files: identical "
+		       "(sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks),
+		       r->files, l->id, r->sha256);
+	else
+		printf("%s: verified %s in %u chunk%s of load %" PRIu64 " against the file: identical "
+		       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", l->path,
+		       aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks), l->id, r->first, r->end,
+		       r->contiguous ? "" : ", with gaps", r->sha256);
 }
 
 json_t *cli_verified_json(const struct cli_verify *r)
@@ -229,23 +251,40 @@ json_t *cli_verified_json(const struct cli_verify *r)
 
 /* -------------------------------------------------------------- listing */
 
-json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
+json_t *cli_chunks_json(aeg_model_t *m)
 {
-	char hex[AEG_HANDLE_HEX_LEN + 1], state[128];
+	char hex[AEG_HANDLE_HEX_LEN + 1], ptr[32];
 	const struct aeg_chunk *c;
 	json_t *arr = json_array();
 	uint32_t n;
 
 	c = aeg_model_chunks(m, &n);
 	for (uint32_t i = 0; i < n; i++) {
+		json_t *o;
+
 		aeg_handle_to_hex(&c[i].event, hex);
-		json_array_append_new(arr, json_pack("{s:I, s:I, s:I, s:I, s:s}", "slab_id", (json_int_t)c[i].slab_id,
-						     "slab_offset", (json_int_t)c[i].slab_offset, "size", (json_int_t)c[i].size,
-						     "file_offset", (json_int_t)c[i].file_offset, "event_handle", hex));
+		o = json_pack("{s:I, s:I, s:I, s:I, s:s, s:s}", "slab_id", (json_int_t)c[i].slab_id,
+			      "slab_offset", (json_int_t)c[i].slab_offset, "size", (json_int_t)c[i].size,
+			      "file_offset", (json_int_t)c[i].file_offset, "event_handle", hex,
+			      "file", aeg_model_file(m, c[i].file));
+		/* This process's pointer, where the slab is mapped here. */
+		if (o != NULL && c[i].device_ptr != NULL) {
+			snprintf(ptr, sizeof(ptr), "0x%" PRIxPTR, (uintptr_t)c[i].device_ptr);
+			json_object_set_new(o, "device_ptr", json_string(ptr));
+		}
+		json_array_append_new(arr, o);
 	}
+	return arr;
+}
+
+json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
+{
+	char state[128];
+
 	return json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:o}", "load_id", (json_int_t)l->id, "path", l->path,
 			 "slab", l->slab, "state", cli_load_state(l->status, state, sizeof(state)),
-			 "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes, "chunks", arr);
+			 "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
+			 "chunks", cli_chunks_json(m));
 }
 
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines)

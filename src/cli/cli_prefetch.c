@@ -49,6 +49,89 @@ static const char bench_usage[] =
 	"                                  [--threads N] [--streams N] [--piece SIZE] [--mmap-threads N]\n"
 	"                                  [--repeat N] [--cache] [--direct] [--json] [--timing]\n";
 
+/* The engine's options, which work in this process only: 0 or the exit code of bad usage. */
+static int engine_option(const char *cmd, int c, const char *arg, struct cli_prefetch_args *a)
+{
+	static const struct { int c; const char *name; } names[] = {
+		{ 'd', "--device" }, { 'f', "--feed" }, { 't', "--threads" }, { 's', "--streams" },
+		{ 'm', "--mmap-threads" }, { 'p', "--piece" }, { 'D', "--direct" },
+	};
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && a->local_only == NULL; i++)
+		if (names[i].c == c)
+			a->local_only = names[i].name;
+	switch (c) {
+	case 'd':
+		a->device = arg;
+		return 0;
+	case 'f':
+		return parse_feed(arg, &a->feed) ?
+		       cli_usage_error(cmd, "--feed '%s': expected auto, mmap, read or mixed", arg) : 0;
+	case 't':
+		return cli_parse_int(arg, 1, 256, &a->threads) ? cli_usage_error(cmd, "--threads '%s': expected 1..256", arg) : 0;
+	case 's':
+		return cli_parse_int(arg, 1, 64, &a->streams) ? cli_usage_error(cmd, "--streams '%s': expected 1..64", arg) : 0;
+	case 'm':
+		return cli_parse_int(arg, 1, 256, &a->mmap_threads) ?
+		       cli_usage_error(cmd, "--mmap-threads '%s': expected 1..256", arg) : 0;
+	case 'p':
+		if (aeg_size_parse(arg, 0, &a->piece_bytes))
+			return cli_usage_error(cmd, "--piece: %s", aeg_error_detail());
+		if (a->piece_bytes == 0 || a->piece_bytes % 4096)
+			return cli_usage_error(cmd, "--piece %s: expected a non-zero multiple of 4 KiB", arg);
+		return 0;
+	default:        /* 'D' */
+		a->direct = 1;
+		return 0;
+	}
+}
+
+/* One option of prefetch or bench prefetch: 0, -1 after --help, or the exit code of bad usage. */
+static int take_option(const char *cmd, int c, const char *arg, const char *word, struct cli_prefetch_args *a,
+		       int bench)
+{
+	switch (c) {
+	case 'd': case 'f': case 't': case 's': case 'm': case 'p': case 'D':
+		return engine_option(cmd, c, arg, a);
+	case 'g':
+		if (cli_parse_int(arg, 0, 1023, &a->gpu))
+			return cli_usage_error(cmd, "--gpu '%s': expected a GPU index", arg);
+		a->gpu_given = 1;
+		return 0;
+	case 'c':
+		if (aeg_size_parse(arg, 0, &a->chunk_bytes))
+			return cli_usage_error(cmd, "--chunk: %s", aeg_error_detail());
+		if (a->chunk_bytes == 0 || a->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN)
+			return cli_usage_error(cmd, "--chunk %s: a chunk is a non-zero multiple of 4 KiB, such as 64MiB", arg);
+		a->chunk_given = 1;
+		return 0;
+	case 'j': a->json = 1; return 0;
+	case 'l': a->local = 1; return 0;
+	case 'T': a->timing = 1; return 0;
+	case 'r':
+		return !bench || cli_parse_int(arg, 1, 1000, &a->repeat) ?
+		       cli_usage_error(cmd, "--repeat '%s': expected 1..1000", arg) : 0;
+	case 'C':
+		if (!bench)
+			return cli_usage_error(cmd, "--cache is an option of bench prefetch");
+		a->cache = 1;
+		return 0;
+	case 'w': case 'W': case 'v': case 'R':
+		if (bench)
+			return cli_usage_error(cmd, "'%s' is an option of prefetch", word);
+		if (c == 'w' || c == 'W')
+			a->wait = c == 'w';
+		else
+			*(c == 'v' ? &a->verify : &a->reload) = 1;
+		return 0;
+	case 'h':
+		fputs(bench ? bench_usage : prefetch_usage, stdout);
+		return -1;
+	default:
+		return cli_usage_error(cmd, "unknown option '%s'", word);
+	}
+}
+
 int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefetch_args *a, int bench)
 {
 	static const struct option opts[] = {
@@ -84,98 +167,12 @@ int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefet
 		return cli_fail(err, "reading the configuration");
 	a->chunk_bytes = cfg.prefetch_chunk_bytes;
 	a->threads = cfg.prefetch_threads;
-
 	optind = 1;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		switch (c) {
-		case 'd':
-			a->device = optarg;
-			a->local_only = a->local_only ? a->local_only : "--device";
-			break;
-		case 'g':
-			if (cli_parse_int(optarg, 0, 1023, &a->gpu))
-				return cli_usage_error(cmd, "--gpu '%s': expected a GPU index", optarg);
-			a->gpu_given = 1;
-			break;
-		case 'c':
-			err = aeg_size_parse(optarg, 0, &a->chunk_bytes);
-			if (err)
-				return cli_usage_error(cmd, "--chunk: %s", aeg_error_detail());
-			if (a->chunk_bytes == 0 || a->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN)
-				return cli_usage_error(cmd, "--chunk %s: a chunk is a non-zero multiple of 4 KiB, such as 64MiB",
-						       optarg);
-			a->chunk_given = 1;
-			break;
-		case 'f':
-			if (parse_feed(optarg, &a->feed))
-				return cli_usage_error(cmd, "--feed '%s': expected auto, mmap, read or mixed", optarg);
-			a->local_only = a->local_only ? a->local_only : "--feed";
-			break;
-		case 't':
-			if (cli_parse_int(optarg, 1, 256, &a->threads))
-				return cli_usage_error(cmd, "--threads '%s': expected 1..256", optarg);
-			a->local_only = a->local_only ? a->local_only : "--threads";
-			break;
-		case 's':
-			if (cli_parse_int(optarg, 1, 64, &a->streams))
-				return cli_usage_error(cmd, "--streams '%s': expected 1..64", optarg);
-			a->local_only = a->local_only ? a->local_only : "--streams";
-			break;
-		case 'm':
-			if (cli_parse_int(optarg, 1, 256, &a->mmap_threads))
-				return cli_usage_error(cmd, "--mmap-threads '%s': expected 1..256", optarg);
-			a->local_only = a->local_only ? a->local_only : "--mmap-threads";
-			break;
-		case 'p':
-			err = aeg_size_parse(optarg, 0, &a->piece_bytes);
-			if (err)
-				return cli_usage_error(cmd, "--piece: %s", aeg_error_detail());
-			if (a->piece_bytes == 0 || a->piece_bytes % 4096)
-				return cli_usage_error(cmd, "--piece %s: expected a non-zero multiple of 4 KiB", optarg);
-			a->local_only = a->local_only ? a->local_only : "--piece";
-			break;
-		case 'j':
-			a->json = 1;
-			break;
-		case 'l':
-			a->local = 1;
-			break;
-		case 'r':
-			if (!bench || cli_parse_int(optarg, 1, 1000, &a->repeat))
-				return cli_usage_error(cmd, "--repeat '%s': expected 1..1000", optarg);
-			break;
-		case 'C':
-			if (!bench)
-				return cli_usage_error(cmd, "--cache is an option of bench prefetch");
-			a->cache = 1;
-			break;
-		case 'D':
-			a->direct = 1;
-			a->local_only = a->local_only ? a->local_only : "--direct";
-			break;
-		case 'w':
-		case 'W':
-		case 'v':
-		case 'R':
-			if (bench)
-				return cli_usage_error(cmd, "'%s' is an option of prefetch", argv[optind - 1]);
-			if (c == 'w' || c == 'W')
-				a->wait = c == 'w';
-			else if (c == 'v')
-				a->verify = 1;
-			else
-				a->reload = 1;
-			break;
-		case 'T':
-			a->timing = 1;
-			break;
-		case 'h':
-			fputs(bench ? bench_usage : prefetch_usage, stdout);
-			return -1;
-		default:
-			return cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
-		}
+		err = take_option(cmd, c, optarg, argv[optind - 1], a, bench);
+		if (err)
+			return err;
 	}
 	if (optind != argc - 1)
 		return cli_usage_error(cmd, "expected one FILE");
@@ -235,26 +232,6 @@ static double gbps(uint64_t bytes, uint64_t ns)
 	return ns ? (double)bytes / (double)ns : 0.0;
 }
 
-static json_t *chunks_json(aeg_model_t *m)
-{
-	char hex[AEG_HANDLE_HEX_LEN + 1], ptr[32];
-	const struct aeg_chunk *c;
-	json_t *arr = json_array();
-	uint32_t n;
-
-	c = aeg_model_chunks(m, &n);
-	for (uint32_t i = 0; i < n; i++) {
-		aeg_handle_to_hex(&c[i].event, hex);
-		snprintf(ptr, sizeof(ptr), "0x%" PRIxPTR, (uintptr_t)c[i].device_ptr);
-		json_array_append_new(arr, json_pack("{s:s, s:I, s:s, s:I, s:I, s:I}",
-						     "device_ptr", ptr, "size", (json_int_t)c[i].size,
-						     "event_handle", hex, "slab_id", (json_int_t)c[i].slab_id,
-						     "slab_offset", (json_int_t)c[i].slab_offset,
-						     "file_offset", (json_int_t)c[i].file_offset));
-	}
-	return arr;
-}
-
 /* Loaded by this process: the speed, the feed, the first chunk's latency. */
 static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t chunk)
 {
@@ -274,7 +251,7 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64
 						"chunk_bytes", (json_int_t)chunk, "seconds", (double)ns / 1e9,
 						"gbps", gbps(p.total_bytes, ns), "first_chunk_ms", first_ms,
 						"feed", aeg_prefetch_feed_name(p.feed), "tensors", (json_int_t)ntensors,
-						"chunks", chunks_json(m)));
+						"chunks", cli_chunks_json(m)));
 	printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunk%s, %u tensor%s, first chunk after %.2f ms)\n",
 	       a->file, aeg_size_format(p.total_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(p.total_bytes, ns),
 	       aeg_prefetch_feed_name(p.feed), p.chunks, cli_s(p.chunks), ntensors, cli_s(ntensors), first_ms);
@@ -312,6 +289,11 @@ static int print_job(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t
 		printf("%s: already in the job's slab (load %" PRIu64 ", %s in %u chunk%s): reused, nothing loaded%s\n",
 		       l.path, l.id, aeg_size_format(l.file_bytes, size, sizeof(size)), l.chunks, cli_s(l.chunks),
 		       ns > 1000000 ? "; waited for it to finish" : "");
+	} else if (aeg_model_file_count(m) > 1) {
+		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (%u files, a load each from load %" PRIu64
+		       ", %u chunk%s in slab %d)\n", l.path, aeg_size_format(l.file_bytes, size, sizeof(size)),
+		       (double)ns / 1e9, gbps(l.file_bytes, ns), aeg_model_file_count(m), l.id, l.chunks, cli_s(l.chunks),
+		       l.slab);
 	} else {
 		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (load %" PRIu64 ", %u chunk%s in slab %d)\n",
 		       l.path, aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),

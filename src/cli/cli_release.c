@@ -14,37 +14,44 @@
 #include "internal.h"
 
 static const char release_usage[] =
-	"Usage: aegaeon-cli release ID... [--gpu N] | --load LOAD_ID | --all\n"
+	"Usage: aegaeon-cli release ID... [--gpu N] | --load LOAD_ID | --model PATH | --all\n"
 	"Inside a job: free prefetched chunks in the node's agent: the blocks with these slab ids\n"
-	"(in the slab of --gpu, default the first), every block of a load (waiting for it to\n"
-	"finish loading), or everything.\n";
+	"(in the slab of --gpu, default the first), every block of a load, or of a model (a file, or\n"
+	"a directory or shard index: every file of it; each load is waited for if it still loads),\n"
+	"or everything.\n";
 
 struct release_args {
 	int all, gpu;
+	const char *model;
 	uint64_t load_id;
 	uint64_t *ids;
 	size_t count;
 };
 
-/* Every block of load @id: its distinct slab ids, after it has stopped loading. */
-static int release_load(aeg_session_t *s, uint64_t id)
+/* Every block of load @id, or of model @path: after it has stopped loading. */
+static int release_model(aeg_session_t *s, uint64_t id, const char *path)
 {
+	const char *what = id ? "release --load" : "release --model";
 	const struct aeg_chunk *c;
 	aeg_model_t *m = NULL;
-	uint32_t n, blocks = 0;
+	uint32_t n, files, blocks = 0;
 	int err;
 
-	err = aeg_session_find_id(s, id, &m);
+	err = id ? aeg_session_find_id(s, id, &m) : aeg_session_find(s, path, -1, &m);
 	if (err)
-		return cli_fail(err, "release --load");
+		return cli_fail(err, what);
 	c = aeg_model_chunks(m, &n);
+	files = aeg_model_file_count(m);
 	/* A tensor larger than a chunk is one block cut into several chunks. */
 	for (uint32_t i = 0; i < n; i++)
-		blocks += i == 0 || c[i].slab_id != c[i - 1].slab_id;
+		blocks += i == 0 || c[i].slab_id != c[i - 1].slab_id || c[i].file != c[i - 1].file;
 	err = aeg_model_release(m);
 	if (err)
-		return cli_fail(err, "release --load");
-	printf("released load %" PRIu64 ": %u block%s\n", id, blocks, cli_s(blocks));
+		return cli_fail(err, what);
+	if (id)
+		printf("released load %" PRIu64 ": %u block%s\n", id, blocks, cli_s(blocks));
+	else
+		printf("released model %s: %u block%s in %u file%s\n", path, blocks, cli_s(blocks), files, cli_s(files));
 	return 0;
 }
 
@@ -78,6 +85,7 @@ static int parse(int argc, char **argv, struct release_args *r)
 	static const struct option opts[] = {
 		{ "all", no_argument, NULL, 'a' },
 		{ "load", required_argument, NULL, 'l' },
+		{ "model", required_argument, NULL, 'm' },
 		{ "gpu", required_argument, NULL, 'g' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -95,6 +103,9 @@ static int parse(int argc, char **argv, struct release_args *r)
 			if (cli_parse_load_id(optarg, &r->load_id))
 				return cli_usage_error("release", "--load '%s': expected a load id (1, 2, ...)", optarg);
 			break;
+		case 'm':
+			r->model = optarg;
+			break;
 		case 'g':
 			if (cli_parse_int(optarg, 0, 1023, &r->gpu))
 				return cli_usage_error("release", "--gpu '%s': expected a GPU index", optarg);
@@ -107,9 +118,9 @@ static int parse(int argc, char **argv, struct release_args *r)
 		}
 	}
 	r->count = (size_t)(argc - optind);
-	if ((r->all != 0) + (r->load_id != 0) + (r->count != 0) != 1)
-		return cli_usage_error("release", "expected slab ids, --load or --all (one of them)");
-	if ((r->all || r->load_id) && r->gpu >= 0)
+	if ((r->all != 0) + (r->load_id != 0) + (r->model != NULL) + (r->count != 0) != 1)
+		return cli_usage_error("release", "expected slab ids, --load, --model or --all (one of them)");
+	if ((r->all || r->load_id || r->model) && r->gpu >= 0)
 		return cli_usage_error("release", "--gpu goes with slab ids only");
 	r->ids = calloc(r->count ? r->count : 1, sizeof(*r->ids));
 	if (r->ids == NULL)
@@ -149,7 +160,7 @@ int cli_release(int argc, char **argv)
 		if (!err)
 			printf("released %u block%s: every load of the job on this node\n", released, cli_s(released));
 	} else if (rc == 0) {
-		rc = r.load_id ? release_load(s, r.load_id) : release_ids(s, &r);
+		rc = r.load_id || r.model ? release_model(s, r.load_id, r.model) : release_ids(s, &r);
 	}
 	aeg_session_close(s);
 	free(r.ids);

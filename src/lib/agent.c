@@ -22,6 +22,8 @@
 #include "agent_internal.h"
 #include "device_internal.h"
 #include "internal.h"
+#include "model_paths.h"
+#include "pinned_internal.h"
 #include "proto.h"
 #include "topo_internal.h"
 
@@ -139,6 +141,28 @@ static int reserve_slabs(struct agent *a)
 	return 0;
 }
 
+/* Each engine's share of the host model cache in the job's pool (the model_cache setting). */
+static int cache_share(struct agent *a, uint64_t *bytes)
+{
+	char size[32];
+	int err;
+
+	*bytes = 0;
+	if (a->pool_state == POOL_NONE || a->nslabs == 0)
+		return 0;
+	err = aeg_size_spec_resolve(&a->cfg->model_cache, a->pool_bytes, bytes);
+	if (err)
+		return err;
+	if (*bytes > a->pool_bytes)
+		*bytes = a->pool_bytes;
+	/* The engines of the job's GPUs share the one pool. */
+	*bytes /= (uint64_t)a->nslabs;
+	if (*bytes > 0)
+		aeg_info("host model cache: %s per GPU in the pinned pool", aeg_size_format(*bytes, size, sizeof(size)));
+	return 0;
+}
+
+/* The engines stage through the job's pool once it is made; until then they map files. */
 static int start_engines(struct agent *a)
 {
 	struct aeg_prefetch_config pcfg;
@@ -147,26 +171,10 @@ static int start_engines(struct agent *a)
 	if (a->cfg->prefetch_threads > 0)
 		pcfg.threads = a->cfg->prefetch_threads;
 	pcfg.topo = a->topo;
-	if (a->pool != NULL && a->nslabs > 0) {
-		struct aeg_pool_stats ps;
-		uint64_t bytes = 0;
-		char size[32];
-		int err = aeg_pool_stats(a->pool, &ps);
-
-		if (err == 0)
-			err = aeg_size_spec_resolve(&a->cfg->model_cache, ps.pool_bytes, &bytes);
-		if (err)
-			return err;
-		if (bytes > ps.pool_bytes)
-			bytes = ps.pool_bytes;
-		/* The engines of the job's GPUs share the one pool. */
-		pcfg.cache_bytes = bytes / (uint64_t)a->nslabs;
-		if (pcfg.cache_bytes > 0)
-			aeg_info("host model cache: %s per GPU in the pinned pool",
-				 aeg_size_format(pcfg.cache_bytes, size, sizeof(size)));
-	}
+	if (a->pool_state != POOL_NONE)
+		pcfg.pool_later_buffer_bytes = a->pool_buffer_bytes;
 	for (int i = 0; i < a->nslabs; i++) {
-		int err = aeg_prefetch_create(a->slabs[i].slab, a->pool, &pcfg, &a->slabs[i].pf);
+		int err = aeg_prefetch_create(a->slabs[i].slab, NULL, &pcfg, &a->slabs[i].pf);
 		if (err) {
 			aeg_error_prefix("GPU %d: prefetch engine", a->slabs[i].gpu);
 			return err;
@@ -250,13 +258,9 @@ static int write_ready(struct agent *a)
 		rec.slabs[i].bytes = aeg_slab_bytes(a->slabs[i].slab);
 		rec.slabs[i].handle = a->slabs[i].handle;
 	}
-	if (a->pool) {
-		struct aeg_pool_stats ps;
-		int err = aeg_pool_stats(a->pool, &ps);
-		if (err)
-			return err;
-		rec.pinned_bytes = ps.pool_bytes;
-		rec.pinned_buffer = ps.buffer_bytes;
+	if (a->pool_state != POOL_NONE) {
+		rec.pinned_bytes = a->pool_bytes;
+		rec.pinned_buffer = a->pool_buffer_bytes;
 	}
 	return aeg_job_record_write(a->ready_path, &rec);
 }
@@ -315,9 +319,13 @@ static void teardown(struct agent *a)
 	/* Disconnect every client, then wait for their threads. */
 	pthread_mutex_lock(&a->lock);
 	a->stopping = 1;
+	pthread_cond_broadcast(&a->pool_cv);
 	agent_disconnect_all(a);
 	pthread_mutex_unlock(&a->lock);
 	agent_reap(a, 1);
+	/* A pool still being made is finished first: the engines take it. */
+	if (a->pool_thread_started)
+		pthread_join(a->pool_thread, NULL);
 	/* The engines cancel their loads, wait for copies and free chunks and load handles. */
 	for (int i = 0; i < a->nslabs; i++)
 		if (a->slabs[i].pf)
@@ -332,6 +340,7 @@ static void teardown(struct agent *a)
 		aeg_device_close(a->dev);
 	if (a->wake_fd >= 0)
 		close(a->wake_fd);
+	pthread_cond_destroy(&a->pool_cv);
 	pthread_mutex_destroy(&a->lock);
 }
 
@@ -345,6 +354,88 @@ static int paths(struct agent *a, const char *dir)
 	snprintf(a->ready_path, sizeof(a->ready_path), "%s/%s", dir, AEG_JOB_READY_FILE);
 	snprintf(a->error_path, sizeof(a->error_path), "%s/%s", dir, AEG_JOB_ERROR_FILE);
 	return 0;
+}
+
+static int pool_gpu(const struct agent *a)
+{
+	return a->cfg->gpu_count ? a->cfg->gpus[0] : 0;
+}
+
+/* The pool's thread: makes it, then hands it to the engines and to the steps waiting for it. */
+static void *make_pool(void *arg)
+{
+	struct agent *a = arg;
+	uint64_t cache = 0;
+	aeg_pool_t *pool = NULL;
+	int err;
+
+	err = aeg_pool_create(a->dev, pool_gpu(a), a->pool_buffer_bytes, a->pool_bytes, &pool);
+	if (err == 0)
+		err = cache_share(a, &cache);
+	for (int i = 0; i < a->nslabs; i++)
+		aeg_prefetch_set_pool(a->slabs[i].pf, err ? NULL : pool, cache, err);
+	pthread_mutex_lock(&a->lock);
+	if (err) {
+		snprintf(a->pool_error, sizeof(a->pool_error), "pinned pool: %s", aeg_error_detail());
+		aeg_error("job %s: %s; the job runs on without it (steps that ask for it get this error)",
+			  a->cfg->job_id, a->pool_error);
+		a->pool_state = POOL_FAILED;
+		if (pool)
+			aeg_pool_destroy(pool);
+	} else {
+		a->pool = pool;
+		a->pool_state = POOL_READY;
+		aeg_info("job %s: pinned pool ready", a->cfg->job_id);
+	}
+	pthread_cond_broadcast(&a->pool_cv);
+	pthread_mutex_unlock(&a->lock);
+	return NULL;
+}
+
+static int start_pool(struct agent *a)
+{
+	int rc = pthread_create(&a->pool_thread, NULL, make_pool, a);
+
+	if (rc)
+		return aeg_fail(AEG_ENOMEM, "starting the pinned pool's thread: %s", strerror(rc));
+	a->pool_thread_started = 1;
+	return 0;
+}
+
+int agent_pool_wait(struct agent *a, aeg_pool_t **pool)
+{
+	if (a->pool_state == POOL_NONE)
+		return aeg_fail(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
+	while (a->pool_state == POOL_MAKING && !a->stopping)
+		pthread_cond_wait(&a->pool_cv, &a->lock);
+	if (a->pool_state == POOL_FAILED)
+		return aeg_fail(AEG_ENOMEM, "%s", a->pool_error);
+	if (a->pool_state != POOL_READY)
+		return aeg_fail(AEG_ECANCELED, "the job's agent is stopping");
+	*pool = a->pool;
+	return 0;
+}
+
+/*
+ * A --prefetch model: a file, or every file of a directory or shard index
+ * (read with the job user's rights), each a load of its own that steps find
+ * by its path, or as a model by the directory's.
+ */
+static int start_model(struct agent *a, const char *path)
+{
+	struct aeg_model_paths mp;
+	int err = aeg_model_paths(path, &mp);
+
+	if (err) {
+		aeg_error_prefix("--prefetch");
+		return err;
+	}
+	pthread_mutex_lock(&a->lock);
+	for (uint32_t i = 0; i < mp.count && err == 0; i++)
+		err = agent_load_start(a, 0, mp.paths[i], 0, NULL, NULL);
+	pthread_mutex_unlock(&a->lock);
+	aeg_model_paths_free(&mp);
+	return err;
 }
 
 static int start(struct agent *a)
@@ -372,12 +463,14 @@ static int start(struct agent *a)
 				aeg_size_format(cfg->pinned_max_bytes, cap, sizeof(cap)));
 	}
 	if (cfg->pinned_bytes) {
-		err = aeg_pool_create(a->dev, cfg->gpu_count ? cfg->gpus[0] : 0, cfg->pinned_buffer_bytes,
-				      cfg->pinned_bytes, &a->pool);
+		/* Everything that can be checked now is: a pool that cannot be made fails the start. */
+		err = aeg_pool_check(a->dev, pool_gpu(a), cfg->pinned_buffer_bytes, cfg->pinned_bytes, &a->pool_bytes);
 		if (err) {
 			aeg_error_prefix("pinned pool");
 			return err;
 		}
+		a->pool_buffer_bytes = cfg->pinned_buffer_bytes;
+		a->pool_state = POOL_MAKING;
 	}
 	err = start_engines(a);
 	if (err)
@@ -385,18 +478,19 @@ static int start(struct agent *a)
 	err = listen_socket(a);
 	if (err)
 		return err;
-	/* --prefetch files go to the first GPU's slab, all started before ready. */
+	/* --prefetch models go to the first GPU's slab, all started before ready. */
 	for (int i = 0; i < cfg->prefetch_count; i++) {
 		if (a->nslabs == 0)
 			return aeg_fail(AEG_ENODEV, "--prefetch %s: the job has no GPU to load into",
 					cfg->prefetch[i]);
-		pthread_mutex_lock(&a->lock);
-		err = agent_load_start(a, 0, cfg->prefetch[i], 0, NULL, NULL);
-		pthread_mutex_unlock(&a->lock);
+		err = start_model(a, cfg->prefetch[i]);
 		if (err)
 			return err;
 	}
-	return write_ready(a);
+	err = write_ready(a);
+	if (err == 0 && a->pool_state == POOL_MAKING)
+		err = start_pool(a);
+	return err;
 }
 
 AEG_EXPORT int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
@@ -415,6 +509,7 @@ AEG_EXPORT int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
 	a->cfg = cfg;
 	a->listen_fd = -1;
 	pthread_mutex_init(&a->lock, NULL);
+	pthread_cond_init(&a->pool_cv, NULL);
 	a->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (a->wake_fd < 0) {
 		err = aeg_fail(AEG_EIO, "eventfd: %s", strerror(errno));

@@ -82,13 +82,10 @@ static int do_hello(struct client *c, const struct proto_hello_req *q, struct pr
 		p->slabs[i].bytes = aeg_slab_bytes(a->slabs[i].slab);
 		p->slabs[i].handle = a->slabs[i].handle;
 	}
-	if (a->pool) {
-		struct aeg_pool_stats ps;
-		int err = aeg_pool_stats(a->pool, &ps);
-		if (err)
-			return err;
-		p->pool_bytes = ps.pool_bytes;
-		p->pool_buffer = ps.buffer_bytes;
+	/* The pool's sizes are known before it is made. */
+	if (a->pool_state != POOL_NONE) {
+		p->pool_bytes = a->pool_bytes;
+		p->pool_buffer = a->pool_buffer_bytes;
 	}
 	pthread_mutex_lock(&a->lock);
 	dropped = c->dropped;
@@ -198,14 +195,18 @@ static int do_status(struct client *c, const struct proto_status_req *q, struct 
 		p->slabs[s].lease_bytes = a->slabs[s].lease_bytes;
 	}
 	p->pool.numa_node = -1;
-	if (a->pool) {
+	if (a->pool_state != POOL_NONE) {
+		/* One still being made shows its sizes, no buffer in use yet. */
 		p->has_pool = 1;
-		err = aeg_pool_stats(a->pool, &p->pool);
+		p->pool.buffer_bytes = a->pool_buffer_bytes;
+		p->pool.pool_bytes = a->pool_bytes;
+		p->pool.buffers = (uint32_t)(a->pool_bytes / a->pool_buffer_bytes);
+		if (a->pool != NULL)
+			err = aeg_pool_stats(a->pool, &p->pool);
 		if (err)
 			goto out;
 	}
 	p->clients = (uint32_t)a->nclients;
-	p->waits = a->waits;
 	err = agent_load_status(a, q->first_load, p);
 out:
 	pthread_mutex_unlock(&a->lock);
@@ -324,16 +325,22 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 		return do_lease(c, &in->lease_req, &out->lease_rep);
 	case PROTO_LEASE_FREE:
 		return do_lease_free(c, &in->lease_free_req);
-	case PROTO_POOL_FD:
-		if (a->pool == NULL)
-			return aeg_fail(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
-		err = aeg_pool_stats(a->pool, &ps);
+	case PROTO_POOL_FD: {
+		aeg_pool_t *pool = NULL;
+
+		/* A step that maps the pool while it is still being made waits for it. */
+		pthread_mutex_lock(&a->lock);
+		err = agent_pool_wait(a, &pool);
+		pthread_mutex_unlock(&a->lock);
+		if (err == 0)
+			err = aeg_pool_stats(pool, &ps);
 		if (err)
 			return err;
 		out->pool_rep.pool_bytes = ps.pool_bytes;
 		out->pool_rep.buffer_bytes = ps.buffer_bytes;
-		*pass_fd = aeg_pool_fd(a->pool);
+		*pass_fd = aeg_pool_fd(pool);
 		return 0;
+	}
 	case PROTO_PREFETCH: {
 		struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];
 		struct aeg_slice view;
@@ -360,17 +367,9 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 		aeg_info("shutdown asked by client pid %d", (int)c->pid);
 		return 0;
 	case PROTO_WAIT_EVENT:
+		return do_wait_event(c, &in->wait_event_req);
 	case PROTO_WAIT_LOAD:
-		/* Counted in status: a step (or a test) can tell its waits reached the agent. */
-		pthread_mutex_lock(&a->lock);
-		a->waits++;
-		pthread_mutex_unlock(&a->lock);
-		err = h->type == PROTO_WAIT_EVENT ? do_wait_event(c, &in->wait_event_req) :
-		      do_wait_load(c, &in->wait_load_req);
-		pthread_mutex_lock(&a->lock);
-		a->waits--;
-		pthread_mutex_unlock(&a->lock);
-		return err;
+		return do_wait_load(c, &in->wait_load_req);
 	default:
 		return aeg_fail(AEG_EPROTO, "%s is not a request", proto_type_name(h->type));
 	}

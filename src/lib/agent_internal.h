@@ -35,14 +35,25 @@ struct agent {
 	const aeg_topo_t *topo;         /* the process' cached one: shared with the pool */
 	struct agent_slab slabs[AEG_JOB_MAX_GPUS];
 	int nslabs;
+	/*
+	 * The pool is made by its own thread after the ready record, so no step
+	 * and no job-start load waits for its pages: until then pool is NULL,
+	 * pool_state POOL_MAKING, and pool_bytes/pool_buffer_bytes what it
+	 * will be (every check of its making was done before ready).
+	 */
 	aeg_pool_t *pool;
+	enum { POOL_NONE, POOL_MAKING, POOL_READY, POOL_FAILED } pool_state;
+	uint64_t pool_bytes, pool_buffer_bytes;
+	char pool_error[512];
+	pthread_t pool_thread;
+	int pool_thread_started;
+	pthread_cond_t pool_cv;         /* pool_state left POOL_MAKING; with lock */
 	char sock_path[AEG_JOB_SOCKET_MAX];
 	char pid_path[PATH_MAX], ready_path[PATH_MAX], error_path[PATH_MAX];
 	int listen_fd, wake_fd;
 	pthread_mutex_t lock;           /* guards everything below, leases and loads */
 	struct client *clients;         /* newest first */
 	int nclients;                   /* connections whose thread is not joined yet */
-	uint32_t waits;                 /* wait-event and wait-load requests being served */
 	int npending;                   /* of them, not past their hello and not dropped */
 	int ndropped;                   /* of them, dropped to make room, still to join */
 	struct load **loads;            /* oldest first, so ids ascend */
@@ -68,6 +79,13 @@ struct agent {
  * every connection down (lock held).
  */
 void agent_accept(struct agent *a);
+
+/*
+ * agent_pool_wait - the job's pool once it is made: waits while it is being
+ * made (or the agent stops). AEG_ENOENT for a job without one, the making's
+ * error with its detail when it failed. Lock held (the wait releases it).
+ */
+int agent_pool_wait(struct agent *a, aeg_pool_t **pool);
 void agent_reap(struct agent *a, int all);
 void agent_reclaim_gone(struct agent *a);
 void agent_disconnect_all(struct agent *a);

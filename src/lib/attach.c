@@ -47,6 +47,7 @@ struct aeg_job {
 	char socket[AEG_JOB_SOCKET_MAX + 4];    /* for messages: aeg_quote of the path, whole */
 	char sock_path[AEG_JOB_SOCKET_MAX];     /* the path itself */
 	int reply_lost;                 /* a request went unanswered: the stream is out of step */
+	int pool_wanted;                /* attached (not connect-only) to a job with a pool */
 	struct aeg_job *next_job;       /* on the list of attached jobs */
 	struct aeg_job *idle_waiter;    /* a wait connection kept for the next wait */
 	int listed;
@@ -211,7 +212,7 @@ static int hello(aeg_job_t *job)
 
 static int map_memory(aeg_job_t *job)
 {
-	int fd = -1, err;
+	int err;
 
 	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
 		struct aeg_job_slab_desc *d = &job->slabs[i];
@@ -227,21 +228,33 @@ static int map_memory(aeg_job_t *job)
 			return err;
 		}
 	}
-	if (job->hello.pool_bytes == 0)
-		return 0;
-	pthread_mutex_lock(&job->lock);
+	/* The pool is mapped at its first use: the agent may still be making it. */
+	job->pool_wanted = job->hello.pool_bytes != 0;
+	return 0;
+}
+
+/* Map the job's pool (the agent answers once it is made); lock held. */
+static int map_pool(aeg_job_t *job)
+{
+	aeg_pool_t *pool = NULL;
+	uint64_t t = aeg_now_ns();
+	int fd = -1, err;
+
 	err = call(job, PROTO_POOL_FD, &fd);
-	pthread_mutex_unlock(&job->lock);
 	if (err)
 		return err;
 	if (fd < 0)
 		return aeg_fail(AEG_EPROTO, "the agent's pool reply carried no descriptor");
 	/* The agent's word on the geometry, not the header's: any step can write that. */
-	err = aeg_pool_attach_known(job->dev, fd, job->hello.pool_buffer, job->hello.pool_bytes, &job->pool);
+	err = aeg_pool_attach_known(job->dev, fd, job->hello.pool_buffer, job->hello.pool_bytes, &pool);
 	close(fd);
-	if (err)
+	if (err) {
 		aeg_error_prefix("mapping the job's pinned pool");
-	return err;
+		return err;
+	}
+	__atomic_store_n(&job->pool, pool, __ATOMIC_RELEASE);
+	aeg_span_end("job pool map", t);
+	return 0;
 }
 
 static int open_job(aeg_job_t **jobp, int map)
@@ -544,7 +557,19 @@ AEG_EXPORT int aeg_job_slab_describe(aeg_job_t *job, int index, struct aeg_job_s
 
 AEG_EXPORT aeg_pool_t *aeg_job_pool(aeg_job_t *job)
 {
-	return job ? job->pool : NULL;
+	aeg_pool_t *pool;
+
+	if (job == NULL)
+		return NULL;
+	pool = __atomic_load_n(&job->pool, __ATOMIC_ACQUIRE);
+	if (pool != NULL || !job->pool_wanted)
+		return pool;
+	pthread_mutex_lock(&job->lock);
+	if (job->pool == NULL && map_pool(job) != 0)
+		aeg_debug("the job's pool: %s", aeg_error_detail());
+	pool = job->pool;
+	pthread_mutex_unlock(&job->lock);
+	return pool;
 }
 
 AEG_EXPORT int aeg_job_slab(aeg_job_t *job, int index, uint64_t bytes, aeg_slab_t **slab)
@@ -899,7 +924,6 @@ AEG_EXPORT int aeg_job_status(aeg_job_t *job, struct aeg_job_status **out)
 			st->has_pool = rep->has_pool;
 			st->pool = rep->pool;
 			st->clients = rep->clients;
-			st->waits = rep->waits;
 			st->loads = rep->loads_total;
 			st->load = calloc(st->loads ? st->loads : 1, sizeof(*st->load));
 			if (st->load == NULL) {

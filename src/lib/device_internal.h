@@ -72,6 +72,7 @@ struct aeg_device_ops {
 };
 
 /* Buckets of the per-device event table (own events and cached openings). */
+#define AEG_EVENT_FAILED_KEPT 256      /* failed events remembered after their destruction */
 #define AEG_EVENT_BUCKETS 256
 
 struct aeg_event_entry;         /* event.c */
@@ -84,6 +85,16 @@ struct aeg_device {
 	pthread_mutex_t lock;           /* guards events[] and the counters below */
 	/* Keyed by the 64 handle bytes: this process's events and opened handles. */
 	struct aeg_event_entry *events[AEG_EVENT_BUCKETS];
+	/*
+	 * Events of this process destroyed while failed (a cancelled load's
+	 * chunks, released): a wait through the agent that comes just after the
+	 * release is told the failure, not that the handle is unknown.
+	 */
+	struct {
+		aeg_handle_t handle;
+		int code;
+	} failed_gone[AEG_EVENT_FAILED_KEPT];
+	unsigned failed_gone_next;
 	uint64_t event_opens;           /* backend event_open calls that succeeded */
 	uint64_t event_cached;          /* openings held in events[] now */
 };

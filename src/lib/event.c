@@ -183,6 +183,12 @@ AEG_EXPORT int aeg_event_destroy(aeg_event_t *ev)
 		return 0;
 	dev = ev->dev;
 	pthread_mutex_lock(&dev->lock);
+	if (atomic_load(&ev->failure) != 0) {
+		unsigned i = dev->failed_gone_next++ % AEG_EVENT_FAILED_KEPT;
+
+		dev->failed_gone[i].handle = ev->entry->handle;
+		dev->failed_gone[i].code = atomic_load(&ev->failure);
+	}
 	unlink_entry(dev, ev->entry);
 	e = entry_put_locked(ev->entry);
 	pthread_mutex_unlock(&dev->lock);
@@ -288,7 +294,7 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 {
 	const struct aeg_device_ops *ops;
 	uint64_t deadline;
-	int failure, err;
+	int failure, err, asked = timeout_ms;
 
 	if (ev == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_event_wait: NULL event");
@@ -303,8 +309,11 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 		/* The rest of the time for the backend (at least a poll). */
 		timeout_ms = now >= deadline ? 0 : (int)((deadline - now + 999999) / 1000000);
 	}
-	if (ops->event_fail != NULL)
-		return ops->event_wait(ev->dev, ev->impl, timeout_ms);
+	/* A timeout names the time the caller gave, not what was left of it for the backend. */
+	if (ops->event_fail != NULL) {
+		err = ops->event_wait(ev->dev, ev->impl, timeout_ms);
+		return err == AEG_ETIMEDOUT ? aeg_fail(err, "event not complete after %d ms", asked) : err;
+	}
 
 	for (;;) {
 		int slice = FAIL_POLL_MS;
@@ -325,7 +334,7 @@ AEG_EXPORT int aeg_event_wait(aeg_event_t *ev, int timeout_ms)
 		if (err != AEG_ETIMEDOUT)
 			return err;
 		if (timeout_ms >= 0 && aeg_now_ns() >= deadline)
-			return aeg_fail(AEG_ETIMEDOUT, "event not complete after %d ms", timeout_ms);
+			return aeg_fail(AEG_ETIMEDOUT, "event not complete after %d ms", asked);
 	}
 }
 
@@ -382,9 +391,19 @@ int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int t
 		e->refs++;
 	else
 		e = NULL;
-	pthread_mutex_unlock(&dev->lock);
-	if (e == NULL)
+	if (e == NULL) {
+		int code = 0;
+
+		for (unsigned i = 0; i < AEG_EVENT_FAILED_KEPT && code == 0; i++)
+			if (dev->failed_gone[i].code != 0 &&
+			    memcmp(&dev->failed_gone[i].handle, handle, sizeof(*handle)) == 0)
+				code = dev->failed_gone[i].code;
+		pthread_mutex_unlock(&dev->lock);
+		if (code != 0)
+			return aeg_fail(code, "the chunk's load stopped (%s) and the chunk was released", aeg_strerror(code));
 		return aeg_fail(AEG_ENOENT, "no event of this process has that handle");
+	}
+	pthread_mutex_unlock(&dev->lock);
 	deadline = timeout_ms > 0 ? aeg_now_ns() + (uint64_t)timeout_ms * 1000000ull : 0;
 	err = wait_recorded(e->local, deadline, timeout_ms);
 	entry_put(dev, e);

@@ -10,6 +10,7 @@
 
 #include "internal.h"
 #include "jobopt.h"
+#include "model_paths.h"
 
 #define PAGE_BYTES 4096u
 #define PPM_ONE 1000000u
@@ -216,6 +217,43 @@ out:
 	return rc;
 }
 
+/* One file of a model: a regular file the caller can read. */
+static int check_readable(const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0) {
+		int err = errno;
+
+		return aeg_fail(err == ENOENT || err == ENOTDIR ? AEG_ENOENT : err == EACCES ? AEG_EACCES : -err,
+				"--aegaeon-prefetch: %s: %s", path, strerror(err));
+	}
+	if (!S_ISREG(st.st_mode))
+		return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: %s is not a regular file", path);
+	if (access(path, R_OK) < 0) {
+		int err = errno;
+
+		return aeg_fail(err == EACCES ? AEG_EACCES : -err, "--aegaeon-prefetch: %s: %s", path, strerror(err));
+	}
+	return 0;
+}
+
+/* A model: a file, or a directory or shard index and every file it names. */
+static int check_model(const char *path)
+{
+	struct aeg_model_paths mp;
+	int err = aeg_model_paths(path, &mp);
+
+	if (err) {
+		aeg_error_prefix("--aegaeon-prefetch");
+		return err;
+	}
+	for (uint32_t i = 0; i < mp.count && err == 0; i++)
+		err = check_readable(mp.paths[i]);
+	aeg_model_paths_free(&mp);
+	return err;
+}
+
 AEG_EXPORT int aeg_jobopt_check_files(const char *paths)
 {
 	char path[PATH_MAX];
@@ -224,8 +262,8 @@ AEG_EXPORT int aeg_jobopt_check_files(const char *paths)
 	if (paths == NULL)
 		return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: no file named");
 	for (p = paths;; p = end + 1) {
-		struct stat st;
 		size_t len;
+		int err;
 
 		end = strchr(p, ',');
 		if (end == NULL)
@@ -235,21 +273,9 @@ AEG_EXPORT int aeg_jobopt_check_files(const char *paths)
 			return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: bad file list");
 		memcpy(path, p, len);
 		path[len] = '\0';
-		if (stat(path, &st) < 0) {
-			int err = errno;
-
-			return aeg_fail(err == ENOENT || err == ENOTDIR ? AEG_ENOENT :
-					err == EACCES ? AEG_EACCES : -err,
-					"--aegaeon-prefetch: %s: %s", path, strerror(err));
-		}
-		if (!S_ISREG(st.st_mode))
-			return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: %s is not a regular file", path);
-		if (access(path, R_OK) < 0) {
-			int err = errno;
-
-			return aeg_fail(err == EACCES ? AEG_EACCES : -err,
-					"--aegaeon-prefetch: %s: %s", path, strerror(err));
-		}
+		err = check_model(path);
+		if (err)
+			return err;
 		if (*end == '\0')
 			return 0;
 	}

@@ -49,9 +49,11 @@ int aeg_jobopt_parse_prefetch(const char *text, const char *cwd, char **paths, s
 
 /*
  * aeg_jobopt_check_files - each path of a comma-joined absolute list (as
- * aeg_jobopt_parse_prefetch makes) must be a regular file the calling
- * process (its real uid) can read. AEG_ENOENT, AEG_EACCES or AEG_EINVAL
- * (not a regular file) with the path in the detail.
+ * aeg_jobopt_parse_prefetch makes) must be a model the calling process (its
+ * real uid) can read: a regular file, or a directory or shard index whose
+ * every file is one (aeg_model_paths). AEG_ENOENT, AEG_EACCES, AEG_EINVAL
+ * (not a regular file) or AEG_EFORMAT (a bad index) with the path in the
+ * detail.
  */
 int aeg_jobopt_check_files(const char *paths);
 

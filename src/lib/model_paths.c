@@ -203,7 +203,8 @@ int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 	if (path == NULL || path[0] == '\0')
 		return aeg_fail(AEG_EINVAL, "empty model path");
 	if (stat(path, &st) != 0)
-		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
+		return aeg_fail(errno == ENOENT || errno == ENOTDIR ? AEG_ENOENT : AEG_EACCES, "%s: %s", path,
+				strerror(errno));
 	if (S_ISDIR(st.st_mode)) {
 		mf->dir = 1;
 		if (snprintf(index, sizeof(index), "%s/" INDEX_NAME, path) >= (int)sizeof(index))

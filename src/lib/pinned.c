@@ -412,18 +412,37 @@ static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t 
 	return err;
 }
 
-AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
-			       uint64_t pool_bytes, aeg_pool_t **poolp)
-{
-	uint64_t t0 = aeg_now_ns(), t, buffers, header, data_bytes, avail, page;
-	enum huge_mode mode = HUGE_AUTO;
-	aeg_pool_t *pool;
+/* What a pool of these sizes will be: checked, placed, its page size chosen. */
+struct pool_plan {
+	uint64_t buffers, data_bytes, page;
+	enum huge_mode mode;
 	struct place pl;
+	uint64_t locate_ns;
+};
+
+/* A 4 KiB-page pool must fit what the kernel says is available (reserved huge pages are not in it). */
+static int check_available(uint64_t bytes)
+{
+	uint64_t avail;
+	int err = aeg_mem_available(&avail);
+
+	if (err < 0)
+		return err;
+	if (bytes > avail)
+		return aeg_fail(AEG_ENOMEM, "pinned pool: %" PRIu64 " bytes asked, only %" PRIu64 " available (MemAvailable)",
+				bytes, avail);
+	return 0;
+}
+
+static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, struct pool_plan *p)
+{
+	uint64_t t;
 	int err;
 
-	if (dev == NULL || poolp == NULL)
+	memset(p, 0, sizeof(*p));
+	p->mode = HUGE_AUTO;
+	if (dev == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_create: NULL argument");
-	*poolp = NULL;
 	err = aeg_device_check_gpu(dev, gpu);
 	if (err < 0)
 		return err;
@@ -437,69 +456,89 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 	if (buffer_bytes > pool_bytes)
 		return aeg_fail(AEG_EINVAL, "pinned pool: buffer size %" PRIu64 " is larger than the pool (%" PRIu64 " bytes)",
 				buffer_bytes, pool_bytes);
-	buffers = pool_bytes / buffer_bytes;
-	if (buffers > POOL_MAX_BUFFERS)
+	p->buffers = pool_bytes / buffer_bytes;
+	if (p->buffers > POOL_MAX_BUFFERS)
 		return aeg_fail(AEG_EINVAL, "pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes; at most %" PRIu32 " (use larger buffers)",
-				buffers, buffer_bytes, POOL_MAX_BUFFERS);
-	data_bytes = buffers * buffer_bytes;
-	err = huge_mode(&mode);
+				p->buffers, buffer_bytes, POOL_MAX_BUFFERS);
+	p->data_bytes = p->buffers * buffer_bytes;
+	err = huge_mode(&p->mode);
 	if (err < 0)
 		return err;
+	t = aeg_now_ns();
+	err = locate(dev, gpu, &p->pl);
+	p->locate_ns = aeg_now_ns() - t;
+	if (err < 0)
+		return err;
+	err = choose_page(p->mode, buffer_bytes, p->buffers, &p->pl, &p->page);
+	if (err == 0 && p->page == POOL_PAGE)
+		err = check_available(header_bytes_for((uint32_t)p->buffers, POOL_PAGE) + p->data_bytes);
+	return err;
+}
 
+int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, uint64_t *data_bytes)
+{
+	struct pool_plan p;
+	int err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, &p);
+
+	if (err == 0 && data_bytes != NULL)
+		*data_bytes = p.data_bytes;
+	return err;
+}
+
+AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
+			       uint64_t pool_bytes, aeg_pool_t **poolp)
+{
+	uint64_t t0 = aeg_now_ns(), t, header;
+	struct pool_plan p;
+	aeg_pool_t *pool;
+	int err;
+
+	if (poolp == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_pool_create: NULL argument");
+	*poolp = NULL;
+	err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, &p);
+	if (err < 0)
+		return err;
 	pool = pool_new(dev);
 	if (pool == NULL)
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
-	t = aeg_now_ns();
-	err = locate(dev, gpu, &pl);
-	pool->timing.bind_ns = aeg_now_ns() - t;
-	if (err < 0)
-		goto fail;
-	err = choose_page(mode, buffer_bytes, buffers, &pl, &page);
-	if (err < 0)
-		goto fail;
+	pool->timing.bind_ns = p.locate_ns;
 	for (;;) {
-		header = header_bytes_for((uint32_t)buffers, page);
-		/* Reserved huge pages are not part of MemAvailable; choose_page counted them. */
-		if (page == POOL_PAGE) {
-			err = aeg_mem_available(&avail);
-			if (err < 0)
-				goto fail;
-			if (header + data_bytes > avail) {
-				err = aeg_fail(AEG_ENOMEM, "pinned pool: %" PRIu64 " bytes asked, only %" PRIu64 " available (MemAvailable)",
-					       header + data_bytes, avail);
-				goto fail;
-			}
-		}
-		err = provision(pool, page, header, data_bytes, &pl, gpu);
+		header = header_bytes_for((uint32_t)p.buffers, p.page);
+		err = provision(pool, p.page, header, p.data_bytes, &p.pl, gpu);
 		if (err == 0)
 			break;
 		/* "auto" promised huge pages only while they last: another process may have taken them. */
-		if (page == POOL_PAGE || mode == HUGE_ALWAYS)
+		if (p.page == POOL_PAGE || p.mode == HUGE_ALWAYS)
 			goto fail;
 		aeg_info("pinned pool: 2 MiB huge pages could not be had (%s); using 4 KiB pages", aeg_error_detail());
 		unmap(pool);
-		page = POOL_PAGE;
+		p.page = POOL_PAGE;
+		err = check_available(header_bytes_for((uint32_t)p.buffers, POOL_PAGE) + p.data_bytes);
+		if (err < 0)
+			goto fail;
 	}
 
 	pool->buffer_bytes = buffer_bytes;
-	pool->pool_bytes = data_bytes;
-	pool->numa_node = pl.numa_node;
-	pool_layout(pool, (uint32_t)buffers, header);
-	init_header(pool, (uint32_t)buffers, header);
+	pool->pool_bytes = p.data_bytes;
+	pool->numa_node = p.pl.numa_node;
+	pool_layout(pool, (uint32_t)p.buffers, header);
+	init_header(pool, (uint32_t)p.buffers, header);
 
 	t = aeg_now_ns();
-	err = aeg_host_register(dev, pool->data, data_bytes, 0);
+	err = aeg_host_register(dev, pool->data, p.data_bytes, 0);
 	if (err < 0) {
-		aeg_error_prefix("pinned pool of %" PRIu64 " bytes", data_bytes);
+		aeg_error_prefix("pinned pool of %" PRIu64 " bytes", p.data_bytes);
 		goto fail;
 	}
 	pool->registered = 1;
 	pool->timing.register_ns = aeg_now_ns() - t;
 	pool->timing.total_ns = aeg_now_ns() - t0;
 	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, register %.1f)",
-		  buffers, buffer_bytes, page == HUGE_PAGE ? "2 MiB" : "4 KiB", pl.numa_node,
+		  p.buffers, buffer_bytes, p.page == HUGE_PAGE ? "2 MiB" : "4 KiB", p.pl.numa_node,
 		  pool->timing.total_ns / 1e6, pool->timing.bind_ns / 1e6, pool->timing.populate_ns / 1e6,
 		  pool->timing.threads, pool->timing.register_ns / 1e6);
+	aeg_span_end("pool create", t0);
 	*poolp = pool;
 	return 0;
 fail:

@@ -23,6 +23,14 @@ struct aeg_pool_timing {
 void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
 
 /*
+ * aeg_pool_check - every check aeg_pool_create makes before it provisions
+ * (sizes, the huge page choice, the memory available), with no memory
+ * taken: a caller that makes the pool later, off its critical path, fails
+ * early for what it can. *@data_bytes (may be NULL): the pool's bytes.
+ */
+int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, uint64_t *data_bytes);
+
+/*
  * The first pages of a pool's memfd. Every process of the job that attaches
  * the pool maps it read-write and can write any byte of it, so nothing in it
  * is trusted: each process keeps the geometry it made or read once at

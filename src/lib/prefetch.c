@@ -153,8 +153,10 @@ struct aeg_prefetch {
 	aeg_device_t *dev;
 	int gpu;
 	aeg_slab_t *slab;
-	aeg_pool_t *pool;
+	aeg_pool_t *pool;               /* NULL until aeg_prefetch_set_pool, with pool_later_buffer_bytes */
 	int own_pool;
+	int pool_err;                   /* no pool will come: why */
+	char pool_detail[256];
 	uint64_t buffer_bytes;
 	struct aeg_prefetch_config cfg;
 	char pci[AEG_PCI_BUS_ID_LEN];
@@ -733,6 +735,17 @@ static int ring_get(struct aeg_prefetch *pf, struct aeg_load *l, int have_slot,
 			return aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
 		}
 		pf->ring_in_use++;
+	}
+	/* A pool given later (the job's, still being made): wait for it. */
+	while (pf->pool == NULL && pf->pool_err == 0 && !l->stop_err)
+		pthread_cond_wait(&pf->work_cv, &pf->lock);
+	if (pf->pool == NULL) {
+		err = l->stop_err ? aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path) :
+		      aeg_fail(pf->pool_err, "%s: no pinned pool to read it through: %s", l->path, pf->pool_detail);
+		pf->ring_in_use--;
+		pthread_cond_broadcast(&pf->work_cv);
+		pthread_mutex_unlock(&pf->lock);
+		return err;
 	}
 	pthread_mutex_unlock(&pf->lock);
 	for (;;) {
@@ -1319,19 +1332,25 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 	pthread_cond_init(&pf->work_cv, NULL);
 	pthread_cond_init(&pf->done_cv, NULL);
 
-	if (pool == NULL) {
-		err = aeg_pool_create(pf->dev, pf->gpu, OWN_POOL_BUFFER,
-				      OWN_POOL_BUFFER * (uint64_t)pf->cfg.ring_buffers, &pool);
+	if (pool == NULL && pf->cfg.pool_later_buffer_bytes) {
+		/* Its pool comes later; the cache with it. */
+		pf->buffer_bytes = pf->cfg.pool_later_buffer_bytes;
+		pf->cfg.cache_bytes = 0;
+	} else {
+		if (pool == NULL) {
+			err = aeg_pool_create(pf->dev, pf->gpu, OWN_POOL_BUFFER,
+					      OWN_POOL_BUFFER * (uint64_t)pf->cfg.ring_buffers, &pool);
+			if (err)
+				goto fail;
+			pf->own_pool = 1;
+			pf->cfg.cache_bytes = 0;
+		}
+		pf->pool = pool;
+		err = aeg_pool_stats(pool, &ps);
 		if (err)
 			goto fail;
-		pf->own_pool = 1;
-		pf->cfg.cache_bytes = 0;
+		pf->buffer_bytes = ps.buffer_bytes;
 	}
-	pf->pool = pool;
-	err = aeg_pool_stats(pool, &ps);
-	if (err)
-		goto fail;
-	pf->buffer_bytes = ps.buffer_bytes;
 
 	pf->streams = calloc((size_t)pf->cfg.streams, sizeof(*pf->streams));
 	pf->workers = calloc((size_t)pf->cfg.threads, sizeof(*pf->workers));
@@ -1414,6 +1433,32 @@ static void destroy_events(aeg_event_t **dead, uint32_t ndead)
 {
 	for (uint32_t i = 0; i < ndead; i++)
 		aeg_event_destroy(dead[i]);
+}
+
+AEG_EXPORT int aeg_prefetch_set_pool(aeg_prefetch_t *pf, aeg_pool_t *pool, uint64_t cache_bytes, int err)
+{
+	struct aeg_pool_stats ps;
+
+	if (pf == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_set_pool: NULL engine");
+	if (pool != NULL && aeg_pool_stats(pool, &ps) == 0 && ps.buffer_bytes != pf->buffer_bytes)
+		return aeg_fail(AEG_EINVAL, "prefetch: a pool of %" PRIu64 "-byte buffers, %" PRIu64 " announced",
+				ps.buffer_bytes, pf->buffer_bytes);
+	pthread_mutex_lock(&pf->lock);
+	if (pf->pool != NULL || pf->pool_err != 0 || pf->cfg.pool_later_buffer_bytes == 0) {
+		pthread_mutex_unlock(&pf->lock);
+		return aeg_fail(AEG_EEXIST, "prefetch: the engine has its pool already");
+	}
+	if (pool != NULL) {
+		pf->pool = pool;
+		pf->cfg.cache_bytes = cache_bytes;
+	} else {
+		pf->pool_err = err < 0 ? err : AEG_ENOMEM;
+		snprintf(pf->pool_detail, sizeof(pf->pool_detail), "%s", aeg_error_detail());
+	}
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	return 0;
 }
 
 AEG_EXPORT int aeg_prefetch_release_all(aeg_prefetch_t *pf)
@@ -1998,6 +2043,11 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 	l->feed = o->feed;
 	if (l->feed == AEG_FEED_AUTO)
 		l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MIXED;
+	/* No pool yet (it is still being made): every piece registered from the page cache. */
+	pthread_mutex_lock(&pf->lock);
+	if (pf->pool == NULL && o->feed == AEG_FEED_AUTO)
+		l->feed = AEG_FEED_MMAP;
+	pthread_mutex_unlock(&pf->lock);
 	if (mapped(l) && l->st.st_size > 0) {
 		l->map_bytes = (size_t)l->st.st_size;
 		l->map = mmap(NULL, l->map_bytes, PROT_READ, MAP_SHARED, l->fd, 0);

@@ -770,7 +770,6 @@ static void enc_status_rep(struct wr *w, const union proto_msg *m)
 		put_u32(w, (uint32_t)p->pool.numa_node);
 	}
 	put_u32(w, p->clients);
-	put_u32(w, p->waits);
 	put_u32(w, p->loads_total);
 	put_u32(w, p->first);
 	put_u32(w, p->count);
@@ -831,7 +830,6 @@ static int dec_status_rep(struct rd *r, union proto_msg *m)
 					p->pool.in_use, p->pool.buffers, p->pool.numa_node);
 	}
 	p->clients = get_u32(r);
-	p->waits = get_u32(r);
 	p->loads_total = get_u32(r);
 	p->first = get_u32(r);
 	p->count = get_u32(r);

@@ -235,7 +235,6 @@ struct proto_status_rep {
 	uint8_t has_pool;
 	struct aeg_pool_stats pool;
 	uint32_t clients;
-	uint32_t waits;                 /* wait-event and wait-load requests being served */
 	uint32_t loads_total, first, count;
 	struct proto_load loads[PROTO_LOADS_PER_PAGE];
 };

@@ -16,6 +16,12 @@ struct sess_gpu {
 	aeg_slab_t *slab;
 	aeg_pool_t *pool;
 	aeg_prefetch_t *pf;
+	/* The engine's staging ring, made by a thread of its own while the first loads map their files. */
+	pthread_t ring_thread;
+	int ring_thread_started;
+	aeg_device_t *dev;
+	int gpu;
+	uint64_t ring_bytes;
 };
 
 /* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
@@ -82,6 +88,11 @@ int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, 
 
 /* model_release_chunks - free a one-file model's chunks (a JOB load is waited for first); the record stays. */
 int model_release_chunks(struct aeg_model *m);
+
+/* session_check_gpu - AEG_ENODEV unless @gpu is one of the session's. */
+int session_check_gpu(const aeg_session_t *s, int gpu);
+/* session_job_slab - JOB: the job slab on this process's GPU @gpu (-1: the first). */
+int session_job_slab(aeg_session_t *s, int gpu, int *index);
 
 /* Blocks of a JOB session's own loads (session.c); its lock held. */
 void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n);

@@ -17,6 +17,9 @@
  *                               rest: short reads, EFAULT, SIGBUS)
  *                       slow:   every read sleeps AEGAEON_FAULT_AT
  *                               microseconds first (a slow disk)
+ *                       gate:   every MADV_POPULATE_WRITE (a pinned pool
+ *                               being made) waits until AEGAEON_FAULT_FILE
+ *                               exists: the test opens the gate
  *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for slow)
  * Intercepted: read, pread, pread64, preadv, preadv64, mmap, mmap64,
  * munmap, madvise. Never installed; see tests/unit/test_faults.c.
@@ -39,8 +42,11 @@
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
-enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW };
+enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE };
 
 #define MAX_MAPS 64
 
@@ -93,6 +99,12 @@ static void load_env(void)
 	shrunk = 0;
 	hits = 0;
 	memset(maps, 0, sizeof(maps));
+	/* A gate is a file that does not exist yet. */
+	if (m != NULL && f != NULL && strcmp(m, "gate") == 0 && strlen(f) < sizeof(path)) {
+		strcpy(path, f);
+		mode = M_GATE;
+		return;
+	}
 	if (m == NULL || f == NULL || stat(f, &st) != 0)
 		return;
 	if (strlen(f) >= sizeof(path))
@@ -311,6 +323,13 @@ int madvise(void *addr, size_t len, int advice)
 	resolve();
 	pthread_mutex_lock(&lock);
 	m = mode;
+	if (m == M_GATE && advice == MADV_POPULATE_WRITE) {
+		pthread_mutex_unlock(&lock);
+		while (access(path, F_OK) != 0)
+			usleep(10000);
+		hit();
+		return real_madvise(addr, len, advice);
+	}
 	for (int i = 0; i < MAX_MAPS && advice == MADV_POPULATE_READ; i++) {
 		if (maps[i].base && a >= maps[i].base && a < maps[i].base + maps[i].bytes) {
 			end = (uint64_t)maps[i].off + (a - maps[i].base) + len;

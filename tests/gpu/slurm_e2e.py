@@ -150,9 +150,18 @@ def file_tensor(f, header, start, name):
     return f.read(e - b)
 
 
+def has_safetensors():
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_model(path, size, seed, edge=True):
-    """A safetensors file of random bit patterns, readable by the job user."""
-    (write_torch if torch is not None else write_plain)(path, size, seed, edge)
+    """A safetensors file of random bit patterns, readable by the job user (torch
+    writes it where torch and safetensors are both there, plain Python else)."""
+    (write_torch if torch is not None and has_safetensors() else write_plain)(path, size, seed, edge)
     os.chmod(path, 0o644)
 
 

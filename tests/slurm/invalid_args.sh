@@ -47,7 +47,7 @@ cases=(
 	"--aegaeon-prefetch=/nonexistent/model.safetensors|/nonexistent/model.safetensors: No such file or directory"
 	"--aegaeon-prefetch=missing.bin|$T/work/missing.bin: No such file or directory"
 	"--aegaeon-prefetch=model.bin,,model.bin|empty file name"
-	"--aegaeon-prefetch=$T/work|$T/work is not a regular file"
+	"--aegaeon-prefetch=$T/work|$T/work: no model in it"
 	"--aegaeon-prefetch=$T/secret.bin|$T/secret.bin: Permission denied"
 	"--aegaeon-device=host|--aegaeon-device=host is not allowed on this site"
 	"--aegaeon-device=gpu|--aegaeon-device=gpu: not one of cuda, host"

@@ -105,7 +105,7 @@ expect "a local-only option inside a job asks for --local" 2 "--feed works in th
 	"$CLI" prefetch "$T/model.bin" --feed read
 expect "--gpu names a GPU the job has no slab on" 1 "--gpu 3: no slab of the job is on that GPU; its slabs are on GPU 0" \
 	"$CLI" prefetch "$T/model.bin" --gpu 3
-expect "--local loads in this process, not the agent's" 0 "GB/s \((read|mixed) feed" \
+expect "--local loads in this process, not the agent's (mapped while its ring is made)" 0 "GB/s \((read|mixed|mmap) feed" \
 	"$CLI" prefetch "$T/model.bin" --local --chunk 1MiB
 expect "a missing file" 1 "No such file or directory" "$CLI" prefetch "$T/missing.bin"
 
@@ -148,6 +148,47 @@ dsum=$(tail -c +$((8 + hlen + 1)) "$T/tiny.safetensors" | sha256sum | cut -d' ' 
 expect "safetensors: prefetch --verify checks the tensor data" 0 "verified 878.91 KiB in [0-9]+ chunks .*file bytes $((8 + hlen))\.\.$((8 + hlen + 900000)), sha256 $dsum\)" \
 	"$CLI" prefetch "$T/tiny.safetensors" --verify --chunk 256KiB
 expect "release --all again" 0 "released" "$CLI" release --all
+
+# A model as save_pretrained leaves it: a directory of shards and an index.
+mkdir "$T/llama"
+"$PY" - "$T/llama" <<-'PY'
+	import json, struct, sys
+	d, index = sys.argv[1], {"metadata": {"total_size": 0}, "weight_map": {}}
+	for s in range(3):
+	    tensors, blob = {"__metadata__": {"format": "pt"}}, b""
+	    for i in range(2):
+	        data = bytes((s * 91 + i * 37 + k) % 251 for k in range(200000 + 4096 * s))
+	        name = f"layers.{s}.w{i}"
+	        tensors[name] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [len(blob), len(blob) + len(data)]}
+	        index["weight_map"][name] = f"model-0000{s + 1}-of-00003.safetensors"
+	        blob += data
+	    header = json.dumps(tensors).encode()
+	    header += b" " * (-len(header) % 8)
+	    with open(f"{d}/model-0000{s + 1}-of-00003.safetensors", "wb") as f:
+	        f.write(struct.pack("<Q", len(header)) + header + blob)
+	with open(f"{d}/model.safetensors.index.json", "w") as f:
+	    json.dump(index, f)
+	PY
+expect "a model directory: prefetch --verify loads and checks every shard" 0 "llama: verified [0-9.]+ [KM]iB in [0-9]+ chunks of 3 files .*identical" \
+	"$CLI" prefetch "$T/llama" --verify --chunk 256KiB
+run "$CLI" status --json
+check "status: a load per shard" test "$(json 'len(d["loads"])' <<<"$out")" = 3
+expect "wait on the model by its directory" 0 "loaded" "$CLI" wait "$T/llama"
+expect "chunks of the model by its index file" 0 "llama/model.safetensors.index.json: verified .* of 3 files" \
+	"$CLI" chunks "$T/llama/model.safetensors.index.json" --verify
+expect "prefetch of the directory again reuses every shard" 0 "already in the job's slab" "$CLI" prefetch "$T/llama"
+run "$CLI" status --json
+check "... still a load per shard" test "$(json 'len(d["loads"])' <<<"$out")" = 3
+expect "release --model frees every shard" 0 "released model $T/llama: [0-9]+ blocks in 3 files" \
+	"$CLI" release --model "$T/llama"
+run "$CLI" status --json
+check "... and nothing is left" test "$(json 'len(d["loads"]), d["slabs"][0]["used_bytes"]' <<<"$out")" = "0 0"
+rm "$T/llama/model-00002-of-00003.safetensors"
+expect "a model with a missing shard is refused, naming it" 1 "model-00002-of-00003.safetensors: No such file" \
+	"$CLI" prefetch "$T/llama"
+run "$CLI" status --json
+check "... and leaves no load behind" test "$(json 'len(d["loads"])' <<<"$out")" = 0
+expect "release --model and --all together are refused" 2 "one of them" "$CLI" release --all --model "$T/llama"
 
 # The agent gone: a clear error, not a hang.
 kill -TERM "$AG"; wait "$AG"; AG=

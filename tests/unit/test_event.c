@@ -119,7 +119,9 @@ struct waiter {
 	aeg_event_t *ev;
 	aeg_device_t *dev;
 	const aeg_handle_t *handle;
+	int timeout_ms;                 /* 0: 10 s */
 	int result;
+	char detail[256];               /* the error detail the wait left */
 	pid_t tid;                      /* set before it waits */
 };
 
@@ -153,11 +155,14 @@ static void *wait_thread(void *arg)
 {
 	struct waiter *w = arg;
 
+	int timeout_ms = w->timeout_ms ? w->timeout_ms : 10000;
+
 	__atomic_store_n(&w->tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
 	if (w->handle != NULL)
-		w->result = aeg_event_wait_handle(w->dev, w->handle, 10000);
+		w->result = aeg_event_wait_handle(w->dev, w->handle, timeout_ms);
 	else
-		w->result = aeg_event_wait(w->ev, 10000);
+		w->result = aeg_event_wait(w->ev, timeout_ms);
+	snprintf(w->detail, sizeof(w->detail), "%s", aeg_error_detail());
 	return NULL;
 }
 
@@ -622,6 +627,42 @@ static void armed_until_recorded(void **state)
 	aeg_device_close(dev);
 }
 
+/*
+ * An armed event recorded during a wait on a stream that stays blocked: the
+ * backend gets what is left of the time, but the timeout names the time the
+ * caller gave (it named what was left: "after 279 ms" for 300).
+ */
+static void timeout_names_time_asked(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_stream_t *s = NULL;
+	aeg_event_t *ev = NULL;
+	struct waiter w;
+	aeg_handle_t h;
+	pthread_t t;
+	sem_t gate;
+
+	assert_int_equal(sem_init(&gate, 0, 0), 0);
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_int_equal(aeg_stream_launch_host_fn(s, block_fn, &gate), 0);
+	assert_int_equal(aeg_event_create(dev, 0, &ev, &h), 0);
+	assert_int_equal(aeg_event_arm(ev), 0);
+	w = (struct waiter){ .ev = ev, .timeout_ms = 300 };
+	assert_int_equal(pthread_create(&t, NULL, wait_thread, &w), 0);
+	until_waiting(&w);
+	usleep(20000);                  /* 20 ms or more of the 300 gone before the record */
+	assert_int_equal(aeg_event_record(ev, s), 0);
+	assert_int_equal(pthread_join(t, NULL), 0);
+	assert_int_equal(w.result, AEG_ETIMEDOUT);
+	assert_string_equal(w.detail, "event not complete after 300 ms");
+	assert_int_equal(sem_post(&gate), 0);
+	assert_int_equal(aeg_stream_sync(s), 0);
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(aeg_event_destroy(ev), 0);
+	sem_destroy(&gate);
+	aeg_device_close(dev);
+}
+
 static void no_fd_leak(void **state)
 {
 	int before = count_fds();
@@ -664,6 +705,7 @@ int main(void)
 		cmocka_unit_test(parent_waits_on_child),
 		cmocka_unit_test(query_handle_never_waits),
 		cmocka_unit_test(armed_until_recorded),
+		cmocka_unit_test(timeout_names_time_asked),
 		cmocka_unit_test(no_fd_leak),
 	};
 

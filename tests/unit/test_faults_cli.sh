@@ -170,12 +170,13 @@ if [[ $started != ready ]]; then
 else
 	ok "agent: starts with a --prefetch file that fails midway (the load runs after ready)"
 	jobenv
-	# The agent's reply carries the load's error detail: offset, size and errno.
+	# The agent's reply carries the load's error detail: the bytes and errno. A job-start
+	# load maps the file (the pool is still being made), so the range is a piece's.
 	expect "agent: waiting on the failed load gives its error with the path, offset and errno" 1 \
-		"load 1 of $M failed: $M: reading [0-9]+ bytes at [0-9]+: Input/output error \(AEG_EIO\)" \
+		"load 1 of $M failed: $M: reading ([0-9]+ bytes at [0-9]+|bytes [0-9]+\.\.[0-9]+ through its mapping): Input/output error \(AEG_EIO\)" \
 		"$CLI" wait 1 --timeout 10
 	check "agent: its log has the detail (offset and errno)" \
-		grep -qE "load 1 of $M failed: $M: reading [0-9]+ bytes at [0-9]+: Input/output error" "$T/agent.log"
+		grep -qE "load 1 of $M failed: $M: reading ([0-9]+ bytes at [0-9]+|bytes [0-9]+\.\.[0-9]+ through its mapping): Input/output error" "$T/agent.log"
 	run "$CLI" status --json
 	check "agent: status shows the load failed" test "$(json 'd["loads"][0]["state"]' <<<"$out")" = "failed: input/output error"
 	expect "agent: release --all frees the failed load" 0 "released" "$CLI" release --all
@@ -192,6 +193,36 @@ else
 		test "$agent_rc-$(ls -A "$R" | tr '\n' ' ')" = "0-prefetch.lock "
 	nojobenv
 fi
+
+# ------------------------------------------------ the pool after the ready record
+# The agent makes the pinned pool after it says ready, so the job's steps and
+# loads do not wait for its pages: here the pages are held until the test
+# opens a gate.
+PFX=(faulty gate "$T/pool-gate" 0)
+rm -f "$T/pool-gate"
+start_agent "$R" --slab 16MiB --pinned 8MiB:1MiB --prefetch "$T/other.bin"
+if [[ $started != ready ]]; then
+	not_ok "pool: the agent is ready while its pool's pages are held" "started: $started" "$(cat "$T/agent.log" "$R/error" 2>/dev/null)"
+else
+	ok "pool: the agent is ready while its pool's pages are held"
+	jobenv
+	expect "pool: the job-start load completes without the pool" 0 "^load 1: .*other.bin loaded" \
+		"$CLI" wait 1 --timeout 30
+	expect "pool: a step loads and verifies through the agent meanwhile" 0 "other.bin: verified 1 MiB" \
+		"$CLI" prefetch "$T/other.bin" --reload --chunk 256KiB --verify
+	run "$CLI" status --json
+	check "pool: status shows its sizes, nothing in use" \
+		test "$(json 'd["pool"]["buffers"], d["pool"]["in_use"]' <<<"$out")" = "8 0"
+	check "pool: not made yet" bash -c "! grep -q 'pinned pool ready' '$T/agent.log'"
+	touch "$T/pool-gate"
+	expect "pool: once made, a step maps it" 0 "attached: pinned pool mapped here, 8 buffers" \
+		bash -c "'$CLI' status --attach | tr '\n' ' '"
+	check "pool: the agent says when it is ready" grep -q "pinned pool ready" "$T/agent.log"
+	stop_agent
+	check "pool: the agent stops cleanly" test "$agent_rc" = 0
+	nojobenv
+fi
+PFX=(env)
 
 # --------------------------------------------- the runtime directory fills up
 if [[ $(id -u) -ne 0 ]]; then

@@ -237,8 +237,15 @@ static void files(void **state)
 	assert_detail("/missing: No such file or directory");
 	snprintf(list, sizeof(list), "%s/ok/x", dir);
 	assert_int_equal(aeg_jobopt_check_files(list), AEG_ENOENT);
-	assert_int_equal(aeg_jobopt_check_files(sub), AEG_EINVAL);
-	assert_detail("is not a regular file");
+	/* A directory is a model: one without any is refused, one with a readable shard taken. */
+	assert_int_equal(aeg_jobopt_check_files(sub), AEG_ENOENT);
+	assert_detail("no model in it");
+	snprintf(list, sizeof(list), "%s/model.safetensors", sub);
+	f = fopen(list, "w");
+	assert_non_null(f);
+	fclose(f);
+	assert_int_equal(aeg_jobopt_check_files(sub), 0);
+	assert_int_equal(unlink(list), 0);
 	/* root reads anything: the permission case only holds for other users. */
 	if (geteuid() != 0) {
 		assert_int_equal(aeg_jobopt_check_files(locked), AEG_EACCES);

@@ -37,6 +37,16 @@ static inline int count_fds(void)
 	return n;
 }
 
+/* under_valgrind - 1 when this test runs under valgrind (scripts/valgrind.sh), for time bounds. */
+static inline int under_valgrind(void)
+{
+#ifdef HAVE_VALGRIND_VALGRIND_H
+	return RUNNING_ON_VALGRIND != 0;
+#else
+	return 0;
+#endif
+}
+
 /*
  * child_exit - ends a test's forked child. The child inherits the parent's
  * heap and frees none of it; under valgrind (scripts/valgrind.sh) the leak
