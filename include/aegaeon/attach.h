@@ -184,6 +184,15 @@ struct aeg_job_load_status {
 	uint64_t file_bytes, done_bytes;
 	uint32_t chunks;
 	char path[AEG_PATH_MAX];
+	/*
+	 * A tensor-parallel slice (aegaeon/slice.h): its rank, world size (0
+	 * for a whole load), preset, flags and number of rules; the rules
+	 * themselves: aeg_model_slice of the load (aeg_session_find_id).
+	 */
+	int slice_rank, slice_world;
+	enum aeg_slice_preset slice_preset;
+	unsigned slice_flags;
+	uint32_t slice_rules;
 };
 
 struct aeg_job_status {

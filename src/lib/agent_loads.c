@@ -419,6 +419,18 @@ int agent_load_release(struct agent *a, const struct proto_release_req *q, uint3
 	return release_ids(a, q, released);
 }
 
+static void load_slice_short(const struct aeg_slice *spec, struct proto_load_slice *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (spec == NULL)
+		return;
+	out->rank = spec->rank;
+	out->world = spec->world;
+	out->preset = (uint32_t)spec->preset;
+	out->flags = spec->flags;
+	out->nrules = spec->nrules;
+}
+
 int agent_load_status(struct agent *a, uint32_t first, struct proto_status_rep *p)
 {
 	p->loads_total = a->nloads;
@@ -441,6 +453,7 @@ int agent_load_status(struct agent *a, uint32_t first, struct proto_status_rep *
 		pl->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
 		pl->chunks = l->nchunks - l->nreleased;
 		snprintf(pl->path, sizeof(pl->path), "%s", l->path);
+		load_slice_short(aeg_load_slice(l->handle), &pl->slice);
 	}
 	return 0;
 }

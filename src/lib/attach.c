@@ -946,6 +946,11 @@ AEG_EXPORT int aeg_job_status(aeg_job_t *job, struct aeg_job_status **out)
 			l->done_bytes = rep->loads[i].done_bytes;
 			l->chunks = rep->loads[i].chunks;
 			snprintf(l->path, sizeof(l->path), "%s", rep->loads[i].path);
+			l->slice_rank = rep->loads[i].slice.rank;
+			l->slice_world = rep->loads[i].slice.world;
+			l->slice_preset = (enum aeg_slice_preset)rep->loads[i].slice.preset;
+			l->slice_flags = rep->loads[i].slice.flags;
+			l->slice_rules = rep->loads[i].slice.nrules;
 		}
 		if (got >= st->loads || rep->count == 0) {
 			st->loads = got;

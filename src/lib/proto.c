@@ -743,6 +743,77 @@ static void dec_slab_stats(struct rd *r, struct aeg_slab_stats *s)
 	s->failed_allocs = get_u64(r);
 }
 
+static int page_sliced(const struct proto_status_rep *p)
+{
+	for (uint32_t i = 0; i < p->count; i++)
+		if (p->loads[i].slice.world != 0)
+			return 1;
+	return 0;
+}
+
+static void enc_load_slices(struct wr *w, const struct proto_status_rep *p)
+{
+	if (!page_sliced(p))
+		return;
+	for (uint32_t i = 0; i < p->count; i++) {
+		const struct proto_load_slice *s = &p->loads[i].slice;
+
+		put_u32(w, (uint32_t)s->rank);
+		put_u32(w, (uint32_t)s->world);
+		put_u32(w, s->preset);
+		put_u32(w, s->flags);
+		put_u32(w, s->nrules);
+	}
+}
+
+/* A load's slice in short: none (world 0, the rest 0), or what aeg_slice_check takes. */
+static int check_load_slice(const struct proto_load *l)
+{
+	const struct proto_load_slice *s = &l->slice;
+	const struct aeg_slice spec = { .rank = s->rank, .world = s->world,
+					.preset = (enum aeg_slice_preset)s->preset, .flags = s->flags };
+	char why[256];
+
+	if (s->world == 0 && (s->rank || s->preset || s->flags || s->nrules))
+		return aeg_fail(AEG_EPROTO, "status: load %llu: a slice of world 0 (none) with rank %d, preset %u, "
+				"flags 0x%x, %u rules", (unsigned long long)l->load_id, s->rank, s->preset, s->flags,
+				s->nrules);
+	if (s->world == 0)
+		return 0;
+	if (s->nrules > AEG_SLICE_MAX_RULES)
+		return aeg_fail(AEG_EPROTO, "status: load %llu: slice of %u rules, at most %d",
+				(unsigned long long)l->load_id, s->nrules, AEG_SLICE_MAX_RULES);
+	if (aeg_slice_check(&spec) == 0)
+		return 0;
+	snprintf(why, sizeof(why), "%s", aeg_error_detail());
+	return aeg_fail(AEG_EPROTO, "status: load %llu: %s", (unsigned long long)l->load_id, why);
+}
+
+static int dec_load_slices(struct rd *r, struct proto_status_rep *p)
+{
+	for (uint32_t i = 0; i < p->count; i++)
+		memset(&p->loads[i].slice, 0, sizeof(p->loads[i].slice));
+	if (r->short_read || r->pos == r->len)
+		return 0;
+	for (uint32_t i = 0; i < p->count; i++) {
+		struct proto_load_slice *s = &p->loads[i].slice;
+
+		s->rank = (int32_t)get_u32(r);
+		s->world = (int32_t)get_u32(r);
+		s->preset = get_u32(r);
+		s->flags = get_u32(r);
+		s->nrules = get_u32(r);
+		if (r->short_read)
+			return 0;
+		if (check_load_slice(&p->loads[i]))
+			return AEG_EPROTO;
+	}
+	/* Left out when no load is sliced: the encoding stays canonical. */
+	if (!page_sliced(p))
+		return aeg_fail(AEG_EPROTO, "status: slices of %u loads, none sliced (they are left out)", p->count);
+	return 0;
+}
+
 static void enc_status_rep(struct wr *w, const union proto_msg *m)
 {
 	const struct proto_status_rep *p = &m->status_rep;
@@ -784,6 +855,7 @@ static void enc_status_rep(struct wr *w, const union proto_msg *m)
 		put_u32(w, l->chunks);
 		put_str(w, l->path, sizeof(l->path));
 	}
+	enc_load_slices(w, p);
 }
 
 static int dec_status_rep(struct rd *r, union proto_msg *m)
@@ -856,7 +928,7 @@ static int dec_status_rep(struct rd *r, union proto_msg *m)
 		if (check_slab_index(l->slab, "status load"))
 			return AEG_EPROTO;
 	}
-	return 0;
+	return dec_load_slices(r, p);
 }
 
 static void enc_wait_event_req(struct wr *w, const union proto_msg *m)

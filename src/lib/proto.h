@@ -227,8 +227,19 @@ struct proto_load {
 	uint64_t file_bytes, done_bytes;
 	uint32_t chunks;
 	char path[PROTO_PATH_MAX];
+	/* A sliced load's spec in short (its rules come with its chunk list); world 0: a whole load. */
+	struct proto_load_slice {
+		int32_t rank, world;
+		uint32_t preset, flags, nrules;
+	} slice;
 };
 
+/*
+ * A page of loads. After the loads, and only when one of them is sliced
+ * (so a page of whole loads is as it was before slices), each load's
+ * slice in short: i32 rank, i32 world (0: whole), u32 preset, u32 flags,
+ * u32 nrules, checked as aeg_slice_check checks a spec.
+ */
 struct proto_status_rep {
 	uint32_t nslabs;
 	struct proto_slab_status slabs[AEG_JOB_MAX_GPUS];

@@ -307,6 +307,43 @@ static void slices_round_trip(void **state)
 	}
 }
 
+/* A status page carries each load's slice in short after its loads, only when one of them is sliced. */
+static void status_marks_sliced_loads(void **state)
+{
+	struct proto_header h;
+	size_t plain, len, len2;
+
+	(void)state;
+	make(PROTO_STATUS, PROTO_F_REPLY, &msg);
+	assert_int_equal(proto_encode(PROTO_STATUS, PROTO_F_REPLY, 1, &msg, frame, &plain), 0);
+	msg.status_rep.loads[3].slice = (struct proto_load_slice){ .rank = 1, .world = 3,
+								   .preset = AEG_SLICE_PRESET_MEGATRON,
+								   .flags = AEG_SLICE_UNEVEN, .nrules = 2 };
+	assert_int_equal(proto_encode(PROTO_STATUS, PROTO_F_REPLY, 1, &msg, frame, &len), 0);
+	assert_int_equal(len, plain + PROTO_LOADS_PER_PAGE * 20);
+	assert_int_equal(proto_header_decode(frame, &h), 0);
+	memset(&back, 0xa5, sizeof(back));
+	if (proto_decode(&h, frame + PROTO_HEADER_BYTES, &back))
+		fail_msg("status: %s", aeg_error_detail());
+	assert_int_equal(back.status_rep.loads[3].slice.rank, 1);
+	assert_int_equal(back.status_rep.loads[3].slice.world, 3);
+	assert_int_equal(back.status_rep.loads[3].slice.preset, AEG_SLICE_PRESET_MEGATRON);
+	assert_int_equal(back.status_rep.loads[3].slice.flags, AEG_SLICE_UNEVEN);
+	assert_int_equal(back.status_rep.loads[3].slice.nrules, 2);
+	assert_int_equal(back.status_rep.loads[2].slice.world, 0);
+	assert_int_equal(proto_encode(PROTO_STATUS, PROTO_F_REPLY, 1, &back, frame2, &len2), 0);
+	assert_int_equal(len2, len);
+	assert_memory_equal(frame, frame2, len);
+	/* Whole loads only: the page as it was, and decoded with no slice. */
+	make(PROTO_STATUS, PROTO_F_REPLY, &msg);
+	memset(&back, 0xa5, sizeof(back));
+	assert_int_equal(proto_encode(PROTO_STATUS, PROTO_F_REPLY, 1, &msg, frame, &len), 0);
+	assert_int_equal(proto_header_decode(frame, &h), 0);
+	assert_int_equal(proto_decode(&h, frame + PROTO_HEADER_BYTES, &back), 0);
+	for (int i = 0; i < PROTO_LOADS_PER_PAGE; i++)
+		assert_int_equal(back.status_rep.loads[i].slice.world, 0);
+}
+
 static void encoder_refuses_what_breaks_limits(void **state)
 {
 	size_t len;
@@ -398,6 +435,15 @@ static void e_st_used(union proto_msg *m) { m->status_rep.slabs[5].stats.used_by
 static void e_st_pool(union proto_msg *m) { m->status_rep.pool.in_use = 300; }
 static void e_st_page(union proto_msg *m) { m->status_rep.loads_total = 10; }
 static void e_st_load(union proto_msg *m) { m->status_rep.loads[2].done_bytes = 11; }
+static void e_st_slice(union proto_msg *m) { m->status_rep.loads[3].slice = (struct proto_load_slice){ 1, 2, 1, 0, 3 }; }
+static void e_st_slice_rank(union proto_msg *m) { m->status_rep.loads[3].slice = (struct proto_load_slice){ 2, 2, 0, 0, 0 }; }
+static void e_st_slice_flags(union proto_msg *m) { m->status_rep.loads[3].slice = (struct proto_load_slice){ 0, 2, 0, 4, 0 }; }
+static void e_st_slice_rules(union proto_msg *m) { m->status_rep.loads[3].slice = (struct proto_load_slice){ 0, 2, 0, 0, 65 }; }
+static void e_st_slice_none(union proto_msg *m)
+{
+	e_st_slice(m);
+	m->status_rep.loads[5].slice = (struct proto_load_slice){ 1, 0, 0, 0, 0 };
+}
 static void e_wait_timeout(union proto_msg *m) { m->wait_event_req.timeout_ms = -2; }
 static void e_wload_id(union proto_msg *m) { m->wait_load_req.load_id = 0; }
 static void e_wload_timeout(union proto_msg *m) { m->wait_load_req.timeout_ms = -5; }
@@ -490,6 +536,15 @@ static const struct bad_case bad_cases[] = {
 	{ "status pool", PROTO_STATUS, PROTO_F_REPLY, e_st_pool, M_NONE, 0, 0, "300 of 256 buffers" },
 	{ "status page", PROTO_STATUS, PROTO_F_REPLY, e_st_page, M_NONE, 0, 0, "page 8+8 of 10" },
 	{ "status load", PROTO_STATUS, PROTO_F_REPLY, e_st_load, M_NONE, 0, 0, "11 of 10 bytes" },
+	{ "status slices of no sliced load", PROTO_STATUS, PROTO_F_REPLY, NULL, M_APPEND, 0, PROTO_LOADS_PER_PAGE * 20,
+	  "slices of 8 loads, none sliced" },
+	{ "status slice cut", PROTO_STATUS, PROTO_F_REPLY, e_st_slice, M_TRUNCATE, 3, 0, "truncated" },
+	{ "status slice rank", PROTO_STATUS, PROTO_F_REPLY, e_st_slice_rank, M_NONE, 0, 0,
+	  "status: load 12: slice rank 2: must be 0..1 for a world of 2" },
+	{ "status slice flags", PROTO_STATUS, PROTO_F_REPLY, e_st_slice_flags, M_NONE, 0, 0, "load 12: slice flags 0x4" },
+	{ "status slice rules", PROTO_STATUS, PROTO_F_REPLY, e_st_slice_rules, M_NONE, 0, 0, "load 12: slice of 65 rules, at most 64" },
+	{ "status slice of world 0", PROTO_STATUS, PROTO_F_REPLY, e_st_slice_none, M_NONE, 0, 0,
+	  "load 14: a slice of world 0 (none) with rank 1" },
 	{ "wait timeout", PROTO_WAIT_EVENT, 0, e_wait_timeout, M_NONE, 0, 0, "timeout -2 ms" },
 	{ "wait timeout huge", PROTO_WAIT_EVENT, 0, NULL, M_U32, P + AEG_HANDLE_BYTES, 0x80000000u, "timeout -2147483648 ms" },
 	{ "truncated wait", PROTO_WAIT_EVENT, 0, NULL, M_TRUNCATE, AEG_HANDLE_BYTES, 0, "truncated" },
@@ -651,6 +706,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(every_message_round_trips),
 		cmocka_unit_test(slices_round_trip),
+		cmocka_unit_test(status_marks_sliced_loads),
 		cmocka_unit_test(encoder_refuses_what_breaks_limits),
 		cmocka_unit_test(malformed_frames_are_rejected),
 		cmocka_unit_test(garbage_does_not_crash),

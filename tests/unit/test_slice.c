@@ -343,6 +343,25 @@ static void rules_and_uneven(void **state)
 	aeg_session_close(s);
 }
 
+/* JOB: the agent's status marks the two loads, ranks 0 and 1 of 2 by the megatron preset. */
+static void status_marks_slices(aeg_session_t *s)
+{
+	struct aeg_job_status *st;
+
+	if (aeg_session_mode(s) != AEG_SESSION_JOB)
+		return;
+	assert_int_equal(aeg_job_status(aeg_session_job(s), &st), 0);
+	assert_int_equal(st->loads, 2);
+	for (uint32_t i = 0; i < st->loads; i++) {
+		assert_int_equal(st->load[i].slice_rank, (int)i);
+		assert_int_equal(st->load[i].slice_world, 2);
+		assert_int_equal(st->load[i].slice_preset, AEG_SLICE_PRESET_MEGATRON);
+		assert_int_equal(st->load[i].slice_flags, 0);
+		assert_int_equal(st->load[i].slice_rules, 0);
+	}
+	aeg_job_status_free(st);
+}
+
 /* A load reused only with an equal spec; find takes whole loads only. */
 static void reuse_by_spec(void **state)
 {
@@ -365,6 +384,7 @@ static void reuse_by_spec(void **state)
 	assert_int_equal(aeg_model_owned(c), 1);
 	assert_int_not_equal(aeg_model_id(c), aeg_model_id(a));
 	check_parts(f, c, megatron_dim, 1, 2);
+	status_marks_slices(s);
 	assert_int_equal(aeg_session_find(s, f->path, 0, &found), AEG_ENOENT);
 	aeg_model_close(b);
 	assert_int_equal(aeg_model_release(a), 0);
