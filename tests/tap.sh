@@ -32,3 +32,17 @@ tap_end() {
 	[[ $failed -eq 0 && ${2:-0} -eq 0 ]]
 	exit
 }
+# tap_agent DIR SLAB POOL: aegaeond of a job (the host backend, GPU 0, a SLAB slab, a POOL
+# pinned pool) on runtime dir DIR in the background, its pid in $AG, its log in DIR.log;
+# then a job step's environment. The caller kills $AG (a trap) and removes DIR.
+tap_agent() {
+	mkdir -m 700 "$1" || exit 99
+	"$AGENT" --job 11 --runtime-dir "$1" --gpus 0 --slab "$2" --pinned "$3" --device host \
+		--foreground 2>"$1.log" &
+	AG=$!
+	for _ in $(seq 200); do [[ -f $1/ready || -f $1/error ]] && break; sleep 0.05; done
+	[[ -f $1/ready ]] || { echo "agent did not start:"; cat "$1.log" "$1/error" 2>/dev/null; exit 99; }
+	export AEGAEON_SOCKET=$1/agent.sock AEGAEON_SLABS=1 AEGAEON_JOB_DIR=$1
+	AEGAEON_SLAB0_HANDLE=$(sed -n 's/^slab0_handle=//p' "$1/ready")
+	export AEGAEON_SLAB0_HANDLE
+}

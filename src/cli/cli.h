@@ -25,6 +25,38 @@ int cli_bench_prefetch(int argc, char **argv);
 int cli_status(int argc, char **argv);        /* cli_status.c: inside a job, through the agent */
 int cli_kv(int argc, char **argv);
 
+/*
+ * A tensor-parallel slice from the command line (cli_slice.c): --tp-rank R
+ * --tp-world W [--tp-preset P] [--tp-rule PATTERN=DIM|PATTERN=whole]...
+ * [--tp-uneven]; the preset is megatron unless given.
+ */
+enum { CLI_OPT_TP_RANK = 0x100, CLI_OPT_TP_WORLD, CLI_OPT_TP_PRESET, CLI_OPT_TP_RULE, CLI_OPT_TP_UNEVEN };
+#define CLI_SLICE_OPTIONS \
+	{ "tp-rank", required_argument, NULL, CLI_OPT_TP_RANK }, \
+	{ "tp-world", required_argument, NULL, CLI_OPT_TP_WORLD }, \
+	{ "tp-preset", required_argument, NULL, CLI_OPT_TP_PRESET }, \
+	{ "tp-rule", required_argument, NULL, CLI_OPT_TP_RULE }, \
+	{ "tp-uneven", no_argument, NULL, CLI_OPT_TP_UNEVEN }
+struct cli_slice_args {
+	struct aeg_slice slice;
+	struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];      /* patterns point into argv */
+	int rank_given, world_given, preset_given;
+	const char *other;              /* the first other --tp-* option given */
+};
+/* cli_slice_option - one --tp-* option (@c a CLI_OPT_TP_*; a rule's '=' in @arg is cut): 0 or the exit code. */
+int cli_slice_option(const char *cmd, int c, char *arg, struct cli_slice_args *a);
+/* cli_slice_finish - the spec the options give, checked (aeg_slice_check), or NULL for none; 0 or the exit code. */
+int cli_slice_finish(const char *cmd, struct cli_slice_args *a, const struct aeg_slice **spec);
+/* cli_slice_suffix - ", slice rank 1 of 2 (megatron preset, 2 rules, uneven)" into @buf; "" for world 0 (whole). */
+const char *cli_slice_suffix(int rank, int world, enum aeg_slice_preset preset, unsigned flags, uint32_t rules,
+			     char *buf, size_t len);
+json_t *cli_slice_json(const struct aeg_slice *spec);   /* rank, world, preset, uneven, rules */
+/* cli_slice_json_add - a sliced load's "slice" and "parts" (each tensor's part) into @o; 0, -1 for @o NULL. */
+int cli_slice_json_add(json_t *o, aeg_model_t *m);
+/* A sliced load's spec and count of split tensors (a line); with the parts, a table of them. Nothing when whole. */
+void cli_print_slice(aeg_model_t *m);
+void cli_print_parts(aeg_model_t *m);
+
 /* Options of prefetch and bench prefetch (cli_prefetch.c parses them for both). */
 struct cli_prefetch_args {
 	const char *device;
@@ -38,6 +70,8 @@ struct cli_prefetch_args {
 	/* prefetch only */
 	int gpu_given, chunk_given, wait, verify, reload;
 	const char *local_only;         /* the first option the job's agent does not take */
+	struct cli_slice_args tp;
+	const struct aeg_slice *slice;  /* &tp.slice with --tp-*, else NULL */
 };
 /* Returns 0, -1 after --help, or the exit code of a bad command line. */
 int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefetch_args *a, int bench);
@@ -81,12 +115,17 @@ void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lin
 
 struct cli_verify {                     /* a read-back check's result */
 	uint64_t bytes;
-	uint64_t first, end;            /* file range the chunks cover */
+	uint64_t first, end;            /* file range the chunks cover (a whole load) */
 	uint32_t chunks, files;
 	int contiguous;
+	uint32_t parts, split;          /* a sliced load: the tensors' parts checked, those split */
 	char sha256[65];
 };
-/* cli_verify - copy every chunk of the loaded @m back and compare it with its file; 0 or 1 (printed why). */
+/*
+ * cli_verify - copy every chunk of the loaded @m back and compare it with
+ * its file; a sliced load's parts tensor by tensor, each with the rows of
+ * the file it holds. 0 or 1 (printed why).
+ */
 int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r);
 void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *r);
 json_t *cli_verified_json(const struct cli_verify *r);

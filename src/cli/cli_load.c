@@ -130,49 +130,146 @@ static int pread_full(int fd, void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
+/* What a read-back check holds: the file open, a buffer for the slab's bytes and one for the file's, the digest. */
+struct verify_io {
+	int fd;
+	uint32_t open_file;
+	unsigned char *gbuf, *fbuf;
+	struct cli_sha256 sha;
+};
+
+static int read_failed(const char *path, size_t n, uint64_t at, int err)
+{
+	fprintf(stderr, "aegaeon-cli: verify: %s: reading %zu bytes at %" PRIu64 ": %s\n", path, n, at,
+		err == -ENODATA ? "the file is shorter than the load (changed since?)" : strerror(-err));
+	return 1;
+}
+
+/* The first byte where @n bytes of the slab (@g) and of the file (@f) differ; @n if none. */
+static size_t first_difference(const unsigned char *g, const unsigned char *f, size_t n)
+{
+	size_t k = 0;
+
+	if (memcmp(g, f, n) == 0)
+		return n;
+	while (g[k] == f[k])
+		k++;
+	return k;
+}
+
 /* Chunk @c (index @i) read back in pieces and compared with the file; the digest takes its bytes. */
-static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i, int fd, const char *path,
-			unsigned char *gbuf, unsigned char *fbuf, struct cli_sha256 *sha)
+static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i, struct verify_io *io,
+			const char *path)
 {
 	for (uint64_t off = 0; off < c->size; off += VERIFY_PIECE) {
-		size_t n = c->size - off < VERIFY_PIECE ? (size_t)(c->size - off) : VERIFY_PIECE;
-		int err = aeg_memcpy(dev, gbuf, (char *)c->device_ptr + off, n);
+		size_t k, n = c->size - off < VERIFY_PIECE ? (size_t)(c->size - off) : VERIFY_PIECE;
+		int err = aeg_memcpy(dev, io->gbuf, (char *)c->device_ptr + off, n);
 
 		if (err)
 			return cli_fail(err, "verify: copying a chunk back");
-		err = pread_full(fd, fbuf, n, c->file_offset + off);
-		if (err) {
-			fprintf(stderr, "aegaeon-cli: verify: %s: reading %zu bytes at %" PRIu64 ": %s\n", path, n,
-				c->file_offset + off, err == -ENODATA ? "the file is shorter than the load (changed since?)"
-								      : strerror(-err));
-			return 1;
-		}
-		if (memcmp(gbuf, fbuf, n) != 0) {
-			size_t k = 0;
-
-			while (gbuf[k] == fbuf[k])
-				k++;
+		err = pread_full(io->fd, io->fbuf, n, c->file_offset + off);
+		if (err)
+			return read_failed(path, n, c->file_offset + off, err);
+		k = first_difference(io->gbuf, io->fbuf, n);
+		if (k < n) {
 			fprintf(stderr, "aegaeon-cli: verify: chunk %u (slab id %" PRIu64 ") differs from %s at file "
 				"offset %" PRIu64 ": 0x%02x in the slab, 0x%02x in the file\n", i, c->slab_id, path,
-				c->file_offset + off + k, gbuf[k], fbuf[k]);
+				c->file_offset + off + k, io->gbuf[k], io->fbuf[k]);
 			return 1;
 		}
-		cli_sha256_update(sha, gbuf, n);
+		cli_sha256_update(&io->sha, io->gbuf, n);
 	}
 	return 0;
 }
 
-/* The file of chunk @c, opened when it differs from the one open (*@fd, *@open). */
-static int chunk_file(aeg_model_t *m, const struct aeg_chunk *c, int *fd, uint32_t *open_file)
-{
-	const char *path = aeg_model_file(m, c->file);
+/*
+ * Where part @t lies in its file: runs of @run bytes, @pitch apart, one
+ * per index of the dimensions before the split one (one run for a tensor
+ * loaded whole or split along its first dimension).
+ */
+struct part_rows {
+	uint64_t run, pitch;
+};
 
-	if (*fd >= 0 && *open_file == c->file)
+static struct part_rows part_rows(const struct aeg_tensor *t)
+{
+	struct part_rows p = { t->size, t->size };
+	uint64_t rows = 1;
+
+	if (t->slice_dim <= 0 || t->size == 0)
+		return p;
+	for (int d = 0; d < t->slice_dim; d++)
+		rows *= t->shape[d];
+	p.run = t->size / rows;
+	p.pitch = p.run / t->shape[t->slice_dim] * t->slice_extent;
+	return p;
+}
+
+/* The file offset of byte @at of part @t. */
+static uint64_t part_file_offset(const struct aeg_tensor *t, struct part_rows p, uint64_t at)
+{
+	return t->file_offset + at / p.run * p.pitch + at % p.run;
+}
+
+/* Bytes [@at, @at + @n) of part @t as its file @path holds them, row by row, into @buf; 0 or 1 (printed). */
+static int read_part(int fd, const struct aeg_tensor *t, struct part_rows p, uint64_t at, size_t n,
+		     unsigned char *buf, const char *path)
+{
+	while (n > 0) {
+		size_t k = p.run - at % p.run < n ? (size_t)(p.run - at % p.run) : n;
+		uint64_t where = part_file_offset(t, p, at);
+		int err = pread_full(fd, buf, k, where);
+
+		if (err)
+			return read_failed(path, k, where, err);
+		buf += k;
+		at += k;
+		n -= k;
+	}
+	return 0;
+}
+
+/* Part @t of a sliced load read back in pieces and compared with the rows of the file it comes from. */
+static int verify_part(aeg_device_t *dev, const struct aeg_tensor *t, struct verify_io *io, const char *path)
+{
+	struct part_rows p = part_rows(t);
+
+	for (uint64_t off = 0; off < t->size; off += VERIFY_PIECE) {
+		size_t k, n = t->size - off < VERIFY_PIECE ? (size_t)(t->size - off) : VERIFY_PIECE;
+		int err = aeg_memcpy(dev, io->gbuf, (char *)t->device_ptr + off, n);
+		char part[96] = "whole";
+
+		if (err)
+			return cli_fail(err, "verify: copying a tensor back");
+		if (read_part(io->fd, t, p, off, n, io->fbuf, path))
+			return 1;
+		k = first_difference(io->gbuf, io->fbuf, n);
+		if (k < n) {
+			if (t->slice_dim != AEG_SLICE_WHOLE)
+				snprintf(part, sizeof(part), "indices %" PRIu64 "..%" PRIu64 " of %" PRIu64 " along dim %d",
+					 t->slice_start, t->slice_start + t->shape[t->slice_dim], t->slice_extent,
+					 t->slice_dim);
+			fprintf(stderr, "aegaeon-cli: verify: tensor \"%s\" (%s) differs from %s at file offset %" PRIu64
+				": 0x%02x in the slab, 0x%02x in the file\n", t->name, part, path,
+				part_file_offset(t, p, off + k), io->gbuf[k], io->fbuf[k]);
+			return 1;
+		}
+		cli_sha256_update(&io->sha, io->gbuf, n);
+	}
+	return 0;
+}
+
+/* File @file of @m, opened when it differs from the one open (*@fd, *@open_file). */
+static int model_file(aeg_model_t *m, uint32_t file, int *fd, uint32_t *open_file)
+{
+	const char *path = aeg_model_file(m, file);
+
+	if (*fd >= 0 && *open_file == file)
 		return 0;
 	if (*fd >= 0)
 		close(*fd);
 	*fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
-	*open_file = c->file;
+	*open_file = file;
 	if (*fd < 0) {
 		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path ? path : "?", strerror(errno));
 		return 1;
@@ -180,50 +277,80 @@ static int chunk_file(aeg_model_t *m, const struct aeg_chunk *c, int *fd, uint32
 	return 0;
 }
 
-int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
+static int not_mapped(aeg_model_t *m)
 {
-	const struct aeg_chunk *c;
-	struct cli_sha256 sha;
-	unsigned char *gbuf = NULL, *fbuf = NULL;
-	uint32_t n, open_file = 0;
-	int fd = -1, rc = 1;
+	fprintf(stderr, "aegaeon-cli: verify: job slab %d is not mapped in this process (not visible here?)\n",
+		aeg_model_job_slab(m));
+	return 1;
+}
 
-	memset(r, 0, sizeof(*r));
+/* Every chunk of a whole load, in file order. */
+static int verify_chunks(aeg_device_t *dev, aeg_model_t *m, struct verify_io *io, struct cli_verify *r)
+{
+	const struct aeg_chunk *c = aeg_model_chunks(m, &r->chunks);
+
 	r->contiguous = 1;
-	gbuf = malloc(VERIFY_PIECE);
-	fbuf = malloc(VERIFY_PIECE);
-	if (gbuf == NULL || fbuf == NULL) {
-		fprintf(stderr, "aegaeon-cli: verify: out of memory\n");
-		goto out;
-	}
-	cli_sha256_init(&sha);
-	c = aeg_model_chunks(m, &n);
-	for (uint32_t i = 0; i < n; i++) {
-		if (c[i].device_ptr == NULL) {
-			fprintf(stderr, "aegaeon-cli: verify: job slab %d is not mapped in this process (not visible here?)\n",
-				aeg_model_job_slab(m));
-			goto out;
-		}
-		if (chunk_file(m, &c[i], &fd, &open_file))
-			goto out;
+	for (uint32_t i = 0; i < r->chunks; i++) {
+		if (c[i].device_ptr == NULL)
+			return not_mapped(m);
+		if (model_file(m, c[i].file, &io->fd, &io->open_file))
+			return 1;
 		if (i == 0)
 			r->first = c[i].file_offset;
 		else if (c[i].file_offset != r->end || c[i].file != c[i - 1].file)
 			r->contiguous = 0;
-		if (verify_chunk(aeg_session_device(s), &c[i], i, fd, aeg_model_file(m, c[i].file), gbuf, fbuf, &sha))
-			goto out;
+		if (verify_chunk(dev, &c[i], i, io, aeg_model_file(m, c[i].file)))
+			return 1;
 		r->bytes += c[i].size;
 		r->end = c[i].file_offset + c[i].size;
 	}
-	r->chunks = n;
+	return 0;
+}
+
+/* Every tensor's part of a sliced load, in the slab's order (the parts are packed in file order). */
+static int verify_parts(aeg_device_t *dev, aeg_model_t *m, struct verify_io *io, struct cli_verify *r)
+{
+	const struct aeg_tensor *t = aeg_model_tensors(m, &r->parts);
+
+	aeg_model_chunks(m, &r->chunks);
+	for (uint32_t i = 0; i < r->parts; i++) {
+		r->split += t[i].slice_dim != AEG_SLICE_WHOLE;
+		if (t[i].size == 0)
+			continue;
+		if (t[i].device_ptr == NULL)
+			return not_mapped(m);
+		if (model_file(m, t[i].file, &io->fd, &io->open_file) ||
+		    verify_part(dev, &t[i], io, aeg_model_file(m, t[i].file)))
+			return 1;
+		r->bytes += t[i].size;
+	}
+	return 0;
+}
+
+int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
+{
+	struct verify_io io = { .fd = -1 };
+	int rc = 1;
+
+	memset(r, 0, sizeof(*r));
+	io.gbuf = malloc(VERIFY_PIECE);
+	io.fbuf = malloc(VERIFY_PIECE);
+	if (io.gbuf == NULL || io.fbuf == NULL) {
+		fprintf(stderr, "aegaeon-cli: verify: out of memory\n");
+		goto out;
+	}
+	cli_sha256_init(&io.sha);
+	if (aeg_model_slice(m) != NULL)
+		rc = verify_parts(aeg_session_device(s), m, &io, r);
+	else
+		rc = verify_chunks(aeg_session_device(s), m, &io, r);
 	r->files = aeg_model_file_count(m);
-	cli_sha256_hex(&sha, r->sha256);
-	rc = 0;
+	cli_sha256_hex(&io.sha, r->sha256);
 out:
-	free(gbuf);
-	free(fbuf);
-	if (fd >= 0)
-		close(fd);
+	free(io.gbuf);
+	free(io.fbuf);
+	if (io.fd >= 0)
+		close(io.fd);
 	return rc;
 }
 
@@ -231,7 +358,12 @@ void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *
 {
 	char a[32];
 
-	if (r->files > 1)
+	if (r->parts)
+		printf("%s: verified %s of this rank's parts of %u tensor%s (%u split) in %u chunk%s of load %" PRIu64
+		       " against the file%s: identical (sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)),
+		       r->parts, cli_s(r->parts), r->split, r->chunks, cli_s(r->chunks), l->id, r->files > 1 ? "s" : "",
+		       r->sha256);
+	else if (r->files > 1)
 		printf("%s: verified %s in %u chunk%s of %u files (load %" PRIu64 " and on) against the files: identical "
 		       "(sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks),
 		       r->files, l->id, r->sha256);
@@ -244,6 +376,9 @@ void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *
 
 json_t *cli_verified_json(const struct cli_verify *r)
 {
+	if (r->parts)
+		return json_pack("{s:b, s:I, s:i, s:i, s:s}", "identical", 1, "bytes", (json_int_t)r->bytes,
+				 "parts", (int)r->parts, "split", (int)r->split, "sha256", r->sha256);
 	return json_pack("{s:b, s:I, s:I, s:I, s:b, s:s}", "identical", 1, "bytes", (json_int_t)r->bytes,
 			 "file_first", (json_int_t)r->first, "file_end", (json_int_t)r->end,
 			 "contiguous", r->contiguous, "sha256", r->sha256);
@@ -281,21 +416,30 @@ json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
 {
 	char state[128];
 
-	return json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:o}", "load_id", (json_int_t)l->id, "path", l->path,
-			 "slab", l->slab, "state", cli_load_state(l->status, state, sizeof(state)),
-			 "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
-			 "chunks", cli_chunks_json(m));
+	json_t *o = json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:o}", "load_id", (json_int_t)l->id, "path", l->path,
+			      "slab", l->slab, "state", cli_load_state(l->status, state, sizeof(state)),
+			      "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
+			      "chunks", cli_chunks_json(m));
+
+	cli_slice_json_add(o, m);
+	return o;
 }
 
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines)
 {
 	char a[32], b[32], state[128], hex[AEG_HANDLE_HEX_LEN + 1];
+	const struct aeg_slice *sl = aeg_model_slice(m);
 	const struct aeg_chunk *c;
+	char slice[160];
 	uint32_t n;
 
-	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s\n", l->id, l->path, l->slab,
+	if (sl != NULL)
+		cli_slice_suffix(sl->rank, sl->world, sl->preset, sl->flags, sl->nrules, slice, sizeof(slice));
+	else
+		slice[0] = '\0';
+	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s%s\n", l->id, l->path, l->slab,
 	       cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
-	       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks));
+	       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks), slice);
 	if (!chunk_lines)
 		return;
 	printf("%6s %10s %14s %12s %14s  %s\n", "chunk", "slab_id", "slab_offset", "size", "file_offset", "event");
@@ -305,6 +449,7 @@ void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lin
 		printf("%6u %10" PRIu64 " %14" PRIu64 " %12" PRIu64 " %14" PRIu64 "  %s\n", i, c[i].slab_id,
 		       c[i].slab_offset, c[i].size, c[i].file_offset, hex);
 	}
+	cli_print_parts(m);
 }
 
 int cli_parse_load_id(const char *text, uint64_t *id)

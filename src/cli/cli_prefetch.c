@@ -38,12 +38,20 @@ static const char prefetch_usage[] =
 	"                            [--verify] [--reload] [--timing] [--local [--device NAME] [--feed auto|mmap|read|mixed]\n"
 	"                            [--threads N] [--streams N] [--piece SIZE]\n"
 	"                            [--mmap-threads N] [--direct]]\n"
-	"Load FILE into a GPU slab in chunks, each with an interprocess event.\n"
+	"                            [--tp-rank R --tp-world W [--tp-preset megatron|vllm|none]\n"
+	"                             [--tp-rule PATTERN=DIM|PATTERN=whole]... [--tp-uneven]]\n"
+	"Load FILE (a file, or a model directory or shard index) into a GPU slab in chunks, each\n"
+	"with an interprocess event.\n"
 	"Inside a job ($AEGAEON_SOCKET set) the node's agent loads it into the job slab, so the chunks\n"
 	"outlive the command; a file the job already holds is reused unless --reload. --no-wait prints\n"
 	"the load id and chunks at once; --verify reads the chunks back and compares them with the file.\n"
 	"Outside a job, or with --local, this process loads it, waits and reports the speed.\n"
-	"--timing prints how long each set-up step took (device, slab, engine, agent round trips).\n";
+	"--timing prints how long each set-up step took (device, slab, engine, agent round trips).\n"
+	"--tp-rank and --tp-world load only tensor-parallel rank R's part of each tensor (of W ranks):\n"
+	"the tensors a rule matches are split along its dimension (rules in order, then the preset's,\n"
+	"megatron by default; PATTERN as fnmatch(3)), the others loaded whole. --tp-uneven allows an\n"
+	"extent that is no multiple of W (the last ranks take less). A job reuses only a load of the\n"
+	"same slice; --verify compares each part with the rows of the file it comes from.\n";
 static const char bench_usage[] =
 	"Usage: aegaeon-cli bench prefetch FILE [--gpu N] [--chunk SIZE] [--feed auto|mmap|read|mixed]\n"
 	"                                  [--threads N] [--streams N] [--piece SIZE] [--mmap-threads N]\n"
@@ -87,10 +95,14 @@ static int engine_option(const char *cmd, int c, const char *arg, struct cli_pre
 }
 
 /* One option of prefetch or bench prefetch: 0, -1 after --help, or the exit code of bad usage. */
-static int take_option(const char *cmd, int c, const char *arg, const char *word, struct cli_prefetch_args *a,
-		       int bench)
+static int take_option(const char *cmd, int c, char *arg, const char *word, struct cli_prefetch_args *a, int bench)
 {
 	switch (c) {
+	case CLI_OPT_TP_RANK: case CLI_OPT_TP_WORLD: case CLI_OPT_TP_PRESET: case CLI_OPT_TP_RULE:
+	case CLI_OPT_TP_UNEVEN:
+		if (bench)
+			return cli_usage_error(cmd, "the --tp-* options (a tensor-parallel slice) are options of prefetch");
+		return cli_slice_option(cmd, c, arg, &a->tp);
 	case 'd': case 'f': case 't': case 's': case 'm': case 'p': case 'D':
 		return engine_option(cmd, c, arg, a);
 	case 'g':
@@ -154,6 +166,7 @@ int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefet
 		{ "reload", no_argument, NULL, 'R' },
 		{ "timing", no_argument, NULL, 'T' },
 		{ "help", no_argument, NULL, 'h' },
+		CLI_SLICE_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
 	struct aeg_config cfg;
@@ -177,7 +190,7 @@ int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefet
 	if (optind != argc - 1)
 		return cli_usage_error(cmd, "expected one FILE");
 	a->file = argv[optind];
-	return 0;
+	return cli_slice_finish(cmd, &a->tp, &a->slice);
 }
 
 void cli_prefetch_engine(const struct cli_prefetch_args *a, struct aeg_prefetch_config *cfg)
@@ -232,9 +245,10 @@ static double gbps(uint64_t bytes, uint64_t ns)
 	return ns ? (double)bytes / (double)ns : 0.0;
 }
 
-/* Loaded by this process: the speed, the feed, the first chunk's latency. */
-static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t chunk)
+/* Loaded by this process: the speed, the feed, the first chunk's latency; the read-back check's result. */
+static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t chunk, const struct cli_verify *vr)
 {
+	struct cli_load_info l;
 	struct aeg_load_progress p;
 	double first_ms;
 	uint32_t ntensors;
@@ -245,16 +259,25 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64
 	aeg_model_tensors(m, &ntensors);
 	ns = p.end_ns - p.start_ns;
 	first_ms = p.first_chunk_ns ? (double)(p.first_chunk_ns - p.start_ns) / 1e6 : 0.0;
-	if (a->json)
-		return cli_json_print(json_pack("{s:s, s:I, s:I, s:f, s:f, s:f, s:s, s:I, s:o}",
-						"file", a->file, "bytes", (json_int_t)p.total_bytes,
-						"chunk_bytes", (json_int_t)chunk, "seconds", (double)ns / 1e9,
-						"gbps", gbps(p.total_bytes, ns), "first_chunk_ms", first_ms,
-						"feed", aeg_prefetch_feed_name(p.feed), "tensors", (json_int_t)ntensors,
-						"chunks", cli_chunks_json(m)));
+	if (a->json) {
+		json_t *o = json_pack("{s:s, s:I, s:I, s:f, s:f, s:f, s:s, s:I, s:o}",
+				      "file", a->file, "bytes", (json_int_t)p.total_bytes,
+				      "chunk_bytes", (json_int_t)chunk, "seconds", (double)ns / 1e9,
+				      "gbps", gbps(p.total_bytes, ns), "first_chunk_ms", first_ms,
+				      "feed", aeg_prefetch_feed_name(p.feed), "tensors", (json_int_t)ntensors,
+				      "chunks", cli_chunks_json(m));
+
+		cli_slice_json_add(o, m);
+		if (o && vr)
+			json_object_set_new(o, "verified", cli_verified_json(vr));
+		return cli_json_print(o);
+	}
 	printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunk%s, %u tensor%s, first chunk after %.2f ms)\n",
 	       a->file, aeg_size_format(p.total_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(p.total_bytes, ns),
 	       aeg_prefetch_feed_name(p.feed), p.chunks, cli_s(p.chunks), ntensors, cli_s(ntensors), first_ms);
+	cli_print_slice(m);
+	if (vr && cli_model_info(m, &l) == 0)
+		cli_print_verified(&l, vr);
 	return 0;
 }
 
@@ -299,9 +322,22 @@ static int print_job(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t
 		       l.path, aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
 		       l.id, l.chunks, cli_s(l.chunks), l.slab);
 	}
+	if (a->wait)
+		cli_print_slice(m);
 	if (vr)
 		cli_print_verified(&l, vr);
 	return 0;
+}
+
+/* A load refused: why; an extent no multiple of the world size is allowed by --tp-uneven. */
+static int load_refused(const struct cli_prefetch_args *a, int err)
+{
+	int uneven = a->slice != NULL && strstr(aeg_error_detail(), "AEG_SLICE_UNEVEN") != NULL;
+
+	cli_fail(err, a->file);
+	if (uneven)
+		fprintf(stderr, "aegaeon-cli: --tp-uneven sets AEG_SLICE_UNEVEN\n");
+	return 1;
 }
 
 /* Load, wait, check and report; the session is open. */
@@ -309,7 +345,7 @@ static int run(const struct cli_prefetch_args *a, aeg_session_t *s, int job, uin
 {
 	struct aeg_load_request req = { .path = a->file, .gpu = a->gpu_given || !job ? a->gpu : -1,
 					.chunk_bytes = chunk, .feed = a->feed,
-					.flags = job && !a->reload ? AEG_LOAD_REUSE : 0 };
+					.flags = job && !a->reload ? AEG_LOAD_REUSE : 0, .slice = a->slice };
 	struct cli_verify vr;
 	struct cli_load_info l;
 	uint64_t t0 = aeg_now_ns(), end = t0;
@@ -320,7 +356,7 @@ static int run(const struct cli_prefetch_args *a, aeg_session_t *s, int job, uin
 		return 1;
 	err = aeg_session_load(s, &req, &m);
 	if (err)
-		return cli_fail(err, a->file);
+		return load_refused(a, err);
 	if (a->wait) {
 		err = cli_model_wait(m, 0, !a->json && isatty(STDERR_FILENO), t0, &end);
 		if (err) {
@@ -335,7 +371,7 @@ static int run(const struct cli_prefetch_args *a, aeg_session_t *s, int job, uin
 		rc = 1;
 		goto out;
 	}
-	rc = job ? print_job(a, m, end - t0, a->verify ? &vr : NULL) : print_local(a, m, chunk);
+	rc = job ? print_job(a, m, end - t0, a->verify ? &vr : NULL) : print_local(a, m, chunk, a->verify ? &vr : NULL);
 out:
 	aeg_model_close(m);
 	return rc;

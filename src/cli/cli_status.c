@@ -57,6 +57,16 @@ static void print_attached(aeg_job_t *job, const struct aeg_job_info *info)
 	}
 }
 
+/* A load's slice in short (its rules: chunks --load ID), or null for a whole load. */
+static json_t *slice_json(const struct aeg_job_load_status *l)
+{
+	if (l->slice_world == 0)
+		return json_null();
+	return json_pack("{s:i, s:i, s:s, s:b, s:i}", "rank", l->slice_rank, "world", l->slice_world,
+			 "preset", aeg_slice_preset_name(l->slice_preset), "uneven", (l->slice_flags & AEG_SLICE_UNEVEN) != 0,
+			 "rule_count", (int)l->slice_rules);
+}
+
 static int print_json(aeg_job_t *job, const struct aeg_job_info *info, const struct aeg_job_status *st,
 		      int attached)
 {
@@ -93,10 +103,10 @@ static int print_json(aeg_job_t *job, const struct aeg_job_info *info, const str
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];
 
-		json_array_append_new(loads, json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:i}",
+		json_array_append_new(loads, json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:i, s:o}",
 			"load_id", (json_int_t)l->load_id, "path", l->path, "slab", l->slab,
 			"state", cli_load_state(l->status, state, sizeof(state)), "file_bytes", (json_int_t)l->file_bytes,
-			"done_bytes", (json_int_t)l->done_bytes, "chunks", (int)l->chunks));
+			"done_bytes", (json_int_t)l->done_bytes, "chunks", (int)l->chunks, "slice", slice_json(l)));
 	}
 	json_object_set_new(root, "loads", loads);
 	if (attached)
@@ -112,7 +122,7 @@ oom:
 
 static void print_text(const struct aeg_job_info *info, const struct aeg_job_status *st)
 {
-	char a[32], b[32], c[32], state[128];
+	char a[32], b[32], c[32], state[128], slice[160];
 
 	printf("job %s: agent pid %ld, %s device, %u client%s\n", info->job_id, info->agent_pid,
 	       aeg_device_kind_name(info->device), st->clients, cli_s(st->clients));
@@ -135,9 +145,11 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];
 
-		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s\n", l->load_id, l->path,
+		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s%s\n", l->load_id, l->path,
 		       l->slab, cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
-		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks));
+		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks),
+		       cli_slice_suffix(l->slice_rank, l->slice_world, l->slice_preset, l->slice_flags, l->slice_rules,
+					slice, sizeof(slice)));
 	}
 }
 

@@ -75,14 +75,7 @@ cleanup() {
 	rm -rf "$T"
 }
 trap cleanup EXIT
-mkdir -m 700 "$T/run"
-"$AGENT" --job 11 --runtime-dir "$T/run" --gpus 0 --slab 256MiB --pinned 32MiB:2MiB --device host \
-	--foreground 2>"$T/agent.log" &
-AG=$!
-for _ in $(seq 200); do [[ -f $T/run/ready || -f $T/run/error ]] && break; sleep 0.05; done
-[[ -f $T/run/ready ]] || { echo "agent did not start:"; cat "$T/agent.log" "$T/run/error" 2>/dev/null; exit 99; }
-export AEGAEON_SOCKET=$T/run/agent.sock AEGAEON_SLABS=1 AEGAEON_JOB_DIR=$T/run
-export AEGAEON_SLAB0_HANDLE=$(sed -n 's/^slab0_handle=//p' "$T/run/ready")
+tap_agent "$T/run" 256MiB 32MiB:2MiB
 
 run "$CLI" kv bench --block 32KiB,2MiB --bytes 8MiB --repeat 2 --json
 json_check "in a job: the job's slab and pinned pool, every way and both at once, verified" \
