@@ -1188,15 +1188,17 @@ static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
 /* ---------------------------------------------------------------- prefetch */
 
 /*
- * Start loading @path onto @gpu through the session. Inside a job a model
- * the job holds already (its --aegaeon-prefetch, an earlier step) is
+ * Start loading @path (@slice: a rank's part of each tensor; NULL: whole)
+ * onto @gpu through the session. Inside a job a model the job holds
+ * already (its --aegaeon-prefetch, an earlier step; with an equal slice) is
  * reused, as aegaeon-cli prefetch does: nothing is read again, and it stays
  * the job's (not owned). -1 with an exception.
  */
 static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
-		       aeg_model_t **m)
+		       const struct aeg_slice *slice, aeg_model_t **m)
 {
-	struct aeg_load_request req = { .path = path, .gpu = gpu, .chunk_bytes = chunk_bytes, .format = format };
+	struct aeg_load_request req = { .path = path, .gpu = gpu, .chunk_bytes = chunk_bytes, .format = format,
+					.slice = slice };
 	aeg_device_t *dev;
 	int err;
 
@@ -1207,21 +1209,21 @@ static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg
 	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_session_load(rt.sess, &req, m);
 	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
+	if (err < 0 && slice != NULL && strstr(aeg_error_detail(), "AEG_SLICE_UNEVEN") != NULL)
+		pyaeg_raise_msg(err, "%s (tp_uneven=True sets AEG_SLICE_UNEVEN)", aeg_error_detail());
+	else if (err < 0)
 		pyaeg_raise(err);
-		return -1;
-	}
-	return 0;
+	return err < 0 ? -1 : 0;
 }
 
 int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
-	       struct pyaeg_load *l)
+	       const struct aeg_slice *slice, struct pyaeg_load *l)
 {
 	int rc;
 
 	memset(l, 0, sizeof(*l));
 	pyaeg_lock();
-	rc = load_locked(path, gpu, chunk_bytes, format, &l->m);
+	rc = load_locked(path, gpu, chunk_bytes, format, slice, &l->m);
 	if (rc == 0) {
 		l->gpu = gpu;
 		l->host = rt.kind == AEG_DEVICE_HOST;
@@ -1298,7 +1300,7 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0) ||
 	    pyaeg_path(path_obj, &path) < 0)
 		return NULL;
-	rc = pyaeg_load(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &l);
+	rc = pyaeg_load(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, NULL, &l);
 	Py_DECREF(path);
 	if (rc < 0)
 		return NULL;

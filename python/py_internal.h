@@ -91,7 +91,7 @@ struct pyaeg_load {
 	int host;                       /* the host backend: views are host memory */
 };
 int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
-	       struct pyaeg_load *l);
+	       const struct aeg_slice *slice, struct pyaeg_load *l);
 void pyaeg_load_drop(struct pyaeg_load *l, int release);
 struct pyaeg_res *pyaeg_res_new(void);      /* NULL with MemoryError */
 void pyaeg_res_free(struct pyaeg_res *res); /* destroys what it holds; GIL released inside */
@@ -120,6 +120,24 @@ aeg_slab_t *pyaeg_slab_of(PyObject *obj);
 aeg_pool_t *pyaeg_pool_of(PyObject *obj);
 /* A memoryview of @bytes at @offset of a PinnedPool's buffer area. */
 PyObject *pyaeg_pool_view(PyObject *pool, uint64_t offset, uint64_t bytes);
+
+/*
+ * Tensor-parallel slices (py_slice.c): the tp_* arguments of open_model and
+ * load_model (NULL or None where not given) as a spec, checked.
+ */
+struct pyaeg_slice_args {
+	PyObject *rank, *world, *preset, *rules;
+	int uneven;
+};
+struct pyaeg_slice {
+	struct aeg_slice spec;
+	struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];
+	char patterns[AEG_SLICE_MAX_RULES][AEG_SLICE_PATTERN_MAX];
+};
+/* *@spec: &@ps->spec, or NULL when no tp_* argument was given. 0, or -1 with TypeError or ValueError. */
+int pyaeg_slice_from_args(const struct pyaeg_slice_args *a, struct pyaeg_slice *ps, const struct aeg_slice **spec);
+/* A spec as {"rank", "world", "preset", "rules": [(pattern, dim or None)], "uneven"}; None for NULL. */
+PyObject *pyaeg_slice_dict(const struct aeg_slice *spec);
 
 /* Models (py_model.c): Model, open_model, load_model, load_safetensors. */
 int pyaeg_model_init(PyObject *module);

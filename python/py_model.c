@@ -26,6 +26,8 @@ typedef struct {
 	int owned;
 } ModelObject;
 
+#define TP_KWLIST "tp_rank", "tp_world", "tp_preset", "tp_rules", "tp_uneven"
+
 static PyObject *memory_type;
 static PyObject *model_type;
 
@@ -82,21 +84,39 @@ static PyObject *chunk_dict(const struct aeg_chunk *c, PyObject *file)
 			     "file", file, "tensors", PyList_New(0));
 }
 
+/*
+ * Where tensor @t starts relative to chunk @c, the first it lies in: by
+ * their device pointers where mapped (a sliced load packs the parts, so a
+ * part's file offset says nothing of where it is in the chunk), else by
+ * file offsets (a whole load: the chunks hold the file's bytes in order).
+ */
+static long long offset_in(const struct aeg_chunk *c, const struct aeg_tensor *t)
+{
+	if (c->device_ptr != NULL && t->device_ptr != NULL)
+		return (long long)((uintptr_t)t->device_ptr - (uintptr_t)c->device_ptr);
+	return (long long)t->file_offset - (long long)c->file_offset;
+}
+
 /* Adds (name, offset) of tensor @t to the "tensors" of every chunk its bytes are in. */
 static int add_tensor(PyObject *list, const struct aeg_chunk *c, uint32_t n, const struct aeg_tensor *t)
 {
 	PyObject *name = PyUnicode_FromString(t->name);
+	long long off = 0;
+	/* As aeg_model_wait_tensor: its first chunk (an empty tensor's too), then every one its bytes reach. */
+	uint32_t end = t->first_chunk + (t->chunks ? t->chunks : 1);
 
 	if (name == NULL)
 		return -1;
-	for (uint32_t k = t->first_chunk; k < n; k++) {
+	if (t->first_chunk < n)
+		off = offset_in(&c[t->first_chunk], t);
+	for (uint32_t k = t->first_chunk; k < n && k < end; k++) {
 		PyObject *pair, *tensors;
 		int rc;
 
-		/* As aeg_model_wait_tensor: the first chunk, then every one the bytes reach. */
-		if (k > t->first_chunk && (c[k].file != t->file || c[k].file_offset >= t->file_offset + t->size))
-			break;
-		pair = Py_BuildValue("(OL)", name, (long long)t->file_offset - (long long)c[k].file_offset);
+		/* The chunks of one tensor are contiguous on the GPU. */
+		if (k > t->first_chunk)
+			off -= (long long)c[k - 1].size;
+		pair = Py_BuildValue("(OL)", name, off);
 		tensors = PyDict_GetItemString(PyList_GetItem(list, k), "tensors");
 		rc = pair == NULL ? -1 : PyList_Append(tensors, pair);
 		Py_XDECREF(pair);
@@ -201,8 +221,8 @@ static void model_dealloc(PyObject *self)
 	Py_DECREF(tp);
 }
 
-/* Starts loading @path; a new Model, or NULL with an exception. */
-static ModelObject *model_new(const char *path, int gpu, uint64_t chunk_bytes)
+/* Starts loading @path (@slice: a rank's part of each tensor); a new Model, or NULL with an exception. */
+static ModelObject *model_new(const char *path, int gpu, uint64_t chunk_bytes, const struct aeg_slice *slice)
 {
 	MemoryObject *mem = PyObject_New(MemoryObject, (PyTypeObject *)memory_type);
 	ModelObject *m;
@@ -210,7 +230,7 @@ static ModelObject *model_new(const char *path, int gpu, uint64_t chunk_bytes)
 	if (mem == NULL)
 		return NULL;
 	mem->views = 0;
-	if (pyaeg_load(path, gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &mem->load) < 0) {
+	if (pyaeg_load(path, gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, slice, &mem->load) < 0) {
 		Py_DECREF(mem);
 		return NULL;
 	}
@@ -339,14 +359,18 @@ static PyObject *model_exit(PyObject *self, PyObject *args)
 static PyObject *model_repr(PyObject *self)
 {
 	ModelObject *m = (ModelObject *)self;
+	const struct aeg_slice *s;
+	char slice[64] = "";
 	uint32_t n = 0;
 
-	if (m->mem != NULL)
-		aeg_model_tensors(m->mem->load.m, &n);
 	if (m->mem == NULL)
 		return PyUnicode_FromFormat("<aegaeon_native.Model %R, released>", m->path);
-	return PyUnicode_FromFormat("<aegaeon_native.Model %R: %u tensors in %zd file%s on GPU %d>", m->path, n,
-				    PyTuple_Size(m->files), PyTuple_Size(m->files) == 1 ? "" : "s", m->gpu);
+	aeg_model_tensors(m->mem->load.m, &n);
+	s = aeg_model_slice(m->mem->load.m);
+	if (s != NULL)
+		snprintf(slice, sizeof(slice), ", tensor-parallel rank %d of %d", s->rank, s->world);
+	return PyUnicode_FromFormat("<aegaeon_native.Model %R: %u tensors in %zd file%s on GPU %d%s>", m->path, n,
+				    PyTuple_Size(m->files), PyTuple_Size(m->files) == 1 ? "" : "s", m->gpu, slice);
 }
 
 static PyObject *get_tensors(PyObject *self, void *closure)
@@ -418,6 +442,34 @@ static PyObject *get_released(PyObject *self, void *closure)
 	return PyBool_FromLong(((ModelObject *)self)->mem == NULL);
 }
 
+static PyObject *get_slice(PyObject *self, void *closure)
+{
+	MemoryObject *mem = model_memory((ModelObject *)self);
+
+	return mem ? pyaeg_slice_dict(aeg_model_slice(mem->load.m)) : NULL;
+}
+
+/* {name: (dim, start, extent)} of the tensors the slice splits. */
+static PyObject *get_parts(PyObject *self, void *closure)
+{
+	MemoryObject *mem = model_memory((ModelObject *)self);
+	const struct aeg_tensor *t;
+	PyObject *d;
+	uint32_t n;
+
+	if (mem == NULL)
+		return NULL;
+	d = PyDict_New();
+	t = aeg_model_tensors(mem->load.m, &n);
+	for (uint32_t i = 0; d != NULL && i < n; i++)
+		if (t[i].slice_dim != AEG_SLICE_WHOLE &&
+		    pyaeg_dict_set(d, t[i].name, Py_BuildValue("(iKK)", t[i].slice_dim,
+							       (unsigned long long)t[i].slice_start,
+							       (unsigned long long)t[i].slice_extent)) < 0)
+			Py_CLEAR(d);
+	return d;
+}
+
 static PyGetSetDef model_getset[] = {
 	{ "tensors", get_tensors, NULL,
 	  "{name: DeviceArray} in file order (read-only mapping), zero-copy views with the\n"
@@ -434,6 +486,13 @@ static PyGetSetDef model_getset[] = {
 	  "True when this process loaded the model (release() frees it); False for a\n"
 	  "model a job held already (its --aegaeon-prefetch, another step), which stays the job's.", NULL },
 	{ "released", get_released, NULL, "True after release().", NULL },
+	{ "slice", get_slice, NULL,
+	  "The tensor-parallel slice loaded: {\"rank\", \"world\", \"preset\", \"rules\": [(pattern,\n"
+	  "dim or None)], \"uneven\"}; None for a whole model.", NULL },
+	{ "parts", get_parts, NULL,
+	  "{name: (dim, start, extent)} of the tensors the slice splits: this rank holds indices\n"
+	  "start .. start + shape[dim] of the file's extent along dim (tensors[name].shape is the\n"
+	  "part's). The other tensors are whole; {} for a whole model.", NULL },
 	{ NULL, NULL, NULL, NULL, NULL },
 };
 
@@ -481,24 +540,48 @@ static PyType_Spec model_spec = {
 /* ---------------------------------------------------------- module functions */
 
 /* The arguments of open_model, load_model and load_safetensors: a new Model loading, or NULL. */
-static ModelObject *open_args(PyObject *path_obj, PyObject *gpu_obj, PyObject *chunk_obj)
+static ModelObject *open_args(PyObject *path_obj, PyObject *gpu_obj, PyObject *chunk_obj,
+			      const struct pyaeg_slice_args *tp)
 {
 	uint64_t chunk_bytes = PYAEG_DEFAULT_CHUNK_BYTES;
+	const struct aeg_slice *slice;
+	struct pyaeg_slice *ps;
 	PyObject *path;
-	ModelObject *m;
+	ModelObject *m = NULL;
 	int gpu = 0;
 
 	if ((gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0) ||
-	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0) ||
-	    pyaeg_path(path_obj, &path) < 0)
+	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0))
 		return NULL;
-	m = model_new(PyBytes_AsString(path), gpu, chunk_bytes);
-	Py_DECREF(path);
+	/* A spec's rules hold their patterns (16 KiB at most): not on the stack. */
+	ps = PyMem_Malloc(sizeof(*ps));
+	if (ps == NULL)
+		return (ModelObject *)PyErr_NoMemory();
+	if (pyaeg_slice_from_args(tp, ps, &slice) == 0 && pyaeg_path(path_obj, &path) == 0) {
+		m = model_new(PyBytes_AsString(path), gpu, chunk_bytes, slice);
+		Py_DECREF(path);
+	}
+	PyMem_Free(ps);
 	return m;
 }
 
+#define TP_DOC \
+"tp_rank and tp_world (both or neither) load only tensor-parallel rank\n" \
+"tp_rank's part of each tensor, for tp_world ranks (1..4096): the tensors a\n" \
+"rule matches are split along its dimension, rank r taking part r, the others\n" \
+"loaded whole. tp_rules: (pattern, dim) pairs (or a dict), at most 64, tried\n" \
+"in order before the preset's; pattern as fnmatch(3) (* matches dots too),\n" \
+"dim an int from 0, or None or 'whole' for the tensor whole. tp_preset:\n" \
+"'megatron' (the default; 'vllm' is the same: column-parallel layers by rows,\n" \
+"row-parallel ones by columns) or 'none'. tp_uneven=True allows an extent\n" \
+"that is no multiple of tp_world (the last ranks take less). Tensors come\n" \
+"with the parts' shapes; inside a job a model is reused only with an equal\n" \
+"slice. Bad values: TypeError or ValueError naming the argument; a split the\n" \
+"tensors do not allow: AegaeonValueError naming the tensor.\n"
+
 PyDoc_STRVAR(open_model_doc,
-"open_model(path, gpu_id=0, chunk_bytes=33554432, *, wait=True)\n--\n\n"
+"open_model(path, gpu_id=0, chunk_bytes=33554432, *, wait=True, tp_rank=None, tp_world=None,\n"
+"           tp_preset=None, tp_rules=None, tp_uneven=False)\n--\n\n"
 "Load a model onto a GPU and return a Model. path is a safetensors file\n"
 "(recognised by its content, whatever its name), a directory as save_pretrained\n"
 "writes it (its model.safetensors.index.json, else model.safetensors, else\n"
@@ -506,21 +589,24 @@ PyDoc_STRVAR(open_model_doc,
 "every byte is on the GPU (the GIL is released meanwhile; Ctrl-C cancels the\n"
 "load); with wait=False at once, the tensors' views usable after\n"
 "Model.wait(name). Inside an aegaeon job the job's agent loads it (other steps\n"
-"find it) and a model the job holds already is reused. Errors: AegaeonError\n"
+"find it) and a model the job holds already is reused.\n"
+TP_DOC
+"Errors: AegaeonError\n"
 "ENOENT (the path, a shard an index names), EFORMAT (not safetensors, a bad\n"
 "header or index; the message says what), ENOSPC (the slab is full).");
 
 static PyObject *py_open_model(PyObject *self, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "path", "gpu_id", "chunk_bytes", "wait", NULL };
+	static char *kwlist[] = { "path", "gpu_id", "chunk_bytes", "wait", TP_KWLIST, NULL };
 	PyObject *path_obj, *gpu_obj = NULL, *chunk_obj = NULL;
+	struct pyaeg_slice_args tp = { NULL };
 	ModelObject *m;
 	int wait = 1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO$p:open_model", kwlist, &path_obj, &gpu_obj, &chunk_obj,
-					 &wait))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO$pOOOOp:open_model", kwlist, &path_obj, &gpu_obj, &chunk_obj,
+					 &wait, &tp.rank, &tp.world, &tp.preset, &tp.rules, &tp.uneven))
 		return NULL;
-	m = open_args(path_obj, gpu_obj, chunk_obj);
+	m = open_args(path_obj, gpu_obj, chunk_obj, &tp);
 	if (m != NULL && wait && model_wait_for(m, NULL, -1) < 0)
 		Py_CLEAR(m);    /* Ctrl-C or a failed load: the Model's release cancels and frees it */
 	return (PyObject *)m;
@@ -529,15 +615,17 @@ static PyObject *py_open_model(PyObject *self, PyObject *args, PyObject *kw)
 /* load_model and load_safetensors: {name: DeviceArray} once loaded; the views own the memory. */
 static PyObject *load_dict(const char *fn, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "path", "gpu_id", "chunk_bytes", NULL };
+	static char *kwlist[] = { "path", "gpu_id", "chunk_bytes", TP_KWLIST, NULL };
 	PyObject *path_obj, *gpu_obj = NULL, *chunk_obj = NULL, *d = NULL;
+	struct pyaeg_slice_args tp = { NULL };
 	char format[32];
 	ModelObject *m;
 
-	snprintf(format, sizeof(format), "O|OO:%s", fn);
-	if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &path_obj, &gpu_obj, &chunk_obj))
+	snprintf(format, sizeof(format), "O|OO$OOOOp:%s", fn);
+	if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &path_obj, &gpu_obj, &chunk_obj, &tp.rank,
+					 &tp.world, &tp.preset, &tp.rules, &tp.uneven))
 		return NULL;
-	m = open_args(path_obj, gpu_obj, chunk_obj);
+	m = open_args(path_obj, gpu_obj, chunk_obj, &tp);
 	if (m == NULL)
 		return NULL;
 	if (model_wait_for(m, NULL, -1) == 0)
@@ -547,7 +635,8 @@ static PyObject *load_dict(const char *fn, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(load_model_doc,
-"load_model(path, gpu_id=0, chunk_bytes=33554432)\n--\n\n"
+"load_model(path, gpu_id=0, chunk_bytes=33554432, *, tp_rank=None, tp_world=None, tp_preset=None,\n"
+"           tp_rules=None, tp_uneven=False)\n--\n\n"
 "Load a model (a safetensors file, a directory of shards or a shard index, as\n"
 "open_model() takes) onto a GPU and return {name: DeviceArray} in file order,\n"
 "each a zero-copy view with the tensor's dtype and shape (torch.from_dlpack on\n"
@@ -555,7 +644,8 @@ PyDoc_STRVAR(load_model_doc,
 "GIL is released meanwhile; Ctrl-C cancels the load). The GPU memory is\n"
 "released when the last view is collected (or by\n"
 "release_all_prefetch_events()). Headers are checked strictly: a malformed\n"
-"file is AegaeonError EFORMAT with what is wrong.");
+"file is AegaeonError EFORMAT with what is wrong. The tp_* arguments load a\n"
+"tensor-parallel rank's part of each tensor, as open_model() says.");
 
 static PyObject *py_load_model(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -563,7 +653,8 @@ static PyObject *py_load_model(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 PyDoc_STRVAR(load_safetensors_doc,
-"load_safetensors(path, gpu_id=0, chunk_bytes=33554432)\n--\n\n"
+"load_safetensors(path, gpu_id=0, chunk_bytes=33554432, *, tp_rank=None, tp_world=None,\n"
+"                 tp_preset=None, tp_rules=None, tp_uneven=False)\n--\n\n"
 "load_model() by its first name: a safetensors file, a directory of shards or\n"
 "a shard index -> {name: DeviceArray} once every byte is on the GPU.");
 

@@ -3,7 +3,7 @@
 A PEP 561 stub-only package: installed as aegaeon_native-stubs/ beside the
 module, where mypy and other type checkers find it."""
 import os
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, TypedDict, Union, overload
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, TypedDict, Union, overload
 
 from . import torch as torch
 
@@ -14,6 +14,9 @@ DEFAULT_CHUNK_BYTES: int
 _Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 _Handle = Union[bytes, bytearray]
 _Timeout = Optional[float]
+# Tensor-parallel rules: (pattern, dim) pairs in order, or {pattern: dim}; dim None or "whole" loads the tensor whole.
+_Dim = Union[int, None, Literal["whole"]]
+_Rules = Union[Sequence[Tuple[str, _Dim]], Mapping[str, _Dim]]
 
 
 class AegaeonError(OSError):
@@ -36,6 +39,14 @@ class Chunk(TypedDict):
     file: str
     file_offset: int
     tensors: List[Tuple[str, int]]
+
+
+class Slice(TypedDict):
+    rank: int
+    world: int
+    preset: str
+    rules: List[Tuple[str, Optional[int]]]
+    uneven: bool
 
 
 class DeviceArray:
@@ -91,6 +102,10 @@ class Model:
     def owned(self) -> bool: ...
     @property
     def released(self) -> bool: ...
+    @property
+    def slice(self) -> Optional[Slice]: ...
+    @property
+    def parts(self) -> Dict[str, Tuple[int, int, int]]: ...
     def wait(self, name: Optional[str] = ..., timeout: _Timeout = ...) -> None: ...
     def release(self) -> None: ...
     def __enter__(self) -> "Model": ...
@@ -218,9 +233,15 @@ def prefetch_file_to_gpu_chunks(filepath: _Path, gpu_id: int, chunk_bytes: int =
 def release_prefetch_chunks(slab_ids: Iterable[int], gpu_id: Optional[int] = ...) -> None: ...
 def release_all_prefetch_events() -> None: ...
 def chunk_view(chunk: Chunk, dtype: str = ...) -> DeviceArray: ...
-def open_model(path: _Path, gpu_id: int = ..., chunk_bytes: int = ..., *, wait: bool = ...) -> Model: ...
-def load_model(path: _Path, gpu_id: int = ..., chunk_bytes: int = ...) -> Dict[str, DeviceArray]: ...
-def load_safetensors(path: _Path, gpu_id: int = ..., chunk_bytes: int = ...) -> Dict[str, DeviceArray]: ...
+def open_model(path: _Path, gpu_id: int = ..., chunk_bytes: int = ..., *, wait: bool = ...,
+               tp_rank: Optional[int] = ..., tp_world: Optional[int] = ..., tp_preset: Optional[str] = ...,
+               tp_rules: Optional[_Rules] = ..., tp_uneven: bool = ...) -> Model: ...
+def load_model(path: _Path, gpu_id: int = ..., chunk_bytes: int = ..., *,
+               tp_rank: Optional[int] = ..., tp_world: Optional[int] = ..., tp_preset: Optional[str] = ...,
+               tp_rules: Optional[_Rules] = ..., tp_uneven: bool = ...) -> Dict[str, DeviceArray]: ...
+def load_safetensors(path: _Path, gpu_id: int = ..., chunk_bytes: int = ..., *,
+                     tp_rank: Optional[int] = ..., tp_world: Optional[int] = ..., tp_preset: Optional[str] = ...,
+                     tp_rules: Optional[_Rules] = ..., tp_uneven: bool = ...) -> Dict[str, DeviceArray]: ...
 def stats() -> Dict[str, Any]: ...
 def prepare(gpu_id: int = ...) -> None: ...
 def timings() -> List[Tuple[str, float]]: ...

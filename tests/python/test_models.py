@@ -6,8 +6,10 @@ layout), an index file, one file recognised by content whatever its name; the
 Model object (tensors, chunks, files, metadata, per-tensor waits, release, the
 memory's lifetime), load_model, the chunk dicts' file, file_offset and tensors,
 the errors (a missing shard, a bad index, not a model) with nothing left
-behind, and models in a job through a real aegaeond. Needs only Debian's
-python3. Run against a build tree: PYTHONPATH=<build>/python/.libs
+behind, tensor-parallel slices (tp_*: each rank's parts against numpy's slices
+of the file, for 1, 2, 4 and uneven 3 ranks; every bad value, leaving no Python
+memory or descriptor), and models and slices in a job through a real aegaeond
+(a refused split leaves the agent empty). Needs only Debian's python3. Run against a build tree: PYTHONPATH=<build>/python/.libs
 AEGAEON_DEVICE=host AEGAEOND=<build>/aegaeond python3 this. Prints
 "N passed, N failed" last.
 """
@@ -15,8 +17,10 @@ import gc
 import json
 import os
 import struct
+import subprocess
 import tempfile
 import threading
+import tracemalloc
 import unittest
 
 import testmain
@@ -393,6 +397,233 @@ class TestErrors(Base):
         self.assertNothingHeld()
 
 
+try:
+    import numpy as np
+except ImportError:
+    np = None
+NEEDS_NUMPY = unittest.skipIf(np is None, "no numpy (python3-numpy)")
+NP_DTYPES = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "u1"}
+
+
+def tp_tensors(seed):
+    """A model for tensor-parallel slices: the megatron preset's names (column- and
+    row-parallel projections, the embedding), a 3-D tensor, one no world divides,
+    a norm; extents of 8, 12 and 16 split evenly over 1, 2 and 4 ranks."""
+    shapes = {"model.embed_tokens.weight": ("F32", (16, 4)),
+              "model.layers.0.self_attn.q_proj.weight": ("F32", (8, 12)),
+              "model.layers.0.self_attn.o_proj.weight": ("F16", (12, 8)),
+              "model.layers.0.mlp.experts.weight": ("I32", (2, 3, 8)),
+              "model.layers.0.input_layernorm.weight": ("F32", (12,)),
+              "model.layers.0.odd.weight": ("I64", (7, 5)),
+              "lm_head.weight": ("U8", (16, 12))}
+    out = {}
+    for i, (name, (dtype, shape)) in enumerate(shapes.items()):
+        n = int(np.prod(shape)) * np.dtype(NP_DTYPES[dtype]).itemsize
+        out[name] = (dtype, shape, pattern(n, seed * 100 + i))
+    return out
+
+
+def expected_part(tensors, name, rank, world, dim):
+    """(the file's part of a tensor as numpy, (dim, start, extent) or None), split as
+    the library does: ceil(extent / world) a rank, the last ranks less."""
+    dtype, shape, raw = tensors[name]
+    full = np.frombuffer(raw, NP_DTYPES[dtype]).reshape(shape)
+    if dim is None:
+        return full, None
+    per = -(-shape[dim] // world)
+    start = min(rank * per, shape[dim])
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(start, start + per)
+    return full[tuple(index)], (dim, start, shape[dim])
+
+
+MEGATRON = {"model.embed_tokens.weight": 0, "model.layers.0.self_attn.q_proj.weight": 0,
+            "model.layers.0.self_attn.o_proj.weight": 1, "lm_head.weight": 0}
+
+
+@NEEDS_NUMPY
+class TestSlices(Base):
+    """Each rank's part of each tensor, against the file's slice of it (numpy)."""
+
+    def setUp(self):
+        self.tensors = tp_tensors(31)
+        self.dir = tempfile.mkdtemp(dir=TMP)
+        self.files = write_sharded(self.dir, split(self.tensors, 2))
+
+    def check(self, got, parts, rank, world, dims):
+        """got: {name: DeviceArray}; parts: the Model's, or None (a load_model dict)."""
+        self.assertEqual(list(got), list(self.tensors))
+        for name in self.tensors:
+            want, part = expected_part(self.tensors, name, rank, world, dims.get(name))
+            have = np.asarray(got[name])
+            self.assertEqual((have.dtype, have.shape), (want.dtype, want.shape), name)
+            # As bytes: random bytes make NaNs, which no float equals.
+            self.assertEqual(have.tobytes(), np.ascontiguousarray(want).tobytes(), name)
+            if parts is not None:
+                self.assertEqual(parts.get(name), part, name)
+
+    def test_worlds(self):
+        for world in (1, 2, 4):
+            for rank in range(world):
+                with an.open_model(self.dir, chunk_bytes=4096, tp_rank=rank, tp_world=world) as m:
+                    self.assertEqual(m.slice, {"rank": rank, "world": world, "preset": "megatron", "rules": [],
+                                               "uneven": False})
+                    self.assertEqual(m.files, tuple(self.files))
+                    self.assertIn("tensor-parallel rank %d of %d" % (rank, world), repr(m))
+                    self.check(m.tensors, m.parts, rank, world, MEGATRON)
+                self.assertNothingHeld()
+        d = an.load_model(self.dir, tp_rank=1, tp_world=2)
+        self.check(d, None, 1, 2, MEGATRON)
+        del d
+        d = an.load_safetensors(self.files[0], 0, MiB, tp_rank=3, tp_world=4)
+        self.assertEqual(d["model.embed_tokens.weight"].shape, (4, 4))
+        del d
+        self.assertNothingHeld()
+
+    def test_rules_preset_and_uneven(self):
+        rules = [("*.q_proj.weight", None), ("*.experts.weight", 2), ("*.odd.weight", 1), ("*layernorm*", 0)]
+        given = [["*.q_proj.weight", "whole"]] + [list(r) for r in rules[1:]]     # "whole" as the CLI's =whole
+        dims = dict(MEGATRON, **{"model.layers.0.self_attn.q_proj.weight": None,
+                                 "model.layers.0.mlp.experts.weight": 2, "model.layers.0.odd.weight": 1,
+                                 "model.layers.0.input_layernorm.weight": 0})
+        for rank in range(3):      # 5 columns over 3 ranks: 2, 2, 1; 16 rows: 6, 6, 4; 8: 3, 3, 2
+            m = an.open_model(self.dir, tp_rank=rank, tp_world=3, tp_rules=rules if rank else given, tp_uneven=True)
+            self.assertEqual(m.slice["rules"], rules)
+            self.check(m.tensors, m.parts, rank, 3, dims)
+            m.release()
+        only = {"model.layers.0.odd.weight": 0}         # a dict, and no preset: the rules alone
+        m = an.open_model(self.dir, tp_rank=1, tp_world=4, tp_preset="none", tp_rules=only, tp_uneven=True)
+        self.assertEqual((m.slice["preset"], m.slice["uneven"]), ("none", True))
+        self.check(m.tensors, m.parts, 1, 4, only)
+        m.release()
+        m = an.open_model(self.dir, tp_rank=0, tp_world=2, tp_preset="vllm")     # megatron's other name
+        self.assertEqual(m.slice["preset"], "megatron")
+        self.check(m.tensors, m.parts, 0, 2, MEGATRON)
+        m.release()
+        self.assertNothingHeld()
+
+    def test_chunk_dicts(self):
+        """A sliced load's chunks hold the parts packed: each part is at chunk device_ptr + offset."""
+        m = an.open_model(self.dir, chunk_bytes=4096, tp_rank=1, tp_world=2)
+        seen = set()
+        for c in m.chunks:
+            for name, off in c["tensors"]:
+                if off >= 0:
+                    self.assertEqual(m.tensors[name].device_ptr, c["device_ptr"] + off, name)
+                    seen.add(name)
+                view = an.chunk_view(c).tobytes()
+                part = m.tensors[name].tobytes()
+                if off >= 0:
+                    self.assertEqual(view[off:off + len(part)], part[:c["size"] - off], name)
+                else:
+                    self.assertEqual(view[:len(part) + off], part[-off:-off + c["size"]], name)
+        self.assertEqual(seen, set(self.tensors))
+        m.release()
+        self.assertNothingHeld()
+
+    def errors(self):
+        """Each bad value through open_model, load_model and load_safetensors: its exception and text."""
+        for exc, text, kw in SLICE_ERRORS:
+            for fn in (an.open_model, an.load_model, an.load_safetensors):
+                with self.assertRaises(exc, msg=(fn.__name__, kw)) as c:
+                    fn(self.dir, **kw)
+                self.assertIn(text, str(c.exception), (fn.__name__, kw))
+
+    def test_errors(self):
+        fds = open_fds()
+        self.errors()
+        raw = os.path.join(TMP, "raw-tp.bin")
+        write_file(raw, pattern(5000, 3))
+        with self.assertRaises(an.AegaeonError) as c:
+            an.open_model(raw, tp_rank=0, tp_world=2)
+        self.assertAegaeon(c, "AEG_EFORMAT", raw)
+        self.assertRaises(TypeError, an.open_model, self.dir, 0, MiB, True, 0, 2)    # keyword-only
+        self.assertNothingHeld()
+        self.assertEqual(open_fds(), fds)
+
+    def test_errors_leak_nothing(self):
+        """The checks and the refused loads free what they took: Python memory (the spec, the
+        rules' copies, the lists made of them) and descriptors, over many rounds."""
+        self.errors()                           # the first round's caches (interned names, the engine)
+        fds = open_fds()
+        tracemalloc.start()
+        try:
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(10):
+                self.errors()
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        # 10 rounds of over 90 calls: one leaked small object a call would be 30 KiB
+        self.assertLess(grown, 16 * 1024, "Python memory grew by %d bytes" % grown)
+        self.assertEqual(open_fds(), fds)
+        self.assertNothingHeld()
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def tp(**kw):
+    """Rank 0 of 2 and @kw."""
+    return dict(tp_rank=0, tp_world=2, **kw)
+
+
+# (exception, text it must contain, the tp_* arguments) for TestSlices' model
+SLICE_ERRORS = [
+    (ValueError, "tp_rank=1 needs tp_world", dict(tp_rank=1)),
+    (ValueError, "tp_world=2 needs tp_rank", dict(tp_world=2)),
+    (ValueError, "tp_preset needs tp_rank and tp_world", dict(tp_preset="megatron")),
+    (ValueError, "tp_rules needs tp_rank and tp_world", dict(tp_rules=[("a", 0)])),
+    (ValueError, "tp_uneven needs tp_rank and tp_world", dict(tp_uneven=True)),
+    (ValueError, "tp_rank 2 is out of range (0..1 for tp_world 2)", dict(tp_rank=2, tp_world=2)),
+    (ValueError, "tp_world 0 is out of range (1..4096)", dict(tp_rank=0, tp_world=0)),
+    (ValueError, "tp_world 5000 is out of range (1..4096)", dict(tp_rank=0, tp_world=5000)),
+    (ValueError, "tp_world %d does not fit in 64 bits" % 2 ** 70, dict(tp_rank=0, tp_world=2 ** 70)),
+    (ValueError, "tp_rank must not be negative (got -1)", dict(tp_rank=-1, tp_world=2)),
+    (TypeError, "tp_rank must be an int, not str", dict(tp_rank="0", tp_world=2)),
+    (TypeError, "tp_world must be an int, not bool", dict(tp_rank=0, tp_world=True)),
+    (TypeError, "tp_rank must be an int, not float", dict(tp_rank=0.0, tp_world=2)),
+    (ValueError, "tp_preset 'tp': expected 'megatron', 'vllm' or 'none'", tp(tp_preset="tp")),
+    (TypeError, "tp_preset must be a str or None, not int", tp(tp_preset=1)),
+    (TypeError, "tp_rules must be a sequence of (pattern, dim) pairs or a dict, not str", tp(tp_rules="*.w=0")),
+    (TypeError, "tp_rules must be a sequence of (pattern, dim) pairs or a dict, not int", tp(tp_rules=3)),
+    (TypeError, "tp_rules[1] must be a (pattern, dim) pair, not int", tp(tp_rules=[("a", 0), 3])),
+    (TypeError, "tp_rules[0] must be a (pattern, dim) pair, not tuple", tp(tp_rules=[("a", 0, 1)])),
+    (TypeError, "tp_rules[0]: the pattern must be a str, not bytes", tp(tp_rules=[(b"a", 0)])),
+    (TypeError, "tp_rules[0]: the pattern must be a str, not int", tp(tp_rules={1: 0})),
+    (ValueError, "tp_rules[0]: pattern '' is empty", tp(tp_rules=[("", 0)])),
+    (ValueError, "tp_rules[0]: pattern 'a\\x00b' is cut by a NUL character", tp(tp_rules=[("a\0b", 0)])),
+    (ValueError, "tp_rules[0]: pattern \"%s...\" of 300 bytes, at most 255" % ("p" * 32),
+     tp(tp_rules=[("p" * 300, 0)])),
+    (ValueError, "tp_rules[0] dim must not be negative (got -1)", tp(tp_rules=[("a", -1)])),
+    (TypeError, "tp_rules[0] dim must be an int, not float", tp(tp_rules=[("a", 1.0)])),
+    (ValueError, "tp_rules[1] dim 'all': expected an int from 0, or None or 'whole' for the tensor whole",
+     tp(tp_rules=[("a", "whole"), ("b", "all")])),
+    (ValueError, "tp_rules: 65 rules, at most 64", tp(tp_rules=[("r%d" % i, 0) for i in range(65)])),
+    (an.AegaeonValueError, 'slice rule 0 ("a"): dim 40: must be 0..31', tp(tp_rules=[("a", 40)])),
+    (an.AegaeonValueError, 'tensor "model.layers.0.odd.weight" of shape [7, 5] has 5 along dim 1, not a multiple of '
+     'the 2 ranks (rule "*.odd.weight"); with AEG_SLICE_UNEVEN each rank takes 3 and the last ones less '
+     '(tp_uneven=True sets AEG_SLICE_UNEVEN)',
+     tp(tp_rules=[("*.odd.weight", 1)])),
+    (an.AegaeonValueError, 'tensor "model.layers.0.input_layernorm.weight" of shape [12] has no dim 1',
+     tp(tp_rules=[("*layernorm*", 1)])),
+]
+
+
+STEP_TP = r"""
+import aegaeon_native as an, json, os, sys
+rank, world = int(sys.argv[2]), int(sys.argv[3])
+m = an.open_model(sys.argv[1], chunk_bytes=1 << 20, tp_rank=rank, tp_world=world)
+print(json.dumps({"owned": m.owned, "slice": m.slice, "parts": m.parts,
+                  "tensors": {k: [list(v.shape), v.tobytes().hex()] for k, v in m.tensors.items()}}))
+if len(sys.argv) > 4:                       # leave the load to the job: exit without releasing it
+    sys.stdout.flush()
+    os._exit(0)
+"""
+
 STEP = r"""
 import aegaeon_native as an, json, sys
 m = an.open_model(sys.argv[1], chunk_bytes=1 << 20)
@@ -426,6 +657,53 @@ class TestJob(AgentCase, Base):
             later = self.step(STEP, d)
             self.assertEqual(later["tensors"], want)
             self.assertEqual((later["owned"], later["held"], later["after"]), (False, 0, 0))
+
+
+STEP_TP_BAD = r"""
+import aegaeon_native as an, json, sys
+try:
+    an.open_model(sys.argv[1], tp_rank=0, tp_world=2, tp_rules=[("*.odd.weight", 1)])
+    print(json.dumps({"error": None}))
+except an.AegaeonError as e:
+    print(json.dumps({"error": [e.name, str(e)], "held": an.stats()["job"]["blocks"]}))
+"""
+
+
+class TestJobSlices(AgentCase, Base):
+    """Slices in a job: the agent loads each rank's parts; an equal slice is reused, another rank's never."""
+
+    @NEEDS_NUMPY
+    def test_ranks(self):
+        tensors = tp_tensors(32)
+        d = tempfile.mkdtemp(dir=TMP)
+        write_sharded(d, split(tensors, 2))
+        # Rank 0's load left to the job; rank 1 loads its own; rank 0 again finds the job's.
+        for rank, owned, leave in ((0, True, ["leave"]), (1, True, []), (0, False, [])):
+            got = self.step(STEP_TP, d, str(rank), "2", *leave)
+            self.assertEqual((got["owned"], got["slice"]["rank"], got["slice"]["world"]), (owned, rank, 2))
+            for name in tensors:
+                want, part = expected_part(tensors, name, rank, 2, MEGATRON.get(name))
+                self.assertEqual(got["tensors"][name], [list(want.shape), want.tobytes().hex()], name)
+                self.assertEqual(got["parts"].get(name), list(part) if part else None, name)
+
+
+    @NEEDS_NUMPY
+    def test_refused(self):
+        """A split the agent refuses: the library's message with the keyword that allows it; nothing
+        stays in the job (the agent's status lists no load, its slab holds nothing)."""
+        d = tempfile.mkdtemp(dir=TMP)
+        write_sharded(d, split(tp_tensors(33), 2))
+        got = self.step(STEP_TP_BAD, d)
+        self.assertEqual(got["error"][0], "AEG_EINVAL")
+        self.assertIn('tensor "model.layers.0.odd.weight" of shape [7, 5] has 5 along dim 1', got["error"][1])
+        self.assertIn("(tp_uneven=True sets AEG_SLICE_UNEVEN)", got["error"][1])
+        self.assertEqual(got["held"], 0)
+        cli = os.path.join(os.path.dirname(os.environ["AEGAEOND"]), "aegaeon-cli")
+        r = subprocess.run([cli, "status", "--json"], env=self.env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        status = json.loads(r.stdout)
+        self.assertEqual(status["loads"], [])
+        self.assertEqual([(sl["used_bytes"], sl["blocks"]) for sl in status["slabs"]], [(0, 0)])
 
 
 if __name__ == "__main__":
