@@ -82,7 +82,8 @@ def _tensor(torch, name, arr):
     return torch.from_dlpack(arr.view("U8")).view(dtype).view(arr.shape)
 
 
-def load_state_dict(path, device=None, *, chunk_bytes=None):
+def load_state_dict(path, device=None, *, chunk_bytes=None, tp_rank=None, tp_world=None, tp_preset=None,
+                    tp_rules=None, tp_uneven=False):
     """{name: torch.Tensor} of a model, in file order, without a copy.
 
     path is what aegaeon_native.load_model takes: a safetensors file, a
@@ -91,12 +92,17 @@ def load_state_dict(path, device=None, *, chunk_bytes=None):
     "cuda:N", a torch.device or a GPU number; the host backend gives CPU
     tensors. Each tensor views the loaded memory through DLPack: the memory
     stays while any of them lives, and is released when the last goes.
-    Returns once every byte is loaded. Errors: those of load_model
-    (AegaeonError), TypeError for a dtype this torch lacks, ValueError for a
-    device of the other backend."""
+    tp_rank, tp_world, tp_preset, tp_rules and tp_uneven load only a
+    tensor-parallel rank's part of each tensor, as load_model takes them:
+    the tensors have the parts' shapes. Returns once every byte is loaded.
+    Errors: those of load_model (AegaeonError; TypeError and ValueError for
+    bad tp_* values), TypeError for a dtype this torch lacks, ValueError for
+    a device of the other backend."""
     torch, native = _torch(), _native()
     gpu, _ = _device(torch, native, device)
-    arrays = native.load_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES)
+    arrays = native.load_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
+                               tp_rank=tp_rank, tp_world=tp_world, tp_preset=tp_preset, tp_rules=tp_rules,
+                               tp_uneven=tp_uneven)
     return {name: _tensor(torch, name, arr) for name, arr in arrays.items()}
 
 

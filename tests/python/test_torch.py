@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """aegaeon_native.torch on the host backend, CPU tensors (make check).
 
-load_state_dict against the file, tensor by tensor, without a copy; load_into of
+load_state_dict against the file, tensor by tensor, without a copy (and a
+tensor-parallel rank's parts with the tp_* arguments); load_into of
 a tiny Llama-like transformers model written by save_pretrained in several
 shards, against from_pretrained: every parameter bit for bit, the logits equal;
 tied and untied weights, buffers rebuilt, base and head models, the errors.
@@ -158,6 +159,29 @@ class TestStateDict(unittest.TestCase):
             an.torch.load_state_dict(path, 5)
         with self.assertRaises(an.AegaeonError):
             an.torch.load_state_dict(os.path.join(TMP, "missing"))
+        self.assertEqual(held(), (0, 0))
+
+    def test_tensor_parallel_slices(self):
+        """The tp_* arguments reach load_model: each rank's tensors are torch's chunks of the file's."""
+        shapes = {"layers.0.q_proj.weight": (8, 6), "layers.0.o_proj.weight": (6, 8), "norm.weight": (6,)}
+        tensors = {n: ("F32", s, testmain.pattern(4 * (s[0] * (s[1] if len(s) > 1 else 1)), i))
+                   for i, (n, s) in enumerate(shapes.items())}
+        path = os.path.join(TMP, "tp.safetensors")
+        write_file(path, safetensors_bytes(tensors))
+        full = {n: torch.frombuffer(bytearray(raw), dtype=torch.int32).reshape(s) for n, (_, s, raw) in tensors.items()}
+        dims = {"layers.0.q_proj.weight": 0, "layers.0.o_proj.weight": 1}
+        for rank in range(2):
+            sd = an.torch.load_state_dict(path, "cpu", tp_rank=rank, tp_world=2)
+            for name, t in full.items():
+                want = t.chunk(2, dims[name])[rank] if name in dims else t
+                # As int32 bits: random bytes make NaNs, which no float equals.
+                self.assertTrue(torch.equal(sd[name].view(torch.int32), want.contiguous()), name)
+        sd = an.torch.load_state_dict(path, tp_rank=1, tp_world=3, tp_preset="none", tp_rules={"norm.weight": 0})
+        self.assertEqual([tuple(t.shape) for t in sd.values()], [(8, 6), (6, 8), (2,)])
+        del sd
+        with self.assertRaises(ValueError) as c:
+            an.torch.load_state_dict(path, tp_rank=1)
+        self.assertIn("tp_rank=1 needs tp_world", str(c.exception))
         self.assertEqual(held(), (0, 0))
 
 
