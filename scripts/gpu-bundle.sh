@@ -75,6 +75,10 @@ cp "$top/scripts/gpu-run.sh" "$out/"
 cp "$top/tests/gpu/slurm_e2e.sh" "$top/tests/gpu/slurm_e2e.py" "$top/tests/gpu/slurm_userpath.sh" \
 	"$top/tests/gpu/test_python_gpu.py" "$out/tests/gpu/"
 cp -r "$top/scripts/lib" "$out/scripts-lib"
+# The Slurm suite's cgroup test (gpu-run.sh cgroup), beside the library it sources.
+mkdir -p "$out/tests/slurm" "$out/scripts"
+cp "$top"/tests/slurm/{run.sh,cluster.sh,cgroup.sh} "$out/tests/slurm/"
+cp -r "$top/scripts/lib" "$out/scripts/lib"
 if compgen -G "$top/.debs/*.deb" >/dev/null; then
 	mkdir -p "$out/debs"
 	cp "$top"/.debs/*.deb "$out/debs/"

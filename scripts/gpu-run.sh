@@ -2,7 +2,7 @@
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
 # Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak] [kv]
-#                               [userpath]
+#                               [userpath] [cgroup]
 #        (default: tests bench). kv: the KV GPU tests, the whole KV benchmark
 #        (bench/kv_bench.sh, --tune, kv_event_wait) and the KV part of the Slurm
 #        test in a job (needs root and bundle/debs); KV_SANITIZE=1 adds
@@ -14,6 +14,9 @@
 #        included, within $USERPATH_BUDGET (default 540) s; USERPATH_ARGS adds options)
 #        needs torch, safetensors and transformers, and installs the wheels of
 #        bundle/baseline-wheels (scripts/fetch-wheels.sh) for its baselines.
+#        cgroup (tests/slurm/cgroup.sh: the agent in the job's cgroups, on this
+#        machine's cgroup version) needs root and Slurm installed: give it
+#        after slurm, which installs Slurm from bundle/debs.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -183,6 +186,26 @@ fi
 if [[ " $what " == *" slurm "* ]]; then
 	OUT=$out run slurm-e2e bash "$here/tests/gpu/slurm_e2e.sh" ${SLURM_E2E_ARGS:-}
 	grep -E '^(not ok|# figure:)' "$out/slurm-e2e.log"
+fi
+if [[ " $what " == *" cgroup "* ]]; then
+	# The agent runs with slurmd's empty environment: libraries the system
+	# lacks go where the loader finds them, and go again after the test.
+	root=$here/root/opt/aegaeon
+	libs=/usr/local/lib/aegaeon-cgroup
+	mkdir -p "$libs"
+	for l in $(env -u LD_LIBRARY_PATH ldd "$root/sbin/aegaeond" "$root/lib/slurm/aegaeon.so" | awk '/not found/ {print $1}' | sort -u); do
+		cp "$here/lib/$l" "$libs/"
+	done
+	echo "$libs" >/etc/ld.so.conf.d/aegaeon-cgroup.conf
+	ldconfig
+	AEG_BUILDDIR=$root AEG_PLUGIN=$root/lib/slurm/aegaeon.so AEG_AGENT=$root/sbin/aegaeond AEG_CLI=$root/bin/aegaeon-cli \
+		run cgroup bash "$here/tests/slurm/run.sh" cgroup.sh
+	if grep -q '^SKIP' "$out/cgroup.log"; then   # no Slurm, or slurmd cannot use cgroups here
+		passed=$((passed - 1)) failed=$((failed + 1))
+		echo "not ok - cgroup: skipped, which this mode does not accept"
+	fi
+	rm -rf "$libs" /etc/ld.so.conf.d/aegaeon-cgroup.conf
+	ldconfig
 fi
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -153,7 +153,9 @@ static void print_row(const struct kv_row *r)
 		print_ratio(r->gbps[d][KV_OURS], r->gbps[d][KV_BATCH], 9);
 		printf("\n");
 	}
-	if (r->unroll)
+	if (r->copy_engines)
+		printf("  %-9s copy engines: one cudaMemcpyBatchAsync per call (pieces of 1 MiB and more)\n", "");
+	else if (r->unroll)
 		printf("  %-9s kernel: unroll %d, at most %u CTAs\n", "", r->unroll, r->max_grid);
 	fflush(stdout);
 }
@@ -178,7 +180,9 @@ static void json_row(const struct kv_row *r, int first)
 		}
 		printf("}");
 	}
-	if (r->unroll)
+	if (r->copy_engines)
+		printf(", \"copy_engines\": true");
+	else if (r->unroll)
 		printf(", \"kernel\": {\"unroll\": %d, \"max_ctas\": %u}", r->unroll, r->max_grid);
 	printf(", \"verified\": %s}", r->verified ? "true" : "false");
 }

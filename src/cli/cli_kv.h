@@ -34,6 +34,7 @@ struct kv_row {
 	double gbps[KV_DIRS][KV_WAYS];
 	int unroll;                     /* cuda: the kernel variant and grid used; 0 on host */
 	unsigned max_grid;
+	int copy_engines;               /* cuda: the copy engines move these pieces, not the kernel */
 	int verified;
 };
 

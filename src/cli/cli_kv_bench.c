@@ -472,7 +472,8 @@ static void fill_kernel(const struct bench *b, struct kv_row *row)
 
 	if (b->env->cuda) {
 		kv_cuda_config(b->kv, b->kv->whole.piece_bytes, &cfg);
-		row->unroll = cfg.unroll;
+		row->copy_engines = cfg.copy_engines;
+		row->unroll = cfg.copy_engines ? 0 : cfg.unroll;
 		row->max_grid = cfg.max_grid;
 	}
 #else

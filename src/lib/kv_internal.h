@@ -165,8 +165,12 @@ void kv_cuda_fini(aeg_kv_t *kv);        /* waits for queued moves */
 int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream);
 int kv_cuda_check_copy(aeg_kv_t *kv, void *dst, const void *src, int h2d);
 
-/* The kernel variant and largest grid a launch of pieces of @piece_bytes takes (kv bench). */
+/*
+ * How a move of pieces of @piece_bytes is made (kv bench): by the copy
+ * engines, or by the kernel variant and largest grid given.
+ */
 struct kv_launch_cfg {
+	int copy_engines;
 	int variant;
 	int unroll;
 	unsigned max_grid;

@@ -221,7 +221,14 @@ static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
 	return 0;
 }
 
-#define RING_BUFFER_BYTES (16ull << 20)
+/*
+ * Until the ring is made a fresh process's loads register every piece from
+ * the page cache, and registrations serialize in the driver (30-31 GB/s on
+ * the H200, against 48 with the ring): the ring is on the first load's
+ * path, so it is small. 24 x 8 MiB takes half the 103-138 ms of 24 x 16 MiB
+ * (4 KiB pages: populating them is most of it).
+ */
+#define RING_BUFFER_BYTES (8ull << 20)
 
 /* The ring's thread: the engine stages through it once made, mapping files until then. */
 static void *make_ring(void *arg)
