@@ -64,7 +64,8 @@ check "... saying the job has no GPU" grep -qF "but the job has none on node n1 
 head -c 1048576 /dev/urandom >"$T/work/model.bin"
 chown "$JOB_USER" "$T/work/model.bin"
 job=$(submit -N1 --gres=gpu:1 --aegaeon-slab=64MiB --aegaeon-prefetch=model.bin -o batch.out \
-	--wrap 'echo script=$AEGAEON_SLABS; srun bash -c "echo step=\$AEGAEON_SLABS"; sleep 3')
+	--wrap 'echo script=$AEGAEON_SLABS; srun bash -c "echo step=\$AEGAEON_SLABS"
+		for i in $(seq 300); do test -e agent.seen && break; sleep 0.1; done')
 check "batch job submitted" test -n "$job"
 if wait_ready "$job" n1 20; then
 	agent=$(agent_of "$job" n1)
@@ -75,6 +76,7 @@ if wait_ready "$job" n1 20; then
 else
 	fail "batch job's agent became ready"
 fi
+touch "$T/work/agent.seen"      # the job ends once its agent was looked at (a bounded wait)
 wait_job "$job" 30
 check "the batch script sees the env" grep -qx "script=1" "$T/work/batch.out"
 check "a step inside it sees the env without repeating the options" grep -qx "step=1" "$T/work/batch.out"

@@ -15,7 +15,7 @@ job=$(submit -N2 --ntasks-per-node=2 --gres=gpu:1 --aegaeon-slab=64MiB --aegaeon
 	srun bash -c '$AEG_CLI chunks model.bin --verify | sed -n \"s/.*: verified /verified rank=\$SLURM_PROCID node=\$SLURMD_NODENAME /p\"'
 	srun bash -c '$AEG_CLI status --attach | sed \"s/^/rank=\$SLURM_PROCID node=\$SLURMD_NODENAME /\"'
 	touch multi.done
-	sleep 2")
+	for i in \$(seq 300); do test -e agents.seen && break; sleep 0.1; done")
 if wait_ready "$job" n1 20 && wait_ready "$job" n2 20; then
 	pass "both nodes' agents became ready"
 else
@@ -24,6 +24,9 @@ fi
 a1=$(agent_of "$job" n1)
 a2=$(agent_of "$job" n2)
 check "one agent per node, distinct ($a1, $a2)" test -n "$a1" -a -n "$a2" -a "$a1" != "$a2"
+# The job ends (and its epilogs stop the agents) only once they were looked for:
+# its steps can be over before a loaded machine's scan of /proc is.
+touch "$T/work/agents.seen"
 # Four steps of ASan-built programs on a shared two-core machine can take a while.
 check "the job's steps ran to their end" wait_for 180 test -e "$T/work/multi.done"
 out=$(cat "$T/work/multi.out")
