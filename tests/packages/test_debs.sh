@@ -25,6 +25,10 @@ counts() {     # adds a log's last "N passed, N failed" to the suites' counts
 installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'; }
 
 [[ $(id -u) -eq 0 ]] || { echo "test_debs.sh: run as root (it installs packages)"; exit 1; }
+# The packages are the machine's, not this run's: two suites on one machine
+# (two checkouts) take turns here rather than find each other's install.
+exec 9>/run/lock/aegaeon-test-debs.lock
+flock -w 1800 9 || { echo "test_debs.sh: another run held /run/lock/aegaeon-test-debs.lock for 30 minutes"; exit 1; }
 files=()
 for p in "${pkgs[@]}"; do
 	f=$(ls "$debs/${p}_"*.deb 2>/dev/null | head -n 1)
