@@ -1,4 +1,7 @@
-/* Error codes, their names and messages, and the per-thread detail. */
+/*
+ * Error codes, their names and messages, and the per-thread detail. Nothing
+ * here logs: aeg_fail, which sets the detail and logs it, is in log.c.
+ */
 #include "config.h"
 
 #include <stdarg.h>
@@ -63,15 +66,9 @@ AEG_EXPORT void aeg_error_clear(void)
 	detail[0] = '\0';
 }
 
-int aeg_fail(int err, const char *fmt, ...)
+void aeg_error_vset(const char *fmt, va_list ap)
 {
-	va_list ap;
-
-	va_start(ap, fmt);
 	vsnprintf(detail, sizeof(detail), fmt, ap);
-	va_end(ap);
-	aeg_log(AEG_LOG_DEBUG, "%s: %s", aeg_errname(err), detail);
-	return err;
 }
 
 void aeg_error_prefix(const char *fmt, ...)

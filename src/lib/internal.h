@@ -4,6 +4,7 @@
 
 #include <limits.h>
 #include <linux/futex.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/syscall.h>
@@ -17,10 +18,15 @@
 #define AEG_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
 /*
- * aeg_fail - set this thread's error detail (printf format) and return @err,
- * so error paths read `return aeg_fail(AEG_EINVAL, "chunk size 0");`.
+ * aeg_fail - set this thread's error detail (printf format), log it at debug
+ * level and return @err, so error paths read
+ * `return aeg_fail(AEG_EINVAL, "chunk size 0");`. In log.c, so that error.c,
+ * below the log, calls nothing of it.
  */
 int aeg_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* aeg_error_vset - set this thread's detail alone (error.c): aeg_fail's first half. */
+void aeg_error_vset(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
 
 /* aeg_fail_keep - return @err, keeping the detail a callee already set. */
 static inline int aeg_fail_keep(int err) { return err; }

@@ -1,4 +1,7 @@
-/* Leveled logging to stderr or syslog; the level starts from $AEGAEON_LOG. */
+/*
+ * Leveled logging to stderr or syslog; the level starts from $AEGAEON_LOG.
+ * aeg_fail is here too: it sets the error detail (error.c) and logs it.
+ */
 #include "config.h"
 
 #include <pthread.h>
@@ -114,4 +117,15 @@ AEG_EXPORT void aeg_log(enum aeg_log_level level, const char *fmt, ...)
 		syslog(prio[level], "%s", msg);
 	else
 		fprintf(stderr, "aegaeon: %s: %s\n", names[level], msg);
+}
+
+int aeg_fail(int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	aeg_error_vset(fmt, ap);
+	va_end(ap);
+	aeg_log(AEG_LOG_DEBUG, "%s: %s", aeg_errname(err), aeg_error_detail());
+	return err;
 }
