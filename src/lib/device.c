@@ -1,4 +1,4 @@
-/* The public device API: argument checks, then dispatch to the backend's vtable. */
+/* The public device API: argument checks, then dispatch to the backend's vtable; the table of event handles. */
 #include "config.h"
 
 #include <ctype.h>
@@ -61,11 +61,103 @@ AEG_EXPORT int aeg_device_open(aeg_device_t **devp, enum aeg_device_kind kind)
 	return 0;
 }
 
+static unsigned bucket_of(const aeg_handle_t *handle)
+{
+	uint32_t h = 2166136261u;       /* FNV-1a */
+
+	for (int i = 0; i < AEG_HANDLE_BYTES; i++) {
+		h ^= handle->bytes[i];
+		h *= 16777619u;
+	}
+	return h % AEG_EVENT_BUCKETS;
+}
+
+struct aeg_event_entry *aeg_event_table_lookup(aeg_device_t *dev, const aeg_handle_t *handle)
+{
+	for (struct aeg_event_entry *e = dev->events[bucket_of(handle)]; e != NULL; e = e->next)
+		if (memcmp(e->handle.bytes, handle->bytes, AEG_HANDLE_BYTES) == 0)
+			return e;
+	return NULL;
+}
+
+void aeg_event_table_insert(aeg_device_t *dev, struct aeg_event_entry *e)
+{
+	unsigned b = bucket_of(&e->handle);
+
+	e->next = dev->events[b];
+	dev->events[b] = e;
+	if (e->local == NULL)
+		dev->event_cached++;
+}
+
+void aeg_event_table_unlink(aeg_device_t *dev, struct aeg_event_entry *e)
+{
+	struct aeg_event_entry **pp;
+
+	for (pp = &dev->events[bucket_of(&e->handle)]; *pp != NULL; pp = &(*pp)->next) {
+		if (*pp == e) {
+			*pp = e->next;
+			break;
+		}
+	}
+	if (e->local == NULL)
+		dev->event_cached--;
+}
+
+/*
+ * Close every cached opening of another process's event handle. Events of
+ * this process are their owners' to destroy: a device closed with some
+ * left says so.
+ */
+static void close_openings(aeg_device_t *dev)
+{
+	struct aeg_event_entry *dead = NULL;
+	unsigned live = 0;
+
+	pthread_mutex_lock(&dev->lock);
+	for (int b = 0; b < AEG_EVENT_BUCKETS; b++) {
+		struct aeg_event_entry *e = dev->events[b], *next;
+
+		for (; e != NULL; e = next) {
+			next = e->next;
+			if (e->local != NULL) {
+				live++;
+				continue;
+			}
+			aeg_event_table_unlink(dev, e);
+			if (--e->refs == 0) {
+				e->next = dead;
+				dead = e;
+			}
+		}
+	}
+	pthread_mutex_unlock(&dev->lock);
+	if (live != 0)
+		aeg_warn("device closed with %u event%s not destroyed", live, live == 1 ? "" : "s");
+	while (dead != NULL) {
+		struct aeg_event_entry *e = dead;
+
+		dead = e->next;
+		dev->ops->event_close(dev, e->opened);
+		free(e);
+	}
+}
+
+void aeg_device_event_stats(aeg_device_t *dev, uint64_t *opens, uint64_t *cached)
+{
+	pthread_mutex_lock(&dev->lock);
+	if (opens != NULL)
+		*opens = dev->event_opens;
+	if (cached != NULL)
+		*cached = dev->event_cached;
+	pthread_mutex_unlock(&dev->lock);
+}
+
 AEG_EXPORT void aeg_device_close(aeg_device_t *dev)
 {
 	if (dev == NULL)
 		return;
-	aeg_event_cache_clear(dev);
+	close_openings(dev);
 	dev->ops->fini(dev);
 	pthread_mutex_destroy(&dev->lock);
 	free(dev);

@@ -73,7 +73,24 @@ struct aeg_device_ops {
 #define AEG_EVENT_FAILED_KEPT 256      /* failed events remembered after their destruction */
 #define AEG_EVENT_BUCKETS 256
 
-struct aeg_event_entry;         /* event.c */
+struct aeg_event;               /* event.c */
+
+/*
+ * One handle the device knows: an event of this process (@local) or an
+ * opening of another process's handle (@opened). @refs counts the table's
+ * reference and the waits in flight, so a wait never sees its event freed
+ * under it by aeg_event_destroy or aeg_event_close_handle. The table is the
+ * device's (device.c: found, added, removed, and its openings closed with
+ * the device); event.c gives the entries their meaning.
+ */
+struct aeg_event_entry {
+	aeg_handle_t handle;
+	struct aeg_event *local;
+	void *opened;
+	unsigned refs;
+	int recorded_seen;      /* the agent said it is recorded (or is not one of its): ask no more */
+	struct aeg_event_entry *next;
+};
 
 struct aeg_device {
 	const struct aeg_device_ops *ops;
@@ -125,8 +142,15 @@ int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *ar
  */
 int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms);
 
-/* Close every cached opening of an event handle (event.c; device close). */
-void aeg_event_cache_clear(aeg_device_t *dev);
+/*
+ * The device's table of event handles (device.c), each with dev->lock held:
+ * aeg_event_table_lookup - the entry of @handle, or NULL.
+ * aeg_event_table_insert - add @e (its handle not in the table yet).
+ * aeg_event_table_unlink - take @e out; its references stay the caller's.
+ */
+struct aeg_event_entry *aeg_event_table_lookup(aeg_device_t *dev, const aeg_handle_t *handle);
+void aeg_event_table_insert(aeg_device_t *dev, struct aeg_event_entry *e);
+void aeg_event_table_unlink(aeg_device_t *dev, struct aeg_event_entry *e);
 
 /*
  * aeg_device_event_stats - backend opens of event handles made so far and

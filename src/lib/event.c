@@ -1,4 +1,4 @@
-/* Events: backend events with a failure code, and the per-device table of handles. */
+/* Events: backend events with a failure code, waited on directly or by handle. */
 #include "config.h"
 
 #include <errno.h>
@@ -31,67 +31,6 @@ struct aeg_event {
 	pthread_cond_t cond;            /* on CLOCK_MONOTONIC: armed cleared or failure set */
 	int armed;
 };
-
-/*
- * One handle the device knows: an event of this process (@local) or an
- * opening of another process's handle (@opened). @refs counts the table's
- * reference and the waits in flight, so a wait never sees its event freed
- * under it by aeg_event_destroy or aeg_event_close_handle.
- */
-struct aeg_event_entry {
-	aeg_handle_t handle;
-	struct aeg_event *local;
-	void *opened;
-	unsigned refs;
-	int in_table;
-	int recorded_seen;      /* the agent said it is recorded (or is not one of its): ask no more */
-	struct aeg_event_entry *next;
-};
-
-static unsigned bucket_of(const aeg_handle_t *handle)
-{
-	uint32_t h = 2166136261u;       /* FNV-1a */
-
-	for (int i = 0; i < AEG_HANDLE_BYTES; i++) {
-		h ^= handle->bytes[i];
-		h *= 16777619u;
-	}
-	return h % AEG_EVENT_BUCKETS;
-}
-
-static struct aeg_event_entry *lookup(aeg_device_t *dev, const aeg_handle_t *handle)
-{
-	for (struct aeg_event_entry *e = dev->events[bucket_of(handle)]; e != NULL; e = e->next)
-		if (memcmp(e->handle.bytes, handle->bytes, AEG_HANDLE_BYTES) == 0)
-			return e;
-	return NULL;
-}
-
-static void insert(aeg_device_t *dev, struct aeg_event_entry *e)
-{
-	unsigned b = bucket_of(&e->handle);
-
-	e->next = dev->events[b];
-	dev->events[b] = e;
-	e->in_table = 1;
-	if (e->local == NULL)
-		dev->event_cached++;
-}
-
-static void unlink_entry(aeg_device_t *dev, struct aeg_event_entry *e)
-{
-	struct aeg_event_entry **pp;
-
-	for (pp = &dev->events[bucket_of(&e->handle)]; *pp != NULL; pp = &(*pp)->next) {
-		if (*pp == e) {
-			*pp = e->next;
-			break;
-		}
-	}
-	e->in_table = 0;
-	if (e->local == NULL)
-		dev->event_cached--;
-}
 
 static void event_sync_init(struct aeg_event *ev)
 {
@@ -162,7 +101,7 @@ AEG_EXPORT int aeg_event_create(aeg_device_t *dev, int gpu, aeg_event_t **evp, a
 	e->local = ev;
 	e->refs = 1;
 	pthread_mutex_lock(&dev->lock);
-	insert(dev, e);
+	aeg_event_table_insert(dev, e);
 	pthread_mutex_unlock(&dev->lock);
 	if (handle != NULL)
 		*handle = e->handle;
@@ -189,7 +128,7 @@ AEG_EXPORT int aeg_event_destroy(aeg_event_t *ev)
 		dev->failed_gone[i].handle = ev->entry->handle;
 		dev->failed_gone[i].code = atomic_load(&ev->failure);
 	}
-	unlink_entry(dev, ev->entry);
+	aeg_event_table_unlink(dev, ev->entry);
 	e = entry_put_locked(ev->entry);
 	pthread_mutex_unlock(&dev->lock);
 	/* A wait by handle in flight frees the event when it returns. */
@@ -386,7 +325,7 @@ int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int t
 	int err;
 
 	pthread_mutex_lock(&dev->lock);
-	e = lookup(dev, handle);
+	e = aeg_event_table_lookup(dev, handle);
 	if (e != NULL && e->local != NULL)
 		e->refs++;
 	else
@@ -419,7 +358,7 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 	if (dev == NULL || handle == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_event_wait_handle: NULL argument");
 	pthread_mutex_lock(&dev->lock);
-	e = lookup(dev, handle);
+	e = aeg_event_table_lookup(dev, handle);
 	if (e != NULL)
 		e->refs++;
 	pthread_mutex_unlock(&dev->lock);
@@ -452,11 +391,11 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 		e->refs = 2;    /* the table's and this wait's */
 		pthread_mutex_lock(&dev->lock);
 		dev->event_opens++;
-		other = lookup(dev, handle);
+		other = aeg_event_table_lookup(dev, handle);
 		if (other != NULL)
 			other->refs++;
 		else
-			insert(dev, e);
+			aeg_event_table_insert(dev, e);
 		pthread_mutex_unlock(&dev->lock);
 		if (other != NULL) {
 			/* Another thread opened it meanwhile: keep one opening. */
@@ -484,7 +423,7 @@ AEG_EXPORT int aeg_event_query_handle(aeg_device_t *dev, const aeg_handle_t *han
 	if (dev == NULL || handle == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_event_query_handle: NULL argument");
 	pthread_mutex_lock(&dev->lock);
-	e = lookup(dev, handle);
+	e = aeg_event_table_lookup(dev, handle);
 	if (e != NULL && (e->local != NULL || __atomic_load_n(&e->recorded_seen, __ATOMIC_ACQUIRE)))
 		e->refs++;
 	else
@@ -504,9 +443,9 @@ AEG_EXPORT int aeg_event_close_handle(aeg_device_t *dev, const aeg_handle_t *han
 	if (dev == NULL || handle == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_event_close_handle: NULL argument");
 	pthread_mutex_lock(&dev->lock);
-	e = lookup(dev, handle);
+	e = aeg_event_table_lookup(dev, handle);
 	if (e != NULL && e->local == NULL) {
-		unlink_entry(dev, e);
+		aeg_event_table_unlink(dev, e);
 		e = entry_put_locked(e);
 	} else {
 		e = NULL;
@@ -527,47 +466,4 @@ AEG_EXPORT int aeg_stream_wait_event(aeg_stream_t *stream, aeg_event_t *ev)
 		return aeg_fail(AEG_EBUSY, "stream wait: the event is armed and not recorded yet (a stream "
 				"must never wait on work not queued): wait for it on the host first");
 	return ev->dev->ops->stream_wait_event(ev->dev, stream->impl, ev->impl);
-}
-
-void aeg_event_cache_clear(aeg_device_t *dev)
-{
-	struct aeg_event_entry *dead = NULL;
-	unsigned live = 0;
-
-	pthread_mutex_lock(&dev->lock);
-	for (int b = 0; b < AEG_EVENT_BUCKETS; b++) {
-		struct aeg_event_entry *e = dev->events[b], *next;
-
-		for (; e != NULL; e = next) {
-			next = e->next;
-			if (e->local != NULL) {
-				live++;
-				continue;
-			}
-			unlink_entry(dev, e);
-			if (entry_put_locked(e) != NULL) {
-				e->next = dead;
-				dead = e;
-			}
-		}
-	}
-	pthread_mutex_unlock(&dev->lock);
-	if (live != 0)
-		aeg_warn("device closed with %u event%s not destroyed", live, live == 1 ? "" : "s");
-	while (dead != NULL) {
-		struct aeg_event_entry *e = dead;
-
-		dead = e->next;
-		entry_free(dev, e);
-	}
-}
-
-void aeg_device_event_stats(aeg_device_t *dev, uint64_t *opens, uint64_t *cached)
-{
-	pthread_mutex_lock(&dev->lock);
-	if (opens != NULL)
-		*opens = dev->event_opens;
-	if (cached != NULL)
-		*cached = dev->event_cached;
-	pthread_mutex_unlock(&dev->lock);
 }
