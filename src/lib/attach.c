@@ -55,6 +55,7 @@ struct aeg_job {
 static void jobs_add(aeg_job_t *job);
 static aeg_job_t *jobs_remove(aeg_job_t *job);
 static void conn_free(aeg_job_t *c);
+static int wait_recorded_by_agent(void *ctx, const aeg_handle_t *handle, int timeout_ms);
 
 /*
  * Send @type with job->msg as payload, wait at most @reply_ms (< 0: no
@@ -286,6 +287,7 @@ static int open_job(aeg_job_t **jobp, int map)
 		aeg_error_prefix("the job's %s device", aeg_device_kind_name(job->hello.device));
 		goto fail;
 	}
+	aeg_device_set_event_resolver(job->dev, wait_recorded_by_agent, job);
 	for (uint32_t i = 0; i < job->hello.nslabs; i++) {
 		struct aeg_job_slab_desc *d = &job->slabs[i];
 
@@ -457,6 +459,17 @@ int aeg_agent_wait_event(const char *socket_path, const aeg_handle_t *handle, in
 	req.wait_event_req.event = *handle;
 	req.wait_event_req.timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
 	return wait_call(socket_path, PROTO_WAIT_EVENT, &req, timeout_ms);
+}
+
+/*
+ * The job device's event resolver: the agent knows its chunks' events, armed
+ * before their copies are queued, which a CUDA IPC handle cannot show.
+ */
+static int wait_recorded_by_agent(void *ctx, const aeg_handle_t *handle, int timeout_ms)
+{
+	const aeg_job_t *job = ctx;
+
+	return aeg_agent_wait_event(job->sock_path, handle, timeout_ms);
 }
 
 AEG_EXPORT int aeg_job_wait(aeg_job_t *job, uint64_t load_id, int timeout_ms)

@@ -143,6 +143,12 @@ static void close_openings(aeg_device_t *dev)
 	}
 }
 
+void aeg_device_set_event_resolver(aeg_device_t *dev, aeg_event_resolver_fn fn, void *ctx)
+{
+	dev->resolver = fn;
+	dev->resolver_ctx = ctx;
+}
+
 void aeg_device_event_stats(aeg_device_t *dev, uint64_t *opens, uint64_t *cached)
 {
 	pthread_mutex_lock(&dev->lock);

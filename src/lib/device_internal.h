@@ -92,6 +92,18 @@ struct aeg_event_entry {
 	struct aeg_event_entry *next;
 };
 
+/*
+ * aeg_event_resolver_fn - asked before a wait on another process's event
+ * handle that this device has not seen recorded yet, because a backend's
+ * handle may not tell whether its event is recorded (CUDA IPC events carry
+ * no state: one never recorded counts as complete). It waits, at most
+ * @timeout_ms (< 0: no limit), until the event behind @handle is recorded:
+ * 0 then (the backend wait follows), AEG_ENOENT when the handle is not one
+ * it knows (its owner records it: the backend wait follows), or an error
+ * the wait returns (the event's failure code, AEG_ETIMEDOUT, AEG_EIO).
+ */
+typedef int (*aeg_event_resolver_fn)(void *ctx, const aeg_handle_t *handle, int timeout_ms);
+
 struct aeg_device {
 	const struct aeg_device_ops *ops;
 	enum aeg_device_kind kind;
@@ -112,6 +124,9 @@ struct aeg_device {
 	unsigned failed_gone_next;
 	uint64_t event_opens;           /* backend event_open calls that succeeded */
 	uint64_t event_cached;          /* openings held in events[] now */
+	/* Installed by a layer above (the job's attach: its agent); NULL: the backend alone. */
+	aeg_event_resolver_fn resolver;
+	void *resolver_ctx;
 };
 
 struct aeg_stream {
@@ -141,6 +156,13 @@ int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *ar
  * The agent serves PROTO_WAIT_EVENT with it.
  */
 int aeg_event_wait_recorded(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms);
+
+/*
+ * aeg_device_set_event_resolver - have waits by handle on @dev ask @fn
+ * (with @ctx) first; NULL for none (a device starts with none). Call before
+ * the device's first wait by handle; @ctx must outlive the device.
+ */
+void aeg_device_set_event_resolver(aeg_device_t *dev, aeg_event_resolver_fn fn, void *ctx);
 
 /*
  * The device's table of event handles (device.c), each with dev->lock held:

@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "attach_internal.h"
 #include "device_internal.h"
 #include "internal.h"
 
@@ -294,21 +293,21 @@ AEG_EXPORT int aeg_event_fail(aeg_event_t *ev, int err)
 
 /*
  * Another process's event may be armed there and not recorded yet, which
- * its handle cannot tell (CUDA IPC events carry no state): inside a job, ask
- * the agent, which knows its chunks' events, to wait until it is recorded.
- * 0 to go on with the backend wait for what is left of *@timeout_ms.
+ * its handle cannot tell (CUDA IPC events carry no state): a device with a
+ * resolver (a job's: its agent knows its chunks' events) asks it to wait
+ * until the event is recorded. 0 to go on with the backend wait for what is
+ * left of *@timeout_ms.
  */
-static int agent_first(const aeg_handle_t *handle, int *timeout_ms)
+static int resolve_first(aeg_device_t *dev, const aeg_handle_t *handle, int *timeout_ms)
 {
-	const char *sock = getenv("AEGAEON_SOCKET");
 	uint64_t start = aeg_now_ns(), spent_ms;
 	int err;
 
-	if (sock == NULL || *sock == '\0')
+	if (dev->resolver == NULL)
 		return 0;
-	err = aeg_agent_wait_event(sock, handle, *timeout_ms);
+	err = dev->resolver(dev->resolver_ctx, handle, *timeout_ms);
 	if (err == AEG_ENOENT)
-		return 0;       /* not one of the agent's: the handle's owner records it */
+		return 0;       /* not one the resolver knows: the handle's owner records it */
 	if (err)
 		return err;
 	if (*timeout_ms > 0) {
@@ -364,12 +363,12 @@ AEG_EXPORT int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *hand
 	pthread_mutex_unlock(&dev->lock);
 
 	/*
-	 * A chunk event is recorded once; after the agent has said so, waits on
-	 * the opened handle go straight to the backend (microseconds, not a
+	 * A chunk event is recorded once; after the resolver has said so, waits
+	 * on the opened handle go straight to the backend (microseconds, not a
 	 * round trip to the agent).
 	 */
 	if (e == NULL || (e->local == NULL && !__atomic_load_n(&e->recorded_seen, __ATOMIC_ACQUIRE))) {
-		err = agent_first(handle, &timeout_ms);
+		err = resolve_first(dev, handle, &timeout_ms);
 		if (err) {
 			if (e != NULL)
 				entry_put(dev, e);

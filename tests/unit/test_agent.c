@@ -439,7 +439,7 @@ static void wait_chunks_through_agent(void **state)
 	aeg_event_t *mine;
 	aeg_handle_t mine_h;
 	uint32_t bufs[64], held, released;
-	aeg_device_t *dev;
+	aeg_device_t *dev, *own;
 	aeg_job_t *job;
 	int fds = count_fds();
 
@@ -508,6 +508,10 @@ static void wait_chunks_through_agent(void **state)
 	assert_int_equal(aeg_agent_wait_event(sock, &load2->chunks[0].event, 100), AEG_ECANCELED);
 	assert_non_null(strstr(aeg_error_detail(), "released"));
 	assert_int_equal(aeg_event_wait_handle(dev, &load2->chunks[1].event, 100), AEG_ECANCELED);
+	/* A device the job did not open has no agent to ask: the backend says the handle is gone. */
+	assert_int_equal(aeg_device_open(&own, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_event_wait_handle(own, &load2->chunks[1].event, 100), AEG_EBADF);
+	aeg_device_close(own);
 	for (uint32_t i = 0; i < held; i++)
 		assert_int_equal(aeg_pool_release(aeg_job_pool(job), bufs[i]), 0);
 
