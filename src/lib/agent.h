@@ -10,8 +10,8 @@
 #include <aegaeon/size.h>
 
 #define AEG_AGENT_MAX_CLIENTS 256
-#define AEG_AGENT_MAX_LOADS 4096        /* the default of max_loads */
-#define AEG_AGENT_HELLO_TIMEOUT_MS 10000 /* the default of hello_timeout */
+#define AEG_AGENT_MAX_LOADS AEG_CONFIG_DEFAULT_MAX_LOADS
+#define AEG_AGENT_HELLO_TIMEOUT_MS AEG_CONFIG_DEFAULT_HELLO_TIMEOUT_MS
 #define AEG_AGENT_JOB_ID_MAX 64
 
 struct aeg_agent_config {

@@ -17,7 +17,6 @@
 
 #include <aegaeon/config.h>
 
-#include "agent.h"
 #include "internal.h"
 
 #define PAGE_BYTES 4096u
@@ -70,8 +69,8 @@ AEG_EXPORT void aeg_config_defaults(struct aeg_config *cfg)
 	snprintf(cfg->runtime_dir, sizeof(cfg->runtime_dir), "%s", "/run/aegaeon");
 	cfg->log_level = AEG_LOG_INFO;
 	cfg->model_cache = (struct aeg_size_spec){ .bytes = 0 };
-	cfg->max_loads = AEG_AGENT_MAX_LOADS;
-	cfg->hello_timeout_ms = AEG_AGENT_HELLO_TIMEOUT_MS;
+	cfg->max_loads = AEG_CONFIG_DEFAULT_MAX_LOADS;
+	cfg->hello_timeout_ms = AEG_CONFIG_DEFAULT_HELLO_TIMEOUT_MS;
 }
 
 enum kind {
