@@ -1,7 +1,7 @@
 /* The library's version string. */
 #include "config.h"
 
-#include <aegaeon/aegaeon.h>
+#include <aegaeon/version.h>
 
 #include "internal.h"
 
