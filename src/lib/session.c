@@ -526,20 +526,6 @@ static void own_blocks(aeg_session_t *s, const struct aeg_model *m)
 	}
 }
 
-void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n)
-{
-	struct idset *set = &s->owned[slab];
-
-	for (size_t i = 0; i < n; i++) {
-		for (size_t k = 0; k < set->n; k++) {
-			if (set->b[k].id == ids[i]) {
-				set->b[k] = set->b[--set->n];
-				break;
-			}
-		}
-	}
-}
-
 /*
  * Steps of a job that load the same file at the same moment (every rank of
  * an MPI job, say) must not each load it: the look-up and the request go

@@ -92,7 +92,24 @@ int session_check_gpu(const aeg_session_t *s, int gpu);
 /* session_job_slab - JOB: the job slab on this process's GPU @gpu (-1: the first). */
 int session_job_slab(aeg_session_t *s, int gpu, int *index);
 
-/* Blocks of a JOB session's own loads (session.c); its lock held. */
-void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n);
+/*
+ * Forget blocks @ids of job slab @slab as this JOB session's own (released:
+ * release_all no longer frees them); its lock held. The session's files and
+ * model.c release blocks: here, so that model.c, which the session's files
+ * call, calls nothing of theirs.
+ */
+static inline void disown_blocks(aeg_session_t *s, int slab, const uint64_t *ids, size_t n)
+{
+	struct idset *set = &s->owned[slab];
+
+	for (size_t i = 0; i < n; i++) {
+		for (size_t k = 0; k < set->n; k++) {
+			if (set->b[k].id == ids[i]) {
+				set->b[k] = set->b[--set->n];
+				break;
+			}
+		}
+	}
+}
 
 #endif
