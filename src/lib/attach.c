@@ -14,7 +14,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <aegaeon/aegaeon.h>
+#include <aegaeon/version.h>
 #include <aegaeon/attach.h>
 
 #include "attach_internal.h"

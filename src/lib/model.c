@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <aegaeon/aegaeon.h>
+#include <aegaeon/event.h>
 #include <aegaeon/session.h>
 
 #include "internal.h"

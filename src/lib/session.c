@@ -13,7 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <aegaeon/aegaeon.h>
+#include <aegaeon/config.h>
 #include <aegaeon/session.h>
 
 #include "internal.h"

@@ -7,7 +7,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <aegaeon/aegaeon.h>
 #include <aegaeon/session.h>
 
 #include "internal.h"
