@@ -133,12 +133,8 @@ static int count_blocks(uint64_t bytes, uint64_t block_bytes, const char *what, 
 /* Undo whatever part of aeg_kv_create got done; also the body of aeg_kv_destroy. */
 static void kv_free(aeg_kv_t *kv)
 {
-	if (kv->host)
-		kv_host_fini(kv);
-#ifdef HAVE_CUDA
-	if (kv->cuda)
-		kv_cuda_fini(kv);
-#endif
+	if (kv->backend)
+		kv->backend->fini(kv);
 	kv_ops_fini(kv);
 	for (uint32_t i = 0; i < kv->pool_nbuffers; i++)
 		aeg_pool_release(kv->pool, kv->pool_buffers[i]);
@@ -314,20 +310,17 @@ static int setup_backend(aeg_kv_t *kv)
 
 	switch (aeg_device_kind(kv->dev)) {
 	case AEG_DEVICE_HOST:
-		if ((err = kv_plans_build(kv)))
-			return err;
-		return kv_host_init(kv);
+		kv->backend = &kv_host_backend;
+		break;
 	case AEG_DEVICE_CUDA:
-#ifdef HAVE_CUDA
-		if ((err = kv_cuda_map(kv)) || (err = kv_plans_build(kv)))
-			return err;
-		return kv_cuda_init(kv);
-#else
-		return aeg_fail(AEG_ENOTSUP, "KV cache on cuda: this build has no CUDA");
-#endif
+		kv->backend = &kv_cuda_backend;
+		break;
 	default:
 		return aeg_fail(AEG_ENOTSUP, "KV cache: unknown device kind");
 	}
+	if ((kv->backend->map && (err = kv->backend->map(kv))) || (err = kv_plans_build(kv)))
+		return err;
+	return kv->backend->init(kv);
 }
 
 static void fill_stats(aeg_kv_t *kv)

@@ -198,7 +198,7 @@ static int map(aeg_kv_t *kv)
 	return 0;
 }
 
-int kv_cuda_map(aeg_kv_t *kv)
+static int cuda_map(aeg_kv_t *kv)
 {
 	int prev, err;
 
@@ -302,13 +302,13 @@ static int init(aeg_kv_t *kv)
 	}
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->freed, NULL);
-	kv->cuda = c;                   /* from here kv_cuda_fini undoes what got done */
+	kv->cuda = c;                   /* from here cuda_fini undoes what got done */
 	if ((err = init_occupancy(kv, c)) || (err = init_staging(kv, c)))
 		return err;
 	return upload_plans(kv, c);
 }
 
-int kv_cuda_init(aeg_kv_t *kv)
+static int cuda_init(aeg_kv_t *kv)
 {
 	int prev, err;
 
@@ -325,11 +325,13 @@ static void warn_cuda(cudaError_t e, const char *what)
 		aeg_warn("KV cache: %s: %s", what, cudaGetErrorString(e));
 }
 
-void kv_cuda_fini(aeg_kv_t *kv)
+static void cuda_fini(aeg_kv_t *kv)
 {
 	struct kv_cuda *c = kv->cuda;
 	int prev = kv->gpu;
 
+	if (!c)
+		return;
 	if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(kv->gpu) != cudaSuccess)
 		aeg_warn("KV cache: cannot make GPU %d current to free its staging", kv->gpu);
 	for (int i = 0; i < c->nevents; i++) {
@@ -567,7 +569,7 @@ static int move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 	return err;
 }
 
-int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
+static int cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 {
 	int prev, err;
 
@@ -578,7 +580,7 @@ int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 	return err;
 }
 
-int kv_cuda_check_copy(aeg_kv_t *kv, void *dst, const void *src, int h2d)
+static int cuda_check_copy(aeg_kv_t *kv, void *dst, const void *src, int h2d)
 {
 	struct cudaPointerAttributes da, sa;
 	cudaError_t e;
@@ -651,8 +653,8 @@ out:
 	return err;
 }
 
-int kv_cuda_baseline(aeg_kv_t *kv, enum kv_baseline how, const struct kv_move *mv,
-		     aeg_stream_t *stream)
+static int cuda_baseline(aeg_kv_t *kv, enum kv_baseline how, const struct kv_move *mv,
+			 aeg_stream_t *stream)
 {
 	cudaStream_t s = aeg_stream_native(stream);
 	int prev, err;
@@ -663,3 +665,13 @@ int kv_cuda_baseline(aeg_kv_t *kv, enum kv_baseline how, const struct kv_move *m
 	leave(kv->gpu, prev);
 	return err;
 }
+
+const struct kv_backend kv_cuda_backend = {
+	.name = "cuda",
+	.map = cuda_map,
+	.init = cuda_init,
+	.fini = cuda_fini,
+	.move = cuda_move,
+	.check_copy = cuda_check_copy,
+	.baseline = cuda_baseline,
+};

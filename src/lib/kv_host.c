@@ -220,7 +220,7 @@ static void run_job(void *arg)
 	pthread_mutex_unlock(&h->lock);
 }
 
-int kv_host_init(aeg_kv_t *kv)
+static int host_init(aeg_kv_t *kv)
 {
 	struct kv_host *h;
 	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -249,10 +249,12 @@ int kv_host_init(aeg_kv_t *kv)
 	return 0;
 }
 
-void kv_host_fini(aeg_kv_t *kv)
+static void host_fini(aeg_kv_t *kv)
 {
 	struct kv_host *h = kv->host;
 
+	if (!h)
+		return;
 	pthread_mutex_lock(&h->lock);
 	while (h->inflight)
 		pthread_cond_wait(&h->idle_cv, &h->lock);
@@ -336,12 +338,22 @@ static int queue_call(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stre
 	return err;
 }
 
-int kv_host_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
+static int host_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
 {
 	return queue_call(kv, mv, stream, 0);
 }
 
-int kv_host_baseline(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
+static int host_baseline(aeg_kv_t *kv, enum kv_baseline how, const struct kv_move *mv, aeg_stream_t *stream)
 {
+	if (how != KV_BASELINE_PER_BLOCK)
+		return aeg_fail(AEG_ENOTSUP, "batched copies need the cuda backend");
 	return queue_call(kv, mv, stream, 1);
 }
+
+const struct kv_backend kv_host_backend = {
+	.name = "host",
+	.init = host_init,
+	.fini = host_fini,
+	.move = host_move,
+	.baseline = host_baseline,
+};

@@ -1,4 +1,4 @@
-/* KV cache internals shared by kv.c, its backends (kv_host.c, kv_cuda.c) and the kv bench. */
+/* KV cache internals shared by kv.c, its backends (kv_host.c, kv_cuda.c, kv_nocuda.c) and the kv bench. */
 #ifndef AEGAEON_KV_INTERNAL_H
 #define AEGAEON_KV_INTERNAL_H
 
@@ -85,6 +85,7 @@ struct aeg_kv {
 	uint32_t nspare;
 	struct aeg_kv_stats stats;
 
+	const struct kv_backend *backend;       /* the device kind's */
 	struct kv_host *host;           /* host backend: copy threads */
 	struct kv_cuda *cuda;           /* cuda backend: kernels and staging */
 };
@@ -154,32 +155,6 @@ char *kv_side_piece(const struct kv_side *side, uint32_t id, uint32_t seg);
 int kv_plans_build(aeg_kv_t *kv);       /* after the backend filled the host side's views */
 void kv_plans_fini(aeg_kv_t *kv);
 
-int kv_host_init(aeg_kv_t *kv);
-void kv_host_fini(aeg_kv_t *kv);        /* waits for queued moves */
-int kv_host_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream);
-
-#ifdef HAVE_CUDA
-int kv_cuda_map(aeg_kv_t *kv);          /* checks both sides, fills host_side.view */
-int kv_cuda_init(aeg_kv_t *kv);         /* loads the kernels, staging, the plans' tables */
-void kv_cuda_fini(aeg_kv_t *kv);        /* waits for queued moves */
-int kv_cuda_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream);
-int kv_cuda_check_copy(aeg_kv_t *kv, void *dst, const void *src, int h2d);
-
-/* The kernel variant and largest grid a launch of pieces of @piece_bytes takes (kv bench). */
-struct kv_launch_cfg {
-	int variant;
-	int unroll;
-	unsigned max_grid;
-};
-void kv_cuda_config(const aeg_kv_t *kv, uint64_t piece_bytes, struct kv_launch_cfg *cfg);
-/* kv bench --tune: force unroll (2, 4, 8) and CTAs per SM for every later launch; 0, 0: choose. */
-void kv_cuda_force(int unroll, int per_sm);
-
-/* The kernel's fatbin, generated from kv_kernel.cu at build time (kv_kernel_fatbin.c). */
-extern const unsigned char aeg_kv_fatbin[];
-extern const size_t aeg_kv_fatbin_size;
-#endif
-
 /*
  * Baselines for the kv bench, moving the same bytes as a swap of every
  * layer: one memcpy per piece (cudaMemcpyAsync on cuda, as vLLM's
@@ -193,10 +168,43 @@ enum kv_baseline {
 };
 int aeg_kv_baseline(aeg_kv_t *kv, enum kv_baseline how, int out, const uint32_t *src_ids,
 		    const uint32_t *dst_ids, size_t n, aeg_stream_t *stream);
-int kv_host_baseline(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream);
-#ifdef HAVE_CUDA
-int kv_cuda_baseline(aeg_kv_t *kv, enum kv_baseline how, const struct kv_move *mv,
-		     aeg_stream_t *stream);
-#endif
+
+/*
+ * A KV backend: how a cache on a device of one kind maps its sides and
+ * moves blocks. kv.c takes the one of the cache's device kind; kv_host.c
+ * and kv_cuda.c each define theirs, and a build without CUDA has
+ * kv_nocuda.c's, which makes no cache. Every function returns 0 or an
+ * AEG_E* code with a detail.
+ */
+struct kv_backend {
+	const char *name;
+	/* Check both sides and fill host_side.view (the device's view of host memory); NULL: views are the pointers. */
+	int (*map)(aeg_kv_t *kv);
+	/* The backend's state, after the plans are built; fini undoes a part done, even of a failed init. */
+	int (*init)(aeg_kv_t *kv);
+	void (*fini)(aeg_kv_t *kv);     /* waits for queued moves */
+	/* Queue @mv's steps on @stream (a cache whose init succeeded). */
+	int (*move)(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream);
+	/* Refuse a copy's pointers the backend cannot copy between; NULL: any. */
+	int (*check_copy)(aeg_kv_t *kv, void *dst, const void *src, int h2d);
+	int (*baseline)(aeg_kv_t *kv, enum kv_baseline how, const struct kv_move *mv, aeg_stream_t *stream);
+};
+
+extern const struct kv_backend kv_host_backend;
+extern const struct kv_backend kv_cuda_backend;
+
+/* The kernel variant and largest grid a launch of pieces of @piece_bytes takes (cuda; kv bench). */
+struct kv_launch_cfg {
+	int variant;
+	int unroll;
+	unsigned max_grid;
+};
+void kv_cuda_config(const aeg_kv_t *kv, uint64_t piece_bytes, struct kv_launch_cfg *cfg);
+/* kv bench --tune: force unroll (2, 4, 8) and CTAs per SM for every later launch; 0, 0: choose. */
+void kv_cuda_force(int unroll, int per_sm);
+
+/* The kernel's fatbin, generated from kv_kernel.cu at build time (kv_kernel_fatbin.c). */
+extern const unsigned char aeg_kv_fatbin[];
+extern const size_t aeg_kv_fatbin_size;
 
 #endif

@@ -173,17 +173,6 @@ static void fill_steps(const aeg_kv_t *kv, const struct aeg_kv_layers *layers, s
 	*nsteps = layers->count;
 }
 
-static int backend_move(aeg_kv_t *kv, const struct kv_move *mv, aeg_stream_t *stream)
-{
-	if (kv->host)
-		return kv_host_move(kv, mv, stream);
-#ifdef HAVE_CUDA
-	return kv_cuda_move(kv, mv, stream);
-#else
-	return aeg_fail(AEG_ENOTSUP, "KV swap: no backend");
-#endif
-}
-
 static int check_call(const aeg_kv_t *kv, const char *what, const uint32_t *gpu_ids, const uint32_t *host_ids,
 		      size_t n, const struct aeg_kv_layers *layers, const aeg_stream_t *stream,
 		      const aeg_handle_t *handle_out)
@@ -204,7 +193,7 @@ static int check_call(const aeg_kv_t *kv, const char *what, const uint32_t *gpu_
 /* Queue the call's steps and its event; on failure, drain what got queued and drop the events. */
 static int queue(aeg_kv_t *kv, struct kv_move *mv, struct kv_op *op, aeg_stream_t *stream)
 {
-	int err = backend_move(kv, mv, stream);
+	int err = kv->backend->move(kv, mv, stream);
 
 	if (!err && op)
 		err = aeg_event_record(op->ev.ev, stream);
@@ -325,10 +314,8 @@ static int check_copy(aeg_kv_t *kv, int h2d, void *dst, const void *src, size_t 
 				what, src, dst, bytes);
 	if ((err = kv_check_stream(kv, stream)))
 		return err;
-#ifdef HAVE_CUDA
-	if (kv->cuda && (err = kv_cuda_check_copy(kv, dst, src, h2d)))
-		return err;
-#endif
+	if (kv->backend->check_copy)
+		return kv->backend->check_copy(kv, dst, src, h2d);
 	return 0;
 }
 
@@ -422,14 +409,5 @@ int aeg_kv_baseline(aeg_kv_t *kv, enum kv_baseline how, int out, const uint32_t 
 	for (size_t i = 0; i < n; i++)
 		if (src_ids[i] >= src_limit || dst_ids[i] >= dst_limit)
 			return aeg_fail(AEG_EINVAL, "baseline copy: entry %zu out of range", i);
-	if (kv->host) {
-		if (how != KV_BASELINE_PER_BLOCK)
-			return aeg_fail(AEG_ENOTSUP, "batched copies need the cuda backend");
-		return kv_host_baseline(kv, &mv, stream);
-	}
-#ifdef HAVE_CUDA
-	return kv_cuda_baseline(kv, how, &mv, stream);
-#else
-	return aeg_fail(AEG_ENOTSUP, "baseline copy: no backend");
-#endif
+	return kv->backend->baseline(kv, how, &mv, stream);
 }
