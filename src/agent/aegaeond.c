@@ -19,6 +19,7 @@
 
 #include "agent.h"
 #include "internal.h"
+#include "jobopt.h"
 
 static const char usage_text[] =
 	"Usage: aegaeond --job JOBID --runtime-dir JOBDIR --gpus LIST --slab SPEC\n"
@@ -57,48 +58,44 @@ static int usage_error(const char *dir, const char *fmt, ...)
 	return 2;
 }
 
+/*
+ * --pinned and --prefetch take what the plugin forwards of --aegaeon-pinned
+ * and --aegaeon-prefetch, by the same rules (jobopt.c); the pool's buffer
+ * is the site's unless one is given.
+ */
 static int parse_pinned(const char *text, uint64_t default_buffer, uint64_t *bytes, uint64_t *buffer)
 {
-	const char *colon = strchr(text, ':');
-	char size[64];
+	struct aeg_jobopt_pinned p;
+	int err = aeg_jobopt_parse_pinned(text, &p);
 
-	*buffer = default_buffer;
-	if (colon == NULL)
-		return aeg_size_parse(text, 0, bytes);
-	if ((size_t)(colon - text) >= sizeof(size))
-		return aeg_fail(AEG_EINVAL, "pinned size '%s' too long", text);
-	memcpy(size, text, (size_t)(colon - text));
-	size[colon - text] = '\0';
-	if (aeg_size_parse(size, 0, bytes) || aeg_size_parse(colon + 1, 0, buffer))
-		return AEG_EINVAL;
-	if (*bytes == 0)
-		return aeg_fail(AEG_EINVAL, "a pool of 0 bytes takes no buffer size");
+	if (err)
+		return err;
+	*bytes = p.bytes;
+	*buffer = p.buffer_bytes != 0 ? p.buffer_bytes : default_buffer;
 	return 0;
 }
 
-/* Split PATH[,PATH...] in place; every path absolute. */
-static int parse_prefetch(char *text, char ***paths, int *count)
+/* Absolute paths only (the plugin made them so), split at the commas of *@joined (freed by the caller). */
+static int parse_prefetch(const char *text, char **joined, char ***paths, int *count)
 {
-	char **v = NULL;
-	int n = 0;
+	size_t n = 0;
+	char **v, *p;
+	int err = aeg_jobopt_parse_prefetch(text, NULL, joined, &n);
 
-	for (char *save = NULL, *p = strtok_r(text, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
-		char **nv;
-
-		if (p[0] != '/') {
-			free(v);
-			return aeg_fail(AEG_EINVAL, "prefetch path '%s' is not absolute", p);
-		}
-		nv = realloc(v, sizeof(*v) * (size_t)(n + 1));
-		if (nv == NULL) {
-			free(v);
-			return aeg_fail(AEG_ENOMEM, "out of memory");
-		}
-		v = nv;
-		v[n++] = p;
+	if (err)
+		return err;
+	v = calloc(n, sizeof(*v));
+	if (v == NULL)
+		return aeg_fail(AEG_ENOMEM, "out of memory");
+	p = *joined;
+	for (size_t i = 0; i < n; i++) {
+		v[i] = p;
+		p = strchr(p, ',');
+		if (p != NULL)
+			*p++ = '\0';
 	}
 	*paths = v;
-	*count = n;
+	*count = (int)n;
 	return 0;
 }
 
@@ -128,8 +125,8 @@ int main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *job = NULL, *dir = NULL, *gpus = NULL, *slab = NULL, *pinned = NULL;
-	const char *device = NULL, *config = NULL;
-	char *prefetch = NULL;
+	const char *device = NULL, *config = NULL, *prefetch = NULL;
+	char *prefetch_paths = NULL;
 	struct aeg_agent_config *acfg;
 	struct aeg_config cfg;
 	int foreground = 0, opt, sfd, err, devnull, rc = 1;
@@ -225,7 +222,7 @@ int main(int argc, char **argv)
 		rc = usage_error(dir, "--pinned: %s", aeg_error_detail());
 		goto out;
 	}
-	if (prefetch && parse_prefetch(prefetch, &acfg->prefetch, &acfg->prefetch_count)) {
+	if (prefetch && parse_prefetch(prefetch, &prefetch_paths, &acfg->prefetch, &acfg->prefetch_count)) {
 		rc = usage_error(dir, "--prefetch: %s", aeg_error_detail());
 		goto out;
 	}
@@ -262,6 +259,7 @@ int main(int argc, char **argv)
 	rc = err ? 1 : 0;
 out:
 	free(acfg->prefetch);
+	free(prefetch_paths);
 	free(acfg);
 	return rc;
 }
