@@ -114,22 +114,6 @@ int cli_load_timed_out(const struct cli_load_info *l, double timeout_s)
 
 /* ----------------------------------------------------------- read-back */
 
-static int pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-	size_t got = 0;
-
-	while (got < len) {
-		ssize_t r = pread(fd, (char *)buf + got, len - got, (off_t)(off + got));
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return r < 0 ? -errno : -ENODATA;
-		got += (size_t)r;
-	}
-	return 0;
-}
-
 /* Chunk @c (index @i) read back in pieces and compared with the file; the digest takes its bytes. */
 static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i, int fd, const char *path,
 			unsigned char *gbuf, unsigned char *fbuf, struct cli_sha256 *sha)
@@ -137,14 +121,15 @@ static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i
 	for (uint64_t off = 0; off < c->size; off += VERIFY_PIECE) {
 		size_t n = c->size - off < VERIFY_PIECE ? (size_t)(c->size - off) : VERIFY_PIECE;
 		int err = aeg_memcpy(dev, gbuf, (char *)c->device_ptr + off, n);
+		ssize_t got;
 
 		if (err)
 			return cli_fail(err, "verify: copying a chunk back");
-		err = pread_full(fd, fbuf, n, c->file_offset + off);
-		if (err) {
+		got = aeg_pread_full(fd, fbuf, n, n, c->file_offset + off);
+		if (got < 0 || (size_t)got < n) {
 			fprintf(stderr, "aegaeon-cli: verify: %s: reading %zu bytes at %" PRIu64 ": %s\n", path, n,
-				c->file_offset + off, err == -ENODATA ? "the file is shorter than the load (changed since?)"
-								      : strerror(-err));
+				c->file_offset + off, got >= 0 ? "the file is shorter than the load (changed since?)"
+							       : strerror((int)-got));
 			return 1;
 		}
 		if (memcmp(gbuf, fbuf, n) != 0) {

@@ -2,6 +2,7 @@
 #ifndef AEGAEON_INTERNAL_H
 #define AEGAEON_INTERNAL_H
 
+#include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdarg.h>
@@ -80,6 +81,30 @@ static inline void aeg_futex_wake(uint32_t *word)
 static inline uint64_t aeg_round_up(uint64_t v, uint64_t align)
 {
 	return (v + align - 1) / align * align;
+}
+
+/*
+ * aeg_pread_full - read @fd from @off into @buf until @need bytes are there
+ * or the file ends, each read asking for what is left of @room (>= @need:
+ * O_DIRECT reads whole blocks, so its callers round @need up). Returns the
+ * bytes read, fewer than @need only where the file ended, or -errno.
+ */
+static inline ssize_t aeg_pread_full(int fd, void *buf, size_t need, size_t room, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < need) {
+		ssize_t r = pread(fd, (char *)buf + done, room - done, (off_t)(off + done));
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return -errno;
+		if (r == 0)
+			break;
+		done += (size_t)r;
+	}
+	return (ssize_t)done;
 }
 
 /*

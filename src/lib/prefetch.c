@@ -646,24 +646,17 @@ static int copy_chunks(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, 
 
 static int pread_full(struct aeg_load *l, int fd, void *buf, uint64_t bytes, uint64_t off)
 {
-	uint64_t done = 0;
 	/* O_DIRECT wants whole blocks; the buffer always has room for the rounding. */
-	uint64_t ask = fd == l->dfd ? aeg_round_up(bytes, PAGE) : bytes;
+	uint64_t room = fd == l->dfd ? aeg_round_up(bytes, PAGE) : bytes;
+	ssize_t r = aeg_pread_full(fd, buf, bytes, room, off);
 
-	while (done < bytes) {
-		ssize_t r = pread(fd, (char *)buf + done, ask - done, (off_t)(off + done));
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0)
-			return aeg_fail(AEG_EIO, "%s: reading %" PRIu64 " bytes at %" PRIu64 ": %s",
-					l->path, bytes, off, strerror(errno));
-		if (r == 0)
-			return aeg_fail(AEG_ESTALE,
-					"%s: file ends at %" PRIu64 " bytes, it had %jd when the load began (it changed while loading)",
-					l->path, off + done, (intmax_t)l->st.st_size);
-		done += (uint64_t)r;
-	}
+	if (r < 0)
+		return aeg_fail(AEG_EIO, "%s: reading %" PRIu64 " bytes at %" PRIu64 ": %s",
+				l->path, bytes, off, strerror((int)-r));
+	if ((uint64_t)r < bytes)
+		return aeg_fail(AEG_ESTALE,
+				"%s: file ends at %" PRIu64 " bytes, it had %jd when the load began (it changed while loading)",
+				l->path, off + (uint64_t)r, (intmax_t)l->st.st_size);
 	return 0;
 }
 

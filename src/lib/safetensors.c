@@ -242,19 +242,12 @@ out:
 
 static int pread_all(int fd, void *buf, size_t bytes, uint64_t off)
 {
-	size_t done = 0;
+	ssize_t r = aeg_pread_full(fd, buf, bytes, bytes, off);
 
-	while (done < bytes) {
-		ssize_t r = pread(fd, (char *)buf + done, bytes - done, (off_t)(off + done));
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0)
-			return aeg_fail(AEG_EIO, "safetensors: reading the header: %s", strerror(errno));
-		if (r == 0)
-			return aeg_fail(AEG_EFORMAT, "safetensors: file ended inside its header");
-		done += (size_t)r;
-	}
+	if (r < 0)
+		return aeg_fail(AEG_EIO, "safetensors: reading the header: %s", strerror((int)-r));
+	if ((size_t)r < bytes)
+		return aeg_fail(AEG_EFORMAT, "safetensors: file ended inside its header");
 	return 0;
 }
 
