@@ -190,11 +190,13 @@ static int check_call(const aeg_kv_t *kv, const char *what, const uint32_t *gpu_
 	return layers ? check_layers(kv, layers, n, handle_out) : 0;
 }
 
-/* Queue the call's steps and its event; on failure, drain what got queued and drop the events. */
-static int queue(aeg_kv_t *kv, struct kv_move *mv, struct kv_op *op, aeg_stream_t *stream)
+/*
+ * The tail of a swap or copy whose work was queued (@err 0) or not: record
+ * the call's event after it, or on failure drain what got queued and drop
+ * the events. Returns @err or the record's error.
+ */
+static int record_call(int err, struct kv_op *op, aeg_stream_t *stream)
 {
-	int err = kv->backend->move(kv, mv, stream);
-
 	if (!err && op)
 		err = aeg_event_record(op->ev.ev, stream);
 	if (err && op) {
@@ -202,6 +204,18 @@ static int queue(aeg_kv_t *kv, struct kv_move *mv, struct kv_op *op, aeg_stream_
 		op_drop(op);
 	}
 	return err;
+}
+
+/* A call queued: hand its handle out and count it (+1 in *@calls, +@amount in *@moved). */
+static void count_call(aeg_kv_t *kv, struct kv_op *op, aeg_handle_t *handle_out, uint64_t *calls,
+		       uint64_t *moved, uint64_t amount)
+{
+	pthread_mutex_lock(&kv->lock);
+	if (op)
+		op_publish(kv, op, handle_out);
+	(*calls)++;
+	*moved += amount;
+	pthread_mutex_unlock(&kv->lock);
 }
 
 static int swap(aeg_kv_t *kv, int out, const uint32_t *gpu_ids, const uint32_t *host_ids, size_t n,
@@ -237,21 +251,12 @@ static int swap(aeg_kv_t *kv, int out, const uint32_t *gpu_ids, const uint32_t *
 		.steps = steps,
 	};
 	fill_steps(kv, layers, n, op, steps, &mv.nsteps);
-	if ((err = queue(kv, &mv, op, stream))) {
+	if ((err = record_call(kv->backend->move(kv, &mv, stream), op, stream))) {
 		aeg_error_prefix("KV %s of %zu blocks", what, n);
 		goto out;
 	}
-	pthread_mutex_lock(&kv->lock);
-	if (op)
-		op_publish(kv, op, handle_out);
-	if (out) {
-		kv->stats.swaps_out++;
-		kv->stats.blocks_out += n;
-	} else {
-		kv->stats.swaps_in++;
-		kv->stats.blocks_in += n;
-	}
-	pthread_mutex_unlock(&kv->lock);
+	count_call(kv, op, handle_out, out ? &kv->stats.swaps_out : &kv->stats.swaps_in,
+		   out ? &kv->stats.blocks_out : &kv->stats.blocks_in, n);
 out:
 	if (steps != &one)
 		free(steps);
@@ -329,23 +334,11 @@ static int copy(aeg_kv_t *kv, int h2d, void *dst, const void *src, size_t bytes,
 		return err;
 	if (handle_out && (err = op_new(kv, 0, &op)))
 		return err;
-	err = aeg_memcpy_async(stream, dst, src, bytes);
-	if (!err && op)
-		err = aeg_event_record(op->ev.ev, stream);
-	if (err) {
+	if ((err = record_call(aeg_memcpy_async(stream, dst, src, bytes), op, stream))) {
 		aeg_error_prefix("KV %s copy of %zu bytes", h2d ? "H2D" : "D2H", bytes);
-		if (op) {
-			aeg_stream_sync(stream);
-			op_drop(op);
-		}
 		return err;
 	}
-	pthread_mutex_lock(&kv->lock);
-	if (op)
-		op_publish(kv, op, handle_out);
-	kv->stats.copies++;
-	kv->stats.copy_bytes += bytes;
-	pthread_mutex_unlock(&kv->lock);
+	count_call(kv, op, handle_out, &kv->stats.copies, &kv->stats.copy_bytes, bytes);
 	return 0;
 }
 
