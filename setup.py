@@ -56,7 +56,7 @@ setup(
     ext_modules=[Extension("aegaeon_native", sources=[], py_limited_api=True)],
     packages=["aegaeon_native-stubs"],
     package_dir={"aegaeon_native-stubs": "python/aegaeon_native-stubs"},
-    package_data={"aegaeon_native-stubs": ["__init__.pyi"]},
+    package_data={"aegaeon_native-stubs": ["__init__.pyi", "torch.pyi"]},
     cmdclass={"build_ext": AutotoolsBuild},
     options={"bdist_wheel": {"py_limited_api": "cp310"}, "build": {"build_base": "build-wheel"}},
 )

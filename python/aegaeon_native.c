@@ -13,7 +13,6 @@
 #include <string.h>
 #include <time.h>
 
-#define DEFAULT_CHUNK_BYTES (32ull << 20)      /* the seed's default */
 #define WAIT_SLICE_MS 100
 
 /* Per-GPU state of the module's own work. */
@@ -1215,7 +1214,47 @@ static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg
 	return 0;
 }
 
-static int parse_path(PyObject *obj, PyObject **bytes)
+int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
+	       struct pyaeg_load *l)
+{
+	int rc;
+
+	memset(l, 0, sizeof(*l));
+	pyaeg_lock();
+	rc = load_locked(path, gpu, chunk_bytes, format, &l->m);
+	if (rc == 0) {
+		l->gpu = gpu;
+		l->host = rt.kind == AEG_DEVICE_HOST;
+		rt.objects++;
+		rt.gpus[gpu].views++;
+	}
+	pyaeg_unlock();
+	return rc;
+}
+
+void pyaeg_load_drop(struct pyaeg_load *l, int release)
+{
+	aeg_model_t *m = l->m;
+
+	if (m == NULL)
+		return;
+	l->m = NULL;
+	pyaeg_lock();
+	PYAEG_BEGIN_ALLOW_THREADS
+	/* Released already by release_all_prefetch_events(): nothing left to free. */
+	if (release && aeg_model_owned(m))
+		aeg_model_release(m);
+	else
+		aeg_model_close(m);
+	aeg_error_clear();
+	PYAEG_END_ALLOW_THREADS
+	if (rt.gpus != NULL && l->gpu < rt.gpu_count)
+		rt.gpus[l->gpu].views--;
+	rt.objects--;
+	pyaeg_unlock();
+}
+
+int pyaeg_path(PyObject *obj, PyObject **bytes)
 {
 	if (!PyUnicode_Check(obj) && !PyBytes_Check(obj) &&
 	    !PyObject_HasAttrString(obj, "__fspath__")) {
@@ -1226,31 +1265,15 @@ static int parse_path(PyObject *obj, PyObject **bytes)
 	return PyUnicode_FSConverter(obj, bytes) ? 0 : -1;
 }
 
-/* The seed's chunk dicts: {device_ptr, size, event_handle, slab_id}. */
-static PyObject *chunk_list(const struct aeg_chunk *c, uint32_t n)
-{
-	PyObject *list = PyList_New(n);
-
-	for (uint32_t i = 0; list != NULL && i < n; i++) {
-		PyObject *d = Py_BuildValue("{s:K,s:K,s:y#,s:K}",
-					    "device_ptr", (unsigned long long)(uintptr_t)c[i].device_ptr,
-					    "size", (unsigned long long)c[i].size,
-					    "event_handle", (const char *)c[i].event.bytes, (Py_ssize_t)AEG_HANDLE_BYTES,
-					    "slab_id", (unsigned long long)c[i].slab_id);
-
-		if (d == NULL)
-			Py_CLEAR(list);
-		else
-			PyList_SetItem(list, i, d);
-	}
-	return list;
-}
-
 PyDoc_STRVAR(prefetch_doc,
 "prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=33554432)\n--\n\n"
 "Start loading a file into the prefetch slab of a GPU and return at once, before\n"
-"the bytes are there: one dict per chunk, in file order,\n"
-"{\"device_ptr\": int, \"size\": int, \"event_handle\": bytes, \"slab_id\": int}.\n"
+"the bytes are there: one dict per chunk, in file order, with the seed's keys\n"
+"{\"device_ptr\": int, \"size\": int, \"event_handle\": bytes, \"slab_id\": int}\n"
+"and where it comes from: \"file\" (the path), \"file_offset\" (of its first\n"
+"byte) and \"tensors\", [(name, offset), ...] of the safetensors tensors that\n"
+"start in or cover the chunk, offset being where the tensor starts relative to\n"
+"the chunk's first byte (negative for one that began in an earlier chunk).\n"
 "Wait for a chunk with wait_event_handle_bytes(chunk[\"event_handle\"]) (any\n"
 "process of the user); consumers can start on chunk 0 while later chunks load.\n"
 "Safetensors files (by content) are chunked along tensor boundaries, so\n"
@@ -1264,11 +1287,8 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "filepath", "gpu_id", "chunk_bytes", NULL };
 	PyObject *path_obj, *gpu_obj, *chunk_obj = NULL, *path = NULL, *list;
-	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
-	struct aeg_chunk *copy = NULL;
-	const struct aeg_chunk *chunks;
-	aeg_model_t *m = NULL;
-	uint32_t n = 0;
+	uint64_t chunk_bytes = PYAEG_DEFAULT_CHUNK_BYTES;
+	struct pyaeg_load l;
 	int gpu, rc;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:prefetch_file_to_gpu_chunks", kwlist,
@@ -1276,28 +1296,15 @@ static PyObject *py_prefetch(PyObject *self, PyObject *args, PyObject *kw)
 		return NULL;
 	if (pyaeg_gpu(gpu_obj, &gpu) < 0 ||
 	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0) ||
-	    parse_path(path_obj, &path) < 0)
+	    pyaeg_path(path_obj, &path) < 0)
 		return NULL;
-	pyaeg_lock();
-	rc = load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &m);
-	if (rc == 0) {
-		/* The chunks stay loaded; the handle goes (release is by slab id). */
-		chunks = aeg_model_chunks(m, &n);
-		copy = malloc((size_t)(n ? n : 1) * sizeof(*copy));
-		if (copy != NULL)
-			memcpy(copy, chunks, (size_t)n * sizeof(*copy));
-		PYAEG_BEGIN_ALLOW_THREADS
-		aeg_model_close(m);
-		PYAEG_END_ALLOW_THREADS
-	}
-	pyaeg_unlock();
+	rc = pyaeg_load(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_AUTO, &l);
 	Py_DECREF(path);
 	if (rc < 0)
 		return NULL;
-	if (copy == NULL)
-		return PyErr_NoMemory();
-	list = chunk_list(copy, n);
-	free(copy);
+	list = pyaeg_chunk_dicts(l.m);
+	/* The chunks stay loaded, the handle goes (release is by slab id); no list, no load. */
+	pyaeg_load_drop(&l, list == NULL);
 	return list;
 }
 
@@ -1444,137 +1451,6 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 			       rt.kind == AEG_DEVICE_HOST, dtype, 0, NULL, 0);
 }
 
-/* ------------------------------------------------------------ safetensors */
-
-/*
- * The owner of a load_safetensors() dict's views: the model is released
- * (when this process loaded it) or let go when the last view goes.
- */
-typedef struct {
-	PyObject_HEAD
-	int gpu;                        /* INT32_MAX: nothing loaded */
-	aeg_model_t *model;
-	Py_ssize_t views;
-} TensorsObject;
-
-static PyObject *tensors_type;
-
-static void tensors_dealloc(PyObject *self)
-{
-	TensorsObject *t = (TensorsObject *)self;
-	PyTypeObject *tp = Py_TYPE(self);
-	freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-
-	pyaeg_lock();
-	if (t->model != NULL) {
-		aeg_model_t *m = t->model;
-
-		PYAEG_BEGIN_ALLOW_THREADS
-		/* Released already by release_all_prefetch_events(): nothing left to free. */
-		if (aeg_model_owned(m))
-			aeg_model_release(m);
-		else
-			aeg_model_close(m);
-		aeg_error_clear();
-		PYAEG_END_ALLOW_THREADS
-	}
-	if (rt.gpus != NULL && t->gpu < rt.gpu_count)
-		rt.gpus[t->gpu].views--;
-	rt.objects--;
-	pyaeg_unlock();
-	tp_free(self);
-	Py_DECREF(tp);
-}
-
-static PyType_Slot tensors_slots[] = {
-	{ Py_tp_dealloc, tensors_dealloc },
-	{ Py_tp_doc, "Holder of the GPU blocks of a load_safetensors() result (internal)." },
-	{ 0, NULL },
-};
-
-static PyType_Spec tensors_spec = {
-	.name = "aegaeon_native._SafetensorsLoad",
-	.basicsize = sizeof(TensorsObject),
-	.flags = Py_TPFLAGS_DEFAULT,
-	.slots = tensors_slots,
-};
-
-static int model_wait_slice(void *arg, int timeout_ms)
-{
-	return aeg_model_wait(arg, timeout_ms);
-}
-
-PyDoc_STRVAR(load_safetensors_doc,
-"load_safetensors(path, gpu_id=0, chunk_bytes=33554432)\n--\n\n"
-"Load a safetensors file into the prefetch slab of a GPU and return\n"
-"{name: DeviceArray} in file order, each a zero-copy view with the tensor's\n"
-"dtype and shape (torch.as_tensor / torch.from_dlpack on cuda, numpy on host).\n"
-"Returns once every byte is on the GPU (the GIL is released meanwhile; Ctrl-C\n"
-"cancels the load). The tensors' GPU memory is released when the last view is\n"
-"collected (or by release_all_prefetch_events()). The header is checked\n"
-"strictly: a malformed file is AegaeonError EFORMAT with what is wrong.");
-
-static PyObject *py_load_safetensors(PyObject *self, PyObject *args, PyObject *kw)
-{
-	static char *kwlist[] = { "path", "gpu_id", "chunk_bytes", NULL };
-	PyObject *path_obj, *gpu_obj = NULL, *chunk_obj = NULL, *path = NULL, *dict = NULL;
-	uint64_t chunk_bytes = DEFAULT_CHUNK_BYTES;
-	const struct aeg_tensor *tensors;
-	TensorsObject *owner;
-	uint32_t n;
-	int gpu = 0, err, host;
-
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO:load_safetensors", kwlist, &path_obj, &gpu_obj,
-					 &chunk_obj))
-		return NULL;
-	if ((gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0) ||
-	    (chunk_obj != NULL && pyaeg_u64(chunk_obj, "chunk_bytes", 0, &chunk_bytes) < 0) ||
-	    parse_path(path_obj, &path) < 0)
-		return NULL;
-	owner = PyObject_New(TensorsObject, (PyTypeObject *)tensors_type);
-	if (owner == NULL) {
-		Py_DECREF(path);
-		return NULL;
-	}
-	owner->gpu = INT32_MAX;
-	owner->model = NULL;
-	owner->views = 0;
-	pyaeg_lock();
-	rt.objects++;
-	if (load_locked(PyBytes_AsString(path), gpu, chunk_bytes, AEG_FORMAT_SAFETENSORS, &owner->model) == 0) {
-		owner->gpu = gpu;
-		rt.gpus[gpu].views++;
-	}
-	host = rt.kind == AEG_DEVICE_HOST;
-	pyaeg_unlock();
-	Py_DECREF(path);
-	if (owner->model == NULL)
-		goto out;
-	/* The load runs on; the lock is not needed to wait on its own handle. */
-	err = pyaeg_wait(model_wait_slice, owner->model, -1);
-	if (err == PYAEG_SIGNALLED) {
-		/* Ctrl-C: the owner's release cancels a load of this process's. */
-		goto out;
-	}
-	if (err < 0) {
-		pyaeg_raise(err);
-		goto out;
-	}
-	tensors = aeg_model_tensors(owner->model, &n);
-	dict = PyDict_New();
-	for (uint32_t i = 0; dict != NULL && i < n; i++) {
-		PyObject *arr = pyaeg_array_new((PyObject *)owner, &owner->views, tensors[i].device_ptr,
-						tensors[i].size, gpu, host, tensors[i].dtype,
-						tensors[i].ndim, tensors[i].shape, 0);
-
-		if (pyaeg_dict_set(dict, tensors[i].name, arr) < 0)
-			Py_CLEAR(dict);
-	}
-out:
-	Py_DECREF(owner);
-	return dict;
-}
-
 /* ------------------------------------------------------------ set-up, timing */
 
 PyDoc_STRVAR(prepare_doc,
@@ -1650,7 +1526,7 @@ PyDoc_STRVAR(stats_doc,
 "stats()\n--\n\n"
 "What the module holds now: {\"device\": \"cuda\"|\"host\"|None, \"events\": int\n"
 "(create_event_handle_bytes events alive), \"objects\": int (SlabAllocator,\n"
-"PinnedPool, KVCache and load_safetensors results alive), \"prefetch\": {gpu:\n"
+"PinnedPool, KVCache, Model and load_model results alive), \"prefetch\": {gpu:\n"
 "{\"slab_bytes\", \"chunks\", \"blocks\", \"block_bytes\", \"loads\",\n"
 "\"loads_in_flight\", \"views\"}} for GPUs with a prefetch engine, \"job\": None\n"
 "or, attached to a job, {\"job_id\", \"agent_pid\", \"slabs\", \"blocks\" (job slab\n"
@@ -1723,8 +1599,6 @@ static PyMethodDef methods[] = {
 	  METH_VARARGS | METH_KEYWORDS, release_chunks_doc },
 	{ "release_all_prefetch_events", py_release_all, METH_NOARGS, release_all_doc },
 	{ "chunk_view", (PyCFunction)(void (*)(void))py_chunk_view, METH_VARARGS | METH_KEYWORDS, chunk_view_doc },
-	{ "load_safetensors", (PyCFunction)(void (*)(void))py_load_safetensors,
-	  METH_VARARGS | METH_KEYWORDS, load_safetensors_doc },
 	{ "stats", py_stats, METH_NOARGS, stats_doc },
 	{ "prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS, prepare_doc },
 	{ "timings", py_timings, METH_NOARGS, timings_doc },
@@ -1749,8 +1623,11 @@ PyDoc_STRVAR(module_doc,
 "The seed API of Aegaeon's native module: SlabAllocator, PinnedPool, KVCache,\n"
 "create_event_handle_bytes, wait_event_handle_bytes,\n"
 "prefetch_file_to_gpu_chunks, release_prefetch_chunks,\n"
-"release_all_prefetch_events; plus load_safetensors, chunk_view and the\n"
-"DeviceArray zero-copy view (__cuda_array_interface__, DLPack).\n"
+"release_all_prefetch_events; plus models (open_model, load_model: a\n"
+"safetensors file, a directory of shards or a shard index), chunk_view, the\n"
+"DeviceArray zero-copy view (__cuda_array_interface__, DLPack) and\n"
+"aegaeon_native.torch (torch tensors and transformers models; imports torch\n"
+"only when used).\n"
 "Errors are AegaeonError (an OSError) with the library's code (.code, .name)\n"
 "and message; AegaeonTimeoutError is also a TimeoutError, AegaeonValueError\n"
 "also a ValueError. The backend is chosen by set_device(), $AEGAEON_DEVICE or\n"
@@ -1813,15 +1690,13 @@ PyMODINIT_FUNC PyInit_aegaeon_native(void)
 	Py_XDECREF(bases);
 	if (value_error_type == NULL)
 		goto fail;
-	tensors_type = PyType_FromSpec(&tensors_spec);
-	if (tensors_type == NULL)
-		goto fail;
 	if (pyaeg_array_init_type(m) < 0 || pyaeg_slab_init_type(m) < 0 ||
-	    pyaeg_pool_init_type(m) < 0 || pyaeg_kv_init_type(m) < 0)
+	    pyaeg_pool_init_type(m) < 0 || pyaeg_kv_init_type(m) < 0 ||
+	    pyaeg_model_init(m) < 0 || pyaeg_torch_init(m) < 0)
 		goto fail;
 	if (PyModule_AddStringConstant(m, "__version__", aeg_version()) < 0 ||
 	    PyModule_AddIntConstant(m, "HANDLE_BYTES", AEG_HANDLE_BYTES) < 0 ||
-	    PyModule_AddIntConstant(m, "DEFAULT_CHUNK_BYTES", (long)DEFAULT_CHUNK_BYTES) < 0)
+	    PyModule_AddIntConstant(m, "DEFAULT_CHUNK_BYTES", (long)PYAEG_DEFAULT_CHUNK_BYTES) < 0)
 		goto fail;
 	return m;
 fail:

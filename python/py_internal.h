@@ -12,6 +12,9 @@
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
+#include <aegaeon/session.h>
+
+#define PYAEG_DEFAULT_CHUNK_BYTES (32ull << 20)        /* the seed's chunk_bytes */
 
 /*
  * C resources of one Python object, listed in the runtime so that whatever
@@ -41,6 +44,7 @@ PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle);
 int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **ids, size_t *n);
 int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **v, size_t *n);  /* PyMem_Free *v */
 int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value);  /* steals value */
+int pyaeg_path(PyObject *obj, PyObject **bytes);    /* str, bytes or os.PathLike -> new bytes */
 
 /*
  * pyaeg_wait - run a waiting library call in slices with the GIL released,
@@ -74,6 +78,21 @@ void pyaeg_restore_thread(PyThreadState *save);
  */
 int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab);
 aeg_pool_t *pyaeg_job_pool(void);
+/*
+ * A load through the module's session: a job's agent reuses a model the job
+ * holds already (then not owned). It counts as an object of the module
+ * (and a view of its GPU) until pyaeg_load_drop, which releases the model
+ * (@release, when this process loaded it) or closes the handle (the chunks
+ * stay). pyaeg_load returns -1 with an exception.
+ */
+struct pyaeg_load {
+	aeg_model_t *m;
+	int gpu;
+	int host;                       /* the host backend: views are host memory */
+};
+int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
+	       struct pyaeg_load *l);
+void pyaeg_load_drop(struct pyaeg_load *l, int release);
 struct pyaeg_res *pyaeg_res_new(void);      /* NULL with MemoryError */
 void pyaeg_res_free(struct pyaeg_res *res); /* destroys what it holds; GIL released inside */
 void pyaeg_object_born(void);
@@ -101,6 +120,13 @@ aeg_slab_t *pyaeg_slab_of(PyObject *obj);
 aeg_pool_t *pyaeg_pool_of(PyObject *obj);
 /* A memoryview of @bytes at @offset of a PinnedPool's buffer area. */
 PyObject *pyaeg_pool_view(PyObject *pool, uint64_t offset, uint64_t bytes);
+
+/* Models (py_model.c): Model, open_model, load_model, load_safetensors. */
+int pyaeg_model_init(PyObject *module);
+/* The chunk dicts of a load: the seed's four keys, "file", "file_offset" and "tensors". */
+PyObject *pyaeg_chunk_dicts(const aeg_model_t *m);
+/* The submodule aegaeon_native.torch, Python source built into the module (py_torch.c). */
+int pyaeg_torch_init(PyObject *module);
 
 /* Docstrings of the context-manager methods the classes share (signatures for inspect). */
 #define PYAEG_ENTER_DOC "__enter__($self, /)\n--\n\nReturn self."

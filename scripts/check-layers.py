@@ -8,7 +8,7 @@ include or the call, and exits 1 when there is any.
 Usage: check-layers.py [--srcdir DIR] [--builddir DIR] [--table FILE] [--list]
 
 The layers and the files' places are in scripts/layers.txt (--table). A file
-in src/lib/LAYER/ is of that layer; other files of src/ and python/ must be
+in src/lib/LAYER/ is of that layer; other files of src/, python/ and examples/ must be
 in a folder or file row of the table. --builddir reads the library's objects
 (libaegaeon_core_la-*.o, with nm or $NM): a unit is a file together with its
 siblings of the same stem (kv.c, kv_swap.c, kv_host.c...), and units may not
@@ -66,7 +66,7 @@ class Tree:
         self.table = table
         self.layer = {}                 # relative path -> layer
         self.errors = []
-        for top in ('src', 'python', 'include'):
+        for top in ('src', 'python', 'include', 'examples'):
             for root, dirs, names in os.walk(os.path.join(srcdir, top)):
                 dirs.sort()
                 for name in sorted(names):

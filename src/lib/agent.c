@@ -432,7 +432,7 @@ static int start_model(struct agent *a, const char *path)
 	}
 	pthread_mutex_lock(&a->lock);
 	for (uint32_t i = 0; i < mp.count && err == 0; i++)
-		err = agent_load_start(a, 0, mp.paths[i], 0, NULL);
+		err = agent_load_start(a, 0, mp.paths[i], 0, NULL, NULL);
 	pthread_mutex_unlock(&a->lock);
 	aeg_model_paths_free(&mp);
 	return err;

@@ -341,12 +341,16 @@ static int handle(struct client *c, const struct proto_header *h, int *pass_fd)
 		*pass_fd = aeg_pool_fd(pool);
 		return 0;
 	}
-	case PROTO_PREFETCH:
+	case PROTO_PREFETCH: {
+		struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];
+		struct aeg_slice view;
+
 		pthread_mutex_lock(&a->lock);
-		err = agent_load_start(a, in->prefetch_req.slab, in->prefetch_req.path,
-				       in->prefetch_req.chunk_bytes, &out->chunks_rep);
+		err = agent_load_start(a, in->prefetch_req.slab, in->prefetch_req.path, in->prefetch_req.chunk_bytes,
+				       proto_slice_view(&in->prefetch_req.slice, &view, rules), &out->chunks_rep);
 		pthread_mutex_unlock(&a->lock);
 		return err;
+	}
 	case PROTO_CHUNKS:
 		pthread_mutex_lock(&a->lock);
 		err = agent_load_chunks(a, &in->chunks_req, &out->chunks_rep);

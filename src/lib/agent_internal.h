@@ -94,8 +94,9 @@ void agent_disconnect_all(struct agent *a);
  * The loads (agent_loads.c), all with a->lock held. Each engine call
  * returns at once: copies run on the engines' threads.
  *
- * agent_load_start - load @path into slab @slab in chunks of @chunk_bytes
- * (0: the site's); the first page of its chunks into @rep (NULL: none).
+ * agent_load_start - load @path (with @slice: a rank's part of it; NULL:
+ * whole) into slab @slab in chunks of @chunk_bytes (0: the site's); the
+ * first page of its chunks into @rep (NULL: none).
  * AEG_ERANGE when the job has max_loads loads already.
  * agent_load_chunks - a page of the chunks of the load @q names (by id, or
  * the newest of a path).
@@ -107,7 +108,7 @@ void agent_disconnect_all(struct agent *a);
  * @close_handles is 0).
  */
 int agent_load_start(struct agent *a, uint32_t slab, const char *path, uint64_t chunk_bytes,
-		     struct proto_chunks_rep *rep);
+		     const struct aeg_slice *slice, struct proto_chunks_rep *rep);
 int agent_load_chunks(struct agent *a, const struct proto_chunks_req *q, struct proto_chunks_rep *rep);
 int agent_load_release(struct agent *a, const struct proto_release_req *q, uint32_t *released);
 int agent_load_status(struct agent *a, uint32_t first, struct proto_status_rep *p);

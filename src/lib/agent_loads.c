@@ -10,6 +10,7 @@
 
 #include "agent_internal.h"
 #include "internal.h"
+#include "slice_plan.h"
 
 #define PREFETCH_MAX_CHUNKS (1u << 20)  /* per load: bounds the tables a client can make us build */
 
@@ -149,6 +150,7 @@ static int chunks_page(struct load *l, uint32_t first, struct proto_chunks_rep *
 	/* A settled load's wait returns at once, with its error's detail. */
 	if (pr.status != 0 && pr.status != AEG_EBUSY && aeg_load_wait(l->handle, 0) != 0)
 		snprintf(rep->detail, sizeof(rep->detail), "%s", aeg_error_detail());
+	proto_slice_set(&rep->slice, aeg_load_slice(l->handle));
 	rep->file_bytes = pr.total_bytes;
 	rep->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
 	rep->total = l->nchunks - l->nreleased;
@@ -174,9 +176,10 @@ static int chunks_page(struct load *l, uint32_t first, struct proto_chunks_rep *
 }
 
 int agent_load_start(struct agent *a, uint32_t slab, const char *path, uint64_t chunk_bytes,
-		     struct proto_chunks_rep *rep)
+		     const struct aeg_slice *slice, struct proto_chunks_rep *rep)
 {
-	struct aeg_prefetch_options opts = { .chunk_bytes = chunk_bytes };
+	struct aeg_prefetch_options opts = { .chunk_bytes = chunk_bytes, .slice = slice };
+	char what[128] = "";
 	struct load *l;
 	uint32_t n;
 	int err;
@@ -213,13 +216,18 @@ int agent_load_start(struct agent *a, uint32_t slab, const char *path, uint64_t 
 	l->slab = slab;
 	l->id = ++a->next_load_id;
 	a->loads[a->nloads++] = l;
-	aeg_info("load %" PRIu64 ": %s into the slab of GPU %d, %u chunks", l->id, l->path,
-		 a->slabs[slab].gpu, n);
+	if (slice != NULL) {
+		memcpy(what, ", slice ", 8);
+		slice_describe(slice, what + 8, sizeof(what) - 8);
+	}
+	aeg_info("load %" PRIu64 ": %s into the slab of GPU %d, %u chunks%s", l->id, l->path,
+		 a->slabs[slab].gpu, n, what);
 	return rep ? chunks_page(l, 0, rep) : 0;
 }
 
-/* The newest load of @path into @slab, if the file is still the one loaded. */
-static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, struct load **out)
+/* The newest load of @path into @slab with @slice (NULL: whole), if the file is still the one loaded. */
+static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, const struct aeg_slice *slice,
+			     struct load **out)
 {
 	char real[PATH_MAX];
 	struct stat st;
@@ -229,7 +237,7 @@ static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, s
 	for (uint32_t i = a->nloads; i-- > 0;) {
 		struct load *l = a->loads[i];
 
-		if (l->slab != slab || strcmp(l->path, real) != 0)
+		if (l->slab != slab || strcmp(l->path, real) != 0 || !slice_equal(aeg_load_slice(l->handle), slice))
 			continue;
 		if (l->st.st_dev != st.st_dev || l->st.st_ino != st.st_ino || l->st.st_size != st.st_size ||
 		    l->st.st_mtim.tv_sec != st.st_mtim.tv_sec || l->st.st_mtim.tv_nsec != st.st_mtim.tv_nsec)
@@ -238,12 +246,15 @@ static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, s
 		*out = l;
 		return 0;
 	}
-	return aeg_fail(AEG_ENOENT, "%s is not loaded into slab %u", real, slab);
+	return aeg_fail(AEG_ENOENT, "%s is not loaded into slab %u%s", real, slab,
+			slice ? " with this slice" : " whole");
 }
 
 int agent_load_chunks(struct agent *a, const struct proto_chunks_req *q, struct proto_chunks_rep *rep)
 {
-	struct load *l;
+	struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];
+	struct aeg_slice view;
+	struct load *l = NULL;
 	int err = 0;
 
 	if (q->load_id) {
@@ -251,7 +262,7 @@ int agent_load_chunks(struct agent *a, const struct proto_chunks_req *q, struct 
 		if (l == NULL)
 			return aeg_fail(AEG_ENOENT, "no load %" PRIu64 " (released, or never made)", q->load_id);
 	} else {
-		err = find_load_by_path(a, q->slab, q->path, &l);
+		err = find_load_by_path(a, q->slab, q->path, proto_slice_view(&q->slice, &view, rules), &l);
 	}
 	return err ? err : chunks_page(l, q->first, rep);
 }

@@ -22,6 +22,7 @@
 #include "internal.h"
 #include "pinned_internal.h"
 #include "proto.h"
+#include "slice_plan.h"
 
 #define REPLY_TIMEOUT_MS 120000         /* an agent that says nothing this long is stuck */
 
@@ -444,7 +445,11 @@ static int wait_call(const char *socket_path, uint16_t type, const union proto_m
 	err = waiter_get(socket_path, &c);
 	if (err)
 		return err;
-	*c->msg = *req;
+	/* The request's own member: the union is tens of KiB, most of it chunk pages. */
+	if (type == PROTO_WAIT_EVENT)
+		c->msg->wait_event_req = req->wait_event_req;
+	else
+		c->msg->wait_load_req = req->wait_load_req;
 	err = call_timed(c, type, NULL, timeout_ms < 0 || timeout_ms > INT_MAX - REPLY_TIMEOUT_MS ? -1 :
 			 timeout_ms + REPLY_TIMEOUT_MS);
 	waiter_put(c, err);
@@ -685,6 +690,16 @@ static int collect(aeg_job_t *job, struct aeg_job_load **out)
 		aeg_job_load_free(load);
 		return aeg_fail(AEG_ENOMEM, "chunk list: out of memory");
 	}
+	if (rep->slice.present) {
+		struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];
+		struct aeg_slice view;
+
+		err = slice_dup(proto_slice_view(&rep->slice, &view, rules), &load->slice);
+		if (err) {
+			aeg_job_load_free(load);
+			return err;
+		}
+	}
 	load->file_bytes = rep->file_bytes;
 	load->done_bytes = rep->done_bytes;
 	for (;;) {
@@ -755,19 +770,28 @@ static int absolute(const char *path, char out[PROTO_PATH_MAX])
 AEG_EXPORT int aeg_job_prefetch(aeg_job_t *job, const char *path, int index, uint64_t chunk_bytes,
 				struct aeg_job_load **load)
 {
+	return aeg_job_prefetch_slice(job, path, index, chunk_bytes, NULL, load);
+}
+
+AEG_EXPORT int aeg_job_prefetch_slice(aeg_job_t *job, const char *path, int index, uint64_t chunk_bytes,
+				      const struct aeg_slice *slice, struct aeg_job_load **load)
+{
 	int err;
 
 	if (job == NULL || load == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_job_prefetch: NULL argument");
 	if (check_index(job, index))
 		return AEG_ENODEV;
+	if (slice != NULL && aeg_slice_check(slice))
+		return AEG_EINVAL;
 	pthread_mutex_lock(&job->lock);
-	memset(&job->msg->prefetch_req, 0, sizeof(job->msg->prefetch_req));
+	memset(&job->msg->prefetch_req, 0, offsetof(struct proto_prefetch_req, slice));
 	err = absolute(path, job->msg->prefetch_req.path);
 	if (err)
 		goto out;
 	job->msg->prefetch_req.slab = (uint32_t)index;
 	job->msg->prefetch_req.chunk_bytes = chunk_bytes;
+	proto_slice_set(&job->msg->prefetch_req.slice, slice);
 	err = call(job, PROTO_PREFETCH, NULL);
 	if (!err)
 		err = collect(job, load);
@@ -776,8 +800,9 @@ out:
 	return err;
 }
 
-AEG_EXPORT int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path, int index,
-			      struct aeg_job_load **load)
+/* The chunks of load @load_id, or of the newest load of @path in slab @index with @slice (NULL: whole). */
+static int chunks(aeg_job_t *job, uint64_t load_id, const char *path, int index, const struct aeg_slice *slice,
+		  struct aeg_job_load **load)
 {
 	int err = 0;
 
@@ -786,11 +811,12 @@ AEG_EXPORT int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path
 	if (load_id == 0 && check_index(job, index))
 		return AEG_ENODEV;
 	pthread_mutex_lock(&job->lock);
-	memset(&job->msg->chunks_req, 0, sizeof(job->msg->chunks_req));
+	memset(&job->msg->chunks_req, 0, offsetof(struct proto_chunks_req, slice));
 	job->msg->chunks_req.load_id = load_id;
 	job->msg->chunks_req.slab = load_id ? 0 : (uint32_t)index;
 	if (load_id == 0)
 		err = absolute(path, job->msg->chunks_req.path);
+	proto_slice_set(&job->msg->chunks_req.slice, slice);
 	if (!err)
 		err = call(job, PROTO_CHUNKS, NULL);
 	if (!err)
@@ -799,12 +825,29 @@ AEG_EXPORT int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path
 	return err;
 }
 
+AEG_EXPORT int aeg_job_chunks(aeg_job_t *job, uint64_t load_id, const char *path, int index,
+			      struct aeg_job_load **load)
+{
+	return chunks(job, load_id, path, index, NULL, load);
+}
+
+AEG_EXPORT int aeg_job_chunks_slice(aeg_job_t *job, const char *path, int index, const struct aeg_slice *slice,
+				    struct aeg_job_load **load)
+{
+	if (path == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_job_chunks_slice: NULL path");
+	if (slice != NULL && aeg_slice_check(slice))
+		return AEG_EINVAL;
+	return chunks(job, 0, path, index, slice, load);
+}
+
 AEG_EXPORT void aeg_job_load_free(struct aeg_job_load *load)
 {
 	if (load == NULL)
 		return;
 	free(load->chunks);
 	free(load->detail);
+	slice_free(load->slice);
 	free(load);
 }
 

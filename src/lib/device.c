@@ -350,6 +350,22 @@ AEG_EXPORT int aeg_memcpy_async(aeg_stream_t *stream, void *dst, const void *src
 	return stream->dev->ops->memcpy_async(stream->dev, stream->impl, dst, src, bytes);
 }
 
+AEG_EXPORT int aeg_memcpy2d_async(aeg_stream_t *stream, void *dst, size_t dpitch, const void *src,
+				  size_t spitch, size_t width, size_t height)
+{
+	if (stream == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_memcpy2d_async: NULL stream");
+	if (width == 0 || height == 0)
+		return 0;
+	if (dst == NULL || src == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_memcpy2d_async: NULL %s pointer for %zu rows of %zu bytes",
+				dst == NULL ? "destination" : "source", height, width);
+	if (width > dpitch || width > spitch)
+		return aeg_fail(AEG_EINVAL, "aeg_memcpy2d_async: rows of %zu bytes wider than the %s pitch of %zu",
+				width, width > dpitch ? "destination" : "source", width > dpitch ? dpitch : spitch);
+	return stream->dev->ops->memcpy2d_async(stream->dev, stream->impl, dst, dpitch, src, spitch, width, height);
+}
+
 int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *arg)
 {
 	if (stream == NULL || fn == NULL)

@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -531,6 +532,39 @@ static int cuda_memcpy_async(aeg_device_t *dev, void *stream, void *dst, const v
 	return ON_GPU(((struct cuda_stream *)stream)->gpu, memcpy_async_here(dev, stream, dst, src, bytes));
 }
 
+/* Pitches past the driver's limit (2^31 - 1 bytes on current GPUs) go row by row. */
+#define PITCH_MAX ((size_t)INT_MAX)
+
+static int memcpy2d_async_here(aeg_device_t *dev, void *stream, void *dst, size_t dpitch, const void *src,
+			       size_t spitch, size_t width, size_t height)
+{
+	struct cuda_stream *s = stream;
+	cudaError_t e;
+
+	if (dpitch > PITCH_MAX || spitch > PITCH_MAX) {
+		for (size_t r = 0; r < height; r++) {
+			int err = memcpy_async_here(dev, stream, (char *)dst + r * dpitch,
+						    (const char *)src + r * spitch, width);
+			if (err)
+				return err;
+		}
+		return 0;
+	}
+	e = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, s->stream);
+	if (e != cudaSuccess)
+		return cfail(e == cudaErrorInvalidValue || e == cudaErrorInvalidPitchValue ? AEG_EINVAL : AEG_EDEVICE, e,
+			     "cudaMemcpy2DAsync(%p pitch %zu <- %p pitch %zu, %zu rows of %zu bytes) on GPU %d",
+			     dst, dpitch, src, spitch, height, width, s->gpu);
+	return 0;
+}
+
+static int cuda_memcpy2d_async(aeg_device_t *dev, void *stream, void *dst, size_t dpitch, const void *src,
+			       size_t spitch, size_t width, size_t height)
+{
+	return ON_GPU(((struct cuda_stream *)stream)->gpu,
+		      memcpy2d_async_here(dev, stream, dst, dpitch, src, spitch, width, height));
+}
+
 static int launch_host_fn_here(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg)
 {
 	struct cuda_stream *s = stream;
@@ -724,6 +758,7 @@ const struct aeg_device_ops aeg_device_cuda_ops = {
 	.stream_sync = cuda_stream_sync,
 	.stream_native = cuda_stream_native,
 	.memcpy_async = cuda_memcpy_async,
+	.memcpy2d_async = cuda_memcpy2d_async,
 	.launch_host_fn = cuda_launch_host_fn,
 	.event_create = cuda_event_create,
 	.event_destroy = cuda_event_destroy,

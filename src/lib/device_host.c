@@ -98,7 +98,7 @@ struct host_event {
 /* A wait on another process's event looks this often whether that process still lives. */
 #define OWNER_CHECK_MS 100
 
-enum op_kind { OP_COPY, OP_HOST_FN, OP_RECORD, OP_WAIT };
+enum op_kind { OP_COPY, OP_COPY2D, OP_HOST_FN, OP_RECORD, OP_WAIT };
 
 struct op {
 	enum op_kind kind;
@@ -108,6 +108,7 @@ struct op {
 			void *dst;
 			const void *src;
 			size_t bytes;
+			size_t dpitch, spitch, rows;    /* OP_COPY2D: rows of bytes */
 		} copy;
 		struct {
 			void (*fn)(void *);
@@ -888,6 +889,11 @@ static void run_op(struct op *op)
 	case OP_COPY:
 		memmove(op->u.copy.dst, op->u.copy.src, op->u.copy.bytes);
 		break;
+	case OP_COPY2D:
+		for (size_t r = 0; r < op->u.copy.rows; r++)
+			memmove((char *)op->u.copy.dst + r * op->u.copy.dpitch,
+				(const char *)op->u.copy.src + r * op->u.copy.spitch, op->u.copy.bytes);
+		break;
 	case OP_HOST_FN:
 		op->u.host_fn.fn(op->u.host_fn.arg);
 		break;
@@ -1025,6 +1031,23 @@ static int host_memcpy_async(aeg_device_t *dev, void *stream, void *dst, const v
 	return 0;
 }
 
+static int host_memcpy2d_async(aeg_device_t *dev, void *stream, void *dst, size_t dpitch, const void *src,
+			       size_t spitch, size_t width, size_t height)
+{
+	struct op *op = new_op(OP_COPY2D);
+
+	if (op == NULL)
+		return AEG_ENOMEM;
+	op->u.copy.dst = dst;
+	op->u.copy.src = src;
+	op->u.copy.bytes = width;
+	op->u.copy.dpitch = dpitch;
+	op->u.copy.spitch = spitch;
+	op->u.copy.rows = height;
+	enqueue(stream, op);
+	return 0;
+}
+
 static int host_launch_host_fn(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg)
 {
 	struct op *op = new_op(OP_HOST_FN);
@@ -1104,6 +1127,7 @@ const struct aeg_device_ops aeg_device_host_ops = {
 	.stream_destroy = host_stream_destroy,
 	.stream_sync = host_stream_sync,
 	.memcpy_async = host_memcpy_async,
+	.memcpy2d_async = host_memcpy2d_async,
 	.launch_host_fn = host_launch_host_fn,
 	.event_create = host_event_create,
 	.event_destroy = host_event_destroy,

@@ -43,6 +43,8 @@ struct aeg_device_ops {
 	int (*stream_sync)(aeg_device_t *dev, void *stream);
 	void *(*stream_native)(void *stream);  /* the cudaStream_t; NULL on host */
 	int (*memcpy_async)(aeg_device_t *dev, void *stream, void *dst, const void *src, size_t bytes);
+	int (*memcpy2d_async)(aeg_device_t *dev, void *stream, void *dst, size_t dpitch, const void *src,
+			      size_t spitch, size_t width, size_t height);
 	/* Run @fn(@arg) on the host once @stream reaches this point. @fn must not call into the stream. */
 	int (*launch_host_fn)(aeg_device_t *dev, void *stream, void (*fn)(void *), void *arg);
 

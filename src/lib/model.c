@@ -68,6 +68,7 @@ void model_free(struct aeg_model *m)
 	aeg_job_load_free(m->jl);
 	free(m->chunks);
 	free(m->tensors);
+	slice_plan_free(&m->plan);
 	aeg_st_free(&m->hdr);
 	free(m);
 }
@@ -104,6 +105,8 @@ int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, 
 	m->slab = parts[0]->slab;
 	for (uint32_t i = 0; i < nparts; i++) {
 		uint32_t c, t;
+
+		m->owned |= parts[i]->owned;    /* some files found resident, others loaded: owned */
 
 		part_chunks(parts[i], &c);
 		part_tensors(parts[i], &t);
@@ -176,6 +179,15 @@ AEG_EXPORT int aeg_model_job_slab(const aeg_model_t *m)
 AEG_EXPORT int aeg_model_owned(const aeg_model_t *m)
 {
 	return m ? m->owned : 0;
+}
+
+AEG_EXPORT const struct aeg_slice *aeg_model_slice(const aeg_model_t *m)
+{
+	if (m == NULL)
+		return NULL;
+	if (m->nparts)
+		return aeg_model_slice(m->parts[0]);
+	return m->load ? aeg_load_slice(m->load) : m->jl ? m->jl->slice : NULL;
 }
 
 AEG_EXPORT uint32_t aeg_model_file_count(const aeg_model_t *m)
@@ -292,24 +304,18 @@ AEG_EXPORT int aeg_model_wait_tensor(aeg_model_t *m, const char *name, int timeo
 {
 	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
 	const struct aeg_tensor *t;
-	const struct aeg_chunk *c;
-	uint32_t n, nc;
+	uint32_t n;
 	int err = 0;
 
 	if (m == NULL || name == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_model_wait_tensor: NULL argument");
 	t = aeg_model_tensors(m, &n);
-	c = aeg_model_chunks(m, &nc);
 	for (uint32_t i = 0; i < n; i++) {
 		if (strcmp(t[i].name, name) != 0)
 			continue;
 		/* Every chunk the tensor's bytes touch. */
-		for (uint32_t k = t[i].first_chunk; k < nc && err == 0; k++) {
-			if (k > t[i].first_chunk && (c[k].file != t[i].file ||
-						     c[k].file_offset >= t[i].file_offset + t[i].size))
-				break;
+		for (uint32_t k = t[i].first_chunk; k < t[i].first_chunk + t[i].chunks && err == 0; k++)
 			err = aeg_model_wait_chunk(m, k, left_ms(timeout_ms, deadline));
-		}
 		return err;
 	}
 	return aeg_fail(AEG_ENOENT, "%s has no tensor \"%.128s\"", m->path, name);

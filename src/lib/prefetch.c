@@ -20,6 +20,7 @@
 #include "internal.h"
 #include "prefetch_internal.h"
 #include "safetensors.h"
+#include "slice_plan.h"
 
 #define PAGE 4096u
 #define OWN_POOL_BUFFER (16ull << 20)
@@ -50,6 +51,7 @@ struct chunk_rt {
 	uint32_t group;
 	int state;
 	int recorded;
+	uint64_t out;                   /* its first byte's offset: the file's, or a sliced load's packed one */
 };
 
 /*
@@ -125,6 +127,7 @@ struct aeg_load {
 	struct group *groups;
 	struct aeg_tensor *tensors;
 	struct aeg_st_header hdr;
+	struct slice_plan plan;         /* a sliced load's; plan.spec NULL otherwise */
 	struct item *items;
 	uint64_t item_base, item_bytes;
 	struct cache_entry *entry;      /* hit or being filled */
@@ -431,6 +434,7 @@ static void load_free(struct aeg_load *l)
 	free(l->groups);
 	free(l->tensors);
 	free(l->items);
+	slice_plan_free(&l->plan);
 	aeg_st_free(&l->hdr);
 	free(l->path);
 	free(l);
@@ -588,7 +592,17 @@ static void sync_streams(struct aeg_prefetch *pf)
 		aeg_stream_sync(pf->streams[i]);
 }
 
-/* First chunk whose range ends after @off (chunks tile the data in order). */
+/*
+ * Where file byte @at lands: its offset, or in a sliced load the packed
+ * offset of the first byte of a part at or after it. Chunks are placed by
+ * these offsets, in the same order as the file.
+ */
+static uint64_t out_of(const struct aeg_load *l, uint64_t at)
+{
+	return l->plan.spec ? slice_out_of(&l->plan, at) : at;
+}
+
+/* First chunk whose range ends after offset @off (out_of's; chunks tile the data in order). */
 static uint32_t chunk_at(const struct aeg_load *l, uint64_t off)
 {
 	uint32_t lo = 0, hi = l->nchunks;
@@ -596,7 +610,7 @@ static uint32_t chunk_at(const struct aeg_load *l, uint64_t off)
 	while (lo < hi) {
 		uint32_t mid = lo + (hi - lo) / 2;
 
-		if (l->chunks[mid].file_offset + l->chunks[mid].size <= off)
+		if (l->rt[mid].out + l->chunks[mid].size <= off)
 			lo = mid + 1;
 		else
 			hi = mid;
@@ -608,9 +622,9 @@ static uint32_t chunk_at(const struct aeg_load *l, uint64_t off)
 static uint64_t streams_of(const struct aeg_prefetch *pf, const struct aeg_load *l, uint64_t b,
 			   uint64_t e)
 {
-	uint64_t mask = 0;
+	uint64_t mask = 0, ob = out_of(l, b), oe = out_of(l, e);
 
-	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++)
+	for (uint32_t c = chunk_at(l, ob); c < l->nchunks && l->rt[c].out < oe; c++)
 		mask |= 1ull << stream_of(pf, c);
 	return mask;
 }
@@ -619,25 +633,32 @@ static uint64_t streams_of(const struct aeg_prefetch *pf, const struct aeg_load 
  * Queue the copies of file bytes [b, e) between @host (holding them from
  * byte @b) and the chunks on the GPU, each on its chunk's stream: to the GPU,
  * or @back from it (how a registered piece fills its cache buffer, after
- * the copy that put the bytes there).
+ * the copy that put the bytes there). A sliced load gathers its parts'
+ * bytes (slice_copy; never @back: it has no cache).
  */
 static int copy_chunks(struct aeg_prefetch *pf, struct aeg_load *l, uint64_t b, uint64_t e,
 		       char *host, int back)
 {
-	for (uint32_t c = chunk_at(l, b); c < l->nchunks && l->chunks[c].file_offset < e; c++) {
+	uint64_t ob = out_of(l, b), oe = out_of(l, e);
+
+	for (uint32_t c = chunk_at(l, ob); c < l->nchunks && l->rt[c].out < oe; c++) {
 		const struct aeg_chunk *ch = &l->chunks[c];
-		uint64_t sb = b > ch->file_offset ? b : ch->file_offset;
-		uint64_t se = e < ch->file_offset + ch->size ? e : ch->file_offset + ch->size;
-		char *gpu = (char *)ch->device_ptr + (sb - ch->file_offset);
+		uint64_t at = l->rt[c].out;
+		uint64_t sb = ob > at ? ob : at;
+		uint64_t se = oe < at + ch->size ? oe : at + ch->size;
+		char *gpu = (char *)ch->device_ptr + (sb - at);
+		aeg_stream_t *st = pf->streams[stream_of(pf, c)];
 		int err;
 
 		if (sb >= se)
 			continue;
-		err = aeg_memcpy_async(pf->streams[stream_of(pf, c)], back ? host + (sb - b) : gpu,
-				       back ? gpu : host + (sb - b), se - sb);
+		if (l->plan.spec)
+			err = slice_copy(st, &l->plan, sb, se, gpu, host, b);
+		else
+			err = aeg_memcpy_async(st, back ? host + (sb - b) : gpu, back ? gpu : host + (sb - b), se - sb);
 		if (err) {
 			aeg_error_prefix("%s: copying bytes %" PRIu64 "..%" PRIu64 "%s", l->path, sb, se,
-					 back ? " back for the host cache" : "");
+					 back ? " back for the host cache" : l->plan.spec ? " of its slice" : "");
 			return err;
 		}
 	}
@@ -1726,10 +1747,25 @@ static int add_group(struct aeg_load *l, uint64_t begin, uint64_t bytes, uint64_
 	return 0;
 }
 
+/* Tensor @i's bytes as the load places them: where they start (out_of's offsets) and how many. */
+static void tensor_place(const struct aeg_load *l, size_t i, uint64_t *begin, uint64_t *bytes)
+{
+	const struct aeg_st_tensor *t = &l->hdr.tensors[i];
+
+	if (l->plan.spec) {
+		*begin = l->plan.spans[i].out;
+		*bytes = l->plan.spans[i].bytes;
+	} else {
+		*begin = l->data_begin + t->begin;
+		*bytes = t->end - t->begin;
+	}
+}
+
 /*
  * Cut the file into groups and chunks: small tensors packed greedily into a
  * chunk, a tensor over chunk_bytes alone in a group of several chunks; a
- * raw file in chunks of chunk_bytes, each its own group.
+ * raw file in chunks of chunk_bytes, each its own group. A sliced load's
+ * tensors are its parts, packed the same way.
  */
 static int plan_chunks(struct aeg_load *l, uint64_t chunk_bytes, int safetensors)
 {
@@ -1748,9 +1784,9 @@ static int plan_chunks(struct aeg_load *l, uint64_t chunk_bytes, int safetensors
 		return 0;
 	}
 	for (size_t i = 0; i < l->hdr.count; i++) {
-		const struct aeg_st_tensor *t = &l->hdr.tensors[i];
-		uint64_t begin = l->data_begin + t->begin, bytes = t->end - t->begin;
+		uint64_t begin, bytes;
 
+		tensor_place(l, i, &begin, &bytes);
 		if (bytes == 0)
 			continue;
 		if (open_bytes && open_bytes + bytes <= chunk_bytes) {
@@ -1775,6 +1811,25 @@ static int plan_chunks(struct aeg_load *l, uint64_t chunk_bytes, int safetensors
 	if (open_bytes)
 		return add_group(l, open_begin, open_bytes, chunk_bytes, &gcap, &ccap);
 	return 0;
+}
+
+/* A sliced load's plan of its parts; nothing for a whole one. */
+static int plan_slice(struct aeg_load *l, const struct aeg_slice *slice, int safetensors)
+{
+	char what[128];
+	int err;
+
+	if (slice == NULL)
+		return 0;
+	if (!safetensors)
+		return aeg_fail(AEG_EINVAL, "%s: not a safetensors file: a tensor-parallel slice needs its tensors", l->path);
+	err = slice_plan_make(slice, &l->hdr, l->path, &l->plan);
+	if (err == 0) {
+		slice_describe(slice, what, sizeof(what));
+		aeg_debug("prefetch: %s: slice %s: %" PRIu64 " of %" PRIu64 " data bytes", l->path, what,
+			  l->plan.out_end - l->plan.out_begin, l->hdr.data_bytes);
+	}
+	return err;
 }
 
 static void free_blocks(struct aeg_prefetch *pf, struct aeg_load *l, uint32_t upto)
@@ -1815,7 +1870,7 @@ static int alloc_blocks(struct aeg_prefetch *pf, struct aeg_load *l)
 		struct group *gr = &l->groups[g];
 
 		for (uint32_t c = gr->first_chunk; c < gr->first_chunk + gr->nchunks; c++) {
-			uint64_t in = l->chunks[c].file_offset - gr->file_begin;
+			uint64_t in = l->rt[c].out - gr->file_begin;
 
 			l->chunks[c].device_ptr = (char *)gr->block.ptr + in;
 			l->chunks[c].slab_id = gr->block.id;
@@ -1837,18 +1892,24 @@ static int build_tensors(struct aeg_load *l)
 	for (size_t i = 0; i < l->hdr.count; i++) {
 		const struct aeg_st_tensor *t = &l->hdr.tensors[i];
 		struct aeg_tensor *o = &l->tensors[i];
-		uint64_t off = l->data_begin + t->begin;
-		uint32_t c = chunk_at(l, off);
+		uint64_t off, bytes;
+		uint32_t c;
 
+		tensor_place(l, i, &off, &bytes);
+		c = chunk_at(l, off);
 		o->name = t->name;
 		o->dtype = t->dtype;
 		o->ndim = t->ndim;
-		o->shape = t->shape;
-		o->size = t->end - t->begin;
-		o->file_offset = off;
-		if (c == l->nchunks && c > 0 && t->begin == t->end)
+		o->shape = l->plan.spec ? l->plan.spans[i].shape : t->shape;
+		o->size = bytes;
+		o->file_offset = l->plan.spec ? l->plan.spans[i].src : off;
+		o->slice_dim = l->plan.spec ? l->plan.spans[i].dim : AEG_SLICE_WHOLE;
+		o->slice_start = l->plan.spec ? l->plan.spans[i].start : 0;
+		o->slice_extent = l->plan.spec ? l->plan.spans[i].extent : 0;
+		if (c == l->nchunks && c > 0 && bytes == 0)
 			c--;            /* an empty tensor at the very end */
 		o->first_chunk = c;
+		o->chunks = bytes ? chunk_at(l, off + bytes - 1) - c + 1 : 0;
 		if (c < l->nchunks) {
 			const struct group *g = &l->groups[l->rt[c].group];
 
@@ -1859,6 +1920,67 @@ static int build_tensors(struct aeg_load *l)
 	return 0;
 }
 
+/* Emit pieces of @B bytes over [b, e) into @items (NULL: count only) from index @n; returns the new count. */
+static uint32_t cut_pieces(struct item *items, uint32_t n, uint64_t b, uint64_t e, uint64_t B)
+{
+	for (uint64_t at = b; at < e; at += B, n++) {
+		if (items) {
+			items[n].begin = at;
+			items[n].end = e - at < B ? e : at + B;
+		}
+	}
+	return n;
+}
+
+/*
+ * A sliced load reads only the pages its parts lie in: each part's file
+ * range, page-aligned (pieces are registered whole pages), merged with the
+ * previous one where they touch, cut into pieces of @B. A part split along
+ * a later dimension is read whole, rows and all: its rows interleave the
+ * other ranks' parts, usually within a page.
+ */
+static uint32_t slice_pieces(const struct aeg_load *l, uint64_t B, struct item *items)
+{
+	uint64_t size = (uint64_t)l->st.st_size, rb = 0, re = 0;
+	uint32_t n = 0;
+
+	for (size_t i = 0; i < l->plan.count; i++) {
+		const struct slice_span *t = &l->plan.spans[i];
+		uint64_t b = t->src / PAGE * PAGE, e = aeg_round_up(slice_file_end(t), PAGE);
+
+		if (t->bytes == 0)
+			continue;
+		if (e > size)
+			e = size;
+		if (re > rb && b <= re) {
+			re = e > re ? e : re;
+			continue;
+		}
+		n = cut_pieces(items, n, rb, re, B);
+		rb = b;
+		re = e;
+	}
+	return cut_pieces(items, n, rb, re, B);
+}
+
+/* The chunks piece @it fills (none: first > last), each counting it as pending. */
+static void piece_chunks(struct aeg_load *l, struct item *it)
+{
+	uint64_t ob = out_of(l, it->begin), oe = out_of(l, it->end);
+
+	it->first_chunk = chunk_at(l, ob);
+	it->last_chunk = it->first_chunk;
+	if (it->first_chunk >= l->nchunks || l->rt[it->first_chunk].out >= oe) {
+		it->first_chunk = 1;
+		it->last_chunk = 0;
+		return;
+	}
+	while (it->last_chunk + 1 < l->nchunks && l->rt[it->last_chunk + 1].out < oe)
+		it->last_chunk++;
+	for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++)
+		l->rt[c].pending++;
+}
+
 static int plan_items(struct aeg_prefetch *pf, struct aeg_load *l)
 {
 	uint64_t size = (uint64_t)l->st.st_size;
@@ -1867,30 +1989,24 @@ static int plan_items(struct aeg_prefetch *pf, struct aeg_load *l)
 	if (l->nchunks == 0 && !l->filling)
 		return 0;
 	l->item_base = l->filling || l->feed == AEG_FEED_CACHE ? 0 : l->data_begin / B * B;
-	l->nitems = (uint32_t)((size - l->item_base + B - 1) / B);
+	if (l->plan.spec)
+		l->nitems = slice_pieces(l, B, NULL);
+	else
+		l->nitems = (uint32_t)((size - l->item_base + B - 1) / B);
 	l->items = calloc(l->nitems ? l->nitems : 1, sizeof(*l->items));
 	if (l->items == NULL)
 		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory for %u pieces", l->nitems);
+	if (l->plan.spec)
+		slice_pieces(l, B, l->items);
+	else
+		cut_pieces(l->items, 0, l->item_base, size, B);
 	for (uint32_t k = 0; k < l->nitems; k++) {
 		struct item *it = &l->items[k];
 
 		it->load = l;
 		it->index = k;
-		it->begin = l->item_base + (uint64_t)k * B;
-		it->end = it->begin + B < size ? it->begin + B : size;
 		it->buf = -1;
-		it->first_chunk = chunk_at(l, it->begin);
-		it->last_chunk = it->first_chunk;
-		if (it->first_chunk >= l->nchunks || l->chunks[it->first_chunk].file_offset >= it->end) {
-			it->first_chunk = 1;
-			it->last_chunk = 0;
-			continue;
-		}
-		while (it->last_chunk + 1 < l->nchunks &&
-		       l->chunks[it->last_chunk + 1].file_offset < it->end)
-			it->last_chunk++;
-		for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++)
-			l->rt[c].pending++;
+		piece_chunks(l, it);
 	}
 	return 0;
 }
@@ -1899,7 +2015,7 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 			const struct aeg_prefetch_options *o)
 {
 	int use_cache = pf->cfg.cache_bytes > 0 && o->feed == AEG_FEED_AUTO &&
-			!(o->flags & AEG_PREFETCH_NO_CACHE);
+			!(o->flags & AEG_PREFETCH_NO_CACHE) && l->plan.spec == NULL;
 
 	pthread_mutex_lock(&pf->lock);
 	if (use_cache) {
@@ -2035,7 +2151,9 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 		safetensors = 1;
 		l->data_begin = l->hdr.data_offset;
 	}
-	err = plan_chunks(l, o->chunk_bytes, safetensors);
+	err = plan_slice(l, o->slice, safetensors);
+	if (err == 0)
+		err = plan_chunks(l, o->chunk_bytes, safetensors);
 	if (err)
 		goto fail;
 	l->rt = calloc(l->nchunks ? l->nchunks : 1, sizeof(*l->rt));
@@ -2043,6 +2161,8 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 		err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory for %u chunks", l->nchunks);
 		goto fail;
 	}
+	for (uint32_t c = 0; c < l->nchunks; c++)
+		l->rt[c].out = l->chunks[c].file_offset;
 	for (uint32_t g = 0; g < l->ngroups; g++)
 		l->total_bytes += l->groups[g].bytes;
 	err = alloc_blocks(pf, l);
@@ -2057,6 +2177,9 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	err = plan_items(pf, l);
 	if (err)
 		goto fail;
+	/* What a caller reads: where each chunk's first byte is in the file. */
+	for (uint32_t c = 0; l->plan.spec && c < l->nchunks; c++)
+		l->chunks[c].file_offset = slice_file_of(&l->plan, l->rt[c].out);
 	err = make_events(pf, l, &events);
 	if (err)
 		goto fail;
@@ -2129,6 +2252,11 @@ AEG_EXPORT uint32_t aeg_load_metadata(const aeg_load_t *l, const char *const **k
 	if (values)
 		*values = l ? (const char *const *)l->hdr.meta_values : NULL;
 	return l ? (uint32_t)l->hdr.nmeta : 0;
+}
+
+AEG_EXPORT const struct aeg_slice *aeg_load_slice(const aeg_load_t *l)
+{
+	return l ? l->plan.spec : NULL;
 }
 
 AEG_EXPORT uint64_t aeg_load_id(const aeg_load_t *l)

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -406,11 +407,100 @@ static int dec_pool_rep(struct rd *r, union proto_msg *m)
 	return check_pool(m->pool_rep.pool_bytes, m->pool_rep.buffer_bytes);
 }
 
+/* --------------------------------------------------------------- slices */
+
+void proto_slice_set(struct proto_slice *p, const struct aeg_slice *s)
+{
+	memset(p, 0, offsetof(struct proto_slice, rules));
+	if (s == NULL)
+		return;
+	p->present = 1;
+	p->rank = s->rank;
+	p->world = s->world;
+	p->preset = (uint32_t)s->preset;
+	p->flags = s->flags;
+	p->nrules = s->nrules <= AEG_SLICE_MAX_RULES ? s->nrules : AEG_SLICE_MAX_RULES;
+	for (uint32_t i = 0; i < p->nrules; i++) {
+		p->rules[i].dim = s->rules[i].dim;
+		snprintf(p->rules[i].pattern, sizeof(p->rules[i].pattern), "%s", s->rules[i].pattern);
+	}
+}
+
+const struct aeg_slice *proto_slice_view(const struct proto_slice *p, struct aeg_slice *s,
+					 struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES])
+{
+	if (!p->present)
+		return NULL;
+	for (uint32_t i = 0; i < p->nrules && i < AEG_SLICE_MAX_RULES; i++) {
+		rules[i].pattern = p->rules[i].pattern;
+		rules[i].dim = p->rules[i].dim;
+	}
+	*s = (struct aeg_slice){
+		.rank = p->rank, .world = p->world, .preset = (enum aeg_slice_preset)p->preset,
+		.rules = rules, .nrules = p->nrules, .flags = p->flags,
+	};
+	return s;
+}
+
+static void enc_slice(struct wr *w, const struct proto_slice *p)
+{
+	if (!p->present)
+		return;
+	if (p->nrules > AEG_SLICE_MAX_RULES) {
+		w->over = 1;
+		return;
+	}
+	put_u32(w, (uint32_t)p->rank);
+	put_u32(w, (uint32_t)p->world);
+	put_u32(w, p->preset);
+	put_u32(w, p->flags);
+	put_u32(w, p->nrules);
+	for (uint32_t i = 0; i < p->nrules; i++) {
+		put_str(w, p->rules[i].pattern, sizeof(p->rules[i].pattern));
+		put_u32(w, (uint32_t)p->rules[i].dim);
+	}
+}
+
+/* A slice when bytes remain (else none), checked as aeg_slice_check checks one. */
+static int dec_slice(struct rd *r, struct proto_slice *p, const char *what)
+{
+	struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES];
+	struct aeg_slice s;
+	int err = 0;
+
+	memset(p, 0, offsetof(struct proto_slice, rules));
+	if (r->short_read || r->pos == r->len)
+		return 0;
+	p->present = 1;
+	p->rank = (int32_t)get_u32(r);
+	p->world = (int32_t)get_u32(r);
+	p->preset = get_u32(r);
+	p->flags = get_u32(r);
+	p->nrules = get_u32(r);
+	if (p->nrules > AEG_SLICE_MAX_RULES)
+		return aeg_fail(AEG_EPROTO, "%s slice of %u rules, at most %d", what, p->nrules, AEG_SLICE_MAX_RULES);
+	for (uint32_t i = 0; i < p->nrules; i++) {
+		if (get_str(r, p->rules[i].pattern, sizeof(p->rules[i].pattern), "slice pattern", &err))
+			return err;
+		p->rules[i].dim = (int32_t)get_u32(r);
+	}
+	if (r->short_read)
+		return 0;
+	if (aeg_slice_check(proto_slice_view(p, &s, rules)) != 0) {
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s", aeg_error_detail());
+		return aeg_fail(AEG_EPROTO, "%s: %s", what, why);
+	}
+	return 0;
+}
+
 static void enc_prefetch_req(struct wr *w, const union proto_msg *m)
 {
 	put_u32(w, m->prefetch_req.slab);
 	put_u64(w, m->prefetch_req.chunk_bytes);
 	put_str(w, m->prefetch_req.path, sizeof(m->prefetch_req.path));
+	enc_slice(w, &m->prefetch_req.slice);
 }
 
 static int dec_prefetch_req(struct rd *r, union proto_msg *m)
@@ -421,6 +511,9 @@ static int dec_prefetch_req(struct rd *r, union proto_msg *m)
 	q->slab = get_u32(r);
 	q->chunk_bytes = get_u64(r);
 	if (get_str(r, q->path, sizeof(q->path), "prefetch path", &err) || r->short_read)
+		return err;
+	err = dec_slice(r, &q->slice, "prefetch");
+	if (err || r->short_read)
 		return err;
 	if (q->path[0] != '/')
 		return aeg_fail(AEG_EPROTO, "prefetch path '%s' is not absolute", q->path);
@@ -433,6 +526,7 @@ static void enc_chunks_req(struct wr *w, const union proto_msg *m)
 	put_u32(w, m->chunks_req.slab);
 	put_u32(w, m->chunks_req.first);
 	put_str(w, m->chunks_req.path, sizeof(m->chunks_req.path));
+	enc_slice(w, &m->chunks_req.slice);
 }
 
 static int dec_chunks_req(struct rd *r, union proto_msg *m)
@@ -445,6 +539,12 @@ static int dec_chunks_req(struct rd *r, union proto_msg *m)
 	q->first = get_u32(r);
 	if (get_str(r, q->path, sizeof(q->path), "chunks path", &err) || r->short_read)
 		return err;
+	err = dec_slice(r, &q->slice, "chunks");
+	if (err || r->short_read)
+		return err;
+	if (q->slice.present && q->load_id != 0)
+		return aeg_fail(AEG_EPROTO, "chunks request of load %llu with a slice (a slice is for a path)",
+				(unsigned long long)q->load_id);
 	if ((q->load_id != 0) == (q->path[0] != '\0'))
 		return aeg_fail(AEG_EPROTO, "chunks request needs a load id or a path, not %s",
 				q->load_id ? "both" : "neither");
@@ -476,8 +576,9 @@ static void enc_chunks_rep(struct wr *w, const union proto_msg *m)
 		put_u64(w, p->chunks[i].slab_id);
 		put(w, p->chunks[i].event.bytes, AEG_HANDLE_BYTES);
 	}
-	if (p->detail[0] != '\0')
+	if (p->detail[0] != '\0' || p->slice.present)
 		put_str(w, p->detail, sizeof(p->detail));
+	enc_slice(w, &p->slice);
 }
 
 static int dec_chunks_rep(struct rd *r, union proto_msg *m)
@@ -521,15 +622,19 @@ static int dec_chunks_rep(struct rd *r, union proto_msg *m)
 					(unsigned long long)c->size, (unsigned long long)c->offset);
 	}
 	p->detail[0] = '\0';
+	p->slice.present = 0;
 	if (r->pos < r->len) {
 		int err = 0;
 
-		/* Present only when there is one: the encoding stays canonical. */
+		/* Present only when there is one (or a slice follows): the encoding stays canonical. */
 		if (get_str(r, p->detail, sizeof(p->detail), "load error detail", &err))
 			return err;
-		if (p->detail[0] == '\0')
+		err = dec_slice(r, &p->slice, "chunk list");
+		if (err || r->short_read)
+			return err;
+		if (p->detail[0] == '\0' && !p->slice.present)
 			return aeg_fail(AEG_EPROTO, "chunk list with an empty error detail (it is left out)");
-		if (p->status == 0 || p->status == AEG_EBUSY)
+		if (p->detail[0] != '\0' && (p->status == 0 || p->status == AEG_EBUSY))
 			return aeg_fail(AEG_EPROTO, "chunk list of a load %s with an error detail",
 					p->status == 0 ? "loaded" : "loading");
 	}

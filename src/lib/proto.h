@@ -11,6 +11,7 @@
 #include <aegaeon/job.h>
 #include <aegaeon/pinned.h>
 #include <aegaeon/slab.h>
+#include <aegaeon/slice.h>
 #include <aegaeon/topo.h>
 
 /*
@@ -114,19 +115,48 @@ struct proto_pool_rep {
 	uint64_t pool_bytes, buffer_bytes;
 };
 
-/* chunk_bytes 0 takes the agent's default. @path must be absolute. */
+/*
+ * A tensor-parallel slice spec (aegaeon/slice.h) on the wire: after a
+ * message's other fields, and only when @present (so a whole load's
+ * frames are as they were): i32 rank, i32 world, u32 preset, u32 flags,
+ * u32 nrules, then each rule's pattern (a string) and i32 dim. Decoding
+ * checks it as aeg_slice_check does.
+ */
+struct proto_slice {
+	uint8_t present;
+	int32_t rank, world;
+	uint32_t preset, flags, nrules;
+	struct proto_slice_rule {
+		int32_t dim;
+		char pattern[AEG_SLICE_PATTERN_MAX];
+	} rules[AEG_SLICE_MAX_RULES];
+};
+
+/* proto_slice_set - @spec (NULL: none) in wire form; the caller checked it. */
+void proto_slice_set(struct proto_slice *p, const struct aeg_slice *spec);
+
+/* proto_slice_view - the spec @p holds, its rules in @rules; NULL when none is present. */
+const struct aeg_slice *proto_slice_view(const struct proto_slice *p, struct aeg_slice *spec,
+					 struct aeg_slice_rule rules[AEG_SLICE_MAX_RULES]);
+
+/* chunk_bytes 0 takes the agent's default. @path must be absolute. A slice loads a rank's part. */
 struct proto_prefetch_req {
 	uint32_t slab;
 	uint64_t chunk_bytes;
 	char path[PROTO_PATH_MAX];
+	struct proto_slice slice;
 };
 
-/* By load id when load_id != 0, else the newest load of @path into @slab. */
+/*
+ * By load id when load_id != 0, else the newest load of @path into @slab
+ * with the same slice (none: a whole load).
+ */
 struct proto_chunks_req {
 	uint64_t load_id;
 	uint32_t slab;
 	uint32_t first;                 /* first chunk of the page asked for */
 	char path[PROTO_PATH_MAX];
+	struct proto_slice slice;
 };
 
 struct proto_chunk {
@@ -145,8 +175,13 @@ struct proto_chunks_rep {
 	uint64_t file_bytes, done_bytes;
 	uint32_t total, first, count;
 	struct proto_chunk chunks[PROTO_CHUNKS_PER_PAGE];
-	/* Why a failed load failed, after the chunks; left out (empty) otherwise. */
+	/*
+	 * Why a failed load failed, after the chunks; then a sliced load's
+	 * spec. Each is left out when empty, the detail only when no slice
+	 * follows it.
+	 */
 	char detail[PROTO_DETAIL_MAX];
+	struct proto_slice slice;
 };
 
 #define PROTO_RELEASE_ALL 0x1u

@@ -422,30 +422,28 @@ static int named_safetensors(const char *path)
 	return n >= 12 && strcmp(path + n - 12, ".safetensors") == 0;
 }
 
-/* The chunk holding file byte @at, or -1; chunks are in file order. */
-static long chunk_at(const struct aeg_model *m, uint64_t at)
+/* The chunk holding byte @at (@keys: where each starts, ascending), or -1. */
+static long chunk_at(const struct aeg_model *m, const uint64_t *keys, uint64_t at)
 {
 	uint32_t lo = 0, hi = m->nchunks;
 
 	while (lo < hi) {
 		uint32_t mid = lo + (hi - lo) / 2;
 
-		if (m->chunks[mid].file_offset + m->chunks[mid].size <= at)
+		if (keys[mid] + m->chunks[mid].size <= at)
 			lo = mid + 1;
 		else
 			hi = mid;
 	}
-	if (lo < m->nchunks && m->chunks[lo].file_offset <= at)
+	if (lo < m->nchunks && keys[lo] <= at)
 		return (long)lo;
 	return -1;
 }
 
-/* JOB: the agent's chunk list as engine chunks, and the tensors placed in them. */
-static int job_model_fill(struct aeg_model *m, enum aeg_prefetch_format format)
+/* JOB: the agent's chunk list as engine chunks. */
+static int job_chunks_copy(struct aeg_model *m)
 {
 	const struct aeg_job_load *jl = m->jl;
-	struct stat st;
-	int fd, err;
 
 	m->id = jl->load_id;
 	m->slab = jl->slab;
@@ -462,44 +460,96 @@ static int job_model_fill(struct aeg_model *m, enum aeg_prefetch_format format)
 		m->chunks[i].file_offset = jl->chunks[i].file_offset;
 	}
 	m->settled = jl->status == 0;
-	if (format == AEG_FORMAT_RAW)
-		return 0;
-	/* The agent parsed the header (the same rule decides); this process needs the names and shapes too. */
+	return 0;
+}
+
+/* JOB: the header, read here too (the same rule decides as the agent's); a slice's plan from it. */
+static int job_read_header(struct aeg_model *m, enum aeg_prefetch_format format)
+{
+	uint64_t bytes = 0;
+	struct stat st;
+	int fd, err;
+
 	fd = open(m->path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", m->path, strerror(errno));
 	err = fstat(fd, &st) < 0 ? aeg_fail(AEG_EIO, "%s: %s", m->path, strerror(errno)) :
-	      aeg_st_detect(fd, (uint64_t)st.st_size, format == AEG_FORMAT_SAFETENSORS || named_safetensors(m->path),
-			    &m->hdr);
+	      aeg_st_detect(fd, (uint64_t)st.st_size, format == AEG_FORMAT_SAFETENSORS || named_safetensors(m->path) ||
+			    m->jl->slice != NULL, &m->hdr);
 	close(fd);
+	if (err <= 0 || m->jl->slice == NULL)
+		return err;
+	err = slice_plan_make(m->jl->slice, &m->hdr, m->path, &m->plan);
+	for (uint32_t i = 0; err == 0 && i < m->nchunks; i++)
+		bytes += m->chunks[i].size;
+	if (err == 0 && bytes != m->plan.out_end - m->plan.out_begin)
+		err = aeg_fail(AEG_ESTALE, "%s: the agent's slice holds %" PRIu64 " bytes, this file's %" PRIu64
+			       " (the file changed?)", m->path, bytes, m->plan.out_end - m->plan.out_begin);
+	return err ? err : 1;
+}
+
+/* JOB: tensor @i placed in the chunks (@keys: where each starts). */
+static int job_place_tensor(struct aeg_model *m, const uint64_t *keys, size_t i)
+{
+	const struct aeg_st_tensor *t = &m->hdr.tensors[i];
+	const struct slice_span *sp = m->plan.spec ? &m->plan.spans[i] : NULL;
+	struct aeg_tensor *o = &m->tensors[i];
+	uint64_t at = sp ? sp->out : m->hdr.data_offset + t->begin;
+	long c = chunk_at(m, keys, at), last;
+
+	o->name = t->name;
+	o->dtype = t->dtype;
+	o->ndim = t->ndim;
+	o->shape = sp ? sp->shape : t->shape;
+	o->size = sp ? sp->bytes : t->end - t->begin;
+	o->file_offset = sp ? sp->src : at;
+	o->slice_dim = sp ? sp->dim : AEG_SLICE_WHOLE;
+	o->slice_start = sp ? sp->start : 0;
+	o->slice_extent = sp ? sp->extent : 0;
+	if (c < 0 && o->size > 0)
+		return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" at byte %" PRIu64 " is in no chunk the agent loaded (the file changed?)",
+				m->path, t->name, o->file_offset);
+	if (c < 0)
+		c = m->nchunks ? (long)m->nchunks - 1 : 0;
+	last = o->size ? chunk_at(m, keys, at + o->size - 1) : c;
+	if (last < c)
+		return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" ends in no chunk the agent loaded (the file changed?)",
+				m->path, t->name);
+	o->first_chunk = (uint32_t)c;
+	o->chunks = o->size ? (uint32_t)(last - c + 1) : 0;
+	if (c < (long)m->nchunks && m->chunks[c].device_ptr != NULL)
+		o->device_ptr = (char *)m->chunks[c].device_ptr + (at - keys[c]);
+	return 0;
+}
+
+/* JOB: the agent's chunk list as engine chunks, and the tensors placed in them. */
+static int job_model_fill(struct aeg_model *m, enum aeg_prefetch_format format)
+{
+	uint64_t *keys;
+	int err;
+
+	err = job_chunks_copy(m);
+	if (err || format == AEG_FORMAT_RAW)
+		return err;
+	err = job_read_header(m, format);
 	if (err <= 0)
 		return err;
 	m->tensors = calloc(m->hdr.count ? m->hdr.count : 1, sizeof(*m->tensors));
-	if (m->tensors == NULL)
+	keys = malloc((m->nchunks ? m->nchunks : 1) * sizeof(*keys));
+	if (m->tensors == NULL || keys == NULL) {
+		free(keys);
 		return aeg_fail(AEG_ENOMEM, "tensor table of %zu tensors: out of memory", m->hdr.count);
-	for (size_t i = 0; i < m->hdr.count; i++) {
-		const struct aeg_st_tensor *t = &m->hdr.tensors[i];
-		struct aeg_tensor *o = &m->tensors[i];
-		uint64_t at = m->hdr.data_offset + t->begin;
-		long c = chunk_at(m, at);
-
-		o->name = t->name;
-		o->dtype = t->dtype;
-		o->ndim = t->ndim;
-		o->shape = t->shape;
-		o->size = t->end - t->begin;
-		o->file_offset = at;
-		if (c < 0 && o->size > 0)
-			return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" at byte %" PRIu64 " is in no chunk the agent loaded (the file changed?)",
-					m->path, t->name, at);
-		if (c < 0)
-			c = m->nchunks ? (long)m->nchunks - 1 : 0;
-		o->first_chunk = (uint32_t)c;
-		if (c < (long)m->nchunks && m->chunks[c].device_ptr != NULL)
-			o->device_ptr = (char *)m->chunks[c].device_ptr + (at - m->chunks[c].file_offset);
 	}
-	m->ntensors = (uint32_t)m->hdr.count;
-	return 0;
+	/* A sliced load's chunks start where packed bytes of the parts do. */
+	for (uint32_t i = 0; i < m->nchunks; i++)
+		keys[i] = m->plan.spec ? slice_out_of(&m->plan, m->chunks[i].file_offset) : m->chunks[i].file_offset;
+	err = 0;
+	for (size_t i = 0; i < m->hdr.count && err == 0; i++)
+		err = job_place_tensor(m, keys, i);
+	free(keys);
+	if (err == 0)
+		m->ntensors = (uint32_t)m->hdr.count;
+	return err;
 }
 
 /* JOB: remember the blocks of a load this session started (release_all frees them). */
@@ -574,10 +624,14 @@ static int lock_job_dir(void)
 	return fd;
 }
 
-/* JOB, REUSE: the job's resident load of @path in slab @index, or 0 with *@jl NULL when there is none to reuse. */
-static int job_reusable(aeg_session_t *s, const char *path, int index, struct aeg_job_load **jl)
+/*
+ * JOB, REUSE: the job's resident load of @path in slab @index with @slice,
+ * or 0 with *@jl NULL when there is none to reuse.
+ */
+static int job_reusable(aeg_session_t *s, const char *path, int index, const struct aeg_slice *slice,
+			struct aeg_job_load **jl)
 {
-	int err = aeg_job_chunks(s->job, 0, path, index, jl);
+	int err = aeg_job_chunks_slice(s->job, path, index, slice, jl);
 
 	if (err == 0 && (*jl)->status != 0 && (*jl)->status != AEG_EBUSY) {
 		aeg_warn("%s: load %" PRIu64 " failed (%s); loading it again", path, (*jl)->load_id,
@@ -611,11 +665,11 @@ static int job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_mo
 	t = aeg_now_ns();
 	if (req->flags & AEG_LOAD_REUSE) {
 		lock = lock_job_dir();
-		err = job_reusable(s, m->path, index, &m->jl);
+		err = job_reusable(s, m->path, index, req->slice, &m->jl);
 	}
 	m->owned = m->jl == NULL;
 	if (err == 0 && m->owned)
-		err = aeg_job_prefetch(s->job, m->path, index, req->chunk_bytes, &m->jl);
+		err = aeg_job_prefetch_slice(s->job, m->path, index, req->chunk_bytes, req->slice, &m->jl);
 	if (lock >= 0)
 		close(lock);
 	if (err == 0) {
@@ -636,7 +690,7 @@ static int job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_mo
 	return 0;
 }
 
-static int find_one(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m);
+static int find_one(aeg_session_t *s, const char *path, int gpu, const struct aeg_slice *slice, aeg_model_t **m);
 
 static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
 {
@@ -645,6 +699,7 @@ static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_
 		.feed = req->feed,
 		.format = req->format,
 		.flags = (req->flags & AEG_LOAD_NO_CACHE) ? AEG_PREFETCH_NO_CACHE : 0,
+		.slice = req->slice,
 	};
 	int gpu = req->gpu < 0 ? 0 : req->gpu;
 	struct aeg_model *m;
@@ -656,7 +711,7 @@ static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_
 	if (err)
 		return err;
 	if (req->flags & AEG_LOAD_REUSE) {
-		err = find_one(s, req->path, gpu, out);
+		err = find_one(s, req->path, gpu, req->slice, out);
 		if (err != AEG_ENOENT && err != AEG_ESTALE)
 			return err;
 		aeg_error_clear();
@@ -733,6 +788,11 @@ AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request 
 				req->path, req->chunk_bytes);
 	if (req->flags & ~(AEG_LOAD_REUSE | AEG_LOAD_NO_CACHE))
 		return aeg_fail(AEG_EINVAL, "load flags 0x%x: unknown bits", req->flags);
+	if (req->slice != NULL && aeg_slice_check(req->slice))
+		return aeg_fail_keep(AEG_EINVAL);
+	if (req->slice != NULL && req->format == AEG_FORMAT_RAW)
+		return aeg_fail(AEG_EINVAL, "%s: a tensor-parallel slice of a raw file: a slice needs safetensors tensors",
+				req->path);
 	err = aeg_model_paths(req->path, &mp);
 	if (err)
 		return err;
@@ -750,14 +810,16 @@ AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request 
 }
 
 /*
- * The newest open LOCAL load of @real on @gpu (or with id @id) that still
- * holds chunks, as a new model on the same engine load; lock held.
+ * The newest open LOCAL load of @real on @gpu with @slice (or with id @id)
+ * that still holds chunks, as a new model on the same engine load; lock held.
  */
-static int local_match(struct aeg_model *o, const char *real, int gpu, uint64_t id, aeg_model_t **out)
+static int local_match(struct aeg_model *o, const char *real, int gpu, const struct aeg_slice *slice, uint64_t id,
+		       aeg_model_t **out)
 {
 	struct aeg_load_progress p;
 
-	if (o->load == NULL || (id ? o->id != id : (o->gpu != gpu || strcmp(o->path, real) != 0)))
+	if (o->load == NULL || (id ? o->id != id : (o->gpu != gpu || strcmp(o->path, real) != 0 ||
+						    !slice_equal(aeg_load_slice(o->load), slice))))
 		return 0;
 	if (aeg_load_progress(o->load, &p) || (p.status != 0 && p.status != AEG_EBUSY) ||
 	    (p.chunks > 0 && p.released_chunks == p.chunks))
@@ -770,13 +832,14 @@ static int local_match(struct aeg_model *o, const char *real, int gpu, uint64_t 
 	return 1;
 }
 
-static int local_find_locked(aeg_session_t *s, const char *real, int gpu, uint64_t id, aeg_model_t **out)
+static int local_find_locked(aeg_session_t *s, const char *real, int gpu, const struct aeg_slice *slice,
+			     uint64_t id, aeg_model_t **out)
 {
 	for (struct aeg_model *o = s->models; o; o = o->next) {
-		int r = local_match(o, real, gpu, id, out);
+		int r = local_match(o, real, gpu, slice, id, out);
 
 		for (uint32_t i = 0; r == 0 && i < o->nparts; i++)
-			r = local_match(o->parts[i], real, gpu, id, out);
+			r = local_match(o->parts[i], real, gpu, slice, id, out);
 		if (r)
 			return r < 0 ? r : 0;
 	}
@@ -845,8 +908,8 @@ static int job_find(aeg_session_t *s, uint64_t id, const char *path, int gpu, ae
 	return 0;
 }
 
-/* One file's newest resident load, not linked. */
-static int find_one(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m)
+/* One file's newest resident load (LOCAL: with @slice; JOB: whole), not linked. */
+static int find_one(aeg_session_t *s, const char *path, int gpu, const struct aeg_slice *slice, aeg_model_t **m)
 {
 	char real[PATH_MAX];
 	int err;
@@ -861,7 +924,7 @@ static int find_one(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m
 	if (realpath(path, real) == NULL)
 		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
 	pthread_mutex_lock(&s->lock);
-	err = local_find_locked(s, real, gpu, 0, m);
+	err = local_find_locked(s, real, gpu, slice, 0, m);
 	pthread_mutex_unlock(&s->lock);
 	return err;
 }
@@ -877,7 +940,7 @@ static int find_many(aeg_session_t *s, const char *path, const struct aeg_model_
 	if (parts == NULL)
 		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", path, mp->count);
 	for (; n < mp->count && err == 0; n++)
-		err = find_one(s, mp->paths[n], gpu, &parts[n]);
+		err = find_one(s, mp->paths[n], gpu, NULL, &parts[n]);
 	if (err) {
 		for (uint32_t i = 0; i + 1 < n; i++)
 			model_free(parts[i]);
@@ -897,7 +960,7 @@ AEG_EXPORT int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg
 	err = aeg_model_paths(path, &mp);
 	if (err)
 		return err;
-	err = mp.dir || mp.index ? find_many(s, path, &mp, gpu, m) : find_one(s, path, gpu, m);
+	err = mp.dir || mp.index ? find_many(s, path, &mp, gpu, m) : find_one(s, path, gpu, NULL, m);
 	aeg_model_paths_free(&mp);
 	if (err == 0) {
 		pthread_mutex_lock(&s->lock);
@@ -918,7 +981,7 @@ AEG_EXPORT int aeg_session_find_id(aeg_session_t *s, uint64_t id, aeg_model_t **
 		pthread_mutex_lock(&s->lock);
 	} else {
 		pthread_mutex_lock(&s->lock);
-		err = local_find_locked(s, NULL, -1, id, m);
+		err = local_find_locked(s, NULL, -1, NULL, id, m);
 	}
 	if (err == 0)
 		model_link(*m);

@@ -9,6 +9,7 @@
 #include <aegaeon/session.h>
 
 #include "safetensors.h"
+#include "slice_plan.h"
 
 /* A LOCAL session's engine on one GPU, made at its first use and kept. */
 struct sess_gpu {
@@ -49,6 +50,7 @@ struct aeg_model {
 	struct aeg_tensor *tensors;     /* JOB: from hdr */
 	uint32_t ntensors;
 	struct aeg_st_header hdr;
+	struct slice_plan plan;         /* JOB: a sliced load's parts, as the agent planned them */
 	struct aeg_model **parts;       /* a model of several files: one model each */
 	uint32_t nparts;
 };

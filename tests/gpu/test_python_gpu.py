@@ -4,15 +4,20 @@
 The seed example verbatim on a real file; a torch-written safetensors model
 loaded and compared bit for bit with safetensors.torch.load_file; zero-copy
 torch views (as_tensor through __cuda_array_interface__, from_dlpack); two
-processes sharing event handles; no device memory left behind; and the time of
-our loader against safetensors'. Prints ok/not ok lines and "N passed, N
-failed"; exits non-zero on failure.
+processes sharing event handles; no device memory left behind; the time of
+our loader against safetensors'; a transformers model written by
+save_pretrained in shards, loaded with aegaeon_native.torch.load_into and
+compared with from_pretrained (every parameter bit for bit, the logits), per
+tensor waits and chunk dicts on the GPU, and both times. Prints ok/not ok lines
+and "N passed, N failed"; exits non-zero on failure.
 
 Needs: the built module on PYTHONPATH (aegaeon_native.abi3.so), the PyPI
-packages torch and safetensors, one GPU. AEGAEON_TEST_MODEL_GIB sets the model
-size (default 2).
+packages torch, safetensors and transformers, one GPU. AEGAEON_TEST_MODEL_GIB
+sets the model size (default 2).
 """
+import gc
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -237,6 +242,99 @@ def test_timing():
         best["safetensors.torch.load_file(device=cuda)"] / best["aegaeon_native.load_safetensors"]))
 
 
+def llama(transformers):
+    """A Llama-like model of about 1.1 GiB in bf16, untied, in 4 shards and an index."""
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                                      max_position_embeddings=2048, tie_word_embeddings=False)
+    d = os.path.join(TMP, "aegaeon_test_llama")
+    torch.manual_seed(5)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(d, safe_serialization=True, max_shard_size="300MB")
+    del model
+    torch.cuda.empty_cache()
+    return config, d
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def test_load_into():
+    import transformers
+    from aegaeon_native.torch import load_into
+    config, d = llama(transformers)
+    state["llama"] = d
+    kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.bfloat16}
+
+    def theirs():
+        return transformers.LlamaForCausalLM.from_pretrained(d, device_map="cuda", **kw).eval()
+
+    def ours():
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config, **kw)
+        return load_into(model, d)
+
+    times = {"from_pretrained(device_map=cuda)": [], "aegaeon_native.torch.load_into": []}
+    for _ in range(2):
+        ref, t = timed(theirs)
+        times["from_pretrained(device_map=cuda)"].append(t)
+        del ref
+        model, t = timed(ours)
+        times["aegaeon_native.torch.load_into"].append(t)
+        del model
+    ref, model = theirs(), ours()
+    mine, want = dict(model.named_parameters()), dict(ref.named_parameters())
+    assert list(mine) == list(want), set(mine) ^ set(want)
+    for n, p in want.items():
+        assert mine[n].device == p.device and mine[n].dtype == p.dtype, n
+        assert torch.equal(mine[n], p), "%s differs" % n
+    for n, b in ref.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[n], b), "buffer %s differs" % n
+    ids = (torch.arange(64, device="cuda") * 131 % config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits), "the logits differ"
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+    best = {k: min(v) for k, v in times.items()}
+    for k, v in best.items():
+        print("# %-42s %7.3f s  %6.2f GB/s (%.2f GiB, best of 2)" % (k, v, size / v / 1e9, size / GiB))
+    print("# ratio: load_into %.2fx from_pretrained" % (
+        best["from_pretrained(device_map=cuda)"] / best["aegaeon_native.torch.load_into"]))
+    del ref, model, mine, want
+    gc.collect()
+    assert an.stats()["objects"] == 0, an.stats()
+
+
+def test_model_waits_and_chunks():
+    d = state["llama"]
+    m = an.open_model(d, wait=False)
+    names = list(m.tensors)
+    m.wait(names[0], timeout=60)
+    first = torch.from_dlpack(m.tensors[names[0]])
+    assert first.device.type == "cuda" and first.data_ptr() == m.tensors[names[0]].device_ptr
+    seen = 0
+    m.wait(timeout=120)
+    for c in m.chunks:
+        assert c["file"] in m.files
+        for name, off in c["tensors"]:
+            if off >= 0:
+                assert m.tensors[name].device_ptr == c["device_ptr"] + off, name
+                seen += 1
+    assert seen == len(names), (seen, len(names))
+    ref = an.torch.load_state_dict(d, "cuda:0")
+    for name in names:
+        assert torch.equal(torch.from_dlpack(m.tensors[name]), ref[name]), name
+    del first, ref
+    m.release()
+    gc.collect()
+    assert an.stats()["objects"] == 0, an.stats()
+
+
 def main():
     print("# %s, torch %s, Python %s" % (torch.cuda.get_device_name(0), torch.__version__,
                                          sys.version.split()[0]))
@@ -247,11 +345,14 @@ def main():
     check("two processes share prefetch and created event handles", test_two_processes_share_events)
     check("no device memory left after loads, KV swaps and releases", test_no_device_memory_left)
     check("timing of our loader against safetensors", test_timing)
+    check("transformers model by load_into bit for bit as from_pretrained, and both times", test_load_into)
+    check("per-tensor waits and chunk dicts of a sharded model on the GPU", test_model_waits_and_chunks)
     an.release_all_prefetch_events()
     try:
         os.unlink(state.get("path", ""))
     except OSError:
         pass
+    shutil.rmtree(state.get("llama", os.path.join(TMP, "aegaeon_test_llama")), ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
 

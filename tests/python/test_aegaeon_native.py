@@ -21,18 +21,11 @@ import time
 import unittest
 
 import testmain
+from testmain import AgentCase, make_tensors, pattern, safetensors_bytes, write_file
 
 testmain.preload_sanitizers()
 
-TMP = tempfile.mkdtemp(prefix="aegaeon-py-")
-CONF = os.path.join(TMP, "aegaeon.conf")
-with open(CONF, "w") as f:
-    # Two prefetch threads keep the engine's staging pool small on shared CI machines.
-    f.write("prefetch_threads = 2;\n")
-os.environ["AEGAEON_CONFIG"] = CONF
-os.environ.setdefault("AEGAEON_DEVICE", "host")
-os.environ["AEGAEON_PREFETCH_SLAB"] = "256MiB"
-os.environ.pop("AEGAEON_SOCKET", None)
+TMP = testmain.host_env("aegaeon-py-")
 
 import aegaeon_native as an  # noqa: E402
 
@@ -48,70 +41,12 @@ def fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
-def write_file(path, data):
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
-
-
-def pattern(n, seed):
-    return random.Random(seed).randbytes(n)
-
-
 def child(code, **kw):
     """Runs python code in a fresh interpreter with the module's environment."""
     env = dict(os.environ)
     env.update(kw.pop("env", {}))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120, **kw)
-
-
-# ------------------------------------------------------------------ safetensors
-
-ST_DTYPES = {  # dtype: (struct code, item bytes)
-    "F64": ("d", 8), "F32": ("f", 4), "F16": ("e", 2), "I64": ("q", 8), "I32": ("i", 4),
-    "I16": ("h", 2), "I8": ("b", 1), "U8": ("B", 1), "BOOL": ("?", 1), "BF16": ("H", 2),
-    "U16": ("H", 2), "U32": ("I", 4), "U64": ("Q", 8),
-}
-
-
-def safetensors_bytes(tensors, metadata=None):
-    """A safetensors file by hand: {name: (dtype, shape, raw bytes)}."""
-    header, offset, blobs = {}, 0, []
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    for name, (dtype, shape, raw) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        blobs.append(raw)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
-
-
-def make_tensors(seed=1):
-    rnd = random.Random(seed)
-    out = {}
-    shapes = [(3, 5), (7,), (2, 3, 4), (1,), (64, 33), (0,), (5, 1, 2)]
-    for i, (dtype, (code, size)) in enumerate(ST_DTYPES.items()):
-        shape = shapes[i % len(shapes)]
-        n = 1
-        for d in shape:
-            n *= d
-        if dtype == "BOOL":
-            vals = [rnd.random() < 0.5 for _ in range(n)]
-        elif dtype in ("F64", "F32", "F16"):
-            vals = [rnd.uniform(-100, 100) for _ in range(n)]
-        elif dtype.startswith("U") or dtype == "BF16":
-            vals = [rnd.randrange(0, 1 << min(8 * size, 62)) for _ in range(n)]
-        else:
-            vals = [rnd.randrange(-(1 << (8 * size - 2)), 1 << (8 * size - 2)) for _ in range(n)]
-        out["layer%d.%s" % (i, dtype.lower())] = (dtype, shape, struct.pack("<%d%s" % (n, code), *vals))
-    # a tensor larger than a chunk, cut into several chunks of one block
-    big = pattern(3 * MiB + 4096, seed)
-    out["big.weight"] = ("F32", (len(big) // 4,), big)
-    return out
 
 
 class Base(unittest.TestCase):
@@ -304,6 +239,7 @@ class TestInterface(Base):
         tree = stub_tree()
         stubs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         names = set(stubs) | {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+        names |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.level for a in n.names}
         self.assertEqual({n for n in dir(an) if not n.startswith("_")} - names, set())
         checked = 0
         for name, fn in own_callables():
@@ -322,6 +258,25 @@ class TestInterface(Base):
             self.assertEqual(real, stub_params(node), name)
             checked += 1
         self.assertGreater(checked, 55)
+        # aegaeon_native.torch, built into the module, against its own stub file
+        with open(stub_path().replace("__init__.pyi", "torch.pyi")) as f:
+            sub = {n.name: n for n in ast.parse(f.read()).body if isinstance(n, ast.FunctionDef)}
+        self.assertEqual(set(an.torch.__all__), set(sub))
+        for name in an.torch.__all__:
+            real = [p.name for p in inspect.signature(getattr(an.torch, name)).parameters.values()]
+            self.assertEqual(real, stub_params(sub[name]), "torch." + name)
+
+    def test_torch_submodule(self):
+        # From the one extension file: imported with it, importing torch only when used.
+        r = child("import sys, aegaeon_native, aegaeon_native.torch as t\n"
+                  "from aegaeon_native import torch as t2\n"
+                  "print(t is t2 is sys.modules['aegaeon_native.torch'], 'torch' in sys.modules, t.__name__)\n"
+                  "try:\n    t._names(None)\nexcept TypeError:\n    import traceback; traceback.print_exc()\n")
+        self.assertEqual(r.stdout.split(), ["True", "False", "aegaeon_native.torch"], r.stderr)
+        # tracebacks show the lines, which are inside the extension
+        self.assertIn('File "aegaeon_native/torch.py"', r.stderr)
+        self.assertIn("names = sorted(names)", r.stderr)
+        self.assertTrue(an.torch.load_into.__doc__ and an.torch.load_state_dict.__doc__)
 
     def test_mypy_reads_the_stubs(self):
         # Where the stubs are installed (a wheel, a package), a type checker finds them.
@@ -334,9 +289,12 @@ class TestInterface(Base):
         bad = os.path.join(TMP, "bad.py")
         with open(good, "w") as f:
             f.write("import aegaeon_native as an\nn: str = an.device()\n"
-                    "c = an.prefetch_file_to_gpu_chunks('f', 0)\nk: int = c[0]['slab_id']\n")
+                    "c = an.prefetch_file_to_gpu_chunks('f', 0)\nk: int = c[0]['slab_id']\n"
+                    "o: int = c[0]['tensors'][0][1]\nm = an.open_model('d', wait=False)\n"
+                    "m.wait('x', timeout=1.5)\nf: str = m.files[0]\nload = an.torch.load_state_dict\n")
         with open(bad, "w") as f:
-            f.write("import aegaeon_native as an\nn: int = an.device()\nan.prefetch_file_to_gpu_chunks('f', '0')\n")
+            f.write("import aegaeon_native as an\nn: int = an.device()\nan.prefetch_file_to_gpu_chunks('f', '0')\n"
+                    "an.open_model('d').wait(3)\n")
         env = dict(os.environ, MYPY_CACHE_DIR=os.path.join(TMP, "mypy-cache"))
         args = [mypy, "--python-executable", sys.executable, "--no-error-summary"]
         r = subprocess.run(args + [good], capture_output=True, text=True, env=env, timeout=300)
@@ -346,6 +304,7 @@ class TestInterface(Base):
         self.assertIn('bad.py:2: error: Incompatible types in assignment (expression has type "str"', r.stdout)
         self.assertIn("bad.py:3: error: Argument 2 to \"prefetch_file_to_gpu_chunks\" has incompatible type",
                       r.stdout)
+        self.assertIn('bad.py:4: error: Argument 1 to "wait" of "Model" has incompatible type "int"', r.stdout)
 
     def test_numpy_of_types_numpy_lacks(self):
         if np is None:
@@ -567,7 +526,7 @@ class TestPinned(Base):
         with self.assertRaises(an.AegaeonError) as c:
             an.PinnedPool.attach(999)
         self.assertAegaeon(c, "AEG_EBADF", errno.EBADF)
-        with open(CONF, "rb") as f:
+        with open(os.environ["AEGAEON_CONFIG"], "rb") as f:
             with self.assertRaises(an.AegaeonValueError):
                 an.PinnedPool.attach(f.fileno())
 
@@ -750,10 +709,14 @@ class TestPrefetch(Base):
         exec(SEED, scope)
         chunks = scope["chunks"]
         self.assertEqual([c["size"] for c in chunks], [32 * MiB, 32 * MiB, 16 * MiB])
-        for c in chunks:
-            self.assertEqual(set(c), {"device_ptr", "size", "event_handle", "slab_id"})
+        for i, c in enumerate(chunks):
+            # the seed's four keys as they were, and where the chunk comes from
+            self.assertEqual(set(c), {"device_ptr", "size", "event_handle", "slab_id", "file", "file_offset",
+                                      "tensors"})
             self.assertIsInstance(c["device_ptr"], int)
+            self.assertIsInstance(c["slab_id"], int)
             self.assertEqual(len(c["event_handle"]), 64)
+            self.assertEqual((c["file"], c["file_offset"], c["tensors"]), ("/tmp/test_model.bin", i * 32 * MiB, []))
         st = an.stats()["prefetch"][0]
         self.assertEqual(st["chunks"], 2)
         for i, c in enumerate(chunks[1:], 1):
@@ -1249,35 +1212,8 @@ print(json.dumps({"device": an.device(), "job": st["job"], "ok_bytes": ok_bytes,
 """
 
 
-class TestJob(Base):
+class TestJob(AgentCase, Base):
     """The module inside an aegaeon job: an aegaeond agent as the SPANK plugin starts it."""
-
-    agent_args = []
-
-    def setUp(self):
-        agent = os.environ.get("AEGAEOND")
-        if not agent or not os.access(agent, os.X_OK):
-            self.skipTest("AEGAEOND (the built aegaeond) not given")
-        self.dir = tempfile.mkdtemp(prefix="aeg-job-", dir="/tmp")
-        self.env = dict(os.environ, AEGAEON_HOST_GPUS="1")
-        self.env.pop("AEGAEON_SLABS", None)
-        self.agent = subprocess.Popen(
-            [agent, "--job", "7", "--runtime-dir", self.dir, "--device", "host", "--foreground",
-             "--gpus", "0", "--slab", "64MiB", "--pinned", "8MiB:1MiB"] + self.agent_args,
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for _ in range(2000):
-            if os.path.exists(os.path.join(self.dir, "ready")) or self.agent.poll() is not None:
-                break
-            time.sleep(0.01)
-        self.assertTrue(os.path.exists(os.path.join(self.dir, "ready")), "the agent did not start")
-        self.env["AEGAEON_SOCKET"] = os.path.join(self.dir, "agent.sock")
-
-    def tearDown(self):
-        if hasattr(self, "agent"):
-            self.agent.terminate()
-            self.agent.communicate(timeout=30)
-            import shutil
-            shutil.rmtree(self.dir, ignore_errors=True)
 
     def test_job_attach(self):
         path = os.path.join(TMP, "job.bin")

@@ -58,6 +58,7 @@ fi
 
 passed=0
 failed=0
+times=()
 start=$SECONDS
 for t in "${tests[@]}"; do
 	[[ -f $t ]] || t=$here/$(basename "$t")
@@ -74,9 +75,11 @@ for t in "${tests[@]}"; do
 		mkdir -m 1777 "$san/$name"
 		export AEG_SANITIZER_LOGS=$san/$name
 	fi
+	t0=$SECONDS
 	out=$(TEST_NAME=$name timeout -k 10 180 bash "$t" 2>&1)
 	rc=$?
 	echo "$out"
+	times+=("$name $((SECONDS - t0))")
 	if [[ -n $san ]]; then
 		sanitizer_reports "$name"
 		failed=$((failed + nrep))
@@ -95,7 +98,7 @@ for t in "${tests[@]}"; do
 		failed=$((failed + 1))
 	fi
 done
-echo "# Slurm tests took $((SECONDS - start)) s"
+echo "# Slurm tests took $((SECONDS - start)) s ($(IFS=,; echo "${times[*]/%/ s}"))"
 if [[ -n $san ]]; then
 	if [[ -z $(find "$san" -type f) ]]; then
 		echo "# sanitizers: no report"

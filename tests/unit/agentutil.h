@@ -274,6 +274,45 @@ static inline int connect_raw(const char *path)
 	return fd;
 }
 
+/*
+ * Session test fixtures (test_session, test_slice). session_env_local: a
+ * local session's environment (no job socket, @gpus host GPUs, each
+ * engine's slab @slab). session_env_job: an agent of one host GPU started
+ * with @opts, its socket in the environment. session_env_end: stops the
+ * agent, removes @dir; -1 when the test left other than @fds descriptors.
+ */
+static inline void session_env_local(const char *gpus, const char *slab)
+{
+	unsetenv("AEGAEON_SOCKET");
+	setenv("AEGAEON_HOST_GPUS", gpus, 1);
+	setenv("AEGAEON_PREFETCH_SLAB", slab, 1);
+}
+
+static inline void session_env_job(struct agent *ag, const char *const *opts)
+{
+	setenv("AEGAEON_HOST_GPUS", "1", 1);
+	unsetenv("AEGAEON_SLABS");
+	agent_start(ag, opts);
+}
+
+static inline int session_env_end(struct agent *ag, const char *dir, int fds)
+{
+	char cmd[128];
+	int now = count_fds(), leaked = now != fds;
+
+	/* Every test closes what it opened: no descriptor is left behind. */
+	if (leaked)
+		fprintf(stderr, "descriptors: %d before the test, %d after\n", fds, now);
+	if (ag->pid > 0) {
+		agent_cleanup(ag);
+		unsetenv("AEGAEON_SOCKET");
+	}
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	if (system(cmd) != 0)
+		leaked = 1;
+	return leaked ? -1 : 0;
+}
+
 static inline int kill_started(void **state)
 {
 	/* Only children not reaped yet: a pid reaped before may name another process now. */

@@ -413,14 +413,23 @@ static void wait_clients(aeg_job_t *job, uint32_t want)
 	fail_msg("the agent has fewer than %u connections after 10 s", want);
 }
 
-/* Take every buffer of the job's pool: the agent's pread feed then cannot move a byte. */
+/*
+ * Take every buffer of the job's pool, waiting (at most 10 s each) for those
+ * a load that just ended still gives back: the agent's pread feed then
+ * cannot move a byte.
+ */
 static uint32_t hog_pool(aeg_pool_t *pool, uint32_t *bufs, uint32_t cap)
 {
 	struct aeg_pool_buffer b;
+	struct aeg_pool_stats ps;
 	uint32_t n = 0;
 
-	while (n < cap && aeg_pool_acquire(pool, 0, &b) == 0)
+	assert_int_equal(aeg_pool_stats(pool, &ps), 0);
+	assert_true(ps.buffers <= cap);
+	while (n < ps.buffers && aeg_pool_acquire(pool, 10000, &b) == 0)
 		bufs[n++] = b.index;
+	if (n < ps.buffers)
+		fail_msg("took %u of the pool's %u buffers in 10 s", n, ps.buffers);
 	return n;
 }
 

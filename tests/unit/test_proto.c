@@ -252,6 +252,61 @@ static void every_message_round_trips(void **state)
 	}
 }
 
+/* A slice travels after a prefetch's or chunk request's path and after a chunk list's detail, only when there is one. */
+static void slices_round_trip(void **state)
+{
+	static const struct aeg_slice_rule rules[] = { { "*.q_proj.weight", 0 }, { "*.o_proj.weight", 1 } };
+	const struct aeg_slice spec = { .rank = 3, .world = 8, .preset = AEG_SLICE_PRESET_MEGATRON, .rules = rules,
+					.nrules = 2, .flags = AEG_SLICE_UNEVEN };
+	static const struct { uint16_t type; uint32_t flags; } kinds[] = {
+		{ PROTO_PREFETCH, 0 }, { PROTO_CHUNKS, 0 }, { PROTO_CHUNKS, PROTO_F_REPLY },
+	};
+	struct aeg_slice_rule vr[AEG_SLICE_MAX_RULES];
+	struct aeg_slice view;
+	const struct aeg_slice *got;
+
+	(void)state;
+	for (size_t k = 0; k < AEG_ARRAY_SIZE(kinds); k++) {
+		struct proto_slice *ps;
+		struct proto_header h;
+		size_t plain, len, len2;
+
+		make(kinds[k].type, kinds[k].flags, &msg);
+		if (kinds[k].flags)
+			msg.chunks_rep.detail[0] = '\0';
+		assert_int_equal(proto_encode(kinds[k].type, kinds[k].flags, 1, &msg, frame, &plain), 0);
+		ps = kinds[k].type == PROTO_PREFETCH ? &msg.prefetch_req.slice :
+		     kinds[k].flags ? &msg.chunks_rep.slice : &msg.chunks_req.slice;
+		proto_slice_set(ps, &spec);
+		assert_int_equal(proto_encode(kinds[k].type, kinds[k].flags, 1, &msg, frame, &len), 0);
+		/* 20 bytes of fields, each rule a string and a dim; a reply's empty detail before it. */
+		assert_int_equal(len, plain + 20 + (2 + 15 + 4) * 2 + (kinds[k].flags ? 2 : 0));
+		assert_int_equal(proto_header_decode(frame, &h), 0);
+		memset(&back, 0xa5, sizeof(back));
+		if (proto_decode(&h, frame + PROTO_HEADER_BYTES, &back))
+			fail_msg("%s: %s", proto_type_name(kinds[k].type), aeg_error_detail());
+		ps = kinds[k].type == PROTO_PREFETCH ? &back.prefetch_req.slice :
+		     kinds[k].flags ? &back.chunks_rep.slice : &back.chunks_req.slice;
+		got = proto_slice_view(ps, &view, vr);
+		assert_non_null(got);
+		assert_int_equal(got->rank, 3);
+		assert_int_equal(got->world, 8);
+		assert_int_equal(got->preset, AEG_SLICE_PRESET_MEGATRON);
+		assert_int_equal(got->flags, AEG_SLICE_UNEVEN);
+		assert_int_equal(got->nrules, 2);
+		assert_string_equal(got->rules[1].pattern, "*.o_proj.weight");
+		assert_int_equal(got->rules[1].dim, 1);
+		assert_int_equal(proto_encode(kinds[k].type, kinds[k].flags, 1, &back, frame2, &len2), 0);
+		assert_int_equal(len, len2);
+		assert_memory_equal(frame, frame2, len);
+		/* None set: the frame is a whole load's, as before slices. */
+		proto_slice_set(ps, NULL);
+		assert_null(proto_slice_view(ps, &view, vr));
+		assert_int_equal(proto_encode(kinds[k].type, kinds[k].flags, 1, &back, frame2, &len2), 0);
+		assert_int_equal(len2, plain);
+	}
+}
+
 static void encoder_refuses_what_breaks_limits(void **state)
 {
 	size_t len;
@@ -346,6 +401,24 @@ static void e_st_load(union proto_msg *m) { m->status_rep.loads[2].done_bytes = 
 static void e_wait_timeout(union proto_msg *m) { m->wait_event_req.timeout_ms = -2; }
 static void e_wload_id(union proto_msg *m) { m->wait_load_req.load_id = 0; }
 static void e_wload_timeout(union proto_msg *m) { m->wait_load_req.timeout_ms = -5; }
+static const struct aeg_slice_rule bad_rule[] = { { "*.o_proj.weight", -3 } }, empty_rule[] = { { "", 0 } };
+static void e_slice_rank(union proto_msg *m) { proto_slice_set(&m->prefetch_req.slice, &(struct aeg_slice){ .rank = 4, .world = 4 }); }
+static void e_slice_world(union proto_msg *m) { proto_slice_set(&m->prefetch_req.slice, &(struct aeg_slice){ .world = 0 }); }
+static void e_slice_preset(union proto_msg *m) { proto_slice_set(&m->prefetch_req.slice, &(struct aeg_slice){ .world = 2, .preset = 9 }); }
+static void e_slice_dim(union proto_msg *m) { proto_slice_set(&m->prefetch_req.slice, &(struct aeg_slice){ .world = 2, .rules = bad_rule, .nrules = 1 }); }
+static void e_slice_empty(union proto_msg *m) { proto_slice_set(&m->chunks_req.slice, &(struct aeg_slice){ .world = 2, .rules = empty_rule, .nrules = 1 }); }
+static void e_slice_by_id(union proto_msg *m)
+{
+	m->chunks_req.load_id = 4;
+	m->chunks_req.path[0] = '\0';
+	proto_slice_set(&m->chunks_req.slice, &(struct aeg_slice){ .world = 2 });
+}
+static void e_slice_loaded_detail(union proto_msg *m)
+{
+	m->chunks_rep.status = 0;
+	strcpy(m->chunks_rep.detail, "fine");
+	proto_slice_set(&m->chunks_rep.slice, &(struct aeg_slice){ .world = 2 });
+}
 
 static const struct bad_case bad_cases[] = {
 	{ "magic", PROTO_LEASE, 0, NULL, M_U32, 0, 0x50545448, "bad magic" },
@@ -426,6 +499,16 @@ static const struct bad_case bad_cases[] = {
 	{ "wait-load timeout", PROTO_WAIT_LOAD, 0, e_wload_timeout, M_NONE, 0, 0, "timeout -5 ms" },
 	{ "truncated wait-load", PROTO_WAIT_LOAD, 0, NULL, M_TRUNCATE, 8, 0, "truncated" },
 	{ "trailing wait-load", PROTO_WAIT_LOAD, 0, NULL, M_APPEND, 0, 0, "1 bytes after its end" },
+	{ "slice rank", PROTO_PREFETCH, 0, e_slice_rank, M_NONE, 0, 0, "prefetch: slice rank 4: must be 0..3" },
+	{ "slice world", PROTO_PREFETCH, 0, e_slice_world, M_NONE, 0, 0, "prefetch: slice world size 0" },
+	{ "slice preset", PROTO_PREFETCH, 0, e_slice_preset, M_NONE, 0, 0, "slice preset 9" },
+	{ "slice dim", PROTO_PREFETCH, 0, e_slice_dim, M_NONE, 0, 0, "dim -3: must be 0..31 or -1" },
+	{ "slice cut", PROTO_PREFETCH, 0, e_slice_dim, M_TRUNCATE, 3, 0, "truncated" },
+	{ "slice rules", PROTO_PREFETCH, 0, e_slice_dim, M_U32, P + 14 + 37 + 16, 65, "slice of 65 rules, at most 64" },
+	{ "slice empty pattern", PROTO_CHUNKS, 0, e_slice_empty, M_NONE, 0, 0, "chunks: slice rule 0: empty pattern" },
+	{ "slice by load id", PROTO_CHUNKS, 0, e_slice_by_id, M_NONE, 0, 0, "with a slice (a slice is for a path)" },
+	{ "slice with a detail when loaded", PROTO_CHUNKS, PROTO_F_REPLY, e_slice_loaded_detail, M_NONE, 0, 0,
+	  "loaded with an error detail" },
 };
 
 static void malformed_frames_are_rejected(void **state)
@@ -567,6 +650,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(every_message_round_trips),
+		cmocka_unit_test(slices_round_trip),
 		cmocka_unit_test(encoder_refuses_what_breaks_limits),
 		cmocka_unit_test(malformed_frames_are_rejected),
 		cmocka_unit_test(garbage_does_not_crash),

@@ -57,9 +57,7 @@ static int setup_local(void **state)
 
 	if (f == NULL || setup_files(f))
 		return -1;
-	unsetenv("AEGAEON_SOCKET");
-	setenv("AEGAEON_HOST_GPUS", "2", 1);
-	setenv("AEGAEON_PREFETCH_SLAB", "64MiB", 1);
+	session_env_local("2", "64MiB");
 	f->mode = AEG_SESSION_LOCAL;
 	f->fds = count_fds();
 	*state = f;
@@ -73,9 +71,7 @@ static int setup_job(void **state)
 
 	if (f == NULL || setup_files(f))
 		return -1;
-	setenv("AEGAEON_HOST_GPUS", "1", 1);
-	unsetenv("AEGAEON_SLABS");
-	agent_start(&f->agent, opts);
+	session_env_job(&f->agent, opts);
 	f->mode = AEG_SESSION_JOB;
 	f->fds = count_fds();
 	*state = f;
@@ -85,23 +81,12 @@ static int setup_job(void **state)
 static int teardown(void **state)
 {
 	struct fx *f = *state;
-	char cmd[128];
-	int fds = count_fds(), leaked = fds != f->fds;
+	int err = session_env_end(&f->agent, f->dir, f->fds);
 
-	/* Every test closes what it opened: no descriptor is left behind. */
-	if (leaked)
-		fprintf(stderr, "descriptors: %d before the test, %d after\n", f->fds, fds);
-	if (f->agent.pid > 0) {
-		agent_cleanup(&f->agent);
-		unsetenv("AEGAEON_SOCKET");
-	}
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->dir);
-	if (system(cmd) != 0)
-		leaked = 1;
 	free(f->raw_bytes);
 	free(f->st_bytes);
 	free(f);
-	return leaked ? -1 : 0;
+	return err;
 }
 
 static aeg_session_t *open_session(struct fx *f)
@@ -417,6 +402,20 @@ static void model_directory(void **state)
 		assert_int_equal(aeg_model_release(m), 0);
 		assert_int_equal(aeg_session_find(s, dir, 0, &found), AEG_ENOENT);
 	}
+	/* One shard resident already: the directory's model reuses it and loads the others, so it is owned. */
+	snprintf(path, sizeof(path), "%s/model-00001-of-00003.safetensors", dir);
+	req.path = path;
+	assert_int_equal(aeg_session_load(s, &req, &found), 0);
+	req.path = dir;
+	req.flags = AEG_LOAD_REUSE;
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_owned(m), 1);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	assert_int_equal(aeg_model_release(m), 0);
+	aeg_model_close(found);
+	assert_int_equal(aeg_session_owned_blocks(s), 0);
+	req.flags = 0;
+
 	/* A shard the index names is missing: nothing stays loaded. */
 	snprintf(path, sizeof(path), "%s/model-00003-of-00003.safetensors", dir);
 	assert_int_equal(unlink(path), 0);

@@ -1,0 +1,300 @@
+"""aegaeon_native.torch: models as torch tensors without a copy, and
+transformers models filled in place.
+
+load_state_dict(path) loads a model (a safetensors file, a directory of shards
+as save_pretrained writes it, or a shard index) with aegaeon_native.load_model
+and gives {name: torch.Tensor}, each a view of the loaded memory (DLPack, no
+copy): CUDA tensors on the cuda backend, CPU tensors on the host backend.
+load_into(model, path) fills a model built on the meta device with them and
+rebuilds what from_pretrained would (buffers computed at construction, tied
+weights), so the model runs as from_pretrained's does.
+
+Part of the aegaeon_native extension; torch is imported at the first call,
+not by `import aegaeon_native` (docs/python.md, "Loading models")."""
+
+import os as _os
+import warnings as _warnings
+
+__all__ = ["load_state_dict", "load_into"]
+
+
+class _Loader:
+    """Gives tracebacks and inspect this module's lines: it is built into the
+    extension, so its __file__ names no file (the extension sets _SOURCE)."""
+
+    @staticmethod
+    def get_source(name):
+        return globals()["_SOURCE"]
+
+
+__loader__ = _Loader
+
+# Safetensors dtypes and torch's names of them (torch has the unsigned and
+# float8 ones since 2.1-2.3; F4 and F6 pack several values a byte: none).
+_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+}
+# Those every torch with DLPack takes as they are; the others go as bytes.
+_DLPACK = {"U8", "I8", "I16", "F16", "BF16", "I32", "F32", "I64", "F64"}
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _native():
+    import aegaeon_native
+    return aegaeon_native
+
+
+def _device(torch, native, device):
+    """(gpu_id, torch.device) of a load: device None, "cuda", "cuda:N", "cpu",
+    a torch.device or an int, checked against the module's backend."""
+    host = native.device() == "host"
+    kind = "cpu" if host else "cuda"
+    if isinstance(device, bool) or not (device is None or isinstance(device, (int, str, torch.device))):
+        raise TypeError("device must be None, an int, a str or a torch.device, not %s" % type(device).__name__)
+    if isinstance(device, int):
+        gpu = device
+    else:
+        dev = torch.device(device if device is not None else kind)
+        if dev.type != kind:
+            raise ValueError("device %r: aegaeon_native uses the %s backend, whose memory torch sees as %r"
+                             % (str(device), "host" if host else "cuda", kind))
+        gpu = dev.index if dev.index is not None else (0 if host else torch.cuda.current_device())
+    if gpu < 0:
+        raise ValueError("device %r: a GPU number is not negative" % (device,))
+    return gpu, torch.device("cpu") if host else torch.device("cuda", gpu)
+
+
+def _tensor(torch, name, arr):
+    """A torch tensor viewing a DeviceArray (no copy); it keeps the memory alive."""
+    if arr.dtype in _DLPACK:
+        return torch.from_dlpack(arr)
+    dtype = getattr(torch, _DTYPES.get(arr.dtype, "?"), None)
+    if dtype is None:
+        raise TypeError("tensor %r is %s, which this torch (%s) has no dtype for"
+                        % (name, arr.dtype, torch.__version__))
+    return torch.from_dlpack(arr.view("U8")).view(dtype).view(arr.shape)
+
+
+def load_state_dict(path, device=None, *, chunk_bytes=None):
+    """{name: torch.Tensor} of a model, in file order, without a copy.
+
+    path is what aegaeon_native.load_model takes: a safetensors file, a
+    directory of shards (save_pretrained's) or a shard index. device: None
+    (torch's current CUDA device; the CPU on the host backend), "cuda",
+    "cuda:N", a torch.device or a GPU number; the host backend gives CPU
+    tensors. Each tensor views the loaded memory through DLPack: the memory
+    stays while any of them lives, and is released when the last goes.
+    Returns once every byte is loaded. Errors: those of load_model
+    (AegaeonError), TypeError for a dtype this torch lacks, ValueError for a
+    device of the other backend."""
+    torch, native = _torch(), _native()
+    gpu, _ = _device(torch, native, device)
+    arrays = native.load_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES)
+    return {name: _tensor(torch, name, arr) for name, arr in arrays.items()}
+
+
+def _slots(model):
+    """{state_dict name: (module, attribute, is parameter)} of the model's
+    parameters and persistent buffers, under every name a shared module has."""
+    slots = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        prefix = mname + "." if mname else ""
+        for n, p in mod._parameters.items():
+            if p is not None:
+                slots[prefix + n] = (mod, n, True)
+        for n, b in mod._buffers.items():
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                slots[prefix + n] = (mod, n, False)
+    return slots
+
+
+def _align_prefix(model, state, slots):
+    """The file's names as the model's: a base model's file into a model with
+    a head gets the base prefix ("model."), a file with a head into the base
+    model loses it, as from_pretrained does."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix:
+        return state
+    p = prefix + "."
+    in_file = any(k.startswith(p) for k in state)
+    in_model = any(k.startswith(p) for k in slots)
+    if in_model and not in_file:
+        return {p + k: v for k, v in state.items()}
+    if in_file and not in_model:
+        return {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}
+    return state
+
+
+def _ignorable(model, name):
+    """Names from_pretrained leaves out quietly: the model's own patterns, and
+    buffers that are computed, not stored (old files hold rotary inv_freq)."""
+    import re
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    if any(re.search(pat, name) for pat in patterns):
+        return True
+    mname, _, leaf = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mname)
+    except AttributeError:
+        return False
+    return leaf in getattr(mod, "_non_persistent_buffers_set", ())
+
+
+def _names(names, limit=8):
+    names = sorted(names)
+    more = " and %d more" % (len(names) - limit) if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _assign(torch, slot, name, tensor):
+    """load_state_dict(assign=True) for one tensor: the model takes the file's
+    tensor itself (its dtype too), not a copy."""
+    mod, attr, is_param = slot
+    old = getattr(mod, attr)
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise ValueError("size mismatch for %s: the file has %s, the model %s"
+                         % (name, tuple(tensor.shape), tuple(old.shape)))
+    if is_param:
+        grad = old.requires_grad and (tensor.is_floating_point() or tensor.is_complex())
+        tensor = torch.nn.Parameter(tensor, requires_grad=grad)
+    setattr(mod, attr, tensor)
+
+
+class _ParamsOnMeta:
+    """Modules made inside get their parameters on the meta device (no memory,
+    no initialisation) and their buffers where torch computes them, under a
+    default dtype, as from_pretrained makes them. It patches torch.nn.Module
+    for the while: modules made meanwhile in other threads are made so too."""
+
+    def __init__(self, torch, dtype):
+        self.torch, self.dtype = torch, dtype
+
+    def __enter__(self):
+        torch = self.torch
+        self.register = register = torch.nn.Module.register_parameter
+        self.old_dtype = torch.get_default_dtype()
+
+        def on_meta(module, name, param):
+            register(module, name, param)
+            if param is not None:
+                p = module._parameters[name]
+                module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+        torch.nn.Module.register_parameter = on_meta
+        if self.dtype is not None:
+            torch.set_default_dtype(self.dtype)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.torch.nn.Module.register_parameter = self.register
+        self.torch.set_default_dtype(self.old_dtype)
+
+
+def _meta_state(torch, model):
+    """(module name, module, attribute) of buffers and plain tensor attributes
+    (a rotary module's original_inv_freq) on the meta device."""
+    found = []
+    for mname, mod in model.named_modules():
+        for n, b in mod._buffers.items():
+            if b is not None and b.is_meta:
+                found.append((mname, mod, n))
+        for n, v in vars(mod).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.is_meta:
+                found.append((mname, mod, n))
+    return found
+
+
+def _rebuild_buffers(torch, model, target, dtype):
+    """What construction computes and no file holds (rotary frequencies): a
+    model made on the meta device has it on meta; a twin of the model, its
+    parameters on meta, computes it as from_pretrained's construction does.
+    Then every buffer goes to the target device."""
+    meta = _meta_state(torch, model)
+    if meta:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise ValueError("%s on the meta device: load_into rebuilds them for models made from a config "
+                             "(transformers); make this model with its buffers on a real device"
+                             % _names("%s.%s" % (m, n) if m else n for m, _, n in meta))
+        import copy
+        with _ParamsOnMeta(torch, dtype):
+            twin = type(model)(copy.deepcopy(config))
+        twins = dict(twin.named_modules())
+        for mname, mod, n in meta:
+            value = getattr(twins.get(mname), n, None)
+            if not isinstance(value, torch.Tensor) or value.is_meta:
+                raise ValueError("%s.%s is on the meta device and a new %s does not compute it"
+                                 % (mname, n, type(model).__name__))
+            if n in mod._buffers:
+                mod._buffers[n] = value.to(target)
+            else:
+                setattr(mod, n, value.to(target))
+    for mod in model.modules():
+        for n, b in mod._buffers.items():
+            if b is not None and b.device != target:
+                mod._buffers[n] = b.to(target)
+
+
+def _generation_config(model, path):
+    """The checkpoint's generation_config.json, as from_pretrained reads it."""
+    directory = path if _os.path.isdir(path) else _os.path.dirname(path) if path.endswith(".json") else None
+    config = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if directory is None or config is None or not callable(can_generate) or not can_generate():
+        return
+    if _os.path.isfile(_os.path.join(directory, "generation_config.json")):
+        model.generation_config = type(config).from_pretrained(directory)
+
+
+def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
+    """Fill a model built on the meta device with a checkpoint, without a copy.
+
+    model: a torch.nn.Module (a transformers model made with
+    `with torch.device("meta"): Model(config)` or from_config), its
+    parameters on the meta device (or anywhere: they are replaced). path,
+    device and chunk_bytes as load_state_dict. Every parameter and persistent
+    buffer the file holds becomes the file's tensor itself
+    (load_state_dict(assign=True): the file's dtypes, zero-copy views of the
+    loaded memory), then what from_pretrained also does: a base model's names
+    and a model with a head's are matched (base_model_prefix), tied weights
+    are tied (model.tie_weights()), buffers construction computes (rotary
+    inv_freq) are rebuilt where they are on the meta device and every buffer
+    moved to the device, the directory's generation_config.json read, and
+    the model put in eval mode. Returns the model.
+
+    Errors (the model may be part filled then): KeyError for tensors the
+    model needs that the file lacks, and with strict=True for tensors of the
+    file the model has no place for (strict=False warns and leaves them);
+    ValueError for a shape that differs; those of load_state_dict."""
+    torch, native = _torch(), _native()
+    path = _os.fsdecode(_os.fspath(path))
+    _, target = _device(torch, native, device)
+    slots = _slots(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    state = _align_prefix(model, load_state_dict(path, device, chunk_bytes=chunk_bytes), slots)
+    unexpected = [k for k in state if k not in slots and not _ignorable(model, k)]
+    if unexpected and strict:
+        raise KeyError("%s holds %s, which %s has no place for (strict=False leaves them out)"
+                       % (path, _names(unexpected), type(model).__name__))
+    if unexpected:
+        _warnings.warn("%s: left out %s, which %s has no place for" % (path, _names(unexpected), type(model).__name__))
+    for name, tensor in state.items():
+        if name in slots:
+            _assign(torch, slots[name], name, tensor)
+    del state
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    missing = [n for n, (mod, attr, is_param) in _slots(model).items() if is_param and getattr(mod, attr).is_meta]
+    if missing:
+        raise KeyError("%s lacks %s, which %s needs" % (path, _names(missing), type(model).__name__))
+    _rebuild_buffers(torch, model, target, dtype)
+    _generation_config(model, path)
+    model.eval()
+    return model

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""aegaeon_native.torch on the host backend, CPU tensors (make check).
+
+load_state_dict against the file, tensor by tensor, without a copy; load_into of
+a tiny Llama-like transformers model written by save_pretrained in several
+shards, against from_pretrained: every parameter bit for bit, the logits equal;
+tied and untied weights, buffers rebuilt, base and head models, the errors.
+Needs torch and transformers: where this python lacks them it runs again
+under $AEGAEON_TORCH_PYTHON, else $AEGAEON_CI_TOOLS/torch/bin/python3 (the
+venv scripts/install-deps.sh makes); with neither its tests are skipped.
+Run against a build tree: PYTHONPATH=<build>/python/.libs AEGAEON_DEVICE=host
+python3 this. Prints "N passed, N failed" last.
+"""
+import gc
+import importlib.util
+import os
+import sys
+import tempfile
+import unittest
+import warnings
+
+
+def have_torch():
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+if not have_torch():
+    other = os.environ.get("AEGAEON_TORCH_PYTHON") or os.path.join(
+        os.environ.get("AEGAEON_CI_TOOLS", "/opt/aegaeon-ci"), "torch", "bin", "python3")
+    if os.access(other, os.X_OK) and os.environ.get("AEGAEON_TORCH_TEST_REEXEC") != "1":
+        os.environ["AEGAEON_TORCH_TEST_REEXEC"] = "1"
+        os.execv(other, [other] + sys.argv)
+
+import testmain  # noqa: E402
+from testmain import MiB, make_tensors, safetensors_bytes, write_file  # noqa: E402
+
+testmain.preload_sanitizers()
+
+TMP = testmain.host_env("aegaeon-torch-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import aegaeon_native as an  # noqa: E402
+
+if have_torch():
+    import torch
+    import transformers
+    transformers.logging.disable_progress_bar()
+else:
+    torch = transformers = None
+NEEDS = unittest.skipIf(torch is None, "no torch and transformers here, nor in $AEGAEON_TORCH_PYTHON "
+                        "(scripts/install-deps.sh makes that venv)")
+
+
+def held():
+    gc.collect()
+    st = an.stats()
+    return st["objects"], st["prefetch"].get(0, {"blocks": 0})["blocks"]
+
+
+def llama_config(tied, layers=3):
+    return transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, tie_word_embeddings=tied)
+
+
+def save_llama(directory, config, dtype=None, cls=None):
+    """A model of random weights, as save_pretrained writes it: several shards and an index."""
+    torch.manual_seed(7)
+    model = (cls or transformers.LlamaForCausalLM)(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config.max_new_tokens = 7
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB")
+    return directory
+
+
+def on_meta(cls, config, dtype=None, buffers_too=True):
+    """The model on the meta device: torch >= 2.0 makes it under torch.device("meta"),
+    parameters and buffers alike; older ones get the same by hand."""
+    dtype = dtype or torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if buffers_too and hasattr(torch, "get_default_device"):
+            with torch.device("meta"):
+                return cls(config)
+        from aegaeon_native.torch import _ParamsOnMeta
+        with _ParamsOnMeta(torch, dtype):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(old)
+    if buffers_too:
+        for mod in model.modules():
+            for n, b in list(mod._buffers.items()):
+                mod._buffers[n] = b.to("meta")
+            for n, v in list(vars(mod).items()):
+                if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                    setattr(mod, n, v.to("meta"))
+    return model
+
+
+@NEEDS
+class TestStateDict(unittest.TestCase):
+    def test_tensors_are_the_file(self):
+        tensors = make_tensors(21)
+        path = os.path.join(TMP, "sd.safetensors")
+        write_file(path, safetensors_bytes(tensors))
+        lacking = [d for d, t in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")) if not hasattr(torch, t)]
+        if lacking:     # this torch has no such dtype: a clear error, nothing left
+            with self.assertRaises(TypeError) as c:
+                an.torch.load_state_dict(path)
+            self.assertIn("which this torch (%s) has no dtype for" % torch.__version__, str(c.exception))
+            self.assertEqual(held(), (0, 0))
+            tensors = {k: v for k, v in tensors.items() if v[0] not in lacking}
+            write_file(path, safetensors_bytes(tensors))
+        sd = an.torch.load_state_dict(path, "cpu", chunk_bytes=MiB)
+        self.assertEqual(list(sd), list(tensors))
+        views = an.load_model(path)
+        for name, (dtype, shape, raw) in tensors.items():
+            t = sd[name]
+            self.assertEqual(t.device, torch.device("cpu"), name)
+            self.assertEqual(tuple(t.shape), tuple(shape), name)
+            self.assertEqual(str(t.dtype), "torch." + an.torch._DTYPES[dtype], name)
+            self.assertEqual(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"",
+                             raw, name)
+        # no copy: tensors of one chunk lie as in the file, as the chunk's own views do
+        m = an.open_model(path, chunk_bytes=MiB)
+        pairs = 0
+        for c in m.chunks:
+            starts = [(n, off) for n, off in c["tensors"] if off >= 0 and sd[n].numel()]
+            for n, off in starts:
+                self.assertEqual(m.tensors[n].device_ptr - c["device_ptr"], off, n)
+                self.assertEqual(sd[n].data_ptr() - sd[starts[0][0]].data_ptr(), off - starts[0][1], n)
+                pairs += 1
+        self.assertGreater(pairs, 8)
+        del views, m, t
+        self.assertEqual(held()[0], 1)
+        keep = sd["big.weight"]
+        del sd
+        self.assertEqual(held()[0], 1)              # one tensor keeps the whole load
+        self.assertEqual(keep.numpy().tobytes(), tensors["big.weight"][2])
+        del keep
+        self.assertEqual(held(), (0, 0))
+
+    def test_devices(self):
+        path = os.path.join(TMP, "dev.safetensors")
+        write_file(path, safetensors_bytes({"w": ("F32", (2,), b"\0" * 8)}))
+        self.assertEqual(an.torch.load_state_dict(path, torch.device("cpu"))["w"].device.type, "cpu")
+        self.assertEqual(an.torch.load_state_dict(path, 0)["w"].device.type, "cpu")
+        with self.assertRaises(ValueError) as c:
+            an.torch.load_state_dict(path, "cuda:0")
+        self.assertIn("the host backend", str(c.exception))
+        self.assertRaises(TypeError, an.torch.load_state_dict, path, 1.5)
+        self.assertRaises(TypeError, an.torch.load_state_dict, path, True)
+        self.assertRaises(ValueError, an.torch.load_state_dict, path, -1)
+        with self.assertRaises(an.AegaeonError):
+            an.torch.load_state_dict(path, 5)
+        with self.assertRaises(an.AegaeonError):
+            an.torch.load_state_dict(os.path.join(TMP, "missing"))
+        self.assertEqual(held(), (0, 0))
+
+
+@NEEDS
+class TestLoadInto(unittest.TestCase):
+    """A transformers model filled by load_into runs as from_pretrained's does."""
+
+    def compare(self, config, dtype, buffers_too, cls=None):
+        cls = cls or transformers.LlamaForCausalLM
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config, dtype, cls)
+        self.assertGreater(len([n for n in os.listdir(d) if n.endswith(".safetensors")]), 2)
+        ref = cls.from_pretrained(d, torch_dtype=dtype or torch.float32).eval()
+        model = on_meta(cls, config, dtype or torch.float32, buffers_too)
+        self.assertIs(an.torch.load_into(model, d), model)
+        ours, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
+        self.assertEqual(list(ours), list(theirs))
+        for n in theirs:
+            self.assertEqual((ours[n].dtype, ours[n].shape), (theirs[n].dtype, theirs[n].shape), n)
+            self.assertTrue(torch.equal(ours[n], theirs[n]), n)
+        ours, theirs = dict(model.named_buffers()), dict(ref.named_buffers())
+        self.assertEqual(list(ours), list(theirs))
+        for n in theirs:
+            self.assertTrue(torch.equal(ours[n], theirs[n]) and ours[n].device == theirs[n].device, n)
+        self.assertFalse(model.training)
+        self.assertEqual(model.generation_config.max_new_tokens, 7)
+        ids = (torch.arange(24) * 37 % config.vocab_size).unsqueeze(0)
+        with torch.no_grad():
+            a, b = model(input_ids=ids), ref(input_ids=ids)
+        a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
+        self.assertTrue(torch.equal(a, b))
+        return model
+
+    def test_tied_buffers_on_meta(self):
+        model = self.compare(llama_config(tied=True), None, buffers_too=True)
+        self.assertIs(model.lm_head.weight, model.model.embed_tokens.weight)
+        self.assertEqual(held()[0], 1)              # the model holds the load
+        del model
+        self.assertEqual(held(), (0, 0))
+
+    def test_untied_buffers_on_cpu(self):
+        model = self.compare(llama_config(tied=False), None, buffers_too=False)
+        self.assertIsNot(model.lm_head.weight, model.model.embed_tokens.weight)
+
+    def test_bfloat16(self):
+        self.compare(llama_config(tied=True, layers=2), torch.bfloat16, buffers_too=True)
+
+    def test_base_model(self):
+        """A head model's file into the base model, and a base model's file into a head model."""
+        config = llama_config(tied=False, layers=2)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config)
+        base = on_meta(transformers.LlamaModel, config)
+        with self.assertRaises(KeyError) as c:
+            an.torch.load_into(base, d)
+        self.assertIn("lm_head.weight, which LlamaModel has no place for (strict=False", str(c.exception))
+        base = on_meta(transformers.LlamaModel, config)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            an.torch.load_into(base, d, strict=False)
+        self.assertTrue(any("left out lm_head.weight" in str(x.message) for x in w))
+        ref = transformers.LlamaModel.from_pretrained(d)
+        for n, p in ref.named_parameters():
+            self.assertTrue(torch.equal(dict(base.named_parameters())[n], p), n)
+        # the base model's own checkpoint into a model with a head lacks the head
+        b = tempfile.mkdtemp(dir=TMP)
+        base.save_pretrained(b, safe_serialization=True)
+        head = on_meta(transformers.LlamaForCausalLM, config)
+        with self.assertRaises(KeyError) as c:
+            an.torch.load_into(head, b)
+        self.assertIn("lacks lm_head.weight, which LlamaForCausalLM needs", str(c.exception))
+        del base, head, ref
+        self.assertEqual(held(), (0, 0))
+
+    def test_errors(self):
+        d = save_llama(tempfile.mkdtemp(dir=TMP), llama_config(tied=True, layers=2))
+        other = llama_config(tied=True, layers=2)
+        other.intermediate_size = 96
+        with self.assertRaises(ValueError) as c:
+            an.torch.load_into(on_meta(transformers.LlamaForCausalLM, other), d)
+        self.assertIn("size mismatch for model.layers.0.mlp.down_proj.weight: the file has (64, 160), "
+                      "the model (64, 96)", str(c.exception))
+
+        class Plain(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("scale", torch.ones(3, device="meta"), persistent=False)
+
+        path = os.path.join(TMP, "plain.safetensors")
+        write_file(path, safetensors_bytes({}))
+        with self.assertRaises(ValueError) as c:
+            an.torch.load_into(Plain(), path)
+        self.assertIn("scale on the meta device: load_into rebuilds them for models made from a config",
+                      str(c.exception))
+        with self.assertRaises(an.AegaeonError):
+            an.torch.load_into(on_meta(transformers.LlamaForCausalLM, other), os.path.join(TMP, "none"))
+        self.assertEqual(held(), (0, 0))
+
+
+if __name__ == "__main__":
+    testmain.run(TMP)
