@@ -23,9 +23,9 @@ fresh() {
 }
 
 fresh
-echo '#include "attach_internal.h"' >>"$T/tree/src/lib/event.c"
+echo '#include "attach_internal.h"' >>"$T/tree/src/lib/core/event.c"
 expect "core including a header of the job layer fails, naming file, line and include" 1 \
-	'src/lib/event\.c:[0-9]+: #include "attach_internal\.h": core may not include job \(src/lib/attach_internal\.h\)' \
+	'src/lib/core/event\.c:[0-9]+: #include "attach_internal\.h": core may not include job \(src/lib/job/attach_internal\.h\)' \
 	"${check[@]}" --srcdir "$T/tree"
 
 fresh
@@ -36,26 +36,26 @@ expect "a public header of core including one of the job layer fails" 1 \
 	"${check[@]}" --srcdir "$T/tree"
 
 fresh
-echo '#include <aegaeon/aegaeon.h>' >>"$T/tree/src/lib/kv.c"
+echo '#include <aegaeon/aegaeon.h>' >>"$T/tree/src/lib/kv/kv.c"
 expect "a file of the library including the umbrella header fails" 1 \
-	'src/lib/kv\.c:[0-9]+: #include <aegaeon/aegaeon\.h>: kv may not include api' \
+	'src/lib/kv/kv\.c:[0-9]+: #include <aegaeon/aegaeon\.h>: kv may not include api' \
 	"${check[@]}" --srcdir "$T/tree"
 
 fresh
-echo '#include "tlsf.h"' >>"$T/tree/src/lib/internal.h"
-echo '#include "internal.h"' >>"$T/tree/src/lib/tlsf.h"
+echo '#include "tlsf.h"' >>"$T/tree/src/lib/core/internal.h"
+echo '#include "internal.h"' >>"$T/tree/src/lib/core/tlsf.h"
 expect "two headers including each other fail as an include cycle" 1 \
-	'include cycle: src/lib/internal\.h \(#include "tlsf\.h"\) -> src/lib/tlsf\.h \(#include "internal\.h"\)' \
+	'include cycle: src/lib/core/internal\.h \(#include "tlsf\.h"\) -> src/lib/core/tlsf\.h \(#include "internal\.h"\)' \
 	"${check[@]}" --srcdir "$T/tree"
 
 fresh
 touch "$T/tree/src/lib/stray.c"
-expect "a new file of src/lib/ in no layer fails" 1 \
+expect "a new file of src/lib/ outside the layers' folders fails" 1 \
 	'src/lib/stray\.c: in no layer: add a row to the table' "${check[@]}" --srcdir "$T/tree"
 
 # Files in src/lib/LAYER/ take their folder's layer.
 fresh
-mkdir "$T/tree/src/lib/core" "$T/tree/src/lib/misc"
+mkdir "$T/tree/src/lib/misc"
 printf '#include "internal.h"\n#include "agent.h"\n' >"$T/tree/src/lib/core/clock.c"
 touch "$T/tree/src/lib/misc/x.c"
 expect "a file in src/lib/core/ including the agent's header fails" 1 \
@@ -64,36 +64,36 @@ expect "a folder of src/lib/ that is no layer fails" 1 \
 	'src/lib/misc/x\.c: src/lib/misc/ is no layer' "${check[@]}" --srcdir "$T/tree"
 
 fresh
-mkdir "$T/tree/src/lib/core"
-mv "$T/tree/src/lib/span.c" "$T/tree/src/lib/core/span.c"
-expect "a file moved into its layer's folder with its row still in the table fails" 1 \
-	'src/lib/span\.c: in the table \(core\) but not in the tree: remove its row' \
-	"${check[@]}" --srcdir "$T/tree"
-grep -v 'src/lib/span\.c' "$S/scripts/layers.txt" >"$T/layers.txt"
-expect "moved, its row removed: the folder is its layer" 0 'the layers hold' \
-	"${check[@]}" --srcdir "$T/tree" --table "$T/layers.txt"
+{ cat "$S/scripts/layers.txt"; echo 'file src/lib/core/span.c core'; echo 'file src/lib/core/gone.c core'; } \
+	>"$T/layers.txt"
+run "${check[@]}" --srcdir "$T/tree" --table "$T/layers.txt"
+if [[ $rc -eq 1 ]] && grep -q 'src/lib/core/span\.c: in the folder core, and in the table too' <<<"$out" &&
+	grep -q 'src/lib/core/gone\.c: in the table (core) but not in the tree' <<<"$out"; then
+	ok "a row for a file in its layer's folder, or for no file, fails"
+else
+	not_ok "a row for a file in its layer's folder, or for no file, fails" "rc $rc" "$out"
+fi
 
 # Calls between the library's objects: a unit (a file with its siblings of
 # one stem) may call within its layers, never up, and units form no cycle.
-obj=$T/build/src/lib/.libs
-mkdir -p "$obj"
-compile() {     # NAME CODE: the library's object of src/lib/NAME.c
-	printf '%s\n' "$2" >"$T/$1.c" && $CC -c -o "$obj/libaegaeon_core_la-$1.o" "$T/$1.c"
+compile() {     # LAYER NAME CODE: the library's object of src/lib/LAYER/NAME.c
+	mkdir -p "$T/build/src/lib/$1/.libs" &&
+		printf '%s\n' "$3" >"$T/$2.c" && $CC -c -o "$T/build/src/lib/$1/.libs/libaegaeon_core_la-$2.o" "$T/$2.c"
 }
-compile error 'int aeg_t_log(void); int aeg_t_fail(void) { return aeg_t_log(); }'
-compile log 'int aeg_t_fail(void); int aeg_t_log(void) { return aeg_t_fail() + 1; }'
-compile event 'int aeg_t_agent_wait(void); int aeg_t_event_wait(void) { return aeg_t_agent_wait(); }'
-compile attach 'int aeg_t_agent_wait(void) { return 0; }'
-compile kv 'int aeg_t_swap_fini(void); int aeg_t_kv_check(void) { return aeg_t_swap_fini(); }'
-compile kv_swap 'int aeg_t_kv_check(void); int aeg_t_swap_fini(void) { return aeg_t_kv_check(); }'
+compile core error 'int aeg_t_log(void); int aeg_t_fail(void) { return aeg_t_log(); }'
+compile core log 'int aeg_t_fail(void); int aeg_t_log(void) { return aeg_t_fail() + 1; }'
+compile core event 'int aeg_t_agent_wait(void); int aeg_t_event_wait(void) { return aeg_t_agent_wait(); }'
+compile job attach 'int aeg_t_agent_wait(void) { return 0; }'
+compile kv kv 'int aeg_t_swap_fini(void); int aeg_t_kv_check(void) { return aeg_t_swap_fini(); }'
+compile kv kv_swap 'int aeg_t_kv_check(void); int aeg_t_swap_fini(void) { return aeg_t_kv_check(); }'
 run "${check[@]}" --srcdir "$S" --builddir "$T/build"
 if [[ $rc -eq 1 ]] &&
-	grep -q 'call cycle: src/lib/error\.c -> src/lib/log\.c (aeg_t_log), src/lib/log\.c -> src/lib/error\.c (aeg_t_fail)' <<<"$out"; then
+	grep -q 'call cycle: src/lib/core/error\.c -> src/lib/core/log\.c (aeg_t_log), src/lib/core/log\.c -> src/lib/core/error\.c (aeg_t_fail)' <<<"$out"; then
 	ok "two files calling each other fail as a call cycle, naming the calls"
 else
 	not_ok "two files calling each other fail as a call cycle, naming the calls" "rc $rc" "$out"
 fi
-if grep -q 'src/lib/event\.c: uses aeg_t_agent_wait of src/lib/attach\.c: core may not use job' <<<"$out"; then
+if grep -q 'src/lib/core/event\.c: uses aeg_t_agent_wait of src/lib/job/attach\.c: core may not use job' <<<"$out"; then
 	ok "a call from core up into the job layer fails, naming the function"
 else
 	not_ok "a call from core up into the job layer fails, naming the function" "$out"
