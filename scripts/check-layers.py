@@ -10,9 +10,10 @@ Usage: check-layers.py [--srcdir DIR] [--builddir DIR] [--table FILE] [--list]
 The layers and the files' places are in scripts/layers.txt (--table). A file
 in src/lib/LAYER/ is of that layer; other files of src/, python/ and examples/ must be
 in a folder or file row of the table. --builddir reads the library's objects
-(libaegaeon_core_la-*.o, with nm or $NM): a unit is a file together with its
-siblings of the same stem (kv.c, kv_swap.c, kv_host.c...), and units may not
-call each other in a cycle.
+(libaegaeon_core_la-*.o, with nm or $NM) and the Python module's
+(aegaeon_native_la-*.o): a unit is a file together with its siblings of the
+same stem (kv.c, kv_swap.c, kv_host.c...; py_*.c), and units may not call
+each other in a cycle.
 """
 import argparse
 import os
@@ -23,6 +24,8 @@ import sys
 SOURCE_EXT = ('.c', '.h', '.cu')
 INCLUDE_RE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
 OBJ_PREFIX = 'libaegaeon_core_la-'
+# The Python module's objects: their calls are checked as the library's are.
+MODULE_PREFIX = 'aegaeon_native_la-'
 
 
 class Table:
@@ -205,7 +208,7 @@ def objects(builddir):
     for root, dirs, names in os.walk(builddir):
         dirs.sort()
         for name in names:
-            if name.startswith(OBJ_PREFIX) and name.endswith('.o'):
+            if name.startswith((OBJ_PREFIX, MODULE_PREFIX)) and name.endswith('.o'):
                 rel = os.path.relpath(root, builddir)
                 key = (os.path.dirname(rel) if os.path.basename(rel) == '.libs' else rel, name)
                 if key not in found or os.path.basename(root) != '.libs':
@@ -221,7 +224,7 @@ def check_calls(tree, builddir, faults):
     nm = os.environ.get('NM', 'nm')
     defined, wanted, source = {}, {}, {}
     for (rel, name), obj in sorted(objects(builddir).items()):
-        stem = name[len(OBJ_PREFIX):-2]
+        stem = name.split('-', 1)[1][:-2]
         src = None
         for ext in ('.c', '.cu'):
             cand = os.path.normpath(os.path.join(rel, stem + ext))
@@ -263,7 +266,8 @@ def check_calls(tree, builddir, faults):
                 units.setdefault(a, {}).setdefault(b, '%s -> %s (%s)' % (src, to, sym))
     for cycle in cycles(units):
         faults.append('call cycle: ' + ', '.join(units[a][b] for a, b in zip(cycle, cycle[1:] + cycle[:1])))
-    return len(source), calls
+    module = len([s for s in source if s.startswith('python' + os.sep)])
+    return len(source) - module, module, calls
 
 
 def main():
@@ -285,10 +289,12 @@ def main():
     includes = check_includes(tree, faults)
     said = '%d files in %d layers, %d includes' % (len(tree.layer), len(table.order), includes)
     if args.builddir:
-        objs, calls = check_calls(tree, args.builddir, faults)
+        objs, module, calls = check_calls(tree, args.builddir, faults)
         if objs == 0:
             faults.append('%s: no object of the library (%s*.o): build it first' % (args.builddir, OBJ_PREFIX))
         said += ', %d uses between %d objects of the library' % (calls, objs)
+        if module:
+            said += ' and %d of the Python module' % module
     for fault in faults:
         print('check-layers: ' + fault)
     if faults:

@@ -103,6 +103,19 @@ if ! grep -q 'kv' <<<"$out"; then
 else
 	not_ok "kv.c and kv_swap.c, one unit, may call each other" "$out"
 fi
+mkdir -p "$T/build/python/.libs"
+modobj() {      # NAME CODE: the Python module's object of python/NAME.c
+	printf '%s\n' "$2" >"$T/$1.c" && $CC -c -o "$T/build/python/.libs/aegaeon_native_la-$1.o" "$T/$1.c"
+}
+modobj aegaeon_native 'int pyaeg_t_init(void); int pyaeg_t_fn(void) { return pyaeg_t_init(); }'
+modobj py_slab 'int pyaeg_t_fn(void); int pyaeg_t_init(void) { return pyaeg_t_fn(); }'
+run "${check[@]}" --srcdir "$S" --builddir "$T/build"
+if [[ $rc -eq 1 ]] &&
+	grep -q 'call cycle: python/aegaeon_native\.c -> python/py_slab\.c (pyaeg_t_init), python/py_slab\.c -> python/aegaeon_native\.c (pyaeg_t_fn)' <<<"$out"; then
+	ok "the Python module's files calling each other around the module fail as a call cycle"
+else
+	not_ok "the Python module's files calling each other around the module fail as a call cycle" "rc $rc" "$out"
+fi
 mkdir "$T/empty"
 expect "a build tree without the library's objects fails" 1 'no object of the library' \
 	"${check[@]}" --srcdir "$S" --builddir "$T/empty"
