@@ -93,6 +93,10 @@ int model_release_chunks(struct aeg_model *m);
 int session_check_gpu(const aeg_session_t *s, int gpu);
 /* session_job_slab - JOB: the job slab on this process's GPU @gpu (-1: the first). */
 int session_job_slab(aeg_session_t *s, int gpu, int *index);
+/* session_job_load - JOB: aeg_session_load of one file through the job's agent (session_job.c). */
+int session_job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out);
+/* session_job_find - JOB: the job's load @id, or the newest of @path on @gpu (-1: any slab), as a model. */
+int session_job_find(aeg_session_t *s, uint64_t id, const char *path, int gpu, aeg_model_t **out);
 
 /*
  * Forget blocks @ids of job slab @slab as this JOB session's own (released:
