@@ -31,7 +31,7 @@
 
 /* ------------------------------------------------------------- start-up */
 
-AEG_EXPORT int aeg_agent_write_error(const char *runtime_dir, const char *reason)
+int aeg_agent_write_error(const char *runtime_dir, const char *reason)
 {
 	char path[PATH_MAX];
 
@@ -493,7 +493,7 @@ static int start(struct agent *a)
 	return err;
 }
 
-AEG_EXPORT int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
+int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
 {
 	struct agent *a;
 	int err;

@@ -52,7 +52,7 @@ static char *format_opt(uint64_t bytes, char *buf, size_t len)
 	return buf;
 }
 
-AEG_EXPORT int aeg_jobopt_parse_slab(const char *text, struct aeg_size_spec *slab)
+int aeg_jobopt_parse_slab(const char *text, struct aeg_size_spec *slab)
 {
 	struct aeg_size_spec s;
 	char q[128];
@@ -91,7 +91,7 @@ static int parse_bytes(const char *opt, const char *what, const char *text, uint
 	return 0;
 }
 
-AEG_EXPORT int aeg_jobopt_parse_pinned(const char *text, struct aeg_jobopt_pinned *pinned)
+int aeg_jobopt_parse_pinned(const char *text, struct aeg_jobopt_pinned *pinned)
 {
 	struct aeg_jobopt_pinned p = { 0, 0 };
 	char q[128], opt[160], size[64], buf[32];
@@ -137,7 +137,7 @@ static int has_control(const char *s, size_t n)
 	return 0;
 }
 
-AEG_EXPORT int aeg_jobopt_parse_prefetch(const char *text, const char *cwd, char **paths, size_t *count)
+int aeg_jobopt_parse_prefetch(const char *text, const char *cwd, char **paths, size_t *count)
 {
 	char q[128], *out = NULL;
 	size_t n = 0, used = 0, cap, cwd_len;
@@ -254,7 +254,7 @@ static int check_model(const char *path)
 	return err;
 }
 
-AEG_EXPORT int aeg_jobopt_check_files(const char *paths)
+int aeg_jobopt_check_files(const char *paths)
 {
 	char path[PATH_MAX];
 	const char *p, *end;
@@ -281,7 +281,7 @@ AEG_EXPORT int aeg_jobopt_check_files(const char *paths)
 	}
 }
 
-AEG_EXPORT int aeg_jobopt_parse_device(const char *text, enum aeg_device_kind *kind)
+int aeg_jobopt_parse_device(const char *text, enum aeg_device_kind *kind)
 {
 	char q[64];
 
@@ -293,7 +293,7 @@ AEG_EXPORT int aeg_jobopt_parse_device(const char *text, enum aeg_device_kind *k
 	return 0;
 }
 
-AEG_EXPORT int aeg_jobopt_check_slab(const struct aeg_size_spec *slab, const struct aeg_config *cfg)
+int aeg_jobopt_check_slab(const struct aeg_size_spec *slab, const struct aeg_config *cfg)
 {
 	char asked[32], cap[32];
 
@@ -312,7 +312,7 @@ AEG_EXPORT int aeg_jobopt_check_slab(const struct aeg_size_spec *slab, const str
 			asked, cap, slab->is_percent ? "of each GPU's memory" : "per GPU");
 }
 
-AEG_EXPORT int aeg_jobopt_check_pinned(const struct aeg_jobopt_pinned *pinned, const struct aeg_config *cfg)
+int aeg_jobopt_check_pinned(const struct aeg_jobopt_pinned *pinned, const struct aeg_config *cfg)
 {
 	char asked[32], cap[32];
 	uint64_t buffer;
@@ -332,7 +332,7 @@ AEG_EXPORT int aeg_jobopt_check_pinned(const struct aeg_jobopt_pinned *pinned, c
 	return 0;
 }
 
-AEG_EXPORT int aeg_jobopt_check_device(enum aeg_device_kind kind, const struct aeg_config *cfg)
+int aeg_jobopt_check_device(enum aeg_device_kind kind, const struct aeg_config *cfg)
 {
 	if (cfg == NULL)
 		return aeg_fail(AEG_EINVAL, "--aegaeon-device: no site configuration");
@@ -343,7 +343,7 @@ AEG_EXPORT int aeg_jobopt_check_device(enum aeg_device_kind kind, const struct a
 	return 0;
 }
 
-AEG_EXPORT char *aeg_jobopt_format_slab(const struct aeg_size_spec *slab, char *buf, size_t len)
+char *aeg_jobopt_format_slab(const struct aeg_size_spec *slab, char *buf, size_t len)
 {
 	if (buf == NULL || len == 0)
 		return buf;
