@@ -14,7 +14,7 @@
 #include <aegaeon/pinned.h>
 #include <aegaeon/slice.h>
 #include <aegaeon/prefetch.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/attach.h>
 #include <aegaeon/kv.h>
 #include <aegaeon/session.h>

@@ -1,6 +1,6 @@
 /* aegaeon job records: the ready and error files the agent leaves in its job directory. */
-#ifndef AEGAEON_JOB_H
-#define AEGAEON_JOB_H
+#ifndef AEGAEON_JOBREC_H
+#define AEGAEON_JOBREC_H
 
 #include <stddef.h>
 #include <stdint.h>

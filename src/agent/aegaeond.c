@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 #include <aegaeon/aegaeon.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "agent.h"
 #include "internal.h"

@@ -24,7 +24,7 @@
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "attach_internal.h"
 #include "internal.h"

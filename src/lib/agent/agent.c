@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include <aegaeon/aegaeon.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/prefetch.h>
 
 #include "agent_internal.h"

@@ -6,7 +6,7 @@
 #include <stdint.h>
 
 #include <aegaeon/config.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/size.h>
 
 #define AEG_AGENT_MAX_CLIENTS 256

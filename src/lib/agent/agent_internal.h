@@ -8,7 +8,7 @@
 #include <sys/types.h>
 
 #include <aegaeon/aegaeon.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/prefetch.h>
 
 #include "agent.h"

@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "internal.h"
 #include "jobdir.h"

@@ -13,7 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "internal.h"
 
