@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "fuzz.h"
 

@@ -1,5 +1,6 @@
-/* The aegaeon_native module: runtime (device, prefetch engines, events), errors and module functions. */
+/* The aegaeon_native module: its functions (device choice, events, prefetch, views, stats) and its table. */
 #include "py_internal.h"
+#include "py_runtime.h"
 #include "internal.h"
 
 #include <unistd.h>
@@ -12,779 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#define WAIT_SLICE_MS 100
-
-/* Per-GPU state of the module's own work. */
-struct gpu_state {
-	aeg_stream_t *stream;           /* records create_event_handle_bytes events */
-	Py_ssize_t views;               /* chunk views and tensor loads alive */
-};
-
-struct mod_event {
-	struct mod_event *next;
-	aeg_event_t *ev;
-	aeg_handle_t handle;
-};
-
-/*
- * The runtime lock. It is only ever taken with the GIL released (pyaeg_lock),
- * so a thread holding it may release and retake the GIL without deadlock.
- * But once the interpreter finalizes, a daemon thread that asks for the GIL
- * never gets it (Python ends or parks it there for good): holding the lock,
- * it would hang every later taker, the finalizing thread's deallocs and
- * Py_AtExit teardown included. So the lock is a flag guarded by a mutex that
- * no one holds across a GIL change, and a holder marks itself parked while it
- * asks for the GIL (PYAEG_END_ALLOW_THREADS). The finalizing thread, the only
- * one that runs Python then, takes the lock over from a parked holder: that
- * holder's C work is done and it never runs again.
- */
-static struct {
-	pthread_mutex_t mu;             /* guards the three below; never held across a GIL change */
-	pthread_cond_t cond;            /* broadcast when the lock is free or its holder parks */
-	int held;
-	int parked;                     /* the holder is waiting for the GIL */
-} rtlock = { .mu = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
-
-static _Thread_local int rtlock_mine;  /* this thread holds the runtime lock */
-
-/* One runtime per process, under the runtime lock. */
-static struct {
-	int kind_set;                   /* set_device()/configure() chose the backend */
-	enum aeg_device_kind kind;
-	aeg_session_t *sess;            /* where models load: the job's agent, or this process */
-	aeg_device_t *dev;              /* the session's */
-	aeg_job_t *job;                 /* the session's job; NULL outside one */
-	int gpu_count;                  /* GPUs this process sees */
-	struct gpu_state *gpus;
-	struct mod_event *events;
-	uint64_t nevents;
-	struct pyaeg_res *res;          /* newest first */
-	long objects;                   /* Python objects holding C resources */
-	char prefetch_slab[64];         /* configure(prefetch_slab=...) */
-	int prefetch_threads;           /* configure(prefetch_threads=...); 0: the config's */
-	int waits;                      /* waits running with the GIL released */
-	int atexit_set;
-	int attach;                     /* configure(attach=): -1 auto ($AEGAEON_SOCKET), 0, 1 */
-} rt = { .attach = -1 };
-
-PyObject *pyaeg_error_type;
-static PyObject *timeout_error_type;
-static PyObject *value_error_type;
-
-/* ----------------------------------------------------------------- errors */
-
-static PyObject *raise_text(int code, const char *text)
-{
-	PyObject *type, *exc, *args = NULL, *v;
-	const char *name = aeg_errname(code);
-
-	type = code == AEG_ETIMEDOUT ? timeout_error_type :
-	       code == AEG_EINVAL || code == AEG_ERANGE ? value_error_type : pyaeg_error_type;
-	/* errno-like codes give OSError's (errno, strerror); project codes only a message. */
-	if (code < 0 && code > -4000)
-		args = Py_BuildValue("(is)", -code, text);
-	else
-		args = Py_BuildValue("(s)", text);
-	if (args == NULL)
-		return NULL;
-	exc = PyObject_CallObject(type, args);
-	Py_DECREF(args);
-	if (exc == NULL)
-		return NULL;
-	v = PyLong_FromLong(code);
-	if (v == NULL || PyObject_SetAttrString(exc, "code", v) < 0)
-		goto fail;
-	Py_DECREF(v);
-	v = PyUnicode_FromString(name);
-	if (v == NULL || PyObject_SetAttrString(exc, "name", v) < 0)
-		goto fail;
-	Py_DECREF(v);
-	PyErr_SetObject(type, exc);
-	Py_DECREF(exc);
-	return NULL;
-fail:
-	Py_XDECREF(v);
-	Py_DECREF(exc);
-	return NULL;
-}
-
-PyObject *pyaeg_raise(int code)
-{
-	const char *detail = aeg_error_detail();
-	char text[1200];
-
-	if (detail[0] != '\0')
-		snprintf(text, sizeof(text), "%s: %s", aeg_strerror(code), detail);
-	else
-		snprintf(text, sizeof(text), "%s", aeg_strerror(code));
-	return raise_text(code, text);
-}
-
-PyObject *pyaeg_raise_msg(int code, const char *fmt, ...)
-{
-	char text[1200];
-	size_t len;
-	va_list ap;
-
-	len = (size_t)snprintf(text, sizeof(text), "%s: ", aeg_strerror(code));
-	if (len >= sizeof(text))
-		len = sizeof(text) - 1;
-	va_start(ap, fmt);
-	vsnprintf(text + len, sizeof(text) - len, fmt, ap);
-	va_end(ap);
-	return raise_text(code, text);
-}
-
-/* -------------------------------------------------------- argument helpers */
-
-const char *pyaeg_tname(PyObject *obj)
-{
-	static char buf[96];    /* the GIL serialises callers */
-	PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(obj), "__name__");
-	const char *s = name != NULL ? PyUnicode_AsUTF8AndSize(name, NULL) : NULL;
-
-	snprintf(buf, sizeof(buf), "%s", s != NULL ? s : "?");
-	if (s == NULL)
-		PyErr_Clear();
-	Py_XDECREF(name);
-	return buf;
-}
-
-int pyaeg_u64(PyObject *obj, const char *what, int allow_zero, uint64_t *out)
-{
-	unsigned long long v;
-	PyObject *zero;
-	int negative;
-
-	if (!PyLong_Check(obj) || PyBool_Check(obj)) {
-		PyErr_Format(PyExc_TypeError, "%s must be an int, not %s", what, pyaeg_tname(obj));
-		return -1;
-	}
-	zero = PyLong_FromLong(0);
-	negative = zero == NULL ? -1 : PyObject_RichCompareBool(obj, zero, Py_LT);
-	Py_XDECREF(zero);
-	if (negative != 0) {
-		if (negative > 0)
-			PyErr_Format(PyExc_ValueError, "%s must not be negative (got %R)", what, obj);
-		return -1;
-	}
-	v = PyLong_AsUnsignedLongLong(obj);
-	if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-		PyErr_Clear();
-		PyErr_Format(PyExc_ValueError, "%s %R does not fit in 64 bits", what, obj);
-		return -1;
-	}
-	if (v == 0 && !allow_zero) {
-		PyErr_Format(PyExc_ValueError, "%s must be greater than 0", what);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
-int pyaeg_gpu(PyObject *obj, int *gpu)
-{
-	uint64_t v;
-
-	if (pyaeg_u64(obj, "gpu_id", 1, &v) < 0)
-		return -1;
-	if (v > 1023) {
-		PyErr_Format(PyExc_ValueError, "gpu_id %llu is out of range (0..1023)", (unsigned long long)v);
-		return -1;
-	}
-	*gpu = (int)v;
-	return 0;
-}
-
-int pyaeg_timeout(PyObject *obj, double *seconds)
-{
-	double v;
-
-	if (obj == NULL || obj == Py_None) {
-		*seconds = -1;
-		return 0;
-	}
-	if (!PyLong_Check(obj) && !PyFloat_Check(obj)) {
-		PyErr_Format(PyExc_TypeError, "timeout must be a number of seconds or None, not %s",
-			     pyaeg_tname(obj));
-		return -1;
-	}
-	v = PyFloat_AsDouble(obj);
-	if (v == -1.0 && PyErr_Occurred())
-		return -1;
-	if (isnan(v) || v < 0) {
-		PyErr_Format(PyExc_ValueError, "timeout must be >= 0 seconds or None (got %R)", obj);
-		return -1;
-	}
-	*seconds = v;
-	return 0;
-}
-
-int pyaeg_handle(PyObject *obj, aeg_handle_t *handle)
-{
-	char *data;
-	Py_ssize_t len;
-
-	if (PyBytes_Check(obj)) {
-		if (PyBytes_AsStringAndSize(obj, &data, &len) < 0)
-			return -1;
-	} else if (PyByteArray_Check(obj)) {
-		data = PyByteArray_AsString(obj);
-		len = PyByteArray_Size(obj);
-	} else {
-		PyErr_Format(PyExc_TypeError, "an event handle must be bytes, not %s", pyaeg_tname(obj));
-		return -1;
-	}
-	if (len != AEG_HANDLE_BYTES) {
-		PyErr_Format(PyExc_ValueError, "an event handle has %d bytes, not %zd", AEG_HANDLE_BYTES, len);
-		return -1;
-	}
-	memcpy(handle->bytes, data, AEG_HANDLE_BYTES);
-	return 0;
-}
-
-PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle)
-{
-	return PyBytes_FromStringAndSize((const char *)handle->bytes, AEG_HANDLE_BYTES);
-}
-
-/* @seq as a new list, or NULL with TypeError for what is no sequence of ints. */
-static PyObject *int_sequence(PyObject *seq, const char *what)
-{
-	PyObject *fast;
-
-	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
-		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
-		return NULL;
-	}
-	fast = PySequence_List(seq);
-	if (fast == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
-		PyErr_Clear();
-		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
-	}
-	return fast;
-}
-
-int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
-{
-	PyObject *fast = int_sequence(seq, what);
-	uint32_t *ids = NULL;
-	Py_ssize_t n;
-	uint64_t v;
-
-	if (fast == NULL)
-		return -1;
-	n = PyList_Size(fast);
-	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
-	if (ids == NULL) {
-		Py_DECREF(fast);
-		PyErr_NoMemory();
-		return -1;
-	}
-	for (Py_ssize_t i = 0; i < n; i++) {
-		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v) < 0)
-			goto fail;
-		if (v >= max) {
-			PyErr_Format(PyExc_ValueError, "%s[%zd] = %llu is out of range (0..%u)", what, i,
-				     (unsigned long long)v, max - 1);
-			goto fail;
-		}
-		ids[i] = (uint32_t)v;
-	}
-	Py_DECREF(fast);
-	*idsp = ids;
-	*np = (size_t)n;
-	return 0;
-fail:
-	Py_DECREF(fast);
-	PyMem_Free(ids);
-	return -1;
-}
-
-int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **out, size_t *np)
-{
-	PyObject *fast = int_sequence(seq, what);
-	uint64_t *v;
-	Py_ssize_t n;
-
-	if (fast == NULL)
-		return -1;
-	n = PyList_Size(fast);
-	v = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*v));
-	if (v == NULL) {
-		Py_DECREF(fast);
-		PyErr_NoMemory();
-		return -1;
-	}
-	for (Py_ssize_t i = 0; i < n; i++) {
-		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v[i]) < 0) {
-			Py_DECREF(fast);
-			PyMem_Free(v);
-			return -1;
-		}
-	}
-	Py_DECREF(fast);
-	*out = v;
-	*np = (size_t)n;
-	return 0;
-}
-
-int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value)
-{
-	int rc;
-
-	if (value == NULL)
-		return -1;
-	rc = PyDict_SetItemString(dict, key, value);
-	Py_DECREF(value);
-	return rc;
-}
-
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds)
-{
-	double deadline = now_s() + seconds, left;
-	int err, slice;
-
-	for (;;) {
-		slice = WAIT_SLICE_MS;
-		if (seconds >= 0) {
-			left = deadline - now_s();
-			if (left * 1000.0 < WAIT_SLICE_MS)
-				slice = left > 0 ? (int)(left * 1000.0) : 0;
-		}
-		PYAEG_BEGIN_ALLOW_THREADS
-		__atomic_add_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
-		err = fn(arg, slice);
-		__atomic_sub_fetch(&rt.waits, 1, __ATOMIC_SEQ_CST);
-		PYAEG_END_ALLOW_THREADS
-		if (err != AEG_ETIMEDOUT)
-			return err;
-		if (PyErr_CheckSignals() < 0)
-			return PYAEG_SIGNALLED;
-		/* A slice shorter than a millisecond was the last one. */
-		if (seconds >= 0 && (slice < WAIT_SLICE_MS || now_s() >= deadline))
-			return AEG_ETIMEDOUT;
-	}
-}
-
-/* ---------------------------------------------------------------- runtime */
-
-/*
- * Takes the runtime lock; the caller does not hold the GIL. @finalizer: the
- * caller is the thread finalizing the interpreter, which may take the lock
- * over from a holder parked at the GIL.
- */
-static void rtlock_take(int finalizer)
-{
-	pthread_mutex_lock(&rtlock.mu);
-	while (rtlock.held && !(finalizer && rtlock.parked))
-		pthread_cond_wait(&rtlock.cond, &rtlock.mu);
-	rtlock.held = 1;
-	rtlock.parked = 0;
-	pthread_mutex_unlock(&rtlock.mu);
-	rtlock_mine = 1;
-}
-
-static void rtlock_give(void)
-{
-	rtlock_mine = 0;
-	pthread_mutex_lock(&rtlock.mu);
-	rtlock.held = 0;
-	rtlock.parked = 0;
-	pthread_cond_broadcast(&rtlock.cond);
-	pthread_mutex_unlock(&rtlock.mu);
-}
-
-/* Takes the runtime lock if it is free, keeping the GIL (its mutex is never held across a GIL change). */
-static int rtlock_try(void)
-{
-	int got;
-
-	pthread_mutex_lock(&rtlock.mu);
-	got = !rtlock.held;
-	if (got) {
-		rtlock.held = 1;
-		rtlock.parked = 0;
-	}
-	pthread_mutex_unlock(&rtlock.mu);
-	if (got)
-		rtlock_mine = 1;
-	return got;
-}
-
-static void rtlock_park(int parked)
-{
-	pthread_mutex_lock(&rtlock.mu);
-	rtlock.parked = parked;
-	if (parked)
-		pthread_cond_broadcast(&rtlock.cond);
-	pthread_mutex_unlock(&rtlock.mu);
-}
-
-void pyaeg_restore_thread(PyThreadState *save)
-{
-	if (!rtlock_mine) {
-		PyEval_RestoreThread(save);
-		return;
-	}
-	rtlock_park(1);
-	PyEval_RestoreThread(save);     /* in a daemon thread after finalization: never returns */
-	rtlock_park(0);
-}
-
-/*
- * With the GIL held, Py_IsInitialized() is 0 only in the finalizing thread:
- * it clears the flag when it marks the runtime finalizing, and from then on
- * no other thread gets the GIL.
- */
-static int is_finalizer(void)
-{
-	return !Py_IsInitialized();
-}
-
-void pyaeg_lock(void)
-{
-	int finalizer = is_finalizer();
-
-	PYAEG_BEGIN_ALLOW_THREADS
-	rtlock_take(finalizer);
-	PYAEG_END_ALLOW_THREADS
-}
-
-void pyaeg_unlock(void)
-{
-	rtlock_give();
-}
-
-void pyaeg_object_born(void)
-{
-	rt.objects++;
-}
-
-void pyaeg_object_gone(void)
-{
-	rt.objects--;
-}
-
-static void res_destroy(struct pyaeg_res *res)
-{
-	/* A cache first (it uses the stream, slab and pool), the pool last. */
-	if (res->kv != NULL)
-		aeg_kv_destroy(res->kv);
-	if (res->stream != NULL)
-		aeg_stream_destroy(res->stream);
-	if (res->stream_in != NULL)
-		aeg_stream_destroy(res->stream_in);
-	if (res->slab != NULL && res->job_lease && rt.job != NULL)
-		aeg_job_slab_return(rt.job, res->slab);
-	else if (res->slab != NULL)
-		aeg_slab_destroy(res->slab);
-	if (res->pool != NULL)
-		aeg_pool_destroy(res->pool);
-	res->kv = NULL;
-	res->stream = NULL;
-	res->stream_in = NULL;
-	res->slab = NULL;
-	res->pool = NULL;
-}
-
-struct pyaeg_res *pyaeg_res_new(void)
-{
-	struct pyaeg_res *res = calloc(1, sizeof(*res));
-
-	if (res == NULL) {
-		PyErr_NoMemory();
-		return NULL;
-	}
-	pyaeg_lock();
-	res->next = rt.res;
-	if (rt.res != NULL)
-		rt.res->prev = res;
-	rt.res = res;
-	pyaeg_unlock();
-	return res;
-}
-
-void pyaeg_res_free(struct pyaeg_res *res)
-{
-	int finalizer;
-
-	if (res == NULL)
-		return;
-	finalizer = is_finalizer();
-	PYAEG_BEGIN_ALLOW_THREADS
-	rtlock_take(finalizer);
-	res_destroy(res);
-	if (res->prev != NULL)
-		res->prev->next = res->next;
-	else
-		rt.res = res->next;
-	if (res->next != NULL)
-		res->next->prev = res->prev;
-	rtlock_give();
-	PYAEG_END_ALLOW_THREADS
-	free(res);
-}
-
-static void atexit_teardown(void);
-
-/* Anything that still uses the device: objects, views, events, waits, loaded chunks. */
-static int busy_locked(void)
-{
-	int busy = rt.objects > 0 || rt.res != NULL || rt.events != NULL || rt.waits > 0;
-
-	for (int i = 0; !busy && i < rt.gpu_count; i++)
-		busy = rt.gpus[i].views > 0;
-	if (!busy && rt.sess != NULL && rt.job == NULL)
-		busy = aeg_session_owned_blocks(rt.sess) > 0;
-	return busy;
-}
-
-/* The engines' settings of configure(); NULL @engine when none is set. */
-static void engine_settings(struct aeg_prefetch_config *engine, const struct aeg_prefetch_config **use)
-{
-	*use = NULL;
-	if (rt.prefetch_threads) {
-		aeg_prefetch_config_defaults(engine);
-		engine->threads = rt.prefetch_threads;
-		*use = engine;
-	}
-}
-
-/*
- * The module's session: the job's agent inside an aegaeon job (unless
- * configure(attach=False)), else this process's slabs and engines on the
- * backend of set_device(), $AEGAEON_DEVICE or the site config.
- */
-static int open_device_locked(void)
-{
-	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL };
-	struct aeg_prefetch_config engine;
-	const char *sock = getenv("AEGAEON_SOCKET");
-	aeg_session_t *sess = NULL;
-	int err, count = 0;
-
-	if (rt.attach == 1 || (rt.attach < 0 && sock != NULL && sock[0] != '\0'))
-		cfg.mode = AEG_SESSION_JOB;
-	if (rt.kind_set && cfg.mode == AEG_SESSION_LOCAL) {
-		cfg.flags |= AEG_SESSION_DEVICE_SET;
-		cfg.device = rt.kind;
-	}
-	cfg.slab = rt.prefetch_slab[0] ? rt.prefetch_slab : NULL;
-	engine_settings(&engine, &cfg.engine);
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_session_open(&cfg, &sess);
-	if (err == 0)
-		err = aeg_device_count(aeg_session_device(sess), &count);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
-		if (cfg.mode == AEG_SESSION_JOB)
-			pyaeg_raise_msg(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
-					sock ? sock : "", aeg_error_detail());
-		else
-			pyaeg_raise(err);
-		aeg_session_close(sess);
-		return err;
-	}
-	if (cfg.mode == AEG_SESSION_JOB && rt.kind_set && rt.kind != aeg_device_kind(aeg_session_device(sess))) {
-		pyaeg_raise_msg(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
-				aeg_device_kind_name(rt.kind),
-				aeg_device_kind_name(aeg_device_kind(aeg_session_device(sess))));
-		aeg_session_close(sess);
-		return AEG_EINVAL;
-	}
-	rt.gpus = calloc((size_t)(count ? count : 1), sizeof(*rt.gpus));
-	if (rt.gpus == NULL) {
-		aeg_session_close(sess);
-		PyErr_NoMemory();
-		return AEG_ENOMEM;
-	}
-	rt.sess = sess;
-	rt.dev = aeg_session_device(sess);
-	rt.job = aeg_session_job(sess);
-	rt.gpu_count = count;
-	rt.kind = aeg_device_kind(rt.dev);
-	if (!rt.atexit_set && Py_AtExit(atexit_teardown) == 0)
-		rt.atexit_set = 1;
-	return 0;
-}
-
-static int device_locked(aeg_device_t **dev)
-{
-	int err = 0;
-
-	if (rt.dev == NULL)
-		err = open_device_locked();
-	if (err < 0)
-		return -1;
-	*dev = rt.dev;
-	return 0;
-}
-
-int pyaeg_device(aeg_device_t **dev)
-{
-	int rc;
-
-	pyaeg_lock();
-	rc = device_locked(dev);
-	pyaeg_unlock();
-	return rc;
-}
-
-static int check_gpu_locked(int gpu)
-{
-	if (gpu >= rt.gpu_count) {
-		pyaeg_raise_msg(AEG_ENODEV, "GPU %d: this process sees %d GPU%s on the %s backend", gpu,
-				rt.gpu_count, rt.gpu_count == 1 ? "" : "s", aeg_device_kind_name(rt.kind));
-		return -1;
-	}
-	return 0;
-}
-
-/* ------------------------------------------------------------------- job */
-
-/* The job slab of GPU @gpu as this process numbers it; -1 with AegaeonError ENODEV. */
-static int job_index_locked(int gpu)
-{
-	struct aeg_job_slab_desc d;
-	struct aeg_job_info info;
-
-	if (aeg_job_get_info(rt.job, &info) == 0)
-		for (int i = 0; i < info.slabs; i++)
-			if (aeg_job_slab_describe(rt.job, i, &d) == 0 && d.gpu == gpu)
-				return i;
-	aeg_error_clear();
-	pyaeg_raise_msg(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu,
-			info.slabs, info.slabs == 1 ? "" : "s");
-	return -1;
-}
-
-int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab)
-{
-	aeg_device_t *dev;
-	int idx, err, rc = -1;
-
-	pyaeg_lock();
-	if (device_locked(&dev) < 0)
-		goto out;
-	if (rt.job == NULL) {
-		rc = 0;
-		goto out;
-	}
-	if ((idx = job_index_locked(gpu)) < 0)
-		goto out;
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_job_slab(rt.job, idx, bytes, slab);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0)
-		pyaeg_raise(err);
-	else
-		rc = 1;
-out:
-	pyaeg_unlock();
-	return rc;
-}
-
-aeg_pool_t *pyaeg_job_pool(void)
-{
-	aeg_pool_t *pool = NULL;
-	aeg_device_t *dev;
-
-	pyaeg_lock();
-	if (device_locked(&dev) == 0) {
-		if (rt.job == NULL)
-			pyaeg_raise_msg(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set)");
-		else if ((pool = aeg_job_pool(rt.job)) == NULL)
-			pyaeg_raise_msg(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
-	}
-	pyaeg_unlock();
-	return pool;
-}
-
-static void drop_events_locked(void)
-{
-	while (rt.events != NULL) {
-		struct mod_event *e = rt.events;
-
-		rt.events = e->next;
-		aeg_event_destroy(e->ev);
-		free(e);
-	}
-	rt.nevents = 0;
-}
-
-/*
- * Everything the runtime holds; with @close_device, objects still alive
- * are destroyed and the session closed (a job's models stay with its
- * agent). Without, this process's own loaded chunks are freed.
- */
-static void teardown_locked(int close_device)
-{
-	drop_events_locked();
-	for (int i = 0; rt.gpus != NULL && i < rt.gpu_count; i++) {
-		if (rt.gpus[i].stream != NULL)
-			aeg_stream_destroy(rt.gpus[i].stream);
-		rt.gpus[i].stream = NULL;
-	}
-	if (!close_device) {
-		if (rt.sess != NULL && rt.job == NULL)
-			aeg_session_release_all(rt.sess, 0, NULL);
-		return;
-	}
-	for (struct pyaeg_res *r = rt.res; r != NULL; r = r->next)
-		res_destroy(r);
-	/* A daemon thread may still wait on the device: leave it to process exit. */
-	if (rt.sess != NULL && rt.waits == 0) {
-		aeg_session_close(rt.sess);
-		rt.sess = NULL;
-		rt.dev = NULL;
-		rt.job = NULL;
-		free(rt.gpus);
-		rt.gpus = NULL;
-		rt.gpu_count = 0;
-	}
-}
-
-/* Py_AtExit: after the interpreter is gone, in the thread that finalized it; no Python API here. */
-static void atexit_teardown(void)
-{
-	rtlock_take(1);
-	teardown_locked(1);
-	while (rt.res != NULL) {
-		struct pyaeg_res *r = rt.res;
-
-		rt.res = r->next;
-		free(r);
-	}
-	rtlock_give();
-}
-
-static int stream_locked(int gpu, aeg_stream_t **stream)
-{
-	struct gpu_state *g = &rt.gpus[gpu];
-	int err = 0;
-
-	if (g->stream == NULL) {
-		PYAEG_BEGIN_ALLOW_THREADS
-		err = aeg_stream_create(rt.dev, gpu, &g->stream);
-		PYAEG_END_ALLOW_THREADS
-		if (err < 0) {
-			pyaeg_raise(err);
-			return -1;
-		}
-	}
-	*stream = g->stream;
-	return 0;
-}
 
 /* ------------------------------------------------------------ device choice */
 
@@ -809,22 +37,22 @@ static int set_kind(const char *text)
 		return -1;
 	}
 	pyaeg_lock();
-	if (rt.dev != NULL && rt.kind != kind) {
-		busy = busy_locked();
+	if (pyaeg_rt.dev != NULL && pyaeg_rt.kind != kind) {
+		busy = pyaeg_busy_locked();
 		if (!busy) {
 			PYAEG_BEGIN_ALLOW_THREADS
-			teardown_locked(1);
+			pyaeg_teardown_locked(1);
 			PYAEG_END_ALLOW_THREADS
 		}
 	}
 	if (!busy) {
-		rt.kind = kind;
-		rt.kind_set = 1;
+		pyaeg_rt.kind = kind;
+		pyaeg_rt.kind_set = 1;
 	}
 	pyaeg_unlock();
 	if (busy) {
 		pyaeg_raise_msg(AEG_EBUSY, "the %s device is in use (objects, prefetched chunks or events alive): release them before switching to %s",
-				aeg_device_kind_name(rt.kind), text);
+				aeg_device_kind_name(pyaeg_rt.kind), text);
 		return -1;
 	}
 	return 0;
@@ -921,9 +149,9 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 		int open;
 
 		pyaeg_lock();
-		open = rt.dev != NULL;
+		open = pyaeg_rt.dev != NULL;
 		if (!open)
-			rt.attach = attach == Py_True;
+			pyaeg_rt.attach = attach == Py_True;
 		pyaeg_unlock();
 		if (open)
 			return pyaeg_raise_msg(AEG_EBUSY, "the device is open already: configure(attach=...) must come first");
@@ -934,31 +162,31 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 		Py_RETURN_NONE;
 	err = 0;
 	pyaeg_lock();
-	if (rt.sess != NULL && rt.job == NULL) {
+	if (pyaeg_rt.sess != NULL && pyaeg_rt.job == NULL) {
 		struct aeg_prefetch_config engine;
 		const struct aeg_prefetch_config *use;
 		char old_slab[64];
-		int old_threads = rt.prefetch_threads;
+		int old_threads = pyaeg_rt.prefetch_threads;
 
-		snprintf(old_slab, sizeof(old_slab), "%s", rt.prefetch_slab);
+		snprintf(old_slab, sizeof(old_slab), "%s", pyaeg_rt.prefetch_slab);
 		if (text[0] != '\0')
-			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", text);
+			snprintf(pyaeg_rt.prefetch_slab, sizeof(pyaeg_rt.prefetch_slab), "%s", text);
 		if (nthreads != 0)
-			rt.prefetch_threads = (int)nthreads;
-		engine_settings(&engine, &use);
+			pyaeg_rt.prefetch_threads = (int)nthreads;
+		pyaeg_engine_settings(&engine, &use);
 		PYAEG_BEGIN_ALLOW_THREADS
-		err = aeg_session_set_engine(rt.sess, rt.prefetch_slab[0] ? rt.prefetch_slab : NULL, use);
+		err = aeg_session_set_engine(pyaeg_rt.sess, pyaeg_rt.prefetch_slab[0] ? pyaeg_rt.prefetch_slab : NULL, use);
 		PYAEG_END_ALLOW_THREADS
 		busy = err == AEG_EBUSY;
 		if (err) {
-			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", old_slab);
-			rt.prefetch_threads = old_threads;
+			snprintf(pyaeg_rt.prefetch_slab, sizeof(pyaeg_rt.prefetch_slab), "%s", old_slab);
+			pyaeg_rt.prefetch_threads = old_threads;
 		}
 	} else {
 		if (text[0] != '\0')
-			snprintf(rt.prefetch_slab, sizeof(rt.prefetch_slab), "%s", text);
+			snprintf(pyaeg_rt.prefetch_slab, sizeof(pyaeg_rt.prefetch_slab), "%s", text);
 		if (nthreads != 0)
-			rt.prefetch_threads = (int)nthreads;
+			pyaeg_rt.prefetch_threads = (int)nthreads;
 	}
 	pyaeg_unlock();
 	if (busy)
@@ -1008,7 +236,7 @@ static PyObject *py_device_count(PyObject *self, PyObject *unused)
 	if (pyaeg_device(&dev) < 0)
 		return NULL;
 	pyaeg_lock();
-	count = rt.gpu_count;
+	count = pyaeg_rt.gpu_count;
 	pyaeg_unlock();
 	return PyLong_FromLong(count);
 }
@@ -1040,7 +268,7 @@ static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
 	if (e == NULL)
 		return PyErr_NoMemory();
 	pyaeg_lock();
-	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0 || stream_locked(gpu, &stream) < 0)
+	if (pyaeg_device_locked(&dev) < 0 || pyaeg_check_gpu_locked(gpu) < 0 || pyaeg_stream_locked(gpu, &stream) < 0)
 		goto fail;
 	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_event_create(dev, gpu, &e->ev, &e->handle);
@@ -1058,9 +286,9 @@ static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
 	}
 	/* Listed before the GIL is retaken: a thread stopped there by finalization leaves no event unlisted. */
 	if (err == 0) {
-		e->next = rt.events;
-		rt.events = e;
-		rt.nevents++;
+		e->next = pyaeg_rt.events;
+		pyaeg_rt.events = e;
+		pyaeg_rt.nevents++;
 	}
 	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
@@ -1092,11 +320,11 @@ static PyObject *py_release_event(PyObject *self, PyObject *args, PyObject *kw)
 	if (pyaeg_handle(obj, &handle) < 0)
 		return NULL;
 	pyaeg_lock();
-	for (struct mod_event **pp = &rt.events; *pp != NULL; pp = &(*pp)->next) {
+	for (struct mod_event **pp = &pyaeg_rt.events; *pp != NULL; pp = &(*pp)->next) {
 		if (memcmp((*pp)->handle.bytes, handle.bytes, AEG_HANDLE_BYTES) == 0) {
 			found = *pp;
 			*pp = found->next;
-			rt.nevents--;
+			pyaeg_rt.nevents--;
 			break;
 		}
 	}
@@ -1110,44 +338,6 @@ static PyObject *py_release_event(PyObject *self, PyObject *args, PyObject *kw)
 		return pyaeg_raise_msg(AEG_ENOENT, "this process holds no event with that handle (released already, or made elsewhere)");
 	free(found);
 	Py_RETURN_NONE;
-}
-
-struct handle_wait {
-	aeg_device_t *dev;
-	aeg_handle_t handle;
-};
-
-static int wait_handle_slice(void *arg, int timeout_ms)
-{
-	struct handle_wait *w = arg;
-
-	return aeg_event_wait_handle(w->dev, &w->handle, timeout_ms);
-}
-
-/*
- * An opened handle whose event is complete is answered with the GIL held:
- * giving the GIL up and taking it back costs more than the query, and with
- * other Python threads running it can take a whole switch interval.
- */
-static int complete_now(aeg_device_t *dev, const aeg_handle_t *handle)
-{
-	int done = 0;
-
-	if (!rtlock_try())
-		return 0;
-	if (rt.dev == dev)
-		done = aeg_event_query_handle(dev, handle) == 0;
-	rtlock_give();
-	return done;
-}
-
-int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seconds)
-{
-	struct handle_wait w = { dev, *handle };
-
-	if (complete_now(dev, handle))
-		return 0;
-	return pyaeg_wait(wait_handle_slice, &w, seconds);
 }
 
 PyDoc_STRVAR(wait_event_doc,
@@ -1186,86 +376,6 @@ static PyObject *py_wait_event(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /* ---------------------------------------------------------------- prefetch */
-
-/*
- * Start loading @path (@slice: a rank's part of each tensor; NULL: whole)
- * onto @gpu through the session. Inside a job a model the job holds
- * already (its --aegaeon-prefetch, an earlier step; with an equal slice) is
- * reused, as aegaeon-cli prefetch does: nothing is read again, and it stays
- * the job's (not owned). -1 with an exception.
- */
-static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
-		       const struct aeg_slice *slice, aeg_model_t **m)
-{
-	struct aeg_load_request req = { .path = path, .gpu = gpu, .chunk_bytes = chunk_bytes, .format = format,
-					.slice = slice };
-	aeg_device_t *dev;
-	int err;
-
-	if (device_locked(&dev) < 0 || check_gpu_locked(gpu) < 0)
-		return -1;
-	if (rt.job != NULL)
-		req.flags |= AEG_LOAD_REUSE;
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_session_load(rt.sess, &req, m);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0 && slice != NULL && strstr(aeg_error_detail(), "AEG_SLICE_UNEVEN") != NULL)
-		pyaeg_raise_msg(err, "%s (tp_uneven=True sets AEG_SLICE_UNEVEN)", aeg_error_detail());
-	else if (err < 0)
-		pyaeg_raise(err);
-	return err < 0 ? -1 : 0;
-}
-
-int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
-	       const struct aeg_slice *slice, struct pyaeg_load *l)
-{
-	int rc;
-
-	memset(l, 0, sizeof(*l));
-	pyaeg_lock();
-	rc = load_locked(path, gpu, chunk_bytes, format, slice, &l->m);
-	if (rc == 0) {
-		l->gpu = gpu;
-		l->host = rt.kind == AEG_DEVICE_HOST;
-		rt.objects++;
-		rt.gpus[gpu].views++;
-	}
-	pyaeg_unlock();
-	return rc;
-}
-
-void pyaeg_load_drop(struct pyaeg_load *l, int release)
-{
-	aeg_model_t *m = l->m;
-
-	if (m == NULL)
-		return;
-	l->m = NULL;
-	pyaeg_lock();
-	PYAEG_BEGIN_ALLOW_THREADS
-	/* Released already by release_all_prefetch_events(): nothing left to free. */
-	if (release && aeg_model_owned(m))
-		aeg_model_release(m);
-	else
-		aeg_model_close(m);
-	aeg_error_clear();
-	PYAEG_END_ALLOW_THREADS
-	if (rt.gpus != NULL && l->gpu < rt.gpu_count)
-		rt.gpus[l->gpu].views--;
-	rt.objects--;
-	pyaeg_unlock();
-}
-
-int pyaeg_path(PyObject *obj, PyObject **bytes)
-{
-	if (!PyUnicode_Check(obj) && !PyBytes_Check(obj) &&
-	    !PyObject_HasAttrString(obj, "__fspath__")) {
-		PyErr_Format(PyExc_TypeError, "filepath must be a str, bytes or os.PathLike, not %s",
-			     pyaeg_tname(obj));
-		return -1;
-	}
-	return PyUnicode_FSConverter(obj, bytes) ? 0 : -1;
-}
 
 PyDoc_STRVAR(prefetch_doc,
 "prefetch_file_to_gpu_chunks(filepath, gpu_id, chunk_bytes=33554432)\n--\n\n"
@@ -1321,7 +431,7 @@ static int release_slice(void *arg, int timeout_ms)
 {
 	struct release_req *r = arg;
 
-	return aeg_session_release(rt.sess, r->gpu, r->ids, r->n, timeout_ms, NULL);
+	return aeg_session_release(pyaeg_rt.sess, r->gpu, r->ids, r->n, timeout_ms, NULL);
 }
 
 PyDoc_STRVAR(release_chunks_doc,
@@ -1368,10 +478,10 @@ static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
 	r.ids = ids;
 	r.n = (size_t)n;
 	pyaeg_lock();
-	if (rt.sess == NULL) {
+	if (pyaeg_rt.sess == NULL) {
 		pyaeg_raise_msg(AEG_ENOENT, "slab id %llu holds no prefetched chunk (nothing was prefetched)",
 				(unsigned long long)ids[0]);
-	} else if (r.gpu < 0 || check_gpu_locked(r.gpu) == 0) {
+	} else if (r.gpu < 0 || pyaeg_check_gpu_locked(r.gpu) == 0) {
 		err = pyaeg_wait(release_slice, &r, -1);
 		if (err < 0 && err != PYAEG_SIGNALLED)
 			pyaeg_raise(err);
@@ -1400,9 +510,9 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 
 	pyaeg_lock();
 	PYAEG_BEGIN_ALLOW_THREADS
-	if (rt.sess != NULL)
-		err = aeg_session_release_all(rt.sess, 0, NULL);
-	drop_events_locked();
+	if (pyaeg_rt.sess != NULL)
+		err = aeg_session_release_all(pyaeg_rt.sess, 0, NULL);
+	pyaeg_drop_events_locked();
 	PYAEG_END_ALLOW_THREADS
 	if (err < 0)
 		pyaeg_raise(err);
@@ -1442,15 +552,15 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 		return NULL;
 	}
 	pyaeg_lock();
-	if (rt.sess != NULL)
-		err = aeg_session_locate(rt.sess, ptr, size, id, &gpu);
+	if (pyaeg_rt.sess != NULL)
+		err = aeg_session_locate(pyaeg_rt.sess, ptr, size, id, &gpu);
 	pyaeg_unlock();
 	if (err < 0)
 		return pyaeg_raise_msg(AEG_ENOENT, "no live prefetched chunk has slab id %llu with %llu bytes at 0x%llx",
 				       (unsigned long long)id, (unsigned long long)size, (unsigned long long)ptr);
-	/* rt.gpus stays while views count on it: the device closes only with none alive. */
-	return pyaeg_array_new(NULL, &rt.gpus[gpu].views, (void *)(uintptr_t)ptr, size, gpu,
-			       rt.kind == AEG_DEVICE_HOST, dtype, 0, NULL, 0);
+	/* pyaeg_rt.gpus stays while views count on it: the device closes only with none alive. */
+	return pyaeg_array_new(NULL, &pyaeg_rt.gpus[gpu].views, (void *)(uintptr_t)ptr, size, gpu,
+			       pyaeg_rt.kind == AEG_DEVICE_HOST, dtype, 0, NULL, 0);
 }
 
 /* ------------------------------------------------------------ set-up, timing */
@@ -1475,11 +585,11 @@ static PyObject *py_prepare(PyObject *self, PyObject *args, PyObject *kw)
 	if (gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0)
 		return NULL;
 	pyaeg_lock();
-	if (device_locked(&dev) == 0 && check_gpu_locked(gpu) == 0) {
-		if (rt.job != NULL && job_index_locked(gpu) < 0)
+	if (pyaeg_device_locked(&dev) == 0 && pyaeg_check_gpu_locked(gpu) == 0) {
+		if (pyaeg_rt.job != NULL && pyaeg_job_index_locked(gpu) < 0)
 			goto out;
 		PYAEG_BEGIN_ALLOW_THREADS
-		err = aeg_session_prepare(rt.sess, gpu);
+		err = aeg_session_prepare(pyaeg_rt.sess, gpu);
 		PYAEG_END_ALLOW_THREADS
 		if (err < 0)
 			pyaeg_raise(err);
@@ -1540,12 +650,12 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
 
 	pyaeg_lock();
 	pf = PyDict_New();
-	for (int i = 0; pf != NULL && rt.sess != NULL && i < rt.gpu_count; i++) {
+	for (int i = 0; pf != NULL && pyaeg_rt.sess != NULL && i < pyaeg_rt.gpu_count; i++) {
 		struct aeg_prefetch_stats s;
 		uint64_t slab_bytes = 0;
 		PyObject *g, *key;
 
-		if (aeg_session_engine_stats(rt.sess, i, &s, &slab_bytes) < 0) {
+		if (aeg_session_engine_stats(pyaeg_rt.sess, i, &s, &slab_bytes) < 0) {
 			aeg_error_clear();
 			continue;
 		}
@@ -1553,27 +663,27 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
 				  "slab_bytes", (unsigned long long)slab_bytes,
 				  "chunks", (unsigned long long)s.chunks, "blocks", (unsigned long long)s.blocks,
 				  "block_bytes", (unsigned long long)s.block_bytes, "loads", s.loads,
-				  "loads_in_flight", s.loads_in_flight, "views", rt.gpus[i].views);
+				  "loads_in_flight", s.loads_in_flight, "views", pyaeg_rt.gpus[i].views);
 		key = PyLong_FromLong(i);
 		if (g == NULL || key == NULL || PyDict_SetItem(pf, key, g) < 0)
 			Py_CLEAR(pf);
 		Py_XDECREF(g);
 		Py_XDECREF(key);
 	}
-	if (pf != NULL && rt.job != NULL) {
+	if (pf != NULL && pyaeg_rt.job != NULL) {
 		struct aeg_job_info info;
 
-		aeg_job_get_info(rt.job, &info);
+		aeg_job_get_info(pyaeg_rt.job, &info);
 		job = Py_BuildValue("{s:s,s:l,s:i,s:n}", "job_id", info.job_id, "agent_pid", info.agent_pid,
-				    "slabs", info.slabs, "blocks", (Py_ssize_t)aeg_session_owned_blocks(rt.sess));
+				    "slabs", info.slabs, "blocks", (Py_ssize_t)aeg_session_owned_blocks(pyaeg_rt.sess));
 	} else if (pf != NULL) {
 		job = Py_None;
 		Py_INCREF(job);
 	}
 	if (pf != NULL && job != NULL)
 		d = Py_BuildValue("{s:s,s:K,s:l,s:O,s:O}",
-				  "device", rt.dev ? aeg_device_kind_name(rt.kind) : NULL,
-				  "events", (unsigned long long)rt.nevents, "objects", rt.objects,
+				  "device", pyaeg_rt.dev ? aeg_device_kind_name(pyaeg_rt.kind) : NULL,
+				  "events", (unsigned long long)pyaeg_rt.nevents, "objects", pyaeg_rt.objects,
 				  "prefetch", pf, "job", job);
 	Py_XDECREF(job);
 	pyaeg_unlock();
@@ -1610,12 +720,12 @@ static PyMethodDef methods[] = {
 /* Interpreter shutdown: prefetched chunks and events go now, the rest at Py_AtExit. */
 static void module_free(void *unused)
 {
-	int finalizer = is_finalizer();
+	int finalizer = pyaeg_is_finalizer();
 
 	PYAEG_BEGIN_ALLOW_THREADS
-	rtlock_take(finalizer);
-	teardown_locked(!busy_locked());
-	rtlock_give();
+	pyaeg_rtlock_take(finalizer);
+	pyaeg_teardown_locked(!pyaeg_busy_locked());
+	pyaeg_rtlock_give();
 	PYAEG_END_ALLOW_THREADS
 }
 
@@ -1644,53 +754,16 @@ static struct PyModuleDef moduledef = {
 	.m_free = module_free,
 };
 
-static PyObject *new_error(PyObject *module, const char *name, const char *doc, PyObject *bases)
-{
-	char full[64];
-	PyObject *type;
-
-	snprintf(full, sizeof(full), "aegaeon_native.%s", name);
-	type = PyErr_NewExceptionWithDoc(full, doc, bases, NULL);
-	if (type == NULL)
-		return NULL;
-	Py_INCREF(type);
-	if (PyModule_AddObject(module, name, type) < 0) {
-		Py_DECREF(type);
-		Py_DECREF(type);
-		return NULL;
-	}
-	return type;
-}
-
 PyMODINIT_FUNC PyInit_aegaeon_native(void);
 
 PyMODINIT_FUNC PyInit_aegaeon_native(void)
 {
-	PyObject *m, *bases;
+	PyObject *m;
 
 	m = PyModule_Create(&moduledef);
 	if (m == NULL)
 		return NULL;
-	pyaeg_error_type = new_error(m, "AegaeonError",
-		"An aegaeon library error, an OSError. errno is the errno value for codes\n"
-		"that have one (ENOSPC, ETIMEDOUT, ...), else None; code is the library's\n"
-		"(negative) code and name its symbol (\"AEG_ENOSPC\", \"AEG_EDEVICE\");\n"
-		"the message says what failed, which value and which limit.",
-		PyExc_OSError);
-	if (pyaeg_error_type == NULL)
-		goto fail;
-	bases = Py_BuildValue("(OO)", pyaeg_error_type, PyExc_TimeoutError);
-	timeout_error_type = bases ? new_error(m, "AegaeonTimeoutError",
-		"A wait that ran out of time: an AegaeonError and a TimeoutError.", bases) : NULL;
-	Py_XDECREF(bases);
-	if (timeout_error_type == NULL)
-		goto fail;
-	bases = Py_BuildValue("(OO)", pyaeg_error_type, PyExc_ValueError);
-	value_error_type = bases ? new_error(m, "AegaeonValueError",
-		"A value the library rejected (AEG_EINVAL, AEG_ERANGE): an AegaeonError and a ValueError.",
-		bases) : NULL;
-	Py_XDECREF(bases);
-	if (value_error_type == NULL)
+	if (pyaeg_errors_init(m) < 0)
 		goto fail;
 	if (pyaeg_array_init_type(m) < 0 || pyaeg_slab_init_type(m) < 0 ||
 	    pyaeg_pool_init_type(m) < 0 || pyaeg_kv_init_type(m) < 0 ||

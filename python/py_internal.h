@@ -31,8 +31,9 @@ struct pyaeg_res {
 	aeg_pool_t *pool;
 };
 
-/* Errors and argument helpers (aegaeon_native.c). */
+/* Errors and argument helpers (py_args.c). */
 extern PyObject *pyaeg_error_type;          /* AegaeonError(OSError) */
+int pyaeg_errors_init(PyObject *module);    /* AegaeonError and its two kinds, added to @module */
 PyObject *pyaeg_raise(int code);            /* raise the library's code and detail; NULL */
 PyObject *pyaeg_raise_msg(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 const char *pyaeg_tname(PyObject *obj);   /* type name for messages (valid until the next call) */
@@ -58,7 +59,7 @@ int pyaeg_wait(int (*fn)(void *arg, int timeout_ms), void *arg, double seconds);
 /* pyaeg_wait_handle - aeg_event_wait_handle through pyaeg_wait; a complete event is answered keeping the GIL. */
 int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seconds);
 
-/* The runtime: one device for the process, opened at first use (aegaeon_native.c). */
+/* The runtime: one device for the process, opened at first use (py_runtime.c). */
 int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */
 void pyaeg_lock(void);                      /* takes the runtime lock with the GIL released */
 void pyaeg_unlock(void);

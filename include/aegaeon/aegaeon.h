@@ -2,6 +2,7 @@
 #ifndef AEGAEON_H
 #define AEGAEON_H
 
+#include <aegaeon/version.h>
 #include <aegaeon/error.h>
 #include <aegaeon/log.h>
 #include <aegaeon/size.h>
@@ -13,22 +14,9 @@
 #include <aegaeon/pinned.h>
 #include <aegaeon/slice.h>
 #include <aegaeon/prefetch.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/attach.h>
 #include <aegaeon/kv.h>
 #include <aegaeon/session.h>
-
-#define AEGAEON_VERSION_MAJOR 0
-#define AEGAEON_VERSION_MINOR 1
-#define AEGAEON_VERSION_PATCH 0
-
-#ifdef __cplusplus
-extern "C" {
-#endif
-/* aeg_version - "0.1.0". */
-const char *aeg_version(void);
-#ifdef __cplusplus
-}
-#endif
 
 #endif

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 #include <aegaeon/device.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/pinned.h>
 #include <aegaeon/slab.h>
 #include <aegaeon/slice.h>

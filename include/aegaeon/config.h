@@ -13,6 +13,9 @@ extern "C" {
 #endif
 
 #define AEG_CONFIG_DEFAULT_PATH "/etc/aegaeon/aegaeon.conf"
+/* The defaults of max_loads and hello_timeout; the agent takes them too where it is given 0. */
+#define AEG_CONFIG_DEFAULT_MAX_LOADS 4096
+#define AEG_CONFIG_DEFAULT_HELLO_TIMEOUT_MS 10000
 
 /*
  * Room for a path in the structures of these headers, NUL included: Linux's

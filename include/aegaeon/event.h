@@ -32,7 +32,7 @@ int aeg_event_record(aeg_event_t *ev, aeg_stream_t *stream);
  * On the host backend waits through its handle in other processes see the
  * armed state too. CUDA IPC events carry none: there the armed state is
  * local, and other processes of a job learn it from the agent
- * (aeg_event_wait_handle asks it when $AEGAEON_SOCKET is set). An armed
+ * (aeg_event_wait_handle on the job's device asks it). An armed
  * event cannot be waited on by a stream (aeg_stream_wait_event is
  * AEG_EBUSY). Thread-safe; arming an armed event does nothing.
  */
@@ -62,12 +62,16 @@ int aeg_event_fail(aeg_event_t *ev, int err);
  * aeg_event_wait_handle - wait for the event behind @handle, made by this or
  * another process of the same user. The first wait on a handle opens it
  * (and caches the opened event); later waits reuse it. Handles of this
- * process's own events resolve locally. Inside a job ($AEGAEON_SOCKET set)
- * a handle of another process is first waited on through the agent until
- * it is recorded (a chunk event the agent armed; one it does not know goes
- * straight to the backend). Returns 0, AEG_ETIMEDOUT, the event's failure
- * code, AEG_EBADF for a handle that cannot be opened, or AEG_EIO when the
- * job's agent cannot be reached.
+ * process's own events resolve locally. On a job's device (aeg_job_device,
+ * aeg_session_device of a job session) a handle of another process is first
+ * waited on through the job's agent until it is recorded (a chunk event the
+ * agent armed; one it does not know goes straight to the backend). On any
+ * other device the backend alone answers: on cuda a chunk event whose
+ * copies are not queued yet then reads as complete, and a released chunk's
+ * handle as AEG_EBADF, so wait for a job's chunks on the job's device.
+ * Returns 0, AEG_ETIMEDOUT, the event's failure code, AEG_EBADF for a
+ * handle that cannot be opened, or AEG_EIO when the job's agent cannot be
+ * reached.
  */
 int aeg_event_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, int timeout_ms);
 

@@ -86,7 +86,19 @@ int aeg_pool_release(aeg_pool_t *pool, uint32_t index);
 /* aeg_pool_buffer_ptr - host pointer of buffer @index in this process. */
 void *aeg_pool_buffer_ptr(aeg_pool_t *pool, uint32_t index);
 
+/*
+ * aeg_pool_stats - the pool's geometry and its counts across every process
+ * attached (read without a lock from the shared header, so a snapshot that
+ * may be one off while others acquire; kept within the pool's buffers).
+ * AEG_EINVAL for NULL arguments.
+ */
 int aeg_pool_stats(aeg_pool_t *pool, struct aeg_pool_stats *stats);
+
+/*
+ * aeg_pool_fd - the pool's memfd, to pass to another process (SCM_RIGHTS)
+ * for aeg_pool_attach; owned by the pool: do not close it. AEG_EINVAL for a
+ * NULL @pool.
+ */
 int aeg_pool_fd(const aeg_pool_t *pool);
 void *aeg_pool_base(const aeg_pool_t *pool);   /* buffer 0 */
 

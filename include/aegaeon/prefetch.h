@@ -74,6 +74,7 @@ struct aeg_prefetch_config {
 	const aeg_topo_t *topo;     /* bind workers to the GPU's local CPUs; NULL: unbound */
 };
 
+/* aeg_prefetch_config_defaults - fill @cfg with the values in brackets above (no topology). */
 void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg);
 
 /*
@@ -225,6 +226,11 @@ struct aeg_load_progress {
 	uint64_t end_ns;                /* when the load stopped; 0 before */
 };
 
+/*
+ * aeg_load_progress - where @load stands, taken under the engine's lock (a
+ * consistent snapshot); callable from any thread while the load runs.
+ * AEG_EINVAL for NULL arguments.
+ */
 int aeg_load_progress(aeg_load_t *load, struct aeg_load_progress *progress);
 
 /*
@@ -286,6 +292,13 @@ struct aeg_prefetch_stats {
 	uint64_t read_fallbacks;        /* MMAP loads that turned to READ */
 };
 
+/*
+ * aeg_prefetch_stats - what the engine holds now (loads, chunks, events,
+ * blocks, pinned buffers and pieces in flight) and its cache's counts, a
+ * consistent snapshot under the engine's lock; everything but the cache's
+ * counts is back to 0 once every load is released and closed. AEG_EINVAL
+ * for NULL arguments.
+ */
 int aeg_prefetch_stats(aeg_prefetch_t *pf, struct aeg_prefetch_stats *stats);
 
 /*

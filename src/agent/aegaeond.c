@@ -15,10 +15,11 @@
 #include <unistd.h>
 
 #include <aegaeon/aegaeon.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "agent.h"
 #include "internal.h"
+#include "jobopt.h"
 
 static const char usage_text[] =
 	"Usage: aegaeond --job JOBID --runtime-dir JOBDIR --gpus LIST --slab SPEC\n"
@@ -57,48 +58,44 @@ static int usage_error(const char *dir, const char *fmt, ...)
 	return 2;
 }
 
+/*
+ * --pinned and --prefetch take what the plugin forwards of --aegaeon-pinned
+ * and --aegaeon-prefetch, by the same rules (jobopt.c); the pool's buffer
+ * is the site's unless one is given.
+ */
 static int parse_pinned(const char *text, uint64_t default_buffer, uint64_t *bytes, uint64_t *buffer)
 {
-	const char *colon = strchr(text, ':');
-	char size[64];
+	struct aeg_jobopt_pinned p;
+	int err = aeg_jobopt_parse_pinned(text, &p);
 
-	*buffer = default_buffer;
-	if (colon == NULL)
-		return aeg_size_parse(text, 0, bytes);
-	if ((size_t)(colon - text) >= sizeof(size))
-		return aeg_fail(AEG_EINVAL, "pinned size '%s' too long", text);
-	memcpy(size, text, (size_t)(colon - text));
-	size[colon - text] = '\0';
-	if (aeg_size_parse(size, 0, bytes) || aeg_size_parse(colon + 1, 0, buffer))
-		return AEG_EINVAL;
-	if (*bytes == 0)
-		return aeg_fail(AEG_EINVAL, "a pool of 0 bytes takes no buffer size");
+	if (err)
+		return err;
+	*bytes = p.bytes;
+	*buffer = p.buffer_bytes != 0 ? p.buffer_bytes : default_buffer;
 	return 0;
 }
 
-/* Split PATH[,PATH...] in place; every path absolute. */
-static int parse_prefetch(char *text, char ***paths, int *count)
+/* Absolute paths only (the plugin made them so), split at the commas of *@joined (freed by the caller). */
+static int parse_prefetch(const char *text, char **joined, char ***paths, int *count)
 {
-	char **v = NULL;
-	int n = 0;
+	size_t n = 0;
+	char **v, *p;
+	int err = aeg_jobopt_parse_prefetch(text, NULL, joined, &n);
 
-	for (char *save = NULL, *p = strtok_r(text, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
-		char **nv;
-
-		if (p[0] != '/') {
-			free(v);
-			return aeg_fail(AEG_EINVAL, "prefetch path '%s' is not absolute", p);
-		}
-		nv = realloc(v, sizeof(*v) * (size_t)(n + 1));
-		if (nv == NULL) {
-			free(v);
-			return aeg_fail(AEG_ENOMEM, "out of memory");
-		}
-		v = nv;
-		v[n++] = p;
+	if (err)
+		return err;
+	v = calloc(n, sizeof(*v));
+	if (v == NULL)
+		return aeg_fail(AEG_ENOMEM, "out of memory");
+	p = *joined;
+	for (size_t i = 0; i < n; i++) {
+		v[i] = p;
+		p = strchr(p, ',');
+		if (p != NULL)
+			*p++ = '\0';
 	}
 	*paths = v;
-	*count = n;
+	*count = (int)n;
 	return 0;
 }
 
@@ -111,7 +108,14 @@ static int valid_job_id(const char *id)
 	return strspn(id, "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_.-+") == n;
 }
 
-int main(int argc, char **argv)
+/* The command line, as given. */
+struct args {
+	const char *job, *dir, *gpus, *slab, *pinned, *prefetch, *device, *config;
+	int foreground;
+};
+
+/* Reads the command line into @a: -1 to go on, else main's exit status (--help, --version, a usage error). */
+static int parse_args(int argc, char **argv, struct args *a)
 {
 	static const struct option options[] = {
 		{ "job", required_argument, NULL, 'j' },
@@ -127,35 +131,20 @@ int main(int argc, char **argv)
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *job = NULL, *dir = NULL, *gpus = NULL, *slab = NULL, *pinned = NULL;
-	const char *device = NULL, *config = NULL;
-	char *prefetch = NULL;
-	struct aeg_agent_config *acfg;
-	struct aeg_config cfg;
-	int foreground = 0, opt, sfd, err, devnull, rc = 1;
-	sigset_t sigs;
-
-	umask(077);
-	/* The agent reads nothing from its caller's terminal. */
-	devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-	if (devnull >= 0) {
-		dup2(devnull, STDIN_FILENO);
-		if (devnull != STDIN_FILENO)
-			close(devnull);
-	}
+	int opt;
 
 	opterr = 0;
 	while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
 		switch (opt) {
-		case 'j': job = optarg; break;
-		case 'r': dir = optarg; break;
-		case 'g': gpus = optarg; break;
-		case 's': slab = optarg; break;
-		case 'p': pinned = optarg; break;
-		case 'P': prefetch = optarg; break;
-		case 'd': device = optarg; break;
-		case 'c': config = optarg; break;
-		case 'f': foreground = 1; break;
+		case 'j': a->job = optarg; break;
+		case 'r': a->dir = optarg; break;
+		case 'g': a->gpus = optarg; break;
+		case 's': a->slab = optarg; break;
+		case 'p': a->pinned = optarg; break;
+		case 'P': a->prefetch = optarg; break;
+		case 'd': a->device = optarg; break;
+		case 'c': a->config = optarg; break;
+		case 'f': a->foreground = 1; break;
 		case 'h':
 			fputs(usage_text, stdout);
 			return 0;
@@ -164,71 +153,63 @@ int main(int argc, char **argv)
 			return 0;
 		default:
 			/* Scan on for --runtime-dir, so even this error reaches the plugin. */
-			for (int i = optind; i < argc - 1 && dir == NULL; i++)
+			for (int i = optind; i < argc - 1 && a->dir == NULL; i++)
 				if (strcmp(argv[i], "--runtime-dir") == 0)
-					dir = argv[i + 1];
+					a->dir = argv[i + 1];
 			if (optopt)
-				return usage_error(dir, "option '--%s' needs a value or is unknown",
+				return usage_error(a->dir, "option '--%s' needs a value or is unknown",
 						   argv[optind - 1] + 2);
-			return usage_error(dir, "unknown option '%s'", argv[optind - 1]);
+			return usage_error(a->dir, "unknown option '%s'", argv[optind - 1]);
 		}
 	}
 	if (optind < argc)
-		return usage_error(dir, "unexpected argument '%s'", argv[optind]);
-	if (dir == NULL)
+		return usage_error(a->dir, "unexpected argument '%s'", argv[optind]);
+	if (a->dir == NULL)
 		return usage_error(NULL, "--runtime-dir is required");
-	if (dir[0] != '/')
-		return usage_error(NULL, "--runtime-dir '%s' is not an absolute path", dir);
-	if (job == NULL)
-		return usage_error(dir, "--job is required");
-	if (!valid_job_id(job))
-		return usage_error(dir, "--job '%s': expected up to %d letters, digits, '_', '.', '-' or '+'",
-				   job, AEG_AGENT_JOB_ID_MAX - 1);
+	if (a->dir[0] != '/')
+		return usage_error(NULL, "--runtime-dir '%s' is not an absolute path", a->dir);
+	if (a->job == NULL)
+		return usage_error(a->dir, "--job is required");
+	if (!valid_job_id(a->job))
+		return usage_error(a->dir, "--job '%s': expected up to %d letters, digits, '_', '.', '-' or '+'",
+				   a->job, AEG_AGENT_JOB_ID_MAX - 1);
+	return -1;
+}
 
-	acfg = calloc(1, sizeof(*acfg));
-	if (acfg == NULL)
-		return 1;
-	snprintf(acfg->job_id, sizeof(acfg->job_id), "%s", job);
-	if (snprintf(acfg->runtime_dir, sizeof(acfg->runtime_dir), "%s", dir) >= (int)sizeof(acfg->runtime_dir)) {
-		rc = usage_error(NULL, "--runtime-dir is too long");
-		goto out;
-	}
-	err = aeg_config_load(&cfg, config);
-	if (err) {
-		rc = usage_error(dir, "%s", aeg_error_detail());
-		goto out;
-	}
+/*
+ * The agent's configuration from the site's and the command line's (logging
+ * set up on the way): 0, or main's exit status after a usage error.
+ * *@prefetch_paths holds the strings of acfg->prefetch.
+ */
+static int make_config(const struct args *a, struct aeg_agent_config *acfg, char **prefetch_paths)
+{
+	const char *dir = a->dir;
+	struct aeg_config cfg;
+
+	snprintf(acfg->job_id, sizeof(acfg->job_id), "%s", a->job);
+	if (snprintf(acfg->runtime_dir, sizeof(acfg->runtime_dir), "%s", dir) >= (int)sizeof(acfg->runtime_dir))
+		return usage_error(NULL, "--runtime-dir is too long");
+	if (aeg_config_load(&cfg, a->config))
+		return usage_error(dir, "%s", aeg_error_detail());
 	if (!aeg_log_level_from_env())
 		aeg_log_set_level(cfg.log_level);
-	if (!foreground)
+	if (!a->foreground)
 		aeg_log_to_syslog("aegaeond");
 
 	acfg->device = cfg.device;
-	if (device && aeg_device_kind_parse(device, &acfg->device)) {
-		rc = usage_error(dir, "--device: %s", aeg_error_detail());
-		goto out;
-	}
-	if (aeg_job_gpus_parse(gpus ? gpus : "", acfg->gpus, &acfg->gpu_count)) {
-		rc = usage_error(dir, "--gpus: %s", aeg_error_detail());
-		goto out;
-	}
-	if (acfg->gpu_count > 0 && slab == NULL) {
-		rc = usage_error(dir, "--slab is required with GPUs");
-		goto out;
-	}
-	if (slab && aeg_size_spec_parse(slab, &acfg->slab)) {
-		rc = usage_error(dir, "--slab: %s", aeg_error_detail());
-		goto out;
-	}
-	if (pinned && parse_pinned(pinned, cfg.pinned_buffer_bytes, &acfg->pinned_bytes,
-				   &acfg->pinned_buffer_bytes)) {
-		rc = usage_error(dir, "--pinned: %s", aeg_error_detail());
-		goto out;
-	}
-	if (prefetch && parse_prefetch(prefetch, &acfg->prefetch, &acfg->prefetch_count)) {
-		rc = usage_error(dir, "--prefetch: %s", aeg_error_detail());
-		goto out;
-	}
+	if (a->device && aeg_device_kind_parse(a->device, &acfg->device))
+		return usage_error(dir, "--device: %s", aeg_error_detail());
+	if (aeg_job_gpus_parse(a->gpus ? a->gpus : "", acfg->gpus, &acfg->gpu_count))
+		return usage_error(dir, "--gpus: %s", aeg_error_detail());
+	if (acfg->gpu_count > 0 && a->slab == NULL)
+		return usage_error(dir, "--slab is required with GPUs");
+	if (a->slab && aeg_size_spec_parse(a->slab, &acfg->slab))
+		return usage_error(dir, "--slab: %s", aeg_error_detail());
+	if (a->pinned && parse_pinned(a->pinned, cfg.pinned_buffer_bytes, &acfg->pinned_bytes,
+				      &acfg->pinned_buffer_bytes))
+		return usage_error(dir, "--pinned: %s", aeg_error_detail());
+	if (a->prefetch && parse_prefetch(a->prefetch, prefetch_paths, &acfg->prefetch, &acfg->prefetch_count))
+		return usage_error(dir, "--prefetch: %s", aeg_error_detail());
 	acfg->prefetch_chunk_bytes = cfg.prefetch_chunk_bytes;
 	acfg->prefetch_threads = cfg.prefetch_threads;
 	acfg->model_cache = cfg.model_cache;
@@ -236,8 +217,15 @@ int main(int argc, char **argv)
 	acfg->hello_timeout_ms = cfg.hello_timeout_ms;
 	acfg->slab_max = cfg.slab_max;
 	acfg->pinned_max_bytes = cfg.pinned_max_bytes;
+	return 0;
+}
 
-	/* SIGTERM (the epilog) and SIGINT come through a signalfd to the agent's loop. */
+/* SIGTERM (the epilog), SIGINT and SIGHUP through a signalfd to the agent's loop; -1 when that fails. */
+static int take_signals(const char *dir)
+{
+	sigset_t sigs;
+	int sfd;
+
 	sigemptyset(&sigs);
 	sigaddset(&sigs, SIGTERM);
 	sigaddset(&sigs, SIGINT);
@@ -253,15 +241,46 @@ int main(int argc, char **argv)
 	    (sfd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
 		aeg_error("signalfd: %s", strerror(errno));
 		aeg_agent_write_error(dir, "aegaeond: cannot take signals");
-		goto out;
+		return -1;
 	}
-	err = aeg_agent_run(acfg, sfd);
-	if (err)
-		aeg_error("job %s: %s", job, aeg_error_detail());
-	close(sfd);
-	rc = err ? 1 : 0;
-out:
+	return sfd;
+}
+
+int main(int argc, char **argv)
+{
+	struct args a = { 0 };
+	char *prefetch_paths = NULL;
+	struct aeg_agent_config *acfg;
+	int sfd, err, devnull, rc;
+
+	umask(077);
+	/* The agent reads nothing from its caller's terminal. */
+	devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (devnull >= 0) {
+		dup2(devnull, STDIN_FILENO);
+		if (devnull != STDIN_FILENO)
+			close(devnull);
+	}
+	rc = parse_args(argc, argv, &a);
+	if (rc >= 0)
+		return rc;
+	acfg = calloc(1, sizeof(*acfg));
+	if (acfg == NULL)
+		return 1;
+	rc = make_config(&a, acfg, &prefetch_paths);
+	if (rc == 0) {
+		rc = 1;
+		sfd = take_signals(a.dir);
+		if (sfd >= 0) {
+			err = aeg_agent_run(acfg, sfd);
+			if (err)
+				aeg_error("job %s: %s", a.job, aeg_error_detail());
+			close(sfd);
+			rc = err ? 1 : 0;
+		}
+	}
 	free(acfg->prefetch);
+	free(prefetch_paths);
 	free(acfg);
 	return rc;
 }

@@ -114,20 +114,12 @@ int cli_load_timed_out(const struct cli_load_info *l, double timeout_s)
 
 /* ----------------------------------------------------------- read-back */
 
+/* @len bytes at @off, all of them: 0, -ENODATA where the file ends first, or -errno. */
 static int pread_full(int fd, void *buf, size_t len, uint64_t off)
 {
-	size_t got = 0;
+	ssize_t got = aeg_pread_full(fd, buf, len, len, off);
 
-	while (got < len) {
-		ssize_t r = pread(fd, (char *)buf + got, len - got, (off_t)(off + got));
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return r < 0 ? -errno : -ENODATA;
-		got += (size_t)r;
-	}
-	return 0;
+	return got < 0 ? (int)got : (size_t)got < len ? -ENODATA : 0;
 }
 
 /* What a read-back check holds: the file open, a buffer for the slab's bytes and one for the file's, the digest. */

@@ -20,7 +20,7 @@
 #include <slurm/slurm.h>
 
 #include <aegaeon/error.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "aegaeon_spank.h"
 #include "jobdir.h"

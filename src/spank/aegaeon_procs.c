@@ -19,7 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "aegaeon_spank.h"
 #include "device_internal.h"

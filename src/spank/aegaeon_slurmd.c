@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include <aegaeon/error.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "aegaeon_spank.h"
 #include "jobdir.h"

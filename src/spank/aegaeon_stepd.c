@@ -13,7 +13,7 @@
 
 #include <aegaeon/device.h>
 #include <aegaeon/error.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "aegaeon_spank.h"
 #include "internal.h"

@@ -14,6 +14,7 @@
 #include <aegaeon/aegaeon.h>
 
 #include "gpu_tap.h"
+#include "../unit/hugepages.h"
 
 #include "device_internal.h"
 #include "internal.h"
@@ -371,84 +372,6 @@ out:
 	free(b);
 }
 
-#define HUGE_SYSFS "/sys/kernel/mm/hugepages/hugepages-2048kB"
-#define NR_HUGEPAGES "/proc/sys/vm/nr_hugepages"
-
-static long read_long(const char *path)
-{
-	FILE *f = fopen(path, "re");
-	long v = -1;
-
-	if (f == NULL)
-		return -1;
-	if (fscanf(f, "%ld", &v) != 1)
-		v = -1;
-	fclose(f);
-	return v;
-}
-
-/* 0, or the errno of writing @v to @path. */
-static int write_long(const char *path, long v)
-{
-	FILE *f = fopen(path, "we");
-	int err = 0;
-
-	if (f == NULL)
-		return errno;
-	if (fprintf(f, "%ld\n", v) < 0)
-		err = errno;
-	if (fclose(f) != 0 && err == 0)
-		err = errno;
-	return err;
-}
-
-/* 2 MiB huge pages free for a new mapping; -1 when the kernel has none. */
-static long huge_avail(void)
-{
-	long free_pages = read_long(HUGE_SYSFS "/free_hugepages"), resv = read_long(HUGE_SYSFS "/resv_hugepages");
-
-	return free_pages < 0 || resv < 0 ? -1 : free_pages - resv;
-}
-
-static void release_huge(long added)
-{
-	long nr = read_long(NR_HUGEPAGES);
-
-	if (added > 0 && nr >= 0)
-		write_long(NR_HUGEPAGES, nr > added ? nr - added : 0);
-}
-
-/*
- * Have @pages huge pages free, adding to vm.nr_hugepages when there are too
- * few (root only): how many were added (release_huge gives them back), or
- * -1 with @why said.
- */
-static long reserve_huge(long pages, char *why, size_t len)
-{
-	long nr = read_long(NR_HUGEPAGES), avail = huge_avail(), added;
-	int err;
-
-	if (nr < 0 || avail < 0) {
-		snprintf(why, len, "this kernel offers no 2 MiB huge pages");
-		return -1;
-	}
-	if (avail >= pages)
-		return 0;
-	err = write_long(NR_HUGEPAGES, nr + pages - avail);
-	if (err != 0) {
-		snprintf(why, len, "cannot reserve %ld huge pages (writing %s: %s)", pages - avail, NR_HUGEPAGES,
-			 strerror(err));
-		return -1;
-	}
-	added = read_long(NR_HUGEPAGES) - nr;
-	if (huge_avail() < pages) {
-		snprintf(why, len, "the kernel found %ld of the %ld huge pages asked for", huge_avail(), pages);
-		release_huge(added);
-		return -1;
-	}
-	return added;
-}
-
 /*
  * A 4 GiB pool in the page size $AEGAEON_PINNED_HUGEPAGES asks for: its
  * provisioning breakdown, then a copy through it and a second attach. Its
@@ -530,7 +453,7 @@ static void pinned_pool(aeg_device_t *dev)
 		best_label = "4 KiB pages";
 	}
 
-	added = reserve_huge(huge_pages, why, sizeof(why));
+	added = reserve_huge(huge_pages, huge_pages, why, sizeof(why));
 	if (added >= 0) {
 		before = huge_avail();
 		setenv("AEGAEON_PINNED_HUGEPAGES", "always", 1);

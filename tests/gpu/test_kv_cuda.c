@@ -17,6 +17,7 @@
 
 #include "gpu_gate.h"
 #include "gpu_tool.h"
+#include "../unit/kvhandoff.h"
 
 #include "device_internal.h"
 #include "internal.h"
@@ -48,47 +49,6 @@ static void check(int cond, const char *fmt, ...)
 	}
 	printf("\n");
 	fflush(stdout);
-}
-
-static uint64_t splitmix(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
-static void fill_pattern(void *p, size_t bytes, uint64_t seed)
-{
-	uint64_t s = seed, v;
-	unsigned char *c = p;
-
-	for (size_t i = 0; i < bytes; i += 8) {
-		v = splitmix(&s);
-		memcpy(c + i, &v, bytes - i < 8 ? bytes - i : 8);
-	}
-}
-
-static void shuffle(uint32_t *a, size_t n, uint64_t *s)
-{
-	for (size_t i = n; i > 1; i--) {
-		size_t j = splitmix(s) % i;
-		uint32_t t = a[i - 1];
-
-		a[i - 1] = a[j];
-		a[j] = t;
-	}
-}
-
-static int all_bytes(const void *p, int value, size_t bytes)
-{
-	const unsigned char *c = p;
-
-	for (size_t i = 0; i < bytes; i++)
-		if (c[i] != (unsigned char)value)
-			return 0;
-	return 1;
 }
 
 static uint64_t gpu_free(aeg_device_t *dev)
@@ -427,73 +387,6 @@ static void one_buffer(aeg_device_t *dev, aeg_stream_t *s)
 #define HANDOFF_N 256
 #define HANDOFF_SEED 9090
 
-/* Process B: attach the pool, wait on A's event, swap A's host blocks into our GPU blocks. */
-static int handoff_child(const char *fd_text, const char *hex, const char *list, const char *ready_fd)
-{
-	uint32_t host_ids[HANDOFF_N], gpu_ids[HANDOFF_N];
-	struct aeg_kv_params p = { .block_bytes = HANDOFF_BLOCK, .gpu_blocks = HANDOFF_N };
-	unsigned char *expect = malloc(HANDOFF_BLOCK), *back = malloc(HANDOFF_N * HANDOFF_BLOCK);
-	aeg_device_t *dev;
-	aeg_stream_t *s;
-	aeg_slab_t *slab;
-	aeg_pool_t *pool;
-	aeg_kv_t *kv;
-	aeg_handle_t h, hin;
-	char *cur = (char *)list;
-	int bad = 0;
-
-	if (!expect || !back)
-		return 2;
-	for (int i = 0; i < HANDOFF_N; i++) {
-		host_ids[i] = (uint32_t)strtoul(cur, &cur, 10);
-		cur += *cur == ',';
-		gpu_ids[i] = HANDOFF_N - 1 - i;
-	}
-	if (aeg_handle_from_hex(hex, &h) || aeg_device_open(&dev, AEG_DEVICE_CUDA) ||
-	    aeg_stream_create(dev, 0, &s) || aeg_pool_attach(dev, atoi(fd_text), &pool) ||
-	    aeg_slab_create(dev, 0, HANDOFF_N * HANDOFF_BLOCK, &slab)) {
-		fprintf(stderr, "# child setup: %s\n", aeg_error_detail());
-		return 3;
-	}
-	p.slab = slab;
-	p.pool = pool;
-	if (aeg_kv_create(dev, 0, &p, &kv)) {
-		fprintf(stderr, "# child kv: %s\n", aeg_error_detail());
-		return 4;
-	}
-	/* A's stream is held until we say we are ready: the event must be pending now. */
-	if (aeg_event_wait_handle(dev, &h, 0) != AEG_ETIMEDOUT) {
-		fprintf(stderr, "# child: A's event is not pending: %s\n", aeg_error_detail());
-		return 7;
-	}
-	if (write(atoi(ready_fd), "r", 1) != 1)
-		return 8;
-	if (aeg_event_wait_handle(dev, &h, WAIT_MS)) {
-		fprintf(stderr, "# child wait: %s\n", aeg_error_detail());
-		return 5;
-	}
-	if (aeg_kv_swap_in(kv, host_ids, gpu_ids, HANDOFF_N, s, &hin) ||
-	    aeg_event_wait_handle(dev, &hin, WAIT_MS) ||
-	    aeg_memcpy(dev, back, aeg_kv_gpu_ptr(kv, 0), HANDOFF_N * HANDOFF_BLOCK)) {
-		fprintf(stderr, "# child swap in: %s\n", aeg_error_detail());
-		return 6;
-	}
-	for (int i = 0; i < HANDOFF_N; i++) {
-		fill_pattern(expect, HANDOFF_BLOCK, HANDOFF_SEED + i);
-		bad += memcmp(back + gpu_ids[i] * HANDOFF_BLOCK, expect, HANDOFF_BLOCK) != 0;
-	}
-	aeg_kv_destroy(kv);
-	aeg_slab_destroy(slab);
-	aeg_pool_destroy(pool);
-	aeg_stream_destroy(s);
-	aeg_device_close(dev);
-	free(back);
-	free(expect);
-	if (bad)
-		fprintf(stderr, "# child: %d blocks differ\n", bad);
-	return bad ? 1 : 0;
-}
-
 static void handoff(aeg_device_t *dev, aeg_stream_t *s)
 {
 	uint32_t gpu_ids[HANDOFF_N], host_ids[HANDOFF_N];
@@ -625,8 +518,11 @@ int main(int argc, char **argv)
 	uint32_t timing_blocks = 2048;
 	int current = -1, after = -2;
 
-	if (argc == 6 && strcmp(argv[1], "--handoff-child") == 0)
-		return handoff_child(argv[2], argv[3], argv[4], argv[5]);
+	if (argc == 6 && strcmp(argv[1], "--handoff-child") == 0) {
+		const struct kv_handoff ho = { AEG_DEVICE_CUDA, HANDOFF_N, HANDOFF_BLOCK, HANDOFF_SEED, WAIT_MS };
+
+		return kv_handoff_child(&ho, argv);
+	}
 	if (argc == 3 && strcmp(argv[1], "--timing-blocks") == 0)
 		timing_blocks = (uint32_t)strtoul(argv[2], NULL, 10);
 

@@ -18,6 +18,7 @@
 #include <aegaeon/aegaeon.h>
 
 #include "gpu_tool.h"
+#include "../unit/chunkcheck.h"
 
 #include "device_internal.h"
 #include "internal.h"
@@ -140,50 +141,6 @@ static void release_load(aeg_prefetch_t *pf, aeg_load_t *l)
 	aeg_load_close(l);
 }
 
-static int child(int argc, char **argv)
-{
-	/* argv: --child FILE SLAB_HANDLE OFFSET:SIZE:FILE_OFFSET:EVENT... */
-	aeg_device_t *dev;
-	aeg_handle_t h;
-	void *base;
-	unsigned char *file, *back;
-	struct stat st;
-	int fd, bad = 0;
-
-	if (aeg_device_open(&dev, AEG_DEVICE_CUDA) || aeg_handle_from_hex(argv[3], &h) ||
-	    aeg_mem_open_handle(dev, 0, &h, &base)) {
-		fprintf(stderr, "child: %s\n", aeg_error_detail());
-		return 2;
-	}
-	fd = open(argv[2], O_RDONLY);
-	if (fd < 0 || fstat(fd, &st))
-		return 3;
-	file = malloc((size_t)st.st_size);
-	if (read(fd, file, (size_t)st.st_size) != st.st_size)
-		return 4;
-	close(fd);
-	for (int i = 4; i < argc; i++) {
-		uint64_t off, size, foff;
-		char hex[AEG_HANDLE_HEX_LEN + 1];
-
-		if (sscanf(argv[i], "%" SCNu64 ":%" SCNu64 ":%" SCNu64 ":%128s", &off, &size, &foff, hex) != 4 ||
-		    aeg_handle_from_hex(hex, &h))
-			return 5;
-		if (aeg_event_wait_handle(dev, &h, 60000)) {
-			fprintf(stderr, "child: chunk %d: %s\n", i - 4, aeg_error_detail());
-			return 6;
-		}
-		back = malloc(size);
-		if (aeg_memcpy(dev, back, (char *)base + off, size) || memcmp(back, file + foff, size))
-			bad++;
-		free(back);
-	}
-	free(file);
-	aeg_mem_close_handle(dev, base);
-	aeg_device_close(dev);
-	return bad ? 7 : 0;
-}
-
 #define SYNC_LIMIT_S 30
 
 struct syncer {
@@ -285,14 +242,14 @@ int main(int argc, char **argv)
 	aeg_prefetch_t *pf;
 	aeg_load_t *l;
 	const struct aeg_chunk *c;
-	char path[512], small[512], hex[AEG_HANDLE_HEX_LEN + 1];
+	char path[512], small[512];
 	const uint64_t size = 1024 * MiB + 4097, small_size = 3 * MiB + 5;
 	unsigned char *file, *sfile;
 	uint32_t n;
 	int err;
 
 	if (argc > 3 && strcmp(argv[1], "--child") == 0)
-		return child(argc, argv);
+		return chunk_child(AEG_DEVICE_CUDA, 60000, argc, argv);
 	setvbuf(stdout, NULL, _IOLBF, 0);       /* what printed survives a timeout */
 
 	snprintf(dir, sizeof(dir), "%s/aegaeon-gpu-pf-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
@@ -405,18 +362,7 @@ int main(int argc, char **argv)
 
 		c = aeg_load_chunks(l, &n);
 		aeg_slab_export(slab, &sh);
-		args = calloc(n + 5, sizeof(*args));
-		args[0] = "/proc/self/exe";
-		args[1] = "--child";
-		args[2] = path;
-		aeg_handle_to_hex(&sh, hex);
-		args[3] = strdup(hex);
-		for (uint32_t i = 0; i < n; i++) {
-			args[4 + i] = malloc(64 + AEG_HANDLE_HEX_LEN);
-			aeg_handle_to_hex(&c[i].event, hex);
-			sprintf(args[4 + i], "%" PRIu64 ":%" PRIu64 ":%" PRIu64 ":%s", c[i].slab_offset,
-				c[i].size, c[i].file_offset, hex);
-		}
+		args = chunk_child_args("/proc/self/exe", path, &sh, c, n);
 		hold_wait(&g);
 		hold_release(&g);
 		err = 0;
@@ -432,9 +378,7 @@ int main(int argc, char **argv)
 		CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
 		      "second process saw every chunk equal to the file (exit %d)",
 		      WIFEXITED(status) ? WEXITSTATUS(status) : -1);
-		for (uint32_t i = 3; i < n + 4; i++)
-			free(args[i]);
-		free(args);
+		chunk_child_args_free(args);
 		release_load(pf, l);
 	}
 	aeg_prefetch_set_hook(pf, NULL, NULL);

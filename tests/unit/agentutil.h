@@ -16,7 +16,7 @@
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 /*
  * Generous: the CI machine has two cores shared with other builds, and

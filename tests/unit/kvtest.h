@@ -11,6 +11,7 @@
 #include <aegaeon/aegaeon.h>
 
 #include "../gpu/gpu_gate.h"
+#include "kvhandoff.h"
 
 /* Include after cmocka.h: the gate helpers assert. */
 
@@ -35,48 +36,6 @@ static inline int kvtest_teardown(void **state)
 	aeg_stream_destroy(stream);
 	aeg_device_close(dev);
 	return 0;
-}
-
-static inline uint64_t splitmix(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
-/* Bytes a block gets from @seed: the child of the handoff test makes the same. */
-static inline void fill_pattern(void *p, size_t bytes, uint64_t seed)
-{
-	uint64_t s = seed, v;
-	unsigned char *c = p;
-
-	for (size_t i = 0; i < bytes; i += 8) {
-		v = splitmix(&s);
-		memcpy(c + i, &v, bytes - i < 8 ? bytes - i : 8);
-	}
-}
-
-static inline void shuffle(uint32_t *a, size_t n, uint64_t *s)
-{
-	for (size_t i = n; i > 1; i--) {
-		size_t j = splitmix(s) % i;
-		uint32_t t = a[i - 1];
-
-		a[i - 1] = a[j];
-		a[j] = t;
-	}
-}
-
-static inline int all_bytes(const void *p, int value, size_t bytes)
-{
-	const unsigned char *c = p;
-
-	for (size_t i = 0; i < bytes; i++)
-		if (c[i] != (unsigned char)value)
-			return 0;
-	return 1;
 }
 
 /* The GPU tests' gate (a host function holding a stream), with asserts and the stream drained. */

@@ -24,7 +24,7 @@
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "attach_internal.h"
 #include "internal.h"
@@ -448,7 +448,7 @@ static void wait_chunks_through_agent(void **state)
 	aeg_event_t *mine;
 	aeg_handle_t mine_h;
 	uint32_t bufs[64], held, released;
-	aeg_device_t *dev;
+	aeg_device_t *dev, *own;
 	aeg_job_t *job;
 	int fds = count_fds();
 
@@ -517,6 +517,10 @@ static void wait_chunks_through_agent(void **state)
 	assert_int_equal(aeg_agent_wait_event(sock, &load2->chunks[0].event, 100), AEG_ECANCELED);
 	assert_non_null(strstr(aeg_error_detail(), "released"));
 	assert_int_equal(aeg_event_wait_handle(dev, &load2->chunks[1].event, 100), AEG_ECANCELED);
+	/* A device the job did not open has no agent to ask: the backend says the handle is gone. */
+	assert_int_equal(aeg_device_open(&own, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_event_wait_handle(own, &load2->chunks[1].event, 100), AEG_EBADF);
+	aeg_device_close(own);
 	for (uint32_t i = 0; i < held; i++)
 		assert_int_equal(aeg_pool_release(aeg_job_pool(job), bufs[i]), 0);
 
@@ -1088,6 +1092,38 @@ static void site_caps_in_agent(void **state)
 	unlink(conf);
 }
 
+/*
+ * --pinned and --prefetch follow the rules of --aegaeon-pinned and
+ * --aegaeon-prefetch, which the plugin forwards: a bad value is a usage
+ * error with its reason in the error record, before anything is made.
+ */
+static void options_by_the_job_rules(void **state)
+{
+	static const struct {
+		const char *opt, *value, *reason;
+	} cases[] = {
+		{ "--pinned", "8MiB:1000", "buffer size must be a non-zero multiple of 4 KiB" },
+		{ "--pinned", "8MiB:16MiB", "buffer size 16 MiB is larger than the pool" },
+		{ "--pinned", "50%", "cannot be a percentage" },
+		{ "--pinned", "0:1MiB", "a pool of 0 bytes (no pool) takes no buffer size" },
+		{ "--prefetch", "model.safetensors", "'model.safetensors' is not an absolute path" },
+		{ "--prefetch", "/a.bin,,/b.bin", "empty file name in the list" },
+	};
+	char reason[AEG_JOB_ERROR_MAX];
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		const char *const argv[] = { "--gpus", "0", "--slab", "16MiB", cases[i].opt, cases[i].value, NULL };
+
+		unlink(errfile);
+		assert_int_equal(run_status(spawn(argv)), 2);
+		assert_int_equal(aeg_job_error_read(errfile, reason, sizeof(reason)), 0);
+		if (strstr(reason, cases[i].opt) != reason || strstr(reason, cases[i].reason) == NULL)
+			fail_msg("%s %s: error record '%s', expected '%s'", cases[i].opt, cases[i].value, reason,
+				 cases[i].reason);
+		assert_int_equal(access(ready, F_OK), -1);
+	}
+}
+
 static void usage_and_version(void **state)
 {
 	static const char *const help[] = { "--help", NULL };
@@ -1116,6 +1152,7 @@ int main(void)
 		cmocka_unit_test(sigterm_cleans_up),
 		cmocka_unit_test(error_records),
 		cmocka_unit_test(site_caps_in_agent),
+		cmocka_unit_test(options_by_the_job_rules),
 		cmocka_unit_test(usage_and_version),
 	};
 	return cmocka_run_group_tests_name("agent", tests, setup, teardown);

@@ -27,7 +27,7 @@
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "internal.h"
 #include "pinned_internal.h"

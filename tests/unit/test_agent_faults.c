@@ -21,7 +21,7 @@
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 #include <aegaeon/kv.h>
 
 #include "internal.h"

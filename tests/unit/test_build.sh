@@ -1,7 +1,8 @@
 #!/bin/bash
 # What a user building against aegaeon meets: each public header compiles
 # alone as strict ISO C11 and C99 (no POSIX macros: PATH_MAX is not there),
-# and configure says plainly when --with-cuda names no directory.
+# the library exports only what the public headers declare, and configure
+# says plainly when --with-cuda names no directory.
 # TAP-like lines; exit 0 when every check passed.
 set -u
 
@@ -33,6 +34,26 @@ if out=$($CC -std=c11 -I"$S/include" -c "$T/path.c" -o "$T/path.o" 2>&1); then
 	ok "AEG_PATH_MAX is this system's PATH_MAX"
 else
 	not_ok "AEG_PATH_MAX is this system's PATH_MAX" "$out"
+fi
+
+# The installed library exports the public API and nothing else: every
+# function it exports is declared in a public header.
+B=$(cd "${top_builddir:-.}" && pwd)
+lib=$B/.libs/libaegaeon.so
+if [[ -e $lib ]]; then
+	mapfile -t exported < <(nm -D --defined-only "$lib" | awk '$2 == "T" { print $3 }')
+	stray=()
+	for f in "${exported[@]}"; do
+		cat "${headers[@]/#/$S/}" | grep -qE "\b$f\(" || stray+=("$f")
+	done
+	if [[ ${#exported[@]} -gt 100 && ${#stray[@]} -eq 0 ]]; then
+		ok "libaegaeon.so exports ${#exported[@]} functions, each declared in a public header"
+	else
+		not_ok "libaegaeon.so exports only functions of the public headers" \
+			"${#exported[@]} exported; declared in no public header: ${stray[*]}"
+	fi
+else
+	not_ok "libaegaeon.so exports only functions of the public headers" "$lib: not built"
 fi
 
 # configure stops at the CUDA check before anything is built.

@@ -663,6 +663,90 @@ static void timeout_names_time_asked(void **state)
 	aeg_device_close(dev);
 }
 
+/*
+ * Core waits on the backend alone, with or without a job around: a wait by
+ * handle never looks for an agent ($AEGAEON_SOCKET names one that does not
+ * run here), only a resolver installed on the device (a job's) is asked.
+ */
+static void waits_need_no_agent(void **state)
+{
+	aeg_device_t *dev = open_host(), *other = open_host();
+	aeg_stream_t *s = NULL;
+	aeg_event_t *ev = NULL;
+	aeg_handle_t h;
+
+	assert_int_equal(setenv("AEGAEON_SOCKET", "/nonexistent/agent.sock", 1), 0);
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_int_equal(aeg_event_create(dev, 0, &ev, &h), 0);
+	assert_int_equal(aeg_event_record(ev, s), 0);
+	assert_int_equal(aeg_event_wait_handle(other, &h, 5000), 0);
+	assert_int_equal(aeg_event_query_handle(other, &h), 0);
+	assert_int_equal(unsetenv("AEGAEON_SOCKET"), 0);
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(aeg_event_destroy(ev), 0);
+	aeg_device_close(other);
+	aeg_device_close(dev);
+}
+
+struct resolver {
+	int calls;
+	int answer;
+	aeg_handle_t last;
+};
+
+static int count_resolve(void *ctx, const aeg_handle_t *handle, int timeout_ms)
+{
+	struct resolver *r = ctx;
+
+	(void)timeout_ms;
+	r->calls++;
+	r->last = *handle;
+	return r->answer;
+}
+
+/*
+ * A device's resolver is asked once per handle of another process, before
+ * its first wait: its error is the wait's, its AEG_ENOENT leaves the wait to
+ * the backend, and once a wait went through, later ones do not ask again.
+ * Handles of the device's own events never reach it.
+ */
+static void resolver_asked_first(void **state)
+{
+	aeg_device_t *dev = open_host(), *other = open_host();
+	struct resolver r = { .answer = AEG_ECANCELED };
+	aeg_stream_t *s = NULL, *s2 = NULL;
+	aeg_event_t *ev = NULL, *mine = NULL;
+	aeg_handle_t h, hm;
+
+	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
+	assert_int_equal(aeg_event_create(dev, 0, &ev, &h), 0);
+	assert_int_equal(aeg_event_record(ev, s), 0);
+	aeg_device_set_event_resolver(other, count_resolve, &r);
+
+	assert_int_equal(aeg_event_wait_handle(other, &h, 5000), AEG_ECANCELED);
+	assert_int_equal(r.calls, 1);
+	assert_memory_equal(&r.last, &h, sizeof(h));
+	r.answer = AEG_ENOENT;
+	assert_int_equal(aeg_event_wait_handle(other, &h, 5000), 0);
+	assert_int_equal(r.calls, 2);
+	assert_int_equal(aeg_event_wait_handle(other, &h, 5000), 0);
+	assert_int_equal(r.calls, 2);
+
+	assert_int_equal(aeg_stream_create(other, 0, &s2), 0);
+	assert_int_equal(aeg_event_create(other, 0, &mine, &hm), 0);
+	assert_int_equal(aeg_event_record(mine, s2), 0);
+	assert_int_equal(aeg_event_wait_handle(other, &hm, 5000), 0);
+	assert_int_equal(r.calls, 2);
+
+	aeg_device_set_event_resolver(other, NULL, NULL);
+	assert_int_equal(aeg_event_destroy(mine), 0);
+	assert_int_equal(aeg_stream_destroy(s2), 0);
+	assert_int_equal(aeg_stream_destroy(s), 0);
+	assert_int_equal(aeg_event_destroy(ev), 0);
+	aeg_device_close(other);
+	aeg_device_close(dev);
+}
+
 static void no_fd_leak(void **state)
 {
 	int before = count_fds();
@@ -706,6 +790,8 @@ int main(void)
 		cmocka_unit_test(query_handle_never_waits),
 		cmocka_unit_test(armed_until_recorded),
 		cmocka_unit_test(timeout_names_time_asked),
+		cmocka_unit_test(waits_need_no_agent),
+		cmocka_unit_test(resolver_asked_first),
 		cmocka_unit_test(no_fd_leak),
 	};
 

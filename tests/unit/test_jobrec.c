@@ -11,7 +11,7 @@
 #include <cmocka.h>
 
 #include <aegaeon/aegaeon.h>
-#include <aegaeon/job.h>
+#include <aegaeon/jobrec.h>
 
 #include "internal.h"
 

@@ -804,73 +804,6 @@ static void destroy_waits_for_queued_swaps(void **state)
 #define HANDOFF_N 48
 #define HANDOFF_SEED 8080
 
-static int handoff_child(int argc, char **argv)
-{
-	uint32_t host_ids[HANDOFF_N], gpu_ids[HANDOFF_N];
-	struct aeg_kv_params p = { .block_bytes = HANDOFF_BLOCK };
-	unsigned char *expect = malloc(HANDOFF_BLOCK);
-	aeg_device_t *d;
-	aeg_stream_t *s;
-	aeg_slab_t *slab;
-	aeg_pool_t *pool;
-	aeg_kv_t *kv;
-	aeg_handle_t h, hin;
-	char *list;
-	int bad = 0, err;
-
-	if (argc != 6 || !expect)
-		return 2;
-	list = argv[4];
-	for (int i = 0; i < HANDOFF_N; i++) {
-		host_ids[i] = (uint32_t)strtoul(list, &list, 10);
-		list += *list == ',';
-		gpu_ids[i] = HANDOFF_N - 1 - i;
-	}
-	if (aeg_handle_from_hex(argv[3], &h) || aeg_device_open(&d, AEG_DEVICE_HOST) ||
-	    aeg_stream_create(d, 0, &s) || aeg_pool_attach(d, atoi(argv[2]), &pool) ||
-	    aeg_slab_create(d, 0, HANDOFF_N * HANDOFF_BLOCK, &slab)) {
-		fprintf(stderr, "child setup: %s\n", aeg_error_detail());
-		return 3;
-	}
-	p.slab = slab;
-	p.gpu_blocks = HANDOFF_N;
-	p.pool = pool;
-	p.host_buffers = 0;             /* the producer owns the host blocks */
-	if ((err = aeg_kv_create(d, 0, &p, &kv))) {
-		fprintf(stderr, "child kv: %s\n", aeg_error_detail());
-		return 4;
-	}
-	/* A's stream is held until we say we are ready: the event must be pending now. */
-	if ((err = aeg_event_wait_handle(d, &h, 0)) != AEG_ETIMEDOUT) {
-		fprintf(stderr, "child: A's event is not pending (%s)\n", aeg_errname(err));
-		return 7;
-	}
-	if (write(atoi(argv[5]), "r", 1) != 1)
-		return 8;
-	if ((err = aeg_event_wait_handle(d, &h, WAIT_MS))) {
-		fprintf(stderr, "child wait: %s\n", aeg_error_detail());
-		return 5;
-	}
-	if ((err = aeg_kv_swap_in(kv, host_ids, gpu_ids, HANDOFF_N, s, &hin)) ||
-	    (err = aeg_event_wait_handle(d, &hin, WAIT_MS))) {
-		fprintf(stderr, "child swap in: %s\n", aeg_error_detail());
-		return 6;
-	}
-	for (int i = 0; i < HANDOFF_N; i++) {
-		fill_pattern(expect, HANDOFF_BLOCK, HANDOFF_SEED + i);
-		bad += memcmp(aeg_kv_gpu_ptr(kv, gpu_ids[i]), expect, HANDOFF_BLOCK) != 0;
-	}
-	aeg_kv_destroy(kv);
-	aeg_slab_destroy(slab);
-	aeg_pool_destroy(pool);
-	aeg_stream_destroy(s);
-	aeg_device_close(d);
-	free(expect);
-	if (bad)
-		fprintf(stderr, "child: %d blocks differ\n", bad);
-	return bad ? 1 : 0;
-}
-
 static void cross_process_handoff(void **state)
 {
 	uint32_t gpu_ids[HANDOFF_N], host_ids[HANDOFF_N];
@@ -991,7 +924,10 @@ int main(int argc, char **argv)
 		cmocka_unit_test(nothing_leaks),
 	};
 
-	if (argc > 1 && strcmp(argv[1], "--handoff-child") == 0)
-		return handoff_child(argc, argv);
+	if (argc > 1 && strcmp(argv[1], "--handoff-child") == 0) {
+		const struct kv_handoff ho = { AEG_DEVICE_HOST, HANDOFF_N, HANDOFF_BLOCK, HANDOFF_SEED, WAIT_MS };
+
+		return argc == 6 ? kv_handoff_child(&ho, argv) : 2;
+	}
 	return cmocka_run_group_tests_name("kv", tests, kvtest_setup, kvtest_teardown);
 }

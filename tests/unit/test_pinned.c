@@ -27,12 +27,11 @@
 #include "internal.h"
 #include "pinned_internal.h"
 #include "topo_internal.h"
+#include "hugepages.h"
 #include "testutil.h"
 
 #define MiB (UINT64_C(1) << 20)
 #define HUGE (2 * MiB)
-#define HUGE_SYSFS "/sys/kernel/mm/hugepages/hugepages-2048kB"
-#define NR_HUGEPAGES "/proc/sys/vm/nr_hugepages"
 #define HUGETLBFS_MAGIC 0x958458f6
 /* Pages the hugetlb case adds to vm.nr_hugepages: it needs 10 at most, the rest is slack. */
 #define HUGE_RESERVE 64
@@ -472,42 +471,6 @@ static void no_leaks(void **state)
 	assert_int_equal(count_pool_maps(), maps);
 }
 
-static long read_long(const char *path)
-{
-	FILE *f = fopen(path, "re");
-	long v = -1;
-
-	if (f == NULL)
-		return -1;
-	if (fscanf(f, "%ld", &v) != 1)
-		v = -1;
-	fclose(f);
-	return v;
-}
-
-/* 0, or the errno of writing @v to @path. */
-static int write_long(const char *path, long v)
-{
-	FILE *f = fopen(path, "we");
-	int err = 0;
-
-	if (f == NULL)
-		return errno;
-	if (fprintf(f, "%ld\n", v) < 0)
-		err = errno;
-	if (fclose(f) != 0 && err == 0)
-		err = errno;
-	return err;
-}
-
-/* 2 MiB huge pages free for a new mapping; -1 when the kernel has none. */
-static long huge_avail(void)
-{
-	long free_pages = read_long(HUGE_SYSFS "/free_hugepages"), resv = read_long(HUGE_SYSFS "/resv_hugepages");
-
-	return free_pages < 0 || resv < 0 ? -1 : free_pages - resv;
-}
-
 static int is_hugetlb(int fd)
 {
 	struct statfs sfs;
@@ -606,7 +569,7 @@ static void bad_hugepage_modes(void **state)
 
 struct huge_fixture {
 	aeg_device_t *dev;
-	long added;             /* pages this test added to vm.nr_hugepages */
+	long added;             /* pages this test added to vm.nr_hugepages; -1: none, see skip */
 	char skip[256];         /* why the hugetlb case cannot run here */
 };
 
@@ -615,8 +578,6 @@ static int huge_setup(void **state)
 {
 	struct huge_fixture *f = calloc(1, sizeof(*f));
 	void *dev = NULL;
-	long before;
-	int err;
 
 	if (f == NULL || host_device_setup(&dev) != 0) {
 		free(f);
@@ -624,23 +585,7 @@ static int huge_setup(void **state)
 	}
 	f->dev = dev;
 	*state = f;
-	before = read_long(NR_HUGEPAGES);
-	if (before < 0 || huge_avail() < 0) {
-		snprintf(f->skip, sizeof(f->skip), "this kernel offers no 2 MiB huge pages");
-		return 0;
-	}
-	if (huge_avail() >= HUGE_RESERVE)
-		return 0;
-	err = write_long(NR_HUGEPAGES, before + HUGE_RESERVE);
-	if (err != 0) {
-		snprintf(f->skip, sizeof(f->skip), "cannot reserve huge pages (writing %s: %s)", NR_HUGEPAGES,
-			 strerror(err));
-		return 0;
-	}
-	f->added = read_long(NR_HUGEPAGES) - before;
-	if (huge_avail() < 10)
-		snprintf(f->skip, sizeof(f->skip), "the kernel had %ld free huge pages after %ld more were asked for",
-			 huge_avail(), (long)HUGE_RESERVE);
+	f->added = reserve_huge(HUGE_RESERVE, 10, f->skip, sizeof(f->skip));
 	return 0;
 }
 
@@ -650,11 +595,7 @@ static int huge_teardown(void **state)
 	struct huge_fixture *f = *state;
 	void *dev = f->dev;
 
-	if (f->added > 0) {
-		long now = read_long(NR_HUGEPAGES);
-
-		write_long(NR_HUGEPAGES, now > f->added ? now - f->added : 0);
-	}
+	release_huge(f->added);
 	host_device_teardown(&dev);
 	free(f);
 	return 0;

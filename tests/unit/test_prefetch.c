@@ -23,6 +23,7 @@
 
 #include "internal.h"
 #include "prefetch_internal.h"
+#include "chunkcheck.h"
 #include "testutil.h"
 
 #define KiB (1ull << 10)
@@ -836,51 +837,6 @@ static void host_cache(void **state)
 
 /* --------------------------------------------------- a second process */
 
-static int child(int argc, char **argv)
-{
-	/* argv: --child PATH SLAB_HANDLE then OFFSET:SIZE:FILE_OFFSET:EVENT per chunk */
-	aeg_device_t *dev;
-	aeg_handle_t h;
-	void *base;
-	unsigned char *file;
-	int fd, bad = 0;
-	struct stat st;
-
-	if (aeg_device_open(&dev, AEG_DEVICE_HOST) || aeg_handle_from_hex(argv[3], &h) ||
-	    aeg_mem_open_handle(dev, 0, &h, &base)) {
-		fprintf(stderr, "child: %s\n", aeg_error_detail());
-		return 2;
-	}
-	fd = open(argv[2], O_RDONLY);
-	if (fd < 0 || fstat(fd, &st))
-		return 3;
-	file = malloc((size_t)st.st_size);
-	if (read(fd, file, (size_t)st.st_size) != st.st_size)
-		return 4;
-	close(fd);
-	for (int i = 4; i < argc; i++) {
-		uint64_t off, size, foff;
-		char hex[AEG_HANDLE_HEX_LEN + 1];
-		unsigned char *back;
-
-		if (sscanf(argv[i], "%" SCNu64 ":%" SCNu64 ":%" SCNu64 ":%128s", &off, &size, &foff, hex) != 4 ||
-		    aeg_handle_from_hex(hex, &h))
-			return 5;
-		if (aeg_event_wait_handle(dev, &h, 20000)) {
-			fprintf(stderr, "child: chunk %d: %s\n", i - 4, aeg_error_detail());
-			return 6;
-		}
-		back = malloc(size);
-		if (aeg_memcpy(dev, back, (char *)base + off, size) || memcmp(back, file + foff, size))
-			bad++;
-		free(back);
-	}
-	free(file);
-	aeg_mem_close_handle(dev, base);
-	aeg_device_close(dev);
-	return bad ? 7 : 0;
-}
-
 /*
  * A cache fill of a safetensors file with one worker, so every piece past
  * the header is registered and its bytes come back from the GPU into the
@@ -928,7 +884,7 @@ static void second_process_reads(void **state)
 {
 	struct fx *f = fx_new(0, 1);
 	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
-	char path[128], hex[AEG_HANDLE_HEX_LEN + 1];
+	char path[128];
 	unsigned char *file = raw_file(f, "ipc.bin", 1 * MiB + 777, 14, path, sizeof(path));
 	const struct aeg_chunk *c;
 	struct gatekeeper g;
@@ -945,18 +901,7 @@ static void second_process_reads(void **state)
 	c = aeg_load_chunks(l, &n);
 	assert_int_equal(aeg_slab_export(f->slab, &sh), 0);
 
-	args = calloc(n + 5, sizeof(*args));
-	args[0] = (char *)self_exe;
-	args[1] = "--child";
-	args[2] = path;
-	aeg_handle_to_hex(&sh, hex);
-	args[3] = strdup(hex);
-	for (uint32_t i = 0; i < n; i++) {
-		args[4 + i] = malloc(64 + AEG_HANDLE_HEX_LEN);
-		aeg_handle_to_hex(&c[i].event, hex);
-		sprintf(args[4 + i], "%" PRIu64 ":%" PRIu64 ":%" PRIu64 ":%s", c[i].slab_offset,
-			c[i].size, c[i].file_offset, hex);
-	}
+	args = chunk_child_args(self_exe, path, &sh, c, n);
 	/* The child starts waiting while nothing has landed yet. */
 	pid = fork();
 	assert_true(pid >= 0);
@@ -972,9 +917,7 @@ static void second_process_reads(void **state)
 	assert_true(WIFEXITED(status));
 	assert_int_equal(WEXITSTATUS(status), 0);
 
-	for (uint32_t i = 3; i < n + 4; i++)
-		free(args[i]);
-	free(args);
+	chunk_child_args_free(args);
 	aeg_prefetch_set_hook(f->pf, NULL, NULL);
 	release_load(f, l);
 	assert_baseline(f);
@@ -1058,6 +1001,6 @@ int main(int argc, char **argv)
 	/* Not argv[0]: a test harness may start us through a wrapper. */
 	self_exe = self_exe_path();
 	if (argc > 3 && strcmp(argv[1], "--child") == 0)
-		return child(argc, argv);
+		return chunk_child(AEG_DEVICE_HOST, 20000, argc, argv);
 	return cmocka_run_group_tests_name("prefetch", tests, NULL, NULL);
 }

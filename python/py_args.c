@@ -1,0 +1,340 @@
+/* The aegaeon_native module's exceptions and the argument helpers its files share. */
+#include "py_internal.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+PyObject *pyaeg_error_type;
+static PyObject *timeout_error_type;
+static PyObject *value_error_type;
+
+static PyObject *raise_text(int code, const char *text)
+{
+	PyObject *type, *exc, *args = NULL, *v;
+	const char *name = aeg_errname(code);
+
+	type = code == AEG_ETIMEDOUT ? timeout_error_type :
+	       code == AEG_EINVAL || code == AEG_ERANGE ? value_error_type : pyaeg_error_type;
+	/* errno-like codes give OSError's (errno, strerror); project codes only a message. */
+	if (code < 0 && code > -4000)
+		args = Py_BuildValue("(is)", -code, text);
+	else
+		args = Py_BuildValue("(s)", text);
+	if (args == NULL)
+		return NULL;
+	exc = PyObject_CallObject(type, args);
+	Py_DECREF(args);
+	if (exc == NULL)
+		return NULL;
+	v = PyLong_FromLong(code);
+	if (v == NULL || PyObject_SetAttrString(exc, "code", v) < 0)
+		goto fail;
+	Py_DECREF(v);
+	v = PyUnicode_FromString(name);
+	if (v == NULL || PyObject_SetAttrString(exc, "name", v) < 0)
+		goto fail;
+	Py_DECREF(v);
+	PyErr_SetObject(type, exc);
+	Py_DECREF(exc);
+	return NULL;
+fail:
+	Py_XDECREF(v);
+	Py_DECREF(exc);
+	return NULL;
+}
+
+PyObject *pyaeg_raise(int code)
+{
+	const char *detail = aeg_error_detail();
+	char text[1200];
+
+	if (detail[0] != '\0')
+		snprintf(text, sizeof(text), "%s: %s", aeg_strerror(code), detail);
+	else
+		snprintf(text, sizeof(text), "%s", aeg_strerror(code));
+	return raise_text(code, text);
+}
+
+PyObject *pyaeg_raise_msg(int code, const char *fmt, ...)
+{
+	char text[1200];
+	size_t len;
+	va_list ap;
+
+	len = (size_t)snprintf(text, sizeof(text), "%s: ", aeg_strerror(code));
+	if (len >= sizeof(text))
+		len = sizeof(text) - 1;
+	va_start(ap, fmt);
+	vsnprintf(text + len, sizeof(text) - len, fmt, ap);
+	va_end(ap);
+	return raise_text(code, text);
+}
+
+/* -------------------------------------------------------- argument helpers */
+
+const char *pyaeg_tname(PyObject *obj)
+{
+	static char buf[96];    /* the GIL serialises callers */
+	PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(obj), "__name__");
+	const char *s = name != NULL ? PyUnicode_AsUTF8AndSize(name, NULL) : NULL;
+
+	snprintf(buf, sizeof(buf), "%s", s != NULL ? s : "?");
+	if (s == NULL)
+		PyErr_Clear();
+	Py_XDECREF(name);
+	return buf;
+}
+
+int pyaeg_u64(PyObject *obj, const char *what, int allow_zero, uint64_t *out)
+{
+	unsigned long long v;
+	PyObject *zero;
+	int negative;
+
+	if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+		PyErr_Format(PyExc_TypeError, "%s must be an int, not %s", what, pyaeg_tname(obj));
+		return -1;
+	}
+	zero = PyLong_FromLong(0);
+	negative = zero == NULL ? -1 : PyObject_RichCompareBool(obj, zero, Py_LT);
+	Py_XDECREF(zero);
+	if (negative != 0) {
+		if (negative > 0)
+			PyErr_Format(PyExc_ValueError, "%s must not be negative (got %R)", what, obj);
+		return -1;
+	}
+	v = PyLong_AsUnsignedLongLong(obj);
+	if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+		PyErr_Clear();
+		PyErr_Format(PyExc_ValueError, "%s %R does not fit in 64 bits", what, obj);
+		return -1;
+	}
+	if (v == 0 && !allow_zero) {
+		PyErr_Format(PyExc_ValueError, "%s must be greater than 0", what);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+int pyaeg_gpu(PyObject *obj, int *gpu)
+{
+	uint64_t v;
+
+	if (pyaeg_u64(obj, "gpu_id", 1, &v) < 0)
+		return -1;
+	if (v > 1023) {
+		PyErr_Format(PyExc_ValueError, "gpu_id %llu is out of range (0..1023)", (unsigned long long)v);
+		return -1;
+	}
+	*gpu = (int)v;
+	return 0;
+}
+
+int pyaeg_timeout(PyObject *obj, double *seconds)
+{
+	double v;
+
+	if (obj == NULL || obj == Py_None) {
+		*seconds = -1;
+		return 0;
+	}
+	if (!PyLong_Check(obj) && !PyFloat_Check(obj)) {
+		PyErr_Format(PyExc_TypeError, "timeout must be a number of seconds or None, not %s",
+			     pyaeg_tname(obj));
+		return -1;
+	}
+	v = PyFloat_AsDouble(obj);
+	if (v == -1.0 && PyErr_Occurred())
+		return -1;
+	if (isnan(v) || v < 0) {
+		PyErr_Format(PyExc_ValueError, "timeout must be >= 0 seconds or None (got %R)", obj);
+		return -1;
+	}
+	*seconds = v;
+	return 0;
+}
+
+int pyaeg_handle(PyObject *obj, aeg_handle_t *handle)
+{
+	char *data;
+	Py_ssize_t len;
+
+	if (PyBytes_Check(obj)) {
+		if (PyBytes_AsStringAndSize(obj, &data, &len) < 0)
+			return -1;
+	} else if (PyByteArray_Check(obj)) {
+		data = PyByteArray_AsString(obj);
+		len = PyByteArray_Size(obj);
+	} else {
+		PyErr_Format(PyExc_TypeError, "an event handle must be bytes, not %s", pyaeg_tname(obj));
+		return -1;
+	}
+	if (len != AEG_HANDLE_BYTES) {
+		PyErr_Format(PyExc_ValueError, "an event handle has %d bytes, not %zd", AEG_HANDLE_BYTES, len);
+		return -1;
+	}
+	memcpy(handle->bytes, data, AEG_HANDLE_BYTES);
+	return 0;
+}
+
+PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle)
+{
+	return PyBytes_FromStringAndSize((const char *)handle->bytes, AEG_HANDLE_BYTES);
+}
+
+/* @seq as a new list, or NULL with TypeError for what is no sequence of ints. */
+static PyObject *int_sequence(PyObject *seq, const char *what)
+{
+	PyObject *fast;
+
+	if (PyUnicode_Check(seq) || PyBytes_Check(seq) || PyLong_Check(seq)) {
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
+		return NULL;
+	}
+	fast = PySequence_List(seq);
+	if (fast == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+		PyErr_Clear();
+		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
+	}
+	return fast;
+}
+
+int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
+{
+	PyObject *fast = int_sequence(seq, what);
+	uint32_t *ids = NULL;
+	Py_ssize_t n;
+	uint64_t v;
+
+	if (fast == NULL)
+		return -1;
+	n = PyList_Size(fast);
+	ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*ids));
+	if (ids == NULL) {
+		Py_DECREF(fast);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v) < 0)
+			goto fail;
+		if (v >= max) {
+			PyErr_Format(PyExc_ValueError, "%s[%zd] = %llu is out of range (0..%u)", what, i,
+				     (unsigned long long)v, max - 1);
+			goto fail;
+		}
+		ids[i] = (uint32_t)v;
+	}
+	Py_DECREF(fast);
+	*idsp = ids;
+	*np = (size_t)n;
+	return 0;
+fail:
+	Py_DECREF(fast);
+	PyMem_Free(ids);
+	return -1;
+}
+
+int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **out, size_t *np)
+{
+	PyObject *fast = int_sequence(seq, what);
+	uint64_t *v;
+	Py_ssize_t n;
+
+	if (fast == NULL)
+		return -1;
+	n = PyList_Size(fast);
+	v = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(*v));
+	if (v == NULL) {
+		Py_DECREF(fast);
+		PyErr_NoMemory();
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (pyaeg_u64(PyList_GetItem(fast, i), what, 1, &v[i]) < 0) {
+			Py_DECREF(fast);
+			PyMem_Free(v);
+			return -1;
+		}
+	}
+	Py_DECREF(fast);
+	*out = v;
+	*np = (size_t)n;
+	return 0;
+}
+
+int pyaeg_dict_set(PyObject *dict, const char *key, PyObject *value)
+{
+	int rc;
+
+	if (value == NULL)
+		return -1;
+	rc = PyDict_SetItemString(dict, key, value);
+	Py_DECREF(value);
+	return rc;
+}
+
+int pyaeg_path(PyObject *obj, PyObject **bytes)
+{
+	if (!PyUnicode_Check(obj) && !PyBytes_Check(obj) &&
+	    !PyObject_HasAttrString(obj, "__fspath__")) {
+		PyErr_Format(PyExc_TypeError, "filepath must be a str, bytes or os.PathLike, not %s",
+			     pyaeg_tname(obj));
+		return -1;
+	}
+	return PyUnicode_FSConverter(obj, bytes) ? 0 : -1;
+}
+
+static PyObject *new_error(PyObject *module, const char *name, const char *doc, PyObject *bases)
+{
+	char full[64];
+	PyObject *type;
+
+	snprintf(full, sizeof(full), "aegaeon_native.%s", name);
+	type = PyErr_NewExceptionWithDoc(full, doc, bases, NULL);
+	if (type == NULL)
+		return NULL;
+	Py_INCREF(type);
+	if (PyModule_AddObject(module, name, type) < 0) {
+		Py_DECREF(type);
+		Py_DECREF(type);
+		return NULL;
+	}
+	return type;
+}
+
+int pyaeg_errors_init(PyObject *m)
+{
+	PyObject *bases;
+
+	pyaeg_error_type = new_error(m, "AegaeonError",
+		"An aegaeon library error, an OSError. errno is the errno value for codes\n"
+		"that have one (ENOSPC, ETIMEDOUT, ...), else None; code is the library's\n"
+		"(negative) code and name its symbol (\"AEG_ENOSPC\", \"AEG_EDEVICE\");\n"
+		"the message says what failed, which value and which limit.",
+		PyExc_OSError);
+	if (pyaeg_error_type == NULL)
+		return -1;
+	bases = Py_BuildValue("(OO)", pyaeg_error_type, PyExc_TimeoutError);
+	timeout_error_type = bases ? new_error(m, "AegaeonTimeoutError",
+		"A wait that ran out of time: an AegaeonError and a TimeoutError.", bases) : NULL;
+	Py_XDECREF(bases);
+	if (timeout_error_type == NULL)
+		return -1;
+	bases = Py_BuildValue("(OO)", pyaeg_error_type, PyExc_ValueError);
+	value_error_type = bases ? new_error(m, "AegaeonValueError",
+		"A value the library rejected (AEG_EINVAL, AEG_ERANGE): an AegaeonError and a ValueError.",
+		bases) : NULL;
+	Py_XDECREF(bases);
+	if (value_error_type == NULL)
+		return -1;
+	return 0;
+}

@@ -1,0 +1,733 @@
+/* Sessions: one load path for the CLI, the Python module and C callers, local or in a job (session_job.c). */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <aegaeon/config.h>
+#include <aegaeon/session.h>
+
+#include "internal.h"
+#include "model_paths.h"
+#include "session_internal.h"
+#include "topo_internal.h"
+
+AEG_EXPORT const char *aeg_session_mode_name(enum aeg_session_mode mode)
+{
+	switch (mode) {
+	case AEG_SESSION_AUTO: return "auto";
+	case AEG_SESSION_LOCAL: return "local";
+	case AEG_SESSION_JOB: return "job";
+	}
+	return "unknown";
+}
+
+/* ------------------------------------------------------------- opening */
+
+static int in_job(void)
+{
+	const char *sock = getenv("AEGAEON_SOCKET");
+
+	return sock != NULL && sock[0] != '\0';
+}
+
+/* LOCAL: the device set, else $AEGAEON_DEVICE, else the config's. */
+static int open_local(aeg_session_t *s, const struct aeg_session_config *c)
+{
+	enum aeg_device_kind kind = s->cfg.device;
+	const char *env = getenv("AEGAEON_DEVICE");
+	uint64_t t = aeg_now_ns();
+	int err;
+
+	if (c->flags & AEG_SESSION_DEVICE_SET) {
+		kind = c->device;
+	} else if (env != NULL && env[0] != '\0') {
+		err = aeg_device_kind_parse(env, &kind);
+		if (err)
+			return aeg_fail(err, "AEGAEON_DEVICE=\"%s\": expected \"cuda\" or \"host\"", env);
+	}
+	err = aeg_device_open(&s->dev, kind);
+	if (err)
+		return err;
+	aeg_span_end("device open", t);
+	err = aeg_device_count(s->dev, &s->ngpus);
+	if (err)
+		return err;
+	s->gpus = calloc((size_t)(s->ngpus ? s->ngpus : 1), sizeof(*s->gpus));
+	return s->gpus ? 0 : aeg_fail(AEG_ENOMEM, "session: out of memory");
+}
+
+static int open_job(aeg_session_t *s, const struct aeg_session_config *c)
+{
+	uint64_t t = aeg_now_ns();
+	struct aeg_job_info info;
+	int err;
+
+	err = (c->flags & AEG_SESSION_CONNECT_ONLY) ? aeg_job_connect(&s->job) : aeg_job_attach(&s->job);
+	if (err)
+		return err;
+	aeg_span_end(c->flags & AEG_SESSION_CONNECT_ONLY ? "job connect" : "job attach", t);
+	s->dev = aeg_job_device(s->job);
+	aeg_job_get_info(s->job, &info);
+	s->ngpus = info.slabs;
+	return 0;
+}
+
+AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_session_t **out)
+{
+	static const struct aeg_session_config defaults;
+	const struct aeg_session_config *c = cfg ? cfg : &defaults;
+	aeg_session_t *s;
+	int err;
+
+	if (out == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_open: NULL argument");
+	*out = NULL;
+	if (c->mode != AEG_SESSION_AUTO && c->mode != AEG_SESSION_LOCAL && c->mode != AEG_SESSION_JOB)
+		return aeg_fail(AEG_EINVAL, "session mode %d: expected auto, local or job", (int)c->mode);
+	if (c->slab != NULL && strlen(c->slab) >= sizeof(s->slab_spec))
+		return aeg_fail(AEG_EINVAL, "slab size \"%.32s...\" is too long", c->slab);
+	s = calloc(1, sizeof(*s));
+	if (s == NULL)
+		return aeg_fail(AEG_ENOMEM, "session: out of memory");
+	pthread_mutex_init(&s->lock, NULL);
+	err = aeg_config_load(&s->cfg, NULL);
+	if (err)
+		goto fail;
+	s->mode = c->mode != AEG_SESSION_AUTO ? c->mode : in_job() ? AEG_SESSION_JOB : AEG_SESSION_LOCAL;
+	if (c->slab != NULL)
+		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", c->slab);
+	s->slab_exact = c->slab_bytes;
+	if (c->engine != NULL) {
+		s->engine = *c->engine;
+	} else {
+		aeg_prefetch_config_defaults(&s->engine);
+		s->engine.threads = s->cfg.prefetch_threads;
+	}
+	s->pool_bytes = c->pool_bytes;
+	s->pool_buffer_bytes = c->pool_buffer_bytes ? c->pool_buffer_bytes : 32ull << 20;
+	err = s->mode == AEG_SESSION_JOB ? open_job(s, c) : open_local(s, c);
+	if (err)
+		goto fail;
+	*out = s;
+	return 0;
+fail:
+	aeg_session_close(s);
+	return err;
+}
+
+/* Destroy a GPU's engine, pool and slab (its loads' chunks with them). */
+static void gpu_free(struct sess_gpu *g)
+{
+	if (g->ring_thread_started)
+		pthread_join(g->ring_thread, NULL);
+	aeg_prefetch_destroy(g->pf);
+	if (g->pool)
+		aeg_pool_destroy(g->pool);
+	if (g->slab)
+		aeg_slab_destroy(g->slab);
+	memset(g, 0, sizeof(*g));
+}
+
+AEG_EXPORT void aeg_session_close(aeg_session_t *s)
+{
+	if (s == NULL)
+		return;
+	while (s->models != NULL)
+		aeg_model_close(s->models);
+	for (int i = 0; s->gpus != NULL && i < s->ngpus; i++)
+		gpu_free(&s->gpus[i]);
+	free(s->gpus);
+	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
+		free(s->owned[i].b);
+	if (s->job != NULL)
+		aeg_job_detach(s->job);         /* closes the device too */
+	else if (s->dev != NULL)
+		aeg_device_close(s->dev);
+	pthread_mutex_destroy(&s->lock);
+	free(s);
+}
+
+AEG_EXPORT enum aeg_session_mode aeg_session_mode(const aeg_session_t *s)
+{
+	return s ? s->mode : AEG_SESSION_AUTO;
+}
+
+AEG_EXPORT aeg_device_t *aeg_session_device(aeg_session_t *s)
+{
+	return s ? s->dev : NULL;
+}
+
+AEG_EXPORT aeg_job_t *aeg_session_job(aeg_session_t *s)
+{
+	return s ? s->job : NULL;
+}
+
+AEG_EXPORT int aeg_session_gpu_count(aeg_session_t *s)
+{
+	return s ? s->ngpus : 0;
+}
+
+/* ------------------------------------------------------ a local engine */
+
+/* The slab of @gpu: a size, or a percentage of the memory free now (other users keep theirs). */
+static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
+{
+	const char *env = getenv("AEGAEON_PREFETCH_SLAB");
+	struct aeg_size_spec spec = s->cfg.slab_default;
+	struct aeg_gpu_info info;
+	char from[96];
+	int err = 0;
+
+	if (s->slab_exact) {
+		*bytes = s->slab_exact;
+		return 0;
+	}
+	if (s->slab_spec[0] != '\0') {
+		snprintf(from, sizeof(from), "slab \"%s\"", s->slab_spec);
+		err = aeg_size_spec_parse(s->slab_spec, &spec);
+	} else if (env != NULL && env[0] != '\0') {
+		snprintf(from, sizeof(from), "AEGAEON_PREFETCH_SLAB=\"%.60s\"", env);
+		err = aeg_size_spec_parse(env, &spec);
+	} else {
+		snprintf(from, sizeof(from), "slab_default of aegaeon.conf");
+	}
+	if (err) {
+		aeg_error_prefix("%s", from);
+		return err;
+	}
+	err = aeg_device_gpu_info(s->dev, gpu, &info);
+	if (err)
+		return err;
+	err = aeg_size_spec_resolve(&spec, info.free_bytes, bytes);
+	if (err == 0 && *bytes < (1u << 20))
+		err = AEG_EINVAL;
+	if (err)
+		return aeg_fail(AEG_EINVAL, "%s gives a prefetch slab under 1 MiB on GPU %d (%" PRIu64 " bytes free)",
+				from, gpu, info.free_bytes);
+	*bytes &= ~((uint64_t)(1u << 20) - 1);
+	return 0;
+}
+
+/*
+ * Until the ring is made a fresh process's loads register every piece from
+ * the page cache, and registrations serialize in the driver (30-31 GB/s on
+ * the H200, against 48 with the ring): the ring is on the first load's
+ * path, so it is small. 24 x 8 MiB takes half the 103-138 ms of 24 x 16 MiB
+ * (4 KiB pages: populating them is most of it).
+ */
+#define RING_BUFFER_BYTES (8ull << 20)
+
+/* The ring's thread: the engine stages through it once made, mapping files until then. */
+static void *make_ring(void *arg)
+{
+	struct sess_gpu *g = arg;
+	int err = aeg_pool_create(g->dev, g->gpu, RING_BUFFER_BYTES, g->ring_bytes, &g->pool);
+
+	if (err)
+		aeg_warn("the prefetch engine's staging ring on GPU %d (%s): files that cannot be mapped do not load",
+			 g->gpu, aeg_error_detail());
+	aeg_prefetch_set_pool(g->pf, err ? NULL : g->pool, 0, err);
+	return NULL;
+}
+
+/* An engine without a pool of the session's makes its ring off the first load's path. */
+static int start_ring(struct sess_gpu *g, aeg_device_t *dev, int gpu, int ring_buffers)
+{
+	int rc;
+
+	g->dev = dev;
+	g->gpu = gpu;
+	g->ring_bytes = RING_BUFFER_BYTES * (uint64_t)ring_buffers;
+	rc = pthread_create(&g->ring_thread, NULL, make_ring, g);
+	if (rc)
+		return aeg_fail(AEG_ENOMEM, "starting the staging ring's thread: %s", strerror(rc));
+	g->ring_thread_started = 1;
+	return 0;
+}
+
+/* Make @gpu's slab, pool and engine unless made; lock held. */
+static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
+{
+	struct sess_gpu *g = &s->gpus[gpu];
+	struct aeg_prefetch_config cfg = s->engine;
+	uint64_t bytes, t;
+	char size[32];
+	int err;
+
+	if (g->pf != NULL) {
+		*pf = g->pf;
+		return 0;
+	}
+	err = slab_bytes(s, gpu, &bytes);
+	if (err)
+		return err;
+	if (!s->topo_tried && cfg.topo == NULL) {
+		s->topo_tried = 1;
+		t = aeg_now_ns();
+		if (aeg_device_kind(s->dev) == AEG_DEVICE_CUDA && aeg_topo_live(&s->topo)) {
+			aeg_warn("no topology (%s): prefetch threads are not bound near the GPU", aeg_error_detail());
+			s->topo = NULL;
+		}
+		aeg_span_end("topology", t);
+	}
+	if (cfg.topo == NULL)
+		cfg.topo = s->topo;
+	t = aeg_now_ns();
+	err = aeg_slab_create(s->dev, gpu, bytes, &g->slab);
+	if (err) {
+		aeg_error_prefix("prefetch slab of %s on GPU %d", aeg_size_format(bytes, size, sizeof(size)), gpu);
+		goto fail;
+	}
+	aeg_span_end("slab create", t);
+	if (s->pool_bytes) {
+		err = aeg_pool_create(s->dev, gpu, s->pool_buffer_bytes, s->pool_bytes, &g->pool);
+		if (err)
+			goto fail;
+		if (cfg.cache_bytes == 0)
+			cfg.cache_bytes = s->pool_bytes;
+	} else {
+		cfg.pool_later_buffer_bytes = RING_BUFFER_BYTES;
+		if (cfg.ring_buffers == 0)
+			cfg.ring_buffers = 2 * cfg.threads;
+	}
+	t = aeg_now_ns();
+	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);
+	if (err == 0 && g->pool == NULL)
+		err = start_ring(g, s->dev, gpu, cfg.ring_buffers);
+	if (err)
+		goto fail;
+	aeg_span_end("engine create", t);
+	*pf = g->pf;
+	return 0;
+fail:
+	aeg_prefetch_destroy(g->pf);
+	if (g->pool)
+		aeg_pool_destroy(g->pool);
+	if (g->slab)
+		aeg_slab_destroy(g->slab);
+	g->pf = NULL;
+	g->pool = NULL;
+	g->slab = NULL;
+	return err;
+}
+
+int session_check_gpu(const aeg_session_t *s, int gpu)
+{
+	if (gpu < 0 || gpu >= s->ngpus)
+		return aeg_fail(AEG_ENODEV, "GPU %d: %s %d GPU%s on the %s backend", gpu,
+				s->mode == AEG_SESSION_JOB ? "the job's slabs are on" : "this process sees", s->ngpus,
+				s->ngpus == 1 ? "" : "s", aeg_device_kind_name(aeg_device_kind(s->dev)));
+	return 0;
+}
+
+/* JOB: the job slab on this process's GPU @gpu (-1: the first slab). */
+int session_job_slab(aeg_session_t *s, int gpu, int *index)
+{
+	struct aeg_job_slab_desc d;
+
+	if (s->ngpus == 0)
+		return aeg_fail(AEG_ENODEV, "the job has no GPU slab on this node (ask for GPUs with --gres=gpu:N)");
+	if (gpu < 0) {
+		*index = 0;
+		return 0;
+	}
+	for (int i = 0; i < s->ngpus; i++) {
+		if (aeg_job_slab_describe(s->job, i, &d) == 0 && d.gpu == gpu) {
+			*index = i;
+			return 0;
+		}
+	}
+	return aeg_fail(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu, s->ngpus,
+			s->ngpus == 1 ? "" : "s");
+}
+
+AEG_EXPORT int aeg_session_set_engine(aeg_session_t *s, const char *slab,
+				      const struct aeg_prefetch_config *engine)
+{
+	int err = 0;
+
+	if (s == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_set_engine: NULL session");
+	if (s->mode == AEG_SESSION_JOB)
+		return aeg_fail(AEG_EINVAL, "a job session loads with the agent's engines");
+	if (slab != NULL && strlen(slab) >= sizeof(s->slab_spec))
+		return aeg_fail(AEG_EINVAL, "slab size \"%.32s...\" is too long", slab);
+	pthread_mutex_lock(&s->lock);
+	for (int g = 0; g < s->ngpus && err == 0; g++) {
+		struct aeg_prefetch_stats st;
+
+		if (s->gpus[g].pf != NULL && aeg_prefetch_stats(s->gpus[g].pf, &st) == 0 && st.loads > 0)
+			err = aeg_fail(AEG_EBUSY, "the engine on GPU %d holds %u load%s: release them first", g,
+				       st.loads, st.loads == 1 ? "" : "s");
+	}
+	for (int g = 0; g < s->ngpus && err == 0; g++)
+		gpu_free(&s->gpus[g]);
+	if (err == 0) {
+		s->slab_exact = 0;
+		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", slab ? slab : "");
+		if (engine != NULL) {
+			s->engine = *engine;
+		} else {
+			aeg_prefetch_config_defaults(&s->engine);
+			s->engine.threads = s->cfg.prefetch_threads;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
+{
+	aeg_prefetch_t *pf;
+	int err, index;
+
+	if (s == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_prepare: NULL session");
+	if (s->mode == AEG_SESSION_JOB)
+		return session_job_slab(s, gpu, &index);
+	err = session_check_gpu(s, gpu);
+	if (err)
+		return err;
+	pthread_mutex_lock(&s->lock);
+	err = engine_locked(s, gpu, &pf);
+	/* Ahead of need, the staging ring too. */
+	if (err == 0 && s->gpus[gpu].ring_thread_started) {
+		pthread_join(s->gpus[gpu].ring_thread, NULL);
+		s->gpus[gpu].ring_thread_started = 0;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+/* --------------------------------------------------------------- models */
+
+static int find_one(aeg_session_t *s, const char *path, int gpu, const struct aeg_slice *slice, aeg_model_t **m);
+
+static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
+{
+	struct aeg_prefetch_options opts = {
+		.chunk_bytes = req->chunk_bytes ? req->chunk_bytes : s->cfg.prefetch_chunk_bytes,
+		.feed = req->feed,
+		.format = req->format,
+		.flags = (req->flags & AEG_LOAD_NO_CACHE) ? AEG_PREFETCH_NO_CACHE : 0,
+		.slice = req->slice,
+	};
+	int gpu = req->gpu < 0 ? 0 : req->gpu;
+	struct aeg_model *m;
+	aeg_prefetch_t *pf;
+	uint64_t t;
+	int err;
+
+	err = session_check_gpu(s, gpu);
+	if (err)
+		return err;
+	if (req->flags & AEG_LOAD_REUSE) {
+		err = find_one(s, req->path, gpu, req->slice, out);
+		if (err != AEG_ENOENT && err != AEG_ESTALE)
+			return err;
+		aeg_error_clear();
+	}
+	m = model_new(s, req->path, gpu, 1);
+	if (m == NULL)
+		return AEG_ENOMEM;
+	pthread_mutex_lock(&s->lock);
+	err = engine_locked(s, gpu, &pf);
+	pthread_mutex_unlock(&s->lock);
+	if (err == 0) {
+		t = aeg_now_ns();
+		err = aeg_prefetch_file(pf, req->path, &opts, &m->load);
+		if (err == 0)
+			aeg_span_end("prefetch start", t);
+	}
+	if (err) {
+		model_free(m);
+		return err;
+	}
+	m->id = aeg_load_id(m->load);
+	*out = m;
+	return 0;
+}
+
+static int load_one(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m)
+{
+	return s->mode == AEG_SESSION_JOB ? session_job_load(s, req, m) : local_load(s, req, m);
+}
+
+/* Every file of a directory or shard index, one part each; a failure frees what was loaded. */
+static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const struct aeg_model_paths *mp,
+		     aeg_model_t **out)
+{
+	struct aeg_model **parts = calloc(mp->count, sizeof(*parts));
+	struct aeg_load_request r = *req;
+	uint32_t n = 0;
+	int err = 0;
+
+	if (parts == NULL)
+		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", req->path, mp->count);
+	for (; n < mp->count && err == 0; n++) {
+		r.path = mp->paths[n];
+		r.format = AEG_FORMAT_SAFETENSORS;
+		err = load_one(s, &r, &parts[n]);
+	}
+	if (err) {
+		/* The detail names the shard; the parts loaded so far go, keeping it. */
+		char why[1024];
+
+		snprintf(why, sizeof(why), "%s", aeg_error_detail());
+		for (uint32_t i = 0; i + 1 < n; i++) {
+			if (parts[i]->owned)
+				model_release_chunks(parts[i]);
+			model_free(parts[i]);
+		}
+		free(parts);
+		return aeg_fail(err, "%s", why);
+	}
+	return model_compose(s, req->path, parts, n, out);
+}
+
+AEG_EXPORT int aeg_session_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **m)
+{
+	struct aeg_model_paths mp;
+	int err;
+
+	if (s == NULL || req == NULL || m == NULL || req->path == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_load: NULL argument");
+	if (req->path[0] == '\0')
+		return aeg_fail(AEG_EINVAL, "empty path");
+	if (req->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN != 0)
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " bytes is not a multiple of 4 KiB (4096 bytes)",
+				req->path, req->chunk_bytes);
+	if (req->flags & ~(AEG_LOAD_REUSE | AEG_LOAD_NO_CACHE))
+		return aeg_fail(AEG_EINVAL, "load flags 0x%x: unknown bits", req->flags);
+	if (req->slice != NULL && aeg_slice_check(req->slice))
+		return aeg_fail_keep(AEG_EINVAL);
+	if (req->slice != NULL && req->format == AEG_FORMAT_RAW)
+		return aeg_fail(AEG_EINVAL, "%s: a tensor-parallel slice of a raw file: a slice needs safetensors tensors",
+				req->path);
+	err = aeg_model_paths(req->path, &mp);
+	if (err)
+		return err;
+	if (mp.dir || mp.index)
+		err = load_many(s, req, &mp, m);
+	else
+		err = load_one(s, req, m);
+	aeg_model_paths_free(&mp);
+	if (err == 0) {
+		pthread_mutex_lock(&s->lock);
+		model_link(*m);
+		pthread_mutex_unlock(&s->lock);
+	}
+	return err;
+}
+
+/*
+ * The newest open LOCAL load of @real on @gpu with @slice (or with id @id)
+ * that still holds chunks, as a new model on the same engine load; lock held.
+ */
+static int local_match(struct aeg_model *o, const char *real, int gpu, const struct aeg_slice *slice, uint64_t id,
+		       aeg_model_t **out)
+{
+	struct aeg_load_progress p;
+
+	if (o->load == NULL || (id ? o->id != id : (o->gpu != gpu || strcmp(o->path, real) != 0 ||
+						    !slice_equal(aeg_load_slice(o->load), slice))))
+		return 0;
+	if (aeg_load_progress(o->load, &p) || (p.status != 0 && p.status != AEG_EBUSY) ||
+	    (p.chunks > 0 && p.released_chunks == p.chunks))
+		return 0;
+	*out = model_new(o->s, o->path, o->gpu, 0);
+	if (*out == NULL)
+		return AEG_ENOMEM;
+	(*out)->load = aeg_load_dup(o->load);
+	(*out)->id = o->id;
+	return 1;
+}
+
+static int local_find_locked(aeg_session_t *s, const char *real, int gpu, const struct aeg_slice *slice,
+			     uint64_t id, aeg_model_t **out)
+{
+	for (struct aeg_model *o = s->models; o; o = o->next) {
+		int r = local_match(o, real, gpu, slice, id, out);
+
+		for (uint32_t i = 0; r == 0 && i < o->nparts; i++)
+			r = local_match(o->parts[i], real, gpu, slice, id, out);
+		if (r)
+			return r < 0 ? r : 0;
+	}
+	return id ? aeg_fail(AEG_ENOENT, "no load %" PRIu64 " in this process", id) :
+		    aeg_fail(AEG_ENOENT, "%s is not loaded onto GPU %d by this process", real, gpu);
+}
+
+/* One file's newest resident load (LOCAL: with @slice; JOB: whole), not linked. */
+static int find_one(aeg_session_t *s, const char *path, int gpu, const struct aeg_slice *slice, aeg_model_t **m)
+{
+	char real[PATH_MAX];
+	int err;
+
+	if (s->mode == AEG_SESSION_JOB)
+		return session_job_find(s, 0, path, gpu, m);
+	if (gpu < 0)
+		gpu = 0;
+	err = session_check_gpu(s, gpu);
+	if (err)
+		return err;
+	if (realpath(path, real) == NULL)
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
+	pthread_mutex_lock(&s->lock);
+	err = local_find_locked(s, real, gpu, slice, 0, m);
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+/* Every file of a directory or shard index resident: the model of them, not owned. */
+static int find_many(aeg_session_t *s, const char *path, const struct aeg_model_paths *mp, int gpu,
+		     aeg_model_t **out)
+{
+	struct aeg_model **parts = calloc(mp->count, sizeof(*parts));
+	uint32_t n = 0;
+	int err = 0;
+
+	if (parts == NULL)
+		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", path, mp->count);
+	for (; n < mp->count && err == 0; n++)
+		err = find_one(s, mp->paths[n], gpu, NULL, &parts[n]);
+	if (err) {
+		for (uint32_t i = 0; i + 1 < n; i++)
+			model_free(parts[i]);
+		free(parts);
+		return err;
+	}
+	return model_compose(s, path, parts, n, out);
+}
+
+AEG_EXPORT int aeg_session_find(aeg_session_t *s, const char *path, int gpu, aeg_model_t **m)
+{
+	struct aeg_model_paths mp;
+	int err;
+
+	if (s == NULL || path == NULL || m == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_find: NULL argument");
+	err = aeg_model_paths(path, &mp);
+	if (err)
+		return err;
+	err = mp.dir || mp.index ? find_many(s, path, &mp, gpu, m) : find_one(s, path, gpu, NULL, m);
+	aeg_model_paths_free(&mp);
+	if (err == 0) {
+		pthread_mutex_lock(&s->lock);
+		model_link(*m);
+		pthread_mutex_unlock(&s->lock);
+	}
+	return err;
+}
+
+AEG_EXPORT int aeg_session_find_id(aeg_session_t *s, uint64_t id, aeg_model_t **m)
+{
+	int err;
+
+	if (s == NULL || m == NULL || id == 0)
+		return aeg_fail(AEG_EINVAL, "aeg_session_find_id: %s", id ? "NULL argument" : "load id 0");
+	if (s->mode == AEG_SESSION_JOB) {
+		err = session_job_find(s, id, NULL, -1, m);
+		pthread_mutex_lock(&s->lock);
+	} else {
+		pthread_mutex_lock(&s->lock);
+		err = local_find_locked(s, NULL, -1, NULL, id, m);
+	}
+	if (err == 0)
+		model_link(*m);
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+AEG_EXPORT int aeg_session_engine_stats(aeg_session_t *s, int gpu, struct aeg_prefetch_stats *stats,
+					uint64_t *slab_bytes)
+{
+	aeg_prefetch_t *pf = NULL;
+	aeg_slab_t *slab = NULL;
+	int err;
+
+	if (s == NULL || stats == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_engine_stats: NULL argument");
+	if (s->mode == AEG_SESSION_JOB)
+		return aeg_fail(AEG_ENOENT, "a job session has no engine of its own (the agent's: aegaeon-cli status)");
+	err = session_check_gpu(s, gpu);
+	if (err)
+		return err;
+	pthread_mutex_lock(&s->lock);
+	pf = s->gpus[gpu].pf;
+	slab = s->gpus[gpu].slab;
+	pthread_mutex_unlock(&s->lock);
+	if (pf == NULL)
+		return aeg_fail(AEG_ENOENT, "no engine on GPU %d yet", gpu);
+	if (slab_bytes)
+		*slab_bytes = aeg_slab_bytes(slab);
+	return aeg_prefetch_stats(pf, stats);
+}
+
+AEG_EXPORT uint64_t aeg_session_owned_blocks(aeg_session_t *s)
+{
+	uint64_t n = 0;
+
+	if (s == NULL)
+		return 0;
+	pthread_mutex_lock(&s->lock);
+	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
+		n += s->owned[i].n;
+	for (int g = 0; s->gpus != NULL && g < s->ngpus; g++) {
+		struct aeg_prefetch_stats st;
+
+		if (s->gpus[g].pf != NULL && aeg_prefetch_stats(s->gpus[g].pf, &st) == 0)
+			n += st.blocks;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
+AEG_EXPORT int aeg_session_locate(aeg_session_t *s, uint64_t ptr, uint64_t bytes, uint64_t slab_id, int *gpu)
+{
+	int found = -1;
+
+	if (s == NULL || gpu == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_session_locate: NULL argument");
+	if (s->mode == AEG_SESSION_JOB) {
+		for (int i = 0; i < s->ngpus && found < 0; i++) {
+			struct aeg_job_slab_desc d;
+			uintptr_t start;
+
+			if (aeg_job_slab_describe(s->job, i, &d) || d.base == NULL || d.gpu < 0)
+				continue;
+			start = (uintptr_t)d.base;
+			if (ptr >= start && bytes <= d.bytes && ptr - start <= d.bytes - bytes)
+				found = d.gpu;
+		}
+	} else {
+		pthread_mutex_lock(&s->lock);
+		for (int i = 0; i < s->ngpus && found < 0; i++) {
+			struct aeg_block b;
+			uintptr_t start;
+
+			if (s->gpus[i].slab == NULL || aeg_slab_lookup(s->gpus[i].slab, slab_id, &b))
+				continue;
+			start = (uintptr_t)b.ptr;
+			if (ptr >= start && bytes <= b.size && ptr - start <= b.size - bytes)
+				found = i;
+		}
+		pthread_mutex_unlock(&s->lock);
+		aeg_error_clear();
+	}
+	if (found < 0)
+		return aeg_fail(AEG_ENOENT, "no live loaded chunk has slab id %" PRIu64 " with %" PRIu64 " bytes at 0x%" PRIx64,
+				slab_id, bytes, ptr);
+	*gpu = found;
+	return 0;
+}
+
