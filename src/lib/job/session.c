@@ -218,13 +218,13 @@ static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
 }
 
 /*
- * Until the ring is made a fresh process's loads register every piece from
- * the page cache, and registrations serialize in the driver (30-31 GB/s on
- * the H200, against 48 with the ring): the ring is on the first load's
- * path, so it is small. 24 x 8 MiB takes half the 103-138 ms of 24 x 16 MiB
- * (4 KiB pages: populating them is most of it).
+ * 24 x 16 MiB. Until the ring is made a fresh process's loads register
+ * every piece from the page cache (30-31 GB/s on the H200); 24 x 8 MiB came
+ * up in 72-94 ms instead of 103-138 but fed the mixed feed less once made
+ * (38-42 GB/s against 48 on a warm engine) and gained nothing in a fresh
+ * process (0.29 s for 8 GiB either way): docs/benchmarks.md.
  */
-#define RING_BUFFER_BYTES (8ull << 20)
+#define RING_BUFFER_BYTES (16ull << 20)
 
 /* The ring's thread: the engine stages through it once made, mapping files until then. */
 static void *make_ring(void *arg)
