@@ -97,5 +97,11 @@ check "every rank released its slice: no load left on either node" \
 	test "$(grep -c '^status ' <<<"$out")" -ge 2 -a "$(grep -cE '^status +load [0-9]+' <<<"$out")" -eq 0
 wait_job "$job" 30
 check "after the job: nothing left on either node" nothing_left 10
+# A failure shows what the job printed, and the slurmd logs' aegaeon lines.
+if ((FAILED)); then
+	log "the job's output:"
+	sed 's/^/#   /' <<<"$out" >&2
+	grep -h aegaeon "$T"/log/slurmd-n*.log 2>/dev/null | tail -n 40 | sed 's/^/#   /' >&2
+fi
 
 finish
