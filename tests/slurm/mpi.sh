@@ -56,9 +56,11 @@ chown -R "$JOB_USER" "$T/work/model"
 data=$(($(stat -c %s "$T"/work/model/*.safetensors | paste -sd+) - $(for f in "$T"/work/model/*.safetensors; do
 	od -An -t u8 -N 8 "$f"; done | awk '{s += $1 + 8} END {print s}')))
 
-# Open MPI's shared-memory transport takes ranks of one host for one node: TCP between them.
+# Open MPI's shared-memory transport takes ranks of one host for one node: TCP between them,
+# over loopback, where both nodes live (a machine's other interfaces may refuse connects
+# under load: one run's ranks failed to connect over eth0 and Open MPI crashed).
 job=$(submit -N2 --ntasks-per-node=2 --gres=gpu:2 --aegaeon-slab=64MiB --aegaeon-pinned=8MiB:1MiB -o mpi.out --wrap "
-	export OMPI_MCA_btl=self,tcp OMPI_MCA_pml=ob1
+	export OMPI_MCA_btl=self,tcp OMPI_MCA_pml=ob1 OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
 	srun --mpi=pmix $MPI_LOAD model; echo megatron rc=\$?
 	srun --mpi=pmix $MPI_LOAD -p none -r '*embed_tokens.weight=1' -r '*.down_proj.weight=1' -r '*_proj.weight=0' model; echo rules rc=\$?
 	srun --mpi=pmix -n3 $MPI_LOAD model; echo uneven rc=\$?
