@@ -67,8 +67,9 @@ struct aeg_prefetch_config {
 	/*
 	 * Buffer size of a pool given later (aeg_prefetch_set_pool) when
 	 * aeg_prefetch_create gets none; 0: the engine makes its own pool [0].
-	 * Until the pool comes, loads take the MMAP feed (no staging needed);
-	 * one whose file cannot be mapped waits for it.
+	 * Until the pool comes, AUTO loads register every piece (a small file
+	 * takes MMAP, a large one MIXED, which reads through the pool once it
+	 * is there); one whose file cannot be mapped waits for it.
 	 */
 	uint64_t pool_later_buffer_bytes;
 	const aeg_topo_t *topo;     /* bind workers to the GPU's local CPUs; NULL: unbound */

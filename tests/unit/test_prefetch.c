@@ -288,6 +288,62 @@ static void raw_file_every_feed(void **state)
 	fx_free(f);
 }
 
+/*
+ * An engine whose pool comes later (a session's staging ring, made beside
+ * the first load): a large AUTO load takes MIXED at once, registering every
+ * piece until the pool is there, and loads whole whether the pool comes in
+ * the middle or never does.
+ */
+static void pool_later_mixed(void **state)
+{
+	struct fx f = { 0 };
+	struct aeg_prefetch_config cfg;
+	const uint64_t size = 3 * MiB + 4321;
+	char path[128];
+	unsigned char *file;
+
+	assert_int_equal(aeg_device_open(&f.dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(f.dev, 0, SLAB_BYTES, &f.slab), 0);
+	snprintf(f.dir, sizeof(f.dir), "/tmp/aegaeon-pf-XXXXXX");
+	assert_non_null(mkdtemp(f.dir));
+	file = raw_file(&f, "model.bin", size, 7, path, sizeof(path));
+	for (int round = 0; round < 2; round++) {
+		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+		struct aeg_load_progress pr;
+		aeg_load_t *l;
+
+		aeg_prefetch_config_defaults(&cfg);
+		cfg.threads = 4;
+		cfg.piece_bytes = 64 * KiB;
+		cfg.mmap_threads = 1;   /* with a pool, three of the four workers would read */
+		cfg.small_file_bytes = 1 * MiB;
+		cfg.pool_later_buffer_bytes = BUF_BYTES;
+		assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
+		/* Round 0: the pool comes while the load runs; round 1: it never does. */
+		if (round == 1)
+			assert_int_equal(aeg_prefetch_set_pool(f.pf, NULL, 0, AEG_ENOMEM), 0);
+		assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+		if (round == 0) {
+			assert_int_equal(aeg_pool_create(f.dev, 0, BUF_BYTES, BUF_BYTES * POOL_BUFFERS, &f.pool), 0);
+			assert_int_equal(aeg_prefetch_set_pool(f.pf, f.pool, 0, 0), 0);
+		}
+		assert_int_equal(aeg_load_wait(l, 10000), 0);
+		check_chunks(&f, l, file, 0, size);
+		assert_int_equal(aeg_load_progress(l, &pr), 0);
+		assert_int_equal(pr.feed, AEG_FEED_MIXED);
+		release_load(&f, l);
+		aeg_prefetch_destroy(f.pf);
+		if (f.pool != NULL)
+			aeg_pool_destroy(f.pool);
+		f.pool = NULL;
+	}
+	free(file);
+	aeg_slab_destroy(f.slab);
+	aeg_device_close(f.dev);
+	unlink(path);
+	rmdir(f.dir);
+}
+
 static void empty_file(void **state)
 {
 	struct fx *f = fx_new(0, 2);
@@ -983,6 +1039,7 @@ int main(int argc, char **argv)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(raw_file_every_feed),
+		cmocka_unit_test(pool_later_mixed),
 		cmocka_unit_test(empty_file),
 		cmocka_unit_test(safetensors_table),
 		cmocka_unit_test(open_and_option_errors),

@@ -401,7 +401,9 @@ static int record_chunks(struct aeg_prefetch *pf, struct item *it)
 /*
  * May this worker register @l's piece? Always for MMAP. For MIXED only while
  * fewer than mmap_threads workers register: registrations serialize in the
- * driver, so more would wait there while they could be reading instead.
+ * driver, so more would wait there while they could be reading instead; but
+ * every one while the engine's pool is still being made (or could not be):
+ * there is nothing to read through yet.
  */
 static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
 {
@@ -412,7 +414,7 @@ static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
 	if (l->feed != AEG_FEED_MIXED)
 		return 1;
 	pthread_mutex_lock(&pf->lock);
-	if (pf->registering < (uint32_t)pf->cfg.mmap_threads)
+	if (pf->pool == NULL || pf->registering < (uint32_t)pf->cfg.mmap_threads)
 		pf->registering++;
 	else
 		ok = 0;

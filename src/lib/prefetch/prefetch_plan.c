@@ -392,9 +392,13 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 	l->feed = o->feed;
 	if (l->feed == AEG_FEED_AUTO)
 		l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MIXED;
-	/* No pool yet (it is still being made): every piece registered from the page cache. */
+	/*
+	 * No pool yet (it is still being made): a small file is mapped; a large
+	 * one stays MIXED, registering every piece until the pool comes and
+	 * reading through it from then on (lane_take).
+	 */
 	pthread_mutex_lock(&pf->lock);
-	if (pf->pool == NULL && o->feed == AEG_FEED_AUTO)
+	if (pf->pool == NULL && o->feed == AEG_FEED_AUTO && l->feed == AEG_FEED_READ)
 		l->feed = AEG_FEED_MMAP;
 	pthread_mutex_unlock(&pf->lock);
 	if (mapped(l) && l->st.st_size > 0) {
