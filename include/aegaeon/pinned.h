@@ -97,7 +97,8 @@ int aeg_pool_stats(aeg_pool_t *pool, struct aeg_pool_stats *stats);
 /*
  * aeg_pool_fd - the pool's memfd, to pass to another process (SCM_RIGHTS)
  * for aeg_pool_attach; owned by the pool: do not close it. AEG_EINVAL for a
- * NULL @pool.
+ * NULL @pool, or a pool private to this process (a prefetch engine's
+ * staging ring).
  */
 int aeg_pool_fd(const aeg_pool_t *pool);
 void *aeg_pool_base(const aeg_pool_t *pool);   /* buffer 0 */

@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -515,6 +516,69 @@ static void four_kib_pages(void **state)
 	unsetenv("AEGAEON_PINNED_HUGEPAGES");
 }
 
+/* Whether the process can still write to @p: a child (this process, forked) tries. */
+static int child_can_write(volatile char *p)
+{
+	pid_t pid = fork();
+	int status;
+
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		/* cmocka's handler would report the fault as this test's and run the rest here. */
+		signal(SIGSEGV, SIG_DFL);
+		p[0] = 1;
+		_exit(0);
+	}
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/*
+ * A pool private to this process (a prefetch engine's staging ring): no
+ * memfd and nothing to share (aeg_pool_fd fails), buffers on 2 MiB
+ * boundaries for transparent huge pages, not inherited by a child (a fork
+ * would share its pinned pages copy-on-write), and otherwise a pool.
+ */
+static void private_pool(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct aeg_pool_buffer b[4];
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL, *shared = NULL;
+	int maps = count_pool_maps(), fds = count_fds();
+
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_pool_create_private(dev, 0, MiB, 4 * MiB, &pool), 0);
+	assert_int_equal(count_pool_maps(), maps);
+	assert_int_equal(count_fds(), fds);
+	assert_int_equal(aeg_pool_fd(pool), AEG_EINVAL);
+	assert_non_null(strstr(aeg_error_detail(), "private"));
+	assert_int_equal((uintptr_t)aeg_pool_base(pool) % HUGE, 0);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.buffers, 4);
+	for (int i = 0; i < 4; i++) {
+		assert_int_equal(aeg_pool_acquire(pool, 0, &b[i]), 0);
+		memset(b[i].ptr, 0x40 + i, b[i].bytes);
+	}
+	assert_int_equal(aeg_pool_acquire(pool, 0, &b[0]) == AEG_ETIMEDOUT, 1);
+	for (int i = 0; i < 4; i++)
+		assert_int_equal(aeg_pool_release(pool, b[i].index), 0);
+	assert_false(child_can_write(aeg_pool_base(pool)));
+	/* The shared pool next to it is inherited, as its processes need. */
+	assert_int_equal(aeg_pool_create(dev, 0, MiB, 4 * MiB, &shared), 0);
+	assert_true(child_can_write(aeg_pool_base(shared)));
+	aeg_pool_destroy(shared);
+	aeg_pool_destroy(pool);
+	assert_int_equal(count_fds(), fds);
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+
+	/* Bad sizes fail as for a shared pool, with nothing left. */
+	assert_int_equal(aeg_pool_create_private(dev, 0, 0, MiB, &pool), AEG_EINVAL);
+	assert_null(pool);
+	assert_int_equal(aeg_pool_create_private(dev, 0, 2 * MiB, MiB, &pool), AEG_EINVAL);
+	assert_int_equal(aeg_pool_create_private(dev, 3, MiB, MiB, &pool), AEG_ENODEV);
+}
+
 static void bad_hugepage_modes(void **state)
 {
 	static const struct {
@@ -734,6 +798,7 @@ int main(void)
 		cmocka_unit_test(bound_to_the_gpu_node),
 		cmocka_unit_test_setup_teardown(no_leaks, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(four_kib_pages, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(private_pool, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(bad_hugepage_modes, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(hugetlb_pool, huge_setup, huge_teardown),
 		cmocka_unit_test(topology_loaded_once),

@@ -56,7 +56,8 @@ _Static_assert(offsetof(struct aeg_pool_header, head) % 8 == 0, "the free stack 
 
 struct aeg_pool {
 	aeg_device_t *dev;
-	int fd;
+	int fd;                         /* -1 for a private pool */
+	int private_pool;               /* anonymous memory of this process, shared with no one */
 	void *map;
 	uint64_t map_bytes;
 	char *data;
@@ -376,6 +377,37 @@ static void pool_layout(aeg_pool_t *pool, uint32_t buffers, uint64_t header_byte
 	aeg_pool_list_init(&pool->list, pool->map, buffers);
 }
 
+/*
+ * A private pool's memory: anonymous, on a 2 MiB boundary, with transparent
+ * huge pages asked for (zeroing and pinning 2 MiB pages costs about half of
+ * what 4 KiB pages cost; a kernel without them gives 4 KiB pages), and kept
+ * out of children: a fork would otherwise share the pinned pages
+ * copy-on-write with a child.
+ */
+static int map_private(aeg_pool_t *pool)
+{
+	uint64_t lead;
+	char *raw;
+
+	raw = mmap(NULL, pool->map_bytes + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (raw == MAP_FAILED)
+		return aeg_fail(AEG_ENOMEM, "pinned pool: mmap of %" PRIu64 " private bytes: %s", pool->map_bytes,
+				strerror(errno));
+	lead = aeg_round_up((uint64_t)(uintptr_t)raw, HUGE_PAGE) - (uint64_t)(uintptr_t)raw;
+	if (lead > 0)
+		munmap(raw, lead);
+	if (HUGE_PAGE - lead > 0)
+		munmap(raw + lead + pool->map_bytes, HUGE_PAGE - lead);
+	pool->map = raw + lead;
+#ifdef MADV_HUGEPAGE
+	(void)madvise(pool->map, pool->map_bytes, MADV_HUGEPAGE);
+#endif
+	if (madvise(pool->map, pool->map_bytes, MADV_DONTFORK) != 0)
+		return aeg_fail(AEG_EIO, "pinned pool: keeping %" PRIu64 " bytes out of children (MADV_DONTFORK): %s",
+				pool->map_bytes, strerror(errno));
+	return 0;
+}
+
 /* The memfd of @page pages holding @header + @data_bytes, mapped, bound and populated. */
 static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t data_bytes,
 		     struct place *pl, int gpu)
@@ -385,6 +417,13 @@ static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t 
 	int err;
 
 	pool->timing.page_bytes = page;
+	if (pool->private_pool && page == POOL_PAGE) {
+		pool->map_bytes = header + data_bytes;
+		err = map_private(pool);
+		if (err < 0)
+			return err;
+		goto place;
+	}
 	pool->fd = memfd_create("aegaeon-pool", MFD_CLOEXEC | (page == HUGE_PAGE ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
 	if (pool->fd < 0)
 		return aeg_fail(AEG_EIO, "pinned pool: memfd_create%s: %s", kind, strerror(errno));
@@ -400,6 +439,7 @@ static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t 
 				pool->map_bytes, kind, strerror(errno));
 	}
 
+place:
 	t = aeg_now_ns();
 	err = bind(pl, gpu, (char *)pool->map + header, data_bytes);
 	pool->timing.bind_ns += aeg_now_ns() - t;
@@ -485,8 +525,8 @@ int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t p
 	return err;
 }
 
-AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
-			       uint64_t pool_bytes, aeg_pool_t **poolp)
+static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, int private_pool,
+		       aeg_pool_t **poolp)
 {
 	uint64_t t0 = aeg_now_ns(), t, header;
 	struct pool_plan p;
@@ -503,8 +543,10 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 	if (pool == NULL)
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
 	pool->timing.bind_ns = p.locate_ns;
+	pool->private_pool = private_pool;
 	for (;;) {
-		header = header_bytes_for((uint32_t)p.buffers, p.page);
+		/* A private pool's buffers start on a 2 MiB boundary, where its huge pages do. */
+		header = header_bytes_for((uint32_t)p.buffers, private_pool ? HUGE_PAGE : p.page);
 		err = provision(pool, p.page, header, p.data_bytes, &p.pl, gpu);
 		if (err == 0)
 			break;
@@ -535,7 +577,8 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 	pool->timing.register_ns = aeg_now_ns() - t;
 	pool->timing.total_ns = aeg_now_ns() - t0;
 	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, register %.1f)",
-		  p.buffers, buffer_bytes, p.page == HUGE_PAGE ? "2 MiB" : "4 KiB", p.pl.numa_node,
+		  p.buffers, buffer_bytes,
+		  p.page == HUGE_PAGE ? "2 MiB" : private_pool ? "private (transparent huge)" : "4 KiB", p.pl.numa_node,
 		  pool->timing.total_ns / 1e6, pool->timing.bind_ns / 1e6, pool->timing.populate_ns / 1e6,
 		  pool->timing.threads, pool->timing.register_ns / 1e6);
 	aeg_span_end("pool create", t0);
@@ -544,6 +587,18 @@ AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes
 fail:
 	pool_free(pool);
 	return err;
+}
+
+AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
+			       uint64_t pool_bytes, aeg_pool_t **poolp)
+{
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, poolp);
+}
+
+int aeg_pool_create_private(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
+			    aeg_pool_t **poolp)
+{
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 1, poolp);
 }
 
 /* The page size of the file behind @fd: a hugetlb memfd maps in huge pages only. */
@@ -758,7 +813,11 @@ int aeg_pool_reclaim(aeg_pool_t *pool, pid_t pid, uint32_t *reclaimed)
 
 AEG_EXPORT int aeg_pool_fd(const aeg_pool_t *pool)
 {
-	return pool != NULL ? pool->fd : AEG_EINVAL;
+	if (pool == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_pool_fd: NULL pool");
+	if (pool->fd < 0)
+		return aeg_fail(AEG_EINVAL, "pinned pool: a private pool (a prefetch engine's staging ring) has no file to share");
+	return pool->fd;
 }
 
 AEG_EXPORT void *aeg_pool_base(const aeg_pool_t *pool)

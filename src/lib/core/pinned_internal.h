@@ -107,6 +107,16 @@ uint32_t aeg_pool_list_reclaim(struct aeg_pool_list *l, uint32_t pid);
 void aeg_pool_list_counts(const struct aeg_pool_list *l, struct aeg_pool_stats *stats);
 
 /*
+ * aeg_pool_create_private - aeg_pool_create of a pool this process alone
+ * uses (a prefetch engine's staging ring): where no 2 MiB huge pages are
+ * reserved, anonymous memory with transparent huge pages asked for instead
+ * of a memfd, so it is made in about half the time. It cannot be shared:
+ * aeg_pool_fd fails, and a child process does not inherit it.
+ */
+int aeg_pool_create_private(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
+			    aeg_pool_t **poolp);
+
+/*
  * aeg_pool_attach_known - aeg_pool_attach of the pool whose geometry the
  * agent told (the job's steps): the header, which any step can write, is
  * not read for it. AEG_EINVAL when the file does not match.

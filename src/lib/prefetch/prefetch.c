@@ -18,6 +18,7 @@
 
 #include "device_internal.h"
 #include "internal.h"
+#include "pinned_internal.h"
 #include "prefetch_engine.h"
 
 #define OWN_POOL_BUFFER (16ull << 20)
@@ -182,7 +183,7 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 		pf->cfg.cache_bytes = 0;
 	} else {
 		if (pool == NULL) {
-			err = aeg_pool_create(pf->dev, pf->gpu, OWN_POOL_BUFFER,
+			err = aeg_pool_create_private(pf->dev, pf->gpu, OWN_POOL_BUFFER,
 					      OWN_POOL_BUFFER * (uint64_t)pf->cfg.ring_buffers, &pool);
 			if (err)
 				goto fail;
