@@ -344,6 +344,47 @@ static void pool_later_mixed(void **state)
 	rmdir(f.dir);
 }
 
+/*
+ * A held engine starts no piece: a load waits, whole, until the hold goes;
+ * a cancel or release of a load still ends while held; holds nest; a
+ * release with no hold is refused.
+ */
+static void hold_engine(void **state)
+{
+	struct fx *f = fx_new(0, 4);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	struct aeg_load_progress pr;
+	const uint64_t size = 2 * MiB + 999;
+	char path[128];
+	unsigned char *file = raw_file(f, "model.bin", size, 5, path, sizeof(path));
+	aeg_load_t *l, *c;
+
+	assert_int_equal(aeg_prefetch_hold(f->pf, 0), AEG_EINVAL);
+	assert_int_equal(aeg_prefetch_hold(NULL, 1), AEG_EINVAL);
+	assert_int_equal(aeg_prefetch_hold(f->pf, 1), 0);
+	assert_int_equal(aeg_prefetch_hold(f->pf, 1), 0);
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &c), 0);
+	assert_int_equal(aeg_load_wait(l, 200), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.status, AEG_EBUSY);
+	assert_int_equal(pr.done_bytes, 0);
+	/* A stop needs no worker to start anything. */
+	assert_int_equal(aeg_load_cancel(c), 0);
+	assert_int_equal(aeg_load_wait(c, 10000), AEG_ECANCELED);
+	assert_int_equal(aeg_load_release(c), 0);
+	aeg_load_close(c);
+	assert_int_equal(aeg_prefetch_hold(f->pf, 0), 0);
+	assert_int_equal(aeg_load_wait(l, 200), AEG_ETIMEDOUT);     /* still held once */
+	assert_int_equal(aeg_prefetch_hold(f->pf, 0), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, file, 0, size);
+	release_load(f, l);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
 static void empty_file(void **state)
 {
 	struct fx *f = fx_new(0, 2);
@@ -1040,6 +1081,7 @@ int main(int argc, char **argv)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(raw_file_every_feed),
 		cmocka_unit_test(pool_later_mixed),
+		cmocka_unit_test(hold_engine),
 		cmocka_unit_test(empty_file),
 		cmocka_unit_test(safetensors_table),
 		cmocka_unit_test(open_and_option_errors),

@@ -19,6 +19,7 @@
 #include "internal.h"
 #include "model_paths.h"
 #include "pinned_internal.h"
+#include "prefetch_internal.h"
 #include "session_internal.h"
 #include "topo_internal.h"
 
@@ -489,23 +490,56 @@ static void reserve_events(aeg_session_t *s, const struct aeg_load_request *req,
 	aeg_span_end("events ahead", t);
 }
 
+/*
+ * A local load of many files holds its engine (made here if it is not yet)
+ * until every file has started: a start maps its file, which waits for the
+ * registrations of files already loading (aeg_prefetch_hold). The engine
+ * held, or NULL (a job's session, or an engine that could not be made: the
+ * first load says why).
+ */
+static aeg_prefetch_t *hold_engine(aeg_session_t *s, int gpu)
+{
+	aeg_prefetch_t *pf = NULL;
+	int err;
+
+	if (s->mode == AEG_SESSION_JOB)
+		return NULL;
+	gpu = gpu < 0 ? 0 : gpu;
+	if (session_check_gpu(s, gpu)) {
+		aeg_error_clear();
+		return NULL;
+	}
+	pthread_mutex_lock(&s->lock);
+	err = engine_locked(s, gpu, &pf);
+	pthread_mutex_unlock(&s->lock);
+	if (err || aeg_prefetch_hold(pf, 1)) {
+		aeg_error_clear();
+		return NULL;
+	}
+	return pf;
+}
+
 /* Every file of a directory or shard index, one part each; a failure frees what was loaded. */
 static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const struct aeg_model_paths *mp,
 		     aeg_model_t **out)
 {
 	struct aeg_model **parts = calloc(mp->count, sizeof(*parts));
 	struct aeg_load_request r = *req;
+	aeg_prefetch_t *held;
 	uint32_t n = 0;
 	int err = 0;
 
 	if (parts == NULL)
 		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", req->path, mp->count);
 	reserve_events(s, req, mp);
+	held = hold_engine(s, req->gpu);
 	for (; n < mp->count && err == 0; n++) {
 		r.path = mp->paths[n];
 		r.format = AEG_FORMAT_SAFETENSORS;
 		err = load_one(s, &r, &parts[n]);
 	}
+	if (held != NULL)
+		aeg_prefetch_hold(held, 0);
 	if (err) {
 		/* The detail names the shard; the parts loaded so far go, keeping it. */
 		char why[1024];

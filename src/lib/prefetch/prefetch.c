@@ -20,6 +20,7 @@
 #include "internal.h"
 #include "pinned_internal.h"
 #include "prefetch_engine.h"
+#include "prefetch_internal.h"
 
 #define OWN_POOL_BUFFER (16ull << 20)
 
@@ -302,6 +303,22 @@ AEG_EXPORT int aeg_prefetch_set_pool(aeg_prefetch_t *pf, aeg_pool_t *pool, uint6
 		snprintf(pf->pool_detail, sizeof(pf->pool_detail), "%s", aeg_error_detail());
 	}
 	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	return 0;
+}
+
+int aeg_prefetch_hold(aeg_prefetch_t *pf, int hold)
+{
+	if (pf == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_hold: NULL engine");
+	pthread_mutex_lock(&pf->lock);
+	if (!hold && pf->held == 0) {
+		pthread_mutex_unlock(&pf->lock);
+		return aeg_fail(AEG_EINVAL, "prefetch: the engine is not held");
+	}
+	pf->held += hold ? 1 : -1;
+	if (pf->held == 0)
+		pthread_cond_broadcast(&pf->work_cv);
 	pthread_mutex_unlock(&pf->lock);
 	return 0;
 }

@@ -159,6 +159,7 @@ struct aeg_prefetch {
 	pthread_t *workers;
 	int nworkers;
 	int quit;
+	uint32_t held;                          /* aeg_prefetch_hold: no new piece starts */
 	aeg_stream_t **streams;
 	int nstreams;
 

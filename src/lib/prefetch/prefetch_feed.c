@@ -569,6 +569,8 @@ static struct aeg_load *pick(struct aeg_prefetch *pf)
 	struct aeg_load *best = NULL;
 	uint32_t reg_limit = 2 * (uint32_t)pf->nworkers;
 
+	if (pf->held)
+		return NULL;
 	for (struct aeg_load *l = pf->loads; l; l = l->next) {
 		if (!l->in_flight || l->next_item >= l->nitems)
 			continue;

@@ -26,4 +26,15 @@ uint64_t aeg_prefetch_item_bytes(const aeg_load_t *load);
  */
 uint64_t aeg_prefetch_slab_bytes_for(uint64_t file_bytes, uint64_t chunk_bytes);
 
+/*
+ * aeg_prefetch_hold - while held (@hold 1; nested holds count), the workers
+ * start no new piece of any load; @hold 0 lets them go. A caller starting
+ * the loads of many files holds the engine meanwhile: each start maps its
+ * file, and mapping waits for every registration and page population in
+ * flight in the process (the kernel's mmap lock), 2-111 ms a shard on the
+ * H200 once the first file was loading. AEG_EINVAL for a NULL engine or
+ * more releases than holds.
+ */
+int aeg_prefetch_hold(aeg_prefetch_t *pf, int hold);
+
 #endif
