@@ -304,10 +304,10 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 	}
 	t = aeg_now_ns();
 	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);
-	if (err == 0 && g->pool == NULL)
-		err = start_ring(g, s->dev, gpu, cfg.ring_buffers);
 	if (err)
 		goto fail;
+	if (g->pool == NULL)
+		g->ring_pending = cfg.ring_buffers;
 	aeg_span_end("engine create", t);
 	*pf = g->pf;
 	return 0;
@@ -321,6 +321,34 @@ fail:
 	g->pool = NULL;
 	g->slab = NULL;
 	return err;
+}
+
+/*
+ * Start @gpu's staging ring if it waits to be made: after the first load's
+ * start, so that the start (which maps its file and makes its events) does
+ * not wait behind the ring's page population and registration. Lock held.
+ */
+static void ring_go_locked(aeg_session_t *s, int gpu)
+{
+	struct sess_gpu *g = &s->gpus[gpu];
+	int buffers = g->ring_pending, err;
+
+	if (buffers == 0 || g->starting_many)
+		return;
+	g->ring_pending = 0;
+	err = start_ring(g, s->dev, gpu, buffers);
+	if (err) {
+		aeg_warn("the prefetch engine's staging ring on GPU %d (%s): files that cannot be mapped do not load",
+			 gpu, aeg_error_detail());
+		aeg_prefetch_set_pool(g->pf, NULL, 0, err);
+	}
+}
+
+static void ring_go(aeg_session_t *s, int gpu)
+{
+	pthread_mutex_lock(&s->lock);
+	ring_go_locked(s, gpu);
+	pthread_mutex_unlock(&s->lock);
 }
 
 int session_check_gpu(const aeg_session_t *s, int gpu)
@@ -403,6 +431,8 @@ AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
 	pthread_mutex_lock(&s->lock);
 	err = engine_locked(s, gpu, &pf);
 	/* Ahead of need, the staging ring too. */
+	if (err == 0)
+		ring_go_locked(s, gpu);
 	if (err == 0 && s->gpus[gpu].ring_thread_started) {
 		pthread_join(s->gpus[gpu].ring_thread, NULL);
 		s->gpus[gpu].ring_thread_started = 0;
@@ -450,6 +480,7 @@ static int local_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_
 		err = aeg_prefetch_file(pf, req->path, &opts, &m->load);
 		if (err == 0)
 			aeg_span_end("prefetch start", t);
+		ring_go(s, gpu);
 	}
 	if (err) {
 		model_free(m);
@@ -511,12 +542,25 @@ static aeg_prefetch_t *hold_engine(aeg_session_t *s, int gpu)
 	}
 	pthread_mutex_lock(&s->lock);
 	err = engine_locked(s, gpu, &pf);
+	if (err == 0 && aeg_prefetch_hold(pf, 1) == 0)
+		s->gpus[gpu].starting_many++;
+	else
+		pf = NULL;
 	pthread_mutex_unlock(&s->lock);
-	if (err || aeg_prefetch_hold(pf, 1)) {
+	if (pf == NULL)
 		aeg_error_clear();
-		return NULL;
-	}
 	return pf;
+}
+
+/* The loads of many files have started: the engine's workers and its ring go. */
+static void unhold_engine(aeg_session_t *s, int gpu, aeg_prefetch_t *pf)
+{
+	gpu = gpu < 0 ? 0 : gpu;
+	aeg_prefetch_hold(pf, 0);
+	pthread_mutex_lock(&s->lock);
+	s->gpus[gpu].starting_many--;
+	ring_go_locked(s, gpu);
+	pthread_mutex_unlock(&s->lock);
 }
 
 /* Every file of a directory or shard index, one part each; a failure frees what was loaded. */
@@ -539,7 +583,7 @@ static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const
 		err = load_one(s, &r, &parts[n]);
 	}
 	if (held != NULL)
-		aeg_prefetch_hold(held, 0);
+		unhold_engine(s, req->gpu, held);
 	if (err) {
 		/* The detail names the shard; the parts loaded so far go, keeping it. */
 		char why[1024];

@@ -16,9 +16,15 @@ struct sess_gpu {
 	aeg_slab_t *slab;
 	aeg_pool_t *pool;
 	aeg_prefetch_t *pf;
-	/* The engine's staging ring, made by a thread of its own while the first loads map their files. */
+	/*
+	 * The engine's staging ring, made by a thread of its own once the
+	 * first load has started (ring_go): @ring_pending buffers until then;
+	 * while @starting_many, a load of many files is starting them all.
+	 */
 	pthread_t ring_thread;
 	int ring_thread_started;
+	int ring_pending;
+	int starting_many;
 	aeg_device_t *dev;
 	int gpu;
 	uint64_t ring_bytes;
