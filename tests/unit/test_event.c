@@ -774,50 +774,6 @@ static void no_fd_leak(void **state)
 	assert_int_equal(count_fds(), before);
 }
 
-/*
- * Events made ahead of need: aeg_event_create hands them out before making
- * any, each once; they work as any event (record, wait by handle from
- * another device); those no one took go with the device (ASan and the
- * leak check see them); a GPU that does not exist makes none.
- */
-static void spares_made_ahead(void **state)
-{
-	aeg_device_t *dev = open_host(), *other = open_host();
-	aeg_stream_t *s = NULL;
-	aeg_event_t *evs[6];
-	aeg_handle_t h[6];
-
-	assert_int_equal(aeg_event_spares(dev), 0);
-	assert_int_equal(aeg_event_reserve(dev, 0, 4), 0);
-	assert_int_equal(aeg_event_spares(dev), 4);
-	assert_int_equal(aeg_event_reserve(dev, 0, 3), 0);     /* enough already: none made */
-	assert_int_equal(aeg_event_spares(dev), 4);
-	assert_int_equal(aeg_event_reserve(dev, 1, 1), AEG_ENODEV);
-	assert_non_null(strstr(aeg_error_detail(), "GPU 1"));
-	assert_int_equal(aeg_event_spares(dev), 4);
-
-	assert_int_equal(aeg_stream_create(dev, 0, &s), 0);
-	for (int i = 0; i < 6; i++) {
-		assert_int_equal(aeg_event_create(dev, 0, &evs[i], &h[i]), 0);
-		assert_int_equal(aeg_event_spares(dev), i < 4 ? 3 - i : 0);
-		for (int j = 0; j < i; j++)
-			assert_memory_not_equal(&h[i], &h[j], sizeof(h[i]));
-		/* Armed like any new event: a wait by handle holds until the record. */
-		assert_int_equal(aeg_event_arm(evs[i]), 0);
-		assert_int_equal(aeg_event_query_handle(dev, &h[i]), AEG_EBUSY);
-		assert_int_equal(aeg_event_record(evs[i], s), 0);
-		assert_int_equal(aeg_event_wait_handle(other, &h[i], 5000), 0);
-		assert_int_equal(aeg_event_wait_handle(dev, &h[i], 5000), 0);
-	}
-	for (int i = 0; i < 6; i++)
-		assert_int_equal(aeg_event_destroy(evs[i]), 0);
-	assert_int_equal(aeg_stream_destroy(s), 0);
-	assert_int_equal(aeg_event_reserve(dev, 0, 3), 0);     /* left for the device to destroy */
-	assert_int_equal(aeg_event_spares(dev), 3);
-	aeg_device_close(other);
-	aeg_device_close(dev);
-}
-
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -837,7 +793,6 @@ int main(void)
 		cmocka_unit_test(waits_need_no_agent),
 		cmocka_unit_test(resolver_asked_first),
 		cmocka_unit_test(no_fd_leak),
-		cmocka_unit_test(spares_made_ahead),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

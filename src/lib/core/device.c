@@ -143,22 +143,6 @@ static void close_openings(aeg_device_t *dev)
 	}
 }
 
-/* Destroy the events aeg_event_reserve made that no one took. */
-static void free_spares(aeg_device_t *dev)
-{
-	struct aeg_spare_event *sp = dev->spares;
-
-	dev->spares = NULL;
-	dev->nspares = 0;
-	while (sp != NULL) {
-		struct aeg_spare_event *next = sp->next;
-
-		dev->ops->event_destroy(dev, sp->impl);
-		free(sp);
-		sp = next;
-	}
-}
-
 void aeg_device_set_event_resolver(aeg_device_t *dev, aeg_event_resolver_fn fn, void *ctx)
 {
 	dev->resolver = fn;
@@ -180,7 +164,6 @@ AEG_EXPORT void aeg_device_close(aeg_device_t *dev)
 	if (dev == NULL)
 		return;
 	close_openings(dev);
-	free_spares(dev);
 	dev->ops->fini(dev);
 	pthread_mutex_destroy(&dev->lock);
 	free(dev);

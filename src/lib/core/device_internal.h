@@ -94,14 +94,6 @@ struct aeg_event_entry {
 	struct aeg_event_entry *next;
 };
 
-/* A backend event made ahead of need: its handle is in no table until aeg_event_create takes it. */
-struct aeg_spare_event {
-	int gpu;
-	void *impl;
-	aeg_handle_t handle;
-	struct aeg_spare_event *next;
-};
-
 /*
  * aeg_event_resolver_fn - asked before a wait on another process's event
  * handle that this device has not seen recorded yet, because a backend's
@@ -137,9 +129,6 @@ struct aeg_device {
 	/* Installed by a layer above (the job's attach: its agent); NULL: the backend alone. */
 	aeg_event_resolver_fn resolver;
 	void *resolver_ctx;
-	/* Backend events made ahead of need (aeg_event_reserve), never used yet. */
-	struct aeg_spare_event *spares;
-	uint32_t nspares;
 };
 
 struct aeg_stream {
@@ -186,21 +175,6 @@ void aeg_device_set_event_resolver(aeg_device_t *dev, aeg_event_resolver_fn fn, 
 struct aeg_event_entry *aeg_event_table_lookup(aeg_device_t *dev, const aeg_handle_t *handle);
 void aeg_event_table_insert(aeg_device_t *dev, struct aeg_event_entry *e);
 void aeg_event_table_unlink(aeg_device_t *dev, struct aeg_event_entry *e);
-
-/*
- * aeg_event_reserve - make events of @gpu ahead of need until @count (at
- * most 4096) wait unused on @dev; aeg_event_create takes them first. Who
- * knows that many events come (a model of many shards) makes them while no
- * copy registers memory: CUDA makes interprocess events under the lock its
- * registrations hold, so one made beside a load waits for them (2-111 ms a
- * shard on the H200). A spare's handle is in no table: a wait on it is a
- * wait on an unknown handle until aeg_event_create hands it out. The
- * device destroys the spares no one took when it closes.
- */
-int aeg_event_reserve(aeg_device_t *dev, int gpu, uint32_t count);
-
-/* aeg_event_spares - the spare events waiting on @dev (all GPUs); tests look. */
-uint32_t aeg_event_spares(aeg_device_t *dev);
 
 /*
  * aeg_device_event_stats - backend opens of event handles made so far and

@@ -71,79 +71,8 @@ static void entry_put(aeg_device_t *dev, struct aeg_event_entry *e)
 		entry_free(dev, e);
 }
 
-/*
- * At most this many spare events per device. Interprocess events are a
- * driver resource (thousands, not millions); a spare costs little else.
- */
-#define SPARES_MAX 4096
-
-int aeg_event_reserve(aeg_device_t *dev, int gpu, uint32_t count)
-{
-	uint32_t have = 0;
-	int err = 0;
-
-	if (dev == NULL)
-		return aeg_fail(AEG_EINVAL, "aeg_event_reserve: NULL device");
-	err = aeg_device_check_gpu(dev, gpu);
-	if (err < 0)
-		return err;
-	if (count > SPARES_MAX)
-		count = SPARES_MAX;
-	pthread_mutex_lock(&dev->lock);
-	for (struct aeg_spare_event *sp = dev->spares; sp != NULL; sp = sp->next)
-		have += sp->gpu == gpu;
-	pthread_mutex_unlock(&dev->lock);
-	for (; have < count; have++) {
-		struct aeg_spare_event *sp = calloc(1, sizeof(*sp));
-
-		if (sp == NULL)
-			return aeg_fail(AEG_ENOMEM, "event: out of memory");
-		sp->gpu = gpu;
-		err = dev->ops->event_create(dev, gpu, &sp->impl, &sp->handle);
-		if (err < 0) {
-			free(sp);
-			return err;
-		}
-		pthread_mutex_lock(&dev->lock);
-		sp->next = dev->spares;
-		dev->spares = sp;
-		dev->nspares++;
-		pthread_mutex_unlock(&dev->lock);
-	}
-	return 0;
-}
-
-/* A spare event of @gpu, taken off the device's list; NULL when there is none. */
-static struct aeg_spare_event *spare_take(aeg_device_t *dev, int gpu)
-{
-	struct aeg_spare_event **pp, *sp = NULL;
-
-	pthread_mutex_lock(&dev->lock);
-	for (pp = &dev->spares; *pp != NULL; pp = &(*pp)->next) {
-		if ((*pp)->gpu == gpu) {
-			sp = *pp;
-			*pp = sp->next;
-			dev->nspares--;
-			break;
-		}
-	}
-	pthread_mutex_unlock(&dev->lock);
-	return sp;
-}
-
-uint32_t aeg_event_spares(aeg_device_t *dev)
-{
-	uint32_t n;
-
-	pthread_mutex_lock(&dev->lock);
-	n = dev->nspares;
-	pthread_mutex_unlock(&dev->lock);
-	return n;
-}
-
 AEG_EXPORT int aeg_event_create(aeg_device_t *dev, int gpu, aeg_event_t **evp, aeg_handle_t *handle)
 {
-	struct aeg_spare_event *sp;
 	struct aeg_event_entry *e;
 	aeg_event_t *ev;
 	int err;
@@ -163,16 +92,9 @@ AEG_EXPORT int aeg_event_create(aeg_device_t *dev, int gpu, aeg_event_t **evp, a
 	ev->dev = dev;
 	ev->gpu = gpu;
 	atomic_init(&ev->failure, 0);
-	sp = spare_take(dev, gpu);
-	if (sp != NULL) {
-		ev->impl = sp->impl;
-		e->handle = sp->handle;
-		free(sp);
-	} else {
-		err = dev->ops->event_create(dev, gpu, &ev->impl, &e->handle);
-		if (err < 0)
-			goto fail;
-	}
+	err = dev->ops->event_create(dev, gpu, &ev->impl, &e->handle);
+	if (err < 0)
+		goto fail;
 	event_sync_init(ev);
 	ev->entry = e;
 	e->local = ev;

@@ -15,7 +15,6 @@
 #include <aegaeon/config.h>
 #include <aegaeon/session.h>
 
-#include "device_internal.h"
 #include "internal.h"
 #include "model_paths.h"
 #include "pinned_internal.h"
@@ -497,31 +496,6 @@ static int load_one(aeg_session_t *s, const struct aeg_load_request *req, aeg_mo
 }
 
 /*
- * The events a local load of @mp's files will want on CUDA (a chunk's worth
- * and a bit more per file), made now: once the first file is loading, its
- * registrations would hold up the making of every later file's events. (The
- * host backend makes its events beside copies at no cost, an fd each.)
- */
-static void reserve_events(aeg_session_t *s, const struct aeg_load_request *req, const struct aeg_model_paths *mp)
-{
-	uint64_t chunk = req->chunk_bytes ? req->chunk_bytes : s->cfg.prefetch_chunk_bytes, want = 0, t;
-	struct stat st;
-
-	if (s->mode == AEG_SESSION_JOB || aeg_device_kind(s->dev) != AEG_DEVICE_CUDA || chunk == 0 || mp->count < 2)
-		return;
-	for (uint32_t i = 0; i < mp->count; i++)
-		if (stat(mp->paths[i], &st) == 0 && st.st_size > 0)
-			want += (uint64_t)st.st_size / chunk + 2;
-	t = aeg_now_ns();
-	if (aeg_event_reserve(s->dev, req->gpu < 0 ? 0 : req->gpu, want > UINT32_MAX ? UINT32_MAX : (uint32_t)want)) {
-		/* The loads make what they lack themselves, and say why if they cannot. */
-		aeg_debug("events for %u files made ahead: %s", mp->count, aeg_error_detail());
-		aeg_error_clear();
-	}
-	aeg_span_end("events ahead", t);
-}
-
-/*
  * A local load of many files holds its engine (made here if it is not yet)
  * until every file has started: a start maps its file, which waits for the
  * registrations of files already loading (aeg_prefetch_hold). The engine
@@ -575,7 +549,6 @@ static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const
 
 	if (parts == NULL)
 		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", req->path, mp->count);
-	reserve_events(s, req, mp);
 	held = hold_engine(s, req->gpu);
 	for (; n < mp->count && err == 0; n++) {
 		r.path = mp->paths[n];
