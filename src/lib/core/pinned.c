@@ -408,8 +408,7 @@ static int map_private(aeg_pool_t *pool)
 	lead = aeg_round_up((uint64_t)(uintptr_t)raw, HUGE_PAGE) - (uint64_t)(uintptr_t)raw;
 	if (lead > 0)
 		munmap(raw, lead);
-	if (HUGE_PAGE - lead > 0)
-		munmap(raw + lead + pool->map_bytes, HUGE_PAGE - lead);
+	munmap(raw + lead + pool->map_bytes, HUGE_PAGE - lead);     /* lead < HUGE_PAGE: never empty */
 	pool->map = raw + lead;
 #ifdef MADV_HUGEPAGE
 	(void)madvise(pool->map, pool->map_bytes, MADV_HUGEPAGE);

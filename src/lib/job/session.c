@@ -228,16 +228,21 @@ static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
  */
 #define RING_BUFFER_BYTES (16ull << 20)
 
-/* The ring's thread: the engine stages through it once made, mapping files until then. */
-static void *make_ring(void *arg)
+/* Give the engine its ring, or tell it none comes (@err) so that loads waiting for it fail. */
+static void ring_made(struct sess_gpu *g, int err)
 {
-	struct sess_gpu *g = arg;
-	int err = aeg_pool_create_private(g->dev, g->gpu, RING_BUFFER_BYTES, g->ring_bytes, &g->pool);
-
 	if (err)
 		aeg_warn("the prefetch engine's staging ring on GPU %d (%s): files that cannot be mapped do not load",
 			 g->gpu, aeg_error_detail());
 	aeg_prefetch_set_pool(g->pf, err ? NULL : g->pool, 0, err);
+}
+
+/* The ring's thread: the engine stages through it once made, mapping files until then. */
+static void *make_ring(void *arg)
+{
+	struct sess_gpu *g = arg;
+
+	ring_made(g, aeg_pool_create_private(g->dev, g->gpu, RING_BUFFER_BYTES, g->ring_bytes, &g->pool));
 	return NULL;
 }
 
@@ -336,11 +341,8 @@ static void ring_go_locked(aeg_session_t *s, int gpu)
 		return;
 	g->ring_pending = 0;
 	err = start_ring(g, s->dev, gpu, buffers);
-	if (err) {
-		aeg_warn("the prefetch engine's staging ring on GPU %d (%s): files that cannot be mapped do not load",
-			 gpu, aeg_error_detail());
-		aeg_prefetch_set_pool(g->pf, NULL, 0, err);
-	}
+	if (err)
+		ring_made(g, err);
 }
 
 static void ring_go(aeg_session_t *s, int gpu)
@@ -498,40 +500,37 @@ static int load_one(aeg_session_t *s, const struct aeg_load_request *req, aeg_mo
 /*
  * A local load of many files holds its engine (made here if it is not yet)
  * until every file has started: a start maps its file, which waits for the
- * registrations of files already loading (aeg_prefetch_hold). The engine
- * held, or NULL (a job's session, or an engine that could not be made: the
- * first load says why).
+ * registrations of files already loading (aeg_prefetch_hold). 1 when held;
+ * 0 for a job's session, or an engine that could not be made (the first
+ * load says why).
  */
-static aeg_prefetch_t *hold_engine(aeg_session_t *s, int gpu)
+static int hold_engine(aeg_session_t *s, int gpu)
 {
-	aeg_prefetch_t *pf = NULL;
-	int err;
+	aeg_prefetch_t *pf;
+	int held = 0;
 
 	if (s->mode == AEG_SESSION_JOB)
-		return NULL;
-	gpu = gpu < 0 ? 0 : gpu;
+		return 0;
 	if (session_check_gpu(s, gpu)) {
 		aeg_error_clear();
-		return NULL;
+		return 0;
 	}
 	pthread_mutex_lock(&s->lock);
-	err = engine_locked(s, gpu, &pf);
-	if (err == 0 && aeg_prefetch_hold(pf, 1) == 0)
+	if (engine_locked(s, gpu, &pf) == 0 && aeg_prefetch_hold(pf, 1) == 0) {
 		s->gpus[gpu].starting_many++;
-	else
-		pf = NULL;
+		held = 1;
+	}
 	pthread_mutex_unlock(&s->lock);
-	if (pf == NULL)
+	if (!held)
 		aeg_error_clear();
-	return pf;
+	return held;
 }
 
 /* The loads of many files have started: the engine's workers and its ring go. */
-static void unhold_engine(aeg_session_t *s, int gpu, aeg_prefetch_t *pf)
+static void unhold_engine(aeg_session_t *s, int gpu)
 {
-	gpu = gpu < 0 ? 0 : gpu;
-	aeg_prefetch_hold(pf, 0);
 	pthread_mutex_lock(&s->lock);
+	aeg_prefetch_hold(s->gpus[gpu].pf, 0);
 	s->gpus[gpu].starting_many--;
 	ring_go_locked(s, gpu);
 	pthread_mutex_unlock(&s->lock);
@@ -543,20 +542,20 @@ static int load_many(aeg_session_t *s, const struct aeg_load_request *req, const
 {
 	struct aeg_model **parts = calloc(mp->count, sizeof(*parts));
 	struct aeg_load_request r = *req;
-	aeg_prefetch_t *held;
+	int gpu = req->gpu < 0 ? 0 : req->gpu, held;
 	uint32_t n = 0;
 	int err = 0;
 
 	if (parts == NULL)
 		return aeg_fail(AEG_ENOMEM, "%s: out of memory for %u files", req->path, mp->count);
-	held = hold_engine(s, req->gpu);
+	held = hold_engine(s, gpu);
 	for (; n < mp->count && err == 0; n++) {
 		r.path = mp->paths[n];
 		r.format = AEG_FORMAT_SAFETENSORS;
 		err = load_one(s, &r, &parts[n]);
 	}
-	if (held != NULL)
-		unhold_engine(s, req->gpu, held);
+	if (held)
+		unhold_engine(s, gpu);
 	if (err) {
 		/* The detail names the shard; the parts loaded so far go, keeping it. */
 		char why[1024];
