@@ -186,6 +186,7 @@ install -m 755 "$src_cli" "$E/opt/bin/aegaeon-cli"
 install -m 755 "$src_plugin" "$E/opt/aegaeon.so"
 install -m 755 "$src_py" "$E/opt/py/aegaeon_native.abi3.so"
 install -m 644 "$here/slurm_e2e.py" "$E/opt/slurm_e2e.py"
+install -m 644 "$here/../../bench/kv_py_calls.py" "$E/opt/kv_py_calls.py"
 if [[ -n $model_parent ]]; then
 	M=$(mktemp -d "$model_parent/aegaeon-e2e-models.XXXXXX") || exit 1
 else
@@ -408,9 +409,11 @@ kv_in_job() {
 			echo "kv_wait_rc $?"
 		fi
 		srun -n1 python3 "$PYF" kv "$KV_BLOCK" "$KV_PY_BLOCKS" >"$W/kv.out" 2>&1; echo "kv_rc $?"
+		srun -n1 python3 "$KVPY" --job --block "$KV_BLOCK" --blocks "$KV_PY_BLOCKS" --json >"$W/kv_py_calls.out" 2>&1
+		echo "kv_py_calls_rc $?"
 	JOB
 	chmod 755 "$W/kvjob.sh"
-	job3=$(as_user "${JOB_ENV[@]}" W="$W" PYF="$PYF" KV_SIZES=$kv_sizes KV_LAYER_SIZES=$kv_layer_sizes KV_LAYERS=$kv_layers \
+	job3=$(as_user "${JOB_ENV[@]}" W="$W" PYF="$PYF" KVPY="$E/opt/kv_py_calls.py" KV_SIZES=$kv_sizes KV_LAYER_SIZES=$kv_layer_sizes KV_LAYERS=$kv_layers \
 		KV_BYTES=$kv_bytes KV_REPEAT=$kv_repeat KV_DEVICE=$device KV_BLOCK=$kv_block KV_PY_BLOCKS=$kv_py_blocks \
 		sbatch --parsable -N1 --gres=gpu:1 -o "$W/kvjob.out" --aegaeon-slab=$kv_slab --aegaeon-pinned=$kv_pinned \
 		"$W/kvjob.sh" 2>&1)
@@ -439,6 +442,22 @@ kv_in_job() {
 			fail "kv_event_wait in the job (rc $(val kv_wait_rc)): $(cat "$W/kv_wait.json" 2>/dev/null | tail -n 3)"
 		fi
 		steps kv
+		# Where a Python call's time goes (bench/kv_py_calls.py): its parts, each way.
+		if [[ $(val kv_py_calls_rc) = 0 ]]; then
+			local way part unit
+			pass "KV calls from Python timed part by part in the job, every block bit-exact"
+			sed -n '1,4p' "$W/kv_py_calls.out" | sed 's/^/# /'
+			for way in out in; do
+				for part in GBps ids_us submit_us wait_us release_us; do
+					unit=us
+					[[ $part = GBps ]] && unit=GB/s
+					figure "kv_py_calls_${way}_$part" \
+						"$(jq_py <(tail -n 1 "$W/kv_py_calls.out") "d['ways']['$way']['$part']")" $unit
+				done
+			done
+		else
+			fail "KV calls from Python, part by part (rc $(val kv_py_calls_rc)): $(tail -n 3 "$W/kv_py_calls.out" 2>/dev/null)"
+		fi
 	else
 		fail "KV job did not run: $job3"
 		[[ $job3 =~ ^[0-9]+$ ]] && sl scancel "$job3"

@@ -1006,6 +1006,52 @@ class TestKV(Base):
         slab.close()
         pool.close()
 
+    def test_id_sequences(self):
+        """Ids as lists, tuples, ranges and objects that are ints (numpy's): the same swap;
+        what is no id is refused by name and position, and nothing moves."""
+        kv = an.KVCache(0, block_bytes=4096, gpu_blocks=8, host_blocks=8)
+        g, h = kv.gpu_alloc(4), kv.host_alloc(4)
+
+        class Index:            # an int by __index__, as numpy.int64 is
+            def __init__(self, v):
+                self.v = v
+
+            def __index__(self):
+                return self.v
+
+        for i, hid in enumerate(h):
+            kv.host_block(hid)[:] = bytes([i + 7]) * 4096
+        kv.swap_in(tuple(h), [Index(x) for x in g], wait=True)
+        for i, gid in enumerate(g):
+            self.assertEqual(kv.gpu_block(gid).tobytes(), bytes([i + 7]) * 4096)
+        kv.swap_out(range(g[0], g[0] + 1), h[3:], wait=True)
+        self.assertEqual(bytes(kv.host_block(h[3])), bytes([7]) * 4096)
+        if np is not None:
+            kv.swap_out(np.array(g[1:3]), np.array(h[:2], dtype=np.uint32), wait=True)
+            self.assertEqual(bytes(kv.host_block(h[0])), bytes([8]) * 4096)
+        before = kv.stats()["swaps_out"]
+        for bad, err, text in (([True], TypeError, "gpu_ids must be an int, not bool"),
+                               ([0.0], TypeError, "gpu_ids must be an int, not float"),
+                               ([0, -1], ValueError, "gpu_ids must not be negative (got -1)"),
+                               ([0, 8], ValueError, "gpu_ids[1] = 8 is out of range (0..7)"),
+                               ([0, 1 << 64], ValueError, "does not fit in 64 bits"),
+                               ([0, Index(9)], ValueError, "gpu_ids[1] = 9 is out of range (0..7)")):
+            with self.assertRaises(err) as c:
+                kv.swap_out(bad, h[:len(bad)])
+            self.assertIn(text, str(c.exception))
+        # An __index__ that empties the list it is in: an error, not a crash.
+        ids = [0, 0, 0]
+
+        class Shrink:
+            def __index__(self):
+                ids.clear()
+                return 1
+
+        ids[0] = Shrink()
+        self.assertRaises(IndexError, kv.swap_out, ids, [0, 1, 2])
+        self.assertEqual(kv.stats()["swaps_out"], before)
+        kv.close()
+
     def test_errors(self):
         self.assertRaises(ValueError, an.KVCache, 0, block_bytes=100)
         self.assertRaises(ValueError, an.KVCache, 0, block_bytes=1 << 30)

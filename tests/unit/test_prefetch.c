@@ -23,6 +23,7 @@
 
 #include "internal.h"
 #include "prefetch_internal.h"
+#include "topo_internal.h"
 #include "chunkcheck.h"
 #include "testutil.h"
 
@@ -380,6 +381,52 @@ static void hold_engine(void **state)
 	assert_int_equal(aeg_load_wait(l, 10000), 0);
 	check_chunks(f, l, file, 0, size);
 	release_load(f, l);
+	assert_baseline(f);
+	free(file);
+	fx_free(f);
+}
+
+/*
+ * An engine made without a topology gets one later (a fresh process finds
+ * it off its first load's path): every worker binds itself once, idle or
+ * between pieces, and loads go on as before. A second topology, or a NULL
+ * one, is refused.
+ */
+static void topology_later(void **state)
+{
+	struct fx *f;
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	const uint64_t size = 2 * MiB + 77;
+	const aeg_topo_t *topo;
+	char path[128];
+	unsigned char *file;
+	aeg_load_t *l;
+
+	/* A device the machine does not have: nothing to bind to, and the bind says so with 0. */
+	setenv("AEGAEON_HOST_PCI_BUS_IDS", "ffff:ff:1f.7", 1);
+	f = fx_new(0, 4);
+	unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+	file = raw_file(f, "model.bin", size, 6, path, sizeof(path));
+	assert_int_equal(aeg_topo_live(&topo), 0);
+
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(aeg_prefetch_bound_workers(f->pf), 0);
+	release_load(f, l);
+
+	assert_int_equal(aeg_prefetch_set_topo(NULL, topo), AEG_EINVAL);
+	assert_int_equal(aeg_prefetch_set_topo(f->pf, NULL), AEG_EINVAL);
+	assert_int_equal(aeg_prefetch_set_topo(f->pf, topo), 0);
+	assert_int_equal(aeg_prefetch_set_topo(f->pf, topo), AEG_EEXIST);
+	for (int i = 0; i < 10000 && aeg_prefetch_bound_workers(f->pf) < 4; i++)
+		usleep(1000);
+	assert_int_equal(aeg_prefetch_bound_workers(f->pf), 4);
+
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, file, 0, size);
+	release_load(f, l);
+	assert_int_equal(aeg_prefetch_bound_workers(f->pf), 4);       /* once each */
 	assert_baseline(f);
 	free(file);
 	fx_free(f);
@@ -1082,6 +1129,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(raw_file_every_feed),
 		cmocka_unit_test(pool_later_mixed),
 		cmocka_unit_test(hold_engine),
+		cmocka_unit_test(topology_later),
 		cmocka_unit_test(empty_file),
 		cmocka_unit_test(safetensors_table),
 		cmocka_unit_test(open_and_option_errors),

@@ -25,6 +25,7 @@ struct sess_gpu {
 	int ring_thread_started;
 	int ring_pending;
 	int starting_many;
+	int bind_later;                 /* the ring's thread finds the topology for the workers */
 	aeg_device_t *dev;
 	int gpu;
 	uint64_t ring_bytes;

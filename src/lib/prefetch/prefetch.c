@@ -307,6 +307,31 @@ AEG_EXPORT int aeg_prefetch_set_pool(aeg_prefetch_t *pf, aeg_pool_t *pool, uint6
 	return 0;
 }
 
+int aeg_prefetch_set_topo(aeg_prefetch_t *pf, const aeg_topo_t *topo)
+{
+	if (pf == NULL || topo == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_prefetch_set_topo: NULL argument");
+	pthread_mutex_lock(&pf->lock);
+	if (pf->cfg.topo != NULL) {
+		pthread_mutex_unlock(&pf->lock);
+		return aeg_fail(AEG_EEXIST, "prefetch: the engine has its topology already");
+	}
+	pf->cfg.topo = topo;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+	return 0;
+}
+
+uint32_t aeg_prefetch_bound_workers(aeg_prefetch_t *pf)
+{
+	uint32_t n;
+
+	pthread_mutex_lock(&pf->lock);
+	n = pf->bound;
+	pthread_mutex_unlock(&pf->lock);
+	return n;
+}
+
 int aeg_prefetch_hold(aeg_prefetch_t *pf, int hold)
 {
 	if (pf == NULL)

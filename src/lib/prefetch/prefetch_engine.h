@@ -160,6 +160,7 @@ struct aeg_prefetch {
 	int nworkers;
 	int quit;
 	uint32_t held;                          /* aeg_prefetch_hold: no new piece starts */
+	uint32_t bound;                         /* workers bound near the GPU (cfg.topo) */
 	aeg_stream_t **streams;
 	int nstreams;
 

@@ -588,20 +588,27 @@ static struct aeg_load *pick(struct aeg_prefetch *pf)
 
 static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l);
 
+/* Bind this worker near the GPU by @topo; lock held, dropped meanwhile. */
+static void bind_worker(struct aeg_prefetch *pf, const aeg_topo_t *topo, int index)
+{
+	int err;
+
+	pthread_mutex_unlock(&pf->lock);
+	err = aeg_topo_bind_thread(topo, pf->pci);
+	if (err)
+		aeg_debug("prefetch: worker %d not bound near %s: %s", index, pf->pci, aeg_error_detail());
+	pthread_mutex_lock(&pf->lock);
+	if (!err)
+		pf->bound++;
+}
+
 void *prefetch_worker(void *p)
 {
 	struct worker_arg *wa = p;
 	struct aeg_prefetch *pf = wa->pf;
+	int index = wa->index, bound = 0;
 
-	if (pf->cfg.topo && pf->pci[0]) {
-		int err = aeg_topo_bind_thread(pf->cfg.topo, pf->pci);
-
-		if (err)
-			aeg_debug("prefetch: worker %d not bound near %s: %s", wa->index, pf->pci,
-				  aeg_error_detail());
-	}
 	free(wa);
-
 	pthread_mutex_lock(&pf->lock);
 	for (;;) {
 		struct aeg_load *l;
@@ -610,6 +617,16 @@ void *prefetch_worker(void *p)
 		void *hook_arg;
 		int err;
 
+		/*
+		 * The topology may come after the engine (aeg_prefetch_set_topo:
+		 * a fresh process discovers it off its first load's path): a
+		 * worker binds itself once, between pieces, when it has one.
+		 */
+		if (!bound && pf->cfg.topo != NULL && pf->pci[0]) {
+			bound = 1;
+			bind_worker(pf, pf->cfg.topo, index);
+			continue;
+		}
 		if (pf->retired) {
 			/*
 			 * cudaHostUnregister waits for the whole device to go idle,

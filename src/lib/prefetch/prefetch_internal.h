@@ -37,4 +37,16 @@ uint64_t aeg_prefetch_slab_bytes_for(uint64_t file_bytes, uint64_t chunk_bytes);
  */
 int aeg_prefetch_hold(aeg_prefetch_t *pf, int hold);
 
+/*
+ * aeg_prefetch_set_topo - the topology for an engine made without one
+ * (cfg.topo NULL): each worker binds itself near the GPU between pieces.
+ * A fresh process discovers the topology (12-13 ms on the H200) off its
+ * first load's path and hands it over here. AEG_EEXIST when the engine has
+ * one already, AEG_EINVAL for NULL arguments.
+ */
+int aeg_prefetch_set_topo(aeg_prefetch_t *pf, const aeg_topo_t *topo);
+
+/* aeg_prefetch_bound_workers - how many workers bound themselves near the GPU so far. */
+uint32_t aeg_prefetch_bound_workers(aeg_prefetch_t *pf);
+
 #endif
