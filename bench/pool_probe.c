@@ -118,6 +118,20 @@ struct result {
 	double map, populate, reg, total, span_copy, inside_copy;
 };
 
+static char span_error[128];
+
+/* The copy across two registrations against one inside one. */
+static const char *span_text(double span, double inside)
+{
+	static char text[192];
+
+	if (span >= 0)
+		snprintf(text, sizeof(text), "%5.1f GB/s (in one %.1f)", span, inside);
+	else
+		snprintf(text, sizeof(text), "failed: %s (in one %.1f GB/s)", span_error, inside);
+	return text;
+}
+
 /* A copy of @n bytes at @p to the GPU, GB/s (best of 3). */
 static double copy_gbps(void *dev, const char *p, uint64_t n, cudaStream_t s)
 {
@@ -126,9 +140,14 @@ static double copy_gbps(void *dev, const char *p, uint64_t n, cudaStream_t s)
 	for (int k = 0; k < 3; k++) {
 		double t0 = now_s(), gbps;
 
-		if (cudaMemcpyAsync(dev, p, n, cudaMemcpyHostToDevice, s) != cudaSuccess ||
-		    cudaStreamSynchronize(s) != cudaSuccess)
+		cudaError_t e = cudaMemcpyAsync(dev, p, n, cudaMemcpyHostToDevice, s);
+
+		if (e == cudaSuccess)
+			e = cudaStreamSynchronize(s);
+		if (e != cudaSuccess) {
+			snprintf(span_error, sizeof(span_error), "%s", cudaGetErrorString(e));
 			return -1;
+		}
 		gbps = (double)n / (now_s() - t0) / 1e9;
 		best = gbps > best ? gbps : best;
 	}
@@ -288,8 +307,8 @@ int main(int argc, char **argv)
 			}
 			printf("%-7s %-6s %7lu %7.1f ms %7.1f ms %7.1f ms %7.1f ms", pl ? "pieces" : "whole", pages,
 			       threads, med(m, n), med(po, n), med(rg, n), med(to, n));
-			if (span >= 0)
-				printf("  %5.1f GB/s (in one %.1f)", span, inside);
+			if (pl)
+				printf("  %s", span_text(span, inside));
 			printf("   (per GiB, medians of %d)\n", n);
 			fflush(stdout);
 		}

@@ -33,10 +33,12 @@ struct aeg_pool_stats {
  * aeg_pool_create - @pool_bytes / @buffer_bytes buffers of @buffer_bytes in
  * one memfd, pages bound to @gpu's NUMA node when the topology knows it
  * (the process' topology is loaded by the first pool and kept), populated up
- * front by threads on the CPUs next to that node, and registered once
- * (portable, mapped) on the cuda backend. The free list lives in the memfd,
- * so processes that attach share it. @buffer_bytes must be a multiple of
- * 4096 and <= @pool_bytes.
+ * front by threads on the CPUs next to that node, and registered (portable,
+ * mapped) on the cuda backend in pieces of whole buffers, 64 MiB or more,
+ * each as soon as its pages are in: a buffer is always inside one
+ * registration, so a copy should not cross from one buffer into the next.
+ * The free list lives in the memfd, so processes that attach share it.
+ * @buffer_bytes must be a multiple of 4096 and <= @pool_bytes.
  *
  * Page size, chosen by $AEGAEON_PINNED_HUGEPAGES:
  *   auto (default, also when unset or empty): 2 MiB hugetlb pages when

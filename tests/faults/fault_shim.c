@@ -20,6 +20,9 @@
  *                       gate:   every MADV_POPULATE_WRITE (a pinned pool
  *                               being made) waits until AEGAEON_FAULT_FILE
  *                               exists: the test opens the gate
+ *                       nomem:  MADV_POPULATE_WRITE fails with ENOMEM once
+ *                               AEGAEON_FAULT_AT calls went through (memory
+ *                               running out while a pool is made; no file)
  *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for slow)
  * Intercepted: read, pread, pread64, preadv, preadv64, mmap, mmap64,
  * munmap, madvise. Never installed; see tests/unit/test_faults.c.
@@ -46,7 +49,7 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE };
+enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM };
 
 #define MAX_MAPS 64
 
@@ -103,6 +106,11 @@ static void load_env(void)
 	if (m != NULL && f != NULL && strcmp(m, "gate") == 0 && strlen(f) < sizeof(path)) {
 		strcpy(path, f);
 		mode = M_GATE;
+		return;
+	}
+	if (m != NULL && strcmp(m, "nomem") == 0) {
+		at = a ? strtoull(a, NULL, 0) : 0;
+		mode = M_NOMEM;
 		return;
 	}
 	if (m == NULL || f == NULL || stat(f, &st) != 0)
@@ -328,6 +336,17 @@ int madvise(void *addr, size_t len, int advice)
 		while (access(path, F_OK) != 0)
 			usleep(10000);
 		hit();
+		return real_madvise(addr, len, advice);
+	}
+	if (m == M_NOMEM && advice == MADV_POPULATE_WRITE) {
+		int fail = hits >= at;
+
+		hits += !fail;
+		pthread_mutex_unlock(&lock);
+		if (fail) {
+			errno = ENOMEM;
+			return -1;
+		}
 		return real_madvise(addr, len, advice);
 	}
 	for (int i = 0; i < MAX_MAPS && advice == MADV_POPULATE_READ; i++) {

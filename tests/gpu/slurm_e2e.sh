@@ -479,10 +479,15 @@ srun_ms() { # the wall time of an srun of `true` as the job user
 	t1=$(date +%s%N)
 	echo $(((t1 - t0) / 1000000))
 }
+# The node idle again: a job's epilog (an agent letting its slab and pool go)
+# holds the node in COMPLETING, and the next job's srun would count it.
+node_idle() { [[ $(sl sinfo -h -N -o %T | sort -u) = idle ]]; }
 start_overhead() { # SUFFIX: jobs of srun true, plain and with a slab and a pool, medians
 	local plain=() aeg=() n=$((userpath ? repeat : 3))
 	for ((i = 0; i < n; i++)); do
+		wait_for 60 node_idle
 		plain+=("$(srun_ms)")
+		wait_for 60 node_idle
 		aeg+=("$(srun_ms --aegaeon-slab=$slab --aegaeon-pinned=$pinned_plain)")
 	done
 	if [[ " ${plain[*]} ${aeg[*]} " == *" -1 "* ]]; then

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,6 +18,7 @@
 
 #include <aegaeon/aegaeon.h>
 
+#include "device_host.h"
 #include "internal.h"
 #include "prefetch_internal.h"
 #include "testutil.h"
@@ -463,6 +465,58 @@ static void pool_over_memory(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
+/*
+ * Memory running out part way through a pool's population, while its
+ * buffers are registered behind the populating threads: AEG_ENOMEM that
+ * says so, and nothing left behind: no registered range, no mapping, no
+ * descriptor.
+ */
+static void pool_population_fails(void **state)
+{
+	static const char *const calls[] = { "0", "20", "40" };
+	aeg_device_t *dev;
+	aeg_pool_t *pool = NULL;
+	int fds = count_fds(), maps = count_pool_maps(), cpu = 0;
+	cpu_set_t all, one;
+
+	/*
+	 * One CPU: one populating thread, so the failure comes at a known
+	 * point: after 20 steps of 4 MiB inside the second 64 MiB unit (no
+	 * buffer registered yet), after 40 inside the third (the first 64 MiB
+	 * of buffers registered, and unregistered again).
+	 */
+	assert_int_equal(sched_getaffinity(0, sizeof(all), &all), 0);
+	while (!CPU_ISSET(cpu, &all))
+		cpu++;
+	CPU_ZERO(&one);
+	CPU_SET(cpu, &one);
+	assert_int_equal(sched_setaffinity(0, sizeof(one), &one), 0);
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	for (size_t i = 0; i < sizeof(calls) / sizeof(calls[0]); i++) {
+		setenv("AEGAEON_FAULT", "nomem", 1);
+		setenv("AEGAEON_FAULT_AT", calls[i], 1);
+		aeg_fault_shim_reload();
+		assert_int_equal(aeg_pool_create(dev, 0, MiB, 256 * MiB, &pool), AEG_ENOMEM);
+		fault_off();
+		assert_null(pool);
+		assert_non_null(strstr(aeg_error_detail(), "populating"));
+		assert_non_null(strstr(aeg_error_detail(), "Cannot allocate memory"));
+		assert_int_equal(host_registered_ranges(dev), 0);
+		assert_int_equal(count_pool_maps(), maps);
+		assert_int_equal(count_fds(), fds);
+	}
+	/* The same pool with memory to spare: four registrations of 64 MiB, all undone at destroy. */
+	assert_int_equal(aeg_pool_create(dev, 0, MiB, 256 * MiB, &pool), 0);
+	assert_int_equal(host_registered_ranges(dev), 4);
+	aeg_pool_destroy(pool);
+	assert_int_equal(host_registered_ranges(dev), 0);
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	assert_int_equal(sched_setaffinity(0, sizeof(all), &all), 0);
+	aeg_device_close(dev);
+	assert_int_equal(count_fds(), fds);
+}
+
 /* Huge pages demanded, more than are free: the error says how many are missing and how to get them. */
 static void pool_hugepages_short(void **state)
 {
@@ -498,6 +552,7 @@ int main(void)
 		cmocka_unit_test(slab_full_at_prefetch),
 		cmocka_unit_test(slab_fragmented_at_prefetch),
 		cmocka_unit_test(pool_over_memory),
+		cmocka_unit_test(pool_population_fails),
 		cmocka_unit_test(pool_hugepages_short),
 	};
 

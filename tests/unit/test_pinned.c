@@ -38,20 +38,6 @@
 #define HUGE_RESERVE 64
 
 /* Mappings of pool memfds in this process. */
-static int count_pool_maps(void)
-{
-	char line[512];
-	FILE *f = fopen("/proc/self/maps", "re");
-	int n = 0;
-
-	assert_non_null(f);
-	while (fgets(line, sizeof(line), f) != NULL)
-		if (strstr(line, "aegaeon-pool") != NULL)
-			n++;
-	fclose(f);
-	return n;
-}
-
 static void acquire_release_all(void **state)
 {
 	aeg_device_t *dev = *state;

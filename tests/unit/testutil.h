@@ -37,6 +37,24 @@ static inline int count_fds(void)
 	return n;
 }
 
+/* count_pool_maps - mappings of pinned pools' memfds ("aegaeon-pool") in this process. */
+static inline int count_pool_maps(void)
+{
+	char line[512];
+	FILE *f = fopen("/proc/self/maps", "re");
+	int n = 0;
+
+	if (f == NULL) {
+		perror("count_pool_maps: /proc/self/maps");
+		abort();
+	}
+	while (fgets(line, sizeof(line), f) != NULL)
+		if (strstr(line, "aegaeon-pool") != NULL)
+			n++;
+	fclose(f);
+	return n;
+}
+
 /* under_valgrind - 1 when this test runs under valgrind (scripts/valgrind.sh), for time bounds. */
 static inline int under_valgrind(void)
 {

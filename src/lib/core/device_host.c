@@ -165,6 +165,18 @@ fail:
 	return err;
 }
 
+size_t host_registered_ranges(aeg_device_t *dev)
+{
+	struct host_impl *h = impl_of(dev);
+	size_t n = 0;
+
+	pthread_mutex_lock(&h->lock);
+	for (struct host_range *r = h->registered; r != NULL; r = r->next)
+		n++;
+	pthread_mutex_unlock(&h->lock);
+	return n;
+}
+
 static void host_fini(aeg_device_t *dev)
 {
 	struct host_impl *h = impl_of(dev);

@@ -57,6 +57,9 @@ int host_parse_handle(const aeg_handle_t *handle, const char *magic, const char 
 /* The owner's memfd of @hh, opened through /proc and proved the one exported (AEG_EBADF otherwise). */
 int host_open_owner_fd(const struct host_handle *hh, const char *what, int *fdp);
 
+/* How many host ranges @dev (a host device) holds registered: tests see that none are left behind. */
+size_t host_registered_ranges(aeg_device_t *dev);
+
 /* device_host_stream.c: the table's stream and event calls. */
 int host_stream_create(aeg_device_t *dev, int gpu, void **streamp);
 int host_stream_destroy(aeg_device_t *dev, void *stream);

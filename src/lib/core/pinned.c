@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -43,15 +44,25 @@
 #define POOL_MAX_BUFFERS (UINT32_C(1) << 30)
 /*
  * Populating runs on up to this many threads (and no more than the CPUs
- * next to the GPU), each given at least POPULATE_MIN_BYTES. Measured on the
- * H100 machine (16 cores, 4 GiB): 4 threads were the fastest, for 4 KiB
- * pages (~220 ms/GiB; 2 threads ~350, 8 and 16 threads ~230-260) as for
- * 2 MiB pages (~50-57 ms/GiB; 2 threads ~85-95, 8 and 16 threads ~95-135):
- * past 4, the threads contend more than they zero.
+ * next to the GPU), each given at least POPULATE_MIN_BYTES, taking pieces
+ * of POPULATE_UNIT in order. Measured on the H200 machine (16 cores, 4 GiB
+ * of 2 MiB pages, bench/pool_probe): 2 threads populate in 117 ms/GiB, 4 in
+ * 63, 6 in 54, 8 in 50, 12 in 54 and 16 in 69: past 8 the threads contend
+ * more than they zero. (The H100 machine had its best at 4.)
  */
-#define POPULATE_THREADS 4
+#define POPULATE_THREADS 8
 #define POPULATE_MIN_BYTES (64ull << 20)
+#define POPULATE_UNIT (64ull << 20)
 #define POPULATE_STEP (4ull << 20)      /* populated per call: whole 2 MiB pages, about 0.5 ms */
+/*
+ * The buffers are registered in pieces of whole buffers, at least this
+ * big, each as soon as it is populated: registration (29 ms/GiB of 2 MiB
+ * pages on the H200) then runs beside population instead of after it, and
+ * adds 2.6 ms/GiB at the end instead of 29 (bench/pool_probe). A buffer is
+ * always inside one registration; the pieces lie end to end, so the
+ * device's view of the whole area is contiguous too.
+ */
+#define REGISTER_PIECE (64ull << 20)
 
 _Static_assert(offsetof(struct aeg_pool_header, head) % 8 == 0, "the free stack head is one 64-bit atomic word");
 
@@ -66,7 +77,8 @@ struct aeg_pool {
 	uint64_t buffer_bytes, pool_bytes;
 	int numa_node;
 	struct aeg_pool_list list;
-	int registered;
+	uint64_t reg_piece;             /* the buffers are registered in pieces of this many bytes */
+	uint32_t reg_pieces;            /* registered so far, from the first buffer on */
 	struct aeg_pool_timing timing;
 };
 
@@ -257,40 +269,73 @@ static int choose_page(enum huge_mode mode, uint64_t buffer_bytes, uint64_t buff
 	return 0;
 }
 
-struct populate_job {
+/* Population of a mapping by threads taking POPULATE_UNIT pieces in order; the caller registers behind them. */
+struct populating {
 	char *start;
 	uint64_t bytes;
-	const struct place *pl;         /* bind the thread next to the pages; NULL: don't */
-	int err;                        /* errno */
+	uint32_t units;
+	const struct place *pl;         /* bind the threads next to the pages; NULL: don't */
+	pthread_mutex_t lock;
+	pthread_cond_t cv;              /* a unit done, or population stopped */
+	uint32_t next;                  /* the next unit to take */
+	uint32_t ready;                 /* units 0..ready-1 are populated */
+	uint8_t *done;
+	int err;                        /* errno of the first failure */
+	int stop;                       /* take no more units */
+	uint64_t populated_ns;          /* when the last unit was done */
 };
 
-static void *populate_main(void *arg)
+/* Fault [p, +n) in, a step at a time; an errno. */
+static int populate_range(char *p, uint64_t n)
 {
-	struct populate_job *job = arg;
-
-	/* Zeroing the pages is the cost: do it from the CPUs next to their node. */
-	if (job->pl != NULL)
-		aeg_topo_bind_thread(job->pl->topo, job->pl->pci);
 	/*
 	 * A step at a time: the kernel holds the process's mmap lock while it
 	 * populates, and every mmap (a load mapping its file, the driver
 	 * making an event) waits for it. A whole thread's share at once held
 	 * a fresh process's first load up for the ring's 50 ms on the H200.
 	 */
-	for (uint64_t off = 0; off < job->bytes; off += POPULATE_STEP) {
-		uint64_t n = job->bytes - off < POPULATE_STEP ? job->bytes - off : POPULATE_STEP;
+	for (uint64_t off = 0; off < n; off += POPULATE_STEP) {
+		uint64_t step = n - off < POPULATE_STEP ? n - off : POPULATE_STEP;
 
-		if (madvise(job->start + off, n, MADV_POPULATE_WRITE) == 0)
+		if (madvise(p + off, step, MADV_POPULATE_WRITE) == 0)
 			continue;
-		if (errno != EINVAL) {
-			job->err = errno;
-			return NULL;
-		}
+		if (errno != EINVAL)
+			return errno;
 		/* Kernels before 5.14: fault each page in by writing it. */
-		for (uint64_t o = off; o < job->bytes; o += POOL_PAGE)
-			((volatile char *)job->start)[o] = 0;
-		return NULL;
+		for (uint64_t o = off; o < n; o += POOL_PAGE)
+			((volatile char *)p)[o] = 0;
+		return 0;
 	}
+	return 0;
+}
+
+static void *populate_main(void *arg)
+{
+	struct populating *p = arg;
+
+	/* Zeroing the pages is the cost: do it from the CPUs next to their node. */
+	if (p->pl != NULL)
+		aeg_topo_bind_thread(p->pl->topo, p->pl->pci);
+	pthread_mutex_lock(&p->lock);
+	while (!p->stop && p->err == 0 && p->next < p->units) {
+		uint32_t i = p->next++;
+		uint64_t off = (uint64_t)i * POPULATE_UNIT;
+		uint64_t n = p->bytes - off < POPULATE_UNIT ? p->bytes - off : POPULATE_UNIT;
+		int err;
+
+		pthread_mutex_unlock(&p->lock);
+		err = populate_range(p->start + off, n);
+		pthread_mutex_lock(&p->lock);
+		if (err != 0 && p->err == 0)
+			p->err = err;
+		p->done[i] = 1;
+		while (p->ready < p->units && p->done[p->ready])
+			p->ready++;
+		if (p->ready == p->units)
+			p->populated_ns = aeg_now_ns();
+		pthread_cond_broadcast(&p->cv);
+	}
+	pthread_mutex_unlock(&p->lock);
 	return NULL;
 }
 
@@ -316,45 +361,104 @@ static unsigned populate_threads(uint64_t bytes, const struct place *pl)
 	return n == 0 ? 1 : (unsigned)n;
 }
 
-/* Fault every page of [start, +bytes) in; pieces are whole @page pages. */
-static int populate(char *start, uint64_t bytes, uint64_t page, const struct place *pl, unsigned *threads)
+/* Wait until [start, start + @end) is populated: 0, or the errno of a population that stopped short of it. */
+static int populated_through(struct populating *p, uint64_t end)
 {
-	struct populate_job jobs[POPULATE_THREADS];
-	pthread_t tids[POPULATE_THREADS];
-	unsigned n = populate_threads(bytes, pl), used = 0;
-	uint64_t piece = aeg_round_up((bytes + n - 1) / n, page);
-	int started[POPULATE_THREADS], err = 0;
+	int there;
 
-	for (uint64_t off = 0; off < bytes; off += piece)
-		jobs[used++] = (struct populate_job){ .start = start + off, .bytes = off + piece > bytes ? bytes - off : piece,
-						      .pl = pl->numa_node >= 0 ? pl : NULL };
-	/*
-	 * Every piece on a thread of its own, so that binding the populating
-	 * threads never moves the caller; a piece whose thread cannot start is
-	 * done here, unbound.
-	 */
-	for (unsigned i = 0; i < used; i++) {
-		started[i] = pthread_create(&tids[i], NULL, populate_main, &jobs[i]) == 0;
-		if (!started[i]) {
-			jobs[i].pl = NULL;
-			populate_main(&jobs[i]);
-		}
+	pthread_mutex_lock(&p->lock);
+	for (;;) {
+		there = (uint64_t)p->ready * POPULATE_UNIT >= end || p->ready == p->units;
+		if (there || p->err != 0)
+			break;
+		pthread_cond_wait(&p->cv, &p->lock);
 	}
-	for (unsigned i = 0; i < used; i++)
-		if (started[i])
-			pthread_join(tids[i], NULL);
-	for (unsigned i = 0; i < used; i++)
-		if (jobs[i].err != 0 && err == 0)
-			err = jobs[i].err;
-	*threads = used;
-	if (err != 0)
-		return aeg_fail(AEG_ENOMEM, "pinned pool: populating %" PRIu64 " bytes in %s pages: %s", bytes,
-				page == HUGE_PAGE ? "2 MiB huge" : "4 KiB", strerror(err));
+	pthread_mutex_unlock(&p->lock);
+	return there ? 0 : p->err;
+}
+
+/* Register the buffers, piece by piece, as the population behind @p reaches them. */
+static int register_behind(aeg_pool_t *pool, struct populating *p, uint64_t header, uint64_t data_bytes)
+{
+	int err;
+
+	for (uint64_t off = 0; off < data_bytes; off += pool->reg_piece) {
+		uint64_t n = data_bytes - off < pool->reg_piece ? data_bytes - off : pool->reg_piece;
+
+		if (populated_through(p, header + off + n) != 0)
+			return 0;       /* the caller reports the population's failure */
+		err = aeg_host_register(pool->dev, pool->data + off, n, 0);
+		if (err < 0) {
+			aeg_error_prefix("pinned pool of %" PRIu64 " bytes, registering bytes %" PRIu64 "..%" PRIu64,
+					 data_bytes, off, off + n);
+			return err;
+		}
+		pool->reg_pieces++;
+	}
 	return 0;
 }
 
+/*
+ * Fault every page of the mapping in on threads of their own (so that
+ * binding them never moves the caller) and register the buffer area behind
+ * them. With no thread to be had, the caller populates first, unbound.
+ */
+static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t data_bytes, uint64_t page,
+				 const struct place *pl, int *registering)
+{
+	struct populating p = { .start = pool->map, .bytes = pool->map_bytes,
+				.pl = pl->numa_node >= 0 ? pl : NULL };
+	unsigned n = populate_threads(pool->map_bytes, pl), used = 0;
+	pthread_t tids[POPULATE_THREADS];
+	uint64_t t0 = aeg_now_ns(), t;
+	int err;
+
+	pool->data = (char *)pool->map + header;
+	p.units = (uint32_t)((p.bytes + POPULATE_UNIT - 1) / POPULATE_UNIT);
+	p.done = calloc(p.units, 1);
+	if (p.done == NULL)
+		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
+	pthread_mutex_init(&p.lock, NULL);
+	pthread_cond_init(&p.cv, NULL);
+	for (unsigned i = 0; i < n; i++)
+		if (pthread_create(&tids[used], NULL, populate_main, &p) == 0)
+			used++;
+	if (used == 0) {
+		p.pl = NULL;
+		populate_main(&p);
+	}
+	err = register_behind(pool, &p, header, data_bytes);
+	*registering = err < 0;
+	pthread_mutex_lock(&p.lock);
+	p.stop = 1;
+	pthread_mutex_unlock(&p.lock);
+	for (unsigned i = 0; i < used; i++)
+		pthread_join(tids[i], NULL);
+	t = aeg_now_ns();
+	pool->timing.threads = used ? used : 1;
+	pool->timing.populate_ns = (p.populated_ns ? p.populated_ns : t) - t0;
+	pool->timing.register_ns = t - t0 - pool->timing.populate_ns;
+	if (err == 0 && p.err != 0)
+		err = aeg_fail(AEG_ENOMEM, "pinned pool: populating %" PRIu64 " bytes in %s pages: %s", p.bytes,
+			       page == HUGE_PAGE ? "2 MiB huge" : "4 KiB", strerror(p.err));
+	pthread_cond_destroy(&p.cv);
+	pthread_mutex_destroy(&p.lock);
+	free(p.done);
+	return err;
+}
+
+/* Undo registration, piece by piece. */
+static void unregister(aeg_pool_t *pool)
+{
+	for (uint32_t i = 0; i < pool->reg_pieces; i++)
+		aeg_host_unregister(pool->dev, pool->data + (uint64_t)i * pool->reg_piece);
+	pool->reg_pieces = 0;
+}
+
+/* Unregister and unmap (a pool whose huge pages ran out is made again in 4 KiB pages). */
 static void unmap(aeg_pool_t *pool)
 {
+	unregister(pool);
 	if (pool->map != NULL)
 		munmap(pool->map, pool->map_bytes);
 	pool->map = NULL;
@@ -365,8 +469,6 @@ static void unmap(aeg_pool_t *pool)
 
 static void pool_free(aeg_pool_t *pool)
 {
-	if (pool->registered)
-		aeg_host_unregister(pool->dev, pool->data);
 	unmap(pool);
 	free(pool);
 }
@@ -419,9 +521,13 @@ static int map_private(aeg_pool_t *pool)
 	return 0;
 }
 
-/* The memfd of @page pages holding @header + @data_bytes, mapped, bound and populated. */
+/*
+ * The memfd of @page pages holding @header + @data_bytes, mapped, bound,
+ * populated and registered; *@registering set when registration failed
+ * (other pages would not help).
+ */
 static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t data_bytes,
-		     struct place *pl, int gpu)
+		     struct place *pl, int gpu, int *registering)
 {
 	const char *kind = page == HUGE_PAGE ? " in 2 MiB huge pages" : "";
 	uint64_t t;
@@ -457,10 +563,7 @@ place:
 	if (err < 0)
 		return err;
 
-	t = aeg_now_ns();
-	err = populate(pool->map, pool->map_bytes, page, pl, &pool->timing.threads);
-	pool->timing.populate_ns = aeg_now_ns() - t;
-	return err;
+	return populate_and_register(pool, header, data_bytes, page, pl, registering);
 }
 
 /* What a pool of these sizes will be: checked, placed, its page size chosen. */
@@ -539,10 +642,10 @@ int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t p
 static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, int private_pool,
 		       aeg_pool_t **poolp)
 {
-	uint64_t t0 = aeg_now_ns(), t, header;
+	uint64_t t0 = aeg_now_ns(), header;
 	struct pool_plan p;
 	aeg_pool_t *pool;
-	int err;
+	int err, registering = 0;
 
 	if (poolp == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_create: NULL argument");
@@ -555,14 +658,15 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
 	pool->timing.bind_ns = p.locate_ns;
 	pool->private_pool = private_pool;
+	pool->reg_piece = buffer_bytes >= REGISTER_PIECE ? buffer_bytes : aeg_round_up(REGISTER_PIECE, buffer_bytes);
 	for (;;) {
 		/* A private pool's buffers start on a 2 MiB boundary, where its huge pages do. */
 		header = header_bytes_for((uint32_t)p.buffers, private_pool ? HUGE_PAGE : p.page);
-		err = provision(pool, p.page, header, p.data_bytes, &p.pl, gpu);
+		err = provision(pool, p.page, header, p.data_bytes, &p.pl, gpu, &registering);
 		if (err == 0)
 			break;
 		/* "auto" promised huge pages only while they last: another process may have taken them. */
-		if (p.page == POOL_PAGE || p.mode == HUGE_ALWAYS)
+		if (p.page == POOL_PAGE || p.mode == HUGE_ALWAYS || registering)
 			goto fail;
 		aeg_info("pinned pool: 2 MiB huge pages could not be had (%s); using 4 KiB pages", aeg_error_detail());
 		unmap(pool);
@@ -577,15 +681,6 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 	pool->numa_node = p.pl.numa_node;
 	pool_layout(pool, (uint32_t)p.buffers, header);
 	init_header(pool, (uint32_t)p.buffers, header);
-
-	t = aeg_now_ns();
-	err = aeg_host_register(dev, pool->data, p.data_bytes, 0);
-	if (err < 0) {
-		aeg_error_prefix("pinned pool of %" PRIu64 " bytes", p.data_bytes);
-		goto fail;
-	}
-	pool->registered = 1;
-	pool->timing.register_ns = aeg_now_ns() - t;
 	pool->timing.total_ns = aeg_now_ns() - t0;
 	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, register %.1f)",
 		  p.buffers, buffer_bytes,
@@ -712,12 +807,14 @@ static int map_pool(aeg_device_t *dev, int fd, const struct geometry *g, aeg_poo
 		pool->numa_node = node >= 0 && node < 4096 ? node : -1;
 	}
 	pool_layout(pool, g->buffers, g->header_bytes);
+	/* Populated already: registered at once. */
 	err = aeg_host_register(dev, pool->data, g->pool_bytes, 0);
 	if (err < 0) {
 		aeg_error_prefix("attaching a pinned pool of %" PRIu64 " bytes", g->pool_bytes);
 		goto fail;
 	}
-	pool->registered = 1;
+	pool->reg_piece = g->pool_bytes;
+	pool->reg_pieces = 1;
 	*poolp = pool;
 	return 0;
 fail:

@@ -13,8 +13,8 @@
  */
 struct aeg_pool_timing {
 	uint64_t bind_ns;       /* GPU locality (topology, cached per process) and NUMA binding */
-	uint64_t populate_ns;   /* faulting every page in */
-	uint64_t register_ns;   /* aeg_host_register of the buffer area */
+	uint64_t populate_ns;   /* until every page was faulted in (registration runs beside it) */
+	uint64_t register_ns;   /* what registering the buffers took after that */
 	uint64_t total_ns;
 	uint64_t page_bytes;    /* 4096, or 2 MiB for hugetlb pages */
 	unsigned threads;       /* that populated the pages */

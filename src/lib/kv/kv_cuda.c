@@ -166,7 +166,7 @@ static int check_device_range(const aeg_kv_t *kv, const char *p, uint64_t bytes,
 static int map_host_range(char *p, uint64_t bytes, const char *what, char **view)
 {
 	struct cudaPointerAttributes a;
-	void *dev_ptr;
+	void *dev_ptr, *last;
 	cudaError_t e;
 
 	e = cudaHostGetDevicePointer(&dev_ptr, p, 0);
@@ -178,6 +178,16 @@ static int map_host_range(char *p, uint64_t bytes, const char *what, char **view
 	if (e != cudaSuccess || a.type != cudaMemoryTypeHost)
 		return aeg_fail(AEG_EINVAL, "KV host %s: %p + %" PRIu64 " bytes runs past the registered range",
 				what, (void *)p, bytes);
+	/*
+	 * The kernel reaches every block from the view of the first byte: a
+	 * range registered in pieces (a pinned pool's) must be seen by the
+	 * device end to end, as it is wherever registered memory keeps its
+	 * host address on the device.
+	 */
+	e = cudaHostGetDevicePointer(&last, p + bytes - 1, 0);
+	if (e != cudaSuccess || (char *)last != (char *)dev_ptr + bytes - 1)
+		return aeg_fail(AEG_EINVAL, "KV host %s at %p: the device does not see the %" PRIu64 " bytes end to end (%s)",
+				what, (void *)p, bytes, e != cudaSuccess ? cudaGetErrorString(e) : "registered in pieces");
 	*view = dev_ptr;
 	return 0;
 }
