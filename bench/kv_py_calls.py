@@ -12,7 +12,9 @@ its parts, each the median of --repeat calls:
   wait      kv.wait(handle) until the blocks are there
   release   kv.release(handle)
 The same call from C is `aegaeon-cli kv bench` (issue, stream sync, release);
-the gap between the two is the module's per-call cost.
+the gap between the two is the module's per-call cost. With numpy present
+each way is timed twice: ids as lists of ints, and as numpy arrays (read in
+place through the array interface), the rows out_numpy and in_numpy.
 
 Outside a job the cache makes its own slab and pinned memory; with --job it
 swaps through the job's pinned pool and a lease of the job's slab, as a step
@@ -74,6 +76,14 @@ def main():
     # block that did not move is seen; the lists are made before timing.
     ha_rot, gb_rot = ha[-1:] + ha[:-1], gb[-1:] + gb[:-1]
     calls = {"out": (kv.swap_out, ga, ha_rot), "in": (kv.swap_in, hb, gb_rot)}
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        arr = lambda ids: np.array(ids, dtype=np.uint32)     # noqa: E731
+        calls["out_numpy"] = (kv.swap_out, arr(ga), arr(ha_rot))
+        calls["in_numpy"] = (kv.swap_in, arr(hb), arr(gb_rot))
     rows = {}
     for way, (fn, src, dst) in calls.items():
         whole, ids, submit, wait, release = [], [], [], [], []
@@ -109,9 +119,9 @@ def main():
 
     print("KV from Python, %d blocks of %d KiB a call (%s), medians of %d" %
           (n, bb >> 10, "through the job's pool and slab" if a.job else "standalone", a.repeat))
-    print("%-4s %9s %8s %9s %10s %10s %11s" % ("way", "call", "GB/s", "ids", "submit", "wait", "release"))
+    print("%-9s %9s %8s %9s %10s %10s %11s" % ("way", "call", "GB/s", "ids", "submit", "wait", "release"))
     for way, r in rows.items():
-        print("%-4s %7.2f ms %8.1f %6.0f us %7.0f us %7.0f us %8.0f us" %
+        print("%-9s %7.2f ms %8.1f %6.0f us %7.0f us %7.0f us %8.0f us" %
               (way, r["call_s"] * 1e3, r["GBps"], r["ids_us"], r["submit_us"], r["wait_us"], r["release_us"]))
     print("every block moved bit-exact" if not bad else "%d blocks differ" % len(bad))
     if a.json:

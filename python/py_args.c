@@ -269,7 +269,154 @@ static int one_id(PyObject *item, const char *what, Py_ssize_t i, uint32_t max, 
 	return 0;
 }
 
-int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
+/* One integer of @size bytes at @p, signed or not: its magnitude, and whether it is negative. */
+static uint64_t read_int(const unsigned char *p, unsigned size, int is_signed, int *negative)
+{
+	union { int8_t i8; uint8_t u8; int16_t i16; uint16_t u16; int32_t i32; uint32_t u32; int64_t i64; uint64_t u64; } v;
+	int64_t sv;
+
+	memcpy(&v, p, size);
+	if (!is_signed) {
+		*negative = 0;
+		return size == 1 ? v.u8 : size == 2 ? v.u16 : size == 4 ? v.u32 : v.u64;
+	}
+	sv = size == 1 ? v.i8 : size == 2 ? v.i16 : size == 4 ? v.i32 : v.i64;
+	*negative = sv < 0;
+	return sv < 0 ? 0 : (uint64_t)sv;
+}
+
+/* @d[@key] as a C integer (a Python int, a bool for the read-only flag); -1 with an exception. */
+static int dict_int(PyObject *d, const char *key, int index, long long *v)
+{
+	PyObject *o = PyDict_GetItemString(d, key);
+
+	if (o != NULL && index >= 0)
+		o = PyTuple_Check(o) && PyTuple_Size(o) > index ? PyTuple_GetItem(o, index) : NULL;
+	if (o == NULL || !PyLong_Check(o)) {
+		PyErr_Format(PyExc_TypeError, "__array_interface__[\"%s\"] is missing or not what it should be", key);
+		return -1;
+	}
+	*v = PyLong_AsLongLong(o);
+	return *v == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/*
+ * Ids of an array that speaks numpy's array interface (a numpy array, or a
+ * torch CPU tensor's .numpy()): read in place, a few microseconds for
+ * thousands, where a list costs about 15 ns an id. 1-D arrays of 1, 2, 4 or
+ * 8-byte integers in this machine's byte order, any stride. 1 when done,
+ * 0 when @obj has no array interface (no exception), -1 with an exception.
+ */
+static int array_ids(PyObject *obj, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
+{
+	PyObject *ai, *shape, *strides, *typestr, *mask;
+	const char *ts;
+	long long n, stride, addr;
+	unsigned size;
+	int is_signed, rc = -1;
+	uint32_t *ids = NULL;
+
+	if (PyLong_Check(obj) || PyList_Check(obj) || PyTuple_Check(obj))
+		return 0;
+	ai = PyObject_GetAttrString(obj, "__array_interface__");
+	if (ai == NULL) {
+		if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+			return -1;
+		PyErr_Clear();
+		return 0;
+	}
+	if (!PyDict_Check(ai)) {
+		PyErr_Format(PyExc_TypeError, "%s: __array_interface__ of %s is not a dict", what, pyaeg_tname(obj));
+		goto out;
+	}
+	shape = PyDict_GetItemString(ai, "shape");
+	typestr = PyDict_GetItemString(ai, "typestr");
+	strides = PyDict_GetItemString(ai, "strides");
+	mask = PyDict_GetItemString(ai, "mask");
+	ts = typestr != NULL && PyUnicode_Check(typestr) ? PyUnicode_AsUTF8AndSize(typestr, NULL) : NULL;
+	if (shape == NULL || !PyTuple_Check(shape) || PyTuple_Size(shape) != 1) {
+		PyErr_Format(PyExc_TypeError, "%s must be one-dimensional, not an array of shape %R", what,
+			     shape != NULL ? shape : Py_None);
+		goto out;
+	}
+	if (ts == NULL || strlen(ts) != 3 || (ts[1] != 'i' && ts[1] != 'u') ||
+	    (ts[2] != '1' && ts[2] != '2' && ts[2] != '4' && ts[2] != '8') ||
+	    !(ts[0] == '|' || ts[0] == '=' || ts[0] == (__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '<' : '>'))) {
+		PyErr_Format(PyExc_TypeError, "%s must be an array of integers in this machine's byte order, not of %s",
+			     what, ts != NULL ? ts : "an unknown type");
+		goto out;
+	}
+	if (mask != NULL && mask != Py_None) {
+		PyErr_Format(PyExc_TypeError, "%s: a masked array has no ids where it is masked", what);
+		goto out;
+	}
+	size = (unsigned)(ts[2] - '0');
+	is_signed = ts[1] == 'i';
+	if (dict_int(ai, "shape", 0, &n) < 0 || dict_int(ai, "data", 0, &addr) < 0)
+		goto out;
+	stride = size;
+	if (strides != NULL && strides != Py_None && dict_int(ai, "strides", 0, &stride) < 0)
+		goto out;
+	if (n < 0 || n > UINT32_MAX || (n > 0 && addr == 0)) {
+		PyErr_Format(PyExc_ValueError, "%s: __array_interface__ of %s gives %lld items at address %p", what,
+			     pyaeg_tname(obj), n, (void *)(uintptr_t)addr);
+		goto out;
+	}
+	ids = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*ids));
+	if (ids == NULL) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	/* numpy's usual ids, uint32 and int64 end to end: one comparison each. */
+	if (stride == size && size == 4 && !is_signed) {
+		const uint32_t *a = (const uint32_t *)(uintptr_t)addr;
+		uint32_t worst = 0;
+
+		for (long long i = 0; i < n; i++) {
+			ids[i] = a[i];
+			worst = a[i] > worst ? a[i] : worst;
+		}
+		if (worst < max)
+			goto done;
+	} else if (stride == size && size == 8 && is_signed) {
+		const int64_t *a = (const int64_t *)(uintptr_t)addr;
+		uint64_t worst = 0;
+
+		for (long long i = 0; i < n; i++) {
+			ids[i] = (uint32_t)a[i];
+			worst |= (uint64_t)a[i] >= max ? 1 : 0;     /* a negative one is huge as unsigned */
+		}
+		if (worst == 0)
+			goto done;
+	}
+	/* Any other layout, or an id out of range somewhere: one at a time, to say which. */
+	for (long long i = 0; i < n; i++) {
+		int negative;
+		uint64_t v = read_int((const unsigned char *)(uintptr_t)addr + i * stride, size, is_signed, &negative);
+
+		if (negative || v >= max) {
+			if (negative)
+				PyErr_Format(PyExc_ValueError, "%s[%lld] is negative", what, i);
+			else
+				PyErr_Format(PyExc_ValueError, "%s[%lld] = %llu is out of range (0..%u)", what, i,
+					     (unsigned long long)v, max - 1);
+			PyMem_Free(ids);
+			ids = NULL;
+			goto out;
+		}
+		ids[i] = (uint32_t)v;
+	}
+done:
+	*idsp = ids;
+	*np = (size_t)n;
+	rc = 1;
+out:
+	Py_DECREF(ai);
+	return rc;
+}
+
+/* Ids of a list, a tuple or another sequence of ints. */
+static int list_ids(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
 {
 	PyObject *fast = int_sequence(seq, what);
 	uint32_t *ids = NULL;
@@ -296,6 +443,15 @@ fail:
 	Py_DECREF(fast);
 	PyMem_Free(ids);
 	return -1;
+}
+
+int pyaeg_id_list(PyObject *seq, const char *what, uint32_t max, uint32_t **idsp, size_t *np)
+{
+	int rc = array_ids(seq, what, max, idsp, np);
+
+	if (rc != 0)
+		return rc < 0 ? -1 : 0;
+	return list_ids(seq, what, max, idsp, np);
 }
 
 int pyaeg_u64_list(PyObject *seq, const char *what, uint64_t **out, size_t *np)

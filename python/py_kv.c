@@ -848,7 +848,9 @@ static PyMethodDef kv_methods[] = {
 	  "layer, layer 0 first; on a cache of one layer, layers=[ends] splits the ids\n"
 	  "into groups (strictly increasing ends, the last = len(ids)) with an event\n"
 	  "each; both return (handle, [layer handles]). wait=True waits, releases the\n"
-	  "event and returns None. All ids are checked before anything moves." },
+	  "event and returns None. All ids are checked before anything moves. Ids\n"
+	  "come as lists or tuples of ints, or as 1-D integer arrays (numpy's, read in\n"
+	  "place: for thousands of ids a call, the quick way)." },
 	{ "swap_in", FN(kv_swap_in), KW,
 	  "swap_in($self, host_ids, gpu_ids, *, layers=None, wait=False)\n--\n\n"
 	  "Host blocks to GPU blocks; as swap_out(), on the cache's swap-in stream: a\n"
@@ -859,7 +861,9 @@ static PyMethodDef kv_methods[] = {
 	  "copy_h2d($self, dst, src, nbytes, *, wait=False)\n--\n\n"
 	  "One asynchronous copy from host address src to device address dst (raw\n"
 	  "pointers, as the seed's; pinned host memory such as a PinnedPool buffer's\n"
-	  "address() keeps it asynchronous). Returns an event handle as swap_out()." },
+	  "address() keeps it asynchronous; a copy stays inside one buffer: the\n"
+	  "pool is registered a piece of whole buffers at a time). Returns an event\n"
+	  "handle as swap_out()." },
 	{ "copy_d2h", FN(kv_copy_d2h), KW,
 	  "copy_d2h($self, dst, src, nbytes, *, wait=False)\n--\n\nOne asynchronous copy from device address src to host address dst." },
 	{ "wait", FN(kv_wait), KW,

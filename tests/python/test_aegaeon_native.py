@@ -6,6 +6,7 @@ the zero-copy checks and those tests are skipped without it. Run against a
 build tree: PYTHONPATH=<build>/python/.libs AEGAEON_DEVICE=host python3 this.
 Prints "N passed, N failed" last; exits non-zero on failure.
 """
+import ctypes
 import errno
 import gc
 import json
@@ -1027,8 +1028,35 @@ class TestKV(Base):
         kv.swap_out(range(g[0], g[0] + 1), h[3:], wait=True)
         self.assertEqual(bytes(kv.host_block(h[3])), bytes([7]) * 4096)
         if np is not None:
+            # numpy arrays are read in place (the array interface), any integer type and stride
             kv.swap_out(np.array(g[1:3]), np.array(h[:2], dtype=np.uint32), wait=True)
             self.assertEqual(bytes(kv.host_block(h[0])), bytes([8]) * 4096)
+            kv.swap_out(np.array([g[3], 0, g[2]], dtype=np.int16)[::2], np.array(h[:2], dtype=np.uint8),
+                        wait=True)
+            self.assertEqual(bytes(kv.host_block(h[1])), bytes([9]) * 4096)
+            for bad, err, text in ((np.array([0, -1]), ValueError, "gpu_ids[1] is negative"),
+                                   (np.array([0, 8], dtype=np.uint64), ValueError,
+                                    "gpu_ids[1] = 8 is out of range (0..7)"),
+                                   (np.array([0.0, 1.0]), TypeError, "array of integers"),
+                                   (np.array([[0, 1]]), TypeError, "one-dimensional"),
+                                   (np.array([0, 1], dtype=">i4"), TypeError, "byte order")):
+                with self.assertRaises(err) as c:
+                    kv.swap_out(bad, h[:2])
+                self.assertIn(text, str(c.exception))
+        # Anything with an array interface, numpy or not: here memory of ctypes.
+        buf = (ctypes.c_uint32 * 2)(g[0], g[1])
+        iface = {"shape": (2,), "typestr": "<u4", "data": (ctypes.addressof(buf), False), "strides": None,
+                 "version": 3}
+        view = type("Ids", (), {"__array_interface__": iface})()
+        kv.swap_out(view, h[2:4], wait=True)
+        self.assertEqual(bytes(kv.host_block(h[2])), bytes([7]) * 4096)
+        for lie, text in (({"shape": (-1,)}, "gives -1 items"), ({"data": (0, False)}, "2 items at address 0"),
+                          ({"typestr": "<f8"}, "array of integers"), ({"shape": 2}, "one-dimensional"),
+                          ({"mask": [1, 0]}, "masked")):
+            bad = type("Ids", (), {"__array_interface__": dict(iface, **lie)})()
+            with self.assertRaises((TypeError, ValueError)) as c:
+                kv.swap_out(bad, h[:2])
+            self.assertIn(text, str(c.exception))
         before = kv.stats()["swaps_out"]
         for bad, err, text in (([True], TypeError, "gpu_ids must be an int, not bool"),
                                ([0.0], TypeError, "gpu_ids must be an int, not float"),
