@@ -452,6 +452,24 @@ AEG_EXPORT int aeg_mem_close_handle(aeg_device_t *dev, void *ptr)
 	return dev->ops->mem_close(dev, ptr);
 }
 
+/* Loads in flight in this process (internal.h says who counts and who asks). */
+static int loads_active;
+
+void aeg_loads_begin(void)
+{
+	__atomic_add_fetch(&loads_active, 1, __ATOMIC_RELAXED);
+}
+
+void aeg_loads_end(void)
+{
+	__atomic_sub_fetch(&loads_active, 1, __ATOMIC_RELAXED);
+}
+
+int aeg_loads_active(void)
+{
+	return __atomic_load_n(&loads_active, __ATOMIC_RELAXED);
+}
+
 AEG_EXPORT int aeg_host_register(aeg_device_t *dev, void *ptr, size_t bytes, unsigned flags)
 {
 	if (dev == NULL || ptr == NULL)

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <aegaeon/topo.h>
@@ -58,9 +59,11 @@
  * The buffers are registered in pieces of whole buffers, at least this
  * big, each as soon as it is populated: registration (29 ms/GiB of 2 MiB
  * pages on the H200) then runs beside population instead of after it, and
- * adds 2.6 ms/GiB at the end instead of 29 (bench/pool_probe). A buffer is
- * always inside one registration; the pieces lie end to end, so the
- * device's view of the whole area is contiguous too.
+ * adds 2.6 ms/GiB at the end instead of 29 (bench/pool_probe). While a
+ * load runs in the process, the pieces wait until every page is in
+ * (aeg_loads_active): a load's own registrations would wait behind them. A
+ * buffer is always inside one registration; the pieces lie end to end, so
+ * the device's view of the whole area is contiguous too.
  */
 #define REGISTER_PIECE (64ull << 20)
 
@@ -361,17 +364,35 @@ static unsigned populate_threads(uint64_t bytes, const struct place *pl)
 	return n == 0 ? 1 : (unsigned)n;
 }
 
-/* Wait until [start, start + @end) is populated: 0, or the errno of a population that stopped short of it. */
+/*
+ * Wait until [start, start + @end) is populated and may be registered: at
+ * once when no load runs in the process, else once every page is in
+ * (aeg_loads_active). 0, or the errno of a population that stopped short.
+ */
 static int populated_through(struct populating *p, uint64_t end)
 {
-	int there;
+	int there, all;
 
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
-		there = (uint64_t)p->ready * POPULATE_UNIT >= end || p->ready == p->units;
+		all = p->ready == p->units;
+		there = all || ((uint64_t)p->ready * POPULATE_UNIT >= end && aeg_loads_active() == 0);
 		if (there || p->err != 0)
 			break;
-		pthread_cond_wait(&p->cv, &p->lock);
+		if ((uint64_t)p->ready * POPULATE_UNIT >= end) {
+			/* Only a load holds this piece back: look again in a millisecond. */
+			struct timespec ts;
+
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += 1000000;
+			if (ts.tv_nsec >= 1000000000) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000;
+			}
+			pthread_cond_timedwait(&p->cv, &p->lock, &ts);
+		} else {
+			pthread_cond_wait(&p->cv, &p->lock);
+		}
 	}
 	pthread_mutex_unlock(&p->lock);
 	return there ? 0 : p->err;

@@ -801,6 +801,7 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 		snprintf(l->detail, sizeof(l->detail), "%s", detail);
 	l->end_ns = aeg_now_ns();
 	l->in_flight = 0;
+	aeg_loads_end();
 	l->cleaning = 1;
 	pthread_cond_broadcast(&pf->done_cv);
 	pthread_mutex_unlock(&pf->lock);

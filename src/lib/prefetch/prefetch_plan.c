@@ -501,6 +501,7 @@ static int publish(struct aeg_prefetch *pf, struct aeg_load *l)
 	}
 	l->id = pf->next_id++;
 	l->in_flight = 1;
+	aeg_loads_begin();
 	l->items_left = l->nitems;
 	l->status = AEG_EBUSY;
 	l->next = pf->loads;
