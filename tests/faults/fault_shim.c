@@ -18,8 +18,10 @@
  *                       slow:   every read sleeps AEGAEON_FAULT_AT
  *                               microseconds first (a slow disk)
  *                       gate:   every MADV_POPULATE_WRITE (a pinned pool
- *                               being made) waits until AEGAEON_FAULT_FILE
- *                               exists: the test opens the gate
+ *                               being made) after the first
+ *                               AEGAEON_FAULT_AT ones waits until
+ *                               AEGAEON_FAULT_FILE exists: the test opens
+ *                               the gate
  *                       nomem:  MADV_POPULATE_WRITE fails with ENOMEM once
  *                               AEGAEON_FAULT_AT calls went through (memory
  *                               running out while a pool is made; no file)
@@ -105,6 +107,7 @@ static void load_env(void)
 	/* A gate is a file that does not exist yet. */
 	if (m != NULL && f != NULL && strcmp(m, "gate") == 0 && strlen(f) < sizeof(path)) {
 		strcpy(path, f);
+		at = a ? strtoull(a, NULL, 0) : 0;
 		mode = M_GATE;
 		return;
 	}
@@ -332,8 +335,10 @@ int madvise(void *addr, size_t len, int advice)
 	pthread_mutex_lock(&lock);
 	m = mode;
 	if (m == M_GATE && advice == MADV_POPULATE_WRITE) {
+		int gated = hits >= at;
+
 		pthread_mutex_unlock(&lock);
-		while (access(path, F_OK) != 0)
+		while (gated && access(path, F_OK) != 0)
 			usleep(10000);
 		hit();
 		return real_madvise(addr, len, advice);

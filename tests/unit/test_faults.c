@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -517,6 +518,91 @@ static void pool_population_fails(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
+struct pool_maker {
+	aeg_device_t *dev;
+	aeg_pool_t *pool;
+	int err;
+};
+
+static void *make_pool(void *arg)
+{
+	struct pool_maker *m = arg;
+
+	m->err = aeg_pool_create(m->dev, 0, MiB, 256 * MiB, &m->pool);
+	return NULL;
+}
+
+/* Registered ranges of @dev once they reach @want, or what there are after @ms. */
+static size_t ranges_after(aeg_device_t *dev, size_t want, int ms)
+{
+	for (int i = 0; i < ms && host_registered_ranges(dev) < want; i++)
+		usleep(1000);
+	return host_registered_ranges(dev);
+}
+
+/*
+ * A pool registers its buffers beside its population, a piece at a time,
+ * only while no load runs in the process: with one populating thread held
+ * at a gate after 33 steps of 4 MiB (the first 128 MiB in: the first piece
+ * of buffers could go), the first piece is registered when the engine is
+ * idle, and nothing is while a load of the engine's is in flight (held);
+ * once the gate opens every piece is registered either way.
+ */
+static void pool_waits_for_loads(void **state)
+{
+	struct fx *f = fx_new(2);
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	struct pool_maker m = { .dev = f->dev };
+	char path[128], gate[160];
+	uint64_t begin;
+	unsigned char *file = make_file(f, 0, path, sizeof(path), &begin);
+	size_t base = host_registered_ranges(f->dev), seen;
+	int cpu = 0, fd;
+	cpu_set_t all, one;
+	pthread_t t;
+	aeg_load_t *l;
+
+	assert_int_equal(sched_getaffinity(0, sizeof(all), &all), 0);
+	while (!CPU_ISSET(cpu, &all))
+		cpu++;
+	CPU_ZERO(&one);
+	CPU_SET(cpu, &one);
+	assert_int_equal(sched_setaffinity(0, sizeof(one), &one), 0);
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	snprintf(gate, sizeof(gate), "%s/gate", f->dir);
+	for (int loading = 0; loading < 2; loading++) {
+		if (loading) {
+			assert_int_equal(aeg_prefetch_hold(f->pf, 1), 0);
+			assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+		}
+		unlink(gate);
+		fault_on("gate", gate, 33);
+		assert_int_equal(pthread_create(&t, NULL, make_pool, &m), 0);
+		seen = ranges_after(f->dev, base + 1, loading ? 300 : 10000);
+		/* The gate opens before anything is checked: a failed check leaves no thread behind. */
+		fd = open(gate, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+		close(fd);
+		pthread_join(t, NULL);
+		fault_off();
+		assert_true(fd >= 0);
+		assert_int_equal(seen, loading ? base : base + 1);
+		assert_int_equal(m.err, 0);
+		assert_int_equal(host_registered_ranges(f->dev), base + 4);
+		aeg_pool_destroy(m.pool);
+		assert_int_equal(host_registered_ranges(f->dev), base);
+		if (loading) {
+			assert_int_equal(aeg_prefetch_hold(f->pf, 0), 0);
+			assert_int_equal(aeg_load_wait(l, 10000), 0);
+			assert_int_equal(aeg_load_release(l), 0);
+			aeg_load_close(l);
+		}
+	}
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	assert_int_equal(sched_setaffinity(0, sizeof(all), &all), 0);
+	free(file);
+	fx_free(f);
+}
+
 /* Huge pages demanded, more than are free: the error says how many are missing and how to get them. */
 static void pool_hugepages_short(void **state)
 {
@@ -553,6 +639,7 @@ int main(void)
 		cmocka_unit_test(slab_fragmented_at_prefetch),
 		cmocka_unit_test(pool_over_memory),
 		cmocka_unit_test(pool_population_fails),
+		cmocka_unit_test(pool_waits_for_loads),
 		cmocka_unit_test(pool_hugepages_short),
 	};
 
