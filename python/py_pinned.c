@@ -482,8 +482,9 @@ static PyType_Slot pool_slots[] = {
 	{ Py_tp_doc,
 	  "PinnedPool(buffer_size, pool_size=4, gpu_id=0)\n--\n\n"
 	  "pool_size buffers of buffer_size bytes (a multiple of 4096) in one memfd, its\n"
-	  "pages on the GPU's NUMA node, populated up front and registered once with\n"
-	  "CUDA (pinned, mapped). acquire()/release() are O(1) and shared by every\n"
+	  "pages on the GPU's NUMA node, populated up front and registered with CUDA\n"
+	  "(pinned, mapped) a piece of whole buffers at a time, so a copy stays inside\n"
+	  "one buffer. acquire()/release() are O(1) and shared by every\n"
 	  "process attached. Errors: ValueError (sizes), AegaeonError ENOMEM (detail:\n"
 	  "asked vs available), EDEVICE." },
 	{ 0, NULL },
