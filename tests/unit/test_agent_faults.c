@@ -281,6 +281,45 @@ static int kv_step(int ready_fd, int go_fd)
 	return 0;
 }
 
+/*
+ * The machine's topology (hwloc's discovery, tens of milliseconds) is not
+ * on the path to ready, which every step of the job waits for: the agent
+ * writes its ready record, then finds the topology for its engines, then
+ * makes the pool placed by it (the log's order, at debug level).
+ */
+static void topology_after_ready(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	char text[65536];
+	const char *ready, *topo, *pool;
+	FILE *f;
+	size_t n;
+
+	setenv("AEGAEON_LOG", "debug", 1);
+	agent_start(&ag, opts);
+	unsetenv("AEGAEON_LOG");
+	for (int i = 0; i < BOUND_MS / 10 && !log_has(&ag, "pinned pool ready"); i++)
+		usleep(10000);
+	f = fopen(ag.log, "r");
+	assert_non_null(f);
+	n = fread(text, 1, sizeof(text) - 1, f);
+	fclose(f);
+	text[n] = '\0';
+	ready = strstr(text, "ready record");
+	topo = strstr(text, "topology of ");
+	pool = strstr(text, "pinned pool ready");
+	if (!ready || !topo || !pool)
+		print_message("the agent's log:\n%s\n", text);
+	assert_non_null(ready);
+	assert_non_null(topo);
+	assert_non_null(pool);
+	assert_true(ready < topo);
+	assert_true(topo < pool);
+	agent_kill(&ag, SIGTERM);
+	agent_cleanup(&ag);
+}
+
 static void agent_killed_mid_kv_swap(void **state)
 {
 	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
@@ -703,6 +742,7 @@ int main(void)
 		cmocka_unit_test_teardown(agent_killed_mid_prefetch, kill_started),
 		cmocka_unit_test_teardown(agent_killed_mid_load, kill_started),
 		cmocka_unit_test_teardown(agent_killed_mid_kv_swap, kill_started),
+		cmocka_unit_test_teardown(topology_after_ready, kill_started),
 		cmocka_unit_test_teardown(step_killed_with_leases, kill_started),
 		cmocka_unit_test_teardown(stalled_peers, kill_started),
 		cmocka_unit_test_teardown(stale_runtime_dir, kill_started),

@@ -25,6 +25,7 @@
 #include "model_paths.h"
 #include "pinned_internal.h"
 #include "proto.h"
+#include "prefetch_internal.h"
 #include "topo_internal.h"
 
 #define GONE_CHECK_MS 50                /* how often exited clients are looked for */
@@ -170,7 +171,6 @@ static int start_engines(struct agent *a)
 	aeg_prefetch_config_defaults(&pcfg);
 	if (a->cfg->prefetch_threads > 0)
 		pcfg.threads = a->cfg->prefetch_threads;
-	pcfg.topo = a->topo;
 	if (a->pool_state != POOL_NONE)
 		pcfg.pool_later_buffer_bytes = a->pool_buffer_bytes;
 	for (int i = 0; i < a->nslabs; i++) {
@@ -245,6 +245,7 @@ static int check_no_agent(struct agent *a)
 static int write_ready(struct agent *a)
 {
 	struct aeg_job_record rec;
+	int err;
 
 	memset(&rec, 0, sizeof(rec));
 	rec.version = AEG_JOB_RECORD_VERSION;
@@ -262,7 +263,10 @@ static int write_ready(struct agent *a)
 		rec.pinned_bytes = a->pool_bytes;
 		rec.pinned_buffer = a->pool_buffer_bytes;
 	}
-	return aeg_job_record_write(a->ready_path, &rec);
+	err = aeg_job_record_write(a->ready_path, &rec);
+	if (err == 0)
+		aeg_debug("job %s: ready record %s written", a->cfg->job_id, a->ready_path);
+	return err;
 }
 
 static void serve(struct agent *a, int stop_fd)
@@ -324,8 +328,8 @@ static void teardown(struct agent *a)
 	pthread_mutex_unlock(&a->lock);
 	agent_reap(a, 1);
 	/* A pool still being made is finished first: the engines take it. */
-	if (a->pool_thread_started)
-		pthread_join(a->pool_thread, NULL);
+	if (a->settle_thread_started)
+		pthread_join(a->settle_thread, NULL);
 	/* The engines cancel their loads, wait for copies and free chunks and load handles. */
 	for (int i = 0; i < a->nslabs; i++)
 		if (a->slabs[i].pf)
@@ -361,10 +365,9 @@ static int pool_gpu(const struct agent *a)
 	return a->cfg->gpu_count ? a->cfg->gpus[0] : 0;
 }
 
-/* The pool's thread: makes it, then hands it to the engines and to the steps waiting for it. */
-static void *make_pool(void *arg)
+/* The pool: made, then handed to the engines and to the steps waiting for it. */
+static void make_pool(struct agent *a)
 {
-	struct agent *a = arg;
 	uint64_t cache = 0;
 	aeg_pool_t *pool = NULL;
 	int err;
@@ -389,16 +392,39 @@ static void *make_pool(void *arg)
 	}
 	pthread_cond_broadcast(&a->pool_cv);
 	pthread_mutex_unlock(&a->lock);
+}
+
+/*
+ * After ready, off the path of the job's steps: the machine's topology
+ * (hwloc's discovery, 50-60 ms of a 55-75 ms start on a development VM),
+ * given to the engines, whose workers then bind near their GPUs; then the
+ * pool, placed by the same topology.
+ */
+static void *settle(void *arg)
+{
+	struct agent *a = arg;
+	const aeg_topo_t *topo = NULL;
+	uint64_t t = aeg_now_ns();
+
+	if (aeg_topo_live(&topo)) {
+		aeg_warn("no topology (%s): pool and prefetch threads stay unbound", aeg_error_detail());
+	} else {
+		for (int i = 0; i < a->nslabs; i++)
+			aeg_prefetch_set_topo(a->slabs[i].pf, topo);
+	}
+	aeg_debug("job %s: topology after ready: %.1f ms", a->cfg->job_id, (aeg_now_ns() - t) / 1e6);
+	if (a->pool_state == POOL_MAKING)
+		make_pool(a);
 	return NULL;
 }
 
-static int start_pool(struct agent *a)
+static int start_settling(struct agent *a)
 {
-	int rc = pthread_create(&a->pool_thread, NULL, make_pool, a);
+	int rc = pthread_create(&a->settle_thread, NULL, settle, a);
 
 	if (rc)
-		return aeg_fail(AEG_ENOMEM, "starting the pinned pool's thread: %s", strerror(rc));
-	a->pool_thread_started = 1;
+		return aeg_fail(AEG_ENOMEM, "starting the agent's settling thread: %s", strerror(rc));
+	a->settle_thread_started = 1;
 	return 0;
 }
 
@@ -438,9 +464,19 @@ static int start_model(struct agent *a, const char *path)
 	return err;
 }
 
+/* Milliseconds since *@t, and *@t moved to now: the steps of the start, logged once ready. */
+static double lap_ms(uint64_t *t)
+{
+	uint64_t now = aeg_now_ns(), was = *t;
+
+	*t = now;
+	return (double)(now - was) / 1e6;
+}
+
 static int start(struct agent *a)
 {
 	const struct aeg_agent_config *cfg = a->cfg;
+	uint64_t t = aeg_now_ns();
 	int err;
 
 	err = aeg_device_open(&a->dev, cfg->device);
@@ -448,13 +484,11 @@ static int start(struct agent *a)
 		aeg_error_prefix("%s device", aeg_device_kind_name(cfg->device));
 		return err;
 	}
-	if (aeg_topo_live(&a->topo)) {
-		aeg_warn("no topology (%s): pool and prefetch threads stay unbound", aeg_error_detail());
-		a->topo = NULL;
-	}
+	a->start_ms.device = lap_ms(&t);
 	err = reserve_slabs(a);
 	if (err)
 		return err;
+	a->start_ms.slabs = lap_ms(&t);
 	if (cfg->pinned_bytes > cfg->pinned_max_bytes) {
 		char want[32], cap[32];
 
@@ -472,12 +506,14 @@ static int start(struct agent *a)
 		a->pool_buffer_bytes = cfg->pinned_buffer_bytes;
 		a->pool_state = POOL_MAKING;
 	}
+	a->start_ms.pool_check = lap_ms(&t);
 	err = start_engines(a);
 	if (err)
 		return err;
 	err = listen_socket(a);
 	if (err)
 		return err;
+	a->start_ms.engines = lap_ms(&t);
 	/* --prefetch models go to the first GPU's slab, all started before ready. */
 	for (int i = 0; i < cfg->prefetch_count; i++) {
 		if (a->nslabs == 0)
@@ -487,9 +523,10 @@ static int start(struct agent *a)
 		if (err)
 			return err;
 	}
+	a->start_ms.prefetch = lap_ms(&t);
 	err = write_ready(a);
-	if (err == 0 && a->pool_state == POOL_MAKING)
-		err = start_pool(a);
+	if (err == 0)
+		err = start_settling(a);
 	return err;
 }
 
@@ -542,7 +579,11 @@ int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
 		free(a);
 		return aeg_fail(err, "%s", reason);
 	}
-	aeg_info("job %s: ready on %s", cfg->job_id, a->sock_path);
+	aeg_info("job %s: ready on %s after %.1f ms (device open %.1f, slabs %.1f, pool check %.1f, "
+		 "engines and socket %.1f, prefetch starts %.1f)", cfg->job_id, a->sock_path,
+		 a->start_ms.device + a->start_ms.slabs + a->start_ms.pool_check + a->start_ms.engines +
+		 a->start_ms.prefetch, a->start_ms.device, a->start_ms.slabs, a->start_ms.pool_check,
+		 a->start_ms.engines, a->start_ms.prefetch);
 	serve(a, stop_fd);
 	aeg_info("job %s: shutting down", cfg->job_id);
 out:

@@ -32,7 +32,9 @@ struct agent_slab {
 struct agent {
 	const struct aeg_agent_config *cfg;
 	aeg_device_t *dev;
-	const aeg_topo_t *topo;         /* the process' cached one: shared with the pool */
+	struct {                        /* what each step of the start took, logged once ready */
+		double device, slabs, pool_check, engines, prefetch;
+	} start_ms;
 	struct agent_slab slabs[AEG_JOB_MAX_GPUS];
 	int nslabs;
 	/*
@@ -45,8 +47,8 @@ struct agent {
 	enum { POOL_NONE, POOL_MAKING, POOL_READY, POOL_FAILED } pool_state;
 	uint64_t pool_bytes, pool_buffer_bytes;
 	char pool_error[512];
-	pthread_t pool_thread;
-	int pool_thread_started;
+	pthread_t settle_thread;        /* after ready: the topology for the engines, then the pool */
+	int settle_thread_started;
 	pthread_cond_t pool_cv;         /* pool_state left POOL_MAKING; with lock */
 	char sock_path[AEG_JOB_SOCKET_MAX];
 	char pid_path[PATH_MAX], ready_path[PATH_MAX], error_path[PATH_MAX];

@@ -609,7 +609,13 @@ static int check_available(uint64_t bytes)
 	return 0;
 }
 
-static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, struct pool_plan *p)
+/*
+ * @place: find the GPU's NUMA node (the topology: hwloc's discovery, tens of
+ * ms the first time in a process) to check and use its own huge pages.
+ * Without, the check counts the machine's; only "always" fails on them.
+ */
+static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, int place,
+		     struct pool_plan *p)
 {
 	uint64_t t;
 	int err;
@@ -640,7 +646,12 @@ static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t
 	if (err < 0)
 		return err;
 	t = aeg_now_ns();
-	err = locate(dev, gpu, &p->pl);
+	if (place || p->mode == HUGE_ALWAYS) {
+		err = locate(dev, gpu, &p->pl);
+	} else {
+		memset(&p->pl, 0, sizeof(p->pl));
+		p->pl.numa_node = -1;
+	}
 	p->locate_ns = aeg_now_ns() - t;
 	if (err < 0)
 		return err;
@@ -653,7 +664,7 @@ static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t
 int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, uint64_t *data_bytes)
 {
 	struct pool_plan p;
-	int err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, &p);
+	int err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, 0, &p);
 
 	if (err == 0 && data_bytes != NULL)
 		*data_bytes = p.data_bytes;
@@ -671,7 +682,7 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 	if (poolp == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_create: NULL argument");
 	*poolp = NULL;
-	err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, &p);
+	err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, 1, &p);
 	if (err < 0)
 		return err;
 	pool = pool_new(dev);

@@ -26,7 +26,10 @@ void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
  * aeg_pool_check - every check aeg_pool_create makes before it provisions
  * (sizes, the huge page choice, the memory available), with no memory
  * taken: a caller that makes the pool later, off its critical path, fails
- * early for what it can. *@data_bytes (may be NULL): the pool's bytes.
+ * early for what it can. The huge pages counted are the machine's, but for
+ * AEGAEON_PINNED_HUGEPAGES=always those of the GPU's NUMA node (finding it
+ * loads the topology, which the others leave to aeg_pool_create).
+ * *@data_bytes (may be NULL): the pool's bytes.
  */
 int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, uint64_t *data_bytes);
 
