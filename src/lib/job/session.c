@@ -256,7 +256,7 @@ static const aeg_topo_t *topology(aeg_device_t *dev)
 /*
  * The ring's thread: the engine stages through it once made, mapping files
  * until then. The topology is discovered here too, off the first load's
- * path (12-13 ms on the H200): the ring is placed by it, and the workers
+ * path (14-17 ms on the H200): the ring is placed by it, and the workers
  * bind near the GPU once they have it.
  */
 static void *make_ring(void *arg)

@@ -40,7 +40,7 @@ int aeg_prefetch_hold(aeg_prefetch_t *pf, int hold);
 /*
  * aeg_prefetch_set_topo - the topology for an engine made without one
  * (cfg.topo NULL): each worker binds itself near the GPU between pieces.
- * A fresh process discovers the topology (12-13 ms on the H200) off its
+ * A fresh process discovers the topology (14-17 ms on the H200) off its
  * first load's path and hands it over here. AEG_EEXIST when the engine has
  * one already, AEG_EINVAL for NULL arguments.
  */
