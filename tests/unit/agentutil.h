@@ -129,7 +129,8 @@ static inline int log_has(const struct agent *ag, const char *text)
 static inline void pool_made(const struct agent *ag, long log_from)
 {
 	for (int i = 0; i < BOUND_MS / 10; i++) {
-		if (log_has_from(ag, log_from, "pinned pool ready") || log_has_from(ag, log_from, "pinned pool: "))
+		if (log_has_from(ag, log_from, "pinned pool ready") ||
+		    log_has_from(ag, log_from, "the job runs on without it"))
 			return;
 		usleep(10000);
 	}
