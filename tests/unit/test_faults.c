@@ -467,6 +467,23 @@ static void pool_over_memory(void **state)
 }
 
 /*
+ * Run this thread on one CPU of those it may use (*@all, to give back): a
+ * pool made now populates on one thread, a unit after the other.
+ */
+static void one_cpu(cpu_set_t *all)
+{
+	cpu_set_t one;
+	int cpu = 0;
+
+	assert_int_equal(sched_getaffinity(0, sizeof(*all), all), 0);
+	while (!CPU_ISSET(cpu, all))
+		cpu++;
+	CPU_ZERO(&one);
+	CPU_SET(cpu, &one);
+	assert_int_equal(sched_setaffinity(0, sizeof(one), &one), 0);
+}
+
+/*
  * Memory running out part way through a pool's population, while its
  * buffers are registered behind the populating threads: AEG_ENOMEM that
  * says so, and nothing left behind: no registered range, no mapping, no
@@ -477,8 +494,8 @@ static void pool_population_fails(void **state)
 	static const char *const calls[] = { "0", "20", "40" };
 	aeg_device_t *dev;
 	aeg_pool_t *pool = NULL;
-	int fds = count_fds(), maps = count_pool_maps(), cpu = 0;
-	cpu_set_t all, one;
+	int fds = count_fds(), maps = count_pool_maps();
+	cpu_set_t all;
 
 	/*
 	 * One CPU: one populating thread, so the failure comes at a known
@@ -486,12 +503,7 @@ static void pool_population_fails(void **state)
 	 * buffer registered yet), after 40 inside the third (the first 64 MiB
 	 * of buffers registered, and unregistered again).
 	 */
-	assert_int_equal(sched_getaffinity(0, sizeof(all), &all), 0);
-	while (!CPU_ISSET(cpu, &all))
-		cpu++;
-	CPU_ZERO(&one);
-	CPU_SET(cpu, &one);
-	assert_int_equal(sched_setaffinity(0, sizeof(one), &one), 0);
+	one_cpu(&all);
 	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
 	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
 	for (size_t i = 0; i < sizeof(calls) / sizeof(calls[0]); i++) {
@@ -557,17 +569,12 @@ static void pool_waits_for_loads(void **state)
 	uint64_t begin;
 	unsigned char *file = make_file(f, 0, path, sizeof(path), &begin);
 	size_t base = host_registered_ranges(f->dev), seen;
-	int cpu = 0, fd;
-	cpu_set_t all, one;
+	int fd;
+	cpu_set_t all;
 	pthread_t t;
 	aeg_load_t *l;
 
-	assert_int_equal(sched_getaffinity(0, sizeof(all), &all), 0);
-	while (!CPU_ISSET(cpu, &all))
-		cpu++;
-	CPU_ZERO(&one);
-	CPU_SET(cpu, &one);
-	assert_int_equal(sched_setaffinity(0, sizeof(one), &one), 0);
+	one_cpu(&all);
 	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
 	snprintf(gate, sizeof(gate), "%s/gate", f->dir);
 	for (int loading = 0; loading < 2; loading++) {
