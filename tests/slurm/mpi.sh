@@ -58,9 +58,12 @@ data=$(($(stat -c %s "$T"/work/model/*.safetensors | paste -sd+) - $(for f in "$
 
 # Open MPI's shared-memory transport takes ranks of one host for one node: TCP between them,
 # over loopback, where both nodes live (a machine's other interfaces may refuse connects
-# under load: one run's ranks failed to connect over eth0 and Open MPI crashed).
+# under load: one run's ranks failed to connect over eth0 and Open MPI crashed). Through UCX,
+# not the TCP BTL: Open MPI 4.1's TCP BTL races when two ranks connect to each other at once
+# ("failed to TCP connect ... Operation now in progress", then a call through a NULL pointer:
+# two CI runs of 2026-12-02 had a rank crash so, before the program printed a line).
 job=$(submit -N2 --ntasks-per-node=2 --gres=gpu:2 --aegaeon-slab=64MiB --aegaeon-pinned=8MiB:1MiB -o mpi.out --wrap "
-	export OMPI_MCA_btl=self,tcp OMPI_MCA_pml=ob1 OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
+	export OMPI_MCA_pml=ucx OMPI_MCA_pml_ucx_tls=any OMPI_MCA_pml_ucx_devices=any OMPI_MCA_osc=ucx OMPI_MCA_btl=self UCX_TLS=self,tcp UCX_NET_DEVICES=lo OMPI_MCA_oob_tcp_if_include=lo
 	srun --mpi=pmix $MPI_LOAD model; echo megatron rc=\$?
 	srun --mpi=pmix $MPI_LOAD -p none -r '*embed_tokens.weight=1' -r '*.down_proj.weight=1' -r '*_proj.weight=0' model; echo rules rc=\$?
 	srun --mpi=pmix -n3 $MPI_LOAD model; echo uneven rc=\$?
