@@ -78,6 +78,18 @@ static inline void aeg_futex_wake(uint32_t *word)
 	syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/* aeg_deadline_after - *@ts = @timeout_ms from now on CLOCK_REALTIME, for pthread_cond_timedwait. */
+static inline void aeg_deadline_after(struct timespec *ts, int timeout_ms)
+{
+	clock_gettime(CLOCK_REALTIME, ts);
+	ts->tv_sec += timeout_ms / 1000;
+	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
 static inline uint64_t aeg_round_up(uint64_t v, uint64_t align)
 {
 	return (v + align - 1) / align * align;

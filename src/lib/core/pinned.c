@@ -13,7 +13,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <aegaeon/topo.h>
@@ -383,12 +382,7 @@ static int populated_through(struct populating *p, uint64_t end)
 			/* Only a load holds this piece back: look again in a millisecond. */
 			struct timespec ts;
 
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_nsec += 1000000;
-			if (ts.tv_nsec >= 1000000000) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000;
-			}
+			aeg_deadline_after(&ts, 1);
 			pthread_cond_timedwait(&p->cv, &p->lock, &ts);
 		} else {
 			pthread_cond_wait(&p->cv, &p->lock);

@@ -398,17 +398,6 @@ AEG_EXPORT void aeg_prefetch_destroy(aeg_prefetch_t *pf)
 	free(pf);
 }
 
-static void deadline_after(struct timespec *ts, int timeout_ms)
-{
-	clock_gettime(CLOCK_REALTIME, ts);
-	ts->tv_sec += timeout_ms / 1000;
-	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (ts->tv_nsec >= 1000000000L) {
-		ts->tv_sec++;
-		ts->tv_nsec -= 1000000000L;
-	}
-}
-
 /*
  * The load and group holding each of @ids, or AEG_ENOENT, or AEG_EBUSY for
  * one still loading (*@busy is that load). Lock held.
@@ -499,7 +488,7 @@ AEG_EXPORT int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids
 		return aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
 	}
 	if (timeout_ms > 0)
-		deadline_after(&ts, timeout_ms);
+		aeg_deadline_after(&ts, timeout_ms);
 	pthread_mutex_lock(&pf->lock);
 	for (;;) {
 		err = find_owners(pf, ids, count, owner, gidx, &busy);
@@ -604,7 +593,7 @@ AEG_EXPORT int aeg_load_wait(aeg_load_t *l, int timeout_ms)
 		return aeg_fail(AEG_EINVAL, "aeg_load_wait: NULL load");
 	pf = l->pf;
 	if (timeout_ms >= 0)
-		deadline_after(&ts, timeout_ms);
+		aeg_deadline_after(&ts, timeout_ms);
 	pthread_mutex_lock(&pf->lock);
 	while (l->in_flight) {
 		if (timeout_ms < 0) {
