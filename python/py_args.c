@@ -285,7 +285,7 @@ static uint64_t read_int(const unsigned char *p, unsigned size, int is_signed, i
 	return sv < 0 ? 0 : (uint64_t)sv;
 }
 
-/* @d[@key] as a C integer (a Python int, a bool for the read-only flag); -1 with an exception. */
+/* @d[@key] (@index >= 0: item @index of the tuple there) as a C integer; -1 with TypeError. */
 static int dict_int(PyObject *d, const char *key, int index, long long *v)
 {
 	PyObject *o = PyDict_GetItemString(d, key);

@@ -101,18 +101,17 @@ static void load_env(void)
 
 	loaded = 1;
 	mode = M_OFF;
+	at = a ? strtoull(a, NULL, 0) : 0;
 	shrunk = 0;
 	hits = 0;
 	memset(maps, 0, sizeof(maps));
 	/* A gate is a file that does not exist yet. */
 	if (m != NULL && f != NULL && strcmp(m, "gate") == 0 && strlen(f) < sizeof(path)) {
 		strcpy(path, f);
-		at = a ? strtoull(a, NULL, 0) : 0;
 		mode = M_GATE;
 		return;
 	}
 	if (m != NULL && strcmp(m, "nomem") == 0) {
-		at = a ? strtoull(a, NULL, 0) : 0;
 		mode = M_NOMEM;
 		return;
 	}
@@ -123,7 +122,6 @@ static void load_env(void)
 	strcpy(path, f);
 	dev = st.st_dev;
 	ino = st.st_ino;
-	at = a ? strtoull(a, NULL, 0) : 0;
 	if (strcmp(m, "eio") == 0)
 		mode = M_EIO;
 	else if (strcmp(m, "short") == 0)

@@ -476,7 +476,8 @@ static double lap_ms(uint64_t *t)
 static int start(struct agent *a)
 {
 	const struct aeg_agent_config *cfg = a->cfg;
-	uint64_t t = aeg_now_ns();
+	uint64_t t0 = aeg_now_ns(), t = t0;
+	double device, slabs, pool_check, engines, prefetch;
 	int err;
 
 	err = aeg_device_open(&a->dev, cfg->device);
@@ -484,11 +485,11 @@ static int start(struct agent *a)
 		aeg_error_prefix("%s device", aeg_device_kind_name(cfg->device));
 		return err;
 	}
-	a->start_ms.device = lap_ms(&t);
+	device = lap_ms(&t);
 	err = reserve_slabs(a);
 	if (err)
 		return err;
-	a->start_ms.slabs = lap_ms(&t);
+	slabs = lap_ms(&t);
 	if (cfg->pinned_bytes > cfg->pinned_max_bytes) {
 		char want[32], cap[32];
 
@@ -506,14 +507,14 @@ static int start(struct agent *a)
 		a->pool_buffer_bytes = cfg->pinned_buffer_bytes;
 		a->pool_state = POOL_MAKING;
 	}
-	a->start_ms.pool_check = lap_ms(&t);
+	pool_check = lap_ms(&t);
 	err = start_engines(a);
 	if (err)
 		return err;
 	err = listen_socket(a);
 	if (err)
 		return err;
-	a->start_ms.engines = lap_ms(&t);
+	engines = lap_ms(&t);
 	/* --prefetch models go to the first GPU's slab, all started before ready. */
 	for (int i = 0; i < cfg->prefetch_count; i++) {
 		if (a->nslabs == 0)
@@ -523,11 +524,14 @@ static int start(struct agent *a)
 		if (err)
 			return err;
 	}
-	a->start_ms.prefetch = lap_ms(&t);
+	prefetch = lap_ms(&t);
 	err = write_ready(a);
-	if (err == 0)
-		err = start_settling(a);
-	return err;
+	if (err)
+		return err;
+	aeg_info("job %s: ready on %s after %.1f ms (device open %.1f, slabs %.1f, pool check %.1f, "
+		 "engines and socket %.1f, prefetch starts %.1f)", cfg->job_id, a->sock_path,
+		 (aeg_now_ns() - t0) / 1e6, device, slabs, pool_check, engines, prefetch);
+	return start_settling(a);
 }
 
 int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
@@ -579,11 +583,6 @@ int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)
 		free(a);
 		return aeg_fail(err, "%s", reason);
 	}
-	aeg_info("job %s: ready on %s after %.1f ms (device open %.1f, slabs %.1f, pool check %.1f, "
-		 "engines and socket %.1f, prefetch starts %.1f)", cfg->job_id, a->sock_path,
-		 a->start_ms.device + a->start_ms.slabs + a->start_ms.pool_check + a->start_ms.engines +
-		 a->start_ms.prefetch, a->start_ms.device, a->start_ms.slabs, a->start_ms.pool_check,
-		 a->start_ms.engines, a->start_ms.prefetch);
 	serve(a, stop_fd);
 	aeg_info("job %s: shutting down", cfg->job_id);
 out:

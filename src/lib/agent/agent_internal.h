@@ -32,9 +32,6 @@ struct agent_slab {
 struct agent {
 	const struct aeg_agent_config *cfg;
 	aeg_device_t *dev;
-	struct {                        /* what each step of the start took, logged once ready */
-		double device, slabs, pool_check, engines, prefetch;
-	} start_ms;
 	struct agent_slab slabs[AEG_JOB_MAX_GPUS];
 	int nslabs;
 	/*
