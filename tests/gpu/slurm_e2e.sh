@@ -327,6 +327,31 @@ chmod 755 "$T/work"
 W=$T/work
 JOB_ENV=(env PATH="$(dirname "$python"):$E/opt/bin:/usr/bin:/bin" PYTHONPATH="$E/opt/py" PYTHONDONTWRITEBYTECODE=1)
 PYF=$E/opt/slurm_e2e.py
+# bench/kv_py_calls.py times ids as numpy arrays where the job's Python imports
+# numpy. The test's Python may lack it (a torch venv) while another Python of
+# the same version has it, or have it where only root reads: then a copy of
+# that numpy goes on the job's PYTHONPATH, so that the in-job figure is taken
+# with the ids engines pass.
+job_numpy() {
+	local d= p ver
+	as_user "${JOB_ENV[@]}" python3 -c 'import numpy' 2>/dev/null && return 0
+	ver=$("$python" -c 'import sys; print(sys.version_info[:2])')
+	for p in "$python" python3 /usr/bin/python3; do
+		[[ $(command -v "$p" 2>/dev/null) && $("$p" -c 'import sys; print(sys.version_info[:2])' 2>/dev/null) = "$ver" ]] ||
+			continue
+		d=$("$p" -c 'import numpy, os; print(os.path.dirname(numpy.__file__))' 2>/dev/null) && break
+		d=
+	done
+	if [[ -z $d ]]; then
+		note "no Python $ver here has numpy: KV ids from Python are timed as lists only"
+		return 0
+	fi
+	cp -a "$d" "$E/opt/py/" && { [[ ! -d $d.libs ]] || cp -a "$d.libs" "$E/opt/py/"; } &&
+		chmod -R a+rX "$E/opt/py" || die "copying $d for the job user failed"
+	as_user "${JOB_ENV[@]}" python3 -c 'import numpy' 2>/dev/null ||
+		die "the job user cannot import the copy of $d: $(as_user "${JOB_ENV[@]}" python3 -c 'import numpy' 2>&1 | tail -n 1)"
+	note "numpy for the job user: a copy of $d"
+}
 if ((!host)); then
 	gpu_before=$(gpu_used)
 	note "GPU 0 ($GPU_NAME): ${gpu_before} MiB used before the jobs"
@@ -384,6 +409,7 @@ kv_in_job() {
 		kv_sizes=4KiB,16KiB,32KiB,64KiB,256KiB,1MiB,2MiB kv_layer_sizes=256KiB,1MiB,2MiB,4MiB kv_layers=32
 		kv_bytes=256MiB kv_repeat=10 kv_slab=4GiB kv_pinned=4GiB:32MiB kv_py_blocks=8192
 	fi
+	job_numpy
 	kv_wait_bin=
 	for f in "${bundle:+$bundle/bench/kv_event_wait}" "${AEG_BUILDDIR:+$AEG_BUILDDIR/bench/kv_event_wait}"; do
 		[[ -n $f && -x $f ]] && { install -m 755 "$f" "$E/opt/bin/kv_event_wait"; kv_wait_bin=1; break; }
@@ -442,12 +468,13 @@ kv_in_job() {
 			fail "kv_event_wait in the job (rc $(val kv_wait_rc)): $(cat "$W/kv_wait.json" 2>/dev/null | tail -n 3)"
 		fi
 		steps kv
-		# Where a Python call's time goes (bench/kv_py_calls.py): its parts, each way.
+		# Where a Python call's time goes (bench/kv_py_calls.py): its parts, each way
+		# (and each way with numpy ids where the job's Python has numpy).
 		if [[ $(val kv_py_calls_rc) = 0 ]]; then
 			local way part unit
 			pass "KV calls from Python timed part by part in the job, every block bit-exact"
-			sed -n '1,4p' "$W/kv_py_calls.out" | sed 's/^/# /'
-			for way in out in; do
+			grep -v '^{' "$W/kv_py_calls.out" | sed 's/^/# /'
+			for way in $(jq_py <(tail -n 1 "$W/kv_py_calls.out") "' '.join(d['ways'])"); do
 				for part in GBps ids_us submit_us wait_us release_us; do
 					unit=us
 					[[ $part = GBps ]] && unit=GB/s
