@@ -46,10 +46,11 @@ check "--aegaeon-pinned=0 alone: no pool, the site's default slab" \
 # other node while that epilog still removes its directory, so a job looks
 # for its own directory only, and the epilogs are waited for apart. A job
 # whose agent is stopped (its epilog waits agent_stop_timeout) makes sure
-# an epilog is still running when the next job looks.
+# an epilog is still running when the next job looks (--quiet: when both
+# nodes are still busy, srun's "queued and waiting" is no part of the output).
 as_user timeout 60 srun -N1 --gres=gpu:1 --aegaeon-slab=64MiB \
 	bash -c 'kill -STOP $(sed -n "s/^pid=//p" "$AEGAEON_JOB_DIR/ready")'
-out=$(as_user timeout 60 srun -N1 --gres=gpu:1 bash -c 'env | grep -c ^AEGAEON_
+out=$(as_user timeout 60 srun --quiet -N1 --gres=gpu:1 bash -c 'env | grep -c ^AEGAEON_
 	ls -A '"$T/aegrun"' | grep -c "^$SLURM_JOB_ID\\."; exit 0' 2>&1)
 check "a job without options sees no AEGAEON_ variable and no job dir ($(echo $out))" test "$(echo $out)" = "0 0"
 check "the jobs with options before it cleaned up" nothing_left 10

@@ -318,6 +318,63 @@ static void topology_after_ready(void **state)
 	agent_cleanup(&ag);
 }
 
+/*
+ * Without a job pool each engine makes its own staging ring, neither before
+ * the ready record (it took a third of the agent's start on the H200) nor
+ * for a job that loads nothing through its agent: once its first load has
+ * started, which goes on meanwhile.
+ */
+static void ring_at_first_load(void **state)
+{
+	static const char *const opts[] = { "--slab", "64MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_load *load;
+	struct aeg_job_status *st;
+	char path[128], text[65536];
+	const char *begun, *ring;
+	int done = 0;
+	aeg_job_t *job;
+	FILE *f;
+	size_t n;
+
+	setenv("AEGAEON_LOG", "debug", 1);
+	agent_start(&ag, opts);
+	unsetenv("AEGAEON_LOG");
+	for (int i = 0; i < BOUND_MS / 10 && !log_has(&ag, "topology after ready"); i++)
+		usleep(10000);
+	assert_true(log_has(&ag, "topology after ready"));
+	assert_false(log_has(&ag, "staging ring"));
+
+	snprintf(path, sizeof(path), "%s.model", ag.dir);
+	write_file(path, 32 << 20);
+	assert_int_equal(aeg_job_attach(&job), 0);
+	assert_int_equal(aeg_job_prefetch(job, path, 0, 1 << 20, &load), 0);
+	for (int i = 0; i < BOUND_MS / 10 && !(done && log_has(&ag, "staging ring")); i++) {
+		st = status_of(job);
+		done = st->loads == 1 && st->load[0].status == 0;
+		aeg_job_status_free(st);
+		usleep(10000);
+	}
+	assert_true(done);
+	f = fopen(ag.log, "r");
+	assert_non_null(f);
+	n = fread(text, 1, sizeof(text) - 1, f);
+	fclose(f);
+	text[n] = '\0';
+	begun = strstr(text, "load 1: ");
+	ring = strstr(text, "staging ring ready");
+	if (!begun || !ring)
+		print_message("the agent's log:\n%s\n", text);
+	assert_non_null(begun);
+	assert_non_null(ring);
+	assert_true(begun < ring);
+	aeg_job_load_free(load);
+	aeg_job_detach(job);
+	unlink(path);
+	agent_kill(&ag, SIGTERM);
+	agent_cleanup(&ag);
+}
+
 static void agent_killed_mid_kv_swap(void **state)
 {
 	static const char *const opts[] = { "--slab", "64MiB", "--pinned", "8MiB:1MiB", NULL };
@@ -741,6 +798,7 @@ int main(void)
 		cmocka_unit_test_teardown(agent_killed_mid_load, kill_started),
 		cmocka_unit_test_teardown(agent_killed_mid_kv_swap, kill_started),
 		cmocka_unit_test_teardown(topology_after_ready, kill_started),
+		cmocka_unit_test_teardown(ring_at_first_load, kill_started),
 		cmocka_unit_test_teardown(step_killed_with_leases, kill_started),
 		cmocka_unit_test_teardown(stalled_peers, kill_started),
 		cmocka_unit_test_teardown(stale_runtime_dir, kill_started),

@@ -499,6 +499,14 @@ static void four_kib_pages(void **state)
 	assert_int_equal(timing.threads, want);
 	assert_true(timing.total_ns >= timing.bind_ns + timing.populate_ns + timing.register_ns);
 	aeg_pool_destroy(pool);
+
+	/* 1 GiB of shared 4 KiB pages: no more than 4 threads, whatever the CPUs (they contend for one memfd) */
+	want = CPU_COUNT(&set) < 4 ? (unsigned)CPU_COUNT(&set) : 4;
+	assert_int_equal(aeg_pool_create(dev, 0, MiB, 1024 * MiB, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.page_bytes, 4096);
+	assert_int_equal(timing.threads, want);
+	aeg_pool_destroy(pool);
 	unsetenv("AEGAEON_PINNED_HUGEPAGES");
 }
 

@@ -24,6 +24,11 @@ struct agent_slab {
 	char pci_bus_id[AEG_PCI_BUS_ID_LEN];
 	aeg_slab_t *slab;
 	aeg_prefetch_t *pf;
+	/* Without a job pool: the engine's staging ring, made at its first load (agent_ring_start). */
+	aeg_pool_t *ring;
+	pthread_t ring_thread;
+	int ring_thread_started;        /* with the agent's lock */
+	struct agent *agent;            /* for the ring's thread */
 	aeg_handle_t handle;
 	uint32_t leases;
 	uint64_t lease_bytes;
@@ -44,6 +49,7 @@ struct agent {
 	enum { POOL_NONE, POOL_MAKING, POOL_READY, POOL_FAILED } pool_state;
 	uint64_t pool_bytes, pool_buffer_bytes;
 	char pool_error[512];
+	uint64_t ring_bytes;            /* each engine's staging ring without a job pool; 0: none */
 	pthread_t settle_thread;        /* after ready: the topology for the engines, then the pool */
 	int settle_thread_started;
 	pthread_cond_t pool_cv;         /* pool_state left POOL_MAKING; with lock */
@@ -85,6 +91,13 @@ void agent_accept(struct agent *a);
  * error with its detail when it failed. Lock held (the wait releases it).
  */
 int agent_pool_wait(struct agent *a, aeg_pool_t **pool);
+/*
+ * agent_ring_start - without a job pool, start making the staging ring of
+ * @slab's engine on a thread of its own, once; called when a load has
+ * started there (lock held). A thread that cannot be had is warned about and
+ * the engine told no ring comes.
+ */
+void agent_ring_start(struct agent *a, uint32_t slab);
 void agent_reap(struct agent *a, int all);
 void agent_reclaim_gone(struct agent *a);
 void agent_disconnect_all(struct agent *a);

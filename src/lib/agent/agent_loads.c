@@ -222,6 +222,7 @@ int agent_load_start(struct agent *a, uint32_t slab, const char *path, uint64_t 
 	}
 	aeg_info("load %" PRIu64 ": %s into the slab of GPU %d, %u chunks%s", l->id, l->path,
 		 a->slabs[slab].gpu, n, what);
+	agent_ring_start(a, slab);
 	return rep ? chunks_page(l, 0, rep) : 0;
 }
 

@@ -219,15 +219,6 @@ static int slab_bytes(aeg_session_t *s, int gpu, uint64_t *bytes)
 	return 0;
 }
 
-/*
- * 24 x 16 MiB. Until the ring is made a fresh process's loads register
- * every piece from the page cache (30-31 GB/s on the H200); 24 x 8 MiB came
- * up in 72-94 ms instead of 103-138 but fed the mixed feed less once made
- * (38-42 GB/s against 48 on a warm engine) and gained nothing in a fresh
- * process (0.29 s for 8 GiB either way): docs/benchmarks.md.
- */
-#define RING_BUFFER_BYTES (16ull << 20)
-
 /* Give the engine its ring, or tell it none comes (@err) so that loads waiting for it fail. */
 static void ring_made(struct sess_gpu *g, int err)
 {
@@ -264,7 +255,7 @@ static void *make_ring(void *arg)
 	struct sess_gpu *g = arg;
 	const aeg_topo_t *topo = g->bind_later ? topology(g->dev) : NULL;
 
-	ring_made(g, aeg_pool_create_private(g->dev, g->gpu, RING_BUFFER_BYTES, g->ring_bytes, &g->pool));
+	ring_made(g, aeg_pool_create_private(g->dev, g->gpu, AEG_PREFETCH_RING_BUFFER_BYTES, g->ring_bytes, &g->pool));
 	if (topo != NULL)
 		aeg_prefetch_set_topo(g->pf, topo);
 	return NULL;
@@ -277,7 +268,7 @@ static int start_ring(struct sess_gpu *g, aeg_device_t *dev, int gpu, int ring_b
 
 	g->dev = dev;
 	g->gpu = gpu;
-	g->ring_bytes = RING_BUFFER_BYTES * (uint64_t)ring_buffers;
+	g->ring_bytes = AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)ring_buffers;
 	rc = pthread_create(&g->ring_thread, NULL, make_ring, g);
 	if (rc)
 		return aeg_fail(AEG_ENOMEM, "starting the staging ring's thread: %s", strerror(rc));
@@ -324,7 +315,7 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 		if (cfg.cache_bytes == 0)
 			cfg.cache_bytes = s->pool_bytes;
 	} else {
-		cfg.pool_later_buffer_bytes = RING_BUFFER_BYTES;
+		cfg.pool_later_buffer_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
 		if (cfg.ring_buffers == 0)
 			cfg.ring_buffers = 2 * cfg.threads;
 	}

@@ -22,8 +22,6 @@
 #include "prefetch_engine.h"
 #include "prefetch_internal.h"
 
-#define OWN_POOL_BUFFER (16ull << 20)
-
 AEG_EXPORT const char *aeg_prefetch_feed_name(enum aeg_prefetch_feed feed)
 {
 	switch (feed) {
@@ -184,8 +182,8 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 		pf->cfg.cache_bytes = 0;
 	} else {
 		if (pool == NULL) {
-			err = aeg_pool_create_private(pf->dev, pf->gpu, OWN_POOL_BUFFER,
-					      OWN_POOL_BUFFER * (uint64_t)pf->cfg.ring_buffers, &pool);
+			err = aeg_pool_create_private(pf->dev, pf->gpu, AEG_PREFETCH_RING_BUFFER_BYTES,
+					      AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)pf->cfg.ring_buffers, &pool);
 			if (err)
 				goto fail;
 			pf->own_pool = 1;

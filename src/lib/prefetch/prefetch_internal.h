@@ -16,6 +16,18 @@
 typedef int (*aeg_prefetch_hook_fn)(void *arg, uint64_t load_id, uint32_t item);
 void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *arg);
 
+/*
+ * The buffer size of an engine's own staging ring (ring_buffers of them):
+ * the engine's when it is given no pool, and the ring a session or an agent
+ * without a job pool makes off the first load's path. Until the ring is made
+ * a fresh process's loads register every piece from the page cache (30-31
+ * GB/s on the H200); 24 x 8 MiB came up in 72-94 ms instead of 103-138 but
+ * fed the mixed feed less once made (38-42 GB/s against 48 on a warm engine)
+ * and gained nothing in a fresh process (0.29 s for 8 GiB either way):
+ * docs/benchmarks.md.
+ */
+#define AEG_PREFETCH_RING_BUFFER_BYTES (16ull << 20)
+
 /* aeg_prefetch_item_bytes - the size of the pieces @load is cut into. */
 uint64_t aeg_prefetch_item_bytes(const aeg_load_t *load);
 
