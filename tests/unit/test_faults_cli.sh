@@ -194,6 +194,30 @@ else
 	nojobenv
 fi
 
+# ------------------------------------------------ a staging ring that cannot be made
+# Without a job pool the engine makes its staging ring at its first load; with
+# no memory to populate it the agent says why, and the load goes on through
+# the file's mapping.
+PFX=(faulty nomem "" 0)
+start_agent "$R" --slab 16MiB
+if [[ $started != ready ]]; then
+	not_ok "agent: starts without a pool while no memory can be populated" "started: $started" "$(cat "$T/agent.log" "$R/error" 2>/dev/null)"
+else
+	ok "agent: starts without a pool while no memory can be populated"
+	jobenv
+	check "agent: no staging ring before a load" bash -c "! grep -q 'staging ring' '$T/agent.log'"
+	expect "agent: a load without the ring goes through the file's mapping, verified" 0 "through the job's agent" \
+		"$CLI" prefetch "$T/other.bin" --chunk 256KiB --verify
+	for _ in $(seq 100); do grep -q "staging ring" "$T/agent.log" && break; sleep 0.05; done
+	check "agent: the log says the ring could not be made, and why" \
+		grep -qE "GPU 0: the prefetch engine's staging ring \(pinned pool: populating [0-9]+ bytes .*Cannot allocate memory\): files that cannot be mapped do not load" "$T/agent.log"
+	expect "agent: release --all" 0 "released" "$CLI" release --all
+	stop_agent
+	check "agent: stops cleanly (rc 0), nothing of its own left" test "$agent_rc-$(ls -A "$R" | tr '\n' ' ')" = "0-prefetch.lock "
+	nojobenv
+fi
+PFX=(env)
+
 # ------------------------------------------------ the pool after the ready record
 # The agent makes the pinned pool after it says ready, so the job's steps and
 # loads do not wait for its pages: here the pages are held until the test

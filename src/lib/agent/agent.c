@@ -434,8 +434,9 @@ void agent_ring_start(struct agent *a, uint32_t slab)
 	struct agent_slab *s = &a->slabs[slab];
 	int rc;
 
-	if (a->ring_bytes == 0 || s->ring_thread_started)
+	if (a->ring_bytes == 0 || s->ring_asked)
 		return;
+	s->ring_asked = 1;
 	s->agent = a;
 	rc = pthread_create(&s->ring_thread, NULL, make_ring, s);
 	if (rc) {
@@ -443,7 +444,6 @@ void agent_ring_start(struct agent *a, uint32_t slab)
 			 "do not load", a->cfg->job_id, s->gpu, strerror(rc));
 		aeg_fail(AEG_ENOMEM, "no staging ring: %s", strerror(rc));
 		aeg_prefetch_set_pool(s->pf, NULL, 0, AEG_ENOMEM);
-		a->ring_bytes = 0;
 		return;
 	}
 	s->ring_thread_started = 1;

@@ -27,7 +27,8 @@ struct agent_slab {
 	/* Without a job pool: the engine's staging ring, made at its first load (agent_ring_start). */
 	aeg_pool_t *ring;
 	pthread_t ring_thread;
-	int ring_thread_started;        /* with the agent's lock */
+	int ring_asked;                 /* agent_ring_start came (with the agent's lock) */
+	int ring_thread_started;        /* and its thread runs, to be joined */
 	struct agent *agent;            /* for the ring's thread */
 	aeg_handle_t handle;
 	uint32_t leases;
