@@ -97,22 +97,25 @@ static inline int agent_fds_settle(pid_t pid, int want)
 	return n;
 }
 
+/* The agent's log from byte @from into @buf (NUL-terminated, cut at @size - 1 bytes); "" when unreadable. */
+static inline void log_read(const struct agent *ag, long from, char *buf, size_t size)
+{
+	FILE *f = fopen(ag->log, "r");
+	size_t n = 0;
+
+	if (f != NULL && fseek(f, from, SEEK_SET) == 0)
+		n = fread(buf, 1, size - 1, f);
+	if (f != NULL)
+		fclose(f);
+	buf[n] = '\0';
+}
+
 /* Whether the agent's log has @text at or after byte @from. */
 static inline int log_has_from(const struct agent *ag, long from, const char *text)
 {
 	char buf[65536];
-	FILE *f = fopen(ag->log, "r");
-	size_t n;
 
-	if (f == NULL)
-		return 0;
-	if (fseek(f, from, SEEK_SET) != 0) {
-		fclose(f);
-		return 0;
-	}
-	n = fread(buf, 1, sizeof(buf) - 1, f);
-	fclose(f);
-	buf[n] = '\0';
+	log_read(ag, from, buf, sizeof(buf));
 	return strstr(buf, text) != NULL;
 }
 

@@ -293,17 +293,11 @@ static void topology_after_ready(void **state)
 	struct agent ag = { .pid = -1 };
 	char text[65536];
 	const char *ready, *topo, *pool;
-	FILE *f;
-	size_t n;
 
 	setenv("AEGAEON_LOG", "debug", 1);
 	agent_start(&ag, opts);         /* --pinned: returns once the pool is made */
 	unsetenv("AEGAEON_LOG");
-	f = fopen(ag.log, "r");
-	assert_non_null(f);
-	n = fread(text, 1, sizeof(text) - 1, f);
-	fclose(f);
-	text[n] = '\0';
+	log_read(&ag, 0, text, sizeof(text));
 	ready = strstr(text, "ready record");
 	topo = strstr(text, "topology of ");
 	pool = strstr(text, "pinned pool ready");
@@ -334,8 +328,6 @@ static void ring_at_first_load(void **state)
 	const char *begun, *ring;
 	int done = 0;
 	aeg_job_t *job;
-	FILE *f;
-	size_t n;
 
 	setenv("AEGAEON_LOG", "debug", 1);
 	agent_start(&ag, opts);
@@ -356,11 +348,7 @@ static void ring_at_first_load(void **state)
 		usleep(10000);
 	}
 	assert_true(done);
-	f = fopen(ag.log, "r");
-	assert_non_null(f);
-	n = fread(text, 1, sizeof(text) - 1, f);
-	fclose(f);
-	text[n] = '\0';
+	log_read(&ag, 0, text, sizeof(text));
 	begun = strstr(text, "load 1: ");
 	ring = strstr(text, "staging ring ready");
 	if (!begun || !ring)
