@@ -25,7 +25,11 @@
  *                       nomem:  MADV_POPULATE_WRITE fails with ENOMEM once
  *                               AEGAEON_FAULT_AT calls went through (memory
  *                               running out while a pool is made; no file)
- *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for slow)
+ *                       slowpop: every MADV_POPULATE_WRITE sleeps
+ *                               AEGAEON_FAULT_AT microseconds first (a pool
+ *                               slow to make; no file)
+ *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for
+ *                       slow and slowpop)
  * Intercepted: read, pread, pread64, preadv, preadv64, mmap, mmap64,
  * munmap, madvise. Never installed; see tests/unit/test_faults.c.
  */
@@ -51,7 +55,7 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM };
+enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM, M_SLOWPOP };
 
 #define MAX_MAPS 64
 
@@ -113,6 +117,10 @@ static void load_env(void)
 	}
 	if (m != NULL && strcmp(m, "nomem") == 0) {
 		mode = M_NOMEM;
+		return;
+	}
+	if (m != NULL && strcmp(m, "slowpop") == 0) {
+		mode = M_SLOWPOP;
 		return;
 	}
 	if (m == NULL || f == NULL || stat(f, &st) != 0)
@@ -338,6 +346,12 @@ int madvise(void *addr, size_t len, int advice)
 		pthread_mutex_unlock(&lock);
 		while (gated && access(path, F_OK) != 0)
 			usleep(10000);
+		hit();
+		return real_madvise(addr, len, advice);
+	}
+	if (m == M_SLOWPOP && advice == MADV_POPULATE_WRITE) {
+		pthread_mutex_unlock(&lock);
+		usleep((useconds_t)at);
 		hit();
 		return real_madvise(addr, len, advice);
 	}

@@ -8,6 +8,7 @@
 #include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,6 +22,7 @@
 
 #include "device_host.h"
 #include "internal.h"
+#include "pinned_internal.h"
 #include "prefetch_internal.h"
 #include "testutil.h"
 
@@ -610,6 +612,70 @@ static void pool_waits_for_loads(void **state)
 	fx_free(f);
 }
 
+struct stoppable_maker {
+	aeg_device_t *dev;
+	atomic_int stop;
+	aeg_pool_t *pool;
+	int err;
+	char detail[256];       /* the error's detail, which is the making thread's */
+};
+
+static void *make_stoppable(void *arg)
+{
+	struct stoppable_maker *m = arg;
+
+	m->err = aeg_pool_create_stoppable(m->dev, 0, MiB, 256 * MiB, &m->stop, &m->pool);
+	snprintf(m->detail, sizeof(m->detail), "%s", aeg_error_detail());
+	return NULL;
+}
+
+/*
+ * A pool whose making is stopped part way (the agent stopping while it
+ * makes the job's pool): AEG_ECANCELED saying how far it got, and nothing
+ * registered, mapped or open left, whether it is stopped during its first
+ * 64 MiB or once the first piece of buffers is registered. One populating
+ * thread, 20 ms a 4 MiB step: the whole pool would take 1.3 s.
+ */
+static void pool_stopped(void **state)
+{
+	struct stoppable_maker m = { 0 };
+	int fds = count_fds(), maps = count_pool_maps(), open_fds;
+	cpu_set_t all;
+	pthread_t t;
+
+	one_cpu(&all);
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_device_open(&m.dev, AEG_DEVICE_HOST), 0);
+	open_fds = count_fds();
+	for (int registered = 0; registered < 2; registered++) {
+		size_t seen = 0;
+
+		atomic_store(&m.stop, 0);
+		m.pool = NULL;
+		fault_on("slowpop", "", 20000);
+		assert_int_equal(pthread_create(&t, NULL, make_stoppable, &m), 0);
+		if (registered)
+			seen = ranges_after(m.dev, 1, 10000);
+		else
+			usleep(20000);
+		atomic_store(&m.stop, 1);
+		pthread_join(t, NULL);
+		fault_off();
+		assert_int_equal(seen, registered ? 1 : 0);
+		assert_int_equal(m.err, AEG_ECANCELED);
+		assert_null(m.pool);
+		if (strstr(m.detail, "its making was stopped (") == NULL)
+			fail_msg("the detail: %s", m.detail);
+		assert_int_equal(host_registered_ranges(m.dev), 0);
+		assert_int_equal(count_pool_maps(), maps);
+		assert_int_equal(count_fds(), open_fds);
+	}
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	assert_int_equal(sched_setaffinity(0, sizeof(all), &all), 0);
+	aeg_device_close(m.dev);
+	assert_int_equal(count_fds(), fds);
+}
+
 /* Huge pages demanded, more than are free: the error says how many are missing and how to get them. */
 static void pool_hugepages_short(void **state)
 {
@@ -647,6 +713,7 @@ int main(void)
 		cmocka_unit_test(pool_over_memory),
 		cmocka_unit_test(pool_population_fails),
 		cmocka_unit_test(pool_waits_for_loads),
+		cmocka_unit_test(pool_stopped),
 		cmocka_unit_test(pool_hugepages_short),
 	};
 

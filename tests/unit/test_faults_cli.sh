@@ -218,6 +218,28 @@ else
 fi
 PFX=(env)
 
+# ------------------------------------------------ a pool still being made at stop
+# A large pool in 4 KiB pages takes seconds to make: an agent told to stop
+# meanwhile stops making it and exits at once, leaving nothing, instead of
+# finishing the pool first (here it would take 12 s or more).
+PFX=(faulty slowpop "" 100000)
+start_agent "$R" --slab 16MiB --pinned 2GiB:2MiB
+if [[ $started != ready ]]; then
+	not_ok "stop: the agent is ready while its pool is being made" "started: $started" "$(cat "$T/agent.log" "$R/error" 2>/dev/null)"
+else
+	ok "stop: the agent is ready while its pool is being made"
+	sleep 0.5
+	t0=$(date +%s%N)
+	stop_agent
+	ms=$((($(date +%s%N) - t0) / 1000000))
+	check "stop: SIGTERM while the pool's pages are made: rc $agent_rc in $ms ms (at most 3000)" \
+		test "$agent_rc" = 0 -a "$ms" -le 3000
+	check "stop: the log says the pool's making was stopped, and how far it got" \
+		grep -qE "the agent stops: pinned pool: its making was stopped \([0-9]+ of [0-9]+ bytes (populated|registered)\)" "$T/agent.log"
+	check "stop: nothing left in the runtime dir" test -z "$(ls -A "$R")"
+fi
+PFX=(env)
+
 # ------------------------------------------------ the pool after the ready record
 # The agent makes the pinned pool after it says ready, so the job's steps and
 # loads do not wait for its pages: here the pages are held until the test

@@ -338,7 +338,8 @@ static void teardown(struct agent *a)
 	agent_disconnect_all(a);
 	pthread_mutex_unlock(&a->lock);
 	agent_reap(a, 1);
-	/* A pool or ring still being made is finished first: the engines take it. */
+	/* A pool still being made stops (its pages may take seconds); a ring is finished. */
+	atomic_store(&a->pool_stop, 1);
 	if (a->settle_thread_started)
 		pthread_join(a->settle_thread, NULL);
 	for (int i = 0; i < a->nslabs; i++)
@@ -389,13 +390,18 @@ static void make_pool(struct agent *a)
 	aeg_pool_t *pool = NULL;
 	int err;
 
-	err = aeg_pool_create(a->dev, pool_gpu(a), a->pool_buffer_bytes, a->pool_bytes, &pool);
+	err = aeg_pool_create_stoppable(a->dev, pool_gpu(a), a->pool_buffer_bytes, a->pool_bytes, &a->pool_stop,
+					&pool);
 	if (err == 0)
 		err = cache_share(a, &cache);
 	for (int i = 0; i < a->nslabs; i++)
 		aeg_prefetch_set_pool(a->slabs[i].pf, err ? NULL : pool, cache, err);
 	pthread_mutex_lock(&a->lock);
-	if (err) {
+	if (err == AEG_ECANCELED) {
+		snprintf(a->pool_error, sizeof(a->pool_error), "%s", aeg_error_detail());
+		aeg_info("job %s: the agent stops: %s", a->cfg->job_id, a->pool_error);
+		a->pool_state = POOL_FAILED;
+	} else if (err) {
 		snprintf(a->pool_error, sizeof(a->pool_error), "pinned pool: %s", aeg_error_detail());
 		aeg_error("job %s: %s; the job runs on without it (steps that ask for it get this error)",
 			  a->cfg->job_id, a->pool_error);

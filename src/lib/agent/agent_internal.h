@@ -4,6 +4,7 @@
 
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -51,6 +52,7 @@ struct agent {
 	uint64_t pool_bytes, pool_buffer_bytes;
 	char pool_error[512];
 	uint64_t ring_bytes;            /* each engine's staging ring without a job pool; 0: none */
+	atomic_int pool_stop;           /* set at shutdown: a pool being made stops */
 	pthread_t settle_thread;        /* after ready: the topology for the engines, then the pool */
 	int settle_thread_started;
 	pthread_cond_t pool_cv;         /* pool_state left POOL_MAKING; with lock */

@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +90,7 @@ struct aeg_pool {
 	uint64_t reg_piece;             /* the buffers are registered in pieces of this many bytes */
 	uint32_t reg_pieces;            /* registered so far, from the first buffer on */
 	struct aeg_pool_timing timing;
+	const atomic_int *stop;         /* while it is made: set, the making stops (NULL: never) */
 };
 
 /* The header fills whole pages of its own, so buffers start on a page. */
@@ -291,11 +293,17 @@ struct populating {
 	uint8_t *done;
 	int err;                        /* errno of the first failure */
 	int stop;                       /* take no more units */
+	const atomic_int *cancel;       /* the pool's maker stops it: ECANCELED (NULL: never) */
 	uint64_t populated_ns;          /* when the last unit was done */
 };
 
-/* Fault [p, +n) in, a step at a time; an errno. */
-static int populate_range(char *p, uint64_t n)
+static int cancelled(const atomic_int *cancel)
+{
+	return cancel != NULL && atomic_load_explicit(cancel, memory_order_relaxed) != 0;
+}
+
+/* Fault [p, +n) in, a step at a time; an errno (ECANCELED once @cancel is set). */
+static int populate_range(char *p, uint64_t n, const atomic_int *cancel)
 {
 	/*
 	 * A step at a time: the kernel holds the process's mmap lock while it
@@ -306,6 +314,8 @@ static int populate_range(char *p, uint64_t n)
 	for (uint64_t off = 0; off < n; off += POPULATE_STEP) {
 		uint64_t step = n - off < POPULATE_STEP ? n - off : POPULATE_STEP;
 
+		if (cancelled(cancel))
+			return ECANCELED;
 		if (madvise(p + off, step, MADV_POPULATE_WRITE) == 0)
 			continue;
 		if (errno != EINVAL)
@@ -333,7 +343,7 @@ static void *populate_main(void *arg)
 		int err;
 
 		pthread_mutex_unlock(&p->lock);
-		err = populate_range(p->start + off, n);
+		err = populate_range(p->start + off, n, p->cancel);
 		pthread_mutex_lock(&p->lock);
 		if (err != 0 && p->err == 0)
 			p->err = err;
@@ -412,6 +422,9 @@ static int register_behind(aeg_pool_t *pool, struct populating *p, uint64_t head
 
 		if (populated_through(p, header + off + n) != 0)
 			return 0;       /* the caller reports the population's failure */
+		if (cancelled(p->cancel))
+			return aeg_fail(AEG_ECANCELED, "pinned pool: its making was stopped (%" PRIu64 " of %" PRIu64
+					" bytes registered)", off, data_bytes);
 		err = aeg_host_register(pool->dev, pool->data + off, n, 0);
 		if (err < 0) {
 			aeg_error_prefix("pinned pool of %" PRIu64 " bytes, registering bytes %" PRIu64 "..%" PRIu64,
@@ -432,10 +445,10 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 				 const struct place *pl, int *registering)
 {
 	struct populating p = { .start = pool->map, .bytes = pool->map_bytes,
-				.pl = pl->numa_node >= 0 ? pl : NULL };
+				.pl = pl->numa_node >= 0 ? pl : NULL, .cancel = pool->stop };
 	unsigned n = populate_threads(pool->map_bytes, pl, page == POOL_PAGE && !pool->private_pool), used = 0;
 	pthread_t tids[POPULATE_THREADS];
-	uint64_t t0 = aeg_now_ns(), t;
+	uint64_t t0 = aeg_now_ns(), t, in;
 	int err;
 
 	pool->data = (char *)pool->map + header;
@@ -463,7 +476,11 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 	pool->timing.threads = used ? used : 1;
 	pool->timing.populate_ns = (p.populated_ns ? p.populated_ns : t) - t0;
 	pool->timing.register_ns = t - t0 - pool->timing.populate_ns;
-	if (err == 0 && p.err != 0)
+	in = (uint64_t)p.ready * POPULATE_UNIT;
+	if (err == 0 && p.err == ECANCELED)
+		err = aeg_fail(AEG_ECANCELED, "pinned pool: its making was stopped (%" PRIu64 " of %" PRIu64
+			       " bytes populated)", in < p.bytes ? in : p.bytes, p.bytes);
+	else if (err == 0 && p.err != 0)
 		err = aeg_fail(AEG_ENOMEM, "pinned pool: populating %" PRIu64 " bytes in %s pages: %s", p.bytes,
 			       page == HUGE_PAGE ? "2 MiB huge" : "4 KiB", strerror(p.err));
 	pthread_cond_destroy(&p.cv);
@@ -676,7 +693,7 @@ int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t p
 }
 
 static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, int private_pool,
-		       aeg_pool_t **poolp)
+		       const atomic_int *stop, aeg_pool_t **poolp)
 {
 	uint64_t t0 = aeg_now_ns(), header;
 	struct pool_plan p;
@@ -694,6 +711,7 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
 	pool->timing.bind_ns = p.locate_ns;
 	pool->private_pool = private_pool;
+	pool->stop = stop;
 	pool->reg_piece = buffer_bytes >= REGISTER_PIECE ? buffer_bytes : aeg_round_up(REGISTER_PIECE, buffer_bytes);
 	for (;;) {
 		/* A private pool's buffers start on a 2 MiB boundary, where its huge pages do. */
@@ -702,7 +720,7 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 		if (err == 0)
 			break;
 		/* "auto" promised huge pages only while they last: another process may have taken them. */
-		if (p.page == POOL_PAGE || p.mode == HUGE_ALWAYS || registering)
+		if (p.page == POOL_PAGE || p.mode == HUGE_ALWAYS || registering || err == AEG_ECANCELED)
 			goto fail;
 		aeg_info("pinned pool: 2 MiB huge pages could not be had (%s); using 4 KiB pages", aeg_error_detail());
 		unmap(pool);
@@ -715,6 +733,7 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 	pool->buffer_bytes = buffer_bytes;
 	pool->pool_bytes = p.data_bytes;
 	pool->numa_node = p.pl.numa_node;
+	pool->stop = NULL;
 	pool_layout(pool, (uint32_t)p.buffers, header);
 	init_header(pool, (uint32_t)p.buffers, header);
 	pool->timing.total_ns = aeg_now_ns() - t0;
@@ -734,13 +753,19 @@ fail:
 AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
 			       uint64_t pool_bytes, aeg_pool_t **poolp)
 {
-	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, poolp);
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, NULL, poolp);
+}
+
+int aeg_pool_create_stoppable(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
+			      const atomic_int *stop, aeg_pool_t **poolp)
+{
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, stop, poolp);
 }
 
 int aeg_pool_create_private(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
 			    aeg_pool_t **poolp)
 {
-	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 1, poolp);
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 1, NULL, poolp);
 }
 
 /* The page size of the file behind @fd: a hugetlb memfd maps in huge pages only. */

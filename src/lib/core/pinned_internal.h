@@ -2,6 +2,7 @@
 #ifndef AEGAEON_PINNED_INTERNAL_H
 #define AEGAEON_PINNED_INTERNAL_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -108,6 +109,15 @@ uint32_t aeg_pool_list_reclaim(struct aeg_pool_list *l, uint32_t pid);
 
 /* aeg_pool_list_counts - in_use (at most the pool's buffers), high_water, acquires, timeouts. */
 void aeg_pool_list_counts(const struct aeg_pool_list *l, struct aeg_pool_stats *stats);
+
+/*
+ * aeg_pool_create_stoppable - aeg_pool_create that stops as soon as @stop is
+ * set (between 4 MiB population steps and registration pieces; the agent
+ * stopping while it makes a pool of many GiB): AEG_ECANCELED, with how far
+ * it got, and nothing made left behind.
+ */
+int aeg_pool_create_stoppable(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
+			      const atomic_int *stop, aeg_pool_t **poolp);
 
 /*
  * aeg_pool_create_private - aeg_pool_create of a pool this process alone
