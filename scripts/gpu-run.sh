@@ -4,7 +4,7 @@
 # Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak] [kv]
 #                               [userpath] [cgroup]
 #        (default: tests bench; bench includes bench/agent_start.sh, where the
-#        agent's start goes). kv: the KV GPU tests, the whole KV benchmark
+#        agent's start goes, and bench/slab_probe, what a slab costs). kv: the KV GPU tests, the whole KV benchmark
 #        (bench/kv_bench.sh, --tune, kv_event_wait) and the KV part of the Slurm
 #        test in a job (needs root and bundle/debs); KV_SANITIZE=1 adds
 #        memcheck and racecheck of the KV tests. prefetch needs torch and safetensors; slurm
@@ -131,6 +131,7 @@ if [[ " $what " == *" bench "* ]]; then
 	run bench-event aegaeon-cli bench event --device cuda
 	run bench-kv bash "$here/bench/kv_bench.sh"
 	run agent-start bash "$here/bench/agent_start.sh" --device cuda -- --gpus 0 --slab 60GiB --pinned 16GiB
+	run slab-probe "$here/bench/slab_probe" --repeat 3
 fi
 if [[ " $what " == *" prefetch "* ]]; then
 	run bench-prefetch "$py" "$here/bench/prefetch_bench.py" --sizes "${PREFETCH_SIZES:-4,16}" \
