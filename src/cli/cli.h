@@ -148,6 +148,9 @@ struct cli_sha256 {
 void cli_sha256_init(struct cli_sha256 *s);
 void cli_sha256_update(struct cli_sha256 *s, const void *data, size_t len);
 void cli_sha256_hex(struct cli_sha256 *s, char hex[65]);     /* finishes @s */
+/* Whether the CPU's SHA instructions are used (x86 SHA-NI); @on 1 keeps to the portable code (tests). */
+int cli_sha256_accelerated(void);
+void cli_sha256_portable(int on);
 
 /* Shared helpers (cli_common.c). */
 /*

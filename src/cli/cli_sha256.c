@@ -6,6 +6,12 @@
 
 #include "cli.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define SHA_NI_BUILT 1
+#endif
+
 static const uint32_t k[64] = {
 	0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
 	0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
@@ -45,6 +51,89 @@ static void block(struct cli_sha256 *s, const unsigned char *p)
 	s->h[4] += e, s->h[5] += f, s->h[6] += g, s->h[7] += h;
 }
 
+#ifdef SHA_NI_BUILT
+/*
+ * The CPU's SHA instructions (x86 SHA-NI: Intel since Ice Lake and Goldmont,
+ * AMD since Zen): 287 MB/s portable against 1544 MB/s on the
+ * development VM, which is what `--verify` of a model of many GiB waits for.
+ * The state goes in as ABEF and CDGH, four rounds a step, the message
+ * schedule four words at a time.
+ */
+__attribute__((target("sha,sse4.1,ssse3")))
+static void blocks_sha_ni(uint32_t h[8], const unsigned char *p, size_t n)
+{
+	const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+	__m128i abef, cdgh, t, w[16], abef_was, cdgh_was, m;
+
+	t = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1);        /* CDAB */
+	cdgh = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B);     /* EFGH */
+	abef = _mm_alignr_epi8(t, cdgh, 8);
+	cdgh = _mm_blend_epi16(cdgh, t, 0xF0);
+	for (; n > 0; n--, p += 64) {
+		abef_was = abef;
+		cdgh_was = cdgh;
+		for (int g = 0; g < 16; g++) {
+			if (g < 4) {
+				w[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), swap);
+			} else {
+				t = _mm_add_epi32(_mm_sha256msg1_epu32(w[g - 4], w[g - 3]),
+						  _mm_alignr_epi8(w[g - 1], w[g - 2], 4));
+				w[g] = _mm_sha256msg2_epu32(t, w[g - 1]);
+			}
+			m = _mm_add_epi32(w[g], _mm_loadu_si128((const __m128i *)&k[4 * g]));
+			cdgh = _mm_sha256rnds2_epu32(cdgh, abef, m);
+			abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(m, 0x0E));
+		}
+		abef = _mm_add_epi32(abef, abef_was);
+		cdgh = _mm_add_epi32(cdgh, cdgh_was);
+	}
+	t = _mm_shuffle_epi32(abef, 0x1B);                      /* FEBA */
+	cdgh = _mm_shuffle_epi32(cdgh, 0xB1);                   /* DCHG */
+	_mm_storeu_si128((__m128i *)&h[0], _mm_blend_epi16(t, cdgh, 0xF0));     /* DCBA */
+	_mm_storeu_si128((__m128i *)&h[4], _mm_alignr_epi8(cdgh, t, 8));        /* HGFE */
+}
+
+static int sha_ni(void)
+{
+	static int have = -1;   /* racy only in the answer's caching: every thread finds the same */
+	unsigned a, b, c, d;
+
+	if (have < 0)
+		have = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29)) &&
+		       __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 19)) && (c & (1u << 9));
+	return have;
+}
+#endif
+
+static int portable_only;
+
+void cli_sha256_portable(int on)
+{
+	portable_only = on;
+}
+
+int cli_sha256_accelerated(void)
+{
+#ifdef SHA_NI_BUILT
+	return !portable_only && sha_ni();
+#else
+	return 0;
+#endif
+}
+
+/* @n whole blocks at @p. */
+static void blocks(struct cli_sha256 *s, const unsigned char *p, size_t n)
+{
+#ifdef SHA_NI_BUILT
+	if (cli_sha256_accelerated()) {
+		blocks_sha_ni(s->h, p, n);
+		return;
+	}
+#endif
+	for (; n > 0; n--, p += 64)
+		block(s, p);
+}
+
 void cli_sha256_init(struct cli_sha256 *s)
 {
 	static const uint32_t h0[8] = { 0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
@@ -69,11 +158,12 @@ void cli_sha256_update(struct cli_sha256 *s, const void *data, size_t len)
 		len -= n;
 		if (s->fill < 64)
 			return;
-		block(s, s->buf);
+		blocks(s, s->buf, 1);
 		s->fill = 0;
 	}
-	for (; len >= 64; p += 64, len -= 64)
-		block(s, p);
+	blocks(s, p, len / 64);
+	p += len / 64 * 64;
+	len %= 64;
 	memcpy(s->buf, p, len);
 	s->fill = len;
 }
