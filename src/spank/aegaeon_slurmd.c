@@ -289,69 +289,69 @@ static void build_cmd(struct agent_cmd *c, const struct job *job, const struct a
 }
 
 /*
+ * What went wrong in the fork's children, as they report it: a step and its
+ * errno. The children of a fork from slurmstepd (which has threads) do only
+ * what is safe there (no strerror, no formatting, no allocation: a lock held
+ * by another thread at the fork would never be released in them), so the
+ * prolog, once the middle process is gone, writes the error record.
+ */
+enum start_step { STEP_FDS = 1, STEP_SETSID, STEP_DEVNULL, STEP_GROUP, STEP_CHOWN, STEP_USER, STEP_FORK, STEP_EXEC };
+
+struct start_report {
+	int step;
+	int err;
+};
+
+static void __attribute__((noreturn)) report_exit(int fd, int step, int err, int status)
+{
+	struct start_report r = { .step = step, .err = err };
+
+	(void)!write(fd, &r, sizeof(r));
+	_exit(status);
+}
+
+/*
  * The middle process of the double fork: leaves slurmd's session (a daemon
  * still in the prolog's process group is lost when the prolog returns),
  * hands the job directory to the user, becomes the user for good, starts the
- * agent and exits once the agent has exec'd. Everything that fails is
- * written as the error record; while root, only into the root-owned dir.
+ * agent and exits once the agent has exec'd. What fails is reported on
+ * @report for the prolog to write as the error record.
  */
 static void __attribute__((noreturn))
 middle(const struct job *job, int dfd, const struct agent_cmd *cmd, const gid_t *groups, int ngroups,
-       int notify[2])
+       int notify[2], int report)
 {
-	char reason[AEG_JOB_ERROR_MAX], path[PATH_MAX + 16];
 	struct pollfd pfd;
 	pid_t pid;
 	int fd;
 
-	snprintf(path, sizeof(path), "%s/" AEG_JOB_ERROR_FILE, job->dir);
-	if (dfd <= 2 || notify[0] <= 2 || notify[1] <= 2) {
-		snprintf(reason, sizeof(reason), "the agent could not start: descriptors overlap stdio");
-		_exit(1);
-	}
-	if (setsid() < 0) {
-		snprintf(reason, sizeof(reason), "the agent could not start: setsid: %s", strerror(errno));
-		goto root_fail;
-	}
+	if (dfd <= 2 || notify[0] <= 2 || notify[1] <= 2 || report <= 2)
+		report_exit(report, STEP_FDS, 0, 1);
+	if (setsid() < 0)
+		report_exit(report, STEP_SETSID, errno, 1);
 	fd = open("/dev/null", O_RDWR | O_CLOEXEC);
-	if (fd < 0 || dup2(fd, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) {
-		snprintf(reason, sizeof(reason), "the agent could not start: /dev/null: %s", strerror(errno));
-		goto root_fail;
-	}
-	/* No descriptor of slurmd may reach the agent (the notify pipe must close at exec too). */
+	if (fd < 0 || dup2(fd, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+		report_exit(report, STEP_DEVNULL, errno, 1);
+	/* No descriptor of slurmd may reach the agent (the pipes must close at exec too). */
 	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
 		for (int i = 3; i < 65536; i++)
 			(void)fcntl(i, F_SETFD, FD_CLOEXEC);
-	if (setgroups((size_t)ngroups, groups) < 0 || setresgid(job->gid, job->gid, job->gid) < 0) {
-		snprintf(reason, sizeof(reason), "the agent could not start: switching to group %u: %s",
-			 (unsigned)job->gid, strerror(errno));
-		goto root_fail;
-	}
-	if (fchown(dfd, job->uid, job->gid) < 0) {
-		snprintf(reason, sizeof(reason), "the agent could not start: chown %s: %s", job->dir,
-			 strerror(errno));
-		goto root_fail;
-	}
+	if (setgroups((size_t)ngroups, groups) < 0 || setresgid(job->gid, job->gid, job->gid) < 0)
+		report_exit(report, STEP_GROUP, errno, 1);
+	if (fchown(dfd, job->uid, job->gid) < 0)
+		report_exit(report, STEP_CHOWN, errno, 1);
 	close(dfd);
-	if (setresuid(job->uid, job->uid, job->uid) < 0 || (job->uid != 0 && setuid(0) == 0)) {
-		snprintf(reason, sizeof(reason), "the agent could not start: switching to user %s: %s",
-			 job->user, strerror(errno));
-		aeg_job_error_write(path, reason);
-		_exit(1);
-	}
+	if (setresuid(job->uid, job->uid, job->uid) < 0)
+		report_exit(report, STEP_USER, errno, 1);
+	if (job->uid != 0 && setuid(0) == 0)
+		report_exit(report, STEP_USER, EPERM, 1);
 
 	pid = fork();
-	if (pid < 0) {
-		snprintf(reason, sizeof(reason), "the agent could not start: fork: %s", strerror(errno));
-		aeg_job_error_write(path, reason);
-		_exit(1);
-	}
+	if (pid < 0)
+		report_exit(report, STEP_FORK, errno, 1);
 	if (pid == 0) {
-		if (chdir(job->dir) < 0 || execve(cmd->argv[0], cmd->argv, cmd->envp) < 0) {
-			snprintf(reason, sizeof(reason), "the agent %s could not start: %s", cmd->argv[0],
-				 strerror(errno));
-			aeg_job_error_write(path, reason);
-		}
+		if (chdir(job->dir) < 0 || execve(cmd->argv[0], cmd->argv, cmd->envp) < 0)
+			report_exit(report, STEP_EXEC, errno, 127);
 		_exit(127);
 	}
 	/* EOF once the agent has exec'd (the pipe is close-on-exec) or died. */
@@ -360,23 +360,64 @@ middle(const struct job *job, int dfd, const struct agent_cmd *cmd, const gid_t 
 	pfd.events = POLLIN;
 	(void)poll(&pfd, 1, 5000);
 	_exit(0);
+}
 
-root_fail:
-	aeg_job_error_write(path, reason);
-	(void)fchownat(dfd, AEG_JOB_ERROR_FILE, job->uid, job->gid, AT_SYMLINK_NOFOLLOW);
-	(void)fchown(dfd, job->uid, job->gid);
-	_exit(1);
+/* The error record for what the fork's children reported on @report (non-blocking); 1 when there was one. */
+static int write_reported(const struct job *job, int dfd, const struct agent_cmd *cmd, int report)
+{
+	char reason[AEG_JOB_ERROR_MAX];
+	struct start_report r;
+	const char *e;
+
+	if (read(report, &r, sizeof(r)) != (ssize_t)sizeof(r))
+		return 0;
+	e = strerror(r.err);
+	switch (r.step) {
+	case STEP_FDS:
+		snprintf(reason, sizeof(reason), "the agent could not start: descriptors overlap stdio");
+		break;
+	case STEP_SETSID:
+		snprintf(reason, sizeof(reason), "the agent could not start: setsid: %s", e);
+		break;
+	case STEP_DEVNULL:
+		snprintf(reason, sizeof(reason), "the agent could not start: /dev/null: %s", e);
+		break;
+	case STEP_GROUP:
+		snprintf(reason, sizeof(reason), "the agent could not start: switching to group %u: %s",
+			 (unsigned)job->gid, e);
+		break;
+	case STEP_CHOWN:
+		snprintf(reason, sizeof(reason), "the agent could not start: chown %s: %s", job->dir, e);
+		break;
+	case STEP_USER:
+		snprintf(reason, sizeof(reason), "the agent could not start: switching to user %s: %s", job->user, e);
+		break;
+	case STEP_FORK:
+		snprintf(reason, sizeof(reason), "the agent could not start: fork: %s", e);
+		break;
+	case STEP_EXEC:
+		snprintf(reason, sizeof(reason), "the agent %s could not start: %s", cmd->argv[0], e);
+		break;
+	default:
+		snprintf(reason, sizeof(reason), "the agent could not start (step %d: %s)", r.step, e);
+		break;
+	}
+	write_error(job, dfd, reason);
+	/* Until the middle process chowned it the directory was root's: the user must read it. */
+	if (fchown(dfd, job->uid, job->gid) < 0)
+		slurm_error("aegaeon: job %u: chown %s: %m", job->id, job->dir);
+	return 1;
 }
 
 static int start_agent(const struct job *job, int dfd, const struct aeg_spank_opts *o)
 {
 	struct passwd pwbuf, *pw = NULL;
 	gid_t groups[MAX_GROUPS];
-	int ngroups = MAX_GROUPS, notify[2], status, ngpus;
+	int ngroups = MAX_GROUPS, notify[2], report[2], status, ngpus;
 	struct agent_cmd *cmd;
 	char pwstore[4096];
 	pid_t pid;
-	int rc = -1;
+	int rc = -1, reported;
 
 	/* Name service lookups happen here, not in the forked child. */
 	if (getpwuid_r(job->uid, &pwbuf, pwstore, sizeof(pwstore), &pw) != 0 || pw == NULL) {
@@ -400,21 +441,33 @@ static int start_agent(const struct job *job, int dfd, const struct aeg_spank_op
 		slurm_error("aegaeon: job %u: pipe: %m", job->id);
 		goto out;
 	}
+	if (pipe2(report, O_CLOEXEC | O_NONBLOCK) < 0) {
+		slurm_error("aegaeon: job %u: pipe: %m", job->id);
+		close(notify[0]);
+		close(notify[1]);
+		goto out;
+	}
 	pid = fork();
 	if (pid < 0) {
 		slurm_error("aegaeon: job %u: fork: %m", job->id);
 		close(notify[0]);
 		close(notify[1]);
+		close(report[0]);
+		close(report[1]);
 		goto out;
 	}
 	if (pid == 0)
-		middle(job, dfd, cmd, groups, ngroups, notify);
+		middle(job, dfd, cmd, groups, ngroups, notify, report[1]);
 	close(notify[0]);
 	close(notify[1]);
+	close(report[1]);
 	/* Without this wait the agent was lost in 1 of 3 runs (SLURM-LAB.md). */
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
-	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+	/* The agent's own exec failing is reported while the middle process still waits for it. */
+	reported = write_reported(job, dfd, cmd, report[0]);
+	close(report[0]);
+	if (reported || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
 		slurm_error("aegaeon: job %u on %s: the agent could not be started (see %s/error)",
 			    job->id, job->node, job->dir);
 		goto out;
