@@ -519,6 +519,8 @@ def slurm_e2e(run, m, timeout):
         return None, "a sanitizer build: the plugin would need the sanitizer runtimes preloaded into slurmd"
     tmp = tempfile.mkdtemp(prefix="aegaeon-userpath-slurm-")
     cmd = ["bash", SLURM_E2E, "--userpath", "--model-a", m.a, "--repeat", str(run.args.slurm_repeat)]
+    if run.args.slurm_hugepages_only:
+        cmd.append("--hugepages-only")
     cmd += ["--host", "--small"] if run.args.device == "host" else ["--python", sys.executable]
     env = dict(run.env, OUT=tmp)
     if run.args.builddir:
@@ -584,7 +586,7 @@ def slurm_rows(run, m, engine_gbps, timeout):
     for rid, sfx in (("slurm-ready", ""), ("slurm-ready-hp", "_hp")):
         ready, plain = fig.get("up_submit_to_ready%s_s" % sfx), fig.get("plain_submit_to_ready_s")
         if ready is None:
-            why = "not measured (--no-hugepages, the host backend, the budget, or a failed job)"
+            why = "not measured (--no-hugepages, --slurm-hugepages-only, the host backend, the budget, or a failed job)"
             out.append(skipped(rid, whats[rid], why))
             continue
         r = row(rid, whats[rid], ours="%.2f s; the first step starts after %.2f s, then ready in %.2f s" % (
@@ -656,6 +658,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small files (a smoke test)")
     p.add_argument("--repeat", type=int, default=3, help="fresh processes (jobs) per figure [3]")
     p.add_argument("--slurm-repeat", type=int, help="jobs per Slurm figure [--repeat]")
+    p.add_argument("--slurm-hugepages-only", action="store_true",
+                   help="Slurm rows with huge pages reserved alone (the plain job's baseline with them too)")
     p.add_argument("--rows", default=",".join(ROWS), help="rows to run, of %s" % ",".join(ROWS))
     p.add_argument("--dir", default="/tmp/aegaeon-userpath",
                    help="where the models are written and kept [/tmp/aegaeon-userpath]")

@@ -41,6 +41,8 @@
 #   --model-a FILE a safetensors model, readable by the job user, as model A
 #                  (--userpath; default: written by the test, 8 GiB or 64 MiB)
 #   --repeat N     jobs per figure with --userpath [3]
+#   --hugepages-only with --userpath: only the figures with huge pages reserved
+#                  (the plain job's baseline is taken with them too)
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,6 +57,7 @@ host=0
 small=0
 keep=0
 hugepages=1
+hugepages_only=0
 kv_only=0
 userpath=0
 model_a=
@@ -70,6 +73,7 @@ while [[ $# -gt 0 ]]; do
 	--small) small=1; shift ;;
 	--keep) keep=1; shift ;;
 	--no-hugepages) hugepages=0; shift ;;
+	--hugepages-only) hugepages_only=1; shift ;;
 	--kv-only) kv_only=1; shift ;;
 	--userpath) userpath=1; shift ;;
 	--model-a) model_a=$2; shift 2 ;;
@@ -141,6 +145,8 @@ fi
 kv_blocks=8192
 device=cuda
 ((host)) && device=host hugepages=0
+((!hugepages_only || (userpath && hugepages))) ||
+	{ echo "slurm_e2e.sh: --hugepages-only is for --userpath, on the cuda backend, without --no-hugepages" >&2; exit 2; }
 
 # ------------------------------------------------------------ Slurm itself
 # As ../shared/lab/gpu-slurm-probe.sh does it: Debian 12's packages unpacked into

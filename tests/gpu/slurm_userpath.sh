@@ -14,7 +14,8 @@
 #       imported, attached, the slab opened and every tensor of A a view
 #   prefetch_agent_page_cache_GBps    aegaeon-cli prefetch A --reload in the job
 # The _hp figures are taken with 2 MiB huge pages reserved for the pool (not
-# with --no-hugepages or --host).
+# with --no-hugepages or --host; alone with --hugepages-only, the plain job's
+# figures then with them too).
 
 up_stamp() { # FILE NAME: the epoch seconds of a step's "# stamp: NAME" line
 	awk -v k="$2" '$1 == "#" && $2 == "stamp:" && $3 == k { v = $4 } END { print v }' "$1" 2>/dev/null
@@ -122,6 +123,7 @@ new_views=() new_context=() new_from_start=() reload=()
 userpath_run() {
 	local modes=(nohp) mode sfx i
 	((hugepages)) && modes+=(hp)
+	((hugepages_only)) && modes=(hp)
 	up_scripts
 	for mode in "${modes[@]}"; do
 		sfx=
@@ -133,7 +135,8 @@ userpath_run() {
 		fi
 		start_overhead "$sfx"
 		for ((i = 1; i <= repeat; i++)); do
-			if [[ $mode == nohp ]] && up_job "plain$i" up-plain.sh; then
+			# The plain job's baseline in the first mode run.
+			if [[ $mode == "${modes[0]}" ]] && up_job "plain$i" up-plain.sh; then
 				up_first_step "plain$i" plain plain-ready
 			fi
 			if up_job "$mode$i" up-aegaeon.sh --aegaeon-slab="$slab_up" --aegaeon-pinned="$pinned_up" \

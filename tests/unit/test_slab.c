@@ -12,12 +12,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 #include <cmocka.h>
 
 #include <aegaeon/device.h>
 #include <aegaeon/slab.h>
 
 #include "internal.h"
+#include "slab_internal.h"
 
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
@@ -406,6 +409,245 @@ static void wrap_device_memory(void **state)
 	aeg_device_close(dev);
 }
 
+/* The permissions ("rw-s", "---p") of the mapping holding @addr in /proc/self/maps; "" if none does. */
+static const char *prot_at(const void *addr, char perms[8])
+{
+	FILE *f = fopen("/proc/self/maps", "r");
+	unsigned long lo, hi;
+	char line[512];
+
+	assert_non_null(f);
+	perms[0] = '\0';
+	while (fgets(line, sizeof(line), f) != NULL) {
+		if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && (uintptr_t)addr >= lo &&
+		    (uintptr_t)addr < hi)
+			break;
+		perms[0] = '\0';
+	}
+	fclose(f);
+	return perms;
+}
+
+/*
+ * A reserved slab: its addresses taken at once, no memory behind them until
+ * an allocation reaches them (a first piece of 256 MiB, then as much again
+ * as is mapped) or the rest is mapped; it has no IPC handle, and its
+ * destruction gives back the memory and the addresses.
+ */
+static void reserved_maps_as_it_is_used(void **state)
+{
+	int fds = open_fds();
+	aeg_device_t *dev = host_device();
+	struct aeg_slab_stats st;
+	struct aeg_block a, b, c;
+	aeg_handle_t handle;
+	aeg_slab_t *slab;
+	unsigned char *base;
+	char perms[8];
+
+	assert_int_equal(aeg_slab_create_reserved(dev, 1, 1 * GiB + 1, &slab), 0);
+	base = aeg_slab_base(slab);
+	assert_int_equal(aeg_slab_bytes(slab), 1 * GiB + AEG_SLAB_ALIGN);
+	assert_int_equal(aeg_slab_gpu(slab), 1);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 0);
+	assert_string_equal(prot_at(base, perms), "---p");
+	stats_of(slab, &st);
+	assert_int_equal(st.total_bytes, 1 * GiB + AEG_SLAB_ALIGN);
+
+	assert_int_equal(aeg_slab_alloc(slab, 1 * MiB, &a), 0);
+	assert_ptr_equal(a.ptr, base);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 256 * MiB);
+	assert_string_equal(prot_at(base, perms), "rw-s");
+	assert_string_equal(prot_at(base + 256 * MiB, perms), "---p");
+	memset(a.ptr, 0x5a, a.size);
+
+	/* Past the first piece: mapped to its end and as much again as was mapped. */
+	assert_int_equal(aeg_slab_alloc(slab, 300 * MiB, &b), 0);
+	assert_int_equal(b.offset, 1 * MiB);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 512 * MiB);
+	((unsigned char *)b.ptr)[b.size - 1] = 7;
+	assert_string_equal(prot_at(base + 512 * MiB, perms), "---p");
+
+	assert_int_equal(aeg_slab_map_rest(slab), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), aeg_slab_bytes(slab));
+	assert_int_equal(aeg_slab_map_rest(slab), 0);
+	assert_int_equal(aeg_slab_alloc(slab, 700 * MiB, &c), 0);
+	((unsigned char *)c.ptr)[c.size - 1] = 9;
+	assert_int_equal(((unsigned char *)a.ptr)[12345], 0x5a);
+	assert_int_equal(((unsigned char *)b.ptr)[b.size - 1], 7);
+	stats_of(slab, &st);
+	assert_int_equal(st.allocs, 3);
+	assert_int_equal(st.failed_allocs, 0);
+
+	assert_int_equal(aeg_slab_export(slab, &handle), AEG_ENOTSUP);
+	assert_non_null(strstr(aeg_error_detail(), "no IPC handle"));
+	aeg_slab_destroy(slab);
+	assert_string_equal(prot_at(base, perms), "");
+	assert_string_equal(prot_at(base + 900 * MiB, perms), "");
+	aeg_device_close(dev);
+	assert_int_equal(open_fds(), fds);
+}
+
+/* Descriptors stop at the lowest free one: the host backend's next piece of memory cannot be made. */
+static rlim_t no_more_fds(void)
+{
+	struct rlimit rl;
+	int fd = dup(0);
+
+	assert_true(fd >= 0);
+	close(fd);
+	assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+	rlim_t was = rl.rlim_cur;
+	rl.rlim_cur = (rlim_t)fd;
+	assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
+	return was;
+}
+
+static void fds_again(rlim_t was)
+{
+	struct rlimit rl;
+
+	assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+	rl.rlim_cur = was;
+	assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
+}
+
+/*
+ * Memory that cannot be mapped (the GPU's taken by another process since
+ * the reservation): the allocation that needed it fails with the reason and
+ * leaves nothing allocated; what was mapped stays usable; the rest maps
+ * once memory is there again.
+ */
+static void reserved_without_memory(void **state)
+{
+	int fds = open_fds();
+	aeg_device_t *dev = host_device();
+	struct aeg_slab_stats st;
+	struct aeg_block a, b;
+	aeg_slab_t *slab;
+	rlim_t was;
+
+	assert_int_equal(aeg_slab_create_reserved(dev, 0, 1 * GiB, &slab), 0);
+	was = no_more_fds();
+	assert_int_equal(aeg_slab_alloc(slab, 1 * MiB, &a), AEG_ENOSPC);
+	fds_again(was);
+	if (strstr(aeg_error_detail(), "slab at ") == NULL || strstr(aeg_error_detail(), "memfd_create") == NULL ||
+	    strstr(aeg_error_detail(), "(0 of its 1073741824 bytes mapped)") == NULL)
+		fail_msg("detail: %s", aeg_error_detail());
+	stats_of(slab, &st);
+	assert_int_equal(st.allocs, 0);
+	assert_int_equal(st.failed_allocs, 1);
+	assert_int_equal(st.used_bytes, 0);
+	assert_int_equal(st.blocks, 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 0);
+
+	assert_int_equal(aeg_slab_alloc(slab, 1 * MiB, &a), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 256 * MiB);
+	was = no_more_fds();
+	assert_int_equal(aeg_slab_map_rest(slab), AEG_ENOSPC);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 256 * MiB);
+	/* Within what is mapped, allocations go on; past it, they fail. */
+	assert_int_equal(aeg_slab_alloc(slab, 200 * MiB, &b), 0);
+	memset(b.ptr, 1, b.size);
+	assert_int_equal(aeg_slab_alloc(slab, 100 * MiB, &b), AEG_ENOSPC);
+	fds_again(was);
+	assert_int_equal(aeg_slab_map_rest(slab), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 1 * GiB);
+	assert_int_equal(aeg_slab_alloc(slab, 100 * MiB, &b), 0);
+	memset(b.ptr, 2, b.size);
+	aeg_slab_destroy(slab);
+	aeg_device_close(dev);
+	assert_int_equal(open_fds(), fds);
+}
+
+struct mapper {
+	aeg_slab_t *slab;
+	unsigned seed;
+	atomic_int *bad;
+};
+
+/* Allocate, touch the first and last byte (a fault if unmapped), free. */
+static void *alloc_and_touch(void *arg)
+{
+	struct mapper *m = arg;
+	struct aeg_block held[32];
+	int n = 0;
+
+	for (int i = 0; i < 400; i++) {
+		uint64_t bytes = (uint64_t)(rand_r(&m->seed) % (4 * MiB)) + 1;
+		struct aeg_block b;
+
+		if (n == 32 || (n > 0 && rand_r(&m->seed) % 3 == 0)) {
+			int k = rand_r(&m->seed) % n;
+
+			if (((unsigned char *)held[k].ptr)[held[k].size - 1] != (unsigned char)held[k].id ||
+			    aeg_slab_free(m->slab, held[k].id) != 0)
+				atomic_fetch_add(m->bad, 1);
+			held[k] = held[--n];
+		}
+		if (aeg_slab_alloc(m->slab, bytes, &b) != 0) {
+			atomic_fetch_add(m->bad, 1);
+			continue;
+		}
+		((unsigned char *)b.ptr)[0] = 1;
+		((unsigned char *)b.ptr)[b.size - 1] = (unsigned char)b.id;
+		held[n++] = b;
+	}
+	while (n > 0)
+		aeg_slab_free(m->slab, held[--n].id);
+	return NULL;
+}
+
+static void *map_rest_thread(void *arg)
+{
+	struct mapper *m = arg;
+
+	if (aeg_slab_map_rest(m->slab) != 0)
+		atomic_fetch_add(m->bad, 1);
+	return NULL;
+}
+
+/* Allocations on many threads while the rest is mapped: every block is memory when handed out. */
+static void reserved_under_threads(void **state)
+{
+	aeg_device_t *dev = host_device();
+	struct mapper m[THREADS + 1];
+	pthread_t t[THREADS + 1];
+	atomic_int bad = 0;
+	aeg_slab_t *slab;
+
+	assert_int_equal(aeg_slab_create_reserved(dev, 0, 2 * GiB, &slab), 0);
+	for (int i = 0; i <= THREADS; i++) {
+		m[i] = (struct mapper){ .slab = slab, .seed = 77u + (unsigned)i, .bad = &bad };
+		assert_int_equal(pthread_create(&t[i], NULL, i == THREADS ? map_rest_thread : alloc_and_touch, &m[i]), 0);
+	}
+	for (int i = 0; i <= THREADS; i++)
+		pthread_join(t[i], NULL);
+	assert_int_equal(atomic_load(&bad), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 2 * GiB);
+	aeg_slab_destroy(slab);
+	aeg_device_close(dev);
+}
+
+static void reserved_rejects_what_cannot_be(void **state)
+{
+	aeg_device_t *dev = host_device();
+	aeg_slab_t *slab = NULL;
+
+	assert_int_equal(aeg_slab_create_reserved(NULL, 0, MiB, &slab), AEG_EINVAL);
+	assert_int_equal(aeg_slab_create_reserved(dev, 0, MiB, NULL), AEG_EINVAL);
+	assert_int_equal(aeg_slab_create_reserved(dev, 0, 0, &slab), AEG_EINVAL);
+	assert_int_equal(aeg_slab_create_reserved(dev, 2, MiB, &slab), AEG_ENODEV);
+	assert_int_equal(aeg_slab_create_reserved(dev, 0, UINT64_MAX, &slab), AEG_ENOSPC);
+	assert_null(slab);
+	/* A slab made otherwise is all mapped. */
+	assert_int_equal(aeg_slab_create(dev, 0, 3 * MiB, &slab), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 3 * MiB);
+	assert_int_equal(aeg_slab_map_rest(slab), 0);
+	aeg_slab_destroy(slab);
+	aeg_device_close(dev);
+}
+
 static int cmp_double(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -458,6 +700,10 @@ int main(void)
 		cmocka_unit_test(create_on_host_backend),
 		cmocka_unit_test(create_rejects_what_cannot_be),
 		cmocka_unit_test(wrap_device_memory),
+		cmocka_unit_test(reserved_maps_as_it_is_used),
+		cmocka_unit_test(reserved_without_memory),
+		cmocka_unit_test(reserved_under_threads),
+		cmocka_unit_test(reserved_rejects_what_cannot_be),
 		cmocka_unit_test(alloc_free_median_time),
 	};
 	return cmocka_run_group_tests_name("slab", tests, NULL, NULL);

@@ -452,6 +452,34 @@ AEG_EXPORT int aeg_mem_close_handle(aeg_device_t *dev, void *ptr)
 	return dev->ops->mem_close(dev, ptr);
 }
 
+int aeg_va_reserve(aeg_device_t *dev, int gpu, uint64_t bytes, uint64_t *granularity, void **base)
+{
+	int err = aeg_device_check_gpu(dev, gpu);
+
+	if (err < 0)
+		return err;
+	if (dev->ops->va_reserve == NULL)
+		return aeg_fail(AEG_ENOTSUP, "the %s device reserves no address space", dev->ops->name);
+	if (bytes == 0)
+		return aeg_fail(AEG_EINVAL, "address reservation of 0 bytes");
+	return dev->ops->va_reserve(dev, gpu, bytes, granularity, base);
+}
+
+int aeg_va_map(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes)
+{
+	return dev->ops->va_map(dev, gpu, addr, bytes);
+}
+
+int aeg_va_unmap(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes)
+{
+	return dev->ops->va_unmap(dev, gpu, addr, bytes);
+}
+
+int aeg_va_release(aeg_device_t *dev, int gpu, void *base, uint64_t bytes)
+{
+	return dev->ops->va_release(dev, gpu, base, bytes);
+}
+
 /* Loads in flight in this process (internal.h says who counts and who asks). */
 static int loads_active;
 

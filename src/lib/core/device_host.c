@@ -521,6 +521,79 @@ out:
 	return err;
 }
 
+/*
+ * Reserved address space, as CUDA's virtual memory management gives it: a
+ * PROT_NONE range no page of which is backed; each piece mapped into it is
+ * memory of its own (a memfd, as aeg_mem_alloc's), so a piece that cannot
+ * be made fails as a GPU's cuMemCreate would, and unmapping one gives its
+ * memory back while the addresses stay reserved.
+ */
+#define HOST_VA_GRANULARITY (2ull << 20)
+
+static int host_va_reserve(aeg_device_t *dev, int gpu, uint64_t bytes, uint64_t *granularity, void **base)
+{
+	struct host_impl *h = impl_of(dev);
+	uint64_t rounded = aeg_round_up(bytes, HOST_VA_GRANULARITY);
+	void *p;
+
+	if (bytes > h->total_bytes || rounded > h->total_bytes)
+		return aeg_fail(AEG_ENOSPC, "address reservation: %" PRIu64 " bytes asked on host GPU %d, which has %" PRIu64 " in all",
+				bytes, gpu, h->total_bytes);
+	p = mmap(NULL, rounded, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return aeg_fail(AEG_ENOSPC, "address reservation of %" PRIu64 " bytes: mmap: %s", rounded, strerror(errno));
+	*granularity = HOST_VA_GRANULARITY;
+	*base = p;
+	return 0;
+}
+
+static int host_va_map(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes)
+{
+	char name[32];
+	void *p;
+	int fd, e;
+
+	(void)dev;
+	snprintf(name, sizeof(name), "aegaeon-gpu%d", gpu);
+	fd = memfd_create(name, MFD_CLOEXEC);
+	if (fd < 0)
+		return aeg_fail(errno == EMFILE || errno == ENFILE ? AEG_ENOSPC : AEG_EIO,
+				"device memory of %" PRIu64 " bytes at %p: memfd_create: %s", bytes, addr, strerror(errno));
+	if (ftruncate(fd, (off_t)bytes) < 0) {
+		e = errno;
+		close(fd);
+		return aeg_fail(AEG_ENOSPC, "device memory of %" PRIu64 " bytes at %p: ftruncate: %s", bytes, addr,
+				strerror(e));
+	}
+	p = mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+	e = errno;
+	close(fd);              /* the mapping holds the memory */
+	if (p == MAP_FAILED)
+		return aeg_fail(AEG_ENOSPC, "device memory of %" PRIu64 " bytes at %p: mmap: %s", bytes, addr, strerror(e));
+	return 0;
+}
+
+static int host_va_unmap(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes)
+{
+	(void)dev;
+	(void)gpu;
+	/* Back to reserved: the piece's memory goes with its last mapping. */
+	if (mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
+		return aeg_fail(AEG_EIO, "unmapping device memory of %" PRIu64 " bytes at %p: %s", bytes, addr,
+				strerror(errno));
+	return 0;
+}
+
+static int host_va_release(aeg_device_t *dev, int gpu, void *base, uint64_t bytes)
+{
+	(void)dev;
+	(void)gpu;
+	if (munmap(base, aeg_round_up(bytes, HOST_VA_GRANULARITY)) < 0)
+		return aeg_fail(AEG_EIO, "releasing %" PRIu64 " bytes of addresses at %p: %s", bytes, base,
+				strerror(errno));
+	return 0;
+}
+
 static int host_memcpy_sync(aeg_device_t *dev, void *dst, const void *src, size_t bytes)
 {
 	memmove(dst, src, bytes);
@@ -601,6 +674,10 @@ const struct aeg_device_ops aeg_device_host_ops = {
 	.mem_alloc = host_mem_alloc,
 	.mem_free = host_mem_free,
 	.mem_export = host_mem_export,
+	.va_reserve = host_va_reserve,
+	.va_map = host_va_map,
+	.va_unmap = host_va_unmap,
+	.va_release = host_va_release,
 	.mem_open = host_mem_open,
 	.mem_close = host_mem_close,
 	.memcpy_sync = host_memcpy_sync,

@@ -32,6 +32,19 @@ struct aeg_device_ops {
 	int (*mem_export)(aeg_device_t *dev, void *ptr, aeg_handle_t *handle);
 	int (*mem_open)(aeg_device_t *dev, int gpu, const aeg_handle_t *handle, void **ptr);
 	int (*mem_close)(aeg_device_t *dev, void *ptr);
+	/*
+	 * Address space with memory mapped into it piece by piece (a slab that
+	 * is reserved at once and backed as it is used): va_reserve takes
+	 * @bytes of addresses rounded up to *@granularity, which it gives
+	 * (every piece is a multiple of it too), va_map backs [@addr, @addr + @bytes) of a reservation with memory
+	 * of the GPU, va_unmap gives one such piece back (the same range
+	 * va_map mapped), va_release the reservation, every piece unmapped.
+	 * NULL where the backend has none.
+	 */
+	int (*va_reserve)(aeg_device_t *dev, int gpu, uint64_t bytes, uint64_t *granularity, void **base);
+	int (*va_map)(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes);
+	int (*va_unmap)(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes);
+	int (*va_release)(aeg_device_t *dev, int gpu, void *base, uint64_t bytes);
 	int (*memcpy_sync)(aeg_device_t *dev, void *dst, const void *src, size_t bytes);
 	int (*memset_sync)(aeg_device_t *dev, void *dst, int value, size_t bytes);
 
@@ -147,6 +160,16 @@ int aeg_device_check_gpu(aeg_device_t *dev, int gpu);
 
 /* aeg_device_pci_bus_id - GPU @gpu's PCI bus id, without making its CUDA context (device.c). */
 int aeg_device_pci_bus_id(aeg_device_t *dev, int gpu, char id[AEG_PCI_BUS_ID_LEN]);
+
+/*
+ * The backend's va_* calls (see struct aeg_device_ops), the GPU checked;
+ * aeg_va_reserve is AEG_ENOTSUP where the backend or the GPU has no
+ * virtual memory management.
+ */
+int aeg_va_reserve(aeg_device_t *dev, int gpu, uint64_t bytes, uint64_t *granularity, void **base);
+int aeg_va_map(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes);
+int aeg_va_unmap(aeg_device_t *dev, int gpu, void *addr, uint64_t bytes);
+int aeg_va_release(aeg_device_t *dev, int gpu, void *base, uint64_t bytes);
 
 /* Queue @fn on @stream (see launch_host_fn). */
 int aeg_stream_launch_host_fn(aeg_stream_t *stream, void (*fn)(void *), void *arg);

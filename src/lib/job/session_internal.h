@@ -26,6 +26,7 @@ struct sess_gpu {
 	int ring_pending;
 	int starting_many;
 	int bind_later;                 /* the ring's thread finds the topology for the workers */
+	int closing;                    /* the ring's thread waits for nothing more */
 	aeg_device_t *dev;
 	int gpu;
 	uint64_t ring_bytes;
