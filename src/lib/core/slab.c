@@ -155,7 +155,7 @@ int aeg_slab_create_reserved(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_sla
 	slab->granularity = granularity;
 	slab->reserve_bytes = aeg_round_up(rounded, granularity);
 	pthread_mutex_init(&slab->map_lock, NULL);
-	aeg_debug("slab of %" PRIu64 " bytes on GPU %d at %p reserved (memory mapped as it is used, %" PRIu64 "-byte pieces)",
+	aeg_debug("slab of %" PRIu64 " bytes on GPU %d at %p reserved (memory mapped as it is used, in multiples of %" PRIu64 " bytes)",
 		  rounded, gpu, base, granularity);
 	*slabp = slab;
 	return 0;
