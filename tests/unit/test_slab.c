@@ -468,6 +468,16 @@ static void reserved_maps_as_it_is_used(void **state)
 	((unsigned char *)b.ptr)[b.size - 1] = 7;
 	assert_string_equal(prot_at(base + 512 * MiB, perms), "---p");
 
+	/* Ahead of a load's blocks: what they need beyond the live blocks, in one piece. */
+	assert_int_equal(aeg_slab_map_ahead(slab, 100 * MiB), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 512 * MiB);
+	/* 301 MiB live + 300 MiB + 1, to the next 2 MiB. */
+	assert_int_equal(aeg_slab_map_ahead(slab, 300 * MiB + 1), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), 602 * MiB);
+	assert_string_equal(prot_at(base + 601 * MiB, perms), "rw-s");
+	assert_string_equal(prot_at(base + 602 * MiB, perms), "---p");
+	assert_int_equal(aeg_slab_map_ahead(slab, 64 * GiB), 0);
+	assert_int_equal(aeg_slab_mapped_bytes(slab), aeg_slab_bytes(slab));
 	assert_int_equal(aeg_slab_map_rest(slab), 0);
 	assert_int_equal(aeg_slab_mapped_bytes(slab), aeg_slab_bytes(slab));
 	assert_int_equal(aeg_slab_map_rest(slab), 0);
@@ -644,6 +654,7 @@ static void reserved_rejects_what_cannot_be(void **state)
 	assert_int_equal(aeg_slab_create(dev, 0, 3 * MiB, &slab), 0);
 	assert_int_equal(aeg_slab_mapped_bytes(slab), 3 * MiB);
 	assert_int_equal(aeg_slab_map_rest(slab), 0);
+	assert_int_equal(aeg_slab_map_ahead(slab, MiB), 0);
 	aeg_slab_destroy(slab);
 	aeg_device_close(dev);
 }

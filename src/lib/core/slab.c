@@ -212,6 +212,24 @@ out:
 	return err;
 }
 
+int aeg_slab_map_ahead(aeg_slab_t *slab, uint64_t bytes)
+{
+	uint64_t used, end;
+	int err = 0;
+
+	if (slab == NULL || !slab->reserved)
+		return 0;
+	pthread_mutex_lock(&slab->lock);
+	used = slab->tlsf.used;
+	pthread_mutex_unlock(&slab->lock);
+	end = bytes > slab->reserve_bytes - used ? slab->reserve_bytes : used + bytes;
+	pthread_mutex_lock(&slab->map_lock);
+	if (end > slab->mapped)
+		err = map_piece(slab, aeg_round_up(end, slab->granularity) - slab->mapped);
+	pthread_mutex_unlock(&slab->map_lock);
+	return err;
+}
+
 int aeg_slab_map_rest(aeg_slab_t *slab)
 {
 	uint64_t t = aeg_now_ns();

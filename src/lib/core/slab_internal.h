@@ -28,6 +28,15 @@ int aeg_slab_create_reserved(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_sla
  */
 int aeg_slab_map_rest(aeg_slab_t *slab);
 
+/*
+ * aeg_slab_map_ahead - map memory for @bytes more than the slab's live
+ * blocks hold, in one piece, before allocations that need it come one by
+ * one (a load allocating its blocks): one mapping of 8 GiB costs about
+ * what one of 256 MiB does. A hint: 0 for a slab made otherwise or mapped
+ * that far; on an error the allocations map what they need themselves.
+ */
+int aeg_slab_map_ahead(aeg_slab_t *slab, uint64_t bytes);
+
 /* aeg_slab_mapped_bytes - bytes from the base backed by memory (all of a slab made otherwise). */
 uint64_t aeg_slab_mapped_bytes(aeg_slab_t *slab);
 

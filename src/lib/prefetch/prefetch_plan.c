@@ -20,6 +20,7 @@
 #include "internal.h"
 #include "prefetch_engine.h"
 #include "safetensors.h"
+#include "slab_internal.h"
 #include "slice_plan.h"
 
 static int open_file(const char *path, struct stat *st, int *fdp)
@@ -212,6 +213,8 @@ static int alloc_blocks(struct aeg_prefetch *pf, struct aeg_load *l)
 				l->path, aeg_size_format(need, a, sizeof(a)), need, l->ngroups, pf->gpu,
 				aeg_size_format(ss.free_bytes, b, sizeof(b)),
 				aeg_size_format(ss.total_bytes, t, sizeof(t)));
+	/* A reserved slab maps the load's memory in one piece, not a piece per block (a hint). */
+	aeg_slab_map_ahead(pf->slab, need);
 	for (uint32_t g = 0; g < l->ngroups; g++) {
 		err = aeg_slab_alloc(pf->slab, l->groups[g].bytes, &l->groups[g].block);
 		if (err) {
