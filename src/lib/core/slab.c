@@ -81,13 +81,18 @@ static int slab_new(aeg_device_t *dev, int gpu, void *base, uint64_t bytes, int 
 	return 0;
 }
 
-/* @bytes rounded up to AEG_SLAB_ALIGN into *@rounded, if GPU @gpu has that much free. */
-static int slab_size(aeg_device_t *dev, int gpu, uint64_t bytes, uint64_t *rounded)
+/*
+ * A create's arguments checked: @bytes rounded up to AEG_SLAB_ALIGN into
+ * *@rounded, if GPU @gpu has that much free.
+ */
+static int slab_size(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_slab_t **slabp, uint64_t *rounded)
 {
 	char asked[32], free_h[32], total[32];
 	struct aeg_gpu_info info;
 	int err;
 
+	if (dev == NULL || slabp == NULL)
+		return aeg_fail(AEG_EINVAL, "slab create: device or result pointer missing");
 	if (bytes == 0)
 		return aeg_fail(AEG_EINVAL, "slab size 0");
 	err = aeg_device_gpu_info(dev, gpu, &info);
@@ -108,9 +113,7 @@ AEG_EXPORT int aeg_slab_create(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_s
 	uint64_t rounded;
 	int err;
 
-	if (dev == NULL || slabp == NULL)
-		return aeg_fail(AEG_EINVAL, "slab create: device or result pointer missing");
-	err = slab_size(dev, gpu, bytes, &rounded);
+	err = slab_size(dev, gpu, bytes, slabp, &rounded);
 	if (err < 0)
 		return err;
 	err = aeg_mem_alloc(dev, gpu, rounded, &base);
@@ -136,9 +139,7 @@ int aeg_slab_create_reserved(aeg_device_t *dev, int gpu, uint64_t bytes, aeg_sla
 	aeg_slab_t *slab;
 	int err;
 
-	if (dev == NULL || slabp == NULL)
-		return aeg_fail(AEG_EINVAL, "slab create: device or result pointer missing");
-	err = slab_size(dev, gpu, bytes, &rounded);
+	err = slab_size(dev, gpu, bytes, slabp, &rounded);
 	if (err < 0)
 		return err;
 	err = aeg_va_reserve(dev, gpu, rounded, &granularity, &base);
