@@ -250,7 +250,7 @@ static const aeg_topo_t *topology(aeg_device_t *dev)
  * Back the rest of a reserved slab with memory, so it holds its share of
  * the GPU; from the ring's thread, once no load of this process runs: the
  * driver's mappings and a load's copies and registrations wait for each
- * other (121 GiB mapped in 4.2 ms alone on the H200, 9-17 ms beside a fresh
+ * other (121 GiB mapped in 4-7 ms alone on the H200, 7-18 ms beside a fresh
  * process's first load). Until then loads map what they reach.
  */
 static void map_slab(struct sess_gpu *g, int when_idle)
