@@ -70,7 +70,25 @@ check "Slurm stopped them: the epilog found no agent to stop" \
 	bash -c "! grep -qE 'job $job on n1: (agent [0-9]+ (gone|stopped)|killed [0-9]+ process)' '$T/log/slurmd-n1.log'"
 
 # A job without Contain's extern step is not different for a step: srun works.
-out=$(as_user timeout 60 srun -N1 --gres=gpu:1 --aegaeon-slab=64MiB bash -c 'echo $AEGAEON_SLABS' 2>&1)
+# (Once in CI the step had not printed after the 60 s: what every slurmstepd and
+# agent then waits in is kept, from 45 s, so a next time says where it hangs.)
+as_user timeout 60 srun -N1 --gres=gpu:1 --aegaeon-slab=64MiB bash -c 'echo $AEGAEON_SLABS' >"$T/step.out" 2>&1 &
+srun_pid=$!
+for ((i = 0; i < 450; i++)); do
+	kill -0 "$srun_pid" 2>/dev/null || break
+	sleep 0.1
+done
+if kill -0 "$srun_pid" 2>/dev/null; then
+	echo "# the step has run 45 s; its node's processes (pid, state, wait channel, kernel stack):"
+	for p in $(pgrep -f 'slurmstepd|aegaeond|AEGAEON_SLABS'); do
+		echo "#   $(ps -o pid=,stat=,wchan:32=,args= -p "$p" 2>/dev/null | cut -c1-150)"
+		echo "#     $(head -n 6 "/proc/$p/stack" 2>/dev/null | awk '{print $2}' | tr '\n' ' ')"
+	done
+	echo "# the last lines of slurmd-n1.log:"
+	tail -n 25 "$T/log/slurmd-n1.log" | sed 's/^/#   /'
+fi
+wait "$srun_pid"
+out=$(cat "$T/step.out")
 check "a job step sees its slab ($out)" test "$out" = 1
 check "nothing left" nothing_left 10
 
