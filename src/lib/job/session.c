@@ -285,12 +285,10 @@ static void *make_ring(void *arg)
 }
 
 /* An engine without a pool of the session's makes its ring off the first load's path. */
-static int start_ring(struct sess_gpu *g, aeg_device_t *dev, int gpu, int ring_buffers)
+static int start_ring(struct sess_gpu *g, int ring_buffers)
 {
 	int rc;
 
-	g->dev = dev;
-	g->gpu = gpu;
 	g->ring_bytes = AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)ring_buffers;
 	rc = pthread_create(&g->ring_thread, NULL, make_ring, g);
 	if (rc)
@@ -330,6 +328,8 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 	 * fresh process's first load up 5 ms. Never exported: a job's steps
 	 * share the agent's slabs, not this one.
 	 */
+	g->dev = s->dev;
+	g->gpu = gpu;
 	t = aeg_now_ns();
 	err = aeg_slab_create_reserved(s->dev, gpu, bytes, &g->slab);
 	if (err == AEG_ENOTSUP) {
@@ -345,7 +345,6 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 		err = aeg_pool_create(s->dev, gpu, s->pool_buffer_bytes, s->pool_bytes, &g->pool);
 		if (err)
 			goto fail;
-		g->gpu = gpu;
 		map_slab(g, 0);         /* no ring's thread to do it */
 		if (cfg.cache_bytes == 0)
 			cfg.cache_bytes = s->pool_bytes;
@@ -388,7 +387,7 @@ static void ring_go_locked(aeg_session_t *s, int gpu)
 	if (buffers == 0 || g->starting_many)
 		return;
 	g->ring_pending = 0;
-	err = start_ring(g, s->dev, gpu, buffers);
+	err = start_ring(g, buffers);
 	if (err)
 		ring_made(g, err);
 }

@@ -27,7 +27,7 @@ struct sess_gpu {
 	int starting_many;
 	int bind_later;                 /* the ring's thread finds the topology for the workers */
 	int closing;                    /* the ring's thread waits for nothing more */
-	aeg_device_t *dev;
+	aeg_device_t *dev;              /* the session's, and this engine's GPU: set when it is made */
 	int gpu;
 	uint64_t ring_bytes;
 };
