@@ -5,15 +5,9 @@
  * registered; it prints how long until every byte was on the GPU ("ready")
  * and what unregistering and unmapping cost on top ("cleanup").
  * Usage: feed_probe FILE [--threads N] [--piece MiB]
- *        [--populate none|madv|map] [--unregister end|each] [--beside]
- *        [--repeat N] [--gpu N]
+ *        [--populate none|madv|map] [--unregister end|each] [--repeat N] [--gpu N]
  * The engine's own figures come from aegaeon-cli prefetch; this says what
  * registration reaches on its own, so a gap between the two is visible.
- * --beside adds what the mixed feed's other half does meanwhile: a thread
- * copying 16 MiB pieces of an already pinned buffer to the GPU, as the
- * staging ring's buffers go, at most 16 queued; it prints that thread's
- * GB/s and how long its cudaMemcpyAsync calls took to return, first alone
- * for as long, then beside the registrations.
  */
 #include "config.h"
 #include <errno.h>
@@ -51,52 +45,7 @@ struct probe {
 	atomic_int ready;              /* workers set up */
 	atomic_uint_fast64_t reg_ns, unreg_ns;
 	atomic_int failed;
-	struct beside *beside;          /* NULL: registration alone */
 };
-
-/* The thread copying from pinned memory beside the registrations (--beside). */
-#define BESIDE_PIECE (16ull << 20)
-#define BESIDE_PIECES 16
-#define BESIDE_MAX_CALLS 65536
-struct beside {
-	char *host, *dev;               /* BESIDE_PIECES pieces each */
-	cudaStream_t s;
-	cudaEvent_t done[BESIDE_PIECES];
-	atomic_int stop;
-	uint64_t bytes, ns;
-	uint32_t calls;
-	double call_us[BESIDE_MAX_CALLS];
-	pthread_t tid;
-};
-
-static uint64_t now_ns(void);
-
-static void *beside_main(void *arg)
-{
-	struct beside *b = arg;
-	uint64_t t0 = now_ns();
-
-	b->bytes = 0;
-	b->calls = 0;
-	for (uint32_t i = 0; !atomic_load(&b->stop); i++) {
-		uint32_t k = i % BESIDE_PIECES;
-		uint64_t t;
-
-		if (i >= BESIDE_PIECES)
-			cudaEventSynchronize(b->done[k]);       /* at most BESIDE_PIECES queued */
-		t = now_ns();
-		if (cudaMemcpyAsync(b->dev + k * BESIDE_PIECE, b->host + k * BESIDE_PIECE, BESIDE_PIECE,
-				    cudaMemcpyHostToDevice, b->s) != cudaSuccess)
-			break;
-		if (b->calls < BESIDE_MAX_CALLS)
-			b->call_us[b->calls++] = (double)(now_ns() - t) / 1e3;
-		cudaEventRecord(b->done[k], b->s);
-		b->bytes += BESIDE_PIECE;
-	}
-	cudaStreamSynchronize(b->s);
-	b->ns = now_ns() - t0;
-	return NULL;
-}
 
 struct registered {
 	void *p;
@@ -210,18 +159,10 @@ static int run_once(struct probe *pr, double *ready_gbps, double *total_gbps, do
 		munmap(pr->map, pr->size);
 		pr->map = mmap(NULL, pr->size, PROT_READ, MAP_SHARED | MAP_POPULATE, pr->fd, 0);
 	}
-	if (pr->beside != NULL) {
-		atomic_store(&pr->beside->stop, 0);
-		pthread_create(&pr->beside->tid, NULL, beside_main, pr->beside);
-	}
 	atomic_store(&pr->next, 0);
 	for (int i = 0; i < n; i++)
 		pthread_join(w[i].tid, NULL);
 	t_ready = now_ns();
-	if (pr->beside != NULL) {
-		atomic_store(&pr->beside->stop, 1);
-		pthread_join(pr->beside->tid, NULL);
-	}
 	for (int i = 0; i < n; i++) {
 		while (w[i].held) {
 			struct registered *r = w[i].held;
@@ -251,48 +192,8 @@ static int cmp_double(const void *a, const void *b)
 static void usage(void)
 {
 	fprintf(stderr, "usage: feed_probe FILE [--threads N] [--piece MiB] [--populate none|madv|map] "
-		"[--unregister end|each] [--beside] [--repeat N] [--gpu N]\n");
+		"[--unregister end|each] [--repeat N] [--gpu N]\n");
 	exit(2);
-}
-
-static struct beside *beside_make(void)
-{
-	struct beside *b = calloc(1, sizeof(*b));
-
-	if (b == NULL || cudaHostAlloc((void **)&b->host, BESIDE_PIECES * BESIDE_PIECE, 0) != cudaSuccess ||
-	    cudaMalloc((void **)&b->dev, BESIDE_PIECES * BESIDE_PIECE) != cudaSuccess ||
-	    cudaStreamCreateWithFlags(&b->s, cudaStreamNonBlocking) != cudaSuccess) {
-		fprintf(stderr, "feed_probe: the pinned copies' buffers could not be made\n");
-		exit(1);
-	}
-	memset(b->host, 1, BESIDE_PIECES * BESIDE_PIECE);
-	for (int k = 0; k < BESIDE_PIECES; k++)
-		if (cudaEventCreateWithFlags(&b->done[k], cudaEventDisableTiming) != cudaSuccess)
-			exit(1);
-	return b;
-}
-
-/* "GB/s, call p50/p99/max us" of the pinned copies' last run. */
-static void beside_report(const char *what, struct beside *b)
-{
-	if (b->calls == 0 || b->ns == 0) {
-		printf("  pinned copies %-22s none made\n", what);
-		return;
-	}
-	qsort(b->call_us, b->calls, sizeof(double), cmp_double);
-	printf("  pinned copies %-22s %5.1f GB/s, cudaMemcpyAsync returned in %.1f / %.1f / %.1f us (p50 / p99 / max of %u)\n",
-	       what, (double)b->bytes / (double)b->ns, b->call_us[b->calls / 2], b->call_us[b->calls * 99 / 100],
-	       b->call_us[b->calls - 1], b->calls);
-}
-
-/* The pinned copies alone for @ns. */
-static void beside_alone(struct beside *b, uint64_t ns)
-{
-	atomic_store(&b->stop, 0);
-	pthread_create(&b->tid, NULL, beside_main, b);
-	usleep((useconds_t)(ns / 1000));
-	atomic_store(&b->stop, 1);
-	pthread_join(b->tid, NULL);
 }
 
 int main(int argc, char **argv)
@@ -311,10 +212,6 @@ int main(int argc, char **argv)
 	for (int i = 2; i < argc; i++) {
 		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 
-		if (!strcmp(argv[i], "--beside")) {
-			pr.beside = beside_make();
-			continue;       /* takes no value */
-		}
 		if (v == NULL)
 			usage();
 		if (!strcmp(argv[i], "--threads"))
@@ -345,17 +242,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "feed_probe: cudaMalloc of %llu bytes failed\n", (unsigned long long)pr.size);
 		return 1;
 	}
-	for (int r = 0; r < repeat; r++) {
+	for (int r = 0; r < repeat; r++)
 		if (!run_once(&pr, &ready[r], &total[r], &unreg[r]))
 			return 1;
-		if (pr.beside != NULL) {
-			uint64_t ns = pr.beside->ns;
-
-			beside_report("beside registration:", pr.beside);
-			beside_alone(pr.beside, ns);
-			beside_report("alone:", pr.beside);
-		}
-	}
 	qsort(ready, (size_t)repeat, sizeof(double), cmp_double);
 	qsort(total, (size_t)repeat, sizeof(double), cmp_double);
 	qsort(unreg, (size_t)repeat, sizeof(double), cmp_double);

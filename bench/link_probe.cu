@@ -13,6 +13,9 @@
  *   kv     the library's own kernel (kv_kernel.cu, included), launched as
  *          kv_cuda.c launches it (--kv-unroll and --kv-grid, a percentage
  *          of that grid, try others).
+ * Both at once, the sm and kv methods give each direction half their grid,
+ * or --in-grid and --out-grid percent of that half; the table says when
+ * each direction ended.
  * Each method moves --bytes host -> device ("in"), device -> host ("out")
  * and both at once on two streams (two buffers each way, as an engine
  * evicting one request while loading another), launched together, or the
@@ -30,7 +33,8 @@
  * Usage: link_probe [--bytes MiB] [--piece KiB,...] [--methods ce,sm,bulk,kv]
  *        [--ctas N] [--stages N] [--host alloc|thp|4k|memfd]
  *        [--scatter device|both] [--stagger US] [--kv-unroll 2|4|8]
- *        [--kv-grid PCT] [--cpu-copy THREADS,...] [--repeat N] [--gpu N]
+ *        [--kv-grid PCT] [--in-grid PCT] [--out-grid PCT]
+ *        [--cpu-copy THREADS,...] [--repeat N] [--gpu N]
  */
 #include <errno.h>
 #include <pthread.h>
@@ -242,6 +246,8 @@ struct setup {
 	uint32_t *pairs_in, *pairs_out; /* the KV kernel's (source, destination) ids of each direction */
 	int stagger_us;                 /* both at once: the second launch this long after the first, ungated */
 	int kv_unroll, kv_grid_pct;     /* the KV kernel's variant, and its grid as a share of kv_cuda.c's */
+	int grid_pct[2];                /* sm and kv, both at once: each direction's grid (in, out), percent */
+	double end_ms[2];               /* both at once: when each direction ended, medians of the last measure */
 	cudaStream_t s[2];
 	cudaEvent_t start, end[2];
 };
@@ -249,6 +255,8 @@ struct setup {
 /* Queue one direction's copy on @stream; @share: the part of the GPU's SMs it may take (1 or 2 for half). */
 static void launch(const struct setup *st, enum method m, struct job j, cudaStream_t stream, int share)
 {
+	const int pct = share > 1 ? st->grid_pct[j.at_dst ? 0 : 1] : 100;
+
 	switch (m) {
 	case CE:
 		if (j.piece == st->bytes) {
@@ -264,7 +272,7 @@ static void launch(const struct setup *st, enum method m, struct job j, cudaStre
 		}
 		break;
 	case SM:
-		sm_copy<<<st->sms * 2 / share, SM_THREADS, 0, stream>>>(j);
+		sm_copy<<<(st->sms * 2 / share * pct + 99) / 100, SM_THREADS, 0, stream>>>(j);
 		break;
 	case BULK: {
 		uint64_t unit = j.piece < BULK_SLOT ? j.piece : BULK_SLOT;
@@ -290,7 +298,7 @@ static void launch(const struct setup *st, enum method m, struct job j, cudaStre
 		a.count = 1;
 		{
 			int p2 = (1u << shift) == vecs;
-			unsigned grid = (unsigned)(st->sms * 2 / share * st->kv_grid_pct / 100);
+			unsigned grid = (unsigned)(st->sms * 2 / share * st->kv_grid_pct / 100 * pct / 100);
 			void (*k)(const struct kv_kargs) = st->kv_unroll == 2 ? (p2 ? aeg_kv_copy_u2_p2 : aeg_kv_copy_u2)
 							 : st->kv_unroll == 8 ? (p2 ? aeg_kv_copy_u8_p2 : aeg_kv_copy_u8)
 							 : (p2 ? aeg_kv_copy_u4_p2 : aeg_kv_copy_u4);
@@ -308,7 +316,7 @@ static void launch(const struct setup *st, enum method m, struct job j, cudaStre
 /* GB/s of @dirs (1: in, 2: out, 3: both at once) by @m in pieces of @piece bytes, median of @repeat. */
 static double measure(struct setup *st, enum method m, uint64_t piece, int dirs, int repeat)
 {
-	double gbs[MAX_REPEAT];
+	double gbs[MAX_REPEAT], end_in[MAX_REPEAT], end_out[MAX_REPEAT];
 	uint64_t n = st->bytes / piece;
 	const uint32_t *hp = st->scatter_host ? st->hperm : NULL;
 	struct job in = { st->host_in, st->dev_in, st->dperm, hp, 1, piece, n };
@@ -338,11 +346,17 @@ static double measure(struct setup *st, enum method m, uint64_t piece, int dirs,
 		check(cudaDeviceSynchronize(), "copy");
 		check(cudaEventElapsedTime(&ms, st->start, st->end[0]), "cudaEventElapsedTime");
 		check(cudaEventElapsedTime(&ms1, st->start, st->end[1]), "cudaEventElapsedTime");
+		if (r > 0) {    /* the first run warms up */
+			end_in[r - 1] = ms;
+			end_out[r - 1] = ms1;
+		}
 		if (ms1 > ms)
 			ms = ms1;
-		if (r > 0)      /* the first run warms up */
+		if (r > 0)
 			gbs[r - 1] = (double)st->bytes * (both ? 2 : 1) / (ms * 1e6);
 	}
+	st->end_ms[0] = median(end_in, repeat);
+	st->end_ms[1] = median(end_out, repeat);
 	return median(gbs, repeat);
 }
 
@@ -548,7 +562,7 @@ static int usage(void)
 {
 	fprintf(stderr, "usage: link_probe [--bytes MiB] [--piece KiB,...] [--methods ce,sm,bulk,kv] [--ctas N] "
 			"[--stages N] [--host alloc|thp|4k|memfd] [--scatter device|both] [--stagger US] "
-			"[--kv-unroll 2|4|8] [--kv-grid PCT] [--cpu-copy THREADS,...] [--repeat N] [--gpu N]\n");
+			"[--kv-unroll 2|4|8] [--kv-grid PCT] [--in-grid PCT] [--out-grid PCT] [--cpu-copy THREADS,...] [--repeat N] [--gpu N]\n");
 	return 2;
 }
 
@@ -568,6 +582,7 @@ int main(int argc, char **argv)
 	st.mem = HOST_ALLOC;
 	st.kv_unroll = 4;
 	st.kv_grid_pct = 100;
+	st.grid_pct[0] = st.grid_pct[1] = 100;
 	for (int i = 1; i < argc; i += 2) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 
@@ -586,6 +601,8 @@ int main(int argc, char **argv)
 			st.kv_unroll = atoi(v);
 		} else if (strcmp(a, "--kv-grid") == 0) {
 			st.kv_grid_pct = atoi(v);
+		} else if (strcmp(a, "--in-grid") == 0 || strcmp(a, "--out-grid") == 0) {
+			st.grid_pct[a[2] == 'o'] = atoi(v);
 		} else if (strcmp(a, "--stagger") == 0) {
 			st.stagger_us = atoi(v);
 		} else if (strcmp(a, "--ctas") == 0) {
@@ -614,9 +631,10 @@ int main(int argc, char **argv)
 	}
 	if (st.bytes == 0 || st.bytes / 256 > UINT32_MAX || repeat < 1 || repeat > MAX_REPEAT || st.ctas < 1 ||
 	    st.stages < 2 || st.stages > MAX_STAGES || (st.kv_unroll != 2 && st.kv_unroll != 4 && st.kv_unroll != 8) ||
-	    st.kv_grid_pct < 1 || st.kv_grid_pct > 1000 || st.stagger_us < 0) {
+	    st.kv_grid_pct < 1 || st.kv_grid_pct > 1000 || st.stagger_us < 0 ||
+	    st.grid_pct[0] < 1 || st.grid_pct[0] > 1000 || st.grid_pct[1] < 1 || st.grid_pct[1] > 1000) {
 		fprintf(stderr, "link_probe: --bytes 1..%llu MiB, --repeat 1..%d, --ctas 1.., --stages 2..%d, "
-				"--kv-unroll 2|4|8, --kv-grid 1..1000, --stagger 0..\n",
+				"--kv-unroll 2|4|8, --kv-grid, --in-grid, --out-grid 1..1000, --stagger 0..\n",
 			(unsigned long long)((UINT64_C(256) << 32) / MiB), MAX_REPEAT, MAX_STAGES);
 		return usage();
 	}
@@ -724,7 +742,8 @@ int main(int argc, char **argv)
 				printf("%-8s", "whole");
 			else
 				printf("%-8llu", (unsigned long long)(pieces[p] / KiB));
-			printf(" %-6s %8.1f %8.1f %8.1f  %s\n", method_name[m], g[0], g[1], g[2], bad ? "BAD" : "ok");
+			printf(" %-6s %8.1f %8.1f %8.1f  %-4s in ended %.2f ms, out %.2f ms\n", method_name[m], g[0], g[1],
+			       g[2], bad ? "BAD" : "ok", st.end_ms[0], st.end_ms[1]);
 			fflush(stdout);
 		}
 	}
