@@ -2,7 +2,7 @@
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh: the GPU
 # tests, then the benchmarks. Logs go to $OUT (or ./gpu-out).
 # Usage: bash bundle/gpu-run.sh [tests] [sanitize] [bench] [prefetch] [unit] [slurm] [soak] [kv]
-#                               [userpath] [cgroup]
+#                               [userpath] [cgroup] [link]
 #        (default: tests bench; bench includes bench/agent_start.sh, where the
 #        agent's start goes, and bench/slab_probe, what a slab costs). kv: the KV GPU tests, the whole KV benchmark
 #        (bench/kv_bench.sh, --tune, kv_event_wait) and the KV part of the Slurm
@@ -17,7 +17,9 @@
 #        bundle/baseline-wheels (scripts/fetch-wheels.sh) for its baselines.
 #        cgroup (tests/slurm/cgroup.sh: the agent in the job's cgroups, on this
 #        machine's cgroup version) needs root and Slurm installed: give it
-#        after slurm, which installs Slurm from bundle/debs.
+#        after slurm, which installs Slurm from bundle/debs. link
+#        (bench/link_probe): each copy method one way and both ways at once,
+#        the KV kernel's grid split between the directions, host memory.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
@@ -160,6 +162,19 @@ if [[ " $what " == *" kv "* ]]; then
 	fi
 	OUT=$out run slurm-e2e-kv bash "$here/tests/gpu/slurm_e2e.sh" --kv-only ${SLURM_E2E_ARGS:-}
 	grep -E '^(not ok|# figure:)' "$out/slurm-e2e-kv.log"
+fi
+
+# link: what the PCIe link gives each copy method, the KV kernel's split of
+# the GPU between the two directions, and host memory (docs/benchmarks.md).
+if [[ " $what " == *" link "* ]]; then
+	probe=$here/bench/link_probe
+	run link-methods "$probe" --piece 4,16,32,64,256,1024,2048,0 --host memfd --scatter both --repeat 5
+	for split in "100 100" "100 75" "100 50"; do
+		read -r gin gout <<<"$split"
+		run "link-split-$gin-$gout" "$probe" --methods sm,kv --piece 16,32,256 --host memfd --scatter both \
+			--bytes 512 --in-grid "$gin" --out-grid "$gout" --repeat 7
+	done
+	run link-cpu-copy "$probe" --cpu-copy 1,2,4,8,12,16 --repeat 3
 fi
 
 # userpath: the public loaders' wheels go into a temporary directory on
