@@ -25,6 +25,8 @@
 
 #include <cuda_runtime.h>
 
+#include "bench_stats.h"
+
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
@@ -180,13 +182,6 @@ static int run_once(struct probe *pr, double *ready_gbps, double *total_gbps, do
 	*unreg_ms = (double)(t_end - t_ready) / 1e6 + (double)atomic_load(&pr->unreg_ns) / 1e6;
 	free(w);
 	return ok;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
 }
 
 static void usage(void)

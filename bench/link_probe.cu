@@ -48,6 +48,8 @@
 
 #include <cuda_runtime.h>
 
+#include "bench_stats.h"
+
 /* The library's KV kernels as built (aeg_kv_copy_*), to run them in this harness ("kv"). */
 #include "../src/lib/kv/kv_kernel.cu"
 
@@ -213,19 +215,6 @@ static void check(cudaError_t e, const char *what)
 		fprintf(stderr, "link_probe: %s: %s\n", what, cudaGetErrorString(e));
 		exit(1);
 	}
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-	qsort(v, (size_t)n, sizeof(*v), cmp_double);
-	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
 enum method { CE, SM, BULK, KV, METHODS };

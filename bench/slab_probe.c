@@ -24,6 +24,8 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include "bench_stats.h"
+
 #define GiB (UINT64_C(1) << 30)
 #define MiB (UINT64_C(1) << 20)
 #define MAX_REPEAT 32
@@ -35,19 +37,6 @@ static double now_ms(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-	qsort(v, (size_t)n, sizeof(*v), cmp_double);
-	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
 static int die_cuda(const char *what, cudaError_t e)
