@@ -156,7 +156,8 @@ static void print_row(const struct kv_row *r)
 	if (r->copy_engines)
 		printf("  %-9s copy engines: one cudaMemcpyBatchAsync per call (pieces of 1 MiB and more)\n", "");
 	else if (r->unroll)
-		printf("  %-9s kernel: unroll %d, at most %u CTAs\n", "", r->unroll, r->max_grid);
+		printf("  %-9s kernel: unroll %d, at most %u CTAs in, %u out\n", "", r->unroll, r->max_grid,
+		       r->max_grid_out);
 	fflush(stdout);
 }
 
@@ -183,7 +184,8 @@ static void json_row(const struct kv_row *r, int first)
 	if (r->copy_engines)
 		printf(", \"copy_engines\": true");
 	else if (r->unroll)
-		printf(", \"kernel\": {\"unroll\": %d, \"max_ctas\": %u}", r->unroll, r->max_grid);
+		printf(", \"kernel\": {\"unroll\": %d, \"max_ctas\": %u, \"max_ctas_out\": %u}", r->unroll, r->max_grid,
+		       r->max_grid_out);
 	printf(", \"verified\": %s}", r->verified ? "true" : "false");
 }
 

@@ -33,7 +33,7 @@ struct kv_row {
 	uint32_t blocks;                /* per call (both at once: per direction) */
 	double gbps[KV_DIRS][KV_WAYS];
 	int unroll;                     /* cuda: the kernel variant and grid used; 0 on host */
-	unsigned max_grid;
+	unsigned max_grid, max_grid_out;   /* a swap-in's, a swap-out's */
 	int copy_engines;               /* cuda: the copy engines move these pieces, not the kernel */
 	int verified;
 };

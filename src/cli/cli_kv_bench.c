@@ -475,6 +475,7 @@ static void fill_kernel(const struct bench *b, struct kv_row *row)
 		row->copy_engines = cfg.copy_engines;
 		row->unroll = cfg.copy_engines ? 0 : cfg.unroll;
 		row->max_grid = cfg.max_grid;
+		row->max_grid_out = cfg.max_grid_out;
 	}
 #else
 	(void)b;

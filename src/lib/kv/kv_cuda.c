@@ -464,7 +464,18 @@ void kv_cuda_force(int unroll, int per_sm)
  * 4 up to 256 KiB, 8 above; at most half the CTAs the GPU holds at once
  * (at least one per SM), so that a swap-in and a swap-out on two streams
  * run side by side instead of one kernel waiting for the other's CTAs.
+ * A swap-out takes 3/4 of that (max_grid_out): its stores are posted
+ * writes and need fewer in flight than a swap-in's reads, which wait on
+ * the link's round trip; with as many CTAs the swap-out crowds the
+ * swap-in's reads and ends first. On the H200, both ways at once
+ * (aegaeon-cli kv bench, 16 / 32 / 256 KiB blocks): 74-75 / 73-74 / 76-78
+ * GB/s with equal grids, 79-81 / 81 / 81 with the swap-out's at 3/4, one
+ * way unchanged (50.9-52.4); the split was found with bench/link_probe
+ * --in-grid/--out-grid (1/2: 72.4, 3/4: 82.8 at 32 KiB).
  */
+#define OUT_GRID_NUM 3
+#define OUT_GRID_DEN 4
+
 static void choose(const struct kv_cuda *c, uint64_t piece_bytes, struct kv_launch_cfg *cfg)
 {
 	int unroll = piece_bytes < (16u << 10) ? 2 : piece_bytes <= (256u << 10) ? 4 : 8;
@@ -481,6 +492,8 @@ static void choose(const struct kv_cuda *c, uint64_t piece_bytes, struct kv_laun
 	if (per_sm > c->per_sm[cfg->variant])
 		per_sm = c->per_sm[cfg->variant];
 	cfg->max_grid = (unsigned)(c->sms * (per_sm > 0 ? per_sm : 1));
+	cfg->max_grid_out = atomic_load(&forced_per_sm) > 0 ? cfg->max_grid
+							    : cfg->max_grid * OUT_GRID_NUM / OUT_GRID_DEN;
 }
 
 static unsigned log2u(uint64_t v)
@@ -492,18 +505,19 @@ static unsigned log2u(uint64_t v)
 	return s;
 }
 
-static int launch(const struct kv_cuda *c, struct kv_kargs *a, uint64_t piece_bytes, cudaStream_t s)
+static int launch(const struct kv_cuda *c, struct kv_kargs *a, uint64_t piece_bytes, int out, cudaStream_t s)
 {
 	struct kv_launch_cfg cfg;
-	unsigned int per_cta, grid;
+	unsigned int per_cta, grid, max_grid;
 	void *args[] = { a };
 	cudaError_t e;
 
 	choose(c, piece_bytes, &cfg);
+	max_grid = out ? cfg.max_grid_out : cfg.max_grid;
 	per_cta = KV_KERNEL_THREADS * (unsigned)cfg.unroll;
 	grid = (a->total_vecs + per_cta - 1) / per_cta;
 	e = cudaLaunchKernel((const void *)kernels[cfg.variant],
-			     (dim3){ grid < cfg.max_grid ? grid : cfg.max_grid, 1, 1 },
+			     (dim3){ grid < max_grid ? grid : max_grid, 1, 1 },
 			     (dim3){ KV_KERNEL_THREADS, 1, 1 }, args, 0, s);
 	if (e != cudaSuccess)
 		return aeg_fail(AEG_EDEVICE, "cudaLaunchKernel(%s): %s", kernel_names[cfg.variant],
@@ -540,7 +554,7 @@ static int launch_step(const aeg_kv_t *kv, const struct kv_move *mv, const struc
 
 		a.pairs = dev + 2 * (pos - lo);
 		a.total_vecs = (uint32_t)((end - pos) * p->count * pv);
-		err = launch(c, &a, p->piece_bytes, s);
+		err = launch(c, &a, p->piece_bytes, mv->out, s);
 		pos = end;
 	}
 	return err;

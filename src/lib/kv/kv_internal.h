@@ -201,7 +201,8 @@ struct kv_launch_cfg {
 	int copy_engines;
 	int variant;
 	int unroll;
-	unsigned max_grid;
+	unsigned max_grid;              /* a swap-in's */
+	unsigned max_grid_out;          /* a swap-out's */
 };
 void kv_cuda_config(const aeg_kv_t *kv, uint64_t piece_bytes, struct kv_launch_cfg *cfg);
 /* kv bench --tune: force unroll (2, 4, 8) and CTAs per SM for every later launch; 0, 0: choose. */
