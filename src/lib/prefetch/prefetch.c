@@ -294,6 +294,7 @@ AEG_EXPORT int aeg_prefetch_set_pool(aeg_prefetch_t *pf, aeg_pool_t *pool, uint6
 		return aeg_fail(AEG_EEXIST, "prefetch: the engine has its pool already");
 	}
 	if (pool != NULL) {
+		__atomic_store_n(&pf->pool_ns, aeg_now_ns(), __ATOMIC_RELAXED);
 		pf->pool = pool;
 		pf->cfg.cache_bytes = cache_bytes;
 	} else {

@@ -99,6 +99,18 @@ struct cache_entry {
 	struct cache_entry *prev, *next;
 };
 
+/*
+ * Where a load's time went, summed over the workers (prefetch_feed.c adds
+ * with relaxed atomics; logged at the load's end at debug level).
+ */
+struct feed_times {
+	uint64_t reg_pieces, reg_bytes;
+	uint64_t populate_ns, register_ns;      /* MADV_POPULATE_READ, then the registration */
+	uint64_t read_bufs, read_bytes;
+	uint64_t ring_wait_ns, pread_ns;        /* waiting for a ring buffer, reading into it */
+	uint64_t submits, submit_ns, submit_max_ns;   /* queueing copies, events, host functions */
+};
+
 struct aeg_load {
 	struct aeg_prefetch *pf;
 	uint64_t id;
@@ -134,6 +146,8 @@ struct aeg_load {
 	uint64_t done_bytes, total_bytes;
 	uint32_t done_chunks, recorded_chunks;
 	uint64_t start_ns, first_ns, landed_ns, end_ns;
+	uint64_t quarter_ns[4];                 /* when 1/4, 1/2, 3/4 and all of the bytes had landed */
+	struct feed_times times;                /* atomics, no lock */
 	int closed;                     /* every handle is closed */
 	int handles;                    /* aeg_prefetch_file's and aeg_load_dup's, not closed yet */
 	uint32_t live_groups;
@@ -180,6 +194,7 @@ struct aeg_prefetch {
 
 	aeg_prefetch_hook_fn hook;
 	void *hook_arg;
+	uint64_t pool_ns;                       /* when a pool given later came (atomic); 0: none, or from the start */
 };
 
 struct worker_arg {

@@ -34,6 +34,24 @@ static uint32_t stream_of(const struct aeg_prefetch *pf, uint32_t chunk)
 	return chunk % (uint32_t)pf->nstreams;
 }
 
+static void times_add(uint64_t *counter, uint64_t v)
+{
+	__atomic_fetch_add(counter, v, __ATOMIC_RELAXED);
+}
+
+/* A submission of @l's that began at @t0 has ended. */
+static void submit_timed(struct aeg_load *l, uint64_t t0)
+{
+	uint64_t ns = aeg_now_ns() - t0;
+	uint64_t max = __atomic_load_n(&l->times.submit_max_ns, __ATOMIC_RELAXED);
+
+	times_add(&l->times.submits, 1);
+	times_add(&l->times.submit_ns, ns);
+	while (ns > max && !__atomic_compare_exchange_n(&l->times.submit_max_ns, &max, ns, 1, __ATOMIC_RELAXED,
+							 __ATOMIC_RELAXED))
+		;
+}
+
 /* Every copy of @it on stream @stream has landed: count the chunks it fills. Lock held. */
 static void chunks_landed(struct aeg_prefetch *pf, struct item *it, uint32_t stream)
 {
@@ -48,6 +66,9 @@ static void chunks_landed(struct aeg_prefetch *pf, struct item *it, uint32_t str
 			rt->state = CH_DONE;
 			l->done_chunks++;
 			l->done_bytes += l->chunks[c].size;
+			for (int q = 0; q < 4; q++)
+				if (l->quarter_ns[q] == 0 && l->done_bytes * 4 >= l->total_bytes * (uint64_t)(q + 1))
+					l->quarter_ns[q] = aeg_now_ns();
 			if (c == 0)
 				l->first_ns = aeg_now_ns();
 			if (l->done_chunks == l->nchunks)
@@ -337,19 +358,29 @@ static int read_through_ring(struct aeg_prefetch *pf, struct item *it)
 		struct batch *sb;
 		int err;
 
+		uint64_t t = aeg_now_ns();
+
 		err = ring_get(pf, l, 0, &buf);
 		if (err)
 			return err;
+		times_add(&l->times.ring_wait_ns, aeg_now_ns() - t);
 		sb = batch_new(pf, NULL, (int)buf.index, mask);
 		if (sb == NULL) {
 			err = AEG_ENOMEM;
 			goto fail;
 		}
+		t = aeg_now_ns();
 		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, buf.ptr, e - b, b);
-		if (err == 0)
+		times_add(&l->times.pread_ns, aeg_now_ns() - t);
+		if (err == 0) {
+			times_add(&l->times.read_bufs, 1);
+			times_add(&l->times.read_bytes, e - b);
+			t = aeg_now_ns();
 			err = copy_chunks(pf, l, b, e, buf.ptr, 0);
-		if (err == 0)
-			err = batch_launch(pf, sb, mask);
+			if (err == 0)
+				err = batch_launch(pf, sb, mask);
+			submit_timed(l, t);
+		}
 		if (err == 0)
 			continue;
 fail:
@@ -399,27 +430,77 @@ static int record_chunks(struct aeg_prefetch *pf, struct item *it)
 }
 
 /*
- * May this worker register @l's piece? Always for MMAP. For MIXED only while
- * fewer than mmap_threads workers register: registrations serialize in the
- * driver, so more would wait there while they could be reading instead; but
- * every one while the engine's pool is still being made (or could not be):
- * there is nothing to read through yet.
+ * Registrations at once for MMAP, and for MIXED while its pool is not there:
+ * they serialize in the driver, and a thread waiting there holds every
+ * other CUDA call of the process back (bench/submit_probe), so more lanes
+ * only queue (on the H200 twelve registering workers gave 22-24 GB/s,
+ * their copies' submissions waiting up to 146 ms; one thread registers at
+ * 37-41 GB/s, two at 45.8).
+ */
+#define REGISTER_LANES 2
+
+static uint32_t lanes(const struct aeg_prefetch *pf, const struct aeg_load *l)
+{
+	uint32_t n = (uint32_t)pf->cfg.mmap_threads;
+
+	if (l->feed == AEG_FEED_MIXED && pf->pool != NULL)
+		return n;
+	return n > REGISTER_LANES ? n : REGISTER_LANES;
+}
+
+/*
+ * May this worker register @l's piece? MIXED: while fewer than
+ * mmap_threads workers register; otherwise it reads through the ring, and
+ * until the ring is there it waits for a lane or the ring, whichever comes
+ * first. MMAP, and MIXED whose pool could not be made: when a lane is free,
+ * waiting for one.
  */
 static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
 {
-	int ok = 1;
+	int ok;
 
 	if (__atomic_load_n(&l->no_register, __ATOMIC_RELAXED))
 		return 0;
-	if (l->feed != AEG_FEED_MIXED)
-		return 1;
 	pthread_mutex_lock(&pf->lock);
-	if (pf->pool == NULL || pf->registering < (uint32_t)pf->cfg.mmap_threads)
-		pf->registering++;
-	else
-		ok = 0;
+	for (;;) {
+		if (pf->registering < lanes(pf, l)) {
+			pf->registering++;
+			ok = 1;
+			break;
+		}
+		if (l->feed == AEG_FEED_MIXED && pf->pool != NULL) {
+			ok = 0;
+			break;
+		}
+		pthread_cond_wait(&pf->work_cv, &pf->lock);
+	}
 	pthread_mutex_unlock(&pf->lock);
 	return ok;
+}
+
+static void lane_give(struct aeg_prefetch *pf)
+{
+	pthread_mutex_lock(&pf->lock);
+	pf->registering--;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+}
+
+/*
+ * Registration faults the pages in under the driver's context lock, one
+ * thread at a time; mapping them first (outside it, and outside a lane)
+ * lets the workers do that part in parallel. 0, or the load's error for a
+ * page that cannot be read.
+ */
+static int populate(struct aeg_load *l, const struct item *it, const char *src, uint64_t bytes)
+{
+	uint64_t t = aeg_now_ns();
+
+	if (madvise((void *)src, bytes, MADV_POPULATE_READ) != 0 &&
+	    (errno == EFAULT || errno == EIO || errno == EHWPOISON))
+		return mapped_fault(l, it, errno);
+	times_add(&l->times.populate_ns, aeg_now_ns() - t);
+	return 0;
 }
 
 /* A mapped piece that will not stay registered gives back the slot pick() took for it. */
@@ -428,15 +509,6 @@ static void slot_give(struct aeg_prefetch *pf)
 	pthread_mutex_lock(&pf->lock);
 	pf->registered--;
 	pthread_cond_broadcast(&pf->work_cv);
-	pthread_mutex_unlock(&pf->lock);
-}
-
-static void lane_give(struct aeg_prefetch *pf, struct aeg_load *l)
-{
-	if (l->feed != AEG_FEED_MIXED)
-		return;
-	pthread_mutex_lock(&pf->lock);
-	pf->registering--;
 	pthread_mutex_unlock(&pf->lock);
 }
 
@@ -452,6 +524,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 	uint64_t mask = 0;
 	struct batch *ib;
 	const char *src;
+	uint64_t t;
 	int err;
 
 	for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++)
@@ -467,15 +540,21 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		} else {
 			struct aeg_pool_buffer b;
 
+			t = aeg_now_ns();
 			err = ring_get(pf, l, 1, &b);
 			if (err)
 				return err;
+			times_add(&l->times.ring_wait_ns, aeg_now_ns() - t);
 			it->buf = (int)b.index;
 			src = b.ptr;
 		}
+		t = aeg_now_ns();
 		err = pread_full(l, l->dfd >= 0 ? l->dfd : l->fd, (void *)src, len, it->begin);
 		if (err)
 			return item_abort(pf, it, err);
+		times_add(&l->times.pread_ns, aeg_now_ns() - t);
+		times_add(&l->times.read_bufs, 1);
+		times_add(&l->times.read_bytes, len);
 		break;
 	case AEG_FEED_MMAP:
 	case AEG_FEED_MIXED:
@@ -486,44 +565,62 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		 * GPU into its cache buffer (the copy engines' other direction),
 		 * so the piece must lie in the chunks: not in a header.
 		 */
-		if ((!l->filling || it->begin >= l->data_begin) && lane_take(pf, l)) {
+		if ((!l->filling || it->begin >= l->data_begin) &&
+		    !__atomic_load_n(&l->no_register, __ATOMIC_RELAXED)) {
 			uint64_t reg_bytes = aeg_round_up(len, PAGE);
-
 			/*
-			 * Registration faults the pages in under the driver's
-			 * context lock, one thread at a time; mapping them here
-			 * first lets the workers do that part in parallel.
+			 * A piece that will wait for a lane is populated before it;
+			 * one that may be read instead only once it has one.
 			 */
-			if (madvise((void *)src, reg_bytes, MADV_POPULATE_READ) != 0 &&
-			    (errno == EFAULT || errno == EIO || errno == EHWPOISON)) {
-				err = mapped_fault(l, it, errno);
-				lane_give(pf, l);
+			int early;
+
+			pthread_mutex_lock(&pf->lock);
+			early = l->feed != AEG_FEED_MIXED || pf->pool == NULL;
+			pthread_mutex_unlock(&pf->lock);
+
+			err = early ? populate(l, it, src, reg_bytes) : 0;
+			if (err) {
 				slot_give(pf);
 				return err;
 			}
-			err = aeg_host_register(pf->dev, (void *)src, reg_bytes,
-						AEG_HOST_REGISTER_READONLY);
-			lane_give(pf, l);
-			if (err == 0) {
-				it->reg = (void *)src;
-				it->reg_bytes = reg_bytes;
-				break;
-			}
-			if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
-				aeg_warn("prefetch: %s: registering its pages refused (%s: %s); reading it through the pinned pool instead",
-					 l->path, aeg_errname(err), aeg_error_detail());
-				pthread_mutex_lock(&pf->lock);
-				pf->fallbacks++;
-				pthread_mutex_unlock(&pf->lock);
+			if (lane_take(pf, l)) {
+				err = early ? 0 : populate(l, it, src, reg_bytes);
+				if (err) {
+					lane_give(pf);
+					slot_give(pf);
+					return err;
+				}
+				t = aeg_now_ns();
+				err = aeg_host_register(pf->dev, (void *)src, reg_bytes, AEG_HOST_REGISTER_READONLY);
+				lane_give(pf);
+				if (err == 0) {
+					times_add(&l->times.register_ns, aeg_now_ns() - t);
+					times_add(&l->times.reg_pieces, 1);
+					times_add(&l->times.reg_bytes, len);
+					it->reg = (void *)src;
+					it->reg_bytes = reg_bytes;
+					break;
+				}
+				if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
+					aeg_warn("prefetch: %s: registering its pages refused (%s: %s); reading it through the pinned pool instead",
+						 l->path, aeg_errname(err), aeg_error_detail());
+					pthread_mutex_lock(&pf->lock);
+					pf->fallbacks++;
+					pthread_mutex_unlock(&pf->lock);
+				}
 			}
 		}
 		slot_give(pf);
 		if (l->filling) {
 			/* As the read feed fills the cache: into the piece's buffer. */
 			src = aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]);
+			t = aeg_now_ns();
 			err = pread_full(l, l->fd, (void *)src, len, it->begin);
 			if (err)
 				return item_abort(pf, it, err);
+			times_add(&l->times.pread_ns, aeg_now_ns() - t);
+			times_add(&l->times.read_bufs, 1);
+			times_add(&l->times.read_bytes, len);
 			break;
 		}
 		err = read_through_ring(pf, it);
@@ -532,9 +629,11 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		ib = batch_new(pf, it, -1, mask);
 		if (ib == NULL)
 			return AEG_ENOMEM;
+		t = aeg_now_ns();
 		err = record_chunks(pf, it);
 		if (err == 0)
 			err = batch_launch(pf, ib, mask);
+		submit_timed(l, t);
 		if (err) {
 			sync_streams(pf);
 			free(ib);
@@ -545,6 +644,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 	ib = batch_new(pf, it, -1, mask);
 	if (ib == NULL)
 		return item_abort(pf, it, AEG_ENOMEM);
+	t = aeg_now_ns();
 	err = copy_chunks(pf, l, it->begin, it->end, (char *)src, 0);
 	if (err == 0)
 		err = record_chunks(pf, it);
@@ -553,6 +653,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 				  aeg_pool_buffer_ptr(pf->pool, l->entry->bufs[it->index]), 1);
 	if (err == 0)
 		err = batch_launch(pf, ib, mask);
+	submit_timed(l, t);
 	if (err) {
 		item_abort(pf, it, err);
 		free(ib);
@@ -706,6 +807,34 @@ void *prefetch_worker(void *p)
 	return NULL;
 }
 
+static double ms_since(uint64_t ns, uint64_t start)
+{
+	return ns > start ? (double)(ns - start) / 1e6 : 0.0;
+}
+
+/* Where the load's time went (AEGAEON_LOG=debug): docs/benchmarks.md reads these. */
+static void log_times(const struct aeg_prefetch *pf, const struct aeg_load *l)
+{
+	const struct feed_times *t = &l->times;
+	uint64_t s = l->start_ns, pool_ns = __atomic_load_n(&pf->pool_ns, __ATOMIC_RELAXED);
+	const char *feed = aeg_prefetch_feed_name(l->filling ? AEG_FEED_READ : l->feed);
+
+	aeg_debug("prefetch: load %" PRIu64 " (%s feed, %.2f GiB): first chunk after %.1f ms; a quarter, half, "
+		  "three quarters, all of the bytes on the GPU after %.1f / %.1f / %.1f / %.1f ms%s",
+		  l->id, feed, (double)l->total_bytes / (1u << 30), ms_since(l->first_ns, s),
+		  ms_since(l->quarter_ns[0], s), ms_since(l->quarter_ns[1], s), ms_since(l->quarter_ns[2], s),
+		  ms_since(l->landed_ns, s), pool_ns > s ? "" : "; the pinned pool was there before it began");
+	if (pool_ns > s)
+		aeg_debug("prefetch: load %" PRIu64 ": the pinned pool came after %.1f ms", l->id, ms_since(pool_ns, s));
+	aeg_debug("prefetch: load %" PRIu64 ": registered %.2f GiB in %" PRIu64 " pieces (populating %.1f ms, "
+		  "registering %.1f ms); read %.2f GiB into %" PRIu64 " buffers (waiting for a buffer %.1f ms, "
+		  "reading %.1f ms); %" PRIu64 " submissions %.1f ms, the longest %.2f ms (summed over workers)",
+		  l->id, (double)t->reg_bytes / (1u << 30), t->reg_pieces, (double)t->populate_ns / 1e6,
+		  (double)t->register_ns / 1e6, (double)t->read_bytes / (1u << 30), t->read_bufs,
+		  (double)t->ring_wait_ns / 1e6, (double)t->pread_ns / 1e6, t->submits, (double)t->submit_ns / 1e6,
+		  (double)t->submit_max_ns / 1e6);
+}
+
 static int file_changed(struct aeg_load *l)
 {
 	struct stat now;
@@ -808,9 +937,7 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 	if (err)
 		aeg_info("prefetch: load %" PRIu64 " of %s failed: %s", l->id, l->path, detail);
 	else if (l->landed_ns)
-		aeg_debug("prefetch: load %" PRIu64 ": first chunk after %.1f ms, all chunks after %.1f ms",
-			  l->id, (double)(l->first_ns - l->start_ns) / 1e6,
-			  (double)(l->landed_ns - l->start_ns) / 1e6);
+		log_times(pf, l);
 
 	/* Every copy of this load has run (item_done saw each piece). */
 	t0 = aeg_now_ns();
