@@ -268,16 +268,20 @@ static void map_slab(struct sess_gpu *g, int when_idle)
 
 /*
  * The ring's thread: the engine stages through it once made, mapping files
- * until then. The topology is discovered here too, off the first load's
- * path (14-17 ms on the H200): the ring is placed by it, and the workers
- * bind near the GPU once they have it.
+ * until then. The ring first: on a machine of one NUMA node it needs no
+ * topology (elsewhere making it discovers the topology, as before), and a
+ * fresh process's first load runs at 15-20 GB/s until the ring is there.
+ * Then the topology, off the first load's path (14-17 ms on an idle H200
+ * machine, 43-98 ms beside a load): the workers bind near the GPU once
+ * they have it.
  */
 static void *make_ring(void *arg)
 {
 	struct sess_gpu *g = arg;
-	const aeg_topo_t *topo = g->bind_later ? topology(g->dev) : NULL;
+	const aeg_topo_t *topo;
 
 	ring_made(g, aeg_pool_create_private(g->dev, g->gpu, AEG_PREFETCH_RING_BUFFER_BYTES, g->ring_bytes, &g->pool));
+	topo = g->bind_later ? topology(g->dev) : NULL;
 	if (topo != NULL)
 		aeg_prefetch_set_topo(g->pf, topo);
 	map_slab(g, 1);
