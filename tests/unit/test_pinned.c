@@ -757,21 +757,26 @@ static void hugetlb_pool(void **state)
 	unsetenv("AEGAEON_PINNED_HUGEPAGES");
 }
 
-/* This machine's one NUMA node, as /sys/devices/system/node/online gives it; -1 when it has several. */
+/*
+ * This machine's one NUMA node, counted from the node directories in sysfs
+ * (the library reads the "online" list instead); -1 with several or none.
+ */
 static int machine_sole_node(void)
 {
-	char buf[32] = "";
-	FILE *f = fopen("/sys/devices/system/node/online", "r");
-	char *end;
-	long n;
+	DIR *d = opendir("/sys/devices/system/node");
+	struct dirent *e;
+	int node = -1, count = 0;
 
-	if (f == NULL)
+	if (d == NULL)
 		return -1;
-	if (fgets(buf, sizeof(buf), f) == NULL)
-		buf[0] = '\0';
-	fclose(f);
-	n = strtol(buf, &end, 10);
-	return end != buf && (*end == '\n' || *end == '\0') ? (int)n : -1;
+	while ((e = readdir(d)) != NULL) {
+		if (strncmp(e->d_name, "node", 4) != 0 || e->d_name[4] < '0' || e->d_name[4] > '9')
+			continue;
+		node = atoi(e->d_name + 4);
+		count++;
+	}
+	closedir(d);
+	return count == 1 ? node : -1;
 }
 
 /*
