@@ -26,9 +26,7 @@ typedef struct aeg_load aeg_load_t;            /* one file being (or done) loadi
  *   (a bounded ring), copied on several streams. Works on any file system.
  * MIXED: both at once on one mapped file: at most mmap_threads workers
  *   register pieces (registrations serialize in the driver), the others
- *   read pieces through the ring; the copy engines take from both. Until
- *   the ring is there (a pool given later), and in MMAP, at most
- *   max(mmap_threads, 2) register at once and the other workers wait.
+ *   read pieces through the ring; the copy engines take from both.
  * CACHE: the file is in the host model cache: a pure pinned->GPU copy.
  * AUTO picks per file: CACHE on a hit; READ for files under small_file_bytes
  * or where registration is refused (logged); MIXED else. A load filling the
@@ -61,8 +59,7 @@ struct aeg_prefetch_config {
 	int threads;                /* worker threads, 1..256 [12] */
 	int streams;                /* copy streams, 1..64 [4] */
 	uint64_t piece_bytes;       /* MMAP/MIXED piece, multiple of 4096 [64 MiB] */
-	int mmap_threads;           /* MIXED: workers registering at once, 1..256 [1];
-				       MMAP: max(this, 2) */
+	int mmap_threads;           /* MIXED: workers registering at once, 1..256 [1] */
 	int ring_buffers;           /* READ: pool buffers in flight at most [2 * threads] */
 	int direct_io;              /* READ: open files O_DIRECT (cold files; falls back, logged) [0] */
 	uint64_t small_file_bytes;  /* AUTO: smaller files take READ [64 MiB] */

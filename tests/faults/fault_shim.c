@@ -28,12 +28,6 @@
  *                       slowpop: every MADV_POPULATE_WRITE sleeps
  *                               AEGAEON_FAULT_AT microseconds first (a pool
  *                               slow to make; no file)
- *                       slowsync: every msync sleeps AEGAEON_FAULT_AT
- *                               microseconds (the host backend's
- *                               registration checks its range with one: a
- *                               slow registration; no file), and
- *                               aeg_fault_shim_peak() says how many threads
- *                               were in one at once at most
  *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for
  *                       slow and slowpop)
  * Intercepted: read, pread, pread64, preadv, preadv64, mmap, mmap64,
@@ -61,7 +55,7 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM, M_SLOWPOP, M_SLOWSYNC };
+enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM, M_SLOWPOP };
 
 #define MAX_MAPS 64
 
@@ -80,7 +74,6 @@ static ino_t ino;
 static uint64_t at;
 static int shrunk;
 static unsigned long hits;
-static unsigned inside, peak;           /* slowsync: threads in msync now, at most */
 static struct map maps[MAX_MAPS];
 
 static ssize_t (*real_read)(int, void *, size_t);
@@ -89,7 +82,6 @@ static ssize_t (*real_preadv)(int, const struct iovec *, int, off_t);
 static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
 static int (*real_munmap)(void *, size_t);
 static int (*real_madvise)(void *, size_t, int);
-static int (*real_msync)(void *, size_t, int);
 
 static void resolve(void)
 {
@@ -100,7 +92,6 @@ static void resolve(void)
 	real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
 	real_munmap = (int (*)(void *, size_t))dlsym(RTLD_NEXT, "munmap");
 	real_madvise = (int (*)(void *, size_t, int))dlsym(RTLD_NEXT, "madvise");
-	real_msync = (int (*)(void *, size_t, int))dlsym(RTLD_NEXT, "msync");
 	__atomic_store_n(&real_read, (ssize_t (*)(int, void *, size_t))dlsym(RTLD_NEXT, "read"),
 			 __ATOMIC_RELEASE);
 }
@@ -117,8 +108,6 @@ static void load_env(void)
 	at = a ? strtoull(a, NULL, 0) : 0;
 	shrunk = 0;
 	hits = 0;
-	inside = 0;
-	peak = 0;
 	memset(maps, 0, sizeof(maps));
 	/* A gate is a file that does not exist yet. */
 	if (m != NULL && f != NULL && strcmp(m, "gate") == 0 && strlen(f) < sizeof(path)) {
@@ -132,10 +121,6 @@ static void load_env(void)
 	}
 	if (m != NULL && strcmp(m, "slowpop") == 0) {
 		mode = M_SLOWPOP;
-		return;
-	}
-	if (m != NULL && strcmp(m, "slowsync") == 0) {
-		mode = M_SLOWSYNC;
 		return;
 	}
 	if (m == NULL || f == NULL || stat(f, &st) != 0)
@@ -173,18 +158,6 @@ unsigned long aeg_fault_shim_hits(void)
 
 	pthread_mutex_lock(&lock);
 	n = hits;
-	pthread_mutex_unlock(&lock);
-	return n;
-}
-
-/* slowsync: the most threads that were in msync at once. */
-unsigned aeg_fault_shim_peak(void);
-unsigned aeg_fault_shim_peak(void)
-{
-	unsigned n;
-
-	pthread_mutex_lock(&lock);
-	n = peak;
 	pthread_mutex_unlock(&lock);
 	return n;
 }
@@ -411,26 +384,4 @@ int madvise(void *addr, size_t len, int advice)
 			shrink_once();
 	}
 	return real_madvise(addr, len, advice);
-}
-
-int msync(void *addr, size_t len, int flags)
-{
-	int rc;
-
-	resolve();
-	pthread_mutex_lock(&lock);
-	if (mode != M_SLOWSYNC) {
-		pthread_mutex_unlock(&lock);
-		return real_msync(addr, len, flags);
-	}
-	if (++inside > peak)
-		peak = inside;
-	hits++;
-	pthread_mutex_unlock(&lock);
-	usleep((useconds_t)at);
-	rc = real_msync(addr, len, flags);
-	pthread_mutex_lock(&lock);
-	inside--;
-	pthread_mutex_unlock(&lock);
-	return rc;
 }

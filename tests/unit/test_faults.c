@@ -29,7 +29,6 @@
 /* tests/faults/fault_shim.c, linked into this program (so it works under ASan too). */
 void aeg_fault_shim_reload(void);
 unsigned long aeg_fault_shim_hits(void);
-unsigned aeg_fault_shim_peak(void);
 
 #define KiB (1ull << 10)
 #define MiB (1ull << 20)
@@ -305,53 +304,6 @@ static void read_faults(void **state)
 		free(file);
 		fx_free(f);
 	}
-}
-
-/*
- * Registrations serialize in the driver, where a waiting one holds every
- * other CUDA call back: eight workers on slow registrations (3 ms each on
- * the host backend, through the shim's msync) register at most two pieces
- * at once in the mmap feed and one (mmap_threads) in the mixed feed, whose
- * other workers read through the ring meanwhile; every byte still lands.
- */
-static void registration_lanes(void **state)
-{
-	static const struct {
-		enum aeg_prefetch_feed feed;
-		unsigned lanes;
-	} cases[] = { { AEG_FEED_MMAP, 2 }, { AEG_FEED_MIXED, 1 } };
-	struct fx *f = fx_new(8);
-	unsigned char *file;
-	char path[128];
-	uint64_t begin;
-
-	file = make_file(f, 0, path, sizeof(path), &begin);
-	for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
-		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK, .feed = cases[k].feed };
-		const struct aeg_chunk *c;
-		aeg_load_t *l;
-		uint32_t n;
-
-		fault_on("slowsync", path, 3000);
-		assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
-		assert_int_equal(aeg_load_wait(l, 20000), 0);
-		c = aeg_load_chunks(l, &n);
-		assert_int_equal(n, FILE_BYTES / CHUNK);
-		for (uint32_t i = 0; i < n; i++)
-			assert_memory_equal(c[i].device_ptr, file + c[i].file_offset, c[i].size);
-		if (cases[k].feed == AEG_FEED_MMAP)
-			assert_int_equal(aeg_fault_shim_hits(), FILE_BYTES / (64 * KiB));
-		else
-			assert_true(aeg_fault_shim_hits() >= 1);
-		if (aeg_fault_shim_peak() > cases[k].lanes)
-			fail_msg("%s feed: %u registrations at once, at most %u wanted",
-				 aeg_prefetch_feed_name(cases[k].feed), aeg_fault_shim_peak(), cases[k].lanes);
-		release_all(f, l);
-	}
-	fault_off();
-	free(file);
-	fx_free(f);
-	(void)state;
 }
 
 /* The safetensors header cannot be read: aeg_prefetch_file itself fails, leaving nothing. */
@@ -755,7 +707,6 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(read_faults),
 		cmocka_unit_test(header_eio),
-		cmocka_unit_test(registration_lanes),
 		cmocka_unit_test(slab_over_device),
 		cmocka_unit_test(slab_full_at_prefetch),
 		cmocka_unit_test(slab_fragmented_at_prefetch),

@@ -430,67 +430,42 @@ static int record_chunks(struct aeg_prefetch *pf, struct item *it)
 }
 
 /*
- * Registrations at once for MMAP, and for MIXED while its pool is not there:
- * they serialize in the driver, and a thread waiting there holds every
- * other CUDA call of the process back (bench/submit_probe), so more lanes
- * only queue (on the H200 twelve registering workers gave 22-24 GB/s,
- * their copies' submissions waiting up to 146 ms; one thread registers at
- * 37-41 GB/s, two at 45.8).
- */
-#define REGISTER_LANES 2
-
-static uint32_t lanes(const struct aeg_prefetch *pf, const struct aeg_load *l)
-{
-	uint32_t n = (uint32_t)pf->cfg.mmap_threads;
-
-	if (l->feed == AEG_FEED_MIXED && pf->pool != NULL)
-		return n;
-	return n > REGISTER_LANES ? n : REGISTER_LANES;
-}
-
-/*
- * May this worker register @l's piece? MIXED: while fewer than
- * mmap_threads workers register; otherwise it reads through the ring, and
- * until the ring is there it waits for a lane or the ring, whichever comes
- * first. MMAP, and MIXED whose pool could not be made: when a lane is free,
- * waiting for one.
+ * May this worker register @l's piece? Always for MMAP. For MIXED only while
+ * fewer than mmap_threads workers register: registrations serialize in the
+ * driver, so more would wait there while they could be reading instead; but
+ * every one while the engine's pool is still being made (or could not be):
+ * there is nothing to read through yet.
  */
 static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
 {
-	int ok;
+	int ok = 1;
 
 	if (__atomic_load_n(&l->no_register, __ATOMIC_RELAXED))
 		return 0;
+	if (l->feed != AEG_FEED_MIXED)
+		return 1;
 	pthread_mutex_lock(&pf->lock);
-	for (;;) {
-		if (pf->registering < lanes(pf, l)) {
-			pf->registering++;
-			ok = 1;
-			break;
-		}
-		if (l->feed == AEG_FEED_MIXED && pf->pool != NULL) {
-			ok = 0;
-			break;
-		}
-		pthread_cond_wait(&pf->work_cv, &pf->lock);
-	}
+	if (pf->pool == NULL || pf->registering < (uint32_t)pf->cfg.mmap_threads)
+		pf->registering++;
+	else
+		ok = 0;
 	pthread_mutex_unlock(&pf->lock);
 	return ok;
 }
 
-static void lane_give(struct aeg_prefetch *pf)
+static void lane_give(struct aeg_prefetch *pf, struct aeg_load *l)
 {
+	if (l->feed != AEG_FEED_MIXED)
+		return;
 	pthread_mutex_lock(&pf->lock);
 	pf->registering--;
-	pthread_cond_broadcast(&pf->work_cv);
 	pthread_mutex_unlock(&pf->lock);
 }
 
 /*
  * Registration faults the pages in under the driver's context lock, one
- * thread at a time; mapping them first (outside it, and outside a lane)
- * lets the workers do that part in parallel. 0, or the load's error for a
- * page that cannot be read.
+ * thread at a time; mapping them first lets the workers do that part in
+ * parallel. 0, or the load's error for a page that cannot be read.
  */
 static int populate(struct aeg_load *l, const struct item *it, const char *src, uint64_t bytes)
 {
@@ -565,49 +540,32 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		 * GPU into its cache buffer (the copy engines' other direction),
 		 * so the piece must lie in the chunks: not in a header.
 		 */
-		if ((!l->filling || it->begin >= l->data_begin) &&
-		    !__atomic_load_n(&l->no_register, __ATOMIC_RELAXED)) {
+		if ((!l->filling || it->begin >= l->data_begin) && lane_take(pf, l)) {
 			uint64_t reg_bytes = aeg_round_up(len, PAGE);
-			/*
-			 * A piece that will wait for a lane is populated before it;
-			 * one that may be read instead only once it has one.
-			 */
-			int early;
 
-			pthread_mutex_lock(&pf->lock);
-			early = l->feed != AEG_FEED_MIXED || pf->pool == NULL;
-			pthread_mutex_unlock(&pf->lock);
-
-			err = early ? populate(l, it, src, reg_bytes) : 0;
+			err = populate(l, it, src, reg_bytes);
 			if (err) {
+				lane_give(pf, l);
 				slot_give(pf);
 				return err;
 			}
-			if (lane_take(pf, l)) {
-				err = early ? 0 : populate(l, it, src, reg_bytes);
-				if (err) {
-					lane_give(pf);
-					slot_give(pf);
-					return err;
-				}
-				t = aeg_now_ns();
-				err = aeg_host_register(pf->dev, (void *)src, reg_bytes, AEG_HOST_REGISTER_READONLY);
-				lane_give(pf);
-				if (err == 0) {
-					times_add(&l->times.register_ns, aeg_now_ns() - t);
-					times_add(&l->times.reg_pieces, 1);
-					times_add(&l->times.reg_bytes, len);
-					it->reg = (void *)src;
-					it->reg_bytes = reg_bytes;
-					break;
-				}
-				if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
-					aeg_warn("prefetch: %s: registering its pages refused (%s: %s); reading it through the pinned pool instead",
-						 l->path, aeg_errname(err), aeg_error_detail());
-					pthread_mutex_lock(&pf->lock);
-					pf->fallbacks++;
-					pthread_mutex_unlock(&pf->lock);
-				}
+			t = aeg_now_ns();
+			err = aeg_host_register(pf->dev, (void *)src, reg_bytes, AEG_HOST_REGISTER_READONLY);
+			lane_give(pf, l);
+			if (err == 0) {
+				times_add(&l->times.register_ns, aeg_now_ns() - t);
+				times_add(&l->times.reg_pieces, 1);
+				times_add(&l->times.reg_bytes, len);
+				it->reg = (void *)src;
+				it->reg_bytes = reg_bytes;
+				break;
+			}
+			if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
+				aeg_warn("prefetch: %s: registering its pages refused (%s: %s); reading it through the pinned pool instead",
+					 l->path, aeg_errname(err), aeg_error_detail());
+				pthread_mutex_lock(&pf->lock);
+				pf->fallbacks++;
+				pthread_mutex_unlock(&pf->lock);
 			}
 		}
 		slot_give(pf);
