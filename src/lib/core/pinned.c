@@ -157,10 +157,9 @@ static int sole_numa_node(void)
  */
 static int locate(aeg_device_t *dev, int gpu, struct place *pl)
 {
+	const char *xml = getenv("AEGAEON_TOPOLOGY_XML");
 	struct aeg_gpu_info info;
 	int err;
-
-	const char *xml = getenv("AEGAEON_TOPOLOGY_XML");
 
 	memset(pl, 0, sizeof(*pl));
 	pl->numa_node = -1;
