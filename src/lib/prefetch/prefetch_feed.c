@@ -356,9 +356,8 @@ static int read_through_ring(struct aeg_prefetch *pf, struct item *it)
 		uint64_t mask = streams_of(pf, l, b, e);
 		struct aeg_pool_buffer buf;
 		struct batch *sb;
-		int err;
-
 		uint64_t t = aeg_now_ns();
+		int err;
 
 		err = ring_get(pf, l, 0, &buf);
 		if (err)
@@ -453,6 +452,15 @@ static int lane_take(struct aeg_prefetch *pf, struct aeg_load *l)
 	return ok;
 }
 
+/* A mapped piece that will not stay registered gives back the slot pick() took for it. */
+static void slot_give(struct aeg_prefetch *pf)
+{
+	pthread_mutex_lock(&pf->lock);
+	pf->registered--;
+	pthread_cond_broadcast(&pf->work_cv);
+	pthread_mutex_unlock(&pf->lock);
+}
+
 static void lane_give(struct aeg_prefetch *pf, struct aeg_load *l)
 {
 	if (l->feed != AEG_FEED_MIXED)
@@ -476,15 +484,6 @@ static int populate(struct aeg_load *l, const struct item *it, const char *src, 
 		return mapped_fault(l, it, errno);
 	times_add(&l->times.populate_ns, aeg_now_ns() - t);
 	return 0;
-}
-
-/* A mapped piece that will not stay registered gives back the slot pick() took for it. */
-static void slot_give(struct aeg_prefetch *pf)
-{
-	pthread_mutex_lock(&pf->lock);
-	pf->registered--;
-	pthread_cond_broadcast(&pf->work_cv);
-	pthread_mutex_unlock(&pf->lock);
 }
 
 /*
