@@ -1,8 +1,18 @@
-/* The bench probes' medians: sorting doubles and taking the middle. */
+/* The bench probes' shared pieces: a monotonic clock, and medians (sorting doubles, taking the middle). */
 #ifndef AEGAEON_BENCH_STATS_H
 #define AEGAEON_BENCH_STATS_H
 
+#include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 static inline int cmp_double(const void *a, const void *b)
 {

@@ -60,14 +60,6 @@ struct worker {
 	pthread_t tid;
 };
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static int cuda_ok(cudaError_t e, const char *what, struct probe *pr)
 {
 	if (e == cudaSuccess)
