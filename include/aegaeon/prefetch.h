@@ -28,8 +28,11 @@ typedef struct aeg_load aeg_load_t;            /* one file being (or done) loadi
  *   register pieces (registrations serialize in the driver), the others
  *   read pieces through the ring; the copy engines take from both.
  * CACHE: the file is in the host model cache: a pure pinned->GPU copy.
- * AUTO picks per file: CACHE on a hit; READ for files under small_file_bytes
- * or where registration is refused (logged); MIXED else. A load filling the
+ * AUTO picks per file: CACHE on a hit; READ through an engine's own staging
+ * ring (aeg_prefetch_create given no pool, or a ring being made), whose
+ * small buffers are still in the CPU's last-level cache when the copy
+ * engines read them; else READ for files under small_file_bytes or where
+ * registration is refused (logged), MIXED for larger ones. A load filling the
  * cache reads its pieces into the cache's buffers, or (MIXED) registers them
  * and copies them back from the GPU into those buffers, the copy engines'
  * other direction.
@@ -60,7 +63,7 @@ struct aeg_prefetch_config {
 	int streams;                /* copy streams, 1..64 [4] */
 	uint64_t piece_bytes;       /* MMAP/MIXED piece, multiple of 4096 [64 MiB] */
 	int mmap_threads;           /* MIXED: workers registering at once, 1..256 [1] */
-	int ring_buffers;           /* READ: pool buffers in flight at most [2 * threads] */
+	int ring_buffers;           /* READ: pool buffers in flight at most [4 * threads] */
 	int direct_io;              /* READ: open files O_DIRECT (cold files; falls back, logged) [0] */
 	uint64_t small_file_bytes;  /* AUTO: smaller files take READ [64 MiB] */
 	uint64_t cache_bytes;       /* host model cache budget in the pool; 0 disables [0] */
@@ -81,7 +84,7 @@ void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg);
 /*
  * aeg_prefetch_create - an engine loading into @slab (and so onto its GPU),
  * staging through @pool (NULL: the engine makes a private pool of
- * ring_buffers buffers of 16 MiB; the cache is then off). The engine keeps
+ * ring_buffers buffers of 4 MiB; the cache is then off). The engine keeps
  * the slab and pool pointers; destroy it before them.
  * Errors: AEG_EINVAL (a setting out of range, named in the detail),
  * AEG_ENOMEM, AEG_EDEVICE (streams).

@@ -105,7 +105,7 @@ expect "a local-only option inside a job asks for --local" 2 "--feed works in th
 	"$CLI" prefetch "$T/model.bin" --feed read
 expect "--gpu names a GPU the job has no slab on" 1 "--gpu 3: no slab of the job is on that GPU; its slabs are on GPU 0" \
 	"$CLI" prefetch "$T/model.bin" --gpu 3
-expect "--local loads in this process, not the agent's (mapped while its ring is made)" 0 "GB/s \((read|mixed|mmap) feed" \
+expect "--local loads in this process, not the agent's (read through its own staging ring)" 0 "GB/s \(read feed" \
 	"$CLI" prefetch "$T/model.bin" --local --chunk 1MiB
 expect "a missing file" 1 "No such file or directory" "$CLI" prefetch "$T/missing.bin"
 

@@ -346,6 +346,89 @@ static void pool_later_mixed(void **state)
 }
 
 /*
+ * An engine with a staging ring of its own (no pool given) READs a large
+ * AUTO file through it, as an engine told that its later pool is a ring
+ * being made does, waiting for the ring; should the ring fail, the load
+ * waiting for it fails with the ring's error and the next AUTO load
+ * registers its pieces (MIXED) and loads whole.
+ */
+static void staging_ring_reads(void **state)
+{
+	struct fx f = { 0 };
+	struct aeg_prefetch_config cfg;
+	const uint64_t size = 3 * MiB + 4321;
+	struct aeg_load_progress pr;
+	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
+	struct aeg_prefetch_stats st;
+	char path[128];
+	unsigned char *file;
+	aeg_load_t *l;
+
+	assert_int_equal(aeg_device_open(&f.dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(f.dev, 0, SLAB_BYTES, &f.slab), 0);
+	snprintf(f.dir, sizeof(f.dir), "/tmp/aegaeon-pf-XXXXXX");
+	assert_non_null(mkdtemp(f.dir));
+	file = raw_file(&f, "model.bin", size, 9, path, sizeof(path));
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = 4;
+	cfg.piece_bytes = 64 * KiB;
+	cfg.small_file_bytes = 1 * MiB;
+
+	/* Its own ring. */
+	assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(&f, l, file, 0, size);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_READ);
+	release_load(&f, l);
+	aeg_prefetch_destroy(f.pf);
+
+	/* A ring being made: the load waits for it, then reads through it. */
+	cfg.pool_later_buffer_bytes = BUF_BYTES;
+	assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
+	aeg_prefetch_ring_coming(f.pf);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 50), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_pool_create(f.dev, 0, BUF_BYTES, BUF_BYTES * POOL_BUFFERS, &f.pool), 0);
+	assert_int_equal(aeg_prefetch_set_pool(f.pf, f.pool, 0, 0), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(&f, l, file, 0, size);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_READ);
+	release_load(&f, l);
+	aeg_prefetch_destroy(f.pf);
+
+	/* A ring that fails: the waiting load registers its pieces instead, and so does the next. */
+	assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
+	aeg_prefetch_ring_coming(f.pf);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 50), AEG_ETIMEDOUT);
+	aeg_fail(AEG_ENOMEM, "pinned pool: 201326592 bytes asked, only 4096 available (MemAvailable)");
+	assert_int_equal(aeg_prefetch_set_pool(f.pf, NULL, 0, AEG_ENOMEM), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(&f, l, file, 0, size);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_READ);
+	release_load(&f, l);
+	assert_int_equal(aeg_prefetch_stats(f.pf, &st), 0);
+	assert_int_equal(st.registered_pieces, 0);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(&f, l, file, 0, size);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, AEG_FEED_MIXED);
+	release_load(&f, l);
+	aeg_prefetch_destroy(f.pf);
+	aeg_pool_destroy(f.pool);
+	free(file);
+	aeg_slab_destroy(f.slab);
+	aeg_device_close(f.dev);
+	unlink(path);
+	rmdir(f.dir);
+}
+
+/*
  * A held engine starts no piece: a load waits, whole, until the hold goes;
  * a cancel or release of a load still ends while held; holds nest; a
  * release with no hold is refused.
@@ -1128,6 +1211,7 @@ int main(int argc, char **argv)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(raw_file_every_feed),
 		cmocka_unit_test(pool_later_mixed),
+		cmocka_unit_test(staging_ring_reads),
 		cmocka_unit_test(hold_engine),
 		cmocka_unit_test(topology_later),
 		cmocka_unit_test(empty_file),

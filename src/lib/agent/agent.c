@@ -168,7 +168,8 @@ static int cache_share(struct agent *a, uint64_t *bytes)
  * through a staging ring each, made on a thread of its own once the engine's
  * first load has started (agent_ring_start): made here, 24 x 16 MiB took
  * 103-121 ms of a 334-363 ms start on the H200, and a job that loads nothing
- * through its agent needs none. Until then they map files.
+ * through its agent needs none. Until the job's pool is there they map
+ * files; a load waits for its ring instead (aeg_prefetch_ring_coming).
  */
 static int start_engines(struct agent *a)
 {
@@ -181,7 +182,7 @@ static int start_engines(struct agent *a)
 		pcfg.pool_later_buffer_bytes = a->pool_buffer_bytes;
 	} else {
 		pcfg.pool_later_buffer_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
-		pcfg.ring_buffers = 2 * pcfg.threads;
+		pcfg.ring_buffers = AEG_PREFETCH_RING_BUFFERS_PER_THREAD * pcfg.threads;
 		a->ring_bytes = AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)pcfg.ring_buffers;
 	}
 	for (int i = 0; i < a->nslabs; i++) {
@@ -190,6 +191,8 @@ static int start_engines(struct agent *a)
 			aeg_error_prefix("GPU %d: prefetch engine", a->slabs[i].gpu);
 			return err;
 		}
+		if (a->ring_bytes != 0)
+			aeg_prefetch_ring_coming(a->slabs[i].pf);
 	}
 	return 0;
 }

@@ -59,8 +59,9 @@
  * a job's start (its steps, whose own page faults then wait too).
  */
 #define POPULATE_THREADS_SHARED_SMALL 4
-#define POPULATE_MIN_BYTES (64ull << 20)
-#define POPULATE_UNIT (64ull << 20)
+/* 32 MiB: a prefetch engine's 192 MiB staging ring is populated on 6 threads. */
+#define POPULATE_MIN_BYTES (32ull << 20)
+#define POPULATE_UNIT (32ull << 20)
 #define POPULATE_STEP (4ull << 20)      /* populated per call: whole 2 MiB pages, about 0.5 ms */
 /*
  * The buffers are registered in pieces of whole buffers, at least this

@@ -355,14 +355,16 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 	} else {
 		cfg.pool_later_buffer_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
 		if (cfg.ring_buffers == 0)
-			cfg.ring_buffers = 2 * cfg.threads;
+			cfg.ring_buffers = AEG_PREFETCH_RING_BUFFERS_PER_THREAD * cfg.threads;
 	}
 	t = aeg_now_ns();
 	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);
 	if (err)
 		goto fail;
-	if (g->pool == NULL)
+	if (g->pool == NULL) {
 		g->ring_pending = cfg.ring_buffers;
+		aeg_prefetch_ring_coming(g->pf);
+	}
 	aeg_span_end("engine create", t);
 	*pf = g->pf;
 	return 0;

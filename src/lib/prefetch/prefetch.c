@@ -41,7 +41,7 @@ AEG_EXPORT void aeg_prefetch_config_defaults(struct aeg_prefetch_config *cfg)
 	cfg->streams = 4;
 	cfg->piece_bytes = 64ull << 20;
 	cfg->mmap_threads = 1;
-	cfg->ring_buffers = 0;          /* 2 * threads */
+	cfg->ring_buffers = 0;          /* AEG_PREFETCH_RING_BUFFERS_PER_THREAD * threads */
 	cfg->direct_io = 0;
 	cfg->small_file_bytes = 64ull << 20;
 	cfg->cache_bytes = 0;
@@ -149,7 +149,7 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 	else
 		aeg_prefetch_config_defaults(&pf->cfg);
 	if (pf->cfg.ring_buffers == 0)
-		pf->cfg.ring_buffers = 2 * pf->cfg.threads;
+		pf->cfg.ring_buffers = AEG_PREFETCH_RING_BUFFERS_PER_THREAD * pf->cfg.threads;
 	if (pf->cfg.threads < 1 || pf->cfg.threads > 256)
 		err = aeg_fail(AEG_EINVAL, "prefetch threads %d: must be 1..256", pf->cfg.threads);
 	else if (pf->cfg.streams < 1 || pf->cfg.streams > 64)
@@ -187,6 +187,7 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 			if (err)
 				goto fail;
 			pf->own_pool = 1;
+			pf->staging_ring = 1;
 			pf->cfg.cache_bytes = 0;
 		}
 		pf->pool = pool;
@@ -299,11 +300,20 @@ AEG_EXPORT int aeg_prefetch_set_pool(aeg_prefetch_t *pf, aeg_pool_t *pool, uint6
 		pf->cfg.cache_bytes = cache_bytes;
 	} else {
 		pf->pool_err = err < 0 ? err : AEG_ENOMEM;
+		pf->staging_ring = 0;   /* later AUTO loads register their pieces */
 		snprintf(pf->pool_detail, sizeof(pf->pool_detail), "%s", aeg_error_detail());
 	}
 	pthread_cond_broadcast(&pf->work_cv);
 	pthread_mutex_unlock(&pf->lock);
 	return 0;
+}
+
+void aeg_prefetch_ring_coming(aeg_prefetch_t *pf)
+{
+	pthread_mutex_lock(&pf->lock);
+	if (pf->pool == NULL && pf->pool_err == 0 && pf->cfg.pool_later_buffer_bytes != 0)
+		pf->staging_ring = 1;
+	pthread_mutex_unlock(&pf->lock);
 }
 
 int aeg_prefetch_set_topo(aeg_prefetch_t *pf, const aeg_topo_t *topo)

@@ -118,7 +118,7 @@ struct aeg_load {
 	int fd;
 	int dfd;                        /* O_DIRECT descriptor, or -1 */
 	struct stat st;
-	void *map;
+	void *map;                      /* MMAP, MIXED; READ waiting for its ring: should it fail */
 	size_t map_bytes;
 	enum aeg_prefetch_feed feed;
 	int priority;
@@ -161,6 +161,7 @@ struct aeg_prefetch {
 	aeg_slab_t *slab;
 	aeg_pool_t *pool;               /* NULL until aeg_prefetch_set_pool, with pool_later_buffer_bytes */
 	int own_pool;
+	int staging_ring;               /* the pool is (or will be) a staging ring only: AUTO reads */
 	int pool_err;                   /* no pool will come: why */
 	char pool_detail[256];
 	uint64_t buffer_bytes;

@@ -487,6 +487,50 @@ static int populate(struct aeg_load *l, const struct item *it, const char *src, 
 }
 
 /*
+ * Register @it's piece of the mapped file at @src for the GPU to copy from
+ * (it->reg). 0, or the load's error for a page that cannot be read, or
+ * the driver's refusal, which sets *@refused: a caller may read around it.
+ */
+static int register_piece(struct aeg_prefetch *pf, struct item *it, const char *src, int *refused)
+{
+	struct aeg_load *l = it->load;
+	uint64_t len = it->end - it->begin, reg_bytes = aeg_round_up(len, PAGE), t;
+	int err;
+
+	*refused = 0;
+	err = populate(l, it, src, reg_bytes);
+	if (err)
+		return err;
+	t = aeg_now_ns();
+	err = aeg_host_register(pf->dev, (void *)src, reg_bytes, AEG_HOST_REGISTER_READONLY);
+	if (err) {
+		*refused = 1;
+		return err;
+	}
+	times_add(&l->times.register_ns, aeg_now_ns() - t);
+	times_add(&l->times.reg_pieces, 1);
+	times_add(&l->times.reg_bytes, len);
+	it->reg = (void *)src;
+	it->reg_bytes = reg_bytes;
+	return 0;
+}
+
+/* A READ piece whose load waited for a staging ring that failed, and that can be registered instead. */
+static int ring_failed(struct aeg_prefetch *pf, struct aeg_load *l)
+{
+	int failed;
+
+	if (l->map == NULL || load_stopped(l))
+		return 0;
+	pthread_mutex_lock(&pf->lock);
+	failed = pf->pool == NULL && pf->pool_err != 0;
+	pthread_mutex_unlock(&pf->lock);
+	if (failed)
+		aeg_error_clear();
+	return failed;
+}
+
+/*
  * Run one item: get its bytes into host memory the GPU can read, queue the
  * copies into the chunks it touches, then item_done. Returns 0 once
  * item_done is queued; otherwise everything the item took is given back.
@@ -499,7 +543,7 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 	struct batch *ib;
 	const char *src;
 	uint64_t t;
-	int err;
+	int err, refused;
 
 	for (uint32_t c = it->first_chunk; c <= it->last_chunk; c++)
 		mask |= 1ull << stream_of(pf, c);
@@ -516,6 +560,17 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 
 			t = aeg_now_ns();
 			err = ring_get(pf, l, 1, &b);
+			if (err && ring_failed(pf, l)) {
+				/* Its staging ring never came: the piece is registered instead. */
+				src = (const char *)l->map + it->begin;
+				err = register_piece(pf, it, src, &refused);
+				if (err)
+					return err;
+				pthread_mutex_lock(&pf->lock);
+				pf->registered++;       /* as pick() counts a mapped piece */
+				pthread_mutex_unlock(&pf->lock);
+				break;
+			}
 			if (err)
 				return err;
 			times_add(&l->times.ring_wait_ns, aeg_now_ns() - t);
@@ -540,24 +595,13 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		 * so the piece must lie in the chunks: not in a header.
 		 */
 		if ((!l->filling || it->begin >= l->data_begin) && lane_take(pf, l)) {
-			uint64_t reg_bytes = aeg_round_up(len, PAGE);
-
-			err = populate(l, it, src, reg_bytes);
-			if (err) {
-				lane_give(pf, l);
+			err = register_piece(pf, it, src, &refused);
+			lane_give(pf, l);
+			if (err == 0)
+				break;
+			if (!refused) {
 				slot_give(pf);
 				return err;
-			}
-			t = aeg_now_ns();
-			err = aeg_host_register(pf->dev, (void *)src, reg_bytes, AEG_HOST_REGISTER_READONLY);
-			lane_give(pf, l);
-			if (err == 0) {
-				times_add(&l->times.register_ns, aeg_now_ns() - t);
-				times_add(&l->times.reg_pieces, 1);
-				times_add(&l->times.reg_bytes, len);
-				it->reg = (void *)src;
-				it->reg_bytes = reg_bytes;
-				break;
 			}
 			if (!__atomic_exchange_n(&l->no_register, 1, __ATOMIC_RELAXED)) {
 				aeg_warn("prefetch: %s: registering its pages refused (%s: %s); reading it through the pinned pool instead",

@@ -17,16 +17,29 @@ typedef int (*aeg_prefetch_hook_fn)(void *arg, uint64_t load_id, uint32_t item);
 void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *arg);
 
 /*
- * The buffer size of an engine's own staging ring (ring_buffers of them):
- * the engine's when it is given no pool, and the ring a session or an agent
- * without a job pool makes off the first load's path. Until the ring is made
- * a fresh process's loads register every piece from the page cache (30-31
- * GB/s on the H200); 24 x 8 MiB came up in 72-94 ms instead of 103-138 but
- * fed the mixed feed less once made (38-42 GB/s against 48 on a warm engine)
- * and gained nothing in a fresh process (0.29 s for 8 GiB either way):
- * docs/benchmarks.md.
+ * An engine's own staging ring, ring_buffers buffers of this size (by
+ * default AEG_PREFETCH_RING_BUFFERS_PER_THREAD a worker): the engine's when
+ * it is given no pool, and the ring a session or an agent without a job
+ * pool makes beside the first load. Small buffers, reused at once, are
+ * still in the CPU's last-level cache when the copy engines read them, so
+ * the read feed's bytes cross host memory once instead of three times: on
+ * the H200 machine (300 MiB of L3) 48 x 4 MiB read a file in the page cache
+ * at 50 GB/s on a warm engine and 45-46 GB/s in a fresh process, where
+ * 24 x 16 MiB gave 27-35 (fresh) and mixed 29-37; and 192 MiB are made in
+ * 13-17 ms, beside the load. docs/benchmarks.md.
  */
-#define AEG_PREFETCH_RING_BUFFER_BYTES (16ull << 20)
+#define AEG_PREFETCH_RING_BUFFER_BYTES (4ull << 20)
+#define AEG_PREFETCH_RING_BUFFERS_PER_THREAD 4
+
+/*
+ * aeg_prefetch_ring_coming - the pool @pf was made to get later
+ * (pool_later_buffer_bytes) is its staging ring, being made now: until it
+ * comes (tens of ms) AUTO loads read through it, waiting for it, instead
+ * of registering pieces, which would hold the ring's own registration up.
+ * Should the ring fail, the loads waiting for it register their pieces
+ * instead, and later AUTO loads take MIXED. Call before the first load.
+ */
+void aeg_prefetch_ring_coming(aeg_prefetch_t *pf);
 
 /* aeg_prefetch_item_bytes - the size of the pieces @load is cut into. */
 uint64_t aeg_prefetch_item_bytes(const aeg_load_t *load);

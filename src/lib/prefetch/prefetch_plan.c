@@ -375,6 +375,7 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 {
 	int use_cache = pf->cfg.cache_bytes > 0 && o->feed == AEG_FEED_AUTO &&
 			!(o->flags & AEG_PREFETCH_NO_CACHE) && l->plan.spec == NULL;
+	int ring_later = 0;
 
 	pthread_mutex_lock(&pf->lock);
 	if (use_cache) {
@@ -392,19 +393,34 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 	}
 	pthread_mutex_unlock(&pf->lock);
 
-	l->feed = o->feed;
-	if (l->feed == AEG_FEED_AUTO)
-		l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MIXED;
 	/*
-	 * No pool yet (it is still being made): a small file is mapped; a large
-	 * one stays MIXED, registering every piece until the pool comes and
-	 * reading through it from then on (lane_take).
+	 * AUTO: through a staging ring every file is READ (its small buffers
+	 * are read from the CPU's cache; registering pieces beside it only
+	 * holds its submissions up), waiting for the ring if it is still
+	 * being made. With a pool given later that is not there yet (a job's,
+	 * seconds to make), a small file is mapped and a large one MIXED,
+	 * registering every piece until the pool comes and reading through
+	 * it from then on (lane_take). Else small files READ, large MIXED.
 	 */
+	l->feed = o->feed;
 	pthread_mutex_lock(&pf->lock);
-	if (pf->pool == NULL && o->feed == AEG_FEED_AUTO && l->feed == AEG_FEED_READ)
-		l->feed = AEG_FEED_MMAP;
+	if (l->feed == AEG_FEED_AUTO) {
+		if (pf->staging_ring && !l->filling) {
+			l->feed = AEG_FEED_READ;
+			ring_later = pf->pool == NULL;
+		} else if (pf->pool == NULL)
+			l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_MMAP : AEG_FEED_MIXED;
+		else
+			l->feed = (uint64_t)l->st.st_size < pf->cfg.small_file_bytes ? AEG_FEED_READ : AEG_FEED_MIXED;
+	}
 	pthread_mutex_unlock(&pf->lock);
-	if (mapped(l) && l->st.st_size > 0) {
+	if (ring_later && l->st.st_size > 0) {
+		/* Mapped too: should the ring fail, its pieces are registered instead (run_item). */
+		l->map_bytes = (size_t)l->st.st_size;
+		l->map = mmap(NULL, l->map_bytes, PROT_READ, MAP_SHARED, l->fd, 0);
+		if (l->map == MAP_FAILED)
+			l->map = NULL;
+	} else if (mapped(l) && l->st.st_size > 0) {
 		l->map_bytes = (size_t)l->st.st_size;
 		l->map = mmap(NULL, l->map_bytes, PROT_READ, MAP_SHARED, l->fd, 0);
 		if (l->map == MAP_FAILED) {
