@@ -289,9 +289,44 @@ static void raw_file_every_feed(void **state)
 	fx_free(f);
 }
 
+/* @l ends whole, every chunk equal to @file, through @feed; then released. */
+static void loaded_whole(struct fx *f, aeg_load_t *l, const unsigned char *file, uint64_t size,
+			 enum aeg_prefetch_feed feed)
+{
+	struct aeg_load_progress pr;
+
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, file, 0, size);
+	assert_int_equal(aeg_load_progress(l, &pr), 0);
+	assert_int_equal(pr.feed, feed);
+	release_load(f, l);
+}
+
 /*
- * An engine whose pool comes later (a session's staging ring, made beside
- * the first load): a large AUTO load takes MIXED at once, registering every
+ * A device, a slab and one raw file of @size for a test that makes its
+ * engines itself (no pool, or one given later); bare_free undoes it.
+ */
+static unsigned char *bare_new(struct fx *f, uint64_t size, unsigned seed, char *path, size_t len)
+{
+	assert_int_equal(aeg_device_open(&f->dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(f->dev, 0, SLAB_BYTES, &f->slab), 0);
+	snprintf(f->dir, sizeof(f->dir), "/tmp/aegaeon-pf-XXXXXX");
+	assert_non_null(mkdtemp(f->dir));
+	return raw_file(f, "model.bin", size, seed, path, len);
+}
+
+static void bare_free(struct fx *f, unsigned char *file, const char *path)
+{
+	free(file);
+	aeg_slab_destroy(f->slab);
+	aeg_device_close(f->dev);
+	unlink(path);
+	rmdir(f->dir);
+}
+
+/*
+ * An engine whose pool comes later (a job's, made after the agent's
+ * start): a large AUTO load takes MIXED at once, registering every
  * piece until the pool is there, and loads whole whether the pool comes in
  * the middle or never does.
  */
@@ -303,14 +338,9 @@ static void pool_later_mixed(void **state)
 	char path[128];
 	unsigned char *file;
 
-	assert_int_equal(aeg_device_open(&f.dev, AEG_DEVICE_HOST), 0);
-	assert_int_equal(aeg_slab_create(f.dev, 0, SLAB_BYTES, &f.slab), 0);
-	snprintf(f.dir, sizeof(f.dir), "/tmp/aegaeon-pf-XXXXXX");
-	assert_non_null(mkdtemp(f.dir));
-	file = raw_file(&f, "model.bin", size, 7, path, sizeof(path));
+	file = bare_new(&f, size, 7, path, sizeof(path));
 	for (int round = 0; round < 2; round++) {
 		struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
-		struct aeg_load_progress pr;
 		aeg_load_t *l;
 
 		aeg_prefetch_config_defaults(&cfg);
@@ -328,47 +358,35 @@ static void pool_later_mixed(void **state)
 			assert_int_equal(aeg_pool_create(f.dev, 0, BUF_BYTES, BUF_BYTES * POOL_BUFFERS, &f.pool), 0);
 			assert_int_equal(aeg_prefetch_set_pool(f.pf, f.pool, 0, 0), 0);
 		}
-		assert_int_equal(aeg_load_wait(l, 10000), 0);
-		check_chunks(&f, l, file, 0, size);
-		assert_int_equal(aeg_load_progress(l, &pr), 0);
-		assert_int_equal(pr.feed, AEG_FEED_MIXED);
-		release_load(&f, l);
+		loaded_whole(&f, l, file, size, AEG_FEED_MIXED);
 		aeg_prefetch_destroy(f.pf);
 		if (f.pool != NULL)
 			aeg_pool_destroy(f.pool);
 		f.pool = NULL;
 	}
-	free(file);
-	aeg_slab_destroy(f.slab);
-	aeg_device_close(f.dev);
-	unlink(path);
-	rmdir(f.dir);
+	bare_free(&f, file, path);
 }
 
 /*
  * An engine with a staging ring of its own (no pool given) READs a large
  * AUTO file through it, as an engine told that its later pool is a ring
  * being made does, waiting for the ring; should the ring fail, the load
- * waiting for it fails with the ring's error and the next AUTO load
- * registers its pieces (MIXED) and loads whole.
+ * waiting for it registers its pieces instead, and the next AUTO load
+ * takes MIXED (registering): both load whole, and nothing stays
+ * registered.
  */
 static void staging_ring_reads(void **state)
 {
 	struct fx f = { 0 };
 	struct aeg_prefetch_config cfg;
 	const uint64_t size = 3 * MiB + 4321;
-	struct aeg_load_progress pr;
 	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
 	struct aeg_prefetch_stats st;
 	char path[128];
 	unsigned char *file;
 	aeg_load_t *l;
 
-	assert_int_equal(aeg_device_open(&f.dev, AEG_DEVICE_HOST), 0);
-	assert_int_equal(aeg_slab_create(f.dev, 0, SLAB_BYTES, &f.slab), 0);
-	snprintf(f.dir, sizeof(f.dir), "/tmp/aegaeon-pf-XXXXXX");
-	assert_non_null(mkdtemp(f.dir));
-	file = raw_file(&f, "model.bin", size, 9, path, sizeof(path));
+	file = bare_new(&f, size, 9, path, sizeof(path));
 	aeg_prefetch_config_defaults(&cfg);
 	cfg.threads = 4;
 	cfg.piece_bytes = 64 * KiB;
@@ -377,11 +395,7 @@ static void staging_ring_reads(void **state)
 	/* Its own ring. */
 	assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
 	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
-	assert_int_equal(aeg_load_wait(l, 10000), 0);
-	check_chunks(&f, l, file, 0, size);
-	assert_int_equal(aeg_load_progress(l, &pr), 0);
-	assert_int_equal(pr.feed, AEG_FEED_READ);
-	release_load(&f, l);
+	loaded_whole(&f, l, file, size, AEG_FEED_READ);
 	aeg_prefetch_destroy(f.pf);
 
 	/* A ring being made: the load waits for it, then reads through it. */
@@ -392,11 +406,7 @@ static void staging_ring_reads(void **state)
 	assert_int_equal(aeg_load_wait(l, 50), AEG_ETIMEDOUT);
 	assert_int_equal(aeg_pool_create(f.dev, 0, BUF_BYTES, BUF_BYTES * POOL_BUFFERS, &f.pool), 0);
 	assert_int_equal(aeg_prefetch_set_pool(f.pf, f.pool, 0, 0), 0);
-	assert_int_equal(aeg_load_wait(l, 10000), 0);
-	check_chunks(&f, l, file, 0, size);
-	assert_int_equal(aeg_load_progress(l, &pr), 0);
-	assert_int_equal(pr.feed, AEG_FEED_READ);
-	release_load(&f, l);
+	loaded_whole(&f, l, file, size, AEG_FEED_READ);
 	aeg_prefetch_destroy(f.pf);
 
 	/* A ring that fails: the waiting load registers its pieces instead, and so does the next. */
@@ -406,26 +416,14 @@ static void staging_ring_reads(void **state)
 	assert_int_equal(aeg_load_wait(l, 50), AEG_ETIMEDOUT);
 	aeg_fail(AEG_ENOMEM, "pinned pool: 201326592 bytes asked, only 4096 available (MemAvailable)");
 	assert_int_equal(aeg_prefetch_set_pool(f.pf, NULL, 0, AEG_ENOMEM), 0);
-	assert_int_equal(aeg_load_wait(l, 10000), 0);
-	check_chunks(&f, l, file, 0, size);
-	assert_int_equal(aeg_load_progress(l, &pr), 0);
-	assert_int_equal(pr.feed, AEG_FEED_READ);
-	release_load(&f, l);
+	loaded_whole(&f, l, file, size, AEG_FEED_READ);
 	assert_int_equal(aeg_prefetch_stats(f.pf, &st), 0);
 	assert_int_equal(st.registered_pieces, 0);
 	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
-	assert_int_equal(aeg_load_wait(l, 10000), 0);
-	check_chunks(&f, l, file, 0, size);
-	assert_int_equal(aeg_load_progress(l, &pr), 0);
-	assert_int_equal(pr.feed, AEG_FEED_MIXED);
-	release_load(&f, l);
+	loaded_whole(&f, l, file, size, AEG_FEED_MIXED);
 	aeg_prefetch_destroy(f.pf);
 	aeg_pool_destroy(f.pool);
-	free(file);
-	aeg_slab_destroy(f.slab);
-	aeg_device_close(f.dev);
-	unlink(path);
-	rmdir(f.dir);
+	bare_free(&f, file, path);
 }
 
 /*
