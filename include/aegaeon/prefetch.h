@@ -63,7 +63,7 @@ struct aeg_prefetch_config {
 	int streams;                /* copy streams, 1..64 [4] */
 	uint64_t piece_bytes;       /* MMAP/MIXED piece, multiple of 4096 [64 MiB] */
 	int mmap_threads;           /* MIXED: workers registering at once, 1..256 [1] */
-	int ring_buffers;           /* READ: pool buffers in flight at most [4 * threads] */
+	int ring_buffers;           /* READ: pool buffers in flight at most [2 * threads] */
 	int direct_io;              /* READ: open files O_DIRECT (cold files; falls back, logged) [0] */
 	uint64_t small_file_bytes;  /* AUTO: smaller files take READ [64 MiB] */
 	uint64_t cache_bytes;       /* host model cache budget in the pool; 0 disables [0] */

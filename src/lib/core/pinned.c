@@ -59,7 +59,7 @@
  * a job's start (its steps, whose own page faults then wait too).
  */
 #define POPULATE_THREADS_SHARED_SMALL 4
-/* 32 MiB: a prefetch engine's 192 MiB staging ring is populated on 6 threads. */
+/* 32 MiB: a prefetch engine's 96 MiB staging ring is populated on 3 threads. */
 #define POPULATE_MIN_BYTES (32ull << 20)
 #define POPULATE_UNIT (32ull << 20)
 #define POPULATE_STEP (4ull << 20)      /* populated per call: whole 2 MiB pages, about 0.5 ms */

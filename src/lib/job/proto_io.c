@@ -130,8 +130,11 @@ static int read_full(int fd, unsigned char *buf, size_t len, uint64_t deadline_n
 		if (mh.msg_flags & MSG_CTRUNC)
 			(*extra_fds)++;
 		if (n == 0) {
-			if (done == 0 && eof_at_start)
+			/* Between frames: the peer hung up, which the caller reports. */
+			if (done == 0 && eof_at_start) {
 				*eof_at_start = 1;
+				return AEG_ECANCELED;
+			}
 			return aeg_fail(AEG_EPROTO, "connection closed inside a frame (%zu of %zu bytes)",
 					done, len);
 		}
@@ -151,7 +154,7 @@ int proto_recv(int fd, struct proto_header *h, union proto_msg *msg, int *recv_f
 	if (recv_fd)
 		*recv_fd = -1;
 	err = read_full(fd, frame, PROTO_HEADER_BYTES, 0, recv_fd ? &got_fd : NULL, &extra, &eof);
-	if (err == AEG_EPROTO && eof) {
+	if (eof) {
 		err = aeg_fail(AEG_ECANCELED, "connection closed");
 		goto out;
 	}

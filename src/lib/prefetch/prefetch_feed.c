@@ -819,12 +819,18 @@ static void log_times(const struct aeg_prefetch *pf, const struct aeg_load *l)
 	const struct feed_times *t = &l->times;
 	uint64_t s = l->start_ns, pool_ns = __atomic_load_n(&pf->pool_ns, __ATOMIC_RELAXED);
 	const char *feed = aeg_prefetch_feed_name(l->filling ? AEG_FEED_READ : l->feed);
+	const char *pool = "";
 
+	/* The pool given later (pool_ns) came during the load, after it, or before it began. */
+	if (pool_ns == 0 && __atomic_load_n(&pf->pool, __ATOMIC_RELAXED) == NULL)
+		pool = __atomic_load_n(&pf->pool_err, __ATOMIC_RELAXED) ? "; no pinned pool (it failed)" : "; no pinned pool yet";
+	else if (pool_ns <= s)
+		pool = "; the pinned pool was there before it began";
 	aeg_debug("prefetch: load %" PRIu64 " (%s feed, %.2f GiB): first chunk after %.1f ms; a quarter, half, "
 		  "three quarters, all of the bytes on the GPU after %.1f / %.1f / %.1f / %.1f ms%s",
 		  l->id, feed, (double)l->total_bytes / (1u << 30), ms_since(l->first_ns, s),
 		  ms_since(l->quarter_ns[0], s), ms_since(l->quarter_ns[1], s), ms_since(l->quarter_ns[2], s),
-		  ms_since(l->landed_ns, s), pool_ns > s ? "" : "; the pinned pool was there before it began");
+		  ms_since(l->landed_ns, s), pool);
 	if (pool_ns > s)
 		aeg_debug("prefetch: load %" PRIu64 ": the pinned pool came after %.1f ms", l->id, ms_since(pool_ns, s));
 	aeg_debug("prefetch: load %" PRIu64 ": registered %.2f GiB in %" PRIu64 " pieces (populating %.1f ms, "

@@ -23,13 +23,14 @@ void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *ar
  * pool makes beside the first load. Small buffers, reused at once, are
  * still in the CPU's last-level cache when the copy engines read them, so
  * the read feed's bytes cross host memory once instead of three times: on
- * the H200 machine (300 MiB of L3) 48 x 4 MiB read a file in the page cache
- * at 50 GB/s on a warm engine and 45-46 GB/s in a fresh process, where
- * 24 x 16 MiB gave 27-35 (fresh) and mixed 29-37; and 192 MiB are made in
- * 13-17 ms, beside the load. docs/benchmarks.md.
+ * the H200 machine (300 MiB of L3) 24 x 4 MiB read a file in the page cache
+ * at 51 GB/s on a warm engine and 46 GB/s in a fresh process, where
+ * 24 x 16 MiB gave 27-35 (fresh) and mixed 29-37. Two a worker, not four:
+ * 96 MiB are made in 12 ms beside the load, 192 MiB took 33-43 and the
+ * fresh load lost 5 GB/s by it. docs/benchmarks.md.
  */
 #define AEG_PREFETCH_RING_BUFFER_BYTES (4ull << 20)
-#define AEG_PREFETCH_RING_BUFFERS_PER_THREAD 4
+#define AEG_PREFETCH_RING_BUFFERS_PER_THREAD 2
 
 /*
  * aeg_prefetch_ring_coming - the pool @pf was made to get later
