@@ -141,6 +141,31 @@ class TestModelFiles(Base):
         self.assertGreaterEqual(sum(len(c["tensors"]) for c in chunks), len(self.tensors))
         an.release_all_prefetch_events()
 
+    def test_brace_first_is_not_an_index(self):
+        # A safetensors file whose header length starts with the byte '{' (a header of
+        # 256k + 123 bytes), and raw bytes over the 64 MiB an index may have starting
+        # with '{', are loaded as they are, not read as a shard index.
+        blob = safetensors_bytes(self.tensors)
+        n = struct.unpack("<Q", blob[:8])[0]
+        pad = (0x7B - n) % 256
+        header = blob[8:8 + n] + b" " * pad
+        path = os.path.join(self.dir, "brace.bin")
+        write_file(path, struct.pack("<Q", n + pad) + header + blob[8 + n:])
+        self.assertEqual(open(path, "rb").read(1), b"{")
+        self.check_tensors(an.load_model(path))
+        raw = os.path.join(self.dir, "brace-raw.bin")
+        data = b"{" + pattern(64 * MiB, 6)
+        write_file(raw, data)
+        chunks = an.prefetch_file_to_gpu_chunks(raw, 0, 16 * MiB)
+        for c in chunks:
+            an.wait_event_handle_bytes(c["event_handle"], timeout=30)
+        self.assertEqual([(c["file_offset"], c["size"]) for c in chunks],
+                         [(i * 16 * MiB, 16 * MiB) for i in range(4)] + [(64 * MiB, 1)])
+        self.assertEqual(an.chunk_view(chunks[0]).tobytes()[:4096], data[:4096])
+        self.assertEqual(an.chunk_view(chunks[-1]).tobytes(), data[-1:])
+        an.release_all_prefetch_events()
+        self.assertNothingHeld()
+
     def test_files_of_one_name_twice(self):
         shards = split(self.tensors, 3)
         shards[2]["layer0.f64"] = shards[0]["layer0.f64"]

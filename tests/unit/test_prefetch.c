@@ -426,6 +426,146 @@ static void staging_ring_reads(void **state)
 	bare_free(&f, file, path);
 }
 
+/* Before each piece starts: wait while the gate is shut, then note the pool buffers in use. */
+struct pool_watch {
+	aeg_pool_t *pool;
+	uint32_t most;          /* atomic */
+	pthread_mutex_t lock;
+	pthread_cond_t cv;
+	int shut;
+};
+
+static int pool_watch_hook(void *arg, uint64_t load_id, uint32_t item)
+{
+	struct pool_watch *w = arg;
+	struct aeg_pool_stats ps;
+	uint32_t most;
+
+	(void)load_id;
+	(void)item;
+	pthread_mutex_lock(&w->lock);
+	while (w->shut)
+		pthread_cond_wait(&w->cv, &w->lock);
+	pthread_mutex_unlock(&w->lock);
+	if (aeg_pool_stats(w->pool, &ps) != 0)
+		return 0;
+	most = __atomic_load_n(&w->most, __ATOMIC_RELAXED);
+	while (ps.in_use > most &&
+	       !__atomic_compare_exchange_n(&w->most, &most, ps.in_use, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+		;
+	return 0;
+}
+
+static void pool_watch_open(struct pool_watch *w)
+{
+	pthread_mutex_lock(&w->lock);
+	w->shut = 0;
+	pthread_cond_broadcast(&w->cv);
+	pthread_mutex_unlock(&w->lock);
+}
+
+static uint32_t pool_in_use(aeg_pool_t *pool)
+{
+	struct aeg_pool_stats ps;
+
+	assert_int_equal(aeg_pool_stats(pool, &ps), 0);
+	return ps.in_use;
+}
+
+/*
+ * An engine given a pool of buffers larger than a staging ring's (a job's)
+ * READs a large AUTO file through ring-buffer slots carved from as few of
+ * them as its ring needs (4 places, 2 slots a buffer: 2 buffers), and
+ * gives them back as the load ends. With the pool dry the load waits; with
+ * one buffer given back it loads through that one's slots alone; cancelled
+ * while it waits for the pool, it ends and holds nothing.
+ */
+static void pool_slots(void **state)
+{
+	const uint64_t buf = 2 * AEG_PREFETCH_RING_BUFFER_BYTES, size = 40 * MiB + 4321;
+	struct aeg_prefetch_options o = { .chunk_bytes = 4 * MiB };
+	struct aeg_prefetch_config cfg;
+	struct aeg_pool_buffer held[6];
+	struct aeg_prefetch_stats st;
+	struct pool_watch w = { .lock = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+	struct fx f = { 0 };
+	unsigned char *file;
+	char path[128];
+	aeg_load_t *l;
+
+	(void)state;
+	assert_int_equal(aeg_device_open(&f.dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(f.dev, 0, 48 * MiB, &f.slab), 0);
+	snprintf(f.dir, sizeof(f.dir), "/tmp/aegaeon-pf-XXXXXX");
+	assert_non_null(mkdtemp(f.dir));
+	file = raw_file(&f, "model.bin", size, 13, path, sizeof(path));
+	assert_int_equal(aeg_pool_create(f.dev, 0, buf, 6 * buf, &f.pool), 0);
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = 4;
+	cfg.ring_buffers = 4;
+	cfg.small_file_bytes = 1 * MiB;
+	assert_int_equal(aeg_prefetch_create(f.slab, f.pool, &cfg, &f.pf), 0);
+	w.pool = f.pool;
+	aeg_prefetch_set_hook(f.pf, pool_watch_hook, &w);
+
+	/* Through slots of two buffers at most, given back as it ends. */
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(pool_in_use(f.pool), 0);
+	loaded_whole(&f, l, file, size, AEG_FEED_READ);
+	assert_in_range(w.most, 1, 2);
+
+	/* The pool dry: the load waits; one buffer back: it loads through that one. */
+	aeg_prefetch_set_hook(f.pf, NULL, NULL);
+	for (int i = 0; i < 6; i++)
+		assert_int_equal(aeg_pool_acquire(f.pool, 0, &held[i]), 0);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 100), AEG_ETIMEDOUT);
+	aeg_pool_release(f.pool, held[5].index);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(pool_in_use(f.pool), 5);
+	loaded_whole(&f, l, file, size, AEG_FEED_READ);
+
+	/* Cancelled while waiting for the pool. */
+	assert_int_equal(aeg_pool_acquire(f.pool, 0, &held[5]), 0);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 100), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_load_cancel(l), 0);
+	assert_int_equal(aeg_load_wait(l, 10000), AEG_ECANCELED);
+	assert_int_equal(pool_in_use(f.pool), 6);
+	release_load(&f, l);
+	for (int i = 0; i < 6; i++)
+		aeg_pool_release(f.pool, held[i].index);
+
+	assert_int_equal(aeg_prefetch_stats(f.pf, &st), 0);
+	assert_int_equal(st.ring_in_use, 0);
+	assert_int_equal(st.loads, 0);
+	aeg_prefetch_destroy(f.pf);
+	assert_int_equal(pool_in_use(f.pool), 0);
+
+	/*
+	 * The pool given later (a job's): a large load takes MIXED, its pieces
+	 * starting once the pool is there; the workers not registering read
+	 * through slots, given back as it ends.
+	 */
+	cfg.pool_later_buffer_bytes = buf;
+	cfg.piece_bytes = 4 * MiB;
+	assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
+	w.shut = 1;
+	aeg_prefetch_set_hook(f.pf, pool_watch_hook, &w);
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_prefetch_set_pool(f.pf, f.pool, 0, 0), 0);
+	pool_watch_open(&w);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(pool_in_use(f.pool), 0);
+	loaded_whole(&f, l, file, size, AEG_FEED_MIXED);
+	aeg_prefetch_set_hook(f.pf, NULL, NULL);
+	aeg_prefetch_destroy(f.pf);
+	assert_int_equal(pool_in_use(f.pool), 0);
+	aeg_pool_destroy(f.pool);
+	bare_free(&f, file, path);
+}
+
 /*
  * A held engine starts no piece: a load waits, whole, until the hold goes;
  * a cancel or release of a load still ends while held; holds nest; a
@@ -1210,6 +1350,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(raw_file_every_feed),
 		cmocka_unit_test(pool_later_mixed),
 		cmocka_unit_test(staging_ring_reads),
+		cmocka_unit_test(pool_slots),
 		cmocka_unit_test(hold_engine),
 		cmocka_unit_test(topology_later),
 		cmocka_unit_test(empty_file),

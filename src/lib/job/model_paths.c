@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,20 +178,39 @@ static int named_index(const char *path)
 	return n >= 11 && strcmp(path + n - 11, ".index.json") == 0;
 }
 
-/* A file of JSON may be an index whatever its name (one holding a weight_map is). */
-static int looks_like_index(const char *path)
+/*
+ * A file of JSON may be an index whatever its name (one holding a weight_map
+ * is). A file not named as one is taken for one only if it could be one:
+ * no larger than an index may be, starting with '{', and not a safetensors
+ * file, whose first 8 bytes (its header's length, any bytes) are followed
+ * by its header's '{'. A model, or raw bytes, that happens to start with
+ * '{' loads as it is.
+ */
+static int looks_like_index(const char *path, const struct stat *st)
 {
-	char head[1];
-	int fd, json;
+	unsigned char head[9];
+	uint64_t header = 0;
+	ssize_t n;
+	int fd;
 
 	if (named_index(path))
 		return 1;
+	if ((uint64_t)st->st_size > INDEX_MAX_BYTES)
+		return 0;
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return 0;
-	json = read(fd, head, 1) == 1 && head[0] == '{';
+	n = pread(fd, head, sizeof(head), 0);
 	close(fd);
-	return json;
+	if (n < 1 || head[0] != '{')
+		return 0;
+	if (n == (ssize_t)sizeof(head) && head[8] == '{') {
+		for (int i = 7; i >= 0; i--)
+			header = header << 8 | head[i];
+		if (header <= (uint64_t)st->st_size - 8)
+			return 0;
+	}
+	return 1;
 }
 
 int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
@@ -216,7 +236,7 @@ int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 			err = add_path(mf, path, SINGLE_NAME);
 		else
 			err = from_dir(path, mf);
-	} else if (S_ISREG(st.st_mode) && looks_like_index(path)) {
+	} else if (S_ISREG(st.st_mode) && looks_like_index(path, &st)) {
 		err = from_index(path, mf);
 		/* A file of JSON that is no index, and is not named as one, is loaded as it is. */
 		if (err == AEG_EFORMAT && !named_index(path) && strstr(aeg_error_detail(), "not a shard index")) {

@@ -196,6 +196,19 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 			goto fail;
 		pf->buffer_bytes = ps.buffer_bytes;
 	}
+	pf->read_bytes = pf->buffer_bytes;
+	if (!pf->own_pool && pf->buffer_bytes >= 2 * AEG_PREFETCH_RING_BUFFER_BYTES) {
+		/* READ pieces in slots carved from the pool's buffers (prefetch_feed.c). */
+		pf->slots_per_buf = (uint32_t)(pf->buffer_bytes / AEG_PREFETCH_RING_BUFFER_BYTES);
+		pf->read_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
+		pf->max_carved = ((uint32_t)pf->cfg.ring_buffers + pf->slots_per_buf - 1) / pf->slots_per_buf;
+		pf->carved = calloc(pf->max_carved, sizeof(*pf->carved));
+		pf->free_slots = calloc((size_t)pf->max_carved * pf->slots_per_buf, sizeof(*pf->free_slots));
+		if (pf->carved == NULL || pf->free_slots == NULL) {
+			err = aeg_fail(AEG_ENOMEM, "prefetch: out of memory");
+			goto fail;
+		}
+	}
 
 	pf->streams = calloc((size_t)pf->cfg.streams, sizeof(*pf->streams));
 	pf->workers = calloc((size_t)pf->cfg.threads, sizeof(*pf->workers));
@@ -397,8 +410,11 @@ AEG_EXPORT void aeg_prefetch_destroy(aeg_prefetch_t *pf)
 		pthread_join(pf->workers[i], NULL);
 	for (int i = 0; i < pf->nstreams; i++)
 		aeg_stream_destroy(pf->streams[i]);
+	prefetch_slots_drop(pf, 1);     /* every copy has run: the pool outlives the engine */
 	if (pf->own_pool)
 		aeg_pool_destroy(pf->pool);
+	free(pf->carved);
+	free(pf->free_slots);
 	free(pf->streams);
 	free(pf->workers);
 	pthread_cond_destroy(&pf->done_cv);

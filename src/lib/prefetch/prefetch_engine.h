@@ -165,6 +165,7 @@ struct aeg_prefetch {
 	int pool_err;                   /* no pool will come: why */
 	char pool_detail[256];
 	uint64_t buffer_bytes;
+	uint64_t read_bytes;            /* a READ piece: buffer_bytes, or a slot's (below) */
 	struct aeg_prefetch_config cfg;
 	char pci[AEG_PCI_BUS_ID_LEN];
 
@@ -184,6 +185,18 @@ struct aeg_prefetch {
 	struct item *retired;
 	uint64_t next_id;
 	uint32_t ring_in_use;
+	/*
+	 * Slots (prefetch_feed.c): with a pool of buffers larger than a ring
+	 * buffer, READ pieces go into slots of read_bytes carved from as few
+	 * of its buffers as the ring needs (max_carved), the slot given back
+	 * last taken first; the buffers go back to the pool once no load runs.
+	 * slots_per_buf 0: READ pieces take whole pool buffers.
+	 */
+	uint32_t slots_per_buf;
+	uint32_t max_carved, ncarved, carving;
+	uint32_t *carved;                       /* pool buffer indices, max_carved */
+	uint32_t *free_slots;                   /* slot ids (carved index * slots_per_buf + k), a stack */
+	uint32_t nfree;
 	uint32_t registered;
 	uint32_t registering;                   /* MIXED: workers in a registration now */
 	uint64_t deferred_bytes;                /* registered bytes of copied pieces, all loads */
@@ -250,5 +263,7 @@ int prefetch_cache_evict_one(struct aeg_prefetch *pf);
 
 /* prefetch_feed.c: a worker thread, started by aeg_prefetch_create with a malloc'd struct worker_arg. */
 void *prefetch_worker(void *arg);
+/* prefetch_feed.c: give the carved buffers back to the pool when no load runs (@all: at once). Lock held. */
+void prefetch_slots_drop(struct aeg_prefetch *pf, int all);
 
 #endif

@@ -78,14 +78,51 @@ static void chunks_landed(struct aeg_prefetch *pf, struct item *it, uint32_t str
 }
 
 /* Every copy of @it has landed: give back what it holds. Lock held. */
+/*
+ * Slots. An engine given a pool of buffers larger than a staging ring's (a
+ * job's: 32 MiB) reads through slots of AEG_PREFETCH_RING_BUFFER_BYTES
+ * carved from as few of its buffers as the ring needs (3 for 24 slots), the
+ * slot given back last taken first: the bytes a worker reads are then still
+ * in the CPU's last-level cache when the copy engines read them, as with an
+ * engine's own ring (prefetch_internal.h), where 24 whole 32 MiB buffers
+ * in flight would not fit it. The carved buffers go back to the pool when
+ * no load runs (prefetch_slots_drop).
+ */
+
+/* Give back a READ piece's buffer or slot, and its place in the ring. Lock held. */
+static void ring_put(struct aeg_prefetch *pf, uint32_t index)
+{
+	if (pf->slots_per_buf)
+		pf->free_slots[pf->nfree++] = index;
+	else
+		aeg_pool_release(pf->pool, index);
+	pf->ring_in_use--;
+}
+
+void prefetch_slots_drop(struct aeg_prefetch *pf, int all)
+{
+	if (pf->ncarved == 0)
+		return;
+	if (!all) {
+		if (pf->ring_in_use != 0 || pf->carving != 0)
+			return;
+		for (struct aeg_load *l = pf->loads; l; l = l->next)
+			if (l->in_flight)
+				return;
+	}
+	for (uint32_t c = 0; c < pf->ncarved; c++)
+		aeg_pool_release(pf->pool, pf->carved[c]);
+	pf->ncarved = 0;
+	pf->nfree = 0;
+}
+
 static void item_done(struct aeg_prefetch *pf, struct item *it)
 {
 	struct aeg_load *l = it->load;
 
 	if (it->buf >= 0) {
-		aeg_pool_release(pf->pool, (uint32_t)it->buf);
+		ring_put(pf, (uint32_t)it->buf);
 		it->buf = -1;
-		pf->ring_in_use--;
 	}
 	if (it->reg) {
 		/* A worker unregisters it (never a stream's host function: that is
@@ -101,12 +138,10 @@ static void item_done(struct aeg_prefetch *pf, struct item *it)
 
 static void batch_done(struct aeg_prefetch *pf, struct batch *b)
 {
-	if (b->it) {
+	if (b->it)
 		item_done(pf, b->it);
-	} else {
-		aeg_pool_release(pf->pool, (uint32_t)b->buf);
-		pf->ring_in_use--;
-	}
+	else
+		ring_put(pf, (uint32_t)b->buf);
 	free(b);
 	pthread_cond_broadcast(&pf->work_cv);
 }
@@ -266,9 +301,91 @@ static int load_stopped(struct aeg_load *l)
 }
 
 /*
- * A pool buffer for a READ piece, in a ring slot (taken here unless the
- * caller has one), evicting cache entries when the pool is dry. On failure
- * the slot is given back.
+ * A buffer of the pool, evicting cache entries while it is dry; with @wait
+ * 0, AEG_ETIMEDOUT when it is dry and nothing is left to evict.
+ */
+static int pool_take(struct aeg_prefetch *pf, struct aeg_load *l, int wait, struct aeg_pool_buffer *b)
+{
+	int err;
+
+	for (;;) {
+		int evicted;
+
+		err = aeg_pool_acquire(pf->pool, 0, b);
+		if (err != AEG_ETIMEDOUT)
+			return err;
+		pthread_mutex_lock(&pf->lock);
+		evicted = prefetch_cache_evict_one(pf);
+		pthread_mutex_unlock(&pf->lock);
+		if (evicted)
+			continue;
+		if (!wait)
+			return err;
+		err = aeg_pool_acquire(pf->pool, POOL_WAIT_MS, b);
+		if (err != AEG_ETIMEDOUT)
+			return err;
+		if (load_stopped(l))
+			return aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
+	}
+}
+
+/*
+ * A free slot, carving another pool buffer into slots when none is free and
+ * fewer than max_carved are. Lock held (dropped while a buffer is taken).
+ * The caller holds a place in the ring, and ring_buffers <= max_carved *
+ * slots_per_buf, so with every buffer carved a slot is free. Only a worker
+ * with no slot carved and no other worker carving waits for the pool; the
+ * others wait for a slot to come back (a copy in flight ends) or for the
+ * carving to end: a worker blocked on a dry pool while slots come back
+ * would hold its piece, and so its load, up for good.
+ */
+static int slot_get(struct aeg_prefetch *pf, struct aeg_load *l, struct aeg_pool_buffer *b)
+{
+	uint32_t id;
+
+	while (pf->nfree == 0) {
+		struct aeg_pool_buffer pb;
+		int alone, err;
+
+		if (pf->ncarved + pf->carving >= pf->max_carved) {
+			pthread_cond_wait(&pf->work_cv, &pf->lock);
+			continue;
+		}
+		alone = pf->ncarved == 0 && pf->carving == 0;
+		pf->carving++;
+		pthread_mutex_unlock(&pf->lock);
+		err = pool_take(pf, l, 0, &pb);
+		if (err == AEG_ETIMEDOUT && alone)
+			err = aeg_pool_acquire(pf->pool, POOL_WAIT_MS, &pb);
+		pthread_mutex_lock(&pf->lock);
+		pf->carving--;
+		pthread_cond_broadcast(&pf->work_cv);
+		if (err == AEG_ETIMEDOUT) {
+			if (l->stop_err)
+				return aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
+			while (pf->nfree == 0 && (pf->ncarved > 0 || pf->carving > 0))
+				pthread_cond_wait(&pf->work_cv, &pf->lock);
+			continue;
+		}
+		if (err)
+			return err;
+		/* Its first slot on top. */
+		for (uint32_t k = pf->slots_per_buf; k-- > 0;)
+			pf->free_slots[pf->nfree++] = pf->ncarved * pf->slots_per_buf + k;
+		pf->carved[pf->ncarved++] = pb.index;
+	}
+	id = pf->free_slots[--pf->nfree];
+	b->index = id;
+	b->ptr = (char *)aeg_pool_buffer_ptr(pf->pool, pf->carved[id / pf->slots_per_buf]) +
+		 (uint64_t)(id % pf->slots_per_buf) * pf->read_bytes;
+	b->bytes = pf->read_bytes;
+	return 0;
+}
+
+/*
+ * A pool buffer or a slot for a READ piece, in a place of the ring (taken
+ * here unless the caller has one), evicting cache entries when the pool is
+ * dry. On failure the place is given back.
  */
 static int ring_get(struct aeg_prefetch *pf, struct aeg_load *l, int have_slot,
 		    struct aeg_pool_buffer *b)
@@ -291,36 +408,17 @@ static int ring_get(struct aeg_prefetch *pf, struct aeg_load *l, int have_slot,
 	if (pf->pool == NULL) {
 		err = l->stop_err ? aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path) :
 		      aeg_fail(pf->pool_err, "%s: no pinned pool to read it through: %s", l->path, pf->pool_detail);
+	} else if (pf->slots_per_buf) {
+		err = slot_get(pf, l, b);
+	} else {
+		pthread_mutex_unlock(&pf->lock);
+		err = pool_take(pf, l, 1, b);
+		pthread_mutex_lock(&pf->lock);
+	}
+	if (err) {
 		pf->ring_in_use--;
 		pthread_cond_broadcast(&pf->work_cv);
-		pthread_mutex_unlock(&pf->lock);
-		return err;
 	}
-	pthread_mutex_unlock(&pf->lock);
-	for (;;) {
-		int evicted;
-
-		err = aeg_pool_acquire(pf->pool, 0, b);
-		if (err != AEG_ETIMEDOUT)
-			break;
-		pthread_mutex_lock(&pf->lock);
-		evicted = prefetch_cache_evict_one(pf);
-		pthread_mutex_unlock(&pf->lock);
-		if (evicted)
-			continue;
-		err = aeg_pool_acquire(pf->pool, POOL_WAIT_MS, b);
-		if (err != AEG_ETIMEDOUT)
-			break;
-		if (load_stopped(l)) {
-			err = aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
-			break;
-		}
-	}
-	if (err == 0)
-		return 0;
-	pthread_mutex_lock(&pf->lock);
-	pf->ring_in_use--;
-	pthread_cond_broadcast(&pf->work_cv);
 	pthread_mutex_unlock(&pf->lock);
 	return err;
 }
@@ -331,9 +429,9 @@ static int item_abort(struct aeg_prefetch *pf, struct item *it, int err)
 	sync_streams(pf);
 	pthread_mutex_lock(&pf->lock);
 	if (it->buf >= 0) {
-		aeg_pool_release(pf->pool, (uint32_t)it->buf);
+		ring_put(pf, (uint32_t)it->buf);
 		it->buf = -1;
-		pf->ring_in_use--;
+		pthread_cond_broadcast(&pf->work_cv);
 	}
 	pthread_mutex_unlock(&pf->lock);
 	if (it->reg) {
@@ -346,13 +444,13 @@ static int item_abort(struct aeg_prefetch *pf, struct item *it, int err)
 	return err;
 }
 
-/* READ into pool buffers of the ring, a buffer per sub-range, for an MMAP item whose registration was refused. */
+/* READ into buffers (or slots) of the ring, one per sub-range, for a mapped piece not registered. */
 static int read_through_ring(struct aeg_prefetch *pf, struct item *it)
 {
 	struct aeg_load *l = it->load;
 
-	for (uint64_t b = it->begin; b < it->end; b += pf->buffer_bytes) {
-		uint64_t e = b + pf->buffer_bytes < it->end ? b + pf->buffer_bytes : it->end;
+	for (uint64_t b = it->begin; b < it->end; b += pf->read_bytes) {
+		uint64_t e = b + pf->read_bytes < it->end ? b + pf->read_bytes : it->end;
 		uint64_t mask = streams_of(pf, l, b, e);
 		struct aeg_pool_buffer buf;
 		struct batch *sb;
@@ -386,8 +484,7 @@ fail:
 		sync_streams(pf);
 		free(sb);
 		pthread_mutex_lock(&pf->lock);
-		aeg_pool_release(pf->pool, buf.index);
-		pf->ring_in_use--;
+		ring_put(pf, buf.index);
 		pthread_cond_broadcast(&pf->work_cv);
 		pthread_mutex_unlock(&pf->lock);
 		return err;
@@ -938,6 +1035,7 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 	l->end_ns = aeg_now_ns();
 	l->in_flight = 0;
 	aeg_loads_end();
+	prefetch_slots_drop(pf, 0);
 	l->cleaning = 1;
 	pthread_cond_broadcast(&pf->done_cv);
 	pthread_mutex_unlock(&pf->lock);

@@ -394,18 +394,19 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 	pthread_mutex_unlock(&pf->lock);
 
 	/*
-	 * AUTO: through a staging ring every file is READ (its small buffers
-	 * are read from the CPU's cache; registering pieces beside it only
-	 * holds its submissions up), waiting for the ring if it is still
-	 * being made. With a pool given later that is not there yet (a job's,
-	 * seconds to make), a small file is mapped and a large one MIXED,
-	 * registering every piece until the pool comes and reading through
-	 * it from then on (lane_take). Else small files READ, large MIXED.
+	 * AUTO: through a staging ring, or slots carved from the pool's
+	 * buffers, every file is READ (small buffers are read from the CPU's
+	 * cache; registering pieces beside them only holds their submissions
+	 * up), waiting for the ring if it is still being made. With a pool
+	 * given later that is not there yet (a job's, seconds to make), a
+	 * small file is mapped and a large one MIXED, registering every piece
+	 * until the pool comes and reading through it from then on
+	 * (lane_take). Else small files READ, large MIXED.
 	 */
 	l->feed = o->feed;
 	pthread_mutex_lock(&pf->lock);
 	if (l->feed == AEG_FEED_AUTO) {
-		if (pf->staging_ring && !l->filling) {
+		if ((pf->staging_ring || (pf->slots_per_buf && pf->pool != NULL)) && !l->filling) {
 			l->feed = AEG_FEED_READ;
 			ring_later = pf->pool == NULL;
 		} else if (pf->pool == NULL)
@@ -433,8 +434,8 @@ static void choose_feed(struct aeg_prefetch *pf, struct aeg_load *l,
 			pthread_mutex_unlock(&pf->lock);
 		}
 	}
-	/* A cache fill goes piece by piece into the entry's buffers. */
-	l->item_bytes = mapped(l) && !l->filling ? pf->cfg.piece_bytes : pf->buffer_bytes;
+	/* A cache fill goes piece by piece into the entry's buffers; a READ piece fills a slot or buffer. */
+	l->item_bytes = l->filling ? pf->buffer_bytes : mapped(l) ? pf->cfg.piece_bytes : pf->read_bytes;
 	if (l->feed == AEG_FEED_READ && pf->cfg.direct_io && !l->filling) {
 		l->dfd = open(l->path, O_RDONLY | O_CLOEXEC | O_DIRECT);
 		if (l->dfd < 0)
