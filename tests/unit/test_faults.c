@@ -676,6 +676,56 @@ static void pool_stopped(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
+/*
+ * A pool made in the background (the agent's, stoppable) populates nothing
+ * while a load runs in the process, for up to 2 s: made while one runs it
+ * is not there 300 ms later and comes once the load ends, saying how long
+ * it waited; while loads run past the 2 s it is made all the same. A pool
+ * made for a caller waiting on it (aeg_pool_create) does not wait.
+ */
+static void pool_population_yields(void **state)
+{
+	struct stoppable_maker m = { 0 };
+	struct aeg_pool_timing tm;
+	aeg_pool_t *pool;
+	pthread_t t;
+	uint64_t t0;
+
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_device_open(&m.dev, AEG_DEVICE_HOST), 0);
+
+	aeg_loads_begin();
+	assert_int_equal(pthread_create(&t, NULL, make_stoppable, &m), 0);
+	usleep(300000);
+	assert_null(__atomic_load_n(&m.pool, __ATOMIC_ACQUIRE));
+	aeg_loads_end();
+	pthread_join(t, NULL);
+	assert_int_equal(m.err, 0);
+	aeg_pool_timing(m.pool, &tm);
+	assert_in_range(tm.yield_ns, 100000000ull, 1900000000ull);
+	aeg_pool_destroy(m.pool);
+
+	aeg_loads_begin();
+	t0 = aeg_now_ns();
+	m.pool = NULL;
+	assert_int_equal(pthread_create(&t, NULL, make_stoppable, &m), 0);
+	pthread_join(t, NULL);
+	assert_int_equal(m.err, 0);
+	assert_true(aeg_now_ns() - t0 >= 2000000000ull);
+	aeg_pool_timing(m.pool, &tm);
+	assert_in_range(tm.yield_ns, 1900000000ull, 2500000000ull);
+	aeg_pool_destroy(m.pool);
+
+	assert_int_equal(aeg_pool_create(m.dev, 0, MiB, 64 * MiB, &pool), 0);
+	aeg_pool_timing(pool, &tm);
+	assert_int_equal(tm.yield_ns, 0);
+	aeg_pool_destroy(pool);
+	aeg_loads_end();
+
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+	aeg_device_close(m.dev);
+}
+
 /* Huge pages demanded, more than are free: the error says how many are missing and how to get them. */
 static void pool_hugepages_short(void **state)
 {
@@ -714,6 +764,7 @@ int main(void)
 		cmocka_unit_test(pool_population_fails),
 		cmocka_unit_test(pool_waits_for_loads),
 		cmocka_unit_test(pool_stopped),
+		cmocka_unit_test(pool_population_yields),
 		cmocka_unit_test(pool_hugepages_short),
 	};
 

@@ -19,6 +19,7 @@ struct aeg_pool_timing {
 	uint64_t total_ns;
 	uint64_t page_bytes;    /* 4096, or 2 MiB for hugetlb pages */
 	unsigned threads;       /* that populated the pages */
+	uint64_t yield_ns;      /* of populate_ns, the longest a thread waited for the process's loads */
 };
 
 void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
@@ -114,7 +115,10 @@ void aeg_pool_list_counts(const struct aeg_pool_list *l, struct aeg_pool_stats *
  * aeg_pool_create_stoppable - aeg_pool_create that stops as soon as @stop is
  * set (between 4 MiB population steps and registration pieces; the agent
  * stopping while it makes a pool of many GiB): AEG_ECANCELED, with how far
- * it got, and nothing made left behind.
+ * it got, and nothing made left behind. Made in the background beside the
+ * process's loads (the agent's job-start load), it lets them run first: no
+ * population starts while a load runs, for up to 2 s in all, and no piece
+ * is registered while one runs until every page is in.
  */
 int aeg_pool_create_stoppable(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
 			      const atomic_int *stop, aeg_pool_t **poolp);
