@@ -143,8 +143,8 @@ class TestModelFiles(Base):
 
     def test_brace_first_is_not_an_index(self):
         # A safetensors file whose header length starts with the byte '{' (a header of
-        # 256k + 123 bytes), and raw bytes over the 64 MiB an index may have starting
-        # with '{', are loaded as they are, not read as a shard index.
+        # 256k + 123 bytes) loads as the model it is; raw bytes over the 64 MiB an index
+        # may have, starting with '{', load as they are (they were refused as an index).
         blob = safetensors_bytes(self.tensors)
         n = struct.unpack("<Q", blob[:8])[0]
         pad = (0x7B - n) % 256

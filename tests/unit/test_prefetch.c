@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@
 #include <aegaeon/aegaeon.h>
 
 #include "internal.h"
+#include "pinned_internal.h"
 #include "prefetch_internal.h"
 #include "topo_internal.h"
 #include "chunkcheck.h"
@@ -488,6 +490,8 @@ static void pool_slots(void **state)
 	struct aeg_pool_buffer held[6];
 	struct aeg_prefetch_stats st;
 	struct pool_watch w = { .lock = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+	struct aeg_pool_timing tm;
+	atomic_int stop = 0;
 	struct fx f = { 0 };
 	unsigned char *file;
 	char path[128];
@@ -560,6 +564,24 @@ static void pool_slots(void **state)
 	assert_int_equal(pool_in_use(f.pool), 0);
 	loaded_whole(&f, l, file, size, AEG_FEED_MIXED);
 	aeg_prefetch_set_hook(f.pf, NULL, NULL);
+	aeg_prefetch_destroy(f.pf);
+	assert_int_equal(pool_in_use(f.pool), 0);
+	aeg_pool_destroy(f.pool);
+
+	/*
+	 * A READ load waiting for the pool its engine gets later is not a load
+	 * that pool's population (an agent's, made in the background) lets run
+	 * first: it would wait for itself, 2 s.
+	 */
+	assert_int_equal(aeg_prefetch_create(f.slab, NULL, &cfg, &f.pf), 0);
+	o.feed = AEG_FEED_READ;
+	assert_int_equal(aeg_prefetch_file(f.pf, path, &o, &l), 0);
+	assert_int_equal(aeg_load_wait(l, 100), AEG_ETIMEDOUT);
+	assert_int_equal(aeg_pool_create_stoppable(f.dev, 0, buf, 6 * buf, &stop, &f.pool), 0);
+	aeg_pool_timing(f.pool, &tm);
+	assert_in_range(tm.yield_ns, 0, 1000000000ull);
+	assert_int_equal(aeg_prefetch_set_pool(f.pf, f.pool, 0, 0), 0);
+	loaded_whole(&f, l, file, size, AEG_FEED_READ);
 	aeg_prefetch_destroy(f.pf);
 	assert_int_equal(pool_in_use(f.pool), 0);
 	aeg_pool_destroy(f.pool);

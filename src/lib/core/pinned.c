@@ -347,6 +347,15 @@ static int cancelled(const atomic_int *cancel)
 	return cancel != NULL && atomic_load_explicit(cancel, memory_order_relaxed) != 0;
 }
 
+/* Wait on @p's cv (CLOCK_MONOTONIC) for at most a millisecond, @p->lock held. */
+static void nap(struct populating *p)
+{
+	uint64_t at = aeg_now_ns() + 1000000;
+	struct timespec ts = { .tv_sec = (time_t)(at / 1000000000ull), .tv_nsec = (long)(at % 1000000000ull) };
+
+	pthread_cond_timedwait(&p->cv, &p->lock, &ts);
+}
+
 /* Fault [p, +n) in, a step at a time; an errno (ECANCELED once @cancel is set). */
 static int populate_range(char *p, uint64_t n, const atomic_int *cancel)
 {
@@ -389,10 +398,7 @@ static void *populate_main(void *arg)
 
 		if (now < p->yield_until_ns && aeg_loads_active() > 0 && !cancelled(p->cancel)) {
 			/* Let the load run: look again in a millisecond. */
-			struct timespec ts;
-
-			aeg_deadline_after(&ts, 1);
-			pthread_cond_timedwait(&p->cv, &p->lock, &ts);
+			nap(p);
 			yielded += aeg_now_ns() - now;
 			continue;
 		}
@@ -459,10 +465,7 @@ static int populated_through(struct populating *p, uint64_t end)
 			break;
 		if ((uint64_t)p->ready * POPULATE_UNIT >= end) {
 			/* Only a load holds this piece back: look again in a millisecond. */
-			struct timespec ts;
-
-			aeg_deadline_after(&ts, 1);
-			pthread_cond_timedwait(&p->cv, &p->lock, &ts);
+			nap(p);
 		} else {
 			pthread_cond_wait(&p->cv, &p->lock);
 		}
@@ -509,6 +512,7 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 				.yield_until_ns = pool->background ? t0 + POPULATE_YIELD_MAX_NS : 0 };
 	unsigned n = populate_threads(pool->map_bytes, pl, page == POOL_PAGE && !pool->private_pool), used = 0;
 	pthread_t tids[POPULATE_THREADS];
+	pthread_condattr_t ca;
 	int err;
 
 	pool->data = (char *)pool->map + header;
@@ -517,7 +521,10 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 	if (p.done == NULL)
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
 	pthread_mutex_init(&p.lock, NULL);
-	pthread_cond_init(&p.cv, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* nap(): a wall clock step cannot stretch it */
+	pthread_cond_init(&p.cv, &ca);
+	pthread_condattr_destroy(&ca);
 	for (unsigned i = 0; i < n; i++)
 		if (pthread_create(&tids[used], NULL, populate_main, &p) == 0)
 			used++;

@@ -139,6 +139,7 @@ struct aeg_load {
 
 	/* Under pf->lock. */
 	uint32_t next_item, items_left, issuing;
+	uint32_t pool_waiters;                  /* workers waiting for a pool given later (ring_get) */
 	struct item *unreg;                     /* copied pieces still registered, unregistered at the end */
 	int in_flight, finish_queued, stop_err, status;
 	int cleaning;                           /* settled; host side not given back yet */

@@ -347,6 +347,8 @@ static int slot_get(struct aeg_prefetch *pf, struct aeg_load *l, struct aeg_pool
 		struct aeg_pool_buffer pb;
 		int alone, err;
 
+		if (l->stop_err)
+			return aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
 		if (pf->ncarved + pf->carving >= pf->max_carved) {
 			pthread_cond_wait(&pf->work_cv, &pf->lock);
 			continue;
@@ -363,7 +365,7 @@ static int slot_get(struct aeg_prefetch *pf, struct aeg_load *l, struct aeg_pool
 		if (err == AEG_ETIMEDOUT) {
 			if (l->stop_err)
 				return aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path);
-			while (pf->nfree == 0 && (pf->ncarved > 0 || pf->carving > 0))
+			while (pf->nfree == 0 && (pf->ncarved > 0 || pf->carving > 0) && !l->stop_err)
 				pthread_cond_wait(&pf->work_cv, &pf->lock);
 			continue;
 		}
@@ -402,9 +404,19 @@ static int ring_get(struct aeg_prefetch *pf, struct aeg_load *l, int have_slot,
 		}
 		pf->ring_in_use++;
 	}
-	/* A pool given later (the job's, still being made): wait for it. */
-	while (pf->pool == NULL && pf->pool_err == 0 && !l->stop_err)
-		pthread_cond_wait(&pf->work_cv, &pf->lock);
+	/*
+	 * A pool given later (the job's, still being made): wait for it. Meanwhile
+	 * the load is not one that pool's population lets run first
+	 * (aeg_loads_active): it would wait for itself.
+	 */
+	if (pf->pool == NULL && pf->pool_err == 0 && !l->stop_err) {
+		if (l->pool_waiters++ == 0)
+			aeg_loads_end();
+		while (pf->pool == NULL && pf->pool_err == 0 && !l->stop_err)
+			pthread_cond_wait(&pf->work_cv, &pf->lock);
+		if (--l->pool_waiters == 0)
+			aeg_loads_begin();
+	}
 	if (pf->pool == NULL) {
 		err = l->stop_err ? aeg_fail(AEG_ECANCELED, "%s: load stopped", l->path) :
 		      aeg_fail(pf->pool_err, "%s: no pinned pool to read it through: %s", l->path, pf->pool_detail);
@@ -725,8 +737,10 @@ static int run_item(struct aeg_prefetch *pf, struct item *it)
 		if (err)
 			return err;
 		ib = batch_new(pf, it, -1, mask);
-		if (ib == NULL)
-			return AEG_ENOMEM;
+		if (ib == NULL) {
+			sync_streams(pf);       /* the ring's copies give their places back */
+			return aeg_fail(AEG_ENOMEM, "%s: out of memory", l->path);
+		}
 		t = aeg_now_ns();
 		err = record_chunks(pf, it);
 		if (err == 0)
