@@ -23,16 +23,20 @@ typedef struct aeg_load aeg_load_t;            /* one file being (or done) loadi
  *   registered read-only (AEG_HOST_REGISTER_READONLY) and copied as soon as
  *   it is registered, then unregistered. Fastest for cached files.
  * READ: pread by threads pinned near the GPU into buffers of the pinned pool
- *   (a bounded ring), copied on several streams. Works on any file system.
+ *   (a bounded ring; a pool of buffers of 8 MiB or more is read through
+ *   4 MiB slots carved from a few of them), copied on several streams.
+ *   Works on any file system.
  * MIXED: both at once on one mapped file: at most mmap_threads workers
  *   register pieces (registrations serialize in the driver), the others
  *   read pieces through the ring; the copy engines take from both.
  * CACHE: the file is in the host model cache: a pure pinned->GPU copy.
  * AUTO picks per file: CACHE on a hit; READ through an engine's own staging
- * ring (aeg_prefetch_create given no pool, or a ring being made), whose
- * small buffers are still in the CPU's last-level cache when the copy
- * engines read them; else READ for files under small_file_bytes or where
- * registration is refused (logged), MIXED for larger ones. A load filling the
+ * ring (aeg_prefetch_create given no pool, or a ring being made) or through
+ * slots of a pool that is there, whose small buffers are still in the CPU's
+ * last-level cache when the copy engines read them; else (a pool of small
+ * buffers, or one given later and not there yet) READ for files under
+ * small_file_bytes or where registration is refused (logged), MIXED for
+ * larger ones. A load filling the
  * cache reads its pieces into the cache's buffers, or (MIXED) registers them
  * and copies them back from the GPU into those buffers, the copy engines'
  * other direction.
