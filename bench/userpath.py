@@ -541,8 +541,12 @@ def slurm_e2e(run, m, timeout):
         finally:
             stop.cancel()
         if run.args.out:
-            with open(os.path.join(os.path.dirname(os.path.abspath(run.args.out)), "userpath-slurm.log"), "w") as f:
+            out_dir = os.path.dirname(os.path.abspath(run.args.out))
+            with open(os.path.join(out_dir, "userpath-slurm.log"), "w") as f:
                 f.writelines(log)
+            # The agents' log lines (their level: $AEGAEON_E2E_AGENT_LOG, slurm_e2e.sh --help).
+            if os.path.exists(os.path.join(tmp, "agent-syslog.log")):
+                shutil.copy(os.path.join(tmp, "agent-syslog.log"), os.path.join(out_dir, "userpath-agent-syslog.log"))
         try:
             with open(os.path.join(tmp, "e2e.json")) as f:
                 doc = json.load(f)

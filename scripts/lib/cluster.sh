@@ -276,6 +276,49 @@ cluster_start() {
 	clog "cluster up in $T (ports $base-$((base + CLUSTER_NODES)))"
 }
 
+# The agents log to syslog(3). On a machine with no /dev/log (a container),
+# syslog_listen binds one for a while and keeps what arrives in
+# $T/log/syslog; agent_logged looks there, else in the journal and the usual
+# syslog files.
+SYSLOG_PID=
+syslog_listen() {
+	[[ -e /dev/log ]] && return 0
+	/usr/bin/python3 -c '
+import os, signal, socket, sys
+out = open(sys.argv[1], "ab", buffering=0)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/dev/log")
+ino = os.stat("/dev/log").st_ino
+os.chmod("/dev/log", 0o666)
+def stop(*_):
+    try:
+        if os.stat("/dev/log").st_ino == ino:   # only the one bound here
+            os.unlink("/dev/log")
+    except OSError:
+        pass
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    out.write(s.recv(65536) + b"\n")' "$T/log/syslog" 2>>"$T/log/syslog.err" &
+	SYSLOG_PID=$!
+	wait_for 5 test -S /dev/log
+}
+syslog_stop() {
+	[[ -n $SYSLOG_PID ]] || return 0
+	kill -TERM "$SYSLOG_PID" 2>/dev/null
+	wait "$SYSLOG_PID" 2>/dev/null
+	SYSLOG_PID=
+}
+# agent_logged ERE: within 5 s, a line of the agents' syslog matches
+agent_logged() {
+	if [[ -f $T/log/syslog ]]; then
+		wait_for 5 grep -qE -- "$1" "$T/log/syslog"
+	else
+		wait_for 5 bash -c '{ journalctl -q --no-pager -t aegaeond --since -10min 2>/dev/null
+			cat /var/log/syslog /var/log/daemon.log /var/log/messages 2>/dev/null; } | grep -qE -- "$1"' _ "$1"
+	fi
+}
+
 # Processes that belong to this cluster but were not started here directly:
 # slurmstepd, job tasks, agents. Found by cwd, command line or environment
 # naming the temp dir.

@@ -43,6 +43,10 @@
 #   --repeat N     jobs per figure with --userpath [3]
 #   --hugepages-only with --userpath: only the figures with huge pages reserved
 #                  (the plain job's baseline is taken with them too)
+#   --agent-log LEVEL  the agents' log level (debug, info, warn, error)
+#                  [$AEGAEON_E2E_AGENT_LOG, else info]; their syslog lines are
+#                  written to $OUT/agent-syslog.log when OUT is set (where this
+#                  machine has no /dev/log, the test listens on one)
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 here=$(cd "$(dirname "$0")" && pwd)
@@ -62,6 +66,7 @@ kv_only=0
 userpath=0
 model_a=
 repeat=3
+agent_log=${AEGAEON_E2E_AGENT_LOG:-info}
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--prefix) prefix=$2; shift 2 ;;
@@ -78,6 +83,7 @@ while [[ $# -gt 0 ]]; do
 	--userpath) userpath=1; shift ;;
 	--model-a) model_a=$2; shift 2 ;;
 	--repeat) repeat=$2; shift 2 ;;
+	--agent-log) agent_log=$2; shift 2 ;;
 	-h | --help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "slurm_e2e.sh: unknown argument '$1' (--help lists them)" >&2; exit 2 ;;
 	esac
@@ -126,6 +132,8 @@ if [[ -z $python ]]; then
 	if ((host)); then python=/usr/bin/python3; else python=/opt/torch/.venv/bin/python3; fi
 fi
 [[ $repeat =~ ^[1-9][0-9]?$ ]] || { echo "slurm_e2e.sh: --repeat '$repeat' is not a number of jobs from 1 to 99" >&2; exit 2; }
+[[ $agent_log =~ ^(debug|info|warn|error)$ ]] ||
+	{ echo "slurm_e2e.sh: --agent-log '$agent_log' is not one of debug, info, warn, error" >&2; exit 2; }
 [[ -z $model_a || $userpath = 1 ]] || { echo "slurm_e2e.sh: --model-a is for --userpath" >&2; exit 2; }
 if [[ -n $model_a ]]; then
 	[[ -f $model_a && -r $model_a ]] || { echo "slurm_e2e.sh: --model-a '$model_a' is not a readable file" >&2; exit 2; }
@@ -261,14 +269,32 @@ cluster_site_config() {
 	model_cache = "$cache";
 	agent_start_timeout = 120.0;
 	agent_stop_timeout = 5.0;
-	log_level = "info";
+	log_level = "$agent_log";
 	CONF
+}
+
+# The agents' syslog lines since the test began, to $OUT/agent-syslog.log.
+save_agent_log() {
+	local log=$OUT/agent-syslog.log
+	mkdir -p "$OUT"
+	if [[ -f $T/log/syslog ]]; then
+		grep -a 'aegaeond' "$T/log/syslog" >"$log"
+	else
+		{ journalctl -q --no-pager -t aegaeond --since "@$t_began" 2>/dev/null ||
+			cat /var/log/syslog /var/log/daemon.log /var/log/messages 2>/dev/null; } | grep -a 'aegaeond' >"$log"
+	fi
+	note "the agents' log ($agent_log): $(wc -l <"$log") lines in $log"
 }
 
 finish() {
 	local json
 	trap - EXIT
-	[[ -n ${T:-} ]] && { [[ $keep = 1 ]] && CLUSTER_KEEP=1; cluster_stop; }
+	if [[ -n ${T:-} ]]; then
+		[[ -n ${OUT:-} ]] && save_agent_log
+		syslog_stop
+		[[ $keep = 1 ]] && CLUSTER_KEEP=1
+		cluster_stop
+	fi
 	if [[ $keep = 1 ]]; then note "kept $E"; else rm -rf "$E"; [[ -n $model_parent ]] && rm -rf "$M"; fi
 	if [[ -f $LDCONF ]]; then rm -rf "$LDCONF" "$LIBS"; ldconfig; fi
 	[[ -n ${hp_old:-} && $(cat /proc/sys/vm/nr_hugepages) != "$hp_old" ]] && echo "$hp_old" >/proc/sys/vm/nr_hugepages
@@ -328,7 +354,9 @@ if ((!kv_only)); then
 	((userpath)) || b_size=$(stat -c %s "$Bm")
 fi
 
+t_began=$(date +%s)
 cluster_start || die "the cluster did not start"
+syslog_listen || note "no syslog listener: the agents' lines are looked for in the journal"
 chmod 755 "$T/work"
 W=$T/work
 JOB_ENV=(env PATH="$(dirname "$python"):$E/opt/bin:/usr/bin:/bin" PYTHONPATH="$E/opt/py" PYTHONDONTWRITEBYTECODE=1)
