@@ -273,7 +273,8 @@ cluster_site_config() {
 	CONF
 }
 
-# The agents' syslog lines since the test began, to $OUT/agent-syslog.log.
+# The agents' syslog lines to $OUT/agent-syslog.log: those the test's listener kept, else the
+# journal's since the test began, else every aegaeond line of the syslog files.
 save_agent_log() {
 	local log=$OUT/agent-syslog.log
 	mkdir -p "$OUT"

@@ -77,7 +77,6 @@ static void chunks_landed(struct aeg_prefetch *pf, struct item *it, uint32_t str
 	}
 }
 
-/* Every copy of @it has landed: give back what it holds. Lock held. */
 /*
  * Slots. An engine given a pool of buffers larger than a staging ring's (a
  * job's: 32 MiB) reads through slots of AEG_PREFETCH_RING_BUFFER_BYTES
@@ -116,6 +115,7 @@ void prefetch_slots_drop(struct aeg_prefetch *pf, int all)
 	pf->nfree = 0;
 }
 
+/* Every copy of @it has landed: give back what it holds. Lock held. */
 static void item_done(struct aeg_prefetch *pf, struct item *it)
 {
 	struct aeg_load *l = it->load;
