@@ -15,8 +15,10 @@ processes (or Slurm jobs); every tensor is checked bit for bit against the file
           cache -> every tensor a torch tensor on the GPU: aegaeon_native vs
           safetensors' load_file, fastsafetensors (nogds) and instanttensor
   hf      a transformers checkpoint (about 4.45 GiB, 5 shards + index), fresh
-          process: meta model + load_safetensors per shard +
-          load_state_dict(assign=True) vs from_pretrained(device_map="cuda")
+          process: aegaeon_native.torch.from_pretrained (the load started, the
+          model built on meta meanwhile, then filled) vs transformers'
+          from_pretrained(device_map="cuda"); the model's code is imported
+          before the clock for both, as torch is
   slurm   real Slurm jobs (tests/gpu/slurm_e2e.sh --userpath; root): submit ->
           model A ready in the first step with and without huge pages, job start
           overhead, a new step's first use, a load through the job's agent
@@ -105,6 +107,8 @@ class Run:
         if r.returncode != 0 or result is None:
             msg = " | ".join(r.stderr.strip().splitlines()[-3:]) or "no output"
             raise ChildError("%s %s: exit %d: %s" % (task["task"], task.get("loader", ""), r.returncode, msg))
+        if task.get("profile"):
+            result["profile"] = r.stderr
         return result
 
     def cli(self):
@@ -320,6 +324,8 @@ def row_fresh(run, m):
         for name, s in all_s.items():
             run_series(run, name, s, {"task": "load", "loader": name, "path": m.a, "device": run.args.device},
                        lambda r: compare(ref, r["tensors"]))
+    if run.args.profile:
+        profile_run(run, "fresh", {"task": "load", "loader": "aegaeon", "path": m.a, "device": run.args.device})
     ours, base = all_s["aegaeon"], [s for n, s in all_s.items() if n != "aegaeon"]
     r = row("fresh", what, ours=series_text(ours, nbytes), baselines="; ".join(series_text(s, nbytes) for s in base),
             target=">= 48 GB/s, >= 1.9x the best peer", status="failed" if ours_failed(ours) else "ok",
@@ -383,6 +389,25 @@ def logits_differ(a, b):
     return "largest difference %.3g" % max(abs(p - q) for p, q in zip(x, y))
 
 
+def profile_run(run, row_name, task):
+    """One more fresh process of aegaeon's loader under cProfile (not in the
+    figures: the profiler slows Python down): its top --profile calls by
+    cumulative time to userpath-profile-ROW.txt beside --out, else to stderr."""
+    try:
+        r = run.child(dict(task, profile=run.args.profile))
+    except ChildError as e:
+        run.say("  %s: the profiled run FAILED: %s" % (row_name, e))
+        return
+    text = "%s, %.3f s under the profiler\n%s" % (row_name, r.get("seconds", 0), r.get("profile", ""))
+    if run.args.out:
+        path = os.path.join(os.path.dirname(os.path.abspath(run.args.out)), "userpath-profile-%s.txt" % row_name)
+        with open(path, "w") as f:
+            f.write(text)
+        run.say("  %s: profile written to %s" % (row_name, path))
+    else:
+        sys.stderr.write(text)
+
+
 def row_hf(run, m):
     what = "a transformers checkpoint saved by save_pretrained (shards + index), fresh process -> the model ready"
     if m.hf_skip or m.hf_error:
@@ -407,6 +432,9 @@ def row_hf(run, m):
                 if r is not None:
                     s["how"] = r["how"]
                     logits.append((r["logits_digest"], path, name))
+        if run.args.profile:
+            profile_run(run, "hf", {"task": "hf", "loader": "aegaeon", "dir": m.hf,
+                                    "logits": os.path.join(tmp, "logits-profile"), "device": run.args.device})
         diff = [x for x in logits if x[0] != logits[0][0]]
         if diff:
             logits_note = "LOGITS DIFFER: a run of %s against the first of %s: %s" % (
@@ -545,8 +573,10 @@ def slurm_e2e(run, m, timeout):
             with open(os.path.join(out_dir, "userpath-slurm.log"), "w") as f:
                 f.writelines(log)
             # The agents' log lines (their level: $AEGAEON_E2E_AGENT_LOG, slurm_e2e.sh --help).
-            if os.path.exists(os.path.join(tmp, "agent-syslog.log")):
-                shutil.copy(os.path.join(tmp, "agent-syslog.log"), os.path.join(out_dir, "userpath-agent-syslog.log"))
+            # The cluster's slurmd.log and slurmctld.log come with them.
+            for name in ("agent-syslog.log", "slurmd.log", "slurmctld.log"):
+                if os.path.exists(os.path.join(tmp, name)):
+                    shutil.copy(os.path.join(tmp, name), os.path.join(out_dir, "userpath-" + name))
         try:
             with open(os.path.join(tmp, "e2e.json")) as f:
                 doc = json.load(f)
@@ -670,6 +700,9 @@ def main():
     p.add_argument("--cli", help="aegaeon-cli [the one on PATH]")
     p.add_argument("--builddir", help="the build tree for the Slurm rows outside a GPU bundle")
     p.add_argument("--budget", type=float, default=0, help="seconds: rows that would not fit are skipped [no limit]")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="one more run of aegaeon's hf and fresh loaders under cProfile, its top N calls "
+                        "written beside --out (not in the figures) [0: none]")
     p.add_argument("--out", help="the table as JSON, rewritten after each row")
     args = p.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]

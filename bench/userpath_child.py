@@ -182,8 +182,11 @@ def task_write_hf(a):
     config = llama_config(transformers, a["preset"])
     dev = "cuda:0" if a["device"] == "cuda" else "cpu"
     torch.manual_seed(a.get("seed", 5))
-    with torch.device(dev):
+    if dev == "cpu":        # where torch makes it anyway (torch before 2.0 has no device context)
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    else:
+        with torch.device(dev):
+            model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(a["dir"], max_shard_size=a["shard"])
     for name in os.listdir(a["dir"]):
         os.chmod(os.path.join(a["dir"], name), 0o644)
@@ -310,10 +313,18 @@ def task_load(a):
     an = sys.modules.get("aegaeon_native") if a["loader"] == "aegaeon" else None
     if an is not None:
         spans(an)               # what the import timed is not the load's
+    prof = None
+    if a.get("profile"):
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = now()
     tensors, keep = fn(a["path"], a["device"])
     sync(a["device"])
     seconds = now() - t0
+    if prof is not None:
+        prof.disable()
+        profile_report(prof, a["profile"])
     timed = spans(an) if an is not None else None
     meta = {n: meta_of(t) for n, t in tensors.items()}
     digests = checker(a["device"]).digests(tensors)
@@ -419,10 +430,19 @@ def hf_aegaeon(transformers, a, kw, dev):
     import aegaeon_native as an
     config = transformers.AutoConfig.from_pretrained(a["dir"])
     load_into = aegaeon_load_into(an)
+    from_pretrained = getattr(getattr(an, "torch", None), "from_pretrained", None)
     spans(an)
+    if from_pretrained is not None:
+        # The load starts first and runs while the model is built on the meta device.
+        t0 = now()
+        model = from_pretrained(a["dir"], device=dev, attn_implementation="sdpa", **kw)
+        t1 = now()
+        sync(a["device"])
+        return model, t0, "aegaeon_native.torch.from_pretrained", [], [["from_pretrained", t1 - t0]]
     t0 = now()
     with params_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kw)
+    t1 = now()
     keep = []
     if load_into is not None:
         load_into(model, a["dir"])
@@ -435,15 +455,29 @@ def hf_aegaeon(transformers, a, kw, dev):
             state.update(as_tensors(views))
         model.load_state_dict(state, assign=True, strict=True)
         how = "meta model + load_safetensors per shard + load_state_dict(assign=True)"
+    t2 = now()
     model.to(dev).eval()      # the buffers made on the CPU; the parameters are there already
-    return model, t0, how, keep
+    sync(a["device"])
+    phases = [["model built on meta (transformers)", t1 - t0], ["the checkpoint into it", t2 - t1],
+              ["buffers to the device", now() - t2]]
+    return model, t0, how, keep, phases
 
 
 def hf_from_pretrained(transformers, a, kw, dev):
     t0 = now()
     model = transformers.AutoModelForCausalLM.from_pretrained(a["dir"], device_map=dev, attn_implementation="sdpa",
                                                               **kw).eval()
-    return model, t0, "AutoModelForCausalLM.from_pretrained(device_map=%r)" % dev, None
+    return model, t0, "AutoModelForCausalLM.from_pretrained(device_map=%r)" % dev, None, None
+
+
+def profile_report(prof, lines):
+    """The profiled calls' top @lines by cumulative time, to stderr (the
+    parent keeps stdout's RESULT line)."""
+    import io
+    import pstats
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(int(lines))
+    sys.stderr.write(text.getvalue())
 
 
 def task_hf(a):
@@ -453,11 +487,24 @@ def task_hf(a):
     transformers = need("transformers")
     dev = "cuda:0" if a["device"] == "cuda" else "cpu"
     kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.bfloat16}
+    # The model's code imported before the clock, as torch is: transformers
+    # imports it at first use, whichever loader builds the model.
+    transformers.AutoModelForCausalLM._model_mapping[type(transformers.AutoConfig.from_pretrained(a["dir"]))]
     fn = hf_aegaeon if a["loader"] == "aegaeon" else hf_from_pretrained
-    model, t0, how, keep = fn(transformers, a, kw, dev)
+    prof = None
+    if a.get("profile"):
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    model, t0, how, keep, phases = fn(transformers, a, kw, dev)
     sync(a["device"])
     seconds = now() - t0
+    if prof is not None:
+        prof.disable()
+        profile_report(prof, a["profile"])
     timed = spans(sys.modules["aegaeon_native"]) if a["loader"] == "aegaeon" else None
+    if timed is not None and phases:
+        timed += phases
     params = dict(model.named_parameters())
     digests = checker(a["device"]).digests(params)
     with torch.no_grad():

@@ -15,7 +15,7 @@ not by `import aegaeon_native` (docs/python.md, "Loading models")."""
 import os as _os
 import warnings as _warnings
 
-__all__ = ["load_state_dict", "load_into"]
+__all__ = ["load_state_dict", "load_into", "from_pretrained"]
 
 
 class _Loader:
@@ -259,13 +259,27 @@ def _generation_config(model, path):
         model.generation_config = type(config).from_pretrained(directory)
 
 
+def _opened_state(torch, native, loaded, device, chunk_bytes):
+    """(state, target) of a Model open_model() gave: waited for, its tensors
+    as torch tensors on its GPU (device, where given, must be that one)."""
+    if chunk_bytes is not None:
+        raise ValueError("chunk_bytes: the Model was opened with its own; give chunk_bytes to open_model()")
+    gpu, target = _device(torch, native, loaded.gpu_id if device is None else device)
+    if gpu != loaded.gpu_id:
+        raise ValueError("device %r: the Model %s is on GPU %d" % (device, loaded.path, loaded.gpu_id))
+    loaded.wait()
+    return {name: _tensor(torch, name, arr) for name, arr in loaded.tensors.items()}, target
+
+
 def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     """Fill a model built on the meta device with a checkpoint, without a copy.
 
     model: a torch.nn.Module (a transformers model made with
     `with torch.device("meta"): Model(config)` or from_config), its
     parameters on the meta device (or anywhere: they are replaced). path,
-    device and chunk_bytes as load_state_dict. Every parameter and persistent
+    device and chunk_bytes as load_state_dict; or path a Model that
+    open_model(..., wait=False) gave, so the load runs while the model is
+    built: waited for here, on its own GPU. Every parameter and persistent
     buffer the file holds becomes the file's tensor itself
     (load_state_dict(assign=True): the file's dtypes, zero-copy views of the
     loaded memory), then what from_pretrained also does: a base model's names
@@ -280,11 +294,16 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     file the model has no place for (strict=False warns and leaves them);
     ValueError for a shape that differs; those of load_state_dict."""
     torch, native = _torch(), _native()
-    path = _os.fsdecode(_os.fspath(path))
-    _, target = _device(torch, native, device)
+    if isinstance(path, native.Model):
+        state, target = _opened_state(torch, native, path, device, chunk_bytes)
+        path = path.path
+    else:
+        path = _os.fsdecode(_os.fspath(path))
+        _, target = _device(torch, native, device)
+        state = load_state_dict(path, device, chunk_bytes=chunk_bytes)
     slots = _slots(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    state = _align_prefix(model, load_state_dict(path, device, chunk_bytes=chunk_bytes), slots)
+    state = _align_prefix(model, state, slots)
     unexpected = [k for k in state if k not in slots and not _ignorable(model, k)]
     if unexpected and strict:
         raise KeyError("%s holds %s, which %s has no place for (strict=False leaves them out)"
@@ -304,3 +323,42 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     _generation_config(model, path)
     model.eval()
     return model
+
+
+def from_pretrained(path, *, device=None, model_class=None, config=None, chunk_bytes=None, strict=True,
+                    **model_kwargs):
+    """A transformers model from a checkpoint save_pretrained wrote, as
+    AutoModelForCausalLM.from_pretrained(path, device_map=device) gives it,
+    its parameters zero-copy views of the loaded memory. The load starts
+    first (open_model(wait=False)) and runs while the model is built on the
+    meta device, then load_into fills it.
+
+    path: a directory (its config.json and shards) or, with config given, a
+    file or an index too. device as load_state_dict. model_class: the class
+    to build (transformers.AutoModelForCausalLM by default; an Auto class or
+    a model class such as LlamaForCausalLM). config: a PretrainedConfig
+    (default: AutoConfig.from_pretrained(path)). model_kwargs go to the
+    model's construction (from_config): attn_implementation, dtype (the
+    default dtype while it is built; the parameters keep the file's dtypes,
+    as load_into says). Returns the model in eval mode.
+
+    Errors: those of open_model and load_into, and of transformers for a
+    config or class it does not know; the load is released on any of them."""
+    torch, native = _torch(), _native()
+    gpu, _ = _device(torch, native, device)
+    loaded = native.open_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
+                               wait=False)
+    try:
+        import transformers
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(_os.fspath(path))
+        cls = model_class if model_class is not None else transformers.AutoModelForCausalLM
+        dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
+        with _ParamsOnMeta(torch, dtype if isinstance(dtype, torch.dtype) else None):
+            if hasattr(cls, "from_config"):
+                model = cls.from_config(config, **model_kwargs)
+            else:
+                model = cls._from_config(config, **model_kwargs)
+        return load_into(model, loaded, strict=strict)
+    finally:
+        loaded.release()   # the tensors the model took keep the memory; nothing else does

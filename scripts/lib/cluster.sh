@@ -278,13 +278,14 @@ cluster_start() {
 
 # The agents log to syslog(3). On a machine with no /dev/log (a container),
 # syslog_listen binds one for a while and keeps what arrives in
-# $T/log/syslog; agent_logged looks there, else in the journal and the usual
-# syslog files.
+# $T/log/syslog, each line led by the epoch time it came in (syslog's own stamp
+# has whole seconds only); agent_logged looks there, else in the journal and the
+# usual syslog files.
 SYSLOG_PID=
 syslog_listen() {
 	[[ -e /dev/log ]] && return 0
 	/usr/bin/python3 -c '
-import os, signal, socket, sys
+import os, signal, socket, sys, time
 out = open(sys.argv[1], "ab", buffering=0)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.bind("/dev/log")
@@ -299,7 +300,8 @@ def stop(*_):
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
 while True:
-    out.write(s.recv(65536) + b"\n")' "$T/log/syslog" 2>>"$T/log/syslog.err" &
+    msg = s.recv(65536)
+    out.write(b"%.6f " % time.time() + msg + b"\n")' "$T/log/syslog" 2>>"$T/log/syslog.err" &
 	SYSLOG_PID=$!
 	wait_for 5 test -S /dev/log
 }

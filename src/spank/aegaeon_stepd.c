@@ -164,6 +164,7 @@ int aeg_spank_task_init(spank_t sp)
 	struct aeg_job_record rec;
 	uint32_t jobid;
 	struct stat st;
+	uint64_t t0;
 	int rc, watch;
 
 	/* Jobs that do not use aegaeon have no job directory; a broken site only matters to those that do. */
@@ -187,12 +188,15 @@ int aeg_spank_task_init(spank_t sp)
 	snprintf(ready, sizeof(ready), "%s/" AEG_JOB_READY_FILE, dir);
 	snprintf(error, sizeof(error), "%s/" AEG_JOB_ERROR_FILE, dir);
 
+	t0 = aeg_now_ns();
 	watch = watch_dir(dir);
 	rc = wait_ready(watch, dir, ready, error, node, &rec);
 	if (watch >= 0)
 		close(watch);
 	if (rc < 0)
 		return -1;
+	slurm_debug("aegaeon: job %u: the agent (pid %ld) was ready after %.1f ms in task_init", jobid, rec.pid,
+		    (double)(aeg_now_ns() - t0) / 1e6);
 	if (rec.pid <= 0 || (kill((pid_t)rec.pid, 0) < 0 && errno == ESRCH))
 		return fail_step("the job's agent (pid %ld) on node %s is gone; the job's slabs, pool and "
 				 "prefetched files went with it. Start a new job", rec.pid, node);

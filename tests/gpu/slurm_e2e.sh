@@ -46,7 +46,8 @@
 #   --agent-log LEVEL  the agents' log level (debug, info, warn, error)
 #                  [$AEGAEON_E2E_AGENT_LOG, else info]; their syslog lines are
 #                  written to $OUT/agent-syslog.log when OUT is set (where this
-#                  machine has no /dev/log, the test listens on one)
+#                  machine has no /dev/log, the test listens on one), the
+#                  cluster's logs to $OUT/slurmd.log and $OUT/slurmctld.log
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 here=$(cd "$(dirname "$0")" && pwd)
@@ -273,8 +274,9 @@ cluster_site_config() {
 	CONF
 }
 
-# The agents' syslog lines to $OUT/agent-syslog.log: those the test's listener kept, else the
-# journal's since the test began, else every aegaeond line of the syslog files.
+# The agents' syslog lines to $OUT/agent-syslog.log: those the test's listener kept (each led by
+# the epoch time it came in), else the journal's since the test began, else every aegaeond line
+# of the syslog files; the cluster's slurmd and slurmctld logs beside it.
 save_agent_log() {
 	local log=$OUT/agent-syslog.log
 	mkdir -p "$OUT"
@@ -285,6 +287,10 @@ save_agent_log() {
 			cat /var/log/syslog /var/log/daemon.log /var/log/messages 2>/dev/null; } | grep -a 'aegaeond' >"$log"
 	fi
 	note "the agents' log ($agent_log): $(wc -l <"$log") lines in $log"
+	# slurmd's (with slurmstepd's and the plugin's lines, at debug) and slurmctld's, beside it.
+	cat "$T"/log/slurmd-*.log >"$OUT/slurmd.log" 2>/dev/null
+	cp "$T/log/slurmctld.log" "$OUT/slurmctld.log" 2>/dev/null
+	return 0
 }
 
 finish() {

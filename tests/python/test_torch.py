@@ -279,5 +279,101 @@ class TestLoadInto(unittest.TestCase):
         self.assertEqual(held(), (0, 0))
 
 
+@NEEDS
+class TestFromPretrained(unittest.TestCase):
+    """from_pretrained: the load started before the model is built, the model as transformers' own."""
+
+    def same(self, model, ref, config):
+        ours, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
+        self.assertEqual(list(ours), list(theirs))
+        for n in theirs:
+            self.assertEqual((ours[n].dtype, ours[n].shape), (theirs[n].dtype, theirs[n].shape), n)
+            self.assertTrue(torch.equal(ours[n], theirs[n]), n)
+        ours, theirs = dict(model.named_buffers()), dict(ref.named_buffers())
+        self.assertEqual(list(ours), list(theirs))
+        for n in theirs:
+            self.assertTrue(torch.equal(ours[n], theirs[n]) and ours[n].device == theirs[n].device, n)
+        self.assertFalse(model.training)
+        ids = (torch.arange(24) * 37 % config.vocab_size).unsqueeze(0)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits))
+
+    def test_as_transformers(self):
+        for tied, dtype in ((True, None), (False, torch.bfloat16)):
+            config = llama_config(tied=tied, layers=2)
+            d = save_llama(tempfile.mkdtemp(dir=TMP), config, dtype)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=dtype or torch.float32).eval()
+            model = an.torch.from_pretrained(d, torch_dtype=dtype or torch.float32)
+            self.assertIsInstance(model, transformers.LlamaForCausalLM)
+            self.same(model, ref, config)
+            self.assertEqual(model.generation_config.max_new_tokens, 7)
+            self.assertEqual(model.lm_head.weight is model.model.embed_tokens.weight, tied)
+            self.assertEqual(held()[0], 1)          # the model's tensors hold the load, nothing else
+            del model
+            self.assertEqual(held(), (0, 0))
+
+    def test_model_class_and_config(self):
+        config = llama_config(tied=False, layers=2)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config)
+        ref = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+        model = an.torch.from_pretrained(d, model_class=transformers.LlamaForCausalLM,
+                                         config=transformers.AutoConfig.from_pretrained(d))
+        self.same(model, ref, config)
+        # the model's base alone from the same files, as from_pretrained leaves the head out
+        base = an.torch.from_pretrained(d, model_class=transformers.LlamaModel, strict=False)
+        self.assertIsInstance(base, transformers.LlamaModel)
+        for n, p in transformers.LlamaModel.from_pretrained(d).named_parameters():
+            self.assertTrue(torch.equal(dict(base.named_parameters())[n], p), n)
+        del model, base
+        self.assertEqual(held(), (0, 0))
+
+    def test_opened_model_into_load_into(self):
+        """load_into takes what open_model(wait=False) gave: the load runs while the model is built."""
+        config = llama_config(tied=True, layers=2)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config)
+        ref = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+        loaded = an.open_model(d, 0, wait=False)
+        model = on_meta(transformers.LlamaForCausalLM, config)
+        self.assertIs(an.torch.load_into(model, loaded), model)
+        loaded.release()                            # the model's tensors keep the memory
+        self.same(model, ref, config)
+        self.assertEqual(model.generation_config.max_new_tokens, 7)
+        del model
+        self.assertEqual(held(), (0, 0))
+
+    def test_errors(self):
+        config = llama_config(tied=True, layers=2)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config)
+        with an.open_model(d, 0, wait=False) as loaded:
+            with self.assertRaises(ValueError) as c:
+                an.torch.load_into(on_meta(transformers.LlamaForCausalLM, config), loaded, chunk_bytes=MiB)
+            self.assertIn("give chunk_bytes to open_model()", str(c.exception))
+            with self.assertRaises(ValueError) as c:
+                an.torch.load_into(on_meta(transformers.LlamaForCausalLM, config), loaded, device=1)
+            self.assertIn("is on GPU 0", str(c.exception))
+        with self.assertRaises(ValueError):
+            an.torch.load_into(on_meta(transformers.LlamaForCausalLM, config), loaded)   # released
+        self.assertEqual(held(), (0, 0))
+        # a config whose shapes differ from the file's: refused, the load released
+        other = llama_config(tied=True, layers=2)
+        other.intermediate_size = 96
+        with self.assertRaises(ValueError) as c:
+            an.torch.from_pretrained(d, config=other)
+        self.assertIn("size mismatch for model.layers.0.mlp.down_proj.weight", str(c.exception))
+        self.assertEqual(held(), (0, 0))
+        # a directory without a config.json: transformers' error (which it is depends on its
+        # version and on the other files), the load released
+        bare = tempfile.mkdtemp(dir=TMP)
+        for n in os.listdir(d):
+            if n.endswith((".safetensors", ".json")) and n != "config.json":
+                os.link(os.path.join(d, n), os.path.join(bare, n))
+        with self.assertRaises((OSError, ValueError)):
+            an.torch.from_pretrained(bare)
+        self.assertEqual(held(), (0, 0))
+        with self.assertRaises(an.AegaeonError):
+            an.torch.from_pretrained(os.path.join(TMP, "none"))
+        self.assertEqual(held(), (0, 0))
+
+
 if __name__ == "__main__":
     testmain.run(TMP)
