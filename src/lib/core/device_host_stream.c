@@ -365,18 +365,14 @@ static struct op *new_op(enum op_kind kind)
 int host_stream_create(aeg_device_t *dev, int gpu, void **streamp)
 {
 	struct host_stream *s;
-	pthread_condattr_t attr;
 	int err;
 
 	s = calloc(1, sizeof(*s));
 	if (s == NULL)
 		return aeg_fail(AEG_ENOMEM, "stream: out of memory");
 	pthread_mutex_init(&s->lock, NULL);
-	pthread_condattr_init(&attr);
-	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-	pthread_cond_init(&s->work, &attr);
-	pthread_cond_init(&s->idle, &attr);
-	pthread_condattr_destroy(&attr);
+	aeg_cond_init_monotonic(&s->work);
+	aeg_cond_init_monotonic(&s->idle);
 	err = pthread_create(&s->thread, NULL, stream_main, s);
 	if (err != 0) {
 		pthread_cond_destroy(&s->idle);

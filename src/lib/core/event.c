@@ -33,13 +33,8 @@ struct aeg_event {
 
 static void event_sync_init(struct aeg_event *ev)
 {
-	pthread_condattr_t ca;
-
 	pthread_mutex_init(&ev->lock, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&ev->cond, &ca);
-	pthread_condattr_destroy(&ca);
+	aeg_cond_init_monotonic(&ev->cond);
 }
 
 /* Free what the last reference of @e held; called without dev->lock. */
@@ -189,10 +184,7 @@ static int is_armed(aeg_event_t *ev)
  */
 static int wait_recorded(aeg_event_t *ev, uint64_t deadline, int timeout_ms)
 {
-	struct timespec ts = {
-		.tv_sec = (time_t)(deadline / 1000000000ull),
-		.tv_nsec = (long)(deadline % 1000000000ull),
-	};
+	struct timespec ts = aeg_timespec_of_ns(deadline);
 	int err = 0;
 
 	pthread_mutex_lock(&ev->lock);

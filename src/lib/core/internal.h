@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -78,16 +79,31 @@ static inline void aeg_futex_wake(uint32_t *word)
 	syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* aeg_deadline_after - *@ts = @timeout_ms from now on CLOCK_REALTIME, for pthread_cond_timedwait. */
+/*
+ * aeg_cond_init_monotonic - a condition variable whose timed waits run on
+ * CLOCK_MONOTONIC, so a step of the wall clock neither stretches nor cuts
+ * them. Every timed wait of the library is on one of these.
+ */
+static inline void aeg_cond_init_monotonic(pthread_cond_t *cond)
+{
+	pthread_condattr_t ca;
+
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(cond, &ca);
+	pthread_condattr_destroy(&ca);
+}
+
+/* aeg_timespec_of_ns - @ns (CLOCK_MONOTONIC nanoseconds, aeg_now_ns) as a deadline for pthread_cond_timedwait. */
+static inline struct timespec aeg_timespec_of_ns(uint64_t ns)
+{
+	return (struct timespec){ .tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull) };
+}
+
+/* aeg_deadline_after - *@ts = @timeout_ms from now, for a wait on an aeg_cond_init_monotonic condition. */
 static inline void aeg_deadline_after(struct timespec *ts, int timeout_ms)
 {
-	clock_gettime(CLOCK_REALTIME, ts);
-	ts->tv_sec += timeout_ms / 1000;
-	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (ts->tv_nsec >= 1000000000L) {
-		ts->tv_sec++;
-		ts->tv_nsec -= 1000000000L;
-	}
+	*ts = aeg_timespec_of_ns(aeg_now_ns() + (uint64_t)timeout_ms * 1000000ull);
 }
 
 static inline uint64_t aeg_round_up(uint64_t v, uint64_t align)

@@ -350,8 +350,7 @@ static int cancelled(const atomic_int *cancel)
 /* Wait on @p's cv (CLOCK_MONOTONIC) for at most a millisecond, @p->lock held. */
 static void nap(struct populating *p)
 {
-	uint64_t at = aeg_now_ns() + 1000000;
-	struct timespec ts = { .tv_sec = (time_t)(at / 1000000000ull), .tv_nsec = (long)(at % 1000000000ull) };
+	struct timespec ts = aeg_timespec_of_ns(aeg_now_ns() + 1000000);
 
 	pthread_cond_timedwait(&p->cv, &p->lock, &ts);
 }
@@ -512,7 +511,6 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 				.yield_until_ns = pool->background ? t0 + POPULATE_YIELD_MAX_NS : 0 };
 	unsigned n = populate_threads(pool->map_bytes, pl, page == POOL_PAGE && !pool->private_pool), used = 0;
 	pthread_t tids[POPULATE_THREADS];
-	pthread_condattr_t ca;
 	int err;
 
 	pool->data = (char *)pool->map + header;
@@ -521,10 +519,7 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 	if (p.done == NULL)
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
 	pthread_mutex_init(&p.lock, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* nap(): a wall clock step cannot stretch it */
-	pthread_cond_init(&p.cv, &ca);
-	pthread_condattr_destroy(&ca);
+	aeg_cond_init_monotonic(&p.cv);     /* nap(): a wall clock step cannot stretch it */
 	for (unsigned i = 0; i < n; i++)
 		if (pthread_create(&tids[used], NULL, populate_main, &p) == 0)
 			used++;

@@ -174,7 +174,7 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 		snprintf(pf->pci, sizeof(pf->pci), "%s", info.pci_bus_id);
 	pthread_mutex_init(&pf->lock, NULL);
 	pthread_cond_init(&pf->work_cv, NULL);
-	pthread_cond_init(&pf->done_cv, NULL);
+	aeg_cond_init_monotonic(&pf->done_cv);      /* aeg_deadline_after's waits */
 
 	if (pool == NULL && pf->cfg.pool_later_buffer_bytes) {
 		/* Its pool comes later; the cache with it. */
