@@ -471,12 +471,14 @@ def hf_from_pretrained(transformers, a, kw, dev):
 
 
 def profile_report(prof, lines):
-    """The profiled calls' top @lines by cumulative time, to stderr (the
-    parent keeps stdout's RESULT line)."""
+    """The profiled calls' top @lines by cumulative time, then by their own
+    time, to stderr (the parent keeps stdout's RESULT line)."""
     import io
     import pstats
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(int(lines))
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("cumulative").print_stats(int(lines))
+    stats.sort_stats("tottime").print_stats(int(lines))
     sys.stderr.write(text.getvalue())
 
 

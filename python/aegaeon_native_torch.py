@@ -7,12 +7,16 @@ and gives {name: torch.Tensor}, each a view of the loaded memory (DLPack, no
 copy): CUDA tensors on the cuda backend, CPU tensors on the host backend.
 load_into(model, path) fills a model built on the meta device with them and
 rebuilds what from_pretrained would (buffers computed at construction, tied
-weights), so the model runs as from_pretrained's does.
+weights), so the model runs as from_pretrained's does. from_pretrained(path)
+starts the load, builds the transformers model on the meta device while it
+runs, then fills it.
 
 Part of the aegaeon_native extension; torch is imported at the first call,
 not by `import aegaeon_native` (docs/python.md, "Loading models")."""
 
 import os as _os
+import sys as _sys
+import threading as _threading
 import warnings as _warnings
 
 __all__ = ["load_state_dict", "load_into", "from_pretrained"]
@@ -173,19 +177,56 @@ def _assign(torch, slot, name, tensor):
     setattr(mod, attr, tensor)
 
 
+def _skip_on_meta(init):
+    """torch.nn.init's @init, doing nothing to a tensor on the meta device."""
+    def skip(tensor, *args, **kwargs):
+        return tensor if getattr(tensor, "is_meta", False) else init(tensor, *args, **kwargs)
+    skip.__wrapped__ = init
+    return skip
+
+
 class _ParamsOnMeta:
     """Modules made inside get their parameters on the meta device (no memory,
     no initialisation) and their buffers where torch computes them, under a
-    default dtype, as from_pretrained makes them. It patches torch.nn.Module
-    for the while: modules made meanwhile in other threads are made so too."""
+    default dtype, as from_pretrained makes them. The initialisers of
+    torch.nn.init do nothing to tensors on the meta device meanwhile, and
+    transformers' models skip their weight initialisation as its
+    from_pretrained has them do (its no_init_weights, which in some versions
+    makes torch.nn.init's initialisers do nothing to any tensor meanwhile):
+    on meta it only costs time (torch runs it through Python
+    decompositions). It patches torch.nn.Module and torch.nn.init for the
+    while: modules made meanwhile in other threads are made so too. One
+    thread at a time is inside, so each puts back what it found."""
+
+    _lock = _threading.RLock()
 
     def __init__(self, torch, dtype):
         self.torch, self.dtype = torch, dtype
 
     def __enter__(self):
         torch = self.torch
-        self.register = register = torch.nn.Module.register_parameter
+        self._lock.acquire()
+        self.register = torch.nn.Module.register_parameter
         self.old_dtype = torch.get_default_dtype()
+        self.inits, self.no_init = {}, None
+        try:
+            return self._patch()
+        except BaseException:
+            self.__exit__(None, None, None)     # what was patched put back
+            raise
+
+    def _patch(self):
+        torch, register = self.torch, self.register
+        self.inits = {n: f for n, f in vars(torch.nn.init).items()
+                      if n.endswith("_") and not n.startswith("_") and callable(f)}
+        for n, f in self.inits.items():
+            setattr(torch.nn.init, n, _skip_on_meta(f))
+        utils = _sys.modules.get("transformers.modeling_utils")
+        no_init = getattr(utils, "no_init_weights", None)
+        if no_init is not None:
+            cm = no_init()
+            cm.__enter__()
+            self.no_init = cm
 
         def on_meta(module, name, param):
             register(module, name, param)
@@ -199,8 +240,15 @@ class _ParamsOnMeta:
         return self
 
     def __exit__(self, *exc_info):
-        self.torch.nn.Module.register_parameter = self.register
-        self.torch.set_default_dtype(self.old_dtype)
+        try:
+            if self.no_init is not None:
+                self.no_init.__exit__(*exc_info)
+        finally:
+            for n, f in self.inits.items():
+                setattr(self.torch.nn.init, n, f)
+            self.torch.nn.Module.register_parameter = self.register
+            self.torch.set_default_dtype(self.old_dtype)
+            self._lock.release()
 
 
 def _meta_state(torch, model):
@@ -294,6 +342,8 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     file the model has no place for (strict=False warns and leaves them);
     ValueError for a shape that differs; those of load_state_dict."""
     torch, native = _torch(), _native()
+    slots = _slots(model)           # what needs no tensor first: an opened Model may be loading still
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if isinstance(path, native.Model):
         state, target = _opened_state(torch, native, path, device, chunk_bytes)
         path = path.path
@@ -301,8 +351,6 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
         path = _os.fsdecode(_os.fspath(path))
         _, target = _device(torch, native, device)
         state = load_state_dict(path, device, chunk_bytes=chunk_bytes)
-    slots = _slots(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     state = _align_prefix(model, state, slots)
     unexpected = [k for k in state if k not in slots and not _ignorable(model, k)]
     if unexpected and strict:

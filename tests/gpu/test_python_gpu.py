@@ -7,7 +7,8 @@ torch views (as_tensor through __cuda_array_interface__, from_dlpack); two
 processes sharing event handles; no device memory left behind; the time of
 our loader against safetensors'; a transformers model written by
 save_pretrained in shards, loaded with aegaeon_native.torch.load_into and
-compared with from_pretrained (every parameter bit for bit, the logits), per
+from_pretrained and compared with transformers' from_pretrained (every
+parameter bit for bit, the logits), per
 tensor waits and chunk dicts on the GPU, and both times. Prints ok/not ok lines
 and "N passed, N failed"; exits non-zero on failure.
 
@@ -280,7 +281,11 @@ def test_load_into():
             model = transformers.AutoModelForCausalLM.from_config(config, **kw)
         return load_into(model, d)
 
-    times = {"from_pretrained(device_map=cuda)": [], "aegaeon_native.torch.load_into": []}
+    def ours_whole():
+        return an.torch.from_pretrained(d, device="cuda", **kw)
+
+    times = {"from_pretrained(device_map=cuda)": [], "aegaeon_native.torch.load_into": [],
+             "aegaeon_native.torch.from_pretrained": []}
     for _ in range(2):
         ref, t = timed(theirs)
         times["from_pretrained(device_map=cuda)"].append(t)
@@ -288,24 +293,33 @@ def test_load_into():
         model, t = timed(ours)
         times["aegaeon_native.torch.load_into"].append(t)
         del model
-    ref, model = theirs(), ours()
-    mine, want = dict(model.named_parameters()), dict(ref.named_parameters())
-    assert list(mine) == list(want), set(mine) ^ set(want)
-    for n, p in want.items():
-        assert mine[n].device == p.device and mine[n].dtype == p.dtype, n
-        assert torch.equal(mine[n], p), "%s differs" % n
-    for n, b in ref.named_buffers():
-        assert torch.equal(dict(model.named_buffers())[n], b), "buffer %s differs" % n
+        model, t = timed(ours_whole)
+        times["aegaeon_native.torch.from_pretrained"].append(t)
+        del model
+    ref = theirs()
     ids = (torch.arange(64, device="cuda") * 131 % config.vocab_size).unsqueeze(0)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits), "the logits differ"
+        want_logits = ref(input_ids=ids).logits
+    for how in (ours, ours_whole):
+        model = how()
+        mine, want = dict(model.named_parameters()), dict(ref.named_parameters())
+        assert list(mine) == list(want), set(mine) ^ set(want)
+        for n, p in want.items():
+            assert mine[n].device == p.device and mine[n].dtype == p.dtype, n
+            assert torch.equal(mine[n], p), "%s differs" % n
+        for n, b in ref.named_buffers():
+            assert torch.equal(dict(model.named_buffers())[n], b), "buffer %s differs" % n
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, want_logits), "the logits differ (%s)" % how.__name__
+        del model, mine, want
     size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
     best = {k: min(v) for k, v in times.items()}
     for k, v in best.items():
         print("# %-42s %7.3f s  %6.2f GB/s (%.2f GiB, best of 2)" % (k, v, size / v / 1e9, size / GiB))
-    print("# ratio: load_into %.2fx from_pretrained" % (
-        best["from_pretrained(device_map=cuda)"] / best["aegaeon_native.torch.load_into"]))
-    del ref, model, mine, want
+    print("# ratio: load_into %.2fx, from_pretrained %.2fx transformers' from_pretrained" % (
+        best["from_pretrained(device_map=cuda)"] / best["aegaeon_native.torch.load_into"],
+        best["from_pretrained(device_map=cuda)"] / best["aegaeon_native.torch.from_pretrained"]))
+    del ref
     gc.collect()
     assert an.stats()["objects"] == 0, an.stats()
 
@@ -345,7 +359,8 @@ def main():
     check("two processes share prefetch and created event handles", test_two_processes_share_events)
     check("no device memory left after loads, KV swaps and releases", test_no_device_memory_left)
     check("timing of our loader against safetensors", test_timing)
-    check("transformers model by load_into bit for bit as from_pretrained, and both times", test_load_into)
+    check("transformers model by load_into and by from_pretrained bit for bit as transformers' from_pretrained, "
+          "and their times", test_load_into)
     check("per-tensor waits and chunk dicts of a sharded model on the GPU", test_model_waits_and_chunks)
     an.release_all_prefetch_events()
     try:

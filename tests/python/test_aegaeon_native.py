@@ -187,7 +187,17 @@ def stub_params(fn):
     if a.vararg:
         names.append("*" + a.vararg.arg)
     names += [x.arg for x in a.kwonlyargs]
+    if a.kwarg:
+        names.append("**" + a.kwarg.arg)
     return [n for n in names if n not in ("self", "cls")]
+
+
+def real_params(fn):
+    """Parameter names of a function as stub_params gives them (*args, **kwargs marked)."""
+    import inspect
+    kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return [kinds.get(p.kind, "") + p.name for p in inspect.signature(fn).parameters.values()
+            if p.name not in ("self", "cls")]
 
 
 def own_callables():
@@ -236,7 +246,6 @@ class TestInterface(Base):
 
     def test_stubs_match(self):
         import ast
-        import inspect
         tree = stub_tree()
         stubs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         names = set(stubs) | {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
@@ -254,9 +263,7 @@ class TestInterface(Base):
             self.assertIsNotNone(node, "%s is not in %s" % (name, stub_path()))
             if isinstance(node, ast.ClassDef):
                 continue
-            real = [("*" if p.kind == p.VAR_POSITIONAL else "") + p.name
-                    for p in inspect.signature(fn).parameters.values() if p.name not in ("self", "cls")]
-            self.assertEqual(real, stub_params(node), name)
+            self.assertEqual(real_params(fn), stub_params(node), name)
             checked += 1
         self.assertGreater(checked, 55)
         # aegaeon_native.torch, built into the module, against its own stub file
@@ -264,8 +271,7 @@ class TestInterface(Base):
             sub = {n.name: n for n in ast.parse(f.read()).body if isinstance(n, ast.FunctionDef)}
         self.assertEqual(set(an.torch.__all__), set(sub))
         for name in an.torch.__all__:
-            real = [p.name for p in inspect.signature(getattr(an.torch, name)).parameters.values()]
-            self.assertEqual(real, stub_params(sub[name]), "torch." + name)
+            self.assertEqual(real_params(getattr(an.torch, name)), stub_params(sub[name]), "torch." + name)
 
     def test_torch_submodule(self):
         # From the one extension file: imported with it, importing torch only when used.

@@ -341,6 +341,24 @@ class TestFromPretrained(unittest.TestCase):
         del model
         self.assertEqual(held(), (0, 0))
 
+    def test_build_puts_torch_back(self):
+        """Building on meta skips the initialisers, and puts torch back after, an error too."""
+        from aegaeon_native.torch import _ParamsOnMeta
+        inits = dict(vars(torch.nn.init))
+        register, dtype = torch.nn.Module.register_parameter, torch.get_default_dtype()
+        with _ParamsOnMeta(torch, torch.float16):
+            self.assertIsNot(torch.nn.init.normal_, inits["normal_"])
+            torch.nn.init.kaiming_uniform_(torch.empty(8, 8, device="meta"))
+            linear = torch.nn.Linear(2, 3)
+            self.assertEqual((linear.weight.device.type, linear.weight.dtype), ("meta", torch.float16))
+        with self.assertRaises(RuntimeError):
+            with _ParamsOnMeta(torch, torch.float16):
+                raise RuntimeError("construction failed")
+        self.assertEqual(dict(vars(torch.nn.init)), inits)
+        self.assertIs(torch.nn.Module.register_parameter, register)
+        self.assertEqual(torch.get_default_dtype(), dtype)
+        self.assertEqual(torch.nn.Linear(2, 3).weight.device.type, "cpu")
+
     def test_errors(self):
         config = llama_config(tied=True, layers=2)
         d = save_llama(tempfile.mkdtemp(dir=TMP), config)
