@@ -173,15 +173,19 @@ def size_text(nbytes):
 # ------------------------------------------------------------------ models
 
 def prepare_models(run):
-    """Model A, model B and the transformers checkpoint in --dir, written once and kept."""
+    """Model A, model B and the transformers checkpoint in --dir, written once and
+    kept; each only where a row of --rows reads it (the writes count against
+    --budget)."""
     d = run.args.dir
     os.makedirs(d, exist_ok=True)
     os.chmod(d, 0o755)          # the Slurm jobs' user reads model A
     m = SimpleNamespace(a=os.path.join(d, "model-a-%d.safetensors" % run.size.a),
                         b=os.path.join(d, "model-b-%d.safetensors" % run.size.b),
                         hf=os.path.join(d, "llama-%s" % run.size.hf), hf_skip=None, hf_error=None)
-    for path, nbytes, seed in ((m.a, run.size.a, 11), (m.b, run.size.b, 12)):
-        if not os.path.exists(path):
+    rows = set(run.args.rows)
+    for path, nbytes, seed, readers in ((m.a, run.size.a, 11, {"fresh", "slurm"}),
+                                        (m.b, run.size.b, 12, {"engine", "seed"})):
+        if not os.path.exists(path) and rows & readers:
             t0 = time.monotonic()
             r = run.child({"task": "write", "path": path + ".tmp", "bytes": nbytes, "seed": seed})
             os.rename(path + ".tmp", path)

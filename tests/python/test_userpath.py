@@ -139,6 +139,15 @@ class Checks(unittest.TestCase):
         self.assertEqual(row["status"], "skipped")
         self.assertRegex(row["checked"], r"budget left, it takes about \d+ s")
 
+    def test_only_the_models_the_rows_read_are_written(self):
+        """Writing a model counts against --budget: a row that reads none writes none."""
+        d = tempfile.mkdtemp(dir=TMP)
+        out = os.path.join(TMP, "nomodels.json")
+        r = userpath("--rows", "seed", "--budget", "1", "--dir", d, "--out", out)
+        self.assertEqual(r.returncode, 0, r.stdout[-2000:])
+        self.assertEqual([n for n in os.listdir(d) if "model-a" in n], [])     # fresh and slurm read A
+        self.assertEqual(len([n for n in os.listdir(d) if n.startswith("model-b") and n.endswith(".safetensors")]), 1)
+
     def test_bad_arguments(self):
         r = userpath("--rows", "fresh,nosuch")
         self.assertEqual(r.returncode, 2)
