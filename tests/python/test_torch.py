@@ -101,6 +101,26 @@ def on_meta(cls, config, dtype=None, buffers_too=True):
     return model
 
 
+def assert_same_model(case, model, ref, config):
+    """@model as transformers' @ref: every parameter and buffer (names, dtypes, shapes, bytes,
+    devices), eval mode, and the outputs of one input to the bit."""
+    ours, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
+    case.assertEqual(list(ours), list(theirs))
+    for n in theirs:
+        case.assertEqual((ours[n].dtype, ours[n].shape), (theirs[n].dtype, theirs[n].shape), n)
+        case.assertTrue(torch.equal(ours[n], theirs[n]), n)
+    ours, theirs = dict(model.named_buffers()), dict(ref.named_buffers())
+    case.assertEqual(list(ours), list(theirs))
+    for n in theirs:
+        case.assertTrue(torch.equal(ours[n], theirs[n]) and ours[n].device == theirs[n].device, n)
+    case.assertFalse(model.training)
+    ids = (torch.arange(24) * 37 % config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        a, b = model(input_ids=ids), ref(input_ids=ids)
+    a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
+    case.assertTrue(torch.equal(a, b))
+
+
 @NEEDS
 class TestStateDict(unittest.TestCase):
     def test_tensors_are_the_file(self):
@@ -196,22 +216,8 @@ class TestLoadInto(unittest.TestCase):
         ref = cls.from_pretrained(d, torch_dtype=dtype or torch.float32).eval()
         model = on_meta(cls, config, dtype or torch.float32, buffers_too)
         self.assertIs(an.torch.load_into(model, d), model)
-        ours, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
-        self.assertEqual(list(ours), list(theirs))
-        for n in theirs:
-            self.assertEqual((ours[n].dtype, ours[n].shape), (theirs[n].dtype, theirs[n].shape), n)
-            self.assertTrue(torch.equal(ours[n], theirs[n]), n)
-        ours, theirs = dict(model.named_buffers()), dict(ref.named_buffers())
-        self.assertEqual(list(ours), list(theirs))
-        for n in theirs:
-            self.assertTrue(torch.equal(ours[n], theirs[n]) and ours[n].device == theirs[n].device, n)
-        self.assertFalse(model.training)
+        assert_same_model(self, model, ref, config)
         self.assertEqual(model.generation_config.max_new_tokens, 7)
-        ids = (torch.arange(24) * 37 % config.vocab_size).unsqueeze(0)
-        with torch.no_grad():
-            a, b = model(input_ids=ids), ref(input_ids=ids)
-        a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
-        self.assertTrue(torch.equal(a, b))
         return model
 
     def test_tied_buffers_on_meta(self):
@@ -284,19 +290,7 @@ class TestFromPretrained(unittest.TestCase):
     """from_pretrained: the load started before the model is built, the model as transformers' own."""
 
     def same(self, model, ref, config):
-        ours, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
-        self.assertEqual(list(ours), list(theirs))
-        for n in theirs:
-            self.assertEqual((ours[n].dtype, ours[n].shape), (theirs[n].dtype, theirs[n].shape), n)
-            self.assertTrue(torch.equal(ours[n], theirs[n]), n)
-        ours, theirs = dict(model.named_buffers()), dict(ref.named_buffers())
-        self.assertEqual(list(ours), list(theirs))
-        for n in theirs:
-            self.assertTrue(torch.equal(ours[n], theirs[n]) and ours[n].device == theirs[n].device, n)
-        self.assertFalse(model.training)
-        ids = (torch.arange(24) * 37 % config.vocab_size).unsqueeze(0)
-        with torch.no_grad():
-            self.assertTrue(torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits))
+        assert_same_model(self, model, ref, config)
 
     def test_as_transformers(self):
         for tied, dtype in ((True, None), (False, torch.bfloat16)):
