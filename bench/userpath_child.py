@@ -313,18 +313,11 @@ def task_load(a):
     an = sys.modules.get("aegaeon_native") if a["loader"] == "aegaeon" else None
     if an is not None:
         spans(an)               # what the import timed is not the load's
-    prof = None
-    if a.get("profile"):
-        import cProfile
-        prof = cProfile.Profile()
-        prof.enable()
-    t0 = now()
-    tensors, keep = fn(a["path"], a["device"])
-    sync(a["device"])
-    seconds = now() - t0
-    if prof is not None:
-        prof.disable()
-        profile_report(prof, a["profile"])
+    with profiled(a.get("profile")):
+        t0 = now()
+        tensors, keep = fn(a["path"], a["device"])
+        sync(a["device"])
+        seconds = now() - t0
     timed = spans(an) if an is not None else None
     meta = {n: meta_of(t) for n, t in tensors.items()}
     digests = checker(a["device"]).digests(tensors)
@@ -426,11 +419,10 @@ def aegaeon_load_into(an):
     return getattr(mod, "load_into", None)
 
 
-def hf_aegaeon(transformers, a, kw, dev):
+def hf_aegaeon(transformers, a, kw, dev, config):
     import aegaeon_native as an
-    config = transformers.AutoConfig.from_pretrained(a["dir"])
-    load_into = aegaeon_load_into(an)
     from_pretrained = getattr(getattr(an, "torch", None), "from_pretrained", None)
+    load_into = aegaeon_load_into(an)
     spans(an)
     if from_pretrained is not None:
         # The load starts first and runs while the model is built on the meta device.
@@ -463,18 +455,30 @@ def hf_aegaeon(transformers, a, kw, dev):
     return model, t0, how, keep, phases
 
 
-def hf_from_pretrained(transformers, a, kw, dev):
+def hf_from_pretrained(transformers, a, kw, dev, config):
     t0 = now()
     model = transformers.AutoModelForCausalLM.from_pretrained(a["dir"], device_map=dev, attn_implementation="sdpa",
                                                               **kw).eval()
     return model, t0, "AutoModelForCausalLM.from_pretrained(device_map=%r)" % dev, None, None
 
 
-def profile_report(prof, lines):
-    """The profiled calls' top @lines by cumulative time, then by their own
-    time, to stderr (the parent keeps stdout's RESULT line)."""
+@contextlib.contextmanager
+def profiled(lines):
+    """With @lines (the task's "profile"), the block under cProfile, then its
+    top @lines calls by cumulative time and by their own time to stderr (the
+    parent keeps stdout's RESULT line); without, the block alone."""
+    if not lines:
+        yield
+        return
+    import cProfile
     import io
     import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
     text = io.StringIO()
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("cumulative").print_stats(int(lines))
@@ -491,19 +495,13 @@ def task_hf(a):
     kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.bfloat16}
     # The model's code imported before the clock, as torch is: transformers
     # imports it at first use, whichever loader builds the model.
-    transformers.AutoModelForCausalLM._model_mapping[type(transformers.AutoConfig.from_pretrained(a["dir"]))]
+    config = transformers.AutoConfig.from_pretrained(a["dir"])
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]
     fn = hf_aegaeon if a["loader"] == "aegaeon" else hf_from_pretrained
-    prof = None
-    if a.get("profile"):
-        import cProfile
-        prof = cProfile.Profile()
-        prof.enable()
-    model, t0, how, keep, phases = fn(transformers, a, kw, dev)
-    sync(a["device"])
-    seconds = now() - t0
-    if prof is not None:
-        prof.disable()
-        profile_report(prof, a["profile"])
+    with profiled(a.get("profile")):
+        model, t0, how, keep, phases = fn(transformers, a, kw, dev, config)
+        sync(a["device"])
+        seconds = now() - t0
     timed = spans(sys.modules["aegaeon_native"]) if a["loader"] == "aegaeon" else None
     if timed is not None and phases:
         timed += phases

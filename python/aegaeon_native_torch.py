@@ -107,6 +107,11 @@ def load_state_dict(path, device=None, *, chunk_bytes=None, tp_rank=None, tp_wor
     arrays = native.load_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
                                tp_rank=tp_rank, tp_world=tp_world, tp_preset=tp_preset, tp_rules=tp_rules,
                                tp_uneven=tp_uneven)
+    return _tensors(torch, arrays)
+
+
+def _tensors(torch, arrays):
+    """{name: torch.Tensor} viewing {name: DeviceArray}, in their order."""
     return {name: _tensor(torch, name, arr) for name, arr in arrays.items()}
 
 
@@ -181,7 +186,6 @@ def _skip_on_meta(init):
     """torch.nn.init's @init, doing nothing to a tensor on the meta device."""
     def skip(tensor, *args, **kwargs):
         return tensor if getattr(tensor, "is_meta", False) else init(tensor, *args, **kwargs)
-    skip.__wrapped__ = init
     return skip
 
 
@@ -316,7 +320,7 @@ def _opened_state(torch, native, loaded, device, chunk_bytes):
     if gpu != loaded.gpu_id:
         raise ValueError("device %r: the Model %s is on GPU %d" % (device, loaded.path, loaded.gpu_id))
     loaded.wait()
-    return {name: _tensor(torch, name, arr) for name, arr in loaded.tensors.items()}, target
+    return _tensors(torch, loaded.tensors), target
 
 
 def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
