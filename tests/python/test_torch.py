@@ -373,12 +373,14 @@ class TestFromPretrained(unittest.TestCase):
             an.torch.from_pretrained(d, config=other)
         self.assertIn("size mismatch for model.layers.0.mlp.down_proj.weight", str(c.exception))
         self.assertEqual(held(), (0, 0))
-        # a directory without a config.json: transformers' error (which it is depends on its
-        # version and on the other files), the load released
+        # a directory whose config.json is not JSON: transformers' error, the load released. (Without
+        # a config.json at all, transformers guesses the model type from the path's name, and a
+        # temporary name such as ".../tmpt6mpt..." made it an MPT model: not deterministic.)
         bare = tempfile.mkdtemp(dir=TMP)
         for n in os.listdir(d):
             if n.endswith((".safetensors", ".json")) and n != "config.json":
                 os.link(os.path.join(d, n), os.path.join(bare, n))
+        write_file(os.path.join(bare, "config.json"), b"{ not json")
         with self.assertRaises((OSError, ValueError)):
             an.torch.from_pretrained(bare)
         self.assertEqual(held(), (0, 0))
