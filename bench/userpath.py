@@ -260,11 +260,24 @@ def breakdown(runs):
     per = {}
     for timed in runs:
         total = {}
-        for name, sec in timed or []:
+        for name, sec, *_ in timed or []:
             total[name] = total.get(name, 0) + sec
         for name, sec in total.items():
             per.setdefault(name, []).append(sec)
     return ", ".join("%s %.1f ms" % (name, 1e3 * statistics.median(v)) for name, v in per.items())
+
+
+def timeline(s):
+    """The steps of the median run of series s laid out in time, those whose
+    start the module gave ([name, seconds, start]), by start: "name
+    +START..+END ms" from the clock's start; "" without."""
+    runs = [(sec, t) for sec, t in zip(s["seconds"], s["spans"]) if t and any(len(x) == 3 for x in t)]
+    if not runs:
+        return ""
+    runs.sort(key=lambda x: x[0])
+    sec, timed = runs[(len(runs) - 1) // 2]
+    steps = sorted((x for x in timed if len(x) == 3), key=lambda x: x[2])
+    return "run of %.3f s: " % sec + ", ".join("%s +%.1f..+%.1f" % (n, 1e3 * st, 1e3 * (st + d)) for n, d, st in steps)
 
 
 def run_series(run, name, s, task, check):
@@ -334,7 +347,7 @@ def row_fresh(run, m):
     r = row("fresh", what, ours=series_text(ours, nbytes), baselines="; ".join(series_text(s, nbytes) for s in base),
             target=">= 48 GB/s, >= 1.9x the best peer", status="failed" if ours_failed(ours) else "ok",
             checked="every tensor (%d) against the file in each run" % len(ref),
-            breakdown=breakdown(ours["spans"]),
+            breakdown=breakdown(ours["spans"]), timeline=timeline(ours),
             data={n: {k: s[k] for k in ("seconds", "skip", "error", "version", "spans")} | {"bad": s["bad"][:5]}
                   for n, s in all_s.items()})
     best = best_of(base, nbytes)
@@ -453,7 +466,7 @@ def row_hf(run, m):
     r = row("hf", what, ours=series_text(ours, nbytes), baselines=series_text(base, nbytes),
             target=">= 45 GB/s for the whole model", status="failed" if ours_failed(ours) or diff else "ok",
             checked="every parameter (%d) against the file in each run; %s" % (len(ref), logits_note),
-            breakdown=breakdown(ours["spans"]),
+            breakdown=breakdown(ours["spans"]), timeline=timeline(ours),
             data={n: {k: s[k] for k in ("seconds", "skip", "error", "spans")} | {"bad": s["bad"][:5]}
                   for n, s in all_s.items()})
     if usable(ours) and usable(base):
@@ -684,6 +697,11 @@ def print_table(run):
         print("\nWhere aegaeon's time went (the spans of aegaeon_native.timings(), medians):")
         for r in spans:
             print("- %s: %s" % (r["id"], r["breakdown"]))
+    lines = [r for r in run.rows if r.get("timeline")]
+    if lines:
+        print("\nThe steps in time (ms after the clock started; aegaeon_native.timings(starts=True)):")
+        for r in lines:
+            print("- %s, %s" % (r["id"], r["timeline"]))
     counts = {}
     for r in run.rows:
         counts[verdict(r)] = counts.get(verdict(r), 0) + 1

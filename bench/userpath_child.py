@@ -46,7 +46,7 @@ def log(msg):
 
 
 def now():
-    return time.perf_counter()
+    return time.monotonic()         # the clock of aegaeon_native.timings(starts=True)
 
 
 class Skip(Exception):
@@ -300,11 +300,19 @@ def prepare(device, modules):
     return now() - t0
 
 
-def spans(an):
-    """The set-up steps the library timed since the last call, as [name, seconds]
-    (aegaeon_native.timings(); None where the module has none)."""
+def spans(an, t0=None):
+    """The steps the library timed since the last call, as [name, seconds],
+    with t0 (a now() time) and a module that has them [name, seconds, start
+    after t0] (aegaeon_native.timings(); None where the module has none)."""
     fn = getattr(an, "timings", None)
-    return [[name, sec] for name, sec in fn()] if fn else None
+    if fn is None:
+        return None
+    if t0 is not None:
+        try:
+            return [[name, sec, start - t0] for name, start, sec in fn(starts=True)]
+        except TypeError:           # a module without starts
+            pass
+    return [[name, sec] for name, sec in fn()]
 
 
 def task_load(a):
@@ -318,7 +326,7 @@ def task_load(a):
         tensors, keep = fn(a["path"], a["device"])
         sync(a["device"])
         seconds = now() - t0
-    timed = spans(an) if an is not None else None
+    timed = spans(an, t0) if an is not None else None
     meta = {n: meta_of(t) for n, t in tensors.items()}
     digests = checker(a["device"]).digests(tensors)
     del keep
@@ -354,7 +362,7 @@ def seed_round(an, a, check, ref):
     for c in chunks:
         an.wait_event_handle_bytes(c["event_handle"])
     t_done = now()
-    timed = spans(an)
+    timed = spans(an, t0)
     ranges = chunk_ranges(a["path"], [c["size"] for c in chunks])
     missing = [r for r in ranges if r not in ref]
     ref.update(check.of_ranges(a["path"], missing))
@@ -502,7 +510,7 @@ def task_hf(a):
         model, t0, how, keep, phases = fn(transformers, a, kw, dev, config)
         sync(a["device"])
         seconds = now() - t0
-    timed = spans(sys.modules["aegaeon_native"]) if a["loader"] == "aegaeon" else None
+    timed = spans(sys.modules["aegaeon_native"], t0) if a["loader"] == "aegaeon" else None
     if timed is not None and phases:
         timed += phases
     params = dict(model.named_parameters())

@@ -604,24 +604,33 @@ out:
 }
 
 PyDoc_STRVAR(timings_doc,
-"timings()\n--\n\n"
-"The set-up steps the library timed since the last call, oldest first, as\n"
+"timings(*, starts=False)\n--\n\n"
+"The steps the library timed since the last call, oldest first, as\n"
 "(name, seconds) tuples: \"device open\", \"topology\", \"slab create\",\n"
 "\"engine create\", \"job attach\", \"prefetch start\", \"job prefetch\",\n"
-"\"job wait\", ... (AEGAEON_LOG=debug logs each as it ends).");
+"\"job wait\", \"load\" (a load in this process, from its start to its last\n"
+"byte on the GPU), ... (AEGAEON_LOG=debug logs each as it ends). With\n"
+"starts=True, (name, start, seconds) tuples, start on time.monotonic()'s\n"
+"clock.");
 
-static PyObject *py_timings(PyObject *self, PyObject *unused)
+static PyObject *py_timings(PyObject *self, PyObject *args, PyObject *kw)
 {
-	struct aeg_span *spans = PyMem_Malloc(AEG_SPANS_MAX * sizeof(*spans));
+	static char *kwlist[] = { "starts", NULL };
+	struct aeg_span *spans;
 	PyObject *list;
-	int n;
+	int n, starts = 0;
 
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|$p:timings", kwlist, &starts))
+		return NULL;
+	spans = PyMem_Malloc(AEG_SPANS_MAX * sizeof(*spans));
 	if (spans == NULL)
 		return PyErr_NoMemory();
 	n = aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
 	list = PyList_New(n);
 	for (int i = 0; list != NULL && i < n; i++) {
-		PyObject *t = Py_BuildValue("(sd)", spans[i].name, (double)spans[i].ns / 1e9);
+		double sec = (double)spans[i].ns / 1e9;
+		PyObject *t = starts ? Py_BuildValue("(sdd)", spans[i].name, (double)spans[i].start_ns / 1e9, sec) :
+				       Py_BuildValue("(sd)", spans[i].name, sec);
 
 		if (t == NULL)
 			Py_CLEAR(list);
@@ -630,6 +639,26 @@ static PyObject *py_timings(PyObject *self, PyObject *unused)
 	}
 	PyMem_Free(spans);
 	return list;
+}
+
+PyDoc_STRVAR(span_doc,
+"_span(name, start)\n--\n\n"
+"Keep a step of the module's Python part (aegaeon_native.torch), from start\n"
+"(time.monotonic()) to now, for timings(); internal.");
+
+static PyObject *py_span(PyObject *self, PyObject *args)
+{
+	const char *name;
+	double start;
+
+	if (!PyArg_ParseTuple(args, "sd:_span", &name, &start))
+		return NULL;
+	if (!(start >= 0.0 && start < 1.8e10)) {
+		PyErr_SetString(PyExc_ValueError, "_span: start is not a time.monotonic() time");
+		return NULL;
+	}
+	aeg_span_end(name, (uint64_t)(start * 1e9 + 0.5));
+	Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------- stats */
@@ -713,7 +742,8 @@ static PyMethodDef methods[] = {
 	{ "chunk_view", (PyCFunction)(void (*)(void))py_chunk_view, METH_VARARGS | METH_KEYWORDS, chunk_view_doc },
 	{ "stats", py_stats, METH_NOARGS, stats_doc },
 	{ "prepare", (PyCFunction)(void (*)(void))py_prepare, METH_VARARGS | METH_KEYWORDS, prepare_doc },
-	{ "timings", py_timings, METH_NOARGS, timings_doc },
+	{ "timings", (PyCFunction)(void (*)(void))py_timings, METH_VARARGS | METH_KEYWORDS, timings_doc },
+	{ "_span", py_span, METH_VARARGS, span_doc },
 	{ NULL, NULL, 0, NULL },
 };
 

@@ -17,6 +17,7 @@ not by `import aegaeon_native` (docs/python.md, "Loading models")."""
 import os as _os
 import sys as _sys
 import threading as _threading
+import time as _time
 import warnings as _warnings
 
 __all__ = ["load_state_dict", "load_into", "from_pretrained"]
@@ -311,16 +312,15 @@ def _generation_config(model, path):
         model.generation_config = type(config).from_pretrained(directory)
 
 
-def _opened_state(torch, native, loaded, device, chunk_bytes):
-    """(state, target) of a Model open_model() gave: waited for, its tensors
-    as torch tensors on its GPU (device, where given, must be that one)."""
+def _opened_target(torch, native, loaded, device, chunk_bytes):
+    """The torch.device of a Model open_model() gave (device, where given,
+    must be its GPU)."""
     if chunk_bytes is not None:
         raise ValueError("chunk_bytes: the Model was opened with its own; give chunk_bytes to open_model()")
     gpu, target = _device(torch, native, loaded.gpu_id if device is None else device)
     if gpu != loaded.gpu_id:
         raise ValueError("device %r: the Model %s is on GPU %d" % (device, loaded.path, loaded.gpu_id))
-    loaded.wait()
-    return _tensors(torch, loaded.tensors), target
+    return target
 
 
 def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
@@ -339,23 +339,36 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     are tied (model.tie_weights()), buffers construction computes (rotary
     inv_freq) are rebuilt where they are on the meta device and every buffer
     moved to the device, the directory's generation_config.json read, and
-    the model put in eval mode. Returns the model.
+    the model put in eval mode. All of this runs while the checkpoint loads;
+    the call returns once every byte of it is loaded. Returns the model.
 
     Errors (the model may be part filled then): KeyError for tensors the
     model needs that the file lacks, and with strict=True for tensors of the
     file the model has no place for (strict=False warns and leaves them);
     ValueError for a shape that differs; those of load_state_dict."""
     torch, native = _torch(), _native()
-    slots = _slots(model)           # what needs no tensor first: an opened Model may be loading still
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if isinstance(path, native.Model):
-        state, target = _opened_state(torch, native, path, device, chunk_bytes)
-        path = path.path
-    else:
-        path = _os.fsdecode(_os.fspath(path))
-        _, target = _device(torch, native, device)
-        state = load_state_dict(path, device, chunk_bytes=chunk_bytes)
-    state = _align_prefix(model, state, slots)
+        target = _opened_target(torch, native, path, device, chunk_bytes)
+        return _fill(torch, native, model, path, path.path, target, strict)
+    path = _os.fsdecode(_os.fspath(path))
+    gpu, target = _device(torch, native, device)
+    loaded = native.open_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
+                               wait=False)
+    try:
+        return _fill(torch, native, model, loaded, path, target, strict)
+    finally:
+        loaded.release()   # the tensors the model took keep the memory; nothing else does
+
+
+def _fill(torch, native, model, loaded, path, target, strict):
+    """load_into of a Model open_model() gave, loading still: the model takes
+    views of its memory and is made ready while the bytes come, then the
+    load is waited for. The views are valid memory whatever the load does;
+    the model is returned only once they hold the file's bytes."""
+    t = _time.monotonic()
+    slots = _slots(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    state = _align_prefix(model, _tensors(torch, loaded.tensors), slots)
     unexpected = [k for k in state if k not in slots and not _ignorable(model, k)]
     if unexpected and strict:
         raise KeyError("%s holds %s, which %s has no place for (strict=False leaves them out)"
@@ -374,6 +387,10 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     _rebuild_buffers(torch, model, target, dtype)
     _generation_config(model, path)
     model.eval()
+    native._span("model fill", t)
+    t = _time.monotonic()
+    loaded.wait()
+    native._span("load wait", t)
     return model
 
 
@@ -401,6 +418,7 @@ def from_pretrained(path, *, device=None, model_class=None, config=None, chunk_b
     loaded = native.open_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
                                wait=False)
     try:
+        t = _time.monotonic()
         import transformers
         if config is None:
             config = transformers.AutoConfig.from_pretrained(_os.fspath(path))
@@ -411,6 +429,7 @@ def from_pretrained(path, *, device=None, model_class=None, config=None, chunk_b
                 model = cls.from_config(config, **model_kwargs)
             else:
                 model = cls._from_config(config, **model_kwargs)
+        native._span("model build", t)
         return load_into(model, loaded, strict=strict)
     finally:
         loaded.release()   # the tensors the model took keep the memory; nothing else does

@@ -1426,6 +1426,30 @@ class TestSetup(Base):
         self.assertEqual(out["later"].count("prefetch start"), 2, out["later"])
         self.assertTrue(out["seconds_ok"])
 
+    def test_timings_with_starts(self):
+        """Each load is a "load" span from its start to its last byte; starts on time.monotonic()'s clock."""
+        import time
+        path = os.path.join(TMP, "timings.safetensors")
+        write_file(path, safetensors_bytes(make_tensors(5)))
+        an.timings()
+        t0 = time.monotonic()
+        with an.open_model(path, 0, 4096):      # waited for: the load has ended, its span kept
+            pass
+        t1 = time.monotonic()
+        an._span("a step", t0)
+        got = an.timings(starts=True)
+        self.assertEqual(an.timings(starts=True), [])          # taken
+        for name, start, sec in got:     # a float's nanoseconds and back: within a microsecond
+            self.assertTrue(t0 - 1e-6 <= start <= start + sec <= time.monotonic(), (name, t0, start, sec))
+        names = [n for n, _, _ in got]
+        self.assertEqual((names.count("load"), names.count("prefetch start"), names[-1]), (1, 1, "a step"), got)
+        self.assertGreaterEqual(got[-1][2], t1 - t0 - 1e-6)
+        self.assertRaises(TypeError, an.timings, True)       # starts is keyword-only
+        self.assertRaises(TypeError, an._span, "x")
+        self.assertRaises(ValueError, an._span, "x", -1.0)
+        self.assertRaises(ValueError, an._span, "x", float("nan"))
+        self.assertEqual(an.timings(), [])
+
     def test_prepare_errors(self):
         self.assertRaises(TypeError, an.prepare, "0")
         self.assertRaises(ValueError, an.prepare, -1)

@@ -306,6 +306,31 @@ class TestFromPretrained(unittest.TestCase):
             del model
             self.assertEqual(held(), (0, 0))
 
+    def test_its_steps_are_timed(self):
+        """timings(starts=True) lays the build and the fill beside the load: each shard's load, then the wait."""
+        import time
+        config = llama_config(tied=False, layers=2)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config)
+        an.timings()
+        t0 = time.monotonic()
+        model = an.torch.from_pretrained(d)
+        t1 = time.monotonic()
+        steps = {}
+        for name, start, sec in an.timings(starts=True):
+            steps.setdefault(name, []).append((start, start + sec))
+        shards = [n for n in os.listdir(d) if n.endswith(".safetensors")]
+        self.assertEqual(len(steps["load"]), len(shards), steps)
+        for name in ("model build", "load wait", "model fill"):
+            self.assertEqual(len(steps[name]), 1, (name, steps))
+        for name, spans in steps.items():
+            for start, end in spans:
+                self.assertTrue(t0 - 1e-6 <= start <= end <= t1, (name, t0, start, end, t1))
+        build, fill, wait = steps["model build"][0], steps["model fill"][0], steps["load wait"][0]
+        self.assertTrue(build[1] <= fill[0] <= fill[1] <= wait[0], steps)     # filled while it loads
+        self.assertTrue(all(end <= wait[1] for _, end in steps["load"]), steps)   # waited for every shard
+        del model
+        self.assertEqual(held(), (0, 0))
+
     def test_model_class_and_config(self):
         config = llama_config(tied=False, layers=2)
         d = save_llama(tempfile.mkdtemp(dir=TMP), config)

@@ -74,8 +74,10 @@ class FullQuickRun(unittest.TestCase):
         ours = r["data"]["aegaeon"]
         self.assertEqual((len(ours["seconds"]), ours["bad"], ours["error"]), (3, [], None))
         self.assertRegex(r["checked"], r"every tensor \(\d+\) against the file")
-        if any(ours["spans"]):          # aegaeon_native.timings(): where the time went
+        if any(ours["spans"]):          # aegaeon_native.timings(): where the time went, and when
             self.assertRegex(r["breakdown"], r"^[a-z ]+ [0-9.]+ ms")
+            self.assertRegex(r["timeline"], r"^run of [0-9.]+ s: .*\bload \+[0-9.]+\.\.\+[0-9.]+")
+            self.assertIn("- fresh, run of", self.r.stdout)
         for name in ("safetensors", "fastsafetensors", "instanttensor"):
             b = r["data"][name]
             self.assertTrue(b["seconds"] or b["skip"], "%s neither ran nor said why: %s" % (name, b))

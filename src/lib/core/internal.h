@@ -141,7 +141,8 @@ static inline ssize_t aeg_pread_full(int fd, void *buf, size_t need, size_t room
  * span for aeg_spans_take, which copies them out oldest first and forgets
  * them (--timing, the Python module's timings()). At most AEG_SPANS_MAX are
  * kept between takes; @lost gets how many more came or did not fit in @max.
- * Thread-safe.
+ * aeg_span_add keeps one that ended earlier (a load's, from its start to
+ * its last byte on the GPU). Thread-safe.
  */
 #define AEG_SPANS_MAX 256
 struct aeg_span {
@@ -150,6 +151,7 @@ struct aeg_span {
 	uint64_t ns;
 };
 void aeg_span_end(const char *name, uint64_t start_ns);
+void aeg_span_add(const char *name, uint64_t start_ns, uint64_t end_ns);
 int aeg_spans_take(struct aeg_span *out, int max, int *lost);
 
 /*

@@ -14,8 +14,12 @@ static int nspans, dropped;
 
 void aeg_span_end(const char *name, uint64_t start_ns)
 {
-	uint64_t now = aeg_now_ns();
-	uint64_t ns = now >= start_ns ? now - start_ns : 0;
+	aeg_span_add(name, start_ns, aeg_now_ns());
+}
+
+void aeg_span_add(const char *name, uint64_t start_ns, uint64_t end_ns)
+{
+	uint64_t ns = end_ns >= start_ns ? end_ns - start_ns : 0;
 
 	aeg_debug("span %s: %.3f ms", name, (double)ns / 1e6);
 	pthread_mutex_lock(&lock);

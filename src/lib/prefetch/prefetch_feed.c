@@ -1047,6 +1047,8 @@ static void finish_load(struct aeg_prefetch *pf, struct aeg_load *l)
 	if (err)
 		snprintf(l->detail, sizeof(l->detail), "%s", detail);
 	l->end_ns = aeg_now_ns();
+	if (err == 0 && l->landed_ns)
+		aeg_span_add("load", l->start_ns, l->landed_ns);     /* kept before a waiter wakes */
 	l->in_flight = 0;
 	aeg_loads_end();
 	prefetch_slots_drop(pf, 0);
