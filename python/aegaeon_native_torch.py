@@ -190,15 +190,29 @@ def _skip_on_meta(init):
     return skip
 
 
+def _transformers_no_init():
+    """transformers' no_init_weights where it is imported: transformers 5's
+    (transformers.initialization: its models initialise through its own
+    wrappers of torch's initialisers, which it took before anything could
+    patch them, so only its no_init_weights, which makes
+    PreTrainedModel.init_weights do nothing, skips them), else 4's
+    (modeling_utils); None without transformers."""
+    for name in ("transformers.initialization", "transformers.modeling_utils"):
+        no_init = getattr(_sys.modules.get(name), "no_init_weights", None)
+        if no_init is not None:
+            return no_init
+    return None
+
+
 class _ParamsOnMeta:
     """Modules made inside get their parameters on the meta device (no memory,
     no initialisation) and their buffers where torch computes them, under a
     default dtype, as from_pretrained makes them. The initialisers of
     torch.nn.init do nothing to tensors on the meta device meanwhile, and
     transformers' models skip their weight initialisation as its
-    from_pretrained has them do (its no_init_weights, which in some versions
-    makes torch.nn.init's initialisers do nothing to any tensor meanwhile):
-    on meta it only costs time (torch runs it through Python
+    from_pretrained has them do (its no_init_weights, _transformers_no_init;
+    transformers must be imported before, modeling_utils included): on meta
+    it only costs time (torch runs it through Python
     decompositions). It patches torch.nn.Module and torch.nn.init for the
     while: modules made meanwhile in other threads are made so too. One
     thread at a time is inside, so each puts back what it found."""
@@ -226,8 +240,7 @@ class _ParamsOnMeta:
                       if n.endswith("_") and not n.startswith("_") and callable(f)}
         for n, f in self.inits.items():
             setattr(torch.nn.init, n, _skip_on_meta(f))
-        utils = _sys.modules.get("transformers.modeling_utils")
-        no_init = getattr(utils, "no_init_weights", None)
+        no_init = _transformers_no_init()
         if no_init is not None:
             cm = no_init()
             cm.__enter__()
@@ -420,6 +433,7 @@ def from_pretrained(path, *, device=None, model_class=None, config=None, chunk_b
     try:
         t = _time.monotonic()
         import transformers
+        import transformers.modeling_utils      # for _ParamsOnMeta: the no_init_weights of its models
         if config is None:
             config = transformers.AutoConfig.from_pretrained(_os.fspath(path))
         cls = model_class if model_class is not None else transformers.AutoModelForCausalLM

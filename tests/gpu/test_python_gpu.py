@@ -284,6 +284,16 @@ def test_load_into():
     def ours_whole():
         return an.torch.from_pretrained(d, device="cuda", **kw)
 
+    # This machine's transformers: its initialisation must not run while the model is built on meta.
+    calls, original = [], transformers.LlamaPreTrainedModel._init_weights
+    transformers.LlamaPreTrainedModel._init_weights = lambda self, module: calls.append(module) or original(self, module)
+    try:
+        del ours_whole()
+    finally:
+        transformers.LlamaPreTrainedModel._init_weights = original
+    assert not calls, "transformers %s initialised %d modules of a model built on meta" % (
+        transformers.__version__, len(calls))
+
     times = {"from_pretrained(device_map=cuda)": [], "aegaeon_native.torch.load_into": [],
              "aegaeon_native.torch.from_pretrained": []}
     for _ in range(2):

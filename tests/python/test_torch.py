@@ -360,6 +360,28 @@ class TestFromPretrained(unittest.TestCase):
         del model
         self.assertEqual(held(), (0, 0))
 
+    def test_build_runs_no_initialisation(self):
+        """The model's _init_weights never runs while from_pretrained builds it (its results are replaced)."""
+        config = llama_config(tied=False, layers=2)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), config)
+        calls = []
+        cls = transformers.LlamaPreTrainedModel
+        original = cls._init_weights
+
+        def counted(self, module):
+            calls.append(type(module).__name__)
+            return original(self, module)
+        cls._init_weights = counted
+        try:
+            model = an.torch.from_pretrained(d)
+        finally:
+            cls._init_weights = original
+        self.assertEqual(calls, [])
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+        self.same(model, ref, config)
+        del model
+        self.assertEqual(held(), (0, 0))
+
     def test_build_puts_torch_back(self):
         """Building on meta skips the initialisers, and puts torch back after, an error too."""
         from aegaeon_native.torch import _ParamsOnMeta
