@@ -288,7 +288,8 @@ def test_load_into():
     calls, original = [], transformers.LlamaPreTrainedModel._init_weights
     transformers.LlamaPreTrainedModel._init_weights = lambda self, module: calls.append(module) or original(self, module)
     try:
-        del ours_whole()
+        model = ours_whole()
+        del model
     finally:
         transformers.LlamaPreTrainedModel._init_weights = original
     assert not calls, "transformers %s initialised %d modules of a model built on meta" % (
