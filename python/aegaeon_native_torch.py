@@ -355,10 +355,12 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     the model put in eval mode. All of this runs while the checkpoint loads;
     the call returns once every byte of it is loaded. Returns the model.
 
-    Errors (the model may be part filled then): KeyError for tensors the
+    Errors (the model may be part filled then, or filled with memory a
+    failed load left unfinished: do not use it): KeyError for tensors the
     model needs that the file lacks, and with strict=True for tensors of the
     file the model has no place for (strict=False warns and leaves them);
-    ValueError for a shape that differs; those of load_state_dict."""
+    ValueError for a shape that differs; those of load_state_dict (a load
+    that fails after it started is raised by the wait, last)."""
     torch, native = _torch(), _native()
     if isinstance(path, native.Model):
         target = _opened_target(torch, native, path, device, chunk_bytes)

@@ -14,7 +14,9 @@ python3 this. Prints "N passed, N failed" last.
 """
 import gc
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -283,6 +285,50 @@ class TestLoadInto(unittest.TestCase):
         with self.assertRaises(an.AegaeonError):
             an.torch.load_into(on_meta(transformers.LlamaForCausalLM, other), os.path.join(TMP, "none"))
         self.assertEqual(held(), (0, 0))
+
+
+FAILING_LOAD = r"""
+import gc, json, sys, torch, transformers, aegaeon_native as an
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+with an.torch._ParamsOnMeta(torch, None):
+    model = transformers.LlamaForCausalLM(config)
+out = {}
+try:
+    an.torch.load_into(model, sys.argv[1])
+except an.AegaeonError as e:
+    out["error"] = [e.name, str(e)]
+out["meta"] = [n for n, p in model.named_parameters() if p.is_meta]
+del model
+gc.collect()
+st = an.stats()
+out["held"] = [st["objects"], st["prefetch"].get(0, {"blocks": 0})["blocks"]]
+print(json.dumps(out))
+"""
+
+
+@NEEDS
+class TestFailingLoad(unittest.TestCase):
+    """load_into fills the model while its checkpoint loads: a read error after the load
+    started is raised by the wait, last, and nothing stays held (tests/faults' shim)."""
+
+    def test_read_error_after_the_start(self):
+        shim = os.path.join(os.environ.get("top_builddir", ""), "tests", "faults", ".libs", "libaegfault.so")
+        self.assertTrue(os.path.exists(shim), "%s: make check builds it" % shim)
+        d = save_llama(tempfile.mkdtemp(dir=TMP), llama_config(tied=True, layers=2))
+        shards = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
+        hurt = max(shards, key=lambda n: os.path.getsize(os.path.join(d, n)))
+        self.assertGreater(os.path.getsize(os.path.join(d, hurt)), 64 << 10)
+        preload = " ".join(x for x in (os.environ.get("AEGAEON_PY_PRELOAD"), shim) if x)
+        env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0", AEGAEON_FAULT="eio",
+                   AEGAEON_FAULT_FILE=os.path.join(d, hurt), AEGAEON_FAULT_AT=str(32 << 10))
+        r = subprocess.run([sys.executable, "-c", FAILING_LOAD, d], env=env, capture_output=True, text=True,
+                           timeout=300)
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["error"][0], "AEG_EIO", out)
+        self.assertIn(hurt, out["error"][1])
+        self.assertEqual(out["meta"], [])           # filled before the wait raised
+        self.assertEqual(out["held"], [0, 0])
 
 
 @NEEDS
