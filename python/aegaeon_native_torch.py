@@ -14,6 +14,7 @@ runs, then fills it.
 Part of the aegaeon_native extension; torch is imported at the first call,
 not by `import aegaeon_native` (docs/python.md, "Loading models")."""
 
+import contextlib as _contextlib
 import os as _os
 import sys as _sys
 import threading as _threading
@@ -336,6 +337,18 @@ def _opened_target(torch, native, loaded, device, chunk_bytes):
     return target
 
 
+@_contextlib.contextmanager
+def _loading(native, path, gpu, chunk_bytes):
+    """The Model of open_model(path, wait=False) for the block, released after
+    it: the tensors a model took keep the memory; nothing else does."""
+    loaded = native.open_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
+                               wait=False)
+    try:
+        yield loaded
+    finally:
+        loaded.release()
+
+
 def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
     """Fill a model built on the meta device with a checkpoint, without a copy.
 
@@ -367,12 +380,8 @@ def load_into(model, path, *, device=None, chunk_bytes=None, strict=True):
         return _fill(torch, native, model, path, path.path, target, strict)
     path = _os.fsdecode(_os.fspath(path))
     gpu, target = _device(torch, native, device)
-    loaded = native.open_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
-                               wait=False)
-    try:
+    with _loading(native, path, gpu, chunk_bytes) as loaded:
         return _fill(torch, native, model, loaded, path, target, strict)
-    finally:
-        loaded.release()   # the tensors the model took keep the memory; nothing else does
 
 
 def _fill(torch, native, model, loaded, path, target, strict):
@@ -430,9 +439,7 @@ def from_pretrained(path, *, device=None, model_class=None, config=None, chunk_b
     config or class it does not know; the load is released on any of them."""
     torch, native = _torch(), _native()
     gpu, _ = _device(torch, native, device)
-    loaded = native.open_model(path, gpu, chunk_bytes if chunk_bytes is not None else native.DEFAULT_CHUNK_BYTES,
-                               wait=False)
-    try:
+    with _loading(native, path, gpu, chunk_bytes) as loaded:
         t = _time.monotonic()
         import transformers
         import transformers.modeling_utils      # for _ParamsOnMeta: the no_init_weights of its models
@@ -447,5 +454,3 @@ def from_pretrained(path, *, device=None, model_class=None, config=None, chunk_b
                 model = cls._from_config(config, **model_kwargs)
         native._span("model build", t)
         return load_into(model, loaded, strict=strict)
-    finally:
-        loaded.release()   # the tensors the model took keep the memory; nothing else does
