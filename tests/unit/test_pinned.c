@@ -24,6 +24,7 @@
 
 #include <aegaeon/aegaeon.h>
 
+#include "device_host.h"
 #include "device_internal.h"
 #include "internal.h"
 #include "pinned_internal.h"
@@ -577,6 +578,126 @@ static void private_pool(void **state)
 	assert_int_equal(aeg_pool_create_private(dev, 3, MiB, MiB, &pool), AEG_ENODEV);
 }
 
+/* What an early pool's ready call saw. */
+struct early {
+	aeg_device_t *dev;
+	aeg_pool_t *pool;
+	int calls;
+	uint32_t usable;                /* buffers acquirable at once when it was called */
+	int take_second;                /* the test registers buffer 1 itself: the pool's own registration fails */
+	pthread_t waiter;
+	int waiter_started;
+	uint32_t taken;                 /* by the waiter, each acquired with a wait */
+	int seen[8];
+};
+
+/* A user of the pool as soon as it is handed out: waits for every buffer, holding each. */
+static void *take_all(void *arg)
+{
+	struct early *e = arg;
+	struct aeg_pool_buffer b;
+	struct aeg_pool_stats st;
+
+	if (aeg_pool_stats(e->pool, &st) != 0)
+		return NULL;
+	while (e->taken < st.buffers && aeg_pool_acquire(e->pool, 10000, &b) == 0) {
+		e->seen[b.index]++;
+		memset(b.ptr, 0x5a, b.bytes);
+		e->taken++;
+	}
+	return NULL;
+}
+
+static void early_ready(aeg_pool_t *pool, void *arg)
+{
+	struct early *e = arg;
+	struct aeg_pool_buffer b[8];
+	uint32_t n = 0;
+
+	e->calls++;
+	e->pool = pool;
+	while (n < 8 && aeg_pool_acquire(pool, 0, &b[n]) == 0)
+		n++;
+	e->usable = n;
+	for (uint32_t i = 0; i < n; i++)
+		assert_int_equal(aeg_pool_release(pool, b[i].index), 0);
+	if (e->take_second)
+		assert_int_equal(aeg_host_register(e->dev, aeg_pool_buffer_ptr(pool, 1), MiB, 0), 0);
+	else
+		e->waiter_started = pthread_create(&e->waiter, NULL, take_all, e) == 0;
+}
+
+/*
+ * An early private pool is handed out at its first buffer, before it is
+ * made: a user waiting for buffers gets each as it is registered, and once
+ * made it is the pool returned. A buffer that cannot be registered after
+ * the hand-out leaves the pool with those it had; bad sizes fail before.
+ */
+static void early_private_pool(void **state)
+{
+	aeg_device_t *dev = *state;
+	struct early e = { .dev = dev };
+	struct aeg_pool_buffer b;
+	struct aeg_pool_stats st;
+	aeg_pool_t *pool = NULL;
+	size_t ranges = host_registered_ranges(dev);
+	int maps = count_pool_maps(), fds = count_fds();
+
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_pool_create_private_early(dev, 0, MiB, 8 * MiB, early_ready, &e, &pool), 0);
+	assert_int_equal(e.calls, 1);
+	assert_ptr_equal(e.pool, pool);
+	/* Handed out once one buffer was registered, before the others. */
+	assert_int_equal(e.usable, 1);
+	assert_true(e.waiter_started);
+	assert_int_equal(pthread_join(e.waiter, NULL), 0);
+	assert_int_equal(e.taken, 8);
+	for (int i = 0; i < 8; i++)
+		assert_int_equal(e.seen[i], 1);
+	assert_int_equal(aeg_pool_stats(pool, &st), 0);
+	assert_int_equal(st.buffers, 8);
+	assert_int_equal(st.in_use, 8);
+	assert_int_equal(st.high_water, 8);
+	assert_int_equal(st.acquires, 8 + 1);       /* the ready call's one, and the waiter's */
+	for (uint32_t i = 0; i < 8; i++)
+		assert_int_equal(aeg_pool_release(pool, i), 0);
+	assert_int_equal(aeg_pool_release(pool, 0), AEG_EINVAL);
+	assert_false(child_can_write(aeg_pool_base(pool)));
+	assert_int_equal(host_registered_ranges(dev), ranges + 8);
+	aeg_pool_destroy(pool);
+	assert_int_equal(host_registered_ranges(dev), ranges);
+
+	/* Buffer 1's registration refused after the hand-out: the pool keeps buffer 0, and says so. */
+	memset(&e, 0, sizeof(e));
+	e.dev = dev;
+	e.take_second = 1;
+	pool = NULL;
+	assert_int_equal(aeg_pool_create_private_early(dev, 0, MiB, 4 * MiB, early_ready, &e, &pool), 0);
+	assert_int_equal(e.calls, 1);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &b), 0);
+	assert_int_equal(b.index, 0);
+	assert_int_equal(aeg_pool_acquire(pool, 0, &b) == AEG_ETIMEDOUT, 1);
+	assert_int_equal(aeg_pool_release(pool, 0), 0);
+	assert_int_equal(host_registered_ranges(dev), ranges + 2);
+	assert_int_equal(aeg_host_unregister(dev, aeg_pool_buffer_ptr(pool, 1)), 0);
+	aeg_pool_destroy(pool);
+	assert_int_equal(host_registered_ranges(dev), ranges);
+	assert_int_equal(count_pool_maps(), maps);
+	assert_int_equal(count_fds(), fds);
+
+	/* Bad sizes and no ready call fail before anything is made or handed out. */
+	memset(&e, 0, sizeof(e));
+	pool = NULL;
+	assert_int_equal(aeg_pool_create_private_early(dev, 0, 0, MiB, early_ready, &e, &pool), AEG_EINVAL);
+	assert_int_equal(aeg_pool_create_private_early(dev, 0, 2 * MiB, MiB, early_ready, &e, &pool), AEG_EINVAL);
+	assert_int_equal(aeg_pool_create_private_early(dev, 3, MiB, MiB, early_ready, &e, &pool), AEG_ENODEV);
+	assert_int_equal(aeg_pool_create_private_early(dev, 0, MiB, MiB, NULL, &e, &pool), AEG_EINVAL);
+	assert_null(pool);
+	assert_int_equal(e.calls, 0);
+	assert_int_equal(host_registered_ranges(dev), ranges);
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+}
+
 static void bad_hugepage_modes(void **state)
 {
 	static const struct {
@@ -828,6 +949,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(no_leaks, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(four_kib_pages, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(private_pool, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(early_private_pool, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(bad_hugepage_modes, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(hugetlb_pool, huge_setup, huge_teardown),
 		cmocka_unit_test(topology_loaded_once),

@@ -352,15 +352,15 @@ static const struct aeg_span *span_named(const struct aeg_span *spans, int n, co
 /*
  * A fresh session's first load starts before its engine's staging ring is
  * made: the start (mapping the file, making events) does not wait behind
- * the ring's page population; the load completes through the ring, and
- * the rest of the slab is mapped after that.
+ * the ring's page population; the load gets the ring at its first buffer,
+ * completes through it, and the rest of the slab is mapped after that.
  */
 static void ring_after_first_start(void **state)
 {
 	struct fx *f = *state;
 	struct aeg_load_request req = { .path = f->raw, .gpu = 0, .chunk_bytes = 1 * MiB };
 	struct aeg_span spans[AEG_SPANS_MAX];
-	const struct aeg_span *start, *ring, *map;
+	const struct aeg_span *start, *ring, *usable, *map;
 	aeg_session_t *s = open_session(f);
 	aeg_model_t *m = NULL;
 	int n;
@@ -375,6 +375,10 @@ static void ring_after_first_start(void **state)
 	start = span_named(spans, n, "prefetch start");
 	ring = span_named(spans, n, "pool create");
 	assert_true(ring->start_ns >= start->start_ns + start->ns);
+	/* The load had the ring from its first buffer on, before the ring was made. */
+	usable = span_named(spans, n, "pool usable");
+	assert_int_equal(usable->start_ns, ring->start_ns);
+	assert_true(usable->ns <= ring->ns);
 	/* The slab's addresses were reserved; the ring's thread mapped its memory once the ring was made. */
 	map = span_named(spans, n, "slab map");
 	assert_true(map->start_ns >= ring->start_ns + ring->ns);

@@ -420,21 +420,32 @@ static void make_pool(struct agent *a)
 	pthread_mutex_unlock(&a->lock);
 }
 
-/* The staging ring's thread: made, then handed to the engine, which maps files until then. */
+/* The staging ring's first buffer is in: the engine stages through it, and through the others as they come. */
+static void ring_usable(aeg_pool_t *pool, void *arg)
+{
+	struct agent_slab *s = arg;
+
+	s->ring = pool;
+	aeg_prefetch_set_pool(s->pf, pool, 0, 0);
+}
+
+/* The staging ring's thread: made, and handed to the engine at its first buffer; the engine maps files until then. */
 static void *make_ring(void *arg)
 {
 	struct agent_slab *s = arg;
+	aeg_pool_t *pool = NULL;
 	char size[32];
-	int err = aeg_pool_create_private(s->agent->dev, s->gpu, AEG_PREFETCH_RING_BUFFER_BYTES,
-					  s->agent->ring_bytes, &s->ring);
+	int err = aeg_pool_create_private_early(s->agent->dev, s->gpu, AEG_PREFETCH_RING_BUFFER_BYTES,
+						s->agent->ring_bytes, ring_usable, s, &pool);
 
-	if (err)
+	if (err) {
 		aeg_warn("job %s: GPU %d: the prefetch engine's staging ring (%s): files that cannot be mapped "
 			 "do not load", s->agent->cfg->job_id, s->gpu, aeg_error_detail());
-	else
+		aeg_prefetch_set_pool(s->pf, NULL, 0, err);
+	} else {
 		aeg_info("job %s: GPU %d: the prefetch engine's staging ring ready (%s; no job pool)",
 			 s->agent->cfg->job_id, s->gpu, aeg_size_format(s->agent->ring_bytes, size, sizeof(size)));
-	aeg_prefetch_set_pool(s->pf, err ? NULL : s->ring, 0, err);
+	}
 	return NULL;
 }
 

@@ -64,6 +64,13 @@
 #define POPULATE_UNIT (32ull << 20)
 #define POPULATE_STEP (4ull << 20)      /* populated per call: whole 2 MiB pages, about 0.5 ms */
 /*
+ * An early pool (aeg_pool_create_private_early) is populated in units of a
+ * step, so that its first buffers are in after a step's time, not after a
+ * whole 32 MiB unit's (7-8 ms on the H200 machine for a staging ring of 24 x
+ * 4 MiB, during which a fresh process's first load moved nothing).
+ */
+#define POPULATE_UNIT_EARLY POPULATE_STEP
+/*
  * A pool made in the background beside the process's loads (the agent's,
  * aeg_pool_create_stoppable) starts no unit while a load runs, for up to
  * this long in all: on the H200 machine an agent's job-start load of 8 GiB,
@@ -102,6 +109,11 @@ struct aeg_pool {
 	struct aeg_pool_timing timing;
 	const atomic_int *stop;         /* while it is made: set, the making stops (NULL: never) */
 	int background;                 /* made beside the process's loads: its population lets them run first */
+	/* An early pool, while it is made: */
+	void (*ready)(aeg_pool_t *pool, void *arg);     /* called at its first usable buffer (NULL: not early) */
+	void *ready_arg;
+	int handed;                     /* ready was called: the pool is in use, its making no longer fails */
+	uint64_t t0;                    /* when its making began */
 };
 
 /* The header fills whole pages of its own, so buffers start on a page. */
@@ -120,7 +132,8 @@ static void init_header(aeg_pool_t *pool, uint32_t buffers, uint64_t header_byte
 	h->buffer_bytes = pool->buffer_bytes;
 	h->pool_bytes = pool->pool_bytes;
 	h->numa_node = pool->numa_node;
-	aeg_pool_list_format(&pool->list);
+	/* An early pool's buffers are its maker's until each is registered (hand_out). */
+	aeg_pool_list_format(&pool->list, pool->ready != NULL ? (uint32_t)getpid() : 0);
 	/* The magic last: a header is valid once it is there. */
 	memcpy(h->magic, POOL_MAGIC, sizeof(h->magic));
 }
@@ -328,6 +341,8 @@ struct populating {
 	char *start;
 	uint64_t bytes;
 	uint32_t units;
+	uint64_t unit;                  /* bytes of a unit: POPULATE_UNIT, POPULATE_UNIT_EARLY */
+	int early;                      /* an early pool: its pieces are registered as soon as they are in */
 	const struct place *pl;         /* bind the threads next to the pages; NULL: don't */
 	pthread_mutex_t lock;
 	pthread_cond_t cv;              /* a unit done, or population stopped */
@@ -402,8 +417,8 @@ static void *populate_main(void *arg)
 			continue;
 		}
 		i = p->next++;
-		off = (uint64_t)i * POPULATE_UNIT;
-		n = p->bytes - off < POPULATE_UNIT ? p->bytes - off : POPULATE_UNIT;
+		off = (uint64_t)i * p->unit;
+		n = p->bytes - off < p->unit ? p->bytes - off : p->unit;
 		pthread_mutex_unlock(&p->lock);
 		err = populate_range(p->start + off, n, p->cancel);
 		pthread_mutex_lock(&p->lock);
@@ -449,8 +464,10 @@ static unsigned populate_threads(uint64_t bytes, const struct place *pl, int sha
 
 /*
  * Wait until [start, start + @end) is populated and may be registered: at
- * once when no load runs in the process, else once every page is in
- * (aeg_loads_active). 0, or the errno of a population that stopped short.
+ * once when no load runs in the process or the pool is early (the loads
+ * wait for its buffers: they register nothing of their own), else once
+ * every page is in (aeg_loads_active). 0, or the errno of a population
+ * that stopped short.
  */
 static int populated_through(struct populating *p, uint64_t end)
 {
@@ -459,10 +476,10 @@ static int populated_through(struct populating *p, uint64_t end)
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
 		all = p->ready == p->units;
-		there = all || ((uint64_t)p->ready * POPULATE_UNIT >= end && aeg_loads_active() == 0);
+		there = all || ((uint64_t)p->ready * p->unit >= end && (p->early || aeg_loads_active() == 0));
 		if (there || p->err != 0)
 			break;
-		if ((uint64_t)p->ready * POPULATE_UNIT >= end) {
+		if ((uint64_t)p->ready * p->unit >= end) {
 			/* Only a load holds this piece back: look again in a millisecond. */
 			nap(p);
 		} else {
@@ -471,6 +488,30 @@ static int populated_through(struct populating *p, uint64_t end)
 	}
 	pthread_mutex_unlock(&p->lock);
 	return there ? 0 : p->err;
+}
+
+/*
+ * An early pool's buffers in [@off, @off + @n) of its data are registered:
+ * list them, and hand the pool out with its first.
+ */
+static void hand_out(aeg_pool_t *pool, uint64_t off, uint64_t n)
+{
+	for (uint64_t b = off / pool->buffer_bytes; b < (off + n) / pool->buffer_bytes; b++)
+		if (aeg_pool_list_add(&pool->list, (uint32_t)b) < 0)
+			aeg_warn("%s", aeg_error_detail());
+	if (pool->handed)
+		return;
+	pool->handed = 1;
+	pool->timing.usable_ns = aeg_now_ns() - pool->t0;
+	aeg_span_end("pool usable", pool->t0);
+	pool->ready(pool, pool->ready_arg);
+}
+
+/* An early pool in use stops growing: what it has stays (@err's detail says why). */
+static void stop_short(aeg_pool_t *pool, uint64_t registered, uint64_t data_bytes)
+{
+	aeg_warn("%s; the pool keeps the %" PRIu64 " of its %" PRIu64 " buffers it had",
+		 aeg_error_detail(), registered / pool->buffer_bytes, data_bytes / pool->buffer_bytes);
 }
 
 /* Register the buffers, piece by piece, as the population behind @p reaches them. */
@@ -490,9 +531,14 @@ static int register_behind(aeg_pool_t *pool, struct populating *p, uint64_t head
 		if (err < 0) {
 			aeg_error_prefix("pinned pool of %" PRIu64 " bytes, registering bytes %" PRIu64 "..%" PRIu64,
 					 data_bytes, off, off + n);
-			return err;
+			if (!pool->handed)
+				return err;
+			stop_short(pool, off, data_bytes);
+			return 0;
 		}
 		pool->reg_pieces++;
+		if (pool->ready != NULL)
+			hand_out(pool, off, n);
 	}
 	return 0;
 }
@@ -507,6 +553,7 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 {
 	uint64_t t0 = aeg_now_ns(), t, in;
 	struct populating p = { .start = pool->map, .bytes = pool->map_bytes,
+				.unit = pool->ready != NULL ? POPULATE_UNIT_EARLY : POPULATE_UNIT, .early = pool->ready != NULL,
 				.pl = pl->numa_node >= 0 && pl->topo != NULL ? pl : NULL, .cancel = pool->stop,
 				.yield_until_ns = pool->background ? t0 + POPULATE_YIELD_MAX_NS : 0 };
 	unsigned n = populate_threads(pool->map_bytes, pl, page == POOL_PAGE && !pool->private_pool), used = 0;
@@ -514,7 +561,7 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 	int err;
 
 	pool->data = (char *)pool->map + header;
-	p.units = (uint32_t)((p.bytes + POPULATE_UNIT - 1) / POPULATE_UNIT);
+	p.units = (uint32_t)((p.bytes + p.unit - 1) / p.unit);
 	p.done = calloc(p.units, 1);
 	if (p.done == NULL)
 		return aeg_fail(AEG_ENOMEM, "pinned pool: out of memory");
@@ -539,13 +586,17 @@ static int populate_and_register(aeg_pool_t *pool, uint64_t header, uint64_t dat
 	pool->timing.yield_ns = p.yielded_ns;
 	pool->timing.populate_ns = (p.populated_ns ? p.populated_ns : t) - t0;
 	pool->timing.register_ns = t - t0 - pool->timing.populate_ns;
-	in = (uint64_t)p.ready * POPULATE_UNIT;
+	in = (uint64_t)p.ready * p.unit;
 	if (err == 0 && p.err == ECANCELED)
 		err = aeg_fail(AEG_ECANCELED, "pinned pool: its making was stopped (%" PRIu64 " of %" PRIu64
 			       " bytes populated)", in < p.bytes ? in : p.bytes, p.bytes);
 	else if (err == 0 && p.err != 0)
 		err = aeg_fail(AEG_ENOMEM, "pinned pool: populating %" PRIu64 " bytes in %s pages: %s", p.bytes,
 			       page == HUGE_PAGE ? "2 MiB huge" : "4 KiB", strerror(p.err));
+	if (err < 0 && pool->handed) {
+		stop_short(pool, (uint64_t)pool->reg_pieces * pool->reg_piece, data_bytes);
+		err = 0;
+	}
 	pthread_cond_destroy(&p.cv);
 	pthread_mutex_destroy(&p.lock);
 	free(p.done);
@@ -667,6 +718,14 @@ place:
 	pool->timing.bind_ns += aeg_now_ns() - t;
 	if (err < 0)
 		return err;
+	if (pool->ready != NULL) {
+		/* Its list first, every buffer the maker's: each is listed as it is registered. */
+		uint32_t buffers = (uint32_t)(data_bytes / pool->buffer_bytes);
+
+		pool->numa_node = pl->numa_node;
+		pool_layout(pool, buffers, header);
+		init_header(pool, buffers, header);
+	}
 
 	return populate_and_register(pool, header, data_bytes, page, pl, registering);
 }
@@ -757,7 +816,8 @@ int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t p
 }
 
 static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, int private_pool,
-		       const atomic_int *stop, int background, aeg_pool_t **poolp)
+		       const atomic_int *stop, int background, void (*ready)(aeg_pool_t *, void *), void *ready_arg,
+		       aeg_pool_t **poolp)
 {
 	uint64_t t0 = aeg_now_ns(), header;
 	struct pool_plan p;
@@ -777,7 +837,16 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 	pool->private_pool = private_pool;
 	pool->stop = stop;
 	pool->background = background;
-	pool->reg_piece = buffer_bytes >= REGISTER_PIECE ? buffer_bytes : aeg_round_up(REGISTER_PIECE, buffer_bytes);
+	pool->ready = ready;
+	pool->ready_arg = ready_arg;
+	pool->t0 = t0;
+	pool->buffer_bytes = buffer_bytes;
+	pool->pool_bytes = p.data_bytes;
+	/* An early pool's buffers are usable one by one, each as its registration ends. */
+	if (ready != NULL)
+		pool->reg_piece = buffer_bytes;
+	else
+		pool->reg_piece = buffer_bytes >= REGISTER_PIECE ? buffer_bytes : aeg_round_up(REGISTER_PIECE, buffer_bytes);
 	for (;;) {
 		/* A private pool's buffers start on a 2 MiB boundary, where its huge pages do. */
 		header = header_bytes_for((uint32_t)p.buffers, private_pool ? HUGE_PAGE : p.page);
@@ -795,18 +864,20 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 			goto fail;
 	}
 
-	pool->buffer_bytes = buffer_bytes;
-	pool->pool_bytes = p.data_bytes;
-	pool->numa_node = p.pl.numa_node;
+	pool->numa_node = p.pl.numa_node;     /* where binding put it */
 	pool->stop = NULL;
-	pool_layout(pool, (uint32_t)p.buffers, header);
-	init_header(pool, (uint32_t)p.buffers, header);
+	pool->ready = NULL;
+	if (!pool->handed) {
+		pool_layout(pool, (uint32_t)p.buffers, header);
+		init_header(pool, (uint32_t)p.buffers, header);
+	}
 	pool->timing.total_ns = aeg_now_ns() - t0;
-	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, of which %.1f waiting for loads, register %.1f)",
+	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, of which %.1f waiting for loads, register %.1f; first buffer usable after %.1f)",
 		  p.buffers, buffer_bytes,
 		  p.page == HUGE_PAGE ? "2 MiB" : private_pool ? "private (transparent huge)" : "4 KiB", p.pl.numa_node,
 		  pool->timing.total_ns / 1e6, pool->timing.bind_ns / 1e6, pool->timing.populate_ns / 1e6,
-		  pool->timing.threads, pool->timing.yield_ns / 1e6, pool->timing.register_ns / 1e6);
+		  pool->timing.threads, pool->timing.yield_ns / 1e6, pool->timing.register_ns / 1e6,
+		  (pool->handed ? pool->timing.usable_ns : pool->timing.total_ns) / 1e6);
 	aeg_span_end("pool create", t0);
 	*poolp = pool;
 	return 0;
@@ -818,19 +889,27 @@ fail:
 AEG_EXPORT int aeg_pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
 			       uint64_t pool_bytes, aeg_pool_t **poolp)
 {
-	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, NULL, 0, poolp);
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, NULL, 0, NULL, NULL, poolp);
 }
 
 int aeg_pool_create_stoppable(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
 			      const atomic_int *stop, aeg_pool_t **poolp)
 {
-	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, stop, 1, poolp);
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 0, stop, 1, NULL, NULL, poolp);
 }
 
 int aeg_pool_create_private(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
 			    aeg_pool_t **poolp)
 {
-	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 1, NULL, 0, poolp);
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 1, NULL, 0, NULL, NULL, poolp);
+}
+
+int aeg_pool_create_private_early(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
+				  void (*ready)(aeg_pool_t *pool, void *arg), void *arg, aeg_pool_t **poolp)
+{
+	if (ready == NULL)
+		return aeg_fail(AEG_EINVAL, "aeg_pool_create_private_early: NULL ready");
+	return pool_create(dev, gpu, buffer_bytes, pool_bytes, 1, NULL, 0, ready, arg, poolp);
 }
 
 /* The page size of the file behind @fd: a hugetlb memfd maps in huge pages only. */

@@ -20,6 +20,7 @@ struct aeg_pool_timing {
 	uint64_t page_bytes;    /* 4096, or 2 MiB for hugetlb pages */
 	unsigned threads;       /* that populated the pages */
 	uint64_t yield_ns;      /* of populate_ns, the longest a thread waited for the process's loads */
+	uint64_t usable_ns;     /* an early pool: until its first buffer could be used (else 0) */
 };
 
 void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
@@ -90,8 +91,20 @@ struct aeg_pool_list {
 /* aeg_pool_list_init - the view of @h for a pool of @buffers (as this process knows it). */
 void aeg_pool_list_init(struct aeg_pool_list *l, struct aeg_pool_header *h, uint32_t buffers);
 
-/* aeg_pool_list_format - a new pool's list: every buffer free, buffer 0 on top, counts zero. */
-void aeg_pool_list_format(struct aeg_pool_list *l);
+/*
+ * aeg_pool_list_format - a new pool's list, counts zero: every buffer free,
+ * buffer 0 on top; or, with @maker not 0, every buffer held by that pid (the
+ * process making the pool, which lists each with aeg_pool_list_add once it
+ * can be used) and the list empty.
+ */
+void aeg_pool_list_format(struct aeg_pool_list *l, uint32_t maker);
+
+/*
+ * aeg_pool_list_add - list buffer @index, held by the pool's maker since
+ * aeg_pool_list_format, for the first time (in_use does not count it), and
+ * wake a waiter. AEG_EINVAL if it is not held.
+ */
+int aeg_pool_list_add(struct aeg_pool_list *l, uint32_t index);
 
 /*
  * aeg_pool_list_take - pop a buffer and mark it with this process's pid,
@@ -132,6 +145,22 @@ int aeg_pool_create_stoppable(aeg_device_t *dev, int gpu, uint64_t buffer_bytes,
  */
 int aeg_pool_create_private(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
 			    aeg_pool_t **poolp);
+
+/*
+ * aeg_pool_create_private_early - aeg_pool_create_private whose buffers can
+ * be used one by one as they are made, so that a load waiting for its
+ * staging ring moves bytes after the first buffer's 1-2 ms instead of the
+ * whole ring's 11-13 ms (24 x 4 MiB on the H200 machine). @ready(pool, @arg)
+ * is called from this thread once the first buffer is populated and
+ * registered, with the pool; each further buffer comes onto the free list
+ * as its own registration ends (aeg_pool_acquire waits for it), until this
+ * returns with *@poolp the same pool. From @ready on it cannot fail: a
+ * later buffer that cannot be populated or registered is warned of, and the
+ * pool keeps those it has. Before, it fails as aeg_pool_create_private does
+ * and @ready is never called.
+ */
+int aeg_pool_create_private_early(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
+				  void (*ready)(aeg_pool_t *pool, void *arg), void *arg, aeg_pool_t **poolp);
 
 /*
  * aeg_pool_attach_known - aeg_pool_attach of the pool whose geometry the

@@ -32,16 +32,16 @@ void aeg_pool_list_init(struct aeg_pool_list *l, struct aeg_pool_header *h, uint
 	l->owner = h->slots + buffers;
 }
 
-void aeg_pool_list_format(struct aeg_pool_list *l)
+void aeg_pool_list_format(struct aeg_pool_list *l, uint32_t maker)
 {
 	struct aeg_pool_header *h = l->hdr;
 
 	/* Buffer 0 on top: low buffers go out first. Links are index + 1, 0 ends the list. */
 	for (uint32_t i = 0; i < l->buffers; i++) {
-		l->next[i] = i + 1 < l->buffers ? i + 2 : 0;
-		l->owner[i] = 0;
+		l->next[i] = maker == 0 && i + 1 < l->buffers ? i + 2 : 0;
+		l->owner[i] = maker;
 	}
-	h->head = l->buffers > 0 ? 1 : 0;
+	h->head = maker == 0 && l->buffers > 0 ? 1 : 0;
 	h->free_seq = 0;
 	h->waiters = 0;
 	h->in_use = 0;
@@ -259,6 +259,24 @@ int aeg_pool_list_give(struct aeg_pool_list *l, uint32_t index)
 	if (__atomic_exchange_n(&l->owner[index], 0, __ATOMIC_SEQ_CST) == 0)
 		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " is not acquired (released twice?)", index);
 	return give_back(l, index);
+}
+
+int aeg_pool_list_add(struct aeg_pool_list *l, uint32_t index)
+{
+	struct aeg_pool_header *h = l->hdr;
+	int err;
+
+	if (index >= l->buffers)
+		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " does not exist (the pool has %" PRIu32 ")",
+				index, l->buffers);
+	if (__atomic_exchange_n(&l->owner[index], 0, __ATOMIC_SEQ_CST) == 0)
+		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " is listed already", index);
+	/* Never acquired, so not counted out: in_use counts what users hold. */
+	err = push(l, index);
+	__atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&h->waiters, __ATOMIC_SEQ_CST) != 0)
+		aeg_futex_wake(&h->free_seq);
+	return err;
 }
 
 uint32_t aeg_pool_list_reclaim(struct aeg_pool_list *l, uint32_t pid)
