@@ -619,6 +619,9 @@ static void early_ready(aeg_pool_t *pool, void *arg)
 	while (n < 8 && aeg_pool_acquire(pool, 0, &b[n]) == 0)
 		n++;
 	e->usable = n;
+	/* The others are neither free nor in use: not made yet. */
+	assert_non_null(strstr(aeg_error_detail(), e->take_second ? "3 of its 4 buffers" : "7 of its 8 buffers"));
+	assert_non_null(strstr(aeg_error_detail(), "not made, the others in use"));
 	for (uint32_t i = 0; i < n; i++)
 		assert_int_equal(aeg_pool_release(pool, b[i].index), 0);
 	if (e->take_second)
@@ -677,6 +680,7 @@ static void early_private_pool(void **state)
 	assert_int_equal(aeg_pool_acquire(pool, 0, &b), 0);
 	assert_int_equal(b.index, 0);
 	assert_int_equal(aeg_pool_acquire(pool, 0, &b) == AEG_ETIMEDOUT, 1);
+	assert_non_null(strstr(aeg_error_detail(), "3 of its 4 buffers of 1048576 bytes not made"));
 	assert_int_equal(aeg_pool_release(pool, 0), 0);
 	assert_int_equal(host_registered_ranges(dev), ranges + 2);
 	assert_int_equal(aeg_host_unregister(dev, aeg_pool_buffer_ptr(pool, 1)), 0);

@@ -113,6 +113,7 @@ struct aeg_pool {
 	void (*ready)(aeg_pool_t *pool, void *arg);     /* called at its first usable buffer (NULL: not early) */
 	void *ready_arg;
 	int handed;                     /* ready was called: the pool is in use, its making no longer fails */
+	uint32_t unlisted;              /* buffers its maker has not listed yet (atomic) */
 	uint64_t t0;                    /* when its making began */
 };
 
@@ -496,9 +497,11 @@ static int populated_through(struct populating *p, uint64_t end)
  */
 static void hand_out(aeg_pool_t *pool, uint64_t off, uint64_t n)
 {
-	for (uint64_t b = off / pool->buffer_bytes; b < (off + n) / pool->buffer_bytes; b++)
+	for (uint64_t b = off / pool->buffer_bytes; b < (off + n) / pool->buffer_bytes; b++) {
+		__atomic_sub_fetch(&pool->unlisted, 1, __ATOMIC_RELAXED);
 		if (aeg_pool_list_add(&pool->list, (uint32_t)b) < 0)
 			aeg_warn("%s", aeg_error_detail());
+	}
 	if (pool->handed)
 		return;
 	pool->handed = 1;
@@ -725,6 +728,7 @@ place:
 		pool->numa_node = pl->numa_node;
 		pool_layout(pool, buffers, header);
 		init_header(pool, buffers, header);
+		__atomic_store_n(&pool->unlisted, buffers, __ATOMIC_RELAXED);
 	}
 
 	return populate_and_register(pool, header, data_bytes, page, pl, registering);
@@ -1078,9 +1082,16 @@ AEG_EXPORT int aeg_pool_acquire(aeg_pool_t *pool, int timeout_ms, struct aeg_poo
 	if (pool == NULL || buf == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_acquire: NULL argument");
 	err = aeg_pool_list_take(&pool->list, timeout_ms, &index);
-	if (err == AEG_ETIMEDOUT)
+	if (err == AEG_ETIMEDOUT) {
+		uint32_t unlisted = __atomic_load_n(&pool->unlisted, __ATOMIC_RELAXED);
+
+		/* An early pool being made (or that stopped short) has buffers neither free nor in use. */
+		if (unlisted > 0)
+			return aeg_fail(AEG_ETIMEDOUT, "pinned pool: no buffer came free in %d ms (%" PRIu32 " of its %" PRIu32 " buffers of %" PRIu64 " bytes not made, the others in use)",
+					timeout_ms, unlisted, pool->list.buffers, pool->buffer_bytes);
 		return aeg_fail(AEG_ETIMEDOUT, "pinned pool: no buffer came free in %d ms (all %" PRIu32 " buffers of %" PRIu64 " bytes in use)",
 				timeout_ms, pool->list.buffers, pool->buffer_bytes);
+	}
 	if (err < 0)
 		return err;
 	buf->index = index;
