@@ -868,10 +868,10 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 			goto fail;
 	}
 
-	pool->numa_node = p.pl.numa_node;     /* where binding put it */
 	pool->stop = NULL;
 	pool->ready = NULL;
-	if (!pool->handed) {
+	if (!pool->handed) {            /* an early pool was laid out before it was handed out */
+		pool->numa_node = p.pl.numa_node;     /* where binding put it */
 		pool_layout(pool, (uint32_t)p.buffers, header);
 		init_header(pool, (uint32_t)p.buffers, header);
 	}
