@@ -510,7 +510,7 @@ static void hand_out(aeg_pool_t *pool, uint64_t off, uint64_t n)
 	pool->ready(pool, pool->ready_arg);
 }
 
-/* An early pool in use stops growing: what it has stays (@err's detail says why). */
+/* An early pool in use stops growing: what it has stays (the error detail says why). */
 static void stop_short(aeg_pool_t *pool, uint64_t registered, uint64_t data_bytes)
 {
 	aeg_warn("%s; the pool keeps the %" PRIu64 " of its %" PRIu64 " buffers it had",

@@ -237,46 +237,41 @@ static void count_release(struct aeg_pool_header *h)
 			break;
 }
 
-/* Back on the list, counted out, waiters woken. */
-static int give_back(struct aeg_pool_list *l, uint32_t index)
+/* Back on the list, counted out when it was counted in (@counted), waiters woken. */
+static int give_back(struct aeg_pool_list *l, uint32_t index, int counted)
 {
 	struct aeg_pool_header *h = l->hdr;
 	int err = push(l, index);
 
-	count_release(h);
+	if (counted)
+		count_release(h);
 	__atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
 	if (__atomic_load_n(&h->waiters, __ATOMIC_SEQ_CST) != 0)
 		aeg_futex_wake(&h->free_seq);
 	return err;
 }
 
-int aeg_pool_list_give(struct aeg_pool_list *l, uint32_t index)
+/* Unmark held buffer @index and list it; @unheld says what a buffer not held is. */
+static int unmark_and_list(struct aeg_pool_list *l, uint32_t index, int counted, const char *unheld)
 {
 	if (index >= l->buffers)
 		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " does not exist (the pool has %" PRIu32 ")",
 				index, l->buffers);
 	/* Unmarked first, then listed: a buffer on the list is never marked. */
 	if (__atomic_exchange_n(&l->owner[index], 0, __ATOMIC_SEQ_CST) == 0)
-		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " is not acquired (released twice?)", index);
-	return give_back(l, index);
+		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " %s", index, unheld);
+	return give_back(l, index, counted);
+}
+
+int aeg_pool_list_give(struct aeg_pool_list *l, uint32_t index)
+{
+	return unmark_and_list(l, index, 1, "is not acquired (released twice?)");
 }
 
 int aeg_pool_list_add(struct aeg_pool_list *l, uint32_t index)
 {
-	struct aeg_pool_header *h = l->hdr;
-	int err;
-
-	if (index >= l->buffers)
-		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " does not exist (the pool has %" PRIu32 ")",
-				index, l->buffers);
-	if (__atomic_exchange_n(&l->owner[index], 0, __ATOMIC_SEQ_CST) == 0)
-		return aeg_fail(AEG_EINVAL, "pinned pool: buffer %" PRIu32 " is listed already", index);
 	/* Never acquired, so not counted out: in_use counts what users hold. */
-	err = push(l, index);
-	__atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
-	if (__atomic_load_n(&h->waiters, __ATOMIC_SEQ_CST) != 0)
-		aeg_futex_wake(&h->free_seq);
-	return err;
+	return unmark_and_list(l, index, 0, "is listed already");
 }
 
 uint32_t aeg_pool_list_reclaim(struct aeg_pool_list *l, uint32_t pid)
@@ -287,7 +282,7 @@ uint32_t aeg_pool_list_reclaim(struct aeg_pool_list *l, uint32_t pid)
 		uint32_t want = pid;
 
 		if (__atomic_compare_exchange_n(&l->owner[i], &want, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-			if (give_back(l, i) < 0)
+			if (give_back(l, i, 1) < 0)
 				aeg_warn("%s", aeg_error_detail());
 			n++;
 		}
