@@ -32,7 +32,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" \
-	"${mpi_pkgs[@]}" "${torch_pkgs[@]}" valgrind procps util-linux
+	"${mpi_pkgs[@]}" "${torch_pkgs[@]}" valgrind procps util-linux gdb
+# (gdb: a Slurm test's first failure shows its processes' stacks, tests/slurm/cluster.sh.)
 # Debian's python3, not one first in PATH: the module and the venvs use it.
 rm -rf "$tools"
 /usr/bin/python3 -m venv "$tools/venv"

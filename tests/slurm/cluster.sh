@@ -40,7 +40,45 @@ log() { printf '# %s\n' "$*" >&2; }
 
 # One line per result: command output quoted in a description is folded.
 pass() { local m="$*"; PASSED=$((PASSED + 1)); printf 'ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "${m//$'\n'/ | }"; }
-fail() { local m="$*"; FAILED=$((FAILED + 1)); printf 'not ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "${m//$'\n'/ | }"; }
+fail() {
+	local m="$*"
+	FAILED=$((FAILED + 1))
+	printf 'not ok %d - %s: %s\n' $((PASSED + FAILED)) "$TEST_NAME" "${m//$'\n'/ | }"
+	((FAILED == 1)) && diagnose
+	return 0
+}
+
+# At a test's first failure, while the cluster still shows it: what each of
+# its processes is doing (state, wait channel, kernel stack and, with gdb,
+# each thread's stack, innermost call first; the daemons' threads left out,
+# which would take too long) and the ends of its logs. A failure in CI
+# cannot be run again.
+diagnose() {
+	local p f daemons=" ${PIDS[*]} "
+	[[ -n ${T:-} && -d $T ]] || return 0
+	log "diagnosis at the first failure: the cluster's processes"
+	for p in $(stray_pids); do
+		[[ $p == "$SYSLOG_PID" ]] && continue
+		log "  $(ps -o pid=,ppid=,stat=,wchan:24=,etime=,args= -p "$p" 2>/dev/null | cut -c1-200)"
+		[[ $daemons == *" $p "* ]] && continue
+		[[ -r /proc/$p/stack ]] &&
+			log "    kernel: $(sed -E 's/^\[<[0-9a-f]+>\] ([^+]+).*/\1/' "/proc/$p/stack" 2>/dev/null | head -n 8 | paste -sd' ')"
+		case $(cat "/proc/$p/comm" 2>/dev/null) in runuser | setpriv | timeout) continue ;; esac
+		command -v gdb >/dev/null || continue
+		timeout 30 gdb -q -batch -nx -p "$p" -ex 'thread apply all bt 16' 2>/dev/null | awk '
+			function done() { if (t != "") { if (!(t in n)) order[k++] = t; n[t]++ } t = "" }
+			/^Thread / { done(); t = " "; next }
+			/^#/ { f = ($3 == "in") ? $4 : $2; if (match($0, / from [^ ]+$/)) f = f "@" substr($0, RSTART + 6)
+			       sub(/.*\//, "", f); t = t " " f }
+			END { done(); for (i = 0; i < k; i++) print "#     " n[order[i]] " thread(s):" order[i] }' |
+			head -n 12 >&2
+	done
+	for f in "$T"/log/slurmd-*.log "$T"/log/slurmctld.log "$T"/log/syslog; do
+		[[ -s $f ]] || continue
+		log "the last lines of ${f#"$T"/}:"
+		tail -n 30 "$f" | cut -c1-240 | sed 's/^/#   /' >&2
+	done
+}
 check() { # check DESCRIPTION CMD... : pass when CMD succeeds
 	local what=$1; shift
 	if "$@"; then pass "$what"; else fail "$what"; fi
