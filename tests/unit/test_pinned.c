@@ -911,28 +911,6 @@ static void hugetlb_pool(void **state)
 }
 
 /*
- * This machine's one NUMA node, counted from the node directories in sysfs
- * (the library reads the "online" list instead); -1 with several or none.
- */
-static int machine_sole_node(void)
-{
-	DIR *d = opendir("/sys/devices/system/node");
-	struct dirent *e;
-	int node = -1, count = 0;
-
-	if (d == NULL)
-		return -1;
-	while ((e = readdir(d)) != NULL) {
-		if (strncmp(e->d_name, "node", 4) != 0 || e->d_name[4] < '0' || e->d_name[4] > '9')
-			continue;
-		node = atoi(e->d_name + 4);
-		count++;
-	}
-	closedir(d);
-	return count == 1 ? node : -1;
-}
-
-/*
  * Pools on a GPU with a PCI bus id look its locality up: on a machine of
  * one NUMA node that node, with no topology loaded (hwloc's discovery would
  * hold up a fresh process's ring); elsewhere the topology, loaded once.

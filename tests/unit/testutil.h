@@ -37,6 +37,28 @@ static inline int count_fds(void)
 	return n;
 }
 
+/*
+ * This machine's one NUMA node, counted from the node directories in sysfs
+ * (the library reads the "online" list instead); -1 with several or none.
+ */
+static inline int machine_sole_node(void)
+{
+	DIR *d = opendir("/sys/devices/system/node");
+	struct dirent *e;
+	int node = -1, count = 0;
+
+	if (d == NULL)
+		return -1;
+	while ((e = readdir(d)) != NULL) {
+		if (strncmp(e->d_name, "node", 4) != 0 || e->d_name[4] < '0' || e->d_name[4] > '9')
+			continue;
+		node = atoi(e->d_name + 4);
+		count++;
+	}
+	closedir(d);
+	return count == 1 ? node : -1;
+}
+
 /* count_pool_maps - mappings of pinned pools' memfds ("aegaeon-pool") in this process. */
 static inline int count_pool_maps(void)
 {

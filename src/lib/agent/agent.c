@@ -473,15 +473,20 @@ void agent_ring_start(struct agent *a, uint32_t slab)
  * After ready, off the path of the job's steps: the machine's topology
  * (hwloc's discovery, 50-60 ms of a 55-75 ms start on a development VM),
  * given to the engines, whose workers then bind near their GPUs; then the
- * pool, placed by the same topology.
+ * pool, placed by the same topology. A machine of one NUMA node needs
+ * none: every CPU and page is as near the GPUs as any other.
  */
 static void *settle(void *arg)
 {
 	struct agent *a = arg;
 	const aeg_topo_t *topo = NULL;
 	uint64_t t = aeg_now_ns();
+	int node = aeg_topo_sole_node();
 
-	if (aeg_topo_live(&topo)) {
+	if (node >= 0) {
+		aeg_debug("job %s: one NUMA node (%d): no topology; pool and prefetch threads need no binding",
+			  a->cfg->job_id, node);
+	} else if (aeg_topo_live(&topo)) {
 		aeg_warn("no topology (%s): pool and prefetch threads stay unbound", aeg_error_detail());
 	} else {
 		for (int i = 0; i < a->nslabs; i++)

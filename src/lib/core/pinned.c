@@ -149,31 +149,6 @@ struct place {
 };
 
 /*
- * The one NUMA node of a machine that has one (/sys/devices/system/node/
- * online says a single node), else -1. There every page is on that node
- * and every CPU next to it, so a pool needs no topology: hwloc's discovery
- * takes 14-17 ms on an idle H200 machine and 43-98 ms beside a fresh
- * process's first load, which meanwhile waits for its ring.
- */
-static int sole_numa_node(void)
-{
-	char buf[32];
-	FILE *f = fopen("/sys/devices/system/node/online", "re");
-	char *end;
-	long n;
-
-	if (f == NULL)
-		return -1;
-	if (fgets(buf, sizeof(buf), f) == NULL)
-		buf[0] = '\0';
-	fclose(f);
-	n = strtol(buf, &end, 10);
-	if (end == buf || n < 0 || n > 4095 || (*end != '\n' && *end != '\0'))
-		return -1;
-	return (int)n;
-}
-
-/*
  * A GPU without a PCI bus id (host backend without AEGAEON_HOST_PCI_BUS_IDS)
  * has no place. On a machine of one NUMA node (and no topology XML given)
  * the place is that node, without the topology. Otherwise the topology is
@@ -182,7 +157,6 @@ static int sole_numa_node(void)
  */
 static int locate(aeg_device_t *dev, int gpu, struct place *pl)
 {
-	const char *xml = getenv("AEGAEON_TOPOLOGY_XML");
 	struct aeg_gpu_info info;
 	int err;
 
@@ -195,7 +169,7 @@ static int locate(aeg_device_t *dev, int gpu, struct place *pl)
 	if (info.pci_bus_id[0] == '\0')
 		return 0;
 	snprintf(pl->pci, sizeof(pl->pci), "%s", info.pci_bus_id);
-	if ((xml == NULL || xml[0] == '\0') && (pl->sole_node = sole_numa_node()) >= 0)
+	if ((pl->sole_node = aeg_topo_sole_node()) >= 0)
 		return 0;
 	err = aeg_topo_live(&pl->topo);
 	if (err < 0) {

@@ -184,6 +184,27 @@ static const char *env_xml(void)
 	return xml_path != NULL && *xml_path != '\0' ? xml_path : NULL;
 }
 
+int aeg_topo_sole_node(void)
+{
+	char buf[32];
+	FILE *f;
+	char *end;
+	long n;
+
+	if (env_xml() != NULL)
+		return -1;
+	f = fopen("/sys/devices/system/node/online", "re");
+	if (f == NULL)
+		return -1;
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	fclose(f);
+	n = strtol(buf, &end, 10);
+	if (end == buf || n < 0 || n > 4095 || (*end != '\n' && *end != '\0'))
+		return -1;
+	return (int)n;
+}
+
 static int load(aeg_topo_t **topo, const char *xml_path, const char *from)
 {
 	aeg_topo_t *t = NULL;

@@ -17,6 +17,16 @@
  */
 int aeg_topo_live(const aeg_topo_t **topo);
 
+/*
+ * aeg_topo_sole_node - the one NUMA node of a machine that has one
+ * (/sys/devices/system/node/online names a single node) and no
+ * $AEGAEON_TOPOLOGY_XML given, else -1. There every page is on that node
+ * and every CPU next to it: pools and threads need no topology, whose
+ * discovery takes 14-17 ms on an idle H200 machine and 43-98 ms beside a
+ * fresh process's first load.
+ */
+int aeg_topo_sole_node(void);
+
 /* How many topologies aeg_topo_live loaded in this process (tests). */
 uint64_t aeg_topo_live_loads(void);
 
