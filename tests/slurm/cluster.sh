@@ -54,7 +54,7 @@ fail() {
 # which would take too long) and the ends of its logs. A failure in CI
 # cannot be run again.
 diagnose() {
-	local p f daemons=" ${PIDS[*]} "
+	local p f daemons=" ${PIDS[*]} " until=$((SECONDS + 40))
 	[[ -n ${T:-} && -d $T ]] || return 0
 	log "diagnosis at the first failure: the cluster's processes"
 	for p in $(stray_pids); do
@@ -64,12 +64,14 @@ diagnose() {
 		[[ -r /proc/$p/stack ]] &&
 			log "    kernel: $(sed -E 's/^\[<[0-9a-f]+>\] ([^+]+).*/\1/' "/proc/$p/stack" 2>/dev/null | head -n 8 | paste -sd' ')"
 		case $(cat "/proc/$p/comm" 2>/dev/null) in runuser | setpriv | timeout) continue ;; esac
-		command -v gdb >/dev/null || continue
-		timeout 30 gdb -q -batch -nx -p "$p" -ex 'thread apply all bt 16' 2>/dev/null | awk '
+		# (within 40 s in all: the file's run has 180 s)
+		command -v gdb >/dev/null && ((SECONDS < until)) || continue
+		timeout 20 gdb -q -batch -nx -p "$p" -ex 'thread apply all bt 16' 2>/dev/null | awk '
 			function done() { if (t != "") { if (!(t in n)) order[k++] = t; n[t]++ } t = "" }
 			/^Thread / { done(); t = " "; next }
-			/^#/ { f = ($3 == "in") ? $4 : $2; if (match($0, / from [^ ]+$/)) f = f "@" substr($0, RSTART + 6)
-			       sub(/.*\//, "", f); t = t " " f }
+			/^#/ { f = ($3 == "in") ? $4 : $2
+			       if (match($0, / from [^ ]+$/)) { l = substr($0, RSTART + 6); sub(/.*\//, "", l); f = f "@" l }
+			       t = t " " f }
 			END { done(); for (i = 0; i < k; i++) print "#     " n[order[i]] " thread(s):" order[i] }' |
 			head -n 12 >&2
 	done
