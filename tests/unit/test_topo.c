@@ -549,6 +549,23 @@ static void live_loaded_once_per_source(void **state)
 	assert_int_equal(unsetenv("AEGAEON_TOPOLOGY_XML"), 0);
 }
 
+/*
+ * The one NUMA node of a machine that has one, read from the kernel's list
+ * of online nodes and checked against the node directories; never when a
+ * topology XML is given, which the caller means to use instead.
+ */
+static void sole_node(void **state)
+{
+	int machine = machine_sole_node();
+
+	assert_int_equal(aeg_topo_sole_node(), machine);
+	assert_int_equal(setenv("AEGAEON_TOPOLOGY_XML", xml("one-node.xml"), 1), 0);
+	assert_int_equal(aeg_topo_sole_node(), -1);
+	assert_int_equal(setenv("AEGAEON_TOPOLOGY_XML", "", 1), 0);   /* empty: not given */
+	assert_int_equal(aeg_topo_sole_node(), machine);
+	assert_int_equal(unsetenv("AEGAEON_TOPOLOGY_XML"), 0);
+}
+
 static void null_handles(void **state)
 {
 	char id[AEG_PCI_BUS_ID_LEN];
@@ -579,6 +596,7 @@ int main(void)
 		cmocka_unit_test(live_machine),
 		cmocka_unit_test(live_binding_to_a_real_device),
 		cmocka_unit_test(live_loaded_once_per_source),
+		cmocka_unit_test(sole_node),
 		cmocka_unit_test(null_handles),
 	};
 
