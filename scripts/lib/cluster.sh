@@ -280,13 +280,43 @@ cluster_start() {
 # syslog_listen binds one for a while and keeps what arrives in
 # $T/log/syslog, each line led by the epoch time it came in (syslog's own stamp
 # has whole seconds only); agent_logged looks there, else in the journal and the
-# usual syslog files.
+# usual syslog files. /dev/log is the machine's: clusters of other tests
+# running at the same time (make -j check runs the Python tests' Slurm rows
+# beside this suite) would send their lines to whichever bound it and find
+# none of their own. So the listener binds it only while it holds a lock that
+# every listener takes (waiting up to 150 s for it), and a /dev/log that no
+# one listens on any more (its listener killed) is taken over.
 SYSLOG_PID=
+SYSLOG_LOCK=/tmp/aegaeon-test-syslog.lock
 syslog_listen() {
-	[[ -e /dev/log ]] && return 0
+	rm -f "$T/log/syslog.state"
 	/usr/bin/python3 -c '
-import os, signal, socket, sys, time
-out = open(sys.argv[1], "ab", buffering=0)
+import errno, fcntl, os, signal, socket, sys, time
+log, state, lock_path = sys.argv[1:4]
+def say(what):
+    with open(state + ".tmp", "w") as f:
+        f.write(what)
+    os.replace(state + ".tmp", state)
+lock = open(lock_path, "a")
+deadline = time.monotonic() + 150
+while True:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+    except BlockingIOError:
+        if time.monotonic() > deadline:
+            say("busy")
+            sys.exit(1)
+        time.sleep(0.05)
+if os.path.exists("/dev/log"):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect("/dev/log")
+        say("system")                   # a syslog daemon of the machine has it
+        sys.exit(0)
+    except ConnectionRefusedError:
+        os.unlink("/dev/log")           # a listener of ours that was killed
+out = open(log, "ab", buffering=0)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.bind("/dev/log")
 ino = os.stat("/dev/log").st_ino
@@ -299,11 +329,18 @@ def stop(*_):
         pass
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
+say("bound")
 while True:
     msg = s.recv(65536)
-    out.write(b"%.6f " % time.time() + msg + b"\n")' "$T/log/syslog" 2>>"$T/log/syslog.err" &
+    out.write(b"%.6f " % time.time() + msg + b"\n")' "$T/log/syslog" "$T/log/syslog.state" "$SYSLOG_LOCK" \
+		2>>"$T/log/syslog.err" &
 	SYSLOG_PID=$!
-	wait_for 5 test -S /dev/log
+	wait_for 160 test -f "$T/log/syslog.state"
+	case $(cat "$T/log/syslog.state" 2>/dev/null) in
+	bound) return 0 ;;
+	system) wait "$SYSLOG_PID" 2>/dev/null; SYSLOG_PID=; return 0 ;;
+	*) syslog_stop; return 1 ;;
+	esac
 }
 syslog_stop() {
 	[[ -n $SYSLOG_PID ]] || return 0
