@@ -291,7 +291,7 @@ SYSLOG_LOCK=/tmp/aegaeon-test-syslog.lock
 syslog_listen() {
 	rm -f "$T/log/syslog.state"
 	/usr/bin/python3 -c '
-import errno, fcntl, os, signal, socket, sys, time
+import fcntl, os, signal, socket, stat, sys, time
 log, state, lock_path = sys.argv[1:4]
 def say(what):
     with open(state + ".tmp", "w") as f:
@@ -308,14 +308,21 @@ while True:
             say("busy")
             sys.exit(1)
         time.sleep(0.05)
-if os.path.exists("/dev/log"):
+if os.path.lexists("/dev/log"):
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         probe.connect("/dev/log")
+    except ConnectionRefusedError:
+        if not stat.S_ISSOCK(os.lstat("/dev/log").st_mode):
+            say("system")               # not a socket: nothing of ours, left alone
+            sys.exit(0)
+        os.unlink("/dev/log")           # a listener of ours that was killed
+    except OSError:
+        say("system")                   # a dangling link, say: not ours either
+        sys.exit(0)
+    else:
         say("system")                   # a syslog daemon of the machine has it
         sys.exit(0)
-    except ConnectionRefusedError:
-        os.unlink("/dev/log")           # a listener of ours that was killed
 out = open(log, "ab", buffering=0)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.bind("/dev/log")
