@@ -181,7 +181,7 @@ static void report(const struct opts *o, const struct figures *f)
 	if (o->json) {
 		printf("{\"backend\": \"%s\", \"in_job\": %s, \"layers\": %d, \"waits\": %d, "
 		       "\"first_wait_us\": {\"median\": %.2f, \"max\": %.2f}, \"first_after_open_us\": %.2f, "
-		       "\"opened_wait_us\": {\"median\": %.3f, \"p99\": %.3f, \"max\": %.2f}}\n",
+		       "\"opened_wait_us\": {\"median\": %.3f, \"p99\": %.3f, \"max\": %.3f}}\n",
 		       backend, in_job ? "true" : "false", o->layers, o->waits, us(f->first_median), us(f->first_max),
 		       us(f->after_open), us(f->median), us(f->p99), us(f->max));
 		return;
