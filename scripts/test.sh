@@ -23,6 +23,14 @@ autoreconf -fi >/dev/null
 status=0
 passed=0
 failed=0
+failures=()    # "stage|log" of each stage that failed, for the summary
+# stage_failed NAME LOG...: the stage failed; the summary shows what its logs say of it
+stage_failed() {
+	local name=$1
+	shift
+	status=1
+	failures+=("$name|$*")
+}
 count_log() {   # adds a log's cmocka and "N passed, N failed" counts to the totals
 	local p f
 	p=$(sed -n -E 's/^\[  PASSED  \] ([0-9]+) test.*/\1/p; s/^([0-9]+) passed, [0-9]+ failed.*/\1/p' "$1" | awk '{s+=$1} END {print s+0}')
@@ -36,8 +44,12 @@ run_suite() {   # name builddir configure-flags...
 	shift 2
 	echo "=== $name"
 	rm -rf "$dir" && mkdir -p "$dir"
-	(cd "$dir" && "$top/configure" -q --enable-werror "$cuda_flag" "$@" &&
-		make -s -j"$jobs" && make -j"$jobs" check 2>&1 | tee check-output.log; exit "${PIPESTATUS[0]}") || status=1
+	if ! (cd "$dir" && { "$top/configure" -q --enable-werror "$cuda_flag" "$@" && make -s -j"$jobs"; } 2>&1 |
+		tee build-output.log; exit "${PIPESTATUS[0]}"); then
+		stage_failed "$name: the build" "$dir/build-output.log"
+	elif ! (cd "$dir" && make -j"$jobs" check 2>&1 | tee check-output.log; exit "${PIPESTATUS[0]}"); then
+		stage_failed "$name: make check" "$dir/check-output.log" "$dir"/tests/*/*.log
+	fi
 	for f in "$dir"/tests/*/*.log "$dir/check-output.log"; do
 		[ -f "$f" ] && count_log "$f"
 	done
@@ -49,7 +61,7 @@ run_suite "build and tests" build-test --enable-python
 echo "=== unit tests under valgrind memcheck"
 # (a failing pipeline under set -e would end the script before the summary)
 if ! make -C build-test -s check-valgrind VALGRIND_JOBS="$jobs" 2>&1 | tee build-test/valgrind-output.log; then
-	status=1
+	stage_failed "valgrind" build-test/valgrind-output.log
 fi
 count_log build-test/valgrind-output.log
 
@@ -58,7 +70,7 @@ echo "=== Debian packages: build, install, Python and real-Slurm tests against t
 t0=$SECONDS
 if ! { bash scripts/build-debs.sh build-deb >/dev/null && bash tests/packages/test_debs.sh build-deb build-test; } 2>&1 |
 	tee build-test/debs-output.log; then
-	status=1
+	stage_failed "Debian packages" build-test/debs-output.log
 fi
 count_log build-test/debs-output.log
 echo "# Debian packages: $((SECONDS - t0)) s"
@@ -66,7 +78,7 @@ echo "# Debian packages: $((SECONDS - t0)) s"
 echo "=== the wheel: python -m build, auditwheel, tests in a fresh venv; pip install ."
 t0=$SECONDS
 if ! bash tests/packages/test_wheel.sh build-wheel-test build-test 2>&1 | tee build-test/wheel-output.log; then
-	status=1
+	stage_failed "the wheel" build-test/wheel-output.log
 fi
 count_log build-test/wheel-output.log
 echo "# wheel: $((SECONDS - t0)) s"
@@ -75,11 +87,26 @@ run_suite "unit, Slurm and Python tests under ASan+UBSan" build-asan --enable-sa
 
 echo "=== fuzzing: each parser of outside input for ${AEGAEON_FUZZ_SECONDS:-20} s"
 if ! bash scripts/fuzz.sh "${AEGAEON_FUZZ_SECONDS:-20}" 2>&1 | tee build-test/fuzz-output.log; then
-	status=1
+	stage_failed "fuzzing" build-test/fuzz-output.log
 fi
 count_log build-test/fuzz-output.log
 
 echo "=== summary"
+# What failed, again at the end, where a reader of a long log looks first:
+# each failed stage with its failing checks, or its last lines when it
+# stopped before naming one (a build error, a suite cut short).
+for f in "${failures[@]}"; do
+	name=${f%%|*}
+	read -r -a logs <<<"${f#*|}"
+	echo "failed: $name"
+	lines=$(cat "${logs[@]}" 2>/dev/null |
+		grep -E '^(not ok [0-9]|FAIL: |ERROR: |\[  FAILED  \] [a-z_])' | awk '!seen[$0]++' | head -n 30)
+	if [ -n "$lines" ]; then
+		echo "$lines" | sed 's/^/    /'
+	else
+		tail -n 15 "${logs[0]}" 2>/dev/null | sed 's/^/    | /'
+	fi
+done
 [ $status = 0 ] || { echo "a build or test suite failed"; [ $failed -gt 0 ] || failed=1; }
 echo "$passed passed, $failed failed"
 exit $status

@@ -24,27 +24,40 @@ counts() {     # adds a log's last "N passed, N failed" to the suites' counts
 }
 installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'; }
 
-[[ $(id -u) -eq 0 ]] || { echo "test_debs.sh: run as root (it installs packages)"; exit 1; }
+# give_up WHY: this run cannot go on; a failed check, so the totals say so
+give_up() { not_ok "$1"; tap_end "$sub_passed" "$sub_failed"; }
+
+[[ $(id -u) -eq 0 ]] || give_up "run as root (it installs packages)"
 # The packages are the machine's, not this run's: two suites on one machine
 # (two checkouts) take turns here rather than find each other's install.
 exec 9>/run/lock/aegaeon-test-debs.lock
-flock -w 1800 9 || { echo "test_debs.sh: another run held /run/lock/aegaeon-test-debs.lock for 30 minutes"; exit 1; }
+flock -w 1800 9 || give_up "another run held /run/lock/aegaeon-test-debs.lock for 30 minutes"
 files=()
 for p in "${pkgs[@]}"; do
 	f=$(ls "$debs/${p}_"*.deb 2>/dev/null | head -n 1)
-	[[ -n $f ]] || { echo "test_debs.sh: no ${p}_*.deb in $debs (scripts/build-debs.sh)"; exit 1; }
+	[[ -n $f ]] || give_up "no ${p}_*.deb in $debs (scripts/build-debs.sh)"
 	files+=("$f")
 done
+# A run killed before its purge (SIGKILL runs no trap) leaves the packages
+# installed and its mark behind: they are that run's, so they go now. Packages
+# installed without the mark are the machine's, and this test does not touch them.
+mark=/var/tmp/aegaeon-test-debs.installed
+if [[ -f $mark ]]; then
+	echo "# packages left installed by an earlier run of this test ($(cat "$mark")): purging them"
+	dpkg --purge "${pkgs[@]}" >/dev/null 2>&1 || give_up "purging an earlier run's packages failed: dpkg --purge ${pkgs[*]}"
+	rm -f "$mark"
+fi
 for p in "${pkgs[@]}"; do
-	installed "$p" && { echo "test_debs.sh: $p is installed already: remove it first"; exit 1; }
+	installed "$p" && give_up "$p is installed already, not by this test: remove it first (dpkg --purge ${pkgs[*]})"
 done
 T=$(mktemp -d /tmp/aeg-debs.XXXXXX) || exit 1
 # What the packages hold that this machine did not have before: all of it must go at purge.
 for f in "${files[@]}"; do dpkg-deb -c "$f"; done | awk '{print $6}' | sed -e 's|^\./|/|' -e 's|/$||' |
 	grep -v '^$' | sort -u | while read -r path; do [[ -e $path ]] || echo "$path"; done >"$T/new"
-purge() { dpkg --purge "${pkgs[@]}" >"$T/purge.log" 2>&1; }
+purge() { dpkg --purge "${pkgs[@]}" >"$T/purge.log" 2>&1 && rm -f "$mark"; }
 trap 'purge; rm -rf "$T"' EXIT
 
+echo "run $$ started $(date -u '+%F %T') UTC" >"$mark"
 if apt-get install -y -q --no-install-recommends "${files[@]}" >"$T/install.log" 2>&1; then
 	ok "the four packages install"
 else
