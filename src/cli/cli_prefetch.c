@@ -16,6 +16,7 @@
 
 #include "cli.h"
 #include "internal.h"
+#include "model_paths.h"
 #include "prefetch_internal.h"
 
 static int parse_feed(const char *text, enum aeg_prefetch_feed *feed)
@@ -223,19 +224,42 @@ static int check_usage(const struct cli_prefetch_args *a, int job)
 	return 0;
 }
 
-/* This process's session: one GPU's slab just big enough for the file, the engine the options ask. */
+/*
+ * Slab bytes certainly enough for every file of the model @path names (a
+ * file, a directory or a shard index): the sum of each file's worst case,
+ * since each file's chunks are laid out apart. 0, or 1 after saying why.
+ */
+static int model_slab_bytes(const char *path, uint64_t chunk_bytes, uint64_t *bytes)
+{
+	struct aeg_model_paths mp;
+	struct stat st;
+	int err;
+
+	err = aeg_model_paths(path, &mp);
+	if (err)
+		return cli_fail(err, path);
+	*bytes = 0;
+	for (uint32_t i = 0; i < mp.count; i++) {
+		if (stat(mp.paths[i], &st) != 0) {
+			fprintf(stderr, "aegaeon-cli: %s: %s\n", mp.paths[i], strerror(errno));
+			aeg_model_paths_free(&mp);
+			return 1;
+		}
+		*bytes += aeg_prefetch_slab_bytes_for((uint64_t)st.st_size, chunk_bytes);
+	}
+	aeg_model_paths_free(&mp);
+	return 0;
+}
+
+/* This process's session: one GPU's slab just big enough for the model, the engine the options ask. */
 static int local_session(const struct cli_prefetch_args *a, struct aeg_prefetch_config *engine, uint64_t *chunk,
 			 aeg_session_t **s)
 {
 	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL, .engine = engine };
-	struct stat st;
 
-	if (stat(a->file, &st) != 0) {
-		fprintf(stderr, "aegaeon-cli: %s: %s\n", a->file, strerror(errno));
+	if (model_slab_bytes(a->file, a->chunk_bytes, &cfg.slab_bytes))
 		return 1;
-	}
 	/* A chunk larger than the file makes one chunk of it; it does not make the slab larger. */
-	cfg.slab_bytes = aeg_prefetch_slab_bytes_for((uint64_t)st.st_size, a->chunk_bytes);
 	*chunk = a->chunk_bytes < cfg.slab_bytes ? a->chunk_bytes : cfg.slab_bytes;
 	cli_prefetch_engine(a, engine);
 	return cli_session_open(&cfg, a->device, a->file, s);

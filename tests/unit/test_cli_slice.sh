@@ -168,6 +168,30 @@ expect "an extent no multiple of the world: refused, naming the tensor and --tp-
 	bash -c "set -o pipefail; '$CLI' prefetch '$M' --tp-rank 0 --tp-world 3 --tp-preset none --tp-rule '*.col.weight=1' 2>&1 | tr '\n' ' '"
 expect "a dimension a tensor lacks: refused, naming it" 1 "tensor \"layers.0.norm.weight\" of shape \[10\] has no dim 1" \
 	"$CLI" prefetch "$M" --tp-rank 0 --tp-world 2 --tp-rule '*.norm.weight=1'
+# A directory of shards and its index in this process: the slab holds every file
+# (it was sized by the directory's own st_size, and every load of one failed).
+# shellcheck disable=SC2046
+parts "a sharded directory in this process, world 2: each shard's parts" 1 2 0 "$R2" \
+	"$CLI" prefetch "$T/sharded" $(tp 1 2 "$R2") --verify --json
+expect "a whole sharded directory in this process, read back" 0 "verified [0-9.]+ KiB in [0-9]+ chunks of 2 files.*identical" \
+	"$CLI" prefetch "$T/sharded" --verify
+expect "its shard index in this process, read back" 0 "verified [0-9.]+ KiB in [0-9]+ chunks of 2 files.*identical" \
+	"$CLI" prefetch "$T/sharded/model.safetensors.index.json" --verify
+# Two 3 MiB shards, more than the smallest slab (2 MiB): a slab sized by the directory took neither.
+"$PY" - "$T/big" <<-'PY' || exit 99
+	import json, os, struct, sys
+	os.mkdir(sys.argv[1])
+	for i in (1, 2):
+	    n = 3 << 20
+	    head = json.dumps({"w%d" % i: {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+	    with open(os.path.join(sys.argv[1], "part-%d.safetensors" % i), "wb") as f:
+	        f.write(struct.pack("<Q", len(head)) + head + os.urandom(n))
+	PY
+expect "a directory of two 3 MiB shards in this process, read back" 0 \
+	"big: 6 MiB in .*verified 6 MiB in 6 chunks of 2 files.*identical" \
+	bash -c "set -o pipefail; '$CLI' prefetch '$T/big' --chunk 1MiB --verify | tr '\n' ' '"
+mkdir "$T/no-model"
+expect "a directory with no model in it, in this process" 1 "no-model: no model in it" "$CLI" prefetch "$T/no-model"
 head -c 10000 /dev/urandom >"$T/raw.bin"
 expect "a raw file cannot be sliced" 1 "raw.bin: not a safetensors file: a tensor-parallel slice needs its tensors" \
 	"$CLI" prefetch "$T/raw.bin" --tp-rank 0 --tp-world 2

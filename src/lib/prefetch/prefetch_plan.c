@@ -209,8 +209,8 @@ static int alloc_blocks(struct aeg_prefetch *pf, struct aeg_load *l)
 		return err;
 	if (need > ss.free_bytes)
 		return aeg_fail(AEG_ENOSPC,
-				"%s: needs %s (%" PRIu64 " bytes in %u blocks) in the slab of GPU %d, which has %s free of %s",
-				l->path, aeg_size_format(need, a, sizeof(a)), need, l->ngroups, pf->gpu,
+				"%s: needs %s (%" PRIu64 " bytes in %u block%s) in the slab of GPU %d, which has %s free of %s",
+				l->path, aeg_size_format(need, a, sizeof(a)), need, l->ngroups, l->ngroups == 1 ? "" : "s", pf->gpu,
 				aeg_size_format(ss.free_bytes, b, sizeof(b)),
 				aeg_size_format(ss.total_bytes, t, sizeof(t)));
 	/* A reserved slab maps the load's memory in one piece, not a piece per block (a hint). */
