@@ -23,6 +23,13 @@ processes (or Slurm jobs); every tensor is checked bit for bit against the file
           model A ready in the first step with and without huge pages, job start
           overhead, a new step's first use, a load through the job's agent
 
+--base DIR compares two builds of aegaeon_native in one run: DIR holds
+another build's module (a wheel installed with pip --target: gpu-run.sh
+userpath does this with the bundle's base-wheel/, scripts/gpu-bundle.sh
+BASE=REV), and the seed, fresh and hf rows run it as well, in fresh processes
+alternating with this build's, which of the two goes first changing each
+round; each row gives both medians and this build's speed against the base's.
+
 --device host --quick runs it all on the host backend with small files and
 skips, with the reason, what the machine lacks (a smoke test for CI). Progress
 lines come as the rows run, the table last; --out writes it as JSON after each
@@ -30,6 +37,7 @@ row. Exit status 1 when a check of aegaeon's results failed or it crashed.
 """
 import argparse
 import array
+import glob
 import json
 import os
 import re
@@ -69,6 +77,7 @@ FRESH_LOADERS = [("aegaeon", "aegaeon_native{v}: load_safetensors + torch.from_d
                  ("instanttensor", "instanttensor{v}"),
                  ("instanttensor-buffered", "instanttensor{v}, buffered I/O")]
 HF_LOADERS = [("aegaeon", "aegaeon_native{v}"), ("from_pretrained", "from_pretrained(device_map=cuda){v}")]
+BASE = "aegaeon-base"   # the series of --base's build
 
 
 class ChildError(Exception):
@@ -84,6 +93,10 @@ class Run:
         self.t0 = time.monotonic()
         self.rows = []
         self.env = dict(os.environ, AEGAEON_DEVICE=args.device, PYTHONDONTWRITEBYTECODE="1")
+        self.base_env = None
+        if args.base:
+            path = self.env.get("PYTHONPATH")
+            self.base_env = dict(self.env, PYTHONPATH=args.base + (":" + path if path else ""))
         self.device = device_name(args.device)
 
     def elapsed(self):
@@ -93,11 +106,13 @@ class Run:
         print("[%6.1f s] %s" % (self.elapsed(), msg), flush=True)
 
     def child(self, task):
-        """A task of userpath_child.py in a fresh process: its result (with "skip" when it could not run)."""
+        """A task of userpath_child.py in a fresh process: its result (with "skip"
+        when it could not run). A task with "build": "base" imports --base's module."""
         timeout = 900 if not self.args.budget else max(30, min(900, self.args.budget - self.elapsed()))
+        env = self.base_env if task.get("build") == "base" else self.env
         try:
             r = subprocess.run([sys.executable, CHILD, json.dumps(task)], capture_output=True, text=True,
-                               env=self.env, timeout=timeout)
+                               env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise ChildError("%s did not end within %d s" % (task["task"], timeout))
         result = None
@@ -251,7 +266,48 @@ def compare(ref, got):
 # ------------------------------------------------------------------ loaders in fresh processes
 
 def series(label):
-    return {"label": label, "seconds": [], "skip": None, "error": None, "bad": [], "version": None, "spans": []}
+    return {"label": label, "seconds": [], "skip": None, "error": None, "bad": [], "version": None, "spans": [],
+            "module": None}
+
+
+def base_series(run):
+    return series("aegaeon_native{v}, the base build (%s)" % run.args.base_label)
+
+
+def builds(run, i):
+    """aegaeon's series in round i: this build's, and with --base the base
+    build's, the two taking turns at going first, so the machine's drift over
+    the rounds falls on both alike."""
+    if not run.args.base:
+        return ["aegaeon"]
+    return ["aegaeon", BASE] if i % 2 == 0 else [BASE, "aegaeon"]
+
+
+def task_of(name, task):
+    """The child's task for series name: the base build's runs aegaeon's loader with --base's module."""
+    return dict(task, loader="aegaeon", build="base") if name == BASE else dict(task, loader=name)
+
+
+def wrong_build(run, task, r):
+    """Why the child did not run the build the task asked for, or None."""
+    if not run.args.base or task.get("loader") != "aegaeon":
+        return None
+    module = r.get("module") or "?"
+    inside = os.path.realpath(module).startswith(os.path.realpath(run.args.base) + os.sep)
+    if task.get("build") == "base" and not inside:
+        return "imported aegaeon_native from %s, not from the base build in %s" % (module, run.args.base)
+    if task.get("build") != "base" and inside:
+        return "imported the base build's aegaeon_native (%s) for this build's run" % module
+    return None
+
+
+def against_base(run, ours, base, nbytes):
+    """The base build's median beside this build's: (text for the baselines, text for the ratio)."""
+    if base is None:
+        return None, None
+    if not usable(base) or not usable(ours):
+        return series_text(base, nbytes), None
+    return series_text(base, nbytes), "%.3fx the base build" % (median(base["seconds"]) / median(ours["seconds"]))
 
 
 def breakdown(runs):
@@ -294,6 +350,12 @@ def run_series(run, name, s, task, check):
         s["skip"] = r["skip"]
         run.say("  %s: skipped: %s" % (name, r["skip"]))
         return None
+    wrong = wrong_build(run, task, r)
+    if wrong:
+        s["error"] = wrong
+        run.say("  %s: FAILED: %s" % (name, wrong))
+        return None
+    s["module"] = r.get("module")
     bad = check(r)
     s["seconds"].append(r["seconds"])
     s["bad"] += bad
@@ -336,25 +398,33 @@ def row_fresh(run, m):
     ref = reference(run, [m.a])
     prefetch_bench.warm_cache(m.a)
     all_s = {name: series(label) for name, label in FRESH_LOADERS}
+    if run.args.base:
+        all_s[BASE] = base_series(run)
+    peers = [n for n, _ in FRESH_LOADERS if n != "aegaeon"]
     for i in range(run.args.repeat):
         run.say("fresh: round %d of %d" % (i + 1, run.args.repeat))
-        for name, s in all_s.items():
-            run_series(run, name, s, {"task": "load", "loader": name, "path": m.a, "device": run.args.device},
+        for name in builds(run, i) + peers:
+            run_series(run, name, all_s[name], task_of(name, {"task": "load", "path": m.a, "device": run.args.device}),
                        lambda r: compare(ref, r["tensors"]))
     if run.args.profile:
         profile_run(run, "fresh", {"task": "load", "loader": "aegaeon", "path": m.a, "device": run.args.device})
-    ours, base = all_s["aegaeon"], [s for n, s in all_s.items() if n != "aegaeon"]
-    r = row("fresh", what, ours=series_text(ours, nbytes), baselines="; ".join(series_text(s, nbytes) for s in base),
+    ours, base = all_s["aegaeon"], [all_s[n] for n in peers]
+    vs_base, vs_base_ratio = against_base(run, ours, all_s.get(BASE), nbytes)
+    r = row("fresh", what, ours=series_text(ours, nbytes),
+            baselines="; ".join(([vs_base] if vs_base else []) + [series_text(s, nbytes) for s in base]),
             target=">= 48 GB/s, >= 1.9x the best peer", status="failed" if ours_failed(ours) else "ok",
             checked="every tensor (%d) against the file in each run" % len(ref),
             breakdown=breakdown(ours["spans"]), timeline=timeline(ours),
-            data={n: {k: s[k] for k in ("seconds", "skip", "error", "version", "spans")} | {"bad": s["bad"][:5]}
-                  for n, s in all_s.items()})
+            data={n: {k: s[k] for k in ("seconds", "skip", "error", "version", "spans", "module")}
+                  | {"bad": s["bad"][:5]} for n, s in all_s.items()})
     best = best_of(base, nbytes)
     if usable(ours) and best:
         gbps = nbytes / median(ours["seconds"]) / 1e9
         r["ratio"] = "%.2fx %s" % (gbps / best[0], best[1])
         r["met"] = gbps >= 48 and gbps / best[0] >= 1.9
+    r["ratio"] = "; ".join(x for x in (r["ratio"], vs_base_ratio) if x)
+    if ours_failed(all_s.get(BASE, ours)):
+        r["status"] = "failed"
     return r
 
 
@@ -362,36 +432,61 @@ def row_seed(run, m):
     nbytes = os.path.getsize(m.b)
     what = "the seed API in one process: prefetch_file_to_gpu_chunks of %s, wait on every chunk, " \
            "release_all_prefetch_events(), again (3 rounds)" % size_text(nbytes)
-    procs, errors = [], []
+    procs, errors = {"aegaeon": [], BASE: []}, []
     for i in range(run.args.repeat):
-        try:
-            r = run.child({"task": "seed", "path": m.b, "rounds": 3, "device": run.args.device})
-        except ChildError as e:
-            errors.append(str(e))
-            run.say("seed: process %d FAILED: %s" % (i + 1, e))
-            continue
-        procs.append(r["rounds"])
-        run.say("seed: process %d: %s" % (i + 1, "; ".join(
-            "list %.1f ms, %.1f GB/s" % (x["list_ms"], x["gbps"]) for x in r["rounds"])))
-    if not procs:
+        for name in builds(run, i):
+            which = " (base build)" if name == BASE else ""
+            task = {"task": "seed", "path": m.b, "rounds": 3, "device": run.args.device, "loader": "aegaeon"}
+            if name == BASE:
+                task["build"] = "base"
+            try:
+                r = run.child(task)
+            except ChildError as e:
+                errors.append(str(e))
+                run.say("seed: process %d%s FAILED: %s" % (i + 1, which, e))
+                continue
+            wrong = wrong_build(run, task, r)
+            if wrong:
+                errors.append(wrong)
+                run.say("seed: process %d%s FAILED: %s" % (i + 1, which, wrong))
+                continue
+            procs[name].append(r["rounds"])
+            run.say("seed: process %d%s: %s" % (i + 1, which, "; ".join(
+                "list %.1f ms, %.1f GB/s" % (x["list_ms"], x["gbps"]) for x in r["rounds"])))
+    if not procs["aegaeon"]:
         return row("seed", what, status="failed", checked=errors[0] if errors else "no process ran")
-    rounds = [{k: median([p[i][k] for p in procs]) for k in ("list_ms", "gbps", "release_ms")}
-              for i in range(len(procs[0]))]
-    bad = sum(x["bad_chunks"] for p in procs for x in p)
+
+    def medians(ps):
+        return [{k: median([p[i][k] for p in ps]) for k in ("list_ms", "gbps", "release_ms")}
+                for i in range(len(ps[0]))]
+
+    def rounds_text(rs):
+        return "rounds 1/2/3: list returned after %s ms; %s GB/s" % (
+            "/".join("%.1f" % x["list_ms"] for x in rs), "/".join("%.1f" % x["gbps"] for x in rs))
+
+    rounds = medians(procs["aegaeon"])
+    base = medians(procs[BASE]) if procs[BASE] else None
+    bad = sum(x["bad_chunks"] for ps in procs.values() for p in ps for x in p)
     worst_list, worst_gbps = max(x["list_ms"] for x in rounds), min(x["gbps"] for x in rounds)
-    return row("seed", what,
-               ours="rounds 1/2/3: list returned after %s ms; %s GB/s" % (
-                   "/".join("%.1f" % x["list_ms"] for x in rounds), "/".join("%.1f" % x["gbps"] for x in rounds)),
-               baselines="first round %.1f GB/s" % rounds[0]["gbps"],
-               ratio="%.2fx (worst round / first)" % (worst_gbps / rounds[0]["gbps"]),
+    baselines, ratio = "first round %.1f GB/s" % rounds[0]["gbps"], "%.2fx (worst round / first)" % (
+        worst_gbps / rounds[0]["gbps"])
+    if run.args.base:
+        baselines = "the base build (%s): %s; %s" % (
+            run.args.base_label, rounds_text(base) if base else "no process ran", baselines)
+        if base:
+            ratio += "; rounds 1/2/3 at %s the base build's GB/s" % "/".join(
+                "%.3fx" % (x["gbps"] / y["gbps"]) for x, y in zip(rounds, base))
+    ps = procs["aegaeon"]
+    return row("seed", what, ours=rounds_text(rounds), baselines=baselines, ratio=ratio,
                target="list returned <= 5 ms; every round >= 48 GB/s", met=worst_list <= 5 and worst_gbps >= 48,
                status="failed" if bad or errors else "ok",
                checked="every chunk of every round against the file: %s" % (
                    "%d chunks differ" % bad if bad else "identical"),
                breakdown="; ".join("round %d: %s; its release: %s" % (
-                   i + 1, breakdown([p[i]["spans"] for p in procs]) or "-",
-                   breakdown([p[i]["release_spans"] for p in procs]) or "-") for i in range(len(rounds))),
-               data={"rounds": rounds, "processes": procs, "errors": errors})
+                   i + 1, breakdown([p[i]["spans"] for p in ps]) or "-",
+                   breakdown([p[i]["release_spans"] for p in ps]) or "-") for i in range(len(rounds))),
+               data={"rounds": rounds, "processes": ps, "errors": errors, "base_rounds": base,
+                     "base_processes": procs[BASE]})
 
 
 def logits_differ(a, b):
@@ -437,15 +532,19 @@ def row_hf(run, m):
     for n in shards:
         prefetch_bench.warm_cache(os.path.join(m.hf, n))
     all_s = {name: series(label) for name, label in HF_LOADERS}
+    if run.args.base:
+        all_s[BASE] = base_series(run)
     logits = []
     tmp = tempfile.mkdtemp(prefix="aegaeon-userpath-")
     try:
         for i in range(run.args.repeat):
             run.say("hf: round %d of %d" % (i + 1, run.args.repeat))
-            for name, s in all_s.items():
+            for name in builds(run, i) + ["from_pretrained"]:
+                s = all_s[name]
                 path = os.path.join(tmp, "logits-%s-%d" % (name, i))
-                r = run_series(run, name, s, {"task": "hf", "loader": name, "dir": m.hf, "logits": path,
-                                              "device": run.args.device}, lambda r: compare(ref, r["params"]))
+                r = run_series(run, name, s, task_of(name, {"task": "hf", "dir": m.hf, "logits": path,
+                                                             "device": run.args.device}),
+                               lambda r: compare(ref, r["params"]))
                 if r is not None:
                     s["how"] = r["how"]
                     logits.append((r["logits_digest"], path, name))
@@ -463,14 +562,18 @@ def row_hf(run, m):
     ours, base = all_s["aegaeon"], all_s["from_pretrained"]
     if ours.get("how"):
         ours["label"] += ": " + ours["how"]
-    r = row("hf", what, ours=series_text(ours, nbytes), baselines=series_text(base, nbytes),
-            target=">= 45 GB/s for the whole model", status="failed" if ours_failed(ours) or diff else "ok",
+    vs_base, vs_base_ratio = against_base(run, ours, all_s.get(BASE), nbytes)
+    failed = ours_failed(ours) or ours_failed(all_s.get(BASE, ours)) or diff
+    r = row("hf", what, ours=series_text(ours, nbytes),
+            baselines="; ".join(([vs_base] if vs_base else []) + [series_text(base, nbytes)]),
+            target=">= 45 GB/s for the whole model", status="failed" if failed else "ok",
             checked="every parameter (%d) against the file in each run; %s" % (len(ref), logits_note),
             breakdown=breakdown(ours["spans"]), timeline=timeline(ours),
-            data={n: {k: s[k] for k in ("seconds", "skip", "error", "spans")} | {"bad": s["bad"][:5]}
+            data={n: {k: s[k] for k in ("seconds", "skip", "error", "spans", "module")} | {"bad": s["bad"][:5]}
                   for n, s in all_s.items()})
     if usable(ours) and usable(base):
         r["ratio"] = "%.2fx from_pretrained" % (median(base["seconds"]) / median(ours["seconds"]))
+    r["ratio"] = "; ".join(x for x in (r["ratio"], vs_base_ratio) if x)
     if usable(ours):
         r["met"] = nbytes / median(ours["seconds"]) / 1e9 >= 45
     return r
@@ -726,7 +829,17 @@ def main():
                    help="one more run of aegaeon's hf and fresh loaders under cProfile, its top N calls "
                         "written beside --out (not in the figures) [0: none]")
     p.add_argument("--out", help="the table as JSON, rewritten after each row")
+    p.add_argument("--base", metavar="DIR",
+                   help="another build's aegaeon_native (a directory on PYTHONPATH's terms) to run beside this "
+                        "one in the seed, fresh and hf rows, alternating")
+    p.add_argument("--base-label", metavar="TEXT", help="what the base build is, for the table [DIR's name]")
     args = p.parse_args()
+    if args.base:
+        args.base = os.path.abspath(args.base)
+        if not glob.glob(os.path.join(args.base, "aegaeon_native*.so")):
+            p.error("--base %s: no aegaeon_native*.so there (pip install --target DIR the other build's wheel)"
+                    % args.base)
+        args.base_label = args.base_label or os.path.basename(args.base)
     args.rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown or args.repeat < 1:

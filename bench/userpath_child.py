@@ -18,7 +18,8 @@ words weighted by pseudo-random odd numbers of their index, computed on the GPU
 (TorchDigest: any one changed word changes both, 8 GiB take milliseconds); on
 the host backend SHA-256 of the bytes. The reference task computes them from
 the file's bytes, so a load is checked bit for bit against the file. Progress
-goes to stderr, the result to stdout as one line: RESULT {json}.
+goes to stderr, the result to stdout as one line: RESULT {json}, with the
+file aegaeon_native was imported from where the task imported it.
 """
 import contextlib
 import hashlib
@@ -539,6 +540,9 @@ def main():
         out = TASKS[a["task"]](a)
     except Skip as e:
         out = {"skip": str(e)}
+    an = sys.modules.get("aegaeon_native")
+    if an is not None:          # which build ran (userpath.py --base compares two)
+        out["module"] = getattr(an, "__file__", None)
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -10,6 +10,8 @@
 # (scripts/fetch-wheels.sh) into baseline-wheels/ (gpu-run.sh userpath).
 # Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
 # (default: bundle/); JOBS=N sets make's parallelism (default: all CPUs).
+# BASE=REV adds the wheel of another revision (base-wheel/), which gpu-run.sh
+# userpath runs beside this build's to compare the two in one run.
 # On the GPU machine: bash BUNDLE_DIR/gpu-run.sh [what...]
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,6 +48,22 @@ rm -rf "$top/build-wheel" "$build/wheel-dist"
 	{ tail -n 30 "$build/wheel.log" >&2; echo "gpu-bundle: python -m build --wheel failed" >&2; exit 1; }
 PATH=$tools/venv/bin:$PATH auditwheel repair -w "$out/wheels" "$build"/wheel-dist/*.whl >"$build/repair.log" 2>&1 ||
 	{ cat "$build/repair.log" >&2; exit 1; }
+
+# The base build's wheel, made the same way from a worktree of REV.
+if [[ -n ${BASE:-} ]]; then
+	rev=$(git -C "$top" rev-parse -q --verify "$BASE^{commit}") ||
+		{ echo "gpu-bundle: BASE=$BASE names no commit of this repository" >&2; exit 1; }
+	wt=$(mktemp -d "${TMPDIR:-/tmp}/aegaeon-base.XXXXXX")
+	trap 'git -C "$top" worktree remove --force "$wt" >/dev/null 2>&1; rm -rf "$wt"' EXIT
+	git -C "$top" worktree add -q --detach "$wt" "$rev"
+	(cd "$wt" && PIP_NO_INDEX=1 PIP_FIND_LINKS="$tools/wheels" AEGAEON_CONFIGURE_ARGS="--with-cuda=$cuda" \
+		AEGAEON_BUILD_JOBS="$jobs" "$python" -m build --wheel --outdir "$wt/wheel-dist" . >"$build/base-wheel.log" 2>&1) ||
+		{ tail -n 30 "$build/base-wheel.log" >&2; echo "gpu-bundle: the wheel of BASE=$BASE failed to build" >&2; exit 1; }
+	PATH=$tools/venv/bin:$PATH auditwheel repair -w "$out/base-wheel" "$wt"/wheel-dist/*.whl >"$build/base-repair.log" 2>&1 ||
+		{ cat "$build/base-repair.log" >&2; exit 1; }
+	git -C "$top" log -1 --format='%h of %cs' "$rev" >"$out/base-wheel/REVISION"
+	echo "gpu-bundle: base build $(cat "$out/base-wheel/REVISION")"
+fi
 
 # Test programs link the library statically; libtool leaves real binaries in
 # .libs only for programs with uninstalled shared dependencies.

@@ -14,7 +14,9 @@
 #        userpath (bench/userpath.py: the table of what a user waits for, Slurm rows
 #        included, within $USERPATH_BUDGET (default 540) s; USERPATH_ARGS adds options)
 #        needs torch, safetensors and transformers, and installs the wheels of
-#        bundle/baseline-wheels (scripts/fetch-wheels.sh) for its baselines.
+#        bundle/baseline-wheels (scripts/fetch-wheels.sh) for its baselines;
+#        with bundle/base-wheel (gpu-bundle.sh BASE=REV) that build runs beside
+#        this one in the seed, fresh and hf rows (bench/userpath.py --base).
 #        cgroup (tests/slurm/cgroup.sh: the agent in the job's cgroups, on this
 #        machine's cgroup version) needs root and Slurm installed: give it
 #        after slurm, which installs Slurm from bundle/debs. link
@@ -191,9 +193,19 @@ if [[ " $what " == *" userpath "* ]]; then
 	else
 		echo "userpath: installing ${wheels[*]} failed: baselines that need them are skipped"
 	fi
+	base=()
+	if compgen -G "$here/base-wheel/*.whl" >/dev/null; then
+		if [[ -d $here/python-base ]] ||
+			"$py" -m pip install -q --no-index --no-deps --target "$here/python-base" "$here"/base-wheel/*.whl; then
+			base=(--base "$here/python-base" --base-label "$(cat "$here/base-wheel/REVISION" 2>/dev/null || echo base)")
+			echo "userpath: the base build ${base[3]} runs beside this one"
+		else
+			echo "userpath: installing $here/base-wheel failed: no base build in this run"
+		fi
+	fi
 	PYTHONPATH=$PYTHONPATH:$wheel_site PYTHONUNBUFFERED=1 "$py" "$here/bench/userpath.py" --device cuda \
 		--dir "${USERPATH_DIR:-/tmp/aegaeon-userpath}" --budget "${USERPATH_BUDGET:-540}" \
-		--out "$out/userpath.json" ${USERPATH_ARGS:-} 2>&1 | tee "$out/userpath.log"
+		--out "$out/userpath.json" "${base[@]}" ${USERPATH_ARGS:-} 2>&1 | tee "$out/userpath.log"
 	if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
 		passed=$((passed + 1)); echo "ok - userpath"
 	else

@@ -10,8 +10,11 @@ from the file fails the run, a row that does not fit --budget is skipped, and
 Run against a build tree: PYTHONPATH=<build>/python/.libs AEGAEOND=<build>/aegaeond.
 Prints "N passed, N failed" last.
 """
+import glob
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,6 +157,71 @@ class Checks(unittest.TestCase):
         r = userpath("--rows", "fresh,nosuch")
         self.assertEqual(r.returncode, 2)
         self.assertIn("unknown rows ['nosuch']", r.stderr)
+
+
+def module_dir():
+    """The directory on PYTHONPATH holding the aegaeon_native under test."""
+    for d in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if d and glob.glob(os.path.join(d, "aegaeon_native*.so")):
+            return d
+    raise unittest.SkipTest("no aegaeon_native*.so on PYTHONPATH")
+
+
+class BaseBuild(unittest.TestCase):
+    """--base: another build's module beside this one's, in alternating fresh processes."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.base = tempfile.mkdtemp(dir=TMP, prefix="base-")
+        for f in glob.glob(os.path.join(module_dir(), "aegaeon_native*.so")):
+            shutil.copy(f, cls.base)            # a copy: another file, as another build's would be
+        cls.out = os.path.join(TMP, "base.json")
+        cls.r = userpath("--rows", "seed,fresh", "--repeat", "2", "--base", cls.base, "--base-label", "v0 abc123",
+                         "--out", cls.out)
+        cls.rows = rows_of(cls.out) if os.path.exists(cls.out) else {}
+
+    def test_exits_0(self):
+        self.assertEqual(self.r.returncode, 0, self.r.stdout[-3000:] + self.r.stderr[-2000:])
+
+    def test_each_build_runs_its_own_module(self):
+        data = self.rows["fresh"]["data"]
+        self.assertEqual(len(data["aegaeon-base"]["seconds"]), 2)
+        self.assertEqual(len(data["aegaeon"]["seconds"]), 2)
+        self.assertTrue(data["aegaeon-base"]["module"].startswith(self.base + os.sep), data["aegaeon-base"])
+        self.assertFalse(data["aegaeon"]["module"].startswith(self.base + os.sep), data["aegaeon"])
+
+    def test_the_two_take_turns_at_going_first(self):
+        lines = [ln.split("]", 1)[1].strip() for ln in self.r.stdout.splitlines()
+                 if re.search(r"\] +aegaeon(-base)? run \d", ln)]
+        order = [ln.split(" run ")[0] + " " + ln.split(" run ")[1].split(":")[0] for ln in lines]
+        self.assertEqual(order, ["aegaeon 1", "aegaeon-base 1", "aegaeon-base 2", "aegaeon 2"], lines)
+        seed = [ln for ln in self.r.stdout.splitlines() if re.search(r"seed: process \d", ln)]
+        self.assertEqual(len(seed), 4, seed)
+        self.assertIn("(base build)", seed[1])
+        self.assertIn("(base build)", seed[2])
+
+    def test_rows_give_both_and_the_ratio(self):
+        fresh, seed = self.rows["fresh"], self.rows["seed"]
+        self.assertIn("the base build (v0 abc123)", fresh["baselines"])
+        self.assertRegex(fresh["ratio"], r"\d\.\d{3}x the base build")
+        self.assertIn("the base build (v0 abc123): rounds 1/2/3", seed["baselines"])
+        self.assertRegex(seed["ratio"], r"rounds 1/2/3 at [\d.]+x/[\d.]+x/[\d.]+x the base build's GB/s")
+        self.assertEqual(len(seed["data"]["base_processes"]), 2)
+        self.assertEqual(seed["status"], "ok", seed["checked"])
+
+    def test_this_build_from_the_base_dir_fails(self):
+        """A base that is this build's own directory: the comparison would compare nothing."""
+        out = os.path.join(TMP, "samebase.json")
+        r = userpath("--rows", "fresh", "--repeat", "1", "--base", module_dir(), "--out", out)
+        self.assertEqual(r.returncode, 1, r.stdout[-2000:])
+        row = rows_of(out)["fresh"]
+        self.assertEqual(row["status"], "failed")
+        self.assertIn("imported the base build's aegaeon_native", row["data"]["aegaeon"]["error"])
+
+    def test_a_base_without_the_module(self):
+        r = userpath("--rows", "fresh", "--base", TMP)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("no aegaeon_native*.so there", r.stderr)
 
 
 @unittest.skipIf(userpath_child.torch is None, "torch is not importable here (the GPU machine has it)")
