@@ -46,6 +46,12 @@ static int open_session(struct bench *b)
 		fprintf(stderr, "aegaeon-cli: %s: %s\n", b->a.file, strerror(errno));
 		return 1;
 	}
+	/* Its baseline reads the one file: a model of many is measured file by file. */
+	if (!S_ISREG(st.st_mode)) {
+		fprintf(stderr, "aegaeon-cli: bench prefetch: %s: not a regular file (it measures one file; "
+			"give one shard of a model directory)\n", b->a.file);
+		return 1;
+	}
 	b->file_bytes = (uint64_t)st.st_size;
 	cfg.slab_bytes = aeg_prefetch_slab_bytes_for(b->file_bytes, b->a.chunk_bytes);
 	b->chunk = b->a.chunk_bytes < cfg.slab_bytes ? b->a.chunk_bytes : cfg.slab_bytes;

@@ -49,6 +49,8 @@ expect "a missing file: named once" 1 "^aegaeon-cli: $T/none: No such file" "$CL
 # ------------------------------------------------- bench prefetch output
 expect "bench prefetch: chunks as a size, not bytes" 0 "raw.bin, 97.66 KiB, chunks of 64 MiB, median of 1" \
 	"$CLI" bench prefetch "$T/raw.bin" --repeat 1
+expect "bench prefetch of a directory: one file only, said so" 1 \
+	"^aegaeon-cli: bench prefetch: $T: not a regular file \(it measures one file" "$CLI" bench prefetch "$T"
 # json_floats FILE: every float of a JSON document has at most 6 significant digits
 json_floats() {
 	"$PY" -c '
