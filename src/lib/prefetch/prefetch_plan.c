@@ -529,7 +529,13 @@ static int publish(struct aeg_prefetch *pf, struct aeg_load *l)
 		pf->loads->prev = l;
 	pf->loads = l;
 	prefetch_queue_finish(pf, l);
-	pthread_cond_broadcast(&pf->work_cv);
+	/*
+	 * A held engine's workers take no item (pick()), and the hold's end wakes
+	 * them: waking them for each file of a many-file start only made them
+	 * fight the starting thread for the lock.
+	 */
+	if (!pf->held)
+		pthread_cond_broadcast(&pf->work_cv);
 	pthread_mutex_unlock(&pf->lock);
 	return 0;
 }
