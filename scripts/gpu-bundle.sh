@@ -11,7 +11,9 @@
 # Usage: scripts/gpu-bundle.sh [BUNDLE_DIR]
 # (default: bundle/); JOBS=N sets make's parallelism (default: all CPUs).
 # BASE=REV adds the wheel of another revision (base-wheel/), which gpu-run.sh
-# userpath runs beside this build's to compare the two in one run.
+# userpath runs beside this build's to compare the two in one run. SLIM=1
+# leaves out the diagnostic probes of bench/, the soak test and the unit
+# tests (about 9 MiB): the bundle of a tests/userpath/slurm run.
 # On the GPU machine: bash BUNDLE_DIR/gpu-run.sh [what...]
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -121,4 +123,7 @@ skip='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\
 	case "$lib" in "$out"/*) continue ;; esac
 	cp -L "$lib" "$out/lib/$base"
 done
+if [[ ${SLIM:-0} = 1 ]]; then
+	rm -rf "$out"/bench/*_probe "$out/tests/soak" "$out/tests/unit"
+fi
 du -sh "$out" | awk '{print "bundle: " $1 " in '"${out#$top/}"'"}'
