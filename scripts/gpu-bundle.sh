@@ -112,6 +112,11 @@ else
 	echo "gpu-bundle: no .whl/ (scripts/fetch-wheels.sh): gpu-run.sh userpath skips the fastsafetensors and instanttensor baselines" >&2
 fi
 
+# (before the libraries are gathered: theirs are not needed then)
+if [[ ${SLIM:-0} = 1 ]]; then
+	rm -rf "$out"/bench/*_probe "$out/tests/soak" "$out/tests/unit"
+fi
+
 # Shared libraries the programs load, less the C runtime the target has newer.
 skip='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|libresolv)\.'
 {
@@ -123,7 +128,4 @@ skip='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\
 	case "$lib" in "$out"/*) continue ;; esac
 	cp -L "$lib" "$out/lib/$base"
 done
-if [[ ${SLIM:-0} = 1 ]]; then
-	rm -rf "$out"/bench/*_probe "$out/tests/soak" "$out/tests/unit"
-fi
 du -sh "$out" | awk '{print "bundle: " $1 " in '"${out#$top/}"'"}'

@@ -47,7 +47,7 @@ run() {   # name command...: logs to $out/name.log, counts the result
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
 # What a SLIM=1 bundle (gpu-bundle.sh) leaves out is asked for by name: say so, not "not found".
-for need in "unit:tests/unit/test_*" "soak:tests/soak/soak" "bench:bench/slab_probe" "link:bench/link_probe"; do
+for need in "unit:tests/unit/test_*" "soak:tests/soak/soak" "link:bench/link_probe"; do
 	if [[ " $what " == *" ${need%%:*} "* ]] && ! compgen -G "$here/${need#*:}" >/dev/null; then
 		failed=$((failed + 1))
 		why="scripts/gpu-bundle.sh with SLIM=1 leaves it out"
@@ -67,8 +67,11 @@ py=${PYTHON:-python3}
 # pip into the bundle (no registry: the wheel carries what it needs).
 python_module() {
 	[[ -d $here/python ]] && return
-	"$py" -m pip install -q --no-index --no-deps --target "$here/python" "$here"/wheels/aegaeon_native-*.whl ||
+	# (into a fresh directory, moved into place whole: a half-made one is never taken)
+	rm -rf "$here/python.new"
+	"$py" -m pip install -q --no-index --no-deps --target "$here/python.new" "$here"/wheels/aegaeon_native-*.whl ||
 		{ echo "gpu-run: $py -m pip could not install the bundle's wheel (set PYTHON to a Python with pip)"; exit 1; }
+	mv "$here/python.new" "$here/python"
 }
 export PYTHONPATH=$here/python${PYTHONPATH:+:$PYTHONPATH}
 [[ " $what " == *" tests "* || " $what " == *" prefetch "* || " $what " == *" userpath "* ]] && python_module
@@ -146,7 +149,11 @@ if [[ " $what " == *" bench "* ]]; then
 	run bench-event aegaeon-cli bench event --device cuda
 	run bench-kv bash "$here/bench/kv_bench.sh"
 	run agent-start bash "$here/bench/agent_start.sh" --device cuda -- --gpus 0 --slab 60GiB --pinned 16GiB
-	run slab-probe "$here/bench/slab_probe" --repeat 3
+	if [[ -x $here/bench/slab_probe ]]; then
+		run slab-probe "$here/bench/slab_probe" --repeat 3
+	else
+		echo "slab-probe: not in this bundle (scripts/gpu-bundle.sh with SLIM=1 leaves it out)"
+	fi
 fi
 if [[ " $what " == *" prefetch "* ]]; then
 	run bench-prefetch "$py" "$here/bench/prefetch_bench.py" --sizes "${PREFETCH_SIZES:-4,16}" \
@@ -206,8 +213,10 @@ if [[ " $what " == *" userpath "* ]]; then
 	fi
 	base=()
 	if compgen -G "$here/base-wheel/*.whl" >/dev/null; then
-		if [[ -d $here/python-base ]] ||
-			"$py" -m pip install -q --no-index --no-deps --target "$here/python-base" "$here"/base-wheel/*.whl; then
+		# (into a fresh directory, moved into place whole: a half-made one is never taken)
+		if [[ -d $here/python-base ]] || { rm -rf "$here/python-base.new" &&
+			"$py" -m pip install -q --no-index --no-deps --target "$here/python-base.new" "$here"/base-wheel/*.whl &&
+			mv "$here/python-base.new" "$here/python-base"; }; then
 			base=(--base "$here/python-base" --base-label "$(cat "$here/base-wheel/REVISION" 2>/dev/null || echo base)")
 			echo "userpath: the base build ${base[3]} runs beside this one"
 		else

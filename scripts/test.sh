@@ -99,12 +99,13 @@ for f in "${failures[@]}"; do
 	name=${f%%|*}
 	read -r -a logs <<<"${f#*|}"
 	echo "failed: $name"
+	# (no match, a missing log, or head closing early is no reason to end here)
 	lines=$(cat "${logs[@]}" 2>/dev/null |
-		grep -E '^(not ok [0-9]|FAIL: |ERROR: |\[  FAILED  \] [a-z_])' | awk '!seen[$0]++' | head -n 30)
+		grep -E '^(not ok [0-9]|FAIL: |ERROR: |\[  FAILED  \] [a-z_])' | awk '!seen[$0]++' | head -n 30) || true
 	if [ -n "$lines" ]; then
 		echo "$lines" | sed 's/^/    /'
 	else
-		tail -n 15 "${logs[0]}" 2>/dev/null | sed 's/^/    | /'
+		tail -n 15 "${logs[0]}" 2>/dev/null | sed 's/^/    | /' || echo "    (no log: ${logs[0]})"
 	fi
 done
 [ $status = 0 ] || { echo "a build or test suite failed"; [ $failed -gt 0 ] || failed=1; }

@@ -50,7 +50,7 @@ fi
 for p in "${pkgs[@]}"; do
 	installed "$p" && give_up "$p is installed already, not by this test: remove it first (dpkg --purge ${pkgs[*]})"
 done
-T=$(mktemp -d /tmp/aeg-debs.XXXXXX) || exit 1
+T=$(mktemp -d /tmp/aeg-debs.XXXXXX) || give_up "mktemp -d /tmp/aeg-debs.XXXXXX failed"
 # What the packages hold that this machine did not have before: all of it must go at purge.
 for f in "${files[@]}"; do dpkg-deb -c "$f"; done | awk '{print $6}' | sed -e 's|^\./|/|' -e 's|/$||' |
 	grep -v '^$' | sort -u | while read -r path; do [[ -e $path ]] || echo "$path"; done >"$T/new"

@@ -51,6 +51,11 @@ expect "bench prefetch: chunks as a size, not bytes" 0 "raw.bin, 97.66 KiB, chun
 	"$CLI" bench prefetch "$T/raw.bin" --repeat 1
 expect "bench prefetch of a directory: one file only, said so" 1 \
 	"^aegaeon-cli: bench prefetch: $T: not a regular file \(it measures one file" "$CLI" bench prefetch "$T"
+printf '{"weight_map": {"w": "raw.bin"}}' >"$T/model.safetensors.index.json"
+expect "bench prefetch of a shard index: one file only, said so" 1 \
+	"^aegaeon-cli: bench prefetch: $T/model.safetensors.index.json: a shard index \(it measures one file" \
+	"$CLI" bench prefetch "$T/model.safetensors.index.json"
+rm -f "$T/model.safetensors.index.json"
 # json_floats FILE: every float of a JSON document has at most 6 significant digits
 json_floats() {
 	"$PY" -c '
