@@ -664,7 +664,7 @@ def slurm_e2e(run, m, timeout):
     if os.geteuid() != 0:
         return None, "needs root (it starts munged, slurmctld and slurmd)"
     if run.env.get("AEGAEON_PY_PRELOAD"):
-        return None, "a sanitizer build: the plugin would need the sanitizer runtimes preloaded into slurmd"
+        return None, "a sanitizer build: the jobs' Python would need the ASan runtime preloaded for the module"
     tmp = tempfile.mkdtemp(prefix="aegaeon-userpath-slurm-")
     cmd = ["bash", SLURM_E2E, "--userpath", "--model-a", m.a, "--repeat", str(run.args.slurm_repeat)]
     if run.args.slurm_hugepages_only:

@@ -17,12 +17,10 @@
 #                      cgroup v1 or v2 file system slurmd can write (see
 #                      cluster_cgroup_usable) [0: proctrack/linuxproc, task/none]
 #   CLUSTER_KEEP=1     keep the temp dir when stopping (for debugging)
-#   CLUSTER_SANITIZER_PRELOAD  the ASan and UBSan runtimes (libasan.so libubsan.so)
-#                      when the plugin was built with them (--enable-sanitizers):
-#                      slurmd, slurmstepd and the clients that load the plugin
-#                      (srun, sbatch, salloc: sl and as_user) run with them
-#                      preloaded, leak checks off except in aegaeond and
-#                      aegaeon-cli [""]
+#   CLUSTER_SANITIZERS=1  an --enable-sanitizers build: Slurm's programs, the
+#                      agent and what the tests run get the sanitizers'
+#                      options (reports to CLUSTER_SANITIZER_LOGS; leak checks
+#                      only in aegaeond and aegaeon-cli) [0]
 #   CLUSTER_SANITIZER_LOGS     where the sanitizers write their reports (asan.*,
 #                      ubsan.*); the job user must be able to write there
 # and define cluster_site_config (it writes $T/etc/aegaeon.conf; called once
@@ -82,24 +80,22 @@ as_user() {
 		SLURM_CONF="$T/etc/slurm.conf" "${CLUSTER_SANITIZER_ENV[@]}" "$@")
 }
 
-# Under CLUSTER_SANITIZER_PRELOAD: the runtimes go first into every Slurm
-# program that loads the plugin. slurmd passes its environment to the
+# Under CLUSTER_SANITIZERS: the sanitizers' options go to every program of the
+# cluster. No runtime is preloaded: a sanitizer build's plugin carries UBSan
+# alone (its runtime comes as the plugin's own dependency), and aegaeon's
+# programs link theirs; the ASan runtime in Slurm's programs hung a task now
+# and then (configure.ac says why). slurmd passes its environment to the
 # slurmstepd of a step but runs `slurmstepd spank prolog|epilog` with the
 # prolog's own, so slurmstepd is started through a wrapper (slurmd -d).
 # Slurm's programs keep memory to the end, so leak checks are on only in
 # aegaeon's own (%b: the program's name); every report lands in
 # CLUSTER_SANITIZER_LOGS.
 cluster_sanitizer_setup() {
-	local lib
-	for lib in $CLUSTER_SANITIZER_PRELOAD; do
-		[[ -f $lib ]] || { clog "sanitizer runtime $lib not found"; return 1; }
-	done
 	[[ -d ${CLUSTER_SANITIZER_LOGS:-} ]] || { clog "CLUSTER_SANITIZER_LOGS must name a directory"; return 1; }
 	mkdir -p "$T/sanitizer/bin"
 	echo detect_leaks=1 >"$T/sanitizer/aegaeond.asan"
 	echo detect_leaks=1 >"$T/sanitizer/aegaeon-cli.asan"
 	CLUSTER_SANITIZER_ENV=(
-		"LD_PRELOAD=$(echo $CLUSTER_SANITIZER_PRELOAD)"
 		"ASAN_OPTIONS=detect_leaks=0:log_path=$CLUSTER_SANITIZER_LOGS/asan:log_exe_name=1:include_if_exists=$T/sanitizer/%b.asan"
 		"UBSAN_OPTIONS=print_stacktrace=1:log_path=$CLUSTER_SANITIZER_LOGS/ubsan:log_exe_name=1"
 	)
@@ -247,7 +243,7 @@ cluster_start() {
 	(umask 077 && dd if=/dev/urandom of="$T/munge-key/munge.key" bs=1024 count=1 status=none)
 	CLUSTER_SANITIZER_ENV=()
 	stepd=()
-	if [[ -n ${CLUSTER_SANITIZER_PRELOAD:-} ]]; then
+	if [[ ${CLUSTER_SANITIZERS:-0} = 1 ]]; then
 		cluster_sanitizer_setup || return 1
 		stepd=(-d "$(cluster_sanitizer_wrap slurmstepd "$(dirname "$SLURMD")/slurmstepd")")
 	fi

@@ -7,9 +7,9 @@
 #   AEG_BUILDDIR  absolute build tree (holds src/spank/.libs/aegaeon.so,
 #                 aegaeond and aegaeon-cli)
 #   AEG_KEEP=1    keep the temp dir after a failure (for debugging)
-#   AEG_SANITIZER_PRELOAD, AEG_SANITIZER_LOGS  an --enable-sanitizers build:
-#                 the runtimes to preload and where reports go (run.sh sets
-#                 them; scripts/lib/cluster.sh says how they are used)
+#   AEG_SANITIZERS=1, AEG_SANITIZER_LOGS  an --enable-sanitizers build, and
+#                 where reports go (run.sh sets them; scripts/lib/cluster.sh
+#                 says how they are used)
 
 set -u
 
@@ -26,7 +26,7 @@ CLUSTER_NODES=${CLUSTER_NODES:-2}
 CLUSTER_GPUS=2
 CLUSTER_GPU_FILES=
 CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
-CLUSTER_SANITIZER_PRELOAD=${AEG_SANITIZER_PRELOAD:-}
+CLUSTER_SANITIZERS=${AEG_SANITIZERS:-0}
 CLUSTER_SANITIZER_LOGS=${AEG_SANITIZER_LOGS:-}
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/cluster.sh"
 # A second unprivileged identity with no passwd entry, for access checks.

@@ -2,9 +2,8 @@
 # Runs the Slurm tests, each file on its own throwaway cluster, and prints
 # "N passed, N failed" last. Usage: run.sh [TEST.sh...] (default: all).
 # Needs AEG_BUILDDIR (the build tree); `make check` sets it, and for an
-# --enable-sanitizers build AEG_SANITIZER_PRELOAD (the ASan and UBSan
-# runtimes): then each test file's sanitizer reports are collected, and any
-# report fails it.
+# --enable-sanitizers build AEG_SANITIZERS=1: then each test file's
+# sanitizer reports are collected, and any report fails it.
 
 here=$(cd "$(dirname "$0")" && pwd)
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -22,15 +21,12 @@ done
 : "${AEG_BUILDDIR:?AEG_BUILDDIR must name the build tree}"
 export AEG_BUILDDIR
 san=
-if [[ -n ${AEG_SANITIZER_PRELOAD:-} ]]; then
-	for lib in $AEG_SANITIZER_PRELOAD; do
-		[[ -f $lib ]] || { echo "run.sh: sanitizer runtime $lib not found" >&2; exit 1; }
-	done
-	export AEG_SANITIZER_PRELOAD
+if [[ ${AEG_SANITIZERS:-0} = 1 ]]; then
+	export AEG_SANITIZERS
 	san=$(mktemp -d /tmp/aegaeon-sanitizer.XXXXXX) || exit 1
 	chmod 755 "$san"
-	echo "# sanitizer build: slurmd, slurmstepd, srun, sbatch and salloc run with" \
-		"$AEG_SANITIZER_PRELOAD preloaded; reports go to $san/TEST/"
+	echo "# sanitizer build: the agent, the CLI and the MPI example carry ASan and UBSan, the plugin" \
+		"in slurmd, slurmstepd and the clients UBSan; reports go to $san/TEST/"
 fi
 
 # sanitizer_reports NAME: a "not ok" line and the start of each report the
