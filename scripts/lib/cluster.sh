@@ -17,6 +17,7 @@
 #                      cgroup v1 or v2 file system slurmd can write (see
 #                      cluster_cgroup_usable) [0: proctrack/linuxproc, task/none]
 #   CLUSTER_KEEP=1     keep the temp dir when stopping (for debugging)
+#   CLUSTER_RECORD=FILE  each cluster's dir is added to FILE as it is made
 #   CLUSTER_SANITIZERS=1  an --enable-sanitizers build: Slurm's programs, the
 #                      agent and what the tests run get the sanitizers'
 #                      options (reports to CLUSTER_SANITIZER_LOGS; leak checks
@@ -225,6 +226,8 @@ cluster_start() {
 		[[ -x $b ]] || { clog "slurmctld, slurmd or munged not installed"; return 1; }
 	done
 	T=$(mktemp -d "$CLUSTER_PREFIX.XXXXXX") || return 1
+	# Named for whoever must clean up after a run that never got to cluster_stop.
+	[[ -n ${CLUSTER_RECORD:-} ]] && echo "$T" >>"$CLUSTER_RECORD"
 	chmod 755 "$T"
 	mkdir -p "$T"/{etc,spool/ctld,log,run,dev,work}
 	((CLUSTER_NODES == 1)) && mkdir -p "$T/spool/1"

@@ -27,6 +27,7 @@ CLUSTER_GPUS=2
 CLUSTER_GPU_FILES=
 CLUSTER_PREFIX=${CLUSTER_PREFIX:-/tmp/aegaeon-slurm}
 CLUSTER_SANITIZERS=${AEG_SANITIZERS:-0}
+CLUSTER_RECORD=${AEG_CLUSTER_RECORD:-}
 CLUSTER_SANITIZER_LOGS=${AEG_SANITIZER_LOGS:-}
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/cluster.sh"
 # A second unprivileged identity with no passwd entry, for access checks.

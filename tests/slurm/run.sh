@@ -1,6 +1,8 @@
 #!/bin/bash
 # Runs the Slurm tests, each file on its own throwaway cluster, and prints
 # "N passed, N failed" last. Usage: run.sh [TEST.sh...] (default: all).
+# Each file has AEG_TEST_TIMEOUT seconds (180); what its clusters leave
+# running after it ends (killed at that limit, say) is killed and fails it.
 # Needs AEG_BUILDDIR (the build tree); `make check` sets it, and for an
 # --enable-sanitizers build AEG_SANITIZERS=1: then each test file's
 # sanitizer reports are collected, and any report fails it.
@@ -52,6 +54,38 @@ else
 	done
 fi
 
+# left_behind DIR: processes that still name a test's cluster dir (command
+# line, working directory or environment), as cluster_stop finds them.
+left_behind() {
+	local p
+	for p in /proc/[0-9]*; do
+		if [[ $(readlink "$p/cwd" 2>/dev/null) == "$1"* ]] ||
+			tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -qF "$1" ||
+			tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qF "$1"; then
+			echo "${p#/proc/}"
+		fi
+	done
+}
+
+# sweep NAME RECORD: a test that ended without stopping its clusters (killed
+# at its time limit, say) leaves their processes running, the agents in
+# sessions of their own among them: they are killed and counted as a failure.
+sweep() {
+	local dir left
+	[[ -s $2 ]] || return 0
+	while read -r dir; do
+		[[ -n $dir ]] || continue
+		left=$(left_behind "$dir")
+		if [[ -n $left ]]; then
+			echo "not ok - $1: its cluster in $dir left processes running: $(echo $left) (killed)"
+			kill -KILL $left 2>/dev/null
+			failed=$((failed + 1))
+		fi
+		[[ -d $dir && ${AEG_KEEP:-0} != 1 ]] && rm -rf "$dir"
+	done <"$2"
+	return 0
+}
+
 passed=0
 failed=0
 times=()
@@ -72,9 +106,12 @@ for t in "${tests[@]}"; do
 		export AEG_SANITIZER_LOGS=$san/$name
 	fi
 	t0=$SECONDS
-	out=$(TEST_NAME=$name timeout -k 10 180 bash "$t" 2>&1)
+	record=$(mktemp /tmp/aegaeon-clusters.XXXXXX) || exit 1
+	out=$(TEST_NAME=$name AEG_CLUSTER_RECORD=$record timeout -k 10 "${AEG_TEST_TIMEOUT:-180}" bash "$t" 2>&1)
 	rc=$?
 	echo "$out"
+	sweep "$name" "$record"
+	rm -f "$record"
 	times+=("$name $((SECONDS - t0))")
 	if [[ -n $san ]]; then
 		sanitizer_reports "$name"
