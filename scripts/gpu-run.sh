@@ -65,13 +65,18 @@ fi
 py=${PYTHON:-python3}
 # The Python module comes from the bundle's wheel, installed by this Python's
 # pip into the bundle (no registry: the wheel carries what it needs).
+# install_once DIR WHEEL...: the wheels installed into DIR, once: into a fresh
+# directory moved into place whole, so a half-made one is never taken.
+install_once() {
+	local dir=$1
+	shift
+	[[ -d $dir ]] && return 0
+	rm -rf "$dir.new"
+	"$py" -m pip install -q --no-index --no-deps --target "$dir.new" "$@" && mv "$dir.new" "$dir"
+}
 python_module() {
-	[[ -d $here/python ]] && return
-	# (into a fresh directory, moved into place whole: a half-made one is never taken)
-	rm -rf "$here/python.new"
-	"$py" -m pip install -q --no-index --no-deps --target "$here/python.new" "$here"/wheels/aegaeon_native-*.whl ||
+	install_once "$here/python" "$here"/wheels/aegaeon_native-*.whl ||
 		{ echo "gpu-run: $py -m pip could not install the bundle's wheel (set PYTHON to a Python with pip)"; exit 1; }
-	mv "$here/python.new" "$here/python"
 }
 export PYTHONPATH=$here/python${PYTHONPATH:+:$PYTHONPATH}
 [[ " $what " == *" tests "* || " $what " == *" prefetch "* || " $what " == *" userpath "* ]] && python_module
@@ -213,10 +218,7 @@ if [[ " $what " == *" userpath "* ]]; then
 	fi
 	base=()
 	if compgen -G "$here/base-wheel/*.whl" >/dev/null; then
-		# (into a fresh directory, moved into place whole: a half-made one is never taken)
-		if [[ -d $here/python-base ]] || { rm -rf "$here/python-base.new" &&
-			"$py" -m pip install -q --no-index --no-deps --target "$here/python-base.new" "$here"/base-wheel/*.whl &&
-			mv "$here/python-base.new" "$here/python-base"; }; then
+		if install_once "$here/python-base" "$here"/base-wheel/*.whl; then
 			base=(--base "$here/python-base" --base-label "$(cat "$here/base-wheel/REVISION" 2>/dev/null || echo base)")
 			echo "userpath: the base build ${base[3]} runs beside this one"
 		else

@@ -45,7 +45,7 @@ CLUSTER_CGROUP=${CLUSTER_CGROUP:-0}
 
 T=
 PIDS=()
-# VAR=VALUE words for the programs that load an ASan-built plugin (see above).
+# VAR=VALUE words: the sanitizers' options for the cluster's programs (see above).
 CLUSTER_SANITIZER_ENV=()
 
 clog() { printf '# %s\n' "$*" >&2; }
@@ -364,17 +364,18 @@ agent_logged() {
 	fi
 }
 
-# Processes that belong to this cluster but were not started here directly:
-# slurmstepd, job tasks, agents. Found by cwd, command line or environment
-# naming the temp dir.
+# stray_pids [DIR]: processes that belong to this cluster (or the one in DIR)
+# but were not started here directly: slurmstepd, job tasks, agents. Found by
+# cwd, command line or environment naming the temp dir; none without one.
 stray_pids() {
-	local p
+	local p dir=${1:-$T}
+	[[ -n $dir ]] || return 0
 	for p in /proc/[0-9]*; do
 		p=${p#/proc/}
 		[[ $p == "$$" || $p == "$BASHPID" ]] && continue
-		if [[ $(readlink "/proc/$p/cwd" 2>/dev/null) == "$T"* ]] ||
-			tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF "$T" ||
-			tr '\0' '\n' 2>/dev/null <"/proc/$p/environ" | grep -qF "$T"; then
+		if [[ $(readlink "/proc/$p/cwd" 2>/dev/null) == "$dir"* ]] ||
+			tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF "$dir" ||
+			tr '\0' '\n' 2>/dev/null <"/proc/$p/environ" | grep -qF "$dir"; then
 			echo "$p"
 		fi
 	done

@@ -36,19 +36,19 @@ static double gbps(uint64_t bytes, uint64_t ns)
 	return ns ? (double)bytes / (double)ns : 0.0;
 }
 
-/* @path is a shard index: it stands for other files (an unreadable one is left to the load to report). */
-static int model_of_many(const char *path)
+/* Regular file @path is a shard index: it stands for other files (an unreadable one is left to the load to report). */
+static int shard_index(const char *path)
 {
 	struct aeg_model_paths mp;
-	int many;
+	int index;
 
 	if (aeg_model_paths(path, &mp) != 0) {
 		aeg_error_clear();
 		return 0;
 	}
-	many = mp.index || mp.dir || mp.count != 1;
+	index = mp.index;
 	aeg_model_paths_free(&mp);
-	return many;
+	return index;
 }
 
 /* A session of this process: a slab for the file, and with --cache a pool the whole file fits in. */
@@ -63,7 +63,7 @@ static int open_session(struct bench *b)
 		return 1;
 	}
 	/* Its baseline reads the one file: a model of many is measured file by file. */
-	if (!S_ISREG(st.st_mode) || model_of_many(b->a.file)) {
+	if (!S_ISREG(st.st_mode) || shard_index(b->a.file)) {
 		fprintf(stderr, "aegaeon-cli: bench prefetch: %s: %s (it measures one file; give one shard of the model)\n",
 			b->a.file, S_ISREG(st.st_mode) ? "a shard index" : "not a regular file");
 		return 1;

@@ -54,17 +54,10 @@ else
 	done
 fi
 
-# left_behind DIR: processes that still name a test's cluster dir (command
-# line, working directory or environment), as cluster_stop finds them.
+# left_behind DIR: processes that still name a test's cluster dir, found as
+# cluster_stop finds them (stray_pids of scripts/lib/cluster.sh).
 left_behind() {
-	local p
-	for p in /proc/[0-9]*; do
-		if [[ $(readlink "$p/cwd" 2>/dev/null) == "$1"* ]] ||
-			tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -qF "$1" ||
-			tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qF "$1"; then
-			echo "${p#/proc/}"
-		fi
-	done
+	bash -c 'source "$1" && stray_pids "$2"' _ "$here/../../scripts/lib/cluster.sh" "$1"
 }
 
 # sweep NAME RECORD: a test that ended without stopping its clusters (killed
