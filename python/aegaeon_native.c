@@ -790,6 +790,7 @@ PyMODINIT_FUNC PyInit_aegaeon_native(void);
 PyMODINIT_FUNC PyInit_aegaeon_native(void)
 {
 	PyObject *m;
+	int err;
 
 	m = PyModule_Create(&moduledef);
 	if (m == NULL)
@@ -803,6 +804,16 @@ PyMODINIT_FUNC PyInit_aegaeon_native(void)
 	if (PyModule_AddStringConstant(m, "__version__", aeg_version()) < 0 ||
 	    PyModule_AddIntConstant(m, "HANDLE_BYTES", AEG_HANDLE_BYTES) < 0 ||
 	    PyModule_AddIntConstant(m, "DEFAULT_CHUNK_BYTES", (long)PYAEG_DEFAULT_CHUNK_BYTES) < 0)
+		goto fail;
+	/*
+	 * Outside a job, the first load's staging ring is made now, while the
+	 * process goes on importing and making its CUDA context. A bad
+	 * $AEGAEON_RING_AHEAD is a warning here, not a failed import; a bad
+	 * config file is left to the first use, which raises it.
+	 */
+	err = aeg_session_warm_up(NULL);
+	if (err < 0 && err != AEG_ECONFIG &&
+	    PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "aegaeon_native: %s", aeg_error_detail()) < 0)
 		goto fail;
 	return m;
 fail:

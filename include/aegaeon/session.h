@@ -95,6 +95,24 @@ int aeg_session_gpu_count(aeg_session_t *s);
 int aeg_session_prepare(aeg_session_t *s, int gpu);
 
 /*
+ * aeg_session_warm_up - for a process that will load outside a job but
+ * first does other things (imports, its CUDA context): start faulting in,
+ * on a thread of its own, the memory of the staging ring that the first
+ * engine of a session opened with @cfg (NULL: defaults) makes, so the
+ * ring is ready when the first load comes instead of being made beside it
+ * (7-15 ms of a fresh process's first load on the H200 machines). Opens
+ * no device and touches no GPU. The memory (96 MiB with the default 12
+ * prefetch threads) is taken by that engine, or given back when a LOCAL
+ * session closes without one. Nothing is made inside a job (@cfg's mode,
+ * or AUTO with $AEGAEON_SOCKET set), with a pool in @cfg, on a machine of
+ * several NUMA nodes, where the ring would use reserved 2 MiB huge pages,
+ * with $AEGAEON_RING_AHEAD=0, or while memory made ahead is held already.
+ * Thread-safe. Errors: AEG_EINVAL ($AEGAEON_RING_AHEAD not 0 or 1), those
+ * of aeg_config_load.
+ */
+int aeg_session_warm_up(const struct aeg_session_config *cfg);
+
+/*
  * aeg_session_set_engine - LOCAL: the slab size (as in aeg_session_config;
  * NULL: the default) and engine settings (NULL: defaults) of engines made
  * from now on. Engines that hold no load are dropped, so the next load

@@ -256,12 +256,17 @@ static int local_session(const struct cli_prefetch_args *a, struct aeg_prefetch_
 			 aeg_session_t **s)
 {
 	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL, .engine = engine };
+	int err;
 
 	if (model_slab_bytes(a->file, a->chunk_bytes, &cfg.slab_bytes))
 		return 1;
 	/* A chunk larger than the file makes one chunk of it; it does not make the slab larger. */
 	*chunk = a->chunk_bytes < cfg.slab_bytes ? a->chunk_bytes : cfg.slab_bytes;
 	cli_prefetch_engine(a, engine);
+	/* The ring's memory is faulted in while the device opens (a CUDA context: 100 ms and more). */
+	err = aeg_session_warm_up(&cfg);
+	if (err)
+		return cli_fail(err, "prefetch");
 	return cli_session_open(&cfg, a->device, a->file, s);
 }
 

@@ -1455,6 +1455,33 @@ class TestSetup(Base):
         self.assertRaises(ValueError, an._span, "x", float("nan"))
         self.assertNotIn("x", [n for n, _ in an.timings()])
 
+    @unittest.skipUnless(len([d for d in os.listdir("/sys/devices/system/node") if d[4:].isdigit()]) == 1
+                         if os.path.isdir("/sys/devices/system/node") else False,
+                         "a staging ring is made ahead only on a machine of one NUMA node")
+    def test_ring_made_ahead_at_import(self):
+        """Outside a job the first engine's staging ring is faulted in while the process imports;
+        the engine takes it (a "pool ahead" step), unless turned off or made for another size (the
+        tests' config gives 2 prefetch threads, 3 are asked for)."""
+        code = ("import aegaeon_native as an, json, sys\n"
+                "if len(sys.argv) > 1:\n    an.configure(prefetch_threads=int(sys.argv[1]))\n"
+                "an.timings()\n"
+                "an.prepare(0)\n"
+                "print(json.dumps([n for n, s in an.timings()]))")
+        env = {"AEGAEON_PINNED_HUGEPAGES": "never"}
+        for args, ahead, warning in (([], "1", None), ([], "0", None), (["3"], "1", None),
+                                     ([], "maybe", "AEGAEON_RING_AHEAD='maybe' is not 0 or 1")):
+            with self.subTest(args=args, ahead=ahead):
+                r = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True,
+                                   timeout=120, env=dict(os.environ, AEGAEON_RING_AHEAD=ahead, **env))
+                self.assertEqual(r.returncode, 0, r.stderr)
+                steps = json.loads(r.stdout)
+                self.assertIn("pool create", steps)
+                self.assertEqual("pool ahead" in steps, ahead == "1" and not args, steps)
+                if warning:
+                    self.assertIn("RuntimeWarning: aegaeon_native: " + warning, r.stderr)
+                else:
+                    self.assertNotIn("Warning", r.stderr)
+
     def test_prepare_errors(self):
         self.assertRaises(TypeError, an.prepare, "0")
         self.assertRaises(ValueError, an.prepare, -1)

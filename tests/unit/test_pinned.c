@@ -706,6 +706,151 @@ static void early_private_pool(void **state)
 	unsetenv("AEGAEON_PINNED_HUGEPAGES");
 }
 
+/* Whether [@p, +@bytes) is mapped, and (*@resident) every page of it in memory. */
+static int mapped(void *p, uint64_t bytes, int *resident)
+{
+	size_t pages = bytes / 4096;
+	unsigned char *vec = malloc(pages);
+	int rc;
+
+	assert_non_null(vec);
+	rc = mincore(p, bytes, vec);
+	assert_true(rc == 0 || errno == ENOMEM);
+	if (resident != NULL) {
+		*resident = rc == 0;
+		for (size_t i = 0; rc == 0 && i < pages; i++)
+			*resident &= vec[i] & 1;
+	}
+	free(vec);
+	return rc == 0;
+}
+
+/* The memory made ahead is all in: its thread is done (10 s at most). */
+static void wait_made_ahead(void)
+{
+	int populated = 0;
+
+	for (int i = 0; i < 10000 && !populated; i++) {
+		assert_true(aeg_pool_premade(NULL, &populated) > 0);
+		if (!populated)
+			usleep(1000);
+	}
+	assert_true(populated);
+}
+
+/*
+ * Memory made ahead for a private pool (a staging ring): the next private
+ * pool of its size takes it with its pages in, one of another size gives it
+ * back, a second while one is held makes nothing, a child has none of it;
+ * nothing is made where 2 MiB huge pages are asked for or the topology is
+ * not known to be one node, and sizes that make no pool fail.
+ */
+static void made_ahead(void **state)
+{
+	static const struct {
+		uint64_t buffer, pool;
+		const char *detail;
+	} bad[] = {
+		{ 0, MiB, "1048576 bytes in buffers of 0 is no pool" },
+		{ MiB + 1, 4 * MiB, "buffers of 1048577 is no pool" },
+		{ 2 * MiB, MiB, "1048576 bytes in buffers of 2097152 is no pool" },
+	};
+	const uint64_t bytes = HUGE + 8 * MiB;       /* a private pool's header fills a huge page */
+	aeg_device_t *dev = *state;
+	struct aeg_pool_timing timing;
+	struct early e = { .dev = dev };
+	aeg_pool_t *pool = NULL;
+	void *map, *again;
+	int resident, status;
+	pid_t pid;
+
+	unsetenv("AEGAEON_TOPOLOGY_XML");
+	if (machine_sole_node() < 0)
+		skip();         /* made ahead only where the GPU's node is known: a machine of one */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(&map, NULL), bytes);
+	assert_int_equal(aeg_pool_premake(MiB, 4 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(&again, NULL), bytes);
+	assert_ptr_equal(again, map);
+	wait_made_ahead();
+	assert_true(mapped(map, bytes, &resident));
+	assert_true(resident);
+	/* Taken whole by an early pool of its size, which works as any. */
+	assert_int_equal(aeg_pool_create_private_early(dev, 0, MiB, 8 * MiB, early_ready, &e, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.ahead, 2);
+	assert_ptr_equal(aeg_pool_base(pool), (char *)map + HUGE);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	assert_true(e.waiter_started);
+	assert_int_equal(pthread_join(e.waiter, NULL), 0);
+	assert_int_equal(e.taken, 8);
+	for (uint32_t i = 0; i < 8; i++)
+		assert_int_equal(aeg_pool_release(pool, i), 0);
+	assert_false(child_can_write(aeg_pool_base(pool)));
+	aeg_pool_destroy(pool);
+	assert_false(mapped(map, bytes, NULL));
+
+	/* Taken at once, its thread stopped wherever it was: the pool populates the rest. */
+	assert_int_equal(aeg_pool_premake(MiB, 64 * MiB), 0);
+	assert_int_equal(aeg_pool_create_private(dev, 0, MiB, 64 * MiB, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_true(timing.ahead == 1 || timing.ahead == 2);
+	assert_true(mapped(aeg_pool_base(pool), 64 * MiB, &resident));
+	assert_true(resident);
+	aeg_pool_destroy(pool);
+
+	/* Another size: given back, and the pool maps its own. */
+	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(&map, NULL), bytes);
+	assert_int_equal(aeg_pool_create_private(dev, 0, MiB, 4 * MiB, &pool), 0);
+	aeg_pool_timing(pool, &timing);
+	assert_int_equal(timing.ahead, 0);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	assert_false(mapped(map, bytes, NULL));
+	aeg_pool_destroy(pool);
+
+	/* A child, forked while it is made, has none of it; the parent keeps it. */
+	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(&map, NULL), bytes);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		int ok = aeg_pool_premade(NULL, NULL) == 0 && !mapped(map, bytes, NULL) &&
+			 aeg_pool_create_private(dev, 0, MiB, 8 * MiB, &pool) == 0;
+
+		if (ok) {
+			aeg_pool_timing(pool, &timing);
+			ok = timing.ahead == 0;
+		}
+		_exit(ok ? 0 : 1);
+	}
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), bytes);
+	aeg_pool_premade_drop();
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	assert_false(mapped(map, bytes, NULL));
+	aeg_pool_premade_drop();
+
+	/* Nothing made: huge pages asked for, a topology given, sizes that make no pool. */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "always", 1);
+	assert_int_equal(aeg_pool_premake(HUGE, 4 * HUGE), 0);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	setenv("AEGAEON_TOPOLOGY_XML", "/nonexistent/topology.xml", 1);
+	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	unsetenv("AEGAEON_TOPOLOGY_XML");
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		assert_int_equal(aeg_pool_premake(bad[i].buffer, bad[i].pool), AEG_EINVAL);
+		assert_non_null(strstr(aeg_error_detail(), bad[i].detail));
+		assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	}
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+}
+
 static void bad_hugepage_modes(void **state)
 {
 	static const struct {
@@ -956,6 +1101,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(four_kib_pages, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(private_pool, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(early_private_pool, host_device_setup, host_device_teardown),
+		cmocka_unit_test_setup_teardown(made_ahead, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(bad_hugepage_modes, host_device_setup, host_device_teardown),
 		cmocka_unit_test_setup_teardown(hugetlb_pool, huge_setup, huge_teardown),
 		cmocka_unit_test(topology_loaded_once),

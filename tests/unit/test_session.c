@@ -16,6 +16,7 @@
 #include <aegaeon/session.h>
 
 #include "internal.h"
+#include "pinned_internal.h"
 #include "testutil.h"
 #include "agentutil.h"
 
@@ -385,6 +386,73 @@ static void ring_after_first_start(void **state)
 }
 
 /*
+ * aeg_session_warm_up: outside a job the first engine's staging ring is
+ * faulted in before the session opens; that engine's ring takes it, and a
+ * session closed without an engine gives it back. Nothing is made for a
+ * job, a pool of the caller's or $AEGAEON_RING_AHEAD=0; a bad value fails.
+ */
+static void ring_made_ahead(void **state)
+{
+	static const struct {
+		enum aeg_session_mode mode;
+		uint64_t pool_bytes;
+		const char *env;
+	} none[] = {
+		{ AEG_SESSION_JOB, 0, NULL },
+		{ AEG_SESSION_LOCAL, 8 * MiB, NULL },
+		{ AEG_SESSION_LOCAL, 0, "0" },
+	};
+	struct fx *f = *state;
+	struct aeg_load_request req = { .path = f->raw, .gpu = 0, .chunk_bytes = 1 * MiB };
+	struct aeg_span spans[AEG_SPANS_MAX];
+	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL };
+	aeg_session_t *s;
+	aeg_model_t *m = NULL;
+	uint64_t bytes;
+	int n;
+
+	unsetenv("AEGAEON_TOPOLOGY_XML");
+	if (machine_sole_node() < 0)
+		skip();         /* made ahead only on a machine of one NUMA node */
+	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	assert_int_equal(aeg_session_warm_up(NULL), 0);
+	bytes = aeg_pool_premade(NULL, NULL);
+	assert_true(bytes > 0);
+	s = open_session(f);
+	aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	check_model(m, f->raw_bytes, 0, f->raw_size);
+	aeg_model_close(m);
+	aeg_session_close(s);       /* joins the ring's thread */
+	n = aeg_spans_take(spans, AEG_SPANS_MAX, NULL);
+	assert_true(span_named(spans, n, "pool ahead")->start_ns >= span_named(spans, n, "prefetch start")->start_ns);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+
+	/* A session closed without an engine gives it back. */
+	assert_int_equal(aeg_session_warm_up(&cfg), 0);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), bytes);
+	aeg_session_close(open_session(f));
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(none); i++) {
+		struct aeg_session_config c = { .mode = none[i].mode, .pool_bytes = none[i].pool_bytes };
+
+		if (none[i].env != NULL)
+			setenv("AEGAEON_RING_AHEAD", none[i].env, 1);
+		assert_int_equal(aeg_session_warm_up(&c), 0);
+		assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+		unsetenv("AEGAEON_RING_AHEAD");
+	}
+	setenv("AEGAEON_RING_AHEAD", "yes", 1);
+	assert_int_equal(aeg_session_warm_up(NULL), AEG_EINVAL);
+	assert_string_equal(aeg_error_detail(), "AEGAEON_RING_AHEAD='yes' is not 0 or 1");
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	unsetenv("AEGAEON_RING_AHEAD");
+	unsetenv("AEGAEON_PINNED_HUGEPAGES");
+}
+
+/*
  * A model as save_pretrained leaves it: a directory of shards and an index.
  * Loaded by its directory or its index, it is every shard's tensors, each
  * where its file says; one tensor can be waited for alone.
@@ -542,6 +610,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(ring_after_first_start, setup_local, teardown),
 		cmocka_unit_test_setup_teardown(local_engine_kept, setup_local, teardown),
 		cmocka_unit_test_setup_teardown(model_directory, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(ring_made_ahead, setup_local, teardown),
 	};
 	const struct CMUnitTest job[] = {
 		cmocka_unit_test_setup_teardown(load_wait_release, setup_job, teardown),

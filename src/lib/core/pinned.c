@@ -631,27 +631,248 @@ static void pool_layout(aeg_pool_t *pool, uint32_t buffers, uint64_t header_byte
  * out of children: a fork would otherwise share the pinned pages
  * copy-on-write with a child.
  */
-static int map_private(aeg_pool_t *pool)
+static int map_anonymous(uint64_t bytes, char **mapp)
 {
 	uint64_t lead;
-	char *raw;
+	char *raw, *map;
 
-	raw = mmap(NULL, pool->map_bytes + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	*mapp = NULL;
+	raw = mmap(NULL, bytes + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (raw == MAP_FAILED)
-		return aeg_fail(AEG_ENOMEM, "pinned pool: mmap of %" PRIu64 " private bytes: %s", pool->map_bytes,
-				strerror(errno));
+		return aeg_fail(AEG_ENOMEM, "pinned pool: mmap of %" PRIu64 " private bytes: %s", bytes, strerror(errno));
 	lead = aeg_round_up((uint64_t)(uintptr_t)raw, HUGE_PAGE) - (uint64_t)(uintptr_t)raw;
 	if (lead > 0)
 		munmap(raw, lead);
-	munmap(raw + lead + pool->map_bytes, HUGE_PAGE - lead);     /* lead < HUGE_PAGE: never empty */
-	pool->map = raw + lead;
+	munmap(raw + lead + bytes, HUGE_PAGE - lead);     /* lead < HUGE_PAGE: never empty */
+	map = raw + lead;
 #ifdef MADV_HUGEPAGE
-	(void)madvise(pool->map, pool->map_bytes, MADV_HUGEPAGE);
+	(void)madvise(map, bytes, MADV_HUGEPAGE);
 #endif
-	if (madvise(pool->map, pool->map_bytes, MADV_DONTFORK) != 0)
-		return aeg_fail(AEG_EIO, "pinned pool: keeping %" PRIu64 " bytes out of children (MADV_DONTFORK): %s",
-				pool->map_bytes, strerror(errno));
+	if (madvise(map, bytes, MADV_DONTFORK) != 0) {
+		int err = aeg_fail(AEG_EIO, "pinned pool: keeping %" PRIu64 " bytes out of children (MADV_DONTFORK): %s",
+				   bytes, strerror(errno));
+
+		munmap(map, bytes);
+		return err;
+	}
+	*mapp = map;
 	return 0;
+}
+
+/* A 4 KiB-page pool must fit what the kernel says is available (reserved huge pages are not in it). */
+static int check_available(uint64_t bytes)
+{
+	uint64_t avail;
+	int err = aeg_mem_available(&avail);
+
+	if (err < 0)
+		return err;
+	if (bytes > avail)
+		return aeg_fail(AEG_ENOMEM, "pinned pool: %" PRIu64 " bytes asked, only %" PRIu64 " available (MemAvailable)",
+				bytes, avail);
+	return 0;
+}
+
+/* ---------------------------------------------- memory made ahead of need */
+
+/*
+ * One private pool's memory made ahead of need (aeg_pool_premake), mapped
+ * as map_anonymous maps it and populated by a thread of its own while the
+ * process does other things (its imports, its CUDA context); the next
+ * private pool of its size takes it, and finds its pages in. Faulting a
+ * fresh staging ring in (24 x 4 MiB) held a fresh process's first load up
+ * for 7-15 ms on the H200 machines, virtual machines where a page's first
+ * touch costs the host too. One at a time in a process: @ahead.cur, under
+ * @ahead.lock, which also orders the mapping against fork. A child has
+ * none of it (MADV_DONTFORK) and no thread, and forgets it.
+ */
+struct ahead_mem {
+	char *map;
+	uint64_t bytes;
+	pthread_t thread;
+	atomic_int stop;        /* its taker stops it: the pool populates the rest */
+	atomic_int populated;   /* every page is in */
+};
+
+static struct {
+	pthread_mutex_t lock;
+	struct ahead_mem *cur;  /* made ahead, its thread not joined yet; NULL: none */
+} ahead = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static pthread_once_t ahead_once = PTHREAD_ONCE_INIT;
+
+static void ahead_prepare(void) { pthread_mutex_lock(&ahead.lock); }
+static void ahead_parent(void) { pthread_mutex_unlock(&ahead.lock); }
+static void ahead_child(void)
+{
+	free(ahead.cur);
+	ahead.cur = NULL;
+	pthread_mutex_unlock(&ahead.lock);
+}
+
+static void ahead_atfork(void)
+{
+	pthread_atfork(ahead_prepare, ahead_parent, ahead_child);
+}
+
+static void *ahead_main(void *arg)
+{
+	struct ahead_mem *m = arg;
+
+	if (populate_range(m->map, m->bytes, &m->stop) == 0)
+		atomic_store(&m->populated, 1);
+	return NULL;
+}
+
+/*
+ * Would a private pool of these buffers be made of anonymous memory (and
+ * not of reserved 2 MiB huge pages, or fail for want of them)? Counted as
+ * choose_page counts them, without its messages: the pool gives those.
+ */
+static int anonymous_pool(uint64_t buffer_bytes, uint64_t buffers)
+{
+	long free_pages, resv;
+	enum huge_mode mode;
+	uint64_t need;
+
+	if (huge_mode(&mode) < 0 || mode == HUGE_ALWAYS)
+		return 0;
+	if (mode == HUGE_NEVER || buffer_bytes % HUGE_PAGE != 0)
+		return 1;
+	need = (header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes) / HUGE_PAGE;
+	free_pages = read_count(HUGE_SYSFS "/free_hugepages");
+	resv = read_count(HUGE_SYSFS "/resv_hugepages");
+	return free_pages < 0 || resv < 0 || free_pages - resv < (long)need;
+}
+
+int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes)
+{
+	uint64_t buffers, map_bytes;
+	struct ahead_mem *m;
+	int rc;
+
+	if (buffer_bytes == 0 || buffer_bytes % POOL_PAGE != 0 || pool_bytes < buffer_bytes ||
+	    pool_bytes / buffer_bytes > POOL_MAX_BUFFERS)
+		return aeg_fail(AEG_EINVAL, "pinned pool made ahead: %" PRIu64 " bytes in buffers of %" PRIu64
+				" is no pool (buffers of whole 4 KiB pages, 1 to %" PRIu32 " of them)",
+				pool_bytes, buffer_bytes, POOL_MAX_BUFFERS);
+	buffers = pool_bytes / buffer_bytes;
+	map_bytes = header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes;
+	if (aeg_topo_sole_node() < 0) {
+		aeg_debug("pinned pool: none made ahead (not a machine of one NUMA node: the GPU's node decides where its pages go)");
+		return 0;
+	}
+	if (!anonymous_pool(buffer_bytes, buffers)) {
+		aeg_debug("pinned pool: none made ahead (2 MiB huge pages are reserved for it)");
+		return 0;
+	}
+	if (check_available(map_bytes) < 0) {
+		aeg_debug("pinned pool: none made ahead: %s", aeg_error_detail());
+		return 0;
+	}
+	pthread_once(&ahead_once, ahead_atfork);
+	pthread_mutex_lock(&ahead.lock);
+	if (ahead.cur != NULL) {
+		pthread_mutex_unlock(&ahead.lock);
+		return 0;
+	}
+	m = calloc(1, sizeof(*m));
+	if (m == NULL || map_anonymous(map_bytes, &m->map) < 0) {
+		pthread_mutex_unlock(&ahead.lock);
+		aeg_debug("pinned pool: none made ahead: %s", m == NULL ? "out of memory" : aeg_error_detail());
+		free(m);
+		return 0;
+	}
+	m->bytes = map_bytes;
+	rc = pthread_create(&m->thread, NULL, ahead_main, m);
+	if (rc != 0) {
+		pthread_mutex_unlock(&ahead.lock);
+		aeg_debug("pinned pool: none made ahead: starting its thread: %s", strerror(rc));
+		munmap(m->map, map_bytes);
+		free(m);
+		return 0;
+	}
+	ahead.cur = m;
+	pthread_mutex_unlock(&ahead.lock);
+	aeg_debug("pinned pool: %" PRIu64 " bytes being made ahead of need", map_bytes);
+	return 0;
+}
+
+/*
+ * The memory made ahead when it is @map_bytes (0: none wanted), its
+ * population stopped where it was (*@populated: it was whole); otherwise it
+ * is given back. NULL: none.
+ */
+static char *take_ahead(uint64_t map_bytes, int *populated)
+{
+	uint64_t t = aeg_now_ns();
+	struct ahead_mem *m;
+	char *map = NULL;
+
+	*populated = 0;
+	pthread_mutex_lock(&ahead.lock);
+	m = ahead.cur;
+	ahead.cur = NULL;
+	pthread_mutex_unlock(&ahead.lock);
+	if (m == NULL)
+		return NULL;
+	atomic_store(&m->stop, 1);
+	pthread_join(m->thread, NULL);
+	if (m->bytes == map_bytes) {
+		map = m->map;
+		*populated = atomic_load(&m->populated);
+		aeg_span_end("pool ahead", t);
+	} else {
+		munmap(m->map, m->bytes);
+		if (map_bytes != 0)
+			aeg_debug("pinned pool: the %" PRIu64 " bytes made ahead are not this pool's %" PRIu64 "; given back",
+				  m->bytes, map_bytes);
+	}
+	free(m);
+	return map;
+}
+
+void aeg_pool_premade_drop(void)
+{
+	int populated;
+
+	(void)take_ahead(0, &populated);
+}
+
+uint64_t aeg_pool_premade(void **map, int *populated)
+{
+	struct ahead_mem *m;
+	uint64_t bytes;
+
+	pthread_mutex_lock(&ahead.lock);
+	m = ahead.cur;
+	bytes = m != NULL ? m->bytes : 0;
+	if (map != NULL)
+		*map = m != NULL ? m->map : NULL;
+	if (populated != NULL)
+		*populated = m != NULL && atomic_load(&m->populated);
+	pthread_mutex_unlock(&ahead.lock);
+	return bytes;
+}
+
+/*
+ * A private pool's memory in 4 KiB pages: made ahead of need where that
+ * is its size and its pages need no binding, else mapped now.
+ */
+static int map_private(aeg_pool_t *pool, const struct place *pl)
+{
+	int populated;
+
+	pool->map = take_ahead(has_nodes(pl) ? 0 : pool->map_bytes, &populated);
+	if (pool->map != NULL) {
+		pool->timing.ahead = populated ? 2 : 1;
+		return 0;
+	}
+	char *map;
+	int err = map_anonymous(pool->map_bytes, &map);
+
+	pool->map = map;
+	return err;
 }
 
 /*
@@ -669,11 +890,13 @@ static int provision(aeg_pool_t *pool, uint64_t page, uint64_t header, uint64_t 
 	pool->timing.page_bytes = page;
 	if (pool->private_pool && page == POOL_PAGE) {
 		pool->map_bytes = header + data_bytes;
-		err = map_private(pool);
+		err = map_private(pool, pl);
 		if (err < 0)
 			return err;
 		goto place;
 	}
+	if (pool->private_pool)
+		aeg_pool_premade_drop();        /* huge pages instead: no one else would take it */
 	pool->fd = memfd_create("aegaeon-pool", MFD_CLOEXEC | (page == HUGE_PAGE ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
 	if (pool->fd < 0)
 		return aeg_fail(AEG_EIO, "pinned pool: memfd_create%s: %s", kind, strerror(errno));
@@ -715,20 +938,6 @@ struct pool_plan {
 	struct place pl;
 	uint64_t locate_ns;
 };
-
-/* A 4 KiB-page pool must fit what the kernel says is available (reserved huge pages are not in it). */
-static int check_available(uint64_t bytes)
-{
-	uint64_t avail;
-	int err = aeg_mem_available(&avail);
-
-	if (err < 0)
-		return err;
-	if (bytes > avail)
-		return aeg_fail(AEG_ENOMEM, "pinned pool: %" PRIu64 " bytes asked, only %" PRIu64 " available (MemAvailable)",
-				bytes, avail);
-	return 0;
-}
 
 /*
  * @place: find the GPU's NUMA node (the topology: hwloc's discovery, tens of
@@ -850,9 +1059,11 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 		init_header(pool, (uint32_t)p.buffers, header);
 	}
 	pool->timing.total_ns = aeg_now_ns() - t0;
-	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, of which %.1f waiting for loads, register %.1f; first buffer usable after %.1f)",
+	aeg_debug("pinned pool: %" PRIu64 " buffers of %" PRIu64 " bytes in %s pages%s on NUMA node %d in %.1f ms (bind %.1f, populate %.1f on %u threads, of which %.1f waiting for loads, register %.1f; first buffer usable after %.1f)",
 		  p.buffers, buffer_bytes,
-		  p.page == HUGE_PAGE ? "2 MiB" : private_pool ? "private (transparent huge)" : "4 KiB", p.pl.numa_node,
+		  p.page == HUGE_PAGE ? "2 MiB" : private_pool ? "private (transparent huge)" : "4 KiB",
+		  pool->timing.ahead == 2 ? " made ahead" : pool->timing.ahead == 1 ? " partly made ahead" : "",
+		  p.pl.numa_node,
 		  pool->timing.total_ns / 1e6, pool->timing.bind_ns / 1e6, pool->timing.populate_ns / 1e6,
 		  pool->timing.threads, pool->timing.yield_ns / 1e6, pool->timing.register_ns / 1e6,
 		  (pool->handed ? pool->timing.usable_ns : pool->timing.total_ns) / 1e6);

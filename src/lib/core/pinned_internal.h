@@ -21,6 +21,7 @@ struct aeg_pool_timing {
 	unsigned threads;       /* that populated the pages */
 	uint64_t yield_ns;      /* of populate_ns, the longest a thread waited for the process's loads */
 	uint64_t usable_ns;     /* an early pool: until its first buffer could be used (else 0) */
+	int ahead;              /* its memory was made ahead (aeg_pool_premake): 2 whole, 1 in part; else 0 */
 };
 
 void aeg_pool_timing(const aeg_pool_t *pool, struct aeg_pool_timing *timing);
@@ -161,6 +162,28 @@ int aeg_pool_create_private(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, u
  */
 int aeg_pool_create_private_early(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes,
 				  void (*ready)(aeg_pool_t *pool, void *arg), void *arg, aeg_pool_t **poolp);
+
+/*
+ * aeg_pool_premake - start making, on a thread of its own, the memory of a
+ * private pool of these sizes (aeg_pool_create_private, _early), so that
+ * its pages are in when that pool is made: the next private pool of this
+ * size takes it. For a process that will load but does other things first.
+ * Only on a machine of one NUMA node (elsewhere the pages' node waits for
+ * the GPU's), where the pool would not be made of reserved 2 MiB huge pages
+ * and the memory is available; otherwise it makes nothing (debug log says
+ * why) and returns 0, as it does while memory made ahead is held already.
+ * Thread-safe. AEG_EINVAL for sizes that make no pool.
+ */
+int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes);
+
+/* aeg_pool_premade_drop - give back the memory made ahead that no pool took (none: nothing). */
+void aeg_pool_premade_drop(void);
+
+/*
+ * aeg_pool_premade - the bytes made ahead and held (0: none), at *@map;
+ * *@populated: all of them are in. Either pointer may be NULL.
+ */
+uint64_t aeg_pool_premade(void **map, int *populated);
 
 /*
  * aeg_pool_attach_known - aeg_pool_attach of the pool whose geometry the

@@ -84,6 +84,62 @@ static int open_job(aeg_session_t *s, const struct aeg_session_config *c)
 	return 0;
 }
 
+/* A local engine's settings: @cfg's, else the defaults with the config's prefetch_threads. */
+static void engine_settings(const struct aeg_session_config *c, const struct aeg_config *conf,
+			    struct aeg_prefetch_config *engine)
+{
+	if (c->engine != NULL) {
+		*engine = *c->engine;
+	} else {
+		aeg_prefetch_config_defaults(engine);
+		engine->threads = conf->prefetch_threads;
+	}
+}
+
+/* The staging ring an engine of @engine's settings makes, in bytes. */
+static uint64_t ring_bytes(const struct aeg_prefetch_config *engine)
+{
+	int buffers = engine->ring_buffers ? engine->ring_buffers : AEG_PREFETCH_RING_BUFFERS_PER_THREAD * engine->threads;
+
+	return AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)buffers;
+}
+
+/* $AEGAEON_RING_AHEAD=0 turns aeg_session_warm_up off; any other value but 1 is an error. */
+static int ring_ahead_wanted(int *wanted)
+{
+	const char *v = getenv("AEGAEON_RING_AHEAD");
+	char q[64];
+
+	*wanted = v == NULL || v[0] == '\0' || strcmp(v, "1") == 0;
+	if (*wanted || strcmp(v, "0") == 0)
+		return 0;
+	return aeg_fail(AEG_EINVAL, "AEGAEON_RING_AHEAD='%s' is not 0 or 1", aeg_quote(v, q, sizeof(q)));
+}
+
+AEG_EXPORT int aeg_session_warm_up(const struct aeg_session_config *cfg)
+{
+	static const struct aeg_session_config defaults;
+	const struct aeg_session_config *c = cfg ? cfg : &defaults;
+	struct aeg_prefetch_config engine;
+	struct aeg_config conf;
+	int err, wanted;
+
+	if (c->mode == AEG_SESSION_JOB || (c->mode == AEG_SESSION_AUTO && in_job()) || c->pool_bytes != 0)
+		return 0;               /* the agent's engines, or a pool of the caller's: no ring to make */
+	err = ring_ahead_wanted(&wanted);
+	if (err || !wanted)
+		return err;
+	if (c->engine == NULL) {
+		err = aeg_config_load(&conf, NULL);
+		if (err)
+			return err;
+	}
+	engine_settings(c, &conf, &engine);
+	if (engine.threads < 1 || engine.threads > 256 || engine.ring_buffers < 0 || engine.ring_buffers > 4096)
+		return 0;               /* no such engine: making it says why */
+	return aeg_pool_premake(AEG_PREFETCH_RING_BUFFER_BYTES, ring_bytes(&engine));
+}
+
 AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_session_t **out)
 {
 	static const struct aeg_session_config defaults;
@@ -109,12 +165,7 @@ AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_sessio
 	if (c->slab != NULL)
 		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", c->slab);
 	s->slab_exact = c->slab_bytes;
-	if (c->engine != NULL) {
-		s->engine = *c->engine;
-	} else {
-		aeg_prefetch_config_defaults(&s->engine);
-		s->engine.threads = s->cfg.prefetch_threads;
-	}
+	engine_settings(c, &s->cfg, &s->engine);
 	s->pool_bytes = c->pool_bytes;
 	s->pool_buffer_bytes = c->pool_buffer_bytes ? c->pool_buffer_bytes : 32ull << 20;
 	err = s->mode == AEG_SESSION_JOB ? open_job(s, c) : open_local(s, c);
@@ -156,6 +207,8 @@ AEG_EXPORT void aeg_session_close(aeg_session_t *s)
 		aeg_job_detach(s->job);         /* closes the device too */
 	else if (s->dev != NULL)
 		aeg_device_close(s->dev);
+	if (s->mode == AEG_SESSION_LOCAL)
+		aeg_pool_premade_drop();        /* a ring made ahead that no engine of it took */
 	pthread_mutex_destroy(&s->lock);
 	free(s);
 }
@@ -380,7 +433,7 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 	} else {
 		cfg.pool_later_buffer_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
 		if (cfg.ring_buffers == 0)
-			cfg.ring_buffers = AEG_PREFETCH_RING_BUFFERS_PER_THREAD * cfg.threads;
+			cfg.ring_buffers = (int)(ring_bytes(&cfg) / AEG_PREFETCH_RING_BUFFER_BYTES);
 	}
 	t = aeg_now_ns();
 	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);
