@@ -29,6 +29,9 @@ userpath does this with the bundle's base-wheel/, scripts/gpu-bundle.sh
 BASE=REV), and the seed, fresh and hf rows run it as well, in fresh processes
 alternating with this build's, which of the two goes first changing each
 round; each row gives both medians and this build's speed against the base's.
+--base-env VAR=VALUE (repeatable) runs the base with that environment too;
+without --base the base is this build with it, so one switch is measured
+alone (--base-env AEGAEON_RING_AHEAD=0: the staging ring not made ahead).
 
 --device host --quick runs it all on the host backend with small files and
 skips, with the reason, what the machine lacks (a smoke test for CI). Progress
@@ -94,9 +97,11 @@ class Run:
         self.rows = []
         self.env = dict(os.environ, AEGAEON_DEVICE=args.device, PYTHONDONTWRITEBYTECODE="1")
         self.base_env = None
-        if args.base:
+        if has_base(args):
             path = self.env.get("PYTHONPATH")
-            self.base_env = dict(self.env, PYTHONPATH=args.base + (":" + path if path else ""))
+            self.base_env = dict(self.env, **dict(v.split("=", 1) for v in args.base_env))
+            if args.base:
+                self.base_env["PYTHONPATH"] = args.base + (":" + path if path else "")
         self.device = device_name(args.device)
 
     def elapsed(self):
@@ -274,11 +279,16 @@ def base_series(run):
     return series("aegaeon_native{v}, the base build (%s)" % run.args.base_label)
 
 
+def has_base(args):
+    """Whether a base runs beside this build: another build (--base), or an environment (--base-env)."""
+    return bool(args.base or args.base_env)
+
+
 def builds(run, i):
-    """aegaeon's series in round i: this build's, and with --base the base
-    build's, the two taking turns at going first, so the machine's drift over
-    the rounds falls on both alike."""
-    if not run.args.base:
+    """aegaeon's series in round i: this build's, and with a base the base's,
+    the two taking turns at going first, so the machine's drift over the
+    rounds falls on both alike."""
+    if not has_base(run.args):
         return ["aegaeon"]
     return ["aegaeon", BASE] if i % 2 == 0 else [BASE, "aegaeon"]
 
@@ -398,7 +408,7 @@ def row_fresh(run, m):
     ref = reference(run, [m.a])
     prefetch_bench.warm_cache(m.a)
     all_s = {name: series(label) for name, label in FRESH_LOADERS}
-    if run.args.base:
+    if has_base(run.args):
         all_s[BASE] = base_series(run)
     peers = [n for n, _ in FRESH_LOADERS if n != "aegaeon"]
     for i in range(run.args.repeat):
@@ -470,7 +480,7 @@ def row_seed(run, m):
     worst_list, worst_gbps = max(x["list_ms"] for x in rounds), min(x["gbps"] for x in rounds)
     baselines, ratio = "first round %.1f GB/s" % rounds[0]["gbps"], "%.2fx (worst round / first)" % (
         worst_gbps / rounds[0]["gbps"])
-    if run.args.base:
+    if has_base(run.args):
         baselines = "the base build (%s): %s; %s" % (
             run.args.base_label, rounds_text(base) if base else "no process ran", baselines)
         if base:
@@ -532,7 +542,7 @@ def row_hf(run, m):
     for n in shards:
         prefetch_bench.warm_cache(os.path.join(m.hf, n))
     all_s = {name: series(label) for name, label in HF_LOADERS}
-    if run.args.base:
+    if has_base(run.args):
         all_s[BASE] = base_series(run)
     logits = []
     tmp = tempfile.mkdtemp(prefix="aegaeon-userpath-")
@@ -832,14 +842,22 @@ def main():
     p.add_argument("--base", metavar="DIR",
                    help="another build's aegaeon_native (a directory on PYTHONPATH's terms) to run beside this "
                         "one in the seed, fresh and hf rows, alternating")
-    p.add_argument("--base-label", metavar="TEXT", help="what the base build is, for the table [DIR's name]")
+    p.add_argument("--base-env", metavar="VAR=VALUE", action="append", default=[],
+                   help="the base's environment (repeatable); without --base, the base is this build with it")
+    p.add_argument("--base-label", metavar="TEXT",
+                   help="what the base build is, for the table [DIR's name, else the --base-env settings]")
     args = p.parse_args()
+    for v in args.base_env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", v):
+            p.error("--base-env %r: expected VAR=VALUE" % v)
     if args.base:
         args.base = os.path.abspath(args.base)
         if not glob.glob(os.path.join(args.base, "aegaeon_native*.so")):
             p.error("--base %s: no aegaeon_native*.so there (pip install --target DIR the other build's wheel)"
                     % args.base)
-        args.base_label = args.base_label or os.path.basename(args.base)
+    if has_base(args):
+        args.base_label = args.base_label or " ".join(
+            ([os.path.basename(args.base)] if args.base else ["this build"]) + args.base_env)
     args.rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown or args.repeat < 1:

@@ -224,6 +224,35 @@ class BaseBuild(unittest.TestCase):
         self.assertIn("no aegaeon_native*.so there", r.stderr)
 
 
+def one_numa_node():
+    d = "/sys/devices/system/node"
+    return os.path.isdir(d) and len([n for n in os.listdir(d) if re.fullmatch(r"node[0-9]+", n)]) == 1
+
+
+class BaseEnv(unittest.TestCase):
+    """--base-env without --base: this build against itself with one switch changed."""
+
+    def test_one_switch_measured_alone(self):
+        out = os.path.join(TMP, "baseenv.json")
+        r = userpath("--rows", "fresh", "--repeat", "2", "--base-env", "AEGAEON_RING_AHEAD=0", "--out", out)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-2000:])
+        row = rows_of(out)["fresh"]
+        self.assertIn("the base build (this build AEGAEON_RING_AHEAD=0)", row["baselines"])
+        self.assertRegex(row["ratio"], r"\d\.\d{3}x the base build")
+        data = row["data"]
+        self.assertEqual(data["aegaeon-base"]["module"], data["aegaeon"]["module"])
+        for name, ahead in (("aegaeon", one_numa_node()), ("aegaeon-base", False)):
+            steps = [[x[0] for x in run] for run in data[name]["spans"]]
+            self.assertEqual(len(steps), 2, data[name])
+            for st in steps:
+                self.assertEqual("pool ahead" in st, ahead, (name, st))
+
+    def test_bad_setting(self):
+        r = userpath("--rows", "fresh", "--base-env", "AEGAEON_RING_AHEAD")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--base-env 'AEGAEON_RING_AHEAD': expected VAR=VALUE", r.stderr)
+
+
 @unittest.skipIf(userpath_child.torch is None, "torch is not importable here (the GPU machine has it)")
 class TorchDigest(unittest.TestCase):
     """The digest of the cuda runs, on the CPU: equal bytes, equal digests; any change, another."""

@@ -861,16 +861,14 @@ uint64_t aeg_pool_premade(void **map, int *populated)
  */
 static int map_private(aeg_pool_t *pool, const struct place *pl)
 {
-	int populated;
-
-	pool->map = take_ahead(has_nodes(pl) ? 0 : pool->map_bytes, &populated);
-	if (pool->map != NULL) {
-		pool->timing.ahead = populated ? 2 : 1;
-		return 0;
-	}
+	int populated, err = 0;
 	char *map;
-	int err = map_anonymous(pool->map_bytes, &map);
 
+	map = take_ahead(has_nodes(pl) ? 0 : pool->map_bytes, &populated);
+	if (map != NULL)
+		pool->timing.ahead = populated ? 2 : 1;
+	else
+		err = map_anonymous(pool->map_bytes, &map);
 	pool->map = map;
 	return err;
 }
