@@ -236,7 +236,10 @@ static int load_slice(const struct opts *o, int gpu_index, aeg_session_t **sp, a
 	aeg_session_t *s;
 	int err, gpus;
 
-	err = aeg_session_open(NULL, &s);
+	/* Outside a job the staging ring is faulted in while the session opens the device. */
+	err = aeg_session_warm_up(NULL);
+	if (err == 0)
+		err = aeg_session_open(NULL, &s);
 	if (err) {
 		fprintf(stderr, "mpi_load: rank %d: %s: %s\n", o->slice.rank, aeg_strerror(err), aeg_error_detail());
 		return -1;
