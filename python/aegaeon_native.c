@@ -607,8 +607,9 @@ PyDoc_STRVAR(timings_doc,
 "timings(*, starts=False)\n--\n\n"
 "The steps the library timed since the last call, oldest first, as\n"
 "(name, seconds) tuples: \"device open\", \"topology\", \"slab create\",\n"
-"\"engine create\", \"pool create\", \"pool usable\" (the staging ring made, and\n"
-"its first buffer usable), \"job attach\", \"prefetch start\", \"job prefetch\",\n"
+"\"engine create\", \"pool ahead\" (the staging ring took the memory made\n"
+"ahead at import), \"pool create\", \"pool usable\" (the staging ring made,\n"
+"and its first buffer usable), \"job attach\", \"prefetch start\", \"job prefetch\",\n"
 "\"job wait\", \"load\" (a load in this process, from its start to its last\n"
 "byte on the GPU), ... (AEGAEON_LOG=debug logs each as it ends). With\n"
 "starts=True, (name, start, seconds) tuples, start on time.monotonic()'s\n"
@@ -808,12 +809,11 @@ PyMODINIT_FUNC PyInit_aegaeon_native(void)
 	/*
 	 * Outside a job, the first load's staging ring is made now, while the
 	 * process goes on importing and making its CUDA context. A bad
-	 * $AEGAEON_RING_AHEAD is a warning here, not a failed import; a bad
-	 * config file is left to the first use, which raises it.
+	 * $AEGAEON_RING_AHEAD (its one error) is a warning here, not a failed
+	 * import; a config file that cannot be read is left to the first use.
 	 */
 	err = aeg_session_warm_up(NULL);
-	if (err < 0 && err != AEG_ECONFIG &&
-	    PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "aegaeon_native: %s", aeg_error_detail()) < 0)
+	if (err < 0 && PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "aegaeon_native: %s", aeg_error_detail()) < 0)
 		goto fail;
 	return m;
 fail:

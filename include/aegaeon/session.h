@@ -101,14 +101,17 @@ int aeg_session_prepare(aeg_session_t *s, int gpu);
  * engine of a session opened with @cfg (NULL: defaults) makes, so the
  * ring is ready when the first load comes instead of being made beside it
  * (7-15 ms of a fresh process's first load on the H200 machines). Opens
- * no device and touches no GPU. The memory (96 MiB with the default 12
- * prefetch threads) is taken by that engine, or given back when a LOCAL
- * session closes without one. Nothing is made inside a job (@cfg's mode,
- * or AUTO with $AEGAEON_SOCKET set), with a pool in @cfg, on a machine of
- * several NUMA nodes, where the ring would use reserved 2 MiB huge pages,
- * with $AEGAEON_RING_AHEAD=0, or while memory made ahead is held already.
- * Thread-safe. Errors: AEG_EINVAL ($AEGAEON_RING_AHEAD not 0 or 1), those
- * of aeg_config_load.
+ * no device and touches no GPU. The memory (98 MiB with the default 12
+ * prefetch threads) is held until a ring of its size takes it; a ring of
+ * another size, a LOCAL session closing, or a later warm-up for another
+ * size gives it back; a process that never loads holds it until it ends.
+ * Nothing is made inside a job (@cfg's mode, or AUTO with $AEGAEON_SOCKET
+ * set), with a pool in @cfg, with $AEGAEON_RING_AHEAD=0, on a machine not
+ * known to have one NUMA node (several, or $AEGAEON_TOPOLOGY_XML given),
+ * where the ring would use 2 MiB huge pages ($AEGAEON_PINNED_HUGEPAGES
+ * "always", or enough reserved), or when the site config cannot be read,
+ * the memory is not available or it is held already. Thread-safe.
+ * Errors: AEG_EINVAL ($AEGAEON_RING_AHEAD not 0 or 1).
  */
 int aeg_session_warm_up(const struct aeg_session_config *cfg);
 

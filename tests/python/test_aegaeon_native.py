@@ -160,6 +160,11 @@ class TestModule(Base):
         r = child("import aegaeon_native as an\ntry:\n    an.device()\nexcept an.AegaeonError as e:\n"
                   "    print(e.name, e.errno)", env={"AEGAEON_CONFIG": bad})
         self.assertEqual(r.stdout.strip(), "AEG_ECONFIG None", r.stderr)
+        # Raised at first use, never at import (where the staging ring is made ahead), even with -W error.
+        for conf in (bad, os.path.join(TMP, "missing.conf")):
+            r = subprocess.run([sys.executable, "-W", "error", "-c", "import aegaeon_native"], capture_output=True,
+                               text=True, timeout=120, env=dict(os.environ, AEGAEON_CONFIG=conf))
+            self.assertEqual((r.returncode, r.stderr), (0, ""))
 
 
 # ----------------------------------------------------------------------- slab

@@ -741,7 +741,7 @@ static void wait_made_ahead(void)
 /*
  * Memory made ahead for a private pool (a staging ring): the next private
  * pool of its size takes it with its pages in, one of another size gives it
- * back, a second while one is held makes nothing, a child has none of it;
+ * back, a later one of another size replaces it, a child has none of it;
  * nothing is made where 2 MiB huge pages are asked for or the topology is
  * not known to be one node, and sizes that make no pool fail.
  */
@@ -768,9 +768,12 @@ static void made_ahead(void **state)
 	if (machine_sole_node() < 0)
 		skip();         /* made ahead only where the GPU's node is known: a machine of one */
 	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
+	/* Made for other settings: a later one replaces it; one of the same size keeps it. */
+	assert_int_equal(aeg_pool_premake(MiB, 4 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(&again, NULL), HUGE + 4 * MiB);
 	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
 	assert_int_equal(aeg_pool_premade(&map, NULL), bytes);
-	assert_int_equal(aeg_pool_premake(MiB, 4 * MiB), 0);
+	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
 	assert_int_equal(aeg_pool_premade(&again, NULL), bytes);
 	assert_ptr_equal(again, map);
 	wait_made_ahead();
@@ -810,14 +813,17 @@ static void made_ahead(void **state)
 	assert_false(mapped(map, bytes, NULL));
 	aeg_pool_destroy(pool);
 
-	/* A child, forked while it is made, has none of it; the parent keeps it. */
-	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
-	assert_int_equal(aeg_pool_premade(&map, NULL), bytes);
+	/*
+	 * A child, forked while it is made (256 MiB: its thread is at it
+	 * still), has none of it; the parent keeps it.
+	 */
+	assert_int_equal(aeg_pool_premake(MiB, 256 * MiB), 0);
+	assert_int_equal(aeg_pool_premade(&map, NULL), HUGE + 256 * MiB);
 	pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0) {
-		int ok = aeg_pool_premade(NULL, NULL) == 0 && !mapped(map, bytes, NULL) &&
-			 aeg_pool_create_private(dev, 0, MiB, 8 * MiB, &pool) == 0;
+		int ok = aeg_pool_premade(NULL, NULL) == 0 && !mapped(map, HUGE + 256 * MiB, NULL) &&
+			 aeg_pool_create_private(dev, 0, MiB, 256 * MiB, &pool) == 0;
 
 		if (ok) {
 			aeg_pool_timing(pool, &timing);
@@ -828,10 +834,10 @@ static void made_ahead(void **state)
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	assert_true(WIFEXITED(status));
 	assert_int_equal(WEXITSTATUS(status), 0);
-	assert_int_equal(aeg_pool_premade(NULL, NULL), bytes);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), HUGE + 256 * MiB);
 	aeg_pool_premade_drop();
 	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
-	assert_false(mapped(map, bytes, NULL));
+	assert_false(mapped(map, HUGE + 256 * MiB, NULL));
 	aeg_pool_premade_drop();
 
 	/* Nothing made: huge pages asked for, a topology given, sizes that make no pool. */

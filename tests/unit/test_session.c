@@ -408,6 +408,7 @@ static void ring_made_ahead(void **state)
 	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL };
 	aeg_session_t *s;
 	aeg_model_t *m = NULL;
+	char *conf;
 	uint64_t bytes;
 	int n;
 
@@ -434,6 +435,20 @@ static void ring_made_ahead(void **state)
 	assert_int_equal(aeg_pool_premade(NULL, NULL), bytes);
 	aeg_session_close(open_session(f));
 	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+
+	/* A site config that cannot be read: nothing made, and no error until the session opens. */
+	conf = getenv("AEGAEON_CONFIG") ? strdup(getenv("AEGAEON_CONFIG")) : NULL;
+	setenv("AEGAEON_CONFIG", "/nonexistent/aegaeon.conf", 1);
+	assert_int_equal(aeg_session_warm_up(NULL), 0);
+	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+	s = NULL;
+	assert_int_equal(aeg_session_open(NULL, &s), AEG_ENOENT);
+	assert_null(s);
+	if (conf != NULL)
+		setenv("AEGAEON_CONFIG", conf, 1);
+	else
+		unsetenv("AEGAEON_CONFIG");
+	free(conf);
 
 	for (size_t i = 0; i < AEG_ARRAY_SIZE(none); i++) {
 		struct aeg_session_config c = { .mode = none[i].mode, .pool_bytes = none[i].pool_bytes };

@@ -363,9 +363,12 @@ static int populate_range(char *p, uint64_t n, const atomic_int *cancel)
 			continue;
 		if (errno != EINVAL)
 			return errno;
-		/* Kernels before 5.14: fault each page in by writing it. */
-		for (uint64_t o = off; o < n; o += POOL_PAGE)
+		/* Kernels before 5.14: fault each page in by writing it, still a step at a time. */
+		for (uint64_t o = off; o < n; o += POOL_PAGE) {
+			if (o % POPULATE_STEP == 0 && cancelled(cancel))
+				return ECANCELED;
 			((volatile char *)p)[o] = 0;
+		}
 		return 0;
 	}
 	return 0;
@@ -771,6 +774,9 @@ int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes)
 		return 0;
 	}
 	pthread_once(&ahead_once, ahead_atfork);
+	/* One of another size was made for other settings: these are the newer. */
+	if (aeg_pool_premade(NULL, NULL) != map_bytes)
+		aeg_pool_premade_drop();
 	pthread_mutex_lock(&ahead.lock);
 	if (ahead.cur != NULL) {
 		pthread_mutex_unlock(&ahead.lock);
@@ -940,10 +946,12 @@ struct pool_plan {
 /*
  * @place: find the GPU's NUMA node (the topology: hwloc's discovery, tens of
  * ms the first time in a process) to check and use its own huge pages.
- * Without, the check counts the machine's; only "always" fails on them.
+ * Without, the check counts the machine's; only "always" fails on them. A
+ * @private_pool of the size made ahead needs none of the memory available:
+ * it holds it already.
  */
 static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, int place,
-		     struct pool_plan *p)
+		     int private_pool, struct pool_plan *p)
 {
 	uint64_t t;
 	int err;
@@ -985,15 +993,17 @@ static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t
 	if (err < 0)
 		return err;
 	err = choose_page(p->mode, buffer_bytes, p->buffers, &p->pl, &p->page);
-	if (err == 0 && p->page == POOL_PAGE)
-		err = check_available(header_bytes_for((uint32_t)p->buffers, POOL_PAGE) + p->data_bytes);
-	return err;
+	if (err < 0 || p->page != POOL_PAGE)
+		return err;
+	if (private_pool && aeg_pool_premade(NULL, NULL) == header_bytes_for((uint32_t)p->buffers, HUGE_PAGE) + p->data_bytes)
+		return 0;
+	return check_available(header_bytes_for((uint32_t)p->buffers, POOL_PAGE) + p->data_bytes);
 }
 
 int aeg_pool_check(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t pool_bytes, uint64_t *data_bytes)
 {
 	struct pool_plan p;
-	int err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, 0, &p);
+	int err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, 0, 0, &p);
 
 	if (err == 0 && data_bytes != NULL)
 		*data_bytes = p.data_bytes;
@@ -1012,7 +1022,7 @@ static int pool_create(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64
 	if (poolp == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_pool_create: NULL argument");
 	*poolp = NULL;
-	err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, 1, &p);
+	err = plan_pool(dev, gpu, buffer_bytes, pool_bytes, 1, private_pool, &p);
 	if (err < 0)
 		return err;
 	pool = pool_new(dev);

@@ -129,11 +129,9 @@ AEG_EXPORT int aeg_session_warm_up(const struct aeg_session_config *cfg)
 	err = ring_ahead_wanted(&wanted);
 	if (err || !wanted)
 		return err;
-	if (c->engine == NULL) {
-		err = aeg_config_load(&conf, NULL);
-		if (err)
-			return err;
-	}
+	/* A config that cannot be read makes nothing here: opening the session says why. */
+	if (c->engine == NULL && aeg_config_load(&conf, NULL) != 0)
+		return 0;
 	engine_settings(c, &conf, &engine);
 	if (engine.threads < 1 || engine.threads > 256 || engine.ring_buffers < 0 || engine.ring_buffers > 4096)
 		return 0;               /* no such engine: making it says why */
