@@ -105,9 +105,10 @@ int aeg_session_prepare(aeg_session_t *s, int gpu);
  * prefetch threads) is held until a ring of its size takes it; a ring of
  * another size, a LOCAL session closing, or a later warm-up for another
  * size gives it back; a process that never loads holds it until it ends.
- * Nothing is made inside a job (@cfg's mode, or AUTO with $AEGAEON_SOCKET
- * set), with a pool in @cfg, with $AEGAEON_RING_AHEAD=0, on a machine not
- * known to have one NUMA node (several, or $AEGAEON_TOPOLOGY_XML given),
+ * Its pages go where the process runs: on a machine of several NUMA nodes
+ * the ring takes them only if that is its GPU's node (a process bound near
+ * its GPU). Nothing is made inside a job (@cfg's mode, or AUTO with
+ * $AEGAEON_SOCKET set), with a pool in @cfg, with $AEGAEON_RING_AHEAD=0,
  * where the ring would use 2 MiB huge pages ($AEGAEON_PINNED_HUGEPAGES
  * "always", or enough reserved), or when the site config cannot be read,
  * the memory is not available or it is held already. Thread-safe.

@@ -257,7 +257,7 @@ print(json.dumps([t[0] for t in an.timings()]))
 def test_topology_only_where_needed():
     """A fresh process's first load discovers the machine's topology (for its
     workers' binding) on a machine of several NUMA nodes, and not on one of one,
-    where its staging ring takes the memory the import made ahead instead."""
+    where its staging ring takes the memory the import made ahead."""
     nodes = [n for n in os.listdir("/sys/devices/system/node") if re.fullmatch(r"node[0-9]+", n)]
     r = subprocess.run([sys.executable, "-c", TOPOLOGY, state["path"]], capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, AEGAEON_PINNED_HUGEPAGES="never"))
@@ -266,7 +266,8 @@ def test_topology_only_where_needed():
     assert "pool usable" in steps and "load" in steps, steps
     print("# %d NUMA node(s); the first load's steps: %s" % (len(nodes), ", ".join(steps)))
     assert ("topology" in steps) == (len(nodes) > 1), steps
-    assert ("pool ahead" in steps) == (len(nodes) == 1), steps
+    # Several nodes: the pages go where the process ran, and are taken only if that is the GPU's node.
+    assert "pool ahead" in steps or len(nodes) > 1, steps
 
 
 def llama(transformers):

@@ -1460,9 +1460,6 @@ class TestSetup(Base):
         self.assertRaises(ValueError, an._span, "x", float("nan"))
         self.assertNotIn("x", [n for n, _ in an.timings()])
 
-    @unittest.skipUnless(len([d for d in os.listdir("/sys/devices/system/node") if d[4:].isdigit()]) == 1
-                         if os.path.isdir("/sys/devices/system/node") else False,
-                         "a staging ring is made ahead only on a machine of one NUMA node")
     def test_ring_made_ahead_at_import(self):
         """Outside a job the first engine's staging ring is faulted in while the process imports;
         the engine takes it (a "pool ahead" step), unless turned off or made for another size (the

@@ -741,9 +741,9 @@ static void wait_made_ahead(void)
 /*
  * Memory made ahead for a private pool (a staging ring): the next private
  * pool of its size takes it with its pages in, one of another size gives it
- * back, a later one of another size replaces it, a child has none of it;
- * nothing is made where 2 MiB huge pages are asked for or the topology is
- * not known to be one node, and sizes that make no pool fail.
+ * back, a later one of another size replaces it, a child has none of it,
+ * a pool for a GPU on another NUMA node gives it back; nothing is made
+ * where 2 MiB huge pages are asked for, and sizes that make no pool fail.
  */
 static void made_ahead(void **state)
 {
@@ -765,8 +765,6 @@ static void made_ahead(void **state)
 	pid_t pid;
 
 	unsetenv("AEGAEON_TOPOLOGY_XML");
-	if (machine_sole_node() < 0)
-		skip();         /* made ahead only where the GPU's node is known: a machine of one */
 	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
 	/* Made for other settings: a later one replaces it; one of the same size keeps it. */
 	assert_int_equal(aeg_pool_premake(MiB, 4 * MiB), 0);
@@ -840,15 +838,47 @@ static void made_ahead(void **state)
 	assert_false(mapped(map, HUGE + 256 * MiB, NULL));
 	aeg_pool_premade_drop();
 
-	/* Nothing made: huge pages asked for, a topology given, sizes that make no pool. */
+	/*
+	 * A GPU on a NUMA node of its own (tests/unit/topo/two-node.xml, not
+	 * this machine, so nothing is bound): on a machine of one node, 0, the
+	 * pages made ahead are on node 0, so a pool for the GPU next to node 0
+	 * takes them, one for the GPU next to node 1 gives them back.
+	 */
+	if (machine_sole_node() == 0) {
+		static const struct {
+			const char *pci;
+			int taken;
+		} gpus[] = { { "0000:3b:00.0", 1 }, { "0000:af:00.0", 0 } };
+		const char *top = getenv("top_srcdir");
+		char xml[4096];
+
+		snprintf(xml, sizeof(xml), "%s/tests/unit/topo/two-node.xml", top != NULL ? top : ".");
+		unsetenv("HWLOC_THISSYSTEM");
+		for (size_t i = 0; i < sizeof(gpus) / sizeof(gpus[0]); i++) {
+			aeg_device_t *there = NULL;
+
+			setenv("AEGAEON_TOPOLOGY_XML", xml, 1);
+			setenv("AEGAEON_HOST_PCI_BUS_IDS", gpus[i].pci, 1);
+			assert_int_equal(aeg_device_open(&there, AEG_DEVICE_HOST), 0);
+			unsetenv("AEGAEON_HOST_PCI_BUS_IDS");
+			assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
+			assert_int_equal(aeg_pool_premade(NULL, NULL), bytes);
+			wait_made_ahead();      /* pages not in yet would come in bound, where the pool's go */
+			assert_int_equal(aeg_pool_create_private(there, 0, MiB, 8 * MiB, &pool), 0);
+			aeg_pool_timing(pool, &timing);
+			assert_int_equal(timing.ahead != 0, gpus[i].taken);
+			assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
+			aeg_pool_destroy(pool);
+			aeg_device_close(there);
+		}
+		unsetenv("AEGAEON_TOPOLOGY_XML");
+	}
+
+	/* Nothing made: huge pages asked for, sizes that make no pool. */
 	setenv("AEGAEON_PINNED_HUGEPAGES", "always", 1);
 	assert_int_equal(aeg_pool_premake(HUGE, 4 * HUGE), 0);
 	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
 	setenv("AEGAEON_PINNED_HUGEPAGES", "never", 1);
-	setenv("AEGAEON_TOPOLOGY_XML", "/nonexistent/topology.xml", 1);
-	assert_int_equal(aeg_pool_premake(MiB, 8 * MiB), 0);
-	assert_int_equal(aeg_pool_premade(NULL, NULL), 0);
-	unsetenv("AEGAEON_TOPOLOGY_XML");
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		assert_int_equal(aeg_pool_premake(bad[i].buffer, bad[i].pool), AEG_EINVAL);
 		assert_non_null(strstr(aeg_error_detail(), bad[i].detail));

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -682,7 +683,9 @@ static int check_available(uint64_t bytes)
  * One private pool's memory made ahead of need (aeg_pool_premake), mapped
  * as map_anonymous maps it and populated by a thread of its own while the
  * process does other things (its imports, its CUDA context); the next
- * private pool of its size takes it, and finds its pages in. Faulting a
+ * private pool of its size takes it, and finds its pages in. Its pages go
+ * where the process runs (the GPU is not known yet): on a machine of
+ * several NUMA nodes a pool takes them only where that is its GPU's node. Faulting a
  * fresh staging ring in (24 x 4 MiB) held a fresh process's first load up
  * for 7-15 ms on the H200 machines, virtual machines where a page's first
  * touch costs the host too. One at a time in a process: @ahead.cur, under
@@ -761,10 +764,6 @@ int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes)
 				pool_bytes, buffer_bytes, POOL_MAX_BUFFERS);
 	buffers = pool_bytes / buffer_bytes;
 	map_bytes = header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes;
-	if (aeg_topo_sole_node() < 0) {
-		aeg_debug("pinned pool: none made ahead (not a machine of one NUMA node: the GPU's node decides where its pages go)");
-		return 0;
-	}
 	if (!anonymous_pool(buffer_bytes, buffers)) {
 		aeg_debug("pinned pool: none made ahead (2 MiB huge pages are reserved for it)");
 		return 0;
@@ -805,11 +804,46 @@ int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes)
 }
 
 /*
- * The memory made ahead when it is @map_bytes (0: none wanted), its
- * population stopped where it was (*@populated: it was whole); otherwise it
- * is given back. NULL: none.
+ * Whether the pages of [@map, +@bytes) that are in (one in each 2 MiB, 64
+ * at most) are on one of @pl's NUMA nodes; the others come in there, bound.
  */
-static char *take_ahead(uint64_t map_bytes, int *populated)
+static int on_nodes(char *map, uint64_t bytes, const struct place *pl)
+{
+	enum { SAMPLES = 64 };
+	void *pages[SAMPLES];
+	int status[SAMPLES];
+	uint64_t n = bytes / HUGE_PAGE, step;
+
+	if (n == 0)
+		n = 1;
+	if (n > SAMPLES)
+		n = SAMPLES;
+	step = aeg_round_up(bytes / n, POOL_PAGE);
+	for (uint64_t i = 0; i < n; i++)
+		pages[i] = map + (i * step < bytes ? i * step : 0);
+	if (syscall(SYS_move_pages, 0, (unsigned long)n, pages, NULL, status, 0) != 0)
+		return 0;
+	for (uint64_t i = 0; i < n; i++) {
+		int here = status[i] == -ENOENT;      /* not in yet */
+
+		for (int k = 0; !here && k < pl->loc.numa_count; k++)
+			here = status[i] == pl->loc.numa_nodes[k];
+		if (!here) {
+			aeg_debug("pinned pool: the memory made ahead is on NUMA node %d, not next to GPU %s", status[i],
+				  pl->pci);
+			return 0;
+		}
+	}
+	return 1;
+}
+
+/*
+ * The memory made ahead when it is @map_bytes (0: none wanted) and its
+ * pages are on @pl's nodes (where it has some), its population stopped
+ * where it was (*@populated: it was whole); otherwise it is given back.
+ * NULL: none.
+ */
+static char *take_ahead(uint64_t map_bytes, const struct place *pl, int *populated)
 {
 	uint64_t t = aeg_now_ns();
 	struct ahead_mem *m;
@@ -824,7 +858,7 @@ static char *take_ahead(uint64_t map_bytes, int *populated)
 		return NULL;
 	atomic_store(&m->stop, 1);
 	pthread_join(m->thread, NULL);
-	if (m->bytes == map_bytes) {
+	if (m->bytes == map_bytes && (pl == NULL || !has_nodes(pl) || on_nodes(m->map, m->bytes, pl))) {
 		map = m->map;
 		*populated = atomic_load(&m->populated);
 		aeg_span_end("pool ahead", t);
@@ -842,7 +876,7 @@ void aeg_pool_premade_drop(void)
 {
 	int populated;
 
-	(void)take_ahead(0, &populated);
+	(void)take_ahead(0, NULL, &populated);
 }
 
 uint64_t aeg_pool_premade(void **map, int *populated)
@@ -863,14 +897,14 @@ uint64_t aeg_pool_premade(void **map, int *populated)
 
 /*
  * A private pool's memory in 4 KiB pages: made ahead of need where that
- * is its size and its pages need no binding, else mapped now.
+ * is its size and its pages are where the pool's go, else mapped now.
  */
 static int map_private(aeg_pool_t *pool, const struct place *pl)
 {
 	int populated, err = 0;
 	char *map;
 
-	map = take_ahead(has_nodes(pl) ? 0 : pool->map_bytes, &populated);
+	map = take_ahead(pool->map_bytes, pl, &populated);
 	if (map != NULL)
 		pool->timing.ahead = populated ? 2 : 1;
 	else

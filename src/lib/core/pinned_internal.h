@@ -167,11 +167,12 @@ int aeg_pool_create_private_early(aeg_device_t *dev, int gpu, uint64_t buffer_by
  * aeg_pool_premake - start making, on a thread of its own, the memory of a
  * private pool of these sizes (aeg_pool_create_private, _early), so that
  * its pages are in when that pool is made: the next private pool of this
- * size takes it. For a process that will load but does other things first.
- * Only on a machine of one NUMA node (elsewhere the pages' node waits for
- * the GPU's), where the pool would not be made of reserved 2 MiB huge pages
- * and the memory is available; otherwise it makes nothing (debug log says
- * why) and returns 0, as it does while memory made ahead is held already.
+ * size takes it, where its GPU has no NUMA node or the pages are on it
+ * (they go where this process runs). For a process that will load but does
+ * other things first. Only where the pool would not be made of reserved 2
+ * MiB huge pages and the memory is available; otherwise it makes nothing
+ * (debug log says why) and returns 0, as it does while memory of this size
+ * made ahead is held already (another size is given back first).
  * Thread-safe. AEG_EINVAL for sizes that make no pool.
  */
 int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes);
