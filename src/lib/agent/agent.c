@@ -182,7 +182,7 @@ static int start_engines(struct agent *a)
 		pcfg.pool_later_buffer_bytes = a->pool_buffer_bytes;
 	} else {
 		pcfg.pool_later_buffer_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
-		pcfg.ring_buffers = AEG_PREFETCH_RING_BUFFERS_PER_THREAD * pcfg.threads;
+		pcfg.ring_buffers = aeg_prefetch_ring_buffers(&pcfg);
 		a->ring_bytes = AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)pcfg.ring_buffers;
 	}
 	for (int i = 0; i < a->nslabs; i++) {

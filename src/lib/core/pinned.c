@@ -256,13 +256,20 @@ static long node_free_huge(const struct place *pl)
 	return sum;
 }
 
+/* The mapping of a pool laid out on 2 MiB pages (hugetlb, or private): its header in whole pages, then the buffers. */
+static uint64_t huge_map_bytes(uint64_t buffers, uint64_t buffer_bytes)
+{
+	return header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes;
+}
+
 /*
  * The page size of a new pool: 2 MiB hugetlb pages when the mode allows it,
  * the buffers are whole huge pages and the admin reserved enough of them
- * (on the GPU's node, in "auto"), else 4 KiB pages.
+ * (on the GPU's node, in "auto"), else 4 KiB pages. @quiet: why not is
+ * logged at debug level only (a pool planned ahead; making it says why).
  */
 static int choose_page(enum huge_mode mode, uint64_t buffer_bytes, uint64_t buffers,
-		       const struct place *pl, uint64_t *page)
+		       const struct place *pl, int quiet, uint64_t *page)
 {
 	long total, free_pages, resv, avail, node_free;
 	uint64_t need;
@@ -277,7 +284,7 @@ static int choose_page(enum huge_mode mode, uint64_t buffer_bytes, uint64_t buff
 		aeg_debug("pinned pool: buffer size %" PRIu64 " is not a multiple of 2 MiB; using 4 KiB pages", buffer_bytes);
 		return 0;
 	}
-	need = (header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes) / HUGE_PAGE;
+	need = huge_map_bytes(buffers, buffer_bytes) / HUGE_PAGE;
 	total = read_count(HUGE_SYSFS "/nr_hugepages");
 	free_pages = read_count(HUGE_SYSFS "/free_hugepages");
 	resv = read_count(HUGE_SYSFS "/resv_hugepages");
@@ -293,7 +300,7 @@ static int choose_page(enum huge_mode mode, uint64_t buffer_bytes, uint64_t buff
 		if (mode == HUGE_ALWAYS)
 			return aeg_fail(AEG_ENOMEM, "pinned pool: AEGAEON_PINNED_HUGEPAGES=always: %" PRIu64 " huge pages of 2 MiB needed, %ld free (%ld reserved in all); %" PRIu64 " short: reserve more as root with `sysctl vm.nr_hugepages=%" PRIu64 "`",
 					need, avail, total, need - (uint64_t)avail, (uint64_t)total + need - (uint64_t)avail);
-		aeg_log(total > 0 ? AEG_LOG_INFO : AEG_LOG_DEBUG,
+		aeg_log(total > 0 && !quiet ? AEG_LOG_INFO : AEG_LOG_DEBUG,
 			"pinned pool: %" PRIu64 " huge pages of 2 MiB would be needed, %ld are free; using 4 KiB pages",
 			need, avail);
 		return 0;
@@ -732,23 +739,18 @@ static void *ahead_main(void *arg)
 
 /*
  * Would a private pool of these buffers be made of anonymous memory (and
- * not of reserved 2 MiB huge pages, or fail for want of them)? Counted as
- * choose_page counts them, without its messages: the pool gives those.
+ * not of reserved 2 MiB huge pages, or fail for want of them)? As the
+ * pool's making will choose, on the machine's counts (its GPU's node is
+ * not known yet), and quietly: the pool says why.
  */
 static int anonymous_pool(uint64_t buffer_bytes, uint64_t buffers)
 {
-	long free_pages, resv;
+	struct place nowhere = { .numa_node = -1, .sole_node = -1 };
 	enum huge_mode mode;
-	uint64_t need;
+	uint64_t page;
 
-	if (huge_mode(&mode) < 0 || mode == HUGE_ALWAYS)
-		return 0;
-	if (mode == HUGE_NEVER || buffer_bytes % HUGE_PAGE != 0)
-		return 1;
-	need = (header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes) / HUGE_PAGE;
-	free_pages = read_count(HUGE_SYSFS "/free_hugepages");
-	resv = read_count(HUGE_SYSFS "/resv_hugepages");
-	return free_pages < 0 || resv < 0 || free_pages - resv < (long)need;
+	return huge_mode(&mode) == 0 && choose_page(mode, buffer_bytes, buffers, &nowhere, 1, &page) == 0 &&
+	       page == POOL_PAGE;
 }
 
 int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes)
@@ -763,7 +765,7 @@ int aeg_pool_premake(uint64_t buffer_bytes, uint64_t pool_bytes)
 				" is no pool (buffers of whole 4 KiB pages, 1 to %" PRIu32 " of them)",
 				pool_bytes, buffer_bytes, POOL_MAX_BUFFERS);
 	buffers = pool_bytes / buffer_bytes;
-	map_bytes = header_bytes_for((uint32_t)buffers, HUGE_PAGE) + buffers * buffer_bytes;
+	map_bytes = huge_map_bytes(buffers, buffer_bytes);
 	if (!anonymous_pool(buffer_bytes, buffers)) {
 		aeg_debug("pinned pool: none made ahead (2 MiB huge pages are reserved for it)");
 		return 0;
@@ -1026,10 +1028,10 @@ static int plan_pool(aeg_device_t *dev, int gpu, uint64_t buffer_bytes, uint64_t
 	p->locate_ns = aeg_now_ns() - t;
 	if (err < 0)
 		return err;
-	err = choose_page(p->mode, buffer_bytes, p->buffers, &p->pl, &p->page);
+	err = choose_page(p->mode, buffer_bytes, p->buffers, &p->pl, 0, &p->page);
 	if (err < 0 || p->page != POOL_PAGE)
 		return err;
-	if (private_pool && aeg_pool_premade(NULL, NULL) == header_bytes_for((uint32_t)p->buffers, HUGE_PAGE) + p->data_bytes)
+	if (private_pool && aeg_pool_premade(NULL, NULL) == huge_map_bytes(p->buffers, buffer_bytes))
 		return 0;
 	return check_available(header_bytes_for((uint32_t)p->buffers, POOL_PAGE) + p->data_bytes);
 }

@@ -96,14 +96,6 @@ static void engine_settings(const struct aeg_session_config *c, const struct aeg
 	}
 }
 
-/* The staging ring an engine of @engine's settings makes, in bytes. */
-static uint64_t ring_bytes(const struct aeg_prefetch_config *engine)
-{
-	int buffers = engine->ring_buffers ? engine->ring_buffers : AEG_PREFETCH_RING_BUFFERS_PER_THREAD * engine->threads;
-
-	return AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)buffers;
-}
-
 /* $AEGAEON_RING_AHEAD=0 turns aeg_session_warm_up off; any other value but 1 is an error. */
 static int ring_ahead_wanted(int *wanted)
 {
@@ -133,9 +125,12 @@ AEG_EXPORT int aeg_session_warm_up(const struct aeg_session_config *cfg)
 	if (c->engine == NULL && aeg_config_load(&conf, NULL) != 0)
 		return 0;
 	engine_settings(c, &conf, &engine);
-	if (engine.threads < 1 || engine.threads > 256 || engine.ring_buffers < 0 || engine.ring_buffers > 4096)
-		return 0;               /* no such engine: making it says why */
-	return aeg_pool_premake(AEG_PREFETCH_RING_BUFFER_BYTES, ring_bytes(&engine));
+	if (aeg_prefetch_config_check(&engine) != 0) {
+		aeg_error_clear();      /* no such engine: making it says why */
+		return 0;
+	}
+	return aeg_pool_premake(AEG_PREFETCH_RING_BUFFER_BYTES,
+				AEG_PREFETCH_RING_BUFFER_BYTES * (uint64_t)aeg_prefetch_ring_buffers(&engine));
 }
 
 AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_session_t **out)
@@ -430,8 +425,7 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 			cfg.cache_bytes = s->pool_bytes;
 	} else {
 		cfg.pool_later_buffer_bytes = AEG_PREFETCH_RING_BUFFER_BYTES;
-		if (cfg.ring_buffers == 0)
-			cfg.ring_buffers = (int)(ring_bytes(&cfg) / AEG_PREFETCH_RING_BUFFER_BYTES);
+		cfg.ring_buffers = aeg_prefetch_ring_buffers(&cfg);
 	}
 	t = aeg_now_ns();
 	err = aeg_prefetch_create(g->slab, g->pool, &cfg, &g->pf);

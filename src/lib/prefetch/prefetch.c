@@ -131,6 +131,29 @@ void prefetch_load_maybe_free(struct aeg_prefetch *pf, struct aeg_load *l)
 
 /* -------------------------------------------------------------- engine */
 
+int aeg_prefetch_ring_buffers(const struct aeg_prefetch_config *cfg)
+{
+	return cfg->ring_buffers ? cfg->ring_buffers : AEG_PREFETCH_RING_BUFFERS_PER_THREAD * cfg->threads;
+}
+
+int aeg_prefetch_config_check(const struct aeg_prefetch_config *cfg)
+{
+	int ring = aeg_prefetch_ring_buffers(cfg);
+
+	if (cfg->threads < 1 || cfg->threads > 256)
+		return aeg_fail(AEG_EINVAL, "prefetch threads %d: must be 1..256", cfg->threads);
+	if (cfg->streams < 1 || cfg->streams > 64)
+		return aeg_fail(AEG_EINVAL, "prefetch streams %d: must be 1..64", cfg->streams);
+	if (cfg->piece_bytes == 0 || cfg->piece_bytes % PAGE)
+		return aeg_fail(AEG_EINVAL, "prefetch piece size %" PRIu64 ": must be a non-zero multiple of 4096",
+				cfg->piece_bytes);
+	if (cfg->mmap_threads < 1 || cfg->mmap_threads > 256)
+		return aeg_fail(AEG_EINVAL, "prefetch mmap threads %d: must be 1..256", cfg->mmap_threads);
+	if (ring < 1 || ring > 4096)
+		return aeg_fail(AEG_EINVAL, "prefetch ring of %d buffers: must be 1..4096", ring);
+	return 0;
+}
+
 AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 				   const struct aeg_prefetch_config *cfg, aeg_prefetch_t **out)
 {
@@ -148,20 +171,8 @@ AEG_EXPORT int aeg_prefetch_create(aeg_slab_t *slab, aeg_pool_t *pool,
 		pf->cfg = *cfg;
 	else
 		aeg_prefetch_config_defaults(&pf->cfg);
-	if (pf->cfg.ring_buffers == 0)
-		pf->cfg.ring_buffers = AEG_PREFETCH_RING_BUFFERS_PER_THREAD * pf->cfg.threads;
-	if (pf->cfg.threads < 1 || pf->cfg.threads > 256)
-		err = aeg_fail(AEG_EINVAL, "prefetch threads %d: must be 1..256", pf->cfg.threads);
-	else if (pf->cfg.streams < 1 || pf->cfg.streams > 64)
-		err = aeg_fail(AEG_EINVAL, "prefetch streams %d: must be 1..64", pf->cfg.streams);
-	else if (pf->cfg.piece_bytes == 0 || pf->cfg.piece_bytes % PAGE)
-		err = aeg_fail(AEG_EINVAL, "prefetch piece size %" PRIu64 ": must be a non-zero multiple of 4096",
-			       pf->cfg.piece_bytes);
-	else if (pf->cfg.mmap_threads < 1 || pf->cfg.mmap_threads > 256)
-		err = aeg_fail(AEG_EINVAL, "prefetch mmap threads %d: must be 1..256", pf->cfg.mmap_threads);
-	else if (pf->cfg.ring_buffers < 1 || pf->cfg.ring_buffers > 4096)
-		err = aeg_fail(AEG_EINVAL, "prefetch ring of %d buffers: must be 1..4096",
-			       pf->cfg.ring_buffers);
+	pf->cfg.ring_buffers = aeg_prefetch_ring_buffers(&pf->cfg);
+	err = aeg_prefetch_config_check(&pf->cfg);
 	if (err) {
 		free(pf);
 		return err;

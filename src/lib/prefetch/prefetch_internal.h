@@ -32,6 +32,12 @@ void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *ar
 #define AEG_PREFETCH_RING_BUFFER_BYTES (4ull << 20)
 #define AEG_PREFETCH_RING_BUFFERS_PER_THREAD 2
 
+/* aeg_prefetch_ring_buffers - the buffers of the ring an engine of @cfg's settings makes: ring_buffers, or its default. */
+int aeg_prefetch_ring_buffers(const struct aeg_prefetch_config *cfg);
+
+/* aeg_prefetch_config_check - AEG_EINVAL (the detail names the setting) unless aeg_prefetch_create takes @cfg. */
+int aeg_prefetch_config_check(const struct aeg_prefetch_config *cfg);
+
 /*
  * aeg_prefetch_ring_coming - the pool @pf was made to get later
  * (pool_later_buffer_bytes) is its staging ring, being made now: until it
