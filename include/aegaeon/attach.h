@@ -29,9 +29,14 @@ typedef struct aeg_job aeg_job_t;
  * aeg_job_connect - the same without opening slabs or the pool (for status,
  * prefetch and release from a process that touches no GPU memory).
  * Errors: AEG_ENOENT "not inside an aegaeon job" when $AEGAEON_SOCKET is
- * unset; AEG_EIO (agent gone: the detail names the socket), AEG_EPROTO,
+ * unset; AEG_EIO (agent gone: the detail names the socket), AEG_EBUSY (all
+ * 256 connections of the agent are held by the job's processes), AEG_EPROTO,
  * AEG_EACCES, AEG_EBADF (a slab handle that no longer opens), AEG_EDEVICE.
  * Call after fork, never before: a job must not be shared across fork().
+ * A request on a job (waits aside) waits up to 120 s for the agent's
+ * answer, then fails with AEG_ETIMEDOUT; the job's connection is out of step
+ * after that, and its later requests fail with AEG_EIO: detach and attach
+ * again.
  */
 int aeg_job_attach(aeg_job_t **job);
 int aeg_job_connect(aeg_job_t **job);

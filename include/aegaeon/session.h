@@ -87,8 +87,11 @@ int aeg_session_gpu_count(aeg_session_t *s);
  * (LOCAL: the slab, the engine with its streams and threads, the topology)
  * and wait for its staging ring, so that load pays none of it. Without it,
  * the first load makes the engine and the ring is made beside it: loads
- * map their files (the MMAP feed) until it is there. JOB: nothing to make (the
- * agent's engines are warm); checks @gpu. Thread-safe; idempotent.
+ * map their files (the MMAP feed) until it is there. The rest of the slab's
+ * memory is mapped once no load of the process runs: prepare waits for
+ * that only while none runs, never for loads, and the session's other
+ * calls go on meanwhile. JOB: nothing to make (the agent's engines are
+ * warm); checks @gpu. Thread-safe; idempotent.
  * Errors: AEG_ENODEV (no such GPU), AEG_EINVAL (the slab setting gives
  * under 1 MiB), and those of aeg_slab_create and aeg_prefetch_create.
  */

@@ -53,8 +53,9 @@ static int usage_error(const char *dir, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	fprintf(stderr, "aegaeond: %s\n%s", msg, usage_text);
-	if (dir && dir[0] == '/')
-		aeg_agent_write_error(dir, msg);
+	/* Only into a runtime directory the agent would run in: never into one named by mistake. */
+	if (dir && dir[0] == '/' && aeg_agent_write_error(dir, msg))
+		fprintf(stderr, "aegaeond: no error record written: %s\n", aeg_error_detail());
 	return 2;
 }
 
@@ -114,41 +115,66 @@ struct args {
 	int foreground;
 };
 
+/* Long options only; their values are not characters, so getopt's optopt tells a short option apart. */
+enum { OPT_JOB = 256, OPT_DIR, OPT_GPUS, OPT_SLAB, OPT_PINNED, OPT_PREFETCH, OPT_DEVICE, OPT_CONFIG,
+       OPT_FOREGROUND, OPT_HELP, OPT_VERSION };
+
+static const struct option options[] = {
+	{ "job", required_argument, NULL, OPT_JOB },
+	{ "runtime-dir", required_argument, NULL, OPT_DIR },
+	{ "gpus", required_argument, NULL, OPT_GPUS },
+	{ "slab", required_argument, NULL, OPT_SLAB },
+	{ "pinned", required_argument, NULL, OPT_PINNED },
+	{ "prefetch", required_argument, NULL, OPT_PREFETCH },
+	{ "device", required_argument, NULL, OPT_DEVICE },
+	{ "config", required_argument, NULL, OPT_CONFIG },
+	{ "foreground", no_argument, NULL, OPT_FOREGROUND },
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ "version", no_argument, NULL, OPT_VERSION },
+	{ NULL, 0, NULL, 0 },
+};
+
+/*
+ * What getopt_long refused (@opt ':' or '?'), said by optopt alone: argv is
+ * no guide, as the option may be a letter inside a group ("-xy").
+ */
+static int bad_option(const struct args *a, int opt, const char *arg)
+{
+	const char *name = NULL;
+
+	for (const struct option *o = options; o->name; o++)
+		if (o->val == optopt)
+			name = o->name;
+	if (name && opt == ':')
+		return usage_error(a->dir, "option '--%s' needs a value", name);
+	if (name)
+		return usage_error(a->dir, "option '--%s' takes no value", name);
+	if (optopt > 0 && optopt < 256)
+		return usage_error(a->dir, "unknown option '-%c' (aegaeond has long options only)", optopt);
+	return usage_error(a->dir, "unknown option '%.*s'", (int)strcspn(arg, "="), arg);
+}
+
 /* Reads the command line into @a: -1 to go on, else main's exit status (--help, --version, a usage error). */
 static int parse_args(int argc, char **argv, struct args *a)
 {
-	static const struct option options[] = {
-		{ "job", required_argument, NULL, 'j' },
-		{ "runtime-dir", required_argument, NULL, 'r' },
-		{ "gpus", required_argument, NULL, 'g' },
-		{ "slab", required_argument, NULL, 's' },
-		{ "pinned", required_argument, NULL, 'p' },
-		{ "prefetch", required_argument, NULL, 'P' },
-		{ "device", required_argument, NULL, 'd' },
-		{ "config", required_argument, NULL, 'c' },
-		{ "foreground", no_argument, NULL, 'f' },
-		{ "help", no_argument, NULL, 'h' },
-		{ "version", no_argument, NULL, 'V' },
-		{ NULL, 0, NULL, 0 },
-	};
 	int opt;
 
 	opterr = 0;
-	while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":", options, NULL)) != -1) {
 		switch (opt) {
-		case 'j': a->job = optarg; break;
-		case 'r': a->dir = optarg; break;
-		case 'g': a->gpus = optarg; break;
-		case 's': a->slab = optarg; break;
-		case 'p': a->pinned = optarg; break;
-		case 'P': a->prefetch = optarg; break;
-		case 'd': a->device = optarg; break;
-		case 'c': a->config = optarg; break;
-		case 'f': a->foreground = 1; break;
-		case 'h':
+		case OPT_JOB: a->job = optarg; break;
+		case OPT_DIR: a->dir = optarg; break;
+		case OPT_GPUS: a->gpus = optarg; break;
+		case OPT_SLAB: a->slab = optarg; break;
+		case OPT_PINNED: a->pinned = optarg; break;
+		case OPT_PREFETCH: a->prefetch = optarg; break;
+		case OPT_DEVICE: a->device = optarg; break;
+		case OPT_CONFIG: a->config = optarg; break;
+		case OPT_FOREGROUND: a->foreground = 1; break;
+		case OPT_HELP:
 			fputs(usage_text, stdout);
 			return 0;
-		case 'V':
+		case OPT_VERSION:
 			printf("aegaeond %s\n", aeg_version());
 			return 0;
 		default:
@@ -156,10 +182,8 @@ static int parse_args(int argc, char **argv, struct args *a)
 			for (int i = optind; i < argc - 1 && a->dir == NULL; i++)
 				if (strcmp(argv[i], "--runtime-dir") == 0)
 					a->dir = argv[i + 1];
-			if (optopt)
-				return usage_error(a->dir, "option '--%s' needs a value or is unknown",
-						   argv[optind - 1] + 2);
-			return usage_error(a->dir, "unknown option '%s'", argv[optind - 1]);
+			/* An unknown long option is the one getopt_long stepped over. */
+			return bad_option(a, opt, optind > 0 ? argv[optind - 1] : "");
 		}
 	}
 	if (optind < argc)

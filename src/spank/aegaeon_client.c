@@ -145,6 +145,8 @@ int aeg_spank_client_post_opt(spank_t sp)
 
 	if (aeg_opts.prefetch == NULL)
 		return 0;
+	if (aeg_jobopt_check_prefetch_slab(1, aeg_opts.has_slab, &aeg_site.cfg) < 0)
+		return reject();
 	err = spank_job_control_setenv(sp, AEG_SPANK_PREFETCH_VAR, aeg_opts.prefetch, 1);
 	if (err != ESPANK_SUCCESS) {
 		slurm_error("aegaeon: --aegaeon-prefetch: cannot pass the file list to the job: %s",

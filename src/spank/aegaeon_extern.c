@@ -25,7 +25,7 @@
 #include "aegaeon_spank.h"
 #include "jobdir.h"
 
-#define MAX_AGENTS 16
+#define MAX_AGENTS 64
 
 /*
  * The reason the first step will show, written as the job user (the
@@ -83,15 +83,31 @@ static int join_tree(const struct aeg_spank_proc *agent, pid_t task, char *what,
 	return moved;
 }
 
-/* Put the job's agents where the extern step's process is; on failure, stop them and say why. */
-static void adopt(uint32_t jobid, uid_t uid, gid_t gid, const char *node, const char *dir)
+/*
+ * Put the job's agents where the extern step's process is; on failure, stop
+ * them and say why. The agent the prolog recorded comes first: processes
+ * that only claim to be it (started by the user with its command line)
+ * cannot keep it out of the job's cgroups.
+ */
+static void adopt(uint32_t jobid, uid_t uid, gid_t gid, const char *node, const char *dir, const char *name)
 {
+	struct aeg_spank_agent_key key = { .uid = uid, .dir = dir, .name = name };
 	struct aeg_spank_proc agents[MAX_AGENTS];
 	char what[1024], reason[AEG_JOB_ERROR_MAX];
 	pid_t task = aeg_spank_only_child(getpid());
-	int n, failed = 0;
+	int n, rfd, failed = 0;
+	unsigned found;
 
-	n = aeg_spank_agents_find(agents, MAX_AGENTS, uid, dir, -1);
+	rfd = aeg_spank_runtime_dir(0);
+	if (rfd >= 0 && aeg_spank_agent_recorded(rfd, name, &key) < 0)
+		slurm_error("aegaeon: job %u on %s: the record of its agent cannot be read: %m", jobid, node);
+	if (rfd >= 0)
+		close(rfd);
+	n = aeg_spank_agents_find(agents, MAX_AGENTS, &key, &found);
+	if (found & AEG_SPANK_FOUND_MORE)
+		slurm_error("aegaeon: job %u on %s: more than %d processes of uid %u claim to be its agent; "
+			    "the first %d join the job's cgroups%s", jobid, node, MAX_AGENTS, (unsigned)uid, n,
+			    found & AEG_SPANK_FOUND_RECORDED ? ", the recorded agent first" : "");
 	if (n == 0)
 		return;
 	for (int i = 0; i < n && !failed; i++) {
@@ -122,7 +138,7 @@ static void adopt(uint32_t jobid, uid_t uid, gid_t gid, const char *node, const 
 
 int aeg_spank_task_post_fork(spank_t sp)
 {
-	char dir[PATH_MAX];
+	char dir[PATH_MAX], name[64];
 	const char *node = getenv("SLURMD_NODENAME");
 	uint32_t jobid, stepid;
 	struct stat st;
@@ -139,8 +155,9 @@ int aeg_spank_task_post_fork(spank_t sp)
 		return 0;
 	}
 	/* Jobs without aegaeon have no job directory. */
-	if (aeg_jobdir_path(dir, sizeof(dir), aeg_site.cfg.runtime_dir, jobid, node) < 0 || lstat(dir, &st) < 0)
+	if (aeg_jobdir_path(dir, sizeof(dir), aeg_site.cfg.runtime_dir, jobid, node) < 0 ||
+	    aeg_jobdir_name(name, sizeof(name), jobid, node) < 0 || lstat(dir, &st) < 0)
 		return 0;
-	adopt(jobid, uid, gid, node, dir);
+	adopt(jobid, uid, gid, node, dir, name);
 	return 0;
 }

@@ -1,8 +1,9 @@
 /*
  * The job's agents as root finds and signals them (prolog, extern step,
- * epilog): identified by uid and command line, then held by a pidfd, so that
- * no signal reaches a process that took a pid over; and everything an agent
- * started, found below it (it is its children's subreaper).
+ * epilog): the one the prolog started by its record in runtime_dir, others
+ * by uid and command line, each then held by a pidfd, so that no signal
+ * reaches a process that took a pid over; and everything an agent started,
+ * found below it (it is its children's subreaper).
  */
 #include "config.h"
 
@@ -132,22 +133,17 @@ void aeg_spank_procs_release(struct aeg_spank_proc *p, int n)
 	}
 }
 
-struct agent_id {
-	uid_t uid;
-	const char *dir;
-};
-
 /* A process of the job user with "--runtime-dir DIR" on its command line: this job's agent. */
 static int is_agent(pid_t pid, const void *arg)
 {
-	const struct agent_id *id = arg;
+	const struct aeg_spank_agent_key *key = arg;
 	char path[64], buf[8192];
 	struct stat st;
 	ssize_t n;
 	int fd, found = 0;
 
 	snprintf(path, sizeof(path), "/proc/%d", (int)pid);
-	if (stat(path, &st) < 0 || st.st_uid != id->uid)
+	if (stat(path, &st) < 0 || st.st_uid != key->uid)
 		return 0;
 	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -158,11 +154,25 @@ static int is_agent(pid_t pid, const void *arg)
 	if (n <= 0)
 		return 0;
 	buf[n] = '\0';
-	for (const char *p = buf; p < buf + n; p += strlen(p) + 1)
-		if (strcmp(p, "--runtime-dir") == 0 && p + strlen(p) + 1 < buf + n &&
-		    strcmp(p + strlen(p) + 1, id->dir) == 0)
+	for (const char *p = buf; p < buf + n; p += strlen(p) + 1) {
+		const char *v = p + strlen(p) + 1, *slash;
+
+		if (strcmp(p, "--runtime-dir") != 0 || v >= buf + n)
+			continue;
+		slash = strrchr(v, '/');
+		if (key->dir != NULL ? strcmp(v, key->dir) == 0 : slash != NULL && strcmp(slash + 1, key->name) == 0)
 			found = 1;
+	}
 	return found;
+}
+
+/* The process the prolog started and recorded: the same pid and start time, whatever it runs now. */
+static int is_recorded(pid_t pid, const void *arg)
+{
+	const struct aeg_spank_agent_key *key = arg;
+	uint64_t start;
+
+	return aeg_proc_start_time(pid, &start) == 0 && start == key->start;
 }
 
 static int held(const struct aeg_spank_proc *p, int n, pid_t pid)
@@ -173,54 +183,135 @@ static int held(const struct aeg_spank_proc *p, int n, pid_t pid)
 	return 0;
 }
 
-/* agent.pid is the user's file: read with care, and only trusted after is_agent(). */
-static pid_t pid_file(int dfd)
+int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, const struct aeg_spank_agent_key *key,
+			  unsigned *found)
 {
-	char buf[32];
-	struct stat st;
-	ssize_t len = -1;
-	long pid;
-	int fd;
-
-	fd = openat(dfd, AEG_JOB_PID_FILE, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
-		len = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (len <= 0)
-		return 0;
-	buf[len] = '\0';
-	pid = strtol(buf, NULL, 10);
-	return pid > 1 && pid <= INT32_MAX ? (pid_t)pid : 0;
-}
-
-int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, uid_t uid, const char *dir, int dfd)
-{
-	struct agent_id id = { uid, dir };
 	struct dirent *de;
-	pid_t pid;
 	DIR *d;
 	int n = 0;
 
-	pid = dfd >= 0 ? pid_file(dfd) : 0;
-	if (pid > 0 && max > 0 && hold(&agents[n], pid, is_agent, &id) == 0)
+	*found = 0;
+	if (key->pid > 1 && max > 0 && hold(&agents[n], key->pid, is_recorded, key) == 0) {
 		n++;
-	/* An agent that has not written its pid yet (or a second one) is found by its command line. */
+		*found |= AEG_SPANK_FOUND_RECORDED;
+	}
+	/*
+	 * An agent the prolog did not record (one started by hand, or by a
+	 * plugin before records) is found by its command line. So is any
+	 * process of the job user's that only claims to be the agent: stopping
+	 * it as the agent costs the user nothing, and what does not fit in
+	 * @max is said, never passed over in silence.
+	 */
 	d = opendir("/proc");
 	if (d == NULL)
 		return n;
-	while ((de = readdir(d)) != NULL && n < max) {
+	while ((de = readdir(d)) != NULL) {
 		char *end;
 		long v = strtol(de->d_name, &end, 10);
 
 		if (*end != '\0' || v <= 1 || held(agents, n, (pid_t)v))
 			continue;
-		if (hold(&agents[n], (pid_t)v, is_agent, &id) == 0)
+		if (n == max) {
+			struct aeg_spank_proc extra;
+
+			if (hold(&extra, (pid_t)v, is_agent, key) == 0) {
+				aeg_spank_procs_release(&extra, 1);
+				*found |= AEG_SPANK_FOUND_MORE;
+				break;
+			}
+			continue;
+		}
+		if (hold(&agents[n], (pid_t)v, is_agent, key) == 0)
 			n++;
 	}
 	closedir(d);
 	return n;
+}
+
+int aeg_spank_agent_hold(struct aeg_spank_proc *agent, pid_t pid, const struct aeg_spank_agent_key *key)
+{
+	return hold(agent, pid, is_agent, key);
+}
+
+/* The record's file in runtime_dir: ".agent-<jobdir name>", a name no job directory can have. */
+static int record_name(char *buf, size_t len, const char *name)
+{
+	int w = snprintf(buf, len, ".agent-%s", name);
+
+	return w < 0 || (size_t)w >= len ? -1 : 0;
+}
+
+int aeg_spank_agent_record(int rfd, const char *name, const struct aeg_spank_proc *agent)
+{
+	char file[128], tmp[140], line[64];
+	int fd, len, err = 0;
+
+	if (record_name(file, sizeof(file), name) < 0)
+		return -1;
+	snprintf(tmp, sizeof(tmp), "%s.tmp", file);
+	len = snprintf(line, sizeof(line), "%d %llu\n", (int)agent->pid, (unsigned long long)agent->start);
+	if (unlinkat(rfd, tmp, 0) < 0 && errno != ENOENT)
+		return -1;
+	fd = openat(rfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -1;
+	if (write(fd, line, (size_t)len) != len || fsync(fd) < 0)
+		err = -1;
+	if (close(fd) < 0)
+		err = -1;
+	if (err == 0 && renameat(rfd, tmp, rfd, file) < 0)
+		err = -1;
+	if (err < 0) {
+		int saved = errno;
+
+		unlinkat(rfd, tmp, 0);
+		errno = saved;
+	}
+	return err;
+}
+
+int aeg_spank_agent_recorded(int rfd, const char *name, struct aeg_spank_agent_key *key)
+{
+	char file[128], buf[64], *end;
+	unsigned long long start;
+	struct stat st;
+	ssize_t len = -1;
+	long pid;
+	int fd;
+
+	key->pid = 0;
+	key->start = 0;
+	if (record_name(file, sizeof(file), name) < 0)
+		return -1;
+	fd = openat(rfd, file, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -1;
+	/* Root's own file in a directory only root writes: anything else is not a record. */
+	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == 0)
+		len = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (len <= 0)
+		return -1;
+	buf[len] = '\0';
+	errno = 0;
+	pid = strtol(buf, &end, 10);
+	if (errno != 0 || *end != ' ' || pid <= 1 || pid > INT32_MAX)
+		return -1;
+	start = strtoull(end + 1, &end, 10);
+	if (errno != 0 || *end != '\n')
+		return -1;
+	key->pid = (pid_t)pid;
+	key->start = start;
+	return 1;
+}
+
+int aeg_spank_agent_record_remove(int rfd, const char *name)
+{
+	char file[128];
+
+	if (record_name(file, sizeof(file), name) < 0)
+		return -1;
+	return unlinkat(rfd, file, 0) < 0 && errno != ENOENT ? -1 : 0;
 }
 
 /* Pids and parents of every live process, for walking trees. */

@@ -1,8 +1,11 @@
-/* Plugstack arguments (config=FILE) and the site configuration, loaded once per process in every context. */
+/* Plugstack arguments (config=FILE), the site configuration, loaded once per process in every context, and its runtime_dir. */
 #include "config.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <aegaeon/error.h>
@@ -59,4 +62,52 @@ void aeg_spank_site_load(int ac, char **av)
 		return;
 	}
 	aeg_site.ok = 1;
+}
+
+int aeg_spank_runtime_dir(int create)
+{
+	char parent[PATH_MAX], *slash, *base;
+	struct stat st;
+	int pfd, fd;
+
+	snprintf(parent, sizeof(parent), "%s", aeg_site.cfg.runtime_dir);
+	slash = strrchr(parent, '/');
+	if (parent[0] != '/' || slash == NULL || slash[1] == '\0') {
+		slurm_error("aegaeon: runtime_dir %s must be an absolute path below /", aeg_site.cfg.runtime_dir);
+		return -1;
+	}
+	base = slash + 1;
+	*slash = '\0';
+	pfd = open(parent[0] ? parent : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (pfd < 0) {
+		slurm_error("aegaeon: opening %s (parent of runtime_dir): %m", parent[0] ? parent : "/");
+		return -1;
+	}
+	/* The parent may be world-writable only if sticky (/tmp): others cannot then replace our entry. */
+	if (fstat(pfd, &st) < 0 || st.st_uid != 0 ||
+	    ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))) {
+		slurm_error("aegaeon: %s (parent of runtime_dir) must be owned by root and not writable by others",
+			    parent[0] ? parent : "/");
+		close(pfd);
+		return -1;
+	}
+	if (create && mkdirat(pfd, base, 0755) < 0 && errno != EEXIST) {
+		slurm_error("aegaeon: creating runtime_dir %s: %m", aeg_site.cfg.runtime_dir);
+		close(pfd);
+		return -1;
+	}
+	fd = openat(pfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	close(pfd);
+	if (fd < 0) {
+		slurm_error("aegaeon: opening runtime_dir %s (a symbolic link is refused): %m",
+			    aeg_site.cfg.runtime_dir);
+		return -1;
+	}
+	if (fstat(fd, &st) < 0 || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+		slurm_error("aegaeon: runtime_dir %s must be owned by root and writable by root only",
+			    aeg_site.cfg.runtime_dir);
+		close(fd);
+		return -1;
+	}
+	return fd;
 }

@@ -22,7 +22,8 @@
 #include "jobdir.h"
 
 #define MAX_GROUPS 1024
-#define MAX_AGENTS 16
+/* Processes held at once as the job's agents: the recorded one, and those claiming to be it. */
+#define MAX_AGENTS 64
 /* Bounds on the epilog: removing the job dir, killing what the agent started. */
 #define REMOVE_TIMEOUT_MS 30000
 #define TREE_TIMEOUT_MS 5000
@@ -76,59 +77,6 @@ static int job_from_env(struct job *job)
 	return 0;
 }
 
-/*
- * Open runtime_dir, creating its last component (0755) if missing. It must
- * end up a real directory owned by root that nobody else may write: the job
- * directories in it are then safe from renames and links by users.
- */
-static int open_runtime_dir(void)
-{
-	char parent[PATH_MAX], *slash, *base;
-	struct stat st;
-	int pfd, fd;
-
-	snprintf(parent, sizeof(parent), "%s", aeg_site.cfg.runtime_dir);
-	slash = strrchr(parent, '/');
-	if (parent[0] != '/' || slash == NULL || slash[1] == '\0') {
-		slurm_error("aegaeon: runtime_dir %s must be an absolute path below /", aeg_site.cfg.runtime_dir);
-		return -1;
-	}
-	base = slash + 1;
-	*slash = '\0';
-	pfd = open(parent[0] ? parent : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (pfd < 0) {
-		slurm_error("aegaeon: opening %s (parent of runtime_dir): %m", parent[0] ? parent : "/");
-		return -1;
-	}
-	/* The parent may be world-writable only if sticky (/tmp): others cannot then replace our entry. */
-	if (fstat(pfd, &st) < 0 || st.st_uid != 0 ||
-	    ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))) {
-		slurm_error("aegaeon: %s (parent of runtime_dir) must be owned by root and not writable by others",
-			    parent[0] ? parent : "/");
-		close(pfd);
-		return -1;
-	}
-	if (mkdirat(pfd, base, 0755) < 0 && errno != EEXIST) {
-		slurm_error("aegaeon: creating runtime_dir %s: %m", aeg_site.cfg.runtime_dir);
-		close(pfd);
-		return -1;
-	}
-	fd = openat(pfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	close(pfd);
-	if (fd < 0) {
-		slurm_error("aegaeon: opening runtime_dir %s (a symbolic link is refused): %m",
-			    aeg_site.cfg.runtime_dir);
-		return -1;
-	}
-	if (fstat(fd, &st) < 0 || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
-		slurm_error("aegaeon: runtime_dir %s must be owned by root and writable by root only",
-			    aeg_site.cfg.runtime_dir);
-		close(fd);
-		return -1;
-	}
-	return fd;
-}
-
 static int opt_env(const char *name, const char **value)
 {
 	*value = getenv(name);
@@ -171,7 +119,8 @@ static int read_options(struct aeg_spank_opts *o, char *reason, size_t len)
 		o->pinned.buffer_bytes = aeg_site.cfg.pinned_buffer_bytes;
 	/* Relative paths are only accepted as the client resolved them. */
 	if (prefetch != NULL &&
-	    aeg_jobopt_parse_prefetch(abs_prefetch != NULL ? abs_prefetch : prefetch, NULL, &o->prefetch, NULL) < 0)
+	    (aeg_jobopt_parse_prefetch(abs_prefetch != NULL ? abs_prefetch : prefetch, NULL, &o->prefetch, NULL) < 0 ||
+	     aeg_jobopt_check_prefetch_slab(1, o->has_slab, &aeg_site.cfg) < 0))
 		goto bad;
 	o->device = aeg_site.cfg.device;
 	if (device != NULL) {
@@ -186,7 +135,10 @@ bad:
 	return 0;
 }
 
-/* The agent's GPU list: ordinals as its CUDA runtime numbers the job's devices. */
+/*
+ * The agent's GPU list: ordinals as its CUDA runtime numbers the job's
+ * devices; how many, or -1 when they are more than a job may have.
+ */
 static int gpu_list(char *buf, size_t len)
 {
 	const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
@@ -200,6 +152,8 @@ static int gpu_list(char *buf, size_t len)
 	for (const char *p = cvd; *p != '\0'; p++)
 		if (*p == ',')
 			n++;
+	if (n > AEG_JOB_MAX_GPUS)
+		return -1;
 	for (int i = 0; i < n; i++) {
 		int w = snprintf(buf + o, len - o, "%s%d", i ? "," : "", i);
 
@@ -210,30 +164,25 @@ static int gpu_list(char *buf, size_t len)
 	return n;
 }
 
-/* Write the error record (before the directory is handed to the user) and make it the user's. */
+/* The error record, the user's: safe to write whether or not the directory is theirs already. */
 static void write_error(const struct job *job, int dfd, const char *reason)
 {
-	char path[PATH_MAX + 16];
-
-	snprintf(path, sizeof(path), "%s/" AEG_JOB_ERROR_FILE, job->dir);
-	if (aeg_job_error_write(path, reason) < 0) {
-		slurm_error("aegaeon: job %u: writing %s: %s", job->id, path, aeg_error_detail());
-		return;
-	}
-	if (fchownat(dfd, AEG_JOB_ERROR_FILE, job->uid, job->gid, AT_SYMLINK_NOFOLLOW) < 0)
-		slurm_error("aegaeon: job %u: chown %s: %m", job->id, path);
+	if (aeg_jobdir_write_error(dfd, job->dir, reason, job->uid, job->gid) < 0)
+		slurm_error("aegaeon: job %u: %s", job->id, aeg_error_detail());
 }
 
 struct agent_cmd {
 	char *argv[24];
 	char *envp[10];
 	char slab[40], pinned[64], gpus[256], jobid[16];
-	char env_path[64], env_home[PATH_MAX + 8], env_user[256], env_logname[256], env_cvd[512];
+	char env_path[64], env_home[PATH_MAX + 8], env_user[256], env_logname[256];
+	char *env_cvd;                  /* as long as the job's CUDA_VISIBLE_DEVICES: free() it */
 	char env_host_gpus[48];
 };
 
-static void build_cmd(struct agent_cmd *c, const struct job *job, const struct aeg_spank_opts *o,
-		      const struct passwd *pw, int ngpus)
+/* The agent's command line and environment; -1 when out of memory. */
+static int build_cmd(struct agent_cmd *c, const struct job *job, const struct aeg_spank_opts *o,
+		     const struct passwd *pw, int ngpus)
 {
 	const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
 	int a = 0, e = 0;
@@ -276,8 +225,12 @@ static void build_cmd(struct agent_cmd *c, const struct job *job, const struct a
 	c->envp[e++] = c->env_home;
 	c->envp[e++] = c->env_user;
 	c->envp[e++] = c->env_logname;
+	/* Whole: a list cut short (MIG UUIDs run long) would show the agent other GPUs than --gpus names. */
 	if (cvd != NULL) {
-		snprintf(c->env_cvd, sizeof(c->env_cvd), "CUDA_VISIBLE_DEVICES=%s", cvd);
+		if (asprintf(&c->env_cvd, "CUDA_VISIBLE_DEVICES=%s", cvd) < 0) {
+			c->env_cvd = NULL;
+			return -1;
+		}
 		c->envp[e++] = c->env_cvd;
 	}
 	/* The host backend shows as many GPUs as it is told: the job's; task_init tells the steps the same. */
@@ -286,6 +239,7 @@ static void build_cmd(struct agent_cmd *c, const struct job *job, const struct a
 		c->envp[e++] = c->env_host_gpus;
 	}
 	c->envp[e] = NULL;
+	return 0;
 }
 
 /*
@@ -295,18 +249,27 @@ static void build_cmd(struct agent_cmd *c, const struct job *job, const struct a
  * by another thread at the fork would never be released in them), so the
  * prolog, once the middle process is gone, writes the error record.
  */
-enum start_step { STEP_FDS = 1, STEP_SETSID, STEP_DEVNULL, STEP_GROUP, STEP_CHOWN, STEP_USER, STEP_FORK, STEP_EXEC };
+enum start_step {
+	STEP_STARTED = 1,       /* not a failure: the agent's pid, forked */
+	STEP_FDS, STEP_SETSID, STEP_DEVNULL, STEP_GROUP, STEP_CHOWN, STEP_USER, STEP_FORK, STEP_EXEC
+};
 
 struct start_report {
 	int step;
 	int err;
+	pid_t pid;              /* STEP_STARTED */
 };
+
+static void report(int fd, int step, int err, pid_t pid)
+{
+	struct start_report r = { .step = step, .err = err, .pid = pid };
+
+	(void)!write(fd, &r, sizeof(r));
+}
 
 static void __attribute__((noreturn)) report_exit(int fd, int step, int err, int status)
 {
-	struct start_report r = { .step = step, .err = err };
-
-	(void)!write(fd, &r, sizeof(r));
+	report(fd, step, err, 0);
 	_exit(status);
 }
 
@@ -314,46 +277,48 @@ static void __attribute__((noreturn)) report_exit(int fd, int step, int err, int
  * The middle process of the double fork: leaves slurmd's session (a daemon
  * still in the prolog's process group is lost when the prolog returns),
  * hands the job directory to the user, becomes the user for good, starts the
- * agent and exits once the agent has exec'd. What fails is reported on
- * @report for the prolog to write as the error record.
+ * agent and exits once the agent has exec'd. The agent's pid, and what
+ * fails, are reported on @report: the prolog records the one and writes the
+ * other as the error record.
  */
 static void __attribute__((noreturn))
 middle(const struct job *job, int dfd, const struct agent_cmd *cmd, const gid_t *groups, int ngroups,
-       int notify[2], int report)
+       int notify[2], int rep)
 {
 	struct pollfd pfd;
 	pid_t pid;
 	int fd;
 
-	if (dfd <= 2 || notify[0] <= 2 || notify[1] <= 2 || report <= 2)
-		report_exit(report, STEP_FDS, 0, 1);
+	if (dfd <= 2 || notify[0] <= 2 || notify[1] <= 2 || rep <= 2)
+		report_exit(rep, STEP_FDS, 0, 1);
 	if (setsid() < 0)
-		report_exit(report, STEP_SETSID, errno, 1);
+		report_exit(rep, STEP_SETSID, errno, 1);
 	fd = open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (fd < 0 || dup2(fd, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
-		report_exit(report, STEP_DEVNULL, errno, 1);
+		report_exit(rep, STEP_DEVNULL, errno, 1);
 	/* No descriptor of slurmd may reach the agent (the pipes must close at exec too). */
 	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
 		for (int i = 3; i < 65536; i++)
 			(void)fcntl(i, F_SETFD, FD_CLOEXEC);
 	if (setgroups((size_t)ngroups, groups) < 0 || setresgid(job->gid, job->gid, job->gid) < 0)
-		report_exit(report, STEP_GROUP, errno, 1);
+		report_exit(rep, STEP_GROUP, errno, 1);
 	if (fchown(dfd, job->uid, job->gid) < 0)
-		report_exit(report, STEP_CHOWN, errno, 1);
+		report_exit(rep, STEP_CHOWN, errno, 1);
 	close(dfd);
 	if (setresuid(job->uid, job->uid, job->uid) < 0)
-		report_exit(report, STEP_USER, errno, 1);
+		report_exit(rep, STEP_USER, errno, 1);
 	if (job->uid != 0 && setuid(0) == 0)
-		report_exit(report, STEP_USER, EPERM, 1);
+		report_exit(rep, STEP_USER, EPERM, 1);
 
 	pid = fork();
 	if (pid < 0)
-		report_exit(report, STEP_FORK, errno, 1);
+		report_exit(rep, STEP_FORK, errno, 1);
 	if (pid == 0) {
 		if (chdir(job->dir) < 0 || execve(cmd->argv[0], cmd->argv, cmd->envp) < 0)
-			report_exit(report, STEP_EXEC, errno, 127);
+			report_exit(rep, STEP_EXEC, errno, 127);
 		_exit(127);
 	}
+	report(rep, STEP_STARTED, 0, pid);
 	/* EOF once the agent has exec'd (the pipe is close-on-exec) or died. */
 	close(notify[1]);
 	pfd.fd = notify[0];
@@ -362,15 +327,27 @@ middle(const struct job *job, int dfd, const struct agent_cmd *cmd, const gid_t 
 	_exit(0);
 }
 
-/* The error record for what the fork's children reported on @report (non-blocking); 1 when there was one. */
-static int write_reported(const struct job *job, int dfd, const struct agent_cmd *cmd, int report)
+/*
+ * What the fork's children reported on @rep (non-blocking, every writer
+ * gone): the agent's pid into *@agent (0: none), and the error record for
+ * a failure; 1 when there was one.
+ */
+static int read_reports(const struct job *job, int dfd, const struct agent_cmd *cmd, int rep, pid_t *agent)
 {
 	char reason[AEG_JOB_ERROR_MAX];
-	struct start_report r;
+	struct start_report r, failed = { 0 };
 	const char *e;
 
-	if (read(report, &r, sizeof(r)) != (ssize_t)sizeof(r))
+	*agent = 0;
+	while (read(rep, &r, sizeof(r)) == (ssize_t)sizeof(r)) {
+		if (r.step == STEP_STARTED)
+			*agent = r.pid;
+		else if (failed.step == 0)
+			failed = r;
+	}
+	if (failed.step == 0)
 		return 0;
+	r = failed;
 	e = strerror(r.err);
 	switch (r.step) {
 	case STEP_FDS:
@@ -409,14 +386,36 @@ static int write_reported(const struct job *job, int dfd, const struct agent_cmd
 	return 1;
 }
 
-static int start_agent(const struct job *job, int dfd, const struct aeg_spank_opts *o)
+/*
+ * Record the agent the middle process started, held first so that the
+ * record names it and nothing else: the epilog stops what the record
+ * names, whatever the user does to the job directory.
+ */
+static void record_agent(const struct job *job, int rfd, pid_t pid)
+{
+	struct aeg_spank_agent_key key = { .uid = job->uid, .dir = job->dir, .name = job->name };
+	struct aeg_spank_proc agent;
+
+	if (pid <= 0 || aeg_spank_agent_hold(&agent, pid, &key) < 0) {
+		/* Gone already: it wrote its own error record, and there is nothing to stop. */
+		slurm_info("aegaeon: job %u on %s: the agent (pid %d) ended as it started", job->id, job->node,
+			   (int)pid);
+		return;
+	}
+	if (aeg_spank_agent_record(rfd, job->name, &agent) < 0)
+		slurm_error("aegaeon: job %u on %s: recording agent %d in %s: %m; the epilog will look for it "
+			    "by its command line", job->id, job->node, (int)pid, aeg_site.cfg.runtime_dir);
+	aeg_spank_procs_release(&agent, 1);
+}
+
+static int start_agent(const struct job *job, int rfd, int dfd, const struct aeg_spank_opts *o)
 {
 	struct passwd pwbuf, *pw = NULL;
 	gid_t groups[MAX_GROUPS];
 	int ngroups = MAX_GROUPS, notify[2], report[2], status, ngpus;
 	struct agent_cmd *cmd;
-	char pwstore[4096];
-	pid_t pid;
+	char pwstore[4096], reason[AEG_JOB_ERROR_MAX];
+	pid_t pid, agent;
 	int rc = -1, reported;
 
 	/* Name service lookups happen here, not in the forked child. */
@@ -433,10 +432,19 @@ static int start_agent(const struct job *job, int dfd, const struct aeg_spank_op
 		return -1;
 	ngpus = gpu_list(cmd->gpus, sizeof(cmd->gpus));
 	if (ngpus < 0) {
-		slurm_error("aegaeon: job %u: CUDA_VISIBLE_DEVICES too long", job->id);
+		snprintf(reason, sizeof(reason), "the job has more than %d GPUs on node %s "
+			 "(CUDA_VISIBLE_DEVICES); aegaeon serves at most %d a node", AEG_JOB_MAX_GPUS, job->node,
+			 AEG_JOB_MAX_GPUS);
+		slurm_error("aegaeon: job %u: %s", job->id, reason);
+		write_error(job, dfd, reason);
+		if (fchown(dfd, job->uid, job->gid) < 0)
+			slurm_error("aegaeon: job %u: chown %s: %m", job->id, job->dir);
 		goto out;
 	}
-	build_cmd(cmd, job, o, pw, ngpus);
+	if (build_cmd(cmd, job, o, pw, ngpus) < 0) {
+		slurm_error("aegaeon: job %u: out of memory for the agent's command", job->id);
+		goto out;
+	}
 	if (pipe2(notify, O_CLOEXEC) < 0) {
 		slurm_error("aegaeon: job %u: pipe: %m", job->id);
 		goto out;
@@ -465,18 +473,20 @@ static int start_agent(const struct job *job, int dfd, const struct aeg_spank_op
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
 	/* The agent's own exec failing is reported while the middle process still waits for it. */
-	reported = write_reported(job, dfd, cmd, report[0]);
+	reported = read_reports(job, dfd, cmd, report[0], &agent);
 	close(report[0]);
 	if (reported || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
 		slurm_error("aegaeon: job %u on %s: the agent could not be started (see %s/error)",
 			    job->id, job->node, job->dir);
 		goto out;
 	}
-	slurm_info("aegaeon: job %u on %s: agent started as %s: --gpus %s --slab %s --pinned %s%s%s",
-		   job->id, job->node, pw->pw_name, cmd->gpus, cmd->slab, cmd->pinned,
+	slurm_info("aegaeon: job %u on %s: agent %d started as %s: --gpus %s --slab %s --pinned %s%s%s",
+		   job->id, job->node, (int)agent, pw->pw_name, cmd->gpus, cmd->slab, cmd->pinned,
 		   o->prefetch ? " --prefetch " : "", o->prefetch ? o->prefetch : "");
+	record_agent(job, rfd, agent);
 	rc = 0;
 out:
+	free(cmd->env_cvd);
 	free(cmd);
 	return rc;
 }
@@ -497,7 +507,7 @@ static void hold_stdio(void)
 		close(fd);
 }
 
-static int stop_agents(const struct job *job, int dfd);
+static int stop_agents(const struct job *job, int rfd);
 
 /*
  * Any failure here is logged and the prolog still succeeds: a failing prolog
@@ -510,7 +520,7 @@ int aeg_spank_prolog(spank_t sp)
 	char reason[AEG_JOB_ERROR_MAX] = "", gpus[256];
 	unsigned long removed = 0;
 	struct job job;
-	int rfd = -1, dfd = -1, ngpus;
+	int rfd = -1, dfd = -1, ngpus, stopped;
 
 	if (!getenv(AEG_SPANK_OPTENV("slab")) && !getenv(AEG_SPANK_OPTENV("pinned")) &&
 	    !getenv(AEG_SPANK_OPTENV("prefetch")) && !getenv(AEG_SPANK_OPTENV("device")))
@@ -529,23 +539,17 @@ int aeg_spank_prolog(spank_t sp)
 			 "--aegaeon-slab reserves memory on the job's GPUs, but the job has none on node %s "
 			 "(ask for GPUs with --gres=gpu:N or --gpus=N)", job.node);
 
-	rfd = open_runtime_dir();
+	rfd = aeg_spank_runtime_dir(1);
 	if (rfd < 0)
 		goto out;
 	/*
 	 * An earlier run of this job id whose epilog never ran (a requeue after
 	 * slurmd died) may have left its agent holding the GPUs.
 	 */
-	dfd = openat(rfd, job.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (dfd >= 0) {
-		int stopped = stop_agents(&job, dfd);
-
-		if (stopped > 0)
-			slurm_info("aegaeon: job %u on %s: stopped %d agent(s) left by an earlier run of this job",
-				   job.id, job.node, stopped);
-		close(dfd);
-		dfd = -1;
-	}
+	stopped = stop_agents(&job, rfd);
+	if (stopped > 0)
+		slurm_info("aegaeon: job %u on %s: stopped %d agent(s) left by an earlier run of this job",
+			   job.id, job.node, stopped);
 	if (aeg_jobdir_remove(rfd, job.name, REMOVE_TIMEOUT_MS, &removed) < 0)
 		slurm_error("aegaeon: job %u: the stale %s: %s", job.id, job.dir, aeg_error_detail());
 	else if (removed > 0)
@@ -566,7 +570,7 @@ int aeg_spank_prolog(spank_t sp)
 			slurm_error("aegaeon: job %u: chown %s: %m", job.id, job.dir);
 		goto out;
 	}
-	start_agent(&job, dfd, &o);
+	start_agent(&job, rfd, dfd, &o);
 out:
 	if (dfd >= 0)
 		close(dfd);
@@ -577,20 +581,28 @@ out:
 }
 
 /*
- * Stop this job's agents and everything they started. What lies below an
+ * Stop the agents of @key and everything they started. What lies below an
  * agent goes first (the agent starts no process of its own: a debugger may
  * have made it start some), then the agent gets SIGTERM, and SIGKILL after
- * agent_stop_timeout. Every signal goes through the pidfd held since the
- * agent was identified, never to a pid that another process may have taken
- * since. How many agents there were, or -1 when one survived.
+ * @stop_ms. Every signal goes through the pidfd held since the agent was
+ * identified, never to a pid that another process may have taken since.
+ * How many agents there were, or -1 when one survived, or when more
+ * processes claimed to be the agent than could be held and none was the
+ * recorded one (the real agent may be among those left).
  */
-static int stop_agents(const struct job *job, int dfd)
+static int stop_found(const struct job *job, const struct aeg_spank_agent_key *key, long stop_ms)
 {
 	struct aeg_spank_proc agents[MAX_AGENTS];
-	unsigned killed;
+	unsigned killed, found;
 	int n, left;
 
-	n = aeg_spank_agents_find(agents, MAX_AGENTS, job->uid, job->dir, dfd);
+	n = aeg_spank_agents_find(agents, MAX_AGENTS, key, &found);
+	if (found & AEG_SPANK_FOUND_MORE)
+		slurm_error("aegaeon: job %u on %s: more than %d processes of uid %u claim to be its agent "
+			    "(--runtime-dir .../%s); stopping %d%s", job->id, job->node, MAX_AGENTS,
+			    (unsigned)job->uid, job->name, n,
+			    found & AEG_SPANK_FOUND_RECORDED ? ", the recorded agent first" :
+			    " without a record of the agent: it may be among those left");
 	if (n == 0)
 		return 0;
 	for (int i = 0; i < n; i++) {
@@ -602,17 +614,17 @@ static int stop_agents(const struct job *job, int dfd)
 				   job->id, job->node, killed, (int)agents[i].pid);
 		aeg_spank_proc_signal(&agents[i], SIGTERM);
 	}
-	left = aeg_spank_procs_wait(agents, n, aeg_site.cfg.agent_stop_timeout_ms);
+	left = aeg_spank_procs_wait(agents, n, stop_ms);
 	if (left == 0) {
-		slurm_info("aegaeon: job %u on %s: agent %d gone after SIGTERM", job->id, job->node,
-			   (int)agents[0].pid);
+		slurm_info("aegaeon: job %u on %s: agent %d gone after SIGTERM%s", job->id, job->node,
+			   (int)agents[0].pid, n > 1 ? " (with the other processes that claimed to be it)" : "");
 		goto out;
 	}
 	for (int i = 0; i < n; i++) {
 		if (aeg_spank_proc_gone(&agents[i]))
 			continue;
-		slurm_error("aegaeon: job %u on %s: agent %d still running %d ms after SIGTERM; sending SIGKILL",
-			    job->id, job->node, (int)agents[i].pid, aeg_site.cfg.agent_stop_timeout_ms);
+		slurm_error("aegaeon: job %u on %s: agent %d still running %ld ms after SIGTERM; sending SIGKILL",
+			    job->id, job->node, (int)agents[i].pid, stop_ms);
 		aeg_spank_proc_signal(&agents[i], SIGKILL);
 	}
 	left = aeg_spank_procs_wait(agents, n, 5000);
@@ -620,13 +632,57 @@ static int stop_agents(const struct job *job, int dfd)
 		slurm_error("aegaeon: job %u on %s: %d agent process(es) survived SIGKILL", job->id, job->node, left);
 out:
 	aeg_spank_procs_release(agents, n);
-	return left > 0 ? -1 : n;
+	if (left > 0 || ((found & AEG_SPANK_FOUND_MORE) && !(found & AEG_SPANK_FOUND_RECORDED)))
+		return -1;
+	return n;
+}
+
+/* The job's agents, the one the prolog recorded in runtime_dir (@rfd) first; the record goes with them. */
+static int stop_agents(const struct job *job, int rfd)
+{
+	struct aeg_spank_agent_key key = { .uid = job->uid, .dir = job->dir, .name = job->name };
+	int n;
+
+	if (aeg_spank_agent_recorded(rfd, job->name, &key) < 0)
+		slurm_error("aegaeon: job %u on %s: the record of its agent in %s cannot be read: %m; looking for "
+			    "the agent by its command line", job->id, job->node, aeg_site.cfg.runtime_dir);
+	n = stop_found(job, &key, aeg_site.cfg.agent_stop_timeout_ms);
+	if (n >= 0 && aeg_spank_agent_record_remove(rfd, job->name) < 0)
+		slurm_error("aegaeon: job %u on %s: removing the record of its agent: %m", job->id, job->node);
+	return n;
+}
+
+/*
+ * The epilog without a usable site configuration (edited, or from another
+ * version, since the job started): runtime_dir is not known, so neither are
+ * the record nor the job directory. The job's agents are still stopped,
+ * found by their command line ("--runtime-dir .../<jobid>.<node>"), with the
+ * built-in stop timeout; what is left is said, for the administrator.
+ */
+static int epilog_without_site(void)
+{
+	struct aeg_spank_agent_key key = { 0 };
+	struct aeg_config defaults;
+	struct job job;
+	int n;
+
+	aeg_config_defaults(&defaults);
+	if (job_from_env(&job) < 0)
+		return 0;
+	key.uid = job.uid;
+	key.name = job.name;
+	n = stop_found(&job, &key, defaults.agent_stop_timeout_ms);
+	if (n > 0)
+		slurm_error("aegaeon: job %u on %s: %s; stopped the job's %d agent(s) found by their command "
+			    "line, but its directory under runtime_dir (.../%s) and the agent's record there are "
+			    "left until the configuration is fixed", job.id, job.node, aeg_site.error, n, job.name);
+	return n < 0 ? -1 : 0;
 }
 
 /*
  * Runs for every job (options are not needed to clean up): whatever exists
  * under this job's directory name is this job's, whether or not the agent
- * ever became ready. Fails only when an agent cannot be killed, so the node
+ * ever became ready. Fails only when an agent cannot be stopped, so the node
  * is drained rather than handed to the next job with its GPU memory taken.
  */
 int aeg_spank_epilog(spank_t sp)
@@ -634,25 +690,23 @@ int aeg_spank_epilog(spank_t sp)
 	unsigned long removed = 0;
 	struct stat st;
 	struct job job;
-	int rfd, dfd, rc = 0;
+	int rfd, rc = 0;
 
 	if (!aeg_site.ok)
-		return 0;
+		return epilog_without_site();
 	if (job_from_env(&job) < 0)
 		return 0;
+	/* Jobs without aegaeon have no job directory (the prolog makes it before it starts an agent). */
 	if (lstat(job.dir, &st) < 0)
 		return 0;
-	rfd = open_runtime_dir();
+	rfd = aeg_spank_runtime_dir(0);
 	if (rfd < 0)
 		return 0;
-	dfd = openat(rfd, job.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (dfd >= 0) {
-		rc = stop_agents(&job, dfd) < 0 ? -1 : 0;
-		close(dfd);
-	}
+	if (stop_agents(&job, rfd) < 0)
+		rc = -1;
 	if (aeg_jobdir_remove(rfd, job.name, REMOVE_TIMEOUT_MS, &removed) < 0)
 		slurm_error("aegaeon: job %u on %s: %s", job.id, job.node, aeg_error_detail());
-	else
+	else if (removed > 0)
 		slurm_info("aegaeon: job %u on %s: removed %s (%lu entries)", job.id, job.node, job.dir, removed);
 	close(rfd);
 	return rc;

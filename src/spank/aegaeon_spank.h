@@ -49,6 +49,15 @@ extern struct aeg_spank_opts aeg_opts;
  */
 void aeg_spank_site_load(int ac, char **av);
 
+/*
+ * aeg_spank_runtime_dir - open runtime_dir (as root), with @create making
+ * its last component (0755) if missing. It must be a real directory owned by
+ * root that nobody else may write, in a parent only root may change (or a
+ * sticky one): the job directories and agent records in it are then safe
+ * from renames and links by users. The descriptor, or -1 (logged).
+ */
+int aeg_spank_runtime_dir(int create);
+
 /* aegaeon_client.c: options (every context) and client-side checks. */
 int aeg_spank_options_register(spank_t sp);
 int aeg_spank_client_post_opt(spank_t sp);
@@ -76,11 +85,41 @@ struct aeg_spank_proc {
 };
 
 /*
- * The job's agents: processes of @uid with "--runtime-dir @dir" on their
- * command line, the pid in agent.pid (in @dfd, -1: none) first; at most @max
- * held in @agents; returns how many. Release them with aeg_spank_procs_release.
+ * How root knows a job's agent: the process the prolog started, recorded in
+ * runtime_dir (a directory only root writes) with its start time; and, for
+ * agents it did not record, processes of the job user with "--runtime-dir
+ * DIR" on their command line. Nothing the user can write (agent.pid, the job
+ * directory) is trusted to name it.
  */
-int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, uid_t uid, const char *dir, int dfd);
+struct aeg_spank_agent_key {
+	uid_t uid;
+	const char *dir;                /* the job directory; NULL: any whose last component is @name */
+	const char *name;               /* the job directory's name (aeg_jobdir_name) */
+	pid_t pid;                      /* recorded by the prolog (0: none) */
+	uint64_t start;                 /* its start time, clock ticks since boot */
+};
+
+#define AEG_SPANK_FOUND_RECORDED 1u     /* agents[0] is the recorded agent */
+#define AEG_SPANK_FOUND_MORE 2u         /* more processes matched than @max */
+
+/*
+ * The job's agents, held in @agents (at most @max): the recorded one first,
+ * then those found by command line; returns how many, with *@found telling
+ * AEG_SPANK_FOUND_* bits. Release them with aeg_spank_procs_release.
+ */
+int aeg_spank_agents_find(struct aeg_spank_proc *agents, int max, const struct aeg_spank_agent_key *key,
+			  unsigned *found);
+/*
+ * The record of the agent the prolog started for the job directory @name, a
+ * root-owned file in runtime_dir (@rfd): written (0, or -1 with errno),
+ * read into @key's pid and start (1; 0 when there is none; -1 when it
+ * cannot be read or is not root's), and removed (0, or -1 with errno).
+ */
+int aeg_spank_agent_record(int rfd, const char *name, const struct aeg_spank_proc *agent);
+int aeg_spank_agent_recorded(int rfd, const char *name, struct aeg_spank_agent_key *key);
+int aeg_spank_agent_record_remove(int rfd, const char *name);
+/* Hold @pid if it is the job's agent by command line (as aeg_spank_agents_find); 0, or -1. */
+int aeg_spank_agent_hold(struct aeg_spank_proc *agent, pid_t pid, const struct aeg_spank_agent_key *key);
 void aeg_spank_procs_release(struct aeg_spank_proc *p, int n);
 /* Signal a held process; -1 with ESRCH once it has gone. */
 int aeg_spank_proc_signal(const struct aeg_spank_proc *p, int sig);

@@ -28,10 +28,14 @@
  *                       slowpop: every MADV_POPULATE_WRITE sleeps
  *                               AEGAEON_FAULT_AT microseconds first (a pool
  *                               slow to make; no file)
+ *                       nothread: the first pthread_create once
+ *                               AEGAEON_FAULT_FILE exists fails with EAGAIN
+ *                               (threads running out, as under a cgroup's
+ *                               pids.max)
  *   AEGAEON_FAULT_AT    a byte offset (a size for short, microseconds for
  *                       slow and slowpop)
  * Intercepted: read, pread, pread64, preadv, preadv64, mmap, mmap64,
- * munmap, madvise. Never installed; see tests/unit/test_faults.c.
+ * munmap, madvise, pthread_create. Never installed; see tests/unit/test_faults.c.
  */
 #include "config.h"
 
@@ -55,7 +59,7 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM, M_SLOWPOP };
+enum mode { M_OFF, M_EIO, M_SHORT, M_SHRINK, M_SLOW, M_GATE, M_NOMEM, M_SLOWPOP, M_NOTHREAD };
 
 #define MAX_MAPS 64
 
@@ -82,6 +86,7 @@ static ssize_t (*real_preadv)(int, const struct iovec *, int, off_t);
 static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
 static int (*real_munmap)(void *, size_t);
 static int (*real_madvise)(void *, size_t, int);
+static int (*real_pthread_create)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
 
 static void resolve(void)
 {
@@ -92,6 +97,8 @@ static void resolve(void)
 	real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
 	real_munmap = (int (*)(void *, size_t))dlsym(RTLD_NEXT, "munmap");
 	real_madvise = (int (*)(void *, size_t, int))dlsym(RTLD_NEXT, "madvise");
+	real_pthread_create = (int (*)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *))
+		dlsym(RTLD_NEXT, "pthread_create");
 	__atomic_store_n(&real_read, (ssize_t (*)(int, void *, size_t))dlsym(RTLD_NEXT, "read"),
 			 __ATOMIC_RELEASE);
 }
@@ -109,10 +116,11 @@ static void load_env(void)
 	shrunk = 0;
 	hits = 0;
 	memset(maps, 0, sizeof(maps));
-	/* A gate is a file that does not exist yet. */
-	if (m != NULL && f != NULL && strcmp(m, "gate") == 0 && strlen(f) < sizeof(path)) {
+	/* A gate (or the file that stops threads) is a file that does not exist yet. */
+	if (m != NULL && f != NULL && (strcmp(m, "gate") == 0 || strcmp(m, "nothread") == 0) &&
+	    strlen(f) < sizeof(path)) {
 		strcpy(path, f);
-		mode = M_GATE;
+		mode = strcmp(m, "gate") == 0 ? M_GATE : M_NOTHREAD;
 		return;
 	}
 	if (m != NULL && strcmp(m, "nomem") == 0) {
@@ -384,4 +392,20 @@ int madvise(void *addr, size_t len, int advice)
 			shrink_once();
 	}
 	return real_madvise(addr, len, advice);
+}
+
+int pthread_create(pthread_t *thread, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+	int fail;
+
+	resolve();
+	pthread_mutex_lock(&lock);
+	if (!loaded)
+		load_env();
+	fail = mode == M_NOTHREAD && hits == 0 && access(path, F_OK) == 0;
+	hits += (unsigned long)fail;
+	pthread_mutex_unlock(&lock);
+	if (fail)
+		return EAGAIN;
+	return real_pthread_create(thread, attr, fn, arg);
 }

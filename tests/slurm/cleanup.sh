@@ -1,6 +1,7 @@
 #!/bin/bash
 # The epilog stops the agent and removes the job directory after a normal
-# end, scancel and the time limit, and after a job whose agent failed.
+# end, scancel and the time limit, after a job whose agent failed, and stops
+# the agent when the site configuration broke while the job ran.
 source "$(dirname "$0")/cluster.sh"
 
 cluster_start || { fail "cluster starts"; finish; exit; }
@@ -44,6 +45,26 @@ if [[ -n $agent ]]; then
 else
 	fail "stuck agent: agent found"
 fi
+
+# The site configuration broken while a job runs (an edit, a key of another
+# version): the epilog no longer knows runtime_dir, yet stops the job's agent,
+# found by its command line, and says what it leaves for the administrator.
+job=$(submit "${opts[@]}" --wrap 'sleep 300')
+wait_ready "$job" n1 20
+agent=$(agent_of "$job" n1)
+check "broken config: agent running before ($agent)" test -n "$agent"
+cp "$T/etc/aegaeon.conf" "$T/aegaeon.conf.good"
+echo 'hello_timeout = 0;' >>"$T/etc/aegaeon.conf"
+sl scancel "$job"
+wait_job "$job" 30
+check "broken config: the epilog stopped the agent all the same" wait_for 10 test ! -e "/proc/${agent:-0}"
+check "broken config: and said what it left" grep -qF "job $job on n1: site configuration $T/etc/aegaeon.conf: " \
+	"$T/log/slurmd-n1.log"
+check "... the job directory, named" grep -qF "its directory under runtime_dir (.../$job.n1) and the agent's record there are left until the configuration is fixed" \
+	"$T/log/slurmd-n1.log"
+cp "$T/aegaeon.conf.good" "$T/etc/aegaeon.conf"
+rm -rf "$(job_dir "$job" n1)" "$T/aegrun/.agent-$job.n1"
+check "broken config: nothing else left" nothing_left 10
 
 # A stale directory of the same job id (a crashed node) is replaced, links not followed.
 next=$(($(sl scontrol -o show job | sed -n 's/^JobId=\([0-9]*\).*/\1/p' | sort -n | tail -n 1) + 1))

@@ -1124,16 +1124,76 @@ static void options_by_the_job_rules(void **state)
 	}
 }
 
-static void usage_and_version(void **state)
+/* aegaeond run as @argv (argv[0] as given, the program AEGAEOND_PATH): its exit status, its stderr into @out. */
+static int run_usage(const char *const *argv, char *out, size_t size)
 {
-	static const char *const help[] = { "--help", NULL };
-	static const char *const unknown[] = { "--frobnicate", NULL };
+	int pipefd[2], status;
+	ssize_t n, got = 0;
 	pid_t pid;
 
-	pid = spawn(help);
-	assert_int_equal(run_status(pid), 0);
-	pid = spawn(unknown);
-	assert_int_equal(run_status(pid), 2);
+	assert_int_equal(pipe(pipefd), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		dup2(pipefd[1], STDERR_FILENO);
+		dup2(pipefd[1], STDOUT_FILENO);
+		execv(AEGAEOND_PATH, (char *const *)argv);
+		child_exit(127);
+	}
+	close(pipefd[1]);
+	while (got < (ssize_t)size - 1 && (n = read(pipefd[0], out + got, size - 1 - (size_t)got)) > 0)
+		got += n;
+	out[got] = '\0';
+	close(pipefd[0]);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/*
+ * Usage errors name the option as given: a short option by its letter
+ * (argv gave "option '--'" for "-x", and read past "a" for "-xy" run as
+ * "a"), a long one by its name. A --runtime-dir that the agent would not
+ * run in (not a 0700 directory of its uid) gets no error record either.
+ */
+static void usage_and_version(void **state)
+{
+	static const struct {
+		const char *argv[6];
+		const char *message;
+	} cases[] = {
+		{ { "aegaeond", "-x" }, "aegaeond: unknown option '-x' (aegaeond has long options only)\n" },
+		{ { "a", "-xy" }, "aegaeond: unknown option '-x' (aegaeond has long options only)\n" },
+		{ { "a", "--foreground", "-jy" }, "aegaeond: unknown option '-j' (aegaeond has long options only)\n" },
+		{ { "aegaeond", "--frobnicate" }, "aegaeond: unknown option '--frobnicate'\n" },
+		{ { "aegaeond", "--frobnicate=1" }, "aegaeond: unknown option '--frobnicate'\n" },
+		{ { "aegaeond", "--job" }, "aegaeond: option '--job' needs a value\n" },
+		{ { "aegaeond", "--foreground=yes" }, "aegaeond: option '--foreground' takes no value\n" },
+	};
+	static const char *const help[] = { "--help", NULL };
+	char out[8192], open_dir[64], errpath[96];
+	const char *argv[] = { "aegaeond", "--job", "42", "--runtime-dir", open_dir, "-x", NULL };
+
+	assert_int_equal(run_status(spawn(help)), 0);
+	for (size_t i = 0; i < AEG_ARRAY_SIZE(cases); i++) {
+		assert_int_equal(run_usage(cases[i].argv, out, sizeof(out)), 2);
+		if (strncmp(out, cases[i].message, strlen(cases[i].message)) != 0)
+			fail_msg("case %zu: said '%.200s', expected '%s'", i, out, cases[i].message);
+	}
+	/* Bad options with a runtime directory of mode 0755: no record written into it. */
+	strcpy(open_dir, "/tmp/aeg-agent-open-XXXXXX");
+	assert_non_null(mkdtemp(open_dir));
+	assert_int_equal(chmod(open_dir, 0755), 0);
+	snprintf(errpath, sizeof(errpath), "%s/error", open_dir);
+	assert_int_equal(run_usage(argv, out, sizeof(out)), 2);
+	assert_int_equal(access(errpath, F_OK), -1);
+	if (strstr(out, "no error record written") == NULL || strstr(out, "mode 0755") == NULL)
+		fail_msg("said '%s'", out);
+	/* The same directory made 0700: the record is written. */
+	assert_int_equal(chmod(open_dir, 0700), 0);
+	assert_int_equal(run_usage(argv, out, sizeof(out)), 2);
+	assert_int_equal(access(errpath, F_OK), 0);
+	assert_int_equal(unlink(errpath), 0);
+	assert_int_equal(rmdir(open_dir), 0);
 }
 
 int main(void)

@@ -624,6 +624,55 @@ static void silent_connections(void **state)
 	agent_cleanup(&ag);
 }
 
+/*
+ * Every one of the agent's 256 client slots held by a connection past its
+ * hello (only the job's own processes can do that): the next connection
+ * was closed without a word, and the step said "closed the connection (did
+ * the job end?)". Now it is told: AEG_EBUSY, all 256 connections in use.
+ * Once some are closed, the next step attaches.
+ */
+static void every_slot_past_hello(void **state)
+{
+	enum { SLOTS = 256 };
+	static int fds[SLOTS];
+	static unsigned char frame[PROTO_MAX_FRAME];
+	static union proto_msg msg;
+	struct agent ag = { .pid = -1 };
+	aeg_job_t *job;
+	int err, fd_count = count_fds();
+
+	agent_start(&ag, pool_opts);
+	for (int i = 0; i < SLOTS; i++) {
+		struct proto_header h;
+
+		fds[i] = connect_raw(ag.sock);
+		memset(&msg.hello_req, 0, sizeof(msg.hello_req));
+		msg.hello_req.min_version = msg.hello_req.max_version = PROTO_VERSION;
+		msg.hello_req.pid = (uint32_t)getpid();
+		strcpy(msg.hello_req.client, "slot holder");
+		assert_int_equal(proto_send(fds[i], PROTO_HELLO, 0, 1, &msg, -1, frame), 0);
+		assert_int_equal(proto_recv(fds[i], &h, &msg, NULL, frame), 0);
+		assert_int_equal(h.type, PROTO_HELLO);
+	}
+	for (int round = 0; round < 2; round++) {
+		err = aeg_job_connect(&job);
+		if (err != AEG_EBUSY ||
+		    strstr(aeg_error_detail(), "all 256 connections of the job's agent are in use") == NULL)
+			fail_msg("connection %d: %s: %s", SLOTS + 1 + round, aeg_errname(err), aeg_error_detail());
+	}
+	assert_true(log_has(&ag, "every client slot is held by a client past its hello"));
+	for (int i = 0; i < SLOTS; i++)
+		close(fds[i]);
+	for (double t0 = now_ms(); (err = aeg_job_attach(&job)) != 0; usleep(10000))
+		if (now_ms() - t0 > BOUND_MS)
+			fail_msg("after closing the %d: %s: %s", SLOTS, aeg_errname(err), aeg_error_detail());
+	responsive(job, "after every slot was held");
+	aeg_job_detach(job);
+	stops_cleanly(&ag);
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fd_count);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -635,6 +684,7 @@ int main(void)
 		cmocka_unit_test_teardown(loads_capped_and_released, kill_started),
 		cmocka_unit_test_teardown(status_of_many_loads, kill_started),
 		cmocka_unit_test_teardown(silent_connections, kill_started),
+		cmocka_unit_test_teardown(every_slot_past_hello, kill_started),
 	};
 
 	setenv("AEGAEON_HOST_GPUS", "1", 1);

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <dlfcn.h>
 
 #include <aegaeon/aegaeon.h>
 #include <aegaeon/attach.h>
@@ -782,6 +783,207 @@ static void nine_steps_at_shutdown(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
+/* Pool buffers in use, as the agent counts them. */
+static uint32_t pool_in_use(aeg_job_t *job)
+{
+	struct aeg_job_status *st = status_of(job);
+	uint32_t n = st->pool.in_use;
+
+	aeg_job_status_free(st);
+	return n;
+}
+
+/* Wait (within the bound) for the pool to have @want buffers in use: 1 when it came to that. */
+static int pool_in_use_becomes(aeg_job_t *job, uint32_t want)
+{
+	for (int i = 0; i < BOUND_MS / 10; i++) {
+		if (pool_in_use(job) == want)
+			return 1;
+		usleep(10000);
+	}
+	return 0;
+}
+
+/* A step holding two pool buffers: attached (@stay_attached) or detached again, alive until killed. */
+static int holding_step(int ready_fd, int stay_attached)
+{
+	struct aeg_pool_buffer b;
+	aeg_job_t *job;
+
+	if (aeg_job_attach(&job) || aeg_pool_acquire(aeg_job_pool(job), 1000, &b) ||
+	    aeg_pool_acquire(aeg_job_pool(job), 1000, &b))
+		return 50;
+	if (!stay_attached)
+		aeg_job_detach(job);    /* the buffers stay marked with its pid */
+	if (write(ready_fd, "r", 1) != 1)
+		return 51;
+	for (;;)
+		pause();
+}
+
+static pid_t start_holding_step(int stay_attached)
+{
+	int ready[2];
+	pid_t pid;
+	char c;
+
+	assert_int_equal(pipe(ready), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0)
+		child_exit(holding_step(ready[1], stay_attached));
+	close(ready[1]);
+	assert_int_equal(read(ready[0], &c, 1), 1);
+	close(ready[0]);
+	return pid;
+}
+
+/*
+ * The agent watches a process whose connection closed for its exit, to put
+ * back the pool buffers it held, in a table of 64. A process that
+ * reconnects many times a second (a monitor polling status) filled it with
+ * an entry per connection, and a step killed meanwhile kept its buffers for
+ * good. Now a process has one entry, which its reconnects renew, so the
+ * churn does not push out the watch of a step that detached and is killed
+ * later; and a full table makes way for a newly closed connection: with 70
+ * other live processes watched, a step killed holding buffers gets them
+ * back.
+ */
+static void exits_watched_under_churn(void **state)
+{
+	enum { CHURN = 80, OTHERS = 70 };
+	static const char *const opts[] = { "--slab", "16MiB", "--pinned", "8MiB:1MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	pid_t others[OTHERS], step;
+	int connected[2], hold[2], fds = count_fds();
+	aeg_job_t *job;
+	char c;
+
+	agent_start(&ag, opts);
+	assert_int_equal(aeg_job_connect(&job), 0);
+
+	/* A step that detached still holding 2 buffers, then a process reconnecting 80 times. */
+	step = start_holding_step(0);
+	for (int i = 0; i < CHURN; i++) {
+		aeg_job_t *j;
+
+		assert_int_equal(aeg_job_connect(&j), 0);
+		aeg_job_detach(j);
+	}
+	assert_int_equal(pool_in_use(job), 2);
+	assert_int_equal(kill(step, SIGKILL), 0);
+	assert_int_equal(waitpid(step, NULL, 0), step);
+	if (!pool_in_use_becomes(job, 0))
+		fail_msg("a detached step killed after %d reconnects of another process: %u buffers still in use",
+			 CHURN, pool_in_use(job));
+
+	/* 70 live processes that connected once each, then a step killed holding 2 buffers. */
+	assert_int_equal(pipe(connected), 0);
+	assert_int_equal(pipe(hold), 0);
+	for (int i = 0; i < OTHERS; i++) {
+		others[i] = fork();
+		assert_true(others[i] >= 0);
+		if (others[i] == 0) {
+			aeg_job_t *j;
+
+			close(hold[1]);
+			if (aeg_job_connect(&j))
+				child_exit(60);
+			aeg_job_detach(j);
+			if (write(connected[1], "c", 1) != 1)
+				child_exit(61);
+			/* Alive until the test closes its end. */
+			child_exit(read(hold[0], &c, 1) == 0 ? 0 : 62);
+		}
+	}
+	for (int i = 0; i < OTHERS; i++)
+		assert_int_equal(read(connected[0], &c, 1), 1);
+	step = start_holding_step(1);
+	assert_int_equal(pool_in_use(job), 2);
+	assert_int_equal(kill(step, SIGKILL), 0);
+	assert_int_equal(waitpid(step, NULL, 0), step);
+	if (!pool_in_use_becomes(job, 0))
+		fail_msg("a step killed with %d other live processes watched: %u buffers still in use", OTHERS,
+			 pool_in_use(job));
+	assert_true(log_has(&ag, "exited holding 2 pinned pool buffers; back in the pool"));
+	close(hold[1]);
+	for (int i = 0; i < OTHERS; i++)
+		assert_int_equal(exit_status(others[i], BOUND_MS), 0);
+	close(hold[0]);
+	close(connected[0]);
+	close(connected[1]);
+	aeg_job_detach(job);
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fds);
+}
+
+/*
+ * The library waits 120 s for a reply; this test makes that 1.5 s (any
+ * poll of 100 s or more), only while short_replies is set.
+ */
+static int short_replies;
+
+int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+	static int (*real)(struct pollfd *, nfds_t, int);
+
+	if (real == NULL)
+		real = (int (*)(struct pollfd *, nfds_t, int))dlsym(RTLD_NEXT, "poll");
+	if (__atomic_load_n(&short_replies, __ATOMIC_RELAXED) && timeout >= 100000)
+		timeout = 1500;
+	return real(fds, n, timeout);
+}
+
+/*
+ * A request the agent does not answer in time (stopped here): its reply
+ * comes late, and was read as the answer to the next request, and so on for
+ * ever ("answered a status request (id 3) with status (id 2)"). Now the job
+ * handle is out of step after the timeout, and each later request says so
+ * and what to do (detach and attach again), whatever the agent sends; a new
+ * handle works.
+ */
+static void reply_lost_then_out_of_step(void **state)
+{
+	static const char *const opts[] = { "--slab", "16MiB", NULL };
+	struct agent ag = { .pid = -1 };
+	struct aeg_job_status *st;
+	aeg_job_t *job;
+	char timeout[512];
+	int err, status, fds = count_fds();
+
+	agent_start(&ag, opts);
+	assert_int_equal(aeg_job_connect(&job), 0);
+	aeg_job_status_free(status_of(job));
+	__atomic_store_n(&short_replies, 1, __ATOMIC_RELAXED);
+	assert_int_equal(kill(ag.pid, SIGSTOP), 0);
+	assert_int_equal(waitpid(ag.pid, &status, WUNTRACED), ag.pid);
+	err = aeg_job_status(job, &st);
+	__atomic_store_n(&short_replies, 0, __ATOMIC_RELAXED);
+	assert_int_equal(err, AEG_ETIMEDOUT);
+	snprintf(timeout, sizeof(timeout), "%s", aeg_error_detail());
+	assert_int_equal(kill(ag.pid, SIGCONT), 0);
+	usleep(300000);         /* the late reply is there by now */
+	for (int i = 0; i < 3; i++) {
+		err = aeg_job_status(job, &st);
+		if (err == 0)
+			aeg_job_status_free(st);
+		if (err != AEG_EIO || strstr(aeg_error_detail(), "out of step") == NULL ||
+		    strstr(aeg_error_detail(), "detach it and attach again") == NULL)
+			fail_msg("status after the timeout: %s: %s", err ? aeg_errname(err) : "ok",
+				 err ? aeg_error_detail() : "");
+	}
+	/* The timeout itself said so already. */
+	if (strstr(timeout, "did not answer a status request") == NULL ||
+	    strstr(timeout, "detach it and attach again") == NULL)
+		fail_msg("timeout: %s", timeout);
+	aeg_job_detach(job);
+	assert_int_equal(aeg_job_connect(&job), 0);
+	aeg_job_status_free(status_of(job));
+	aeg_job_detach(job);
+	agent_cleanup(&ag);
+	assert_int_equal(count_fds(), fds);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -795,6 +997,8 @@ int main(void)
 		cmocka_unit_test_teardown(stalled_peers, kill_started),
 		cmocka_unit_test_teardown(stale_runtime_dir, kill_started),
 		cmocka_unit_test_teardown(nine_steps_at_shutdown, kill_started),
+		cmocka_unit_test_teardown(exits_watched_under_churn, kill_started),
+		cmocka_unit_test_teardown(reply_lost_then_out_of_step, kill_started),
 	};
 
 	setenv("AEGAEON_HOST_GPUS", "1", 1);

@@ -190,6 +190,25 @@ run "$CLI" status --json
 check "... and leaves no load behind" test "$(json 'len(d["loads"])' <<<"$out")" = 0
 expect "release --model and --all together are refused" 2 "one of them" "$CLI" release --all --model "$T/llama"
 
+# A shard of an index that is no safetensors file, and not named as one: the agent takes it for
+# raw bytes and loads it, the CLI reads it as a shard; the load is refused and given back.
+mkdir "$T/mixed"
+cp "$T/llama/model-00001-of-00003.safetensors" "$T/mixed/"
+head -c 300000 /dev/urandom >"$T/mixed/weights.bin"
+printf '{"weight_map": {"a": "model-00001-of-00003.safetensors", "w": "weights.bin"}}' \
+	>"$T/mixed/model.safetensors.index.json"
+expect "a shard that is not safetensors is refused, naming it" 1 "mixed/weights.bin: safetensors: " \
+	"$CLI" prefetch "$T/mixed"
+run "$CLI" status --json
+check "... and leaves no load, no block behind" \
+	test "$(json 'len(d["loads"]), d["slabs"][0]["used_bytes"]' <<<"$out")" = "0 0"
+# A FIFO named as the index would wait for a writer forever: refused at once.
+mkdir "$T/fifo"
+cp "$T/llama/model-00001-of-00003.safetensors" "$T/fifo/"
+mkfifo "$T/fifo/model.safetensors.index.json"
+expect "a FIFO named as the index is refused at once" 1 "model.safetensors.index.json: not a regular file" \
+	timeout 10 "$CLI" prefetch "$T/fifo"
+
 # The agent gone: a clear error, not a hang.
 kill -TERM "$AG"; wait "$AG"; AG=
 expect "agent gone: status says so" 1 "connecting to the job's agent at .*not running" "$CLI" status

@@ -223,7 +223,7 @@ static void good_file_sets_every_key(void **state)
 		"agent_path = \"/opt/aegaeon/sbin/aegaeond\";\n"
 		"agent_start_timeout = 2.5;\n"
 		"agent_stop_timeout : 86400\n"
-		"runtime_dir = \"/var/run/aegaeon\";\n"
+		"runtime_dir = \"/var/run/aegaeon//\";\n"
 		"log_level = \"WARNING\";\n"
 		"model_cache = \"75%\";\n"
 		"max_loads = 1048576;\n"
@@ -317,6 +317,7 @@ static const struct {
 	{ "agent_path = \"sbin/aegaeond\";\n", 1, "key 'agent_path': 'sbin/aegaeond' is not an absolute path" },
 	{ "runtime_dir = \"run/aegaeon\";\n", 1, "key 'runtime_dir': 'run/aegaeon' is not an absolute path" },
 	{ "runtime_dir = \"\";\n", 1, "key 'runtime_dir': '' is not an absolute path" },
+	{ "runtime_dir = \"//\";\n", 1, "key 'runtime_dir': must be a directory below / (the default is \"/run/aegaeon\")" },
 	/* out of range, one key at a time */
 	{ "device = \"gpu\";\n", 1, "key 'device': 'gpu' is not one of \"cuda\", \"host\"" },
 	{ "log_level = \"loud\";\n", 1, "key 'log_level': 'loud' is not one of \"debug\"" },
@@ -346,6 +347,8 @@ static const struct {
 	{ "pinned_buffer = \"1MiB\";\npinned_max = \"1GiB\";\n", 2, "key 'pinned_max': 1 GiB is less than pinned_default (4 GiB, the default)" },
 	{ "pinned_max = \"8GiB\";\npinned_default = \"9GiB\";\n", 2, "key 'pinned_default': 9 GiB is more than pinned_max (8 GiB)" },
 	{ "pinned_default = \"9GiB\";\npinned_max = \"8GiB\";\n", 2, "key 'pinned_max': 8 GiB is less than pinned_default (9 GiB)" },
+	{ "pinned_default = \"16MiB\";\n", 1, "key 'pinned_default': 16 MiB is less than pinned_buffer (32 MiB, the default)" },
+	{ "pinned_default = \"32MiB\";\npinned_buffer = \"64MiB\";\n", 2, "key 'pinned_buffer': 64 MiB is more than pinned_default (32 MiB)" },
 	{ "slab_default = \"96%\";\n", 1, "key 'slab_default': 96% is more than slab_max (95%, the default)" },
 	{ "slab_max = \"12.5%\";\n", 1, "key 'slab_max': 12.5% is less than slab_default (90%, the default)" },
 	{ "slab_max = \"40GiB\";\nslab_default = \"50GiB\";\n", 2, "key 'slab_default': 50 GiB is more than slab_max (40 GiB)" },

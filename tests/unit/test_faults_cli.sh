@@ -113,9 +113,14 @@ start_agent() {
 	AG=$!
 	started=exited
 	for _ in $(seq 400); do
+		# Alive or not, asked before the records are looked for: an agent that
+		# wrote its error record and exited between the two is not taken for
+		# one that exited without a word.
+		local alive=1
+		kill -0 "$AG" 2>/dev/null || alive=0
 		[[ -f $d/ready ]] && { started=ready; return; }
 		[[ -f $d/error ]] && { started=error; return; }
-		kill -0 "$AG" 2>/dev/null || return
+		((alive)) || return
 		sleep 0.05
 	done
 	started=timeout
@@ -268,6 +273,16 @@ else
 	check "pool: the agent stops cleanly" test "$agent_rc" = 0
 	nojobenv
 fi
+PFX=(env)
+
+# ------------------------------------------- no thread to be had at the start
+# The agent's settling thread (topology, then the pool) cannot be started:
+# the start fails with an error record, and no ready record is left behind
+# naming the agent that exited (the thread used to be started after it).
+PFX=(faulty nothread "$R/agent.sock" 0)
+start_agent "$R" --slab 16MiB --pinned 8MiB:1MiB
+failed_start "agent: no thread for the settling after the socket: an error record, no ready record" \
+	"starting the agent's settling thread: Resource temporarily unavailable"
 PFX=(env)
 
 # --------------------------------------------- the runtime directory fills up

@@ -1,4 +1,4 @@
-/* Job directory names (long node names hashed, bad ones refused) and removal of trees of any depth. */
+/* Job directory names (long node names hashed, bad ones refused), the error record as root writes it, and removal of trees of any depth. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +12,7 @@
 #include <cmocka.h>
 
 #include <aegaeon/aegaeon.h>
+#include <aegaeon/jobrec.h>
 
 #include "internal.h"
 #include "jobdir.h"
@@ -210,6 +211,49 @@ static void remove_links_and_missing(void **state)
 	close(dfd);
 }
 
+/*
+ * The error record as root writes it into a directory the job user owns:
+ * made the user's through its descriptor, never following what the user
+ * planted at its name or at the temporary name.
+ */
+static void error_record(void **state)
+{
+	char path[128], target[128], reason[64];
+	uid_t uid = geteuid() == 0 ? 65534 : geteuid();
+	gid_t gid = geteuid() == 0 ? 65534 : getegid();
+	struct stat st;
+	int dfd;
+
+	dfd = open(tmpdir, O_RDONLY | O_DIRECTORY);
+	assert_true(dfd >= 0);
+	snprintf(target, sizeof(target), "%s/precious", tmpdir);
+	close(open(target, O_WRONLY | O_CREAT, 0600));
+	/* A link at the temporary name and one at the record's name. */
+	assert_int_equal(symlinkat(target, dfd, "error.tmp"), 0);
+	assert_int_equal(symlinkat(target, dfd, "error"), 0);
+	assert_int_equal(aeg_jobdir_write_error(dfd, tmpdir, "slab of 40 GiB asked\nsecond line", uid, gid), 0);
+	snprintf(path, sizeof(path), "%s/error", tmpdir);
+	assert_int_equal(lstat(path, &st), 0);
+	assert_true(S_ISREG(st.st_mode));
+	assert_int_equal(st.st_uid, uid);
+	assert_int_equal(st.st_gid, gid);
+	assert_int_equal(st.st_mode & 07777, 0600);
+	assert_int_equal(aeg_job_error_read(path, reason, sizeof(reason)), 0);
+	assert_string_equal(reason, "slab of 40 GiB asked?second line");
+	/* What the links named is untouched, and no temporary file is left. */
+	assert_int_equal(stat(target, &st), 0);
+	assert_int_equal(st.st_size, 0);
+	assert_int_equal(st.st_uid, geteuid());
+	assert_int_equal(faccessat(dfd, "error.tmp", F_OK, AT_SYMLINK_NOFOLLOW), -1);
+	/* A directory at the name is not replaced. */
+	assert_int_equal(unlinkat(dfd, "error", 0), 0);
+	assert_int_equal(mkdirat(dfd, "error", 0700), 0);
+	assert_int_equal(aeg_jobdir_write_error(dfd, tmpdir, "x", uid, gid), AEG_EIO);
+	assert_non_null(strstr(aeg_error_detail(), "renaming"));
+	assert_int_equal(faccessat(dfd, "error.tmp", F_OK, AT_SYMLINK_NOFOLLOW), -1);
+	close(dfd);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -219,6 +263,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(remove_deep_tree, setup, teardown),
 		cmocka_unit_test_setup_teardown(remove_runs_out_of_time, setup, teardown),
 		cmocka_unit_test_setup_teardown(remove_links_and_missing, setup, teardown),
+		cmocka_unit_test_setup_teardown(error_record, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -180,7 +180,7 @@ static void prefetch_bad(void **state)
 		{ "/a\nb", NULL, "control character" },
 		{ "a", "relative/cwd", "working directory 'relative/cwd' is not absolute" },
 	};
-	char *many, *paths;
+	char *many, *paths, cwd[101];
 
 	for (size_t i = 0; i < AEG_ARRAY_SIZE(t); i++) {
 		paths = (char *)"untouched";
@@ -209,6 +209,40 @@ static void prefetch_bad(void **state)
 	many[PATH_MAX + 1] = '\0';
 	assert_int_equal(aeg_jobopt_parse_prefetch(many, NULL, &paths, NULL), AEG_EINVAL);
 	assert_detail("longer than");
+	free(many);
+
+	/*
+	 * 64 paths of 1000 bytes each fit PATH_MAX and the count, but not an
+	 * exec's 128 KiB string: refused by length, with 32 KiB of them kept.
+	 * Relative ones count as made absolute.
+	 */
+	many = malloc(AEG_JOBOPT_PREFETCH_MAX * 1001 + 1);
+	assert_non_null(many);
+	for (int i = 0; i < AEG_JOBOPT_PREFETCH_MAX; i++) {
+		memset(many + i * 1001, 'a', 1000);
+		many[i * 1001] = '/';
+		many[i * 1001 + 1000] = ',';
+	}
+	many[AEG_JOBOPT_PREFETCH_MAX * 1001 - 1] = '\0';
+	assert_int_equal(aeg_jobopt_parse_prefetch(many, NULL, &paths, NULL), AEG_EINVAL);
+	assert_detail("longer than 32768 bytes with its paths made absolute");
+	assert_null(paths);
+	many[32 * 1001 - 1] = '\0';
+	assert_int_equal(aeg_jobopt_parse_prefetch(many, NULL, &paths, NULL), 0);
+	assert_int_equal(strlen(paths), 32 * 1001 - 1);
+	free(paths);
+	many[32 * 1001 - 1] = ',';
+	many[33 * 1001 - 1] = '\0';
+	assert_int_equal(aeg_jobopt_parse_prefetch(many, NULL, &paths, NULL), AEG_EINVAL);
+	/* 30 relative paths (30 KiB) under a working directory of 100 bytes: 33 KiB made absolute. */
+	for (int i = 0; i < 30; i++)
+		many[i * 1001] = 'a';
+	many[30 * 1001 - 1] = '\0';
+	memset(cwd, 'w', sizeof(cwd) - 1);
+	cwd[0] = '/';
+	cwd[sizeof(cwd) - 1] = '\0';
+	assert_int_equal(aeg_jobopt_parse_prefetch(many, cwd, &paths, NULL), AEG_EINVAL);
+	assert_detail("longer than 32768 bytes");
 	free(many);
 }
 
@@ -324,6 +358,16 @@ static void caps(void **state)
 	assert_int_equal(aeg_jobopt_check_pinned(&p, &cfg), 0);
 	assert_int_equal(aeg_jobopt_parse_pinned("0", &p), 0);
 	assert_int_equal(aeg_jobopt_check_pinned(&p, &cfg), 0);
+
+	/* Files to load at start need a slab: the job's, or the site's default one. */
+	assert_int_equal(aeg_jobopt_check_prefetch_slab(1, 0, &cfg), 0);
+	for (int pct = 0; pct < 2; pct++) {
+		assert_int_equal(aeg_size_spec_parse(pct ? "0%" : "0", &cfg.slab_default), 0);
+		assert_int_equal(aeg_jobopt_check_prefetch_slab(1, 0, &cfg), AEG_EINVAL);
+		assert_detail("this site reserves none unless the job asks (slab_default is 0): add --aegaeon-slab=SIZE");
+		assert_int_equal(aeg_jobopt_check_prefetch_slab(1, 1, &cfg), 0);
+		assert_int_equal(aeg_jobopt_check_prefetch_slab(0, 0, &cfg), 0);
+	}
 }
 
 int main(void)

@@ -1,7 +1,9 @@
 /* Sessions on the host backend: the same load, find, wait and release in a process and through a real agent. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -17,6 +19,7 @@
 
 #include "internal.h"
 #include "pinned_internal.h"
+#include "prefetch_internal.h"
 #include "testutil.h"
 #include "agentutil.h"
 
@@ -558,6 +561,222 @@ static void model_directory(void **state)
 	aeg_session_close(s);
 }
 
+struct prepare_call {
+	aeg_session_t *s;
+	int err, done;
+};
+
+static void *prepare_thread(void *arg)
+{
+	struct prepare_call *p = arg;
+
+	p->err = aeg_session_prepare(p->s, 0);
+	__atomic_store_n(&p->done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+struct load_call {
+	aeg_session_t *s;
+	struct aeg_load_request req;
+	int err, done;
+};
+
+static void *load_thread(void *arg)
+{
+	struct load_call *c = arg;
+	aeg_model_t *m = NULL;
+
+	c->err = aeg_session_load(c->s, &c->req, &m);
+	if (c->err == 0) {
+		c->err = aeg_model_wait(m, 10000);
+		aeg_model_release(m);
+	}
+	__atomic_store_n(&c->done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+/*
+ * aeg_session_prepare waits for the staging ring, not for the process's
+ * loads: the ring's thread maps the rest of the slab only once no load
+ * runs, and prepare used to wait for that holding the session's lock, so
+ * a load of many files, which holds its engine while it takes that lock
+ * for each file, never ended (nor did prepare). Here another engine's load
+ * stays in flight (held) while prepare and a load of a directory of
+ * shards run beside each other; both end. Bounded: after 10 s the held
+ * load goes on, so the test fails instead of hanging.
+ */
+static void prepare_beside_loads(void **state)
+{
+	static const uint64_t a[] = { 300 * KiB }, b[] = { 70000, 12 };
+	struct fx *f = *state;
+	struct aeg_prefetch_options opts = { .chunk_bytes = 1 * MiB };
+	struct aeg_prefetch_config cfg;
+	struct prepare_call p = { .s = NULL };
+	struct load_call c = { .req = { .gpu = 0, .chunk_bytes = 1 * MiB } };
+	unsigned char *bytes[2];
+	char dir[160], path[200];
+	aeg_device_t *dev = NULL;
+	aeg_slab_t *slab = NULL;
+	aeg_prefetch_t *pf = NULL;
+	aeg_load_t *l = NULL;
+	pthread_t pt, lt;
+	uint64_t size;
+	int done = 0;
+
+	snprintf(dir, sizeof(dir), "%s/shards", f->dir);
+	assert_int_equal(mkdir(dir, 0700), 0);
+	snprintf(path, sizeof(path), "%s/a.safetensors", dir);
+	bytes[0] = test_st_file_named(path, "a", a, 1, &size);
+	snprintf(path, sizeof(path), "%s/b.safetensors", dir);
+	bytes[1] = test_st_file_named(path, "b", b, 2, &size);
+	assert_int_equal(aeg_device_open(&dev, AEG_DEVICE_HOST), 0);
+	assert_int_equal(aeg_slab_create(dev, 0, 16 * MiB, &slab), 0);
+	aeg_prefetch_config_defaults(&cfg);
+	cfg.threads = 2;
+	assert_int_equal(aeg_prefetch_create(slab, NULL, &cfg, &pf), 0);
+	assert_int_equal(aeg_prefetch_hold(pf, 1), 0);
+	assert_int_equal(aeg_prefetch_file(pf, f->raw, &opts, &l), 0);
+	assert_true(aeg_loads_active() > 0);
+
+	p.s = c.s = open_session(f);
+	c.req.path = dir;
+	assert_int_equal(pthread_create(&pt, NULL, prepare_thread, &p), 0);
+	assert_int_equal(pthread_create(&lt, NULL, load_thread, &c), 0);
+	for (int i = 0; i < 1000 && !done; i++) {
+		usleep(10000);
+		done = __atomic_load_n(&p.done, __ATOMIC_ACQUIRE) && __atomic_load_n(&c.done, __ATOMIC_ACQUIRE);
+	}
+	aeg_prefetch_hold(pf, 0);
+	pthread_join(pt, NULL);
+	pthread_join(lt, NULL);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	assert_int_equal(aeg_load_release(l), 0);
+	aeg_load_close(l);
+	aeg_prefetch_destroy(pf);
+	aeg_slab_destroy(slab);
+	aeg_device_close(dev);
+	for (int i = 0; i < 2; i++)
+		free(bytes[i]);
+	if (!done) {
+		aeg_session_close(p.s);
+		fail_msg("aeg_session_prepare and a load beside it waited 10 s for another engine's load");
+	}
+	assert_int_equal(p.err, 0);
+	assert_int_equal(c.err, 0);
+	aeg_session_close(p.s);
+}
+
+/*
+ * An index naming a shard that is neither called *.safetensors nor one: the
+ * load fails naming it and leaves nothing loaded. Through a job's agent,
+ * which takes such a file for raw bytes and loads it, that load is given
+ * back too (it was left in the job's slab, owned by no one).
+ */
+static void index_bad_shard(void **state)
+{
+	static const uint64_t g[] = { 8 * KiB };
+	struct fx *f = *state;
+	struct aeg_load_request req = { .gpu = 0, .chunk_bytes = 1 * MiB };
+	char dir[160], path[200];
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL;
+	unsigned char *good;
+	uint64_t size;
+	FILE *idx;
+
+	snprintf(dir, sizeof(dir), "%s/mixed", f->dir);
+	assert_int_equal(mkdir(dir, 0700), 0);
+	snprintf(path, sizeof(path), "%s/good.safetensors", dir);
+	good = test_st_file_named(path, "g", g, 1, &size);
+	snprintf(path, sizeof(path), "%s/weights.bin", dir);
+	test_write_file(path, f->raw_bytes, f->raw_size);
+	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+	idx = fopen(path, "w");
+	assert_non_null(idx);
+	fprintf(idx, "{\"weight_map\": {\"g0\": \"good.safetensors\", \"w\": \"weights.bin\"}}\n");
+	assert_int_equal(fclose(idx), 0);
+
+	req.path = dir;
+	assert_int_equal(aeg_session_load(s, &req, &m), AEG_EFORMAT);
+	assert_non_null(strstr(aeg_error_detail(), "mixed/weights.bin: safetensors: "));
+	assert_int_equal(aeg_session_owned_blocks(s), 0);
+	snprintf(path, sizeof(path), "%s/weights.bin", dir);
+	assert_int_equal(aeg_session_find(s, path, -1, &m), AEG_ENOENT);
+	if (f->mode == AEG_SESSION_JOB) {
+		struct aeg_job_status *st;
+
+		assert_int_equal(aeg_job_status(aeg_session_job(s), &st), 0);
+		assert_int_equal(st->loads, 0);
+		assert_int_equal(st->slab[0].stats.blocks, 0);
+		aeg_job_status_free(st);
+	}
+	free(good);
+	aeg_session_close(s);
+}
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+}
+
+/*
+ * What a directory's shard index is named but is no file (a FIFO, a
+ * directory) is an error naming it, at once: a FIFO was opened for reading
+ * and waited for a writer forever. (An alarm without SA_RESTART interrupts
+ * such a wait, so the test fails instead of hanging.) An index that is a
+ * symbolic link to a file, as in the Hugging Face cache, is read through it.
+ */
+static void index_not_a_file(void **state)
+{
+	static const uint64_t w[] = { 4 * KiB, 100 };
+	struct fx *f = *state;
+	struct aeg_load_request req = { .gpu = 0, .chunk_bytes = 1 * MiB };
+	struct sigaction sa = { .sa_handler = on_alarm }, old;
+	char dir[160], index[200], blob[200], path[200];
+	aeg_session_t *s = open_session(f);
+	aeg_model_t *m = NULL;
+	unsigned char *bytes;
+	unsigned left;
+	uint64_t size;
+	FILE *idx;
+	int err;
+
+	snprintf(dir, sizeof(dir), "%s/snapshot", f->dir);
+	assert_int_equal(mkdir(dir, 0700), 0);
+	snprintf(path, sizeof(path), "%s/model-00001-of-00001.safetensors", dir);
+	bytes = test_st_file_named(path, "w", w, 2, &size);
+	snprintf(index, sizeof(index), "%s/model.safetensors.index.json", dir);
+	req.path = dir;
+
+	for (int dir_not_fifo = 0; dir_not_fifo < 2; dir_not_fifo++) {
+		assert_int_equal(dir_not_fifo ? mkdir(index, 0700) : mkfifo(index, 0600), 0);
+		assert_int_equal(sigaction(SIGALRM, &sa, &old), 0);
+		alarm(5);
+		err = aeg_session_load(s, &req, &m);
+		left = alarm(0);
+		sigaction(SIGALRM, &old, NULL);
+		if (left == 0)
+			fail_msg("%s: loading waited 5 s on the index", dir_not_fifo ? "a directory" : "a FIFO");
+		assert_int_equal(err, AEG_EINVAL);
+		assert_non_null(strstr(aeg_error_detail(), "model.safetensors.index.json: not a regular file"));
+		assert_int_equal(dir_not_fifo ? rmdir(index) : unlink(index), 0);
+	}
+
+	snprintf(blob, sizeof(blob), "%s/blob.json", f->dir);
+	idx = fopen(blob, "w");
+	assert_non_null(idx);
+	fprintf(idx, "{\"weight_map\": {\"w0\": \"model-00001-of-00001.safetensors\", "
+		"\"w1\": \"model-00001-of-00001.safetensors\"}}\n");
+	assert_int_equal(fclose(idx), 0);
+	assert_int_equal(symlink(blob, index), 0);
+	assert_int_equal(aeg_session_load(s, &req, &m), 0);
+	assert_int_equal(aeg_model_file_count(m), 1);
+	assert_int_equal(aeg_model_wait(m, 10000), 0);
+	assert_int_equal(aeg_model_release(m), 0);
+	free(bytes);
+	aeg_session_close(s);
+}
+
 /* A job session waits for a whole load with one request: a failed load says why. */
 static void job_wait_one_request(void **state)
 {
@@ -623,6 +842,9 @@ int main(void)
 		cmocka_unit_test_setup_teardown(local_engine_kept, setup_local, teardown),
 		cmocka_unit_test_setup_teardown(model_directory, setup_local, teardown),
 		cmocka_unit_test_setup_teardown(ring_made_ahead, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(prepare_beside_loads, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(index_bad_shard, setup_local, teardown),
+		cmocka_unit_test_setup_teardown(index_not_a_file, setup_local, teardown),
 	};
 	const struct CMUnitTest job[] = {
 		cmocka_unit_test_setup_teardown(load_wait_release, setup_job, teardown),
@@ -632,6 +854,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(bad_requests, setup_job, teardown),
 		cmocka_unit_test_setup_teardown(job_wait_one_request, setup_job, teardown),
 		cmocka_unit_test_setup_teardown(model_directory, setup_job, teardown),
+		cmocka_unit_test_setup_teardown(index_bad_shard, setup_job, teardown),
 	};
 	int failed = cmocka_run_group_tests_name("local session", local, NULL, NULL);
 

@@ -32,16 +32,6 @@
 
 /* ------------------------------------------------------------- start-up */
 
-int aeg_agent_write_error(const char *runtime_dir, const char *reason)
-{
-	char path[PATH_MAX];
-
-	if (snprintf(path, sizeof(path), "%s/%s", runtime_dir, AEG_JOB_ERROR_FILE) >= (int)sizeof(path))
-		return aeg_fail(AEG_EINVAL, "runtime directory path too long");
-	aeg_error("start-up failed: %s", reason);
-	return aeg_job_error_write(path, reason);
-}
-
 /* JOBDIR must be a real directory of ours that nobody else can enter. */
 static int check_runtime_dir(const char *dir)
 {
@@ -59,6 +49,21 @@ static int check_runtime_dir(const char *dir)
 				"a 0700 directory of uid %u (the job user)", dir, (unsigned)st.st_uid,
 				(unsigned)(st.st_mode & 07777), (unsigned)geteuid());
 	return 0;
+}
+
+int aeg_agent_write_error(const char *runtime_dir, const char *reason)
+{
+	char path[PATH_MAX];
+	int err;
+
+	aeg_error("start-up failed: %s", reason);
+	/* A directory the agent would not run in is not one to write into either. */
+	err = check_runtime_dir(runtime_dir);
+	if (err)
+		return err;
+	if (snprintf(path, sizeof(path), "%s/%s", runtime_dir, AEG_JOB_ERROR_FILE) >= (int)sizeof(path))
+		return aeg_fail(AEG_EINVAL, "runtime directory path too long");
+	return aeg_job_error_write(path, reason);
 }
 
 static int write_pid(const char *path)
@@ -81,6 +86,12 @@ static int reserve_slabs(struct agent *a)
 {
 	const struct aeg_agent_config *cfg = a->cfg;
 
+	/* "--slab 0": a site whose slab_default is 0, and a job that asked for none; its pool is still near GPU 0. */
+	if (cfg->gpu_count > 0 && (cfg->slab.is_percent ? cfg->slab.ppm == 0 : cfg->slab.bytes == 0)) {
+		aeg_info("no slab reserved (--slab 0) on the job's %d GPU%s", cfg->gpu_count,
+			 cfg->gpu_count == 1 ? "" : "s");
+		return 0;
+	}
 	for (int i = 0; i < cfg->gpu_count; i++) {
 		struct agent_slab *s = &a->slabs[i];
 		struct aeg_gpu_info info;
@@ -480,9 +491,19 @@ static void *settle(void *arg)
 {
 	struct agent *a = arg;
 	const aeg_topo_t *topo = NULL;
-	uint64_t t = aeg_now_ns();
-	int node = aeg_topo_sole_node();
+	uint64_t t;
+	int node, stopping;
 
+	/* Made before the ready record, so a thread that cannot be had fails the start; works after it. */
+	pthread_mutex_lock(&a->lock);
+	while (!a->ready_written && !a->stopping)
+		pthread_cond_wait(&a->pool_cv, &a->lock);
+	stopping = a->stopping;
+	pthread_mutex_unlock(&a->lock);
+	if (stopping)
+		return NULL;
+	t = aeg_now_ns();
+	node = aeg_topo_sole_node();
 	if (node >= 0) {
 		aeg_debug("job %s: one NUMA node (%d): no topology; pool and prefetch threads need no binding",
 			  a->cfg->job_id, node);
@@ -598,20 +619,31 @@ static int start(struct agent *a)
 	/* --prefetch models go to the first GPU's slab, all started before ready. */
 	for (int i = 0; i < cfg->prefetch_count; i++) {
 		if (a->nslabs == 0)
-			return aeg_fail(AEG_ENODEV, "--prefetch %s: the job has no GPU to load into",
-					cfg->prefetch[i]);
+			return aeg_fail(AEG_ENODEV, "--prefetch %s: the job has no slab to load into (%s)",
+					cfg->prefetch[i], cfg->gpu_count == 0 ? "no GPU" : "--slab 0");
 		err = start_model(a, cfg->prefetch[i]);
 		if (err)
 			return err;
 	}
 	prefetch = lap_ms(&t);
+	/*
+	 * The settling thread is had before the ready record is written: a ready
+	 * record must never name an agent that is about to fail its start.
+	 */
+	err = start_settling(a);
+	if (err)
+		return err;
 	err = write_ready(a);
 	if (err)
 		return err;
+	pthread_mutex_lock(&a->lock);
+	a->ready_written = 1;
+	pthread_cond_broadcast(&a->pool_cv);
+	pthread_mutex_unlock(&a->lock);
 	aeg_info("job %s: ready on %s after %.1f ms (device open %.1f, slabs %.1f, pool check %.1f, "
 		 "engines and socket %.1f, prefetch starts %.1f)", cfg->job_id, a->sock_path,
 		 (aeg_now_ns() - t0) / 1e6, device, slabs, pool_check, engines, prefetch);
-	return start_settling(a);
+	return 0;
 }
 
 int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd)

@@ -19,7 +19,7 @@ struct aeg_agent_config {
 	char runtime_dir[PATH_MAX];             /* JOBDIR: a directory of ours, 0700 */
 	int gpus[AEG_JOB_MAX_GPUS];             /* ordinals as this process sees them */
 	int gpu_count;
-	struct aeg_size_spec slab;              /* per GPU; percentages of its memory */
+	struct aeg_size_spec slab;              /* per GPU; percentages of its memory; 0: no slab */
 	uint64_t pinned_bytes;                  /* 0: no pool */
 	uint64_t pinned_buffer_bytes;
 	char **prefetch;                        /* absolute paths loaded at start */
@@ -53,9 +53,11 @@ struct aeg_agent_config {
 int aeg_agent_run(const struct aeg_agent_config *cfg, int stop_fd);
 
 /*
- * aeg_agent_write_error - the error record in @runtime_dir: "@what: detail"
- * (the thread's error detail) for the plugin to show the user. Used for
- * failures found before aeg_agent_run, such as bad options.
+ * aeg_agent_write_error - log @reason and write it as the error record in
+ * @runtime_dir for the plugin to show the user. Used for failures found
+ * before aeg_agent_run, such as bad options, too. Writes only into a 0700
+ * directory of this process's uid, as aeg_agent_run runs only in one:
+ * otherwise AEG_EPERM (or AEG_ENOENT, AEG_EINVAL) and nothing written.
  */
 int aeg_agent_write_error(const char *runtime_dir, const char *reason);
 

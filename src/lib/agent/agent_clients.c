@@ -408,6 +408,73 @@ static int wait_hello(struct client *c)
 	}
 }
 
+/*
+ * One pass over the watched processes (lock held): put back the buffers of
+ * those that exited, forget those past their watch.
+ */
+static void reclaim_gone(struct agent *a)
+{
+	uint64_t now = aeg_now_ns();
+
+	for (int i = 0; i < a->ngone;) {
+		struct gone *g = &a->gone[i];
+		int connected = 0, drop = 1;
+		uint32_t n;
+
+		for (struct client *c = a->clients; c; c = c->next)
+			connected |= !c->finished && c->pid == g->pid && c->pid_start == g->start;
+		if (connected) {
+			/* Still attached through another connection: its buffers are in use. */
+		} else if (!aeg_proc_alive(g->pid, g->start)) {
+			if (aeg_pool_reclaim(a->pool, g->pid, &n))
+				aeg_warn("client pid %d exited: %s", (int)g->pid, aeg_error_detail());
+			else if (n > 0)
+				aeg_warn("client pid %d exited holding %u pinned pool buffer%s; back in the pool",
+					 (int)g->pid, n, n == 1 ? "" : "s");
+		} else if (now < g->until_ns) {
+			drop = 0;
+		}
+		if (drop)
+			*g = a->gone[--a->ngone];
+		else
+			i++;
+	}
+}
+
+/*
+ * Watch process @pid (started at @start) for its exit now that one of its
+ * connections closed (lock held). A process has one entry, which each of
+ * its closes renews: one that reconnects many times a second (a monitor
+ * polling status) must not fill the table. When the table is full anyway,
+ * the exits already there are dealt with, and if none was, the live process
+ * whose watch ends first makes way: it loses the rest of its grace, where a
+ * step killed meanwhile and turned away would keep its buffers for the
+ * job's life.
+ */
+static void watch_exit(struct agent *a, pid_t pid, uint64_t start)
+{
+	uint64_t until = aeg_now_ns() + GONE_WATCH_MS * 1000000ull;
+	int oldest = 0;
+
+	for (int i = 0; i < a->ngone; i++) {
+		if (a->gone[i].pid == pid && a->gone[i].start == start) {
+			a->gone[i].until_ns = until;
+			return;
+		}
+	}
+	if (a->ngone == GONE_MAX)
+		reclaim_gone(a);
+	if (a->ngone == GONE_MAX) {
+		for (int i = 1; i < a->ngone; i++)
+			if (a->gone[i].until_ns < a->gone[oldest].until_ns)
+				oldest = i;
+		aeg_debug("client pid %d: %d exits watched; pid %d, alive, is no longer watched",
+			  (int)pid, GONE_MAX, (int)a->gone[oldest].pid);
+		a->gone[oldest] = a->gone[--a->ngone];
+	}
+	a->gone[a->ngone++] = (struct gone){ pid, start, until };
+}
+
 static void *client_main(void *arg)
 {
 	struct client *c = arg;
@@ -469,14 +536,8 @@ static void *client_main(void *arg)
 	 * the agent's pid namespace (the pid it says is the one the kernel
 	 * gave) can be matched with them.
 	 */
-	if (a->pool && c->hello_done && c->pid_start && c->hello_pid == (uint32_t)c->pid) {
-		if (a->ngone < GONE_MAX)
-			a->gone[a->ngone++] = (struct gone){ c->pid, c->pid_start,
-							     aeg_now_ns() + GONE_WATCH_MS * 1000000ull };
-		else
-			aeg_debug("client pid %d: %d exits already watched; its pool buffers stay its own",
-				  (int)c->pid, GONE_MAX);
-	}
+	if (a->pool && c->hello_done && c->pid_start && c->hello_pid == (uint32_t)c->pid)
+		watch_exit(a, c->pid, c->pid_start);
 	shutdown(c->fd, SHUT_RDWR);
 	leave_pending(c);
 	c->finished = 1;
@@ -497,32 +558,8 @@ static void client_free(struct client *c)
 /* Put back the pool buffers of client processes that exited since their connection closed. */
 void agent_reclaim_gone(struct agent *a)
 {
-	uint64_t now = aeg_now_ns();
-
 	pthread_mutex_lock(&a->lock);
-	for (int i = 0; i < a->ngone;) {
-		struct gone *g = &a->gone[i];
-		int connected = 0, drop = 1;
-		uint32_t n;
-
-		for (struct client *c = a->clients; c; c = c->next)
-			connected |= !c->finished && c->pid == g->pid && c->pid_start == g->start;
-		if (connected) {
-			/* Still attached through another connection: its buffers are in use. */
-		} else if (!aeg_proc_alive(g->pid, g->start)) {
-			if (aeg_pool_reclaim(a->pool, g->pid, &n))
-				aeg_warn("client pid %d exited: %s", (int)g->pid, aeg_error_detail());
-			else if (n > 0)
-				aeg_warn("client pid %d exited holding %u pinned pool buffer%s; back in the pool",
-					 (int)g->pid, n, n == 1 ? "" : "s");
-		} else if (now < g->until_ns) {
-			drop = 0;
-		}
-		if (drop)
-			*g = a->gone[--a->ngone];
-		else
-			i++;
-	}
+	reclaim_gone(a);
 	pthread_mutex_unlock(&a->lock);
 }
 
@@ -643,10 +680,17 @@ void agent_accept(struct agent *a)
 		a->nclients++;
 	}
 	pthread_mutex_unlock(&a->lock);
-	if (full)
+	if (full) {
+		/* Told why, so the step does not take the close for the job's end. */
+		int max = a->cfg->max_clients > 0 ? a->cfg->max_clients : AEG_AGENT_MAX_CLIENTS;
+
 		aeg_warn("refused a connection from pid %d: every client slot is held by a client past its hello",
 			 (int)cred.pid);
-	else if (err)
+		aeg_fail(AEG_EBUSY, "all %d connections of the job's agent are in use by the job's processes; "
+			 "detach a job handle (each aeg_job_attach or aeg_job_connect, and each thread waiting "
+			 "for a chunk or a load, holds one) and try again", max);
+		send_error(c, 0, AEG_EBUSY);
+	} else if (err)
 		aeg_warn("connection from pid %d: pthread_create: %s", (int)cred.pid, strerror(err));
 	else
 		aeg_debug("client pid %d connected", (int)cred.pid);

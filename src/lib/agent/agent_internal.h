@@ -55,7 +55,8 @@ struct agent {
 	atomic_int pool_stop;           /* set at shutdown: a pool being made stops */
 	pthread_t settle_thread;        /* after ready: the topology for the engines, then the pool */
 	int settle_thread_started;
-	pthread_cond_t pool_cv;         /* pool_state left POOL_MAKING; with lock */
+	int ready_written;              /* the settling thread may start its work; with lock */
+	pthread_cond_t pool_cv;         /* pool_state left POOL_MAKING, ready_written or stopping set; with lock */
 	char sock_path[AEG_JOB_SOCKET_MAX];
 	char pid_path[PATH_MAX], ready_path[PATH_MAX], error_path[PATH_MAX];
 	int listen_fd, wake_fd;

@@ -287,6 +287,9 @@ static int set_key(const struct load *ld, const config_setting_t *s, const struc
 		if (strlen(str) >= PATH_MAX)
 			return bad(ld, s, "path is longer than %d bytes", PATH_MAX - 1);
 		memcpy(field, str, strlen(str) + 1);
+		/* "/run/aegaeon/" is "/run/aegaeon": paths made from it, and compared, have one form. */
+		for (size_t len = strlen(field); len > 1 && ((char *)field)[len - 1] == '/'; len--)
+			((char *)field)[len - 1] = '\0';
 		return 0;
 	case K_LOG_LEVEL:
 		rc = string_of(ld, s, "\"info\"", &str);
@@ -404,6 +407,9 @@ static int check_limits(const struct load *ld, const struct aeg_config *c)
 	struct aeg_size_spec pb = { .bytes = c->pinned_buffer_bytes };
 	int rc;
 
+	if (ld->seen[RUNTIME_DIR] != NULL && strcmp(c->runtime_dir, "/") == 0)
+		return bad(ld, ld->seen[RUNTIME_DIR], "must be a directory below / (the default is \"/run/aegaeon\")");
+
 	if (ld->seen[SLAB_MAX] != NULL && c->slab_max.bytes == 0 && c->slab_max.ppm == 0)
 		return bad(ld, ld->seen[SLAB_MAX], "must be more than 0");
 	if (c->slab_default.is_percent == c->slab_max.is_percent &&
@@ -424,6 +430,9 @@ static int check_limits(const struct load *ld, const struct aeg_config *c)
 		return over(ld, PINNED_BUFFER, &pb, PINNED_MAX, &pm);
 	if (c->pinned_default_bytes > c->pinned_max_bytes)
 		return over(ld, PINNED_DEFAULT, &pd, PINNED_MAX, &pm);
+	/* The default pool is made of the site's buffers: at least one must fit. */
+	if (c->pinned_default_bytes != 0 && c->pinned_default_bytes < c->pinned_buffer_bytes)
+		return over(ld, PINNED_BUFFER, &pb, PINNED_DEFAULT, &pd);
 	return 0;
 }
 

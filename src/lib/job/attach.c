@@ -46,7 +46,7 @@ struct aeg_job {
 	union proto_msg *msg;
 	char socket[AEG_JOB_SOCKET_MAX + 4];    /* for messages: aeg_quote of the path, whole */
 	char sock_path[AEG_JOB_SOCKET_MAX];     /* the path itself */
-	int reply_lost;                 /* a request went unanswered: the stream is out of step */
+	uint16_t lost_type;             /* a request of this type went unanswered: out of step (0: none) */
 	int pool_wanted;                /* attached (not connect-only) to a job with a pool */
 	struct aeg_job *next_job;       /* on the list of attached jobs */
 	struct aeg_job *idle_waiter;    /* a wait connection kept for the next wait */
@@ -59,24 +59,55 @@ static void conn_free(aeg_job_t *c);
 static int wait_recorded_by_agent(void *ctx, const aeg_handle_t *handle, int timeout_ms);
 
 /*
+ * An error frame of id 0 is the agent's word on the connection itself, sent
+ * just before it closes it (every slot taken, no hello in time): the answer
+ * to whatever was asked. Lock held.
+ */
+static int closed_by_agent(aeg_job_t *job)
+{
+	return aeg_fail(job->msg->error.code, "the agent at %s closed the connection: %s", job->socket,
+			job->msg->error.detail);
+}
+
+/* A send found the connection closed: the agent's reason if it left one, else @err. Lock held. */
+static int send_failed(aeg_job_t *job, int err)
+{
+	struct pollfd p = { .fd = job->fd, .events = POLLIN };
+	struct proto_header h;
+	char why[256];
+
+	snprintf(why, sizeof(why), "%s", aeg_error_detail());
+	if (poll(&p, 1, 0) == 1 && proto_recv(job->fd, &h, job->msg, NULL, job->frame) == 0 &&
+	    h.type == PROTO_ERROR && h.id == 0)
+		return closed_by_agent(job);
+	return aeg_fail(err, "the agent at %s closed the connection (did the job end?): %s", job->socket, why);
+}
+
+/*
  * Send @type with job->msg as payload, wait at most @reply_ms (< 0: no
  * limit) for its reply into job->msg. Lock held.
+ *
+ * A reply that did not come in time may still come, and would be read as
+ * the answer to the next request: the connection is out of step for good.
+ * It is not replaced behind the caller's back: the agent frees a
+ * connection's leases when it closes, and this process still maps them. It
+ * stays open until detach, and every later call says to attach again.
  */
 static int call_timed(aeg_job_t *job, uint16_t type, int *recv_fd, int reply_ms)
 {
 	struct proto_header h;
 	struct pollfd p = { .fd = job->fd, .events = POLLIN };
-	uint64_t id = ++job->next_id;
+	uint64_t id;
 	int err, rc;
 
+	if (job->lost_type != 0)
+		return aeg_fail(AEG_EIO, "this job handle is out of step with the agent at %s since a %s request "
+				"went unanswered; detach it and attach again (aeg_job_detach, aeg_job_attach)",
+				job->socket, proto_type_name(job->lost_type));
+	id = ++job->next_id;
 	err = proto_send(job->fd, type, 0, id, job->msg, -1, job->frame);
-	if (err == AEG_EIO) {
-		char why[256];
-
-		snprintf(why, sizeof(why), "%s", aeg_error_detail());
-		return aeg_fail(AEG_EIO, "the agent at %s closed the connection (did the job end?): %s",
-				job->socket, why);
-	}
+	if (err == AEG_EIO)
+		return send_failed(job, err);
 	if (err) {
 		aeg_error_prefix("agent at %s", job->socket);
 		return err;
@@ -85,9 +116,11 @@ static int call_timed(aeg_job_t *job, uint16_t type, int *recv_fd, int reply_ms)
 		rc = poll(&p, 1, reply_ms);
 	while (rc < 0 && errno == EINTR);
 	if (rc == 0) {
-		job->reply_lost = 1;
-		return aeg_fail(AEG_ETIMEDOUT, "the agent at %s did not answer a %s request in %d s",
-				job->socket, proto_type_name(type), reply_ms / 1000);
+		/* A wait connection is dropped after this (waiter_put); a job's own stays with its job. */
+		job->lost_type = type;
+		return aeg_fail(AEG_ETIMEDOUT, "the agent at %s did not answer a %s request in %d s%s", job->socket,
+				proto_type_name(type), reply_ms / 1000,
+				job->listed ? "; this job handle is out of step: detach it and attach again" : "");
 	}
 	err = proto_recv(job->fd, &h, job->msg, recv_fd, job->frame);
 	if (err == AEG_ECANCELED)
@@ -96,6 +129,8 @@ static int call_timed(aeg_job_t *job, uint16_t type, int *recv_fd, int reply_ms)
 		aeg_error_prefix("agent at %s", job->socket);
 		return err;
 	}
+	if ((h.flags & PROTO_F_REPLY) && h.type == PROTO_ERROR && h.id == 0)
+		return closed_by_agent(job);
 	if (!(h.flags & PROTO_F_REPLY) || h.id != id || (h.type != type && h.type != PROTO_ERROR)) {
 		if (recv_fd && *recv_fd >= 0)
 			close(*recv_fd);
@@ -422,7 +457,7 @@ static int waiter_get(const char *socket_path, aeg_job_t **out)
 /* Keep @c as its job's idle wait connection when its exchange ended cleanly (@err is the agent's answer). */
 static void waiter_put(aeg_job_t *c, int err)
 {
-	int clean = !c->reply_lost && err != AEG_EIO && err != AEG_EPROTO && err != AEG_ENOMEM;
+	int clean = c->lost_type == 0 && err != AEG_EIO && err != AEG_EPROTO && err != AEG_ENOMEM;
 	aeg_job_t *job;
 
 	pthread_mutex_lock(&jobs_lock);

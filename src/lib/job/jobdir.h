@@ -1,9 +1,10 @@
-/* The job directory <runtime_dir>/<jobid>.<node>: its name, which the plugin's prolog, task_init and epilog must agree on, and its removal. */
+/* The job directory <runtime_dir>/<jobid>.<node>: its name, which the plugin's prolog, task_init and epilog must agree on, its error record as root writes it, and its removal. */
 #ifndef AEGAEON_JOBDIR_H
 #define AEGAEON_JOBDIR_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /* Node names longer than this are shortened in the directory's name. */
 #define AEG_JOBDIR_NODE_MAX 32
@@ -45,5 +46,15 @@ int aeg_jobdir_path(char *buf, size_t len, const char *runtime_dir, uint32_t job
  * (the entry and the system's reason in the detail). Thread-safe.
  */
 int aeg_jobdir_remove(int dfd, const char *name, uint64_t timeout_ms, unsigned long *removed);
+
+/*
+ * aeg_jobdir_write_error - the job's error record (aeg_job_error_write) in
+ * the job directory open at @dfd (@dir names it in messages), made
+ * @uid:@gid's. The file is made under a temporary name (O_EXCL, O_NOFOLLOW),
+ * chowned through its descriptor and renamed into place, so root may write
+ * it into a directory the job user already owns: no link planted there is
+ * followed and no file is chowned by name. Errors: as aeg_job_error_write.
+ */
+int aeg_jobdir_write_error(int dfd, const char *dir, const char *reason, uid_t uid, gid_t gid);
 
 #endif

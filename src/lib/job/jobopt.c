@@ -203,6 +203,12 @@ int aeg_jobopt_parse_prefetch(const char *text, const char *cwd, char **paths, s
 		}
 		memcpy(out + used, p, len);
 		used += len;
+		if (used > AEG_JOBOPT_PREFETCH_MAX_BYTES) {
+			rc = aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: the list is longer than %d bytes with its paths "
+				      "made absolute; name a model's directory instead of its files, or load the rest "
+				      "from the job with aegaeon-cli prefetch", AEG_JOBOPT_PREFETCH_MAX_BYTES);
+			goto out;
+		}
 		if (*end == '\0')
 			break;
 	}
@@ -340,6 +346,19 @@ int aeg_jobopt_check_device(enum aeg_device_kind kind, const struct aeg_config *
 		return aeg_fail(AEG_EPERM, "--aegaeon-device=%s is not allowed on this site "
 				"(allow_device_option is off; the site uses %s)",
 				aeg_device_kind_name(kind), aeg_device_kind_name(cfg->device));
+	return 0;
+}
+
+int aeg_jobopt_check_prefetch_slab(int prefetch, int has_slab, const struct aeg_config *cfg)
+{
+	const struct aeg_size_spec *d;
+
+	if (cfg == NULL)
+		return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch: no site configuration");
+	d = &cfg->slab_default;
+	if (prefetch && !has_slab && (d->is_percent ? d->ppm == 0 : d->bytes == 0))
+		return aeg_fail(AEG_EINVAL, "--aegaeon-prefetch loads into the job's slab, but this site reserves "
+				"none unless the job asks (slab_default is 0): add --aegaeon-slab=SIZE");
 	return 0;
 }
 

@@ -10,6 +10,13 @@
 
 /* At most this many files in one --aegaeon-prefetch. */
 #define AEG_JOBOPT_PREFETCH_MAX 64
+/*
+ * At most this many bytes in the list once its paths are absolute. The list
+ * reaches the prolog's environment (twice) and the agent's command line, and
+ * Linux refuses an exec with any one string over 128 KiB: a longer list would
+ * fail slurmd's start of the prolog, which drains the node.
+ */
+#define AEG_JOBOPT_PREFETCH_MAX_BYTES (32 * 1024)
 
 /*
  * Every message these functions leave in the error detail names the option
@@ -41,8 +48,9 @@ int aeg_jobopt_parse_pinned(const char *text, struct aeg_jobopt_pinned *pinned);
  * aeg_jobopt_parse_prefetch - split --aegaeon-prefetch=PATH[,PATH...] into
  * absolute paths joined by commas, in a new string (*@paths, caller frees).
  * Relative paths are made absolute against @cwd; with @cwd NULL they are
- * AEG_EINVAL. Empty elements, control characters, over PATH_MAX or more than
- * AEG_JOBOPT_PREFETCH_MAX files are AEG_EINVAL. @count (may be NULL) gets
+ * AEG_EINVAL. Empty elements, control characters, over PATH_MAX, more than
+ * AEG_JOBOPT_PREFETCH_MAX files or a list of more than
+ * AEG_JOBOPT_PREFETCH_MAX_BYTES are AEG_EINVAL. @count (may be NULL) gets
  * the number of files. Opens nothing. *@paths is NULL on failure.
  */
 int aeg_jobopt_parse_prefetch(const char *text, const char *cwd, char **paths, size_t *count);
@@ -81,6 +89,13 @@ int aeg_jobopt_check_pinned(const struct aeg_jobopt_pinned *pinned, const struct
  * --aegaeon-device (allow_device_option).
  */
 int aeg_jobopt_check_device(enum aeg_device_kind kind, const struct aeg_config *cfg);
+
+/*
+ * aeg_jobopt_check_prefetch_slab - a job that names files to load at start
+ * (@prefetch not 0) needs a slab to load them into: with no --aegaeon-slab
+ * (@has_slab 0) on a site whose slab_default is 0, AEG_EINVAL saying so.
+ */
+int aeg_jobopt_check_prefetch_slab(int prefetch, int has_slab, const struct aeg_config *cfg);
 
 /*
  * aeg_jobopt_format_slab - @slab as text aeg_size_spec_parse reads back to

@@ -16,6 +16,7 @@
 #include <aegaeon/jobrec.h>
 
 #include "internal.h"
+#include "jobdir.h"
 
 #define PID_MAX_LIMIT 4194304   /* the kernel's ceiling for pid_max */
 
@@ -401,24 +402,35 @@ out:
 
 #undef bad
 
-/* Write all of @len bytes to @path through @path.tmp, fsync'ed, then rename. */
-static int write_atomic(const char *path, const char *data, size_t len)
+/*
+ * Write all of @len bytes as @name in the directory @dfd through @name.tmp,
+ * fsync'ed, then renamed over @name. With @uid not (uid_t)-1 the file is
+ * made @uid:@gid's through its descriptor, before it is renamed: never by
+ * name, since @dfd may be a directory that user can change meanwhile.
+ * @path names the file in messages.
+ */
+static int write_atomic_at(int dfd, const char *name, const char *path, const char *data, size_t len,
+			   uid_t uid, gid_t gid)
 {
-	char tmp[PATH_MAX], dir[PATH_MAX];
+	char tmp[NAME_MAX + 1];
 	size_t done = 0;
-	int fd, dfd, err = 0;
+	int fd, err = 0;
 
-	if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
-		return aeg_fail(AEG_EINVAL, "path '%s' too long", path);
+	if (snprintf(tmp, sizeof(tmp), "%s.tmp", name) >= (int)sizeof(tmp))
+		return aeg_fail(AEG_EINVAL, "file name '%s' too long", name);
 	/* A stale tmp file (or a link planted there) must not be followed. */
-	if (unlink(tmp) < 0 && errno != ENOENT)
-		return aeg_fail(errno == EACCES ? AEG_EACCES : AEG_EIO, "removing %s: %s", tmp, strerror(errno));
-	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (unlinkat(dfd, tmp, 0) < 0 && errno != ENOENT)
+		return aeg_fail(errno == EACCES ? AEG_EACCES : AEG_EIO, "removing %s.tmp: %s", path, strerror(errno));
+	fd = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (fd < 0)
 		return aeg_fail(errno == EACCES ? AEG_EACCES : errno == ENOENT ? AEG_ENOENT : AEG_EIO,
-				"creating %s: %s", tmp, strerror(errno));
+				"creating %s.tmp: %s", path, strerror(errno));
 	if (fchmod(fd, 0600) < 0) {
-		err = aeg_fail(AEG_EIO, "chmod %s: %s", tmp, strerror(errno));
+		err = aeg_fail(AEG_EIO, "chmod %s.tmp: %s", path, strerror(errno));
+		goto out;
+	}
+	if (uid != (uid_t)-1 && fchown(fd, uid, gid) < 0) {
+		err = aeg_fail(AEG_EIO, "chown %s.tmp: %s", path, strerror(errno));
 		goto out;
 	}
 	while (done < len) {
@@ -426,32 +438,45 @@ static int write_atomic(const char *path, const char *data, size_t len)
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0) {
-			err = aeg_fail(AEG_EIO, "writing %s: %s", tmp, strerror(errno));
+			err = aeg_fail(AEG_EIO, "writing %s.tmp: %s", path, strerror(errno));
 			goto out;
 		}
 		done += (size_t)w;
 	}
 	if (fsync(fd) < 0) {
-		err = aeg_fail(AEG_EIO, "fsync %s: %s", tmp, strerror(errno));
+		err = aeg_fail(AEG_EIO, "fsync %s.tmp: %s", path, strerror(errno));
 		goto out;
 	}
 out:
 	if (close(fd) < 0 && !err)
-		err = aeg_fail(AEG_EIO, "closing %s: %s", tmp, strerror(errno));
-	if (!err && rename(tmp, path) < 0)
-		err = aeg_fail(AEG_EIO, "renaming %s to %s: %s", tmp, path, strerror(errno));
+		err = aeg_fail(AEG_EIO, "closing %s.tmp: %s", path, strerror(errno));
+	if (!err && renameat(dfd, tmp, dfd, name) < 0)
+		err = aeg_fail(AEG_EIO, "renaming %s.tmp to %s: %s", path, path, strerror(errno));
 	if (err) {
-		unlink(tmp);
+		unlinkat(dfd, tmp, 0);
 		return err;
 	}
 	/* The rename itself must survive a crash too. */
-	snprintf(dir, sizeof(dir), "%s", path);
-	dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd >= 0) {
-		fsync(dfd);
-		close(dfd);
-	}
+	fsync(dfd);
 	return 0;
+}
+
+/* write_atomic_at for a path: in its directory, under its own name. */
+static int write_atomic(const char *path, const char *data, size_t len)
+{
+	char dir[PATH_MAX], base[PATH_MAX];
+	int dfd, err;
+
+	if (snprintf(dir, sizeof(dir), "%s", path) >= (int)sizeof(dir))
+		return aeg_fail(AEG_EINVAL, "path '%s' too long", path);
+	snprintf(base, sizeof(base), "%s", path);
+	dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		return aeg_fail(errno == EACCES ? AEG_EACCES : errno == ENOENT ? AEG_ENOENT : AEG_EIO,
+				"opening the directory of %s: %s", path, strerror(errno));
+	err = write_atomic_at(dfd, basename(base), path, data, len, (uid_t)-1, (gid_t)-1);
+	close(dfd);
+	return err;
 }
 
 /* Read the whole regular file @path, at most @max bytes, into a NUL-terminated buffer. */
@@ -552,14 +577,11 @@ AEG_EXPORT int aeg_job_record_read(const char *path, struct aeg_job_record *rec)
 	return err;
 }
 
-AEG_EXPORT int aeg_job_error_write(const char *path, const char *reason)
+/* @reason as the record's one line: control characters made '?', cut to fit. Its length. */
+static size_t error_line(const char *reason, char line[AEG_JOB_ERROR_MAX + 1])
 {
-	char line[AEG_JOB_ERROR_MAX + 1];
-	size_t n;
+	size_t n = strnlen(reason, AEG_JOB_ERROR_MAX - 1);
 
-	if (path == NULL || reason == NULL)
-		return aeg_fail(AEG_EINVAL, "error record: missing argument");
-	n = strnlen(reason, AEG_JOB_ERROR_MAX - 1);
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)reason[i];
 		line[i] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
@@ -567,7 +589,26 @@ AEG_EXPORT int aeg_job_error_write(const char *path, const char *reason)
 	if (n == 0)
 		line[n++] = '?';
 	line[n++] = '\n';
-	return write_atomic(path, line, n);
+	return n;
+}
+
+AEG_EXPORT int aeg_job_error_write(const char *path, const char *reason)
+{
+	char line[AEG_JOB_ERROR_MAX + 1];
+
+	if (path == NULL || reason == NULL)
+		return aeg_fail(AEG_EINVAL, "error record: missing argument");
+	return write_atomic(path, line, error_line(reason, line));
+}
+
+int aeg_jobdir_write_error(int dfd, const char *dir, const char *reason, uid_t uid, gid_t gid)
+{
+	char line[AEG_JOB_ERROR_MAX + 1], path[PATH_MAX];
+
+	if (dfd < 0 || dir == NULL || reason == NULL)
+		return aeg_fail(AEG_EINVAL, "error record: missing argument");
+	snprintf(path, sizeof(path), "%s/" AEG_JOB_ERROR_FILE, dir);
+	return write_atomic_at(dfd, AEG_JOB_ERROR_FILE, path, line, error_line(reason, line), uid, gid);
 }
 
 AEG_EXPORT int aeg_job_error_read(const char *path, char *reason, size_t len)

@@ -96,6 +96,7 @@ int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, 
 	struct aeg_model *m = model_new(s, path, parts[0]->gpu, parts[0]->owned);
 	uint64_t nc = 0, nt = 0;
 	int err = AEG_ENOMEM;
+	char why[1024];
 
 	if (m == NULL)
 		goto fail;
@@ -148,10 +149,15 @@ fail_model:
 	m->nparts = 0;
 	model_free(m);
 fail:
-	for (uint32_t i = 0; i < nparts; i++)
+	/* The loads started for the model go with it, as when one of them fails (files found resident stay). */
+	snprintf(why, sizeof(why), "%s", aeg_error_detail());
+	for (uint32_t i = 0; i < nparts; i++) {
+		if (parts[i]->owned)
+			model_release_chunks(parts[i]);
 		model_free(parts[i]);
+	}
 	free(parts);
-	return err;
+	return aeg_fail(err, "%s", why);
 }
 
 /* ----------------------------------------------------------- accessors */

@@ -71,21 +71,42 @@ static int check_shard_name(const char *index, const char *tensor, const char *n
 	return 0;
 }
 
+/* @index is named like a shard index but is no file: an error, not "no index". */
+static int not_a_file(const char *index)
+{
+	return aeg_fail(AEG_EINVAL, "%s: not a regular file (a shard index is a file of JSON: remove or rename it)",
+			index);
+}
+
+/*
+ * Parse @index, a regular file: opened without waiting (a FIFO would wait
+ * for a writer forever) and checked on what was opened. Symbolic links are
+ * followed: the Hugging Face cache's snapshots link every file to a blob.
+ */
 static int read_index(const char *index, json_t **root)
 {
 	json_error_t jerr;
 	struct stat st;
+	int fd, err = 0;
 
-	if (stat(index, &st) != 0)
+	*root = NULL;
+	fd = open(index, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+	if (fd < 0)
 		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", index, strerror(errno));
-	if ((uint64_t)st.st_size > INDEX_MAX_BYTES)
-		return aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", index,
-				(long long)st.st_size, INDEX_MAX_BYTES >> 20);
-	*root = json_load_file(index, JSON_REJECT_DUPLICATES, &jerr);
-	if (*root == NULL)
-		return aeg_fail(errno == EACCES ? AEG_EACCES : AEG_EFORMAT, "%s: not a shard index: %s (line %d)",
-				index, jerr.text, jerr.line);
-	return 0;
+	if (fstat(fd, &st) != 0)
+		err = aeg_fail(AEG_EIO, "%s: %s", index, strerror(errno));
+	else if (!S_ISREG(st.st_mode))
+		err = not_a_file(index);
+	else if ((uint64_t)st.st_size > INDEX_MAX_BYTES)
+		err = aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", index,
+			       (long long)st.st_size, INDEX_MAX_BYTES >> 20);
+	if (err == 0) {
+		*root = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
+		if (*root == NULL)
+			err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: %s (line %d)", index, jerr.text, jerr.line);
+	}
+	close(fd);
+	return err;
 }
 
 /* The shards an index names, in the order they first appear, each checked to be a file. */
@@ -197,7 +218,7 @@ static int looks_like_index(const char *path, const struct stat *st)
 		return 1;
 	if ((uint64_t)st->st_size > INDEX_MAX_BYTES)
 		return 0;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0)
 		return 0;
 	n = pread(fd, head, sizeof(head), 0);
@@ -216,7 +237,7 @@ static int looks_like_index(const char *path, const struct stat *st)
 int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 {
 	char index[PATH_MAX];
-	struct stat st;
+	struct stat st, ist;
 	int err;
 
 	memset(mf, 0, sizeof(*mf));
@@ -229,8 +250,8 @@ int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 		mf->dir = 1;
 		if (snprintf(index, sizeof(index), "%s/" INDEX_NAME, path) >= (int)sizeof(index))
 			return aeg_fail(AEG_EINVAL, "%s: path too long", path);
-		if (access(index, F_OK) == 0)
-			err = from_index(index, mf);
+		if (stat(index, &ist) == 0)
+			err = S_ISREG(ist.st_mode) ? from_index(index, mf) : not_a_file(index);
 		else if (snprintf(index, sizeof(index), "%s/" SINGLE_NAME, path) < (int)sizeof(index) &&
 			 access(index, F_OK) == 0)
 			err = add_path(mf, path, SINGLE_NAME);

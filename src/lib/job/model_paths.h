@@ -22,7 +22,10 @@ struct aeg_model_paths {
  * directory joined with the shard's name. Errors: AEG_ENOENT (no such path,
  * a missing shard, a directory with no model), AEG_EACCES, AEG_EFORMAT (an
  * index that does not parse, has no weight_map, or names a shard outside
- * its directory), AEG_EINVAL (more than AEG_MODEL_MAX_FILES files), AEG_ENOMEM.
+ * its directory), AEG_EINVAL (more than AEG_MODEL_MAX_FILES files; a
+ * directory's index or a shard that is not a regular file, such as a FIFO,
+ * which is never opened to wait for a writer; symbolic links to files are
+ * followed), AEG_ENOMEM.
  */
 int aeg_model_paths(const char *path, struct aeg_model_paths *mf);
 void aeg_model_paths_free(struct aeg_model_paths *mf);

@@ -151,6 +151,8 @@ AEG_EXPORT int aeg_session_open(const struct aeg_session_config *cfg, aeg_sessio
 	if (s == NULL)
 		return aeg_fail(AEG_ENOMEM, "session: out of memory");
 	pthread_mutex_init(&s->lock, NULL);
+	pthread_mutex_init(&s->ring_lock, NULL);
+	aeg_cond_init_monotonic(&s->ring_cond);
 	err = aeg_config_load(&s->cfg, NULL);
 	if (err)
 		goto fail;
@@ -172,8 +174,10 @@ fail:
 }
 
 /* Destroy a GPU's engine, pool and slab (its loads' chunks with them). */
-static void gpu_free(struct sess_gpu *g)
+static void gpu_free(aeg_session_t *s, struct sess_gpu *g)
 {
+	struct ring_count rings;
+
 	__atomic_store_n(&g->closing, 1, __ATOMIC_RELEASE);
 	if (g->ring_thread_started)
 		pthread_join(g->ring_thread, NULL);
@@ -182,7 +186,12 @@ static void gpu_free(struct sess_gpu *g)
 		aeg_pool_destroy(g->pool);
 	if (g->slab)
 		aeg_slab_destroy(g->slab);
+	/* The counts outlive the engine: a prepare may be waiting on them. */
+	pthread_mutex_lock(&s->ring_lock);
+	rings = g->rings;
 	memset(g, 0, sizeof(*g));
+	g->rings = rings;
+	pthread_mutex_unlock(&s->ring_lock);
 }
 
 AEG_EXPORT void aeg_session_close(aeg_session_t *s)
@@ -192,7 +201,7 @@ AEG_EXPORT void aeg_session_close(aeg_session_t *s)
 	while (s->models != NULL)
 		aeg_model_close(s->models);
 	for (int i = 0; s->gpus != NULL && i < s->ngpus; i++)
-		gpu_free(&s->gpus[i]);
+		gpu_free(s, &s->gpus[i]);
 	free(s->gpus);
 	for (int i = 0; i < AEG_JOB_MAX_GPUS; i++)
 		free(s->owned[i].b);
@@ -202,6 +211,8 @@ AEG_EXPORT void aeg_session_close(aeg_session_t *s)
 		aeg_device_close(s->dev);
 	if (s->mode == AEG_SESSION_LOCAL)
 		aeg_pool_premade_drop();        /* a ring made ahead that no engine of it took */
+	pthread_cond_destroy(&s->ring_cond);
+	pthread_mutex_destroy(&s->ring_lock);
 	pthread_mutex_destroy(&s->lock);
 	free(s);
 }
@@ -332,6 +343,15 @@ static void ring_usable(aeg_pool_t *pool, void *arg)
 	ring_made(g, 0);
 }
 
+/* The ring's thread got as far as @count says: tell aeg_session_prepare. */
+static void ring_step(struct sess_gpu *g, unsigned *count)
+{
+	pthread_mutex_lock(&g->s->ring_lock);
+	(*count)++;
+	pthread_cond_broadcast(&g->s->ring_cond);
+	pthread_mutex_unlock(&g->s->ring_lock);
+}
+
 /*
  * The ring's thread: the engine's loads wait for the ring, and start
  * through its first buffer (1-2 ms) while the others are made (11-13 ms
@@ -339,7 +359,8 @@ static void ring_usable(aeg_pool_t *pool, void *arg)
  * NUMA node it needs no topology (elsewhere making it discovers the
  * topology, as before). Then the topology, off the first load's path
  * (14-17 ms on an idle H200 machine, 43-98 ms beside a load): the workers
- * bind near the GPU once they have it.
+ * bind near the GPU once they have it. It takes none of the session's
+ * locks but ring_lock, briefly: set_engine joins it holding the other.
  */
 static void *make_ring(void *arg)
 {
@@ -355,7 +376,9 @@ static void *make_ring(void *arg)
 	topo = g->bind_later ? topology(g->dev) : NULL;
 	if (topo != NULL)
 		aeg_prefetch_set_topo(g->pf, topo);
+	ring_step(g, &g->rings.made);
 	map_slab(g, 1);
+	ring_step(g, &g->rings.done);
 	return NULL;
 }
 
@@ -369,6 +392,9 @@ static int start_ring(struct sess_gpu *g, int ring_buffers)
 	if (rc)
 		return aeg_fail(AEG_ENOMEM, "starting the staging ring's thread: %s", strerror(rc));
 	g->ring_thread_started = 1;
+	pthread_mutex_lock(&g->s->ring_lock);
+	g->rings.started++;
+	pthread_mutex_unlock(&g->s->ring_lock);
 	return 0;
 }
 
@@ -405,6 +431,7 @@ static int engine_locked(aeg_session_t *s, int gpu, aeg_prefetch_t **pf)
 	 */
 	g->dev = s->dev;
 	g->gpu = gpu;
+	g->s = s;
 	t = aeg_now_ns();
 	err = aeg_slab_create_reserved(s->dev, gpu, bytes, &g->slab);
 	if (err == AEG_ENOTSUP) {
@@ -525,7 +552,7 @@ AEG_EXPORT int aeg_session_set_engine(aeg_session_t *s, const char *slab,
 				       st.loads, st.loads == 1 ? "" : "s");
 	}
 	for (int g = 0; g < s->ngpus && err == 0; g++)
-		gpu_free(&s->gpus[g]);
+		gpu_free(s, &s->gpus[g]);
 	if (err == 0) {
 		s->slab_exact = 0;
 		snprintf(s->slab_spec, sizeof(s->slab_spec), "%s", slab ? slab : "");
@@ -540,9 +567,32 @@ AEG_EXPORT int aeg_session_set_engine(aeg_session_t *s, const char *slab,
 	return err;
 }
 
+/*
+ * Wait for the ring's thread that started as @started: its ring and the
+ * topology, then, while no load of the process runs, its mapping of the
+ * slab. Without the session's lock: the thread maps only once every load
+ * of the process has ended, and a load of many files takes that lock
+ * while it holds its engine, so its loads could not end (a deadlock).
+ */
+static void ring_wait(aeg_session_t *s, struct sess_gpu *g, unsigned started)
+{
+	struct timespec ts;
+
+	pthread_mutex_lock(&s->ring_lock);
+	while (g->rings.made < started)
+		pthread_cond_wait(&s->ring_cond, &s->ring_lock);
+	/* The mapping waits for the process's loads, however long they run: waited for only while none does. */
+	while (g->rings.done < started && aeg_loads_active() == 0) {
+		aeg_deadline_after(&ts, 2);
+		pthread_cond_timedwait(&s->ring_cond, &s->ring_lock, &ts);
+	}
+	pthread_mutex_unlock(&s->ring_lock);
+}
+
 AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
 {
 	aeg_prefetch_t *pf;
+	unsigned started = 0;
 	int err, index;
 
 	if (s == NULL)
@@ -558,10 +608,13 @@ AEG_EXPORT int aeg_session_prepare(aeg_session_t *s, int gpu)
 	if (err == 0)
 		ring_go_locked(s, gpu);
 	if (err == 0 && s->gpus[gpu].ring_thread_started) {
-		pthread_join(s->gpus[gpu].ring_thread, NULL);
-		s->gpus[gpu].ring_thread_started = 0;
+		pthread_mutex_lock(&s->ring_lock);
+		started = s->gpus[gpu].rings.started;
+		pthread_mutex_unlock(&s->ring_lock);
 	}
 	pthread_mutex_unlock(&s->lock);
+	if (started)
+		ring_wait(s, &s->gpus[gpu], started);
 	return err;
 }
 

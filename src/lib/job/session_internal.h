@@ -30,6 +30,16 @@ struct sess_gpu {
 	aeg_device_t *dev;              /* the session's, and this engine's GPU: set when it is made */
 	int gpu;
 	uint64_t ring_bytes;
+	aeg_session_t *s;
+	/*
+	 * The ring's threads started, those whose ring is made (with the
+	 * topology), and those done (the slab mapped too), under the session's
+	 * ring_lock; never reset, so a prepare waiting for one of them sees it
+	 * end even when the engine is dropped meanwhile.
+	 */
+	struct ring_count {
+		unsigned started, made, done;
+	} rings;
 };
 
 /* Blocks a JOB session loaded, per job slab, and their loads: what release_all frees. */
@@ -76,6 +86,13 @@ struct aeg_session {
 	const aeg_topo_t *topo;
 	int topo_tried;
 	pthread_mutex_t lock;           /* guards gpus' set-up, the model list and owned */
+	/*
+	 * What aeg_session_prepare waits on: the ring's threads say here how
+	 * far they are (gpus' rings). Never the lock above: prepare waits
+	 * without it, and set_engine joins a ring's thread holding it.
+	 */
+	pthread_mutex_t ring_lock;
+	pthread_cond_t ring_cond;       /* on CLOCK_MONOTONIC */
 	struct sess_gpu *gpus;
 	struct aeg_model *models;
 	struct idset owned[AEG_JOB_MAX_GPUS];
@@ -90,7 +107,7 @@ struct aeg_model *model_new(aeg_session_t *s, const char *path, int gpu, int own
 void model_link(struct aeg_model *m);           /* on the session's list; its lock held */
 void model_unlink(struct aeg_model *m);         /* its lock held */
 void model_free(struct aeg_model *m);
-/* A model of @nparts loaded or found files (taken over, freed on error); not linked. */
+/* A model of @nparts loaded or found files (taken over; on error freed, the owned ones released); not linked. */
 int model_compose(aeg_session_t *s, const char *path, struct aeg_model **parts, uint32_t nparts,
 		  struct aeg_model **out);
 

@@ -61,10 +61,10 @@ static int job_chunks_copy(struct aeg_model *m)
 
 	m->id = jl->load_id;
 	m->slab = jl->slab;
-	m->nchunks = jl->count;
 	m->chunks = calloc(jl->count ? jl->count : 1, sizeof(*m->chunks));
 	if (m->chunks == NULL)
 		return aeg_fail(AEG_ENOMEM, "model of %u chunks: out of memory", jl->count);
+	m->nchunks = jl->count;
 	for (uint32_t i = 0; i < jl->count; i++) {
 		m->chunks[i].device_ptr = jl->chunks[i].ptr;
 		m->chunks[i].size = jl->chunks[i].size;
@@ -77,7 +77,12 @@ static int job_chunks_copy(struct aeg_model *m)
 	return 0;
 }
 
-/* JOB: the header, read here too (the same rule decides as the agent's); a slice's plan from it. */
+/*
+ * JOB: the header, read here too, by the agent's rule (a file named
+ * *.safetensors or a slice: strictly), and strictly too where the caller
+ * asked for safetensors (every shard of an index), which the agent is not
+ * told: it loaded such a file for raw bytes. A slice's plan from it.
+ */
 static int job_read_header(struct aeg_model *m, enum aeg_prefetch_format format)
 {
 	uint64_t bytes = 0;
@@ -87,9 +92,14 @@ static int job_read_header(struct aeg_model *m, enum aeg_prefetch_format format)
 	fd = open(m->path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", m->path, strerror(errno));
-	err = fstat(fd, &st) < 0 ? aeg_fail(AEG_EIO, "%s: %s", m->path, strerror(errno)) :
-	      aeg_st_detect(fd, (uint64_t)st.st_size, format == AEG_FORMAT_SAFETENSORS || named_safetensors(m->path) ||
-			    m->jl->slice != NULL, &m->hdr);
+	if (fstat(fd, &st) < 0) {
+		err = aeg_fail(AEG_EIO, "%s: %s", m->path, strerror(errno));
+	} else {
+		err = aeg_st_detect(fd, (uint64_t)st.st_size, format == AEG_FORMAT_SAFETENSORS ||
+				    named_safetensors(m->path) || m->jl->slice != NULL, &m->hdr);
+		if (err < 0)
+			aeg_error_prefix("%s", m->path);        /* as a local load's error names its file */
+	}
 	close(fd);
 	if (err <= 0 || m->jl->slice == NULL)
 		return err;
@@ -264,6 +274,24 @@ static int job_reusable(aeg_session_t *s, const char *path, int index, const str
 	return err;
 }
 
+/*
+ * JOB: give the agent back the load it started for @m, which failed here
+ * (its file is not what this request reads: the agent took a file whose
+ * header is not safetensors for raw bytes). The agent cannot cancel for a
+ * client, so this waits for the load first. Returns @err with its detail.
+ */
+static int give_back(struct aeg_model *m, int err)
+{
+	char why[1024];
+
+	snprintf(why, sizeof(why), "%s", aeg_error_detail());
+	m->id = m->jl->load_id;
+	if (model_release_chunks(m))
+		aeg_warn("%s: load %" PRIu64 " stays in the job's slab (%s): aegaeon-cli release --load %" PRIu64
+			 " frees it", m->path, m->id, aeg_error_detail(), m->id);
+	return aeg_fail(err, "%s", why);
+}
+
 int session_job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_model_t **out)
 {
 	struct aeg_model *m;
@@ -289,6 +317,9 @@ int session_job_load(aeg_session_t *s, const struct aeg_load_request *req, aeg_m
 	if (err == 0) {
 		aeg_span_end(m->owned ? "job prefetch" : "job find", t);
 		err = job_model_fill(m, req->format);
+		/* The agent's load is no one's but ours yet: release_all would not free it. */
+		if (err && m->owned)
+			err = give_back(m, err);
 	}
 	if (err) {
 		model_free(m);
