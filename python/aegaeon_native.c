@@ -102,6 +102,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 	static char *kwlist[] = { "device", "prefetch_slab", "prefetch_threads", "attach", NULL };
 	PyObject *device = Py_None, *slab = Py_None, *threads = Py_None, *attach = Py_None;
 	struct aeg_size_spec spec;
+	const char *kind = NULL;
 	char text[64] = "";
 	uint64_t nthreads = 0;
 	int busy = 0, err;
@@ -113,6 +114,9 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 		return PyErr_Format(PyExc_TypeError, "attach must be True, False or None, not %s", pyaeg_tname(attach));
 	if (device != Py_None && !PyUnicode_Check(device))
 		return PyErr_Format(PyExc_TypeError, "device must be a str, not %s", pyaeg_tname(device));
+	/* A lone surrogate has no UTF-8: UnicodeEncodeError. */
+	if (device != Py_None && (kind = PyUnicode_AsUTF8AndSize(device, NULL)) == NULL)
+		return NULL;
 	if (slab != Py_None) {
 		if (PyLong_Check(slab) && !PyBool_Check(slab)) {
 			uint64_t bytes;
@@ -135,8 +139,9 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 		err = aeg_size_spec_parse(text, &spec);
 		if (err < 0)
 			return PyErr_Format(PyExc_ValueError, "prefetch_slab: %s", aeg_error_detail());
-		if (!spec.is_percent && spec.bytes == 0)
-			return PyErr_Format(PyExc_ValueError, "prefetch_slab must be greater than 0");
+		/* As --aegaeon-slab: a slab of 0 bytes or 0% holds nothing to load into. */
+		if (spec.is_percent ? spec.ppm == 0 : spec.bytes == 0)
+			return PyErr_Format(PyExc_ValueError, "prefetch_slab \"%s\" must be greater than 0", text);
 	}
 	if (threads != Py_None) {
 		if (pyaeg_u64(threads, "prefetch_threads", 0, &nthreads) < 0)
@@ -156,13 +161,13 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw)
 		if (open)
 			return pyaeg_raise_msg(AEG_EBUSY, "the device is open already: configure(attach=...) must come first");
 	}
-	if (device != Py_None && set_kind(PyUnicode_AsUTF8AndSize(device, NULL)) < 0)
+	if (kind != NULL && set_kind(kind) < 0)
 		return NULL;
 	if (text[0] == '\0' && nthreads == 0)
 		Py_RETURN_NONE;
 	err = 0;
 	pyaeg_lock();
-	if (pyaeg_rt.sess != NULL && pyaeg_rt.job == NULL) {
+	if (pyaeg_rt.sess != NULL && pyaeg_rt.job == NULL && !pyaeg_rt.inherited) {
 		struct aeg_prefetch_config engine;
 		const struct aeg_prefetch_config *use;
 		char old_slab[64];
@@ -268,7 +273,8 @@ static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
 	if (e == NULL)
 		return PyErr_NoMemory();
 	pyaeg_lock();
-	if (pyaeg_device_locked(&dev) < 0 || pyaeg_check_gpu_locked(gpu) < 0 || pyaeg_stream_locked(gpu, &stream) < 0)
+	if ((err = pyaeg_device_locked(&dev)) < 0 || (err = pyaeg_check_gpu_locked(gpu)) < 0 ||
+	    (err = pyaeg_stream_locked(gpu, &stream)) < 0)
 		goto fail;
 	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_event_create(dev, gpu, &e->ev, &e->handle);
@@ -291,16 +297,14 @@ static PyObject *py_create_event(PyObject *self, PyObject *args, PyObject *kw)
 		pyaeg_rt.nevents++;
 	}
 	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
-		pyaeg_raise(err);
+	if (err < 0)
 		goto fail;
-	}
 	pyaeg_unlock();
 	return pyaeg_handle_bytes(&e->handle);
 fail:
 	pyaeg_unlock();
 	free(e);
-	return NULL;
+	return pyaeg_raise(err);
 }
 
 PyDoc_STRVAR(release_event_doc,
@@ -424,14 +428,27 @@ struct release_req {
 	const uint64_t *ids;
 	size_t n;
 	int gpu;
+	int finalizer;                  /* the caller finalizes the interpreter */
 };
 
-/* A chunk of a load still in flight is released once that load is done. */
+/*
+ * A chunk of a load still in flight is released once that load is done.
+ * The runtime lock is held for one slice at a time: between slices the wait
+ * checks for signals, whose handlers may call the module.
+ */
 static int release_slice(void *arg, int timeout_ms)
 {
 	struct release_req *r = arg;
+	int err;
 
-	return aeg_session_release(pyaeg_rt.sess, r->gpu, r->ids, r->n, timeout_ms, NULL);
+	pyaeg_rtlock_take(r->finalizer);
+	if (pyaeg_rt.sess == NULL)
+		err = aeg_fail(AEG_ENOENT, "slab id %llu holds no prefetched chunk (nothing was prefetched)",
+			       (unsigned long long)r->ids[0]);
+	else if (r->gpu < 0 || (err = pyaeg_check_gpu_locked(r->gpu)) == 0)
+		err = aeg_session_release(pyaeg_rt.sess, r->gpu, r->ids, r->n, timeout_ms, NULL);
+	pyaeg_rtlock_give();
+	return err;
 }
 
 PyDoc_STRVAR(release_chunks_doc,
@@ -454,7 +471,7 @@ static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:release_prefetch_chunks", kwlist, &seq, &gpu_obj))
 		return NULL;
-	if (gpu_obj != Py_None && pyaeg_gpu(gpu_obj, &r.gpu) < 0)
+	if ((gpu_obj != Py_None && pyaeg_gpu(gpu_obj, &r.gpu) < 0) || pyaeg_inherited_check() < 0)
 		return NULL;
 	if (PyLong_Check(seq) || PyUnicode_Check(seq) || PyBytes_Check(seq) ||
 	    (fast = PySequence_List(seq)) == NULL) {
@@ -477,17 +494,11 @@ static PyObject *py_release_chunks(PyObject *self, PyObject *args, PyObject *kw)
 	}
 	r.ids = ids;
 	r.n = (size_t)n;
-	pyaeg_lock();
-	if (pyaeg_rt.sess == NULL) {
-		pyaeg_raise_msg(AEG_ENOENT, "slab id %llu holds no prefetched chunk (nothing was prefetched)",
-				(unsigned long long)ids[0]);
-	} else if (r.gpu < 0 || pyaeg_check_gpu_locked(r.gpu) == 0) {
-		err = pyaeg_wait(release_slice, &r, -1);
-		if (err < 0 && err != PYAEG_SIGNALLED)
-			pyaeg_raise(err);
-		rc = err < 0 ? -1 : 0;
-	}
-	pyaeg_unlock();
+	r.finalizer = pyaeg_is_finalizer();
+	err = pyaeg_wait(release_slice, &r, -1);
+	if (err < 0)
+		pyaeg_raise(err);
+	rc = err == 0 ? 0 : -1;         /* PYAEG_SIGNALLED: the handler's exception */
 out:
 	Py_XDECREF(fast);
 	PyMem_Free(ids);
@@ -508,17 +519,17 @@ static PyObject *py_release_all(PyObject *self, PyObject *unused)
 {
 	int err = 0;
 
+	if (pyaeg_inherited_check() < 0)
+		return NULL;
 	pyaeg_lock();
 	PYAEG_BEGIN_ALLOW_THREADS
 	if (pyaeg_rt.sess != NULL)
 		err = aeg_session_release_all(pyaeg_rt.sess, 0, NULL);
 	pyaeg_drop_events_locked();
 	PYAEG_END_ALLOW_THREADS
-	if (err < 0)
-		pyaeg_raise(err);
 	pyaeg_unlock();
 	if (err < 0)
-		return NULL;
+		return pyaeg_raise(err);
 	Py_RETURN_NONE;
 }
 
@@ -551,6 +562,8 @@ static PyObject *py_chunk_view(PyObject *self, PyObject *args, PyObject *kw)
 			PyErr_SetString(PyExc_ValueError, "chunk must have device_ptr, size and slab_id");
 		return NULL;
 	}
+	if (pyaeg_inherited_check() < 0)
+		return NULL;
 	pyaeg_lock();
 	if (pyaeg_rt.sess != NULL)
 		err = aeg_session_locate(pyaeg_rt.sess, ptr, size, id, &gpu);
@@ -578,28 +591,22 @@ static PyObject *py_prepare(PyObject *self, PyObject *args, PyObject *kw)
 	static char *kwlist[] = { "gpu_id", NULL };
 	PyObject *gpu_obj = NULL;
 	aeg_device_t *dev;
-	int gpu = 0, err = 0, rc = -1;
+	int gpu = 0, err;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:prepare", kwlist, &gpu_obj))
 		return NULL;
 	if (gpu_obj != NULL && pyaeg_gpu(gpu_obj, &gpu) < 0)
 		return NULL;
 	pyaeg_lock();
-	if (pyaeg_device_locked(&dev) == 0 && pyaeg_check_gpu_locked(gpu) == 0) {
-		if (pyaeg_rt.job != NULL && pyaeg_job_index_locked(gpu) < 0)
-			goto out;
+	if ((err = pyaeg_device_locked(&dev)) == 0 && (err = pyaeg_check_gpu_locked(gpu)) == 0 &&
+	    (pyaeg_rt.job == NULL || (err = pyaeg_job_index_locked(gpu)) >= 0)) {
 		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_session_prepare(pyaeg_rt.sess, gpu);
 		PYAEG_END_ALLOW_THREADS
-		if (err < 0)
-			pyaeg_raise(err);
-		else
-			rc = 0;
 	}
-out:
 	pyaeg_unlock();
-	if (rc < 0)
-		return NULL;
+	if (err < 0)
+		return pyaeg_raise(err);
 	Py_RETURN_NONE;
 }
 
@@ -675,50 +682,103 @@ PyDoc_STRVAR(stats_doc,
 "or, attached to a job, {\"job_id\", \"agent_pid\", \"slabs\", \"blocks\" (job slab\n"
 "blocks this process prefetched and holds)}}.");
 
-static PyObject *py_stats(PyObject *self, PyObject *unused)
-{
-	PyObject *d = NULL, *pf = NULL, *job = NULL;
-
-	pyaeg_lock();
-	pf = PyDict_New();
-	for (int i = 0; pf != NULL && pyaeg_rt.sess != NULL && i < pyaeg_rt.gpu_count; i++) {
+/* What stats() reports, copied out under the runtime lock and built into dicts once it is given back. */
+struct stats_copy {
+	const char *device;             /* a static name, or NULL */
+	uint64_t events;
+	long objects;
+	int gpus;                       /* entries of engines */
+	struct engine_copy {
+		int has;                /* the GPU has a prefetch engine */
 		struct aeg_prefetch_stats s;
-		uint64_t slab_bytes = 0;
+		uint64_t slab_bytes;
+		Py_ssize_t views;
+	} *engines;
+	int in_job;
+	struct aeg_job_info job;
+	Py_ssize_t job_blocks;
+};
+
+static int stats_copy_locked(struct stats_copy *c)
+{
+	aeg_session_t *sess = pyaeg_rt.inherited ? NULL : pyaeg_rt.sess;     /* a fork() child's is the parent's */
+
+	memset(c, 0, sizeof(*c));
+	c->device = pyaeg_rt.dev && !pyaeg_rt.inherited ? aeg_device_kind_name(pyaeg_rt.kind) : NULL;
+	c->events = pyaeg_rt.nevents;
+	c->objects = pyaeg_rt.objects;
+	if (sess == NULL)
+		return 0;
+	c->engines = calloc((size_t)(pyaeg_rt.gpu_count ? pyaeg_rt.gpu_count : 1), sizeof(*c->engines));
+	if (c->engines == NULL)
+		return AEG_ENOMEM;
+	c->gpus = pyaeg_rt.gpu_count;
+	for (int i = 0; i < c->gpus; i++) {
+		struct engine_copy *e = &c->engines[i];
+
+		e->has = aeg_session_engine_stats(sess, i, &e->s, &e->slab_bytes) == 0;
+		e->views = pyaeg_rt.gpus[i].views;
+	}
+	aeg_error_clear();
+	if (pyaeg_rt.job != NULL) {
+		c->in_job = 1;
+		aeg_job_get_info(pyaeg_rt.job, &c->job);
+		c->job_blocks = (Py_ssize_t)aeg_session_owned_blocks(sess);
+	}
+	return 0;
+}
+
+static PyObject *stats_dict(const struct stats_copy *c)
+{
+	PyObject *d = NULL, *pf = PyDict_New(), *job = NULL;
+
+	for (int i = 0; pf != NULL && i < c->gpus; i++) {
+		const struct engine_copy *e = &c->engines[i];
 		PyObject *g, *key;
 
-		if (aeg_session_engine_stats(pyaeg_rt.sess, i, &s, &slab_bytes) < 0) {
-			aeg_error_clear();
+		if (!e->has)
 			continue;
-		}
 		g = Py_BuildValue("{s:K,s:K,s:K,s:K,s:I,s:I,s:n}",
-				  "slab_bytes", (unsigned long long)slab_bytes,
-				  "chunks", (unsigned long long)s.chunks, "blocks", (unsigned long long)s.blocks,
-				  "block_bytes", (unsigned long long)s.block_bytes, "loads", s.loads,
-				  "loads_in_flight", s.loads_in_flight, "views", pyaeg_rt.gpus[i].views);
+				  "slab_bytes", (unsigned long long)e->slab_bytes,
+				  "chunks", (unsigned long long)e->s.chunks, "blocks", (unsigned long long)e->s.blocks,
+				  "block_bytes", (unsigned long long)e->s.block_bytes, "loads", e->s.loads,
+				  "loads_in_flight", e->s.loads_in_flight, "views", e->views);
 		key = PyLong_FromLong(i);
 		if (g == NULL || key == NULL || PyDict_SetItem(pf, key, g) < 0)
 			Py_CLEAR(pf);
 		Py_XDECREF(g);
 		Py_XDECREF(key);
 	}
-	if (pf != NULL && pyaeg_rt.job != NULL) {
-		struct aeg_job_info info;
-
-		aeg_job_get_info(pyaeg_rt.job, &info);
-		job = Py_BuildValue("{s:s,s:l,s:i,s:n}", "job_id", info.job_id, "agent_pid", info.agent_pid,
-				    "slabs", info.slabs, "blocks", (Py_ssize_t)aeg_session_owned_blocks(pyaeg_rt.sess));
+	if (pf != NULL && c->in_job) {
+		job = Py_BuildValue("{s:s,s:l,s:i,s:n}", "job_id", c->job.job_id, "agent_pid", c->job.agent_pid,
+				    "slabs", c->job.slabs, "blocks", c->job_blocks);
 	} else if (pf != NULL) {
 		job = Py_None;
 		Py_INCREF(job);
 	}
 	if (pf != NULL && job != NULL)
-		d = Py_BuildValue("{s:s,s:K,s:l,s:O,s:O}",
-				  "device", pyaeg_rt.dev ? aeg_device_kind_name(pyaeg_rt.kind) : NULL,
-				  "events", (unsigned long long)pyaeg_rt.nevents, "objects", pyaeg_rt.objects,
+		d = Py_BuildValue("{s:s,s:K,s:l,s:O,s:O}", "device", c->device,
+				  "events", (unsigned long long)c->events, "objects", c->objects,
 				  "prefetch", pf, "job", job);
 	Py_XDECREF(job);
-	pyaeg_unlock();
 	Py_XDECREF(pf);
+	return d;
+}
+
+static PyObject *py_stats(PyObject *self, PyObject *unused)
+{
+	struct stats_copy c;
+	PyObject *d = NULL;
+	int err;
+
+	pyaeg_lock();
+	err = stats_copy_locked(&c);
+	pyaeg_unlock();
+	if (err < 0)
+		PyErr_NoMemory();
+	else
+		d = stats_dict(&c);
+	free(c.engines);
 	return d;
 }
 
@@ -754,6 +814,8 @@ static void module_free(void *unused)
 {
 	int finalizer = pyaeg_is_finalizer();
 
+	if (pyaeg_rt.inherited)
+		return;         /* a fork() child: the parent's to tear down */
 	PYAEG_BEGIN_ALLOW_THREADS
 	pyaeg_rtlock_take(finalizer);
 	pyaeg_teardown_locked(!pyaeg_busy_locked());
@@ -793,6 +855,7 @@ PyMODINIT_FUNC PyInit_aegaeon_native(void)
 	PyObject *m;
 	int err;
 
+	pyaeg_fork_init();
 	m = PyModule_Create(&moduledef);
 	if (m == NULL)
 		return NULL;

@@ -77,6 +77,34 @@ PyObject *pyaeg_raise_msg(int code, const char *fmt, ...)
 	return raise_text(code, text);
 }
 
+int pyaeg_users_busy(const struct pyaeg_users *u, const char *what)
+{
+	char text[512] = "", todo[256] = "";
+	size_t len = 0, tlen = 0;
+
+	if (u->views == 0 && u->calls == 0 && u->caches == 0)
+		return 0;
+	if (u->views > 0) {
+		len += (size_t)snprintf(text + len, sizeof(text) - len, ", %zd DeviceArray view%s of its memory alive",
+					u->views, u->views == 1 ? "" : "s");
+		tlen += (size_t)snprintf(todo + tlen, sizeof(todo) - tlen, ", drop the views");
+	}
+	if (u->calls > 0) {
+		len += (size_t)snprintf(text + len, sizeof(text) - len,
+					", %zd of its calls running (in another thread, or calling back into Python)",
+					u->calls);
+		tlen += (size_t)snprintf(todo + tlen, sizeof(todo) - tlen, ", let the calls return");
+	}
+	if (u->caches > 0) {
+		snprintf(text + len, sizeof(text) - len, ", %zd KVCache%s built on it", u->caches,
+			 u->caches == 1 ? "" : "s");
+		snprintf(todo + tlen, sizeof(todo) - tlen, ", close the KVCaches");
+	}
+	pyaeg_raise_msg(AEG_EBUSY, "%s is in use (%s): nothing was freed; %s, then close it (or let collection free it "
+			"once they are gone)", what, text + 2, todo + 2);
+	return -1;
+}
+
 /* -------------------------------------------------------- argument helpers */
 
 const char *pyaeg_tname(PyObject *obj)
@@ -202,8 +230,10 @@ PyObject *pyaeg_handle_bytes(const aeg_handle_t *handle)
 }
 
 /*
- * @seq as a list or tuple (a new reference: @seq itself when it is one), or
- * NULL with TypeError for what is no sequence of ints.
+ * @seq as a tuple or a list of our own (a new reference: @seq itself when it
+ * is a tuple), or NULL with TypeError for what is no sequence of ints. A
+ * caller's list is copied: an item's __index__ may change it (shorten it,
+ * drop the item being converted) while the items are converted.
  */
 static PyObject *int_sequence(PyObject *seq, const char *what)
 {
@@ -213,7 +243,7 @@ static PyObject *int_sequence(PyObject *seq, const char *what)
 		PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints, not %s", what, pyaeg_tname(seq));
 		return NULL;
 	}
-	if (PyList_Check(seq) || PyTuple_Check(seq)) {
+	if (PyTuple_Check(seq)) {
 		Py_INCREF(seq);
 		return seq;
 	}
@@ -247,8 +277,6 @@ static int one_id(PyObject *item, const char *what, Py_ssize_t i, uint32_t max, 
 	long long quick;
 	int overflow = 0;
 
-	if (item == NULL)       /* an __index__ of an earlier item shortened the list */
-		return -1;
 	if (PyLong_CheckExact(item)) {
 		quick = PyLong_AsLongLongAndOverflow(item, &overflow);
 		if (!overflow && quick >= 0 && (unsigned long long)quick < max) {

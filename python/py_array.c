@@ -137,6 +137,13 @@ PyObject *pyaeg_array_new(PyObject *owner, Py_ssize_t *views, void *ptr, uint64_
 	return (PyObject *)a;
 }
 
+PyObject *pyaeg_array_owner(PyObject *obj)
+{
+	if (!PyObject_TypeCheck(obj, (PyTypeObject *)pyaeg_array_type))
+		return NULL;
+	return ((ArrayObject *)obj)->owner;
+}
+
 static void array_dealloc(PyObject *self)
 {
 	ArrayObject *a = (ArrayObject *)self;

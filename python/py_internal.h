@@ -61,8 +61,18 @@ int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seco
 
 /* The runtime: one device for the process, opened at first use (py_runtime.c). */
 int pyaeg_device(aeg_device_t **dev);       /* -1 with an exception set */
-void pyaeg_lock(void);                      /* takes the runtime lock with the GIL released */
+/*
+ * The runtime lock, taken with the GIL released. Not reentrant: no Python
+ * code may run while it is held (no Python object made, no exception
+ * raised, no signal checked), as a dealloc or a signal handler would take
+ * it again.
+ */
+void pyaeg_lock(void);
 void pyaeg_unlock(void);
+/* After fork(): registers the child's hand-off once (module init). */
+void pyaeg_fork_init(void);
+/* -1 with AegaeonError EPERM in a fork() child of a process that used the module; else 0. */
+int pyaeg_inherited_check(void);
 /*
  * Py_BEGIN/END_ALLOW_THREADS for the module: a holder of the runtime lock
  * marks itself parked while it waits for the GIL, so that interpreter
@@ -109,6 +119,24 @@ int pyaeg_array_init_type(PyObject *module);
  */
 PyObject *pyaeg_array_new(PyObject *owner, Py_ssize_t *views, void *ptr, uint64_t bytes, int gpu,
 			  int host, const char *dtype, int ndim, const uint64_t *shape, uint64_t id);
+/* What DeviceArray @obj keeps alive (borrowed; NULL for none or another type). */
+PyObject *pyaeg_array_owner(PyObject *obj);
+
+/*
+ * What still uses an object's C resources besides its owner: close()
+ * refuses (AegaeonError EBUSY naming them) and frees nothing while any is
+ * left. views: DeviceArrays of its memory alive; calls: its methods running,
+ * which may give up the GIL or call back into Python code (an __index__, a
+ * collection) that calls close(); caches: KVCaches built on it (a slab's, a
+ * pool's). Changed with the GIL held.
+ */
+struct pyaeg_users {
+	Py_ssize_t views;
+	Py_ssize_t calls;
+	Py_ssize_t caches;
+};
+/* 0 when nothing uses @u; else -1 with AegaeonError EBUSY, "@what: ..." naming what and what to do. */
+int pyaeg_users_busy(const struct pyaeg_users *u, const char *what);
 
 /* Classes (py_slab.c, py_pinned.c, py_kv.c). */
 extern PyObject *pyaeg_slab_type;
@@ -116,9 +144,17 @@ extern PyObject *pyaeg_pool_type;
 int pyaeg_slab_init_type(PyObject *module);
 int pyaeg_pool_init_type(PyObject *module);
 int pyaeg_kv_init_type(PyObject *module);
-/* The C objects behind a SlabAllocator / PinnedPool (NULL with TypeError or ValueError if closed). */
-aeg_slab_t *pyaeg_slab_of(PyObject *obj);
-aeg_pool_t *pyaeg_pool_of(PyObject *obj);
+/*
+ * The C object behind a SlabAllocator / PinnedPool a KVCache is built on
+ * (NULL with TypeError, or ValueError if closed), counted in its users'
+ * caches until pyaeg_*_unhold: meanwhile its close() is EBUSY.
+ */
+aeg_slab_t *pyaeg_slab_hold(PyObject *obj);
+void pyaeg_slab_unhold(PyObject *obj);
+aeg_pool_t *pyaeg_pool_hold(PyObject *obj);
+void pyaeg_pool_unhold(PyObject *obj);
+/* The base address of a PinnedPool's buffers in this process. */
+uintptr_t pyaeg_pool_base(PyObject *obj);
 /* A memoryview of @bytes at @offset of a PinnedPool's buffer area. */
 PyObject *pyaeg_pool_view(PyObject *pool, uint64_t offset, uint64_t bytes);
 

@@ -14,7 +14,38 @@ aeg_kv_t *pykv_open(KVObject *k)
 		PyErr_SetString(PyExc_ValueError, "operation on a closed KVCache");
 		return NULL;
 	}
+	if (pyaeg_inherited_check() < 0)
+		return NULL;
 	return k->res->kv;
+}
+
+/*
+ * Taken once a call's arguments are converted and held until it returns:
+ * its swaps run with the GIL released and its conversions may call back
+ * into Python code, so close() must not free the cache meanwhile.
+ */
+aeg_kv_t *pykv_use(KVObject *k)
+{
+	aeg_kv_t *kv = pykv_open(k);
+
+	if (kv != NULL)
+		k->users.calls++;
+	return kv;
+}
+
+void pykv_done(KVObject *k)
+{
+	k->users.calls--;
+}
+
+/* The slab and pool are given back once the cache that used them is destroyed. */
+static void unhold(KVObject *k)
+{
+	if (k->holds_slab)
+		pyaeg_slab_unhold(k->slab);
+	if (k->holds_pool)
+		pyaeg_pool_unhold(k->pool);
+	k->holds_slab = k->holds_pool = 0;
 }
 
 static PyObject *call_type(PyObject *type, const char *fmt, ...)
@@ -119,13 +150,12 @@ static int gpu_side(KVObject *k, struct kv_args *a, struct aeg_kv_params *p, str
 	}
 	if (slab == Py_None)
 		slab = call_type(pyaeg_slab_type, "(iK)", a->gpu, (unsigned long long)(a->gpu_blocks * a->block_bytes));
-	else if (pyaeg_slab_of(slab) != NULL)
-		Py_INCREF(slab);
 	else
-		return -1;
+		Py_INCREF(slab);
 	k->slab = slab;
-	if (slab == NULL || !(p->slab = pyaeg_slab_of(slab)))
+	if (slab == NULL || !(p->slab = pyaeg_slab_hold(slab)))
 		return -1;
+	k->holds_slab = 1;
 	p->gpu_blocks = (uint32_t)a->gpu_blocks;
 	return 0;
 }
@@ -160,14 +190,13 @@ static int host_side(KVObject *k, struct kv_args *a, struct aeg_kv_params *p, st
 			buf += a->block_bytes;
 		pool = call_type(pyaeg_pool_type, "(KKi)", (unsigned long long)buf,
 				 (unsigned long long)((a->host_blocks * a->block_bytes + buf - 1) / buf), a->gpu);
-	} else if (pyaeg_pool_of(pool) != NULL) {
-		Py_INCREF(pool);
 	} else {
-		return -1;
+		Py_INCREF(pool);
 	}
 	k->pool = pool;
-	if (pool == NULL || !(p->pool = pyaeg_pool_of(pool)))
+	if (pool == NULL || !(p->pool = pyaeg_pool_hold(pool)))
 		return -1;
+	k->holds_pool = 1;
 	aeg_pool_stats(p->pool, &ps);
 	p->host_buffers = (uint32_t)((a->host_blocks * a->block_bytes + ps.buffer_bytes - 1) / ps.buffer_bytes);
 	return 0;
@@ -248,6 +277,7 @@ static void kv_dealloc(PyObject *self)
 			pyaeg_object_gone();
 		pyaeg_res_free(k->res);
 	}
+	unhold(k);
 	Py_XDECREF(k->pending);
 	Py_XDECREF(k->reqs);
 	Py_XDECREF(k->slab);
@@ -275,13 +305,13 @@ static PyObject *id_list(const uint32_t *ids, size_t n)
 
 PyObject *pykv_blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side)
 {
-	aeg_kv_t *kv = pykv_open(k);
+	PyObject *list = NULL;
 	uint32_t *ids;
-	PyObject *list;
+	aeg_kv_t *kv;
 	uint64_t n;
 	int err;
 
-	if (kv == NULL || pyaeg_u64(n_obj, "n", 0, &n) < 0)
+	if (pyaeg_u64(n_obj, "n", 0, &n) < 0 || pykv_open(k) == NULL)
 		return NULL;
 	if (n > (gpu_side ? k->gpu_blocks : k->host_blocks))
 		return pyaeg_raise_msg(AEG_ENOSPC, "%llu %s blocks asked, the cache has %u",
@@ -290,10 +320,12 @@ PyObject *pykv_blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side)
 	ids = PyMem_Malloc((size_t)n * sizeof(*ids));
 	if (ids == NULL)
 		return PyErr_NoMemory();
+	if ((kv = pykv_use(k)) == NULL)
+		goto out;
 	err = gpu_side ? aeg_kv_gpu_alloc(kv, (size_t)n, ids) : aeg_kv_host_alloc(kv, (size_t)n, ids);
 	if (err < 0) {
-		PyMem_Free(ids);
-		return pyaeg_raise(err);
+		pyaeg_raise(err);
+		goto done;
 	}
 	list = id_list(ids, (size_t)n);
 	if (list == NULL) {
@@ -302,19 +334,28 @@ PyObject *pykv_blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side)
 		else
 			aeg_kv_host_free(kv, ids, (size_t)n);
 	}
+done:
+	pykv_done(k);
+out:
 	PyMem_Free(ids);
 	return list;
 }
 
 PyObject *pykv_blocks_free(KVObject *k, PyObject *seq, int gpu_side)
 {
-	aeg_kv_t *kv = pykv_open(k);
 	uint32_t *ids;
+	aeg_kv_t *kv;
 	size_t n;
 	int err;
 
-	if (kv == NULL || pyaeg_id_list(seq, "ids", gpu_side ? k->gpu_blocks : k->host_blocks, &ids, &n) < 0)
+	if (pykv_open(k) == NULL ||
+	    pyaeg_id_list(seq, "ids", gpu_side ? k->gpu_blocks : k->host_blocks, &ids, &n) < 0)
 		return NULL;
+	/* No Python code runs between pykv_open and the free. */
+	if ((kv = pykv_open(k)) == NULL) {
+		PyMem_Free(ids);
+		return NULL;
+	}
 	err = n == 0 ? 0 : gpu_side ? aeg_kv_gpu_free(kv, ids, n) : aeg_kv_host_free(kv, ids, n);
 	PyMem_Free(ids);
 	if (err < 0)
@@ -358,13 +399,14 @@ static int block_index(KVObject *k, PyObject *obj, int gpu_side, uint32_t *id)
 	return 0;
 }
 
+/* The methods below convert their arguments first: no Python code runs between pykv_open and the call. */
 static PyObject *kv_gpu_ptr(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
+	aeg_kv_t *kv;
 	uint32_t id;
 
-	if (kv == NULL || block_index(k, obj, 1, &id) < 0)
+	if (block_index(k, obj, 1, &id) < 0 || (kv = pykv_open(k)) == NULL)
 		return NULL;
 	return PyLong_FromUnsignedLongLong((uintptr_t)aeg_kv_gpu_ptr(kv, id));
 }
@@ -372,10 +414,10 @@ static PyObject *kv_gpu_ptr(PyObject *self, PyObject *obj)
 static PyObject *kv_host_ptr(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
+	aeg_kv_t *kv;
 	uint32_t id;
 
-	if (kv == NULL || block_index(k, obj, 0, &id) < 0)
+	if (block_index(k, obj, 0, &id) < 0 || (kv = pykv_open(k)) == NULL)
 		return NULL;
 	return PyLong_FromUnsignedLongLong((uintptr_t)aeg_kv_host_ptr(kv, id));
 }
@@ -383,34 +425,42 @@ static PyObject *kv_host_ptr(PyObject *self, PyObject *obj)
 static PyObject *kv_gpu_block(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
+	PyObject *view;
+	aeg_kv_t *kv;
 	uint32_t id;
 
-	if (kv == NULL || block_index(k, obj, 1, &id) < 0)
+	if (block_index(k, obj, 1, &id) < 0)
 		return NULL;
 	if (k->gpu_per_layer)
 		return PyErr_Format(PyExc_ValueError, "GPU block %u lies in %u per-layer tensors, not in one piece: "
 				    "gpu_piece(id, layer, part) gives each piece's address", id, k->layers * k->parts);
-	return pyaeg_array_new(self, &k->views, aeg_kv_gpu_ptr(kv, id), k->block_bytes, k->gpu, k->host,
+	/* Making the view may collect garbage, whose finalizers may call close(). */
+	if ((kv = pykv_use(k)) == NULL)
+		return NULL;
+	view = pyaeg_array_new(self, &k->users.views, aeg_kv_gpu_ptr(kv, id), k->block_bytes, k->gpu, k->host,
 			       "U8", 0, NULL, 0);
+	pykv_done(k);
+	return view;
 }
 
 /* gpu_piece / host_piece: the address of (id, layer, part). */
 static PyObject *piece(PyObject *self, PyObject *args, int gpu_side)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
 	unsigned long long layer = 0, part = 0;
 	PyObject *id_obj;
+	aeg_kv_t *kv;
 	uint32_t id;
 	void *p;
 
-	if (kv == NULL || !PyArg_ParseTuple(args, gpu_side ? "O|KK:gpu_piece" : "O|KK:host_piece", &id_obj, &layer, &part) ||
+	if (!PyArg_ParseTuple(args, gpu_side ? "O|KK:gpu_piece" : "O|KK:host_piece", &id_obj, &layer, &part) ||
 	    block_index(k, id_obj, gpu_side, &id) < 0)
 		return NULL;
 	if (layer >= k->layers || part >= k->parts)
 		return PyErr_Format(PyExc_ValueError, "layer %llu, part %llu: the cache has %u layers of %u parts", layer,
 				    part, k->layers, k->parts);
+	if ((kv = pykv_open(k)) == NULL)
+		return NULL;
 	p = gpu_side ? aeg_kv_gpu_piece(kv, id, (uint32_t)layer, (uint32_t)part) :
 		       aeg_kv_host_piece(kv, id, (uint32_t)layer, (uint32_t)part);
 	return PyLong_FromUnsignedLongLong((uintptr_t)p);
@@ -429,19 +479,20 @@ static PyObject *kv_host_piece(PyObject *self, PyObject *args)
 static PyObject *kv_host_block(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
-	aeg_pool_t *pool;
+	aeg_kv_t *kv;
+	uintptr_t at;
 	uint32_t id;
 
-	if (kv == NULL || block_index(k, obj, 0, &id) < 0)
+	if (block_index(k, obj, 0, &id) < 0)
 		return NULL;
 	if (k->pool == Py_None)
 		return PyErr_Format(PyExc_ValueError, "host block %u lies in per-layer tensors, not in a pool: "
 				    "host_piece(id, layer, part) gives each piece's address", id);
-	if ((pool = pyaeg_pool_of(k->pool)) == NULL)
+	if ((kv = pykv_open(k)) == NULL)
 		return NULL;
-	return pyaeg_pool_view(k->pool, (uint64_t)((uintptr_t)aeg_kv_host_ptr(kv, id) - (uintptr_t)aeg_pool_base(pool)),
-			       k->block_bytes);
+	/* The view maps the pool's pages itself: valid after the cache or the pool is closed. */
+	at = (uintptr_t)aeg_kv_host_ptr(kv, id);
+	return pyaeg_pool_view(k->pool, (uint64_t)(at - pyaeg_pool_base(k->pool)), k->block_bytes);
 }
 
 /* ----------------------------------------------------------------- swaps */
@@ -475,25 +526,51 @@ static int wait_handle(KVObject *k, const aeg_handle_t *h, double seconds)
 	return 0;
 }
 
-static int release_handle(KVObject *k, aeg_kv_t *kv, const aeg_handle_t *h)
+/*
+ * Takes pending handle @b for this call: 1 when it was waiting for no one
+ * (now marked taken), 0 when it is not pending or another call took it.
+ */
+static int claim(KVObject *k, PyObject *b)
 {
-	PyObject *b;
-	int err;
+	PyObject *v = PyDict_GetItemWithError(k->pending, b);
 
-	err = aeg_kv_release(kv, h);
+	if (v == NULL)
+		return PyErr_Occurred() ? -1 : 0;
+	if (v != Py_None)
+		return 0;
+	return PyDict_SetItem(k->pending, b, Py_True) < 0 ? -1 : 1;
+}
+
+/* Releases handle @b (@h) this call owns: claimed, or never handed out. */
+static int release_owned(KVObject *k, aeg_kv_t *kv, PyObject *b, const aeg_handle_t *h)
+{
+	int err = aeg_kv_release(kv, h);
+
 	if (err < 0) {
 		pyaeg_raise(err);
 		return -1;
 	}
-	b = pyaeg_handle_bytes(h);
-	if (b == NULL)
+	if (b != NULL && PyDict_DelItem(k->pending, b) < 0)
 		return -1;
-	if (PyDict_GetItem(k->pending, b) != NULL && PyDict_DelItem(k->pending, b) < 0) {
-		Py_DECREF(b);
-		return -1;
-	}
-	Py_DECREF(b);
 	return 0;
+}
+
+/*
+ * wait=True: the call waits for and releases its own event, which no other
+ * call knows of; one the wait gave up on (a signal) goes to pending, for
+ * wait_all() or close() to release.
+ */
+static int wait_own(KVObject *k, aeg_kv_t *kv, const aeg_handle_t *h)
+{
+	PyObject *type, *value, *tb;
+
+	if (wait_handle(k, h, -1) == 0)
+		return release_owned(k, kv, NULL, h);
+	PyErr_Fetch(&type, &value, &tb);
+	if (add_pending(k, h) < 0)
+		PyErr_Clear();
+	PyErr_Restore(type, value, tb);
+	return -1;
 }
 
 /* A swap either way; returns the handle, (handle, layer handles), or None with wait. */
@@ -536,6 +613,12 @@ static int parse_layers(const KVObject *k, PyObject *obj, struct aeg_kv_layers *
 }
 
 /* (call handle, [layer handles]) */
+/* A call submitted: waited for here (wait), or left pending for wait_all; -1 with an exception set. */
+static int call_end(KVObject *k, aeg_kv_t *kv, const aeg_handle_t *h, int wait)
+{
+	return wait ? wait_own(k, kv, h) : add_pending(k, h);
+}
+
 static PyObject *handles_tuple(const aeg_handle_t *h, const struct aeg_kv_layers *layers)
 {
 	PyObject *list = PyList_New((Py_ssize_t)layers->count);
@@ -573,21 +656,22 @@ static int id_lists(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq, 
 /* Swap-outs go on the cache's first stream, swap-ins on its second: the two directions overlap. */
 PyObject *pykv_swap(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq, PyObject *layers_obj, int wait)
 {
-	aeg_kv_t *kv = pykv_open(k);
 	uint32_t *src = NULL, *dst = NULL;
 	struct aeg_kv_layers layers;
 	aeg_stream_t *s;
 	size_t *ends = NULL, n;
 	PyObject *result = NULL;
 	aeg_handle_t h;
+	aeg_kv_t *kv;
 	int err, by_layer = 0;
 
-	if (kv == NULL)
-		return NULL;
-	s = out ? k->res->stream : k->res->stream_in;
-	if (id_lists(k, out, src_seq, dst_seq, &src, &dst, &n) < 0 ||
+	/* The ids' __index__ may run any Python code, close() included: the cache is taken after. */
+	if (pykv_open(k) == NULL || id_lists(k, out, src_seq, dst_seq, &src, &dst, &n) < 0 ||
 	    (by_layer = parse_layers(k, layers_obj, &layers, &ends)) < 0)
 		goto out;
+	if ((kv = pykv_use(k)) == NULL)
+		goto out;
+	s = out ? k->res->stream : k->res->stream_in;
 	PYAEG_BEGIN_ALLOW_THREADS
 	if (by_layer)
 		err = out ? aeg_kv_swap_out_layers(kv, src, dst, n, &layers, s, &h) :
@@ -595,20 +679,11 @@ PyObject *pykv_swap(KVObject *k, int out, PyObject *src_seq, PyObject *dst_seq, 
 	else
 		err = out ? aeg_kv_swap_out(kv, src, dst, n, s, &h) : aeg_kv_swap_in(kv, src, dst, n, s, &h);
 	PYAEG_END_ALLOW_THREADS
-	if (err < 0) {
+	if (err < 0)
 		pyaeg_raise(err);
-		goto out;
-	}
-	if (add_pending(k, &h) < 0)
-		goto out;
-	if (wait) {
-		if (wait_handle(k, &h, -1) < 0 || release_handle(k, kv, &h) < 0)
-			goto out;
-		result = Py_None;
-		Py_INCREF(result);
-	} else {
-		result = by_layer ? handles_tuple(&h, &layers) : pyaeg_handle_bytes(&h);
-	}
+	else if (call_end(k, kv, &h, wait) == 0)
+		result = wait ? Py_NewRef(Py_None) : by_layer ? handles_tuple(&h, &layers) : pyaeg_handle_bytes(&h);
+	pykv_done(k);
 out:
 	PyMem_Free(src);
 	PyMem_Free(dst);
@@ -645,32 +720,29 @@ static PyObject *copy(KVObject *k, int h2d, PyObject *args, PyObject *kw)
 	static char *kwlist[] = { "dst", "src", "nbytes", "wait", NULL };
 	PyObject *dst_obj, *src_obj, *n_obj;
 	uint64_t dst, src, n;
-	aeg_kv_t *kv = pykv_open(k);
+	PyObject *result = NULL;
 	aeg_handle_t h;
+	aeg_kv_t *kv;
 	int wait = 0, err;
 
-	if (kv == NULL)
+	if (pykv_open(k) == NULL)
 		return NULL;
 	if (!PyArg_ParseTupleAndKeywords(args, kw, h2d ? "OOO|$p:copy_h2d" : "OOO|$p:copy_d2h", kwlist,
 					 &dst_obj, &src_obj, &n_obj, &wait))
 		return NULL;
 	if (pyaeg_u64(dst_obj, "dst", 0, &dst) < 0 || pyaeg_u64(src_obj, "src", 0, &src) < 0 ||
-	    pyaeg_u64(n_obj, "nbytes", 0, &n) < 0)
+	    pyaeg_u64(n_obj, "nbytes", 0, &n) < 0 || (kv = pykv_use(k)) == NULL)
 		return NULL;
 	PYAEG_BEGIN_ALLOW_THREADS
 	err = h2d ? aeg_kv_copy_h2d(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream_in, &h) :
 		    aeg_kv_copy_d2h(kv, (void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n, k->res->stream, &h);
 	PYAEG_END_ALLOW_THREADS
 	if (err < 0)
-		return pyaeg_raise(err);
-	if (add_pending(k, &h) < 0)
-		return NULL;
-	if (wait) {
-		if (wait_handle(k, &h, -1) < 0 || release_handle(k, kv, &h) < 0)
-			return NULL;
-		Py_RETURN_NONE;
-	}
-	return pyaeg_handle_bytes(&h);
+		pyaeg_raise(err);
+	else if (call_end(k, kv, &h, wait) == 0)
+		result = wait ? Py_NewRef(Py_None) : pyaeg_handle_bytes(&h);
+	pykv_done(k);
+	return result;
 }
 
 static PyObject *kv_copy_h2d(PyObject *self, PyObject *args, PyObject *kw)
@@ -691,11 +763,15 @@ static PyObject *kv_wait(PyObject *self, PyObject *args, PyObject *kw)
 	aeg_handle_t h;
 	double seconds;
 
+	int rc;
+
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:wait", kwlist, &obj, &timeout_obj))
 		return NULL;
-	if (pykv_open(k) == NULL || pyaeg_handle(obj, &h) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0)
+	if (pyaeg_handle(obj, &h) < 0 || pyaeg_timeout(timeout_obj, &seconds) < 0 || pykv_use(k) == NULL)
 		return NULL;
-	if (wait_handle(k, &h, seconds) < 0)
+	rc = wait_handle(k, &h, seconds);
+	pykv_done(k);
+	if (rc < 0)
 		return NULL;
 	Py_RETURN_NONE;
 }
@@ -703,10 +779,33 @@ static PyObject *kv_wait(PyObject *self, PyObject *args, PyObject *kw)
 static PyObject *kv_release(PyObject *self, PyObject *obj)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
+	PyObject *b;
 	aeg_handle_t h;
+	aeg_kv_t *kv;
+	int rc = -1;
 
-	if (kv == NULL || pyaeg_handle(obj, &h) < 0 || release_handle(k, kv, &h) < 0)
+	if (pyaeg_handle(obj, &h) < 0 || (b = pyaeg_handle_bytes(&h)) == NULL)
+		return NULL;
+	if ((kv = pykv_use(k)) == NULL) {
+		Py_DECREF(b);
+		return NULL;
+	}
+	switch (claim(k, b)) {
+	case 1:
+		rc = release_owned(k, kv, b, &h);
+		break;
+	case 0:
+		if (PyDict_GetItemWithError(k->pending, b) != NULL)
+			pyaeg_raise_msg(AEG_EBUSY, "KV release: another thread's wait_all() is waiting for this handle "
+					"and releases it");
+		else if (!PyErr_Occurred())
+			pyaeg_raise_msg(AEG_ENOENT, "KV release: the handle is not one of this cache's calls not "
+					"released yet (released already, by wait_all(), or a wait=True call's)");
+		break;
+	}
+	pykv_done(k);
+	Py_DECREF(b);
+	if (rc < 0)
 		return NULL;
 	Py_RETURN_NONE;
 }
@@ -718,38 +817,84 @@ static int set_none(PyObject *rec, int i)
 	return PyList_SetItem(rec, i, Py_None);
 }
 
+/* Waits for and releases the pending handles no other call has taken; 0, or -1 with an exception. */
+static int wait_pending(KVObject *k, aeg_kv_t *kv)
+{
+	PyObject *handles = PyDict_Keys(k->pending);
+	int rc = 0;
+
+	if (handles == NULL)
+		return -1;
+	for (Py_ssize_t i = 0; rc == 0 && i < PyList_Size(handles); i++) {
+		PyObject *b = PyList_GetItem(handles, i);
+		aeg_handle_t h;
+
+		rc = claim(k, b);
+		if (rc <= 0)
+			continue;       /* another call's now, or released */
+		rc = pyaeg_handle(b, &h);
+		if (rc == 0 && (rc = wait_handle(k, &h, -1)) < 0) {
+			/* Interrupted: the handle is anyone's again. */
+			PyObject *type, *value, *tb;
+
+			PyErr_Fetch(&type, &value, &tb);
+			if (PyDict_SetItem(k->pending, b, Py_None) < 0)
+				PyErr_Clear();
+			PyErr_Restore(type, value, tb);
+		}
+		if (rc == 0)
+			rc = release_owned(k, kv, b, &h);
+	}
+	Py_DECREF(handles);
+	return rc;
+}
+
+/*
+ * Swapped-out requests give their GPU blocks back once their swap-out is
+ * released (its copies done); one another call still waits for stays.
+ */
+static int free_swapped_out(KVObject *k)
+{
+	PyObject *items = PyDict_Items(k->reqs);
+	int rc = 0;
+
+	if (items == NULL)
+		return -1;
+	for (Py_ssize_t i = 0; rc == 0 && i < PyList_Size(items); i++) {
+		PyObject *rec = PyTuple_GetItem(PyList_GetItem(items, i), 1), *out = PyList_GetItem(rec, 3), *gpu, *r;
+		int pending = out == Py_None ? 1 : PyDict_Contains(k->pending, out);
+
+		if (pending != 0) {
+			rc = pending < 0 ? -1 : 0;
+			continue;
+		}
+		/* The record drops its GPU ids before the free (which may run Python code): no call frees them twice. */
+		gpu = PyList_GetItem(rec, 2);
+		Py_INCREF(gpu);
+		if (set_none(rec, 2) < 0 || set_none(rec, 3) < 0 || (r = pykv_blocks_free(k, gpu, 1)) == NULL)
+			rc = -1;
+		else
+			Py_DECREF(r);
+		Py_DECREF(gpu);
+	}
+	Py_DECREF(items);
+	return rc < 0 ? -1 : 0;
+}
+
 PyObject *pykv_wait_all(PyObject *self, PyObject *unused)
 {
 	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
-	PyObject *handles, *key, *rec;
-	Py_ssize_t pos = 0;
+	aeg_kv_t *kv = pykv_use(k);
+	int rc;
 
 	if (kv == NULL)
 		return NULL;
-	handles = PyDict_Keys(k->pending);
-	if (handles == NULL)
+	rc = wait_pending(k, kv);
+	if (rc == 0)
+		rc = free_swapped_out(k);
+	pykv_done(k);
+	if (rc < 0)
 		return NULL;
-	for (Py_ssize_t i = 0; i < PyList_Size(handles); i++) {
-		aeg_handle_t h;
-
-		if (pyaeg_handle(PyList_GetItem(handles, i), &h) < 0 || wait_handle(k, &h, -1) < 0 ||
-		    release_handle(k, kv, &h) < 0) {
-			Py_DECREF(handles);
-			return NULL;
-		}
-	}
-	Py_DECREF(handles);
-	/* Swapped-out requests give their GPU blocks back once the copies are done. */
-	while (PyDict_Next(k->reqs, &pos, &key, &rec)) {
-		if (PyList_GetItem(rec, 3) == Py_None)
-			continue;
-		if (pykv_blocks_free(k, PyList_GetItem(rec, 2), 1) == NULL)
-			return NULL;
-		Py_DECREF(Py_None);
-		if (set_none(rec, 2) < 0 || set_none(rec, 3) < 0)
-			return NULL;
-	}
 	Py_RETURN_NONE;
 }
 
@@ -781,17 +926,21 @@ static PyObject *kv_stats(PyObject *self, PyObject *unused)
 static PyObject *kv_close(PyObject *self, PyObject *unused)
 {
 	KVObject *k = (KVObject *)self;
+	struct pyaeg_res *res = k->res;
+	char what[64];
 
-	if (k->res == NULL || k->res->kv == NULL)
+	if (res == NULL || res->kv == NULL)
 		Py_RETURN_NONE;
-	if (k->views > 0)
-		return pyaeg_raise_msg(AEG_EBUSY, "KVCache: %zd DeviceArray view%s of its blocks still alive", k->views,
-				       k->views == 1 ? "" : "s");
-	pyaeg_res_free(k->res);
+	snprintf(what, sizeof(what), "KVCache of GPU %d", k->gpu);
+	if (pyaeg_users_busy(&k->users, what) < 0)
+		return NULL;
+	/* Detached first: a thread that runs while the cache is destroyed (GIL released) finds it closed. */
 	k->res = NULL;
 	pyaeg_object_gone();
 	PyDict_Clear(k->pending);
 	PyDict_Clear(k->reqs);
+	pyaeg_res_free(res);
+	unhold(k);
 	Py_RETURN_NONE;
 }
 
@@ -869,10 +1018,12 @@ static PyMethodDef kv_methods[] = {
 	{ "wait", FN(kv_wait), KW,
 	  "wait($self, handle, timeout=None)\n--\n\nWait for a swap or copy of this cache (GIL released; AegaeonTimeoutError)." },
 	{ "release", kv_release, METH_O,
-	  "release($self, handle, /)\n--\n\nDestroy the event(s) of a swap or copy (AegaeonError ENOENT for one not held)." },
+	  "release($self, handle, /)\n--\n\nDestroy the event(s) of a swap or copy (AegaeonError ENOENT for one not held,\n"
+	  "EBUSY for one another thread's wait_all() waits for and releases)." },
 	{ "wait_all", pykv_wait_all, METH_NOARGS,
-	  "wait_all($self, /)\n--\n\nWait for and release every swap and copy not released yet; requests\n"
-	  "swapped out by swapout_all_async() give their GPU blocks back." },
+	  "wait_all($self, /)\n--\n\nWait for and release every swap and copy not released yet (those\n"
+	  "another thread's wait_all() took are left to it); requests swapped out by\n"
+	  "swapout_all_async() give their GPU blocks back once their swap-out is released." },
 	{ "gpu_ptr", kv_gpu_ptr, METH_O, "gpu_ptr($self, id, /)\n--\n\nDevice address of GPU block id." },
 	{ "host_ptr", kv_host_ptr, METH_O, "host_ptr($self, id, /)\n--\n\nHost address of host block id (pinned)." },
 	{ "gpu_block", kv_gpu_block, METH_O,
@@ -904,7 +1055,8 @@ static PyMethodDef kv_methods[] = {
 	  "requests (seed API), pending (events not released)." },
 	{ "close", kv_close, METH_NOARGS,
 	  "close($self, /)\n--\n\nWait for queued transfers and free the cache's blocks and events now (also done\n"
-	  "when collected). AegaeonError EBUSY while gpu_block() views are alive." },
+	  "when collected), then let its slab and pool be closed. AegaeonError EBUSY, freeing\n"
+	  "nothing, while gpu_block() views are alive or a call of it runs in another thread." },
 	{ "__enter__", kv_enter, METH_NOARGS, PYAEG_ENTER_DOC },
 	{ "__exit__", kv_exit, METH_VARARGS, PYAEG_EXIT_DOC },
 	{ NULL, NULL, 0, NULL },

@@ -17,12 +17,22 @@ typedef struct {
 	uint32_t host_blocks;
 	PyObject *slab;                 /* SlabAllocator the GPU blocks come from (None: tensors) */
 	PyObject *pool;                 /* PinnedPool the host blocks come from (None: tensors) */
-	PyObject *pending;              /* {handle: None}: events not released yet */
+	int holds_slab, holds_pool;     /* counted in their users until the cache is destroyed */
+	/*
+	 * {handle: None, or True while a wait_all() waits for it}: the events
+	 * not released yet. A call that takes a handle (marks it True, or
+	 * deletes it) owns it: no other call waits for or releases it, as a
+	 * released event is reused by later calls.
+	 */
+	PyObject *pending;
 	PyObject *reqs;                 /* seed API: {req_id: [nbytes, host_ids, gpu_ids|None, out_handle|None]} */
-	Py_ssize_t views;
+	struct pyaeg_users users;       /* gpu_block() views, calls: close() waits for none */
 } KVObject;
 
 aeg_kv_t *pykv_open(KVObject *k);                 /* NULL with ValueError once closed */
+/* The cache for one call (close() is EBUSY until pykv_done); NULL with ValueError once closed. */
+aeg_kv_t *pykv_use(KVObject *k);
+void pykv_done(KVObject *k);
 PyObject *pykv_blocks_alloc(KVObject *k, PyObject *n_obj, int gpu_side);
 PyObject *pykv_blocks_free(KVObject *k, PyObject *seq, int gpu_side);
 /* A swap either way: the handle, (handle, layer handles), or None with @wait. */

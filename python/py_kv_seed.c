@@ -26,8 +26,9 @@ static PyObject *drop(KVObject *k, PyObject *req_id)
 {
 	PyObject *rec, *r;
 
-	if (pykv_wait_all((PyObject *)k, NULL) == NULL)
+	if ((r = pykv_wait_all((PyObject *)k, NULL)) == NULL)
 		return NULL;
+	Py_DECREF(r);
 	rec = get_record(k, req_id);
 	if (rec == NULL)
 		return NULL;
@@ -44,17 +45,19 @@ static PyObject *drop(KVObject *k, PyObject *req_id)
 	Py_RETURN_NONE;
 }
 
-PyObject *pykv_store(PyObject *self, PyObject *args, PyObject *kw)
+/*
+ * The methods hold the cache (pykv_use) from start to end: they copy into
+ * its host blocks and swap with the GIL released in between.
+ */
+static PyObject *store(KVObject *k, aeg_kv_t *kv, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "req_id", "data", NULL };
-	KVObject *k = (KVObject *)self;
 	PyObject *req_id, *data, *bytes = NULL, *host = NULL, *gpu = NULL, *n_obj = NULL, *h = NULL, *rec;
-	aeg_kv_t *kv = pykv_open(k);
 	Py_ssize_t len;
 	uint64_t nblocks;
 	char *src;
 
-	if (kv == NULL || contiguous_host(k) < 0)
+	if (contiguous_host(k) < 0)
 		return NULL;
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:store_kv_async", kwlist, &req_id, &data))
 		return NULL;
@@ -69,8 +72,11 @@ PyObject *pykv_store(PyObject *self, PyObject *args, PyObject *kw)
 		PyErr_SetString(PyExc_ValueError, "no KV bytes to store");
 		goto fail;
 	}
-	if (PyDict_GetItem(k->reqs, req_id) != NULL && drop(k, req_id) == NULL)
-		goto fail;
+	if (PyDict_GetItem(k->reqs, req_id) != NULL) {
+		if ((h = drop(k, req_id)) == NULL)
+			goto fail;
+		Py_CLEAR(h);
+	}
 	nblocks = ((uint64_t)len + k->block_bytes - 1) / k->block_bytes;
 	n_obj = PyLong_FromUnsignedLongLong(nblocks);
 	if (n_obj == NULL || (host = pykv_blocks_alloc(k, n_obj, 0)) == NULL)
@@ -110,16 +116,16 @@ fail:
 	return NULL;
 }
 
-PyObject *pykv_ensure(PyObject *self, PyObject *req_id)
+static PyObject *ensure(KVObject *k, PyObject *req_id)
 {
-	KVObject *k = (KVObject *)self;
 	PyObject *rec, *gpu, *n_obj, *r;
 
-	if (pykv_open(k) == NULL || (rec = get_record(k, req_id)) == NULL)
+	if ((rec = get_record(k, req_id)) == NULL)
 		return NULL;
 	Py_INCREF(rec);
-	if (pykv_wait_all(self, NULL) == NULL)
+	if ((r = pykv_wait_all((PyObject *)k, NULL)) == NULL)
 		goto fail;
+	Py_DECREF(r);
 	if (PyList_GetItem(rec, 2) == Py_None) {
 		n_obj = PyLong_FromSsize_t(PyList_Size(PyList_GetItem(rec, 1)));
 		gpu = n_obj ? pykv_blocks_alloc(k, n_obj, 1) : NULL;
@@ -144,50 +150,73 @@ fail:
 	return NULL;
 }
 
-PyObject *pykv_swapout_all(PyObject *self, PyObject *unused)
+/*
+ * The records are a snapshot, each held: the swaps give up the GIL, and
+ * another thread's drop_kv() may delete a record from the cache meanwhile.
+ */
+static PyObject *swapout_all(KVObject *k)
 {
-	KVObject *k = (KVObject *)self;
-	PyObject *key, *rec, *h;
-	Py_ssize_t pos = 0;
+	PyObject *items, *r;
+	int rc = 0;
 
 	/* Swap-outs run on another stream than swap-ins: a store still copying in comes first. */
-	if (pykv_open(k) == NULL || pykv_wait_all(self, NULL) == NULL)
+	if ((r = pykv_wait_all((PyObject *)k, NULL)) == NULL)
 		return NULL;
-	Py_DECREF(Py_None);
-	while (PyDict_Next(k->reqs, &pos, &key, &rec)) {
+	Py_DECREF(r);
+	items = PyDict_Items(k->reqs);
+	if (items == NULL)
+		return NULL;
+	for (Py_ssize_t i = 0; rc == 0 && i < PyList_Size(items); i++) {
+		PyObject *rec = PyTuple_GetItem(PyList_GetItem(items, i), 1), *gpu, *host, *h;
+
 		if (PyList_GetItem(rec, 2) == Py_None || PyList_GetItem(rec, 3) != Py_None)
 			continue;
-		h = pykv_swap(k, 1, PyList_GetItem(rec, 2), PyList_GetItem(rec, 1), Py_None, 0);
+		gpu = PyList_GetItem(rec, 2);
+		host = PyList_GetItem(rec, 1);
+		Py_INCREF(gpu);
+		Py_INCREF(host);
+		h = pykv_swap(k, 1, gpu, host, Py_None, 0);
+		Py_DECREF(gpu);
+		Py_DECREF(host);
 		if (h == NULL)
-			return NULL;
-		PyList_SetItem(rec, 3, h);
+			rc = -1;
+		else
+			PyList_SetItem(rec, 3, h);
 	}
+	Py_DECREF(items);
+	if (rc < 0)
+		return NULL;
 	Py_RETURN_NONE;
 }
 
-PyObject *pykv_load(PyObject *self, PyObject *req_id)
+static PyObject *load(KVObject *k, aeg_kv_t *kv, PyObject *req_id)
 {
-	KVObject *k = (KVObject *)self;
-	aeg_kv_t *kv = pykv_open(k);
-	PyObject *rec, *host, *out, *r;
+	PyObject *rec, *host, *gpu, *out = NULL, *r;
 	Py_ssize_t len;
 	char *dst;
 
-	if (kv == NULL || contiguous_host(k) < 0 || pykv_wait_all(self, NULL) == NULL ||
-	    (rec = get_record(k, req_id)) == NULL)
+	if (contiguous_host(k) < 0 || (r = pykv_wait_all((PyObject *)k, NULL)) == NULL)
 		return NULL;
+	Py_DECREF(r);
+	if ((rec = get_record(k, req_id)) == NULL)
+		return NULL;
+	/* Held: the swap gives up the GIL, and a drop_kv() in another thread may delete the record. */
+	Py_INCREF(rec);
 	host = PyList_GetItem(rec, 1);
+	gpu = PyList_GetItem(rec, 2);
+	Py_INCREF(host);
+	Py_INCREF(gpu);
 	/* The GPU copy is the current one while the request is resident. */
-	if (PyList_GetItem(rec, 2) != Py_None) {
-		r = pykv_swap(k, 1, PyList_GetItem(rec, 2), host, Py_None, 1);
+	if (gpu != Py_None) {
+		r = pykv_swap(k, 1, gpu, host, Py_None, 1);
 		if (r == NULL)
-			return NULL;
+			goto out;
 		Py_DECREF(r);
 	}
 	len = PyLong_AsSsize_t(PyList_GetItem(rec, 0));
 	out = PyBytes_FromStringAndSize(NULL, len);
 	if (out == NULL)
-		return NULL;
+		goto out;
 	dst = PyBytes_AsString(out);
 	for (Py_ssize_t i = 0; i < PyList_Size(host); i++) {
 		uint64_t off = (uint64_t)i * k->block_bytes, part = (uint64_t)len - off;
@@ -195,13 +224,72 @@ PyObject *pykv_load(PyObject *self, PyObject *req_id)
 		memcpy(dst + off, aeg_kv_host_ptr(kv, (uint32_t)PyLong_AsUnsignedLong(PyList_GetItem(host, i))),
 		       part < k->block_bytes ? part : k->block_bytes);
 	}
+out:
+	Py_DECREF(gpu);
+	Py_DECREF(host);
+	Py_DECREF(rec);
 	return out;
+}
+
+PyObject *pykv_store(PyObject *self, PyObject *args, PyObject *kw)
+{
+	KVObject *k = (KVObject *)self;
+	aeg_kv_t *kv = pykv_use(k);
+	PyObject *r;
+
+	if (kv == NULL)
+		return NULL;
+	r = store(k, kv, args, kw);
+	pykv_done(k);
+	return r;
+}
+
+PyObject *pykv_ensure(PyObject *self, PyObject *req_id)
+{
+	KVObject *k = (KVObject *)self;
+	PyObject *r;
+
+	if (pykv_use(k) == NULL)
+		return NULL;
+	r = ensure(k, req_id);
+	pykv_done(k);
+	return r;
+}
+
+PyObject *pykv_swapout_all(PyObject *self, PyObject *unused)
+{
+	KVObject *k = (KVObject *)self;
+	PyObject *r;
+
+	if (pykv_use(k) == NULL)
+		return NULL;
+	r = swapout_all(k);
+	pykv_done(k);
+	return r;
+}
+
+PyObject *pykv_load(PyObject *self, PyObject *req_id)
+{
+	KVObject *k = (KVObject *)self;
+	aeg_kv_t *kv = pykv_use(k);
+	PyObject *r;
+
+	if (kv == NULL)
+		return NULL;
+	r = load(k, kv, req_id);
+	pykv_done(k);
+	return r;
 }
 
 PyObject *pykv_drop(PyObject *self, PyObject *req_id)
 {
-	if (pykv_open((KVObject *)self) == NULL)
+	KVObject *k = (KVObject *)self;
+	PyObject *r;
+
+	if (pykv_use(k) == NULL)
 		return NULL;
-	return drop((KVObject *)self, req_id);
+	r = drop(k, req_id);
+	pykv_done(k);
+	return r;
 }
 

@@ -256,6 +256,8 @@ static MemoryObject *model_memory(ModelObject *m)
 {
 	if (m->mem == NULL)
 		PyErr_Format(PyExc_ValueError, "the model %U was released", m->path);
+	else if (pyaeg_inherited_check() < 0)
+		return NULL;
 	return m->mem;
 }
 
@@ -297,12 +299,13 @@ static int model_wait_for(ModelObject *m, const char *name, double seconds)
 		PyErr_Format(PyExc_KeyError, "%s: the model %U has no tensor of that name", name, m->path);
 		return -1;
 	}
-	/* Another thread may release the model meanwhile: its memory stays until this wait ends. */
+	/*
+	 * Another thread may release the model meanwhile: its memory stays until
+	 * the error is made, which reads the model's path and the wait's detail
+	 * (the last reference's drop frees the model and clears the detail).
+	 */
 	Py_INCREF(mem);
 	err = pyaeg_wait(wait_slice, &w, seconds);
-	Py_DECREF(mem);
-	if (err == PYAEG_SIGNALLED)
-		return -1;
 	if (err == AEG_ETIMEDOUT && name != NULL)
 		pyaeg_raise_msg(err, "tensor \"%.128s\" of %s was not loaded within %g s", name,
 				aeg_model_path(w.m), seconds);
@@ -310,7 +313,8 @@ static int model_wait_for(ModelObject *m, const char *name, double seconds)
 		pyaeg_raise_msg(err, "the model %s was not loaded within %g s", aeg_model_path(w.m), seconds);
 	else if (err < 0)
 		pyaeg_raise(err);
-	return err < 0 ? -1 : 0;
+	Py_DECREF(mem);
+	return err == 0 ? 0 : -1;       /* PYAEG_SIGNALLED: the handler's exception */
 }
 
 static PyObject *model_wait(PyObject *self, PyObject *args, PyObject *kw)
@@ -390,6 +394,26 @@ static PyObject *get_tensors(PyObject *self, void *closure)
 	return m->tensors;
 }
 
+/* A copy of chunk dicts @list, down to their "tensors" lists. */
+static PyObject *copy_chunks(PyObject *list)
+{
+	Py_ssize_t n = PyList_Size(list);
+	PyObject *copy = PyList_New(n);
+
+	for (Py_ssize_t i = 0; copy != NULL && i < n; i++) {
+		PyObject *d = PyDict_Copy(PyList_GetItem(list, i)), *tensors;
+
+		tensors = d != NULL ? PySequence_List(PyDict_GetItemString(d, "tensors")) : NULL;
+		if (tensors == NULL || pyaeg_dict_set(d, "tensors", tensors) < 0) {
+			Py_XDECREF(d);
+			Py_CLEAR(copy);
+		} else {
+			PyList_SetItem(copy, i, d);
+		}
+	}
+	return copy;
+}
+
 static PyObject *get_chunks(PyObject *self, void *closure)
 {
 	ModelObject *m = (ModelObject *)self;
@@ -399,8 +423,8 @@ static PyObject *get_chunks(PyObject *self, void *closure)
 		return NULL;
 	if (m->chunks == NULL)
 		m->chunks = pyaeg_chunk_dicts(mem->load.m);
-	/* A list of its own for each caller, as prefetch_file_to_gpu_chunks() gives. */
-	return m->chunks ? PyList_GetSlice(m->chunks, 0, PyList_Size(m->chunks)) : NULL;
+	/* Each caller's own list of its own dicts, as prefetch_file_to_gpu_chunks() gives (its tuples are shared). */
+	return m->chunks ? copy_chunks(m->chunks) : NULL;
 }
 
 static PyObject *get_path(PyObject *self, void *closure)

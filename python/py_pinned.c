@@ -19,6 +19,7 @@ typedef struct {
 	PyObject *map;
 	PyObject *view;                 /* memoryview(map) */
 	PyObject *handed;               /* list: the memoryview acquire() gave per buffer, or None */
+	struct pyaeg_users users;       /* calls, KVCaches (memoryviews map the pages themselves) */
 } PoolObject;
 
 PyObject *pyaeg_pool_type;
@@ -29,16 +30,52 @@ static aeg_pool_t *pool_open(PoolObject *p)
 		PyErr_SetString(PyExc_ValueError, "operation on a closed PinnedPool");
 		return NULL;
 	}
+	if (pyaeg_inherited_check() < 0)
+		return NULL;
 	return p->res->pool;
 }
 
-aeg_pool_t *pyaeg_pool_of(PyObject *obj)
+/*
+ * The pool for one call, taken once its arguments are converted: until
+ * pool_done, close() is EBUSY, so a wait for a buffer (GIL released) never
+ * polls a destroyed pool. NULL with ValueError once closed.
+ */
+static aeg_pool_t *pool_use(PoolObject *p)
 {
+	aeg_pool_t *pool = pool_open(p);
+
+	if (pool != NULL)
+		p->users.calls++;
+	return pool;
+}
+
+static void pool_done(PoolObject *p)
+{
+	p->users.calls--;
+}
+
+aeg_pool_t *pyaeg_pool_hold(PyObject *obj)
+{
+	aeg_pool_t *pool;
+
 	if (!PyObject_TypeCheck(obj, (PyTypeObject *)pyaeg_pool_type)) {
 		PyErr_Format(PyExc_TypeError, "pool must be a PinnedPool, not %s", pyaeg_tname(obj));
 		return NULL;
 	}
-	return pool_open((PoolObject *)obj);
+	pool = pool_open((PoolObject *)obj);
+	if (pool != NULL)
+		((PoolObject *)obj)->users.caches++;
+	return pool;
+}
+
+void pyaeg_pool_unhold(PyObject *obj)
+{
+	((PoolObject *)obj)->users.caches--;
+}
+
+uintptr_t pyaeg_pool_base(PyObject *obj)
+{
+	return ((PoolObject *)obj)->base;
 }
 
 PyObject *pyaeg_pool_view(PyObject *obj, uint64_t offset, uint64_t bytes)
@@ -234,25 +271,23 @@ static PyObject *pool_acquire(PyObject *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:acquire", kwlist, &timeout_obj))
 		return NULL;
-	if ((w.pool = pool_open(p)) == NULL || pyaeg_timeout(timeout_obj, &seconds) < 0)
+	if (pyaeg_timeout(timeout_obj, &seconds) < 0 || (w.pool = pool_use(p)) == NULL)
 		return NULL;
-	if (seconds == 0) {
+	if (seconds == 0)
 		err = aeg_pool_acquire(w.pool, 0, &w.buf);
-	} else {
+	else
 		err = pyaeg_wait(acquire_slice, &w, seconds);
-		if (err == PYAEG_SIGNALLED)
-			return NULL;
-	}
+	mv = NULL;
 	if (err == AEG_ETIMEDOUT)
-		return pyaeg_raise_msg(err, "no buffer of the pool came free within %g s (%u buffers, all in use)",
-				       seconds < 0 ? 0 : seconds, p->buffers);
-	if (err < 0)
-		return pyaeg_raise(err);
-	mv = pyaeg_pool_view(self, (uint64_t)w.buf.index * p->buffer_bytes, p->buffer_bytes);
-	if (mv == NULL) {
+		pyaeg_raise_msg(err, "no buffer of the pool came free within %g s (%u buffers, all in use)",
+				seconds < 0 ? 0 : seconds, p->buffers);
+	else if (err < 0)
+		pyaeg_raise(err);
+	else if (err == 0 && (mv = pyaeg_pool_view(self, (uint64_t)w.buf.index * p->buffer_bytes, p->buffer_bytes)) == NULL)
 		aeg_pool_release(w.pool, w.buf.index);
+	pool_done(p);
+	if (mv == NULL)         /* an error, or PYAEG_SIGNALLED with the handler's */
 		return NULL;
-	}
 	Py_INCREF(mv);
 	PyList_SetItem(p->handed, w.buf.index, mv);
 	return Py_BuildValue("(IN)", w.buf.index, mv);
@@ -301,9 +336,10 @@ static PyObject *pool_release(PyObject *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O:release", kwlist, &obj))
 		return NULL;
-	if ((pool = pool_open(p)) == NULL || buffer_index(p, obj, &index) < 0)
+	if (buffer_index(p, obj, &index) < 0 || (pool = pool_use(p)) == NULL)
 		return NULL;
 	err = aeg_pool_release(pool, index);
+	pool_done(p);
 	if (err < 0)
 		return pyaeg_raise(err);
 	/* The memoryview acquire() gave stops working, unless something still exports it. */
@@ -378,12 +414,18 @@ static PyObject *pool_fd(PyObject *self, PyObject *unused)
 static PyObject *pool_close(PyObject *self, PyObject *unused)
 {
 	PoolObject *p = (PoolObject *)self;
+	struct pyaeg_res *res = p->res;
+	char what[64];
 
-	if (p->res == NULL || p->res->pool == NULL)
+	if (res == NULL || res->pool == NULL)
 		Py_RETURN_NONE;
-	pyaeg_res_free(p->res);
+	snprintf(what, sizeof(what), "PinnedPool of GPU %d", p->gpu);
+	if (pyaeg_users_busy(&p->users, what) < 0)
+		return NULL;
+	/* Detached first: a thread that runs while the pool is unmapped (GIL released) finds it closed. */
 	p->res = NULL;
 	pyaeg_object_gone();
+	pyaeg_res_free(res);
 	Py_RETURN_NONE;
 }
 
@@ -468,7 +510,9 @@ static PyMethodDef pool_methods[] = {
 	{ "close", pool_close, METH_NOARGS,
 	  "close($self, /)\n--\n\n"
 	  "Unmap (and unregister) the pool now; also done when collected. Memoryviews\n"
-	  "already handed out stay readable (they map the same pages)." },
+	  "already handed out stay readable (they map the same pages). AegaeonError\n"
+	  "EBUSY, unmapping nothing, while an acquire() waits in another thread or a\n"
+	  "KVCache is built on the pool." },
 	{ "__enter__", pool_enter, METH_NOARGS, PYAEG_ENTER_DOC },
 	{ "__exit__", pool_exit, METH_VARARGS, PYAEG_EXIT_DOC },
 	{ NULL, NULL, 0, NULL },

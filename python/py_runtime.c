@@ -1,6 +1,7 @@
 /* The aegaeon_native runtime: its lock, session and device, the job, objects' resources, waits and loads. */
 #include "py_internal.h"
 #include "py_runtime.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -15,6 +16,11 @@
 /*
  * The runtime lock. It is only ever taken with the GIL released (pyaeg_lock),
  * so a thread holding it may release and retake the GIL without deadlock.
+ * It is not reentrant, and Python code can take it (a collected object's
+ * dealloc, a signal handler calling the module): so no Python code runs
+ * while it is held. Its holders allocate no Python object, raise nothing
+ * and check no signal: the *_locked calls set the library's detail and
+ * return its code, raised once the lock is given back.
  * But once the interpreter finalizes, a daemon thread that asks for the GIL
  * never gets it (Python ends or parks it there for good): holding the lock,
  * it would hang every later taker, the finalizing thread's deallocs and
@@ -32,6 +38,55 @@ static struct {
 } rtlock = { .mu = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
 
 static _Thread_local int rtlock_mine;  /* this thread holds the runtime lock */
+
+/*
+ * A fork() child has one thread: the lock's holder, the session's engine
+ * threads and the daemon threads stayed in the parent. The child's copy of
+ * the lock is made free (a thread may have held it), and a runtime the
+ * parent had opened is marked inherited: nothing of it is used or torn
+ * down (closing the parent's session would join threads that are not
+ * there), and the device stays closed to this process.
+ */
+static void atfork_prepare(void) { pthread_mutex_lock(&rtlock.mu); }
+static void atfork_parent(void) { pthread_mutex_unlock(&rtlock.mu); }
+static void atfork_child(void)
+{
+	if (pyaeg_rt.dev != NULL || pyaeg_rt.res != NULL || pyaeg_rt.events != NULL || pyaeg_rt.objects > 0)
+		pyaeg_rt.inherited = 1;
+	rtlock.held = 0;
+	rtlock.parked = 0;
+	rtlock_mine = 0;
+	pthread_cond_init(&rtlock.cond, NULL);
+	pthread_mutex_unlock(&rtlock.mu);
+}
+
+static void register_atfork(void)
+{
+	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+void pyaeg_fork_init(void)
+{
+	static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+	pthread_once(&once, register_atfork);
+}
+
+/* What a fork() child's calls of the parent's runtime get: AEG_EPERM with its detail. */
+static int inherited_error(void)
+{
+	return aeg_fail(AEG_EPERM, "this process is a fork() child of one that used aegaeon_native: its device, "
+			"slabs and threads are the parent's; use the module in a fresh interpreter (subprocess, "
+			"multiprocessing's \"spawn\" or \"forkserver\")");
+}
+
+int pyaeg_inherited_check(void)
+{
+	if (!pyaeg_rt.inherited)
+		return 0;
+	pyaeg_raise(inherited_error());
+	return -1;
+}
 
 #define WAIT_SLICE_MS 100
 
@@ -182,7 +237,8 @@ void pyaeg_res_free(struct pyaeg_res *res)
 	finalizer = pyaeg_is_finalizer();
 	PYAEG_BEGIN_ALLOW_THREADS
 	pyaeg_rtlock_take(finalizer);
-	res_destroy(res);
+	if (!pyaeg_rt.inherited)
+		res_destroy(res);
 	if (res->prev != NULL)
 		res->prev->next = res->next;
 	else
@@ -246,26 +302,27 @@ static int open_device_locked(void)
 		err = aeg_device_count(aeg_session_device(sess), &count);
 	PYAEG_END_ALLOW_THREADS
 	if (err < 0) {
-		if (cfg.mode == AEG_SESSION_JOB)
-			pyaeg_raise_msg(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
-					sock ? sock : "", aeg_error_detail());
-		else
-			pyaeg_raise(err);
+		char detail[1024];
+
+		/* The close may set a detail of its own: the open's is the one to tell. */
+		snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
 		aeg_session_close(sess);
-		return err;
+		if (cfg.mode == AEG_SESSION_JOB)
+			return aeg_fail(err, "attaching to the job's agent (AEGAEON_SOCKET=%s; configure(attach=False) works without it): %s",
+					sock ? sock : "", detail);
+		return aeg_fail(err, "%s", detail);
 	}
 	if (cfg.mode == AEG_SESSION_JOB && pyaeg_rt.kind_set && pyaeg_rt.kind != aeg_device_kind(aeg_session_device(sess))) {
-		pyaeg_raise_msg(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
-				aeg_device_kind_name(pyaeg_rt.kind),
-				aeg_device_kind_name(aeg_device_kind(aeg_session_device(sess))));
+		enum aeg_device_kind agent_kind = aeg_device_kind(aeg_session_device(sess));
+
 		aeg_session_close(sess);
-		return AEG_EINVAL;
+		return aeg_fail(AEG_EINVAL, "set_device(\"%s\") but the job's agent uses the %s device",
+				aeg_device_kind_name(pyaeg_rt.kind), aeg_device_kind_name(agent_kind));
 	}
 	pyaeg_rt.gpus = calloc((size_t)(count ? count : 1), sizeof(*pyaeg_rt.gpus));
 	if (pyaeg_rt.gpus == NULL) {
 		aeg_session_close(sess);
-		PyErr_NoMemory();
-		return AEG_ENOMEM;
+		return aeg_fail(AEG_ENOMEM, "the runtime's state of %d GPUs", count);
 	}
 	pyaeg_rt.sess = sess;
 	pyaeg_rt.dev = aeg_session_device(sess);
@@ -281,75 +338,75 @@ int pyaeg_device_locked(aeg_device_t **dev)
 {
 	int err = 0;
 
+	if (pyaeg_rt.inherited)
+		return inherited_error();
 	if (pyaeg_rt.dev == NULL)
 		err = open_device_locked();
 	if (err < 0)
-		return -1;
+		return err;
 	*dev = pyaeg_rt.dev;
 	return 0;
 }
 
 int pyaeg_device(aeg_device_t **dev)
 {
-	int rc;
+	int err;
 
 	pyaeg_lock();
-	rc = pyaeg_device_locked(dev);
+	err = pyaeg_device_locked(dev);
 	pyaeg_unlock();
-	return rc;
-}
-
-int pyaeg_check_gpu_locked(int gpu)
-{
-	if (gpu >= pyaeg_rt.gpu_count) {
-		pyaeg_raise_msg(AEG_ENODEV, "GPU %d: this process sees %d GPU%s on the %s backend", gpu,
-				pyaeg_rt.gpu_count, pyaeg_rt.gpu_count == 1 ? "" : "s", aeg_device_kind_name(pyaeg_rt.kind));
+	if (err < 0) {
+		pyaeg_raise(err);
 		return -1;
 	}
 	return 0;
 }
 
+int pyaeg_check_gpu_locked(int gpu)
+{
+	if (gpu >= pyaeg_rt.gpu_count)
+		return aeg_fail(AEG_ENODEV, "GPU %d: this process sees %d GPU%s on the %s backend", gpu,
+				pyaeg_rt.gpu_count, pyaeg_rt.gpu_count == 1 ? "" : "s", aeg_device_kind_name(pyaeg_rt.kind));
+	return 0;
+}
+
 /* ------------------------------------------------------------------- job */
 
-/* The job slab of GPU @gpu as this process numbers it; -1 with AegaeonError ENODEV. */
+/* The job slab of GPU @gpu as this process numbers it; AEG_ENODEV with its detail. */
 int pyaeg_job_index_locked(int gpu)
 {
 	struct aeg_job_slab_desc d;
-	struct aeg_job_info info;
+	struct aeg_job_info info = { 0 };
 
 	if (aeg_job_get_info(pyaeg_rt.job, &info) == 0)
 		for (int i = 0; i < info.slabs; i++)
 			if (aeg_job_slab_describe(pyaeg_rt.job, i, &d) == 0 && d.gpu == gpu)
 				return i;
-	aeg_error_clear();
-	pyaeg_raise_msg(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu,
+	return aeg_fail(AEG_ENODEV, "GPU %d has no slab of this job (the agent holds %d slab%s)", gpu,
 			info.slabs, info.slabs == 1 ? "" : "s");
-	return -1;
 }
 
 int pyaeg_job_slab(int gpu, uint64_t bytes, aeg_slab_t **slab)
 {
 	aeg_device_t *dev;
-	int idx, err, rc = -1;
+	int idx, err, rc = 0;
 
 	pyaeg_lock();
-	if (pyaeg_device_locked(&dev) < 0)
-		goto out;
-	if (pyaeg_rt.job == NULL) {
-		rc = 0;
-		goto out;
-	}
-	if ((idx = pyaeg_job_index_locked(gpu)) < 0)
-		goto out;
-	PYAEG_BEGIN_ALLOW_THREADS
-	err = aeg_job_slab(pyaeg_rt.job, idx, bytes, slab);
-	PYAEG_END_ALLOW_THREADS
-	if (err < 0)
-		pyaeg_raise(err);
-	else
+	err = pyaeg_device_locked(&dev);
+	if (err == 0 && pyaeg_rt.job != NULL) {
+		idx = err = pyaeg_job_index_locked(gpu);
+		if (err >= 0) {
+			PYAEG_BEGIN_ALLOW_THREADS
+			err = aeg_job_slab(pyaeg_rt.job, idx, bytes, slab);
+			PYAEG_END_ALLOW_THREADS
+		}
 		rc = 1;
-out:
+	}
 	pyaeg_unlock();
+	if (err < 0) {
+		pyaeg_raise(err);
+		return -1;
+	}
 	return rc;
 }
 
@@ -357,15 +414,17 @@ aeg_pool_t *pyaeg_job_pool(void)
 {
 	aeg_pool_t *pool = NULL;
 	aeg_device_t *dev;
+	int err;
 
 	pyaeg_lock();
-	if (pyaeg_device_locked(&dev) == 0) {
-		if (pyaeg_rt.job == NULL)
-			pyaeg_raise_msg(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set)");
-		else if ((pool = aeg_job_pool(pyaeg_rt.job)) == NULL)
-			pyaeg_raise_msg(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
-	}
+	err = pyaeg_device_locked(&dev);
+	if (err == 0 && pyaeg_rt.job == NULL)
+		err = aeg_fail(AEG_ENOENT, "not inside an aegaeon job (AEGAEON_SOCKET is not set)");
+	else if (err == 0 && (pool = aeg_job_pool(pyaeg_rt.job)) == NULL)
+		err = aeg_fail(AEG_ENOENT, "the job has no pinned pool (--aegaeon-pinned)");
 	pyaeg_unlock();
+	if (err < 0)
+		pyaeg_raise(err);
 	return pool;
 }
 
@@ -388,6 +447,8 @@ void pyaeg_drop_events_locked(void)
  */
 void pyaeg_teardown_locked(int close_device)
 {
+	if (pyaeg_rt.inherited)
+		return;
 	pyaeg_drop_events_locked();
 	for (int i = 0; pyaeg_rt.gpus != NULL && i < pyaeg_rt.gpu_count; i++) {
 		if (pyaeg_rt.gpus[i].stream != NULL)
@@ -416,6 +477,8 @@ void pyaeg_teardown_locked(int close_device)
 /* Py_AtExit: after the interpreter is gone, in the thread that finalized it; no Python API here. */
 static void atexit_teardown(void)
 {
+	if (pyaeg_rt.inherited)
+		return;         /* a fork() child: the parent's to tear down */
 	pyaeg_rtlock_take(1);
 	pyaeg_teardown_locked(1);
 	while (pyaeg_rt.res != NULL) {
@@ -436,10 +499,8 @@ int pyaeg_stream_locked(int gpu, aeg_stream_t **stream)
 		PYAEG_BEGIN_ALLOW_THREADS
 		err = aeg_stream_create(pyaeg_rt.dev, gpu, &g->stream);
 		PYAEG_END_ALLOW_THREADS
-		if (err < 0) {
-			pyaeg_raise(err);
-			return -1;
-		}
+		if (err < 0)
+			return err;
 	}
 	*stream = g->stream;
 	return 0;
@@ -527,7 +588,7 @@ int pyaeg_wait_handle(aeg_device_t *dev, const aeg_handle_t *handle, double seco
  * onto @gpu through the session. Inside a job a model the job holds
  * already (its --aegaeon-prefetch, an earlier step; with an equal slice) is
  * reused, as aegaeon-cli prefetch does: nothing is read again, and it stays
- * the job's (not owned). -1 with an exception.
+ * the job's (not owned). The library's code with its detail.
  */
 static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
 		       const struct aeg_slice *slice, aeg_model_t **m)
@@ -535,20 +596,21 @@ static int load_locked(const char *path, int gpu, uint64_t chunk_bytes, enum aeg
 	struct aeg_load_request req = { .path = path, .gpu = gpu, .chunk_bytes = chunk_bytes, .format = format,
 					.slice = slice };
 	aeg_device_t *dev;
+	char detail[1024];
 	int err;
 
-	if (pyaeg_device_locked(&dev) < 0 || pyaeg_check_gpu_locked(gpu) < 0)
-		return -1;
+	if ((err = pyaeg_device_locked(&dev)) < 0 || (err = pyaeg_check_gpu_locked(gpu)) < 0)
+		return err;
 	if (pyaeg_rt.job != NULL)
 		req.flags |= AEG_LOAD_REUSE;
 	PYAEG_BEGIN_ALLOW_THREADS
 	err = aeg_session_load(pyaeg_rt.sess, &req, m);
 	PYAEG_END_ALLOW_THREADS
-	if (err < 0 && slice != NULL && strstr(aeg_error_detail(), "AEG_SLICE_UNEVEN") != NULL)
-		pyaeg_raise_msg(err, "%s (tp_uneven=True sets AEG_SLICE_UNEVEN)", aeg_error_detail());
-	else if (err < 0)
-		pyaeg_raise(err);
-	return err < 0 ? -1 : 0;
+	if (err < 0 && slice != NULL && strstr(aeg_error_detail(), "AEG_SLICE_UNEVEN") != NULL) {
+		snprintf(detail, sizeof(detail), "%s", aeg_error_detail());
+		err = aeg_fail(err, "%s (tp_uneven=True sets AEG_SLICE_UNEVEN)", detail);
+	}
+	return err;
 }
 
 int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetch_format format,
@@ -566,7 +628,11 @@ int pyaeg_load(const char *path, int gpu, uint64_t chunk_bytes, enum aeg_prefetc
 		pyaeg_rt.gpus[gpu].views++;
 	}
 	pyaeg_unlock();
-	return rc;
+	if (rc < 0) {
+		pyaeg_raise(rc);
+		return -1;
+	}
+	return 0;
 }
 
 void pyaeg_load_drop(struct pyaeg_load *l, int release)
@@ -578,12 +644,15 @@ void pyaeg_load_drop(struct pyaeg_load *l, int release)
 	l->m = NULL;
 	pyaeg_lock();
 	PYAEG_BEGIN_ALLOW_THREADS
-	/* Released already by release_all_prefetch_events(): nothing left to free. */
-	if (release && aeg_model_owned(m))
-		aeg_model_release(m);
-	else
-		aeg_model_close(m);
-	aeg_error_clear();
+	/* A fork() child's model is the parent's: its engine is not in this process. */
+	if (!pyaeg_rt.inherited) {
+		/* Released already by release_all_prefetch_events(): nothing left to free. */
+		if (release && aeg_model_owned(m))
+			aeg_model_release(m);
+		else
+			aeg_model_close(m);
+		aeg_error_clear();
+	}
 	PYAEG_END_ALLOW_THREADS
 	if (pyaeg_rt.gpus != NULL && l->gpu < pyaeg_rt.gpu_count)
 		pyaeg_rt.gpus[l->gpu].views--;

@@ -38,6 +38,7 @@ struct pyaeg_runtime {
 	int waits;                      /* waits running with the GIL released */
 	int atexit_set;
 	int attach;                     /* configure(attach=): -1 auto ($AEGAEON_SOCKET), 0, 1 */
+	int inherited;                  /* a fork() child of a process that used the runtime: hands off */
 };
 extern struct pyaeg_runtime pyaeg_rt;
 
@@ -46,7 +47,11 @@ void pyaeg_rtlock_take(int finalizer);
 void pyaeg_rtlock_give(void);
 int pyaeg_is_finalizer(void);
 
-/* Under the runtime lock; -1 with an exception set where they fail. */
+/*
+ * Under the runtime lock, where no Python code may run: they raise nothing
+ * and return 0 (an index) or the library's code with this thread's detail
+ * set, for pyaeg_raise once the lock is given back.
+ */
 int pyaeg_busy_locked(void);                    /* anything still uses the device */
 void pyaeg_engine_settings(struct aeg_prefetch_config *engine, const struct aeg_prefetch_config **use);
 int pyaeg_device_locked(aeg_device_t **dev);    /* opens the session at first use */

@@ -11,7 +11,7 @@ typedef struct {
 	int host;
 	uint64_t total;
 	uintptr_t base;
-	Py_ssize_t views;               /* DeviceArray blocks alive */
+	struct pyaeg_users users;       /* block views, calls, KVCaches: close() waits for none */
 	PyObject *blocks;               /* {id: device_ptr} of live blocks */
 	PyObject *by_ptr;               /* {device_ptr: id} of allocate()'s blocks */
 } SlabObject;
@@ -24,16 +24,47 @@ static aeg_slab_t *slab_open(SlabObject *s)
 		PyErr_SetString(PyExc_ValueError, "operation on a closed SlabAllocator");
 		return NULL;
 	}
+	if (pyaeg_inherited_check() < 0)
+		return NULL;
 	return s->res->slab;
 }
 
-aeg_slab_t *pyaeg_slab_of(PyObject *obj)
+/*
+ * The slab for one call, taken once its arguments are converted: until
+ * slab_done, close() (from a callback, a collection or another thread) is
+ * EBUSY, so the slab stays. NULL with ValueError once closed.
+ */
+static aeg_slab_t *slab_use(SlabObject *s)
 {
+	aeg_slab_t *slab = slab_open(s);
+
+	if (slab != NULL)
+		s->users.calls++;
+	return slab;
+}
+
+static void slab_done(SlabObject *s)
+{
+	s->users.calls--;
+}
+
+aeg_slab_t *pyaeg_slab_hold(PyObject *obj)
+{
+	aeg_slab_t *slab;
+
 	if (!PyObject_TypeCheck(obj, (PyTypeObject *)pyaeg_slab_type)) {
 		PyErr_Format(PyExc_TypeError, "slab must be a SlabAllocator, not %s", pyaeg_tname(obj));
 		return NULL;
 	}
-	return slab_open((SlabObject *)obj);
+	slab = slab_open((SlabObject *)obj);
+	if (slab != NULL)
+		((SlabObject *)obj)->users.caches++;
+	return slab;
+}
+
+void pyaeg_slab_unhold(PyObject *obj)
+{
+	((SlabObject *)obj)->users.caches--;
 }
 
 static PyObject *slab_new(PyTypeObject *type, PyObject *args, PyObject *kw)
@@ -105,19 +136,16 @@ static void slab_dealloc(PyObject *self)
 
 static PyObject *block_view(SlabObject *s, const struct aeg_block *b)
 {
-	return pyaeg_array_new((PyObject *)s, &s->views, b->ptr, b->size, s->gpu, s->host, "U8", 0, NULL,
+	return pyaeg_array_new((PyObject *)s, &s->users.views, b->ptr, b->size, s->gpu, s->host, "U8", 0, NULL,
 			       b->id);
 }
 
-static int alloc_block(SlabObject *s, PyObject *bytes_obj, struct aeg_block *b)
+/* A block of @bytes, listed in s->blocks; the caller holds @slab (slab_use). */
+static int alloc_block(SlabObject *s, aeg_slab_t *slab, uint64_t bytes, struct aeg_block *b)
 {
-	aeg_slab_t *slab = slab_open(s);
 	PyObject *id, *ptr;
-	uint64_t bytes;
 	int err, rc;
 
-	if (slab == NULL || pyaeg_u64(bytes_obj, "nbytes", 0, &bytes) < 0)
-		return -1;
 	err = aeg_slab_alloc(slab, bytes, b);
 	if (err < 0) {
 		pyaeg_raise(err);
@@ -137,22 +165,27 @@ static PyObject *slab_alloc(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "nbytes", NULL };
 	SlabObject *s = (SlabObject *)self;
-	PyObject *bytes_obj, *view;
+	PyObject *bytes_obj, *view = NULL;
 	struct aeg_block b;
+	aeg_slab_t *slab;
+	uint64_t bytes;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O:alloc", kwlist, &bytes_obj))
 		return NULL;
-	if (alloc_block(s, bytes_obj, &b) < 0)
+	if (pyaeg_u64(bytes_obj, "nbytes", 0, &bytes) < 0 || (slab = slab_use(s)) == NULL)
 		return NULL;
-	view = block_view(s, &b);
-	if (view == NULL) {
-		PyObject *id = PyLong_FromUnsignedLongLong(b.id);
+	if (alloc_block(s, slab, bytes, &b) == 0) {
+		view = block_view(s, &b);
+		if (view == NULL) {
+			PyObject *id = PyLong_FromUnsignedLongLong(b.id);
 
-		aeg_slab_free(s->res->slab, b.id);
-		if (id != NULL && PyDict_DelItem(s->blocks, id) < 0)
-			PyErr_Clear();
-		Py_XDECREF(id);
+			aeg_slab_free(slab, b.id);
+			if (id != NULL && PyDict_DelItem(s->blocks, id) < 0)
+				PyErr_Clear();
+			Py_XDECREF(id);
+		}
 	}
+	slab_done(s);
 	return view;
 }
 
@@ -160,45 +193,56 @@ static PyObject *slab_allocate(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "nbytes", "alignment", NULL };
 	SlabObject *s = (SlabObject *)self;
-	PyObject *bytes_obj, *align_obj = NULL, *id, *ptr;
+	PyObject *bytes_obj, *align_obj = NULL, *id, *ptr = NULL;
 	struct aeg_block b;
-	uint64_t align = AEG_SLAB_ALIGN;
+	uint64_t bytes, align = AEG_SLAB_ALIGN;
+	aeg_slab_t *slab;
 	int rc;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:allocate", kwlist, &bytes_obj, &align_obj))
 		return NULL;
-	if (align_obj != NULL && pyaeg_u64(align_obj, "alignment", 0, &align) < 0)
+	if (pyaeg_u64(bytes_obj, "nbytes", 0, &bytes) < 0 ||
+	    (align_obj != NULL && pyaeg_u64(align_obj, "alignment", 0, &align) < 0))
 		return NULL;
 	if ((align & (align - 1)) != 0 || align > AEG_SLAB_ALIGN)
 		return PyErr_Format(PyExc_ValueError, "alignment %llu: must be a power of two up to %u",
 				    (unsigned long long)align, AEG_SLAB_ALIGN);
-	if (alloc_block(s, bytes_obj, &b) < 0)
+	if ((slab = slab_use(s)) == NULL)
 		return NULL;
-	id = PyLong_FromUnsignedLongLong(b.id);
-	ptr = PyLong_FromUnsignedLongLong((uintptr_t)b.ptr);
-	rc = id != NULL && ptr != NULL ? PyDict_SetItem(s->by_ptr, ptr, id) : -1;
-	Py_XDECREF(id);
-	if (rc < 0) {
-		Py_XDECREF(ptr);
-		return NULL;
+	if (alloc_block(s, slab, bytes, &b) == 0) {
+		id = PyLong_FromUnsignedLongLong(b.id);
+		ptr = PyLong_FromUnsignedLongLong((uintptr_t)b.ptr);
+		rc = id != NULL && ptr != NULL ? PyDict_SetItem(s->by_ptr, ptr, id) : -1;
+		Py_XDECREF(id);
+		if (rc < 0)
+			Py_CLEAR(ptr);
 	}
+	slab_done(s);
 	return ptr;
 }
 
 /* The block id a free() argument names: a block view, an id, or allocate()'s pointer. */
 static int block_id(SlabObject *s, PyObject *obj, uint64_t *id)
 {
-	PyObject *v;
+	PyObject *v, *owner;
 
 	if (PyObject_TypeCheck(obj, (PyTypeObject *)pyaeg_array_type)) {
-		v = PyObject_GetAttrString(obj, "id");
-		if (v == NULL)
+		/* Block ids are per slab: another slab's block of this id is not this one. */
+		owner = pyaeg_array_owner(obj);
+		if (owner != NULL && owner != (PyObject *)s &&
+		    PyObject_TypeCheck(owner, (PyTypeObject *)pyaeg_slab_type)) {
+			PyErr_Format(PyExc_ValueError, "this DeviceArray is a block of %R (GPU %d), not of %R (GPU %d): "
+				     "free it with its own SlabAllocator", owner, ((SlabObject *)owner)->gpu,
+				     (PyObject *)s, s->gpu);
 			return -1;
-		if (v == Py_None) {
-			Py_DECREF(v);
+		}
+		if (owner != (PyObject *)s) {
 			PyErr_SetString(PyExc_ValueError, "this DeviceArray is not a slab block");
 			return -1;
 		}
+		v = PyObject_GetAttrString(obj, "id");
+		if (v == NULL)
+			return -1;
 		obj = v;
 	} else {
 		Py_INCREF(obj);
@@ -255,9 +299,15 @@ static PyObject *slab_free(PyObject *self, PyObject *args, PyObject *kw)
 	PyObject *obj;
 	uint64_t id;
 
+	int rc;
+
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O:free", kwlist, &obj))
 		return NULL;
-	if ((slab = slab_open(s)) == NULL || block_id(s, obj, &id) < 0 || free_id(s, slab, id) < 0)
+	if (block_id(s, obj, &id) < 0 || (slab = slab_use(s)) == NULL)
+		return NULL;
+	rc = free_id(s, slab, id);
+	slab_done(s);
+	if (rc < 0)
 		return NULL;
 	Py_RETURN_NONE;
 }
@@ -265,22 +315,23 @@ static PyObject *slab_free(PyObject *self, PyObject *args, PyObject *kw)
 static PyObject *slab_reset(PyObject *self, PyObject *unused)
 {
 	SlabObject *s = (SlabObject *)self;
-	aeg_slab_t *slab = slab_open(s);
+	aeg_slab_t *slab = slab_use(s);
 	PyObject *ids;
 	int rc = 0;
 
 	if (slab == NULL)
 		return NULL;
 	ids = PyDict_Keys(s->blocks);
-	if (ids == NULL)
-		return NULL;
-	for (Py_ssize_t i = 0; rc == 0 && i < PyList_Size(ids); i++) {
+	for (Py_ssize_t i = 0; ids != NULL && rc == 0 && i < PyList_Size(ids); i++) {
 		uint64_t id;
 
 		rc = pyaeg_u64(PyList_GetItem(ids, i), "block", 1, &id);
 		if (rc == 0)
 			rc = free_id(s, slab, id);
 	}
+	slab_done(s);
+	if (ids == NULL)
+		return NULL;
 	Py_DECREF(ids);
 	if (rc < 0)
 		return NULL;
@@ -291,20 +342,23 @@ static PyObject *slab_block(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "id", NULL };
 	SlabObject *s = (SlabObject *)self;
+	PyObject *obj, *view = NULL;
 	aeg_slab_t *slab;
 	struct aeg_block b;
-	PyObject *obj;
 	uint64_t id;
 	int err;
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "O:block", kwlist, &obj))
 		return NULL;
-	if ((slab = slab_open(s)) == NULL || pyaeg_u64(obj, "id", 1, &id) < 0)
+	if (pyaeg_u64(obj, "id", 1, &id) < 0 || (slab = slab_use(s)) == NULL)
 		return NULL;
 	err = aeg_slab_lookup(slab, id, &b);
 	if (err < 0)
-		return pyaeg_raise(err);
-	return block_view(s, &b);
+		pyaeg_raise(err);
+	else
+		view = block_view(s, &b);
+	slab_done(s);
+	return view;
 }
 
 static PyObject *slab_stats(PyObject *self, PyObject *unused)
@@ -314,6 +368,7 @@ static PyObject *slab_stats(PyObject *self, PyObject *unused)
 	struct aeg_slab_stats st;
 	int err;
 
+	/* No Python code runs between slab_open and the copy: no call to count. */
 	if (slab == NULL)
 		return NULL;
 	err = aeg_slab_stats(slab, &st);
@@ -329,7 +384,7 @@ static PyObject *slab_stats(PyObject *self, PyObject *unused)
 			     "allocs", (unsigned long long)st.allocs,
 			     "frees", (unsigned long long)st.frees,
 			     "failed_allocs", (unsigned long long)st.failed_allocs,
-			     "views", s->views);
+			     "views", s->users.views);
 }
 
 static PyObject *slab_export(PyObject *self, PyObject *unused)
@@ -349,17 +404,20 @@ static PyObject *slab_export(PyObject *self, PyObject *unused)
 static PyObject *slab_close(PyObject *self, PyObject *unused)
 {
 	SlabObject *s = (SlabObject *)self;
+	struct pyaeg_res *res = s->res;
+	char what[64];
 
-	if (s->res == NULL || s->res->slab == NULL)
+	if (res == NULL || res->slab == NULL)
 		Py_RETURN_NONE;
-	if (s->views > 0)
-		return pyaeg_raise_msg(AEG_EBUSY, "SlabAllocator of GPU %d: %zd DeviceArray view%s of its blocks still alive",
-				       s->gpu, s->views, s->views == 1 ? "" : "s");
-	pyaeg_res_free(s->res);
+	snprintf(what, sizeof(what), "SlabAllocator of GPU %d", s->gpu);
+	if (pyaeg_users_busy(&s->users, what) < 0)
+		return NULL;
+	/* Detached first: a thread that runs while the slab is destroyed (GIL released) finds it closed. */
 	s->res = NULL;
 	pyaeg_object_gone();
 	PyDict_Clear(s->blocks);
 	PyDict_Clear(s->by_ptr);
+	pyaeg_res_free(res);
 	Py_RETURN_NONE;
 }
 
@@ -419,8 +477,8 @@ static PyMethodDef slab_methods[] = {
 	{ "free", (PyCFunction)(void (*)(void))slab_free, METH_VARARGS | METH_KEYWORDS,
 	  "free($self, block)\n--\n\n"
 	  "Free a block: a DeviceArray from alloc(), its id, or a pointer from\n"
-	  "allocate(). AegaeonError ENOENT for a block not live. Views of a freed block\n"
-	  "must not be used any more." },
+	  "allocate(). AegaeonError ENOENT for a block not live, ValueError for another\n"
+	  "slab's block. Views of a freed block must not be used any more." },
 	{ "reset", slab_reset, METH_NOARGS, "reset($self, /)\n--\n\nFree every live block." },
 	{ "block", (PyCFunction)(void (*)(void))slab_block, METH_VARARGS | METH_KEYWORDS,
 	  "block($self, id)\n--\n\nA view of the live block id (AegaeonError ENOENT otherwise)." },
@@ -435,7 +493,8 @@ static PyMethodDef slab_methods[] = {
 	{ "close", slab_close, METH_NOARGS,
 	  "close($self, /)\n--\n\n"
 	  "Free the slab's device memory now (also done when the object is collected).\n"
-	  "AegaeonError EBUSY while DeviceArray views of its blocks are alive." },
+	  "AegaeonError EBUSY, freeing nothing, while DeviceArray views of its blocks are\n"
+	  "alive, a call of it runs in another thread or a KVCache is built on it." },
 	{ "destroy", slab_close, METH_NOARGS, "destroy($self, /)\n--\n\nThe seed's name for close()." },
 	{ "__enter__", slab_enter, METH_NOARGS, PYAEG_ENTER_DOC },
 	{ "__exit__", slab_exit, METH_VARARGS, PYAEG_EXIT_DOC },
