@@ -136,6 +136,12 @@ struct aeg_load_request {
 	const char *path;
 	int gpu;                        /* as this process numbers GPUs; -1: the first (JOB: the job's first slab) */
 	uint64_t chunk_bytes;           /* 0: the config's prefetch_chunk (JOB: the agent's) */
+	/*
+	 * JOB: the agent chunks a file by its content (AUTO); SAFETENSORS is
+	 * then checked here, and a file that is not one is given back to the
+	 * agent and AEG_EFORMAT; RAW gives no tensor table, but a safetensors
+	 * file's chunks are still the agent's, by tensor.
+	 */
 	enum aeg_prefetch_format format;
 	enum aeg_prefetch_feed feed;    /* LOCAL; a JOB's agent always picks (AUTO) */
 	unsigned flags;                 /* AEG_LOAD_* */
@@ -181,8 +187,10 @@ int aeg_session_find_id(aeg_session_t *s, uint64_t id, aeg_model_t **m);
  * a JOB session with one slab also takes ids it did not load). Waits at
  * most @timeout_ms (< 0: no limit) for a load still in flight that holds
  * one. All ids are checked first: an id no chunk holds is AEG_ENOENT,
- * ETIMEDOUT leaves the load running; then nothing is freed. Repeated ids
- * count once. @released (may be NULL) gets the number of blocks freed.
+ * ETIMEDOUT leaves the load running; then nothing is freed, ids on several
+ * GPUs included (every load holding one is waited for before any is
+ * freed), so the same call can be made again. Repeated ids count once.
+ * @released (may be NULL) gets the number of blocks freed.
  */
 int aeg_session_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t count,
 			int timeout_ms, uint32_t *released);

@@ -19,6 +19,7 @@
 #include <cmocka.h>
 
 #include <aegaeon/aegaeon.h>
+#include <aegaeon/session.h>
 
 #include "device_host.h"
 #include "internal.h"
@@ -752,10 +753,94 @@ static void pool_hugepages_short(void **state)
 	assert_int_equal(count_fds(), fds);
 }
 
+/*
+ * A release of chunks on two GPUs with a time limit is all or none. GPU 1's
+ * load reads a slow file (the shim: 100 ms a read), so it is still in flight
+ * when the limit runs out; GPU 0's chunk, loaded, must still be held then,
+ * so the caller can ask again with the same ids (the Python module does, in
+ * slices, to take signals between them). Before, GPU 0's was released and
+ * the next ask failed with AEG_ENOENT.
+ */
+static uint32_t model_ids(aeg_model_t *m, uint64_t *ids, uint32_t max)
+{
+	const struct aeg_chunk *c;
+	uint32_t n, k = 0;
+
+	c = aeg_model_chunks(m, &n);
+	for (uint32_t i = 0; i < n; i++) {
+		int seen = 0;
+
+		for (uint32_t j = 0; j < k; j++)
+			seen |= ids[j] == c[i].slab_id;
+		if (!seen) {
+			assert_true(k < max);
+			ids[k++] = c[i].slab_id;
+		}
+	}
+	return k;
+}
+
+static void release_on_two_gpus(void **state)
+{
+	struct aeg_session_config scfg = { .mode = AEG_SESSION_LOCAL };
+	struct aeg_load_request req = { .chunk_bytes = CHUNK, .format = AEG_FORMAT_RAW };
+	aeg_model_t *m[3] = { NULL, NULL, NULL };
+	char dir[] = "/tmp/aegaeon-faults-XXXXXX", path[3][64], cmd[96];
+	unsigned char *bytes[3];
+	uint64_t ids[64];
+	uint32_t na, nb;
+	aeg_session_t *s = NULL;
+	int fds = count_fds();
+
+	assert_non_null(mkdtemp(dir));
+	for (int i = 0; i < 3; i++) {
+		snprintf(path[i], sizeof(path[i]), "%s/%c.bin", dir, 'a' + i);
+		bytes[i] = test_pattern(FILE_BYTES, 7 + i);
+		test_write_file(path[i], bytes[i], FILE_BYTES);
+	}
+	unsetenv("AEGAEON_SOCKET");
+	setenv("AEGAEON_DEVICE", "host", 1);
+	setenv("AEGAEON_HOST_GPUS", "2", 1);
+	setenv("AEGAEON_PREFETCH_SLAB", "16MiB", 1);
+	if (aeg_session_open(&scfg, &s) != 0)
+		fail_msg("%s", aeg_error_detail());
+	/* GPU 0: c's blocks released, so a's ids are past any GPU 1 will give b. */
+	req.gpu = 0;
+	for (int i = 2; i >= 0; i -= 2) {
+		req.path = path[i];
+		assert_int_equal(aeg_session_load(s, &req, &m[i]), 0);
+		assert_int_equal(aeg_model_wait(m[i], 10000), 0);
+	}
+	assert_int_equal(aeg_model_release(m[2]), 0);       /* and closes it */
+	fault_on("slow", path[1], 100000);
+	req.gpu = 1;
+	req.path = path[1];
+	assert_int_equal(aeg_session_load(s, &req, &m[1]), 0);
+	na = model_ids(m[0], ids, 64);
+	nb = model_ids(m[1], ids + na, 64 - na);
+	for (uint32_t i = 0; i < na; i++)
+		for (uint32_t j = 0; j < nb; j++)
+			assert_true(ids[i] != ids[na + j]);
+	assert_int_equal(aeg_session_release(s, -1, ids, na + nb, 50, NULL), AEG_ETIMEDOUT);
+	/* Nothing was released: GPU 0's ids are still held, and can be asked for again. */
+	assert_int_equal(aeg_session_release(s, 0, ids, na, 0, NULL), 0);
+	assert_int_equal(aeg_session_release(s, 1, ids + na, nb, 10000, NULL), 0);
+	fault_off();
+	for (int i = 0; i < 2; i++)
+		aeg_model_close(m[i]);
+	aeg_session_close(s);
+	for (int i = 0; i < 3; i++)
+		free(bytes[i]);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	assert_int_equal(system(cmd), 0);
+	assert_int_equal(count_fds(), fds);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(read_faults),
+		cmocka_unit_test(release_on_two_gpus),
 		cmocka_unit_test(header_eio),
 		cmocka_unit_test(slab_over_device),
 		cmocka_unit_test(slab_full_at_prefetch),

@@ -10,6 +10,7 @@
 #include <aegaeon/session.h>
 
 #include "internal.h"
+#include "prefetch_internal.h"
 #include "session_internal.h"
 
 #define POLL_MIN_US 200u
@@ -61,6 +62,14 @@ static int remaining_ms(uint64_t deadline_ns, int timeout_ms)
 	return now >= deadline_ns ? 0 : (int)((deadline_ns - now + 999999) / 1000000);
 }
 
+static int several_gpus(const int *owner, size_t n)
+{
+	for (size_t i = 1; i < n; i++)
+		if (owner[i] != owner[0])
+			return 1;
+	return 0;
+}
+
 static int local_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n, int timeout_ms)
 {
 	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
@@ -78,21 +87,30 @@ static int local_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t 
 			err = aeg_fail(AEG_ENOENT, "slab id %" PRIu64 " holds no loaded chunk (released already?)", ids[i]);
 	}
 	pthread_mutex_unlock(&s->lock);
-	/* One engine call per GPU; an engine checks all its ids before freeing any. */
-	for (int g = 0; g < s->ngpus && err == 0; g++) {
-		uint64_t *mine = malloc(n * sizeof(*mine));
-		uint32_t k = 0;
+	/*
+	 * One engine call per GPU; an engine checks all its ids before freeing
+	 * any. Ids on several GPUs are all released or none: every engine's
+	 * loads are waited for first, so a time-out leaves the first GPU's ids
+	 * held too (the caller may ask again with the same ids).
+	 */
+	for (int pass = several_gpus(owner, n) ? 0 : 1; pass < 2 && err == 0; pass++) {
+		for (int g = 0; g < s->ngpus && err == 0; g++) {
+			uint64_t *mine = malloc(n * sizeof(*mine));
+			uint32_t k = 0;
 
-		if (mine == NULL) {
-			err = aeg_fail(AEG_ENOMEM, "release: out of memory");
-			break;
+			if (mine == NULL) {
+				err = aeg_fail(AEG_ENOMEM, "release: out of memory");
+				break;
+			}
+			for (size_t i = 0; i < n; i++)
+				if (owner[i] == g)
+					mine[k++] = ids[i];
+			if (k > 0 && pass == 0)
+				err = aeg_prefetch_wait_settled(s->gpus[g].pf, mine, k, remaining_ms(deadline, timeout_ms));
+			else if (k > 0)
+				err = aeg_prefetch_release_wait(s->gpus[g].pf, mine, k, remaining_ms(deadline, timeout_ms));
+			free(mine);
 		}
-		for (size_t i = 0; i < n; i++)
-			if (owner[i] == g)
-				mine[k++] = ids[i];
-		if (k > 0)
-			err = aeg_prefetch_release_wait(s->gpus[g].pf, mine, k, remaining_ms(deadline, timeout_ms));
-		free(mine);
 	}
 	free(owner);
 	return err;
@@ -125,6 +143,50 @@ static int job_wait_holders(aeg_session_t *s, int slab, const uint64_t *ids, siz
 	return err;
 }
 
+/*
+ * JOB: wait, until @deadline, for every load of this session that holds
+ * any of @ids to stop: a release in several requests (ids of several slabs,
+ * or more than one request holds) then releases all or none of them.
+ */
+static int job_wait_all_holders(aeg_session_t *s, const uint64_t *ids, size_t n, uint64_t deadline,
+				int timeout_ms)
+{
+	uint64_t *loads;
+	size_t nloads = 0;
+	int err = 0;
+
+	loads = malloc(n * sizeof(*loads));
+	if (loads == NULL)
+		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	pthread_mutex_lock(&s->lock);
+	for (int j = 0; j < s->ngpus; j++) {
+		for (size_t k = 0; k < s->owned[j].n; k++) {
+			const struct owned_block *b = &s->owned[j].b[k];
+			int want = 0, seen = 0;
+
+			for (size_t i = 0; i < n && !want; i++)
+				want = b->id == ids[i];
+			for (size_t l = 0; l < nloads && want && !seen; l++)
+				seen = loads[l] == b->load;
+			if (want && !seen && nloads < n)
+				loads[nloads++] = b->load;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	for (size_t l = 0; l < nloads && err == 0; l++) {
+		err = aeg_job_wait(s->job, loads[l], remaining_ms(deadline, timeout_ms));
+		if (err == AEG_ETIMEDOUT)
+			err = aeg_fail(AEG_ETIMEDOUT, "load %" PRIu64 " holding slab ids to release still loading after %d ms; "
+				       "nothing released", loads[l], timeout_ms);
+		else if (err) {
+			aeg_error_clear();      /* a failed load's blocks are released all the same */
+			err = 0;
+		}
+	}
+	free(loads);
+	return err;
+}
+
 static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n, int timeout_ms,
 		       uint32_t *released)
 {
@@ -151,6 +213,8 @@ static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n,
 				       ids[i], s->ngpus);
 	}
 	pthread_mutex_unlock(&s->lock);
+	if (err == 0 && timeout_ms != 0 && (n > AEG_JOB_RELEASE_MAX || several_gpus(slab, n)))
+		err = job_wait_all_holders(s, ids, n, deadline, timeout_ms);
 	for (int j = 0; j < s->ngpus && err == 0; j++) {
 		uint64_t *mine = malloc(n * sizeof(*mine));
 		size_t k = 0;

@@ -506,8 +506,8 @@ static int release_owned(struct aeg_prefetch *pf, struct aeg_load **owner, const
 	return 0;
 }
 
-AEG_EXPORT int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count,
-					 int timeout_ms)
+/* Wait up to @timeout_ms (< 0: no limit) until no load holding @ids is in flight, then release them if @release. */
+static int release_wait(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count, int timeout_ms, int release)
 {
 	struct aeg_load **owner, *busy = NULL;
 	struct timespec ts;
@@ -536,13 +536,24 @@ AEG_EXPORT int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids
 			break;
 		}
 	}
-	if (err == 0)
+	if (err == 0 && release)
 		err = release_owned(pf, owner, gidx, count);   /* unlocks */
 	else
 		pthread_mutex_unlock(&pf->lock);
 	free(owner);
 	free(gidx);
 	return err;
+}
+
+AEG_EXPORT int aeg_prefetch_release_wait(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count,
+					 int timeout_ms)
+{
+	return release_wait(pf, ids, count, timeout_ms, 1);
+}
+
+int aeg_prefetch_wait_settled(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count, int timeout_ms)
+{
+	return release_wait(pf, ids, count, timeout_ms, 0);
 }
 
 AEG_EXPORT int aeg_prefetch_release(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count)

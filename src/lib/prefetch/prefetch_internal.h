@@ -35,6 +35,14 @@ void aeg_prefetch_set_hook(aeg_prefetch_t *pf, aeg_prefetch_hook_fn fn, void *ar
 /* aeg_prefetch_ring_buffers - the buffers of the ring an engine of @cfg's settings makes: ring_buffers, or its default. */
 int aeg_prefetch_ring_buffers(const struct aeg_prefetch_config *cfg);
 
+/*
+ * aeg_prefetch_wait_settled - aeg_prefetch_release_wait's wait alone: until
+ * no load holding @ids is in flight, nothing released (so releases across
+ * engines can be made all or none). 0, AEG_ENOENT (an id no chunk of this
+ * engine holds), AEG_ETIMEDOUT.
+ */
+int aeg_prefetch_wait_settled(aeg_prefetch_t *pf, const uint64_t *ids, uint32_t count, int timeout_ms);
+
 /* aeg_prefetch_config_check - AEG_EINVAL (the detail names the setting) unless aeg_prefetch_create takes @cfg. */
 int aeg_prefetch_config_check(const struct aeg_prefetch_config *cfg);
 
