@@ -319,6 +319,76 @@ static void mem_handle_of_dead_process(void **state)
 	aeg_device_close(dev);
 }
 
+/*
+ * Another process's memory open here already: a second open of a handle
+ * naming it is checked as the first was (size, start time, descriptor, the
+ * owner alive), not answered from the open mapping. Before, a handle that
+ * claimed 1 GiB got the 4 KiB mapping, and a dead owner's opened.
+ */
+static void mem_handle_reopened(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_handle_t good, h;
+	void *p = NULL, *q = NULL;
+	int fds[2], go[2], status;
+	uint64_t u64;
+	uint32_t u32;
+	pid_t pid;
+	char c = 0;
+
+	assert_int_equal(pipe(fds), 0);
+	assert_int_equal(pipe(go), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		aeg_device_t *cdev = NULL;
+		void *cp = NULL;
+		aeg_handle_t ch;
+
+		close(go[1]);
+		if (aeg_device_open(&cdev, AEG_DEVICE_HOST) < 0 ||
+		    aeg_mem_alloc(cdev, 0, 4096, &cp) < 0 || aeg_mem_export(cdev, cp, &ch) < 0)
+			child_exit(1);
+		if (write(fds[1], &ch, sizeof(ch)) != sizeof(ch))
+			child_exit(2);
+		child_exit(read(go[0], &c, 1) == 1 ? 0 : 3);      /* until the parent is done */
+	}
+	close(fds[1]);
+	close(go[0]);
+	assert_int_equal(read(fds[0], &good, sizeof(good)), sizeof(good));
+	close(fds[0]);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &p), 0);
+	h = good;                       /* size */
+	memcpy(&u64, h.bytes + 32, 8);
+	u64 = 1ull << 30;
+	memcpy(h.bytes + 32, &u64, 8);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* start time */
+	memcpy(&u64, h.bytes + 16, 8);
+	u64++;
+	memcpy(h.bytes + 16, &u64, 8);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	h = good;                       /* descriptor */
+	u32 = 0;
+	memcpy(h.bytes + 24, &u32, 4);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	assert_null(q);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &q), 0);
+	assert_ptr_equal(q, p);         /* the one mapping, counted twice */
+	assert_int_equal(aeg_mem_close_handle(dev, q), 0);
+	q = NULL;
+	/* The owner gone: its handle no longer opens, though its memory is still mapped here. */
+	assert_int_equal(write(go[1], &c, 1), 1);
+	close(go[1]);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &q), AEG_EBADF);
+	assert_non_null(strstr(aeg_error_detail(), "gone"));
+	assert_null(q);
+	assert_int_equal(aeg_mem_close_handle(dev, p), 0);
+	aeg_device_close(dev);
+}
+
 static void mem_handle_freed_or_reused(void **state)
 {
 	aeg_device_t *dev = open_host();
@@ -391,6 +461,44 @@ static void mem_handle_forged(void **state)
 	assert_null(q);
 
 	assert_int_equal(aeg_mem_free(dev, 0, p), 0);
+	aeg_device_close(dev);
+}
+
+/*
+ * A sync waits for the work queued before it, not for the stream to be
+ * idle: here the op it waits for queues another, of 1.5 s, before it ends,
+ * so the stream is never idle until then. Before, the sync woke only when
+ * done caught up with queued: 1.5 s instead of 0.3.
+ */
+static aeg_stream_t *busy_stream;
+static int busy_launch_err;
+
+static void long_op(void *arg)
+{
+	usleep(1500000);
+}
+
+static void op_that_queues(void *arg)
+{
+	usleep(300000);
+	busy_launch_err = aeg_stream_launch_host_fn(busy_stream, long_op, NULL);
+}
+
+static void stream_sync_own_work(void **state)
+{
+	aeg_device_t *dev = open_host();
+	uint64_t t0;
+	double waited;
+
+	assert_int_equal(aeg_stream_create(dev, 0, &busy_stream), 0);
+	assert_int_equal(aeg_stream_launch_host_fn(busy_stream, op_that_queues, NULL), 0);
+	t0 = aeg_now_ns();
+	assert_int_equal(aeg_stream_sync(busy_stream), 0);
+	waited = (double)(aeg_now_ns() - t0) / 1e9;
+	assert_int_equal(aeg_stream_destroy(busy_stream), 0);
+	assert_int_equal(busy_launch_err, 0);
+	if (waited > 1.2)
+		fail_msg("aeg_stream_sync waited %.2f s: for work queued after it, not the 0.3 s queued before", waited);
 	aeg_device_close(dev);
 }
 
@@ -566,11 +674,13 @@ int main(void)
 		cmocka_unit_test_setup(mem_ipc_across_processes, setup_env),
 		cmocka_unit_test_setup(mem_handle_of_own_process, setup_env),
 		cmocka_unit_test_setup(mem_handle_of_dead_process, setup_env),
+		cmocka_unit_test_setup(mem_handle_reopened, setup_env),
 		cmocka_unit_test_setup(mem_handle_freed_or_reused, setup_env),
 		cmocka_unit_test_setup(mem_handle_forged, setup_env),
 		cmocka_unit_test_setup(stream_ordering, setup_env),
 		cmocka_unit_test_setup(host_fn_ordering, setup_env),
 		cmocka_unit_test_setup(stream_destroy_drains, setup_env),
+		cmocka_unit_test_setup(stream_sync_own_work, setup_env),
 		cmocka_unit_test_setup(host_register_checks, setup_env),
 		cmocka_unit_test_setup(no_fd_leak, setup_env),
 	};

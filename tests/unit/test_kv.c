@@ -479,6 +479,11 @@ static void create_errors_hold_nothing(void **state)
 			{ "GPU range under a block", { .block_bytes = 4096, .gpu_base = range, .gpu_bytes = 4095, .pool = pool }, "smaller than one" },
 			{ "host range under a block", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .host_base = range, .host_bytes = 100 }, "smaller than one" },
 			{ "overlapping ranges", { .block_bytes = 4096, .gpu_base = range, .gpu_bytes = 64 * KiB, .host_base = range + 32 * KiB, .host_bytes = 64 * KiB }, "overlap" },
+			/* A range whose end wraps past the top of the address space onto the other. */
+			{ "GPU range wrapping onto the host range", { .block_bytes = 1 * MiB, .gpu_base = (unsigned char *)(UINTPTR_MAX - 1 * MiB + 1),
+			  .gpu_bytes = (uint64_t)(uintptr_t)range + 2 * MiB, .host_base = range, .host_bytes = 1 * MiB }, "wraps around" },
+			{ "host range wrapping", { .block_bytes = 4096, .slab = slab, .gpu_blocks = 1, .host_base = (unsigned char *)(UINTPTR_MAX - 64 * KiB + 1),
+			  .host_bytes = 128 * KiB }, "wraps around" },
 		};
 
 		for (size_t i = 0; i < AEG_ARRAY_SIZE(src); i++) {

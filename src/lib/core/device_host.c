@@ -33,6 +33,7 @@ struct host_alloc {
 /* Another process's allocation mapped here, shared by repeated opens. */
 struct host_mapping {
 	pid_t pid;
+	uint64_t start_time;            /* the owner's */
 	uint64_t ino;
 	void *ptr;
 	uint64_t bytes;
@@ -453,16 +454,27 @@ static int host_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle,
 			goto out;
 		}
 	}
+	/*
+	 * A mapping made for an earlier open is shared, but only for a handle
+	 * that would open now, checked as a first open is: its owner alive, its
+	 * descriptor still the file, the size the file's and the mapping's.
+	 */
+	err = host_open_owner_fd(&hh, "memory", &fd);
+	if (err < 0)
+		goto out;
 	for (m = h->mappings; m != NULL; m = m->next) {
-		if (m->pid == (pid_t)hh.pid && m->ino == hh.ino) {
+		if (m->pid == (pid_t)hh.pid && m->start_time == hh.start_time && m->ino == hh.ino) {
+			close(fd);
+			if (m->bytes != hh.bytes) {
+				err = aeg_fail(AEG_EBADF, "memory handle says %" PRIu64 " bytes, its memory is open here with %" PRIu64,
+					       hh.bytes, m->bytes);
+				goto out;
+			}
 			m->refs++;
 			*ptr = m->ptr;
 			goto out;
 		}
 	}
-	err = host_open_owner_fd(&hh, "memory", &fd);
-	if (err < 0)
-		goto out;
 	p = mmap(NULL, hh.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	close(fd);
 	if (p == MAP_FAILED) {
@@ -477,6 +489,7 @@ static int host_mem_open(aeg_device_t *dev, int gpu, const aeg_handle_t *handle,
 		goto out;
 	}
 	m->pid = (pid_t)hh.pid;
+	m->start_time = hh.start_time;
 	m->ino = hh.ino;
 	m->ptr = p;
 	m->bytes = hh.bytes;

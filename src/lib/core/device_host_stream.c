@@ -71,6 +71,7 @@ struct host_stream {
 	pthread_cond_t idle;            /* sync: done moved */
 	struct op *head, *tail;
 	uint64_t queued, done;
+	int syncing;                    /* threads in host_stream_sync */
 	int stopping;
 };
 
@@ -329,7 +330,12 @@ static void *stream_main(void *arg)
 		free(op);
 		pthread_mutex_lock(&s->lock);
 		s->done++;
-		if (s->done == s->queued)
+		/*
+		 * A sync waits for what was queued before it, not for the queue to
+		 * empty: while other threads keep queueing, done passes its target
+		 * with the queue never empty, so each op wakes it.
+		 */
+		if (s->syncing > 0 || s->done == s->queued)
 			pthread_cond_broadcast(&s->idle);
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -408,8 +414,10 @@ int host_stream_sync(aeg_device_t *dev, void *stream)
 
 	pthread_mutex_lock(&s->lock);
 	target = s->queued;
+	s->syncing++;
 	while (s->done < target)
 		pthread_cond_wait(&s->idle, &s->lock);
+	s->syncing--;
 	pthread_mutex_unlock(&s->lock);
 	return 0;
 }

@@ -179,6 +179,10 @@ static int check_params(aeg_device_t *dev, int gpu, const struct aeg_kv_params *
 	} else if (p->gpu_base && (uintptr_t)p->gpu_base % AEG_KV_BLOCK_ALIGN) {
 		return aeg_fail(AEG_EINVAL, "KV device range at %p is not %u-byte aligned",
 				p->gpu_base, AEG_KV_BLOCK_ALIGN);
+	} else if (p->gpu_base && (uintptr_t)p->gpu_base > UINTPTR_MAX - p->gpu_bytes) {
+		/* Its end would wrap: the overlap check with the host range would see past it. */
+		return aeg_fail(AEG_EINVAL, "KV device range at %p of %" PRIu64 " bytes wraps around the address space",
+				p->gpu_base, p->gpu_bytes);
 	}
 	if ((n = sources(p->pool != NULL, p->host_base != NULL, p->host_tensors != NULL)) != 1)
 		return aeg_fail(AEG_EINVAL, "KV host blocks: give one of a pinned pool, a host range or per-layer tensors, not %s",
@@ -186,6 +190,9 @@ static int check_params(aeg_device_t *dev, int gpu, const struct aeg_kv_params *
 	if (p->host_base && (uintptr_t)p->host_base % AEG_KV_BLOCK_ALIGN)
 		return aeg_fail(AEG_EINVAL, "KV host range at %p is not %u-byte aligned",
 				p->host_base, AEG_KV_BLOCK_ALIGN);
+	if (p->host_base && (uintptr_t)p->host_base > UINTPTR_MAX - p->host_bytes)
+		return aeg_fail(AEG_EINVAL, "KV host range at %p of %" PRIu64 " bytes wraps around the address space",
+				p->host_base, p->host_bytes);
 	return 0;
 }
 
