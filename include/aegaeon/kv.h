@@ -158,10 +158,10 @@ struct aeg_kv_layers {
 int aeg_kv_create(aeg_device_t *dev, int gpu, const struct aeg_kv_params *params, aeg_kv_t **kv);
 
 /*
- * aeg_kv_destroy - wait for the swaps this cache queued (they use its
- * staging and threads), destroy its events, free its slab block and
- * release its pool buffers. One-buffer copies are not waited for: they use
- * only the caller's memory. No call on the cache may be running or follow.
+ * aeg_kv_destroy - wait for every call of this cache not released yet
+ * (swaps and one-buffer copies: their copies may still read or write its
+ * blocks), destroy its events, free its slab block and release its pool
+ * buffers. No call on the cache may be running or follow.
  */
 void aeg_kv_destroy(aeg_kv_t *kv);
 

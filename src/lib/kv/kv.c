@@ -133,6 +133,12 @@ static int count_blocks(uint64_t bytes, uint64_t block_bytes, const char *what, 
 /* Undo whatever part of aeg_kv_create got done; also the body of aeg_kv_destroy. */
 static void kv_free(aeg_kv_t *kv)
 {
+	/*
+	 * Every call not released ends first, whatever path its copies took
+	 * (a CUDA copy engine's DMA is waited for by nothing else here): its
+	 * slab block and pool buffers are given back below, to be used again.
+	 */
+	kv_ops_settle(kv);
 	if (kv->backend)
 		kv->backend->fini(kv);
 	kv_ops_fini(kv);

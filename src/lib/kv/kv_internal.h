@@ -143,6 +143,7 @@ const char *kv_side_name(int gpu);
 int kv_check_stream(const aeg_kv_t *kv, const aeg_stream_t *stream);
 /* Range and duplicate check of one side's ids with @mark (clear on entry and return). Lock held. */
 int kv_check_ids(uint64_t *mark, const uint32_t *ids, size_t n, uint32_t limit, int gpu);
+void kv_ops_settle(aeg_kv_t *kv);       /* kv_swap.c: wait for every call not released */
 void kv_ops_fini(aeg_kv_t *kv);         /* kv_swap.c: every op and spare event */
 
 /* kv_layout.c */

@@ -100,6 +100,16 @@ static void op_publish(aeg_kv_t *kv, struct kv_op *op, aeg_handle_t *handle_out)
 	kv->stats.events_live += 1 + (uint32_t)op->nlayers;
 }
 
+void kv_ops_settle(aeg_kv_t *kv)
+{
+	for (struct kv_op *op = kv->ops; op; op = op->next) {
+		int err = aeg_event_wait(op->ev.ev, -1);
+
+		if (err && err != AEG_ECANCELED)
+			aeg_warn("KV cache destroyed with a call that failed: %s", aeg_strerror(err));
+	}
+}
+
 void kv_ops_fini(aeg_kv_t *kv)
 {
 	while (kv->ops) {
