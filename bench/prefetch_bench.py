@@ -104,9 +104,12 @@ def ours(args, path, feed="auto", cold=False, direct=False):
 
 
 def ours_bench(args, path, cache):
+    """aegaeon-cli bench prefetch --json, its one row (ours vs read + memcpy, GB/s) as ours_gbps and naive_gbps."""
     extra = ["--cache"] if cache else []
-    return cli(args, "bench", "prefetch", path, "--device", "cuda", "--gpu", str(args.gpu),
-               "--chunk", args.chunk, "--repeat", str(args.repeat), "--json", *extra)
+    j = cli(args, "bench", "prefetch", path, "--device", "cuda", "--gpu", str(args.gpu),
+            "--chunk", args.chunk, "--repeat", str(args.repeat), "--json", *extra)
+    row = j["rows"][0]
+    return {**j, "ours_gbps": row["aegaeon"], "naive_gbps": row["baseline"]}
 
 
 def timed_torch(fn, repeat, size):

@@ -117,7 +117,11 @@ void aeg_prefetch_destroy(aeg_prefetch_t *pf);
 #define AEG_PREFETCH_NO_CACHE 0x1u      /* neither use nor fill the host cache */
 #define AEG_PREFETCH_CHUNK_ALIGN 4096u  /* chunk_bytes is a multiple of this */
 struct aeg_prefetch_options {
-	uint64_t chunk_bytes;           /* a multiple of 4 KiB, > 0 and <= the slab's size; required */
+	/*
+	 * A multiple of 4 KiB, > 0; required. One larger than the file is the
+	 * file's size rounded up to 4 KiB; what is left must fit the slab.
+	 */
+	uint64_t chunk_bytes;
 	int priority;                   /* higher loads take the workers first [0] */
 	enum aeg_prefetch_feed feed;    /* AUTO, MMAP, READ or MIXED */
 	enum aeg_prefetch_format format;

@@ -54,6 +54,8 @@ int main(int argc, char **argv)
 		printf("aegaeon-cli %s\n", aeg_version());
 		return 0;
 	}
+	/* A bad $AEGAEON_LOG is said now, by every command, not only by one that happens to log. */
+	(void)aeg_log_get_level();
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		if (strcmp(argv[1], commands[i].name) == 0)
 			return commands[i].run(argc - 1, argv + 1);

@@ -2,6 +2,7 @@
 #ifndef AEGAEON_CLI_H
 #define AEGAEON_CLI_H
 
+#include <getopt.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -73,6 +74,8 @@ struct cli_prefetch_args {
 	struct cli_slice_args tp;
 	const struct aeg_slice *slice;  /* &tp.slice with --tp-*, else NULL */
 };
+/* The long options of prefetch and bench prefetch (cli_bench finds the benchmark's name with them). */
+extern const struct option cli_prefetch_options[];
 /* Returns 0, -1 after --help, or the exit code of a bad command line. */
 int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefetch_args *a, int bench);
 /* The engine settings these options ask for. */
@@ -101,14 +104,21 @@ struct cli_load_info {                  /* what the listings print of a load */
 	const char *path;
 	int slab;                       /* the job slab; -1 outside a job */
 	int status;                     /* 0 loaded, AEG_EBUSY loading, or the load's error */
-	uint64_t file_bytes, done_bytes;
+	uint64_t file_bytes, done_bytes;       /* done_bytes: loaded and still held */
 	uint32_t chunks;
 };
 int cli_model_info(aeg_model_t *m, struct cli_load_info *info);
 /* Prints why load @l failed: @detail (the wait's error detail, taken before any other call) or @err's text; 1. */
 int cli_load_failed(const struct cli_load_info *l, int err, const char *detail);
 int cli_load_timed_out(const struct cli_load_info *l, double timeout_s);
+/*
+ * A load as JSON, the same keys in a job and out of one: load_id, path,
+ * slab (null outside a job), state, file_bytes, done_bytes, chunk_bytes,
+ * tensors, chunks (and a slice's slice and parts).
+ */
 json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l);
+/* The size of @m's largest chunk: the chunk size the load used (0 without chunks). */
+uint64_t cli_chunk_bytes(aeg_model_t *m);
 /* The chunks of @m: slab_id, slab_offset, size, file_offset, event_handle, file, and device_ptr where mapped here. */
 json_t *cli_chunks_json(aeg_model_t *m);
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines);
@@ -165,8 +175,16 @@ int cli_fail(int err, const char *what);                      /* prints "aegaeon
 void cli_json_string(FILE *out, const char *s);                  /* quoted, escaped */
 int cli_parse_int(const char *text, int lo, int hi, int *out);  /* 0, or -1 when not in lo..hi */
 int cli_parse_seconds(const char *text, double *out);           /* 0..one year */
-const char *cli_load_state(int status, char *buf, size_t len);  /* "loaded", "loading", "failed: why" */
+/*
+ * A load's state: "loaded", "loading", "failed: why", or "partly released"
+ * (it loaded, then some of its chunks were released: only @held_bytes of
+ * its @file_bytes are left, and it is reused by no one).
+ */
+const char *cli_load_state(int status, uint64_t held_bytes, uint64_t file_bytes, char *buf, size_t len);
+int cli_partly_released(int status, uint64_t held_bytes, uint64_t file_bytes);
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A word getopt_long returned @c '?' (unknown option) or ':' (its value missing) for: says which; 2. */
+int cli_option_error(const char *cmd, int c, char **argv);
 const char *cli_s(uint64_t n);                                  /* "s" unless n is 1: "%u chunk%s" */
 uint64_t cli_median_u64(uint64_t *v, size_t n);                 /* sorts @v in place; n > 0 */
 /* Prints @o indented with floats to CLI_JSON_DIGITS significant digits; consumes @o; 0 or 1. */

@@ -35,6 +35,7 @@ static void usage(FILE *out)
 		"                                [--hugepages auto|never|always] [--json]\n"
 		"       aegaeon-cli bench event  [--device D] [--gpu N] [--repeat N] [--json]\n"
 		"       aegaeon-cli bench prefetch FILE [options]   (see 'bench prefetch --help')\n"
+		"Options go before or after the benchmark's name.\n"
 		"\n"
 		"Measure aegaeon against the plain device API in the same run and print\n"
 		"medians, p99 and the ratio:\n"
@@ -49,7 +50,9 @@ static void usage(FILE *out)
 		"\n"
 		"  -d, --device NAME  backend: cuda or host\n"
 		"  -g, --gpu N        GPU ordinal (default 0)\n"
-		"  -r, --repeat N     repetitions for medians (default: per benchmark)\n"
+		"  -r, --repeat N     repetitions for medians (default: per benchmark: alloc\n"
+		"                     2000 batches, pinned 3 pools, event 10000 waits on the\n"
+		"                     opened handle, prefetch 5 loads)\n"
 		"  -s, --size SIZE    pool size for 'pinned' (default 1GiB)\n"
 		"  -H, --hugepages M  page size for 'pinned' (sets AEGAEON_PINNED_HUGEPAGES):\n"
 		"                     auto (default) uses 2 MiB huge pages when enough are\n"
@@ -331,14 +334,15 @@ out:
 
 /*
  * The baseline opens each of EVENT_COUNT distinct handles once (as a fresh
- * consumer does); ours waits again and again on one handle already opened.
+ * consumer does); ours waits --repeat times (10000) on one handle already
+ * opened.
  */
 static int bench_event(aeg_device_t *dev, struct bench_opts *o)
 {
 	int to_child[2] = { -1, -1 }, from_child[2] = { -1, -1 }, rc = 1, err, status;
-	const size_t waits = 10000;
+	const size_t waits = o->repeat > 0 ? (size_t)o->repeat : 10000;
 	uint64_t first[EVENT_COUNT], *cached = NULL;
-	char hex[AEG_HANDLE_HEX_LEN + 2], gpu[16], self[4096];
+	char hex[AEG_HANDLE_HEX_LEN + 2], gpu[16], self[4096], title[128];
 	aeg_handle_t h[EVENT_COUNT];
 	struct aeg_gpu_info info;
 	ssize_t n;
@@ -407,7 +411,11 @@ static int bench_event(aeg_device_t *dev, struct bench_opts *o)
 			goto out;
 		}
 	}
-	print_header(o, "event wait by handle of another process: opened vs first open");
+	snprintf(title, sizeof(title), "event wait by handle of another process: opened (%zu waits) vs first open (%d)",
+		 waits, EVENT_COUNT);
+	print_header(o, title);
+	if (o->json)
+		json_object_set_new(o->json, "waits", json_integer((json_int_t)waits));
 	print_row(o, "wait, median", (double)percentile(cached, waits, 50) / 1e3,
 		  (double)percentile(first, EVENT_COUNT, 50) / 1e3, "us", 1);
 	print_row(o, "wait, p99", (double)percentile(cached, waits, 99) / 1e3,
@@ -460,6 +468,61 @@ static int run(const char *what, struct bench_opts *o, int serve, int json)
 	return rc;
 }
 
+/*
+ * The benchmark's name: the first word that is neither an option nor an
+ * option's value, wherever the options are (before the name or after it);
+ * NULL when there is none. Both tables are asked, so a value of a bench
+ * prefetch option (--chunk 1MiB) is never taken for the name.
+ */
+static const char *benchmark_name(int argc, char **argv, const struct option *bench_opts, int *at)
+{
+	struct option all[64];
+	size_t n = 0;
+	char **copy;
+	const char *what = NULL;
+	int c;
+
+	for (const struct option *o = bench_opts; o->name != NULL && n < 63; o++)
+		all[n++] = *o;
+	for (const struct option *o = cli_prefetch_options; o->name != NULL && n < 63; o++)
+		all[n++] = *o;
+	memset(&all[n], 0, sizeof(all[n]));
+	/* getopt_long permutes what it is given: a copy, so the subcommand parses the words as they were. */
+	copy = malloc(sizeof(*copy) * ((size_t)argc + 1));
+	if (copy == NULL)
+		return NULL;
+	memcpy(copy, argv, sizeof(*copy) * ((size_t)argc + 1));
+	optind = 0;
+	opterr = 0;
+	/* A leading '-' hands each word that is no option over in order, as the value of option 1. */
+	while (what == NULL && (c = getopt_long(argc, copy, "-:d:g:r:s:H:jh", all, NULL)) != -1)
+		if (c == 1)
+			what = optarg;
+	if (what == NULL && optind < argc)
+		what = copy[optind];        /* after "--" */
+	free(copy);
+	for (*at = 1; what != NULL && *at < argc && argv[*at] != what; (*at)++)
+		;
+	return what;
+}
+
+/* bench prefetch FILE with the options wherever they were: the words without the name, argv[0] "prefetch". */
+static int bench_prefetch(int argc, char **argv, int at)
+{
+	char **words = malloc(sizeof(*words) * (size_t)argc);
+	int n = 0, rc;
+
+	if (words == NULL)
+		return cli_fail(AEG_ENOMEM, "bench");
+	words[n++] = argv[at];
+	for (int i = 1; i < argc; i++)
+		if (i != at)
+			words[n++] = argv[i];
+	rc = cli_bench_prefetch(n, words);
+	free(words);
+	return rc;
+}
+
 int cli_bench(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -475,25 +538,25 @@ int cli_bench(int argc, char **argv)
 	};
 	struct bench_opts o = { .gpu = 0, .repeat = 0, .bytes = 1ull << 30 };
 	const char *what;
-	int c, serve = 0, json = 0;
-	char *end;
+	int c, at, serve = 0, json = 0;
 
 	/* bench prefetch has options of its own (cli_prefetch.c). */
-	for (int i = 1; i < argc; i++)
-		if (strcmp(argv[i], "prefetch") == 0 && (i == 1 || argv[i - 1][0] != '-'))
-			return cli_bench_prefetch(argc - i, argv + i);
+	what = benchmark_name(argc, argv, opts, &at);
+	if (what != NULL && strcmp(what, "prefetch") == 0)
+		return bench_prefetch(argc, argv, at);
 
-	while ((c = getopt_long(argc, argv, "d:g:r:s:H:jh", opts, NULL)) != -1) {
+	/* 0, not 1: glibc's getopt starts afresh, out of the mode the scan for the name left it in. */
+	optind = 0;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":d:g:r:s:H:jh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'd': o.device = optarg; break;
 		case 'g':
-			o.gpu = (int)strtol(optarg, &end, 10);
-			if (*optarg == '\0' || *end != '\0' || o.gpu < 0)
-				return cli_usage_error("bench", "--gpu '%s' is not a GPU ordinal", optarg);
+			if (cli_parse_int(optarg, 0, 1023, &o.gpu))
+				return cli_usage_error("bench", "--gpu '%s' is not a GPU ordinal (0..1023)", optarg);
 			break;
 		case 'r':
-			o.repeat = (int)strtol(optarg, &end, 10);
-			if (*optarg == '\0' || *end != '\0' || o.repeat <= 0 || o.repeat > 1000000)
+			if (cli_parse_int(optarg, 1, 1000000, &o.repeat))
 				return cli_usage_error("bench", "--repeat '%s' is not a count in 1..1000000", optarg);
 			break;
 		case 's':
@@ -508,11 +571,13 @@ int cli_bench(int argc, char **argv)
 		case 'S': serve = 1; break;
 		case 'j': json = 1; break;
 		case 'h': usage(stdout); return 0;
-		default: usage(stderr); return 2;
+		default: return cli_option_error("bench", c, argv);
 		}
 	}
-	if (optind + 1 != argc)
+	if (optind == argc)
 		return cli_usage_error("bench", "expected one of alloc, pinned, event, prefetch FILE");
+	if (optind + 1 != argc)
+		return cli_usage_error("bench", "unexpected argument '%s'", argv[optind + 1]);
 	what = argv[optind];
 	if (strcmp(what, "alloc") && strcmp(what, "pinned") && strcmp(what, "event"))
 		return cli_usage_error("bench", "unknown benchmark '%s' (alloc, pinned, event, prefetch FILE)", what);

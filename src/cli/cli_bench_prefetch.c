@@ -25,7 +25,8 @@
 struct bench {
 	struct cli_prefetch_args a;
 	aeg_session_t *s;
-	uint64_t file_bytes, chunk;
+	uint64_t file_bytes;
+	uint64_t chunk_used;            /* the largest chunk of a load: the chunk size the engine used */
 	uint64_t *ours, *first, *naive;
 	struct aeg_load_progress p;
 	const char *feed;
@@ -69,8 +70,8 @@ static int open_session(struct bench *b)
 		return 1;
 	}
 	b->file_bytes = (uint64_t)st.st_size;
+	/* A chunk larger than the file is the file's size (the engine's rule): the slab is not made larger for it. */
 	cfg.slab_bytes = aeg_prefetch_slab_bytes_for(b->file_bytes, b->a.chunk_bytes);
-	b->chunk = b->a.chunk_bytes < cfg.slab_bytes ? b->a.chunk_bytes : cfg.slab_bytes;
 	cli_prefetch_engine(&b->a, &engine);
 	if (b->a.cache) {
 		/* Room for the whole file in the cache plus the ring beside it. */
@@ -85,7 +86,7 @@ static int open_session(struct bench *b)
 /* One load, waited for; its progress in b->p. The chunks are released after. */
 static int load_once(struct bench *b)
 {
-	struct aeg_load_request req = { .path = b->a.file, .gpu = b->a.gpu, .chunk_bytes = b->chunk,
+	struct aeg_load_request req = { .path = b->a.file, .gpu = b->a.gpu, .chunk_bytes = b->a.chunk_bytes,
 					.feed = b->a.feed };
 	aeg_model_t *m;
 	int err = aeg_session_load(b->s, &req, &m);
@@ -95,6 +96,7 @@ static int load_once(struct bench *b)
 	err = aeg_model_wait(m, -1);
 	aeg_model_progress(m, &b->p);
 	b->feed = aeg_prefetch_feed_name(b->p.feed);
+	b->chunk_used = cli_chunk_bytes(m);
 	aeg_model_close(m);
 	aeg_session_release_all(b->s, 0, NULL);
 	return err;
@@ -153,23 +155,36 @@ static int measure(struct bench *b)
 	return err;
 }
 
+/* The JSON object every benchmark prints (benchmark, device, gpu, title, rows), with this one's details. */
+static int report_json(struct bench *b, const char *title, uint64_t ours, uint64_t first, uint64_t naive)
+{
+	uint64_t bytes = b->p.total_bytes;
+	json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:[{s:s, s:f, s:f, s:s, s:f}], s:s, s:I, s:I, s:i, s:s, s:b, s:f}",
+			      "benchmark", "prefetch",
+			      "device", aeg_device_kind_name(aeg_device_kind(aeg_session_device(b->s))),
+			      "gpu", b->a.gpu, "title", title,
+			      "rows", "what", b->a.cache ? "load from the host cache" : "load", "aegaeon", gbps(bytes, ours),
+			      "baseline", gbps(b->file_bytes, naive), "unit", "GB/s",
+			      "speedup", ours ? (double)naive / (double)ours : 0.0,
+			      "path", b->a.file, "file_bytes", (json_int_t)bytes, "chunk_bytes", (json_int_t)b->chunk_used,
+			      "repeat", b->a.repeat, "feed", b->feed, "cache", b->a.cache,
+			      "first_chunk_ms", (double)first / 1e6);
+
+	return cli_json_print(o);
+}
+
 static int report(struct bench *b)
 {
 	size_t n = (size_t)b->a.repeat;
 	uint64_t ours = cli_median_u64(b->ours, n), first = cli_median_u64(b->first, n);
 	uint64_t naive = cli_median_u64(b->naive, n), bytes = b->p.total_bytes;
-	char size[32], chunk[32];
+	char size[32], chunk[32], title[96];
 
+	snprintf(title, sizeof(title), "prefetch vs read + memcpy (GB/s, median of %d)", b->a.repeat);
 	if (b->a.json)
-		return cli_json_print(json_pack("{s:s, s:I, s:I, s:i, s:s, s:b, s:f, s:f, s:f, s:f}",
-						"file", b->a.file, "bytes", (json_int_t)bytes,
-						"chunk_bytes", (json_int_t)b->a.chunk_bytes, "repeat", b->a.repeat,
-						"feed", b->feed, "cache", b->a.cache, "ours_gbps", gbps(bytes, ours),
-						"first_chunk_ms", (double)first / 1e6,
-						"naive_gbps", gbps(b->file_bytes, naive),
-						"ratio", ours ? (double)naive / (double)ours : 0.0));
+		return report_json(b, title, ours, first, naive);
 	printf("%s, %s, chunks of %s, median of %d\n", b->a.file, aeg_size_format(b->file_bytes, size, sizeof(size)),
-	       aeg_size_format(b->a.chunk_bytes, chunk, sizeof(chunk)), b->a.repeat);
+	       aeg_size_format(b->chunk_used, chunk, sizeof(chunk)), b->a.repeat);
 	printf("  %-28s %8.2f GB/s  (first chunk %.2f ms)\n", b->a.cache ? "aegaeon (host cache)" : b->feed,
 	       gbps(bytes, ours), (double)first / 1e6);
 	printf("  %-28s %8.2f GB/s\n", "naive read + memcpy", gbps(b->file_bytes, naive));

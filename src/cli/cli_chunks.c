@@ -16,9 +16,10 @@
 
 static const char chunks_usage[] =
 	"Usage: aegaeon-cli chunks [FILE | --load ID] [--gpu N] [--json] [--verify [--timeout S]]\n"
-	"Inside a job: the loads the node's agent holds, or the chunks of one (the newest load\n"
-	"of FILE into the slab of --gpu, default the first). --verify waits for the chunks,\n"
-	"reads them back from the job slab and compares them with the file.\n";
+	"Inside a job: the loads the node's agent holds, or the chunks of one: the newest whole\n"
+	"load of FILE in the slab of --gpu, or without --gpu in the first of the job's slabs that\n"
+	"holds one. --verify waits for the chunks, reads them back from the job slab and compares\n"
+	"them with the file.\n";
 
 struct chunks_args {
 	const char *file;
@@ -124,7 +125,7 @@ static int parse(int argc, char **argv, struct chunks_args *a)
 
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
 		if (c == 'l' && cli_parse_load_id(optarg, &a->load_id))
 			return cli_usage_error("chunks", "--load '%s': expected a load id (1, 2, ...)", optarg);
 		if (c == 'g' && cli_parse_int(optarg, 0, 1023, &a->gpu))
@@ -138,7 +139,7 @@ static int parse(int argc, char **argv, struct chunks_args *a)
 			return -1;
 		}
 		if (c == '?' || c == ':')
-			return cli_usage_error("chunks", "unknown option '%s'", argv[optind - 1]);
+			return cli_option_error("chunks", c, argv);
 	}
 	if (optind < argc - 1)
 		return cli_usage_error("chunks", "expected at most one FILE");

@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,19 +65,52 @@ void cli_print_timings(void)
 		fprintf(stderr, "timing: %d more not kept\n", lost);
 }
 
+/*
+ * Whether @detail starts with @what: whole, or cut in its middle where the
+ * detail was too long to keep (the library keeps a long detail's start and
+ * end with "..." between, so the reason after a long path survives).
+ */
+static int names_what(const char *detail, const char *what)
+{
+	size_t n = strlen(what), k = 0;
+
+	if (strncmp(detail, what, n) == 0 && (detail[n] == ':' || detail[n] == ' ' || (detail[n] == '/' && n > 0)))
+		return 1;
+	while (what[k] != '\0' && detail[k] == what[k])
+		k++;
+	if (k < 256 || what[k] == '\0')
+		return 0;
+	/* The cut's dots may match dots of the path just before it. */
+	for (size_t j = k - 2; j <= k; j++)
+		if (strncmp(detail + j, "...", 3) == 0)
+			return 1;
+	return 0;
+}
+
 int cli_fail(int err, const char *what)
 {
 	const char *detail = aeg_error_detail();
-	size_t n = strlen(what);
 
 	if (*detail == '\0')
 		detail = aeg_strerror(err);
 	/* Details often start with the file they are about, or one in the directory asked for: name it once. */
-	if (strncmp(detail, what, n) == 0 && (detail[n] == ':' || detail[n] == ' ' || (detail[n] == '/' && n > 0)))
+	if (names_what(detail, what))
 		fprintf(stderr, "aegaeon-cli: %s\n", detail);
 	else
 		fprintf(stderr, "aegaeon-cli: %s: %s\n", what, detail);
 	return 1;
+}
+
+int cli_option_error(const char *cmd, int c, char **argv)
+{
+	/* getopt_long leaves optind past the word it could not take (and past a missing value's option). */
+	const char *word = argv[optind - 1];
+
+	if (c == '?' && optopt != 0 && strncmp(word, "--", 2) != 0)
+		return cli_usage_error(cmd, "unknown option '-%c'", optopt);
+	if (c == ':')
+		return cli_usage_error(cmd, "a value is missing after '%s'", word);
+	return cli_usage_error(cmd, "unknown option '%s'", word);
 }
 
 int cli_usage_error(const char *cmd, const char *fmt, ...)
@@ -133,8 +167,16 @@ int cli_parse_seconds(const char *text, double *out)
 	return 0;
 }
 
-const char *cli_load_state(int status, char *buf, size_t len)
+int cli_partly_released(int status, uint64_t held_bytes, uint64_t file_bytes)
 {
+	/* The agent counts the bytes a load still holds; a load that completed holds all of them until released. */
+	return status == 0 && held_bytes < file_bytes;
+}
+
+const char *cli_load_state(int status, uint64_t held_bytes, uint64_t file_bytes, char *buf, size_t len)
+{
+	if (cli_partly_released(status, held_bytes, file_bytes))
+		return "partly released";
 	if (status == 0)
 		return "loaded";
 	if (status == AEG_EBUSY)

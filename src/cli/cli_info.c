@@ -44,12 +44,14 @@ int cli_info(int argc, char **argv)
 	aeg_topo_t *topo = NULL;
 	int json = 0, count = 0, c, rc = 1, err;
 
-	while ((c = getopt_long(argc, argv, "d:jh", opts, NULL)) != -1) {
+	optind = 1;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":d:jh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'd': device = optarg; break;
 		case 'j': json = 1; break;
 		case 'h': usage(stdout); return 0;
-		default: usage(stderr); return 2;
+		default: return cli_option_error("info", c, argv);
 		}
 	}
 	if (optind != argc)

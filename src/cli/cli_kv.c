@@ -359,8 +359,7 @@ int cli_kv(int argc, char **argv)
 			return 0;
 		}
 		if (c == '?' || c == ':')
-			return cli_usage_error("kv", "%s '%s'", c == ':' ? "a value is missing after" : "unknown option",
-					       argv[optind - 1]);
+			return cli_option_error("kv", c, argv);
 		if ((rc = parse_option(c, optarg, &o)))
 			return rc;
 	}

@@ -319,12 +319,41 @@ static int verify_parts(aeg_device_t *dev, aeg_model_t *m, struct verify_io *io,
 	return 0;
 }
 
+/*
+ * The chunks hold every byte the load was for (the file's data, or the
+ * slice's parts): a load some of whose chunks were released does not, and
+ * what is left of it, however right, is not the model.
+ */
+static int check_whole(aeg_model_t *m)
+{
+	struct aeg_load_progress p;
+	const struct aeg_chunk *c;
+	uint64_t held = 0;
+	uint32_t n;
+	char a[32], b[32];
+	int err = aeg_model_progress(m, &p);
+
+	if (err)
+		return cli_fail(err, "verify");
+	c = aeg_model_chunks(m, &n);
+	for (uint32_t i = 0; i < n; i++)
+		held += c[i].size;
+	if (held == p.total_bytes)
+		return 0;
+	fprintf(stderr, "aegaeon-cli: verify: load %" PRIu64 " of %s holds %s of its %s: some of its chunks were "
+		"released; load it again (aegaeon-cli prefetch %s)\n", aeg_model_id(m), aeg_model_path(m),
+		aeg_size_format(held, a, sizeof(a)), aeg_size_format(p.total_bytes, b, sizeof(b)), aeg_model_path(m));
+	return 1;
+}
+
 int cli_verify(aeg_session_t *s, aeg_model_t *m, struct cli_verify *r)
 {
 	struct verify_io io = { .fd = -1 };
 	int rc = 1;
 
 	memset(r, 0, sizeof(*r));
+	if (check_whole(m))
+		return 1;
 	io.gbuf = malloc(VERIFY_PIECE);
 	io.fbuf = malloc(VERIFY_PIECE);
 	if (io.gbuf == NULL || io.fbuf == NULL) {
@@ -404,15 +433,32 @@ json_t *cli_chunks_json(aeg_model_t *m)
 	return arr;
 }
 
+uint64_t cli_chunk_bytes(aeg_model_t *m)
+{
+	const struct aeg_chunk *c;
+	uint64_t most = 0;
+	uint32_t n;
+
+	c = aeg_model_chunks(m, &n);
+	for (uint32_t i = 0; i < n; i++)
+		if (c[i].size > most)
+			most = c[i].size;
+	return most;
+}
+
 json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
 {
 	char state[128];
+	uint32_t ntensors;
+	json_t *o;
 
-	json_t *o = json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:o}", "load_id", (json_int_t)l->id, "path", l->path,
-			      "slab", l->slab, "state", cli_load_state(l->status, state, sizeof(state)),
-			      "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
-			      "chunks", cli_chunks_json(m));
-
+	aeg_model_tensors(m, &ntensors);
+	o = json_pack("{s:I, s:s, s:o, s:s, s:I, s:I, s:I, s:i, s:o}", "load_id", (json_int_t)l->id, "path", l->path,
+		      "slab", l->slab >= 0 ? json_integer(l->slab) : json_null(),
+		      "state", cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
+		      "file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
+		      "chunk_bytes", (json_int_t)cli_chunk_bytes(m), "tensors", (int)ntensors,
+		      "chunks", cli_chunks_json(m));
 	cli_slice_json_add(o, m);
 	return o;
 }
@@ -429,9 +475,11 @@ void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lin
 		cli_slice_suffix(sl->rank, sl->world, sl->preset, sl->flags, sl->nrules, slice, sizeof(slice));
 	else
 		slice[0] = '\0';
-	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s%s\n", l->id, l->path, l->slab,
-	       cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
-	       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks), slice);
+	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->id, l->path, l->slab,
+	       cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
+	       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
+	       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),
+	       slice);
 	if (!chunk_lines)
 		return;
 	printf("%6s %10s %14s %12s %14s  %s\n", "chunk", "slab_id", "slab_offset", "size", "file_offset", "event");

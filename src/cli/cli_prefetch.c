@@ -123,8 +123,9 @@ static int take_option(const char *cmd, int c, char *arg, const char *word, stru
 	case 'l': a->local = 1; return 0;
 	case 'T': a->timing = 1; return 0;
 	case 'r':
-		return !bench || cli_parse_int(arg, 1, 1000, &a->repeat) ?
-		       cli_usage_error(cmd, "--repeat '%s': expected 1..1000", arg) : 0;
+		if (!bench)
+			return cli_usage_error(cmd, "--repeat is an option of bench prefetch");
+		return cli_parse_int(arg, 1, 1000, &a->repeat) ? cli_usage_error(cmd, "--repeat '%s': expected 1..1000", arg) : 0;
 	case 'C':
 		if (!bench)
 			return cli_usage_error(cmd, "--cache is an option of bench prefetch");
@@ -146,31 +147,32 @@ static int take_option(const char *cmd, int c, char *arg, const char *word, stru
 	}
 }
 
+const struct option cli_prefetch_options[] = {
+	{ "device", required_argument, NULL, 'd' },
+	{ "gpu", required_argument, NULL, 'g' },
+	{ "chunk", required_argument, NULL, 'c' },
+	{ "feed", required_argument, NULL, 'f' },
+	{ "threads", required_argument, NULL, 't' },
+	{ "streams", required_argument, NULL, 's' },
+	{ "piece", required_argument, NULL, 'p' },
+	{ "mmap-threads", required_argument, NULL, 'm' },
+	{ "json", no_argument, NULL, 'j' },
+	{ "local", no_argument, NULL, 'l' },
+	{ "repeat", required_argument, NULL, 'r' },
+	{ "cache", no_argument, NULL, 'C' },
+	{ "direct", no_argument, NULL, 'D' },
+	{ "wait", no_argument, NULL, 'w' },
+	{ "no-wait", no_argument, NULL, 'W' },
+	{ "verify", no_argument, NULL, 'v' },
+	{ "reload", no_argument, NULL, 'R' },
+	{ "timing", no_argument, NULL, 'T' },
+	{ "help", no_argument, NULL, 'h' },
+	CLI_SLICE_OPTIONS,
+	{ NULL, 0, NULL, 0 },
+};
+
 int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefetch_args *a, int bench)
 {
-	static const struct option opts[] = {
-		{ "device", required_argument, NULL, 'd' },
-		{ "gpu", required_argument, NULL, 'g' },
-		{ "chunk", required_argument, NULL, 'c' },
-		{ "feed", required_argument, NULL, 'f' },
-		{ "threads", required_argument, NULL, 't' },
-		{ "streams", required_argument, NULL, 's' },
-		{ "piece", required_argument, NULL, 'p' },
-		{ "mmap-threads", required_argument, NULL, 'm' },
-		{ "json", no_argument, NULL, 'j' },
-		{ "local", no_argument, NULL, 'l' },
-		{ "repeat", required_argument, NULL, 'r' },
-		{ "cache", no_argument, NULL, 'C' },
-		{ "direct", no_argument, NULL, 'D' },
-		{ "wait", no_argument, NULL, 'w' },
-		{ "no-wait", no_argument, NULL, 'W' },
-		{ "verify", no_argument, NULL, 'v' },
-		{ "reload", no_argument, NULL, 'R' },
-		{ "timing", no_argument, NULL, 'T' },
-		{ "help", no_argument, NULL, 'h' },
-		CLI_SLICE_OPTIONS,
-		{ NULL, 0, NULL, 0 },
-	};
 	struct aeg_config cfg;
 	int c, err;
 
@@ -182,9 +184,12 @@ int cli_prefetch_parse(const char *cmd, int argc, char **argv, struct cli_prefet
 		return cli_fail(err, "reading the configuration");
 	a->chunk_bytes = cfg.prefetch_chunk_bytes;
 	a->threads = cfg.prefetch_threads;
-	optind = 1;
+	/* 0, not 1: glibc's getopt starts afresh, after bench's scan for the benchmark's name in another mode. */
+	optind = 0;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":h", cli_prefetch_options, NULL)) != -1) {
+		if (c == '?' || c == ':')
+			return cli_option_error(cmd, c, argv);
 		err = take_option(cmd, c, optarg, argv[optind - 1], a, bench);
 		if (err)
 			return err;
@@ -252,16 +257,14 @@ static int model_slab_bytes(const char *path, uint64_t chunk_bytes, uint64_t *by
 }
 
 /* This process's session: one GPU's slab just big enough for the model, the engine the options ask. */
-static int local_session(const struct cli_prefetch_args *a, struct aeg_prefetch_config *engine, uint64_t *chunk,
-			 aeg_session_t **s)
+static int local_session(const struct cli_prefetch_args *a, struct aeg_prefetch_config *engine, aeg_session_t **s)
 {
 	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL, .engine = engine };
 	int err;
 
+	/* A chunk larger than a file is the file's size (the engine's rule): the slab is not made larger for it. */
 	if (model_slab_bytes(a->file, a->chunk_bytes, &cfg.slab_bytes))
 		return 1;
-	/* A chunk larger than the file makes one chunk of it; it does not make the slab larger. */
-	*chunk = a->chunk_bytes < cfg.slab_bytes ? a->chunk_bytes : cfg.slab_bytes;
 	cli_prefetch_engine(a, engine);
 	/* The ring's memory is faulted in while the device opens (a CUDA context: 100 ms and more). */
 	err = aeg_session_warm_up(&cfg);
@@ -276,7 +279,7 @@ static double gbps(uint64_t bytes, uint64_t ns)
 }
 
 /* Loaded by this process: the speed, the feed, the first chunk's latency; the read-back check's result. */
-static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t chunk, const struct cli_verify *vr)
+static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, const struct cli_verify *vr)
 {
 	struct cli_load_info l;
 	struct aeg_load_progress p;
@@ -284,22 +287,28 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, uint64
 	uint32_t ntensors;
 	uint64_t ns;
 	char size[32];
+	int err;
 
 	aeg_model_progress(m, &p);
 	aeg_model_tensors(m, &ntensors);
 	ns = p.end_ns - p.start_ns;
 	first_ms = p.first_chunk_ns ? (double)(p.first_chunk_ns - p.start_ns) / 1e6 : 0.0;
 	if (a->json) {
-		json_t *o = json_pack("{s:s, s:I, s:I, s:f, s:f, s:f, s:s, s:I, s:o}",
-				      "file", a->file, "bytes", (json_int_t)p.total_bytes,
-				      "chunk_bytes", (json_int_t)chunk, "seconds", (double)ns / 1e9,
-				      "gbps", gbps(p.total_bytes, ns), "first_chunk_ms", first_ms,
-				      "feed", aeg_prefetch_feed_name(p.feed), "tensors", (json_int_t)ntensors,
-				      "chunks", cli_chunks_json(m));
+		json_t *o;
 
-		cli_slice_json_add(o, m);
-		if (o && vr)
-			json_object_set_new(o, "verified", cli_verified_json(vr));
+		/* The keys of a load the job's agent made, and what only this process can time. */
+		err = cli_model_info(m, &l);
+		if (err)
+			return cli_fail(err, a->file);
+		o = cli_load_json(m, &l);
+		if (o) {
+			json_object_set_new(o, "seconds", json_real((double)ns / 1e9));
+			json_object_set_new(o, "gbps", json_real(gbps(p.total_bytes, ns)));
+			json_object_set_new(o, "first_chunk_ms", json_real(first_ms));
+			json_object_set_new(o, "feed", json_string(aeg_prefetch_feed_name(p.feed)));
+			if (vr)
+				json_object_set_new(o, "verified", cli_verified_json(vr));
+		}
 		return cli_json_print(o);
 	}
 	printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunk%s, %u tensor%s, first chunk after %.2f ms)\n",
@@ -371,8 +380,10 @@ static int load_refused(const struct cli_prefetch_args *a, int err)
 }
 
 /* Load, wait, check and report; the session is open. */
-static int run(const struct cli_prefetch_args *a, aeg_session_t *s, int job, uint64_t chunk)
+static int run(const struct cli_prefetch_args *a, aeg_session_t *s, int job)
 {
+	/* In a job the agent's chunk size unless one is given; a chunk larger than the file is the file's. */
+	uint64_t chunk = !job || a->chunk_given ? a->chunk_bytes : 0;
 	struct aeg_load_request req = { .path = a->file, .gpu = a->gpu_given || !job ? a->gpu : -1,
 					.chunk_bytes = chunk, .feed = a->feed,
 					.flags = job && !a->reload ? AEG_LOAD_REUSE : 0, .slice = a->slice };
@@ -401,7 +412,7 @@ static int run(const struct cli_prefetch_args *a, aeg_session_t *s, int job, uin
 		rc = 1;
 		goto out;
 	}
-	rc = job ? print_job(a, m, end - t0, a->verify ? &vr : NULL) : print_local(a, m, chunk, a->verify ? &vr : NULL);
+	rc = job ? print_job(a, m, end - t0, a->verify ? &vr : NULL) : print_local(a, m, a->verify ? &vr : NULL);
 out:
 	aeg_model_close(m);
 	return rc;
@@ -413,7 +424,6 @@ int cli_prefetch(int argc, char **argv)
 	struct cli_prefetch_args a;
 	struct aeg_prefetch_config engine;
 	aeg_session_t *s = NULL;
-	uint64_t chunk;
 	int job, rc;
 
 	rc = cli_prefetch_parse("prefetch", argc, argv, &a, 0);
@@ -424,16 +434,15 @@ int cli_prefetch(int argc, char **argv)
 	if (rc)
 		return rc;
 	if (job) {
-		/* The agent's chunk size unless one is given; GPU memory is touched only to verify. */
-		chunk = a.chunk_given ? a.chunk_bytes : 0;
+		/* GPU memory is touched only to verify. */
 		if (!a.verify)
 			cfg.flags |= AEG_SESSION_CONNECT_ONLY;
 		rc = cli_session_open(&cfg, NULL, "prefetch", &s);
 	} else {
-		rc = local_session(&a, &engine, &chunk, &s);
+		rc = local_session(&a, &engine, &s);
 	}
 	if (rc == 0)
-		rc = run(&a, s, job, chunk);
+		rc = run(&a, s, job);
 	aeg_session_close(s);
 	if (a.timing)
 		cli_print_timings();

@@ -94,7 +94,7 @@ static int parse(int argc, char **argv, struct release_args *r)
 
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
 		switch (c) {
 		case 'a':
 			r->all = 1;
@@ -114,7 +114,7 @@ static int parse(int argc, char **argv, struct release_args *r)
 			fputs(release_usage, stdout);
 			return -1;
 		default:
-			return cli_usage_error("release", "unknown option '%s'", argv[optind - 1]);
+			return cli_option_error("release", c, argv);
 		}
 	}
 	r->count = (size_t)(argc - optind);

@@ -103,10 +103,12 @@ static int print_json(aeg_job_t *job, const struct aeg_job_info *info, const str
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];
 
+		/* A count: "chunks" is the list of them in the outputs of prefetch and chunks. */
 		json_array_append_new(loads, json_pack("{s:I, s:s, s:i, s:s, s:I, s:I, s:i, s:o}",
 			"load_id", (json_int_t)l->load_id, "path", l->path, "slab", l->slab,
-			"state", cli_load_state(l->status, state, sizeof(state)), "file_bytes", (json_int_t)l->file_bytes,
-			"done_bytes", (json_int_t)l->done_bytes, "chunks", (int)l->chunks, "slice", slice_json(l)));
+			"state", cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
+			"file_bytes", (json_int_t)l->file_bytes, "done_bytes", (json_int_t)l->done_bytes,
+			"chunk_count", (int)l->chunks, "slice", slice_json(l)));
 	}
 	json_object_set_new(root, "loads", loads);
 	if (attached)
@@ -145,9 +147,10 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];
 
-		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s, %u chunk%s%s\n", l->load_id, l->path,
-		       l->slab, cli_load_state(l->status, state, sizeof(state)), aeg_size_format(l->done_bytes, a, sizeof(a)),
-		       aeg_size_format(l->file_bytes, b, sizeof(b)), l->chunks, cli_s(l->chunks),
+		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->load_id, l->path,
+		       l->slab, cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
+		       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
+		       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),
 		       cli_slice_suffix(l->slice_rank, l->slice_world, l->slice_preset, l->slice_flags, l->slice_rules,
 					slice, sizeof(slice)));
 	}
@@ -168,7 +171,7 @@ int cli_status(int argc, char **argv)
 
 	optind = 1;
 	opterr = 0;
-	while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":h", options, NULL)) != -1) {
 		switch (opt) {
 		case 'j':
 			json = 1;
@@ -182,7 +185,7 @@ int cli_status(int argc, char **argv)
 			       "opens the slabs and maps the pool in this process, as a job step does.\n");
 			return 0;
 		default:
-			return cli_usage_error("status", "unknown option '%s'", argv[optind - 1]);
+			return cli_option_error("status", opt, argv);
 		}
 	}
 	if (optind < argc)

@@ -50,6 +50,10 @@ expect "outside a job: --no-wait is refused" 2 "--no-wait needs a job's agent" "
 expect "release: ids and --all together are refused" 2 "one of them" "$CLI" release 3 --all
 expect "release: a bad id" 2 "'x1' is not a slab id" "$CLI" release x1
 expect "chunks: FILE and --load together are refused" 2 "not both" "$CLI" chunks f --load 1
+expect "wait: an option without its value says so" 2 "wait: a value is missing after '--timeout'" "$CLI" wait 1 --timeout
+for c in prefetch wait chunks release status; do
+	expect "$c -h: its usage, exit 0" 0 "^Usage: aegaeon-cli $c" "$CLI" $c -h
+done
 expect "the command list names chunks" 0 "chunks +inside a job" "$CLI" --help
 
 # ------------------------------------------------------------ the job's agent
@@ -85,6 +89,11 @@ expect "wait on a load that does not exist" 1 "no load 99" "$CLI" wait 99
 expect "wait on a file not loaded" 1 "not loaded in this job" "$CLI" wait "$T/agent.log"
 expect "status --attach maps the slab and pool here" 0 "attached: slab 0 mapped here on GPU 0.*attached: pinned pool mapped here, 8 buffers" \
 	bash -c "'$CLI' status --attach | tr '\n' ' '"
+for c in status chunks "wait 1"; do
+	# shellcheck disable=SC2086
+	expect "a bad \$AEGAEON_LOG is said by $c, which logs nothing else" 0 "AEGAEON_LOG='bogus' is not one of debug" \
+		env AEGAEON_LOG=bogus "$CLI" $c
+done
 expect "chunks with no file lists the loads" 0 "^load 1: $T/model.bin -> slab 0, loaded, 5 MiB of 5 MiB, 5 chunks$" "$CLI" chunks
 
 expect "--no-wait --reload: a second load, its id and chunks at once" 0 "^load 2: $T/model.bin -> slab 0, (loading|loaded)" \
@@ -120,6 +129,44 @@ touch "$T/model.bin"
 expect "a file changed since its load is stale" 1 "changed since load 1 read it" "$CLI" chunks "$T/model.bin"
 expect "prefetch loads a changed file again" 0 "loading it again.*through the job's agent \(load 4," \
 	bash -c "'$CLI' prefetch '$T/model.bin' --verify 2>&1 | tr '\n' ' '"
+
+# A load some of whose chunks were released by slab id is no longer the file: listed as partly
+# released with the bytes it holds, never reused or found by path, and --verify says it is short.
+head -c $((3 << 20)) /dev/urandom >"$T/part.bin"
+run "$CLI" prefetch "$T/part.bin" --chunk 1MiB --json
+pl=$(json 'd["load_id"]' <<<"$out")
+pids=$(json '" ".join(str(c["slab_id"]) for c in d["chunks"][:2])' <<<"$out")
+# shellcheck disable=SC2086
+expect "release 2 of a load's 3 chunks by slab id" 0 "released 2 blocks from slab 0" "$CLI" release $pids
+expect "status: a partly released load, with the bytes it holds" 0 \
+	"load $pl: $T/part.bin -> slab 0, partly released, 1 MiB of 3 MiB held, 1 chunk$" "$CLI" status
+expect "chunks --load: partly released too" 0 "^load $pl: .*partly released, 1 MiB of 3 MiB held, 1 chunk$" \
+	"$CLI" chunks --load "$pl"
+run "$CLI" status --json
+check "status --json: its state, the bytes held, the chunk count" \
+	test "$(json '[(l["state"], l["done_bytes"], l["chunk_count"]) for l in d["loads"] if l["load_id"] == '"$pl"']' <<<"$out")" = "[('partly released', 1048576, 1)]"
+expect "wait for a partly released load fails: it is not the file" 1 \
+	"load $pl of $T/part.bin is partly released: 1 MiB of 3 MiB held in 1 chunk" "$CLI" wait "$pl"
+expect "chunks --verify of a partly released load fails: the chunks do not cover the file" 1 \
+	"verify: load $pl of $T/part.bin holds 1 MiB of its 3 MiB: some of its chunks were released" \
+	"$CLI" chunks --load "$pl" --verify
+expect "prefetch does not reuse it: the file is loaded again" 0 "^$T/part.bin: 3 MiB in .* through the job's agent" \
+	"$CLI" prefetch "$T/part.bin" --chunk 1MiB
+expect "... whole: --verify checks all 3 MiB" 0 "verified 3 MiB in 3 chunks of load [0-9]+ against the file: identical" \
+	"$CLI" prefetch "$T/part.bin" --verify
+expect "release --load frees what is left of the partly released load" 0 "released load $pl: 1 block$" \
+	"$CLI" release --load "$pl"
+
+# One key set for a load, loaded by the agent or by this process.
+run "$CLI" prefetch "$T/part.bin" --reload --json
+jk=$(json '" ".join(sorted(d))' <<<"$out")
+run "$CLI" prefetch "$T/part.bin" --local --json
+lk=$(json '" ".join(sorted(d))' <<<"$out")
+common="chunk_bytes chunks done_bytes file_bytes gbps load_id path seconds slab state tensors"
+check "prefetch --json: a load's keys in a job ($jk)" "$PY" -c 'import sys; assert set(sys.argv[2].split()) <= set(sys.argv[1].split())' "$jk" "$common"
+check "prefetch --local --json: the same keys ($lk)" "$PY" -c 'import sys; assert set(sys.argv[2].split()) <= set(sys.argv[1].split())' "$lk" "$common"
+expect "prefetch --local --json: chunk_bytes is the chunk used (one of the 3 MiB file)" 0 '"chunk_bytes": 3145728,' \
+	"$CLI" prefetch "$T/part.bin" --local --json
 
 # Release by slab id: all checked first, then freed.
 first=${ids%% *}
@@ -214,6 +261,23 @@ kill -TERM "$AG"; wait "$AG"; AG=
 expect "agent gone: status says so" 1 "connecting to the job's agent at .*not running" "$CLI" status
 expect "agent gone: prefetch says so" 1 "not running" "$CLI" prefetch "$T/tiny.safetensors"
 check "agent log names each load" grep -q "load 1: $T/model.bin into the slab of GPU 0, 5 chunks" "$T/agent.log"
+
+# A slab smaller than the site's chunk (64 MiB by default): a small file is one chunk of its size,
+# at the job's start (--prefetch) and later.
+head -c 100000 /dev/urandom >"$T/s1.bin"
+head -c 200000 /dev/urandom >"$T/s2.bin"
+mkdir -m 700 "$T/run8"
+"$AGENT" --job 10 --runtime-dir "$T/run8" --gpus 0 --slab 8MiB --device host --prefetch "$T/s1.bin" \
+	--foreground 2>"$T/agent8.log" &
+AG=$!
+for _ in $(seq 200); do [[ -f $T/run8/ready || -f $T/run8/error ]] && break; sleep 0.05; done
+check "an 8 MiB slab: --prefetch of a 98 KiB file starts ($(cat "$T/run8/error" 2>/dev/null))" test -f "$T/run8/ready"
+export AEGAEON_SOCKET=$T/run8/agent.sock AEGAEON_JOB_DIR=$T/run8
+export AEGAEON_SLAB0_HANDLE=$(sed -n 's/^slab0_handle=//p' "$T/run8/ready")
+expect "... and loaded it as one chunk" 0 "^load 1: .* loaded, 97.66 KiB in 1 chunk " "$CLI" wait "$T/s1.bin" --timeout 10
+expect "an 8 MiB slab: prefetch of a 195 KiB file in the site's chunk, one chunk of it" 0 \
+	"s2.bin: 195.31 KiB in .* through the job's agent \(load 2, 1 chunk in slab 0\)" "$CLI" prefetch "$T/s2.bin" --verify
+kill -TERM "$AG"; wait "$AG"; AG=
 
 echo "1..$n"
 echo "$((n - failed)) passed, $failed failed"

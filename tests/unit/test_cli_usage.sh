@@ -47,8 +47,24 @@ expect "a directory: its bad shard named once" 1 "^aegaeon-cli: $T/bad.safetenso
 expect "a missing file: named once" 1 "^aegaeon-cli: $T/none: No such file" "$CLI" prefetch "$T/none"
 
 # ------------------------------------------------- bench prefetch output
-expect "bench prefetch: chunks as a size, not bytes" 0 "raw.bin, 97.66 KiB, chunks of 64 MiB, median of 1" \
-	"$CLI" bench prefetch "$T/raw.bin" --repeat 1
+expect "bench prefetch: the chunk used, as a size (one chunk of a 97.66 KiB file)" 0 \
+	"raw.bin, 97.66 KiB, chunks of 97.66 KiB, median of 1" "$CLI" bench prefetch "$T/raw.bin" --repeat 1
+expect "bench prefetch: a chunk smaller than the file, as given" 0 "big.bin, 64 MiB, chunks of 16 MiB, median of 1" \
+	"$CLI" bench prefetch "$T/big.bin" --repeat 1 --chunk 16MiB
+expect "prefetch --json: chunk_bytes is the chunk used" 0 '"chunk_bytes": 100000,' "$CLI" prefetch --json "$T/raw.bin"
+# Options before the benchmark's name or after it, for every benchmark.
+expect "bench --repeat 1 prefetch FILE: the option is taken" 0 "median of 1$" "$CLI" bench --repeat 1 prefetch "$T/raw.bin"
+expect "bench --chunk 16MiB --repeat 1 prefetch FILE: an option's value is not the name" 0 "chunks of 16 MiB, median of 1$" \
+	"$CLI" bench --chunk 16MiB --repeat 1 prefetch "$T/big.bin"
+expect "bench --gpu 1 prefetch FILE: the option is taken" 1 "GPU 1|no such GPU" "$CLI" bench --gpu 1 prefetch "$T/raw.bin"
+expect "bench --json prefetch FILE" 0 '"benchmark": "prefetch"' "$CLI" bench --json --repeat 1 prefetch "$T/raw.bin"
+expect "bench --json alloc" 0 '"benchmark": "alloc"' "$CLI" bench --json --repeat 5 alloc
+expect "bench alloc --json --repeat 5" 0 '"benchmark": "alloc"' "$CLI" bench alloc --json --repeat 5
+expect "bench --gpu 4294967296: refused, not wrapped to GPU 0" 2 "--gpu '4294967296' is not a GPU ordinal" \
+	"$CLI" bench --gpu 4294967296 alloc
+expect "bench --repeat 4294967298: refused, not wrapped to 2" 2 "--repeat '4294967298' is not a count in 1..1000000" \
+	"$CLI" bench --repeat 4294967298 alloc
+expect "bench event --repeat: the waits on the opened handle" 0 "opened \(100 waits\)" "$CLI" bench event --repeat 100
 expect "bench prefetch of a directory: one file only, said so" 1 \
 	"^aegaeon-cli: bench prefetch: $T: not a regular file \(it measures one file" "$CLI" bench prefetch "$T"
 printf '{"weight_map": {"w": "raw.bin"}}' >"$T/model.safetensors.index.json"
@@ -71,7 +87,7 @@ def walk(v):
 walk(json.load(sys.stdin))
 sys.exit("long floats: %r" % bad if bad else 0)' <<<"$out"
 }
-for args in "prefetch --json" "bench prefetch --repeat 1 --json"; do
+for args in "prefetch --json" "bench prefetch --repeat 1 --json" "bench --json prefetch --repeat 1"; do
 	run "$CLI" $args "$T/raw.bin"
 	if [[ $rc -eq 0 ]] && msg=$(json_floats 2>&1); then
 		ok "$args: JSON floats rounded to 6 significant digits"
@@ -85,12 +101,12 @@ expect "bench --help lists prefetch" 0 "^  prefetch  " "$CLI" bench --help
 expect "bench with no benchmark names them all" 2 "expected one of alloc, pinned, event, prefetch FILE" "$CLI" bench
 expect "an unknown benchmark: all named" 2 "unknown benchmark 'nope' \(alloc, pinned, event, prefetch FILE\)" \
 	"$CLI" bench nope
-for b in "alloc --repeat 5" "pinned --size 32MiB --repeat 1" "event"; do
+for b in "alloc --repeat 5" "pinned --size 32MiB --repeat 1" "event" "prefetch $T/raw.bin --repeat 1"; do
 	run "$CLI" bench $b --json
 	if [[ $rc -eq 0 ]] && "$PY" -c '
 import json, sys
 d = json.load(sys.stdin)
-assert d["benchmark"] == sys.argv[1] and d["device"] == "host" and d["rows"], d
+assert d["benchmark"] == sys.argv[1] and d["device"] == "host" and d["gpu"] == 0 and d["title"] and d["rows"], d
 for r in d["rows"]:
     assert set(r) == {"what", "aegaeon", "baseline", "unit", "speedup"}, r
     assert r["aegaeon"] > 0 and r["baseline"] > 0, r' "${b%% *}" <<<"$out" && msg=$(json_floats 2>&1); then
@@ -128,6 +144,23 @@ for c in "${usage_cases[@]}"; do
 	# shellcheck disable=SC2086
 	expect "usage error exits 2: aegaeon-cli $c" 2 "." "$CLI" $c
 done
+# An option without its value says so, in every subcommand; an option of another says whose it is.
+for c in "prefetch $T/raw.bin --chunk" "bench prefetch $T/raw.bin --chunk" "bench alloc --repeat" \
+	"chunks --load" "release --load" "info --device" "kv bench --block"; do
+	# shellcheck disable=SC2086
+	expect "aegaeon-cli $c: the value is missing, not an unknown option" 2 "a value is missing after '${c##* }'" "$CLI" $c
+done
+expect "prefetch --repeat: an option of bench prefetch" 2 "prefetch: --repeat is an option of bench prefetch" \
+	"$CLI" prefetch "$T/raw.bin" --repeat 3
+for c in prefetch wait chunks release status info bench kv; do
+	expect "$c -h: its usage, exit 0" 0 "Usage: aegaeon-cli" "$CLI" $c -h
+done
+# A path too long for the error's detail: its reason survives and the path is named once.
+long=$T/$(printf 'a%.0s' $(seq 1100))
+expect "a path of 1100 bytes: the reason survives" 1 ": File name too long$" "$CLI" prefetch "$long"
+[[ $(grep -oF -- "$T" <<<"$out" | wc -l) -eq 1 ]] && ok "... and the path is named once" ||
+	not_ok "... and the path is named once" "$out"
+
 expect "--device bogus: says which option and what is allowed" 2 "^aegaeon-cli: --device: device 'bogus' is not one of cuda, host" \
 	"$CLI" info --device bogus
 expect "\$AEGAEON_DEVICE bogus: a failure naming the variable (1)" 1 "^aegaeon-cli: \\\$AEGAEON_DEVICE: device 'bogus'" \

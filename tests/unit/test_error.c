@@ -33,6 +33,32 @@ static void detail_is_kept_and_prefixed(void **state)
 	assert_string_equal(aeg_error_detail(), "");
 }
 
+/* A detail too long to keep whole loses the middle of its path, never the reason at its end. */
+static void long_detail_keeps_its_reason(void **state)
+{
+	char path[3000];
+	const char *d;
+	size_t n;
+
+	memset(path, 'a', sizeof(path) - 1);
+	path[0] = '/';
+	path[sizeof(path) - 1] = '\0';
+	aeg_fail(AEG_EINVAL, "%s: %s", path, "File name too long");
+	d = aeg_error_detail();
+	n = strlen(d);
+	assert_true(n < 1024);
+	assert_int_equal(strncmp(d, path, 256), 0);
+	assert_non_null(strstr(d, "aaa...aaa"));
+	assert_string_equal(d + n - 20, ": File name too long");
+	aeg_fail(AEG_EINVAL, "denied");
+	aeg_error_prefix("%s", path);
+	d = aeg_error_detail();
+	n = strlen(d);
+	assert_true(n < 1024);
+	assert_string_equal(d + n - 8, ": denied");
+	aeg_error_clear();
+}
+
 static void *other_thread(void *arg)
 {
 	aeg_fail(AEG_EIO, "other thread");
@@ -72,6 +98,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(codes_have_names_and_messages),
 		cmocka_unit_test(detail_is_kept_and_prefixed),
+		cmocka_unit_test(long_detail_keeps_its_reason),
 		cmocka_unit_test(detail_is_per_thread),
 		cmocka_unit_test(log_levels_parse),
 	};

@@ -816,10 +816,11 @@ static void open_and_option_errors(void **state)
 {
 	struct fx *f = fx_new(0, 2);
 	struct aeg_prefetch_options o = { .chunk_bytes = CHUNK };
-	char path[128], sub[160], big[128], cut[128];
+	char path[128], sub[160], big[128], twice[128], cut[128];
 	uint64_t size;
 	unsigned char *file = raw_file(f, "ok.bin", 100 * KiB, 3, path, sizeof(path));
 	unsigned char *huge = raw_file(f, "huge.bin", SLAB_BYTES + 1, 4, big, sizeof(big));
+	unsigned char *huger = raw_file(f, "twice.bin", 2 * SLAB_BYTES, 5, twice, sizeof(twice));
 	unsigned char *st = st_file(f, "cut.safetensors", specs, 2, 0, cut, sizeof(cut), &size);
 
 	snprintf(sub, sizeof(sub), "%s/missing.safetensors", f->dir);
@@ -833,8 +834,11 @@ static void open_and_option_errors(void **state)
 	expect_error(f, path, &o, AEG_EINVAL, "chunk size 1000 bytes is not a multiple of 4 KiB");
 	o.chunk_bytes = 4096 + 512;
 	expect_error(f, path, &o, AEG_EINVAL, "not a multiple of 4 KiB");
+	/* Larger than the slab and cut from a file larger still: never loadable. */
 	o.chunk_bytes = SLAB_BYTES + 4096;
-	expect_error(f, path, &o, AEG_EINVAL, "larger than the slab");
+	expect_error(f, twice, &o, AEG_EINVAL, "chunk size 8392704 is larger than the slab");
+	/* A file of one chunk too large for the slab: what it needs and what is free. */
+	expect_error(f, big, &o, AEG_ENOSPC, "which has 8 MiB free of 8 MiB");
 	o.chunk_bytes = CHUNK;
 	o.feed = AEG_FEED_CACHE;
 	expect_error(f, path, &o, AEG_EINVAL, "feed 3");
@@ -879,7 +883,36 @@ static void open_and_option_errors(void **state)
 	}
 	free(file);
 	free(huge);
+	free(huger);
 	free(st);
+	fx_free(f);
+}
+
+/*
+ * A chunk larger than the file (a site's 64 MiB default, a slab of 8 MiB)
+ * is the file's size rounded up to 4 KiB: one chunk of the file, in a slab
+ * smaller than the chunk asked for.
+ */
+static void chunk_larger_than_file(void **state)
+{
+	struct fx *f = fx_new(0, 2);
+	struct aeg_prefetch_options o = { .chunk_bytes = 64 * MiB };
+	const uint64_t size = 100000;
+	const struct aeg_chunk *c;
+	char path[128];
+	unsigned char *file = raw_file(f, "small.bin", size, 6, path, sizeof(path));
+	uint32_t n;
+	aeg_load_t *l;
+
+	assert_int_equal(aeg_prefetch_file(f->pf, path, &o, &l), 0);
+	c = aeg_load_chunks(l, &n);
+	assert_int_equal(n, 1);
+	assert_int_equal(c[0].size, size);
+	assert_int_equal(aeg_load_wait(l, 10000), 0);
+	check_chunks(f, l, file, 0, size);
+	release_load(f, l);
+	assert_baseline(f);
+	free(file);
 	fx_free(f);
 }
 
@@ -1378,6 +1411,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(empty_file),
 		cmocka_unit_test(safetensors_table),
 		cmocka_unit_test(open_and_option_errors),
+		cmocka_unit_test(chunk_larger_than_file),
 		cmocka_unit_test(cancel_in_flight),
 		cmocka_unit_test(file_changes_during_load),
 		cmocka_unit_test(device_failure_midway),

@@ -130,6 +130,26 @@ static int open_load(const char *path, uint64_t chunk_bytes, struct load *l)
 	return 0;
 }
 
+/*
+ * The bytes @l still holds of those it loaded: a load settles before any
+ * of its chunks can be released, so a loaded one that holds fewer than its
+ * total is partly released, which is how steps tell (the wire's done_bytes).
+ */
+static uint64_t held_bytes(const struct load *l, const struct aeg_load_progress *pr)
+{
+	const struct aeg_chunk *c;
+	uint64_t live = 0, done = pr->done_bytes > pr->total_bytes ? pr->total_bytes : pr->done_bytes;
+	uint32_t n;
+
+	if (l->nreleased == 0)
+		return done;
+	c = aeg_load_chunks(l->handle, &n);
+	for (uint32_t i = 0; i < n && i < l->nchunks; i++)
+		if (!l->released[i])
+			live += c[i].size;
+	return live < done ? live : done;
+}
+
 /* One page of a load's live chunks. */
 static int chunks_page(struct load *l, uint32_t first, struct proto_chunks_rep *rep)
 {
@@ -152,7 +172,7 @@ static int chunks_page(struct load *l, uint32_t first, struct proto_chunks_rep *
 		snprintf(rep->detail, sizeof(rep->detail), "%s", aeg_error_detail());
 	proto_slice_set(&rep->slice, aeg_load_slice(l->handle));
 	rep->file_bytes = pr.total_bytes;
-	rep->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
+	rep->done_bytes = held_bytes(l, &pr);
 	rep->total = l->nchunks - l->nreleased;
 	if (first > rep->total)
 		return aeg_fail(AEG_EINVAL, "load %" PRIu64 " has %u chunks; page from %u asked",
@@ -226,12 +246,19 @@ int agent_load_start(struct agent *a, uint32_t slab, const char *path, uint64_t 
 	return rep ? chunks_page(l, 0, rep) : 0;
 }
 
-/* The newest load of @path into @slab with @slice (NULL: whole), if the file is still the one loaded. */
+/*
+ * The newest load of @path into @slab with @slice (NULL: whole), if the
+ * file is still the one loaded. A load some of whose chunks were released
+ * is passed over: it is no longer the file, and a step that found it by
+ * path would take what is left for the model (by its id it is still found,
+ * to list or release).
+ */
 static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, const struct aeg_slice *slice,
 			     struct load **out)
 {
 	char real[PATH_MAX];
 	struct stat st;
+	uint64_t partly = 0;
 
 	if (realpath(path, real) == NULL || stat(real, &st) < 0)
 		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", path, strerror(errno));
@@ -240,6 +267,11 @@ static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, c
 
 		if (l->slab != slab || strcmp(l->path, real) != 0 || !slice_equal(aeg_load_slice(l->handle), slice))
 			continue;
+		if (l->nreleased > 0) {
+			if (partly == 0)
+				partly = l->id;
+			continue;
+		}
 		if (l->st.st_dev != st.st_dev || l->st.st_ino != st.st_ino || l->st.st_size != st.st_size ||
 		    l->st.st_mtim.tv_sec != st.st_mtim.tv_sec || l->st.st_mtim.tv_nsec != st.st_mtim.tv_nsec)
 			return aeg_fail(AEG_ESTALE, "%s changed since load %" PRIu64 " read it; prefetch it again",
@@ -247,6 +279,10 @@ static int find_load_by_path(struct agent *a, uint32_t slab, const char *path, c
 		*out = l;
 		return 0;
 	}
+	if (partly)
+		return aeg_fail(AEG_ENOENT, "%s is not loaded into slab %u%s: some chunks of load %" PRIu64 " were "
+				"released (aegaeon-cli release --load %" PRIu64 " frees the rest)", real, slab,
+				slice ? " with this slice" : " whole", partly, partly);
 	return aeg_fail(AEG_ENOENT, "%s is not loaded into slab %u%s", real, slab,
 			slice ? " with this slice" : " whole");
 }
@@ -451,7 +487,7 @@ int agent_load_status(struct agent *a, uint32_t first, struct proto_status_rep *
 		pl->slab = l->slab;
 		pl->status = pr.status;
 		pl->file_bytes = pr.total_bytes;
-		pl->done_bytes = pr.done_bytes > pr.total_bytes ? pr.total_bytes : pr.done_bytes;
+		pl->done_bytes = held_bytes(l, &pr);
 		pl->chunks = l->nchunks - l->nreleased;
 		snprintf(pl->path, sizeof(pl->path), "%s", l->path);
 		load_slice_short(aeg_load_slice(l->handle), &pl->slice);

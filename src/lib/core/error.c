@@ -6,11 +6,19 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 
 static __thread char detail[1024];
+
+/*
+ * A detail too long for the buffer keeps its start and its last
+ * DETAIL_TAIL bytes, with "..." between: a message that starts with a long
+ * path loses the middle of the path, not the reason that ends it.
+ */
+#define DETAIL_TAIL 384
 
 static const struct {
 	int code;
@@ -66,21 +74,48 @@ AEG_EXPORT void aeg_error_clear(void)
 	detail[0] = '\0';
 }
 
+/* @text (@n bytes) as the detail, its middle cut when it does not fit. */
+static void set_cut(const char *text, size_t n)
+{
+	size_t head = sizeof(detail) - 1 - 3 - DETAIL_TAIL;
+
+	if (n < sizeof(detail)) {
+		memcpy(detail, text, n + 1);
+		return;
+	}
+	memcpy(detail, text, head);
+	memcpy(detail + head, "...", 3);
+	memcpy(detail + head + 3, text + n - DETAIL_TAIL, DETAIL_TAIL + 1);
+}
+
 void aeg_error_vset(const char *fmt, va_list ap)
 {
-	vsnprintf(detail, sizeof(detail), fmt, ap);
+	va_list again;
+	char *whole;
+	int n;
+
+	va_copy(again, ap);
+	n = vsnprintf(detail, sizeof(detail), fmt, ap);
+	/* Without memory for the whole text, the start is kept as vsnprintf left it. */
+	if (n >= (int)sizeof(detail) && (whole = malloc((size_t)n + 1)) != NULL) {
+		vsnprintf(whole, (size_t)n + 1, fmt, again);
+		set_cut(whole, (size_t)n);
+		free(whole);
+	}
+	va_end(again);
 }
 
 void aeg_error_prefix(const char *fmt, ...)
 {
-	char prefix[512], old[sizeof(detail)];
+	char prefix[512], whole[sizeof(prefix) + 2 + sizeof(detail)];
 	va_list ap;
+	int n;
 
 	va_start(ap, fmt);
 	vsnprintf(prefix, sizeof(prefix), fmt, ap);
 	va_end(ap);
-	memcpy(old, detail, sizeof(old));
-	snprintf(detail, sizeof(detail), "%s: %s", prefix, old);
+	n = snprintf(whole, sizeof(whole), "%s: %s", prefix, detail);
+	set_cut(whole, (size_t)n < sizeof(whole) ? (size_t)n : sizeof(whole) - 1);
 }
 
 const char *aeg_quote(const char *text, char *buf, size_t len)

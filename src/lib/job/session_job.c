@@ -146,14 +146,27 @@ static int job_place_tensor(struct aeg_model *m, const uint64_t *keys, size_t i)
 	return 0;
 }
 
-/* JOB: the agent's chunk list as engine chunks, and the tensors placed in them. */
+/*
+ * JOB: the load completed, then some of its chunks were released: the agent
+ * counts in done_bytes only the bytes a load still holds.
+ */
+static int job_partly_released(const struct aeg_job_load *jl)
+{
+	return jl->status == 0 && jl->done_bytes < jl->file_bytes;
+}
+
+/*
+ * JOB: the agent's chunk list as engine chunks, and the tensors placed in
+ * them; a partly released load (found by id, to list or release it) has
+ * its chunks only: its tensors are no longer all there.
+ */
 static int job_model_fill(struct aeg_model *m, enum aeg_prefetch_format format)
 {
 	uint64_t *keys;
 	int err;
 
 	err = job_chunks_copy(m);
-	if (err || format == AEG_FORMAT_RAW)
+	if (err || format == AEG_FORMAT_RAW || job_partly_released(m->jl))
 		return err;
 	err = job_read_header(m, format);
 	if (err <= 0)
@@ -260,6 +273,13 @@ static int job_reusable(aeg_session_t *s, const char *path, int index, const str
 	if (err == 0 && (*jl)->status != 0 && (*jl)->status != AEG_EBUSY) {
 		aeg_warn("%s: load %" PRIu64 " failed (%s); loading it again", path, (*jl)->load_id,
 			 aeg_strerror((*jl)->status));
+		aeg_job_load_free(*jl);
+		*jl = NULL;
+		return 0;
+	}
+	/* The agent finds no such load by path; an agent of before that rule is not trusted with it either. */
+	if (err == 0 && job_partly_released(*jl)) {
+		aeg_warn("%s: some chunks of load %" PRIu64 " were released; loading it again", path, (*jl)->load_id);
 		aeg_job_load_free(*jl);
 		*jl = NULL;
 		return 0;

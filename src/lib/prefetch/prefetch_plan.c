@@ -468,19 +468,14 @@ static int make_events(struct aeg_prefetch *pf, struct aeg_load *l, uint32_t *ma
 	return 0;
 }
 
-/* The options of aeg_prefetch_file, checked against the engine's slab. */
-static int check_options(aeg_prefetch_t *pf, const char *path, const struct aeg_prefetch_options *o)
+/* The options of aeg_prefetch_file; the chunk size's fit in the slab is checked once the file's size is known. */
+static int check_options(const char *path, const struct aeg_prefetch_options *o)
 {
-	uint64_t slab_bytes = aeg_slab_bytes(pf->slab);
-
 	if (o->chunk_bytes == 0)
 		return aeg_fail(AEG_EINVAL, "%s: chunk size 0: give a chunk size such as 64MiB", path);
 	if (o->chunk_bytes % AEG_PREFETCH_CHUNK_ALIGN)
 		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " bytes is not a multiple of 4 KiB (4096 bytes)",
 				path, o->chunk_bytes);
-	if (o->chunk_bytes > slab_bytes)
-		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
-				path, o->chunk_bytes, slab_bytes);
 	if (o->feed != AEG_FEED_AUTO && o->feed != AEG_FEED_MMAP && o->feed != AEG_FEED_READ &&
 	    o->feed != AEG_FEED_MIXED)
 		return aeg_fail(AEG_EINVAL, "prefetch feed %d: expected auto, mmap, read or mixed", (int)o->feed);
@@ -490,6 +485,28 @@ static int check_options(aeg_prefetch_t *pf, const char *path, const struct aeg_
 				(int)o->format);
 	if (o->flags & ~AEG_PREFETCH_NO_CACHE)
 		return aeg_fail(AEG_EINVAL, "prefetch flags 0x%x: unknown bits", o->flags);
+	return 0;
+}
+
+/*
+ * The chunk size a load of @l uses: @chunk_bytes, or for a file smaller
+ * than that its size rounded up to 4 KiB (one chunk of it), so a site's
+ * large default chunk loads small files into a small slab, whoever asks
+ * (the CLI, the agent's --prefetch, Python, sessions). A chunk cut from a
+ * larger file must fit the slab; a file of one chunk that does not is
+ * told by the slab's free space (alloc_blocks: what it needs, what is free).
+ */
+static int chunk_for(aeg_prefetch_t *pf, const struct aeg_load *l, uint64_t chunk_bytes, uint64_t *out)
+{
+	uint64_t file = aeg_round_up((uint64_t)l->st.st_size, AEG_PREFETCH_CHUNK_ALIGN);
+	uint64_t slab_bytes = aeg_slab_bytes(pf->slab);
+
+	if (file == 0)
+		file = AEG_PREFETCH_CHUNK_ALIGN;
+	*out = chunk_bytes < file ? chunk_bytes : file;
+	if (*out < file && *out > slab_bytes)
+		return aeg_fail(AEG_EINVAL, "%s: chunk size %" PRIu64 " is larger than the slab (%" PRIu64 " bytes)",
+				l->path, *out, slab_bytes);
 	return 0;
 }
 
@@ -544,12 +561,13 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 				 const struct aeg_prefetch_options *o, aeg_load_t **out)
 {
 	struct aeg_load *l;
+	uint64_t chunk_bytes;
 	uint32_t events = 0;
 	int safetensors, blocks = 0, err;
 
 	if (pf == NULL || path == NULL || o == NULL || out == NULL)
 		return aeg_fail(AEG_EINVAL, "aeg_prefetch_file: NULL argument");
-	err = check_options(pf, path, o);
+	err = check_options(path, o);
 	if (err)
 		return err;
 
@@ -568,6 +586,8 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 		goto fail;
 	}
 	err = open_file(path, &l->st, &l->fd);
+	if (err == 0)
+		err = chunk_for(pf, l, o->chunk_bytes, &chunk_bytes);
 	if (err)
 		goto fail;
 
@@ -578,7 +598,7 @@ AEG_EXPORT int aeg_prefetch_file(aeg_prefetch_t *pf, const char *path,
 	}
 	err = plan_slice(l, o->slice, safetensors);
 	if (err == 0)
-		err = plan_chunks(l, o->chunk_bytes, safetensors);
+		err = plan_chunks(l, chunk_bytes, safetensors);
 	if (err)
 		goto fail;
 	l->rt = calloc(l->nchunks ? l->nchunks : 1, sizeof(*l->rt));
