@@ -30,6 +30,14 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# The daemons' packages already here are the site's (a login host's or GPU
+# node's own Slurm and munge): what they run is left as it is.
+installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
+daemons=(slurmctld slurmd munge)    # each package's service has its name
+had=()
+for s in "${daemons[@]}"; do
+	installed "$s" && had+=("$s")
+done
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${build_pkgs[@]}" "${pkg_pkgs[@]}" "${slurm_pkgs[@]}" \
 	"${mpi_pkgs[@]}" "${torch_pkgs[@]}" valgrind procps util-linux gdb
@@ -47,8 +55,20 @@ mkdir -p "$tools/torch-deb/usr/lib"
 echo "$tools/torch-deb/usr/lib/python3/dist-packages" \
 	>"$("$tools/torch/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-torch.pth"
 "$tools/torch/bin/pip" install -q --disable-pip-version-check "${torch_pip[@]}"
-# The Debian packages start their daemons where systemd runs; the project's
-# clusters are throwaway ones with their own configuration, so stop those.
-for s in slurmctld slurmd munge; do
-	systemctl disable --now "$s" >/dev/null 2>&1 || true
+# The Debian packages start their daemons with default configurations where
+# systemd runs; the project's clusters are throwaway ones with their own, so
+# the daemons of packages this run installed are stopped and disabled. Those
+# of packages that were here before are not touched.
+for s in "${daemons[@]}"; do
+	if [[ " ${had[*]} " = *" $s "* ]]; then
+		echo "install-deps.sh: $s was installed before: its service left as it is"
+	elif ! installed "$s"; then
+		echo "install-deps.sh: $s is not installed: nothing to stop"
+	elif [ ! -d /run/systemd/system ]; then
+		echo "install-deps.sh: installed $s; systemd is not running here, so nothing to stop"
+	elif systemctl disable --now "$s.service" >/dev/null 2>&1; then
+		echo "install-deps.sh: installed $s; stopped and disabled its service (the test clusters start their own)"
+	else
+		echo "install-deps.sh: installed $s; could not stop and disable its service (systemctl disable --now $s)" >&2
+	fi
 done

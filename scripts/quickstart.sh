@@ -71,6 +71,8 @@ if [[ ${AEGAEON_SKIP_DEPS:-0} = 1 ]]; then
 else
 	t=$SECONDS
 	run_logged "$W/deps.log" bash "$top/scripts/install-deps.sh" || die "installing packages (scripts/install-deps.sh)"
+	# What it did with the Slurm and munge services (those of packages it installed only).
+	while read -r line; do info "$line"; done < <(sed -n 's/^install-deps\.sh: //p' "$W/deps.log")
 	info "done in $((SECONDS - t)) s"
 fi
 for b in autoreconf make gcc munged slurmctld slurmd sbatch srun runuser python3; do

@@ -68,6 +68,9 @@ count_log build-test/valgrind-output.log
 # The packages as admins and Python users install them (tests/packages/).
 echo "=== Debian packages: build, install, Python and real-Slurm tests against them, purge"
 t0=$SECONDS
+# build-deb/ is this script's, as build-test/ is (build-debs.sh refuses a
+# directory it did not make, and one of an older checkout has no stamp).
+rm -rf build-deb
 if ! { bash scripts/build-debs.sh build-deb >/dev/null && bash tests/packages/test_debs.sh build-deb build-test; } 2>&1 |
 	tee build-test/debs-output.log; then
 	stage_failed "Debian packages" build-test/debs-output.log

@@ -715,10 +715,14 @@ an.release_prefetch_chunks([chunks[0]["slab_id"]])
 
 class TestPrefetch(Base):
     def test_seed_example_verbatim(self):
+        # The seed's example, its fixed /tmp path replaced by the test's own dir.
+        path = os.path.join(TMP, "test_model.bin")
+        seed = SEED.replace('"/tmp/test_model.bin"', repr(path))
+        self.assertNotEqual(seed, SEED)
         data = pattern(80 * MiB, 2024)    # three chunks of 32 MiB
-        write_file("/tmp/test_model.bin", data)
+        write_file(path, data)
         scope = {}
-        exec(SEED, scope)
+        exec(seed, scope)
         chunks = scope["chunks"]
         self.assertEqual([c["size"] for c in chunks], [32 * MiB, 32 * MiB, 16 * MiB])
         for i, c in enumerate(chunks):
@@ -728,7 +732,7 @@ class TestPrefetch(Base):
             self.assertIsInstance(c["device_ptr"], int)
             self.assertIsInstance(c["slab_id"], int)
             self.assertEqual(len(c["event_handle"]), 64)
-            self.assertEqual((c["file"], c["file_offset"], c["tensors"]), ("/tmp/test_model.bin", i * 32 * MiB, []))
+            self.assertEqual((c["file"], c["file_offset"], c["tensors"]), (path, i * 32 * MiB, []))
         st = an.stats()["prefetch"][0]
         self.assertEqual(st["chunks"], 2)
         for i, c in enumerate(chunks[1:], 1):
@@ -739,7 +743,7 @@ class TestPrefetch(Base):
         self.assertEqual(an.stats()["prefetch"][0]["chunks"], 0)
         self.assertEqual(an.stats()["prefetch"][0]["blocks"], 0)
         # the seed example as a program of its own
-        r = child(SEED + "print(len(chunks))")
+        r = child(seed + "print(len(chunks))")
         self.assertEqual((r.returncode, r.stdout.strip()), (0, "3"), r.stderr)
 
     def test_chunks_and_views(self):

@@ -210,25 +210,43 @@ class TestModel(Base):
         # The wait dropped its reference (the last, after release()) and then
         # read the freed model's path for its message. MALLOC_PERTURB_ makes
         # freed memory garbage, so the bug shows without valgrind.
+        #
+        # The release must come while wait() waits, never before it starts
+        # (wait() on a released model is a ValueError): with a switch interval
+        # of 100 s the GIL passes between the threads only where one blocks,
+        # so the releasing thread, woken before wait() is called, runs only
+        # once wait() has given the GIL up for its wait. Where the machine is
+        # too busy to run it within the 30 ms, it releases after wait(); the
+        # rounds that timed out with the release inside the wait are counted.
         path = big_model()
         out = self.assertChild("""
-            import threading, time
+            import sys, threading
             P = %r
-            timed_out = 0
+            sys.setswitchinterval(100)
+            timed_out = inside = 0
             for rnd in range(5):
                 m = an.open_model(P, wait=False)
-                t = threading.Timer(0.005, m.release)
+                go = threading.Event()
+                released = []
+                def release():
+                    go.wait()
+                    m.release()
+                    released.append(rnd)
+                t = threading.Thread(target=release)
                 t.start()
+                go.set()
                 try:
                     m.wait(timeout=0.03)
                 except an.AegaeonTimeoutError as e:
                     timed_out += 1
+                    inside += len(released)
                     assert P in str(e), str(e)
                 t.join()
-            print("timed out", timed_out)
+                assert m.released
+            print("timed out", timed_out, "with the release inside the wait", inside)
         """ % path, "timed out", env={"MALLOC_PERTURB_": "165"})
-        if "timed out 0" in out:
-            self.skipTest("the loads were too quick to time out")
+        if "inside the wait 0" in out:
+            self.skipTest("no wait timed out with the release inside it: " + out.strip())
 
 
 # ----------------------------------------------------------- the runtime lock

@@ -1,8 +1,9 @@
 #!/bin/bash
 # What a user building against aegaeon meets: each public header compiles
 # alone as strict ISO C11 and C99 (no POSIX macros: PATH_MAX is not there),
-# the library exports only what the public headers declare, and configure
-# says plainly when --with-cuda names no directory.
+# the library exports only what the public headers declare, configure says
+# plainly when --with-cuda or --with-slurm names no directory or PYTHON no
+# interpreter, and make install and uninstall keep a site's configuration.
 # TAP-like lines; exit 0 when every check passed.
 set -u
 
@@ -11,7 +12,7 @@ CC=${CC:-cc}
 source "$S/tests/tap.sh"
 
 T=$(mktemp -d /tmp/aeg-build.XXXXXX) || exit 99
-trap 'rm -rf "$T"' EXIT
+trap 'chmod -R u+w "$T" 2>/dev/null; rm -rf "$T"' EXIT
 
 # The installed headers are the ones Makefile.am lists.
 mapfile -t headers < <(sed -n '/^aegaeoninclude_HEADERS = /,/^$/p' "$S/Makefile.am" |
@@ -65,6 +66,74 @@ if [[ $rc -ne 0 ]] && grep -q "error: $T/nonexistent (--with-cuda=$T/nonexistent
 	ok "configure --with-cuda=/nonexistent: the directory does not exist"
 else
 	not_ok "configure --with-cuda=/nonexistent: the directory does not exist" "rc $rc" "$out"
+fi
+
+# A --with-slurm=DIR without DIR/include/slurm/spank.h is an error, not the system's header.
+mkdir "$T/cfg-slurm"
+out=$(cd "$T/cfg-slurm" && "$S/configure" -q --without-cuda --with-slurm="$T/nonexistent" --disable-python \
+	--without-cmocka --disable-fuzz 2>&1)
+rc=$?
+if [[ $rc -ne 0 ]] && grep -q "error: $T/nonexistent/include/slurm/spank.h not found (--with-slurm=$T/nonexistent)" <<<"$out"; then
+	ok "configure --with-slurm=/nonexistent: no spank.h there"
+else
+	not_ok "configure --with-slurm=/nonexistent: no spank.h there" "rc $rc" "$out"
+fi
+
+# PYTHON naming no interpreter is said so, not "too old".
+mkdir "$T/cfg-python"
+out=$(cd "$T/cfg-python" && "$S/configure" -q --without-cuda --without-slurm --enable-python \
+	PYTHON="$T/nonexistent/python3" --without-cmocka --disable-fuzz 2>&1)
+rc=$?
+if [[ $rc -ne 0 ]] && grep -q "error: PYTHON=$T/nonexistent/python3 does not exist or does not run" <<<"$out"; then
+	ok "configure PYTHON=/nonexistent/python3: no such interpreter"
+else
+	not_ok "configure PYTHON=/nonexistent/python3: no such interpreter" "rc $rc" "$out"
+fi
+
+# make install and uninstall of this build into a DESTDIR (everything is
+# built; the environment of make check's own make is not this one's).
+minst() {      # TARGET: make TARGET DESTDIR=$T/inst in the build tree; output in $out
+	out=$(cd "$B" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -s "$1" DESTDIR="$T/inst" 2>&1)
+}
+printf 'show:\n\t@echo "$(sysconfdir)|$(docdir)|$(spank_plugindir)|$(spank_plugin_LTLIBRARIES)"\n' >"$T/show.mk"
+IFS='|' read -r sysconfdir docdir plugindir plugin < <(cd "$B" &&
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -s --no-print-directory -f Makefile -f "$T/show.mk" show)
+conf=$T/inst$sysconfdir/aegaeon/aegaeon.conf
+sample=$T/inst$docdir/examples/aegaeon.conf
+if minst install && cmp -s "$B/etc/aegaeon.conf" "$conf" && cmp -s "$B/etc/aegaeon.conf" "$sample"; then
+	ok "make install: the sample config in DOCDIR/examples and, where none was, in SYSCONFDIR/aegaeon"
+else
+	not_ok "make install: the sample config in DOCDIR/examples and, where none was, in SYSCONFDIR/aegaeon" "$out"
+fi
+if [[ -n $plugin ]]; then
+	check "make install: the plugin without its libtool archive" \
+		test -f "$T/inst$plugindir/aegaeon.so" -a ! -e "$T/inst$plugindir/aegaeon.la"
+	check "make install: the plugin's man page and plugstack sample" \
+		test -f "$T/inst$docdir/examples/plugstack.conf.d/aegaeon.conf" -a -n "$(find "$T/inst" -name aegaeon-spank.8)"
+else
+	check "make install without the plugin: neither its man page nor its plugstack sample" \
+		test ! -e "$T/inst$docdir/examples/plugstack.conf.d" -a -z "$(find "$T/inst" -name aegaeon-spank.8)"
+fi
+echo 'slab_max = "50%";    # the site' >>"$conf"
+cp "$conf" "$T/site.conf"
+if minst install && cmp -s "$T/site.conf" "$conf" && grep -q "kept $conf" <<<"$out"; then
+	ok "make install again: the site's changed config kept, and said so"
+else
+	not_ok "make install again: the site's changed config kept, and said so" "$out" "$(diff "$T/site.conf" "$conf")"
+fi
+if minst uninstall && cmp -s "$T/site.conf" "$conf" && [[ ! -e $sample ]] &&
+	[[ $(find "$T/inst" -type f -o -type l) = "$conf" ]]; then
+	ok "make uninstall: everything gone but the site's changed config"
+else
+	not_ok "make uninstall: everything gone but the site's changed config" "$out" \
+		"left: $(find "$T/inst" -type f -o -type l)"
+fi
+rm -rf "$T/inst"
+if minst install && minst uninstall && [[ -z $(find "$T/inst" -type f -o -type l) ]]; then
+	ok "make uninstall: the config unchanged from the sample goes too, nothing left"
+else
+	not_ok "make uninstall: the config unchanged from the sample goes too, nothing left" "$out" \
+		"left: $(find "$T/inst" -type f -o -type l)"
 fi
 
 tap_end

@@ -11,7 +11,8 @@ CC=${CC:-cc}
 source "$S/tests/tap.sh"
 
 T=$(mktemp -d /tmp/aeg-layers.XXXXXX) || exit 99
-trap 'rm -rf "$T"' EXIT
+# The copies keep the sources' modes: read-only under make distcheck.
+trap 'chmod -R u+w "$T" 2>/dev/null; rm -rf "$T"' EXIT
 check=("${PYTHON:-python3}" "$S/scripts/check-layers.py")
 
 expect "this tree and its build: the layers hold" 0 'the layers hold, no cycle' \
@@ -19,7 +20,8 @@ expect "this tree and its build: the layers hold" 0 'the layers hold, no cycle' 
 
 # A fresh copy of the sources, which a case then breaks.
 fresh() {
-	rm -rf "$T/tree" && mkdir "$T/tree" && cp -r "$S/src" "$S/include" "$S/python" "$T/tree/"
+	rm -rf "$T/tree" && mkdir "$T/tree" && cp -r "$S/src" "$S/include" "$S/python" "$T/tree/" &&
+		chmod -R u+w "$T/tree"
 }
 
 fresh
