@@ -250,6 +250,13 @@ const struct aeg_slice *aeg_model_slice(const aeg_model_t *m);
  */
 uint32_t aeg_model_file_count(const aeg_model_t *m);
 const char *aeg_model_file(const aeg_model_t *m, uint32_t index);
+/*
+ * aeg_model_file_id - the load id of file @index of the model (0 for an
+ * index out of range): a model of several files is one load per file, so
+ * waiting for or releasing a load by id (aegaeon-cli wait, release --load)
+ * takes that file only. aeg_model_id is the first file's.
+ */
+uint64_t aeg_model_file_id(const aeg_model_t *m, uint32_t index);
 
 /*
  * aeg_model_chunks - the chunks in file order (a model of several files: each

@@ -116,6 +116,8 @@ int cli_load_timed_out(const struct cli_load_info *l, double timeout_s);
  * slab (null outside a job), state, file_bytes, done_bytes, chunk_bytes,
  * tensors, chunks (and a slice's slice and parts).
  */
+/* A model of several files: a line per file with its load id (nothing for one file). */
+void cli_print_files(aeg_model_t *m);
 json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l);
 /* The size of @m's largest chunk: the chunk size the load used (0 without chunks). */
 uint64_t cli_chunk_bytes(aeg_model_t *m);

@@ -460,7 +460,30 @@ json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l)
 		      "chunk_bytes", (json_int_t)cli_chunk_bytes(m), "tensors", (int)ntensors,
 		      "chunks", cli_chunks_json(m));
 	cli_slice_json_add(o, m);
+	if (aeg_model_file_count(m) > 1) {
+		json_t *files = json_array();
+
+		for (uint32_t i = 0; i < aeg_model_file_count(m); i++)
+			json_array_append_new(files, json_pack("{s:s, s:I}", "path", aeg_model_file(m, i), "load_id",
+							       (json_int_t)aeg_model_file_id(m, i)));
+		json_object_set_new(o, "files", files);
+	}
 	return o;
+}
+
+/*
+ * A model of several files is a load per file: each is waited for and
+ * released by its own id, so each is named, not only the first.
+ */
+void cli_print_files(aeg_model_t *m)
+{
+	uint32_t n = aeg_model_file_count(m);
+
+	if (n < 2)
+		return;
+	printf("%u files, a load each (aegaeon-cli wait ID and release --load ID take one file):\n", n);
+	for (uint32_t i = 0; i < n; i++)
+		printf("  load %" PRIu64 ": %s\n", aeg_model_file_id(m, i), aeg_model_file(m, i));
 }
 
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines)
@@ -480,6 +503,7 @@ void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lin
 	       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
 	       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),
 	       slice);
+	cli_print_files(m);
 	if (!chunk_lines)
 		return;
 	printf("%6s %10s %14s %12s %14s  %s\n", "chunk", "slab_id", "slab_offset", "size", "file_offset", "event");

@@ -352,15 +352,16 @@ static int print_job(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t
 		       l.path, l.id, aeg_size_format(l.file_bytes, size, sizeof(size)), l.chunks, cli_s(l.chunks),
 		       ns > 1000000 ? "; waited for it to finish" : "");
 	} else if (aeg_model_file_count(m) > 1) {
-		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (%u files, a load each from load %" PRIu64
-		       ", %u chunk%s in slab %d)\n", l.path, aeg_size_format(l.file_bytes, size, sizeof(size)),
-		       (double)ns / 1e9, gbps(l.file_bytes, ns), aeg_model_file_count(m), l.id, l.chunks, cli_s(l.chunks),
-		       l.slab);
+		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (%u chunk%s in slab %d)\n", l.path,
+		       aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
+		       l.chunks, cli_s(l.chunks), l.slab);
 	} else {
 		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (load %" PRIu64 ", %u chunk%s in slab %d)\n",
 		       l.path, aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
 		       l.id, l.chunks, cli_s(l.chunks), l.slab);
 	}
+	if (a->wait)
+		cli_print_files(m);
 	if (a->wait)
 		cli_print_slice(m);
 	if (vr)

@@ -224,6 +224,14 @@ expect "wait on the model by its directory" 0 "loaded" "$CLI" wait "$T/llama"
 expect "chunks of the model by its index file" 0 "llama/model.safetensors.index.json: verified .* of 3 files" \
 	"$CLI" chunks "$T/llama/model.safetensors.index.json" --verify
 expect "prefetch of the directory again reuses every shard" 0 "already in the job's slab" "$CLI" prefetch "$T/llama"
+# A load per file: prefetch names each file's id, and wait and release take the one named.
+check "... and names each file's load" grep -qE "^  load [0-9]+: $T/llama/model-00003-of-00003.safetensors$" <<<"$out"
+run "$CLI" prefetch "$T/llama" --json
+ids=$(json '" ".join(str(f["load_id"]) for f in d["files"])' <<<"$out")
+check "prefetch --json lists the 3 files with their load ids ($ids)" \
+	test "$(json '[f["path"].rsplit("/", 1)[1] for f in d["files"]]' <<<"$out")" = \
+	"['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors']"
+expect "wait on the third file's load id" 0 "model-00003-of-00003.safetensors loaded" "$CLI" wait "${ids##* }"
 run "$CLI" status --json
 check "... still a load per shard" test "$(json 'len(d["loads"])' <<<"$out")" = 3
 expect "release --model frees every shard" 0 "released model $T/llama: [0-9]+ blocks in 3 files" \

@@ -269,7 +269,7 @@ expect "release --all" 0 "released" "$CLI" release --all
 parts "job: a sharded directory, world 2, dims 0 and 1 in both shards" 1 2 0 "$R2" \
 	"$CLI" prefetch "$T/sharded" $(tp 1 2 "$R2") --verify --json
 expect "job: the directory's slice again is reused" 0 "already in the job's slab" "$CLI" prefetch "$T/sharded" $(tp 1 2 "$R2")
-expect "job: another rank is loaded, not reused" 0 "through the job's agent \(2 files" "$CLI" prefetch "$T/sharded" $(tp 0 2 "$R2")
+expect "job: another rank is loaded, not reused" 0 "through the job's agent \(2 chunks in slab 0\)" "$CLI" prefetch "$T/sharded" $(tp 0 2 "$R2")
 
 kill -TERM "$AG"; wait "$AG"; AG=
 tap_end

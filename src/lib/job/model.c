@@ -208,6 +208,13 @@ AEG_EXPORT const char *aeg_model_file(const aeg_model_t *m, uint32_t index)
 	return m->nparts ? m->parts[index]->path : m->path;
 }
 
+AEG_EXPORT uint64_t aeg_model_file_id(const aeg_model_t *m, uint32_t index)
+{
+	if (m == NULL || index >= aeg_model_file_count(m))
+		return 0;
+	return m->nparts ? m->parts[index]->id : m->id;
+}
+
 AEG_EXPORT const struct aeg_chunk *aeg_model_chunks(const aeg_model_t *m, uint32_t *count)
 {
 	uint32_t n = 0;
