@@ -137,6 +137,22 @@ struct pyaeg_users {
 };
 /* 0 when nothing uses @u; else -1 with AegaeonError EBUSY, "@what: ..." naming what and what to do. */
 int pyaeg_users_busy(const struct pyaeg_users *u, const char *what);
+/*
+ * One call begins to use @res (an object's resource, or NULL when it is
+ * closed, with the exception set): counted in @u while not NULL. Returns @res.
+ */
+static inline void *pyaeg_users_enter(struct pyaeg_users *u, void *res)
+{
+	if (res != NULL)
+		u->calls++;
+	return res;
+}
+
+/* The call that pyaeg_users_enter counted has returned. */
+static inline void pyaeg_users_leave(struct pyaeg_users *u)
+{
+	u->calls--;
+}
 
 /* Classes (py_slab.c, py_pinned.c, py_kv.c). */
 extern PyObject *pyaeg_slab_type;

@@ -26,16 +26,12 @@ aeg_kv_t *pykv_open(KVObject *k)
  */
 aeg_kv_t *pykv_use(KVObject *k)
 {
-	aeg_kv_t *kv = pykv_open(k);
-
-	if (kv != NULL)
-		k->users.calls++;
-	return kv;
+	return pyaeg_users_enter(&k->users, pykv_open(k));
 }
 
 void pykv_done(KVObject *k)
 {
-	k->users.calls--;
+	pyaeg_users_leave(&k->users);
 }
 
 /* The slab and pool are given back once the cache that used them is destroyed. */

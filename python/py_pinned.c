@@ -42,16 +42,12 @@ static aeg_pool_t *pool_open(PoolObject *p)
  */
 static aeg_pool_t *pool_use(PoolObject *p)
 {
-	aeg_pool_t *pool = pool_open(p);
-
-	if (pool != NULL)
-		p->users.calls++;
-	return pool;
+	return pyaeg_users_enter(&p->users, pool_open(p));
 }
 
 static void pool_done(PoolObject *p)
 {
-	p->users.calls--;
+	pyaeg_users_leave(&p->users);
 }
 
 aeg_pool_t *pyaeg_pool_hold(PyObject *obj)

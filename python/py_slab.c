@@ -36,16 +36,12 @@ static aeg_slab_t *slab_open(SlabObject *s)
  */
 static aeg_slab_t *slab_use(SlabObject *s)
 {
-	aeg_slab_t *slab = slab_open(s);
-
-	if (slab != NULL)
-		s->users.calls++;
-	return slab;
+	return pyaeg_users_enter(&s->users, slab_open(s));
 }
 
 static void slab_done(SlabObject *s)
 {
-	s->users.calls--;
+	pyaeg_users_leave(&s->users);
 }
 
 aeg_slab_t *pyaeg_slab_hold(PyObject *obj)

@@ -287,32 +287,61 @@ static void mem_handle_of_own_process(void **state)
 	aeg_device_close(dev);
 }
 
-static void mem_handle_of_dead_process(void **state)
+/*
+ * A child process that exports 4 KiB of host-device memory: its handle in
+ * @h, and in @go the descriptor to close (or write a byte to) when the
+ * child may exit. Returns the child's pid.
+ */
+static pid_t child_export(aeg_handle_t *h, int *go)
 {
-	aeg_device_t *dev = open_host();
-	aeg_handle_t h;
-	void *p = NULL;
-	int fds[2], status;
+	int fds[2], wait_go[2];
 	pid_t pid;
 
 	assert_int_equal(pipe(fds), 0);
+	assert_int_equal(pipe(wait_go), 0);
 	pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0) {
 		aeg_device_t *cdev = NULL;
 		void *cp = NULL;
 		aeg_handle_t ch;
+		char c;
 
+		close(wait_go[1]);
 		if (aeg_device_open(&cdev, AEG_DEVICE_HOST) < 0 ||
 		    aeg_mem_alloc(cdev, 0, 4096, &cp) < 0 || aeg_mem_export(cdev, cp, &ch) < 0)
 			child_exit(1);
-		child_exit(write(fds[1], &ch, sizeof(ch)) == sizeof(ch) ? 0 : 2);
+		if (write(fds[1], &ch, sizeof(ch)) != sizeof(ch))
+			child_exit(2);
+		child_exit(read(wait_go[0], &c, 1) >= 0 ? 0 : 3);     /* until the parent lets go */
 	}
 	close(fds[1]);
-	assert_int_equal(read(fds[0], &h, sizeof(h)), sizeof(h));
+	close(wait_go[0]);
+	assert_int_equal(read(fds[0], h, sizeof(*h)), sizeof(*h));
 	close(fds[0]);
+	*go = wait_go[1];
+	return pid;
+}
+
+/* Lets the child of child_export exit and reaps it. */
+static void child_finish(pid_t pid, int go)
+{
+	int status;
+
+	close(go);
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+static void mem_handle_of_dead_process(void **state)
+{
+	aeg_device_t *dev = open_host();
+	aeg_handle_t h;
+	void *p = NULL;
+	int go;
+	pid_t pid = child_export(&h, &go);
+
+	child_finish(pid, go);
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &p), AEG_EBADF);
 	assert_null(p);
 	assert_non_null(strstr(aeg_error_detail(), "gone"));
@@ -330,33 +359,11 @@ static void mem_handle_reopened(void **state)
 	aeg_device_t *dev = open_host();
 	aeg_handle_t good, h;
 	void *p = NULL, *q = NULL;
-	int fds[2], go[2], status;
 	uint64_t u64;
 	uint32_t u32;
-	pid_t pid;
-	char c = 0;
+	int go;
+	pid_t pid = child_export(&good, &go);
 
-	assert_int_equal(pipe(fds), 0);
-	assert_int_equal(pipe(go), 0);
-	pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0) {
-		aeg_device_t *cdev = NULL;
-		void *cp = NULL;
-		aeg_handle_t ch;
-
-		close(go[1]);
-		if (aeg_device_open(&cdev, AEG_DEVICE_HOST) < 0 ||
-		    aeg_mem_alloc(cdev, 0, 4096, &cp) < 0 || aeg_mem_export(cdev, cp, &ch) < 0)
-			child_exit(1);
-		if (write(fds[1], &ch, sizeof(ch)) != sizeof(ch))
-			child_exit(2);
-		child_exit(read(go[0], &c, 1) == 1 ? 0 : 3);      /* until the parent is done */
-	}
-	close(fds[1]);
-	close(go[0]);
-	assert_int_equal(read(fds[0], &good, sizeof(good)), sizeof(good));
-	close(fds[0]);
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &p), 0);
 	h = good;                       /* size */
 	memcpy(&u64, h.bytes + 32, 8);
@@ -378,10 +385,7 @@ static void mem_handle_reopened(void **state)
 	assert_int_equal(aeg_mem_close_handle(dev, q), 0);
 	q = NULL;
 	/* The owner gone: its handle no longer opens, though its memory is still mapped here. */
-	assert_int_equal(write(go[1], &c, 1), 1);
-	close(go[1]);
-	assert_int_equal(waitpid(pid, &status, 0), pid);
-	assert_int_equal(WEXITSTATUS(status), 0);
+	child_finish(pid, go);
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &q), AEG_EBADF);
 	assert_non_null(strstr(aeg_error_detail(), "gone"));
 	assert_null(q);

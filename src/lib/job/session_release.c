@@ -70,14 +70,30 @@ static int several_gpus(const int *owner, size_t n)
 	return 0;
 }
 
+/* The ids of @ids[0..n) whose @owner is @g, into @out; returns how many. */
+static size_t ids_of(const int *owner, const uint64_t *ids, size_t n, int g, uint64_t *out)
+{
+	size_t k = 0;
+
+	for (size_t i = 0; i < n; i++)
+		if (owner[i] == g)
+			out[k++] = ids[i];
+	return k;
+}
+
 static int local_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n, int timeout_ms)
 {
 	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
+	uint64_t *mine;
 	int *owner, err = 0;
 
 	owner = malloc(n * sizeof(*owner));
-	if (owner == NULL)
+	mine = malloc(n * sizeof(*mine));
+	if (owner == NULL || mine == NULL) {
+		free(owner);
+		free(mine);
 		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	}
 	pthread_mutex_lock(&s->lock);
 	for (size_t i = 0; i < n && err == 0; i++) {
 		owner[i] = gpu >= 0 ? gpu : owner_gpu_locked(s, ids[i]);
@@ -95,23 +111,15 @@ static int local_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t 
 	 */
 	for (int pass = several_gpus(owner, n) ? 0 : 1; pass < 2 && err == 0; pass++) {
 		for (int g = 0; g < s->ngpus && err == 0; g++) {
-			uint64_t *mine = malloc(n * sizeof(*mine));
-			uint32_t k = 0;
+			uint32_t k = (uint32_t)ids_of(owner, ids, n, g, mine);
 
-			if (mine == NULL) {
-				err = aeg_fail(AEG_ENOMEM, "release: out of memory");
-				break;
-			}
-			for (size_t i = 0; i < n; i++)
-				if (owner[i] == g)
-					mine[k++] = ids[i];
 			if (k > 0 && pass == 0)
 				err = aeg_prefetch_wait_settled(s->gpus[g].pf, mine, k, remaining_ms(deadline, timeout_ms));
 			else if (k > 0)
 				err = aeg_prefetch_release_wait(s->gpus[g].pf, mine, k, remaining_ms(deadline, timeout_ms));
-			free(mine);
 		}
 	}
+	free(mine);
 	free(owner);
 	return err;
 }
@@ -192,11 +200,16 @@ static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n,
 {
 	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
 	unsigned us = POLL_MIN_US;
+	uint64_t *mine;
 	int *slab, err = 0;
 
 	slab = malloc(n * sizeof(*slab));
-	if (slab == NULL)
+	mine = malloc(n * sizeof(*mine));
+	if (slab == NULL || mine == NULL) {
+		free(slab);
+		free(mine);
 		return aeg_fail(AEG_ENOMEM, "release: out of memory");
+	}
 	if (gpu >= 0)
 		err = session_job_slab(s, gpu, &slab[0]);
 	pthread_mutex_lock(&s->lock);
@@ -216,17 +229,9 @@ static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n,
 	if (err == 0 && timeout_ms != 0 && (n > AEG_JOB_RELEASE_MAX || several_gpus(slab, n)))
 		err = job_wait_all_holders(s, ids, n, deadline, timeout_ms);
 	for (int j = 0; j < s->ngpus && err == 0; j++) {
-		uint64_t *mine = malloc(n * sizeof(*mine));
-		size_t k = 0;
+		size_t k = ids_of(slab, ids, n, j, mine);
 		uint32_t got = 0;
 
-		if (mine == NULL) {
-			err = aeg_fail(AEG_ENOMEM, "release: out of memory");
-			break;
-		}
-		for (size_t i = 0; i < n; i++)
-			if (slab[i] == j)
-				mine[k++] = ids[i];
 		for (size_t at = 0; at < k && err == 0; at += got ? got : 1) {
 			size_t part = k - at < AEG_JOB_RELEASE_MAX ? k - at : AEG_JOB_RELEASE_MAX;
 
@@ -256,8 +261,8 @@ static int job_release(aeg_session_t *s, int gpu, const uint64_t *ids, size_t n,
 				got = (uint32_t)part;
 			}
 		}
-		free(mine);
 	}
+	free(mine);
 	free(slab);
 	return err;
 }
