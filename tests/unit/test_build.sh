@@ -57,38 +57,33 @@ else
 	not_ok "libaegaeon.so exports only functions of the public headers" "$lib: not built"
 fi
 
+# configure_refuses NAME ERROR ARGS...: configure with ARGS, in a directory
+# of its own, stops before anything is built with "error: ERROR".
+configure_refuses() {
+	local name=$1 error=$2 dir rc
+	shift 2
+	dir=$(mktemp -d "$T/cfg.XXXXXX")
+	out=$(cd "$dir" && "$S/configure" -q "$@" --without-cmocka --disable-fuzz 2>&1)
+	rc=$?
+	if [[ $rc -ne 0 ]] && grep -qF "error: $error" <<<"$out"; then
+		ok "$name"
+	else
+		not_ok "$name" "rc $rc" "$out"
+	fi
+}
+
 # configure stops at the CUDA check before anything is built.
-mkdir "$T/cfg"
-out=$(cd "$T/cfg" && "$S/configure" -q --with-cuda="$T/nonexistent" --without-slurm --disable-python \
-	--without-cmocka --disable-fuzz 2>&1)
-rc=$?
-if [[ $rc -ne 0 ]] && grep -q "error: $T/nonexistent (--with-cuda=$T/nonexistent) does not exist" <<<"$out"; then
-	ok "configure --with-cuda=/nonexistent: the directory does not exist"
-else
-	not_ok "configure --with-cuda=/nonexistent: the directory does not exist" "rc $rc" "$out"
-fi
-
+configure_refuses "configure --with-cuda=/nonexistent: the directory does not exist" \
+	"$T/nonexistent (--with-cuda=$T/nonexistent) does not exist" \
+	--with-cuda="$T/nonexistent" --without-slurm --disable-python
 # A --with-slurm=DIR without DIR/include/slurm/spank.h is an error, not the system's header.
-mkdir "$T/cfg-slurm"
-out=$(cd "$T/cfg-slurm" && "$S/configure" -q --without-cuda --with-slurm="$T/nonexistent" --disable-python \
-	--without-cmocka --disable-fuzz 2>&1)
-rc=$?
-if [[ $rc -ne 0 ]] && grep -q "error: $T/nonexistent/include/slurm/spank.h not found (--with-slurm=$T/nonexistent)" <<<"$out"; then
-	ok "configure --with-slurm=/nonexistent: no spank.h there"
-else
-	not_ok "configure --with-slurm=/nonexistent: no spank.h there" "rc $rc" "$out"
-fi
-
+configure_refuses "configure --with-slurm=/nonexistent: no spank.h there" \
+	"$T/nonexistent/include/slurm/spank.h not found (--with-slurm=$T/nonexistent)" \
+	--without-cuda --with-slurm="$T/nonexistent" --disable-python
 # PYTHON naming no interpreter is said so, not "too old".
-mkdir "$T/cfg-python"
-out=$(cd "$T/cfg-python" && "$S/configure" -q --without-cuda --without-slurm --enable-python \
-	PYTHON="$T/nonexistent/python3" --without-cmocka --disable-fuzz 2>&1)
-rc=$?
-if [[ $rc -ne 0 ]] && grep -q "error: PYTHON=$T/nonexistent/python3 does not exist or does not run" <<<"$out"; then
-	ok "configure PYTHON=/nonexistent/python3: no such interpreter"
-else
-	not_ok "configure PYTHON=/nonexistent/python3: no such interpreter" "rc $rc" "$out"
-fi
+configure_refuses "configure PYTHON=/nonexistent/python3: no such interpreter" \
+	"PYTHON=$T/nonexistent/python3 does not exist or does not run" \
+	--without-cuda --without-slurm --enable-python PYTHON="$T/nonexistent/python3"
 
 # make install and uninstall of this build into a DESTDIR (everything is
 # built; the environment of make check's own make is not this one's).

@@ -288,6 +288,31 @@ static void mem_handle_of_own_process(void **state)
 }
 
 /*
+ * The fields of a host-device memory handle that the tests forge (at their
+ * byte offsets; little-endian, as the handle holds them).
+ */
+enum { HANDLE_VERSION = 4, HANDLE_PID = 8, HANDLE_UID = 12, HANDLE_START = 16, HANDLE_FD = 24, HANDLE_SIZE = 32 };
+
+static uint64_t handle_field(const aeg_handle_t *h, size_t at, size_t width)
+{
+	uint64_t v = 0;
+
+	memcpy(&v, h->bytes + at, width);
+	return v;
+}
+
+/* @good with its @width-byte field at @at made @value is refused: EBADF, nothing opened. */
+static void forged_refused(aeg_device_t *dev, const aeg_handle_t *good, size_t at, size_t width, uint64_t value)
+{
+	aeg_handle_t h = *good;
+	void *q = NULL;
+
+	memcpy(h.bytes + at, &value, width);
+	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	assert_null(q);
+}
+
+/*
  * A child process that exports 4 KiB of host-device memory: its handle in
  * @h, and in @go the descriptor to close (or write a byte to) when the
  * child may exit. Returns the child's pid.
@@ -357,29 +382,15 @@ static void mem_handle_of_dead_process(void **state)
 static void mem_handle_reopened(void **state)
 {
 	aeg_device_t *dev = open_host();
-	aeg_handle_t good, h;
+	aeg_handle_t good;
 	void *p = NULL, *q = NULL;
-	uint64_t u64;
-	uint32_t u32;
 	int go;
 	pid_t pid = child_export(&good, &go);
 
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &p), 0);
-	h = good;                       /* size */
-	memcpy(&u64, h.bytes + 32, 8);
-	u64 = 1ull << 30;
-	memcpy(h.bytes + 32, &u64, 8);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* start time */
-	memcpy(&u64, h.bytes + 16, 8);
-	u64++;
-	memcpy(h.bytes + 16, &u64, 8);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* descriptor */
-	u32 = 0;
-	memcpy(h.bytes + 24, &u32, 4);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	assert_null(q);
+	forged_refused(dev, &good, HANDLE_SIZE, 8, 1ull << 30);
+	forged_refused(dev, &good, HANDLE_START, 8, handle_field(&good, HANDLE_START, 8) + 1);
+	forged_refused(dev, &good, HANDLE_FD, 4, 0);
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &good, &q), 0);
 	assert_ptr_equal(q, p);         /* the one mapping, counted twice */
 	assert_int_equal(aeg_mem_close_handle(dev, q), 0);
@@ -417,8 +428,6 @@ static void mem_handle_forged(void **state)
 	aeg_device_t *dev = open_host();
 	aeg_handle_t good, h;
 	void *p = NULL, *q = NULL;
-	uint32_t u32;
-	uint64_t u64;
 
 	assert_int_equal(aeg_mem_alloc(dev, 0, 4096, &p), 0);
 	assert_int_equal(aeg_mem_export(dev, p, &good), 0);
@@ -432,33 +441,13 @@ static void mem_handle_forged(void **state)
 	h = good;                       /* an event handle is not a memory handle */
 	memcpy(h.bytes, "AEGE", 4);
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* version */
-	u32 = 99;
-	memcpy(h.bytes + 4, &u32, 4);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* pid of another process (init) */
-	u32 = 1;
-	memcpy(h.bytes + 8, &u32, 4);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* another user */
-	u32 = (uint32_t)getuid() + 1;
-	memcpy(h.bytes + 12, &u32, 4);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	forged_refused(dev, &good, HANDLE_VERSION, 4, 99);
+	forged_refused(dev, &good, HANDLE_PID, 4, 1);          /* another process's (init) */
+	forged_refused(dev, &good, HANDLE_UID, 4, (uint64_t)getuid() + 1);
 	assert_non_null(strstr(aeg_error_detail(), "uid"));
-	h = good;                       /* start time */
-	memcpy(&u64, h.bytes + 16, 8);
-	u64++;
-	memcpy(h.bytes + 16, &u64, 8);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* descriptor */
-	u32 = 0;
-	memcpy(h.bytes + 24, &u32, 4);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
-	h = good;                       /* size */
-	memcpy(&u64, h.bytes + 32, 8);
-	u64 *= 2;
-	memcpy(h.bytes + 32, &u64, 8);
-	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
+	forged_refused(dev, &good, HANDLE_START, 8, handle_field(&good, HANDLE_START, 8) + 1);
+	forged_refused(dev, &good, HANDLE_FD, 4, 0);
+	forged_refused(dev, &good, HANDLE_SIZE, 8, 2 * handle_field(&good, HANDLE_SIZE, 8));
 	h = good;                       /* reserved bytes */
 	h.bytes[60] = 1;
 	assert_int_equal(aeg_mem_open_handle(dev, 0, &h, &q), AEG_EBADF);
