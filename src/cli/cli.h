@@ -111,19 +111,21 @@ int cli_model_info(aeg_model_t *m, struct cli_load_info *info);
 /* Prints why load @l failed: @detail (the wait's error detail, taken before any other call) or @err's text; 1. */
 int cli_load_failed(const struct cli_load_info *l, int err, const char *detail);
 int cli_load_timed_out(const struct cli_load_info *l, double timeout_s);
+/* A model of several files: a line per file with its load id (nothing for one file). */
+void cli_print_files(aeg_model_t *m);
 /*
  * A load as JSON, the same keys in a job and out of one: load_id, path,
  * slab (null outside a job), state, file_bytes, done_bytes, chunk_bytes,
  * tensors, chunks (and a slice's slice and parts).
  */
-/* A model of several files: a line per file with its load id (nothing for one file). */
-void cli_print_files(aeg_model_t *m);
 json_t *cli_load_json(aeg_model_t *m, const struct cli_load_info *l);
 /* The size of @m's largest chunk: the chunk size the load used (0 without chunks). */
 uint64_t cli_chunk_bytes(aeg_model_t *m);
 /* The chunks of @m: slab_id, slab_offset, size, file_offset, event_handle, file, and device_ptr where mapped here. */
 json_t *cli_chunks_json(aeg_model_t *m);
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines);
+/* The one line of a load that prefetch, chunks and status print; @slice: its suffix ("" for none). */
+void cli_print_load_line(const struct cli_load_info *l, const char *slice);
 
 struct cli_verify {                     /* a read-back check's result */
 	uint64_t bytes;

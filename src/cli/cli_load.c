@@ -486,9 +486,20 @@ void cli_print_files(aeg_model_t *m)
 		printf("  load %" PRIu64 ": %s\n", aeg_model_file_id(m, i), aeg_model_file(m, i));
 }
 
+void cli_print_load_line(const struct cli_load_info *l, const char *slice)
+{
+	char a[32], b[32], state[128];
+
+	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->id, l->path, l->slab,
+	       cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
+	       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
+	       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),
+	       slice);
+}
+
 void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lines)
 {
-	char a[32], b[32], state[128], hex[AEG_HANDLE_HEX_LEN + 1];
+	char hex[AEG_HANDLE_HEX_LEN + 1];
 	const struct aeg_slice *sl = aeg_model_slice(m);
 	const struct aeg_chunk *c;
 	char slice[160];
@@ -498,11 +509,7 @@ void cli_print_load(aeg_model_t *m, const struct cli_load_info *l, int chunk_lin
 		cli_slice_suffix(sl->rank, sl->world, sl->preset, sl->flags, sl->nrules, slice, sizeof(slice));
 	else
 		slice[0] = '\0';
-	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->id, l->path, l->slab,
-	       cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
-	       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
-	       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),
-	       slice);
+	cli_print_load_line(l, slice);
 	cli_print_files(m);
 	if (!chunk_lines)
 		return;

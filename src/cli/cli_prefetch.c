@@ -360,10 +360,10 @@ static int print_job(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t
 		       l.path, aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
 		       l.id, l.chunks, cli_s(l.chunks), l.slab);
 	}
-	if (a->wait)
+	if (a->wait) {
 		cli_print_files(m);
-	if (a->wait)
 		cli_print_slice(m);
+	}
 	if (vr)
 		cli_print_verified(&l, vr);
 	return 0;

@@ -124,7 +124,7 @@ oom:
 
 static void print_text(const struct aeg_job_info *info, const struct aeg_job_status *st)
 {
-	char a[32], b[32], c[32], state[128], slice[160];
+	char a[32], b[32], c[32], slice[160];
 
 	printf("job %s: agent pid %ld, %s device, %u client%s\n", info->job_id, info->agent_pid,
 	       aeg_device_kind_name(info->device), st->clients, cli_s(st->clients));
@@ -146,13 +146,12 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 		printf("pinned pool: none\n");
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];
+		struct cli_load_info line = { .id = l->load_id, .path = l->path, .slab = l->slab, .status = l->status,
+					      .file_bytes = l->file_bytes, .done_bytes = l->done_bytes,
+					      .chunks = l->chunks };
 
-		printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->load_id, l->path,
-		       l->slab, cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
-		       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
-		       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),
-		       cli_slice_suffix(l->slice_rank, l->slice_world, l->slice_preset, l->slice_flags, l->slice_rules,
-					slice, sizeof(slice)));
+		cli_print_load_line(&line, cli_slice_suffix(l->slice_rank, l->slice_world, l->slice_preset,
+							    l->slice_flags, l->slice_rules, slice, sizeof(slice)));
 	}
 }
 
