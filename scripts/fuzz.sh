@@ -1,22 +1,45 @@
 #!/bin/bash
-# Builds the libFuzzer targets (make fuzz) and runs each for SECONDS (default
-# 20) on a copy of its seed corpus, so the committed corpora do not grow.
+# Builds the libFuzzer targets (make fuzz) and runs each on a copy of its
+# seed corpus, so the committed corpora do not grow: for SECONDS (default
+# 20), or with --runs N for N inputs each. Every run starts from the same
+# seed (AEGAEON_FUZZ_SEED, default 1; 0 lets libFuzzer pick one) without
+# address randomisation, so a run by count goes through the same inputs
+# every time: the test command uses that; a long run by time explores.
 # Prints per target the executions, their rate and the crashes (a failed
 # invariant, a sanitizer report, a leak, a timeout or running out of memory
 # all count), then "N passed, N failed". Crash inputs are kept under
-# BUILD/fuzz/crashes/<target>/; turn each into a unit test of its parser.
+# BUILD/fuzz/crashes/<target>/; turn each into a unit test of its parser
+# or a file of its seed corpus (fuzz/corpus/<target>/).
 # Environment: AEGAEON_FUZZ_BUILD (build directory, default build-fuzz, or
 # the source tree when it is configured in place; one configured without
 # clang fails with make fuzz's message),
 # AEGAEON_FUZZ_TARGETS (space-separated subset), AEGAEON_FUZZ_KEEP=1 (keep
 # the grown corpora and logs, printed at the end), AEGAEON_FUZZ_JOBS (targets
-# run at once, default the number of cores).
+# run at once, default the number of cores), AEGAEON_FUZZ_SEED.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-seconds=${1:-20}
-case $seconds in
-''|*[!0-9]*|0) echo "usage: $0 [SECONDS]  (a whole number of seconds per target)" >&2; exit 2 ;;
+usage() {
+	echo "usage: $0 [SECONDS | --runs N]  (whole numbers: seconds or inputs per target)" >&2
+	exit 2
+}
+whole() { case $1 in ''|*[!0-9]*|0) return 1 ;; esac; }
+seconds=20 runs=
+case $# in
+0) ;;
+1) seconds=$1 ;;
+2) [ "$1" = --runs ] || usage; runs=$2 seconds= ;;
+*) usage ;;
 esac
+if [ -n "$runs" ]; then whole "$runs" || usage; else whole "$seconds" || usage; fi
+seed=${AEGAEON_FUZZ_SEED:-1}
+case $seed in ''|*[!0-9]*) echo "$0: AEGAEON_FUZZ_SEED='$seed' is not a whole number" >&2; exit 2 ;; esac
+# Comparisons of pointers steer libFuzzer too: without address-space
+# randomisation the same seed gives the same inputs, run after run.
+norandom=(setarch "$(uname -m)" -R)
+if ! "${norandom[@]}" true 2>/dev/null; then
+	echo "$0: warning: cannot turn address randomisation off (setarch -R); runs may differ" >&2
+	norandom=()
+fi
 build=${AEGAEON_FUZZ_BUILD:-$top/build-fuzz}
 # configure refuses a separate build of a tree configured in place: use it.
 [ -z "${AEGAEON_FUZZ_BUILD:-}" ] && [ -f "$top/config.status" ] && build=$top
@@ -37,9 +60,13 @@ fi
 
 # One target: its summary line (and what a failure said) into $work/$t/result.
 run_one() {
-	local t=$1 bin=$build/fuzz/bin/fuzz_$1 dir=$work/$1 rc=0 execs crashes
-	local opts=(-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+	local t=$1 bin=$build/fuzz/bin/fuzz_$1 dir=$work/$1 rc=0 execs crashes start took rate
+	# -reload=0: the corpus is this run's own copy, and reading it again
+	# every few seconds (the default) would make a run depend on time.
+	local opts=(-seed="$seed" -reload=0 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
 		    -artifact_prefix="$dir/artifacts/")
+
+	if [ -n "$runs" ]; then opts+=(-runs="$runs"); else opts+=(-max_total_time="$seconds"); fi
 
 	mkdir -p "$dir/corpus" "$dir/artifacts"
 	if [ ! -x "$bin" ]; then
@@ -58,19 +85,22 @@ run_one() {
 	proto_*) opts+=(-max_len=65560) ;;
 	config) opts+=(-detect_leaks=0) ;;
 	esac
-	"$bin" "${opts[@]}" "$dir/corpus" >"$dir/log" 2>&1 || rc=$?
+	start=$SECONDS
+	"${norandom[@]}" "$bin" "${opts[@]}" "$dir/corpus" >"$dir/log" 2>&1 || rc=$?
+	took=$((SECONDS - start))
 	execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$dir/log" | tail -1)
 	execs=${execs:-0}
+	rate="$execs executions in ${took} s"
 	crashes=$(find "$dir/artifacts" -type f | wc -l)
 	if [ $rc = 0 ] && [ "$crashes" = 0 ]; then
-		echo "$t: $execs executions ($((execs / seconds))/s), 0 crashes: ok" >"$dir/result"
+		echo "$t: $rate, 0 crashes: ok" >"$dir/result"
 		return
 	fi
 	[ "$crashes" = 0 ] && crashes=1
 	mkdir -p "$build/fuzz/crashes/$t"
 	cp "$dir/artifacts"/* "$build/fuzz/crashes/$t/" 2>/dev/null || true
 	{
-		echo "$t: $execs executions ($((execs / seconds))/s), $crashes crash(es), exit $rc: FAILED"
+		echo "$t: $rate, $crashes crash(es), exit $rc: FAILED"
 		grep -E 'invariant|ERROR|SUMMARY|runtime error' "$dir/log" | head -5 | sed 's/^/    /'
 		echo "    inputs: $build/fuzz/crashes/$t/ (replay: $bin FILE)"
 	} >"$dir/result"
@@ -78,7 +108,8 @@ run_one() {
 
 # Targets run side by side, one a core (each is single-threaded).
 jobs=${AEGAEON_FUZZ_JOBS:-$(nproc)}
-echo "fuzzing ${seconds} s per target, $jobs at a time: $(echo $targets)"
+if [ -n "$runs" ]; then per="$runs inputs"; else per="${seconds} s"; fi
+echo "fuzzing $per per target from seed $seed, $jobs at a time: $(echo $targets)"
 running=0
 for t in $targets; do
 	run_one "$t" &

@@ -3,7 +3,7 @@
 # alone as strict ISO C11 and C99 (no POSIX macros: PATH_MAX is not there),
 # the library exports only what the public headers declare, configure says
 # plainly when --with-cuda or --with-slurm names no directory or PYTHON no
-# interpreter, and make install and uninstall keep a site's configuration.
+# interpreter, scripts/fuzz.sh refuses bad counts, and make install and uninstall keep a site's configuration.
 # TAP-like lines; exit 0 when every check passed.
 set -u
 
@@ -56,6 +56,26 @@ if [[ -e $lib ]]; then
 else
 	not_ok "libaegaeon.so exports only functions of the public headers" "$lib: not built"
 fi
+
+# scripts/fuzz.sh refuses what is not a count of seconds or inputs, or a
+# seed, before it builds anything (status 2, its usage or the variable).
+fuzz_refuses() {	# WANT ARGS...: run with ARGS, expect status 2 and WANT on stderr
+	local want=$1 rc=0
+	shift
+	out=$(bash "$S/scripts/fuzz.sh" "$@" 2>&1 >/dev/null) || rc=$?
+	if [[ $rc == 2 && $out == *"$want"* ]]; then
+		ok "scripts/fuzz.sh refuses '$*'${AEGAEON_FUZZ_SEED:+ with AEGAEON_FUZZ_SEED=$AEGAEON_FUZZ_SEED}"
+	else
+		not_ok "scripts/fuzz.sh refuses '$*'" "status $rc: $out"
+	fi
+}
+for args in 0 x -5 "1 2" --runs "--runs 0" "--runs 1e6" "--seconds 5"; do
+	# shellcheck disable=SC2086	# each row is split into arguments on purpose
+	AEGAEON_FUZZ_BUILD=$T/no-fuzz-build fuzz_refuses "usage:" $args
+done
+AEGAEON_FUZZ_SEED=one AEGAEON_FUZZ_BUILD=$T/no-fuzz-build fuzz_refuses "AEGAEON_FUZZ_SEED='one'" 5
+[[ ! -e $T/no-fuzz-build ]] && ok "scripts/fuzz.sh built nothing for refused arguments" ||
+	not_ok "scripts/fuzz.sh built nothing for refused arguments" "$(ls "$T/no-fuzz-build")"
 
 # configure_refuses NAME ERROR ARGS...: configure with ARGS, in a directory
 # of its own, stops before anything is built with "error: ERROR".

@@ -259,6 +259,7 @@ static const struct {
 	{ 2 * TiB + TiB / 10, "2.1 TiB" },
 	{ 1ull << 50, "1 PiB" },
 	{ 1ull << 60, "1 EiB" },
+	{ 18440979466186517381ull, "15.99 EiB" },	/* just under 15.995: the fuzzer's find */
 	{ UINT64_MAX, "16 EiB" },
 };
 

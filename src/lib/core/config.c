@@ -105,30 +105,35 @@ enum key_id {
 	NKEYS
 };
 
+/* Only K_INT keys have bounds; the macros name the fields so none is left unset by accident. */
+#define KEY(name_, kind_, field) \
+	{ .name = name_, .kind = kind_, .off = offsetof(struct aeg_config, field), .min = 0, .max = 0 }
+#define INT_KEY(name_, field, lo, hi) \
+	{ .name = name_, .kind = K_INT, .off = offsetof(struct aeg_config, field), .min = lo, .max = hi }
+
 static const struct key {
 	const char *name;
 	enum kind kind;
 	size_t off;
 	long long min, max;     /* K_INT */
 } keys[NKEYS] = {
-	[DEVICE] = { "device", K_DEVICE, offsetof(struct aeg_config, device) },
-	[ALLOW_DEVICE_OPTION] = { "allow_device_option", K_BOOL, offsetof(struct aeg_config, allow_device_option) },
-	[SLAB_DEFAULT] = { "slab_default", K_SLAB, offsetof(struct aeg_config, slab_default) },
-	[SLAB_MAX] = { "slab_max", K_SLAB, offsetof(struct aeg_config, slab_max) },
-	[PINNED_DEFAULT] = { "pinned_default", K_BYTES, offsetof(struct aeg_config, pinned_default_bytes) },
-	[PINNED_MAX] = { "pinned_max", K_BYTES, offsetof(struct aeg_config, pinned_max_bytes) },
-	[PINNED_BUFFER] = { "pinned_buffer", K_BYTES, offsetof(struct aeg_config, pinned_buffer_bytes) },
-	[PREFETCH_THREADS] = { "prefetch_threads", K_INT, offsetof(struct aeg_config, prefetch_threads), 1,
-			       MAX_PREFETCH_THREADS },
-	[PREFETCH_CHUNK] = { "prefetch_chunk", K_BYTES, offsetof(struct aeg_config, prefetch_chunk_bytes) },
-	[AGENT_PATH] = { "agent_path", K_PATH, offsetof(struct aeg_config, agent_path) },
-	[AGENT_START_TIMEOUT] = { "agent_start_timeout", K_SECONDS, offsetof(struct aeg_config, agent_start_timeout_ms) },
-	[AGENT_STOP_TIMEOUT] = { "agent_stop_timeout", K_SECONDS, offsetof(struct aeg_config, agent_stop_timeout_ms) },
-	[RUNTIME_DIR] = { "runtime_dir", K_PATH, offsetof(struct aeg_config, runtime_dir) },
-	[LOG_LEVEL] = { "log_level", K_LOG_LEVEL, offsetof(struct aeg_config, log_level) },
-	[MODEL_CACHE] = { "model_cache", K_SLAB, offsetof(struct aeg_config, model_cache) },
-	[MAX_LOADS] = { "max_loads", K_INT, offsetof(struct aeg_config, max_loads), 1, MAX_LOADS_LIMIT },
-	[HELLO_TIMEOUT] = { "hello_timeout", K_SECONDS, offsetof(struct aeg_config, hello_timeout_ms) },
+	[DEVICE] = KEY("device", K_DEVICE, device),
+	[ALLOW_DEVICE_OPTION] = KEY("allow_device_option", K_BOOL, allow_device_option),
+	[SLAB_DEFAULT] = KEY("slab_default", K_SLAB, slab_default),
+	[SLAB_MAX] = KEY("slab_max", K_SLAB, slab_max),
+	[PINNED_DEFAULT] = KEY("pinned_default", K_BYTES, pinned_default_bytes),
+	[PINNED_MAX] = KEY("pinned_max", K_BYTES, pinned_max_bytes),
+	[PINNED_BUFFER] = KEY("pinned_buffer", K_BYTES, pinned_buffer_bytes),
+	[PREFETCH_THREADS] = INT_KEY("prefetch_threads", prefetch_threads, 1, MAX_PREFETCH_THREADS),
+	[PREFETCH_CHUNK] = KEY("prefetch_chunk", K_BYTES, prefetch_chunk_bytes),
+	[AGENT_PATH] = KEY("agent_path", K_PATH, agent_path),
+	[AGENT_START_TIMEOUT] = KEY("agent_start_timeout", K_SECONDS, agent_start_timeout_ms),
+	[AGENT_STOP_TIMEOUT] = KEY("agent_stop_timeout", K_SECONDS, agent_stop_timeout_ms),
+	[RUNTIME_DIR] = KEY("runtime_dir", K_PATH, runtime_dir),
+	[LOG_LEVEL] = KEY("log_level", K_LOG_LEVEL, log_level),
+	[MODEL_CACHE] = KEY("model_cache", K_SLAB, model_cache),
+	[MAX_LOADS] = INT_KEY("max_loads", max_loads, 1, MAX_LOADS_LIMIT),
+	[HELLO_TIMEOUT] = KEY("hello_timeout", K_SECONDS, hello_timeout_ms),
 };
 
 /* One load: where messages point, and which keys the file set. */
