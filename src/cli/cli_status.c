@@ -137,12 +137,15 @@ static void print_text(const struct aeg_job_info *info, const struct aeg_job_sta
 		       aeg_size_format(s->stats.largest_free_bytes, c, sizeof(c)), s->stats.blocks,
 		       cli_s(s->stats.blocks), s->leases, cli_s(s->leases));
 	}
-	if (st->has_pool)
-		printf("pinned pool: %s in %u buffer%s of %s, %u in use, NUMA node %d\n",
+	if (st->has_pool) {
+		char node[32] = "not bound to a NUMA node";
+
+		if (st->pool.numa_node >= 0)
+			snprintf(node, sizeof(node), "NUMA node %d", st->pool.numa_node);
+		printf("pinned pool: %s in %u buffer%s of %s, %u in use, %s\n",
 		       aeg_size_format(st->pool.pool_bytes, a, sizeof(a)), st->pool.buffers, cli_s(st->pool.buffers),
-		       aeg_size_format(st->pool.buffer_bytes, b, sizeof(b)), st->pool.in_use,
-		       st->pool.numa_node);
-	else
+		       aeg_size_format(st->pool.buffer_bytes, b, sizeof(b)), st->pool.in_use, node);
+	} else
 		printf("pinned pool: none\n");
 	for (uint32_t i = 0; i < st->loads; i++) {
 		const struct aeg_job_load_status *l = &st->load[i];

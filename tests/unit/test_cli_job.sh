@@ -87,6 +87,9 @@ expect "wait on a load id" 0 "^load 1: $T/model.bin loaded, 5 MiB in 5 chunks" "
 expect "wait on a file" 0 "^load 1: .*loaded" "$CLI" wait "$T/model.bin"
 expect "wait on a load that does not exist" 1 "no load 99" "$CLI" wait 99
 expect "wait on a file not loaded" 1 "not loaded in this job" "$CLI" wait "$T/agent.log"
+# The pool's node as a person reads it: a number, or that it is bound to none (never -1).
+expect "status: the pool's line, its NUMA node in words" 0 \
+	"^pinned pool: 8 MiB in 8 buffers of 1 MiB, 0 in use, (NUMA node [0-9]+|not bound to a NUMA node)$" "$CLI" status
 expect "status --attach maps the slab and pool here" 0 "attached: slab 0 mapped here on GPU 0.*attached: pinned pool mapped here, 8 buffers" \
 	bash -c "'$CLI' status --attach | tr '\n' ' '"
 for c in status chunks "wait 1"; do
