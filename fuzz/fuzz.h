@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <aegaeon/error.h>
 
@@ -23,6 +24,20 @@
 			abort();						\
 		}								\
 	} while (0)
+
+/*
+ * Where a target writes its files: $TMPDIR (scripts/fuzz.sh gives each
+ * target its own), else tmpfs, where rewriting a file at every input costs
+ * less than on a disk, else /tmp.
+ */
+static inline const char *fuzz_tmpdir(void)
+{
+	const char *t = getenv("TMPDIR");
+
+	if (t != NULL && *t != '\0')
+		return t;
+	return access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+}
 
 /* The input as a C string; bytes after an embedded NUL are what C callers never see. */
 static inline char *fuzz_cstring(const uint8_t *data, size_t size)

@@ -5,7 +5,7 @@
 top_srcdir ?= .
 top_builddir ?= .
 # jobopt (the SPANK option values) once the library has src/lib/job/jobopt.c.
-FUZZ_TARGETS ?= size config safetensors jobrec handle proto_frame proto_msg \
+FUZZ_TARGETS ?= size config safetensors index jobrec handle proto_frame proto_msg \
 	$(if $(wildcard $(top_srcdir)/src/lib/job/jobopt.c),jobopt)
 
 fuzz_dir := $(top_builddir)/fuzz

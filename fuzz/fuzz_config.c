@@ -36,12 +36,11 @@ static void cleanup(void)
 static void setup(void)
 {
 	static const char inc_text[] = "prefetch_threads = 4;\npinned_buffer = \"8MiB\";\n";
-	/* Rewriting a file on a disk file system costs more than parsing it: tmpfs when there is one. */
-	const char *base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : getenv("TMPDIR");
+	const char *base = fuzz_tmpdir();
 	char inc[sizeof(path)];
 	int ifd;
 
-	snprintf(dir, sizeof(dir), "%s/aegaeon-fuzz-config.XXXXXX", base && *base ? base : "/tmp");
+	snprintf(dir, sizeof(dir), "%s/aegaeon-fuzz-config.XXXXXX", base);
 	FUZZ_CHECK(mkdtemp(dir) != NULL, "mkdtemp %s failed", dir);
 	atexit(cleanup);
 	snprintf(path, sizeof(path), "%s/aegaeon.conf", dir);

@@ -15,6 +15,7 @@
 #include <aegaeon/session.h>
 
 #define PYAEG_DEFAULT_CHUNK_BYTES (32ull << 20)        /* the seed's chunk_bytes */
+#define PYAEG_NAME_SHOWN 132    /* aeg_quote's buffer for a tensor name in a message: 128 characters */
 
 /*
  * C resources of one Python object, listed in the runtime so that whatever

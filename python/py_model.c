@@ -192,8 +192,11 @@ static PyObject *tensor_dict(MemoryObject *mem)
 		PyObject *arr;
 
 		if (PyDict_GetItemString(d, t[i].name) != NULL) {
-			pyaeg_raise_msg(AEG_EFORMAT, "%s: tensor \"%.128s\" is in two of its files (the second: %s)",
-					aeg_model_path(mem->load.m), t[i].name, aeg_model_file(mem->load.m, t[i].file));
+			char q[PYAEG_NAME_SHOWN];
+
+			pyaeg_raise_msg(AEG_EFORMAT, "%s: tensor \"%s\" is in two of its files (the second: %s)",
+					aeg_model_path(mem->load.m), aeg_quote(t[i].name, q, sizeof(q)),
+					aeg_model_file(mem->load.m, t[i].file));
 			Py_CLEAR(d);
 			break;
 		}
@@ -290,6 +293,7 @@ static int model_wait_for(ModelObject *m, const char *name, double seconds)
 {
 	struct model_wait w = { NULL, name };
 	MemoryObject *mem = model_memory(m);
+	char q[PYAEG_NAME_SHOWN];
 	int err;
 
 	if (mem == NULL)
@@ -307,8 +311,8 @@ static int model_wait_for(ModelObject *m, const char *name, double seconds)
 	Py_INCREF(mem);
 	err = pyaeg_wait(wait_slice, &w, seconds);
 	if (err == AEG_ETIMEDOUT && name != NULL)
-		pyaeg_raise_msg(err, "tensor \"%.128s\" of %s was not loaded within %g s", name,
-				aeg_model_path(w.m), seconds);
+		pyaeg_raise_msg(err, "tensor \"%s\" of %s was not loaded within %g s",
+				aeg_quote(name, q, sizeof(q)), aeg_model_path(w.m), seconds);
 	else if (err == AEG_ETIMEDOUT)
 		pyaeg_raise_msg(err, "the model %s was not loaded within %g s", aeg_model_path(w.m), seconds);
 	else if (err < 0)

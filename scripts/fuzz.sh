@@ -53,7 +53,12 @@ fi
 make -s -j"$(nproc)" -C "$build" fuzz >/dev/null
 
 targets=${AEGAEON_FUZZ_TARGETS:-$(cd "$build/fuzz/bin" && ls fuzz_* | sed 's/^fuzz_//')}
-work=$(mktemp -d "${TMPDIR:-/tmp}/aegaeon-fuzz.XXXXXX")
+# The targets that write files (config, index) rewrite them at every input:
+# on tmpfs where there is one. Each target's TMPDIR is its own folder in
+# here, so what a crashed target leaves goes with the rest.
+root=${TMPDIR:-/tmp}
+[ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] && root=/dev/shm
+work=$(mktemp -d "$root/aegaeon-fuzz.XXXXXX")
 if [ "${AEGAEON_FUZZ_KEEP:-0}" != 1 ]; then
 	trap 'rm -rf "$work"' EXIT
 fi
@@ -68,7 +73,7 @@ run_one() {
 
 	if [ -n "$runs" ]; then opts+=(-runs="$runs"); else opts+=(-max_total_time="$seconds"); fi
 
-	mkdir -p "$dir/corpus" "$dir/artifacts"
+	mkdir -p "$dir/corpus" "$dir/artifacts" "$dir/tmp"
 	if [ ! -x "$bin" ]; then
 		echo "$t: no program $bin: FAILED" >"$dir/result"
 		return
@@ -86,7 +91,7 @@ run_one() {
 	config) opts+=(-detect_leaks=0) ;;
 	esac
 	start=$SECONDS
-	"${norandom[@]}" "$bin" "${opts[@]}" "$dir/corpus" >"$dir/log" 2>&1 || rc=$?
+	TMPDIR=$dir/tmp "${norandom[@]}" "$bin" "${opts[@]}" "$dir/corpus" >"$dir/log" 2>&1 || rc=$?
 	took=$((SECONDS - start))
 	execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$dir/log" | tail -1)
 	execs=${execs:-0}

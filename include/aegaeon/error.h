@@ -3,6 +3,7 @@
 #define AEGAEON_ERROR_H
 
 #include <errno.h>
+#include <stddef.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -54,6 +55,15 @@ const char *aeg_error_detail(void);
 
 /* aeg_error_clear - forget this thread's last error detail. */
 void aeg_error_clear(void);
+
+/*
+ * aeg_quote - @text as it may go into a message shown on a terminal or in a
+ * log: control and non-ASCII bytes as '?', cut with "..." to fit @len bytes
+ * (at least 5). Returns @buf. For text from outside the program: the
+ * environment, options, and files such as a model's tensor names, which
+ * the library's own messages show only this way.
+ */
+const char *aeg_quote(const char *text, char *buf, size_t len);
 
 #ifdef __cplusplus
 }

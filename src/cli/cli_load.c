@@ -229,7 +229,7 @@ static int verify_part(aeg_device_t *dev, const struct aeg_tensor *t, struct ver
 	for (uint64_t off = 0; off < t->size; off += VERIFY_PIECE) {
 		size_t k, n = t->size - off < VERIFY_PIECE ? (size_t)(t->size - off) : VERIFY_PIECE;
 		int err = aeg_memcpy(dev, io->gbuf, (char *)t->device_ptr + off, n);
-		char part[96] = "whole";
+		char part[96] = "whole", name[132];
 
 		if (err)
 			return cli_fail(err, "verify: copying a tensor back");
@@ -242,8 +242,8 @@ static int verify_part(aeg_device_t *dev, const struct aeg_tensor *t, struct ver
 					 t->slice_start, t->slice_start + t->shape[t->slice_dim], t->slice_extent,
 					 t->slice_dim);
 			fprintf(stderr, "aegaeon-cli: verify: tensor \"%s\" (%s) differs from %s at file offset %" PRIu64
-				": 0x%02x in the slab, 0x%02x in the file\n", t->name, part, path,
-				part_file_offset(t, p, off + k), io->gbuf[k], io->fbuf[k]);
+				": 0x%02x in the slab, 0x%02x in the file\n", aeg_quote(t->name, name, sizeof(name)),
+				part, path, part_file_offset(t, p, off + k), io->gbuf[k], io->fbuf[k]);
 			return 1;
 		}
 		cli_sha256_update(&io->sha, io->gbuf, n);

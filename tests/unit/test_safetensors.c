@@ -113,7 +113,23 @@ static const struct bad {
 	{ "{\"__metadata__\":{\"k\":1}}", 0, "value of \"k\" is not a string" },
 	{ "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}} x", 4, "not valid JSON" },
 	{ "{\"\xff\":{}}", 0, "not valid JSON" },
+	/* A downloaded header's bytes reach the message only quoted: control bytes as '?'. */
+	{ "{\"a\\u001b[2J\":1}", 0, "tensor \"a?[2J\" is not an object" },
+	{ "{\"a\":{\"dtype\":\"F\\u001b32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4, "unknown dtype \"F?32\"" },
+	{ "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4],\"\\n\":1}}", 4, "unknown key \"?\"" },
+	{ "{\"__metadata__\":{\"k\\u0007\":1}}", 0, "value of \"k?\" is not a string" },
+	{ "{\"a\\r\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+	  "\"b\\t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", 12, "\"a?\" and \"b?\" overlap" },
+	{ "{\"a\x1b[31m\":{}}", 0, "not valid JSON" },
 };
+
+static void assert_printable(const char *text)
+{
+	for (const unsigned char *p = (const unsigned char *)text; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			fail_msg("control byte 0x%02x at %zu of \"%s\"", *p, (size_t)(p - (const unsigned char *)text),
+				 text);
+}
 
 static void malformed_headers(void **state)
 {
@@ -124,9 +140,23 @@ static void malformed_headers(void **state)
 		if (err != AEG_EFORMAT || strstr(aeg_error_detail(), bad[i].detail) == NULL)
 			fail_msg("case %zu (%s): got %s \"%s\", want AEG_EFORMAT \"%s\"", i, bad[i].json,
 				 aeg_errname(err), aeg_error_detail(), bad[i].detail);
+		assert_printable(aeg_error_detail());
 		assert_null(h.tensors);
 		assert_int_equal(h.count, 0);
 	}
+}
+
+/* A long name is shown to its first 128 characters, then "...". */
+static void long_names_cut(void **state)
+{
+	char json[512], want[160];
+	struct aeg_st_header h;
+
+	snprintf(json, sizeof(json), "{\"%0300d\":1}", 7);
+	assert_int_equal(parse(json, 0, &h), AEG_EFORMAT);
+	snprintf(want, sizeof(want), "tensor \"%0128d...\" is not an object", 0);
+	if (strstr(aeg_error_detail(), want) == NULL)
+		fail_msg("\"%s\" does not show the name as \"%s\"", aeg_error_detail(), want);
 }
 
 static int write_file(const char *path, const void *buf, size_t len)
@@ -275,6 +305,7 @@ int main(void)
 		cmocka_unit_test(valid_table),
 		cmocka_unit_test(only_metadata),
 		cmocka_unit_test(malformed_headers),
+		cmocka_unit_test(long_names_cut),
 		cmocka_unit_test(length_field),
 		cmocka_unit_test(detect_by_content),
 		cmocka_unit_test(dtype_sizes),

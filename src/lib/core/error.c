@@ -118,7 +118,7 @@ void aeg_error_prefix(const char *fmt, ...)
 	set_cut(whole, (size_t)n < sizeof(whole) ? (size_t)n : sizeof(whole) - 1);
 }
 
-const char *aeg_quote(const char *text, char *buf, size_t len)
+AEG_EXPORT const char *aeg_quote(const char *text, char *buf, size_t len)
 {
 	size_t o = 0;
 	const char *p;

@@ -34,11 +34,12 @@ void aeg_error_vset(const char *fmt, va_list ap) __attribute__((format(printf, 1
 static inline int aeg_fail_keep(int err) { return err; }
 
 /*
- * aeg_quote - @text as it may go into a message shown on a terminal or in a
- * log: control and non-ASCII bytes as '?', cut with "..." to fit @len bytes
- * (at least 5). Returns @buf. Text from the environment, options and files.
+ * The size of a buffer that aeg_quote (aegaeon/error.h) fills with a name
+ * from a model file (a tensor, a shard, a header key) for a message: 128
+ * characters shown. A downloaded model's bytes never reach a terminal or a
+ * log unquoted.
  */
-const char *aeg_quote(const char *text, char *buf, size_t len);
+enum { AEG_NAME_SHOWN = 132 };
 
 /* Prefix this thread's detail with more context: "opening X: <old detail>". */
 void aeg_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

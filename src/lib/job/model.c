@@ -317,6 +317,7 @@ AEG_EXPORT int aeg_model_wait_tensor(aeg_model_t *m, const char *name, int timeo
 {
 	uint64_t deadline = aeg_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
 	const struct aeg_tensor *t;
+	char q[AEG_NAME_SHOWN];
 	uint32_t n;
 	int err = 0;
 
@@ -331,7 +332,7 @@ AEG_EXPORT int aeg_model_wait_tensor(aeg_model_t *m, const char *name, int timeo
 			err = aeg_model_wait_chunk(m, k, left_ms(timeout_ms, deadline));
 		return err;
 	}
-	return aeg_fail(AEG_ENOENT, "%s has no tensor \"%.128s\"", m->path, name);
+	return aeg_fail(AEG_ENOENT, "%s has no tensor \"%s\"", m->path, aeg_quote(name, q, sizeof(q)));
 }
 
 /* Progress of a one-file JOB model, from the agent's status. */

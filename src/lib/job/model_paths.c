@@ -21,6 +21,17 @@
 #define SINGLE_NAME "model.safetensors"
 #define INDEX_MAX_BYTES (64ull << 20)
 
+/*
+ * Paths in messages: an index names its shards, so a path may hold bytes of
+ * a downloaded file; every one goes through aeg_quote, cut after 1 KiB.
+ */
+typedef char shown_path[1028];
+
+static const char *shown(const char *path, shown_path buf)
+{
+	return aeg_quote(path, buf, sizeof(shown_path));
+}
+
 void aeg_model_paths_free(struct aeg_model_paths *mf)
 {
 	if (mf == NULL)
@@ -35,9 +46,10 @@ void aeg_model_paths_free(struct aeg_model_paths *mf)
 static int add_file(struct aeg_model_paths *mf, const char *path)
 {
 	char **paths;
+	shown_path q;
 
 	if (mf->count >= AEG_MODEL_MAX_FILES)
-		return aeg_fail(AEG_EINVAL, "%s: a model of more than %d files", path, AEG_MODEL_MAX_FILES);
+		return aeg_fail(AEG_EINVAL, "%s: a model of more than %d files", shown(path, q), AEG_MODEL_MAX_FILES);
 	for (uint32_t i = 0; i < mf->count; i++)
 		if (strcmp(mf->paths[i], path) == 0)
 			return 0;
@@ -55,27 +67,34 @@ static int add_file(struct aeg_model_paths *mf, const char *path)
 static int add_path(struct aeg_model_paths *mf, const char *dir, const char *name)
 {
 	char path[PATH_MAX];
+	shown_path q;
 
 	if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
-		return aeg_fail(AEG_EINVAL, "%s/%s: path too long", dir, name);
+		return aeg_fail(AEG_EINVAL, "%s: path too long", shown(path, q));
 	return add_file(mf, path);
 }
 
 /* A shard name of an index: a file beside it, never a path that leaves its directory. */
 static int check_shard_name(const char *index, const char *tensor, const char *name)
 {
+	char t[AEG_NAME_SHOWN], n[AEG_NAME_SHOWN];
+	shown_path q;
+
 	if (name[0] == '\0' || name[0] == '/' || strcmp(name, "..") == 0 || strncmp(name, "../", 3) == 0 ||
 	    strstr(name, "/../") != NULL || (strlen(name) >= 3 && strcmp(name + strlen(name) - 3, "/..") == 0))
-		return aeg_fail(AEG_EFORMAT, "%s: tensor \"%.64s\" is in \"%.128s\": a shard must be a file in the "
-				"index's directory", index, tensor, name);
+		return aeg_fail(AEG_EFORMAT, "%s: tensor \"%s\" is in \"%s\": a shard must be a file in the "
+				"index's directory", shown(index, q), aeg_quote(tensor, t, sizeof(t)),
+				aeg_quote(name, n, sizeof(n)));
 	return 0;
 }
 
 /* @index is named like a shard index but is no file: an error, not "no index". */
 static int not_a_file(const char *index)
 {
+	shown_path q;
+
 	return aeg_fail(AEG_EINVAL, "%s: not a regular file (a shard index is a file of JSON: remove or rename it)",
-			index);
+			shown(index, q));
 }
 
 /*
@@ -83,50 +102,63 @@ static int not_a_file(const char *index)
  * for a writer forever) and checked on what was opened. Symbolic links are
  * followed: the Hugging Face cache's snapshots link every file to a blob.
  */
-static int read_index(const char *index, json_t **root)
+static int read_index(const char *index, json_t **root, int *not_index)
 {
+	char why[sizeof(((json_error_t *)NULL)->text)];    /* jansson's text may quote the file's bytes */
 	json_error_t jerr;
 	struct stat st;
+	shown_path q;
 	int fd, err = 0;
 
 	*root = NULL;
+	shown(index, q);
 	fd = open(index, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0)
-		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", index, strerror(errno));
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", q, strerror(errno));
 	if (fstat(fd, &st) != 0)
-		err = aeg_fail(AEG_EIO, "%s: %s", index, strerror(errno));
+		err = aeg_fail(AEG_EIO, "%s: %s", q, strerror(errno));
 	else if (!S_ISREG(st.st_mode))
 		err = not_a_file(index);
 	else if ((uint64_t)st.st_size > INDEX_MAX_BYTES)
-		err = aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", index,
+		err = aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", q,
 			       (long long)st.st_size, INDEX_MAX_BYTES >> 20);
 	if (err == 0) {
 		*root = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
+		*not_index = *root == NULL;
 		if (*root == NULL)
-			err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: %s (line %d)", index, jerr.text, jerr.line);
+			err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: %s (line %d)", q,
+				       aeg_quote(jerr.text, why, sizeof(why)), jerr.line);
 	}
 	close(fd);
 	return err;
 }
 
-/* The shards an index names, in the order they first appear, each checked to be a file. */
-static int from_index(const char *index, struct aeg_model_paths *mf)
+/*
+ * The shards an index names, in the order they first appear, each checked
+ * to be a file. *@not_index: the file failed as no index at all (not JSON,
+ * or no weight_map object), not as an index with bad contents.
+ */
+static int from_index(const char *index, struct aeg_model_paths *mf, int *not_index)
 {
 	char dir[PATH_MAX], *slash;
 	const char *tensor;
 	json_t *root = NULL, *map, *v;
+	shown_path q, p;
 	int err;
 
-	err = read_index(index, &root);
+	*not_index = 0;
+	err = read_index(index, &root, not_index);
 	if (err)
 		return err;
+	shown(index, q);
 	map = json_object_get(root, "weight_map");
 	if (!json_is_object(root) || !json_is_object(map)) {
-		err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: no \"weight_map\" object", index);
+		*not_index = 1;
+		err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: no \"weight_map\" object", q);
 		goto out;
 	}
 	if (json_object_size(map) == 0) {
-		err = aeg_fail(AEG_EFORMAT, "%s: the weight_map names no tensor", index);
+		err = aeg_fail(AEG_EFORMAT, "%s: the weight_map names no tensor", q);
 		goto out;
 	}
 	snprintf(dir, sizeof(dir), "%s", index);
@@ -137,7 +169,10 @@ static int from_index(const char *index, struct aeg_model_paths *mf)
 		snprintf(dir, sizeof(dir), ".");
 	json_object_foreach(map, tensor, v) {
 		if (!json_is_string(v)) {
-			err = aeg_fail(AEG_EFORMAT, "%s: the shard of tensor \"%.64s\" is not a string", index, tensor);
+			char t[AEG_NAME_SHOWN];
+
+			err = aeg_fail(AEG_EFORMAT, "%s: the shard of tensor \"%s\" is not a string", q,
+				       aeg_quote(tensor, t, sizeof(t)));
 			goto out;
 		}
 		err = check_shard_name(index, tensor, json_string_value(v));
@@ -151,10 +186,10 @@ static int from_index(const char *index, struct aeg_model_paths *mf)
 		struct stat st;
 
 		if (stat(mf->paths[i], &st) != 0)
-			err = aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s names shard %s: %s", index,
-				       mf->paths[i], strerror(errno));
+			err = aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s names shard %s: %s", q,
+				       shown(mf->paths[i], p), strerror(errno));
 		else if (!S_ISREG(st.st_mode))
-			err = aeg_fail(AEG_EINVAL, "%s names shard %s: not a regular file", index, mf->paths[i]);
+			err = aeg_fail(AEG_EINVAL, "%s names shard %s: not a regular file", q, shown(mf->paths[i], p));
 	}
 out:
 	json_decref(root);
@@ -170,12 +205,14 @@ static int cmp_str(const void *a, const void *b)
 static int from_dir(const char *dir, struct aeg_model_paths *mf)
 {
 	struct dirent *e;
+	shown_path q;
 	DIR *d;
 	int err = 0;
 
+	shown(dir, q);
 	d = opendir(dir);
 	if (d == NULL)
-		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", dir, strerror(errno));
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", q, strerror(errno));
 	while (err == 0 && (e = readdir(d)) != NULL) {
 		size_t n = strlen(e->d_name);
 
@@ -187,7 +224,7 @@ static int from_dir(const char *dir, struct aeg_model_paths *mf)
 		return err;
 	if (mf->count == 0)
 		return aeg_fail(AEG_ENOENT, "%s: no model in it (no " INDEX_NAME ", " SINGLE_NAME
-				" or *.safetensors file)", dir);
+				" or *.safetensors file)", q);
 	qsort(mf->paths, mf->count, sizeof(*mf->paths), cmp_str);
 	return 0;
 }
@@ -199,20 +236,25 @@ static int named_index(const char *path)
 	return n >= 11 && strcmp(path + n - 11, ".index.json") == 0;
 }
 
+static int json_blank(unsigned char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
 /*
  * A file of JSON may be an index whatever its name (one holding a weight_map
  * is). A file not named as one is taken for one only if it could be one:
- * no larger than an index may be, starting with '{', and not a safetensors
- * file, whose first 8 bytes (its header's length, any bytes) are followed
- * by its header's '{'. A model, or raw bytes, that happens to start with
- * '{' loads as it is.
+ * no larger than an index may be, starting with '{' after JSON's blanks,
+ * and not a safetensors file, whose first 8 bytes (its header's length, any
+ * bytes) are followed by its header's '{'. A model, or raw bytes, that
+ * happens to start with '{' loads as it is.
  */
 static int looks_like_index(const char *path, const struct stat *st)
 {
-	unsigned char head[9];
-	uint64_t header = 0;
-	ssize_t n;
-	int fd;
+	unsigned char buf[4096];
+	uint64_t at = 0, header = 0;
+	int fd, first = -1, safetensors = 0;
+	ssize_t n, i;
 
 	if (named_index(path))
 		return 1;
@@ -221,46 +263,50 @@ static int looks_like_index(const char *path, const struct stat *st)
 	fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0)
 		return 0;
-	n = pread(fd, head, sizeof(head), 0);
-	close(fd);
-	if (n < 1 || head[0] != '{')
-		return 0;
-	if (n == (ssize_t)sizeof(head) && head[8] == '{') {
-		for (int i = 7; i >= 0; i--)
-			header = header << 8 | head[i];
-		if (header <= (uint64_t)st->st_size - 8)
-			return 0;
+	while (first < 0 && (n = pread(fd, buf, sizeof(buf), (off_t)at)) > 0) {
+		if (at == 0 && n >= 9 && buf[8] == '{') {
+			for (int k = 7; k >= 0; k--)
+				header = header << 8 | buf[k];
+			safetensors = header <= (uint64_t)st->st_size - 8;
+		}
+		for (i = 0; i < n && json_blank(buf[i]); i++)
+			;
+		if (i < n)
+			first = buf[i];
+		at += (uint64_t)n;
 	}
-	return 1;
+	close(fd);
+	return first == '{' && !safetensors;
 }
 
 int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 {
 	char index[PATH_MAX];
 	struct stat st, ist;
-	int err;
+	shown_path q;
+	int err, not_index;
 
 	memset(mf, 0, sizeof(*mf));
 	if (path == NULL || path[0] == '\0')
 		return aeg_fail(AEG_EINVAL, "empty model path");
 	if (stat(path, &st) != 0)
-		return aeg_fail(errno == ENOENT || errno == ENOTDIR ? AEG_ENOENT : AEG_EACCES, "%s: %s", path,
-				strerror(errno));
+		return aeg_fail(errno == ENOENT || errno == ENOTDIR ? AEG_ENOENT : AEG_EACCES, "%s: %s",
+				shown(path, q), strerror(errno));
 	if (S_ISDIR(st.st_mode)) {
 		mf->dir = 1;
 		if (snprintf(index, sizeof(index), "%s/" INDEX_NAME, path) >= (int)sizeof(index))
-			return aeg_fail(AEG_EINVAL, "%s: path too long", path);
-		if (stat(index, &ist) == 0)
-			err = S_ISREG(ist.st_mode) ? from_index(index, mf) : not_a_file(index);
+			err = aeg_fail(AEG_EINVAL, "%s: path too long", shown(path, q));
+		else if (stat(index, &ist) == 0)
+			err = S_ISREG(ist.st_mode) ? from_index(index, mf, &not_index) : not_a_file(index);
 		else if (snprintf(index, sizeof(index), "%s/" SINGLE_NAME, path) < (int)sizeof(index) &&
 			 access(index, F_OK) == 0)
 			err = add_path(mf, path, SINGLE_NAME);
 		else
 			err = from_dir(path, mf);
 	} else if (S_ISREG(st.st_mode) && looks_like_index(path, &st)) {
-		err = from_index(path, mf);
+		err = from_index(path, mf, &not_index);
 		/* A file of JSON that is no index, and is not named as one, is loaded as it is. */
-		if (err == AEG_EFORMAT && !named_index(path) && strstr(aeg_error_detail(), "not a shard index")) {
+		if (err == AEG_EFORMAT && not_index && !named_index(path)) {
 			aeg_model_paths_free(mf);
 			aeg_error_clear();
 			err = add_file(mf, path);

@@ -120,6 +120,7 @@ static int job_place_tensor(struct aeg_model *m, const uint64_t *keys, size_t i)
 	struct aeg_tensor *o = &m->tensors[i];
 	uint64_t at = sp ? sp->out : m->hdr.data_offset + t->begin;
 	long c = chunk_at(m, keys, at), last;
+	char q[AEG_NAME_SHOWN];
 
 	o->name = t->name;
 	o->dtype = t->dtype;
@@ -132,13 +133,13 @@ static int job_place_tensor(struct aeg_model *m, const uint64_t *keys, size_t i)
 	o->slice_extent = sp ? sp->extent : 0;
 	if (c < 0 && o->size > 0)
 		return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" at byte %" PRIu64 " is in no chunk the agent loaded (the file changed?)",
-				m->path, t->name, o->file_offset);
+				m->path, aeg_quote(t->name, q, sizeof(q)), o->file_offset);
 	if (c < 0)
 		c = m->nchunks ? (long)m->nchunks - 1 : 0;
 	last = o->size ? chunk_at(m, keys, at + o->size - 1) : c;
 	if (last < c)
 		return aeg_fail(AEG_ESTALE, "%s: tensor \"%s\" ends in no chunk the agent loaded (the file changed?)",
-				m->path, t->name);
+				m->path, aeg_quote(t->name, q, sizeof(q)));
 	o->first_chunk = (uint32_t)c;
 	o->chunks = o->size ? (uint32_t)(last - c + 1) : 0;
 	if (c < (long)m->nchunks && m->chunks[c].device_ptr != NULL)

@@ -54,10 +54,11 @@ static int parse_metadata(json_t *meta, struct aeg_st_header *hdr)
 	if (hdr->meta_keys == NULL || hdr->meta_values == NULL)
 		return aeg_fail(AEG_ENOMEM, "safetensors: out of memory for %zu metadata entries", size);
 	json_object_foreach(meta, key, v) {
+		char k[AEG_NAME_SHOWN];
+
 		if (!json_is_string(v))
-			return aeg_fail(AEG_EFORMAT,
-					"safetensors: \"__metadata__\" value of \"%.64s\" is not a string",
-					key);
+			return aeg_fail(AEG_EFORMAT, "safetensors: \"__metadata__\" value of \"%s\" is not a string",
+					aeg_quote(key, k, sizeof(k)));
 		hdr->meta_keys[n] = strdup(key);
 		hdr->meta_values[n] = strdup(json_string_value(v));
 		hdr->nmeta = ++n;
@@ -72,67 +73,69 @@ static int parse_tensor(const char *name, json_t *obj, struct aeg_st_tensor *t)
 	json_t *dtype, *shape, *offs, *v;
 	const char *key, *dt;
 	uint64_t elems = 1, bits, span;
+	char n[AEG_NAME_SHOWN], k[AEG_NAME_SHOWN];
 	size_t i;
 
+	aeg_quote(name, n, sizeof(n));
 	if (!json_is_object(obj))
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\" is not an object", name);
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\" is not an object", n);
 	json_object_foreach(obj, key, v) {
 		if (strcmp(key, "dtype") && strcmp(key, "shape") && strcmp(key, "data_offsets"))
 			return aeg_fail(AEG_EFORMAT,
-					"safetensors: tensor \"%.64s\": unknown key \"%.32s\" (expected dtype, shape, data_offsets)",
-					name, key);
+					"safetensors: tensor \"%s\": unknown key \"%s\" (expected dtype, shape, data_offsets)",
+					n, aeg_quote(key, k, sizeof(k)));
 	}
 	dtype = json_object_get(obj, "dtype");
 	shape = json_object_get(obj, "shape");
 	offs = json_object_get(obj, "data_offsets");
 	if (dtype == NULL || shape == NULL || offs == NULL)
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\" lacks \"%s\"", name,
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\" lacks \"%s\"", n,
 				dtype == NULL ? "dtype" : shape == NULL ? "shape" : "data_offsets");
 
 	if (!json_is_string(dtype))
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\": dtype is not a string", name);
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\": dtype is not a string", n);
 	dt = json_string_value(dtype);
 	t->dtype_bits = aeg_st_dtype_bits(dt);
 	if (t->dtype_bits == 0)
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\": unknown dtype \"%.16s\"",
-				name, dt);
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\": unknown dtype \"%s\"",
+				n, aeg_quote(dt, k, sizeof(k)));
 	snprintf(t->dtype, sizeof(t->dtype), "%s", dt);
 
 	if (!json_is_array(shape))
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\": shape is not an array", name);
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\": shape is not an array", n);
 	if (json_array_size(shape) > AEG_ST_MAX_DIMS)
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\": %zu dimensions, at most %d",
-				name, json_array_size(shape), AEG_ST_MAX_DIMS);
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\": %zu dimensions, at most %d",
+				n, json_array_size(shape), AEG_ST_MAX_DIMS);
 	t->ndim = (int)json_array_size(shape);
 	json_array_foreach(shape, i, v) {
 		if (get_u64(v, &t->shape[i]))
 			return aeg_fail(AEG_EFORMAT,
-					"safetensors: tensor \"%.64s\": shape[%zu] is not a non-negative integer",
-					name, i);
+					"safetensors: tensor \"%s\": shape[%zu] is not a non-negative integer",
+					n, i);
 		if (__builtin_mul_overflow(elems, t->shape[i], &elems))
-			return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\": shape overflows 64 bits",
-					name);
+			return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\": shape overflows 64 bits",
+					n);
 	}
 
 	if (!json_is_array(offs) || json_array_size(offs) != 2 ||
 	    get_u64(json_array_get(offs, 0), &t->begin) ||
 	    get_u64(json_array_get(offs, 1), &t->end))
 		return aeg_fail(AEG_EFORMAT,
-				"safetensors: tensor \"%.64s\": data_offsets is not [begin, end] of non-negative integers",
-				name);
+				"safetensors: tensor \"%s\": data_offsets is not [begin, end] of non-negative integers",
+				n);
 	if (t->begin > t->end)
 		return aeg_fail(AEG_EFORMAT,
-				"safetensors: tensor \"%.64s\": data_offsets [%" PRIu64 ", %" PRIu64 "] ends before it begins",
-				name, t->begin, t->end);
+				"safetensors: tensor \"%s\": data_offsets [%" PRIu64 ", %" PRIu64 "] ends before it begins",
+				n, t->begin, t->end);
 
 	if (__builtin_mul_overflow(elems, (uint64_t)t->dtype_bits, &bits))
-		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%.64s\": size overflows 64 bits", name);
+		return aeg_fail(AEG_EFORMAT, "safetensors: tensor \"%s\": size overflows 64 bits", n);
 	span = t->end - t->begin;
 	if (bits % 8 != 0 || bits / 8 != span)
 		return aeg_fail(AEG_EFORMAT,
-				"safetensors: tensor \"%.64s\": %" PRIu64 " elements of %s make %" PRIu64
+				"safetensors: tensor \"%s\": %" PRIu64 " elements of %s make %" PRIu64
 				"%s bytes, but data_offsets span %" PRIu64,
-				name, elems, t->dtype, bits / 8, bits % 8 ? ".x" : "", span);
+				n, elems, t->dtype, bits / 8, bits % 8 ? ".x" : "", span);
 	return 0;
 }
 
@@ -156,14 +159,16 @@ static int check_layout(const struct aeg_st_header *hdr, uint64_t file_bytes)
 	for (size_t i = 0; i < hdr->count; i++) {
 		const struct aeg_st_tensor *t = &hdr->tensors[i];
 
+		char a[AEG_NAME_SHOWN], b[AEG_NAME_SHOWN];
+
 		if (t->begin < pos)
 			return aeg_fail(AEG_EFORMAT,
-					"safetensors: tensors \"%.64s\" and \"%.64s\" overlap (%" PRIu64 " < %" PRIu64 ")",
-					prev, t->name, t->begin, pos);
+					"safetensors: tensors \"%s\" and \"%s\" overlap (%" PRIu64 " < %" PRIu64 ")",
+					aeg_quote(prev, a, sizeof(a)), aeg_quote(t->name, b, sizeof(b)), t->begin, pos);
 		if (t->begin > pos)
 			return aeg_fail(AEG_EFORMAT,
-					"safetensors: %" PRIu64 " bytes of data before tensor \"%.64s\" belong to no tensor",
-					t->begin - pos, t->name);
+					"safetensors: %" PRIu64 " bytes of data before tensor \"%s\" belong to no tensor",
+					t->begin - pos, aeg_quote(t->name, b, sizeof(b)));
 		if (t->end > pos) {
 			pos = t->end;
 			prev = t->name;
@@ -200,9 +205,12 @@ int aeg_st_parse(const void *json, size_t json_bytes, uint64_t file_bytes,
 	hdr->data_bytes = file_bytes - hdr->data_offset;
 
 	root = json_loadb(json, json_bytes, JSON_REJECT_DUPLICATES, &jerr);
-	if (root == NULL)
+	if (root == NULL) {
+		char why[sizeof(jerr.text)];    /* jansson's text may quote the header's bytes */
+
 		return aeg_fail(AEG_EFORMAT, "safetensors: header is not valid JSON: %s (byte %d)",
-				jerr.text, jerr.position);
+				aeg_quote(jerr.text, why, sizeof(why)), jerr.position);
+	}
 	if (!json_is_object(root)) {
 		err = aeg_fail(AEG_EFORMAT, "safetensors: header is not a JSON object");
 		goto out;

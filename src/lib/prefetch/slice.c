@@ -177,14 +177,14 @@ static int split(const struct aeg_slice *s, const char *path, const struct aeg_s
 		 const char *pattern, uint64_t *start, uint64_t *count)
 {
 	uint64_t n = t->shape[dim], w = (uint64_t)s->world, block;
-	char shape[256];
+	char shape[256], q[AEG_NAME_SHOWN];
 
 	if (n % w != 0 && !(s->flags & AEG_SLICE_UNEVEN)) {
 		shape_text(t, shape, sizeof(shape));
-		return aeg_fail(AEG_EINVAL, "%s: tensor \"%.128s\" of shape %s has %" PRIu64 " along dim %d, not a multiple "
+		return aeg_fail(AEG_EINVAL, "%s: tensor \"%s\" of shape %s has %" PRIu64 " along dim %d, not a multiple "
 				"of the %d ranks (rule \"%s\"); with AEG_SLICE_UNEVEN each rank takes %" PRIu64
-				" and the last ones less", path, t->name, shape, n, dim, s->world, pattern,
-				(n + w - 1) / w);
+				" and the last ones less", path, aeg_quote(t->name, q, sizeof(q)), shape, n, dim, s->world,
+				pattern, (n + w - 1) / w);
 	}
 	block = (n + w - 1) / w;
 	*start = block * (uint64_t)s->rank < n ? block * (uint64_t)s->rank : n;
@@ -199,7 +199,7 @@ static int plan_tensor(const struct aeg_slice *s, const struct aeg_st_header *hd
 	const char *pattern;
 	int dim = aeg_slice_dim(s, t->name, &pattern);
 	uint64_t outer = 1, inner_bits = t->dtype_bits, start = 0, count = 0;
-	char text[256];
+	char text[256], q[AEG_NAME_SHOWN];
 	int err;
 
 	memcpy(shape, t->shape, (size_t)t->ndim * sizeof(*shape));
@@ -212,8 +212,8 @@ static int plan_tensor(const struct aeg_slice *s, const struct aeg_st_header *hd
 		return 0;
 	if (dim >= t->ndim) {
 		shape_text(t, text, sizeof(text));
-		return aeg_fail(AEG_EINVAL, "%s: tensor \"%.128s\" of shape %s has no dim %d (rule \"%s\" splits it along dim %d)",
-				path, t->name, text, dim, pattern, dim);
+		return aeg_fail(AEG_EINVAL, "%s: tensor \"%s\" of shape %s has no dim %d (rule \"%s\" splits it along dim %d)",
+				path, aeg_quote(t->name, q, sizeof(q)), text, dim, pattern, dim);
 	}
 	for (int i = 0; i < dim; i++)
 		outer *= t->shape[i];
@@ -221,8 +221,8 @@ static int plan_tensor(const struct aeg_slice *s, const struct aeg_st_header *hd
 		inner_bits *= t->shape[i];
 	if (inner_bits % 8 != 0) {
 		shape_text(t, text, sizeof(text));
-		return aeg_fail(AEG_EINVAL, "%s: tensor \"%.128s\" (%s, shape %s) cannot be split along dim %d: its parts would not start at whole bytes",
-				path, t->name, t->dtype, text, dim);
+		return aeg_fail(AEG_EINVAL, "%s: tensor \"%s\" (%s, shape %s) cannot be split along dim %d: its parts would not start at whole bytes",
+				path, aeg_quote(t->name, q, sizeof(q)), t->dtype, text, dim);
 	}
 	err = split(s, path, t, dim, pattern, &start, &count);
 	if (err)
