@@ -74,6 +74,7 @@ PyObject *pyaeg_raise_msg(int code, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(text + len, sizeof(text) - len, fmt, ap);
 	va_end(ap);
+	aeg_scrub(text);        /* paths and names in it are shown as the library's details show them */
 	return raise_text(code, text);
 }
 

@@ -176,6 +176,13 @@ int cli_open_device(const char *name, aeg_device_t **dev);
 /* The same choice without opening it: 0, 1 or 2 (printed). */
 int cli_device_kind(const char *name, enum aeg_device_kind *kind);
 int cli_fail(int err, const char *what);                      /* prints "aegaeon-cli: what: detail", returns 1 */
+/*
+ * cli_shown - @text (a path, a tensor's name) as the terminal gets it: a
+ * copy in @buf through aeg_scrub, as the library shows such text in its
+ * messages. Returns @buf; CLI_SHOWN_MAX holds a path whole.
+ */
+#define CLI_SHOWN_MAX 4200
+const char *cli_shown(const char *text, char *buf, size_t len);
 void cli_json_string(FILE *out, const char *s);                  /* quoted, escaped */
 int cli_parse_int(const char *text, int lo, int hi, int *out);  /* 0, or -1 when not in lo..hi */
 int cli_parse_seconds(const char *text, double *out);           /* 0..one year */

@@ -57,16 +57,18 @@ static int open_session(struct bench *b)
 {
 	struct aeg_session_config cfg = { .mode = AEG_SESSION_LOCAL };
 	struct aeg_prefetch_config engine;
+	char file[CLI_SHOWN_MAX];
 	struct stat st;
 
+	cli_shown(b->a.file, file, sizeof(file));
 	if (stat(b->a.file, &st) != 0) {
-		fprintf(stderr, "aegaeon-cli: %s: %s\n", b->a.file, strerror(errno));
+		fprintf(stderr, "aegaeon-cli: %s: %s\n", file, strerror(errno));
 		return 1;
 	}
 	/* Its baseline reads the one file: a model of many is measured file by file. */
 	if (!S_ISREG(st.st_mode) || shard_index(b->a.file)) {
 		fprintf(stderr, "aegaeon-cli: bench prefetch: %s: %s (it measures one file; give one shard of the model)\n",
-			b->a.file, S_ISREG(st.st_mode) ? "a shard index" : "not a regular file");
+			file, S_ISREG(st.st_mode) ? "a shard index" : "not a regular file");
 		return 1;
 	}
 	b->file_bytes = (uint64_t)st.st_size;
@@ -178,13 +180,14 @@ static int report(struct bench *b)
 	size_t n = (size_t)b->a.repeat;
 	uint64_t ours = cli_median_u64(b->ours, n), first = cli_median_u64(b->first, n);
 	uint64_t naive = cli_median_u64(b->naive, n), bytes = b->p.total_bytes;
-	char size[32], chunk[32], title[96];
+	char size[32], chunk[32], title[96], file[CLI_SHOWN_MAX];
 
 	snprintf(title, sizeof(title), "prefetch vs read + memcpy (GB/s, median of %d)", b->a.repeat);
 	if (b->a.json)
 		return report_json(b, title, ours, first, naive);
-	printf("%s, %s, chunks of %s, median of %d\n", b->a.file, aeg_size_format(b->file_bytes, size, sizeof(size)),
-	       aeg_size_format(b->chunk_used, chunk, sizeof(chunk)), b->a.repeat);
+	printf("%s, %s, chunks of %s, median of %d\n", cli_shown(b->a.file, file, sizeof(file)),
+	       aeg_size_format(b->file_bytes, size, sizeof(size)), aeg_size_format(b->chunk_used, chunk, sizeof(chunk)),
+	       b->a.repeat);
 	printf("  %-28s %8.2f GB/s  (first chunk %.2f ms)\n", b->a.cache ? "aegaeon (host cache)" : b->feed,
 	       gbps(bytes, ours), (double)first / 1e6);
 	printf("  %-28s %8.2f GB/s\n", "naive read + memcpy", gbps(b->file_bytes, naive));

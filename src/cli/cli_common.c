@@ -87,10 +87,20 @@ static int names_what(const char *detail, const char *what)
 	return 0;
 }
 
-int cli_fail(int err, const char *what)
+const char *cli_shown(const char *text, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s", text);
+	aeg_scrub(buf);
+	return buf;
+}
+
+int cli_fail(int err, const char *given)
 {
 	const char *detail = aeg_error_detail();
+	char what[CLI_SHOWN_MAX];
 
+	/* Compared with the detail, which shows a path's control bytes as '?' too. */
+	cli_shown(given, what, sizeof(what));
 	if (*detail == '\0')
 		detail = aeg_strerror(err);
 	/* Details often start with the file they are about, or one in the directory asked for: name it once. */

@@ -98,17 +98,20 @@ int cli_model_info(aeg_model_t *m, struct cli_load_info *info)
 
 int cli_load_failed(const struct cli_load_info *l, int err, const char *detail)
 {
-	fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s failed: %s (%s)\n", l->id, l->path,
-		*detail ? detail : aeg_strerror(err), aeg_errname(err));
+	char path[CLI_SHOWN_MAX];
+
+	fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s failed: %s (%s)\n", l->id,
+		cli_shown(l->path, path, sizeof(path)), *detail ? detail : aeg_strerror(err), aeg_errname(err));
 	return 1;
 }
 
 int cli_load_timed_out(const struct cli_load_info *l, double timeout_s)
 {
-	char a[32], b[32];
+	char a[32], b[32], path[CLI_SHOWN_MAX];
 
-	fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s not complete after %g s (%s of %s)\n", l->id, l->path,
-		timeout_s, aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)));
+	fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s not complete after %g s (%s of %s)\n", l->id,
+		cli_shown(l->path, path, sizeof(path)), timeout_s, aeg_size_format(l->done_bytes, a, sizeof(a)),
+		aeg_size_format(l->file_bytes, b, sizeof(b)));
 	return 1;
 }
 
@@ -132,7 +135,10 @@ struct verify_io {
 
 static int read_failed(const char *path, size_t n, uint64_t at, int err)
 {
-	fprintf(stderr, "aegaeon-cli: verify: %s: reading %zu bytes at %" PRIu64 ": %s\n", path, n, at,
+	char p[CLI_SHOWN_MAX];
+
+	fprintf(stderr, "aegaeon-cli: verify: %s: reading %zu bytes at %" PRIu64 ": %s\n", cli_shown(path, p, sizeof(p)),
+		n, at,
 		err == -ENODATA ? "the file is shorter than the load (changed since?)" : strerror(-err));
 	return 1;
 }
@@ -164,8 +170,11 @@ static int verify_chunk(aeg_device_t *dev, const struct aeg_chunk *c, uint32_t i
 			return read_failed(path, n, c->file_offset + off, err);
 		k = first_difference(io->gbuf, io->fbuf, n);
 		if (k < n) {
+			char p[CLI_SHOWN_MAX];
+
 			fprintf(stderr, "aegaeon-cli: verify: chunk %u (slab id %" PRIu64 ") differs from %s at file "
-				"offset %" PRIu64 ": 0x%02x in the slab, 0x%02x in the file\n", i, c->slab_id, path,
+				"offset %" PRIu64 ": 0x%02x in the slab, 0x%02x in the file\n", i, c->slab_id,
+				cli_shown(path, p, sizeof(p)),
 				c->file_offset + off + k, io->gbuf[k], io->fbuf[k]);
 			return 1;
 		}
@@ -229,7 +238,7 @@ static int verify_part(aeg_device_t *dev, const struct aeg_tensor *t, struct ver
 	for (uint64_t off = 0; off < t->size; off += VERIFY_PIECE) {
 		size_t k, n = t->size - off < VERIFY_PIECE ? (size_t)(t->size - off) : VERIFY_PIECE;
 		int err = aeg_memcpy(dev, io->gbuf, (char *)t->device_ptr + off, n);
-		char part[96] = "whole", name[132];
+		char part[96] = "whole", name[132], file[CLI_SHOWN_MAX];
 
 		if (err)
 			return cli_fail(err, "verify: copying a tensor back");
@@ -243,7 +252,7 @@ static int verify_part(aeg_device_t *dev, const struct aeg_tensor *t, struct ver
 					 t->slice_dim);
 			fprintf(stderr, "aegaeon-cli: verify: tensor \"%s\" (%s) differs from %s at file offset %" PRIu64
 				": 0x%02x in the slab, 0x%02x in the file\n", aeg_quote(t->name, name, sizeof(name)),
-				part, path, part_file_offset(t, p, off + k), io->gbuf[k], io->fbuf[k]);
+				part, cli_shown(path, file, sizeof(file)), part_file_offset(t, p, off + k), io->gbuf[k], io->fbuf[k]);
 			return 1;
 		}
 		cli_sha256_update(&io->sha, io->gbuf, n);
@@ -263,7 +272,10 @@ static int model_file(aeg_model_t *m, uint32_t file, int *fd, uint32_t *open_fil
 	*fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
 	*open_file = file;
 	if (*fd < 0) {
-		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path ? path : "?", strerror(errno));
+		char p[CLI_SHOWN_MAX];
+
+		fprintf(stderr, "aegaeon-cli: verify: %s: %s\n", path ? cli_shown(path, p, sizeof(p)) : "?",
+			strerror(errno));
 		return 1;
 	}
 	return 0;
@@ -330,7 +342,7 @@ static int check_whole(aeg_model_t *m)
 	const struct aeg_chunk *c;
 	uint64_t held = 0;
 	uint32_t n;
-	char a[32], b[32];
+	char a[32], b[32], path[CLI_SHOWN_MAX];
 	int err = aeg_model_progress(m, &p);
 
 	if (err)
@@ -340,9 +352,10 @@ static int check_whole(aeg_model_t *m)
 		held += c[i].size;
 	if (held == p.total_bytes)
 		return 0;
+	cli_shown(aeg_model_path(m), path, sizeof(path));
 	fprintf(stderr, "aegaeon-cli: verify: load %" PRIu64 " of %s holds %s of its %s: some of its chunks were "
-		"released; load it again (aegaeon-cli prefetch %s)\n", aeg_model_id(m), aeg_model_path(m),
-		aeg_size_format(held, a, sizeof(a)), aeg_size_format(p.total_bytes, b, sizeof(b)), aeg_model_path(m));
+		"released; load it again (aegaeon-cli prefetch %s)\n", aeg_model_id(m), path,
+		aeg_size_format(held, a, sizeof(a)), aeg_size_format(p.total_bytes, b, sizeof(b)), path);
 	return 1;
 }
 
@@ -377,20 +390,21 @@ out:
 
 void cli_print_verified(const struct cli_load_info *l, const struct cli_verify *r)
 {
-	char a[32];
+	char a[32], path[CLI_SHOWN_MAX];
 
+	cli_shown(l->path, path, sizeof(path));
 	if (r->parts)
 		printf("%s: verified %s of this rank's parts of %u tensor%s (%u split) in %u chunk%s of load %" PRIu64
-		       " against the file%s: identical (sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)),
+		       " against the file%s: identical (sha256 %s)\n", path, aeg_size_format(r->bytes, a, sizeof(a)),
 		       r->parts, cli_s(r->parts), r->split, r->chunks, cli_s(r->chunks), l->id, r->files > 1 ? "s" : "",
 		       r->sha256);
 	else if (r->files > 1)
 		printf("%s: verified %s in %u chunk%s of %u files (load %" PRIu64 " and on) against the files: identical "
-		       "(sha256 %s)\n", l->path, aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks),
+		       "(sha256 %s)\n", path, aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks),
 		       r->files, l->id, r->sha256);
 	else
 		printf("%s: verified %s in %u chunk%s of load %" PRIu64 " against the file: identical "
-		       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", l->path,
+		       "(file bytes %" PRIu64 "..%" PRIu64 "%s, sha256 %s)\n", path,
 		       aeg_size_format(r->bytes, a, sizeof(a)), r->chunks, cli_s(r->chunks), l->id, r->first, r->end,
 		       r->contiguous ? "" : ", with gaps", r->sha256);
 }
@@ -482,15 +496,20 @@ void cli_print_files(aeg_model_t *m)
 	if (n < 2)
 		return;
 	printf("%u files, a load each (aegaeon-cli wait ID and release --load ID take one file):\n", n);
-	for (uint32_t i = 0; i < n; i++)
-		printf("  load %" PRIu64 ": %s\n", aeg_model_file_id(m, i), aeg_model_file(m, i));
+	for (uint32_t i = 0; i < n; i++) {
+		char path[CLI_SHOWN_MAX];
+
+		printf("  load %" PRIu64 ": %s\n", aeg_model_file_id(m, i),
+		       cli_shown(aeg_model_file(m, i), path, sizeof(path)));
+	}
 }
 
 void cli_print_load_line(const struct cli_load_info *l, const char *slice)
 {
-	char a[32], b[32], state[128];
+	char a[32], b[32], state[128], path[CLI_SHOWN_MAX];
 
-	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->id, l->path, l->slab,
+	printf("load %" PRIu64 ": %s -> slab %d, %s, %s of %s%s, %u chunk%s%s\n", l->id,
+	       cli_shown(l->path, path, sizeof(path)), l->slab,
 	       cli_load_state(l->status, l->done_bytes, l->file_bytes, state, sizeof(state)),
 	       aeg_size_format(l->done_bytes, a, sizeof(a)), aeg_size_format(l->file_bytes, b, sizeof(b)),
 	       cli_partly_released(l->status, l->done_bytes, l->file_bytes) ? " held" : "", l->chunks, cli_s(l->chunks),

@@ -246,7 +246,10 @@ static int model_slab_bytes(const char *path, uint64_t chunk_bytes, uint64_t *by
 	*bytes = 0;
 	for (uint32_t i = 0; i < mp.count; i++) {
 		if (stat(mp.paths[i], &st) != 0) {
-			fprintf(stderr, "aegaeon-cli: %s: %s\n", mp.paths[i], strerror(errno));
+			char shown[CLI_SHOWN_MAX];
+
+			fprintf(stderr, "aegaeon-cli: %s: %s\n", cli_shown(mp.paths[i], shown, sizeof(shown)),
+				strerror(errno));
 			aeg_model_paths_free(&mp);
 			return 1;
 		}
@@ -286,7 +289,7 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, const 
 	double first_ms;
 	uint32_t ntensors;
 	uint64_t ns;
-	char size[32];
+	char size[32], file[CLI_SHOWN_MAX];
 	int err;
 
 	aeg_model_progress(m, &p);
@@ -312,8 +315,9 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, const 
 		return cli_json_print(o);
 	}
 	printf("%s: %s in %.3f s, %.2f GB/s (%s feed, %u chunk%s, %u tensor%s, first chunk after %.2f ms)\n",
-	       a->file, aeg_size_format(p.total_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(p.total_bytes, ns),
-	       aeg_prefetch_feed_name(p.feed), p.chunks, cli_s(p.chunks), ntensors, cli_s(ntensors), first_ms);
+	       cli_shown(a->file, file, sizeof(file)), aeg_size_format(p.total_bytes, size, sizeof(size)),
+	       (double)ns / 1e9, gbps(p.total_bytes, ns), aeg_prefetch_feed_name(p.feed), p.chunks, cli_s(p.chunks),
+	       ntensors, cli_s(ntensors), first_ms);
 	cli_print_slice(m);
 	if (vr && cli_model_info(m, &l) == 0)
 		cli_print_verified(&l, vr);
@@ -324,7 +328,7 @@ static int print_local(const struct cli_prefetch_args *a, aeg_model_t *m, const 
 static int print_job(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t ns, const struct cli_verify *vr)
 {
 	struct cli_load_info l;
-	char size[32];
+	char size[32], path[CLI_SHOWN_MAX];
 	int reused = !aeg_model_owned(m), err = cli_model_info(m, &l);
 
 	if (err)
@@ -343,21 +347,22 @@ static int print_job(const struct cli_prefetch_args *a, aeg_model_t *m, uint64_t
 			json_object_set_new(o, "reused", json_boolean(reused));
 		return cli_json_print(o);
 	}
+	cli_shown(l.path, path, sizeof(path));
 	if (!a->wait) {
 		if (reused)
-			printf("%s: already in the job's slab (load %" PRIu64 "): reused, nothing loaded\n", l.path, l.id);
+			printf("%s: already in the job's slab (load %" PRIu64 "): reused, nothing loaded\n", path, l.id);
 		cli_print_load(m, &l, 1);
 	} else if (reused) {
 		printf("%s: already in the job's slab (load %" PRIu64 ", %s in %u chunk%s): reused, nothing loaded%s\n",
-		       l.path, l.id, aeg_size_format(l.file_bytes, size, sizeof(size)), l.chunks, cli_s(l.chunks),
+		       path, l.id, aeg_size_format(l.file_bytes, size, sizeof(size)), l.chunks, cli_s(l.chunks),
 		       ns > 1000000 ? "; waited for it to finish" : "");
 	} else if (aeg_model_file_count(m) > 1) {
-		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (%u chunk%s in slab %d)\n", l.path,
+		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (%u chunk%s in slab %d)\n", path,
 		       aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
 		       l.chunks, cli_s(l.chunks), l.slab);
 	} else {
 		printf("%s: %s in %.3f s, %.2f GB/s through the job's agent (load %" PRIu64 ", %u chunk%s in slab %d)\n",
-		       l.path, aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
+		       path, aeg_size_format(l.file_bytes, size, sizeof(size)), (double)ns / 1e9, gbps(l.file_bytes, ns),
 		       l.id, l.chunks, cli_s(l.chunks), l.slab);
 	}
 	if (a->wait) {

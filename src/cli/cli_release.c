@@ -35,6 +35,7 @@ static int release_model(aeg_session_t *s, uint64_t id, const char *path)
 	const struct aeg_chunk *c;
 	aeg_model_t *m = NULL;
 	uint32_t n, files, blocks = 0;
+	char shown[CLI_SHOWN_MAX];
 	int err;
 
 	err = id ? aeg_session_find_id(s, id, &m) : aeg_session_find(s, path, -1, &m);
@@ -51,7 +52,8 @@ static int release_model(aeg_session_t *s, uint64_t id, const char *path)
 	if (id)
 		printf("released load %" PRIu64 ": %u block%s\n", id, blocks, cli_s(blocks));
 	else
-		printf("released model %s: %u block%s in %u file%s\n", path, blocks, cli_s(blocks), files, cli_s(files));
+		printf("released model %s: %u block%s in %u file%s\n", cli_shown(path, shown, sizeof(shown)), blocks,
+		       cli_s(blocks), files, cli_s(files));
 	return 0;
 }
 

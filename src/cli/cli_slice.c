@@ -234,7 +234,7 @@ void cli_print_slice(aeg_model_t *m)
 
 void cli_print_parts(aeg_model_t *m)
 {
-	char shape[96], part[80];
+	char shape[96], part[80], name[CLI_SHOWN_MAX];
 	const struct aeg_tensor *t;
 	uint32_t n;
 
@@ -246,5 +246,5 @@ void cli_print_parts(aeg_model_t *m)
 	for (uint32_t i = 0; i < n; i++)
 		printf("%6u %-6s %-20s %-26s %14" PRIu64 " %12" PRIu64 "  %s\n", t[i].first_chunk, t[i].dtype,
 		       shape_text(&t[i], shape, sizeof(shape)), part_text(&t[i], part, sizeof(part)), t[i].file_offset,
-		       t[i].size, t[i].name);
+		       t[i].size, cli_shown(t[i].name, name, sizeof(name)));
 }

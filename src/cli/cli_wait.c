@@ -24,7 +24,7 @@ static int wait_load(aeg_session_t *s, const char *what, double timeout_s)
 	struct cli_load_info l;
 	aeg_model_t *m = NULL;
 	uint64_t t0 = aeg_now_ns(), end, deadline = 0;
-	char size[32], size2[32], why[1024];
+	char size[32], size2[32], why[1024], path[CLI_SHOWN_MAX];
 	int rc, err;
 
 	rc = cli_find_load(s, what, &m);
@@ -43,11 +43,13 @@ static int wait_load(aeg_session_t *s, const char *what, double timeout_s)
 	else if (cli_partly_released(l.status, l.done_bytes, l.file_bytes)) {
 		/* It loaded, but what is left of it is not the file. */
 		fprintf(stderr, "aegaeon-cli: load %" PRIu64 " of %s is partly released: %s of %s held in %u chunk%s; "
-			"prefetch the file again\n", l.id, l.path, aeg_size_format(l.done_bytes, size, sizeof(size)),
-			aeg_size_format(l.file_bytes, size2, sizeof(size2)), l.chunks, cli_s(l.chunks));
+			"prefetch the file again\n", l.id, cli_shown(l.path, path, sizeof(path)),
+			aeg_size_format(l.done_bytes, size, sizeof(size)), aeg_size_format(l.file_bytes, size2, sizeof(size2)),
+			l.chunks, cli_s(l.chunks));
 		rc = 1;
 	} else {
-		printf("load %" PRIu64 ": %s loaded, %s in %u chunk%s (waited %.3f s)\n", l.id, l.path,
+		printf("load %" PRIu64 ": %s loaded, %s in %u chunk%s (waited %.3f s)\n", l.id,
+		       cli_shown(l.path, path, sizeof(path)),
 		       aeg_size_format(l.file_bytes, size, sizeof(size)), l.chunks, cli_s(l.chunks),
 		       (double)(end - t0) / 1e9);
 	}

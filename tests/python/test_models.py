@@ -176,6 +176,20 @@ class TestModelFiles(Base):
         self.assertAegaeon(c, "AEG_EFORMAT", '"layer0.f64" is in two of its files', paths[2])
         self.assertNothingHeld()
 
+    def test_control_bytes_in_names(self):
+        """A model's names and files with escape sequences reach the message as '?'."""
+        shards = split(self.tensors, 2)
+        name = "w\x1b[2J\x07"
+        shards[0][name] = shards[1][name] = shards[0]["layer0.f64"]
+        d = tempfile.mkdtemp(dir=TMP)
+        for i, shard in enumerate(shards):
+            write_file(os.path.join(d, "s%d\x1b]0;t.safetensors" % i), safetensors_bytes(shard))
+        with self.assertRaises(an.AegaeonError) as c:
+            an.load_model(d)
+        self.assertAegaeon(c, "AEG_EFORMAT", '"w?[2J?" is in two of its files', "s1?]0;t.safetensors")
+        self.assertFalse([ch for ch in str(c.exception) if ord(ch) < 0x20 or ord(ch) == 0x7f])
+        self.assertNothingHeld()
+
 
 class TestChunkDicts(Base):
     """Each chunk says which file and bytes it holds and which tensors are in it."""

@@ -196,6 +196,31 @@ expect "AEGAEON_RING_AHEAD=yes: an error that says what it takes" 1 \
 	"^aegaeon-cli: prefetch: AEGAEON_RING_AHEAD='yes' is not 0 or 1$" \
 	env AEGAEON_RING_AHEAD=yes "$CLI" prefetch "$T/raw.bin"
 
+# ------------------------------------------------- control bytes in names
+# A model's file named with an escape sequence: the error, and every debug
+# line about it, shows '?' for each control byte (the library scrubs every
+# detail and log line).
+esc=$'x\033[2J\033]0;title\007.safetensors'
+printf 'not a model' >"$T/$esc"
+run env AEGAEON_LOG=debug "$CLI" prefetch "$T/$esc"
+if [[ $rc -eq 1 ]] && grep -qF 'x?[2J?]0;title?.safetensors' <<<"$out" && ! LC_ALL=C grep -q $'[\001-\010\013-\037\177]' <<<"$out"; then
+	ok "a file named with escape sequences: '?' in the error and the debug lines, no control byte"
+else
+	not_ok "a file named with escape sequences: '?' in the error and the debug lines, no control byte" \
+		"rc $rc, output:" "$(cat -v <<<"$out")"
+fi
+rm -f "$T/$esc"
+# A file that loads (raw bytes): its line names it with '?' too.
+esc=$'r\033[2J.bin'
+cp "$T/raw.bin" "$T/$esc"
+run "$CLI" prefetch "$T/$esc"
+if [[ $rc -eq 0 ]] && grep -qF 'r?[2J.bin: ' <<<"$out" && ! LC_ALL=C grep -q $'[\001-\010\013-\037\177]' <<<"$out"; then
+	ok "a loaded file named with an escape sequence: '?' in its line"
+else
+	not_ok "a loaded file named with an escape sequence: '?' in its line" "rc $rc, output:" "$(cat -v <<<"$out")"
+fi
+rm -f "$T/$esc"
+
 # ------------------------------------------------- the progress bar's ETA
 # A terminal on stderr (script(1) makes one) and reads of the read feed's
 # 16 MiB buffers slowed to 200 ms each (the fault shim): the 100 ms redraws

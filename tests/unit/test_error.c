@@ -33,6 +33,16 @@ static void detail_is_kept_and_prefixed(void **state)
 	assert_string_equal(aeg_error_detail(), "");
 }
 
+/* Whatever a detail is made of, no control byte reaches it: each shows as '?'. */
+static void detail_has_no_control_bytes(void **state)
+{
+	aeg_fail(AEG_ENOENT, "%s: %s", "/models/x\033[2J\n\r\t\177.safetensors", "No such file");
+	assert_string_equal(aeg_error_detail(), "/models/x?[2J????.safetensors: No such file");
+	aeg_error_prefix("loading %s", "a\033]0;title\007");
+	assert_string_equal(aeg_error_detail(), "loading a?]0;title?: /models/x?[2J????.safetensors: No such file");
+	aeg_error_clear();
+}
+
 /* A detail too long to keep whole loses the middle of its path, never the reason at its end. */
 static void long_detail_keeps_its_reason(void **state)
 {
@@ -98,6 +108,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(codes_have_names_and_messages),
 		cmocka_unit_test(detail_is_kept_and_prefixed),
+		cmocka_unit_test(detail_has_no_control_bytes),
 		cmocka_unit_test(long_detail_keeps_its_reason),
 		cmocka_unit_test(detail_is_per_thread),
 		cmocka_unit_test(log_levels_parse),

@@ -74,6 +74,13 @@ AEG_EXPORT void aeg_error_clear(void)
 	detail[0] = '\0';
 }
 
+AEG_EXPORT void aeg_scrub(char *text)
+{
+	for (unsigned char *p = (unsigned char *)text; *p != '\0'; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			*p = '?';
+}
+
 /* @text (@n bytes) as the detail, its middle cut when it does not fit. */
 static void set_cut(const char *text, size_t n)
 {
@@ -103,6 +110,7 @@ void aeg_error_vset(const char *fmt, va_list ap)
 		free(whole);
 	}
 	va_end(again);
+	aeg_scrub(detail);
 }
 
 void aeg_error_prefix(const char *fmt, ...)
@@ -116,6 +124,7 @@ void aeg_error_prefix(const char *fmt, ...)
 	va_end(ap);
 	n = snprintf(whole, sizeof(whole), "%s: %s", prefix, detail);
 	set_cut(whole, (size_t)n < sizeof(whole) ? (size_t)n : sizeof(whole) - 1);
+	aeg_scrub(detail);
 }
 
 AEG_EXPORT const char *aeg_quote(const char *text, char *buf, size_t len)

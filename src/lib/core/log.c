@@ -113,6 +113,7 @@ AEG_EXPORT void aeg_log(enum aeg_log_level level, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	aeg_scrub(msg);
 	if (use_syslog)
 		syslog(prio[level], "%s", msg);
 	else
