@@ -66,8 +66,9 @@ void aeg_error_clear(void);
 const char *aeg_quote(const char *text, char *buf, size_t len);
 
 /*
- * aeg_scrub - each control byte of @text (ASCII's, and DEL) made '?', in
- * place; other bytes, UTF-8 included, stay. Every error detail and log
+ * aeg_scrub - each control character of @text made '?', in place: ASCII's,
+ * DEL, and C1 controls written as UTF-8 (each byte); other bytes stay, so
+ * UTF-8 text is kept. Every error detail and log
  * line of the library goes through it, whatever its parts, so a path or a
  * peer's text cannot move a terminal's cursor or forge a log line; tools
  * print paths the same way.

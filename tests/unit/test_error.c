@@ -40,6 +40,9 @@ static void detail_has_no_control_bytes(void **state)
 	assert_string_equal(aeg_error_detail(), "/models/x?[2J????.safetensors: No such file");
 	aeg_error_prefix("loading %s", "a\033]0;title\007");
 	assert_string_equal(aeg_error_detail(), "loading a?]0;title?: /models/x?[2J????.safetensors: No such file");
+	/* UTF-8 stays, but for C1 controls (U+009B is CSI): each of their two bytes is '?'. */
+	aeg_fail(AEG_ENOENT, "%s", "/modèles/\xc2\x9b" "2J/\xc2\x80\xc2\x9f\xc2\xa0");
+	assert_string_equal(aeg_error_detail(), "/modèles/??2J/????\xc2\xa0");
 	aeg_error_clear();
 }
 

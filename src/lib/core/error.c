@@ -76,9 +76,16 @@ AEG_EXPORT void aeg_error_clear(void)
 
 AEG_EXPORT void aeg_scrub(char *text)
 {
-	for (unsigned char *p = (unsigned char *)text; *p != '\0'; p++)
-		if (*p < 0x20 || *p == 0x7f)
+	for (unsigned char *p = (unsigned char *)text; *p != '\0'; p++) {
+		if (*p < 0x20 || *p == 0x7f) {
 			*p = '?';
+		} else if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) {
+			/* A C1 control (U+0080..U+009F, CSI among them) written as UTF-8. */
+			p[0] = '?';
+			p[1] = '?';
+			p++;
+		}
+	}
 }
 
 /* @text (@n bytes) as the detail, its middle cut when it does not fit. */
