@@ -329,6 +329,8 @@ static void bad_paths(void **state)
 	assert_failed(aeg_model_paths(p, &mf), &mf, AEG_ENOENT, "", "a path through a file");
 	path_of(p, sizeof(p), "m/f\033[2J");
 	assert_failed(aeg_model_paths(p, &mf), &mf, AEG_ENOENT, "m/f?[2J: No such file", "a path with an escape");
+	path_of(p, sizeof(p), "m/modèle");
+	assert_failed(aeg_model_paths(p, &mf), &mf, AEG_ENOENT, "m/modèle: No such file", "a path in UTF-8, kept");
 }
 
 /*

@@ -22,15 +22,10 @@
 #define INDEX_MAX_BYTES (64ull << 20)
 
 /*
- * Paths in messages: an index names its shards, so a path may hold bytes of
- * a downloaded file; every one goes through aeg_quote, cut after 1 KiB.
+ * Names read from an index (tensors, shards) go into messages through
+ * aeg_quote; paths, UTF-8 and all, as they are: every detail goes through
+ * aeg_scrub, so no control byte of either reaches a terminal.
  */
-typedef char shown_path[1028];
-
-static const char *shown(const char *path, shown_path buf)
-{
-	return aeg_quote(path, buf, sizeof(shown_path));
-}
 
 void aeg_model_paths_free(struct aeg_model_paths *mf)
 {
@@ -46,10 +41,9 @@ void aeg_model_paths_free(struct aeg_model_paths *mf)
 static int add_file(struct aeg_model_paths *mf, const char *path)
 {
 	char **paths;
-	shown_path q;
 
 	if (mf->count >= AEG_MODEL_MAX_FILES)
-		return aeg_fail(AEG_EINVAL, "%s: a model of more than %d files", shown(path, q), AEG_MODEL_MAX_FILES);
+		return aeg_fail(AEG_EINVAL, "%s: a model of more than %d files", path, AEG_MODEL_MAX_FILES);
 	for (uint32_t i = 0; i < mf->count; i++)
 		if (strcmp(mf->paths[i], path) == 0)
 			return 0;
@@ -67,10 +61,9 @@ static int add_file(struct aeg_model_paths *mf, const char *path)
 static int add_path(struct aeg_model_paths *mf, const char *dir, const char *name)
 {
 	char path[PATH_MAX];
-	shown_path q;
 
 	if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
-		return aeg_fail(AEG_EINVAL, "%s: path too long", shown(path, q));
+		return aeg_fail(AEG_EINVAL, "%s: path too long", path);
 	return add_file(mf, path);
 }
 
@@ -78,12 +71,11 @@ static int add_path(struct aeg_model_paths *mf, const char *dir, const char *nam
 static int check_shard_name(const char *index, const char *tensor, const char *name)
 {
 	char t[AEG_NAME_SHOWN], n[AEG_NAME_SHOWN];
-	shown_path q;
 
 	if (name[0] == '\0' || name[0] == '/' || strcmp(name, "..") == 0 || strncmp(name, "../", 3) == 0 ||
 	    strstr(name, "/../") != NULL || (strlen(name) >= 3 && strcmp(name + strlen(name) - 3, "/..") == 0))
 		return aeg_fail(AEG_EFORMAT, "%s: tensor \"%s\" is in \"%s\": a shard must be a file in the "
-				"index's directory", shown(index, q), aeg_quote(tensor, t, sizeof(t)),
+				"index's directory", index, aeg_quote(tensor, t, sizeof(t)),
 				aeg_quote(name, n, sizeof(n)));
 	return 0;
 }
@@ -91,10 +83,9 @@ static int check_shard_name(const char *index, const char *tensor, const char *n
 /* @index is named like a shard index but is no file: an error, not "no index". */
 static int not_a_file(const char *index)
 {
-	shown_path q;
 
 	return aeg_fail(AEG_EINVAL, "%s: not a regular file (a shard index is a file of JSON: remove or rename it)",
-			shown(index, q));
+			index);
 }
 
 /*
@@ -107,26 +98,24 @@ static int read_index(const char *index, json_t **root, int *not_index)
 	char why[sizeof(((json_error_t *)NULL)->text)];    /* jansson's text may quote the file's bytes */
 	json_error_t jerr;
 	struct stat st;
-	shown_path q;
 	int fd, err = 0;
 
 	*root = NULL;
-	shown(index, q);
 	fd = open(index, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0)
-		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", q, strerror(errno));
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", index, strerror(errno));
 	if (fstat(fd, &st) != 0)
-		err = aeg_fail(AEG_EIO, "%s: %s", q, strerror(errno));
+		err = aeg_fail(AEG_EIO, "%s: %s", index, strerror(errno));
 	else if (!S_ISREG(st.st_mode))
 		err = not_a_file(index);
 	else if ((uint64_t)st.st_size > INDEX_MAX_BYTES)
-		err = aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", q,
+		err = aeg_fail(AEG_EFORMAT, "%s: %lld bytes, over the %llu MiB an index may have", index,
 			       (long long)st.st_size, INDEX_MAX_BYTES >> 20);
 	if (err == 0) {
 		*root = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
 		*not_index = *root == NULL;
 		if (*root == NULL)
-			err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: %s (line %d)", q,
+			err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: %s (line %d)", index,
 				       aeg_quote(jerr.text, why, sizeof(why)), jerr.line);
 	}
 	close(fd);
@@ -143,22 +132,20 @@ static int from_index(const char *index, struct aeg_model_paths *mf, int *not_in
 	char dir[PATH_MAX], *slash;
 	const char *tensor;
 	json_t *root = NULL, *map, *v;
-	shown_path q, p;
 	int err;
 
 	*not_index = 0;
 	err = read_index(index, &root, not_index);
 	if (err)
 		return err;
-	shown(index, q);
 	map = json_object_get(root, "weight_map");
 	if (!json_is_object(root) || !json_is_object(map)) {
 		*not_index = 1;
-		err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: no \"weight_map\" object", q);
+		err = aeg_fail(AEG_EFORMAT, "%s: not a shard index: no \"weight_map\" object", index);
 		goto out;
 	}
 	if (json_object_size(map) == 0) {
-		err = aeg_fail(AEG_EFORMAT, "%s: the weight_map names no tensor", q);
+		err = aeg_fail(AEG_EFORMAT, "%s: the weight_map names no tensor", index);
 		goto out;
 	}
 	snprintf(dir, sizeof(dir), "%s", index);
@@ -171,7 +158,7 @@ static int from_index(const char *index, struct aeg_model_paths *mf, int *not_in
 		if (!json_is_string(v)) {
 			char t[AEG_NAME_SHOWN];
 
-			err = aeg_fail(AEG_EFORMAT, "%s: the shard of tensor \"%s\" is not a string", q,
+			err = aeg_fail(AEG_EFORMAT, "%s: the shard of tensor \"%s\" is not a string", index,
 				       aeg_quote(tensor, t, sizeof(t)));
 			goto out;
 		}
@@ -186,10 +173,10 @@ static int from_index(const char *index, struct aeg_model_paths *mf, int *not_in
 		struct stat st;
 
 		if (stat(mf->paths[i], &st) != 0)
-			err = aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s names shard %s: %s", q,
-				       shown(mf->paths[i], p), strerror(errno));
+			err = aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s names shard %s: %s", index,
+				       mf->paths[i], strerror(errno));
 		else if (!S_ISREG(st.st_mode))
-			err = aeg_fail(AEG_EINVAL, "%s names shard %s: not a regular file", q, shown(mf->paths[i], p));
+			err = aeg_fail(AEG_EINVAL, "%s names shard %s: not a regular file", index, mf->paths[i]);
 	}
 out:
 	json_decref(root);
@@ -205,14 +192,12 @@ static int cmp_str(const void *a, const void *b)
 static int from_dir(const char *dir, struct aeg_model_paths *mf)
 {
 	struct dirent *e;
-	shown_path q;
 	DIR *d;
 	int err = 0;
 
-	shown(dir, q);
 	d = opendir(dir);
 	if (d == NULL)
-		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", q, strerror(errno));
+		return aeg_fail(errno == ENOENT ? AEG_ENOENT : AEG_EACCES, "%s: %s", dir, strerror(errno));
 	while (err == 0 && (e = readdir(d)) != NULL) {
 		size_t n = strlen(e->d_name);
 
@@ -224,7 +209,7 @@ static int from_dir(const char *dir, struct aeg_model_paths *mf)
 		return err;
 	if (mf->count == 0)
 		return aeg_fail(AEG_ENOENT, "%s: no model in it (no " INDEX_NAME ", " SINGLE_NAME
-				" or *.safetensors file)", q);
+				" or *.safetensors file)", dir);
 	qsort(mf->paths, mf->count, sizeof(*mf->paths), cmp_str);
 	return 0;
 }
@@ -283,7 +268,6 @@ int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 {
 	char index[PATH_MAX];
 	struct stat st, ist;
-	shown_path q;
 	int err, not_index;
 
 	memset(mf, 0, sizeof(*mf));
@@ -291,11 +275,11 @@ int aeg_model_paths(const char *path, struct aeg_model_paths *mf)
 		return aeg_fail(AEG_EINVAL, "empty model path");
 	if (stat(path, &st) != 0)
 		return aeg_fail(errno == ENOENT || errno == ENOTDIR ? AEG_ENOENT : AEG_EACCES, "%s: %s",
-				shown(path, q), strerror(errno));
+				path, strerror(errno));
 	if (S_ISDIR(st.st_mode)) {
 		mf->dir = 1;
 		if (snprintf(index, sizeof(index), "%s/" INDEX_NAME, path) >= (int)sizeof(index))
-			err = aeg_fail(AEG_EINVAL, "%s: path too long", shown(path, q));
+			err = aeg_fail(AEG_EINVAL, "%s: path too long", path);
 		else if (stat(index, &ist) == 0)
 			err = S_ISREG(ist.st_mode) ? from_index(index, mf, &not_index) : not_a_file(index);
 		else if (snprintf(index, sizeof(index), "%s/" SINGLE_NAME, path) < (int)sizeof(index) &&
